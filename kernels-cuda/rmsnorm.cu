@@ -1,0 +1,82 @@
+// RMSNorm, forward and backward.
+//
+//   forward:  r_m = 1 / sqrt(mean_n(x[m,n]^2) + eps),   y[m,n] = w[n] * x[m,n] * r_m
+//   backward: c_m = (1/N) * sum_n dy[m,n] * w[n] * x[m,n]
+//             dx[m,n] = r_m * (dy[m,n] * w[n] - x[m,n] * r_m^2 * c_m)
+//             dw[n]   = sum_m dy[m,n] * x[m,n] * r_m
+//
+// Shapes: x, y, dy, dx [M, N] row-major (row stride N); w, dw [N]; rstd [M] in f32 (saved by
+// the forward for the backward). Storage f32 or bf16, arithmetic in f32.
+//
+// Launch: fwd and bwd_dx one block per row (grid.x = M, any block size that is a multiple of 32
+// up to 1024; 256 is used), threads stride over the row. bwd_dw one thread per column
+// (grid.x = ceil(N / blockDim.x)), each summing its column over all rows in order, so the
+// result is deterministic.
+#include "common.cuh"
+
+template <typename T>
+__device__ void rmsnorm_fwd(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
+                            float* __restrict__ rstd, int M, int N, float eps) {
+    __shared__ float scratch[32];
+    const long row = blockIdx.x;
+    if (row >= M) return;
+    const T* xr = x + row * N;
+    float ss = 0.0f;
+    for (int n = threadIdx.x; n < N; n += blockDim.x) {
+        float v = Elem<T>::load(xr, n);
+        ss += v * v;
+    }
+    ss = block_sum(ss, scratch);
+    const float r = rsqrtf(ss / (float)N + eps);
+    if (threadIdx.x == 0) rstd[row] = r;
+    for (int n = threadIdx.x; n < N; n += blockDim.x)
+        Elem<T>::store(y, row * N + n, Elem<T>::load(w, n) * Elem<T>::load(xr, n) * r);
+}
+
+template <typename T>
+__device__ void rmsnorm_bwd_dx(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ dy,
+                               const float* __restrict__ rstd, T* __restrict__ dx, int M, int N) {
+    __shared__ float scratch[32];
+    const long row = blockIdx.x;
+    if (row >= M) return;
+    const long base = row * N;
+    float dot = 0.0f;
+    for (int n = threadIdx.x; n < N; n += blockDim.x)
+        dot += Elem<T>::load(dy, base + n) * Elem<T>::load(w, n) * Elem<T>::load(x, base + n);
+    const float c = block_sum(dot, scratch) / (float)N;
+    const float r = rstd[row];
+    for (int n = threadIdx.x; n < N; n += blockDim.x) {
+        float g = Elem<T>::load(dy, base + n) * Elem<T>::load(w, n);
+        Elem<T>::store(dx, base + n, r * (g - Elem<T>::load(x, base + n) * r * r * c));
+    }
+}
+
+template <typename T>
+__device__ void rmsnorm_bwd_dw(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ rstd,
+                               T* __restrict__ dw, int M, int N) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    float acc = 0.0f;
+    for (long m = 0; m < M; ++m) acc += Elem<T>::load(dy, m * N + n) * Elem<T>::load(x, m * N + n) * rstd[m];
+    Elem<T>::store(dw, n, acc);
+}
+
+// ---- entry points -------------------------------------------------------------------------
+extern "C" __global__ void rmsnorm_fwd_f32(const float* x, const float* w, float* y, float* rstd, int M, int N, float eps) {
+    rmsnorm_fwd<float>(x, w, y, rstd, M, N, eps);
+}
+extern "C" __global__ void rmsnorm_fwd_bf16(const bf16_bits* x, const bf16_bits* w, bf16_bits* y, float* rstd, int M, int N, float eps) {
+    rmsnorm_fwd<bf16_bits>(x, w, y, rstd, M, N, eps);
+}
+extern "C" __global__ void rmsnorm_bwd_dx_f32(const float* x, const float* w, const float* dy, const float* rstd, float* dx, int M, int N) {
+    rmsnorm_bwd_dx<float>(x, w, dy, rstd, dx, M, N);
+}
+extern "C" __global__ void rmsnorm_bwd_dx_bf16(const bf16_bits* x, const bf16_bits* w, const bf16_bits* dy, const float* rstd, bf16_bits* dx, int M, int N) {
+    rmsnorm_bwd_dx<bf16_bits>(x, w, dy, rstd, dx, M, N);
+}
+extern "C" __global__ void rmsnorm_bwd_dw_f32(const float* x, const float* dy, const float* rstd, float* dw, int M, int N) {
+    rmsnorm_bwd_dw<float>(x, dy, rstd, dw, M, N);
+}
+extern "C" __global__ void rmsnorm_bwd_dw_bf16(const bf16_bits* x, const bf16_bits* dy, const float* rstd, bf16_bits* dw, int M, int N) {
+    rmsnorm_bwd_dw<bf16_bits>(x, dy, rstd, dw, M, N);
+}

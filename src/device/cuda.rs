@@ -1,0 +1,201 @@
+//! The CUDA runtime: a cudarc context and stream per device, and a module cache that loads the
+//! PTX build.rs embedded (the highest arch not above the device's) or, when the crate was built
+//! without nvcc, compiles the embedded source with NVRTC on first use.
+//!
+//! cudarc loads libcuda and libnvrtc at run time and *panics* when they are missing, so every
+//! entry point here checks `is_culib_present` first and turns absence into an error value.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use super::Device;
+use crate::{Error, Result};
+
+/// One `kernels-cuda/*.cu` file as build.rs embedded it.
+#[derive(Debug)]
+pub struct CudaModuleSource {
+    /// File stem: `rmsnorm` for `kernels-cuda/rmsnorm.cu`.
+    pub name: &'static str,
+    /// The source with local `#include "x.cuh"` lines inlined, ready for NVRTC.
+    pub source: &'static str,
+    /// PTX compiled by nvcc at build time, as (compute capability * 10, text); empty when the
+    /// crate was built without nvcc.
+    pub ptx: &'static [(u32, &'static str)],
+}
+
+include!(concat!(env!("OUT_DIR"), "/cuda_modules.rs"));
+
+/// Every embedded CUDA module.
+pub fn modules() -> &'static [CudaModuleSource] {
+    CUDA_MODULES
+}
+
+/// Looks a module up by name.
+pub fn module_source(name: &str) -> Result<&'static CudaModuleSource> {
+    CUDA_MODULES.iter().find(|m| m.name == name).ok_or_else(|| Error::Cuda {
+        context: format!("module `{name}`"),
+        message: "no such file in kernels-cuda/".into(),
+    })
+}
+
+/// Whether the CUDA driver library (libcuda) can be loaded on this machine.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library by its usual names.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether NVRTC (libnvrtc) can be loaded on this machine.
+pub fn nvrtc_present() -> bool {
+    // SAFETY: as above.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Number of CUDA devices, or an error saying why there are none to count.
+pub fn device_count() -> Result<usize> {
+    if !driver_present() {
+        return Err(Error::DeviceUnavailable {
+            device: Device::Cuda(0),
+            reason: "the CUDA driver library (libcuda) was not found on this machine".into(),
+        });
+    }
+    let n = CudaContext::device_count().map_err(|e| Error::cuda("cuDeviceGetCount", e))?;
+    Ok(n.max(0) as usize)
+}
+
+/// The device's name as the driver reports it.
+pub fn device_name(ordinal: usize) -> Result<String> {
+    let rt = runtime(ordinal)?;
+    let name = rt.ctx.name().map_err(|e| Error::cuda("cuDeviceGetName", e))?;
+    let (major, minor) = rt.compute_capability;
+    Ok(format!("{name} (sm_{major}{minor})"))
+}
+
+/// PTX for a module at a compute capability: the embedded PTX of the highest arch not above
+/// `cc`, or NVRTC's output for `compute_<cc>` when nothing embedded fits.
+pub fn ptx_for(module: &CudaModuleSource, cc: u32) -> Result<String> {
+    if let Some((_, ptx)) = module.ptx.iter().filter(|(arch, _)| *arch <= cc).max_by_key(|(a, _)| *a) {
+        return Ok((*ptx).to_string());
+    }
+    compile_with_nvrtc(module, cc)
+}
+
+/// Compiles a module's embedded source with NVRTC for `compute_<cc>`. Needs libnvrtc but no GPU.
+pub fn compile_with_nvrtc(module: &CudaModuleSource, cc: u32) -> Result<String> {
+    if !nvrtc_present() {
+        return Err(Error::Cuda {
+            context: format!("NVRTC compile of `{}`", module.name),
+            message: "libnvrtc was not found (install the CUDA 13.0 NVRTC library or build with nvcc)".into(),
+        });
+    }
+    let arch: &'static str = match cc {
+        c if c >= 120 => "compute_120",
+        c if c >= 100 => "compute_100",
+        c if c >= 90 => "compute_90",
+        c if c >= 89 => "compute_89",
+        c if c >= 86 => "compute_86",
+        _ => "compute_80",
+    };
+    let opts = CompileOptions { arch: Some(arch), name: Some(format!("{}.cu", module.name)), ..Default::default() };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(module.source, opts)
+        .map_err(|e| Error::cuda(format!("NVRTC compile of `{}` for {arch}", module.name), e))?;
+    Ok(ptx.to_src())
+}
+
+/// Loaded modules of one context, keyed by module name. Public so that a program with its own
+/// cudarc context can call tuna's launchers.
+pub struct ModuleCache {
+    ctx: Arc<CudaContext>,
+    cc: u32,
+    loaded: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+impl ModuleCache {
+    pub fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
+        let (major, minor) = ctx.compute_capability().map_err(|e| Error::cuda("compute capability", e))?;
+        Ok(ModuleCache { ctx: ctx.clone(), cc: (major * 10 + minor) as u32, loaded: Mutex::new(HashMap::new()) })
+    }
+
+    /// The kernel `function` of module `module`, loading (and if need be compiling) it once.
+    pub fn function(&self, module: &'static str, function: &str) -> Result<CudaFunction> {
+        let m = {
+            let mut loaded = self.loaded.lock().expect("module cache poisoned");
+            match loaded.get(module) {
+                Some(m) => m.clone(),
+                None => {
+                    let src = module_source(module)?;
+                    let ptx = ptx_for(src, self.cc)?;
+                    let m = self
+                        .ctx
+                        .load_module(Ptx::from_src(ptx))
+                        .map_err(|e| Error::cuda(format!("loading module `{module}`"), e))?;
+                    loaded.insert(module, m.clone());
+                    m
+                }
+            }
+        };
+        m.load_function(function).map_err(|e| Error::cuda(format!("kernel `{module}::{function}`"), e))
+    }
+}
+
+/// An open CUDA device: context, the stream tuna's ops run on, and the module cache.
+pub struct CudaRuntime {
+    pub ordinal: usize,
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub modules: ModuleCache,
+    pub compute_capability: (i32, i32),
+}
+
+impl CudaRuntime {
+    fn open(ordinal: usize) -> Result<Self> {
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(Error::DeviceUnavailable {
+                device: Device::Cuda(ordinal),
+                reason: format!("this machine has {count} CUDA device(s)"),
+            });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::cuda(format!("creating a context on cuda:{ordinal}"), e))?;
+        let compute_capability = ctx.compute_capability().map_err(|e| Error::cuda("compute capability", e))?;
+        let stream = ctx.default_stream();
+        let modules = ModuleCache::new(&ctx)?;
+        Ok(CudaRuntime { ordinal, ctx, stream, modules, compute_capability })
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| Error::cuda("stream synchronize", e))
+    }
+
+    /// Device memory for `bytes` bytes, zeroed.
+    pub fn alloc_zeros(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        self.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(|e| Error::cuda(format!("allocating {bytes} bytes"), e))
+    }
+
+    pub fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>> {
+        if bytes.is_empty() {
+            return self.alloc_zeros(0);
+        }
+        self.stream.clone_htod(bytes).map_err(|e| Error::cuda(format!("copying {} bytes to cuda:{}", bytes.len(), self.ordinal), e))
+    }
+
+    pub fn download(&self, buf: &CudaSlice<u8>, bytes: usize) -> Result<Vec<u8>> {
+        let mut v = self.stream.clone_dtoh(buf).map_err(|e| Error::cuda(format!("copying from cuda:{}", self.ordinal), e))?;
+        v.truncate(bytes);
+        Ok(v)
+    }
+}
+
+/// The runtime of CUDA device `ordinal`, opened once per process.
+pub fn runtime(ordinal: usize) -> Result<Arc<CudaRuntime>> {
+    static RUNTIMES: OnceLock<Mutex<HashMap<usize, Arc<CudaRuntime>>>> = OnceLock::new();
+    let mut map = RUNTIMES.get_or_init(Default::default).lock().expect("cuda runtimes poisoned");
+    if let Some(rt) = map.get(&ordinal) {
+        return Ok(rt.clone());
+    }
+    let rt = Arc::new(CudaRuntime::open(ordinal)?);
+    map.insert(ordinal, rt.clone());
+    Ok(rt)
+}

@@ -1,0 +1,327 @@
+//! The wgpu runtime (Vulkan): one instance per process, a device per adapter created with the
+//! adapter's own features and limits (lavapipe offers 32 KiB of workgroup memory where wgpu's
+//! default is 16 KiB), a cache of compute pipelines keyed by kernel name, and a pool of storage
+//! buffers so that an op's temporaries do not hit the allocator every call.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use wgpu::util::DeviceExt;
+
+use super::Device;
+use crate::{Error, Result};
+
+fn instance() -> &'static wgpu::Instance {
+    static INSTANCE: OnceLock<wgpu::Instance> = OnceLock::new();
+    INSTANCE.get_or_init(|| wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env()))
+}
+
+fn all_adapters() -> &'static [wgpu::Adapter] {
+    static ADAPTERS: OnceLock<Vec<wgpu::Adapter>> = OnceLock::new();
+    ADAPTERS.get_or_init(|| {
+        let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
+        pollster::block_on(instance().enumerate_adapters(backends))
+    })
+}
+
+/// What wgpu tells about one adapter.
+#[derive(Clone, Debug)]
+pub struct AdapterDetails {
+    pub name: String,
+    pub backend: String,
+    /// A CPU adapter (lavapipe, llvmpipe, SwiftShader).
+    pub is_software: bool,
+    pub shader_f16: bool,
+    pub subgroups: bool,
+}
+
+/// Every adapter wgpu finds, in the order `Device::Wgpu(i)` numbers them.
+pub fn adapter_details() -> Vec<AdapterDetails> {
+    all_adapters()
+        .iter()
+        .map(|a| {
+            let info = a.get_info();
+            let f = a.features();
+            AdapterDetails {
+                name: info.name.clone(),
+                backend: format!("{:?}", info.backend),
+                is_software: info.device_type == wgpu::DeviceType::Cpu,
+                shader_f16: f.contains(wgpu::Features::SHADER_F16),
+                subgroups: f.contains(wgpu::Features::SUBGROUP),
+            }
+        })
+        .collect()
+}
+
+/// One line per adapter: "name (backend)".
+pub fn adapters() -> Vec<String> {
+    adapter_details().into_iter().map(|a| format!("{} ({})", a.name, a.backend)).collect()
+}
+
+/// Compute pipelines of one wgpu device, keyed by kernel name. Public so a program with its own
+/// wgpu device can call tuna's launchers.
+pub struct KernelCache {
+    pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+}
+
+impl Default for KernelCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl KernelCache {
+    pub fn new() -> Self {
+        KernelCache { pipelines: Mutex::new(HashMap::new()) }
+    }
+
+    /// The pipeline for `entry` in `source`, cached under `name` (which must identify the source
+    /// and entry point, e.g. `rmsnorm_fwd`). Shader errors come back as values.
+    pub fn pipeline(
+        &self,
+        device: &wgpu::Device,
+        name: &str,
+        source: &str,
+        entry: &str,
+    ) -> Result<Arc<wgpu::ComputePipeline>> {
+        if let Some(p) = self.pipelines.lock().expect("kernel cache poisoned").get(name) {
+            return Ok(p.clone());
+        }
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(name),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(name),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(Error::wgpu(format!("creating pipeline `{name}`"), err));
+        }
+        let p = Arc::new(pipeline);
+        self.pipelines.lock().expect("kernel cache poisoned").insert(name.to_string(), p.clone());
+        Ok(p)
+    }
+}
+
+/// Storage buffers kept for reuse, by size class (powers of two from 256 bytes).
+#[derive(Default)]
+struct Pool {
+    free: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
+}
+
+const POOL_KEEP_PER_CLASS: usize = 8;
+
+/// A storage buffer from the pool; it goes back to the pool when dropped.
+pub struct PooledBuffer {
+    buffer: Option<wgpu::Buffer>,
+    pool: Weak<Pool>,
+}
+
+impl PooledBuffer {
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        self.buffer.as_ref().expect("buffer present until drop")
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        if let (Some(buf), Some(pool)) = (self.buffer.take(), self.pool.upgrade()) {
+            let mut free = pool.free.lock().expect("pool poisoned");
+            let class = free.entry(buf.size()).or_default();
+            if class.len() < POOL_KEEP_PER_CLASS {
+                class.push(buf);
+            }
+        }
+    }
+}
+
+/// An open wgpu device: adapter, device, queue, kernel cache and buffer pool.
+pub struct WgpuRuntime {
+    pub index: usize,
+    pub adapter: wgpu::Adapter,
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub kernels: KernelCache,
+    pool: Arc<Pool>,
+}
+
+impl WgpuRuntime {
+    fn open(index: usize) -> Result<Self> {
+        let adapters = all_adapters();
+        let adapter = adapters.get(index).cloned().ok_or_else(|| Error::DeviceUnavailable {
+            device: Device::Wgpu(index),
+            reason: if adapters.is_empty() {
+                "wgpu found no adapter (is a Vulkan driver such as Mesa's lavapipe installed? \
+                 Debian: apt-get install mesa-vulkan-drivers libvulkan1)"
+                    .into()
+            } else {
+                format!("wgpu found {} adapter(s)", adapters.len())
+            },
+        })?;
+        // The adapter's own features and limits, less experimental features (which need an
+        // explicit opt-in token).
+        let features = adapter.features() - wgpu::Features::all_experimental_mask();
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("tuna"),
+            required_features: features,
+            required_limits: adapter.limits(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc))
+            .map_err(|e| Error::DeviceUnavailable { device: Device::Wgpu(index), reason: e.to_string() })?;
+        Ok(WgpuRuntime { index, adapter, device, queue, kernels: KernelCache::new(), pool: Arc::default() })
+    }
+
+    pub fn has_f16(&self) -> bool {
+        self.device.features().contains(wgpu::Features::SHADER_F16)
+    }
+
+    /// A storage buffer of at least `bytes` bytes (contents unspecified), from the pool.
+    pub fn alloc(&self, bytes: usize) -> PooledBuffer {
+        let class = (bytes.max(256) as u64).next_power_of_two();
+        let reused = self.pool.free.lock().expect("pool poisoned").get_mut(&class).and_then(|v| v.pop());
+        let buffer = reused.unwrap_or_else(|| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("tuna storage"),
+                size: class,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        });
+        PooledBuffer { buffer: Some(buffer), pool: Arc::downgrade(&self.pool) }
+    }
+
+    /// A zero-filled storage buffer.
+    pub fn alloc_zeros(&self, bytes: usize) -> PooledBuffer {
+        let buf = self.alloc(bytes);
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        enc.clear_buffer(buf.buffer(), 0, None);
+        self.queue.submit([enc.finish()]);
+        buf
+    }
+
+    pub fn upload(&self, bytes: &[u8]) -> PooledBuffer {
+        let buf = self.alloc(bytes.len());
+        // write_buffer needs a multiple of 4 bytes.
+        if bytes.len() % 4 == 0 {
+            self.queue.write_buffer(buf.buffer(), 0, bytes);
+        } else {
+            let mut padded = bytes.to_vec();
+            padded.resize(bytes.len().next_multiple_of(4), 0);
+            self.queue.write_buffer(buf.buffer(), 0, &padded);
+        }
+        buf
+    }
+
+    /// Copies the first `bytes` bytes of a buffer back to the host (waits for the queue).
+    pub fn download(&self, buf: &wgpu::Buffer, bytes: usize) -> Result<Vec<u8>> {
+        download(&self.device, &self.queue, buf, bytes)
+    }
+
+    /// A uniform buffer holding `params`.
+    pub fn uniform<T: bytemuck::Pod>(&self, params: &T) -> wgpu::Buffer {
+        uniform(&self.device, params)
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::wgpu("device poll", e))
+    }
+}
+
+/// A uniform buffer holding `params`.
+pub fn uniform<T: bytemuck::Pod>(device: &wgpu::Device, params: &T) -> wgpu::Buffer {
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("tuna params"),
+        contents: bytemuck::bytes_of(params),
+        usage: wgpu::BufferUsages::UNIFORM,
+    })
+}
+
+/// Copies the first `bytes` bytes of `buf` (which needs COPY_SRC) to the host.
+pub fn download(device: &wgpu::Device, queue: &wgpu::Queue, buf: &wgpu::Buffer, bytes: usize) -> Result<Vec<u8>> {
+    if bytes == 0 {
+        return Ok(Vec::new());
+    }
+    let padded = bytes.next_multiple_of(4) as u64;
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("tuna readback"),
+        size: padded,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(buf, 0, &staging, 0, padded);
+    queue.submit([enc.finish()]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::wgpu("device poll", e))?;
+    rx.recv()
+        .map_err(|e| Error::wgpu("readback", e))?
+        .map_err(|e| Error::wgpu("mapping a readback buffer", e))?;
+    let view = staging.slice(..).get_mapped_range().map_err(|e| Error::wgpu("readback view", e))?;
+    let out = view[..bytes].to_vec();
+    drop(view);
+    staging.unmap();
+    Ok(out)
+}
+
+/// Splits `groups` workgroups into an (x, y) grid within the 65535-per-dimension limit; kernels
+/// recover the linear index as `y * num_workgroups.x + x` and skip indices past the end.
+pub fn grid(groups: u32) -> (u32, u32) {
+    const MAX: u32 = 65535;
+    if groups <= MAX {
+        (groups.max(1), 1)
+    } else {
+        (MAX, groups.div_ceil(MAX))
+    }
+}
+
+/// Records one dispatch of `pipeline` with `buffers` bound in order to group 0, and submits it.
+pub fn dispatch(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    pipeline: &wgpu::ComputePipeline,
+    buffers: &[&wgpu::Buffer],
+    workgroups: (u32, u32, u32),
+) {
+    let layout = pipeline.get_bind_group_layout(0);
+    let entries: Vec<wgpu::BindGroupEntry> = buffers
+        .iter()
+        .enumerate()
+        .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
+        .collect();
+    let bind = device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries });
+    let mut enc = device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(workgroups.0, workgroups.1, workgroups.2);
+    }
+    queue.submit([enc.finish()]);
+}
+
+/// The runtime of wgpu adapter `index`, opened once per process.
+pub fn runtime(index: usize) -> Result<Arc<WgpuRuntime>> {
+    static RUNTIMES: OnceLock<Mutex<HashMap<usize, Arc<WgpuRuntime>>>> = OnceLock::new();
+    let mut map = RUNTIMES.get_or_init(Default::default).lock().expect("wgpu runtimes poisoned");
+    if let Some(rt) = map.get(&index) {
+        return Ok(rt.clone());
+    }
+    let rt = Arc::new(WgpuRuntime::open(index)?);
+    map.insert(index, rt.clone());
+    Ok(rt)
+}

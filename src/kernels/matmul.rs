@@ -1,0 +1,94 @@
+//! Matrix product with transpose flags: `C[M,N] = op(A) · op(B)`, where `op(A)` is A `[M,K]`,
+//! or Aᵀ with A stored `[K,M]` when `trans_a`; likewise B `[K,N]`, or `[N,K]` when `trans_b`.
+//!
+//! Backward of `C = A·B` (no transposes): `dA = dC·Bᵀ`, `dB = Aᵀ·dC`; with flags, the same
+//! products with the flags carried through (see `ops::matmul`).
+//! CPU fast path: the `gemm` crate (AVX-512 kernels chosen at run time). GPU GEMM kernels are
+//! the LoRA-GEMM family's job.
+
+/// Sizes and layout of one product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatmulParams {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+}
+
+impl MatmulParams {
+    /// (row stride, column stride) of A and B in elements.
+    fn strides(&self) -> ((usize, usize), (usize, usize)) {
+        let a = if self.trans_a { (1, self.m) } else { (self.k, 1) };
+        let b = if self.trans_b { (1, self.k) } else { (self.n, 1) };
+        (a, b)
+    }
+}
+
+pub mod reference {
+    use super::MatmulParams;
+
+    pub fn matmul(a: &[f64], b: &[f64], p: MatmulParams) -> Vec<f64> {
+        let ((ars, acs), (brs, bcs)) = p.strides();
+        let mut c = vec![0.0; p.m * p.n];
+        for i in 0..p.m {
+            for j in 0..p.n {
+                let mut acc = 0.0;
+                for l in 0..p.k {
+                    acc += a[i * ars + l * acs] * b[l * brs + j * bcs];
+                }
+                c[i * p.n + j] = acc;
+            }
+        }
+        c
+    }
+}
+
+pub mod cpu {
+    use super::MatmulParams;
+    use crate::kernels::check_len;
+    use crate::Result;
+
+    /// `c = op(a)·op(b)`, overwriting c.
+    pub fn matmul(a: &[f32], b: &[f32], c: &mut [f32], p: MatmulParams) -> Result<()> {
+        check_len("matmul", "a", a.len(), p.m * p.k)?;
+        check_len("matmul", "b", b.len(), p.k * p.n)?;
+        check_len("matmul", "c", c.len(), p.m * p.n)?;
+        if p.m == 0 || p.n == 0 {
+            return Ok(());
+        }
+        if p.k == 0 {
+            c[..p.m * p.n].fill(0.0);
+            return Ok(());
+        }
+        let ((ars, acs), (brs, bcs)) = p.strides();
+        // Threads pay off only above ~1 MFLOP; below that a call costs more in scheduling.
+        let flops = 2 * p.m * p.n * p.k;
+        let par = if flops >= 1 << 20 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+        // SAFETY: lengths checked above; the strides describe the row-major layouts of a, b, c.
+        unsafe {
+            gemm::gemm(
+                p.m,
+                p.n,
+                p.k,
+                c.as_mut_ptr(),
+                1,
+                p.n as isize,
+                false,
+                a.as_ptr(),
+                acs as isize,
+                ars as isize,
+                b.as_ptr(),
+                bcs as isize,
+                brs as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+        Ok(())
+    }
+}

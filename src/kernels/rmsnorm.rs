@@ -1,0 +1,321 @@
+//! RMSNorm: `y[m,n] = w[n] * x[m,n] * r_m`, `r_m = 1/sqrt(mean_n x[m,n]^2 + eps)`.
+//!
+//! Backward (derived by hand; `c_m = (1/N) * sum_n dy[m,n] * w[n] * x[m,n]`):
+//! - `dx[m,n] = r_m * (dy[m,n] * w[n] - x[m,n] * r_m^2 * c_m)`
+//! - `dw[n]   = sum_m dy[m,n] * x[m,n] * r_m`
+//!
+//! Shapes: x, y, dy, dx `[M, N]` row-major; w, dw `[N]`; rstd `[M]` (f32, saved by the forward).
+//! Kernels: `kernels-cuda/rmsnorm.cu` (f32, bf16), `kernels-wgsl/rmsnorm.wgsl` (f32).
+
+use crate::kernels::check_len;
+use crate::Result;
+
+/// Sizes and epsilon of one RMSNorm call.
+#[derive(Clone, Copy, Debug)]
+pub struct RmsNormParams {
+    /// M: rows (tokens).
+    pub rows: usize,
+    /// N: row length (hidden size).
+    pub cols: usize,
+    pub eps: f32,
+}
+
+impl RmsNormParams {
+    fn check(&self, op: &'static str, x: usize, w: usize, y: usize, rstd: usize) -> Result<()> {
+        let mn = self.rows * self.cols;
+        check_len(op, "x", x, mn)?;
+        check_len(op, "w", w, self.cols)?;
+        check_len(op, "y", y, mn)?;
+        check_len(op, "rstd", rstd, self.rows)
+    }
+}
+
+pub mod reference {
+    use super::RmsNormParams;
+
+    /// Returns (y, rstd).
+    pub fn forward(x: &[f64], w: &[f64], p: RmsNormParams) -> (Vec<f64>, Vec<f64>) {
+        let (m_rows, n_cols) = (p.rows, p.cols);
+        let mut y = vec![0.0; m_rows * n_cols];
+        let mut rstd = vec![0.0; m_rows];
+        for m in 0..m_rows {
+            let row = &x[m * n_cols..(m + 1) * n_cols];
+            let mean_sq = row.iter().map(|v| v * v).sum::<f64>() / n_cols as f64;
+            let r = 1.0 / (mean_sq + p.eps as f64).sqrt();
+            rstd[m] = r;
+            for n in 0..n_cols {
+                y[m * n_cols + n] = w[n] * row[n] * r;
+            }
+        }
+        (y, rstd)
+    }
+
+    /// Returns (dx, dw).
+    pub fn backward(x: &[f64], w: &[f64], dy: &[f64], p: RmsNormParams) -> (Vec<f64>, Vec<f64>) {
+        let (m_rows, n_cols) = (p.rows, p.cols);
+        let (_, rstd) = forward(x, w, p);
+        let mut dx = vec![0.0; m_rows * n_cols];
+        let mut dw = vec![0.0; n_cols];
+        for m in 0..m_rows {
+            let r = rstd[m];
+            let i = |n: usize| m * n_cols + n;
+            let c = (0..n_cols).map(|n| dy[i(n)] * w[n] * x[i(n)]).sum::<f64>() / n_cols as f64;
+            for n in 0..n_cols {
+                dx[i(n)] = r * (dy[i(n)] * w[n] - x[i(n)] * r * r * c);
+                dw[n] += dy[i(n)] * x[i(n)] * r;
+            }
+        }
+        (dx, dw)
+    }
+}
+
+pub mod cpu {
+    use rayon::prelude::*;
+
+    use super::RmsNormParams;
+    use crate::device::cpu::rows_per_task;
+    use crate::Result;
+
+    pub fn forward(x: &[f32], w: &[f32], y: &mut [f32], rstd: &mut [f32], p: RmsNormParams) -> Result<()> {
+        p.check("rmsnorm_fwd", x.len(), w.len(), y.len(), rstd.len())?;
+        let n = p.cols;
+        let chunk = rows_per_task(n);
+        y[..p.rows * n]
+            .par_chunks_mut(n * chunk)
+            .zip(rstd[..p.rows].par_chunks_mut(chunk))
+            .zip(x[..p.rows * n].par_chunks(n * chunk))
+            .for_each(|((y, rs), x)| {
+                for ((y, r), x) in y.chunks_mut(n).zip(rs.iter_mut()).zip(x.chunks(n)) {
+                    let ss: f32 = x.iter().map(|v| v * v).sum();
+                    *r = 1.0 / (ss / n as f32 + p.eps).sqrt();
+                    for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                        *y = w * x * *r;
+                    }
+                }
+            });
+        Ok(())
+    }
+
+    /// Writes dx and dw from x, w, dy and the forward's rstd.
+    pub fn backward(
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        rstd: &[f32],
+        dx: &mut [f32],
+        dw: &mut [f32],
+        p: RmsNormParams,
+    ) -> Result<()> {
+        p.check("rmsnorm_bwd", x.len(), w.len(), dx.len(), rstd.len())?;
+        crate::kernels::check_len("rmsnorm_bwd", "dy", dy.len(), p.rows * p.cols)?;
+        crate::kernels::check_len("rmsnorm_bwd", "dw", dw.len(), p.cols)?;
+        let n = p.cols;
+        let chunk = rows_per_task(n);
+        // Each task returns its partial dw; the partials are summed after.
+        let partials: Vec<Vec<f32>> = dx[..p.rows * n]
+            .par_chunks_mut(n * chunk)
+            .zip(x[..p.rows * n].par_chunks(n * chunk))
+            .zip(dy[..p.rows * n].par_chunks(n * chunk))
+            .zip(rstd[..p.rows].par_chunks(chunk))
+            .map(|(((dx, x), dy), rs)| {
+                let mut dw_part = vec![0.0f32; n];
+                for (((dx, x), dy), &r) in dx.chunks_mut(n).zip(x.chunks(n)).zip(dy.chunks(n)).zip(rs) {
+                    let c: f32 = dy.iter().zip(w).zip(x).map(|((g, w), x)| g * w * x).sum::<f32>() / n as f32;
+                    for j in 0..n {
+                        dx[j] = r * (dy[j] * w[j] - x[j] * r * r * c);
+                        dw_part[j] += dy[j] * x[j] * r;
+                    }
+                }
+                dw_part
+            })
+            .collect();
+        dw[..n].fill(0.0);
+        for part in partials {
+            for (d, v) in dw.iter_mut().zip(part) {
+                *d += v;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub mod cuda {
+    use std::sync::Arc;
+
+    use cudarc::driver::{CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+    use super::RmsNormParams;
+    use crate::device::cuda::ModuleCache;
+    use crate::{Error, Result};
+
+    const BLOCK: u32 = 256;
+
+    fn dims(p: RmsNormParams) -> Result<(i32, i32)> {
+        let to_i32 = |v: usize, what: &str| {
+            i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("rmsnorm: {what} = {v} exceeds i32")))
+        };
+        Ok((to_i32(p.rows, "rows")?, to_i32(p.cols, "cols")?))
+    }
+
+    fn launch_err(e: cudarc::driver::DriverError) -> Error {
+        Error::cuda("launching rmsnorm", e)
+    }
+
+    /// Forward for f32 (`T = f32`, kernel suffix `f32`) or bf16 bits (`T = u16`, suffix `bf16`).
+    pub fn forward<T: cudarc::driver::DeviceRepr>(
+        stream: &Arc<CudaStream>,
+        modules: &ModuleCache,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        y: &mut CudaViewMut<'_, T>,
+        rstd: &mut CudaViewMut<'_, f32>,
+        p: RmsNormParams,
+    ) -> Result<()> {
+        p.check("rmsnorm_fwd", x.len(), w.len(), y.len(), rstd.len())?;
+        let (m, n) = dims(p)?;
+        if m == 0 {
+            return Ok(());
+        }
+        let f = modules.function("rmsnorm", &format!("rmsnorm_fwd_{}", suffix::<T>()?))?;
+        let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: argument types match the kernel signature; lengths checked above.
+        unsafe { stream.launch_builder(&f).arg(x).arg(w).arg(y).arg(rstd).arg(&m).arg(&n).arg(&p.eps).launch(cfg) }
+            .map_err(launch_err)?;
+        Ok(())
+    }
+
+    /// Backward: dx and dw from x, w, dy and rstd.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<T: cudarc::driver::DeviceRepr>(
+        stream: &Arc<CudaStream>,
+        modules: &ModuleCache,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        dy: &CudaView<'_, T>,
+        rstd: &CudaView<'_, f32>,
+        dx: &mut CudaViewMut<'_, T>,
+        dw: &mut CudaViewMut<'_, T>,
+        p: RmsNormParams,
+    ) -> Result<()> {
+        p.check("rmsnorm_bwd", x.len(), w.len(), dx.len(), rstd.len())?;
+        crate::kernels::check_len("rmsnorm_bwd", "dy", dy.len(), p.rows * p.cols)?;
+        crate::kernels::check_len("rmsnorm_bwd", "dw", dw.len(), p.cols)?;
+        let (m, n) = dims(p)?;
+        let s = suffix::<T>()?;
+        if m > 0 {
+            let f = modules.function("rmsnorm", &format!("rmsnorm_bwd_dx_{s}"))?;
+            let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: as in `forward`.
+            unsafe { stream.launch_builder(&f).arg(x).arg(w).arg(dy).arg(rstd).arg(dx).arg(&m).arg(&n).launch(cfg) }
+                .map_err(launch_err)?;
+        }
+        if n > 0 {
+            let f = modules.function("rmsnorm", &format!("rmsnorm_bwd_dw_{s}"))?;
+            let cfg = LaunchConfig {
+                grid_dim: ((n as u32).div_ceil(BLOCK), 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: as in `forward`.
+            unsafe { stream.launch_builder(&f).arg(x).arg(dy).arg(rstd).arg(dw).arg(&m).arg(&n).launch(cfg) }
+                .map_err(launch_err)?;
+        }
+        Ok(())
+    }
+
+    fn suffix<T>() -> Result<&'static str> {
+        match std::mem::size_of::<T>() {
+            4 => Ok("f32"),
+            2 => Ok("bf16"),
+            s => Err(Error::InvalidArgument(format!("rmsnorm: no CUDA kernel for {s}-byte elements"))),
+        }
+    }
+}
+
+pub mod wgsl {
+    use super::RmsNormParams;
+    use crate::device::wgpu::{dispatch, grid, uniform, KernelCache};
+    use crate::{Error, Result};
+
+    pub const SOURCE: &str = include_str!("../../kernels-wgsl/rmsnorm.wgsl");
+    const WG: u32 = 256;
+
+    #[repr(C)]
+    #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+    struct Params {
+        rows: u32,
+        cols: u32,
+        eps: f32,
+        _pad: u32,
+    }
+
+    fn params(p: RmsNormParams) -> Result<Params> {
+        let to_u32 = |v: usize, what: &str| {
+            u32::try_from(v).map_err(|_| Error::InvalidArgument(format!("rmsnorm: {what} = {v} exceeds u32")))
+        };
+        Ok(Params { rows: to_u32(p.rows, "rows")?, cols: to_u32(p.cols, "cols")?, eps: p.eps, _pad: 0 })
+    }
+
+    fn check_buffers(op: &'static str, bufs: &[(&str, &wgpu::Buffer, usize)]) -> Result<()> {
+        for (name, b, elems) in bufs {
+            crate::kernels::check_len(op, name, b.size() as usize / 4, *elems)?;
+        }
+        Ok(())
+    }
+
+    /// Forward, f32: x `[M,N]`, w `[N]` in; y `[M,N]`, rstd `[M]` out.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        x: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        rstd: &wgpu::Buffer,
+        p: RmsNormParams,
+    ) -> Result<()> {
+        let mn = p.rows * p.cols;
+        check_buffers("rmsnorm_fwd", &[("x", x, mn), ("w", w, p.cols), ("y", y, mn), ("rstd", rstd, p.rows)])?;
+        if p.rows == 0 {
+            return Ok(());
+        }
+        let pipe = kernels.pipeline(device, "rmsnorm_fwd", SOURCE, "rmsnorm_fwd")?;
+        let u = uniform(device, &params(p)?);
+        let (gx, gy) = grid(p.rows as u32);
+        dispatch(device, queue, &pipe, &[&u, x, w, y, rstd], (gx, gy, 1));
+        Ok(())
+    }
+
+    /// Backward, f32: dx `[M,N]` and dw `[N]` from x, w, dy and rstd.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        x: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        dy: &wgpu::Buffer,
+        rstd: &wgpu::Buffer,
+        dx: &wgpu::Buffer,
+        dw: &wgpu::Buffer,
+        p: RmsNormParams,
+    ) -> Result<()> {
+        let mn = p.rows * p.cols;
+        check_buffers(
+            "rmsnorm_bwd",
+            &[("x", x, mn), ("w", w, p.cols), ("dy", dy, mn), ("rstd", rstd, p.rows), ("dx", dx, mn), ("dw", dw, p.cols)],
+        )?;
+        let u = uniform(device, &params(p)?);
+        if p.rows > 0 {
+            let pipe = kernels.pipeline(device, "rmsnorm_bwd_dx", SOURCE, "rmsnorm_bwd_dx")?;
+            let (gx, gy) = grid(p.rows as u32);
+            dispatch(device, queue, &pipe, &[&u, x, w, dy, rstd, dx], (gx, gy, 1));
+        }
+        if p.cols > 0 {
+            let pipe = kernels.pipeline(device, "rmsnorm_bwd_dw", SOURCE, "rmsnorm_bwd_dw")?;
+            dispatch(device, queue, &pipe, &[&u, x, dy, rstd, dw], ((p.cols as u32).div_ceil(WG), 1, 1));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,54 @@
+use crate::kernels::matmul::{cpu, MatmulParams};
+use crate::ops::{expect_dtype, same_device, saved};
+use crate::tape::record;
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// `op(a) · op(b)` for 2-D f32 tensors; `op(x)` is `xᵀ` when its flag is set.
+///
+/// Backward of `C = op(A)·op(B)` (so `d op(A) = dC·op(B)ᵀ`, `d op(B) = op(A)ᵀ·dC`):
+/// - `dA = dC · op(B)ᵀ`, or `(dC · op(B)ᵀ)ᵀ = op(B) · dCᵀ` when `trans_a`
+/// - `dB = op(A)ᵀ · dC`, or `dCᵀ · op(A)` when `trans_b`
+pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+    const OP: &str = "matmul";
+    same_device(OP, a, b)?;
+    expect_dtype(OP, a, DType::F32)?;
+    expect_dtype(OP, b, DType::F32)?;
+    for t in [a, b] {
+        if t.shape().rank() != 2 {
+            return Err(Error::BadShape { op: OP, shape: t.shape().clone(), expected: "a matrix (rank 2)".into() });
+        }
+    }
+    let (ad, bd) = (a.dims(), b.dims());
+    let (m, k) = if trans_a { (ad[1], ad[0]) } else { (ad[0], ad[1]) };
+    let (kb, n) = if trans_b { (bd[1], bd[0]) } else { (bd[0], bd[1]) };
+    if k != kb {
+        return Err(Error::ShapeMismatch { op: "matmul (inner dimensions)", lhs: a.shape().clone(), rhs: b.shape().clone() });
+    }
+    let p = MatmulParams { m, n, k, trans_a, trans_b };
+    let out = match a.device() {
+        Device::Cpu => {
+            let mut c = vec![0.0f32; m * n];
+            cpu::matmul(a.cpu_f32(OP)?, b.cpu_f32(OP)?, &mut c, p)?;
+            Tensor::from_vec(c, [m, n])?
+        }
+        d => return Err(Error::Unsupported { op: OP, device: d }),
+    };
+    let (sa, sb) = (saved(a), saved(b));
+    record(OP, out, &[a, b], move |g, needs| {
+        let da = if !needs[0] {
+            None
+        } else if trans_a {
+            Some(matmul(&sb, g, trans_b, true)?)
+        } else {
+            Some(matmul(g, &sb, false, !trans_b)?)
+        };
+        let db = if !needs[1] {
+            None
+        } else if trans_b {
+            Some(matmul(g, &sa, true, trans_a)?)
+        } else {
+            Some(matmul(&sa, g, !trans_a, false)?)
+        };
+        Ok(vec![da, db])
+    })
+}

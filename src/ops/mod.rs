@@ -1,0 +1,47 @@
+//! Ops on tensors. Each op checks its inputs (shape, dtype, device: errors name both sides),
+//! dispatches to a launcher in `kernels/` by device, and records its hand-written backward on
+//! the tape when an input is tracked. Backward closures are themselves written with ops, so a
+//! backward runs wherever its tensors live.
+//!
+//! Every op has a CPU path. GPU paths exist where a kernel does (RMSNorm so far); elsewhere a
+//! GPU tensor gets `Error::Unsupported` naming the op and device.
+
+mod linalg;
+mod nn;
+mod pointwise;
+mod reduce;
+mod shape;
+
+pub use linalg::matmul;
+pub use nn::{cross_entropy, embedding, rmsnorm, rmsnorm_backward, rmsnorm_forward, RmsNormOutput};
+pub use pointwise::{add, mul, scale, silu};
+pub use reduce::{mean, softmax, sum};
+pub use shape::reshape;
+
+use crate::{DType, Error, Result, Tensor};
+
+pub(crate) fn same_device(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    if a.device() != b.device() {
+        return Err(Error::DeviceMismatch { op, lhs: a.device(), rhs: b.device() });
+    }
+    Ok(())
+}
+
+pub(crate) fn same_dtype(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
+    if a.dtype() != b.dtype() {
+        return Err(Error::DTypeMismatch { op, lhs: a.dtype(), rhs: b.dtype() });
+    }
+    Ok(())
+}
+
+pub(crate) fn expect_dtype(op: &'static str, t: &Tensor, dtype: DType) -> Result<()> {
+    if t.dtype() != dtype {
+        return Err(Error::DTypeMismatch { op, lhs: t.dtype(), rhs: dtype });
+    }
+    Ok(())
+}
+
+/// A detached copy of the handle (same storage, not tracked) for a backward closure to keep.
+pub(crate) fn saved(t: &Tensor) -> Tensor {
+    t.share(t.shape().clone(), None)
+}

@@ -1,0 +1,229 @@
+use cudarc::driver::CudaSlice;
+
+use crate::device::cuda::CudaRuntime;
+use crate::device::wgpu::WgpuRuntime;
+use crate::kernels::rmsnorm::{self, RmsNormParams};
+use crate::kernels::{cross_entropy as ce, embedding as emb};
+use crate::ops::{expect_dtype, same_device, same_dtype, saved};
+use crate::tape::record;
+use crate::tensor::Storage;
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// Rows of `table[V, E]` picked by `ids` (i32, any shape): output `ids.shape + [E]`.
+/// Backward: scatter-add of dy into the picked rows of dtable; ids get no gradient.
+pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
+    const OP: &str = "embedding";
+    same_device(OP, ids, table)?;
+    expect_dtype(OP, ids, DType::I32)?;
+    expect_dtype(OP, table, DType::F32)?;
+    if table.shape().rank() != 2 {
+        return Err(Error::BadShape { op: OP, shape: table.shape().clone(), expected: "a table [V, E]".into() });
+    }
+    let (v, e) = (table.dims()[0], table.dims()[1]);
+    let mut out_shape = ids.dims().to_vec();
+    out_shape.push(e);
+    let out = match table.device() {
+        Device::Cpu => {
+            let idv = ids.cpu_i32(OP)?;
+            emb::check_ids(idv, v)?;
+            let mut y = vec![0.0f32; idv.len() * e];
+            emb::cpu::gather(table.cpu_f32(OP)?, idv, &mut y, e);
+            Tensor::from_vec(y, out_shape)?
+        }
+        d => return Err(Error::Unsupported { op: OP, device: d }),
+    };
+    let (sids, table_shape) = (saved(ids), table.shape().clone());
+    record(OP, out, &[ids, table], move |g, needs| {
+        if !needs[1] {
+            return Ok(vec![None, None]);
+        }
+        let mut dt = vec![0.0f32; table_shape.elem_count()];
+        emb::cpu::scatter_add(g.cpu_f32(OP)?, sids.cpu_i32(OP)?, &mut dt, e);
+        Ok(vec![None, Some(Tensor::from_vec(dt, table_shape)?)])
+    })
+}
+
+/// RMSNorm over the last axis: `y = w * x / sqrt(mean(x^2) + eps)`, w `[N]`, x `[..., N]`.
+/// The backward is `kernels::rmsnorm`'s (see its docs for dx and dw).
+pub fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    let RmsNormOutput { y, rstd } = rmsnorm_forward(x, w, eps)?;
+    let (sx, sw) = (saved(x), saved(w));
+    record("rmsnorm", y, &[x, w], move |g, _| {
+        let (dx, dw) = rmsnorm_backward(&sx, &sw, g, &rstd)?;
+        Ok(vec![Some(dx), Some(dw)])
+    })
+}
+
+/// What the RMSNorm forward kernel writes: y and the per-row `1/rms` the backward needs.
+pub struct RmsNormOutput {
+    pub y: Tensor,
+    /// `[rows]`, f32.
+    pub rstd: Tensor,
+}
+
+fn rmsnorm_params(x: &Tensor, w: &Tensor, eps: f32) -> Result<RmsNormParams> {
+    const OP: &str = "rmsnorm";
+    same_device(OP, x, w)?;
+    same_dtype(OP, x, w)?;
+    let n = x.shape().last();
+    if w.dims() != [n] || x.shape().rank() == 0 {
+        return Err(Error::ShapeMismatch { op: "rmsnorm (weight vs last dim of x)", lhs: x.shape().clone(), rhs: w.shape().clone() });
+    }
+    if !(eps >= 0.0) {
+        return Err(Error::InvalidArgument(format!("rmsnorm: eps must be >= 0, got {eps}")));
+    }
+    Ok(RmsNormParams { rows: x.shape().rows(), cols: n, eps })
+}
+
+fn cuda_buf(t: &Tensor) -> (&std::sync::Arc<CudaRuntime>, &CudaSlice<u8>) {
+    match t.storage() {
+        Storage::Cuda { rt, buf } => (rt, buf),
+        _ => unreachable!("device checked by the caller"),
+    }
+}
+
+fn cuda_tensor(rt: &std::sync::Arc<CudaRuntime>, buf: CudaSlice<u8>, shape: crate::Shape, dtype: DType, dev: Device) -> Tensor {
+    Tensor::from_storage(Storage::Cuda { rt: rt.clone(), buf }, shape, dtype, dev)
+}
+
+fn wgpu_buf(t: &Tensor) -> (&std::sync::Arc<WgpuRuntime>, &wgpu::Buffer) {
+    match t.storage() {
+        Storage::Wgpu { rt, buf } => (rt, buf.buffer()),
+        _ => unreachable!("device checked by the caller"),
+    }
+}
+
+/// RMSNorm forward on any device: f32 everywhere, bf16 on CUDA too. Not recorded on a tape.
+pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f32) -> Result<RmsNormOutput> {
+    const OP: &str = "rmsnorm";
+    let p = rmsnorm_params(x, w, eps)?;
+    let (mn, m, n) = (p.rows * p.cols, p.rows, p.cols);
+    let dev = x.device();
+    match (dev, x.dtype()) {
+        (Device::Cpu, DType::F32) => {
+            let (mut y, mut rstd) = (vec![0.0f32; mn], vec![0.0f32; m]);
+            rmsnorm::cpu::forward(x.cpu_f32(OP)?, w.cpu_f32(OP)?, &mut y, &mut rstd, p)?;
+            Ok(RmsNormOutput { y: Tensor::from_vec(y, x.shape().clone())?, rstd: Tensor::from_vec(rstd, [m])? })
+        }
+        (Device::Cuda(_), DType::F32 | DType::BF16) => {
+            let (rt, xb) = cuda_buf(x);
+            let wb = cuda_buf(w).1;
+            let mut yb = rt.alloc_zeros(mn * x.dtype().size_in_bytes())?;
+            let mut rb = rt.alloc_zeros(m * 4)?;
+            // SAFETY (all transmutes below): every buffer was allocated for its tensor's dtype and
+            // element count, from which the params were derived.
+            unsafe {
+                let mut rv = rb.transmute_mut::<f32>(m).expect("rstd sized");
+                if x.dtype() == DType::F32 {
+                    let mut yv = yb.transmute_mut::<f32>(mn).expect("y sized");
+                    rmsnorm::cuda::forward::<f32>(&rt.stream, &rt.modules, &xb.transmute(mn).expect("x"), &wb.transmute(n).expect("w"), &mut yv, &mut rv, p)?;
+                } else {
+                    let mut yv = yb.transmute_mut::<u16>(mn).expect("y sized");
+                    rmsnorm::cuda::forward::<u16>(&rt.stream, &rt.modules, &xb.transmute(mn).expect("x"), &wb.transmute(n).expect("w"), &mut yv, &mut rv, p)?;
+                }
+            }
+            Ok(RmsNormOutput {
+                y: cuda_tensor(rt, yb, x.shape().clone(), x.dtype(), dev),
+                rstd: cuda_tensor(rt, rb, [m].into(), DType::F32, dev),
+            })
+        }
+        (Device::Wgpu(_), DType::F32) => {
+            let y = Tensor::zeros(x.shape().clone(), DType::F32, &dev)?;
+            let rstd = Tensor::zeros([m], DType::F32, &dev)?;
+            let (rt, xb) = wgpu_buf(x);
+            rmsnorm::wgsl::forward(&rt.device, &rt.queue, &rt.kernels, xb, wgpu_buf(w).1, wgpu_buf(&y).1, wgpu_buf(&rstd).1, p)?;
+            Ok(RmsNormOutput { y, rstd })
+        }
+        (_, dtype) => Err(Error::UnsupportedDType { op: "rmsnorm on this device", dtype }),
+    }
+}
+
+/// RMSNorm backward on any device: (dx, dw) from x, w, dy and the forward's rstd.
+pub fn rmsnorm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "rmsnorm backward";
+    let p = rmsnorm_params(x, w, 0.0)?;
+    same_device(OP, x, dy)?;
+    same_dtype(OP, x, dy)?;
+    same_device(OP, x, rstd)?;
+    expect_dtype(OP, rstd, DType::F32)?;
+    if dy.shape() != x.shape() {
+        return Err(Error::ShapeMismatch { op: OP, lhs: x.shape().clone(), rhs: dy.shape().clone() });
+    }
+    if rstd.elem_count() != p.rows {
+        return Err(Error::BadShape { op: OP, shape: rstd.shape().clone(), expected: format!("[{}] (one per row)", p.rows) });
+    }
+    let (mn, m, n) = (p.rows * p.cols, p.rows, p.cols);
+    let dev = x.device();
+    match (dev, x.dtype()) {
+        (Device::Cpu, DType::F32) => {
+            let (mut dx, mut dw) = (vec![0.0f32; mn], vec![0.0f32; n]);
+            rmsnorm::cpu::backward(x.cpu_f32(OP)?, w.cpu_f32(OP)?, dy.cpu_f32(OP)?, rstd.cpu_f32(OP)?, &mut dx, &mut dw, p)?;
+            Ok((Tensor::from_vec(dx, x.shape().clone())?, Tensor::from_vec(dw, [n])?))
+        }
+        (Device::Cuda(_), DType::F32 | DType::BF16) => {
+            let (rt, xb) = cuda_buf(x);
+            let (wb, gb, rb) = (cuda_buf(w).1, cuda_buf(dy).1, cuda_buf(rstd).1);
+            let mut dxb = rt.alloc_zeros(mn * x.dtype().size_in_bytes())?;
+            let mut dwb = rt.alloc_zeros(n * x.dtype().size_in_bytes())?;
+            // SAFETY: as in `rmsnorm_forward`.
+            unsafe {
+                let rv = rb.transmute::<f32>(m).expect("rstd sized");
+                macro_rules! launch {
+                    ($t:ty) => {{
+                        let mut dxv = dxb.transmute_mut::<$t>(mn).expect("dx sized");
+                        let mut dwv = dwb.transmute_mut::<$t>(n).expect("dw sized");
+                        rmsnorm::cuda::backward::<$t>(
+                            &rt.stream, &rt.modules,
+                            &xb.transmute(mn).expect("x"), &wb.transmute(n).expect("w"), &gb.transmute(mn).expect("dy"),
+                            &rv, &mut dxv, &mut dwv, p,
+                        )?
+                    }};
+                }
+                if x.dtype() == DType::F32 { launch!(f32) } else { launch!(u16) }
+            }
+            Ok((cuda_tensor(rt, dxb, x.shape().clone(), x.dtype(), dev), cuda_tensor(rt, dwb, [n].into(), x.dtype(), dev)))
+        }
+        (Device::Wgpu(_), DType::F32) => {
+            let dx = Tensor::zeros(x.shape().clone(), DType::F32, &dev)?;
+            let dw = Tensor::zeros([n], DType::F32, &dev)?;
+            let (rt, xb) = wgpu_buf(x);
+            rmsnorm::wgsl::backward(
+                &rt.device, &rt.queue, &rt.kernels,
+                xb, wgpu_buf(w).1, wgpu_buf(dy).1, wgpu_buf(rstd).1, wgpu_buf(&dx).1, wgpu_buf(&dw).1, p,
+            )?;
+            Ok((dx, dw))
+        }
+        (_, dtype) => Err(Error::UnsupportedDType { op: "rmsnorm backward on this device", dtype }),
+    }
+}
+
+/// Mean cross-entropy of `logits [M, V]` against `targets [M]` (i32), skipping rows whose
+/// target is `ignore_index`; see `kernels::cross_entropy` for the math and the backward.
+/// Returns a one-element tensor (0 when every row is ignored).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i32) -> Result<Tensor> {
+    const OP: &str = "cross_entropy";
+    same_device(OP, logits, targets)?;
+    expect_dtype(OP, logits, DType::F32)?;
+    expect_dtype(OP, targets, DType::I32)?;
+    if logits.shape().rank() != 2 || targets.dims() != [logits.dims()[0]] {
+        return Err(Error::ShapeMismatch { op: "cross_entropy (logits [M, V] vs targets [M])", lhs: logits.shape().clone(), rhs: targets.shape().clone() });
+    }
+    let v = logits.dims()[1];
+    let (out, probs, count) = match logits.device() {
+        Device::Cpu => {
+            let t = targets.cpu_i32(OP)?;
+            ce::check_targets(t, v, ignore_index)?;
+            let mut probs = vec![0.0f32; logits.elem_count()];
+            let (loss, count) = ce::cpu::forward(logits.cpu_f32(OP)?, t, &mut probs, v, ignore_index);
+            (Tensor::from_vec(vec![loss], Vec::new())?, probs, count)
+        }
+        d => return Err(Error::Unsupported { op: OP, device: d }),
+    };
+    let (st, shape) = (saved(targets), logits.shape().clone());
+    record(OP, out, &[logits, targets], move |g, _| {
+        let dy = g.to_scalar()?;
+        let mut dz = vec![0.0f32; probs.len()];
+        ce::cpu::backward(&probs, st.cpu_i32(OP)?, &mut dz, v, ignore_index, count, dy);
+        Ok(vec![Some(Tensor::from_vec(dz, shape)?), None])
+    })
+}

@@ -1,0 +1,293 @@
+//! `Tensor`: a shape, a dtype and contiguous row-major storage on one device.
+//!
+//! Tensors are immutable and cheap to clone (an `Arc`). A tensor that depends on a trainable
+//! parameter carries a weak handle to the tape that records it (see `tape.rs`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use cudarc::driver::CudaSlice;
+use half::{bf16, f16};
+
+use crate::device::{cuda, wgpu as wg, Device};
+use crate::tape::TapeInner;
+use crate::{DType, Element, Error, Result, Shape};
+
+/// Identifies a tensor on a tape and in a gradient map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(u64);
+
+impl TensorId {
+    fn fresh() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        TensorId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Host storage, typed.
+#[derive(Clone, Debug)]
+pub enum CpuStorage {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    F16(Vec<f16>),
+    U8(Vec<u8>),
+    I32(Vec<i32>),
+}
+
+impl CpuStorage {
+    fn from_bytes(dtype: DType, bytes: &[u8]) -> CpuStorage {
+        fn cast<T: bytemuck::Pod>(b: &[u8]) -> Vec<T> {
+            bytemuck::pod_collect_to_vec(b)
+        }
+        match dtype {
+            DType::F32 => CpuStorage::F32(cast(bytes)),
+            DType::BF16 => CpuStorage::BF16(cast(bytes)),
+            DType::F16 => CpuStorage::F16(cast(bytes)),
+            DType::U8 => CpuStorage::U8(bytes.to_vec()),
+            DType::I32 => CpuStorage::I32(cast(bytes)),
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            CpuStorage::F32(v) => bytemuck::cast_slice(v),
+            CpuStorage::BF16(v) => bytemuck::cast_slice(v),
+            CpuStorage::F16(v) => bytemuck::cast_slice(v),
+            CpuStorage::U8(v) => v,
+            CpuStorage::I32(v) => bytemuck::cast_slice(v),
+        }
+    }
+}
+
+/// Where the bytes are.
+pub enum Storage {
+    Cpu(CpuStorage),
+    Cuda { rt: Arc<cuda::CudaRuntime>, buf: CudaSlice<u8> },
+    Wgpu { rt: Arc<wg::WgpuRuntime>, buf: wg::PooledBuffer },
+}
+
+pub(crate) struct Inner {
+    id: TensorId,
+    shape: Shape,
+    dtype: DType,
+    device: Device,
+    storage: Arc<Storage>,
+    pub(crate) tape: Option<Weak<TapeInner>>,
+}
+
+/// A tensor. See the module docs.
+#[derive(Clone)]
+pub struct Tensor(pub(crate) Arc<Inner>);
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({} {} on {})", self.shape(), self.dtype(), self.device())
+    }
+}
+
+impl Tensor {
+    pub(crate) fn from_storage(storage: Storage, shape: Shape, dtype: DType, device: Device) -> Tensor {
+        Tensor(Arc::new(Inner { id: TensorId::fresh(), shape, dtype, device, storage: Arc::new(storage), tape: None }))
+    }
+
+    /// A new tensor sharing this one's storage, with a fresh id and the given tape handle.
+    pub(crate) fn share(&self, shape: Shape, tape: Option<Weak<TapeInner>>) -> Tensor {
+        Tensor(Arc::new(Inner {
+            id: TensorId::fresh(),
+            shape,
+            dtype: self.0.dtype,
+            device: self.0.device,
+            storage: self.0.storage.clone(),
+            tape,
+        }))
+    }
+
+    /// A tensor from host data, on `device`.
+    pub fn from_slice<T: Element>(data: &[T], shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.elem_count() != data.len() {
+            return Err(Error::ElementCount { shape, got: data.len() });
+        }
+        Self::from_bytes(bytemuck::cast_slice(data), T::DTYPE, shape, device)
+    }
+
+    /// An f32 tensor on the CPU from a vector, without a copy.
+    pub fn from_vec(data: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.elem_count() != data.len() {
+            return Err(Error::ElementCount { shape, got: data.len() });
+        }
+        Ok(Self::from_storage(Storage::Cpu(CpuStorage::F32(data)), shape, DType::F32, Device::Cpu))
+    }
+
+    /// An i32 tensor on the CPU from a vector, without a copy.
+    pub fn from_vec_i32(data: Vec<i32>, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.elem_count() != data.len() {
+            return Err(Error::ElementCount { shape, got: data.len() });
+        }
+        Ok(Self::from_storage(Storage::Cpu(CpuStorage::I32(data)), shape, DType::I32, Device::Cpu))
+    }
+
+    /// A tensor of `dtype` from its raw little-endian bytes.
+    pub fn from_bytes(bytes: &[u8], dtype: DType, shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.elem_count() * dtype.size_in_bytes() != bytes.len() {
+            return Err(Error::ElementCount { shape, got: bytes.len() / dtype.size_in_bytes() });
+        }
+        let storage = match *device {
+            Device::Cpu => Storage::Cpu(CpuStorage::from_bytes(dtype, bytes)),
+            Device::Cuda(i) => {
+                let rt = cuda::runtime(i)?;
+                let buf = rt.upload(bytes)?;
+                Storage::Cuda { rt, buf }
+            }
+            Device::Wgpu(i) => {
+                let rt = wg::runtime(i)?;
+                let buf = rt.upload(bytes);
+                Storage::Wgpu { rt, buf }
+            }
+        };
+        Ok(Self::from_storage(storage, shape, dtype, *device))
+    }
+
+    /// A zero-filled tensor.
+    pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        let bytes = shape.elem_count() * dtype.size_in_bytes();
+        let storage = match *device {
+            Device::Cpu => Storage::Cpu(CpuStorage::from_bytes(dtype, &vec![0u8; bytes])),
+            Device::Cuda(i) => {
+                let rt = cuda::runtime(i)?;
+                let buf = rt.alloc_zeros(bytes)?;
+                Storage::Cuda { rt, buf }
+            }
+            Device::Wgpu(i) => {
+                let rt = wg::runtime(i)?;
+                let buf = rt.alloc_zeros(bytes);
+                Storage::Wgpu { rt, buf }
+            }
+        };
+        Ok(Self::from_storage(storage, shape, dtype, *device))
+    }
+
+    /// An f32 tensor of `value` everywhere.
+    pub fn full(value: f32, shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
+        let shape = shape.into();
+        Tensor::from_slice(&vec![value; shape.elem_count()], shape, device)
+    }
+
+    pub fn id(&self) -> TensorId {
+        self.0.id
+    }
+    pub fn shape(&self) -> &Shape {
+        &self.0.shape
+    }
+    pub fn dims(&self) -> &[usize] {
+        self.0.shape.dims()
+    }
+    pub fn dtype(&self) -> DType {
+        self.0.dtype
+    }
+    pub fn device(&self) -> Device {
+        self.0.device
+    }
+    pub fn elem_count(&self) -> usize {
+        self.0.shape.elem_count()
+    }
+    pub fn storage(&self) -> &Storage {
+        &self.0.storage
+    }
+    /// Whether this tensor is recorded on a live tape (it depends on a trainable parameter).
+    pub fn is_tracked(&self) -> bool {
+        self.0.tape.as_ref().is_some_and(|w| w.strong_count() > 0)
+    }
+
+    /// The raw bytes, copied to the host.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let n = self.elem_count() * self.dtype().size_in_bytes();
+        match self.storage() {
+            Storage::Cpu(s) => Ok(s.as_bytes().to_vec()),
+            Storage::Cuda { rt, buf } => rt.download(buf, n),
+            Storage::Wgpu { rt, buf } => rt.download(buf.buffer(), n),
+        }
+    }
+
+    /// The elements as a host vector; `T` must be this tensor's dtype.
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        if T::DTYPE != self.dtype() {
+            return Err(Error::DTypeMismatch { op: "to_vec", lhs: self.dtype(), rhs: T::DTYPE });
+        }
+        Ok(bytemuck::pod_collect_to_vec(&self.to_bytes()?))
+    }
+
+    /// The elements of a float tensor as f32 on the host, converting bf16/f16.
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        let bytes = self.to_bytes()?;
+        match CpuStorage::from_bytes(self.dtype(), &bytes) {
+            CpuStorage::F32(v) => Ok(v),
+            CpuStorage::BF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
+            CpuStorage::F16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
+            _ => Err(Error::UnsupportedDType { op: "to_vec_f32", dtype: self.dtype() }),
+        }
+    }
+
+    /// The single value of a one-element float tensor.
+    pub fn to_scalar(&self) -> Result<f32> {
+        if self.elem_count() != 1 {
+            return Err(Error::BadShape { op: "to_scalar", shape: self.shape().clone(), expected: "one element".into() });
+        }
+        Ok(self.to_vec_f32()?[0])
+    }
+
+    /// A copy on `device` (the same tensor when it is already there). Not recorded on a tape.
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        if self.device() == *device {
+            return Ok(self.clone());
+        }
+        Tensor::from_bytes(&self.to_bytes()?, self.dtype(), self.shape().clone(), device)
+    }
+
+    /// A copy with float elements converted to `dtype` (f32, bf16, f16), rounding to nearest even.
+    /// On the CPU for now; not recorded on a tape.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if dtype == self.dtype() {
+            return Ok(self.clone());
+        }
+        if !dtype.is_float() || !self.dtype().is_float() {
+            return Err(Error::DTypeMismatch { op: "to_dtype", lhs: self.dtype(), rhs: dtype });
+        }
+        let v = self.to_vec_f32()?;
+        let out = match dtype {
+            DType::F32 => Tensor::from_slice(&v, self.shape().clone(), &Device::Cpu)?,
+            DType::BF16 => {
+                let h: Vec<bf16> = v.iter().map(|&x| bf16::from_f32(x)).collect();
+                Tensor::from_slice(&h, self.shape().clone(), &Device::Cpu)?
+            }
+            DType::F16 => {
+                let h: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+                Tensor::from_slice(&h, self.shape().clone(), &Device::Cpu)?
+            }
+            _ => unreachable!("checked is_float above"),
+        };
+        out.to_device(&self.device())
+    }
+
+    /// The f32 elements of a CPU tensor, borrowed.
+    pub(crate) fn cpu_f32(&self, op: &'static str) -> Result<&[f32]> {
+        match self.storage() {
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
+            Storage::Cpu(_) => Err(Error::UnsupportedDType { op, dtype: self.dtype() }),
+            _ => Err(Error::Unsupported { op, device: self.device() }),
+        }
+    }
+
+    /// The i32 elements of a CPU tensor, borrowed.
+    pub(crate) fn cpu_i32(&self, op: &'static str) -> Result<&[i32]> {
+        match self.storage() {
+            Storage::Cpu(CpuStorage::I32(v)) => Ok(v),
+            Storage::Cpu(_) => Err(Error::UnsupportedDType { op, dtype: self.dtype() }),
+            _ => Err(Error::Unsupported { op, device: self.device() }),
+        }
+    }
+}

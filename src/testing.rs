@@ -1,0 +1,142 @@
+//! What the tests (and `tools/gpu-check`) share: the one tolerance rule, a small seeded RNG,
+//! and the gradient checker.
+//!
+//! Tolerance rule: `|got - ref| <= atol + rtol * |ref|`, per dtype. A failing comparison names
+//! the first few mismatches with their indices.
+
+use crate::{ops, Result, Tape, Tensor};
+
+/// `|got - ref| <= atol + rtol * |ref|`.
+#[derive(Clone, Copy, Debug)]
+pub struct Tolerance {
+    pub atol: f64,
+    pub rtol: f64,
+}
+
+impl Tolerance {
+    /// f32 kernels against an f64 reference: a few ulps of accumulated rounding.
+    pub const F32: Tolerance = Tolerance { atol: 1e-5, rtol: 1e-4 };
+    /// bf16 storage (8 bits of mantissa): half an ulp is 2^-9 relative, doubled for the
+    /// rounding of inputs and output.
+    pub const BF16: Tolerance = Tolerance { atol: 1e-2, rtol: 1e-2 };
+    /// Analytic f32 gradients against central differences of an f64 reference: the difference
+    /// quotient is exact to ~1e-9, so this bounds the f32 rounding of the backward.
+    pub const GRAD_F32: Tolerance = Tolerance { atol: 1e-4, rtol: 1e-3 };
+
+    pub fn ok(&self, got: f64, want: f64) -> bool {
+        (got - want).abs() <= self.atol + self.rtol * want.abs()
+    }
+}
+
+/// Compares element-wise; the error lists up to five mismatches with index, got and want.
+pub fn compare(what: &str, got: &[f32], want: &[f64], tol: Tolerance) -> std::result::Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{what}: {} elements, reference has {}", got.len(), want.len()));
+    }
+    let bad: Vec<usize> = (0..got.len()).filter(|&i| !tol.ok(got[i] as f64, want[i])).collect();
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<String> =
+        bad.iter().take(5).map(|&i| format!("[{i}] got {} want {}", got[i], want[i])).collect();
+    Err(format!(
+        "{what}: {} of {} elements outside atol {} + rtol {}: {}",
+        bad.len(),
+        got.len(),
+        tol.atol,
+        tol.rtol,
+        shown.join(", ")
+    ))
+}
+
+/// SplitMix64: a tiny seeded generator, so test data needs no extra crate.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [lo, hi).
+    pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        let u = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        lo + (hi - lo) * u
+    }
+    pub fn vec(&mut self, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+        (0..n).map(|_| self.uniform(lo, hi)).collect()
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+}
+
+/// Host values of any tensor as f64 (ids and floats alike).
+pub fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
+    Ok(match t.dtype() {
+        crate::DType::I32 => t.to_vec::<i32>()?.into_iter().map(|v| v as f64).collect(),
+        crate::DType::U8 => t.to_vec::<u8>()?.into_iter().map(|v| v as f64).collect(),
+        _ => t.to_vec_f32()?.into_iter().map(|v| v as f64).collect(),
+    })
+}
+
+/// Checks an op's forward and its tape gradients against an f64 reference.
+///
+/// `forward` runs the op under test on tensors (each f32 input becomes a parameter on a fresh
+/// tape; other inputs pass through). `reference` computes the same function in f64 from the
+/// inputs' values. The check:
+/// 1. the forward output matches the reference within `Tolerance::F32`;
+/// 2. with a fixed random projection `u`, the gradient of `sum(u * forward(x))` from the tape
+///    matches the central difference `(L(x + h e_j) - L(x - h e_j)) / 2h` of
+///    `L = sum(u * reference(x))` for every element j of every f32 input, within `tol`.
+pub fn gradcheck(
+    inputs: &[Tensor],
+    forward: impl Fn(&[Tensor]) -> Result<Tensor>,
+    reference: impl Fn(&[Vec<f64>]) -> Vec<f64>,
+    tol: Tolerance,
+) -> std::result::Result<(), String> {
+    let err = |e: crate::Error| e.to_string();
+    let tape = Tape::new();
+    let params: Vec<Tensor> =
+        inputs.iter().map(|t| if t.dtype() == crate::DType::F32 { tape.param(t) } else { t.clone() }).collect();
+    let y = forward(&params).map_err(err)?;
+    let values: Vec<Vec<f64>> = inputs.iter().map(to_f64).collect::<Result<_>>().map_err(err)?;
+    let want = reference(&values);
+    compare("forward", &y.to_vec_f32().map_err(err)?, &want, Tolerance::F32)?;
+
+    let mut rng = Rng::new(0x5eed);
+    let u = rng.vec(y.elem_count(), -1.0, 1.0);
+    let ut = Tensor::from_vec(u.clone(), y.shape().clone()).map_err(err)?;
+    let loss = ops::sum(&ops::mul(&y, &ut).map_err(err)?).map_err(err)?;
+    let grads = tape.backward(&loss).map_err(err)?;
+    let proj = |vals: &[Vec<f64>]| -> f64 { reference(vals).iter().zip(&u).map(|(r, &u)| r * u as f64).sum() };
+
+    for (i, p) in params.iter().enumerate() {
+        if inputs[i].dtype() != crate::DType::F32 {
+            continue;
+        }
+        let got = match grads.get(p) {
+            Some(g) => g.to_vec_f32().map_err(err)?,
+            None => vec![0.0; p.elem_count()],
+        };
+        let mut numeric = Vec::with_capacity(p.elem_count());
+        let mut vals = values.clone();
+        for j in 0..p.elem_count() {
+            let x0 = vals[i][j];
+            let h = 1e-6 * x0.abs().max(1.0);
+            vals[i][j] = x0 + h;
+            let lp = proj(&vals);
+            vals[i][j] = x0 - h;
+            let lm = proj(&vals);
+            vals[i][j] = x0;
+            numeric.push((lp - lm) / (2.0 * h));
+        }
+        compare(&format!("gradient of input {i}"), &got, &numeric, tol)?;
+    }
+    Ok(())
+}
