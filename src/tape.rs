@@ -81,13 +81,9 @@ impl Tape {
         }
         grads.insert(loss.id(), Tensor::full(1.0, loss.shape().clone(), &loss.device())?);
         for entry in entries.into_iter().rev() {
-            // An output nobody used downstream of the loss has no gradient: skip it.
-            let g = if params.contains(&entry.output) {
-                grads.get(&entry.output).cloned()
-            } else {
-                grads.remove(&entry.output)
-            };
-            let Some(g) = g else { continue };
+            // An output the loss does not depend on has no gradient: skip it. Outputs are never
+            // parameters, so their gradient can be dropped once propagated.
+            let Some(g) = grads.remove(&entry.output) else { continue };
             let input_grads = (entry.backward)(&g)?;
             for (id, ig) in entry.inputs.into_iter().zip(input_grads) {
                 if let Some(ig) = ig {
@@ -110,6 +106,7 @@ fn accumulate(grads: &mut HashMap<TensorId, Tensor>, id: TensorId, g: Tensor) ->
 }
 
 /// Gradients of the parameters, keyed by tensor id.
+#[derive(Debug)]
 pub struct Gradients(HashMap<TensorId, Tensor>);
 
 impl Gradients {

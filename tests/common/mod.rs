@@ -1,0 +1,22 @@
+//! Shared by the integration tests: which devices to run on.
+#![allow(dead_code)]
+
+use tuna::Device;
+
+/// Every device this machine has. With TUNA_REQUIRE_WGPU=1 (set in CI) a missing wgpu adapter
+/// fails the test instead of quietly shrinking the list; likewise TUNA_REQUIRE_CUDA=1.
+pub fn devices() -> Vec<Device> {
+    let devs: Vec<Device> = Device::available().into_iter().map(|d| d.device).collect();
+    let require = |var: &str| std::env::var(var).is_ok_and(|v| v == "1");
+    if require("TUNA_REQUIRE_WGPU") {
+        assert!(
+            devs.iter().any(|d| matches!(d, Device::Wgpu(_))),
+            "TUNA_REQUIRE_WGPU=1 but wgpu found no adapter: {:?}",
+            tuna::device::wgpu::adapters()
+        );
+    }
+    if require("TUNA_REQUIRE_CUDA") {
+        assert!(devs.iter().any(|d| matches!(d, Device::Cuda(_))), "TUNA_REQUIRE_CUDA=1 but no CUDA device");
+    }
+    devs
+}

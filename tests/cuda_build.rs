@@ -1,0 +1,71 @@
+//! The CUDA kernels as built: PTX embedded by build.rs (when nvcc was found) and the NVRTC path
+//! that a build without nvcc relies on. Neither needs a GPU.
+//!
+//! CI sets TUNA_REQUIRE_NVCC=1 and TUNA_REQUIRE_NVRTC=1 so that a missing toolchain is a
+//! failure there rather than a silent pass.
+
+use tuna::device::cuda;
+
+fn required(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == "1")
+}
+
+/// Entry points each module must export (the names the launchers load).
+fn entry_points(module: &str) -> &'static [&'static str] {
+    match module {
+        "rmsnorm" => &[
+            "rmsnorm_fwd_f32",
+            "rmsnorm_fwd_bf16",
+            "rmsnorm_bwd_dx_f32",
+            "rmsnorm_bwd_dx_bf16",
+            "rmsnorm_bwd_dw_f32",
+            "rmsnorm_bwd_dw_bf16",
+        ],
+        _ => &[],
+    }
+}
+
+fn assert_entries(module: &str, arch: &str, ptx: &str) {
+    assert!(ptx.contains(".version"), "{module} for {arch}: not PTX");
+    for e in entry_points(module) {
+        assert!(ptx.contains(&format!(".entry {e}(")), "{module} for {arch}: no entry point {e}");
+    }
+}
+
+#[test]
+fn every_module_is_embedded() {
+    let names: Vec<&str> = cuda::modules().iter().map(|m| m.name).collect();
+    assert!(names.contains(&"rmsnorm"), "{names:?}");
+    for m in cuda::modules() {
+        assert!(!m.source.contains("#include \""), "{}: local includes must be inlined for NVRTC", m.name);
+    }
+}
+
+#[test]
+fn nvcc_ptx_for_sm80_and_sm90() {
+    let any = cuda::modules().iter().any(|m| !m.ptx.is_empty());
+    if !any {
+        assert!(!required("TUNA_REQUIRE_NVCC"), "TUNA_REQUIRE_NVCC=1 but build.rs found no nvcc");
+        return;
+    }
+    for m in cuda::modules() {
+        for arch in [80, 90] {
+            let (_, ptx) = m.ptx.iter().find(|(a, _)| *a == arch).unwrap_or_else(|| panic!("{}: no PTX for sm_{arch}", m.name));
+            assert_entries(m.name, &format!("sm_{arch}"), ptx);
+        }
+    }
+}
+
+#[test]
+fn nvrtc_compiles_every_module() {
+    if !cuda::nvrtc_present() {
+        assert!(!required("TUNA_REQUIRE_NVRTC"), "TUNA_REQUIRE_NVRTC=1 but libnvrtc was not found");
+        return;
+    }
+    for m in cuda::modules() {
+        for cc in [80, 90] {
+            let ptx = cuda::compile_with_nvrtc(m, cc).unwrap_or_else(|e| panic!("{e}"));
+            assert_entries(m.name, &format!("compute_{cc}"), &ptx);
+        }
+    }
+}

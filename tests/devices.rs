@@ -1,0 +1,104 @@
+//! Tensors across devices, and the errors that bad input and missing hardware produce.
+
+mod common;
+
+use tuna::{ops, DType, Device, Error, Tensor};
+
+#[test]
+fn cuda_without_a_gpu_is_an_error_not_a_panic() {
+    // On a machine with a GPU the same call must succeed; without one it must be an error value.
+    let r = Tensor::from_slice(&[1.0f32, 2.0], [2], &Device::Cuda(0));
+    if tuna::device::cuda::device_count().unwrap_or(0) == 0 {
+        let e = r.unwrap_err();
+        assert!(matches!(e, Error::DeviceUnavailable { device: Device::Cuda(0), .. }), "{e}");
+        assert!(e.to_string().contains("cuda:0"), "{e}");
+        assert!(Device::Cuda(0).open().is_err());
+    } else {
+        assert_eq!(r.unwrap().to_vec::<f32>().unwrap(), vec![1.0, 2.0]);
+    }
+    // A device index past the end is an error everywhere.
+    assert!(Device::Cuda(9999).open().is_err());
+    assert!(Device::Wgpu(9999).open().is_err());
+}
+
+#[test]
+fn available_lists_the_cpu_first() {
+    let devs = Device::available();
+    assert_eq!(devs[0].device, Device::Cpu);
+}
+
+#[test]
+fn round_trip_through_every_device() {
+    let data: Vec<f32> = (0..1000).map(|i| i as f32 * 0.5 - 7.0).collect();
+    let ids: Vec<i32> = (0..37).map(|i| i * 3 - 50).collect();
+    let bytes: Vec<u8> = (0..13).collect(); // not a multiple of 4
+    for dev in common::devices() {
+        let t = Tensor::from_slice(&data, [10, 100], &dev).unwrap();
+        assert_eq!(t.device(), dev);
+        assert_eq!(t.to_vec::<f32>().unwrap(), data, "f32 on {dev}");
+        let back = t.to_device(&Device::Cpu).unwrap();
+        assert_eq!(back.to_vec::<f32>().unwrap(), data);
+        let i = Tensor::from_slice(&ids, [37], &dev).unwrap();
+        assert_eq!(i.to_vec::<i32>().unwrap(), ids, "i32 on {dev}");
+        let u = Tensor::from_slice(&bytes, [13], &dev).unwrap();
+        assert_eq!(u.to_vec::<u8>().unwrap(), bytes, "u8 on {dev}");
+        let z = Tensor::zeros([3, 5], DType::BF16, &dev).unwrap();
+        assert_eq!(z.to_vec_f32().unwrap(), vec![0.0; 15]);
+    }
+}
+
+#[test]
+fn dtype_conversion_rounds_to_nearest() {
+    let t = Tensor::from_slice(&[1.0f32, 1.00390625, 3.14159], [3], &Device::Cpu).unwrap();
+    let b = t.to_dtype(DType::BF16).unwrap();
+    assert_eq!(b.dtype(), DType::BF16);
+    let v = b.to_vec_f32().unwrap();
+    assert_eq!(v[0], 1.0);
+    // 1 + 2^-8 is halfway between two bf16 values (spacing 2^-7): ties go to even, i.e. 1.0.
+    assert_eq!(v[1], 1.0);
+    assert!((v[2] - 3.14159).abs() < 0.01);
+    assert!(t.to_dtype(DType::I32).is_err());
+}
+
+#[test]
+fn errors_name_both_sides() {
+    let a = Tensor::zeros([2, 3], DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::zeros([4, 5], DType::F32, &Device::Cpu).unwrap();
+    let e = ops::matmul(&a, &b, false, false).unwrap_err().to_string();
+    assert!(e.contains("[2, 3]") && e.contains("[4, 5]"), "{e}");
+
+    let c = Tensor::zeros([2, 3], DType::BF16, &Device::Cpu).unwrap();
+    let e = ops::add(&a, &c).unwrap_err().to_string();
+    assert!(e.contains("f32") && e.contains("bf16"), "{e}");
+
+    let e = Tensor::from_slice(&[1.0f32; 5], [2, 3], &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("[2, 3]") && e.contains('5'), "{e}");
+
+    let ids = Tensor::from_slice(&[0i32, 7, 2], [3], &Device::Cpu).unwrap();
+    let table = Tensor::zeros([5, 2], DType::F32, &Device::Cpu).unwrap();
+    let e = ops::embedding(&ids, &table).unwrap_err().to_string();
+    assert!(e.contains("index 7") && e.contains("position 1") && e.contains("0..5"), "{e}");
+
+    let logits = Tensor::zeros([2, 4], DType::F32, &Device::Cpu).unwrap();
+    let targets = Tensor::from_slice(&[1i32, 4], [2], &Device::Cpu).unwrap();
+    let e = ops::cross_entropy(&logits, &targets, -100).unwrap_err().to_string();
+    assert!(e.contains("index 4") && e.contains("position 1"), "{e}");
+
+    let w = Tensor::zeros([4], DType::F32, &Device::Cpu).unwrap();
+    let e = ops::rmsnorm(&a, &w, 1e-5).unwrap_err().to_string();
+    assert!(e.contains("[2, 3]") && e.contains("[4]"), "{e}");
+
+    assert!("gpu:1".parse::<Device>().unwrap_err().to_string().contains("gpu:1"));
+    assert_eq!("wgpu:2".parse::<Device>().unwrap(), Device::Wgpu(2));
+}
+
+#[test]
+fn device_mismatch_names_both_devices() {
+    let Some(gpu) = common::devices().into_iter().find(|d| *d != Device::Cpu) else {
+        return; // only the CPU here: nothing to mismatch (CI has lavapipe and runs this)
+    };
+    let a = Tensor::zeros([4], DType::F32, &Device::Cpu).unwrap();
+    let b = Tensor::zeros([4], DType::F32, &gpu).unwrap();
+    let e = ops::rmsnorm(&a, &b, 1e-5).unwrap_err().to_string();
+    assert!(e.contains("cpu") && e.contains(&gpu.to_string()), "{e}");
+}

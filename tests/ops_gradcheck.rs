@@ -1,0 +1,163 @@
+//! Every op: forward against its f64 reference and tape gradients against central finite
+//! differences of that reference (`tuna::testing::gradcheck`), over random shapes.
+
+use proptest::prelude::*;
+use tuna::kernels::{cross_entropy, elementwise, embedding, matmul, reduce, rmsnorm};
+use tuna::testing::{gradcheck, Rng, Tolerance};
+use tuna::{ops, Tensor};
+
+fn randn(rng: &mut Rng, shape: &[usize]) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec(rng.vec(n, -1.5, 1.5), shape.to_vec()).unwrap()
+}
+
+fn cfg() -> ProptestConfig {
+    ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() }
+}
+
+proptest! {
+    #![proptest_config(cfg())]
+
+    #[test]
+    fn matmul_grad(m in 1usize..7, n in 1usize..7, k in 1usize..7, ta: bool, tb: bool, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let a = randn(&mut rng, &if ta { [k, m] } else { [m, k] });
+        let b = randn(&mut rng, &if tb { [n, k] } else { [k, n] });
+        let p = matmul::MatmulParams { m, n, k, trans_a: ta, trans_b: tb };
+        gradcheck(&[a, b], |t| ops::matmul(&t[0], &t[1], ta, tb),
+                  |v| matmul::reference::matmul(&v[0], &v[1], p), Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn add_grad(rows in 1usize..5, n in 1usize..6, broadcast: bool, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let a = randn(&mut rng, &[rows, n]);
+        let b = if broadcast { randn(&mut rng, &[n]) } else { randn(&mut rng, &[rows, n]) };
+        gradcheck(&[a, b], |t| ops::add(&t[0], &t[1]),
+                  |v| elementwise::reference::add(&v[0], &v[1]), Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn mul_grad(rows in 1usize..5, n in 1usize..6, broadcast: bool, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let a = randn(&mut rng, &[rows, n]);
+        let b = if broadcast { randn(&mut rng, &[n]) } else { randn(&mut rng, &[rows, n]) };
+        gradcheck(&[a, b], |t| ops::mul(&t[0], &t[1]),
+                  |v| elementwise::reference::mul(&v[0], &v[1]), Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn scale_grad(n in 1usize..20, s in -3.0f32..3.0, seed: u64) {
+        let mut rng = Rng::new(seed);
+        gradcheck(&[randn(&mut rng, &[n])], |t| ops::scale(&t[0], s),
+                  |v| elementwise::reference::scale(&v[0], s as f64), Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn silu_grad(n in 1usize..40, seed: u64) {
+        let mut rng = Rng::new(seed);
+        gradcheck(&[randn(&mut rng, &[n])], |t| ops::silu(&t[0]),
+                  |v| elementwise::reference::silu(&v[0]), Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn sum_and_mean_grad(rows in 1usize..5, n in 1usize..9, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let x = randn(&mut rng, &[rows, n]);
+        gradcheck(&[x.clone()], |t| ops::sum(&t[0]),
+                  |v| vec![reduce::reference::sum(&v[0])], Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+        let count = (rows * n) as f64;
+        gradcheck(&[x], |t| ops::mean(&t[0]),
+                  |v| vec![reduce::reference::sum(&v[0]) / count], Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn softmax_grad(rows in 1usize..5, n in 1usize..9, seed: u64) {
+        let mut rng = Rng::new(seed);
+        gradcheck(&[randn(&mut rng, &[rows, n])], |t| ops::softmax(&t[0]),
+                  |v| reduce::reference::softmax(&v[0], n), Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn embedding_grad(vocab in 1usize..8, e in 1usize..6, t in 1usize..10, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let ids: Vec<i32> = (0..t).map(|_| rng.below(vocab) as i32).collect();
+        let ids = Tensor::from_vec_i32(ids, [t]).unwrap();
+        let table = randn(&mut rng, &[vocab, e]);
+        gradcheck(&[ids, table], |x| ops::embedding(&x[0], &x[1]),
+                  |v| embedding::reference::gather(&v[1], &v[0].iter().map(|&i| i as i32).collect::<Vec<_>>(), e),
+                  Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn rmsnorm_grad(rows in 1usize..5, n in 1usize..12, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let x = randn(&mut rng, &[rows, n]);
+        let w = randn(&mut rng, &[n]);
+        let p = rmsnorm::RmsNormParams { rows, cols: n, eps: 1e-5 };
+        gradcheck(&[x, w], |t| ops::rmsnorm(&t[0], &t[1], 1e-5),
+                  |v| rmsnorm::reference::forward(&v[0], &v[1], p).0, Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn cross_entropy_grad(rows in 1usize..6, vocab in 1usize..9, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let logits = randn(&mut rng, &[rows, vocab]);
+        // About one row in four is ignored, so the count differs from the row count.
+        let targets: Vec<i32> = (0..rows).map(|_| if rng.below(4) == 0 { -100 } else { rng.below(vocab) as i32 }).collect();
+        let tt = Tensor::from_vec_i32(targets.clone(), [rows]).unwrap();
+        gradcheck(&[logits, tt], |t| ops::cross_entropy(&t[0], &t[1], -100),
+                  |v| vec![cross_entropy::reference::cross_entropy(&v[0], &targets, vocab, -100)],
+                  Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn reshape_grad(a in 1usize..5, b in 1usize..5, seed: u64) {
+        let mut rng = Rng::new(seed);
+        gradcheck(&[randn(&mut rng, &[a, b])], |t| ops::silu(&ops::reshape(&t[0], [b, a])?),
+                  |v| elementwise::reference::silu(&v[0]), Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+    }
+
+    /// A small composite (RMSNorm -> matmul -> SiLU -> cross-entropy) checks that gradients flow
+    /// through chains and accumulate where a tensor is used twice.
+    #[test]
+    fn composite_grad(rows in 1usize..4, n in 2usize..6, vocab in 2usize..6, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let x = randn(&mut rng, &[rows, n]);
+        let w = randn(&mut rng, &[n]);
+        let proj = randn(&mut rng, &[vocab, n]);
+        let targets: Vec<i32> = (0..rows).map(|_| rng.below(vocab) as i32).collect();
+        let tt = Tensor::from_vec_i32(targets.clone(), [rows]).unwrap();
+        let p = rmsnorm::RmsNormParams { rows, cols: n, eps: 1e-6 };
+        let mp = matmul::MatmulParams { m: rows, n: vocab, k: n, trans_a: false, trans_b: true };
+        gradcheck(&[x, w, proj, tt], |t| {
+            let h = ops::rmsnorm(&t[0], &t[1], 1e-6)?;
+            let h = ops::add(&h, &t[0])?; // x used twice: its gradient accumulates
+            let z = ops::silu(&ops::matmul(&h, &t[2], false, true)?)?;
+            ops::cross_entropy(&z, &t[3], -100)
+        }, |v| {
+            let h = rmsnorm::reference::forward(&v[0], &v[1], p).0;
+            let h = elementwise::reference::add(&h, &v[0]);
+            let z = elementwise::reference::silu(&matmul::reference::matmul(&h, &v[2], mp));
+            vec![cross_entropy::reference::cross_entropy(&z, &targets, vocab, -100)]
+        }, Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+    }
+}
+
+/// The fast CPU matmul (the `gemm` crate, threaded above ~1 MFLOP) against the reference at a
+/// size where threads and blocking are in play.
+#[test]
+fn matmul_fast_path_large() {
+    let (m, n, k) = (67, 129, 95);
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let mut rng = Rng::new(7);
+        let a = rng.vec(m * k, -1.0, 1.0);
+        let b = rng.vec(k * n, -1.0, 1.0);
+        let p = matmul::MatmulParams { m, n, k, trans_a: ta, trans_b: tb };
+        let mut c = vec![0.0; m * n];
+        matmul::cpu::matmul(&a, &b, &mut c, p).unwrap();
+        let f64v = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        let want = matmul::reference::matmul(&f64v(&a), &f64v(&b), p);
+        tuna::testing::compare(&format!("matmul ta={ta} tb={tb}"), &c, &want, Tolerance::F32).unwrap();
+    }
+}
