@@ -1,1 +1,89 @@
-fn main(){}
+//! Kernel micro-benchmarks (criterion). Each group puts a kernel beside a named peer measured
+//! in the same run: for the memory-bound RMSNorm the peer is a plain copy of the same bytes on
+//! the same device (the bandwidth ceiling); for the CPU matmul it is the naive triple loop
+//! (the f64 reference), to show what the `gemm` crate buys. Throughput is bytes (GB/s) or, for
+//! matmul, elements = FLOP (so "elem/s" reads as FLOP/s).
+//!
+//!   cargo bench --bench kernels                # all devices present
+//!   cargo bench --bench kernels -- rmsnorm/cpu # one group
+//!
+//! On a GPU machine without Rust, `tools/gpu-check` runs the CUDA benchmarks instead.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use tuna::kernels::matmul::{self, MatmulParams};
+use tuna::kernels::rmsnorm::RmsNormParams;
+use tuna::testing::Rng;
+use tuna::{ops, Device, Tensor};
+
+fn rmsnorm(c: &mut Criterion) {
+    for info in Device::available() {
+        let dev = info.device;
+        // lavapipe runs GPU kernels on the CPU: keep its shapes small.
+        let shapes: &[(usize, usize)] = match dev {
+            Device::Wgpu(_) => &[(256, 1024)],
+            _ => &[(2048, 2048), (512, 4096)],
+        };
+        let mut g = c.benchmark_group(format!("rmsnorm/{dev}"));
+        g.sample_size(20);
+        for &(m, n) in shapes {
+            let p = RmsNormParams { rows: m, cols: n, eps: 1e-5 };
+            let mut rng = Rng::new(1);
+            let x = Tensor::from_slice(&rng.vec(m * n, -1.0, 1.0), [m, n], &dev).unwrap();
+            let w = Tensor::from_slice(&rng.vec(n, 0.5, 1.5), [n], &dev).unwrap();
+            let dy = Tensor::from_slice(&rng.vec(m * n, -1.0, 1.0), [m, n], &dev).unwrap();
+            let id = format!("{m}x{n}");
+            g.throughput(Throughput::Bytes((2 * m * n * 4) as u64));
+            g.bench_function(BenchmarkId::new("copy (peer)", &id), |b| {
+                b.iter(|| {
+                    let y = x.copy().unwrap();
+                    dev.synchronize().unwrap();
+                    std::hint::black_box(y);
+                })
+            });
+            g.bench_function(BenchmarkId::new("forward", &id), |b| {
+                b.iter(|| {
+                    let out = ops::rmsnorm_forward(&x, &w, p.eps).unwrap();
+                    dev.synchronize().unwrap();
+                    std::hint::black_box(out.y);
+                })
+            });
+            let out = ops::rmsnorm_forward(&x, &w, p.eps).unwrap();
+            g.throughput(Throughput::Bytes((5 * m * n * 4) as u64));
+            g.bench_function(BenchmarkId::new("backward", &id), |b| {
+                b.iter(|| {
+                    let r = ops::rmsnorm_backward(&x, &w, &dy, &out.rstd).unwrap();
+                    dev.synchronize().unwrap();
+                    std::hint::black_box(r);
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+fn matmul_cpu(c: &mut Criterion) {
+    let mut g = c.benchmark_group("matmul/cpu");
+    g.sample_size(10);
+    for &(m, n, k) in &[(128, 128, 128), (512, 512, 512), (512, 1376, 512)] {
+        let mut rng = Rng::new(2);
+        let a = rng.vec(m * k, -1.0, 1.0);
+        let bm = rng.vec(k * n, -1.0, 1.0);
+        let p = MatmulParams { m, n, k, trans_a: false, trans_b: true };
+        let id = format!("{m}x{n}x{k}");
+        g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+        let mut out = vec![0.0f32; m * n];
+        g.bench_function(BenchmarkId::new("gemm crate", &id), |b| {
+            b.iter(|| matmul::cpu::matmul(&a, &bm, &mut out, p).unwrap())
+        });
+        if m * n * k <= 128 * 128 * 128 {
+            let (a64, b64): (Vec<f64>, Vec<f64>) = (a.iter().map(|&v| v as f64).collect(), bm.iter().map(|&v| v as f64).collect());
+            g.bench_function(BenchmarkId::new("naive loops (peer)", &id), |b| {
+                b.iter(|| std::hint::black_box(matmul::reference::matmul(&a64, &b64, p)))
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, rmsnorm, matmul_cpu);
+criterion_main!(benches);

@@ -248,6 +248,28 @@ impl Tensor {
         Tensor::from_bytes(&self.to_bytes()?, self.dtype(), self.shape().clone(), device)
     }
 
+    /// A copy with storage of its own on the same device (a device-to-device copy on a GPU).
+    /// Not recorded on a tape.
+    pub fn copy(&self) -> Result<Tensor> {
+        let bytes = self.elem_count() * self.dtype().size_in_bytes();
+        let storage = match self.storage() {
+            Storage::Cpu(s) => Storage::Cpu(s.clone()),
+            Storage::Cuda { rt, buf } => {
+                let mut dst = rt.alloc_zeros(bytes)?;
+                rt.stream.memcpy_dtod(buf, &mut dst).map_err(|e| Error::cuda("device copy", e))?;
+                Storage::Cuda { rt: rt.clone(), buf: dst }
+            }
+            Storage::Wgpu { rt, buf } => {
+                let dst = rt.alloc(bytes);
+                let mut enc = rt.device.create_command_encoder(&Default::default());
+                enc.copy_buffer_to_buffer(buf.buffer(), 0, dst.buffer(), 0, bytes.next_multiple_of(4) as u64);
+                rt.queue.submit([enc.finish()]);
+                Storage::Wgpu { rt: rt.clone(), buf: dst }
+            }
+        };
+        Ok(Tensor::from_storage(storage, self.shape().clone(), self.dtype(), self.device()))
+    }
+
     /// A copy with float elements converted to `dtype` (f32, bf16, f16), rounding to nearest even.
     /// On the CPU for now; not recorded on a tape.
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {

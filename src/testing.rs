@@ -140,3 +140,31 @@ pub fn gradcheck(
     }
     Ok(())
 }
+
+/// RMSNorm forward and backward on `dev` in `dtype` against the f64 reference, on random data
+/// from `seed`. The reference sees exactly the values the device sees (bf16-rounded for bf16).
+/// Shared by the device tests and `tools/gpu-check`.
+pub fn check_rmsnorm(dev: crate::Device, dtype: crate::DType, rows: usize, cols: usize, seed: u64) -> std::result::Result<(), String> {
+    use crate::kernels::rmsnorm::{reference, RmsNormParams};
+    let e = |e: crate::Error| e.to_string();
+    let mut rng = Rng::new(seed);
+    let p = RmsNormParams { rows, cols, eps: 1e-5 };
+    let put = |v: Vec<f32>, shape: Vec<usize>| -> Result<Tensor> {
+        Tensor::from_vec(v, shape)?.to_dtype(dtype)?.to_device(&dev)
+    };
+    let xt = put(rng.vec(rows * cols, -2.0, 2.0), vec![rows, cols]).map_err(e)?;
+    let wt = put(rng.vec(cols, 0.5, 1.5), vec![cols]).map_err(e)?;
+    let gt = put(rng.vec(rows * cols, -1.0, 1.0), vec![rows, cols]).map_err(e)?;
+    let (xr, wr, gr) = (to_f64(&xt).map_err(e)?, to_f64(&wt).map_err(e)?, to_f64(&gt).map_err(e)?);
+    let (y_want, rstd_want) = reference::forward(&xr, &wr, p);
+    let (dx_want, dw_want) = reference::backward(&xr, &wr, &gr, p);
+    let tol = if dtype == crate::DType::BF16 { Tolerance::BF16 } else { Tolerance::F32 };
+    let out = ops::rmsnorm_forward(&xt, &wt, p.eps).map_err(e)?;
+    compare(&format!("y on {dev}"), &out.y.to_vec_f32().map_err(e)?, &y_want, tol)?;
+    compare(&format!("rstd on {dev}"), &out.rstd.to_vec_f32().map_err(e)?, &rstd_want, Tolerance::F32)?;
+    let (dx, dw) = ops::rmsnorm_backward(&xt, &wt, &gt, &out.rstd).map_err(e)?;
+    compare(&format!("dx on {dev}"), &dx.to_vec_f32().map_err(e)?, &dx_want, tol)?;
+    // dw sums `rows` products: the absolute part of the tolerance grows with the row count.
+    let dw_tol = Tolerance { atol: tol.atol * rows as f64, rtol: tol.rtol };
+    compare(&format!("dw on {dev}"), &dw.to_vec_f32().map_err(e)?, &dw_want, dw_tol)
+}

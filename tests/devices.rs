@@ -49,14 +49,14 @@ fn round_trip_through_every_device() {
 
 #[test]
 fn dtype_conversion_rounds_to_nearest() {
-    let t = Tensor::from_slice(&[1.0f32, 1.00390625, 3.14159], [3], &Device::Cpu).unwrap();
+    let t = Tensor::from_slice(&[1.0f32, 1.0 + 1.0 / 256.0, 5.4321], [3], &Device::Cpu).unwrap();
     let b = t.to_dtype(DType::BF16).unwrap();
     assert_eq!(b.dtype(), DType::BF16);
     let v = b.to_vec_f32().unwrap();
     assert_eq!(v[0], 1.0);
     // 1 + 2^-8 is halfway between two bf16 values (spacing 2^-7): ties go to even, i.e. 1.0.
     assert_eq!(v[1], 1.0);
-    assert!((v[2] - 3.14159).abs() < 0.01);
+    assert!((v[2] - 5.4321).abs() < 0.01);
     assert!(t.to_dtype(DType::I32).is_err());
 }
 
@@ -101,4 +101,16 @@ fn device_mismatch_names_both_devices() {
     let b = Tensor::zeros([4], DType::F32, &gpu).unwrap();
     let e = ops::rmsnorm(&a, &b, 1e-5).unwrap_err().to_string();
     assert!(e.contains("cpu") && e.contains(&gpu.to_string()), "{e}");
+}
+
+#[test]
+fn copy_gives_independent_storage_on_the_same_device() {
+    let data: Vec<f32> = (0..77).map(|i| i as f32).collect();
+    for dev in common::devices() {
+        let t = Tensor::from_slice(&data, [7, 11], &dev).unwrap();
+        let c = t.copy().unwrap();
+        assert_eq!(c.device(), dev);
+        assert_ne!(c.id(), t.id());
+        assert_eq!(c.to_vec::<f32>().unwrap(), data, "copy on {dev}");
+    }
 }

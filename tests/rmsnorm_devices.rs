@@ -4,34 +4,10 @@
 mod common;
 
 use proptest::prelude::*;
-use tuna::kernels::rmsnorm::{reference, RmsNormParams};
-use tuna::testing::{compare, Rng, Tolerance};
 use tuna::{ops, DType, Device, Tensor};
 
 fn check(dev: Device, dtype: DType, rows: usize, cols: usize, seed: u64) -> Result<(), String> {
-    let mut rng = Rng::new(seed);
-    let p = RmsNormParams { rows, cols, eps: 1e-5 };
-    let x = rng.vec(rows * cols, -2.0, 2.0);
-    let w = rng.vec(cols, 0.5, 1.5);
-    let dy = rng.vec(rows * cols, -1.0, 1.0);
-    let put = |v: &[f32], shape: Vec<usize>| Tensor::from_vec(v.to_vec(), shape).unwrap().to_dtype(dtype).unwrap().to_device(&dev).unwrap();
-    // The reference sees exactly the values the device sees (bf16-rounded when dtype is bf16).
-    let as_f64 = |t: &Tensor| t.to_vec_f32().unwrap().into_iter().map(f64::from).collect::<Vec<_>>();
-    let (xt, wt, gt) = (put(&x, vec![rows, cols]), put(&w, vec![cols]), put(&dy, vec![rows, cols]));
-    let (xr, wr, gr) = (as_f64(&xt), as_f64(&wt), as_f64(&gt));
-    let (y_want, rstd_want) = reference::forward(&xr, &wr, p);
-    let (dx_want, dw_want) = reference::backward(&xr, &wr, &gr, p);
-    let tol = if dtype == DType::BF16 { Tolerance::BF16 } else { Tolerance::F32 };
-    let e = |e: tuna::Error| e.to_string();
-    let out = ops::rmsnorm_forward(&xt, &wt, p.eps).map_err(e)?;
-    compare(&format!("y on {dev}"), &out.y.to_vec_f32().map_err(e)?, &y_want, tol)?;
-    compare(&format!("rstd on {dev}"), &out.rstd.to_vec_f32().map_err(e)?, &rstd_want, Tolerance::F32)?;
-    let (dx, dw) = ops::rmsnorm_backward(&xt, &wt, &gt, &out.rstd).map_err(e)?;
-    compare(&format!("dx on {dev}"), &dx.to_vec_f32().map_err(e)?, &dx_want, tol)?;
-    // dw sums over all rows: scale the tolerance's absolute part by the row count.
-    let dw_tol = tuna::testing::Tolerance { atol: tol.atol * rows as f64, rtol: tol.rtol };
-    compare(&format!("dw on {dev}"), &dw.to_vec_f32().map_err(e)?, &dw_want, dw_tol)?;
-    Ok(())
+    tuna::testing::check_rmsnorm(dev, dtype, rows, cols, seed)
 }
 
 fn dtypes(dev: Device) -> Vec<DType> {

@@ -30,6 +30,8 @@ impl RmsNormParams {
     }
 }
 
+/// Index loops on purpose: the reference reads like the math.
+#[allow(clippy::needless_range_loop)]
 pub mod reference {
     use super::RmsNormParams;
 
@@ -38,11 +40,11 @@ pub mod reference {
         let (m_rows, n_cols) = (p.rows, p.cols);
         let mut y = vec![0.0; m_rows * n_cols];
         let mut rstd = vec![0.0; m_rows];
-        for m in 0..m_rows {
+        for (m, r_m) in rstd.iter_mut().enumerate() {
             let row = &x[m * n_cols..(m + 1) * n_cols];
             let mean_sq = row.iter().map(|v| v * v).sum::<f64>() / n_cols as f64;
             let r = 1.0 / (mean_sq + p.eps as f64).sqrt();
-            rstd[m] = r;
+            *r_m = r;
             for n in 0..n_cols {
                 y[m * n_cols + n] = w[n] * row[n] * r;
             }

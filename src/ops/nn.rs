@@ -69,7 +69,7 @@ fn rmsnorm_params(x: &Tensor, w: &Tensor, eps: f32) -> Result<RmsNormParams> {
     if w.dims() != [n] || x.shape().rank() == 0 {
         return Err(Error::ShapeMismatch { op: "rmsnorm (weight vs last dim of x)", lhs: x.shape().clone(), rhs: w.shape().clone() });
     }
-    if !(eps >= 0.0) {
+    if eps.is_nan() || eps < 0.0 {
         return Err(Error::InvalidArgument(format!("rmsnorm: eps must be >= 0, got {eps}")));
     }
     Ok(RmsNormParams { rows: x.shape().rows(), cols: n, eps })

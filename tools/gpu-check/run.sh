@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs tuna's GPU checks on a machine with an NVIDIA GPU and no Rust toolchain.
+#
+#   tools/gpu-check/run.sh [OUT_DIR] [PATH_TO_GPU_CHECK_BINARY]
+#
+# Finds libnvrtc (CUDA_HOME, a pip CUDA 13 wheel, or the system) so the NVRTC cases run, runs
+# the prepared gpu-check binary (built elsewhere with `cargo build --release --bin gpu-check`),
+# then, where PyTorch with CUDA is present, the same benchmark shapes in PyTorch for the
+# side-by-side figures. Reports land in OUT_DIR (default ./gpu-check-out).
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:-gpu-check-out}
+bin=${2:-$here/../../target/release/gpu-check}
+mkdir -p "$out"
+for d in "${CUDA_HOME:-/usr/local/cuda}/lib64" \
+         "$(python3 -c 'import nvidia.cu13 as m; print(list(m.__path__)[0])' 2>/dev/null)/lib" \
+         "$(python3 -c 'import nvidia.cuda_nvrtc as m; print(list(m.__path__)[0])' 2>/dev/null)/lib"; do
+  [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee "$out/nvidia-smi.txt"
+"$bin" "$out"
+status=$?
+if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo
+  python3 "$here/torch_baseline.py" "$out/torch-baseline.json" || echo "torch baseline failed"
+else
+  echo "PyTorch with CUDA not found: no side-by-side baseline"
+fi
+exit $status

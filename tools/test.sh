@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Installs what the tests need on a fresh Debian/Ubuntu machine, then runs every test.
+# This is the README's test command and what .ci/run calls.
+#
+#   bash tools/test.sh
+#
+# What it sets up (each step skipped when already there):
+#   - g++ (nvcc needs a host compiler, even for --ptx);
+#   - Mesa's lavapipe (software Vulkan), so the WGSL kernels run for real on the CPU;
+#   - the CUDA 13.0 toolchain from PyPI in a venv ($TUNA_CUDA_VENV, default
+#     ~/.cache/tuna/cuda13): nvcc for build.rs, libnvrtc for the NVRTC path, ptxas for the report.
+# Then: cargo test with TUNA_REQUIRE_WGPU/NVCC/NVRTC=1 (a missing adapter or toolchain fails
+# instead of skipping), and `ptxas -v` for sm_90 on every kernel (registers, spills; a spill
+# fails the run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+need_apt=()
+command -v g++ >/dev/null || need_apt+=(g++)
+for pkg in mesa-vulkan-drivers libvulkan1; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "== installing ${need_apt[*]}"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+venv=${TUNA_CUDA_VENV:-$HOME/.cache/tuna/cuda13}
+cu13() { "$venv/bin/python" -c 'import nvidia.cu13 as m; print(list(m.__path__)[0])' 2>/dev/null; }
+if ! [ -x "$(cu13)/bin/nvcc" ]; then
+  echo "== installing the CUDA 13.0 toolchain from PyPI into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check \
+    "nvidia-cuda-nvcc==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-crt==13.0.*" \
+    "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-nvrtc==13.0.*"
+fi
+cuda=$(cu13)
+export NVCC="$cuda/bin/nvcc"
+export LD_LIBRARY_PATH="$cuda/lib:${LD_LIBRARY_PATH:-}"
+export WGPU_BACKEND=vulkan
+export TUNA_REQUIRE_WGPU=1 TUNA_REQUIRE_NVCC=1 TUNA_REQUIRE_NVRTC=1
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$(mktemp -d)}
+chmod 700 "$XDG_RUNTIME_DIR" 2>/dev/null || true
+
+echo "== cargo test"
+cargo test --locked 2>&1
+
+echo "== ptxas -v for sm_90 (registers and spills per kernel)"
+out=$(ls -td target/debug/build/tuna-*/out 2>/dev/null | while read -r d; do [ -f "$d/cuda_modules.rs" ] && echo "$d" && break; done)
+[ -n "$out" ] || { echo "no build output with PTX found"; exit 1; }
+spilled=0
+for ptx in "$out"/*.sm_90.ptx; do
+  report=$("$cuda/bin/ptxas" -v -arch=sm_90 "$ptx" -o /dev/null 2>&1)
+  echo "$report" | awk -v f="$(basename "$ptx")" '
+    /Compiling entry function/ { gsub(/['\''`]/, "", $7); name = $7 }
+    /spill stores/ { spills = $5 " stores, " $9 " loads" }
+    /Used [0-9]+ registers/ { printf "  %-22s %-26s %3s regs  spills: %s\n", f, name, $5, spills }'
+  if echo "$report" | grep -E '[1-9][0-9]* bytes spill (stores|loads)' >/dev/null; then spilled=1; fi
+done
+if [ "$spilled" = 1 ]; then echo "register spills found for sm_90"; exit 1; fi
+echo "== all tests passed"
