@@ -32,6 +32,9 @@ pub enum Error {
     Tape(String),
     /// A value passed by the user is out of its domain.
     InvalidArgument(String),
+    /// A file that could not be read or is not what it should be; `detail` names the tensor,
+    /// field or line.
+    File { path: std::path::PathBuf, detail: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -70,6 +73,7 @@ impl fmt::Display for Error {
             Error::Wgpu { context, message } => write!(f, "wgpu error in {context}: {message}"),
             Error::Tape(msg) => write!(f, "autograd: {msg}"),
             Error::InvalidArgument(msg) => write!(f, "invalid argument: {msg}"),
+            Error::File { path, detail } => write!(f, "{}: {detail}", path.display()),
         }
     }
 }
@@ -79,6 +83,9 @@ impl std::error::Error for Error {}
 impl Error {
     pub(crate) fn cuda(context: impl Into<String>, e: impl fmt::Debug) -> Self {
         Error::Cuda { context: context.into(), message: format!("{e:?}") }
+    }
+    pub(crate) fn file(path: impl Into<std::path::PathBuf>, detail: impl Into<String>) -> Self {
+        Error::File { path: path.into(), detail: detail.into() }
     }
     pub(crate) fn wgpu(context: impl Into<String>, e: impl fmt::Display) -> Self {
         Error::Wgpu { context: context.into(), message: e.to_string() }

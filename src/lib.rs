@@ -13,8 +13,11 @@
 pub mod device;
 mod dtype;
 mod error;
+pub mod io;
 pub mod kernels;
+pub mod nn;
 pub mod ops;
+pub mod rng;
 mod tape;
 mod tensor;
 pub mod testing;

@@ -2,7 +2,7 @@
 //! differences of that reference (`tuna::testing::gradcheck`), over random shapes.
 
 use proptest::prelude::*;
-use tuna::kernels::{cross_entropy, elementwise, embedding, matmul, reduce, rmsnorm};
+use tuna::kernels::{attention, cross_entropy, elementwise, embedding, matmul, reduce, rmsnorm, rope};
 use tuna::testing::{gradcheck, Rng, Tolerance};
 use tuna::{ops, Tensor};
 
@@ -159,5 +159,67 @@ fn matmul_fast_path_large() {
         let f64v = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
         let want = matmul::reference::matmul(&f64v(&a), &f64v(&b), p);
         tuna::testing::compare(&format!("matmul ta={ta} tb={tb}"), &c, &want, Tolerance::F32).unwrap();
+    }
+}
+
+proptest! {
+    #![proptest_config(cfg())]
+
+    #[test]
+    fn rope_grad(tokens in 1usize..5, heads in 1usize..3, half in 1usize..4, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let d = 2 * half;
+        let x = randn(&mut rng, &[tokens, heads, d]);
+        let positions: Vec<i32> = (0..tokens).map(|_| rng.below(50) as i32).collect();
+        let pos = Tensor::from_vec_i32(positions.clone(), [tokens]).unwrap();
+        let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32)).collect();
+        let f2 = inv_freq.clone();
+        gradcheck(&[x, pos], move |t| ops::rope(&t[0], &t[1], &f2),
+                  |v| rope::reference::rope(&v[0], &positions, &inv_freq, heads, rope::Direction::Forward),
+                  Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn attention_grad(b in 1usize..3, t in 1usize..5, extra in 0usize..3, g in 1usize..3, group in 1usize..3,
+                      d in 1usize..5, causal: bool, window in proptest::option::of(1usize..4), seed: u64) {
+        let mut rng = Rng::new(seed);
+        let (h, s) = (g * group, t + extra);
+        let q = randn(&mut rng, &[b, t, h, d]);
+        let k = randn(&mut rng, &[b, s, g, d]);
+        let v = randn(&mut rng, &[b, s, g, d]);
+        let scale = 1.0 / (d as f32).sqrt();
+        let mask = ops::AttentionMask { causal, window };
+        let p = attention::AttentionParams { batch: b, q_len: t, kv_len: s, heads: h, kv_heads: g, head_dim: d, causal, window, scale };
+        gradcheck(&[q, k, v], |x| ops::attention(&x[0], &x[1], &x[2], mask, scale),
+                  |vals| attention::reference::forward(&vals[0], &vals[1], &vals[2], &p),
+                  Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+    }
+}
+
+/// The reference backward of attention against finite differences of its forward, so the
+/// hand-derived formulas are checked in f64 too (the CPU fast path is checked by `attention_grad`).
+#[test]
+fn attention_reference_backward_is_the_derivative() {
+    let mut rng = Rng::new(3);
+    let (b, t, s, h, g, d) = (1, 3, 4, 4, 2, 3);
+    let f = |n| rng.vec(n, -1.0, 1.0).into_iter().map(f64::from).collect::<Vec<_>>();
+    let (q, k, v, dout) = (f(b * t * h * d), f(b * s * g * d), f(b * s * g * d), f(b * t * h * d));
+    let p = attention::AttentionParams { batch: b, q_len: t, kv_len: s, heads: h, kv_heads: g, head_dim: d, causal: true, window: None, scale: 0.7 };
+    let (dq, dk, _dv) = attention::reference::backward(&q, &k, &v, &dout, &p);
+    let loss = |q: &[f64], k: &[f64]| attention::reference::forward(q, k, &v, &p).iter().zip(&dout).map(|(a, b)| a * b).sum::<f64>();
+    let h_ = 1e-6;
+    for i in 0..q.len() {
+        let (mut qp, mut qm) = (q.clone(), q.clone());
+        qp[i] += h_;
+        qm[i] -= h_;
+        let num = (loss(&qp, &k) - loss(&qm, &k)) / (2.0 * h_);
+        assert!((num - dq[i]).abs() < 1e-6, "dq[{i}]: {num} vs {}", dq[i]);
+    }
+    for i in 0..k.len() {
+        let (mut kp, mut km) = (k.clone(), k.clone());
+        kp[i] += h_;
+        km[i] -= h_;
+        let num = (loss(&q, &kp) - loss(&q, &km)) / (2.0 * h_);
+        assert!((num - dk[i]).abs() < 1e-6, "dk[{i}]: {num} vs {}", dk[i]);
     }
 }

@@ -9,12 +9,14 @@
 //! Launchers take no tuna tensors, so another program can call a tuna kernel with its own
 //! cudarc stream or wgpu device. Families without a GPU kernel yet have only the first two.
 
+pub mod attention;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
 pub mod matmul;
 pub mod reduce;
 pub mod rmsnorm;
+pub mod rope;
 
 use crate::{Error, Result};
 

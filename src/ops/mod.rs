@@ -6,12 +6,14 @@
 //! Every op has a CPU path. GPU paths exist where a kernel does (RMSNorm so far); elsewhere a
 //! GPU tensor gets `Error::Unsupported` naming the op and device.
 
+mod attention;
 mod linalg;
 mod nn;
 mod pointwise;
 mod reduce;
 mod shape;
 
+pub use attention::{attention, rope, AttentionMask};
 pub use linalg::matmul;
 pub use nn::{cross_entropy, embedding, rmsnorm, rmsnorm_backward, rmsnorm_forward, RmsNormOutput};
 pub use pointwise::{add, mul, scale, silu};

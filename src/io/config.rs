@@ -1,0 +1,223 @@
+//! `config.json` of a Llama-family checkpoint: Llama (SmolLM, TinyLlama, Llama 3.x), Mistral,
+//! Qwen2. Reads both the classic form (`rope_theta`, `rope_scaling` at the top level) and the
+//! transformers 5 form (`rope_parameters`). Unknown architectures and unsupported settings are
+//! errors naming the field, never silent defaults.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::io::read_json;
+use crate::{Error, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+/// Llama 3's frequency-dependent RoPE rescaling.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Llama3Scaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: f32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<Llama3Scaling>,
+    pub tie_word_embeddings: bool,
+    /// Biases on q, k, v (Qwen2 always; Llama with `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on o (Llama with `attention_bias`).
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    pub max_position_embeddings: usize,
+    pub sliding_window: Option<usize>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+struct Fields<'a> {
+    v: &'a Value,
+    path: &'a Path,
+}
+
+impl Fields<'_> {
+    fn err(&self, field: &str, what: &str) -> Error {
+        Error::file(self.path, format!("field `{field}`: {what}"))
+    }
+    fn opt(&self, field: &str) -> Option<&Value> {
+        self.v.get(field).filter(|v| !v.is_null())
+    }
+    fn usize(&self, field: &str) -> Result<usize> {
+        self.opt(field).ok_or_else(|| self.err(field, "missing"))?.as_u64().map(|x| x as usize).ok_or_else(|| self.err(field, "must be a non-negative integer"))
+    }
+    fn opt_usize(&self, field: &str) -> Result<Option<usize>> {
+        self.opt(field).map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| self.err(field, "must be a non-negative integer"))).transpose()
+    }
+    fn opt_f32(&self, field: &str) -> Result<Option<f32>> {
+        self.opt(field).map(|v| v.as_f64().map(|x| x as f32).ok_or_else(|| self.err(field, "must be a number"))).transpose()
+    }
+    fn opt_bool(&self, field: &str) -> Result<Option<bool>> {
+        self.opt(field).map(|v| v.as_bool().ok_or_else(|| self.err(field, "must be true or false"))).transpose()
+    }
+}
+
+impl LlamaConfig {
+    /// Reads `dir/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        Self::from_value(&read_json(&path)?, &path)
+    }
+
+    /// Parses a config; `path` is only for error messages.
+    pub fn from_value(v: &Value, path: &Path) -> Result<Self> {
+        let f = Fields { v, path };
+        let archs = f.opt("architectures").and_then(Value::as_array).ok_or_else(|| f.err("architectures", "missing (a list such as [\"LlamaForCausalLM\"])"))?;
+        let arch_name = archs.first().and_then(Value::as_str).unwrap_or("");
+        let arch = match arch_name {
+            "LlamaForCausalLM" => Arch::Llama,
+            "MistralForCausalLM" => Arch::Mistral,
+            "Qwen2ForCausalLM" => Arch::Qwen2,
+            other => {
+                return Err(f.err("architectures", &format!("`{other}` is not supported (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM are)")))
+            }
+        };
+        if let Some(act) = f.opt("hidden_act").and_then(Value::as_str) {
+            if act != "silu" {
+                return Err(f.err("hidden_act", &format!("`{act}` is not supported (only silu)")));
+            }
+        }
+        let hidden_size = f.usize("hidden_size")?;
+        let num_heads = f.usize("num_attention_heads")?;
+        let num_kv_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
+        if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            return Err(f.err("num_key_value_heads", &format!("{num_kv_heads} must divide num_attention_heads = {num_heads}")));
+        }
+        let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(f.err("head_dim", &format!("{head_dim} must be even and positive (RoPE pairs halves)")));
+        }
+
+        // RoPE: transformers 5 puts everything under `rope_parameters`; older configs use
+        // `rope_theta` and `rope_scaling` at the top level.
+        let rope_params = f.opt("rope_parameters").or_else(|| f.opt("rope_scaling"));
+        let rope_theta = f
+            .opt_f32("rope_theta")?
+            .or_else(|| rope_params.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64).map(|x| x as f32))
+            .unwrap_or(10000.0);
+        let rope_scaling = match rope_params {
+            None => None,
+            Some(r) => {
+                let field = if f.opt("rope_parameters").is_some() { "rope_parameters" } else { "rope_scaling" };
+                let kind = r.get("rope_type").or_else(|| r.get("type")).and_then(Value::as_str).unwrap_or("default");
+                match kind {
+                    "default" => None,
+                    "llama3" => {
+                        let num = |k: &str| -> Result<f32> {
+                            r.get(k).and_then(Value::as_f64).map(|x| x as f32).ok_or_else(|| f.err(&format!("{field}.{k}"), "missing or not a number"))
+                        };
+                        Some(Llama3Scaling {
+                            factor: num("factor")?,
+                            low_freq_factor: num("low_freq_factor")?,
+                            high_freq_factor: num("high_freq_factor")?,
+                            original_max_position_embeddings: num("original_max_position_embeddings")?,
+                        })
+                    }
+                    other => return Err(f.err(&format!("{field}.rope_type"), &format!("`{other}` is not supported (default, llama3 are)"))),
+                }
+            }
+        };
+
+        let attention_bias = f.opt_bool("attention_bias")?.unwrap_or(false);
+        let (qkv_bias, o_bias) = match arch {
+            Arch::Qwen2 => (true, false),
+            _ => (attention_bias, attention_bias),
+        };
+        let sliding_window = match arch {
+            Arch::Mistral => f.opt_usize("sliding_window")?,
+            Arch::Qwen2 if f.opt_bool("use_sliding_window")?.unwrap_or(false) => {
+                return Err(f.err("use_sliding_window", "Qwen2's per-layer sliding window is not supported"))
+            }
+            _ => None,
+        };
+        let ids = |field: &str| -> Result<Vec<u32>> {
+            match f.opt(field) {
+                None => Ok(Vec::new()),
+                Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).ok_or_else(|| f.err(field, "must be a token id")),
+                Some(Value::Array(a)) => a.iter().map(|x| x.as_u64().map(|x| x as u32).ok_or_else(|| f.err(field, "must be token ids"))).collect(),
+                Some(_) => Err(f.err(field, "must be a token id or a list of them")),
+            }
+        };
+        Ok(LlamaConfig {
+            arch,
+            vocab_size: f.usize("vocab_size")?,
+            hidden_size,
+            intermediate_size: f.usize("intermediate_size")?,
+            num_layers: f.usize("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: f.opt_f32("rms_norm_eps")?.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            mlp_bias: f.opt_bool("mlp_bias")?.unwrap_or(false),
+            max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(2048),
+            sliding_window,
+            bos_token_id: ids("bos_token_id")?.first().copied(),
+            eos_token_ids: ids("eos_token_id")?,
+        })
+    }
+
+    /// RoPE inverse frequencies `[D/2]`, rounded as transformers rounds them:
+    /// `e = f32(2i) / D` in f32, `p = theta^e` correctly rounded to f32 (torch's f32 pow is; so
+    /// it is computed in f64 here), `inv_freq[i] = 1 / p` in f32; then the Llama 3 rescaling
+    /// when configured (all f32).
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let base: Vec<f32> = (0..d / 2)
+            .map(|i| {
+                let e = (2 * i) as f32 / d as f32;
+                1.0f32 / ((self.rope_theta as f64).powf(e as f64) as f32)
+            })
+            .collect();
+        match &self.rope_scaling {
+            None => base,
+            Some(s) => base.into_iter().map(|f| llama3_scale(f, s)).collect(),
+        }
+    }
+}
+
+/// Llama 3 rescaling of one inverse frequency: wavelengths shorter than
+/// `original / high_freq_factor` are kept, longer than `original / low_freq_factor` divided by
+/// `factor`, and those between interpolated smoothly in `original / wavelength`.
+fn llama3_scale(inv_freq: f32, s: &Llama3Scaling) -> f32 {
+    let wavelen = 2.0 * std::f32::consts::PI / inv_freq;
+    let low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+    let high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+    if wavelen < high_freq_wavelen {
+        inv_freq
+    } else if wavelen > low_freq_wavelen {
+        inv_freq / s.factor
+    } else {
+        let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        (1.0 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    }
+}

@@ -1,0 +1,158 @@
+//! Weights in safetensors files, memory-mapped: `model.safetensors`, or shards listed in
+//! `model.safetensors.index.json`. f32, bf16 and f16 tensors load as f32 (on the CPU; the
+//! caller moves them).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::io::read_json;
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// The safetensors files of one model, and which file holds each tensor.
+pub struct WeightFiles {
+    files: Vec<(PathBuf, Mmap)>,
+    location: HashMap<String, usize>,
+}
+
+impl WeightFiles {
+    /// Opens `dir/model.safetensors` or, failing that, the shards named by
+    /// `dir/model.safetensors.index.json`. Every header is parsed here, so a truncated or
+    /// corrupt file fails at open with its name.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let paths: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index.exists() {
+            let json = read_json(&index)?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::file(&index, "no `weight_map` object"))?;
+            let mut shards: Vec<String> = map
+                .values()
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| Error::file(&index, "`weight_map` values must be file names")))
+                .collect::<Result<_>>()?;
+            shards.sort();
+            shards.dedup();
+            shards.into_iter().map(|s| dir.join(s)).collect()
+        } else {
+            return Err(Error::file(dir, "no model.safetensors or model.safetensors.index.json in this folder"));
+        };
+        Self::from_paths(&paths)
+    }
+
+    /// Opens the given safetensors files.
+    pub fn from_paths(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut location = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let file = std::fs::File::open(path).map_err(|e| Error::file(path, format!("cannot open: {e}")))?;
+            // SAFETY: the map is read-only; a file changed underneath us while mapped is the
+            // usual caveat of memory-mapped model loading (as in every safetensors loader).
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::file(path, format!("cannot map: {e}")))?;
+            let st = SafeTensors::deserialize(&mmap)
+                .map_err(|e| Error::file(path, format!("not a valid safetensors file (truncated or corrupt header?): {e}")))?;
+            for name in st.names() {
+                location.insert(name.to_string(), i);
+            }
+            drop(st);
+            files.push((path.clone(), mmap));
+        }
+        Ok(WeightFiles { files, location })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.location.contains_key(name)
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.location.keys().map(String::as_str).collect();
+        v.sort();
+        v
+    }
+
+    fn view(&self, name: &str) -> Result<(&Path, safetensors::tensor::TensorView<'_>)> {
+        let Some(&i) = self.location.get(name) else {
+            let first = &self.files.first().map(|f| f.0.clone()).unwrap_or_default();
+            return Err(Error::file(first, format!("missing tensor `{name}`")));
+        };
+        let (path, mmap) = &self.files[i];
+        let st = SafeTensors::deserialize(mmap).map_err(|e| Error::file(path, format!("{e}")))?;
+        let view = st.tensor(name).map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
+        Ok((path, view))
+    }
+
+    /// The stored dtype of a tensor.
+    pub fn dtype(&self, name: &str) -> Result<DType> {
+        let (path, v) = self.view(name)?;
+        to_dtype(v.dtype()).ok_or_else(|| Error::file(path, format!("tensor `{name}`: unsupported dtype {:?}", v.dtype())))
+    }
+
+    /// Loads a float tensor as f32 on the CPU, checking its shape against `shape`.
+    pub fn load_f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let (path, v) = self.view(name)?;
+        if v.shape() != shape {
+            return Err(Error::file(path, format!("tensor `{name}` has shape {:?}, expected {shape:?}", v.shape())));
+        }
+        let data = v.data();
+        let values: Vec<f32> = match v.dtype() {
+            Dtype::F32 => bytemuck::pod_collect_to_vec(data),
+            Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            other => {
+                return Err(Error::file(path, format!("tensor `{name}`: dtype {other:?} is not supported (f32, bf16, f16 are)")))
+            }
+        };
+        Tensor::from_vec(values, shape.to_vec())
+    }
+
+    /// Loads a tensor as stored (any supported dtype) on `device`, with whatever shape it has.
+    pub fn load_raw(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let (path, v) = self.view(name)?;
+        let dtype = to_dtype(v.dtype()).ok_or_else(|| Error::file(path, format!("tensor `{name}`: unsupported dtype {:?}", v.dtype())))?;
+        Tensor::from_bytes(v.data(), dtype, v.shape().to_vec(), device)
+    }
+}
+
+fn to_dtype(d: Dtype) -> Option<DType> {
+    Some(match d {
+        Dtype::F32 => DType::F32,
+        Dtype::BF16 => DType::BF16,
+        Dtype::F16 => DType::F16,
+        Dtype::U8 => DType::U8,
+        Dtype::I32 => DType::I32,
+        _ => return None,
+    })
+}
+
+/// Writes named tensors to a safetensors file atomically (a temporary file, then a rename), so
+/// a crash never leaves a half-written file under the final name.
+pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
+    let mut owned = Vec::new();
+    for (name, t) in tensors {
+        let dtype = match t.dtype() {
+            DType::F32 => Dtype::F32,
+            DType::BF16 => Dtype::BF16,
+            DType::F16 => Dtype::F16,
+            DType::U8 => Dtype::U8,
+            DType::I32 => Dtype::I32,
+        };
+        owned.push((name.clone(), dtype, t.dims().to_vec(), t.to_bytes()?));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, d, s, b)| {
+            safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::file(path, format!("tensor `{n}`: {e}")))
+        })
+        .collect::<Result<_>>()?;
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| Error::file(&tmp, format!("cannot write: {e}")))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, format!("cannot rename into place: {e}")))
+}

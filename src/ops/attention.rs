@@ -1,0 +1,91 @@
+use crate::kernels::attention::{cpu, AttentionParams};
+use crate::kernels::rope::{self, Direction};
+use crate::ops::{expect_dtype, same_device, saved};
+use crate::tape::record;
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// Attention masking options (see `kernels::attention`).
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionMask {
+    pub causal: bool,
+    pub window: Option<usize>,
+}
+
+/// Softmax attention: q `[B, T, H, D]`, k and v `[B, S, G, D]` → `[B, T, H, D]`; grouped-query
+/// heads, causal with the cache offset `S - T`, optional sliding window. The forward and the
+/// hand-derived backward are `kernels::attention`'s.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttentionMask, scale: f32) -> Result<Tensor> {
+    const OP: &str = "attention";
+    for t in [k, v] {
+        same_device(OP, q, t)?;
+    }
+    for t in [q, k, v] {
+        expect_dtype(OP, t, DType::F32)?;
+        if t.shape().rank() != 4 {
+            return Err(Error::BadShape { op: OP, shape: t.shape().clone(), expected: "[B, T, heads, D]".into() });
+        }
+    }
+    let (qd, kd) = (q.dims(), k.dims());
+    if k.shape() != v.shape() || kd[0] != qd[0] || kd[3] != qd[3] || kd[2] == 0 || qd[2] % kd[2] != 0 {
+        return Err(Error::ShapeMismatch { op: "attention (q [B,T,H,D] vs k/v [B,S,G,D], H % G == 0)", lhs: q.shape().clone(), rhs: k.shape().clone() });
+    }
+    if mask.causal && kd[1] < qd[1] {
+        return Err(Error::ShapeMismatch { op: "attention (causal needs S >= T)", lhs: q.shape().clone(), rhs: k.shape().clone() });
+    }
+    let p = AttentionParams {
+        batch: qd[0],
+        q_len: qd[1],
+        kv_len: kd[1],
+        heads: qd[2],
+        kv_heads: kd[2],
+        head_dim: qd[3],
+        causal: mask.causal,
+        window: mask.window,
+        scale,
+    };
+    let out = match q.device() {
+        Device::Cpu => {
+            let mut o = vec![0.0f32; q.elem_count()];
+            cpu::forward(q.cpu_f32(OP)?, k.cpu_f32(OP)?, v.cpu_f32(OP)?, &mut o, &p);
+            Tensor::from_vec(o, q.shape().clone())?
+        }
+        d => return Err(Error::Unsupported { op: OP, device: d }),
+    };
+    let (sq, sk, sv) = (saved(q), saved(k), saved(v));
+    record(OP, out, &[q, k, v], move |g, _| {
+        let (mut dq, mut dk, mut dv) = (vec![0.0f32; sq.elem_count()], vec![0.0f32; sk.elem_count()], vec![0.0f32; sv.elem_count()]);
+        cpu::backward(sq.cpu_f32(OP)?, sk.cpu_f32(OP)?, sv.cpu_f32(OP)?, g.cpu_f32(OP)?, &mut dq, &mut dk, &mut dv, &p);
+        Ok(vec![
+            Some(Tensor::from_vec(dq, sq.shape().clone())?),
+            Some(Tensor::from_vec(dk, sk.shape().clone())?),
+            Some(Tensor::from_vec(dv, sv.shape().clone())?),
+        ])
+    })
+}
+
+/// Rotary embedding (`rotate_half` convention) of x `[tokens, heads, D]` at `positions`
+/// (`[tokens]`, i32) with frequencies `inv_freq` (`[D/2]`). Backward: the inverse rotation.
+pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> {
+    const OP: &str = "rope";
+    same_device(OP, x, positions)?;
+    expect_dtype(OP, x, DType::F32)?;
+    expect_dtype(OP, positions, DType::I32)?;
+    let d = x.shape().last();
+    if x.shape().rank() != 3 || d != 2 * inv_freq.len() || positions.dims() != [x.dims()[0]] {
+        return Err(Error::ShapeMismatch { op: "rope (x [tokens, heads, D] vs positions [tokens], D = 2 * inv_freq)", lhs: x.shape().clone(), rhs: positions.shape().clone() });
+    }
+    let heads = x.dims()[1];
+    let run = move |x: &Tensor, pos: &Tensor, freq: &[f32], dir: Direction| -> Result<Tensor> {
+        match x.device() {
+            Device::Cpu => {
+                let mut y = vec![0.0f32; x.elem_count()];
+                rope::cpu::rope(x.cpu_f32(OP)?, &mut y, pos.cpu_i32(OP)?, freq, heads, dir);
+                Tensor::from_vec(y, x.shape().clone())
+            }
+            d => Err(Error::Unsupported { op: OP, device: d }),
+        }
+    };
+    let out = run(x, positions, inv_freq, Direction::Forward)?;
+    let (spos, freq) = (saved(positions), inv_freq.to_vec());
+    record(OP, out, &[x, positions], move |g, _| Ok(vec![Some(run(g, &spos, &freq, Direction::Backward)?), None]))
+}

@@ -1,0 +1,149 @@
+//! The Llama-family model against transformers: fixtures made by tools/fixtures/make_fixtures.py
+//! (tiny random checkpoints, their logits, loss, greedy tokens and gradients).
+
+use std::path::{Path, PathBuf};
+
+use tuna::io::safetensors::WeightFiles;
+use tuna::io::tokenizer::{Message, Tokenizer};
+use tuna::nn::{GenerateOptions, KvCache, Llama};
+use tuna::testing::{compare, Tolerance};
+use tuna::{Device, Tape, Tensor};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures").join(name)
+}
+
+struct Expected {
+    files: WeightFiles,
+}
+
+impl Expected {
+    fn load(name: &str) -> Self {
+        Expected { files: WeightFiles::from_paths(&[fixture(name).join("expected.safetensors")]).unwrap() }
+    }
+    fn tensor(&self, name: &str) -> Tensor {
+        self.files.load_raw(name, &Device::Cpu).unwrap()
+    }
+    fn f64(&self, name: &str) -> Vec<f64> {
+        self.tensor(name).to_vec_f32().unwrap().into_iter().map(f64::from).collect()
+    }
+    fn ids(&self, name: &str) -> Vec<i32> {
+        self.tensor(name).to_vec::<i32>().unwrap()
+    }
+}
+
+/// transformers' f32 logits: the same math in another order of summation, so agreement to
+/// ~1e-5 absolute on logits of magnitude ~5; the bar is 1e-4.
+const LOGITS: Tolerance = Tolerance { atol: 1e-4, rtol: 0.0 };
+
+fn check_logits_and_loss(name: &str) {
+    let model = Llama::load(&fixture(name)).unwrap();
+    let exp = Expected::load(name);
+    let ids = exp.tensor("input_ids");
+    let logits = model.forward(&ids, None).unwrap();
+    compare(&format!("{name} logits"), &logits.to_vec_f32().unwrap(), &exp.f64("logits"), LOGITS).unwrap();
+    let loss = model.loss(&ids, None).unwrap().to_scalar().unwrap();
+    let want = exp.f64("loss")[0];
+    assert!((loss as f64 - want).abs() <= 1e-5, "{name} loss {loss} vs transformers {want}");
+}
+
+#[test]
+fn llama_gqa_untied_matches_transformers() {
+    check_logits_and_loss("llama-gqa");
+}
+
+#[test]
+fn qwen2_biases_tied_matches_transformers() {
+    check_logits_and_loss("qwen2-tied");
+}
+
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    check_logits_and_loss("llama3-rope");
+}
+
+#[test]
+fn mistral_matches_transformers() {
+    check_logits_and_loss("mistral");
+}
+
+#[test]
+fn bf16_checkpoint_matches_its_f32_twin() {
+    // Exactly transformers' result for the bf16 weights upcast to f32 ...
+    check_logits_and_loss("llama-gqa-bf16");
+    // ... and within bf16 rounding of the f32 twin's logits.
+    let model = Llama::load(&fixture("llama-gqa-bf16")).unwrap();
+    let twin = Expected::load("llama-gqa");
+    let logits = model.forward(&twin.tensor("input_ids"), None).unwrap();
+    compare("bf16 vs f32 logits", &logits.to_vec_f32().unwrap(), &twin.f64("logits"), Tolerance { atol: 0.1, rtol: 0.05 }).unwrap();
+}
+
+#[test]
+fn greedy_generation_reproduces_transformers() {
+    for name in ["llama-gqa", "qwen2-tied", "llama3-rope", "mistral"] {
+        let model = Llama::load(&fixture(name)).unwrap();
+        let exp = Expected::load(name);
+        let prompt: Vec<u32> = exp.ids("greedy_prompt").into_iter().map(|t| t as u32).collect();
+        let want: Vec<u32> = exp.ids("greedy_tokens").into_iter().map(|t| t as u32).collect();
+        let opts = GenerateOptions { max_new_tokens: want.len(), ..Default::default() };
+        let mut streamed = Vec::new();
+        let got = model.generate(&prompt, &opts, |t| streamed.push(t)).unwrap();
+        assert_eq!(got, want, "{name} greedy tokens");
+        assert_eq!(streamed, want, "{name} streamed tokens");
+    }
+}
+
+#[test]
+fn kv_cache_gives_the_same_logits_as_a_full_forward() {
+    let model = Llama::load(&fixture("llama-gqa")).unwrap();
+    let exp = Expected::load("llama-gqa");
+    let ids: Vec<i32> = exp.ids("input_ids")[..12].to_vec();
+    let full = model.forward(&Tensor::from_vec_i32(ids.clone(), [1, 12]).unwrap(), None).unwrap().to_vec_f32().unwrap();
+    let mut cache = KvCache::new(model.config.num_layers);
+    let mut got = Vec::new();
+    for chunk in [&ids[..5], &ids[5..6], &ids[6..12]] {
+        let t = Tensor::from_vec_i32(chunk.to_vec(), [1, chunk.len()]).unwrap();
+        got.extend(model.forward(&t, Some(&mut cache)).unwrap().to_vec_f32().unwrap());
+    }
+    assert_eq!(cache.len(), 12);
+    compare("cached logits", &got, &full.iter().map(|&v| v as f64).collect::<Vec<_>>(), Tolerance { atol: 1e-5, rtol: 1e-5 }).unwrap();
+}
+
+#[test]
+fn full_model_gradients_match_transformers() {
+    let mut model = Llama::load(&fixture("llama-gqa")).unwrap();
+    let exp = Expected::load("llama-gqa");
+    let tape = Tape::new();
+    model.map_parameters(|_, t| Ok(tape.param(t))).unwrap();
+    let loss = model.loss(&exp.tensor("input_ids"), None).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let params = model.parameters();
+    assert_eq!(params.len(), 21);
+    for (name, p) in &params {
+        let g = grads.get(p).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let want = exp.f64(&format!("grad.{name}"));
+        // Gradients are ~1e-2; f32 backward in a different order of summation.
+        compare(&format!("grad {name}"), &g.to_vec_f32().unwrap(), &want, Tolerance { atol: 2e-6, rtol: 1e-3 }).unwrap();
+    }
+}
+
+#[test]
+fn tokenizer_and_chat_template_match_transformers() {
+    let dir = fixture("llama-gqa");
+    let tok = Tokenizer::from_dir(&dir).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("chat_expected.json")).unwrap()).unwrap();
+    for case in json["encode"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(tok.encode(text, true).unwrap(), want, "ids of {text:?}");
+    }
+    let messages: Vec<Message> = serde_json::from_value(json["messages"].clone()).unwrap();
+    let rendered = tok.apply_chat_template(&messages, true).unwrap();
+    assert_eq!(rendered, json["rendered"].as_str().unwrap());
+    let want_ids: Vec<u32> = json["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(tok.encode(&rendered, false).unwrap(), want_ids);
+    // The template's own raise_exception surfaces as an error naming the file.
+    let bad = vec![Message { role: "tool".into(), content: "x".into() }];
+    let e = tok.apply_chat_template(&bad, true).unwrap_err().to_string();
+    assert!(e.contains("Only user, assistant and system roles") && e.contains("tokenizer_config.json"), "{e}");
+}
