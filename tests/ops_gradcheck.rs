@@ -202,7 +202,7 @@ proptest! {
 fn attention_reference_backward_is_the_derivative() {
     let mut rng = Rng::new(3);
     let (b, t, s, h, g, d) = (1, 3, 4, 4, 2, 3);
-    let f = |n| rng.vec(n, -1.0, 1.0).into_iter().map(f64::from).collect::<Vec<_>>();
+    let mut f = |n| rng.vec(n, -1.0, 1.0).into_iter().map(f64::from).collect::<Vec<_>>();
     let (q, k, v, dout) = (f(b * t * h * d), f(b * s * g * d), f(b * s * g * d), f(b * t * h * d));
     let p = attention::AttentionParams { batch: b, q_len: t, kv_len: s, heads: h, kv_heads: g, head_dim: d, causal: true, window: None, scale: 0.7 };
     let (dq, dk, _dv) = attention::reference::backward(&q, &k, &v, &dout, &p);
