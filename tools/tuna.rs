@@ -1,27 +1,101 @@
-//! `tuna`: the reference command line.
-//!
-//! Subcommands so far:
-//! - `tuna devices` lists what this machine has;
-//! - `tuna check [--device D]` runs RMSNorm forward and backward on every device (or one)
-//!   against the f64 CPU reference and prints the largest errors: the quickest proof that a
-//!   machine's kernels build, load and compute.
+//! `tuna`: the reference command line. See `tuna --help`.
 
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
 
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use tuna::io::dataset::{tokenize, Dataset};
+use tuna::io::tokenizer::{Message, Tokenizer};
 use tuna::kernels::rmsnorm::{reference, RmsNormParams};
-use tuna::testing::Rng;
+use tuna::nn::{GenerateOptions, Llama};
+use tuna::rng::Rng;
 use tuna::{ops, Device, Tensor};
 
+#[derive(Parser)]
+#[command(name = "tuna", version, about = "Hand-written GPU kernels for fine-tuning decoder language models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the CPU, CUDA devices and wgpu adapters this machine has.
+    Devices,
+    /// Run the RMSNorm kernels on every device (or one) against the f64 CPU reference.
+    Check {
+        /// cpu, cuda[:N], wgpu[:N]; default: every device present.
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Generate text from a prompt, streaming tokens as they come.
+    Generate(GenerateArgs),
+    /// Mean loss and perplexity of a model over a JSONL file.
+    Perplexity(PerplexityArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// A Hugging Face model folder (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// cpu, cuda[:N], wgpu[:N] or auto. The model's ops run on the CPU for now; auto picks it.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Print one machine-readable JSON result instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message and apply the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// JSONL: {"text"}, {"prompt","completion"} (completion tokens scored) or {"messages"}.
+    #[arg(long)]
+    data: PathBuf,
+    /// Truncate each example to this many tokens (default: the model's context length).
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    /// Fail on the first bad line instead of skipping bad lines.
+    #[arg(long)]
+    strict: bool,
+}
+
+type CliResult = Result<(), String>;
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("devices") => devices(),
-        Some("check") => check(&args[1..]),
-        Some("-h" | "--help" | "help") | None => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        Some(other) => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Devices => devices(),
+        Command::Check { device } => check(device),
+        Command::Generate(a) => generate(a),
+        Command::Perplexity(a) => perplexity(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -32,14 +106,11 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: tuna <command>
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
 
-commands:
-  devices                 list the CPU, CUDA devices and wgpu adapters this machine has
-  check [--device D]      run the RMSNorm kernels on every device (or D: cpu, cuda[:N], wgpu[:N])
-                          against the f64 CPU reference";
-
-fn devices() -> Result<(), String> {
+fn devices() -> CliResult {
     for d in Device::available() {
         println!("{:<8} {}", d.device.to_string(), d.name);
     }
@@ -49,11 +120,137 @@ fn devices() -> Result<(), String> {
     Ok(())
 }
 
-fn check(args: &[String]) -> Result<(), String> {
-    let devices: Vec<Device> = match args {
-        [] => Device::available().into_iter().map(|d| d.device).collect(),
-        [flag, d] if flag == "--device" => vec![d.parse().map_err(|e: tuna::Error| e.to_string())?],
-        _ => return Err(format!("check: unexpected arguments {args:?}\n\n{USAGE}")),
+/// Loads the model and tokenizer; the model runs where its ops can (the CPU for now).
+fn load(args: &ModelArgs) -> Result<(Llama, Tokenizer), String> {
+    let device: Device = if args.device == "auto" { Device::Cpu } else { args.device.parse().map_err(err)? };
+    if device != Device::Cpu {
+        device.open().map_err(err)?;
+        return Err(format!(
+            "the model's ops (matmul, attention, ...) have no kernels for {device} yet; use --device cpu"
+        ));
+    }
+    let model = Llama::load(&args.model).map_err(err)?;
+    let tok = Tokenizer::from_dir(&args.model).map_err(err)?;
+    Ok((model, tok))
+}
+
+fn generate(a: GenerateArgs) -> CliResult {
+    let (model, tok) = load(&a.model)?;
+    let text = if a.chat {
+        tok.apply_chat_template(&[Message { role: "user".into(), content: a.prompt.clone() }], true).map_err(err)?
+    } else {
+        a.prompt.clone()
+    };
+    // A rendered chat template already holds its special tokens.
+    let prompt = tok.encode(&text, !a.chat).map_err(err)?;
+    let mut eos = model.config.eos_token_ids.clone();
+    if let Some(id) = tok.eos_token.as_deref().and_then(|t| tok.token_to_id(t)) {
+        if !eos.contains(&id) {
+            eos.push(id);
+        }
+    }
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+        eos_token_ids: eos.clone(),
+    };
+    let started = Instant::now();
+    let mut shown = String::new();
+    let mut so_far = Vec::new();
+    let stream = !a.model.json;
+    if stream {
+        print!("{}", a.prompt);
+    }
+    let new = model
+        .generate(&prompt, &opts, |t| {
+            if !stream || eos.contains(&t) {
+                return;
+            }
+            so_far.push(t);
+            // Decode the whole continuation and print what is new: a token may end mid-character.
+            if let Ok(s) = tok.decode(&so_far, true) {
+                if s.len() > shown.len() && s.starts_with(&shown) && !s.ends_with('\u{fffd}') {
+                    print!("{}", &s[shown.len()..]);
+                    let _ = std::io::stdout().flush();
+                    shown = s;
+                }
+            }
+        })
+        .map_err(err)?;
+    let secs = started.elapsed().as_secs_f64();
+    let visible: Vec<u32> = new.iter().copied().filter(|t| !eos.contains(t)).collect();
+    let completion = tok.decode(&visible, true).map_err(err)?;
+    if a.model.json {
+        println!(
+            "{}",
+            json!({
+                "prompt": a.prompt, "completion": completion, "prompt_tokens": prompt.len(),
+                "new_tokens": new, "stopped_at_eos": new.last().is_some_and(|t| eos.contains(t)),
+                "seconds": secs, "tokens_per_second": new.len() as f64 / secs.max(1e-9),
+            })
+        );
+    } else {
+        if completion.len() > shown.len() && completion.starts_with(&shown) {
+            print!("{}", &completion[shown.len()..]);
+        }
+        println!();
+        eprintln!("[{} tokens, {:.1} tokens/s]", new.len(), new.len() as f64 / secs.max(1e-9));
+    }
+    Ok(())
+}
+
+fn perplexity(a: PerplexityArgs) -> CliResult {
+    let (model, tok) = load(&a.model)?;
+    let data = Dataset::read(&a.data).map_err(err)?;
+    if a.strict {
+        data.strict().map_err(err)?;
+    }
+    for b in data.bad_lines.iter().take(5) {
+        eprintln!("warning: {}: line {}: {} (skipped)", a.data.display(), b.line, b.reason);
+    }
+    let max_len = a.max_seq_len.unwrap_or(model.config.max_position_embeddings);
+    let (mut nll, mut count) = (0.0f64, 0usize);
+    let started = Instant::now();
+    for (line, ex) in &data.examples {
+        let (mut ids, mut mask) = tokenize(&tok, ex, false).map_err(|e| format!("{}: line {line}: {e}", a.data.display()))?;
+        ids.truncate(max_len);
+        mask.truncate(max_len);
+        let targets = mask.iter().skip(1).filter(|&&m| m).count();
+        if targets == 0 {
+            continue;
+        }
+        let t = Tensor::from_vec_i32(ids.iter().map(|&i| i as i32).collect(), [1, ids.len()]).map_err(err)?;
+        let loss = model.loss(&t, Some(&mask)).map_err(|e| format!("{}: line {line}: {e}", a.data.display()))?;
+        nll += loss.to_scalar().map_err(err)? as f64 * targets as f64;
+        count += targets;
+    }
+    if count == 0 {
+        return Err(format!("{}: no tokens to score ({} examples, {} bad lines)", a.data.display(), data.examples.len(), data.bad_lines.len()));
+    }
+    let mean = nll / count as f64;
+    let secs = started.elapsed().as_secs_f64();
+    if a.model.json {
+        println!(
+            "{}",
+            json!({"mean_loss": mean, "perplexity": mean.exp(), "tokens": count, "examples": data.examples.len(),
+                   "skipped_lines": data.bad_lines.len(), "seconds": secs})
+        );
+    } else {
+        println!("mean loss {mean:.4}  perplexity {:.3}  over {count} tokens in {} examples", mean.exp(), data.examples.len());
+        if !data.bad_lines.is_empty() {
+            println!("skipped {} bad line(s)", data.bad_lines.len());
+        }
+    }
+    Ok(())
+}
+
+fn check(device: Option<String>) -> CliResult {
+    let devices: Vec<Device> = match device {
+        None => Device::available().into_iter().map(|d| d.device).collect(),
+        Some(d) => vec![d.parse().map_err(err)?],
     };
     let (rows, cols) = (512, 1000);
     let p = RmsNormParams { rows, cols, eps: 1e-5 };
@@ -73,11 +270,7 @@ fn check(args: &[String]) -> Result<(), String> {
             let (xt, wt, gt) = (put(&x, vec![rows, cols])?, put(&w, vec![cols])?, put(&dy, vec![rows, cols])?);
             let out = ops::rmsnorm_forward(&xt, &wt, p.eps)?;
             let (dx, dw) = ops::rmsnorm_backward(&xt, &wt, &gt, &out.rstd)?;
-            Ok((
-                max_err(&out.y.to_vec_f32()?, &y_ref),
-                max_err(&dx.to_vec_f32()?, &dx_ref),
-                max_err(&dw.to_vec_f32()?, &dw_ref),
-            ))
+            Ok((max_err(&out.y.to_vec_f32()?, &y_ref), max_err(&dx.to_vec_f32()?, &dx_ref), max_err(&dw.to_vec_f32()?, &dw_ref)))
         };
         match run() {
             Ok((y, dx, dw)) => {
@@ -97,3 +290,4 @@ fn check(args: &[String]) -> Result<(), String> {
         Ok(())
     }
 }
+

@@ -186,6 +186,32 @@ impl LlamaConfig {
         })
     }
 
+    /// A Llama config with the usual defaults for the given sizes (theta 10000, eps 1e-5,
+    /// untied, no biases).
+    pub fn llama(vocab_size: usize, hidden_size: usize, intermediate_size: usize, num_layers: usize, num_heads: usize, num_kv_heads: usize) -> Self {
+        LlamaConfig {
+            arch: Arch::Llama,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim: hidden_size / num_heads,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            tie_word_embeddings: false,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            max_position_embeddings: 2048,
+            sliding_window: None,
+            bos_token_id: None,
+            eos_token_ids: Vec::new(),
+        }
+    }
+
     /// RoPE inverse frequencies `[D/2]`, rounded as transformers rounds them:
     /// `e = f32(2i) / D` in f32, `p = theta^e` correctly rounded to f32 (torch's f32 pow is; so
     /// it is computed in f64 here), `inv_freq[i] = 1 / p` in f32; then the Llama 3 rescaling

@@ -3,6 +3,7 @@
 //! line that was wrong.
 
 pub mod config;
+pub mod dataset;
 pub mod safetensors;
 pub mod tokenizer;
 

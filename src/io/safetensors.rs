@@ -13,6 +13,8 @@ use crate::{DType, Device, Error, Result, Tensor};
 
 /// The safetensors files of one model, and which file holds each tensor.
 pub struct WeightFiles {
+    /// What errors about the set as a whole name: the single file or the shard index.
+    source: PathBuf,
     files: Vec<(PathBuf, Mmap)>,
     location: HashMap<String, usize>,
 }
@@ -24,8 +26,8 @@ impl WeightFiles {
     pub fn open(dir: &Path) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
-        let paths: Vec<PathBuf> = if single.exists() {
-            vec![single]
+        let (source, paths): (PathBuf, Vec<PathBuf>) = if single.exists() {
+            (single.clone(), vec![single])
         } else if index.exists() {
             let json = read_json(&index)?;
             let map = json
@@ -38,11 +40,13 @@ impl WeightFiles {
                 .collect::<Result<_>>()?;
             shards.sort();
             shards.dedup();
-            shards.into_iter().map(|s| dir.join(s)).collect()
+            (index.clone(), shards.into_iter().map(|s| dir.join(s)).collect())
         } else {
             return Err(Error::file(dir, "no model.safetensors or model.safetensors.index.json in this folder"));
         };
-        Self::from_paths(&paths)
+        let mut w = Self::from_paths(&paths)?;
+        w.source = source;
+        Ok(w)
     }
 
     /// Opens the given safetensors files.
@@ -62,7 +66,8 @@ impl WeightFiles {
             drop(st);
             files.push((path.clone(), mmap));
         }
-        Ok(WeightFiles { files, location })
+        let source = paths.first().cloned().unwrap_or_default();
+        Ok(WeightFiles { source, files, location })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -78,8 +83,7 @@ impl WeightFiles {
 
     fn view(&self, name: &str) -> Result<(&Path, safetensors::tensor::TensorView<'_>)> {
         let Some(&i) = self.location.get(name) else {
-            let first = &self.files.first().map(|f| f.0.clone()).unwrap_or_default();
-            return Err(Error::file(first, format!("missing tensor `{name}`")));
+            return Err(Error::file(&self.source, format!("missing tensor `{name}`")));
         };
         let (path, mmap) = &self.files[i];
         let st = SafeTensors::deserialize(mmap).map_err(|e| Error::file(path, format!("{e}")))?;

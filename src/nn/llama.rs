@@ -135,6 +135,38 @@ impl Llama {
         })
     }
 
+    /// A model with random weights (normal-ish, std 0.02; norms 1) from `seed`: for benchmarks,
+    /// tests and the built-in demo, which need no files.
+    pub fn random(config: LlamaConfig, seed: u64) -> Result<Self> {
+        let mut rng = crate::rng::Rng::new(seed);
+        let c = &config;
+        let (e, d) = (c.hidden_size, c.head_dim);
+        // Uniform with the variance of N(0, 0.02^2): half-width 0.02 * sqrt(3).
+        let mut mat = |rows: usize, cols: usize| Tensor::from_vec(rng.vec(rows * cols, -0.0346, 0.0346), [rows, cols]);
+        let ones = |n: usize| Tensor::full(1.0, [n], &Device::Cpu);
+        let zeros = |n: usize| Tensor::zeros([n], DType::F32, &Device::Cpu);
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            let mut lin = |out: usize, inp: usize, bias: bool| -> Result<Linear> {
+                Ok(Linear { weight: mat(out, inp)?, bias: if bias { Some(zeros(out)?) } else { None } })
+            };
+            layers.push(Layer {
+                input_norm: ones(e)?,
+                q: lin(c.num_heads * d, e, c.qkv_bias)?,
+                k: lin(c.num_kv_heads * d, e, c.qkv_bias)?,
+                v: lin(c.num_kv_heads * d, e, c.qkv_bias)?,
+                o: lin(e, c.num_heads * d, c.o_bias)?,
+                post_norm: ones(e)?,
+                gate: lin(c.intermediate_size, e, c.mlp_bias)?,
+                up: lin(c.intermediate_size, e, c.mlp_bias)?,
+                down: lin(e, c.intermediate_size, c.mlp_bias)?,
+            });
+        }
+        let embed = mat(c.vocab_size, e)?;
+        let lm_head = if c.tie_word_embeddings { None } else { Some(mat(c.vocab_size, e)?) };
+        Ok(Llama { embed, layers, norm: ones(e)?, lm_head, inv_freq: config.inv_freq(), config })
+    }
+
     /// Every parameter with its transformers name, in a fixed order.
     pub fn parameters(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];

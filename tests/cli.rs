@@ -1,0 +1,62 @@
+//! The `tuna` binary end to end on the fixture model: JSON results agree with the library,
+//! and bad input fails with a message naming the file and line.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tuna(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tuna")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures/llama-gqa")
+}
+
+#[test]
+fn generate_json_matches_the_library() {
+    let m = fixture();
+    let (ok, out, err) = tuna(&["generate", "--model", m.to_str().unwrap(), "--prompt", "The capital", "--max-new-tokens", "6", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let model = tuna::nn::Llama::load(&m).unwrap();
+    let tok = tuna::io::tokenizer::Tokenizer::from_dir(&m).unwrap();
+    let prompt = tok.encode("The capital", true).unwrap();
+    let opts = tuna::nn::GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![1], ..Default::default() };
+    let want = model.generate(&prompt, &opts, |_| {}).unwrap();
+    let got: Vec<u32> = v["new_tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    assert_eq!(got, want);
+    assert_eq!(v["prompt_tokens"].as_u64().unwrap() as usize, prompt.len());
+}
+
+#[test]
+fn perplexity_json_and_bad_lines() {
+    let m = fixture();
+    let data = std::env::temp_dir().join(format!("tuna-cli-{}.jsonl", std::process::id()));
+    std::fs::write(&data, "{\"text\": \"Hello world, this is a test.\"}\n{oops\n{\"prompt\": \"Q\", \"completion\": \"\"}\n").unwrap();
+    let (ok, out, err) = tuna(&["perplexity", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("line 2") && err.contains("line 3: field `completion` is empty"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    // The same number from the library: the mean next-token loss of the one good line.
+    let model = tuna::nn::Llama::load(&m).unwrap();
+    let tok = tuna::io::tokenizer::Tokenizer::from_dir(&m).unwrap();
+    let ids: Vec<i32> = tok.encode("Hello world, this is a test.", true).unwrap().into_iter().map(|t| t as i32).collect();
+    let n = ids.len();
+    let loss = model.loss(&tuna::Tensor::from_vec_i32(ids, [1, n]).unwrap(), None).unwrap().to_scalar().unwrap() as f64;
+    assert!((v["mean_loss"].as_f64().unwrap() - loss).abs() < 1e-5, "{v}");
+    assert!((v["perplexity"].as_f64().unwrap() - loss.exp()).abs() < 1e-3 * loss.exp());
+    assert_eq!(v["tokens"].as_u64().unwrap() as usize, n - 1);
+    assert_eq!(v["skipped_lines"].as_u64().unwrap(), 2);
+
+    let (ok, _, err) = tuna(&["perplexity", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--strict"]);
+    assert!(!ok);
+    assert!(err.contains(data.to_str().unwrap()) && err.contains("line 2: invalid JSON"), "{err}");
+}
+
+#[test]
+fn missing_model_folder_is_a_clear_error() {
+    let (ok, _, err) = tuna(&["generate", "--model", "/nonexistent/model", "--prompt", "x"]);
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/model/config.json"), "{err}");
+}

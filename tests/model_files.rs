@@ -1,0 +1,174 @@
+//! Bad model folders get clear errors naming the file and the tensor or field; sharded
+//! checkpoints and the older config form load.
+
+use std::path::{Path, PathBuf};
+
+use tuna::io::config::LlamaConfig;
+use tuna::io::safetensors::{save, WeightFiles};
+use tuna::io::tokenizer::Tokenizer;
+use tuna::nn::Llama;
+use tuna::{Device, Tensor};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures").join(name)
+}
+
+/// A fresh copy of a fixture folder in the temp dir.
+fn copy_fixture(name: &str, tag: &str) -> PathBuf {
+    let dst = std::env::temp_dir().join(format!("tuna-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+    }
+    dst
+}
+
+fn load_err(dir: &Path) -> String {
+    match Llama::load(dir) {
+        Ok(_) => panic!("{} loaded but should not", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Rewrites model.safetensors through `edit` on its (name, tensor) list.
+fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) {
+    let w = WeightFiles::open(dir).unwrap();
+    let mut tensors: Vec<(String, Tensor)> = w.names().iter().map(|n| (n.to_string(), w.load_raw(n, &Device::Cpu).unwrap())).collect();
+    drop(w);
+    edit(&mut tensors);
+    save(&dir.join("model.safetensors"), &tensors, None).unwrap();
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = copy_fixture("llama-gqa", "missing");
+    rewrite_weights(&dir, |t| t.retain(|(n, _)| n != "model.layers.1.mlp.up_proj.weight"));
+    let e = load_err(&dir);
+    assert!(e.contains("model.safetensors") && e.contains("missing tensor `model.layers.1.mlp.up_proj.weight`"), "{e}");
+}
+
+#[test]
+fn wrong_shape_is_named() {
+    let dir = copy_fixture("llama-gqa", "shape");
+    rewrite_weights(&dir, |t| {
+        let e = t.iter_mut().find(|(n, _)| n == "model.norm.weight").unwrap();
+        e.1 = Tensor::zeros([31], tuna::DType::F32, &Device::Cpu).unwrap();
+    });
+    let e = load_err(&dir);
+    assert!(e.contains("`model.norm.weight` has shape [31], expected [32]"), "{e}");
+}
+
+#[test]
+fn unsupported_dtype_is_named() {
+    let dir = copy_fixture("llama-gqa", "dtype");
+    rewrite_weights(&dir, |t| {
+        let e = t.iter_mut().find(|(n, _)| n == "model.norm.weight").unwrap();
+        e.1 = Tensor::from_slice(&[1i32; 32], [32], &Device::Cpu).unwrap();
+    });
+    let e = load_err(&dir);
+    assert!(e.contains("model.norm.weight") && e.contains("I32"), "{e}");
+}
+
+#[test]
+fn truncated_and_corrupt_files_are_named() {
+    let dir = copy_fixture("llama-gqa", "trunc");
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("model.safetensors") && e.contains("not a valid safetensors file"), "{e}");
+    let mut corrupt = bytes.clone();
+    corrupt[8..16].copy_from_slice(b"not json");
+    std::fs::write(&path, &corrupt).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("not a valid safetensors file"), "{e}");
+    std::fs::write(&path, [1u8, 2, 3]).unwrap();
+    assert!(load_err(&dir).contains("not a valid safetensors file"));
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let dir = copy_fixture("llama-gqa", "config");
+    let cfg_path = dir.join("config.json");
+    let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        ("architectures", serde_json::json!(["GPT2LMHeadModel"]), "`GPT2LMHeadModel` is not supported"),
+        ("num_key_value_heads", serde_json::json!(3), "field `num_key_value_heads`"),
+        ("hidden_size", serde_json::json!("big"), "field `hidden_size`"),
+        ("hidden_act", serde_json::json!("gelu"), "field `hidden_act`"),
+        ("rope_parameters", serde_json::json!({"rope_type": "yarn", "rope_theta": 1e4}), "rope_parameters.rope_type"),
+    ];
+    for (field, value, needle) in cases {
+        let mut cfg = original.clone();
+        cfg[field] = value;
+        std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
+        let e = load_err(&dir);
+        assert!(e.contains("config.json") && e.contains(needle), "{field}: {e}");
+    }
+    std::fs::write(&cfg_path, "{ not json").unwrap();
+    assert!(load_err(&dir).contains("invalid JSON"));
+    std::fs::remove_file(&cfg_path).unwrap();
+    assert!(load_err(&dir).contains("cannot read"));
+}
+
+#[test]
+fn classic_config_form_reads_the_same_rope() {
+    // The pre-transformers-5 form: rope_theta and rope_scaling at the top level.
+    let dir = fixture("llama3-rope");
+    let new = LlamaConfig::from_dir(&dir).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let rp = v.as_object_mut().unwrap().remove("rope_parameters").unwrap();
+    v["rope_theta"] = rp["rope_theta"].clone();
+    let mut scaling = rp.clone();
+    scaling.as_object_mut().unwrap().remove("rope_theta");
+    v["rope_scaling"] = scaling;
+    let old = LlamaConfig::from_value(&v, Path::new("config.json")).unwrap();
+    assert_eq!(old.rope_theta, new.rope_theta);
+    assert_eq!(old.rope_scaling, new.rope_scaling);
+    assert!(new.rope_scaling.is_some());
+    assert_eq!(old.inv_freq(), new.inv_freq());
+}
+
+#[test]
+fn missing_tokenizer_is_named() {
+    let dir = copy_fixture("llama-gqa", "tok");
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    let e = Tokenizer::from_dir(&dir).err().unwrap().to_string();
+    assert!(e.contains("tokenizer.json") && e.contains("missing tokenizer"), "{e}");
+}
+
+#[test]
+fn sharded_checkpoint_loads_like_the_single_file() {
+    let dir = copy_fixture("llama-gqa", "shards");
+    let w = WeightFiles::open(&dir).unwrap();
+    let names: Vec<String> = w.names().iter().map(|s| s.to_string()).collect();
+    let tensors: Vec<(String, Tensor)> = names.iter().map(|n| (n.clone(), w.load_raw(n, &Device::Cpu).unwrap())).collect();
+    drop(w);
+    let (a, b) = tensors.split_at(tensors.len() / 2);
+    save(&dir.join("model-00001-of-00002.safetensors"), a, None).unwrap();
+    save(&dir.join("model-00002-of-00002.safetensors"), b, None).unwrap();
+    let mut map = serde_json::Map::new();
+    for (n, _) in a {
+        map.insert(n.clone(), "model-00001-of-00002.safetensors".into());
+    }
+    for (n, _) in b {
+        map.insert(n.clone(), "model-00002-of-00002.safetensors".into());
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let sharded = Llama::load(&dir).unwrap();
+    let single = Llama::load(&fixture("llama-gqa")).unwrap();
+    let ids = Tensor::from_vec_i32(vec![5, 9, 200, 31], [1, 4]).unwrap();
+    assert_eq!(sharded.forward(&ids, None).unwrap().to_vec_f32().unwrap(), single.forward(&ids, None).unwrap().to_vec_f32().unwrap());
+}
+
+#[test]
+fn out_of_vocabulary_ids_are_errors() {
+    let model = Llama::load(&fixture("llama-gqa")).unwrap();
+    let ids = Tensor::from_vec_i32(vec![5, 320], [1, 2]).unwrap();
+    let e = model.forward(&ids, None).err().unwrap().to_string();
+    assert!(e.contains("index 320") && e.contains("0..320"), "{e}");
+}
