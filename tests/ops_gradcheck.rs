@@ -2,7 +2,7 @@
 //! differences of that reference (`tuna::testing::gradcheck`), over random shapes.
 
 use proptest::prelude::*;
-use tuna::kernels::{attention, cross_entropy, elementwise, embedding, matmul, reduce, rmsnorm, rope};
+use tuna::kernels::{attention, cross_entropy, elementwise, embedding, lora, matmul, reduce, rmsnorm, rope};
 use tuna::testing::{gradcheck, Rng, Tolerance};
 use tuna::{ops, Tensor};
 
@@ -222,4 +222,51 @@ fn attention_reference_backward_is_the_derivative() {
         let num = (loss(&q, &kp) - loss(&q, &km)) / (2.0 * h_);
         assert!((num - dk[i]).abs() < 1e-6, "dk[{i}]: {num} vs {}", dk[i]);
     }
+}
+
+proptest! {
+    #![proptest_config(cfg())]
+
+    /// The fused LoRA linear, with and without bias and dropout: forward against the f64
+    /// reference, gradients of x, A and B against finite differences (W and bias are frozen).
+    #[test]
+    fn lora_linear_grad(m in 1usize..5, n in 1usize..6, k in 1usize..6, r in 1usize..4, with_bias: bool,
+                        drop in proptest::option::of(0.1f32..0.6), seed: u64) {
+        let mut rng = Rng::new(seed);
+        let x = randn(&mut rng, &[m, k]);
+        let a = randn(&mut rng, &[r, k]);
+        let b = randn(&mut rng, &[n, r]);
+        let w = randn(&mut rng, &[n, k]);
+        let bias = with_bias.then(|| randn(&mut rng, &[n]));
+        let scale = 2.0 / r as f32;
+        let dropout = drop.map(|p| ops::Dropout { p, seed: seed ^ 7 });
+        let p = lora::LoraParams { m, n, k, r, scale };
+        let wv: Vec<f64> = w.to_vec_f32().unwrap().into_iter().map(f64::from).collect();
+        let bv: Option<Vec<f64>> = bias.as_ref().map(|t| t.to_vec_f32().unwrap().into_iter().map(f64::from).collect());
+        let mask: Vec<f64> = (0..m * k).map(|i| match dropout {
+            Some(d) if tuna::rng::uniform_at(d.seed, i as u64) < d.p => 0.0,
+            Some(d) => 1.0 / (1.0 - d.p as f64),
+            None => 1.0,
+        }).collect();
+        let (w2, b2) = (w.clone(), bias.clone());
+        gradcheck(&[x, a, b], move |t| ops::lora_linear(&t[0], &w2, b2.as_ref(), &t[1], &t[2], scale, dropout),
+                  |v| {
+                      let xl: Vec<f64> = v[0].iter().zip(&mask).map(|(x, s)| x * s).collect();
+                      lora::reference::forward(&v[0], &xl, &wv, bv.as_deref(), &v[1], &v[2], p).0
+                  }, Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+    }
+}
+
+#[test]
+fn lora_linear_frozen_weight_gets_no_gradient() {
+    let tape = tuna::Tape::new();
+    let mut rng = Rng::new(1);
+    let w = tape.param(&randn(&mut rng, &[3, 4])); // even a tracked W is not an input of the op
+    let a = tape.param(&randn(&mut rng, &[2, 4]));
+    let b = tape.param(&randn(&mut rng, &[3, 2]));
+    let x = randn(&mut rng, &[5, 4]);
+    let y = ops::lora_linear(&x, &w, None, &a, &b, 0.5, None).unwrap();
+    let grads = tape.backward(&ops::sum(&y).unwrap()).unwrap();
+    assert!(grads.get(&w).is_none());
+    assert!(grads.get(&a).is_some() && grads.get(&b).is_some());
 }

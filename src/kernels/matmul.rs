@@ -51,6 +51,15 @@ pub mod cpu {
 
     /// `c = op(a)·op(b)`, overwriting c.
     pub fn matmul(a: &[f32], b: &[f32], c: &mut [f32], p: MatmulParams) -> Result<()> {
+        gemm_into(a, b, c, p, None)
+    }
+
+    /// `c += beta·op(a)·op(b)`: accumulates into c, so a sum of products writes c once.
+    pub fn matmul_acc(a: &[f32], b: &[f32], c: &mut [f32], p: MatmulParams, beta: f32) -> Result<()> {
+        gemm_into(a, b, c, p, Some(beta))
+    }
+
+    fn gemm_into(a: &[f32], b: &[f32], c: &mut [f32], p: MatmulParams, acc: Option<f32>) -> Result<()> {
         check_len("matmul", "a", a.len(), p.m * p.k)?;
         check_len("matmul", "b", b.len(), p.k * p.n)?;
         check_len("matmul", "c", c.len(), p.m * p.n)?;
@@ -58,7 +67,9 @@ pub mod cpu {
             return Ok(());
         }
         if p.k == 0 {
-            c[..p.m * p.n].fill(0.0);
+            if acc.is_none() {
+                c[..p.m * p.n].fill(0.0);
+            }
             return Ok(());
         }
         let ((ars, acs), (brs, bcs)) = p.strides();
@@ -74,15 +85,15 @@ pub mod cpu {
                 c.as_mut_ptr(),
                 1,
                 p.n as isize,
-                false,
+                acc.is_some(),
                 a.as_ptr(),
                 acs as isize,
                 ars as isize,
                 b.as_ptr(),
                 bcs as isize,
                 brs as isize,
-                0.0,
-                1.0,
+                if acc.is_some() { 1.0 } else { 0.0 },
+                acc.unwrap_or(1.0),
                 false,
                 false,
                 false,

@@ -13,6 +13,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
+pub mod lora;
 pub mod matmul;
 pub mod reduce;
 pub mod rmsnorm;

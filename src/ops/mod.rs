@@ -8,6 +8,7 @@
 
 mod attention;
 mod linalg;
+mod lora;
 mod nn;
 mod pointwise;
 mod reduce;
@@ -15,6 +16,7 @@ mod shape;
 
 pub use attention::{attention, rope, AttentionMask};
 pub use linalg::matmul;
+pub use lora::{lora_linear, Dropout};
 pub use nn::{cross_entropy, embedding, rmsnorm, rmsnorm_backward, rmsnorm_forward, RmsNormOutput};
 pub use pointwise::{add, mul, scale, silu};
 pub use reduce::{mean, softmax, sum};

@@ -1,0 +1,111 @@
+//! Fused LoRA linear: `Y = X·Wᵀ (+ bias) + s·(X̃·Aᵀ)·Bᵀ`, with X̃ the LoRA input after dropout
+//! (`X̃ = X ⊙ mask / (1 - p)`, or X itself without dropout).
+//!
+//! Shapes: X `[M, K]`, W `[N, K]` (frozen), bias `[N]` (frozen), A `[R, K]`, B `[N, R]`,
+//! Y `[M, N]`; the forward also returns `XA = X̃·Aᵀ` `[M, R]` for the backward.
+//!
+//! Backward, small (rank-R) products first, W gets no gradient (`G = dY·B`, `[M, R]`):
+//! - `dX = dY·W + s·(G·A) ⊙ mask / (1 - p)`
+//! - `dA = s·Gᵀ·X̃`
+//! - `dB = s·dYᵀ·XA`
+//!
+//! CPU path: the `gemm` crate; the LoRA term is accumulated into the base product's output
+//! (`Y += s·XA·Bᵀ` in one call), so Y is written once. GPU kernels: the LoRA-GEMM family.
+
+use crate::kernels::matmul::MatmulParams;
+
+/// Sizes and scale of one LoRA linear.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoraParams {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub r: usize,
+    /// `alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
+    pub scale: f32,
+}
+
+impl LoraParams {
+    fn mm(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> MatmulParams {
+        MatmulParams { m, n, k, trans_a, trans_b }
+    }
+}
+
+pub mod reference {
+    use super::LoraParams;
+    use crate::kernels::matmul::reference::matmul;
+
+    /// Returns (Y, XA). `x_lora` is the dropped-out input (X itself without dropout).
+    pub fn forward(x: &[f64], x_lora: &[f64], w: &[f64], bias: Option<&[f64]>, a: &[f64], b: &[f64], p: LoraParams) -> (Vec<f64>, Vec<f64>) {
+        let mut y = matmul(x, w, LoraParams::mm(p.m, p.n, p.k, false, true));
+        let xa = matmul(x_lora, a, LoraParams::mm(p.m, p.r, p.k, false, true));
+        let lora = matmul(&xa, b, LoraParams::mm(p.m, p.n, p.r, false, true));
+        for (i, y) in y.iter_mut().enumerate() {
+            *y += p.scale as f64 * lora[i] + bias.map_or(0.0, |b| b[i % p.n]);
+        }
+        (y, xa)
+    }
+}
+
+pub mod cpu {
+    use super::LoraParams;
+    use crate::kernels::matmul::cpu::{matmul, matmul_acc};
+    use crate::Result;
+
+    /// Writes `y` (`[M, N]`) and `xa` (`[M, R]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(x: &[f32], x_lora: &[f32], w: &[f32], bias: Option<&[f32]>, a: &[f32], b: &[f32], y: &mut [f32], xa: &mut [f32], p: LoraParams) -> Result<()> {
+        matmul(x, w, y, LoraParams::mm(p.m, p.n, p.k, false, true))?;
+        matmul(x_lora, a, xa, LoraParams::mm(p.m, p.r, p.k, false, true))?;
+        matmul_acc(xa, b, y, LoraParams::mm(p.m, p.n, p.r, false, true), p.scale)?;
+        if let Some(bias) = bias {
+            for row in y.chunks_mut(p.n) {
+                for (v, b) in row.iter_mut().zip(bias) {
+                    *v += b;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gradients of the LoRA linear. `dx` is only computed when given; `drop_scale` holds
+    /// `mask / (1 - p)` per element of X when dropout was applied.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        dy: &[f32],
+        x_lora: &[f32],
+        xa: &[f32],
+        w: &[f32],
+        a: &[f32],
+        b: &[f32],
+        drop_scale: Option<&[f32]>,
+        dx: Option<&mut [f32]>,
+        da: &mut [f32],
+        db: &mut [f32],
+        p: LoraParams,
+    ) -> Result<()> {
+        // G = dY·B  [M, R]
+        let mut g = vec![0.0f32; p.m * p.r];
+        matmul(dy, b, &mut g, LoraParams::mm(p.m, p.r, p.n, false, false))?;
+        // dA = s·Gᵀ·X̃  [R, K];  dB = s·dYᵀ·XA  [N, R]
+        da.fill(0.0);
+        matmul_acc(&g, x_lora, da, LoraParams::mm(p.r, p.k, p.m, true, false), p.scale)?;
+        db.fill(0.0);
+        matmul_acc(dy, xa, db, LoraParams::mm(p.n, p.r, p.m, true, false), p.scale)?;
+        if let Some(dx) = dx {
+            // dX = dY·W + s·(G·A) ⊙ drop_scale
+            matmul(dy, w, dx, LoraParams::mm(p.m, p.k, p.n, false, false))?;
+            match drop_scale {
+                None => matmul_acc(&g, a, dx, LoraParams::mm(p.m, p.k, p.r, false, false), p.scale)?,
+                Some(ds) => {
+                    let mut ga = vec![0.0f32; p.m * p.k];
+                    matmul(&g, a, &mut ga, LoraParams::mm(p.m, p.k, p.r, false, false))?;
+                    for ((d, v), s) in dx.iter_mut().zip(&ga).zip(ds) {
+                        *d += p.scale * v * s;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
