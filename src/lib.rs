@@ -17,6 +17,8 @@ pub mod io;
 pub mod kernels;
 pub mod nn;
 pub mod ops;
+pub mod optim;
+pub mod peft;
 pub mod rng;
 mod tape;
 mod tensor;

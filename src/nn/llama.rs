@@ -12,24 +12,47 @@
 use std::path::Path;
 
 use crate::io::config::LlamaConfig;
+use crate::peft::LoraAdapter;
 use crate::io::safetensors::WeightFiles;
 use crate::ops::{self, AttentionMask};
 use crate::{DType, Device, Error, Result, Tensor};
 
-/// `y = x·Wᵀ (+ b)`, W `[out, in]`.
+/// `y = x·Wᵀ (+ b)`, W `[out, in]`, plus a LoRA term when an adapter is attached.
 #[derive(Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias, lora: None }
+    }
+
+    /// `dropout_seed` switches the LoRA dropout on (training); `None` is evaluation.
+    pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        if let Some(l) = &self.lora {
+            let dropout = dropout_seed.filter(|_| l.dropout > 0.0).map(|seed| ops::Dropout { p: l.dropout, seed });
+            return ops::lora_linear(x, &self.weight, self.bias.as_ref(), &l.a, &l.b, l.scale, dropout);
+        }
         let y = ops::matmul(x, &self.weight, false, true)?;
         match &self.bias {
             Some(b) => ops::add(&y, b),
             None => Ok(y),
         }
+    }
+}
+
+/// The names of a decoder layer's linear modules, as transformers and PEFT call them.
+pub const LINEAR_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// `self_attn` or `mlp`: the submodule a linear module lives in.
+fn module_group(name: &str) -> &'static str {
+    if matches!(name, "gate_proj" | "up_proj" | "down_proj") {
+        "mlp"
+    } else {
+        "self_attn"
     }
 }
 
@@ -54,6 +77,8 @@ pub struct Llama {
     pub norm: Tensor,
     /// `None` when the LM head is tied to the embedding table.
     pub lm_head: Option<Tensor>,
+    /// Set while training: seeds the LoRA dropout masks of the next forward. `None`: no dropout.
+    pub dropout_seed: Option<u64>,
     inv_freq: Vec<f32>,
 }
 
@@ -103,10 +128,10 @@ impl Llama {
         let c = &config;
         let (e, d) = (c.hidden_size, c.head_dim);
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            Ok(Linear {
-                weight: w.load_f32(&format!("{name}.weight"), &[out, inp])?,
-                bias: if bias { Some(w.load_f32(&format!("{name}.bias"), &[out])?) } else { None },
-            })
+            Ok(Linear::new(
+                w.load_f32(&format!("{name}.weight"), &[out, inp])?,
+                if bias { Some(w.load_f32(&format!("{name}.bias"), &[out])?) } else { None },
+            ))
         };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
@@ -130,6 +155,7 @@ impl Llama {
             norm: w.load_f32("model.norm.weight", &[e])?,
             layers,
             lm_head,
+            dropout_seed: None,
             inv_freq: config.inv_freq(),
             config,
         })
@@ -148,7 +174,7 @@ impl Llama {
         let mut layers = Vec::with_capacity(c.num_layers);
         for _ in 0..c.num_layers {
             let mut lin = |out: usize, inp: usize, bias: bool| -> Result<Linear> {
-                Ok(Linear { weight: mat(out, inp)?, bias: if bias { Some(zeros(out)?) } else { None } })
+                Ok(Linear::new(mat(out, inp)?, if bias { Some(zeros(out)?) } else { None }))
             };
             layers.push(Layer {
                 input_norm: ones(e)?,
@@ -164,64 +190,64 @@ impl Llama {
         }
         let embed = mat(c.vocab_size, e)?;
         let lm_head = if c.tie_word_embeddings { None } else { Some(mat(c.vocab_size, e)?) };
-        Ok(Llama { embed, layers, norm: ones(e)?, lm_head, inv_freq: config.inv_freq(), config })
+        Ok(Llama { embed, layers, norm: ones(e)?, lm_head, dropout_seed: None, inv_freq: config.inv_freq(), config })
     }
 
-    /// Every parameter with its transformers name, in a fixed order.
-    pub fn parameters(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+    /// Every linear module with its transformers path (`model.layers.0.self_attn.q_proj`).
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), l.input_norm.clone()));
-            for (name, lin) in [("self_attn.q_proj", &l.q), ("self_attn.k_proj", &l.k), ("self_attn.v_proj", &l.v), ("self_attn.o_proj", &l.o)] {
-                out.push((format!("{p}.{name}.weight"), lin.weight.clone()));
-                if let Some(b) = &lin.bias {
-                    out.push((format!("{p}.{name}.bias"), b.clone()));
-                }
+            for (name, lin) in LINEAR_MODULES.iter().zip([&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]) {
+                out.push((format!("model.layers.{i}.{}.{name}", module_group(name)), lin));
             }
-            out.push((format!("{p}.post_attention_layernorm.weight"), l.post_norm.clone()));
-            for (name, lin) in [("mlp.gate_proj", &l.gate), ("mlp.up_proj", &l.up), ("mlp.down_proj", &l.down)] {
-                out.push((format!("{p}.{name}.weight"), lin.weight.clone()));
-                if let Some(b) = &lin.bias {
-                    out.push((format!("{p}.{name}.bias"), b.clone()));
-                }
-            }
-        }
-        out.push(("model.norm.weight".to_string(), self.norm.clone()));
-        if let Some(h) = &self.lm_head {
-            out.push(("lm_head.weight".to_string(), h.clone()));
         }
         out
     }
 
-    /// Replaces every parameter by `f(name, tensor)` (e.g. `tape.param` for full fine-tuning,
-    /// or a move to another device).
-    pub fn map_parameters(&mut self, mut f: impl FnMut(&str, &Tensor) -> Result<Tensor>) -> Result<()> {
-        let mut map = |name: String, t: &mut Tensor| -> Result<()> {
-            *t = f(&name, t)?;
-            Ok(())
-        };
-        map("model.embed_tokens.weight".into(), &mut self.embed)?;
+    /// As `linears`, mutable.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            map(format!("{p}.input_layernorm.weight"), &mut l.input_norm)?;
-            for (name, lin) in [("self_attn.q_proj", &mut l.q), ("self_attn.k_proj", &mut l.k), ("self_attn.v_proj", &mut l.v), ("self_attn.o_proj", &mut l.o)] {
-                map(format!("{p}.{name}.weight"), &mut lin.weight)?;
-                if let Some(b) = &mut lin.bias {
-                    map(format!("{p}.{name}.bias"), b)?;
-                }
-            }
-            map(format!("{p}.post_attention_layernorm.weight"), &mut l.post_norm)?;
-            for (name, lin) in [("mlp.gate_proj", &mut l.gate), ("mlp.up_proj", &mut l.up), ("mlp.down_proj", &mut l.down)] {
-                map(format!("{p}.{name}.weight"), &mut lin.weight)?;
-                if let Some(b) = &mut lin.bias {
-                    map(format!("{p}.{name}.bias"), b)?;
-                }
+            for (name, lin) in LINEAR_MODULES.iter().zip([&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down]) {
+                out.push((format!("model.layers.{i}.{}.{name}", module_group(name)), lin));
             }
         }
-        map("model.norm.weight".into(), &mut self.norm)?;
+        out
+    }
+
+    /// Every base parameter (LoRA adapters excluded) with its transformers name.
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        self.clone().map_parameters(|name, t| {
+            out.push((name.to_string(), t.clone()));
+            Ok(t.clone())
+        })
+        .expect("the identity map cannot fail");
+        out
+    }
+
+    /// Replaces every base parameter by `f(name, tensor)` (e.g. `tape.param` for full
+    /// fine-tuning, or a move to another device). Order: embeddings, then per layer its norms
+    /// and linears, then the final norm and the head.
+    pub fn map_parameters(&mut self, mut f: impl FnMut(&str, &Tensor) -> Result<Tensor>) -> Result<()> {
+        let mut map = |name: &str, t: &mut Tensor| -> Result<()> {
+            *t = f(name, t)?;
+            Ok(())
+        };
+        map("model.embed_tokens.weight", &mut self.embed)?;
+        for (path, lin) in self.linears_mut() {
+            map(&format!("{path}.weight"), &mut lin.weight)?;
+            if let Some(b) = &mut lin.bias {
+                map(&format!("{path}.bias"), b)?;
+            }
+        }
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            map(&format!("model.layers.{i}.input_layernorm.weight"), &mut l.input_norm)?;
+            map(&format!("model.layers.{i}.post_attention_layernorm.weight"), &mut l.post_norm)?;
+        }
+        map("model.norm.weight", &mut self.norm)?;
         if let Some(h) = &mut self.lm_head {
-            map("lm_head.weight".into(), h)?;
+            map("lm_head.weight", h)?;
         }
         Ok(())
     }
@@ -245,12 +271,14 @@ impl Llama {
         let mask = AttentionMask { causal: true, window: c.sliding_window };
         let scale = 1.0 / (d as f32).sqrt();
 
+        // Each linear module gets its own dropout stream: (forward seed, module index).
+        let seed = |i: usize, m: usize| self.dropout_seed.map(|s| s ^ ((i * LINEAR_MODULES.len() + m) as u64 + 1).wrapping_mul(0xd1b5_4a32_d192_ed03));
         let mut x = ops::embedding(&ops::reshape(ids, [b * t])?, &self.embed)?;
         for (i, l) in self.layers.iter().enumerate() {
             let hn = ops::rmsnorm(&x, &l.input_norm, c.rms_norm_eps)?;
-            let q = ops::rope(&ops::reshape(&l.q.forward(&hn)?, [b * t, h, d])?, &positions, &self.inv_freq)?;
-            let k = ops::rope(&ops::reshape(&l.k.forward(&hn)?, [b * t, g, d])?, &positions, &self.inv_freq)?;
-            let v = l.v.forward(&hn)?;
+            let q = ops::rope(&ops::reshape(&l.q.forward(&hn, seed(i, 0))?, [b * t, h, d])?, &positions, &self.inv_freq)?;
+            let k = ops::rope(&ops::reshape(&l.k.forward(&hn, seed(i, 1))?, [b * t, g, d])?, &positions, &self.inv_freq)?;
+            let v = l.v.forward(&hn, seed(i, 2))?;
             let (mut k, mut v) = (ops::reshape(&k, [b, t, g, d])?, ops::reshape(&v, [b, t, g, d])?);
             if let Some(cache) = cache.as_deref_mut() {
                 if let Some((pk, pv)) = &cache.layers[i] {
@@ -260,9 +288,10 @@ impl Llama {
                 cache.layers[i] = Some((k.clone(), v.clone()));
             }
             let o = ops::attention(&ops::reshape(&q, [b, t, h, d])?, &k, &v, mask, scale)?;
-            x = ops::add(&x, &l.o.forward(&ops::reshape(&o, [b * t, h * d])?)?)?;
+            x = ops::add(&x, &l.o.forward(&ops::reshape(&o, [b * t, h * d])?, seed(i, 3))?)?;
             let hn = ops::rmsnorm(&x, &l.post_norm, c.rms_norm_eps)?;
-            let mlp = l.down.forward(&ops::mul(&ops::silu(&l.gate.forward(&hn)?)?, &l.up.forward(&hn)?)?)?;
+            let act = ops::mul(&ops::silu(&l.gate.forward(&hn, seed(i, 4))?)?, &l.up.forward(&hn, seed(i, 5))?)?;
+            let mlp = l.down.forward(&act, seed(i, 6))?;
             x = ops::add(&x, &mlp)?;
         }
         if let Some(cache) = cache {

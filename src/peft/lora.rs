@@ -1,0 +1,225 @@
+//! LoRA (Hu et al., 2021) as PEFT implements it: on each target linear `y = x·Wᵀ` add
+//! `scale·(dropout(x)·Aᵀ)·Bᵀ` with A `[r, in]`, B `[out, r]`, `scale = alpha / r`
+//! (`alpha / sqrt(r)` with rsLoRA). Initialisation as PEFT's default: A Kaiming-uniform with
+//! `a = sqrt(5)` (uniform in `±1/sqrt(in)`), B zero, so training starts from the base model.
+//!
+//! Files: `adapter_config.json` and `adapter_model.safetensors` with PEFT's key names
+//! (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), loadable by PEFT
+//! unchanged; adapters written by PEFT load here (with or without `.default` in the keys).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::io::read_json;
+use crate::io::safetensors::{save, WeightFiles};
+use crate::nn::llama::LINEAR_MODULES;
+use crate::nn::Llama;
+use crate::rng::Rng;
+use crate::{Device, Error, Result, Tensor};
+
+/// What to adapt and how.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+    pub use_rslora: bool,
+    /// Module names (`q_proj`, ..., `down_proj`).
+    pub target_modules: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, use_rslora: false, target_modules: LINEAR_MODULES.iter().map(|s| s.to_string()).collect() }
+    }
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f32 {
+        if self.use_rslora {
+            self.alpha / (self.r as f32).sqrt()
+        } else {
+            self.alpha / self.r as f32
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(Error::InvalidArgument("LoRA rank r must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(Error::InvalidArgument(format!("LoRA dropout must be in [0, 1), got {}", self.dropout)));
+        }
+        for m in &self.target_modules {
+            if !LINEAR_MODULES.contains(&m.as_str()) {
+                return Err(Error::InvalidArgument(format!("LoRA target module `{m}` is not one of {LINEAR_MODULES:?}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The trainable pair attached to one linear module.
+#[derive(Clone)]
+pub struct LoraAdapter {
+    /// `[r, in]`
+    pub a: Tensor,
+    /// `[out, r]`
+    pub b: Tensor,
+    pub scale: f32,
+    pub dropout: f32,
+}
+
+/// PEFT's saved key of a module's A or B (`which` is "lora_A" or "lora_B").
+pub fn peft_key(module_path: &str, which: &str) -> String {
+    format!("base_model.model.{module_path}.{which}.weight")
+}
+
+fn module_name(path: &str) -> &str {
+    path.rsplit('.').next().unwrap_or(path)
+}
+
+impl Llama {
+    /// Attaches fresh LoRA adapters (PEFT's default init, from `seed`) to the target modules.
+    pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
+        cfg.validate()?;
+        let mut rng = Rng::new(seed);
+        let device = self.device();
+        for (path, lin) in self.linears_mut() {
+            if !cfg.target_modules.iter().any(|m| m == module_name(&path)) {
+                continue;
+            }
+            let (out, inp) = (lin.weight.dims()[0], lin.weight.dims()[1]);
+            let bound = 1.0 / (inp as f32).sqrt();
+            let a = Tensor::from_vec(rng.vec(cfg.r * inp, -bound, bound), [cfg.r, inp])?.to_device(&device)?;
+            let b = Tensor::zeros([out, cfg.r], crate::DType::F32, &device)?;
+            lin.lora = Some(LoraAdapter { a, b, scale: cfg.scale(), dropout: cfg.dropout });
+        }
+        Ok(())
+    }
+
+    /// The LoRA parameters under their PEFT keys, A before B, modules in order.
+    pub fn lora_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (path, lin) in self.linears() {
+            if let Some(l) = &lin.lora {
+                out.push((peft_key(&path, "lora_A"), l.a.clone()));
+                out.push((peft_key(&path, "lora_B"), l.b.clone()));
+            }
+        }
+        out
+    }
+
+    /// Replaces each LoRA tensor by `f(peft_key, tensor)` (e.g. `tape.param`).
+    pub fn map_lora(&mut self, mut f: impl FnMut(&str, &Tensor) -> Result<Tensor>) -> Result<()> {
+        for (path, lin) in self.linears_mut() {
+            if let Some(l) = &mut lin.lora {
+                l.a = f(&peft_key(&path, "lora_A"), &l.a)?;
+                l.b = f(&peft_key(&path, "lora_B"), &l.b)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds every adapter into its base weight (`W += scale·B·A`) and removes the adapters.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        for (_, lin) in self.linears_mut() {
+            if let Some(l) = lin.lora.take() {
+                let ba = crate::ops::matmul(&l.b, &l.a, false, false)?;
+                lin.weight = crate::ops::add(&lin.weight, &crate::ops::scale(&ba, l.scale)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` as PEFT does.
+/// `base_model` is recorded as `base_model_name_or_path`.
+pub fn save_adapter(model: &Llama, cfg: &LoraConfig, base_model: &str, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create: {e}")))?;
+    let params = model.lora_parameters();
+    if params.is_empty() {
+        return Err(Error::InvalidArgument("the model has no LoRA adapters to save".into()));
+    }
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.use_rslora,
+        "target_modules": cfg.target_modules,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "use_dora": false,
+        "revision": null,
+        "library_name": "tuna",
+    });
+    let cfg_path = dir.join("adapter_config.json");
+    let tmp = dir.join("adapter_config.json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&config).expect("json"))
+        .and_then(|_| std::fs::rename(&tmp, &cfg_path))
+        .map_err(|e| Error::file(&cfg_path, format!("cannot write: {e}")))?;
+    let cpu: Vec<(String, Tensor)> = params.into_iter().map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    save(&dir.join("adapter_model.safetensors"), &cpu, Some(meta))
+}
+
+/// Reads a PEFT LoRA adapter folder and attaches it to `model`. Returns its config.
+pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
+    let cfg_path = dir.join("adapter_config.json");
+    let v = read_json(&cfg_path)?;
+    let field = |k: &str| v.get(k).filter(|x| !x.is_null());
+    let err = |k: &str, what: &str| Error::file(&cfg_path, format!("field `{k}`: {what}"));
+    if let Some(t) = field("peft_type").and_then(Value::as_str) {
+        if t != "LORA" {
+            return Err(err("peft_type", &format!("`{t}` is not supported (LORA is)")));
+        }
+    }
+    if field("use_dora").and_then(Value::as_bool) == Some(true) {
+        return Err(err("use_dora", "DoRA adapters are not supported"));
+    }
+    let r = field("r").and_then(Value::as_u64).ok_or_else(|| err("r", "missing or not an integer"))? as usize;
+    let alpha = field("lora_alpha").and_then(Value::as_f64).map(|a| a as f32).unwrap_or(8.0);
+    let targets: Vec<String> = match field("target_modules") {
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_string).collect(),
+        Some(Value::String(s)) if s == "all-linear" => LINEAR_MODULES.iter().map(|s| s.to_string()).collect(),
+        Some(Value::String(s)) => vec![s.clone()],
+        _ => return Err(err("target_modules", "missing (a list of module names)")),
+    };
+    let cfg = LoraConfig {
+        r,
+        alpha,
+        dropout: field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32,
+        use_rslora: field("use_rslora").and_then(Value::as_bool).unwrap_or(false),
+        target_modules: targets,
+    };
+    let weights = WeightFiles::from_paths(&[dir.join("adapter_model.safetensors")])?;
+    // PEFT's in-memory names carry the adapter name (`.lora_A.default.weight`); saved files
+    // drop it. Accept both.
+    let find = |path: &str, which: &str| -> Option<String> {
+        let plain = peft_key(path, which);
+        let with_default = format!("base_model.model.{path}.{which}.default.weight");
+        [plain, with_default].into_iter().find(|k| weights.contains(k))
+    };
+    let device = model.device();
+    let mut attached = 0;
+    for (path, lin) in model.linears_mut() {
+        let (Some(ka), Some(kb)) = (find(&path, "lora_A"), find(&path, "lora_B")) else { continue };
+        let (out, inp) = (lin.weight.dims()[0], lin.weight.dims()[1]);
+        let a = weights.load_f32(&ka, &[r, inp])?.to_device(&device)?;
+        let b = weights.load_f32(&kb, &[out, r])?.to_device(&device)?;
+        lin.lora = Some(LoraAdapter { a, b, scale: cfg.scale(), dropout: cfg.dropout });
+        attached += 1;
+    }
+    if attached == 0 {
+        return Err(Error::file(dir.join("adapter_model.safetensors"), "no LoRA tensor matches a module of this model (keys like base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight)"));
+    }
+    Ok(cfg)
+}
