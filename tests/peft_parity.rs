@@ -1,0 +1,125 @@
+//! LoRA against PEFT: adapters written by PEFT load and give PEFT's logits, loss and
+//! gradients; one AdamW step lands on torch's parameters; our adapter files round-trip.
+//! Fixtures: tools/fixtures/make_peft_fixtures.py.
+
+use std::path::{Path, PathBuf};
+
+use tuna::io::safetensors::WeightFiles;
+use tuna::nn::Llama;
+use tuna::optim::{AdamW, AdamWConfig};
+use tuna::peft::{load_adapter, save_adapter};
+use tuna::testing::{compare, Tolerance};
+use tuna::{Device, Tape, Tensor};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures").join(name)
+}
+
+fn expected(name: &str) -> WeightFiles {
+    WeightFiles::from_paths(&[fixture(name).join("expected.safetensors")]).unwrap()
+}
+
+fn f64s(w: &WeightFiles, name: &str) -> Vec<f64> {
+    w.load_raw(name, &Device::Cpu).unwrap().to_vec_f32().unwrap().into_iter().map(f64::from).collect()
+}
+
+fn with_adapter(adapter: &str) -> Llama {
+    let mut m = Llama::load(&fixture("llama-gqa")).unwrap();
+    load_adapter(&mut m, &fixture(adapter)).unwrap();
+    m
+}
+
+const LOGITS: Tolerance = Tolerance { atol: 1e-4, rtol: 0.0 };
+
+#[test]
+fn peft_adapter_logits_and_loss() {
+    for name in ["peft-lora", "peft-lora-rslora"] {
+        let model = with_adapter(name);
+        let exp = expected(name);
+        let ids = exp.load_raw("input_ids", &Device::Cpu).unwrap();
+        let logits = model.forward(&ids, None).unwrap();
+        compare(&format!("{name} logits"), &logits.to_vec_f32().unwrap(), &f64s(&exp, "logits"), LOGITS).unwrap();
+        let loss = model.loss(&ids, None).unwrap().to_scalar().unwrap() as f64;
+        assert!((loss - f64s(&exp, "loss")[0]).abs() < 1e-5, "{name}: loss {loss}");
+    }
+}
+
+#[test]
+fn masked_loss_averages_over_the_kept_targets() {
+    let model = with_adapter("peft-lora");
+    let exp = expected("peft-lora");
+    let ids = exp.load_raw("input_ids", &Device::Cpu).unwrap();
+    let labels = exp.load_raw("labels_masked", &Device::Cpu).unwrap().to_vec::<i32>().unwrap();
+    let mask: Vec<bool> = labels.iter().map(|&l| l != -100).collect();
+    let loss = model.loss(&ids, Some(&mask)).unwrap().to_scalar().unwrap() as f64;
+    assert!((loss - f64s(&exp, "loss_masked")[0]).abs() < 1e-5, "masked loss {loss}");
+}
+
+#[test]
+fn lora_gradients_and_one_adamw_step_match_peft() {
+    let mut model = with_adapter("peft-lora");
+    let exp = expected("peft-lora");
+    let tape = Tape::new();
+    model.map_lora(|_, t| Ok(tape.param(t))).unwrap();
+    let ids = exp.load_raw("input_ids", &Device::Cpu).unwrap();
+    let loss = model.loss(&ids, None).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let params = model.lora_parameters();
+    assert_eq!(params.len(), 28);
+    let mut masters = Vec::new();
+    let mut gvecs = Vec::new();
+    for (key, p) in &params {
+        let g = grads.get(p).unwrap_or_else(|| panic!("no gradient for {key}")).to_vec_f32().unwrap();
+        compare(&format!("grad {key}"), &g, &f64s(&exp, &format!("grad.{key}")), Tolerance { atol: 1e-6, rtol: 1e-4 }).unwrap();
+        masters.push(p.to_vec_f32().unwrap());
+        gvecs.push(g);
+    }
+    let mut opt = AdamW::new(AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 });
+    opt.step(&mut masters, &gvecs, 1e-2).unwrap();
+    for ((key, _), after) in params.iter().zip(&masters) {
+        compare(&format!("after {key}"), after, &f64s(&exp, &format!("after.{key}")), Tolerance { atol: 1e-6, rtol: 1e-4 }).unwrap();
+    }
+}
+
+#[test]
+fn saved_adapter_round_trips_and_merges() {
+    let model = with_adapter("peft-lora");
+    let dir = std::env::temp_dir().join(format!("tuna-adapter-{}", std::process::id()));
+    let cfg = tuna::peft::LoraConfig { r: 4, alpha: 8.0, ..Default::default() };
+    save_adapter(&model, &cfg, "tools/fixtures/llama-gqa", &dir).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(json["peft_type"], "LORA");
+    assert_eq!(json["r"], 4);
+    let saved = WeightFiles::from_paths(&[dir.join("adapter_model.safetensors")]).unwrap();
+    assert!(saved.contains("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
+    assert_eq!(saved.load_raw("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight", &Device::Cpu).unwrap().dims(), [32, 4]);
+    let reloaded = with_adapter_dir(&dir);
+    let ids = Tensor::from_vec_i32(vec![3, 77, 12, 250, 9], [1, 5]).unwrap();
+    let a = model.forward(&ids, None).unwrap().to_vec_f32().unwrap();
+    assert_eq!(a, reloaded.forward(&ids, None).unwrap().to_vec_f32().unwrap());
+    let mut merged = model.clone();
+    merged.merge_lora().unwrap();
+    assert!(merged.lora_parameters().is_empty());
+    compare("merged logits", &merged.forward(&ids, None).unwrap().to_vec_f32().unwrap(), &a.iter().map(|&v| v as f64).collect::<Vec<_>>(), Tolerance { atol: 1e-5, rtol: 1e-5 }).unwrap();
+}
+
+fn with_adapter_dir(dir: &Path) -> Llama {
+    let mut m = Llama::load(&fixture("llama-gqa")).unwrap();
+    load_adapter(&mut m, dir).unwrap();
+    m
+}
+
+#[test]
+fn fresh_lora_starts_at_the_base_model() {
+    let base = Llama::load(&fixture("llama-gqa")).unwrap();
+    let mut lora = base.clone();
+    lora.add_lora(&tuna::peft::LoraConfig::default(), 1).unwrap();
+    assert_eq!(lora.lora_parameters().len(), 2 * 7 * 2);
+    let ids = Tensor::from_vec_i32(vec![3, 77, 12], [1, 3]).unwrap();
+    // B starts at zero, so the adapted model computes exactly the base model.
+    assert_eq!(base.forward(&ids, None).unwrap().to_vec_f32().unwrap(), lora.forward(&ids, None).unwrap().to_vec_f32().unwrap());
+    // A is uniform in ±1/sqrt(in).
+    let a = lora.lora_parameters()[0].1.to_vec_f32().unwrap();
+    let bound = 1.0 / (32f32).sqrt();
+    assert!(a.iter().all(|v| v.abs() <= bound) && a.iter().any(|v| v.abs() > 0.5 * bound));
+}
