@@ -23,6 +23,7 @@ pub mod rng;
 mod tape;
 mod tensor;
 pub mod testing;
+pub mod train;
 
 pub use device::{Device, DeviceInfo};
 pub use dtype::{DType, Element, Shape};

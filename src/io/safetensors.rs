@@ -91,6 +91,13 @@ impl WeightFiles {
         Ok((path, view))
     }
 
+    /// A `__metadata__` entry of the first file (e.g. the step a checkpoint file belongs to).
+    pub fn metadata(&self, key: &str) -> Option<String> {
+        let (_, mmap) = self.files.first()?;
+        let (_, meta) = SafeTensors::read_metadata(mmap).ok()?;
+        meta.metadata().as_ref()?.get(key).cloned()
+    }
+
     /// The stored dtype of a tensor.
     pub fn dtype(&self, name: &str) -> Result<DType> {
         let (path, v) = self.view(name)?;

@@ -1,0 +1,254 @@
+//! The trainer: LoRA, full or head-only fine-tuning of a `Llama` with AdamW over f32 master
+//! weights, warmup and decay, global-norm clipping and gradient accumulation; evaluation;
+//! checkpoints that resume to exactly the same losses.
+//!
+//! Determinism: optimizer step s consumes micro-batches `s·accum .. (s+1)·accum` of the global
+//! sequence of batches, whose order within each epoch is a function of (seed, epoch), and each
+//! micro-batch's dropout seed is a function of (seed, its index). So the step counter, the
+//! master weights and the optimizer state are the whole training state.
+
+pub mod checkpoint;
+pub mod data;
+pub mod plot;
+
+use crate::nn::Llama;
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule, ScheduleKind};
+use crate::peft::LoraConfig;
+use crate::{ops, Error, Result, Tape, Tensor};
+use data::{epoch_order, make_batch, Sequence};
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Method {
+    /// LoRA adapters on the target modules; the base stays frozen.
+    Lora(LoraConfig),
+    /// Every parameter.
+    Full,
+    /// Only the LM head (the embedding table when they are tied).
+    Head,
+}
+
+impl Method {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::Lora(_) => "lora",
+            Method::Full => "full",
+            Method::Head => "head",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub method: Method,
+    pub lr: f32,
+    pub schedule: ScheduleKind,
+    pub warmup_steps: usize,
+    pub epochs: usize,
+    /// Stops after this many optimizer steps (overrides `epochs`).
+    pub max_steps: Option<usize>,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    /// 0 disables clipping.
+    pub max_grad_norm: f32,
+    pub adamw: AdamWConfig,
+    pub seed: u64,
+    pub shuffle: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            method: Method::Lora(LoraConfig::default()),
+            lr: 2e-4,
+            schedule: ScheduleKind::Cosine,
+            warmup_steps: 0,
+            epochs: 1,
+            max_steps: None,
+            batch_size: 4,
+            grad_accum: 1,
+            max_grad_norm: 1.0,
+            adamw: AdamWConfig::default(),
+            seed: 0,
+            shuffle: true,
+        }
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepReport {
+    pub step: usize,
+    pub loss: f32,
+    pub lr: f32,
+    pub grad_norm: f32,
+    pub tokens: usize,
+    pub epoch: f32,
+}
+
+pub struct Trainer {
+    pub model: Llama,
+    pub config: TrainConfig,
+    /// Names of the trained tensors (PEFT keys for LoRA, transformers names otherwise).
+    pub names: Vec<String>,
+    shapes: Vec<Vec<usize>>,
+    /// f32 master copies of the trained tensors.
+    pub masters: Vec<Vec<f32>>,
+    pub optimizer: AdamW,
+    /// Optimizer steps taken.
+    pub step: usize,
+    train: Vec<Sequence>,
+    pad: u32,
+}
+
+impl Trainer {
+    /// Sets up `method` on `model` (LoRA adapters are attached here, seeded by `config.seed`).
+    pub fn new(mut model: Llama, config: TrainConfig, train: Vec<Sequence>, pad: u32) -> Result<Self> {
+        if train.is_empty() {
+            return Err(Error::InvalidArgument("no training examples (every line was bad, empty or held out)".into()));
+        }
+        if config.batch_size == 0 || config.grad_accum == 0 {
+            return Err(Error::InvalidArgument("batch size and gradient accumulation must be at least 1".into()));
+        }
+        if let Method::Lora(l) = &config.method {
+            model.add_lora(l, config.seed)?;
+        }
+        let current = trainable(&model, &config.method);
+        let names = current.iter().map(|(n, _)| n.clone()).collect();
+        let shapes = current.iter().map(|(_, t)| t.dims().to_vec()).collect();
+        let masters = current.iter().map(|(_, t)| t.to_vec_f32()).collect::<Result<_>>()?;
+        Ok(Trainer { model, optimizer: AdamW::new(config.adamw), config, names, shapes, masters, step: 0, train, pad })
+    }
+
+    pub fn batches_per_epoch(&self) -> usize {
+        self.train.len().div_ceil(self.config.batch_size)
+    }
+
+    pub fn steps_per_epoch(&self) -> usize {
+        self.batches_per_epoch().div_ceil(self.config.grad_accum)
+    }
+
+    pub fn total_steps(&self) -> usize {
+        self.config.max_steps.unwrap_or(self.config.epochs * self.steps_per_epoch())
+    }
+
+    pub fn schedule(&self) -> Schedule {
+        Schedule { kind: self.config.schedule, peak_lr: self.config.lr, warmup_steps: self.config.warmup_steps, total_steps: self.total_steps() }
+    }
+
+    /// Elements trained.
+    pub fn trainable_count(&self) -> usize {
+        self.masters.iter().map(Vec::len).sum()
+    }
+
+    /// Writes the master weights into the model, as parameters of `tape` when given.
+    fn install(&mut self, tape: Option<&Tape>) -> Result<Vec<Tensor>> {
+        let mut handles = Vec::with_capacity(self.masters.len());
+        let mut tensors = Vec::with_capacity(self.masters.len());
+        for (m, s) in self.masters.iter().zip(&self.shapes) {
+            let t = Tensor::from_vec(m.clone(), s.clone())?;
+            let t = match tape {
+                Some(tape) => tape.param(&t),
+                None => t,
+            };
+            tensors.push(t);
+        }
+        let mut it = tensors.into_iter();
+        let mut take = |name: &str| -> Result<Tensor> {
+            let t = it.next().ok_or_else(|| Error::Tape(format!("no master weight for {name}")))?;
+            handles.push(t.clone());
+            Ok(t)
+        };
+        match self.config.method {
+            Method::Lora(_) => self.model.map_lora(|name, _| take(name))?,
+            Method::Full => self.model.map_parameters(|name, _| take(name))?,
+            Method::Head => match &mut self.model.lm_head {
+                Some(h) => *h = take("lm_head.weight")?,
+                None => self.model.embed = take("model.embed_tokens.weight")?,
+            },
+        }
+        Ok(handles)
+    }
+
+    /// The sequences of global micro-batch `k`.
+    fn micro_batch(&self, k: usize) -> Vec<&Sequence> {
+        let bpe = self.batches_per_epoch();
+        let (epoch, b) = (k / bpe, k % bpe);
+        let order = epoch_order(self.train.len(), self.config.seed, epoch, self.config.shuffle);
+        let bs = self.config.batch_size;
+        order[b * bs..((b + 1) * bs).min(order.len())].iter().map(|&i| &self.train[i]).collect()
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches. The loss is the mean over all their
+    /// target tokens, so accumulation gives the gradient of one big batch.
+    pub fn train_step(&mut self) -> Result<StepReport> {
+        let accum = self.config.grad_accum;
+        let first = self.step * accum;
+        let batches: Vec<_> = (first..first + accum).map(|k| make_batch(&self.micro_batch(k), self.pad)).collect::<Result<_>>()?;
+        let total_targets: usize = batches.iter().map(|b| b.targets).sum::<usize>().max(1);
+        let mut grads: Vec<Vec<f32>> = self.masters.iter().map(|m| vec![0.0; m.len()]).collect();
+        let mut loss_sum = 0.0f64;
+        for (i, batch) in batches.iter().enumerate() {
+            let tape = Tape::new();
+            let params = self.install(Some(&tape))?;
+            self.model.dropout_seed = Some(self.config.seed ^ ((first + i) as u64 + 1).wrapping_mul(0xa076_1d64_78bd_642f));
+            let loss = self.model.loss(&batch.ids, Some(&batch.mask));
+            self.model.dropout_seed = None;
+            let loss = ops::scale(&loss?, batch.targets as f32 / total_targets as f32)?;
+            loss_sum += loss.to_scalar()? as f64;
+            let g = tape.backward(&loss)?;
+            for (acc, p) in grads.iter_mut().zip(&params) {
+                if let Some(g) = g.get(p) {
+                    for (a, v) in acc.iter_mut().zip(g.to_vec_f32()?) {
+                        *a += v;
+                    }
+                }
+            }
+        }
+        let grad_norm = clip_grad_norm(&mut grads, self.config.max_grad_norm);
+        let lr = self.schedule().lr(self.step);
+        self.optimizer.step(&mut self.masters, &grads, lr)?;
+        self.step += 1;
+        self.install(None)?;
+        Ok(StepReport {
+            step: self.step,
+            loss: loss_sum as f32,
+            lr,
+            grad_norm,
+            tokens: batches.iter().map(|b| b.tokens).sum(),
+            epoch: (self.step * accum) as f32 / self.batches_per_epoch() as f32,
+        })
+    }
+
+    /// Mean loss over the target tokens of `seqs` (no tape, no dropout).
+    pub fn evaluate(&mut self, seqs: &[Sequence]) -> Result<f32> {
+        self.install(None)?;
+        evaluate(&self.model, seqs, self.config.batch_size, self.pad)
+    }
+}
+
+/// Mean next-token loss over the target tokens of `seqs`, in batches.
+pub fn evaluate(model: &Llama, seqs: &[Sequence], batch_size: usize, pad: u32) -> Result<f32> {
+    let (mut nll, mut n) = (0.0f64, 0usize);
+    for chunk in seqs.chunks(batch_size.max(1)) {
+        let refs: Vec<&Sequence> = chunk.iter().collect();
+        let b = make_batch(&refs, pad)?;
+        if b.targets == 0 {
+            continue;
+        }
+        nll += model.loss(&b.ids, Some(&b.mask))?.to_scalar()? as f64 * b.targets as f64;
+        n += b.targets;
+    }
+    Ok(if n == 0 { f32::NAN } else { (nll / n as f64) as f32 })
+}
+
+/// The tensors a method trains, with their names, in a fixed order.
+fn trainable(model: &Llama, method: &Method) -> Vec<(String, Tensor)> {
+    match method {
+        Method::Lora(_) => model.lora_parameters(),
+        Method::Full => model.parameters(),
+        Method::Head => match &model.lm_head {
+            Some(h) => vec![("lm_head.weight".into(), h.clone())],
+            None => vec![("model.embed_tokens.weight".into(), model.embed.clone())],
+        },
+    }
+}

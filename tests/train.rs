@@ -1,0 +1,149 @@
+//! The trainer: exact resume, gradient accumulation, the three methods, optimizer state size,
+//! the loss-curve image.
+
+use std::path::{Path, PathBuf};
+
+use tuna::nn::Llama;
+use tuna::peft::LoraConfig;
+use tuna::rng::Rng;
+use tuna::train::data::Sequence;
+use tuna::train::{Method, TrainConfig, Trainer};
+
+fn base() -> Llama {
+    Llama::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures/llama-gqa")).unwrap()
+}
+
+/// Sequences of a learnable pattern (counting up by one from a random start, mod 300).
+fn data(n: usize, seed: u64) -> Vec<Sequence> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|_| {
+            let len = 6 + rng.below(6);
+            let start = rng.below(300) as u32;
+            let ids: Vec<u32> = (0..len as u32).map(|i| 4 + (start + i) % 300).collect();
+            let mut mask = vec![true; len];
+            mask[0] = false;
+            Sequence { ids, mask }
+        })
+        .collect()
+}
+
+fn lora(dropout: f32) -> Method {
+    Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout, ..Default::default() })
+}
+
+fn cfg(method: Method, batch: usize, accum: usize) -> TrainConfig {
+    TrainConfig { method, lr: 1e-2, warmup_steps: 2, epochs: 3, batch_size: batch, grad_accum: accum, seed: 7, ..Default::default() }
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tuna-train-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+#[test]
+fn resume_continues_to_exactly_the_same_losses() {
+    let c = cfg(lora(0.1), 4, 2);
+    let mut full = Trainer::new(base(), c.clone(), data(24, 1), 0).unwrap();
+    let total = full.total_steps();
+    assert!(total >= 6);
+    let uninterrupted: Vec<f32> = (0..total).map(|_| full.train_step().unwrap().loss).collect();
+
+    let dir = tmp("resume");
+    let mut first = Trainer::new(base(), c.clone(), data(24, 1), 0).unwrap();
+    let mut resumed: Vec<f32> = (0..total / 2).map(|_| first.train_step().unwrap().loss).collect();
+    first.save_checkpoint(&dir).unwrap();
+    drop(first);
+    let mut second = Trainer::new(base(), c, data(24, 1), 0).unwrap();
+    second.load_checkpoint(&dir).unwrap();
+    resumed.extend((total / 2..total).map(|_| second.train_step().unwrap().loss));
+    assert_eq!(resumed, uninterrupted, "losses after resume must be bit-identical on the CPU");
+    assert_eq!(second.masters, full.masters);
+}
+
+#[test]
+fn a_checkpoint_half_written_is_refused() {
+    let dir = tmp("torn");
+    let mut t = Trainer::new(base(), cfg(lora(0.0), 4, 1), data(8, 2), 0).unwrap();
+    t.train_step().unwrap();
+    t.save_checkpoint(&dir).unwrap();
+    let old_params = std::fs::read(dir.join("params.safetensors")).unwrap();
+    t.train_step().unwrap();
+    t.save_checkpoint(&dir).unwrap();
+    // As if a crash left the params of step 1 beside the state of step 2.
+    std::fs::write(dir.join("params.safetensors"), old_params).unwrap();
+    let mut fresh = Trainer::new(base(), cfg(lora(0.0), 4, 1), data(8, 2), 0).unwrap();
+    let e = fresh.load_checkpoint(&dir).unwrap_err().to_string();
+    assert!(e.contains("params.safetensors") && e.contains("belongs to step 1") && e.contains("step 2"), "{e}");
+}
+
+#[test]
+fn accumulation_equals_one_big_batch() {
+    let mk = |batch, accum| {
+        let mut c = cfg(lora(0.0), batch, accum);
+        c.shuffle = false;
+        let mut t = Trainer::new(base(), c, data(8, 3), 0).unwrap();
+        let r = t.train_step().unwrap();
+        (r.loss, r.grad_norm, t.masters)
+    };
+    let (l1, g1, m1) = mk(4, 1);
+    let (l2, g2, m2) = mk(2, 2);
+    assert!((l1 - l2).abs() < 1e-5, "{l1} vs {l2}");
+    assert!((g1 - g2).abs() < 1e-4 * g1.max(1.0), "{g1} vs {g2}");
+    for (a, b) in m1.iter().zip(&m2) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+    }
+}
+
+#[test]
+fn every_method_learns_and_reports_its_state() {
+    let seqs = data(16, 4);
+    for method in [lora(0.0), Method::Full, Method::Head] {
+        let mut c = cfg(method.clone(), 4, 1);
+        c.epochs = 6;
+        c.lr = if method == Method::Full { 3e-3 } else { 2e-2 };
+        let mut t = Trainer::new(base(), c, seqs.clone(), 0).unwrap();
+        let before = t.evaluate(&seqs).unwrap();
+        while t.step < t.total_steps() {
+            t.train_step().unwrap();
+        }
+        let after = t.evaluate(&seqs).unwrap();
+        assert!(after < before - 0.5, "{}: loss {before} -> {after}", method.name());
+        match method {
+            Method::Full => assert_eq!(t.trainable_count(), base().parameters().iter().map(|(_, t)| t.elem_count()).sum::<usize>()),
+            Method::Head => assert_eq!(t.trainable_count(), 320 * 32),
+            Method::Lora(_) => {} // counted in lora_trains_only_the_adapters
+        }
+        // AdamW keeps two floats per trained element and nothing for frozen weights.
+        assert_eq!(t.optimizer.state_len(), 2 * t.trainable_count());
+    }
+}
+
+#[test]
+fn lora_trains_only_the_adapters() {
+    let mut t = Trainer::new(base(), cfg(lora(0.0), 4, 1), data(8, 5), 0).unwrap();
+    // Per layer: q (32x32), k (16x32), v (16x32), o (32x32), gate/up (64x32), down (32x64):
+    // A is [4, in], B is [out, 4].
+    let per_layer: usize = [(32, 32), (16, 32), (16, 32), (32, 32), (64, 32), (64, 32), (32, 64)].iter().map(|(o, i)| 4 * i + o * 4).sum();
+    assert_eq!(t.trainable_count(), 2 * per_layer);
+    let frozen_before = t.model.parameters();
+    t.train_step().unwrap();
+    for ((n, a), (_, b)) in frozen_before.iter().zip(t.model.parameters()) {
+        assert_eq!(a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap(), "{n} changed");
+    }
+}
+
+#[test]
+fn loss_curve_png_is_well_formed() {
+    let path = tmp("plot").with_extension("png");
+    let train: Vec<(f32, f32)> = (0..50).map(|i| (i as f32, 5.0 / (1.0 + i as f32 * 0.1))).collect();
+    tuna::train::plot::loss_curve(&path, &train, &[(10.0, 3.0), (40.0, 1.5)]).unwrap();
+    let png = std::fs::read(&path).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    assert_eq!(&png[12..16], b"IHDR");
+    assert_eq!(u32::from_be_bytes(png[16..20].try_into().unwrap()), 640);
+    assert_eq!(&png[png.len() - 8..png.len() - 4], b"IEND");
+}
