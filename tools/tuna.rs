@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+mod finetune;
+
 use clap::{Args, Parser, Subcommand};
+use finetune::FinetuneArgs;
 use serde_json::json;
 use tuna::io::dataset::{tokenize, Dataset};
 use tuna::io::tokenizer::{Message, Tokenizer};
@@ -35,19 +38,33 @@ enum Command {
     Generate(GenerateArgs),
     /// Mean loss and perplexity of a model over a JSONL file.
     Perplexity(PerplexityArgs),
+    /// Fine-tune a model on a JSONL file (LoRA, full or head-only) and write the result.
+    Finetune(FinetuneArgs),
+    /// Fold a LoRA adapter into its base model and write a Hugging Face model folder.
+    Merge {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// A Hugging Face model folder (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     /// cpu, cuda[:N], wgpu[:N] or auto. The model's ops run on the CPU for now; auto picks it.
     #[arg(long, default_value = "auto")]
-    device: String,
+    pub(crate) device: String,
     /// Print one machine-readable JSON result instead of text.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
+    /// A LoRA adapter folder in PEFT's format (written by tuna or by PEFT) to apply.
+    #[arg(long)]
+    pub(crate) adapter: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -87,7 +104,7 @@ struct PerplexityArgs {
     strict: bool,
 }
 
-type CliResult = Result<(), String>;
+pub(crate) type CliResult = Result<(), String>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -96,6 +113,8 @@ fn main() -> ExitCode {
         Command::Check { device } => check(device),
         Command::Generate(a) => generate(a),
         Command::Perplexity(a) => perplexity(a),
+        Command::Finetune(a) => finetune::finetune(a),
+        Command::Merge { model, adapter, out } => merge(&model, &adapter, &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -106,7 +125,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn err(e: impl std::fmt::Display) -> String {
+pub(crate) fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
@@ -120,8 +139,9 @@ fn devices() -> CliResult {
     Ok(())
 }
 
-/// Loads the model and tokenizer; the model runs where its ops can (the CPU for now).
-fn load(args: &ModelArgs) -> Result<(Llama, Tokenizer), String> {
+/// Loads the model (with its adapter) and tokenizer; the model runs where its ops can (the
+/// CPU for now).
+pub(crate) fn load(args: &ModelArgs) -> Result<(Llama, Tokenizer), String> {
     let device: Device = if args.device == "auto" { Device::Cpu } else { args.device.parse().map_err(err)? };
     if device != Device::Cpu {
         device.open().map_err(err)?;
@@ -129,9 +149,21 @@ fn load(args: &ModelArgs) -> Result<(Llama, Tokenizer), String> {
             "the model's ops (matmul, attention, ...) have no kernels for {device} yet; use --device cpu"
         ));
     }
-    let model = Llama::load(&args.model).map_err(err)?;
+    let mut model = Llama::load(&args.model).map_err(err)?;
+    if let Some(a) = &args.adapter {
+        tuna::peft::load_adapter(&mut model, a).map_err(err)?;
+    }
     let tok = Tokenizer::from_dir(&args.model).map_err(err)?;
     Ok((model, tok))
+}
+
+fn merge(model: &std::path::Path, adapter: &std::path::Path, out: &std::path::Path) -> CliResult {
+    let mut m = Llama::load(model).map_err(err)?;
+    tuna::peft::load_adapter(&mut m, adapter).map_err(err)?;
+    m.merge_lora().map_err(err)?;
+    m.save(model, out).map_err(err)?;
+    println!("merged {} into {} -> {}", adapter.display(), model.display(), out.display());
+    Ok(())
 }
 
 fn generate(a: GenerateArgs) -> CliResult {

@@ -212,6 +212,46 @@ impl LlamaConfig {
         }
     }
 
+    /// The config as transformers writes it (`config.json`), enough for transformers and tuna
+    /// to load the model.
+    pub fn to_hf_json(&self) -> Value {
+        let arch = match self.arch {
+            Arch::Llama => ("LlamaForCausalLM", "llama"),
+            Arch::Mistral => ("MistralForCausalLM", "mistral"),
+            Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+        };
+        let mut rope = serde_json::json!({"rope_type": "default", "rope_theta": self.rope_theta});
+        if let Some(s) = &self.rope_scaling {
+            rope = serde_json::json!({
+                "rope_type": "llama3", "rope_theta": self.rope_theta, "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings,
+            });
+        }
+        serde_json::json!({
+            "architectures": [arch.0],
+            "model_type": arch.1,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.o_bias,
+            "mlp_bias": self.mlp_bias,
+            "sliding_window": self.sliding_window,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids.first(),
+            "dtype": "float32",
+        })
+    }
+
     /// RoPE inverse frequencies `[D/2]`, rounded as transformers rounds them:
     /// `e = f32(2i) / D` in f32, `p = theta^e` correctly rounded to f32 (torch's f32 pow is; so
     /// it is computed in f64 here), `inv_freq[i] = 1 / p` in f32; then the Llama 3 rescaling

@@ -252,6 +252,36 @@ impl Llama {
         Ok(())
     }
 
+    /// Writes a Hugging Face model folder: `model.safetensors` (f32, transformers names; a tied
+    /// head is not written, as transformers does) and copies of the config and tokenizer files
+    /// from `src_dir`. Files are written to temporary names and renamed.
+    pub fn save(&self, src_dir: &Path, out_dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(out_dir).map_err(|e| Error::file(out_dir, format!("cannot create: {e}")))?;
+        if self.linears().iter().any(|(_, l)| l.lora.is_some()) {
+            return Err(Error::InvalidArgument("merge the LoRA adapters (merge_lora) before saving the full model".into()));
+        }
+        let tensors: Vec<(String, Tensor)> =
+            self.parameters().into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        crate::io::safetensors::save(&out_dir.join("model.safetensors"), &tensors, Some(meta))?;
+        for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"] {
+            let src = src_dir.join(f);
+            if src.exists() {
+                let tmp = out_dir.join(format!("{f}.tmp"));
+                std::fs::copy(&src, &tmp)
+                    .and_then(|_| std::fs::rename(&tmp, out_dir.join(f)))
+                    .map_err(|e| Error::file(&src, format!("cannot copy to {}: {e}", out_dir.display())))?;
+            }
+        }
+        if !src_dir.join("config.json").exists() {
+            // A model built in code (the demo's): write its config in transformers' form.
+            let path = out_dir.join("config.json");
+            std::fs::write(&path, serde_json::to_string_pretty(&self.config.to_hf_json()).expect("json"))
+                .map_err(|e| Error::file(&path, format!("cannot write: {e}")))?;
+        }
+        Ok(())
+    }
+
     pub fn device(&self) -> Device {
         self.embed.device()
     }

@@ -10,6 +10,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod plot;
+pub mod run;
 
 use crate::nn::Llama;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule, ScheduleKind};
@@ -117,6 +118,11 @@ impl Trainer {
         let shapes = current.iter().map(|(_, t)| t.dims().to_vec()).collect();
         let masters = current.iter().map(|(_, t)| t.to_vec_f32()).collect::<Result<_>>()?;
         Ok(Trainer { model, optimizer: AdamW::new(config.adamw), config, names, shapes, masters, step: 0, train, pad })
+    }
+
+    /// Training examples.
+    pub fn train_len(&self) -> usize {
+        self.train.len()
     }
 
     pub fn batches_per_epoch(&self) -> usize {

@@ -1,0 +1,226 @@
+//! `tuna finetune`: the reference training binary. Reads a model folder and a JSONL file,
+//! trains with LoRA (default), full or head-only fine-tuning, and writes under `--out`:
+//! `adapter/` (PEFT format) or `model/` (a Hugging Face folder), `metrics.jsonl|csv`,
+//! `loss.png` and `checkpoint/`. Ctrl-C writes a checkpoint before exiting; `--resume`
+//! continues from it to the same losses as an uninterrupted run.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::{Args, ValueEnum};
+use serde_json::json;
+use tuna::io::dataset::Dataset;
+use tuna::optim::{AdamWConfig, ScheduleKind};
+use tuna::peft::{save_adapter, LoraConfig};
+use tuna::train::data::{split, tokenize_dataset};
+use tuna::train::run::{run, MetricsFormat, RunOptions};
+use tuna::train::{Method, TrainConfig, Trainer};
+
+use crate::{err, load, CliResult, ModelArgs};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum MethodArg {
+    Lora,
+    Full,
+    Head,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ScheduleArg {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum MetricsArg {
+    Jsonl,
+    Csv,
+}
+
+#[derive(Args)]
+pub struct FinetuneArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// JSONL: {"text"}, {"prompt","completion"} or {"messages"} per line.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "lora")]
+    method: MethodArg,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    alpha: f32,
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f32,
+    /// Scale by alpha/sqrt(r) instead of alpha/r.
+    #[arg(long)]
+    rslora: bool,
+    /// Comma-separated module names.
+    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
+    target_modules: String,
+    #[arg(long, default_value_t = 2e-4)]
+    lr: f32,
+    #[arg(long, value_enum, default_value = "cosine")]
+    schedule: ScheduleArg,
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    /// Stop after this many optimizer steps (overrides --epochs).
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Clip the global gradient norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f32,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    #[arg(long, default_value_t = 512)]
+    max_seq_len: usize,
+    /// Compute the loss on prompt / user tokens too.
+    #[arg(long)]
+    train_on_prompt: bool,
+    /// Fail on the first bad JSONL line instead of skipping bad lines.
+    #[arg(long)]
+    strict: bool,
+    /// Pack several examples into one row (not yet: needs attention across segments masked).
+    #[arg(long)]
+    pack: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Fraction of the examples held out for evaluation.
+    #[arg(long, default_value_t = 0.1)]
+    eval_fraction: f32,
+    /// Evaluate every N steps (0: at the end only).
+    #[arg(long, default_value_t = 50)]
+    eval_every: usize,
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: usize,
+    #[arg(long, value_enum, default_value = "jsonl")]
+    metrics: MetricsArg,
+    /// Continue from OUT/checkpoint.
+    #[arg(long)]
+    resume: bool,
+}
+
+pub fn finetune(a: FinetuneArgs) -> CliResult {
+    if a.pack {
+        return Err("--pack is not supported yet: attention does not mask across packed examples yet".into());
+    }
+    let (model, tok) = load(&a.model)?;
+    let data = Dataset::read(&a.data).map_err(err)?;
+    if a.strict {
+        data.strict().map_err(err)?;
+    }
+    for b in &data.bad_lines {
+        eprintln!("warning: {}: line {}: {} (skipped)", a.data.display(), b.line, b.reason);
+    }
+    let seqs = tokenize_dataset(&data, &tok, a.max_seq_len, a.train_on_prompt).map_err(err)?;
+    let (train, eval) = split(seqs.into_iter().map(|(_, s)| s).collect(), a.eval_fraction, a.seed);
+    let method = match a.method {
+        MethodArg::Lora => Method::Lora(LoraConfig {
+            r: a.rank,
+            alpha: a.alpha,
+            dropout: a.lora_dropout,
+            use_rslora: a.rslora,
+            target_modules: a.target_modules.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+        }),
+        MethodArg::Full => Method::Full,
+        MethodArg::Head => Method::Head,
+    };
+    let config = TrainConfig {
+        method: method.clone(),
+        lr: a.lr,
+        schedule: match a.schedule {
+            ScheduleArg::Cosine => ScheduleKind::Cosine,
+            ScheduleArg::Linear => ScheduleKind::Linear,
+            ScheduleArg::Constant => ScheduleKind::Constant,
+        },
+        warmup_steps: a.warmup_steps,
+        epochs: a.epochs,
+        max_steps: a.max_steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        max_grad_norm: a.max_grad_norm,
+        adamw: AdamWConfig { weight_decay: a.weight_decay, ..Default::default() },
+        seed: a.seed,
+        shuffle: !a.no_shuffle,
+    };
+    let pad = tok.eos_token.as_deref().and_then(|t| tok.token_to_id(t)).unwrap_or(0);
+    let mut trainer = Trainer::new(model, config, train, pad).map_err(err)?;
+    if !a.model.json {
+        eprintln!(
+            "{} fine-tuning: {} train / {} eval examples, {} steps, {} trained parameters, optimizer state {} floats ({} skipped lines)",
+            method.name(), trainer.train_len(), eval.len(), trainer.total_steps(), trainer.trainable_count(),
+            2 * trainer.trainable_count(), data.bad_lines.len()
+        );
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second Ctrl-C while the checkpoint is written exits at once.
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupted: writing a checkpoint (Ctrl-C again to exit at once)");
+        });
+    }
+    let opts = RunOptions {
+        out: a.out.clone(),
+        eval_every: a.eval_every,
+        checkpoint_every: a.checkpoint_every,
+        metrics: match a.metrics {
+            MetricsArg::Jsonl => MetricsFormat::Jsonl,
+            MetricsArg::Csv => MetricsFormat::Csv,
+        },
+        resume: a.resume,
+        progress: !a.model.json,
+    };
+    let summary = run(&mut trainer, &eval, &opts, &stop).map_err(err)?;
+    if summary.interrupted {
+        eprintln!("checkpoint written to {}; continue with --resume", summary.checkpoint_path.display());
+        std::process::exit(130);
+    }
+    let output = match &method {
+        Method::Lora(l) => {
+            let dir = a.out.join("adapter");
+            save_adapter(&trainer.model, l, &a.model.model.display().to_string(), &dir).map_err(err)?;
+            dir
+        }
+        _ => {
+            let dir = a.out.join("model");
+            trainer.model.save(&a.model.model, &dir).map_err(err)?;
+            dir
+        }
+    };
+    if a.model.json {
+        println!(
+            "{}",
+            json!({
+                "method": method.name(), "steps": summary.steps, "final_train_loss": summary.final_train_loss,
+                "final_eval_loss": summary.final_eval_loss, "tokens_per_second": summary.tokens_per_second,
+                "seconds": summary.seconds, "trainable_parameters": trainer.trainable_count(),
+                "output": output, "metrics": summary.metrics_path, "plot": summary.plot_path,
+                "checkpoint": summary.checkpoint_path, "skipped_lines": data.bad_lines.len(),
+            })
+        );
+    } else {
+        let eval_txt = summary.final_eval_loss.map(|e| format!(", eval loss {e:.4}")).unwrap_or_default();
+        println!("done: {} steps, train loss {:.4}{eval_txt}, {:.0} tokens/s", summary.steps, summary.final_train_loss, summary.tokens_per_second);
+        println!("{}: {}", if matches!(method, Method::Lora(_)) { "adapter" } else { "model" }, output.display());
+        println!("metrics: {}\nloss curve: {}", summary.metrics_path.display(), summary.plot_path.display());
+    }
+    Ok(())
+}
