@@ -60,3 +60,19 @@ fn missing_model_folder_is_a_clear_error() {
     assert!(!ok);
     assert!(err.contains("/nonexistent/model/config.json"), "{err}");
 }
+
+/// The main job: LoRA on a random base takes held-out exact-match accuracy from ~0 to most.
+#[test]
+fn demo_learns_the_task() {
+    let out = std::env::temp_dir().join(format!("tuna-demo-{}", std::process::id()));
+    let (ok, stdout, err) = tuna(&["demo", "--out", out.to_str().unwrap(), "--steps", "120", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let (before, after) = (v["accuracy_before"].as_f64().unwrap(), v["accuracy_after"].as_f64().unwrap());
+    assert!(before <= 0.05, "a random base should not solve the task: {before}");
+    assert!(after >= 0.9, "LoRA should learn it: {after}");
+    assert!(out.join("adapter/adapter_model.safetensors").exists() && out.join("loss.png").exists());
+    // The adapter applies to the saved base through the public API as well.
+    let mut base = tuna::nn::Llama::load(&out.join("base")).unwrap();
+    tuna::peft::load_adapter(&mut base, &out.join("adapter")).unwrap();
+}

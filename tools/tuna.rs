@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+mod demo;
 mod finetune;
 
 use clap::{Args, Parser, Subcommand};
@@ -26,6 +27,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The main job, on built-in data: teach a small random model a task with LoRA and show
+    /// the accuracy before and after.
+    Demo(demo::DemoArgs),
     /// List the CPU, CUDA devices and wgpu adapters this machine has.
     Devices,
     /// Run the RMSNorm kernels on every device (or one) against the f64 CPU reference.
@@ -109,6 +113,7 @@ pub(crate) type CliResult = Result<(), String>;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(a) => demo::demo(a),
         Command::Devices => devices(),
         Command::Check { device } => check(device),
         Command::Generate(a) => generate(a),

@@ -1,0 +1,152 @@
+//! `tuna demo`: the main job on an embedded default, with no files and no network.
+//!
+//! A small Llama-style model with random weights (built from a fixed seed) is taught a task it
+//! cannot do: given five letters and `=`, answer with each letter shifted by one (`hello=` →
+//! `ifmmp`). Only LoRA adapters are trained; the base stays frozen. Before and after, the model
+//! answers held-out words it never saw, by greedy generation; the score is exact-match
+//! accuracy over whole answers. The adapter (PEFT format), its base model, metrics and the loss
+//! curve are written under `--out`.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+use clap::Args;
+use serde_json::json;
+use tuna::io::config::LlamaConfig;
+use tuna::nn::{GenerateOptions, Llama};
+use tuna::optim::ScheduleKind;
+use tuna::peft::{save_adapter, LoraConfig};
+use tuna::rng::Rng;
+use tuna::train::data::Sequence;
+use tuna::train::run::{run, MetricsFormat, RunOptions};
+use tuna::train::{Method, TrainConfig, Trainer};
+
+use crate::{err, CliResult};
+
+/// Token ids: 0 begin, 1 `=`, 2 end, 3.. the letters a..z.
+const BOS: u32 = 0;
+const EQ: u32 = 1;
+const EOS: u32 = 2;
+const VOCAB: usize = 32;
+const LETTERS: usize = 5;
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Where the adapter, base model, metrics and plot go.
+    #[arg(long, default_value = "tuna-demo")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON summary instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn letter(id: u32) -> char {
+    match id {
+        BOS => '^',
+        EQ => '=',
+        EOS => '$',
+        i @ 3..=28 => (b'a' + (i - 3) as u8) as char,
+        _ => '?',
+    }
+}
+
+/// A random word and its answer (each letter shifted by one, z wrapping to a).
+fn example(rng: &mut Rng) -> (Vec<u32>, Vec<u32>) {
+    let word: Vec<u32> = (0..LETTERS).map(|_| 3 + rng.below(26) as u32).collect();
+    let answer: Vec<u32> = word.iter().map(|&c| 3 + (c - 3 + 1) % 26).collect();
+    (word, answer)
+}
+
+fn prompt(word: &[u32]) -> Vec<u32> {
+    let mut p = vec![BOS];
+    p.extend_from_slice(word);
+    p.push(EQ);
+    p
+}
+
+fn sequence(word: &[u32], answer: &[u32]) -> Sequence {
+    let mut ids = prompt(word);
+    let n_prompt = ids.len();
+    ids.extend_from_slice(answer);
+    ids.push(EOS);
+    let mask = (0..ids.len()).map(|i| i >= n_prompt).collect();
+    Sequence { ids, mask }
+}
+
+/// Exact-match accuracy of greedy answers over `tests`, and one sample for display.
+fn accuracy(model: &Llama, tests: &[(Vec<u32>, Vec<u32>)]) -> Result<(f64, String), String> {
+    let opts = GenerateOptions { max_new_tokens: LETTERS + 1, eos_token_ids: vec![EOS], ..Default::default() };
+    let mut right = 0;
+    let mut sample = String::new();
+    for (i, (word, answer)) in tests.iter().enumerate() {
+        let got = model.generate(&prompt(word), &opts, |_| {}).map_err(err)?;
+        let mut want = answer.clone();
+        want.push(EOS);
+        right += usize::from(got == want);
+        if i == 0 {
+            let show = |v: &[u32]| v.iter().filter(|&&t| t != EOS).map(|&t| letter(t)).collect::<String>();
+            sample = format!("{}= -> {} (want {})", show(word), show(&got), show(answer));
+        }
+    }
+    Ok((right as f64 / tests.len() as f64, sample))
+}
+
+pub fn demo(a: DemoArgs) -> CliResult {
+    let started = std::time::Instant::now();
+    let config = LlamaConfig { bos_token_id: Some(BOS), eos_token_ids: vec![EOS], ..LlamaConfig::llama(VOCAB, 128, 344, 4, 4, 2) };
+    let mut base = Llama::random(config, a.seed).map_err(err)?;
+    // A trained model's head gives logits of a few units; std-0.02 random rows give ~0.2, which
+    // would cap how confident any adapter could make the frozen model. Scale the head up.
+    if let Some(h) = &mut base.lm_head {
+        *h = tuna::ops::scale(h, 20.0).map_err(err)?;
+    }
+    let mut rng = Rng::new(a.seed ^ 0xdead_beef);
+    let train: Vec<Sequence> = (0..4000).map(|_| example(&mut rng)).map(|(w, ans)| sequence(&w, &ans)).collect();
+    let tests: Vec<(Vec<u32>, Vec<u32>)> = (0..100).map(|_| example(&mut rng)).collect();
+    let eval: Vec<Sequence> = tests.iter().take(50).map(|(w, ans)| sequence(w, ans)).collect();
+
+    let (before, sample_before) = accuracy(&base, &tests)?;
+    if !a.json {
+        println!("tuna demo: teach a random {}-parameter Llama to shift letters (hello= -> ifmmp) with LoRA", base.parameters().iter().map(|(_, t)| t.elem_count()).sum::<usize>());
+        println!("before: exact match {:.0}% on 100 held-out words   e.g. {sample_before}", 100.0 * before);
+    }
+    let lora = LoraConfig { r: 16, alpha: 32.0, ..Default::default() };
+    let cfg = TrainConfig {
+        method: Method::Lora(lora.clone()),
+        lr: 4e-3,
+        schedule: ScheduleKind::Cosine,
+        warmup_steps: 20,
+        max_steps: Some(a.steps),
+        batch_size: 32,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(base.clone(), cfg, train, BOS).map_err(err)?;
+    let opts = RunOptions { out: a.out.clone(), eval_every: 50, checkpoint_every: 0, metrics: MetricsFormat::Jsonl, resume: false, progress: !a.json };
+    let summary = run(&mut trainer, &eval, &opts, &AtomicBool::new(false)).map_err(err)?;
+    let (after, sample_after) = accuracy(&trainer.model, &tests)?;
+
+    let base_dir = a.out.join("base");
+    base.save(&base_dir, &base_dir).map_err(err)?;
+    let adapter_dir = a.out.join("adapter");
+    save_adapter(&trainer.model, &lora, &base_dir.display().to_string(), &adapter_dir).map_err(err)?;
+    let secs = started.elapsed().as_secs_f64();
+    if a.json {
+        println!(
+            "{}",
+            json!({"accuracy_before": before, "accuracy_after": after, "steps": summary.steps,
+                   "final_train_loss": summary.final_train_loss, "final_eval_loss": summary.final_eval_loss,
+                   "tokens_per_second": summary.tokens_per_second, "seconds": secs,
+                   "adapter": adapter_dir, "base_model": base_dir, "plot": summary.plot_path, "metrics": summary.metrics_path})
+        );
+    } else {
+        println!("after:  exact match {:.0}% on the same words   e.g. {sample_after}", 100.0 * after);
+        println!("adapter: {} (PEFT format; base model: {})", adapter_dir.display(), base_dir.display());
+        println!("loss curve: {}   metrics: {}   ({secs:.0} s)", summary.plot_path.display(), summary.metrics_path.display());
+    }
+    Ok(())
+}
