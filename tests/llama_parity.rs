@@ -147,3 +147,33 @@ fn tokenizer_and_chat_template_match_transformers() {
     let e = tok.apply_chat_template(&bad, true).unwrap_err().to_string();
     assert!(e.contains("Only user, assistant and system roles") && e.contains("tokenizer_config.json"), "{e}");
 }
+
+/// Packing several examples into one row gives each example exactly the logits and loss it
+/// has alone: positions restart and attention stays within the example.
+#[test]
+fn packed_rows_equal_separate_examples() {
+    let model = Llama::load(&fixture("qwen2-tied")).unwrap();
+    let examples: Vec<Vec<i32>> = vec![vec![0, 17, 99, 203, 5], vec![0, 44, 8], vec![0, 250, 251, 252, 7, 9]];
+    let mut ids = Vec::new();
+    let mut starts = Vec::new();
+    for ex in &examples {
+        let s = ids.len() as u32;
+        ids.extend_from_slice(ex);
+        starts.extend(std::iter::repeat_n(s, ex.len()));
+    }
+    let n = ids.len();
+    let packing = tuna::nn::Packing { starts: std::sync::Arc::new(starts) };
+    let packed = model.forward_packed(&Tensor::from_vec_i32(ids.clone(), [1, n]).unwrap(), &packing).unwrap().to_vec_f32().unwrap();
+    let (mut off, mut nll, mut count) = (0, 0.0f64, 0usize);
+    for ex in &examples {
+        let t = Tensor::from_vec_i32(ex.clone(), [1, ex.len()]).unwrap();
+        let alone = model.forward(&t, None).unwrap().to_vec_f32().unwrap();
+        let v = 320;
+        compare("packed logits", &packed[off * v..(off + ex.len()) * v], &alone.iter().map(|&x| x as f64).collect::<Vec<_>>(), Tolerance { atol: 1e-5, rtol: 1e-5 }).unwrap();
+        nll += model.loss(&t, None).unwrap().to_scalar().unwrap() as f64 * (ex.len() - 1) as f64;
+        count += ex.len() - 1;
+        off += ex.len();
+    }
+    let packed_loss = model.loss_packed(&Tensor::from_vec_i32(ids, [1, n]).unwrap(), None, &packing).unwrap().to_scalar().unwrap() as f64;
+    assert!((packed_loss - nll / count as f64).abs() < 1e-5, "{packed_loss} vs {}", nll / count as f64);
+}

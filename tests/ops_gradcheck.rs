@@ -188,10 +188,36 @@ proptest! {
         let k = randn(&mut rng, &[b, s, g, d]);
         let v = randn(&mut rng, &[b, s, g, d]);
         let scale = 1.0 / (d as f32).sqrt();
-        let mask = ops::AttentionMask { causal, window };
+        let mask = ops::AttentionMask { causal, window, segment_starts: None };
         let p = attention::AttentionParams { batch: b, q_len: t, kv_len: s, heads: h, kv_heads: g, head_dim: d, causal, window, scale };
-        gradcheck(&[q, k, v], |x| ops::attention(&x[0], &x[1], &x[2], mask, scale),
-                  |vals| attention::reference::forward(&vals[0], &vals[1], &vals[2], &p),
+        gradcheck(&[q, k, v], |x| ops::attention(&x[0], &x[1], &x[2], mask.clone(), scale),
+                  |vals| attention::reference::forward(&vals[0], &vals[1], &vals[2], &p, None),
+                  Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+    }
+
+    /// Packed rows: random example boundaries per row; no attention across them.
+    #[test]
+    fn attention_packed_grad(b in 1usize..3, t in 1usize..8, g in 1usize..3, group in 1usize..3, d in 1usize..4, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let h = g * group;
+        let q = randn(&mut rng, &[b, t, h, d]);
+        let k = randn(&mut rng, &[b, t, g, d]);
+        let v = randn(&mut rng, &[b, t, g, d]);
+        let mut starts = Vec::with_capacity(b * t);
+        for _ in 0..b {
+            let mut start = 0u32;
+            for pos in 0..t {
+                if pos > 0 && rng.below(3) == 0 {
+                    start = pos as u32;
+                }
+                starts.push(start);
+            }
+        }
+        let scale = 0.8;
+        let mask = ops::AttentionMask { causal: true, window: None, segment_starts: Some(std::sync::Arc::new(starts.clone())) };
+        let p = attention::AttentionParams { batch: b, q_len: t, kv_len: t, heads: h, kv_heads: g, head_dim: d, causal: true, window: None, scale };
+        gradcheck(&[q, k, v], |x| ops::attention(&x[0], &x[1], &x[2], mask.clone(), scale),
+                  |vals| attention::reference::forward(&vals[0], &vals[1], &vals[2], &p, Some(&starts)),
                   Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
     }
 }
@@ -205,8 +231,8 @@ fn attention_reference_backward_is_the_derivative() {
     let mut f = |n| rng.vec(n, -1.0, 1.0).into_iter().map(f64::from).collect::<Vec<_>>();
     let (q, k, v, dout) = (f(b * t * h * d), f(b * s * g * d), f(b * s * g * d), f(b * t * h * d));
     let p = attention::AttentionParams { batch: b, q_len: t, kv_len: s, heads: h, kv_heads: g, head_dim: d, causal: true, window: None, scale: 0.7 };
-    let (dq, dk, _dv) = attention::reference::backward(&q, &k, &v, &dout, &p);
-    let loss = |q: &[f64], k: &[f64]| attention::reference::forward(q, k, &v, &p).iter().zip(&dout).map(|(a, b)| a * b).sum::<f64>();
+    let (dq, dk, _dv) = attention::reference::backward(&q, &k, &v, &dout, &p, None);
+    let loss = |q: &[f64], k: &[f64]| attention::reference::forward(q, k, &v, &p, None).iter().zip(&dout).map(|(a, b)| a * b).sum::<f64>();
     let h_ = 1e-6;
     for i in 0..q.len() {
         let (mut qp, mut qm) = (q.clone(), q.clone());

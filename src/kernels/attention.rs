@@ -7,6 +7,10 @@
 //! position `S - T + t`; with `causal` it sees keys j <= that position, and with a window W only
 //! keys with `pos - j < W`.
 //!
+//! Packed rows: with `starts` (one entry per query, `[B*T]`), query t of row b also sees only
+//! keys j >= `starts[b*T + t]`, the first position of its own example, so packed examples do
+//! not attend to each other (the varlen / `cu_seqlens` form, with T == S).
+//!
 //! Forward, per (b, h, t): `s_j = scale * q·k_j` over the visible j; `p = softmax(s)`;
 //! `o = sum_j p_j v_j`.
 //! Backward (P recomputed; `dp_j = dO·v_j`, `ds_j = p_j (dp_j - sum_i p_i dp_i)`):
@@ -34,14 +38,17 @@ pub struct AttentionParams {
 }
 
 impl AttentionParams {
-    /// The visible key range `[lo, hi)` of query t.
-    pub fn visible(&self, t: usize) -> (usize, usize) {
+    /// The visible key range `[lo, hi)` of query t of row b.
+    pub fn visible(&self, b: usize, t: usize, starts: Option<&[u32]>) -> (usize, usize) {
         let pos = self.kv_len - self.q_len + t;
         let hi = if self.causal { (pos + 1).min(self.kv_len) } else { self.kv_len };
-        let lo = match self.window {
+        let mut lo = match self.window {
             Some(w) => (pos + 1).saturating_sub(w),
             None => 0,
         };
+        if let Some(s) = starts {
+            lo = lo.max(s[b * self.q_len + t] as usize);
+        }
         (lo.min(hi), hi)
     }
     fn q_index(&self, b: usize, t: usize, h: usize) -> usize {
@@ -57,9 +64,9 @@ impl AttentionParams {
 pub mod reference {
     use super::AttentionParams;
 
-    fn probs(q: &[f64], k: &[f64], p: &AttentionParams, b: usize, h: usize, t: usize) -> (usize, Vec<f64>) {
+    fn probs(q: &[f64], k: &[f64], p: &AttentionParams, starts: Option<&[u32]>, b: usize, h: usize, t: usize) -> (usize, Vec<f64>) {
         let g = h / (p.heads / p.kv_heads);
-        let (lo, hi) = p.visible(t);
+        let (lo, hi) = p.visible(b, t, starts);
         let qi = p.q_index(b, t, h);
         let s: Vec<f64> = (lo..hi)
             .map(|j| {
@@ -72,13 +79,13 @@ pub mod reference {
         (lo, s.iter().map(|x| (x - max).exp() / z).collect())
     }
 
-    pub fn forward(q: &[f64], k: &[f64], v: &[f64], p: &AttentionParams) -> Vec<f64> {
+    pub fn forward(q: &[f64], k: &[f64], v: &[f64], p: &AttentionParams, starts: Option<&[u32]>) -> Vec<f64> {
         let mut o = vec![0.0; q.len()];
         for b in 0..p.batch {
             for h in 0..p.heads {
                 let g = h / (p.heads / p.kv_heads);
                 for t in 0..p.q_len {
-                    let (lo, pr) = probs(q, k, p, b, h, t);
+                    let (lo, pr) = probs(q, k, p, starts, b, h, t);
                     let oi = p.q_index(b, t, h);
                     for (n, pj) in pr.iter().enumerate() {
                         let vi = p.kv_index(b, lo + n, g);
@@ -93,14 +100,14 @@ pub mod reference {
     }
 
     /// Returns (dq, dk, dv).
-    pub fn backward(q: &[f64], k: &[f64], v: &[f64], dout: &[f64], p: &AttentionParams) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    pub fn backward(q: &[f64], k: &[f64], v: &[f64], dout: &[f64], p: &AttentionParams, starts: Option<&[u32]>) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
         let sc = p.scale as f64;
         for b in 0..p.batch {
             for h in 0..p.heads {
                 let g = h / (p.heads / p.kv_heads);
                 for t in 0..p.q_len {
-                    let (lo, pr) = probs(q, k, p, b, h, t);
+                    let (lo, pr) = probs(q, k, p, starts, b, h, t);
                     let qi = p.q_index(b, t, h);
                     let dp: Vec<f64> = (0..pr.len())
                         .map(|n| {
@@ -125,113 +132,114 @@ pub mod reference {
     }
 }
 
+/// The CPU path: per (row, head) the score matrix `[T, S]` through the `gemm` crate (strided
+/// views straight into q, k, v; no copies), masked softmax, and `P·V`; backward per
+/// (row, key/value head) so each task owns its dK and dV. Parallel over those tasks with rayon.
+/// Memory is O(T·S) per task: the flash-attention kernels bring the O(T) form.
 pub mod cpu {
     use rayon::prelude::*;
 
     use super::AttentionParams;
+    use crate::kernels::matmul::cpu::{gemm_strided, View};
 
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        a.iter().zip(b).map(|(x, y)| x * y).sum()
+    /// Views of head h of q-like tensors (`[B, T, H, D]`) and of head g of k/v-like ones.
+    fn q_view<'a>(x: &'a [f32], p: &AttentionParams, b: usize, h: usize) -> View<'a> {
+        let off = p.q_index(b, 0, h);
+        View { data: &x[off..], rows: p.q_len, cols: p.head_dim, rs: p.heads * p.head_dim, cs: 1 }
+    }
+    fn kv_view<'a>(x: &'a [f32], p: &AttentionParams, b: usize, g: usize) -> View<'a> {
+        let off = p.kv_index(b, 0, g);
+        View { data: &x[off..], rows: p.kv_len, cols: p.head_dim, rs: p.kv_heads * p.head_dim, cs: 1 }
+    }
+    fn transposed(v: View<'_>) -> View<'_> {
+        View { rows: v.cols, cols: v.rows, rs: v.cs, cs: v.rs, ..v }
     }
 
-    /// Scores of query row `qrow` against visible keys, softmaxed in place into `pr`.
-    fn probs(qrow: &[f32], k: &[f32], p: &AttentionParams, b: usize, g: usize, t: usize, pr: &mut Vec<f32>) -> usize {
-        let (lo, hi) = p.visible(t);
-        pr.clear();
-        let mut max = f32::NEG_INFINITY;
-        for j in lo..hi {
-            let ki = p.kv_index(b, j, g);
-            let s = p.scale * dot(qrow, &k[ki..ki + p.head_dim]);
-            max = max.max(s);
-            pr.push(s);
-        }
-        let mut z = 0.0;
-        for s in pr.iter_mut() {
-            *s = (*s - max).exp();
-            z += *s;
-        }
-        for s in pr.iter_mut() {
-            *s /= z;
-        }
-        lo
-    }
-
-    /// Parallel over (batch, query head); O(S) scratch per task.
-    pub fn forward(q: &[f32], k: &[f32], v: &[f32], o: &mut [f32], p: &AttentionParams) {
-        let dh = p.head_dim;
-        let group = p.heads / p.kv_heads;
-        // o is [B, T, H, D]: each (b, t) row holds all heads; split by (b, t) rows.
-        o.par_chunks_mut(p.heads * dh).enumerate().for_each(|(bt, orow)| {
-            let (b, t) = (bt / p.q_len, bt % p.q_len);
-            let mut pr = Vec::with_capacity(p.kv_len);
-            for h in 0..p.heads {
-                let g = h / group;
-                let qi = p.q_index(b, t, h);
-                let lo = probs(&q[qi..qi + dh], k, p, b, g, t, &mut pr);
-                let out = &mut orow[h * dh..(h + 1) * dh];
-                out.fill(0.0);
-                for (n, &pj) in pr.iter().enumerate() {
-                    let vi = p.kv_index(b, lo + n, g);
-                    for (o, &vv) in out.iter_mut().zip(&v[vi..vi + dh]) {
-                        *o += pj * vv;
-                    }
-                }
+    /// Probabilities `[T, S]` of head h in row b: scaled scores, masked, softmaxed per row.
+    fn probs(q: &[f32], k: &[f32], p: &AttentionParams, starts: Option<&[u32]>, b: usize, h: usize, out: &mut [f32]) {
+        let g = h / (p.heads / p.kv_heads);
+        let s = p.kv_len;
+        gemm_strided(q_view(q, p, b, h), transposed(kv_view(k, p, b, g)), out, p.scale, false);
+        for (t, row) in out.chunks_mut(s).enumerate() {
+            let (lo, hi) = p.visible(b, t, starts);
+            let max = row[lo..hi].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let mut z = 0.0;
+            for (j, x) in row.iter_mut().enumerate() {
+                *x = if j >= lo && j < hi { (*x - max).exp() } else { 0.0 };
+                z += *x;
             }
-        });
+            if z > 0.0 {
+                let inv = 1.0 / z;
+                row.iter_mut().for_each(|x| *x *= inv);
+            }
+        }
     }
 
-    /// Writes dq, dk, dv (overwritten). Parallel over (batch, kv head), so each task owns its
-    /// slices of dk and dv; dq rows of the group's query heads are written by the same task.
-    pub fn backward(q: &[f32], k: &[f32], v: &[f32], dout: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], p: &AttentionParams) {
-        let dh = p.head_dim;
+    pub fn forward(q: &[f32], k: &[f32], v: &[f32], o: &mut [f32], p: &AttentionParams, starts: Option<&[u32]>) {
+        let (t_len, dh) = (p.q_len, p.head_dim);
         let group = p.heads / p.kv_heads;
-        let tasks: Vec<(usize, usize)> = (0..p.batch).flat_map(|b| (0..p.kv_heads).map(move |g| (b, g))).collect();
-        let results: Vec<(usize, usize, Vec<f32>, Vec<f32>, Vec<f32>)> = tasks
+        let tasks: Vec<(usize, usize)> = (0..p.batch).flat_map(|b| (0..p.heads).map(move |h| (b, h))).collect();
+        let outs: Vec<Vec<f32>> = tasks
             .par_iter()
-            .map(|&(b, g)| {
-                // Local dk/dv for this (b, g): [S, D]; local dq for the group's heads: [T, group, D].
-                let (mut ldk, mut ldv) = (vec![0.0f32; p.kv_len * dh], vec![0.0f32; p.kv_len * dh]);
-                let mut ldq = vec![0.0f32; p.q_len * group * dh];
-                let mut pr = Vec::with_capacity(p.kv_len);
-                let mut dp = Vec::with_capacity(p.kv_len);
-                for hg in 0..group {
-                    let h = g * group + hg;
-                    for t in 0..p.q_len {
-                        let qi = p.q_index(b, t, h);
-                        let (qrow, drow) = (&q[qi..qi + dh], &dout[qi..qi + dh]);
-                        let lo = probs(qrow, k, p, b, g, t, &mut pr);
-                        dp.clear();
-                        dp.extend((0..pr.len()).map(|n| {
-                            let vi = p.kv_index(b, lo + n, g);
-                            dot(drow, &v[vi..vi + dh])
-                        }));
-                        let pdp: f32 = pr.iter().zip(&dp).map(|(a, b)| a * b).sum();
-                        let lq = &mut ldq[(t * group + hg) * dh..(t * group + hg + 1) * dh];
-                        for n in 0..pr.len() {
-                            let j = lo + n;
-                            let ds = pr[n] * (dp[n] - pdp) * p.scale;
-                            let ki = p.kv_index(b, j, g);
-                            let krow = &k[ki..ki + dh];
-                            let (lk, lv) = (&mut ldk[j * dh..(j + 1) * dh], &mut ldv[j * dh..(j + 1) * dh]);
-                            for d in 0..dh {
-                                lq[d] += ds * krow[d];
-                                lk[d] += ds * qrow[d];
-                                lv[d] += pr[n] * drow[d];
-                            }
-                        }
-                    }
-                }
-                (b, g, ldq, ldk, ldv)
+            .map(|&(b, h)| {
+                let mut pr = vec![0.0f32; t_len * p.kv_len];
+                probs(q, k, p, starts, b, h, &mut pr);
+                let mut out = vec![0.0f32; t_len * dh];
+                let pv = View { data: &pr, rows: t_len, cols: p.kv_len, rs: p.kv_len, cs: 1 };
+                gemm_strided(pv, kv_view(v, p, b, h / group), &mut out, 1.0, false);
+                out
             })
             .collect();
-        for (b, g, ldq, ldk, ldv) in results {
-            for t in 0..p.q_len {
-                for hg in 0..group {
-                    let qi = p.q_index(b, t, g * group + hg);
-                    dq[qi..qi + dh].copy_from_slice(&ldq[(t * group + hg) * dh..(t * group + hg + 1) * dh]);
+        for (&(b, h), out) in tasks.iter().zip(outs) {
+            for t in 0..t_len {
+                let oi = p.q_index(b, t, h);
+                o[oi..oi + dh].copy_from_slice(&out[t * dh..(t + 1) * dh]);
+            }
+        }
+    }
+
+    /// Writes dq, dk, dv (overwritten).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(q: &[f32], k: &[f32], v: &[f32], dout: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], p: &AttentionParams, starts: Option<&[u32]>) {
+        let (t_len, s_len, dh) = (p.q_len, p.kv_len, p.head_dim);
+        let group = p.heads / p.kv_heads;
+        let tasks: Vec<(usize, usize)> = (0..p.batch).flat_map(|b| (0..p.kv_heads).map(move |g| (b, g))).collect();
+        type Local = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+        let results: Vec<Local> = tasks
+            .par_iter()
+            .map(|&(b, g)| {
+                let (mut ldk, mut ldv) = (vec![0.0f32; s_len * dh], vec![0.0f32; s_len * dh]);
+                let mut ldq = Vec::with_capacity(group);
+                let (mut pr, mut ds) = (vec![0.0f32; t_len * s_len], vec![0.0f32; t_len * s_len]);
+                for h in g * group..(g + 1) * group {
+                    probs(q, k, p, starts, b, h, &mut pr);
+                    // dP = dO·Vᵀ, then dS = P ∘ (dP - rowsum(P ∘ dP)), scaled.
+                    gemm_strided(q_view(dout, p, b, h), transposed(kv_view(v, p, b, g)), &mut ds, 1.0, false);
+                    for (prow, drow) in pr.chunks(s_len).zip(ds.chunks_mut(s_len)) {
+                        let dot: f32 = prow.iter().zip(drow.iter()).map(|(a, b)| a * b).sum();
+                        for (d, &pv) in drow.iter_mut().zip(prow) {
+                            *d = pv * (*d - dot) * p.scale;
+                        }
+                    }
+                    let dsv = View { data: &ds, rows: t_len, cols: s_len, rs: s_len, cs: 1 };
+                    let pv = View { data: &pr, rows: t_len, cols: s_len, rs: s_len, cs: 1 };
+                    let mut lq = vec![0.0f32; t_len * dh];
+                    gemm_strided(dsv, kv_view(k, p, b, g), &mut lq, 1.0, false);
+                    gemm_strided(transposed(dsv), q_view(q, p, b, h), &mut ldk, 1.0, true);
+                    gemm_strided(transposed(pv), q_view(dout, p, b, h), &mut ldv, 1.0, true);
+                    ldq.push(lq);
+                }
+                (ldq, ldk, ldv)
+            })
+            .collect();
+        for (&(b, g), (ldq, ldk, ldv)) in tasks.iter().zip(results) {
+            for (i, lq) in ldq.iter().enumerate() {
+                for t in 0..t_len {
+                    let qi = p.q_index(b, t, g * group + i);
+                    dq[qi..qi + dh].copy_from_slice(&lq[t * dh..(t + 1) * dh]);
                 }
             }
-            for j in 0..p.kv_len {
+            for j in 0..s_len {
                 let ki = p.kv_index(b, j, g);
                 dk[ki..ki + dh].copy_from_slice(&ldk[j * dh..(j + 1) * dh]);
                 dv[ki..ki + dh].copy_from_slice(&ldv[j * dh..(j + 1) * dh]);

@@ -102,4 +102,60 @@ pub mod cpu {
         }
         Ok(())
     }
+
+    /// A strided matrix view: element (i, j) is `data[i * rs + j * cs]`.
+    #[derive(Clone, Copy)]
+    pub struct View<'a> {
+        pub data: &'a [f32],
+        pub rows: usize,
+        pub cols: usize,
+        pub rs: usize,
+        pub cs: usize,
+    }
+
+    impl View<'_> {
+        fn fits(&self) -> bool {
+            self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+        }
+    }
+
+    /// `c = beta·a·b` (or `c += beta·a·b` with `accumulate`) for strided views, c row-major
+    /// `[a.rows, b.cols]`; single-threaded, for callers that parallelise over heads.
+    pub fn gemm_strided(a: View<'_>, b: View<'_>, c: &mut [f32], beta: f32, accumulate: bool) {
+        let (m, k, n) = (a.rows, a.cols, b.cols);
+        assert!(a.fits() && b.fits() && b.rows == k && c.len() >= m * n, "gemm_strided: views out of bounds");
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            if !accumulate {
+                c[..m * n].fill(0.0);
+            }
+            return;
+        }
+        // SAFETY: every index the views and c can reach was bounds-checked above.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                accumulate,
+                a.data.as_ptr(),
+                a.cs as isize,
+                a.rs as isize,
+                b.data.as_ptr(),
+                b.cs as isize,
+                b.rs as isize,
+                if accumulate { 1.0 } else { 0.0 },
+                beta,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    }
 }

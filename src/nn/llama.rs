@@ -82,6 +82,13 @@ pub struct Llama {
     inv_freq: Vec<f32>,
 }
 
+/// Where the examples packed into each row start: for every token (`[B*T]`), the position in
+/// its row of its example's first token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Packing {
+    pub starts: std::sync::Arc<Vec<u32>>,
+}
+
 /// Keys and values of earlier positions, per layer: `[B, S, G, D]` each.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -288,17 +295,35 @@ impl Llama {
 
     /// Logits `[B*T, V]` for token ids `[B, T]` (i32). With a cache, the ids continue the
     /// cached positions and their keys and values are appended to it.
-    pub fn forward(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.forward_impl(ids, None, cache)
+    }
+
+    /// Logits `[B*T, V]` for packed rows: `packing` says where each example starts, so positions
+    /// restart and attention stays within examples.
+    pub fn forward_packed(&self, ids: &Tensor, packing: &Packing) -> Result<Tensor> {
+        self.forward_impl(ids, Some(packing), None)
+    }
+
+    fn forward_impl(&self, ids: &Tensor, packing: Option<&Packing>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let c = &self.config;
         if ids.dtype() != DType::I32 || ids.shape().rank() != 2 {
             return Err(Error::BadShape { op: "Llama::forward", shape: ids.shape().clone(), expected: "token ids [B, T] as i32".into() });
         }
         let (b, t) = (ids.dims()[0], ids.dims()[1]);
         let offset = cache.as_ref().map_or(0, |c| c.len());
-        let positions: Vec<i32> = (0..b).flat_map(|_| (offset..offset + t).map(|p| p as i32)).collect();
+        let positions: Vec<i32> = match packing {
+            Some(pk) => {
+                if pk.starts.len() != b * t {
+                    return Err(Error::InvalidArgument(format!("packing: {} starts for [B={b}, T={t}]", pk.starts.len())));
+                }
+                pk.starts.iter().enumerate().map(|(i, &s)| (i % t) as i32 - s as i32).collect()
+            }
+            None => (0..b).flat_map(|_| (offset..offset + t).map(|p| p as i32)).collect(),
+        };
         let positions = Tensor::from_vec_i32(positions, [b * t])?.to_device(&ids.device())?;
         let (h, g, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let mask = AttentionMask { causal: true, window: c.sliding_window };
+        let mask = AttentionMask { causal: true, window: c.sliding_window, segment_starts: packing.map(|p| p.starts.clone()) };
         let scale = 1.0 / (d as f32).sqrt();
 
         // Each linear module gets its own dropout stream: (forward seed, module index).
@@ -317,7 +342,7 @@ impl Llama {
                 }
                 cache.layers[i] = Some((k.clone(), v.clone()));
             }
-            let o = ops::attention(&ops::reshape(&q, [b, t, h, d])?, &k, &v, mask, scale)?;
+            let o = ops::attention(&ops::reshape(&q, [b, t, h, d])?, &k, &v, mask.clone(), scale)?;
             x = ops::add(&x, &l.o.forward(&ops::reshape(&o, [b * t, h * d])?, seed(i, 3))?)?;
             let hn = ops::rmsnorm(&x, &l.post_norm, c.rms_norm_eps)?;
             let act = ops::mul(&ops::silu(&l.gate.forward(&hn, seed(i, 4))?)?, &l.up.forward(&hn, seed(i, 5))?)?;
@@ -335,18 +360,29 @@ impl Llama {
     /// `labels = ids`: position t predicts token t+1, averaged over the predicted tokens.
     /// `loss_mask` (same shape, optional) excludes targets where it is false.
     pub fn loss(&self, ids: &Tensor, loss_mask: Option<&[bool]>) -> Result<Tensor> {
+        self.loss_impl(ids, loss_mask, None)
+    }
+
+    /// The loss of packed rows (see `forward_packed`); the first token of each example is never
+    /// a target of the example before it.
+    pub fn loss_packed(&self, ids: &Tensor, loss_mask: Option<&[bool]>, packing: &Packing) -> Result<Tensor> {
+        self.loss_impl(ids, loss_mask, Some(packing))
+    }
+
+    fn loss_impl(&self, ids: &Tensor, loss_mask: Option<&[bool]>, packing: Option<&Packing>) -> Result<Tensor> {
         let (b, t) = (ids.dims()[0], ids.dims()[1]);
         let idv = ids.to_device(&Device::Cpu)?.to_vec::<i32>()?;
         let mut targets = vec![-100i32; b * t];
         for r in 0..b {
             for s in 0..t.saturating_sub(1) {
                 let target = r * t + s + 1;
-                if loss_mask.is_none_or(|m| m[target]) {
+                let starts_example = packing.is_some_and(|p| p.starts[target] as usize == s + 1);
+                if loss_mask.is_none_or(|m| m[target]) && !starts_example {
                     targets[r * t + s] = idv[target];
                 }
             }
         }
-        let logits = self.forward(ids, None)?;
+        let logits = self.forward_impl(ids, packing, None)?;
         let targets = Tensor::from_vec_i32(targets, [b * t])?.to_device(&logits.device())?;
         ops::cross_entropy(&logits, &targets, -100)
     }

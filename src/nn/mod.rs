@@ -4,4 +4,4 @@ pub mod generate;
 pub mod llama;
 
 pub use generate::{GenerateOptions, Sampler};
-pub use llama::{KvCache, Linear, Llama};
+pub use llama::{KvCache, Linear, Llama, Packing};

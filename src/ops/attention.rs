@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use crate::kernels::attention::{cpu, AttentionParams};
 use crate::kernels::rope::{self, Direction};
 use crate::ops::{expect_dtype, same_device, saved};
@@ -5,10 +7,13 @@ use crate::tape::record;
 use crate::{DType, Device, Error, Result, Tensor};
 
 /// Attention masking options (see `kernels::attention`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct AttentionMask {
     pub causal: bool,
     pub window: Option<usize>,
+    /// Packed rows: for each query (`[B*T]`), the position where its example starts; keys
+    /// before it are masked. Needs T == S.
+    pub segment_starts: Option<Arc<Vec<u32>>>,
 }
 
 /// Softmax attention: q `[B, T, H, D]`, k and v `[B, S, G, D]` → `[B, T, H, D]`; grouped-query
@@ -32,6 +37,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttentionMask, scale:
     if mask.causal && kd[1] < qd[1] {
         return Err(Error::ShapeMismatch { op: "attention (causal needs S >= T)", lhs: q.shape().clone(), rhs: k.shape().clone() });
     }
+    if let Some(starts) = &mask.segment_starts {
+        let (b, t) = (qd[0], qd[1]);
+        if starts.len() != b * t || kd[1] != t || starts.iter().enumerate().any(|(i, &s)| s as usize > i % t) {
+            return Err(Error::InvalidArgument(format!(
+                "attention: segment starts must give one start <= its own position per query ({} for [B={b}, T={t}], with S == T)",
+                starts.len()
+            )));
+        }
+    }
     let p = AttentionParams {
         batch: qd[0],
         q_len: qd[1],
@@ -46,15 +60,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttentionMask, scale:
     let out = match q.device() {
         Device::Cpu => {
             let mut o = vec![0.0f32; q.elem_count()];
-            cpu::forward(q.cpu_f32(OP)?, k.cpu_f32(OP)?, v.cpu_f32(OP)?, &mut o, &p);
+            cpu::forward(q.cpu_f32(OP)?, k.cpu_f32(OP)?, v.cpu_f32(OP)?, &mut o, &p, mask.segment_starts.as_deref().map(|v| v.as_slice()));
             Tensor::from_vec(o, q.shape().clone())?
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),
     };
     let (sq, sk, sv) = (saved(q), saved(k), saved(v));
+    let starts = mask.segment_starts.clone();
     record(OP, out, &[q, k, v], move |g, _| {
         let (mut dq, mut dk, mut dv) = (vec![0.0f32; sq.elem_count()], vec![0.0f32; sk.elem_count()], vec![0.0f32; sv.elem_count()]);
-        cpu::backward(sq.cpu_f32(OP)?, sk.cpu_f32(OP)?, sv.cpu_f32(OP)?, g.cpu_f32(OP)?, &mut dq, &mut dk, &mut dv, &p);
+        cpu::backward(sq.cpu_f32(OP)?, sk.cpu_f32(OP)?, sv.cpu_f32(OP)?, g.cpu_f32(OP)?, &mut dq, &mut dk, &mut dv, &p, starts.as_deref().map(|v| v.as_slice()));
         Ok(vec![
             Some(Tensor::from_vec(dq, sq.shape().clone())?),
             Some(Tensor::from_vec(dk, sk.shape().clone())?),
