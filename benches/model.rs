@@ -36,7 +36,7 @@ fn lora_step(c: &mut Criterion) {
     let (b, t) = (4, 128);
     let mut rng = Rng::new(1);
     let seqs: Vec<Sequence> = (0..b)
-        .map(|_| Sequence { ids: (0..t).map(|_| rng.below(8192) as u32).collect(), mask: vec![true; t] })
+        .map(|_| Sequence { ids: (0..t).map(|_| rng.below(8192) as u32).collect(), mask: vec![true; t], starts: Vec::new() })
         .collect();
     let config = TrainConfig {
         method: Method::Lora(LoraConfig { r: 8, alpha: 16.0, ..Default::default() }),

@@ -74,7 +74,7 @@ fn sequence(word: &[u32], answer: &[u32]) -> Sequence {
     ids.extend_from_slice(answer);
     ids.push(EOS);
     let mask = (0..ids.len()).map(|i| i >= n_prompt).collect();
-    Sequence { ids, mask }
+    Sequence { ids, mask, starts: Vec::new() }
 }
 
 /// Exact-match accuracy of greedy answers over `tests`, and one sample for display.

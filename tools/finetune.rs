@@ -13,7 +13,7 @@ use serde_json::json;
 use tuna::io::dataset::Dataset;
 use tuna::optim::{AdamWConfig, ScheduleKind};
 use tuna::peft::{save_adapter, LoraConfig};
-use tuna::train::data::{split, tokenize_dataset};
+use tuna::train::data::{pack, split, tokenize_dataset};
 use tuna::train::run::{run, MetricsFormat, RunOptions};
 use tuna::train::{Method, TrainConfig, Trainer};
 
@@ -92,7 +92,7 @@ pub struct FinetuneArgs {
     /// Fail on the first bad JSONL line instead of skipping bad lines.
     #[arg(long)]
     strict: bool,
-    /// Pack several examples into one row (not yet: needs attention across segments masked).
+    /// Pack several examples into each row of --max-seq-len tokens (no attention across them).
     #[arg(long)]
     pack: bool,
     #[arg(long, default_value_t = 0)]
@@ -115,9 +115,6 @@ pub struct FinetuneArgs {
 }
 
 pub fn finetune(a: FinetuneArgs) -> CliResult {
-    if a.pack {
-        return Err("--pack is not supported yet: attention does not mask across packed examples yet".into());
-    }
     let (model, tok) = load(&a.model)?;
     let data = Dataset::read(&a.data).map_err(err)?;
     if a.strict {
@@ -128,6 +125,7 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
     }
     let seqs = tokenize_dataset(&data, &tok, a.max_seq_len, a.train_on_prompt).map_err(err)?;
     let (train, eval) = split(seqs.into_iter().map(|(_, s)| s).collect(), a.eval_fraction, a.seed);
+    let train = if a.pack { pack(&train, a.max_seq_len) } else { train };
     let method = match a.method {
         MethodArg::Lora => Method::Lora(LoraConfig {
             r: a.rank,

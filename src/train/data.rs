@@ -4,20 +4,24 @@
 
 use crate::io::dataset::{tokenize, Dataset};
 use crate::io::tokenizer::Tokenizer;
+use crate::nn::Packing;
 use crate::rng::Rng;
 use crate::{Result, Tensor};
 
-/// One tokenized example: ids and, per token, whether it is a target.
-#[derive(Clone, Debug, PartialEq)]
+/// One tokenized example (or several packed into one row): ids and, per token, whether it is
+/// a target.
+#[derive(Clone, Debug, PartialEq, Default)]
 pub struct Sequence {
     pub ids: Vec<u32>,
     pub mask: Vec<bool>,
+    /// For a packed row, per token the position where its example starts; empty otherwise.
+    pub starts: Vec<u32>,
 }
 
 impl Sequence {
     /// Next-token targets this sequence contributes (a target at position t is predicted from t-1).
     pub fn targets(&self) -> usize {
-        self.mask.iter().skip(1).filter(|&&m| m).count()
+        (1..self.mask.len()).filter(|&i| self.mask[i] && self.starts.get(i).is_none_or(|&s| s as usize != i)).count()
     }
 }
 
@@ -27,6 +31,28 @@ pub struct Batch {
     pub mask: Vec<bool>,
     pub targets: usize,
     pub tokens: usize,
+    /// Example boundaries when the batch holds packed rows.
+    pub packing: Option<Packing>,
+}
+
+/// Packs sequences, in order, into rows of at most `max_len` tokens (first fit in order, a
+/// sequence never split). Each example's first token is never a target of the one before.
+pub fn pack(seqs: &[Sequence], max_len: usize) -> Vec<Sequence> {
+    let mut rows: Vec<Sequence> = Vec::new();
+    let mut cur = Sequence::default();
+    for s in seqs {
+        if !cur.ids.is_empty() && cur.ids.len() + s.ids.len() > max_len {
+            rows.push(std::mem::take(&mut cur));
+        }
+        let start = cur.ids.len() as u32;
+        cur.ids.extend_from_slice(&s.ids);
+        cur.mask.extend_from_slice(&s.mask);
+        cur.starts.extend(std::iter::repeat_n(start, s.ids.len()));
+    }
+    if !cur.ids.is_empty() {
+        rows.push(cur);
+    }
+    rows
 }
 
 /// Tokenizes a dataset, truncating each example to `max_len` and dropping those left without
@@ -38,7 +64,7 @@ pub fn tokenize_dataset(data: &Dataset, tok: &Tokenizer, max_len: usize, train_o
             .map_err(|e| crate::Error::file(&data.path, format!("line {line}: {e}")))?;
         ids.truncate(max_len);
         mask.truncate(max_len);
-        let s = Sequence { ids, mask };
+        let s = Sequence { ids, mask, starts: Vec::new() };
         if s.targets() > 0 {
             out.push((*line, s));
         }
@@ -82,13 +108,25 @@ pub fn make_batch(seqs: &[&Sequence], pad: u32) -> Result<Batch> {
     let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(1);
     let mut ids = Vec::with_capacity(seqs.len() * t);
     let mut mask = Vec::with_capacity(seqs.len() * t);
+    let packed = seqs.iter().any(|s| !s.starts.is_empty());
+    let mut starts = Vec::with_capacity(if packed { seqs.len() * t } else { 0 });
     for s in seqs {
         ids.extend(s.ids.iter().map(|&i| i as i32));
         ids.extend(std::iter::repeat_n(pad as i32, t - s.ids.len()));
         mask.extend_from_slice(&s.mask);
         mask.extend(std::iter::repeat_n(false, t - s.ids.len()));
+        if packed {
+            if s.starts.is_empty() {
+                starts.extend(std::iter::repeat_n(0, s.ids.len()));
+            } else {
+                starts.extend_from_slice(&s.starts);
+            }
+            // Each padding token is an example of its own.
+            starts.extend((s.ids.len()..t).map(|p| p as u32));
+        }
     }
     Ok(Batch {
+        packing: packed.then(|| Packing { starts: std::sync::Arc::new(starts) }),
         ids: Tensor::from_vec_i32(ids, [seqs.len(), t])?,
         mask,
         targets: seqs.iter().map(|s| s.targets()).sum(),

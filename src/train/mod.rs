@@ -197,7 +197,10 @@ impl Trainer {
             let tape = Tape::new();
             let params = self.install(Some(&tape))?;
             self.model.dropout_seed = Some(self.config.seed ^ ((first + i) as u64 + 1).wrapping_mul(0xa076_1d64_78bd_642f));
-            let loss = self.model.loss(&batch.ids, Some(&batch.mask));
+            let loss = match &batch.packing {
+                Some(pk) => self.model.loss_packed(&batch.ids, Some(&batch.mask), pk),
+                None => self.model.loss(&batch.ids, Some(&batch.mask)),
+            };
             self.model.dropout_seed = None;
             let loss = ops::scale(&loss?, batch.targets as f32 / total_targets as f32)?;
             loss_sum += loss.to_scalar()? as f64;
@@ -241,7 +244,11 @@ pub fn evaluate(model: &Llama, seqs: &[Sequence], batch_size: usize, pad: u32) -
         if b.targets == 0 {
             continue;
         }
-        nll += model.loss(&b.ids, Some(&b.mask))?.to_scalar()? as f64 * b.targets as f64;
+        let loss = match &b.packing {
+            Some(pk) => model.loss_packed(&b.ids, Some(&b.mask), pk)?,
+            None => model.loss(&b.ids, Some(&b.mask))?,
+        };
+        nll += loss.to_scalar()? as f64 * b.targets as f64;
         n += b.targets;
     }
     Ok(if n == 0 { f32::NAN } else { (nll / n as f64) as f32 })
