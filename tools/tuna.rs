@@ -30,6 +30,9 @@ enum Command {
     /// The main job, on built-in data: teach a small random model a task with LoRA and show
     /// the accuracy before and after.
     Demo(demo::DemoArgs),
+    /// Time LoRA training steps of the tools/bench-vs-torch configuration (JSON).
+    #[command(hide = true)]
+    BenchStep(demo::BenchStepArgs),
     /// List the CPU, CUDA devices and wgpu adapters this machine has.
     Devices,
     /// Run the RMSNorm kernels on every device (or one) against the f64 CPU reference.
@@ -114,6 +117,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(a) => demo::demo(a),
+        Command::BenchStep(a) => demo::bench_step(a),
         Command::Devices => devices(),
         Command::Check { device } => check(device),
         Command::Generate(a) => generate(a),
