@@ -112,6 +112,9 @@ pub struct FinetuneArgs {
     /// Continue from OUT/checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Stop as Ctrl-C does (checkpoint, exit 130) after this step; for tests.
+    #[arg(long, hide = true)]
+    stop_after: Option<usize>,
 }
 
 pub fn finetune(a: FinetuneArgs) -> CliResult {
@@ -185,6 +188,7 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
         },
         resume: a.resume,
         progress: !a.model.json,
+        stop_after: a.stop_after,
     };
     let summary = run(&mut trainer, &eval, &opts, &stop).map_err(err)?;
     if summary.interrupted {

@@ -31,6 +31,8 @@ pub struct RunOptions {
     pub resume: bool,
     /// Draw the progress line on stderr.
     pub progress: bool,
+    /// Behave as if stopped (Ctrl-C) right after this step: for testing the interrupt path.
+    pub stop_after: Option<usize>,
 }
 
 #[derive(Clone, Debug)]
@@ -177,7 +179,12 @@ pub fn run(trainer: &mut Trainer, eval: &[Sequence], opts: &RunOptions, stop: &A
                 eprintln!("{line}");
             }
         }
+        let stop_here = opts.stop_after == Some(r.step);
         last = Some(r);
+        if stop_here {
+            interrupted = true;
+            break;
+        }
     }
     if tty {
         eprintln!();
