@@ -33,7 +33,9 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(opts: GenerateOptions) -> Result<Self> {
-        if !(opts.temperature >= 0.0) || !(opts.top_p > 0.0 && opts.top_p <= 1.0) {
+        let temperature_ok = opts.temperature.is_finite() && opts.temperature >= 0.0;
+        let top_p_ok = opts.top_p > 0.0 && opts.top_p <= 1.0;
+        if !temperature_ok || !top_p_ok {
             return Err(Error::InvalidArgument(format!(
                 "generation: temperature must be >= 0 (got {}) and top_p in (0, 1] (got {})",
                 opts.temperature, opts.top_p
