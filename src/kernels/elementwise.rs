@@ -29,6 +29,23 @@ pub mod cpu {
 
     const CHUNK: usize = 1 << 14;
 
+    /// `f(a[i], b[i % b.len()])` for every i; `a.len()` must be a multiple of `b.len()`.
+    pub fn broadcast_new(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
+        if b.len() == a.len() {
+            return a.par_iter().with_min_len(CHUNK).zip(b.par_iter()).map(|(&x, &y)| f(x, y)).collect();
+        }
+        let mut out = vec![0.0f32; a.len()];
+        if !out.is_empty() {
+            broadcast(a, b, &mut out, f);
+        }
+        out
+    }
+
+    /// `f(a[i])` for every i, into a new vector.
+    pub fn map_new(a: &[f32], f: impl Fn(f32) -> f32 + Sync + Send) -> Vec<f32> {
+        a.par_iter().with_min_len(CHUNK).map(|&x| f(x)).collect()
+    }
+
     /// `out[i] = f(a[i], b[i % b.len()])`; `a.len()` must be a multiple of `b.len()`.
     pub fn broadcast(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32 + Sync) {
         let nb = b.len();

@@ -49,15 +49,15 @@ pub mod reference {
 
 pub mod cpu {
     use super::LoraParams;
-    use crate::kernels::matmul::cpu::{matmul, matmul_acc};
+    use crate::kernels::matmul::cpu::{matmul_acc, matmul_new};
     use crate::Result;
 
-    /// Writes `y` (`[M, N]`) and `xa` (`[M, R]`).
+    /// Returns `y` (`[M, N]`) and `xa` (`[M, R]`).
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(x: &[f32], x_lora: &[f32], w: &[f32], bias: Option<&[f32]>, a: &[f32], b: &[f32], y: &mut [f32], xa: &mut [f32], p: LoraParams) -> Result<()> {
-        matmul(x, w, y, LoraParams::mm(p.m, p.n, p.k, false, true))?;
-        matmul(x_lora, a, xa, LoraParams::mm(p.m, p.r, p.k, false, true))?;
-        matmul_acc(xa, b, y, LoraParams::mm(p.m, p.n, p.r, false, true), p.scale)?;
+    pub fn forward(x: &[f32], x_lora: &[f32], w: &[f32], bias: Option<&[f32]>, a: &[f32], b: &[f32], p: LoraParams) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut y = matmul_new(x, w, LoraParams::mm(p.m, p.n, p.k, false, true))?;
+        let xa = matmul_new(x_lora, a, LoraParams::mm(p.m, p.r, p.k, false, true))?;
+        matmul_acc(&xa, b, &mut y, LoraParams::mm(p.m, p.n, p.r, false, true), p.scale)?;
         if let Some(bias) = bias {
             for row in y.chunks_mut(p.n) {
                 for (v, b) in row.iter_mut().zip(bias) {
@@ -65,11 +65,11 @@ pub mod cpu {
                 }
             }
         }
-        Ok(())
+        Ok((y, xa))
     }
 
-    /// Gradients of the LoRA linear. `dx` is only computed when given; `drop_scale` holds
-    /// `mask / (1 - p)` per element of X when dropout was applied.
+    /// Gradients of the LoRA linear: writes dA and dB, returns dX when `want_dx`.
+    /// `drop_scale` holds `mask / (1 - p)` per element of X when dropout was applied.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         dy: &[f32],
@@ -79,33 +79,32 @@ pub mod cpu {
         a: &[f32],
         b: &[f32],
         drop_scale: Option<&[f32]>,
-        dx: Option<&mut [f32]>,
+        want_dx: bool,
         da: &mut [f32],
         db: &mut [f32],
         p: LoraParams,
-    ) -> Result<()> {
+    ) -> Result<Option<Vec<f32>>> {
         // G = dY·B  [M, R]
-        let mut g = vec![0.0f32; p.m * p.r];
-        matmul(dy, b, &mut g, LoraParams::mm(p.m, p.r, p.n, false, false))?;
+        let g = matmul_new(dy, b, LoraParams::mm(p.m, p.r, p.n, false, false))?;
         // dA = s·Gᵀ·X̃  [R, K];  dB = s·dYᵀ·XA  [N, R]
         da.fill(0.0);
         matmul_acc(&g, x_lora, da, LoraParams::mm(p.r, p.k, p.m, true, false), p.scale)?;
         db.fill(0.0);
         matmul_acc(dy, xa, db, LoraParams::mm(p.n, p.r, p.m, true, false), p.scale)?;
-        if let Some(dx) = dx {
-            // dX = dY·W + s·(G·A) ⊙ drop_scale
-            matmul(dy, w, dx, LoraParams::mm(p.m, p.k, p.n, false, false))?;
-            match drop_scale {
-                None => matmul_acc(&g, a, dx, LoraParams::mm(p.m, p.k, p.r, false, false), p.scale)?,
-                Some(ds) => {
-                    let mut ga = vec![0.0f32; p.m * p.k];
-                    matmul(&g, a, &mut ga, LoraParams::mm(p.m, p.k, p.r, false, false))?;
-                    for ((d, v), s) in dx.iter_mut().zip(&ga).zip(ds) {
-                        *d += p.scale * v * s;
-                    }
+        if !want_dx {
+            return Ok(None);
+        }
+        // dX = dY·W + s·(G·A) ⊙ drop_scale
+        let mut dx = matmul_new(dy, w, LoraParams::mm(p.m, p.k, p.n, false, false))?;
+        match drop_scale {
+            None => matmul_acc(&g, a, &mut dx, LoraParams::mm(p.m, p.k, p.r, false, false), p.scale)?,
+            Some(ds) => {
+                let ga = matmul_new(&g, a, LoraParams::mm(p.m, p.k, p.r, false, false))?;
+                for ((d, v), s) in dx.iter_mut().zip(&ga).zip(ds) {
+                    *d += p.scale * v * s;
                 }
             }
         }
-        Ok(())
+        Ok(Some(dx))
     }
 }

@@ -59,10 +59,32 @@ pub mod cpu {
         gemm_into(a, b, c, p, Some(beta))
     }
 
-    fn gemm_into(a: &[f32], b: &[f32], c: &mut [f32], p: MatmulParams, acc: Option<f32>) -> Result<()> {
+    /// `op(a)·op(b)` in a new vector, which the GEMM writes once (no zero-fill first).
+    pub fn matmul_new(a: &[f32], b: &[f32], p: MatmulParams) -> Result<Vec<f32>> {
+        check(a, b, p.m * p.n, p)?;
+        let len = p.m * p.n;
+        if p.k == 0 || len == 0 {
+            return Ok(vec![0.0; len]);
+        }
+        let mut c: Vec<f32> = Vec::with_capacity(len);
+        // SAFETY: with `read_dst = false` the GEMM writes every one of the m·n elements of c
+        // through the raw pointer and reads none, so all `len` elements are initialised before
+        // `set_len`; the inputs were bounds-checked.
+        unsafe {
+            gemm_raw(a, b, c.as_mut_ptr(), p, None);
+            c.set_len(len);
+        }
+        Ok(c)
+    }
+
+    fn check(a: &[f32], b: &[f32], c_len: usize, p: MatmulParams) -> Result<()> {
         check_len("matmul", "a", a.len(), p.m * p.k)?;
         check_len("matmul", "b", b.len(), p.k * p.n)?;
-        check_len("matmul", "c", c.len(), p.m * p.n)?;
+        check_len("matmul", "c", c_len, p.m * p.n)
+    }
+
+    fn gemm_into(a: &[f32], b: &[f32], c: &mut [f32], p: MatmulParams, acc: Option<f32>) -> Result<()> {
+        check(a, b, c.len(), p)?;
         if p.m == 0 || p.n == 0 {
             return Ok(());
         }
@@ -72,35 +94,40 @@ pub mod cpu {
             }
             return Ok(());
         }
+        // SAFETY: lengths checked above.
+        unsafe { gemm_raw(a, b, c.as_mut_ptr(), p, acc) };
+        Ok(())
+    }
+
+    /// # Safety
+    /// `c` must be valid for writes of `m·n` elements (and reads, with `acc`); a and b must
+    /// hold `m·k` and `k·n` elements; m, n, k > 0.
+    unsafe fn gemm_raw(a: &[f32], b: &[f32], c: *mut f32, p: MatmulParams, acc: Option<f32>) {
         let ((ars, acs), (brs, bcs)) = p.strides();
         // Threads pay off only above ~1 MFLOP; below that a call costs more in scheduling.
         let flops = 2 * p.m * p.n * p.k;
         let par = if flops >= 1 << 20 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
-        // SAFETY: lengths checked above; the strides describe the row-major layouts of a, b, c.
-        unsafe {
-            gemm::gemm(
-                p.m,
-                p.n,
-                p.k,
-                c.as_mut_ptr(),
-                1,
-                p.n as isize,
-                acc.is_some(),
-                a.as_ptr(),
-                acs as isize,
-                ars as isize,
-                b.as_ptr(),
-                bcs as isize,
-                brs as isize,
-                if acc.is_some() { 1.0 } else { 0.0 },
-                acc.unwrap_or(1.0),
-                false,
-                false,
-                false,
-                par,
-            );
-        }
-        Ok(())
+        gemm::gemm(
+            p.m,
+            p.n,
+            p.k,
+            c,
+            1,
+            p.n as isize,
+            acc.is_some(),
+            a.as_ptr(),
+            acs as isize,
+            ars as isize,
+            b.as_ptr(),
+            bcs as isize,
+            brs as isize,
+            if acc.is_some() { 1.0 } else { 0.0 },
+            acc.unwrap_or(1.0),
+            false,
+            false,
+            false,
+            par,
+        );
     }
 
     /// A strided matrix view: element (i, j) is `data[i * rs + j * cs]`.

@@ -27,8 +27,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
     let p = MatmulParams { m, n, k, trans_a, trans_b };
     let out = match a.device() {
         Device::Cpu => {
-            let mut c = vec![0.0f32; m * n];
-            cpu::matmul(a.cpu_f32(OP)?, b.cpu_f32(OP)?, &mut c, p)?;
+            let c = cpu::matmul_new(a.cpu_f32(OP)?, b.cpu_f32(OP)?, p)?;
             Tensor::from_vec(c, [m, n])?
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),

@@ -53,17 +53,15 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b:
         (0..xv.len()).map(|i| if uniform_at(d.seed, i as u64) >= d.p { keep } else { 0.0 }).collect()
     });
     let x_lora: Option<Vec<f32>> = drop_scale.as_ref().map(|s| xv.iter().zip(s).map(|(v, s)| v * s).collect());
-    let (mut y, mut xa) = (vec![0.0f32; p.m * n], vec![0.0f32; p.m * p.r]);
-    cpu::forward(xv, x_lora.as_deref().unwrap_or(xv), w.cpu_f32(OP)?, bias.map(|b| b.cpu_f32(OP)).transpose()?, a.cpu_f32(OP)?, b.cpu_f32(OP)?, &mut y, &mut xa, p)?;
+    let (y, xa) = cpu::forward(xv, x_lora.as_deref().unwrap_or(xv), w.cpu_f32(OP)?, bias.map(|b| b.cpu_f32(OP)).transpose()?, a.cpu_f32(OP)?, b.cpu_f32(OP)?, p)?;
     let out = Tensor::from_vec(y, out_shape)?;
     let (sx, sw, sa, sb) = (saved(x), saved(w), saved(a), saved(b));
     record(OP, out, &[x, a, b], move |g, needs| {
         let (mut da, mut db) = (vec![0.0f32; p.r * p.k], vec![0.0f32; p.n * p.r]);
-        let mut dx = needs[0].then(|| vec![0.0f32; p.m * p.k]);
         let xv = sx.cpu_f32(OP)?;
-        cpu::backward(
+        let dx = cpu::backward(
             g.cpu_f32(OP)?, x_lora.as_deref().unwrap_or(xv), &xa, sw.cpu_f32(OP)?, sa.cpu_f32(OP)?, sb.cpu_f32(OP)?,
-            drop_scale.as_deref(), dx.as_deref_mut(), &mut da, &mut db, p,
+            drop_scale.as_deref(), needs[0], &mut da, &mut db, p,
         )?;
         Ok(vec![
             dx.map(|d| Tensor::from_vec(d, sx.shape().clone())).transpose()?,

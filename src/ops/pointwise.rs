@@ -15,16 +15,10 @@ fn check_broadcast(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     Ok(())
 }
 
-fn binary(op: &'static str, a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Tensor> {
+fn binary(op: &'static str, a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Result<Tensor> {
     check_broadcast(op, a, b)?;
     match a.device() {
-        Device::Cpu => {
-            let mut out = vec![0.0f32; a.elem_count()];
-            if !out.is_empty() {
-                cpu::broadcast(a.cpu_f32(op)?, b.cpu_f32(op)?, &mut out, f);
-            }
-            Tensor::from_vec(out, a.shape().clone())
-        }
+        Device::Cpu => Tensor::from_vec(cpu::broadcast_new(a.cpu_f32(op)?, b.cpu_f32(op)?, f), a.shape().clone()),
         d => Err(Error::Unsupported { op, device: d }),
     }
 }
@@ -61,14 +55,10 @@ pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     })
 }
 
-fn unary(op: &'static str, a: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Result<Tensor> {
+fn unary(op: &'static str, a: &Tensor, f: impl Fn(f32) -> f32 + Sync + Send) -> Result<Tensor> {
     expect_dtype(op, a, DType::F32)?;
     match a.device() {
-        Device::Cpu => {
-            let mut out = vec![0.0f32; a.elem_count()];
-            cpu::map(a.cpu_f32(op)?, &mut out, f);
-            Tensor::from_vec(out, a.shape().clone())
-        }
+        Device::Cpu => Tensor::from_vec(cpu::map_new(a.cpu_f32(op)?, f), a.shape().clone()),
         d => Err(Error::Unsupported { op, device: d }),
     }
 }
