@@ -22,12 +22,12 @@ use std::sync::{Arc, Mutex, Weak};
 use crate::tensor::{Tensor, TensorId};
 use crate::{ops, Error, Result};
 
-/// The gradient of an op's output in, one optional gradient per input out (`None` where the
-/// input needs none).
-pub(crate) type BackwardFn = Box<dyn FnOnce(&Tensor) -> Result<Vec<Option<Tensor>>> + Send>;
+/// The gradients of an op's outputs in (`None` for an output the loss does not depend on),
+/// one optional gradient per input out (`None` where the input needs none).
+pub(crate) type BackwardFn = Box<dyn FnOnce(&[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> + Send>;
 
 struct Entry {
-    output: TensorId,
+    outputs: Vec<TensorId>,
     inputs: Vec<TensorId>,
     backward: BackwardFn,
 }
@@ -81,10 +81,14 @@ impl Tape {
         }
         grads.insert(loss.id(), Tensor::full(1.0, loss.shape().clone(), &loss.device())?);
         for entry in entries.into_iter().rev() {
-            // An output the loss does not depend on has no gradient: skip it. Outputs are never
-            // parameters, so their gradient can be dropped once propagated.
-            let Some(g) = grads.remove(&entry.output) else { continue };
-            let input_grads = (entry.backward)(&g)?;
+            // Every consumer of an entry's outputs was recorded after it, so their gradients are
+            // complete here. Outputs the loss does not depend on have none; an entry with none at
+            // all is skipped. Outputs are never parameters, so their gradients can be dropped.
+            let gs: Vec<Option<Tensor>> = entry.outputs.iter().map(|id| grads.remove(id)).collect();
+            if gs.iter().all(Option::is_none) {
+                continue;
+            }
+            let input_grads = (entry.backward)(&gs)?;
             for (id, ig) in entry.inputs.into_iter().zip(input_grads) {
                 if let Some(ig) = ig {
                     accumulate(&mut grads, id, ig)?;
@@ -148,13 +152,27 @@ pub(crate) fn record(
     inputs: &[&Tensor],
     backward: impl FnOnce(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + 'static,
 ) -> Result<Tensor> {
-    let Some(tape) = tape_of(op, inputs)? else { return Ok(out) };
+    let mut outs = record_many(op, vec![out], inputs, move |gs, needs| {
+        backward(gs[0].as_ref().expect("a single-output entry runs only with its gradient"), needs)
+    })?;
+    Ok(outs.remove(0))
+}
+
+/// `record` for an op with several outputs: one entry, whose backward receives one optional
+/// gradient per output (`None`: the loss does not depend on that output).
+pub(crate) fn record_many(
+    op: &'static str,
+    outs: Vec<Tensor>,
+    inputs: &[&Tensor],
+    backward: impl FnOnce(&[Option<Tensor>], &[bool]) -> Result<Vec<Option<Tensor>>> + Send + 'static,
+) -> Result<Vec<Tensor>> {
+    let Some(tape) = tape_of(op, inputs)? else { return Ok(outs) };
     let needs: Vec<bool> = inputs.iter().map(|t| t.is_tracked()).collect();
-    let tracked = out.share(out.shape().clone(), Some(Arc::downgrade(&tape)));
+    let tracked: Vec<Tensor> = outs.iter().map(|o| o.share(o.shape().clone(), Some(Arc::downgrade(&tape)))).collect();
     let entry = Entry {
-        output: tracked.id(),
+        outputs: tracked.iter().map(Tensor::id).collect(),
         inputs: inputs.iter().map(|t| t.id()).collect(),
-        backward: Box::new(move |g| backward(g, &needs)),
+        backward: Box::new(move |gs| backward(gs, &needs)),
     };
     tape.entries.lock().expect("tape poisoned").push(entry);
     Ok(tracked)

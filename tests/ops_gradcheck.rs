@@ -296,3 +296,50 @@ fn lora_linear_frozen_weight_gets_no_gradient() {
     assert!(grads.get(&w).is_none());
     assert!(grads.get(&a).is_some() && grads.get(&b).is_some());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..cfg() })]
+
+    /// A group of linears on one input (a plain one, LoRA ones with and without dropout): each
+    /// output against its reference, and the gradient of x (summed over the parts) and of every
+    /// A and B against finite differences.
+    #[test]
+    fn linear_group_grad(m in 1usize..4, k in 1usize..5, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let x = randn(&mut rng, &[m, k]);
+        let (n0, n1, n2, r) = (3, 2, 4, 2);
+        let w: Vec<Tensor> = [n0, n1, n2].iter().map(|&n| randn(&mut rng, &[n, k])).collect();
+        let bias0 = randn(&mut rng, &[n0]);
+        let (a1, b1, a2, b2) = (randn(&mut rng, &[r, k]), randn(&mut rng, &[n1, r]), randn(&mut rng, &[r, k]), randn(&mut rng, &[n2, r]));
+        let drop = ops::Dropout { p: 0.3, seed: seed ^ 11 };
+        let f64v = |t: &Tensor| t.to_vec_f32().unwrap().into_iter().map(f64::from).collect::<Vec<_>>();
+        let (wv, biasv) = (w.iter().map(f64v).collect::<Vec<_>>(), f64v(&bias0));
+        let mask: Vec<f64> = (0..m * k).map(|i| if tuna::rng::uniform_at(drop.seed, i as u64) < drop.p { 0.0 } else { 1.0 / 0.7 }).collect();
+        let w2 = w.clone();
+        let bias2 = bias0.clone();
+        gradcheck(&[x, a1, b1, a2, b2], move |t| {
+            let parts = [
+                ops::LinearPart { weight: &w2[0], bias: Some(&bias2), lora: None, dropout: None },
+                ops::LinearPart { weight: &w2[1], bias: None, lora: Some((&t[1], &t[2], 1.5)), dropout: None },
+                ops::LinearPart { weight: &w2[2], bias: None, lora: Some((&t[3], &t[4], 0.5)), dropout: Some(drop) },
+            ];
+            let outs = ops::linear_group(&t[0], &parts)?;
+            // Combine the three outputs into one [m, n0] tensor through different linear maps
+            // (y0 + 2·rowsum(y1) - 0.5·rowsum(y2)), so each part's values and gradients count.
+            let ones = |n: usize, v: f32| Tensor::full(v, [n, n0], &tuna::Device::Cpu);
+            let y1 = ops::matmul(&outs[1], &ones(n1, 2.0)?, false, false)?;
+            let y2 = ops::matmul(&outs[2], &ones(n2, -0.5)?, false, false)?;
+            ops::add(&ops::add(&outs[0], &y1)?, &y2)
+        }, move |v| {
+            let p = |n, r, scale| lora::LoraParams { m, n, k, r, scale };
+            let (y0, _) = lora::reference::forward(&v[0], &v[0], &wv[0], Some(&biasv), &vec![0.0; k], &vec![0.0; n0], p(n0, 1, 0.0));
+            let (y1, _) = lora::reference::forward(&v[0], &v[0], &wv[1], None, &v[1], &v[2], p(n1, r, 1.5));
+            let xl: Vec<f64> = v[0].iter().zip(&mask).map(|(a, b)| a * b).collect();
+            let (y2, _) = lora::reference::forward(&v[0], &xl, &wv[2], None, &v[3], &v[4], p(n2, r, 0.5));
+            (0..m * n0).map(|i| {
+                let row = i / n0;
+                y0[i] + (0..n1).map(|j| 2.0 * y1[row * n1 + j]).sum::<f64>() - (0..n2).map(|j| 0.5 * y2[row * n2 + j]).sum::<f64>()
+            }).collect()
+        }, Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+    }
+}

@@ -44,6 +44,30 @@ impl Linear {
     }
 }
 
+impl Linear {
+    fn part(&self, dropout_seed: Option<u64>) -> ops::LinearPart<'_> {
+        let lora = self.lora.as_ref();
+        ops::LinearPart {
+            weight: &self.weight,
+            bias: self.bias.as_ref(),
+            lora: lora.map(|l| (&l.a, &l.b, l.scale)),
+            dropout: lora.and_then(|l| dropout_seed.filter(|_| l.dropout > 0.0).map(|seed| ops::Dropout { p: l.dropout, seed })),
+        }
+    }
+
+    /// Several linears of the same input as one op (side by side on the CPU); one at a time
+    /// when a base weight is itself trained (full fine-tuning), since the group op treats W
+    /// and the bias as frozen.
+    pub fn forward_group(linears: &[(&Linear, Option<u64>)], x: &Tensor) -> Result<Vec<Tensor>> {
+        let frozen = linears.iter().all(|(l, _)| !l.weight.is_tracked() && l.bias.as_ref().is_none_or(|b| !b.is_tracked()));
+        if !frozen || x.device() != Device::Cpu {
+            return linears.iter().map(|(l, seed)| l.forward(x, *seed)).collect();
+        }
+        let parts: Vec<ops::LinearPart<'_>> = linears.iter().map(|(l, seed)| l.part(*seed)).collect();
+        ops::linear_group(x, &parts)
+    }
+}
+
 /// The names of a decoder layer's linear modules, as transformers and PEFT call them.
 pub const LINEAR_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
@@ -331,9 +355,10 @@ impl Llama {
         let mut x = ops::embedding(&ops::reshape(ids, [b * t])?, &self.embed)?;
         for (i, l) in self.layers.iter().enumerate() {
             let hn = ops::rmsnorm(&x, &l.input_norm, c.rms_norm_eps)?;
-            let q = ops::rope(&ops::reshape(&l.q.forward(&hn, seed(i, 0))?, [b * t, h, d])?, &positions, &self.inv_freq)?;
-            let k = ops::rope(&ops::reshape(&l.k.forward(&hn, seed(i, 1))?, [b * t, g, d])?, &positions, &self.inv_freq)?;
-            let v = l.v.forward(&hn, seed(i, 2))?;
+            let qkv = Linear::forward_group(&[(&l.q, seed(i, 0)), (&l.k, seed(i, 1)), (&l.v, seed(i, 2))], &hn)?;
+            let q = ops::rope(&ops::reshape(&qkv[0], [b * t, h, d])?, &positions, &self.inv_freq)?;
+            let k = ops::rope(&ops::reshape(&qkv[1], [b * t, g, d])?, &positions, &self.inv_freq)?;
+            let v = qkv[2].clone();
             let (mut k, mut v) = (ops::reshape(&k, [b, t, g, d])?, ops::reshape(&v, [b, t, g, d])?);
             if let Some(cache) = cache.as_deref_mut() {
                 if let Some((pk, pv)) = &cache.layers[i] {
@@ -345,7 +370,8 @@ impl Llama {
             let o = ops::attention(&ops::reshape(&q, [b, t, h, d])?, &k, &v, mask.clone(), scale)?;
             x = ops::add(&x, &l.o.forward(&ops::reshape(&o, [b * t, h * d])?, seed(i, 3))?)?;
             let hn = ops::rmsnorm(&x, &l.post_norm, c.rms_norm_eps)?;
-            let act = ops::mul(&ops::silu(&l.gate.forward(&hn, seed(i, 4))?)?, &l.up.forward(&hn, seed(i, 5))?)?;
+            let gate_up = Linear::forward_group(&[(&l.gate, seed(i, 4)), (&l.up, seed(i, 5))], &hn)?;
+            let act = ops::mul(&ops::silu(&gate_up[0])?, &gate_up[1])?;
             let mlp = l.down.forward(&act, seed(i, 6))?;
             x = ops::add(&x, &mlp)?;
         }

@@ -1,7 +1,10 @@
+use rayon::prelude::*;
+
 use crate::kernels::lora::{cpu, LoraParams};
+use crate::kernels::matmul::{cpu as mm, MatmulParams};
 use crate::ops::{expect_dtype, same_device, saved};
 use crate::rng::uniform_at;
-use crate::tape::record;
+use crate::tape::record_many;
 use crate::{DType, Device, Error, Result, Tensor};
 
 /// Dropout on the LoRA input: element i is kept when `uniform_at(seed, i) >= p`, and scaled by
@@ -12,61 +15,158 @@ pub struct Dropout {
     pub seed: u64,
 }
 
-/// The fused LoRA linear `x·Wᵀ (+ bias) + scale·(dropout(x)·Aᵀ)·Bᵀ` of
-/// `kernels::lora` (see there for the backward). x `[..., K]`, W `[N, K]`, A `[R, K]`,
-/// B `[N, R]`. W and the bias are frozen: they are not inputs on the tape and get no gradient;
-/// x, A and B get theirs.
+/// One linear of a group: `x·Wᵀ (+ bias) (+ scale·(dropout(x)·Aᵀ)·Bᵀ)`. W and the bias are
+/// frozen; A and B (when present) are trained.
+#[derive(Clone, Copy)]
+pub struct LinearPart<'a> {
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    /// (A `[R, K]`, B `[N, R]`, scale).
+    pub lora: Option<(&'a Tensor, &'a Tensor, f32)>,
+    pub dropout: Option<Dropout>,
+}
+
+/// The fused LoRA linear `x·Wᵀ (+ bias) + scale·(dropout(x)·Aᵀ)·Bᵀ` of `kernels::lora` (see
+/// there for the backward). x `[..., K]`, W `[N, K]`, A `[R, K]`, B `[N, R]`. W and the bias
+/// are frozen: they are not inputs on the tape and get no gradient; x, A and B get theirs.
 pub fn lora_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b: &Tensor, scale: f32, dropout: Option<Dropout>) -> Result<Tensor> {
-    const OP: &str = "lora_linear";
-    for t in [w, a, b].into_iter().chain(bias) {
-        same_device(OP, x, t)?;
-        expect_dtype(OP, t, DType::F32)?;
-    }
+    let part = LinearPart { weight: w, bias, lora: Some((a, b, scale)), dropout };
+    Ok(linear_group(x, &[part])?.remove(0))
+}
+
+/// Several linears of the same input (q, k, v; gate, up) as one op: the products run side by
+/// side (two GEMMs at once use the CPU's cores better than one GEMM split in two), and the
+/// backward sums the parts' contributions to dx in a fixed order, so results do not depend
+/// on thread timing.
+pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>> {
+    const OP: &str = "linear";
     expect_dtype(OP, x, DType::F32)?;
     let k = x.shape().last();
-    let (wd, ad, bd) = (w.dims(), a.dims(), b.dims());
-    if x.shape().rank() < 2 || wd.len() != 2 || wd[1] != k {
-        return Err(Error::ShapeMismatch { op: "lora_linear (x [.., K] vs W [N, K])", lhs: x.shape().clone(), rhs: w.shape().clone() });
-    }
-    let n = wd[0];
-    if ad.len() != 2 || ad[1] != k || bd != [n, ad[0]] {
-        return Err(Error::ShapeMismatch { op: "lora_linear (A [R, K] vs B [N, R])", lhs: a.shape().clone(), rhs: b.shape().clone() });
-    }
-    if bias.is_some_and(|b| b.dims() != [n]) {
-        return Err(Error::ShapeMismatch { op: "lora_linear (bias [N])", lhs: w.shape().clone(), rhs: bias.unwrap().shape().clone() });
-    }
-    if let Some(d) = dropout {
-        if !(0.0..1.0).contains(&d.p) {
-            return Err(Error::InvalidArgument(format!("lora dropout must be in [0, 1), got {}", d.p)));
+    let m = x.shape().rows();
+    let mut params = Vec::with_capacity(parts.len());
+    for part in parts {
+        let w = part.weight;
+        for t in [Some(w), part.bias, part.lora.map(|l| l.0), part.lora.map(|l| l.1)].into_iter().flatten() {
+            same_device(OP, x, t)?;
+            expect_dtype(OP, t, DType::F32)?;
         }
+        let wd = w.dims();
+        if x.shape().rank() < 2 || wd.len() != 2 || wd[1] != k {
+            return Err(Error::ShapeMismatch { op: "linear (x [.., K] vs W [N, K])", lhs: x.shape().clone(), rhs: w.shape().clone() });
+        }
+        let n = wd[0];
+        if let Some(b) = part.bias {
+            if b.dims() != [n] {
+                return Err(Error::ShapeMismatch { op: "linear (bias [N] vs W [N, K])", lhs: w.shape().clone(), rhs: b.shape().clone() });
+            }
+        }
+        let r = match part.lora {
+            Some((a, b, _)) => {
+                let (ad, bd) = (a.dims(), b.dims());
+                if ad.len() != 2 || ad[1] != k || bd != [n, ad[0]] {
+                    return Err(Error::ShapeMismatch { op: "lora_linear (A [R, K] vs B [N, R])", lhs: a.shape().clone(), rhs: b.shape().clone() });
+                }
+                ad[0]
+            }
+            None => 0,
+        };
+        if let Some(d) = part.dropout {
+            if !(0.0..1.0).contains(&d.p) {
+                return Err(Error::InvalidArgument(format!("lora dropout must be in [0, 1), got {}", d.p)));
+            }
+        }
+        params.push(LoraParams { m, n, k, r, scale: part.lora.map_or(0.0, |l| l.2) });
     }
-    let p = LoraParams { m: x.shape().rows(), n, k, r: ad[0], scale };
-    let mut out_shape = x.dims().to_vec();
-    *out_shape.last_mut().expect("rank >= 2") = n;
     if x.device() != Device::Cpu {
         return Err(Error::Unsupported { op: OP, device: x.device() });
     }
     let xv = x.cpu_f32(OP)?;
-    // Dropout: the scaled keep-mask and the dropped input, both kept for the backward.
-    let drop_scale: Option<Vec<f32>> = dropout.filter(|d| d.p > 0.0).map(|d| {
-        let keep = 1.0 / (1.0 - d.p);
-        (0..xv.len()).map(|i| if uniform_at(d.seed, i as u64) >= d.p { keep } else { 0.0 }).collect()
-    });
-    let x_lora: Option<Vec<f32>> = drop_scale.as_ref().map(|s| xv.iter().zip(s).map(|(v, s)| v * s).collect());
-    let (y, xa) = cpu::forward(xv, x_lora.as_deref().unwrap_or(xv), w.cpu_f32(OP)?, bias.map(|b| b.cpu_f32(OP)).transpose()?, a.cpu_f32(OP)?, b.cpu_f32(OP)?, p)?;
-    let out = Tensor::from_vec(y, out_shape)?;
-    let (sx, sw, sa, sb) = (saved(x), saved(w), saved(a), saved(b));
-    record(OP, out, &[x, a, b], move |g, needs| {
-        let (mut da, mut db) = (vec![0.0f32; p.r * p.k], vec![0.0f32; p.n * p.r]);
+    struct Fwd {
+        y: Vec<f32>,
+        xa: Vec<f32>,
+        /// Dropout's scaled keep-mask and the dropped input, kept for the backward.
+        drop: Option<(Vec<f32>, Vec<f32>)>,
+    }
+    let fwd: Vec<Fwd> = parts
+        .par_iter()
+        .zip(&params)
+        .map(|(part, &p)| -> Result<Fwd> {
+            let bias = part.bias.map(|b| b.cpu_f32(OP)).transpose()?;
+            let w = part.weight.cpu_f32(OP)?;
+            let Some((a, b, _)) = part.lora else {
+                let mut y = mm::matmul_new(xv, w, MatmulParams { m: p.m, n: p.n, k: p.k, trans_a: false, trans_b: true })?;
+                if let Some(bias) = bias {
+                    y.par_chunks_mut(p.n).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
+                }
+                return Ok(Fwd { y, xa: Vec::new(), drop: None });
+            };
+            let drop = part.dropout.filter(|d| d.p > 0.0).map(|d| {
+                let keep = 1.0 / (1.0 - d.p);
+                let scale: Vec<f32> = (0..xv.len()).map(|i| if uniform_at(d.seed, i as u64) >= d.p { keep } else { 0.0 }).collect();
+                let dropped: Vec<f32> = xv.iter().zip(&scale).map(|(v, s)| v * s).collect();
+                (scale, dropped)
+            });
+            let x_lora = drop.as_ref().map_or(xv, |d| d.1.as_slice());
+            let (y, xa) = cpu::forward(xv, x_lora, w, bias, a.cpu_f32(OP)?, b.cpu_f32(OP)?, p)?;
+            Ok(Fwd { y, xa, drop })
+        })
+        .collect::<Result<_>>()?;
+
+    let mut outs = Vec::with_capacity(parts.len());
+    let mut saved_parts = Vec::with_capacity(parts.len());
+    for ((part, f), &p) in parts.iter().zip(fwd).zip(&params) {
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().expect("rank >= 2") = p.n;
+        outs.push(Tensor::from_vec(f.y, shape)?);
+        saved_parts.push((saved(part.weight), part.lora.map(|(a, b, _)| (saved(a), saved(b))), f.xa, f.drop, p));
+    }
+    let mut inputs: Vec<&Tensor> = vec![x];
+    for part in parts {
+        if let Some((a, b, _)) = part.lora {
+            inputs.push(a);
+            inputs.push(b);
+        }
+    }
+    let sx = saved(x);
+    record_many(OP, outs, &inputs, move |gs, needs| {
+        let want_dx = needs[0];
         let xv = sx.cpu_f32(OP)?;
-        let dx = cpu::backward(
-            g.cpu_f32(OP)?, x_lora.as_deref().unwrap_or(xv), &xa, sw.cpu_f32(OP)?, sa.cpu_f32(OP)?, sb.cpu_f32(OP)?,
-            drop_scale.as_deref(), needs[0], &mut da, &mut db, p,
-        )?;
-        Ok(vec![
-            dx.map(|d| Tensor::from_vec(d, sx.shape().clone())).transpose()?,
-            Some(Tensor::from_vec(da, sa.shape().clone())?),
-            Some(Tensor::from_vec(db, sb.shape().clone())?),
-        ])
+        // Per part: (dx contribution, dA, dB), computed side by side.
+        type PartGrads = (Option<Vec<f32>>, Option<(Tensor, Tensor)>);
+        let per_part: Vec<PartGrads> = saved_parts
+            .par_iter()
+            .zip(gs.par_iter())
+            .map(|((w, lora, xa, drop, p), g)| -> Result<PartGrads> {
+                let Some(g) = g else { return Ok((None, None)) };
+                let (gv, wv) = (g.cpu_f32(OP)?, w.cpu_f32(OP)?);
+                let Some((a, b)) = lora else {
+                    let dx = if want_dx { Some(mm::matmul_new(gv, wv, MatmulParams { m: p.m, n: p.k, k: p.n, trans_a: false, trans_b: false })?) } else { None };
+                    return Ok((dx, None));
+                };
+                let (mut da, mut db) = (vec![0.0f32; p.r * p.k], vec![0.0f32; p.n * p.r]);
+                let x_lora = drop.as_ref().map_or(xv, |d| d.1.as_slice());
+                let dx = cpu::backward(gv, x_lora, xa, wv, a.cpu_f32(OP)?, b.cpu_f32(OP)?, drop.as_ref().map(|d| d.0.as_slice()), want_dx, &mut da, &mut db, *p)?;
+                Ok((dx, Some((Tensor::from_vec(da, a.shape().clone())?, Tensor::from_vec(db, b.shape().clone())?))))
+            })
+            .collect::<Result<_>>()?;
+        // dx: the parts' contributions summed in part order.
+        let mut dx: Option<Vec<f32>> = None;
+        let mut ab = Vec::new();
+        for ((dxi, grads), part) in per_part.into_iter().zip(&saved_parts) {
+            if let Some(dxi) = dxi {
+                match &mut dx {
+                    None => dx = Some(dxi),
+                    Some(acc) => acc.par_iter_mut().zip(dxi.par_iter()).for_each(|(a, b)| *a += b),
+                }
+            }
+            if part.1.is_some() {
+                let (da, db) = grads.map_or((None, None), |(a, b)| (Some(a), Some(b)));
+                ab.push(da);
+                ab.push(db);
+            }
+        }
+        let mut out = vec![dx.map(|d| Tensor::from_vec(d, sx.shape().clone())).transpose()?];
+        out.extend(ab);
+        Ok(out)
     })
 }

@@ -16,7 +16,7 @@ mod shape;
 
 pub use attention::{attention, rope, AttentionMask};
 pub use linalg::matmul;
-pub use lora::{lora_linear, Dropout};
+pub use lora::{linear_group, lora_linear, Dropout, LinearPart};
 pub use nn::{cross_entropy, embedding, rmsnorm, rmsnorm_backward, rmsnorm_forward, RmsNormOutput};
 pub use pointwise::{add, mul, scale, silu};
 pub use reduce::{mean, softmax, sum};
