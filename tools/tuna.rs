@@ -13,10 +13,8 @@ use finetune::FinetuneArgs;
 use serde_json::json;
 use tuna::io::dataset::{tokenize, Dataset};
 use tuna::io::tokenizer::{Message, Tokenizer};
-use tuna::kernels::rmsnorm::{reference, RmsNormParams};
 use tuna::nn::{GenerateOptions, Llama};
-use tuna::rng::Rng;
-use tuna::{ops, Device, Tensor};
+use tuna::{DType, Device, Tensor};
 
 #[derive(Parser)]
 #[command(name = "tuna", version, about = "Hand-written GPU kernels for fine-tuning decoder language models")]
@@ -293,42 +291,22 @@ fn check(device: Option<String>) -> CliResult {
         None => Device::available().into_iter().map(|d| d.device).collect(),
         Some(d) => vec![d.parse().map_err(err)?],
     };
+    // The same check the test suite and gpu-check run: forward and backward against the f64
+    // reference under the tolerance rule, on a shape wider than one workgroup.
     let (rows, cols) = (512, 1000);
-    let p = RmsNormParams { rows, cols, eps: 1e-5 };
-    let mut rng = Rng::new(1);
-    let x = rng.vec(rows * cols, -2.0, 2.0);
-    let w = rng.vec(cols, 0.5, 1.5);
-    let dy = rng.vec(rows * cols, -1.0, 1.0);
-    let f64v = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
-    let (y_ref, _) = reference::forward(&f64v(&x), &f64v(&w), p);
-    let (dx_ref, dw_ref) = reference::backward(&f64v(&x), &f64v(&w), &f64v(&dy), p);
-    let max_err = |got: &[f32], want: &[f64]| got.iter().zip(want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
-    println!("RMSNorm [{rows}, {cols}] f32 against the f64 reference (max abs error):");
+    println!("RMSNorm [{rows}, {cols}] forward and backward against the f64 reference:");
     let mut failed = false;
     for dev in devices {
-        let run = || -> tuna::Result<(f64, f64, f64)> {
-            let put = |v: &[f32], s: Vec<usize>| Tensor::from_slice(v, s, &dev);
-            let (xt, wt, gt) = (put(&x, vec![rows, cols])?, put(&w, vec![cols])?, put(&dy, vec![rows, cols])?);
-            let out = ops::rmsnorm_forward(&xt, &wt, p.eps)?;
-            let (dx, dw) = ops::rmsnorm_backward(&xt, &wt, &gt, &out.rstd)?;
-            Ok((max_err(&out.y.to_vec_f32()?, &y_ref), max_err(&dx.to_vec_f32()?, &dx_ref), max_err(&dw.to_vec_f32()?, &dw_ref)))
-        };
-        match run() {
-            Ok((y, dx, dw)) => {
-                let ok = y < 1e-4 && dx < 1e-4 && dw < 1e-2;
-                failed |= !ok;
-                println!("  {:<8} y {y:.1e}  dx {dx:.1e}  dw {dw:.1e}  {}", dev.to_string(), if ok { "ok" } else { "FAIL" });
-            }
-            Err(e) => {
-                failed = true;
-                println!("  {:<8} error: {e}", dev.to_string());
-            }
+        let dtypes: &[DType] = if matches!(dev, Device::Cuda(_)) { &[DType::F32, DType::BF16] } else { &[DType::F32] };
+        for &dtype in dtypes {
+            let result = tuna::testing::check_rmsnorm(dev, dtype, rows, cols, 1);
+            failed |= result.is_err();
+            println!("  {:<8} {:<5} {}", dev.to_string(), dtype.to_string(), result.err().unwrap_or_else(|| "ok".into()));
         }
     }
     if failed {
-        Err("some devices did not match the reference".into())
+        Err("some devices failed the check (see above)".into())
     } else {
         Ok(())
     }
 }
-

@@ -67,15 +67,6 @@ pub mod cpu {
         }
     }
 
-    /// `out[i] = f(a[i])`.
-    pub fn map(a: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
-        out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(|(o, a)| {
-            for (o, a) in o.iter_mut().zip(a) {
-                *o = f(*a);
-            }
-        });
-    }
-
     /// Sums `a` (a multiple of `n` long) over its rows of length n: the backward of a broadcast.
     pub fn sum_rows_into(a: &[f32], n: usize) -> Vec<f32> {
         let rows = (CHUNK / n.max(1)).max(1) * n;
