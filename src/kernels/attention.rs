@@ -163,11 +163,9 @@ pub mod cpu {
         for (t, row) in out.chunks_mut(s).enumerate() {
             let (lo, hi) = p.visible(b, t, starts);
             let max = row[lo..hi].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let mut z = 0.0;
-            for (j, x) in row.iter_mut().enumerate() {
-                *x = if j >= lo && j < hi { (*x - max).exp() } else { 0.0 };
-                z += *x;
-            }
+            row[..lo].fill(0.0);
+            row[hi..].fill(0.0);
+            let z = crate::kernels::math::exp_shifted_sum(&mut row[lo..hi], max);
             if z > 0.0 {
                 let inv = 1.0 / z;
                 row.iter_mut().for_each(|x| *x *= inv);

@@ -92,7 +92,7 @@ pub mod cpu {
     }
 
     pub fn sigmoid(x: f32) -> f32 {
-        1.0 / (1.0 + (-x).exp())
+        1.0 / (1.0 + crate::kernels::math::exp(-x))
     }
 
     pub fn silu(x: f32) -> f32 {

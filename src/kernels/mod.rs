@@ -14,6 +14,7 @@ pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
 pub mod lora;
+pub mod math;
 pub mod matmul;
 pub mod reduce;
 pub mod rmsnorm;

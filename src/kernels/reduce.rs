@@ -43,11 +43,8 @@ pub mod cpu {
     /// log-sum-exp), which cross-entropy reuses.
     pub fn softmax_row(a: &[f32], o: &mut [f32]) -> f32 {
         let max = a.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let mut z = 0.0f32;
-        for (o, &x) in o.iter_mut().zip(a) {
-            *o = (x - max).exp();
-            z += *o;
-        }
+        o.copy_from_slice(a);
+        let z = crate::kernels::math::exp_shifted_sum(o, max);
         let inv = 1.0 / z;
         for o in o.iter_mut() {
             *o *= inv;
