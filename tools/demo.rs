@@ -14,8 +14,8 @@ use clap::Args;
 use serde_json::json;
 use tuna::io::config::LlamaConfig;
 use tuna::nn::{GenerateOptions, Llama};
-use tuna::optim::ScheduleKind;
-use tuna::peft::{save_adapter, LoraConfig};
+use tuna::optim::{OptimizerConfig, ScheduleKind};
+use tuna::peft::{save_adapter, save_deltas, LoraConfig, Regrow, SparseConfig};
 use tuna::rng::Rng;
 use tuna::train::data::Sequence;
 use tuna::train::run::{run, MetricsFormat, RunOptions};
@@ -42,6 +42,29 @@ pub struct DemoArgs {
     /// Print one JSON summary instead of text.
     #[arg(long)]
     json: bool,
+    /// lora, or sparse (SpIEL: deltas at a changing 5% of each matrix).
+    #[arg(long, value_enum, default_value = "lora")]
+    method: DemoMethod,
+    #[arg(long, value_enum, default_value = "adamw")]
+    optimizer: DemoOptimizer,
+    /// Sparse: fraction of each matrix trained.
+    #[arg(long, default_value_t = 0.05)]
+    density: f32,
+    /// Peak learning rate (default: 4e-3 with AdamW; with SM3 2e-2 for LoRA, 5e-2 for sparse).
+    #[arg(long)]
+    lr: Option<f32>,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+pub enum DemoMethod {
+    Lora,
+    Sparse,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+pub enum DemoOptimizer {
+    Adamw,
+    Sm3,
 }
 
 fn letter(id: u32) -> char {
@@ -111,13 +134,36 @@ pub fn demo(a: DemoArgs) -> CliResult {
 
     let (before, sample_before) = accuracy(&base, &tests)?;
     if !a.json {
-        println!("tuna demo: teach a random {}-parameter Llama to shift letters (hello= -> ifmmp) with LoRA", base.parameters().iter().map(|(_, t)| t.elem_count()).sum::<usize>());
+        let how = match a.method {
+            DemoMethod::Lora => "LoRA",
+            DemoMethod::Sparse => "sparse fine-tuning",
+        };
+        println!("tuna demo: teach a random {}-parameter Llama to shift letters (hello= -> ifmmp) with {how}", base.parameters().iter().map(|(_, t)| t.elem_count()).sum::<usize>());
         println!("before: exact match {:.0}% on 100 held-out words   e.g. {sample_before}", 100.0 * before);
     }
     let lora = LoraConfig { r: 16, alpha: 32.0, ..Default::default() };
+    let (method, lr) = match a.method {
+        DemoMethod::Lora => (Method::Lora(lora.clone()), 4e-3f32),
+        DemoMethod::Sparse => {
+            let regrow = if a.optimizer == DemoOptimizer::Sm3 { Regrow::Sm3 } else { Regrow::Grad };
+            (Method::Sparse(SparseConfig { density: a.density, regrow, ..Default::default() }), 4e-3)
+        }
+    };
+    let optimizer = match a.optimizer {
+        DemoOptimizer::Adamw => OptimizerConfig::AdamW(Default::default()),
+        DemoOptimizer::Sm3 => OptimizerConfig::Sm3(Default::default()),
+    };
+    // SM3's steps shrink like Adagrad's as its accumulators grow, so it wants a larger peak
+    // rate; sparse deltas (few entries, no low-rank product) want a larger one still.
+    let lr = a.lr.unwrap_or(match (a.method, a.optimizer) {
+        (_, DemoOptimizer::Adamw) => lr,
+        (DemoMethod::Lora, DemoOptimizer::Sm3) => 5.0 * lr,
+        (DemoMethod::Sparse, DemoOptimizer::Sm3) => 12.5 * lr,
+    });
     let cfg = TrainConfig {
-        method: Method::Lora(lora.clone()),
-        lr: 4e-3,
+        method,
+        optimizer,
+        lr,
         schedule: ScheduleKind::Cosine,
         warmup_steps: 20,
         max_steps: Some(a.steps),
@@ -132,8 +178,18 @@ pub fn demo(a: DemoArgs) -> CliResult {
 
     let base_dir = a.out.join("base");
     base.save(&base_dir, &base_dir).map_err(err)?;
-    let adapter_dir = a.out.join("adapter");
-    save_adapter(&trainer.model, &lora, &base_dir.display().to_string(), &adapter_dir).map_err(err)?;
+    let adapter_dir = match a.method {
+        DemoMethod::Lora => {
+            let dir = a.out.join("adapter");
+            save_adapter(&trainer.model, &lora, &base_dir.display().to_string(), &dir).map_err(err)?;
+            dir
+        }
+        DemoMethod::Sparse => {
+            let dir = a.out.join("sparse");
+            save_deltas(&trainer.model, &base_dir.display().to_string(), &dir).map_err(err)?;
+            dir
+        }
+    };
     let secs = started.elapsed().as_secs_f64();
     if a.json {
         println!(
@@ -145,7 +201,10 @@ pub fn demo(a: DemoArgs) -> CliResult {
         );
     } else {
         println!("after:  exact match {:.0}% on the same words   e.g. {sample_after}", 100.0 * after);
-        println!("adapter: {} (PEFT format; base model: {})", adapter_dir.display(), base_dir.display());
+        match a.method {
+            DemoMethod::Lora => println!("adapter: {} (PEFT format; base model: {})", adapter_dir.display(), base_dir.display()),
+            DemoMethod::Sparse => println!("sparse deltas: {} (base model: {})", adapter_dir.display(), base_dir.display()),
+        }
         println!("loss curve: {}   metrics: {}   ({secs:.0} s)", summary.plot_path.display(), summary.metrics_path.display());
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! `tuna finetune`: the reference training binary. Reads a model folder and a JSONL file,
-//! trains with LoRA (default), full or head-only fine-tuning, and writes under `--out`:
-//! `adapter/` (PEFT format) or `model/` (a Hugging Face folder), `metrics.jsonl|csv`,
+//! trains with LoRA (default), sparse (SpIEL), full or head-only fine-tuning, with AdamW or
+//! SM3, and writes under `--out`: `adapter/` (PEFT format), `sparse/sparse_deltas.safetensors`
+//! or `model/` (a Hugging Face folder), `metrics.jsonl|csv`,
 //! `loss.png` and `checkpoint/`. Ctrl-C writes a checkpoint before exiting; `--resume`
 //! continues from it to the same losses as an uninterrupted run.
 
@@ -11,8 +12,8 @@ use std::sync::Arc;
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use tuna::io::dataset::Dataset;
-use tuna::optim::{AdamWConfig, ScheduleKind};
-use tuna::peft::{save_adapter, LoraConfig};
+use tuna::optim::{AdamWConfig, OptimizerConfig, ScheduleKind, Sm3Config};
+use tuna::peft::{save_adapter, save_deltas, LoraConfig, Regrow, SparseConfig};
 use tuna::train::data::{pack, split, tokenize_dataset};
 use tuna::train::run::{run, MetricsFormat, RunOptions};
 use tuna::train::{Method, TrainConfig, Trainer};
@@ -24,6 +25,19 @@ pub enum MethodArg {
     Lora,
     Full,
     Head,
+    Sparse,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OptimizerArg {
+    Adamw,
+    Sm3,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum RegrowArg {
+    Sm3,
+    Grad,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -64,6 +78,23 @@ pub struct FinetuneArgs {
     /// Comma-separated module names.
     #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
     target_modules: String,
+    /// Sparse fine-tuning: fraction of each target matrix trained.
+    #[arg(long, default_value_t = 0.01)]
+    density: f32,
+    /// Sparse fine-tuning: steps between changes of the active entries (0: never).
+    #[arg(long, default_value_t = 20)]
+    reselect_every: usize,
+    /// Sparse fine-tuning: fraction of active entries changed at first, decaying to 0.
+    #[arg(long, default_value_t = 0.2)]
+    reselect_rate: f32,
+    /// Sparse fine-tuning: score new entries by SM3's accumulators or by summed gradients.
+    #[arg(long, value_enum, default_value = "sm3")]
+    regrow: RegrowArg,
+    #[arg(long, value_enum, default_value = "adamw")]
+    optimizer: OptimizerArg,
+    /// Momentum of SM3 (0: none) / beta1 of AdamW.
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f32,
     #[arg(long, default_value_t = 2e-4)]
     lr: f32,
     #[arg(long, value_enum, default_value = "cosine")]
@@ -139,6 +170,17 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
         }),
         MethodArg::Full => Method::Full,
         MethodArg::Head => Method::Head,
+        MethodArg::Sparse => Method::Sparse(SparseConfig {
+            density: a.density,
+            reselect_every: a.reselect_every,
+            reselect_rate: a.reselect_rate,
+            regrow: match a.regrow {
+                RegrowArg::Sm3 => Regrow::Sm3,
+                RegrowArg::Grad => Regrow::Grad,
+            },
+            target_modules: a.target_modules.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            ..Default::default()
+        }),
     };
     let config = TrainConfig {
         method: method.clone(),
@@ -154,7 +196,10 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
         batch_size: a.batch_size,
         grad_accum: a.grad_accum,
         max_grad_norm: a.max_grad_norm,
-        adamw: AdamWConfig { weight_decay: a.weight_decay, ..Default::default() },
+        optimizer: match a.optimizer {
+            OptimizerArg::Adamw => OptimizerConfig::AdamW(AdamWConfig { beta1: a.beta1, weight_decay: a.weight_decay, ..Default::default() }),
+            OptimizerArg::Sm3 => OptimizerConfig::Sm3(Sm3Config { beta1: a.beta1, weight_decay: a.weight_decay, ..Default::default() }),
+        },
         seed: a.seed,
         shuffle: !a.no_shuffle,
     };
@@ -162,9 +207,9 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
     let mut trainer = Trainer::new(model, config, train, pad).map_err(err)?;
     if !a.model.json {
         eprintln!(
-            "{} fine-tuning: {} train / {} eval examples, {} steps, {} trained parameters, optimizer state {} floats ({} skipped lines)",
-            method.name(), trainer.train_len(), eval.len(), trainer.total_steps(), trainer.trainable_count(),
-            2 * trainer.trainable_count(), data.bad_lines.len()
+            "{} fine-tuning with {}: {} train / {} eval examples, {} steps, {} trained parameters, optimizer state {} floats ({} skipped lines)",
+            method.name(), trainer.optimizer.name(), trainer.train_len(), eval.len(), trainer.total_steps(), trainer.trainable_count(),
+            trainer.optimizer.state_len(), data.bad_lines.len()
         );
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -201,6 +246,11 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
             save_adapter(&trainer.model, l, &a.model.model.display().to_string(), &dir).map_err(err)?;
             dir
         }
+        Method::Sparse(_) => {
+            let dir = a.out.join("sparse");
+            save_deltas(&trainer.model, &a.model.model.display().to_string(), &dir).map_err(err)?;
+            dir
+        }
         _ => {
             let dir = a.out.join("model");
             trainer.model.save(&a.model.model, &dir).map_err(err)?;
@@ -214,6 +264,7 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
                 "method": method.name(), "steps": summary.steps, "final_train_loss": summary.final_train_loss,
                 "final_eval_loss": summary.final_eval_loss, "tokens_per_second": summary.tokens_per_second,
                 "seconds": summary.seconds, "trainable_parameters": trainer.trainable_count(),
+                "optimizer": trainer.optimizer.name(), "optimizer_state_floats": trainer.optimizer.state_len(),
                 "output": output, "metrics": summary.metrics_path, "plot": summary.plot_path,
                 "checkpoint": summary.checkpoint_path, "skipped_lines": data.bad_lines.len(),
             })
@@ -221,7 +272,12 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
     } else {
         let eval_txt = summary.final_eval_loss.map(|e| format!(", eval loss {e:.4}")).unwrap_or_default();
         println!("done: {} steps, train loss {:.4}{eval_txt}, {:.0} tokens/s", summary.steps, summary.final_train_loss, summary.tokens_per_second);
-        println!("{}: {}", if matches!(method, Method::Lora(_)) { "adapter" } else { "model" }, output.display());
+        let what = match method {
+            Method::Lora(_) => "adapter",
+            Method::Sparse(_) => "sparse deltas",
+            _ => "model",
+        };
+        println!("{what}: {}", output.display());
         println!("metrics: {}\nloss curve: {}", summary.metrics_path.display(), summary.plot_path.display());
     }
     Ok(())

@@ -45,12 +45,17 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Fine-tune a model on a JSONL file (LoRA, full or head-only) and write the result.
     Finetune(FinetuneArgs),
-    /// Fold a LoRA adapter into its base model and write a Hugging Face model folder.
+    /// Fold a LoRA adapter and/or sparse deltas into the base model and write a Hugging Face
+    /// model folder.
     Merge {
         #[arg(long)]
         model: PathBuf,
+        /// A LoRA adapter folder (PEFT format).
+        #[arg(long, required_unless_present = "deltas")]
+        adapter: Option<PathBuf>,
+        /// Sparse deltas (a folder with sparse_deltas.safetensors, or the file).
         #[arg(long)]
-        adapter: PathBuf,
+        deltas: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
     },
@@ -70,6 +75,9 @@ pub(crate) struct ModelArgs {
     /// A LoRA adapter folder in PEFT's format (written by tuna or by PEFT) to apply.
     #[arg(long)]
     pub(crate) adapter: Option<PathBuf>,
+    /// Sparse deltas written by `tuna finetune --method sparse` to apply.
+    #[arg(long)]
+    pub(crate) deltas: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -121,7 +129,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate(a),
         Command::Perplexity(a) => perplexity(a),
         Command::Finetune(a) => finetune::finetune(a),
-        Command::Merge { model, adapter, out } => merge(&model, &adapter, &out),
+        Command::Merge { model, adapter, deltas, out } => merge(&model, adapter.as_deref(), deltas.as_deref(), &out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -160,16 +168,27 @@ pub(crate) fn load(args: &ModelArgs) -> Result<(Llama, Tokenizer), String> {
     if let Some(a) = &args.adapter {
         tuna::peft::load_adapter(&mut model, a).map_err(err)?;
     }
+    if let Some(d) = &args.deltas {
+        tuna::peft::load_deltas(&mut model, d).map_err(err)?;
+        model.merge_sparse().map_err(err)?;
+    }
     let tok = Tokenizer::from_dir(&args.model).map_err(err)?;
     Ok((model, tok))
 }
 
-fn merge(model: &std::path::Path, adapter: &std::path::Path, out: &std::path::Path) -> CliResult {
+fn merge(model: &std::path::Path, adapter: Option<&std::path::Path>, deltas: Option<&std::path::Path>, out: &std::path::Path) -> CliResult {
     let mut m = Llama::load(model).map_err(err)?;
-    tuna::peft::load_adapter(&mut m, adapter).map_err(err)?;
-    m.merge_lora().map_err(err)?;
+    if let Some(a) = adapter {
+        tuna::peft::load_adapter(&mut m, a).map_err(err)?;
+        m.merge_lora().map_err(err)?;
+    }
+    if let Some(d) = deltas {
+        tuna::peft::load_deltas(&mut m, d).map_err(err)?;
+        m.merge_sparse().map_err(err)?;
+    }
     m.save(model, out).map_err(err)?;
-    println!("merged {} into {} -> {}", adapter.display(), model.display(), out.display());
+    let what: Vec<String> = adapter.into_iter().chain(deltas).map(|p| p.display().to_string()).collect();
+    println!("merged {} into {} -> {}", what.join(" and "), model.display(), out.display());
     Ok(())
 }
 

@@ -20,6 +20,7 @@ pub mod optim;
 pub mod reduce;
 pub mod rmsnorm;
 pub mod rope;
+pub mod sparse;
 
 use crate::{Error, Result};
 

@@ -23,15 +23,31 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraAdapter>,
+    /// The trained sparse delta of sparse fine-tuning (`W + scatter(δ)`).
+    pub sparse: Option<SparseDelta>,
+}
+
+/// Values δ at sorted flat indices of a linear's `[out, in]` weight.
+#[derive(Clone)]
+pub struct SparseDelta {
+    pub indices: std::sync::Arc<Vec<u32>>,
+    /// `[nnz]`, f32.
+    pub values: Tensor,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias, lora: None }
+        Linear { weight, bias, lora: None, sparse: None }
     }
 
     /// `dropout_seed` switches the LoRA dropout on (training); `None` is evaluation.
     pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        if let Some(sp) = &self.sparse {
+            if self.lora.is_some() {
+                return Err(crate::Error::InvalidArgument("a linear cannot carry both a LoRA adapter and a sparse delta".into()));
+            }
+            return ops::sparse_linear(x, &self.weight, self.bias.as_ref(), &sp.indices, &sp.values);
+        }
         if let Some(l) = &self.lora {
             let dropout = dropout_seed.filter(|_| l.dropout > 0.0).map(|seed| ops::Dropout { p: l.dropout, seed });
             return ops::lora_linear(x, &self.weight, self.bias.as_ref(), &l.a, &l.b, l.scale, dropout);
@@ -56,10 +72,10 @@ impl Linear {
     }
 
     /// Several linears of the same input as one op (side by side on the CPU); one at a time
-    /// when a base weight is itself trained (full fine-tuning), since the group op treats W
-    /// and the bias as frozen.
+    /// when a base weight is itself trained (full fine-tuning) or carries a sparse delta,
+    /// since the group op treats W and the bias as frozen and knows no deltas.
     pub fn forward_group(linears: &[(&Linear, Option<u64>)], x: &Tensor) -> Result<Vec<Tensor>> {
-        let frozen = linears.iter().all(|(l, _)| !l.weight.is_tracked() && l.bias.as_ref().is_none_or(|b| !b.is_tracked()));
+        let frozen = linears.iter().all(|(l, _)| l.sparse.is_none() && !l.weight.is_tracked() && l.bias.as_ref().is_none_or(|b| !b.is_tracked()));
         if !frozen || x.device() != Device::Cpu {
             return linears.iter().map(|(l, seed)| l.forward(x, *seed)).collect();
         }

@@ -13,6 +13,7 @@ mod nn;
 mod pointwise;
 mod reduce;
 mod shape;
+mod sparse;
 
 pub use attention::{attention, rope, AttentionMask};
 pub use linalg::matmul;
@@ -21,6 +22,7 @@ pub use nn::{cross_entropy, embedding, rmsnorm, rmsnorm_backward, rmsnorm_forwar
 pub use pointwise::{add, mul, scale, silu};
 pub use reduce::{mean, softmax, sum};
 pub use shape::reshape;
+pub use sparse::sparse_linear;
 
 use crate::{DType, Error, Result, Tensor};
 

@@ -7,10 +7,9 @@
 //!   w ← w - (lr / (1 - β1^t)) · m / (sqrt(v) / sqrt(1 - β2^t) + ε)
 //!
 //! Parameters are f32 master copies owned by the caller; the state is two f32 vectors per
-//! parameter, created on the first step.
+//! parameter, created on the first step. The arithmetic is `kernels::optim::cpu::adamw`.
 
-use rayon::prelude::*;
-
+use crate::kernels::optim::{cpu, AdamWParams};
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -48,6 +47,12 @@ impl AdamW {
 
     /// One update of every parameter with its gradient at learning rate `lr`.
     pub fn step(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>], lr: f32) -> Result<()> {
+        self.step_scaled(params, grads, lr, 1.0)
+    }
+
+    /// As `step`, with every gradient multiplied by `grad_scale` (the clipping factor) on the
+    /// fly.
+    pub fn step_scaled(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>], lr: f32, grad_scale: f32) -> Result<()> {
         if params.len() != grads.len() {
             return Err(Error::InvalidArgument(format!("AdamW: {} parameters but {} gradients", params.len(), grads.len())));
         }
@@ -59,20 +64,9 @@ impl AdamW {
         }
         self.step += 1;
         let c = self.config;
-        let t = self.step as i32;
-        let step_size = lr / (1.0 - c.beta1.powi(t));
-        let bc2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-        let decay = 1.0 - lr * c.weight_decay;
-        for (i, ((p, g), (m, v))) in params.iter_mut().zip(grads).zip(self.state.iter_mut()).enumerate() {
-            if p.len() != g.len() || p.len() != m.len() {
-                return Err(Error::InvalidArgument(format!("AdamW: parameter {i} has {} elements, gradient {}", p.len(), g.len())));
-            }
-            p.par_iter_mut().zip(g.par_iter()).zip(m.par_iter_mut().zip(v.par_iter_mut())).for_each(|((p, &g), (m, v))| {
-                *p *= decay;
-                *m += (1.0 - c.beta1) * (g - *m);
-                *v = c.beta2 * *v + (1.0 - c.beta2) * g * g;
-                *p -= step_size * *m / (v.sqrt() / bc2_sqrt + c.eps);
-            });
+        let p = AdamWParams { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay, step: self.step as u32, grad_scale };
+        for (i, ((w, g), (m, v))) in params.iter_mut().zip(grads).zip(self.state.iter_mut()).enumerate() {
+            cpu::adamw(w, g, m, v, p).map_err(|e| Error::InvalidArgument(format!("AdamW, parameter {i}: {e}")))?;
         }
         Ok(())
     }

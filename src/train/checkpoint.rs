@@ -1,5 +1,7 @@
 //! Training checkpoints: `trainer_state.json` (step, names, optimizer counters),
-//! `params.safetensors` (f32 master weights) and `optimizer.safetensors` (AdamW moments).
+//! `params.safetensors` (f32 master weights, and the active indices of sparse deltas as
+//! `indices.NAME`) and `optimizer.safetensors` (the optimizer's state tensors, and the
+//! gradient sums of an open regrowth window as `gradsum.NAME`).
 //! Each file is written to a temporary name and renamed; the state file goes last and names
 //! the step the tensor files must carry, so a crash mid-write is detected at load, never
 //! silently mixed.
@@ -10,6 +12,7 @@ use std::path::Path;
 use serde_json::json;
 
 use super::Trainer;
+use crate::optim::Layout;
 use crate::io::read_json;
 use crate::io::safetensors::{save, WeightFiles};
 use crate::{Error, Result, Tensor};
@@ -19,18 +22,25 @@ impl Trainer {
         std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create: {e}")))?;
         let meta = HashMap::from([("step".to_string(), self.step.to_string())]);
         let tensor = |v: &Vec<f32>, s: &Vec<usize>| Tensor::from_vec(v.clone(), s.clone());
-        let params: Vec<(String, Tensor)> =
+        let mut params: Vec<(String, Tensor)> =
             self.names.iter().zip(self.masters.iter().zip(&self.shapes)).map(|(n, (v, s))| Ok((n.clone(), tensor(v, s)?))).collect::<Result<_>>()?;
+        for (n, l) in self.names.iter().zip(&self.layouts) {
+            if let Layout::Sparse { indices, .. } = l {
+                params.push((format!("indices.{n}"), Tensor::from_vec_i32(indices.iter().map(|&i| i as i32).collect(), [indices.len()])?));
+            }
+        }
         save(&dir.join("params.safetensors"), &params, Some(meta.clone()))?;
-        let mut opt = Vec::new();
-        for (n, ((m, v), s)) in self.names.iter().zip(self.optimizer.state.iter().zip(&self.shapes)) {
-            opt.push((format!("m.{n}"), tensor(m, s)?));
-            opt.push((format!("v.{n}"), tensor(v, s)?));
+        let mut opt = self.optimizer.state_tensors(&self.names)?;
+        if let Some(sums) = self.grad_sums() {
+            for (n, g) in self.names.iter().zip(sums) {
+                opt.push((format!("gradsum.{n}"), Tensor::from_vec(g.clone(), [g.len()])?));
+            }
         }
         save(&dir.join("optimizer.safetensors"), &opt, Some(meta))?;
         let state = json!({
             "step": self.step,
-            "optimizer_step": self.optimizer.step,
+            "optimizer": self.optimizer.name(),
+            "optimizer_step": self.optimizer.steps(),
             "method": self.config.method.name(),
             "seed": self.config.seed,
             "names": self.names,
@@ -63,17 +73,39 @@ impl Trainer {
                 ))),
             }
         };
+        if let Some(o) = state["optimizer"].as_str() {
+            if o != self.optimizer.name() {
+                return Err(Error::file(&path, format!("the checkpoint was trained with {o}; this run uses {}", self.optimizer.name())));
+            }
+        }
         let params = open("params.safetensors")?;
         let opt = open("optimizer.safetensors")?;
+        // Sparse deltas: the active indices first, since the optimizer state follows them.
+        for (n, l) in self.names.iter().zip(self.layouts.iter_mut()) {
+            if let Layout::Sparse { rows, cols, indices } = l {
+                let key = format!("indices.{n}");
+                let t = params.load_raw(&key, &crate::Device::Cpu)?;
+                if t.dtype() != crate::DType::I32 || t.dims() != [indices.len()] {
+                    return Err(Error::file(dir.join("params.safetensors"), format!("`{key}` must be i32 [{}]", indices.len())));
+                }
+                let idx: Vec<u32> = t.to_vec::<i32>()?.into_iter().map(|i| i as u32).collect();
+                crate::kernels::sparse::check_indices("checkpoint", &idx, *rows, *cols).map_err(|e| Error::file(dir.join("params.safetensors"), format!("`{key}`: {e}")))?;
+                *indices = std::sync::Arc::new(idx);
+            }
+        }
         let mut masters = Vec::new();
-        let mut moments = Vec::new();
         for (n, s) in self.names.iter().zip(&self.shapes) {
             masters.push(params.load_f32(n, s)?.to_vec_f32()?);
-            moments.push((opt.load_f32(&format!("m.{n}"), s)?.to_vec_f32()?, opt.load_f32(&format!("v.{n}"), s)?.to_vec_f32()?));
         }
         self.masters = masters;
-        self.optimizer.state = moments;
-        self.optimizer.step = state["optimizer_step"].as_u64().unwrap_or(step as u64);
+        self.optimizer.load_state(&self.names, |key, len| opt.load_f32(key, &[len])?.to_vec_f32())?;
+        self.optimizer.set_steps(state["optimizer_step"].as_u64().unwrap_or(step as u64));
+        let sums = self.names.iter().zip(&self.layouts).map(|(n, l)| {
+            let key = format!("gradsum.{n}");
+            let (r, c) = l.matrix();
+            opt.contains(&key).then(|| opt.load_f32(&key, &[r * c]).and_then(|t| t.to_vec_f32())).transpose()
+        }).collect::<Result<Option<Vec<_>>>>()?;
+        self.set_grad_sums(sums);
         self.step = step;
         self.install(None)?;
         Ok(())

@@ -1,11 +1,12 @@
-//! The trainer: LoRA, full or head-only fine-tuning of a `Llama` with AdamW over f32 master
-//! weights, warmup and decay, global-norm clipping and gradient accumulation; evaluation;
-//! checkpoints that resume to exactly the same losses.
+//! The trainer: LoRA, sparse (SpIEL), full or head-only fine-tuning of a `Llama` with AdamW or
+//! SM3 over f32 master weights, warmup and decay, global-norm clipping and gradient
+//! accumulation; evaluation; checkpoints that resume to exactly the same losses.
 //!
 //! Determinism: optimizer step s consumes micro-batches `s·accum .. (s+1)·accum` of the global
 //! sequence of batches, whose order within each epoch is a function of (seed, epoch), and each
 //! micro-batch's dropout seed is a function of (seed, its index). So the step counter, the
-//! master weights and the optimizer state are the whole training state.
+//! master weights and the optimizer state (with sparse fine-tuning also the active indices
+//! and any gradient sums for regrowth) are the whole training state.
 
 pub mod checkpoint;
 pub mod data;
@@ -13,8 +14,13 @@ pub mod plot;
 pub mod run;
 
 use crate::nn::Llama;
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule, ScheduleKind};
-use crate::peft::LoraConfig;
+use std::sync::Arc;
+
+use crate::kernels::optim::{clip_scale, cpu::sum_squares};
+use crate::nn::llama::SparseDelta;
+use crate::optim::{Layout, Optimizer, OptimizerConfig, Schedule, ScheduleKind};
+use crate::peft::sparse::{reselect, Regrow};
+use crate::peft::{LoraConfig, SparseConfig};
 use crate::{ops, Error, Result, Tape, Tensor};
 use data::{epoch_order, make_batch, Sequence};
 
@@ -26,6 +32,9 @@ pub enum Method {
     Full,
     /// Only the LM head (the embedding table when they are tied).
     Head,
+    /// SpIEL sparse fine-tuning: deltas at a changing set of active entries of the target
+    /// matrices.
+    Sparse(SparseConfig),
 }
 
 impl Method {
@@ -34,6 +43,7 @@ impl Method {
             Method::Lora(_) => "lora",
             Method::Full => "full",
             Method::Head => "head",
+            Method::Sparse(_) => "sparse",
         }
     }
 }
@@ -51,7 +61,7 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     /// 0 disables clipping.
     pub max_grad_norm: f32,
-    pub adamw: AdamWConfig,
+    pub optimizer: OptimizerConfig,
     pub seed: u64,
     pub shuffle: bool,
 }
@@ -68,7 +78,7 @@ impl Default for TrainConfig {
             batch_size: 4,
             grad_accum: 1,
             max_grad_norm: 1.0,
-            adamw: AdamWConfig::default(),
+            optimizer: OptimizerConfig::AdamW(Default::default()),
             seed: 0,
             shuffle: true,
         }
@@ -89,12 +99,18 @@ pub struct StepReport {
 pub struct Trainer {
     pub model: Llama,
     pub config: TrainConfig,
-    /// Names of the trained tensors (PEFT keys for LoRA, transformers names otherwise).
+    /// Names of the trained tensors (PEFT keys for LoRA, `<module>.weight.values` for sparse
+    /// deltas, transformers names otherwise).
     pub names: Vec<String>,
     shapes: Vec<Vec<usize>>,
+    /// How each trained tensor maps onto its matrix (SM3 and sparse deltas need it).
+    pub layouts: Vec<Layout>,
     /// f32 master copies of the trained tensors.
     pub masters: Vec<Vec<f32>>,
-    pub optimizer: AdamW,
+    pub optimizer: Optimizer,
+    /// Sparse fine-tuning with gradient regrowth: the dense gradient of each target matrix
+    /// summed over the current window (None outside windows).
+    grad_sums: Option<Vec<Vec<f32>>>,
     /// Optimizer steps taken.
     pub step: usize,
     train: Vec<Sequence>,
@@ -110,14 +126,31 @@ impl Trainer {
         if config.batch_size == 0 || config.grad_accum == 0 {
             return Err(Error::InvalidArgument("batch size and gradient accumulation must be at least 1".into()));
         }
-        if let Method::Lora(l) = &config.method {
-            model.add_lora(l, config.seed)?;
+        match &config.method {
+            Method::Lora(l) => model.add_lora(l, config.seed)?,
+            Method::Sparse(s) => {
+                if s.regrow == Regrow::Sm3 && s.reselect_every > 0 && !matches!(config.optimizer, OptimizerConfig::Sm3(_)) {
+                    return Err(Error::InvalidArgument("sparse regrowth by SM3 scores needs the SM3 optimizer (--optimizer sm3), or use --regrow grad".into()));
+                }
+                model.add_sparse(s, config.seed)?
+            }
+            Method::Full | Method::Head => {}
         }
         let current = trainable(&model, &config.method);
         let names = current.iter().map(|(n, _)| n.clone()).collect();
-        let shapes = current.iter().map(|(_, t)| t.dims().to_vec()).collect();
+        let shapes: Vec<Vec<usize>> = current.iter().map(|(_, t)| t.dims().to_vec()).collect();
         let masters = current.iter().map(|(_, t)| t.to_vec_f32()).collect::<Result<_>>()?;
-        Ok(Trainer { model, optimizer: AdamW::new(config.adamw), config, names, shapes, masters, step: 0, train, pad })
+        let layouts: Vec<Layout> = match &config.method {
+            Method::Sparse(_) => model
+                .sparse_deltas()
+                .into_iter()
+                .zip(model.linears().into_iter().filter(|(_, l)| l.sparse.is_some()))
+                .map(|((_, d), (_, l))| Layout::Sparse { rows: l.weight.dims()[0], cols: l.weight.dims()[1], indices: d.indices })
+                .collect(),
+            _ => shapes.iter().map(|s| Layout::dense(s)).collect(),
+        };
+        let optimizer = Optimizer::new(config.optimizer, &layouts);
+        Ok(Trainer { model, optimizer, config, names, shapes, layouts, masters, grad_sums: None, step: 0, train, pad })
     }
 
     /// Training examples.
@@ -171,6 +204,18 @@ impl Trainer {
                 Some(h) => *h = take("lm_head.weight")?,
                 None => self.model.embed = take("model.embed_tokens.weight")?,
             },
+            Method::Sparse(_) => {
+                let layouts = &self.layouts;
+                let mut i = 0;
+                for (path, lin) in self.model.linears_mut() {
+                    if lin.sparse.is_none() {
+                        continue;
+                    }
+                    let Layout::Sparse { indices, .. } = &layouts[i] else { unreachable!("sparse methods have sparse layouts") };
+                    lin.sparse = Some(SparseDelta { indices: indices.clone(), values: take(&format!("{path}.weight.values"))? });
+                    i += 1;
+                }
+            }
         }
         Ok(handles)
     }
@@ -193,9 +238,23 @@ impl Trainer {
         let total_targets: usize = batches.iter().map(|b| b.targets).sum::<usize>().max(1);
         let mut grads: Vec<Vec<f32>> = self.masters.iter().map(|m| vec![0.0; m.len()]).collect();
         let mut loss_sum = 0.0f64;
+        let window = self.in_grad_window();
+        if window && self.grad_sums.is_none() {
+            self.grad_sums = Some(self.layouts.iter().map(|l| vec![0.0; l.matrix().0 * l.matrix().1]).collect());
+        }
         for (i, batch) in batches.iter().enumerate() {
             let tape = Tape::new();
             let params = self.install(Some(&tape))?;
+            // Gradient regrowth: the target weights become tape parameters, so the sparse
+            // linears also produce their dense gradient.
+            let weights: Vec<Tensor> = if window {
+                self.model.linears_mut().into_iter().filter(|(_, l)| l.sparse.is_some()).map(|(_, l)| {
+                    l.weight = tape.param(&l.weight);
+                    l.weight.clone()
+                }).collect()
+            } else {
+                Vec::new()
+            };
             self.model.dropout_seed = Some(self.config.seed ^ ((first + i) as u64 + 1).wrapping_mul(0xa076_1d64_78bd_642f));
             let loss = match &batch.packing {
                 Some(pk) => self.model.loss_packed(&batch.ids, Some(&batch.mask), pk),
@@ -212,11 +271,28 @@ impl Trainer {
                     }
                 }
             }
+            if let Some(sums) = &mut self.grad_sums {
+                for (acc, w) in sums.iter_mut().zip(&weights) {
+                    if let Some(g) = g.get(w) {
+                        for (a, v) in acc.iter_mut().zip(g.to_vec_f32()?) {
+                            *a += v;
+                        }
+                    }
+                }
+            }
+            for (_, l) in self.model.linears_mut() {
+                if l.weight.is_tracked() {
+                    l.weight = crate::ops::saved(&l.weight);
+                }
+            }
         }
-        let grad_norm = clip_grad_norm(&mut grads, self.config.max_grad_norm);
+        let refs: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
+        let sum_sq = sum_squares(&refs);
+        let grad_norm = sum_sq.sqrt() as f32;
         let lr = self.schedule().lr(self.step);
-        self.optimizer.step(&mut self.masters, &grads, lr)?;
+        self.optimizer.step(&mut self.masters, &grads, &self.layouts, lr, clip_scale(sum_sq, self.config.max_grad_norm))?;
         self.step += 1;
+        self.maybe_reselect()?;
         self.install(None)?;
         Ok(StepReport {
             step: self.step,
@@ -226,6 +302,56 @@ impl Trainer {
             tokens: batches.iter().map(|b| b.tokens).sum(),
             epoch: (self.step * accum) as f32 / self.batches_per_epoch() as f32,
         })
+    }
+
+    /// Sparse fine-tuning: whether the step about to run sums dense gradients for regrowth.
+    fn in_grad_window(&self) -> bool {
+        let Method::Sparse(s) = &self.config.method else { return false };
+        if s.regrow != Regrow::Grad || s.reselect_every == 0 {
+            return false;
+        }
+        let left = s.reselect_every - self.step % s.reselect_every;
+        left <= s.grad_window.max(1) && self.step + left < self.total_steps()
+    }
+
+    /// Sparse fine-tuning: after every `reselect_every` steps (but not at the end), drop the
+    /// smallest deltas and grow the best-scoring inactive entries.
+    fn maybe_reselect(&mut self) -> Result<()> {
+        let Method::Sparse(s) = &self.config.method else { return Ok(()) };
+        if s.reselect_every == 0 || self.step % s.reselect_every != 0 || self.step >= self.total_steps() {
+            return Ok(());
+        }
+        let sums = self.grad_sums.take();
+        for i in 0..self.layouts.len() {
+            let Layout::Sparse { rows, cols, indices } = &self.layouts[i] else { continue };
+            let (rows, cols) = (*rows, *cols);
+            let n = s.changes(indices.len(), self.step, self.total_steps());
+            let sel = match (s.regrow, &self.optimizer, &sums) {
+                (Regrow::Sm3, Optimizer::Sm3(o), _) => {
+                    let (r, c) = (&o.state[i].r, &o.state[i].c);
+                    reselect(indices, &self.masters[i], rows * cols, n, |e| r[e as usize / cols] * c[e as usize % cols])
+                }
+                (Regrow::Grad, _, Some(sums)) => reselect(indices, &self.masters[i], rows * cols, n, |e| sums[i][e as usize].abs()),
+                _ => return Err(Error::InvalidArgument("sparse regrowth: no scores (SM3 regrowth needs the SM3 optimizer)".into())),
+            };
+            let mut values = vec![0.0; sel.indices.len()];
+            for &(o, n) in &sel.moves {
+                values[n] = self.masters[i][o];
+            }
+            self.masters[i] = values;
+            self.optimizer.remap(i, &sel.moves, sel.indices.len());
+            self.layouts[i] = Layout::Sparse { rows, cols, indices: Arc::new(sel.indices) };
+        }
+        Ok(())
+    }
+
+    /// The gradient sums of an open regrowth window (for checkpoints).
+    pub(crate) fn grad_sums(&self) -> Option<&Vec<Vec<f32>>> {
+        self.grad_sums.as_ref()
+    }
+
+    pub(crate) fn set_grad_sums(&mut self, sums: Option<Vec<Vec<f32>>>) {
+        self.grad_sums = sums;
     }
 
     /// Mean loss over the target tokens of `seqs` (no tape, no dropout).
@@ -263,5 +389,6 @@ fn trainable(model: &Llama, method: &Method) -> Vec<(String, Tensor)> {
             Some(h) => vec![("lm_head.weight".into(), h.clone())],
             None => vec![("model.embed_tokens.weight".into(), model.embed.clone())],
         },
+        Method::Sparse(_) => model.sparse_deltas().into_iter().map(|(p, d)| (format!("{p}.weight.values"), d.values)).collect(),
     }
 }
