@@ -114,3 +114,65 @@ fn finetune_interrupt_and_resume_is_exact() {
     let adapter = |o: &Path| std::fs::read(o.join("adapter/adapter_model.safetensors")).unwrap();
     assert_eq!(adapter(&split), adapter(&full));
 }
+
+/// The demo task with SM3 (LoRA) and with sparse fine-tuning (SM3, regrowth by SM3 scores)
+/// reaches the accuracy LoRA with AdamW reaches in `demo_learns_the_task` (at least 90%).
+#[test]
+fn demo_learns_with_sm3_and_sparse() {
+    for (tag, extra) in [("sm3", &["--optimizer", "sm3"][..]), ("sparse", &["--method", "sparse", "--optimizer", "sm3"][..])] {
+        let out = std::env::temp_dir().join(format!("tuna-demo-{tag}-{}", std::process::id()));
+        let mut args = vec!["demo", "--out", out.to_str().unwrap(), "--steps", "120", "--json"];
+        args.extend_from_slice(extra);
+        let (ok, stdout, err) = tuna(&args);
+        assert!(ok, "{tag}: {err}");
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        let (before, after) = (v["accuracy_before"].as_f64().unwrap(), v["accuracy_after"].as_f64().unwrap());
+        assert!(before <= 0.05 && after >= 0.9, "{tag}: {before} -> {after}");
+        if tag == "sparse" {
+            assert!(out.join("sparse/sparse_deltas.safetensors").exists());
+        }
+    }
+}
+
+/// `finetune --method sparse` writes deltas; `merge --deltas` folds them into a model whose
+/// perplexity equals the model with the deltas applied on the fly.
+#[test]
+fn finetune_sparse_then_merge() {
+    let m = fixture();
+    let base = std::env::temp_dir().join(format!("tuna-sparse-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let data = base.join("data.jsonl");
+    let lines: String = (0..16).map(|i| format!("{{\"prompt\": \"Count {i}\", \"completion\": \" {} {}\"}}\n", i + 1, i + 2)).collect();
+    std::fs::write(&data, lines).unwrap();
+    let out = base.join("run");
+    let (ok, stdout, err) = tuna(&[
+        "finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "--method", "sparse", "--optimizer", "sm3", "--density", "0.05", "--reselect-every", "2", "--max-steps", "4", "--lr", "0.05", "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["method"], "sparse");
+    assert_eq!(v["optimizer"], "sm3");
+    let deltas = out.join("sparse");
+    assert!(deltas.join("sparse_deltas.safetensors").exists());
+    let merged = base.join("merged");
+    let (ok, _, err) = tuna(&["merge", "--model", m.to_str().unwrap(), "--deltas", deltas.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let ppl = |args: &[&str]| -> f64 {
+        let mut a = vec!["perplexity", "--data", data.to_str().unwrap(), "--json"];
+        a.extend_from_slice(args);
+        let (ok, out, err) = tuna(&a);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["mean_loss"].as_f64().unwrap()
+    };
+    let on_the_fly = ppl(&["--model", m.to_str().unwrap(), "--deltas", deltas.to_str().unwrap()]);
+    let folded = ppl(&["--model", merged.to_str().unwrap()]);
+    let untouched = ppl(&["--model", m.to_str().unwrap()]);
+    assert!((on_the_fly - folded).abs() < 1e-5, "{on_the_fly} vs {folded}");
+    assert!(folded < untouched, "training should lower the loss: {untouched} -> {folded}");
+    // A corrupt deltas file is named in the error.
+    std::fs::write(deltas.join("sparse_deltas.safetensors"), b"not a safetensors file").unwrap();
+    let (ok, _, err) = tuna(&["merge", "--model", m.to_str().unwrap(), "--deltas", deltas.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
+    assert!(!ok && err.contains("sparse_deltas.safetensors"), "{err}");
+}

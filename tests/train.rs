@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use tuna::nn::Llama;
-use tuna::peft::LoraConfig;
+use tuna::optim::{Layout, OptimizerConfig, Sm3Config};
+use tuna::peft::{LoraConfig, Regrow, SparseConfig};
 use tuna::rng::Rng;
 use tuna::train::data::Sequence;
 use tuna::train::{Method, TrainConfig, Trainer};
@@ -116,6 +117,7 @@ fn every_method_learns_and_reports_its_state() {
             Method::Full => assert_eq!(t.trainable_count(), base().parameters().iter().map(|(_, t)| t.elem_count()).sum::<usize>()),
             Method::Head => assert_eq!(t.trainable_count(), 320 * 32),
             Method::Lora(_) => {} // counted in lora_trains_only_the_adapters
+            Method::Sparse(_) => unreachable!("sparse methods are tested below"),
         }
         // AdamW keeps two floats per trained element and nothing for frozen weights.
         assert_eq!(t.optimizer.state_len(), 2 * t.trainable_count());
@@ -168,4 +170,109 @@ fn packed_training_matches_unpacked_loss() {
     // And the trainer runs on packed rows.
     let mut t = Trainer::new(base(), cfg(lora(0.0), 2, 1), rows, 0).unwrap();
     assert!(t.train_step().unwrap().loss.is_finite());
+}
+
+fn sparse(regrow: Regrow, every: usize) -> Method {
+    Method::Sparse(SparseConfig { density: 0.1, reselect_every: every, reselect_rate: 0.3, regrow, grad_window: 2, ..Default::default() })
+}
+
+fn sm3() -> OptimizerConfig {
+    OptimizerConfig::Sm3(Sm3Config::default())
+}
+
+/// Sparse fine-tuning resumes exactly, with the active sets changing along the way: by SM3
+/// scores, and by gradient sums with the checkpoint inside a summing window.
+#[test]
+fn sparse_resume_is_exact_across_reselections() {
+    for (method, optimizer, stop) in [(sparse(Regrow::Sm3, 2), sm3(), 3), (sparse(Regrow::Grad, 3), OptimizerConfig::AdamW(Default::default()), 2)] {
+        let c = TrainConfig { optimizer, ..cfg(method, 4, 1) };
+        let mut full = Trainer::new(base(), c.clone(), data(24, 1), 0).unwrap();
+        let total = full.total_steps();
+        let start = full.layouts.clone();
+        let uninterrupted: Vec<f32> = (0..total).map(|_| full.train_step().unwrap().loss).collect();
+        assert_ne!(start, full.layouts, "the active entries should have changed");
+
+        let dir = tmp(&format!("sparse-resume-{stop}"));
+        let mut first = Trainer::new(base(), c.clone(), data(24, 1), 0).unwrap();
+        let mut resumed: Vec<f32> = (0..stop).map(|_| first.train_step().unwrap().loss).collect();
+        first.save_checkpoint(&dir).unwrap();
+        drop(first);
+        let mut second = Trainer::new(base(), c, data(24, 1), 0).unwrap();
+        second.load_checkpoint(&dir).unwrap();
+        resumed.extend((stop..total).map(|_| second.train_step().unwrap().loss));
+        assert_eq!(uninterrupted, resumed);
+        assert_eq!(full.layouts, second.layouts);
+        assert_eq!(full.masters, second.masters);
+    }
+}
+
+/// Sparse fine-tuning trains only the deltas, keeps the count of active entries, leaves the
+/// base weights untouched, and its state scales with the active entries.
+#[test]
+fn sparse_trains_only_deltas() {
+    let mut t = Trainer::new(base(), TrainConfig { optimizer: sm3(), ..cfg(sparse(Regrow::Sm3, 1), 4, 1) }, data(8, 5), 0).unwrap();
+    let shapes: Vec<(usize, usize)> = t.model.linears().iter().map(|(_, l)| (l.weight.dims()[0], l.weight.dims()[1])).collect();
+    let active: usize = shapes.iter().map(|&(o, i)| ((o * i) as f64 * 0.1).round() as usize).sum();
+    assert_eq!(t.trainable_count(), active);
+    let accumulators: usize = shapes.iter().map(|&(o, i)| o + i).sum();
+    assert_eq!(t.optimizer.state_len(), accumulators + active); // r + c per matrix, momentum per entry
+    let frozen_before = base().parameters();
+    for _ in 0..3 {
+        t.train_step().unwrap();
+        assert_eq!(t.trainable_count(), active);
+        for l in &t.layouts {
+            let Layout::Sparse { indices, .. } = l else { panic!("dense layout in a sparse run") };
+            assert!(indices.windows(2).all(|w| w[0] < w[1]));
+        }
+    }
+    for ((n, a), (_, b)) in frozen_before.iter().zip(t.model.parameters()) {
+        assert_eq!(a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap(), "{n} changed");
+    }
+    // Merging folds the deltas in: merged W = base W + scatter(δ).
+    let deltas = t.model.sparse_deltas();
+    let mut merged = t.model.clone();
+    merged.merge_sparse().unwrap();
+    for ((path, d), ((_, lin), (_, orig))) in deltas.iter().zip(merged.linears().into_iter().zip(base().linears())) {
+        let mut want = orig.weight.to_vec_f32().unwrap();
+        for (&i, v) in d.indices.iter().zip(d.values.to_vec_f32().unwrap()) {
+            want[i as usize] += v;
+        }
+        assert_eq!(lin.weight.to_vec_f32().unwrap(), want, "{path}");
+        assert!(lin.sparse.is_none());
+    }
+    // Saved and loaded deltas give the same model outputs.
+    let dir = tmp("deltas");
+    tuna::peft::save_deltas(&t.model, "base", &dir).unwrap();
+    let mut loaded = base();
+    assert_eq!(tuna::peft::load_deltas(&mut loaded, &dir).unwrap(), deltas.len());
+    let ids = tuna::Tensor::from_vec_i32(vec![5, 6, 7, 8], [1, 4]).unwrap();
+    let (a, b) = (t.model.forward(&ids, None).unwrap().to_vec_f32().unwrap(), loaded.forward(&ids, None).unwrap().to_vec_f32().unwrap());
+    assert_eq!(a, b);
+}
+
+/// SM3 learns with LoRA, and sparse fine-tuning learns with SM3 and with AdamW.
+#[test]
+fn sm3_and_sparse_learn() {
+    let seqs = data(16, 4);
+    for (method, optimizer, lr) in [
+        (lora(0.0), sm3(), 5e-2),
+        (sparse(Regrow::Sm3, 4), sm3(), 5e-2),
+        (sparse(Regrow::Grad, 4), OptimizerConfig::AdamW(Default::default()), 1e-2),
+    ] {
+        let c = TrainConfig { optimizer, lr, epochs: 6, ..cfg(method.clone(), 4, 1) };
+        let mut t = Trainer::new(base(), c, seqs.clone(), 0).unwrap();
+        let before = t.evaluate(&seqs).unwrap();
+        while t.step < t.total_steps() {
+            t.train_step().unwrap();
+        }
+        let after = t.evaluate(&seqs).unwrap();
+        assert!(after < before - 0.5, "{} with {}: loss {before} -> {after}", method.name(), t.optimizer.name());
+    }
+}
+
+/// Gradient regrowth needs gradients; SM3 regrowth needs the SM3 optimizer: a clear error.
+#[test]
+fn sm3_regrowth_without_sm3_is_refused() {
+    let err = Trainer::new(base(), cfg(sparse(Regrow::Sm3, 2), 4, 1), data(8, 5), 0).err().expect("should fail");
+    assert!(err.to_string().contains("--optimizer sm3"), "{err}");
 }

@@ -10,7 +10,7 @@
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 split: `LN2_HI` has 9 significant bits, so `n · LN2_HI` is exact for |n| <= 2^15.
-const LN2_HI: f32 = 0.693_359_375;
+const LN2_HI: f32 = 355.0 / 512.0;
 const LN2_LO: f32 = -2.121_944_4e-4;
 /// 1.5 · 2^23: adding it rounds an f32 of magnitude below 2^22 to an integer (ties to even)
 /// and leaves that integer in the low mantissa bits.

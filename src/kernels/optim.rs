@@ -67,6 +67,7 @@ pub fn clip_scale(sum_sq: f64, max_norm: f32) -> f32 {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn check_dense(op: &'static str, w: usize, g: usize, r: usize, c: usize, mom: Option<usize>, rows: usize, cols: usize) -> Result<()> {
     let n = rows * cols;
     if w != n || g != n {

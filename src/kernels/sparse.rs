@@ -1,9 +1,9 @@
 //! The sparse delta of sparse fine-tuning: a `[N, K]` weight W plus `scatter(δ)`, the values
 //! δ at sorted flat indices `e = n·K + k` (zero elsewhere). With x `[M, K]` and dy `[M, N]`:
 //!
-//! - forward  `y += x·scatter(δ)ᵀ`:   `y[m, n_e] += x[m, k_e]·δ_e`          (SpMM)
-//! - backward `dx += dy·scatter(δ)`:  `dx[m, k_e] += dy[m, n_e]·δ_e`        (SpMM, transposed)
-//!            `dδ_e = Σ_m dy[m, n_e]·x[m, k_e]`                            (SDDMM)
+//! - forward `y += x·scatter(δ)ᵀ`: `y[m, n_e] += x[m, k_e]·δ_e` (SpMM);
+//! - backward `dx += dy·scatter(δ)`: `dx[m, k_e] += dy[m, n_e]·δ_e` (SpMM, transposed), and
+//!   `dδ_e = Σ_m dy[m, n_e]·x[m, k_e]` (SDDMM).
 //!
 //! Each costs M·nnz multiply-adds, so with 1% density the delta adds about 1% to the dense
 //! layer; the dense part (`x·Wᵀ`, `dy·W`) runs on the GEMM as for a frozen weight.
