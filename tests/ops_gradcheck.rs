@@ -397,3 +397,34 @@ fn sparse_delta_gradient_is_the_dense_gradient_at_the_indices() {
         assert!((*f as f64 - r).abs() < 1e-5 * (1.0 + r.abs()), "entry {e}: {f} vs {r}");
     }
 }
+
+/// Both CPU paths of the sparse delta (scalar SpMM beside the GEMM, and δ folded into a copy
+/// of W) give the dense f64 result, forward and for dx.
+#[test]
+fn sparse_delta_spmm_and_folded_paths_agree() {
+    use tuna::kernels::sparse::{cpu, reference, SparseParams};
+    let mut rng = Rng::new(11);
+    let (n, k) = (29, 41);
+    for m in [1, 3, 64] {
+        let p = SparseParams { m, n, k };
+        let x = rng.vec(m * k, -1.0, 1.0);
+        let dy = rng.vec(m * n, -1.0, 1.0);
+        let idx = tuna::peft::sparse::random_indices(n * k, 30, &mut rng);
+        let d = rng.vec(30, -1.0, 1.0);
+        let f64v = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+        let s = reference::scatter(&idx, &f64v(&d), p);
+        let want_y = matmul::reference::matmul(&f64v(&x), &s, matmul::MatmulParams { m, n, k, trans_a: false, trans_b: true });
+        let want_dx = matmul::reference::matmul(&f64v(&dy), &s, matmul::MatmulParams { m, n: k, k: n, trans_a: false, trans_b: false });
+        let mut y = vec![0.0f32; m * n];
+        cpu::spmm_add(&x, &idx, &d, &mut y, p);
+        let mut dx = vec![0.0f32; m * k];
+        cpu::spmm_t_add(&dy, &idx, &d, &mut dx, p);
+        let folded = cpu::with_delta(&vec![0.0; n * k], &idx, &d);
+        let yf = matmul::cpu::matmul_new(&x, &folded, matmul::MatmulParams { m, n, k, trans_a: false, trans_b: true }).unwrap();
+        for (got, want) in [(&y, &want_y), (&yf, &want_y), (&dx, &want_dx)] {
+            for (a, b) in got.iter().zip(want) {
+                assert!((*a as f64 - b).abs() < 1e-5, "m={m}: {a} vs {b}");
+            }
+        }
+    }
+}

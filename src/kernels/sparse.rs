@@ -63,14 +63,37 @@ pub mod cpu {
     use super::SparseParams;
     use crate::device::cpu::rows_per_task;
 
+    /// (row, column) of each flat index, split once per call so the loops over tokens do no
+    /// integer division.
+    fn coords(indices: &[u32], k: usize) -> Vec<(u32, u32)> {
+        indices.iter().map(|&e| (e / k as u32, e % k as u32)).collect()
+    }
+
+    /// Whether to fold δ into a copy of W (one copy of W, then the GEMM alone) rather than run
+    /// the scalar SpMM beside the GEMM: the SpMM's M·nnz scattered multiply-adds cost more
+    /// than copying the N·K weight once M·nnz passes about a quarter of N·K, which a training
+    /// batch always does; decoding a token at a time (M = 1) at low density does not.
+    pub fn fold_delta(p: SparseParams, nnz: usize) -> bool {
+        4 * p.m * nnz > p.n * p.k
+    }
+
+    /// `W + scatter(δ)` as a new matrix.
+    pub fn with_delta(w: &[f32], indices: &[u32], delta: &[f32]) -> Vec<f32> {
+        let mut out = w.to_vec();
+        for (&e, &d) in indices.iter().zip(delta) {
+            out[e as usize] += d;
+        }
+        out
+    }
+
     /// `y[m, n_e] += x[m, k_e]·δ_e`, rows of y in parallel.
     pub fn spmm_add(x: &[f32], indices: &[u32], delta: &[f32], y: &mut [f32], p: SparseParams) {
+        let nk = coords(indices, p.k);
         let rows = rows_per_task(p.n.max(indices.len()));
         y.par_chunks_mut(rows * p.n).zip(x.par_chunks(rows * p.k)).for_each(|(yb, xb)| {
             for (yr, xr) in yb.chunks_mut(p.n).zip(xb.chunks(p.k)) {
-                for (&e, &d) in indices.iter().zip(delta) {
-                    let (n, k) = (e as usize / p.k, e as usize % p.k);
-                    yr[n] += xr[k] * d;
+                for (&(n, k), &d) in nk.iter().zip(delta) {
+                    yr[n as usize] += xr[k as usize] * d;
                 }
             }
         });
@@ -78,12 +101,12 @@ pub mod cpu {
 
     /// `dx[m, k_e] += dy[m, n_e]·δ_e`, rows of dx in parallel.
     pub fn spmm_t_add(dy: &[f32], indices: &[u32], delta: &[f32], dx: &mut [f32], p: SparseParams) {
+        let nk = coords(indices, p.k);
         let rows = rows_per_task(p.k.max(indices.len()));
         dx.par_chunks_mut(rows * p.k).zip(dy.par_chunks(rows * p.n)).for_each(|(xb, yb)| {
             for (xr, yr) in xb.chunks_mut(p.k).zip(yb.chunks(p.n)) {
-                for (&e, &d) in indices.iter().zip(delta) {
-                    let (n, k) = (e as usize / p.k, e as usize % p.k);
-                    xr[k] += yr[n] * d;
+                for (&(n, k), &d) in nk.iter().zip(delta) {
+                    xr[k as usize] += yr[n as usize] * d;
                 }
             }
         });

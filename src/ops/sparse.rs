@@ -9,7 +9,8 @@ use crate::tape::record;
 use crate::{DType, Device, Error, Result, Tensor};
 
 /// The linear of sparse fine-tuning: `x·(W + scatter(δ))ᵀ (+ bias)`, with δ `[nnz]` the
-/// values at the sorted flat `indices` of the `[N, K]` weight (see `kernels::sparse`). x, W and
+/// values at the sorted flat `indices` of the `[N, K]` weight (see `kernels::sparse`; on the
+/// CPU δ is folded into a transient copy of W when that is cheaper than the SpMM). x, W and
 /// δ get gradients when tracked: dW (dense, `dyᵀ·x`) only when W itself is tracked, which the
 /// trainer asks for when it scores regrowth by gradients. The bias is frozen.
 pub fn sparse_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, indices: &Arc<Vec<u32>>, delta: &Tensor) -> Result<Tensor> {
@@ -38,12 +39,17 @@ pub fn sparse_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, indices: &Ar
         return Err(Error::Unsupported { op: OP, device: x.device() });
     }
     let (xv, wv, dv) = (x.cpu_f32(OP)?, w.cpu_f32(OP)?, delta.cpu_f32(OP)?);
-    let mut y = mm::matmul_new(xv, wv, MatmulParams { m: p.m, n, k, trans_a: false, trans_b: true })?;
+    let fold = cpu::fold_delta(p, indices.len());
+    let w_eff = fold.then(|| cpu::with_delta(wv, indices, dv));
+    let mut y = mm::matmul_new(xv, w_eff.as_deref().unwrap_or(wv), MatmulParams { m: p.m, n, k, trans_a: false, trans_b: true })?;
+    drop(w_eff);
     if let Some(b) = bias {
         let b = b.cpu_f32(OP)?;
         y.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
     }
-    cpu::spmm_add(xv, indices, dv, &mut y, p);
+    if !fold {
+        cpu::spmm_add(xv, indices, dv, &mut y, p);
+    }
     let mut shape = x.dims().to_vec();
     *shape.last_mut().expect("rank >= 2") = n;
     let out = Tensor::from_vec(y, shape)?;
@@ -51,8 +57,14 @@ pub fn sparse_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, indices: &Ar
     record(OP, out, &[x, w, delta], move |g, needs| {
         let (gv, xv, wv, dv) = (g.cpu_f32(OP)?, sx.cpu_f32(OP)?, sw.cpu_f32(OP)?, sd.cpu_f32(OP)?);
         let dx = if needs[0] {
-            let mut dx = mm::matmul_new(gv, wv, MatmulParams { m: p.m, n: p.k, k: p.n, trans_a: false, trans_b: false })?;
-            cpu::spmm_t_add(gv, &idx, dv, &mut dx, p);
+            let dp = MatmulParams { m: p.m, n: p.k, k: p.n, trans_a: false, trans_b: false };
+            let dx = if cpu::fold_delta(p, idx.len()) {
+                mm::matmul_new(gv, &cpu::with_delta(wv, &idx, dv), dp)?
+            } else {
+                let mut dx = mm::matmul_new(gv, wv, dp)?;
+                cpu::spmm_t_add(gv, &idx, dv, &mut dx, p);
+                dx
+            };
             Some(Tensor::from_vec(dx, sx.shape().clone())?)
         } else {
             None
