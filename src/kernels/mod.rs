@@ -16,6 +16,7 @@ pub mod embedding;
 pub mod lora;
 pub mod math;
 pub mod matmul;
+pub mod nf4;
 pub mod optim;
 pub mod reduce;
 pub mod rmsnorm;

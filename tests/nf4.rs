@@ -1,0 +1,67 @@
+//! NF4 against bitsandbytes itself (`tools/fixtures/make_nf4_fixture.py`): the dynamic map, the
+//! packed codes, the double-quantized absmax and the dequantized values.
+
+use std::path::Path;
+
+use tuna::io::safetensors::WeightFiles;
+use tuna::kernels::nf4::{cpu, dynamic_map, Nf4Tensor, NF4};
+use tuna::Device;
+
+fn fixture() -> WeightFiles {
+    WeightFiles::from_paths(&[Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures/nf4/nf4.safetensors")]).unwrap()
+}
+
+fn f32s(w: &WeightFiles, k: &str) -> Vec<f32> {
+    w.load_raw(k, &Device::Cpu).unwrap().to_vec_f32().unwrap()
+}
+
+fn u8s(w: &WeightFiles, k: &str) -> Vec<u8> {
+    w.load_raw(k, &Device::Cpu).unwrap().to_vec::<u8>().unwrap()
+}
+
+#[test]
+fn tables_match_bitsandbytes() {
+    let w = fixture();
+    assert_eq!(f32s(&w, "nf4_code"), NF4);
+    assert_eq!(f32s(&w, "code2"), dynamic_map());
+}
+
+#[test]
+fn quantize_and_dequantize_match_bitsandbytes() {
+    let w = fixture();
+    for case in ["matrix", "ragged", "codes"] {
+        let x = f32s(&w, &format!("{case}.weight"));
+        let q = cpu::quantize(&x);
+        assert_eq!(q.packed, u8s(&w, &format!("{case}.packed")), "{case}: packed codes");
+        assert_eq!(q.absmax, u8s(&w, &format!("{case}.absmax")), "{case}: absmax indices");
+        let offset = f32s(&w, &format!("{case}.offset"))[0];
+        assert!((q.offset - offset).abs() <= 4.0 * f32::EPSILON * offset.abs(), "{case}: offset {} vs {offset}", q.offset);
+        // The offset is a mean, which torch sums in its own order; it and the second-level
+        // absmax values that depend on it agree to a few ulp (and both are stored, so each
+        // side dequantizes its own file exactly).
+        for (a, b) in q.absmax2.iter().zip(f32s(&w, &format!("{case}.absmax2"))) {
+            assert!((a - b).abs() <= 4.0 * f32::EPSILON * b.abs(), "{case}: second-level absmax {a} vs {b}");
+        }
+        // Dequantize bitsandbytes' own quantization (its stored offset) and compare exactly.
+        let theirs = Nf4Tensor { offset, absmax2: f32s(&w, &format!("{case}.absmax2")), ..q.clone() };
+        assert_eq!(cpu::dequantize(&theirs).unwrap(), f32s(&w, &format!("{case}.dequant")), "{case}: dequantized");
+    }
+}
+
+#[test]
+fn round_trip_error_and_size() {
+    let mut rng = tuna::rng::Rng::new(5);
+    let x = rng.vec(64 * 1024, -2.0, 2.0);
+    let q = cpu::quantize(&x);
+    let y = cpu::dequantize(&q).unwrap();
+    let a = cpu::absmax(&q);
+    for (i, (u, v)) in x.iter().zip(&y).enumerate() {
+        // Half the widest gap between NF4 codes (-0.6962 - -1.0) times the block's absmax,
+        // plus the double quantization's error on the absmax itself (under 1%).
+        let bound = (0.5 * (1.0 - 0.696_192_8) + 0.01) * a[i / 64];
+        assert!((u - v).abs() <= bound, "element {i}: {u} -> {v}");
+    }
+    assert!((q.bits_per_weight() - 4.127).abs() < 0.001, "{}", q.bits_per_weight());
+    let bad = Nf4Tensor { packed: vec![0; 3], ..q };
+    assert!(cpu::dequantize(&bad).unwrap_err().to_string().contains("packed bytes"));
+}
