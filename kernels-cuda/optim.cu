@@ -30,7 +30,9 @@
 //   takes columns l, l+32, l+64, l+96 of rows y, y+8, ..., y+56). Row maxima: a warp max, then
 //   one atomic per row per tile; column maxima: a shared-memory max over the 8 warps, then one
 //   atomic per column per tile. grid = (ceil(C/128), min(ceil(R/64), 65535)); row tiles past
-//   gridDim.y are taken by a grid-stride loop.
+//   gridDim.y are taken by a grid-stride loop. Tiles are sized for matrices: a vector [L, 1]
+//   keeps one lane in 128 busy, which is fine for the norm weights and biases it is used for
+//   (a few thousand elements) and would want a one-dimensional kernel if long vectors appear.
 // - sm3_sparse_f32: one thread per active entry (an index past the matrix is skipped);
 //   sm3_sparse_finish one thread per max(R, C).
 // - adamw_*: one thread per element, grid.x = ceil(n / blockDim.x).
