@@ -11,6 +11,7 @@
 //! shaders on the CPU). On a GPU machine without Rust, `tools/gpu-check` runs the CUDA bench.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rayon::prelude::*;
 use tuna::kernels::optim::{cpu, AdamWParams, Sm3Params};
 use tuna::testing::Rng;
 use tuna::Device;
@@ -71,7 +72,11 @@ fn bench_cpu(g: &mut Group<'_>, id: &str, rows: usize, w: &[f32], grad: &[f32]) 
     let n = rows * COLS;
     let mut dst = vec![0.0f32; n];
     g.throughput(Throughput::Bytes((8 * n) as u64));
-    g.bench_function(BenchmarkId::new("copy (peer)", id), |b| b.iter(|| dst.copy_from_slice(w)));
+    // The peer copies with the same threads the steps use (rayon), so the ratio compares like
+    // with like.
+    g.bench_function(BenchmarkId::new("copy (peer)", id), |b| {
+        b.iter(|| dst.par_chunks_mut(1 << 16).zip(w.par_chunks(1 << 16)).for_each(|(d, s)| d.copy_from_slice(s)))
+    });
     let (mut w1, mut r, mut c, mut m) = (w.to_vec(), vec![0.0f32; rows], vec![0.0f32; COLS], vec![0.0f32; n]);
     g.throughput(Throughput::Bytes(sm3_bytes(rows)));
     g.bench_function(BenchmarkId::new("sm3 f32 momentum", id), |b| {
