@@ -6,6 +6,8 @@
 
 use crate::{ops, Result, Tape, Tensor};
 
+pub mod optim;
+
 /// `|got - ref| <= atol + rtol * |ref|`.
 #[derive(Clone, Copy, Debug)]
 pub struct Tolerance {

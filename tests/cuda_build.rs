@@ -21,6 +21,17 @@ fn entry_points(module: &str) -> &'static [&'static str] {
             "rmsnorm_bwd_dw_f32",
             "rmsnorm_bwd_dw_bf16",
         ],
+        "optim" => &[
+            "sm3_dense_f32",
+            "sm3_dense_bf16",
+            "sm3_sparse_f32",
+            "sm3_sparse_finish",
+            "adamw_f32",
+            "adamw_bf16",
+            "sumsq_partial_f32",
+            "sumsq_partial_bf16",
+            "sumsq_finish",
+        ],
         _ => &[],
     }
 }
@@ -35,7 +46,7 @@ fn assert_entries(module: &str, arch: &str, ptx: &str) {
 #[test]
 fn every_module_is_embedded() {
     let names: Vec<&str> = cuda::modules().iter().map(|m| m.name).collect();
-    assert!(names.contains(&"rmsnorm"), "{names:?}");
+    assert!(names.contains(&"rmsnorm") && names.contains(&"optim"), "{names:?}");
     for m in cuda::modules() {
         assert!(!m.source.contains("#include \""), "{}: local includes must be inlined for NVRTC", m.name);
     }

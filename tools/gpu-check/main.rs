@@ -21,7 +21,9 @@ use std::time::Instant;
 use cudarc::driver::{CudaSlice, CudaStream};
 use serde_json::{json, Value};
 use tuna::device::cuda::{self, CudaRuntime};
+use tuna::kernels::optim::{self, AdamWParams, Sm3Params};
 use tuna::kernels::rmsnorm::{self, RmsNormParams};
+use tuna::testing::optim::{check_adamw, check_sm3, check_sm3_sparse, check_sum_squares, AdamWCase, Sm3Case};
 use tuna::{DType, Device};
 
 struct CaseResult {
@@ -82,7 +84,7 @@ fn main() -> ExitCode {
 
     println!("\nbenchmarks (median of 20 after 3 warm-up runs, CUDA events):");
     println!("  {:<38} {:>10} {:>10} {:>12}", "kernel", "time µs", "GB/s", "of copy bw");
-    let benches = match benches(&rt) {
+    let mut benches = match benches(&rt) {
         Ok(b) => b,
         Err(e) => {
             println!("  error: {e}");
@@ -90,6 +92,15 @@ fn main() -> ExitCode {
             Vec::new()
         }
     };
+    println!("\noptimizer steps (bytes each step must move; target: >= 85% of copy bandwidth):");
+    println!("  {:<38} {:>10} {:>10} {:>12}", "kernel", "time µs", "GB/s", "of copy bw");
+    match optim_benches(&rt) {
+        Ok(b) => benches.extend(b),
+        Err(e) => {
+            println!("  error: {e}");
+            failed += 1;
+        }
+    }
     report["benchmarks"] = Value::Array(benches);
     report["seconds"] = json!(started.elapsed().as_secs_f64());
     report["failed"] = json!(failed);
@@ -142,7 +153,62 @@ fn cases() -> Vec<CaseResult> {
             );
         }
     }
+    optim_cases(&mut push);
     out
+}
+
+/// The optimizer-step cases: the bodies `tests/optim_devices.rs` runs on the CPU and wgpu.
+fn optim_cases(push: &mut impl FnMut(String, Result<(), String>)) {
+    let dev = Device::Cuda(0);
+    let shapes = [(1, 1), (7, 1), (300, 1), (1, 300), (3, 5), (17, 33), (65, 129), (40, 257), (1000, 1000), (130, 4097)];
+    let storages = [(DType::F32, false), (DType::BF16, true), (DType::BF16, false)];
+    for (dtype, master) in storages {
+        for (k, &(rows, cols)) in shapes.iter().enumerate() {
+            for momentum in [false, true] {
+                let case = Sm3Case {
+                    rows,
+                    cols,
+                    momentum,
+                    weight_decay: 0.1,
+                    grad_scale: 0.5,
+                    device_clip: None,
+                    steps: 3,
+                    dtype,
+                    master,
+                    seed: k as u64,
+                };
+                push(format!("sm3 {dtype}{} [{rows}, {cols}] momentum {momentum}", if master { "+master" } else { "" }), check_sm3(dev, case));
+            }
+        }
+        for (k, &n) in [1usize, 257, 5000, 1 << 20].iter().enumerate() {
+            for device_clip in [None, Some(1.0)] {
+                let case = AdamWCase { n, weight_decay: 0.01, grad_scale: 0.8, device_clip, steps: 3, dtype, master, seed: k as u64 };
+                push(format!("adamw {dtype}{} n={n} clip {device_clip:?}", if master { "+master" } else { "" }), check_adamw(dev, case));
+            }
+        }
+    }
+    for max_norm in [2.0, 100.0] {
+        let base = Sm3Case {
+            rows: 20,
+            cols: 30,
+            momentum: true,
+            weight_decay: 0.0,
+            grad_scale: 0.5,
+            device_clip: Some(max_norm),
+            steps: 3,
+            dtype: DType::F32,
+            master: false,
+            seed: 7,
+        };
+        push(format!("sm3 device clip max_norm {max_norm}"), check_sm3(dev, base));
+    }
+    for (k, &(rows, cols, nnz)) in [(1, 1, 1), (10, 12, 5), (10, 12, 60), (33, 17, 561), (64, 300, 900), (4096, 4096, 100_000)].iter().enumerate() {
+        for momentum in [false, true] {
+            push(format!("sm3_sparse [{rows}, {cols}] {nnz} active momentum {momentum}"), check_sm3_sparse(dev, rows, cols, nnz, momentum, 3, k as u64));
+        }
+    }
+    push("sum of squares, 4 buffers".into(), check_sum_squares(dev, &[1, 300, 0, 70_000], 1.0, 3));
+    push("sum of squares, 16M".into(), check_sum_squares(dev, &[16 << 20], 1.0, 5));
 }
 
 /// Median time in µs of `f` over 20 runs after 3 warm-ups, timed with events on `stream`.
@@ -162,6 +228,82 @@ fn time_us(rt: &CudaRuntime, mut f: impl FnMut() -> tuna::Result<()>) -> tuna::R
     }
     times.sort_by(|a, b| a.total_cmp(b));
     Ok(times[times.len() / 2])
+}
+
+/// Bandwidth of the optimizer steps over 1M, 16M and 256M parameters (SM3 as `[n/4096, 4096]`),
+/// through the public launchers, beside a device-to-device copy of one f32 parameter buffer.
+/// Bytes per parameter that each step must move: SM3 f32 without momentum reads w, g and
+/// writes w (12); with momentum also reads and writes m (20); bf16 with f32 master and
+/// momentum reads master, g (2), m and writes master, w (2), m (20); AdamW f32 reads w, g, m, v
+/// and writes w, m, v (28), bf16 + master the same 28; the sum of squares reads g (4). SM3
+/// also moves its accumulators: 8·(R + C) bytes, plus their zeroing.
+fn optim_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
+    const COLS: usize = 4096;
+    let mut rows_out = Vec::new();
+    let s = &rt.stream;
+    let md = &rt.modules;
+    let e = |e: cudarc::driver::DriverError| tuna::Error::Cuda { context: "optim bench".into(), message: format!("{e:?}") };
+    let sm3p = Sm3Params { lr: 1e-3, eps: 1e-8, beta1: 0.9, weight_decay: 0.01, grad_scale: 1.0 };
+    let sm3p_nomom = Sm3Params { beta1: 0.0, ..sm3p };
+    let adamp = AdamWParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 10, grad_scale: 1.0 };
+    for n in [1usize << 20, 16 << 20, 256 << 20] {
+        let rows = n / COLS;
+        let mut w = alloc::<f32>(s, n)?;
+        let g = alloc::<f32>(s, n)?;
+        let mut m = alloc::<f32>(s, n)?;
+        let mut v = alloc::<f32>(s, n)?;
+        let mut wb = alloc::<u16>(s, n)?;
+        let gb = alloc::<u16>(s, n)?;
+        let (r, c) = (alloc::<f32>(s, rows)?, alloc::<f32>(s, COLS)?);
+        let (mut r2, mut c2) = (alloc::<f32>(s, rows)?, alloc::<f32>(s, COLS)?);
+        let mut ss = alloc::<f64>(s, 1)?;
+        let copy_us = {
+            let mut dst = alloc::<f32>(s, n)?;
+            time_us(rt, || s.memcpy_dtod(&g, &mut dst).map_err(e))?
+        };
+        let copy_gbs = (8 * n) as f64 / copy_us / 1e3;
+        let acc = (8 * (rows + COLS)) as f64;
+        let mut results: Vec<(&str, f64, f64)> = vec![("memcpy_dtod (peer)", copy_us, (8 * n) as f64)];
+        let us = time_us(rt, || {
+            optim::cuda::sm3::<f32>(s, md, &mut w.slice_mut(..), &g.slice(..), None, &r.slice(..), &c.slice(..), &mut r2.slice_mut(..), &mut c2.slice_mut(..), None, rows, COLS, sm3p_nomom, None)
+        })?;
+        results.push(("sm3 f32", us, 12.0 * n as f64 + acc));
+        let us = time_us(rt, || {
+            let mut mv = m.slice_mut(..);
+            optim::cuda::sm3::<f32>(s, md, &mut w.slice_mut(..), &g.slice(..), None, &r.slice(..), &c.slice(..), &mut r2.slice_mut(..), &mut c2.slice_mut(..), Some(&mut mv), rows, COLS, sm3p, None)
+        })?;
+        results.push(("sm3 f32 momentum", us, 20.0 * n as f64 + acc));
+        let us = time_us(rt, || {
+            let (mut mv, mut master) = (m.slice_mut(..), v.slice_mut(..));
+            optim::cuda::sm3::<u16>(s, md, &mut wb.slice_mut(..), &gb.slice(..), Some(&mut master), &r.slice(..), &c.slice(..), &mut r2.slice_mut(..), &mut c2.slice_mut(..), Some(&mut mv), rows, COLS, sm3p, None)
+        })?;
+        results.push(("sm3 bf16+master momentum", us, 20.0 * n as f64 + acc));
+        let us = time_us(rt, || optim::cuda::adamw::<f32>(s, md, &mut w.slice_mut(..), &g.slice(..), None, &mut m.slice_mut(..), &mut v.slice_mut(..), adamp, None))?;
+        results.push(("adamw f32", us, 28.0 * n as f64));
+        // bf16 + master reuses w (f32) as the master copy.
+        let us = time_us(rt, || {
+            let mut master = w.slice_mut(..);
+            optim::cuda::adamw::<u16>(s, md, &mut wb.slice_mut(..), &gb.slice(..), Some(&mut master), &mut m.slice_mut(..), &mut v.slice_mut(..), adamp, None)
+        })?;
+        results.push(("adamw bf16+master", us, 28.0 * n as f64));
+        let us = time_us(rt, || {
+            let clip = optim::cuda::DeviceClip { sum_sq: ss.slice(..), max_norm: 1.0 };
+            optim::cuda::adamw::<f32>(s, md, &mut w.slice_mut(..), &g.slice(..), None, &mut m.slice_mut(..), &mut v.slice_mut(..), adamp, Some(&clip))
+        })?;
+        results.push(("adamw f32 device clip", us, 28.0 * n as f64));
+        let us = time_us(rt, || optim::cuda::sum_squares::<f32>(s, md, &[g.slice(..)], &mut ss.slice_mut(..)))?;
+        results.push(("sum_squares f32", us, 4.0 * n as f64));
+        for (kernel, us, bytes) in results {
+            let gbs = bytes / us / 1e3;
+            let name = format!("{kernel} {}M", n >> 20);
+            println!("  {:<38} {:>10.1} {:>10.0} {:>11.0}%", name, us, gbs, 100.0 * gbs / copy_gbs);
+            rows_out.push(json!({
+                "kernel": kernel, "params": n, "time_us": us, "bytes": bytes, "gb_per_s": gbs,
+                "copy_gb_per_s": copy_gbs, "of_copy": gbs / copy_gbs, "meets_85pct": gbs >= 0.85 * copy_gbs,
+            }));
+        }
+    }
+    Ok(rows_out)
 }
 
 fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(s: &Arc<CudaStream>, n: usize) -> tuna::Result<CudaSlice<T>> {
