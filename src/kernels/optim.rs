@@ -207,35 +207,62 @@ pub mod cpu {
             return Ok(());
         }
         let decay = 1.0 - p.lr * p.weight_decay;
-        let block = (1 << 16) / cols.max(1) + 1;
+        // Row blocks of at least 64K elements, and few enough that merging their column
+        // maxima stays cheap.
+        let block = ((1 << 16) / cols.max(1) + 1).max(rows.div_ceil(4 * rayon::current_num_threads()));
         let c_old: &[f32] = c;
         let mut mom_blocks: Vec<Option<&mut [f32]>> = match mom {
             Some(m) => m.chunks_mut(block * cols).map(Some).collect(),
             None => (0..rows.div_ceil(block)).map(|_| None).collect(),
         };
-        let col_max: Vec<Vec<f32>> = w
+        let col_max: Vec<f32> = w
             .par_chunks_mut(block * cols)
             .zip(g.par_chunks(block * cols))
             .zip(r.par_chunks_mut(block))
             .zip(mom_blocks.par_iter_mut())
             .map(|(((wb, gb), rb), mb)| {
                 let mut cmax = vec![0.0f32; cols];
+                let mut v = vec![0.0f32; cols];
                 for (row, ((wr, gr), ri)) in wb.chunks_mut(cols).zip(gb.chunks(cols)).zip(rb.iter_mut()).enumerate() {
-                    let mut mr = mb.as_deref_mut().map(|m| &mut m[row * cols..(row + 1) * cols]);
-                    let mut rmax = 0.0f32;
-                    for j in 0..cols {
-                        let v = sm3_element(&mut wr[j], gr[j] * p.grad_scale, (*ri).min(c_old[j]), mr.as_deref_mut().map(|m| &mut m[j]), &p, decay);
-                        rmax = rmax.max(v);
-                        cmax[j] = cmax[j].max(v);
+                    // Separate passes over the row (v, then the update, then the maxima), each
+                    // a straight loop the compiler vectorises.
+                    let r_old = *ri;
+                    for ((v, &gj), &cj) in v.iter_mut().zip(gr).zip(c_old) {
+                        let gs = gj * p.grad_scale;
+                        *v = r_old.min(cj) + gs * gs;
                     }
-                    *ri = rmax;
+                    match mb.as_deref_mut() {
+                        Some(m) => {
+                            let mr = &mut m[row * cols..(row + 1) * cols];
+                            for (((w, &gj), &vj), m) in wr.iter_mut().zip(gr).zip(&v).zip(mr) {
+                                let u = gj * p.grad_scale / (vj.sqrt() + p.eps);
+                                *m = p.beta1 * *m + (1.0 - p.beta1) * u;
+                                *w = *w * decay - p.lr * *m;
+                            }
+                        }
+                        None => {
+                            for ((w, &gj), &vj) in wr.iter_mut().zip(gr).zip(&v) {
+                                *w = *w * decay - p.lr * (gj * p.grad_scale / (vj.sqrt() + p.eps));
+                            }
+                        }
+                    }
+                    let mut lanes = [0.0f32; 8];
+                    for (vc, cc) in v.chunks(8).zip(cmax.chunks_mut(8)) {
+                        for ((&vj, cm), l) in vc.iter().zip(cc).zip(lanes.iter_mut()) {
+                            *cm = cm.max(vj);
+                            *l = l.max(vj);
+                        }
+                    }
+                    *ri = lanes.iter().fold(0.0f32, |a, &b| a.max(b));
                 }
                 cmax
             })
-            .collect();
-        for (j, cj) in c.iter_mut().enumerate() {
-            *cj = col_max.iter().fold(0.0f32, |a, b| a.max(b[j]));
-        }
+            .reduce_with(|mut a, b| {
+                a.iter_mut().zip(b).for_each(|(x, y)| *x = x.max(y));
+                a
+            })
+            .expect("at least one row block");
+        c.copy_from_slice(&col_max);
         Ok(())
     }
 
