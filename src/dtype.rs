@@ -10,6 +10,9 @@ pub enum DType {
     F16,
     U8,
     I32,
+    /// 4-bit NormalFloat in bitsandbytes' layout (`kernels::nf4`): a whole frozen weight, not
+    /// elements of a fixed size; ops read it dequantized.
+    NF4,
 }
 
 impl DType {
@@ -18,6 +21,8 @@ impl DType {
             DType::F32 | DType::I32 => 4,
             DType::BF16 | DType::F16 => 2,
             DType::U8 => 1,
+            // Not a per-element size: an NF4 tensor is packed as a whole (see `Nf4Tensor::bytes`).
+            DType::NF4 => 0,
         }
     }
     pub fn is_float(self) -> bool {
@@ -30,6 +35,7 @@ impl DType {
             DType::F16 => "f16",
             DType::U8 => "u8",
             DType::I32 => "i32",
+            DType::NF4 => "nf4",
         }
     }
 }

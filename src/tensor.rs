@@ -11,6 +11,7 @@ use half::{bf16, f16};
 
 use crate::device::{cuda, wgpu as wg, Device};
 use crate::tape::TapeInner;
+use crate::kernels::nf4::{self, Nf4Tensor};
 use crate::{DType, Element, Error, Result, Shape};
 
 /// Identifies a tensor on a tape and in a gradient map.
@@ -32,6 +33,8 @@ pub enum CpuStorage {
     F16(Vec<f16>),
     U8(Vec<u8>),
     I32(Vec<i32>),
+    /// A whole NF4-quantized weight (dtype `NF4`), read by ops dequantized.
+    Nf4(Arc<Nf4Tensor>),
 }
 
 impl CpuStorage {
@@ -45,6 +48,7 @@ impl CpuStorage {
             DType::F16 => CpuStorage::F16(cast(bytes)),
             DType::U8 => CpuStorage::U8(bytes.to_vec()),
             DType::I32 => CpuStorage::I32(cast(bytes)),
+            DType::NF4 => unreachable!("NF4 tensors are built from an Nf4Tensor, never from bytes (callers check)"),
         }
     }
 
@@ -55,6 +59,7 @@ impl CpuStorage {
             CpuStorage::F16(v) => bytemuck::cast_slice(v),
             CpuStorage::U8(v) => v,
             CpuStorage::I32(v) => bytemuck::cast_slice(v),
+            CpuStorage::Nf4(q) => &q.packed,
         }
     }
 }
@@ -129,9 +134,30 @@ impl Tensor {
         Ok(Self::from_storage(Storage::Cpu(CpuStorage::I32(data)), shape, DType::I32, Device::Cpu))
     }
 
+    /// A frozen NF4 weight of logical `shape` on the CPU.
+    pub fn from_nf4(q: Nf4Tensor, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if shape.elem_count() != q.len {
+            return Err(Error::ElementCount { shape, got: q.len });
+        }
+        q.validate()?;
+        Ok(Self::from_storage(Storage::Cpu(CpuStorage::Nf4(Arc::new(q))), shape, DType::NF4, Device::Cpu))
+    }
+
+    /// The quantized weight of an NF4 tensor.
+    pub fn as_nf4(&self) -> Option<&Arc<Nf4Tensor>> {
+        match self.storage() {
+            Storage::Cpu(CpuStorage::Nf4(q)) => Some(q),
+            _ => None,
+        }
+    }
+
     /// A tensor of `dtype` from its raw little-endian bytes.
     pub fn from_bytes(bytes: &[u8], dtype: DType, shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
+        if dtype == DType::NF4 {
+            return Err(Error::UnsupportedDType { op: "from_bytes (build NF4 tensors with from_nf4)", dtype });
+        }
         if shape.elem_count() * dtype.size_in_bytes() != bytes.len() {
             return Err(Error::ElementCount { shape, got: bytes.len() / dtype.size_in_bytes() });
         }
@@ -205,6 +231,9 @@ impl Tensor {
 
     /// The raw bytes, copied to the host.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        if self.dtype() == DType::NF4 {
+            return Err(Error::UnsupportedDType { op: "to_bytes (an NF4 weight has no per-element bytes; dequantize it)", dtype: DType::NF4 });
+        }
         let n = self.elem_count() * self.dtype().size_in_bytes();
         match self.storage() {
             Storage::Cpu(s) => Ok(s.as_bytes().to_vec()),
@@ -223,6 +252,9 @@ impl Tensor {
 
     /// The elements of a float tensor as f32 on the host, converting bf16/f16.
     pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        if let Some(q) = self.as_nf4() {
+            return nf4::cpu::dequantize(q);
+        }
         let bytes = self.to_bytes()?;
         match CpuStorage::from_bytes(self.dtype(), &bytes) {
             CpuStorage::F32(v) => Ok(v),
@@ -276,6 +308,9 @@ impl Tensor {
         if dtype == self.dtype() {
             return Ok(self.clone());
         }
+        if self.dtype() == DType::NF4 && dtype == DType::F32 {
+            return Tensor::from_vec(self.to_vec_f32()?, self.shape().clone());
+        }
         if !dtype.is_float() || !self.dtype().is_float() {
             return Err(Error::DTypeMismatch { op: "to_dtype", lhs: self.dtype(), rhs: dtype });
         }
@@ -301,6 +336,15 @@ impl Tensor {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
             Storage::Cpu(_) => Err(Error::UnsupportedDType { op, dtype: self.dtype() }),
             _ => Err(Error::Unsupported { op, device: self.device() }),
+        }
+    }
+
+    /// The f32 elements of a CPU weight: borrowed when stored in f32, dequantized into a
+    /// transient copy when NF4 (so a frozen NF4 weight is never held in f32 beyond one op).
+    pub(crate) fn cpu_f32_weight(&self, op: &'static str) -> Result<std::borrow::Cow<'_, [f32]>> {
+        match self.as_nf4() {
+            Some(q) => Ok(std::borrow::Cow::Owned(nf4::cpu::dequantize(q)?)),
+            None => self.cpu_f32(op).map(std::borrow::Cow::Borrowed),
         }
     }
 

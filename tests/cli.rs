@@ -115,11 +115,16 @@ fn finetune_interrupt_and_resume_is_exact() {
     assert_eq!(adapter(&split), adapter(&full));
 }
 
-/// The demo task with SM3 (LoRA) and with sparse fine-tuning (SM3, regrowth by SM3 scores)
-/// reaches the accuracy LoRA with AdamW reaches in `demo_learns_the_task` (at least 90%).
+/// The demo task with SM3 (LoRA), with sparse fine-tuning (SM3, regrowth by SM3 scores) and
+/// with QLoRA (NF4 base) reaches the accuracy LoRA with AdamW reaches in
+/// `demo_learns_the_task` (at least 90%).
 #[test]
-fn demo_learns_with_sm3_and_sparse() {
-    for (tag, extra) in [("sm3", &["--optimizer", "sm3"][..]), ("sparse", &["--method", "sparse", "--optimizer", "sm3"][..])] {
+fn demo_learns_with_sm3_sparse_and_qlora() {
+    for (tag, extra) in [
+        ("sm3", &["--optimizer", "sm3"][..]),
+        ("sparse", &["--method", "sparse", "--optimizer", "sm3"][..]),
+        ("qlora", &["--method", "qlora"][..]),
+    ] {
         let out = std::env::temp_dir().join(format!("tuna-demo-{tag}-{}", std::process::id()));
         let mut args = vec!["demo", "--out", out.to_str().unwrap(), "--steps", "120", "--json"];
         args.extend_from_slice(extra);
@@ -128,9 +133,8 @@ fn demo_learns_with_sm3_and_sparse() {
         let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
         let (before, after) = (v["accuracy_before"].as_f64().unwrap(), v["accuracy_after"].as_f64().unwrap());
         assert!(before <= 0.05 && after >= 0.9, "{tag}: {before} -> {after}");
-        if tag == "sparse" {
-            assert!(out.join("sparse/sparse_deltas.safetensors").exists());
-        }
+        let written = if tag == "sparse" { "sparse/sparse_deltas.safetensors" } else { "adapter/adapter_model.safetensors" };
+        assert!(out.join(written).exists(), "{tag}: {written}");
     }
 }
 

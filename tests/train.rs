@@ -117,7 +117,7 @@ fn every_method_learns_and_reports_its_state() {
             Method::Full => assert_eq!(t.trainable_count(), base().parameters().iter().map(|(_, t)| t.elem_count()).sum::<usize>()),
             Method::Head => assert_eq!(t.trainable_count(), 320 * 32),
             Method::Lora(_) => {} // counted in lora_trains_only_the_adapters
-            Method::Sparse(_) => unreachable!("sparse methods are tested below"),
+            Method::Sparse(_) | Method::Qlora(_) => unreachable!("tested below"),
         }
         // AdamW keeps two floats per trained element and nothing for frozen weights.
         assert_eq!(t.optimizer.state_len(), 2 * t.trainable_count());
@@ -275,4 +275,49 @@ fn sm3_and_sparse_learn() {
 fn sm3_regrowth_without_sm3_is_refused() {
     let err = Trainer::new(base(), cfg(sparse(Regrow::Sm3, 2), 4, 1), data(8, 5), 0).err().expect("should fail");
     assert!(err.to_string().contains("--optimizer sm3"), "{err}");
+}
+
+/// QLoRA: the decoder linears become NF4 (about 4.13 bits per weight), the model computes
+/// exactly what it computes with those weights dequantized to f32, only the adapters train,
+/// and the loss falls.
+#[test]
+fn qlora_quantizes_the_base_and_trains_the_adapters() {
+    let mut q = base();
+    let (n, bytes) = q.quantize_nf4().unwrap();
+    let linear_weights: usize = base().linears().iter().map(|(_, l)| l.weight.elem_count()).sum();
+    assert_eq!(n, linear_weights);
+    // Per matrix of n weights: n/2 bytes of codes, one byte per 64, 4 per 64·256, 4 for the
+    // offset (4.127 bits per weight on large matrices; these tiny ones pay more for the fixed
+    // part, see tests/nf4.rs for a large one).
+    let want: usize = base().linears().iter().map(|(_, l)| {
+        let n = l.weight.elem_count();
+        n / 2 + n.div_ceil(64) + 4 * n.div_ceil(64 * 256) + 4
+    }).sum();
+    assert_eq!(bytes, want);
+    assert!(8.0 * bytes as f64 / (n as f64) < 4.2);
+    // The same model with the dequantized weights in f32.
+    let mut d = base();
+    for ((_, lq), (_, ld)) in q.linears().into_iter().zip(d.linears_mut()) {
+        assert_eq!(lq.weight.dtype(), tuna::DType::NF4);
+        ld.weight = tuna::Tensor::from_vec(lq.weight.to_vec_f32().unwrap(), lq.weight.dims().to_vec()).unwrap();
+    }
+    let ids = tuna::Tensor::from_vec_i32(vec![5, 6, 7, 8, 9], [1, 5]).unwrap();
+    assert_eq!(q.forward(&ids, None).unwrap().to_vec_f32().unwrap(), d.forward(&ids, None).unwrap().to_vec_f32().unwrap());
+
+    let seqs = data(16, 4);
+    let c = TrainConfig { lr: 2e-2, epochs: 6, ..cfg(Method::Qlora(LoraConfig { r: 4, alpha: 8.0, ..Default::default() }), 4, 1) };
+    let mut t = Trainer::new(base(), c, seqs.clone(), 0).unwrap();
+    assert_eq!(t.trainable_count(), Trainer::new(base(), cfg(lora(0.0), 4, 1), data(8, 5), 0).unwrap().trainable_count());
+    let before = t.evaluate(&seqs).unwrap();
+    while t.step < t.total_steps() {
+        t.train_step().unwrap();
+    }
+    let after = t.evaluate(&seqs).unwrap();
+    assert!(after < before - 0.5, "qlora: loss {before} -> {after}");
+    for (_, l) in t.model.linears() {
+        assert_eq!(l.weight.dtype(), tuna::DType::NF4, "the base stays quantized");
+    }
+    // An NF4 base cannot be written as a safetensors checkpoint by mistake.
+    let err = q.save(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures/llama-gqa").as_path(), &tmp("nf4-save")).unwrap_err();
+    assert!(err.to_string().contains("NF4"), "{err}");
 }

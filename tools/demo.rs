@@ -42,7 +42,8 @@ pub struct DemoArgs {
     /// Print one JSON summary instead of text.
     #[arg(long)]
     json: bool,
-    /// lora, or sparse (SpIEL: deltas at a changing 5% of each matrix).
+    /// lora, qlora (LoRA over an NF4 base), or sparse (SpIEL: deltas at a changing 5% of each
+    /// matrix).
     #[arg(long, value_enum, default_value = "lora")]
     method: DemoMethod,
     #[arg(long, value_enum, default_value = "adamw")]
@@ -58,6 +59,8 @@ pub struct DemoArgs {
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
 pub enum DemoMethod {
     Lora,
+    /// LoRA over the base quantized to NF4.
+    Qlora,
     Sparse,
 }
 
@@ -136,6 +139,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
     if !a.json {
         let how = match a.method {
             DemoMethod::Lora => "LoRA",
+            DemoMethod::Qlora => "QLoRA (NF4 base)",
             DemoMethod::Sparse => "sparse fine-tuning",
         };
         println!("tuna demo: teach a random {}-parameter Llama to shift letters (hello= -> ifmmp) with {how}", base.parameters().iter().map(|(_, t)| t.elem_count()).sum::<usize>());
@@ -144,6 +148,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
     let lora = LoraConfig { r: 16, alpha: 32.0, ..Default::default() };
     let (method, lr) = match a.method {
         DemoMethod::Lora => (Method::Lora(lora.clone()), 4e-3f32),
+        DemoMethod::Qlora => (Method::Qlora(lora.clone()), 4e-3f32),
         DemoMethod::Sparse => {
             let regrow = if a.optimizer == DemoOptimizer::Sm3 { Regrow::Sm3 } else { Regrow::Grad };
             (Method::Sparse(SparseConfig { density: a.density, regrow, ..Default::default() }), 4e-3)
@@ -157,7 +162,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
     // rate; sparse deltas (few entries, no low-rank product) want a larger one still.
     let lr = a.lr.unwrap_or(match (a.method, a.optimizer) {
         (_, DemoOptimizer::Adamw) => lr,
-        (DemoMethod::Lora, DemoOptimizer::Sm3) => 5.0 * lr,
+        (DemoMethod::Lora | DemoMethod::Qlora, DemoOptimizer::Sm3) => 5.0 * lr,
         (DemoMethod::Sparse, DemoOptimizer::Sm3) => 12.5 * lr,
     });
     let cfg = TrainConfig {
@@ -179,7 +184,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
     let base_dir = a.out.join("base");
     base.save(&base_dir, &base_dir).map_err(err)?;
     let adapter_dir = match a.method {
-        DemoMethod::Lora => {
+        DemoMethod::Lora | DemoMethod::Qlora => {
             let dir = a.out.join("adapter");
             save_adapter(&trainer.model, &lora, &base_dir.display().to_string(), &dir).map_err(err)?;
             dir
@@ -202,7 +207,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
     } else {
         println!("after:  exact match {:.0}% on the same words   e.g. {sample_after}", 100.0 * after);
         match a.method {
-            DemoMethod::Lora => println!("adapter: {} (PEFT format; base model: {})", adapter_dir.display(), base_dir.display()),
+            DemoMethod::Lora | DemoMethod::Qlora => println!("adapter: {} (PEFT format; base model: {})", adapter_dir.display(), base_dir.display()),
             DemoMethod::Sparse => println!("sparse deltas: {} (base model: {})", adapter_dir.display(), base_dir.display()),
         }
         println!("loss curve: {}   metrics: {}   ({secs:.0} s)", summary.plot_path.display(), summary.metrics_path.display());

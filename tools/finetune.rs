@@ -23,6 +23,8 @@ use crate::{err, load, CliResult, ModelArgs};
 #[derive(Clone, Copy, ValueEnum)]
 pub enum MethodArg {
     Lora,
+    /// LoRA over a base quantized to NF4 at load (bitsandbytes' format, double quantization).
+    Qlora,
     Full,
     Head,
     Sparse,
@@ -161,13 +163,16 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
     let (train, eval) = split(seqs.into_iter().map(|(_, s)| s).collect(), a.eval_fraction, a.seed);
     let train = if a.pack { pack(&train, a.max_seq_len) } else { train };
     let method = match a.method {
-        MethodArg::Lora => Method::Lora(LoraConfig {
-            r: a.rank,
-            alpha: a.alpha,
-            dropout: a.lora_dropout,
-            use_rslora: a.rslora,
-            target_modules: a.target_modules.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
-        }),
+        MethodArg::Lora | MethodArg::Qlora => {
+            let l = LoraConfig {
+                r: a.rank,
+                alpha: a.alpha,
+                dropout: a.lora_dropout,
+                use_rslora: a.rslora,
+                target_modules: a.target_modules.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            };
+            if matches!(a.method, MethodArg::Qlora) { Method::Qlora(l) } else { Method::Lora(l) }
+        }
         MethodArg::Full => Method::Full,
         MethodArg::Head => Method::Head,
         MethodArg::Sparse => Method::Sparse(SparseConfig {
@@ -241,7 +246,7 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
         std::process::exit(130);
     }
     let output = match &method {
-        Method::Lora(l) => {
+        Method::Lora(l) | Method::Qlora(l) => {
             let dir = a.out.join("adapter");
             save_adapter(&trainer.model, l, &a.model.model.display().to_string(), &dir).map_err(err)?;
             dir
@@ -273,7 +278,7 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
         let eval_txt = summary.final_eval_loss.map(|e| format!(", eval loss {e:.4}")).unwrap_or_default();
         println!("done: {} steps, train loss {:.4}{eval_txt}, {:.0} tokens/s", summary.steps, summary.final_train_loss, summary.tokens_per_second);
         let what = match method {
-            Method::Lora(_) => "adapter",
+            Method::Lora(_) | Method::Qlora(_) => "adapter",
             Method::Sparse(_) => "sparse deltas",
             _ => "model",
         };

@@ -152,6 +152,7 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<
             DType::F16 => Dtype::F16,
             DType::U8 => Dtype::U8,
             DType::I32 => Dtype::I32,
+            DType::NF4 => return Err(Error::file(path, format!("tensor `{name}` is NF4-quantized; safetensors files here hold dequantized weights (merge into an f32/bf16 base instead)"))),
         };
         owned.push((name.clone(), dtype, t.dims().to_vec(), t.to_bytes()?));
     }

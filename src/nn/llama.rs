@@ -262,6 +262,28 @@ impl Llama {
         out
     }
 
+    /// QLoRA's base: every decoder linear's weight quantized to NF4 (bitsandbytes' format,
+    /// `kernels::nf4`), as `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    /// bnb_4bit_use_double_quant=True)` does; embeddings, norms, the LM head and biases stay as
+    /// they are. Ops read the weights dequantized one op at a time. Returns (weights, bytes)
+    /// of what was quantized.
+    pub fn quantize_nf4(&mut self) -> Result<(usize, usize)> {
+        let (mut n, mut bytes) = (0, 0);
+        for (_, lin) in self.linears_mut() {
+            if lin.weight.dtype() == DType::NF4 {
+                continue;
+            }
+            if lin.weight.device() != Device::Cpu {
+                return Err(Error::Unsupported { op: "quantize_nf4", device: lin.weight.device() });
+            }
+            let q = crate::kernels::nf4::cpu::quantize(&lin.weight.to_vec_f32()?);
+            n += q.len;
+            bytes += q.bytes();
+            lin.weight = Tensor::from_nf4(q, lin.weight.shape().clone())?;
+        }
+        Ok((n, bytes))
+    }
+
     /// Every base parameter (LoRA adapters excluded) with its transformers name.
     pub fn parameters(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();

@@ -12,7 +12,9 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
     const OP: &str = "matmul";
     same_device(OP, a, b)?;
     expect_dtype(OP, a, DType::F32)?;
-    expect_dtype(OP, b, DType::F32)?;
+    if b.dtype() != DType::NF4 {
+        expect_dtype(OP, b, DType::F32)?; // b may be a frozen NF4 weight, read dequantized
+    }
     for t in [a, b] {
         if t.shape().rank() != 2 {
             return Err(Error::BadShape { op: OP, shape: t.shape().clone(), expected: "a matrix (rank 2)".into() });
@@ -27,7 +29,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
     let p = MatmulParams { m, n, k, trans_a, trans_b };
     let out = match a.device() {
         Device::Cpu => {
-            let c = cpu::matmul_new(a.cpu_f32(OP)?, b.cpu_f32(OP)?, p)?;
+            let c = cpu::matmul_new(a.cpu_f32(OP)?, &b.cpu_f32_weight(OP)?, p)?;
             Tensor::from_vec(c, [m, n])?
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),

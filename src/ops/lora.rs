@@ -48,7 +48,10 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
         let w = part.weight;
         for t in [Some(w), part.bias, part.lora.map(|l| l.0), part.lora.map(|l| l.1)].into_iter().flatten() {
             same_device(OP, x, t)?;
-            expect_dtype(OP, t, DType::F32)?;
+            // The frozen weight may be NF4 (QLoRA): read dequantized, one op at a time.
+            if !(std::ptr::eq(t, w) && t.dtype() == DType::NF4) {
+                expect_dtype(OP, t, DType::F32)?;
+            }
         }
         let wd = w.dims();
         if x.shape().rank() < 2 || wd.len() != 2 || wd[1] != k {
@@ -92,7 +95,8 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
         .zip(&params)
         .map(|(part, &p)| -> Result<Fwd> {
             let bias = part.bias.map(|b| b.cpu_f32(OP)).transpose()?;
-            let w = part.weight.cpu_f32(OP)?;
+            let w = part.weight.cpu_f32_weight(OP)?;
+            let w: &[f32] = &w;
             let Some((a, b, _)) = part.lora else {
                 let mut y = mm::matmul_new(xv, w, MatmulParams { m: p.m, n: p.n, k: p.k, trans_a: false, trans_b: true })?;
                 if let Some(bias) = bias {
@@ -138,7 +142,8 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
             .zip(gs.par_iter())
             .map(|((w, lora, xa, drop, p), g)| -> Result<PartGrads> {
                 let Some(g) = g else { return Ok((None, None)) };
-                let (gv, wv) = (g.cpu_f32(OP)?, w.cpu_f32(OP)?);
+                let (gv, wv) = (g.cpu_f32(OP)?, w.cpu_f32_weight(OP)?);
+                let wv: &[f32] = &wv;
                 let Some((a, b)) = lora else {
                     let dx = if want_dx { Some(mm::matmul_new(gv, wv, MatmulParams { m: p.m, n: p.k, k: p.n, trans_a: false, trans_b: false })?) } else { None };
                     return Ok((dx, None));

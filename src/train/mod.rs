@@ -28,6 +28,8 @@ use data::{epoch_order, make_batch, Sequence};
 pub enum Method {
     /// LoRA adapters on the target modules; the base stays frozen.
     Lora(LoraConfig),
+    /// QLoRA: LoRA over a base whose decoder linears are quantized to NF4 at setup.
+    Qlora(LoraConfig),
     /// Every parameter.
     Full,
     /// Only the LM head (the embedding table when they are tied).
@@ -41,6 +43,7 @@ impl Method {
     pub fn name(&self) -> &'static str {
         match self {
             Method::Lora(_) => "lora",
+            Method::Qlora(_) => "qlora",
             Method::Full => "full",
             Method::Head => "head",
             Method::Sparse(_) => "sparse",
@@ -128,6 +131,10 @@ impl Trainer {
         }
         match &config.method {
             Method::Lora(l) => model.add_lora(l, config.seed)?,
+            Method::Qlora(l) => {
+                model.quantize_nf4()?;
+                model.add_lora(l, config.seed)?
+            }
             Method::Sparse(s) => {
                 if s.regrow == Regrow::Sm3 && s.reselect_every > 0 && !matches!(config.optimizer, OptimizerConfig::Sm3(_)) {
                     return Err(Error::InvalidArgument("sparse regrowth by SM3 scores needs the SM3 optimizer (--optimizer sm3), or use --regrow grad".into()));
@@ -198,7 +205,7 @@ impl Trainer {
             Ok(t)
         };
         match self.config.method {
-            Method::Lora(_) => self.model.map_lora(|name, _| take(name))?,
+            Method::Lora(_) | Method::Qlora(_) => self.model.map_lora(|name, _| take(name))?,
             Method::Full => self.model.map_parameters(|name, _| take(name))?,
             Method::Head => match &mut self.model.lm_head {
                 Some(h) => *h = take("lm_head.weight")?,
@@ -383,7 +390,7 @@ pub fn evaluate(model: &Llama, seqs: &[Sequence], batch_size: usize, pad: u32) -
 /// The tensors a method trains, with their names, in a fixed order.
 fn trainable(model: &Llama, method: &Method) -> Vec<(String, Tensor)> {
     match method {
-        Method::Lora(_) => model.lora_parameters(),
+        Method::Lora(_) | Method::Qlora(_) => model.lora_parameters(),
         Method::Full => model.parameters(),
         Method::Head => match &model.lm_head {
             Some(h) => vec![("lm_head.weight".into(), h.clone())],
