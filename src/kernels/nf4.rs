@@ -50,9 +50,9 @@ pub const BLOCK2: usize = 256;
 /// `10^(e - 6)`, with both signs; then 0 and 1; sorted. 127 + 127 + 2 = 256 values.
 pub fn dynamic_map() -> [f32; 256] {
     let mut v: Vec<f32> = Vec::with_capacity(256);
-    for e in 0..7 {
+    for e in 0..7i32 {
         let n = (1usize << e) + 1;
-        let scale = 10f32.powi(e as i32 - 6);
+        let scale = 10f32.powi(e - 6);
         let points: Vec<f32> = (0..n).map(|i| linspace_point(0.1, 1.0, n, i)).collect();
         for w in points.windows(2) {
             let mean = (w[0] + w[1]) / 2.0;
