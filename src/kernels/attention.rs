@@ -132,10 +132,12 @@ pub mod reference {
     }
 }
 
-/// The CPU path: per (row, head) the score matrix `[T, S]` through the `gemm` crate (strided
-/// views straight into q, k, v; no copies), masked softmax, and `P·V`; backward per
-/// (row, key/value head) so each task owns its dK and dV. Parallel over those tasks with rayon.
-/// Memory is O(T·S) per task: the flash-attention kernels bring the O(T) form.
+/// The CPU path: per (row, head) and block of 64 queries, the scores `[64, S']` through the
+/// `gemm` crate (strided views straight into q, k, v; no copies) over only the keys the block
+/// sees (S' ≤ S; causal blocks skip the keys after their last query), masked softmax, and
+/// `P·V`; the backward recomputes P per block, per (row, key/value head) so each task owns its
+/// dK and dV. Parallel over those tasks with rayon. Memory per task is O(64·S): linear in the
+/// sequence length (the flash-attention GPU kernels also stream the keys).
 pub mod cpu {
     use rayon::prelude::*;
 
@@ -155,16 +157,49 @@ pub mod cpu {
         View { rows: v.cols, cols: v.rows, rs: v.cs, cs: v.rs, ..v }
     }
 
-    /// Probabilities `[T, S]` of head h in row b: scaled scores, masked, softmaxed per row.
-    fn probs(q: &[f32], k: &[f32], p: &AttentionParams, starts: Option<&[u32]>, b: usize, h: usize, out: &mut [f32]) {
+    /// Query rows per block: the CPU path holds scores for one block at a time, `[QB, S]`, so
+    /// its memory grows linearly with the sequence, not with T·S.
+    const QB: usize = 64;
+
+    /// Keys any query of rows `[t0, t1)` sees: `[lo, hi)` over the block (for causal masks the
+    /// keys after the block's last query are skipped, so fully masked tiles cost nothing).
+    fn key_range(p: &AttentionParams, starts: Option<&[u32]>, b: usize, t0: usize, t1: usize) -> (usize, usize) {
+        let (mut lo, mut hi) = (usize::MAX, 0);
+        for t in t0..t1 {
+            let (l, h) = p.visible(b, t, starts);
+            if l < h {
+                lo = lo.min(l);
+                hi = hi.max(h);
+            }
+        }
+        if lo >= hi {
+            (0, 0)
+        } else {
+            (lo, hi)
+        }
+    }
+
+    fn rows<'a>(v: View<'a>, r0: usize, r1: usize) -> View<'a> {
+        View { data: &v.data[(r0 * v.rs).min(v.data.len())..], rows: r1 - r0, ..v }
+    }
+
+    /// Probabilities of query rows `[t0, t1)` of head h in row b over keys `[klo, khi)`, into
+    /// `out` `[t1 - t0, khi - klo]`: scaled scores, masked, softmaxed per row.
+    #[allow(clippy::too_many_arguments)]
+    fn probs(q: &[f32], k: &[f32], p: &AttentionParams, starts: Option<&[u32]>, b: usize, h: usize, (t0, t1): (usize, usize), (klo, khi): (usize, usize), out: &mut [f32]) {
         let g = h / (p.heads / p.kv_heads);
-        let s = p.kv_len;
-        gemm_strided(q_view(q, p, b, h), transposed(kv_view(k, p, b, g)), out, p.scale, false);
-        for (t, row) in out.chunks_mut(s).enumerate() {
+        let kw = khi - klo;
+        gemm_strided(rows(q_view(q, p, b, h), t0, t1), transposed(rows(kv_view(k, p, b, g), klo, khi)), out, p.scale, false);
+        for (t, row) in (t0..t1).zip(out.chunks_mut(kw.max(1))) {
             let (lo, hi) = p.visible(b, t, starts);
-            let max = row[lo..hi].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let (lo, hi) = (lo.clamp(klo, khi) - klo, hi.clamp(klo, khi) - klo);
+            let (lo, hi) = (lo.min(hi), hi);
             row[..lo].fill(0.0);
             row[hi..].fill(0.0);
+            if lo == hi {
+                continue;
+            }
+            let max = row[lo..hi].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let z = crate::kernels::math::exp_shifted_sum(&mut row[lo..hi], max);
             if z > 0.0 {
                 let inv = 1.0 / z;
@@ -180,11 +215,15 @@ pub mod cpu {
         let outs: Vec<Vec<f32>> = tasks
             .par_iter()
             .map(|&(b, h)| {
-                let mut pr = vec![0.0f32; t_len * p.kv_len];
-                probs(q, k, p, starts, b, h, &mut pr);
+                let mut pr = vec![0.0f32; QB.min(t_len) * p.kv_len];
                 let mut out = vec![0.0f32; t_len * dh];
-                let pv = View { data: &pr, rows: t_len, cols: p.kv_len, rs: p.kv_len, cs: 1 };
-                gemm_strided(pv, kv_view(v, p, b, h / group), &mut out, 1.0, false);
+                for t0 in (0..t_len).step_by(QB) {
+                    let t1 = (t0 + QB).min(t_len);
+                    let (klo, khi) = key_range(p, starts, b, t0, t1);
+                    probs(q, k, p, starts, b, h, (t0, t1), (klo, khi), &mut pr);
+                    let pv = View { data: &pr, rows: t1 - t0, cols: khi - klo, rs: khi - klo, cs: 1 };
+                    gemm_strided(pv, rows(kv_view(v, p, b, h / group), klo, khi), &mut out[t0 * dh..t1 * dh], 1.0, false);
+                }
                 out
             })
             .collect();
@@ -208,23 +247,34 @@ pub mod cpu {
             .map(|&(b, g)| {
                 let (mut ldk, mut ldv) = (vec![0.0f32; s_len * dh], vec![0.0f32; s_len * dh]);
                 let mut ldq = Vec::with_capacity(group);
-                let (mut pr, mut ds) = (vec![0.0f32; t_len * s_len], vec![0.0f32; t_len * s_len]);
+                let blk = QB.min(t_len) * s_len;
+                let (mut pr, mut ds) = (vec![0.0f32; blk], vec![0.0f32; blk]);
                 for h in g * group..(g + 1) * group {
-                    probs(q, k, p, starts, b, h, &mut pr);
-                    // dP = dO·Vᵀ, then dS = P ∘ (dP - rowsum(P ∘ dP)), scaled.
-                    gemm_strided(q_view(dout, p, b, h), transposed(kv_view(v, p, b, g)), &mut ds, 1.0, false);
-                    for (prow, drow) in pr.chunks(s_len).zip(ds.chunks_mut(s_len)) {
-                        let dot: f32 = prow.iter().zip(drow.iter()).map(|(a, b)| a * b).sum();
-                        for (d, &pv) in drow.iter_mut().zip(prow) {
-                            *d = pv * (*d - dot) * p.scale;
-                        }
-                    }
-                    let dsv = View { data: &ds, rows: t_len, cols: s_len, rs: s_len, cs: 1 };
-                    let pv = View { data: &pr, rows: t_len, cols: s_len, rs: s_len, cs: 1 };
                     let mut lq = vec![0.0f32; t_len * dh];
-                    gemm_strided(dsv, kv_view(k, p, b, g), &mut lq, 1.0, false);
-                    gemm_strided(transposed(dsv), q_view(q, p, b, h), &mut ldk, 1.0, true);
-                    gemm_strided(transposed(pv), q_view(dout, p, b, h), &mut ldv, 1.0, true);
+                    for t0 in (0..t_len).step_by(QB) {
+                        let t1 = (t0 + QB).min(t_len);
+                        let (klo, khi) = key_range(p, starts, b, t0, t1);
+                        let kw = khi - klo;
+                        if kw == 0 {
+                            continue;
+                        }
+                        probs(q, k, p, starts, b, h, (t0, t1), (klo, khi), &mut pr);
+                        let (kb, vb) = (rows(kv_view(k, p, b, g), klo, khi), rows(kv_view(v, p, b, g), klo, khi));
+                        let (qb, dob) = (rows(q_view(q, p, b, h), t0, t1), rows(q_view(dout, p, b, h), t0, t1));
+                        // dP = dO·Vᵀ, then dS = P ∘ (dP - rowsum(P ∘ dP)), scaled.
+                        gemm_strided(dob, transposed(vb), &mut ds, 1.0, false);
+                        for (prow, drow) in pr.chunks(kw).zip(ds.chunks_mut(kw)).take(t1 - t0) {
+                            let dot: f32 = prow.iter().zip(drow.iter()).map(|(a, b)| a * b).sum();
+                            for (d, &pv) in drow.iter_mut().zip(prow) {
+                                *d = pv * (*d - dot) * p.scale;
+                            }
+                        }
+                        let dsv = View { data: &ds, rows: t1 - t0, cols: kw, rs: kw, cs: 1 };
+                        let pv = View { data: &pr, rows: t1 - t0, cols: kw, rs: kw, cs: 1 };
+                        gemm_strided(dsv, kb, &mut lq[t0 * dh..t1 * dh], 1.0, false);
+                        gemm_strided(transposed(dsv), qb, &mut ldk[klo * dh..khi * dh], 1.0, true);
+                        gemm_strided(transposed(pv), dob, &mut ldv[klo * dh..khi * dh], 1.0, true);
+                    }
                     ldq.push(lq);
                 }
                 (ldq, ldk, ldv)
