@@ -95,22 +95,14 @@ fn check_dense(op: &'static str, w: usize, g: usize, r: usize, c: usize, mom: Op
     Ok(())
 }
 
-/// Checks sparse SM3's inputs: indices strictly increasing and inside the matrix.
+/// Checks sparse SM3's inputs: lengths agree, indices strictly increasing and inside the matrix.
 fn check_sparse(indices: &[u32], delta: usize, g: usize, mom: Option<usize>, rows: usize, cols: usize) -> Result<()> {
     const OP: &str = "sm3_sparse";
     let n = indices.len();
     if delta != n || g != n || mom.is_some_and(|m| m != n) {
         return Err(Error::InvalidArgument(format!("{OP}: {n} indices but {delta} values, {g} gradients")));
     }
-    if let Some(w) = indices.windows(2).position(|w| w[0] >= w[1]) {
-        return Err(Error::InvalidArgument(format!("{OP}: indices must increase strictly (position {})", w + 1)));
-    }
-    if let Some(&last) = indices.last() {
-        if last as usize >= rows * cols {
-            return Err(Error::InvalidArgument(format!("{OP}: index {last} outside the [{rows}, {cols}] matrix")));
-        }
-    }
-    Ok(())
+    crate::kernels::sparse::check_indices(OP, indices, rows, cols)
 }
 
 /// Plain loops in f64, the spec the fast paths are tested against.
@@ -641,6 +633,12 @@ pub mod wgsl {
         _pad: [u32; 2],
     }
 
+    impl Sm3Uniform {
+        fn new(dims: [u32; 3], flags: u32, p: &Sm3Params, max_norm: f32) -> Self {
+            Sm3Uniform { dims, flags, lr: p.lr, eps: p.eps, beta1: p.beta1, decay: 1.0 - p.lr * p.weight_decay, scale: p.grad_scale, max_norm, _pad: [0; 2] }
+        }
+    }
+
     #[repr(C)]
     #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
     struct AdamWUniform {
@@ -748,17 +746,7 @@ pub mod wgsl {
             let (clip_flag, max_norm, sum_sq) = clip_parts(clip, &none);
             let u = uniform(
                 device,
-                &Sm3Uniform {
-                    dims: [rows_u, cols_u, tiles_c as u32],
-                    flags: clip_flag | if mom.is_some() { FLAG_MOMENTUM } else { 0 },
-                    lr: p.lr,
-                    eps: p.eps,
-                    beta1: p.beta1,
-                    decay: 1.0 - p.lr * p.weight_decay,
-                    scale: p.grad_scale,
-                    max_norm,
-                    _pad: [0; 2],
-                },
+                &Sm3Uniform::new([rows_u, cols_u, tiles_c as u32], clip_flag | if mom.is_some() { FLAG_MOMENTUM } else { 0 }, &p, max_norm),
             );
             let pipe = kernels.pipeline(device, "optim_sm3_dense", SM3_SOURCE, "sm3_dense")?;
             let m = mom.unwrap_or(&none_rw);
@@ -812,17 +800,7 @@ pub mod wgsl {
         let (clip_flag, max_norm, sum_sq) = clip_parts(clip, &none);
         let u = uniform(
             device,
-            &Sm3Uniform {
-                dims: [to_u32(OP, "active entries", n)?, to_u32(OP, "rows", rows)?, to_u32(OP, "cols", cols)?],
-                flags: clip_flag | if mom.is_some() { FLAG_MOMENTUM } else { 0 },
-                lr: p.lr,
-                eps: p.eps,
-                beta1: p.beta1,
-                decay: 1.0 - p.lr * p.weight_decay,
-                scale: p.grad_scale,
-                max_norm,
-                _pad: [0; 2],
-            },
+            &Sm3Uniform::new([to_u32(OP, "active entries", n)?, to_u32(OP, "rows", rows)?, to_u32(OP, "cols", cols)?], clip_flag | if mom.is_some() { FLAG_MOMENTUM } else { 0 }, &p, max_norm),
         );
         let step = kernels.pipeline(device, "optim_sm3_sparse", SM3_SPARSE_SOURCE, "sm3_sparse")?;
         let finish = kernels.pipeline(device, "optim_sm3_sparse_finish", SM3_SPARSE_SOURCE, "sm3_sparse_finish")?;
