@@ -230,7 +230,7 @@ fn time_us(rt: &CudaRuntime, mut f: impl FnMut() -> tuna::Result<()>) -> tuna::R
     Ok(times[times.len() / 2])
 }
 
-/// Bandwidth of the optimizer steps over 1M, 16M and 256M parameters (SM3 as `[n/4096, 4096]`),
+/// Bandwidth of the optimizer steps over 1M, 16M, 256M and 1G parameters (SM3 as `[n/4096, 4096]`; 24 GB at 1G),
 /// through the public launchers, beside a device-to-device copy of one f32 parameter buffer.
 /// Bytes per parameter that each step must move: SM3 f32 without momentum reads w, g and
 /// writes w (12); with momentum also reads and writes m (20); bf16 with f32 master and
@@ -246,7 +246,7 @@ fn optim_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
     let sm3p = Sm3Params { lr: 1e-3, eps: 1e-8, beta1: 0.9, weight_decay: 0.01, grad_scale: 1.0 };
     let sm3p_nomom = Sm3Params { beta1: 0.0, ..sm3p };
     let adamp = AdamWParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 10, grad_scale: 1.0 };
-    for n in [1usize << 20, 16 << 20, 256 << 20] {
+    for n in [1usize << 20, 16 << 20, 256 << 20, 1 << 30] {
         let rows = n / COLS;
         let mut w = alloc::<f32>(s, n)?;
         let g = alloc::<f32>(s, n)?;
