@@ -89,9 +89,10 @@ pub struct FinetuneArgs {
     /// Sparse fine-tuning: fraction of active entries changed at first, decaying to 0.
     #[arg(long, default_value_t = 0.2)]
     reselect_rate: f32,
-    /// Sparse fine-tuning: score new entries by SM3's accumulators or by summed gradients.
-    #[arg(long, value_enum, default_value = "sm3")]
-    regrow: RegrowArg,
+    /// Sparse fine-tuning: score new entries by SM3's accumulators or by summed gradients
+    /// (default: sm3 with --optimizer sm3, grad otherwise).
+    #[arg(long, value_enum)]
+    regrow: Option<RegrowArg>,
     #[arg(long, value_enum, default_value = "adamw")]
     optimizer: OptimizerArg,
     /// Momentum of SM3 (0: none) / beta1 of AdamW.
@@ -179,9 +180,9 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
             density: a.density,
             reselect_every: a.reselect_every,
             reselect_rate: a.reselect_rate,
-            regrow: match a.regrow {
-                RegrowArg::Sm3 => Regrow::Sm3,
-                RegrowArg::Grad => Regrow::Grad,
+            regrow: match (a.regrow, a.optimizer) {
+                (Some(RegrowArg::Sm3), _) | (None, OptimizerArg::Sm3) => Regrow::Sm3,
+                (Some(RegrowArg::Grad), _) | (None, OptimizerArg::Adamw) => Regrow::Grad,
             },
             target_modules: a.target_modules.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
             ..Default::default()
