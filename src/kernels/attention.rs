@@ -295,3 +295,168 @@ pub mod cpu {
         }
     }
 }
+
+/// Flash attention in WGSL (`kernels-wgsl/flash_attention.wgsl`), f32, head dim at most 128:
+/// O(T) memory (queries and keys stream through workgroup memory; the forward keeps a per-row
+/// log-sum-exp, from which the backward recomputes the probabilities). Buffers are f32 in the
+/// layouts of the module doc; `starts` (u32, one per query) for packed rows; `stats` holds
+/// `[B·T·H, 2]` floats: the forward writes the log-sum-exp, the backward adds
+/// `D = rowsum(dO ∘ O)`.
+pub mod wgsl {
+    use super::AttentionParams;
+    use crate::device::wgpu::{dispatch, grid, uniform, KernelCache};
+    use crate::kernels::check_len;
+    use crate::{Error, Result};
+
+    pub const SOURCE: &str = include_str!("../../kernels-wgsl/flash_attention.wgsl");
+    /// Queries (forward, dq) or keys (dk, dv) per workgroup.
+    const BLOCK: usize = 64;
+    pub const MAX_HEAD_DIM: usize = 128;
+
+    #[repr(C)]
+    #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+    struct Params {
+        batch: u32,
+        q_len: u32,
+        kv_len: u32,
+        heads: u32,
+        kv_heads: u32,
+        head_dim: u32,
+        flags: u32,
+        window: u32,
+        scale: f32,
+        _pad: [u32; 3],
+    }
+
+    fn params(op: &'static str, p: &AttentionParams, packed: bool) -> Result<Params> {
+        if p.head_dim == 0 || p.head_dim > MAX_HEAD_DIM {
+            return Err(Error::InvalidArgument(format!("{op}: head dim {} (the WGSL kernel takes 1..={MAX_HEAD_DIM})", p.head_dim)));
+        }
+        if p.kv_heads == 0 || p.heads % p.kv_heads != 0 || (p.kv_len < p.q_len && p.causal) {
+            return Err(Error::InvalidArgument(format!("{op}: {} query heads over {} key/value heads, T {} S {}", p.heads, p.kv_heads, p.q_len, p.kv_len)));
+        }
+        let u = |v: usize, what: &str| u32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{op}: {what} = {v} exceeds u32")));
+        let flags = p.causal as u32 | (p.window.is_some() as u32) << 1 | (packed as u32) << 2;
+        Ok(Params {
+            batch: u(p.batch, "batch")?,
+            q_len: u(p.q_len, "T")?,
+            kv_len: u(p.kv_len, "S")?,
+            heads: u(p.heads, "H")?,
+            kv_heads: u(p.kv_heads, "G")?,
+            head_dim: u(p.head_dim, "D")?,
+            flags,
+            window: u(p.window.unwrap_or(0), "window")?,
+            scale: p.scale,
+            _pad: [0; 3],
+        })
+    }
+
+    fn check(op: &'static str, bufs: &[(&str, &wgpu::Buffer, usize)]) -> Result<()> {
+        for (name, b, elems) in bufs {
+            check_len(op, name, b.size() as usize / 4, *elems)?;
+        }
+        Ok(())
+    }
+
+    /// The starts buffer, or a stand-in when rows are not packed.
+    fn starts_or<'a>(device: &wgpu::Device, starts: Option<&'a wgpu::Buffer>, keep: &'a mut Option<wgpu::Buffer>) -> &'a wgpu::Buffer {
+        match starts {
+            Some(s) => s,
+            None => keep.insert(device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("tuna attention: no starts"),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })),
+        }
+    }
+
+    fn groups(op: &'static str, n: usize) -> Result<(u32, u32, u32)> {
+        let n = u32::try_from(n).map_err(|_| Error::InvalidArgument(format!("{op}: {n} workgroups exceed u32")))?;
+        let (x, y) = grid(n);
+        Ok((x, y, 1))
+    }
+
+    /// Forward: o and the log-sum-exp (`stats[2·row]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        q: &wgpu::Buffer,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        starts: Option<&wgpu::Buffer>,
+        o: &wgpu::Buffer,
+        stats: &wgpu::Buffer,
+        p: &AttentionParams,
+    ) -> Result<()> {
+        const OP: &str = "flash_attention_fwd";
+        let (qn, kn, rows) = (p.batch * p.q_len * p.heads * p.head_dim, p.batch * p.kv_len * p.kv_heads * p.head_dim, p.batch * p.q_len * p.heads);
+        check(OP, &[("q", q, qn), ("k", k, kn), ("v", v, kn), ("o", o, qn), ("stats", stats, 2 * rows)])?;
+        if let Some(s) = starts {
+            check(OP, &[("starts", s, p.batch * p.q_len)])?;
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let u = uniform(device, &params(OP, p, starts.is_some())?);
+        let mut keep = None;
+        let st = starts_or(device, starts, &mut keep);
+        let pipe = kernels.pipeline(device, "attn_fwd", SOURCE, "attn_fwd")?;
+        dispatch(device, queue, &pipe, &[&u, q, k, v, st, o, stats], groups(OP, p.batch * p.heads * p.q_len.div_ceil(BLOCK))?);
+        Ok(())
+    }
+
+    /// Backward: dq, dk, dv (overwritten) from q, k, v, o, dO and the forward's `stats`
+    /// (whose second column it fills with `D`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        q: &wgpu::Buffer,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        starts: Option<&wgpu::Buffer>,
+        o: &wgpu::Buffer,
+        dout: &wgpu::Buffer,
+        stats: &wgpu::Buffer,
+        dq: &wgpu::Buffer,
+        dk: &wgpu::Buffer,
+        dv: &wgpu::Buffer,
+        p: &AttentionParams,
+    ) -> Result<()> {
+        const OP: &str = "flash_attention_bwd";
+        let (qn, kn, rows) = (p.batch * p.q_len * p.heads * p.head_dim, p.batch * p.kv_len * p.kv_heads * p.head_dim, p.batch * p.q_len * p.heads);
+        check(OP, &[("q", q, qn), ("k", k, kn), ("v", v, kn), ("o", o, qn), ("dout", dout, qn), ("stats", stats, 2 * rows), ("dq", dq, qn), ("dk", dk, kn), ("dv", dv, kn)])?;
+        if let Some(s) = starts {
+            check(OP, &[("starts", s, p.batch * p.q_len)])?;
+        }
+        if rows == 0 || kn == 0 {
+            return Ok(());
+        }
+        let u = uniform(device, &params(OP, p, starts.is_some())?);
+        let mut keep = None;
+        let st = starts_or(device, starts, &mut keep);
+        let dot = kernels.pipeline(device, "attn_bwd_dot", SOURCE, "attn_bwd_dot")?;
+        // attn_bwd_dot binds only the uniform, o (5), stats (6) and dO (7).
+        let layout = dot.get_bind_group_layout(0);
+        let entries = [(0u32, &u), (5, o), (6, stats), (7, dout)].map(|(i, b)| wgpu::BindGroupEntry { binding: i, resource: b.as_entire_binding() });
+        let bind = device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries });
+        let mut enc = device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&dot);
+            pass.set_bind_group(0, &bind, &[]);
+            let (x, y, _) = groups(OP, rows.div_ceil(BLOCK))?;
+            pass.dispatch_workgroups(x, y, 1);
+        }
+        queue.submit([enc.finish()]);
+        let dkdv = kernels.pipeline(device, "attn_bwd_dkdv", SOURCE, "attn_bwd_dkdv")?;
+        dispatch(device, queue, &dkdv, &[&u, q, k, v, st, dout, stats, dk, dv], groups(OP, p.batch * p.kv_heads * p.kv_len.div_ceil(BLOCK))?);
+        let dqp = kernels.pipeline(device, "attn_bwd_dq", SOURCE, "attn_bwd_dq")?;
+        dispatch(device, queue, &dqp, &[&u, q, k, v, st, dout, stats, dq], groups(OP, p.batch * p.heads * p.q_len.div_ceil(BLOCK))?);
+        Ok(())
+    }
+}

@@ -1,0 +1,126 @@
+//! Flash attention on wgpu (lavapipe in CI) against the f64 reference, with DESIGN.md's
+//! flash-attention rule: the error of O, dQ, dK, dV is at most twice that of the plain f32
+//! implementation (the CPU path, which forms the softmax the textbook way) on the same inputs,
+//! plus an absolute floor of 1e-6 for entries where both are at rounding level. Shapes cross
+//! the 64-query / 64-key blocks and the 8-wide tiles.
+
+mod common;
+
+use proptest::prelude::*;
+use tuna::device::wgpu::runtime;
+use tuna::kernels::attention::{cpu, reference, wgsl, AttentionParams};
+use tuna::rng::Rng;
+use tuna::Device;
+
+struct Case {
+    p: AttentionParams,
+    packed: bool,
+    seed: u64,
+}
+
+fn max_err(got: &[f32], want: &[f64]) -> f64 {
+    got.iter().zip(want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max)
+}
+
+fn check(dev_index: usize, c: &Case) -> Result<(), String> {
+    let p = &c.p;
+    let mut rng = Rng::new(c.seed);
+    let (qn, kn) = (p.batch * p.q_len * p.heads * p.head_dim, p.batch * p.kv_len * p.kv_heads * p.head_dim);
+    let (q, k, v, dout) = (rng.vec(qn, -1.0, 1.0), rng.vec(kn, -1.0, 1.0), rng.vec(kn, -1.0, 1.0), rng.vec(qn, -1.0, 1.0));
+    // Packed: examples start every 23 positions.
+    let starts: Vec<u32> = (0..p.batch * p.q_len).map(|i| ((i % p.q_len) / 23 * 23) as u32).collect();
+    let st = c.packed.then_some(starts.as_slice());
+    let f = |x: &[f32]| x.iter().map(|&a| a as f64).collect::<Vec<_>>();
+    let want_o = reference::forward(&f(&q), &f(&k), &f(&v), p, st);
+    let (wq, wk, wv) = reference::backward(&f(&q), &f(&k), &f(&v), &f(&dout), p, st);
+    // The plain f32 implementation's errors set the bar.
+    let mut o32 = vec![0.0f32; qn];
+    cpu::forward(&q, &k, &v, &mut o32, p, st);
+    let (mut dq32, mut dk32, mut dv32) = (vec![0.0f32; qn], vec![0.0f32; kn], vec![0.0f32; kn]);
+    cpu::backward(&q, &k, &v, &dout, &mut dq32, &mut dk32, &mut dv32, p, st);
+
+    let rt = runtime(dev_index).map_err(|e| e.to_string())?;
+    let up = |x: &[f32]| rt.upload(bytemuck::cast_slice(x));
+    let (bq, bk, bv, bdo) = (up(&q), up(&k), up(&v), up(&dout));
+    let bst = rt.upload(bytemuck::cast_slice(&starts));
+    let rows = p.batch * p.q_len * p.heads;
+    let (bo, bstats) = (rt.alloc_zeros(qn * 4), rt.alloc_zeros(rows * 8));
+    let (bdq, bdk, bdv) = (rt.alloc_zeros(qn * 4), rt.alloc_zeros(kn * 4), rt.alloc_zeros(kn * 4));
+    let sb = c.packed.then_some(bst.buffer());
+    wgsl::forward(&rt.device, &rt.queue, &rt.kernels, bq.buffer(), bk.buffer(), bv.buffer(), sb, bo.buffer(), bstats.buffer(), p).map_err(|e| e.to_string())?;
+    wgsl::backward(&rt.device, &rt.queue, &rt.kernels, bq.buffer(), bk.buffer(), bv.buffer(), sb, bo.buffer(), bdo.buffer(), bstats.buffer(), bdq.buffer(), bdk.buffer(), bdv.buffer(), p)
+        .map_err(|e| e.to_string())?;
+    let down = |b: &wgpu::Buffer, n: usize| -> Vec<f32> { bytemuck::pod_collect_to_vec(&rt.download(b, n * 4).unwrap()) };
+    for (name, got, naive, want) in [
+        ("O", down(bo.buffer(), qn), &o32, &want_o),
+        ("dQ", down(bdq.buffer(), qn), &dq32, &wq),
+        ("dK", down(bdk.buffer(), kn), &dk32, &wk),
+        ("dV", down(bdv.buffer(), kn), &dv32, &wv),
+    ] {
+        let (e, bar) = (max_err(&got, want), 2.0 * max_err(naive, want) + 1e-6);
+        if e > bar {
+            return Err(format!("{name}: error {e:.3e} > {bar:.3e} (twice the plain f32 error) for {p:?} packed={}", c.packed));
+        }
+    }
+    Ok(())
+}
+
+fn wgpu_devices() -> Vec<usize> {
+    common::devices().into_iter().filter_map(|d| if let Device::Wgpu(i) = d { Some(i) } else { None }).collect()
+}
+
+fn params(b: usize, t: usize, s: usize, h: usize, g: usize, d: usize, causal: bool, window: Option<usize>) -> AttentionParams {
+    AttentionParams { batch: b, q_len: t, kv_len: s, heads: h, kv_heads: g, head_dim: d, causal, window, scale: 1.0 / (d as f32).sqrt() }
+}
+
+#[test]
+fn flash_attention_wgsl_matches_reference() {
+    let cases = [
+        Case { p: params(1, 70, 70, 2, 1, 8, true, None), packed: false, seed: 1 },
+        Case { p: params(2, 67, 67, 4, 2, 16, false, None), packed: false, seed: 2 },
+        Case { p: params(1, 5, 80, 2, 2, 8, true, None), packed: false, seed: 3 }, // KV-cache offset
+        Case { p: params(1, 70, 70, 2, 1, 8, true, Some(20)), packed: false, seed: 4 },
+        Case { p: params(2, 70, 70, 2, 1, 8, true, None), packed: true, seed: 5 },
+        Case { p: params(1, 9, 9, 1, 1, 128, true, None), packed: false, seed: 6 },
+        Case { p: params(1, 12, 12, 2, 2, 64, false, None), packed: false, seed: 7 },
+    ];
+    for i in wgpu_devices() {
+        for c in &cases {
+            check(i, c).unwrap_or_else(|e| panic!("wgpu:{i}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn flash_attention_wgsl_rejects_bad_input() {
+    for i in wgpu_devices() {
+        let rt = runtime(i).unwrap();
+        let buf = |bytes: u64| {
+            rt.device.create_buffer(&wgpu::BufferDescriptor { label: None, size: bytes, usage: wgpu::BufferUsages::STORAGE, mapped_at_creation: false })
+        };
+        let p = params(1, 4, 4, 2, 1, 200, true, None);
+        let (q, k, v, o, st) = (buf(6400 * 4), buf(3200 * 4), buf(3200 * 4), buf(6400 * 4), buf(64));
+        let err = wgsl::forward(&rt.device, &rt.queue, &rt.kernels, &q, &k, &v, None, &o, &st, &p).unwrap_err();
+        assert!(err.to_string().contains("head dim 200"), "{err}");
+        let p = params(1, 4, 4, 2, 1, 8, true, None);
+        let small = buf(16);
+        let err = wgsl::forward(&rt.device, &rt.queue, &rt.kernels, &small, &k, &v, None, &o, &st, &p).unwrap_err();
+        assert!(err.to_string().contains("`q`"), "{err}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn flash_attention_wgsl_random_shapes(b in 1usize..3, t in 1usize..40, extra in 0usize..12, g in 1usize..3, group in 1usize..3,
+                                          d in 1usize..20, causal: bool, packed: bool, seed: u64) {
+        let s = t + extra;
+        let p = params(b, t, s, g * group, g, d, causal, None);
+        // Packed rows need T == S (one sequence per row, split into examples).
+        let c = Case { p: if packed { AttentionParams { kv_len: t, ..p } } else { p }, packed, seed };
+        for i in wgpu_devices() {
+            check(i, &c).map_err(TestCaseError::fail)?;
+        }
+    }
+}
