@@ -69,6 +69,7 @@ fn wgpu_devices() -> Vec<usize> {
     common::devices().into_iter().filter_map(|d| if let Device::Wgpu(i) = d { Some(i) } else { None }).collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn params(b: usize, t: usize, s: usize, h: usize, g: usize, d: usize, causal: bool, window: Option<usize>) -> AttentionParams {
     AttentionParams { batch: b, q_len: t, kv_len: s, heads: h, kv_heads: g, head_dim: d, causal, window, scale: 1.0 / (d as f32).sqrt() }
 }
