@@ -117,5 +117,50 @@ fn attention_cpu(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, rmsnorm, matmul_cpu, attention_cpu);
+/// Flash attention on each wgpu adapter, forward and backward, in FlashAttention's FLOP count,
+/// beside the CPU path on the same shape (the peer this machine has). A software adapter
+/// (lavapipe) gets T = 256 only; a hardware one T = 512 to 8k.
+fn attention_wgpu(c: &mut Criterion) {
+    use tuna::kernels::attention::{cpu, wgsl, AttentionParams};
+    for info in Device::available() {
+        let Device::Wgpu(i) = info.device else { continue };
+        let rt = tuna::device::wgpu::runtime(i).unwrap();
+        let software = info.name.to_lowercase().contains("llvmpipe");
+        let lens: &[usize] = if software { &[256] } else { &[512, 1024, 2048, 4096, 8192] };
+        let mut g = c.benchmark_group(format!("attention/wgpu:{i}"));
+        g.sample_size(10);
+        for &t in lens {
+            let (b, h, d) = (1, 8, 64);
+            let p = AttentionParams { batch: b, q_len: t, kv_len: t, heads: h, kv_heads: h, head_dim: d, causal: true, window: None, scale: 0.125 };
+            let mut rng = Rng::new(4);
+            let n = b * t * h * d;
+            let host: Vec<Vec<f32>> = (0..4).map(|_| rng.vec(n, -1.0, 1.0)).collect();
+            let bufs: Vec<_> = host.iter().map(|x| rt.upload(bytemuck::cast_slice(x))).collect();
+            let (o, stats) = (rt.alloc_zeros(n * 4), rt.alloc_zeros(b * t * h * 8));
+            let (dq, dk, dv) = (rt.alloc_zeros(n * 4), rt.alloc_zeros(n * 4), rt.alloc_zeros(n * 4));
+            let fwd_flops = (4 * b * t * t * d * h / 2) as u64;
+            let id = format!("T{t}-D{d}-causal");
+            g.throughput(Throughput::Elements(fwd_flops));
+            let (q, k, v, dout) = (bufs[0].buffer(), bufs[1].buffer(), bufs[2].buffer(), bufs[3].buffer());
+            g.bench_function(BenchmarkId::new("forward", &id), |bch| {
+                bch.iter(|| {
+                    wgsl::forward(&rt.device, &rt.queue, &rt.kernels, q, k, v, None, o.buffer(), stats.buffer(), &p).unwrap();
+                    rt.synchronize().unwrap();
+                })
+            });
+            let mut out = vec![0.0f32; n];
+            g.bench_function(BenchmarkId::new("forward, CPU (peer)", &id), |bch| bch.iter(|| cpu::forward(&host[0], &host[1], &host[2], &mut out, &p, None)));
+            g.throughput(Throughput::Elements(fwd_flops * 5 / 2));
+            g.bench_function(BenchmarkId::new("backward", &id), |bch| {
+                bch.iter(|| {
+                    wgsl::backward(&rt.device, &rt.queue, &rt.kernels, q, k, v, None, o.buffer(), dout, stats.buffer(), dq.buffer(), dk.buffer(), dv.buffer(), &p).unwrap();
+                    rt.synchronize().unwrap();
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, rmsnorm, matmul_cpu, attention_cpu, attention_wgpu);
 criterion_main!(benches);
