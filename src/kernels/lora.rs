@@ -45,6 +45,22 @@ pub mod reference {
         }
         (y, xa)
     }
+
+    /// Returns (dX, dA, dB) for upstream gradient `dy`; `drop_scale` is `mask / (1 - p)` per
+    /// element of X when dropout was applied (then `x_lora = X ⊙ drop_scale`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(dy: &[f64], x_lora: &[f64], xa: &[f64], w: &[f64], a: &[f64], b: &[f64], drop_scale: Option<&[f64]>, p: LoraParams) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let s = p.scale as f64;
+        let g = matmul(dy, b, LoraParams::mm(p.m, p.r, p.n, false, false));
+        let da: Vec<f64> = matmul(&g, x_lora, LoraParams::mm(p.r, p.k, p.m, true, false)).iter().map(|v| s * v).collect();
+        let db: Vec<f64> = matmul(dy, xa, LoraParams::mm(p.n, p.r, p.m, true, false)).iter().map(|v| s * v).collect();
+        let mut dx = matmul(dy, w, LoraParams::mm(p.m, p.k, p.n, false, false));
+        let ga = matmul(&g, a, LoraParams::mm(p.m, p.k, p.r, false, false));
+        for (i, d) in dx.iter_mut().enumerate() {
+            *d += s * ga[i] * drop_scale.map_or(1.0, |ds| ds[i]);
+        }
+        (dx, da, db)
+    }
 }
 
 pub mod cpu {
@@ -106,5 +122,224 @@ pub mod cpu {
             }
         }
         Ok(Some(dx))
+    }
+}
+
+/// WGSL launchers (f32) over wgpu's types: `kernels-wgsl/lora_gemm.wgsl`. Buffers need STORAGE
+/// usage and may be longer than their data. Dropout: the forward takes `x_lora` (the
+/// dropped-out input) beside `x`; the backward's dX assumes no dropout (`x_lora = X`), so a
+/// caller with dropout multiplies the LoRA part itself or uses the CPU path.
+#[allow(clippy::too_many_arguments)]
+pub mod wgsl {
+    use super::LoraParams;
+    use crate::device::wgpu::KernelCache;
+    use crate::kernels::check_len;
+    use crate::{Error, Result};
+
+    pub const SOURCE: &str = include_str!("../../kernels-wgsl/lora_gemm.wgsl");
+    /// Output tile of one workgroup (both shaders).
+    pub(crate) const TILE: usize = 64;
+    pub(crate) const FLAG_BIAS: u32 = 1;
+
+    /// The uniform of `lora_gemm.wgsl` and `nf4_gemm.wgsl` (the first 16 words are shared; the
+    /// LoRA shader ignores the rest).
+    #[repr(C)]
+    #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+    pub(crate) struct GemmUniform {
+        pub m: u32,
+        pub n: u32,
+        pub k1: u32,
+        pub k2: u32,
+        /// (row stride, column stride) of op(A1), op(B1), op(A2), op(B2).
+        pub strides: [[u32; 2]; 4],
+        pub s1: f32,
+        pub s2: f32,
+        pub flags: u32,
+        pub len: u32,
+        pub offset: f32,
+        pub _pad: [u32; 3],
+    }
+
+    /// Row-major operand strides: `[rows, cols]` as stored, read plain or transposed.
+    pub(crate) fn plain(cols: usize) -> [u32; 2] {
+        [cols as u32, 1]
+    }
+    pub(crate) fn transposed(cols: usize) -> [u32; 2] {
+        [1, cols as u32]
+    }
+
+    pub(crate) fn to_u32(op: &str, what: &str, v: usize) -> Result<u32> {
+        u32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{op}: {what} = {v} exceeds u32")))
+    }
+
+    /// Checks every `(name, buffer, f32 elements)`; lengths must also index in u32.
+    pub(crate) fn check_buffers(op: &'static str, bufs: &[(&str, &wgpu::Buffer, usize)]) -> Result<()> {
+        for (name, b, elems) in bufs {
+            to_u32(op, &format!("length of `{name}`"), *elems)?;
+            check_len(op, name, b.size() as usize / 4, *elems)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn scratch(device: &wgpu::Device, elems: usize) -> wgpu::Buffer {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("tuna lora scratch"),
+            size: (4 * elems.max(4)) as u64,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Records one pass of `entry` in `source` over an `[m, n]` output, binding the uniform at 0
+    /// and `buffers` as `(binding, buffer)`.
+    pub(crate) fn pass(
+        device: &wgpu::Device,
+        kernels: &KernelCache,
+        enc: &mut wgpu::CommandEncoder,
+        (name, source, entry): (&str, &str, &str),
+        u: &GemmUniform,
+        buffers: &[(u32, &wgpu::Buffer)],
+        groups: (u32, u32),
+    ) -> Result<()> {
+        if groups.0 == 0 || groups.1 == 0 {
+            return Ok(());
+        }
+        if groups.0 > 65535 || groups.1 > 65535 {
+            return Err(Error::InvalidArgument(format!("{name}: {groups:?} workgroups exceed the 65535 per dimension limit")));
+        }
+        let pipe = kernels.pipeline(device, name, source, entry)?;
+        let ub = crate::device::wgpu::uniform(device, u);
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: ub.as_entire_binding() }];
+        entries.extend(buffers.iter().map(|(i, b)| wgpu::BindGroupEntry { binding: *i, resource: b.as_entire_binding() }));
+        let bind = device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipe.get_bind_group_layout(0), entries: &entries });
+        let mut cp = enc.begin_compute_pass(&Default::default());
+        cp.set_pipeline(&pipe);
+        cp.set_bind_group(0, &bind, &[]);
+        cp.dispatch_workgroups(groups.0, groups.1, 1);
+        Ok(())
+    }
+
+    pub(crate) fn tiles(m: usize, n: usize) -> (u32, u32) {
+        (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32)
+    }
+
+    /// `c[m, n] = s · op(a)[m, k] · op(b)[k, n]` (the `gemm` entry point).
+    pub(crate) fn product(
+        device: &wgpu::Device,
+        kernels: &KernelCache,
+        enc: &mut wgpu::CommandEncoder,
+        (a, sa): (&wgpu::Buffer, [u32; 2]),
+        (b, sb): (&wgpu::Buffer, [u32; 2]),
+        c: &wgpu::Buffer,
+        (m, n, k): (usize, usize, usize),
+        s: f32,
+    ) -> Result<()> {
+        let u = GemmUniform { m: m as u32, n: n as u32, k1: k as u32, strides: [sa, sb, [0, 0], [0, 0]], s1: s, ..Default::default() };
+        pass(device, kernels, enc, ("lora_gemm::gemm", SOURCE, "gemm"), &u, &[(1, a), (2, b), (3, a), (4, b), (5, a), (6, c)], tiles(m, n))
+    }
+
+    /// Forward: `y = x·wᵀ (+ bias) + s·xa·bᵀ` and `xa = x_lora·aᵀ` (`[M, R]`, kept for the
+    /// backward). Two passes: XA first, then one GEMM over K + R into y.
+    pub fn forward(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        x: &wgpu::Buffer,
+        x_lora: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        bias: Option<&wgpu::Buffer>,
+        a: &wgpu::Buffer,
+        b: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        xa: &wgpu::Buffer,
+        p: LoraParams,
+    ) -> Result<()> {
+        let op = "lora_fwd (wgsl)";
+        let (m, n, k, r) = (p.m, p.n, p.k, p.r);
+        check_buffers(op, &[("x", x, m * k), ("x_lora", x_lora, m * k), ("w", w, n * k), ("a", a, r * k), ("b", b, n * r), ("y", y, m * n), ("xa", xa, m * r)])?;
+        if let Some(bias) = bias {
+            check_buffers(op, &[("bias", bias, n)])?;
+        }
+        let mut enc = device.create_command_encoder(&Default::default());
+        product(device, kernels, &mut enc, (x_lora, plain(k)), (a, transposed(k)), xa, (m, r, k), 1.0)?;
+        let u = GemmUniform {
+            m: m as u32,
+            n: n as u32,
+            k1: k as u32,
+            k2: r as u32,
+            strides: [plain(k), transposed(k), plain(r), transposed(r)],
+            s1: 1.0,
+            s2: p.scale,
+            flags: if bias.is_some() { FLAG_BIAS } else { 0 },
+            ..Default::default()
+        };
+        let bias = bias.unwrap_or(x);
+        pass(device, kernels, &mut enc, ("lora_gemm::lora_gemm", SOURCE, "lora_gemm"), &u, &[(1, x), (2, w), (3, xa), (4, b), (5, bias), (6, y)], tiles(m, n))?;
+        queue.submit([enc.finish()]);
+        Ok(())
+    }
+
+    /// The rank-R gradients: `g = dy·b` (`[M, R]`, returned for dX), `da = s·gᵀ·x_lora`,
+    /// `db = s·dyᵀ·xa`. Shared with the NF4 backward.
+    pub(crate) fn small_grads(
+        device: &wgpu::Device,
+        kernels: &KernelCache,
+        enc: &mut wgpu::CommandEncoder,
+        dy: &wgpu::Buffer,
+        x_lora: &wgpu::Buffer,
+        xa: &wgpu::Buffer,
+        b: &wgpu::Buffer,
+        da: &wgpu::Buffer,
+        db: &wgpu::Buffer,
+        p: LoraParams,
+    ) -> Result<wgpu::Buffer> {
+        let (m, n, k, r) = (p.m, p.n, p.k, p.r);
+        let g = scratch(device, m * r);
+        product(device, kernels, enc, (dy, plain(n)), (b, plain(r)), &g, (m, r, n), 1.0)?;
+        product(device, kernels, enc, (&g, transposed(r)), (x_lora, plain(k)), da, (r, k, m), p.scale)?;
+        product(device, kernels, enc, (dy, transposed(n)), (xa, plain(r)), db, (n, r, m), p.scale)?;
+        Ok(g)
+    }
+
+    /// Backward: `da = s·(dy·b)ᵀ·x_lora`, `db = s·dyᵀ·xa`, and when `dx` is given
+    /// `dx = dy·w + s·(dy·b)·a` (no dropout mask, see the module doc). W gets no gradient.
+    pub fn backward(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        dy: &wgpu::Buffer,
+        x_lora: &wgpu::Buffer,
+        xa: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        a: &wgpu::Buffer,
+        b: &wgpu::Buffer,
+        da: &wgpu::Buffer,
+        db: &wgpu::Buffer,
+        dx: Option<&wgpu::Buffer>,
+        p: LoraParams,
+    ) -> Result<()> {
+        let op = "lora_bwd (wgsl)";
+        let (m, n, k, r) = (p.m, p.n, p.k, p.r);
+        check_buffers(op, &[("dy", dy, m * n), ("x_lora", x_lora, m * k), ("xa", xa, m * r), ("w", w, n * k), ("a", a, r * k), ("b", b, n * r), ("da", da, r * k), ("db", db, n * r)])?;
+        if let Some(dx) = dx {
+            check_buffers(op, &[("dx", dx, m * k)])?;
+        }
+        let mut enc = device.create_command_encoder(&Default::default());
+        let g = small_grads(device, kernels, &mut enc, dy, x_lora, xa, b, da, db, p)?;
+        if let Some(dx) = dx {
+            let u = GemmUniform {
+                m: m as u32,
+                n: k as u32,
+                k1: n as u32,
+                k2: r as u32,
+                strides: [plain(n), plain(k), plain(r), plain(k)],
+                s1: 1.0,
+                s2: p.scale,
+                ..Default::default()
+            };
+            pass(device, kernels, &mut enc, ("lora_gemm::lora_gemm", SOURCE, "lora_gemm"), &u, &[(1, dy), (2, w), (3, &g), (4, a), (5, dy), (6, dx)], tiles(m, k))?;
+        }
+        queue.submit([enc.finish()]);
+        Ok(())
     }
 }
