@@ -280,15 +280,93 @@ mod wgpu_run {
 }
 
 mod cuda_run {
-    use super::{LoraCase, LoraInputs, LoraOutputs};
-    use crate::kernels::nf4::Nf4Tensor;
-    use crate::{Error, Result};
+    use std::sync::Arc;
 
-    pub fn lora(_i: usize, case: &LoraCase, _inp: &LoraInputs, _q: Option<&Nf4Tensor>) -> Result<LoraOutputs> {
-        Err(Error::InvalidArgument(format!("no CUDA LoRA launcher yet ({case:?})")))
+    use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+
+    use super::{LoraCase, LoraInputs, LoraOutputs};
+    use crate::device::cuda::runtime;
+    use crate::kernels::lora::cuda::{self, Half};
+    use crate::kernels::nf4::cuda::{self as nf4, Nf4Device};
+    use crate::kernels::nf4::Nf4Tensor;
+    use crate::{DType, Error, Result};
+
+    fn err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+        move |e| Error::cuda(what.to_string(), e)
     }
 
-    pub fn dequant(_i: usize, q: &Nf4Tensor) -> Result<Vec<f32>> {
-        Err(Error::InvalidArgument(format!("no CUDA NF4 dequantize launcher yet ({} elements)", q.len)))
+    fn up<T: DeviceRepr>(s: &Arc<CudaStream>, v: &[T]) -> Result<CudaSlice<T>> {
+        s.clone_htod(v).map_err(err("copy to device"))
+    }
+
+    fn zeros<T: DeviceRepr + ValidAsZeroBits>(s: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<T>> {
+        s.alloc_zeros::<T>(n.max(1)).map_err(err("alloc"))
+    }
+
+    fn down<T: DeviceRepr + Default + Clone>(s: &Arc<CudaStream>, d: &CudaSlice<T>, n: usize) -> Result<Vec<T>> {
+        let mut v = s.clone_dtoh(d).map_err(err("copy to host"))?;
+        v.truncate(n);
+        Ok(v)
+    }
+
+    fn bits(dt: Half, v: &[f32]) -> Vec<u16> {
+        match dt {
+            Half::Bf16 => v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect(),
+            Half::F16 => v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect(),
+        }
+    }
+
+    fn values(dt: Half, v: &[u16]) -> Vec<f32> {
+        match dt {
+            Half::Bf16 => v.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect(),
+            Half::F16 => v.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect(),
+        }
+    }
+
+    pub fn lora(i: usize, case: &LoraCase, inp: &LoraInputs, q: Option<&Nf4Tensor>) -> Result<LoraOutputs> {
+        let dt = match case.dtype {
+            DType::BF16 => Half::Bf16,
+            DType::F16 => Half::F16,
+            d => return Err(Error::InvalidArgument(format!("no CUDA LoRA kernel for {d}"))),
+        };
+        let rt = runtime(i)?;
+        let (s, md) = (&rt.stream, &rt.modules);
+        let p = case.params();
+        let (m, n, k, r) = (p.m, p.n, p.k, p.r);
+        let (x, w, a, b, dy) = (up(s, &bits(dt, &inp.x))?, up(s, &bits(dt, &inp.w))?, up(s, &bits(dt, &inp.a))?, up(s, &bits(dt, &inp.b))?, up(s, &bits(dt, &inp.dy))?);
+        let bias = inp.bias.as_ref().map(|v| up(s, &bits(dt, v))).transpose()?;
+        let (mut y, mut xa, mut dx) = (zeros::<u16>(s, m * n)?, zeros::<u16>(s, m * r)?, zeros::<u16>(s, m * k)?);
+        let (mut da, mut db) = (zeros::<f32>(s, r * k)?, zeros::<f32>(s, n * r)?);
+        let (xv, wv, av, bv, dyv) = (x.slice(..m * k), w.slice(..n * k), a.slice(..r * k), b.slice(..n * r), dy.slice(..m * n));
+        let biasv = bias.as_ref().map(|b| b.slice(..n));
+        match q {
+            None => {
+                cuda::forward(s, md, dt, &xv, &xv, &wv, biasv.as_ref(), &av, &bv, &mut y.slice_mut(..m * n), &mut xa.slice_mut(..m * r), p)?;
+                let xav = xa.slice(..m * r);
+                cuda::backward(s, md, dt, &dyv, &xv, &xav, &wv, &av, &bv, &mut da.slice_mut(..r * k), &mut db.slice_mut(..n * r), Some(&mut dx.slice_mut(..m * k)), p)?;
+            }
+            Some(q) => {
+                let wq = Nf4Device::upload(s, q)?;
+                nf4::lora_forward(s, md, dt, &xv, &xv, &wq, biasv.as_ref(), &av, &bv, &mut y.slice_mut(..m * n), &mut xa.slice_mut(..m * r), p)?;
+                let xav = xa.slice(..m * r);
+                nf4::lora_backward(s, md, dt, &dyv, &xv, &xav, &wq, &av, &bv, &mut da.slice_mut(..r * k), &mut db.slice_mut(..n * r), Some(&mut dx.slice_mut(..m * k)), p)?;
+            }
+        }
+        Ok(LoraOutputs {
+            y: values(dt, &down(s, &y, m * n)?),
+            xa: values(dt, &down(s, &xa, m * r)?),
+            dx: values(dt, &down(s, &dx, m * k)?),
+            da: down(s, &da, r * k)?,
+            db: down(s, &db, n * r)?,
+        })
+    }
+
+    pub fn dequant(i: usize, q: &Nf4Tensor) -> Result<Vec<f32>> {
+        let rt = runtime(i)?;
+        let s = &rt.stream;
+        let wq = Nf4Device::upload(s, q)?;
+        let mut out = zeros::<f32>(s, q.len)?;
+        nf4::dequantize(s, &rt.modules, &wq, &mut out.slice_mut(..q.len.max(1)))?;
+        down(s, &out, q.len)
     }
 }
