@@ -140,7 +140,9 @@ fn naive(case: &LoraCase, inp: &LoraInputs) -> LoraOutputs {
 }
 
 fn compare_all(what: &str, case: &LoraCase, got: &LoraOutputs, want: &LoraOutputs64, nv: &LoraOutputs) -> Check {
-    let outs: [(&str, &[f32], &[f64], &[f32]); 5] = [
+    // (name, device, reference, naive)
+    type Output<'a> = (&'a str, &'a [f32], &'a [f64], &'a [f32]);
+    let outs: [Output; 5] = [
         ("y", &got.y, &want.y, &nv.y),
         ("xa", &got.xa, &want.xa, &nv.xa),
         ("dx", &got.dx, &want.dx, &nv.dx),
