@@ -6,6 +6,7 @@
 
 use crate::{ops, Result, Tape, Tensor};
 
+pub mod lora;
 pub mod optim;
 
 /// `|got - ref| <= atol + rtol * |ref|`.

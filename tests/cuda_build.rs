@@ -32,6 +32,21 @@ fn entry_points(module: &str) -> &'static [&'static str] {
             "sumsq_partial_bf16",
             "sumsq_finish",
         ],
+        "lora_gemm" => &[
+            "lora_gemm_bf16",
+            "lora_gemm_f16",
+            "lora_gemm_kn_bf16",
+            "lora_gemm_kn_f16",
+            "nf4_lora_gemm_bf16",
+            "nf4_lora_gemm_f16",
+            "nf4_lora_gemm_kn_bf16",
+            "nf4_lora_gemm_kn_f16",
+            "lora_small_bf16",
+            "lora_small_f16",
+            "nf4_gemv_bf16",
+            "nf4_gemv_f16",
+            "nf4_dequant_f32",
+        ],
         _ => &[],
     }
 }
@@ -46,7 +61,7 @@ fn assert_entries(module: &str, arch: &str, ptx: &str) {
 #[test]
 fn every_module_is_embedded() {
     let names: Vec<&str> = cuda::modules().iter().map(|m| m.name).collect();
-    assert!(names.contains(&"rmsnorm") && names.contains(&"optim"), "{names:?}");
+    assert!(names.contains(&"rmsnorm") && names.contains(&"optim") && names.contains(&"lora_gemm"), "{names:?}");
     for m in cuda::modules() {
         assert!(!m.source.contains("#include \""), "{}: local includes must be inlined for NVRTC", m.name);
     }

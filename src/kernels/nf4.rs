@@ -197,3 +197,337 @@ pub mod cpu {
         Ok(out)
     }
 }
+
+/// WGSL launchers over wgpu's types: `kernels-wgsl/nf4_gemm.wgsl`. The fused LoRA products
+/// are those of `lora::wgsl` (same dropout convention) with W read from NF4 storage.
+#[allow(clippy::too_many_arguments)]
+pub mod wgsl {
+    use wgpu::util::DeviceExt;
+
+    use super::{dynamic_map, Nf4Tensor, NF4};
+    use crate::device::wgpu::KernelCache;
+    use crate::kernels::lora::wgsl::{check_buffers, pass, plain, product, small_grads, tiles, to_u32, transposed, GemmUniform, FLAG_BIAS};
+    use crate::kernels::lora::LoraParams;
+    use crate::{Error, Result};
+
+    pub const SOURCE: &str = include_str!("../../kernels-wgsl/nf4_gemm.wgsl");
+
+    /// An NF4 tensor on a wgpu device: the packed codes and absmax indices as bytes (padded to
+    /// whole u32 words), the second-level scales, and the 256 dynamic-map values followed by the
+    /// 16 NF4 values.
+    pub struct Nf4Buffers {
+        pub len: usize,
+        pub packed: wgpu::Buffer,
+        pub absmax: wgpu::Buffer,
+        pub absmax2: wgpu::Buffer,
+        pub tables: wgpu::Buffer,
+        pub offset: f32,
+    }
+
+    fn storage(device: &wgpu::Device, label: &str, bytes: &[u8]) -> wgpu::Buffer {
+        let mut padded = bytes.to_vec();
+        padded.resize(bytes.len().next_multiple_of(4).max(16), 0);
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some(label), contents: &padded, usage: wgpu::BufferUsages::STORAGE })
+    }
+
+    /// Uploads `q` (validated first).
+    pub fn upload(device: &wgpu::Device, q: &Nf4Tensor) -> Result<Nf4Buffers> {
+        q.validate()?;
+        to_u32("nf4 upload", "length", q.len)?;
+        let mut tables = dynamic_map().to_vec();
+        tables.extend_from_slice(&NF4);
+        Ok(Nf4Buffers {
+            len: q.len,
+            packed: storage(device, "nf4 packed", &q.packed),
+            absmax: storage(device, "nf4 absmax", &q.absmax),
+            absmax2: storage(device, "nf4 absmax2", bytemuck::cast_slice(&q.absmax2)),
+            tables: storage(device, "nf4 tables", bytemuck::cast_slice(&tables)),
+            offset: q.offset,
+        })
+    }
+
+    fn weight_bindings(w: &Nf4Buffers) -> [(u32, &wgpu::Buffer); 4] {
+        [(2, &w.packed), (3, &w.absmax), (4, &w.absmax2), (5, &w.tables)]
+    }
+
+    /// Writes the `w.len` dequantized values into `out`, exactly as `nf4::cpu::dequantize`.
+    pub fn dequantize(device: &wgpu::Device, queue: &wgpu::Queue, kernels: &KernelCache, w: &Nf4Buffers, out: &wgpu::Buffer) -> Result<()> {
+        check_buffers("nf4_dequant (wgsl)", &[("out", out, w.len)])?;
+        let groups = w.len.div_ceil(256);
+        let (gx, gy) = crate::device::wgpu::grid(to_u32("nf4_dequant (wgsl)", "workgroups", groups)?);
+        if groups == 0 {
+            return Ok(());
+        }
+        let u = GemmUniform { len: w.len as u32, offset: w.offset, ..Default::default() };
+        let mut enc = device.create_command_encoder(&Default::default());
+        let mut b = weight_bindings(w).to_vec();
+        b.push((9, out));
+        pass(device, kernels, &mut enc, ("nf4_gemm::nf4_dequant", SOURCE, "nf4_dequant"), &u, &b, (gx, gy))?;
+        queue.submit([enc.finish()]);
+        Ok(())
+    }
+
+    fn check_weight(op: &'static str, w: &Nf4Buffers, p: LoraParams) -> Result<()> {
+        if w.len != p.n * p.k {
+            return Err(Error::InvalidArgument(format!("{op}: NF4 weight holds {} elements, needs N·K = {}", w.len, p.n * p.k)));
+        }
+        Ok(())
+    }
+
+    /// Forward with W `[N, K]` in NF4: `y = x·wᵀ (+ bias) + s·xa·bᵀ`, `xa = x_lora·aᵀ`.
+    pub fn lora_forward(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        x: &wgpu::Buffer,
+        x_lora: &wgpu::Buffer,
+        w: &Nf4Buffers,
+        bias: Option<&wgpu::Buffer>,
+        a: &wgpu::Buffer,
+        b: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        xa: &wgpu::Buffer,
+        p: LoraParams,
+    ) -> Result<()> {
+        let op = "nf4_lora_fwd (wgsl)";
+        let (m, n, k, r) = (p.m, p.n, p.k, p.r);
+        check_weight(op, w, p)?;
+        check_buffers(op, &[("x", x, m * k), ("x_lora", x_lora, m * k), ("a", a, r * k), ("b", b, n * r), ("y", y, m * n), ("xa", xa, m * r)])?;
+        if let Some(bias) = bias {
+            check_buffers(op, &[("bias", bias, n)])?;
+        }
+        let mut enc = device.create_command_encoder(&Default::default());
+        product(device, kernels, &mut enc, (x_lora, plain(k)), (a, transposed(k)), xa, (m, r, k), 1.0)?;
+        let u = GemmUniform {
+            m: m as u32,
+            n: n as u32,
+            k1: k as u32,
+            k2: r as u32,
+            strides: [plain(k), transposed(k), plain(r), transposed(r)],
+            s1: 1.0,
+            s2: p.scale,
+            flags: if bias.is_some() { FLAG_BIAS } else { 0 },
+            offset: w.offset,
+            ..Default::default()
+        };
+        let mut bind = weight_bindings(w).to_vec();
+        bind.extend([(1, x), (6, xa), (7, b), (8, bias.unwrap_or(x)), (9, y)]);
+        pass(device, kernels, &mut enc, ("nf4_gemm::nf4_lora_gemm", SOURCE, "nf4_lora_gemm"), &u, &bind, tiles(m, n))?;
+        queue.submit([enc.finish()]);
+        Ok(())
+    }
+
+    /// Backward with W in NF4: `da`, `db` as `lora::wgsl::backward`, and when `dx` is given
+    /// `dx = dy·w + s·(dy·b)·a` with W dequantized in the tile loads.
+    pub fn lora_backward(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        dy: &wgpu::Buffer,
+        x_lora: &wgpu::Buffer,
+        xa: &wgpu::Buffer,
+        w: &Nf4Buffers,
+        a: &wgpu::Buffer,
+        b: &wgpu::Buffer,
+        da: &wgpu::Buffer,
+        db: &wgpu::Buffer,
+        dx: Option<&wgpu::Buffer>,
+        p: LoraParams,
+    ) -> Result<()> {
+        let op = "nf4_lora_bwd (wgsl)";
+        let (m, n, k, r) = (p.m, p.n, p.k, p.r);
+        check_weight(op, w, p)?;
+        check_buffers(op, &[("dy", dy, m * n), ("x_lora", x_lora, m * k), ("xa", xa, m * r), ("a", a, r * k), ("b", b, n * r), ("da", da, r * k), ("db", db, n * r)])?;
+        if let Some(dx) = dx {
+            check_buffers(op, &[("dx", dx, m * k)])?;
+        }
+        let mut enc = device.create_command_encoder(&Default::default());
+        let g = small_grads(device, kernels, &mut enc, dy, x_lora, xa, b, da, db, p)?;
+        if let Some(dx) = dx {
+            let u = GemmUniform {
+                m: m as u32,
+                n: k as u32,
+                k1: n as u32,
+                k2: r as u32,
+                strides: [plain(n), plain(k), plain(r), plain(k)],
+                s1: 1.0,
+                s2: p.scale,
+                offset: w.offset,
+                ..Default::default()
+            };
+            let mut bind = weight_bindings(w).to_vec();
+            bind.extend([(1, dy), (6, &g), (7, a), (8, dy), (9, dx)]);
+            pass(device, kernels, &mut enc, ("nf4_gemm::nf4_lora_gemm", SOURCE, "nf4_lora_gemm"), &u, &bind, tiles(m, k))?;
+        }
+        queue.submit([enc.finish()]);
+        Ok(())
+    }
+}
+
+/// CUDA launchers (`kernels-cuda/lora_gemm.cu`): dequantization, and the fused LoRA products
+/// of `lora::cuda` with W in NF4 (a GEMV kernel for M <= 16 in the forward).
+#[allow(clippy::too_many_arguments)]
+pub mod cuda {
+    use std::sync::Arc;
+
+    use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchArgs, LaunchConfig, PushKernelArg};
+
+    use super::{dynamic_map, Nf4Tensor, NF4};
+    use crate::device::cuda::ModuleCache;
+    use crate::kernels::check_len;
+    use crate::kernels::lora::cuda::{check_dims, gemm, launch_err, scratch, small_grads, to_i32, xa, Gemm, Half, GEMV_MAX_M};
+    use crate::kernels::lora::LoraParams;
+    use crate::{Error, Result};
+
+    /// An NF4 tensor in device memory: packed codes, absmax indices, second-level scales, and
+    /// the 256 dynamic-map values followed by the 16 NF4 values.
+    pub struct Nf4Device {
+        pub len: usize,
+        pub packed: CudaSlice<u8>,
+        pub absmax: CudaSlice<u8>,
+        pub absmax2: CudaSlice<f32>,
+        pub tables: CudaSlice<f32>,
+        pub offset: f32,
+    }
+
+    impl Nf4Device {
+        /// Copies `q` (validated first) to the device.
+        pub fn upload(stream: &Arc<CudaStream>, q: &Nf4Tensor) -> Result<Self> {
+            q.validate()?;
+            let e = |e| Error::cuda("copying an NF4 tensor to the device", e);
+            let mut tables = dynamic_map().to_vec();
+            tables.extend_from_slice(&NF4);
+            let nonempty = |v: &[u8]| if v.is_empty() { vec![0u8] } else { v.to_vec() };
+            Ok(Nf4Device {
+                len: q.len,
+                packed: stream.clone_htod(&nonempty(&q.packed)).map_err(e)?,
+                absmax: stream.clone_htod(&nonempty(&q.absmax)).map_err(e)?,
+                absmax2: stream.clone_htod(&if q.absmax2.is_empty() { vec![0.0] } else { q.absmax2.clone() }).map_err(e)?,
+                tables: stream.clone_htod(&tables).map_err(e)?,
+                offset: q.offset,
+            })
+        }
+
+        /// The kernels' trailing NF4 arguments: packed, absmax, absmax2, tables, offset.
+        pub(crate) fn push_args<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+            b.arg(&self.packed).arg(&self.absmax).arg(&self.absmax2).arg(&self.tables).arg(&self.offset);
+        }
+    }
+
+    /// Writes the `q.len` dequantized values into `out` (f32), exactly as `nf4::cpu::dequantize`.
+    pub fn dequantize(stream: &Arc<CudaStream>, modules: &ModuleCache, q: &Nf4Device, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        check_len("nf4_dequant (cuda)", "out", out.len(), q.len)?;
+        if q.len == 0 {
+            return Ok(());
+        }
+        let f = modules.function("lora_gemm", "nf4_dequant_f32")?;
+        let len = q.len as i64;
+        let blocks = q.len.div_ceil(256).min(65535) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut b = stream.launch_builder(&f);
+        q.push_args(&mut b);
+        b.arg(out).arg(&len);
+        // SAFETY: arguments match `nf4_dequant_f32`; `out` holds `len` elements and the NF4
+        // buffers were validated against `len` on upload.
+        unsafe { b.launch(cfg) }.map_err(launch_err("nf4_dequant_f32"))?;
+        Ok(())
+    }
+
+    fn check_weight(op: &'static str, w: &Nf4Device, p: LoraParams) -> Result<()> {
+        if w.len != p.n * p.k {
+            return Err(Error::InvalidArgument(format!("{op}: NF4 weight holds {} elements, needs N·K = {}", w.len, p.n * p.k)));
+        }
+        Ok(())
+    }
+
+    /// Forward with W `[N, K]` in NF4: `y = x·wᵀ (+ bias) + s·xa·bᵀ`, `xa = x_lora·aᵀ`. M up to
+    /// `GEMV_MAX_M` runs the GEMV kernel, larger M the tensor-core GEMM.
+    pub fn lora_forward(
+        stream: &Arc<CudaStream>,
+        modules: &ModuleCache,
+        dt: Half,
+        x: &CudaView<'_, u16>,
+        x_lora: &CudaView<'_, u16>,
+        w: &Nf4Device,
+        bias: Option<&CudaView<'_, u16>>,
+        a: &CudaView<'_, u16>,
+        b: &CudaView<'_, u16>,
+        y: &mut CudaViewMut<'_, u16>,
+        xa_out: &mut CudaViewMut<'_, u16>,
+        p: LoraParams,
+    ) -> Result<()> {
+        let op = "nf4_lora_fwd (cuda)";
+        check_dims(op, p)?;
+        check_weight(op, w, p)?;
+        let (m, n, k, r) = (p.m, p.n, p.k, p.r);
+        for (what, have, need) in [("x", x.len(), m * k), ("x_lora", x_lora.len(), m * k), ("a", a.len(), r * k), ("b", b.len(), n * r), ("y", y.len(), m * n), ("xa", xa_out.len(), m * r)] {
+            check_len(op, what, have, need)?;
+        }
+        if let Some(bias) = bias {
+            check_len(op, "bias", bias.len(), n)?;
+        }
+        let mut xa_s = scratch(stream, m * r)?;
+        xa(stream, modules, dt, x_lora, a, xa_out, &mut xa_s.slice_mut(..), p)?;
+        let xs = xa_s.slice(..);
+        if m <= GEMV_MAX_M {
+            if m == 0 || n == 0 {
+                return Ok(());
+            }
+            let name = format!("nf4_gemv_{}", dt.suffix());
+            let f = modules.function("lora_gemm", &name)?;
+            let (mi, ni, ki, ri) = (to_i32(op, "m", m)?, to_i32(op, "n", n)?, to_i32(op, "k", k)?, to_i32(op, "r", r)?);
+            let null = 0u64;
+            let mut bld = stream.launch_builder(&f);
+            bld.arg(x).arg(&xs).arg(b);
+            match bias {
+                Some(bias) => bld.arg(bias),
+                None => bld.arg(&null),
+            };
+            bld.arg(y).arg(&mi).arg(&ni).arg(&ki).arg(&ri);
+            w.push_args(&mut bld);
+            // 8 warps per block, one output column each.
+            let cfg = LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: arguments match `nf4_gemv_*`; lengths checked above.
+            unsafe { bld.launch(cfg) }.map_err(launch_err(&name))?;
+            return Ok(());
+        }
+        let g = Gemm { a1: (x, k), b1: None, a2: (&xs, r), b2: (b, r), bias, m, n, k1: k, k2: r, kn: false };
+        gemm(stream, modules, dt, g, y, Some(w))
+    }
+
+    /// Backward with W in NF4: `da`, `db` as `lora::cuda::backward`, and when `dx` is given
+    /// `dx = dy·w + s·(dy·b)·a` with W dequantized in the GEMM's tile loads.
+    pub fn lora_backward(
+        stream: &Arc<CudaStream>,
+        modules: &ModuleCache,
+        dt: Half,
+        dy: &CudaView<'_, u16>,
+        x_lora: &CudaView<'_, u16>,
+        xa: &CudaView<'_, u16>,
+        w: &Nf4Device,
+        a: &CudaView<'_, u16>,
+        b: &CudaView<'_, u16>,
+        da: &mut CudaViewMut<'_, f32>,
+        db: &mut CudaViewMut<'_, f32>,
+        dx: Option<&mut CudaViewMut<'_, u16>>,
+        p: LoraParams,
+    ) -> Result<()> {
+        let op = "nf4_lora_bwd (cuda)";
+        check_dims(op, p)?;
+        check_weight(op, w, p)?;
+        let (m, n, k, r) = (p.m, p.n, p.k, p.r);
+        for (what, have, need) in [("dy", dy.len(), m * n), ("x_lora", x_lora.len(), m * k), ("xa", xa.len(), m * r), ("a", a.len(), r * k), ("b", b.len(), n * r), ("da", da.len(), r * k), ("db", db.len(), n * r)] {
+            check_len(op, what, have, need)?;
+        }
+        if let Some(dx) = &dx {
+            check_len(op, "dx", dx.len(), m * k)?;
+        }
+        let gs = small_grads(stream, modules, dt, dy, x_lora, xa, b, da, db, p)?;
+        if let Some(dx) = dx {
+            let gv = gs.slice(..);
+            let g = Gemm { a1: (dy, n), b1: None, a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: n, k2: r, kn: true };
+            gemm(stream, modules, dt, g, dx, Some(w))?;
+        }
+        Ok(())
+    }
+}

@@ -154,7 +154,38 @@ fn cases() -> Vec<CaseResult> {
         }
     }
     optim_cases(&mut push);
+    lora_cases(&mut push);
     out
+}
+
+/// The fused LoRA and NF4 cases: the bodies `tests/lora_devices.rs` runs on the CPU and wgpu,
+/// here in bf16 and f16. Shapes: ragged in every dimension, K a multiple of 8 (the cp.async
+/// path) and not (element loads), R up to 128, M <= 16 (the NF4 GEMV) and just above.
+fn lora_cases(push: &mut impl FnMut(String, Result<(), String>)) {
+    use tuna::testing::lora::{check_lora, check_nf4_dequant, check_nf4_lora, LoraCase};
+    let dev = Device::Cuda(0);
+    let shapes = [
+        (1, 1, 1, 1),
+        (3, 65, 33, 128),
+        (67, 5, 70, 100),
+        (130, 130, 130, 16),
+        (129, 200, 264, 16),
+        (256, 256, 512, 64),
+        (1, 300, 256, 16),
+        (16, 129, 520, 8),
+        (17, 64, 64, 16),
+        (300, 72, 1000, 7),
+    ];
+    for dtype in [DType::BF16, DType::F16] {
+        for (i, &(m, n, k, r)) in shapes.iter().enumerate() {
+            let case = LoraCase { m, n, k, r, bias: i % 2 == 0, scale: 16.0 / r as f32, dtype, seed: i as u64 };
+            push(format!("lora {dtype} m{m} n{n} k{k} r{r}"), check_lora(dev, case));
+            push(format!("nf4 lora {dtype} m{m} n{n} k{k} r{r}"), check_nf4_lora(dev, case));
+        }
+    }
+    for (i, len) in [1usize, 65, 1001, 64 * 256 + 7, 4096 * 4096].into_iter().enumerate() {
+        push(format!("nf4 dequantize {len}"), check_nf4_dequant(dev, len, i as u64));
+    }
 }
 
 /// The optimizer-step cases: the bodies `tests/optim_devices.rs` runs on the CPU and wgpu.

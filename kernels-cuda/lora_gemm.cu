@@ -1,0 +1,416 @@
+// Fused LoRA GEMM and the NF4 (QLoRA) matmul, bf16 / f16 storage, f32 accumulation, tensor
+// cores through mma.sync.m16n8k16 (sm_80+). The math is `src/kernels/lora.rs`'s module doc:
+//
+//   forward   XA = X~.A^T  [M,R];   Y = X.W^T (+ bias) + s.XA.B^T  [M,N]
+//   backward  G = dY.B  [M,R];  dA = s.G^T.X~  [R,K];  dB = s.dY^T.XA  [N,R]
+//             dX = dY.W + s.G.A  [M,K]          (W gets no gradient)
+//
+// One GEMM over K + R: `lora_gemm_*` runs the K tiles of (X, W) and then the R tiles of
+// (s.XA, B) into the same accumulators, so Y is written once and W read once per tile.
+// The launcher first writes XA and s.XA (scratch, `lora_xa_*`) -- pre-scaling the second
+// operand keeps one accumulator set. dX is the same kernel with B stored [K, N] (W and A read
+// along their rows: the `_kn` instances, ldmatrix.trans), A1 = dY, A2 = s.G.
+// Shapes: X [M,K], W [N,K], A [R,K], B [N,R], dY [M,N], all row-major, any sizes, R <= 128.
+//
+// NF4: W in bitsandbytes' layout (`src/kernels/nf4.rs`): code of flat element e in byte e/2
+// (high nibble first), a_b = map[q_b]*absmax2[b/256] + offset per block b = e/64,
+// w = NF4[code]*a_b, computed with __fmul_rn / __fadd_rn (no contraction) so that
+// `nf4_dequant_*` equals `nf4::cpu::dequantize` exactly. In the GEMM the W tile is
+// dequantized from global memory into the shared-memory stage (bf16 / f16), never to global.
+//
+// Performance plan (H100 SXM, the Llama-3-8B shapes K = 4096, N in {4096, 14336}, R = 16):
+// - block tile 128 (M) x 64 (N) x 32 (K), 4 warps in 2 x 2, each warp 64 x 32 = 4 x 4 mma
+//   tiles (64 f32 accumulators per thread); 3-stage cp.async pipeline (46 KiB static shared
+//   memory, rows padded to 40 elements so ldmatrix is conflict-free).
+// - floor at M = 2048..8192: dense bf16 peak ~990 TFLOP/s is out of reach for mma.sync (no
+//   wgmma/TMA); a good mma.sync kernel reaches ~60-70% of cuBLAS. Expect ~350-500 TFLOP/s
+//   against cuBLAS's ~650-750 at 8192 x 14336 x 4096. The LoRA term adds R/K = 0.4% FLOPs and
+//   the XA kernel one extra read of X (M.K.2 bytes), so fused vs cuBLAS base alone should be
+//   within ~3%; vs the unfused three-call path it saves the Y read-modify-write (M.N.4 bytes).
+// - M = 1..16 (decode): memory bound. bf16 W 4096 x 14336 = 117 MB -> ~35 us at 3.35 TB/s;
+//   NF4 is 4.13 bits/weight -> 30 MB -> ~9 us floor for `nf4_gemv_*` (one warp per output
+//   column; it reads codes a byte at a time today -- u32 loads of 8 codes are the next step). The NF4 GEMM at large M dequantizes each W element once
+//   per 128-row block (no cp.async for W): expect ~50-70% of the dense kernel.
+// - small products (G, dA, dB) run on CUDA cores (`lora_small_*`): 2.M.R.(N or K) FLOPs each,
+//   ~1 ms at M = 8192 -- the first thing to move onto tensor cores if it shows in profiles.
+//
+// Launch geometry: lora_gemm_*: grid (ceil(N/64), ceil(M/128)), block 128. lora_xa_* and
+// lora_small_*: one thread per output, block 256, grid (ceil(cols/256), rows) with rows in y.
+// nf4_gemv_*: block 256 (8 warps, one column each), grid ceil(N/8). nf4_dequant_*: one thread
+// per element, grid-stride.
+#include "common.cuh"
+
+typedef unsigned short f16_bits;  // IEEE half as its bit pattern
+
+__device__ __forceinline__ float f16_to_f32(f16_bits h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ f16_bits f32_to_f16(float f) {
+    f16_bits h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// The two storage types: conversion and the mma instruction's type name.
+struct Bf16 {
+    static __device__ __forceinline__ float to_f32(unsigned short h) { return bf16_to_f32(h); }
+    static __device__ __forceinline__ unsigned short from_f32(float f) { return f32_to_bf16(f); }
+    static __device__ __forceinline__ void mma(float* d, const u32* a, const u32* b) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+};
+struct F16 {
+    static __device__ __forceinline__ float to_f32(unsigned short h) { return f16_to_f32(h); }
+    static __device__ __forceinline__ unsigned short from_f32(float f) { return f32_to_f16(f); }
+    static __device__ __forceinline__ void mma(float* d, const u32* a, const u32* b) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+};
+
+#define BM 128
+#define BN 64
+#define BK 32
+#define PAD 8
+#define STAGES 3
+#define THREADS 128
+
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// 16 bytes global -> shared, the bytes past `src_bytes` (0..16) zero-filled.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+__device__ __forceinline__ void ldmatrix_x4(u32* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+
+// The NF4 tables: the 16 code values are passed in `tables[256..272]` with the dynamic map in
+// `tables[0..256]`, both uploaded from the crate's own f32 tables.
+struct Nf4 {
+    const unsigned char* packed;
+    const unsigned char* absmax;
+    const float* absmax2;
+    const float* tables;
+    float offset;
+};
+
+__device__ __forceinline__ float nf4_at(const Nf4& q, const float* map, const float* code, long e) {
+    const unsigned char byte = q.packed[e >> 1];
+    const int c = (e & 1) ? (byte & 0xf) : (byte >> 4);
+    const long b = e >> 6;
+    const float a = __fadd_rn(__fmul_rn(map[q.absmax[b]], q.absmax2[b >> 8]), q.offset);
+    return __fmul_rn(code[c], a);
+}
+
+// One operand of the two-phase GEMM: row-major [rows, ld] storage.
+struct Operand {
+    const unsigned short* p;
+    int ld;
+};
+
+struct GemmArgs {
+    Operand a1, b1, a2, b2;  // b1/b2: [N, K] (B_KN = false) or [K, N] (B_KN = true)
+    const unsigned short* bias;  // [N] or null
+    unsigned short* c;           // [M, N]
+    int m, n, k1, k2;
+};
+
+// Shared-memory stage: A tile [BM][BK+PAD]; B tile [BN][BK+PAD] (n-major) or [BK][BN+PAD].
+#define A_STAGE (BM * (BK + PAD))
+#define B_STAGE (BN * (BK + PAD))
+
+// Loads a rows x BK tile of a [rows_total, cols_total] row-major operand starting at (r0, k0)
+// into `dst` (pitch BK + PAD). 16-byte cp.async when every row start is 16-byte aligned
+// (ld % 8 == 0), else element loads; out-of-range elements become 0.
+template <int ROWS>
+__device__ __forceinline__ void load_rows(unsigned short* dst, Operand op, int rows_total, int cols_total, int r0, int k0) {
+    const bool vec = (op.ld % 8) == 0 && ((unsigned long)op.p % 16) == 0;
+    if (vec) {
+#pragma unroll
+        for (int i = threadIdx.x; i < ROWS * (BK / 8); i += THREADS) {
+            const int r = i / (BK / 8), c = (i % (BK / 8)) * 8;
+            const int gr = r0 + r, gc = k0 + c;
+            int bytes = 0;
+            if (gr < rows_total && gc < cols_total) bytes = 2 * min(8, cols_total - gc);
+            const unsigned short* src = bytes > 0 ? op.p + (long)gr * op.ld + gc : op.p;
+            cp_async16(dst + r * (BK + PAD) + c, src, bytes);
+        }
+    } else {
+        for (int i = threadIdx.x; i < ROWS * BK; i += THREADS) {
+            const int r = i / BK, c = i % BK;
+            const int gr = r0 + r, gc = k0 + c;
+            dst[r * (BK + PAD) + c] = (gr < rows_total && gc < cols_total) ? op.p[(long)gr * op.ld + gc] : (unsigned short)0;
+        }
+    }
+}
+
+// Loads a BK x BN tile of a [k_total, n_total] row-major operand at (k0, n0) into `dst`
+// (pitch BN + PAD): B stored [K, N].
+__device__ __forceinline__ void load_kn(unsigned short* dst, Operand op, int k_total, int n_total, int k0, int n0) {
+    const bool vec = (op.ld % 8) == 0 && ((unsigned long)op.p % 16) == 0;
+    if (vec) {
+#pragma unroll
+        for (int i = threadIdx.x; i < BK * (BN / 8); i += THREADS) {
+            const int r = i / (BN / 8), c = (i % (BN / 8)) * 8;
+            const int gr = k0 + r, gc = n0 + c;
+            int bytes = 0;
+            if (gr < k_total && gc < n_total) bytes = 2 * min(8, n_total - gc);
+            const unsigned short* src = bytes > 0 ? op.p + (long)gr * op.ld + gc : op.p;
+            cp_async16(dst + r * (BN + PAD) + c, src, bytes);
+        }
+    } else {
+        for (int i = threadIdx.x; i < BK * BN; i += THREADS) {
+            const int r = i / BN, c = i % BN;
+            const int gr = k0 + r, gc = n0 + c;
+            dst[r * (BN + PAD) + c] = (gr < k_total && gc < n_total) ? op.p[(long)gr * op.ld + gc] : (unsigned short)0;
+        }
+    }
+}
+
+// The NF4 W tile, dequantized: W is [N, K] flat (element (n, k) at n*K + k). For the forward
+// (B_KN false) the tile is rows n0.. of k0..k0+BK, stored [BN][BK+PAD]; for dX (B_KN true) the
+// GEMM's K runs over W's rows: rows k0..k0+BK of W, columns n0..n0+BN, stored [BK][BN+PAD].
+template <typename T, bool B_KN>
+__device__ __forceinline__ void load_nf4(unsigned short* dst, const Nf4& q, const float* map, const float* code, int wrows, int wcols, int t0, int t1) {
+    constexpr int R = B_KN ? BK : BN, C = B_KN ? BN : BK;
+    for (int i = threadIdx.x; i < R * C; i += THREADS) {
+        const int r = i / C, c = i % C;
+        const int gr = t0 + r, gc = t1 + c;
+        float v = 0.0f;
+        if (gr < wrows && gc < wcols) v = nf4_at(q, map, code, (long)gr * wcols + gc);
+        dst[r * (C + PAD) + c] = T::from_f32(v);
+    }
+}
+
+// C = A1.op(B1) + A2.op(B2) (+ bias). Prologue: fill STAGES-1 stages. Main loop: wait for
+// stage kt, issue the load of stage kt + STAGES - 1, run BK/16 mma steps on stage kt.
+// Epilogue: bias, convert, bounds-checked store.
+//
+// Warp w (0..3) owns rows (w / 2) * 64 .. +64 and columns (w % 2) * 32 .. +32 of the block
+// tile: acc[mi][ni][0..3] is the m16n8 accumulator of rows mi*16, columns ni*8, laid out as
+// mma's D: c0, c1 at (g, 2t), (g, 2t+1); c2, c3 at (g+8, 2t), (g+8, 2t+1); g = lane/4, t = lane%4.
+template <typename T, bool B_KN, bool NF4>
+__device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) {
+    __shared__ __align__(16) unsigned short As[STAGES][A_STAGE];
+    __shared__ __align__(16) unsigned short Bs[STAGES][B_STAGE];
+    __shared__ float tables[NF4 ? 272 : 1];
+    if (NF4) {
+        for (int i = threadIdx.x; i < 272; i += THREADS) tables[i] = q.tables[i];
+        __syncthreads();
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int wm = (warp >> 1) * 64, wn = (warp & 1) * 32;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int tiles1 = (g.k1 + BK - 1) / BK, tiles = tiles1 + (g.k2 + BK - 1) / BK;
+
+    auto load_stage = [&](int kt, int s) {
+        if (kt >= tiles) return;
+        const bool second = kt >= tiles1;
+        const int k0 = (second ? kt - tiles1 : kt) * BK;
+        const int kk = second ? g.k2 : g.k1;
+        load_rows<BM>(As[s], second ? g.a2 : g.a1, g.m, kk, m0, k0);
+        if (NF4 && !second) {
+            if (B_KN) load_nf4<T, true>(Bs[s], q, tables, tables + 256, g.k1, g.n, k0, n0);
+            else load_nf4<T, false>(Bs[s], q, tables, tables + 256, g.n, g.k1, n0, k0);
+        } else if (B_KN) {
+            load_kn(Bs[s], second ? g.b2 : g.b1, kk, g.n, k0, n0);
+        } else {
+            load_rows<BN>(Bs[s], second ? g.b2 : g.b1, g.n, kk, n0, k0);
+        }
+    };
+
+    float acc[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+
+    // Prologue.
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+        load_stage(s, s);
+        cp_async_commit();
+    }
+    // Main loop.
+    for (int kt = 0; kt < tiles; kt++) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // stage kt visible to all; stage kt-1 no longer read
+        load_stage(kt + STAGES - 1, (kt + STAGES - 1) % STAGES);
+        cp_async_commit();
+        const unsigned short* as = As[kt % STAGES];
+        const unsigned short* bs = Bs[kt % STAGES];
+#pragma unroll
+        for (int ks = 0; ks < BK; ks += 16) {
+            u32 af[4][4], bf[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 4; mi++)
+                ldmatrix_x4(af[mi], as + (wm + mi * 16 + (lane & 15)) * (BK + PAD) + ks + (lane >> 4) * 8);
+#pragma unroll
+            for (int nj = 0; nj < 2; nj++) {  // two n8 tiles per ldmatrix.x4
+                u32 r[4];
+                if (B_KN) {
+                    ldmatrix_x4_trans(r, bs + (ks + (lane & 7) + ((lane >> 3) & 1) * 8) * (BN + PAD) + wn + nj * 16 + (lane >> 4) * 8);
+                } else {
+                    ldmatrix_x4(r, bs + (wn + nj * 16 + (lane & 7) + (lane >> 4) * 8) * (BK + PAD) + ks + ((lane >> 3) & 1) * 8);
+                }
+                bf[nj * 2][0] = r[0];
+                bf[nj * 2][1] = r[1];
+                bf[nj * 2 + 1][0] = r[2];
+                bf[nj * 2 + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; mi++)
+#pragma unroll
+                for (int ni = 0; ni < 4; ni++) T::mma(acc[mi][ni], af[mi], bf[ni]);
+        }
+    }
+    cp_async_wait<0>();
+
+    // Epilogue.
+    const int gr = lane >> 2, gc = (lane & 3) * 2;
+#pragma unroll
+    for (int mi = 0; mi < 4; mi++) {
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int row = m0 + wm + mi * 16 + gr + (e >> 1) * 8;
+                const int col = n0 + wn + ni * 8 + gc + (e & 1);
+                if (row < g.m && col < g.n) {
+                    float v = acc[mi][ni][e];
+                    if (g.bias != nullptr) v += T::to_f32(g.bias[col]);
+                    g.c[(long)row * g.n + col] = T::from_f32(v);
+                }
+            }
+        }
+    }
+}
+
+#define GEMM_PARAMS                                                                                    \
+    const unsigned short *a1, int lda1, const unsigned short *b1, int ldb1, const unsigned short *a2, \
+        int lda2, const unsigned short *b2, int ldb2, const unsigned short *bias, unsigned short *c, int m, int n, int k1, int k2
+#define GEMM_ARGS GemmArgs{{a1, lda1}, {b1, ldb1}, {a2, lda2}, {b2, ldb2}, bias, c, m, n, k1, k2}
+#define NF4_PARAMS const unsigned char *packed, const unsigned char *absmax, const float *absmax2, const float *tables, float offset
+#define NF4_ARGS Nf4{packed, absmax, absmax2, tables, offset}
+
+// Dense: B1, B2 stored [N, K] (forward) or [K, N] (_kn, dX).
+extern "C" __global__ void __launch_bounds__(THREADS) lora_gemm_bf16(GEMM_PARAMS) {
+    lora_gemm_body<Bf16, false, false>(GEMM_ARGS, Nf4{});
+}
+extern "C" __global__ void __launch_bounds__(THREADS) lora_gemm_f16(GEMM_PARAMS) {
+    lora_gemm_body<F16, false, false>(GEMM_ARGS, Nf4{});
+}
+extern "C" __global__ void __launch_bounds__(THREADS) lora_gemm_kn_bf16(GEMM_PARAMS) {
+    lora_gemm_body<Bf16, true, false>(GEMM_ARGS, Nf4{});
+}
+extern "C" __global__ void __launch_bounds__(THREADS) lora_gemm_kn_f16(GEMM_PARAMS) {
+    lora_gemm_body<F16, true, false>(GEMM_ARGS, Nf4{});
+}
+// NF4: B1 = W from `packed` (b1 unused), forward and dX.
+extern "C" __global__ void __launch_bounds__(THREADS) nf4_lora_gemm_bf16(GEMM_PARAMS, NF4_PARAMS) {
+    lora_gemm_body<Bf16, false, true>(GEMM_ARGS, NF4_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(THREADS) nf4_lora_gemm_f16(GEMM_PARAMS, NF4_PARAMS) {
+    lora_gemm_body<F16, false, true>(GEMM_ARGS, NF4_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(THREADS) nf4_lora_gemm_kn_bf16(GEMM_PARAMS, NF4_PARAMS) {
+    lora_gemm_body<Bf16, true, true>(GEMM_ARGS, NF4_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(THREADS) nf4_lora_gemm_kn_f16(GEMM_PARAMS, NF4_PARAMS) {
+    lora_gemm_body<F16, true, true>(GEMM_ARGS, NF4_ARGS);
+}
+
+// Small products on CUDA cores, one thread per output (rows in grid.y, columns in x):
+//   out[i, j] = s * sum_l A[i*ars + l*acs] * B[l*brs + j*bcs]     (f32 accumulation)
+// written as T (`out_t`, optionally also s2 * value to `out2_t`) or as f32 (`out_f`).
+// Used for XA and s.XA (forward), G -> s.G, dA and dB (backward).
+template <typename T>
+__device__ __forceinline__ void small_body(const unsigned short* a, long ars, long acs, const unsigned short* b, long brs, long bcs, int rows, int cols, int inner, float s, unsigned short* out_t, unsigned short* out2_t, float s2, float* out_f) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    for (int i = blockIdx.y; i < rows; i += gridDim.y) {
+        if (j >= cols) return;
+        float acc = 0.0f;
+        for (int l = 0; l < inner; l++) acc += T::to_f32(a[i * ars + l * acs]) * T::to_f32(b[l * brs + j * bcs]);
+        acc *= s;
+        const long o = (long)i * cols + j;
+        if (out_t != nullptr) out_t[o] = T::from_f32(acc);
+        if (out2_t != nullptr) out2_t[o] = T::from_f32(s2 * acc);
+        if (out_f != nullptr) out_f[o] = acc;
+    }
+}
+
+#define SMALL_PARAMS                                                                                       \
+    const unsigned short *a, long ars, long acs, const unsigned short *b, long brs, long bcs, int rows, int cols, \
+        int inner, float s, unsigned short *out_t, unsigned short *out2_t, float s2, float *out_f
+#define SMALL_ARGS a, ars, acs, b, brs, bcs, rows, cols, inner, s, out_t, out2_t, s2, out_f
+extern "C" __global__ void lora_small_bf16(SMALL_PARAMS) { small_body<Bf16>(SMALL_ARGS); }
+extern "C" __global__ void lora_small_f16(SMALL_PARAMS) { small_body<F16>(SMALL_ARGS); }
+
+// NF4 GEMV for M <= 16: Y[m, n] = sum_k X[m, k] W[n, k] + s.XA[m, :].B[n, :] (+ bias), with a
+// warp per output column n: lanes stride over K, each dequantizes its W element once and
+// multiplies it into all M rows (M accumulators), then a warp sum.
+template <typename T>
+__device__ __forceinline__ void gemv_body(const unsigned short* x, const unsigned short* xa_s, const unsigned short* bm, const unsigned short* bias, unsigned short* y, int m, int n, int k, int r, const Nf4& q) {
+    __shared__ float tables[272];
+    for (int i = threadIdx.x; i < 272; i += blockDim.x) tables[i] = q.tables[i];
+    __syncthreads();
+    const int lane = threadIdx.x & 31;
+    const int col = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (col >= n) return;
+    float acc[16];
+#pragma unroll
+    for (int i = 0; i < 16; i++) acc[i] = 0.0f;
+    for (int kk = lane; kk < k; kk += 32) {
+        const float w = nf4_at(q, tables, tables + 256, (long)col * k + kk);
+#pragma unroll
+        for (int i = 0; i < 16; i++)
+            if (i < m) acc[i] += T::to_f32(x[(long)i * k + kk]) * w;
+    }
+    for (int rr = lane; rr < r; rr += 32) {
+        const float bv = T::to_f32(bm[(long)col * r + rr]);
+#pragma unroll
+        for (int i = 0; i < 16; i++)
+            if (i < m) acc[i] += T::to_f32(xa_s[(long)i * r + rr]) * bv;
+    }
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+        const float v = warp_sum(acc[i]);
+        if (lane == 0 && i < m) y[(long)i * n + col] = T::from_f32(v + (bias != nullptr ? T::to_f32(bias[col]) : 0.0f));
+    }
+}
+
+#define GEMV_PARAMS                                                                                          \
+    const unsigned short *x, const unsigned short *xa_s, const unsigned short *bm, const unsigned short *bias, \
+        unsigned short *y, int m, int n, int k, int r, NF4_PARAMS
+extern "C" __global__ void nf4_gemv_bf16(GEMV_PARAMS) { gemv_body<Bf16>(x, xa_s, bm, bias, y, m, n, k, r, NF4_ARGS); }
+extern "C" __global__ void nf4_gemv_f16(GEMV_PARAMS) { gemv_body<F16>(x, xa_s, bm, bias, y, m, n, k, r, NF4_ARGS); }
+
+// Dequantization to f32, exactly `nf4::cpu::dequantize`.
+extern "C" __global__ void nf4_dequant_f32(NF4_PARAMS, float* out, long len) {
+    __shared__ float tables_s[272];
+    for (int i = threadIdx.x; i < 272; i += blockDim.x) tables_s[i] = tables[i];
+    __syncthreads();
+    const Nf4 q = NF4_ARGS;
+    for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < len; e += (long)gridDim.x * blockDim.x)
+        out[e] = nf4_at(q, tables_s, tables_s + 256, e);
+}

@@ -1,0 +1,158 @@
+// NF4 weights on wgpu (the WGSL half of `src/kernels/nf4.rs`): dequantization, and the LoRA
+// GEMM of `lora_gemm.wgsl` with the frozen weight W [N,K] stored as NF4 and dequantized while
+// its tile is loaded (never written out in full).
+//
+// NF4 layout (bitsandbytes): flat element e of W has its 4-bit code in byte e/2 of `packed`
+// (high nibble for even e), block b = e/64 has an 8-bit index q_b into the dynamic map, and
+//   a_b = map[q_b] * absmax2[b/256] + offset,   w_e = NF4[code_e] * a_b      (f32, in this
+// order, as `nf4::cpu::dequantize` computes it). Bytes are read out of u32 words (little end
+// first). `tables` holds the 256 dynamic-map values followed by the 16 NF4 values, uploaded
+// from the crate's own tables so the shader and the CPU use the same f32 numbers.
+//
+// nf4_dequant: one invocation per element, 256 per workgroup, grid (x, y) with the linear
+// workgroup index y * num_workgroups.x + x (past 65535 workgroups).
+// nf4_lora_gemm: as `lora_gemm` (64x64 tile, 16x16 invocations, 4x4 each, K step 16), with
+// op(B1)[l, j] = W_flat[l * b1_rs + j * b1_cs]: b1_rs = 1, b1_cs = K for the forward
+// (Y = X.W^T + s.XA.B^T), b1_rs = K, b1_cs = 1 for dX = dY.W + s.G.A.
+
+struct Params {
+    m: u32,
+    n: u32,
+    k1: u32,
+    k2: u32,
+    a1_rs: u32,
+    a1_cs: u32,
+    b1_rs: u32,
+    b1_cs: u32,
+    a2_rs: u32,
+    a2_cs: u32,
+    b2_rs: u32,
+    b2_cs: u32,
+    s1: f32,
+    s2: f32,
+    // bit 0: add bias[N].
+    flags: u32,
+    // nf4_dequant: the element count.
+    len: u32,
+    offset: f32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+const TM: u32 = 64u;
+const TN: u32 = 64u;
+const TK: u32 = 16u;
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a1: array<f32>;
+@group(0) @binding(2) var<storage, read> packed: array<u32>;
+@group(0) @binding(3) var<storage, read> absmax: array<u32>;
+@group(0) @binding(4) var<storage, read> absmax2: array<f32>;
+@group(0) @binding(5) var<storage, read> tables: array<f32>;
+@group(0) @binding(6) var<storage, read> a2: array<f32>;
+@group(0) @binding(7) var<storage, read> b2: array<f32>;
+@group(0) @binding(8) var<storage, read> bias: array<f32>;
+@group(0) @binding(9) var<storage, read_write> c: array<f32>;
+
+var<workgroup> a_tile: array<array<f32, 64>, 16>;
+var<workgroup> b_tile: array<array<f32, 64>, 16>;
+
+fn packed_byte(i: u32) -> u32 {
+    return (packed[i / 4u] >> (8u * (i % 4u))) & 0xffu;
+}
+
+fn absmax_index(b: u32) -> u32 {
+    return (absmax[b / 4u] >> (8u * (b % 4u))) & 0xffu;
+}
+
+fn nf4_weight(e: u32) -> f32 {
+    let byte = packed_byte(e / 2u);
+    let code = select(byte & 0xfu, byte >> 4u, e % 2u == 0u);
+    let b = e / 64u;
+    let scaled = tables[absmax_index(b)] * absmax2[b / 256u];
+    let a = scaled + p.offset;
+    return tables[256u + code] * a;
+}
+
+@compute @workgroup_size(256)
+fn nf4_dequant(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let e = (wid.y * groups.x + wid.x) * 256u + lid;
+    if (e < p.len) {
+        c[e] = nf4_weight(e);
+    }
+}
+
+fn load_a(i: u32, l: u32, second: bool) -> f32 {
+    if (i >= p.m) {
+        return 0.0;
+    }
+    if (second) {
+        return select(0.0, p.s2 * a2[i * p.a2_rs + l * p.a2_cs], l < p.k2);
+    }
+    return select(0.0, p.s1 * a1[i * p.a1_rs + l * p.a1_cs], l < p.k1);
+}
+
+fn load_b(l: u32, j: u32, second: bool) -> f32 {
+    if (j >= p.n) {
+        return 0.0;
+    }
+    if (second) {
+        return select(0.0, b2[l * p.b2_rs + j * p.b2_cs], l < p.k2);
+    }
+    if (l >= p.k1) {
+        return 0.0;
+    }
+    return nf4_weight(l * p.b1_rs + j * p.b1_cs);
+}
+
+@compute @workgroup_size(16, 16)
+fn nf4_lora_gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let row0 = wid.y * TM;
+    let col0 = wid.x * TN;
+    let tx = lid.x;
+    let ty = lid.y;
+    let t = ty * 16u + tx;
+    var acc: array<array<f32, 4>, 4>;
+    let tiles1 = (p.k1 + TK - 1u) / TK;
+    let tiles = tiles1 + (p.k2 + TK - 1u) / TK;
+    for (var kt = 0u; kt < tiles; kt++) {
+        let second = kt >= tiles1;
+        let k0 = select(kt * TK, (kt - tiles1) * TK, second);
+        for (var q = 0u; q < 4u; q++) {
+            let e = t + 256u * q;
+            let l = e / 64u;
+            let x = e % 64u;
+            a_tile[l][x] = load_a(row0 + x, k0 + l, second);
+            b_tile[l][x] = load_b(k0 + l, col0 + x, second);
+        }
+        workgroupBarrier();
+        for (var l = 0u; l < TK; l++) {
+            var av: array<f32, 4>;
+            var bv: array<f32, 4>;
+            for (var i = 0u; i < 4u; i++) {
+                av[i] = a_tile[l][ty + 16u * i];
+                bv[i] = b_tile[l][tx + 16u * i];
+            }
+            for (var i = 0u; i < 4u; i++) {
+                for (var j = 0u; j < 4u; j++) {
+                    acc[i][j] += av[i] * bv[j];
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let r = row0 + ty + 16u * i;
+        for (var j = 0u; j < 4u; j++) {
+            let col = col0 + tx + 16u * j;
+            if (r < p.m && col < p.n) {
+                var v = acc[i][j];
+                if ((p.flags & 1u) != 0u) {
+                    v += bias[col];
+                }
+                c[r * p.n + col] = v;
+            }
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! Fused LoRA linear and NF4 QLoRA checks on one device against `kernels::lora::reference`
+//! (f64), shared by `tests/lora_devices.rs` and `tools/gpu-check`. Each check calls the
+//! device's launchers (`cpu::`, `wgsl::`, `cuda::`) directly.
+//!
+//! Tolerance (DESIGN.md, the FlashAttention rule): a naive implementation in the device's
+//! precision — the same math as plain loops, f32 accumulation in index order, every stored
+//! intermediate and output rounded to the storage type — is run beside the device, its largest
+//! error against the f64 reference measured per output, and the device may be off by at most
+//! twice that, plus a floor of four f32 ulps of the largest reference value (so a case where
+//! the naive loops happen to be exact does not demand exactness). A GEMM's rounding grows with
+//! its inner dimension (K + R terms for Y, N + R for dX, M for dA and dB) and with the input
+//! magnitudes; measuring it instead of fixing a number keeps the bound tight at every shape
+//! while any indexing or tiling bug (an error the size of a product term) still fails it.
+
+use crate::kernels::lora::{cpu, reference, LoraParams};
+use crate::kernels::matmul::MatmulParams;
+use crate::kernels::nf4;
+use crate::testing::{compare, Rng, Tolerance};
+use crate::{DType, Device};
+
+type Check = std::result::Result<(), String>;
+
+/// One LoRA linear test case.
+#[derive(Clone, Copy, Debug)]
+pub struct LoraCase {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub r: usize,
+    pub bias: bool,
+    pub scale: f32,
+    /// F32 (CPU, wgpu) or BF16 / F16 (CUDA) storage of every input and output but dA, dB.
+    pub dtype: DType,
+    pub seed: u64,
+}
+
+impl LoraCase {
+    pub fn params(&self) -> LoraParams {
+        LoraParams { m: self.m, n: self.n, k: self.k, r: self.r, scale: self.scale }
+    }
+}
+
+/// Rounds to the storage type and back.
+pub fn round_to(dtype: DType, v: f32) -> f32 {
+    match dtype {
+        DType::BF16 => half::bf16::from_f32(v).to_f32(),
+        DType::F16 => half::f16::from_f32(v).to_f32(),
+        _ => v,
+    }
+}
+
+fn rounded(dtype: DType, v: Vec<f32>) -> Vec<f32> {
+    v.into_iter().map(|x| round_to(dtype, x)).collect()
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// Plain loops in f32, index order (the naive implementation of the tolerance rule).
+fn mm32(a: &[f32], b: &[f32], p: MatmulParams) -> Vec<f32> {
+    let (ars, acs) = if p.trans_a { (1, p.m) } else { (p.k, 1) };
+    let (brs, bcs) = if p.trans_b { (1, p.k) } else { (p.n, 1) };
+    let mut c = vec![0.0f32; p.m * p.n];
+    for i in 0..p.m {
+        for j in 0..p.n {
+            let mut acc = 0.0f32;
+            for l in 0..p.k {
+                acc += a[i * ars + l * acs] * b[l * brs + j * bcs];
+            }
+            c[i * p.n + j] = acc;
+        }
+    }
+    c
+}
+
+fn mm(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> MatmulParams {
+    MatmulParams { m, n, k, trans_a, trans_b }
+}
+
+/// The tolerance of the rule above for one output: naive error doubled, plus the floor.
+pub fn naive_tolerance(naive: &[f32], want: &[f64]) -> Tolerance {
+    let err = naive.iter().zip(want).fold(0.0f64, |e, (&g, &w)| e.max((g as f64 - w).abs()));
+    let big = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+    Tolerance { atol: 2.0 * err + 4.0 * f32::EPSILON as f64 * big, rtol: 0.0 }
+}
+
+/// Inputs of one case, already rounded to the storage type (so the reference sees exactly
+/// what the device sees). No dropout: `x_lora = x`.
+pub struct LoraInputs {
+    pub x: Vec<f32>,
+    pub w: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+    pub a: Vec<f32>,
+    pub b: Vec<f32>,
+    pub dy: Vec<f32>,
+}
+
+impl LoraInputs {
+    pub fn new(case: &LoraCase) -> Self {
+        let (m, n, k, r, t) = (case.m, case.n, case.k, case.r, case.dtype);
+        let mut rng = Rng::new(case.seed);
+        LoraInputs {
+            x: rounded(t, rng.vec(m * k, -1.0, 1.0)),
+            w: rounded(t, rng.vec(n * k, -1.0, 1.0)),
+            bias: case.bias.then(|| rounded(t, rng.vec(n, -1.0, 1.0))),
+            a: rounded(t, rng.vec(r * k, -1.0, 1.0)),
+            b: rounded(t, rng.vec(n * r, -1.0, 1.0)),
+            dy: rounded(t, rng.vec(m * n, -1.0, 1.0)),
+        }
+    }
+}
+
+/// What a device returns: y, xa (forward); dx, da, db (backward).
+pub struct LoraOutputs {
+    pub y: Vec<f32>,
+    pub xa: Vec<f32>,
+    pub dx: Vec<f32>,
+    pub da: Vec<f32>,
+    pub db: Vec<f32>,
+}
+
+/// The naive implementation in the case's precision (see the module doc). Stored
+/// intermediates are rounded as the GPU paths store them: XA, and s·XA, s·G on CUDA.
+fn naive(case: &LoraCase, inp: &LoraInputs) -> LoraOutputs {
+    let (m, n, k, r, t, s) = (case.m, case.n, case.k, case.r, case.dtype, case.scale);
+    let xa = rounded(t, mm32(&inp.x, &inp.a, mm(m, r, k, false, true)));
+    let xa_s: Vec<f32> = xa.iter().map(|&v| round_to(t, s * v)).collect();
+    let base = mm32(&inp.x, &inp.w, mm(m, n, k, false, true));
+    let lora = mm32(&xa_s, &inp.b, mm(m, n, r, false, true));
+    let y = (0..m * n).map(|i| round_to(t, base[i] + lora[i] + inp.bias.as_ref().map_or(0.0, |b| b[i % n]))).collect();
+    let g = mm32(&inp.dy, &inp.b, mm(m, r, n, false, false));
+    let g_s: Vec<f32> = g.iter().map(|&v| round_to(t, s * v)).collect();
+    let dxw = mm32(&inp.dy, &inp.w, mm(m, k, n, false, false));
+    let dxl = mm32(&g_s, &inp.a, mm(m, k, r, false, false));
+    let dx = (0..m * k).map(|i| round_to(t, dxw[i] + dxl[i])).collect();
+    let da = mm32(&g_s, &inp.x, mm(r, k, m, true, false));
+    let db: Vec<f32> = mm32(&inp.dy, &xa, mm(n, r, m, true, false)).iter().map(|v| s * v).collect();
+    LoraOutputs { y, xa, dx, da, db }
+}
+
+fn compare_all(what: &str, case: &LoraCase, got: &LoraOutputs, want: &LoraOutputs64, nv: &LoraOutputs) -> Check {
+    // (name, device, reference, naive)
+    type Output<'a> = (&'a str, &'a [f32], &'a [f64], &'a [f32]);
+    let outs: [Output; 5] = [
+        ("y", &got.y, &want.y, &nv.y),
+        ("xa", &got.xa, &want.xa, &nv.xa),
+        ("dx", &got.dx, &want.dx, &nv.dx),
+        ("da", &got.da, &want.da, &nv.da),
+        ("db", &got.db, &want.db, &nv.db),
+    ];
+    for (name, g, w, n) in outs {
+        compare(&format!("{what} {name} ({case:?})"), g, w, naive_tolerance(n, w))?;
+    }
+    Ok(())
+}
+
+struct LoraOutputs64 {
+    y: Vec<f64>,
+    xa: Vec<f64>,
+    dx: Vec<f64>,
+    da: Vec<f64>,
+    db: Vec<f64>,
+}
+
+fn reference_outputs(case: &LoraCase, inp: &LoraInputs, w: &[f32]) -> LoraOutputs64 {
+    let p = case.params();
+    let (x, w) = (f64s(&inp.x), f64s(w));
+    let (a, b, dy) = (f64s(&inp.a), f64s(&inp.b), f64s(&inp.dy));
+    let bias = inp.bias.as_deref().map(f64s);
+    let (y, xa) = reference::forward(&x, &x, &w, bias.as_deref(), &a, &b, p);
+    let (dx, da, db) = reference::backward(&dy, &x, &xa, &w, &a, &b, None, p);
+    LoraOutputs64 { y, xa, dx, da, db }
+}
+
+/// Fused LoRA forward and backward on `dev` against the f64 reference.
+pub fn check_lora(dev: Device, case: LoraCase) -> Check {
+    let inp = LoraInputs::new(&case);
+    let want = reference_outputs(&case, &inp, &inp.w);
+    let got = match dev {
+        Device::Cpu => run_cpu(&case, &inp, &inp.w),
+        Device::Wgpu(i) => wgpu_run::lora(i, &case, &inp, None),
+        Device::Cuda(i) => cuda_run::lora(i, &case, &inp, None),
+    }
+    .map_err(|e| format!("lora on {dev}: {e}"))?;
+    compare_all(&format!("lora on {dev}"), &case, &got, &want, &naive(&case, &inp))
+}
+
+/// The same with W quantized to NF4 (`nf4::cpu::quantize`): the reference and the naive loops
+/// use the CPU dequantization of W (byte-exact against bitsandbytes), the device its own
+/// in-kernel dequantization.
+pub fn check_nf4_lora(dev: Device, case: LoraCase) -> Check {
+    let inp = LoraInputs::new(&case);
+    let q = nf4::cpu::quantize(&inp.w);
+    let wq = nf4::cpu::dequantize(&q).map_err(|e| e.to_string())?;
+    let want = reference_outputs(&case, &inp, &wq);
+    let dq = LoraInputs { w: wq.clone(), x: inp.x.clone(), bias: inp.bias.clone(), a: inp.a.clone(), b: inp.b.clone(), dy: inp.dy.clone() };
+    let got = match dev {
+        Device::Cpu => run_cpu(&case, &inp, &wq),
+        Device::Wgpu(i) => wgpu_run::lora(i, &case, &inp, Some(&q)),
+        Device::Cuda(i) => cuda_run::lora(i, &case, &inp, Some(&q)),
+    }
+    .map_err(|e| format!("nf4 lora on {dev}: {e}"))?;
+    compare_all(&format!("nf4 lora on {dev}"), &case, &got, &want, &naive(&case, &dq))
+}
+
+/// NF4 dequantization on `dev` equals `nf4::cpu::dequantize` bit for bit.
+pub fn check_nf4_dequant(dev: Device, len: usize, seed: u64) -> Check {
+    let mut rng = Rng::new(seed);
+    // Rows of different scales, so the absmax values (and their double quantization) vary.
+    let w: Vec<f32> = (0..len).map(|i| rng.uniform(-1.0, 1.0) * (1.0 + (i / 97 % 7) as f32)).collect();
+    let q = nf4::cpu::quantize(&w);
+    let want = nf4::cpu::dequantize(&q).map_err(|e| e.to_string())?;
+    let got = match dev {
+        Device::Cpu => Ok(want.clone()),
+        Device::Wgpu(i) => wgpu_run::dequant(i, &q),
+        Device::Cuda(i) => cuda_run::dequant(i, &q),
+    }
+    .map_err(|e| format!("nf4 dequantize on {dev}: {e}"))?;
+    if let Some(i) = (0..len).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+        return Err(format!("nf4 dequantize on {dev} ({len} elements): [{i}] got {} want {} (bit-exact expected)", got[i], want[i]));
+    }
+    Ok(())
+}
+
+fn run_cpu(case: &LoraCase, inp: &LoraInputs, w: &[f32]) -> crate::Result<LoraOutputs> {
+    let p = case.params();
+    let (y, xa) = cpu::forward(&inp.x, &inp.x, w, inp.bias.as_deref(), &inp.a, &inp.b, p)?;
+    let (mut da, mut db) = (vec![0.0; p.r * p.k], vec![0.0; p.n * p.r]);
+    let dx = cpu::backward(&inp.dy, &inp.x, &xa, w, &inp.a, &inp.b, None, true, &mut da, &mut db, p)?.unwrap_or_default();
+    Ok(LoraOutputs { y, xa, dx, da, db })
+}
+
+mod wgpu_run {
+    use super::{LoraCase, LoraInputs, LoraOutputs};
+    use crate::device::wgpu::{runtime, PooledBuffer, WgpuRuntime};
+    use crate::kernels::lora::wgsl;
+    use crate::kernels::nf4::{self, Nf4Tensor};
+    use crate::{DType, Error, Result};
+
+    fn up(rt: &WgpuRuntime, v: &[f32]) -> PooledBuffer {
+        rt.upload(bytemuck::cast_slice(v))
+    }
+
+    fn down(rt: &WgpuRuntime, b: &PooledBuffer, n: usize) -> Result<Vec<f32>> {
+        Ok(bytemuck::pod_collect_to_vec(&rt.download(b.buffer(), n * 4)?))
+    }
+
+    pub fn lora(i: usize, case: &LoraCase, inp: &LoraInputs, q: Option<&Nf4Tensor>) -> Result<LoraOutputs> {
+        if case.dtype != DType::F32 {
+            return Err(Error::InvalidArgument(format!("no WGSL LoRA kernel for {}", case.dtype)));
+        }
+        let rt = runtime(i)?;
+        let p = case.params();
+        let (m, n, k, r) = (p.m, p.n, p.k, p.r);
+        let (x, w, a, b, dy) = (up(&rt, &inp.x), up(&rt, &inp.w), up(&rt, &inp.a), up(&rt, &inp.b), up(&rt, &inp.dy));
+        let bias = inp.bias.as_ref().map(|v| up(&rt, v));
+        let (y, xa, dx, da, db) = (rt.alloc(m * n * 4), rt.alloc(m * r * 4), rt.alloc(m * k * 4), rt.alloc(r * k * 4), rt.alloc(n * r * 4));
+        let (dev, queue, kern) = (&rt.device, &rt.queue, &rt.kernels);
+        let bias_b = bias.as_ref().map(|b| b.buffer());
+        match q {
+            None => {
+                wgsl::forward(dev, queue, kern, x.buffer(), x.buffer(), w.buffer(), bias_b, a.buffer(), b.buffer(), y.buffer(), xa.buffer(), p)?;
+                wgsl::backward(dev, queue, kern, dy.buffer(), x.buffer(), xa.buffer(), w.buffer(), a.buffer(), b.buffer(), da.buffer(), db.buffer(), Some(dx.buffer()), p)?;
+            }
+            Some(q) => {
+                let wq = nf4::wgsl::upload(dev, q)?;
+                nf4::wgsl::lora_forward(dev, queue, kern, x.buffer(), x.buffer(), &wq, bias_b, a.buffer(), b.buffer(), y.buffer(), xa.buffer(), p)?;
+                nf4::wgsl::lora_backward(dev, queue, kern, dy.buffer(), x.buffer(), xa.buffer(), &wq, a.buffer(), b.buffer(), da.buffer(), db.buffer(), Some(dx.buffer()), p)?;
+            }
+        }
+        Ok(LoraOutputs { y: down(&rt, &y, m * n)?, xa: down(&rt, &xa, m * r)?, dx: down(&rt, &dx, m * k)?, da: down(&rt, &da, r * k)?, db: down(&rt, &db, n * r)? })
+    }
+
+    pub fn dequant(i: usize, q: &Nf4Tensor) -> Result<Vec<f32>> {
+        let rt = runtime(i)?;
+        let wq = nf4::wgsl::upload(&rt.device, q)?;
+        let out = rt.alloc(q.len * 4);
+        nf4::wgsl::dequantize(&rt.device, &rt.queue, &rt.kernels, &wq, out.buffer())?;
+        down(&rt, &out, q.len)
+    }
+}
+
+mod cuda_run {
+    use std::sync::Arc;
+
+    use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+
+    use super::{LoraCase, LoraInputs, LoraOutputs};
+    use crate::device::cuda::runtime;
+    use crate::kernels::lora::cuda::{self, Half};
+    use crate::kernels::nf4::cuda::{self as nf4, Nf4Device};
+    use crate::kernels::nf4::Nf4Tensor;
+    use crate::{DType, Error, Result};
+
+    fn err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+        move |e| Error::cuda(what.to_string(), e)
+    }
+
+    fn up<T: DeviceRepr>(s: &Arc<CudaStream>, v: &[T]) -> Result<CudaSlice<T>> {
+        s.clone_htod(v).map_err(err("copy to device"))
+    }
+
+    fn zeros<T: DeviceRepr + ValidAsZeroBits>(s: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<T>> {
+        s.alloc_zeros::<T>(n.max(1)).map_err(err("alloc"))
+    }
+
+    fn down<T: DeviceRepr + Default + Clone>(s: &Arc<CudaStream>, d: &CudaSlice<T>, n: usize) -> Result<Vec<T>> {
+        let mut v = s.clone_dtoh(d).map_err(err("copy to host"))?;
+        v.truncate(n);
+        Ok(v)
+    }
+
+    fn bits(dt: Half, v: &[f32]) -> Vec<u16> {
+        match dt {
+            Half::Bf16 => v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect(),
+            Half::F16 => v.iter().map(|&x| half::f16::from_f32(x).to_bits()).collect(),
+        }
+    }
+
+    fn values(dt: Half, v: &[u16]) -> Vec<f32> {
+        match dt {
+            Half::Bf16 => v.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect(),
+            Half::F16 => v.iter().map(|&b| half::f16::from_bits(b).to_f32()).collect(),
+        }
+    }
+
+    pub fn lora(i: usize, case: &LoraCase, inp: &LoraInputs, q: Option<&Nf4Tensor>) -> Result<LoraOutputs> {
+        let dt = match case.dtype {
+            DType::BF16 => Half::Bf16,
+            DType::F16 => Half::F16,
+            d => return Err(Error::InvalidArgument(format!("no CUDA LoRA kernel for {d}"))),
+        };
+        let rt = runtime(i)?;
+        let (s, md) = (&rt.stream, &rt.modules);
+        let p = case.params();
+        let (m, n, k, r) = (p.m, p.n, p.k, p.r);
+        let (x, w, a, b, dy) = (up(s, &bits(dt, &inp.x))?, up(s, &bits(dt, &inp.w))?, up(s, &bits(dt, &inp.a))?, up(s, &bits(dt, &inp.b))?, up(s, &bits(dt, &inp.dy))?);
+        let bias = inp.bias.as_ref().map(|v| up(s, &bits(dt, v))).transpose()?;
+        let (mut y, mut xa, mut dx) = (zeros::<u16>(s, m * n)?, zeros::<u16>(s, m * r)?, zeros::<u16>(s, m * k)?);
+        let (mut da, mut db) = (zeros::<f32>(s, r * k)?, zeros::<f32>(s, n * r)?);
+        let (xv, wv, av, bv, dyv) = (x.slice(..m * k), w.slice(..n * k), a.slice(..r * k), b.slice(..n * r), dy.slice(..m * n));
+        let biasv = bias.as_ref().map(|b| b.slice(..n));
+        match q {
+            None => {
+                cuda::forward(s, md, dt, &xv, &xv, &wv, biasv.as_ref(), &av, &bv, &mut y.slice_mut(..m * n), &mut xa.slice_mut(..m * r), p)?;
+                let xav = xa.slice(..m * r);
+                cuda::backward(s, md, dt, &dyv, &xv, &xav, &wv, &av, &bv, &mut da.slice_mut(..r * k), &mut db.slice_mut(..n * r), Some(&mut dx.slice_mut(..m * k)), p)?;
+            }
+            Some(q) => {
+                let wq = Nf4Device::upload(s, q)?;
+                nf4::lora_forward(s, md, dt, &xv, &xv, &wq, biasv.as_ref(), &av, &bv, &mut y.slice_mut(..m * n), &mut xa.slice_mut(..m * r), p)?;
+                let xav = xa.slice(..m * r);
+                nf4::lora_backward(s, md, dt, &dyv, &xv, &xav, &wq, &av, &bv, &mut da.slice_mut(..r * k), &mut db.slice_mut(..n * r), Some(&mut dx.slice_mut(..m * k)), p)?;
+            }
+        }
+        Ok(LoraOutputs {
+            y: values(dt, &down(s, &y, m * n)?),
+            xa: values(dt, &down(s, &xa, m * r)?),
+            dx: values(dt, &down(s, &dx, m * k)?),
+            da: down(s, &da, r * k)?,
+            db: down(s, &db, n * r)?,
+        })
+    }
+
+    pub fn dequant(i: usize, q: &Nf4Tensor) -> Result<Vec<f32>> {
+        let rt = runtime(i)?;
+        let s = &rt.stream;
+        let wq = Nf4Device::upload(s, q)?;
+        let mut out = zeros::<f32>(s, q.len)?;
+        nf4::dequantize(s, &rt.modules, &wq, &mut out.slice_mut(..q.len.max(1)))?;
+        down(s, &out, q.len)
+    }
+}

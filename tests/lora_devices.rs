@@ -1,0 +1,68 @@
+//! The fused LoRA linear (forward and backward) and its NF4 (QLoRA) form on every device
+//! present, against the f64 reference in `kernels::lora::reference`; NF4 dequantization against
+//! `nf4::cpu::dequantize` bit for bit. The check bodies and the tolerance rule live in
+//! `tuna::testing::lora` (shared with `tools/gpu-check`); devices come from
+//! `common::devices()` (TUNA_REQUIRE_WGPU=1 makes a missing adapter a failure). Shapes are
+//! small for lavapipe and never multiples of the WGSL 64x64x16 tile or the CUDA tiles.
+
+mod common;
+
+use proptest::prelude::*;
+use tuna::testing::lora::{check_lora, check_nf4_dequant, check_nf4_lora, LoraCase};
+use tuna::{DType, Device};
+
+/// Storage types each device has LoRA kernels for.
+fn dtypes(dev: Device) -> Vec<DType> {
+    match dev {
+        Device::Cuda(_) => vec![DType::BF16, DType::F16],
+        _ => vec![DType::F32],
+    }
+}
+
+fn run(case: LoraCase, nf4: bool) {
+    for dev in common::devices() {
+        for dtype in dtypes(dev) {
+            let case = LoraCase { dtype, ..case };
+            let res = if nf4 { check_nf4_lora(dev, case) } else { check_lora(dev, case) };
+            res.unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+fn case(m: usize, n: usize, k: usize, r: usize, bias: bool, seed: u64) -> LoraCase {
+    LoraCase { m, n, k, r, bias, scale: 16.0 / r as f32, dtype: DType::F32, seed }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    #[test]
+    fn lora_matches_reference(m in 1usize..70, n in 1usize..70, k in 1usize..70, r in 1usize..=32, bias: bool, seed: u64) {
+        run(case(m, n, k, r, bias, seed), false);
+    }
+
+    #[test]
+    fn nf4_lora_matches_reference(m in 1usize..70, n in 1usize..70, k in 1usize..70, r in 1usize..=32, bias: bool, seed: u64) {
+        run(case(m, n, k, r, bias, seed), true);
+    }
+}
+
+#[test]
+fn lora_ranks_up_to_128() {
+    // R past one K tile (16) and up to the largest rank, with ragged M, N, K.
+    for (i, &(m, n, k, r)) in [(3, 65, 33, 128), (67, 5, 70, 100), (17, 17, 130, 127), (1, 1, 1, 128)].iter().enumerate() {
+        run(case(m, n, k, r, i % 2 == 0, i as u64), false);
+        run(case(m, n, k, r, i % 2 == 1, i as u64 + 10), true);
+    }
+}
+
+#[test]
+fn nf4_dequantize_is_exact() {
+    // One element, odd lengths (a half-used last byte), partial 64-blocks, more than one
+    // 256-block of absmax values.
+    for (i, &len) in [1usize, 63, 64, 65, 1001, 64 * 256 + 7, 64 * 600 + 33].iter().enumerate() {
+        for dev in common::devices() {
+            check_nf4_dequant(dev, len, i as u64).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
