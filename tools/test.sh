@@ -48,7 +48,8 @@ echo "== cargo test"
 cargo test --locked 2>&1
 
 echo "== ptxas -v for sm_90 (registers and spills per kernel)"
-out=$(ls -td target/debug/build/tuna-*/out 2>/dev/null | while read -r d; do [ -f "$d/cuda_modules.rs" ] && echo "$d" && break; done)
+# The newest build output that holds PTX (a build without nvcc leaves source only, for NVRTC).
+out=$(ls -td target/debug/build/tuna-*/out 2>/dev/null | while read -r d; do ls "$d"/*.sm_90.ptx >/dev/null 2>&1 && echo "$d" && break; done)
 [ -n "$out" ] || { echo "no build output with PTX found"; exit 1; }
 spilled=0
 for ptx in "$out"/*.sm_90.ptx; do
