@@ -358,6 +358,18 @@ pub mod wgsl {
         Ok(())
     }
 
+    /// Elements of q (and o, dO, dq), of k (and v, dk, dv), and query rows.
+    fn sizes(p: &AttentionParams) -> (usize, usize, usize) {
+        (p.batch * p.q_len * p.heads * p.head_dim, p.batch * p.kv_len * p.kv_heads * p.head_dim, p.batch * p.q_len * p.heads)
+    }
+
+    fn check_starts(op: &'static str, starts: Option<&wgpu::Buffer>, p: &AttentionParams) -> Result<()> {
+        match starts {
+            Some(s) => check(op, &[("starts", s, p.batch * p.q_len)]),
+            None => Ok(()),
+        }
+    }
+
     /// The starts buffer, or a stand-in when rows are not packed.
     fn starts_or<'a>(device: &wgpu::Device, starts: Option<&'a wgpu::Buffer>, keep: &'a mut Option<wgpu::Buffer>) -> &'a wgpu::Buffer {
         match starts {
@@ -392,11 +404,9 @@ pub mod wgsl {
         p: &AttentionParams,
     ) -> Result<()> {
         const OP: &str = "flash_attention_fwd";
-        let (qn, kn, rows) = (p.batch * p.q_len * p.heads * p.head_dim, p.batch * p.kv_len * p.kv_heads * p.head_dim, p.batch * p.q_len * p.heads);
+        let (qn, kn, rows) = sizes(p);
         check(OP, &[("q", q, qn), ("k", k, kn), ("v", v, kn), ("o", o, qn), ("stats", stats, 2 * rows)])?;
-        if let Some(s) = starts {
-            check(OP, &[("starts", s, p.batch * p.q_len)])?;
-        }
+        check_starts(OP, starts, p)?;
         if rows == 0 {
             return Ok(());
         }
@@ -428,11 +438,9 @@ pub mod wgsl {
         p: &AttentionParams,
     ) -> Result<()> {
         const OP: &str = "flash_attention_bwd";
-        let (qn, kn, rows) = (p.batch * p.q_len * p.heads * p.head_dim, p.batch * p.kv_len * p.kv_heads * p.head_dim, p.batch * p.q_len * p.heads);
+        let (qn, kn, rows) = sizes(p);
         check(OP, &[("q", q, qn), ("k", k, kn), ("v", v, kn), ("o", o, qn), ("dout", dout, qn), ("stats", stats, 2 * rows), ("dq", dq, qn), ("dk", dk, kn), ("dv", dv, kn)])?;
-        if let Some(s) = starts {
-            check(OP, &[("starts", s, p.batch * p.q_len)])?;
-        }
+        check_starts(OP, starts, p)?;
         if rows == 0 || kn == 0 {
             return Ok(());
         }
