@@ -180,6 +180,9 @@ impl Tensor {
     /// A zero-filled tensor.
     pub fn zeros(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
         let shape = shape.into();
+        if dtype == DType::NF4 {
+            return Err(Error::UnsupportedDType { op: "zeros (build NF4 tensors with from_nf4)", dtype });
+        }
         let bytes = shape.elem_count() * dtype.size_in_bytes();
         let storage = match *device {
             Device::Cpu => Storage::Cpu(CpuStorage::from_bytes(dtype, &vec![0u8; bytes])),

@@ -64,4 +64,8 @@ fn round_trip_error_and_size() {
     assert!((q.bits_per_weight() - 4.127).abs() < 0.001, "{}", q.bits_per_weight());
     let bad = Nf4Tensor { packed: vec![0; 3], ..q };
     assert!(cpu::dequantize(&bad).unwrap_err().to_string().contains("packed bytes"));
+    // NF4 tensors come only from quantized data, with clear errors otherwise.
+    assert!(tuna::Tensor::zeros([4], tuna::DType::NF4, &Device::Cpu).unwrap_err().to_string().contains("from_nf4"));
+    assert!(tuna::Tensor::from_bytes(&[0; 4], tuna::DType::NF4, [8], &Device::Cpu).unwrap_err().to_string().contains("from_nf4"));
+    assert!(tuna::Tensor::from_nf4(cpu::quantize(&[1.0; 10]), [3, 3]).is_err());
 }
