@@ -180,3 +180,25 @@ fn finetune_sparse_then_merge() {
     let (ok, _, err) = tuna(&["merge", "--model", m.to_str().unwrap(), "--deltas", deltas.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
     assert!(!ok && err.contains("sparse_deltas.safetensors"), "{err}");
 }
+
+/// `--nf4` loads the base with its decoder linears quantized to NF4 (a QLoRA adapter's base):
+/// the CLI's perplexity equals the library's loss on the quantized model.
+#[test]
+fn perplexity_on_an_nf4_base_matches_the_library() {
+    let m = fixture();
+    let data = std::env::temp_dir().join(format!("tuna-cli-nf4-{}.jsonl", std::process::id()));
+    std::fs::write(&data, "{\"text\": \"Hello world, this is a test.\"}\n").unwrap();
+    let (ok, out, err) = tuna(&["perplexity", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--nf4", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let mut model = tuna::nn::Llama::load(&m).unwrap();
+    let full = model.clone();
+    model.quantize_nf4().unwrap();
+    let tok = tuna::io::tokenizer::Tokenizer::from_dir(&m).unwrap();
+    let ids: Vec<i32> = tok.encode("Hello world, this is a test.", true).unwrap().into_iter().map(|t| t as i32).collect();
+    let n = ids.len();
+    let ids = tuna::Tensor::from_vec_i32(ids, [1, n]).unwrap();
+    let (quantized, f32_loss) = (model.loss(&ids, None).unwrap().to_scalar().unwrap() as f64, full.loss(&ids, None).unwrap().to_scalar().unwrap() as f64);
+    assert!((v["mean_loss"].as_f64().unwrap() - quantized).abs() < 1e-5, "{v} vs {quantized}");
+    assert!(quantized != f32_loss, "quantization should change the loss a little");
+}

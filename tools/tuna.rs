@@ -78,6 +78,9 @@ pub(crate) struct ModelArgs {
     /// Sparse deltas written by `tuna finetune --method sparse` to apply.
     #[arg(long)]
     pub(crate) deltas: Option<PathBuf>,
+    /// Quantize the decoder linears to NF4 at load (the base a QLoRA adapter was trained on).
+    #[arg(long)]
+    pub(crate) nf4: bool,
 }
 
 #[derive(Args)]
@@ -165,12 +168,17 @@ pub(crate) fn load(args: &ModelArgs) -> Result<(Llama, Tokenizer), String> {
         ));
     }
     let mut model = Llama::load(&args.model).map_err(err)?;
-    if let Some(a) = &args.adapter {
-        tuna::peft::load_adapter(&mut model, a).map_err(err)?;
-    }
+    // Deltas fold into the full-precision weights, before any quantization; adapters stay
+    // separate, so they apply on top of the NF4 base.
     if let Some(d) = &args.deltas {
         tuna::peft::load_deltas(&mut model, d).map_err(err)?;
         model.merge_sparse().map_err(err)?;
+    }
+    if args.nf4 {
+        model.quantize_nf4().map_err(err)?;
+    }
+    if let Some(a) = &args.adapter {
+        tuna::peft::load_adapter(&mut model, a).map_err(err)?;
     }
     let tok = Tokenizer::from_dir(&args.model).map_err(err)?;
     Ok((model, tok))
