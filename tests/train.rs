@@ -81,15 +81,21 @@ fn a_checkpoint_half_written_is_refused() {
 
 #[test]
 fn accumulation_equals_one_big_batch() {
-    let mk = |batch, accum| {
+    let mk = |batch, accum, shards| {
         let mut c = cfg(lora(0.0), batch, accum);
         c.shuffle = false;
+        c.shards = shards;
         let mut t = Trainer::new(base(), c, data(8, 3), 0).unwrap();
         let r = t.train_step().unwrap();
         (r.loss, r.grad_norm, t.masters)
     };
-    let (l1, g1, m1) = mk(4, 1);
-    let (l2, g2, m2) = mk(2, 2);
+    let (l1, g1, m1) = mk(4, 1, 1);
+    let (l2, g2, m2) = mk(2, 2, 1);
+    // A shard is a micro-batch run beside its siblings: same pieces, same order, same bits.
+    let (l3, g3, m3) = mk(4, 1, 2);
+    assert_eq!((l2, g2, &m2), (l3, g3, &m3), "batch 4 in 2 shards vs batch 2 accumulated twice");
+    let (l4, g4, m4) = mk(2, 2, 2);
+    assert_eq!(mk(1, 4, 1), (l4, g4, m4), "batch 2 in 2 shards, accumulated twice, vs batch 1 accumulated 4 times");
     assert!((l1 - l2).abs() < 1e-5, "{l1} vs {l2}");
     assert!((g1 - g2).abs() < 1e-4 * g1.max(1.0), "{g1} vs {g2}");
     for (a, b) in m1.iter().zip(&m2) {

@@ -221,6 +221,9 @@ pub struct BenchStepArgs {
     steps: usize,
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Row shards per batch run side by side (see `finetune --cpu-shards`).
+    #[arg(long, default_value_t = 2)]
+    cpu_shards: usize,
 }
 
 /// `tuna bench-step`: times LoRA training steps of the `tools/bench-vs-torch` configuration
@@ -235,6 +238,7 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
         method: Method::Lora(LoraConfig { r: 8, alpha: 16.0, ..Default::default() }),
         batch_size: 4,
         max_steps: Some(a.warmup + a.steps),
+        shards: a.cpu_shards,
         ..Default::default()
     };
     let mut trainer = Trainer::new(model, cfg, seqs, 0).map_err(err)?;

@@ -113,6 +113,10 @@ pub struct FinetuneArgs {
     batch_size: usize,
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
+    /// On the CPU: row shards per micro-batch, run side by side (data parallelism across
+    /// cores); the losses depend on this number, not on the thread count.
+    #[arg(long, default_value_t = 2)]
+    cpu_shards: usize,
     /// Clip the global gradient norm (0: off).
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f32,
@@ -208,6 +212,7 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
         },
         seed: a.seed,
         shuffle: !a.no_shuffle,
+        shards: a.cpu_shards,
     };
     let pad = tok.eos_token.as_deref().and_then(|t| tok.token_to_id(t)).unwrap_or(0);
     let mut trainer = Trainer::new(model, config, train, pad).map_err(err)?;

@@ -49,6 +49,21 @@ pub mod cpu {
     use crate::kernels::check_len;
     use crate::Result;
 
+    thread_local! {
+        /// Threads one product on this thread may use (0: all of rayon's).
+        static GEMM_THREADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Runs `f` with the products it starts on this thread limited to `threads` threads (0:
+    /// all). For callers that already run independent work on every core (the trainer's
+    /// shards): a product split between cores that are busy anyway only adds synchronisation.
+    pub fn with_gemm_threads<R>(threads: usize, f: impl FnOnce() -> R) -> R {
+        let before = GEMM_THREADS.replace(threads);
+        let r = f();
+        GEMM_THREADS.set(before);
+        r
+    }
+
     /// `c = op(a)·op(b)`, overwriting c.
     pub fn matmul(a: &[f32], b: &[f32], c: &mut [f32], p: MatmulParams) -> Result<()> {
         gemm_into(a, b, c, p, None)
@@ -106,7 +121,8 @@ pub mod cpu {
         let ((ars, acs), (brs, bcs)) = p.strides();
         // Threads pay off only above ~1 MFLOP; below that a call costs more in scheduling.
         let flops = 2 * p.m * p.n * p.k;
-        let par = if flops >= 1 << 20 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+        let threads = GEMM_THREADS.get();
+        let par = if flops < 1 << 20 || threads == 1 { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(threads) };
         gemm::gemm(
             p.m,
             p.n,

@@ -67,6 +67,12 @@ pub struct TrainConfig {
     pub optimizer: OptimizerConfig,
     pub seed: u64,
     pub shuffle: bool,
+    /// On the CPU, each micro-batch is split by rows into this many shards whose forward and
+    /// backward run at the same time, each on its own tape, and whose gradients are summed in
+    /// shard order: data parallelism across cores, which keeps each core on products of its own
+    /// instead of splitting every product between cores. The result depends on this number
+    /// (through summation order and the shards' dropout seeds), never on the thread count.
+    pub shards: usize,
 }
 
 impl Default for TrainConfig {
@@ -84,8 +90,17 @@ impl Default for TrainConfig {
             optimizer: OptimizerConfig::AdamW(Default::default()),
             seed: 0,
             shuffle: true,
+            shards: 2,
         }
     }
+}
+
+/// One shard's share of a step: its scaled loss and the gradients of the trained tensors (and,
+/// in a regrowth window, of the sparse target weights).
+struct PieceGrads {
+    loss: f64,
+    grads: Vec<Option<Vec<f32>>>,
+    weight_grads: Vec<Option<Vec<f32>>>,
 }
 
 /// What one optimizer step did.
@@ -188,6 +203,15 @@ impl Trainer {
 
     /// Writes the master weights into the model, as parameters of `tape` when given.
     fn install(&mut self, tape: Option<&Tape>) -> Result<Vec<Tensor>> {
+        // A copy shares every tensor with the model, so this costs a few reference counts.
+        let mut model = self.model.clone();
+        let handles = self.install_into(&mut model, tape);
+        self.model = model;
+        handles
+    }
+
+    /// Writes the master weights into `model` (the trainer's model or a shard's copy of it).
+    fn install_into(&self, model: &mut Llama, tape: Option<&Tape>) -> Result<Vec<Tensor>> {
         let mut handles = Vec::with_capacity(self.masters.len());
         let mut tensors = Vec::with_capacity(self.masters.len());
         for (m, s) in self.masters.iter().zip(&self.shapes) {
@@ -205,16 +229,16 @@ impl Trainer {
             Ok(t)
         };
         match self.config.method {
-            Method::Lora(_) | Method::Qlora(_) => self.model.map_lora(|name, _| take(name))?,
-            Method::Full => self.model.map_parameters(|name, _| take(name))?,
-            Method::Head => match &mut self.model.lm_head {
+            Method::Lora(_) | Method::Qlora(_) => model.map_lora(|name, _| take(name))?,
+            Method::Full => model.map_parameters(|name, _| take(name))?,
+            Method::Head => match &mut model.lm_head {
                 Some(h) => *h = take("lm_head.weight")?,
-                None => self.model.embed = take("model.embed_tokens.weight")?,
+                None => model.embed = take("model.embed_tokens.weight")?,
             },
             Method::Sparse(_) => {
                 let layouts = &self.layouts;
                 let mut i = 0;
-                for (path, lin) in self.model.linears_mut() {
+                for (path, lin) in model.linears_mut() {
                     if lin.sparse.is_none() {
                         continue;
                     }
@@ -241,55 +265,55 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepReport> {
         let accum = self.config.grad_accum;
         let first = self.step * accum;
-        let batches: Vec<_> = (first..first + accum).map(|k| make_batch(&self.micro_batch(k), self.pad)).collect::<Result<_>>()?;
-        let total_targets: usize = batches.iter().map(|b| b.targets).sum::<usize>().max(1);
-        let mut grads: Vec<Vec<f32>> = self.masters.iter().map(|m| vec![0.0; m.len()]).collect();
-        let mut loss_sum = 0.0f64;
+        // (micro-batch index, shard index, batch): CPU micro-batches split into row shards.
+        let shards = if self.model.embed.device() == crate::Device::Cpu { self.config.shards.max(1) } else { 1 };
+        let mut pieces = Vec::new();
+        for k in first..first + accum {
+            let seqs = self.micro_batch(k);
+            let per = seqs.len().div_ceil(shards).max(1);
+            for (s, chunk) in seqs.chunks(per).enumerate() {
+                pieces.push((k, s, make_batch(chunk, self.pad)?));
+            }
+        }
+        let total_targets: usize = pieces.iter().map(|p| p.2.targets).sum::<usize>().max(1);
         let window = self.in_grad_window();
         if window && self.grad_sums.is_none() {
             self.grad_sums = Some(self.layouts.iter().map(|l| vec![0.0; l.matrix().0 * l.matrix().1]).collect());
         }
-        for (i, batch) in batches.iter().enumerate() {
-            let tape = Tape::new();
-            let params = self.install(Some(&tape))?;
-            // Gradient regrowth: the target weights become tape parameters, so the sparse
-            // linears also produce their dense gradient.
-            let weights: Vec<Tensor> = if window {
-                self.model.linears_mut().into_iter().filter(|(_, l)| l.sparse.is_some()).map(|(_, l)| {
-                    l.weight = tape.param(&l.weight);
-                    l.weight.clone()
-                }).collect()
+        // The shards of a micro-batch run side by side; micro-batches run one after another
+        // (accumulation bounds memory).
+        let mut results: Vec<PieceGrads> = Vec::with_capacity(pieces.len());
+        for group in pieces.chunk_by(|a, b| a.0 == b.0) {
+            let out: Vec<Result<PieceGrads>> = if group.len() == 1 {
+                vec![self.piece_grads(group[0].0, group[0].1, &group[0].2, total_targets, window)]
             } else {
-                Vec::new()
+                use rayon::prelude::*;
+                // Each shard's products get an equal share of the threads.
+                let threads = (rayon::current_num_threads() / group.len()).max(1);
+                group
+                    .par_iter()
+                    .map(|(k, s, b)| crate::kernels::matmul::cpu::with_gemm_threads(threads, || self.piece_grads(*k, *s, b, total_targets, window)))
+                    .collect()
             };
-            self.model.dropout_seed = Some(self.config.seed ^ ((first + i) as u64 + 1).wrapping_mul(0xa076_1d64_78bd_642f));
-            let loss = match &batch.packing {
-                Some(pk) => self.model.loss_packed(&batch.ids, Some(&batch.mask), pk),
-                None => self.model.loss(&batch.ids, Some(&batch.mask)),
-            };
-            self.model.dropout_seed = None;
-            let loss = ops::scale(&loss?, batch.targets as f32 / total_targets as f32)?;
-            loss_sum += loss.to_scalar()? as f64;
-            let g = tape.backward(&loss)?;
-            for (acc, p) in grads.iter_mut().zip(&params) {
-                if let Some(g) = g.get(p) {
-                    for (a, v) in acc.iter_mut().zip(g.to_vec_f32()?) {
-                        *a += v;
-                    }
+            for r in out {
+                results.push(r?);
+            }
+        }
+        // Summed in (micro-batch, shard) order, so the result does not depend on thread timing.
+        let mut grads: Vec<Vec<f32>> = self.masters.iter().map(|m| vec![0.0; m.len()]).collect();
+        let mut loss_sum = 0.0f64;
+        for r in results {
+            loss_sum += r.loss;
+            for (acc, g) in grads.iter_mut().zip(r.grads) {
+                if let Some(g) = g {
+                    acc.iter_mut().zip(g).for_each(|(a, v)| *a += v);
                 }
             }
             if let Some(sums) = &mut self.grad_sums {
-                for (acc, w) in sums.iter_mut().zip(&weights) {
-                    if let Some(g) = g.get(w) {
-                        for (a, v) in acc.iter_mut().zip(g.to_vec_f32()?) {
-                            *a += v;
-                        }
+                for (acc, g) in sums.iter_mut().zip(r.weight_grads) {
+                    if let Some(g) = g {
+                        acc.iter_mut().zip(g).for_each(|(a, v)| *a += v);
                     }
-                }
-            }
-            for (_, l) in self.model.linears_mut() {
-                if l.weight.is_tracked() {
-                    l.weight = crate::ops::saved(&l.weight);
                 }
             }
         }
@@ -306,9 +330,39 @@ impl Trainer {
             loss: loss_sum as f32,
             lr,
             grad_norm,
-            tokens: batches.iter().map(|b| b.tokens).sum(),
+            tokens: pieces.iter().map(|p| p.2.tokens).sum(),
             epoch: (self.step * accum) as f32 / self.batches_per_epoch() as f32,
         })
+    }
+
+    /// Loss and gradients of one shard of micro-batch `k`, on a tape of its own over a copy of
+    /// the model (the copy shares the frozen weights). The loss is scaled by the shard's share
+    /// of the step's target tokens.
+    fn piece_grads(&self, k: usize, shard: usize, batch: &data::Batch, total_targets: usize, window: bool) -> Result<PieceGrads> {
+        let tape = Tape::new();
+        let mut model = self.model.clone();
+        let params = self.install_into(&mut model, Some(&tape))?;
+        // Gradient regrowth: the target weights become tape parameters, so the sparse linears
+        // also produce their dense gradient.
+        let weights: Vec<Tensor> = if window {
+            model.linears_mut().into_iter().filter(|(_, l)| l.sparse.is_some()).map(|(_, l)| {
+                l.weight = tape.param(&l.weight);
+                l.weight.clone()
+            }).collect()
+        } else {
+            Vec::new()
+        };
+        // Shard 0 keeps the micro-batch's seed, so one shard is the unsharded step.
+        let seed = self.config.seed ^ (k as u64 + 1).wrapping_mul(0xa076_1d64_78bd_642f);
+        model.dropout_seed = Some(seed ^ (shard as u64).wrapping_mul(0x94d0_49bb_1331_11eb));
+        let loss = match &batch.packing {
+            Some(pk) => model.loss_packed(&batch.ids, Some(&batch.mask), pk),
+            None => model.loss(&batch.ids, Some(&batch.mask)),
+        };
+        let loss = ops::scale(&loss?, batch.targets as f32 / total_targets as f32)?;
+        let g = tape.backward(&loss)?;
+        let grads_of = |ts: &[Tensor]| -> Result<Vec<Option<Vec<f32>>>> { ts.iter().map(|p| g.get(p).map(|g| g.to_vec_f32()).transpose()).collect() };
+        Ok(PieceGrads { loss: loss.to_scalar()? as f64, grads: grads_of(&params)?, weight_grads: grads_of(&weights)? })
     }
 
     /// Sparse fine-tuning: whether the step about to run sums dense gradients for regrowth.
