@@ -4,7 +4,7 @@
 //! parameter carries a weak handle to the tape that records it (see `tape.rs`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
@@ -77,7 +77,16 @@ pub(crate) struct Inner {
     dtype: DType,
     device: Device,
     storage: Arc<Storage>,
+    /// The storage's transpose as a `[cols, rows]` matrix, made on first use by a CPU linear
+    /// (`cpu_f32_transposed`) and shared by every tensor over the same storage.
+    transposed: Arc<OnceLock<Transposed>>,
     pub(crate) tape: Option<Weak<TapeInner>>,
+}
+
+/// A cached transpose: the column count of the matrix it was made from, and its elements.
+struct Transposed {
+    cols: usize,
+    data: Vec<f32>,
 }
 
 /// A tensor. See the module docs.
@@ -92,7 +101,7 @@ impl std::fmt::Debug for Tensor {
 
 impl Tensor {
     pub(crate) fn from_storage(storage: Storage, shape: Shape, dtype: DType, device: Device) -> Tensor {
-        Tensor(Arc::new(Inner { id: TensorId::fresh(), shape, dtype, device, storage: Arc::new(storage), tape: None }))
+        Tensor(Arc::new(Inner { id: TensorId::fresh(), shape, dtype, device, storage: Arc::new(storage), transposed: Arc::default(), tape: None }))
     }
 
     /// A new tensor sharing this one's storage, with a fresh id and the given tape handle.
@@ -103,6 +112,7 @@ impl Tensor {
             dtype: self.0.dtype,
             device: self.0.device,
             storage: self.0.storage.clone(),
+            transposed: self.0.transposed.clone(),
             tape,
         }))
     }
@@ -351,12 +361,66 @@ impl Tensor {
         }
     }
 
+    /// The transpose `[K, N]` (row-major) of a CPU f32 matrix `[N, K]`, made once per storage
+    /// and kept: a frozen weight multiplies every batch as `x·Wᵀ`, and a GEMM reads Wᵀ fastest
+    /// when it is stored row-major, so the transpose is paid once rather than on every
+    /// product. Costs one more copy of the weight.
+    /// An NF4 weight is dequantized and transposed for the one op (so it computes exactly
+    /// what the same weight in f32 computes).
+    pub(crate) fn cpu_f32_transposed(&self, op: &'static str) -> Result<std::borrow::Cow<'_, [f32]>> {
+        use crate::kernels::matmul::cpu::transpose;
+        let &[n, k] = self.dims() else {
+            return Err(Error::InvalidArgument(format!("{op}: the transpose of a {}-dimensional tensor", self.dims().len())));
+        };
+        if let Some(q) = self.as_nf4() {
+            return Ok(std::borrow::Cow::Owned(transpose(&nf4::cpu::dequantize(q)?, n, k)));
+        }
+        let w = self.cpu_f32(op)?;
+        let t = self.0.transposed.get_or_init(|| Transposed { cols: k, data: transpose(w, n, k) });
+        Ok(if t.cols == k {
+            std::borrow::Cow::Borrowed(&t.data)
+        } else {
+            // The same storage seen as another shape: that shape's transpose is not cached.
+            std::borrow::Cow::Owned(transpose(w, n, k))
+        })
+    }
+
     /// The i32 elements of a CPU tensor, borrowed.
     pub(crate) fn cpu_i32(&self, op: &'static str) -> Result<&[i32]> {
         match self.storage() {
             Storage::Cpu(CpuStorage::I32(v)) => Ok(v),
             Storage::Cpu(_) => Err(Error::UnsupportedDType { op, dtype: self.dtype() }),
             _ => Err(Error::Unsupported { op, device: self.device() }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_transpose_is_the_transpose_and_is_shared_by_views_of_the_storage() {
+        let (n, k) = (37, 70); // not multiples of the 32×32 tiles
+        let data: Vec<f32> = (0..n * k).map(|i| i as f32).collect();
+        let w = Tensor::from_vec(data.clone(), [n, k]).unwrap();
+        let t = w.cpu_f32_transposed("test").unwrap();
+        for i in 0..n {
+            for j in 0..k {
+                assert_eq!(t[j * n + i], data[i * k + j], "element ({i}, {j})");
+            }
+        }
+        // A view of the same storage with the same shape reuses the cached copy.
+        let view = w.share(w.shape().clone(), None);
+        assert!(std::ptr::eq(view.cpu_f32_transposed("test").unwrap().as_ptr(), t.as_ptr()));
+        // Seen as another shape, the transpose is made for that shape (and not cached).
+        let other = w.share(Shape::from([k, n]), None);
+        let t2 = other.cpu_f32_transposed("test").unwrap();
+        assert!(matches!(t2, std::borrow::Cow::Owned(_)));
+        for r in 0..k {
+            for c in 0..n {
+                assert_eq!(t2[c * k + r], data[r * n + c], "element ({r}, {c}) of the [{k}, {n}] view");
+            }
         }
     }
 }

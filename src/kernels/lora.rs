@@ -68,10 +68,11 @@ pub mod cpu {
     use crate::kernels::matmul::cpu::{matmul_acc, matmul_new};
     use crate::Result;
 
-    /// Returns `y` (`[M, N]`) and `xa` (`[M, R]`).
+    /// Returns `y` (`[M, N]`) and `xa` (`[M, R]`). `w` is W `[N, K]`, or Wᵀ `[K, N]` when
+    /// `w_transposed` (the layout the CPU GEMM reads fastest; see `Tensor::cpu_f32_transposed`).
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(x: &[f32], x_lora: &[f32], w: &[f32], bias: Option<&[f32]>, a: &[f32], b: &[f32], p: LoraParams) -> Result<(Vec<f32>, Vec<f32>)> {
-        let mut y = matmul_new(x, w, LoraParams::mm(p.m, p.n, p.k, false, true))?;
+    pub fn forward(x: &[f32], x_lora: &[f32], w: &[f32], w_transposed: bool, bias: Option<&[f32]>, a: &[f32], b: &[f32], p: LoraParams) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut y = matmul_new(x, w, LoraParams::mm(p.m, p.n, p.k, false, !w_transposed))?;
         let xa = matmul_new(x_lora, a, LoraParams::mm(p.m, p.r, p.k, false, true))?;
         matmul_acc(&xa, b, &mut y, LoraParams::mm(p.m, p.n, p.r, false, true), p.scale)?;
         if let Some(bias) = bias {

@@ -64,6 +64,29 @@ pub mod cpu {
         r
     }
 
+    /// The transpose `[cols, rows]` of a row-major `[rows, cols]` matrix, in tiles of 32×32 so
+    /// that reads and writes both stay within a few cache lines.
+    pub fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        use rayon::prelude::*;
+        const T: usize = 32;
+        assert_eq!(a.len(), rows * cols, "transpose: {} elements for [{rows}, {cols}]", a.len());
+        let mut out = vec![0.0f32; rows * cols];
+        // Each task writes T rows of the output (T columns of the input).
+        out.par_chunks_mut((T * rows).max(1)).enumerate().for_each(|(jb, dst)| {
+            let j0 = jb * T;
+            let jn = T.min(cols - j0);
+            for i0 in (0..rows).step_by(T) {
+                for i in i0..(i0 + T).min(rows) {
+                    let src = &a[i * cols + j0..][..jn];
+                    for (j, &v) in src.iter().enumerate() {
+                        dst[j * rows + i] = v;
+                    }
+                }
+            }
+        });
+        out
+    }
+
     /// `c = op(a)·op(b)`, overwriting c.
     pub fn matmul(a: &[f32], b: &[f32], c: &mut [f32], p: MatmulParams) -> Result<()> {
         gemm_into(a, b, c, p, None)

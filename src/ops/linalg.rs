@@ -28,6 +28,13 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
     }
     let p = MatmulParams { m, n, k, trans_a, trans_b };
     let out = match a.device() {
+        // A frozen B used transposed (a weight: `x·Wᵀ`) is read through its transpose, the
+        // layout the GEMM reads fastest (cached for f32, see `Tensor::cpu_f32_transposed`); a
+        // trained B changes every step and is read as it is.
+        Device::Cpu if trans_b && !b.is_tracked() => {
+            let c = cpu::matmul_new(a.cpu_f32(OP)?, &b.cpu_f32_transposed(OP)?, MatmulParams { trans_b: false, ..p })?;
+            Tensor::from_vec(c, [m, n])?
+        }
         Device::Cpu => {
             let c = cpu::matmul_new(a.cpu_f32(OP)?, &b.cpu_f32_weight(OP)?, p)?;
             Tensor::from_vec(c, [m, n])?

@@ -95,10 +95,13 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
         .zip(&params)
         .map(|(part, &p)| -> Result<Fwd> {
             let bias = part.bias.map(|b| b.cpu_f32(OP)).transpose()?;
-            let w = part.weight.cpu_f32_weight(OP)?;
+            // W is read transposed (the GEMM's fastest layout): an f32 W through its cached
+            // transpose, an NF4 W dequantized and transposed for this op only.
+            let w_transposed = !part.weight.is_tracked();
+            let w = if w_transposed { part.weight.cpu_f32_transposed(OP)? } else { part.weight.cpu_f32_weight(OP)? };
             let w: &[f32] = &w;
             let Some((a, b, _)) = part.lora else {
-                let mut y = mm::matmul_new(xv, w, MatmulParams { m: p.m, n: p.n, k: p.k, trans_a: false, trans_b: true })?;
+                let mut y = mm::matmul_new(xv, w, MatmulParams { m: p.m, n: p.n, k: p.k, trans_a: false, trans_b: !w_transposed })?;
                 if let Some(bias) = bias {
                     y.par_chunks_mut(p.n).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
                 }
@@ -111,7 +114,7 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
                 (scale, dropped)
             });
             let x_lora = drop.as_ref().map_or(xv, |d| d.1.as_slice());
-            let (y, xa) = cpu::forward(xv, x_lora, w, bias, a.cpu_f32(OP)?, b.cpu_f32(OP)?, p)?;
+            let (y, xa) = cpu::forward(xv, x_lora, w, w_transposed, bias, a.cpu_f32(OP)?, b.cpu_f32(OP)?, p)?;
             Ok(Fwd { y, xa, drop })
         })
         .collect::<Result<_>>()?;

@@ -225,7 +225,7 @@ pub fn check_nf4_dequant(dev: Device, len: usize, seed: u64) -> Check {
 
 fn run_cpu(case: &LoraCase, inp: &LoraInputs, w: &[f32]) -> crate::Result<LoraOutputs> {
     let p = case.params();
-    let (y, xa) = cpu::forward(&inp.x, &inp.x, w, inp.bias.as_deref(), &inp.a, &inp.b, p)?;
+    let (y, xa) = cpu::forward(&inp.x, &inp.x, w, false, inp.bias.as_deref(), &inp.a, &inp.b, p)?;
     let (mut da, mut db) = (vec![0.0; p.r * p.k], vec![0.0; p.n * p.r]);
     let dx = cpu::backward(&inp.dy, &inp.x, &xa, w, &inp.a, &inp.b, None, true, &mut da, &mut db, p)?.unwrap_or_default();
     Ok(LoraOutputs { y, xa, dx, da, db })
