@@ -117,9 +117,9 @@ proptest! {
 fn bad_shapes_name_the_op_and_the_buffer() {
     let p = SwiGluParams { rows: 4, cols: 8 };
     let (g, small) = (vec![0.0f32; 32], vec![0.0f32; 31]);
-    let e = elementwise::cpu::swiglu(&g, &small, &mut vec![0.0; 32], p).unwrap_err().to_string();
+    let e = elementwise::cpu::swiglu(&g, &small, &mut [0.0; 32], p).unwrap_err().to_string();
     assert!(e.contains("swiglu_fwd") && e.contains("`u`"), "{e}");
-    let e = elementwise::cpu::swiglu_backward_packed(&g, &g, &mut vec![0.0; 64], p).unwrap_err().to_string();
+    let e = elementwise::cpu::swiglu_backward_packed(&g, &g, &mut [0.0; 64], p).unwrap_err().to_string();
     assert!(e.contains("swiglu_bwd_packed") && e.contains("`gu`"), "{e}");
 
     let Some(Device::Wgpu(i)) = common::devices().into_iter().find(|d| matches!(d, Device::Wgpu(_))) else { return };
