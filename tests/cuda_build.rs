@@ -47,6 +47,16 @@ fn entry_points(module: &str) -> &'static [&'static str] {
             "nf4_gemv_f16",
             "nf4_dequant_f32",
         ],
+        "rope" => &["rope_f32", "rope_bf16"],
+        "elementwise" => &[
+            "swiglu_fwd_f32",
+            "swiglu_fwd_bf16",
+            "swiglu_bwd_f32",
+            "swiglu_bwd_bf16",
+            "swiglu_bwd_packed_f32",
+            "swiglu_bwd_packed_bf16",
+        ],
+        "embedding" => &["embedding_fwd_f32", "embedding_fwd_bf16", "embedding_bwd_f32", "embedding_bwd_bf16"],
         _ => &[],
     }
 }
@@ -61,7 +71,9 @@ fn assert_entries(module: &str, arch: &str, ptx: &str) {
 #[test]
 fn every_module_is_embedded() {
     let names: Vec<&str> = cuda::modules().iter().map(|m| m.name).collect();
-    assert!(names.contains(&"rmsnorm") && names.contains(&"optim") && names.contains(&"lora_gemm"), "{names:?}");
+    for want in ["rmsnorm", "optim", "lora_gemm", "rope", "elementwise", "embedding"] {
+        assert!(names.contains(&want), "no module {want} in {names:?}");
+    }
     for m in cuda::modules() {
         assert!(!m.source.contains("#include \""), "{}: local includes must be inlined for NVRTC", m.name);
     }

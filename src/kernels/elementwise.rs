@@ -1,4 +1,5 @@
-//! Element-wise ops: add and mul with a broadcast right-hand side, scale, SiLU.
+//! Element-wise ops: add and mul with a broadcast right-hand side, scale, SiLU, and the fused
+//! SwiGLU of the Llama MLP.
 //!
 //! Broadcasting is the one form the model needs: `rhs` has the trailing dims of `lhs` (a bias
 //! `[N]` onto `[M, N]`), so element i of lhs meets element `i % rhs.len()` of rhs.
@@ -8,6 +9,60 @@
 //! - mul: `dlhs = dy * rhs`, `drhs = sum over the broadcast rows of dy * lhs`
 //! - scale by s: `dx = s * dy`
 //! - silu(x) = x·σ(x): `dx = dy * σ(x) * (1 + x * (1 - σ(x)))`
+//!
+//! SwiGLU (fused, one pass each way): `y = silu(g) * u` over `[M, F]` (M rows, F the MLP's
+//! intermediate size), with partial derivatives
+//! - `dg = dy * u * σ(g) * (1 + g * (1 - σ(g)))`
+//! - `du = dy * silu(g)`
+//!
+//! Two layouts (`SwiGluParams` and the `*_packed` launchers): g and u in separate `[M, F]`
+//! buffers, or packed as the two halves of each row of one `[M, 2F]` buffer (g in columns
+//! `0..F`, u in `F..2F`), the output of a fused gate/up projection; dg and du then go to one
+//! `[M, 2F]` gradient buffer the same way. Kernels address both through a row stride and the
+//! offset of u, so neither layout copies. y and dy are always dense `[M, F]`.
+//! Kernels: `kernels-cuda/elementwise.cu` (f32, bf16), `kernels-wgsl/elementwise.wgsl` (f32).
+//! σ is evaluated as `1 / (1 + e)` or `e / (1 + e)` with `e = exp(-|g|)`, which never overflows.
+
+use crate::kernels::check_len;
+use crate::{Error, Result};
+
+/// Sizes of one SwiGLU call: M rows of F gate and F up values.
+#[derive(Clone, Copy, Debug)]
+pub struct SwiGluParams {
+    /// M: rows (tokens).
+    pub rows: usize,
+    /// F: intermediate size (columns of g, of u, and of y).
+    pub cols: usize,
+}
+
+impl SwiGluParams {
+    /// Elements of a dense `[M, F]` operand.
+    fn dense(&self) -> usize {
+        self.rows * self.cols
+    }
+
+    /// Checks separate g, u `[M, F]` and an output (y, or dg and du) of the same size.
+    fn check_separate(&self, op: &'static str, bufs: &[(&str, usize)]) -> Result<()> {
+        self.fits(op)?;
+        bufs.iter().try_for_each(|(name, len)| check_len(op, name, *len, self.dense()))
+    }
+
+    /// Checks a packed `[M, 2F]` input (and gradient) and dense `[M, F]` operands.
+    fn check_packed(&self, op: &'static str, packed: &[(&str, usize)], dense: &[(&str, usize)]) -> Result<()> {
+        self.fits(op)?;
+        packed.iter().try_for_each(|(name, len)| check_len(op, name, *len, 2 * self.dense()))?;
+        dense.iter().try_for_each(|(name, len)| check_len(op, name, *len, self.dense()))
+    }
+
+    /// The GPU kernels index with 32-bit integers (WGSL) and take M, F as i32 (CUDA).
+    fn fits(&self, op: &'static str) -> Result<()> {
+        let packed = self.rows.checked_mul(self.cols).and_then(|n| n.checked_mul(2));
+        match packed {
+            Some(n) if n <= i32::MAX as usize => Ok(()),
+            _ => Err(Error::InvalidArgument(format!("{op}: [{}, 2 * {}] exceeds i32 elements", self.rows, self.cols))),
+        }
+    }
+}
 
 pub mod reference {
     pub fn add(a: &[f64], b: &[f64]) -> Vec<f64> {
@@ -22,10 +77,30 @@ pub mod reference {
     pub fn silu(a: &[f64]) -> Vec<f64> {
         a.iter().map(|&x| x / (1.0 + (-x).exp())).collect()
     }
+
+    fn sigmoid(x: f64) -> f64 {
+        1.0 / (1.0 + (-x).exp())
+    }
+
+    /// `y = silu(g) * u`, g and u of one length.
+    pub fn swiglu(g: &[f64], u: &[f64]) -> Vec<f64> {
+        g.iter().zip(u).map(|(&g, &u)| g * sigmoid(g) * u).collect()
+    }
+
+    /// Returns (dg, du) of `swiglu` for the upstream gradient dy.
+    pub fn swiglu_backward(g: &[f64], u: &[f64], dy: &[f64]) -> (Vec<f64>, Vec<f64>) {
+        let dg = g.iter().zip(u).zip(dy).map(|((&g, &u), &dy)| dy * u * sigmoid(g) * (1.0 + g * (1.0 - sigmoid(g)))).collect();
+        let du = g.iter().zip(dy).map(|(&g, &dy)| dy * g * sigmoid(g)).collect();
+        (dg, du)
+    }
 }
 
 pub mod cpu {
     use rayon::prelude::*;
+
+    use super::SwiGluParams;
+    use crate::device::cpu::rows_per_task;
+    use crate::Result;
 
     const CHUNK: usize = 1 << 14;
 
@@ -103,5 +178,336 @@ pub mod cpu {
     pub fn silu_grad(x: f32) -> f32 {
         let s = sigmoid(x);
         s * (1.0 + x * (1.0 - s))
+    }
+
+    /// One row of the SwiGLU forward (straight-line, so it vectorises).
+    #[inline(always)]
+    fn swiglu_row(g: &[f32], u: &[f32], y: &mut [f32]) {
+        for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+            *y = g * sigmoid(g) * u;
+        }
+    }
+
+    /// One row of the SwiGLU backward.
+    #[inline(always)]
+    fn swiglu_bwd_row(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+        for ((((dg, du), &g), &u), &dy) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
+            let s = sigmoid(g);
+            *dg = dy * u * s * (1.0 + g * (1.0 - s));
+            *du = dy * g * s;
+        }
+    }
+
+    /// `y = silu(g) * u` with g, u, y separate `[M, F]` slices.
+    pub fn swiglu(g: &[f32], u: &[f32], y: &mut [f32], p: SwiGluParams) -> Result<()> {
+        p.check_separate("swiglu_fwd", &[("g", g.len()), ("u", u.len()), ("y", y.len())])?;
+        let (n, f) = (p.rows * p.cols, p.cols.max(1));
+        let chunk = rows_per_task(f) * f;
+        y[..n].par_chunks_mut(chunk).zip(g[..n].par_chunks(chunk)).zip(u[..n].par_chunks(chunk)).for_each(|((y, g), u)| {
+            swiglu_row(g, u, y);
+        });
+        Ok(())
+    }
+
+    /// `y = silu(g) * u` with g and u the halves of each row of `gu` `[M, 2F]`; y `[M, F]`.
+    pub fn swiglu_packed(gu: &[f32], y: &mut [f32], p: SwiGluParams) -> Result<()> {
+        p.check_packed("swiglu_fwd_packed", &[("gu", gu.len())], &[("y", y.len())])?;
+        let f = p.cols;
+        if f == 0 {
+            return Ok(());
+        }
+        let rows = rows_per_task(f);
+        y[..p.rows * f].par_chunks_mut(rows * f).zip(gu[..2 * p.rows * f].par_chunks(rows * 2 * f)).for_each(|(y, gu)| {
+            for (y, gu) in y.chunks_mut(f).zip(gu.chunks(2 * f)) {
+                let (g, u) = gu.split_at(f);
+                swiglu_row(g, u, y);
+            }
+        });
+        Ok(())
+    }
+
+    /// dg and du (separate `[M, F]` slices) from g, u and dy.
+    pub fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32], p: SwiGluParams) -> Result<()> {
+        let bufs = [("g", g.len()), ("u", u.len()), ("dy", dy.len()), ("dg", dg.len()), ("du", du.len())];
+        p.check_separate("swiglu_bwd", &bufs)?;
+        let (n, f) = (p.rows * p.cols, p.cols.max(1));
+        let chunk = rows_per_task(f) * f;
+        dg[..n]
+            .par_chunks_mut(chunk)
+            .zip(du[..n].par_chunks_mut(chunk))
+            .zip(g[..n].par_chunks(chunk))
+            .zip(u[..n].par_chunks(chunk))
+            .zip(dy[..n].par_chunks(chunk))
+            .for_each(|((((dg, du), g), u), dy)| swiglu_bwd_row(g, u, dy, dg, du));
+        Ok(())
+    }
+
+    /// The packed backward: g and u from `gu` `[M, 2F]`, dg and du into `dgu` `[M, 2F]` the
+    /// same way; dy `[M, F]`.
+    pub fn swiglu_backward_packed(gu: &[f32], dy: &[f32], dgu: &mut [f32], p: SwiGluParams) -> Result<()> {
+        p.check_packed("swiglu_bwd_packed", &[("gu", gu.len()), ("dgu", dgu.len())], &[("dy", dy.len())])?;
+        let f = p.cols;
+        if f == 0 {
+            return Ok(());
+        }
+        let rows = rows_per_task(f);
+        let n2 = 2 * p.rows * f;
+        dgu[..n2]
+            .par_chunks_mut(rows * 2 * f)
+            .zip(gu[..n2].par_chunks(rows * 2 * f))
+            .zip(dy[..p.rows * f].par_chunks(rows * f))
+            .for_each(|((dgu, gu), dy)| {
+                for ((dgu, gu), dy) in dgu.chunks_mut(2 * f).zip(gu.chunks(2 * f)).zip(dy.chunks(f)) {
+                    let (g, u) = gu.split_at(f);
+                    let (dg, du) = dgu.split_at_mut(f);
+                    swiglu_bwd_row(g, u, dy, dg, du);
+                }
+            });
+        Ok(())
+    }
+}
+
+pub mod cuda {
+    use std::sync::Arc;
+
+    use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+
+    use super::SwiGluParams;
+    use crate::device::cuda::ModuleCache;
+    use crate::{Error, Result};
+
+    const BLOCK: u32 = 256;
+    /// grid.y covers rows; larger M loops (the kernels stride rows by gridDim.y).
+    const MAX_GRID_Y: u32 = 65535;
+
+    fn suffix<T>(op: &str) -> Result<&'static str> {
+        match std::mem::size_of::<T>() {
+            4 => Ok("f32"),
+            2 => Ok("bf16"),
+            s => Err(Error::InvalidArgument(format!("{op}: no CUDA kernel for {s}-byte elements"))),
+        }
+    }
+
+    /// Grid over (column blocks, rows); None when there is nothing to do.
+    fn config(p: SwiGluParams) -> Option<LaunchConfig> {
+        if p.rows == 0 || p.cols == 0 {
+            return None;
+        }
+        let gx = (p.cols as u32).div_ceil(BLOCK);
+        let gy = (p.rows as u32).min(MAX_GRID_Y);
+        Some(LaunchConfig { grid_dim: (gx, gy, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 })
+    }
+
+    fn launch_err(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
+        move |e| Error::cuda(format!("launching {op}"), e)
+    }
+
+    /// Forward with g and u given as views of one buffer or two: row m, column f of g is
+    /// `g[m * ld + f]`, of u `u[u_off + m * ld + f]`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_strided<T: DeviceRepr>(
+        op: &'static str,
+        stream: &Arc<CudaStream>,
+        modules: &ModuleCache,
+        g: &CudaView<'_, T>,
+        u: &CudaView<'_, T>,
+        y: &mut CudaViewMut<'_, T>,
+        p: SwiGluParams,
+        u_off: i32,
+        ld: i32,
+    ) -> Result<()> {
+        let Some(cfg) = config(p) else { return Ok(()) };
+        let f = modules.function("elementwise", &format!("swiglu_fwd_{}", suffix::<T>(op)?))?;
+        let (m, n) = (p.rows as i32, p.cols as i32);
+        // SAFETY: argument types match the kernel signature; the caller checked the lengths.
+        unsafe { stream.launch_builder(&f).arg(g).arg(u).arg(y).arg(&m).arg(&n).arg(&u_off).arg(&ld).launch(cfg) }
+            .map_err(launch_err(op))?;
+        Ok(())
+    }
+
+    /// `y = silu(g) * u`, g, u, y `[M, F]`; f32 (`T = f32`) or bf16 bits (`T = u16`).
+    pub fn forward<T: DeviceRepr>(
+        stream: &Arc<CudaStream>,
+        modules: &ModuleCache,
+        g: &CudaView<'_, T>,
+        u: &CudaView<'_, T>,
+        y: &mut CudaViewMut<'_, T>,
+        p: SwiGluParams,
+    ) -> Result<()> {
+        const OP: &str = "swiglu_fwd";
+        p.check_separate(OP, &[("g", g.len()), ("u", u.len()), ("y", y.len())])?;
+        forward_strided(OP, stream, modules, g, u, y, p, 0, p.cols as i32)
+    }
+
+    /// `y = silu(g) * u` with g, u the halves of each row of `gu` `[M, 2F]`; y `[M, F]`.
+    pub fn forward_packed<T: DeviceRepr>(
+        stream: &Arc<CudaStream>,
+        modules: &ModuleCache,
+        gu: &CudaView<'_, T>,
+        y: &mut CudaViewMut<'_, T>,
+        p: SwiGluParams,
+    ) -> Result<()> {
+        const OP: &str = "swiglu_fwd_packed";
+        p.check_packed(OP, &[("gu", gu.len())], &[("y", y.len())])?;
+        forward_strided(OP, stream, modules, gu, gu, y, p, p.cols as i32, 2 * p.cols as i32)
+    }
+
+    /// dg and du (separate `[M, F]`) from g, u and dy, in one kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<T: DeviceRepr>(
+        stream: &Arc<CudaStream>,
+        modules: &ModuleCache,
+        g: &CudaView<'_, T>,
+        u: &CudaView<'_, T>,
+        dy: &CudaView<'_, T>,
+        dg: &mut CudaViewMut<'_, T>,
+        du: &mut CudaViewMut<'_, T>,
+        p: SwiGluParams,
+    ) -> Result<()> {
+        const OP: &str = "swiglu_bwd";
+        p.check_separate(OP, &[("g", g.len()), ("u", u.len()), ("dy", dy.len()), ("dg", dg.len()), ("du", du.len())])?;
+        let Some(cfg) = config(p) else { return Ok(()) };
+        let f = modules.function("elementwise", &format!("swiglu_bwd_{}", suffix::<T>(OP)?))?;
+        let (m, n) = (p.rows as i32, p.cols as i32);
+        // SAFETY: argument types match the kernel signature; lengths checked above.
+        unsafe { stream.launch_builder(&f).arg(g).arg(u).arg(dy).arg(dg).arg(du).arg(&m).arg(&n).launch(cfg) }
+            .map_err(launch_err(OP))?;
+        Ok(())
+    }
+
+    /// The packed backward: g, u from `gu` `[M, 2F]`; dg, du into `dgu` `[M, 2F]` the same way.
+    pub fn backward_packed<T: DeviceRepr>(
+        stream: &Arc<CudaStream>,
+        modules: &ModuleCache,
+        gu: &CudaView<'_, T>,
+        dy: &CudaView<'_, T>,
+        dgu: &mut CudaViewMut<'_, T>,
+        p: SwiGluParams,
+    ) -> Result<()> {
+        const OP: &str = "swiglu_bwd_packed";
+        p.check_packed(OP, &[("gu", gu.len()), ("dgu", dgu.len())], &[("dy", dy.len())])?;
+        let Some(cfg) = config(p) else { return Ok(()) };
+        let f = modules.function("elementwise", &format!("swiglu_bwd_packed_{}", suffix::<T>(OP)?))?;
+        let (m, n) = (p.rows as i32, p.cols as i32);
+        // SAFETY: as in `backward`.
+        unsafe { stream.launch_builder(&f).arg(gu).arg(dy).arg(dgu).arg(&m).arg(&n).launch(cfg) }.map_err(launch_err(OP))?;
+        Ok(())
+    }
+}
+
+pub mod wgsl {
+    use super::SwiGluParams;
+    use crate::device::wgpu::{dispatch, uniform, KernelCache};
+    use crate::Result;
+
+    pub const SOURCE: &str = include_str!("../../kernels-wgsl/elementwise.wgsl");
+    const WG: u32 = 256;
+    const MAX_GRID_Y: u32 = 65535;
+
+    #[repr(C)]
+    #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+    struct Params {
+        rows: u32,
+        cols: u32,
+        /// Offset of u's first element in its buffer (F when packed).
+        u_off: u32,
+        /// Row stride of g, u, dg and du (F, or 2F when packed).
+        ld: u32,
+    }
+
+    fn elems(b: &wgpu::Buffer) -> usize {
+        b.size() as usize / 4
+    }
+
+    /// Workgroups over (column blocks, rows); the kernels stride rows by num_workgroups.y.
+    fn groups(p: SwiGluParams) -> (u32, u32, u32) {
+        ((p.cols as u32).div_ceil(WG), (p.rows as u32).min(MAX_GRID_Y), 1)
+    }
+
+    fn run(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        entry: &str,
+        p: SwiGluParams,
+        packed: bool,
+        buffers: &[&wgpu::Buffer],
+    ) -> Result<()> {
+        if p.rows == 0 || p.cols == 0 {
+            return Ok(());
+        }
+        let f = p.cols as u32;
+        let params = if packed {
+            Params { rows: p.rows as u32, cols: f, u_off: f, ld: 2 * f }
+        } else {
+            Params { rows: p.rows as u32, cols: f, u_off: 0, ld: f }
+        };
+        let pipe = kernels.pipeline(device, entry, SOURCE, entry)?;
+        let u = uniform(device, &params);
+        let mut all = vec![&u];
+        all.extend_from_slice(buffers);
+        dispatch(device, queue, &pipe, &all, groups(p));
+        Ok(())
+    }
+
+    /// `y = silu(g) * u`, f32, g, u, y `[M, F]`.
+    pub fn forward(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        g: &wgpu::Buffer,
+        u: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        p: SwiGluParams,
+    ) -> Result<()> {
+        p.check_separate("swiglu_fwd", &[("g", elems(g)), ("u", elems(u)), ("y", elems(y))])?;
+        run(device, queue, kernels, "swiglu_fwd", p, false, &[g, u, y])
+    }
+
+    /// `y = silu(g) * u` with g, u the halves of each row of `gu` `[M, 2F]`; y `[M, F]`.
+    pub fn forward_packed(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        gu: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        p: SwiGluParams,
+    ) -> Result<()> {
+        p.check_packed("swiglu_fwd_packed", &[("gu", elems(gu))], &[("y", elems(y))])?;
+        // Bound twice, read-only both times: g and u are the two halves.
+        run(device, queue, kernels, "swiglu_fwd", p, true, &[gu, gu, y])
+    }
+
+    /// dg and du (separate `[M, F]`) from g, u and dy, f32, in one kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        g: &wgpu::Buffer,
+        u: &wgpu::Buffer,
+        dy: &wgpu::Buffer,
+        dg: &wgpu::Buffer,
+        du: &wgpu::Buffer,
+        p: SwiGluParams,
+    ) -> Result<()> {
+        let bufs = [("g", elems(g)), ("u", elems(u)), ("dy", elems(dy)), ("dg", elems(dg)), ("du", elems(du))];
+        p.check_separate("swiglu_bwd", &bufs)?;
+        run(device, queue, kernels, "swiglu_bwd", p, false, &[g, u, dy, dg, du])
+    }
+
+    /// The packed backward: g, u from `gu` `[M, 2F]`; dg, du into `dgu` `[M, 2F]` the same way.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_packed(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        gu: &wgpu::Buffer,
+        dy: &wgpu::Buffer,
+        dgu: &wgpu::Buffer,
+        p: SwiGluParams,
+    ) -> Result<()> {
+        p.check_packed("swiglu_bwd_packed", &[("gu", elems(gu)), ("dgu", elems(dgu))], &[("dy", elems(dy))])?;
+        run(device, queue, kernels, "swiglu_bwd_packed", p, true, &[gu, dy, dgu])
     }
 }

@@ -10,13 +10,79 @@
 //!   dx[i + D/2] = -dy[i] * sin f_i + dy[i + D/2] * cos f_i
 //!
 //! Layout: x `[tokens, heads, D]` row-major; positions `[tokens]` (i32); inv_freq `[D/2]` f32.
-//! Angles are computed as f32 `p * inv_freq[i]` and f32 cos/sin, as transformers does.
+//! Angles are computed as f32 `p * inv_freq[i]` and f32 cos/sin, as transformers does. The
+//! reference rounds the angle to f32 the same way and takes its cos/sin in f64, so it states
+//! the function every path computes; the paths then differ from it only by their cos/sin
+//! error and the rotation's rounding.
+//!
+//! Kernels: `kernels-cuda/rope.cu` (f32, bf16), `kernels-wgsl/rope.wgsl` (f32); one launch per
+//! direction. They compute cos/sin with their own range reduction and polynomials (within
+//! 1.3e-7 absolute for angles up to 2^20 radians), not the vendor's sin/cos: WGSL only bounds
+//! those to 2^-11 on [-pi, pi], and RoPE angles reach the sequence length in radians.
+
+use crate::kernels::check_len;
+use crate::{Error, Result};
 
 /// Whether a pass rotates forward (the forward op) or backward (its gradient).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
     Forward,
     Backward,
+}
+
+impl Direction {
+    fn op(self) -> &'static str {
+        match self {
+            Direction::Forward => "rope_fwd",
+            Direction::Backward => "rope_bwd",
+        }
+    }
+
+    /// The sign the kernels give sin: +1 forward, -1 backward.
+    fn sign(self) -> f32 {
+        match self {
+            Direction::Forward => 1.0,
+            Direction::Backward => -1.0,
+        }
+    }
+}
+
+/// Sizes of one RoPE call on a GPU: x and y `[tokens, heads, head_dim]`.
+#[derive(Clone, Copy, Debug)]
+pub struct RopeParams {
+    /// T: tokens (all sequences of a packed batch together).
+    pub tokens: usize,
+    /// Heads per token (H for queries, G for keys).
+    pub heads: usize,
+    /// D: head dim, even.
+    pub head_dim: usize,
+}
+
+impl RopeParams {
+    fn check(&self, dir: Direction, x: usize, positions: usize, inv_freq: usize, y: usize) -> Result<()> {
+        let op = dir.op();
+        if self.head_dim % 2 != 0 {
+            return Err(Error::InvalidArgument(format!("{op}: head_dim = {} must be even", self.head_dim)));
+        }
+        let n = self.tokens * self.heads * self.head_dim;
+        let (xn, yn) = if dir == Direction::Forward { ("x", "y") } else { ("dy", "dx") };
+        check_len(op, xn, x, n)?;
+        check_len(op, "positions", positions, self.tokens)?;
+        check_len(op, "inv_freq", inv_freq, self.head_dim / 2)?;
+        check_len(op, yn, y, n)
+    }
+
+    /// (tokens, heads, D/2) as the kernels' 32-bit integers.
+    fn dims(&self, op: &str) -> Result<(u32, u32, u32)> {
+        let to_u32 = |v: usize, what: &str| {
+            i32::try_from(v)
+                .map(|v| v as u32)
+                .map_err(|_| Error::InvalidArgument(format!("{op}: {what} = {v} exceeds i32")))
+        };
+        let n = self.tokens.saturating_mul(self.heads).saturating_mul(self.head_dim);
+        to_u32(n, "tokens * heads * head_dim")?;
+        Ok((to_u32(self.tokens, "tokens")?, to_u32(self.heads, "heads")?, to_u32(self.head_dim / 2, "head_dim / 2")?))
+    }
 }
 
 pub mod reference {
@@ -31,7 +97,8 @@ pub mod reference {
             for h in 0..heads {
                 let base = (t * heads + h) * d;
                 for i in 0..half {
-                    let f = (p as f64) * inv_freq[i] as f64;
+                    // The angle rounded to f32 as every path computes it; its cos/sin in f64.
+                    let f = (p as f32 * inv_freq[i]) as f64;
                     let (s, c) = (sign * f.sin(), f.cos());
                     let (a, b) = (x[base + i], x[base + i + half]);
                     y[base + i] = a * c - b * s;
@@ -68,5 +135,97 @@ pub mod cpu {
                 }
             }
         });
+    }
+}
+
+pub mod cuda {
+    use std::sync::Arc;
+
+    use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+
+    use super::{Direction, RopeParams};
+    use crate::device::cuda::ModuleCache;
+    use crate::{Error, Result};
+
+    const BLOCK: u32 = 128;
+
+    /// Rotates `x` into `y` (forward), or `dy` into `dx` (backward), both `[T, H, D]`, for f32
+    /// (`T = f32`, kernel `rope_f32`) or bf16 bits (`T = u16`, `rope_bf16`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope<T: DeviceRepr>(
+        stream: &Arc<CudaStream>,
+        modules: &ModuleCache,
+        x: &CudaView<'_, T>,
+        positions: &CudaView<'_, i32>,
+        inv_freq: &CudaView<'_, f32>,
+        y: &mut CudaViewMut<'_, T>,
+        p: RopeParams,
+        dir: Direction,
+    ) -> Result<()> {
+        let op = dir.op();
+        p.check(dir, x.len(), positions.len(), inv_freq.len(), y.len())?;
+        let (tokens, heads, half) = p.dims(op)?;
+        if tokens == 0 || heads == 0 || half == 0 {
+            return Ok(());
+        }
+        let name = match std::mem::size_of::<T>() {
+            4 => "rope_f32",
+            2 => "rope_bf16",
+            s => return Err(Error::InvalidArgument(format!("{op}: no CUDA kernel for {s}-byte elements"))),
+        };
+        let f = modules.function("rope", name)?;
+        let cfg = LaunchConfig { grid_dim: (tokens, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let (t, h, hf, sign) = (tokens as i32, heads as i32, half as i32, dir.sign());
+        // SAFETY: argument types match the kernel signature; lengths checked above.
+        unsafe {
+            stream.launch_builder(&f).arg(x).arg(positions).arg(inv_freq).arg(y).arg(&t).arg(&h).arg(&hf).arg(&sign).launch(cfg)
+        }
+        .map_err(|e| Error::cuda(format!("launching {op}"), e))?;
+        Ok(())
+    }
+}
+
+pub mod wgsl {
+    use super::{Direction, RopeParams};
+    use crate::device::wgpu::{dispatch, grid, uniform, KernelCache};
+    use crate::Result;
+
+    pub const SOURCE: &str = include_str!("../../kernels-wgsl/rope.wgsl");
+
+    #[repr(C)]
+    #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+    struct Params {
+        tokens: u32,
+        heads: u32,
+        half: u32,
+        sign: f32,
+    }
+
+    /// Rotates `x` into `y` (forward), or `dy` into `dx` (backward), f32, both `[T, H, D]`;
+    /// positions `[T]` i32, inv_freq `[D/2]` f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        x: &wgpu::Buffer,
+        positions: &wgpu::Buffer,
+        inv_freq: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        p: RopeParams,
+        dir: Direction,
+    ) -> Result<()> {
+        let op = dir.op();
+        let elems = |b: &wgpu::Buffer| b.size() as usize / 4;
+        p.check(dir, elems(x), elems(positions), elems(inv_freq), elems(y))?;
+        let (tokens, heads, half) = p.dims(op)?;
+        if tokens == 0 || heads == 0 || half == 0 {
+            return Ok(());
+        }
+        let pipe = kernels.pipeline(device, "rope", SOURCE, "rope")?;
+        let u = uniform(device, &Params { tokens, heads, half, sign: dir.sign() });
+        let (gx, gy) = grid(tokens);
+        dispatch(device, queue, &pipe, &[&u, x, positions, inv_freq, y], (gx, gy, 1));
+        Ok(())
     }
 }

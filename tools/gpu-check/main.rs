@@ -155,7 +155,37 @@ fn cases() -> Vec<CaseResult> {
     }
     optim_cases(&mut push);
     lora_cases(&mut push);
+    token_op_cases(&mut push);
     out
+}
+
+/// RoPE, SwiGLU and embedding: the bodies `tests/ops_devices.rs` runs on the CPU and wgpu,
+/// here in f32 and bf16 and at training sizes too (Llama-7B-like D = 128 with 32 heads, F =
+/// 11008, a 32000-token vocabulary with T = 4096).
+fn token_op_cases(push: &mut impl FnMut(String, Result<(), String>)) {
+    use tuna::testing::token_ops::{check_embedding, check_rope, check_rope_angles, check_swiglu, RopeCase};
+    let dev = Device::Cuda(0);
+    let mut positions: Vec<i32> = (0..4096).collect();
+    positions.extend((0..=(1 << 20)).step_by(97));
+    for freq in [1.0, 0.749_894_2, 1e-4] {
+        push(format!("rope cos/sin to 2^20 rad, inv_freq {freq}"), check_rope_angles(dev, &positions, freq));
+    }
+    for dtype in [DType::F32, DType::BF16] {
+        let ropes = [(1, 1, 2, 1), (3, 2, 6, 10), (7, 5, 130, 4096), (40, 4, 32, 1 << 20), (4096, 32, 128, 4096), (8192, 8, 128, 131_072)];
+        for (i, &(tokens, heads, head_dim, max_position)) in ropes.iter().enumerate() {
+            let case = RopeCase { tokens, heads, head_dim, max_position, dtype, seed: i as u64 };
+            push(format!("rope {dtype} [{tokens}, {heads}, {head_dim}] positions < {max_position}"), check_rope(dev, case));
+        }
+        for (i, &(rows, cols)) in [(1, 1), (3, 7), (4, 257), (130, 64), (70_000, 3), (2048, 11008)].iter().enumerate() {
+            for packed in [false, true] {
+                push(format!("swiglu {dtype} [{rows}, {cols}] packed {packed}"), check_swiglu(dev, dtype, rows, cols, packed, i as u64));
+            }
+        }
+        let embeds = [(1, 1, 1), (5, 1, 3), (300, 7, 260), (700, 50, 33), (4096, 32000, 512), (4096, 3, 64)];
+        for (i, &(tokens, vocab, dim)) in embeds.iter().enumerate() {
+            push(format!("embedding {dtype} T {tokens} V {vocab} E {dim}"), check_embedding(dev, dtype, tokens, vocab, dim, i as u64));
+        }
+    }
 }
 
 /// The fused LoRA and NF4 cases: the bodies `tests/lora_devices.rs` runs on the CPU and wgpu,

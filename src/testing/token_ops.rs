@@ -1,0 +1,415 @@
+//! Checks of the per-token ops of a training step (RoPE, fused SwiGLU, embedding gather and
+//! scatter-add) on one device against their f64 references, shared by `tests/ops_devices.rs`
+//! and `tools/gpu-check`. Each check runs the device's launchers (`cpu::`, `wgsl::`, `cuda::`,
+//! no tuna tensors) forward and backward and compares every output buffer.
+//!
+//! The references see exactly the values the device sees (bf16-rounded inputs for bf16).
+//! Tolerances (`|got - ref| <= atol + rtol·|ref|`):
+//! - RoPE, SwiGLU: a few f32 operations per element, so `Tolerance::F32`, or `Tolerance::BF16`
+//!   for bf16 outputs. RoPE's cos/sin are the kernels' own (within 1.3e-7 absolute up to 2^20
+//!   radians, see `kernels::rope`), the CPU path's are libm's; both far inside `F32`.
+//!   `check_rope_angles` checks cos/sin alone with atol 2.5e-7 (two f32 ulps at 1).
+//! - Embedding gather: a copy, so exact. Scatter-add: a row of dtable sums its tokens' dy rows
+//!   in f32, so the absolute part of the tolerance grows with the most frequent id's count
+//!   (as rmsnorm's dw does with its rows). In f32 the GPU result must also equal the CPU
+//!   path's bit for bit: both add in token order.
+
+use crate::kernels::elementwise::{self, SwiGluParams};
+use crate::kernels::embedding::{self, EmbeddingParams};
+use crate::kernels::rope::{self, Direction, RopeParams};
+use crate::testing::lora::round_to;
+use crate::testing::{compare, Rng, Tolerance};
+use crate::{DType, Device};
+
+type Check = std::result::Result<(), String>;
+
+fn rounded(dtype: DType, v: Vec<f32>) -> Vec<f32> {
+    v.into_iter().map(|x| round_to(dtype, x)).collect()
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+fn tolerance(dtype: DType) -> Tolerance {
+    if dtype == DType::BF16 {
+        Tolerance::BF16
+    } else {
+        Tolerance::F32
+    }
+}
+
+/// CUDA has f32 and bf16 kernels; the CPU path and WGSL f32 only.
+fn supported(op: &str, dev: Device, dtype: DType) -> Check {
+    match (dev, dtype) {
+        (_, DType::F32) | (Device::Cuda(_), DType::BF16) => Ok(()),
+        _ => Err(format!("{op} on {dev}: no {dtype} kernel")),
+    }
+}
+
+/// Llama's inverse frequencies `theta^(-2i/D)`, i < D/2, in f32.
+pub fn inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
+    (0..head_dim / 2).map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64) as f32).collect()
+}
+
+/// One RoPE case: x `[tokens, heads, head_dim]` at random positions in `[0, max_position)`
+/// (several packed sequences look the same to the kernel: one position per token).
+#[derive(Clone, Copy, Debug)]
+pub struct RopeCase {
+    pub tokens: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub max_position: usize,
+    pub dtype: DType,
+    pub seed: u64,
+}
+
+/// RoPE forward (x to y) and backward (dy to dx) on `dev` against the f64 reference.
+pub fn check_rope(dev: Device, case: RopeCase) -> Check {
+    supported("rope", dev, case.dtype)?;
+    let mut rng = Rng::new(case.seed);
+    let p = RopeParams { tokens: case.tokens, heads: case.heads, head_dim: case.head_dim };
+    let n = case.tokens * case.heads * case.head_dim;
+    let x = rounded(case.dtype, rng.vec(n, -2.0, 2.0));
+    let dy = rounded(case.dtype, rng.vec(n, -1.0, 1.0));
+    let positions: Vec<i32> = (0..case.tokens).map(|_| rng.below(case.max_position.max(1)) as i32).collect();
+    let freq = inv_freq(case.head_dim, 10000.0);
+    let tol = tolerance(case.dtype);
+    for (dir, input, what) in [(Direction::Forward, &x, "y"), (Direction::Backward, &dy, "dx")] {
+        let want = rope::reference::rope(&f64s(input), &positions, &freq, case.heads, dir);
+        let got = run_rope(dev, case.dtype, input, &positions, &freq, p, dir).map_err(|e| format!("rope on {dev}: {e}"))?;
+        compare(&format!("rope {what} on {dev} ({case:?})"), &got, &want, tol)?;
+    }
+    Ok(())
+}
+
+/// The kernels' cos/sin alone: one head of D = 2 holding (1, 0) rotates to (cos f, sin f)
+/// (backward: (cos f, -sin f)) with `f = p * inv_freq` at every position given, compared with
+/// the f64 cos/sin of the f32 angle within 2.5e-7 absolute.
+pub fn check_rope_angles(dev: Device, positions: &[i32], inv_freq: f32) -> Check {
+    let tokens = positions.len();
+    let p = RopeParams { tokens, heads: 1, head_dim: 2 };
+    let x: Vec<f32> = (0..tokens).flat_map(|_| [1.0, 0.0]).collect();
+    let tol = Tolerance { atol: 2.5e-7, rtol: 0.0 };
+    for dir in [Direction::Forward, Direction::Backward] {
+        let want = rope::reference::rope(&f64s(&x), positions, &[inv_freq], 1, dir);
+        let got = run_rope(dev, DType::F32, &x, positions, &[inv_freq], p, dir).map_err(|e| format!("rope on {dev}: {e}"))?;
+        compare(&format!("rope cos/sin {dir:?} on {dev} (inv_freq {inv_freq})"), &got, &want, tol)?;
+    }
+    Ok(())
+}
+
+fn run_rope(dev: Device, dtype: DType, x: &[f32], pos: &[i32], freq: &[f32], p: RopeParams, dir: Direction) -> crate::Result<Vec<f32>> {
+    match dev {
+        Device::Cpu => {
+            let mut y = vec![0.0; x.len()];
+            rope::cpu::rope(x, &mut y, pos, freq, p.heads, dir);
+            Ok(y)
+        }
+        Device::Wgpu(i) => wgpu_run::rope(i, x, pos, freq, p, dir),
+        Device::Cuda(i) => cuda_run::rope(i, dtype, x, pos, freq, p, dir),
+    }
+}
+
+/// SwiGLU forward and backward on `dev` against the f64 reference; `packed` puts g and u (and
+/// dg and du) in the two halves of each row of one `[rows, 2 * cols]` buffer.
+pub fn check_swiglu(dev: Device, dtype: DType, rows: usize, cols: usize, packed: bool, seed: u64) -> Check {
+    supported("swiglu", dev, dtype)?;
+    let mut rng = Rng::new(seed);
+    let p = SwiGluParams { rows, cols };
+    // g over [-12, 12]: both branches of the stable sigmoid and its saturated tails.
+    let g = rounded(dtype, rng.vec(rows * cols, -12.0, 12.0));
+    let u = rounded(dtype, rng.vec(rows * cols, -2.0, 2.0));
+    let dy = rounded(dtype, rng.vec(rows * cols, -1.0, 1.0));
+    let y_want = elementwise::reference::swiglu(&f64s(&g), &f64s(&u));
+    let (dg_want, du_want) = elementwise::reference::swiglu_backward(&f64s(&g), &f64s(&u), &f64s(&dy));
+    let out = run_swiglu(dev, dtype, &g, &u, &dy, p, packed).map_err(|e| format!("swiglu on {dev}: {e}"))?;
+    let what = |name: &str| format!("swiglu {name} on {dev} ({dtype} [{rows}, {cols}], packed {packed})");
+    let tol = tolerance(dtype);
+    compare(&what("y"), &out.y, &y_want, tol)?;
+    compare(&what("dg"), &out.dg, &dg_want, tol)?;
+    compare(&what("du"), &out.du, &du_want, tol)
+}
+
+/// Outputs of one SwiGLU run, dense `[M, F]` each (unpacked from dgu when packed).
+struct SwiGluOut {
+    y: Vec<f32>,
+    dg: Vec<f32>,
+    du: Vec<f32>,
+}
+
+/// `[g | u]` rows of width 2F from g and u of width F.
+fn pack(g: &[f32], u: &[f32], cols: usize) -> Vec<f32> {
+    g.chunks(cols.max(1)).zip(u.chunks(cols.max(1))).flat_map(|(g, u)| g.iter().chain(u).copied()).collect()
+}
+
+/// The halves of `[a | b]` rows of width 2F.
+fn unpack(ab: &[f32], rows: usize, cols: usize) -> (Vec<f32>, Vec<f32>) {
+    let (mut a, mut b) = (Vec::with_capacity(rows * cols), Vec::with_capacity(rows * cols));
+    for r in 0..rows {
+        a.extend_from_slice(&ab[r * 2 * cols..r * 2 * cols + cols]);
+        b.extend_from_slice(&ab[r * 2 * cols + cols..(r + 1) * 2 * cols]);
+    }
+    (a, b)
+}
+
+fn run_swiglu(dev: Device, dtype: DType, g: &[f32], u: &[f32], dy: &[f32], p: SwiGluParams, packed: bool) -> crate::Result<SwiGluOut> {
+    let n = p.rows * p.cols;
+    if packed {
+        let gu = pack(g, u, p.cols);
+        let (y, dgu) = match dev {
+            Device::Cpu => {
+                let (mut y, mut dgu) = (vec![0.0; n], vec![0.0; 2 * n]);
+                elementwise::cpu::swiglu_packed(&gu, &mut y, p)?;
+                elementwise::cpu::swiglu_backward_packed(&gu, dy, &mut dgu, p)?;
+                (y, dgu)
+            }
+            Device::Wgpu(i) => wgpu_run::swiglu_packed(i, &gu, dy, p)?,
+            Device::Cuda(i) => cuda_run::swiglu_packed(i, dtype, &gu, dy, p)?,
+        };
+        let (dg, du) = unpack(&dgu, p.rows, p.cols);
+        return Ok(SwiGluOut { y, dg, du });
+    }
+    match dev {
+        Device::Cpu => {
+            let (mut y, mut dg, mut du) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+            elementwise::cpu::swiglu(g, u, &mut y, p)?;
+            elementwise::cpu::swiglu_backward(g, u, dy, &mut dg, &mut du, p)?;
+            Ok(SwiGluOut { y, dg, du })
+        }
+        Device::Wgpu(i) => wgpu_run::swiglu(i, g, u, dy, p),
+        Device::Cuda(i) => cuda_run::swiglu(i, dtype, g, u, dy, p),
+    }
+}
+
+/// Embedding gather and scatter-add on `dev` against the f64 reference: ids uniform in
+/// `[0, vocab)` (a small vocab makes ids repeat, and repeat across chunks of 256 tokens), a
+/// non-zero starting dtable (the backward adds into it).
+pub fn check_embedding(dev: Device, dtype: DType, tokens: usize, vocab: usize, dim: usize, seed: u64) -> Check {
+    supported("embedding", dev, dtype)?;
+    let mut rng = Rng::new(seed);
+    let p = EmbeddingParams { tokens, vocab, dim };
+    let ids: Vec<i32> = (0..tokens).map(|_| rng.below(vocab) as i32).collect();
+    let table = rounded(dtype, rng.vec(vocab * dim, -1.0, 1.0));
+    let dy = rounded(dtype, rng.vec(tokens * dim, -1.0, 1.0));
+    let dtable0 = rounded(dtype, rng.vec(vocab * dim, -1.0, 1.0));
+    embedding::check_ids(&ids, vocab).map_err(|e| e.to_string())?;
+
+    let y_want = embedding::reference::gather(&f64s(&table), &ids, dim);
+    let mut dtable_want = f64s(&dtable0);
+    embedding::reference::scatter_add(&f64s(&dy), &ids, &mut dtable_want, dim);
+    let (y, dtable) = match dev {
+        Device::Cpu => {
+            let mut y = vec![0.0; tokens * dim];
+            embedding::cpu::gather(&table, &ids, &mut y, dim);
+            let mut dtable = dtable0.clone();
+            embedding::cpu::scatter_add(&dy, &ids, &mut dtable, dim);
+            Ok((y, dtable))
+        }
+        Device::Wgpu(i) => wgpu_run::embedding(i, &table, &ids, &dy, &dtable0, p),
+        Device::Cuda(i) => cuda_run::embedding(i, dtype, &table, &ids, &dy, &dtable0, p),
+    }
+    .map_err(|e| format!("embedding on {dev}: {e}"))?;
+
+    let what = |name: &str| format!("embedding {name} on {dev} ({dtype}, T {tokens}, V {vocab}, E {dim})");
+    compare(&what("y"), &y, &y_want, Tolerance { atol: 0.0, rtol: 0.0 })?;
+    let mut count = vec![0usize; vocab];
+    ids.iter().for_each(|&i| count[i as usize] += 1);
+    let most = count.into_iter().max().unwrap_or(0).max(1) as f64;
+    let tol = tolerance(dtype);
+    compare(&what("dtable"), &dtable, &dtable_want, Tolerance { atol: tol.atol * most, rtol: tol.rtol })?;
+    if dtype == DType::F32 {
+        let mut cpu = dtable0.clone();
+        embedding::cpu::scatter_add(&dy, &ids, &mut cpu, dim);
+        if let Some(i) = (0..cpu.len()).find(|&i| cpu[i].to_bits() != dtable[i].to_bits()) {
+            return Err(format!("{}: [{i}] is {} on the device, {} on the CPU path (same order, so same bits)", what("dtable"), dtable[i], cpu[i]));
+        }
+    }
+    Ok(())
+}
+
+mod wgpu_run {
+    use super::SwiGluOut;
+    use crate::device::wgpu::{runtime, PooledBuffer, WgpuRuntime};
+    use crate::kernels::elementwise::{wgsl as swiglu, SwiGluParams};
+    use crate::kernels::embedding::{wgsl as embedding, EmbeddingParams};
+    use crate::kernels::rope::{wgsl as rope, Direction, RopeParams};
+    use crate::Result;
+
+    fn up<T: bytemuck::Pod>(rt: &WgpuRuntime, v: &[T]) -> PooledBuffer {
+        rt.upload(bytemuck::cast_slice(v))
+    }
+
+    fn down(rt: &WgpuRuntime, b: &PooledBuffer, n: usize) -> Result<Vec<f32>> {
+        Ok(bytemuck::pod_collect_to_vec(&rt.download(b.buffer(), n * 4)?))
+    }
+
+    pub fn rope(i: usize, x: &[f32], pos: &[i32], freq: &[f32], p: RopeParams, dir: Direction) -> Result<Vec<f32>> {
+        let rt = runtime(i)?;
+        let (xb, pb, fb, yb) = (up(&rt, x), up(&rt, pos), up(&rt, freq), rt.alloc(x.len() * 4));
+        rope::rope(&rt.device, &rt.queue, &rt.kernels, xb.buffer(), pb.buffer(), fb.buffer(), yb.buffer(), p, dir)?;
+        down(&rt, &yb, x.len())
+    }
+
+    pub fn swiglu(i: usize, g: &[f32], u: &[f32], dy: &[f32], p: SwiGluParams) -> Result<SwiGluOut> {
+        let rt = runtime(i)?;
+        let n = g.len();
+        let (gb, ub, dyb) = (up(&rt, g), up(&rt, u), up(&rt, dy));
+        let (yb, dgb, dub) = (rt.alloc(n * 4), rt.alloc(n * 4), rt.alloc(n * 4));
+        let (d, q, k) = (&rt.device, &rt.queue, &rt.kernels);
+        swiglu::forward(d, q, k, gb.buffer(), ub.buffer(), yb.buffer(), p)?;
+        swiglu::backward(d, q, k, gb.buffer(), ub.buffer(), dyb.buffer(), dgb.buffer(), dub.buffer(), p)?;
+        Ok(SwiGluOut { y: down(&rt, &yb, n)?, dg: down(&rt, &dgb, n)?, du: down(&rt, &dub, n)? })
+    }
+
+    pub fn swiglu_packed(i: usize, gu: &[f32], dy: &[f32], p: SwiGluParams) -> Result<(Vec<f32>, Vec<f32>)> {
+        let rt = runtime(i)?;
+        let (gub, dyb, yb, dgub) = (up(&rt, gu), up(&rt, dy), rt.alloc(dy.len() * 4), rt.alloc(gu.len() * 4));
+        swiglu::forward_packed(&rt.device, &rt.queue, &rt.kernels, gub.buffer(), yb.buffer(), p)?;
+        swiglu::backward_packed(&rt.device, &rt.queue, &rt.kernels, gub.buffer(), dyb.buffer(), dgub.buffer(), p)?;
+        Ok((down(&rt, &yb, dy.len())?, down(&rt, &dgub, gu.len())?))
+    }
+
+    pub fn embedding(i: usize, table: &[f32], ids: &[i32], dy: &[f32], dtable0: &[f32], p: EmbeddingParams) -> Result<(Vec<f32>, Vec<f32>)> {
+        let rt = runtime(i)?;
+        let (tb, ib, dyb, dtb) = (up(&rt, table), up(&rt, ids), up(&rt, dy), up(&rt, dtable0));
+        let yb = rt.alloc(dy.len() * 4);
+        embedding::forward(&rt.device, &rt.queue, &rt.kernels, tb.buffer(), ib.buffer(), yb.buffer(), p)?;
+        embedding::backward(&rt.device, &rt.queue, &rt.kernels, dyb.buffer(), ib.buffer(), dtb.buffer(), p)?;
+        Ok((down(&rt, &yb, dy.len())?, down(&rt, &dtb, table.len())?))
+    }
+}
+
+mod cuda_run {
+    use std::sync::Arc;
+
+    use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+
+    use super::SwiGluOut;
+    use crate::device::cuda::runtime;
+    use crate::kernels::elementwise::{cuda as swiglu, SwiGluParams};
+    use crate::kernels::embedding::{cuda as embedding, EmbeddingParams};
+    use crate::kernels::rope::{cuda as rope, Direction, RopeParams};
+    use crate::{DType, Error, Result};
+
+    fn err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+        move |e| Error::cuda(what.to_string(), e)
+    }
+
+    fn up<T: DeviceRepr + ValidAsZeroBits>(s: &Arc<CudaStream>, v: &[T]) -> Result<CudaSlice<T>> {
+        if v.is_empty() {
+            return zeros(s, 1);
+        }
+        s.clone_htod(v).map_err(err("copy to device"))
+    }
+
+    fn zeros<T: DeviceRepr + ValidAsZeroBits>(s: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<T>> {
+        s.alloc_zeros::<T>(n.max(1)).map_err(err("alloc"))
+    }
+
+    /// Storage of a test: f32, or bf16 bits.
+    trait Storage: DeviceRepr + ValidAsZeroBits + Default + Clone + Copy + Unpin {
+        fn from_f32(v: f32) -> Self;
+        fn to_f32(self) -> f32;
+    }
+    impl Storage for f32 {
+        fn from_f32(v: f32) -> Self {
+            v
+        }
+        fn to_f32(self) -> f32 {
+            self
+        }
+    }
+    impl Storage for u16 {
+        fn from_f32(v: f32) -> Self {
+            half::bf16::from_f32(v).to_bits()
+        }
+        fn to_f32(self) -> f32 {
+            half::bf16::from_bits(self).to_f32()
+        }
+    }
+
+    fn store<T: Storage>(s: &Arc<CudaStream>, v: &[f32]) -> Result<CudaSlice<T>> {
+        up(s, &v.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>())
+    }
+
+    fn load<T: Storage>(s: &Arc<CudaStream>, d: &CudaSlice<T>, n: usize) -> Result<Vec<f32>> {
+        let v = s.clone_dtoh(d).map_err(err("copy to host"))?;
+        Ok(v.into_iter().take(n).map(T::to_f32).collect())
+    }
+
+    /// Runs `$body` with `$t` bound to the storage type of `$dtype`.
+    macro_rules! by_dtype {
+        ($dtype:expr, $t:ident => $body:expr) => {
+            match $dtype {
+                DType::F32 => {
+                    type $t = f32;
+                    $body
+                }
+                DType::BF16 => {
+                    type $t = u16;
+                    $body
+                }
+                d => Err(Error::InvalidArgument(format!("no CUDA kernel for {d}"))),
+            }
+        };
+    }
+
+    pub fn rope(i: usize, dtype: DType, x: &[f32], pos: &[i32], freq: &[f32], p: RopeParams, dir: Direction) -> Result<Vec<f32>> {
+        let rt = runtime(i)?;
+        let s = &rt.stream;
+        by_dtype!(dtype, T => {
+            let xd = store::<T>(s, x)?;
+            let (pd, fd) = (up(s, pos)?, up(s, freq)?);
+            let mut yd = zeros::<T>(s, x.len())?;
+            rope::rope::<T>(s, &rt.modules, &xd.slice(..), &pd.slice(..), &fd.slice(..), &mut yd.slice_mut(..), p, dir)?;
+            load(s, &yd, x.len())
+        })
+    }
+
+    pub fn swiglu(i: usize, dtype: DType, g: &[f32], u: &[f32], dy: &[f32], p: SwiGluParams) -> Result<SwiGluOut> {
+        let rt = runtime(i)?;
+        let (s, m) = (&rt.stream, &rt.modules);
+        let n = g.len();
+        by_dtype!(dtype, T => {
+            let (gd, ud, dyd) = (store::<T>(s, g)?, store::<T>(s, u)?, store::<T>(s, dy)?);
+            let (mut yd, mut dgd, mut dud) = (zeros::<T>(s, n)?, zeros::<T>(s, n)?, zeros::<T>(s, n)?);
+            swiglu::forward::<T>(s, m, &gd.slice(..), &ud.slice(..), &mut yd.slice_mut(..), p)?;
+            swiglu::backward::<T>(s, m, &gd.slice(..), &ud.slice(..), &dyd.slice(..), &mut dgd.slice_mut(..), &mut dud.slice_mut(..), p)?;
+            Ok(SwiGluOut { y: load(s, &yd, n)?, dg: load(s, &dgd, n)?, du: load(s, &dud, n)? })
+        })
+    }
+
+    pub fn swiglu_packed(i: usize, dtype: DType, gu: &[f32], dy: &[f32], p: SwiGluParams) -> Result<(Vec<f32>, Vec<f32>)> {
+        let rt = runtime(i)?;
+        let (s, m) = (&rt.stream, &rt.modules);
+        by_dtype!(dtype, T => {
+            let (gud, dyd) = (store::<T>(s, gu)?, store::<T>(s, dy)?);
+            let (mut yd, mut dgud) = (zeros::<T>(s, dy.len())?, zeros::<T>(s, gu.len())?);
+            swiglu::forward_packed::<T>(s, m, &gud.slice(..), &mut yd.slice_mut(..), p)?;
+            swiglu::backward_packed::<T>(s, m, &gud.slice(..), &dyd.slice(..), &mut dgud.slice_mut(..), p)?;
+            Ok((load(s, &yd, dy.len())?, load(s, &dgud, gu.len())?))
+        })
+    }
+
+    pub fn embedding(
+        i: usize,
+        dtype: DType,
+        table: &[f32],
+        ids: &[i32],
+        dy: &[f32],
+        dtable0: &[f32],
+        p: EmbeddingParams,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let rt = runtime(i)?;
+        let (s, m) = (&rt.stream, &rt.modules);
+        by_dtype!(dtype, T => {
+            let (td, dyd, mut dtd) = (store::<T>(s, table)?, store::<T>(s, dy)?, store::<T>(s, dtable0)?);
+            let idd = up(s, ids)?;
+            let mut yd = zeros::<T>(s, dy.len())?;
+            embedding::forward::<T>(s, m, &td.slice(..), &idd.slice(..), &mut yd.slice_mut(..), p)?;
+            embedding::backward::<T>(s, m, &dyd.slice(..), &idd.slice(..), &mut dtd.slice_mut(..), p)?;
+            Ok((load(s, &yd, dy.len())?, load(s, &dtd, table.len())?))
+        })
+    }
+}

@@ -1,0 +1,145 @@
+//! RoPE, fused SwiGLU and the embedding gather / scatter-add, forward and backward, on every
+//! device present, against their f64 references. The check bodies and their tolerances live
+//! in `tuna::testing::token_ops` (shared with `tools/gpu-check`, which runs them on CUDA in f32 and
+//! bf16); the device list comes from `common::devices()`, which fails under
+//! TUNA_REQUIRE_WGPU=1 when no wgpu adapter is found. Shapes stay small for lavapipe.
+
+mod common;
+
+use proptest::prelude::*;
+use tuna::kernels::elementwise::{self, SwiGluParams};
+use tuna::kernels::embedding::EmbeddingParams;
+use tuna::kernels::rope::{Direction, RopeParams};
+use tuna::testing::token_ops::{check_embedding, check_rope, check_rope_angles, check_swiglu, RopeCase};
+use tuna::{DType, Device};
+
+fn dtypes(dev: Device) -> Vec<DType> {
+    match dev {
+        Device::Cuda(_) => vec![DType::F32, DType::BF16],
+        _ => vec![DType::F32],
+    }
+}
+
+fn rope_case(tokens: usize, heads: usize, head_dim: usize, max_position: usize, dtype: DType, seed: u64) -> RopeCase {
+    RopeCase { tokens, heads, head_dim, max_position, dtype, seed }
+}
+
+#[test]
+fn rope_matches_reference_on_every_device() {
+    // (tokens, heads, D, positions below): D = 2 and odd D/2, heads * D/2 around the 256-wide
+    // workgroup, Llama's D = 64 and 128, positions up to long-context lengths.
+    let shapes = [(1, 1, 2, 1), (3, 2, 6, 10), (5, 3, 64, 2048), (2, 8, 128, 131_072), (7, 5, 130, 4096), (40, 4, 32, 1 << 20)];
+    for dev in common::devices() {
+        for dtype in dtypes(dev) {
+            for (i, &(t, h, d, maxp)) in shapes.iter().enumerate() {
+                check_rope(dev, rope_case(t, h, d, maxp, dtype, i as u64)).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_cos_sin_are_accurate_up_to_2_pow_20_radians_on_every_device() {
+    // Every position below 4096, then a stride through [0, 2^20], at inv_freq 1 (the angle is
+    // the position) and at a Llama frequency (an f32 product that is not exact).
+    let mut positions: Vec<i32> = (0..4096).collect();
+    positions.extend((0..=(1 << 20)).step_by(997));
+    positions.push(1 << 20);
+    for dev in common::devices() {
+        for freq in [1.0, 0.749_894_2, 1e-4] {
+            check_rope_angles(dev, &positions, freq).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+#[test]
+fn swiglu_matches_reference_on_every_device() {
+    // Ragged around the 256-wide column blocks; one row, many rows.
+    let shapes = [(1, 1), (3, 7), (5, 256), (4, 257), (2, 1000), (130, 64)];
+    for dev in common::devices() {
+        for dtype in dtypes(dev) {
+            for (i, &(rows, cols)) in shapes.iter().enumerate() {
+                for packed in [false, true] {
+                    check_swiglu(dev, dtype, rows, cols, packed, i as u64).unwrap_or_else(|e| panic!("{e}"));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn embedding_matches_reference_on_every_device() {
+    // (T, V, E): one token; ids that all repeat (V = 1, 3); T past one and several chunks of
+    // 256 tokens with repeats across chunks; E past the 256-wide column stride; V > T.
+    let shapes = [(1, 1, 1), (5, 1, 3), (40, 3, 17), (300, 7, 260), (700, 50, 33), (600, 2000, 64)];
+    for dev in common::devices() {
+        for dtype in dtypes(dev) {
+            for (i, &(t, v, e)) in shapes.iter().enumerate() {
+                check_embedding(dev, dtype, t, v, e, i as u64).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn rope_random_shapes_on_every_device(tokens in 1usize..40, heads in 1usize..6, half in 1usize..80, max_position in 1usize..100_000, seed: u64) {
+        for dev in common::devices() {
+            for dtype in dtypes(dev) {
+                check_rope(dev, rope_case(tokens, heads, 2 * half, max_position, dtype, seed)).map_err(TestCaseError::fail)?;
+            }
+        }
+    }
+
+    #[test]
+    fn swiglu_random_shapes_on_every_device(rows in 1usize..40, cols in 1usize..600, packed: bool, seed: u64) {
+        for dev in common::devices() {
+            for dtype in dtypes(dev) {
+                check_swiglu(dev, dtype, rows, cols, packed, seed).map_err(TestCaseError::fail)?;
+            }
+        }
+    }
+
+    #[test]
+    fn embedding_random_shapes_on_every_device(tokens in 1usize..600, vocab in 1usize..300, dim in 1usize..300, seed: u64) {
+        for dev in common::devices() {
+            for dtype in dtypes(dev) {
+                check_embedding(dev, dtype, tokens, vocab, dim, seed).map_err(TestCaseError::fail)?;
+            }
+        }
+    }
+}
+
+/// Bad shapes come back as errors that name the op and the buffer, on every device's launchers.
+#[test]
+fn bad_shapes_name_the_op_and_the_buffer() {
+    let p = SwiGluParams { rows: 4, cols: 8 };
+    let (g, small) = (vec![0.0f32; 32], vec![0.0f32; 31]);
+    let e = elementwise::cpu::swiglu(&g, &small, &mut [0.0; 32], p).unwrap_err().to_string();
+    assert!(e.contains("swiglu_fwd") && e.contains("`u`"), "{e}");
+    let e = elementwise::cpu::swiglu_backward_packed(&g, &g, &mut [0.0; 64], p).unwrap_err().to_string();
+    assert!(e.contains("swiglu_bwd_packed") && e.contains("`gu`"), "{e}");
+
+    let Some(Device::Wgpu(i)) = common::devices().into_iter().find(|d| matches!(d, Device::Wgpu(_))) else { return };
+    let rt = tuna::device::wgpu::runtime(i).unwrap();
+    let (d, q, k) = (&rt.device, &rt.queue, &rt.kernels);
+    // Pool buffers hold at least 64 f32; ask for more than that.
+    let b = rt.alloc(256);
+    let big = rt.alloc(4096);
+    let rp = RopeParams { tokens: 8, heads: 4, head_dim: 8 };
+    let e = tuna::kernels::rope::wgsl::rope(d, q, k, b.buffer(), b.buffer(), b.buffer(), big.buffer(), rp, Direction::Backward).unwrap_err().to_string();
+    assert!(e.contains("rope_bwd") && e.contains("`dy`"), "{e}");
+    let odd = RopeParams { head_dim: 7, ..rp };
+    let e = tuna::kernels::rope::wgsl::rope(d, q, k, big.buffer(), b.buffer(), b.buffer(), big.buffer(), odd, Direction::Forward).unwrap_err().to_string();
+    assert!(e.contains("rope_fwd") && e.contains("even"), "{e}");
+    let ep = EmbeddingParams { tokens: 10, vocab: 100, dim: 8 };
+    let e = tuna::kernels::embedding::wgsl::backward(d, q, k, b.buffer(), b.buffer(), big.buffer(), ep).unwrap_err().to_string();
+    assert!(e.contains("embedding_bwd") && e.contains("`dy`"), "{e}");
+    let e = tuna::kernels::embedding::wgsl::forward(d, q, k, b.buffer(), b.buffer(), big.buffer(), ep).unwrap_err().to_string();
+    assert!(e.contains("embedding_fwd") && e.contains("`table`"), "{e}");
+    let sp = SwiGluParams { rows: 16, cols: 4 };
+    let e = elementwise::wgsl::backward_packed(d, q, k, big.buffer(), big.buffer(), b.buffer(), sp).unwrap_err().to_string();
+    assert!(e.contains("swiglu_bwd_packed") && e.contains("`dgu`"), "{e}");
+}
