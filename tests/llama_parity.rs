@@ -1,6 +1,8 @@
 //! The Llama-family model against transformers: fixtures made by tools/fixtures/make_fixtures.py
 //! (tiny random checkpoints, their logits, loss, greedy tokens and gradients).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use tuna::io::safetensors::WeightFiles;
@@ -36,15 +38,20 @@ impl Expected {
 /// ~1e-5 absolute on logits of magnitude ~5; the bar is 1e-4.
 const LOGITS: Tolerance = Tolerance { atol: 1e-4, rtol: 0.0 };
 
+/// On every device present (the model's forward runs on wgpu too).
 fn check_logits_and_loss(name: &str) {
-    let model = Llama::load(&fixture(name)).unwrap();
+    let cpu_model = Llama::load(&fixture(name)).unwrap();
     let exp = Expected::load(name);
     let ids = exp.tensor("input_ids");
-    let logits = model.forward(&ids, None).unwrap();
-    compare(&format!("{name} logits"), &logits.to_vec_f32().unwrap(), &exp.f64("logits"), LOGITS).unwrap();
-    let loss = model.loss(&ids, None).unwrap().to_scalar().unwrap();
-    let want = exp.f64("loss")[0];
-    assert!((loss as f64 - want).abs() <= 1e-5, "{name} loss {loss} vs transformers {want}");
+    for dev in common::devices() {
+        let model = cpu_model.to_device(&dev).unwrap();
+        let logits = model.forward(&ids, None).unwrap();
+        assert_eq!(logits.device(), dev);
+        compare(&format!("{name} logits on {dev}"), &logits.to_vec_f32().unwrap(), &exp.f64("logits"), LOGITS).unwrap();
+        let loss = model.loss(&ids, None).unwrap().to_scalar().unwrap();
+        let want = exp.f64("loss")[0];
+        assert!((loss as f64 - want).abs() <= 1e-5, "{name} loss on {dev}: {loss} vs transformers {want}");
+    }
 }
 
 #[test]
@@ -81,21 +88,29 @@ fn bf16_checkpoint_matches_its_f32_twin() {
 #[test]
 fn greedy_generation_reproduces_transformers() {
     for name in ["llama-gqa", "qwen2-tied", "llama3-rope", "mistral"] {
-        let model = Llama::load(&fixture(name)).unwrap();
+        let cpu_model = Llama::load(&fixture(name)).unwrap();
         let exp = Expected::load(name);
         let prompt: Vec<u32> = exp.ids("greedy_prompt").into_iter().map(|t| t as u32).collect();
         let want: Vec<u32> = exp.ids("greedy_tokens").into_iter().map(|t| t as u32).collect();
         let opts = GenerateOptions { max_new_tokens: want.len(), ..Default::default() };
-        let mut streamed = Vec::new();
-        let got = model.generate(&prompt, &opts, |t| streamed.push(t)).unwrap();
-        assert_eq!(got, want, "{name} greedy tokens");
-        assert_eq!(streamed, want, "{name} streamed tokens");
+        for dev in common::devices() {
+            let model = cpu_model.to_device(&dev).unwrap();
+            let mut streamed = Vec::new();
+            let got = model.generate(&prompt, &opts, |t| streamed.push(t)).unwrap();
+            assert_eq!(got, want, "{name} greedy tokens on {dev}");
+            assert_eq!(streamed, want, "{name} streamed tokens on {dev}");
+        }
     }
 }
 
 #[test]
 fn kv_cache_gives_the_same_logits_as_a_full_forward() {
-    let model = Llama::load(&fixture("llama-gqa")).unwrap();
+    for dev in common::devices() {
+        kv_cache_check(&Llama::load(&fixture("llama-gqa")).unwrap().to_device(&dev).unwrap());
+    }
+}
+
+fn kv_cache_check(model: &Llama) {
     let exp = Expected::load("llama-gqa");
     let ids: Vec<i32> = exp.ids("input_ids")[..12].to_vec();
     let full = model.forward(&Tensor::from_vec_i32(ids.clone(), [1, 12]).unwrap(), None).unwrap().to_vec_f32().unwrap();
@@ -106,7 +121,7 @@ fn kv_cache_gives_the_same_logits_as_a_full_forward() {
         got.extend(model.forward(&t, Some(&mut cache)).unwrap().to_vec_f32().unwrap());
     }
     assert_eq!(cache.len(), 12);
-    compare("cached logits", &got, &full.iter().map(|&v| v as f64).collect::<Vec<_>>(), Tolerance { atol: 1e-5, rtol: 1e-5 }).unwrap();
+    compare(&format!("cached logits on {}", model.device()), &got, &full.iter().map(|&v| v as f64).collect::<Vec<_>>(), Tolerance { atol: 1e-5, rtol: 1e-5 }).unwrap();
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! gradients; one AdamW step lands on torch's parameters; our adapter files round-trip.
 //! Fixtures: tools/fixtures/make_peft_fixtures.py.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use tuna::io::safetensors::WeightFiles;
@@ -34,13 +36,16 @@ const LOGITS: Tolerance = Tolerance { atol: 1e-4, rtol: 0.0 };
 #[test]
 fn peft_adapter_logits_and_loss() {
     for name in ["peft-lora", "peft-lora-rslora"] {
-        let model = with_adapter(name);
         let exp = expected(name);
         let ids = exp.load_raw("input_ids", &Device::Cpu).unwrap();
-        let logits = model.forward(&ids, None).unwrap();
-        compare(&format!("{name} logits"), &logits.to_vec_f32().unwrap(), &f64s(&exp, "logits"), LOGITS).unwrap();
-        let loss = model.loss(&ids, None).unwrap().to_scalar().unwrap() as f64;
-        assert!((loss - f64s(&exp, "loss")[0]).abs() < 1e-5, "{name}: loss {loss}");
+        // On every device present: on wgpu the fused LoRA GEMM runs the adapters.
+        for dev in common::devices() {
+            let model = with_adapter(name).to_device(&dev).unwrap();
+            let logits = model.forward(&ids, None).unwrap();
+            compare(&format!("{name} logits on {dev}"), &logits.to_vec_f32().unwrap(), &f64s(&exp, "logits"), LOGITS).unwrap();
+            let loss = model.loss(&ids, None).unwrap().to_scalar().unwrap() as f64;
+            assert!((loss - f64s(&exp, "loss")[0]).abs() < 1e-5, "{name} on {dev}: loss {loss}");
+        }
     }
 }
 
@@ -122,4 +127,16 @@ fn fresh_lora_starts_at_the_base_model() {
     let a = lora.lora_parameters()[0].1.to_vec_f32().unwrap();
     let bound = 1.0 / (32f32).sqrt();
     assert!(a.iter().all(|v| v.abs() <= bound) && a.iter().any(|v| v.abs() > 0.5 * bound));
+}
+
+#[test]
+fn training_on_wgpu_is_refused_with_a_clear_error() {
+    for dev in common::devices().into_iter().filter(|d| matches!(d, Device::Wgpu(_))) {
+        let mut model = with_adapter("peft-lora").to_device(&dev).unwrap();
+        let tape = Tape::new();
+        model.map_lora(|_, t| Ok(tape.param(t))).unwrap();
+        let ids = expected("peft-lora").load_raw("input_ids", &Device::Cpu).unwrap();
+        let err = model.loss(&ids, None).unwrap_err().to_string();
+        assert!(err.contains(&dev.to_string()) && err.contains("training needs the CPU"), "{err}");
+    }
 }

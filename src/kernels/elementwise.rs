@@ -450,6 +450,40 @@ pub mod wgsl {
         Ok(())
     }
 
+    pub const ADD_SOURCE: &str = include_str!("../../kernels-wgsl/add.wgsl");
+
+    /// `y[i] = a[i] + b[i % nb]` over `len` elements, f32 (b broadcast over a's leading dims;
+    /// nb must divide len).
+    #[allow(clippy::too_many_arguments)]
+    pub fn add(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        a: &wgpu::Buffer,
+        b: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        len: usize,
+        nb: usize,
+    ) -> Result<()> {
+        const OP: &str = "add (wgsl)";
+        if nb == 0 || len % nb != 0 {
+            return Err(crate::Error::InvalidArgument(format!("{OP}: b of {nb} elements does not broadcast over {len}")));
+        }
+        for (name, buf, n) in [("a", a, len), ("b", b, nb), ("y", y, len)] {
+            crate::kernels::check_len(OP, name, elems(buf), n)?;
+        }
+        let u32_of = |v: usize| u32::try_from(v).map_err(|_| crate::Error::InvalidArgument(format!("{OP}: {v} elements exceed u32")));
+        let (len32, nb32) = (u32_of(len)?, u32_of(nb)?);
+        if len == 0 {
+            return Ok(());
+        }
+        let pipe = kernels.pipeline(device, "add_bcast", ADD_SOURCE, "add_bcast")?;
+        let u = uniform(device, &[len32, nb32, 0, 0]);
+        let (gx, gy) = crate::device::wgpu::grid(len32.div_ceil(WG));
+        dispatch(device, queue, &pipe, &[&u, a, b, y], (gx, gy, 1));
+        Ok(())
+    }
+
     /// `y = silu(g) * u`, f32, g, u, y `[M, F]`.
     pub fn forward(
         device: &wgpu::Device,

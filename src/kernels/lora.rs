@@ -162,10 +162,10 @@ pub mod wgsl {
     }
 
     /// Row-major operand strides: `[rows, cols]` as stored, read plain or transposed.
-    pub(crate) fn plain(cols: usize) -> [u32; 2] {
+    pub fn plain(cols: usize) -> [u32; 2] {
         [cols as u32, 1]
     }
-    pub(crate) fn transposed(cols: usize) -> [u32; 2] {
+    pub fn transposed(cols: usize) -> [u32; 2] {
         [1, cols as u32]
     }
 
@@ -237,6 +237,26 @@ pub mod wgsl {
     ) -> Result<()> {
         let u = GemmUniform { m: m as u32, n: n as u32, k1: k as u32, strides: [sa, sb, [0, 0], [0, 0]], s1: s, ..Default::default() };
         pass(device, kernels, enc, ("lora_gemm::gemm", SOURCE, "gemm"), &u, &[(1, a), (2, b), (3, a), (4, b), (5, a), (6, c)], tiles(m, n))
+    }
+
+    /// `c[m, n] = op(a)·op(b)` with op(a) `[m, k]` and op(b) `[k, n]` given by their (row, column)
+    /// strides (see [`plain`] and [`transposed`]): the plain GEMM (rank 0 of the LoRA GEMM).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        (a, sa): (&wgpu::Buffer, [u32; 2]),
+        (b, sb): (&wgpu::Buffer, [u32; 2]),
+        c: &wgpu::Buffer,
+        (m, n, k): (usize, usize, usize),
+    ) -> Result<()> {
+        let op = "matmul (wgsl)";
+        check_buffers(op, &[("a", a, m * k), ("b", b, k * n), ("c", c, m * n)])?;
+        let mut enc = device.create_command_encoder(&Default::default());
+        product(device, kernels, &mut enc, (a, sa), (b, sb), c, (m, n, k), 1.0)?;
+        queue.submit([enc.finish()]);
+        Ok(())
     }
 
     /// Forward: `y = x·wᵀ (+ bias) + s·xa·bᵀ` and `xa = x_lora·aᵀ` (`[M, R]`, kept for the

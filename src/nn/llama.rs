@@ -11,6 +11,7 @@
 
 use std::path::Path;
 
+use crate::tensor::Storage;
 use crate::io::config::LlamaConfig;
 use crate::peft::LoraAdapter;
 use crate::io::safetensors::WeightFiles;
@@ -153,13 +154,26 @@ impl KvCache {
 fn concat_seq(old: &Tensor, new: &Tensor) -> Result<Tensor> {
     let (od, nd) = (old.dims(), new.dims());
     let (b, row) = (od[0], od[2] * od[3]);
+    let out_shape = vec![b, od[1] + nd[1], od[2], od[3]];
+    if let (Storage::Wgpu { rt, buf: ob }, Storage::Wgpu { buf: nb, .. }) = (old.storage(), new.storage()) {
+        // Row by row on the device: batch row i is [old row i | new row i].
+        let out = rt.alloc(4 * (old.elem_count() + new.elem_count()));
+        let (os, ns) = ((od[1] * row * 4) as u64, (nd[1] * row * 4) as u64);
+        let mut enc = rt.device.create_command_encoder(&Default::default());
+        for i in 0..b as u64 {
+            enc.copy_buffer_to_buffer(ob.buffer(), i * os, out.buffer(), i * (os + ns), os);
+            enc.copy_buffer_to_buffer(nb.buffer(), i * ns, out.buffer(), i * (os + ns) + os, ns);
+        }
+        rt.queue.submit([enc.finish()]);
+        return Ok(Tensor::from_storage(Storage::Wgpu { rt: rt.clone(), buf: out }, out_shape.into(), DType::F32, old.device()));
+    }
     let (a, n) = (old.cpu_f32("kv cache")?, new.cpu_f32("kv cache")?);
     let mut out = Vec::with_capacity(a.len() + n.len());
     for i in 0..b {
         out.extend_from_slice(&a[i * od[1] * row..(i + 1) * od[1] * row]);
         out.extend_from_slice(&n[i * nd[1] * row..(i + 1) * nd[1] * row]);
     }
-    Tensor::from_vec(out, vec![b, od[1] + nd[1], od[2], od[3]])
+    Tensor::from_vec(out, out_shape)
 }
 
 impl Llama {
@@ -355,6 +369,23 @@ impl Llama {
         self.embed.device()
     }
 
+    /// The model with every weight (and LoRA adapter) copied to `device`. On wgpu the forward
+    /// runs there (inference); training stays on the CPU until the backwards are wired.
+    pub fn to_device(&self, device: &Device) -> Result<Llama> {
+        let mut m = self.clone();
+        if m.linears().iter().any(|(_, l)| l.sparse.is_some()) && *device != Device::Cpu {
+            return Err(Error::InvalidArgument(format!("sparse deltas run on the CPU only; merge them (tuna merge --deltas) to use {device}")));
+        }
+        m.map_parameters(|name, t| {
+            if t.dtype() == DType::NF4 && *device != Device::Cpu {
+                return Err(Error::InvalidArgument(format!("{name}: NF4 weights run on the CPU only so far (load without --nf4 to use {device})")));
+            }
+            t.to_device(device)
+        })?;
+        m.map_lora(|_, t| t.to_device(device))?;
+        Ok(m)
+    }
+
     /// Logits `[B*T, V]` for token ids `[B, T]` (i32). With a cache, the ids continue the
     /// cached positions and their keys and values are appended to it.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
@@ -373,6 +404,16 @@ impl Llama {
             return Err(Error::BadShape { op: "Llama::forward", shape: ids.shape().clone(), expected: "token ids [B, T] as i32".into() });
         }
         let (b, t) = (ids.dims()[0], ids.dims()[1]);
+        let dev = self.device();
+        // Token ids are checked on the host, then go where the weights are.
+        let ids = if ids.device() != dev {
+            if ids.device() == Device::Cpu {
+                crate::kernels::embedding::check_ids(ids.to_vec::<i32>()?.as_slice(), c.vocab_size)?;
+            }
+            &ids.to_device(&dev)?
+        } else {
+            ids
+        };
         let offset = cache.as_ref().map_or(0, |c| c.len());
         let positions: Vec<i32> = match packing {
             Some(pk) => {
@@ -383,7 +424,7 @@ impl Llama {
             }
             None => (0..b).flat_map(|_| (offset..offset + t).map(|p| p as i32)).collect(),
         };
-        let positions = Tensor::from_vec_i32(positions, [b * t])?.to_device(&ids.device())?;
+        let positions = Tensor::from_vec_i32(positions, [b * t])?.to_device(&dev)?;
         let (h, g, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let mask = AttentionMask { causal: true, window: c.sliding_window, segment_starts: packing.map(|p| p.starts.clone()) };
         let scale = 1.0 / (d as f32).sqrt();
@@ -409,7 +450,7 @@ impl Llama {
             x = ops::add(&x, &l.o.forward(&ops::reshape(&o, [b * t, h * d])?, seed(i, 3))?)?;
             let hn = ops::rmsnorm(&x, &l.post_norm, c.rms_norm_eps)?;
             let gate_up = Linear::forward_group(&[(&l.gate, seed(i, 4)), (&l.up, seed(i, 5))], &hn)?;
-            let act = ops::mul(&ops::silu(&gate_up[0])?, &gate_up[1])?;
+            let act = ops::swiglu(&gate_up[0], &gate_up[1])?;
             let mlp = l.down.forward(&act, seed(i, 6))?;
             x = ops::add(&x, &mlp)?;
         }

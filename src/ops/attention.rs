@@ -1,7 +1,8 @@
 use std::sync::Arc;
 
-use crate::kernels::attention::{cpu, AttentionParams};
+use crate::kernels::attention::{cpu, wgsl, AttentionParams};
 use crate::kernels::rope::{self, Direction};
+use crate::ops::gpu::{forward_only, wgpu_buf, wgpu_output, wgpu_upload};
 use crate::ops::{expect_dtype, same_device, saved};
 use crate::tape::record;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -63,6 +64,17 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttentionMask, scale:
             cpu::forward(q.cpu_f32(OP)?, k.cpu_f32(OP)?, v.cpu_f32(OP)?, &mut o, &p, mask.segment_starts.as_deref().map(|v| v.as_slice()));
             Tensor::from_vec(o, q.shape().clone())?
         }
+        Device::Wgpu(_) => {
+            forward_only(OP, &[q, k, v])?;
+            let (rt, qb) = wgpu_buf(q);
+            let o = wgpu_output(rt, q.shape().clone(), DType::F32);
+            // The log-sum-exp statistics the backward would use; inference drops them.
+            let stats = rt.alloc(2 * p.batch * p.q_len * p.heads * 4);
+            let starts = mask.segment_starts.as_deref().map(|st| wgpu_upload(rt, st));
+            let sb = starts.as_ref().map(|b| b.buffer());
+            wgsl::forward(&rt.device, &rt.queue, &rt.kernels, qb, wgpu_buf(k).1, wgpu_buf(v).1, sb, wgpu_buf(&o).1, stats.buffer(), &p)?;
+            o
+        }
         d => return Err(Error::Unsupported { op: OP, device: d }),
     };
     let (sq, sk, sv) = (saved(q), saved(k), saved(v));
@@ -96,6 +108,15 @@ pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> 
                 let mut y = vec![0.0f32; x.elem_count()];
                 rope::cpu::rope(x.cpu_f32(OP)?, &mut y, pos.cpu_i32(OP)?, freq, heads, dir);
                 Tensor::from_vec(y, x.shape().clone())
+            }
+            Device::Wgpu(_) => {
+                forward_only(OP, &[x])?;
+                let (rt, xb) = wgpu_buf(x);
+                let y = wgpu_output(rt, x.shape().clone(), DType::F32);
+                let freq_buf = wgpu_upload(rt, freq);
+                let p = rope::RopeParams { tokens: x.dims()[0], heads, head_dim: 2 * freq.len() };
+                rope::wgsl::rope(&rt.device, &rt.queue, &rt.kernels, xb, wgpu_buf(pos).1, freq_buf.buffer(), wgpu_buf(&y).1, p, dir)?;
+                Ok(y)
             }
             d => Err(Error::Unsupported { op: OP, device: d }),
         }

@@ -1,4 +1,6 @@
 use crate::kernels::matmul::{cpu, MatmulParams};
+use crate::kernels::lora::wgsl as gemm_wgsl;
+use crate::ops::gpu::{forward_only, wgpu_buf, wgpu_output};
 use crate::ops::{expect_dtype, same_device, saved};
 use crate::tape::record;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -39,6 +41,14 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
             let c = cpu::matmul_new(a.cpu_f32(OP)?, &b.cpu_f32_weight(OP)?, p)?;
             Tensor::from_vec(c, [m, n])?
         }
+        Device::Wgpu(_) if b.dtype() == DType::F32 => {
+            forward_only(OP, &[a, b])?;
+            let (rt, abuf) = wgpu_buf(a);
+            let c = wgpu_output(rt, [m, n], DType::F32);
+            let (sa, sb) = (stride(trans_a, ad[1]), stride(trans_b, bd[1]));
+            gemm_wgsl::matmul(&rt.device, &rt.queue, &rt.kernels, (abuf, sa), (wgpu_buf(b).1, sb), wgpu_buf(&c).1, (m, n, k))?;
+            c
+        }
         d => return Err(Error::Unsupported { op: OP, device: d }),
     };
     let (sa, sb) = (saved(a), saved(b));
@@ -59,4 +69,13 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
         };
         Ok(vec![da, db])
     })
+}
+
+/// (row, column) strides of a row-major `[rows, cols]` operand read as is or transposed.
+fn stride(transposed: bool, cols: usize) -> [u32; 2] {
+    if transposed {
+        gemm_wgsl::transposed(cols)
+    } else {
+        gemm_wgsl::plain(cols)
+    }
 }

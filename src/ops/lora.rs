@@ -80,8 +80,10 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
         }
         params.push(LoraParams { m, n, k, r, scale: part.lora.map_or(0.0, |l| l.2) });
     }
-    if x.device() != Device::Cpu {
-        return Err(Error::Unsupported { op: OP, device: x.device() });
+    match x.device() {
+        Device::Cpu => {}
+        Device::Wgpu(_) => return linear_group_wgpu(x, parts, &params),
+        d => return Err(Error::Unsupported { op: OP, device: d }),
     }
     let xv = x.cpu_f32(OP)?;
     struct Fwd {
@@ -177,4 +179,38 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
         out.extend(ab);
         Ok(out)
     })
+}
+
+/// The group on wgpu, for inference: each part is one fused LoRA GEMM (`lora_gemm.wgsl`; a
+/// plain GEMM when the part has no adapter). Training (a tracked input, dropout) needs the
+/// CPU until the backward is wired.
+fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]) -> Result<Vec<Tensor>> {
+    use crate::kernels::lora::wgsl;
+    use crate::ops::gpu::{forward_only, wgpu_buf, wgpu_output};
+    const OP: &str = "linear";
+    let (rt, xb) = wgpu_buf(x);
+    let mut outs = Vec::with_capacity(parts.len());
+    for (part, &p) in parts.iter().zip(params) {
+        forward_only(OP, &[x])?;
+        if let Some((a, b, _)) = part.lora {
+            forward_only(OP, &[a, b])?;
+        }
+        if part.dropout.is_some_and(|d| d.p > 0.0) {
+            return Err(Error::InvalidArgument(format!("{OP} on {}: LoRA dropout is a training feature and training needs the CPU so far", x.device())));
+        }
+        expect_dtype(OP, part.weight, DType::F32)?;
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().expect("rank >= 2") = p.n;
+        let y = wgpu_output(rt, shape, DType::F32);
+        let xa = rt.alloc(4 * p.m * p.r.max(1));
+        // Without an adapter (R = 0) the LoRA operands are never read; any buffer binds.
+        let (a, b) = match part.lora {
+            Some((a, b, _)) => (wgpu_buf(a).1, wgpu_buf(b).1),
+            None => (xb, xb),
+        };
+        let bias = part.bias.map(|b| wgpu_buf(b).1);
+        wgsl::forward(&rt.device, &rt.queue, &rt.kernels, xb, xb, wgpu_buf(part.weight).1, bias, a, b, wgpu_buf(&y).1, xa.buffer(), p)?;
+        outs.push(y);
+    }
+    Ok(outs)
 }

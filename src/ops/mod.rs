@@ -7,6 +7,7 @@
 //! GPU tensor gets `Error::Unsupported` naming the op and device.
 
 mod attention;
+mod gpu;
 mod linalg;
 mod lora;
 mod nn;
@@ -19,7 +20,7 @@ pub use attention::{attention, rope, AttentionMask};
 pub use linalg::matmul;
 pub use lora::{linear_group, lora_linear, Dropout, LinearPart};
 pub use nn::{cross_entropy, embedding, rmsnorm, rmsnorm_backward, rmsnorm_forward, RmsNormOutput};
-pub use pointwise::{add, mul, scale, silu};
+pub use pointwise::{add, mul, scale, silu, swiglu};
 pub use reduce::{mean, softmax, sum};
 pub use shape::reshape;
 pub use sparse::sparse_linear;

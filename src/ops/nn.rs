@@ -1,9 +1,9 @@
 use cudarc::driver::CudaSlice;
 
 use crate::device::cuda::CudaRuntime;
-use crate::device::wgpu::WgpuRuntime;
 use crate::kernels::rmsnorm::{self, RmsNormParams};
 use crate::kernels::{cross_entropy as ce, embedding as emb};
+use crate::ops::gpu::{forward_only, wgpu_buf, wgpu_output};
 use crate::ops::{expect_dtype, same_device, same_dtype, saved};
 use crate::tape::record;
 use crate::tensor::Storage;
@@ -29,6 +29,16 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
             let mut y = vec![0.0f32; idv.len() * e];
             emb::cpu::gather(table.cpu_f32(OP)?, idv, &mut y, e);
             Tensor::from_vec(y, out_shape)?
+        }
+        // The ids were checked on the host before they were uploaded (an id out of range
+        // reads as a zero row).
+        Device::Wgpu(_) => {
+            forward_only(OP, &[table])?;
+            let (rt, tb) = wgpu_buf(table);
+            let y = wgpu_output(rt, out_shape, DType::F32);
+            let p = emb::EmbeddingParams { tokens: ids.elem_count(), vocab: v, dim: e };
+            emb::wgsl::forward(&rt.device, &rt.queue, &rt.kernels, tb, wgpu_buf(ids).1, wgpu_buf(&y).1, p)?;
+            y
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),
     };
@@ -84,13 +94,6 @@ fn cuda_buf(t: &Tensor) -> (&std::sync::Arc<CudaRuntime>, &CudaSlice<u8>) {
 
 fn cuda_tensor(rt: &std::sync::Arc<CudaRuntime>, buf: CudaSlice<u8>, shape: crate::Shape, dtype: DType, dev: Device) -> Tensor {
     Tensor::from_storage(Storage::Cuda { rt: rt.clone(), buf }, shape, dtype, dev)
-}
-
-fn wgpu_buf(t: &Tensor) -> (&std::sync::Arc<WgpuRuntime>, &wgpu::Buffer) {
-    match t.storage() {
-        Storage::Wgpu { rt, buf } => (rt, buf.buffer()),
-        _ => unreachable!("device checked by the caller"),
-    }
 }
 
 /// RMSNorm forward on any device: f32 everywhere, bf16 on CUDA too. Not recorded on a tape.
@@ -216,6 +219,13 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i32) -> Re
             let mut probs = vec![0.0f32; logits.elem_count()];
             let (loss, count) = ce::cpu::forward(logits.cpu_f32(OP)?, t, &mut probs, v, ignore_index);
             (Tensor::from_vec(vec![loss], Vec::new())?, probs, count)
+        }
+        // No GPU kernel yet (issue: the fused linear cross-entropy): the logits go to the host
+        // and the loss comes back, one round trip per call. Inference only.
+        d @ Device::Wgpu(_) => {
+            forward_only(OP, &[logits])?;
+            let loss = cross_entropy(&logits.to_device(&Device::Cpu)?, &targets.to_device(&Device::Cpu)?, ignore_index)?;
+            return loss.to_device(&d);
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),
     };

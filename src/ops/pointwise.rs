@@ -1,4 +1,5 @@
-use crate::kernels::elementwise::cpu;
+use crate::kernels::elementwise::{cpu, wgsl, SwiGluParams};
+use crate::ops::gpu::{forward_only, wgpu_buf, wgpu_output};
 use crate::ops::{expect_dtype, same_device, saved};
 use crate::tape::record;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -19,6 +20,17 @@ fn binary(op: &'static str, a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 
     check_broadcast(op, a, b)?;
     match a.device() {
         Device::Cpu => Tensor::from_vec(cpu::broadcast_new(a.cpu_f32(op)?, b.cpu_f32(op)?, f), a.shape().clone()),
+        // `add`'s backward is device-agnostic (dy passes through; a broadcast b sums on the
+        // CPU), so only a broadcast b is refused for training.
+        Device::Wgpu(_) if op == "add" => {
+            if b.shape() != a.shape() {
+                forward_only(op, &[b])?;
+            }
+            let (rt, ab) = wgpu_buf(a);
+            let y = wgpu_output(rt, a.shape().clone(), DType::F32);
+            wgsl::add(&rt.device, &rt.queue, &rt.kernels, ab, wgpu_buf(b).1, wgpu_buf(&y).1, a.elem_count(), b.elem_count())?;
+            Ok(y)
+        }
         d => Err(Error::Unsupported { op, device: d }),
     }
 }
@@ -76,5 +88,40 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     record("silu", out, &[x], move |g, _| {
         let local = unary("silu backward", &sx, cpu::silu_grad)?;
         Ok(vec![Some(mul(g, &local)?)])
+    })
+}
+
+/// The SwiGLU of a Llama MLP, fused: `silu(g) * u`, g and u `[..., F]` of one shape.
+/// Backward (`kernels::elementwise`): `dg = dy * u * σ(g) * (1 + g * (1 - σ(g)))`,
+/// `du = dy * silu(g)`.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    const OP: &str = "swiglu";
+    same_device(OP, g, u)?;
+    expect_dtype(OP, g, DType::F32)?;
+    expect_dtype(OP, u, DType::F32)?;
+    if g.shape() != u.shape() || g.shape().rank() == 0 {
+        return Err(Error::ShapeMismatch { op: "swiglu (g and u of one shape)", lhs: g.shape().clone(), rhs: u.shape().clone() });
+    }
+    let p = SwiGluParams { rows: g.shape().rows(), cols: g.shape().last() };
+    let out = match g.device() {
+        Device::Cpu => {
+            let mut y = vec![0.0f32; g.elem_count()];
+            cpu::swiglu(g.cpu_f32(OP)?, u.cpu_f32(OP)?, &mut y, p)?;
+            Tensor::from_vec(y, g.shape().clone())?
+        }
+        Device::Wgpu(_) => {
+            forward_only(OP, &[g, u])?;
+            let (rt, gb) = wgpu_buf(g);
+            let y = wgpu_output(rt, g.shape().clone(), DType::F32);
+            wgsl::forward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(u).1, wgpu_buf(&y).1, p)?;
+            y
+        }
+        d => return Err(Error::Unsupported { op: OP, device: d }),
+    };
+    let (sg, su) = (saved(g), saved(u));
+    record(OP, out, &[g, u], move |dy, _| {
+        let (mut dg, mut du) = (vec![0.0f32; sg.elem_count()], vec![0.0f32; su.elem_count()]);
+        cpu::swiglu_backward(sg.cpu_f32(OP)?, su.cpu_f32(OP)?, dy.cpu_f32(OP)?, &mut dg, &mut du, p)?;
+        Ok(vec![Some(Tensor::from_vec(dg, sg.shape().clone())?), Some(Tensor::from_vec(du, su.shape().clone())?)])
     })
 }

@@ -1,0 +1,26 @@
+// Broadcast add, f32: y[i] = a[i] + b[i % nb], a and y [len], b [nb] with nb dividing len (b
+// broadcasts over a's leading dims: a bias [N] onto [M, N], or nb == len for a plain sum).
+//
+// Launch: workgroups of 256 over a grid of (min(groups, 65535), ceil(groups / 65535)), one
+// invocation per element.
+
+struct Params {
+    len: u32,
+    nb: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+
+@compute @workgroup_size(256)
+fn add_bcast(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= p.len {
+        return;
+    }
+    y[i] = a[i] + b[i % p.nb];
+}

@@ -1,0 +1,42 @@
+//! What the ops' wgpu paths share: buffer access, outputs, uploads, and the rule for tapes.
+//!
+//! The model's forward runs on wgpu (inference: `generate`, `perplexity`); most backwards do
+//! not yet, so an op whose backward is CPU-only refuses a tracked input on wgpu up front,
+//! rather than failing later inside `Tape::backward`.
+
+use std::sync::Arc;
+
+use crate::device::wgpu::WgpuRuntime;
+use crate::tensor::Storage;
+use crate::{DType, Device, Error, Result, Shape, Tensor};
+
+/// The runtime and buffer of a wgpu tensor (the caller checked the device).
+pub(crate) fn wgpu_buf(t: &Tensor) -> (&Arc<WgpuRuntime>, &wgpu::Buffer) {
+    match t.storage() {
+        Storage::Wgpu { rt, buf } => (rt, buf.buffer()),
+        _ => unreachable!("device checked by the caller"),
+    }
+}
+
+/// A new f32/i32 tensor on `rt`'s device whose contents the caller's kernel writes in full.
+pub(crate) fn wgpu_output(rt: &Arc<WgpuRuntime>, shape: impl Into<Shape>, dtype: DType) -> Tensor {
+    let shape = shape.into();
+    let buf = rt.alloc(shape.elem_count() * dtype.size_in_bytes());
+    Tensor::from_storage(Storage::Wgpu { rt: rt.clone(), buf }, shape, dtype, Device::Wgpu(rt.index))
+}
+
+/// A host slice as a storage buffer on `rt`'s device (kept alive by the returned handle).
+pub(crate) fn wgpu_upload<T: bytemuck::Pod>(rt: &Arc<WgpuRuntime>, data: &[T]) -> crate::device::wgpu::PooledBuffer {
+    rt.upload(bytemuck::cast_slice(data))
+}
+
+/// Refuses inputs recorded on a tape: `op`'s backward runs only on the CPU so far.
+pub(crate) fn forward_only(op: &'static str, inputs: &[&Tensor]) -> Result<()> {
+    match inputs.iter().find(|t| t.is_tracked()) {
+        Some(t) => Err(Error::InvalidArgument(format!(
+            "{op} on {}: the backward of this op runs on the CPU only so far, so training needs the CPU (inference runs here)",
+            t.device()
+        ))),
+        None => Ok(()),
+    }
+}
