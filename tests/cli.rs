@@ -49,6 +49,14 @@ fn perplexity_json_and_bad_lines() {
     assert_eq!(v["tokens"].as_u64().unwrap() as usize, n - 1);
     assert_eq!(v["skipped_lines"].as_u64().unwrap(), 2);
 
+    // On wgpu (where CI has lavapipe), the same number within f32 rounding.
+    if tuna::Device::available().iter().any(|d| matches!(d.device, tuna::Device::Wgpu(_))) {
+        let (ok, out, err) = tuna(&["perplexity", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json", "--device", "wgpu"]);
+        assert!(ok, "{err}");
+        let w: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert!((w["mean_loss"].as_f64().unwrap() - loss).abs() < 1e-5, "wgpu {w} vs cpu {v}");
+    }
+
     let (ok, _, err) = tuna(&["perplexity", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--strict"]);
     assert!(!ok);
     assert!(err.contains(data.to_str().unwrap()) && err.contains("line 2: invalid JSON"), "{err}");

@@ -157,6 +157,9 @@ pub struct FinetuneArgs {
 
 pub fn finetune(a: FinetuneArgs) -> CliResult {
     let (model, tok) = load(&a.model)?;
+    if model.device() != tuna::Device::Cpu {
+        return Err(format!("training runs on the CPU only so far (the backwards have no GPU path yet); {} runs generate and perplexity", model.device()));
+    }
     let data = Dataset::read(&a.data).map_err(err)?;
     if a.strict {
         data.strict().map_err(err)?;
