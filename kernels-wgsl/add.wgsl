@@ -1,5 +1,6 @@
 // Broadcast add, f32: y[i] = a[i] + b[i % nb], a and y [len], b [nb] with nb dividing len (b
-// broadcasts over a's leading dims: a bias [N] onto [M, N], or nb == len for a plain sum).
+// broadcasts over a's leading dims: a bias [N] onto [M, N], or nb == len for a plain sum);
+// and scale, y[i] = s * a[i] (b bound but unread).
 //
 // Launch: workgroups of 256 over a grid of (min(groups, 65535), ceil(groups / 65535)), one
 // invocation per element.
@@ -7,6 +8,7 @@
 struct Params {
     len: u32,
     nb: u32,
+    // scale: the factor's f32 bits.
     _pad0: u32,
     _pad1: u32,
 }
@@ -23,4 +25,14 @@ fn add_bcast(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
         return;
     }
     y[i] = a[i] + b[i % p.nb];
+}
+
+// Scale, f32: y[i] = s * a[i] over len elements (nb unused; s is the uniform's third word).
+@compute @workgroup_size(256)
+fn scale(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= p.len {
+        return;
+    }
+    y[i] = bitcast<f32>(p._pad0) * a[i];
 }

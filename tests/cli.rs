@@ -210,3 +210,31 @@ fn perplexity_on_an_nf4_base_matches_the_library() {
     assert!((v["mean_loss"].as_f64().unwrap() - quantized).abs() < 1e-5, "{v} vs {quantized}");
     assert!(quantized != f32_loss, "quantization should change the loss a little");
 }
+
+#[test]
+fn finetune_on_wgpu_follows_the_cpu() {
+    if !tuna::Device::available().iter().any(|d| matches!(d.device, tuna::Device::Wgpu(_))) {
+        assert!(std::env::var("TUNA_REQUIRE_WGPU").map_or(true, |v| v != "1"), "TUNA_REQUIRE_WGPU=1 but no wgpu adapter");
+        return;
+    }
+    let m = fixture();
+    let base = std::env::temp_dir().join(format!("tuna-ft-wgpu-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let data = base.join("data.jsonl");
+    let lines: String = (0..16).map(|i| format!("{{\"prompt\": \"Count {i}\", \"completion\": \" {} {}\"}}\n", i + 1, i + 2)).collect();
+    std::fs::write(&data, lines).unwrap();
+    let run = |device: &str| -> serde_json::Value {
+        let out = base.join(device);
+        let (ok, stdout, err) = tuna(&["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
+            "--max-steps", "3", "--lr", "1e-2", "--lora-dropout", "0", "--eval-every", "0", "--checkpoint-every", "0", "--cpu-shards", "1", "--json", "--device", device]);
+        assert!(ok, "{device}: {err}");
+        assert!(out.join("adapter/adapter_model.safetensors").exists());
+        serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+    };
+    let (cpu, gpu) = (run("cpu"), run("wgpu"));
+    let (a, b) = (cpu["final_train_loss"].as_f64().unwrap(), gpu["final_train_loss"].as_f64().unwrap());
+    assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "final train loss: cpu {a} vs wgpu {b}");
+    let (ok, _, err) = tuna(&["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", base.join("drop").to_str().unwrap(), "--device", "wgpu", "--lora-dropout", "0.1"]);
+    assert!(!ok && err.contains("--lora-dropout 0"), "{err}");
+}

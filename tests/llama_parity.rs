@@ -126,7 +126,15 @@ fn kv_cache_check(model: &Llama) {
 
 #[test]
 fn full_model_gradients_match_transformers() {
-    let mut model = Llama::load(&fixture("llama-gqa")).unwrap();
+    // On every device: on wgpu every op's backward runs there (the loss's cross-entropy goes
+    // through the host for now).
+    for dev in common::devices() {
+        full_model_gradients(Llama::load(&fixture("llama-gqa")).unwrap().to_device(&dev).unwrap());
+    }
+}
+
+fn full_model_gradients(mut model: Llama) {
+    let dev = model.device();
     let exp = Expected::load("llama-gqa");
     let tape = Tape::new();
     model.map_parameters(|_, t| Ok(tape.param(t))).unwrap();
@@ -135,10 +143,11 @@ fn full_model_gradients_match_transformers() {
     let params = model.parameters();
     assert_eq!(params.len(), 21);
     for (name, p) in &params {
-        let g = grads.get(p).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let g = grads.get(p).unwrap_or_else(|| panic!("no gradient for {name} on {dev}"));
+        assert_eq!(g.device(), dev, "{name}");
         let want = exp.f64(&format!("grad.{name}"));
         // Gradients are ~1e-2; f32 backward in a different order of summation.
-        compare(&format!("grad {name}"), &g.to_vec_f32().unwrap(), &want, Tolerance { atol: 2e-6, rtol: 1e-3 }).unwrap();
+        compare(&format!("grad {name} on {dev}"), &g.to_vec_f32().unwrap(), &want, Tolerance { atol: 2e-6, rtol: 1e-3 }).unwrap();
     }
 }
 

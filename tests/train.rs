@@ -1,6 +1,8 @@
 //! The trainer: exact resume, gradient accumulation, the three methods, optimizer state size,
 //! the loss-curve image.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use tuna::nn::Llama;
@@ -326,4 +328,32 @@ fn qlora_quantizes_the_base_and_trains_the_adapters() {
     // An NF4 base cannot be written as a safetensors checkpoint by mistake.
     let err = q.save(Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures/llama-gqa").as_path(), &tmp("nf4-save")).unwrap_err();
     assert!(err.to_string().contains("NF4"), "{err}");
+}
+
+#[test]
+fn training_on_wgpu_follows_the_cpu_loss_curve() {
+    for dev in common::devices().into_iter().filter(|d| matches!(d, tuna::Device::Wgpu(_))) {
+        for method in [lora(0.0), Method::Full] {
+            let run = |model: Llama| {
+                let mut c = cfg(method.clone(), 4, 2);
+                c.lr = if method == Method::Full { 3e-3 } else { 2e-2 };
+                let mut t = Trainer::new(model, c, data(16, 6), 0).unwrap();
+                let losses: Vec<f32> = (0..t.total_steps().min(5)).map(|_| t.train_step().unwrap().loss).collect();
+                (losses, t.masters)
+            };
+            let (cpu_losses, cpu_masters) = run(base());
+            let (gpu_losses, gpu_masters) = run(base().to_device(&dev).unwrap());
+            assert_eq!(cpu_losses.len(), 5);
+            // The same f32 math in another order of summation: agreement to a few ulps per step,
+            // growing slowly as the runs drift apart.
+            for (i, (c, g)) in cpu_losses.iter().zip(&gpu_losses).enumerate() {
+                assert!((c - g).abs() <= 1e-4 * c.abs().max(1.0), "{} step {i} on {dev}: cpu {c} vs {g}", method.name());
+            }
+            for (c, g) in cpu_masters.iter().zip(&gpu_masters) {
+                for (x, y) in c.iter().zip(g) {
+                    assert!((x - y).abs() <= 1e-4 + 1e-3 * x.abs(), "{} masters on {dev}: cpu {x} vs {y}", method.name());
+                }
+            }
+        }
+    }
 }

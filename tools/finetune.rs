@@ -157,8 +157,8 @@ pub struct FinetuneArgs {
 
 pub fn finetune(a: FinetuneArgs) -> CliResult {
     let (model, tok) = load(&a.model)?;
-    if model.device() != tuna::Device::Cpu {
-        return Err(format!("training runs on the CPU only so far (the backwards have no GPU path yet); {} runs generate and perplexity", model.device()));
+    if matches!(model.device(), tuna::Device::Wgpu(_)) && a.lora_dropout > 0.0 && matches!(a.method, MethodArg::Lora | MethodArg::Qlora) {
+        return Err(format!("LoRA dropout runs on the CPU only so far; on {} pass --lora-dropout 0", model.device()));
     }
     let data = Dataset::read(&a.data).map_err(err)?;
     if a.strict {

@@ -484,6 +484,33 @@ pub mod wgsl {
         Ok(())
     }
 
+    /// `y[i] = s * a[i]` over `len` elements, f32.
+    pub fn scale(device: &wgpu::Device, queue: &wgpu::Queue, kernels: &KernelCache, a: &wgpu::Buffer, y: &wgpu::Buffer, len: usize, s: f32) -> Result<()> {
+        const OP: &str = "scale (wgsl)";
+        for (name, buf) in [("a", a), ("y", y)] {
+            crate::kernels::check_len(OP, name, elems(buf), len)?;
+        }
+        let len32 = u32::try_from(len).map_err(|_| crate::Error::InvalidArgument(format!("{OP}: {len} elements exceed u32")))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let pipe = kernels.pipeline(device, "scale", ADD_SOURCE, "scale")?;
+        let u = uniform(device, &[len32, 1, s.to_bits(), 0]);
+        let (gx, gy) = crate::device::wgpu::grid(len32.div_ceil(WG));
+        // `scale` binds the uniform (0), a (1) and y (3), not b.
+        let entries = [(0u32, &u), (1, a), (3, y)].map(|(i, b)| wgpu::BindGroupEntry { binding: i, resource: b.as_entire_binding() });
+        let bind = device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipe.get_bind_group_layout(0), entries: &entries });
+        let mut enc = device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipe);
+            pass.set_bind_group(0, &bind, &[]);
+            pass.dispatch_workgroups(gx, gy, 1);
+        }
+        queue.submit([enc.finish()]);
+        Ok(())
+    }
+
     /// `y = silu(g) * u`, f32, g, u, y `[M, F]`.
     pub fn forward(
         device: &wgpu::Device,

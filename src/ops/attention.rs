@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use crate::kernels::attention::{cpu, wgsl, AttentionParams};
 use crate::kernels::rope::{self, Direction};
-use crate::ops::gpu::{forward_only, wgpu_buf, wgpu_output, wgpu_upload};
+use crate::ops::gpu::{wgpu_buf, wgpu_output, wgpu_upload};
 use crate::ops::{expect_dtype, same_device, saved};
 use crate::tape::record;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -65,15 +65,22 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttentionMask, scale:
             Tensor::from_vec(o, q.shape().clone())?
         }
         Device::Wgpu(_) => {
-            forward_only(OP, &[q, k, v])?;
             let (rt, qb) = wgpu_buf(q);
             let o = wgpu_output(rt, q.shape().clone(), DType::F32);
-            // The log-sum-exp statistics the backward would use; inference drops them.
+            // Per query row: the running max and log-sum-exp, which the backward reuses.
             let stats = rt.alloc(2 * p.batch * p.q_len * p.heads * 4);
             let starts = mask.segment_starts.as_deref().map(|st| wgpu_upload(rt, st));
             let sb = starts.as_ref().map(|b| b.buffer());
             wgsl::forward(&rt.device, &rt.queue, &rt.kernels, qb, wgpu_buf(k).1, wgpu_buf(v).1, sb, wgpu_buf(&o).1, stats.buffer(), &p)?;
-            o
+            let (sq, sk, sv, so) = (saved(q), saved(k), saved(v), saved(&o));
+            return record(OP, o, &[q, k, v], move |g, _| {
+                let (rt, qb) = wgpu_buf(&sq);
+                let (dq, dk, dv) = (wgpu_output(rt, sq.shape().clone(), DType::F32), wgpu_output(rt, sk.shape().clone(), DType::F32), wgpu_output(rt, sv.shape().clone(), DType::F32));
+                let (kb, vb, ob) = (wgpu_buf(&sk).1, wgpu_buf(&sv).1, wgpu_buf(&so).1);
+                let sb = starts.as_ref().map(|b| b.buffer());
+                wgsl::backward(&rt.device, &rt.queue, &rt.kernels, qb, kb, vb, sb, ob, wgpu_buf(g).1, stats.buffer(), wgpu_buf(&dq).1, wgpu_buf(&dk).1, wgpu_buf(&dv).1, &p)?;
+                Ok(vec![Some(dq), Some(dk), Some(dv)])
+            });
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),
     };
@@ -110,7 +117,6 @@ pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> 
                 Tensor::from_vec(y, x.shape().clone())
             }
             Device::Wgpu(_) => {
-                forward_only(OP, &[x])?;
                 let (rt, xb) = wgpu_buf(x);
                 let y = wgpu_output(rt, x.shape().clone(), DType::F32);
                 let freq_buf = wgpu_upload(rt, freq);

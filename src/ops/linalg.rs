@@ -1,6 +1,6 @@
 use crate::kernels::matmul::{cpu, MatmulParams};
 use crate::kernels::lora::wgsl as gemm_wgsl;
-use crate::ops::gpu::{forward_only, wgpu_buf, wgpu_output};
+use crate::ops::gpu::{wgpu_buf, wgpu_output};
 use crate::ops::{expect_dtype, same_device, saved};
 use crate::tape::record;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -41,8 +41,8 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
             let c = cpu::matmul_new(a.cpu_f32(OP)?, &b.cpu_f32_weight(OP)?, p)?;
             Tensor::from_vec(c, [m, n])?
         }
+        // The backward is this op again (dA and dB are products), so it runs here too.
         Device::Wgpu(_) if b.dtype() == DType::F32 => {
-            forward_only(OP, &[a, b])?;
             let (rt, abuf) = wgpu_buf(a);
             let c = wgpu_output(rt, [m, n], DType::F32);
             let (sa, sb) = (stride(trans_a, ad[1]), stride(trans_b, bd[1]));

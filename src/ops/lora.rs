@@ -181,22 +181,20 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
     })
 }
 
-/// The group on wgpu, for inference: each part is one fused LoRA GEMM (`lora_gemm.wgsl`; a
-/// plain GEMM when the part has no adapter). Training (a tracked input, dropout) needs the
-/// CPU until the backward is wired.
+/// The group on wgpu: each part is one fused LoRA GEMM (`lora_gemm.wgsl`; a plain GEMM when
+/// the part has no adapter), and the backward is the same kernels' (`lora::wgsl::backward`:
+/// dA, dB and each part's dX, summed in part order on the device). LoRA dropout needs the CPU
+/// for now (the GPU dX takes no dropout mask).
 fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]) -> Result<Vec<Tensor>> {
     use crate::kernels::lora::wgsl;
-    use crate::ops::gpu::{forward_only, wgpu_buf, wgpu_output};
+    use crate::ops::gpu::{wgpu_buf, wgpu_output};
     const OP: &str = "linear";
     let (rt, xb) = wgpu_buf(x);
     let mut outs = Vec::with_capacity(parts.len());
+    let mut xas = Vec::with_capacity(parts.len());
     for (part, &p) in parts.iter().zip(params) {
-        forward_only(OP, &[x])?;
-        if let Some((a, b, _)) = part.lora {
-            forward_only(OP, &[a, b])?;
-        }
         if part.dropout.is_some_and(|d| d.p > 0.0) {
-            return Err(Error::InvalidArgument(format!("{OP} on {}: LoRA dropout is a training feature and training needs the CPU so far", x.device())));
+            return Err(Error::InvalidArgument(format!("{OP} on {}: LoRA dropout runs on the CPU only so far (use --lora-dropout 0)", x.device())));
         }
         expect_dtype(OP, part.weight, DType::F32)?;
         let mut shape = x.dims().to_vec();
@@ -211,6 +209,51 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
         let bias = part.bias.map(|b| wgpu_buf(b).1);
         wgsl::forward(&rt.device, &rt.queue, &rt.kernels, xb, xb, wgpu_buf(part.weight).1, bias, a, b, wgpu_buf(&y).1, xa.buffer(), p)?;
         outs.push(y);
+        xas.push(xa);
     }
-    Ok(outs)
+    let mut inputs: Vec<&Tensor> = vec![x];
+    for part in parts {
+        if let Some((a, b, _)) = part.lora {
+            inputs.push(a);
+            inputs.push(b);
+        }
+    }
+    let sx = saved(x);
+    let saved_parts: Vec<_> = parts.iter().zip(params).zip(xas).map(|((part, &p), xa)| (saved(part.weight), part.lora.map(|(a, b, _)| (saved(a), saved(b))), xa, p)).collect();
+    record_many(OP, outs, &inputs, move |gs, needs| {
+        let (rt, xb) = wgpu_buf(&sx);
+        let mut dx: Option<Tensor> = None;
+        let mut ab = Vec::new();
+        for ((w, lora, xa, p), g) in saved_parts.iter().zip(gs) {
+            let (m, k) = (p.m, p.k);
+            let Some(g) = g else {
+                if lora.is_some() {
+                    ab.extend([None, None]);
+                }
+                continue;
+            };
+            let dxi = needs[0].then(|| wgpu_output(rt, sx.shape().clone(), DType::F32));
+            let (da, db, a, b) = match lora {
+                Some((a, b)) => (Some(wgpu_output(rt, a.shape().clone(), DType::F32)), Some(wgpu_output(rt, b.shape().clone(), DType::F32)), wgpu_buf(a).1, wgpu_buf(b).1),
+                None => (None, None, xb, xb),
+            };
+            // A plain part (R = 0) writes no dA/dB: small scratch buffers bind in their place.
+            let scratch = rt.alloc(4);
+            let (dab, dbb) = (da.as_ref().map_or(scratch.buffer(), |t| wgpu_buf(t).1), db.as_ref().map_or(scratch.buffer(), |t| wgpu_buf(t).1));
+            wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xb, xa.buffer(), wgpu_buf(w).1, a, b, dab, dbb, dxi.as_ref().map(|t| wgpu_buf(t).1), *p)?;
+            debug_assert_eq!(sx.elem_count(), m * k);
+            if let Some(dxi) = dxi {
+                dx = Some(match dx {
+                    None => dxi,
+                    Some(acc) => crate::ops::add(&acc, &dxi)?,
+                });
+            }
+            if lora.is_some() {
+                ab.extend([da, db]);
+            }
+        }
+        let mut out = vec![dx];
+        out.extend(ab);
+        Ok(out)
+    })
 }

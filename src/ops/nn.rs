@@ -3,7 +3,7 @@ use cudarc::driver::CudaSlice;
 use crate::device::cuda::CudaRuntime;
 use crate::kernels::rmsnorm::{self, RmsNormParams};
 use crate::kernels::{cross_entropy as ce, embedding as emb};
-use crate::ops::gpu::{forward_only, wgpu_buf, wgpu_output};
+use crate::ops::gpu::{wgpu_buf, wgpu_output};
 use crate::ops::{expect_dtype, same_device, same_dtype, saved};
 use crate::tape::record;
 use crate::tensor::Storage;
@@ -33,7 +33,6 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
         // The ids were checked on the host before they were uploaded (an id out of range
         // reads as a zero row).
         Device::Wgpu(_) => {
-            forward_only(OP, &[table])?;
             let (rt, tb) = wgpu_buf(table);
             let y = wgpu_output(rt, out_shape, DType::F32);
             let p = emb::EmbeddingParams { tokens: ids.elem_count(), vocab: v, dim: e };
@@ -46,6 +45,14 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
     record(OP, out, &[ids, table], move |g, needs| {
         if !needs[1] {
             return Ok(vec![None, None]);
+        }
+        if let Device::Wgpu(i) = g.device() {
+            // The kernel adds into dtable, so it starts from zeros.
+            let dt = Tensor::zeros(table_shape.clone(), DType::F32, &Device::Wgpu(i))?;
+            let rt = wgpu_buf(&dt).0;
+            let p = emb::EmbeddingParams { tokens: sids.elem_count(), vocab: v, dim: e };
+            emb::wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, wgpu_buf(&sids).1, wgpu_buf(&dt).1, p)?;
+            return Ok(vec![None, Some(dt)]);
         }
         let mut dt = vec![0.0f32; table_shape.elem_count()];
         emb::cpu::scatter_add(g.cpu_f32(OP)?, sids.cpu_i32(OP)?, &mut dt, e);
@@ -220,20 +227,23 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i32) -> Re
             let (loss, count) = ce::cpu::forward(logits.cpu_f32(OP)?, t, &mut probs, v, ignore_index);
             (Tensor::from_vec(vec![loss], Vec::new())?, probs, count)
         }
-        // No GPU kernel yet (issue: the fused linear cross-entropy): the logits go to the host
-        // and the loss comes back, one round trip per call. Inference only.
+        // No GPU kernel yet (the fused linear cross-entropy of issue 8): the logits go to the
+        // host, and the loss and, in the backward, the logits' gradient come back.
         d @ Device::Wgpu(_) => {
-            forward_only(OP, &[logits])?;
-            let loss = cross_entropy(&logits.to_device(&Device::Cpu)?, &targets.to_device(&Device::Cpu)?, ignore_index)?;
-            return loss.to_device(&d);
+            let t = targets.to_device(&Device::Cpu)?;
+            let tv = t.cpu_i32(OP)?;
+            ce::check_targets(tv, v, ignore_index)?;
+            let mut probs = vec![0.0f32; logits.elem_count()];
+            let (loss, count) = ce::cpu::forward(logits.to_device(&Device::Cpu)?.cpu_f32(OP)?, tv, &mut probs, v, ignore_index);
+            (Tensor::from_vec(vec![loss], Vec::new())?.to_device(&d)?, probs, count)
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),
     };
-    let (st, shape) = (saved(targets), logits.shape().clone());
+    let (st, shape, dev) = (targets.to_device(&Device::Cpu)?, logits.shape().clone(), logits.device());
     record(OP, out, &[logits, targets], move |g, _| {
         let dy = g.to_scalar()?;
         let mut dz = vec![0.0f32; probs.len()];
         ce::cpu::backward(&probs, st.cpu_i32(OP)?, &mut dz, v, ignore_index, count, dy);
-        Ok(vec![Some(Tensor::from_vec(dz, shape)?), None])
+        Ok(vec![Some(Tensor::from_vec(dz, shape)?.to_device(&dev)?), None])
     })
 }

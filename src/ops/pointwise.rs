@@ -77,7 +77,16 @@ fn unary(op: &'static str, a: &Tensor, f: impl Fn(f32) -> f32 + Sync + Send) -> 
 
 /// `s * a`. Backward: `da = s * dy`.
 pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
-    let out = unary("scale", a, |x| x * s)?;
+    let out = match a.device() {
+        Device::Wgpu(_) => {
+            expect_dtype("scale", a, DType::F32)?;
+            let (rt, ab) = wgpu_buf(a);
+            let y = wgpu_output(rt, a.shape().clone(), DType::F32);
+            wgsl::scale(&rt.device, &rt.queue, &rt.kernels, ab, wgpu_buf(&y).1, a.elem_count(), s)?;
+            y
+        }
+        _ => unary("scale", a, |x| x * s)?,
+    };
     record("scale", out, &[a], move |g, _| Ok(vec![Some(scale(g, s)?)]))
 }
 
@@ -110,7 +119,6 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
             Tensor::from_vec(y, g.shape().clone())?
         }
         Device::Wgpu(_) => {
-            forward_only(OP, &[g, u])?;
             let (rt, gb) = wgpu_buf(g);
             let y = wgpu_output(rt, g.shape().clone(), DType::F32);
             wgsl::forward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(u).1, wgpu_buf(&y).1, p)?;
@@ -120,6 +128,12 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     };
     let (sg, su) = (saved(g), saved(u));
     record(OP, out, &[g, u], move |dy, _| {
+        if let Device::Wgpu(_) = sg.device() {
+            let (rt, gb) = wgpu_buf(&sg);
+            let (dg, du) = (wgpu_output(rt, sg.shape().clone(), DType::F32), wgpu_output(rt, su.shape().clone(), DType::F32));
+            wgsl::backward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(&su).1, wgpu_buf(dy).1, wgpu_buf(&dg).1, wgpu_buf(&du).1, p)?;
+            return Ok(vec![Some(dg), Some(du)]);
+        }
         let (mut dg, mut du) = (vec![0.0f32; sg.elem_count()], vec![0.0f32; su.elem_count()]);
         cpu::swiglu_backward(sg.cpu_f32(OP)?, su.cpu_f32(OP)?, dy.cpu_f32(OP)?, &mut dg, &mut du, p)?;
         Ok(vec![Some(Tensor::from_vec(dg, sg.shape().clone())?), Some(Tensor::from_vec(du, su.shape().clone())?)])

@@ -214,8 +214,10 @@ impl Trainer {
     fn install_into(&self, model: &mut Llama, tape: Option<&Tape>) -> Result<Vec<Tensor>> {
         let mut handles = Vec::with_capacity(self.masters.len());
         let mut tensors = Vec::with_capacity(self.masters.len());
+        let dev = model.device();
         for (m, s) in self.masters.iter().zip(&self.shapes) {
-            let t = Tensor::from_vec(m.clone(), s.clone())?;
+            // The f32 masters live on the host; each step's copies go where the model is.
+            let t = Tensor::from_vec(m.clone(), s.clone())?.to_device(&dev)?;
             let t = match tape {
                 Some(tape) => tape.param(&t),
                 None => t,
