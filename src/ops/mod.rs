@@ -3,8 +3,10 @@
 //! the tape when an input is tracked. Backward closures are themselves written with ops, so a
 //! backward runs wherever its tensors live.
 //!
-//! Every op has a CPU path. GPU paths exist where a kernel does (RMSNorm so far); elsewhere a
-//! GPU tensor gets `Error::Unsupported` naming the op and device.
+//! Every op has a CPU path. On wgpu, every op of the Llama model's forward and backward runs
+//! on its WGSL kernel (shared plumbing in `gpu.rs`; the cross-entropy still passes through the
+//! host); on CUDA only RMSNorm so far. Elsewhere a GPU tensor gets `Error::Unsupported` naming
+//! the op and device.
 
 mod attention;
 mod gpu;
