@@ -314,6 +314,29 @@ pub fn dispatch(
     queue.submit([enc.finish()]);
 }
 
+/// Like [`dispatch`], for entry points that use only some of a shader's bindings: each buffer
+/// is bound at its given binding number.
+pub fn dispatch_bound(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    pipeline: &wgpu::ComputePipeline,
+    buffers: &[(u32, &wgpu::Buffer)],
+    workgroups: (u32, u32, u32),
+) {
+    let layout = pipeline.get_bind_group_layout(0);
+    let entries: Vec<wgpu::BindGroupEntry> =
+        buffers.iter().map(|(i, b)| wgpu::BindGroupEntry { binding: *i, resource: b.as_entire_binding() }).collect();
+    let bind = device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries });
+    let mut enc = device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(workgroups.0, workgroups.1, workgroups.2);
+    }
+    queue.submit([enc.finish()]);
+}
+
 /// The runtime of wgpu adapter `index`, opened once per process.
 pub fn runtime(index: usize) -> Result<Arc<WgpuRuntime>> {
     static RUNTIMES: OnceLock<Mutex<HashMap<usize, Arc<WgpuRuntime>>>> = OnceLock::new();

@@ -75,3 +75,92 @@ pub mod cpu {
         });
     }
 }
+
+pub mod wgsl {
+    use crate::device::wgpu::{dispatch_bound, grid, uniform, KernelCache};
+    use crate::kernels::check_len;
+    use crate::{Error, Result};
+
+    pub const SOURCE: &str = include_str!("../../kernels-wgsl/cross_entropy.wgsl");
+
+    #[repr(C)]
+    #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+    struct Params {
+        rows: u32,
+        vocab: u32,
+        ignore: i32,
+        count: u32,
+    }
+
+    /// Sizes of one call: M rows of V logits, C counted rows (targets not equal to the ignore
+    /// index; the caller counts them when it checks the targets).
+    #[derive(Clone, Copy, Debug)]
+    pub struct CeParams {
+        pub rows: usize,
+        pub vocab: usize,
+        pub ignore_index: i32,
+        pub count: usize,
+    }
+
+    fn setup(device: &wgpu::Device, op: &'static str, p: CeParams, bufs: &[(&str, &wgpu::Buffer, usize)]) -> Result<(wgpu::Buffer, (u32, u32, u32))> {
+        for (name, b, n) in bufs {
+            check_len(op, name, b.size() as usize / 4, *n)?;
+        }
+        let u32_of = |v: usize, what: &str| u32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{op}: {what} = {v} exceeds u32")));
+        let params = Params { rows: u32_of(p.rows, "M")?, vocab: u32_of(p.vocab, "V")?, ignore: p.ignore_index, count: u32_of(p.count, "C")? };
+        u32_of(p.rows * p.vocab, "M·V")?;
+        let (gx, gy) = grid(params.rows);
+        Ok((uniform(device, &params), (gx, gy, 1)))
+    }
+
+    /// Forward: `loss[0]` (mean over counted rows) and each row's log-sum-exp `lse` `[M]`,
+    /// which the backward reuses. `row_loss` `[M]` is scratch. Targets must be in range
+    /// (`super::check_targets`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        logits: &wgpu::Buffer,
+        targets: &wgpu::Buffer,
+        lse: &wgpu::Buffer,
+        row_loss: &wgpu::Buffer,
+        loss: &wgpu::Buffer,
+        p: CeParams,
+    ) -> Result<()> {
+        const OP: &str = "cross_entropy_fwd (wgsl)";
+        let (m, v) = (p.rows, p.vocab);
+        let (u, groups) = setup(device, OP, p, &[("logits", logits, m * v), ("targets", targets, m), ("lse", lse, m), ("row_loss", row_loss, m), ("loss", loss, 1)])?;
+        if m > 0 && v > 0 {
+            let rows = kernels.pipeline(device, "ce_rows", SOURCE, "ce_rows")?;
+            dispatch_bound(device, queue, &rows, &[(0, &u), (1, logits), (2, targets), (3, lse), (4, row_loss)], groups);
+        }
+        let mean = kernels.pipeline(device, "ce_mean", SOURCE, "ce_mean")?;
+        dispatch_bound(device, queue, &mean, &[(0, &u), (4, row_loss), (5, loss)], (1, 1, 1));
+        Ok(())
+    }
+
+    /// Backward: `dz = dy[0] / C * (softmax(z) - onehot(t))` on counted rows, 0 elsewhere.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        logits: &wgpu::Buffer,
+        targets: &wgpu::Buffer,
+        lse: &wgpu::Buffer,
+        dy: &wgpu::Buffer,
+        dz: &wgpu::Buffer,
+        p: CeParams,
+    ) -> Result<()> {
+        const OP: &str = "cross_entropy_bwd (wgsl)";
+        let (m, v) = (p.rows, p.vocab);
+        let (u, groups) = setup(device, OP, p, &[("logits", logits, m * v), ("targets", targets, m), ("lse", lse, m), ("dy", dy, 1), ("dz", dz, m * v)])?;
+        if m == 0 || v == 0 {
+            return Ok(());
+        }
+        let pipe = kernels.pipeline(device, "ce_bwd", SOURCE, "ce_bwd")?;
+        dispatch_bound(device, queue, &pipe, &[(0, &u), (1, logits), (2, targets), (3, lse), (5, dz), (6, dy)], groups);
+        Ok(())
+    }
+}

@@ -498,16 +498,7 @@ pub mod wgsl {
         let u = uniform(device, &[len32, 1, s.to_bits(), 0]);
         let (gx, gy) = crate::device::wgpu::grid(len32.div_ceil(WG));
         // `scale` binds the uniform (0), a (1) and y (3), not b.
-        let entries = [(0u32, &u), (1, a), (3, y)].map(|(i, b)| wgpu::BindGroupEntry { binding: i, resource: b.as_entire_binding() });
-        let bind = device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipe.get_bind_group_layout(0), entries: &entries });
-        let mut enc = device.create_command_encoder(&Default::default());
-        {
-            let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&pipe);
-            pass.set_bind_group(0, &bind, &[]);
-            pass.dispatch_workgroups(gx, gy, 1);
-        }
-        queue.submit([enc.finish()]);
+        crate::device::wgpu::dispatch_bound(device, queue, &pipe, &[(0, &u), (1, a), (3, y)], (gx, gy, 1));
         Ok(())
     }
 

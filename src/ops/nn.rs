@@ -227,23 +227,33 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i32) -> Re
             let (loss, count) = ce::cpu::forward(logits.cpu_f32(OP)?, t, &mut probs, v, ignore_index);
             (Tensor::from_vec(vec![loss], Vec::new())?, probs, count)
         }
-        // No GPU kernel yet (the fused linear cross-entropy of issue 8): the logits go to the
-        // host, and the loss and, in the backward, the logits' gradient come back.
-        d @ Device::Wgpu(_) => {
-            let t = targets.to_device(&Device::Cpu)?;
-            let tv = t.cpu_i32(OP)?;
-            ce::check_targets(tv, v, ignore_index)?;
-            let mut probs = vec![0.0f32; logits.elem_count()];
-            let (loss, count) = ce::cpu::forward(logits.to_device(&Device::Cpu)?.cpu_f32(OP)?, tv, &mut probs, v, ignore_index);
-            (Tensor::from_vec(vec![loss], Vec::new())?.to_device(&d)?, probs, count)
+        // On the device: each row's log-sum-exp is kept for the backward, which writes dz
+        // from it and the device scalar dy. Only the targets ([M] ids) are read on the host, to
+        // check them and count the rows.
+        Device::Wgpu(_) => {
+            let tv = targets.to_device(&Device::Cpu)?.to_vec::<i32>()?;
+            ce::check_targets(&tv, v, ignore_index)?;
+            let m = logits.dims()[0];
+            let p = ce::wgsl::CeParams { rows: m, vocab: v, ignore_index, count: tv.iter().filter(|&&t| t != ignore_index).count() };
+            let (rt, zb) = wgpu_buf(logits);
+            let (lse, row_loss) = (rt.alloc(4 * m), rt.alloc(4 * m));
+            let loss = wgpu_output(rt, Vec::new(), DType::F32);
+            ce::wgsl::forward(&rt.device, &rt.queue, &rt.kernels, zb, wgpu_buf(targets).1, lse.buffer(), row_loss.buffer(), wgpu_buf(&loss).1, p)?;
+            let (sz, st) = (saved(logits), saved(targets));
+            return record(OP, loss, &[logits, targets], move |g, _| {
+                let (rt, zb) = wgpu_buf(&sz);
+                let dz = wgpu_output(rt, sz.shape().clone(), DType::F32);
+                ce::wgsl::backward(&rt.device, &rt.queue, &rt.kernels, zb, wgpu_buf(&st).1, lse.buffer(), wgpu_buf(g).1, wgpu_buf(&dz).1, p)?;
+                Ok(vec![Some(dz), None])
+            });
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),
     };
-    let (st, shape, dev) = (targets.to_device(&Device::Cpu)?, logits.shape().clone(), logits.device());
+    let (st, shape) = (saved(targets), logits.shape().clone());
     record(OP, out, &[logits, targets], move |g, _| {
         let dy = g.to_scalar()?;
         let mut dz = vec![0.0f32; probs.len()];
         ce::cpu::backward(&probs, st.cpu_i32(OP)?, &mut dz, v, ignore_index, count, dy);
-        Ok(vec![Some(Tensor::from_vec(dz, shape)?.to_device(&dev)?), None])
+        Ok(vec![Some(Tensor::from_vec(dz, shape)?), None])
     })
 }
