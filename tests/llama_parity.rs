@@ -126,8 +126,7 @@ fn kv_cache_check(model: &Llama) {
 
 #[test]
 fn full_model_gradients_match_transformers() {
-    // On every device: on wgpu every op's backward runs there (the loss's cross-entropy goes
-    // through the host for now).
+    // On every device: on wgpu every op's backward runs there.
     for dev in common::devices() {
         full_model_gradients(Llama::load(&fixture("llama-gqa")).unwrap().to_device(&dev).unwrap());
     }

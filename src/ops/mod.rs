@@ -4,8 +4,7 @@
 //! backward runs wherever its tensors live.
 //!
 //! Every op has a CPU path. On wgpu, every op of the Llama model's forward and backward runs
-//! on its WGSL kernel (shared plumbing in `gpu.rs`; the cross-entropy still passes through the
-//! host); on CUDA only RMSNorm so far. Elsewhere a GPU tensor gets `Error::Unsupported` naming
+//! on its WGSL kernel (shared plumbing in `gpu.rs`); on CUDA only RMSNorm so far. Elsewhere a GPU tensor gets `Error::Unsupported` naming
 //! the op and device.
 
 mod attention;
