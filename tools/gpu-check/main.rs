@@ -7,11 +7,14 @@
 //! 2. runs every CUDA test case against the f64 CPU reference (the same check bodies the test
 //!    suite runs on the CPU and wgpu), and compiles every module with NVRTC;
 //! 3. times the kernel micro-benchmarks with CUDA events, beside a device-to-device copy of the
-//!    same bytes as the bandwidth peer measured in the same run;
+//!    same bytes as the bandwidth peer measured in the same run, and the LoRA GEMM and NF4
+//!    kernels beside cuBLAS on the same shapes (`gemm_bench.rs`);
 //! 4. prints a short table and writes `OUT_DIR/gpu-check.json`.
 //!
 //! Exit status: 0 when every case passed, 1 when one failed, 2 when no CUDA device was found.
 //! Later kernels add their cases to `cases()` and `benches()`.
+
+mod gemm_bench;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -95,6 +98,14 @@ fn main() -> ExitCode {
     println!("\noptimizer steps (bytes each step must move; target: >= 85% of copy bandwidth):");
     println!("  {:<38} {:>10} {:>10} {:>12}", "kernel", "time µs", "GB/s", "of copy bw");
     match optim_benches(&rt) {
+        Ok(b) => benches.extend(b),
+        Err(e) => {
+            println!("  error: {e}");
+            failed += 1;
+        }
+    }
+    println!("\nLoRA GEMM and NF4 against cuBLAS, bf16 (Llama-3-8B shapes, R = 16):");
+    match gemm_bench::lora_benches(&rt) {
         Ok(b) => benches.extend(b),
         Err(e) => {
             println!("  error: {e}");

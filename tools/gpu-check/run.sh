@@ -17,6 +17,19 @@ for d in "${CUDA_HOME:-/usr/local/cuda}/lib64" \
          "$(python3 -c 'import nvidia.cuda_nvrtc as m; print(list(m.__path__)[0])' 2>/dev/null)/lib"; do
   [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
+# cuBLAS for the GEMM peers: cudarc loads `libcublas.so`; pip wheels ship only versioned
+# names (libcublas.so.12 / .so.13), so link the first one found under that name.
+mkdir -p "$out/lib"
+for d in ${LD_LIBRARY_PATH//:/ } \
+         "$(python3 -c 'import nvidia.cublas as m; print(list(m.__path__)[0])' 2>/dev/null)/lib" \
+         "$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))' 2>/dev/null)/lib"; do
+  lib=$(ls "$d"/libcublas.so.1[0-9]* 2>/dev/null | grep -v Lt | head -1)
+  if [ -n "$lib" ]; then
+    ln -sf "$lib" "$out/lib/libcublas.so"
+    export LD_LIBRARY_PATH="$out/lib:$(dirname "$lib"):$LD_LIBRARY_PATH"
+    break
+  fi
+done
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee "$out/nvidia-smi.txt"
 "$bin" "$out"
 status=$?

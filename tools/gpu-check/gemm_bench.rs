@@ -1,0 +1,148 @@
+//! The LoRA GEMM and NF4 benchmarks of issue 5 against cuBLAS, in the same run, on
+//! Llama-3-8B shapes (K = 4096, N in {4096, 14336}, M in {1, 16, 2048, 8192}, R = 16), bf16
+//! in and out with f32 accumulation on both sides:
+//!
+//! - `cublas base`: `Y = X·Wᵀ`, one cublasGemmEx (the peer every ratio is taken against);
+//! - `cublas lora (3 calls)`: the unfused LoRA forward, `Y = X·Wᵀ; XA = X·Aᵀ; Y += s·XA·Bᵀ`;
+//! - `tuna lora fused`: `lora::cuda::forward` (the LoRA term in the same output tile);
+//! - `tuna nf4 lora`: `nf4::cuda::lora_forward` (W in NF4, dequantized in the tile loads; the
+//!   GEMV kernel for M <= 16).
+//!
+//! Targets (H100): fused <= 1.10x the base GEMM's time and >= 1.3x faster than the three
+//! calls; NF4 at M >= 2048 >= 0.8x the base GEMM's throughput; NF4 at M = 1 >= 2.5x faster
+//! than cuBLAS bf16 at M = 1. FLOPs counted as `2·M·N·K` (+ `2·M·R·(K + N)` for LoRA).
+
+use std::sync::Arc;
+
+use cudarc::cublas::{result as blas, sys as bsys, CudaBlas};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use half::bf16;
+use serde_json::{json, Value};
+use tuna::device::cuda::CudaRuntime;
+use tuna::kernels::lora::{self, cuda::Half, LoraParams};
+use tuna::kernels::nf4::{self, cuda::Nf4Device};
+use tuna::testing::Rng;
+
+use crate::time_us;
+
+fn cuda_err(context: &str) -> impl Fn(cudarc::driver::DriverError) -> tuna::Error + '_ {
+    move |e| tuna::Error::Cuda { context: context.into(), message: format!("{e:?}") }
+}
+
+fn blas_err(e: cudarc::cublas::result::CublasError) -> tuna::Error {
+    tuna::Error::Cuda { context: "cublasGemmEx".into(), message: format!("{e:?}") }
+}
+
+/// Random bf16 values in [-1, 1) (scaled by `s`), as the raw u16 the kernels take.
+fn upload(s: &Arc<CudaStream>, rng: &mut Rng, n: usize, scale: f32) -> tuna::Result<CudaSlice<u16>> {
+    let host: Vec<u16> = rng.vec(n, -scale, scale).into_iter().map(|v| bf16::from_f32(v).to_bits()).collect();
+    s.clone_htod(&host).map_err(cuda_err("upload"))
+}
+
+/// Row-major `C[m, n] (= or +=) alpha·A[m, k]·B[n, k]ᵀ` in bf16 with f32 compute: cuBLAS is
+/// column-major, so this is `Cᵀ = B·Aᵀ` with B read transposed.
+#[allow(clippy::too_many_arguments)]
+fn gemm_nt(blas: &CudaBlas, s: &Arc<CudaStream>, a: &CudaSlice<u16>, b: &CudaSlice<u16>, c: &mut CudaSlice<u16>, (m, n, k): (usize, usize, usize), alpha: f32, beta: f32) -> tuna::Result<()> {
+    let (ap, _ga) = a.device_ptr(s);
+    let (bp, _gb) = b.device_ptr(s);
+    let (cp, _gc) = c.device_ptr_mut(s);
+    let i = |v: usize| v as i32;
+    // SAFETY: the pointers address buffers of at least m·k, n·k and m·n bf16 elements (checked
+    // by the caller's allocation sizes) on the stream the handle uses; alpha and beta are f32
+    // as CUBLAS_COMPUTE_32F requires.
+    unsafe {
+        blas::gemm_ex(
+            *blas.handle(),
+            bsys::cublasOperation_t::CUBLAS_OP_T,
+            bsys::cublasOperation_t::CUBLAS_OP_N,
+            i(n),
+            i(m),
+            i(k),
+            (&alpha) as *const f32 as *const _,
+            bp as *const _,
+            bsys::cudaDataType::CUDA_R_16BF,
+            i(k),
+            ap as *const _,
+            bsys::cudaDataType::CUDA_R_16BF,
+            i(k),
+            (&beta) as *const f32 as *const _,
+            cp as *mut _,
+            bsys::cudaDataType::CUDA_R_16BF,
+            i(n),
+            bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+        .map_err(blas_err)
+    }
+}
+
+pub fn lora_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
+    const K: usize = 4096;
+    const R: usize = 16;
+    let s = &rt.stream;
+    let md = &rt.modules;
+    // SAFETY: only probes whether the library loads.
+    if !unsafe { bsys::is_culib_present() } {
+        return Err(tuna::Error::InvalidArgument("libcublas was not found: no cuBLAS peer (run.sh puts a pip or CUDA_HOME copy on LD_LIBRARY_PATH)".into()));
+    }
+    let blas = CudaBlas::new(s.clone()).map_err(blas_err)?;
+    let scale = 2.0; // alpha 32 / r 16
+    let mut rows_out = Vec::new();
+    let mut rng = Rng::new(5);
+    println!("  {:<40} {:>10} {:>10} {:>10}", "kernel [M, N, K]", "time µs", "TFLOP/s", "vs base");
+    for n in [4096usize, 14336] {
+        let w = upload(s, &mut rng, n * K, 0.02)?;
+        let w_host: Vec<f32> = rng.vec(n * K, -0.02, 0.02);
+        let nf4_dev = Nf4Device::upload(s, &nf4::cpu::quantize(&w_host))?;
+        let a = upload(s, &mut rng, R * K, 0.02)?;
+        let b = upload(s, &mut rng, n * R, 0.02)?;
+        for m in [1usize, 16, 2048, 8192] {
+            let x = upload(s, &mut rng, m * K, 1.0)?;
+            let mut y = s.alloc_zeros::<u16>(m * n).map_err(cuda_err("alloc"))?;
+            let mut xa = s.alloc_zeros::<u16>(m * R).map_err(cuda_err("alloc"))?;
+            let p = LoraParams { m, n, k: K, r: R, scale };
+            let base_flops = (2 * m * n * K) as f64;
+            let lora_flops = base_flops + (2 * m * R * (K + n)) as f64;
+            let base = time_us(rt, || gemm_nt(&blas, s, &x, &w, &mut y, (m, n, K), 1.0, 0.0))?;
+            let unfused = time_us(rt, || {
+                gemm_nt(&blas, s, &x, &w, &mut y, (m, n, K), 1.0, 0.0)?;
+                gemm_nt(&blas, s, &x, &a, &mut xa, (m, R, K), 1.0, 0.0)?;
+                gemm_nt(&blas, s, &xa, &b, &mut y, (m, n, R), scale, 1.0)
+            })?;
+            let fused = time_us(rt, || {
+                let (xv, wv, av, bv) = (x.slice(..), w.slice(..), a.slice(..), b.slice(..));
+                lora::cuda::forward(s, md, Half::Bf16, &xv, &xv, &wv, None, &av, &bv, &mut y.slice_mut(..), &mut xa.slice_mut(..), p)
+            })?;
+            let nf4_us = time_us(rt, || {
+                let (xv, av, bv) = (x.slice(..), a.slice(..), b.slice(..));
+                nf4::cuda::lora_forward(s, md, Half::Bf16, &xv, &xv, &nf4_dev, None, &av, &bv, &mut y.slice_mut(..), &mut xa.slice_mut(..), p)
+            })?;
+            let shape = format!("[{m}, {n}, {K}]");
+            for (kernel, us, flops) in [
+                ("cublas base (peer)", base, base_flops),
+                ("cublas lora (3 calls)", unfused, lora_flops),
+                ("tuna lora fused", fused, lora_flops),
+                ("tuna nf4 lora", nf4_us, lora_flops),
+            ] {
+                let tflops = flops / us / 1e6;
+                println!("  {:<40} {:>10.1} {:>10.1} {:>9.2}x", format!("{kernel} {shape}"), us, tflops, us / base);
+                rows_out.push(json!({"kernel": kernel, "m": m, "n": n, "k": K, "r": R, "time_us": us, "tflops": tflops, "time_vs_cublas_base": us / base}));
+            }
+            let mut targets = vec![
+                ("fused <= 1.10x cublas base", fused <= 1.10 * base),
+                ("fused >= 1.3x faster than 3 calls", unfused >= 1.3 * fused),
+            ];
+            if m >= 2048 {
+                targets.push(("nf4 >= 0.8x cublas bf16 throughput", base_flops / nf4_us >= 0.8 * base_flops / base));
+            }
+            if m == 1 {
+                targets.push(("nf4 gemv >= 2.5x faster than cublas bf16", base >= 2.5 * nf4_us));
+            }
+            for (what, met) in targets {
+                println!("    {:<44} {}", what, if met { "met" } else { "NOT met" });
+                rows_out.push(json!({"target": what, "m": m, "n": n, "met": met}));
+            }
+        }
+    }
+    Ok(rows_out)
+}
