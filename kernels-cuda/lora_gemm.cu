@@ -39,43 +39,7 @@
 // nf4_gemv_*: block 256 (8 warps, one column each), grid ceil(N/8). nf4_dequant_*: one thread
 // per element, grid-stride.
 #include "common.cuh"
-
-typedef unsigned short f16_bits;  // IEEE half as its bit pattern
-
-__device__ __forceinline__ float f16_to_f32(f16_bits h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-__device__ __forceinline__ f16_bits f32_to_f16(float f) {
-    f16_bits h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-
-// The two storage types: conversion and the mma instruction's type name.
-struct Bf16 {
-    static __device__ __forceinline__ float to_f32(unsigned short h) { return bf16_to_f32(h); }
-    static __device__ __forceinline__ unsigned short from_f32(float f) { return f32_to_bf16(f); }
-    static __device__ __forceinline__ void mma(float* d, const u32* a, const u32* b) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-};
-struct F16 {
-    static __device__ __forceinline__ float to_f32(unsigned short h) { return f16_to_f32(h); }
-    static __device__ __forceinline__ unsigned short from_f32(float f) { return f32_to_f16(f); }
-    static __device__ __forceinline__ void mma(float* d, const u32* a, const u32* b) {
-        asm volatile(
-            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-    }
-};
+#include "mma.cuh"
 
 #define BM 128
 #define BN 64
@@ -83,24 +47,6 @@ struct F16 {
 #define PAD 8
 #define STAGES 3
 #define THREADS 128
-
-__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-
-// 16 bytes global -> shared, the bytes past `src_bytes` (0..16) zero-filled.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
-
-__device__ __forceinline__ void ldmatrix_x4(u32* r, const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
-}
 
 // The NF4 tables: the 16 code values are passed in `tables[256..272]` with the dynamic map in
 // `tables[0..256]`, both uploaded from the crate's own f32 tables.

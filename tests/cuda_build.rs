@@ -57,6 +57,7 @@ fn entry_points(module: &str) -> &'static [&'static str] {
             "swiglu_bwd_packed_bf16",
         ],
         "embedding" => &["embedding_fwd_f32", "embedding_fwd_bf16", "embedding_bwd_f32", "embedding_bwd_bf16"],
+        "flash_attention" => &["flash_attn_fwd_bf16_d64", "flash_attn_fwd_bf16_d128", "flash_attn_fwd_f16_d64", "flash_attn_fwd_f16_d128"],
         _ => &[],
     }
 }
@@ -71,7 +72,7 @@ fn assert_entries(module: &str, arch: &str, ptx: &str) {
 #[test]
 fn every_module_is_embedded() {
     let names: Vec<&str> = cuda::modules().iter().map(|m| m.name).collect();
-    for want in ["rmsnorm", "optim", "lora_gemm", "rope", "elementwise", "embedding"] {
+    for want in ["rmsnorm", "optim", "lora_gemm", "rope", "elementwise", "embedding", "flash_attention"] {
         assert!(names.contains(&want), "no module {want} in {names:?}");
     }
     for m in cuda::modules() {

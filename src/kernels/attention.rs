@@ -468,3 +468,106 @@ pub mod wgsl {
         Ok(())
     }
 }
+
+/// The CUDA flash attention forward (`kernels-cuda/flash_attention.cu`): bf16 or f16 q, k, v
+/// and o, f32 softmax statistics, head dims 64 and 128.
+pub mod cuda {
+    use std::sync::Arc;
+
+    use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+
+    use super::AttentionParams;
+    use crate::device::cuda::ModuleCache;
+    use crate::kernels::check_len;
+    use crate::kernels::lora::cuda::Half;
+    use crate::{Error, Result};
+
+    /// Head dims with a kernel instance.
+    pub const HEAD_DIMS: [usize; 2] = [64, 128];
+    const BLOCK_Q: usize = 64;
+
+    /// The kernel's `FaParams`.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Params {
+        batch: i32,
+        q_len: i32,
+        kv_len: i32,
+        heads: i32,
+        kv_heads: i32,
+        causal: i32,
+        window: i32,
+        scale_log2: f32,
+    }
+    // SAFETY: plain old data laid out as the kernel's struct.
+    unsafe impl DeviceRepr for Params {}
+
+    /// `o = softmax(scale·q·kᵀ + mask)·v` and `lse` (`[B, H, T]`, natural log) for q `[B, T, H, D]`,
+    /// k and v `[B, S, G, D]`; `starts` (`[B·T]`) are the packed rows' segment starts.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        stream: &Arc<CudaStream>,
+        modules: &ModuleCache,
+        dt: Half,
+        q: &CudaView<'_, u16>,
+        k: &CudaView<'_, u16>,
+        v: &CudaView<'_, u16>,
+        starts: Option<&CudaView<'_, u32>>,
+        o: &mut CudaViewMut<'_, u16>,
+        lse: &mut CudaViewMut<'_, f32>,
+        p: &AttentionParams,
+    ) -> Result<()> {
+        const OP: &str = "flash_attn_fwd (cuda)";
+        let d = p.head_dim;
+        if !HEAD_DIMS.contains(&d) {
+            return Err(Error::InvalidArgument(format!("{OP}: head dim {d} (instances: {HEAD_DIMS:?})")));
+        }
+        if p.kv_heads == 0 || p.heads % p.kv_heads != 0 || (p.causal && p.kv_len < p.q_len) {
+            return Err(Error::InvalidArgument(format!("{OP}: {} query heads over {} key/value heads, T {} S {}", p.heads, p.kv_heads, p.q_len, p.kv_len)));
+        }
+        let (qn, kn) = (p.batch * p.q_len * p.heads * d, p.batch * p.kv_len * p.kv_heads * d);
+        for (what, have, need) in [("q", q.len(), qn), ("k", k.len(), kn), ("v", v.len(), kn), ("o", o.len(), qn), ("lse", lse.len(), p.batch * p.heads * p.q_len)] {
+            check_len(OP, what, have, need)?;
+        }
+        if let Some(s) = starts {
+            check_len(OP, "starts", s.len(), p.batch * p.q_len)?;
+            if p.q_len != p.kv_len {
+                return Err(Error::InvalidArgument(format!("{OP}: packed rows need T == S, got T {} S {}", p.q_len, p.kv_len)));
+            }
+        }
+        let i = |what: &str, v: usize| i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{OP}: {what} = {v} exceeds i32")));
+        i("q elements", qn)?;
+        i("k elements", kn)?;
+        if p.batch == 0 || p.q_len == 0 || p.heads == 0 {
+            return Ok(());
+        }
+        let params = Params {
+            batch: i("B", p.batch)?,
+            q_len: i("T", p.q_len)?,
+            kv_len: i("S", p.kv_len)?,
+            heads: i("H", p.heads)?,
+            kv_heads: i("G", p.kv_heads)?,
+            causal: p.causal as i32,
+            window: i("window", p.window.unwrap_or(0))?,
+            scale_log2: p.scale * std::f32::consts::LOG2_E,
+        };
+        if p.heads > 65535 || p.batch > 65535 {
+            return Err(Error::InvalidArgument(format!("{OP}: H {} or B {} exceeds the 65535 grid limit", p.heads, p.batch)));
+        }
+        let name = format!("flash_attn_fwd_{}_d{d}", dt.suffix());
+        let f = modules.function("flash_attention", &name)?;
+        let cfg = LaunchConfig { grid_dim: (p.q_len.div_ceil(BLOCK_Q) as u32, p.heads as u32, p.batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let null = 0u64;
+        let mut b = stream.launch_builder(&f);
+        b.arg(q).arg(k).arg(v);
+        match starts {
+            Some(s) => b.arg(s),
+            None => b.arg(&null),
+        };
+        b.arg(o).arg(lse).arg(&params);
+        // SAFETY: arguments match the kernel's signature; every buffer's length was checked
+        // against the sizes the kernel indexes.
+        unsafe { b.launch(cfg) }.map_err(|e| Error::cuda(format!("launching {name}"), e))?;
+        Ok(())
+    }
+}
