@@ -14,6 +14,7 @@
 //! Exit status: 0 when every case passed, 1 when one failed, 2 when no CUDA device was found.
 //! Later kernels add their cases to `cases()` and `benches()`.
 
+mod attention_bench;
 mod gemm_bench;
 
 use std::path::PathBuf;
@@ -106,6 +107,14 @@ fn main() -> ExitCode {
     }
     println!("\nLoRA GEMM and NF4 against cuBLAS, bf16 (Llama-3-8B shapes, R = 16):");
     match gemm_bench::lora_benches(&rt) {
+        Ok(b) => benches.extend(b),
+        Err(e) => {
+            println!("  error: {e}");
+            failed += 1;
+        }
+    }
+    println!("\nflash attention forward, bf16 (B·T = 16k, H·D = 2048; FlashAttention's FLOP count):");
+    match attention_bench::attention_benches(&rt) {
         Ok(b) => benches.extend(b),
         Err(e) => {
             println!("  error: {e}");

@@ -1,0 +1,51 @@
+//! The CUDA flash attention forward timed on issue 6's shapes: T in {512, 1k, 2k, 4k, 8k}, head
+//! dims 64 and 128, causal or not, bf16, with B·T = 16k tokens and H·D = 2048 (FlashAttention's
+//! benchmark setting). TFLOP/s in FlashAttention's count: `4·B·T²·D·H`, halved when causal.
+//! `torch_baseline.py` times `scaled_dot_product_attention` on the same shapes after this run.
+//! Target (H100): >= 300 TFLOP/s forward at D = 128, causal, T = 4k.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use serde_json::{json, Value};
+use tuna::device::cuda::CudaRuntime;
+use tuna::kernels::attention::{cuda, AttentionParams};
+use tuna::kernels::lora::cuda::Half;
+use tuna::testing::Rng;
+
+use crate::time_us;
+
+fn upload(rt: &CudaRuntime, rng: &mut Rng, n: usize) -> tuna::Result<CudaSlice<u16>> {
+    let host: Vec<u16> = rng.vec(n, -1.0, 1.0).into_iter().map(|v| bf16::from_f32(v).to_bits()).collect();
+    rt.stream.clone_htod(&host).map_err(|e| tuna::Error::Cuda { context: "upload".into(), message: format!("{e:?}") })
+}
+
+pub fn attention_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
+    let s = &rt.stream;
+    let mut rows = Vec::new();
+    let mut rng = Rng::new(9);
+    println!("  {:<44} {:>10} {:>10}", "kernel", "time µs", "TFLOP/s");
+    for d in cuda::HEAD_DIMS {
+        let heads = 2048 / d;
+        for t in [512usize, 1024, 2048, 4096, 8192] {
+            let batch = 16384 / t;
+            let n = batch * t * heads * d;
+            let (q, k, v) = (upload(rt, &mut rng, n)?, upload(rt, &mut rng, n)?, upload(rt, &mut rng, n)?);
+            let mut o = s.alloc_zeros::<u16>(n).map_err(|e| tuna::Error::Cuda { context: "alloc".into(), message: format!("{e:?}") })?;
+            let mut lse = s.alloc_zeros::<f32>(batch * heads * t).map_err(|e| tuna::Error::Cuda { context: "alloc".into(), message: format!("{e:?}") })?;
+            for causal in [false, true] {
+                let p = AttentionParams { batch, q_len: t, kv_len: t, heads, kv_heads: heads, head_dim: d, causal, window: None, scale: 1.0 / (d as f32).sqrt() };
+                let us = time_us(rt, || {
+                    cuda::forward(s, &rt.modules, Half::Bf16, &q.slice(..), &k.slice(..), &v.slice(..), None, &mut o.slice_mut(..), &mut lse.slice_mut(..), &p)
+                })?;
+                let flops = 4.0 * (batch * t * t * d * heads) as f64 / if causal { 2.0 } else { 1.0 };
+                let tflops = flops / us / 1e6;
+                let name = format!("flash_attn_fwd bf16 D{d} T{t} B{batch} H{heads}{}", if causal { " causal" } else { "" });
+                println!("  {:<44} {:>10.1} {:>10.1}", name, us, tflops);
+                rows.push(json!({"kernel": "flash_attn_fwd", "dtype": "bf16", "d": d, "t": t, "batch": batch, "heads": heads, "causal": causal, "time_us": us, "tflops": tflops}));
+            }
+        }
+    }
+    Ok(rows)
+}
