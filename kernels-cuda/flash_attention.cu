@@ -219,3 +219,259 @@ FA_INSTANCE(flash_attn_fwd_bf16_d64, Bf16, 64)
 FA_INSTANCE(flash_attn_fwd_bf16_d128, Bf16, 128)
 FA_INSTANCE(flash_attn_fwd_f16_d64, F16, 64)
 FA_INSTANCE(flash_attn_fwd_f16_d128, F16, 128)
+
+// ---------------------------------------------------------------------------------------------
+// Backward (FlashAttention-2's): with s = scale.q.k, P recomputed from lse, and
+//   Dvec[t] = sum_d dO[t, d] O[t, d]           (flash_attn_bwd_dot_*, one warp per row)
+//   dV[s]  += sum_t P[t, s] dO[t]
+//   dP[t, s] = dO[t] . V[s]
+//   dS[t, s] = P[t, s] (dP[t, s] - Dvec[t])
+//   dK[s]  += scale sum_t dS[t, s] Q[t]        (summed over the H / G query heads of s's group)
+//   dQ[t]  += scale sum_s dS[t, s] K[s]        (f32 atomics into dq_acc, then flash_attn_bwd_dq_*)
+//
+// flash_attn_bwd_*: a block of 4 warps owns 64 keys of one (b, g); warp w owns keys 16w..16w+15
+// and accumulates their dK and dV in registers over every query head of the group and every
+// query block of 32 that can see them. Per query block, in the keys' orientation (transposed
+// tiles, keys as mma rows): S^T = K.Q^T and dP^T = V.dO^T (A from the K and V tiles in shared
+// memory, B from the Q and dO tiles), P^T from lse, dV += P^T.dO and dK += dS^T.Q with P^T and
+// dS^T re-packed as A fragments; dS^T goes through shared memory so that dQ = dS.K can be
+// computed per query row (each warp: 16 queries x D/2 columns) and added atomically.
+//
+// Launch: grid (ceil(S / 64), G, B), block 128, dynamic shared memory
+// (2 * 64 + 2 * 32) * (D + 8) * 2 + 64 * 40 * 2 + 2 * 32 * 4 bytes (31 KB at D = 64, 57 KB at
+// D = 128: the launcher raises the limit).
+#define FB_KEYS 64
+#define FB_Q 32
+#define FB_LDS (FB_Q + 8)
+
+template <typename T>
+__device__ __forceinline__ void flash_attn_bwd_dot(const unsigned short* o, const unsigned short* dout, float* dvec, int rows_bth, int T_, int H, int D) {
+    // Row r of [B, T, H] in (b, t, h) order; Dvec stored [B, H, T].
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (warp >= rows_bth) return;
+    const long base = (long)warp * D;
+    float acc = 0.0f;
+    for (int d = lane; d < D; d += 32) acc += T::to_f32(o[base + d]) * T::to_f32(dout[base + d]);
+    acc = warp_sum(acc);
+    if (lane == 0) {
+        const int h = warp % H, bt = warp / H, t = bt % T_, b = bt / T_;
+        dvec[((long)b * H + h) * T_ + t] = acc;
+    }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void flash_attn_bwd(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
+                                               const unsigned short* __restrict__ v, const unsigned int* __restrict__ starts,
+                                               const unsigned short* __restrict__ dout, const float* __restrict__ lse,
+                                               const float* __restrict__ dvec, float* __restrict__ dq_acc,
+                                               unsigned short* __restrict__ dk, unsigned short* __restrict__ dv, FaParams p) {
+    constexpr int LD = D + 8;
+    constexpr int KS = D / 16;
+    constexpr int NT = D / 8;
+    extern __shared__ __align__(16) unsigned char fb_smem[];
+    unsigned short* ks = (unsigned short*)fb_smem;
+    unsigned short* vs = ks + FB_KEYS * LD;
+    unsigned short* qs = vs + FB_KEYS * LD;
+    unsigned short* dos = qs + FB_Q * LD;
+    unsigned short* dss = dos + FB_Q * LD;              // dS^T [64 keys][FB_LDS]
+    float* lse_s = (float*)(dss + FB_KEYS * FB_LDS);    // [FB_Q], log2 domain
+    float* dvec_s = lse_s + FB_Q;                       // [FB_Q]
+
+    const int T_ = p.q_len, S = p.kv_len, H = p.heads, G = p.kv_heads, hpg = H / G;
+    const int b = blockIdx.z, g = blockIdx.y, k0 = blockIdx.x * FB_KEYS;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, c = lane & 3;
+    const int off = S - T_;
+    const long q_row = (long)H * D, kv_row = (long)G * D;
+    const float log2e = 1.4426950408889634f;
+    const float scale = p.scale_log2 / log2e;
+
+    // The key and value tiles, once.
+    for (int i = threadIdx.x; i < FB_KEYS * (D / 8); i += FA_THREADS) {
+        const int row = i / (D / 8), col = (i % (D / 8)) * 8, s = k0 + row;
+        uint4 kv4 = make_uint4(0u, 0u, 0u, 0u), vv4 = make_uint4(0u, 0u, 0u, 0u);
+        if (s < S) {
+            const long at = ((long)b * S + s) * kv_row + (long)g * D + col;
+            kv4 = *(const uint4*)(k + at);
+            vv4 = *(const uint4*)(v + at);
+        }
+        *(uint4*)(ks + row * LD + col) = kv4;
+        *(uint4*)(vs + row * LD + col) = vv4;
+    }
+
+    float dka[NT][4], dva[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dka[n][e] = dva[n][e] = 0.0f;
+
+    const int key0 = 16 * warp + gr, key1 = key0 + 8;  // this lane's key rows (in the tile)
+    // Queries that can see some key of the tile: causal t >= k0 - off; window t < k0 + 63 - off + window.
+    int t_begin = p.causal ? max(0, k0 - off) : 0;
+    t_begin = (t_begin / FB_Q) * FB_Q;
+    int t_end = T_;
+    if (p.window > 0) t_end = min(T_, k0 + FB_KEYS - 1 - off + p.window);
+
+    for (int hi = 0; hi < hpg; ++hi) {
+        const int h = g * hpg + hi;
+        for (int t0 = t_begin; t0 < t_end; t0 += FB_Q) {
+            __syncthreads();  // the previous block's tiles are no longer read
+            for (int i = threadIdx.x; i < FB_Q * (D / 8); i += FA_THREADS) {
+                const int row = i / (D / 8), col = (i % (D / 8)) * 8, t = t0 + row;
+                uint4 q4 = make_uint4(0u, 0u, 0u, 0u), d4 = make_uint4(0u, 0u, 0u, 0u);
+                if (t < T_) {
+                    const long at = ((long)b * T_ + t) * q_row + (long)h * D + col;
+                    q4 = *(const uint4*)(q + at);
+                    d4 = *(const uint4*)(dout + at);
+                }
+                *(uint4*)(qs + row * LD + col) = q4;
+                *(uint4*)(dos + row * LD + col) = d4;
+            }
+            if (threadIdx.x < FB_Q) {
+                const int t = t0 + threadIdx.x;
+                const long at = ((long)b * H + h) * T_ + t;
+                lse_s[threadIdx.x] = t < T_ ? lse[at] * log2e : 0.0f;
+                dvec_s[threadIdx.x] = t < T_ ? dvec[at] : 0.0f;
+            }
+            __syncthreads();
+
+            // S^T = K.Q^T and dP^T = V.dO^T: 16 keys x 32 queries per warp, 4 n8 tiles.
+            float sa[FB_Q / 8][4], dpa[FB_Q / 8][4];
+#pragma unroll
+            for (int j = 0; j < FB_Q / 8; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) sa[j][e] = dpa[j][e] = 0.0f;
+                const unsigned short* qrow = qs + (j * 8 + gr) * LD + 2 * c;
+                const unsigned short* drow = dos + (j * 8 + gr) * LD + 2 * c;
+#pragma unroll
+                for (int kk = 0; kk < KS; ++kk) {
+                    const int col = kk * 16 + 2 * c;
+                    u32 ka[4] = {*(const u32*)(ks + key0 * LD + col), *(const u32*)(ks + key1 * LD + col),
+                                 *(const u32*)(ks + key0 * LD + col + 8), *(const u32*)(ks + key1 * LD + col + 8)};
+                    u32 va[4] = {*(const u32*)(vs + key0 * LD + col), *(const u32*)(vs + key1 * LD + col),
+                                 *(const u32*)(vs + key0 * LD + col + 8), *(const u32*)(vs + key1 * LD + col + 8)};
+                    u32 qb[2] = {*(const u32*)(qrow + kk * 16), *(const u32*)(qrow + kk * 16 + 8)};
+                    u32 db[2] = {*(const u32*)(drow + kk * 16), *(const u32*)(drow + kk * 16 + 8)};
+                    T::mma(sa[j], ka, qb);
+                    T::mma(dpa[j], va, db);
+                }
+            }
+
+            // P^T from lse (masked to 0), then dS^T = P^T (dP^T - Dvec); dS^T to shared memory.
+#pragma unroll
+            for (int j = 0; j < FB_Q / 8; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int kr = e < 2 ? key0 : key1;
+                    const int s = k0 + kr;
+                    const int qi = j * 8 + 2 * c + (e & 1);
+                    const int t = t0 + qi;
+                    bool ok = s < S && t < T_;
+                    if (p.causal) ok = ok && s <= t + off;
+                    if (p.window > 0) ok = ok && s > t + off - p.window;
+                    if (starts && t < T_) ok = ok && (unsigned int)s >= starts[(long)b * T_ + t];
+                    const float pv = ok ? exp2f(sa[j][e] * p.scale_log2 - lse_s[qi]) : 0.0f;
+                    sa[j][e] = pv;
+                    dpa[j][e] = pv * (dpa[j][e] - dvec_s[qi]);
+                    dss[kr * FB_LDS + qi] = T::from_f32(dpa[j][e]);
+                }
+            }
+
+            // dV += P^T.dO and dK += dS^T.Q (k = the block's 32 queries, two k16 steps).
+#pragma unroll
+            for (int kk = 0; kk < FB_Q / 16; ++kk) {
+                u32 pa[4] = {pack2(T::from_f32(sa[2 * kk][0]), T::from_f32(sa[2 * kk][1])),
+                             pack2(T::from_f32(sa[2 * kk][2]), T::from_f32(sa[2 * kk][3])),
+                             pack2(T::from_f32(sa[2 * kk + 1][0]), T::from_f32(sa[2 * kk + 1][1])),
+                             pack2(T::from_f32(sa[2 * kk + 1][2]), T::from_f32(sa[2 * kk + 1][3]))};
+                u32 dsa[4] = {pack2(T::from_f32(dpa[2 * kk][0]), T::from_f32(dpa[2 * kk][1])),
+                              pack2(T::from_f32(dpa[2 * kk][2]), T::from_f32(dpa[2 * kk][3])),
+                              pack2(T::from_f32(dpa[2 * kk + 1][0]), T::from_f32(dpa[2 * kk + 1][1])),
+                              pack2(T::from_f32(dpa[2 * kk + 1][2]), T::from_f32(dpa[2 * kk + 1][3]))};
+                const int qr = kk * 16 + 2 * c;
+#pragma unroll
+                for (int n = 0; n < NT; ++n) {
+                    const int col = n * 8 + gr;
+                    u32 bdo[2] = {pack2(dos[qr * LD + col], dos[(qr + 1) * LD + col]), pack2(dos[(qr + 8) * LD + col], dos[(qr + 9) * LD + col])};
+                    u32 bq[2] = {pack2(qs[qr * LD + col], qs[(qr + 1) * LD + col]), pack2(qs[(qr + 8) * LD + col], qs[(qr + 9) * LD + col])};
+                    T::mma(dva[n], pa, bdo);
+                    T::mma(dka[n], dsa, bq);
+                }
+            }
+            __syncthreads();  // dS^T complete
+
+            // dQ[t] += scale dS[t, :].K: warp w takes queries 16 (w % 2).. and columns (w / 2) D/2..
+            {
+                const int qb0 = 16 * (warp & 1), nb0 = (warp >> 1) * (NT / 2);
+                float dqa[NT / 2][4];
+#pragma unroll
+                for (int n = 0; n < NT / 2; ++n) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.0f;
+#pragma unroll
+                for (int kk = 0; kk < FB_KEYS / 16; ++kk) {
+                    const int kr = kk * 16 + 2 * c;  // key rows of this k-step (A's columns)
+                    const int r0 = qb0 + gr, r1 = r0 + 8;
+                    u32 a[4] = {pack2(dss[kr * FB_LDS + r0], dss[(kr + 1) * FB_LDS + r0]), pack2(dss[kr * FB_LDS + r1], dss[(kr + 1) * FB_LDS + r1]),
+                                pack2(dss[(kr + 8) * FB_LDS + r0], dss[(kr + 9) * FB_LDS + r0]), pack2(dss[(kr + 8) * FB_LDS + r1], dss[(kr + 9) * FB_LDS + r1])};
+#pragma unroll
+                    for (int n = 0; n < NT / 2; ++n) {
+                        const int col = (nb0 + n) * 8 + gr;
+                        u32 bk[2] = {pack2(ks[kr * LD + col], ks[(kr + 1) * LD + col]), pack2(ks[(kr + 8) * LD + col], ks[(kr + 9) * LD + col])};
+                        T::mma(dqa[n], a, bk);
+                    }
+                }
+#pragma unroll
+                for (int n = 0; n < NT / 2; ++n) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int t = t0 + qb0 + gr + (e < 2 ? 0 : 8);
+                        const int col = (nb0 + n) * 8 + 2 * c + (e & 1);
+                        if (t < T_) atomicAdd(dq_acc + ((long)b * T_ + t) * q_row + (long)h * D + col, scale * dqa[n][e]);
+                    }
+                }
+            }
+        }
+    }
+
+    // Epilogue: dK (times the softmax scale) and dV for the tile's keys.
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        const int col = n * 8 + 2 * c;
+        const int s0 = k0 + key0, s1 = k0 + key1;
+        if (s0 < S) {
+            const long at = ((long)b * S + s0) * kv_row + (long)g * D + col;
+            *(u32*)(dk + at) = pack2(T::from_f32(scale * dka[n][0]), T::from_f32(scale * dka[n][1]));
+            *(u32*)(dv + at) = pack2(T::from_f32(dva[n][0]), T::from_f32(dva[n][1]));
+        }
+        if (s1 < S) {
+            const long at = ((long)b * S + s1) * kv_row + (long)g * D + col;
+            *(u32*)(dk + at) = pack2(T::from_f32(scale * dka[n][2]), T::from_f32(scale * dka[n][3]));
+            *(u32*)(dv + at) = pack2(T::from_f32(dva[n][2]), T::from_f32(dva[n][3]));
+        }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void flash_attn_bwd_dq(const float* acc, unsigned short* dq, long n) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) dq[i] = T::from_f32(acc[i]);
+}
+
+#define FA_BWD_INSTANCES(SUF, TY)                                                                                           \
+    extern "C" __global__ void flash_attn_bwd_dot_##SUF(const unsigned short* o, const unsigned short* dout, float* dvec,    \
+                                                        int rows, int t, int h, int d) {                                     \
+        flash_attn_bwd_dot<TY>(o, dout, dvec, rows, t, h, d);                                                               \
+    }                                                                                                                        \
+    extern "C" __global__ void flash_attn_bwd_dq_##SUF(const float* acc, unsigned short* dq, long n) { flash_attn_bwd_dq<TY>(acc, dq, n); } \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attn_bwd_##SUF##_d64(                                    \
+        const unsigned short* q, const unsigned short* k, const unsigned short* v, const unsigned int* starts,               \
+        const unsigned short* dout, const float* lse, const float* dvec, float* dq_acc, unsigned short* dk,                  \
+        unsigned short* dv, FaParams p) {                                                                                    \
+        flash_attn_bwd<TY, 64>(q, k, v, starts, dout, lse, dvec, dq_acc, dk, dv, p);                                         \
+    }                                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attn_bwd_##SUF##_d128(                                   \
+        const unsigned short* q, const unsigned short* k, const unsigned short* v, const unsigned int* starts,               \
+        const unsigned short* dout, const float* lse, const float* dvec, float* dq_acc, unsigned short* dk,                  \
+        unsigned short* dv, FaParams p) {                                                                                    \
+        flash_attn_bwd<TY, 128>(q, k, v, starts, dout, lse, dvec, dq_acc, dk, dv, p);                                        \
+    }
+
+FA_BWD_INSTANCES(bf16, Bf16)
+FA_BWD_INSTANCES(f16, F16)

@@ -57,7 +57,18 @@ fn entry_points(module: &str) -> &'static [&'static str] {
             "swiglu_bwd_packed_bf16",
         ],
         "embedding" => &["embedding_fwd_f32", "embedding_fwd_bf16", "embedding_bwd_f32", "embedding_bwd_bf16"],
-        "flash_attention" => &["flash_attn_fwd_bf16_d64", "flash_attn_fwd_bf16_d128", "flash_attn_fwd_f16_d64", "flash_attn_fwd_f16_d128"],
+        "flash_attention" => &[
+            "flash_attn_fwd_bf16_d64",
+            "flash_attn_fwd_bf16_d128",
+            "flash_attn_fwd_f16_d64",
+            "flash_attn_fwd_f16_d128",
+            "flash_attn_bwd_dot_bf16",
+            "flash_attn_bwd_dq_bf16",
+            "flash_attn_bwd_bf16_d64",
+            "flash_attn_bwd_bf16_d128",
+            "flash_attn_bwd_f16_d64",
+            "flash_attn_bwd_f16_d128",
+        ],
         _ => &[],
     }
 }

@@ -535,24 +535,9 @@ pub mod cuda {
                 return Err(Error::InvalidArgument(format!("{OP}: packed rows need T == S, got T {} S {}", p.q_len, p.kv_len)));
             }
         }
-        let i = |what: &str, v: usize| i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{OP}: {what} = {v} exceeds i32")));
-        i("q elements", qn)?;
-        i("k elements", kn)?;
+        let params = launch_params(OP, p)?;
         if p.batch == 0 || p.q_len == 0 || p.heads == 0 {
             return Ok(());
-        }
-        let params = Params {
-            batch: i("B", p.batch)?,
-            q_len: i("T", p.q_len)?,
-            kv_len: i("S", p.kv_len)?,
-            heads: i("H", p.heads)?,
-            kv_heads: i("G", p.kv_heads)?,
-            causal: p.causal as i32,
-            window: i("window", p.window.unwrap_or(0))?,
-            scale_log2: p.scale * std::f32::consts::LOG2_E,
-        };
-        if p.heads > 65535 || p.batch > 65535 {
-            return Err(Error::InvalidArgument(format!("{OP}: H {} or B {} exceeds the 65535 grid limit", p.heads, p.batch)));
         }
         let name = format!("flash_attn_fwd_{}_d{d}", dt.suffix());
         let f = modules.function("flash_attention", &name)?;
@@ -568,6 +553,98 @@ pub mod cuda {
         // SAFETY: arguments match the kernel's signature; every buffer's length was checked
         // against the sizes the kernel indexes.
         unsafe { b.launch(cfg) }.map_err(|e| Error::cuda(format!("launching {name}"), e))?;
+        Ok(())
+    }
+
+    fn launch_params(op: &'static str, p: &AttentionParams) -> Result<Params> {
+        let i = |what: &str, v: usize| i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{op}: {what} = {v} exceeds i32")));
+        i("q elements", p.batch * p.q_len * p.heads * p.head_dim)?;
+        i("k elements", p.batch * p.kv_len * p.kv_heads * p.head_dim)?;
+        if p.heads > 65535 || p.batch > 65535 {
+            return Err(Error::InvalidArgument(format!("{op}: H {} or B {} exceeds the 65535 grid limit", p.heads, p.batch)));
+        }
+        Ok(Params {
+            batch: i("B", p.batch)?,
+            q_len: i("T", p.q_len)?,
+            kv_len: i("S", p.kv_len)?,
+            heads: i("H", p.heads)?,
+            kv_heads: i("G", p.kv_heads)?,
+            causal: p.causal as i32,
+            window: i("window", p.window.unwrap_or(0))?,
+            scale_log2: p.scale * std::f32::consts::LOG2_E,
+        })
+    }
+
+    /// Backward: dq `[B, T, H, D]`, dk and dv `[B, S, G, D]` (summed over each key head's query
+    /// heads) from q, k, v, o, dO and the forward's `lse`. Scratch: `Dvec = rowsum(dO ∘ O)` and
+    /// an f32 dQ accumulator (dQ is summed over key blocks with atomics, then rounded).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        stream: &Arc<CudaStream>,
+        modules: &ModuleCache,
+        dt: Half,
+        q: &CudaView<'_, u16>,
+        k: &CudaView<'_, u16>,
+        v: &CudaView<'_, u16>,
+        starts: Option<&CudaView<'_, u32>>,
+        o: &CudaView<'_, u16>,
+        dout: &CudaView<'_, u16>,
+        lse: &CudaView<'_, f32>,
+        dq: &mut CudaViewMut<'_, u16>,
+        dk: &mut CudaViewMut<'_, u16>,
+        dv: &mut CudaViewMut<'_, u16>,
+        p: &AttentionParams,
+    ) -> Result<()> {
+        const OP: &str = "flash_attn_bwd (cuda)";
+        let d = p.head_dim;
+        if !HEAD_DIMS.contains(&d) {
+            return Err(Error::InvalidArgument(format!("{OP}: head dim {d} (instances: {HEAD_DIMS:?})")));
+        }
+        if p.kv_heads == 0 || p.heads % p.kv_heads != 0 || (p.causal && p.kv_len < p.q_len) {
+            return Err(Error::InvalidArgument(format!("{OP}: {} query heads over {} key/value heads, T {} S {}", p.heads, p.kv_heads, p.q_len, p.kv_len)));
+        }
+        let (qn, kn, rows) = (p.batch * p.q_len * p.heads * d, p.batch * p.kv_len * p.kv_heads * d, p.batch * p.q_len * p.heads);
+        for (what, have, need) in [("q", q.len(), qn), ("k", k.len(), kn), ("v", v.len(), kn), ("o", o.len(), qn), ("dout", dout.len(), qn), ("lse", lse.len(), rows), ("dq", dq.len(), qn), ("dk", dk.len(), kn), ("dv", dv.len(), kn)] {
+            check_len(OP, what, have, need)?;
+        }
+        if let Some(s) = starts {
+            check_len(OP, "starts", s.len(), p.batch * p.q_len)?;
+        }
+        let params = launch_params(OP, p)?;
+        if kn == 0 {
+            return Ok(());
+        }
+        let e = |what: &'static str| move |err| Error::cuda(format!("{OP}: {what}"), err);
+        let mut dvec = stream.alloc_zeros::<f32>(rows.max(1)).map_err(e("allocating Dvec"))?;
+        let mut dq_acc = stream.alloc_zeros::<f32>(qn.max(1)).map_err(e("allocating the dQ accumulator"))?;
+        let suf = dt.suffix();
+        if rows > 0 {
+            let f = modules.function("flash_attention", &format!("flash_attn_bwd_dot_{suf}"))?;
+            let cfg = LaunchConfig { grid_dim: ((rows * 32).div_ceil(128) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            let (r, t, h, di) = (rows as i32, p.q_len as i32, p.heads as i32, d as i32);
+            // SAFETY: matches flash_attn_bwd_dot's signature; o and dout hold rows·D elements.
+            unsafe { stream.launch_builder(&f).arg(o).arg(dout).arg(&mut dvec).arg(&r).arg(&t).arg(&h).arg(&di).launch(cfg) }.map_err(e("launching the Dvec pass"))?;
+        }
+        let name = format!("flash_attn_bwd_{suf}_d{d}");
+        let f = modules.function("flash_attention", &name)?;
+        let smem = (2 * 64 + 2 * 32) * (d + 8) * 2 + 64 * 40 * 2 + 2 * 32 * 4;
+        f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).map_err(e("raising the shared memory limit"))?;
+        let cfg = LaunchConfig { grid_dim: (p.kv_len.div_ceil(64) as u32, p.kv_heads as u32, p.batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+        let null = 0u64;
+        let mut b = stream.launch_builder(&f);
+        b.arg(q).arg(k).arg(v);
+        match starts {
+            Some(s) => b.arg(s),
+            None => b.arg(&null),
+        };
+        b.arg(dout).arg(lse).arg(&dvec).arg(&mut dq_acc).arg(dk).arg(dv).arg(&params);
+        // SAFETY: arguments match the kernel's signature; lengths checked above.
+        unsafe { b.launch(cfg) }.map_err(|err| Error::cuda(format!("launching {name}"), err))?;
+        let f = modules.function("flash_attention", &format!("flash_attn_bwd_dq_{suf}"))?;
+        let n = qn as i64;
+        let cfg = LaunchConfig { grid_dim: (qn.div_ceil(256).clamp(1, 65535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: dq_acc and dq hold qn elements.
+        unsafe { stream.launch_builder(&f).arg(&dq_acc).arg(dq).arg(&n).launch(cfg) }.map_err(e("launching the dQ rounding"))?;
         Ok(())
     }
 }

@@ -1,8 +1,9 @@
-//! The CUDA flash attention forward against the f64 reference (run by `tools/gpu-check`; no
-//! GPU in CI). Inputs are rounded to bf16 first, so the reference sees exactly the kernel's
-//! inputs; DESIGN.md's rule sets the bar: O's largest error at most twice that of a naive bf16
-//! attention (S, P and O each rounded to bf16, as a framework's bf16 matmuls do) on the same
-//! inputs. The log-sum-exp comes out of f32 math on exact products: within 1e-3.
+//! The CUDA flash attention, forward and backward, against the f64 reference (run by
+//! `tools/gpu-check`; no GPU in CI). Inputs are rounded to bf16 first, so the reference sees
+//! exactly the kernel's inputs; DESIGN.md's rule sets the bar: the largest error of O, dQ, dK
+//! and dV at most twice that of a naive bf16 attention on the same inputs (every matmul's
+//! output rounded to bf16 — S, P, O; dP, dS, dQ, dK, dV — as a framework's bf16 matmuls do).
+//! The log-sum-exp comes out of f32 math on exact products: within 1e-3.
 
 use half::bf16;
 
@@ -52,11 +53,46 @@ fn lse_and_naive(q: &[f64], k: &[f64], v: &[f64], p: &AttentionParams, starts: O
     (lse, naive)
 }
 
+/// The naive bf16 backward on the same inputs: dQ, dK, dV.
+fn naive_backward(q: &[f64], k: &[f64], v: &[f64], dout: &[f64], p: &AttentionParams, starts: Option<&[u32]>) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let d = p.head_dim;
+    let r = |x: f64| round(x as f32) as f64;
+    let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+    for b in 0..p.batch {
+        for t in 0..p.q_len {
+            let (lo, hi) = p.visible(b, t, starts);
+            for h in 0..p.heads {
+                let g = h / (p.heads / p.kv_heads);
+                let qi = ((b * p.q_len + t) * p.heads + h) * d;
+                let kv = |j: usize| ((b * p.kv_len + j) * p.kv_heads + g) * d;
+                let s: Vec<f64> = (lo..hi).map(|j| r((0..d).map(|e| q[qi + e] * k[kv(j) + e]).sum::<f64>()) * p.scale as f64).collect();
+                let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - mx).exp()).sum();
+                let pr: Vec<f64> = s.iter().map(|x| r((x - mx).exp() / z)).collect();
+                let o: Vec<f64> = (0..d).map(|e| r((lo..hi).zip(&pr).map(|(j, pj)| pj * v[kv(j) + e]).sum())).collect();
+                let dvec: f64 = (0..d).map(|e| dout[qi + e] * o[e]).sum();
+                for (jj, j) in (lo..hi).enumerate() {
+                    let dp = r((0..d).map(|e| dout[qi + e] * v[kv(j) + e]).sum());
+                    let ds = r(pr[jj] * (dp - dvec));
+                    for e in 0..d {
+                        dq[qi + e] += p.scale as f64 * ds * k[kv(j) + e];
+                        dk[kv(j) + e] += p.scale as f64 * ds * q[qi + e];
+                        dv[kv(j) + e] += pr[jj] * dout[qi + e];
+                    }
+                }
+            }
+        }
+    }
+    let rr = |x: Vec<f64>| x.into_iter().map(r).collect::<Vec<_>>();
+    (rr(dq), rr(dk), rr(dv))
+}
+
 fn max_err(got: &[f64], want: &[f64]) -> f64 {
     got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max)
 }
 
-/// Runs `flash_attn_fwd_bf16_*` on CUDA device `index` and checks O and lse.
+/// Runs the bf16 flash attention forward and backward on CUDA device `index` and checks O,
+/// lse, dQ, dK and dV.
 pub fn check_flash_attention_cuda(index: usize, c: &FaCase) -> Result<(), String> {
     use crate::device::cuda::runtime;
     use crate::kernels::attention::cuda;
@@ -93,6 +129,38 @@ pub fn check_flash_attention_cuda(index: usize, c: &FaCase) -> Result<(), String
     let lse_err = got_lse.iter().zip(&want_lse).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0.0, f64::max);
     if !(lse_err <= 1e-3) {
         return Err(format!("lse: max relative error {lse_err:.3e} > 1e-3"));
+    }
+
+    // Backward from a random dO, against the f64 reference and the naive bf16 backward.
+    let dout: Vec<f32> = rng.vec(qn, -1.0, 1.0).into_iter().map(round).collect();
+    let do64 = f(&dout);
+    let (wq, wk, wv) = reference::backward(&q64, &k64, &v64, &do64, p, st);
+    let (nq, nk, nv) = naive_backward(&q64, &k64, &v64, &do64, p, st);
+    let ddo = s.clone_htod(&bits(&dout)).map_err(e)?;
+    let (mut gq, mut gk, mut gv) = (s.alloc_zeros::<u16>(qn).map_err(e)?, s.alloc_zeros::<u16>(kn).map_err(e)?, s.alloc_zeros::<u16>(kn).map_err(e)?);
+    cuda::backward(
+        s,
+        &rt.modules,
+        Half::Bf16,
+        &dq.slice(..),
+        &dk.slice(..),
+        &dv.slice(..),
+        c.packed.then_some(&stv),
+        &o.slice(..),
+        &ddo.slice(..),
+        &lse.slice(..),
+        &mut gq.slice_mut(..),
+        &mut gk.slice_mut(..),
+        &mut gv.slice_mut(..),
+        p,
+    )
+    .map_err(|e| e.to_string())?;
+    let down = |x: &cudarc::driver::CudaSlice<u16>| -> Result<Vec<f64>, String> { Ok(s.clone_dtoh(x).map_err(e)?.into_iter().map(|b| bf16::from_bits(b).to_f64()).collect()) };
+    for (name, got, naive, want) in [("dQ", down(&gq)?, &nq, &wq), ("dK", down(&gk)?, &nk, &wk), ("dV", down(&gv)?, &nv, &wv)] {
+        let (err, bar) = (max_err(&got, want), 2.0 * max_err(naive, want) + 1e-6);
+        if err > bar {
+            return Err(format!("{name}: max error {err:.3e} > 2 x naive bf16's {:.3e}", bar / 2.0));
+        }
     }
     Ok(())
 }

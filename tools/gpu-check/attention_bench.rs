@@ -1,8 +1,9 @@
-//! The CUDA flash attention forward timed on issue 6's shapes: T in {512, 1k, 2k, 4k, 8k}, head
+//! The CUDA flash attention forward and backward timed on issue 6's shapes: T in {512, 1k, 2k, 4k, 8k}, head
 //! dims 64 and 128, causal or not, bf16, with B·T = 16k tokens and H·D = 2048 (FlashAttention's
 //! benchmark setting). TFLOP/s in FlashAttention's count: `4·B·T²·D·H`, halved when causal.
 //! `torch_baseline.py` times `scaled_dot_product_attention` on the same shapes after this run.
-//! Target (H100): >= 300 TFLOP/s forward at D = 128, causal, T = 4k.
+//! The backward counts 2.5x the forward's FLOPs. Targets (H100): >= 300 TFLOP/s forward and
+//! >= 250 backward at D = 128, causal, T = 4k.
 
 use std::sync::Arc;
 
@@ -33,17 +34,40 @@ pub fn attention_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
             let n = batch * t * heads * d;
             let (q, k, v) = (upload(rt, &mut rng, n)?, upload(rt, &mut rng, n)?, upload(rt, &mut rng, n)?);
             let mut o = s.alloc_zeros::<u16>(n).map_err(|e| tuna::Error::Cuda { context: "alloc".into(), message: format!("{e:?}") })?;
-            let mut lse = s.alloc_zeros::<f32>(batch * heads * t).map_err(|e| tuna::Error::Cuda { context: "alloc".into(), message: format!("{e:?}") })?;
+            let alloc_err = |e| tuna::Error::Cuda { context: "alloc".into(), message: format!("{e:?}") };
+            let mut lse = s.alloc_zeros::<f32>(batch * heads * t).map_err(alloc_err)?;
+            let dout = upload(rt, &mut rng, n)?;
+            let (mut dq, mut dk, mut dv) = (s.alloc_zeros::<u16>(n).map_err(alloc_err)?, s.alloc_zeros::<u16>(n).map_err(alloc_err)?, s.alloc_zeros::<u16>(n).map_err(alloc_err)?);
             for causal in [false, true] {
                 let p = AttentionParams { batch, q_len: t, kv_len: t, heads, kv_heads: heads, head_dim: d, causal, window: None, scale: 1.0 / (d as f32).sqrt() };
                 let us = time_us(rt, || {
                     cuda::forward(s, &rt.modules, Half::Bf16, &q.slice(..), &k.slice(..), &v.slice(..), None, &mut o.slice_mut(..), &mut lse.slice_mut(..), &p)
                 })?;
+                let bwd_us = time_us(rt, || {
+                    cuda::backward(
+                        s,
+                        &rt.modules,
+                        Half::Bf16,
+                        &q.slice(..),
+                        &k.slice(..),
+                        &v.slice(..),
+                        None,
+                        &o.slice(..),
+                        &dout.slice(..),
+                        &lse.slice(..),
+                        &mut dq.slice_mut(..),
+                        &mut dk.slice_mut(..),
+                        &mut dv.slice_mut(..),
+                        &p,
+                    )
+                })?;
                 let flops = 4.0 * (batch * t * t * d * heads) as f64 / if causal { 2.0 } else { 1.0 };
-                let tflops = flops / us / 1e6;
-                let name = format!("flash_attn_fwd bf16 D{d} T{t} B{batch} H{heads}{}", if causal { " causal" } else { "" });
-                println!("  {:<44} {:>10.1} {:>10.1}", name, us, tflops);
-                rows.push(json!({"kernel": "flash_attn_fwd", "dtype": "bf16", "d": d, "t": t, "batch": batch, "heads": heads, "causal": causal, "time_us": us, "tflops": tflops}));
+                for (kernel, us, f) in [("flash_attn_fwd", us, flops), ("flash_attn_bwd", bwd_us, 2.5 * flops)] {
+                    let tflops = f / us / 1e6;
+                    let name = format!("{kernel} bf16 D{d} T{t} B{batch} H{heads}{}", if causal { " causal" } else { "" });
+                    println!("  {:<44} {:>10.1} {:>10.1}", name, us, tflops);
+                    rows.push(json!({"kernel": kernel, "dtype": "bf16", "d": d, "t": t, "batch": batch, "heads": heads, "causal": causal, "time_us": us, "tflops": tflops}));
+                }
             }
         }
     }
