@@ -518,24 +518,12 @@ pub mod cuda {
         p: &AttentionParams,
     ) -> Result<()> {
         const OP: &str = "flash_attn_fwd (cuda)";
+        let params = launch_params(OP, p, starts.map(|s| s.len()))?;
         let d = p.head_dim;
-        if !HEAD_DIMS.contains(&d) {
-            return Err(Error::InvalidArgument(format!("{OP}: head dim {d} (instances: {HEAD_DIMS:?})")));
-        }
-        if p.kv_heads == 0 || p.heads % p.kv_heads != 0 || (p.causal && p.kv_len < p.q_len) {
-            return Err(Error::InvalidArgument(format!("{OP}: {} query heads over {} key/value heads, T {} S {}", p.heads, p.kv_heads, p.q_len, p.kv_len)));
-        }
         let (qn, kn) = (p.batch * p.q_len * p.heads * d, p.batch * p.kv_len * p.kv_heads * d);
         for (what, have, need) in [("q", q.len(), qn), ("k", k.len(), kn), ("v", v.len(), kn), ("o", o.len(), qn), ("lse", lse.len(), p.batch * p.heads * p.q_len)] {
             check_len(OP, what, have, need)?;
         }
-        if let Some(s) = starts {
-            check_len(OP, "starts", s.len(), p.batch * p.q_len)?;
-            if p.q_len != p.kv_len {
-                return Err(Error::InvalidArgument(format!("{OP}: packed rows need T == S, got T {} S {}", p.q_len, p.kv_len)));
-            }
-        }
-        let params = launch_params(OP, p)?;
         if p.batch == 0 || p.q_len == 0 || p.heads == 0 {
             return Ok(());
         }
@@ -556,7 +544,22 @@ pub mod cuda {
         Ok(())
     }
 
-    fn launch_params(op: &'static str, p: &AttentionParams) -> Result<Params> {
+    /// Checks the shape (head dim with an instance, GQA grouping, causal S >= T, packed rows'
+    /// starts `[B·T]` with T == S, sizes in i32) and builds the kernels' parameters.
+    fn launch_params(op: &'static str, p: &AttentionParams, starts_len: Option<usize>) -> Result<Params> {
+        let d = p.head_dim;
+        if !HEAD_DIMS.contains(&d) {
+            return Err(Error::InvalidArgument(format!("{op}: head dim {d} (instances: {HEAD_DIMS:?})")));
+        }
+        if p.kv_heads == 0 || p.heads % p.kv_heads != 0 || (p.causal && p.kv_len < p.q_len) {
+            return Err(Error::InvalidArgument(format!("{op}: {} query heads over {} key/value heads, T {} S {}", p.heads, p.kv_heads, p.q_len, p.kv_len)));
+        }
+        if let Some(n) = starts_len {
+            check_len(op, "starts", n, p.batch * p.q_len)?;
+            if p.q_len != p.kv_len {
+                return Err(Error::InvalidArgument(format!("{op}: packed rows need T == S, got T {} S {}", p.q_len, p.kv_len)));
+            }
+        }
         let i = |what: &str, v: usize| i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{op}: {what} = {v} exceeds i32")));
         i("q elements", p.batch * p.q_len * p.heads * p.head_dim)?;
         i("k elements", p.batch * p.kv_len * p.kv_heads * p.head_dim)?;
@@ -596,21 +599,12 @@ pub mod cuda {
         p: &AttentionParams,
     ) -> Result<()> {
         const OP: &str = "flash_attn_bwd (cuda)";
+        let params = launch_params(OP, p, starts.map(|s| s.len()))?;
         let d = p.head_dim;
-        if !HEAD_DIMS.contains(&d) {
-            return Err(Error::InvalidArgument(format!("{OP}: head dim {d} (instances: {HEAD_DIMS:?})")));
-        }
-        if p.kv_heads == 0 || p.heads % p.kv_heads != 0 || (p.causal && p.kv_len < p.q_len) {
-            return Err(Error::InvalidArgument(format!("{OP}: {} query heads over {} key/value heads, T {} S {}", p.heads, p.kv_heads, p.q_len, p.kv_len)));
-        }
         let (qn, kn, rows) = (p.batch * p.q_len * p.heads * d, p.batch * p.kv_len * p.kv_heads * d, p.batch * p.q_len * p.heads);
         for (what, have, need) in [("q", q.len(), qn), ("k", k.len(), kn), ("v", v.len(), kn), ("o", o.len(), qn), ("dout", dout.len(), qn), ("lse", lse.len(), rows), ("dq", dq.len(), qn), ("dk", dk.len(), kn), ("dv", dv.len(), kn)] {
             check_len(OP, what, have, need)?;
         }
-        if let Some(s) = starts {
-            check_len(OP, "starts", s.len(), p.batch * p.q_len)?;
-        }
-        let params = launch_params(OP, p)?;
         if kn == 0 {
             return Ok(());
         }
