@@ -127,7 +127,8 @@ pub fn check_flash_attention_cuda(index: usize, c: &FaCase) -> Result<(), String
         return Err(format!("O: max error {err:.3e} > 2 x naive bf16's {:.3e}", bar / 2.0));
     }
     let lse_err = got_lse.iter().zip(&want_lse).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0.0, f64::max);
-    if !(lse_err <= 1e-3) {
+    // A NaN fails too.
+    if lse_err.is_nan() || lse_err > 1e-3 {
         return Err(format!("lse: max relative error {lse_err:.3e} > 1e-3"));
     }
 
