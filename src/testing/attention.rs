@@ -87,8 +87,10 @@ fn naive_backward(q: &[f64], k: &[f64], v: &[f64], dout: &[f64], p: &AttentionPa
     (rr(dq), rr(dk), rr(dv))
 }
 
+/// The largest absolute error; a NaN anywhere counts as an infinite error (`f64::max` alone
+/// would skip it).
 fn max_err(got: &[f64], want: &[f64]) -> f64 {
-    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max)
+    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) })
 }
 
 /// Runs the bf16 flash attention forward and backward on CUDA device `index` and checks O,
@@ -126,9 +128,9 @@ pub fn check_flash_attention_cuda(index: usize, c: &FaCase) -> Result<(), String
     if err > bar {
         return Err(format!("O: max error {err:.3e} > 2 x naive bf16's {:.3e}", bar / 2.0));
     }
-    let lse_err = got_lse.iter().zip(&want_lse).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).fold(0.0, f64::max);
-    // A NaN fails too.
-    if lse_err.is_nan() || lse_err > 1e-3 {
+    let rel: Vec<f64> = got_lse.iter().zip(&want_lse).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).collect();
+    let lse_err = max_err(&rel, &vec![0.0; rel.len()]);
+    if lse_err > 1e-3 {
         return Err(format!("lse: max relative error {lse_err:.3e} > 1e-3"));
     }
 
