@@ -185,11 +185,27 @@ pub mod cpu {
 
     /// Probabilities of query rows `[t0, t1)` of head h in row b over keys `[klo, khi)`, into
     /// `out` `[t1 - t0, khi - klo]`: scaled scores, masked, softmaxed per row.
+    /// Kᵀ of key head g of row b as a contiguous `[D, S]` matrix: every query block multiplies
+    /// by it, and a GEMM reads a row-major B without repacking it each time.
+    fn k_transposed(k: &[f32], p: &AttentionParams, b: usize, g: usize) -> Vec<f32> {
+        let (s_len, dh) = (p.kv_len, p.head_dim);
+        let mut kt = vec![0.0f32; dh * s_len];
+        for j in 0..s_len {
+            let ki = p.kv_index(b, j, g);
+            for (d, &x) in k[ki..ki + dh].iter().enumerate() {
+                kt[d * s_len + j] = x;
+            }
+        }
+        kt
+    }
+
+    /// Probabilities of query rows t0..t1 of (b, h) over keys klo..khi (zero where masked),
+    /// with `kt` that head's [`k_transposed`].
     #[allow(clippy::too_many_arguments)]
-    fn probs(q: &[f32], k: &[f32], p: &AttentionParams, starts: Option<&[u32]>, b: usize, h: usize, (t0, t1): (usize, usize), (klo, khi): (usize, usize), out: &mut [f32]) {
-        let g = h / (p.heads / p.kv_heads);
+    fn probs(q: &[f32], kt: &[f32], p: &AttentionParams, starts: Option<&[u32]>, b: usize, h: usize, (t0, t1): (usize, usize), (klo, khi): (usize, usize), out: &mut [f32]) {
         let kw = khi - klo;
-        gemm_strided(rows(q_view(q, p, b, h), t0, t1), transposed(rows(kv_view(k, p, b, g), klo, khi)), out, p.scale, false);
+        let ktv = View { data: &kt[klo.min(kt.len())..], rows: p.head_dim, cols: kw, rs: p.kv_len, cs: 1 };
+        gemm_strided(rows(q_view(q, p, b, h), t0, t1), ktv, out, p.scale, false);
         for (t, row) in (t0..t1).zip(out.chunks_mut(kw.max(1))) {
             let (lo, hi) = p.visible(b, t, starts);
             let (lo, hi) = (lo.clamp(klo, khi) - klo, hi.clamp(klo, khi) - klo);
@@ -217,10 +233,11 @@ pub mod cpu {
             .map(|&(b, h)| {
                 let mut pr = vec![0.0f32; QB.min(t_len) * p.kv_len];
                 let mut out = vec![0.0f32; t_len * dh];
+                let kt = k_transposed(k, p, b, h / group);
                 for t0 in (0..t_len).step_by(QB) {
                     let t1 = (t0 + QB).min(t_len);
                     let (klo, khi) = key_range(p, starts, b, t0, t1);
-                    probs(q, k, p, starts, b, h, (t0, t1), (klo, khi), &mut pr);
+                    probs(q, &kt, p, starts, b, h, (t0, t1), (klo, khi), &mut pr);
                     let pv = View { data: &pr, rows: t1 - t0, cols: khi - klo, rs: khi - klo, cs: 1 };
                     gemm_strided(pv, rows(kv_view(v, p, b, h / group), klo, khi), &mut out[t0 * dh..t1 * dh], 1.0, false);
                 }
@@ -249,6 +266,7 @@ pub mod cpu {
                 let mut ldq = Vec::with_capacity(group);
                 let blk = QB.min(t_len) * s_len;
                 let (mut pr, mut ds) = (vec![0.0f32; blk], vec![0.0f32; blk]);
+                let kt = k_transposed(k, p, b, g);
                 for h in g * group..(g + 1) * group {
                     let mut lq = vec![0.0f32; t_len * dh];
                     for t0 in (0..t_len).step_by(QB) {
@@ -258,7 +276,7 @@ pub mod cpu {
                         if kw == 0 {
                             continue;
                         }
-                        probs(q, k, p, starts, b, h, (t0, t1), (klo, khi), &mut pr);
+                        probs(q, &kt, p, starts, b, h, (t0, t1), (klo, khi), &mut pr);
                         let (kb, vb) = (rows(kv_view(k, p, b, g), klo, khi), rows(kv_view(v, p, b, g), klo, khi));
                         let (qb, dob) = (rows(q_view(q, p, b, h), t0, t1), rows(q_view(dout, p, b, h), t0, t1));
                         // dP = dO·Vᵀ, then dS = P ∘ (dP - rowsum(P ∘ dP)), scaled.
