@@ -73,13 +73,23 @@ impl Tape {
         if loss.elem_count() != 1 {
             return Err(Error::Tape(format!("backward needs a one-element loss, got shape {}", loss.shape())));
         }
+        self.backward_from(loss, &Tensor::full(1.0, loss.shape().clone(), &loss.device())?)
+    }
+
+    /// Replays the tape from `output` with `seed` as its gradient (a vector-Jacobian product):
+    /// what an op recomputed on an inner tape (`ops::checkpoint`) uses to pass on the gradient
+    /// it was given.
+    pub fn backward_from(&self, output: &Tensor, seed: &Tensor) -> Result<Gradients> {
+        if seed.shape() != output.shape() {
+            return Err(Error::ShapeMismatch { op: "backward_from (seed vs output)", lhs: seed.shape().clone(), rhs: output.shape().clone() });
+        }
         let entries = std::mem::take(&mut *self.0.entries.lock().expect("tape poisoned"));
         let params = self.0.params.lock().expect("tape poisoned").clone();
         let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
-        if !loss.is_tracked() {
+        if !output.is_tracked() {
             return Ok(Gradients(grads));
         }
-        grads.insert(loss.id(), Tensor::full(1.0, loss.shape().clone(), &loss.device())?);
+        grads.insert(output.id(), seed.clone());
         for entry in entries.into_iter().rev() {
             // Every consumer of an entry's outputs was recorded after it, so their gradients are
             // complete here. Outputs the loss does not depend on have none; an entry with none at

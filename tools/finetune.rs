@@ -117,6 +117,10 @@ pub struct FinetuneArgs {
     /// cores); the losses depend on this number, not on the thread count.
     #[arg(long, default_value_t = 2)]
     cpu_shards: usize,
+    /// Keep only each decoder layer's input and recompute the layer in the backward: less
+    /// activation memory for about one more forward per step; the same gradients.
+    #[arg(long)]
+    checkpoint_layers: bool,
     /// Clip the global gradient norm (0: off).
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f32,
@@ -216,6 +220,7 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
         seed: a.seed,
         shuffle: !a.no_shuffle,
         shards: a.cpu_shards,
+        checkpoint_layers: a.checkpoint_layers,
     };
     let pad = tok.eos_token.as_deref().and_then(|t| tok.token_to_id(t)).unwrap_or(0);
     let mut trainer = Trainer::new(model, config, train, pad).map_err(err)?;

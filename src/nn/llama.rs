@@ -110,6 +110,88 @@ pub struct Layer {
     pub down: Linear,
 }
 
+/// What every decoder layer of one forward shares.
+#[derive(Clone)]
+struct LayerCtx {
+    b: usize,
+    t: usize,
+    /// (H, G, D)
+    heads: (usize, usize, usize),
+    eps: f32,
+    scale: f32,
+    /// `[B*T]` i32, on the model's device.
+    positions: Tensor,
+    inv_freq: Vec<f32>,
+    mask: AttentionMask,
+}
+
+impl Layer {
+    /// One decoder layer: attention and MLP blocks, each pre-normed with a residual. `seeds`
+    /// are the dropout seeds of its seven linears; `cache` is its KV-cache slot (inference).
+    fn forward(&self, x: &Tensor, ctx: &LayerCtx, seeds: [Option<u64>; 7], cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+        let (b, t) = (ctx.b, ctx.t);
+        let (h, g, d) = ctx.heads;
+        let hn = ops::rmsnorm(x, &self.input_norm, ctx.eps)?;
+        let qkv = Linear::forward_group(&[(&self.q, seeds[0]), (&self.k, seeds[1]), (&self.v, seeds[2])], &hn)?;
+        let q = ops::rope(&ops::reshape(&qkv[0], [b * t, h, d])?, &ctx.positions, &ctx.inv_freq)?;
+        let k = ops::rope(&ops::reshape(&qkv[1], [b * t, g, d])?, &ctx.positions, &ctx.inv_freq)?;
+        let (mut k, mut v) = (ops::reshape(&k, [b, t, g, d])?, ops::reshape(&qkv[2], [b, t, g, d])?);
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = concat_seq(pk, &k)?;
+                v = concat_seq(pv, &v)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let o = ops::attention(&ops::reshape(&q, [b, t, h, d])?, &k, &v, ctx.mask.clone(), ctx.scale)?;
+        let x = ops::add(x, &self.o.forward(&ops::reshape(&o, [b * t, h * d])?, seeds[3])?)?;
+        let hn = ops::rmsnorm(&x, &self.post_norm, ctx.eps)?;
+        let gate_up = Linear::forward_group(&[(&self.gate, seeds[4]), (&self.up, seeds[5])], &hn)?;
+        let act = ops::swiglu(&gate_up[0], &gate_up[1])?;
+        ops::add(&x, &self.down.forward(&act, seeds[6])?)
+    }
+
+    /// [`Layer::forward`] under `ops::checkpoint`: the layer input and every tracked tensor of
+    /// the layer are the checkpoint's inputs, substituted into a copy of the layer when it runs.
+    fn forward_checkpointed(&self, x: &Tensor, ctx: &LayerCtx, seeds: [Option<u64>; 7]) -> Result<Tensor> {
+        let mut layer = self.clone();
+        let tracked: Vec<usize> = layer.tensors_mut().into_iter().enumerate().filter(|(_, t)| t.is_tracked()).map(|(i, _)| i).collect();
+        let mut inputs = vec![x.clone()];
+        let all = layer.tensors_mut();
+        inputs.extend(tracked.iter().map(|&i| all[i].clone()));
+        let refs: Vec<&Tensor> = inputs.iter().collect();
+        let ctx = ctx.clone();
+        ops::checkpoint(&refs, move |ins| {
+            let mut l = layer.clone();
+            let mut slots = l.tensors_mut();
+            for (&i, t) in tracked.iter().zip(&ins[1..]) {
+                *slots[i] = t.clone();
+            }
+            l.forward(&ins[0], &ctx, seeds, None)
+        })
+    }
+
+    /// Every tensor of the layer, in a fixed order: norms, then per linear its weight, bias,
+    /// LoRA A and B, sparse delta values.
+    fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
+        let mut out = vec![&mut self.input_norm, &mut self.post_norm];
+        for lin in [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down] {
+            out.push(&mut lin.weight);
+            if let Some(bias) = &mut lin.bias {
+                out.push(bias);
+            }
+            if let Some(l) = &mut lin.lora {
+                out.push(&mut l.a);
+                out.push(&mut l.b);
+            }
+            if let Some(sp) = &mut lin.sparse {
+                out.push(&mut sp.values);
+            }
+        }
+        out
+    }
+}
+
 #[derive(Clone)]
 pub struct Llama {
     pub config: LlamaConfig,
@@ -120,6 +202,9 @@ pub struct Llama {
     pub lm_head: Option<Tensor>,
     /// Set while training: seeds the LoRA dropout masks of the next forward. `None`: no dropout.
     pub dropout_seed: Option<u64>,
+    /// Training: keep only each decoder layer's input and recompute the layer in the backward
+    /// (`ops::checkpoint`), trading one more forward for the layers' activations.
+    pub checkpoint_layers: bool,
     inv_freq: Vec<f32>,
 }
 
@@ -217,6 +302,7 @@ impl Llama {
             layers,
             lm_head,
             dropout_seed: None,
+            checkpoint_layers: false,
             inv_freq: config.inv_freq(),
             config,
         })
@@ -251,7 +337,7 @@ impl Llama {
         }
         let embed = mat(c.vocab_size, e)?;
         let lm_head = if c.tie_word_embeddings { None } else { Some(mat(c.vocab_size, e)?) };
-        Ok(Llama { embed, layers, norm: ones(e)?, lm_head, dropout_seed: None, inv_freq: config.inv_freq(), config })
+        Ok(Llama { embed, layers, norm: ones(e)?, lm_head, dropout_seed: None, checkpoint_layers: false, inv_freq: config.inv_freq(), config })
     }
 
     /// Every linear module with its transformers path (`model.layers.0.self_attn.q_proj`).
@@ -425,34 +511,27 @@ impl Llama {
             None => (0..b).flat_map(|_| (offset..offset + t).map(|p| p as i32)).collect(),
         };
         let positions = Tensor::from_vec_i32(positions, [b * t])?.to_device(&dev)?;
-        let (h, g, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let mask = AttentionMask { causal: true, window: c.sliding_window, segment_starts: packing.map(|p| p.starts.clone()) };
-        let scale = 1.0 / (d as f32).sqrt();
+        let ctx = LayerCtx {
+            b,
+            t,
+            heads: (c.num_heads, c.num_kv_heads, c.head_dim),
+            eps: c.rms_norm_eps,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            positions,
+            inv_freq: self.inv_freq.clone(),
+            mask: AttentionMask { causal: true, window: c.sliding_window, segment_starts: packing.map(|p| p.starts.clone()) },
+        };
 
         // Each linear module gets its own dropout stream: (forward seed, module index).
         let seed = |i: usize, m: usize| self.dropout_seed.map(|s| s ^ ((i * LINEAR_MODULES.len() + m) as u64 + 1).wrapping_mul(0xd1b5_4a32_d192_ed03));
         let mut x = ops::embedding(&ops::reshape(ids, [b * t])?, &self.embed)?;
         for (i, l) in self.layers.iter().enumerate() {
-            let hn = ops::rmsnorm(&x, &l.input_norm, c.rms_norm_eps)?;
-            let qkv = Linear::forward_group(&[(&l.q, seed(i, 0)), (&l.k, seed(i, 1)), (&l.v, seed(i, 2))], &hn)?;
-            let q = ops::rope(&ops::reshape(&qkv[0], [b * t, h, d])?, &positions, &self.inv_freq)?;
-            let k = ops::rope(&ops::reshape(&qkv[1], [b * t, g, d])?, &positions, &self.inv_freq)?;
-            let v = qkv[2].clone();
-            let (mut k, mut v) = (ops::reshape(&k, [b, t, g, d])?, ops::reshape(&v, [b, t, g, d])?);
-            if let Some(cache) = cache.as_deref_mut() {
-                if let Some((pk, pv)) = &cache.layers[i] {
-                    k = concat_seq(pk, &k)?;
-                    v = concat_seq(pv, &v)?;
-                }
-                cache.layers[i] = Some((k.clone(), v.clone()));
-            }
-            let o = ops::attention(&ops::reshape(&q, [b, t, h, d])?, &k, &v, mask.clone(), scale)?;
-            x = ops::add(&x, &l.o.forward(&ops::reshape(&o, [b * t, h * d])?, seed(i, 3))?)?;
-            let hn = ops::rmsnorm(&x, &l.post_norm, c.rms_norm_eps)?;
-            let gate_up = Linear::forward_group(&[(&l.gate, seed(i, 4)), (&l.up, seed(i, 5))], &hn)?;
-            let act = ops::swiglu(&gate_up[0], &gate_up[1])?;
-            let mlp = l.down.forward(&act, seed(i, 6))?;
-            x = ops::add(&x, &mlp)?;
+            let seeds: [Option<u64>; 7] = std::array::from_fn(|m| seed(i, m));
+            x = match cache.as_deref_mut() {
+                Some(cache) => l.forward(&x, &ctx, seeds, Some(&mut cache.layers[i]))?,
+                None if self.checkpoint_layers => l.forward_checkpointed(&x, &ctx, seeds)?,
+                None => l.forward(&x, &ctx, seeds, None)?,
+            };
         }
         if let Some(cache) = cache {
             cache.len += t;

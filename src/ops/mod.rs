@@ -8,6 +8,7 @@
 //! the op and device.
 
 mod attention;
+mod checkpoint;
 mod gpu;
 mod linalg;
 mod lora;
@@ -18,6 +19,7 @@ mod shape;
 mod sparse;
 
 pub use attention::{attention, rope, AttentionMask};
+pub use checkpoint::checkpoint;
 pub use linalg::matmul;
 pub use lora::{linear_group, lora_linear, Dropout, LinearPart};
 pub use nn::{cross_entropy, embedding, rmsnorm, rmsnorm_backward, rmsnorm_forward, RmsNormOutput};

@@ -73,6 +73,9 @@ pub struct TrainConfig {
     /// instead of splitting every product between cores. The result depends on this number
     /// (through summation order and the shards' dropout seeds), never on the thread count.
     pub shards: usize,
+    /// Recompute each decoder layer in the backward instead of keeping its activations
+    /// (`Llama::checkpoint_layers`); the gradients are the same bit for bit.
+    pub checkpoint_layers: bool,
 }
 
 impl Default for TrainConfig {
@@ -91,6 +94,7 @@ impl Default for TrainConfig {
             seed: 0,
             shuffle: true,
             shards: 2,
+            checkpoint_layers: false,
         }
     }
 }
@@ -343,6 +347,7 @@ impl Trainer {
     fn piece_grads(&self, k: usize, shard: usize, batch: &data::Batch, total_targets: usize, window: bool) -> Result<PieceGrads> {
         let tape = Tape::new();
         let mut model = self.model.clone();
+        model.checkpoint_layers = self.config.checkpoint_layers;
         let params = self.install_into(&mut model, Some(&tape))?;
         // Gradient regrowth: the target weights become tape parameters, so the sparse linears
         // also produce their dense gradient.
