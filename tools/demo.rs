@@ -224,6 +224,9 @@ pub struct BenchStepArgs {
     /// Row shards per batch run side by side (see `finetune --cpu-shards`).
     #[arg(long, default_value_t = 2)]
     cpu_shards: usize,
+    /// Recompute each decoder layer in the backward (see `finetune --checkpoint-layers`).
+    #[arg(long)]
+    checkpoint_layers: bool,
 }
 
 /// `tuna bench-step`: times LoRA training steps of the `tools/bench-vs-torch` configuration
@@ -239,6 +242,7 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
         batch_size: 4,
         max_steps: Some(a.warmup + a.steps),
         shards: a.cpu_shards,
+        checkpoint_layers: a.checkpoint_layers,
         ..Default::default()
     };
     let mut trainer = Trainer::new(model, cfg, seqs, 0).map_err(err)?;
