@@ -339,6 +339,8 @@ fn training_on_wgpu_follows_the_cpu_loss_curve() {
                 c.lr = if method == Method::Full { 3e-3 } else { 2e-2 };
                 let mut t = Trainer::new(model, c, data(16, 6), 0).unwrap();
                 let losses: Vec<f32> = (0..t.total_steps().min(5)).map(|_| t.train_step().unwrap().loss).collect();
+                // On wgpu the masters live on the device; this copies them back.
+                t.sync_host().unwrap();
                 (losses, t.masters)
             };
             let (cpu_losses, cpu_masters) = run(base());
@@ -355,5 +357,28 @@ fn training_on_wgpu_follows_the_cpu_loss_curve() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn resume_on_wgpu_is_exact() {
+    // The masters and AdamW's moments live on the device; a checkpoint copies them out and a
+    // resume copies them back, so the run continues to exactly the same losses.
+    for dev in common::devices().into_iter().filter(|d| matches!(d, tuna::Device::Wgpu(_))) {
+        let c = cfg(lora(0.0), 4, 1);
+        let mut full = Trainer::new(base().to_device(&dev).unwrap(), c.clone(), data(16, 8), 0).unwrap();
+        let uninterrupted: Vec<f32> = (0..4).map(|_| full.train_step().unwrap().loss).collect();
+        let dir = tmp(&format!("resume-{dev}").replace(':', "-"));
+        let mut first = Trainer::new(base().to_device(&dev).unwrap(), c.clone(), data(16, 8), 0).unwrap();
+        let mut resumed: Vec<f32> = (0..2).map(|_| first.train_step().unwrap().loss).collect();
+        first.save_checkpoint(&dir).unwrap();
+        drop(first);
+        let mut second = Trainer::new(base().to_device(&dev).unwrap(), c, data(16, 8), 0).unwrap();
+        second.load_checkpoint(&dir).unwrap();
+        resumed.extend((0..2).map(|_| second.train_step().unwrap().loss));
+        assert_eq!(resumed, uninterrupted, "losses after resume on {dev}");
+        full.sync_host().unwrap();
+        second.sync_host().unwrap();
+        assert_eq!(second.masters, full.masters);
     }
 }

@@ -9,7 +9,7 @@
 
 mod attention;
 mod checkpoint;
-mod gpu;
+pub(crate) mod gpu;
 mod linalg;
 mod lora;
 mod nn;

@@ -18,7 +18,8 @@ use crate::io::safetensors::{save, WeightFiles};
 use crate::{Error, Result, Tensor};
 
 impl Trainer {
-    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+    pub fn save_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        self.sync_host()?;
         std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, format!("cannot create: {e}")))?;
         let meta = HashMap::from([("step".to_string(), self.step.to_string())]);
         let tensor = |v: &Vec<f32>, s: &Vec<usize>| Tensor::from_vec(v.clone(), s.clone());
@@ -107,6 +108,7 @@ impl Trainer {
         }).collect::<Result<Option<Vec<_>>>>()?;
         self.set_grad_sums(sums);
         self.step = step;
+        self.reset_device_state()?;
         self.install(None)?;
         Ok(())
     }

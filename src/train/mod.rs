@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod data;
+mod device;
 pub mod plot;
 pub mod run;
 
@@ -103,7 +104,8 @@ impl Default for TrainConfig {
 /// in a regrowth window, of the sparse target weights).
 struct PieceGrads {
     loss: f64,
-    grads: Vec<Option<Vec<f32>>>,
+    /// Where the model is (downloaded when the optimizer runs on the host).
+    grads: Vec<Option<Tensor>>,
     weight_grads: Vec<Option<Vec<f32>>>,
 }
 
@@ -127,8 +129,11 @@ pub struct Trainer {
     shapes: Vec<Vec<usize>>,
     /// How each trained tensor maps onto its matrix (SM3 and sparse deltas need it).
     pub layouts: Vec<Layout>,
-    /// f32 master copies of the trained tensors.
+    /// f32 master copies of the trained tensors. When training on wgpu with AdamW the masters
+    /// live on the device (see `device.rs`) and this host copy is refreshed by `sync_host`.
     pub masters: Vec<Vec<f32>>,
+    /// The masters and AdamW's moments on the device (wgpu), when training there.
+    device: Option<device::DeviceAdamW>,
     pub optimizer: Optimizer,
     /// Sparse fine-tuning with gradient regrowth: the dense gradient of each target matrix
     /// summed over the current window (None outside windows).
@@ -176,7 +181,35 @@ impl Trainer {
             _ => shapes.iter().map(|s| Layout::dense(s)).collect(),
         };
         let optimizer = Optimizer::new(config.optimizer, &layouts);
-        Ok(Trainer { model, optimizer, config, names, shapes, layouts, masters, grad_sums: None, step: 0, train, pad })
+        let mut t = Trainer { model, optimizer, config, names, shapes, layouts, masters, device: None, grad_sums: None, step: 0, train, pad };
+        t.reset_device_state()?;
+        Ok(t)
+    }
+
+    /// On wgpu with AdamW (dense layouts), (re)uploads the masters and the moments, which stay
+    /// on the device from then on.
+    fn reset_device_state(&mut self) -> Result<()> {
+        let dev = self.model.device();
+        self.device = match (&self.optimizer, dev) {
+            (Optimizer::AdamW(a), crate::Device::Wgpu(_)) if self.layouts.iter().all(|l| matches!(l, Layout::Dense { .. })) => {
+                Some(device::DeviceAdamW::new(&self.masters, &self.shapes, &a.state, dev)?)
+            }
+            _ => None,
+        };
+        Ok(())
+    }
+
+    /// Refreshes the host copies (`masters`, the optimizer's state) from the device, when the
+    /// training state lives there; a no-op on the CPU.
+    pub fn sync_host(&mut self) -> Result<()> {
+        if let Some(d) = &self.device {
+            let (masters, state) = d.download()?;
+            self.masters = masters;
+            if let Optimizer::AdamW(a) = &mut self.optimizer {
+                a.state = state;
+            }
+        }
+        Ok(())
     }
 
     /// Training examples.
@@ -219,9 +252,13 @@ impl Trainer {
         let mut handles = Vec::with_capacity(self.masters.len());
         let mut tensors = Vec::with_capacity(self.masters.len());
         let dev = model.device();
-        for (m, s) in self.masters.iter().zip(&self.shapes) {
-            // The f32 masters live on the host; each step's copies go where the model is.
-            let t = Tensor::from_vec(m.clone(), s.clone())?.to_device(&dev)?;
+        for (i, (m, s)) in self.masters.iter().zip(&self.shapes).enumerate() {
+            // Device-resident masters are used as they are; host masters are copied to where
+            // the model is.
+            let t = match &self.device {
+                Some(d) => d.params[i].clone(),
+                None => Tensor::from_vec(m.clone(), s.clone())?.to_device(&dev)?,
+            };
             let t = match tape {
                 Some(tape) => tape.param(&t),
                 None => t,
@@ -305,6 +342,10 @@ impl Trainer {
                 results.push(r?);
             }
         }
+        let lr = self.schedule().lr(self.step);
+        if self.device.is_some() {
+            return self.device_step(results, lr, pieces.iter().map(|p| p.2.tokens).sum());
+        }
         // Summed in (micro-batch, shard) order, so the result does not depend on thread timing.
         let mut grads: Vec<Vec<f32>> = self.masters.iter().map(|m| vec![0.0; m.len()]).collect();
         let mut loss_sum = 0.0f64;
@@ -312,7 +353,7 @@ impl Trainer {
             loss_sum += r.loss;
             for (acc, g) in grads.iter_mut().zip(r.grads) {
                 if let Some(g) = g {
-                    acc.iter_mut().zip(g).for_each(|(a, v)| *a += v);
+                    acc.iter_mut().zip(g.to_vec_f32()?).for_each(|(a, v)| *a += v);
                 }
             }
             if let Some(sums) = &mut self.grad_sums {
@@ -326,7 +367,6 @@ impl Trainer {
         let refs: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
         let sum_sq = sum_squares(&refs);
         let grad_norm = sum_sq.sqrt() as f32;
-        let lr = self.schedule().lr(self.step);
         self.optimizer.step(&mut self.masters, &grads, &self.layouts, lr, clip_scale(sum_sq, self.config.max_grad_norm))?;
         self.step += 1;
         self.maybe_reselect()?;
@@ -339,6 +379,39 @@ impl Trainer {
             tokens: pieces.iter().map(|p| p.2.tokens).sum(),
             epoch: (self.step * accum) as f32 / self.batches_per_epoch() as f32,
         })
+    }
+
+    /// The optimizer step on the device: gradients summed there in piece order, then the
+    /// device AdamW (`device.rs`); the host reads the loss and the gradient norm only.
+    fn device_step(&mut self, results: Vec<PieceGrads>, lr: f32, tokens: usize) -> Result<StepReport> {
+        let dev = self.model.device();
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.masters.len()];
+        let mut loss_sum = 0.0f64;
+        for r in results {
+            loss_sum += r.loss;
+            for (acc, g) in grads.iter_mut().zip(r.grads) {
+                if let Some(g) = g {
+                    *acc = Some(match acc.take() {
+                        None => g,
+                        Some(a) => ops::add(&a, &g)?,
+                    });
+                }
+            }
+        }
+        let grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(&self.shapes)
+            .map(|(g, s)| g.map_or_else(|| Tensor::zeros(s.clone(), crate::DType::F32, &dev), Ok))
+            .collect::<Result<_>>()?;
+        let Optimizer::AdamW(a) = &mut self.optimizer else { unreachable!("device state is AdamW only") };
+        a.step += 1;
+        let c = a.config;
+        let p = crate::kernels::optim::AdamWParams { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay, step: a.step as u32, grad_scale: 1.0 };
+        let grad_norm = self.device.as_mut().expect("device state").step(&grads, p, self.config.max_grad_norm)?;
+        self.step += 1;
+        self.install(None)?;
+        let accum = self.config.grad_accum;
+        Ok(StepReport { step: self.step, loss: loss_sum as f32, lr, grad_norm, tokens, epoch: (self.step * accum) as f32 / self.batches_per_epoch() as f32 })
     }
 
     /// Loss and gradients of one shard of micro-batch `k`, on a tape of its own over a copy of
@@ -368,8 +441,8 @@ impl Trainer {
         };
         let loss = ops::scale(&loss?, batch.targets as f32 / total_targets as f32)?;
         let g = tape.backward(&loss)?;
-        let grads_of = |ts: &[Tensor]| -> Result<Vec<Option<Vec<f32>>>> { ts.iter().map(|p| g.get(p).map(|g| g.to_vec_f32()).transpose()).collect() };
-        Ok(PieceGrads { loss: loss.to_scalar()? as f64, grads: grads_of(&params)?, weight_grads: grads_of(&weights)? })
+        let weight_grads = weights.iter().map(|p| g.get(p).map(|g| g.to_vec_f32()).transpose()).collect::<Result<_>>()?;
+        Ok(PieceGrads { loss: loss.to_scalar()? as f64, grads: params.iter().map(|p| g.get(p).cloned()).collect(), weight_grads })
     }
 
     /// Sparse fine-tuning: whether the step about to run sums dense gradients for regrowth.
