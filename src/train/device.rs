@@ -9,6 +9,9 @@ use crate::kernels::optim::AdamWParams;
 use crate::ops::gpu::wgpu_buf;
 use crate::{DType, Device, Error, Result, Tensor};
 
+/// Host copies of the device state: the masters, and per tensor AdamW's (m, v).
+pub(crate) type HostState = (Vec<Vec<f32>>, Vec<(Vec<f32>, Vec<f32>)>);
+
 pub(crate) struct DeviceAdamW {
     /// The masters, one tensor per trained tensor; the kernels update their buffers in place.
     pub params: Vec<Tensor>,
@@ -59,7 +62,7 @@ impl DeviceAdamW {
     }
 
     /// The masters and the moments, copied to the host.
-    pub fn download(&self) -> Result<(Vec<Vec<f32>>, Vec<(Vec<f32>, Vec<f32>)>)> {
+    pub fn download(&self) -> Result<HostState> {
         let masters = self.params.iter().map(|t| t.to_vec_f32()).collect::<Result<_>>()?;
         let state = self.m.iter().zip(&self.v).map(|(m, v)| Ok((m.to_vec_f32()?, v.to_vec_f32()?))).collect::<Result<_>>()?;
         Ok((masters, state))
