@@ -227,7 +227,7 @@ fn finetune_on_wgpu_follows_the_cpu() {
     let run = |device: &str| -> serde_json::Value {
         let out = base.join(device);
         let (ok, stdout, err) = tuna(&["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
-            "--max-steps", "3", "--lr", "1e-2", "--lora-dropout", "0", "--eval-every", "0", "--checkpoint-every", "0", "--cpu-shards", "1", "--json", "--device", device]);
+            "--max-steps", "3", "--lr", "1e-2", "--lora-dropout", "0.1", "--eval-every", "0", "--checkpoint-every", "0", "--cpu-shards", "1", "--json", "--device", device]);
         assert!(ok, "{device}: {err}");
         assert!(out.join("adapter/adapter_model.safetensors").exists());
         serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
@@ -235,6 +235,5 @@ fn finetune_on_wgpu_follows_the_cpu() {
     let (cpu, gpu) = (run("cpu"), run("wgpu"));
     let (a, b) = (cpu["final_train_loss"].as_f64().unwrap(), gpu["final_train_loss"].as_f64().unwrap());
     assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "final train loss: cpu {a} vs wgpu {b}");
-    let (ok, _, err) = tuna(&["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", base.join("drop").to_str().unwrap(), "--device", "wgpu", "--lora-dropout", "0.1"]);
-    assert!(!ok && err.contains("--lora-dropout 0"), "{err}");
+
 }

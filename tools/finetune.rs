@@ -161,9 +161,6 @@ pub struct FinetuneArgs {
 
 pub fn finetune(a: FinetuneArgs) -> CliResult {
     let (model, tok) = load(&a.model)?;
-    if matches!(model.device(), tuna::Device::Wgpu(_)) && a.lora_dropout > 0.0 && matches!(a.method, MethodArg::Lora | MethodArg::Qlora) {
-        return Err(format!("LoRA dropout runs on the CPU only so far; on {} pass --lora-dropout 0", model.device()));
-    }
     let data = Dataset::read(&a.data).map_err(err)?;
     if a.strict {
         data.strict().map_err(err)?;

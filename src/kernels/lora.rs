@@ -239,6 +239,67 @@ pub mod wgsl {
         pass(device, kernels, enc, ("lora_gemm::gemm", SOURCE, "gemm"), &u, &[(1, a), (2, b), (3, a), (4, b), (5, a), (6, c)], tiles(m, n))
     }
 
+    pub const DROPOUT_SOURCE: &str = include_str!("../../kernels-wgsl/dropout.wgsl");
+
+    #[repr(C)]
+    #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+    struct DropoutUniform {
+        len: u32,
+        seed_lo: u32,
+        seed_hi: u32,
+        p: f32,
+        keep: f32,
+        s: f32,
+        _pad: [u32; 2],
+    }
+
+    /// The LoRA dropout of `len` elements with `rng::uniform_at(seed, i)`'s mask, bit for bit:
+    /// `y = x * keep` where kept (`keep = 1 / (1 - p)`), else 0. With `axpy = Some((t, s))`:
+    /// `y = x + s * t * keep` where kept, else `x` (the dropped input's share of dX).
+    #[allow(clippy::too_many_arguments)]
+    pub fn dropout(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        x: &wgpu::Buffer,
+        axpy: Option<(&wgpu::Buffer, f32)>,
+        y: &wgpu::Buffer,
+        len: usize,
+        p: f32,
+        seed: u64,
+    ) -> Result<()> {
+        let op = "lora dropout (wgsl)";
+        check_buffers(op, &[("x", x, len), ("y", y, len)])?;
+        if let Some((t, _)) = axpy {
+            check_buffers(op, &[("t", t, len)])?;
+        }
+        if !(0.0..1.0).contains(&p) {
+            return Err(Error::InvalidArgument(format!("{op}: p must be in [0, 1), got {p}")));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        let u = DropoutUniform {
+            len: to_u32(op, "len", len)?,
+            seed_lo: seed as u32,
+            seed_hi: (seed >> 32) as u32,
+            p,
+            keep: 1.0 / (1.0 - p),
+            s: axpy.map_or(0.0, |a| a.1),
+            _pad: [0; 2],
+        };
+        let entry = if axpy.is_some() { "dropout_axpy" } else { "dropout" };
+        let pipe = kernels.pipeline(device, entry, DROPOUT_SOURCE, entry)?;
+        let ub = crate::device::wgpu::uniform(device, &u);
+        let (gx, gy) = crate::device::wgpu::grid((len as u32).div_ceil(256));
+        let mut binds = vec![(0u32, &ub), (1, x), (3, y)];
+        if let Some((t, _)) = axpy {
+            binds.push((2, t));
+        }
+        crate::device::wgpu::dispatch_bound(device, queue, &pipe, &binds, (gx, gy, 1));
+        Ok(())
+    }
+
     /// `c[m, n] = op(a)·op(b)` with op(a) `[m, k]` and op(b) `[k, n]` given by their (row, column)
     /// strides (see [`plain`] and [`transposed`]): the plain GEMM (rank 0 of the LoRA GEMM).
     #[allow(clippy::too_many_arguments)]

@@ -183,8 +183,9 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
 
 /// The group on wgpu: each part is one fused LoRA GEMM (`lora_gemm.wgsl`; a plain GEMM when
 /// the part has no adapter), and the backward is the same kernels' (`lora::wgsl::backward`:
-/// dA, dB and each part's dX, summed in part order on the device). LoRA dropout needs the CPU
-/// for now (the GPU dX takes no dropout mask).
+/// dA, dB and each part's dX, summed in part order on the device). LoRA dropout draws the
+/// CPU's mask on the device (`dropout.wgsl`); with it, dX is `dY·W + s·(dY·B·A) ∘ mask/(1-p)`
+/// from three products and one masked update.
 fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]) -> Result<Vec<Tensor>> {
     use crate::kernels::lora::wgsl;
     use crate::ops::gpu::{wgpu_buf, wgpu_output};
@@ -193,9 +194,6 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
     let mut outs = Vec::with_capacity(parts.len());
     let mut xas = Vec::with_capacity(parts.len());
     for (part, &p) in parts.iter().zip(params) {
-        if part.dropout.is_some_and(|d| d.p > 0.0) {
-            return Err(Error::InvalidArgument(format!("{OP} on {}: LoRA dropout runs on the CPU only so far (use --lora-dropout 0)", x.device())));
-        }
         expect_dtype(OP, part.weight, DType::F32)?;
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("rank >= 2") = p.n;
@@ -207,9 +205,19 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
             None => (xb, xb),
         };
         let bias = part.bias.map(|b| wgpu_buf(b).1);
-        wgsl::forward(&rt.device, &rt.queue, &rt.kernels, xb, xb, wgpu_buf(part.weight).1, bias, a, b, wgpu_buf(&y).1, xa.buffer(), p)?;
+        // The dropped input (kept for dA), when the part has dropout.
+        let drop = match (part.lora, part.dropout) {
+            (Some(_), Some(d)) if d.p > 0.0 => {
+                let xl = rt.alloc(4 * p.m * p.k);
+                wgsl::dropout(&rt.device, &rt.queue, &rt.kernels, xb, None, xl.buffer(), p.m * p.k, d.p, d.seed)?;
+                Some((xl, d))
+            }
+            _ => None,
+        };
+        let xl = drop.as_ref().map_or(xb, |(b, _)| b.buffer());
+        wgsl::forward(&rt.device, &rt.queue, &rt.kernels, xb, xl, wgpu_buf(part.weight).1, bias, a, b, wgpu_buf(&y).1, xa.buffer(), p)?;
         outs.push(y);
-        xas.push(xa);
+        xas.push((xa, drop));
     }
     let mut inputs: Vec<&Tensor> = vec![x];
     for part in parts {
@@ -224,7 +232,7 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
         let (rt, xb) = wgpu_buf(&sx);
         let mut dx: Option<Tensor> = None;
         let mut ab = Vec::new();
-        for ((w, lora, xa, p), g) in saved_parts.iter().zip(gs) {
+        for ((w, lora, (xa, drop), p), g) in saved_parts.iter().zip(gs) {
             let (m, k) = (p.m, p.k);
             let Some(g) = g else {
                 if lora.is_some() {
@@ -240,7 +248,19 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
             // A plain part (R = 0) writes no dA/dB: small scratch buffers bind in their place.
             let scratch = rt.alloc(4);
             let (dab, dbb) = (da.as_ref().map_or(scratch.buffer(), |t| wgpu_buf(t).1), db.as_ref().map_or(scratch.buffer(), |t| wgpu_buf(t).1));
-            wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xb, xa.buffer(), wgpu_buf(w).1, a, b, dab, dbb, dxi.as_ref().map(|t| wgpu_buf(t).1), *p)?;
+            let xl = drop.as_ref().map_or(xb, |(b, _)| b.buffer());
+            // With dropout the fused dX would skip the mask: dX is assembled below instead.
+            let fused_dx = if drop.is_some() { None } else { dxi.as_ref().map(|t| wgpu_buf(t).1) };
+            wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xl, xa.buffer(), wgpu_buf(w).1, a, b, dab, dbb, fused_dx, *p)?;
+            if let (Some((_, d)), Some(dxt)) = (drop, &dxi) {
+                let (n, r) = (p.n, p.r);
+                let (plain_dx, gb, t) = (rt.alloc(4 * m * k), rt.alloc(4 * m * r), rt.alloc(4 * m * k));
+                let gy = wgpu_buf(g).1;
+                wgsl::matmul(&rt.device, &rt.queue, &rt.kernels, (gy, wgsl::plain(n)), (wgpu_buf(w).1, wgsl::plain(k)), plain_dx.buffer(), (m, k, n))?;
+                wgsl::matmul(&rt.device, &rt.queue, &rt.kernels, (gy, wgsl::plain(n)), (b, wgsl::plain(r)), gb.buffer(), (m, r, n))?;
+                wgsl::matmul(&rt.device, &rt.queue, &rt.kernels, (gb.buffer(), wgsl::plain(r)), (a, wgsl::plain(k)), t.buffer(), (m, k, r))?;
+                wgsl::dropout(&rt.device, &rt.queue, &rt.kernels, plain_dx.buffer(), Some((t.buffer(), p.scale)), wgpu_buf(dxt).1, m * k, d.p, d.seed)?;
+            }
             debug_assert_eq!(sx.elem_count(), m * k);
             if let Some(dxi) = dxi {
                 dx = Some(match dx {
