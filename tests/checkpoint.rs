@@ -39,6 +39,17 @@ struct Case {
     packed: bool,
 }
 
+/// `a` and `b` equal bit for bit; a failure names the tensor and the first element that differs.
+fn same(a: &[Vec<f32>], b: &[Vec<f32>], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: tensor count");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert_eq!(x.len(), y.len(), "{what} {i}: length");
+        if let Some(j) = (0..x.len()).find(|&j| x[j].to_bits() != y[j].to_bits()) {
+            panic!("{what} {i} differs with checkpointing at element {j}: {} without, {} with", x[j], y[j]);
+        }
+    }
+}
+
 /// Gradients of every tracked tensor and the tape's length after the forward.
 fn grads(model: &Llama, case: Case, checkpoint: bool) -> (Vec<Vec<f32>>, usize) {
     let mut m = model.clone();
@@ -53,8 +64,10 @@ fn grads(model: &Llama, case: Case, checkpoint: bool) -> (Vec<Vec<f32>>, usize) 
     let loss = if case.packed { m.loss_packed(&ids(), None, &packing()) } else { m.loss(&ids(), None) }.unwrap();
     let entries = tape.len();
     let g = tape.backward(&loss).unwrap();
-    let params: Vec<Tensor> = if case.full { m.parameters().into_iter().map(|(_, t)| t).collect() } else { m.lora_parameters().into_iter().map(|(_, t)| t).collect() };
-    (params.iter().map(|p| g.get(p).expect("a gradient for every parameter").to_vec_f32().unwrap()).collect(), entries)
+    let params = if case.full { m.parameters() } else { m.lora_parameters() };
+    let what = case.what;
+    let grads = params.iter().map(|(name, p)| g.get(p).unwrap_or_else(|| panic!("{what} (checkpoint {checkpoint}): no gradient for {name}")).to_vec_f32().unwrap());
+    (grads.collect(), entries)
 }
 
 #[test]
@@ -85,9 +98,7 @@ fn checkpointed_layers_give_the_same_gradients() {
             let (plain, plain_len) = grads(&model, case, false);
             let (ckpt, ckpt_len) = grads(&model, case, true);
             assert_eq!(plain.len(), ckpt.len());
-            for (i, (a, b)) in plain.iter().zip(&ckpt).enumerate() {
-                assert_eq!(a, b, "{what} on {dev}: gradient {i} differs with checkpointing");
-            }
+            same(&plain, &ckpt, &format!("{what} on {dev}: gradient"));
             // Two layers: each becomes one entry instead of its ~20 ops.
             assert!(ckpt_len * 3 < plain_len, "{what} on {dev}: {ckpt_len} tape entries with checkpointing vs {plain_len} without");
             plain_by_case.push(plain);
@@ -107,6 +118,15 @@ fn data() -> Vec<Sequence> {
             Sequence { mask: vec![true; ids.len()], ids, starts: Vec::new() }
         })
         .collect()
+}
+
+/// The trainer's losses and masters with and without checkpointing are the same bit for bit.
+fn same_run(dev: &Device, config: &TrainConfig, data: &[Sequence], what: &str) {
+    let (plain_losses, plain_masters) = run(dev, config, data, false);
+    let (ckpt_losses, ckpt_masters) = run(dev, config, data, true);
+    assert!(plain_losses.len() >= 3, "{what} on {dev}: {} steps", plain_losses.len());
+    assert_eq!(plain_losses, ckpt_losses, "{what} on {dev}: losses without and with checkpointing");
+    same(&plain_masters, &ckpt_masters, &format!("{what} on {dev}: master"));
 }
 
 /// Losses of every step and the trained masters (copied back from the device).
@@ -135,20 +155,17 @@ fn trainer_losses_are_unchanged_by_checkpointing() {
         ("sparse, gradient regrowth", cfg(sparse(Regrow::Grad))),
     ];
     for (what, c) in &cpu {
-        let (plain, ckpt) = (run(&Device::Cpu, c, &data(), false), run(&Device::Cpu, c, &data(), true));
-        assert!(plain.0.len() >= 3, "{what}: {} steps", plain.0.len());
-        assert_eq!(plain, ckpt, "{what}: losses and weights with and without checkpointing");
+        same_run(&Device::Cpu, c, &data(), what);
     }
     // Packed rows (attention masked per example).
     let rows = pack(&data(), 24);
     assert!(rows.len() < data().len());
     let c = TrainConfig { batch_size: 2, ..cfg(lora.clone()) };
-    assert_eq!(run(&Device::Cpu, &c, &rows, false), run(&Device::Cpu, &c, &rows, true), "packed lora: losses and weights with and without checkpointing");
+    same_run(&Device::Cpu, &c, &rows, "lora on packed rows");
     // The other devices train LoRA (with dropout) and full tuning.
     for dev in common::devices().into_iter().filter(|d| !matches!(d, Device::Cpu)) {
         for c in [cfg(lora.clone()), cfg(Method::Full)] {
-            let what = c.method.name();
-            assert_eq!(run(&dev, &c, &data(), false), run(&dev, &c, &data(), true), "{what} on {dev}: losses and weights with and without checkpointing");
+            same_run(&dev, &c, &data(), c.method.name());
         }
     }
 }
