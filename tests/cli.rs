@@ -123,6 +123,40 @@ fn finetune_interrupt_and_resume_is_exact() {
     assert_eq!(adapter(&split), adapter(&full));
 }
 
+/// `finetune --checkpoint-layers` (reported in the JSON summary) logs the same losses and writes
+/// the same adapter, byte for byte, as the run without it.
+#[test]
+fn finetune_checkpoint_layers_changes_no_result() {
+    let m = fixture();
+    let base = std::env::temp_dir().join(format!("tuna-ft-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let data = base.join("data.jsonl");
+    let lines: String = (0..16).map(|i| format!("{{\"prompt\": \"Count {i}\", \"completion\": \" {} {}\"}}\n", i + 1, i + 2)).collect();
+    std::fs::write(&data, lines).unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let out = base.join(name);
+        let mut args = vec!["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
+                            "--max-steps", "4", "--lr", "1e-2", "--lora-dropout", "0.1", "--eval-every", "0", "--checkpoint-every", "0", "--json"];
+        args.extend_from_slice(extra);
+        let (ok, stdout, err) = tuna(&args);
+        assert!(ok, "{name}: {err}");
+        let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        let losses: Vec<String> = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!("{} {}", v["step"], v["loss"])
+        }).collect();
+        (v["checkpoint_layers"].clone(), losses, std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap())
+    };
+    let (flag, plain_losses, plain_adapter) = run("plain", &[]);
+    assert_eq!(flag, serde_json::Value::Bool(false));
+    let (flag, ckpt_losses, ckpt_adapter) = run("ckpt", &["--checkpoint-layers"]);
+    assert_eq!(flag, serde_json::Value::Bool(true), "--checkpoint-layers should reach the trainer's config");
+    assert_eq!(plain_losses.len(), 4);
+    assert_eq!(ckpt_losses, plain_losses, "losses with --checkpoint-layers vs without");
+    assert!(ckpt_adapter == plain_adapter, "the adapter written with --checkpoint-layers differs");
+}
+
 /// The demo task with SM3 (LoRA), with sparse fine-tuning (SM3, regrowth by SM3 scores) and
 /// with QLoRA (NF4 base) reaches the accuracy LoRA with AdamW reaches in
 /// `demo_learns_the_task` (at least 90%).

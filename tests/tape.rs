@@ -1,5 +1,6 @@
-//! The tape's rules: only tracked work is recorded, one tape per op, scalar losses, and a tape
-//! that is reusable after backward.
+//! The tape's rules: only tracked work is recorded, one tape per op, scalar losses, a tape
+//! that is reusable after backward, a replay from a given output gradient, and checkpointed
+//! functions (one entry, the same gradients).
 
 use tuna::{ops, Device, Error, Tape, Tensor};
 
@@ -66,4 +67,48 @@ fn tape_is_reusable_for_a_second_step() {
         let g = tape.backward(&loss).unwrap();
         assert_eq!(g.get(&w).unwrap().to_vec::<f32>().unwrap(), vec![4.0]);
     }
+}
+
+#[test]
+fn backward_from_replays_with_a_given_output_gradient() {
+    let tape = Tape::new();
+    let a = tape.param(&t(&[1.0, 2.0, 3.0], &[3]));
+    let b = tape.param(&t(&[4.0, -5.0, 6.0], &[3]));
+    let y = ops::mul(&a, &b).unwrap();
+    // dL/dy = g  ->  dL/da = g∘b, dL/db = g∘a
+    let g = tape.backward_from(&y, &t(&[0.5, -1.0, 2.0], &[3])).unwrap();
+    assert_eq!(g.get(&a).unwrap().to_vec::<f32>().unwrap(), vec![2.0, 5.0, 12.0]);
+    assert_eq!(g.get(&b).unwrap().to_vec::<f32>().unwrap(), vec![0.5, -2.0, 6.0]);
+    // A seed of another shape than the output is refused, naming both.
+    let y = ops::mul(&a, &b).unwrap();
+    let e = tape.backward_from(&y, &t(&[1.0, 1.0], &[2])).unwrap_err();
+    assert!(e.to_string().contains("backward_from"), "{e}");
+}
+
+#[test]
+fn checkpoint_records_one_entry_and_gives_the_same_gradients() {
+    // f(x, w, c) = sum((x∘w + w)∘x + c), c frozen.
+    let c = t(&[0.25, 0.5, 0.75], &[3]);
+    let f = |ins: &[Tensor]| -> tuna::Result<Tensor> {
+        let h = ops::add(&ops::mul(&ins[0], &ins[1])?, &ins[1])?;
+        ops::sum(&ops::add(&ops::mul(&h, &ins[0])?, &ins[2])?)
+    };
+    let run = |checkpoint: bool| {
+        let tape = Tape::new();
+        let x = tape.param(&t(&[1.0, -2.0, 3.0], &[3]));
+        let w = tape.param(&t(&[0.5, 1.5, -1.0], &[3]));
+        let frozen = c.clone();
+        let loss = if checkpoint { ops::checkpoint(&[&x, &w, &frozen], f).unwrap() } else { f(&[x.clone(), w.clone(), frozen.clone()]).unwrap() };
+        let entries = tape.len();
+        let g = tape.backward(&loss).unwrap();
+        assert!(g.get(&frozen).is_none(), "an untracked input gets no gradient");
+        (loss.to_vec::<f32>().unwrap(), entries, g.get(&x).unwrap().to_vec::<f32>().unwrap(), g.get(&w).unwrap().to_vec::<f32>().unwrap())
+    };
+    let (plain, ckpt) = (run(false), run(true));
+    assert_eq!(plain.1, 5);
+    assert_eq!(ckpt.1, 1, "the checkpointed function is one tape entry");
+    assert_eq!((&plain.0, &plain.2, &plain.3), (&ckpt.0, &ckpt.2, &ckpt.3));
+    // d/dx (x²w + xw) = 2xw + w, d/dw = x² + x
+    assert_eq!(plain.2, vec![1.5, -4.5, -7.0]);
+    assert_eq!(plain.3, vec![2.0, 2.0, 12.0]);
 }

@@ -283,6 +283,7 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
                 "optimizer": trainer.optimizer.name(), "optimizer_state_floats": trainer.optimizer.state_len(),
                 "output": output, "metrics": summary.metrics_path, "plot": summary.plot_path,
                 "checkpoint": summary.checkpoint_path, "skipped_lines": data.bad_lines.len(),
+                "checkpoint_layers": trainer.config.checkpoint_layers,
             })
         );
     } else {
