@@ -1,6 +1,6 @@
 // Broadcast add, f32: y[i] = a[i] + b[i % nb], a and y [len], b [nb] with nb dividing len (b
 // broadcasts over a's leading dims: a bias [N] onto [M, N], or nb == len for a plain sum);
-// and scale, y[i] = s * a[i] (b bound but unread).
+// scale, y[i] = s * a[i] (b bound but unread); and scale_by, y[i] = b[0] * a[i].
 //
 // Launch: workgroups of 256 over a grid of (min(groups, 65535), ceil(groups / 65535)), one
 // invocation per element.
@@ -35,4 +35,15 @@ fn scale(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
         return;
     }
     y[i] = bitcast<f32>(p._pad0) * a[i];
+}
+
+// Scale by a device scalar, f32: y[i] = b[0] * a[i] over len elements (a loss's gradient dy
+// scaling what a fused backward computed for dy = 1, without reading dy back to the host).
+@compute @workgroup_size(256)
+fn scale_by(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if i >= p.len {
+        return;
+    }
+    y[i] = b[0] * a[i];
 }

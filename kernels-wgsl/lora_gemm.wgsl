@@ -32,7 +32,7 @@ struct Params {
     b2_cs: u32,
     s1: f32,
     s2: f32,
-    // bit 0: add bias[N].
+    // bit 0: add bias[N]; bit 1: accumulate, C += (the sum above) instead of C = .
     flags: u32,
     _pad: u32,
 }
@@ -118,6 +118,9 @@ fn body(wid: vec3<u32>, lid: vec3<u32>, k2: u32) {
                 var v = acc[i][j];
                 if ((p.flags & 1u) != 0u) {
                     v += bias[col];
+                }
+                if ((p.flags & 2u) != 0u) {
+                    v += c[r * p.n + col];
                 }
                 c[r * p.n + col] = v;
             }

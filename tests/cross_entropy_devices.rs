@@ -1,11 +1,13 @@
 //! Cross-entropy (forward and the logits' gradient) on every device present, against the f64
 //! reference: ragged vocabularies (not multiples of the 256-wide workgroup), ignored rows, a
-//! batch with every row ignored.
+//! batch with every row ignored. Also the fused linear cross-entropy (logits made chunk by
+//! chunk from `x·Wᵀ`, gradients finished in the forward) against the same f64 reference.
 
 mod common;
 
 use proptest::prelude::*;
 use tuna::kernels::cross_entropy::reference;
+use tuna::kernels::matmul::{reference::matmul as matmul64, MatmulParams};
 use tuna::testing::{compare, Rng, Tolerance};
 use tuna::{ops, Device, Tape, Tensor};
 
@@ -65,6 +67,109 @@ proptest! {
     fn cross_entropy_random_shapes_on_every_device(m in 1usize..40, v in 1usize..700, ig in 0usize..5, seed: u64) {
         for dev in common::devices() {
             check(dev, m, v, ig, seed).map_err(TestCaseError::fail)?;
+        }
+    }
+}
+
+/// Which inputs of the fused op are trained in a case.
+#[derive(Clone, Copy, Debug)]
+enum Tracked {
+    Nothing,
+    X,
+    XAndW,
+}
+
+/// `linear_cross_entropy(x [M, H], w [V, H])` in chunks of `chunk` rows against the f64
+/// loss and the f64 gradients `dx = dz·W`, `dW = dzᵀ·x` (dz from `reference_grad`), with the
+/// loss's gradient seeded at `dy` (through a scale, so the backward's scaling is checked too).
+#[allow(clippy::too_many_arguments)]
+fn check_linear(dev: Device, m: usize, h: usize, v: usize, ignore_every: usize, chunk: Option<usize>, tracked: Tracked, seed: u64) -> Result<(), String> {
+    let e = |e: tuna::Error| e.to_string();
+    let mut rng = Rng::new(seed);
+    let (x, w) = (rng.vec(m * h, -1.0, 1.0), rng.vec(v * h, -1.0, 1.0));
+    let t: Vec<i32> = (0..m).map(|i| if ignore_every > 0 && i % ignore_every == 0 { IGNORE } else { rng.below(v) as i32 }).collect();
+    let (x64, w64): (Vec<f64>, Vec<f64>) = (x.iter().map(|&a| a as f64).collect(), w.iter().map(|&a| a as f64).collect());
+    let z64 = matmul64(&x64, &w64, MatmulParams { m, n: v, k: h, trans_a: false, trans_b: true });
+    let tape = Tape::new();
+    let xt = Tensor::from_slice(&x, [m, h], &dev).map_err(e)?;
+    let wt = Tensor::from_slice(&w, [v, h], &dev).map_err(e)?;
+    let (xt, wt) = match tracked {
+        Tracked::Nothing => (xt, wt),
+        Tracked::X => (tape.param(&xt), wt),
+        Tracked::XAndW => (tape.param(&xt), tape.param(&wt)),
+    };
+    let targets = Tensor::from_vec_i32(t.clone(), [m]).and_then(|x| x.to_device(&dev)).map_err(e)?;
+    let loss = ops::linear_cross_entropy(&xt, &wt, &targets, IGNORE, chunk).map_err(e)?;
+    if loss.device() != dev {
+        return Err(format!("loss on {} for x on {dev}", loss.device()));
+    }
+    compare(&format!("loss on {dev}"), &[loss.to_scalar().map_err(e)?], &[reference::cross_entropy(&z64, &t, v, IGNORE)], Tolerance::F32)?;
+    if let Tracked::Nothing = tracked {
+        return Ok(());
+    }
+    let dy = 0.75;
+    let grads = tape.backward(&ops::scale(&loss, dy as f32).map_err(e)?).map_err(e)?;
+    let dz: Vec<f64> = reference_grad(&z64, &t, v).iter().map(|g| g * dy).collect();
+    let dx = grads.get(&xt).ok_or("no gradient for x")?.to_vec_f32().map_err(e)?;
+    compare(&format!("dx on {dev}"), &dx, &matmul64(&dz, &w64, MatmulParams { m, n: h, k: v, trans_a: false, trans_b: false }), Tolerance::F32)?;
+    match (tracked, grads.get(&wt)) {
+        (Tracked::XAndW, Some(dw)) => {
+            let want = matmul64(&dz, &x64, MatmulParams { m: v, n: h, k: m, trans_a: true, trans_b: false });
+            compare(&format!("dW on {dev}"), &dw.to_vec_f32().map_err(e)?, &want, Tolerance::F32)
+        }
+        (Tracked::XAndW, None) => Err("no gradient for W".into()),
+        (_, Some(_)) => Err("a gradient for the frozen W".into()),
+        (_, None) => Ok(()),
+    }
+}
+
+#[test]
+fn linear_cross_entropy_matches_reference_on_every_device() {
+    // (M, H, V, every k-th row ignored, chunk rows): one chunk, ragged chunks (the last one
+    // short), a chunk per row, all rows ignored, vocabularies not multiples of any tile.
+    let cases = [
+        (1, 4, 3, 0, None),
+        (7, 16, 33, 0, Some(3)),
+        (20, 24, 257, 3, Some(8)),
+        (9, 8, 70, 0, Some(1)),
+        (6, 12, 40, 1, Some(4)),
+        (65, 33, 130, 4, Some(64)),
+    ];
+    for dev in common::devices() {
+        for (i, &(m, h, v, ig, chunk)) in cases.iter().enumerate() {
+            for tracked in [Tracked::Nothing, Tracked::X, Tracked::XAndW] {
+                check_linear(dev, m, h, v, ig, chunk, tracked, i as u64)
+                    .unwrap_or_else(|e| panic!("[M {m}, H {h}, V {v}] ignore every {ig}, chunks of {chunk:?}, {tracked:?}: {e}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_cross_entropy_rejects_bad_input() {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros([3, 4], tuna::DType::F32, &dev).unwrap();
+    let w = Tensor::zeros([5, 4], tuna::DType::F32, &dev).unwrap();
+    let t = Tensor::from_vec_i32(vec![0, 5, IGNORE], [3]).unwrap();
+    let err = ops::linear_cross_entropy(&x, &w, &t, IGNORE, None).unwrap_err().to_string();
+    assert!(err.contains("cross_entropy") && err.contains('5'), "target 5 of vocabulary 5: {err}");
+    let w3 = Tensor::zeros([5, 3], tuna::DType::F32, &dev).unwrap();
+    let t_ok = Tensor::from_vec_i32(vec![0, 1, 2], [3]).unwrap();
+    let err = ops::linear_cross_entropy(&x, &w3, &t_ok, IGNORE, None).unwrap_err().to_string();
+    assert!(err.contains("x [M, H] vs w [V, H]"), "hidden 4 vs 3: {err}");
+    let t2 = Tensor::from_vec_i32(vec![0, 1], [2]).unwrap();
+    let err = ops::linear_cross_entropy(&x, &w, &t2, IGNORE, None).unwrap_err().to_string();
+    assert!(err.contains("targets [M]"), "3 rows vs 2 targets: {err}");
+    let err = ops::linear_cross_entropy(&x, &w, &t_ok, IGNORE, Some(0)).unwrap_err().to_string();
+    assert!(err.contains("chunk_rows"), "{err}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 10, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn linear_cross_entropy_random_shapes_on_every_device(m in 1usize..40, h in 1usize..40, v in 1usize..300, ig in 0usize..5, chunk in 1usize..48, seed: u64) {
+        for dev in common::devices() {
+            check_linear(dev, m, h, v, ig, Some(chunk), Tracked::XAndW, seed).map_err(TestCaseError::fail)?;
         }
     }
 }

@@ -289,36 +289,11 @@ pub fn grid(groups: u32) -> (u32, u32) {
     }
 }
 
-/// Records one dispatch of `pipeline` with `buffers` bound in order to group 0, and submits it.
-pub fn dispatch(
+/// Records one dispatch of `pipeline` into `enc`, each buffer bound at its binding number
+/// (entry points may use only some of a shader's bindings).
+pub fn encode(
     device: &wgpu::Device,
-    queue: &wgpu::Queue,
-    pipeline: &wgpu::ComputePipeline,
-    buffers: &[&wgpu::Buffer],
-    workgroups: (u32, u32, u32),
-) {
-    let layout = pipeline.get_bind_group_layout(0);
-    let entries: Vec<wgpu::BindGroupEntry> = buffers
-        .iter()
-        .enumerate()
-        .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
-        .collect();
-    let bind = device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries });
-    let mut enc = device.create_command_encoder(&Default::default());
-    {
-        let mut pass = enc.begin_compute_pass(&Default::default());
-        pass.set_pipeline(pipeline);
-        pass.set_bind_group(0, &bind, &[]);
-        pass.dispatch_workgroups(workgroups.0, workgroups.1, workgroups.2);
-    }
-    queue.submit([enc.finish()]);
-}
-
-/// Like [`dispatch`], for entry points that use only some of a shader's bindings: each buffer
-/// is bound at its given binding number.
-pub fn dispatch_bound(
-    device: &wgpu::Device,
-    queue: &wgpu::Queue,
+    enc: &mut wgpu::CommandEncoder,
     pipeline: &wgpu::ComputePipeline,
     buffers: &[(u32, &wgpu::Buffer)],
     workgroups: (u32, u32, u32),
@@ -327,14 +302,35 @@ pub fn dispatch_bound(
     let entries: Vec<wgpu::BindGroupEntry> =
         buffers.iter().map(|(i, b)| wgpu::BindGroupEntry { binding: *i, resource: b.as_entire_binding() }).collect();
     let bind = device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries });
+    let mut pass = enc.begin_compute_pass(&Default::default());
+    pass.set_pipeline(pipeline);
+    pass.set_bind_group(0, &bind, &[]);
+    pass.dispatch_workgroups(workgroups.0, workgroups.1, workgroups.2);
+}
+
+/// One dispatch in its own submission, the buffers bound at their binding numbers.
+pub fn dispatch_bound(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    pipeline: &wgpu::ComputePipeline,
+    buffers: &[(u32, &wgpu::Buffer)],
+    workgroups: (u32, u32, u32),
+) {
     let mut enc = device.create_command_encoder(&Default::default());
-    {
-        let mut pass = enc.begin_compute_pass(&Default::default());
-        pass.set_pipeline(pipeline);
-        pass.set_bind_group(0, &bind, &[]);
-        pass.dispatch_workgroups(workgroups.0, workgroups.1, workgroups.2);
-    }
+    encode(device, &mut enc, pipeline, buffers, workgroups);
     queue.submit([enc.finish()]);
+}
+
+/// [`dispatch_bound`] with `buffers[i]` at binding `i`.
+pub fn dispatch(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    pipeline: &wgpu::ComputePipeline,
+    buffers: &[&wgpu::Buffer],
+    workgroups: (u32, u32, u32),
+) {
+    let bound: Vec<(u32, &wgpu::Buffer)> = buffers.iter().enumerate().map(|(i, b)| (i as u32, *b)).collect();
+    dispatch_bound(device, queue, pipeline, &bound, workgroups);
 }
 
 /// The runtime of wgpu adapter `index`, opened once per process.

@@ -4,6 +4,13 @@
 //!
 //! where C is the number of counted rows (loss 0 when C = 0). logits `[M, V]`, targets `[M]` i32.
 //! Backward: `dz[m, v] = dy / C * (softmax(z_m)[v] - [v == t_m])` for counted rows, 0 otherwise.
+//!
+//! Fused with the final projection (`linear_*`): the logits `z = x·Wᵀ` (x `[M, H]`, W `[V, H]`)
+//! are made `chunk_rows` rows at a time and turned into their gradient in place, so only one
+//! chunk of `[rows, V]` is ever held (the `[M, V]` logits of a 128k vocabulary would be the
+//! largest activation of the step). Because the loss is a scalar, the gradients for `dy = 1`
+//! are finished in the same pass (`dx = dz·W`, `dW = dzᵀ·x`, summed over chunks) and the
+//! backward only scales them by `dy`: two products over W per step instead of three.
 
 use crate::{Error, Result};
 
@@ -15,6 +22,31 @@ pub fn check_targets(targets: &[i32], vocab: usize, ignore_index: i32) -> Result
         }
         None => Ok(()),
     }
+}
+
+/// Sizes of a fused linear cross-entropy: x `[rows, hidden]` against W `[vocab, hidden]`,
+/// `chunk_rows` rows of logits at a time.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearCeParams {
+    pub rows: usize,
+    pub hidden: usize,
+    pub vocab: usize,
+    pub ignore_index: i32,
+    pub chunk_rows: usize,
+}
+
+impl LinearCeParams {
+    /// The rows of each chunk, `(first row, rows)`.
+    pub fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let c = self.chunk_rows.max(1);
+        (0..self.rows).step_by(c).map(move |r0| (r0, c.min(self.rows - r0)))
+    }
+}
+
+/// Rows per chunk when the caller has no preference: about 32 MiB of f32 logits, at least 16
+/// rows (so each chunk is still a GEMM, not a GEMV), at most every row.
+pub fn default_chunk_rows(rows: usize, vocab: usize) -> usize {
+    ((8usize << 20) / vocab.max(1)).max(16).min(rows.max(1))
 }
 
 pub mod reference {
@@ -60,6 +92,65 @@ pub mod cpu {
         (loss, count)
     }
 
+    /// Fused linear cross-entropy (see the module docs): returns (mean loss, counted rows) and,
+    /// for the gradients asked for, writes `dx = dz·W` (`[M, H]`) and `dw = dzᵀ·x` (`[V, H]`,
+    /// overwritten) for `dy = 1`. `w` is W `[V, H]`; `wt`, when given, is its transpose
+    /// `[H, V]`, the layout the logits' GEMM reads fastest. Targets must be in range
+    /// (`super::check_targets`).
+    pub fn linear_forward(
+        x: &[f32],
+        w: &[f32],
+        wt: Option<&[f32]>,
+        targets: &[i32],
+        mut dx: Option<&mut [f32]>,
+        mut dw: Option<&mut [f32]>,
+        p: super::LinearCeParams,
+    ) -> crate::Result<(f32, usize)> {
+        use crate::kernels::matmul::{cpu as mm, MatmulParams};
+        let (h, v, ignore) = (p.hidden, p.vocab, p.ignore_index);
+        let count = targets.iter().filter(|&&t| t != ignore).count();
+        let inv_count = if count == 0 { 0.0 } else { 1.0 / count as f32 };
+        let grads = dx.is_some() || dw.is_some();
+        if let Some(dw) = dw.as_deref_mut() {
+            dw.fill(0.0);
+        }
+        let mut total = 0.0f64;
+        for (r0, cm) in p.chunks() {
+            let xc = &x[r0 * h..(r0 + cm) * h];
+            let mut z = match wt {
+                Some(wt) => mm::matmul_new(xc, wt, MatmulParams { m: cm, n: v, k: h, trans_a: false, trans_b: false })?,
+                None => mm::matmul_new(xc, w, MatmulParams { m: cm, n: v, k: h, trans_a: false, trans_b: true })?,
+            };
+            // Each row's loss, and its logits turned into dz = (softmax - onehot) / C in place.
+            total += z
+                .par_chunks_mut(v)
+                .zip(targets[r0..r0 + cm].par_iter())
+                .map(|(row, &t)| {
+                    if t == ignore {
+                        row.fill(0.0);
+                        return 0.0;
+                    }
+                    let zt = row[t as usize];
+                    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let sum = crate::kernels::math::exp_shifted_sum(row, max);
+                    if grads {
+                        let s = inv_count / sum;
+                        row.iter_mut().for_each(|e| *e *= s);
+                        row[t as usize] -= inv_count;
+                    }
+                    (max + sum.ln() - zt) as f64
+                })
+                .sum::<f64>();
+            if let Some(dx) = dx.as_deref_mut() {
+                mm::matmul(&z, w, &mut dx[r0 * h..(r0 + cm) * h], MatmulParams { m: cm, n: h, k: v, trans_a: false, trans_b: false })?;
+            }
+            if let Some(dw) = dw.as_deref_mut() {
+                mm::matmul_acc(&z, xc, dw, MatmulParams { m: v, n: h, k: cm, trans_a: true, trans_b: false }, 1.0)?;
+            }
+        }
+        Ok((if count == 0 { 0.0 } else { (total / count as f64) as f32 }, count))
+    }
+
     /// `dz = dy / C * (probs - onehot)` on counted rows, 0 elsewhere.
     pub fn backward(probs: &[f32], targets: &[i32], dz: &mut [f32], v: usize, ignore_index: i32, count: usize, dy: f32) {
         let s = if count == 0 { 0.0 } else { dy / count as f32 };
@@ -77,7 +168,7 @@ pub mod cpu {
 }
 
 pub mod wgsl {
-    use crate::device::wgpu::{dispatch_bound, grid, uniform, KernelCache};
+    use crate::device::wgpu::{dispatch_bound, encode, grid, uniform, KernelCache, WgpuRuntime};
     use crate::kernels::check_len;
     use crate::{Error, Result};
 
@@ -161,6 +252,98 @@ pub mod wgsl {
         }
         let pipe = kernels.pipeline(device, "ce_bwd", SOURCE, "ce_bwd")?;
         dispatch_bound(device, queue, &pipe, &[(0, &u), (1, logits), (2, targets), (3, lse), (5, dz), (6, dy)], groups);
+        Ok(())
+    }
+
+    /// Fused linear cross-entropy on the device (see the module docs): `loss[0]` and, where
+    /// given, `dx = dz·W` `[M, H]` and `dw = dzᵀ·x` `[V, H]` for `dy = 1`. x `[M, H]`, W
+    /// `[V, H]`, targets `[M]` (in range; the caller counted the `count` rows that are not
+    /// ignored when it checked them on the host). One submission per chunk of rows: the
+    /// chunk's logits by the GEMM, its rows' log-sum-exp, their gradient, then the two
+    /// products; only `[chunk_rows, V]` logits (and their gradient) are held.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_forward(
+        rt: &WgpuRuntime,
+        x: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        targets: &wgpu::Buffer,
+        dx: Option<&wgpu::Buffer>,
+        dw: Option<&wgpu::Buffer>,
+        loss: &wgpu::Buffer,
+        count: usize,
+        p: super::LinearCeParams,
+    ) -> Result<()> {
+        use crate::kernels::lora::wgsl::{check_buffers, plain, product, product_acc, transposed};
+        const OP: &str = "linear_cross_entropy (wgsl)";
+        let (m, h, v) = (p.rows, p.hidden, p.vocab);
+        let c = p.chunk_rows.clamp(1, m.max(1));
+        check_buffers(OP, &[("x", x, m * h), ("w", w, v * h), ("targets", targets, m), ("loss", loss, 1)])?;
+        if let Some(dx) = dx {
+            check_buffers(OP, &[("dx", dx, m * h)])?;
+        }
+        if let Some(dw) = dw {
+            check_buffers(OP, &[("dw", dw, v * h)])?;
+        }
+        let u32_of = |n: usize, what: &str| u32::try_from(n).map_err(|_| Error::InvalidArgument(format!("{OP}: {what} = {n} exceeds u32")));
+        u32_of(c * v, "chunk rows · V")?;
+        let (dev, kernels) = (&rt.device, &rt.kernels);
+        let single = m <= c; // one chunk: x and the targets are read in place
+        let chunk_in = |elems: usize| (!single).then(|| rt.alloc(4 * elems));
+        let (xc, tc) = (chunk_in(c * h), chunk_in(c));
+        let dxc = dx.and(chunk_in(c * h));
+        let grads = dx.is_some() || dw.is_some();
+        let z = rt.alloc(4 * c * v);
+        let dz = grads.then(|| rt.alloc(4 * c * v));
+        let (lse, chunk_loss, row_loss) = (rt.alloc(4 * c), rt.alloc(4 * c), rt.alloc(4 * m.max(1)));
+        let one = rt.upload(bytemuck::bytes_of(&1.0f32));
+        let rows_pipe = kernels.pipeline(dev, "ce_rows", SOURCE, "ce_rows")?;
+        let bwd_pipe = kernels.pipeline(dev, "ce_bwd", SOURCE, "ce_bwd")?;
+        let params = |rows: usize| Params { rows: rows as u32, vocab: v as u32, ignore: p.ignore_index, count: count as u32 };
+        u32_of(m, "M")?;
+        u32_of(count, "C")?;
+        let bytes = |elems: usize| (4 * elems) as u64;
+        for (i, (r0, cm)) in p.chunks().enumerate() {
+            let mut enc = dev.create_command_encoder(&Default::default());
+            let (xb, tb) = match (&xc, &tc) {
+                (Some(xc), Some(tc)) => {
+                    enc.copy_buffer_to_buffer(x, bytes(r0 * h), xc.buffer(), 0, bytes(cm * h));
+                    enc.copy_buffer_to_buffer(targets, bytes(r0), tc.buffer(), 0, bytes(cm));
+                    (xc.buffer(), tc.buffer())
+                }
+                _ => (x, targets),
+            };
+            product(dev, kernels, &mut enc, (xb, plain(h)), (w, transposed(h)), z.buffer(), (cm, v, h), 1.0)?;
+            let u = uniform(dev, &params(cm));
+            let (gx, gy) = grid(cm as u32);
+            encode(dev, &mut enc, &rows_pipe, &[(0, &u), (1, z.buffer()), (2, tb), (3, lse.buffer()), (4, chunk_loss.buffer())], (gx, gy, 1));
+            enc.copy_buffer_to_buffer(chunk_loss.buffer(), 0, row_loss.buffer(), bytes(r0), bytes(cm));
+            if let Some(dz) = &dz {
+                let dz = dz.buffer();
+                encode(dev, &mut enc, &bwd_pipe, &[(0, &u), (1, z.buffer()), (2, tb), (3, lse.buffer()), (5, dz), (6, one.buffer())], (gx, gy, 1));
+                if let Some(dx) = dx {
+                    let out = dxc.as_ref().map_or(dx, |b| b.buffer());
+                    product(dev, kernels, &mut enc, (dz, plain(v)), (w, plain(h)), out, (cm, h, v), 1.0)?;
+                    if let Some(dxc) = &dxc {
+                        enc.copy_buffer_to_buffer(dxc.buffer(), 0, dx, bytes(r0 * h), bytes(cm * h));
+                    }
+                }
+                if let Some(dw) = dw {
+                    let add = if i == 0 { product } else { product_acc };
+                    add(dev, kernels, &mut enc, (dz, transposed(v)), (xb, plain(h)), dw, (v, h, cm), 1.0)?;
+                }
+            }
+            rt.queue.submit([enc.finish()]);
+        }
+        if m == 0 {
+            if let Some(dw) = dw {
+                let mut enc = dev.create_command_encoder(&Default::default());
+                enc.clear_buffer(dw, 0, Some(bytes(v * h)));
+                rt.queue.submit([enc.finish()]);
+            }
+        }
+        let mean = kernels.pipeline(dev, "ce_mean", SOURCE, "ce_mean")?;
+        let u = uniform(dev, &params(m));
+        dispatch_bound(dev, &rt.queue, &mean, &[(0, &u), (4, row_loss.buffer()), (5, loss)], (1, 1, 1));
         Ok(())
     }
 }

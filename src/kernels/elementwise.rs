@@ -502,6 +502,23 @@ pub mod wgsl {
         Ok(())
     }
 
+    /// `y[i] = s[0] * a[i]` over `len` elements, f32, with the factor in a device buffer.
+    pub fn scale_by(device: &wgpu::Device, queue: &wgpu::Queue, kernels: &KernelCache, a: &wgpu::Buffer, s: &wgpu::Buffer, y: &wgpu::Buffer, len: usize) -> Result<()> {
+        const OP: &str = "scale_by (wgsl)";
+        for (name, buf, n) in [("a", a, len), ("s", s, 1), ("y", y, len)] {
+            crate::kernels::check_len(OP, name, elems(buf), n)?;
+        }
+        let len32 = u32::try_from(len).map_err(|_| crate::Error::InvalidArgument(format!("{OP}: {len} elements exceed u32")))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let pipe = kernels.pipeline(device, "scale_by", ADD_SOURCE, "scale_by")?;
+        let u = uniform(device, &[len32, 1, 0, 0]);
+        let (gx, gy) = crate::device::wgpu::grid(len32.div_ceil(WG));
+        dispatch(device, queue, &pipe, &[&u, a, s, y], (gx, gy, 1));
+        Ok(())
+    }
+
     /// `y = silu(g) * u`, f32, g, u, y `[M, F]`.
     pub fn forward(
         device: &wgpu::Device,

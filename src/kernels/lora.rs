@@ -141,6 +141,8 @@ pub mod wgsl {
     /// Output tile of one workgroup (both shaders).
     pub(crate) const TILE: usize = 64;
     pub(crate) const FLAG_BIAS: u32 = 1;
+    /// `lora_gemm.wgsl` only: add the product to C instead of overwriting it.
+    pub(crate) const FLAG_ACCUMULATE: u32 = 2;
 
     /// The uniform of `lora_gemm.wgsl` and `nf4_gemm.wgsl` (the first 16 words are shared; the
     /// LoRA shader ignores the rest).
@@ -210,13 +212,9 @@ pub mod wgsl {
         }
         let pipe = kernels.pipeline(device, name, source, entry)?;
         let ub = crate::device::wgpu::uniform(device, u);
-        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: ub.as_entire_binding() }];
-        entries.extend(buffers.iter().map(|(i, b)| wgpu::BindGroupEntry { binding: *i, resource: b.as_entire_binding() }));
-        let bind = device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipe.get_bind_group_layout(0), entries: &entries });
-        let mut cp = enc.begin_compute_pass(&Default::default());
-        cp.set_pipeline(&pipe);
-        cp.set_bind_group(0, &bind, &[]);
-        cp.dispatch_workgroups(groups.0, groups.1, 1);
+        let mut binds = vec![(0, &ub)];
+        binds.extend_from_slice(buffers);
+        crate::device::wgpu::encode(device, enc, &pipe, &binds, (groups.0, groups.1, 1));
         Ok(())
     }
 
@@ -225,7 +223,37 @@ pub mod wgsl {
     }
 
     /// `c[m, n] = s · op(a)[m, k] · op(b)[k, n]` (the `gemm` entry point).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn product(
+        device: &wgpu::Device,
+        kernels: &KernelCache,
+        enc: &mut wgpu::CommandEncoder,
+        a: (&wgpu::Buffer, [u32; 2]),
+        b: (&wgpu::Buffer, [u32; 2]),
+        c: &wgpu::Buffer,
+        mnk: (usize, usize, usize),
+        s: f32,
+    ) -> Result<()> {
+        product_flags(device, kernels, enc, a, b, c, mnk, s, 0)
+    }
+
+    /// `c[m, n] += s · op(a)[m, k] · op(b)[k, n]`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn product_acc(
+        device: &wgpu::Device,
+        kernels: &KernelCache,
+        enc: &mut wgpu::CommandEncoder,
+        a: (&wgpu::Buffer, [u32; 2]),
+        b: (&wgpu::Buffer, [u32; 2]),
+        c: &wgpu::Buffer,
+        mnk: (usize, usize, usize),
+        s: f32,
+    ) -> Result<()> {
+        product_flags(device, kernels, enc, a, b, c, mnk, s, FLAG_ACCUMULATE)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn product_flags(
         device: &wgpu::Device,
         kernels: &KernelCache,
         enc: &mut wgpu::CommandEncoder,
@@ -234,8 +262,9 @@ pub mod wgsl {
         c: &wgpu::Buffer,
         (m, n, k): (usize, usize, usize),
         s: f32,
+        flags: u32,
     ) -> Result<()> {
-        let u = GemmUniform { m: m as u32, n: n as u32, k1: k as u32, strides: [sa, sb, [0, 0], [0, 0]], s1: s, ..Default::default() };
+        let u = GemmUniform { m: m as u32, n: n as u32, k1: k as u32, strides: [sa, sb, [0, 0], [0, 0]], s1: s, flags, ..Default::default() };
         pass(device, kernels, enc, ("lora_gemm::gemm", SOURCE, "gemm"), &u, &[(1, a), (2, b), (3, a), (4, b), (5, a), (6, c)], tiles(m, n))
     }
 

@@ -2,7 +2,7 @@ use cudarc::driver::CudaSlice;
 
 use crate::device::cuda::CudaRuntime;
 use crate::kernels::rmsnorm::{self, RmsNormParams};
-use crate::kernels::{cross_entropy as ce, embedding as emb};
+use crate::kernels::embedding as emb;
 use crate::ops::gpu::{wgpu_buf, wgpu_output};
 use crate::ops::{expect_dtype, same_device, same_dtype, saved};
 use crate::tape::record;
@@ -205,55 +205,4 @@ pub fn rmsnorm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> R
         }
         (_, dtype) => Err(Error::UnsupportedDType { op: "rmsnorm backward on this device", dtype }),
     }
-}
-
-/// Mean cross-entropy of `logits [M, V]` against `targets [M]` (i32), skipping rows whose
-/// target is `ignore_index`; see `kernels::cross_entropy` for the math and the backward.
-/// Returns a one-element tensor (0 when every row is ignored).
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i32) -> Result<Tensor> {
-    const OP: &str = "cross_entropy";
-    same_device(OP, logits, targets)?;
-    expect_dtype(OP, logits, DType::F32)?;
-    expect_dtype(OP, targets, DType::I32)?;
-    if logits.shape().rank() != 2 || targets.dims() != [logits.dims()[0]] {
-        return Err(Error::ShapeMismatch { op: "cross_entropy (logits [M, V] vs targets [M])", lhs: logits.shape().clone(), rhs: targets.shape().clone() });
-    }
-    let v = logits.dims()[1];
-    let (out, probs, count) = match logits.device() {
-        Device::Cpu => {
-            let t = targets.cpu_i32(OP)?;
-            ce::check_targets(t, v, ignore_index)?;
-            let mut probs = vec![0.0f32; logits.elem_count()];
-            let (loss, count) = ce::cpu::forward(logits.cpu_f32(OP)?, t, &mut probs, v, ignore_index);
-            (Tensor::from_vec(vec![loss], Vec::new())?, probs, count)
-        }
-        // On the device: each row's log-sum-exp is kept for the backward, which writes dz
-        // from it and the device scalar dy. Only the targets ([M] ids) are read on the host, to
-        // check them and count the rows.
-        Device::Wgpu(_) => {
-            let tv = targets.to_device(&Device::Cpu)?.to_vec::<i32>()?;
-            ce::check_targets(&tv, v, ignore_index)?;
-            let m = logits.dims()[0];
-            let p = ce::wgsl::CeParams { rows: m, vocab: v, ignore_index, count: tv.iter().filter(|&&t| t != ignore_index).count() };
-            let (rt, zb) = wgpu_buf(logits);
-            let (lse, row_loss) = (rt.alloc(4 * m), rt.alloc(4 * m));
-            let loss = wgpu_output(rt, Vec::new(), DType::F32);
-            ce::wgsl::forward(&rt.device, &rt.queue, &rt.kernels, zb, wgpu_buf(targets).1, lse.buffer(), row_loss.buffer(), wgpu_buf(&loss).1, p)?;
-            let (sz, st) = (saved(logits), saved(targets));
-            return record(OP, loss, &[logits, targets], move |g, _| {
-                let (rt, zb) = wgpu_buf(&sz);
-                let dz = wgpu_output(rt, sz.shape().clone(), DType::F32);
-                ce::wgsl::backward(&rt.device, &rt.queue, &rt.kernels, zb, wgpu_buf(&st).1, lse.buffer(), wgpu_buf(g).1, wgpu_buf(&dz).1, p)?;
-                Ok(vec![Some(dz), None])
-            });
-        }
-        d => return Err(Error::Unsupported { op: OP, device: d }),
-    };
-    let (st, shape) = (saved(targets), logits.shape().clone());
-    record(OP, out, &[logits, targets], move |g, _| {
-        let dy = g.to_scalar()?;
-        let mut dz = vec![0.0f32; probs.len()];
-        ce::cpu::backward(&probs, st.cpu_i32(OP)?, &mut dz, v, ignore_index, count, dy);
-        Ok(vec![Some(Tensor::from_vec(dz, shape)?), None])
-    })
 }

@@ -88,23 +88,9 @@ fn placeholder(device: &wgpu::Device) -> wgpu::Buffer {
     })
 }
 
-/// One compute pass: `pipeline` with `(binding, buffer)` pairs of group 0 (an entry point
-/// binds only what it uses, so bindings need not be contiguous).
-fn encode(
-    device: &wgpu::Device,
-    enc: &mut wgpu::CommandEncoder,
-    pipeline: &wgpu::ComputePipeline,
-    buffers: &[(u32, &wgpu::Buffer)],
-    workgroups: (u32, u32),
-) {
-    let layout = pipeline.get_bind_group_layout(0);
-    let entries: Vec<wgpu::BindGroupEntry> =
-        buffers.iter().map(|(i, b)| wgpu::BindGroupEntry { binding: *i, resource: b.as_entire_binding() }).collect();
-    let bind = device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries });
-    let mut pass = enc.begin_compute_pass(&Default::default());
-    pass.set_pipeline(pipeline);
-    pass.set_bind_group(0, &bind, &[]);
-    pass.dispatch_workgroups(workgroups.0, workgroups.1, 1);
+/// Records one dispatch over a 2-D grid of workgroups.
+fn encode(device: &wgpu::Device, enc: &mut wgpu::CommandEncoder, pipeline: &wgpu::ComputePipeline, buffers: &[(u32, &wgpu::Buffer)], (x, y): (u32, u32)) {
+    crate::device::wgpu::encode(device, enc, pipeline, buffers, (x, y, 1));
 }
 
 fn clip_parts<'a>(clip: Option<&DeviceClip<'a>>, none: &'a wgpu::Buffer) -> (u32, f32, &'a wgpu::Buffer) {

@@ -1,0 +1,131 @@
+//! Losses: cross-entropy from logits, and fused with the final projection so the logits are
+//! never held in full.
+
+use crate::kernels::cross_entropy::{self as ce, LinearCeParams};
+use crate::kernels::elementwise::wgsl as ew;
+use crate::ops::gpu::{wgpu_buf, wgpu_output};
+use crate::ops::{expect_dtype, same_device, saved, scale};
+use crate::tape::record;
+use crate::{DType, Device, Error, Result, Tensor};
+
+/// Mean cross-entropy of `logits [M, V]` against `targets [M]` (i32), skipping rows whose
+/// target is `ignore_index`; see `kernels::cross_entropy` for the math and the backward.
+/// Returns a one-element tensor (0 when every row is ignored).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i32) -> Result<Tensor> {
+    const OP: &str = "cross_entropy";
+    same_device(OP, logits, targets)?;
+    expect_dtype(OP, logits, DType::F32)?;
+    expect_dtype(OP, targets, DType::I32)?;
+    if logits.shape().rank() != 2 || targets.dims() != [logits.dims()[0]] {
+        return Err(Error::ShapeMismatch { op: "cross_entropy (logits [M, V] vs targets [M])", lhs: logits.shape().clone(), rhs: targets.shape().clone() });
+    }
+    let v = logits.dims()[1];
+    let (out, probs, count) = match logits.device() {
+        Device::Cpu => {
+            let t = targets.cpu_i32(OP)?;
+            ce::check_targets(t, v, ignore_index)?;
+            let mut probs = vec![0.0f32; logits.elem_count()];
+            let (loss, count) = ce::cpu::forward(logits.cpu_f32(OP)?, t, &mut probs, v, ignore_index);
+            (Tensor::from_vec(vec![loss], Vec::new())?, probs, count)
+        }
+        // On the device: each row's log-sum-exp is kept for the backward, which writes dz
+        // from it and the device scalar dy. Only the targets ([M] ids) are read on the host, to
+        // check them and count the rows.
+        Device::Wgpu(_) => {
+            let tv = targets.to_device(&Device::Cpu)?.to_vec::<i32>()?;
+            ce::check_targets(&tv, v, ignore_index)?;
+            let m = logits.dims()[0];
+            let p = ce::wgsl::CeParams { rows: m, vocab: v, ignore_index, count: tv.iter().filter(|&&t| t != ignore_index).count() };
+            let (rt, zb) = wgpu_buf(logits);
+            let (lse, row_loss) = (rt.alloc(4 * m), rt.alloc(4 * m));
+            let loss = wgpu_output(rt, Vec::new(), DType::F32);
+            ce::wgsl::forward(&rt.device, &rt.queue, &rt.kernels, zb, wgpu_buf(targets).1, lse.buffer(), row_loss.buffer(), wgpu_buf(&loss).1, p)?;
+            let (sz, st) = (saved(logits), saved(targets));
+            return record(OP, loss, &[logits, targets], move |g, _| {
+                let (rt, zb) = wgpu_buf(&sz);
+                let dz = wgpu_output(rt, sz.shape().clone(), DType::F32);
+                ce::wgsl::backward(&rt.device, &rt.queue, &rt.kernels, zb, wgpu_buf(&st).1, lse.buffer(), wgpu_buf(g).1, wgpu_buf(&dz).1, p)?;
+                Ok(vec![Some(dz), None])
+            });
+        }
+        d => return Err(Error::Unsupported { op: OP, device: d }),
+    };
+    let (st, shape) = (saved(targets), logits.shape().clone());
+    record(OP, out, &[logits, targets], move |g, _| {
+        let dy = g.to_scalar()?;
+        let mut dz = vec![0.0f32; probs.len()];
+        ce::cpu::backward(&probs, st.cpu_i32(OP)?, &mut dz, v, ignore_index, count, dy);
+        Ok(vec![Some(Tensor::from_vec(dz, shape)?), None])
+    })
+}
+
+/// `cross_entropy(matmul(x, w, false, true), targets, ignore_index)` without the `[M, V]`
+/// logits: x `[M, H]`, w `[V, H]` (the LM head, or the tied embedding table), targets `[M]`.
+/// The logits are made `chunk_rows` rows at a time (`None`: about 32 MiB of them, see
+/// `kernels::cross_entropy::default_chunk_rows`), and the gradients of x and of a trained w
+/// are finished in the same pass, so the backward only scales them by dy (see
+/// `kernels::cross_entropy`). With nothing tracked (evaluation) only the loss is computed.
+pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_index: i32, chunk_rows: Option<usize>) -> Result<Tensor> {
+    const OP: &str = "linear_cross_entropy";
+    same_device(OP, x, w)?;
+    same_device(OP, x, targets)?;
+    expect_dtype(OP, x, DType::F32)?;
+    if w.dtype() != DType::NF4 {
+        expect_dtype(OP, w, DType::F32)?; // a frozen NF4 head is read dequantized
+    }
+    expect_dtype(OP, targets, DType::I32)?;
+    if x.shape().rank() != 2 || w.shape().rank() != 2 || x.dims()[1] != w.dims()[1] {
+        return Err(Error::ShapeMismatch { op: "linear_cross_entropy (x [M, H] vs w [V, H])", lhs: x.shape().clone(), rhs: w.shape().clone() });
+    }
+    if targets.dims() != [x.dims()[0]] {
+        return Err(Error::ShapeMismatch { op: "linear_cross_entropy (x [M, H] vs targets [M])", lhs: x.shape().clone(), rhs: targets.shape().clone() });
+    }
+    let (m, h, v) = (x.dims()[0], x.dims()[1], w.dims()[0]);
+    if chunk_rows == Some(0) {
+        return Err(Error::InvalidArgument(format!("{OP}: chunk_rows must be at least 1")));
+    }
+    let p = LinearCeParams { rows: m, hidden: h, vocab: v, ignore_index, chunk_rows: chunk_rows.unwrap_or_else(|| ce::default_chunk_rows(m, v)) };
+    let (need_dx, need_dw) = (x.is_tracked(), w.is_tracked());
+    let (loss, dx, dw) = match x.device() {
+        Device::Cpu => {
+            let t = targets.cpu_i32(OP)?;
+            ce::check_targets(t, v, ignore_index)?;
+            let mut dx = need_dx.then(|| vec![0.0f32; m * h]);
+            let mut dw = need_dw.then(|| vec![0.0f32; v * h]);
+            // A frozen head is read through its cached transpose, like `matmul` reads it.
+            let wt = if need_dw { None } else { Some(w.cpu_f32_transposed(OP)?) };
+            let wf = w.cpu_f32_weight(OP)?;
+            let (loss, _) = ce::cpu::linear_forward(x.cpu_f32(OP)?, &wf, wt.as_deref(), t, dx.as_deref_mut(), dw.as_deref_mut(), p)?;
+            let dx = dx.map(|d| Tensor::from_vec(d, [m, h])).transpose()?;
+            let dw = dw.map(|d| Tensor::from_vec(d, [v, h])).transpose()?;
+            (Tensor::from_vec(vec![loss], Vec::new())?, dx, dw)
+        }
+        Device::Wgpu(_) if w.dtype() == DType::F32 => {
+            let tv = targets.to_device(&Device::Cpu)?.to_vec::<i32>()?;
+            ce::check_targets(&tv, v, ignore_index)?;
+            let count = tv.iter().filter(|&&t| t != ignore_index).count();
+            let (rt, xb) = wgpu_buf(x);
+            let loss = wgpu_output(rt, Vec::new(), DType::F32);
+            let dx = need_dx.then(|| wgpu_output(rt, [m, h], DType::F32));
+            let dw = need_dw.then(|| wgpu_output(rt, [v, h], DType::F32));
+            let (dxb, dwb) = (dx.as_ref().map(|t| wgpu_buf(t).1), dw.as_ref().map(|t| wgpu_buf(t).1));
+            ce::wgsl::linear_forward(rt, xb, wgpu_buf(w).1, wgpu_buf(targets).1, dxb, dwb, wgpu_buf(&loss).1, count, p)?;
+            (loss, dx, dw)
+        }
+        d => return Err(Error::Unsupported { op: OP, device: d }),
+    };
+    record(OP, loss, &[x, w, targets], move |g, _| Ok(vec![dx.map(|d| times(&d, g)).transpose()?, dw.map(|d| times(&d, g)).transpose()?, None]))
+}
+
+/// `d · g` for a one-element `g` on d's device (read on the host only on the CPU).
+fn times(d: &Tensor, g: &Tensor) -> Result<Tensor> {
+    match d.device() {
+        Device::Wgpu(_) => {
+            let (rt, db) = wgpu_buf(d);
+            let y = wgpu_output(rt, d.shape().clone(), DType::F32);
+            ew::scale_by(&rt.device, &rt.queue, &rt.kernels, db, wgpu_buf(g).1, wgpu_buf(&y).1, d.elem_count())?;
+            Ok(y)
+        }
+        _ => scale(d, g.to_scalar()?),
+    }
+}
