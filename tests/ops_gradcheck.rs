@@ -111,6 +111,21 @@ proptest! {
                   Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
     }
 
+    /// The fused head + loss, in chunks that split the rows unevenly, through central
+    /// differences of the f64 loss of `x·Wᵀ` (x and W both get gradients).
+    #[test]
+    fn linear_cross_entropy_grad(rows in 1usize..6, hidden in 1usize..5, vocab in 1usize..7, chunk in 1usize..4, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let x = randn(&mut rng, &[rows, hidden]);
+        let w = randn(&mut rng, &[vocab, hidden]);
+        let targets: Vec<i32> = (0..rows).map(|_| if rng.below(4) == 0 { -100 } else { rng.below(vocab) as i32 }).collect();
+        let tt = Tensor::from_vec_i32(targets.clone(), [rows]).unwrap();
+        let mp = matmul::MatmulParams { m: rows, n: vocab, k: hidden, trans_a: false, trans_b: true };
+        gradcheck(&[x, w, tt], |t| ops::linear_cross_entropy(&t[0], &t[1], &t[2], -100, Some(chunk)),
+                  |v| vec![cross_entropy::reference::cross_entropy(&matmul::reference::matmul(&v[0], &v[1], mp), &targets, vocab, -100)],
+                  Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;
+    }
+
     #[test]
     fn reshape_grad(a in 1usize..5, b in 1usize..5, seed: u64) {
         let mut rng = Rng::new(seed);

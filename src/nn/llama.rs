@@ -484,7 +484,18 @@ impl Llama {
         self.forward_impl(ids, Some(packing), None)
     }
 
-    fn forward_impl(&self, ids: &Tensor, packing: Option<&Packing>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn forward_impl(&self, ids: &Tensor, packing: Option<&Packing>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let x = self.hidden(ids, packing, cache)?;
+        ops::matmul(&x, self.head(), false, true)
+    }
+
+    /// The LM head `[V, H]`: its own matrix, or the embedding table when tied.
+    fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// The final hidden states `[B*T, H]` (after the last norm), which the head turns into logits.
+    fn hidden(&self, ids: &Tensor, packing: Option<&Packing>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let c = &self.config;
         if ids.dtype() != DType::I32 || ids.shape().rank() != 2 {
             return Err(Error::BadShape { op: "Llama::forward", shape: ids.shape().clone(), expected: "token ids [B, T] as i32".into() });
@@ -536,8 +547,7 @@ impl Llama {
         if let Some(cache) = cache {
             cache.len += t;
         }
-        let x = ops::rmsnorm(&x, &self.norm, c.rms_norm_eps)?;
-        ops::matmul(&x, self.lm_head.as_ref().unwrap_or(&self.embed), false, true)
+        ops::rmsnorm(&x, &self.norm, c.rms_norm_eps)
     }
 
     /// Next-token cross-entropy of `ids [B, T]`, as transformers computes it with
@@ -566,8 +576,9 @@ impl Llama {
                 }
             }
         }
-        let logits = self.forward_impl(ids, packing, None)?;
-        let targets = Tensor::from_vec_i32(targets, [b * t])?.to_device(&logits.device())?;
-        ops::cross_entropy(&logits, &targets, -100)
+        // The head and the loss as one op, so the [B*T, V] logits are never held in full.
+        let x = self.hidden(ids, packing, None)?;
+        let targets = Tensor::from_vec_i32(targets, [b * t])?.to_device(&x.device())?;
+        ops::linear_cross_entropy(&x, self.head(), &targets, -100, None)
     }
 }
