@@ -43,10 +43,13 @@ impl LinearCeParams {
     }
 }
 
-/// Rows per chunk when the caller has no preference: about 32 MiB of f32 logits, at least 16
-/// rows (so each chunk is still a GEMM, not a GEMV), at most every row.
+/// Rows per chunk when the caller has no preference: about 128 MiB of f32 logits, at least
+/// 256 rows, at most every row. Small chunks save little more memory and cost time: each chunk
+/// streams all of W through two GEMMs (on the CPU the GEMM also repacks it), so with a 128k
+/// vocabulary, H 512 and 2048 rows on a 2-core CPU, 65-row chunks took 2.4x as long as 256-row
+/// ones (7.2 s vs 3.0 s per forward + backward; the unfused pair: 3.8 s, 2.6 GB).
 pub fn default_chunk_rows(rows: usize, vocab: usize) -> usize {
-    ((8usize << 20) / vocab.max(1)).max(16).min(rows.max(1))
+    ((32usize << 20) / vocab.max(1)).max(256).min(rows.max(1))
 }
 
 pub mod reference {

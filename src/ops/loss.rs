@@ -61,7 +61,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i32) -> Re
 
 /// `cross_entropy(matmul(x, w, false, true), targets, ignore_index)` without the `[M, V]`
 /// logits: x `[M, H]`, w `[V, H]` (the LM head, or the tied embedding table), targets `[M]`.
-/// The logits are made `chunk_rows` rows at a time (`None`: about 32 MiB of them, see
+/// The logits are made `chunk_rows` rows at a time (`None`: about 128 MiB of them, see
 /// `kernels::cross_entropy::default_chunk_rows`), and the gradients of x and of a trained w
 /// are finished in the same pass, so the backward only scales them by dy (see
 /// `kernels::cross_entropy`). With nothing tracked (evaluation) only the loss is computed.
