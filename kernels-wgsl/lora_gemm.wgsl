@@ -12,6 +12,11 @@
 // The K loop runs over K1 and then K2 tiles into the same accumulators, so C is written once
 // and W is read once per output tile.
 //
+// Element types: T for the operands and the bias, TC for C, declared by the two aliases below
+// (f32 as written; the launcher rewrites them and prepends `enable f16;` for f16/f16, the
+// activations in half precision, and f16/f32, dA and dB for f32 master weights).
+// Accumulation is always f32.
+//
 // Launch: workgroup 16x16 owns a 64x64 tile of C, each invocation a 4x4 block at rows
 // ty + 16*i, cols tx + 16*j (strided, so workgroup-memory reads are conflict-free). K steps of
 // 16 staged in workgroup memory (2 x 4 KiB). grid = (ceil(N/64), ceil(M/64)). Any M, N, K:
@@ -37,17 +42,20 @@ struct Params {
     _pad: u32,
 }
 
+alias T = f32;
+alias TC = f32;
+
 const TM: u32 = 64u;
 const TN: u32 = 64u;
 const TK: u32 = 16u;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a1: array<f32>;
-@group(0) @binding(2) var<storage, read> b1: array<f32>;
-@group(0) @binding(3) var<storage, read> a2: array<f32>;
-@group(0) @binding(4) var<storage, read> b2: array<f32>;
-@group(0) @binding(5) var<storage, read> bias: array<f32>;
-@group(0) @binding(6) var<storage, read_write> c: array<f32>;
+@group(0) @binding(1) var<storage, read> a1: array<T>;
+@group(0) @binding(2) var<storage, read> b1: array<T>;
+@group(0) @binding(3) var<storage, read> a2: array<T>;
+@group(0) @binding(4) var<storage, read> b2: array<T>;
+@group(0) @binding(5) var<storage, read> bias: array<T>;
+@group(0) @binding(6) var<storage, read_write> c: array<TC>;
 
 // a_tile[l][i] = op(A)[row0 + i, k0 + l]; b_tile[l][j] = op(B)[k0 + l, col0 + j].
 var<workgroup> a_tile: array<array<f32, 64>, 16>;
@@ -58,9 +66,9 @@ fn load_a(i: u32, l: u32, second: bool) -> f32 {
         return 0.0;
     }
     if (second) {
-        return select(0.0, p.s2 * a2[i * p.a2_rs + l * p.a2_cs], l < p.k2);
+        return select(0.0, p.s2 * f32(a2[i * p.a2_rs + l * p.a2_cs]), l < p.k2);
     }
-    return select(0.0, p.s1 * a1[i * p.a1_rs + l * p.a1_cs], l < p.k1);
+    return select(0.0, p.s1 * f32(a1[i * p.a1_rs + l * p.a1_cs]), l < p.k1);
 }
 
 fn load_b(l: u32, j: u32, second: bool) -> f32 {
@@ -68,9 +76,9 @@ fn load_b(l: u32, j: u32, second: bool) -> f32 {
         return 0.0;
     }
     if (second) {
-        return select(0.0, b2[l * p.b2_rs + j * p.b2_cs], l < p.k2);
+        return select(0.0, f32(b2[l * p.b2_rs + j * p.b2_cs]), l < p.k2);
     }
-    return select(0.0, b1[l * p.b1_rs + j * p.b1_cs], l < p.k1);
+    return select(0.0, f32(b1[l * p.b1_rs + j * p.b1_cs]), l < p.k1);
 }
 
 fn body(wid: vec3<u32>, lid: vec3<u32>, k2: u32) {
@@ -117,12 +125,12 @@ fn body(wid: vec3<u32>, lid: vec3<u32>, k2: u32) {
             if (r < p.m && col < p.n) {
                 var v = acc[i][j];
                 if ((p.flags & 1u) != 0u) {
-                    v += bias[col];
+                    v += f32(bias[col]);
                 }
                 if ((p.flags & 2u) != 0u) {
-                    v += c[r * p.n + col];
+                    v += f32(c[r * p.n + col]);
                 }
-                c[r * p.n + col] = v;
+                c[r * p.n + col] = TC(v);
             }
         }
     }

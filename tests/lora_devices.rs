@@ -11,17 +11,18 @@ use proptest::prelude::*;
 use tuna::testing::lora::{check_lora, check_nf4_dequant, check_nf4_lora, LoraCase};
 use tuna::{DType, Device};
 
-/// Storage types each device has LoRA kernels for.
-fn dtypes(dev: Device) -> Vec<DType> {
+/// Storage types each device has LoRA kernels for (NF4: f32 on wgpu).
+fn dtypes(dev: Device, nf4: bool) -> Vec<DType> {
     match dev {
         Device::Cuda(_) => vec![DType::BF16, DType::F16],
+        Device::Wgpu(i) if !nf4 && tuna::device::wgpu::runtime(i).unwrap().has_f16() => vec![DType::F32, DType::F16],
         _ => vec![DType::F32],
     }
 }
 
 fn run(case: LoraCase, nf4: bool) {
     for dev in common::devices() {
-        for dtype in dtypes(dev) {
+        for dtype in dtypes(dev, nf4) {
             let case = LoraCase { dtype, ..case };
             let res = if nf4 { check_nf4_lora(dev, case) } else { check_lora(dev, case) };
             res.unwrap_or_else(|e| panic!("{e}"));

@@ -9,7 +9,8 @@
 #   - Mesa's lavapipe (software Vulkan), so the WGSL kernels run for real on the CPU;
 #   - the CUDA 13.0 toolchain from PyPI in a venv ($TUNA_CUDA_VENV, default
 #     ~/.cache/tuna/cuda13): nvcc for build.rs, libnvrtc for the NVRTC path, ptxas for the report.
-# Then: cargo test with TUNA_REQUIRE_WGPU/NVCC/NVRTC=1 (a missing adapter or toolchain fails
+# Then: cargo test with TUNA_REQUIRE_WGPU/WGPU_F16/NVCC/NVRTC=1 (a missing adapter, f16 support
+# or toolchain fails
 # instead of skipping), and `ptxas -v` for sm_90 on every kernel (registers, spills; a spill
 # fails the run).
 set -euo pipefail
@@ -40,7 +41,7 @@ cuda=$(cu13)
 export NVCC="$cuda/bin/nvcc"
 export LD_LIBRARY_PATH="$cuda/lib:${LD_LIBRARY_PATH:-}"
 export WGPU_BACKEND=vulkan
-export TUNA_REQUIRE_WGPU=1 TUNA_REQUIRE_NVCC=1 TUNA_REQUIRE_NVRTC=1
+export TUNA_REQUIRE_WGPU=1 TUNA_REQUIRE_WGPU_F16=1 TUNA_REQUIRE_NVCC=1 TUNA_REQUIRE_NVRTC=1
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$(mktemp -d)}
 chmod 700 "$XDG_RUNTIME_DIR" 2>/dev/null || true
 

@@ -126,8 +126,10 @@ pub mod cpu {
     }
 }
 
-/// WGSL launchers (f32) over wgpu's types: `kernels-wgsl/lora_gemm.wgsl`. Buffers need STORAGE
-/// usage and may be longer than their data. Dropout: the forward takes `x_lora` (the
+/// WGSL launchers over wgpu's types: `kernels-wgsl/lora_gemm.wgsl`, in f32, or with
+/// `Precision::F16` in half precision where the adapter has SHADER_F16 (f16 operands and
+/// outputs, dA and dB in f32, f32 accumulation). Buffers need STORAGE usage and may be longer
+/// than their data. Dropout: the forward takes `x_lora` (the
 /// dropped-out input) beside `x`; the backward's dX assumes no dropout (`x_lora = X`), so a
 /// caller with dropout multiplies the LoRA part itself or uses the CPU path.
 #[allow(clippy::too_many_arguments)]
@@ -143,6 +145,72 @@ pub mod wgsl {
     pub(crate) const FLAG_BIAS: u32 = 1;
     /// `lora_gemm.wgsl` only: add the product to C instead of overwriting it.
     pub(crate) const FLAG_ACCUMULATE: u32 = 2;
+
+    /// Storage of a LoRA GEMM call's inputs and outputs (dA and dB are f32 either way).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Precision {
+        F32,
+        /// Needs the adapter's SHADER_F16 (`WgpuRuntime::has_f16`).
+        F16,
+    }
+
+    impl Precision {
+        pub fn bytes(self) -> usize {
+            match self {
+                Precision::F32 => 4,
+                Precision::F16 => 2,
+            }
+        }
+
+        /// The (operands, output) types of a pass producing an activation in this precision.
+        fn same(self) -> Types {
+            match self {
+                Precision::F32 => Types::F32,
+                Precision::F16 => Types::F16,
+            }
+        }
+
+        /// The types of a pass producing an f32 gradient (dA, dB) from operands in this precision.
+        fn to_f32(self) -> Types {
+            match self {
+                Precision::F32 => Types::F32,
+                Precision::F16 => Types::F16ToF32,
+            }
+        }
+
+        fn check(self, device: &wgpu::Device, op: &str) -> Result<()> {
+            if self == Precision::F16 && !device.features().contains(wgpu::Features::SHADER_F16) {
+                return Err(Error::InvalidArgument(format!("{op}: f16 needs an adapter with SHADER_F16, and this one has none")));
+            }
+            Ok(())
+        }
+    }
+
+    /// Element types (operands `T`, output `TC`) of one pass: the shader's aliases.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) enum Types {
+        F32,
+        F16,
+        F16ToF32,
+    }
+
+    impl Types {
+        /// The shader with its aliases set, and a pipeline-name suffix.
+        fn source(self) -> (&'static str, &'static str) {
+            use std::sync::OnceLock;
+            static F16: OnceLock<String> = OnceLock::new();
+            static F16_TO_F32: OnceLock<String> = OnceLock::new();
+            let variant = |t: &str, tc: &str| {
+                let s = SOURCE.replacen("alias T = f32;", &format!("alias T = {t};"), 1).replacen("alias TC = f32;", &format!("alias TC = {tc};"), 1);
+                format!("enable f16;\n{s}")
+            };
+            match self {
+                Types::F32 => (SOURCE, ""),
+                Types::F16 => (F16.get_or_init(|| variant("f16", "f16")), "::f16"),
+                Types::F16ToF32 => (F16_TO_F32.get_or_init(|| variant("f16", "f32")), "::f16_to_f32"),
+            }
+        }
+    }
 
     /// The uniform of `lora_gemm.wgsl` and `nf4_gemm.wgsl` (the first 16 words are shared; the
     /// LoRA shader ignores the rest).
@@ -177,9 +245,14 @@ pub mod wgsl {
 
     /// Checks every `(name, buffer, f32 elements)`; lengths must also index in u32.
     pub(crate) fn check_buffers(op: &'static str, bufs: &[(&str, &wgpu::Buffer, usize)]) -> Result<()> {
+        check_elems(op, 4, bufs)
+    }
+
+    /// `check_buffers` for elements of `bytes` bytes.
+    fn check_elems(op: &'static str, bytes: usize, bufs: &[(&str, &wgpu::Buffer, usize)]) -> Result<()> {
         for (name, b, elems) in bufs {
             to_u32(op, &format!("length of `{name}`"), *elems)?;
-            check_len(op, name, b.size() as usize / 4, *elems)?;
+            check_len(op, name, b.size() as usize / bytes, *elems)?;
         }
         Ok(())
     }
@@ -234,7 +307,7 @@ pub mod wgsl {
         mnk: (usize, usize, usize),
         s: f32,
     ) -> Result<()> {
-        product_flags(device, kernels, enc, a, b, c, mnk, s, 0)
+        product_flags(device, kernels, enc, a, b, c, mnk, s, Types::F32, 0)
     }
 
     /// `c[m, n] += s · op(a)[m, k] · op(b)[k, n]`.
@@ -249,7 +322,7 @@ pub mod wgsl {
         mnk: (usize, usize, usize),
         s: f32,
     ) -> Result<()> {
-        product_flags(device, kernels, enc, a, b, c, mnk, s, FLAG_ACCUMULATE)
+        product_flags(device, kernels, enc, a, b, c, mnk, s, Types::F32, FLAG_ACCUMULATE)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -262,10 +335,27 @@ pub mod wgsl {
         c: &wgpu::Buffer,
         (m, n, k): (usize, usize, usize),
         s: f32,
+        types: Types,
         flags: u32,
     ) -> Result<()> {
         let u = GemmUniform { m: m as u32, n: n as u32, k1: k as u32, strides: [sa, sb, [0, 0], [0, 0]], s1: s, flags, ..Default::default() };
-        pass(device, kernels, enc, ("lora_gemm::gemm", SOURCE, "gemm"), &u, &[(1, a), (2, b), (3, a), (4, b), (5, a), (6, c)], tiles(m, n))
+        lora_pass(device, kernels, enc, types, "gemm", &u, &[(1, a), (2, b), (3, a), (4, b), (5, a), (6, c)], tiles(m, n))
+    }
+
+    /// `pass` of an entry point of `lora_gemm.wgsl` with the element types `types`.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_pass(
+        device: &wgpu::Device,
+        kernels: &KernelCache,
+        enc: &mut wgpu::CommandEncoder,
+        types: Types,
+        entry: &str,
+        u: &GemmUniform,
+        buffers: &[(u32, &wgpu::Buffer)],
+        groups: (u32, u32),
+    ) -> Result<()> {
+        let (source, suffix) = types.source();
+        pass(device, kernels, enc, (&format!("lora_gemm::{entry}{suffix}"), source, entry), u, buffers, groups)
     }
 
     pub const DROPOUT_SOURCE: &str = include_str!("../../kernels-wgsl/dropout.wgsl");
@@ -364,15 +454,19 @@ pub mod wgsl {
         y: &wgpu::Buffer,
         xa: &wgpu::Buffer,
         p: LoraParams,
+        precision: Precision,
     ) -> Result<()> {
         let op = "lora_fwd (wgsl)";
+        precision.check(device, op)?;
         let (m, n, k, r) = (p.m, p.n, p.k, p.r);
-        check_buffers(op, &[("x", x, m * k), ("x_lora", x_lora, m * k), ("w", w, n * k), ("a", a, r * k), ("b", b, n * r), ("y", y, m * n), ("xa", xa, m * r)])?;
+        let bytes = precision.bytes();
+        check_elems(op, bytes, &[("x", x, m * k), ("x_lora", x_lora, m * k), ("w", w, n * k), ("a", a, r * k), ("b", b, n * r), ("y", y, m * n), ("xa", xa, m * r)])?;
         if let Some(bias) = bias {
-            check_buffers(op, &[("bias", bias, n)])?;
+            check_elems(op, bytes, &[("bias", bias, n)])?;
         }
+        let types = precision.same();
         let mut enc = device.create_command_encoder(&Default::default());
-        product(device, kernels, &mut enc, (x_lora, plain(k)), (a, transposed(k)), xa, (m, r, k), 1.0)?;
+        product_flags(device, kernels, &mut enc, (x_lora, plain(k)), (a, transposed(k)), xa, (m, r, k), 1.0, types, 0)?;
         let u = GemmUniform {
             m: m as u32,
             n: n as u32,
@@ -385,7 +479,7 @@ pub mod wgsl {
             ..Default::default()
         };
         let bias = bias.unwrap_or(x);
-        pass(device, kernels, &mut enc, ("lora_gemm::lora_gemm", SOURCE, "lora_gemm"), &u, &[(1, x), (2, w), (3, xa), (4, b), (5, bias), (6, y)], tiles(m, n))?;
+        lora_pass(device, kernels, &mut enc, types, "lora_gemm", &u, &[(1, x), (2, w), (3, xa), (4, b), (5, bias), (6, y)], tiles(m, n))?;
         queue.submit([enc.finish()]);
         Ok(())
     }
@@ -403,12 +497,14 @@ pub mod wgsl {
         da: &wgpu::Buffer,
         db: &wgpu::Buffer,
         p: LoraParams,
+        precision: Precision,
     ) -> Result<wgpu::Buffer> {
         let (m, n, k, r) = (p.m, p.n, p.k, p.r);
+        let (same, to_f32) = (precision.same(), precision.to_f32());
         let g = scratch(device, m * r);
-        product(device, kernels, enc, (dy, plain(n)), (b, plain(r)), &g, (m, r, n), 1.0)?;
-        product(device, kernels, enc, (&g, transposed(r)), (x_lora, plain(k)), da, (r, k, m), p.scale)?;
-        product(device, kernels, enc, (dy, transposed(n)), (xa, plain(r)), db, (n, r, m), p.scale)?;
+        product_flags(device, kernels, enc, (dy, plain(n)), (b, plain(r)), &g, (m, r, n), 1.0, same, 0)?;
+        product_flags(device, kernels, enc, (&g, transposed(r)), (x_lora, plain(k)), da, (r, k, m), p.scale, to_f32, 0)?;
+        product_flags(device, kernels, enc, (dy, transposed(n)), (xa, plain(r)), db, (n, r, m), p.scale, to_f32, 0)?;
         Ok(g)
     }
 
@@ -428,15 +524,19 @@ pub mod wgsl {
         db: &wgpu::Buffer,
         dx: Option<&wgpu::Buffer>,
         p: LoraParams,
+        precision: Precision,
     ) -> Result<()> {
         let op = "lora_bwd (wgsl)";
+        precision.check(device, op)?;
         let (m, n, k, r) = (p.m, p.n, p.k, p.r);
-        check_buffers(op, &[("dy", dy, m * n), ("x_lora", x_lora, m * k), ("xa", xa, m * r), ("w", w, n * k), ("a", a, r * k), ("b", b, n * r), ("da", da, r * k), ("db", db, n * r)])?;
+        let bytes = precision.bytes();
+        check_elems(op, bytes, &[("dy", dy, m * n), ("x_lora", x_lora, m * k), ("xa", xa, m * r), ("w", w, n * k), ("a", a, r * k), ("b", b, n * r)])?;
+        check_buffers(op, &[("da", da, r * k), ("db", db, n * r)])?;
         if let Some(dx) = dx {
-            check_buffers(op, &[("dx", dx, m * k)])?;
+            check_elems(op, bytes, &[("dx", dx, m * k)])?;
         }
         let mut enc = device.create_command_encoder(&Default::default());
-        let g = small_grads(device, kernels, &mut enc, dy, x_lora, xa, b, da, db, p)?;
+        let g = small_grads(device, kernels, &mut enc, dy, x_lora, xa, b, da, db, p, precision)?;
         if let Some(dx) = dx {
             let u = GemmUniform {
                 m: m as u32,
@@ -448,7 +548,7 @@ pub mod wgsl {
                 s2: p.scale,
                 ..Default::default()
             };
-            pass(device, kernels, &mut enc, ("lora_gemm::lora_gemm", SOURCE, "lora_gemm"), &u, &[(1, dy), (2, w), (3, &g), (4, a), (5, dy), (6, dx)], tiles(m, k))?;
+            lora_pass(device, kernels, &mut enc, precision.same(), "lora_gemm", &u, &[(1, dy), (2, w), (3, &g), (4, a), (5, dy), (6, dx)], tiles(m, k))?;
         }
         queue.submit([enc.finish()]);
         Ok(())

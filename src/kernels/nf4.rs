@@ -206,7 +206,7 @@ pub mod wgsl {
 
     use super::{dynamic_map, Nf4Tensor, NF4};
     use crate::device::wgpu::KernelCache;
-    use crate::kernels::lora::wgsl::{check_buffers, pass, plain, product, small_grads, tiles, to_u32, transposed, GemmUniform, FLAG_BIAS};
+    use crate::kernels::lora::wgsl::{check_buffers, pass, plain, product, small_grads, tiles, to_u32, transposed, GemmUniform, Precision, FLAG_BIAS};
     use crate::kernels::lora::LoraParams;
     use crate::{Error, Result};
 
@@ -342,7 +342,7 @@ pub mod wgsl {
             check_buffers(op, &[("dx", dx, m * k)])?;
         }
         let mut enc = device.create_command_encoder(&Default::default());
-        let g = small_grads(device, kernels, &mut enc, dy, x_lora, xa, b, da, db, p)?;
+        let g = small_grads(device, kernels, &mut enc, dy, x_lora, xa, b, da, db, p, Precision::F32)?;
         if let Some(dx) = dx {
             let u = GemmUniform {
                 m: m as u32,

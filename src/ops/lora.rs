@@ -215,7 +215,7 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
             _ => None,
         };
         let xl = drop.as_ref().map_or(xb, |(b, _)| b.buffer());
-        wgsl::forward(&rt.device, &rt.queue, &rt.kernels, xb, xl, wgpu_buf(part.weight).1, bias, a, b, wgpu_buf(&y).1, xa.buffer(), p)?;
+        wgsl::forward(&rt.device, &rt.queue, &rt.kernels, xb, xl, wgpu_buf(part.weight).1, bias, a, b, wgpu_buf(&y).1, xa.buffer(), p, wgsl::Precision::F32)?;
         outs.push(y);
         xas.push((xa, drop));
     }
@@ -251,7 +251,7 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
             let xl = drop.as_ref().map_or(xb, |(b, _)| b.buffer());
             // With dropout the fused dX would skip the mask: dX is assembled below instead.
             let fused_dx = if drop.is_some() { None } else { dxi.as_ref().map(|t| wgpu_buf(t).1) };
-            wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xl, xa.buffer(), wgpu_buf(w).1, a, b, dab, dbb, fused_dx, *p)?;
+            wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xl, xa.buffer(), wgpu_buf(w).1, a, b, dab, dbb, fused_dx, *p, wgsl::Precision::F32)?;
             if let (Some((_, d)), Some(dxt)) = (drop, &dxi) {
                 let (n, r) = (p.n, p.r);
                 let (plain_dx, gb, t) = (rt.alloc(4 * m * k), rt.alloc(4 * m * r), rt.alloc(4 * m * k));

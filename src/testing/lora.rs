@@ -29,7 +29,8 @@ pub struct LoraCase {
     pub r: usize,
     pub bias: bool,
     pub scale: f32,
-    /// F32 (CPU, wgpu) or BF16 / F16 (CUDA) storage of every input and output but dA, dB.
+    /// F32 (CPU, wgpu), F16 (wgpu with SHADER_F16; CUDA) or BF16 (CUDA) storage of every input
+    /// and output but dA, dB.
     pub dtype: DType,
     pub seed: u64,
 }
@@ -234,7 +235,7 @@ fn run_cpu(case: &LoraCase, inp: &LoraInputs, w: &[f32]) -> crate::Result<LoraOu
 mod wgpu_run {
     use super::{LoraCase, LoraInputs, LoraOutputs};
     use crate::device::wgpu::{runtime, PooledBuffer, WgpuRuntime};
-    use crate::kernels::lora::wgsl;
+    use crate::kernels::lora::wgsl::{self, Precision};
     use crate::kernels::nf4::{self, Nf4Tensor};
     use crate::{DType, Error, Result};
 
@@ -246,22 +247,43 @@ mod wgpu_run {
         Ok(bytemuck::pod_collect_to_vec(&rt.download(b.buffer(), n * 4)?))
     }
 
-    pub fn lora(i: usize, case: &LoraCase, inp: &LoraInputs, q: Option<&Nf4Tensor>) -> Result<LoraOutputs> {
-        if case.dtype != DType::F32 {
-            return Err(Error::InvalidArgument(format!("no WGSL LoRA kernel for {}", case.dtype)));
+    /// Uploads in the precision's storage type (the values are already representable).
+    fn up_as(rt: &WgpuRuntime, pr: Precision, v: &[f32]) -> PooledBuffer {
+        match pr {
+            Precision::F32 => up(rt, v),
+            Precision::F16 => rt.upload(bytemuck::cast_slice(&v.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>())),
         }
+    }
+
+    fn down_as(rt: &WgpuRuntime, pr: Precision, b: &PooledBuffer, n: usize) -> Result<Vec<f32>> {
+        match pr {
+            Precision::F32 => down(rt, b, n),
+            Precision::F16 => {
+                // Copies move whole 4-byte words.
+                let bytes = rt.download(b.buffer(), (2 * n).next_multiple_of(4))?;
+                Ok(bytes.chunks_exact(2).take(n).map(|h| half::f16::from_le_bytes([h[0], h[1]]).to_f32()).collect())
+            }
+        }
+    }
+
+    pub fn lora(i: usize, case: &LoraCase, inp: &LoraInputs, q: Option<&Nf4Tensor>) -> Result<LoraOutputs> {
+        let pr = match (case.dtype, q) {
+            (DType::F32, _) => Precision::F32,
+            (DType::F16, None) => Precision::F16,
+            (dt, _) => return Err(Error::InvalidArgument(format!("no WGSL {} kernel for {dt}", if q.is_some() { "NF4 LoRA" } else { "LoRA" }))),
+        };
         let rt = runtime(i)?;
         let p = case.params();
         let (m, n, k, r) = (p.m, p.n, p.k, p.r);
-        let (x, w, a, b, dy) = (up(&rt, &inp.x), up(&rt, &inp.w), up(&rt, &inp.a), up(&rt, &inp.b), up(&rt, &inp.dy));
-        let bias = inp.bias.as_ref().map(|v| up(&rt, v));
+        let (x, w, a, b, dy) = (up_as(&rt, pr, &inp.x), up_as(&rt, pr, &inp.w), up_as(&rt, pr, &inp.a), up_as(&rt, pr, &inp.b), up_as(&rt, pr, &inp.dy));
+        let bias = inp.bias.as_ref().map(|v| up_as(&rt, pr, v));
         let (y, xa, dx, da, db) = (rt.alloc(m * n * 4), rt.alloc(m * r * 4), rt.alloc(m * k * 4), rt.alloc(r * k * 4), rt.alloc(n * r * 4));
         let (dev, queue, kern) = (&rt.device, &rt.queue, &rt.kernels);
         let bias_b = bias.as_ref().map(|b| b.buffer());
         match q {
             None => {
-                wgsl::forward(dev, queue, kern, x.buffer(), x.buffer(), w.buffer(), bias_b, a.buffer(), b.buffer(), y.buffer(), xa.buffer(), p)?;
-                wgsl::backward(dev, queue, kern, dy.buffer(), x.buffer(), xa.buffer(), w.buffer(), a.buffer(), b.buffer(), da.buffer(), db.buffer(), Some(dx.buffer()), p)?;
+                wgsl::forward(dev, queue, kern, x.buffer(), x.buffer(), w.buffer(), bias_b, a.buffer(), b.buffer(), y.buffer(), xa.buffer(), p, pr)?;
+                wgsl::backward(dev, queue, kern, dy.buffer(), x.buffer(), xa.buffer(), w.buffer(), a.buffer(), b.buffer(), da.buffer(), db.buffer(), Some(dx.buffer()), p, pr)?;
             }
             Some(q) => {
                 let wq = nf4::wgsl::upload(dev, q)?;
@@ -269,7 +291,13 @@ mod wgpu_run {
                 nf4::wgsl::lora_backward(dev, queue, kern, dy.buffer(), x.buffer(), xa.buffer(), &wq, a.buffer(), b.buffer(), da.buffer(), db.buffer(), Some(dx.buffer()), p)?;
             }
         }
-        Ok(LoraOutputs { y: down(&rt, &y, m * n)?, xa: down(&rt, &xa, m * r)?, dx: down(&rt, &dx, m * k)?, da: down(&rt, &da, r * k)?, db: down(&rt, &db, n * r)? })
+        Ok(LoraOutputs {
+            y: down_as(&rt, pr, &y, m * n)?,
+            xa: down_as(&rt, pr, &xa, m * r)?,
+            dx: down_as(&rt, pr, &dx, m * k)?,
+            da: down(&rt, &da, r * k)?,
+            db: down(&rt, &db, n * r)?,
+        })
     }
 
     pub fn dequant(i: usize, q: &Nf4Tensor) -> Result<Vec<f32>> {

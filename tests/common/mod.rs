@@ -4,7 +4,8 @@
 use tuna::Device;
 
 /// Every device this machine has. With TUNA_REQUIRE_WGPU=1 (set in CI) a missing wgpu adapter
-/// fails the test instead of quietly shrinking the list; likewise TUNA_REQUIRE_CUDA=1.
+/// fails the test instead of quietly shrinking the list; likewise TUNA_REQUIRE_CUDA=1, and
+/// TUNA_REQUIRE_WGPU_F16=1 for an adapter with SHADER_F16 (the f16 WGSL cases).
 pub fn devices() -> Vec<Device> {
     let devs: Vec<Device> = Device::available().into_iter().map(|d| d.device).collect();
     let require = |var: &str| std::env::var(var).is_ok_and(|v| v == "1");
@@ -12,6 +13,13 @@ pub fn devices() -> Vec<Device> {
         assert!(
             devs.iter().any(|d| matches!(d, Device::Wgpu(_))),
             "TUNA_REQUIRE_WGPU=1 but wgpu found no adapter: {:?}",
+            tuna::device::wgpu::adapters()
+        );
+    }
+    if require("TUNA_REQUIRE_WGPU_F16") {
+        assert!(
+            devs.iter().any(|d| matches!(d, Device::Wgpu(i) if tuna::device::wgpu::runtime(*i).is_ok_and(|rt| rt.has_f16()))),
+            "TUNA_REQUIRE_WGPU_F16=1 but no wgpu adapter has SHADER_F16: {:?}",
             tuna::device::wgpu::adapters()
         );
     }
