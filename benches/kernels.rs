@@ -144,7 +144,7 @@ fn attention_wgpu(c: &mut Criterion) {
             let (q, k, v, dout) = (bufs[0].buffer(), bufs[1].buffer(), bufs[2].buffer(), bufs[3].buffer());
             g.bench_function(BenchmarkId::new("forward", &id), |bch| {
                 bch.iter(|| {
-                    wgsl::forward(&rt.device, &rt.queue, &rt.kernels, q, k, v, None, o.buffer(), stats.buffer(), &p).unwrap();
+                    wgsl::forward(&rt.device, &rt.queue, &rt.kernels, q, k, v, None, o.buffer(), stats.buffer(), &p, wgsl::Precision::F32).unwrap();
                     rt.synchronize().unwrap();
                 })
             });
@@ -153,7 +153,7 @@ fn attention_wgpu(c: &mut Criterion) {
             g.throughput(Throughput::Elements(fwd_flops * 5 / 2));
             g.bench_function(BenchmarkId::new("backward", &id), |bch| {
                 bch.iter(|| {
-                    wgsl::backward(&rt.device, &rt.queue, &rt.kernels, q, k, v, None, o.buffer(), dout, stats.buffer(), dq.buffer(), dk.buffer(), dv.buffer(), &p).unwrap();
+                    wgsl::backward(&rt.device, &rt.queue, &rt.kernels, q, k, v, None, o.buffer(), dout, stats.buffer(), dq.buffer(), dk.buffer(), dv.buffer(), &p, wgsl::Precision::F32).unwrap();
                     rt.synchronize().unwrap();
                 })
             });

@@ -1,4 +1,6 @@
-// Flash attention (the FlashAttention-2 algorithm), forward and backward, f32.
+// Flash attention (the FlashAttention-2 algorithm), forward and backward. Tensors are stored
+// as T (the alias below: f32 as written; the launcher rewrites it to f16 and prepends
+// `enable f16;` for half-precision storage); the statistics and all arithmetic are f32.
 //
 // Shapes as in src/kernels/attention.rs: q, o, dO, dq [B, T, H, D]; k, v, dk, dv [B, S, G, D];
 // query head h reads key/value head h / (H/G). Query t sits at position S - T + t; causal: it
@@ -31,23 +33,25 @@ struct Params {
     _pad2: u32,
 }
 
+alias T = f32;
+
 const BR: u32 = 64u;
 const BC: u32 = 8u;
 const DMAX: u32 = 128u;
 const NEG: f32 = -3.0e38;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<f32>;
-@group(0) @binding(3) var<storage, read> v: array<f32>;
+@group(0) @binding(1) var<storage, read> q: array<T>;
+@group(0) @binding(2) var<storage, read> k: array<T>;
+@group(0) @binding(3) var<storage, read> v: array<T>;
 @group(0) @binding(4) var<storage, read> starts: array<u32>;
 // attn_fwd: o | attn_bwd_dot: o | attn_bwd_dkdv: dO | attn_bwd_dq: dO
-@group(0) @binding(5) var<storage, read_write> x5: array<f32>;
+@group(0) @binding(5) var<storage, read_write> x5: array<T>;
 @group(0) @binding(6) var<storage, read_write> stats: array<f32>;
 // attn_bwd_dot: dO | attn_bwd_dkdv: dk | attn_bwd_dq: dq
-@group(0) @binding(7) var<storage, read_write> x7: array<f32>;
+@group(0) @binding(7) var<storage, read_write> x7: array<T>;
 // attn_bwd_dkdv: dv
-@group(0) @binding(8) var<storage, read_write> x8: array<f32>;
+@group(0) @binding(8) var<storage, read_write> x8: array<T>;
 
 var<workgroup> tile_a: array<f32, 1024>; // BC * DMAX
 var<workgroup> tile_b: array<f32, 1024>;
@@ -92,7 +96,7 @@ fn load_kv_tile(which: u32, b: u32, j0: u32, g: u32, lid: u32) {
         var val = 0.0;
         if (j < p.kv_len) {
             let at = kv_index(b, j, g) + i % d;
-            if (which == 0u) { val = k[at]; } else { val = v[at]; }
+            if (which == 0u) { val = f32(k[at]); } else { val = f32(v[at]); }
         }
         if (which == 0u) { tile_a[i] = val; } else { tile_b[i] = val; }
     }
@@ -118,7 +122,7 @@ fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     if (valid) {
         let qi = q_index(b, t, h);
         for (var c = 0u; c < d; c = c + 1u) {
-            qv[c] = q[qi + c] * p.scale;
+            qv[c] = f32(q[qi + c]) * p.scale;
             acc[c] = 0.0;
         }
         range = visible(b, t);
@@ -178,7 +182,7 @@ fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
             inv = 1.0 / l;
         }
         for (var c = 0u; c < d; c = c + 1u) {
-            x5[qi + c] = acc[c] * inv;
+            x5[qi + c] = T(acc[c] * inv);
         }
         let row = (b * p.q_len + t) * p.heads + h;
         if (l > 0.0) {
@@ -198,7 +202,7 @@ fn attn_bwd_dot(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let base = row * p.head_dim;
     var s = 0.0;
     for (var c = 0u; c < p.head_dim; c = c + 1u) {
-        s = s + x5[base + c] * x7[base + c];
+        s = s + f32(x5[base + c]) * f32(x7[base + c]);
     }
     stats[2u * row + 1u] = s;
 }
@@ -224,8 +228,8 @@ fn attn_bwd_dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     if (valid) {
         let ki = kv_index(b, j, g);
         for (var c = 0u; c < d; c = c + 1u) {
-            kv[c] = k[ki + c];
-            vv[c] = v[ki + c];
+            kv[c] = f32(k[ki + c]);
+            vv[c] = f32(v[ki + c]);
             dk[c] = 0.0;
             dv[c] = 0.0;
         }
@@ -249,8 +253,8 @@ fn attn_bwd_dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
                 var ob = 0.0;
                 if (t < p.q_len) {
                     let at = q_index(b, t, h) + i % d;
-                    qa = q[at];
-                    ob = x5[at];
+                    qa = f32(q[at]);
+                    ob = f32(x5[at]);
                 }
                 tile_a[i] = qa;
                 tile_b[i] = ob;
@@ -294,8 +298,8 @@ fn attn_bwd_dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     if (valid) {
         let ki = kv_index(b, j, g);
         for (var c = 0u; c < d; c = c + 1u) {
-            x7[ki + c] = dk[c];
-            x8[ki + c] = dv[c];
+            x7[ki + c] = T(dk[c]);
+            x8[ki + c] = T(dv[c]);
         }
     }
 }
@@ -323,8 +327,8 @@ fn attn_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     if (valid) {
         let qi = q_index(b, t, h);
         for (var c = 0u; c < d; c = c + 1u) {
-            qv[c] = q[qi + c] * p.scale;
-            dov[c] = x5[qi + c];
+            qv[c] = f32(q[qi + c]) * p.scale;
+            dov[c] = f32(x5[qi + c]);
             dq[c] = 0.0;
         }
         range = visible(b, t);
@@ -364,7 +368,7 @@ fn attn_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     if (valid) {
         let qi = q_index(b, t, h);
         for (var c = 0u; c < d; c = c + 1u) {
-            x7[qi + c] = dq[c];
+            x7[qi + c] = T(dq[c]);
         }
     }
 }

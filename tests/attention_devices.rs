@@ -2,15 +2,19 @@
 //! flash-attention rule: the error of O, dQ, dK, dV is at most twice that of the plain f32
 //! implementation (the CPU path, which forms the softmax the textbook way) on the same inputs,
 //! plus an absolute floor of 1e-6 for entries where both are at rounding level. Shapes cross
-//! the 64-query / 64-key blocks and the 8-wide tiles.
+//! the 64-query / 64-key blocks and the 8-wide tiles. With f16 storage (adapters with
+//! SHADER_F16; lavapipe has it) the inputs are rounded to f16 first and the bar is a naive f16
+//! attention (`testing::attention::naive_half`: S, P, O, dP, dS and the gradients rounded).
 
 mod common;
 
 use proptest::prelude::*;
 use tuna::device::wgpu::runtime;
+use tuna::kernels::attention::wgsl::Precision;
 use tuna::kernels::attention::{cpu, reference, wgsl, AttentionParams};
 use tuna::rng::Rng;
-use tuna::Device;
+use tuna::testing::attention::naive_half;
+use tuna::{DType, Device};
 
 struct Case {
     p: AttentionParams,
@@ -23,47 +27,90 @@ fn max_err(got: &[f32], want: &[f64]) -> f64 {
     got.iter().zip(want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) })
 }
 
-fn check(dev_index: usize, c: &Case) -> Result<(), String> {
+fn check(dev_index: usize, c: &Case, precision: Precision) -> Result<(), String> {
     let p = &c.p;
     let mut rng = Rng::new(c.seed);
     let (qn, kn) = (p.batch * p.q_len * p.heads * p.head_dim, p.batch * p.kv_len * p.kv_heads * p.head_dim);
-    let (q, k, v, dout) = (rng.vec(qn, -1.0, 1.0), rng.vec(kn, -1.0, 1.0), rng.vec(kn, -1.0, 1.0), rng.vec(qn, -1.0, 1.0));
+    let f16 = precision == Precision::F16;
+    let mut gen = |n: usize| -> Vec<f32> {
+        let x = rng.vec(n, -1.0, 1.0);
+        if f16 {
+            x.into_iter().map(|a| half::f16::from_f32(a).to_f32()).collect()
+        } else {
+            x
+        }
+    };
+    let (q, k, v, dout) = (gen(qn), gen(kn), gen(kn), gen(qn));
     // Packed: examples start every 23 positions.
     let starts: Vec<u32> = (0..p.batch * p.q_len).map(|i| ((i % p.q_len) / 23 * 23) as u32).collect();
     let st = c.packed.then_some(starts.as_slice());
     let f = |x: &[f32]| x.iter().map(|&a| a as f64).collect::<Vec<_>>();
     let want_o = reference::forward(&f(&q), &f(&k), &f(&v), p, st);
     let (wq, wk, wv) = reference::backward(&f(&q), &f(&k), &f(&v), &f(&dout), p, st);
-    // The plain f32 implementation's errors set the bar.
-    let mut o32 = vec![0.0f32; qn];
-    cpu::forward(&q, &k, &v, &mut o32, p, st);
-    let (mut dq32, mut dk32, mut dv32) = (vec![0.0f32; qn], vec![0.0f32; kn], vec![0.0f32; kn]);
-    cpu::backward(&q, &k, &v, &dout, &mut dq32, &mut dk32, &mut dv32, p, st);
+    // The naive implementation in the same precision sets the bar: the plain f32 CPU path, or
+    // the naive f16 attention.
+    let naive: [Vec<f64>; 4] = if f16 {
+        naive_half(DType::F16, &f(&q), &f(&k), &f(&v), &f(&dout), p, st)
+    } else {
+        let mut o32 = vec![0.0f32; qn];
+        cpu::forward(&q, &k, &v, &mut o32, p, st);
+        let (mut dq32, mut dk32, mut dv32) = (vec![0.0f32; qn], vec![0.0f32; kn], vec![0.0f32; kn]);
+        cpu::backward(&q, &k, &v, &dout, &mut dq32, &mut dk32, &mut dv32, p, st);
+        [f(&o32), f(&dq32), f(&dk32), f(&dv32)]
+    };
 
     let rt = runtime(dev_index).map_err(|e| e.to_string())?;
-    let up = |x: &[f32]| rt.upload(bytemuck::cast_slice(x));
+    let up = |x: &[f32]| {
+        if f16 {
+            rt.upload(bytemuck::cast_slice(&x.iter().map(|&a| half::f16::from_f32(a)).collect::<Vec<_>>()))
+        } else {
+            rt.upload(bytemuck::cast_slice(x))
+        }
+    };
     let (bq, bk, bv, bdo) = (up(&q), up(&k), up(&v), up(&dout));
     let bst = rt.upload(bytemuck::cast_slice(&starts));
     let rows = p.batch * p.q_len * p.heads;
     let (bo, bstats) = (rt.alloc_zeros(qn * 4), rt.alloc_zeros(rows * 8));
     let (bdq, bdk, bdv) = (rt.alloc_zeros(qn * 4), rt.alloc_zeros(kn * 4), rt.alloc_zeros(kn * 4));
     let sb = c.packed.then_some(bst.buffer());
-    wgsl::forward(&rt.device, &rt.queue, &rt.kernels, bq.buffer(), bk.buffer(), bv.buffer(), sb, bo.buffer(), bstats.buffer(), p).map_err(|e| e.to_string())?;
-    wgsl::backward(&rt.device, &rt.queue, &rt.kernels, bq.buffer(), bk.buffer(), bv.buffer(), sb, bo.buffer(), bdo.buffer(), bstats.buffer(), bdq.buffer(), bdk.buffer(), bdv.buffer(), p)
+    wgsl::forward(&rt.device, &rt.queue, &rt.kernels, bq.buffer(), bk.buffer(), bv.buffer(), sb, bo.buffer(), bstats.buffer(), p, precision).map_err(|e| e.to_string())?;
+    wgsl::backward(&rt.device, &rt.queue, &rt.kernels, bq.buffer(), bk.buffer(), bv.buffer(), sb, bo.buffer(), bdo.buffer(), bstats.buffer(), bdq.buffer(), bdk.buffer(), bdv.buffer(), p, precision)
         .map_err(|e| e.to_string())?;
-    let down = |b: &wgpu::Buffer, n: usize| -> Vec<f32> { bytemuck::pod_collect_to_vec(&rt.download(b, n * 4).unwrap()) };
+    let down = |b: &wgpu::Buffer, n: usize| -> Vec<f32> {
+        if f16 {
+            // Copies move whole 4-byte words.
+            let bytes = rt.download(b, (2 * n).next_multiple_of(4)).unwrap();
+            bytes.chunks_exact(2).take(n).map(|h| half::f16::from_le_bytes([h[0], h[1]]).to_f32()).collect()
+        } else {
+            bytemuck::pod_collect_to_vec(&rt.download(b, n * 4).unwrap())
+        }
+    };
+    let [no, ndq, ndk, ndv] = &naive;
     for (name, got, naive, want) in [
-        ("O", down(bo.buffer(), qn), &o32, &want_o),
-        ("dQ", down(bdq.buffer(), qn), &dq32, &wq),
-        ("dK", down(bdk.buffer(), kn), &dk32, &wk),
-        ("dV", down(bdv.buffer(), kn), &dv32, &wv),
+        ("O", down(bo.buffer(), qn), no, &want_o),
+        ("dQ", down(bdq.buffer(), qn), ndq, &wq),
+        ("dK", down(bdk.buffer(), kn), ndk, &wk),
+        ("dV", down(bdv.buffer(), kn), ndv, &wv),
     ] {
-        let (e, bar) = (max_err(&got, want), 2.0 * max_err(naive, want) + 1e-6);
+        let (e, bar) = (max_err(&got, want), 2.0 * max_err64(naive, want) + 1e-6);
         if e > bar {
-            return Err(format!("{name}: error {e:.3e} > {bar:.3e} (twice the plain f32 error) for {p:?} packed={}", c.packed));
+            return Err(format!("{name} ({precision:?}): error {e:.3e} > {bar:.3e} (twice the naive error) for {p:?} packed={}", c.packed));
         }
     }
     Ok(())
+}
+
+fn max_err64(got: &[f64], want: &[f64]) -> f64 {
+    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) })
+}
+
+/// The precisions wgpu adapter `i` runs.
+fn precisions(i: usize) -> Vec<Precision> {
+    if runtime(i).unwrap().has_f16() {
+        vec![Precision::F32, Precision::F16]
+    } else {
+        vec![Precision::F32]
+    }
 }
 
 fn wgpu_devices() -> Vec<usize> {
@@ -88,7 +135,9 @@ fn flash_attention_wgsl_matches_reference() {
     ];
     for i in wgpu_devices() {
         for c in &cases {
-            check(i, c).unwrap_or_else(|e| panic!("wgpu:{i}: {e}"));
+            for pr in precisions(i) {
+                check(i, c, pr).unwrap_or_else(|e| panic!("wgpu:{i}: {e}"));
+            }
         }
     }
 }
@@ -102,11 +151,11 @@ fn flash_attention_wgsl_rejects_bad_input() {
         };
         let p = params(1, 4, 4, 2, 1, 200, true, None);
         let (q, k, v, o, st) = (buf(6400 * 4), buf(3200 * 4), buf(3200 * 4), buf(6400 * 4), buf(64));
-        let err = wgsl::forward(&rt.device, &rt.queue, &rt.kernels, &q, &k, &v, None, &o, &st, &p).unwrap_err();
+        let err = wgsl::forward(&rt.device, &rt.queue, &rt.kernels, &q, &k, &v, None, &o, &st, &p, Precision::F32).unwrap_err();
         assert!(err.to_string().contains("head dim 200"), "{err}");
         let p = params(1, 4, 4, 2, 1, 8, true, None);
         let small = buf(16);
-        let err = wgsl::forward(&rt.device, &rt.queue, &rt.kernels, &small, &k, &v, None, &o, &st, &p).unwrap_err();
+        let err = wgsl::forward(&rt.device, &rt.queue, &rt.kernels, &small, &k, &v, None, &o, &st, &p, Precision::F32).unwrap_err();
         assert!(err.to_string().contains("`q`"), "{err}");
     }
 }
@@ -122,7 +171,9 @@ proptest! {
         // Packed rows need T == S (one sequence per row, split into examples).
         let c = Case { p: if packed { AttentionParams { kv_len: t, ..p } } else { p }, packed, seed };
         for i in wgpu_devices() {
-            check(i, &c).map_err(TestCaseError::fail)?;
+            for pr in precisions(i) {
+                check(i, &c, pr).map_err(TestCaseError::fail)?;
+            }
         }
     }
 }

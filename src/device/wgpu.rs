@@ -289,6 +289,43 @@ pub fn grid(groups: u32) -> (u32, u32) {
     }
 }
 
+/// Storage precision of a WGSL kernel's tensors (its arithmetic is f32 either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    /// Needs the adapter's SHADER_F16 (`WgpuRuntime::has_f16`).
+    F16,
+}
+
+impl Precision {
+    pub fn bytes(self) -> usize {
+        match self {
+            Precision::F32 => 4,
+            Precision::F16 => 2,
+        }
+    }
+
+    /// A clear error where `device` cannot run this precision.
+    pub fn check(self, device: &wgpu::Device, op: &str) -> Result<()> {
+        if self == Precision::F16 && !device.features().contains(wgpu::Features::SHADER_F16) {
+            return Err(Error::InvalidArgument(format!("{op}: f16 needs an adapter with SHADER_F16, and this one has none")));
+        }
+        Ok(())
+    }
+}
+
+/// A shader whose storage types are aliases (`alias T = f32;` as written) with some of them
+/// rewritten to f16, and `enable f16;` prepended. Each alias must be declared in `source`.
+pub fn f16_variant(source: &str, aliases: &[&str]) -> String {
+    let mut s = source.to_string();
+    for a in aliases {
+        let decl = format!("alias {a} = f32;");
+        debug_assert!(s.contains(&decl), "the shader declares no `{decl}`");
+        s = s.replacen(&decl, &format!("alias {a} = f16;"), 1);
+    }
+    format!("enable f16;\n{s}")
+}
+
 /// Records one dispatch of `pipeline` into `enc`, each buffer bound at its binding number
 /// (entry points may use only some of a shader's bindings).
 pub fn encode(

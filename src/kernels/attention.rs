@@ -322,11 +322,21 @@ pub mod cpu {
 /// `D = rowsum(dO ∘ O)`.
 pub mod wgsl {
     use super::AttentionParams;
-    use crate::device::wgpu::{dispatch, grid, uniform, KernelCache};
+    pub use crate::device::wgpu::Precision;
+    use crate::device::wgpu::{dispatch, dispatch_bound, grid, uniform, KernelCache};
     use crate::kernels::check_len;
     use crate::{Error, Result};
 
     pub const SOURCE: &str = include_str!("../../kernels-wgsl/flash_attention.wgsl");
+
+    /// The pipeline of `entry` for tensors stored in `precision`.
+    fn pipeline(device: &wgpu::Device, kernels: &KernelCache, entry: &str, precision: Precision) -> Result<std::sync::Arc<wgpu::ComputePipeline>> {
+        static F16: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        match precision {
+            Precision::F32 => kernels.pipeline(device, entry, SOURCE, entry),
+            Precision::F16 => kernels.pipeline(device, &format!("{entry}::f16"), F16.get_or_init(|| crate::device::wgpu::f16_variant(SOURCE, &["T"])), entry),
+        }
+    }
     /// Queries (forward, dq) or keys (dk, dv) per workgroup.
     const BLOCK: usize = 64;
     pub const MAX_HEAD_DIM: usize = 128;
@@ -369,9 +379,10 @@ pub mod wgsl {
         })
     }
 
-    fn check(op: &'static str, bufs: &[(&str, &wgpu::Buffer, usize)]) -> Result<()> {
+    /// Checks each `(name, buffer, elements)` for elements of `bytes` bytes.
+    fn check(op: &'static str, bytes: usize, bufs: &[(&str, &wgpu::Buffer, usize)]) -> Result<()> {
         for (name, b, elems) in bufs {
-            check_len(op, name, b.size() as usize / 4, *elems)?;
+            check_len(op, name, b.size() as usize / bytes, *elems)?;
         }
         Ok(())
     }
@@ -383,7 +394,7 @@ pub mod wgsl {
 
     fn check_starts(op: &'static str, starts: Option<&wgpu::Buffer>, p: &AttentionParams) -> Result<()> {
         match starts {
-            Some(s) => check(op, &[("starts", s, p.batch * p.q_len)]),
+            Some(s) => check(op, 4, &[("starts", s, p.batch * p.q_len)]),
             None => Ok(()),
         }
     }
@@ -407,7 +418,8 @@ pub mod wgsl {
         Ok((x, y, 1))
     }
 
-    /// Forward: o and the log-sum-exp (`stats[2·row]`).
+    /// Forward: o and the log-sum-exp (`stats[2·row]`, f32). q, k, v, o are stored in
+    /// `precision`.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         device: &wgpu::Device,
@@ -420,10 +432,13 @@ pub mod wgsl {
         o: &wgpu::Buffer,
         stats: &wgpu::Buffer,
         p: &AttentionParams,
+        precision: Precision,
     ) -> Result<()> {
         const OP: &str = "flash_attention_fwd";
+        precision.check(device, OP)?;
         let (qn, kn, rows) = sizes(p);
-        check(OP, &[("q", q, qn), ("k", k, kn), ("v", v, kn), ("o", o, qn), ("stats", stats, 2 * rows)])?;
+        check(OP, precision.bytes(), &[("q", q, qn), ("k", k, kn), ("v", v, kn), ("o", o, qn)])?;
+        check(OP, 4, &[("stats", stats, 2 * rows)])?;
         check_starts(OP, starts, p)?;
         if rows == 0 {
             return Ok(());
@@ -431,13 +446,13 @@ pub mod wgsl {
         let u = uniform(device, &params(OP, p, starts.is_some())?);
         let mut keep = None;
         let st = starts_or(device, starts, &mut keep);
-        let pipe = kernels.pipeline(device, "attn_fwd", SOURCE, "attn_fwd")?;
+        let pipe = pipeline(device, kernels, "attn_fwd", precision)?;
         dispatch(device, queue, &pipe, &[&u, q, k, v, st, o, stats], groups(OP, p.batch * p.heads * p.q_len.div_ceil(BLOCK))?);
         Ok(())
     }
 
     /// Backward: dq, dk, dv (overwritten) from q, k, v, o, dO and the forward's `stats`
-    /// (whose second column it fills with `D`).
+    /// (whose second column it fills with `D`); every tensor but `stats` in `precision`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         device: &wgpu::Device,
@@ -454,10 +469,13 @@ pub mod wgsl {
         dk: &wgpu::Buffer,
         dv: &wgpu::Buffer,
         p: &AttentionParams,
+        precision: Precision,
     ) -> Result<()> {
         const OP: &str = "flash_attention_bwd";
+        precision.check(device, OP)?;
         let (qn, kn, rows) = sizes(p);
-        check(OP, &[("q", q, qn), ("k", k, kn), ("v", v, kn), ("o", o, qn), ("dout", dout, qn), ("stats", stats, 2 * rows), ("dq", dq, qn), ("dk", dk, kn), ("dv", dv, kn)])?;
+        check(OP, precision.bytes(), &[("q", q, qn), ("k", k, kn), ("v", v, kn), ("o", o, qn), ("dout", dout, qn), ("dq", dq, qn), ("dk", dk, kn), ("dv", dv, kn)])?;
+        check(OP, 4, &[("stats", stats, 2 * rows)])?;
         check_starts(OP, starts, p)?;
         if rows == 0 || kn == 0 {
             return Ok(());
@@ -465,23 +483,12 @@ pub mod wgsl {
         let u = uniform(device, &params(OP, p, starts.is_some())?);
         let mut keep = None;
         let st = starts_or(device, starts, &mut keep);
-        let dot = kernels.pipeline(device, "attn_bwd_dot", SOURCE, "attn_bwd_dot")?;
         // attn_bwd_dot binds only the uniform, o (5), stats (6) and dO (7).
-        let layout = dot.get_bind_group_layout(0);
-        let entries = [(0u32, &u), (5, o), (6, stats), (7, dout)].map(|(i, b)| wgpu::BindGroupEntry { binding: i, resource: b.as_entire_binding() });
-        let bind = device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries });
-        let mut enc = device.create_command_encoder(&Default::default());
-        {
-            let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&dot);
-            pass.set_bind_group(0, &bind, &[]);
-            let (x, y, _) = groups(OP, rows.div_ceil(BLOCK))?;
-            pass.dispatch_workgroups(x, y, 1);
-        }
-        queue.submit([enc.finish()]);
-        let dkdv = kernels.pipeline(device, "attn_bwd_dkdv", SOURCE, "attn_bwd_dkdv")?;
+        let dot = pipeline(device, kernels, "attn_bwd_dot", precision)?;
+        dispatch_bound(device, queue, &dot, &[(0, &u), (5, o), (6, stats), (7, dout)], groups(OP, rows.div_ceil(BLOCK))?);
+        let dkdv = pipeline(device, kernels, "attn_bwd_dkdv", precision)?;
         dispatch(device, queue, &dkdv, &[&u, q, k, v, st, dout, stats, dk, dv], groups(OP, p.batch * p.kv_heads * p.kv_len.div_ceil(BLOCK))?);
-        let dqp = kernels.pipeline(device, "attn_bwd_dq", SOURCE, "attn_bwd_dq")?;
+        let dqp = pipeline(device, kernels, "attn_bwd_dq", precision)?;
         dispatch(device, queue, &dqp, &[&u, q, k, v, st, dout, stats, dq], groups(OP, p.batch * p.heads * p.q_len.div_ceil(BLOCK))?);
         Ok(())
     }

@@ -147,42 +147,21 @@ pub mod wgsl {
     pub(crate) const FLAG_ACCUMULATE: u32 = 2;
 
     /// Storage of a LoRA GEMM call's inputs and outputs (dA and dB are f32 either way).
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub enum Precision {
-        F32,
-        /// Needs the adapter's SHADER_F16 (`WgpuRuntime::has_f16`).
-        F16,
+    pub use crate::device::wgpu::Precision;
+
+    /// The (operands, output) types of a pass producing an activation in precision `p`.
+    fn same(p: Precision) -> Types {
+        match p {
+            Precision::F32 => Types::F32,
+            Precision::F16 => Types::F16,
+        }
     }
 
-    impl Precision {
-        pub fn bytes(self) -> usize {
-            match self {
-                Precision::F32 => 4,
-                Precision::F16 => 2,
-            }
-        }
-
-        /// The (operands, output) types of a pass producing an activation in this precision.
-        fn same(self) -> Types {
-            match self {
-                Precision::F32 => Types::F32,
-                Precision::F16 => Types::F16,
-            }
-        }
-
-        /// The types of a pass producing an f32 gradient (dA, dB) from operands in this precision.
-        fn to_f32(self) -> Types {
-            match self {
-                Precision::F32 => Types::F32,
-                Precision::F16 => Types::F16ToF32,
-            }
-        }
-
-        fn check(self, device: &wgpu::Device, op: &str) -> Result<()> {
-            if self == Precision::F16 && !device.features().contains(wgpu::Features::SHADER_F16) {
-                return Err(Error::InvalidArgument(format!("{op}: f16 needs an adapter with SHADER_F16, and this one has none")));
-            }
-            Ok(())
+    /// The types of a pass producing an f32 gradient (dA, dB) from operands in precision `p`.
+    fn to_f32(p: Precision) -> Types {
+        match p {
+            Precision::F32 => Types::F32,
+            Precision::F16 => Types::F16ToF32,
         }
     }
 
@@ -200,14 +179,11 @@ pub mod wgsl {
             use std::sync::OnceLock;
             static F16: OnceLock<String> = OnceLock::new();
             static F16_TO_F32: OnceLock<String> = OnceLock::new();
-            let variant = |t: &str, tc: &str| {
-                let s = SOURCE.replacen("alias T = f32;", &format!("alias T = {t};"), 1).replacen("alias TC = f32;", &format!("alias TC = {tc};"), 1);
-                format!("enable f16;\n{s}")
-            };
+            use crate::device::wgpu::f16_variant;
             match self {
                 Types::F32 => (SOURCE, ""),
-                Types::F16 => (F16.get_or_init(|| variant("f16", "f16")), "::f16"),
-                Types::F16ToF32 => (F16_TO_F32.get_or_init(|| variant("f16", "f32")), "::f16_to_f32"),
+                Types::F16 => (F16.get_or_init(|| f16_variant(SOURCE, &["T", "TC"])), "::f16"),
+                Types::F16ToF32 => (F16_TO_F32.get_or_init(|| f16_variant(SOURCE, &["T"])), "::f16_to_f32"),
             }
         }
     }
@@ -464,7 +440,7 @@ pub mod wgsl {
         if let Some(bias) = bias {
             check_elems(op, bytes, &[("bias", bias, n)])?;
         }
-        let types = precision.same();
+        let types = same(precision);
         let mut enc = device.create_command_encoder(&Default::default());
         product_flags(device, kernels, &mut enc, (x_lora, plain(k)), (a, transposed(k)), xa, (m, r, k), 1.0, types, 0)?;
         let u = GemmUniform {
@@ -500,11 +476,11 @@ pub mod wgsl {
         precision: Precision,
     ) -> Result<wgpu::Buffer> {
         let (m, n, k, r) = (p.m, p.n, p.k, p.r);
-        let (same, to_f32) = (precision.same(), precision.to_f32());
+        let (act, grad) = (same(precision), to_f32(precision));
         let g = scratch(device, m * r);
-        product_flags(device, kernels, enc, (dy, plain(n)), (b, plain(r)), &g, (m, r, n), 1.0, same, 0)?;
-        product_flags(device, kernels, enc, (&g, transposed(r)), (x_lora, plain(k)), da, (r, k, m), p.scale, to_f32, 0)?;
-        product_flags(device, kernels, enc, (dy, transposed(n)), (xa, plain(r)), db, (n, r, m), p.scale, to_f32, 0)?;
+        product_flags(device, kernels, enc, (dy, plain(n)), (b, plain(r)), &g, (m, r, n), 1.0, act, 0)?;
+        product_flags(device, kernels, enc, (&g, transposed(r)), (x_lora, plain(k)), da, (r, k, m), p.scale, grad, 0)?;
+        product_flags(device, kernels, enc, (dy, transposed(n)), (xa, plain(r)), db, (n, r, m), p.scale, grad, 0)?;
         Ok(g)
     }
 
@@ -548,7 +524,7 @@ pub mod wgsl {
                 s2: p.scale,
                 ..Default::default()
             };
-            lora_pass(device, kernels, &mut enc, precision.same(), "lora_gemm", &u, &[(1, dy), (2, w), (3, &g), (4, a), (5, dy), (6, dx)], tiles(m, k))?;
+            lora_pass(device, kernels, &mut enc, same(precision), "lora_gemm", &u, &[(1, dy), (2, w), (3, &g), (4, a), (5, dy), (6, dx)], tiles(m, k))?;
         }
         queue.submit([enc.finish()]);
         Ok(())

@@ -71,14 +71,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttentionMask, scale:
             let stats = rt.alloc(2 * p.batch * p.q_len * p.heads * 4);
             let starts = mask.segment_starts.as_deref().map(|st| wgpu_upload(rt, st));
             let sb = starts.as_ref().map(|b| b.buffer());
-            wgsl::forward(&rt.device, &rt.queue, &rt.kernels, qb, wgpu_buf(k).1, wgpu_buf(v).1, sb, wgpu_buf(&o).1, stats.buffer(), &p)?;
+            wgsl::forward(&rt.device, &rt.queue, &rt.kernels, qb, wgpu_buf(k).1, wgpu_buf(v).1, sb, wgpu_buf(&o).1, stats.buffer(), &p, wgsl::Precision::F32)?;
             let (sq, sk, sv, so) = (saved(q), saved(k), saved(v), saved(&o));
             return record(OP, o, &[q, k, v], move |g, _| {
                 let (rt, qb) = wgpu_buf(&sq);
                 let (dq, dk, dv) = (wgpu_output(rt, sq.shape().clone(), DType::F32), wgpu_output(rt, sk.shape().clone(), DType::F32), wgpu_output(rt, sv.shape().clone(), DType::F32));
                 let (kb, vb, ob) = (wgpu_buf(&sk).1, wgpu_buf(&sv).1, wgpu_buf(&so).1);
                 let sb = starts.as_ref().map(|b| b.buffer());
-                wgsl::backward(&rt.device, &rt.queue, &rt.kernels, qb, kb, vb, sb, ob, wgpu_buf(g).1, stats.buffer(), wgpu_buf(&dq).1, wgpu_buf(&dk).1, wgpu_buf(&dv).1, &p)?;
+                wgsl::backward(&rt.device, &rt.queue, &rt.kernels, qb, kb, vb, sb, ob, wgpu_buf(g).1, stats.buffer(), wgpu_buf(&dq).1, wgpu_buf(&dk).1, wgpu_buf(&dv).1, &p, wgsl::Precision::F32)?;
                 Ok(vec![Some(dq), Some(dk), Some(dv)])
             });
         }
