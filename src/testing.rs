@@ -7,6 +7,7 @@
 use crate::{ops, Result, Tape, Tensor};
 
 pub mod attention;
+pub mod cast;
 pub mod lora;
 pub mod token_ops;
 pub mod optim;

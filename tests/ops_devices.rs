@@ -1,5 +1,6 @@
 //! RoPE, fused SwiGLU and the embedding gather / scatter-add, forward and backward, on every
-//! device present, against their f64 references. The check bodies and their tolerances live
+//! device present, against their f64 references; casts between f32, f16 and bf16 against the
+//! CPU's bit for bit. The check bodies and their tolerances live
 //! in `tuna::testing::token_ops` (shared with `tools/gpu-check`, which runs them on CUDA in f32 and
 //! bf16); the device list comes from `common::devices()`, which fails under
 //! TUNA_REQUIRE_WGPU=1 when no wgpu adapter is found. Shapes stay small for lavapipe.
@@ -10,6 +11,7 @@ use proptest::prelude::*;
 use tuna::kernels::elementwise::{self, SwiGluParams};
 use tuna::kernels::embedding::EmbeddingParams;
 use tuna::kernels::rope::{Direction, RopeParams};
+use tuna::testing::cast::check_cast;
 use tuna::testing::token_ops::{check_embedding, check_rope, check_rope_angles, check_swiglu, RopeCase};
 use tuna::{DType, Device};
 
@@ -22,6 +24,16 @@ fn dtypes(dev: Device) -> Vec<DType> {
 
 fn rope_case(tokens: usize, heads: usize, head_dim: usize, max_position: usize, dtype: DType, seed: u64) -> RopeCase {
     RopeCase { tokens, heads, head_dim, max_position, dtype, seed }
+}
+
+#[test]
+fn casts_match_the_cpu_bit_for_bit_on_every_device() {
+    // Odd and even lengths; the largest crosses many 256-wide workgroups.
+    for dev in common::devices() {
+        for (i, n) in [20usize, 21, 4097, 100_001].into_iter().enumerate() {
+            check_cast(dev, n, i as u64).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
 }
 
 #[test]

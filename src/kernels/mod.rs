@@ -10,6 +10,7 @@
 //! cudarc stream or wgpu device. Families without a GPU kernel yet have only the first two.
 
 pub mod attention;
+pub mod cast;
 pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;

@@ -232,6 +232,9 @@ fn token_op_cases(push: &mut impl FnMut(String, Result<(), String>)) {
             push(format!("embedding {dtype} T {tokens} V {vocab} E {dim}"), check_embedding(dev, dtype, tokens, vocab, dim, i as u64));
         }
     }
+    for (i, n) in [21usize, 4097, 1 << 22].into_iter().enumerate() {
+        push(format!("casts f32/f16/bf16, {n} elements, bit-exact"), tuna::testing::cast::check_cast(dev, n, i as u64));
+    }
 }
 
 /// The fused LoRA and NF4 cases: the bodies `tests/lora_devices.rs` runs on the CPU and wgpu,
