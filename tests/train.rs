@@ -332,28 +332,42 @@ fn qlora_quantizes_the_base_and_trains_the_adapters() {
 
 #[test]
 fn training_on_wgpu_follows_the_cpu_loss_curve() {
+    // AdamW, and SM3 with and without momentum: the optimizer state stays on the device too.
+    let no_momentum = OptimizerConfig::Sm3(Sm3Config { beta1: 0.0, ..Default::default() });
+    let runs = [(lora(0.0), OptimizerConfig::AdamW(Default::default())), (Method::Full, OptimizerConfig::AdamW(Default::default())), (lora(0.0), sm3()), (Method::Full, no_momentum)];
     for dev in common::devices().into_iter().filter(|d| matches!(d, tuna::Device::Wgpu(_))) {
-        for method in [lora(0.0), Method::Full] {
+        for (method, optimizer) in &runs {
+            let what = format!("{} with {}", method.name(), optimizer.name());
             let run = |model: Llama| {
                 let mut c = cfg(method.clone(), 4, 2);
-                c.lr = if method == Method::Full { 3e-3 } else { 2e-2 };
+                c.lr = if *method == Method::Full { 3e-3 } else { 2e-2 };
+                c.optimizer = optimizer.clone();
                 let mut t = Trainer::new(model, c, data(16, 6), 0).unwrap();
                 let losses: Vec<f32> = (0..t.total_steps().min(5)).map(|_| t.train_step().unwrap().loss).collect();
-                // On wgpu the masters live on the device; this copies them back.
+                // On wgpu the masters and the optimizer state live on the device; this copies
+                // them back.
                 t.sync_host().unwrap();
-                (losses, t.masters)
+                let state: Vec<Vec<f32>> = match &t.optimizer {
+                    tuna::optim::Optimizer::Sm3(o) => o.state.iter().flat_map(|s| [s.r.clone(), s.c.clone(), s.momentum.clone().unwrap_or_default()]).collect(),
+                    tuna::optim::Optimizer::AdamW(a) => a.state.iter().flat_map(|(m, v)| [m.clone(), v.clone()]).collect(),
+                };
+                (losses, t.masters, state)
             };
-            let (cpu_losses, cpu_masters) = run(base());
-            let (gpu_losses, gpu_masters) = run(base().to_device(&dev).unwrap());
+            let (cpu_losses, cpu_masters, cpu_state) = run(base());
+            let (gpu_losses, gpu_masters, gpu_state) = run(base().to_device(&dev).unwrap());
             assert_eq!(cpu_losses.len(), 5);
             // The same f32 math in another order of summation: agreement to a few ulps per step,
             // growing slowly as the runs drift apart.
             for (i, (c, g)) in cpu_losses.iter().zip(&gpu_losses).enumerate() {
-                assert!((c - g).abs() <= 1e-4 * c.abs().max(1.0), "{} step {i} on {dev}: cpu {c} vs {g}", method.name());
+                assert!((c - g).abs() <= 1e-4 * c.abs().max(1.0), "{what} step {i} on {dev}: cpu {c} vs {g}");
             }
-            for (c, g) in cpu_masters.iter().zip(&gpu_masters) {
-                for (x, y) in c.iter().zip(g) {
-                    assert!((x - y).abs() <= 1e-4 + 1e-3 * x.abs(), "{} masters on {dev}: cpu {x} vs {y}", method.name());
+            for (name, cpu, gpu) in [("masters", &cpu_masters, &gpu_masters), ("optimizer state", &cpu_state, &gpu_state)] {
+                assert_eq!(cpu.len(), gpu.len(), "{what}: {name} tensors");
+                for (c, g) in cpu.iter().zip(gpu) {
+                    assert_eq!(c.len(), g.len(), "{what}: {name} lengths");
+                    for (x, y) in c.iter().zip(g) {
+                        assert!((x - y).abs() <= 1e-4 + 1e-3 * x.abs(), "{what} {name} on {dev}: cpu {x} vs {y}");
+                    }
                 }
             }
         }
@@ -362,23 +376,26 @@ fn training_on_wgpu_follows_the_cpu_loss_curve() {
 
 #[test]
 fn resume_on_wgpu_is_exact() {
-    // The masters and AdamW's moments live on the device; a checkpoint copies them out and a
-    // resume copies them back, so the run continues to exactly the same losses.
+    // The masters and the optimizer state (AdamW's moments, SM3's accumulators) live on the
+    // device; a checkpoint copies them out and a resume copies them back, so the run continues
+    // to exactly the same losses.
     for dev in common::devices().into_iter().filter(|d| matches!(d, tuna::Device::Wgpu(_))) {
-        let c = cfg(lora(0.0), 4, 1);
-        let mut full = Trainer::new(base().to_device(&dev).unwrap(), c.clone(), data(16, 8), 0).unwrap();
-        let uninterrupted: Vec<f32> = (0..4).map(|_| full.train_step().unwrap().loss).collect();
-        let dir = tmp(&format!("resume-{dev}").replace(':', "-"));
-        let mut first = Trainer::new(base().to_device(&dev).unwrap(), c.clone(), data(16, 8), 0).unwrap();
-        let mut resumed: Vec<f32> = (0..2).map(|_| first.train_step().unwrap().loss).collect();
-        first.save_checkpoint(&dir).unwrap();
-        drop(first);
-        let mut second = Trainer::new(base().to_device(&dev).unwrap(), c, data(16, 8), 0).unwrap();
-        second.load_checkpoint(&dir).unwrap();
-        resumed.extend((0..2).map(|_| second.train_step().unwrap().loss));
-        assert_eq!(resumed, uninterrupted, "losses after resume on {dev}");
-        full.sync_host().unwrap();
-        second.sync_host().unwrap();
-        assert_eq!(second.masters, full.masters);
+        for optimizer in [OptimizerConfig::AdamW(Default::default()), sm3()] {
+            let c = TrainConfig { optimizer: optimizer.clone(), ..cfg(lora(0.0), 4, 1) };
+            let mut full = Trainer::new(base().to_device(&dev).unwrap(), c.clone(), data(16, 8), 0).unwrap();
+            let uninterrupted: Vec<f32> = (0..4).map(|_| full.train_step().unwrap().loss).collect();
+            let dir = tmp(&format!("resume-{dev}-{}", optimizer.name()).replace(':', "-"));
+            let mut first = Trainer::new(base().to_device(&dev).unwrap(), c.clone(), data(16, 8), 0).unwrap();
+            let mut resumed: Vec<f32> = (0..2).map(|_| first.train_step().unwrap().loss).collect();
+            first.save_checkpoint(&dir).unwrap();
+            drop(first);
+            let mut second = Trainer::new(base().to_device(&dev).unwrap(), c, data(16, 8), 0).unwrap();
+            second.load_checkpoint(&dir).unwrap();
+            resumed.extend((0..2).map(|_| second.train_step().unwrap().loss));
+            assert_eq!(resumed, uninterrupted, "losses after resume on {dev} with {}", optimizer.name());
+            full.sync_host().unwrap();
+            second.sync_host().unwrap();
+            assert_eq!(second.masters, full.masters);
+        }
     }
 }

@@ -1,70 +1,130 @@
-//! Training state on a wgpu device: the f32 masters of the trained tensors and AdamW's moments
-//! live in device buffers for the whole run. A step's gradients stay on the device, their
-//! global norm is reduced there and the clip factor computed inside the AdamW kernel, so the
-//! host reads back only the loss and the squared norm (one float). The host copies (the
-//! trainer's `masters`, the optimizer's state) are refreshed when read: checkpoints, tests.
+//! Training state on a wgpu device: the f32 masters of the trained tensors and the optimizer's
+//! state (AdamW's moments, or SM3's row and column accumulators and momentum) live in device
+//! buffers for the whole run. A step's gradients stay on the device, their global norm is
+//! reduced there and the clip factor computed inside the optimizer kernel, so the host reads
+//! back only the loss and the squared norm (one float). The host copies (the trainer's
+//! `masters`, the optimizer's state) are refreshed when read: checkpoints, tests.
 
-use crate::kernels::optim::wgsl::{adamw, sum_squares, DeviceClip};
-use crate::kernels::optim::AdamWParams;
+use crate::kernels::optim::wgsl::{adamw, sm3, sum_squares, DeviceClip};
+use crate::kernels::optim::{AdamWParams, Sm3Params};
 use crate::ops::gpu::wgpu_buf;
+use crate::optim::Sm3State;
 use crate::{DType, Device, Error, Result, Tensor};
 
-/// Host copies of the device state: the masters, and per tensor AdamW's (m, v).
-pub(crate) type HostState = (Vec<Vec<f32>>, Vec<(Vec<f32>, Vec<f32>)>);
+/// The optimizer's state on the host, as `optim::{AdamW, Sm3}` keep it.
+pub(crate) enum HostOptState {
+    /// Per tensor (m, v); empty before the first step.
+    AdamW(Vec<(Vec<f32>, Vec<f32>)>),
+    Sm3(Vec<Sm3State>),
+}
 
-pub(crate) struct DeviceAdamW {
+/// The optimizer's state on the device, one entry per trained tensor.
+enum State {
+    AdamW { m: Vec<Tensor>, v: Vec<Tensor> },
+    /// Accumulators r `[rows]`, c `[cols]` of each tensor seen as `[rows, cols]` (the kernel
+    /// writes the new ones into `r_next`, `c_next`, then the pairs swap), and momentum.
+    Sm3 { dims: Vec<(usize, usize)>, r: Vec<Tensor>, c: Vec<Tensor>, r_next: Vec<Tensor>, c_next: Vec<Tensor>, momentum: Option<Vec<Tensor>> },
+}
+
+/// One optimizer step's hyper-parameters (the clip factor comes from the device norm).
+pub(crate) enum StepParams {
+    AdamW(AdamWParams),
+    Sm3(Sm3Params),
+}
+
+pub(crate) struct DeviceOptimizer {
     /// The masters, one tensor per trained tensor; the kernels update their buffers in place.
     pub params: Vec<Tensor>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    state: State,
     sum_sq: Tensor,
 }
 
-impl DeviceAdamW {
-    /// Uploads the masters and the moments (`state`: per tensor (m, v), as the host AdamW
-    /// keeps them; empty before the first step).
-    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], state: &[(Vec<f32>, Vec<f32>)], dev: Device) -> Result<Self> {
+impl DeviceOptimizer {
+    /// Uploads the masters and the optimizer state. `dims` gives each tensor's `[rows, cols]`
+    /// view for SM3 (dense layouts only).
+    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], host: &HostOptState, dev: Device) -> Result<Self> {
         let up = |v: &[f32], s: &[usize]| Tensor::from_vec(v.to_vec(), s.to_vec())?.to_device(&dev);
+        let zeros = |s: &[usize]| Tensor::zeros(s.to_vec(), DType::F32, &dev);
         let params = masters.iter().zip(shapes).map(|(m, s)| up(m, s)).collect::<Result<Vec<_>>>()?;
-        let (mut m, mut v) = (Vec::new(), Vec::new());
-        for (i, s) in shapes.iter().enumerate() {
-            match state.get(i) {
-                Some((sm, sv)) => {
-                    m.push(up(sm, s)?);
-                    v.push(up(sv, s)?);
+        let state = match host {
+            HostOptState::AdamW(state) => {
+                let (mut m, mut v) = (Vec::new(), Vec::new());
+                for (i, s) in shapes.iter().enumerate() {
+                    match state.get(i) {
+                        Some((sm, sv)) => {
+                            m.push(up(sm, s)?);
+                            v.push(up(sv, s)?);
+                        }
+                        None => {
+                            m.push(zeros(s)?);
+                            v.push(zeros(s)?);
+                        }
+                    }
                 }
-                None => {
-                    m.push(Tensor::zeros(s.clone(), DType::F32, &dev)?);
-                    v.push(Tensor::zeros(s.clone(), DType::F32, &dev)?);
-                }
+                State::AdamW { m, v }
             }
-        }
+            HostOptState::Sm3(state) => {
+                if state.len() != shapes.len() || dims.len() != shapes.len() {
+                    return Err(Error::InvalidArgument(format!("device SM3: state for {} tensors, {} shapes", state.len(), shapes.len())));
+                }
+                let (mut r, mut c, mut r_next, mut c_next) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                let mut momentum = state.iter().all(|s| s.momentum.is_some()).then(Vec::new);
+                for (s, (&(rows, cols), shape)) in state.iter().zip(dims.iter().zip(shapes)) {
+                    r.push(up(&s.r, &[rows])?);
+                    c.push(up(&s.c, &[cols])?);
+                    r_next.push(zeros(&[rows])?);
+                    c_next.push(zeros(&[cols])?);
+                    if let (Some(ms), Some(m)) = (momentum.as_mut(), &s.momentum) {
+                        ms.push(up(m, shape)?);
+                    }
+                }
+                State::Sm3 { dims: dims.to_vec(), r, c, r_next, c_next, momentum }
+            }
+        };
         let sum_sq = Tensor::zeros([1], DType::F32, &dev)?;
-        Ok(DeviceAdamW { params, m, v, sum_sq })
+        Ok(DeviceOptimizer { params, state, sum_sq })
     }
 
-    /// One AdamW step over every tensor with its device gradient, clipped to a global norm of
+    /// One step over every tensor with its device gradient, clipped to a global norm of
     /// `max_norm` (0: no clipping). Returns the gradient's global norm.
-    pub fn step(&mut self, grads: &[Tensor], p: AdamWParams, max_norm: f32) -> Result<f32> {
+    pub fn step(&mut self, grads: &[Tensor], p: StepParams, max_norm: f32) -> Result<f32> {
         if grads.len() != self.params.len() {
-            return Err(Error::InvalidArgument(format!("device AdamW: {} gradients for {} tensors", grads.len(), self.params.len())));
+            return Err(Error::InvalidArgument(format!("device optimizer: {} gradients for {} tensors", grads.len(), self.params.len())));
         }
         let (rt, ss) = wgpu_buf(&self.sum_sq);
         let bufs: Vec<(&wgpu::Buffer, usize)> = grads.iter().map(|g| (wgpu_buf(g).1, g.elem_count())).collect();
         sum_squares(&rt.device, &rt.queue, &rt.kernels, &bufs, ss)?;
         let clip = DeviceClip { sum_sq: ss, max_norm };
+        let clip = (max_norm > 0.0).then_some(&clip);
+        let (d, q, k) = (&rt.device, &rt.queue, &rt.kernels);
         for (i, g) in grads.iter().enumerate() {
-            let n = g.elem_count();
-            let (w, m, v) = (wgpu_buf(&self.params[i]).1, wgpu_buf(&self.m[i]).1, wgpu_buf(&self.v[i]).1);
-            adamw(&rt.device, &rt.queue, &rt.kernels, w, wgpu_buf(g).1, m, v, n, p, (max_norm > 0.0).then_some(&clip))?;
+            let (w, gb) = (wgpu_buf(&self.params[i]).1, wgpu_buf(g).1);
+            match (&mut self.state, &p) {
+                (State::AdamW { m, v }, StepParams::AdamW(p)) => adamw(d, q, k, w, gb, wgpu_buf(&m[i]).1, wgpu_buf(&v[i]).1, g.elem_count(), *p, clip)?,
+                (State::Sm3 { dims, r, c, r_next, c_next, momentum }, StepParams::Sm3(p)) => {
+                    let (rows, cols) = dims[i];
+                    let mom = momentum.as_ref().map(|ms| wgpu_buf(&ms[i]).1);
+                    sm3(d, q, k, w, gb, wgpu_buf(&r[i]).1, wgpu_buf(&c[i]).1, wgpu_buf(&r_next[i]).1, wgpu_buf(&c_next[i]).1, mom, rows, cols, *p, clip)?;
+                    std::mem::swap(&mut r[i], &mut r_next[i]);
+                    std::mem::swap(&mut c[i], &mut c_next[i]);
+                }
+                _ => return Err(Error::InvalidArgument("device optimizer: step parameters of another optimizer".into())),
+            }
         }
         Ok(self.sum_sq.to_scalar()?.max(0.0).sqrt())
     }
 
-    /// The masters and the moments, copied to the host.
-    pub fn download(&self) -> Result<HostState> {
+    /// The masters and the optimizer state, copied to the host.
+    pub fn download(&self) -> Result<(Vec<Vec<f32>>, HostOptState)> {
         let masters = self.params.iter().map(|t| t.to_vec_f32()).collect::<Result<_>>()?;
-        let state = self.m.iter().zip(&self.v).map(|(m, v)| Ok((m.to_vec_f32()?, v.to_vec_f32()?))).collect::<Result<_>>()?;
+        let state = match &self.state {
+            State::AdamW { m, v } => HostOptState::AdamW(m.iter().zip(v).map(|(m, v)| Ok((m.to_vec_f32()?, v.to_vec_f32()?))).collect::<Result<_>>()?),
+            State::Sm3 { r, c, momentum, .. } => HostOptState::Sm3(
+                (0..r.len())
+                    .map(|i| Ok(Sm3State { r: r[i].to_vec_f32()?, c: c[i].to_vec_f32()?, momentum: momentum.as_ref().map(|m| m[i].to_vec_f32()).transpose()? }))
+                    .collect::<Result<_>>()?,
+            ),
+        };
         Ok((masters, state))
     }
 }

@@ -129,11 +129,11 @@ pub struct Trainer {
     shapes: Vec<Vec<usize>>,
     /// How each trained tensor maps onto its matrix (SM3 and sparse deltas need it).
     pub layouts: Vec<Layout>,
-    /// f32 master copies of the trained tensors. When training on wgpu with AdamW the masters
-    /// live on the device (see `device.rs`) and this host copy is refreshed by `sync_host`.
+    /// f32 master copies of the trained tensors. When training on wgpu (dense layouts, AdamW or
+    /// SM3) the masters live on the device (see `device.rs`) and this host copy is refreshed by `sync_host`.
     pub masters: Vec<Vec<f32>>,
-    /// The masters and AdamW's moments on the device (wgpu), when training there.
-    device: Option<device::DeviceAdamW>,
+    /// The masters and the optimizer state on the device (wgpu), when training there.
+    device: Option<device::DeviceOptimizer>,
     pub optimizer: Optimizer,
     /// Sparse fine-tuning with gradient regrowth: the dense gradient of each target matrix
     /// summed over the current window (None outside windows).
@@ -186,16 +186,19 @@ impl Trainer {
         Ok(t)
     }
 
-    /// On wgpu with AdamW (dense layouts), (re)uploads the masters and the moments, which stay
-    /// on the device from then on.
+    /// On wgpu (dense layouts), (re)uploads the masters and the optimizer state, which stay on
+    /// the device from then on.
     fn reset_device_state(&mut self) -> Result<()> {
         let dev = self.model.device();
-        self.device = match (&self.optimizer, dev) {
-            (Optimizer::AdamW(a), crate::Device::Wgpu(_)) if self.layouts.iter().all(|l| matches!(l, Layout::Dense { .. })) => {
-                Some(device::DeviceAdamW::new(&self.masters, &self.shapes, &a.state, dev)?)
-            }
-            _ => None,
-        };
+        self.device = None;
+        if matches!(dev, crate::Device::Wgpu(_)) && self.layouts.iter().all(|l| matches!(l, Layout::Dense { .. })) {
+            let host = match &self.optimizer {
+                Optimizer::AdamW(a) => device::HostOptState::AdamW(a.state.clone()),
+                Optimizer::Sm3(o) => device::HostOptState::Sm3(o.state.clone()),
+            };
+            let dims: Vec<(usize, usize)> = self.layouts.iter().map(Layout::matrix).collect();
+            self.device = Some(device::DeviceOptimizer::new(&self.masters, &self.shapes, &dims, &host, dev)?);
+        }
         Ok(())
     }
 
@@ -205,8 +208,10 @@ impl Trainer {
         if let Some(d) = &self.device {
             let (masters, state) = d.download()?;
             self.masters = masters;
-            if let Optimizer::AdamW(a) = &mut self.optimizer {
-                a.state = state;
+            match (&mut self.optimizer, state) {
+                (Optimizer::AdamW(a), device::HostOptState::AdamW(s)) => a.state = s,
+                (Optimizer::Sm3(o), device::HostOptState::Sm3(s)) => o.state = s,
+                _ => return Err(Error::InvalidArgument("device state of another optimizer".into())),
             }
         }
         Ok(())
@@ -382,7 +387,7 @@ impl Trainer {
     }
 
     /// The optimizer step on the device: gradients summed there in piece order, then the
-    /// device AdamW (`device.rs`); the host reads the loss and the gradient norm only.
+    /// device optimizer (`device.rs`); the host reads the loss and the gradient norm only.
     fn device_step(&mut self, results: Vec<PieceGrads>, lr: f32, tokens: usize) -> Result<StepReport> {
         let dev = self.model.device();
         let mut grads: Vec<Option<Tensor>> = vec![None; self.masters.len()];
@@ -403,10 +408,18 @@ impl Trainer {
             .zip(&self.shapes)
             .map(|(g, s)| g.map_or_else(|| Tensor::zeros(s.clone(), crate::DType::F32, &dev), Ok))
             .collect::<Result<_>>()?;
-        let Optimizer::AdamW(a) = &mut self.optimizer else { unreachable!("device state is AdamW only") };
-        a.step += 1;
-        let c = a.config;
-        let p = crate::kernels::optim::AdamWParams { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay, step: a.step as u32, grad_scale: 1.0 };
+        let p = match &mut self.optimizer {
+            Optimizer::AdamW(a) => {
+                a.step += 1;
+                let c = a.config;
+                device::StepParams::AdamW(crate::kernels::optim::AdamWParams { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay, step: a.step as u32, grad_scale: 1.0 })
+            }
+            Optimizer::Sm3(o) => {
+                o.step += 1;
+                let c = o.config;
+                device::StepParams::Sm3(crate::kernels::optim::Sm3Params { lr, eps: c.eps, beta1: c.beta1, weight_decay: c.weight_decay, grad_scale: 1.0 })
+            }
+        };
         let grad_norm = self.device.as_mut().expect("device state").step(&grads, p, self.config.max_grad_norm)?;
         self.step += 1;
         self.install(None)?;
