@@ -1,26 +1,14 @@
 // Casts between f32, f16 and bf16 storage, round to nearest even (bit-exact with the `half`
-// crate; NaN stays a quiet NaN). 16-bit values travel as their bit patterns. f16 conversions
-// are PTX `cvt` (exact widening, `.rn` narrowing); bf16 ones are common.cuh's.
+// crate; NaN stays a quiet NaN). 16-bit values travel as their bit patterns; the conversions
+// are common.cuh's (f16 by PTX `cvt`, bf16 in integer arithmetic).
 //
 // Launch: a grid-stride loop over n elements, any grid.
 
 #include "common.cuh"
 
-__device__ __forceinline__ float f16_to_f32(unsigned short h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ unsigned short f32_to_f16(float f) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-
 __device__ __forceinline__ float load_f32(const float* x, long i) { return x[i]; }
-__device__ __forceinline__ float load_f16(const unsigned short* x, long i) { return f16_to_f32(x[i]); }
-__device__ __forceinline__ float load_bf16(const unsigned short* x, long i) { return bf16_to_f32(x[i]); }
+__device__ __forceinline__ float load_f16(const f16_bits* x, long i) { return f16_to_f32(x[i]); }
+__device__ __forceinline__ float load_bf16(const bf16_bits* x, long i) { return bf16_to_f32(x[i]); }
 __device__ __forceinline__ float to_f32(float v) { return v; }
 
 #define CAST(from, to, TIN, TOUT, CONVERT)                                                       \

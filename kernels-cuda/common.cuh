@@ -18,6 +18,20 @@ __device__ __forceinline__ bf16_bits f32_to_bf16(float f) {
     return (bf16_bits)(u >> 16);
 }
 
+typedef unsigned short f16_bits;  // IEEE half as its bit pattern (the same C type as bf16_bits)
+
+// f16 <-> f32 by PTX cvt: widening is exact, narrowing rounds to nearest even.
+__device__ __forceinline__ float f16_to_f32(f16_bits h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ f16_bits f32_to_f16(float f) {
+    f16_bits h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
 // Load/store an element of storage type T as f32.
 template <typename T> struct Elem;
 template <> struct Elem<float> {

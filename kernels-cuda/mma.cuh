@@ -1,21 +1,8 @@
 // Tensor-core helpers shared by the mma.sync kernels (lora_gemm.cu, flash_attention.cu):
-// f16 conversions, the two 16-bit storage types with their m16n8k16 mma, cp.async and ldmatrix.
+// the two 16-bit storage types with their m16n8k16 mma, cp.async and ldmatrix.
 // sm_80 and newer.
 #pragma once
 #include "common.cuh"
-
-typedef unsigned short f16_bits;  // IEEE half as its bit pattern
-
-__device__ __forceinline__ float f16_to_f32(f16_bits h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-__device__ __forceinline__ f16_bits f32_to_f16(float f) {
-    f16_bits h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
 
 // The two storage types: conversion and the mma instruction's type name.
 struct Bf16 {
