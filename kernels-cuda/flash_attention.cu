@@ -27,7 +27,8 @@
 // (row g+8, k + 8); B fragments: b0 (k 2c..2c+1, column g), b1 (k + 8).
 //
 // Launch: grid (ceil(T / 64), H, B), block 128, static shared memory 2 * 64 * (D + 8) * 2 bytes
-// (18 KB at D = 64, 34 KB at D = 128). Instances: flash_attn_fwd_{bf16,f16}_d{64,128}.
+// (18 KB at D = 64, 34 KB at D = 128). Instances: flash_attn_fwd_{bf16,f16}_d{64,128}, and
+// flash_attn_fwd_pipe_* with cp.async and ldmatrix (see PIPE below).
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -45,7 +46,24 @@ struct FaParams {
 
 __device__ __forceinline__ u32 pack2(unsigned short lo, unsigned short hi) { return (u32)lo | ((u32)hi << 16); }
 
-template <typename T, int D>
+// One 64-row K or V tile (rows from s0) into shared memory by cp.async, 16 bytes per copy; rows
+// past S are zero-filled (src-size 0 reads nothing).
+template <int D>
+__device__ __forceinline__ void fa_tile_async(unsigned short* dst, const unsigned short* src, int s0, int S, long row_stride) {
+    constexpr int LD = D + 8;
+    for (int i = threadIdx.x; i < FA_BC * (D / 8); i += FA_THREADS) {
+        const int row = i / (D / 8), col = (i % (D / 8)) * 8;
+        const int s = s0 + row;
+        const bool in = s < S;
+        cp_async16(dst + row * LD + col, in ? src + (long)s * row_stride + col : src, in ? 16 : 0);
+    }
+}
+
+// PIPE = false: each key tile is loaded with plain 16-byte loads between barriers, fragments
+// read with 32- and 16-bit shared loads (the first version). PIPE = true: K and V tiles arrive
+// by cp.async, V's load overlapping Q.K^T and the softmax, the next K's overlapping P.V (same
+// shared memory: one K and one V tile); K fragments by ldmatrix, V fragments by ldmatrix.trans.
+template <typename T, int D, bool PIPE>
 __device__ __forceinline__ void flash_attn_fwd(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
                                                const unsigned short* __restrict__ v, const unsigned int* __restrict__ starts,
                                                unsigned short* __restrict__ o, float* __restrict__ lse, FaParams p) {
@@ -89,32 +107,58 @@ __device__ __forceinline__ void flash_attn_fwd(const unsigned short* __restrict_
     if (p.causal) s_end = min(S, min(q0 + FA_BR, T_) - 1 + off + 1);
     int s_begin = 0;
     if (p.window > 0) s_begin = max(0, q0 + off - p.window + 1);
-    for (int kv0 = (s_begin / FA_BC) * FA_BC; kv0 < s_end; kv0 += FA_BC) {
-        // K and V tiles: 64 rows of D elements, 16-byte vectors.
-        __syncthreads();  // the previous tile is no longer read
-        for (int i = threadIdx.x; i < FA_BC * (D / 8); i += FA_THREADS) {
-            const int row = i / (D / 8), col = (i % (D / 8)) * 8;
-            const int s = kv0 + row;
-            uint4 kv4 = make_uint4(0u, 0u, 0u, 0u), vv4 = make_uint4(0u, 0u, 0u, 0u);
-            if (s < S) {
-                kv4 = *(const uint4*)(kb + (long)s * kv_row + col);
-                vv4 = *(const uint4*)(vb + (long)s * kv_row + col);
+    const int kv_first = (s_begin / FA_BC) * FA_BC;
+    if constexpr (PIPE) {
+        // cp.async groups in issue order: K0, V0, K1, V1, ...
+        if (kv_first < s_end) fa_tile_async<D>(ks, kb, kv_first, S, kv_row);
+        cp_async_commit();
+    }
+    for (int kv0 = kv_first; kv0 < s_end; kv0 += FA_BC) {
+        if constexpr (PIPE) {
+            fa_tile_async<D>(vs, vb, kv0, S, kv_row);  // vs is free: the last P.V ended in a barrier
+            cp_async_commit();
+            cp_async_wait<1>();  // all but the newest group (this V): K is in
+            __syncthreads();
+        } else {
+            // K and V tiles: 64 rows of D elements, 16-byte vectors.
+            __syncthreads();  // the previous tile is no longer read
+            for (int i = threadIdx.x; i < FA_BC * (D / 8); i += FA_THREADS) {
+                const int row = i / (D / 8), col = (i % (D / 8)) * 8;
+                const int s = kv0 + row;
+                uint4 kv4 = make_uint4(0u, 0u, 0u, 0u), vv4 = make_uint4(0u, 0u, 0u, 0u);
+                if (s < S) {
+                    kv4 = *(const uint4*)(kb + (long)s * kv_row + col);
+                    vv4 = *(const uint4*)(vb + (long)s * kv_row + col);
+                }
+                *(uint4*)(ks + row * LD + col) = kv4;
+                *(uint4*)(vs + row * LD + col) = vv4;
             }
-            *(uint4*)(ks + row * LD + col) = kv4;
-            *(uint4*)(vs + row * LD + col) = vv4;
+            __syncthreads();
         }
-        __syncthreads();
 
         // Scores: S = Q.K^T for this warp's 16 rows and the tile's 64 keys.
         float sacc[FA_BC / 8][4];
 #pragma unroll
         for (int j = 0; j < FA_BC / 8; ++j) {
             sacc[j][0] = sacc[j][1] = sacc[j][2] = sacc[j][3] = 0.0f;
-            const unsigned short* krow = ks + (j * 8 + g) * LD + 2 * c;
+            if constexpr (PIPE) {
+                // ldmatrix.x4 over keys j*8..j*8+7: matrices at d = kk*16 + {0, 8, 16, 24} are
+                // b0, b1 of k-steps kk and kk + 1 (lane L addresses key L % 8, d block L / 8).
+                const unsigned short* kaddr = ks + (j * 8 + (lane & 7)) * LD + (lane >> 3) * 8;
 #pragma unroll
-            for (int kk = 0; kk < KS; ++kk) {
-                u32 bf[2] = {*(const u32*)(krow + kk * 16), *(const u32*)(krow + kk * 16 + 8)};
-                T::mma(sacc[j], qa[kk], bf);
+                for (int kk = 0; kk < KS; kk += 2) {
+                    u32 r[4];
+                    ldmatrix_x4(r, kaddr + kk * 16);
+                    T::mma(sacc[j], qa[kk], r);
+                    T::mma(sacc[j], qa[kk + 1], r + 2);
+                }
+            } else {
+                const unsigned short* krow = ks + (j * 8 + g) * LD + 2 * c;
+#pragma unroll
+                for (int kk = 0; kk < KS; ++kk) {
+                    u32 bf[2] = {*(const u32*)(krow + kk * 16), *(const u32*)(krow + kk * 16 + 8)};
+                    T::mma(sacc[j], qa[kk], bf);
+                }
             }
         }
 
@@ -167,6 +211,14 @@ __device__ __forceinline__ void flash_attn_fwd(const unsigned short* __restrict_
             oacc[n][3] *= a1;
         }
 
+        if constexpr (PIPE) {
+            __syncthreads();  // every warp is done with this K tile
+            if (kv0 + FA_BC < s_end) fa_tile_async<D>(ks, kb, kv0 + FA_BC, S, kv_row);
+            cp_async_commit();   // (an empty group on the last tile keeps the count uniform)
+            cp_async_wait<1>();  // all but the newest (the next K): V is in
+            __syncthreads();
+        }
+
         // O += P.V: P (16 x 64) as A fragments from the score registers; V (64 x D) as B.
 #pragma unroll
         for (int kk = 0; kk < FA_BC / 16; ++kk) {
@@ -176,15 +228,31 @@ __device__ __forceinline__ void flash_attn_fwd(const unsigned short* __restrict_
                 pack2(T::from_f32(sacc[2 * kk + 1][0]), T::from_f32(sacc[2 * kk + 1][1])),
                 pack2(T::from_f32(sacc[2 * kk + 1][2]), T::from_f32(sacc[2 * kk + 1][3])),
             };
-            const unsigned short* v0 = vs + (kk * 16 + 2 * c) * LD + g;
+            if constexpr (PIPE) {
+                // ldmatrix.x4.trans over keys kk*16..+15 and d n*8..n*8+15: matrices (keys +0,
+                // d +0), (keys +8, d +0), (keys +0, d +8), (keys +8, d +8) are b0, b1 of n-tiles
+                // n and n + 1 (lane L addresses key (L / 8 % 2) * 8 + L % 8, d block L / 16).
+                const unsigned short* vaddr = vs + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LD + (lane >> 4) * 8;
 #pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                const unsigned short* vp = v0 + n * 8;
-                u32 bf[2] = {pack2(vp[0], vp[LD]), pack2(vp[8 * LD], vp[9 * LD])};
-                T::mma(oacc[n], pa, bf);
+                for (int n = 0; n < NT; n += 2) {
+                    u32 r[4];
+                    ldmatrix_x4_trans(r, vaddr + n * 8);
+                    T::mma(oacc[n], pa, r);
+                    T::mma(oacc[n + 1], pa, r + 2);
+                }
+            } else {
+                const unsigned short* v0 = vs + (kk * 16 + 2 * c) * LD + g;
+#pragma unroll
+                for (int n = 0; n < NT; ++n) {
+                    const unsigned short* vp = v0 + n * 8;
+                    u32 bf[2] = {pack2(vp[0], vp[LD]), pack2(vp[8 * LD], vp[9 * LD])};
+                    T::mma(oacc[n], pa, bf);
+                }
             }
         }
+        if constexpr (PIPE) __syncthreads();  // V is read by every warp before the next V lands
     }
+    if constexpr (PIPE) cp_async_wait<0>();
 
     // Epilogue: O / l and lse = (m + log2 l) * ln 2, rows past T skipped.
 #pragma unroll
@@ -208,17 +276,21 @@ __device__ __forceinline__ void flash_attn_fwd(const unsigned short* __restrict_
     }
 }
 
-#define FA_INSTANCE(NAME, TY, D)                                                                                          \
+#define FA_INSTANCE(NAME, TY, D, PIPE)                                                                                    \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) NAME(const unsigned short* q, const unsigned short* k,       \
                                                                   const unsigned short* v, const unsigned int* starts,     \
                                                                   unsigned short* o, float* lse, FaParams p) {             \
-        flash_attn_fwd<TY, D>(q, k, v, starts, o, lse, p);                                                                \
+        flash_attn_fwd<TY, D, PIPE>(q, k, v, starts, o, lse, p);                                                          \
     }
 
-FA_INSTANCE(flash_attn_fwd_bf16_d64, Bf16, 64)
-FA_INSTANCE(flash_attn_fwd_bf16_d128, Bf16, 128)
-FA_INSTANCE(flash_attn_fwd_f16_d64, F16, 64)
-FA_INSTANCE(flash_attn_fwd_f16_d128, F16, 128)
+FA_INSTANCE(flash_attn_fwd_bf16_d64, Bf16, 64, false)
+FA_INSTANCE(flash_attn_fwd_bf16_d128, Bf16, 128, false)
+FA_INSTANCE(flash_attn_fwd_f16_d64, F16, 64, false)
+FA_INSTANCE(flash_attn_fwd_f16_d128, F16, 128, false)
+FA_INSTANCE(flash_attn_fwd_pipe_bf16_d64, Bf16, 64, true)
+FA_INSTANCE(flash_attn_fwd_pipe_bf16_d128, Bf16, 128, true)
+FA_INSTANCE(flash_attn_fwd_pipe_f16_d64, F16, 64, true)
+FA_INSTANCE(flash_attn_fwd_pipe_f16_d128, F16, 128, true)
 
 // ---------------------------------------------------------------------------------------------
 // Backward (FlashAttention-2's): with s = scale.q.k, P recomputed from lse, and

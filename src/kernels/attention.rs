@@ -527,10 +527,37 @@ pub mod cuda {
     // SAFETY: plain old data laid out as the kernel's struct.
     unsafe impl DeviceRepr for Params {}
 
+    /// The forward kernel: the first version (tiles loaded with plain loads between barriers)
+    /// or the pipelined one (cp.async overlapping loads with the math, ldmatrix fragments).
+    /// `forward` runs `Sync` until a GPU run has compared the two (`tools/gpu-check`).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum FwdKernel {
+        Sync,
+        Pipelined,
+    }
+
     /// `o = softmax(scale·q·kᵀ + mask)·v` and `lse` (`[B, H, T]`, natural log) for q `[B, T, H, D]`,
     /// k and v `[B, S, G, D]`; `starts` (`[B·T]`) are the packed rows' segment starts.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
+        stream: &Arc<CudaStream>,
+        modules: &ModuleCache,
+        dt: Half,
+        q: &CudaView<'_, u16>,
+        k: &CudaView<'_, u16>,
+        v: &CudaView<'_, u16>,
+        starts: Option<&CudaView<'_, u32>>,
+        o: &mut CudaViewMut<'_, u16>,
+        lse: &mut CudaViewMut<'_, f32>,
+        p: &AttentionParams,
+    ) -> Result<()> {
+        forward_with(FwdKernel::Sync, stream, modules, dt, q, k, v, starts, o, lse, p)
+    }
+
+    /// `forward` with the kernel chosen.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_with(
+        kernel: FwdKernel,
         stream: &Arc<CudaStream>,
         modules: &ModuleCache,
         dt: Half,
@@ -552,7 +579,8 @@ pub mod cuda {
         if p.batch == 0 || p.q_len == 0 || p.heads == 0 {
             return Ok(());
         }
-        let name = format!("flash_attn_fwd_{}_d{d}", dt.suffix());
+        let variant = if kernel == FwdKernel::Pipelined { "pipe_" } else { "" };
+        let name = format!("flash_attn_fwd_{variant}{}_d{d}", dt.suffix());
         let f = modules.function("flash_attention", &name)?;
         let cfg = LaunchConfig { grid_dim: (p.q_len.div_ceil(BLOCK_Q) as u32, p.heads as u32, p.batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         let null = 0u64;

@@ -1,4 +1,5 @@
-//! The CUDA flash attention forward and backward timed on issue 6's shapes: T in {512, 1k, 2k, 4k, 8k}, head
+//! The CUDA flash attention forward (the first kernel and the pipelined one, `flash_attn_fwd_pipe`)
+//! and backward timed on issue 6's shapes: T in {512, 1k, 2k, 4k, 8k}, head
 //! dims 64 and 128, causal or not, bf16, with B·T = 16k tokens and H·D = 2048 (FlashAttention's
 //! benchmark setting). TFLOP/s in FlashAttention's count: `4·B·T²·D·H`, halved when causal.
 //! `torch_baseline.py` times `scaled_dot_product_attention` on the same shapes after this run.
@@ -40,9 +41,10 @@ pub fn attention_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
             let (mut dq, mut dk, mut dv) = (s.alloc_zeros::<u16>(n).map_err(alloc_err)?, s.alloc_zeros::<u16>(n).map_err(alloc_err)?, s.alloc_zeros::<u16>(n).map_err(alloc_err)?);
             for causal in [false, true] {
                 let p = AttentionParams { batch, q_len: t, kv_len: t, heads, kv_heads: heads, head_dim: d, causal, window: None, scale: 1.0 / (d as f32).sqrt() };
-                let us = time_us(rt, || {
-                    cuda::forward(s, &rt.modules, Half::Bf16, &q.slice(..), &k.slice(..), &v.slice(..), None, &mut o.slice_mut(..), &mut lse.slice_mut(..), &p)
-                })?;
+                let mut fwd = |kernel| {
+                    time_us(rt, || cuda::forward_with(kernel, s, &rt.modules, Half::Bf16, &q.slice(..), &k.slice(..), &v.slice(..), None, &mut o.slice_mut(..), &mut lse.slice_mut(..), &p))
+                };
+                let (us, pipe_us) = (fwd(cuda::FwdKernel::Sync)?, fwd(cuda::FwdKernel::Pipelined)?);
                 let bwd_us = time_us(rt, || {
                     cuda::backward(
                         s,
@@ -62,7 +64,7 @@ pub fn attention_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
                     )
                 })?;
                 let flops = 4.0 * (batch * t * t * d * heads) as f64 / if causal { 2.0 } else { 1.0 };
-                for (kernel, us, f) in [("flash_attn_fwd", us, flops), ("flash_attn_bwd", bwd_us, 2.5 * flops)] {
+                for (kernel, us, f) in [("flash_attn_fwd", us, flops), ("flash_attn_fwd_pipe", pipe_us, flops), ("flash_attn_bwd", bwd_us, 2.5 * flops)] {
                     let tflops = f / us / 1e6;
                     let name = format!("{kernel} bf16 D{d} T{t} B{batch} H{heads}{}", if causal { " causal" } else { "" });
                     println!("  {:<44} {:>10.1} {:>10.1}", name, us, tflops);

@@ -183,8 +183,9 @@ fn cases() -> Vec<CaseResult> {
 /// RoPE, SwiGLU and embedding: the bodies `tests/ops_devices.rs` runs on the CPU and wgpu,
 /// here in f32 and bf16 and at training sizes too (Llama-7B-like D = 128 with 32 heads, F =
 /// 11008, a 32000-token vocabulary with T = 4096).
-/// The CUDA flash attention forward and backward (bf16) against the f64 reference: head dims 64 and 128,
-/// causal or not, GQA, a KV-cache offset, a sliding window, packed rows, ragged lengths.
+/// The CUDA flash attention forward (both kernels) and backward (bf16) against the f64
+/// reference: head dims 64 and 128, causal or not, GQA, a KV-cache offset, a sliding window,
+/// packed rows, ragged lengths.
 fn attention_cases(push: &mut impl FnMut(String, Result<(), String>)) {
     use tuna::kernels::attention::AttentionParams;
     use tuna::testing::attention::{check_flash_attention_cuda, FaCase};
@@ -199,11 +200,14 @@ fn attention_cases(push: &mut impl FnMut(String, Result<(), String>)) {
         (2, 120, 120, 4, 4, true, None, true),
         (1, 1024, 1024, 2, 1, true, None, false),
     ];
-    for d in tuna::kernels::attention::cuda::HEAD_DIMS {
-        for (i, &(batch, q_len, kv_len, heads, kv_heads, causal, window, packed)) in shapes.iter().enumerate() {
-            let p = AttentionParams { batch, q_len, kv_len, heads, kv_heads, head_dim: d, causal, window, scale: 1.0 / (d as f32).sqrt() };
-            let name = format!("flash attn fwd+bwd bf16 D{d} B{batch} T{q_len} S{kv_len} H{heads}/G{kv_heads}{}{}{}", if causal { " causal" } else { "" }, window.map_or(String::new(), |w| format!(" window {w}")), if packed { " packed" } else { "" });
-            push(name, check_flash_attention_cuda(0, &FaCase { p, packed, seed: i as u64 }));
+    use tuna::kernels::attention::cuda::FwdKernel;
+    for kernel in [FwdKernel::Sync, FwdKernel::Pipelined] {
+        for d in tuna::kernels::attention::cuda::HEAD_DIMS {
+            for (i, &(batch, q_len, kv_len, heads, kv_heads, causal, window, packed)) in shapes.iter().enumerate() {
+                let p = AttentionParams { batch, q_len, kv_len, heads, kv_heads, head_dim: d, causal, window, scale: 1.0 / (d as f32).sqrt() };
+                let name = format!("flash attn fwd ({kernel:?})+bwd bf16 D{d} B{batch} T{q_len} S{kv_len} H{heads}/G{kv_heads}{}{}{}", if causal { " causal" } else { "" }, window.map_or(String::new(), |w| format!(" window {w}")), if packed { " packed" } else { "" });
+                push(name, check_flash_attention_cuda(0, &FaCase { p, packed, seed: i as u64, kernel }));
+            }
         }
     }
 }
