@@ -48,6 +48,7 @@ fn entry_points(module: &str) -> &'static [&'static str] {
             "nf4_dequant_f32",
         ],
         "rope" => &["rope_f32", "rope_bf16"],
+        "dropout" => &["dropout_f32", "dropout_bf16", "dropout_axpy_f32", "dropout_axpy_bf16"],
         "cast" => &["cast_f32_f16", "cast_f32_bf16", "cast_f16_f32", "cast_bf16_f32", "cast_f16_bf16", "cast_bf16_f16"],
         "elementwise" => &[
             "swiglu_fwd_f32",

@@ -8,7 +8,7 @@
 mod common;
 
 use proptest::prelude::*;
-use tuna::testing::lora::{check_lora, check_nf4_dequant, check_nf4_lora, LoraCase};
+use tuna::testing::lora::{check_dropout, check_lora, check_nf4_dequant, check_nf4_lora, LoraCase};
 use tuna::{DType, Device};
 
 /// Storage types each device has LoRA kernels for (NF4: f32 on wgpu).
@@ -69,24 +69,13 @@ fn nf4_dequantize_is_exact() {
 }
 
 #[test]
-fn dropout_mask_on_wgpu_is_the_cpus_bit_for_bit() {
+fn dropout_mask_on_gpus_is_the_cpus_bit_for_bit() {
     // rng::uniform_at emulated with 32-bit words in WGSL: every element's keep/drop decision and
-    // value must equal the CPU's, across seeds whose high words are set and indices past 2^16.
-    use tuna::kernels::lora::wgsl;
-    for dev in common::devices() {
-        let tuna::Device::Wgpu(i) = dev else { continue };
-        let rt = tuna::device::wgpu::runtime(i).unwrap();
-        let n = 70_000;
-        let x: Vec<f32> = (0..n).map(|i| 1.0 + (i % 7) as f32 * 0.25).collect();
-        let xb = rt.upload(bytemuck::cast_slice(&x));
-        let yb = rt.alloc(4 * n);
+    // value (plain and the axpy form of dX) must equal the CPU's, across seeds whose high words
+    // are set and indices past 2^16.
+    for dev in common::devices().into_iter().filter(|d| *d != Device::Cpu) {
         for (seed, p) in [(0u64, 0.1f32), (0x9e37_79b9_7f4a_7c15, 0.5), (u64::MAX, 0.05)] {
-            wgsl::dropout(&rt.device, &rt.queue, &rt.kernels, xb.buffer(), None, yb.buffer(), n, p, seed).unwrap();
-            let got: Vec<f32> = bytemuck::pod_collect_to_vec(&rt.download(yb.buffer(), 4 * n).unwrap());
-            let keep = 1.0 / (1.0 - p);
-            let want: Vec<f32> = (0..n).map(|i| if tuna::rng::uniform_at(seed, i as u64) >= p { x[i] * keep } else { 0.0 }).collect();
-            let bad = (0..n).filter(|&i| got[i].to_bits() != want[i].to_bits()).count();
-            assert_eq!(bad, 0, "seed {seed:#x}, p {p}: {bad} of {n} elements differ from the CPU's mask");
+            check_dropout(dev, 70_000, p, seed).unwrap_or_else(|e| panic!("{e}"));
         }
     }
 }

@@ -205,6 +205,39 @@ pub fn check_nf4_lora(dev: Device, case: LoraCase) -> Check {
     compare_all(&format!("nf4 lora on {dev}"), &case, &got, &want, &naive(&case, &dq))
 }
 
+/// The LoRA dropout kernels on `dev` (wgpu: f32; CUDA: f32 and bf16) give the CPU's mask and
+/// arithmetic bit for bit: `y = x * keep` where `uniform_at(seed, i) >= p`, and the axpy form
+/// `y = x + s * t * keep` (else `x`), each operation rounded in f32 (and the result once more to
+/// bf16 for bf16 storage). The CPU applies dropout inside the op, so a GPU device is required.
+pub fn check_dropout(dev: Device, n: usize, p: f32, seed: u64) -> Check {
+    let x: Vec<f32> = (0..n).map(|i| 1.0 + (i % 7) as f32 * 0.25).collect();
+    let t: Vec<f32> = (0..n).map(|i| 0.3 - (i % 11) as f32 * 0.0625).collect();
+    let (keep, s) = (1.0 / (1.0 - p), 0.37f32);
+    let dtypes: &[DType] = match dev {
+        Device::Cuda(_) => &[DType::F32, DType::BF16],
+        Device::Wgpu(_) => &[DType::F32],
+        Device::Cpu => return Err("check_dropout: the CPU has no dropout launcher (it drops out inside the op)".into()),
+    };
+    for &dt in dtypes {
+        let (x, t) = (rounded(dt, x.clone()), rounded(dt, t.clone()));
+        let kept = |i: usize| crate::rng::uniform_at(seed, i as u64) >= p;
+        let want_drop: Vec<f32> = (0..n).map(|i| round_to(dt, if kept(i) { x[i] * keep } else { 0.0 })).collect();
+        let want_axpy: Vec<f32> = (0..n).map(|i| round_to(dt, if kept(i) { x[i] + s * t[i] * keep } else { x[i] })).collect();
+        let (drop, axpy) = match dev {
+            Device::Wgpu(i) => wgpu_run::dropout(i, &x, &t, s, p, seed),
+            _ => cuda_run::dropout(dev, dt, &x, &t, s, p, seed),
+        }
+        .map_err(|e| format!("dropout on {dev}: {e}"))?;
+        for (what, got, want) in [("dropout", &drop, &want_drop), ("dropout axpy", &axpy, &want_axpy)] {
+            let bad: Vec<usize> = (0..n).filter(|&i| got[i].to_bits() != want[i].to_bits()).collect();
+            if let Some(&i) = bad.first() {
+                return Err(format!("{what} {dt} on {dev}, seed {seed:#x}, p {p}: {} of {n} elements differ, first [{i}] got {} want {}", bad.len(), got[i], want[i]));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// NF4 dequantization on `dev` equals `nf4::cpu::dequantize` bit for bit.
 pub fn check_nf4_dequant(dev: Device, len: usize, seed: u64) -> Check {
     let mut rng = Rng::new(seed);
@@ -298,6 +331,17 @@ mod wgpu_run {
             da: down(&rt, &da, r * k)?,
             db: down(&rt, &db, n * r)?,
         })
+    }
+
+    /// (dropout, dropout axpy) of x with the mask of `seed`.
+    pub fn dropout(i: usize, x: &[f32], t: &[f32], s: f32, p: f32, seed: u64) -> Result<(Vec<f32>, Vec<f32>)> {
+        let rt = runtime(i)?;
+        let n = x.len();
+        let (xb, tb, yb) = (up(&rt, x), up(&rt, t), rt.alloc(4 * n));
+        wgsl::dropout(&rt.device, &rt.queue, &rt.kernels, xb.buffer(), None, yb.buffer(), n, p, seed)?;
+        let drop = down(&rt, &yb, n)?;
+        wgsl::dropout(&rt.device, &rt.queue, &rt.kernels, xb.buffer(), Some((tb.buffer(), s)), yb.buffer(), n, p, seed)?;
+        Ok((drop, down(&rt, &yb, n)?))
     }
 
     pub fn dequant(i: usize, q: &Nf4Tensor) -> Result<Vec<f32>> {
@@ -398,5 +442,29 @@ mod cuda_run {
         let mut out = zeros::<f32>(s, q.len)?;
         nf4::dequantize(s, &rt.modules, &wq, &mut out.slice_mut(..q.len.max(1)))?;
         down(s, &out, q.len)
+    }
+
+    /// (dropout, dropout axpy) of x with the mask of `seed`, in f32 or bf16 storage.
+    pub fn dropout(dev: crate::Device, dt: DType, x: &[f32], t: &[f32], sc: f32, p: f32, seed: u64) -> Result<(Vec<f32>, Vec<f32>)> {
+        let crate::Device::Cuda(i) = dev else { return Err(Error::InvalidArgument(format!("{dev} is not a CUDA device"))) };
+        let rt = runtime(i)?;
+        let s = &rt.stream;
+        let n = x.len();
+        match dt {
+            DType::F32 => {
+                let (xb, tb, mut yb) = (up(s, x)?, up(s, t)?, zeros::<f32>(s, n)?);
+                cuda::dropout(s, &rt.modules, &xb.slice(..), None, &mut yb.slice_mut(..n), p, seed)?;
+                let drop = down(s, &yb, n)?;
+                cuda::dropout(s, &rt.modules, &xb.slice(..), Some((&tb.slice(..), sc)), &mut yb.slice_mut(..n), p, seed)?;
+                Ok((drop, down(s, &yb, n)?))
+            }
+            _ => {
+                let (xb, tb, mut yb) = (up(s, &bits(Half::Bf16, x))?, up(s, &bits(Half::Bf16, t))?, zeros::<u16>(s, n)?);
+                cuda::dropout(s, &rt.modules, &xb.slice(..), None, &mut yb.slice_mut(..n), p, seed)?;
+                let drop = values(Half::Bf16, &down(s, &yb, n)?);
+                cuda::dropout(s, &rt.modules, &xb.slice(..), Some((&tb.slice(..), sc)), &mut yb.slice_mut(..n), p, seed)?;
+                Ok((drop, values(Half::Bf16, &down(s, &yb, n)?)))
+            }
+        }
     }
 }

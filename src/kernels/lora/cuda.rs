@@ -1,0 +1,305 @@
+//! CUDA launchers of the LoRA GEMM family (see `super` and `kernels-cuda/lora_gemm.cu`).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchArgs, LaunchConfig, PushKernelArg};
+
+use super::LoraParams;
+use crate::device::cuda::ModuleCache;
+use crate::kernels::check_len;
+use crate::kernels::nf4::cuda::Nf4Device;
+use crate::{Error, Result};
+
+/// Block tile of `lora_gemm_*` (rows, columns) and its threads; see lora_gemm.cu.
+pub(crate) const TILE: (usize, usize) = (128, 64);
+const THREADS: u32 = 128;
+const SMALL_BLOCK: u32 = 256;
+/// The largest M that `nf4::cuda::lora_forward` sends to the GEMV kernel.
+pub const GEMV_MAX_M: usize = 16;
+
+/// The 16-bit storage type of a launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Half {
+    Bf16,
+    F16,
+}
+
+impl Half {
+    pub(crate) fn suffix(self) -> &'static str {
+        match self {
+            Half::Bf16 => "bf16",
+            Half::F16 => "f16",
+        }
+    }
+}
+
+pub(crate) fn to_i32(op: &str, what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{op}: {what} = {v} exceeds i32")))
+}
+
+pub(crate) fn launch_err(op: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::cuda(format!("launching {op}"), e)
+}
+
+pub(crate) fn check_dims(op: &'static str, p: LoraParams) -> Result<()> {
+    if p.r == 0 || p.r > 128 {
+        return Err(Error::InvalidArgument(format!("{op}: rank {} outside 1..=128", p.r)));
+    }
+    for (what, v) in [("M·K", p.m * p.k), ("N·K", p.n * p.k), ("M·N", p.m * p.n)] {
+        to_i32(op, what, v)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn scratch(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<u16>> {
+    stream.alloc_zeros::<u16>(n.max(1)).map_err(|e| Error::cuda("allocating LoRA scratch", e))
+}
+
+/// One operand of `lora_small_*`: buffer and (row stride, column stride) of op(X).
+pub(crate) struct Strided<'a, 'b> {
+    pub v: &'a CudaView<'b, u16>,
+    pub rs: i64,
+    pub cs: i64,
+}
+
+/// Where `lora_small_*` writes: a 16-bit output and a copy scaled by `s2`, the scaled copy
+/// alone, or f32.
+pub(crate) enum SmallOut<'a, 'b, 'c> {
+    HalfAndScaled(&'a mut CudaViewMut<'b, u16>, &'a mut CudaViewMut<'c, u16>, f32),
+    Scaled(&'a mut CudaViewMut<'b, u16>, f32),
+    F32(&'a mut CudaViewMut<'b, f32>),
+}
+
+/// `out[rows, cols] = s · op(a)[rows, inner] · op(b)[inner, cols]` on CUDA cores.
+pub(crate) fn small(
+    stream: &Arc<CudaStream>,
+    modules: &ModuleCache,
+    dt: Half,
+    a: Strided,
+    b: Strided,
+    (rows, cols, inner): (usize, usize, usize),
+    s: f32,
+    out: SmallOut,
+) -> Result<()> {
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    let name = format!("lora_small_{}", dt.suffix());
+    let f = modules.function("lora_gemm", &name)?;
+    let (r, c, i) = (to_i32(&name, "rows", rows)?, to_i32(&name, "cols", cols)?, to_i32(&name, "inner", inner)?);
+    let null = 0u64;
+    let mut bld: LaunchArgs = stream.launch_builder(&f);
+    bld.arg(a.v).arg(&a.rs).arg(&a.cs).arg(b.v).arg(&b.rs).arg(&b.cs).arg(&r).arg(&c).arg(&i).arg(&s);
+    let s2 = match &out {
+        SmallOut::HalfAndScaled(_, _, s2) | SmallOut::Scaled(_, s2) => *s2,
+        _ => 0.0f32,
+    };
+    match out {
+        SmallOut::HalfAndScaled(o, o2, _) => bld.arg(o).arg(o2).arg(&s2).arg(&null),
+        SmallOut::Scaled(o2, _) => bld.arg(&null).arg(o2).arg(&s2).arg(&null),
+        SmallOut::F32(o) => bld.arg(&null).arg(&null).arg(&s2).arg(o),
+    };
+    let cfg = LaunchConfig { grid_dim: ((cols as u32).div_ceil(SMALL_BLOCK), rows.min(65535) as u32, 1), block_dim: (SMALL_BLOCK, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: argument order and types match `lora_small_*`; every buffer was length-checked
+    // by the caller against the strides and sizes given.
+    unsafe { bld.launch(cfg) }.map_err(launch_err(&name))?;
+    Ok(())
+}
+
+/// The two-phase GEMM's operands: `c[m, n] = a1·op(b1) + a2·op(b2) (+ bias)` over k1 then k2.
+pub(crate) struct Gemm<'a, 'b> {
+    pub a1: (&'a CudaView<'b, u16>, usize),
+    /// None: W comes from NF4 (the `nf4_` kernels).
+    pub b1: Option<(&'a CudaView<'b, u16>, usize)>,
+    pub a2: (&'a CudaView<'b, u16>, usize),
+    pub b2: (&'a CudaView<'b, u16>, usize),
+    pub bias: Option<&'a CudaView<'b, u16>>,
+    pub m: usize,
+    pub n: usize,
+    pub k1: usize,
+    pub k2: usize,
+    /// B stored [K, N] (dX) instead of [N, K] (forward).
+    pub kn: bool,
+}
+
+/// Launches `lora_gemm_*`, or `nf4_lora_gemm_*` with W from `nf4`.
+pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g: Gemm, c: &mut CudaViewMut<'_, u16>, nf4: Option<&Nf4Device>) -> Result<()> {
+    if g.m == 0 || g.n == 0 {
+        return Ok(());
+    }
+    let name = format!("{}lora_gemm{}_{}", if nf4.is_some() { "nf4_" } else { "" }, if g.kn { "_kn" } else { "" }, dt.suffix());
+    let f = modules.function("lora_gemm", &name)?;
+    let i = |what: &str, v: usize| to_i32(&name, what, v);
+    let (lda1, lda2, ldb2) = (i("lda1", g.a1.1)?, i("lda2", g.a2.1)?, i("ldb2", g.b2.1)?);
+    let ldb1 = i("ldb1", g.b1.map_or(0, |b| b.1))?;
+    let (m, n, k1, k2) = (i("m", g.m)?, i("n", g.n)?, i("k1", g.k1)?, i("k2", g.k2)?);
+    let null = 0u64;
+    let mut bld = stream.launch_builder(&f);
+    bld.arg(g.a1.0).arg(&lda1);
+    match g.b1 {
+        Some((b, _)) => bld.arg(b),
+        None => bld.arg(&null),
+    };
+    bld.arg(&ldb1).arg(g.a2.0).arg(&lda2).arg(g.b2.0).arg(&ldb2);
+    match g.bias {
+        Some(b) => bld.arg(b),
+        None => bld.arg(&null),
+    };
+    bld.arg(c).arg(&m).arg(&n).arg(&k1).arg(&k2);
+    if let Some(q) = nf4 {
+        q.push_args(&mut bld);
+    }
+    let grid_y = g.m.div_ceil(TILE.0);
+    if grid_y > 65535 {
+        return Err(Error::InvalidArgument(format!("{name}: M = {} needs more than 65535 row tiles", g.m)));
+    }
+    let cfg = LaunchConfig { grid_dim: (g.n.div_ceil(TILE.1) as u32, grid_y as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: argument order and types match the kernel; the caller checked every buffer
+    // against (m, n, k1, k2) and its leading dimension.
+    unsafe { bld.launch(cfg) }.map_err(launch_err(&name))?;
+    Ok(())
+}
+
+/// `xa = x_lora·aᵀ` and `xa_s = s·xa` (the GEMM's second operand).
+pub(crate) fn xa(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, x_lora: &CudaView<'_, u16>, a: &CudaView<'_, u16>, xa: &mut CudaViewMut<'_, u16>, xa_s: &mut CudaViewMut<'_, u16>, p: LoraParams) -> Result<()> {
+    let k = p.k as i64;
+    small(stream, modules, dt, Strided { v: x_lora, rs: k, cs: 1 }, Strided { v: a, rs: 1, cs: k }, (p.m, p.r, p.k), 1.0, SmallOut::HalfAndScaled(xa, xa_s, p.scale))
+}
+
+/// Forward: `y = x·wᵀ (+ bias) + s·xa·bᵀ`, `xa = x_lora·aᵀ` (kept for the backward).
+pub fn forward(
+    stream: &Arc<CudaStream>,
+    modules: &ModuleCache,
+    dt: Half,
+    x: &CudaView<'_, u16>,
+    x_lora: &CudaView<'_, u16>,
+    w: &CudaView<'_, u16>,
+    bias: Option<&CudaView<'_, u16>>,
+    a: &CudaView<'_, u16>,
+    b: &CudaView<'_, u16>,
+    y: &mut CudaViewMut<'_, u16>,
+    xa_out: &mut CudaViewMut<'_, u16>,
+    p: LoraParams,
+) -> Result<()> {
+    let op = "lora_fwd (cuda)";
+    check_dims(op, p)?;
+    let (m, n, k, r) = (p.m, p.n, p.k, p.r);
+    for (what, have, need) in [("x", x.len(), m * k), ("x_lora", x_lora.len(), m * k), ("w", w.len(), n * k), ("a", a.len(), r * k), ("b", b.len(), n * r), ("y", y.len(), m * n), ("xa", xa_out.len(), m * r)] {
+        check_len(op, what, have, need)?;
+    }
+    if let Some(bias) = bias {
+        check_len(op, "bias", bias.len(), n)?;
+    }
+    let mut xa_s = scratch(stream, m * r)?;
+    xa(stream, modules, dt, x_lora, a, xa_out, &mut xa_s.slice_mut(..), p)?;
+    let xs = xa_s.slice(..);
+    let g = Gemm { a1: (x, k), b1: Some((w, k)), a2: (&xs, r), b2: (b, r), bias, m, n, k1: k, k2: r, kn: false };
+    gemm(stream, modules, dt, g, y, None)
+}
+
+/// `s·G = s·dy·b` (`[M, R]`, the dX GEMM's second operand), `da = (s·G)ᵀ·x_lora`,
+/// `db = s·dyᵀ·xa`. Shared with the NF4 backward.
+pub(crate) fn small_grads(
+    stream: &Arc<CudaStream>,
+    modules: &ModuleCache,
+    dt: Half,
+    dy: &CudaView<'_, u16>,
+    x_lora: &CudaView<'_, u16>,
+    xa: &CudaView<'_, u16>,
+    b: &CudaView<'_, u16>,
+    da: &mut CudaViewMut<'_, f32>,
+    db: &mut CudaViewMut<'_, f32>,
+    p: LoraParams,
+) -> Result<CudaSlice<u16>> {
+    let (m, n, k, r) = (p.m, p.n, p.k, p.r);
+    let (n_, k_, r_) = (n as i64, k as i64, r as i64);
+    let mut gs = scratch(stream, m * r)?;
+    small(stream, modules, dt, Strided { v: dy, rs: n_, cs: 1 }, Strided { v: b, rs: r_, cs: 1 }, (m, r, n), 1.0, SmallOut::Scaled(&mut gs.slice_mut(..), p.scale))?;
+    let gv = gs.slice(..);
+    small(stream, modules, dt, Strided { v: &gv, rs: 1, cs: r_ }, Strided { v: x_lora, rs: k_, cs: 1 }, (r, k, m), 1.0, SmallOut::F32(da))?;
+    small(stream, modules, dt, Strided { v: dy, rs: 1, cs: n_ }, Strided { v: xa, rs: r_, cs: 1 }, (n, r, m), p.scale, SmallOut::F32(db))?;
+    Ok(gs)
+}
+
+/// Backward: `da`, `db` (f32) and, when `dx` is given, `dx = dy·w + s·(dy·b)·a`.
+pub fn backward(
+    stream: &Arc<CudaStream>,
+    modules: &ModuleCache,
+    dt: Half,
+    dy: &CudaView<'_, u16>,
+    x_lora: &CudaView<'_, u16>,
+    xa: &CudaView<'_, u16>,
+    w: &CudaView<'_, u16>,
+    a: &CudaView<'_, u16>,
+    b: &CudaView<'_, u16>,
+    da: &mut CudaViewMut<'_, f32>,
+    db: &mut CudaViewMut<'_, f32>,
+    dx: Option<&mut CudaViewMut<'_, u16>>,
+    p: LoraParams,
+) -> Result<()> {
+    let op = "lora_bwd (cuda)";
+    check_dims(op, p)?;
+    let (m, n, k, r) = (p.m, p.n, p.k, p.r);
+    for (what, have, need) in [("dy", dy.len(), m * n), ("x_lora", x_lora.len(), m * k), ("xa", xa.len(), m * r), ("w", w.len(), n * k), ("a", a.len(), r * k), ("b", b.len(), n * r), ("da", da.len(), r * k), ("db", db.len(), n * r)] {
+        check_len(op, what, have, need)?;
+    }
+    if let Some(dx) = &dx {
+        check_len(op, "dx", dx.len(), m * k)?;
+    }
+    let gs = small_grads(stream, modules, dt, dy, x_lora, xa, b, da, db, p)?;
+    if let Some(dx) = dx {
+        let gv = gs.slice(..);
+        let g = Gemm { a1: (dy, n), b1: Some((w, k)), a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: n, k2: r, kn: true };
+        gemm(stream, modules, dt, g, dx, None)?;
+    }
+    Ok(())
+}
+
+/// The LoRA dropout of `rng::uniform_at(seed, i)`'s mask, bit for bit
+/// (`kernels-cuda/dropout.cu`): `y = x * keep` where kept (`keep = 1 / (1 - p)`), else 0. With
+/// `axpy = Some((t, s))`: `y = x + s * t * keep` where kept, else `x` (the dropped input's share
+/// of dX). f32 (`T = f32`) or bf16 bits (`T = u16`); y may not alias x.
+pub fn dropout<T: cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    modules: &ModuleCache,
+    x: &CudaView<'_, T>,
+    axpy: Option<(&CudaView<'_, T>, f32)>,
+    y: &mut CudaViewMut<'_, T>,
+    p: f32,
+    seed: u64,
+) -> Result<()> {
+    const OP: &str = "lora dropout (cuda)";
+    let n = x.len();
+    check_len(OP, "y", y.len(), n)?;
+    if let Some((t, _)) = axpy {
+        check_len(OP, "t", t.len(), n)?;
+    }
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::InvalidArgument(format!("{OP}: p must be in [0, 1), got {p}")));
+    }
+    let suffix = match std::mem::size_of::<T>() {
+        4 => "f32",
+        2 => "bf16",
+        s => return Err(Error::InvalidArgument(format!("{OP}: no kernel for {s}-byte elements"))),
+    };
+    if n == 0 {
+        return Ok(());
+    }
+    let name = if axpy.is_some() { format!("dropout_axpy_{suffix}") } else { format!("dropout_{suffix}") };
+    let f = modules.function("dropout", &name)?;
+    let cfg = LaunchConfig { grid_dim: ((n.div_ceil(256) as u32).min(65535 * 8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (n64, keep) = (n as i64, 1.0f32 / (1.0 - p));
+    let mut b = stream.launch_builder(&f);
+    b.arg(x);
+    if let Some((t, _)) = &axpy {
+        b.arg(*t);
+    }
+    b.arg(y).arg(&n64).arg(&seed).arg(&p).arg(&keep);
+    if let Some((_, s)) = &axpy {
+        b.arg(s);
+    }
+    // SAFETY: the argument list matches dropout_* / dropout_axpy_* (pointers, long, u64, floats);
+    // x, t and y hold at least n elements (checked above).
+    unsafe { b.launch(cfg) }.map_err(launch_err(OP))?;
+    Ok(())
+}

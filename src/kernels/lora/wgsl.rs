@@ -1,0 +1,397 @@
+//! WGSL launchers of the LoRA GEMM family (see `super` and `kernels-wgsl/lora_gemm.wgsl`).
+
+use super::LoraParams;
+use crate::device::wgpu::KernelCache;
+use crate::kernels::check_len;
+use crate::{Error, Result};
+
+pub const SOURCE: &str = include_str!("../../../kernels-wgsl/lora_gemm.wgsl");
+/// Output tile of one workgroup (both shaders).
+pub(crate) const TILE: usize = 64;
+pub(crate) const FLAG_BIAS: u32 = 1;
+/// `lora_gemm.wgsl` only: add the product to C instead of overwriting it.
+pub(crate) const FLAG_ACCUMULATE: u32 = 2;
+
+/// Storage of a LoRA GEMM call's inputs and outputs (dA and dB are f32 either way).
+pub use crate::device::wgpu::Precision;
+
+/// The (operands, output) types of a pass producing an activation in precision `p`.
+fn same(p: Precision) -> Types {
+    match p {
+        Precision::F32 => Types::F32,
+        Precision::F16 => Types::F16,
+    }
+}
+
+/// The types of a pass producing an f32 gradient (dA, dB) from operands in precision `p`.
+fn to_f32(p: Precision) -> Types {
+    match p {
+        Precision::F32 => Types::F32,
+        Precision::F16 => Types::F16ToF32,
+    }
+}
+
+/// Element types (operands `T`, output `TC`) of one pass: the shader's aliases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Types {
+    F32,
+    F16,
+    F16ToF32,
+}
+
+impl Types {
+    /// The shader with its aliases set, and a pipeline-name suffix.
+    fn source(self) -> (&'static str, &'static str) {
+        use std::sync::OnceLock;
+        static F16: OnceLock<String> = OnceLock::new();
+        static F16_TO_F32: OnceLock<String> = OnceLock::new();
+        use crate::device::wgpu::f16_variant;
+        match self {
+            Types::F32 => (SOURCE, ""),
+            Types::F16 => (F16.get_or_init(|| f16_variant(SOURCE, &["T", "TC"])), "::f16"),
+            Types::F16ToF32 => (F16_TO_F32.get_or_init(|| f16_variant(SOURCE, &["T"])), "::f16_to_f32"),
+        }
+    }
+}
+
+/// The uniform of `lora_gemm.wgsl` and `nf4_gemm.wgsl` (the first 16 words are shared; the
+/// LoRA shader ignores the rest).
+#[repr(C)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct GemmUniform {
+    pub m: u32,
+    pub n: u32,
+    pub k1: u32,
+    pub k2: u32,
+    /// (row stride, column stride) of op(A1), op(B1), op(A2), op(B2).
+    pub strides: [[u32; 2]; 4],
+    pub s1: f32,
+    pub s2: f32,
+    pub flags: u32,
+    pub len: u32,
+    pub offset: f32,
+    pub _pad: [u32; 3],
+}
+
+/// Row-major operand strides: `[rows, cols]` as stored, read plain or transposed.
+pub fn plain(cols: usize) -> [u32; 2] {
+    [cols as u32, 1]
+}
+pub fn transposed(cols: usize) -> [u32; 2] {
+    [1, cols as u32]
+}
+
+pub(crate) fn to_u32(op: &str, what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{op}: {what} = {v} exceeds u32")))
+}
+
+/// Checks every `(name, buffer, f32 elements)`; lengths must also index in u32.
+pub(crate) fn check_buffers(op: &'static str, bufs: &[(&str, &wgpu::Buffer, usize)]) -> Result<()> {
+    check_elems(op, 4, bufs)
+}
+
+/// `check_buffers` for elements of `bytes` bytes.
+fn check_elems(op: &'static str, bytes: usize, bufs: &[(&str, &wgpu::Buffer, usize)]) -> Result<()> {
+    for (name, b, elems) in bufs {
+        to_u32(op, &format!("length of `{name}`"), *elems)?;
+        check_len(op, name, b.size() as usize / bytes, *elems)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn scratch(device: &wgpu::Device, elems: usize) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("tuna lora scratch"),
+        size: (4 * elems.max(4)) as u64,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    })
+}
+
+/// Records one pass of `entry` in `source` over an `[m, n]` output, binding the uniform at 0
+/// and `buffers` as `(binding, buffer)`.
+pub(crate) fn pass(
+    device: &wgpu::Device,
+    kernels: &KernelCache,
+    enc: &mut wgpu::CommandEncoder,
+    (name, source, entry): (&str, &str, &str),
+    u: &GemmUniform,
+    buffers: &[(u32, &wgpu::Buffer)],
+    groups: (u32, u32),
+) -> Result<()> {
+    if groups.0 == 0 || groups.1 == 0 {
+        return Ok(());
+    }
+    if groups.0 > 65535 || groups.1 > 65535 {
+        return Err(Error::InvalidArgument(format!("{name}: {groups:?} workgroups exceed the 65535 per dimension limit")));
+    }
+    let pipe = kernels.pipeline(device, name, source, entry)?;
+    let ub = crate::device::wgpu::uniform(device, u);
+    let mut binds = vec![(0, &ub)];
+    binds.extend_from_slice(buffers);
+    crate::device::wgpu::encode(device, enc, &pipe, &binds, (groups.0, groups.1, 1));
+    Ok(())
+}
+
+pub(crate) fn tiles(m: usize, n: usize) -> (u32, u32) {
+    (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32)
+}
+
+/// `c[m, n] = s · op(a)[m, k] · op(b)[k, n]` (the `gemm` entry point).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn product(
+    device: &wgpu::Device,
+    kernels: &KernelCache,
+    enc: &mut wgpu::CommandEncoder,
+    a: (&wgpu::Buffer, [u32; 2]),
+    b: (&wgpu::Buffer, [u32; 2]),
+    c: &wgpu::Buffer,
+    mnk: (usize, usize, usize),
+    s: f32,
+) -> Result<()> {
+    product_flags(device, kernels, enc, a, b, c, mnk, s, Types::F32, 0)
+}
+
+/// `c[m, n] += s · op(a)[m, k] · op(b)[k, n]`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn product_acc(
+    device: &wgpu::Device,
+    kernels: &KernelCache,
+    enc: &mut wgpu::CommandEncoder,
+    a: (&wgpu::Buffer, [u32; 2]),
+    b: (&wgpu::Buffer, [u32; 2]),
+    c: &wgpu::Buffer,
+    mnk: (usize, usize, usize),
+    s: f32,
+) -> Result<()> {
+    product_flags(device, kernels, enc, a, b, c, mnk, s, Types::F32, FLAG_ACCUMULATE)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn product_flags(
+    device: &wgpu::Device,
+    kernels: &KernelCache,
+    enc: &mut wgpu::CommandEncoder,
+    (a, sa): (&wgpu::Buffer, [u32; 2]),
+    (b, sb): (&wgpu::Buffer, [u32; 2]),
+    c: &wgpu::Buffer,
+    (m, n, k): (usize, usize, usize),
+    s: f32,
+    types: Types,
+    flags: u32,
+) -> Result<()> {
+    let u = GemmUniform { m: m as u32, n: n as u32, k1: k as u32, strides: [sa, sb, [0, 0], [0, 0]], s1: s, flags, ..Default::default() };
+    lora_pass(device, kernels, enc, types, "gemm", &u, &[(1, a), (2, b), (3, a), (4, b), (5, a), (6, c)], tiles(m, n))
+}
+
+/// `pass` of an entry point of `lora_gemm.wgsl` with the element types `types`.
+#[allow(clippy::too_many_arguments)]
+fn lora_pass(
+    device: &wgpu::Device,
+    kernels: &KernelCache,
+    enc: &mut wgpu::CommandEncoder,
+    types: Types,
+    entry: &str,
+    u: &GemmUniform,
+    buffers: &[(u32, &wgpu::Buffer)],
+    groups: (u32, u32),
+) -> Result<()> {
+    let (source, suffix) = types.source();
+    pass(device, kernels, enc, (&format!("lora_gemm::{entry}{suffix}"), source, entry), u, buffers, groups)
+}
+
+pub const DROPOUT_SOURCE: &str = include_str!("../../../kernels-wgsl/dropout.wgsl");
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct DropoutUniform {
+    len: u32,
+    seed_lo: u32,
+    seed_hi: u32,
+    p: f32,
+    keep: f32,
+    s: f32,
+    _pad: [u32; 2],
+}
+
+/// The LoRA dropout of `len` elements with `rng::uniform_at(seed, i)`'s mask, bit for bit:
+/// `y = x * keep` where kept (`keep = 1 / (1 - p)`), else 0. With `axpy = Some((t, s))`:
+/// `y = x + s * t * keep` where kept, else `x` (the dropped input's share of dX).
+#[allow(clippy::too_many_arguments)]
+pub fn dropout(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    kernels: &KernelCache,
+    x: &wgpu::Buffer,
+    axpy: Option<(&wgpu::Buffer, f32)>,
+    y: &wgpu::Buffer,
+    len: usize,
+    p: f32,
+    seed: u64,
+) -> Result<()> {
+    let op = "lora dropout (wgsl)";
+    check_buffers(op, &[("x", x, len), ("y", y, len)])?;
+    if let Some((t, _)) = axpy {
+        check_buffers(op, &[("t", t, len)])?;
+    }
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::InvalidArgument(format!("{op}: p must be in [0, 1), got {p}")));
+    }
+    if len == 0 {
+        return Ok(());
+    }
+    let u = DropoutUniform {
+        len: to_u32(op, "len", len)?,
+        seed_lo: seed as u32,
+        seed_hi: (seed >> 32) as u32,
+        p,
+        keep: 1.0 / (1.0 - p),
+        s: axpy.map_or(0.0, |a| a.1),
+        _pad: [0; 2],
+    };
+    let entry = if axpy.is_some() { "dropout_axpy" } else { "dropout" };
+    let pipe = kernels.pipeline(device, entry, DROPOUT_SOURCE, entry)?;
+    let ub = crate::device::wgpu::uniform(device, &u);
+    let (gx, gy) = crate::device::wgpu::grid((len as u32).div_ceil(256));
+    let mut binds = vec![(0u32, &ub), (1, x), (3, y)];
+    if let Some((t, _)) = axpy {
+        binds.push((2, t));
+    }
+    crate::device::wgpu::dispatch_bound(device, queue, &pipe, &binds, (gx, gy, 1));
+    Ok(())
+}
+
+/// `c[m, n] = op(a)·op(b)` with op(a) `[m, k]` and op(b) `[k, n]` given by their (row, column)
+/// strides (see [`plain`] and [`transposed`]): the plain GEMM (rank 0 of the LoRA GEMM).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    kernels: &KernelCache,
+    (a, sa): (&wgpu::Buffer, [u32; 2]),
+    (b, sb): (&wgpu::Buffer, [u32; 2]),
+    c: &wgpu::Buffer,
+    (m, n, k): (usize, usize, usize),
+) -> Result<()> {
+    let op = "matmul (wgsl)";
+    check_buffers(op, &[("a", a, m * k), ("b", b, k * n), ("c", c, m * n)])?;
+    let mut enc = device.create_command_encoder(&Default::default());
+    product(device, kernels, &mut enc, (a, sa), (b, sb), c, (m, n, k), 1.0)?;
+    queue.submit([enc.finish()]);
+    Ok(())
+}
+
+/// Forward: `y = x·wᵀ (+ bias) + s·xa·bᵀ` and `xa = x_lora·aᵀ` (`[M, R]`, kept for the
+/// backward). Two passes: XA first, then one GEMM over K + R into y.
+pub fn forward(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    kernels: &KernelCache,
+    x: &wgpu::Buffer,
+    x_lora: &wgpu::Buffer,
+    w: &wgpu::Buffer,
+    bias: Option<&wgpu::Buffer>,
+    a: &wgpu::Buffer,
+    b: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    xa: &wgpu::Buffer,
+    p: LoraParams,
+    precision: Precision,
+) -> Result<()> {
+    let op = "lora_fwd (wgsl)";
+    precision.check(device, op)?;
+    let (m, n, k, r) = (p.m, p.n, p.k, p.r);
+    let bytes = precision.bytes();
+    check_elems(op, bytes, &[("x", x, m * k), ("x_lora", x_lora, m * k), ("w", w, n * k), ("a", a, r * k), ("b", b, n * r), ("y", y, m * n), ("xa", xa, m * r)])?;
+    if let Some(bias) = bias {
+        check_elems(op, bytes, &[("bias", bias, n)])?;
+    }
+    let types = same(precision);
+    let mut enc = device.create_command_encoder(&Default::default());
+    product_flags(device, kernels, &mut enc, (x_lora, plain(k)), (a, transposed(k)), xa, (m, r, k), 1.0, types, 0)?;
+    let u = GemmUniform {
+        m: m as u32,
+        n: n as u32,
+        k1: k as u32,
+        k2: r as u32,
+        strides: [plain(k), transposed(k), plain(r), transposed(r)],
+        s1: 1.0,
+        s2: p.scale,
+        flags: if bias.is_some() { FLAG_BIAS } else { 0 },
+        ..Default::default()
+    };
+    let bias = bias.unwrap_or(x);
+    lora_pass(device, kernels, &mut enc, types, "lora_gemm", &u, &[(1, x), (2, w), (3, xa), (4, b), (5, bias), (6, y)], tiles(m, n))?;
+    queue.submit([enc.finish()]);
+    Ok(())
+}
+
+/// The rank-R gradients: `g = dy·b` (`[M, R]`, returned for dX), `da = s·gᵀ·x_lora`,
+/// `db = s·dyᵀ·xa`. Shared with the NF4 backward.
+pub(crate) fn small_grads(
+    device: &wgpu::Device,
+    kernels: &KernelCache,
+    enc: &mut wgpu::CommandEncoder,
+    dy: &wgpu::Buffer,
+    x_lora: &wgpu::Buffer,
+    xa: &wgpu::Buffer,
+    b: &wgpu::Buffer,
+    da: &wgpu::Buffer,
+    db: &wgpu::Buffer,
+    p: LoraParams,
+    precision: Precision,
+) -> Result<wgpu::Buffer> {
+    let (m, n, k, r) = (p.m, p.n, p.k, p.r);
+    let (act, grad) = (same(precision), to_f32(precision));
+    let g = scratch(device, m * r);
+    product_flags(device, kernels, enc, (dy, plain(n)), (b, plain(r)), &g, (m, r, n), 1.0, act, 0)?;
+    product_flags(device, kernels, enc, (&g, transposed(r)), (x_lora, plain(k)), da, (r, k, m), p.scale, grad, 0)?;
+    product_flags(device, kernels, enc, (dy, transposed(n)), (xa, plain(r)), db, (n, r, m), p.scale, grad, 0)?;
+    Ok(g)
+}
+
+/// Backward: `da = s·(dy·b)ᵀ·x_lora`, `db = s·dyᵀ·xa`, and when `dx` is given
+/// `dx = dy·w + s·(dy·b)·a` (no dropout mask, see the module doc). W gets no gradient.
+pub fn backward(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    kernels: &KernelCache,
+    dy: &wgpu::Buffer,
+    x_lora: &wgpu::Buffer,
+    xa: &wgpu::Buffer,
+    w: &wgpu::Buffer,
+    a: &wgpu::Buffer,
+    b: &wgpu::Buffer,
+    da: &wgpu::Buffer,
+    db: &wgpu::Buffer,
+    dx: Option<&wgpu::Buffer>,
+    p: LoraParams,
+    precision: Precision,
+) -> Result<()> {
+    let op = "lora_bwd (wgsl)";
+    precision.check(device, op)?;
+    let (m, n, k, r) = (p.m, p.n, p.k, p.r);
+    let bytes = precision.bytes();
+    check_elems(op, bytes, &[("dy", dy, m * n), ("x_lora", x_lora, m * k), ("xa", xa, m * r), ("w", w, n * k), ("a", a, r * k), ("b", b, n * r)])?;
+    check_buffers(op, &[("da", da, r * k), ("db", db, n * r)])?;
+    if let Some(dx) = dx {
+        check_elems(op, bytes, &[("dx", dx, m * k)])?;
+    }
+    let mut enc = device.create_command_encoder(&Default::default());
+    let g = small_grads(device, kernels, &mut enc, dy, x_lora, xa, b, da, db, p, precision)?;
+    if let Some(dx) = dx {
+        let u = GemmUniform {
+            m: m as u32,
+            n: k as u32,
+            k1: n as u32,
+            k2: r as u32,
+            strides: [plain(n), plain(k), plain(r), plain(k)],
+            s1: 1.0,
+            s2: p.scale,
+            ..Default::default()
+        };
+        lora_pass(device, kernels, &mut enc, same(precision), "lora_gemm", &u, &[(1, dy), (2, w), (3, &g), (4, a), (5, dy), (6, dx)], tiles(m, k))?;
+    }
+    queue.submit([enc.finish()]);
+    Ok(())
+}
