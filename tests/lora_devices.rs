@@ -31,7 +31,7 @@ fn run(case: LoraCase, nf4: bool) {
 }
 
 fn case(m: usize, n: usize, k: usize, r: usize, bias: bool, seed: u64) -> LoraCase {
-    LoraCase { m, n, k, r, bias, scale: 16.0 / r as f32, dtype: DType::F32, seed }
+    LoraCase { m, n, k, r, bias, scale: 16.0 / r as f32, dtype: DType::F32, seed, dropout: None }
 }
 
 proptest! {
@@ -54,6 +54,19 @@ fn lora_ranks_up_to_128() {
     for (i, &(m, n, k, r)) in [(3, 65, 33, 128), (67, 5, 70, 100), (17, 17, 130, 127), (1, 1, 1, 128)].iter().enumerate() {
         run(case(m, n, k, r, i % 2 == 0, i as u64), false);
         run(case(m, n, k, r, i % 2 == 1, i as u64 + 10), true);
+    }
+}
+
+#[test]
+fn lora_with_dropout_matches_reference() {
+    // dX = dY·W + s·(dY·B·A) ∘ mask / (1 - p) and dA from the dropped input, on every device
+    // (dropout runs in f32 on the CPU and wgpu).
+    for (i, &(m, n, k, r, p)) in [(1, 1, 1, 1, 0.5f32), (7, 65, 33, 8, 0.1), (67, 20, 70, 16, 0.3), (130, 9, 64, 128, 0.05)].iter().enumerate() {
+        for dev in common::devices() {
+            let dtype = if matches!(dev, Device::Cuda(_)) { DType::BF16 } else { DType::F32 };
+            let case = LoraCase { dtype, dropout: Some((p, 0x5eed + i as u64)), ..case(m, n, k, r, i % 2 == 0, i as u64) };
+            check_lora(dev, case).unwrap_or_else(|e| panic!("{e}"));
+        }
     }
 }
 

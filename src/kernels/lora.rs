@@ -129,15 +129,15 @@ pub mod cpu {
 /// WGSL launchers over wgpu's types: `kernels-wgsl/lora_gemm.wgsl`, in f32, or with
 /// `Precision::F16` in half precision where the adapter has SHADER_F16 (f16 operands and
 /// outputs, dA and dB in f32, f32 accumulation). Buffers need STORAGE usage and may be longer
-/// than their data. Dropout: the forward takes `x_lora` (the dropped-out input) beside `x`;
-/// the backward's dX assumes no dropout (`x_lora = X`), so a caller with dropout adds the LoRA
-/// part itself (`dropout` with an axpy term) or uses the CPU path.
+/// than their data. Dropout: `dropout` draws the CPU's mask; the forward takes `x_lora` (the
+/// dropped-out input) beside `x`, and the backward, given the same `(p, seed)`, masks the LoRA
+/// share of dX.
 #[allow(clippy::too_many_arguments)]
 pub mod wgsl;
 
 /// CUDA launchers (`kernels-cuda/lora_gemm.cu`) over cudarc's types. Storage is bf16 or f16 as
 /// u16 bit patterns (`Half` picks the kernels), accumulation f32; dA and dB are f32 (they feed
-/// the f32 master weights). Dropout as in `wgsl`: the forward takes `x_lora`, dX assumes none.
+/// the f32 master weights). Dropout as in `wgsl` (`dropout`, `x_lora`, the backward's `(p, seed)`).
 /// Scratch (`s·XA`, `s·G`, `[M, R]` each) is allocated on the stream per call.
 #[allow(clippy::too_many_arguments)]
 pub mod cuda;

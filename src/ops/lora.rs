@@ -184,8 +184,8 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
 /// The group on wgpu: each part is one fused LoRA GEMM (`lora_gemm.wgsl`; a plain GEMM when
 /// the part has no adapter), and the backward is the same kernels' (`lora::wgsl::backward`:
 /// dA, dB and each part's dX, summed in part order on the device). LoRA dropout draws the
-/// CPU's mask on the device (`dropout.wgsl`); with it, dX is `dY·W + s·(dY·B·A) ∘ mask/(1-p)`
-/// from three products and one masked update.
+/// CPU's mask on the device (`dropout.wgsl`); with it, the launcher's dX is
+/// `dY·W + s·(dY·B·A) ∘ mask/(1-p)`.
 fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]) -> Result<Vec<Tensor>> {
     use crate::kernels::lora::wgsl;
     use crate::ops::gpu::{wgpu_buf, wgpu_output};
@@ -249,18 +249,9 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
             let scratch = rt.alloc(4);
             let (dab, dbb) = (da.as_ref().map_or(scratch.buffer(), |t| wgpu_buf(t).1), db.as_ref().map_or(scratch.buffer(), |t| wgpu_buf(t).1));
             let xl = drop.as_ref().map_or(xb, |(b, _)| b.buffer());
-            // With dropout the fused dX would skip the mask: dX is assembled below instead.
-            let fused_dx = if drop.is_some() { None } else { dxi.as_ref().map(|t| wgpu_buf(t).1) };
-            wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xl, xa.buffer(), wgpu_buf(w).1, a, b, dab, dbb, fused_dx, *p, wgsl::Precision::F32)?;
-            if let (Some((_, d)), Some(dxt)) = (drop, &dxi) {
-                let (n, r) = (p.n, p.r);
-                let (plain_dx, gb, t) = (rt.alloc(4 * m * k), rt.alloc(4 * m * r), rt.alloc(4 * m * k));
-                let gy = wgpu_buf(g).1;
-                wgsl::matmul(&rt.device, &rt.queue, &rt.kernels, (gy, wgsl::plain(n)), (wgpu_buf(w).1, wgsl::plain(k)), plain_dx.buffer(), (m, k, n))?;
-                wgsl::matmul(&rt.device, &rt.queue, &rt.kernels, (gy, wgsl::plain(n)), (b, wgsl::plain(r)), gb.buffer(), (m, r, n))?;
-                wgsl::matmul(&rt.device, &rt.queue, &rt.kernels, (gb.buffer(), wgsl::plain(r)), (a, wgsl::plain(k)), t.buffer(), (m, k, r))?;
-                wgsl::dropout(&rt.device, &rt.queue, &rt.kernels, plain_dx.buffer(), Some((t.buffer(), p.scale)), wgpu_buf(dxt).1, m * k, d.p, d.seed)?;
-            }
+            let dxb = dxi.as_ref().map(|t| wgpu_buf(t).1);
+            let dropout = drop.as_ref().map(|(_, d)| (d.p, d.seed));
+            wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xl, xa.buffer(), wgpu_buf(w).1, a, b, dab, dbb, dxb, dropout, *p, wgsl::Precision::F32)?;
             debug_assert_eq!(sx.elem_count(), m * k);
             if let Some(dxi) = dxi {
                 dx = Some(match dx {

@@ -33,6 +33,9 @@ pub struct LoraCase {
     /// and output but dA, dB.
     pub dtype: DType,
     pub seed: u64,
+    /// LoRA dropout `(p, seed)` on the adapter's input (f32 on the CPU and wgpu, bf16 on CUDA;
+    /// not with NF4).
+    pub dropout: Option<(f32, u64)>,
 }
 
 impl LoraCase {
@@ -87,9 +90,13 @@ pub fn naive_tolerance(naive: &[f32], want: &[f64]) -> Tolerance {
 }
 
 /// Inputs of one case, already rounded to the storage type (so the reference sees exactly
-/// what the device sees). No dropout: `x_lora = x`.
+/// what the device sees). `x_lora` is x after the case's dropout (x itself without), made on
+/// the host with the mask every device draws; `drop_scale` is `mask / (1 - p)` per element.
+#[derive(Clone)]
 pub struct LoraInputs {
     pub x: Vec<f32>,
+    pub x_lora: Vec<f32>,
+    pub drop_scale: Option<Vec<f32>>,
     pub w: Vec<f32>,
     pub bias: Option<Vec<f32>>,
     pub a: Vec<f32>,
@@ -101,8 +108,19 @@ impl LoraInputs {
     pub fn new(case: &LoraCase) -> Self {
         let (m, n, k, r, t) = (case.m, case.n, case.k, case.r, case.dtype);
         let mut rng = Rng::new(case.seed);
+        let x = rounded(t, rng.vec(m * k, -1.0, 1.0));
+        let drop_scale = case.dropout.map(|(p, seed)| {
+            let keep = 1.0 / (1.0 - p);
+            (0..m * k).map(|i| if crate::rng::uniform_at(seed, i as u64) >= p { keep } else { 0.0 }).collect::<Vec<f32>>()
+        });
+        let x_lora = match &drop_scale {
+            Some(ds) => x.iter().zip(ds).map(|(&v, &d)| round_to(t, v * d)).collect(),
+            None => x.clone(),
+        };
         LoraInputs {
-            x: rounded(t, rng.vec(m * k, -1.0, 1.0)),
+            x,
+            x_lora,
+            drop_scale,
             w: rounded(t, rng.vec(n * k, -1.0, 1.0)),
             bias: case.bias.then(|| rounded(t, rng.vec(n, -1.0, 1.0))),
             a: rounded(t, rng.vec(r * k, -1.0, 1.0)),
@@ -122,10 +140,11 @@ pub struct LoraOutputs {
 }
 
 /// The naive implementation in the case's precision (see the module doc). Stored
-/// intermediates are rounded as the GPU paths store them: XA, and s·XA, s·G on CUDA.
+/// intermediates are rounded as the GPU paths store them: XA, and s·XA, s·G on CUDA; with
+/// dropout, dX's two products (`dY·W` and the LoRA share) apart before the masked sum.
 fn naive(case: &LoraCase, inp: &LoraInputs) -> LoraOutputs {
     let (m, n, k, r, t, s) = (case.m, case.n, case.k, case.r, case.dtype, case.scale);
-    let xa = rounded(t, mm32(&inp.x, &inp.a, mm(m, r, k, false, true)));
+    let xa = rounded(t, mm32(&inp.x_lora, &inp.a, mm(m, r, k, false, true)));
     let xa_s: Vec<f32> = xa.iter().map(|&v| round_to(t, s * v)).collect();
     let base = mm32(&inp.x, &inp.w, mm(m, n, k, false, true));
     let lora = mm32(&xa_s, &inp.b, mm(m, n, r, false, true));
@@ -134,8 +153,11 @@ fn naive(case: &LoraCase, inp: &LoraInputs) -> LoraOutputs {
     let g_s: Vec<f32> = g.iter().map(|&v| round_to(t, s * v)).collect();
     let dxw = mm32(&inp.dy, &inp.w, mm(m, k, n, false, false));
     let dxl = mm32(&g_s, &inp.a, mm(m, k, r, false, false));
-    let dx = (0..m * k).map(|i| round_to(t, dxw[i] + dxl[i])).collect();
-    let da = mm32(&g_s, &inp.x, mm(r, k, m, true, false));
+    let dx = match &inp.drop_scale {
+        Some(ds) => (0..m * k).map(|i| round_to(t, round_to(t, dxw[i]) + round_to(t, dxl[i]) * ds[i])).collect(),
+        None => (0..m * k).map(|i| round_to(t, dxw[i] + dxl[i])).collect(),
+    };
+    let da = mm32(&g_s, &inp.x_lora, mm(r, k, m, true, false));
     let db: Vec<f32> = mm32(&inp.dy, &xa, mm(n, r, m, true, false)).iter().map(|v| s * v).collect();
     LoraOutputs { y, xa, dx, da, db }
 }
@@ -169,8 +191,10 @@ fn reference_outputs(case: &LoraCase, inp: &LoraInputs, w: &[f32]) -> LoraOutput
     let (x, w) = (f64s(&inp.x), f64s(w));
     let (a, b, dy) = (f64s(&inp.a), f64s(&inp.b), f64s(&inp.dy));
     let bias = inp.bias.as_deref().map(f64s);
-    let (y, xa) = reference::forward(&x, &x, &w, bias.as_deref(), &a, &b, p);
-    let (dx, da, db) = reference::backward(&dy, &x, &xa, &w, &a, &b, None, p);
+    let x_lora = f64s(&inp.x_lora);
+    let (y, xa) = reference::forward(&x, &x_lora, &w, bias.as_deref(), &a, &b, p);
+    let drop_scale = inp.drop_scale.as_deref().map(f64s);
+    let (dx, da, db) = reference::backward(&dy, &x_lora, &xa, &w, &a, &b, drop_scale.as_deref(), p);
     LoraOutputs64 { y, xa, dx, da, db }
 }
 
@@ -191,11 +215,14 @@ pub fn check_lora(dev: Device, case: LoraCase) -> Check {
 /// use the CPU dequantization of W (byte-exact against bitsandbytes), the device its own
 /// in-kernel dequantization.
 pub fn check_nf4_lora(dev: Device, case: LoraCase) -> Check {
+    if case.dropout.is_some() {
+        return Err(format!("nf4 lora ({case:?}): the NF4 launchers take no dropout"));
+    }
     let inp = LoraInputs::new(&case);
     let q = nf4::cpu::quantize(&inp.w);
     let wq = nf4::cpu::dequantize(&q).map_err(|e| e.to_string())?;
     let want = reference_outputs(&case, &inp, &wq);
-    let dq = LoraInputs { w: wq.clone(), x: inp.x.clone(), bias: inp.bias.clone(), a: inp.a.clone(), b: inp.b.clone(), dy: inp.dy.clone() };
+    let dq = LoraInputs { w: wq.clone(), ..inp.clone() };
     let got = match dev {
         Device::Cpu => run_cpu(&case, &inp, &wq),
         Device::Wgpu(i) => wgpu_run::lora(i, &case, &inp, Some(&q)),
@@ -259,9 +286,9 @@ pub fn check_nf4_dequant(dev: Device, len: usize, seed: u64) -> Check {
 
 fn run_cpu(case: &LoraCase, inp: &LoraInputs, w: &[f32]) -> crate::Result<LoraOutputs> {
     let p = case.params();
-    let (y, xa) = cpu::forward(&inp.x, &inp.x, w, false, inp.bias.as_deref(), &inp.a, &inp.b, p)?;
+    let (y, xa) = cpu::forward(&inp.x, &inp.x_lora, w, false, inp.bias.as_deref(), &inp.a, &inp.b, p)?;
     let (mut da, mut db) = (vec![0.0; p.r * p.k], vec![0.0; p.n * p.r]);
-    let dx = cpu::backward(&inp.dy, &inp.x, &xa, w, &inp.a, &inp.b, None, true, &mut da, &mut db, p)?.unwrap_or_default();
+    let dx = cpu::backward(&inp.dy, &inp.x_lora, &xa, w, &inp.a, &inp.b, inp.drop_scale.as_deref(), true, &mut da, &mut db, p)?.unwrap_or_default();
     Ok(LoraOutputs { y, xa, dx, da, db })
 }
 
@@ -309,14 +336,15 @@ mod wgpu_run {
         let p = case.params();
         let (m, n, k, r) = (p.m, p.n, p.k, p.r);
         let (x, w, a, b, dy) = (up_as(&rt, pr, &inp.x), up_as(&rt, pr, &inp.w), up_as(&rt, pr, &inp.a), up_as(&rt, pr, &inp.b), up_as(&rt, pr, &inp.dy));
+        let xl = up_as(&rt, pr, &inp.x_lora);
         let bias = inp.bias.as_ref().map(|v| up_as(&rt, pr, v));
         let (y, xa, dx, da, db) = (rt.alloc(m * n * 4), rt.alloc(m * r * 4), rt.alloc(m * k * 4), rt.alloc(r * k * 4), rt.alloc(n * r * 4));
         let (dev, queue, kern) = (&rt.device, &rt.queue, &rt.kernels);
         let bias_b = bias.as_ref().map(|b| b.buffer());
         match q {
             None => {
-                wgsl::forward(dev, queue, kern, x.buffer(), x.buffer(), w.buffer(), bias_b, a.buffer(), b.buffer(), y.buffer(), xa.buffer(), p, pr)?;
-                wgsl::backward(dev, queue, kern, dy.buffer(), x.buffer(), xa.buffer(), w.buffer(), a.buffer(), b.buffer(), da.buffer(), db.buffer(), Some(dx.buffer()), p, pr)?;
+                wgsl::forward(dev, queue, kern, x.buffer(), xl.buffer(), w.buffer(), bias_b, a.buffer(), b.buffer(), y.buffer(), xa.buffer(), p, pr)?;
+                wgsl::backward(dev, queue, kern, dy.buffer(), xl.buffer(), xa.buffer(), w.buffer(), a.buffer(), b.buffer(), da.buffer(), db.buffer(), Some(dx.buffer()), case.dropout, p, pr)?;
             }
             Some(q) => {
                 let wq = nf4::wgsl::upload(dev, q)?;
@@ -411,13 +439,15 @@ mod cuda_run {
         let bias = inp.bias.as_ref().map(|v| up(s, &bits(dt, v))).transpose()?;
         let (mut y, mut xa, mut dx) = (zeros::<u16>(s, m * n)?, zeros::<u16>(s, m * r)?, zeros::<u16>(s, m * k)?);
         let (mut da, mut db) = (zeros::<f32>(s, r * k)?, zeros::<f32>(s, n * r)?);
+        let xl = up(s, &bits(dt, &inp.x_lora))?;
         let (xv, wv, av, bv, dyv) = (x.slice(..m * k), w.slice(..n * k), a.slice(..r * k), b.slice(..n * r), dy.slice(..m * n));
+        let xlv = xl.slice(..m * k);
         let biasv = bias.as_ref().map(|b| b.slice(..n));
         match q {
             None => {
-                cuda::forward(s, md, dt, &xv, &xv, &wv, biasv.as_ref(), &av, &bv, &mut y.slice_mut(..m * n), &mut xa.slice_mut(..m * r), p)?;
+                cuda::forward(s, md, dt, &xv, &xlv, &wv, biasv.as_ref(), &av, &bv, &mut y.slice_mut(..m * n), &mut xa.slice_mut(..m * r), p)?;
                 let xav = xa.slice(..m * r);
-                cuda::backward(s, md, dt, &dyv, &xv, &xav, &wv, &av, &bv, &mut da.slice_mut(..r * k), &mut db.slice_mut(..n * r), Some(&mut dx.slice_mut(..m * k)), p)?;
+                cuda::backward(s, md, dt, &dyv, &xlv, &xav, &wv, &av, &bv, &mut da.slice_mut(..r * k), &mut db.slice_mut(..n * r), Some(&mut dx.slice_mut(..m * k)), case.dropout, p)?;
             }
             Some(q) => {
                 let wq = Nf4Device::upload(s, q)?;

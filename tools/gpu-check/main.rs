@@ -261,9 +261,13 @@ fn lora_cases(push: &mut impl FnMut(String, Result<(), String>)) {
     ];
     for dtype in [DType::BF16, DType::F16] {
         for (i, &(m, n, k, r)) in shapes.iter().enumerate() {
-            let case = LoraCase { m, n, k, r, bias: i % 2 == 0, scale: 16.0 / r as f32, dtype, seed: i as u64 };
+            let case = LoraCase { m, n, k, r, bias: i % 2 == 0, scale: 16.0 / r as f32, dtype, seed: i as u64, dropout: None };
             push(format!("lora {dtype} m{m} n{n} k{k} r{r}"), check_lora(dev, case));
             push(format!("nf4 lora {dtype} m{m} n{n} k{k} r{r}"), check_nf4_lora(dev, case));
+            if dtype == DType::BF16 {
+                let dropped = LoraCase { dropout: Some((0.1, 7 + i as u64)), ..case };
+                push(format!("lora {dtype} m{m} n{n} k{k} r{r} dropout 0.1"), check_lora(dev, dropped));
+            }
         }
     }
     for (i, len) in [1usize, 65, 1001, 64 * 256 + 7, 4096 * 4096].into_iter().enumerate() {

@@ -221,7 +221,10 @@ pub(crate) fn small_grads(
     Ok(gs)
 }
 
-/// Backward: `da`, `db` (f32) and, when `dx` is given, `dx = dy·w + s·(dy·b)·a`.
+/// Backward: `da`, `db` (f32) and, when `dx` is given, `dx = dy·w + s·(dy·b)·a`, or with
+/// `dropout = Some((p, seed))` (the forward's, which made `x_lora`; bf16 only)
+/// `dx = dy·w + s·((dy·b)·a) ∘ mask / (1 - p)`, the two products rounded apart, then summed
+/// under the mask by `dropout`.
 pub fn backward(
     stream: &Arc<CudaStream>,
     modules: &ModuleCache,
@@ -235,6 +238,7 @@ pub fn backward(
     da: &mut CudaViewMut<'_, f32>,
     db: &mut CudaViewMut<'_, f32>,
     dx: Option<&mut CudaViewMut<'_, u16>>,
+    dropout: Option<(f32, u64)>,
     p: LoraParams,
 ) -> Result<()> {
     let op = "lora_bwd (cuda)";
@@ -246,11 +250,27 @@ pub fn backward(
     if let Some(dx) = &dx {
         check_len(op, "dx", dx.len(), m * k)?;
     }
+    if dropout.is_some() && dt != Half::Bf16 {
+        return Err(Error::InvalidArgument(format!("{op}: LoRA dropout has bf16 kernels only, not {dt:?}")));
+    }
     let gs = small_grads(stream, modules, dt, dy, x_lora, xa, b, da, db, p)?;
-    if let Some(dx) = dx {
-        let gv = gs.slice(..);
-        let g = Gemm { a1: (dy, n), b1: Some((w, k)), a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: n, k2: r, kn: true };
-        gemm(stream, modules, dt, g, dx, None)?;
+    let gv = gs.slice(..);
+    match (dx, dropout) {
+        (Some(dx), None) => {
+            let g = Gemm { a1: (dy, n), b1: Some((w, k)), a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: n, k2: r, kn: true };
+            gemm(stream, modules, dt, g, dx, None)?;
+        }
+        // dY·W and (s·G)·A apart (each a rank-0 GEMM), then summed under the mask.
+        (Some(dx), Some((pd, seed))) => {
+            let alloc = |len: usize| stream.alloc_zeros::<u16>(len.max(1)).map_err(|e| Error::cuda(format!("{op}: scratch"), e));
+            let (mut base, mut ga) = (alloc(m * k)?, alloc(m * k)?);
+            let plain = Gemm { a1: (dy, n), b1: Some((w, k)), a2: (dy, n), b2: (w, k), bias: None, m, n: k, k1: n, k2: 0, kn: true };
+            gemm(stream, modules, dt, plain, &mut base.slice_mut(..), None)?;
+            let lora = Gemm { a1: (&gv, r), b1: Some((a, k)), a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: r, k2: 0, kn: true };
+            gemm(stream, modules, dt, lora, &mut ga.slice_mut(..), None)?;
+            self::dropout(stream, modules, &base.slice(..m * k), Some((&ga.slice(..m * k), 1.0)), dx, pd, seed)?;
+        }
+        (None, _) => {}
     }
     Ok(())
 }

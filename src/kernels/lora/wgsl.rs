@@ -351,7 +351,9 @@ pub(crate) fn small_grads(
 }
 
 /// Backward: `da = s·(dy·b)ᵀ·x_lora`, `db = s·dyᵀ·xa`, and when `dx` is given
-/// `dx = dy·w + s·(dy·b)·a` (no dropout mask, see the module doc). W gets no gradient.
+/// `dx = dy·w + s·(dy·b)·a`, or with `dropout = Some((p, seed))` (the forward's, which made
+/// `x_lora`) `dx = dy·w + s·((dy·b)·a) ∘ mask / (1 - p)`: the two products apart and the masked
+/// sum by `dropout` (f32 only). W gets no gradient.
 pub fn backward(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
@@ -365,11 +367,15 @@ pub fn backward(
     da: &wgpu::Buffer,
     db: &wgpu::Buffer,
     dx: Option<&wgpu::Buffer>,
+    dropout: Option<(f32, u64)>,
     p: LoraParams,
     precision: Precision,
 ) -> Result<()> {
     let op = "lora_bwd (wgsl)";
     precision.check(device, op)?;
+    if dropout.is_some() && precision != Precision::F32 {
+        return Err(Error::InvalidArgument(format!("{op}: LoRA dropout runs in f32 only, not {precision:?}")));
+    }
     let (m, n, k, r) = (p.m, p.n, p.k, p.r);
     let bytes = precision.bytes();
     check_elems(op, bytes, &[("dy", dy, m * n), ("x_lora", x_lora, m * k), ("xa", xa, m * r), ("w", w, n * k), ("a", a, r * k), ("b", b, n * r)])?;
@@ -379,19 +385,31 @@ pub fn backward(
     }
     let mut enc = device.create_command_encoder(&Default::default());
     let g = small_grads(device, kernels, &mut enc, dy, x_lora, xa, b, da, db, p, precision)?;
-    if let Some(dx) = dx {
-        let u = GemmUniform {
-            m: m as u32,
-            n: k as u32,
-            k1: n as u32,
-            k2: r as u32,
-            strides: [plain(n), plain(k), plain(r), plain(k)],
-            s1: 1.0,
-            s2: p.scale,
-            ..Default::default()
-        };
-        lora_pass(device, kernels, &mut enc, same(precision), "lora_gemm", &u, &[(1, dy), (2, w), (3, &g), (4, a), (5, dy), (6, dx)], tiles(m, k))?;
+    match (dx, dropout) {
+        (Some(dx), None) => {
+            let u = GemmUniform {
+                m: m as u32,
+                n: k as u32,
+                k1: n as u32,
+                k2: r as u32,
+                strides: [plain(n), plain(k), plain(r), plain(k)],
+                s1: 1.0,
+                s2: p.scale,
+                ..Default::default()
+            };
+            lora_pass(device, kernels, &mut enc, same(precision), "lora_gemm", &u, &[(1, dy), (2, w), (3, &g), (4, a), (5, dy), (6, dx)], tiles(m, k))?;
+            queue.submit([enc.finish()]);
+        }
+        (Some(dx), Some((pd, seed))) => {
+            let (base, ga) = (scratch(device, m * k), scratch(device, m * k));
+            product(device, kernels, &mut enc, (dy, plain(n)), (w, plain(k)), &base, (m, k, n), 1.0)?;
+            product(device, kernels, &mut enc, (&g, plain(r)), (a, plain(k)), &ga, (m, k, r), 1.0)?;
+            queue.submit([enc.finish()]);
+            self::dropout(device, queue, kernels, &base, Some((&ga, p.scale)), dx, m * k, pd, seed)?;
+        }
+        (None, _) => {
+            queue.submit([enc.finish()]);
+        }
     }
-    queue.submit([enc.finish()]);
     Ok(())
 }
