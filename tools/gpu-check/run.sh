@@ -6,7 +6,8 @@
 # Finds libnvrtc (CUDA_HOME, a pip CUDA 13 wheel, or the system) so the NVRTC cases run, runs
 # the prepared gpu-check binary (built elsewhere with `cargo build --release --bin gpu-check`),
 # then, where PyTorch with CUDA is present, the same benchmark shapes in PyTorch for the
-# side-by-side figures. Reports land in OUT_DIR (default ./gpu-check-out).
+# side-by-side figures, and PyTorch + PEFT's end-to-end fine-tuning step (e2e_torch.py).
+# Reports land in OUT_DIR (default ./gpu-check-out).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-gpu-check-out}
@@ -36,6 +37,12 @@ status=$?
 if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   echo
   python3 "$here/torch_baseline.py" "$out/torch-baseline.json" || echo "torch baseline failed"
+  # Issue 8's end-to-end peer: PyTorch + transformers + PEFT fine-tuning a Llama-3.2-1B shape
+  # (about two minutes on an H100; TUNA_E2E=0 skips it).
+  if [ "${TUNA_E2E:-1}" != 0 ] && python3 -c 'import transformers, peft' 2>/dev/null; then
+    echo
+    python3 "$here/e2e_torch.py" "$out/e2e-torch.json" || echo "end-to-end torch baseline failed"
+  fi
 else
   echo "PyTorch with CUDA not found: no side-by-side baseline"
 fi
