@@ -162,5 +162,32 @@ fn attention_wgpu(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, rmsnorm, matmul_cpu, attention_cpu, attention_wgpu);
+/// The LM head and the loss: `linear_cross_entropy` (logits made in chunks, dX finished in the
+/// forward) against its peer, the unfused `matmul` then `cross_entropy`, forward and backward,
+/// at a small model's hidden size and Llama 3's vocabulary. (Peak memory, which criterion does
+/// not see: see `kernels::cross_entropy::default_chunk_rows`.)
+fn linear_cross_entropy(c: &mut Criterion) {
+    use tuna::Tape;
+    let mut g = c.benchmark_group("linear_cross_entropy/cpu");
+    g.sample_size(10);
+    for (m, h, v) in [(512usize, 512usize, 32_000usize), (1024, 512, 128_256)] {
+        let mut rng = Rng::new(3);
+        let x = Tensor::from_vec(rng.vec(m * h, -1.0, 1.0), [m, h]).unwrap();
+        let w = Tensor::from_vec(rng.vec(v * h, -0.05, 0.05), [v, h]).unwrap();
+        let t = Tensor::from_vec_i32((0..m).map(|_| rng.below(v) as i32).collect(), [m]).unwrap();
+        let id = format!("M{m} H{h} V{v}");
+        g.throughput(Throughput::Elements((m * v) as u64));
+        let step = |fused: bool| {
+            let tape = Tape::new();
+            let xp = tape.param(&x);
+            let loss = if fused { ops::linear_cross_entropy(&xp, &w, &t, -100, None) } else { ops::cross_entropy(&ops::matmul(&xp, &w, false, true).unwrap(), &t, -100) };
+            tape.backward(&loss.unwrap()).unwrap()
+        };
+        g.bench_function(BenchmarkId::new("fused, fwd+bwd", &id), |b| b.iter(|| step(true)));
+        g.bench_function(BenchmarkId::new("matmul + cross_entropy (peer), fwd+bwd", &id), |b| b.iter(|| step(false)));
+    }
+    g.finish();
+}
+
+criterion_group!(benches, rmsnorm, matmul_cpu, attention_cpu, attention_wgpu, linear_cross_entropy);
 criterion_main!(benches);
