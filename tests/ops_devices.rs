@@ -13,7 +13,7 @@ use tuna::kernels::embedding::EmbeddingParams;
 use tuna::kernels::rope::{Direction, RopeParams};
 use tuna::testing::cast::check_cast;
 use tuna::testing::token_ops::{check_embedding, check_rope, check_rope_angles, check_swiglu, RopeCase};
-use tuna::{DType, Device};
+use tuna::{DType, Device, Tensor};
 
 fn dtypes(dev: Device) -> Vec<DType> {
     match dev {
@@ -32,6 +32,37 @@ fn casts_match_the_cpu_bit_for_bit_on_every_device() {
     for dev in common::devices() {
         for (i, n) in [20usize, 21, 4097, 100_001].into_iter().enumerate() {
             check_cast(dev, n, i as u64).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+#[test]
+fn add_and_scale_match_the_cpu_bit_for_bit_on_every_device() {
+    // One f32 operation per element, so the device must give the CPU's bits: add with b the
+    // same shape and b a bias broadcast over rows; scale by a host factor; scale_by a device
+    // factor (the fused losses' backward).
+    use tuna::ops;
+    let mut rng = tuna::testing::Rng::new(11);
+    let (m, n) = (37, 301);
+    let a = Tensor::from_vec(rng.vec(m * n, -3.0, 3.0), [m, n]).unwrap();
+    let full = Tensor::from_vec(rng.vec(m * n, -3.0, 3.0), [m, n]).unwrap();
+    let bias = Tensor::from_vec(rng.vec(n, -3.0, 3.0), [n]).unwrap();
+    for dev in common::devices() {
+        let on = |t: &Tensor| t.to_device(&dev).unwrap();
+        for (what, b) in [("same shape", &full), ("bias over rows", &bias)] {
+            let want = ops::add(&a, b).unwrap().to_vec_f32().unwrap();
+            let got = ops::add(&on(&a), &on(b)).unwrap().to_vec_f32().unwrap();
+            assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "add ({what}) on {dev}");
+        }
+        let want = ops::scale(&a, -0.37).unwrap().to_vec_f32().unwrap();
+        let got = ops::scale(&on(&a), -0.37).unwrap().to_vec_f32().unwrap();
+        assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "scale on {dev}");
+        if let Device::Wgpu(i) = dev {
+            let rt = tuna::device::wgpu::runtime(i).unwrap();
+            let (ab, sb, yb) = (rt.upload(&a.to_bytes().unwrap()), rt.upload(bytemuck::bytes_of(&-0.37f32)), rt.alloc(4 * m * n));
+            elementwise::wgsl::scale_by(&rt.device, &rt.queue, &rt.kernels, ab.buffer(), sb.buffer(), yb.buffer(), m * n).unwrap();
+            let got: Vec<f32> = bytemuck::pod_collect_to_vec(&rt.download(yb.buffer(), 4 * m * n).unwrap());
+            assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "scale_by on {dev}");
         }
     }
 }
