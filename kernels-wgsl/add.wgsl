@@ -13,10 +13,12 @@ struct Params {
     _pad1: u32,
 }
 
+alias T = f32;
+
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;
-@group(0) @binding(2) var<storage, read> b: array<f32>;
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(1) var<storage, read> a: array<T>;
+@group(0) @binding(2) var<storage, read> b: array<T>;
+@group(0) @binding(3) var<storage, read_write> y: array<T>;
 
 @compute @workgroup_size(256)
 fn add_bcast(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
@@ -24,7 +26,7 @@ fn add_bcast(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgro
     if i >= p.len {
         return;
     }
-    y[i] = a[i] + b[i % p.nb];
+    y[i] = T(f32(a[i]) + f32(b[i % p.nb]));
 }
 
 // Scale, f32: y[i] = s * a[i] over len elements (nb unused; s is the uniform's third word).
@@ -34,7 +36,7 @@ fn scale(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     if i >= p.len {
         return;
     }
-    y[i] = bitcast<f32>(p._pad0) * a[i];
+    y[i] = T(bitcast<f32>(p._pad0) * f32(a[i]));
 }
 
 // Scale by a device scalar, f32: y[i] = b[0] * a[i] over len elements (a loss's gradient dy
@@ -45,5 +47,5 @@ fn scale_by(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     if i >= p.len {
         return;
     }
-    y[i] = b[0] * a[i];
+    y[i] = T(f32(b[0]) * f32(a[i]));
 }

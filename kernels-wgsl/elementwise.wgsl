@@ -21,12 +21,14 @@ struct Params {
     ld: u32,
 }
 
+alias T = f32;
+
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;        // fwd: g | bwd: g  | bwd_packed: gu
-@group(0) @binding(2) var<storage, read> b: array<f32>;        // fwd: u | bwd: u  | bwd_packed: dy
-@group(0) @binding(3) var<storage, read_write> c: array<f32>;  // fwd: y | bwd: dy | bwd_packed: dgu
-@group(0) @binding(4) var<storage, read_write> d: array<f32>;  //        | bwd: dg |
-@group(0) @binding(5) var<storage, read_write> e: array<f32>;  //        | bwd: du |
+@group(0) @binding(1) var<storage, read> a: array<T>;        // fwd: g | bwd: g  | bwd_packed: gu
+@group(0) @binding(2) var<storage, read> b: array<T>;        // fwd: u | bwd: u  | bwd_packed: dy
+@group(0) @binding(3) var<storage, read_write> c: array<T>;  // fwd: y | bwd: dy | bwd_packed: dgu
+@group(0) @binding(4) var<storage, read_write> d: array<T>;  //        | bwd: dg |
+@group(0) @binding(5) var<storage, read_write> e: array<T>;  //        | bwd: du |
 
 fn sigmoid(x: f32) -> f32 {
     let t = exp(-abs(x));
@@ -41,9 +43,9 @@ fn swiglu_fwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
         return;
     }
     for (var m = gid.y; m < p.rows; m = m + nwg.y) {
-        let g = a[m * p.ld + f];
-        let u = b[p.u_off + m * p.ld + f];
-        c[m * p.cols + f] = g * sigmoid(g) * u;
+        let g = f32(a[m * p.ld + f]);
+        let u = f32(b[p.u_off + m * p.ld + f]);
+        c[m * p.cols + f] = T(g * sigmoid(g) * u);
     }
 }
 
@@ -56,12 +58,12 @@ fn swiglu_bwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     for (var m = gid.y; m < p.rows; m = m + nwg.y) {
         let gi = m * p.ld + f;
         let ui = p.u_off + m * p.ld + f;
-        let g = a[gi];
-        let u = b[ui];
-        let dy = c[m * p.cols + f];
+        let g = f32(a[gi]);
+        let u = f32(b[ui]);
+        let dy = f32(c[m * p.cols + f]);
         let s = sigmoid(g);
-        d[gi] = dy * u * s * (1.0 + g * (1.0 - s));
-        e[ui] = dy * g * s;
+        d[gi] = T(dy * u * s * (1.0 + g * (1.0 - s)));
+        e[ui] = T(dy * g * s);
     }
 }
 
@@ -74,11 +76,11 @@ fn swiglu_bwd_packed(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     for (var m = gid.y; m < p.rows; m = m + nwg.y) {
         let gi = m * p.ld + f;
         let ui = p.u_off + m * p.ld + f;
-        let g = a[gi];
-        let u = a[ui];
-        let dy = b[m * p.cols + f];
+        let g = f32(a[gi]);
+        let u = f32(a[ui]);
+        let dy = f32(b[m * p.cols + f]);
         let s = sigmoid(g);
-        c[gi] = dy * u * s * (1.0 + g * (1.0 - s));
-        c[ui] = dy * g * s;
+        c[gi] = T(dy * u * s * (1.0 + g * (1.0 - s)));
+        c[ui] = T(dy * g * s);
     }
 }

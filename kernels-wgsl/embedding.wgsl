@@ -27,10 +27,12 @@ struct Params {
 
 const WG: u32 = 256u;
 
+alias T = f32;
+
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> src: array<f32>;        // fwd: table | bwd: dy
+@group(0) @binding(1) var<storage, read> src: array<T>;        // fwd: table | bwd: dy
 @group(0) @binding(2) var<storage, read> ids: array<i32>;
-@group(0) @binding(3) var<storage, read_write> dst: array<f32>;  // fwd: y     | bwd: dtable
+@group(0) @binding(3) var<storage, read_write> dst: array<T>;  // fwd: y     | bwd: dtable
 
 var<workgroup> scan: array<u32, WG>;
 var<workgroup> list: array<u32, WG>;
@@ -47,7 +49,7 @@ fn embedding_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let ok = v >= 0 && u32(v) < p.vocab;
     let row = select(0u, u32(v) * p.dim, ok);
     for (var e = lid; e < p.dim; e = e + WG) {
-        dst[t * p.dim + e] = select(0.0, src[row + e], ok);
+        dst[t * p.dim + e] = T(select(0.0, f32(src[row + e]), ok));
     }
 }
 
@@ -99,11 +101,11 @@ fn embedding_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
         let count = compact(lid, j < p.tokens && ids[min(j, p.tokens - 1u)] == v, j);
         if (count > 0u) {
             for (var e = lid; e < p.dim; e = e + WG) {
-                var acc = dst[row + e];
+                var acc = f32(dst[row + e]);
                 for (var k = 0u; k < count; k = k + 1u) {
-                    acc = acc + src[list[k] * p.dim + e];
+                    acc = acc + f32(src[list[k] * p.dim + e]);
                 }
-                dst[row + e] = acc;
+                dst[row + e] = T(acc);
             }
             workgroupBarrier();  // the list is rewritten by the next chunk
         }

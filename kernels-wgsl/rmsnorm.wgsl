@@ -20,12 +20,14 @@ struct Params {
 
 const WG: u32 = 256u;
 
+alias T = f32;
+
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a: array<f32>;        // fwd: x    | bwd_dx: x    | bwd_dw: x
-@group(0) @binding(2) var<storage, read> b: array<f32>;        // fwd: w    | bwd_dx: w    | bwd_dw: dy
-@group(0) @binding(3) var<storage, read_write> c: array<f32>;  // fwd: y    | bwd_dx: dy   | bwd_dw: rstd
-@group(0) @binding(4) var<storage, read_write> d: array<f32>;  // fwd: rstd | bwd_dx: rstd | bwd_dw: dw
-@group(0) @binding(5) var<storage, read_write> e: array<f32>;  //           | bwd_dx: dx   |
+@group(0) @binding(1) var<storage, read> a: array<T>;        // fwd: x    | bwd_dx: x    | bwd_dw: x
+@group(0) @binding(2) var<storage, read> b: array<T>;        // fwd: w    | bwd_dx: w    | bwd_dw: dy
+@group(0) @binding(3) var<storage, read_write> c: array<T>;  // fwd: y    | bwd_dx: dy   | bwd_dw: dw
+@group(0) @binding(4) var<storage, read_write> d: array<f32>;  // fwd: rstd | bwd_dx: rstd | bwd_dw: rstd
+@group(0) @binding(5) var<storage, read_write> e: array<T>;  //           | bwd_dx: dx   |
 
 var<workgroup> partial: array<f32, WG>;
 
@@ -55,7 +57,7 @@ fn rmsnorm_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let base = row * p.cols;
     var ss = 0.0;
     for (var n = lid; n < p.cols; n = n + WG) {
-        let v = a[base + n];
+        let v = f32(a[base + n]);
         ss = ss + v * v;
     }
     let total = workgroup_sum(lid, ss);
@@ -64,7 +66,7 @@ fn rmsnorm_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         d[row] = r;
     }
     for (var n = lid; n < p.cols; n = n + WG) {
-        c[base + n] = b[n] * a[base + n] * r;
+        c[base + n] = T(f32(b[n]) * f32(a[base + n]) * r);
     }
 }
 
@@ -78,13 +80,13 @@ fn rmsnorm_bwd_dx(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     let base = row * p.cols;
     var dot = 0.0;
     for (var n = lid; n < p.cols; n = n + WG) {
-        dot = dot + c[base + n] * b[n] * a[base + n];
+        dot = dot + f32(c[base + n]) * f32(b[n]) * f32(a[base + n]);
     }
     let cm = workgroup_sum(lid, dot) / f32(p.cols);
     let r = d[row];
     for (var n = lid; n < p.cols; n = n + WG) {
-        let g = c[base + n] * b[n];
-        e[base + n] = r * (g - a[base + n] * r * r * cm);
+        let g = f32(c[base + n]) * f32(b[n]);
+        e[base + n] = T(r * (g - f32(a[base + n]) * r * r * cm));
     }
 }
 
@@ -96,7 +98,7 @@ fn rmsnorm_bwd_dw(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     var acc = 0.0;
     for (var m = 0u; m < p.rows; m = m + 1u) {
-        acc = acc + b[m * p.cols + n] * a[m * p.cols + n] * c[m];
+        acc = acc + f32(b[m * p.cols + n]) * f32(a[m * p.cols + n]) * d[m];
     }
-    d[n] = acc;
+    c[n] = T(acc);
 }

@@ -22,11 +22,13 @@ struct Params {
 
 const WG: u32 = 256u;
 
+alias T = f32;
+
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<T>;
 @group(0) @binding(2) var<storage, read> positions: array<i32>;
 @group(0) @binding(3) var<storage, read> inv_freq: array<f32>;
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<T>;
 
 // (sin a, cos a) within 1.3e-7 absolute for |a| <= 2^20. Cody-Waite reduction by pi/2 with
 // pi/2 in three 8-bit pieces and an f32 remainder, k split into kh (a multiple of 256, k
@@ -75,9 +77,9 @@ fn rope(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         let s = p.sign * sc.x;
         let c = sc.y;
         let o = base + h * 2u * p.half + i;
-        let a = x[o];
-        let b = x[o + p.half];
-        y[o] = a * c - b * s;
-        y[o + p.half] = b * c + a * s;
+        let a = f32(x[o]);
+        let b = f32(x[o + p.half]);
+        y[o] = T(a * c - b * s);
+        y[o + p.half] = T(b * c + a * s);
     }
 }

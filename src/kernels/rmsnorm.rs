@@ -316,7 +316,8 @@ pub mod wgsl {
         }
         if p.cols > 0 {
             let pipe = kernels.pipeline(device, "rmsnorm_bwd_dw", SOURCE, "rmsnorm_bwd_dw")?;
-            dispatch(device, queue, &pipe, &[&u, x, dy, rstd, dw], ((p.cols as u32).div_ceil(WG), 1, 1));
+            // Bindings: x (1), dy (2), dw (3), rstd (4): the statistics keep their f32 binding.
+            dispatch(device, queue, &pipe, &[&u, x, dy, dw, rstd], ((p.cols as u32).div_ceil(WG), 1, 1));
         }
         Ok(())
     }
