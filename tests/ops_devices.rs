@@ -13,6 +13,7 @@ use tuna::kernels::embedding::EmbeddingParams;
 use tuna::kernels::rope::{Direction, RopeParams};
 use tuna::testing::cast::check_cast;
 use tuna::testing::token_ops::{check_embedding, check_rope, check_rope_angles, check_swiglu, RopeCase};
+use tuna::device::wgpu::Precision;
 use tuna::{DType, Device, Tensor};
 
 fn dtypes(dev: Device) -> Vec<DType> {
@@ -172,15 +173,15 @@ fn bad_shapes_name_the_op_and_the_buffer() {
     let b = rt.alloc(256);
     let big = rt.alloc(4096);
     let rp = RopeParams { tokens: 8, heads: 4, head_dim: 8 };
-    let e = tuna::kernels::rope::wgsl::rope(d, q, k, b.buffer(), b.buffer(), b.buffer(), big.buffer(), rp, Direction::Backward).unwrap_err().to_string();
+    let e = tuna::kernels::rope::wgsl::rope(d, q, k, b.buffer(), b.buffer(), b.buffer(), big.buffer(), rp, Direction::Backward, Precision::F32).unwrap_err().to_string();
     assert!(e.contains("rope_bwd") && e.contains("`dy`"), "{e}");
     let odd = RopeParams { head_dim: 7, ..rp };
-    let e = tuna::kernels::rope::wgsl::rope(d, q, k, big.buffer(), b.buffer(), b.buffer(), big.buffer(), odd, Direction::Forward).unwrap_err().to_string();
+    let e = tuna::kernels::rope::wgsl::rope(d, q, k, big.buffer(), b.buffer(), b.buffer(), big.buffer(), odd, Direction::Forward, Precision::F32).unwrap_err().to_string();
     assert!(e.contains("rope_fwd") && e.contains("even"), "{e}");
     let ep = EmbeddingParams { tokens: 10, vocab: 100, dim: 8 };
     let e = tuna::kernels::embedding::wgsl::backward(d, q, k, b.buffer(), b.buffer(), big.buffer(), ep).unwrap_err().to_string();
     assert!(e.contains("embedding_bwd") && e.contains("`dy`"), "{e}");
-    let e = tuna::kernels::embedding::wgsl::forward(d, q, k, b.buffer(), b.buffer(), big.buffer(), ep).unwrap_err().to_string();
+    let e = tuna::kernels::embedding::wgsl::forward(d, q, k, b.buffer(), b.buffer(), big.buffer(), ep, Precision::F32).unwrap_err().to_string();
     assert!(e.contains("embedding_fwd") && e.contains("`table`"), "{e}");
     let sp = SwiGluParams { rows: 16, cols: 4 };
     let e = elementwise::wgsl::backward_packed(d, q, k, big.buffer(), big.buffer(), b.buffer(), sp).unwrap_err().to_string();

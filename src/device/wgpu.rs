@@ -107,6 +107,23 @@ impl KernelCache {
         self.pipelines.lock().expect("kernel cache poisoned").insert(name.to_string(), p.clone());
         Ok(p)
     }
+
+    /// [`Self::pipeline`] for tensors stored in `precision`: with F16, the shader's `alias T`
+    /// rewritten (`f16_variant`) and cached under `name::f16`. The adapter must have
+    /// SHADER_F16 (`Precision::check`).
+    pub fn pipeline_as(&self, device: &wgpu::Device, name: &str, source: &str, entry: &str, precision: Precision) -> Result<Arc<wgpu::ComputePipeline>> {
+        match precision {
+            Precision::F32 => self.pipeline(device, name, source, entry),
+            Precision::F16 => {
+                precision.check(device, name)?;
+                let name = format!("{name}::f16");
+                if let Some(p) = self.pipelines.lock().expect("kernel cache poisoned").get(&name) {
+                    return Ok(p.clone());
+                }
+                self.pipeline(device, &name, &f16_variant(source, &["T"]), entry)
+            }
+        }
+    }
 }
 
 /// Storage buffers kept for reuse, by size class (powers of two from 256 bytes).

@@ -329,14 +329,6 @@ pub mod wgsl {
 
     pub const SOURCE: &str = include_str!("../../kernels-wgsl/flash_attention.wgsl");
 
-    /// The pipeline of `entry` for tensors stored in `precision`.
-    fn pipeline(device: &wgpu::Device, kernels: &KernelCache, entry: &str, precision: Precision) -> Result<std::sync::Arc<wgpu::ComputePipeline>> {
-        static F16: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        match precision {
-            Precision::F32 => kernels.pipeline(device, entry, SOURCE, entry),
-            Precision::F16 => kernels.pipeline(device, &format!("{entry}::f16"), F16.get_or_init(|| crate::device::wgpu::f16_variant(SOURCE, &["T"])), entry),
-        }
-    }
     /// Queries (forward, dq) or keys (dk, dv) per workgroup.
     const BLOCK: usize = 64;
     pub const MAX_HEAD_DIM: usize = 128;
@@ -446,7 +438,7 @@ pub mod wgsl {
         let u = uniform(device, &params(OP, p, starts.is_some())?);
         let mut keep = None;
         let st = starts_or(device, starts, &mut keep);
-        let pipe = pipeline(device, kernels, "attn_fwd", precision)?;
+        let pipe = kernels.pipeline_as(device, "attn_fwd", SOURCE, "attn_fwd", precision)?;
         dispatch(device, queue, &pipe, &[&u, q, k, v, st, o, stats], groups(OP, p.batch * p.heads * p.q_len.div_ceil(BLOCK))?);
         Ok(())
     }
@@ -484,11 +476,11 @@ pub mod wgsl {
         let mut keep = None;
         let st = starts_or(device, starts, &mut keep);
         // attn_bwd_dot binds only the uniform, o (5), stats (6) and dO (7).
-        let dot = pipeline(device, kernels, "attn_bwd_dot", precision)?;
+        let dot = kernels.pipeline_as(device, "attn_bwd_dot", SOURCE, "attn_bwd_dot", precision)?;
         dispatch_bound(device, queue, &dot, &[(0, &u), (5, o), (6, stats), (7, dout)], groups(OP, rows.div_ceil(BLOCK))?);
-        let dkdv = pipeline(device, kernels, "attn_bwd_dkdv", precision)?;
+        let dkdv = kernels.pipeline_as(device, "attn_bwd_dkdv", SOURCE, "attn_bwd_dkdv", precision)?;
         dispatch(device, queue, &dkdv, &[&u, q, k, v, st, dout, stats, dk, dv], groups(OP, p.batch * p.kv_heads * p.kv_len.div_ceil(BLOCK))?);
-        let dqp = pipeline(device, kernels, "attn_bwd_dq", precision)?;
+        let dqp = kernels.pipeline_as(device, "attn_bwd_dq", SOURCE, "attn_bwd_dq", precision)?;
         dispatch(device, queue, &dqp, &[&u, q, k, v, st, dout, stats, dq], groups(OP, p.batch * p.heads * p.q_len.div_ceil(BLOCK))?);
         Ok(())
     }

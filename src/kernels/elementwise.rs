@@ -397,6 +397,7 @@ pub mod cuda {
 
 pub mod wgsl {
     use super::SwiGluParams;
+    pub use crate::device::wgpu::Precision;
     use crate::device::wgpu::{dispatch, uniform, KernelCache};
     use crate::Result;
 
@@ -415,8 +416,13 @@ pub mod wgsl {
         ld: u32,
     }
 
+    /// Elements of `precision` a buffer holds.
+    fn elems_of(b: &wgpu::Buffer, precision: Precision) -> usize {
+        b.size() as usize / precision.bytes()
+    }
+
     fn elems(b: &wgpu::Buffer) -> usize {
-        b.size() as usize / 4
+        elems_of(b, Precision::F32)
     }
 
     /// Workgroups over (column blocks, rows); the kernels stride rows by num_workgroups.y.
@@ -432,6 +438,7 @@ pub mod wgsl {
         p: SwiGluParams,
         packed: bool,
         buffers: &[&wgpu::Buffer],
+        precision: Precision,
     ) -> Result<()> {
         if p.rows == 0 || p.cols == 0 {
             return Ok(());
@@ -442,7 +449,7 @@ pub mod wgsl {
         } else {
             Params { rows: p.rows as u32, cols: f, u_off: 0, ld: f }
         };
-        let pipe = kernels.pipeline(device, entry, SOURCE, entry)?;
+        let pipe = kernels.pipeline_as(device, entry, SOURCE, entry, precision)?;
         let u = uniform(device, &params);
         let mut all = vec![&u];
         all.extend_from_slice(buffers);
@@ -452,8 +459,8 @@ pub mod wgsl {
 
     pub const ADD_SOURCE: &str = include_str!("../../kernels-wgsl/add.wgsl");
 
-    /// `y[i] = a[i] + b[i % nb]` over `len` elements, f32 (b broadcast over a's leading dims;
-    /// nb must divide len).
+    /// `y[i] = a[i] + b[i % nb]` over `len` elements stored in `precision` (b broadcast over
+    /// a's leading dims; nb must divide len).
     #[allow(clippy::too_many_arguments)]
     pub fn add(
         device: &wgpu::Device,
@@ -464,37 +471,39 @@ pub mod wgsl {
         y: &wgpu::Buffer,
         len: usize,
         nb: usize,
+        precision: Precision,
     ) -> Result<()> {
         const OP: &str = "add (wgsl)";
         if nb == 0 || len % nb != 0 {
             return Err(crate::Error::InvalidArgument(format!("{OP}: b of {nb} elements does not broadcast over {len}")));
         }
         for (name, buf, n) in [("a", a, len), ("b", b, nb), ("y", y, len)] {
-            crate::kernels::check_len(OP, name, elems(buf), n)?;
+            crate::kernels::check_len(OP, name, elems_of(buf, precision), n)?;
         }
         let u32_of = |v: usize| u32::try_from(v).map_err(|_| crate::Error::InvalidArgument(format!("{OP}: {v} elements exceed u32")));
         let (len32, nb32) = (u32_of(len)?, u32_of(nb)?);
         if len == 0 {
             return Ok(());
         }
-        let pipe = kernels.pipeline(device, "add_bcast", ADD_SOURCE, "add_bcast")?;
+        let pipe = kernels.pipeline_as(device, "add_bcast", ADD_SOURCE, "add_bcast", precision)?;
         let u = uniform(device, &[len32, nb32, 0, 0]);
         let (gx, gy) = crate::device::wgpu::grid(len32.div_ceil(WG));
         dispatch(device, queue, &pipe, &[&u, a, b, y], (gx, gy, 1));
         Ok(())
     }
 
-    /// `y[i] = s * a[i]` over `len` elements, f32.
-    pub fn scale(device: &wgpu::Device, queue: &wgpu::Queue, kernels: &KernelCache, a: &wgpu::Buffer, y: &wgpu::Buffer, len: usize, s: f32) -> Result<()> {
+    /// `y[i] = s * a[i]` over `len` elements stored in `precision` (f32 math).
+    #[allow(clippy::too_many_arguments)]
+    pub fn scale(device: &wgpu::Device, queue: &wgpu::Queue, kernels: &KernelCache, a: &wgpu::Buffer, y: &wgpu::Buffer, len: usize, s: f32, precision: Precision) -> Result<()> {
         const OP: &str = "scale (wgsl)";
         for (name, buf) in [("a", a), ("y", y)] {
-            crate::kernels::check_len(OP, name, elems(buf), len)?;
+            crate::kernels::check_len(OP, name, elems_of(buf, precision), len)?;
         }
         let len32 = u32::try_from(len).map_err(|_| crate::Error::InvalidArgument(format!("{OP}: {len} elements exceed u32")))?;
         if len == 0 {
             return Ok(());
         }
-        let pipe = kernels.pipeline(device, "scale", ADD_SOURCE, "scale")?;
+        let pipe = kernels.pipeline_as(device, "scale", ADD_SOURCE, "scale", precision)?;
         let u = uniform(device, &[len32, 1, s.to_bits(), 0]);
         let (gx, gy) = crate::device::wgpu::grid(len32.div_ceil(WG));
         // `scale` binds the uniform (0), a (1) and y (3), not b.
@@ -519,7 +528,8 @@ pub mod wgsl {
         Ok(())
     }
 
-    /// `y = silu(g) * u`, f32, g, u, y `[M, F]`.
+    /// `y = silu(g) * u`, g, u, y `[M, F]` stored in `precision` (f32 math).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         device: &wgpu::Device,
         queue: &wgpu::Queue,
@@ -528,9 +538,11 @@ pub mod wgsl {
         u: &wgpu::Buffer,
         y: &wgpu::Buffer,
         p: SwiGluParams,
+        precision: Precision,
     ) -> Result<()> {
-        p.check_separate("swiglu_fwd", &[("g", elems(g)), ("u", elems(u)), ("y", elems(y))])?;
-        run(device, queue, kernels, "swiglu_fwd", p, false, &[g, u, y])
+        let e = |b| elems_of(b, precision);
+        p.check_separate("swiglu_fwd", &[("g", e(g)), ("u", e(u)), ("y", e(y))])?;
+        run(device, queue, kernels, "swiglu_fwd", p, false, &[g, u, y], precision)
     }
 
     /// `y = silu(g) * u` with g, u the halves of each row of `gu` `[M, 2F]`; y `[M, F]`.
@@ -541,13 +553,16 @@ pub mod wgsl {
         gu: &wgpu::Buffer,
         y: &wgpu::Buffer,
         p: SwiGluParams,
+        precision: Precision,
     ) -> Result<()> {
-        p.check_packed("swiglu_fwd_packed", &[("gu", elems(gu))], &[("y", elems(y))])?;
+        let e = |b| elems_of(b, precision);
+        p.check_packed("swiglu_fwd_packed", &[("gu", e(gu))], &[("y", e(y))])?;
         // Bound twice, read-only both times: g and u are the two halves.
-        run(device, queue, kernels, "swiglu_fwd", p, true, &[gu, gu, y])
+        run(device, queue, kernels, "swiglu_fwd", p, true, &[gu, gu, y], precision)
     }
 
-    /// dg and du (separate `[M, F]`) from g, u and dy, f32, in one kernel.
+    /// dg and du (separate `[M, F]`) from g, u and dy, f32, in one kernel. (The shader has
+    /// the f16 form too; the launcher is f32 until the model trains in half precision.)
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         device: &wgpu::Device,
@@ -562,7 +577,7 @@ pub mod wgsl {
     ) -> Result<()> {
         let bufs = [("g", elems(g)), ("u", elems(u)), ("dy", elems(dy)), ("dg", elems(dg)), ("du", elems(du))];
         p.check_separate("swiglu_bwd", &bufs)?;
-        run(device, queue, kernels, "swiglu_bwd", p, false, &[g, u, dy, dg, du])
+        run(device, queue, kernels, "swiglu_bwd", p, false, &[g, u, dy, dg, du], Precision::F32)
     }
 
     /// The packed backward: g, u from `gu` `[M, 2F]`; dg, du into `dgu` `[M, 2F]` the same way.
@@ -577,6 +592,6 @@ pub mod wgsl {
         p: SwiGluParams,
     ) -> Result<()> {
         p.check_packed("swiglu_bwd_packed", &[("gu", elems(gu)), ("dgu", elems(dgu))], &[("dy", elems(dy))])?;
-        run(device, queue, kernels, "swiglu_bwd_packed", p, true, &[gu, dy, dgu])
+        run(device, queue, kernels, "swiglu_bwd_packed", p, true, &[gu, dy, dgu], Precision::F32)
     }
 }

@@ -159,6 +159,7 @@ pub mod cuda {
 
 pub mod wgsl {
     use super::EmbeddingParams;
+    pub use crate::device::wgpu::Precision;
     use crate::device::wgpu::{dispatch, grid, uniform, KernelCache};
     use crate::Result;
 
@@ -187,18 +188,20 @@ pub mod wgsl {
         ids: &wgpu::Buffer,
         dst: &wgpu::Buffer,
         p: EmbeddingParams,
+        precision: Precision,
     ) -> Result<()> {
         if p.tokens == 0 || p.dim == 0 {
             return Ok(());
         }
-        let pipe = kernels.pipeline(device, entry, SOURCE, entry)?;
+        let pipe = kernels.pipeline_as(device, entry, SOURCE, entry, precision)?;
         let u = uniform(device, &Params { tokens: p.tokens as u32, vocab: p.vocab as u32, dim: p.dim as u32, _pad: 0 });
         let (gx, gy) = grid(p.tokens as u32);
         dispatch(device, queue, &pipe, &[&u, src, ids, dst], (gx, gy, 1));
         Ok(())
     }
 
-    /// `y[t, :] = table[ids[t], :]`, f32.
+    /// `y[t, :] = table[ids[t], :]`, table and y stored in `precision`.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         device: &wgpu::Device,
         queue: &wgpu::Queue,
@@ -207,9 +210,11 @@ pub mod wgsl {
         ids: &wgpu::Buffer,
         y: &wgpu::Buffer,
         p: EmbeddingParams,
+        precision: Precision,
     ) -> Result<()> {
-        p.check("embedding_fwd", ("table", elems(table)), elems(ids), ("y", elems(y)))?;
-        run(device, queue, kernels, "embedding_fwd", table, ids, y, p)
+        let tensor = |b: &wgpu::Buffer| b.size() as usize / precision.bytes();
+        p.check("embedding_fwd", ("table", tensor(table)), elems(ids), ("y", tensor(y)))?;
+        run(device, queue, kernels, "embedding_fwd", table, ids, y, p, precision)
     }
 
     /// `dtable[v, :] += sum of dy[t, :] over ids[t] == v`, f32, deterministic (no atomics).
@@ -223,6 +228,6 @@ pub mod wgsl {
         p: EmbeddingParams,
     ) -> Result<()> {
         p.check("embedding_bwd", ("dtable", elems(dtable)), elems(ids), ("dy", elems(dy)))?;
-        run(device, queue, kernels, "embedding_bwd", dy, ids, dtable, p)
+        run(device, queue, kernels, "embedding_bwd", dy, ids, dtable, p, Precision::F32)
     }
 }

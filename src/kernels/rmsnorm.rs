@@ -236,6 +236,7 @@ pub mod cuda {
 
 pub mod wgsl {
     use super::RmsNormParams;
+    pub use crate::device::wgpu::Precision;
     use crate::device::wgpu::{dispatch, grid, uniform, KernelCache};
     use crate::{Error, Result};
 
@@ -258,14 +259,20 @@ pub mod wgsl {
         Ok(Params { rows: to_u32(p.rows, "rows")?, cols: to_u32(p.cols, "cols")?, eps: p.eps, _pad: 0 })
     }
 
-    fn check_buffers(op: &'static str, bufs: &[(&str, &wgpu::Buffer, usize)]) -> Result<()> {
+    /// Checks each `(name, buffer, elements)` for elements of `bytes` bytes.
+    fn check_sized(op: &'static str, bytes: usize, bufs: &[(&str, &wgpu::Buffer, usize)]) -> Result<()> {
         for (name, b, elems) in bufs {
-            crate::kernels::check_len(op, name, b.size() as usize / 4, *elems)?;
+            crate::kernels::check_len(op, name, b.size() as usize / bytes, *elems)?;
         }
         Ok(())
     }
 
-    /// Forward, f32: x `[M,N]`, w `[N]` in; y `[M,N]`, rstd `[M]` out.
+    fn check_buffers(op: &'static str, bufs: &[(&str, &wgpu::Buffer, usize)]) -> Result<()> {
+        check_sized(op, 4, bufs)
+    }
+
+    /// Forward: x `[M,N]`, w `[N]` in; y `[M,N]` out, all stored in `precision`; rstd `[M]`
+    /// out in f32.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         device: &wgpu::Device,
@@ -276,13 +283,15 @@ pub mod wgsl {
         y: &wgpu::Buffer,
         rstd: &wgpu::Buffer,
         p: RmsNormParams,
+        precision: Precision,
     ) -> Result<()> {
         let mn = p.rows * p.cols;
-        check_buffers("rmsnorm_fwd", &[("x", x, mn), ("w", w, p.cols), ("y", y, mn), ("rstd", rstd, p.rows)])?;
+        check_sized("rmsnorm_fwd", precision.bytes(), &[("x", x, mn), ("w", w, p.cols), ("y", y, mn)])?;
+        check_buffers("rmsnorm_fwd", &[("rstd", rstd, p.rows)])?;
         if p.rows == 0 {
             return Ok(());
         }
-        let pipe = kernels.pipeline(device, "rmsnorm_fwd", SOURCE, "rmsnorm_fwd")?;
+        let pipe = kernels.pipeline_as(device, "rmsnorm_fwd", SOURCE, "rmsnorm_fwd", precision)?;
         let u = uniform(device, &params(p)?);
         let (gx, gy) = grid(p.rows as u32);
         dispatch(device, queue, &pipe, &[&u, x, w, y, rstd], (gx, gy, 1));

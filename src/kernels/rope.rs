@@ -187,6 +187,7 @@ pub mod cuda {
 
 pub mod wgsl {
     use super::{Direction, RopeParams};
+    pub use crate::device::wgpu::Precision;
     use crate::device::wgpu::{dispatch, grid, uniform, KernelCache};
     use crate::Result;
 
@@ -201,8 +202,8 @@ pub mod wgsl {
         sign: f32,
     }
 
-    /// Rotates `x` into `y` (forward), or `dy` into `dx` (backward), f32, both `[T, H, D]`;
-    /// positions `[T]` i32, inv_freq `[D/2]` f32.
+    /// Rotates `x` into `y` (forward), or `dy` into `dx` (backward), both `[T, H, D]` stored
+    /// in `precision` (f32 math); positions `[T]` i32, inv_freq `[D/2]` f32.
     #[allow(clippy::too_many_arguments)]
     pub fn rope(
         device: &wgpu::Device,
@@ -214,15 +215,17 @@ pub mod wgsl {
         y: &wgpu::Buffer,
         p: RopeParams,
         dir: Direction,
+        precision: Precision,
     ) -> Result<()> {
         let op = dir.op();
         let elems = |b: &wgpu::Buffer| b.size() as usize / 4;
-        p.check(dir, elems(x), elems(positions), elems(inv_freq), elems(y))?;
+        let tensor = |b: &wgpu::Buffer| b.size() as usize / precision.bytes();
+        p.check(dir, tensor(x), elems(positions), elems(inv_freq), tensor(y))?;
         let (tokens, heads, half) = p.dims(op)?;
         if tokens == 0 || heads == 0 || half == 0 {
             return Ok(());
         }
-        let pipe = kernels.pipeline(device, "rope", SOURCE, "rope")?;
+        let pipe = kernels.pipeline_as(device, "rope", SOURCE, "rope", precision)?;
         let u = uniform(device, &Params { tokens, heads, half, sign: dir.sign() });
         let (gx, gy) = grid(tokens);
         dispatch(device, queue, &pipe, &[&u, x, positions, inv_freq, y], (gx, gy, 1));

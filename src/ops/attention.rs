@@ -121,7 +121,7 @@ pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> 
                 let y = wgpu_output(rt, x.shape().clone(), DType::F32);
                 let freq_buf = wgpu_upload(rt, freq);
                 let p = rope::RopeParams { tokens: x.dims()[0], heads, head_dim: 2 * freq.len() };
-                rope::wgsl::rope(&rt.device, &rt.queue, &rt.kernels, xb, wgpu_buf(pos).1, freq_buf.buffer(), wgpu_buf(&y).1, p, dir)?;
+                rope::wgsl::rope(&rt.device, &rt.queue, &rt.kernels, xb, wgpu_buf(pos).1, freq_buf.buffer(), wgpu_buf(&y).1, p, dir, crate::device::wgpu::Precision::F32)?;
                 Ok(y)
             }
             d => Err(Error::Unsupported { op: OP, device: d }),

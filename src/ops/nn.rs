@@ -36,7 +36,7 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
             let (rt, tb) = wgpu_buf(table);
             let y = wgpu_output(rt, out_shape, DType::F32);
             let p = emb::EmbeddingParams { tokens: ids.elem_count(), vocab: v, dim: e };
-            emb::wgsl::forward(&rt.device, &rt.queue, &rt.kernels, tb, wgpu_buf(ids).1, wgpu_buf(&y).1, p)?;
+            emb::wgsl::forward(&rt.device, &rt.queue, &rt.kernels, tb, wgpu_buf(ids).1, wgpu_buf(&y).1, p, crate::device::wgpu::Precision::F32)?;
             y
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),
@@ -141,7 +141,7 @@ pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f32) -> Result<RmsNormOutput
             let y = Tensor::zeros(x.shape().clone(), DType::F32, &dev)?;
             let rstd = Tensor::zeros([m], DType::F32, &dev)?;
             let (rt, xb) = wgpu_buf(x);
-            rmsnorm::wgsl::forward(&rt.device, &rt.queue, &rt.kernels, xb, wgpu_buf(w).1, wgpu_buf(&y).1, wgpu_buf(&rstd).1, p)?;
+            rmsnorm::wgsl::forward(&rt.device, &rt.queue, &rt.kernels, xb, wgpu_buf(w).1, wgpu_buf(&y).1, wgpu_buf(&rstd).1, p, crate::device::wgpu::Precision::F32)?;
             Ok(RmsNormOutput { y, rstd })
         }
         (_, dtype) => Err(Error::UnsupportedDType { op: "rmsnorm on this device", dtype }),

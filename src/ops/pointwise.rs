@@ -28,7 +28,7 @@ fn binary(op: &'static str, a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 
             }
             let (rt, ab) = wgpu_buf(a);
             let y = wgpu_output(rt, a.shape().clone(), DType::F32);
-            wgsl::add(&rt.device, &rt.queue, &rt.kernels, ab, wgpu_buf(b).1, wgpu_buf(&y).1, a.elem_count(), b.elem_count())?;
+            wgsl::add(&rt.device, &rt.queue, &rt.kernels, ab, wgpu_buf(b).1, wgpu_buf(&y).1, a.elem_count(), b.elem_count(), wgsl::Precision::F32)?;
             Ok(y)
         }
         d => Err(Error::Unsupported { op, device: d }),
@@ -82,7 +82,7 @@ pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
             expect_dtype("scale", a, DType::F32)?;
             let (rt, ab) = wgpu_buf(a);
             let y = wgpu_output(rt, a.shape().clone(), DType::F32);
-            wgsl::scale(&rt.device, &rt.queue, &rt.kernels, ab, wgpu_buf(&y).1, a.elem_count(), s)?;
+            wgsl::scale(&rt.device, &rt.queue, &rt.kernels, ab, wgpu_buf(&y).1, a.elem_count(), s, wgsl::Precision::F32)?;
             y
         }
         _ => unary("scale", a, |x| x * s)?,
@@ -121,7 +121,7 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
         Device::Wgpu(_) => {
             let (rt, gb) = wgpu_buf(g);
             let y = wgpu_output(rt, g.shape().clone(), DType::F32);
-            wgsl::forward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(u).1, wgpu_buf(&y).1, p)?;
+            wgsl::forward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(u).1, wgpu_buf(&y).1, p, wgsl::Precision::F32)?;
             y
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),

@@ -247,7 +247,7 @@ mod wgpu_run {
     pub fn rope(i: usize, x: &[f32], pos: &[i32], freq: &[f32], p: RopeParams, dir: Direction) -> Result<Vec<f32>> {
         let rt = runtime(i)?;
         let (xb, pb, fb, yb) = (up(&rt, x), up(&rt, pos), up(&rt, freq), rt.alloc(x.len() * 4));
-        rope::rope(&rt.device, &rt.queue, &rt.kernels, xb.buffer(), pb.buffer(), fb.buffer(), yb.buffer(), p, dir)?;
+        rope::rope(&rt.device, &rt.queue, &rt.kernels, xb.buffer(), pb.buffer(), fb.buffer(), yb.buffer(), p, dir, rope::Precision::F32)?;
         down(&rt, &yb, x.len())
     }
 
@@ -257,7 +257,7 @@ mod wgpu_run {
         let (gb, ub, dyb) = (up(&rt, g), up(&rt, u), up(&rt, dy));
         let (yb, dgb, dub) = (rt.alloc(n * 4), rt.alloc(n * 4), rt.alloc(n * 4));
         let (d, q, k) = (&rt.device, &rt.queue, &rt.kernels);
-        swiglu::forward(d, q, k, gb.buffer(), ub.buffer(), yb.buffer(), p)?;
+        swiglu::forward(d, q, k, gb.buffer(), ub.buffer(), yb.buffer(), p, swiglu::Precision::F32)?;
         swiglu::backward(d, q, k, gb.buffer(), ub.buffer(), dyb.buffer(), dgb.buffer(), dub.buffer(), p)?;
         Ok(SwiGluOut { y: down(&rt, &yb, n)?, dg: down(&rt, &dgb, n)?, du: down(&rt, &dub, n)? })
     }
@@ -265,7 +265,7 @@ mod wgpu_run {
     pub fn swiglu_packed(i: usize, gu: &[f32], dy: &[f32], p: SwiGluParams) -> Result<(Vec<f32>, Vec<f32>)> {
         let rt = runtime(i)?;
         let (gub, dyb, yb, dgub) = (up(&rt, gu), up(&rt, dy), rt.alloc(dy.len() * 4), rt.alloc(gu.len() * 4));
-        swiglu::forward_packed(&rt.device, &rt.queue, &rt.kernels, gub.buffer(), yb.buffer(), p)?;
+        swiglu::forward_packed(&rt.device, &rt.queue, &rt.kernels, gub.buffer(), yb.buffer(), p, swiglu::Precision::F32)?;
         swiglu::backward_packed(&rt.device, &rt.queue, &rt.kernels, gub.buffer(), dyb.buffer(), dgub.buffer(), p)?;
         Ok((down(&rt, &yb, dy.len())?, down(&rt, &dgub, gu.len())?))
     }
@@ -274,7 +274,7 @@ mod wgpu_run {
         let rt = runtime(i)?;
         let (tb, ib, dyb, dtb) = (up(&rt, table), up(&rt, ids), up(&rt, dy), up(&rt, dtable0));
         let yb = rt.alloc(dy.len() * 4);
-        embedding::forward(&rt.device, &rt.queue, &rt.kernels, tb.buffer(), ib.buffer(), yb.buffer(), p)?;
+        embedding::forward(&rt.device, &rt.queue, &rt.kernels, tb.buffer(), ib.buffer(), yb.buffer(), p, embedding::Precision::F32)?;
         embedding::backward(&rt.device, &rt.queue, &rt.kernels, dyb.buffer(), ib.buffer(), dtb.buffer(), p)?;
         Ok((down(&rt, &yb, dy.len())?, down(&rt, &dtb, table.len())?))
     }
