@@ -179,11 +179,11 @@ fn bad_shapes_name_the_op_and_the_buffer() {
     let e = tuna::kernels::rope::wgsl::rope(d, q, k, big.buffer(), b.buffer(), b.buffer(), big.buffer(), odd, Direction::Forward, Precision::F32).unwrap_err().to_string();
     assert!(e.contains("rope_fwd") && e.contains("even"), "{e}");
     let ep = EmbeddingParams { tokens: 10, vocab: 100, dim: 8 };
-    let e = tuna::kernels::embedding::wgsl::backward(d, q, k, b.buffer(), b.buffer(), big.buffer(), ep).unwrap_err().to_string();
+    let e = tuna::kernels::embedding::wgsl::backward(d, q, k, b.buffer(), b.buffer(), big.buffer(), ep, Precision::F32).unwrap_err().to_string();
     assert!(e.contains("embedding_bwd") && e.contains("`dy`"), "{e}");
     let e = tuna::kernels::embedding::wgsl::forward(d, q, k, b.buffer(), b.buffer(), big.buffer(), ep, Precision::F32).unwrap_err().to_string();
     assert!(e.contains("embedding_fwd") && e.contains("`table`"), "{e}");
     let sp = SwiGluParams { rows: 16, cols: 4 };
-    let e = elementwise::wgsl::backward_packed(d, q, k, big.buffer(), big.buffer(), b.buffer(), sp).unwrap_err().to_string();
+    let e = elementwise::wgsl::backward_packed(d, q, k, big.buffer(), big.buffer(), b.buffer(), sp, Precision::F32).unwrap_err().to_string();
     assert!(e.contains("swiglu_bwd_packed") && e.contains("`dgu`"), "{e}");
 }

@@ -561,8 +561,7 @@ pub mod wgsl {
         run(device, queue, kernels, "swiglu_fwd", p, true, &[gu, gu, y], precision)
     }
 
-    /// dg and du (separate `[M, F]`) from g, u and dy, f32, in one kernel. (The shader has
-    /// the f16 form too; the launcher is f32 until the model trains in half precision.)
+    /// dg and du (separate `[M, F]`) from g, u and dy, stored in `precision`, in one kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         device: &wgpu::Device,
@@ -574,10 +573,12 @@ pub mod wgsl {
         dg: &wgpu::Buffer,
         du: &wgpu::Buffer,
         p: SwiGluParams,
+        precision: Precision,
     ) -> Result<()> {
-        let bufs = [("g", elems(g)), ("u", elems(u)), ("dy", elems(dy)), ("dg", elems(dg)), ("du", elems(du))];
+        let e = |b| elems_of(b, precision);
+        let bufs = [("g", e(g)), ("u", e(u)), ("dy", e(dy)), ("dg", e(dg)), ("du", e(du))];
         p.check_separate("swiglu_bwd", &bufs)?;
-        run(device, queue, kernels, "swiglu_bwd", p, false, &[g, u, dy, dg, du], Precision::F32)
+        run(device, queue, kernels, "swiglu_bwd", p, false, &[g, u, dy, dg, du], precision)
     }
 
     /// The packed backward: g, u from `gu` `[M, 2F]`; dg, du into `dgu` `[M, 2F]` the same way.
@@ -590,8 +591,10 @@ pub mod wgsl {
         dy: &wgpu::Buffer,
         dgu: &wgpu::Buffer,
         p: SwiGluParams,
+        precision: Precision,
     ) -> Result<()> {
-        p.check_packed("swiglu_bwd_packed", &[("gu", elems(gu)), ("dgu", elems(dgu))], &[("dy", elems(dy))])?;
-        run(device, queue, kernels, "swiglu_bwd_packed", p, true, &[gu, dy, dgu], Precision::F32)
+        let e = |b| elems_of(b, precision);
+        p.check_packed("swiglu_bwd_packed", &[("gu", e(gu)), ("dgu", e(dgu))], &[("dy", e(dy))])?;
+        run(device, queue, kernels, "swiglu_bwd_packed", p, true, &[gu, dy, dgu], precision)
     }
 }

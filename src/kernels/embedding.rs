@@ -217,7 +217,9 @@ pub mod wgsl {
         run(device, queue, kernels, "embedding_fwd", table, ids, y, p, precision)
     }
 
-    /// `dtable[v, :] += sum of dy[t, :] over ids[t] == v`, f32, deterministic (no atomics).
+    /// `dtable[v, :] += sum of dy[t, :] over ids[t] == v`, deterministic (no atomics), dy and
+    /// dtable stored in `precision` (the sums in f32).
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         device: &wgpu::Device,
         queue: &wgpu::Queue,
@@ -226,8 +228,10 @@ pub mod wgsl {
         ids: &wgpu::Buffer,
         dtable: &wgpu::Buffer,
         p: EmbeddingParams,
+        precision: Precision,
     ) -> Result<()> {
-        p.check("embedding_bwd", ("dtable", elems(dtable)), elems(ids), ("dy", elems(dy)))?;
-        run(device, queue, kernels, "embedding_bwd", dy, ids, dtable, p, Precision::F32)
+        let tensor = |b: &wgpu::Buffer| b.size() as usize / precision.bytes();
+        p.check("embedding_bwd", ("dtable", tensor(dtable)), elems(ids), ("dy", tensor(dy)))?;
+        run(device, queue, kernels, "embedding_bwd", dy, ids, dtable, p, precision)
     }
 }

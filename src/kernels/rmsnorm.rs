@@ -298,7 +298,7 @@ pub mod wgsl {
         Ok(())
     }
 
-    /// Backward, f32: dx `[M,N]` and dw `[N]` from x, w, dy and rstd.
+    /// Backward: dx `[M,N]` and dw `[N]` from x, w, dy (stored in `precision`) and rstd (f32).
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         device: &wgpu::Device,
@@ -311,20 +311,19 @@ pub mod wgsl {
         dx: &wgpu::Buffer,
         dw: &wgpu::Buffer,
         p: RmsNormParams,
+        precision: Precision,
     ) -> Result<()> {
         let mn = p.rows * p.cols;
-        check_buffers(
-            "rmsnorm_bwd",
-            &[("x", x, mn), ("w", w, p.cols), ("dy", dy, mn), ("rstd", rstd, p.rows), ("dx", dx, mn), ("dw", dw, p.cols)],
-        )?;
+        check_sized("rmsnorm_bwd", precision.bytes(), &[("x", x, mn), ("w", w, p.cols), ("dy", dy, mn), ("dx", dx, mn), ("dw", dw, p.cols)])?;
+        check_buffers("rmsnorm_bwd", &[("rstd", rstd, p.rows)])?;
         let u = uniform(device, &params(p)?);
         if p.rows > 0 {
-            let pipe = kernels.pipeline(device, "rmsnorm_bwd_dx", SOURCE, "rmsnorm_bwd_dx")?;
+            let pipe = kernels.pipeline_as(device, "rmsnorm_bwd_dx", SOURCE, "rmsnorm_bwd_dx", precision)?;
             let (gx, gy) = grid(p.rows as u32);
             dispatch(device, queue, &pipe, &[&u, x, w, dy, rstd, dx], (gx, gy, 1));
         }
         if p.cols > 0 {
-            let pipe = kernels.pipeline(device, "rmsnorm_bwd_dw", SOURCE, "rmsnorm_bwd_dw")?;
+            let pipe = kernels.pipeline_as(device, "rmsnorm_bwd_dw", SOURCE, "rmsnorm_bwd_dw", precision)?;
             // Bindings: x (1), dy (2), dw (3), rstd (4): the statistics keep their f32 binding.
             dispatch(device, queue, &pipe, &[&u, x, dy, dw, rstd], ((p.cols as u32).div_ceil(WG), 1, 1));
         }

@@ -51,7 +51,7 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
             let dt = Tensor::zeros(table_shape.clone(), DType::F32, &Device::Wgpu(i))?;
             let rt = wgpu_buf(&dt).0;
             let p = emb::EmbeddingParams { tokens: sids.elem_count(), vocab: v, dim: e };
-            emb::wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, wgpu_buf(&sids).1, wgpu_buf(&dt).1, p)?;
+            emb::wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, wgpu_buf(&sids).1, wgpu_buf(&dt).1, p, crate::device::wgpu::Precision::F32)?;
             return Ok(vec![None, Some(dt)]);
         }
         let mut dt = vec![0.0f32; table_shape.elem_count()];
@@ -199,7 +199,7 @@ pub fn rmsnorm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> R
             let (rt, xb) = wgpu_buf(x);
             rmsnorm::wgsl::backward(
                 &rt.device, &rt.queue, &rt.kernels,
-                xb, wgpu_buf(w).1, wgpu_buf(dy).1, wgpu_buf(rstd).1, wgpu_buf(&dx).1, wgpu_buf(&dw).1, p,
+                xb, wgpu_buf(w).1, wgpu_buf(dy).1, wgpu_buf(rstd).1, wgpu_buf(&dx).1, wgpu_buf(&dw).1, p, crate::device::wgpu::Precision::F32,
             )?;
             Ok((dx, dw))
         }

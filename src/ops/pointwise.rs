@@ -131,7 +131,7 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
         if let Device::Wgpu(_) = sg.device() {
             let (rt, gb) = wgpu_buf(&sg);
             let (dg, du) = (wgpu_output(rt, sg.shape().clone(), DType::F32), wgpu_output(rt, su.shape().clone(), DType::F32));
-            wgsl::backward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(&su).1, wgpu_buf(dy).1, wgpu_buf(&dg).1, wgpu_buf(&du).1, p)?;
+            wgsl::backward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(&su).1, wgpu_buf(dy).1, wgpu_buf(&dg).1, wgpu_buf(&du).1, p, wgsl::Precision::F32)?;
             return Ok(vec![Some(dg), Some(du)]);
         }
         let (mut dg, mut du) = (vec![0.0f32; sg.elem_count()], vec![0.0f32; su.elem_count()]);

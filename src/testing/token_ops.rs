@@ -258,7 +258,7 @@ mod wgpu_run {
         let (yb, dgb, dub) = (rt.alloc(n * 4), rt.alloc(n * 4), rt.alloc(n * 4));
         let (d, q, k) = (&rt.device, &rt.queue, &rt.kernels);
         swiglu::forward(d, q, k, gb.buffer(), ub.buffer(), yb.buffer(), p, swiglu::Precision::F32)?;
-        swiglu::backward(d, q, k, gb.buffer(), ub.buffer(), dyb.buffer(), dgb.buffer(), dub.buffer(), p)?;
+        swiglu::backward(d, q, k, gb.buffer(), ub.buffer(), dyb.buffer(), dgb.buffer(), dub.buffer(), p, swiglu::Precision::F32)?;
         Ok(SwiGluOut { y: down(&rt, &yb, n)?, dg: down(&rt, &dgb, n)?, du: down(&rt, &dub, n)? })
     }
 
@@ -266,7 +266,7 @@ mod wgpu_run {
         let rt = runtime(i)?;
         let (gub, dyb, yb, dgub) = (up(&rt, gu), up(&rt, dy), rt.alloc(dy.len() * 4), rt.alloc(gu.len() * 4));
         swiglu::forward_packed(&rt.device, &rt.queue, &rt.kernels, gub.buffer(), yb.buffer(), p, swiglu::Precision::F32)?;
-        swiglu::backward_packed(&rt.device, &rt.queue, &rt.kernels, gub.buffer(), dyb.buffer(), dgub.buffer(), p)?;
+        swiglu::backward_packed(&rt.device, &rt.queue, &rt.kernels, gub.buffer(), dyb.buffer(), dgub.buffer(), p, swiglu::Precision::F32)?;
         Ok((down(&rt, &yb, dy.len())?, down(&rt, &dgub, gu.len())?))
     }
 
@@ -275,7 +275,7 @@ mod wgpu_run {
         let (tb, ib, dyb, dtb) = (up(&rt, table), up(&rt, ids), up(&rt, dy), up(&rt, dtable0));
         let yb = rt.alloc(dy.len() * 4);
         embedding::forward(&rt.device, &rt.queue, &rt.kernels, tb.buffer(), ib.buffer(), yb.buffer(), p, embedding::Precision::F32)?;
-        embedding::backward(&rt.device, &rt.queue, &rt.kernels, dyb.buffer(), ib.buffer(), dtb.buffer(), p)?;
+        embedding::backward(&rt.device, &rt.queue, &rt.kernels, dyb.buffer(), ib.buffer(), dtb.buffer(), p, embedding::Precision::F32)?;
         Ok((down(&rt, &yb, dy.len())?, down(&rt, &dtb, table.len())?))
     }
 }
