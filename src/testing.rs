@@ -25,6 +25,9 @@ impl Tolerance {
     /// bf16 storage (8 bits of mantissa): half an ulp is 2^-9 relative, doubled for the
     /// rounding of inputs and output.
     pub const BF16: Tolerance = Tolerance { atol: 1e-2, rtol: 1e-2 };
+    /// f16 storage (11 bits of mantissa): half an ulp is 2^-11 relative, with the same margin
+    /// as `BF16` for the rounding of inputs and output.
+    pub const F16: Tolerance = Tolerance { atol: 2.5e-3, rtol: 2.5e-3 };
     /// Analytic f32 gradients against central differences of an f64 reference: the difference
     /// quotient is exact to ~1e-9, so this bounds the f32 rounding of the backward.
     pub const GRAD_F32: Tolerance = Tolerance { atol: 1e-4, rtol: 1e-3 };

@@ -2,7 +2,7 @@
 //! device present, against their f64 references; casts between f32, f16 and bf16 against the
 //! CPU's bit for bit. The check bodies and their tolerances live
 //! in `tuna::testing::token_ops` (shared with `tools/gpu-check`, which runs them on CUDA in f32 and
-//! bf16); the device list comes from `common::devices()`, which fails under
+//! bf16; wgpu runs f32 and, with SHADER_F16, f16); the device list comes from `common::devices()`, which fails under
 //! TUNA_REQUIRE_WGPU=1 when no wgpu adapter is found. Shapes stay small for lavapipe.
 
 mod common;
@@ -19,6 +19,7 @@ use tuna::{DType, Device, Tensor};
 fn dtypes(dev: Device) -> Vec<DType> {
     match dev {
         Device::Cuda(_) => vec![DType::F32, DType::BF16],
+        Device::Wgpu(i) if tuna::device::wgpu::runtime(i).unwrap().has_f16() => vec![DType::F32, DType::F16],
         _ => vec![DType::F32],
     }
 }

@@ -32,18 +32,29 @@ fn f64s(v: &[f32]) -> Vec<f64> {
 }
 
 fn tolerance(dtype: DType) -> Tolerance {
-    if dtype == DType::BF16 {
-        Tolerance::BF16
-    } else {
-        Tolerance::F32
+    match dtype {
+        DType::BF16 => Tolerance::BF16,
+        DType::F16 => Tolerance::F16,
+        _ => Tolerance::F32,
     }
 }
 
-/// CUDA has f32 and bf16 kernels; the CPU path and WGSL f32 only.
+/// CUDA has f32 and bf16 kernels; WGSL f32, and f16 where the adapter has SHADER_F16; the CPU
+/// path f32.
 fn supported(op: &str, dev: Device, dtype: DType) -> Check {
+    let wgpu_f16 = |i: usize| crate::device::wgpu::runtime(i).is_ok_and(|rt| rt.has_f16());
     match (dev, dtype) {
         (_, DType::F32) | (Device::Cuda(_), DType::BF16) => Ok(()),
+        (Device::Wgpu(i), DType::F16) if wgpu_f16(i) => Ok(()),
         _ => Err(format!("{op} on {dev}: no {dtype} kernel")),
+    }
+}
+
+/// The WGSL storage of `dtype` (the checks call this only where `supported` passed).
+fn precision(dtype: DType) -> crate::device::wgpu::Precision {
+    match dtype {
+        DType::F16 => crate::device::wgpu::Precision::F16,
+        _ => crate::device::wgpu::Precision::F32,
     }
 }
 
@@ -106,7 +117,7 @@ fn run_rope(dev: Device, dtype: DType, x: &[f32], pos: &[i32], freq: &[f32], p: 
             rope::cpu::rope(x, &mut y, pos, freq, p.heads, dir);
             Ok(y)
         }
-        Device::Wgpu(i) => wgpu_run::rope(i, x, pos, freq, p, dir),
+        Device::Wgpu(i) => wgpu_run::rope(i, precision(dtype), x, pos, freq, p, dir),
         Device::Cuda(i) => cuda_run::rope(i, dtype, x, pos, freq, p, dir),
     }
 }
@@ -164,7 +175,7 @@ fn run_swiglu(dev: Device, dtype: DType, g: &[f32], u: &[f32], dy: &[f32], p: Sw
                 elementwise::cpu::swiglu_backward_packed(&gu, dy, &mut dgu, p)?;
                 (y, dgu)
             }
-            Device::Wgpu(i) => wgpu_run::swiglu_packed(i, &gu, dy, p)?,
+            Device::Wgpu(i) => wgpu_run::swiglu_packed(i, precision(dtype), &gu, dy, p)?,
             Device::Cuda(i) => cuda_run::swiglu_packed(i, dtype, &gu, dy, p)?,
         };
         let (dg, du) = unpack(&dgu, p.rows, p.cols);
@@ -177,7 +188,7 @@ fn run_swiglu(dev: Device, dtype: DType, g: &[f32], u: &[f32], dy: &[f32], p: Sw
             elementwise::cpu::swiglu_backward(g, u, dy, &mut dg, &mut du, p)?;
             Ok(SwiGluOut { y, dg, du })
         }
-        Device::Wgpu(i) => wgpu_run::swiglu(i, g, u, dy, p),
+        Device::Wgpu(i) => wgpu_run::swiglu(i, precision(dtype), g, u, dy, p),
         Device::Cuda(i) => cuda_run::swiglu(i, dtype, g, u, dy, p),
     }
 }
@@ -206,7 +217,7 @@ pub fn check_embedding(dev: Device, dtype: DType, tokens: usize, vocab: usize, d
             embedding::cpu::scatter_add(&dy, &ids, &mut dtable, dim);
             Ok((y, dtable))
         }
-        Device::Wgpu(i) => wgpu_run::embedding(i, &table, &ids, &dy, &dtable0, p),
+        Device::Wgpu(i) => wgpu_run::embedding(i, precision(dtype), &table, &ids, &dy, &dtable0, p),
         Device::Cuda(i) => cuda_run::embedding(i, dtype, &table, &ids, &dy, &dtable0, p),
     }
     .map_err(|e| format!("embedding on {dev}: {e}"))?;
@@ -230,7 +241,7 @@ pub fn check_embedding(dev: Device, dtype: DType, tokens: usize, vocab: usize, d
 
 mod wgpu_run {
     use super::SwiGluOut;
-    use crate::device::wgpu::{runtime, PooledBuffer, WgpuRuntime};
+    use crate::device::wgpu::{runtime, PooledBuffer, Precision, WgpuRuntime};
     use crate::kernels::elementwise::{wgsl as swiglu, SwiGluParams};
     use crate::kernels::embedding::{wgsl as embedding, EmbeddingParams};
     use crate::kernels::rope::{wgsl as rope, Direction, RopeParams};
@@ -240,43 +251,57 @@ mod wgpu_run {
         rt.upload(bytemuck::cast_slice(v))
     }
 
-    fn down(rt: &WgpuRuntime, b: &PooledBuffer, n: usize) -> Result<Vec<f32>> {
-        Ok(bytemuck::pod_collect_to_vec(&rt.download(b.buffer(), n * 4)?))
+    /// A tensor in the precision's storage (the values are already representable).
+    fn up_as(rt: &WgpuRuntime, pr: Precision, v: &[f32]) -> PooledBuffer {
+        match pr {
+            Precision::F32 => up(rt, v),
+            Precision::F16 => up(rt, &v.iter().map(|&x| half::f16::from_f32(x)).collect::<Vec<_>>()),
+        }
     }
 
-    pub fn rope(i: usize, x: &[f32], pos: &[i32], freq: &[f32], p: RopeParams, dir: Direction) -> Result<Vec<f32>> {
+    fn down(rt: &WgpuRuntime, pr: Precision, b: &PooledBuffer, n: usize) -> Result<Vec<f32>> {
+        let bytes = rt.download(b.buffer(), (n * pr.bytes()).next_multiple_of(4))?;
+        Ok(match pr {
+            Precision::F32 => bytemuck::pod_collect_to_vec(&bytes[..4 * n]),
+            Precision::F16 => bytes.chunks_exact(2).take(n).map(|h| half::f16::from_le_bytes([h[0], h[1]]).to_f32()).collect(),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(i: usize, pr: Precision, x: &[f32], pos: &[i32], freq: &[f32], p: RopeParams, dir: Direction) -> Result<Vec<f32>> {
         let rt = runtime(i)?;
-        let (xb, pb, fb, yb) = (up(&rt, x), up(&rt, pos), up(&rt, freq), rt.alloc(x.len() * 4));
-        rope::rope(&rt.device, &rt.queue, &rt.kernels, xb.buffer(), pb.buffer(), fb.buffer(), yb.buffer(), p, dir, rope::Precision::F32)?;
-        down(&rt, &yb, x.len())
+        let (xb, pb, fb, yb) = (up_as(&rt, pr, x), up(&rt, pos), up(&rt, freq), rt.alloc(x.len() * 4));
+        rope::rope(&rt.device, &rt.queue, &rt.kernels, xb.buffer(), pb.buffer(), fb.buffer(), yb.buffer(), p, dir, pr)?;
+        down(&rt, pr, &yb, x.len())
     }
 
-    pub fn swiglu(i: usize, g: &[f32], u: &[f32], dy: &[f32], p: SwiGluParams) -> Result<SwiGluOut> {
+    pub fn swiglu(i: usize, pr: Precision, g: &[f32], u: &[f32], dy: &[f32], p: SwiGluParams) -> Result<SwiGluOut> {
         let rt = runtime(i)?;
         let n = g.len();
-        let (gb, ub, dyb) = (up(&rt, g), up(&rt, u), up(&rt, dy));
+        let (gb, ub, dyb) = (up_as(&rt, pr, g), up_as(&rt, pr, u), up_as(&rt, pr, dy));
         let (yb, dgb, dub) = (rt.alloc(n * 4), rt.alloc(n * 4), rt.alloc(n * 4));
         let (d, q, k) = (&rt.device, &rt.queue, &rt.kernels);
-        swiglu::forward(d, q, k, gb.buffer(), ub.buffer(), yb.buffer(), p, swiglu::Precision::F32)?;
-        swiglu::backward(d, q, k, gb.buffer(), ub.buffer(), dyb.buffer(), dgb.buffer(), dub.buffer(), p, swiglu::Precision::F32)?;
-        Ok(SwiGluOut { y: down(&rt, &yb, n)?, dg: down(&rt, &dgb, n)?, du: down(&rt, &dub, n)? })
+        swiglu::forward(d, q, k, gb.buffer(), ub.buffer(), yb.buffer(), p, pr)?;
+        swiglu::backward(d, q, k, gb.buffer(), ub.buffer(), dyb.buffer(), dgb.buffer(), dub.buffer(), p, pr)?;
+        Ok(SwiGluOut { y: down(&rt, pr, &yb, n)?, dg: down(&rt, pr, &dgb, n)?, du: down(&rt, pr, &dub, n)? })
     }
 
-    pub fn swiglu_packed(i: usize, gu: &[f32], dy: &[f32], p: SwiGluParams) -> Result<(Vec<f32>, Vec<f32>)> {
+    pub fn swiglu_packed(i: usize, pr: Precision, gu: &[f32], dy: &[f32], p: SwiGluParams) -> Result<(Vec<f32>, Vec<f32>)> {
         let rt = runtime(i)?;
-        let (gub, dyb, yb, dgub) = (up(&rt, gu), up(&rt, dy), rt.alloc(dy.len() * 4), rt.alloc(gu.len() * 4));
-        swiglu::forward_packed(&rt.device, &rt.queue, &rt.kernels, gub.buffer(), yb.buffer(), p, swiglu::Precision::F32)?;
-        swiglu::backward_packed(&rt.device, &rt.queue, &rt.kernels, gub.buffer(), dyb.buffer(), dgub.buffer(), p, swiglu::Precision::F32)?;
-        Ok((down(&rt, &yb, dy.len())?, down(&rt, &dgub, gu.len())?))
+        let (gub, dyb, yb, dgub) = (up_as(&rt, pr, gu), up_as(&rt, pr, dy), rt.alloc(dy.len() * 4), rt.alloc(gu.len() * 4));
+        swiglu::forward_packed(&rt.device, &rt.queue, &rt.kernels, gub.buffer(), yb.buffer(), p, pr)?;
+        swiglu::backward_packed(&rt.device, &rt.queue, &rt.kernels, gub.buffer(), dyb.buffer(), dgub.buffer(), p, pr)?;
+        Ok((down(&rt, pr, &yb, dy.len())?, down(&rt, pr, &dgub, gu.len())?))
     }
 
-    pub fn embedding(i: usize, table: &[f32], ids: &[i32], dy: &[f32], dtable0: &[f32], p: EmbeddingParams) -> Result<(Vec<f32>, Vec<f32>)> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn embedding(i: usize, pr: Precision, table: &[f32], ids: &[i32], dy: &[f32], dtable0: &[f32], p: EmbeddingParams) -> Result<(Vec<f32>, Vec<f32>)> {
         let rt = runtime(i)?;
-        let (tb, ib, dyb, dtb) = (up(&rt, table), up(&rt, ids), up(&rt, dy), up(&rt, dtable0));
+        let (tb, ib, dyb, dtb) = (up_as(&rt, pr, table), up(&rt, ids), up_as(&rt, pr, dy), up_as(&rt, pr, dtable0));
         let yb = rt.alloc(dy.len() * 4);
-        embedding::forward(&rt.device, &rt.queue, &rt.kernels, tb.buffer(), ib.buffer(), yb.buffer(), p, embedding::Precision::F32)?;
-        embedding::backward(&rt.device, &rt.queue, &rt.kernels, dyb.buffer(), ib.buffer(), dtb.buffer(), p, embedding::Precision::F32)?;
-        Ok((down(&rt, &yb, dy.len())?, down(&rt, &dtb, table.len())?))
+        embedding::forward(&rt.device, &rt.queue, &rt.kernels, tb.buffer(), ib.buffer(), yb.buffer(), p, pr)?;
+        embedding::backward(&rt.device, &rt.queue, &rt.kernels, dyb.buffer(), ib.buffer(), dtb.buffer(), p, pr)?;
+        Ok((down(&rt, pr, &yb, dy.len())?, down(&rt, pr, &dtb, table.len())?))
     }
 }
 
