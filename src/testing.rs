@@ -142,7 +142,11 @@ pub fn check_rmsnorm(dev: crate::Device, dtype: crate::DType, rows: usize, cols:
     let (xr, wr, gr) = (to_f64(&xt).map_err(e)?, to_f64(&wt).map_err(e)?, to_f64(&gt).map_err(e)?);
     let (y_want, rstd_want) = reference::forward(&xr, &wr, p);
     let (dx_want, dw_want) = reference::backward(&xr, &wr, &gr, p);
-    let tol = if dtype == crate::DType::BF16 { Tolerance::BF16 } else { Tolerance::F32 };
+    let tol = match dtype {
+        crate::DType::BF16 => Tolerance::BF16,
+        crate::DType::F16 => Tolerance::F16,
+        _ => Tolerance::F32,
+    };
     let out = ops::rmsnorm_forward(&xt, &wt, p.eps).map_err(e)?;
     compare(&format!("y on {dev}"), &out.y.to_vec_f32().map_err(e)?, &y_want, tol)?;
     compare(&format!("rstd on {dev}"), &out.rstd.to_vec_f32().map_err(e)?, &rstd_want, Tolerance::F32)?;

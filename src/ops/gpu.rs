@@ -30,6 +30,16 @@ pub(crate) fn wgpu_upload<T: bytemuck::Pod>(rt: &Arc<WgpuRuntime>, data: &[T]) -
     rt.upload(bytemuck::cast_slice(data))
 }
 
+/// The WGSL storage of a float dtype: f32, or f16 (kernels that take a `Precision`; the adapter
+/// needs SHADER_F16, which the launchers check).
+pub(crate) fn wgpu_precision(dtype: DType) -> Option<crate::device::wgpu::Precision> {
+    match dtype {
+        DType::F32 => Some(crate::device::wgpu::Precision::F32),
+        DType::F16 => Some(crate::device::wgpu::Precision::F16),
+        _ => None,
+    }
+}
+
 /// Refuses inputs recorded on a tape: `op`'s backward runs only on the CPU so far.
 pub(crate) fn forward_only(op: &'static str, inputs: &[&Tensor]) -> Result<()> {
     match inputs.iter().find(|t| t.is_tracked()) {

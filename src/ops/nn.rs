@@ -3,7 +3,7 @@ use cudarc::driver::CudaSlice;
 use crate::device::cuda::CudaRuntime;
 use crate::kernels::rmsnorm::{self, RmsNormParams};
 use crate::kernels::embedding as emb;
-use crate::ops::gpu::{wgpu_buf, wgpu_output};
+use crate::ops::gpu::{wgpu_buf, wgpu_output, wgpu_precision};
 use crate::ops::{expect_dtype, same_device, same_dtype, saved};
 use crate::tape::record;
 use crate::tensor::Storage;
@@ -103,7 +103,8 @@ fn cuda_tensor(rt: &std::sync::Arc<CudaRuntime>, buf: CudaSlice<u8>, shape: crat
     Tensor::from_storage(Storage::Cuda { rt: rt.clone(), buf }, shape, dtype, dev)
 }
 
-/// RMSNorm forward on any device: f32 everywhere, bf16 on CUDA too. Not recorded on a tape.
+/// RMSNorm forward on any device: f32 everywhere, bf16 on CUDA and f16 on wgpu too. Not
+/// recorded on a tape.
 pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f32) -> Result<RmsNormOutput> {
     const OP: &str = "rmsnorm";
     let p = rmsnorm_params(x, w, eps)?;
@@ -137,11 +138,12 @@ pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f32) -> Result<RmsNormOutput
                 rstd: cuda_tensor(rt, rb, [m].into(), DType::F32, dev),
             })
         }
-        (Device::Wgpu(_), DType::F32) => {
-            let y = Tensor::zeros(x.shape().clone(), DType::F32, &dev)?;
+        (Device::Wgpu(_), dt @ (DType::F32 | DType::F16)) => {
+            let y = Tensor::zeros(x.shape().clone(), dt, &dev)?;
             let rstd = Tensor::zeros([m], DType::F32, &dev)?;
             let (rt, xb) = wgpu_buf(x);
-            rmsnorm::wgsl::forward(&rt.device, &rt.queue, &rt.kernels, xb, wgpu_buf(w).1, wgpu_buf(&y).1, wgpu_buf(&rstd).1, p, crate::device::wgpu::Precision::F32)?;
+            let pr = wgpu_precision(dt).expect("a WGSL float type");
+            rmsnorm::wgsl::forward(&rt.device, &rt.queue, &rt.kernels, xb, wgpu_buf(w).1, wgpu_buf(&y).1, wgpu_buf(&rstd).1, p, pr)?;
             Ok(RmsNormOutput { y, rstd })
         }
         (_, dtype) => Err(Error::UnsupportedDType { op: "rmsnorm on this device", dtype }),
@@ -193,13 +195,14 @@ pub fn rmsnorm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> R
             }
             Ok((cuda_tensor(rt, dxb, x.shape().clone(), x.dtype(), dev), cuda_tensor(rt, dwb, [n].into(), x.dtype(), dev)))
         }
-        (Device::Wgpu(_), DType::F32) => {
-            let dx = Tensor::zeros(x.shape().clone(), DType::F32, &dev)?;
-            let dw = Tensor::zeros([n], DType::F32, &dev)?;
+        (Device::Wgpu(_), dt @ (DType::F32 | DType::F16)) => {
+            let dx = Tensor::zeros(x.shape().clone(), dt, &dev)?;
+            let dw = Tensor::zeros([n], dt, &dev)?;
             let (rt, xb) = wgpu_buf(x);
+            let pr = wgpu_precision(dt).expect("a WGSL float type");
             rmsnorm::wgsl::backward(
                 &rt.device, &rt.queue, &rt.kernels,
-                xb, wgpu_buf(w).1, wgpu_buf(dy).1, wgpu_buf(rstd).1, wgpu_buf(&dx).1, wgpu_buf(&dw).1, p, crate::device::wgpu::Precision::F32,
+                xb, wgpu_buf(w).1, wgpu_buf(dy).1, wgpu_buf(rstd).1, wgpu_buf(&dx).1, wgpu_buf(&dw).1, p, pr,
             )?;
             Ok((dx, dw))
         }
