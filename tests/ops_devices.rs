@@ -61,6 +61,21 @@ fn add_and_scale_match_the_cpu_bit_for_bit_on_every_device() {
         assert!(got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()), "scale on {dev}");
         if let Device::Wgpu(i) = dev {
             let rt = tuna::device::wgpu::runtime(i).unwrap();
+            if rt.has_f16() {
+                // f16 storage, f32 math: the CPU's f32 result within f16's rounding.
+                let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap().to_device(&dev).unwrap();
+                let to64 = |t: Tensor| t.to_dtype(DType::F32).unwrap().to_vec_f32().unwrap().into_iter().map(f64::from).collect::<Vec<_>>();
+                let (a16, b16) = (half(&a), half(&bias));
+                let (a_r, b_r) = (a.to_dtype(DType::F16).unwrap(), bias.to_dtype(DType::F16).unwrap());
+                let want = to64(ops::add(&a_r.to_dtype(DType::F32).unwrap(), &b_r.to_dtype(DType::F32).unwrap()).unwrap());
+                let got = ops::add(&a16, &b16).unwrap();
+                assert_eq!(got.dtype(), DType::F16);
+                tuna::testing::compare(&format!("add f16 on {dev}"), &got.to_vec_f32().unwrap(), &want, tuna::testing::Tolerance::F16).unwrap();
+                let want = to64(ops::scale(&a_r.to_dtype(DType::F32).unwrap(), -0.37).unwrap());
+                tuna::testing::compare(&format!("scale f16 on {dev}"), &ops::scale(&a16, -0.37).unwrap().to_vec_f32().unwrap(), &want, tuna::testing::Tolerance::F16).unwrap();
+                let mixed = ops::add(&a16, &on(&bias)).unwrap_err().to_string();
+                assert!(mixed.contains("add"), "f16 + f32 is an error naming the op: {mixed}");
+            }
             let (ab, sb, yb) = (rt.upload(&a.to_bytes().unwrap()), rt.upload(bytemuck::bytes_of(&-0.37f32)), rt.alloc(4 * m * n));
             elementwise::wgsl::scale_by(&rt.device, &rt.queue, &rt.kernels, ab.buffer(), sb.buffer(), yb.buffer(), m * n).unwrap();
             let got: Vec<f32> = bytemuck::pod_collect_to_vec(&rt.download(yb.buffer(), 4 * m * n).unwrap());

@@ -1,14 +1,23 @@
 use crate::kernels::elementwise::{cpu, wgsl, SwiGluParams};
-use crate::ops::gpu::{forward_only, wgpu_buf, wgpu_output};
-use crate::ops::{expect_dtype, same_device, saved};
+use crate::ops::gpu::{forward_only, wgpu_buf, wgpu_output, wgpu_precision};
+use crate::ops::{expect_dtype, same_device, same_dtype, saved};
 use crate::tape::record;
 use crate::{DType, Device, Error, Result, Tensor};
 
-/// Checks that `b`'s shape is a suffix of `a`'s (b broadcasts over a's leading dims).
+/// The dtype an element-wise op runs in on `t`'s device: f32, or f16 on wgpu.
+fn elementwise_dtype(op: &'static str, t: &Tensor) -> Result<DType> {
+    match (t.device(), t.dtype()) {
+        (Device::Wgpu(_), DType::F16) => Ok(DType::F16),
+        _ => expect_dtype(op, t, DType::F32).map(|_| DType::F32),
+    }
+}
+
+/// Checks that `b`'s shape is a suffix of `a`'s (b broadcasts over a's leading dims) and that
+/// both have one dtype the device runs.
 fn check_broadcast(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     same_device(op, a, b)?;
-    expect_dtype(op, a, DType::F32)?;
-    expect_dtype(op, b, DType::F32)?;
+    same_dtype(op, a, b)?;
+    elementwise_dtype(op, a)?;
     let (ad, bd) = (a.dims(), b.dims());
     if bd.len() > ad.len() || ad[ad.len() - bd.len()..] != *bd {
         return Err(Error::ShapeMismatch { op, lhs: a.shape().clone(), rhs: b.shape().clone() });
@@ -27,8 +36,9 @@ fn binary(op: &'static str, a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 
                 forward_only(op, &[b])?;
             }
             let (rt, ab) = wgpu_buf(a);
-            let y = wgpu_output(rt, a.shape().clone(), DType::F32);
-            wgsl::add(&rt.device, &rt.queue, &rt.kernels, ab, wgpu_buf(b).1, wgpu_buf(&y).1, a.elem_count(), b.elem_count(), wgsl::Precision::F32)?;
+            let y = wgpu_output(rt, a.shape().clone(), a.dtype());
+            let pr = wgpu_precision(a.dtype()).expect("checked by check_broadcast");
+            wgsl::add(&rt.device, &rt.queue, &rt.kernels, ab, wgpu_buf(b).1, wgpu_buf(&y).1, a.elem_count(), b.elem_count(), pr)?;
             Ok(y)
         }
         d => Err(Error::Unsupported { op, device: d }),
@@ -79,10 +89,11 @@ fn unary(op: &'static str, a: &Tensor, f: impl Fn(f32) -> f32 + Sync + Send) -> 
 pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
     let out = match a.device() {
         Device::Wgpu(_) => {
-            expect_dtype("scale", a, DType::F32)?;
+            let dt = elementwise_dtype("scale", a)?;
             let (rt, ab) = wgpu_buf(a);
-            let y = wgpu_output(rt, a.shape().clone(), DType::F32);
-            wgsl::scale(&rt.device, &rt.queue, &rt.kernels, ab, wgpu_buf(&y).1, a.elem_count(), s, wgsl::Precision::F32)?;
+            let y = wgpu_output(rt, a.shape().clone(), dt);
+            let pr = wgpu_precision(dt).expect("f32 or f16");
+            wgsl::scale(&rt.device, &rt.queue, &rt.kernels, ab, wgpu_buf(&y).1, a.elem_count(), s, pr)?;
             y
         }
         _ => unary("scale", a, |x| x * s)?,
@@ -106,8 +117,9 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     const OP: &str = "swiglu";
     same_device(OP, g, u)?;
-    expect_dtype(OP, g, DType::F32)?;
-    expect_dtype(OP, u, DType::F32)?;
+    same_dtype(OP, g, u)?;
+    let dt = elementwise_dtype(OP, g)?;
+    let pr = wgpu_precision(dt).expect("f32 or f16");
     if g.shape() != u.shape() || g.shape().rank() == 0 {
         return Err(Error::ShapeMismatch { op: "swiglu (g and u of one shape)", lhs: g.shape().clone(), rhs: u.shape().clone() });
     }
@@ -120,8 +132,8 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
         }
         Device::Wgpu(_) => {
             let (rt, gb) = wgpu_buf(g);
-            let y = wgpu_output(rt, g.shape().clone(), DType::F32);
-            wgsl::forward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(u).1, wgpu_buf(&y).1, p, wgsl::Precision::F32)?;
+            let y = wgpu_output(rt, g.shape().clone(), dt);
+            wgsl::forward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(u).1, wgpu_buf(&y).1, p, pr)?;
             y
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),
@@ -130,8 +142,8 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     record(OP, out, &[g, u], move |dy, _| {
         if let Device::Wgpu(_) = sg.device() {
             let (rt, gb) = wgpu_buf(&sg);
-            let (dg, du) = (wgpu_output(rt, sg.shape().clone(), DType::F32), wgpu_output(rt, su.shape().clone(), DType::F32));
-            wgsl::backward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(&su).1, wgpu_buf(dy).1, wgpu_buf(&dg).1, wgpu_buf(&du).1, p, wgsl::Precision::F32)?;
+            let (dg, du) = (wgpu_output(rt, sg.shape().clone(), dt), wgpu_output(rt, su.shape().clone(), dt));
+            wgsl::backward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(&su).1, wgpu_buf(dy).1, wgpu_buf(&dg).1, wgpu_buf(&du).1, p, pr)?;
             return Ok(vec![Some(dg), Some(du)]);
         }
         let (mut dg, mut du) = (vec![0.0f32; sg.elem_count()], vec![0.0f32; su.elem_count()]);
