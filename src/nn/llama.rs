@@ -241,16 +241,21 @@ fn concat_seq(old: &Tensor, new: &Tensor) -> Result<Tensor> {
     let (b, row) = (od[0], od[2] * od[3]);
     let out_shape = vec![b, od[1] + nd[1], od[2], od[3]];
     if let (Storage::Wgpu { rt, buf: ob }, Storage::Wgpu { buf: nb, .. }) = (old.storage(), new.storage()) {
-        // Row by row on the device: batch row i is [old row i | new row i].
-        let out = rt.alloc(4 * (old.elem_count() + new.elem_count()));
-        let (os, ns) = ((od[1] * row * 4) as u64, (nd[1] * row * 4) as u64);
+        if old.dtype() != new.dtype() {
+            return Err(Error::DTypeMismatch { op: "kv cache", lhs: old.dtype(), rhs: new.dtype() });
+        }
+        // Row by row on the device: batch row i is [old row i | new row i]. (Copies move whole
+        // 4-byte words: with f16, a row of G·D elements is a whole number of them as D is even.)
+        let es = old.dtype().size_in_bytes();
+        let out = rt.alloc(es * (old.elem_count() + new.elem_count()));
+        let (os, ns) = ((od[1] * row * es) as u64, (nd[1] * row * es) as u64);
         let mut enc = rt.device.create_command_encoder(&Default::default());
         for i in 0..b as u64 {
             enc.copy_buffer_to_buffer(ob.buffer(), i * os, out.buffer(), i * (os + ns), os);
             enc.copy_buffer_to_buffer(nb.buffer(), i * ns, out.buffer(), i * (os + ns) + os, ns);
         }
         rt.queue.submit([enc.finish()]);
-        return Ok(Tensor::from_storage(Storage::Wgpu { rt: rt.clone(), buf: out }, out_shape.into(), DType::F32, old.device()));
+        return Ok(Tensor::from_storage(Storage::Wgpu { rt: rt.clone(), buf: out }, out_shape.into(), old.dtype(), old.device()));
     }
     let (a, n) = (old.cpu_f32("kv cache")?, new.cpu_f32("kv cache")?);
     let mut out = Vec::with_capacity(a.len() + n.len());
@@ -469,6 +474,21 @@ impl Llama {
             t.to_device(device)
         })?;
         m.map_lora(|_, t| t.to_device(device))?;
+        Ok(m)
+    }
+
+    /// A copy with every float weight (and adapter) converted to `dtype` on its device
+    /// (`Tensor::to_dtype`): f16 runs the forward in half precision on wgpu (f32 math inside
+    /// the kernels, f32 statistics). For inference: training in f16 is not wired yet.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Llama> {
+        let mut m = self.clone();
+        m.map_parameters(|name, t| {
+            if t.dtype() == DType::NF4 {
+                return Err(Error::InvalidArgument(format!("{name}: NF4 weights stay NF4; load without --nf4 to convert to {dtype}")));
+            }
+            t.to_dtype(dtype)
+        })?;
+        m.map_lora(|_, t| t.to_dtype(dtype))?;
         Ok(m)
     }
 

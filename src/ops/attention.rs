@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use crate::kernels::attention::{cpu, wgsl, AttentionParams};
 use crate::kernels::rope::{self, Direction};
-use crate::ops::gpu::{wgpu_buf, wgpu_output, wgpu_upload};
+use crate::ops::gpu::{float_dtype, wgpu_buf, wgpu_output, wgpu_precision, wgpu_upload};
 use crate::ops::{expect_dtype, same_device, saved};
 use crate::tape::record;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -25,8 +25,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttentionMask, scale:
     for t in [k, v] {
         same_device(OP, q, t)?;
     }
+    let dt = float_dtype(OP, q)?;
+    let pr = wgpu_precision(dt).expect("f32 or f16");
     for t in [q, k, v] {
-        expect_dtype(OP, t, DType::F32)?;
+        crate::ops::same_dtype(OP, q, t)?;
         if t.shape().rank() != 4 {
             return Err(Error::BadShape { op: OP, shape: t.shape().clone(), expected: "[B, T, heads, D]".into() });
         }
@@ -66,19 +68,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttentionMask, scale:
         }
         Device::Wgpu(_) => {
             let (rt, qb) = wgpu_buf(q);
-            let o = wgpu_output(rt, q.shape().clone(), DType::F32);
+            let o = wgpu_output(rt, q.shape().clone(), dt);
             // Per query row: the running max and log-sum-exp, which the backward reuses.
             let stats = rt.alloc(2 * p.batch * p.q_len * p.heads * 4);
             let starts = mask.segment_starts.as_deref().map(|st| wgpu_upload(rt, st));
             let sb = starts.as_ref().map(|b| b.buffer());
-            wgsl::forward(&rt.device, &rt.queue, &rt.kernels, qb, wgpu_buf(k).1, wgpu_buf(v).1, sb, wgpu_buf(&o).1, stats.buffer(), &p, wgsl::Precision::F32)?;
+            wgsl::forward(&rt.device, &rt.queue, &rt.kernels, qb, wgpu_buf(k).1, wgpu_buf(v).1, sb, wgpu_buf(&o).1, stats.buffer(), &p, pr)?;
             let (sq, sk, sv, so) = (saved(q), saved(k), saved(v), saved(&o));
             return record(OP, o, &[q, k, v], move |g, _| {
                 let (rt, qb) = wgpu_buf(&sq);
-                let (dq, dk, dv) = (wgpu_output(rt, sq.shape().clone(), DType::F32), wgpu_output(rt, sk.shape().clone(), DType::F32), wgpu_output(rt, sv.shape().clone(), DType::F32));
+                let (dq, dk, dv) = (wgpu_output(rt, sq.shape().clone(), dt), wgpu_output(rt, sk.shape().clone(), dt), wgpu_output(rt, sv.shape().clone(), dt));
                 let (kb, vb, ob) = (wgpu_buf(&sk).1, wgpu_buf(&sv).1, wgpu_buf(&so).1);
                 let sb = starts.as_ref().map(|b| b.buffer());
-                wgsl::backward(&rt.device, &rt.queue, &rt.kernels, qb, kb, vb, sb, ob, wgpu_buf(g).1, stats.buffer(), wgpu_buf(&dq).1, wgpu_buf(&dk).1, wgpu_buf(&dv).1, &p, wgsl::Precision::F32)?;
+                wgsl::backward(&rt.device, &rt.queue, &rt.kernels, qb, kb, vb, sb, ob, wgpu_buf(g).1, stats.buffer(), wgpu_buf(&dq).1, wgpu_buf(&dk).1, wgpu_buf(&dv).1, &p, pr)?;
                 Ok(vec![Some(dq), Some(dk), Some(dv)])
             });
         }
@@ -102,7 +104,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttentionMask, scale:
 pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> {
     const OP: &str = "rope";
     same_device(OP, x, positions)?;
-    expect_dtype(OP, x, DType::F32)?;
+    let dt = float_dtype(OP, x)?;
+    let pr = wgpu_precision(dt).expect("f32 or f16");
     expect_dtype(OP, positions, DType::I32)?;
     let d = x.shape().last();
     if x.shape().rank() != 3 || d != 2 * inv_freq.len() || positions.dims() != [x.dims()[0]] {
@@ -118,10 +121,10 @@ pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> 
             }
             Device::Wgpu(_) => {
                 let (rt, xb) = wgpu_buf(x);
-                let y = wgpu_output(rt, x.shape().clone(), DType::F32);
+                let y = wgpu_output(rt, x.shape().clone(), dt);
                 let freq_buf = wgpu_upload(rt, freq);
                 let p = rope::RopeParams { tokens: x.dims()[0], heads, head_dim: 2 * freq.len() };
-                rope::wgsl::rope(&rt.device, &rt.queue, &rt.kernels, xb, wgpu_buf(pos).1, freq_buf.buffer(), wgpu_buf(&y).1, p, dir, crate::device::wgpu::Precision::F32)?;
+                rope::wgsl::rope(&rt.device, &rt.queue, &rt.kernels, xb, wgpu_buf(pos).1, freq_buf.buffer(), wgpu_buf(&y).1, p, dir, pr)?;
                 Ok(y)
             }
             d => Err(Error::Unsupported { op: OP, device: d }),

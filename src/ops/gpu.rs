@@ -40,6 +40,15 @@ pub(crate) fn wgpu_precision(dtype: DType) -> Option<crate::device::wgpu::Precis
     }
 }
 
+/// The float dtype an op runs `t` in on its device: f32, or f16 on wgpu; anything else is an
+/// error naming the op.
+pub(crate) fn float_dtype(op: &'static str, t: &Tensor) -> Result<DType> {
+    match (t.device(), t.dtype()) {
+        (Device::Wgpu(_), DType::F16) => Ok(DType::F16),
+        _ => crate::ops::expect_dtype(op, t, DType::F32).map(|_| DType::F32),
+    }
+}
+
 /// Refuses inputs recorded on a tape: `op`'s backward runs only on the CPU so far.
 pub(crate) fn forward_only(op: &'static str, inputs: &[&Tensor]) -> Result<()> {
     match inputs.iter().find(|t| t.is_tracked()) {

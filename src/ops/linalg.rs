@@ -1,6 +1,6 @@
 use crate::kernels::matmul::{cpu, MatmulParams};
 use crate::kernels::lora::wgsl as gemm_wgsl;
-use crate::ops::gpu::{wgpu_buf, wgpu_output};
+use crate::ops::gpu::{float_dtype, wgpu_buf, wgpu_output, wgpu_precision};
 use crate::ops::{expect_dtype, same_device, saved};
 use crate::tape::record;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -13,9 +13,9 @@ use crate::{DType, Device, Error, Result, Tensor};
 pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
     const OP: &str = "matmul";
     same_device(OP, a, b)?;
-    expect_dtype(OP, a, DType::F32)?;
-    if b.dtype() != DType::NF4 {
-        expect_dtype(OP, b, DType::F32)?; // b may be a frozen NF4 weight, read dequantized
+    let dt = float_dtype(OP, a)?;
+    if b.dtype() != DType::NF4 || dt != DType::F32 {
+        expect_dtype(OP, b, dt)?; // b may be a frozen NF4 weight (f32 only), read dequantized
     }
     for t in [a, b] {
         if t.shape().rank() != 2 {
@@ -42,11 +42,12 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
             Tensor::from_vec(c, [m, n])?
         }
         // The backward is this op again (dA and dB are products), so it runs here too.
-        Device::Wgpu(_) if b.dtype() == DType::F32 => {
+        Device::Wgpu(_) if b.dtype() == dt => {
             let (rt, abuf) = wgpu_buf(a);
-            let c = wgpu_output(rt, [m, n], DType::F32);
+            let c = wgpu_output(rt, [m, n], dt);
             let (sa, sb) = (stride(trans_a, ad[1]), stride(trans_b, bd[1]));
-            gemm_wgsl::matmul(&rt.device, &rt.queue, &rt.kernels, (abuf, sa), (wgpu_buf(b).1, sb), wgpu_buf(&c).1, (m, n, k))?;
+            let pr = wgpu_precision(dt).expect("f32 or f16");
+            gemm_wgsl::matmul(&rt.device, &rt.queue, &rt.kernels, (abuf, sa), (wgpu_buf(b).1, sb), wgpu_buf(&c).1, (m, n, k), pr)?;
             c
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),

@@ -40,7 +40,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b:
 /// on thread timing.
 pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>> {
     const OP: &str = "linear";
-    expect_dtype(OP, x, DType::F32)?;
+    let dt = crate::ops::gpu::float_dtype(OP, x)?;
     let k = x.shape().last();
     let m = x.shape().rows();
     let mut params = Vec::with_capacity(parts.len());
@@ -49,8 +49,8 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
         for t in [Some(w), part.bias, part.lora.map(|l| l.0), part.lora.map(|l| l.1)].into_iter().flatten() {
             same_device(OP, x, t)?;
             // The frozen weight may be NF4 (QLoRA): read dequantized, one op at a time.
-            if !(std::ptr::eq(t, w) && t.dtype() == DType::NF4) {
-                expect_dtype(OP, t, DType::F32)?;
+            if !(std::ptr::eq(t, w) && t.dtype() == DType::NF4 && dt == DType::F32) {
+                expect_dtype(OP, t, dt)?;
             }
         }
         let wd = w.dims();
@@ -191,13 +191,25 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
     use crate::ops::gpu::{wgpu_buf, wgpu_output};
     const OP: &str = "linear";
     let (rt, xb) = wgpu_buf(x);
+    let dt = x.dtype();
+    let pr = crate::ops::gpu::wgpu_precision(dt).expect("checked by linear_group");
+    if pr == wgsl::Precision::F16 {
+        // Half-precision training (f32 masters, f16 copies, f32 dA/dB) is not wired yet.
+        crate::ops::gpu::forward_only("linear in f16", &[x])?;
+        for part in parts {
+            crate::ops::gpu::forward_only("linear in f16", &[part.lora.map(|l| l.0), part.lora.map(|l| l.1)].into_iter().flatten().collect::<Vec<_>>())?;
+            if part.dropout.is_some_and(|d| d.p > 0.0) {
+                return Err(Error::InvalidArgument("linear in f16: LoRA dropout runs in f32 only".into()));
+            }
+        }
+    }
     let mut outs = Vec::with_capacity(parts.len());
     let mut xas = Vec::with_capacity(parts.len());
     for (part, &p) in parts.iter().zip(params) {
-        expect_dtype(OP, part.weight, DType::F32)?;
+        expect_dtype(OP, part.weight, dt)?;
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("rank >= 2") = p.n;
-        let y = wgpu_output(rt, shape, DType::F32);
+        let y = wgpu_output(rt, shape, dt);
         let xa = rt.alloc(4 * p.m * p.r.max(1));
         // Without an adapter (R = 0) the LoRA operands are never read; any buffer binds.
         let (a, b) = match part.lora {
@@ -215,7 +227,7 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
             _ => None,
         };
         let xl = drop.as_ref().map_or(xb, |(b, _)| b.buffer());
-        wgsl::forward(&rt.device, &rt.queue, &rt.kernels, xb, xl, wgpu_buf(part.weight).1, bias, a, b, wgpu_buf(&y).1, xa.buffer(), p, wgsl::Precision::F32)?;
+        wgsl::forward(&rt.device, &rt.queue, &rt.kernels, xb, xl, wgpu_buf(part.weight).1, bias, a, b, wgpu_buf(&y).1, xa.buffer(), p, pr)?;
         outs.push(y);
         xas.push((xa, drop));
     }

@@ -3,7 +3,7 @@ use cudarc::driver::CudaSlice;
 use crate::device::cuda::CudaRuntime;
 use crate::kernels::rmsnorm::{self, RmsNormParams};
 use crate::kernels::embedding as emb;
-use crate::ops::gpu::{wgpu_buf, wgpu_output, wgpu_precision};
+use crate::ops::gpu::{float_dtype, wgpu_buf, wgpu_output, wgpu_precision};
 use crate::ops::{expect_dtype, same_device, same_dtype, saved};
 use crate::tape::record;
 use crate::tensor::Storage;
@@ -15,7 +15,8 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
     const OP: &str = "embedding";
     same_device(OP, ids, table)?;
     expect_dtype(OP, ids, DType::I32)?;
-    expect_dtype(OP, table, DType::F32)?;
+    let dt = float_dtype(OP, table)?;
+    let pr = wgpu_precision(dt).expect("f32 or f16");
     if table.shape().rank() != 2 {
         return Err(Error::BadShape { op: OP, shape: table.shape().clone(), expected: "a table [V, E]".into() });
     }
@@ -34,9 +35,9 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
         // reads as a zero row).
         Device::Wgpu(_) => {
             let (rt, tb) = wgpu_buf(table);
-            let y = wgpu_output(rt, out_shape, DType::F32);
+            let y = wgpu_output(rt, out_shape, dt);
             let p = emb::EmbeddingParams { tokens: ids.elem_count(), vocab: v, dim: e };
-            emb::wgsl::forward(&rt.device, &rt.queue, &rt.kernels, tb, wgpu_buf(ids).1, wgpu_buf(&y).1, p, crate::device::wgpu::Precision::F32)?;
+            emb::wgsl::forward(&rt.device, &rt.queue, &rt.kernels, tb, wgpu_buf(ids).1, wgpu_buf(&y).1, p, pr)?;
             y
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),
@@ -48,11 +49,11 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
         }
         if let Device::Wgpu(i) = g.device() {
             // The kernel adds into dtable, so it starts from zeros.
-            let dt = Tensor::zeros(table_shape.clone(), DType::F32, &Device::Wgpu(i))?;
-            let rt = wgpu_buf(&dt).0;
+            let dtable = Tensor::zeros(table_shape.clone(), dt, &Device::Wgpu(i))?;
+            let rt = wgpu_buf(&dtable).0;
             let p = emb::EmbeddingParams { tokens: sids.elem_count(), vocab: v, dim: e };
-            emb::wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, wgpu_buf(&sids).1, wgpu_buf(&dt).1, p, crate::device::wgpu::Precision::F32)?;
-            return Ok(vec![None, Some(dt)]);
+            emb::wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, wgpu_buf(&sids).1, wgpu_buf(&dtable).1, p, pr)?;
+            return Ok(vec![None, Some(dtable)]);
         }
         let mut dt = vec![0.0f32; table_shape.elem_count()];
         emb::cpu::scatter_add(g.cpu_f32(OP)?, sids.cpu_i32(OP)?, &mut dt, e);

@@ -1,23 +1,15 @@
 use crate::kernels::elementwise::{cpu, wgsl, SwiGluParams};
-use crate::ops::gpu::{forward_only, wgpu_buf, wgpu_output, wgpu_precision};
+use crate::ops::gpu::{float_dtype, forward_only, wgpu_buf, wgpu_output, wgpu_precision};
 use crate::ops::{expect_dtype, same_device, same_dtype, saved};
 use crate::tape::record;
 use crate::{DType, Device, Error, Result, Tensor};
-
-/// The dtype an element-wise op runs in on `t`'s device: f32, or f16 on wgpu.
-fn elementwise_dtype(op: &'static str, t: &Tensor) -> Result<DType> {
-    match (t.device(), t.dtype()) {
-        (Device::Wgpu(_), DType::F16) => Ok(DType::F16),
-        _ => expect_dtype(op, t, DType::F32).map(|_| DType::F32),
-    }
-}
 
 /// Checks that `b`'s shape is a suffix of `a`'s (b broadcasts over a's leading dims) and that
 /// both have one dtype the device runs.
 fn check_broadcast(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     same_device(op, a, b)?;
     same_dtype(op, a, b)?;
-    elementwise_dtype(op, a)?;
+    float_dtype(op, a)?;
     let (ad, bd) = (a.dims(), b.dims());
     if bd.len() > ad.len() || ad[ad.len() - bd.len()..] != *bd {
         return Err(Error::ShapeMismatch { op, lhs: a.shape().clone(), rhs: b.shape().clone() });
@@ -89,7 +81,7 @@ fn unary(op: &'static str, a: &Tensor, f: impl Fn(f32) -> f32 + Sync + Send) -> 
 pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
     let out = match a.device() {
         Device::Wgpu(_) => {
-            let dt = elementwise_dtype("scale", a)?;
+            let dt = float_dtype("scale", a)?;
             let (rt, ab) = wgpu_buf(a);
             let y = wgpu_output(rt, a.shape().clone(), dt);
             let pr = wgpu_precision(dt).expect("f32 or f16");
@@ -118,7 +110,7 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     const OP: &str = "swiglu";
     same_device(OP, g, u)?;
     same_dtype(OP, g, u)?;
-    let dt = elementwise_dtype(OP, g)?;
+    let dt = float_dtype(OP, g)?;
     let pr = wgpu_precision(dt).expect("f32 or f16");
     if g.shape() != u.shape() || g.shape().rank() == 0 {
         return Err(Error::ShapeMismatch { op: "swiglu (g and u of one shape)", lhs: g.shape().clone(), rhs: u.shape().clone() });

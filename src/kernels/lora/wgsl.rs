@@ -262,7 +262,8 @@ pub fn dropout(
 }
 
 /// `c[m, n] = op(a)·op(b)` with op(a) `[m, k]` and op(b) `[k, n]` given by their (row, column)
-/// strides (see [`plain`] and [`transposed`]): the plain GEMM (rank 0 of the LoRA GEMM).
+/// strides (see [`plain`] and [`transposed`]): the plain GEMM (rank 0 of the LoRA GEMM), every
+/// operand stored in `precision`.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     device: &wgpu::Device,
@@ -272,11 +273,13 @@ pub fn matmul(
     (b, sb): (&wgpu::Buffer, [u32; 2]),
     c: &wgpu::Buffer,
     (m, n, k): (usize, usize, usize),
+    precision: Precision,
 ) -> Result<()> {
     let op = "matmul (wgsl)";
-    check_buffers(op, &[("a", a, m * k), ("b", b, k * n), ("c", c, m * n)])?;
+    precision.check(device, op)?;
+    check_elems(op, precision.bytes(), &[("a", a, m * k), ("b", b, k * n), ("c", c, m * n)])?;
     let mut enc = device.create_command_encoder(&Default::default());
-    product(device, kernels, &mut enc, (a, sa), (b, sb), c, (m, n, k), 1.0)?;
+    product_flags(device, kernels, &mut enc, (a, sa), (b, sb), c, (m, n, k), 1.0, same(precision), 0)?;
     queue.submit([enc.finish()]);
     Ok(())
 }
