@@ -1,6 +1,8 @@
 //! The `tuna` binary end to end on the fixture model: JSON results agree with the library,
 //! and bad input fails with a message naming the file and line.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -11,6 +13,26 @@ fn tuna(args: &[&str]) -> (bool, String, String) {
 
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures/llama-gqa")
+}
+
+#[test]
+fn generate_in_f16_on_wgpu_matches_the_library() {
+    let m = fixture();
+    let (ok, _, err) = tuna(&["generate", "--model", m.to_str().unwrap(), "--prompt", "The capital", "--f16"]);
+    assert!(!ok && err.contains("--f16") && err.contains("wgpu"), "--f16 on the CPU is refused: {err}");
+    let dev = common::devices().into_iter().find(|d| matches!(*d, tuna::Device::Wgpu(i) if tuna::device::wgpu::runtime(i).unwrap().has_f16()));
+    let Some(dev) = dev else { return };
+    let args = ["generate", "--model", m.to_str().unwrap(), "--prompt", "The capital", "--max-new-tokens", "6", "--json", "--device", &dev.to_string(), "--f16"];
+    let (ok, out, err) = tuna(&args);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let model = tuna::nn::Llama::load(&m).unwrap().to_device(&dev).unwrap().to_dtype(tuna::DType::F16).unwrap();
+    let tok = tuna::io::tokenizer::Tokenizer::from_dir(&m).unwrap();
+    let prompt = tok.encode("The capital", true).unwrap();
+    let opts = tuna::nn::GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![1], ..Default::default() };
+    let want = model.generate(&prompt, &opts, |_| {}).unwrap();
+    let got: Vec<u32> = v["new_tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    assert_eq!(got, want);
 }
 
 #[test]

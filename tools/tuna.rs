@@ -105,6 +105,10 @@ struct GenerateArgs {
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Run the model in f16 (weights and activations; f32 math inside the kernels). Needs
+    /// --device wgpu with an adapter that has SHADER_F16.
+    #[arg(long)]
+    f16: bool,
 }
 
 #[derive(Args)]
@@ -202,7 +206,13 @@ fn merge(model: &std::path::Path, adapter: Option<&std::path::Path>, deltas: Opt
 }
 
 fn generate(a: GenerateArgs) -> CliResult {
-    let (model, tok) = load(&a.model)?;
+    let (mut model, tok) = load(&a.model)?;
+    if a.f16 {
+        if !matches!(model.device(), Device::Wgpu(_)) {
+            return Err(format!("--f16 runs on wgpu only (the model is on {}); add --device wgpu", model.device()));
+        }
+        model = model.to_dtype(tuna::DType::F16).map_err(err)?;
+    }
     let text = if a.chat {
         tok.apply_chat_template(&[Message { role: "user".into(), content: a.prompt.clone() }], true).map_err(err)?
     } else {
