@@ -77,6 +77,13 @@ fn perplexity_json_and_bad_lines() {
         assert!(ok, "{err}");
         let w: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert!((w["mean_loss"].as_f64().unwrap() - loss).abs() < 1e-5, "wgpu {w} vs cpu {v}");
+        // In f16 (activations rounded to f16 after each op): within 1% of the f32 loss.
+        if tuna::device::wgpu::runtime(0).unwrap().has_f16() {
+            let (ok, out, err) = tuna(&["perplexity", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json", "--device", "wgpu", "--f16"]);
+            assert!(ok, "{err}");
+            let h: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+            assert!((h["mean_loss"].as_f64().unwrap() - loss).abs() < 1e-2 * loss, "wgpu f16 {h} vs cpu {v}");
+        }
     }
 
     let (ok, _, err) = tuna(&["perplexity", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--strict"]);

@@ -48,6 +48,11 @@ fn f16_forward_on_wgpu_matches_the_cpu_within_f16_rounding() {
         eprintln!("f16 logits on {dev}: max error {err:.2e}, largest logit {big:.2}, ratio {:.2e}", err / big);
         assert!(err <= 0.01 * big, "f16 logits on {dev}: max error {err} vs largest logit {big}");
 
+        // The loss (the fused head + cross-entropy, f32 logits from f16 operands): within the
+        // same relative bound of the reference's.
+        let (loss, want_loss) = (half.loss(&x, None).unwrap().to_scalar().unwrap(), rounded.loss(&x, None).unwrap().to_scalar().unwrap());
+        assert!((loss - want_loss).abs() <= 0.01 * want_loss.abs(), "f16 loss on {dev}: {loss} vs {want_loss}");
+
         // With a KV cache (prefill, then two single tokens) the same logits, within the same
         // bound: the cache concatenates f16 keys and values on the device.
         let mut cache = KvCache::new(model.config.num_layers);

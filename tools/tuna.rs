@@ -124,6 +124,9 @@ struct PerplexityArgs {
     /// Fail on the first bad line instead of skipping bad lines.
     #[arg(long)]
     strict: bool,
+    /// Run the model in f16 (see `generate --f16`); the loss is reduced in f32.
+    #[arg(long)]
+    f16: bool,
 }
 
 pub(crate) type CliResult = Result<(), String>;
@@ -205,14 +208,20 @@ fn merge(model: &std::path::Path, adapter: Option<&std::path::Path>, deltas: Opt
     Ok(())
 }
 
-fn generate(a: GenerateArgs) -> CliResult {
-    let (mut model, tok) = load(&a.model)?;
-    if a.f16 {
-        if !matches!(model.device(), Device::Wgpu(_)) {
-            return Err(format!("--f16 runs on wgpu only (the model is on {}); add --device wgpu", model.device()));
-        }
-        model = model.to_dtype(tuna::DType::F16).map_err(err)?;
+/// The model in f16 for `--f16` (inference on wgpu only).
+fn half(model: Llama, f16: bool) -> Result<Llama, String> {
+    if !f16 {
+        return Ok(model);
     }
+    if !matches!(model.device(), Device::Wgpu(_)) {
+        return Err(format!("--f16 runs on wgpu only (the model is on {}); add --device wgpu", model.device()));
+    }
+    model.to_dtype(tuna::DType::F16).map_err(err)
+}
+
+fn generate(a: GenerateArgs) -> CliResult {
+    let (model, tok) = load(&a.model)?;
+    let model = half(model, a.f16)?;
     let text = if a.chat {
         tok.apply_chat_template(&[Message { role: "user".into(), content: a.prompt.clone() }], true).map_err(err)?
     } else {
@@ -281,6 +290,7 @@ fn generate(a: GenerateArgs) -> CliResult {
 
 fn perplexity(a: PerplexityArgs) -> CliResult {
     let (model, tok) = load(&a.model)?;
+    let model = half(model, a.f16)?;
     let data = Dataset::read(&a.data).map_err(err)?;
     if a.strict {
         data.strict().map_err(err)?;

@@ -275,12 +275,28 @@ pub mod wgsl {
         loss: &wgpu::Buffer,
         count: usize,
         p: super::LinearCeParams,
+        precision: crate::device::wgpu::Precision,
     ) -> Result<()> {
-        use crate::kernels::lora::wgsl::{check_buffers, plain, product, product_acc, transposed};
+        use crate::device::wgpu::Precision;
+        use crate::kernels::lora::wgsl::{check_buffers, plain, product, product_acc, product_flags, transposed, Types};
         const OP: &str = "linear_cross_entropy (wgsl)";
         let (m, h, v) = (p.rows, p.hidden, p.vocab);
         let c = p.chunk_rows.clamp(1, m.max(1));
-        check_buffers(OP, &[("x", x, m * h), ("w", w, v * h), ("targets", targets, m), ("loss", loss, 1)])?;
+        let es = precision.bytes();
+        if precision == Precision::F16 {
+            // Evaluation only (f16 training is not wired): the f32 logits of f16 x and W.
+            if dx.is_some() || dw.is_some() {
+                return Err(Error::InvalidArgument(format!("{OP}: gradients in f16 are not wired yet (evaluation only)")));
+            }
+            if h % 2 == 1 {
+                return Err(Error::InvalidArgument(format!("{OP}: f16 rows of odd width {h} cannot be copied in whole words")));
+            }
+            precision.check(&rt.device, OP)?;
+        }
+        check_buffers(OP, &[("targets", targets, m), ("loss", loss, 1)])?;
+        let sized = |b: &wgpu::Buffer, n: usize, what: &str| crate::kernels::check_len(OP, what, b.size() as usize / es, n);
+        sized(x, m * h, "x")?;
+        sized(w, v * h, "w")?;
         if let Some(dx) = dx {
             check_buffers(OP, &[("dx", dx, m * h)])?;
         }
@@ -291,9 +307,9 @@ pub mod wgsl {
         u32_of(c * v, "chunk rows · V")?;
         let (dev, kernels) = (&rt.device, &rt.kernels);
         let single = m <= c; // one chunk: x and the targets are read in place
-        let chunk_in = |elems: usize| (!single).then(|| rt.alloc(4 * elems));
-        let (xc, tc) = (chunk_in(c * h), chunk_in(c));
-        let dxc = dx.and(chunk_in(c * h));
+        let chunk_in = |bytes: usize| (!single).then(|| rt.alloc(bytes));
+        let (xc, tc) = (chunk_in(es * c * h), chunk_in(4 * c));
+        let dxc = dx.and(chunk_in(4 * c * h));
         let grads = dx.is_some() || dw.is_some();
         let z = rt.alloc(4 * c * v);
         let dz = grads.then(|| rt.alloc(4 * c * v));
@@ -309,13 +325,14 @@ pub mod wgsl {
             let mut enc = dev.create_command_encoder(&Default::default());
             let (xb, tb) = match (&xc, &tc) {
                 (Some(xc), Some(tc)) => {
-                    enc.copy_buffer_to_buffer(x, bytes(r0 * h), xc.buffer(), 0, bytes(cm * h));
+                    enc.copy_buffer_to_buffer(x, (es * r0 * h) as u64, xc.buffer(), 0, (es * cm * h) as u64);
                     enc.copy_buffer_to_buffer(targets, bytes(r0), tc.buffer(), 0, bytes(cm));
                     (xc.buffer(), tc.buffer())
                 }
                 _ => (x, targets),
             };
-            product(dev, kernels, &mut enc, (xb, plain(h)), (w, transposed(h)), z.buffer(), (cm, v, h), 1.0)?;
+            let types = if precision == Precision::F16 { Types::F16ToF32 } else { Types::F32 };
+            product_flags(dev, kernels, &mut enc, (xb, plain(h)), (w, transposed(h)), z.buffer(), (cm, v, h), 1.0, types, 0)?;
             let u = uniform(dev, &params(cm));
             let (gx, gy) = grid(cm as u32);
             encode(dev, &mut enc, &rows_pipe, &[(0, &u), (1, z.buffer()), (2, tb), (3, lse.buffer()), (4, chunk_loss.buffer())], (gx, gy, 1));

@@ -69,9 +69,9 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
     const OP: &str = "linear_cross_entropy";
     same_device(OP, x, w)?;
     same_device(OP, x, targets)?;
-    expect_dtype(OP, x, DType::F32)?;
-    if w.dtype() != DType::NF4 {
-        expect_dtype(OP, w, DType::F32)?; // a frozen NF4 head is read dequantized
+    let dt = crate::ops::gpu::float_dtype(OP, x)?;
+    if w.dtype() != DType::NF4 || dt != DType::F32 {
+        expect_dtype(OP, w, dt)?; // a frozen NF4 head (f32 only) is read dequantized
     }
     expect_dtype(OP, targets, DType::I32)?;
     if x.shape().rank() != 2 || w.shape().rank() != 2 || x.dims()[1] != w.dims()[1] {
@@ -100,7 +100,10 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
             let dw = dw.map(|d| Tensor::from_vec(d, [v, h])).transpose()?;
             (Tensor::from_vec(vec![loss], Vec::new())?, dx, dw)
         }
-        Device::Wgpu(_) if w.dtype() == DType::F32 => {
+        Device::Wgpu(_) if w.dtype() == dt => {
+            if dt == DType::F16 {
+                crate::ops::gpu::forward_only("linear_cross_entropy in f16", &[x, w])?;
+            }
             let tv = targets.to_device(&Device::Cpu)?.to_vec::<i32>()?;
             ce::check_targets(&tv, v, ignore_index)?;
             let count = tv.iter().filter(|&&t| t != ignore_index).count();
@@ -109,7 +112,8 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
             let dx = need_dx.then(|| wgpu_output(rt, [m, h], DType::F32));
             let dw = need_dw.then(|| wgpu_output(rt, [v, h], DType::F32));
             let (dxb, dwb) = (dx.as_ref().map(|t| wgpu_buf(t).1), dw.as_ref().map(|t| wgpu_buf(t).1));
-            ce::wgsl::linear_forward(rt, xb, wgpu_buf(w).1, wgpu_buf(targets).1, dxb, dwb, wgpu_buf(&loss).1, count, p)?;
+            let pr = crate::ops::gpu::wgpu_precision(dt).expect("f32 or f16");
+            ce::wgsl::linear_forward(rt, xb, wgpu_buf(w).1, wgpu_buf(targets).1, dxb, dwb, wgpu_buf(&loss).1, count, p, pr)?;
             (loss, dx, dw)
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),

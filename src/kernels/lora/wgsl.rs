@@ -168,7 +168,7 @@ pub(crate) fn product_acc(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn product_flags(
+pub(crate) fn product_flags(
     device: &wgpu::Device,
     kernels: &KernelCache,
     enc: &mut wgpu::CommandEncoder,
