@@ -15,6 +15,29 @@ fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures/llama-gqa")
 }
 
+/// `tuna generate --prompt "The capital" --max-new-tokens 6 --json` with `extra` flags, checked
+/// against `model`'s own greedy tokens.
+fn generate_matches(model: &tuna::nn::Llama, extra: &[&str]) {
+    let m = fixture();
+    let mut args = vec!["generate", "--model", m.to_str().unwrap(), "--prompt", "The capital", "--max-new-tokens", "6", "--json"];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = tuna(&args);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let tok = tuna::io::tokenizer::Tokenizer::from_dir(&m).unwrap();
+    let prompt = tok.encode("The capital", true).unwrap();
+    let opts = tuna::nn::GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![1], ..Default::default() };
+    let want = model.generate(&prompt, &opts, |_| {}).unwrap();
+    let got: Vec<u32> = v["new_tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    assert_eq!(got, want, "generate {extra:?}");
+    assert_eq!(v["prompt_tokens"].as_u64().unwrap() as usize, prompt.len());
+}
+
+#[test]
+fn generate_json_matches_the_library() {
+    generate_matches(&tuna::nn::Llama::load(&fixture()).unwrap(), &[]);
+}
+
 #[test]
 fn generate_in_f16_on_wgpu_matches_the_library() {
     let m = fixture();
@@ -22,33 +45,8 @@ fn generate_in_f16_on_wgpu_matches_the_library() {
     assert!(!ok && err.contains("--f16") && err.contains("wgpu"), "--f16 on the CPU is refused: {err}");
     let dev = common::devices().into_iter().find(|d| matches!(*d, tuna::Device::Wgpu(i) if tuna::device::wgpu::runtime(i).unwrap().has_f16()));
     let Some(dev) = dev else { return };
-    let args = ["generate", "--model", m.to_str().unwrap(), "--prompt", "The capital", "--max-new-tokens", "6", "--json", "--device", &dev.to_string(), "--f16"];
-    let (ok, out, err) = tuna(&args);
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let model = tuna::nn::Llama::load(&m).unwrap().to_device(&dev).unwrap().to_dtype(tuna::DType::F16).unwrap();
-    let tok = tuna::io::tokenizer::Tokenizer::from_dir(&m).unwrap();
-    let prompt = tok.encode("The capital", true).unwrap();
-    let opts = tuna::nn::GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![1], ..Default::default() };
-    let want = model.generate(&prompt, &opts, |_| {}).unwrap();
-    let got: Vec<u32> = v["new_tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
-    assert_eq!(got, want);
-}
-
-#[test]
-fn generate_json_matches_the_library() {
-    let m = fixture();
-    let (ok, out, err) = tuna(&["generate", "--model", m.to_str().unwrap(), "--prompt", "The capital", "--max-new-tokens", "6", "--json"]);
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
-    let model = tuna::nn::Llama::load(&m).unwrap();
-    let tok = tuna::io::tokenizer::Tokenizer::from_dir(&m).unwrap();
-    let prompt = tok.encode("The capital", true).unwrap();
-    let opts = tuna::nn::GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![1], ..Default::default() };
-    let want = model.generate(&prompt, &opts, |_| {}).unwrap();
-    let got: Vec<u32> = v["new_tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
-    assert_eq!(got, want);
-    assert_eq!(v["prompt_tokens"].as_u64().unwrap() as usize, prompt.len());
+    generate_matches(&model, &["--device", &dev.to_string(), "--f16"]);
 }
 
 #[test]

@@ -521,7 +521,7 @@ pub mod cuda {
 
     /// The forward kernel: the first version (tiles loaded with plain loads between barriers)
     /// or the pipelined one (cp.async overlapping loads with the math, ldmatrix fragments).
-    /// `forward` runs `Sync` until a GPU run has compared the two (`tools/gpu-check`).
+    /// The model should take `Sync` until a GPU run has compared the two (`tools/gpu-check`).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdKernel {
         Sync,
@@ -530,25 +530,9 @@ pub mod cuda {
 
     /// `o = softmax(scale·q·kᵀ + mask)·v` and `lse` (`[B, H, T]`, natural log) for q `[B, T, H, D]`,
     /// k and v `[B, S, G, D]`; `starts` (`[B·T]`) are the packed rows' segment starts.
+    /// `kernel` picks the first or the pipelined forward.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
-        stream: &Arc<CudaStream>,
-        modules: &ModuleCache,
-        dt: Half,
-        q: &CudaView<'_, u16>,
-        k: &CudaView<'_, u16>,
-        v: &CudaView<'_, u16>,
-        starts: Option<&CudaView<'_, u32>>,
-        o: &mut CudaViewMut<'_, u16>,
-        lse: &mut CudaViewMut<'_, f32>,
-        p: &AttentionParams,
-    ) -> Result<()> {
-        forward_with(FwdKernel::Sync, stream, modules, dt, q, k, v, starts, o, lse, p)
-    }
-
-    /// `forward` with the kernel chosen.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward_with(
         kernel: FwdKernel,
         stream: &Arc<CudaStream>,
         modules: &ModuleCache,

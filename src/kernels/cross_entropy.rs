@@ -278,7 +278,7 @@ pub mod wgsl {
         precision: crate::device::wgpu::Precision,
     ) -> Result<()> {
         use crate::device::wgpu::Precision;
-        use crate::kernels::lora::wgsl::{check_buffers, plain, product, product_acc, product_flags, transposed, Types};
+        use crate::kernels::lora::wgsl::{check_buffers, plain, product, product_flags, transposed, Types, FLAG_ACCUMULATE};
         const OP: &str = "linear_cross_entropy (wgsl)";
         let (m, h, v) = (p.rows, p.hidden, p.vocab);
         let c = p.chunk_rows.clamp(1, m.max(1));
@@ -348,8 +348,9 @@ pub mod wgsl {
                     }
                 }
                 if let Some(dw) = dw {
-                    let add = if i == 0 { product } else { product_acc };
-                    add(dev, kernels, &mut enc, (dz, transposed(v)), (xb, plain(h)), dw, (v, h, cm), 1.0)?;
+                    // The first chunk writes dW, the others add to it.
+                    let flags = if i == 0 { 0 } else { FLAG_ACCUMULATE };
+                    product_flags(dev, kernels, &mut enc, (dz, transposed(v)), (xb, plain(h)), dw, (v, h, cm), 1.0, Types::F32, flags)?;
                 }
             }
             rt.queue.submit([enc.finish()]);

@@ -134,7 +134,7 @@ pub fn check_flash_attention_cuda(index: usize, c: &FaCase) -> Result<(), String
     let mut o = s.alloc_zeros::<u16>(qn).map_err(e)?;
     let mut lse = s.alloc_zeros::<f32>(p.batch * p.heads * p.q_len).map_err(e)?;
     let stv = dst.slice(..);
-    cuda::forward_with(c.kernel, s, &rt.modules, Half::Bf16, &dq.slice(..), &dk.slice(..), &dv.slice(..), c.packed.then_some(&stv), &mut o.slice_mut(..), &mut lse.slice_mut(..), p)
+    cuda::forward(c.kernel, s, &rt.modules, Half::Bf16, &dq.slice(..), &dk.slice(..), &dv.slice(..), c.packed.then_some(&stv), &mut o.slice_mut(..), &mut lse.slice_mut(..), p)
         .map_err(|e| e.to_string())?;
     let got: Vec<f64> = s.clone_dtoh(&o).map_err(e)?.into_iter().map(|b| bf16::from_bits(b).to_f64()).collect();
     let got_lse: Vec<f64> = s.clone_dtoh(&lse).map_err(e)?.into_iter().map(f64::from).collect();

@@ -42,7 +42,7 @@ pub fn attention_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
             for causal in [false, true] {
                 let p = AttentionParams { batch, q_len: t, kv_len: t, heads, kv_heads: heads, head_dim: d, causal, window: None, scale: 1.0 / (d as f32).sqrt() };
                 let mut fwd = |kernel| {
-                    time_us(rt, || cuda::forward_with(kernel, s, &rt.modules, Half::Bf16, &q.slice(..), &k.slice(..), &v.slice(..), None, &mut o.slice_mut(..), &mut lse.slice_mut(..), &p))
+                    time_us(rt, || cuda::forward(kernel, s, &rt.modules, Half::Bf16, &q.slice(..), &k.slice(..), &v.slice(..), None, &mut o.slice_mut(..), &mut lse.slice_mut(..), &p))
                 };
                 let (us, pipe_us) = (fwd(cuda::FwdKernel::Sync)?, fwd(cuda::FwdKernel::Pipelined)?);
                 let bwd_us = time_us(rt, || {

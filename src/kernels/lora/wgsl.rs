@@ -152,21 +152,6 @@ pub(crate) fn product(
     product_flags(device, kernels, enc, a, b, c, mnk, s, Types::F32, 0)
 }
 
-/// `c[m, n] += s · op(a)[m, k] · op(b)[k, n]`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn product_acc(
-    device: &wgpu::Device,
-    kernels: &KernelCache,
-    enc: &mut wgpu::CommandEncoder,
-    a: (&wgpu::Buffer, [u32; 2]),
-    b: (&wgpu::Buffer, [u32; 2]),
-    c: &wgpu::Buffer,
-    mnk: (usize, usize, usize),
-    s: f32,
-) -> Result<()> {
-    product_flags(device, kernels, enc, a, b, c, mnk, s, Types::F32, FLAG_ACCUMULATE)
-}
-
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn product_flags(
     device: &wgpu::Device,
