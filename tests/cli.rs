@@ -298,3 +298,18 @@ fn finetune_on_wgpu_follows_the_cpu() {
     assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "final train loss: cpu {a} vs wgpu {b}");
 
 }
+
+#[test]
+fn bench_step_reports_tokens_per_second_on_every_device() {
+    for dev in common::devices() {
+        let d = dev.to_string();
+        let (ok, out, err) = tuna(&["bench-step", "--device", &d, "--batch", "1", "--seq", "8", "--steps", "2", "--warmup", "0", "--rank", "4"]);
+        assert!(ok, "bench-step on {d}: {err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["step_seconds"].as_array().unwrap().len(), 2, "{v}");
+        assert!(v["tokens_per_second"].as_f64().unwrap() > 0.0, "{v}");
+        assert_eq!((v["device"].as_str().unwrap(), v["rank"].as_u64().unwrap(), v["seq"].as_u64().unwrap()), (d.as_str(), 4, 8));
+    }
+    let (ok, _, err) = tuna(&["bench-step", "--device", "tpu"]);
+    assert!(!ok && err.contains("tpu"), "an unknown device is named: {err}");
+}

@@ -215,6 +215,17 @@ pub fn demo(a: DemoArgs) -> CliResult {
     Ok(())
 }
 
+/// The model `bench-step` trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchPreset {
+    /// The `tools/bench-vs-torch` configuration: a random 33.7M Llama (hidden 512, 8 layers,
+    /// vocab 8192), default batch 4 × 128, rank 8.
+    Small,
+    /// Issue 8's end-to-end case: a random Llama-3.2-1B shape (hidden 2048, 16 layers, 32 heads,
+    /// 8 KV heads, intermediate 8192, vocab 128256, tied head), default batch 4 × 2048, rank 16.
+    Llama1b,
+}
+
 #[derive(Args)]
 pub struct BenchStepArgs {
     #[arg(long, default_value_t = 5)]
@@ -227,19 +238,43 @@ pub struct BenchStepArgs {
     /// Recompute each decoder layer in the backward (see `finetune --checkpoint-layers`).
     #[arg(long)]
     checkpoint_layers: bool,
+    #[arg(long, value_enum, default_value_t = BenchPreset::Small)]
+    preset: BenchPreset,
+    /// cpu or wgpu[:N] (f32 on both).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Sequences per step (default: the preset's).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Tokens per sequence (default: the preset's).
+    #[arg(long)]
+    seq: Option<usize>,
+    /// LoRA rank on every linear (default: the preset's; alpha = 2 × rank).
+    #[arg(long)]
+    rank: Option<usize>,
 }
 
-/// `tuna bench-step`: times LoRA training steps of the `tools/bench-vs-torch` configuration
-/// (a random 33.7M Llama, batch 4 × 128, rank 8 on every linear) and prints
-/// `{"step_seconds": [...]}`.
+/// `tuna bench-step`: times LoRA training steps of a random model (`--preset`) on `--device`
+/// and prints `{"step_seconds": [...], "tokens_per_second": median, ...}`.
 pub fn bench_step(a: BenchStepArgs) -> CliResult {
-    let model = Llama::random(LlamaConfig::llama(8192, 512, 1376, 8, 8, 8), 0).map_err(err)?;
+    let (config, batch, seq, rank) = match a.preset {
+        BenchPreset::Small => (LlamaConfig::llama(8192, 512, 1376, 8, 8, 8), 4, 128, 8),
+        BenchPreset::Llama1b => {
+            let mut c = LlamaConfig::llama(128_256, 2048, 8192, 16, 32, 8);
+            c.tie_word_embeddings = true;
+            (c, 4, 2048, 16)
+        }
+    };
+    let (batch, seq, rank) = (a.batch.unwrap_or(batch), a.seq.unwrap_or(seq), a.rank.unwrap_or(rank));
+    let device: tuna::Device = a.device.parse().map_err(err)?;
+    let vocab = config.vocab_size;
+    let model = Llama::random(config, 0).map_err(err)?.to_device(&device).map_err(err)?;
     let mut rng = Rng::new(1);
     let seqs: Vec<Sequence> =
-        (0..4).map(|_| Sequence { ids: (0..128).map(|_| rng.below(8192) as u32).collect(), mask: vec![true; 128], starts: Vec::new() }).collect();
+        (0..batch).map(|_| Sequence { ids: (0..seq).map(|_| rng.below(vocab) as u32).collect(), mask: vec![true; seq], starts: Vec::new() }).collect();
     let cfg = TrainConfig {
-        method: Method::Lora(LoraConfig { r: 8, alpha: 16.0, ..Default::default() }),
-        batch_size: 4,
+        method: Method::Lora(LoraConfig { r: rank, alpha: 2.0 * rank as f32, ..Default::default() }),
+        batch_size: batch,
         max_steps: Some(a.warmup + a.steps),
         shards: a.cpu_shards,
         checkpoint_layers: a.checkpoint_layers,
@@ -254,6 +289,13 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
-    println!("{}", json!({ "step_seconds": times }));
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    println!(
+        "{}",
+        json!({ "step_seconds": times, "tokens_per_second": (batch * seq) as f64 / median, "device": device.to_string(),
+                "preset": format!("{:?}", a.preset), "batch": batch, "seq": seq, "rank": rank })
+    );
     Ok(())
 }

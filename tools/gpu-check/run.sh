@@ -6,7 +6,8 @@
 # Finds libnvrtc (CUDA_HOME, a pip CUDA 13 wheel, or the system) so the NVRTC cases run, runs
 # the prepared gpu-check binary (built elsewhere with `cargo build --release --bin gpu-check`),
 # then, where PyTorch with CUDA is present, the same benchmark shapes in PyTorch for the
-# side-by-side figures, and PyTorch + PEFT's end-to-end fine-tuning step (e2e_torch.py).
+# side-by-side figures, PyTorch + PEFT's end-to-end fine-tuning step (e2e_torch.py), and with
+# TUNA_BIN=path/to/tuna tuna's own end-to-end step on wgpu.
 # Reports land in OUT_DIR (default ./gpu-check-out).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -45,5 +46,21 @@ if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   fi
 else
   echo "PyTorch with CUDA not found: no side-by-side baseline"
+fi
+# tuna's side of the end-to-end case, on wgpu (Vulkan; f32): with TUNA_BIN set to a release
+# `tuna` binary and a Vulkan loader with the GPU's driver present. (The model is not wired to
+# CUDA yet.)
+if [ -n "${TUNA_BIN:-}" ]; then
+  if "$TUNA_BIN" devices 2>/dev/null | grep -q '^wgpu'; then
+    echo
+    for shape in "4 2048" "8 512"; do
+      set -- $shape
+      echo "tuna bench-step --device wgpu --preset llama1b --batch $1 --seq $2"
+      "$TUNA_BIN" bench-step --device wgpu --preset llama1b --batch "$1" --seq "$2" --steps 3 --warmup 1 \
+        | tee -a "$out/e2e-tuna-wgpu.jsonl" || echo "tuna e2e on wgpu failed for $1 x $2"
+    done
+  else
+    echo "TUNA_BIN set but no wgpu adapter (a Vulkan loader and the GPU's ICD are needed): no tuna e2e row"
+  fi
 fi
 exit $status
