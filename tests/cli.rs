@@ -309,6 +309,11 @@ fn bench_step_reports_tokens_per_second_on_every_device() {
         assert_eq!(v["step_seconds"].as_array().unwrap().len(), 2, "{v}");
         assert!(v["tokens_per_second"].as_f64().unwrap() > 0.0, "{v}");
         assert_eq!((v["device"].as_str().unwrap(), v["rank"].as_u64().unwrap(), v["seq"].as_u64().unwrap()), (d.as_str(), 4, 8));
+        if let tuna::Device::Wgpu(_) = dev {
+            let live = v["device_memory"]["peak_live_bytes"].as_u64().unwrap();
+            // At least the model's f32 weights (33.7M parameters) were in use at once.
+            assert!(live >= 4 * 33_000_000 && v["device_memory"]["peak_held_bytes"].as_u64().unwrap() >= live, "{v}");
+        }
     }
     let (ok, _, err) = tuna(&["bench-step", "--device", "tpu"]);
     assert!(!ok && err.contains("tpu"), "an unknown device is named: {err}");

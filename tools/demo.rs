@@ -255,7 +255,8 @@ pub struct BenchStepArgs {
 }
 
 /// `tuna bench-step`: times LoRA training steps of a random model (`--preset`) on `--device`
-/// and prints `{"step_seconds": [...], "tokens_per_second": median, ...}`.
+/// and prints `{"step_seconds": [...], "tokens_per_second": median, ...}`, with the wgpu
+/// buffer pool's peak memory on wgpu (`device_memory`).
 pub fn bench_step(a: BenchStepArgs) -> CliResult {
     let (config, batch, seq, rank) = match a.preset {
         BenchPreset::Small => (LlamaConfig::llama(8192, 512, 1376, 8, 8, 8), 4, 128, 8),
@@ -281,6 +282,10 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
         ..Default::default()
     };
     let mut trainer = Trainer::new(model, cfg, seqs, 0).map_err(err)?;
+    let wgpu_rt = match device {
+        tuna::Device::Wgpu(i) => Some(tuna::device::wgpu::runtime(i).map_err(err)?),
+        _ => None,
+    };
     let mut times = Vec::new();
     for i in 0..a.warmup + a.steps {
         let t0 = std::time::Instant::now();
@@ -292,10 +297,15 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+    // On wgpu, the buffer pool's peak: the tensors in use at once, and all it holds.
+    let memory = wgpu_rt.map(|rt| {
+        let m = rt.memory();
+        json!({ "peak_live_bytes": m.peak_live, "peak_held_bytes": m.peak_held })
+    });
     println!(
         "{}",
         json!({ "step_seconds": times, "tokens_per_second": (batch * seq) as f64 / median, "device": device.to_string(),
-                "preset": format!("{:?}", a.preset), "batch": batch, "seq": seq, "rank": rank })
+                "preset": format!("{:?}", a.preset), "batch": batch, "seq": seq, "rank": rank, "device_memory": memory })
     );
     Ok(())
 }

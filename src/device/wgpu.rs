@@ -4,6 +4,7 @@
 //! buffers so that an op's temporaries do not hit the allocator every call.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use wgpu::util::DeviceExt;
@@ -126,10 +127,37 @@ impl KernelCache {
     }
 }
 
-/// Storage buffers kept for reuse, by size class (powers of two from 256 bytes).
+/// Storage buffers kept for reuse, by size class (powers of two from 256 bytes), and the
+/// bytes they account for.
 #[derive(Default)]
 struct Pool {
     free: Mutex<HashMap<u64, Vec<wgpu::Buffer>>>,
+    /// Bytes of pool buffers handed out and not yet dropped, and their peak.
+    live: AtomicU64,
+    peak_live: AtomicU64,
+    /// Bytes of every pool buffer that exists (handed out or kept for reuse), and their peak:
+    /// the pool's device memory.
+    held: AtomicU64,
+    peak_held: AtomicU64,
+}
+
+impl Pool {
+    fn add(now: &AtomicU64, peak: &AtomicU64, bytes: u64) {
+        let v = now.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        peak.fetch_max(v, Ordering::Relaxed);
+    }
+}
+
+/// Device memory in tuna's storage-buffer pool (tensors and scratch; uniforms and a few small
+/// kernel-private buffers are not counted), in bytes of whole size classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// In use now, and the most in use at once since the last `reset_peak_memory`.
+    pub live: u64,
+    pub peak_live: u64,
+    /// Allocated from the device now (in use or kept for reuse), and its peak.
+    pub held: u64,
+    pub peak_held: u64,
 }
 
 const POOL_KEEP_PER_CLASS: usize = 8;
@@ -149,10 +177,14 @@ impl PooledBuffer {
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
         if let (Some(buf), Some(pool)) = (self.buffer.take(), self.pool.upgrade()) {
+            let size = buf.size();
+            pool.live.fetch_sub(size, Ordering::Relaxed);
             let mut free = pool.free.lock().expect("pool poisoned");
-            let class = free.entry(buf.size()).or_default();
+            let class = free.entry(size).or_default();
             if class.len() < POOL_KEEP_PER_CLASS {
                 class.push(buf);
+            } else {
+                pool.held.fetch_sub(size, Ordering::Relaxed);
             }
         }
     }
@@ -205,7 +237,9 @@ impl WgpuRuntime {
     pub fn alloc(&self, bytes: usize) -> PooledBuffer {
         let class = (bytes.max(256) as u64).next_power_of_two();
         let reused = self.pool.free.lock().expect("pool poisoned").get_mut(&class).and_then(|v| v.pop());
+        Pool::add(&self.pool.live, &self.pool.peak_live, class);
         let buffer = reused.unwrap_or_else(|| {
+            Pool::add(&self.pool.held, &self.pool.peak_held, class);
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("tuna storage"),
                 size: class,
@@ -214,6 +248,20 @@ impl WgpuRuntime {
             })
         });
         PooledBuffer { buffer: Some(buffer), pool: Arc::downgrade(&self.pool) }
+    }
+
+    /// The pool's memory now and at its peaks.
+    pub fn memory(&self) -> MemoryStats {
+        let p = &self.pool;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        MemoryStats { live: get(&p.live), peak_live: get(&p.peak_live), held: get(&p.held), peak_held: get(&p.peak_held) }
+    }
+
+    /// Starts the peaks over from the present values.
+    pub fn reset_peak_memory(&self) {
+        let p = &self.pool;
+        p.peak_live.store(p.live.load(Ordering::Relaxed), Ordering::Relaxed);
+        p.peak_held.store(p.held.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     /// A zero-filled storage buffer.
