@@ -85,6 +85,34 @@ fn add_and_scale_match_the_cpu_bit_for_bit_on_every_device() {
 }
 
 #[test]
+fn cast_passes_the_gradient_back_in_the_source_dtype() {
+    // x (f32, trained) -> f16 -> scale by 3 (in f16 on wgpu; on the CPU back in f32 first) ->
+    // f32, seeded with dy = 1: dx = 3 everywhere, in f32, and the forward equals the
+    // f16-rounded values.
+    use tuna::{ops, Tape};
+    let vals: Vec<f32> = (0..37).map(|i| 0.1 * i as f32 - 1.7).collect();
+    for dev in common::devices() {
+        let half_math = matches!(dev, Device::Wgpu(i) if tuna::device::wgpu::runtime(i).unwrap().has_f16());
+        let tape = Tape::new();
+        let x = tape.param(&Tensor::from_slice(&vals, [37], &dev).unwrap());
+        let h = ops::cast(&x, DType::F16).unwrap();
+        assert_eq!(h.dtype(), DType::F16);
+        let y = if half_math { ops::cast(&ops::scale(&h, 3.0).unwrap(), DType::F32).unwrap() } else { ops::scale(&ops::cast(&h, DType::F32).unwrap(), 3.0).unwrap() };
+        let want: Vec<f32> = vals.iter().map(|&v| half::f16::from_f32(3.0 * half::f16::from_f32(v).to_f32()).to_f32()).collect();
+        let got = y.to_vec_f32().unwrap();
+        if half_math {
+            assert_eq!(got, want, "f16 forward on {dev}");
+        }
+        // dy = 1 everywhere (sum's gradient; `sum` itself has no wgpu kernel).
+        let g = tape.backward_from(&y, &Tensor::from_slice(&[1.0f32; 37], [37], &dev).unwrap()).unwrap();
+        let dx = g.get(&x).expect("x has a gradient");
+        assert_eq!(dx.dtype(), DType::F32, "the gradient comes back in x's dtype on {dev}");
+        assert_eq!(dx.to_vec_f32().unwrap(), vec![3.0; 37], "dx on {dev}");
+        assert!(ops::cast(&x, DType::F32).unwrap().id() == x.id(), "same dtype: the identity");
+    }
+}
+
+#[test]
 fn rope_matches_reference_on_every_device() {
     // (tokens, heads, D, positions below): D = 2 and odd D/2, heads * D/2 around the 256-wide
     // workgroup, Llama's D = 64 and 128, positions up to long-context lengths.

@@ -27,7 +27,7 @@ pub use loss::{cross_entropy, linear_cross_entropy};
 pub use nn::{embedding, rmsnorm, rmsnorm_backward, rmsnorm_forward, RmsNormOutput};
 pub use pointwise::{add, mul, scale, silu, swiglu};
 pub use reduce::{mean, softmax, sum};
-pub use shape::reshape;
+pub use shape::{cast, reshape};
 pub use sparse::sparse_linear;
 
 use crate::{DType, Error, Result, Tensor};
