@@ -341,7 +341,7 @@ fn training_on_wgpu_follows_the_cpu_loss_curve() {
             let run = |model: Llama| {
                 let mut c = cfg(method.clone(), 4, 2);
                 c.lr = if *method == Method::Full { 3e-3 } else { 2e-2 };
-                c.optimizer = optimizer.clone();
+                c.optimizer = *optimizer;
                 let mut t = Trainer::new(model, c, data(16, 6), 0).unwrap();
                 let losses: Vec<f32> = (0..t.total_steps().min(5)).map(|_| t.train_step().unwrap().loss).collect();
                 // On wgpu the masters and the optimizer state live on the device; this copies
@@ -381,7 +381,7 @@ fn resume_on_wgpu_is_exact() {
     // to exactly the same losses.
     for dev in common::devices().into_iter().filter(|d| matches!(d, tuna::Device::Wgpu(_))) {
         for optimizer in [OptimizerConfig::AdamW(Default::default()), sm3()] {
-            let c = TrainConfig { optimizer: optimizer.clone(), ..cfg(lora(0.0), 4, 1) };
+            let c = TrainConfig { optimizer, ..cfg(lora(0.0), 4, 1) };
             let mut full = Trainer::new(base().to_device(&dev).unwrap(), c.clone(), data(16, 8), 0).unwrap();
             let uninterrupted: Vec<f32> = (0..4).map(|_| full.train_step().unwrap().loss).collect();
             let dir = tmp(&format!("resume-{dev}-{}", optimizer.name()).replace(':', "-"));

@@ -430,6 +430,7 @@ pub mod wgsl {
         ((p.cols as u32).div_ceil(WG), (p.rows as u32).min(MAX_GRID_Y), 1)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn run(
         device: &wgpu::Device,
         queue: &wgpu::Queue,
