@@ -70,6 +70,9 @@ pub enum Storage {
     Cpu(CpuStorage),
     Cuda { rt: Arc<cuda::CudaRuntime>, buf: CudaSlice<u8> },
     Wgpu { rt: Arc<wg::WgpuRuntime>, buf: wg::PooledBuffer },
+    /// A frozen NF4 weight on a wgpu device: the buffers the NF4 kernels read, and the host
+    /// copy that downloads and dequantization read (the weight never changes, so they agree).
+    WgpuNf4 { rt: Arc<wg::WgpuRuntime>, host: Arc<Nf4Tensor>, buffers: Arc<nf4::wgsl::Nf4Buffers> },
 }
 
 pub(crate) struct Inner {
@@ -158,7 +161,7 @@ impl Tensor {
     /// The quantized weight of an NF4 tensor.
     pub fn as_nf4(&self) -> Option<&Arc<Nf4Tensor>> {
         match self.storage() {
-            Storage::Cpu(CpuStorage::Nf4(q)) => Some(q),
+            Storage::Cpu(CpuStorage::Nf4(q)) | Storage::WgpuNf4 { host: q, .. } => Some(q),
             _ => None,
         }
     }
@@ -253,6 +256,7 @@ impl Tensor {
             Storage::Cpu(s) => Ok(s.as_bytes().to_vec()),
             Storage::Cuda { rt, buf } => rt.download(buf, n),
             Storage::Wgpu { rt, buf } => rt.download(buf.buffer(), n),
+            Storage::WgpuNf4 { .. } => Err(Error::UnsupportedDType { op: "to_bytes", dtype: DType::NF4 }),
         }
     }
 
@@ -291,6 +295,19 @@ impl Tensor {
         if self.device() == *device {
             return Ok(self.clone());
         }
+        if let Some(q) = self.as_nf4() {
+            // NF4 moves as its quantized parts (the host copy stays beside the device buffers).
+            let storage = match *device {
+                Device::Cpu => Storage::Cpu(CpuStorage::Nf4(q.clone())),
+                Device::Wgpu(i) => {
+                    let rt = wg::runtime(i)?;
+                    let buffers = Arc::new(nf4::wgsl::upload(&rt.device, q)?);
+                    Storage::WgpuNf4 { rt, host: q.clone(), buffers }
+                }
+                Device::Cuda(_) => return Err(Error::Unsupported { op: "NF4 weight on this device (CPU and wgpu so far)", device: *device }),
+            };
+            return Ok(Self::from_storage(storage, self.shape().clone(), DType::NF4, *device));
+        }
         Tensor::from_bytes(&self.to_bytes()?, self.dtype(), self.shape().clone(), device)
     }
 
@@ -312,6 +329,8 @@ impl Tensor {
                 rt.queue.submit([enc.finish()]);
                 Storage::Wgpu { rt: rt.clone(), buf: dst }
             }
+            // Frozen and immutable: the copy shares the quantized parts.
+            Storage::WgpuNf4 { rt, host, buffers } => Storage::WgpuNf4 { rt: rt.clone(), host: host.clone(), buffers: buffers.clone() },
         };
         Ok(Tensor::from_storage(storage, self.shape().clone(), self.dtype(), self.device()))
     }
@@ -324,7 +343,7 @@ impl Tensor {
             return Ok(self.clone());
         }
         if self.dtype() == DType::NF4 && dtype == DType::F32 {
-            return Tensor::from_vec(self.to_vec_f32()?, self.shape().clone());
+            return Tensor::from_vec(self.to_vec_f32()?, self.shape().clone())?.to_device(&self.device());
         }
         if !dtype.is_float() || !self.dtype().is_float() {
             return Err(Error::DTypeMismatch { op: "to_dtype", lhs: self.dtype(), rhs: dtype });
@@ -332,9 +351,10 @@ impl Tensor {
         let (n, from) = (self.elem_count(), self.dtype());
         let bytes = n * dtype.size_in_bytes();
         let storage = match self.storage() {
-            Storage::Cpu(_) => {
+            Storage::Cpu(_) | Storage::WgpuNf4 { .. } => {
+                // (Not reached by NF4, which converts to f32 only, above.)
                 let out = cast::cpu::narrow(&self.to_vec_f32()?, dtype);
-                return Tensor::from_bytes(&out, dtype, self.shape().clone(), &Device::Cpu);
+                return Tensor::from_bytes(&out, dtype, self.shape().clone(), &self.device());
             }
             Storage::Wgpu { rt, buf } => {
                 let out = rt.alloc(bytes.next_multiple_of(4));

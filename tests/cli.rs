@@ -270,6 +270,13 @@ fn perplexity_on_an_nf4_base_matches_the_library() {
     let (quantized, f32_loss) = (model.loss(&ids, None).unwrap().to_scalar().unwrap() as f64, full.loss(&ids, None).unwrap().to_scalar().unwrap() as f64);
     assert!((v["mean_loss"].as_f64().unwrap() - quantized).abs() < 1e-5, "{v} vs {quantized}");
     assert!(quantized != f32_loss, "quantization should change the loss a little");
+    // On wgpu the NF4 base stays quantized on the device (nf4_gemm.wgsl): the same loss.
+    for dev in common::devices().into_iter().filter(|d| matches!(d, tuna::Device::Wgpu(_))) {
+        let (ok, out, err) = tuna(&["perplexity", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--nf4", "--json", "--device", &dev.to_string()]);
+        assert!(ok, "{err}");
+        let w: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert!((w["mean_loss"].as_f64().unwrap() - quantized).abs() < 1e-5, "{dev}: {w} vs {quantized}");
+    }
 }
 
 #[test]

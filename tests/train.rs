@@ -332,9 +332,18 @@ fn qlora_quantizes_the_base_and_trains_the_adapters() {
 
 #[test]
 fn training_on_wgpu_follows_the_cpu_loss_curve() {
-    // AdamW, and SM3 with and without momentum: the optimizer state stays on the device too.
+    // AdamW, and SM3 with and without momentum: the optimizer state stays on the device too;
+    // and QLoRA, whose NF4 base stays on the device.
     let no_momentum = OptimizerConfig::Sm3(Sm3Config { beta1: 0.0, ..Default::default() });
-    let runs = [(lora(0.0), OptimizerConfig::AdamW(Default::default())), (Method::Full, OptimizerConfig::AdamW(Default::default())), (lora(0.0), sm3()), (Method::Full, no_momentum)];
+    let qlora = Method::Qlora(LoraConfig { r: 4, alpha: 8.0, ..Default::default() });
+    let runs = [
+        (lora(0.0), OptimizerConfig::AdamW(Default::default())),
+        (Method::Full, OptimizerConfig::AdamW(Default::default())),
+        (lora(0.0), sm3()),
+        (Method::Full, no_momentum),
+        // QLoRA: the NF4 base quantized on the host, then kept on the device (nf4_gemm.wgsl).
+        (qlora, OptimizerConfig::AdamW(Default::default())),
+    ];
     for dev in common::devices().into_iter().filter(|d| matches!(d, tuna::Device::Wgpu(_))) {
         for (method, optimizer) in &runs {
             let what = format!("{} with {}", method.name(), optimizer.name());

@@ -53,6 +53,10 @@ impl Linear {
             let dropout = dropout_seed.filter(|_| l.dropout > 0.0).map(|seed| ops::Dropout { p: l.dropout, seed });
             return ops::lora_linear(x, &self.weight, self.bias.as_ref(), &l.a, &l.b, l.scale, dropout);
         }
+        // An NF4 weight on a GPU is read by the linear kernels (dequantized in their tile loads).
+        if self.weight.dtype() == DType::NF4 && self.weight.device() != Device::Cpu {
+            return Ok(ops::linear_group(x, &[self.part(None)])?.remove(0));
+        }
         let y = ops::matmul(x, &self.weight, false, true)?;
         match &self.bias {
             Some(b) => ops::add(&y, b),
@@ -378,13 +382,12 @@ impl Llama {
             if lin.weight.dtype() == DType::NF4 {
                 continue;
             }
-            if lin.weight.device() != Device::Cpu {
-                return Err(Error::Unsupported { op: "quantize_nf4", device: lin.weight.device() });
-            }
+            // Quantized on the host (bitsandbytes' algorithm, `nf4::cpu`), then back where the
+            // weight was (wgpu keeps the quantized parts in device buffers).
             let q = crate::kernels::nf4::cpu::quantize(&lin.weight.to_vec_f32()?);
             n += q.len;
             bytes += q.bytes();
-            lin.weight = Tensor::from_nf4(q, lin.weight.shape().clone())?;
+            lin.weight = Tensor::from_nf4(q, lin.weight.shape().clone())?.to_device(&lin.weight.device())?;
         }
         Ok((n, bytes))
     }
@@ -468,8 +471,8 @@ impl Llama {
             return Err(Error::InvalidArgument(format!("sparse deltas run on the CPU only; merge them (tuna merge --deltas) to use {device}")));
         }
         m.map_parameters(|name, t| {
-            if t.dtype() == DType::NF4 && *device != Device::Cpu {
-                return Err(Error::InvalidArgument(format!("{name}: NF4 weights run on the CPU only so far (load without --nf4 to use {device})")));
+            if t.dtype() == DType::NF4 && matches!(device, Device::Cuda(_)) {
+                return Err(Error::InvalidArgument(format!("{name}: NF4 weights run on the CPU and wgpu so far (load without --nf4 to use {device})")));
             }
             t.to_device(device)
         })?;

@@ -185,7 +185,16 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
 /// the part has no adapter), and the backward is the same kernels' (`lora::wgsl::backward`:
 /// dA, dB and each part's dX, summed in part order on the device). LoRA dropout draws the
 /// CPU's mask on the device (`dropout.wgsl`); with it, the launcher's dX is
-/// `dY·W + s·(dY·B·A) ∘ mask/(1-p)`.
+/// `dY·W + s·(dY·B·A) ∘ mask/(1-p)`. A frozen NF4 weight (QLoRA) runs `nf4_gemm.wgsl`, W
+/// dequantized in the tile loads (no dropout there yet).
+/// The device buffers of a frozen NF4 weight on wgpu (QLoRA), read by `nf4_gemm.wgsl`.
+fn nf4_buffers(w: &Tensor) -> Option<std::sync::Arc<crate::kernels::nf4::wgsl::Nf4Buffers>> {
+    match w.storage() {
+        crate::tensor::Storage::WgpuNf4 { buffers, .. } => Some(buffers.clone()),
+        _ => None,
+    }
+}
+
 fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]) -> Result<Vec<Tensor>> {
     use crate::kernels::lora::wgsl;
     use crate::ops::gpu::{wgpu_buf, wgpu_output};
@@ -206,7 +215,14 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
     let mut outs = Vec::with_capacity(parts.len());
     let mut xas = Vec::with_capacity(parts.len());
     for (part, &p) in parts.iter().zip(params) {
-        expect_dtype(OP, part.weight, dt)?;
+        let w_nf4 = nf4_buffers(part.weight);
+        if w_nf4.is_some() {
+            if part.dropout.is_some_and(|d| d.p > 0.0) {
+                return Err(Error::InvalidArgument("linear: an NF4 weight on wgpu takes no LoRA dropout yet (use --lora-dropout 0, or the CPU)".into()));
+            }
+        } else {
+            expect_dtype(OP, part.weight, dt)?;
+        }
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("rank >= 2") = p.n;
         let y = wgpu_output(rt, shape, dt);
@@ -227,7 +243,10 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
             _ => None,
         };
         let xl = drop.as_ref().map_or(xb, |(b, _)| b.buffer());
-        wgsl::forward(&rt.device, &rt.queue, &rt.kernels, xb, xl, wgpu_buf(part.weight).1, bias, a, b, wgpu_buf(&y).1, xa.buffer(), p, pr)?;
+        match &w_nf4 {
+            Some(wq) => crate::kernels::nf4::wgsl::lora_forward(&rt.device, &rt.queue, &rt.kernels, xb, xl, wq, bias, a, b, wgpu_buf(&y).1, xa.buffer(), p)?,
+            None => wgsl::forward(&rt.device, &rt.queue, &rt.kernels, xb, xl, wgpu_buf(part.weight).1, bias, a, b, wgpu_buf(&y).1, xa.buffer(), p, pr)?,
+        }
         outs.push(y);
         xas.push((xa, drop));
     }
@@ -263,7 +282,10 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
             let xl = drop.as_ref().map_or(xb, |(b, _)| b.buffer());
             let dxb = dxi.as_ref().map(|t| wgpu_buf(t).1);
             let dropout = drop.as_ref().map(|(_, d)| (d.p, d.seed));
-            wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xl, xa.buffer(), wgpu_buf(w).1, a, b, dab, dbb, dxb, dropout, *p, wgsl::Precision::F32)?;
+            match nf4_buffers(w) {
+                Some(wq) => crate::kernels::nf4::wgsl::lora_backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xl, xa.buffer(), &wq, a, b, dab, dbb, dxb, *p)?,
+                None => wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xl, xa.buffer(), wgpu_buf(w).1, a, b, dab, dbb, dxb, dropout, *p, wgsl::Precision::F32)?,
+            }
             debug_assert_eq!(sx.elem_count(), m * k);
             if let Some(dxi) = dxi {
                 dx = Some(match dx {
