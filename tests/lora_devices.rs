@@ -66,6 +66,10 @@ fn lora_with_dropout_matches_reference() {
             let dtype = if matches!(dev, Device::Cuda(_)) { DType::BF16 } else { DType::F32 };
             let case = LoraCase { dtype, dropout: Some((p, 0x5eed + i as u64)), ..case(m, n, k, r, i % 2 == 0, i as u64) };
             check_lora(dev, case).unwrap_or_else(|e| panic!("{e}"));
+            // QLoRA with dropout: the CPU and wgpu (the CUDA NF4 launchers take none yet).
+            if !matches!(dev, Device::Cuda(_)) {
+                check_nf4_lora(dev, case).unwrap_or_else(|e| panic!("{e}"));
+            }
         }
     }
 }

@@ -335,13 +335,14 @@ fn training_on_wgpu_follows_the_cpu_loss_curve() {
     // AdamW, and SM3 with and without momentum: the optimizer state stays on the device too;
     // and QLoRA, whose NF4 base stays on the device.
     let no_momentum = OptimizerConfig::Sm3(Sm3Config { beta1: 0.0, ..Default::default() });
-    let qlora = Method::Qlora(LoraConfig { r: 4, alpha: 8.0, ..Default::default() });
+    let qlora = Method::Qlora(LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..Default::default() });
     let runs = [
         (lora(0.0), OptimizerConfig::AdamW(Default::default())),
         (Method::Full, OptimizerConfig::AdamW(Default::default())),
         (lora(0.0), sm3()),
         (Method::Full, no_momentum),
-        // QLoRA: the NF4 base quantized on the host, then kept on the device (nf4_gemm.wgsl).
+        // QLoRA with dropout: the NF4 base quantized on the host, then kept on the device
+        // (nf4_gemm.wgsl); the same dropout masks on both devices.
         (qlora, OptimizerConfig::AdamW(Default::default())),
     ];
     for dev in common::devices().into_iter().filter(|d| matches!(d, tuna::Device::Wgpu(_))) {
@@ -351,6 +352,9 @@ fn training_on_wgpu_follows_the_cpu_loss_curve() {
                 let mut c = cfg(method.clone(), 4, 2);
                 c.lr = if *method == Method::Full { 3e-3 } else { 2e-2 };
                 c.optimizer = *optimizer;
+                // One shard on the CPU too: a shard draws its own dropout masks, and wgpu runs
+                // each micro-batch as one.
+                c.shards = 1;
                 let mut t = Trainer::new(model, c, data(16, 6), 0).unwrap();
                 let losses: Vec<f32> = (0..t.total_steps().min(5)).map(|_| t.train_step().unwrap().loss).collect();
                 // On wgpu the masters and the optimizer state live on the device; this copies

@@ -318,7 +318,8 @@ pub mod wgsl {
     }
 
     /// Backward with W in NF4: `da`, `db` as `lora::wgsl::backward`, and when `dx` is given
-    /// `dx = dy·w + s·(dy·b)·a` with W dequantized in the tile loads.
+    /// `dx = dy·w + s·(dy·b)·a` with W dequantized in the tile loads, or with `dropout` (the
+    /// forward's `(p, seed)`) `dx = dy·w + s·((dy·b)·a) ∘ mask / (1 - p)` as `lora::wgsl` does.
     pub fn lora_backward(
         device: &wgpu::Device,
         queue: &wgpu::Queue,
@@ -332,6 +333,7 @@ pub mod wgsl {
         da: &wgpu::Buffer,
         db: &wgpu::Buffer,
         dx: Option<&wgpu::Buffer>,
+        dropout: Option<(f32, u64)>,
         p: LoraParams,
     ) -> Result<()> {
         let op = "nf4_lora_bwd (wgsl)";
@@ -344,20 +346,32 @@ pub mod wgsl {
         let mut enc = device.create_command_encoder(&Default::default());
         let g = small_grads(device, kernels, &mut enc, dy, x_lora, xa, b, da, db, p, Precision::F32)?;
         if let Some(dx) = dx {
+            // With dropout the LoRA share goes apart: dY·W alone here (K2 = 0), (dY·B)·A below.
+            let (k2, base) = match dropout {
+                None => (r, None),
+                Some(_) => (0, Some(crate::kernels::lora::wgsl::scratch(device, m * k))),
+            };
             let u = GemmUniform {
                 m: m as u32,
                 n: k as u32,
                 k1: n as u32,
-                k2: r as u32,
+                k2: k2 as u32,
                 strides: [plain(n), plain(k), plain(r), plain(k)],
                 s1: 1.0,
                 s2: p.scale,
                 offset: w.offset,
                 ..Default::default()
             };
+            let out = base.as_ref().unwrap_or(dx);
             let mut bind = weight_bindings(w).to_vec();
-            bind.extend([(1, dy), (6, &g), (7, a), (8, dy), (9, dx)]);
+            bind.extend([(1, dy), (6, &g), (7, a), (8, dy), (9, out)]);
             pass(device, kernels, &mut enc, ("nf4_gemm::nf4_lora_gemm", SOURCE, "nf4_lora_gemm"), &u, &bind, tiles(m, k))?;
+            if let (Some(base), Some((pd, seed))) = (&base, dropout) {
+                let ga = crate::kernels::lora::wgsl::scratch(device, m * k);
+                product(device, kernels, &mut enc, (&g, plain(r)), (a, plain(k)), &ga, (m, k, r), 1.0)?;
+                queue.submit([enc.finish()]);
+                return crate::kernels::lora::wgsl::dropout(device, queue, kernels, base, Some((&ga, p.scale)), dx, m * k, pd, seed);
+            }
         }
         queue.submit([enc.finish()]);
         Ok(())

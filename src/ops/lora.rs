@@ -186,7 +186,7 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
 /// dA, dB and each part's dX, summed in part order on the device). LoRA dropout draws the
 /// CPU's mask on the device (`dropout.wgsl`); with it, the launcher's dX is
 /// `dY·W + s·(dY·B·A) ∘ mask/(1-p)`. A frozen NF4 weight (QLoRA) runs `nf4_gemm.wgsl`, W
-/// dequantized in the tile loads (no dropout there yet).
+/// dequantized in the tile loads.
 /// The device buffers of a frozen NF4 weight on wgpu (QLoRA), read by `nf4_gemm.wgsl`.
 fn nf4_buffers(w: &Tensor) -> Option<std::sync::Arc<crate::kernels::nf4::wgsl::Nf4Buffers>> {
     match w.storage() {
@@ -216,11 +216,7 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
     let mut xas = Vec::with_capacity(parts.len());
     for (part, &p) in parts.iter().zip(params) {
         let w_nf4 = nf4_buffers(part.weight);
-        if w_nf4.is_some() {
-            if part.dropout.is_some_and(|d| d.p > 0.0) {
-                return Err(Error::InvalidArgument("linear: an NF4 weight on wgpu takes no LoRA dropout yet (use --lora-dropout 0, or the CPU)".into()));
-            }
-        } else {
+        if w_nf4.is_none() {
             expect_dtype(OP, part.weight, dt)?;
         }
         let mut shape = x.dims().to_vec();
@@ -283,7 +279,7 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
             let dxb = dxi.as_ref().map(|t| wgpu_buf(t).1);
             let dropout = drop.as_ref().map(|(_, d)| (d.p, d.seed));
             match nf4_buffers(w) {
-                Some(wq) => crate::kernels::nf4::wgsl::lora_backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xl, xa.buffer(), &wq, a, b, dab, dbb, dxb, *p)?,
+                Some(wq) => crate::kernels::nf4::wgsl::lora_backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xl, xa.buffer(), &wq, a, b, dab, dbb, dxb, dropout, *p)?,
                 None => wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xl, xa.buffer(), wgpu_buf(w).1, a, b, dab, dbb, dxb, dropout, *p, wgsl::Precision::F32)?,
             }
             debug_assert_eq!(sx.elem_count(), m * k);
