@@ -35,19 +35,37 @@ fn sorted_files(dir: &Path, ext: &str) -> Vec<PathBuf> {
 }
 
 /// Parses and validates every shader; a bad one fails the build with file, line and message.
+/// A shader whose storage types are aliases (`alias T = f32;`) is also validated in its f16
+/// forms, each alias rewritten alone and all together, as `device::wgpu::f16_variant` makes
+/// them at run time, so they are checked on machines without an f16 adapter too.
 fn validate_wgsl(dir: &Path) {
     for path in sorted_files(dir, "wgsl") {
         let src = std::fs::read_to_string(&path).unwrap();
         let shown = path.display().to_string();
-        let module = match naga::front::wgsl::parse_str(&src) {
-            Ok(m) => m,
-            Err(e) => panic!("WGSL parse error\n{}", e.emit_to_string_with_path(&src, &shown)),
-        };
-        let mut validator =
-            naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all());
-        if let Err(e) = validator.validate(&module) {
-            panic!("WGSL validation error\n{}", e.emit_to_string_with_path(&src, &shown));
+        validate_one(&src, &shown);
+        let aliases: Vec<&str> = src.lines().filter_map(|l| l.trim().strip_prefix("alias ")?.strip_suffix(" = f32;")).collect();
+        let mut sets: Vec<Vec<&str>> = aliases.iter().map(|a| vec![*a]).collect();
+        if aliases.len() > 1 {
+            sets.push(aliases.clone());
         }
+        for set in sets {
+            let mut variant = src.clone();
+            for a in &set {
+                variant = variant.replacen(&format!("alias {a} = f32;"), &format!("alias {a} = f16;"), 1);
+            }
+            validate_one(&format!("enable f16;\n{variant}"), &format!("{shown} (f16 {})", set.join(", ")));
+        }
+    }
+}
+
+fn validate_one(src: &str, shown: &str) {
+    let module = match naga::front::wgsl::parse_str(src) {
+        Ok(m) => m,
+        Err(e) => panic!("WGSL parse error\n{}", e.emit_to_string_with_path(src, shown)),
+    };
+    let mut validator = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all());
+    if let Err(e) = validator.validate(&module) {
+        panic!("WGSL validation error\n{}", e.emit_to_string_with_path(src, shown));
     }
 }
 

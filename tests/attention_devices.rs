@@ -106,7 +106,7 @@ fn max_err64(got: &[f64], want: &[f64]) -> f64 {
 
 /// The precisions wgpu adapter `i` runs.
 fn precisions(i: usize) -> Vec<Precision> {
-    if runtime(i).unwrap().has_f16() {
+    if common::has_f16(Device::Wgpu(i)) {
         vec![Precision::F32, Precision::F16]
     } else {
         vec![Precision::F32]

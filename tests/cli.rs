@@ -43,7 +43,7 @@ fn generate_in_f16_on_wgpu_matches_the_library() {
     let m = fixture();
     let (ok, _, err) = tuna(&["generate", "--model", m.to_str().unwrap(), "--prompt", "The capital", "--f16"]);
     assert!(!ok && err.contains("--f16") && err.contains("wgpu"), "--f16 on the CPU is refused: {err}");
-    let dev = common::devices().into_iter().find(|d| matches!(*d, tuna::Device::Wgpu(i) if tuna::device::wgpu::runtime(i).unwrap().has_f16()));
+    let dev = common::devices().into_iter().find(|&d| common::has_f16(d));
     let Some(dev) = dev else { return };
     let model = tuna::nn::Llama::load(&m).unwrap().to_device(&dev).unwrap().to_dtype(tuna::DType::F16).unwrap();
     generate_matches(&model, &["--device", &dev.to_string(), "--f16"]);
@@ -76,7 +76,7 @@ fn perplexity_json_and_bad_lines() {
         let w: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
         assert!((w["mean_loss"].as_f64().unwrap() - loss).abs() < 1e-5, "wgpu {w} vs cpu {v}");
         // In f16 (activations rounded to f16 after each op): within 1% of the f32 loss.
-        if tuna::device::wgpu::runtime(0).unwrap().has_f16() {
+        if common::has_f16(tuna::Device::Wgpu(0)) {
             let (ok, out, err) = tuna(&["perplexity", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json", "--device", "wgpu", "--f16"]);
             assert!(ok, "{err}");
             let h: serde_json::Value = serde_json::from_str(out.trim()).unwrap();

@@ -19,7 +19,7 @@ fn fixture() -> Llama {
 }
 
 fn f16_adapters() -> Vec<Device> {
-    common::devices().into_iter().filter(|d| matches!(d, Device::Wgpu(i) if tuna::device::wgpu::runtime(*i).unwrap().has_f16())).collect()
+    common::devices().into_iter().filter(|&d| common::has_f16(d)).collect()
 }
 
 fn ids(b: usize, t: usize) -> Tensor {

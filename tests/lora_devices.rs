@@ -15,7 +15,7 @@ use tuna::{DType, Device};
 fn dtypes(dev: Device, nf4: bool) -> Vec<DType> {
     match dev {
         Device::Cuda(_) => vec![DType::BF16, DType::F16],
-        Device::Wgpu(i) if !nf4 && tuna::device::wgpu::runtime(i).unwrap().has_f16() => vec![DType::F32, DType::F16],
+        d if !nf4 && common::has_f16(d) => vec![DType::F32, DType::F16],
         _ => vec![DType::F32],
     }
 }

@@ -19,7 +19,7 @@ use tuna::{DType, Device, Tensor};
 fn dtypes(dev: Device) -> Vec<DType> {
     match dev {
         Device::Cuda(_) => vec![DType::F32, DType::BF16],
-        Device::Wgpu(i) if tuna::device::wgpu::runtime(i).unwrap().has_f16() => vec![DType::F32, DType::F16],
+        d if common::has_f16(d) => vec![DType::F32, DType::F16],
         _ => vec![DType::F32],
     }
 }
@@ -92,7 +92,7 @@ fn cast_passes_the_gradient_back_in_the_source_dtype() {
     use tuna::{ops, Tape};
     let vals: Vec<f32> = (0..37).map(|i| 0.1 * i as f32 - 1.7).collect();
     for dev in common::devices() {
-        let half_math = matches!(dev, Device::Wgpu(i) if tuna::device::wgpu::runtime(i).unwrap().has_f16());
+        let half_math = common::has_f16(dev);
         let tape = Tape::new();
         let x = tape.param(&Tensor::from_slice(&vals, [37], &dev).unwrap());
         let h = ops::cast(&x, DType::F16).unwrap();

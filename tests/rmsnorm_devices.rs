@@ -13,7 +13,7 @@ fn check(dev: Device, dtype: DType, rows: usize, cols: usize, seed: u64) -> Resu
 fn dtypes(dev: Device) -> Vec<DType> {
     match dev {
         Device::Cuda(_) => vec![DType::F32, DType::BF16],
-        Device::Wgpu(i) if tuna::device::wgpu::runtime(i).unwrap().has_f16() => vec![DType::F32, DType::F16],
+        d if common::has_f16(d) => vec![DType::F32, DType::F16],
         _ => vec![DType::F32],
     }
 }

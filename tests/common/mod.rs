@@ -18,7 +18,7 @@ pub fn devices() -> Vec<Device> {
     }
     if require("TUNA_REQUIRE_WGPU_F16") {
         assert!(
-            devs.iter().any(|d| matches!(d, Device::Wgpu(i) if tuna::device::wgpu::runtime(*i).is_ok_and(|rt| rt.has_f16()))),
+            devs.iter().any(|&d| has_f16(d)),
             "TUNA_REQUIRE_WGPU_F16=1 but no wgpu adapter has SHADER_F16: {:?}",
             tuna::device::wgpu::adapters()
         );
@@ -27,4 +27,9 @@ pub fn devices() -> Vec<Device> {
         assert!(devs.iter().any(|d| matches!(d, Device::Cuda(_))), "TUNA_REQUIRE_CUDA=1 but no CUDA device");
     }
     devs
+}
+
+/// Whether `dev` is a wgpu adapter with SHADER_F16 (where the f16 WGSL kernels run).
+pub fn has_f16(dev: Device) -> bool {
+    matches!(dev, Device::Wgpu(i) if tuna::device::wgpu::runtime(i).is_ok_and(|rt| rt.has_f16()))
 }
