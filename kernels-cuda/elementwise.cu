@@ -65,3 +65,31 @@ extern "C" __global__ void swiglu_bwd_packed_f32(const float* gu, const float* d
 extern "C" __global__ void swiglu_bwd_packed_bf16(const bf16_bits* gu, const bf16_bits* dy, bf16_bits* dgu, int M, int F) {
     swiglu_bwd<bf16_bits>(gu, gu, dy, dgu, dgu, M, F, F, 2 * F);
 }
+
+// ---- add, scale ---------------------------------------------------------------------------
+// add:      y[i] = a[i] + b[i % nb]   (b broadcast over a's leading dims; nb divides n)
+// scale:    y[i] = s * a[i]
+// scale_by: y[i] = s[0] * a[i]        (s a device scalar in f32: the loss gradient)
+// Storage f32 or bf16, math f32. Launch: a grid-stride loop over n elements, any grid.
+template <typename T>
+__device__ void add_body(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y, long n, long nb) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        Elem<T>::store(y, i, Elem<T>::load(a, i) + Elem<T>::load(b, nb == n ? i : i % nb));
+}
+
+template <typename T>
+__device__ void scale_body(const T* __restrict__ a, T* __restrict__ y, long n, float s) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        Elem<T>::store(y, i, s * Elem<T>::load(a, i));
+}
+
+extern "C" __global__ void add_f32(const float* a, const float* b, float* y, long n, long nb) { add_body<float>(a, b, y, n, nb); }
+extern "C" __global__ void add_bf16(const bf16_bits* a, const bf16_bits* b, bf16_bits* y, long n, long nb) {
+    add_body<bf16_bits>(a, b, y, n, nb);
+}
+extern "C" __global__ void scale_f32(const float* a, float* y, long n, float s) { scale_body<float>(a, y, n, s); }
+extern "C" __global__ void scale_bf16(const bf16_bits* a, bf16_bits* y, long n, float s) { scale_body<bf16_bits>(a, y, n, s); }
+extern "C" __global__ void scale_by_f32(const float* a, const float* s, float* y, long n) { scale_body<float>(a, y, n, s[0]); }
+extern "C" __global__ void scale_by_bf16(const bf16_bits* a, const float* s, bf16_bits* y, long n) {
+    scale_body<bf16_bits>(a, y, n, s[0]);
+}

@@ -240,7 +240,7 @@ pub struct BenchStepArgs {
     checkpoint_layers: bool,
     #[arg(long, value_enum, default_value_t = BenchPreset::Small)]
     preset: BenchPreset,
-    /// cpu or wgpu[:N] (f32 on both).
+    /// cpu, wgpu[:N] (f32 on both) or cuda[:N] (bf16, f32 adapters).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Sequences per step (default: the preset's).
@@ -269,7 +269,7 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
     let (batch, seq, rank) = (a.batch.unwrap_or(batch), a.seq.unwrap_or(seq), a.rank.unwrap_or(rank));
     let device: tuna::Device = a.device.parse().map_err(err)?;
     let vocab = config.vocab_size;
-    let model = Llama::random(config, 0).map_err(err)?.to_device(&device).map_err(err)?;
+    let model = crate::on_device(Llama::random(config, 0).map_err(err)?, &device)?;
     let mut rng = Rng::new(1);
     let seqs: Vec<Sequence> =
         (0..batch).map(|_| Sequence { ids: (0..seq).map(|_| rng.below(vocab) as u32).collect(), mask: vec![true; seq], starts: Vec::new() }).collect();
@@ -286,10 +286,19 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
         tuna::Device::Wgpu(i) => Some(tuna::device::wgpu::runtime(i).map_err(err)?),
         _ => None,
     };
+    let cuda_rt = match device {
+        tuna::Device::Cuda(i) => Some(tuna::device::cuda::runtime(i).map_err(err)?),
+        _ => None,
+    };
+    if let Some(rt) = &cuda_rt {
+        rt.synchronize().map_err(err)?;
+        rt.reset_peak_memory().map_err(err)?;
+    }
     let mut times = Vec::new();
     for i in 0..a.warmup + a.steps {
         let t0 = std::time::Instant::now();
         trainer.train_step().map_err(err)?;
+        device.synchronize().map_err(err)?;
         if i >= a.warmup {
             times.push(t0.elapsed().as_secs_f64());
         }
@@ -298,10 +307,18 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
     sorted.sort_by(f64::total_cmp);
     let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
     // On wgpu, the buffer pool's peak: the tensors in use at once, and all it holds.
-    let memory = wgpu_rt.map(|rt| {
-        let m = rt.memory();
-        json!({ "peak_live_bytes": m.peak_live, "peak_held_bytes": m.peak_held })
-    });
+    // On CUDA, the allocation pool's peak since the model was loaded (weights included).
+    let memory = match (wgpu_rt, cuda_rt) {
+        (Some(rt), _) => {
+            let m = rt.memory();
+            Some(json!({ "peak_live_bytes": m.peak_live, "peak_held_bytes": m.peak_held }))
+        }
+        (_, Some(rt)) => {
+            let (now, peak) = rt.memory().map_err(err)?;
+            Some(json!({ "peak_live_bytes": peak, "live_bytes": now }))
+        }
+        _ => None,
+    };
     println!(
         "{}",
         json!({ "step_seconds": times, "tokens_per_second": (batch * seq) as f64 / median, "device": device.to_string(),

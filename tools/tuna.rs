@@ -171,9 +171,6 @@ pub(crate) fn load(args: &ModelArgs) -> Result<(Llama, Tokenizer), String> {
     let device: Device = if args.device == "auto" { Device::Cpu } else { args.device.parse().map_err(err)? };
     if device != Device::Cpu {
         device.open().map_err(err)?;
-        if matches!(device, Device::Cuda(_)) {
-            return Err(format!("the model's ops have no kernels wired for {device} yet; use --device cpu or wgpu"));
-        }
     }
     let mut model = Llama::load(&args.model).map_err(err)?;
     // Deltas fold into the full-precision weights, before any quantization; adapters stay
@@ -189,7 +186,17 @@ pub(crate) fn load(args: &ModelArgs) -> Result<(Llama, Tokenizer), String> {
         tuna::peft::load_adapter(&mut model, a).map_err(err)?;
     }
     let tok = Tokenizer::from_dir(&args.model).map_err(err)?;
-    Ok((model.to_device(&device).map_err(err)?, tok))
+    Ok((on_device(model, &device)?, tok))
+}
+
+/// The model on `device`: as it is on the CPU and wgpu, in bf16 on CUDA (the CUDA kernels'
+/// storage type; LoRA adapters the trainer adds stay f32 masters).
+pub(crate) fn on_device(model: Llama, device: &Device) -> Result<Llama, String> {
+    let model = model.to_device(device).map_err(err)?;
+    match device {
+        Device::Cuda(_) => model.to_dtype(tuna::DType::BF16).map_err(err),
+        _ => Ok(model),
+    }
 }
 
 fn merge(model: &std::path::Path, adapter: Option<&std::path::Path>, deltas: Option<&std::path::Path>, out: &std::path::Path) -> CliResult {

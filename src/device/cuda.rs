@@ -169,6 +169,46 @@ impl CudaRuntime {
         self.stream.synchronize().map_err(|e| Error::cuda("stream synchronize", e))
     }
 
+    /// The device's default memory pool, which serves cudarc's stream-ordered allocations
+    /// (`cuMemAllocAsync`, used where the device supports pools: every sm_80+ GPU).
+    fn mem_pool(&self) -> Result<cudarc::driver::sys::CUmemoryPool> {
+        use cudarc::driver::sys;
+        if !self.ctx.has_async_alloc() {
+            return Err(Error::Cuda { context: "memory pool".into(), message: format!("cuda:{} has no stream-ordered allocator", self.ordinal) });
+        }
+        self.ctx.bind_to_thread().map_err(|e| Error::cuda("binding the context", e))?;
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: writes one pool handle for a valid device.
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()) }.result().map_err(|e| Error::cuda("cuDeviceGetDefaultMemPool", e))?;
+        Ok(pool)
+    }
+
+    /// Bytes in use in the allocation pool now and at their peak since the last
+    /// `reset_peak_memory` (the pool's `USED_MEM_CURRENT` / `USED_MEM_HIGH`): every tensor and
+    /// scratch buffer tuna allocates, not the context or the loaded modules.
+    pub fn memory(&self) -> Result<(u64, u64)> {
+        use cudarc::driver::sys::CUmemPool_attribute as A;
+        let pool = self.mem_pool()?;
+        let get = |attr: A| -> Result<u64> {
+            let mut v = 0u64;
+            // SAFETY: both attributes are 64-bit counters.
+            unsafe { cudarc::driver::sys::cuMemPoolGetAttribute(pool, attr, (&mut v as *mut u64).cast()) }.result().map_err(|e| Error::cuda("cuMemPoolGetAttribute", e))?;
+            Ok(v)
+        };
+        Ok((get(A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?, get(A::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?))
+    }
+
+    /// Starts a new peak for `memory` (the pool's high-water mark back to 0).
+    pub fn reset_peak_memory(&self) -> Result<()> {
+        let pool = self.mem_pool()?;
+        let mut zero = 0u64;
+        // SAFETY: USED_MEM_HIGH may only be reset to 0, given as a 64-bit value.
+        unsafe { cudarc::driver::sys::cuMemPoolSetAttribute(pool, cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut zero as *mut u64).cast()) }
+            .result()
+            .map_err(|e| Error::cuda("cuMemPoolSetAttribute", e))?;
+        Ok(())
+    }
+
     /// Device memory for `bytes` bytes, zeroed.
     pub fn alloc_zeros(&self, bytes: usize) -> Result<CudaSlice<u8>> {
         self.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(|e| Error::cuda(format!("allocating {bytes} bytes"), e))

@@ -170,6 +170,82 @@ pub mod cpu {
     }
 }
 
+pub mod cuda {
+    use std::sync::Arc;
+
+    use cudarc::driver::{CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+    use super::LinearCeParams;
+    use crate::device::cuda::ModuleCache;
+    use crate::kernels::check_len;
+    use crate::kernels::lora::cuda::{matmul, Half};
+    use crate::{Error, Result};
+
+    /// Fused linear cross-entropy on CUDA (see the module docs), bf16 x and W: `loss[0]` and,
+    /// when given, `dx = dz·W` `[M, H]` (bf16) for `dy = 1`. Per chunk of rows: the chunk's
+    /// bf16 logits by the plain GEMM (f32 accumulation, as a bf16 model's head computes them),
+    /// each row's log-sum-exp, loss and gradient in place (`ce_rows_bf16`, f32 math), then
+    /// `dx`'s rows by the GEMM with W read `[V, H]` as `[K, N]`. Only `[chunk_rows, V]` logits
+    /// are held. `count` is the number of rows whose target is not ignored (the caller checked
+    /// the targets on the host). A trained W (its dW) is not wired on CUDA.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_forward(
+        stream: &Arc<CudaStream>,
+        modules: &ModuleCache,
+        dt: Half,
+        x: &CudaView<'_, u16>,
+        w: &CudaView<'_, u16>,
+        targets: &CudaView<'_, i32>,
+        mut dx: Option<&mut CudaViewMut<'_, u16>>,
+        loss: &mut CudaViewMut<'_, f32>,
+        count: usize,
+        p: LinearCeParams,
+    ) -> Result<()> {
+        const OP: &str = "linear_cross_entropy (cuda)";
+        let (m, h, v) = (p.rows, p.hidden, p.vocab);
+        if dt != Half::Bf16 {
+            return Err(Error::InvalidArgument(format!("{OP}: bf16 only, not {dt:?}")));
+        }
+        for (what, have, need) in [("x", x.len(), m * h), ("w", w.len(), v * h), ("targets", targets.len(), m), ("loss", loss.len(), 1)] {
+            check_len(OP, what, have, need)?;
+        }
+        if let Some(dx) = &dx {
+            check_len(OP, "dx", dx.len(), m * h)?;
+        }
+        let i32_of = |n: usize, what: &str| i32::try_from(n).map_err(|_| Error::InvalidArgument(format!("{OP}: {what} = {n} exceeds i32")));
+        let (v_i, ignore) = (i32_of(v, "V")?, p.ignore_index);
+        let m_i = i32_of(m, "M")?;
+        let c = p.chunk_rows.clamp(1, m.max(1));
+        let e = |what: &'static str| move |err| Error::cuda(format!("{OP}: {what}"), err);
+        let mut z = stream.alloc_zeros::<u16>((c * v).max(1)).map_err(e("allocating the logits chunk"))?;
+        let mut row_loss = stream.alloc_zeros::<f32>(m.max(1)).map_err(e("allocating the row losses"))?;
+        let inv_count = if count == 0 { 0.0f32 } else { 1.0 / count as f32 };
+        let grad = dx.is_some() as i32;
+        let rows_fn = modules.function("cross_entropy", "ce_rows_bf16")?;
+        for (r0, cm) in p.chunks() {
+            let xc = x.slice(r0 * h..(r0 + cm) * h);
+            matmul(stream, modules, dt, (&xc, h), (w, h), &mut z.slice_mut(..cm * v), (cm, v, h), false)?;
+            let cfg = LaunchConfig { grid_dim: (cm as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let (tc, mut lc) = (targets.slice(r0..r0 + cm), row_loss.slice_mut(r0..r0 + cm));
+            // SAFETY: matches ce_rows_bf16 (z, targets, loss, V, ignore, inv_count, grad); z holds
+            // cm·V elements, the target and loss slices cm each.
+            unsafe {
+                stream.launch_builder(&rows_fn).arg(&mut z).arg(&tc).arg(&mut lc).arg(&v_i).arg(&ignore).arg(&inv_count).arg(&grad).launch(cfg)
+            }
+            .map_err(e("launching ce_rows_bf16"))?;
+            if let Some(dx) = dx.as_mut() {
+                let zc = z.slice(..cm * v);
+                matmul(stream, modules, dt, (&zc, v), (w, h), &mut dx.slice_mut(r0 * h..(r0 + cm) * h), (cm, h, v), true)?;
+            }
+        }
+        let f = modules.function("cross_entropy", "ce_sum_f32")?;
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: matches ce_sum_f32 (loss rows, M, inv_count, out); row_loss holds M values.
+        unsafe { stream.launch_builder(&f).arg(&row_loss).arg(&m_i).arg(&inv_count).arg(loss).launch(cfg) }.map_err(e("launching ce_sum_f32"))?;
+        Ok(())
+    }
+}
+
 pub mod wgsl {
     use crate::device::wgpu::{dispatch_bound, encode, grid, uniform, KernelCache, WgpuRuntime};
     use crate::kernels::check_len;

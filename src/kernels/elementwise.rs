@@ -393,6 +393,59 @@ pub mod cuda {
         unsafe { stream.launch_builder(&f).arg(gu).arg(dy).arg(dgu).arg(&m).arg(&n).launch(cfg) }.map_err(launch_err(OP))?;
         Ok(())
     }
+    /// A grid-stride launch over n elements (at most 65535·8 blocks of 256).
+    fn flat(n: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: ((n.div_ceil(BLOCK as usize) as u32).clamp(1, 65535 * 8), 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// `y = a + b` with b broadcast over a's leading dims (`b.len()` divides `a.len()`).
+    pub fn add<T: DeviceRepr>(stream: &Arc<CudaStream>, modules: &ModuleCache, a: &CudaView<'_, T>, b: &CudaView<'_, T>, y: &mut CudaViewMut<'_, T>) -> Result<()> {
+        const OP: &str = "add (cuda)";
+        let (n, nb) = (a.len(), b.len());
+        crate::kernels::check_len(OP, "y", y.len(), n)?;
+        if n > 0 && (nb == 0 || n % nb != 0) {
+            return Err(Error::InvalidArgument(format!("{OP}: b of {nb} elements does not broadcast over a of {n}")));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let f = modules.function("elementwise", &format!("add_{}", suffix::<T>(OP)?))?;
+        let (n64, nb64) = (n as i64, nb as i64);
+        // SAFETY: argument types match add_*; a and y hold n elements, b nb (checked above).
+        unsafe { stream.launch_builder(&f).arg(a).arg(b).arg(y).arg(&n64).arg(&nb64).launch(flat(n)) }.map_err(launch_err(OP))?;
+        Ok(())
+    }
+
+    /// `y = s · a`, with `s` a host float or, for `scale_by`, the device scalar `s_dev[0]`.
+    pub fn scale<T: DeviceRepr>(stream: &Arc<CudaStream>, modules: &ModuleCache, a: &CudaView<'_, T>, y: &mut CudaViewMut<'_, T>, s: f32) -> Result<()> {
+        const OP: &str = "scale (cuda)";
+        let n = a.len();
+        crate::kernels::check_len(OP, "y", y.len(), n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let f = modules.function("elementwise", &format!("scale_{}", suffix::<T>(OP)?))?;
+        let n64 = n as i64;
+        // SAFETY: argument types match scale_*; a and y hold n elements.
+        unsafe { stream.launch_builder(&f).arg(a).arg(y).arg(&n64).arg(&s).launch(flat(n)) }.map_err(launch_err(OP))?;
+        Ok(())
+    }
+
+    /// `y = s_dev[0] · a` (s_dev one f32 on the device: a loss gradient, never read on the host).
+    pub fn scale_by<T: DeviceRepr>(stream: &Arc<CudaStream>, modules: &ModuleCache, a: &CudaView<'_, T>, s_dev: &CudaView<'_, f32>, y: &mut CudaViewMut<'_, T>) -> Result<()> {
+        const OP: &str = "scale_by (cuda)";
+        let n = a.len();
+        crate::kernels::check_len(OP, "y", y.len(), n)?;
+        crate::kernels::check_len(OP, "s", s_dev.len(), 1)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let f = modules.function("elementwise", &format!("scale_by_{}", suffix::<T>(OP)?))?;
+        let n64 = n as i64;
+        // SAFETY: argument types match scale_by_*; a and y hold n elements, s one.
+        unsafe { stream.launch_builder(&f).arg(a).arg(s_dev).arg(y).arg(&n64).launch(flat(n)) }.map_err(launch_err(OP))?;
+        Ok(())
+    }
 }
 
 pub mod wgsl {

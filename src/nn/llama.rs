@@ -261,6 +261,21 @@ fn concat_seq(old: &Tensor, new: &Tensor) -> Result<Tensor> {
         rt.queue.submit([enc.finish()]);
         return Ok(Tensor::from_storage(Storage::Wgpu { rt: rt.clone(), buf: out }, out_shape.into(), old.dtype(), old.device()));
     }
+    if let (Storage::Cuda { rt, buf: ob }, Storage::Cuda { buf: nb, .. }) = (old.storage(), new.storage()) {
+        if old.dtype() != new.dtype() {
+            return Err(Error::DTypeMismatch { op: "kv cache", lhs: old.dtype(), rhs: new.dtype() });
+        }
+        // As on wgpu: batch row i of the output is [old row i | new row i], copied on the device.
+        let es = old.dtype().size_in_bytes();
+        let mut out = rt.alloc_zeros(es * (old.elem_count() + new.elem_count()))?;
+        let (os, ns) = (od[1] * row * es, nd[1] * row * es);
+        for i in 0..b {
+            let at = i * (os + ns);
+            rt.stream.memcpy_dtod(&ob.slice(i * os..(i + 1) * os), &mut out.slice_mut(at..at + os)).map_err(|e| Error::cuda("kv cache copy", e))?;
+            rt.stream.memcpy_dtod(&nb.slice(i * ns..(i + 1) * ns), &mut out.slice_mut(at + os..at + os + ns)).map_err(|e| Error::cuda("kv cache copy", e))?;
+        }
+        return Ok(Tensor::from_storage(Storage::Cuda { rt: rt.clone(), buf: out }, out_shape.into(), old.dtype(), old.device()));
+    }
     let (a, n) = (old.cpu_f32("kv cache")?, new.cpu_f32("kv cache")?);
     let mut out = Vec::with_capacity(a.len() + n.len());
     for i in 0..b {

@@ -2,7 +2,8 @@ use std::sync::Arc;
 
 use crate::kernels::attention::{cpu, wgsl, AttentionParams};
 use crate::kernels::rope::{self, Direction};
-use crate::ops::gpu::{float_dtype, wgpu_buf, wgpu_output, wgpu_precision, wgpu_upload};
+use crate::ops::gpu::{WGPU_FLOAT, float_dtype, wgpu_buf, wgpu_output, wgpu_precision, wgpu_upload};
+use crate::ops::cuda::{by_float, cuda_buf, half, upload, view, CudaOut};
 use crate::ops::{expect_dtype, same_device, saved};
 use crate::tape::record;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -26,7 +27,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttentionMask, scale:
         same_device(OP, q, t)?;
     }
     let dt = float_dtype(OP, q)?;
-    let pr = wgpu_precision(dt).expect("f32 or f16");
+    let pr = wgpu_precision(dt);
     for t in [q, k, v] {
         crate::ops::same_dtype(OP, q, t)?;
         if t.shape().rank() != 4 {
@@ -73,18 +74,18 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttentionMask, scale:
             let stats = rt.alloc(2 * p.batch * p.q_len * p.heads * 4);
             let starts = mask.segment_starts.as_deref().map(|st| wgpu_upload(rt, st));
             let sb = starts.as_ref().map(|b| b.buffer());
-            wgsl::forward(&rt.device, &rt.queue, &rt.kernels, qb, wgpu_buf(k).1, wgpu_buf(v).1, sb, wgpu_buf(&o).1, stats.buffer(), &p, pr)?;
+            wgsl::forward(&rt.device, &rt.queue, &rt.kernels, qb, wgpu_buf(k).1, wgpu_buf(v).1, sb, wgpu_buf(&o).1, stats.buffer(), &p, pr.expect(WGPU_FLOAT))?;
             let (sq, sk, sv, so) = (saved(q), saved(k), saved(v), saved(&o));
             return record(OP, o, &[q, k, v], move |g, _| {
                 let (rt, qb) = wgpu_buf(&sq);
                 let (dq, dk, dv) = (wgpu_output(rt, sq.shape().clone(), dt), wgpu_output(rt, sk.shape().clone(), dt), wgpu_output(rt, sv.shape().clone(), dt));
                 let (kb, vb, ob) = (wgpu_buf(&sk).1, wgpu_buf(&sv).1, wgpu_buf(&so).1);
                 let sb = starts.as_ref().map(|b| b.buffer());
-                wgsl::backward(&rt.device, &rt.queue, &rt.kernels, qb, kb, vb, sb, ob, wgpu_buf(g).1, stats.buffer(), wgpu_buf(&dq).1, wgpu_buf(&dk).1, wgpu_buf(&dv).1, &p, pr)?;
+                wgsl::backward(&rt.device, &rt.queue, &rt.kernels, qb, kb, vb, sb, ob, wgpu_buf(g).1, stats.buffer(), wgpu_buf(&dq).1, wgpu_buf(&dk).1, wgpu_buf(&dv).1, &p, pr.expect(WGPU_FLOAT))?;
                 Ok(vec![Some(dq), Some(dk), Some(dv)])
             });
         }
-        d => return Err(Error::Unsupported { op: OP, device: d }),
+        Device::Cuda(_) => return attention_cuda(q, k, v, &mask, p),
     };
     let (sq, sk, sv) = (saved(q), saved(k), saved(v));
     let starts = mask.segment_starts.clone();
@@ -105,7 +106,7 @@ pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> 
     const OP: &str = "rope";
     same_device(OP, x, positions)?;
     let dt = float_dtype(OP, x)?;
-    let pr = wgpu_precision(dt).expect("f32 or f16");
+    let pr = wgpu_precision(dt);
     expect_dtype(OP, positions, DType::I32)?;
     let d = x.shape().last();
     if x.shape().rank() != 3 || d != 2 * inv_freq.len() || positions.dims() != [x.dims()[0]] {
@@ -124,13 +125,48 @@ pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> 
                 let y = wgpu_output(rt, x.shape().clone(), dt);
                 let freq_buf = wgpu_upload(rt, freq);
                 let p = rope::RopeParams { tokens: x.dims()[0], heads, head_dim: 2 * freq.len() };
-                rope::wgsl::rope(&rt.device, &rt.queue, &rt.kernels, xb, wgpu_buf(pos).1, freq_buf.buffer(), wgpu_buf(&y).1, p, dir, pr)?;
+                rope::wgsl::rope(&rt.device, &rt.queue, &rt.kernels, xb, wgpu_buf(pos).1, freq_buf.buffer(), wgpu_buf(&y).1, p, dir, pr.expect(WGPU_FLOAT))?;
                 Ok(y)
             }
-            d => Err(Error::Unsupported { op: OP, device: d }),
+            Device::Cuda(_) => {
+                let rt = cuda_buf(x).0;
+                let mut y = CudaOut::new(rt, x.shape().clone(), dt)?;
+                let freq_buf = upload(rt, freq)?;
+                let p = rope::RopeParams { tokens: x.dims()[0], heads, head_dim: 2 * freq.len() };
+                by_float!(dt, T => rope::cuda::rope::<T>(&rt.stream, &rt.modules, &view(x), &view(pos), &freq_buf.slice(..), &mut y.view_mut(), p, dir)?);
+                Ok(y.tensor())
+            }
         }
     };
     let out = run(x, positions, inv_freq, Direction::Forward)?;
     let (spos, freq) = (saved(positions), inv_freq.to_vec());
     record(OP, out, &[x, positions], move |g, _| Ok(vec![Some(run(g, &spos, &freq, Direction::Backward)?), None]))
+}
+
+/// The attention op on CUDA: the flash-attention kernels (`kernels::attention::cuda`, bf16 or
+/// f16, head dims 64 and 128) forward and backward; the row log-sum-exp is kept for the
+/// backward. The forward kernel is the first (`FwdKernel::Sync`) until a GPU run shows the
+/// pipelined one faster (tools/gpu-check times both).
+fn attention_cuda(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, p: AttentionParams) -> Result<Tensor> {
+    use crate::kernels::attention::cuda as fa;
+    const OP: &str = "attention (cuda)";
+    let dt = half(OP, q.dtype())?;
+    if p.window.is_some() {
+        return Err(Error::InvalidArgument(format!("{OP}: sliding-window attention has no CUDA kernel yet")));
+    }
+    let rt = cuda_buf(q).0;
+    let starts = mask.segment_starts.as_deref().map(|s| upload(rt, s)).transpose()?;
+    let mut o = CudaOut::new(rt, q.shape().clone(), q.dtype())?;
+    let mut lse = CudaOut::new(rt, [p.batch * p.heads * p.q_len], DType::F32)?;
+    let sv = starts.as_ref().map(|s| s.slice(..));
+    fa::forward(fa::FwdKernel::Sync, &rt.stream, &rt.modules, dt, &view(q), &view(k), &view(v), sv.as_ref(), &mut o.view_mut(), &mut lse.view_mut(), &p)?;
+    let (o, lse) = (o.tensor(), lse.tensor());
+    let (sq, sk, sv, so) = (saved(q), saved(k), saved(v), saved(&o));
+    record("attention", o, &[q, k, v], move |g, _| {
+        let rt = cuda_buf(&sq).0;
+        let (mut dq, mut dk, mut dv) = (CudaOut::new(rt, sq.shape().clone(), sq.dtype())?, CudaOut::new(rt, sk.shape().clone(), sk.dtype())?, CudaOut::new(rt, sv.shape().clone(), sv.dtype())?);
+        let st = starts.as_ref().map(|s| s.slice(..));
+        fa::backward(&rt.stream, &rt.modules, dt, &view(&sq), &view(&sk), &view(&sv), st.as_ref(), &view(&so), &view(g), &view(&lse), &mut dq.view_mut(), &mut dk.view_mut(), &mut dv.view_mut(), &p)?;
+        Ok(vec![Some(dq.tensor()), Some(dk.tensor()), Some(dv.tensor())])
+    })
 }

@@ -40,11 +40,15 @@ pub(crate) fn wgpu_precision(dtype: DType) -> Option<crate::device::wgpu::Precis
     }
 }
 
-/// The float dtype an op runs `t` in on its device: f32, or f16 on wgpu; anything else is an
-/// error naming the op.
+/// Why `wgpu_precision` of a `float_dtype` on wgpu is always `Some`.
+pub(crate) const WGPU_FLOAT: &str = "float_dtype gives f32 or f16 on wgpu";
+
+/// The float dtype an op runs `t` in on its device: f32, f16 on wgpu, bf16 on CUDA; anything
+/// else is an error naming the op.
 pub(crate) fn float_dtype(op: &'static str, t: &Tensor) -> Result<DType> {
     match (t.device(), t.dtype()) {
         (Device::Wgpu(_), DType::F16) => Ok(DType::F16),
+        (Device::Cuda(_), DType::BF16) => Ok(DType::BF16),
         _ => crate::ops::expect_dtype(op, t, DType::F32).map(|_| DType::F32),
     }
 }

@@ -48,8 +48,11 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
         let w = part.weight;
         for t in [Some(w), part.bias, part.lora.map(|l| l.0), part.lora.map(|l| l.1)].into_iter().flatten() {
             same_device(OP, x, t)?;
-            // The frozen weight may be NF4 (QLoRA): read dequantized, one op at a time.
-            if !(std::ptr::eq(t, w) && t.dtype() == DType::NF4 && dt == DType::F32) {
+            // The frozen weight may be NF4 (QLoRA): read dequantized, one op at a time. On CUDA
+            // the adapters may be f32 masters of a bf16 model (converted inside the op).
+            let nf4_weight = std::ptr::eq(t, w) && t.dtype() == DType::NF4 && dt == DType::F32;
+            let master = !std::ptr::eq(t, w) && part.bias.is_none_or(|b| !std::ptr::eq(t, b)) && matches!(x.device(), Device::Cuda(_)) && t.dtype() == DType::F32;
+            if !nf4_weight && !master {
                 expect_dtype(OP, t, dt)?;
             }
         }
@@ -83,7 +86,7 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
     match x.device() {
         Device::Cpu => {}
         Device::Wgpu(_) => return linear_group_wgpu(x, parts, &params),
-        d => return Err(Error::Unsupported { op: OP, device: d }),
+        Device::Cuda(_) => return linear_group_cuda(x, parts, &params),
     }
     let xv = x.cpu_f32(OP)?;
     struct Fwd {
@@ -291,6 +294,113 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
             }
             if lora.is_some() {
                 ab.extend([da, db]);
+            }
+        }
+        let mut out = vec![dx];
+        out.extend(ab);
+        Ok(out)
+    })
+}
+
+/// The group on CUDA, bf16: each part is one fused LoRA GEMM (`kernels::lora::cuda`; the
+/// plain linear when the part has no adapter) and the backward is the same kernels' (dA and dB
+/// in f32, each part's dX summed in part order). f32 adapters (the trainer's masters) are
+/// converted to the input's dtype for the GEMM, and their gradients stay f32. LoRA dropout
+/// draws the CPU's mask on the device (`lora::cuda::dropout`).
+fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]) -> Result<Vec<Tensor>> {
+    use crate::kernels::lora::cuda as lc;
+    use crate::ops::cuda::{cuda_buf, half, view, CudaOut};
+    const OP: &str = "linear (cuda)";
+    let xdt = x.dtype();
+    let dt = half(OP, xdt)?;
+    let rt = cuda_buf(x).0;
+    let (s, mods) = (&rt.stream, &rt.modules);
+    // What the backward keeps of a part: W, the adapters' 16-bit copies with their own dtypes,
+    // XA, and the dropped input with the dropout that made it.
+    struct Saved {
+        w: Tensor,
+        lora: Option<(Tensor, Tensor, DType, DType)>,
+        xa: Option<Tensor>,
+        drop: Option<(Tensor, Dropout)>,
+        p: LoraParams,
+    }
+    let mut outs = Vec::with_capacity(parts.len());
+    let mut saved_parts = Vec::with_capacity(parts.len());
+    for (part, &p) in parts.iter().zip(params) {
+        let w = part.weight;
+        expect_dtype(OP, w, xdt)?;
+        let bias = part.bias.map(|b| view::<u16>(b));
+        let mut shape = x.dims().to_vec();
+        *shape.last_mut().expect("rank >= 2") = p.n;
+        let mut y = CudaOut::new(rt, shape, xdt)?;
+        let Some((a, b, _)) = part.lora else {
+            lc::linear(s, mods, dt, &view(x), &view(w), bias.as_ref(), &mut y.view_mut(), (p.m, p.n, p.k))?;
+            outs.push(y.tensor());
+            saved_parts.push(Saved { w: saved(w), lora: None, xa: None, drop: None, p });
+            continue;
+        };
+        let (a16, b16) = (saved(a).to_dtype(xdt)?, saved(b).to_dtype(xdt)?);
+        let drop = match part.dropout {
+            Some(d) if d.p > 0.0 => {
+                let mut xl = CudaOut::new(rt, x.shape().clone(), xdt)?;
+                lc::dropout::<u16>(s, mods, &view(x), None, &mut xl.view_mut(), d.p, d.seed)?;
+                Some((xl.tensor(), d))
+            }
+            _ => None,
+        };
+        let mut xa = CudaOut::new(rt, [p.m, p.r], xdt)?;
+        let xl = drop.as_ref().map_or(x, |(t, _)| t);
+        lc::forward(s, mods, dt, &view(x), &view(xl), &view(w), bias.as_ref(), &view(&a16), &view(&b16), &mut y.view_mut(), &mut xa.view_mut(), p)?;
+        outs.push(y.tensor());
+        saved_parts.push(Saved { w: saved(w), lora: Some((a16, b16, a.dtype(), b.dtype())), xa: Some(xa.tensor()), drop, p });
+    }
+    let mut inputs: Vec<&Tensor> = vec![x];
+    for part in parts {
+        if let Some((a, b, _)) = part.lora {
+            inputs.push(a);
+            inputs.push(b);
+        }
+    }
+    let sx = saved(x);
+    record_many(OP, outs, &inputs, move |gs, needs| {
+        let rt = cuda_buf(&sx).0;
+        let (s, mods) = (&rt.stream, &rt.modules);
+        let mut dx: Option<Tensor> = None;
+        let mut ab = Vec::new();
+        for (sp, g) in saved_parts.iter().zip(gs) {
+            let p = sp.p;
+            let Some(g) = g else {
+                if sp.lora.is_some() {
+                    ab.extend([None, None]);
+                }
+                continue;
+            };
+            let mut dxi = needs[0].then(|| CudaOut::new(rt, sx.shape().clone(), xdt)).transpose()?;
+            match &sp.lora {
+                None => {
+                    if let Some(dxi) = dxi.as_mut() {
+                        lc::matmul(s, mods, dt, (&view(g), p.n), (&view(&sp.w), p.k), &mut dxi.view_mut(), (p.m, p.k, p.n), true)?;
+                    }
+                }
+                Some((a16, b16, adt, bdt)) => {
+                    let (mut da, mut db) = (CudaOut::new(rt, a16.shape().clone(), DType::F32)?, CudaOut::new(rt, b16.shape().clone(), DType::F32)?);
+                    let xl = sp.drop.as_ref().map_or(&sx, |(t, _)| t);
+                    let xa = sp.xa.as_ref().expect("a LoRA part keeps XA");
+                    let mut dxv = dxi.as_mut().map(|d| d.view_mut());
+                    let dropout = sp.drop.as_ref().map(|(_, d)| (d.p, d.seed));
+                    lc::backward(s, mods, dt, &view(g), &view(xl), &view(xa), &view(&sp.w), &view(a16), &view(b16), &mut da.view_mut(), &mut db.view_mut(), dxv.as_mut(), dropout, p)?;
+                    drop(dxv);
+                    // Gradients in the adapters' own dtypes (f32 masters: as computed).
+                    ab.push(Some(da.tensor().to_dtype(*adt)?));
+                    ab.push(Some(db.tensor().to_dtype(*bdt)?));
+                }
+            }
+            if let Some(dxi) = dxi {
+                let dxi = dxi.tensor();
+                dx = Some(match dx {
+                    None => dxi,
+                    Some(acc) => crate::ops::add(&acc, &dxi)?,
+                });
             }
         }
         let mut out = vec![dx];

@@ -116,6 +116,24 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
             ce::wgsl::linear_forward(rt, xb, wgpu_buf(w).1, wgpu_buf(targets).1, dxb, dwb, wgpu_buf(&loss).1, count, p, pr)?;
             (loss, dx, dw)
         }
+        Device::Cuda(_) => {
+            use crate::ops::cuda::{cuda_buf, half, view, CudaOut};
+            let hdt = half(OP, dt)?;
+            if need_dw {
+                return Err(Error::InvalidArgument(format!("{OP} on {}: training the head (dW) is not wired on CUDA yet; LoRA and QLoRA keep it frozen", x.device())));
+            }
+            let tv = targets.to_device(&Device::Cpu)?.to_vec::<i32>()?;
+            ce::check_targets(&tv, v, ignore_index)?;
+            let count = tv.iter().filter(|&&t| t != ignore_index).count();
+            let rt = cuda_buf(x).0;
+            let mut loss = CudaOut::new(rt, Vec::new(), DType::F32)?;
+            let mut dx = need_dx.then(|| CudaOut::new(rt, [m, h], dt)).transpose()?;
+            {
+                let mut dxv = dx.as_mut().map(|d| d.view_mut());
+                ce::cuda::linear_forward(&rt.stream, &rt.modules, hdt, &view(x), &view(w), &view(targets), dxv.as_mut(), &mut loss.view_mut(), count, p)?;
+            }
+            (loss.tensor(), dx.map(|d| d.tensor()), None)
+        }
         d => return Err(Error::Unsupported { op: OP, device: d }),
     };
     record(OP, loss, &[x, w, targets], move |g, _| Ok(vec![dx.map(|d| times(&d, g)).transpose()?, dw.map(|d| times(&d, g)).transpose()?, None]))
@@ -129,6 +147,14 @@ fn times(d: &Tensor, g: &Tensor) -> Result<Tensor> {
             let y = wgpu_output(rt, d.shape().clone(), DType::F32);
             ew::scale_by(&rt.device, &rt.queue, &rt.kernels, db, wgpu_buf(g).1, wgpu_buf(&y).1, d.elem_count())?;
             Ok(y)
+        }
+        Device::Cuda(_) => {
+            use crate::ops::cuda::{by_float, cuda_buf, view, CudaOut};
+            crate::ops::expect_dtype("loss gradient", g, DType::F32)?;
+            let rt = cuda_buf(d).0;
+            let mut y = CudaOut::new(rt, d.shape().clone(), d.dtype())?;
+            by_float!(d.dtype(), T => crate::kernels::elementwise::cuda::scale_by::<T>(&rt.stream, &rt.modules, &view(d), &view(g), &mut y.view_mut())?);
+            Ok(y.tensor())
         }
         _ => scale(d, g.to_scalar()?),
     }

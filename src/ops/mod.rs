@@ -4,11 +4,13 @@
 //! backward runs wherever its tensors live.
 //!
 //! Every op has a CPU path. On wgpu, every op of the Llama model's forward and backward runs
-//! on its WGSL kernel (shared plumbing in `gpu.rs`); on CUDA only RMSNorm so far. Elsewhere a GPU tensor gets `Error::Unsupported` naming
-//! the op and device.
+//! on its WGSL kernel (shared plumbing in `gpu.rs`), and on CUDA on its CUDA kernel in bf16
+//! (`cuda.rs`; compiled and checked by ptxas here, run by `tools/gpu-check`). Elsewhere a GPU
+//! tensor gets `Error::Unsupported` naming the op and device.
 
 mod attention;
 mod checkpoint;
+pub(crate) mod cuda;
 pub(crate) mod gpu;
 mod linalg;
 mod lora;

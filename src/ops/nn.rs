@@ -1,9 +1,10 @@
 use cudarc::driver::CudaSlice;
 
 use crate::device::cuda::CudaRuntime;
+use crate::ops::cuda::{by_float, cuda_buf, view, CudaOut};
 use crate::kernels::rmsnorm::{self, RmsNormParams};
 use crate::kernels::embedding as emb;
-use crate::ops::gpu::{float_dtype, wgpu_buf, wgpu_output, wgpu_precision};
+use crate::ops::gpu::{WGPU_FLOAT, float_dtype, wgpu_buf, wgpu_output, wgpu_precision};
 use crate::ops::{expect_dtype, same_device, same_dtype, saved};
 use crate::tape::record;
 use crate::tensor::Storage;
@@ -16,7 +17,7 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
     same_device(OP, ids, table)?;
     expect_dtype(OP, ids, DType::I32)?;
     let dt = float_dtype(OP, table)?;
-    let pr = wgpu_precision(dt).expect("f32 or f16");
+    let pr = wgpu_precision(dt);
     if table.shape().rank() != 2 {
         return Err(Error::BadShape { op: OP, shape: table.shape().clone(), expected: "a table [V, E]".into() });
     }
@@ -37,10 +38,16 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
             let (rt, tb) = wgpu_buf(table);
             let y = wgpu_output(rt, out_shape, dt);
             let p = emb::EmbeddingParams { tokens: ids.elem_count(), vocab: v, dim: e };
-            emb::wgsl::forward(&rt.device, &rt.queue, &rt.kernels, tb, wgpu_buf(ids).1, wgpu_buf(&y).1, p, pr)?;
+            emb::wgsl::forward(&rt.device, &rt.queue, &rt.kernels, tb, wgpu_buf(ids).1, wgpu_buf(&y).1, p, pr.expect(WGPU_FLOAT))?;
             y
         }
-        d => return Err(Error::Unsupported { op: OP, device: d }),
+        Device::Cuda(_) => {
+            let rt = cuda_buf(table).0;
+            let mut y = CudaOut::new(rt, out_shape, dt)?;
+            let p = emb::EmbeddingParams { tokens: ids.elem_count(), vocab: v, dim: e };
+            by_float!(dt, T => emb::cuda::forward::<T>(&rt.stream, &rt.modules, &view(table), &view(ids), &mut y.view_mut(), p)?);
+            y.tensor()
+        }
     };
     let (sids, table_shape) = (saved(ids), table.shape().clone());
     record(OP, out, &[ids, table], move |g, needs| {
@@ -52,8 +59,16 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
             let dtable = Tensor::zeros(table_shape.clone(), dt, &Device::Wgpu(i))?;
             let rt = wgpu_buf(&dtable).0;
             let p = emb::EmbeddingParams { tokens: sids.elem_count(), vocab: v, dim: e };
-            emb::wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, wgpu_buf(&sids).1, wgpu_buf(&dtable).1, p, pr)?;
+            emb::wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, wgpu_buf(&sids).1, wgpu_buf(&dtable).1, p, pr.expect(WGPU_FLOAT))?;
             return Ok(vec![None, Some(dtable)]);
+        }
+        if let Device::Cuda(_) = g.device() {
+            // As on wgpu: the kernel adds into a zeroed dtable.
+            let rt = cuda_buf(g).0;
+            let mut dtable = CudaOut::new(rt, table_shape.clone(), dt)?;
+            let p = emb::EmbeddingParams { tokens: sids.elem_count(), vocab: v, dim: e };
+            by_float!(dt, T => emb::cuda::backward::<T>(&rt.stream, &rt.modules, &view(g), &view(&sids), &mut dtable.view_mut(), p)?);
+            return Ok(vec![None, Some(dtable.tensor())]);
         }
         let mut dt = vec![0.0f32; table_shape.elem_count()];
         emb::cpu::scatter_add(g.cpu_f32(OP)?, sids.cpu_i32(OP)?, &mut dt, e);
@@ -91,13 +106,6 @@ fn rmsnorm_params(x: &Tensor, w: &Tensor, eps: f32) -> Result<RmsNormParams> {
         return Err(Error::InvalidArgument(format!("rmsnorm: eps must be >= 0, got {eps}")));
     }
     Ok(RmsNormParams { rows: x.shape().rows(), cols: n, eps })
-}
-
-fn cuda_buf(t: &Tensor) -> (&std::sync::Arc<CudaRuntime>, &CudaSlice<u8>) {
-    match t.storage() {
-        Storage::Cuda { rt, buf } => (rt, buf),
-        _ => unreachable!("device checked by the caller"),
-    }
 }
 
 fn cuda_tensor(rt: &std::sync::Arc<CudaRuntime>, buf: CudaSlice<u8>, shape: crate::Shape, dtype: DType, dev: Device) -> Tensor {

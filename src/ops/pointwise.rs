@@ -1,5 +1,6 @@
-use crate::kernels::elementwise::{cpu, wgsl, SwiGluParams};
-use crate::ops::gpu::{float_dtype, forward_only, wgpu_buf, wgpu_output, wgpu_precision};
+use crate::kernels::elementwise::{cpu, cuda as ew_cuda, wgsl, SwiGluParams};
+use crate::ops::cuda::{by_float, cuda_buf, view, CudaOut};
+use crate::ops::gpu::{WGPU_FLOAT, float_dtype, forward_only, wgpu_buf, wgpu_output, wgpu_precision};
 use crate::ops::{expect_dtype, same_device, same_dtype, saved};
 use crate::tape::record;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -32,6 +33,15 @@ fn binary(op: &'static str, a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 
             let pr = wgpu_precision(a.dtype()).expect("checked by check_broadcast");
             wgsl::add(&rt.device, &rt.queue, &rt.kernels, ab, wgpu_buf(b).1, wgpu_buf(&y).1, a.elem_count(), b.elem_count(), pr)?;
             Ok(y)
+        }
+        Device::Cuda(_) if op == "add" => {
+            if b.shape() != a.shape() {
+                forward_only(op, &[b])?;
+            }
+            let rt = cuda_buf(a).0;
+            let mut y = CudaOut::new(rt, a.shape().clone(), a.dtype())?;
+            by_float!(a.dtype(), T => ew_cuda::add::<T>(&rt.stream, &rt.modules, &view(a), &view(b), &mut y.view_mut())?);
+            Ok(y.tensor())
         }
         d => Err(Error::Unsupported { op, device: d }),
     }
@@ -84,9 +94,16 @@ pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
             let dt = float_dtype("scale", a)?;
             let (rt, ab) = wgpu_buf(a);
             let y = wgpu_output(rt, a.shape().clone(), dt);
-            let pr = wgpu_precision(dt).expect("f32 or f16");
+            let pr = wgpu_precision(dt).expect(WGPU_FLOAT);
             wgsl::scale(&rt.device, &rt.queue, &rt.kernels, ab, wgpu_buf(&y).1, a.elem_count(), s, pr)?;
             y
+        }
+        Device::Cuda(_) => {
+            let dt = float_dtype("scale", a)?;
+            let rt = cuda_buf(a).0;
+            let mut y = CudaOut::new(rt, a.shape().clone(), dt)?;
+            by_float!(dt, T => ew_cuda::scale::<T>(&rt.stream, &rt.modules, &view(a), &mut y.view_mut(), s)?);
+            y.tensor()
         }
         _ => unary("scale", a, |x| x * s)?,
     };
@@ -111,7 +128,7 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     same_device(OP, g, u)?;
     same_dtype(OP, g, u)?;
     let dt = float_dtype(OP, g)?;
-    let pr = wgpu_precision(dt).expect("f32 or f16");
+    let pr = wgpu_precision(dt);
     if g.shape() != u.shape() || g.shape().rank() == 0 {
         return Err(Error::ShapeMismatch { op: "swiglu (g and u of one shape)", lhs: g.shape().clone(), rhs: u.shape().clone() });
     }
@@ -125,18 +142,29 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
         Device::Wgpu(_) => {
             let (rt, gb) = wgpu_buf(g);
             let y = wgpu_output(rt, g.shape().clone(), dt);
-            wgsl::forward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(u).1, wgpu_buf(&y).1, p, pr)?;
+            wgsl::forward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(u).1, wgpu_buf(&y).1, p, pr.expect(WGPU_FLOAT))?;
             y
         }
-        d => return Err(Error::Unsupported { op: OP, device: d }),
+        Device::Cuda(_) => {
+            let rt = cuda_buf(g).0;
+            let mut y = CudaOut::new(rt, g.shape().clone(), dt)?;
+            by_float!(dt, T => ew_cuda::forward::<T>(&rt.stream, &rt.modules, &view(g), &view(u), &mut y.view_mut(), p)?);
+            y.tensor()
+        }
     };
     let (sg, su) = (saved(g), saved(u));
     record(OP, out, &[g, u], move |dy, _| {
         if let Device::Wgpu(_) = sg.device() {
             let (rt, gb) = wgpu_buf(&sg);
             let (dg, du) = (wgpu_output(rt, sg.shape().clone(), dt), wgpu_output(rt, su.shape().clone(), dt));
-            wgsl::backward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(&su).1, wgpu_buf(dy).1, wgpu_buf(&dg).1, wgpu_buf(&du).1, p, pr)?;
+            wgsl::backward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(&su).1, wgpu_buf(dy).1, wgpu_buf(&dg).1, wgpu_buf(&du).1, p, pr.expect(WGPU_FLOAT))?;
             return Ok(vec![Some(dg), Some(du)]);
+        }
+        if let Device::Cuda(_) = sg.device() {
+            let rt = cuda_buf(&sg).0;
+            let (mut dg, mut du) = (CudaOut::new(rt, sg.shape().clone(), dt)?, CudaOut::new(rt, su.shape().clone(), dt)?);
+            by_float!(dt, T => ew_cuda::backward::<T>(&rt.stream, &rt.modules, &view(&sg), &view(&su), &view(dy), &mut dg.view_mut(), &mut du.view_mut(), p)?);
+            return Ok(vec![Some(dg.tensor()), Some(du.tensor())]);
         }
         let (mut dg, mut du) = (vec![0.0f32; sg.elem_count()], vec![0.0f32; su.elem_count()]);
         cpu::swiglu_backward(sg.cpu_f32(OP)?, su.cpu_f32(OP)?, dy.cpu_f32(OP)?, &mut dg, &mut du, p)?;

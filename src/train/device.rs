@@ -1,4 +1,6 @@
-//! Training state on a wgpu device: the f32 masters of the trained tensors and the optimizer's
+//! Training state on the device (`DeviceOptimizer`): wgpu here, CUDA in `device_cuda.rs`.
+//!
+//! On a wgpu device: the f32 masters of the trained tensors and the optimizer's
 //! state (AdamW's moments, or SM3's row and column accumulators and momentum) live in device
 //! buffers for the whole run. A step's gradients stay on the device, their global norm is
 //! reduced there and the clip factor computed inside the optimizer kernel, so the host reads
@@ -32,14 +34,57 @@ pub(crate) enum StepParams {
     Sm3(Sm3Params),
 }
 
-pub(crate) struct DeviceOptimizer {
+/// The training state on the device the model is on.
+pub(crate) enum DeviceOptimizer {
+    Wgpu(WgpuOptimizer),
+    Cuda(super::device_cuda::CudaAdamW),
+}
+
+impl DeviceOptimizer {
+    /// Uploads the masters and the optimizer state to `dev` (wgpu: AdamW or SM3; CUDA: AdamW).
+    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], host: &HostOptState, dev: Device) -> Result<Self> {
+        match (dev, host) {
+            (Device::Cuda(i), HostOptState::AdamW(state)) => Ok(DeviceOptimizer::Cuda(super::device_cuda::CudaAdamW::new(masters, shapes, state, i)?)),
+            (Device::Cuda(_), HostOptState::Sm3(_)) => Err(Error::InvalidArgument("SM3's state on CUDA steps on the host (device state: AdamW)".into())),
+            _ => Ok(DeviceOptimizer::Wgpu(WgpuOptimizer::new(masters, shapes, dims, host, dev)?)),
+        }
+    }
+
+    /// The masters as the model reads them, one tensor per trained tensor.
+    pub fn params(&self) -> &[Tensor] {
+        match self {
+            DeviceOptimizer::Wgpu(w) => &w.params,
+            DeviceOptimizer::Cuda(c) => &c.params,
+        }
+    }
+
+    /// One step over every tensor with its device gradient; returns the global gradient norm.
+    pub fn step(&mut self, grads: &[Tensor], p: StepParams, max_norm: f32) -> Result<f32> {
+        match (self, p) {
+            (DeviceOptimizer::Wgpu(w), p) => w.step(grads, p, max_norm),
+            (DeviceOptimizer::Cuda(c), StepParams::AdamW(p)) => c.step(grads, p, max_norm),
+            (DeviceOptimizer::Cuda(_), StepParams::Sm3(_)) => Err(Error::InvalidArgument("device optimizer: SM3 parameters for CUDA AdamW state".into())),
+        }
+    }
+
+    /// The masters and the optimizer state, copied to the host.
+    pub fn download(&self) -> Result<(Vec<Vec<f32>>, HostOptState)> {
+        match self {
+            DeviceOptimizer::Wgpu(w) => w.download(),
+            DeviceOptimizer::Cuda(c) => c.download().map(|(m, s)| (m, HostOptState::AdamW(s))),
+        }
+    }
+}
+
+/// The wgpu state: masters and optimizer state in buffers the kernels update in place.
+pub(crate) struct WgpuOptimizer {
     /// The masters, one tensor per trained tensor; the kernels update their buffers in place.
     pub params: Vec<Tensor>,
     state: State,
     sum_sq: Tensor,
 }
 
-impl DeviceOptimizer {
+impl WgpuOptimizer {
     /// Uploads the masters and the optimizer state. `dims` gives each tensor's `[rows, cols]`
     /// view for SM3 (dense layouts only).
     pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], host: &HostOptState, dev: Device) -> Result<Self> {
@@ -82,7 +127,7 @@ impl DeviceOptimizer {
             }
         };
         let sum_sq = Tensor::zeros([1], DType::F32, &dev)?;
-        Ok(DeviceOptimizer { params, state, sum_sq })
+        Ok(WgpuOptimizer { params, state, sum_sq })
     }
 
     /// One step over every tensor with its device gradient, clipped to a global norm of

@@ -11,6 +11,7 @@
 pub mod checkpoint;
 pub mod data;
 mod device;
+mod device_cuda;
 pub mod plot;
 pub mod run;
 
@@ -153,6 +154,13 @@ impl Trainer {
         if config.batch_size == 0 || config.grad_accum == 0 {
             return Err(Error::InvalidArgument("batch size and gradient accumulation must be at least 1".into()));
         }
+        if let crate::Device::Cuda(_) = model.device() {
+            // The bf16 model trains f32 adapters; trained bf16 weights (full, head, sparse) and
+            // NF4 storage on CUDA are not wired yet.
+            if !matches!(config.method, Method::Lora(_)) {
+                return Err(Error::InvalidArgument(format!("{} fine-tuning on {} is not wired yet: LoRA trains there; use --device cpu or wgpu", config.method.name(), model.device())));
+            }
+        }
         match &config.method {
             Method::Lora(l) => model.add_lora(l, config.seed)?,
             Method::Qlora(l) => {
@@ -186,12 +194,19 @@ impl Trainer {
         Ok(t)
     }
 
-    /// On wgpu (dense layouts), (re)uploads the masters and the optimizer state, which stay on
-    /// the device from then on.
+    /// On wgpu (dense layouts) and on CUDA (dense layouts, AdamW), (re)uploads the masters and
+    /// the optimizer state, which stay on the device from then on. (SM3 on CUDA steps on the
+    /// host, the model on the device.)
     fn reset_device_state(&mut self) -> Result<()> {
         let dev = self.model.device();
         self.device = None;
-        if matches!(dev, crate::Device::Wgpu(_)) && self.layouts.iter().all(|l| matches!(l, Layout::Dense { .. })) {
+        let dense = self.layouts.iter().all(|l| matches!(l, Layout::Dense { .. }));
+        let resident = match dev {
+            crate::Device::Wgpu(_) => true,
+            crate::Device::Cuda(_) => matches!(self.optimizer, Optimizer::AdamW(_)),
+            crate::Device::Cpu => false,
+        };
+        if dense && resident {
             let host = match &self.optimizer {
                 Optimizer::AdamW(a) => device::HostOptState::AdamW(a.state.clone()),
                 Optimizer::Sm3(o) => device::HostOptState::Sm3(o.state.clone()),
@@ -261,7 +276,7 @@ impl Trainer {
             // Device-resident masters are used as they are; host masters are copied to where
             // the model is.
             let t = match &self.device {
-                Some(d) => d.params[i].clone(),
+                Some(d) => d.params()[i].clone(),
                 None => Tensor::from_vec(m.clone(), s.clone())?.to_device(&dev)?,
             };
             let t = match tape {

@@ -160,6 +160,64 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
     Ok(())
 }
 
+/// The plain linear (the LoRA GEMM with rank 0): `y = x·wᵀ (+ bias)`, x `[m, k]`, w `[n, k]`,
+/// bias `[n]`, y `[m, n]`, all dense.
+#[allow(clippy::too_many_arguments)]
+pub fn linear(
+    stream: &Arc<CudaStream>,
+    modules: &ModuleCache,
+    dt: Half,
+    x: &CudaView<'_, u16>,
+    w: &CudaView<'_, u16>,
+    bias: Option<&CudaView<'_, u16>>,
+    y: &mut CudaViewMut<'_, u16>,
+    (m, n, k): (usize, usize, usize),
+) -> Result<()> {
+    let op = "linear (cuda)";
+    for (what, have, need) in [("x", x.len(), m * k), ("w", w.len(), n * k), ("y", y.len(), m * n)] {
+        check_len(op, what, have, need)?;
+    }
+    if let Some(b) = bias {
+        check_len(op, "bias", b.len(), n)?;
+    }
+    for (what, v) in [("M·K", m * k), ("N·K", n * k), ("M·N", m * n)] {
+        to_i32(op, what, v)?;
+    }
+    let g = Gemm { a1: (x, k), b1: Some((w, k)), a2: (x, k), b2: (w, k), bias, m, n, k1: k, k2: 0, kn: false };
+    gemm(stream, modules, dt, g, y, None)
+}
+
+/// The plain GEMM (the LoRA GEMM with rank 0): `c[m, n] = a·bᵀ` with b `[n, k]`, or with
+/// `b_kn` `c = a·b` with b `[k, n]`; a and b row-major with row strides `lda`, `ldb` (any
+/// sub-view: the kernel falls back to element loads where rows are not 16-byte aligned), c
+/// dense `[m, n]`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(
+    stream: &Arc<CudaStream>,
+    modules: &ModuleCache,
+    dt: Half,
+    (a, lda): (&CudaView<'_, u16>, usize),
+    (b, ldb): (&CudaView<'_, u16>, usize),
+    c: &mut CudaViewMut<'_, u16>,
+    (m, n, k): (usize, usize, usize),
+    b_kn: bool,
+) -> Result<()> {
+    let op = "matmul (cuda)";
+    let span = |rows: usize, ld: usize, cols: usize| if rows == 0 { 0 } else { (rows - 1) * ld + cols };
+    let (b_rows, b_cols) = if b_kn { (k, n) } else { (n, k) };
+    if lda < k || ldb < b_cols {
+        return Err(Error::InvalidArgument(format!("{op}: row strides lda {lda} / ldb {ldb} below the rows' widths {k} / {b_cols}")));
+    }
+    check_len(op, "a", a.len(), span(m, lda, k))?;
+    check_len(op, "b", b.len(), span(b_rows, ldb, b_cols))?;
+    check_len(op, "c", c.len(), m * n)?;
+    for (what, v) in [("M·K", m * k), ("N·K", n * k), ("M·N", m * n)] {
+        to_i32(op, what, v)?;
+    }
+    let g = Gemm { a1: (a, lda), b1: Some((b, ldb)), a2: (a, lda), b2: (b, ldb), bias: None, m, n, k1: k, k2: 0, kn: b_kn };
+    gemm(stream, modules, dt, g, c, None)
+}
+
 /// `xa = x_lora·aᵀ` and `xa_s = s·xa` (the GEMM's second operand).
 pub(crate) fn xa(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, x_lora: &CudaView<'_, u16>, a: &CudaView<'_, u16>, xa: &mut CudaViewMut<'_, u16>, xa_s: &mut CudaViewMut<'_, u16>, p: LoraParams) -> Result<()> {
     let k = p.k as i64;
