@@ -53,12 +53,6 @@ __device__ __forceinline__ float effective_scale(const double* sumsq, float max_
     return scale;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    return v;
-}
-
 __device__ __forceinline__ double warp_sum_f64(double v) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);

@@ -10,6 +10,7 @@ pub mod attention;
 pub mod cast;
 pub mod lora;
 pub mod token_ops;
+pub mod model;
 pub mod optim;
 
 /// `|got - ref| <= atol + rtol * |ref|`.

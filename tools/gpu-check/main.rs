@@ -177,7 +177,32 @@ fn cases() -> Vec<CaseResult> {
     lora_cases(&mut push);
     token_op_cases(&mut push);
     attention_cases(&mut push);
+    model_cases(&mut push);
     out
+}
+
+/// The model on CUDA (bf16, f32 adapters) against the CPU: the fused loss alone, then loss and
+/// LoRA gradients (plain, dropout, packed, checkpointed), five training steps and logits
+/// through the KV cache (`tuna::testing::model`, the bodies `tests/model_devices.rs` runs on
+/// wgpu). A panic inside one is reported as that case's failure, so the benchmarks still run.
+fn model_cases(push: &mut impl FnMut(String, Result<(), String>)) {
+    use tuna::testing::model as mc;
+    let dev = Device::Cuda(0);
+    // Runs one check; a passing one's summary (its largest errors) joins the case's name.
+    let mut run = |name: String, f: &dyn Fn() -> Result<String, String>| match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(summary)) => push(format!("{name}: {summary}"), Ok(())),
+        Ok(Err(e)) => push(name, Err(e)),
+        Err(p) => {
+            let why = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            push(name, Err(format!("panicked: {why}")))
+        }
+    };
+    for (i, &(m, h, v, chunk)) in [(1, 64, 7, None), (37, 128, 1000, Some(16)), (300, 256, 5000, None), (2048, 512, 32000, Some(512))].iter().enumerate() {
+        run(format!("linear cross-entropy bf16 M {m} H {h} V {v} chunk {chunk:?}"), &|| mc::check_linear_ce_bf16(&dev, (m, h, v), chunk, i as u64));
+    }
+    run("model bf16: loss and LoRA gradients vs cpu".into(), &|| mc::check_loss_and_grads(&dev, DType::BF16));
+    run("model bf16: 5 LoRA training steps vs cpu".into(), &|| mc::check_training(&dev, DType::BF16));
+    run("model bf16: logits through the KV cache vs cpu".into(), &|| mc::check_cached_logits(&dev, DType::BF16));
 }
 
 /// RoPE, SwiGLU and embedding: the bodies `tests/ops_devices.rs` runs on the CPU and wgpu,

@@ -47,11 +47,18 @@ if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 else
   echo "PyTorch with CUDA not found: no side-by-side baseline"
 fi
-# tuna's side of the end-to-end case, on wgpu (Vulkan; f32): with TUNA_BIN set to a release
-# `tuna` binary and a Vulkan loader with the GPU's driver present. (The model is not wired to
-# CUDA yet.)
+# tuna's side of the end-to-end case (TUNA_BIN = a release `tuna` binary): on CUDA in bf16
+# (LoRA r16 on every linear, the same shapes as e2e_torch.py), then on wgpu (Vulkan, f32)
+# where a Vulkan loader with the GPU's driver is present.
 if [ -n "${TUNA_BIN:-}" ]; then
-  if "$TUNA_BIN" devices 2>/dev/null | grep -q '^wgpu'; then
+  echo
+  for shape in "4 2048" "8 512"; do
+    set -- $shape
+    echo "tuna bench-step --device cuda --preset llama1b --batch $1 --seq $2"
+    "$TUNA_BIN" bench-step --device cuda --preset llama1b --batch "$1" --seq "$2" --steps 3 --warmup 1 \
+      | tee -a "$out/e2e-tuna-cuda.jsonl" || echo "tuna e2e on cuda failed for $1 x $2"
+  done
+  if [ "${TUNA_E2E_WGPU:-1}" != 0 ] && "$TUNA_BIN" devices 2>/dev/null | grep -q '^wgpu'; then
     echo
     for shape in "4 2048" "8 512"; do
       set -- $shape

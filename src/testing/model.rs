@@ -1,0 +1,263 @@
+//! The Llama model on a GPU against the same model on the CPU: loss and LoRA gradients (with
+//! dropout, packed rows, checkpointed layers), a few training steps, and logits through the KV
+//! cache. The bodies `tests/model_devices.rs` runs on wgpu (f32) and `tools/gpu-check` on CUDA
+//! (bf16, f32 adapters).
+//!
+//! The CPU runs in f32 on the device's weights (rounded to the device's dtype and back), so
+//! the difference measured is the device's arithmetic alone. Tolerances per dtype
+//! (`ModelTolerance::for_dtype`): f32 differs only in the order of summation (1e-4 relative);
+//! bf16 rounds every activation to 8 significant bits (unit roundoff 2^-9 ≈ 0.2%), so a
+//! gradient, the product of ~40 rounded ops in this model, may differ by a few percent, while
+//! the loss, a mean over tokens, averages the rounding out to well under 1%.
+
+use crate::io::config::LlamaConfig;
+use crate::nn::{KvCache, Llama, Packing};
+use crate::peft::LoraConfig;
+use crate::rng::Rng;
+use crate::tape::Tape;
+use crate::train::data::Sequence;
+use crate::train::{Method, TrainConfig, Trainer};
+use crate::{DType, Device, Tensor};
+
+type CheckResult = std::result::Result<String, String>;
+
+/// Relative bounds of a device's results against the CPU's.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelTolerance {
+    /// |loss_dev - loss_cpu| / |loss_cpu|.
+    pub loss: f64,
+    /// ‖g_dev - g_cpu‖₂ / ‖g_cpu‖₂ per gradient tensor.
+    pub grad: f64,
+    /// max |logit_dev - logit_cpu| / max |logit_cpu|.
+    pub logits: f64,
+}
+
+impl ModelTolerance {
+    pub fn for_dtype(dtype: DType) -> ModelTolerance {
+        match dtype {
+            DType::F32 => ModelTolerance { loss: 1e-4, grad: 1e-3, logits: 1e-4 },
+            _ => ModelTolerance { loss: 1e-2, grad: 5e-2, logits: 3e-2 },
+        }
+    }
+}
+
+/// A small Llama whose attention has a head dim the CUDA kernels have (64): hidden 128, two
+/// query heads over one key/value head, two layers, vocabulary 320.
+pub fn tiny_config() -> LlamaConfig {
+    LlamaConfig::llama(320, 128, 256, 2, 2, 1)
+}
+
+/// A random tiny model (weights rounded to `dtype`) with LoRA rank 4 on every linear and
+/// non-zero B (so the adapters change the output), on the CPU in f32.
+pub fn tiny_lora_model(dtype: DType, dropout: f32) -> crate::Result<Llama> {
+    let mut m = Llama::random(tiny_config(), 3)?.to_dtype(dtype)?.to_dtype(DType::F32)?;
+    m.add_lora(&LoraConfig { r: 4, alpha: 8.0, dropout, ..Default::default() }, 5)?;
+    let mut rng = Rng::new(9);
+    m.map_lora(|name, t| if name.contains("lora_B") { Tensor::from_vec(rng.vec(t.elem_count(), -0.05, 0.05), t.shape().clone()) } else { Ok(t.clone()) })?;
+    Ok(m)
+}
+
+/// The CPU model on `dev` in `dtype`, its adapters kept as f32 masters (as the trainer does).
+pub fn on_device(cpu: &Llama, dev: &Device, dtype: DType) -> crate::Result<Llama> {
+    let mut m = cpu.to_device(dev)?.to_dtype(dtype)?;
+    let adapters = cpu.lora_parameters();
+    let mut it = adapters.into_iter();
+    m.map_lora(|_, _| it.next().expect("one adapter per slot").1.to_device(dev))?;
+    Ok(m)
+}
+
+/// Prefixes an error with what failed.
+fn ctx(what: impl std::fmt::Display) -> impl Fn(crate::Error) -> String {
+    move |err| format!("{what}: {err}")
+}
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let (mut d, mut n) = (0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want) {
+        d += (*g as f64 - *w as f64).powi(2);
+        n += (*w as f64).powi(2);
+    }
+    (d / n.max(1e-30)).sqrt()
+}
+
+/// Token ids `[b, t]` in the tiny vocabulary.
+fn ids(b: usize, t: usize, seed: u64) -> Vec<i32> {
+    let mut rng = Rng::new(seed);
+    (0..b * t).map(|_| rng.below(320) as i32).collect()
+}
+
+/// Loss and the LoRA gradients of one forward + backward of `model` on `ids` `[2, 16]`,
+/// optionally with dropout, packed rows (two examples per row) and checkpointed layers.
+fn loss_and_grads(model: &Llama, ids: &[i32], dropout_seed: Option<u64>, packed: bool, checkpoint: bool) -> crate::Result<(f32, Vec<Vec<f32>>)> {
+    let tape = Tape::new();
+    let mut m = model.clone();
+    m.dropout_seed = dropout_seed;
+    m.checkpoint_layers = checkpoint;
+    let mut params = Vec::new();
+    m.map_lora(|_, t| {
+        let p = tape.param(t);
+        params.push(p.clone());
+        Ok(p)
+    })?;
+    let ids_t = Tensor::from_vec_i32(ids.to_vec(), [2, 16])?;
+    let loss = if packed {
+        // Row r holds an example of 16 - 5r tokens, then one of the rest.
+        let starts: Vec<u32> = (0..2).flat_map(|r| (0..16u32).map(move |i| if i < 11 + 5 * r as u32 { 0 } else { 11 + 5 * r as u32 })).collect();
+        let pk = Packing { starts: std::sync::Arc::new(starts) };
+        m.loss_packed(&ids_t, None, &pk)?
+    } else {
+        m.loss(&ids_t, None)?
+    };
+    let g = tape.backward(&loss)?;
+    let grads = params.iter().map(|p| g.get(p).map_or_else(|| Ok(vec![0.0; p.elem_count()]), |g| g.to_vec_f32())).collect::<crate::Result<_>>()?;
+    Ok((loss.to_scalar()?, grads))
+}
+
+/// Loss and every LoRA gradient on `dev` in `dtype` against the CPU, for plain, dropout 0.1,
+/// packed and checkpointed runs. Returns the largest errors seen.
+pub fn check_loss_and_grads(dev: &Device, dtype: DType) -> CheckResult {
+    let tol = ModelTolerance::for_dtype(dtype);
+    let mut worst = (0.0f64, 0.0f64);
+    for (what, dropout, packed, checkpoint) in [("plain", 0.0, false, false), ("dropout 0.1", 0.1, false, false), ("packed", 0.0, true, false), ("checkpointed", 0.0, false, true)] {
+        let cpu = tiny_lora_model(dtype, dropout).map_err(ctx("building the model"))?;
+        let gpu = on_device(&cpu, dev, dtype).map_err(ctx("moving the model"))?;
+        let ids = ids(2, 16, 11);
+        let seed = (dropout > 0.0).then_some(21);
+        let (lc, gc) = loss_and_grads(&cpu, &ids, seed, packed, checkpoint).map_err(ctx("cpu"))?;
+        let (lg, gg) = loss_and_grads(&gpu, &ids, seed, packed, checkpoint).map_err(ctx(dev))?;
+        let dl = ((lg - lc) as f64).abs() / (lc as f64).abs().max(1e-6);
+        if dl > tol.loss {
+            return Err(format!("{what}: loss {lg} on {dev} vs {lc} on the cpu (relative {dl:.2e} > {:.0e})", tol.loss));
+        }
+        worst.0 = worst.0.max(dl);
+        for (i, (g, c)) in gg.iter().zip(&gc).enumerate() {
+            let d = rel_l2(g, c);
+            if d > tol.grad || !d.is_finite() {
+                return Err(format!("{what}: adapter gradient {i} differs by {d:.2e} (relative L2) > {:.0e}", tol.grad));
+            }
+            worst.1 = worst.1.max(d);
+        }
+    }
+    Ok(format!("loss within {:.1e}, gradients within {:.1e}", worst.0, worst.1))
+}
+
+/// Five LoRA training steps (AdamW, one CPU shard so dropout masks agree) on `dev` against the
+/// CPU, from the same weights: every step's loss and the final masters.
+pub fn check_training(dev: &Device, dtype: DType) -> CheckResult {
+    let tol = ModelTolerance::for_dtype(dtype);
+    let mut rng = Rng::new(4);
+    let data: Vec<Sequence> = (0..8)
+        .map(|_| {
+            let len = 12 + rng.below(5);
+            let start = rng.below(300) as u32;
+            Sequence { ids: (0..len as u32).map(|i| 4 + (start + i) % 300).collect(), mask: vec![true; len], starts: Vec::new() }
+        })
+        .collect();
+    let cfg = TrainConfig {
+        method: Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..Default::default() }),
+        lr: 1e-2,
+        batch_size: 4,
+        max_steps: Some(5),
+        shards: 1,
+        seed: 7,
+        ..Default::default()
+    };
+    let base = Llama::random(tiny_config(), 3).and_then(|m| m.to_dtype(dtype)?.to_dtype(DType::F32)).map_err(ctx("building the model"))?;
+    let run = |model: Llama| -> crate::Result<(Vec<f32>, Vec<Vec<f32>>)> {
+        let mut t = Trainer::new(model, cfg.clone(), data.clone(), 0)?;
+        let losses = (0..5).map(|_| t.train_step().map(|r| r.loss)).collect::<crate::Result<Vec<_>>>()?;
+        t.sync_host()?;
+        Ok((losses, t.masters.clone()))
+    };
+    let (lc, mc) = run(base.clone()).map_err(ctx("cpu"))?;
+    let gpu = base.to_device(dev).and_then(|m| m.to_dtype(dtype)).map_err(ctx("moving the model"))?;
+    let (lg, mg) = run(gpu).map_err(ctx(dev))?;
+    let mut worst = (0.0f64, 0.0f64);
+    for (i, (g, c)) in lg.iter().zip(&lc).enumerate() {
+        let d = ((g - c) as f64).abs() / (*c as f64).abs().max(1e-6);
+        if d > tol.loss {
+            return Err(format!("step {i}: loss {g} on {dev} vs {c} on the cpu (relative {d:.2e} > {:.0e})", tol.loss));
+        }
+        worst.0 = worst.0.max(d);
+    }
+    // Relative to the masters themselves: B starts at zero, so its difference is measured
+    // against what five steps made of it.
+    for (i, (g, c)) in mg.iter().zip(&mc).enumerate() {
+        let d = rel_l2(g, c);
+        if d > tol.grad {
+            return Err(format!("master {i} after 5 steps differs by {d:.2e} (relative L2) > {:.0e}", tol.grad));
+        }
+        worst.1 = worst.1.max(d);
+    }
+    Ok(format!("losses within {:.1e}, masters within {:.1e} ({:.3} -> {:.3})", worst.0, worst.1, lc[0], lc[4]))
+}
+
+/// Logits of a 6-token prompt, then of 2 more tokens through the KV cache, on `dev` against
+/// the CPU (the generation path: `matmul` for the head, the cache's concatenation).
+pub fn check_cached_logits(dev: &Device, dtype: DType) -> CheckResult {
+    let tol = ModelTolerance::for_dtype(dtype);
+    let cpu = tiny_lora_model(dtype, 0.0).map_err(ctx("building the model"))?;
+    let gpu = on_device(&cpu, dev, dtype).map_err(ctx("moving the model"))?;
+    let ids = ids(1, 8, 13);
+    let run = |m: &Llama| -> crate::Result<Vec<f32>> {
+        let mut cache = KvCache::new(m.config.num_layers);
+        let mut out = m.forward(&Tensor::from_vec_i32(ids[..6].to_vec(), [1, 6])?, Some(&mut cache))?.to_vec_f32()?;
+        for i in 6..8 {
+            out.extend(m.forward(&Tensor::from_vec_i32(vec![ids[i]], [1, 1])?, Some(&mut cache))?.to_vec_f32()?);
+        }
+        Ok(out)
+    };
+    let (c, g) = (run(&cpu).map_err(ctx("cpu"))?, run(&gpu).map_err(ctx(dev))?);
+    let scale = c.iter().fold(0.0f32, |a, v| a.max(v.abs())) as f64;
+    let d = c.iter().zip(&g).fold(0.0f64, |a, (x, y)| a.max((*x as f64 - *y as f64).abs())) / scale.max(1e-6);
+    if d > tol.logits || !d.is_finite() {
+        return Err(format!("logits through the cache differ by {d:.2e} of the largest > {:.0e}", tol.logits));
+    }
+    Ok(format!("logits within {d:.1e} of the largest"))
+}
+
+/// The fused linear cross-entropy on CUDA in bf16 (x, W rounded to bf16 on the host) against
+/// the f64 loss and `dx = dz·W` of the same rounded values, `chunk` rows at a time. The device
+/// rounds the logits and dz to bf16 (2^-9 relative each) and accumulates in f32, so the loss
+/// and dx agree to about 1%.
+pub fn check_linear_ce_bf16(dev: &Device, (m, h, v): (usize, usize, usize), chunk: Option<usize>, seed: u64) -> CheckResult {
+    use crate::kernels::cross_entropy::reference;
+    use crate::kernels::matmul::{reference::matmul, MatmulParams};
+    let mut rng = Rng::new(seed);
+    let round = |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(|a| half::bf16::from_f32(a).to_f32()).collect() };
+    let (x, w) = (round(rng.vec(m * h, -1.0, 1.0)), round(rng.vec(v * h, -1.0, 1.0)));
+    let t: Vec<i32> = (0..m).map(|i| if i % 5 == 3 { -100 } else { rng.below(v) as i32 }).collect();
+    let (x64, w64): (Vec<f64>, Vec<f64>) = (x.iter().map(|&a| a as f64).collect(), w.iter().map(|&a| a as f64).collect());
+    let z = matmul(&x64, &w64, MatmulParams { m, n: v, k: h, trans_a: false, trans_b: true });
+    let want_loss = reference::cross_entropy(&z, &t, v, -100);
+    let count = t.iter().filter(|&&x| x != -100).count().max(1) as f64;
+    let mut dz = vec![0.0f64; m * v];
+    for (r, &tr) in t.iter().enumerate() {
+        if tr == -100 {
+            continue;
+        }
+        let row = &z[r * v..(r + 1) * v];
+        let mx = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let s: f64 = row.iter().map(|a| (a - mx).exp()).sum();
+        for j in 0..v {
+            dz[r * v + j] = ((row[j] - mx).exp() / s - if j as i32 == tr { 1.0 } else { 0.0 }) / count;
+        }
+    }
+    let want_dx: Vec<f32> = matmul(&dz, &w64, MatmulParams { m, n: h, k: v, trans_a: false, trans_b: false }).iter().map(|&a| a as f32).collect();
+    let run = || -> crate::Result<(f32, Vec<f32>)> {
+        let tape = Tape::new();
+        let xt = tape.param(&Tensor::from_slice(&x, [m, h], dev)?.to_dtype(DType::BF16)?);
+        let wt = Tensor::from_slice(&w, [v, h], dev)?.to_dtype(DType::BF16)?;
+        let tt = Tensor::from_vec_i32(t.clone(), [m])?.to_device(dev)?;
+        let loss = crate::ops::linear_cross_entropy(&xt, &wt, &tt, -100, chunk)?;
+        let g = tape.backward(&loss)?;
+        Ok((loss.to_scalar()?, g.get(&xt).ok_or_else(|| crate::Error::Tape("no gradient for x".into()))?.to_vec_f32()?))
+    };
+    let (loss, dx) = run().map_err(ctx(dev))?;
+    let dl = (loss as f64 - want_loss).abs() / want_loss.abs().max(1e-6);
+    let ddx = rel_l2(&dx, &want_dx);
+    if dl > 1e-2 || ddx > 2e-2 || !ddx.is_finite() {
+        return Err(format!("loss {loss} vs {want_loss} (relative {dl:.2e}, bound 1e-2); dx relative L2 {ddx:.2e} (bound 2e-2)"));
+    }
+    Ok(format!("loss within {dl:.1e}, dx within {ddx:.1e}"))
+}
