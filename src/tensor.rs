@@ -73,6 +73,8 @@ pub enum Storage {
     /// A frozen NF4 weight on a wgpu device: the buffers the NF4 kernels read, and the host
     /// copy that downloads and dequantization read (the weight never changes, so they agree).
     WgpuNf4 { rt: Arc<wg::WgpuRuntime>, host: Arc<Nf4Tensor>, buffers: Arc<nf4::wgsl::Nf4Buffers> },
+    /// The same on a CUDA device (`nf4::cuda::Nf4Device`, read by the NF4 GEMM kernels).
+    CudaNf4 { rt: Arc<cuda::CudaRuntime>, host: Arc<Nf4Tensor>, buffers: Arc<nf4::cuda::Nf4Device> },
 }
 
 pub(crate) struct Inner {
@@ -161,7 +163,7 @@ impl Tensor {
     /// The quantized weight of an NF4 tensor.
     pub fn as_nf4(&self) -> Option<&Arc<Nf4Tensor>> {
         match self.storage() {
-            Storage::Cpu(CpuStorage::Nf4(q)) | Storage::WgpuNf4 { host: q, .. } => Some(q),
+            Storage::Cpu(CpuStorage::Nf4(q)) | Storage::WgpuNf4 { host: q, .. } | Storage::CudaNf4 { host: q, .. } => Some(q),
             _ => None,
         }
     }
@@ -256,7 +258,7 @@ impl Tensor {
             Storage::Cpu(s) => Ok(s.as_bytes().to_vec()),
             Storage::Cuda { rt, buf } => rt.download(buf, n),
             Storage::Wgpu { rt, buf } => rt.download(buf.buffer(), n),
-            Storage::WgpuNf4 { .. } => Err(Error::UnsupportedDType { op: "to_bytes", dtype: DType::NF4 }),
+            Storage::WgpuNf4 { .. } | Storage::CudaNf4 { .. } => Err(Error::UnsupportedDType { op: "to_bytes", dtype: DType::NF4 }),
         }
     }
 
@@ -304,7 +306,11 @@ impl Tensor {
                     let buffers = Arc::new(nf4::wgsl::upload(&rt.device, q)?);
                     Storage::WgpuNf4 { rt, host: q.clone(), buffers }
                 }
-                Device::Cuda(_) => return Err(Error::Unsupported { op: "NF4 weight on this device (CPU and wgpu so far)", device: *device }),
+                Device::Cuda(i) => {
+                    let rt = cuda::runtime(i)?;
+                    let buffers = Arc::new(nf4::cuda::Nf4Device::upload(&rt.stream, q)?);
+                    Storage::CudaNf4 { rt, host: q.clone(), buffers }
+                }
             };
             return Ok(Self::from_storage(storage, self.shape().clone(), DType::NF4, *device));
         }
@@ -331,6 +337,7 @@ impl Tensor {
             }
             // Frozen and immutable: the copy shares the quantized parts.
             Storage::WgpuNf4 { rt, host, buffers } => Storage::WgpuNf4 { rt: rt.clone(), host: host.clone(), buffers: buffers.clone() },
+            Storage::CudaNf4 { rt, host, buffers } => Storage::CudaNf4 { rt: rt.clone(), host: host.clone(), buffers: buffers.clone() },
         };
         Ok(Tensor::from_storage(storage, self.shape().clone(), self.dtype(), self.device()))
     }
@@ -351,7 +358,7 @@ impl Tensor {
         let (n, from) = (self.elem_count(), self.dtype());
         let bytes = n * dtype.size_in_bytes();
         let storage = match self.storage() {
-            Storage::Cpu(_) | Storage::WgpuNf4 { .. } => {
+            Storage::Cpu(_) | Storage::WgpuNf4 { .. } | Storage::CudaNf4 { .. } => {
                 // (Not reached by NF4, which converts to f32 only, above.)
                 let out = cast::cpu::narrow(&self.to_vec_f32()?, dtype);
                 return Tensor::from_bytes(&out, dtype, self.shape().clone(), &self.device());

@@ -524,6 +524,7 @@ pub mod cuda {
         da: &mut CudaViewMut<'_, f32>,
         db: &mut CudaViewMut<'_, f32>,
         dx: Option<&mut CudaViewMut<'_, u16>>,
+        dropout: Option<(f32, u64)>,
         p: LoraParams,
     ) -> Result<()> {
         let op = "nf4_lora_bwd (cuda)";
@@ -536,11 +537,26 @@ pub mod cuda {
         if let Some(dx) = &dx {
             check_len(op, "dx", dx.len(), m * k)?;
         }
+        if dropout.is_some() && dt != Half::Bf16 {
+            return Err(Error::InvalidArgument(format!("{op}: LoRA dropout has bf16 kernels only, not {dt:?}")));
+        }
         let gs = small_grads(stream, modules, dt, dy, x_lora, xa, b, da, db, p)?;
-        if let Some(dx) = dx {
-            let gv = gs.slice(..);
-            let g = Gemm { a1: (dy, n), b1: None, a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: n, k2: r, kn: true };
-            gemm(stream, modules, dt, g, dx, Some(w))?;
+        let gv = gs.slice(..);
+        match (dx, dropout) {
+            (Some(dx), None) => {
+                let g = Gemm { a1: (dy, n), b1: None, a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: n, k2: r, kn: true };
+                gemm(stream, modules, dt, g, dx, Some(w))?;
+            }
+            // As the dense backward: dY·W (NF4, rank 0) and (s·G)·A apart, summed under the mask.
+            (Some(dx), Some((pd, seed))) => {
+                let (mut base, mut ga) = (scratch(stream, m * k)?, scratch(stream, m * k)?);
+                let plain = Gemm { a1: (dy, n), b1: None, a2: (dy, n), b2: (a, k), bias: None, m, n: k, k1: n, k2: 0, kn: true };
+                gemm(stream, modules, dt, plain, &mut base.slice_mut(..), Some(w))?;
+                let lora = Gemm { a1: (&gv, r), b1: Some((a, k)), a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: r, k2: 0, kn: true };
+                gemm(stream, modules, dt, lora, &mut ga.slice_mut(..), None)?;
+                crate::kernels::lora::cuda::dropout(stream, modules, &base.slice(..m * k), Some((&ga.slice(..m * k), 1.0)), dx, pd, seed)?;
+            }
+            (None, _) => {}
         }
         Ok(())
     }

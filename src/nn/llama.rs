@@ -485,24 +485,23 @@ impl Llama {
         if m.linears().iter().any(|(_, l)| l.sparse.is_some()) && *device != Device::Cpu {
             return Err(Error::InvalidArgument(format!("sparse deltas run on the CPU only; merge them (tuna merge --deltas) to use {device}")));
         }
-        m.map_parameters(|name, t| {
-            if t.dtype() == DType::NF4 && matches!(device, Device::Cuda(_)) {
-                return Err(Error::InvalidArgument(format!("{name}: NF4 weights run on the CPU and wgpu so far (load without --nf4 to use {device})")));
-            }
-            t.to_device(device)
-        })?;
+        m.map_parameters(|_, t| t.to_device(device))?;
         m.map_lora(|_, t| t.to_device(device))?;
         Ok(m)
     }
 
     /// A copy with every float weight (and adapter) converted to `dtype` on its device
-    /// (`Tensor::to_dtype`): f16 runs the forward in half precision on wgpu (f32 math inside
-    /// the kernels, f32 statistics). For inference: training in f16 is not wired yet.
+    /// (`Tensor::to_dtype`): bf16 is how the model runs on CUDA; f16 runs the forward in half
+    /// precision on wgpu (f32 math inside the kernels, f32 statistics; inference only). NF4
+    /// weights stay NF4 (the CUDA NF4 kernels produce bf16; on wgpu NF4 runs in f32 only).
     pub fn to_dtype(&self, dtype: DType) -> Result<Llama> {
         let mut m = self.clone();
         m.map_parameters(|name, t| {
             if t.dtype() == DType::NF4 {
-                return Err(Error::InvalidArgument(format!("{name}: NF4 weights stay NF4; load without --nf4 to convert to {dtype}")));
+                if matches!(t.device(), Device::Wgpu(_)) && dtype != DType::F32 {
+                    return Err(Error::InvalidArgument(format!("{name}: NF4 weights on wgpu run in f32 only; load without --nf4 to convert to {dtype}")));
+                }
+                return Ok(t.clone());
             }
             t.to_dtype(dtype)
         })?;

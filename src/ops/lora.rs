@@ -50,7 +50,7 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
             same_device(OP, x, t)?;
             // The frozen weight may be NF4 (QLoRA): read dequantized, one op at a time. On CUDA
             // the adapters may be f32 masters of a bf16 model (converted inside the op).
-            let nf4_weight = std::ptr::eq(t, w) && t.dtype() == DType::NF4 && dt == DType::F32;
+            let nf4_weight = std::ptr::eq(t, w) && t.dtype() == DType::NF4 && (dt == DType::F32 || matches!(x.device(), Device::Cuda(_)));
             let master = !std::ptr::eq(t, w) && part.bias.is_none_or(|b| !std::ptr::eq(t, b)) && matches!(x.device(), Device::Cuda(_)) && t.dtype() == DType::F32;
             if !nf4_weight && !master {
                 expect_dtype(OP, t, dt)?;
@@ -302,9 +302,18 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
     })
 }
 
+/// The device buffers of a frozen NF4 weight on CUDA (QLoRA), read by the NF4 GEMM kernels.
+fn cuda_nf4(w: &Tensor) -> Option<std::sync::Arc<crate::kernels::nf4::cuda::Nf4Device>> {
+    match w.storage() {
+        crate::tensor::Storage::CudaNf4 { buffers, .. } => Some(buffers.clone()),
+        _ => None,
+    }
+}
+
 /// The group on CUDA, bf16: each part is one fused LoRA GEMM (`kernels::lora::cuda`; the
 /// plain linear when the part has no adapter) and the backward is the same kernels' (dA and dB
-/// in f32, each part's dX summed in part order). f32 adapters (the trainer's masters) are
+/// in f32, each part's dX summed in part order); a frozen NF4 weight (QLoRA) runs the NF4
+/// kernels, W dequantized in the tile loads. f32 adapters (the trainer's masters) are
 /// converted to the input's dtype for the GEMM, and their gradients stay f32. LoRA dropout
 /// draws the CPU's mask on the device (`lora::cuda::dropout`).
 fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]) -> Result<Vec<Tensor>> {
@@ -328,7 +337,14 @@ fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
     let mut saved_parts = Vec::with_capacity(parts.len());
     for (part, &p) in parts.iter().zip(params) {
         let w = part.weight;
-        expect_dtype(OP, w, xdt)?;
+        let w_nf4 = cuda_nf4(w);
+        match &w_nf4 {
+            None => expect_dtype(OP, w, xdt)?,
+            Some(_) if part.lora.is_none() => {
+                return Err(Error::InvalidArgument(format!("{OP}: an NF4 weight without a LoRA adapter has no CUDA kernel yet (add an adapter, or load without --nf4)")));
+            }
+            Some(_) => {}
+        }
         let bias = part.bias.map(|b| view::<u16>(b));
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("rank >= 2") = p.n;
@@ -350,7 +366,10 @@ fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
         };
         let mut xa = CudaOut::new(rt, [p.m, p.r], xdt)?;
         let xl = drop.as_ref().map_or(x, |(t, _)| t);
-        lc::forward(s, mods, dt, &view(x), &view(xl), &view(w), bias.as_ref(), &view(&a16), &view(&b16), &mut y.view_mut(), &mut xa.view_mut(), p)?;
+        match &w_nf4 {
+            Some(wq) => crate::kernels::nf4::cuda::lora_forward(s, mods, dt, &view(x), &view(xl), wq, bias.as_ref(), &view(&a16), &view(&b16), &mut y.view_mut(), &mut xa.view_mut(), p)?,
+            None => lc::forward(s, mods, dt, &view(x), &view(xl), &view(w), bias.as_ref(), &view(&a16), &view(&b16), &mut y.view_mut(), &mut xa.view_mut(), p)?,
+        }
         outs.push(y.tensor());
         saved_parts.push(Saved { w: saved(w), lora: Some((a16, b16, a.dtype(), b.dtype())), xa: Some(xa.tensor()), drop, p });
     }
@@ -388,7 +407,10 @@ fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
                     let xa = sp.xa.as_ref().expect("a LoRA part keeps XA");
                     let mut dxv = dxi.as_mut().map(|d| d.view_mut());
                     let dropout = sp.drop.as_ref().map(|(_, d)| (d.p, d.seed));
-                    lc::backward(s, mods, dt, &view(g), &view(xl), &view(xa), &view(&sp.w), &view(a16), &view(b16), &mut da.view_mut(), &mut db.view_mut(), dxv.as_mut(), dropout, p)?;
+                    match cuda_nf4(&sp.w) {
+                        Some(wq) => crate::kernels::nf4::cuda::lora_backward(s, mods, dt, &view(g), &view(xl), &view(xa), &wq, &view(a16), &view(b16), &mut da.view_mut(), &mut db.view_mut(), dxv.as_mut(), dropout, p)?,
+                        None => lc::backward(s, mods, dt, &view(g), &view(xl), &view(xa), &view(&sp.w), &view(a16), &view(b16), &mut da.view_mut(), &mut db.view_mut(), dxv.as_mut(), dropout, p)?,
+                    }
                     drop(dxv);
                     // Gradients in the adapters' own dtypes (f32 masters: as computed).
                     ab.push(Some(da.tensor().to_dtype(*adt)?));

@@ -215,9 +215,6 @@ pub fn check_lora(dev: Device, case: LoraCase) -> Check {
 /// use the CPU dequantization of W (byte-exact against bitsandbytes), the device its own
 /// in-kernel dequantization.
 pub fn check_nf4_lora(dev: Device, case: LoraCase) -> Check {
-    if case.dropout.is_some() && matches!(dev, Device::Cuda(_)) {
-        return Err(format!("nf4 lora ({case:?}): the CUDA NF4 launchers take no dropout yet"));
-    }
     let inp = LoraInputs::new(&case);
     let q = nf4::cpu::quantize(&inp.w);
     let wq = nf4::cpu::dequantize(&q).map_err(|e| e.to_string())?;
@@ -451,9 +448,9 @@ mod cuda_run {
             }
             Some(q) => {
                 let wq = Nf4Device::upload(s, q)?;
-                nf4::lora_forward(s, md, dt, &xv, &xv, &wq, biasv.as_ref(), &av, &bv, &mut y.slice_mut(..m * n), &mut xa.slice_mut(..m * r), p)?;
+                nf4::lora_forward(s, md, dt, &xv, &xlv, &wq, biasv.as_ref(), &av, &bv, &mut y.slice_mut(..m * n), &mut xa.slice_mut(..m * r), p)?;
                 let xav = xa.slice(..m * r);
-                nf4::lora_backward(s, md, dt, &dyv, &xv, &xav, &wq, &av, &bv, &mut da.slice_mut(..r * k), &mut db.slice_mut(..n * r), Some(&mut dx.slice_mut(..m * k)), p)?;
+                nf4::lora_backward(s, md, dt, &dyv, &xlv, &xav, &wq, &av, &bv, &mut da.slice_mut(..r * k), &mut db.slice_mut(..n * r), Some(&mut dx.slice_mut(..m * k)), case.dropout, p)?;
             }
         }
         Ok(LoraOutputs {

@@ -114,12 +114,16 @@ fn loss_and_grads(model: &Llama, ids: &[i32], dropout_seed: Option<u64>, packed:
 }
 
 /// Loss and every LoRA gradient on `dev` in `dtype` against the CPU, for plain, dropout 0.1,
-/// packed and checkpointed runs. Returns the largest errors seen.
+/// packed, checkpointed and NF4-base (QLoRA) runs. Returns the largest errors seen.
 pub fn check_loss_and_grads(dev: &Device, dtype: DType) -> CheckResult {
     let tol = ModelTolerance::for_dtype(dtype);
     let mut worst = (0.0f64, 0.0f64);
-    for (what, dropout, packed, checkpoint) in [("plain", 0.0, false, false), ("dropout 0.1", 0.1, false, false), ("packed", 0.0, true, false), ("checkpointed", 0.0, false, true)] {
-        let cpu = tiny_lora_model(dtype, dropout).map_err(ctx("building the model"))?;
+    let runs = [("plain", 0.0, false, false, false), ("dropout 0.1", 0.1, false, false, false), ("packed", 0.0, true, false, false), ("checkpointed", 0.0, false, true, false), ("nf4 base, dropout 0.1", 0.1, false, false, true)];
+    for (what, dropout, packed, checkpoint, nf4) in runs {
+        let mut cpu = tiny_lora_model(dtype, dropout).map_err(ctx("building the model"))?;
+        if nf4 {
+            cpu.quantize_nf4().map_err(ctx("quantizing"))?;
+        }
         let gpu = on_device(&cpu, dev, dtype).map_err(ctx("moving the model"))?;
         let ids = ids(2, 16, 11);
         let seed = (dropout > 0.0).then_some(21);
@@ -141,10 +145,10 @@ pub fn check_loss_and_grads(dev: &Device, dtype: DType) -> CheckResult {
     Ok(format!("loss within {:.1e}, gradients within {:.1e}", worst.0, worst.1))
 }
 
-/// Five LoRA training steps (AdamW, one CPU shard so dropout masks agree) on `dev` against the
-/// CPU, from the same weights: every step's loss and the final masters.
+/// Five LoRA and five QLoRA training steps (AdamW, dropout 0.1, one CPU shard so the masks
+/// agree) on `dev` against the CPU, from the same weights: every step's loss and the final
+/// masters.
 pub fn check_training(dev: &Device, dtype: DType) -> CheckResult {
-    let tol = ModelTolerance::for_dtype(dtype);
     let mut rng = Rng::new(4);
     let data: Vec<Sequence> = (0..8)
         .map(|_| {
@@ -153,8 +157,20 @@ pub fn check_training(dev: &Device, dtype: DType) -> CheckResult {
             Sequence { ids: (0..len as u32).map(|i| 4 + (start + i) % 300).collect(), mask: vec![true; len], starts: Vec::new() }
         })
         .collect();
+    let adapter = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..Default::default() };
+    let base = Llama::random(tiny_config(), 3).and_then(|m| m.to_dtype(dtype)?.to_dtype(DType::F32)).map_err(ctx("building the model"))?;
+    let mut summary = Vec::new();
+    for method in [Method::Lora(adapter.clone()), Method::Qlora(adapter)] {
+        summary.push(format!("{}: {}", method.name(), check_training_run(dev, dtype, &base, &data, method)?));
+    }
+    Ok(summary.join("; "))
+}
+
+fn check_training_run(dev: &Device, dtype: DType, base: &Llama, data: &[Sequence], method: Method) -> CheckResult {
+    let tol = ModelTolerance::for_dtype(dtype);
+    let what = method.name();
     let cfg = TrainConfig {
-        method: Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..Default::default() }),
+        method,
         lr: 1e-2,
         batch_size: 4,
         max_steps: Some(5),
@@ -162,9 +178,8 @@ pub fn check_training(dev: &Device, dtype: DType) -> CheckResult {
         seed: 7,
         ..Default::default()
     };
-    let base = Llama::random(tiny_config(), 3).and_then(|m| m.to_dtype(dtype)?.to_dtype(DType::F32)).map_err(ctx("building the model"))?;
     let run = |model: Llama| -> crate::Result<(Vec<f32>, Vec<Vec<f32>>)> {
-        let mut t = Trainer::new(model, cfg.clone(), data.clone(), 0)?;
+        let mut t = Trainer::new(model, cfg.clone(), data.to_vec(), 0)?;
         let losses = (0..5).map(|_| t.train_step().map(|r| r.loss)).collect::<crate::Result<Vec<_>>>()?;
         t.sync_host()?;
         Ok((losses, t.masters.clone()))
@@ -176,7 +191,7 @@ pub fn check_training(dev: &Device, dtype: DType) -> CheckResult {
     for (i, (g, c)) in lg.iter().zip(&lc).enumerate() {
         let d = ((g - c) as f64).abs() / (*c as f64).abs().max(1e-6);
         if d > tol.loss {
-            return Err(format!("step {i}: loss {g} on {dev} vs {c} on the cpu (relative {d:.2e} > {:.0e})", tol.loss));
+            return Err(format!("{what} step {i}: loss {g} on {dev} vs {c} on the cpu (relative {d:.2e} > {:.0e})", tol.loss));
         }
         worst.0 = worst.0.max(d);
     }
@@ -185,7 +200,7 @@ pub fn check_training(dev: &Device, dtype: DType) -> CheckResult {
     for (i, (g, c)) in mg.iter().zip(&mc).enumerate() {
         let d = rel_l2(g, c);
         if d > tol.grad {
-            return Err(format!("master {i} after 5 steps differs by {d:.2e} (relative L2) > {:.0e}", tol.grad));
+            return Err(format!("{what}: master {i} after 5 steps differs by {d:.2e} (relative L2) > {:.0e}", tol.grad));
         }
         worst.1 = worst.1.max(d);
     }

@@ -155,10 +155,10 @@ impl Trainer {
             return Err(Error::InvalidArgument("batch size and gradient accumulation must be at least 1".into()));
         }
         if let crate::Device::Cuda(_) = model.device() {
-            // The bf16 model trains f32 adapters; trained bf16 weights (full, head, sparse) and
-            // NF4 storage on CUDA are not wired yet.
-            if !matches!(config.method, Method::Lora(_)) {
-                return Err(Error::InvalidArgument(format!("{} fine-tuning on {} is not wired yet: LoRA trains there; use --device cpu or wgpu", config.method.name(), model.device())));
+            // The bf16 model trains f32 adapters (over a bf16 or NF4 base); trained bf16 weights
+            // (full, head, sparse) on CUDA are not wired yet.
+            if !matches!(config.method, Method::Lora(_) | Method::Qlora(_)) {
+                return Err(Error::InvalidArgument(format!("{} fine-tuning on {} is not wired yet: LoRA and QLoRA train there; use --device cpu or wgpu", config.method.name(), model.device())));
             }
         }
         match &config.method {

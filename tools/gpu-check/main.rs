@@ -292,6 +292,7 @@ fn lora_cases(push: &mut impl FnMut(String, Result<(), String>)) {
             if dtype == DType::BF16 {
                 let dropped = LoraCase { dropout: Some((0.1, 7 + i as u64)), ..case };
                 push(format!("lora {dtype} m{m} n{n} k{k} r{r} dropout 0.1"), check_lora(dev, dropped));
+                push(format!("nf4 lora {dtype} m{m} n{n} k{k} r{r} dropout 0.1"), check_nf4_lora(dev, dropped));
             }
         }
     }
