@@ -405,13 +405,14 @@ fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
                     let (mut da, mut db) = (CudaOut::new(rt, a16.shape().clone(), DType::F32)?, CudaOut::new(rt, b16.shape().clone(), DType::F32)?);
                     let xl = sp.drop.as_ref().map_or(&sx, |(t, _)| t);
                     let xa = sp.xa.as_ref().expect("a LoRA part keeps XA");
-                    let mut dxv = dxi.as_mut().map(|d| d.view_mut());
                     let dropout = sp.drop.as_ref().map(|(_, d)| (d.p, d.seed));
-                    match cuda_nf4(&sp.w) {
-                        Some(wq) => crate::kernels::nf4::cuda::lora_backward(s, mods, dt, &view(g), &view(xl), &view(xa), &wq, &view(a16), &view(b16), &mut da.view_mut(), &mut db.view_mut(), dxv.as_mut(), dropout, p)?,
-                        None => lc::backward(s, mods, dt, &view(g), &view(xl), &view(xa), &view(&sp.w), &view(a16), &view(b16), &mut da.view_mut(), &mut db.view_mut(), dxv.as_mut(), dropout, p)?,
+                    {
+                        let mut dxv = dxi.as_mut().map(|d| d.view_mut());
+                        match cuda_nf4(&sp.w) {
+                            Some(wq) => crate::kernels::nf4::cuda::lora_backward(s, mods, dt, &view(g), &view(xl), &view(xa), &wq, &view(a16), &view(b16), &mut da.view_mut(), &mut db.view_mut(), dxv.as_mut(), dropout, p)?,
+                            None => lc::backward(s, mods, dt, &view(g), &view(xl), &view(xa), &view(&sp.w), &view(a16), &view(b16), &mut da.view_mut(), &mut db.view_mut(), dxv.as_mut(), dropout, p)?,
+                        }
                     }
-                    drop(dxv);
                     // Gradients in the adapters' own dtypes (f32 masters: as computed).
                     ab.push(Some(da.tensor().to_dtype(*adt)?));
                     ab.push(Some(db.tensor().to_dtype(*bdt)?));

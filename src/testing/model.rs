@@ -217,8 +217,8 @@ pub fn check_cached_logits(dev: &Device, dtype: DType) -> CheckResult {
     let run = |m: &Llama| -> crate::Result<Vec<f32>> {
         let mut cache = KvCache::new(m.config.num_layers);
         let mut out = m.forward(&Tensor::from_vec_i32(ids[..6].to_vec(), [1, 6])?, Some(&mut cache))?.to_vec_f32()?;
-        for i in 6..8 {
-            out.extend(m.forward(&Tensor::from_vec_i32(vec![ids[i]], [1, 1])?, Some(&mut cache))?.to_vec_f32()?);
+        for &id in &ids[6..8] {
+            out.extend(m.forward(&Tensor::from_vec_i32(vec![id], [1, 1])?, Some(&mut cache))?.to_vec_f32()?);
         }
         Ok(out)
     };

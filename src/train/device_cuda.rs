@@ -17,6 +17,9 @@ use crate::ops::cuda::view;
 use crate::tensor::Storage;
 use crate::{DType, Device, Error, Result, Tensor};
 
+/// AdamW's `(m, v)` per tensor, on the host.
+pub(crate) type Moments = Vec<(Vec<f32>, Vec<f32>)>;
+
 pub(crate) struct CudaAdamW {
     rt: Arc<CudaRuntime>,
     shapes: Vec<Vec<usize>>,
@@ -98,7 +101,7 @@ impl CudaAdamW {
     }
 
     /// The masters and AdamW's `(m, v)`, copied to the host.
-    pub fn download(&self) -> Result<(Vec<Vec<f32>>, Vec<(Vec<f32>, Vec<f32>)>)> {
+    pub fn download(&self) -> Result<(Vec<Vec<f32>>, Moments)> {
         let dtoh = |b: &CudaSlice<f32>| self.rt.stream.clone_dtoh(b).map_err(|e| Error::cuda("copying optimizer state", e));
         let mut masters = Vec::new();
         let mut state = Vec::new();
