@@ -39,6 +39,19 @@ fn casts_match_the_cpu_bit_for_bit_on_every_device() {
 }
 
 #[test]
+fn add_and_scale_match_the_cpu_bit_for_bit_in_each_gpu_dtype() {
+    // The shared body gpu-check runs on CUDA (f32 and bf16); here on every GPU present. (f16
+    // on wgpu rounds as the driver converts, so the next test bounds it instead.)
+    for dev in common::devices().into_iter().filter(|d| *d != Device::Cpu) {
+        for dtype in dtypes(dev).into_iter().filter(|d| *d != DType::F16) {
+            for (i, (m, n)) in [(1, 1), (37, 301), (3, 1025)].into_iter().enumerate() {
+                tuna::testing::token_ops::check_add_scale(dev, dtype, m, n, i as u64).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
 fn add_and_scale_match_the_cpu_bit_for_bit_on_every_device() {
     // One f32 operation per element, so the device must give the CPU's bits: add with b the
     // same shape and b a bias broadcast over rows; scale by a host factor; scale_by a device

@@ -438,3 +438,32 @@ mod cuda_run {
         })
     }
 }
+
+/// `add` (b of a's shape, and a bias `[cols]` broadcast over rows) and `scale` on `dev` in
+/// `dtype` (f32, or bf16 on CUDA) against the CPU: each is one f32 operation per element on
+/// inputs exact in `dtype`, then one round to nearest even into `dtype`, so the bits must agree.
+pub fn check_add_scale(dev: Device, dtype: DType, rows: usize, cols: usize, seed: u64) -> Check {
+    use crate::{ops, Tensor};
+    let e = |what: &'static str| move |err: crate::Error| format!("{what} on {dev}: {err}");
+    let mut rng = Rng::new(seed);
+    let mut input = |n: usize| -> Vec<f32> { rng.vec(n, -3.0, 3.0).into_iter().map(|x| round_to(dtype, x)).collect() };
+    let (a, full, bias) = (input(rows * cols), input(rows * cols), input(cols));
+    let on = |v: &[f32], shape: Vec<usize>| -> crate::Result<Tensor> { Tensor::from_slice(v, shape, &dev)?.to_dtype(dtype) };
+    let bits = |v: Vec<f32>| -> Vec<u32> { v.into_iter().map(|x| round_to(dtype, x).to_bits()).collect() };
+    let got_bits = |t: Tensor| -> crate::Result<Vec<u32>> { Ok(t.to_vec_f32()?.iter().map(|x| x.to_bits()).collect()) };
+    let at = on(&a, vec![rows, cols]).map_err(e("upload"))?;
+    for (what, b, shape) in [("add (same shape)", &full, vec![rows, cols]), ("add (bias over rows)", &bias, vec![cols])] {
+        let want = bits(a.iter().enumerate().map(|(i, x)| x + b[i % b.len()]).collect());
+        let got = got_bits(ops::add(&at, &on(b, shape).map_err(e("upload"))?).map_err(e(what))?).map_err(e(what))?;
+        if got != want {
+            let i = got.iter().zip(&want).position(|(g, w)| g != w).unwrap_or(0);
+            return Err(format!("{what} {dtype} on {dev}: element {i} has bits {:#x}, the CPU's {:#x}", got[i], want[i]));
+        }
+    }
+    let want = bits(a.iter().map(|x| x * -0.37).collect());
+    let got = got_bits(ops::scale(&at, -0.37).map_err(e("scale"))?).map_err(e("scale"))?;
+    if got != want {
+        return Err(format!("scale {dtype} on {dev}: differs from the CPU's bits"));
+    }
+    Ok(())
+}

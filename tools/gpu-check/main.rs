@@ -261,6 +261,11 @@ fn token_op_cases(push: &mut impl FnMut(String, Result<(), String>)) {
             push(format!("embedding {dtype} T {tokens} V {vocab} E {dim}"), check_embedding(dev, dtype, tokens, vocab, dim, i as u64));
         }
     }
+    for dtype in [DType::F32, DType::BF16] {
+        for (i, (m, n)) in [(1, 1), (37, 301), (4096, 2048)].into_iter().enumerate() {
+            push(format!("add/scale {dtype} [{m}, {n}], bit-exact"), tuna::testing::token_ops::check_add_scale(dev, dtype, m, n, i as u64));
+        }
+    }
     for (i, n) in [21usize, 4097, 1 << 22].into_iter().enumerate() {
         push(format!("casts f32/f16/bf16, {n} elements, bit-exact"), tuna::testing::cast::check_cast(dev, n, i as u64));
     }
