@@ -338,19 +338,18 @@ fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
     for (part, &p) in parts.iter().zip(params) {
         let w = part.weight;
         let w_nf4 = cuda_nf4(w);
-        match &w_nf4 {
-            None => expect_dtype(OP, w, xdt)?,
-            Some(_) if part.lora.is_none() => {
-                return Err(Error::InvalidArgument(format!("{OP}: an NF4 weight without a LoRA adapter has no CUDA kernel yet (add an adapter, or load without --nf4)")));
-            }
-            Some(_) => {}
+        if w_nf4.is_none() {
+            expect_dtype(OP, w, xdt)?;
         }
         let bias = part.bias.map(|b| view::<u16>(b));
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("rank >= 2") = p.n;
         let mut y = CudaOut::new(rt, shape, xdt)?;
         let Some((a, b, _)) = part.lora else {
-            lc::linear(s, mods, dt, &view(x), &view(w), bias.as_ref(), &mut y.view_mut(), (p.m, p.n, p.k))?;
+            match &w_nf4 {
+                Some(wq) => crate::kernels::nf4::cuda::linear(s, mods, dt, &view(x), wq, bias.as_ref(), &mut y.view_mut(), (p.m, p.n, p.k))?,
+                None => lc::linear(s, mods, dt, &view(x), &view(w), bias.as_ref(), &mut y.view_mut(), (p.m, p.n, p.k))?,
+            }
             outs.push(y.tensor());
             saved_parts.push(Saved { w: saved(w), lora: None, xa: None, drop: None, p });
             continue;
@@ -398,7 +397,10 @@ fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
             match &sp.lora {
                 None => {
                     if let Some(dxi) = dxi.as_mut() {
-                        lc::matmul(s, mods, dt, (&view(g), p.n), (&view(&sp.w), p.k), &mut dxi.view_mut(), (p.m, p.k, p.n), true)?;
+                        match cuda_nf4(&sp.w) {
+                            Some(wq) => crate::kernels::nf4::cuda::linear_dx(s, mods, dt, &view(g), &wq, &mut dxi.view_mut(), (p.m, p.n, p.k))?,
+                            None => lc::matmul(s, mods, dt, (&view(g), p.n), (&view(&sp.w), p.k), &mut dxi.view_mut(), (p.m, p.k, p.n), true)?,
+                        }
                     }
                 }
                 Some((a16, b16, adt, bdt)) => {

@@ -47,11 +47,16 @@ pub fn tiny_config() -> LlamaConfig {
     LlamaConfig::llama(320, 128, 256, 2, 2, 1)
 }
 
-/// A random tiny model (weights rounded to `dtype`) with LoRA rank 4 on every linear and
+/// A random tiny model (weights rounded to `dtype`) with LoRA rank 4 on every linear (or, with
+/// `qv_only`, on q_proj and v_proj alone, so the other linears run without an adapter) and
 /// non-zero B (so the adapters change the output), on the CPU in f32.
-pub fn tiny_lora_model(dtype: DType, dropout: f32) -> crate::Result<Llama> {
+pub fn tiny_lora_model(dtype: DType, dropout: f32, qv_only: bool) -> crate::Result<Llama> {
     let mut m = Llama::random(tiny_config(), 3)?.to_dtype(dtype)?.to_dtype(DType::F32)?;
-    m.add_lora(&LoraConfig { r: 4, alpha: 8.0, dropout, ..Default::default() }, 5)?;
+    let mut cfg = LoraConfig { r: 4, alpha: 8.0, dropout, ..Default::default() };
+    if qv_only {
+        cfg.target_modules = vec!["q_proj".into(), "v_proj".into()];
+    }
+    m.add_lora(&cfg, 5)?;
     let mut rng = Rng::new(9);
     m.map_lora(|name, t| if name.contains("lora_B") { Tensor::from_vec(rng.vec(t.elem_count(), -0.05, 0.05), t.shape().clone()) } else { Ok(t.clone()) })?;
     Ok(m)
@@ -120,7 +125,8 @@ pub fn check_loss_and_grads(dev: &Device, dtype: DType) -> CheckResult {
     let mut worst = (0.0f64, 0.0f64);
     let runs = [("plain", 0.0, false, false, false), ("dropout 0.1", 0.1, false, false, false), ("packed", 0.0, true, false, false), ("checkpointed", 0.0, false, true, false), ("nf4 base, dropout 0.1", 0.1, false, false, true)];
     for (what, dropout, packed, checkpoint, nf4) in runs {
-        let mut cpu = tiny_lora_model(dtype, dropout).map_err(ctx("building the model"))?;
+        // The NF4 case puts adapters on q and v only, so the other NF4 linears run plain.
+        let mut cpu = tiny_lora_model(dtype, dropout, nf4).map_err(ctx("building the model"))?;
         if nf4 {
             cpu.quantize_nf4().map_err(ctx("quantizing"))?;
         }
@@ -211,7 +217,7 @@ fn check_training_run(dev: &Device, dtype: DType, base: &Llama, data: &[Sequence
 /// the CPU (the generation path: `matmul` for the head, the cache's concatenation).
 pub fn check_cached_logits(dev: &Device, dtype: DType) -> CheckResult {
     let tol = ModelTolerance::for_dtype(dtype);
-    let cpu = tiny_lora_model(dtype, 0.0).map_err(ctx("building the model"))?;
+    let cpu = tiny_lora_model(dtype, 0.0, false).map_err(ctx("building the model"))?;
     let gpu = on_device(&cpu, dev, dtype).map_err(ctx("moving the model"))?;
     let ids = ids(1, 8, 13);
     let run = |m: &Llama| -> crate::Result<Vec<f32>> {
