@@ -321,6 +321,11 @@ fn bench_step_reports_tokens_per_second_on_every_device() {
             // At least the model's f32 weights (33.7M parameters) were in use at once.
             assert!(live >= 4 * 33_000_000 && v["device_memory"]["peak_held_bytes"].as_u64().unwrap() >= live, "{v}");
         }
+        let (ok, out, err) = tuna(&["bench-step", "--device", &d, "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "0", "--rank", "4", "--qlora"]);
+        assert!(ok, "bench-step --qlora on {d}: {err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["method"], "qlora", "{v}");
+        assert!(v["tokens_per_second"].as_f64().unwrap() > 0.0, "{v}");
     }
     let (ok, _, err) = tuna(&["bench-step", "--device", "tpu"]);
     assert!(!ok && err.contains("tpu"), "an unknown device is named: {err}");

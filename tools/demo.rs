@@ -252,9 +252,12 @@ pub struct BenchStepArgs {
     /// LoRA rank on every linear (default: the preset's; alpha = 2 × rank).
     #[arg(long)]
     rank: Option<usize>,
+    /// QLoRA: the decoder linears' weights quantized to NF4 (bitsandbytes' format), LoRA on top.
+    #[arg(long)]
+    qlora: bool,
 }
 
-/// `tuna bench-step`: times LoRA training steps of a random model (`--preset`) on `--device`
+/// `tuna bench-step`: times LoRA (or QLoRA) training steps of a random model (`--preset`) on `--device`
 /// and prints `{"step_seconds": [...], "tokens_per_second": median, ...}`, with the wgpu
 /// buffer pool's peak memory on wgpu (`device_memory`).
 pub fn bench_step(a: BenchStepArgs) -> CliResult {
@@ -274,7 +277,10 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
     let seqs: Vec<Sequence> =
         (0..batch).map(|_| Sequence { ids: (0..seq).map(|_| rng.below(vocab) as u32).collect(), mask: vec![true; seq], starts: Vec::new() }).collect();
     let cfg = TrainConfig {
-        method: Method::Lora(LoraConfig { r: rank, alpha: 2.0 * rank as f32, ..Default::default() }),
+        method: {
+            let l = LoraConfig { r: rank, alpha: 2.0 * rank as f32, ..Default::default() };
+            if a.qlora { Method::Qlora(l) } else { Method::Lora(l) }
+        },
         batch_size: batch,
         max_steps: Some(a.warmup + a.steps),
         shards: a.cpu_shards,
@@ -322,7 +328,7 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
     println!(
         "{}",
         json!({ "step_seconds": times, "tokens_per_second": (batch * seq) as f64 / median, "device": device.to_string(),
-                "preset": format!("{:?}", a.preset), "batch": batch, "seq": seq, "rank": rank, "device_memory": memory })
+                "preset": format!("{:?}", a.preset), "method": if a.qlora { "qlora" } else { "lora" }, "batch": batch, "seq": seq, "rank": rank, "device_memory": memory })
     );
     Ok(())
 }

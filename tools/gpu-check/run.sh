@@ -52,11 +52,13 @@ fi
 # where a Vulkan loader with the GPU's driver is present.
 if [ -n "${TUNA_BIN:-}" ]; then
   echo
-  for shape in "4 2048" "8 512"; do
-    set -- $shape
-    echo "tuna bench-step --device cuda --preset llama1b --batch $1 --seq $2"
-    "$TUNA_BIN" bench-step --device cuda --preset llama1b --batch "$1" --seq "$2" --steps 3 --warmup 1 \
-      | tee -a "$out/e2e-tuna-cuda.jsonl" || echo "tuna e2e on cuda failed for $1 x $2"
+  for method in "" --qlora; do
+    for shape in "4 2048" "8 512"; do
+      set -- $shape
+      echo "tuna bench-step --device cuda --preset llama1b --batch $1 --seq $2 $method"
+      "$TUNA_BIN" bench-step --device cuda --preset llama1b --batch "$1" --seq "$2" --steps 3 --warmup 1 $method \
+        | tee -a "$out/e2e-tuna-cuda.jsonl" || echo "tuna e2e on cuda failed for $1 x $2 $method"
+    done
   done
   if [ "${TUNA_E2E_WGPU:-1}" != 0 ] && "$TUNA_BIN" devices 2>/dev/null | grep -q '^wgpu'; then
     echo
