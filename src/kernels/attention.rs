@@ -528,6 +528,19 @@ pub mod cuda {
         Pipelined,
     }
 
+    impl FwdKernel {
+        /// The model's choice: `TUNA_FA_FORWARD=pipelined` picks the pipelined kernel, anything
+        /// else (or unset) the first one, so a GPU run can time the model with each without a
+        /// rebuild. Read once per process.
+        pub fn for_model() -> FwdKernel {
+            static CHOICE: std::sync::OnceLock<FwdKernel> = std::sync::OnceLock::new();
+            *CHOICE.get_or_init(|| match std::env::var("TUNA_FA_FORWARD").as_deref() {
+                Ok("pipelined") => FwdKernel::Pipelined,
+                _ => FwdKernel::Sync,
+            })
+        }
+    }
+
     /// `o = softmax(scale·q·kᵀ + mask)·v` and `lse` (`[B, H, T]`, natural log) for q `[B, T, H, D]`,
     /// k and v `[B, S, G, D]`; `starts` (`[B·T]`) are the packed rows' segment starts.
     /// `kernel` picks the first or the pipelined forward.

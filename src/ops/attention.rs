@@ -144,22 +144,19 @@ pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> 
 }
 
 /// The attention op on CUDA: the flash-attention kernels (`kernels::attention::cuda`, bf16 or
-/// f16, head dims 64 and 128) forward and backward; the row log-sum-exp is kept for the
-/// backward. The forward kernel is the first (`FwdKernel::Sync`) until a GPU run shows the
-/// pipelined one faster (tools/gpu-check times both).
+/// f16, head dims 64 and 128; causal, sliding window, packed rows) forward and backward; the row log-sum-exp is kept for the
+/// backward. The forward kernel is the first (`FwdKernel::Sync`) unless `TUNA_FA_FORWARD=pipelined`
+/// (`FwdKernel::for_model`), until a GPU run shows which is faster (tools/gpu-check times both).
 fn attention_cuda(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, p: AttentionParams) -> Result<Tensor> {
     use crate::kernels::attention::cuda as fa;
     const OP: &str = "attention (cuda)";
     let dt = half(OP, q.dtype())?;
-    if p.window.is_some() {
-        return Err(Error::InvalidArgument(format!("{OP}: sliding-window attention has no CUDA kernel yet")));
-    }
     let rt = cuda_buf(q).0;
     let starts = mask.segment_starts.as_deref().map(|s| upload(rt, s)).transpose()?;
     let mut o = CudaOut::new(rt, q.shape().clone(), q.dtype())?;
     let mut lse = CudaOut::new(rt, [p.batch * p.heads * p.q_len], DType::F32)?;
     let sv = starts.as_ref().map(|s| s.slice(..));
-    fa::forward(fa::FwdKernel::Sync, &rt.stream, &rt.modules, dt, &view(q), &view(k), &view(v), sv.as_ref(), &mut o.view_mut(), &mut lse.view_mut(), &p)?;
+    fa::forward(fa::FwdKernel::for_model(), &rt.stream, &rt.modules, dt, &view(q), &view(k), &view(v), sv.as_ref(), &mut o.view_mut(), &mut lse.view_mut(), &p)?;
     let (o, lse) = (o.tensor(), lse.tensor());
     let (sq, sk, sv, so) = (saved(q), saved(k), saved(v), saved(&o));
     record("attention", o, &[q, k, v], move |g, _| {

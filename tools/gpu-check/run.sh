@@ -60,6 +60,10 @@ if [ -n "${TUNA_BIN:-}" ]; then
         | tee -a "$out/e2e-tuna-cuda.jsonl" || echo "tuna e2e on cuda failed for $1 x $2 $method"
     done
   done
+  # The LoRA row again with the pipelined attention forward (the model's default is the first).
+  echo "TUNA_FA_FORWARD=pipelined tuna bench-step --device cuda --preset llama1b --batch 4 --seq 2048"
+  TUNA_FA_FORWARD=pipelined "$TUNA_BIN" bench-step --device cuda --preset llama1b --batch 4 --seq 2048 --steps 3 --warmup 1 \
+    | sed 's/^{/{"attention_forward":"pipelined",/' | tee -a "$out/e2e-tuna-cuda.jsonl" || echo "tuna e2e (pipelined attention) failed"
   if [ "${TUNA_E2E_WGPU:-1}" != 0 ] && "$TUNA_BIN" devices 2>/dev/null | grep -q '^wgpu'; then
     echo
     for shape in "4 2048" "8 512"; do
