@@ -53,8 +53,10 @@ impl Linear {
             let dropout = dropout_seed.filter(|_| l.dropout > 0.0).map(|seed| ops::Dropout { p: l.dropout, seed });
             return ops::lora_linear(x, &self.weight, self.bias.as_ref(), &l.a, &l.b, l.scale, dropout);
         }
-        // An NF4 weight on a GPU is read by the linear kernels (dequantized in their tile loads).
-        if self.weight.dtype() == DType::NF4 && self.weight.device() != Device::Cpu {
+        // A frozen weight on a GPU runs the linear kernels: the bias added in the GEMM's
+        // epilogue, an NF4 weight dequantized in the tile loads.
+        let frozen = !self.weight.is_tracked() && self.bias.as_ref().is_none_or(|b| !b.is_tracked());
+        if frozen && self.weight.device() != Device::Cpu {
             return Ok(ops::linear_group(x, &[self.part(None)])?.remove(0));
         }
         let y = ops::matmul(x, &self.weight, false, true)?;
