@@ -12,9 +12,10 @@
 // The K loop runs over K1 and then K2 tiles into the same accumulators, so C is written once
 // and W is read once per output tile.
 //
-// Element types: T for the operands and the bias, TC for C, declared by the two aliases below
-// (f32 as written; the launcher rewrites them and prepends `enable f16;` for f16/f16, the
-// activations in half precision, and f16/f32, dA and dB for f32 master weights).
+// Element types: TA for A1 and A2, TB for B1, B2 and the bias, TC for C, declared by the
+// aliases below (f32 as written; the launcher rewrites them and prepends `enable f16;`: all
+// three f16 for the activations in half precision; TA, TB f16 with TC f32 for dA and dB of f32
+// master weights and f32 logits; TB alone f16 for f32 gradients against an f16 weight).
 // Accumulation is always f32.
 //
 // Launch: workgroup 16x16 owns a 64x64 tile of C, each invocation a 4x4 block at rows
@@ -42,7 +43,8 @@ struct Params {
     _pad: u32,
 }
 
-alias T = f32;
+alias TA = f32;
+alias TB = f32;
 alias TC = f32;
 
 const TM: u32 = 64u;
@@ -50,11 +52,11 @@ const TN: u32 = 64u;
 const TK: u32 = 16u;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a1: array<T>;
-@group(0) @binding(2) var<storage, read> b1: array<T>;
-@group(0) @binding(3) var<storage, read> a2: array<T>;
-@group(0) @binding(4) var<storage, read> b2: array<T>;
-@group(0) @binding(5) var<storage, read> bias: array<T>;
+@group(0) @binding(1) var<storage, read> a1: array<TA>;
+@group(0) @binding(2) var<storage, read> b1: array<TB>;
+@group(0) @binding(3) var<storage, read> a2: array<TA>;
+@group(0) @binding(4) var<storage, read> b2: array<TB>;
+@group(0) @binding(5) var<storage, read> bias: array<TB>;
 @group(0) @binding(6) var<storage, read_write> c: array<TC>;
 
 // a_tile[l][i] = op(A)[row0 + i, k0 + l]; b_tile[l][j] = op(B)[k0 + l, col0 + j].

@@ -307,6 +307,39 @@ fn finetune_on_wgpu_follows_the_cpu() {
 }
 
 #[test]
+fn finetune_in_f16_on_wgpu_follows_the_cpu() {
+    // The model in f16 (f32 adapters, dynamic loss scaling) against the CPU in f32 on the same
+    // data: the final loss within f16's rounding of the weights and activations.
+    let Some(dev) = common::devices().into_iter().find(|&d| common::has_f16(d)) else { return };
+    let m = fixture();
+    let base = std::env::temp_dir().join(format!("tuna-ft-f16-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let data = base.join("data.jsonl");
+    let lines: String = (0..16).map(|i| format!("{{\"prompt\": \"Count {i}\", \"completion\": \" {} {}\"}}\n", i + 1, i + 2)).collect();
+    std::fs::write(&data, lines).unwrap();
+    let run = |device: &str, f16: bool| -> serde_json::Value {
+        let out = base.join(format!("{device}-{f16}"));
+        let mut args = vec!["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
+            "--max-steps", "3", "--lr", "1e-2", "--lora-dropout", "0", "--eval-every", "0", "--checkpoint-every", "0", "--cpu-shards", "1", "--json", "--device", device];
+        if f16 {
+            args.push("--f16");
+        }
+        let (ok, stdout, err) = tuna(&args);
+        assert!(ok, "{device} f16 {f16}: {err}");
+        assert!(out.join("adapter/adapter_model.safetensors").exists());
+        serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+    };
+    let (cpu, half) = (run("cpu", false), run(&dev.to_string(), true));
+    let (a, b) = (cpu["final_train_loss"].as_f64().unwrap(), half["final_train_loss"].as_f64().unwrap());
+    assert!((a - b).abs() <= 1e-2 * a.abs().max(1.0), "final train loss: cpu {a} vs {dev} in f16 {b}");
+    let (ok, _, err) = tuna(&["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", base.join("x").to_str().unwrap(), "--max-steps", "1", "--f16", "--device", "cpu"]);
+    assert!(!ok && err.contains("f16"), "f16 on the cpu is refused, naming the flag: {err}");
+    let (ok, _, err) = tuna(&["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", base.join("y").to_str().unwrap(), "--max-steps", "1", "--f16", "--lora-dropout", "0.1", "--device", &dev.to_string()]);
+    assert!(!ok && err.contains("dropout"), "dropout in f16 is refused, naming it: {err}");
+}
+
+#[test]
 fn bench_step_reports_tokens_per_second_on_every_device() {
     for dev in common::devices() {
         let d = dev.to_string();

@@ -45,3 +45,55 @@ fn logits_through_the_kv_cache_match_the_cpu() {
         eprintln!("{dev} {dt}: {}", r.unwrap());
     }
 }
+
+/// f16 on wgpu (where the adapter has SHADER_F16): the model in half precision with f32
+/// adapters, f32 statistics and loss.
+fn f16_runs() -> Vec<(Device, DType)> {
+    common::devices().into_iter().filter(|&d| common::has_f16(d)).map(|d| (d, DType::F16)).collect()
+}
+
+#[test]
+fn f16_loss_and_lora_gradients_match_the_cpu() {
+    for (dev, dt) in f16_runs() {
+        let r = check_loss_and_grads(&dev, dt);
+        assert!(r.is_ok(), "{dev} {dt}: {}", r.unwrap_err());
+        eprintln!("{dev} {dt}: {}", r.unwrap());
+    }
+}
+
+#[test]
+fn f16_training_steps_match_the_cpu() {
+    for (dev, dt) in f16_runs() {
+        let r = check_training(&dev, dt);
+        assert!(r.is_ok(), "{dev} {dt}: {}", r.unwrap_err());
+        eprintln!("{dev} {dt}: {}", r.unwrap());
+    }
+}
+
+#[test]
+fn an_f16_overflow_skips_the_step_and_halves_the_loss_scale() {
+    use tuna::nn::Llama;
+    use tuna::peft::LoraConfig;
+    use tuna::train::data::Sequence;
+    use tuna::train::{Method, TrainConfig, Trainer};
+    for (dev, dt) in f16_runs() {
+        let model = Llama::random(tuna::testing::model::tiny_config(), 3).unwrap().to_device(&dev).unwrap().to_dtype(dt).unwrap();
+        let data: Vec<Sequence> = (0..4).map(|i| Sequence { ids: (0..12).map(|j| 4 + (i * 7 + j) % 300).collect(), mask: vec![true; 12], starts: Vec::new() }).collect();
+        // 2^40 times the gradient overflows f16 (largest finite 65504) anywhere it is not tiny.
+        let cfg = TrainConfig {
+            method: Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, ..Default::default() }),
+            lr: 1e-2,
+            batch_size: 2,
+            max_steps: Some(2),
+            loss_scale: 2f32.powi(40),
+            ..Default::default()
+        };
+        let mut t = Trainer::new(model, cfg, data, 0).unwrap();
+        let before = t.masters.clone();
+        let r = t.train_step().unwrap();
+        assert!(r.skipped && r.loss.is_finite(), "{dev}: {r:?}");
+        assert_eq!(t.loss_scale.map(|s| s.scale), Some(2f32.powi(39)), "{dev}: the scale halves");
+        t.sync_host().unwrap();
+        assert_eq!(t.masters, before, "{dev}: a skipped step leaves the adapters as they were");
+    }
+}

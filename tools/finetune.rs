@@ -121,6 +121,10 @@ pub struct FinetuneArgs {
     /// activation memory for about one more forward per step; the same gradients.
     #[arg(long)]
     checkpoint_layers: bool,
+    /// Train in f16 on wgpu: activations and frozen weights in f16 (f32 math inside the kernels),
+    /// f32 LoRA adapters, dynamic loss scaling. LoRA without dropout; needs SHADER_F16.
+    #[arg(long)]
+    f16: bool,
     /// Clip the global gradient norm (0: off).
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f32,
@@ -161,6 +165,7 @@ pub struct FinetuneArgs {
 
 pub fn finetune(a: FinetuneArgs) -> CliResult {
     let (model, tok) = load(&a.model)?;
+    let model = crate::half(model, a.f16)?;
     let data = Dataset::read(&a.data).map_err(err)?;
     if a.strict {
         data.strict().map_err(err)?;
@@ -218,6 +223,7 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
         shuffle: !a.no_shuffle,
         shards: a.cpu_shards,
         checkpoint_layers: a.checkpoint_layers,
+        ..Default::default()
     };
     let pad = tok.eos_token.as_deref().and_then(|t| tok.token_to_id(t)).unwrap_or(0);
     let mut trainer = Trainer::new(model, config, train, pad).map_err(err)?;

@@ -215,8 +215,8 @@ fn merge(model: &std::path::Path, adapter: Option<&std::path::Path>, deltas: Opt
     Ok(())
 }
 
-/// The model in f16 for `--f16` (inference on wgpu only).
-fn half(model: Llama, f16: bool) -> Result<Llama, String> {
+/// The model in f16 for `--f16` (on wgpu only).
+pub(crate) fn half(model: Llama, f16: bool) -> Result<Llama, String> {
     if !f16 {
         return Ok(model);
     }

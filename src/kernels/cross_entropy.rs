@@ -335,7 +335,8 @@ pub mod wgsl {
     }
 
     /// Fused linear cross-entropy on the device (see the module docs): `loss[0]` and, where
-    /// given, `dx = dz·W` `[M, H]` and `dw = dzᵀ·x` `[V, H]` for `dy = 1`. x `[M, H]`, W
+    /// given, `dx = dz·W` `[M, H]` and `dw = dzᵀ·x` `[V, H]` for `dy = 1`, all f32 (with
+    /// `precision` f16, x and W are f16; dw is then refused). x `[M, H]`, W
     /// `[V, H]`, targets `[M]` (in range; the caller counted the `count` rows that are not
     /// ignored when it checked them on the host). One submission per chunk of rows: the
     /// chunk's logits by the GEMM, its rows' log-sum-exp, their gradient, then the two
@@ -354,15 +355,16 @@ pub mod wgsl {
         precision: crate::device::wgpu::Precision,
     ) -> Result<()> {
         use crate::device::wgpu::Precision;
-        use crate::kernels::lora::wgsl::{check_buffers, plain, product, product_flags, transposed, Types, FLAG_ACCUMULATE};
+        use crate::kernels::lora::wgsl::{check_buffers, plain, product_flags, transposed, Types, FLAG_ACCUMULATE};
         const OP: &str = "linear_cross_entropy (wgsl)";
         let (m, h, v) = (p.rows, p.hidden, p.vocab);
         let c = p.chunk_rows.clamp(1, m.max(1));
         let es = precision.bytes();
         if precision == Precision::F16 {
-            // Evaluation only (f16 training is not wired): the f32 logits of f16 x and W.
-            if dx.is_some() || dw.is_some() {
-                return Err(Error::InvalidArgument(format!("{OP}: gradients in f16 are not wired yet (evaluation only)")));
+            // The f32 logits of f16 x and W; dx (f32) from the f32 dz against the f16 W. A
+            // trained head (dW) in f16 is not wired.
+            if dw.is_some() {
+                return Err(Error::InvalidArgument(format!("{OP}: the head's gradient in f16 is not wired yet (train it in f32)")));
             }
             if h % 2 == 1 {
                 return Err(Error::InvalidArgument(format!("{OP}: f16 rows of odd width {h} cannot be copied in whole words")));
@@ -418,7 +420,8 @@ pub mod wgsl {
                 encode(dev, &mut enc, &bwd_pipe, &[(0, &u), (1, z.buffer()), (2, tb), (3, lse.buffer()), (5, dz), (6, one.buffer())], (gx, gy, 1));
                 if let Some(dx) = dx {
                     let out = dxc.as_ref().map_or(dx, |b| b.buffer());
-                    product(dev, kernels, &mut enc, (dz, plain(v)), (w, plain(h)), out, (cm, h, v), 1.0)?;
+                    let types = if precision == Precision::F16 { Types::F32F16ToF32 } else { Types::F32 };
+                    product_flags(dev, kernels, &mut enc, (dz, plain(v)), (w, plain(h)), out, (cm, h, v), 1.0, types, 0)?;
                     if let Some(dxc) = &dxc {
                         enc.copy_buffer_to_buffer(dxc.buffer(), 0, dx, bytes(r0 * h), bytes(cm * h));
                     }

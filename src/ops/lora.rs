@@ -48,10 +48,10 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
         let w = part.weight;
         for t in [Some(w), part.bias, part.lora.map(|l| l.0), part.lora.map(|l| l.1)].into_iter().flatten() {
             same_device(OP, x, t)?;
-            // The frozen weight may be NF4 (QLoRA): read dequantized, one op at a time. On CUDA
-            // the adapters may be f32 masters of a bf16 model (converted inside the op).
+            // The frozen weight may be NF4 (QLoRA): read dequantized, one op at a time. On a GPU
+            // the adapters may be f32 masters of a bf16/f16 model (converted inside the op).
             let nf4_weight = std::ptr::eq(t, w) && t.dtype() == DType::NF4 && (dt == DType::F32 || matches!(x.device(), Device::Cuda(_)));
-            let master = !std::ptr::eq(t, w) && part.bias.is_none_or(|b| !std::ptr::eq(t, b)) && matches!(x.device(), Device::Cuda(_)) && t.dtype() == DType::F32;
+            let master = !std::ptr::eq(t, w) && part.bias.is_none_or(|b| !std::ptr::eq(t, b)) && x.device() != Device::Cpu && t.dtype() == DType::F32;
             if !nf4_weight && !master {
                 expect_dtype(OP, t, dt)?;
             }
@@ -205,30 +205,29 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
     let (rt, xb) = wgpu_buf(x);
     let dt = x.dtype();
     let pr = crate::ops::gpu::wgpu_precision(dt).expect("checked by linear_group");
-    if pr == wgsl::Precision::F16 {
-        // Half-precision training (f32 masters, f16 copies, f32 dA/dB) is not wired yet.
-        crate::ops::gpu::forward_only("linear in f16", &[x])?;
-        for part in parts {
-            crate::ops::gpu::forward_only("linear in f16", &[part.lora.map(|l| l.0), part.lora.map(|l| l.1)].into_iter().flatten().collect::<Vec<_>>())?;
-            if part.dropout.is_some_and(|d| d.p > 0.0) {
-                return Err(Error::InvalidArgument("linear in f16: LoRA dropout runs in f32 only".into()));
-            }
-        }
+    if pr == wgsl::Precision::F16 && parts.iter().any(|part| part.dropout.is_some_and(|d| d.p > 0.0)) {
+        return Err(Error::InvalidArgument("linear in f16 on wgpu: LoRA dropout runs in f32 only (train with --lora-dropout 0, or in f32)".into()));
     }
     let mut outs = Vec::with_capacity(parts.len());
     let mut xas = Vec::with_capacity(parts.len());
+    // The adapters in the activations' dtype (f32 masters of an f16 model are converted here),
+    // with their own dtypes for the gradients.
+    let mut adapters = Vec::with_capacity(parts.len());
     for (part, &p) in parts.iter().zip(params) {
         let w_nf4 = nf4_buffers(part.weight);
-        if w_nf4.is_none() {
-            expect_dtype(OP, part.weight, dt)?;
+        match &w_nf4 {
+            None => expect_dtype(OP, part.weight, dt)?,
+            Some(_) if pr == wgsl::Precision::F16 => return Err(Error::InvalidArgument(format!("{OP} in f16 on wgpu: NF4 weights run in f32 only"))),
+            Some(_) => {}
         }
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("rank >= 2") = p.n;
         let y = wgpu_output(rt, shape, dt);
         let xa = rt.alloc(4 * p.m * p.r.max(1));
+        let lora = part.lora.map(|(a, b, _)| -> Result<_> { Ok((saved(a).to_dtype(dt)?, saved(b).to_dtype(dt)?, a.dtype(), b.dtype())) }).transpose()?;
         // Without an adapter (R = 0) the LoRA operands are never read; any buffer binds.
-        let (a, b) = match part.lora {
-            Some((a, b, _)) => (wgpu_buf(a).1, wgpu_buf(b).1),
+        let (a, b) = match &lora {
+            Some((a, b, _, _)) => (wgpu_buf(a).1, wgpu_buf(b).1),
             None => (xb, xb),
         };
         let bias = part.bias.map(|b| wgpu_buf(b).1);
@@ -248,6 +247,7 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
         }
         outs.push(y);
         xas.push((xa, drop));
+        adapters.push(lora);
     }
     let mut inputs: Vec<&Tensor> = vec![x];
     for part in parts {
@@ -257,7 +257,7 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
         }
     }
     let sx = saved(x);
-    let saved_parts: Vec<_> = parts.iter().zip(params).zip(xas).map(|((part, &p), xa)| (saved(part.weight), part.lora.map(|(a, b, _)| (saved(a), saved(b))), xa, p)).collect();
+    let saved_parts: Vec<_> = parts.iter().zip(params).zip(xas).zip(adapters).map(|(((part, &p), xa), lora)| (saved(part.weight), lora, xa, p)).collect();
     record_many(OP, outs, &inputs, move |gs, needs| {
         let (rt, xb) = wgpu_buf(&sx);
         let mut dx: Option<Tensor> = None;
@@ -270,9 +270,9 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
                 }
                 continue;
             };
-            let dxi = needs[0].then(|| wgpu_output(rt, sx.shape().clone(), DType::F32));
+            let dxi = needs[0].then(|| wgpu_output(rt, sx.shape().clone(), dt));
             let (da, db, a, b) = match lora {
-                Some((a, b)) => (Some(wgpu_output(rt, a.shape().clone(), DType::F32)), Some(wgpu_output(rt, b.shape().clone(), DType::F32)), wgpu_buf(a).1, wgpu_buf(b).1),
+                Some((a, b, _, _)) => (Some(wgpu_output(rt, a.shape().clone(), DType::F32)), Some(wgpu_output(rt, b.shape().clone(), DType::F32)), wgpu_buf(a).1, wgpu_buf(b).1),
                 None => (None, None, xb, xb),
             };
             // A plain part (R = 0) writes no dA/dB: small scratch buffers bind in their place.
@@ -283,7 +283,7 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
             let dropout = drop.as_ref().map(|(_, d)| (d.p, d.seed));
             match nf4_buffers(w) {
                 Some(wq) => crate::kernels::nf4::wgsl::lora_backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xl, xa.buffer(), &wq, a, b, dab, dbb, dxb, dropout, *p)?,
-                None => wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xl, xa.buffer(), wgpu_buf(w).1, a, b, dab, dbb, dxb, dropout, *p, wgsl::Precision::F32)?,
+                None => wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xl, xa.buffer(), wgpu_buf(w).1, a, b, dab, dbb, dxb, dropout, *p, pr)?,
             }
             debug_assert_eq!(sx.elem_count(), m * k);
             if let Some(dxi) = dxi {
@@ -292,8 +292,10 @@ fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]
                     Some(acc) => crate::ops::add(&acc, &dxi)?,
                 });
             }
-            if lora.is_some() {
-                ab.extend([da, db]);
+            if let Some((_, _, adt, bdt)) = lora {
+                // dA, dB are f32; an f16 adapter gets them in f16.
+                ab.push(da.map(|t| t.to_dtype(*adt)).transpose()?);
+                ab.push(db.map(|t| t.to_dtype(*bdt)).transpose()?);
             }
         }
         let mut out = vec![dx];

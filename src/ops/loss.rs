@@ -102,7 +102,8 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
         }
         Device::Wgpu(_) if w.dtype() == dt => {
             if dt == DType::F16 {
-                crate::ops::gpu::forward_only("linear_cross_entropy in f16", &[x, w])?;
+                // dx is made in f32 (and converted to f16 in the backward); dW is not.
+                crate::ops::gpu::forward_only("linear_cross_entropy in f16 (the head's gradient)", &[w])?;
             }
             let tv = targets.to_device(&Device::Cpu)?.to_vec::<i32>()?;
             ce::check_targets(&tv, v, ignore_index)?;
@@ -136,7 +137,12 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),
     };
-    record(OP, loss, &[x, w, targets], move |g, _| Ok(vec![dx.map(|d| times(&d, g)).transpose()?, dw.map(|d| times(&d, g)).transpose()?, None]))
+    // dx comes in x's dtype (on wgpu in f16 it was made in f32, so the scaling by dy, which may
+    // carry a loss scale, happens before the rounding to f16).
+    let x_dtype = x.dtype();
+    record(OP, loss, &[x, w, targets], move |g, _| {
+        Ok(vec![dx.map(|d| times(&d, g)?.to_dtype(x_dtype)).transpose()?, dw.map(|d| times(&d, g)).transpose()?, None])
+    })
 }
 
 /// `d · g` for a one-element `g` on d's device (read on the host only on the CPU).

@@ -67,6 +67,15 @@ impl DeviceOptimizer {
         }
     }
 
+    /// The sum of squares of every gradient (read back: one float), before a step decides
+    /// whether to take it (loss scaling).
+    pub fn sum_squares(&mut self, grads: &[Tensor]) -> Result<f64> {
+        match self {
+            DeviceOptimizer::Wgpu(w) => w.sum_squares(grads),
+            DeviceOptimizer::Cuda(c) => c.sum_squares(grads),
+        }
+    }
+
     /// The masters and the optimizer state, copied to the host.
     pub fn download(&self) -> Result<(Vec<Vec<f32>>, HostOptState)> {
         match self {
@@ -136,9 +145,8 @@ impl WgpuOptimizer {
         if grads.len() != self.params.len() {
             return Err(Error::InvalidArgument(format!("device optimizer: {} gradients for {} tensors", grads.len(), self.params.len())));
         }
+        self.dispatch_sum_squares(grads)?;
         let (rt, ss) = wgpu_buf(&self.sum_sq);
-        let bufs: Vec<(&wgpu::Buffer, usize)> = grads.iter().map(|g| (wgpu_buf(g).1, g.elem_count())).collect();
-        sum_squares(&rt.device, &rt.queue, &rt.kernels, &bufs, ss)?;
         let clip = DeviceClip { sum_sq: ss, max_norm };
         let clip = (max_norm > 0.0).then_some(&clip);
         let (d, q, k) = (&rt.device, &rt.queue, &rt.kernels);
@@ -157,6 +165,18 @@ impl WgpuOptimizer {
             }
         }
         Ok(self.sum_sq.to_scalar()?.max(0.0).sqrt())
+    }
+
+    fn dispatch_sum_squares(&self, grads: &[Tensor]) -> Result<()> {
+        let (rt, ss) = wgpu_buf(&self.sum_sq);
+        let bufs: Vec<(&wgpu::Buffer, usize)> = grads.iter().map(|g| (wgpu_buf(g).1, g.elem_count())).collect();
+        sum_squares(&rt.device, &rt.queue, &rt.kernels, &bufs, ss)
+    }
+
+    /// The gradients' sum of squares, read back.
+    pub fn sum_squares(&mut self, grads: &[Tensor]) -> Result<f64> {
+        self.dispatch_sum_squares(grads)?;
+        Ok(self.sum_sq.to_scalar()? as f64)
     }
 
     /// The masters and the optimizer state, copied to the host.

@@ -100,6 +100,14 @@ impl CudaAdamW {
         Ok(sum_sq[0].max(0.0).sqrt() as f32)
     }
 
+    /// The gradients' sum of squares, read back.
+    pub fn sum_squares(&mut self, grads: &[Tensor]) -> Result<f64> {
+        let views: Vec<_> = grads.iter().map(view::<f32>).collect();
+        sum_squares::<f32>(&self.rt.stream, &self.rt.modules, &views, &mut self.sum_sq.slice_mut(..))?;
+        let s = self.rt.stream.clone_dtoh(&self.sum_sq).map_err(|e| Error::cuda("reading the gradient norm", e))?;
+        Ok(s[0])
+    }
+
     /// The masters and AdamW's `(m, v)`, copied to the host.
     pub fn download(&self) -> Result<(Vec<Vec<f32>>, Moments)> {
         let dtoh = |b: &CudaSlice<f32>| self.rt.stream.clone_dtoh(b).map_err(|e| Error::cuda("copying optimizer state", e));

@@ -78,6 +78,8 @@ pub struct TrainConfig {
     /// Recompute each decoder layer in the backward instead of keeping its activations
     /// (`Llama::checkpoint_layers`); the gradients are the same bit for bit.
     pub checkpoint_layers: bool,
+    /// The first loss scale of a half-precision (f16) model (see `LossScale`); unused otherwise.
+    pub loss_scale: f32,
 }
 
 impl Default for TrainConfig {
@@ -97,6 +99,41 @@ impl Default for TrainConfig {
             shuffle: true,
             shards: 2,
             checkpoint_layers: false,
+            loss_scale: 65536.0,
+        }
+    }
+}
+
+/// Dynamic loss scaling for an f16 model (activations and their gradients in f16, f32 masters):
+/// the backward is seeded with `scale` so that small gradients survive f16's range, and the
+/// optimizer divides it out (its clipping sees the unscaled norm). A step whose gradients
+/// overflowed (a non-finite norm) is skipped and the scale halved; after `GROWTH_INTERVAL`
+/// good steps in a row it doubles. This is PyTorch's `GradScaler` rule with its defaults.
+/// The scale starts again from `TrainConfig::loss_scale` on resume.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossScale {
+    pub scale: f32,
+    good_steps: usize,
+}
+
+impl LossScale {
+    const GROWTH_INTERVAL: usize = 2000;
+
+    pub fn new(scale: f32) -> LossScale {
+        LossScale { scale, good_steps: 0 }
+    }
+
+    /// Records a step's outcome: `finite` when the gradients had no inf or NaN.
+    pub fn update(&mut self, finite: bool) {
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps == Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale = (self.scale * 0.5).max(f32::MIN_POSITIVE);
+            self.good_steps = 0;
         }
     }
 }
@@ -119,6 +156,8 @@ pub struct StepReport {
     pub grad_norm: f32,
     pub tokens: usize,
     pub epoch: f32,
+    /// The step's gradients overflowed f16 and the update was skipped (see `LossScale`).
+    pub skipped: bool,
 }
 
 pub struct Trainer {
@@ -141,6 +180,8 @@ pub struct Trainer {
     grad_sums: Option<Vec<Vec<f32>>>,
     /// Optimizer steps taken.
     pub step: usize,
+    /// The loss scale of an f16 model (None for f32 and bf16 models).
+    pub loss_scale: Option<LossScale>,
     train: Vec<Sequence>,
     pad: u32,
 }
@@ -153,6 +194,9 @@ impl Trainer {
         }
         if config.batch_size == 0 || config.grad_accum == 0 {
             return Err(Error::InvalidArgument("batch size and gradient accumulation must be at least 1".into()));
+        }
+        if model.embed.dtype() == crate::DType::F16 && !matches!(config.method, Method::Lora(_)) {
+            return Err(Error::InvalidArgument(format!("{} fine-tuning in f16 is not wired: LoRA trains an f16 model (f32 adapters); load in f32 for the others", config.method.name())));
         }
         if let crate::Device::Cuda(_) = model.device() {
             // The bf16 model trains f32 adapters (over a bf16 or NF4 base); trained bf16 weights
@@ -189,7 +233,8 @@ impl Trainer {
             _ => shapes.iter().map(|s| Layout::dense(s)).collect(),
         };
         let optimizer = Optimizer::new(config.optimizer, &layouts);
-        let mut t = Trainer { model, optimizer, config, names, shapes, layouts, masters, device: None, grad_sums: None, step: 0, train, pad };
+        let loss_scale = (model.embed.dtype() == crate::DType::F16).then(|| LossScale::new(config.loss_scale));
+        let mut t = Trainer { model, optimizer, config, names, shapes, layouts, masters, device: None, grad_sums: None, step: 0, loss_scale, train, pad };
         t.reset_device_state()?;
         Ok(t)
     }
@@ -398,6 +443,7 @@ impl Trainer {
             grad_norm,
             tokens: pieces.iter().map(|p| p.2.tokens).sum(),
             epoch: (self.step * accum) as f32 / self.batches_per_epoch() as f32,
+            skipped: false,
         })
     }
 
@@ -423,23 +469,37 @@ impl Trainer {
             .zip(&self.shapes)
             .map(|(g, s)| g.map_or_else(|| Tensor::zeros(s.clone(), crate::DType::F32, &dev), Ok))
             .collect::<Result<_>>()?;
+        let accum = self.config.grad_accum;
+        let bpe = self.batches_per_epoch() as f32;
+        let epoch = |step: usize| (step * accum) as f32 / bpe;
+        // With a loss scale the gradients are scale·g: an overflow skips the step (the data
+        // moves on, the weights and the optimizer's state do not).
+        let scale = self.loss_scale.map_or(1.0, |s| s.scale);
+        if let Some(ls) = &mut self.loss_scale {
+            let sum_sq = self.device.as_mut().expect("device state").sum_squares(&grads)?;
+            ls.update(sum_sq.is_finite());
+            if !sum_sq.is_finite() {
+                self.step += 1;
+                return Ok(StepReport { step: self.step, loss: loss_sum as f32, lr, grad_norm: f32::NAN, tokens, epoch: epoch(self.step), skipped: true });
+            }
+        }
         let p = match &mut self.optimizer {
             Optimizer::AdamW(a) => {
                 a.step += 1;
                 let c = a.config;
-                device::StepParams::AdamW(crate::kernels::optim::AdamWParams { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay, step: a.step as u32, grad_scale: 1.0 })
+                device::StepParams::AdamW(crate::kernels::optim::AdamWParams { lr, beta1: c.beta1, beta2: c.beta2, eps: c.eps, weight_decay: c.weight_decay, step: a.step as u32, grad_scale: 1.0 / scale })
             }
             Optimizer::Sm3(o) => {
                 o.step += 1;
                 let c = o.config;
-                device::StepParams::Sm3(crate::kernels::optim::Sm3Params { lr, eps: c.eps, beta1: c.beta1, weight_decay: c.weight_decay, grad_scale: 1.0 })
+                device::StepParams::Sm3(crate::kernels::optim::Sm3Params { lr, eps: c.eps, beta1: c.beta1, weight_decay: c.weight_decay, grad_scale: 1.0 / scale })
             }
         };
-        let grad_norm = self.device.as_mut().expect("device state").step(&grads, p, self.config.max_grad_norm)?;
+        // The kernels clip against the scaled norm, so the bound is scaled too.
+        let grad_norm = self.device.as_mut().expect("device state").step(&grads, p, self.config.max_grad_norm * scale)? / scale;
         self.step += 1;
         self.install(None)?;
-        let accum = self.config.grad_accum;
-        Ok(StepReport { step: self.step, loss: loss_sum as f32, lr, grad_norm, tokens, epoch: (self.step * accum) as f32 / self.batches_per_epoch() as f32 })
+        Ok(StepReport { step: self.step, loss: loss_sum as f32, lr, grad_norm, tokens, epoch: epoch(self.step), skipped: false })
     }
 
     /// Loss and gradients of one shard of micro-batch `k`, on a tape of its own over a copy of
@@ -468,7 +528,11 @@ impl Trainer {
             None => model.loss(&batch.ids, Some(&batch.mask)),
         };
         let loss = ops::scale(&loss?, batch.targets as f32 / total_targets as f32)?;
-        let g = tape.backward(&loss)?;
+        // An f16 model's backward starts from the loss scale (see `LossScale`).
+        let g = match self.loss_scale {
+            Some(ls) => tape.backward_from(&loss, &Tensor::full(ls.scale, loss.shape().clone(), &loss.device())?)?,
+            None => tape.backward(&loss)?,
+        };
         let weight_grads = weights.iter().map(|p| g.get(p).map(|g| g.to_vec_f32()).transpose()).collect::<Result<_>>()?;
         Ok(PieceGrads { loss: loss.to_scalar()? as f64, grads: params.iter().map(|p| g.get(p).cloned()).collect(), weight_grads })
     }

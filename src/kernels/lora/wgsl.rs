@@ -37,6 +37,8 @@ pub(crate) enum Types {
     F32,
     F16,
     F16ToF32,
+    /// A f32, B f16, C f32: an f32 gradient against an f16 weight (the fused loss's dX).
+    F32F16ToF32,
 }
 
 impl Types {
@@ -45,11 +47,13 @@ impl Types {
         use std::sync::OnceLock;
         static F16: OnceLock<String> = OnceLock::new();
         static F16_TO_F32: OnceLock<String> = OnceLock::new();
+        static F32_F16_TO_F32: OnceLock<String> = OnceLock::new();
         use crate::device::wgpu::f16_variant;
         match self {
             Types::F32 => (SOURCE, ""),
-            Types::F16 => (F16.get_or_init(|| f16_variant(SOURCE, &["T", "TC"])), "::f16"),
-            Types::F16ToF32 => (F16_TO_F32.get_or_init(|| f16_variant(SOURCE, &["T"])), "::f16_to_f32"),
+            Types::F16 => (F16.get_or_init(|| f16_variant(SOURCE, &["TA", "TB", "TC"])), "::f16"),
+            Types::F16ToF32 => (F16_TO_F32.get_or_init(|| f16_variant(SOURCE, &["TA", "TB"])), "::f16_to_f32"),
+            Types::F32F16ToF32 => (F32_F16_TO_F32.get_or_init(|| f16_variant(SOURCE, &["TB"])), "::f32_f16_to_f32"),
         }
     }
 }
