@@ -447,54 +447,11 @@ pub mod cuda {
         Ok(())
     }
 
-    fn check_weight(op: &'static str, w: &Nf4Device, p: LoraParams) -> Result<()> {
+    pub(crate) fn check_weight(op: &'static str, w: &Nf4Device, p: LoraParams) -> Result<()> {
         if w.len != p.n * p.k {
             return Err(Error::InvalidArgument(format!("{op}: NF4 weight holds {} elements, needs N·K = {}", w.len, p.n * p.k)));
         }
         Ok(())
-    }
-
-    /// The plain linear with W `[N, K]` in NF4 (no adapter): `y = x·wᵀ (+ bias)`, the NF4 GEMM
-    /// over K alone (W dequantized in the tile loads).
-    #[allow(clippy::too_many_arguments)]
-    pub fn linear(
-        stream: &Arc<CudaStream>,
-        modules: &ModuleCache,
-        dt: Half,
-        x: &CudaView<'_, u16>,
-        w: &Nf4Device,
-        bias: Option<&CudaView<'_, u16>>,
-        y: &mut CudaViewMut<'_, u16>,
-        (m, n, k): (usize, usize, usize),
-    ) -> Result<()> {
-        let op = "nf4_linear (cuda)";
-        let p = LoraParams { m, n, k, r: 0, scale: 0.0 };
-        check_weight(op, w, p)?;
-        for (what, have, need) in [("x", x.len(), m * k), ("y", y.len(), m * n)] {
-            check_len(op, what, have, need)?;
-        }
-        if let Some(bias) = bias {
-            check_len(op, "bias", bias.len(), n)?;
-        }
-        for (what, v) in [("M·K", m * k), ("N·K", n * k), ("M·N", m * n)] {
-            to_i32(op, what, v)?;
-        }
-        let g = Gemm { a1: (x, k), b1: None, a2: (x, k), b2: (x, k), bias, m, n, k1: k, k2: 0, kn: false };
-        gemm(stream, modules, dt, g, y, Some(w))
-    }
-
-    /// The plain linear's dX with W `[N, K]` in NF4: `dx = dy·w` (dy `[m, n]`, dx `[m, k]`).
-    pub fn linear_dx(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, dy: &CudaView<'_, u16>, w: &Nf4Device, dx: &mut CudaViewMut<'_, u16>, (m, n, k): (usize, usize, usize)) -> Result<()> {
-        let op = "nf4_linear_dx (cuda)";
-        check_weight(op, w, LoraParams { m, n, k, r: 0, scale: 0.0 })?;
-        for (what, have, need) in [("dy", dy.len(), m * n), ("dx", dx.len(), m * k)] {
-            check_len(op, what, have, need)?;
-        }
-        for (what, v) in [("M·K", m * k), ("N·K", n * k), ("M·N", m * n)] {
-            to_i32(op, what, v)?;
-        }
-        let g = Gemm { a1: (dy, n), b1: None, a2: (dy, n), b2: (dy, n), bias: None, m, n: k, k1: n, k2: 0, kn: true };
-        gemm(stream, modules, dt, g, dx, Some(w))
     }
 
     /// Forward with W `[N, K]` in NF4: `y = x·wᵀ (+ bias) + s·xa·bᵀ`, `xa = x_lora·aᵀ`. M up to

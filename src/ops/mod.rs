@@ -14,6 +14,7 @@ pub(crate) mod cuda;
 pub(crate) mod gpu;
 mod linalg;
 mod lora;
+mod lora_gpu;
 mod loss;
 mod nn;
 mod pointwise;

@@ -160,6 +160,31 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
     Ok(())
 }
 
+/// A frozen weight `[N, K]` as the GEMM reads it: 16-bit values, or NF4 dequantized in the
+/// tile loads (QLoRA).
+#[derive(Clone, Copy)]
+pub enum Weight<'a, 'b> {
+    Dense(&'a CudaView<'b, u16>),
+    Nf4(&'a Nf4Device),
+}
+
+impl<'a, 'b> Weight<'a, 'b> {
+    fn check(&self, op: &'static str, n: usize, k: usize) -> Result<()> {
+        match self {
+            Weight::Dense(w) => check_len(op, "w", w.len(), n * k),
+            Weight::Nf4(q) => crate::kernels::nf4::cuda::check_weight(op, q, LoraParams { m: 0, n, k, r: 0, scale: 0.0 }),
+        }
+    }
+
+    /// The GEMM's B1 operand (None: the NF4 weight, passed apart) with leading dimension `ld`.
+    fn b1(&self, ld: usize) -> (Option<(&'a CudaView<'b, u16>, usize)>, Option<&'a Nf4Device>) {
+        match *self {
+            Weight::Dense(w) => (Some((w, ld)), None),
+            Weight::Nf4(q) => (None, Some(q)),
+        }
+    }
+}
+
 /// The plain linear (the LoRA GEMM with rank 0): `y = x·wᵀ (+ bias)`, x `[m, k]`, w `[n, k]`,
 /// bias `[n]`, y `[m, n]`, all dense.
 #[allow(clippy::too_many_arguments)]
@@ -168,13 +193,14 @@ pub fn linear(
     modules: &ModuleCache,
     dt: Half,
     x: &CudaView<'_, u16>,
-    w: &CudaView<'_, u16>,
+    w: Weight<'_, '_>,
     bias: Option<&CudaView<'_, u16>>,
     y: &mut CudaViewMut<'_, u16>,
     (m, n, k): (usize, usize, usize),
 ) -> Result<()> {
     let op = "linear (cuda)";
-    for (what, have, need) in [("x", x.len(), m * k), ("w", w.len(), n * k), ("y", y.len(), m * n)] {
+    w.check(op, n, k)?;
+    for (what, have, need) in [("x", x.len(), m * k), ("y", y.len(), m * n)] {
         check_len(op, what, have, need)?;
     }
     if let Some(b) = bias {
@@ -183,8 +209,24 @@ pub fn linear(
     for (what, v) in [("M·K", m * k), ("N·K", n * k), ("M·N", m * n)] {
         to_i32(op, what, v)?;
     }
-    let g = Gemm { a1: (x, k), b1: Some((w, k)), a2: (x, k), b2: (w, k), bias, m, n, k1: k, k2: 0, kn: false };
-    gemm(stream, modules, dt, g, y, None)
+    let (b1, nf4) = w.b1(k);
+    let g = Gemm { a1: (x, k), b1, a2: (x, k), b2: (x, k), bias, m, n, k1: k, k2: 0, kn: false };
+    gemm(stream, modules, dt, g, y, nf4)
+}
+
+/// The plain linear's dX: `dx = dy·w`, dy `[m, n]`, w `[n, k]`, dx `[m, k]`.
+pub fn linear_dx(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, dy: &CudaView<'_, u16>, w: Weight<'_, '_>, dx: &mut CudaViewMut<'_, u16>, (m, n, k): (usize, usize, usize)) -> Result<()> {
+    let op = "linear_dx (cuda)";
+    w.check(op, n, k)?;
+    for (what, have, need) in [("dy", dy.len(), m * n), ("dx", dx.len(), m * k)] {
+        check_len(op, what, have, need)?;
+    }
+    for (what, v) in [("M·K", m * k), ("N·K", n * k), ("M·N", m * n)] {
+        to_i32(op, what, v)?;
+    }
+    let (b1, nf4) = w.b1(k);
+    let g = Gemm { a1: (dy, n), b1, a2: (dy, n), b2: (dy, n), bias: None, m, n: k, k1: n, k2: 0, kn: true };
+    gemm(stream, modules, dt, g, dx, nf4)
 }
 
 /// The plain GEMM (the LoRA GEMM with rank 0): `c[m, n] = a·bᵀ` with b `[n, k]`, or with
