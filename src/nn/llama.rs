@@ -617,7 +617,8 @@ impl Llama {
         }
         // The head and the loss as one op, so the [B*T, V] logits are never held in full.
         let x = self.hidden(ids, packing, None)?;
-        let targets = Tensor::from_vec_i32(targets, [b * t])?.to_device(&x.device())?;
+        // On the host: the op checks and counts them there before its one upload.
+        let targets = Tensor::from_vec_i32(targets, [b * t])?;
         ops::linear_cross_entropy(&x, self.head(), &targets, -100, None)
     }
 }

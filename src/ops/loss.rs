@@ -65,10 +65,15 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i32) -> Re
 /// `kernels::cross_entropy::default_chunk_rows`), and the gradients of x and of a trained w
 /// are finished in the same pass, so the backward only scales them by dy (see
 /// `kernels::cross_entropy`). With nothing tracked (evaluation) only the loss is computed.
+/// `targets` may be on x's device or on the CPU (better on a GPU: no download to check them).
 pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_index: i32, chunk_rows: Option<usize>) -> Result<Tensor> {
     const OP: &str = "linear_cross_entropy";
     same_device(OP, x, w)?;
-    same_device(OP, x, targets)?;
+    // The targets may be on x's device or on the CPU: they are checked and counted on the host
+    // either way, so host targets save a download (a wait for the forward) on a GPU.
+    if targets.device() != Device::Cpu {
+        same_device(OP, x, targets)?;
+    }
     let dt = crate::ops::gpu::float_dtype(OP, x)?;
     if w.dtype() != DType::NF4 || dt != DType::F32 {
         expect_dtype(OP, w, dt)?; // a frozen NF4 head (f32 only) is read dequantized
@@ -105,7 +110,7 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
                 // dx is made in f32 (and converted to f16 in the backward); dW is not.
                 crate::ops::gpu::forward_only("linear_cross_entropy in f16 (the head's gradient)", &[w])?;
             }
-            let tv = targets.to_device(&Device::Cpu)?.to_vec::<i32>()?;
+            let (tv, targets) = host_and_device(targets, x.device())?;
             ce::check_targets(&tv, v, ignore_index)?;
             let count = tv.iter().filter(|&&t| t != ignore_index).count();
             let (rt, xb) = wgpu_buf(x);
@@ -114,7 +119,7 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
             let dw = need_dw.then(|| wgpu_output(rt, [v, h], DType::F32));
             let (dxb, dwb) = (dx.as_ref().map(|t| wgpu_buf(t).1), dw.as_ref().map(|t| wgpu_buf(t).1));
             let pr = crate::ops::gpu::wgpu_precision(dt).expect("f32 or f16");
-            ce::wgsl::linear_forward(rt, xb, wgpu_buf(w).1, wgpu_buf(targets).1, dxb, dwb, wgpu_buf(&loss).1, count, p, pr)?;
+            ce::wgsl::linear_forward(rt, xb, wgpu_buf(w).1, wgpu_buf(&targets).1, dxb, dwb, wgpu_buf(&loss).1, count, p, pr)?;
             (loss, dx, dw)
         }
         Device::Cuda(_) => {
@@ -123,7 +128,7 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
             if need_dw {
                 return Err(Error::InvalidArgument(format!("{OP} on {}: training the head (dW) is not wired on CUDA yet; LoRA and QLoRA keep it frozen", x.device())));
             }
-            let tv = targets.to_device(&Device::Cpu)?.to_vec::<i32>()?;
+            let (tv, targets) = host_and_device(targets, x.device())?;
             ce::check_targets(&tv, v, ignore_index)?;
             let count = tv.iter().filter(|&&t| t != ignore_index).count();
             let rt = cuda_buf(x).0;
@@ -131,7 +136,7 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
             let mut dx = need_dx.then(|| CudaOut::new(rt, [m, h], dt)).transpose()?;
             {
                 let mut dxv = dx.as_mut().map(|d| d.view_mut());
-                ce::cuda::linear_forward(&rt.stream, &rt.modules, hdt, &view(x), &view(w), &view(targets), dxv.as_mut(), &mut loss.view_mut(), count, p)?;
+                ce::cuda::linear_forward(&rt.stream, &rt.modules, hdt, &view(x), &view(w), &view(&targets), dxv.as_mut(), &mut loss.view_mut(), count, p)?;
             }
             (loss.tensor(), dx.map(|d| d.tensor()), None)
         }
@@ -143,6 +148,13 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
     record(OP, loss, &[x, w, targets], move |g, _| {
         Ok(vec![dx.map(|d| times(&d, g)?.to_dtype(x_dtype)).transpose()?, dw.map(|d| times(&d, g)).transpose()?, None])
     })
+}
+
+/// The targets' values on the host and the targets on `dev` (one copy, whichever way).
+fn host_and_device(targets: &Tensor, dev: Device) -> Result<(Vec<i32>, Tensor)> {
+    let host = targets.to_device(&Device::Cpu)?.to_vec::<i32>()?;
+    let on_dev = if targets.device() == dev { targets.clone() } else { Tensor::from_vec_i32(host.clone(), targets.shape().clone())?.to_device(&dev)? };
+    Ok((host, on_dev))
 }
 
 /// `d · g` for a one-element `g` on d's device (read on the host only on the CPU).

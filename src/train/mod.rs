@@ -141,7 +141,8 @@ impl LossScale {
 /// One shard's share of a step: its scaled loss and the gradients of the trained tensors (and,
 /// in a regrowth window, of the sparse target weights).
 struct PieceGrads {
-    loss: f64,
+    /// Where the model is; read once the whole step is queued (on a GPU, reading it waits).
+    loss: Tensor,
     /// Where the model is (downloaded when the optimizer runs on the host).
     grads: Vec<Option<Tensor>>,
     weight_grads: Vec<Option<Vec<f32>>>,
@@ -415,7 +416,7 @@ impl Trainer {
         let mut grads: Vec<Vec<f32>> = self.masters.iter().map(|m| vec![0.0; m.len()]).collect();
         let mut loss_sum = 0.0f64;
         for r in results {
-            loss_sum += r.loss;
+            loss_sum += r.loss.to_scalar()? as f64;
             for (acc, g) in grads.iter_mut().zip(r.grads) {
                 if let Some(g) = g {
                     acc.iter_mut().zip(g.to_vec_f32()?).for_each(|(a, v)| *a += v);
@@ -454,7 +455,7 @@ impl Trainer {
         let mut grads: Vec<Option<Tensor>> = vec![None; self.masters.len()];
         let mut loss_sum = 0.0f64;
         for r in results {
-            loss_sum += r.loss;
+            loss_sum += r.loss.to_scalar()? as f64;
             for (acc, g) in grads.iter_mut().zip(r.grads) {
                 if let Some(g) = g {
                     *acc = Some(match acc.take() {
@@ -534,7 +535,7 @@ impl Trainer {
             None => tape.backward(&loss)?,
         };
         let weight_grads = weights.iter().map(|p| g.get(p).map(|g| g.to_vec_f32()).transpose()).collect::<Result<_>>()?;
-        Ok(PieceGrads { loss: loss.to_scalar()? as f64, grads: params.iter().map(|p| g.get(p).cloned()).collect(), weight_grads })
+        Ok(PieceGrads { loss, grads: params.iter().map(|p| g.get(p).cloned()).collect(), weight_grads })
     }
 
     /// Sparse fine-tuning: whether the step about to run sums dense gradients for regrowth.
