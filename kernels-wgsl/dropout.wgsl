@@ -23,9 +23,14 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> prm: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;      // dropout: x | axpy: base
-@group(0) @binding(2) var<storage, read> t: array<f32>;      // axpy: t
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+// Storage types: TX for x and t, TY for y (f32 as written; the launcher makes f16 variants:
+// both f16 for the dropped input of an f16 model, TY alone for dX from f32 products).
+alias TX = f32;
+alias TY = f32;
+
+@group(0) @binding(1) var<storage, read> x: array<TX>;      // dropout: x | axpy: base
+@group(0) @binding(2) var<storage, read> t: array<TX>;      // axpy: t
+@group(0) @binding(3) var<storage, read_write> y: array<TY>;
 
 // Full 64-bit product of two u32.
 fn mul32(a: u32, b: u32) -> vec2<u32> {
@@ -71,7 +76,7 @@ fn dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
     if i >= prm.len {
         return;
     }
-    y[i] = select(0.0, x[i] * prm.keep, uniform_at(i) >= prm.p);
+    y[i] = TY(select(0.0, f32(x[i]) * prm.keep, uniform_at(i) >= prm.p));
 }
 
 @compute @workgroup_size(256)
@@ -80,5 +85,6 @@ fn dropout_axpy(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     if i >= prm.len {
         return;
     }
-    y[i] = select(x[i], x[i] + prm.s * t[i] * prm.keep, uniform_at(i) >= prm.p);
+    let xi = f32(x[i]);
+    y[i] = TY(select(xi, xi + prm.s * f32(t[i]) * prm.keep, uniform_at(i) >= prm.p));
 }

@@ -321,7 +321,7 @@ fn finetune_in_f16_on_wgpu_follows_the_cpu() {
     let run = |device: &str, f16: bool| -> serde_json::Value {
         let out = base.join(format!("{device}-{f16}"));
         let mut args = vec!["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
-            "--max-steps", "3", "--lr", "1e-2", "--lora-dropout", "0", "--eval-every", "0", "--checkpoint-every", "0", "--cpu-shards", "1", "--json", "--device", device];
+            "--max-steps", "3", "--lr", "1e-2", "--lora-dropout", "0.1", "--eval-every", "0", "--checkpoint-every", "0", "--cpu-shards", "1", "--json", "--device", device];
         if f16 {
             args.push("--f16");
         }
@@ -335,8 +335,6 @@ fn finetune_in_f16_on_wgpu_follows_the_cpu() {
     assert!((a - b).abs() <= 1e-2 * a.abs().max(1.0), "final train loss: cpu {a} vs {dev} in f16 {b}");
     let (ok, _, err) = tuna(&["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", base.join("x").to_str().unwrap(), "--max-steps", "1", "--f16", "--device", "cpu"]);
     assert!(!ok && err.contains("f16"), "f16 on the cpu is refused, naming the flag: {err}");
-    let (ok, _, err) = tuna(&["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", base.join("y").to_str().unwrap(), "--max-steps", "1", "--f16", "--lora-dropout", "0.1", "--device", &dev.to_string()]);
-    assert!(!ok && err.contains("dropout"), "dropout in f16 is refused, naming it: {err}");
 }
 
 #[test]

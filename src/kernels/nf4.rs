@@ -370,7 +370,7 @@ pub mod wgsl {
                 let ga = crate::kernels::lora::wgsl::scratch(device, m * k);
                 product(device, kernels, &mut enc, (&g, plain(r)), (a, plain(k)), &ga, (m, k, r), 1.0)?;
                 queue.submit([enc.finish()]);
-                return crate::kernels::lora::wgsl::dropout(device, queue, kernels, base, Some((&ga, p.scale)), dx, m * k, pd, seed);
+                return crate::kernels::lora::wgsl::dropout(device, queue, kernels, base, Some((&ga, p.scale)), dx, m * k, pd, seed, crate::kernels::lora::wgsl::DropoutTypes::F32);
             }
         }
         queue.submit([enc.finish()]);

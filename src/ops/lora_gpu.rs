@@ -38,9 +38,6 @@ pub(super) fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[
     let (rt, xb) = wgpu_buf(x);
     let dt = x.dtype();
     let pr = crate::ops::gpu::wgpu_precision(dt).expect("checked by linear_group");
-    if pr == wgsl::Precision::F16 && parts.iter().any(|part| part.dropout.is_some_and(|d| d.p > 0.0)) {
-        return Err(Error::InvalidArgument("linear in f16 on wgpu: LoRA dropout runs in f32 only (train with --lora-dropout 0, or in f32)".into()));
-    }
     let mut outs = Vec::with_capacity(parts.len());
     let mut xas = Vec::with_capacity(parts.len());
     // The adapters in the activations' dtype (f32 masters of an f16 model are converted here),
@@ -68,7 +65,8 @@ pub(super) fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[
         let drop = match (part.lora, part.dropout) {
             (Some(_), Some(d)) if d.p > 0.0 => {
                 let xl = rt.alloc(4 * p.m * p.k);
-                wgsl::dropout(&rt.device, &rt.queue, &rt.kernels, xb, None, xl.buffer(), p.m * p.k, d.p, d.seed)?;
+                let types = if pr == wgsl::Precision::F16 { wgsl::DropoutTypes::F16 } else { wgsl::DropoutTypes::F32 };
+                wgsl::dropout(&rt.device, &rt.queue, &rt.kernels, xb, None, xl.buffer(), p.m * p.k, d.p, d.seed, types)?;
                 Some((xl, d))
             }
             _ => None,

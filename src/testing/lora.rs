@@ -82,10 +82,11 @@ fn mm(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool) -> MatmulParam
     MatmulParams { m, n, k, trans_a, trans_b }
 }
 
-/// The tolerance of the rule above for one output stored as `out`: naive error doubled, plus
-/// the floor, which for a 16-bit output includes its final rounding (up to 2^-9 of the largest
-/// value for bf16, 2^-11 for f16): the naive model's own errors can happen to stay below one
-/// such rounding on every element of a small case.
+/// The tolerance of the rule above for one output of a case in `dtype`: naive error doubled,
+/// plus the floor, which in a 16-bit case includes one rounding to it of the largest value
+/// (2^-9 for bf16, 2^-11 for f16): the output is stored in it, or (dA, dB) computed from
+/// intermediates stored in it (G, XA), and on a small case the naive model's own errors can
+/// happen to stay below one such rounding on every element.
 pub fn naive_tolerance(naive: &[f32], want: &[f64], out: DType) -> Tolerance {
     let err = naive.iter().zip(want).fold(0.0f64, |e, (&g, &w)| e.max((g as f64 - w).abs()));
     let big = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
@@ -171,17 +172,17 @@ fn naive(case: &LoraCase, inp: &LoraInputs) -> LoraOutputs {
 }
 
 fn compare_all(what: &str, case: &LoraCase, got: &LoraOutputs, want: &LoraOutputs64, nv: &LoraOutputs) -> Check {
-    // (name, device, reference, naive, stored as): dA and dB are f32 on every device.
-    type Output<'a> = (&'a str, &'a [f32], &'a [f64], &'a [f32], DType);
+    // (name, device, reference, naive)
+    type Output<'a> = (&'a str, &'a [f32], &'a [f64], &'a [f32]);
     let outs: [Output; 5] = [
-        ("y", &got.y, &want.y, &nv.y, case.dtype),
-        ("xa", &got.xa, &want.xa, &nv.xa, case.dtype),
-        ("dx", &got.dx, &want.dx, &nv.dx, case.dtype),
-        ("da", &got.da, &want.da, &nv.da, DType::F32),
-        ("db", &got.db, &want.db, &nv.db, DType::F32),
+        ("y", &got.y, &want.y, &nv.y),
+        ("xa", &got.xa, &want.xa, &nv.xa),
+        ("dx", &got.dx, &want.dx, &nv.dx),
+        ("da", &got.da, &want.da, &nv.da),
+        ("db", &got.db, &want.db, &nv.db),
     ];
-    for (name, g, w, n, out) in outs {
-        compare(&format!("{what} {name} ({case:?})"), g, w, naive_tolerance(n, w, out))?;
+    for (name, g, w, n) in outs {
+        compare(&format!("{what} {name} ({case:?})"), g, w, naive_tolerance(n, w, case.dtype))?;
     }
     Ok(())
 }
@@ -371,9 +372,9 @@ mod wgpu_run {
         let rt = runtime(i)?;
         let n = x.len();
         let (xb, tb, yb) = (up(&rt, x), up(&rt, t), rt.alloc(4 * n));
-        wgsl::dropout(&rt.device, &rt.queue, &rt.kernels, xb.buffer(), None, yb.buffer(), n, p, seed)?;
+        wgsl::dropout(&rt.device, &rt.queue, &rt.kernels, xb.buffer(), None, yb.buffer(), n, p, seed, wgsl::DropoutTypes::F32)?;
         let drop = down(&rt, &yb, n)?;
-        wgsl::dropout(&rt.device, &rt.queue, &rt.kernels, xb.buffer(), Some((tb.buffer(), s)), yb.buffer(), n, p, seed)?;
+        wgsl::dropout(&rt.device, &rt.queue, &rt.kernels, xb.buffer(), Some((tb.buffer(), s)), yb.buffer(), n, p, seed, wgsl::DropoutTypes::F32)?;
         Ok((drop, down(&rt, &yb, n)?))
     }
 

@@ -40,8 +40,8 @@ impl ModelTolerance {
         match dtype {
             DType::F32 => ModelTolerance { loss: 1e-4, grad: 1e-3, logits: 1e-4, update: 1e-2 },
             // 11 significant bits: 8x bf16's precision.
-            DType::F16 => ModelTolerance { loss: 2e-3, grad: 1e-2, logits: 5e-3, update: 0.3 },
-            _ => ModelTolerance { loss: 1e-2, grad: 5e-2, logits: 3e-2, update: 0.3 },
+            DType::F16 => ModelTolerance { loss: 2e-3, grad: 1e-2, logits: 5e-3, update: 0.5 },
+            _ => ModelTolerance { loss: 1e-2, grad: 5e-2, logits: 3e-2, update: 0.5 },
         }
     }
 }
@@ -76,7 +76,7 @@ pub fn on_device(cpu: &Llama, dev: &Device, dtype: DType) -> crate::Result<Llama
     Ok(m)
 }
 
-/// f16 on wgpu: no LoRA dropout and no NF4 there (both run in f32 only).
+/// f16 on wgpu: no NF4 there (it runs in f32 only).
 fn f16_on_wgpu(dev: &Device, dtype: DType) -> bool {
     matches!(dev, Device::Wgpu(_)) && dtype == DType::F16
 }
@@ -139,8 +139,8 @@ pub fn check_loss_and_grads(dev: &Device, dtype: DType) -> CheckResult {
     let mut worst = (0.0f64, 0.0f64);
     let runs = [("plain", 0.0, false, false, false), ("dropout 0.1", 0.1, false, false, false), ("packed", 0.0, true, false, false), ("checkpointed", 0.0, false, true, false), ("nf4 base, dropout 0.1", 0.1, false, false, true)];
     for (what, dropout, packed, checkpoint, nf4) in runs {
-        if f16_on_wgpu(dev, dtype) && (dropout > 0.0 || nf4) {
-            continue; // LoRA dropout and NF4 run in f32 only on wgpu
+        if f16_on_wgpu(dev, dtype) && nf4 {
+            continue; // NF4 runs in f32 only on wgpu
         }
         // The NF4 case puts adapters on q and v only, so the other NF4 linears run plain.
         let mut cpu = tiny_lora_model(dtype, dropout, nf4).map_err(ctx("building the model"))?;
@@ -170,8 +170,8 @@ pub fn check_loss_and_grads(dev: &Device, dtype: DType) -> CheckResult {
 
 /// Five LoRA and five QLoRA training steps (AdamW, dropout 0.1, one CPU shard so the masks
 /// agree) on `dev` against the CPU, from the same weights: every step's loss and the final
-/// masters. (f16 on wgpu: LoRA without dropout, with the default loss scale; an overflowed,
-/// skipped step fails the check.)
+/// masters. (f16 on wgpu: LoRA only, with the default loss scale; an overflowed, skipped step
+/// fails the check.)
 pub fn check_training(dev: &Device, dtype: DType) -> CheckResult {
     let mut rng = Rng::new(4);
     let data: Vec<Sequence> = (0..8)
@@ -181,9 +181,9 @@ pub fn check_training(dev: &Device, dtype: DType) -> CheckResult {
             Sequence { ids: (0..len as u32).map(|i| 4 + (start + i) % 300).collect(), mask: vec![true; len], starts: Vec::new() }
         })
         .collect();
-    // f16 on wgpu trains LoRA without dropout (see `f16_on_wgpu`).
+    // f16 on wgpu trains LoRA, not QLoRA (see `f16_on_wgpu`).
     let half = f16_on_wgpu(dev, dtype);
-    let adapter = LoraConfig { r: 4, alpha: 8.0, dropout: if half { 0.0 } else { 0.1 }, ..Default::default() };
+    let adapter = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..Default::default() };
     let base = Llama::random(tiny_config(), 3).and_then(|m| m.to_dtype(dtype)?.to_dtype(DType::F32)).map_err(ctx("building the model"))?;
     let mut summary = Vec::new();
     let methods = if half { vec![Method::Lora(adapter)] } else { vec![Method::Lora(adapter.clone()), Method::Qlora(adapter)] };
@@ -235,7 +235,8 @@ fn check_training_run(dev: &Device, dtype: DType, base: &Llama, data: &[Sequence
     // The masters' difference relative to how far the CPU's moved in five steps (an update
     // lost or doubled shows as ~1). AdamW normalizes each element's step, so an element whose
     // gradient is near zero moves by up to lr either way depending on rounding: in half
-    // precision the bound is `tol.update`, not the gradients'.
+    // precision the bound is `tol.update` (0.5: a lost or doubled update still reads ~1), not
+    // the gradients'.
     for (i, ((g, c), c0)) in mg.iter().zip(&mc).zip(&m0).enumerate() {
         let d = rel_l2(g, c) * norm(c) / norm(&c.iter().zip(c0).map(|(a, b)| a - b).collect::<Vec<_>>()).max(1e-30);
         if d > tol.update {

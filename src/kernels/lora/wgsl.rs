@@ -203,9 +203,34 @@ struct DropoutUniform {
     _pad: [u32; 2],
 }
 
+/// The storage types of a dropout launch: x (and t) in, y out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropoutTypes {
+    F32,
+    /// The dropped input of an f16 model.
+    F16,
+    /// f32 in, f16 out: dX of an f16 model from f32 products.
+    F32ToF16,
+}
+
+impl DropoutTypes {
+    fn source(self) -> (&'static str, &'static str, usize, usize) {
+        use std::sync::OnceLock;
+        static F16: OnceLock<String> = OnceLock::new();
+        static F32_TO_F16: OnceLock<String> = OnceLock::new();
+        use crate::device::wgpu::f16_variant;
+        match self {
+            DropoutTypes::F32 => (DROPOUT_SOURCE, "", 4, 4),
+            DropoutTypes::F16 => (F16.get_or_init(|| f16_variant(DROPOUT_SOURCE, &["TX", "TY"])), "::f16", 2, 2),
+            DropoutTypes::F32ToF16 => (F32_TO_F16.get_or_init(|| f16_variant(DROPOUT_SOURCE, &["TY"])), "::f32_to_f16", 4, 2),
+        }
+    }
+}
+
 /// The LoRA dropout of `len` elements with `rng::uniform_at(seed, i)`'s mask, bit for bit:
 /// `y = x * keep` where kept (`keep = 1 / (1 - p)`), else 0. With `axpy = Some((t, s))`:
-/// `y = x + s * t * keep` where kept, else `x` (the dropped input's share of dX).
+/// `y = x + s * t * keep` where kept, else `x` (the dropped input's share of dX). f32 math;
+/// `types` gives the storage (f16 needs SHADER_F16).
 #[allow(clippy::too_many_arguments)]
 pub fn dropout(
     device: &wgpu::Device,
@@ -217,11 +242,17 @@ pub fn dropout(
     len: usize,
     p: f32,
     seed: u64,
+    types: DropoutTypes,
 ) -> Result<()> {
     let op = "lora dropout (wgsl)";
-    check_buffers(op, &[("x", x, len), ("y", y, len)])?;
+    let (source, suffix, xb, yb) = types.source();
+    if types != DropoutTypes::F32 {
+        Precision::F16.check(device, op)?;
+    }
+    check_elems(op, xb, &[("x", x, len)])?;
+    check_elems(op, yb, &[("y", y, len)])?;
     if let Some((t, _)) = axpy {
-        check_buffers(op, &[("t", t, len)])?;
+        check_elems(op, xb, &[("t", t, len)])?;
     }
     if !(0.0..1.0).contains(&p) {
         return Err(Error::InvalidArgument(format!("{op}: p must be in [0, 1), got {p}")));
@@ -239,7 +270,7 @@ pub fn dropout(
         _pad: [0; 2],
     };
     let entry = if axpy.is_some() { "dropout_axpy" } else { "dropout" };
-    let pipe = kernels.pipeline(device, entry, DROPOUT_SOURCE, entry)?;
+    let pipe = kernels.pipeline(device, &format!("{entry}{suffix}"), source, entry)?;
     let ub = crate::device::wgpu::uniform(device, &u);
     let (gx, gy) = crate::device::wgpu::grid((len as u32).div_ceil(256));
     let mut binds = vec![(0u32, &ub), (1, x), (3, y)];
@@ -345,7 +376,7 @@ pub(crate) fn small_grads(
 /// Backward: `da = s·(dy·b)ᵀ·x_lora`, `db = s·dyᵀ·xa`, and when `dx` is given
 /// `dx = dy·w + s·(dy·b)·a`, or with `dropout = Some((p, seed))` (the forward's, which made
 /// `x_lora`) `dx = dy·w + s·((dy·b)·a) ∘ mask / (1 - p)`: the two products apart and the masked
-/// sum by `dropout` (f32 only). W gets no gradient.
+/// sum by `dropout`. W gets no gradient.
 pub fn backward(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
@@ -365,9 +396,6 @@ pub fn backward(
 ) -> Result<()> {
     let op = "lora_bwd (wgsl)";
     precision.check(device, op)?;
-    if dropout.is_some() && precision != Precision::F32 {
-        return Err(Error::InvalidArgument(format!("{op}: LoRA dropout runs in f32 only, not {precision:?}")));
-    }
     let (m, n, k, r) = (p.m, p.n, p.k, p.r);
     let bytes = precision.bytes();
     check_elems(op, bytes, &[("dy", dy, m * n), ("x_lora", x_lora, m * k), ("xa", xa, m * r), ("w", w, n * k), ("a", a, r * k), ("b", b, n * r)])?;
@@ -392,12 +420,18 @@ pub fn backward(
             lora_pass(device, kernels, &mut enc, same(precision), "lora_gemm", &u, &[(1, dy), (2, w), (3, &g), (4, a), (5, dy), (6, dx)], tiles(m, k))?;
             queue.submit([enc.finish()]);
         }
+        // The two products in f32 (from f16 operands in f16), then summed under the mask and
+        // stored in dX's type.
         (Some(dx), Some((pd, seed))) => {
             let (base, ga) = (scratch(device, m * k), scratch(device, m * k));
-            product(device, kernels, &mut enc, (dy, plain(n)), (w, plain(k)), &base, (m, k, n), 1.0)?;
-            product(device, kernels, &mut enc, (&g, plain(r)), (a, plain(k)), &ga, (m, k, r), 1.0)?;
+            let (types, drop) = match precision {
+                Precision::F32 => (Types::F32, DropoutTypes::F32),
+                Precision::F16 => (Types::F16ToF32, DropoutTypes::F32ToF16),
+            };
+            product_flags(device, kernels, &mut enc, (dy, plain(n)), (w, plain(k)), &base, (m, k, n), 1.0, types, 0)?;
+            product_flags(device, kernels, &mut enc, (&g, plain(r)), (a, plain(k)), &ga, (m, k, r), 1.0, types, 0)?;
             queue.submit([enc.finish()]);
-            self::dropout(device, queue, kernels, &base, Some((&ga, p.scale)), dx, m * k, pd, seed)?;
+            self::dropout(device, queue, kernels, &base, Some((&ga, p.scale)), dx, m * k, pd, seed, drop)?;
         }
         (None, _) => {
             queue.submit([enc.finish()]);
