@@ -97,3 +97,36 @@ fn an_f16_overflow_skips_the_step_and_halves_the_loss_scale() {
         assert_eq!(t.masters, before, "{dev}: a skipped step leaves the adapters as they were");
     }
 }
+
+#[test]
+fn f16_resume_continues_to_the_same_losses() {
+    use tuna::nn::Llama;
+    use tuna::peft::LoraConfig;
+    use tuna::train::data::Sequence;
+    use tuna::train::{Method, TrainConfig, Trainer};
+    for (dev, dt) in f16_runs() {
+        let model = || Llama::random(tuna::testing::model::tiny_config(), 3).unwrap().to_device(&dev).unwrap().to_dtype(dt).unwrap();
+        let data: Vec<Sequence> = (0..8).map(|i| Sequence { ids: (0..12).map(|j| 4 + (i * 7 + j) % 300).collect(), mask: vec![true; 12], starts: Vec::new() }).collect();
+        // A scale that is not the default, so a resume that forgot it would differ.
+        let cfg = TrainConfig {
+            method: Method::Lora(LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..Default::default() }),
+            lr: 1e-2,
+            batch_size: 2,
+            max_steps: Some(4),
+            loss_scale: 1024.0,
+            ..Default::default()
+        };
+        let mut full = Trainer::new(model(), cfg.clone(), data.clone(), 0).unwrap();
+        let want: Vec<f32> = (0..4).map(|_| full.train_step().unwrap().loss).collect();
+        let dir = std::env::temp_dir().join(format!("tuna-f16-resume-{}", std::process::id()));
+        let mut first = Trainer::new(model(), cfg.clone(), data.clone(), 0).unwrap();
+        let mut got: Vec<f32> = (0..2).map(|_| first.train_step().unwrap().loss).collect();
+        first.save_checkpoint(&dir).unwrap();
+        let mut second = Trainer::new(model(), TrainConfig { loss_scale: 65536.0, ..cfg }, data, 0).unwrap();
+        second.load_checkpoint(&dir).unwrap();
+        assert_eq!(second.loss_scale.map(|s| s.scale), Some(1024.0), "{dev}: the checkpoint's loss scale");
+        got.extend((0..2).map(|_| second.train_step().unwrap().loss));
+        assert_eq!(got, want, "{dev}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,4 +1,5 @@
-//! Training checkpoints: `trainer_state.json` (step, names, optimizer counters),
+//! Training checkpoints: `trainer_state.json` (step, names, optimizer counters, an f16
+//! model's loss scale),
 //! `params.safetensors` (f32 master weights, and the active indices of sparse deltas as
 //! `indices.NAME`) and `optimizer.safetensors` (the optimizer's state tensors, and the
 //! gradient sums of an open regrowth window as `gradsum.NAME`).
@@ -45,6 +46,7 @@ impl Trainer {
             "method": self.config.method.name(),
             "seed": self.config.seed,
             "names": self.names,
+            "loss_scale": self.loss_scale.map(|s| json!({ "scale": s.scale, "good_steps": s.good_steps })),
         });
         let path = dir.join("trainer_state.json");
         let tmp = dir.join("trainer_state.json.tmp");
@@ -107,6 +109,11 @@ impl Trainer {
             opt.contains(&key).then(|| opt.load_f32(&key, &[r * c]).and_then(|t| t.to_vec_f32())).transpose()
         }).collect::<Result<Option<Vec<_>>>>()?;
         self.set_grad_sums(sums);
+        if let (Some(ls), Some(saved)) = (&mut self.loss_scale, state["loss_scale"].as_object()) {
+            let field = |k: &str| saved.get(k).and_then(|v| v.as_f64()).ok_or_else(|| Error::file(&path, format!("field `loss_scale.{k}` missing")));
+            ls.scale = field("scale")? as f32;
+            ls.good_steps = field("good_steps")? as usize;
+        }
         self.step = step;
         self.reset_device_state()?;
         self.install(None)?;

@@ -109,11 +109,11 @@ impl Default for TrainConfig {
 /// optimizer divides it out (its clipping sees the unscaled norm). A step whose gradients
 /// overflowed (a non-finite norm) is skipped and the scale halved; after `GROWTH_INTERVAL`
 /// good steps in a row it doubles. This is PyTorch's `GradScaler` rule with its defaults.
-/// The scale starts again from `TrainConfig::loss_scale` on resume.
+/// Checkpoints keep it, so a resumed run continues with the same scale.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LossScale {
     pub scale: f32,
-    good_steps: usize,
+    pub(crate) good_steps: usize,
 }
 
 impl LossScale {
