@@ -361,3 +361,12 @@ fn bench_step_reports_tokens_per_second_on_every_device() {
     let (ok, _, err) = tuna(&["bench-step", "--device", "tpu"]);
     assert!(!ok && err.contains("tpu"), "an unknown device is named: {err}");
 }
+
+#[test]
+fn check_runs_the_kernels_and_the_model_on_each_gpu() {
+    for dev in common::devices().into_iter().filter(|d| *d != tuna::Device::Cpu) {
+        let (ok, out, err) = tuna(&["check", "--device", &dev.to_string()]);
+        assert!(ok, "check on {dev}: {err}\n{out}");
+        assert!(out.contains("RMSNorm") && out.contains("loss within") && out.contains("gradients within"), "{out}");
+    }
+}

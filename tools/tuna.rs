@@ -33,7 +33,8 @@ enum Command {
     BenchStep(demo::BenchStepArgs),
     /// List the CPU, CUDA devices and wgpu adapters this machine has.
     Devices,
-    /// Run the RMSNorm kernels on every device (or one) against the f64 CPU reference.
+    /// Run the RMSNorm kernels on every device (or one) against the f64 CPU reference, and on a
+    /// GPU a small model's loss and LoRA gradients against the CPU's.
     Check {
         /// cpu, cuda[:N], wgpu[:N]; default: every device present.
         #[arg(long)]
@@ -351,13 +352,30 @@ fn check(device: Option<String>) -> CliResult {
     let (rows, cols) = (512, 1000);
     println!("RMSNorm [{rows}, {cols}] forward and backward against the f64 reference:");
     let mut failed = false;
-    for dev in devices {
+    for &dev in &devices {
         let dtypes: &[DType] = if matches!(dev, Device::Cuda(_)) { &[DType::F32, DType::BF16] } else { &[DType::F32] };
         for &dtype in dtypes {
             let result = tuna::testing::check_rmsnorm(dev, dtype, rows, cols, 1);
             failed |= result.is_err();
             println!("  {:<8} {:<5} {}", dev.to_string(), dtype.to_string(), result.err().unwrap_or_else(|| "ok".into()));
         }
+    }
+    // The model on each GPU against the CPU (`testing::model`): f32 on wgpu, bf16 on CUDA.
+    let gpus: Vec<(Device, DType)> = devices
+        .iter()
+        .filter_map(|&d| match d {
+            Device::Cpu => None,
+            Device::Cuda(_) => Some((d, DType::BF16)),
+            Device::Wgpu(_) => Some((d, DType::F32)),
+        })
+        .collect();
+    if !gpus.is_empty() {
+        println!("A small Llama with LoRA: loss and adapter gradients against the CPU's:");
+    }
+    for (dev, dtype) in gpus {
+        let result = tuna::testing::model::check_loss_and_grads(&dev, dtype);
+        failed |= result.is_err();
+        println!("  {:<8} {:<5} {}", dev.to_string(), dtype.to_string(), result.unwrap_or_else(|e| format!("FAILED: {e}")));
     }
     if failed {
         Err("some devices failed the check (see above)".into())
