@@ -5,7 +5,8 @@
 //! baselines). It:
 //! 1. lists the devices and whether libcuda and libnvrtc load;
 //! 2. runs every CUDA test case against the f64 CPU reference (the same check bodies the test
-//!    suite runs on the CPU and wgpu), and compiles every module with NVRTC;
+//!    suite runs on the CPU and wgpu), compiles every module with NVRTC, and checks the bf16
+//!    model against the CPU (`model_cases`);
 //! 3. times the kernel micro-benchmarks with CUDA events, beside a device-to-device copy of the
 //!    same bytes as the bandwidth peer measured in the same run, and the LoRA GEMM and NF4
 //!    kernels beside cuBLAS on the same shapes (`gemm_bench.rs`);
