@@ -17,6 +17,7 @@ use crate::peft::LoraConfig;
 use crate::rng::Rng;
 use crate::tape::Tape;
 use crate::train::data::Sequence;
+use crate::optim::OptimizerConfig;
 use crate::train::{Method, TrainConfig, Trainer};
 use crate::{DType, Device, Tensor};
 
@@ -168,8 +169,8 @@ pub fn check_loss_and_grads(dev: &Device, dtype: DType) -> CheckResult {
     Ok(format!("loss within {:.1e}, gradients within {:.1e}", worst.0, worst.1))
 }
 
-/// Five LoRA and five QLoRA training steps (AdamW, dropout 0.1, one CPU shard so the masks
-/// agree) on `dev` against the CPU, from the same weights: every step's loss and the final
+/// Five training steps each of LoRA with AdamW, LoRA with SM3 and QLoRA with AdamW (dropout
+/// 0.1, one CPU shard so the masks agree) on `dev` against the CPU, from the same weights: every step's loss and the final
 /// masters. (f16 on wgpu: LoRA only, with the default loss scale; an overflowed, skipped step
 /// fails the check.)
 pub fn check_training(dev: &Device, dtype: DType) -> CheckResult {
@@ -186,18 +187,24 @@ pub fn check_training(dev: &Device, dtype: DType) -> CheckResult {
     let adapter = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..Default::default() };
     let base = Llama::random(tiny_config(), 3).and_then(|m| m.to_dtype(dtype)?.to_dtype(DType::F32)).map_err(ctx("building the model"))?;
     let mut summary = Vec::new();
-    let methods = if half { vec![Method::Lora(adapter)] } else { vec![Method::Lora(adapter.clone()), Method::Qlora(adapter)] };
-    for method in methods {
-        summary.push(format!("{}: {}", method.name(), check_training_run(dev, dtype, &base, &data, method)?));
+    let (adamw, sm3) = (OptimizerConfig::AdamW(Default::default()), OptimizerConfig::Sm3(Default::default()));
+    let mut runs = vec![(Method::Lora(adapter.clone()), adamw), (Method::Lora(adapter.clone()), sm3)];
+    if !half {
+        runs.push((Method::Qlora(adapter), adamw));
+    }
+    for (method, optimizer) in runs {
+        let what = format!("{} with {}", method.name(), optimizer.name());
+        summary.push(format!("{what}: {}", check_training_run(dev, dtype, &base, &data, method, optimizer).map_err(|e| format!("{what}: {e}"))?));
     }
     Ok(summary.join("; "))
 }
 
-fn check_training_run(dev: &Device, dtype: DType, base: &Llama, data: &[Sequence], method: Method) -> CheckResult {
+fn check_training_run(dev: &Device, dtype: DType, base: &Llama, data: &[Sequence], method: Method, optimizer: OptimizerConfig) -> CheckResult {
     let tol = ModelTolerance::for_dtype(dtype);
     let what = method.name();
     let cfg = TrainConfig {
         method,
+        optimizer,
         lr: 1e-2,
         batch_size: 4,
         max_steps: Some(5),

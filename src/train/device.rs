@@ -37,15 +37,14 @@ pub(crate) enum StepParams {
 /// The training state on the device the model is on.
 pub(crate) enum DeviceOptimizer {
     Wgpu(WgpuOptimizer),
-    Cuda(super::device_cuda::CudaAdamW),
+    Cuda(super::device_cuda::CudaOptimizer),
 }
 
 impl DeviceOptimizer {
-    /// Uploads the masters and the optimizer state to `dev` (wgpu: AdamW or SM3; CUDA: AdamW).
+    /// Uploads the masters and the optimizer state (AdamW or SM3) to `dev`.
     pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], host: &HostOptState, dev: Device) -> Result<Self> {
         match (dev, host) {
-            (Device::Cuda(i), HostOptState::AdamW(state)) => Ok(DeviceOptimizer::Cuda(super::device_cuda::CudaAdamW::new(masters, shapes, state, i)?)),
-            (Device::Cuda(_), HostOptState::Sm3(_)) => Err(Error::InvalidArgument("SM3's state on CUDA steps on the host (device state: AdamW)".into())),
+            (Device::Cuda(i), host) => Ok(DeviceOptimizer::Cuda(super::device_cuda::CudaOptimizer::new(masters, shapes, dims, host, i)?)),
             _ => Ok(DeviceOptimizer::Wgpu(WgpuOptimizer::new(masters, shapes, dims, host, dev)?)),
         }
     }
@@ -62,8 +61,7 @@ impl DeviceOptimizer {
     pub fn step(&mut self, grads: &[Tensor], p: StepParams, max_norm: f32) -> Result<f32> {
         match (self, p) {
             (DeviceOptimizer::Wgpu(w), p) => w.step(grads, p, max_norm),
-            (DeviceOptimizer::Cuda(c), StepParams::AdamW(p)) => c.step(grads, p, max_norm),
-            (DeviceOptimizer::Cuda(_), StepParams::Sm3(_)) => Err(Error::InvalidArgument("device optimizer: SM3 parameters for CUDA AdamW state".into())),
+            (DeviceOptimizer::Cuda(c), p) => c.step(grads, p, max_norm),
         }
     }
 
@@ -80,7 +78,7 @@ impl DeviceOptimizer {
     pub fn download(&self) -> Result<(Vec<Vec<f32>>, HostOptState)> {
         match self {
             DeviceOptimizer::Wgpu(w) => w.download(),
-            DeviceOptimizer::Cuda(c) => c.download().map(|(m, s)| (m, HostOptState::AdamW(s))),
+            DeviceOptimizer::Cuda(c) => c.download(),
         }
     }
 }

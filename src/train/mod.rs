@@ -240,19 +240,13 @@ impl Trainer {
         Ok(t)
     }
 
-    /// On wgpu (dense layouts) and on CUDA (dense layouts, AdamW), (re)uploads the masters and
-    /// the optimizer state, which stay on the device from then on. (SM3 on CUDA steps on the
-    /// host, the model on the device.)
+    /// On a GPU (dense layouts), (re)uploads the masters and the optimizer state, which stay
+    /// on the device from then on.
     fn reset_device_state(&mut self) -> Result<()> {
         let dev = self.model.device();
         self.device = None;
         let dense = self.layouts.iter().all(|l| matches!(l, Layout::Dense { .. }));
-        let resident = match dev {
-            crate::Device::Wgpu(_) => true,
-            crate::Device::Cuda(_) => matches!(self.optimizer, Optimizer::AdamW(_)),
-            crate::Device::Cpu => false,
-        };
-        if dense && resident {
+        if dense && dev != crate::Device::Cpu {
             let host = match &self.optimizer {
                 Optimizer::AdamW(a) => device::HostOptState::AdamW(a.state.clone()),
                 Optimizer::Sm3(o) => device::HostOptState::Sm3(o.state.clone()),
