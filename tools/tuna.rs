@@ -67,9 +67,8 @@ pub(crate) struct ModelArgs {
     /// A Hugging Face model folder (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
     pub(crate) model: PathBuf,
-    /// cpu, wgpu[:N] or auto (the CPU: the model runs on wgpu too, forward and backward, but
-    /// a software Vulkan adapter is slower than the CPU path; CUDA is not wired to the model
-    /// yet).
+    /// cpu, cuda[:N] (bf16), wgpu[:N] or auto (the CPU: a software Vulkan adapter is slower
+    /// than the CPU path).
     #[arg(long, default_value = "auto")]
     pub(crate) device: String,
     /// Print one machine-readable JSON result instead of text.

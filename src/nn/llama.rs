@@ -480,8 +480,9 @@ impl Llama {
         self.embed.device()
     }
 
-    /// The model with every weight (and LoRA adapter) copied to `device`. On wgpu the forward
-    /// runs there (inference); training stays on the CPU until the backwards are wired.
+    /// The model with every weight (and LoRA adapter) copied to `device`, where its forward and
+    /// backward then run (NF4 weights move as their quantized parts). On CUDA the kernels are
+    /// 16-bit: follow with `to_dtype(DType::BF16)`.
     pub fn to_device(&self, device: &Device) -> Result<Llama> {
         let mut m = self.clone();
         if m.linears().iter().any(|(_, l)| l.sparse.is_some()) && *device != Device::Cpu {

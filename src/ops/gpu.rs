@@ -1,8 +1,9 @@
 //! What the ops' wgpu paths share: buffer access, outputs, uploads, and the rule for tapes.
 //!
-//! The model's forward runs on wgpu (inference: `generate`, `perplexity`); most backwards do
-//! not yet, so an op whose backward is CPU-only refuses a tracked input on wgpu up front,
-//! rather than failing later inside `Tape::backward`.
+//! The model's forward and backward run on wgpu (and on CUDA, `cuda.rs`). The few op variants
+//! whose backward has no GPU path (a broadcast operand of `add`, a trained head in f16, a
+//! trained `b` of matmul on CUDA) refuse a tracked input up front (`forward_only`), rather than
+//! failing later inside `Tape::backward`.
 
 use std::sync::Arc;
 
@@ -57,7 +58,7 @@ pub(crate) fn float_dtype(op: &'static str, t: &Tensor) -> Result<DType> {
 pub(crate) fn forward_only(op: &'static str, inputs: &[&Tensor]) -> Result<()> {
     match inputs.iter().find(|t| t.is_tracked()) {
         Some(t) => Err(Error::InvalidArgument(format!(
-            "{op} on {}: the backward of this op runs on the CPU only so far, so training needs the CPU (inference runs here)",
+            "{op} on {}: this input's gradient has no kernel on this device yet, so training it needs the CPU (inference runs here)",
             t.device()
         ))),
         None => Ok(()),
