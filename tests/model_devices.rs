@@ -19,31 +19,29 @@ fn gpu_runs() -> Vec<(Device, DType)> {
         .collect()
 }
 
+/// Runs `check` on each (device, dtype), failing with its message; prints what it measured.
+fn each(runs: Vec<(Device, DType)>, check: fn(&Device, DType) -> Result<String, String>) {
+    for (dev, dt) in runs {
+        match check(&dev, dt) {
+            Ok(summary) => eprintln!("{dev} {dt}: {summary}"),
+            Err(e) => panic!("{dev} {dt}: {e}"),
+        }
+    }
+}
+
 #[test]
 fn loss_and_lora_gradients_match_the_cpu() {
-    for (dev, dt) in gpu_runs() {
-        let r = check_loss_and_grads(&dev, dt);
-        assert!(r.is_ok(), "{dev} {dt}: {}", r.unwrap_err());
-        eprintln!("{dev} {dt}: {}", r.unwrap());
-    }
+    each(gpu_runs(), check_loss_and_grads);
 }
 
 #[test]
 fn training_steps_match_the_cpu() {
-    for (dev, dt) in gpu_runs() {
-        let r = check_training(&dev, dt);
-        assert!(r.is_ok(), "{dev} {dt}: {}", r.unwrap_err());
-        eprintln!("{dev} {dt}: {}", r.unwrap());
-    }
+    each(gpu_runs(), check_training);
 }
 
 #[test]
 fn logits_through_the_kv_cache_match_the_cpu() {
-    for (dev, dt) in gpu_runs() {
-        let r = check_cached_logits(&dev, dt);
-        assert!(r.is_ok(), "{dev} {dt}: {}", r.unwrap_err());
-        eprintln!("{dev} {dt}: {}", r.unwrap());
-    }
+    each(gpu_runs(), check_cached_logits);
 }
 
 /// f16 on wgpu (where the adapter has SHADER_F16): the model in half precision with f32
@@ -54,20 +52,12 @@ fn f16_runs() -> Vec<(Device, DType)> {
 
 #[test]
 fn f16_loss_and_lora_gradients_match_the_cpu() {
-    for (dev, dt) in f16_runs() {
-        let r = check_loss_and_grads(&dev, dt);
-        assert!(r.is_ok(), "{dev} {dt}: {}", r.unwrap_err());
-        eprintln!("{dev} {dt}: {}", r.unwrap());
-    }
+    each(f16_runs(), check_loss_and_grads);
 }
 
 #[test]
 fn f16_training_steps_match_the_cpu() {
-    for (dev, dt) in f16_runs() {
-        let r = check_training(&dev, dt);
-        assert!(r.is_ok(), "{dev} {dt}: {}", r.unwrap_err());
-        eprintln!("{dev} {dt}: {}", r.unwrap());
-    }
+    each(f16_runs(), check_training);
 }
 
 #[test]

@@ -389,7 +389,7 @@ pub mod cuda {
     use super::{dynamic_map, Nf4Tensor, NF4};
     use crate::device::cuda::ModuleCache;
     use crate::kernels::check_len;
-    use crate::kernels::lora::cuda::{check_dims, gemm, launch_err, scratch, small_grads, to_i32, xa, Gemm, Half, GEMV_MAX_M};
+    use crate::kernels::lora::cuda::{launch_err, to_i32, Half};
     use crate::kernels::lora::LoraParams;
     use crate::{Error, Result};
 
@@ -454,110 +454,43 @@ pub mod cuda {
         Ok(())
     }
 
-    /// Forward with W `[N, K]` in NF4: `y = x·wᵀ (+ bias) + s·xa·bᵀ`, `xa = x_lora·aᵀ`. M up to
-    /// `GEMV_MAX_M` runs the GEMV kernel, larger M the tensor-core GEMM.
-    pub fn lora_forward(
+    /// The NF4 GEMV (M up to `GEMV_MAX_M`: decoding and tiny batches): `y = x·wᵀ (+ bias) +
+    /// xa_s·bᵀ` with `xa_s = s·x_lora·aᵀ` made by the caller (`lora::cuda::forward`, which
+    /// checked every length), one warp per output column.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemv(
         stream: &Arc<CudaStream>,
         modules: &ModuleCache,
         dt: Half,
         x: &CudaView<'_, u16>,
-        x_lora: &CudaView<'_, u16>,
+        xs: &CudaView<'_, u16>,
         w: &Nf4Device,
         bias: Option<&CudaView<'_, u16>>,
-        a: &CudaView<'_, u16>,
         b: &CudaView<'_, u16>,
         y: &mut CudaViewMut<'_, u16>,
-        xa_out: &mut CudaViewMut<'_, u16>,
         p: LoraParams,
     ) -> Result<()> {
-        let op = "nf4_lora_fwd (cuda)";
-        check_dims(op, p)?;
-        check_weight(op, w, p)?;
+        let op = "nf4_gemv (cuda)";
         let (m, n, k, r) = (p.m, p.n, p.k, p.r);
-        for (what, have, need) in [("x", x.len(), m * k), ("x_lora", x_lora.len(), m * k), ("a", a.len(), r * k), ("b", b.len(), n * r), ("y", y.len(), m * n), ("xa", xa_out.len(), m * r)] {
-            check_len(op, what, have, need)?;
-        }
-        if let Some(bias) = bias {
-            check_len(op, "bias", bias.len(), n)?;
-        }
-        let mut xa_s = scratch(stream, m * r)?;
-        xa(stream, modules, dt, x_lora, a, xa_out, &mut xa_s.slice_mut(..), p)?;
-        let xs = xa_s.slice(..);
-        if m <= GEMV_MAX_M {
-            if m == 0 || n == 0 {
-                return Ok(());
-            }
-            let name = format!("nf4_gemv_{}", dt.suffix());
-            let f = modules.function("lora_gemm", &name)?;
-            let (mi, ni, ki, ri) = (to_i32(op, "m", m)?, to_i32(op, "n", n)?, to_i32(op, "k", k)?, to_i32(op, "r", r)?);
-            let null = 0u64;
-            let mut bld = stream.launch_builder(&f);
-            bld.arg(x).arg(&xs).arg(b);
-            match bias {
-                Some(bias) => bld.arg(bias),
-                None => bld.arg(&null),
-            };
-            bld.arg(y).arg(&mi).arg(&ni).arg(&ki).arg(&ri);
-            w.push_args(&mut bld);
-            // 8 warps per block, one output column each.
-            let cfg = LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: arguments match `nf4_gemv_*`; lengths checked above.
-            unsafe { bld.launch(cfg) }.map_err(launch_err(&name))?;
+        if m == 0 || n == 0 {
             return Ok(());
         }
-        let g = Gemm { a1: (x, k), b1: None, a2: (&xs, r), b2: (b, r), bias, m, n, k1: k, k2: r, kn: false };
-        gemm(stream, modules, dt, g, y, Some(w))
-    }
-
-    /// Backward with W in NF4: `da`, `db` as `lora::cuda::backward`, and when `dx` is given
-    /// `dx = dy·w + s·(dy·b)·a` with W dequantized in the GEMM's tile loads.
-    pub fn lora_backward(
-        stream: &Arc<CudaStream>,
-        modules: &ModuleCache,
-        dt: Half,
-        dy: &CudaView<'_, u16>,
-        x_lora: &CudaView<'_, u16>,
-        xa: &CudaView<'_, u16>,
-        w: &Nf4Device,
-        a: &CudaView<'_, u16>,
-        b: &CudaView<'_, u16>,
-        da: &mut CudaViewMut<'_, f32>,
-        db: &mut CudaViewMut<'_, f32>,
-        dx: Option<&mut CudaViewMut<'_, u16>>,
-        dropout: Option<(f32, u64)>,
-        p: LoraParams,
-    ) -> Result<()> {
-        let op = "nf4_lora_bwd (cuda)";
-        check_dims(op, p)?;
-        check_weight(op, w, p)?;
-        let (m, n, k, r) = (p.m, p.n, p.k, p.r);
-        for (what, have, need) in [("dy", dy.len(), m * n), ("x_lora", x_lora.len(), m * k), ("xa", xa.len(), m * r), ("a", a.len(), r * k), ("b", b.len(), n * r), ("da", da.len(), r * k), ("db", db.len(), n * r)] {
-            check_len(op, what, have, need)?;
-        }
-        if let Some(dx) = &dx {
-            check_len(op, "dx", dx.len(), m * k)?;
-        }
-        if dropout.is_some() && dt != Half::Bf16 {
-            return Err(Error::InvalidArgument(format!("{op}: LoRA dropout has bf16 kernels only, not {dt:?}")));
-        }
-        let gs = small_grads(stream, modules, dt, dy, x_lora, xa, b, da, db, p)?;
-        let gv = gs.slice(..);
-        match (dx, dropout) {
-            (Some(dx), None) => {
-                let g = Gemm { a1: (dy, n), b1: None, a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: n, k2: r, kn: true };
-                gemm(stream, modules, dt, g, dx, Some(w))?;
-            }
-            // As the dense backward: dY·W (NF4, rank 0) and (s·G)·A apart, summed under the mask.
-            (Some(dx), Some((pd, seed))) => {
-                let (mut base, mut ga) = (scratch(stream, m * k)?, scratch(stream, m * k)?);
-                let plain = Gemm { a1: (dy, n), b1: None, a2: (dy, n), b2: (a, k), bias: None, m, n: k, k1: n, k2: 0, kn: true };
-                gemm(stream, modules, dt, plain, &mut base.slice_mut(..), Some(w))?;
-                let lora = Gemm { a1: (&gv, r), b1: Some((a, k)), a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: r, k2: 0, kn: true };
-                gemm(stream, modules, dt, lora, &mut ga.slice_mut(..), None)?;
-                crate::kernels::lora::cuda::dropout(stream, modules, &base.slice(..m * k), Some((&ga.slice(..m * k), 1.0)), dx, pd, seed)?;
-            }
-            (None, _) => {}
-        }
+        let name = format!("nf4_gemv_{}", dt.suffix());
+        let f = modules.function("lora_gemm", &name)?;
+        let (mi, ni, ki, ri) = (to_i32(op, "m", m)?, to_i32(op, "n", n)?, to_i32(op, "k", k)?, to_i32(op, "r", r)?);
+        let null = 0u64;
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(x).arg(xs).arg(b);
+        match bias {
+            Some(bias) => bld.arg(bias),
+            None => bld.arg(&null),
+        };
+        bld.arg(y).arg(&mi).arg(&ni).arg(&ki).arg(&ri);
+        w.push_args(&mut bld);
+        // 8 warps per block, one output column each.
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: arguments match `nf4_gemv_*`; lengths checked above.
+        unsafe { bld.launch(cfg) }.map_err(launch_err(&name))?;
         Ok(())
     }
 }

@@ -183,8 +183,7 @@ pub(super) fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[
     let mut saved_parts = Vec::with_capacity(parts.len());
     for (part, &p) in parts.iter().zip(params) {
         let w = part.weight;
-        let w_nf4 = cuda_nf4(w);
-        if w_nf4.is_none() {
+        if w.dtype() != DType::NF4 {
             expect_dtype(OP, w, xdt)?;
         }
         let bias = part.bias.map(|b| view::<u16>(b));
@@ -208,10 +207,7 @@ pub(super) fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[
         };
         let mut xa = CudaOut::new(rt, [p.m, p.r], xdt)?;
         let xl = drop.as_ref().map_or(x, |(t, _)| t);
-        match &w_nf4 {
-            Some(wq) => crate::kernels::nf4::cuda::lora_forward(s, mods, dt, &view(x), &view(xl), wq, bias.as_ref(), &view(&a16), &view(&b16), &mut y.view_mut(), &mut xa.view_mut(), p)?,
-            None => lc::forward(s, mods, dt, &view(x), &view(xl), &view(w), bias.as_ref(), &view(&a16), &view(&b16), &mut y.view_mut(), &mut xa.view_mut(), p)?,
-        }
+        lc::forward(s, mods, dt, &view(x), &view(xl), CudaWeight::of(w).get(), bias.as_ref(), &view(&a16), &view(&b16), &mut y.view_mut(), &mut xa.view_mut(), p)?;
         outs.push(y.tensor());
         saved_parts.push(Saved { w: saved(w), lora: Some((a16, b16, a.dtype(), b.dtype())), xa: Some(xa.tensor()), drop, p });
     }
@@ -244,10 +240,8 @@ pub(super) fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[
                     let dropout = sp.drop.as_ref().map(|(_, d)| (d.p, d.seed));
                     {
                         let mut dxv = dxi.as_mut().map(|d| d.view_mut());
-                        match cuda_nf4(&sp.w) {
-                            Some(wq) => crate::kernels::nf4::cuda::lora_backward(s, mods, dt, &view(g), &view(xl), &view(xa), &wq, &view(a16), &view(b16), &mut da.view_mut(), &mut db.view_mut(), dxv.as_mut(), dropout, p)?,
-                            None => lc::backward(s, mods, dt, &view(g), &view(xl), &view(xa), &view(&sp.w), &view(a16), &view(b16), &mut da.view_mut(), &mut db.view_mut(), dxv.as_mut(), dropout, p)?,
-                        }
+                        let w = CudaWeight::of(&sp.w);
+                        lc::backward(s, mods, dt, &view(g), &view(xl), &view(xa), w.get(), &view(a16), &view(b16), &mut da.view_mut(), &mut db.view_mut(), dxv.as_mut(), dropout, p)?;
                     }
                     // Gradients in the adapters' own dtypes (f32 masters: as computed).
                     ab.push(Some(da.tensor().to_dtype(*adt)?));

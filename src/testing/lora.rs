@@ -451,15 +451,15 @@ mod cuda_run {
         let biasv = bias.as_ref().map(|b| b.slice(..n));
         match q {
             None => {
-                cuda::forward(s, md, dt, &xv, &xlv, &wv, biasv.as_ref(), &av, &bv, &mut y.slice_mut(..m * n), &mut xa.slice_mut(..m * r), p)?;
+                cuda::forward(s, md, dt, &xv, &xlv, cuda::Weight::Dense(&wv), biasv.as_ref(), &av, &bv, &mut y.slice_mut(..m * n), &mut xa.slice_mut(..m * r), p)?;
                 let xav = xa.slice(..m * r);
-                cuda::backward(s, md, dt, &dyv, &xlv, &xav, &wv, &av, &bv, &mut da.slice_mut(..r * k), &mut db.slice_mut(..n * r), Some(&mut dx.slice_mut(..m * k)), case.dropout, p)?;
+                cuda::backward(s, md, dt, &dyv, &xlv, &xav, cuda::Weight::Dense(&wv), &av, &bv, &mut da.slice_mut(..r * k), &mut db.slice_mut(..n * r), Some(&mut dx.slice_mut(..m * k)), case.dropout, p)?;
             }
             Some(q) => {
                 let wq = Nf4Device::upload(s, q)?;
-                nf4::lora_forward(s, md, dt, &xv, &xlv, &wq, biasv.as_ref(), &av, &bv, &mut y.slice_mut(..m * n), &mut xa.slice_mut(..m * r), p)?;
+                cuda::forward(s, md, dt, &xv, &xlv, cuda::Weight::Nf4(&wq), biasv.as_ref(), &av, &bv, &mut y.slice_mut(..m * n), &mut xa.slice_mut(..m * r), p)?;
                 let xav = xa.slice(..m * r);
-                nf4::lora_backward(s, md, dt, &dyv, &xlv, &xav, &wq, &av, &bv, &mut da.slice_mut(..r * k), &mut db.slice_mut(..n * r), Some(&mut dx.slice_mut(..m * k)), case.dropout, p)?;
+                cuda::backward(s, md, dt, &dyv, &xlv, &xav, cuda::Weight::Nf4(&wq), &av, &bv, &mut da.slice_mut(..r * k), &mut db.slice_mut(..n * r), Some(&mut dx.slice_mut(..m * k)), case.dropout, p)?;
             }
         }
         Ok(LoraOutputs {

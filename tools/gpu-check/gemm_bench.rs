@@ -5,7 +5,7 @@
 //! - `cublas base`: `Y = X·Wᵀ`, one cublasGemmEx (the peer every ratio is taken against);
 //! - `cublas lora (3 calls)`: the unfused LoRA forward, `Y = X·Wᵀ; XA = X·Aᵀ; Y += s·XA·Bᵀ`;
 //! - `tuna lora fused`: `lora::cuda::forward` (the LoRA term in the same output tile);
-//! - `tuna nf4 lora`: `nf4::cuda::lora_forward` (W in NF4, dequantized in the tile loads; the
+//! - `tuna nf4 lora`: `lora::cuda::forward` with `Weight::Nf4` (W in NF4, dequantized in the tile loads; the
 //!   GEMV kernel for M <= 16).
 //!
 //! Targets (H100): fused <= 1.10x the base GEMM's time and >= 1.3x faster than the three
@@ -111,11 +111,11 @@ pub fn lora_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
             })?;
             let fused = time_us(rt, || {
                 let (xv, wv, av, bv) = (x.slice(..), w.slice(..), a.slice(..), b.slice(..));
-                lora::cuda::forward(s, md, Half::Bf16, &xv, &xv, &wv, None, &av, &bv, &mut y.slice_mut(..), &mut xa.slice_mut(..), p)
+                lora::cuda::forward(s, md, Half::Bf16, &xv, &xv, lora::cuda::Weight::Dense(&wv), None, &av, &bv, &mut y.slice_mut(..), &mut xa.slice_mut(..), p)
             })?;
             let nf4_us = time_us(rt, || {
                 let (xv, av, bv) = (x.slice(..), a.slice(..), b.slice(..));
-                nf4::cuda::lora_forward(s, md, Half::Bf16, &xv, &xv, &nf4_dev, None, &av, &bv, &mut y.slice_mut(..), &mut xa.slice_mut(..), p)
+                lora::cuda::forward(s, md, Half::Bf16, &xv, &xv, lora::cuda::Weight::Nf4(&nf4_dev), None, &av, &bv, &mut y.slice_mut(..), &mut xa.slice_mut(..), p)
             })?;
             let shape = format!("[{m}, {n}, {K}]");
             for (kernel, us, flops) in [

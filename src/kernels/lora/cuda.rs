@@ -14,7 +14,7 @@ use crate::{Error, Result};
 pub(crate) const TILE: (usize, usize) = (128, 64);
 const THREADS: u32 = 128;
 const SMALL_BLOCK: u32 = 256;
-/// The largest M that `nf4::cuda::lora_forward` sends to the GEMV kernel.
+/// The largest M that `forward` with an NF4 weight sends to the GEMV kernel.
 pub const GEMV_MAX_M: usize = 16;
 
 /// The 16-bit storage type of a launch.
@@ -266,14 +266,16 @@ pub(crate) fn xa(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, x_lo
     small(stream, modules, dt, Strided { v: x_lora, rs: k, cs: 1 }, Strided { v: a, rs: 1, cs: k }, (p.m, p.r, p.k), 1.0, SmallOut::HalfAndScaled(xa, xa_s, p.scale))
 }
 
-/// Forward: `y = x·wᵀ (+ bias) + s·xa·bᵀ`, `xa = x_lora·aᵀ` (kept for the backward).
+/// Forward: `y = x·wᵀ (+ bias) + s·xa·bᵀ`, `xa = x_lora·aᵀ` (kept for the backward). W dense,
+/// or NF4 (QLoRA): dequantized in the GEMM's tile loads, and for M up to `GEMV_MAX_M` by the
+/// NF4 GEMV kernel.
 pub fn forward(
     stream: &Arc<CudaStream>,
     modules: &ModuleCache,
     dt: Half,
     x: &CudaView<'_, u16>,
     x_lora: &CudaView<'_, u16>,
-    w: &CudaView<'_, u16>,
+    w: Weight<'_, '_>,
     bias: Option<&CudaView<'_, u16>>,
     a: &CudaView<'_, u16>,
     b: &CudaView<'_, u16>,
@@ -284,7 +286,8 @@ pub fn forward(
     let op = "lora_fwd (cuda)";
     check_dims(op, p)?;
     let (m, n, k, r) = (p.m, p.n, p.k, p.r);
-    for (what, have, need) in [("x", x.len(), m * k), ("x_lora", x_lora.len(), m * k), ("w", w.len(), n * k), ("a", a.len(), r * k), ("b", b.len(), n * r), ("y", y.len(), m * n), ("xa", xa_out.len(), m * r)] {
+    w.check(op, n, k)?;
+    for (what, have, need) in [("x", x.len(), m * k), ("x_lora", x_lora.len(), m * k), ("a", a.len(), r * k), ("b", b.len(), n * r), ("y", y.len(), m * n), ("xa", xa_out.len(), m * r)] {
         check_len(op, what, have, need)?;
     }
     if let Some(bias) = bias {
@@ -293,13 +296,19 @@ pub fn forward(
     let mut xa_s = scratch(stream, m * r)?;
     xa(stream, modules, dt, x_lora, a, xa_out, &mut xa_s.slice_mut(..), p)?;
     let xs = xa_s.slice(..);
-    let g = Gemm { a1: (x, k), b1: Some((w, k)), a2: (&xs, r), b2: (b, r), bias, m, n, k1: k, k2: r, kn: false };
-    gemm(stream, modules, dt, g, y, None)
+    if let Weight::Nf4(q) = w {
+        if m <= GEMV_MAX_M {
+            return crate::kernels::nf4::cuda::gemv(stream, modules, dt, x, &xs, q, bias, b, y, p);
+        }
+    }
+    let (b1, nf4) = w.b1(k);
+    let g = Gemm { a1: (x, k), b1, a2: (&xs, r), b2: (b, r), bias, m, n, k1: k, k2: r, kn: false };
+    gemm(stream, modules, dt, g, y, nf4)
 }
 
 /// `s·G = s·dy·b` (`[M, R]`, the dX GEMM's second operand), `da = (s·G)ᵀ·x_lora`,
-/// `db = s·dyᵀ·xa`. Shared with the NF4 backward.
-pub(crate) fn small_grads(
+/// `db = s·dyᵀ·xa`. (Used by `backward` for dense and NF4 weights.)
+fn small_grads(
     stream: &Arc<CudaStream>,
     modules: &ModuleCache,
     dt: Half,
@@ -324,7 +333,7 @@ pub(crate) fn small_grads(
 /// Backward: `da`, `db` (f32) and, when `dx` is given, `dx = dy·w + s·(dy·b)·a`, or with
 /// `dropout = Some((p, seed))` (the forward's, which made `x_lora`; bf16 only)
 /// `dx = dy·w + s·((dy·b)·a) ∘ mask / (1 - p)`, the two products rounded apart, then summed
-/// under the mask by `dropout`.
+/// under the mask by `dropout`. W dense or NF4 (QLoRA: dequantized in the GEMM's tile loads).
 pub fn backward(
     stream: &Arc<CudaStream>,
     modules: &ModuleCache,
@@ -332,7 +341,7 @@ pub fn backward(
     dy: &CudaView<'_, u16>,
     x_lora: &CudaView<'_, u16>,
     xa: &CudaView<'_, u16>,
-    w: &CudaView<'_, u16>,
+    w: Weight<'_, '_>,
     a: &CudaView<'_, u16>,
     b: &CudaView<'_, u16>,
     da: &mut CudaViewMut<'_, f32>,
@@ -344,7 +353,8 @@ pub fn backward(
     let op = "lora_bwd (cuda)";
     check_dims(op, p)?;
     let (m, n, k, r) = (p.m, p.n, p.k, p.r);
-    for (what, have, need) in [("dy", dy.len(), m * n), ("x_lora", x_lora.len(), m * k), ("xa", xa.len(), m * r), ("w", w.len(), n * k), ("a", a.len(), r * k), ("b", b.len(), n * r), ("da", da.len(), r * k), ("db", db.len(), n * r)] {
+    w.check(op, n, k)?;
+    for (what, have, need) in [("dy", dy.len(), m * n), ("x_lora", x_lora.len(), m * k), ("xa", xa.len(), m * r), ("a", a.len(), r * k), ("b", b.len(), n * r), ("da", da.len(), r * k), ("db", db.len(), n * r)] {
         check_len(op, what, have, need)?;
     }
     if let Some(dx) = &dx {
@@ -355,17 +365,16 @@ pub fn backward(
     }
     let gs = small_grads(stream, modules, dt, dy, x_lora, xa, b, da, db, p)?;
     let gv = gs.slice(..);
+    let (b1, nf4) = w.b1(k);
     match (dx, dropout) {
         (Some(dx), None) => {
-            let g = Gemm { a1: (dy, n), b1: Some((w, k)), a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: n, k2: r, kn: true };
-            gemm(stream, modules, dt, g, dx, None)?;
+            let g = Gemm { a1: (dy, n), b1, a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: n, k2: r, kn: true };
+            gemm(stream, modules, dt, g, dx, nf4)?;
         }
         // dY·W and (s·G)·A apart (each a rank-0 GEMM), then summed under the mask.
         (Some(dx), Some((pd, seed))) => {
-            let alloc = |len: usize| stream.alloc_zeros::<u16>(len.max(1)).map_err(|e| Error::cuda(format!("{op}: scratch"), e));
-            let (mut base, mut ga) = (alloc(m * k)?, alloc(m * k)?);
-            let plain = Gemm { a1: (dy, n), b1: Some((w, k)), a2: (dy, n), b2: (w, k), bias: None, m, n: k, k1: n, k2: 0, kn: true };
-            gemm(stream, modules, dt, plain, &mut base.slice_mut(..), None)?;
+            let (mut base, mut ga) = (scratch(stream, m * k)?, scratch(stream, m * k)?);
+            linear_dx(stream, modules, dt, dy, w, &mut base.slice_mut(..), (m, n, k))?;
             let lora = Gemm { a1: (&gv, r), b1: Some((a, k)), a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: r, k2: 0, kn: true };
             gemm(stream, modules, dt, lora, &mut ga.slice_mut(..), None)?;
             self::dropout(stream, modules, &base.slice(..m * k), Some((&ga.slice(..m * k), 1.0)), dx, pd, seed)?;
