@@ -14,6 +14,10 @@
 // nf4_lora_gemm: as `lora_gemm` (64x64 tile, 16x16 invocations, 4x4 each, K step 16), with
 // op(B1)[l, j] = W_flat[l * b1_rs + j * b1_cs]: b1_rs = 1, b1_cs = K for the forward
 // (Y = X.W^T + s.XA.B^T), b1_rs = K, b1_cs = 1 for dX = dY.W + s.G.A.
+//
+// Element types as in `lora_gemm.wgsl`: TA for A1 and A2, TB for B2 and the bias, TC for C
+// (f32 as written; the launcher rewrites the aliases and prepends `enable f16;` for an f16
+// model). W is dequantized in f32 and the tiles and accumulators stay f32 whatever the aliases.
 
 struct Params {
     m: u32,
@@ -40,20 +44,24 @@ struct Params {
     _pad2: u32,
 }
 
+alias TA = f32;
+alias TB = f32;
+alias TC = f32;
+
 const TM: u32 = 64u;
 const TN: u32 = 64u;
 const TK: u32 = 16u;
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> a1: array<f32>;
+@group(0) @binding(1) var<storage, read> a1: array<TA>;
 @group(0) @binding(2) var<storage, read> packed: array<u32>;
 @group(0) @binding(3) var<storage, read> absmax: array<u32>;
 @group(0) @binding(4) var<storage, read> absmax2: array<f32>;
 @group(0) @binding(5) var<storage, read> tables: array<f32>;
-@group(0) @binding(6) var<storage, read> a2: array<f32>;
-@group(0) @binding(7) var<storage, read> b2: array<f32>;
-@group(0) @binding(8) var<storage, read> bias: array<f32>;
-@group(0) @binding(9) var<storage, read_write> c: array<f32>;
+@group(0) @binding(6) var<storage, read> a2: array<TA>;
+@group(0) @binding(7) var<storage, read> b2: array<TB>;
+@group(0) @binding(8) var<storage, read> bias: array<TB>;
+@group(0) @binding(9) var<storage, read_write> c: array<TC>;
 
 var<workgroup> a_tile: array<array<f32, 64>, 16>;
 var<workgroup> b_tile: array<array<f32, 64>, 16>;
@@ -79,7 +87,7 @@ fn nf4_weight(e: u32) -> f32 {
 fn nf4_dequant(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let e = (wid.y * groups.x + wid.x) * 256u + lid;
     if (e < p.len) {
-        c[e] = nf4_weight(e);
+        c[e] = TC(nf4_weight(e));
     }
 }
 
@@ -88,9 +96,9 @@ fn load_a(i: u32, l: u32, second: bool) -> f32 {
         return 0.0;
     }
     if (second) {
-        return select(0.0, p.s2 * a2[i * p.a2_rs + l * p.a2_cs], l < p.k2);
+        return select(0.0, p.s2 * f32(a2[i * p.a2_rs + l * p.a2_cs]), l < p.k2);
     }
-    return select(0.0, p.s1 * a1[i * p.a1_rs + l * p.a1_cs], l < p.k1);
+    return select(0.0, p.s1 * f32(a1[i * p.a1_rs + l * p.a1_cs]), l < p.k1);
 }
 
 fn load_b(l: u32, j: u32, second: bool) -> f32 {
@@ -98,7 +106,7 @@ fn load_b(l: u32, j: u32, second: bool) -> f32 {
         return 0.0;
     }
     if (second) {
-        return select(0.0, b2[l * p.b2_rs + j * p.b2_cs], l < p.k2);
+        return select(0.0, f32(b2[l * p.b2_rs + j * p.b2_cs]), l < p.k2);
     }
     if (l >= p.k1) {
         return 0.0;
@@ -149,9 +157,9 @@ fn nf4_lora_gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
             if (r < p.m && col < p.n) {
                 var v = acc[i][j];
                 if ((p.flags & 1u) != 0u) {
-                    v += bias[col];
+                    v += f32(bias[col]);
                 }
-                c[r * p.n + col] = v;
+                c[r * p.n + col] = TC(v);
             }
         }
     }

@@ -11,18 +11,18 @@ use proptest::prelude::*;
 use tuna::testing::lora::{check_dropout, check_lora, check_nf4_dequant, check_nf4_lora, LoraCase};
 use tuna::{DType, Device};
 
-/// Storage types each device has LoRA kernels for (NF4: f32 on wgpu).
-fn dtypes(dev: Device, nf4: bool) -> Vec<DType> {
+/// Storage types each device has LoRA kernels for (dense and NF4 weights alike).
+fn dtypes(dev: Device) -> Vec<DType> {
     match dev {
         Device::Cuda(_) => vec![DType::BF16, DType::F16],
-        d if !nf4 && common::has_f16(d) => vec![DType::F32, DType::F16],
+        d if common::has_f16(d) => vec![DType::F32, DType::F16],
         _ => vec![DType::F32],
     }
 }
 
 fn run(case: LoraCase, nf4: bool) {
     for dev in common::devices() {
-        for dtype in dtypes(dev, nf4) {
+        for dtype in dtypes(dev) {
             let case = LoraCase { dtype, ..case };
             let res = if nf4 { check_nf4_lora(dev, case) } else { check_lora(dev, case) };
             res.unwrap_or_else(|e| panic!("{e}"));

@@ -198,17 +198,16 @@ pub mod cpu {
     }
 }
 
-/// WGSL launchers over wgpu's types: `kernels-wgsl/nf4_gemm.wgsl`. The fused LoRA products
-/// are those of `lora::wgsl` (same dropout convention) with W read from NF4 storage.
-#[allow(clippy::too_many_arguments)]
+/// WGSL over wgpu's types: NF4 weights on the device and their dequantization
+/// (`kernels-wgsl/nf4_gemm.wgsl`). The fused LoRA products with W in NF4 are `lora::wgsl`'s
+/// with `lora::wgsl::Weight::Nf4`.
 pub mod wgsl {
     use wgpu::util::DeviceExt;
 
     use super::{dynamic_map, Nf4Tensor, NF4};
     use crate::device::wgpu::KernelCache;
-    use crate::kernels::lora::wgsl::{check_buffers, pass, plain, product, small_grads, tiles, to_u32, transposed, GemmUniform, Precision, FLAG_BIAS};
-    use crate::kernels::lora::LoraParams;
-    use crate::{Error, Result};
+    use crate::kernels::lora::wgsl::{check_buffers, pass, to_u32, GemmUniform};
+    use crate::Result;
 
     pub const SOURCE: &str = include_str!("../../kernels-wgsl/nf4_gemm.wgsl");
 
@@ -246,7 +245,7 @@ pub mod wgsl {
         })
     }
 
-    fn weight_bindings(w: &Nf4Buffers) -> [(u32, &wgpu::Buffer); 4] {
+    pub(crate) fn weight_bindings(w: &Nf4Buffers) -> [(u32, &wgpu::Buffer); 4] {
         [(2, &w.packed), (3, &w.absmax), (4, &w.absmax2), (5, &w.tables)]
     }
 
@@ -263,116 +262,6 @@ pub mod wgsl {
         let mut b = weight_bindings(w).to_vec();
         b.push((9, out));
         pass(device, kernels, &mut enc, ("nf4_gemm::nf4_dequant", SOURCE, "nf4_dequant"), &u, &b, (gx, gy))?;
-        queue.submit([enc.finish()]);
-        Ok(())
-    }
-
-    fn check_weight(op: &'static str, w: &Nf4Buffers, p: LoraParams) -> Result<()> {
-        if w.len != p.n * p.k {
-            return Err(Error::InvalidArgument(format!("{op}: NF4 weight holds {} elements, needs N·K = {}", w.len, p.n * p.k)));
-        }
-        Ok(())
-    }
-
-    /// Forward with W `[N, K]` in NF4: `y = x·wᵀ (+ bias) + s·xa·bᵀ`, `xa = x_lora·aᵀ`.
-    pub fn lora_forward(
-        device: &wgpu::Device,
-        queue: &wgpu::Queue,
-        kernels: &KernelCache,
-        x: &wgpu::Buffer,
-        x_lora: &wgpu::Buffer,
-        w: &Nf4Buffers,
-        bias: Option<&wgpu::Buffer>,
-        a: &wgpu::Buffer,
-        b: &wgpu::Buffer,
-        y: &wgpu::Buffer,
-        xa: &wgpu::Buffer,
-        p: LoraParams,
-    ) -> Result<()> {
-        let op = "nf4_lora_fwd (wgsl)";
-        let (m, n, k, r) = (p.m, p.n, p.k, p.r);
-        check_weight(op, w, p)?;
-        check_buffers(op, &[("x", x, m * k), ("x_lora", x_lora, m * k), ("a", a, r * k), ("b", b, n * r), ("y", y, m * n), ("xa", xa, m * r)])?;
-        if let Some(bias) = bias {
-            check_buffers(op, &[("bias", bias, n)])?;
-        }
-        let mut enc = device.create_command_encoder(&Default::default());
-        product(device, kernels, &mut enc, (x_lora, plain(k)), (a, transposed(k)), xa, (m, r, k), 1.0)?;
-        let u = GemmUniform {
-            m: m as u32,
-            n: n as u32,
-            k1: k as u32,
-            k2: r as u32,
-            strides: [plain(k), transposed(k), plain(r), transposed(r)],
-            s1: 1.0,
-            s2: p.scale,
-            flags: if bias.is_some() { FLAG_BIAS } else { 0 },
-            offset: w.offset,
-            ..Default::default()
-        };
-        let mut bind = weight_bindings(w).to_vec();
-        bind.extend([(1, x), (6, xa), (7, b), (8, bias.unwrap_or(x)), (9, y)]);
-        pass(device, kernels, &mut enc, ("nf4_gemm::nf4_lora_gemm", SOURCE, "nf4_lora_gemm"), &u, &bind, tiles(m, n))?;
-        queue.submit([enc.finish()]);
-        Ok(())
-    }
-
-    /// Backward with W in NF4: `da`, `db` as `lora::wgsl::backward`, and when `dx` is given
-    /// `dx = dy·w + s·(dy·b)·a` with W dequantized in the tile loads, or with `dropout` (the
-    /// forward's `(p, seed)`) `dx = dy·w + s·((dy·b)·a) ∘ mask / (1 - p)` as `lora::wgsl` does.
-    pub fn lora_backward(
-        device: &wgpu::Device,
-        queue: &wgpu::Queue,
-        kernels: &KernelCache,
-        dy: &wgpu::Buffer,
-        x_lora: &wgpu::Buffer,
-        xa: &wgpu::Buffer,
-        w: &Nf4Buffers,
-        a: &wgpu::Buffer,
-        b: &wgpu::Buffer,
-        da: &wgpu::Buffer,
-        db: &wgpu::Buffer,
-        dx: Option<&wgpu::Buffer>,
-        dropout: Option<(f32, u64)>,
-        p: LoraParams,
-    ) -> Result<()> {
-        let op = "nf4_lora_bwd (wgsl)";
-        let (m, n, k, r) = (p.m, p.n, p.k, p.r);
-        check_weight(op, w, p)?;
-        check_buffers(op, &[("dy", dy, m * n), ("x_lora", x_lora, m * k), ("xa", xa, m * r), ("a", a, r * k), ("b", b, n * r), ("da", da, r * k), ("db", db, n * r)])?;
-        if let Some(dx) = dx {
-            check_buffers(op, &[("dx", dx, m * k)])?;
-        }
-        let mut enc = device.create_command_encoder(&Default::default());
-        let g = small_grads(device, kernels, &mut enc, dy, x_lora, xa, b, da, db, p, Precision::F32)?;
-        if let Some(dx) = dx {
-            // With dropout the LoRA share goes apart: dY·W alone here (K2 = 0), (dY·B)·A below.
-            let (k2, base) = match dropout {
-                None => (r, None),
-                Some(_) => (0, Some(crate::kernels::lora::wgsl::scratch(device, m * k))),
-            };
-            let u = GemmUniform {
-                m: m as u32,
-                n: k as u32,
-                k1: n as u32,
-                k2: k2 as u32,
-                strides: [plain(n), plain(k), plain(r), plain(k)],
-                s1: 1.0,
-                s2: p.scale,
-                offset: w.offset,
-                ..Default::default()
-            };
-            let out = base.as_ref().unwrap_or(dx);
-            let mut bind = weight_bindings(w).to_vec();
-            bind.extend([(1, dy), (6, &g), (7, a), (8, dy), (9, out)]);
-            pass(device, kernels, &mut enc, ("nf4_gemm::nf4_lora_gemm", SOURCE, "nf4_lora_gemm"), &u, &bind, tiles(m, k))?;
-            if let (Some(base), Some((pd, seed))) = (&base, dropout) {
-                let ga = crate::kernels::lora::wgsl::scratch(device, m * k);
-                product(device, kernels, &mut enc, (&g, plain(r)), (a, plain(k)), &ga, (m, k, r), 1.0)?;
-                queue.submit([enc.finish()]);
-                return crate::kernels::lora::wgsl::dropout(device, queue, kernels, base, Some((&ga, p.scale)), dx, m * k, pd, seed, crate::kernels::lora::wgsl::DropoutTypes::F32);
-            }
-        }
         queue.submit([enc.finish()]);
         Ok(())
     }

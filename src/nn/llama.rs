@@ -495,19 +495,11 @@ impl Llama {
 
     /// A copy with every float weight (and adapter) converted to `dtype` on its device
     /// (`Tensor::to_dtype`): bf16 is how the model runs on CUDA; f16 runs the forward in half
-    /// precision on wgpu (f32 math inside the kernels, f32 statistics; inference only). NF4
-    /// weights stay NF4 (the CUDA NF4 kernels produce bf16; on wgpu NF4 runs in f32 only).
+    /// precision on wgpu (f32 math inside the kernels, f32 statistics). NF4 weights stay NF4:
+    /// the NF4 kernels dequantize them in the tiles and produce the activations' dtype.
     pub fn to_dtype(&self, dtype: DType) -> Result<Llama> {
         let mut m = self.clone();
-        m.map_parameters(|name, t| {
-            if t.dtype() == DType::NF4 {
-                if matches!(t.device(), Device::Wgpu(_)) && dtype != DType::F32 {
-                    return Err(Error::InvalidArgument(format!("{name}: NF4 weights on wgpu run in f32 only; load without --nf4 to convert to {dtype}")));
-                }
-                return Ok(t.clone());
-            }
-            t.to_dtype(dtype)
-        })?;
+        m.map_parameters(|_, t| if t.dtype() == DType::NF4 { Ok(t.clone()) } else { t.to_dtype(dtype) })?;
         m.map_lora(|_, t| t.to_dtype(dtype))?;
         Ok(m)
     }

@@ -48,9 +48,10 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
         let w = part.weight;
         for t in [Some(w), part.bias, part.lora.map(|l| l.0), part.lora.map(|l| l.1)].into_iter().flatten() {
             same_device(OP, x, t)?;
-            // The frozen weight may be NF4 (QLoRA): read dequantized, one op at a time. On a GPU
-            // the adapters may be f32 masters of a bf16/f16 model (converted inside the op).
-            let nf4_weight = std::ptr::eq(t, w) && t.dtype() == DType::NF4 && (dt == DType::F32 || matches!(x.device(), Device::Cuda(_)));
+            // The frozen weight may be NF4 (QLoRA): read dequantized, one op at a time (in any
+            // precision on a GPU, in f32 on the CPU). On a GPU the adapters may be f32 masters
+            // of a bf16/f16 model (converted inside the op).
+            let nf4_weight = std::ptr::eq(t, w) && t.dtype() == DType::NF4 && (dt == DType::F32 || x.device() != Device::Cpu);
             let master = !std::ptr::eq(t, w) && part.bias.is_none_or(|b| !std::ptr::eq(t, b)) && x.device() != Device::Cpu && t.dtype() == DType::F32;
             if !nf4_weight && !master {
                 expect_dtype(OP, t, dt)?;

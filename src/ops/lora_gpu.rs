@@ -6,7 +6,7 @@ use super::lora::{tape_inputs, Dropout, LinearPart};
 use crate::kernels::lora::LoraParams;
 use crate::ops::{expect_dtype, saved};
 use crate::tape::record_many;
-use crate::{DType, Error, Result, Tensor};
+use crate::{DType, Result, Tensor};
 
 /// Adds a part's dX contribution (the group's dX is their sum, in part order).
 fn accumulate(dx: &mut Option<Tensor>, part: Tensor) -> Result<()> {
@@ -30,7 +30,7 @@ fn nf4_buffers(w: &Tensor) -> Option<std::sync::Arc<crate::kernels::nf4::wgsl::N
 /// dA, dB and each part's dX, summed in part order on the device). LoRA dropout draws the
 /// CPU's mask on the device (`dropout.wgsl`); with it, the launcher's dX is
 /// `dY·W + s·(dY·B·A) ∘ mask/(1-p)`. A frozen NF4 weight (QLoRA) runs `nf4_gemm.wgsl`, W
-/// dequantized in the tile loads.
+/// dequantized in f32 in the tile loads (in f32 and f16 models).
 pub(super) fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]) -> Result<Vec<Tensor>> {
     use crate::kernels::lora::wgsl;
     use crate::ops::gpu::{wgpu_buf, wgpu_output};
@@ -45,10 +45,8 @@ pub(super) fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[
     let mut adapters = Vec::with_capacity(parts.len());
     for (part, &p) in parts.iter().zip(params) {
         let w_nf4 = nf4_buffers(part.weight);
-        match &w_nf4 {
-            None => expect_dtype(OP, part.weight, dt)?,
-            Some(_) if pr == wgsl::Precision::F16 => return Err(Error::InvalidArgument(format!("{OP} in f16 on wgpu: NF4 weights run in f32 only"))),
-            Some(_) => {}
+        if w_nf4.is_none() {
+            expect_dtype(OP, part.weight, dt)?;
         }
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("rank >= 2") = p.n;
@@ -72,10 +70,11 @@ pub(super) fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[
             _ => None,
         };
         let xl = drop.as_ref().map_or(xb, |(b, _)| b.buffer());
-        match &w_nf4 {
-            Some(wq) => crate::kernels::nf4::wgsl::lora_forward(&rt.device, &rt.queue, &rt.kernels, xb, xl, wq, bias, a, b, wgpu_buf(&y).1, xa.buffer(), p)?,
-            None => wgsl::forward(&rt.device, &rt.queue, &rt.kernels, xb, xl, wgpu_buf(part.weight).1, bias, a, b, wgpu_buf(&y).1, xa.buffer(), p, pr)?,
-        }
+        let w = match &w_nf4 {
+            Some(q) => wgsl::Weight::Nf4(q),
+            None => wgsl::Weight::Dense(wgpu_buf(part.weight).1),
+        };
+        wgsl::forward(&rt.device, &rt.queue, &rt.kernels, xb, xl, w, bias, a, b, wgpu_buf(&y).1, xa.buffer(), p, pr)?;
         outs.push(y);
         xas.push((xa, drop));
         adapters.push(lora);
@@ -106,10 +105,12 @@ pub(super) fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[
             let xl = drop.as_ref().map_or(xb, |(b, _)| b.buffer());
             let dxb = dxi.as_ref().map(|t| wgpu_buf(t).1);
             let dropout = drop.as_ref().map(|(_, d)| (d.p, d.seed));
-            match nf4_buffers(w) {
-                Some(wq) => crate::kernels::nf4::wgsl::lora_backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xl, xa.buffer(), &wq, a, b, dab, dbb, dxb, dropout, *p)?,
-                None => wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xl, xa.buffer(), wgpu_buf(w).1, a, b, dab, dbb, dxb, dropout, *p, pr)?,
-            }
+            let w_nf4 = nf4_buffers(w);
+            let w = match &w_nf4 {
+                Some(q) => wgsl::Weight::Nf4(q),
+                None => wgsl::Weight::Dense(wgpu_buf(w).1),
+            };
+            wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xl, xa.buffer(), w, a, b, dab, dbb, dxb, dropout, *p, pr)?;
             debug_assert_eq!(sx.elem_count(), m * k);
             if let Some(dxi) = dxi {
                 accumulate(&mut dx, dxi)?;

@@ -333,10 +333,10 @@ mod wgpu_run {
     }
 
     pub fn lora(i: usize, case: &LoraCase, inp: &LoraInputs, q: Option<&Nf4Tensor>) -> Result<LoraOutputs> {
-        let pr = match (case.dtype, q) {
-            (DType::F32, _) => Precision::F32,
-            (DType::F16, None) => Precision::F16,
-            (dt, _) => return Err(Error::InvalidArgument(format!("no WGSL {} kernel for {dt}", if q.is_some() { "NF4 LoRA" } else { "LoRA" }))),
+        let pr = match case.dtype {
+            DType::F32 => Precision::F32,
+            DType::F16 => Precision::F16,
+            dt => return Err(Error::InvalidArgument(format!("no WGSL LoRA kernel for {dt}"))),
         };
         let rt = runtime(i)?;
         let p = case.params();
@@ -347,17 +347,10 @@ mod wgpu_run {
         let (y, xa, dx, da, db) = (rt.alloc(m * n * 4), rt.alloc(m * r * 4), rt.alloc(m * k * 4), rt.alloc(r * k * 4), rt.alloc(n * r * 4));
         let (dev, queue, kern) = (&rt.device, &rt.queue, &rt.kernels);
         let bias_b = bias.as_ref().map(|b| b.buffer());
-        match q {
-            None => {
-                wgsl::forward(dev, queue, kern, x.buffer(), xl.buffer(), w.buffer(), bias_b, a.buffer(), b.buffer(), y.buffer(), xa.buffer(), p, pr)?;
-                wgsl::backward(dev, queue, kern, dy.buffer(), xl.buffer(), xa.buffer(), w.buffer(), a.buffer(), b.buffer(), da.buffer(), db.buffer(), Some(dx.buffer()), case.dropout, p, pr)?;
-            }
-            Some(q) => {
-                let wq = nf4::wgsl::upload(dev, q)?;
-                nf4::wgsl::lora_forward(dev, queue, kern, x.buffer(), xl.buffer(), &wq, bias_b, a.buffer(), b.buffer(), y.buffer(), xa.buffer(), p)?;
-                nf4::wgsl::lora_backward(dev, queue, kern, dy.buffer(), xl.buffer(), xa.buffer(), &wq, a.buffer(), b.buffer(), da.buffer(), db.buffer(), Some(dx.buffer()), case.dropout, p)?;
-            }
-        }
+        let wq = q.map(|q| nf4::wgsl::upload(dev, q)).transpose()?;
+        let w = wq.as_ref().map_or(wgsl::Weight::Dense(w.buffer()), wgsl::Weight::Nf4);
+        wgsl::forward(dev, queue, kern, x.buffer(), xl.buffer(), w, bias_b, a.buffer(), b.buffer(), y.buffer(), xa.buffer(), p, pr)?;
+        wgsl::backward(dev, queue, kern, dy.buffer(), xl.buffer(), xa.buffer(), w, a.buffer(), b.buffer(), da.buffer(), db.buffer(), Some(dx.buffer()), case.dropout, p, pr)?;
         Ok(LoraOutputs {
             y: down_as(&rt, pr, &y, m * n)?,
             xa: down_as(&rt, pr, &xa, m * r)?,

@@ -77,11 +77,6 @@ pub fn on_device(cpu: &Llama, dev: &Device, dtype: DType) -> crate::Result<Llama
     Ok(m)
 }
 
-/// f16 on wgpu: no NF4 there (it runs in f32 only).
-fn f16_on_wgpu(dev: &Device, dtype: DType) -> bool {
-    matches!(dev, Device::Wgpu(_)) && dtype == DType::F16
-}
-
 /// Prefixes an error with what failed.
 fn ctx(what: impl std::fmt::Display) -> impl Fn(crate::Error) -> String {
     move |err| format!("{what}: {err}")
@@ -140,9 +135,6 @@ pub fn check_loss_and_grads(dev: &Device, dtype: DType) -> CheckResult {
     let mut worst = (0.0f64, 0.0f64);
     let runs = [("plain", 0.0, false, false, false), ("dropout 0.1", 0.1, false, false, false), ("packed", 0.0, true, false, false), ("checkpointed", 0.0, false, true, false), ("nf4 base, dropout 0.1", 0.1, false, false, true)];
     for (what, dropout, packed, checkpoint, nf4) in runs {
-        if f16_on_wgpu(dev, dtype) && nf4 {
-            continue; // NF4 runs in f32 only on wgpu
-        }
         // The NF4 case puts adapters on q and v only, so the other NF4 linears run plain.
         let mut cpu = tiny_lora_model(dtype, dropout, nf4).map_err(ctx("building the model"))?;
         if nf4 {
@@ -182,16 +174,11 @@ pub fn check_training(dev: &Device, dtype: DType) -> CheckResult {
             Sequence { ids: (0..len as u32).map(|i| 4 + (start + i) % 300).collect(), mask: vec![true; len], starts: Vec::new() }
         })
         .collect();
-    // f16 on wgpu trains LoRA, not QLoRA (see `f16_on_wgpu`).
-    let half = f16_on_wgpu(dev, dtype);
     let adapter = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..Default::default() };
     let base = Llama::random(tiny_config(), 3).and_then(|m| m.to_dtype(dtype)?.to_dtype(DType::F32)).map_err(ctx("building the model"))?;
     let mut summary = Vec::new();
     let (adamw, sm3) = (OptimizerConfig::AdamW(Default::default()), OptimizerConfig::Sm3(Default::default()));
-    let mut runs = vec![(Method::Lora(adapter.clone()), adamw), (Method::Lora(adapter.clone()), sm3)];
-    if !half {
-        runs.push((Method::Qlora(adapter), adamw));
-    }
+    let runs = [(Method::Lora(adapter.clone()), adamw), (Method::Lora(adapter.clone()), sm3), (Method::Qlora(adapter), adamw)];
     for (method, optimizer) in runs {
         let what = format!("{} with {}", method.name(), optimizer.name());
         summary.push(format!("{what}: {}", check_training_run(dev, dtype, &base, &data, method, optimizer).map_err(|e| format!("{what}: {e}"))?));

@@ -196,8 +196,8 @@ impl Trainer {
         if config.batch_size == 0 || config.grad_accum == 0 {
             return Err(Error::InvalidArgument("batch size and gradient accumulation must be at least 1".into()));
         }
-        if model.embed.dtype() == crate::DType::F16 && !matches!(config.method, Method::Lora(_)) {
-            return Err(Error::InvalidArgument(format!("{} fine-tuning in f16 is not wired: LoRA trains an f16 model (f32 adapters); load in f32 for the others", config.method.name())));
+        if model.embed.dtype() == crate::DType::F16 && !matches!(config.method, Method::Lora(_) | Method::Qlora(_)) {
+            return Err(Error::InvalidArgument(format!("{} fine-tuning in f16 is not wired: LoRA and QLoRA train an f16 model (f32 adapters); load in f32 for the others", config.method.name())));
         }
         if let crate::Device::Cuda(_) = model.device() {
             // The bf16 model trains f32 adapters (over a bf16 or NF4 base); trained bf16 weights

@@ -3,6 +3,7 @@
 use super::LoraParams;
 use crate::device::wgpu::KernelCache;
 use crate::kernels::check_len;
+use crate::kernels::nf4::wgsl as nf4;
 use crate::{Error, Result};
 
 pub const SOURCE: &str = include_str!("../../../kernels-wgsl/lora_gemm.wgsl");
@@ -42,18 +43,82 @@ pub(crate) enum Types {
 }
 
 impl Types {
-    /// The shader with its aliases set, and a pipeline-name suffix.
-    fn source(self) -> (&'static str, &'static str) {
-        use std::sync::OnceLock;
-        static F16: OnceLock<String> = OnceLock::new();
-        static F16_TO_F32: OnceLock<String> = OnceLock::new();
-        static F32_F16_TO_F32: OnceLock<String> = OnceLock::new();
-        use crate::device::wgpu::f16_variant;
+    /// The aliases set to f16, and a pipeline-name suffix.
+    fn f16_aliases(self) -> (&'static [&'static str], &'static str) {
         match self {
-            Types::F32 => (SOURCE, ""),
-            Types::F16 => (F16.get_or_init(|| f16_variant(SOURCE, &["TA", "TB", "TC"])), "::f16"),
-            Types::F16ToF32 => (F16_TO_F32.get_or_init(|| f16_variant(SOURCE, &["TA", "TB"])), "::f16_to_f32"),
-            Types::F32F16ToF32 => (F32_F16_TO_F32.get_or_init(|| f16_variant(SOURCE, &["TB"])), "::f32_f16_to_f32"),
+            Types::F32 => (&[], ""),
+            Types::F16 => (&["TA", "TB", "TC"], "::f16"),
+            Types::F16ToF32 => (&["TA", "TB"], "::f16_to_f32"),
+            Types::F32F16ToF32 => (&["TB"], "::f32_f16_to_f32"),
+        }
+    }
+
+    /// `source` (one of the two GEMM shaders, which declare the same aliases) with this
+    /// variant's aliases set, made once per variant in `cache`, and the pipeline-name suffix.
+    fn variant(self, source: &'static str, cache: &'static [std::sync::OnceLock<String>; 4]) -> (&'static str, &'static str) {
+        let (aliases, suffix) = self.f16_aliases();
+        if aliases.is_empty() {
+            return (source, suffix);
+        }
+        (cache[self as usize].get_or_init(|| crate::device::wgpu::f16_variant(source, aliases)), suffix)
+    }
+
+    /// `lora_gemm.wgsl` in these types.
+    fn source(self) -> (&'static str, &'static str) {
+        static CACHE: [std::sync::OnceLock<String>; 4] = [const { std::sync::OnceLock::new() }; 4];
+        self.variant(SOURCE, &CACHE)
+    }
+
+    /// `nf4_gemm.wgsl` in these types.
+    fn nf4_source(self) -> (&'static str, &'static str) {
+        static CACHE: [std::sync::OnceLock<String>; 4] = [const { std::sync::OnceLock::new() }; 4];
+        self.variant(nf4::SOURCE, &CACHE)
+    }
+}
+
+/// The frozen weight W `[N, K]` of a LoRA GEMM: stored in the activations' precision, or NF4
+/// (QLoRA) and dequantized in `nf4_gemm.wgsl`'s tile loads (f32, whatever the precision).
+#[derive(Clone, Copy)]
+pub enum Weight<'a> {
+    Dense(&'a wgpu::Buffer),
+    Nf4(&'a nf4::Nf4Buffers),
+}
+
+impl Weight<'_> {
+    fn check(&self, op: &'static str, bytes: usize, p: LoraParams) -> Result<()> {
+        match self {
+            Weight::Dense(w) => check_elems(op, bytes, &[("w", w, p.n * p.k)]),
+            Weight::Nf4(q) if q.len != p.n * p.k => Err(Error::InvalidArgument(format!("{op}: NF4 weight holds {} elements, needs N·K = {}", q.len, p.n * p.k))),
+            Weight::Nf4(_) => Ok(()),
+        }
+    }
+}
+
+/// The K + R pass `c = op(A1)·op(W) + s2·op(A2)·op(B2) (+ bias)` of the forward (Y) and of dX,
+/// W dense (`lora_gemm.wgsl`) or NF4 (`nf4_gemm.wgsl`); `u` holds the shapes, scales and
+/// strides (W's index its flat `[N, K]` elements in both shaders).
+#[allow(clippy::too_many_arguments)]
+fn weight_pass(
+    device: &wgpu::Device,
+    kernels: &KernelCache,
+    enc: &mut wgpu::CommandEncoder,
+    types: Types,
+    w: Weight<'_>,
+    u: &GemmUniform,
+    [a1, a2, b2]: [&wgpu::Buffer; 3],
+    bias: Option<&wgpu::Buffer>,
+    c: &wgpu::Buffer,
+    groups: (u32, u32),
+) -> Result<()> {
+    // Without a bias (flag unset) the binding is never read; any buffer binds.
+    let bias = bias.unwrap_or(a1);
+    match w {
+        Weight::Dense(w) => lora_pass(device, kernels, enc, types, "lora_gemm", u, &[(1, a1), (2, w), (3, a2), (4, b2), (5, bias), (6, c)], groups),
+        Weight::Nf4(q) => {
+            let (source, suffix) = types.nf4_source();
+            let mut bind = nf4::weight_bindings(q).to_vec();
+            bind.extend([(1, a1), (6, a2), (7, b2), (8, bias), (9, c)]);
+            pass(device, kernels, enc, (&format!("nf4_gemm::nf4_lora_gemm{suffix}"), source, "nf4_lora_gemm"), &GemmUniform { offset: q.offset, ..*u }, &bind, groups)
         }
     }
 }
@@ -141,21 +206,8 @@ pub(crate) fn tiles(m: usize, n: usize) -> (u32, u32) {
     (n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32)
 }
 
-/// `c[m, n] = s · op(a)[m, k] · op(b)[k, n]` (the `gemm` entry point).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn product(
-    device: &wgpu::Device,
-    kernels: &KernelCache,
-    enc: &mut wgpu::CommandEncoder,
-    a: (&wgpu::Buffer, [u32; 2]),
-    b: (&wgpu::Buffer, [u32; 2]),
-    c: &wgpu::Buffer,
-    mnk: (usize, usize, usize),
-    s: f32,
-) -> Result<()> {
-    product_flags(device, kernels, enc, a, b, c, mnk, s, Types::F32, 0)
-}
-
+/// `c[m, n] = s · op(a)[m, k] · op(b)[k, n]` (the `gemm` entry point) in the element types
+/// `types`; `flags` may add `FLAG_ACCUMULATE`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn product_flags(
     device: &wgpu::Device,
@@ -305,14 +357,14 @@ pub fn matmul(
 }
 
 /// Forward: `y = x·wᵀ (+ bias) + s·xa·bᵀ` and `xa = x_lora·aᵀ` (`[M, R]`, kept for the
-/// backward). Two passes: XA first, then one GEMM over K + R into y.
+/// backward). Two passes: XA first, then one GEMM over K + R into y. W dense or NF4.
 pub fn forward(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
     kernels: &KernelCache,
     x: &wgpu::Buffer,
     x_lora: &wgpu::Buffer,
-    w: &wgpu::Buffer,
+    w: Weight<'_>,
     bias: Option<&wgpu::Buffer>,
     a: &wgpu::Buffer,
     b: &wgpu::Buffer,
@@ -325,7 +377,8 @@ pub fn forward(
     precision.check(device, op)?;
     let (m, n, k, r) = (p.m, p.n, p.k, p.r);
     let bytes = precision.bytes();
-    check_elems(op, bytes, &[("x", x, m * k), ("x_lora", x_lora, m * k), ("w", w, n * k), ("a", a, r * k), ("b", b, n * r), ("y", y, m * n), ("xa", xa, m * r)])?;
+    w.check(op, bytes, p)?;
+    check_elems(op, bytes, &[("x", x, m * k), ("x_lora", x_lora, m * k), ("a", a, r * k), ("b", b, n * r), ("y", y, m * n), ("xa", xa, m * r)])?;
     if let Some(bias) = bias {
         check_elems(op, bytes, &[("bias", bias, n)])?;
     }
@@ -343,8 +396,7 @@ pub fn forward(
         flags: if bias.is_some() { FLAG_BIAS } else { 0 },
         ..Default::default()
     };
-    let bias = bias.unwrap_or(x);
-    lora_pass(device, kernels, &mut enc, types, "lora_gemm", &u, &[(1, x), (2, w), (3, xa), (4, b), (5, bias), (6, y)], tiles(m, n))?;
+    weight_pass(device, kernels, &mut enc, types, w, &u, [x, xa, b], bias, y, tiles(m, n))?;
     queue.submit([enc.finish()]);
     Ok(())
 }
@@ -376,7 +428,7 @@ pub(crate) fn small_grads(
 /// Backward: `da = s·(dy·b)ᵀ·x_lora`, `db = s·dyᵀ·xa`, and when `dx` is given
 /// `dx = dy·w + s·(dy·b)·a`, or with `dropout = Some((p, seed))` (the forward's, which made
 /// `x_lora`) `dx = dy·w + s·((dy·b)·a) ∘ mask / (1 - p)`: the two products apart and the masked
-/// sum by `dropout`. W gets no gradient.
+/// sum by `dropout`. W (dense or NF4) gets no gradient.
 pub fn backward(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
@@ -384,7 +436,7 @@ pub fn backward(
     dy: &wgpu::Buffer,
     x_lora: &wgpu::Buffer,
     xa: &wgpu::Buffer,
-    w: &wgpu::Buffer,
+    w: Weight<'_>,
     a: &wgpu::Buffer,
     b: &wgpu::Buffer,
     da: &wgpu::Buffer,
@@ -398,44 +450,43 @@ pub fn backward(
     precision.check(device, op)?;
     let (m, n, k, r) = (p.m, p.n, p.k, p.r);
     let bytes = precision.bytes();
-    check_elems(op, bytes, &[("dy", dy, m * n), ("x_lora", x_lora, m * k), ("xa", xa, m * r), ("w", w, n * k), ("a", a, r * k), ("b", b, n * r)])?;
+    w.check(op, bytes, p)?;
+    check_elems(op, bytes, &[("dy", dy, m * n), ("x_lora", x_lora, m * k), ("xa", xa, m * r), ("a", a, r * k), ("b", b, n * r)])?;
     check_buffers(op, &[("da", da, r * k), ("db", db, n * r)])?;
     if let Some(dx) = dx {
         check_elems(op, bytes, &[("dx", dx, m * k)])?;
     }
     let mut enc = device.create_command_encoder(&Default::default());
     let g = small_grads(device, kernels, &mut enc, dy, x_lora, xa, b, da, db, p, precision)?;
+    // dX's pass: A1 = dY, W read along its rows, A2 = G, B2 = A.
+    let mut u = GemmUniform {
+        m: m as u32,
+        n: k as u32,
+        k1: n as u32,
+        k2: r as u32,
+        strides: [plain(n), plain(k), plain(r), plain(k)],
+        s1: 1.0,
+        s2: p.scale,
+        ..Default::default()
+    };
     match (dx, dropout) {
-        (Some(dx), None) => {
-            let u = GemmUniform {
-                m: m as u32,
-                n: k as u32,
-                k1: n as u32,
-                k2: r as u32,
-                strides: [plain(n), plain(k), plain(r), plain(k)],
-                s1: 1.0,
-                s2: p.scale,
-                ..Default::default()
-            };
-            lora_pass(device, kernels, &mut enc, same(precision), "lora_gemm", &u, &[(1, dy), (2, w), (3, &g), (4, a), (5, dy), (6, dx)], tiles(m, k))?;
-            queue.submit([enc.finish()]);
-        }
-        // The two products in f32 (from f16 operands in f16), then summed under the mask and
-        // stored in dX's type.
+        (Some(dx), None) => weight_pass(device, kernels, &mut enc, same(precision), w, &u, [dy, &g, a], None, dx, tiles(m, k))?,
+        // The two products apart in f32 (from f16 operands in f16): dY·W (the K + R pass with
+        // no R) and G·A, then summed under the mask and stored in dX's type.
         (Some(dx), Some((pd, seed))) => {
             let (base, ga) = (scratch(device, m * k), scratch(device, m * k));
             let (types, drop) = match precision {
                 Precision::F32 => (Types::F32, DropoutTypes::F32),
                 Precision::F16 => (Types::F16ToF32, DropoutTypes::F32ToF16),
             };
-            product_flags(device, kernels, &mut enc, (dy, plain(n)), (w, plain(k)), &base, (m, k, n), 1.0, types, 0)?;
+            u.k2 = 0;
+            weight_pass(device, kernels, &mut enc, types, w, &u, [dy, &g, a], None, &base, tiles(m, k))?;
             product_flags(device, kernels, &mut enc, (&g, plain(r)), (a, plain(k)), &ga, (m, k, r), 1.0, types, 0)?;
             queue.submit([enc.finish()]);
-            self::dropout(device, queue, kernels, &base, Some((&ga, p.scale)), dx, m * k, pd, seed, drop)?;
+            return self::dropout(device, queue, kernels, &base, Some((&ga, p.scale)), dx, m * k, pd, seed, drop);
         }
-        (None, _) => {
-            queue.submit([enc.finish()]);
-        }
+        (None, _) => {}
     }
+    queue.submit([enc.finish()]);
     Ok(())
 }
