@@ -93,3 +93,35 @@ extern "C" __global__ void scale_by_f32(const float* a, const float* s, float* y
 extern "C" __global__ void scale_by_bf16(const bf16_bits* a, const float* s, bf16_bits* y, long n) {
     scale_body<bf16_bits>(a, y, n, s[0]);
 }
+
+// ---- transpose ----------------------------------------------------------------------------
+// y[c * rows + r] = x[r * cols + c]: a row-major [rows, cols] x into [cols, rows] y, moving
+// bits (2- or 4-byte elements). 32x32 tiles through shared memory (rows padded to 33 so the
+// column reads are conflict-free), reads and writes coalesced. The GEMMs read A along its rows
+// only, so a product with A transposed (dW = dY^T.X) transposes A first.
+// Launch: block (32, 8), grid (ceil(cols/32), min(ceil(rows/32), 65535)); tile rows stride by
+// gridDim.y.
+template <typename T>
+__device__ void transpose_body(const T* __restrict__ x, T* __restrict__ y, int rows, int cols) {
+    __shared__ T tile[32][33];
+    const int c0 = blockIdx.x * 32;
+    for (int r0 = blockIdx.y * 32; r0 < rows; r0 += gridDim.y * 32) {
+        for (int i = threadIdx.y; i < 32; i += 8) {
+            const int r = r0 + i, c = c0 + threadIdx.x;
+            if (r < rows && c < cols) tile[i][threadIdx.x] = x[(long)r * cols + c];
+        }
+        __syncthreads();
+        for (int i = threadIdx.y; i < 32; i += 8) {
+            const int c = c0 + i, r = r0 + threadIdx.x;
+            if (c < cols && r < rows) y[(long)c * rows + r] = tile[threadIdx.x][i];
+        }
+        __syncthreads();
+    }
+}
+
+extern "C" __global__ void transpose_b16(const unsigned short* x, unsigned short* y, int rows, int cols) {
+    transpose_body<unsigned short>(x, y, rows, cols);
+}
+extern "C" __global__ void transpose_b32(const unsigned int* x, unsigned int* y, int rows, int cols) {
+    transpose_body<unsigned int>(x, y, rows, cols);
+}

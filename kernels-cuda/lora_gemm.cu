@@ -75,7 +75,8 @@ struct Operand {
 struct GemmArgs {
     Operand a1, b1, a2, b2;  // b1/b2: [N, K] (B_KN = false) or [K, N] (B_KN = true)
     const unsigned short* bias;  // [N] or null
-    unsigned short* c;           // [M, N]
+    unsigned short* c;           // [M, N], written (when c32 is null)
+    float* c32;                  // [M, N] or null: C added to it in f32 (a sum over launches)
     int m, n, k1, k2;
 };
 
@@ -148,7 +149,8 @@ __device__ __forceinline__ void load_nf4(unsigned short* dst, const Nf4& q, cons
 
 // C = A1.op(B1) + A2.op(B2) (+ bias). Prologue: fill STAGES-1 stages. Main loop: wait for
 // stage kt, issue the load of stage kt + STAGES - 1, run BK/16 mma steps on stage kt.
-// Epilogue: bias, convert, bounds-checked store.
+// Epilogue: bias, convert, bounds-checked store (or, with c32, added to an f32 C: dW summed
+// over chunks of rows).
 //
 // Warp w (0..3) owns rows (w / 2) * 64 .. +64 and columns (w % 2) * 32 .. +32 of the block
 // tile: acc[mi][ni][0..3] is the m16n8 accumulator of rows mi*16, columns ni*8, laid out as
@@ -245,7 +247,8 @@ __device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) 
                 if (row < g.m && col < g.n) {
                     float v = acc[mi][ni][e];
                     if (g.bias != nullptr) v += T::to_f32(g.bias[col]);
-                    g.c[(long)row * g.n + col] = T::from_f32(v);
+                    if (g.c32 != nullptr) g.c32[(long)row * g.n + col] += v;
+                    else g.c[(long)row * g.n + col] = T::from_f32(v);
                 }
             }
         }
@@ -254,8 +257,8 @@ __device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) 
 
 #define GEMM_PARAMS                                                                                    \
     const unsigned short *a1, int lda1, const unsigned short *b1, int ldb1, const unsigned short *a2, \
-        int lda2, const unsigned short *b2, int ldb2, const unsigned short *bias, unsigned short *c, int m, int n, int k1, int k2
-#define GEMM_ARGS GemmArgs{{a1, lda1}, {b1, ldb1}, {a2, lda2}, {b2, ldb2}, bias, c, m, n, k1, k2}
+        int lda2, const unsigned short *b2, int ldb2, const unsigned short *bias, unsigned short *c, float *c32, int m, int n, int k1, int k2
+#define GEMM_ARGS GemmArgs{{a1, lda1}, {b1, ldb1}, {a2, lda2}, {b2, ldb2}, bias, c, c32, m, n, k1, k2}
 #define NF4_PARAMS const unsigned char *packed, const unsigned char *absmax, const float *absmax2, const float *tables, float offset
 #define NF4_ARGS Nf4{packed, absmax, absmax2, tables, offset}
 

@@ -57,7 +57,16 @@ fn entry_points(module: &str) -> &'static [&'static str] {
             "swiglu_bwd_bf16",
             "swiglu_bwd_packed_f32",
             "swiglu_bwd_packed_bf16",
+            "add_f32",
+            "add_bf16",
+            "scale_f32",
+            "scale_bf16",
+            "scale_by_f32",
+            "scale_by_bf16",
+            "transpose_b16",
+            "transpose_b32",
         ],
+        "cross_entropy" => &["ce_rows_f32", "ce_rows_bf16", "ce_sum_f32"],
         "embedding" => &["embedding_fwd_f32", "embedding_fwd_bf16", "embedding_bwd_f32", "embedding_bwd_bf16"],
         "flash_attention" => &[
             "flash_attn_fwd_bf16_d64",
@@ -89,7 +98,7 @@ fn assert_entries(module: &str, arch: &str, ptx: &str) {
 #[test]
 fn every_module_is_embedded() {
     let names: Vec<&str> = cuda::modules().iter().map(|m| m.name).collect();
-    for want in ["rmsnorm", "optim", "lora_gemm", "rope", "elementwise", "embedding", "flash_attention"] {
+    for want in ["rmsnorm", "optim", "lora_gemm", "rope", "dropout", "cast", "elementwise", "embedding", "flash_attention", "cross_entropy"] {
         assert!(names.contains(&want), "no module {want} in {names:?}");
     }
     for m in cuda::modules() {

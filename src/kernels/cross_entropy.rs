@@ -178,16 +178,19 @@ pub mod cuda {
     use super::LinearCeParams;
     use crate::device::cuda::ModuleCache;
     use crate::kernels::check_len;
-    use crate::kernels::lora::cuda::{matmul, Half};
+    use crate::kernels::lora::cuda::{matmul, GemmOut, Half};
     use crate::{Error, Result};
 
     /// Fused linear cross-entropy on CUDA (see the module docs), bf16 x and W: `loss[0]` and,
-    /// when given, `dx = dz·W` `[M, H]` (bf16) for `dy = 1`. Per chunk of rows: the chunk's
-    /// bf16 logits by the plain GEMM (f32 accumulation, as a bf16 model's head computes them),
-    /// each row's log-sum-exp, loss and gradient in place (`ce_rows_bf16`, f32 math), then
-    /// `dx`'s rows by the GEMM with W read `[V, H]` as `[K, N]`. Only `[chunk_rows, V]` logits
+    /// when given, `dx = dz·W` `[M, H]` (bf16) and `dw += dzᵀ·x` `[V, H]` (f32, added to what
+    /// it holds: pass zeros) for `dy = 1`. Per chunk of rows: the chunk's bf16 logits by the
+    /// plain GEMM (f32 accumulation, as a bf16 model's head computes them), each row's
+    /// log-sum-exp, loss and gradient in place (`ce_rows_bf16`, f32 math), then `dx`'s rows by
+    /// the GEMM with W read `[V, H]` as `[K, N]`, and the chunk's share of dW by the GEMM on the
+    /// transposed gradient (`[V, rows]`) against the chunk of x read as `[K, N]`, summed in f32
+    /// over the chunks in order. Only `[chunk_rows, V]` logits (and, for dW, their transpose)
     /// are held. `count` is the number of rows whose target is not ignored (the caller checked
-    /// the targets on the host). A trained W (its dW) is not wired on CUDA.
+    /// the targets on the host).
     #[allow(clippy::too_many_arguments)]
     pub fn linear_forward(
         stream: &Arc<CudaStream>,
@@ -197,6 +200,7 @@ pub mod cuda {
         w: &CudaView<'_, u16>,
         targets: &CudaView<'_, i32>,
         mut dx: Option<&mut CudaViewMut<'_, u16>>,
+        mut dw: Option<&mut CudaViewMut<'_, f32>>,
         loss: &mut CudaViewMut<'_, f32>,
         count: usize,
         p: LinearCeParams,
@@ -212,6 +216,9 @@ pub mod cuda {
         if let Some(dx) = &dx {
             check_len(OP, "dx", dx.len(), m * h)?;
         }
+        if let Some(dw) = &dw {
+            check_len(OP, "dw", dw.len(), v * h)?;
+        }
         let i32_of = |n: usize, what: &str| i32::try_from(n).map_err(|_| Error::InvalidArgument(format!("{OP}: {what} = {n} exceeds i32")));
         let (v_i, ignore) = (i32_of(v, "V")?, p.ignore_index);
         let m_i = i32_of(m, "M")?;
@@ -220,11 +227,16 @@ pub mod cuda {
         let mut z = stream.alloc_zeros::<u16>((c * v).max(1)).map_err(e("allocating the logits chunk"))?;
         let mut row_loss = stream.alloc_zeros::<f32>(m.max(1)).map_err(e("allocating the row losses"))?;
         let inv_count = if count == 0 { 0.0f32 } else { 1.0 / count as f32 };
-        let grad = dx.is_some() as i32;
+        let grad = (dx.is_some() || dw.is_some()) as i32;
+        // The chunk's gradient transposed, for dW.
+        let mut zt = match dw {
+            Some(_) => Some(stream.alloc_zeros::<u16>((c * v).max(1)).map_err(e("allocating the transposed chunk"))?),
+            None => None,
+        };
         let rows_fn = modules.function("cross_entropy", "ce_rows_bf16")?;
         for (r0, cm) in p.chunks() {
             let xc = x.slice(r0 * h..(r0 + cm) * h);
-            matmul(stream, modules, dt, (&xc, h), (w, h), &mut z.slice_mut(..cm * v), (cm, v, h), false)?;
+            matmul(stream, modules, dt, (&xc, h), (w, h), GemmOut::Half(&mut z.slice_mut(..cm * v)), (cm, v, h), false)?;
             let cfg = LaunchConfig { grid_dim: (cm as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             let (tc, mut lc) = (targets.slice(r0..r0 + cm), row_loss.slice_mut(r0..r0 + cm));
             // SAFETY: matches ce_rows_bf16 (z, targets, loss, V, ignore, inv_count, grad); z holds
@@ -235,7 +247,12 @@ pub mod cuda {
             .map_err(e("launching ce_rows_bf16"))?;
             if let Some(dx) = dx.as_mut() {
                 let zc = z.slice(..cm * v);
-                matmul(stream, modules, dt, (&zc, v), (w, h), &mut dx.slice_mut(r0 * h..(r0 + cm) * h), (cm, h, v), true)?;
+                matmul(stream, modules, dt, (&zc, v), (w, h), GemmOut::Half(&mut dx.slice_mut(r0 * h..(r0 + cm) * h)), (cm, h, v), true)?;
+            }
+            if let (Some(dw), Some(zt)) = (dw.as_mut(), zt.as_mut()) {
+                let zc = z.slice(..cm * v);
+                crate::kernels::elementwise::cuda::transpose::<u16>(stream, modules, &zc, &mut zt.slice_mut(..cm * v), cm, v)?;
+                matmul(stream, modules, dt, (&zt.slice(..cm * v), cm), (&xc, h), GemmOut::AddF32(&mut dw.slice_mut(..)), (v, h, cm), true)?;
             }
         }
         let f = modules.function("cross_entropy", "ce_sum_f32")?;

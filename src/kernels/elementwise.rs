@@ -446,6 +446,31 @@ pub mod cuda {
         unsafe { stream.launch_builder(&f).arg(a).arg(s_dev).arg(y).arg(&n64).launch(flat(n)) }.map_err(launch_err(OP))?;
         Ok(())
     }
+
+    /// `y = xᵀ`: x row-major `[rows, cols]`, y `[cols, rows]`, bits moved unchanged (2- or
+    /// 4-byte elements). For the products whose first operand is transposed (dW = dYᵀ·X).
+    pub fn transpose<T: DeviceRepr>(stream: &Arc<CudaStream>, modules: &ModuleCache, x: &CudaView<'_, T>, y: &mut CudaViewMut<'_, T>, rows: usize, cols: usize) -> Result<()> {
+        const OP: &str = "transpose (cuda)";
+        crate::kernels::check_len(OP, "x", x.len(), rows * cols)?;
+        crate::kernels::check_len(OP, "y", y.len(), rows * cols)?;
+        let i32_of = |v: usize, what: &str| i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{OP}: {what} = {v} exceeds i32")));
+        let (r, c) = (i32_of(rows, "rows")?, i32_of(cols, "cols")?);
+        i32_of(rows * cols, "rows·cols")?;
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let bits = match std::mem::size_of::<T>() {
+            2 => "b16",
+            4 => "b32",
+            s => return Err(Error::InvalidArgument(format!("{OP}: no kernel for {s}-byte elements"))),
+        };
+        let f = modules.function("elementwise", &format!("transpose_{bits}"))?;
+        let cfg = LaunchConfig { grid_dim: ((cols as u32).div_ceil(32), (rows as u32).div_ceil(32).min(MAX_GRID_Y), 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+        // SAFETY: argument types match transpose_*; x and y hold rows·cols elements (checked),
+        // and the kernel indexes below that.
+        unsafe { stream.launch_builder(&f).arg(x).arg(y).arg(&r).arg(&c).launch(cfg) }.map_err(launch_err(OP))?;
+        Ok(())
+    }
 }
 
 pub mod wgsl {

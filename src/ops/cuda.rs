@@ -92,3 +92,21 @@ macro_rules! by_float {
     };
 }
 pub(crate) use by_float;
+
+/// `tᵀ` of a 2-D CUDA tensor (`[rows, cols]` → `[cols, rows]`, bits moved), for the products
+/// whose first operand is transposed: the GEMM reads A along its rows.
+pub(crate) fn transposed(t: &Tensor) -> Result<Tensor> {
+    let (rows, cols) = match t.dims() {
+        &[r, c] => (r, c),
+        _ => return Err(Error::BadShape { op: "transpose (cuda)", shape: t.shape().clone(), expected: "a matrix (rank 2)".into() }),
+    };
+    let rt = cuda_buf(t).0;
+    let mut y = CudaOut::new(rt, [cols, rows], t.dtype())?;
+    use crate::kernels::elementwise::cuda::transpose;
+    match t.dtype().size_in_bytes() {
+        2 => transpose::<u16>(&rt.stream, &rt.modules, &view(t), &mut y.view_mut(), rows, cols)?,
+        4 => transpose::<u32>(&rt.stream, &rt.modules, &view(t), &mut y.view_mut(), rows, cols)?,
+        _ => return Err(Error::UnsupportedDType { op: "transpose (cuda)", dtype: t.dtype() }),
+    }
+    Ok(y.tensor())
+}

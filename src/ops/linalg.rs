@@ -50,15 +50,18 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
             gemm_wgsl::matmul(&rt.device, &rt.queue, &rt.kernels, (abuf, sa), (wgpu_buf(b).1, sb), wgpu_buf(&c).1, (m, n, k), pr)?;
             c
         }
-        // The tensor-core GEMM reads a as it is and b as `[n, k]` or `[k, n]`: `a·bᵀ` (the head's
-        // logits) and `a·b`. Its backward needs a transposed a for dB, so a trained b is refused.
-        Device::Cuda(_) if !trans_a && b.dtype() == dt => {
-            use crate::ops::cuda::{cuda_buf, half, view, CudaOut};
-            crate::ops::gpu::forward_only("matmul on CUDA (dB needs a transposed a)", &[b])?;
+        // The tensor-core GEMM reads a along its rows and b as `[n, k]` or `[k, n]`: `a·bᵀ` (a
+        // linear, the head's logits) and `a·b` directly; a transposed a (dW = dYᵀ·X, the
+        // backward of a trained weight) is transposed on the device first.
+        Device::Cuda(_) if b.dtype() == dt => {
+            use crate::ops::cuda::{cuda_buf, half, transposed, view, CudaOut};
             let hdt = half(OP, dt)?;
             let rt = cuda_buf(a).0;
+            let at = if trans_a { Some(transposed(a)?) } else { None };
+            let a_rows = at.as_ref().unwrap_or(a);
             let mut c = CudaOut::new(rt, [m, n], dt)?;
-            crate::kernels::lora::cuda::matmul(&rt.stream, &rt.modules, hdt, (&view(a), k), (&view(b), bd[1]), &mut c.view_mut(), (m, n, k), !trans_b)?;
+            use crate::kernels::lora::cuda::{matmul, GemmOut};
+            matmul(&rt.stream, &rt.modules, hdt, (&view(a_rows), k), (&view(b), bd[1]), GemmOut::Half(&mut c.view_mut()), (m, n, k), !trans_b)?;
             c.tensor()
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),

@@ -125,28 +125,28 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
         Device::Cuda(_) => {
             use crate::ops::cuda::{cuda_buf, half, view, CudaOut};
             let hdt = half(OP, dt)?;
-            if need_dw {
-                return Err(Error::InvalidArgument(format!("{OP} on {}: training the head (dW) is not wired on CUDA yet; LoRA and QLoRA keep it frozen", x.device())));
-            }
             let (tv, targets) = host_and_device(targets, x.device())?;
             ce::check_targets(&tv, v, ignore_index)?;
             let count = tv.iter().filter(|&&t| t != ignore_index).count();
             let rt = cuda_buf(x).0;
             let mut loss = CudaOut::new(rt, Vec::new(), DType::F32)?;
             let mut dx = need_dx.then(|| CudaOut::new(rt, [m, h], dt)).transpose()?;
+            // dW is summed in f32 over the chunks (from zeros) and rounded to W's dtype once.
+            let mut dw = need_dw.then(|| CudaOut::new(rt, [v, h], DType::F32)).transpose()?;
             {
                 let mut dxv = dx.as_mut().map(|d| d.view_mut());
-                ce::cuda::linear_forward(&rt.stream, &rt.modules, hdt, &view(x), &view(w), &view(&targets), dxv.as_mut(), &mut loss.view_mut(), count, p)?;
+                let mut dwv = dw.as_mut().map(|d| d.view_mut());
+                ce::cuda::linear_forward(&rt.stream, &rt.modules, hdt, &view(x), &view(w), &view(&targets), dxv.as_mut(), dwv.as_mut(), &mut loss.view_mut(), count, p)?;
             }
-            (loss.tensor(), dx.map(|d| d.tensor()), None)
+            (loss.tensor(), dx.map(|d| d.tensor()), dw.map(|d| d.tensor()))
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),
     };
     // dx comes in x's dtype (on wgpu in f16 it was made in f32, so the scaling by dy, which may
     // carry a loss scale, happens before the rounding to f16).
-    let x_dtype = x.dtype();
+    let (x_dtype, w_dtype) = (x.dtype(), w.dtype());
     record(OP, loss, &[x, w, targets], move |g, _| {
-        Ok(vec![dx.map(|d| times(&d, g)?.to_dtype(x_dtype)).transpose()?, dw.map(|d| times(&d, g)).transpose()?, None])
+        Ok(vec![dx.map(|d| times(&d, g)?.to_dtype(x_dtype)).transpose()?, dw.map(|d| times(&d, g)?.to_dtype(w_dtype)).transpose()?, None])
     })
 }
 

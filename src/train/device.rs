@@ -41,10 +41,12 @@ pub(crate) enum DeviceOptimizer {
 }
 
 impl DeviceOptimizer {
-    /// Uploads the masters and the optimizer state (AdamW or SM3) to `dev`.
-    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], host: &HostOptState, dev: Device) -> Result<Self> {
-        match (dev, host) {
-            (Device::Cuda(i), host) => Ok(DeviceOptimizer::Cuda(super::device_cuda::CudaOptimizer::new(masters, shapes, dims, host, i)?)),
+    /// Uploads the masters and the optimizer state (AdamW or SM3) to `dev`; the model reads the
+    /// parameters in `param_dtype` (f32 masters, or on CUDA bf16 copies of them).
+    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], host: &HostOptState, dev: Device, param_dtype: DType) -> Result<Self> {
+        match dev {
+            Device::Cuda(i) => Ok(DeviceOptimizer::Cuda(super::device_cuda::CudaOptimizer::new(masters, shapes, dims, host, i, param_dtype)?)),
+            _ if param_dtype != DType::F32 => Err(Error::UnsupportedDType { op: "device optimizer (wgpu): trained parameters", dtype: param_dtype }),
             _ => Ok(DeviceOptimizer::Wgpu(WgpuOptimizer::new(masters, shapes, dims, host, dev)?)),
         }
     }

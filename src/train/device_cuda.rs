@@ -4,8 +4,10 @@
 //! computed in the kernel from the device sum of squares (as on wgpu, `device.rs`).
 //!
 //! The masters are owned here (a kernel writes them in place), so the tensors the model reads
-//! are copies made on the device after each step: one pass over the trained parameters, small
-//! beside the optimizer's own (LoRA adapters are ~1% of a model).
+//! are new after each step: for f32 parameters (LoRA adapters, ~1% of a model) copies made on
+//! the device; for bf16 parameters (full or head fine-tuning of the bf16 model) the rounded
+//! values the optimizer kernel writes beside the master, into fresh buffers. Gradients come in
+//! the parameters' dtype.
 
 use std::sync::Arc;
 
@@ -34,14 +36,18 @@ pub(crate) struct CudaOptimizer {
     masters: Vec<CudaSlice<u8>>,
     state: State,
     sum_sq: CudaSlice<f64>,
-    /// Copies of the masters for the model to read.
+    /// The masters as the model reads them, in `param_dtype` (f32 or bf16).
     pub params: Vec<Tensor>,
+    param_dtype: DType,
 }
 
 impl CudaOptimizer {
     /// Uploads the masters and the optimizer's state. `dims` gives each tensor's `[rows, cols]`
-    /// view for SM3.
-    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], host: &HostOptState, ordinal: usize) -> Result<Self> {
+    /// view for SM3; the model reads the parameters in `param_dtype` (f32 or bf16).
+    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], host: &HostOptState, ordinal: usize, param_dtype: DType) -> Result<Self> {
+        if !matches!(param_dtype, DType::F32 | DType::BF16) {
+            return Err(Error::UnsupportedDType { op: "device optimizer (cuda): trained parameters", dtype: param_dtype });
+        }
         let rt = crate::device::cuda::runtime(ordinal)?;
         let up = |v: &[f32]| crate::ops::cuda::upload(&rt, v);
         let zeros = |n: usize| rt.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| Error::cuda("allocating optimizer state", e));
@@ -82,24 +88,27 @@ impl CudaOptimizer {
         };
         let sum_sq = rt.stream.alloc_zeros::<f64>(1).map_err(|e| Error::cuda("allocating the norm", e))?;
         let masters = masters.iter().map(|w| rt.upload(bytemuck::cast_slice(w))).collect::<Result<_>>()?;
-        let mut s = CudaOptimizer { rt, shapes: shapes.to_vec(), masters, state, sum_sq, params: Vec::new() };
-        s.refresh()?;
+        let mut s = CudaOptimizer { rt, shapes: shapes.to_vec(), masters, state, sum_sq, params: Vec::new(), param_dtype };
+        s.params = s.shapes.iter().enumerate().map(|(i, _)| s.param_copy(i)).collect::<Result<_>>()?;
         Ok(s)
     }
 
-    /// The model's copies of the masters.
-    fn refresh(&mut self) -> Result<()> {
-        let dev = Device::Cuda(self.rt.ordinal);
-        self.params = self
-            .masters
-            .iter()
-            .zip(&self.shapes)
-            .map(|(b, s)| {
-                let buf = self.rt.stream.clone_dtod(b).map_err(|e| Error::cuda("copying a master", e))?;
-                Ok(Tensor::from_storage(Storage::Cuda { rt: self.rt.clone(), buf }, s.clone().into(), DType::F32, dev))
-            })
-            .collect::<Result<_>>()?;
-        Ok(())
+    /// The model's tensor `i`: a copy of its master, in `param_dtype`.
+    fn param_copy(&self, i: usize) -> Result<Tensor> {
+        let n: usize = self.shapes[i].iter().product();
+        let buf = match self.param_dtype {
+            DType::F32 => self.rt.stream.clone_dtod(&self.masters[i]).map_err(|e| Error::cuda("copying a master", e))?,
+            dt => {
+                let mut out = self.rt.alloc_zeros(n * dt.size_in_bytes())?;
+                crate::kernels::cast::cuda::cast(&self.rt.stream, &self.rt.modules, &self.masters[i], DType::F32, &mut out, dt, n)?;
+                out
+            }
+        };
+        Ok(self.tensor(buf, i))
+    }
+
+    fn tensor(&self, buf: CudaSlice<u8>, i: usize) -> Tensor {
+        Tensor::from_storage(Storage::Cuda { rt: self.rt.clone(), buf }, self.shapes[i].clone().into(), self.param_dtype, Device::Cuda(self.rt.ordinal))
     }
 
     fn check(&self, grads: &[Tensor]) -> Result<()> {
@@ -108,7 +117,7 @@ impl CudaOptimizer {
             return Err(Error::InvalidArgument(format!("{OP}: {} gradients for {} tensors", grads.len(), self.masters.len())));
         }
         for (g, s) in grads.iter().zip(&self.shapes) {
-            crate::ops::expect_dtype(OP, g, DType::F32)?;
+            crate::ops::expect_dtype(OP, g, self.param_dtype)?;
             if !matches!(g.device(), Device::Cuda(i) if i == self.rt.ordinal) || g.dims() != s.as_slice() {
                 return Err(Error::InvalidArgument(format!("{OP}: gradient {g:?} for a master of shape {s:?} on cuda:{}", self.rt.ordinal)));
             }
@@ -116,41 +125,74 @@ impl CudaOptimizer {
         Ok(())
     }
 
-    /// One step with every tensor's f32 gradient on the device, clipped to a global norm of
-    /// `max_norm` (0: none). Returns the gradients' global norm (the one value read back).
+    /// One step with every tensor's gradient (in the parameters' dtype) on the device, clipped
+    /// to a global norm of `max_norm` (0: none). Returns the gradients' global norm (the one
+    /// value read back).
     pub fn step(&mut self, grads: &[Tensor], p: StepParams, max_norm: f32) -> Result<f32> {
         self.check(grads)?;
+        if self.param_dtype == DType::F32 {
+            self.step_as::<f32>(grads, &p, max_norm)?;
+        } else {
+            self.step_as::<u16>(grads, &p, max_norm)?;
+        }
+        let sum_sq = self.rt.stream.clone_dtoh(&self.sum_sq).map_err(|e| Error::cuda("reading the gradient norm", e))?;
+        Ok(sum_sq[0].max(0.0).sqrt() as f32)
+    }
+
+    /// The step with parameters and gradients of type `T`: f32 (the kernels update the
+    /// masters, then the model gets copies), or bf16 bits (the kernels update the f32 masters
+    /// and write the rounded values into new buffers, the model's next parameters).
+    fn step_as<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&mut self, grads: &[Tensor], p: &StepParams, max_norm: f32) -> Result<()> {
         let (stream, modules) = (&self.rt.stream, &self.rt.modules);
-        let views: Vec<_> = grads.iter().map(view::<f32>).collect();
-        sum_squares::<f32>(stream, modules, &views, &mut self.sum_sq.slice_mut(..))?;
+        let views: Vec<_> = grads.iter().map(view::<T>).collect();
+        sum_squares::<T>(stream, modules, &views, &mut self.sum_sq.slice_mut(..))?;
         let clip = DeviceClip { sum_sq: self.sum_sq.slice(..), max_norm };
         let clip = (max_norm > 0.0).then_some(&clip);
+        let half = std::mem::size_of::<T>() == 2;
+        let mut next = Vec::with_capacity(views.len());
         for (i, g) in views.iter().enumerate() {
             let n = g.len();
-            // SAFETY: the master holds n f32s (uploaded from a host vector of the same shape).
-            let mut w = unsafe { self.masters[i].transmute_mut::<f32>(n) }.expect("a master holds its elements");
-            match (&mut self.state, &p) {
-                (State::AdamW { m, v }, StepParams::AdamW(p)) => adamw::<f32>(stream, modules, &mut w, g, None, &mut m[i].slice_mut(..), &mut v[i].slice_mut(..), *p, clip)?,
+            // bf16: the parameter the kernel writes (and never reads: it reads the master).
+            let mut out = if half { Some(self.rt.alloc_zeros(n * std::mem::size_of::<T>())?) } else { None };
+            // SAFETY: the masters hold n f32s (uploaded from host vectors of the same shapes), a
+            // new parameter n Ts; with f32 parameters (T = f32) the masters are the parameters.
+            let (mut w, mut master) = unsafe {
+                match out.as_mut() {
+                    Some(o) => (o.transmute_mut::<T>(n).expect("a parameter holds its elements"), Some(self.masters[i].transmute_mut::<f32>(n).expect("a master holds its elements"))),
+                    None => (self.masters[i].transmute_mut::<T>(n).expect("a master holds its elements"), None),
+                }
+            };
+            match (&mut self.state, p) {
+                (State::AdamW { m, v }, StepParams::AdamW(p)) => adamw::<T>(stream, modules, &mut w, g, master.as_mut(), &mut m[i].slice_mut(..), &mut v[i].slice_mut(..), *p, clip)?,
                 (State::Sm3 { dims, r, c, r_next, c_next, momentum }, StepParams::Sm3(p)) => {
                     let (rows, cols) = dims[i];
                     let mut mom = momentum.as_mut().map(|ms| ms[i].slice_mut(..));
-                    sm3::<f32>(stream, modules, &mut w, g, None, &r[i].slice(..), &c[i].slice(..), &mut r_next[i].slice_mut(..), &mut c_next[i].slice_mut(..), mom.as_mut(), rows, cols, *p, clip)?;
+                    sm3::<T>(stream, modules, &mut w, g, master.as_mut(), &r[i].slice(..), &c[i].slice(..), &mut r_next[i].slice_mut(..), &mut c_next[i].slice_mut(..), mom.as_mut(), rows, cols, *p, clip)?;
                     std::mem::swap(&mut r[i], &mut r_next[i]);
                     std::mem::swap(&mut c[i], &mut c_next[i]);
                 }
                 _ => return Err(Error::InvalidArgument("device optimizer (cuda): step parameters of another optimizer".into())),
             }
+            next.push(out);
         }
-        let sum_sq = stream.clone_dtoh(&self.sum_sq).map_err(|e| Error::cuda("reading the gradient norm", e))?;
-        self.refresh()?;
-        Ok(sum_sq[0].max(0.0).sqrt() as f32)
+        for (i, out) in next.into_iter().enumerate() {
+            self.params[i] = match out {
+                Some(o) => self.tensor(o, i),
+                None => self.param_copy(i)?,
+            };
+        }
+        Ok(())
     }
 
     /// The gradients' sum of squares, read back.
     pub fn sum_squares(&mut self, grads: &[Tensor]) -> Result<f64> {
         self.check(grads)?;
-        let views: Vec<_> = grads.iter().map(view::<f32>).collect();
-        sum_squares::<f32>(&self.rt.stream, &self.rt.modules, &views, &mut self.sum_sq.slice_mut(..))?;
+        let (stream, modules) = (&self.rt.stream, &self.rt.modules);
+        if self.param_dtype == DType::F32 {
+            sum_squares::<f32>(stream, modules, &grads.iter().map(view::<f32>).collect::<Vec<_>>(), &mut self.sum_sq.slice_mut(..))?;
+        } else {
+            sum_squares::<u16>(stream, modules, &grads.iter().map(view::<u16>).collect::<Vec<_>>(), &mut self.sum_sq.slice_mut(..))?;
+        }
         let s = self.rt.stream.clone_dtoh(&self.sum_sq).map_err(|e| Error::cuda("reading the gradient norm", e))?;
         Ok(s[0])
     }

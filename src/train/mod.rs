@@ -199,12 +199,9 @@ impl Trainer {
         if model.embed.dtype() == crate::DType::F16 && !matches!(config.method, Method::Lora(_) | Method::Qlora(_)) {
             return Err(Error::InvalidArgument(format!("{} fine-tuning in f16 is not wired: LoRA and QLoRA train an f16 model (f32 adapters); load in f32 for the others", config.method.name())));
         }
-        if let crate::Device::Cuda(_) = model.device() {
-            // The bf16 model trains f32 adapters (over a bf16 or NF4 base); trained bf16 weights
-            // (full, head, sparse) on CUDA are not wired yet.
-            if !matches!(config.method, Method::Lora(_) | Method::Qlora(_)) {
-                return Err(Error::InvalidArgument(format!("{} fine-tuning on {} is not wired yet: LoRA and QLoRA train there; use --device cpu or wgpu", config.method.name(), model.device())));
-            }
+        if let (crate::Device::Cuda(_), Method::Sparse(_)) = (model.device(), &config.method) {
+            // The sparse deltas' ops run on the CPU only (`Llama::to_device` refuses them too).
+            return Err(Error::InvalidArgument(format!("sparse fine-tuning on {} is not wired yet: LoRA, QLoRA, full and head fine-tuning train there; use --device cpu", model.device())));
         }
         match &config.method {
             Method::Lora(l) => model.add_lora(l, config.seed)?,
@@ -252,7 +249,13 @@ impl Trainer {
                 Optimizer::Sm3(o) => device::HostOptState::Sm3(o.state.clone()),
             };
             let dims: Vec<(usize, usize)> = self.layouts.iter().map(Layout::matrix).collect();
-            self.device = Some(device::DeviceOptimizer::new(&self.masters, &self.shapes, &dims, &host, dev)?);
+            // Adapters are f32 masters whatever the model's dtype; trained base weights (full,
+            // head) are read in the model's dtype (bf16 on CUDA), the masters staying f32.
+            let param_dtype = match self.config.method {
+                Method::Full | Method::Head => self.model.embed.dtype(),
+                _ => crate::DType::F32,
+            };
+            self.device = Some(device::DeviceOptimizer::new(&self.masters, &self.shapes, &dims, &host, dev, param_dtype)?);
         }
         Ok(())
     }

@@ -122,8 +122,25 @@ pub(crate) struct Gemm<'a, 'b> {
     pub kn: bool,
 }
 
+/// Where a GEMM puts C `[M, N]`.
+pub enum GemmOut<'a, 'b> {
+    /// Written in the 16-bit type.
+    Half(&'a mut CudaViewMut<'b, u16>),
+    /// Added in f32 to what the buffer holds (a sum over launches: dW over chunks of rows).
+    AddF32(&'a mut CudaViewMut<'b, f32>),
+}
+
+impl GemmOut<'_, '_> {
+    fn len(&self) -> usize {
+        match self {
+            GemmOut::Half(c) => c.len(),
+            GemmOut::AddF32(c) => c.len(),
+        }
+    }
+}
+
 /// Launches `lora_gemm_*`, or `nf4_lora_gemm_*` with W from `nf4`.
-pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g: Gemm, c: &mut CudaViewMut<'_, u16>, nf4: Option<&Nf4Device>) -> Result<()> {
+pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g: Gemm, c: GemmOut<'_, '_>, nf4: Option<&Nf4Device>) -> Result<()> {
     if g.m == 0 || g.n == 0 {
         return Ok(());
     }
@@ -145,7 +162,11 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
         Some(b) => bld.arg(b),
         None => bld.arg(&null),
     };
-    bld.arg(c).arg(&m).arg(&n).arg(&k1).arg(&k2);
+    match c {
+        GemmOut::Half(c) => bld.arg(c).arg(&null),
+        GemmOut::AddF32(c) => bld.arg(&null).arg(c),
+    };
+    bld.arg(&m).arg(&n).arg(&k1).arg(&k2);
     if let Some(q) = nf4 {
         q.push_args(&mut bld);
     }
@@ -211,7 +232,7 @@ pub fn linear(
     }
     let (b1, nf4) = w.b1(k);
     let g = Gemm { a1: (x, k), b1, a2: (x, k), b2: (x, k), bias, m, n, k1: k, k2: 0, kn: false };
-    gemm(stream, modules, dt, g, y, nf4)
+    gemm(stream, modules, dt, g, GemmOut::Half(y), nf4)
 }
 
 /// The plain linear's dX: `dx = dy·w`, dy `[m, n]`, w `[n, k]`, dx `[m, k]`.
@@ -226,13 +247,13 @@ pub fn linear_dx(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, dy: 
     }
     let (b1, nf4) = w.b1(k);
     let g = Gemm { a1: (dy, n), b1, a2: (dy, n), b2: (dy, n), bias: None, m, n: k, k1: n, k2: 0, kn: true };
-    gemm(stream, modules, dt, g, dx, nf4)
+    gemm(stream, modules, dt, g, GemmOut::Half(dx), nf4)
 }
 
 /// The plain GEMM (the LoRA GEMM with rank 0): `c[m, n] = a·bᵀ` with b `[n, k]`, or with
 /// `b_kn` `c = a·b` with b `[k, n]`; a and b row-major with row strides `lda`, `ldb` (any
 /// sub-view: the kernel falls back to element loads where rows are not 16-byte aligned), c
-/// dense `[m, n]`.
+/// dense `[m, n]`, written in 16 bits or added to in f32 (`GemmOut`).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     stream: &Arc<CudaStream>,
@@ -240,7 +261,7 @@ pub fn matmul(
     dt: Half,
     (a, lda): (&CudaView<'_, u16>, usize),
     (b, ldb): (&CudaView<'_, u16>, usize),
-    c: &mut CudaViewMut<'_, u16>,
+    c: GemmOut<'_, '_>,
     (m, n, k): (usize, usize, usize),
     b_kn: bool,
 ) -> Result<()> {
@@ -303,7 +324,7 @@ pub fn forward(
     }
     let (b1, nf4) = w.b1(k);
     let g = Gemm { a1: (x, k), b1, a2: (&xs, r), b2: (b, r), bias, m, n, k1: k, k2: r, kn: false };
-    gemm(stream, modules, dt, g, y, nf4)
+    gemm(stream, modules, dt, g, GemmOut::Half(y), nf4)
 }
 
 /// `s·G = s·dy·b` (`[M, R]`, the dX GEMM's second operand), `da = (s·G)ᵀ·x_lora`,
@@ -369,14 +390,14 @@ pub fn backward(
     match (dx, dropout) {
         (Some(dx), None) => {
             let g = Gemm { a1: (dy, n), b1, a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: n, k2: r, kn: true };
-            gemm(stream, modules, dt, g, dx, nf4)?;
+            gemm(stream, modules, dt, g, GemmOut::Half(dx), nf4)?;
         }
         // dY·W and (s·G)·A apart (each a rank-0 GEMM), then summed under the mask.
         (Some(dx), Some((pd, seed))) => {
             let (mut base, mut ga) = (scratch(stream, m * k)?, scratch(stream, m * k)?);
             linear_dx(stream, modules, dt, dy, w, &mut base.slice_mut(..), (m, n, k))?;
             let lora = Gemm { a1: (&gv, r), b1: Some((a, k)), a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: r, k2: 0, kn: true };
-            gemm(stream, modules, dt, lora, &mut ga.slice_mut(..), None)?;
+            gemm(stream, modules, dt, lora, GemmOut::Half(&mut ga.slice_mut(..)), None)?;
             self::dropout(stream, modules, &base.slice(..m * k), Some((&ga.slice(..m * k), 1.0)), dx, pd, seed)?;
         }
         (None, _) => {}
