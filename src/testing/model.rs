@@ -162,9 +162,10 @@ pub fn check_loss_and_grads(dev: &Device, dtype: DType) -> CheckResult {
 }
 
 /// Five training steps each of LoRA with AdamW, LoRA with SM3 and QLoRA with AdamW (dropout
-/// 0.1, one CPU shard so the masks agree) on `dev` against the CPU, from the same weights: every step's loss and the final
-/// masters. (f16 on wgpu: LoRA only, with the default loss scale; an overflowed, skipped step
-/// fails the check.)
+/// 0.1, one CPU shard so the masks agree), full fine-tuning with AdamW and head fine-tuning
+/// with SM3 (lr 1e-3: every weight moves) on `dev` against the CPU, from the same weights:
+/// every step's loss and the final masters. (f16 on wgpu: LoRA and QLoRA only, with the
+/// default loss scale; an overflowed, skipped step fails the check.)
 pub fn check_training(dev: &Device, dtype: DType) -> CheckResult {
     let mut rng = Rng::new(4);
     let data: Vec<Sequence> = (0..8)
@@ -178,21 +179,25 @@ pub fn check_training(dev: &Device, dtype: DType) -> CheckResult {
     let base = Llama::random(tiny_config(), 3).and_then(|m| m.to_dtype(dtype)?.to_dtype(DType::F32)).map_err(ctx("building the model"))?;
     let mut summary = Vec::new();
     let (adamw, sm3) = (OptimizerConfig::AdamW(Default::default()), OptimizerConfig::Sm3(Default::default()));
-    let runs = [(Method::Lora(adapter.clone()), adamw), (Method::Lora(adapter.clone()), sm3), (Method::Qlora(adapter), adamw)];
-    for (method, optimizer) in runs {
+    let mut runs = vec![(Method::Lora(adapter.clone()), adamw, 1e-2), (Method::Lora(adapter.clone()), sm3, 1e-2), (Method::Qlora(adapter), adamw, 1e-2)];
+    // Base weights train in f32 and (on CUDA) bf16, not in f16.
+    if dtype != DType::F16 {
+        runs.extend([(Method::Full, adamw, 1e-3), (Method::Head, sm3, 1e-3)]);
+    }
+    for (method, optimizer, lr) in runs {
         let what = format!("{} with {}", method.name(), optimizer.name());
-        summary.push(format!("{what}: {}", check_training_run(dev, dtype, &base, &data, method, optimizer).map_err(|e| format!("{what}: {e}"))?));
+        summary.push(format!("{what}: {}", check_training_run(dev, dtype, &base, &data, method, optimizer, lr).map_err(|e| format!("{what}: {e}"))?));
     }
     Ok(summary.join("; "))
 }
 
-fn check_training_run(dev: &Device, dtype: DType, base: &Llama, data: &[Sequence], method: Method, optimizer: OptimizerConfig) -> CheckResult {
+fn check_training_run(dev: &Device, dtype: DType, base: &Llama, data: &[Sequence], method: Method, optimizer: OptimizerConfig, lr: f32) -> CheckResult {
     let tol = ModelTolerance::for_dtype(dtype);
     let what = method.name();
     let cfg = TrainConfig {
         method,
         optimizer,
-        lr: 1e-2,
+        lr,
         batch_size: 4,
         max_steps: Some(5),
         shards: 1,
@@ -266,9 +271,9 @@ pub fn check_cached_logits(dev: &Device, dtype: DType) -> CheckResult {
 }
 
 /// The fused linear cross-entropy on CUDA in bf16 (x, W rounded to bf16 on the host) against
-/// the f64 loss and `dx = 0.75·dz·W` of the same rounded values, `chunk` rows at a time. The device
-/// rounds the logits and dz to bf16 (2^-9 relative each) and accumulates in f32, so the loss
-/// and dx agree to about 1%.
+/// the f64 loss, `dx = 0.75·dz·W` and `dW = 0.75·dzᵀ·x` of the same rounded values, `chunk`
+/// rows at a time (dW summed over the chunks). The device rounds the logits and dz to bf16
+/// (2^-9 relative each) and accumulates in f32, so the loss, dx and dW agree to about 1%.
 pub fn check_linear_ce_bf16(dev: &Device, (m, h, v): (usize, usize, usize), chunk: Option<usize>, seed: u64) -> CheckResult {
     use crate::kernels::cross_entropy::reference;
     use crate::kernels::matmul::{reference::matmul, MatmulParams};
@@ -293,21 +298,23 @@ pub fn check_linear_ce_bf16(dev: &Device, (m, h, v): (usize, usize, usize), chun
         }
     }
     let want_dx: Vec<f32> = matmul(&dz, &w64, MatmulParams { m, n: h, k: v, trans_a: false, trans_b: false }).iter().map(|&a| (0.75 * a) as f32).collect();
-    let run = || -> crate::Result<(f32, Vec<f32>)> {
+    let want_dw: Vec<f32> = matmul(&dz, &x64, MatmulParams { m: v, n: h, k: m, trans_a: true, trans_b: false }).iter().map(|&a| (0.75 * a) as f32).collect();
+    let run = || -> crate::Result<(f32, Vec<f32>, Vec<f32>)> {
         let tape = Tape::new();
         let xt = tape.param(&Tensor::from_slice(&x, [m, h], dev)?.to_dtype(DType::BF16)?);
-        let wt = Tensor::from_slice(&w, [v, h], dev)?.to_dtype(DType::BF16)?;
+        let wt = tape.param(&Tensor::from_slice(&w, [v, h], dev)?.to_dtype(DType::BF16)?);
         let tt = Tensor::from_vec_i32(t.clone(), [m])?.to_device(dev)?;
         let loss = crate::ops::linear_cross_entropy(&xt, &wt, &tt, -100, chunk)?;
         // The gradient seeded at 0.75 through a scale, so the backward's scale_by is checked.
         let g = tape.backward(&crate::ops::scale(&loss, 0.75)?)?;
-        Ok((loss.to_scalar()?, g.get(&xt).ok_or_else(|| crate::Error::Tape("no gradient for x".into()))?.to_vec_f32()?))
+        let grad = |t: &Tensor, what: &str| g.get(t).ok_or_else(|| crate::Error::Tape(format!("no gradient for {what}")))?.to_vec_f32();
+        Ok((loss.to_scalar()?, grad(&xt, "x")?, grad(&wt, "w")?))
     };
-    let (loss, dx) = run().map_err(ctx(dev))?;
+    let (loss, dx, dw) = run().map_err(ctx(dev))?;
     let dl = (loss as f64 - want_loss).abs() / want_loss.abs().max(1e-6);
-    let ddx = rel_l2(&dx, &want_dx);
-    if dl > 1e-2 || ddx > 2e-2 || !ddx.is_finite() {
-        return Err(format!("loss {loss} vs {want_loss} (relative {dl:.2e}, bound 1e-2); dx relative L2 {ddx:.2e} (bound 2e-2)"));
+    let (ddx, ddw) = (rel_l2(&dx, &want_dx), rel_l2(&dw, &want_dw));
+    if dl > 1e-2 || ddx > 2e-2 || ddw > 2e-2 || !ddx.is_finite() || !ddw.is_finite() {
+        return Err(format!("loss {loss} vs {want_loss} (relative {dl:.2e}, bound 1e-2); dx relative L2 {ddx:.2e}, dW {ddw:.2e} (bound 2e-2)"));
     }
-    Ok(format!("loss within {dl:.1e}, dx within {ddx:.1e}"))
+    Ok(format!("loss within {dl:.1e}, dx within {ddx:.1e}, dW within {ddw:.1e}"))
 }
