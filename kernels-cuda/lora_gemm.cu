@@ -31,11 +31,16 @@
 //   NF4 is 4.13 bits/weight -> 30 MB -> ~9 us floor for `nf4_gemv_*` (one warp per output
 //   column; it reads codes a byte at a time today -- u32 loads of 8 codes are the next step). The NF4 GEMM at large M dequantizes each W element once
 //   per 128-row block (no cp.async for W): expect ~50-70% of the dense kernel.
-// - small products (G, dA, dB) run on CUDA cores (`lora_small_*`): 2.M.R.(N or K) FLOPs each,
-//   ~1 ms at M = 8192 -- the first thing to move onto tensor cores if it shows in profiles.
+// - the rank-R products (XA, G, dA, dB: 2.M.R.(N or K) FLOPs each) run on this GEMM too, R as
+//   its N (XA, G) or its M (dA, and dB^T), with small transposes (`transpose_*` in
+//   elementwise.cu) where an operand is read along M. A one-thread-per-output CUDA-core kernel
+//   was estimated at ~0.5-1 ms per product at M = 8192 (16 of 256 threads busy at R = 16,
+//   serial 4096..8192-long dot products); the GEMM's cost is ~1/R of the big product's per
+//   pass. Where R < 128 the M = R products use a fraction of the 128-row tile and only
+//   ceil(N/64) blocks: split-K is the next step if profiles show it.
 //
-// Launch geometry: lora_gemm_*: grid (ceil(N/64), ceil(M/128)), block 128. lora_xa_* and
-// lora_small_*: one thread per output, block 256, grid (ceil(cols/256), rows) with rows in y.
+// Launch geometry: lora_gemm_*: grid (ceil(N/64), ceil(M/128)), block 128. lora_scale_*:
+// block 256, grid-stride.
 // nf4_gemv_*: block 256 (8 warps, one column each), grid ceil(N/8). nf4_dequant_*: one thread
 // per element, grid-stride.
 #include "common.cuh"
@@ -289,31 +294,15 @@ extern "C" __global__ void __launch_bounds__(THREADS) nf4_lora_gemm_kn_f16(GEMM_
     lora_gemm_body<F16, true, true>(GEMM_ARGS, NF4_ARGS);
 }
 
-// Small products on CUDA cores, one thread per output (rows in grid.y, columns in x):
-//   out[i, j] = s * sum_l A[i*ars + l*acs] * B[l*brs + j*bcs]     (f32 accumulation)
-// written as T (`out_t`, optionally also s2 * value to `out2_t`) or as f32 (`out_f`).
-// Used for XA and s.XA (forward), G -> s.G, dA and dB (backward).
+// x[i] = s * x[i] in place (T storage, f32 math): s.XA and s.G from the GEMM's XA and G (the
+// rank-R products run on the tensor-core GEMM above, with R as its N or M). Grid-stride.
 template <typename T>
-__device__ __forceinline__ void small_body(const unsigned short* a, long ars, long acs, const unsigned short* b, long brs, long bcs, int rows, int cols, int inner, float s, unsigned short* out_t, unsigned short* out2_t, float s2, float* out_f) {
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
-    for (int i = blockIdx.y; i < rows; i += gridDim.y) {
-        if (j >= cols) return;
-        float acc = 0.0f;
-        for (int l = 0; l < inner; l++) acc += T::to_f32(a[i * ars + l * acs]) * T::to_f32(b[l * brs + j * bcs]);
-        acc *= s;
-        const long o = (long)i * cols + j;
-        if (out_t != nullptr) out_t[o] = T::from_f32(acc);
-        if (out2_t != nullptr) out2_t[o] = T::from_f32(s2 * acc);
-        if (out_f != nullptr) out_f[o] = acc;
-    }
+__device__ __forceinline__ void lora_scale_body(unsigned short* x, long n, float s) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        x[i] = T::from_f32(s * T::to_f32(x[i]));
 }
-
-#define SMALL_PARAMS                                                                                       \
-    const unsigned short *a, long ars, long acs, const unsigned short *b, long brs, long bcs, int rows, int cols, \
-        int inner, float s, unsigned short *out_t, unsigned short *out2_t, float s2, float *out_f
-#define SMALL_ARGS a, ars, acs, b, brs, bcs, rows, cols, inner, s, out_t, out2_t, s2, out_f
-extern "C" __global__ void lora_small_bf16(SMALL_PARAMS) { small_body<Bf16>(SMALL_ARGS); }
-extern "C" __global__ void lora_small_f16(SMALL_PARAMS) { small_body<F16>(SMALL_ARGS); }
+extern "C" __global__ void lora_scale_bf16(unsigned short* x, long n, float s) { lora_scale_body<Bf16>(x, n, s); }
+extern "C" __global__ void lora_scale_f16(unsigned short* x, long n, float s) { lora_scale_body<F16>(x, n, s); }
 
 // NF4 GEMV for M <= 16: Y[m, n] = sum_k X[m, k] W[n, k] + s.XA[m, :].B[n, :] (+ bias), with a
 // warp per output column n: lanes stride over K, each dequantizes its W element once and

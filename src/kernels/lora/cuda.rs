@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::LoraParams;
 use crate::device::cuda::ModuleCache;
@@ -13,7 +13,6 @@ use crate::{Error, Result};
 /// Block tile of `lora_gemm_*` (rows, columns) and its threads; see lora_gemm.cu.
 pub(crate) const TILE: (usize, usize) = (128, 64);
 const THREADS: u32 = 128;
-const SMALL_BLOCK: u32 = 256;
 /// The largest M that `forward` with an NF4 weight sends to the GEMV kernel.
 pub const GEMV_MAX_M: usize = 16;
 
@@ -55,55 +54,27 @@ pub(crate) fn scratch(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<u1
     stream.alloc_zeros::<u16>(n.max(1)).map_err(|e| Error::cuda("allocating LoRA scratch", e))
 }
 
-/// One operand of `lora_small_*`: buffer and (row stride, column stride) of op(X).
-pub(crate) struct Strided<'a, 'b> {
-    pub v: &'a CudaView<'b, u16>,
-    pub rs: i64,
-    pub cs: i64,
-}
-
-/// Where `lora_small_*` writes: a 16-bit output and a copy scaled by `s2`, the scaled copy
-/// alone, or f32.
-pub(crate) enum SmallOut<'a, 'b, 'c> {
-    HalfAndScaled(&'a mut CudaViewMut<'b, u16>, &'a mut CudaViewMut<'c, u16>, f32),
-    Scaled(&'a mut CudaViewMut<'b, u16>, f32),
-    F32(&'a mut CudaViewMut<'b, f32>),
-}
-
-/// `out[rows, cols] = s · op(a)[rows, inner] · op(b)[inner, cols]` on CUDA cores.
-pub(crate) fn small(
-    stream: &Arc<CudaStream>,
-    modules: &ModuleCache,
-    dt: Half,
-    a: Strided,
-    b: Strided,
-    (rows, cols, inner): (usize, usize, usize),
-    s: f32,
-    out: SmallOut,
-) -> Result<()> {
-    if rows == 0 || cols == 0 {
+/// `x = s·x` in place (16-bit storage, f32 math): s·XA and s·G from the GEMM's XA and G.
+fn scale_in_place(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, x: &mut CudaViewMut<'_, u16>, s: f32) -> Result<()> {
+    let n = x.len();
+    if n == 0 || s == 1.0 {
         return Ok(());
     }
-    let name = format!("lora_small_{}", dt.suffix());
+    let name = format!("lora_scale_{}", dt.suffix());
     let f = modules.function("lora_gemm", &name)?;
-    let (r, c, i) = (to_i32(&name, "rows", rows)?, to_i32(&name, "cols", cols)?, to_i32(&name, "inner", inner)?);
-    let null = 0u64;
-    let mut bld: LaunchArgs = stream.launch_builder(&f);
-    bld.arg(a.v).arg(&a.rs).arg(&a.cs).arg(b.v).arg(&b.rs).arg(&b.cs).arg(&r).arg(&c).arg(&i).arg(&s);
-    let s2 = match &out {
-        SmallOut::HalfAndScaled(_, _, s2) | SmallOut::Scaled(_, s2) => *s2,
-        _ => 0.0f32,
-    };
-    match out {
-        SmallOut::HalfAndScaled(o, o2, _) => bld.arg(o).arg(o2).arg(&s2).arg(&null),
-        SmallOut::Scaled(o2, _) => bld.arg(&null).arg(o2).arg(&s2).arg(&null),
-        SmallOut::F32(o) => bld.arg(&null).arg(&null).arg(&s2).arg(o),
-    };
-    let cfg = LaunchConfig { grid_dim: ((cols as u32).div_ceil(SMALL_BLOCK), rows.min(65535) as u32, 1), block_dim: (SMALL_BLOCK, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: argument order and types match `lora_small_*`; every buffer was length-checked
-    // by the caller against the strides and sizes given.
-    unsafe { bld.launch(cfg) }.map_err(launch_err(&name))?;
+    let n64 = n as i64;
+    let cfg = LaunchConfig { grid_dim: (n.div_ceil(256).min(65535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: argument types match `lora_scale_*`; x holds n elements (the kernel strides the grid).
+    unsafe { stream.launch_builder(&f).arg(x).arg(&n64).arg(&s).launch(cfg) }.map_err(launch_err(&name))?;
     Ok(())
+}
+
+/// `c = op(a)·op(b)` for the rank-R products, on the tensor cores: a row-major `[m, k1]` with
+/// row stride `lda`, b `[n, k1]` or (`kn`) `[k1, n]` with row stride `ldb`.
+#[allow(clippy::too_many_arguments)]
+fn product(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, (a, lda): (&CudaView<'_, u16>, usize), (b, ldb): (&CudaView<'_, u16>, usize), c: GemmOut<'_, '_>, (m, n, k1): (usize, usize, usize), kn: bool) -> Result<()> {
+    let g = Gemm { a1: (a, lda), b1: Some((b, ldb)), a2: (a, lda), b2: (b, ldb), bias: None, m, n, k1, k2: 0, kn };
+    gemm(stream, modules, dt, g, c, None)
 }
 
 /// The two-phase GEMM's operands: `c[m, n] = a1·op(b1) + a2·op(b2) (+ bias)` over k1 then k2.
@@ -281,10 +252,12 @@ pub fn matmul(
     gemm(stream, modules, dt, g, c, None)
 }
 
-/// `xa = x_lora·aᵀ` and `xa_s = s·xa` (the GEMM's second operand).
-pub(crate) fn xa(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, x_lora: &CudaView<'_, u16>, a: &CudaView<'_, u16>, xa: &mut CudaViewMut<'_, u16>, xa_s: &mut CudaViewMut<'_, u16>, p: LoraParams) -> Result<()> {
-    let k = p.k as i64;
-    small(stream, modules, dt, Strided { v: x_lora, rs: k, cs: 1 }, Strided { v: a, rs: 1, cs: k }, (p.m, p.r, p.k), 1.0, SmallOut::HalfAndScaled(xa, xa_s, p.scale))
+/// `xa = x_lora·aᵀ` `[M, R]` (the GEMM, A as its `[N, K]` operand) and `xa_s = s·xa` (the
+/// forward GEMM's second operand).
+fn xa(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, x_lora: &CudaView<'_, u16>, a: &CudaView<'_, u16>, xa: &mut CudaViewMut<'_, u16>, xa_s: &mut CudaViewMut<'_, u16>, p: LoraParams) -> Result<()> {
+    product(stream, modules, dt, (x_lora, p.k), (a, p.k), GemmOut::Half(xa), (p.m, p.r, p.k), false)?;
+    stream.memcpy_dtod(xa, xa_s).map_err(|e| Error::cuda("copying XA", e))?;
+    scale_in_place(stream, modules, dt, xa_s, p.scale)
 }
 
 /// Forward: `y = x·wᵀ (+ bias) + s·xa·bᵀ`, `xa = x_lora·aᵀ` (kept for the backward). W dense,
@@ -328,7 +301,11 @@ pub fn forward(
 }
 
 /// `s·G = s·dy·b` (`[M, R]`, the dX GEMM's second operand), `da = (s·G)ᵀ·x_lora`,
-/// `db = s·dyᵀ·xa`. (Used by `backward` for dense and NF4 weights.)
+/// `db = s·dyᵀ·xa`, every product on the tensor cores: G with B `[N, R]` read as the GEMM's
+/// `[K, N]` operand; dA from the `[R, M]` transpose of s·G against x_lora read as `[K, N]`; dB
+/// as `((s·XA)ᵀ·dY)ᵀ` (the `[R, M]` transpose of s·XA against dY read as `[K, N]`, the `[R, N]`
+/// result transposed), dA and dB summed in f32. (Used by `backward` for dense and NF4 weights.)
+#[allow(clippy::too_many_arguments)]
 fn small_grads(
     stream: &Arc<CudaStream>,
     modules: &ModuleCache,
@@ -341,13 +318,21 @@ fn small_grads(
     db: &mut CudaViewMut<'_, f32>,
     p: LoraParams,
 ) -> Result<CudaSlice<u16>> {
+    use crate::kernels::elementwise::cuda::transpose;
     let (m, n, k, r) = (p.m, p.n, p.k, p.r);
-    let (n_, k_, r_) = (n as i64, k as i64, r as i64);
+    let e = |what: &'static str| move |err| Error::cuda(format!("lora_bwd (cuda): {what}"), err);
     let mut gs = scratch(stream, m * r)?;
-    small(stream, modules, dt, Strided { v: dy, rs: n_, cs: 1 }, Strided { v: b, rs: r_, cs: 1 }, (m, r, n), 1.0, SmallOut::Scaled(&mut gs.slice_mut(..), p.scale))?;
-    let gv = gs.slice(..);
-    small(stream, modules, dt, Strided { v: &gv, rs: 1, cs: r_ }, Strided { v: x_lora, rs: k_, cs: 1 }, (r, k, m), 1.0, SmallOut::F32(da))?;
-    small(stream, modules, dt, Strided { v: dy, rs: 1, cs: n_ }, Strided { v: xa, rs: r_, cs: 1 }, (n, r, m), p.scale, SmallOut::F32(db))?;
+    product(stream, modules, dt, (dy, n), (b, r), GemmOut::Half(&mut gs.slice_mut(..m * r)), (m, r, n), true)?;
+    scale_in_place(stream, modules, dt, &mut gs.slice_mut(..m * r), p.scale)?;
+    let mut t = scratch(stream, r * m)?;
+    transpose::<u16>(stream, modules, &gs.slice(..m * r), &mut t.slice_mut(..m * r), m, r)?;
+    stream.memset_zeros(da).map_err(e("zeroing dA"))?;
+    product(stream, modules, dt, (&t.slice(..m * r), m), (x_lora, k), GemmOut::AddF32(da), (r, k, m), true)?;
+    transpose::<u16>(stream, modules, xa, &mut t.slice_mut(..m * r), m, r)?;
+    scale_in_place(stream, modules, dt, &mut t.slice_mut(..m * r), p.scale)?;
+    let mut dbt = stream.alloc_zeros::<f32>((r * n).max(1)).map_err(e("allocating dBᵀ"))?;
+    product(stream, modules, dt, (&t.slice(..m * r), m), (dy, n), GemmOut::AddF32(&mut dbt.slice_mut(..r * n)), (r, n, m), true)?;
+    transpose::<f32>(stream, modules, &dbt.slice(..r * n), db, r, n)?;
     Ok(gs)
 }
 
