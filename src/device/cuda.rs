@@ -162,7 +162,23 @@ impl CudaRuntime {
         let compute_capability = ctx.compute_capability().map_err(|e| Error::cuda("compute capability", e))?;
         let stream = ctx.default_stream();
         let modules = ModuleCache::new(&ctx)?;
-        Ok(CudaRuntime { ordinal, ctx, stream, modules, compute_capability })
+        let rt = CudaRuntime { ordinal, ctx, stream, modules, compute_capability };
+        // Best effort: a device without a stream-ordered pool allocates directly anyway.
+        let _ = rt.keep_freed_memory();
+        Ok(rt)
+    }
+
+    /// Lets the allocation pool keep freed memory across synchronizations (release threshold
+    /// u64::MAX; the default, 0, hands it back to the driver at every synchronization, so each
+    /// training step would map its activations afresh), as PyTorch's caching allocator does.
+    /// `memory` counts memory in use, not what the pool keeps.
+    fn keep_freed_memory(&self) -> Result<()> {
+        let pool = self.mem_pool()?;
+        let mut max = u64::MAX;
+        // SAFETY: RELEASE_THRESHOLD is a 64-bit value.
+        unsafe { cudarc::driver::sys::cuMemPoolSetAttribute(pool, cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, (&mut max as *mut u64).cast()) }
+            .result()
+            .map_err(|e| Error::cuda("cuMemPoolSetAttribute", e))
     }
 
     pub fn synchronize(&self) -> Result<()> {

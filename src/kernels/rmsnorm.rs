@@ -186,7 +186,8 @@ pub mod cuda {
         Ok(())
     }
 
-    /// Backward: dx and dw from x, w, dy and rstd.
+    /// Backward: dx and (when given) dw from x, w, dy and rstd. (The dw kernel is one thread per
+    /// column over every row: skip it where w is frozen.)
     #[allow(clippy::too_many_arguments)]
     pub fn backward<T: cudarc::driver::DeviceRepr>(
         stream: &Arc<CudaStream>,
@@ -196,12 +197,14 @@ pub mod cuda {
         dy: &CudaView<'_, T>,
         rstd: &CudaView<'_, f32>,
         dx: &mut CudaViewMut<'_, T>,
-        dw: &mut CudaViewMut<'_, T>,
+        dw: Option<&mut CudaViewMut<'_, T>>,
         p: RmsNormParams,
     ) -> Result<()> {
         p.check("rmsnorm_bwd", x.len(), w.len(), dx.len(), rstd.len())?;
         crate::kernels::check_len("rmsnorm_bwd", "dy", dy.len(), p.rows * p.cols)?;
-        crate::kernels::check_len("rmsnorm_bwd", "dw", dw.len(), p.cols)?;
+        if let Some(dw) = &dw {
+            crate::kernels::check_len("rmsnorm_bwd", "dw", dw.len(), p.cols)?;
+        }
         let (m, n) = dims(p)?;
         let s = suffix::<T>()?;
         if m > 0 {
@@ -211,7 +214,7 @@ pub mod cuda {
             unsafe { stream.launch_builder(&f).arg(x).arg(w).arg(dy).arg(rstd).arg(dx).arg(&m).arg(&n).launch(cfg) }
                 .map_err(launch_err)?;
         }
-        if n > 0 {
+        if let (true, Some(dw)) = (n > 0, dw) {
             let f = modules.function("rmsnorm", &format!("rmsnorm_bwd_dw_{s}"))?;
             let cfg = LaunchConfig {
                 grid_dim: ((n as u32).div_ceil(BLOCK), 1, 1),

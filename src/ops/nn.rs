@@ -81,9 +81,9 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
 pub fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     let RmsNormOutput { y, rstd } = rmsnorm_forward(x, w, eps)?;
     let (sx, sw) = (saved(x), saved(w));
-    record("rmsnorm", y, &[x, w], move |g, _| {
-        let (dx, dw) = rmsnorm_backward(&sx, &sw, g, &rstd)?;
-        Ok(vec![Some(dx), Some(dw)])
+    record("rmsnorm", y, &[x, w], move |g, needs| {
+        let (dx, dw) = backward(&sx, &sw, g, &rstd, needs[1])?;
+        Ok(vec![Some(dx), dw])
     })
 }
 
@@ -161,6 +161,13 @@ pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f32) -> Result<RmsNormOutput
 
 /// RMSNorm backward on any device: (dx, dw) from x, w, dy and the forward's rstd.
 pub fn rmsnorm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (dx, dw) = backward(x, w, dy, rstd, true)?;
+    Ok((dx, dw.expect("asked for")))
+}
+
+/// `rmsnorm_backward`, dw only when `want_dw` (CUDA skips its kernel; the CPU and wgpu compute
+/// it in the same pass and drop it).
+fn backward(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor, want_dw: bool) -> Result<(Tensor, Option<Tensor>)> {
     const OP: &str = "rmsnorm backward";
     let p = rmsnorm_params(x, w, 0.0)?;
     same_device(OP, x, dy)?;
@@ -179,30 +186,30 @@ pub fn rmsnorm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> R
         (Device::Cpu, DType::F32) => {
             let (mut dx, mut dw) = (vec![0.0f32; mn], vec![0.0f32; n]);
             rmsnorm::cpu::backward(x.cpu_f32(OP)?, w.cpu_f32(OP)?, dy.cpu_f32(OP)?, rstd.cpu_f32(OP)?, &mut dx, &mut dw, p)?;
-            Ok((Tensor::from_vec(dx, x.shape().clone())?, Tensor::from_vec(dw, [n])?))
+            Ok((Tensor::from_vec(dx, x.shape().clone())?, want_dw.then(|| Tensor::from_vec(dw, [n])).transpose()?))
         }
         (Device::Cuda(_), DType::F32 | DType::BF16) => {
             let (rt, xb) = cuda_buf(x);
             let (wb, gb, rb) = (cuda_buf(w).1, cuda_buf(dy).1, cuda_buf(rstd).1);
             let mut dxb = rt.alloc_zeros(mn * x.dtype().size_in_bytes())?;
-            let mut dwb = rt.alloc_zeros(n * x.dtype().size_in_bytes())?;
+            let mut dwb = if want_dw { Some(rt.alloc_zeros(n * x.dtype().size_in_bytes())?) } else { None };
             // SAFETY: as in `rmsnorm_forward`.
             unsafe {
                 let rv = rb.transmute::<f32>(m).expect("rstd sized");
                 macro_rules! launch {
                     ($t:ty) => {{
                         let mut dxv = dxb.transmute_mut::<$t>(mn).expect("dx sized");
-                        let mut dwv = dwb.transmute_mut::<$t>(n).expect("dw sized");
+                        let mut dwv = dwb.as_mut().map(|b| b.transmute_mut::<$t>(n).expect("dw sized"));
                         rmsnorm::cuda::backward::<$t>(
                             &rt.stream, &rt.modules,
                             &xb.transmute(mn).expect("x"), &wb.transmute(n).expect("w"), &gb.transmute(mn).expect("dy"),
-                            &rv, &mut dxv, &mut dwv, p,
+                            &rv, &mut dxv, dwv.as_mut(), p,
                         )?
                     }};
                 }
                 if x.dtype() == DType::F32 { launch!(f32) } else { launch!(u16) }
             }
-            Ok((cuda_tensor(rt, dxb, x.shape().clone(), x.dtype(), dev), cuda_tensor(rt, dwb, [n].into(), x.dtype(), dev)))
+            Ok((cuda_tensor(rt, dxb, x.shape().clone(), x.dtype(), dev), dwb.map(|b| cuda_tensor(rt, b, [n].into(), x.dtype(), dev))))
         }
         (Device::Wgpu(_), dt @ (DType::F32 | DType::F16)) => {
             let dx = Tensor::zeros(x.shape().clone(), dt, &dev)?;
@@ -213,7 +220,7 @@ pub fn rmsnorm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> R
                 &rt.device, &rt.queue, &rt.kernels,
                 xb, wgpu_buf(w).1, wgpu_buf(dy).1, wgpu_buf(rstd).1, wgpu_buf(&dx).1, wgpu_buf(&dw).1, p, pr,
             )?;
-            Ok((dx, dw))
+            Ok((dx, want_dw.then_some(dw)))
         }
         (_, dtype) => Err(Error::UnsupportedDType { op: "rmsnorm backward on this device", dtype }),
     }
