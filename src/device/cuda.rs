@@ -104,22 +104,28 @@ pub fn compile_with_nvrtc(module: &CudaModuleSource, cc: u32) -> Result<String> 
     Ok(ptx.to_src())
 }
 
-/// Loaded modules of one context, keyed by module name. Public so that a program with its own
-/// cudarc context can call tuna's launchers.
+/// Loaded modules of one context, keyed by module name, and the kernels looked up in them.
+/// Public so that a program with its own cudarc context can call tuna's launchers.
 pub struct ModuleCache {
     ctx: Arc<CudaContext>,
     cc: u32,
     loaded: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Kernels by (module, function): a launch costs a map lookup, not a driver call.
+    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
 }
 
 impl ModuleCache {
     pub fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
         let (major, minor) = ctx.compute_capability().map_err(|e| Error::cuda("compute capability", e))?;
-        Ok(ModuleCache { ctx: ctx.clone(), cc: (major * 10 + minor) as u32, loaded: Mutex::new(HashMap::new()) })
+        Ok(ModuleCache { ctx: ctx.clone(), cc: (major * 10 + minor) as u32, loaded: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) })
     }
 
     /// The kernel `function` of module `module`, loading (and if need be compiling) it once.
     pub fn function(&self, module: &'static str, function: &str) -> Result<CudaFunction> {
+        let key = (module, function.to_string());
+        if let Some(f) = self.functions.lock().expect("function cache poisoned").get(&key) {
+            return Ok(f.clone());
+        }
         let m = {
             let mut loaded = self.loaded.lock().expect("module cache poisoned");
             match loaded.get(module) {
@@ -136,7 +142,9 @@ impl ModuleCache {
                 }
             }
         };
-        m.load_function(function).map_err(|e| Error::cuda(format!("kernel `{module}::{function}`"), e))
+        let f = m.load_function(function).map_err(|e| Error::cuda(format!("kernel `{module}::{function}`"), e))?;
+        self.functions.lock().expect("function cache poisoned").insert(key, f.clone());
+        Ok(f)
     }
 }
 
