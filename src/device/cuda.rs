@@ -233,6 +233,13 @@ impl CudaRuntime {
         Ok(())
     }
 
+    /// Device memory for `bytes` bytes, not initialized: for outputs a kernel writes in full.
+    pub fn alloc_uninit(&self, bytes: usize) -> Result<CudaSlice<u8>> {
+        // SAFETY: device memory holds no Rust values; every bit pattern is a valid u8, and the
+        // callers' kernels write every byte before it is read.
+        unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(|e| Error::cuda(format!("allocating {bytes} bytes"), e))
+    }
+
     /// Device memory for `bytes` bytes, zeroed.
     pub fn alloc_zeros(&self, bytes: usize) -> Result<CudaSlice<u8>> {
         self.stream.alloc_zeros::<u8>(bytes.max(1)).map_err(|e| Error::cuda(format!("allocating {bytes} bytes"), e))

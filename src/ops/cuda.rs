@@ -41,7 +41,8 @@ pub(crate) fn half(op: &'static str, dtype: DType) -> Result<Half> {
     }
 }
 
-/// An output being written by a kernel: a zeroed device buffer, then a tensor.
+/// An output being written by a kernel: a device buffer (zeroed, or for a kernel that writes
+/// every element, `uninit`), then a tensor.
 pub(crate) struct CudaOut {
     rt: Arc<CudaRuntime>,
     buf: CudaSlice<u8>,
@@ -53,6 +54,14 @@ impl CudaOut {
     pub fn new(rt: &Arc<CudaRuntime>, shape: impl Into<Shape>, dtype: DType) -> Result<Self> {
         let shape = shape.into();
         let buf = rt.alloc_zeros(shape.elem_count() * dtype.size_in_bytes())?;
+        Ok(CudaOut { rt: rt.clone(), buf, shape, dtype })
+    }
+
+    /// An output whose kernel writes every element (no zeroing pass: a GEMM's C, an
+    /// elementwise result). Where a kernel accumulates or may skip elements, use `new`.
+    pub fn uninit(rt: &Arc<CudaRuntime>, shape: impl Into<Shape>, dtype: DType) -> Result<Self> {
+        let shape = shape.into();
+        let buf = rt.alloc_uninit(shape.elem_count() * dtype.size_in_bytes())?;
         Ok(CudaOut { rt: rt.clone(), buf, shape, dtype })
     }
 
@@ -101,7 +110,7 @@ pub(crate) fn transposed(t: &Tensor) -> Result<Tensor> {
         _ => return Err(Error::BadShape { op: "transpose (cuda)", shape: t.shape().clone(), expected: "a matrix (rank 2)".into() }),
     };
     let rt = cuda_buf(t).0;
-    let mut y = CudaOut::new(rt, [cols, rows], t.dtype())?;
+    let mut y = CudaOut::uninit(rt, [cols, rows], t.dtype())?;
     use crate::kernels::elementwise::cuda::transpose;
     match t.dtype().size_in_bytes() {
         2 => transpose::<u16>(&rt.stream, &rt.modules, &view(t), &mut y.view_mut(), rows, cols)?,

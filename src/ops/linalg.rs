@@ -59,7 +59,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
             let rt = cuda_buf(a).0;
             let at = if trans_a { Some(transposed(a)?) } else { None };
             let a_rows = at.as_ref().unwrap_or(a);
-            let mut c = CudaOut::new(rt, [m, n], dt)?;
+            let mut c = CudaOut::uninit(rt, [m, n], dt)?;
             use crate::kernels::lora::cuda::{matmul, GemmOut};
             matmul(&rt.stream, &rt.modules, hdt, (&view(a_rows), k), (&view(b), bd[1]), GemmOut::Half(&mut c.view_mut()), (m, n, k), !trans_b)?;
             c.tensor()

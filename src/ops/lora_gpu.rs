@@ -190,7 +190,7 @@ pub(super) fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[
         let bias = part.bias.map(|b| view::<u16>(b));
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("rank >= 2") = p.n;
-        let mut y = CudaOut::new(rt, shape, xdt)?;
+        let mut y = CudaOut::uninit(rt, shape, xdt)?;
         let Some((a, b, _)) = part.lora else {
             lc::linear(s, mods, dt, &view(x), CudaWeight::of(w).get(), bias.as_ref(), &mut y.view_mut(), (p.m, p.n, p.k))?;
             outs.push(y.tensor());
@@ -200,13 +200,13 @@ pub(super) fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[
         let (a16, b16) = (saved(a).to_dtype(xdt)?, saved(b).to_dtype(xdt)?);
         let drop = match part.dropout {
             Some(d) if d.p > 0.0 => {
-                let mut xl = CudaOut::new(rt, x.shape().clone(), xdt)?;
+                let mut xl = CudaOut::uninit(rt, x.shape().clone(), xdt)?;
                 lc::dropout::<u16>(s, mods, &view(x), None, &mut xl.view_mut(), d.p, d.seed)?;
                 Some((xl.tensor(), d))
             }
             _ => None,
         };
-        let mut xa = CudaOut::new(rt, [p.m, p.r], xdt)?;
+        let mut xa = CudaOut::uninit(rt, [p.m, p.r], xdt)?;
         let xl = drop.as_ref().map_or(x, |(t, _)| t);
         lc::forward(s, mods, dt, &view(x), &view(xl), CudaWeight::of(w).get(), bias.as_ref(), &view(&a16), &view(&b16), &mut y.view_mut(), &mut xa.view_mut(), p)?;
         outs.push(y.tensor());
@@ -227,7 +227,7 @@ pub(super) fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[
                 }
                 continue;
             };
-            let mut dxi = needs[0].then(|| CudaOut::new(rt, sx.shape().clone(), xdt)).transpose()?;
+            let mut dxi = needs[0].then(|| CudaOut::uninit(rt, sx.shape().clone(), xdt)).transpose()?;
             match &sp.lora {
                 None => {
                     if let Some(dxi) = dxi.as_mut() {

@@ -39,7 +39,7 @@ fn binary(op: &'static str, a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 
                 forward_only(op, &[b])?;
             }
             let rt = cuda_buf(a).0;
-            let mut y = CudaOut::new(rt, a.shape().clone(), a.dtype())?;
+            let mut y = CudaOut::uninit(rt, a.shape().clone(), a.dtype())?;
             by_float!(a.dtype(), T => ew_cuda::add::<T>(&rt.stream, &rt.modules, &view(a), &view(b), &mut y.view_mut())?);
             Ok(y.tensor())
         }
@@ -101,7 +101,7 @@ pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
         Device::Cuda(_) => {
             let dt = float_dtype("scale", a)?;
             let rt = cuda_buf(a).0;
-            let mut y = CudaOut::new(rt, a.shape().clone(), dt)?;
+            let mut y = CudaOut::uninit(rt, a.shape().clone(), dt)?;
             by_float!(dt, T => ew_cuda::scale::<T>(&rt.stream, &rt.modules, &view(a), &mut y.view_mut(), s)?);
             y.tensor()
         }
@@ -147,7 +147,7 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
         }
         Device::Cuda(_) => {
             let rt = cuda_buf(g).0;
-            let mut y = CudaOut::new(rt, g.shape().clone(), dt)?;
+            let mut y = CudaOut::uninit(rt, g.shape().clone(), dt)?;
             by_float!(dt, T => ew_cuda::forward::<T>(&rt.stream, &rt.modules, &view(g), &view(u), &mut y.view_mut(), p)?);
             y.tensor()
         }
@@ -162,7 +162,7 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
         }
         if let Device::Cuda(_) = sg.device() {
             let rt = cuda_buf(&sg).0;
-            let (mut dg, mut du) = (CudaOut::new(rt, sg.shape().clone(), dt)?, CudaOut::new(rt, su.shape().clone(), dt)?);
+            let (mut dg, mut du) = (CudaOut::uninit(rt, sg.shape().clone(), dt)?, CudaOut::uninit(rt, su.shape().clone(), dt)?);
             by_float!(dt, T => ew_cuda::backward::<T>(&rt.stream, &rt.modules, &view(&sg), &view(&su), &view(dy), &mut dg.view_mut(), &mut du.view_mut(), p)?);
             return Ok(vec![Some(dg.tensor()), Some(du.tensor())]);
         }
