@@ -360,6 +360,8 @@ fn bench_step_reports_tokens_per_second_on_every_device() {
     }
     let (ok, _, err) = tuna(&["bench-step", "--device", "tpu"]);
     assert!(!ok && err.contains("tpu"), "an unknown device is named: {err}");
+    let (ok, _, err) = tuna(&["bench-step", "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "0", "--rank", "4", "--profile"]);
+    assert!(!ok && err.contains("--profile") && err.contains("cuda"), "--profile names what it needs: {err}");
 }
 
 #[test]

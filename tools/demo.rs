@@ -255,6 +255,10 @@ pub struct BenchStepArgs {
     /// QLoRA: the decoder linears' weights quantized to NF4 (bitsandbytes' format), LoRA on top.
     #[arg(long)]
     qlora: bool,
+    /// CUDA: one more step after the timed ones with every kernel timed by events
+    /// (`kernel_profile` in the JSON: milliseconds per kernel, largest first).
+    #[arg(long)]
+    profile: bool,
 }
 
 /// `tuna bench-step`: times LoRA (or QLoRA) training steps of a random model (`--preset`) on `--device`
@@ -282,7 +286,7 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
             if a.qlora { Method::Qlora(l) } else { Method::Lora(l) }
         },
         batch_size: batch,
-        max_steps: Some(a.warmup + a.steps),
+        max_steps: Some(a.warmup + a.steps + a.profile as usize),
         shards: a.cpu_shards,
         checkpoint_layers: a.checkpoint_layers,
         ..Default::default()
@@ -312,6 +316,19 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
             times.push(t0.elapsed().as_secs_f64());
         }
     }
+    // The profiled step comes after the timed ones, so its events cost them nothing.
+    let profile = match (&cuda_rt, a.profile) {
+        (Some(rt), true) => {
+            rt.synchronize().map_err(err)?;
+            rt.modules.start_profile();
+            trainer.train_step().map_err(err)?;
+            let kernels = rt.modules.finish_profile().map_err(err)?;
+            let total: f64 = kernels.iter().map(|k| k.ms).sum();
+            Some(json!({ "total_ms": total, "kernels": kernels.iter().map(|k| json!({ "name": k.name, "ms": k.ms, "lookups": k.lookups })).collect::<Vec<_>>() }))
+        }
+        (None, true) => return Err("--profile times CUDA kernels: use --device cuda".into()),
+        _ => None,
+    };
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
@@ -332,7 +349,8 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
     println!(
         "{}",
         json!({ "step_seconds": times, "tokens_per_second": (batch * seq) as f64 / median, "device": device.to_string(),
-                "preset": format!("{:?}", a.preset), "method": if a.qlora { "qlora" } else { "lora" }, "batch": batch, "seq": seq, "rank": rank, "device_memory": memory })
+                "preset": format!("{:?}", a.preset), "method": if a.qlora { "qlora" } else { "lora" }, "batch": batch, "seq": seq, "rank": rank, "device_memory": memory,
+                "kernel_profile": profile })
     );
     Ok(())
 }

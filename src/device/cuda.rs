@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use super::Device;
@@ -112,16 +112,72 @@ pub struct ModuleCache {
     loaded: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// Kernels by (module, function): a launch costs a map lookup, not a driver call.
     functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+    /// While profiling (`start_profile`): an event per kernel lookup on the default stream.
+    profile: Mutex<Option<Vec<(String, CudaEvent)>>>,
+}
+
+/// One kernel's share of a profiled stretch of work (`ModuleCache::finish_profile`).
+#[derive(Clone, Debug)]
+pub struct KernelTime {
+    /// `module::function`.
+    pub name: String,
+    pub ms: f64,
+    /// Lookups (launches, but for a kernel launched in a loop after one lookup).
+    pub lookups: usize,
 }
 
 impl ModuleCache {
     pub fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
         let (major, minor) = ctx.compute_capability().map_err(|e| Error::cuda("compute capability", e))?;
-        Ok(ModuleCache { ctx: ctx.clone(), cc: (major * 10 + minor) as u32, loaded: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) })
+        Ok(ModuleCache {
+            ctx: ctx.clone(),
+            cc: (major * 10 + minor) as u32,
+            loaded: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            profile: Mutex::new(None),
+        })
+    }
+
+    /// Starts timing kernels: from now on every kernel lookup records an event on the
+    /// context's default stream (the stream tuna's launchers use), so the time between two
+    /// events is the kernel launched after the first, with any copies or memsets queued
+    /// before the next. A kernel launched several times after one lookup (a loop) takes in
+    /// the later launches; work queued by other means (cuBLAS, copies alone) counts toward
+    /// the kernel before it. For finding where a step's time goes, not for benchmarks.
+    pub fn start_profile(&self) {
+        *self.profile.lock().expect("profile poisoned") = Some(Vec::new());
+    }
+
+    /// Stops timing: waits for the stream and returns each kernel's total time, largest first.
+    pub fn finish_profile(&self) -> Result<Vec<KernelTime>> {
+        let Some(mut marks) = self.profile.lock().expect("profile poisoned").take() else {
+            return Err(Error::InvalidArgument("finish_profile without start_profile".into()));
+        };
+        marks.push(("end".into(), self.event()?));
+        let mut totals: Vec<KernelTime> = Vec::new();
+        for w in marks.windows(2) {
+            let ms = w[0].1.elapsed_ms(&w[1].1).map_err(|e| Error::cuda("reading a profile event", e))? as f64;
+            match totals.iter_mut().find(|t| t.name == w[0].0) {
+                Some(t) => {
+                    t.ms += ms;
+                    t.lookups += 1;
+                }
+                None => totals.push(KernelTime { name: w[0].0.clone(), ms, lookups: 1 }),
+            }
+        }
+        totals.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        Ok(totals)
+    }
+
+    fn event(&self) -> Result<CudaEvent> {
+        self.ctx.default_stream().record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| Error::cuda("recording a profile event", e))
     }
 
     /// The kernel `function` of module `module`, loading (and if need be compiling) it once.
     pub fn function(&self, module: &'static str, function: &str) -> Result<CudaFunction> {
+        if let Some(marks) = self.profile.lock().expect("profile poisoned").as_mut() {
+            marks.push((format!("{module}::{function}"), self.event()?));
+        }
         let key = (module, function.to_string());
         if let Some(f) = self.functions.lock().expect("function cache poisoned").get(&key) {
             return Ok(f.clone());

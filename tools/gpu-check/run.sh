@@ -48,15 +48,16 @@ else
   echo "PyTorch with CUDA not found: no side-by-side baseline"
 fi
 # tuna's side of the end-to-end case (TUNA_BIN = a release `tuna` binary): on CUDA in bf16
-# (LoRA r16 on every linear, the same shapes as e2e_torch.py), then on wgpu (Vulkan, f32)
-# where a Vulkan loader with the GPU's driver is present.
+# (LoRA r16 on every linear, the same shapes as e2e_torch.py; each row adds a step with every
+# kernel timed, `kernel_profile`), then on wgpu (Vulkan, f32) where a Vulkan loader with the
+# GPU's driver is present.
 if [ -n "${TUNA_BIN:-}" ]; then
   echo
   for method in "" --qlora; do
     for shape in "4 2048" "8 512"; do
       set -- $shape
       echo "tuna bench-step --device cuda --preset llama1b --batch $1 --seq $2 $method"
-      "$TUNA_BIN" bench-step --device cuda --preset llama1b --batch "$1" --seq "$2" --steps 3 --warmup 1 $method \
+      "$TUNA_BIN" bench-step --device cuda --preset llama1b --batch "$1" --seq "$2" --steps 3 --warmup 1 --profile $method \
         | tee -a "$out/e2e-tuna-cuda.jsonl" || echo "tuna e2e on cuda failed for $1 x $2 $method"
     done
   done
