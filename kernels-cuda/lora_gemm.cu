@@ -36,8 +36,9 @@
 //   elementwise.cu) where an operand is read along M. A one-thread-per-output CUDA-core kernel
 //   was estimated at ~0.5-1 ms per product at M = 8192 (16 of 256 threads busy at R = 16,
 //   serial 4096..8192-long dot products); the GEMM's cost is ~1/R of the big product's per
-//   pass. Where R < 128 the M = R products use a fraction of the 128-row tile and only
-//   ceil(N/64) blocks: split-K is the next step if profiles show it.
+//   pass. The M = R products (dA, dB^T) use a fraction of the 128-row tile and have only
+//   ceil(N/64) blocks, so the launcher splits their K (the tokens) over blockIdx.z: each slice
+//   adds into its own f32 buffer, summed in order by `gemm_sum_splits` (deterministic).
 //
 // Launch geometry: lora_gemm_*: grid (ceil(N/64), ceil(M/128)), block 128. lora_scale_*:
 // block 256, grid-stride.
@@ -83,6 +84,7 @@ struct GemmArgs {
     unsigned short* c;           // [M, N], written (when c32 is null)
     float* c32;                  // [M, N] or null: C added to it in f32 (a sum over launches)
     int m, n, k1, k2;
+    int split;                   // > 0 (c32 only): K tiles per blockIdx.z slice, see below
 };
 
 // Shared-memory stage: A tile [BM][BK+PAD]; B tile [BN][BK+PAD] (n-major) or [BK][BN+PAD].
@@ -173,9 +175,13 @@ __device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) 
     const int wm = (warp >> 1) * 64, wn = (warp & 1) * 32;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const int tiles1 = (g.k1 + BK - 1) / BK, tiles = tiles1 + (g.k2 + BK - 1) / BK;
+    // Split-K: block z runs K tiles [kt0, kt1) and adds into its own [M, N] slice of c32 (the
+    // launcher sums the slices in order afterwards), for thin outputs with few blocks.
+    const int kt0 = g.split > 0 ? blockIdx.z * g.split : 0;
+    const int kt1 = g.split > 0 ? min(tiles, kt0 + g.split) : tiles;
 
     auto load_stage = [&](int kt, int s) {
-        if (kt >= tiles) return;
+        if (kt >= kt1) return;
         const bool second = kt >= tiles1;
         const int k0 = (second ? kt - tiles1 : kt) * BK;
         const int kk = second ? g.k2 : g.k1;
@@ -201,17 +207,17 @@ __device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) 
     // Prologue.
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
-        load_stage(s, s);
+        load_stage(kt0 + s, s);
         cp_async_commit();
     }
-    // Main loop.
-    for (int kt = 0; kt < tiles; kt++) {
+    // Main loop: the i-th K tile of this block (kt0 + i) sits in stage i % STAGES.
+    for (int i = 0; i < kt1 - kt0; i++) {
         cp_async_wait<STAGES - 2>();
-        __syncthreads();  // stage kt visible to all; stage kt-1 no longer read
-        load_stage(kt + STAGES - 1, (kt + STAGES - 1) % STAGES);
+        __syncthreads();  // stage i visible to all; stage i-1 no longer read
+        load_stage(kt0 + i + STAGES - 1, (i + STAGES - 1) % STAGES);
         cp_async_commit();
-        const unsigned short* as = As[kt % STAGES];
-        const unsigned short* bs = Bs[kt % STAGES];
+        const unsigned short* as = As[i % STAGES];
+        const unsigned short* bs = Bs[i % STAGES];
 #pragma unroll
         for (int ks = 0; ks < BK; ks += 16) {
             u32 af[4][4], bf[4][2];
@@ -241,6 +247,7 @@ __device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) 
 
     // Epilogue.
     const int gr = lane >> 2, gc = (lane & 3) * 2;
+    float* c32 = g.c32 == nullptr ? nullptr : g.c32 + (long)blockIdx.z * g.m * g.n;
 #pragma unroll
     for (int mi = 0; mi < 4; mi++) {
 #pragma unroll
@@ -252,7 +259,7 @@ __device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) 
                 if (row < g.m && col < g.n) {
                     float v = acc[mi][ni][e];
                     if (g.bias != nullptr) v += T::to_f32(g.bias[col]);
-                    if (g.c32 != nullptr) g.c32[(long)row * g.n + col] += v;
+                    if (c32 != nullptr) c32[(long)row * g.n + col] += v;
                     else g.c[(long)row * g.n + col] = T::from_f32(v);
                 }
             }
@@ -262,8 +269,8 @@ __device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) 
 
 #define GEMM_PARAMS                                                                                    \
     const unsigned short *a1, int lda1, const unsigned short *b1, int ldb1, const unsigned short *a2, \
-        int lda2, const unsigned short *b2, int ldb2, const unsigned short *bias, unsigned short *c, float *c32, int m, int n, int k1, int k2
-#define GEMM_ARGS GemmArgs{{a1, lda1}, {b1, ldb1}, {a2, lda2}, {b2, ldb2}, bias, c, c32, m, n, k1, k2}
+        int lda2, const unsigned short *b2, int ldb2, const unsigned short *bias, unsigned short *c, float *c32, int m, int n, int k1, int k2, int split
+#define GEMM_ARGS GemmArgs{{a1, lda1}, {b1, ldb1}, {a2, lda2}, {b2, ldb2}, bias, c, c32, m, n, k1, k2, split}
 #define NF4_PARAMS const unsigned char *packed, const unsigned char *absmax, const float *absmax2, const float *tables, float offset
 #define NF4_ARGS Nf4{packed, absmax, absmax2, tables, offset}
 
@@ -301,6 +308,16 @@ __device__ __forceinline__ void lora_scale_body(unsigned short* x, long n, float
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         x[i] = T::from_f32(s * T::to_f32(x[i]));
 }
+// out[i] += parts[0][i] + parts[1][i] + ... (n elements per part, the parts in order): the
+// split-K slices of a GEMM summed into its f32 C, the same order every run. Grid-stride.
+extern "C" __global__ void gemm_sum_splits(const float* parts, float* out, long n, int splits) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = out[i];
+        for (int z = 0; z < splits; z++) v += parts[(long)z * n + i];
+        out[i] = v;
+    }
+}
+
 extern "C" __global__ void lora_scale_bf16(unsigned short* x, long n, float s) { lora_scale_body<Bf16>(x, n, s); }
 extern "C" __global__ void lora_scale_f16(unsigned short* x, long n, float s) { lora_scale_body<F16>(x, n, s); }
 

@@ -114,6 +114,8 @@ pub struct ModuleCache {
     functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
     /// While profiling (`start_profile`): an event per kernel lookup on the default stream.
     profile: Mutex<Option<Vec<(String, CudaEvent)>>>,
+    /// The device's multiprocessors (launchers size split-K grids by it).
+    sms: usize,
 }
 
 /// One kernel's share of a profiled stretch of work (`ModuleCache::finish_profile`).
@@ -129,13 +131,20 @@ pub struct KernelTime {
 impl ModuleCache {
     pub fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
         let (major, minor) = ctx.compute_capability().map_err(|e| Error::cuda("compute capability", e))?;
+        let sms = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).map_err(|e| Error::cuda("multiprocessor count", e))?;
         Ok(ModuleCache {
+            sms: sms.max(1) as usize,
             ctx: ctx.clone(),
             cc: (major * 10 + minor) as u32,
             loaded: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             profile: Mutex::new(None),
         })
+    }
+
+    /// The device's multiprocessor count.
+    pub fn multiprocessors(&self) -> usize {
+        self.sms
     }
 
     /// Starts timing kernels: from now on every kernel lookup records an event on the

@@ -12,6 +12,8 @@ use crate::{Error, Result};
 
 /// Block tile of `lora_gemm_*` (rows, columns) and its threads; see lora_gemm.cu.
 pub(crate) const TILE: (usize, usize) = (128, 64);
+/// The K tile of `lora_gemm_*`.
+const BK: usize = 32;
 const THREADS: u32 = 128;
 /// The largest M that `forward` with an NF4 weight sends to the GEMV kernel.
 pub const GEMV_MAX_M: usize = 16;
@@ -110,8 +112,12 @@ impl GemmOut<'_, '_> {
     }
 }
 
-/// Launches `lora_gemm_*`, or `nf4_lora_gemm_*` with W from `nf4`.
-pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g: Gemm, c: GemmOut<'_, '_>, nf4: Option<&Nf4Device>) -> Result<()> {
+/// Launches `lora_gemm_*`, or `nf4_lora_gemm_*` with W from `nf4`. An f32 output with too few
+/// blocks to fill the GPU (the rank-R products dA and dBᵀ: M = R, ceil(N/64) blocks, K = the
+/// tokens) is split along K (`split_k`): each slice of K tiles adds into its own zeroed
+/// `[M, N]` buffer, and `gemm_sum_splits` adds the slices to C in order, the same result every
+/// run.
+pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g: Gemm, mut c: GemmOut<'_, '_>, nf4: Option<&Nf4Device>) -> Result<()> {
     if g.m == 0 || g.n == 0 {
         return Ok(());
     }
@@ -121,35 +127,64 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
     let (lda1, lda2, ldb2) = (i("lda1", g.a1.1)?, i("lda2", g.a2.1)?, i("ldb2", g.b2.1)?);
     let ldb1 = i("ldb1", g.b1.map_or(0, |b| b.1))?;
     let (m, n, k1, k2) = (i("m", g.m)?, i("n", g.n)?, i("k1", g.k1)?, i("k2", g.k2)?);
-    let null = 0u64;
-    let mut bld = stream.launch_builder(&f);
-    bld.arg(g.a1.0).arg(&lda1);
-    match g.b1 {
-        Some((b, _)) => bld.arg(b),
-        None => bld.arg(&null),
-    };
-    bld.arg(&ldb1).arg(g.a2.0).arg(&lda2).arg(g.b2.0).arg(&ldb2);
-    match g.bias {
-        Some(b) => bld.arg(b),
-        None => bld.arg(&null),
-    };
-    match c {
-        GemmOut::Half(c) => bld.arg(c).arg(&null),
-        GemmOut::AddF32(c) => bld.arg(&null).arg(c),
-    };
-    bld.arg(&m).arg(&n).arg(&k1).arg(&k2);
-    if let Some(q) = nf4 {
-        q.push_args(&mut bld);
-    }
-    let grid_y = g.m.div_ceil(TILE.0);
-    if grid_y > 65535 {
+    let grid = (g.n.div_ceil(TILE.1), g.m.div_ceil(TILE.0));
+    if grid.1 > 65535 {
         return Err(Error::InvalidArgument(format!("{name}: M = {} needs more than 65535 row tiles", g.m)));
     }
-    let cfg = LaunchConfig { grid_dim: (g.n.div_ceil(TILE.1) as u32, grid_y as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: argument order and types match the kernel; the caller checked every buffer
-    // against (m, n, k1, k2) and its leading dimension.
-    unsafe { bld.launch(cfg) }.map_err(launch_err(&name))?;
+    let tiles = g.k1.div_ceil(BK) + g.k2.div_ceil(BK);
+    let (splits, per) = match c {
+        GemmOut::AddF32(_) => split_k(grid.0 * grid.1, tiles, modules.multiprocessors()),
+        GemmOut::Half(_) => (1, tiles),
+    };
+    let mut parts = match splits {
+        1 => None,
+        _ => Some(stream.alloc_zeros::<f32>(splits * g.m * g.n).map_err(|e| Error::cuda(format!("{name}: {splits} split-K slices"), e))?),
+    };
+    let split = if splits > 1 { i("split", per)? } else { 0 };
+    let null = 0u64;
+    {
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(g.a1.0).arg(&lda1);
+        match g.b1 {
+            Some((b, _)) => bld.arg(b),
+            None => bld.arg(&null),
+        };
+        bld.arg(&ldb1).arg(g.a2.0).arg(&lda2).arg(g.b2.0).arg(&ldb2);
+        match g.bias {
+            Some(b) => bld.arg(b),
+            None => bld.arg(&null),
+        };
+        match (&mut c, parts.as_mut()) {
+            (GemmOut::Half(c), _) => bld.arg(&mut **c).arg(&null),
+            (GemmOut::AddF32(_), Some(p)) => bld.arg(&null).arg(p),
+            (GemmOut::AddF32(c), None) => bld.arg(&null).arg(&mut **c),
+        };
+        bld.arg(&m).arg(&n).arg(&k1).arg(&k2).arg(&split);
+        if let Some(q) = nf4 {
+            q.push_args(&mut bld);
+        }
+        let cfg = LaunchConfig { grid_dim: (grid.0 as u32, grid.1 as u32, splits as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: argument order and types match the kernel; the caller checked every buffer
+        // against (m, n, k1, k2) and its leading dimension; the slices hold splits·m·n floats.
+        unsafe { bld.launch(cfg) }.map_err(launch_err(&name))?;
+    }
+    if let (Some(p), GemmOut::AddF32(c)) = (parts, c) {
+        let f = modules.function("lora_gemm", "gemm_sum_splits")?;
+        let (len, z) = ((g.m * g.n) as i64, splits as i32);
+        let cfg = LaunchConfig { grid_dim: ((g.m * g.n).div_ceil(256).min(65535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: matches gemm_sum_splits; p holds splits·m·n floats, c m·n.
+        unsafe { stream.launch_builder(&f).arg(&p).arg(c).arg(&len).arg(&z).launch(cfg) }.map_err(launch_err("gemm_sum_splits"))?;
+    }
     Ok(())
+}
+
+/// Split-K for an f32 GEMM output of `blocks` blocks over `tiles` K tiles on a GPU with `sms`
+/// multiprocessors: (slices, K tiles per slice). Enough slices for two blocks per
+/// multiprocessor, each slice at least 8 K tiles; one slice when the grid fills the GPU.
+pub(crate) fn split_k(blocks: usize, tiles: usize, sms: usize) -> (usize, usize) {
+    let want = (2 * sms).div_ceil(blocks.max(1)).min(tiles / 8).max(1);
+    let per = tiles.div_ceil(want).max(1);
+    (tiles.div_ceil(per).max(1), per)
 }
 
 /// A frozen weight `[N, K]` as the GEMM reads it: 16-bit values, or NF4 dequantized in the
@@ -437,4 +472,27 @@ pub fn dropout<T: cudarc::driver::DeviceRepr>(
     // x, t and y hold at least n elements (checked above).
     unsafe { b.launch(cfg) }.map_err(launch_err(OP))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_k;
+
+    #[test]
+    fn split_k_covers_every_tile_with_no_empty_slice() {
+        // dA of a Llama-1B linear on an H100: M = R = 16 (1 row tile), N = 2048 (32 column
+        // tiles), K = 8192 tokens (256 tiles).
+        assert_eq!(split_k(32, 256, 132), (9, 29));
+        // A grid that fills the GPU, or too few K tiles: one slice.
+        assert_eq!(split_k(4096, 256, 132), (1, 256));
+        assert_eq!(split_k(4, 7, 132), (1, 7));
+        for blocks in [1, 3, 32, 100, 263, 264, 1000] {
+            for tiles in [0, 1, 8, 15, 16, 17, 64, 255, 256, 1000] {
+                let (s, per) = split_k(blocks, tiles, 132);
+                assert!(s >= 1 && per >= 1, "{blocks} blocks, {tiles} tiles: ({s}, {per})");
+                assert!(s * per >= tiles && (s - 1) * per < tiles.max(1), "{blocks} blocks, {tiles} tiles: ({s}, {per}) leaves a tile out or a slice empty");
+                assert!(s == 1 || per >= 8, "{blocks} blocks, {tiles} tiles: slices of {per} tiles");
+            }
+        }
+    }
 }
