@@ -321,6 +321,50 @@ extern "C" __global__ void gemm_sum_splits(const float* parts, float* out, long 
 extern "C" __global__ void lora_scale_bf16(unsigned short* x, long n, float s) { lora_scale_body<Bf16>(x, n, s); }
 extern "C" __global__ void lora_scale_f16(unsigned short* x, long n, float s) { lora_scale_body<F16>(x, n, s); }
 
+// NF4 quantization, the two passes over the weights of `nf4::cuda::quantize` (the host does
+// each block's scale 1/absmax, a final partial block and the double quantization):
+// nf4_absmax: absmax[b] = max |x[e]| over block b (64 elements, the last may be short).
+// nf4_codes: byte i holds the codes of elements 2i (high nibble) and 2i+1; the code of e is the
+// number of NF4 midpoints below clamp(x[e] * inv[e / 64], -1, 1) (one rounded product, no
+// contraction: the CPU's arithmetic, so the CPU's bytes). Grid-stride, one thread per block /
+// byte.
+template <typename E>
+__device__ __forceinline__ void nf4_absmax_body(const E* x, float* absmax, long len, long blocks) {
+    for (long b = (long)blockIdx.x * blockDim.x + threadIdx.x; b < blocks; b += (long)gridDim.x * blockDim.x) {
+        const long end = min(len, b * 64 + 64);
+        float a = 0.0f;
+        for (long e = b * 64; e < end; e++) a = fmaxf(a, fabsf(Elem<E>::load(x, e)));
+        absmax[b] = a;
+    }
+}
+
+template <typename E>
+__device__ __forceinline__ void nf4_codes_body(const E* x, const float* inv, const float* mids, unsigned char* packed, long len) {
+    const long bytes = (len + 1) / 2;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < bytes; i += (long)gridDim.x * blockDim.x) {
+        unsigned int byte = 0;
+        for (int j = 0; j < 2; j++) {
+            const long e = 2 * i + j;
+            if (e < len) {
+                const float s = fminf(fmaxf(__fmul_rn(Elem<E>::load(x, e), inv[e >> 6]), -1.0f), 1.0f);
+                unsigned int code = 0;
+                for (int m = 0; m < 15; m++) code += mids[m] < s ? 1u : 0u;
+                byte |= code << (j == 0 ? 4 : 0);
+            }
+        }
+        packed[i] = (unsigned char)byte;
+    }
+}
+
+extern "C" __global__ void nf4_absmax_f32(const float* x, float* absmax, long len, long blocks) { nf4_absmax_body<float>(x, absmax, len, blocks); }
+extern "C" __global__ void nf4_absmax_bf16(const bf16_bits* x, float* absmax, long len, long blocks) { nf4_absmax_body<bf16_bits>(x, absmax, len, blocks); }
+extern "C" __global__ void nf4_codes_f32(const float* x, const float* inv, const float* mids, unsigned char* packed, long len) {
+    nf4_codes_body<float>(x, inv, mids, packed, len);
+}
+extern "C" __global__ void nf4_codes_bf16(const bf16_bits* x, const float* inv, const float* mids, unsigned char* packed, long len) {
+    nf4_codes_body<bf16_bits>(x, inv, mids, packed, len);
+}
+
 // NF4 GEMV for M <= 16: Y[m, n] = sum_k X[m, k] W[n, k] + s.XA[m, :].B[n, :] (+ bias), with a
 // warp per output column n: lanes stride over K, each dequantizes its W element once and
 // multiplies it into all M rows (M accumulators), then a warp sum.

@@ -8,7 +8,7 @@
 mod common;
 
 use proptest::prelude::*;
-use tuna::testing::lora::{check_dropout, check_lora, check_nf4_dequant, check_nf4_lora, LoraCase};
+use tuna::testing::lora::{check_dropout, check_lora, check_nf4_dequant, check_nf4_lora, check_nf4_quantize, LoraCase};
 use tuna::{DType, Device};
 
 /// Storage types each device has LoRA kernels for (dense and NF4 weights alike).
@@ -81,6 +81,23 @@ fn lora_with_dropout_matches_reference() {
             // mask into f16.
             if common::has_f16(dev) {
                 check_lora(dev, LoraCase { dtype: DType::F16, ..case }).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn nf4_quantize_on_the_device_is_the_cpus_byte_for_byte() {
+    // Lengths as for dequantization; wgpu in f32 and (with SHADER_F16) f16, CUDA in f32 and bf16.
+    for (i, &len) in [1usize, 63, 64, 65, 1001, 64 * 256 + 7, 64 * 600 + 33].iter().enumerate() {
+        for dev in common::devices() {
+            let dtypes = match dev {
+                Device::Cuda(_) => vec![DType::F32, DType::BF16],
+                d if common::has_f16(d) => vec![DType::F32, DType::F16],
+                _ => vec![DType::F32],
+            };
+            for dt in dtypes {
+                check_nf4_quantize(dev, dt, len, i as u64).unwrap_or_else(|e| panic!("{e}"));
             }
         }
     }

@@ -150,6 +150,60 @@ fn quantize_blocks(x: &[f32], code: &[f32], block: usize) -> (Vec<u8>, Vec<f32>)
     (q, absmax)
 }
 
+/// Double quantization of the 64-block absmax values: the NF4 tensor of `len` elements with
+/// the packed codes `packed`.
+fn double_quantize(len: usize, packed: Vec<u8>, absmax: &[f32]) -> Nf4Tensor {
+    // bitsandbytes takes the mean in f32 with torch's summation; an f64 sum rounded to f32
+    // agrees to the last bit or so, and the offset is stored, so dequantization is exact
+    // either way.
+    let offset = (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
+    let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
+    let (q2, absmax2) = quantize_blocks(&centred, &dynamic_map(), BLOCK2);
+    Nf4Tensor { len, packed, absmax: q2, absmax2, offset }
+}
+
+/// The per-block scales a device quantizer multiplies by: `1 / absmax` (1e-38 for an all-zero
+/// block), as `quantize_blocks` computes them.
+fn block_scales(absmax: &[f32]) -> Vec<f32> {
+    absmax.iter().map(|a| 1.0 / a.max(1e-38)).collect()
+}
+
+/// The host's half of quantizing on a device (`wgsl::quantize`, `cuda::quantize`): the device
+/// made every 64-block's absmax, then every element's code with the scale of `block_scales`
+/// (a rounded f32 product compared with the midpoints: the CPU's arithmetic, so the same
+/// bytes). Here: the codes of a final partial block, which the CPU divides by its absmax,
+/// from its values `tail`; then the double quantization.
+fn finish_device_quantize(len: usize, mut packed: Vec<u8>, absmax: &[f32], tail: &[f32]) -> Nf4Tensor {
+    packed.truncate(len.div_ceil(2));
+    let start = len - len % BLOCK;
+    debug_assert_eq!(tail.len(), len - start);
+    let (codes, _) = quantize_blocks(tail, &NF4, BLOCK);
+    for (j, c) in codes.into_iter().enumerate() {
+        let e = start + j;
+        let byte = &mut packed[e / 2];
+        *byte = if e % 2 == 0 { (c << 4) | (*byte & 0xf) } else { (*byte & 0xf0) | c };
+    }
+    double_quantize(len, packed, absmax)
+}
+
+/// Quantizes a float tensor (flattened) where it lives: on the CPU by `cpu::quantize`, on a
+/// GPU by the device passes (`wgsl::quantize`: f32 or f16; `cuda::quantize`: f32 or bf16),
+/// which give the same bytes; only the absmax values and the result cross to the host.
+pub fn quantize_tensor(t: &crate::Tensor) -> Result<Nf4Tensor> {
+    use crate::tensor::Storage;
+    use crate::DType;
+    match (t.storage(), t.dtype()) {
+        (Storage::Wgpu { rt, buf }, dt) => {
+            let pr = crate::ops::gpu::wgpu_precision(dt).ok_or(Error::UnsupportedDType { op: "nf4 quantize (wgsl)", dtype: dt })?;
+            wgsl::quantize(rt, buf.buffer(), t.elem_count(), pr)
+        }
+        (Storage::Cuda { rt, .. }, DType::F32) => cuda::quantize::<f32>(&rt.stream, &rt.modules, &crate::ops::cuda::view(t)),
+        (Storage::Cuda { rt, .. }, DType::BF16) => cuda::quantize::<u16>(&rt.stream, &rt.modules, &crate::ops::cuda::view(t)),
+        (Storage::Cuda { .. }, dt) => Err(Error::UnsupportedDType { op: "nf4 quantize (cuda)", dtype: dt }),
+        _ => Ok(cpu::quantize(&t.to_vec_f32()?)),
+    }
+}
+
 pub mod cpu {
     use rayon::prelude::*;
 
@@ -158,15 +212,8 @@ pub mod cpu {
     /// Quantizes `w` (flattened) to NF4 with double quantization.
     pub fn quantize(w: &[f32]) -> Nf4Tensor {
         let (codes, absmax) = quantize_blocks(w, &NF4, BLOCK);
-        let mut packed: Vec<u8> = codes.chunks(2).map(|p| (p[0] << 4) | p.get(1).copied().unwrap_or(0)).collect();
-        packed.truncate(w.len().div_ceil(2));
-        // bitsandbytes takes the mean in f32 with torch's summation; an f64 sum rounded to f32
-        // agrees to the last bit or so, and the offset is stored, so dequantization is exact
-        // either way.
-        let offset = (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
-        let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
-        let (q2, absmax2) = quantize_blocks(&centred, &dynamic_map(), BLOCK2);
-        Nf4Tensor { len: w.len(), packed, absmax: q2, absmax2, offset }
+        let packed: Vec<u8> = codes.chunks(2).map(|p| (p[0] << 4) | p.get(1).copied().unwrap_or(0)).collect();
+        double_quantize(w.len(), packed, &absmax)
     }
 
     /// The f32 absmax of every 64-block.
@@ -204,8 +251,8 @@ pub mod cpu {
 pub mod wgsl {
     use wgpu::util::DeviceExt;
 
-    use super::{dynamic_map, Nf4Tensor, NF4};
-    use crate::device::wgpu::KernelCache;
+    use super::{block_scales, dynamic_map, finish_device_quantize, midpoints, Nf4Tensor, BLOCK, NF4};
+    use crate::device::wgpu::{dispatch_bound, grid, KernelCache, Precision, WgpuRuntime};
     use crate::kernels::lora::wgsl::{check_buffers, pass, to_u32, GemmUniform};
     use crate::Result;
 
@@ -245,6 +292,59 @@ pub mod wgsl {
         })
     }
 
+    pub const QUANT_SOURCE: &str = include_str!("../../kernels-wgsl/nf4_quant.wgsl");
+
+    /// Quantizes the first `len` values of `x` (f32, or f16 with `Precision::F16`) to NF4 on the
+    /// device, byte for byte as `cpu::quantize` (see `nf4_quant.wgsl` and
+    /// `finish_device_quantize`).
+    pub fn quantize(rt: &WgpuRuntime, x: &wgpu::Buffer, len: usize, precision: Precision) -> Result<Nf4Tensor> {
+        const OP: &str = "nf4_quantize (wgsl)";
+        precision.check(&rt.device, OP)?;
+        let bytes = precision.bytes();
+        crate::kernels::check_len(OP, "x", x.size() as usize / bytes, len)?;
+        let len32 = to_u32(OP, "length", len)?;
+        let (blocks, words) = (len.div_ceil(BLOCK), len.div_ceil(8));
+        if len == 0 {
+            return Ok(super::cpu::quantize(&[]));
+        }
+        static F16: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let (source, suffix) = match precision {
+            Precision::F32 => (QUANT_SOURCE, ""),
+            Precision::F16 => (F16.get_or_init(|| crate::device::wgpu::f16_variant(QUANT_SOURCE, &["TX"])).as_str(), "::f16"),
+        };
+        let u = rt.uniform(&[len32, blocks as u32, 0u32, 0u32]);
+        let absmax = rt.alloc(4 * blocks);
+        let pipe = rt.kernels.pipeline(&rt.device, &format!("nf4_absmax{suffix}"), source, "nf4_absmax")?;
+        let (gx, gy) = grid(to_u32(OP, "workgroups", blocks.div_ceil(256))?);
+        dispatch_bound(&rt.device, &rt.queue, &pipe, &[(0, &u), (1, x), (2, absmax.buffer())], (gx, gy, 1));
+        let a: Vec<f32> = bytemuck::pod_collect_to_vec(&rt.download(absmax.buffer(), 4 * blocks)?);
+        let inv = rt.upload(bytemuck::cast_slice(&block_scales(&a)));
+        let mids = rt.upload(bytemuck::cast_slice(&midpoints(&NF4)));
+        let packed = rt.alloc(4 * words);
+        let pipe = rt.kernels.pipeline(&rt.device, &format!("nf4_codes{suffix}"), source, "nf4_codes")?;
+        let (gx, gy) = grid(to_u32(OP, "workgroups", words.div_ceil(256))?);
+        dispatch_bound(&rt.device, &rt.queue, &pipe, &[(0, &u), (1, x), (3, inv.buffer()), (4, packed.buffer()), (5, mids.buffer())], (gx, gy, 1));
+        let codes = rt.download(packed.buffer(), 4 * words)?;
+        // The final partial block's values (copies move whole 4-byte words: start·bytes is a
+        // multiple of 128, the length is rounded up inside the pooled buffer).
+        let start = len - len % BLOCK;
+        let tail = if start < len {
+            let n = ((len - start) * bytes).next_multiple_of(4);
+            let t = rt.alloc(n);
+            let mut enc = rt.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(x, (start * bytes) as u64, t.buffer(), 0, n as u64);
+            rt.queue.submit([enc.finish()]);
+            let raw = rt.download(t.buffer(), n)?;
+            match precision {
+                Precision::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(&raw)[..len - start].to_vec(),
+                Precision::F16 => raw.chunks_exact(2).take(len - start).map(|h| half::f16::from_le_bytes([h[0], h[1]]).to_f32()).collect(),
+            }
+        } else {
+            Vec::new()
+        };
+        Ok(finish_device_quantize(len, codes, &a, &tail))
+    }
+
     pub(crate) fn weight_bindings(w: &Nf4Buffers) -> [(u32, &wgpu::Buffer); 4] {
         [(2, &w.packed), (3, &w.absmax), (4, &w.absmax2), (5, &w.tables)]
     }
@@ -273,9 +373,9 @@ pub mod wgsl {
 pub mod cuda {
     use std::sync::Arc;
 
-    use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchArgs, LaunchConfig, PushKernelArg};
+    use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 
-    use super::{dynamic_map, Nf4Tensor, NF4};
+    use super::{block_scales, dynamic_map, finish_device_quantize, midpoints, Nf4Tensor, BLOCK, NF4};
     use crate::device::cuda::ModuleCache;
     use crate::kernels::check_len;
     use crate::kernels::lora::cuda::{launch_err, to_i32, Half};
@@ -315,6 +415,50 @@ pub mod cuda {
         pub(crate) fn push_args<'a>(&'a self, b: &mut LaunchArgs<'a>) {
             b.arg(&self.packed).arg(&self.absmax).arg(&self.absmax2).arg(&self.tables).arg(&self.offset);
         }
+    }
+
+    /// Quantizes `x` (f32, or bf16 bits as `u16`) to NF4 on the device, byte for byte as
+    /// `cpu::quantize`: `nf4_absmax_*`, then `nf4_codes_*` with the host's block scales (see
+    /// `finish_device_quantize`).
+    pub fn quantize<T: DeviceRepr + ValidAsZeroBits + bytemuck::Pod>(stream: &Arc<CudaStream>, modules: &ModuleCache, x: &CudaView<'_, T>) -> Result<Nf4Tensor> {
+        const OP: &str = "nf4_quantize (cuda)";
+        let len = x.len();
+        let s = match std::mem::size_of::<T>() {
+            4 => "f32",
+            2 => "bf16",
+            n => return Err(Error::InvalidArgument(format!("{OP}: no kernel for {n}-byte elements"))),
+        };
+        if len == 0 {
+            return Ok(super::cpu::quantize(&[]));
+        }
+        let e = |what: &'static str| move |err| Error::cuda(format!("{OP}: {what}"), err);
+        let (blocks, nbytes) = (len.div_ceil(BLOCK), len.div_ceil(2));
+        let (len64, blocks64) = (len as i64, blocks as i64);
+        let cfg = |n: usize| LaunchConfig { grid_dim: (n.div_ceil(256).min(65535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut absmax = stream.alloc_zeros::<f32>(blocks).map_err(e("allocating the absmax values"))?;
+        let f = modules.function("lora_gemm", &format!("nf4_absmax_{s}"))?;
+        // SAFETY: matches nf4_absmax_* (x, absmax, len, blocks); x holds len elements, absmax blocks.
+        unsafe { stream.launch_builder(&f).arg(x).arg(&mut absmax).arg(&len64).arg(&blocks64).launch(cfg(blocks)) }.map_err(launch_err(OP))?;
+        let a = stream.clone_dtoh(&absmax).map_err(e("reading the absmax values"))?;
+        let inv = stream.clone_htod(&block_scales(&a)).map_err(e("copying the block scales"))?;
+        let mids = stream.clone_htod(&midpoints(&NF4)).map_err(e("copying the midpoints"))?;
+        let mut packed = stream.alloc_zeros::<u8>(nbytes).map_err(e("allocating the codes"))?;
+        let f = modules.function("lora_gemm", &format!("nf4_codes_{s}"))?;
+        // SAFETY: matches nf4_codes_* (x, inv, mids, packed, len); inv holds one scale per
+        // block, mids 15 values, packed ceil(len/2) bytes.
+        unsafe { stream.launch_builder(&f).arg(x).arg(&inv).arg(&mids).arg(&mut packed).arg(&len64).launch(cfg(nbytes)) }.map_err(launch_err(OP))?;
+        let codes = stream.clone_dtoh(&packed).map_err(e("reading the codes"))?;
+        let start = len - len % BLOCK;
+        let tail: Vec<f32> = if start < len {
+            let t: Vec<T> = stream.clone_dtoh(&x.slice(start..len)).map_err(e("reading the last block"))?;
+            match s {
+                "f32" => bytemuck::cast_slice::<T, f32>(&t).to_vec(),
+                _ => bytemuck::cast_slice::<T, u16>(&t).iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect(),
+            }
+        } else {
+            Vec::new()
+        };
+        Ok(finish_device_quantize(len, codes, &a, &tail))
     }
 
     /// Writes the `q.len` dequantized values into `out` (f32), exactly as `nf4::cpu::dequantize`.

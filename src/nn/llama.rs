@@ -399,9 +399,10 @@ impl Llama {
             if lin.weight.dtype() == DType::NF4 {
                 continue;
             }
-            // Quantized on the host (bitsandbytes' algorithm, `nf4::cpu`), then back where the
-            // weight was (wgpu keeps the quantized parts in device buffers).
-            let q = crate::kernels::nf4::cpu::quantize(&lin.weight.to_vec_f32()?);
+            // Quantized where the weight is (bitsandbytes' algorithm: `nf4::cpu`, or the device
+            // passes of `nf4::quantize_tensor`, the same bytes), then kept there (a GPU holds
+            // the quantized parts in device buffers).
+            let q = crate::kernels::nf4::quantize_tensor(&lin.weight)?;
             n += q.len;
             bytes += q.bytes();
             lin.weight = Tensor::from_nf4(q, lin.weight.shape().clone())?.to_device(&lin.weight.device())?;

@@ -290,6 +290,41 @@ pub fn check_nf4_dequant(dev: Device, len: usize, seed: u64) -> Check {
     Ok(())
 }
 
+/// NF4 quantization of a `dtype` tensor on `dev` (`nf4::quantize_tensor`: the device passes on a
+/// GPU) equals `nf4::cpu::quantize` of the same values byte for byte: codes, absmax indices,
+/// second-level scales and offset. The values mix scales, an all-zero block, a block whose
+/// only nonzero value is its absmax, values at ±absmax, and a block of absmax 1 holding the
+/// midpoints between codes exactly (ties, which go to the lower code).
+pub fn check_nf4_quantize(dev: Device, dtype: DType, len: usize, seed: u64) -> Check {
+    let mut rng = Rng::new(seed);
+    let mut w: Vec<f32> = (0..len).map(|i| rng.uniform(-1.0, 1.0) * (1.0 + (i / 97 % 7) as f32)).collect();
+    for (i, v) in w.iter_mut().enumerate() {
+        let j = i % nf4::BLOCK;
+        match i / nf4::BLOCK % 6 {
+            1 => *v = 0.0,
+            2 if j != 3 => *v = 0.0,
+            3 if i % 9 == 0 => *v = -3.5,
+            4 if j == 0 => *v = 1.0,
+            4 => *v = (nf4::NF4[j % 15] + nf4::NF4[j % 15 + 1]) / 2.0,
+            _ => {}
+        }
+    }
+    let w = rounded(dtype, w);
+    let want = nf4::cpu::quantize(&w);
+    let got = crate::Tensor::from_slice(&w, [len], &dev)
+        .and_then(|t| t.to_dtype(dtype))
+        .and_then(|t| nf4::quantize_tensor(&t))
+        .map_err(|e| format!("nf4 quantize {dtype} on {dev}: {e}"))?;
+    let what = format!("nf4 quantize {dtype} on {dev} ({len} elements)");
+    if let Some(i) = (0..want.packed.len()).find(|&i| got.packed.get(i) != Some(&want.packed[i])) {
+        return Err(format!("{what}: packed byte {i} (elements {}, {}) got {:?} want {:#04x}", 2 * i, 2 * i + 1, got.packed.get(i), want.packed[i]));
+    }
+    if got != want {
+        return Err(format!("{what}: the codes agree but not the double quantization (absmax indices equal: {}, scales equal: {}, offset {} vs {})", got.absmax == want.absmax, got.absmax2 == want.absmax2, got.offset, want.offset));
+    }
+    Ok(())
+}
+
 fn run_cpu(case: &LoraCase, inp: &LoraInputs, w: &[f32]) -> crate::Result<LoraOutputs> {
     let p = case.params();
     let (y, xa) = cpu::forward(&inp.x, &inp.x_lora, w, false, inp.bias.as_deref(), &inp.a, &inp.b, p)?;

@@ -276,7 +276,7 @@ fn token_op_cases(push: &mut impl FnMut(String, Result<(), String>)) {
 /// here in bf16 and f16. Shapes: ragged in every dimension, K a multiple of 8 (the cp.async
 /// path) and not (element loads), R up to 128, M <= 16 (the NF4 GEMV) and just above.
 fn lora_cases(push: &mut impl FnMut(String, Result<(), String>)) {
-    use tuna::testing::lora::{check_dropout, check_lora, check_nf4_dequant, check_nf4_lora, LoraCase};
+    use tuna::testing::lora::{check_dropout, check_lora, check_nf4_dequant, check_nf4_lora, check_nf4_quantize, LoraCase};
     let dev = Device::Cuda(0);
     let shapes = [
         (1, 1, 1, 1),
@@ -304,6 +304,9 @@ fn lora_cases(push: &mut impl FnMut(String, Result<(), String>)) {
     }
     for (i, len) in [1usize, 65, 1001, 64 * 256 + 7, 4096 * 4096].into_iter().enumerate() {
         push(format!("nf4 dequantize {len}"), check_nf4_dequant(dev, len, i as u64));
+        for dt in [DType::F32, DType::BF16] {
+            push(format!("nf4 quantize {dt} {len}"), check_nf4_quantize(dev, dt, len, i as u64));
+        }
     }
     for (seed, p) in [(0u64, 0.1f32), (0x9e37_79b9_7f4a_7c15, 0.5), (u64::MAX, 0.05)] {
         push(format!("lora dropout f32/bf16 (and axpy), seed {seed:#x} p {p}, bit-exact"), check_dropout(dev, 1 << 20, p, seed));
