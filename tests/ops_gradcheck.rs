@@ -483,3 +483,13 @@ fn attention_cpu_blocks_match_the_reference() {
         }
     }
 }
+
+/// A sliding window of zero keys is refused (every device would otherwise answer differently:
+/// the CPU with empty rows, the GPU kernels by reading 0 as "no window").
+#[test]
+fn attention_refuses_a_window_of_zero_keys() {
+    let x = Tensor::zeros([1, 2, 1, 4], tuna::DType::F32, &tuna::Device::Cpu).unwrap();
+    let mask = ops::AttentionMask { causal: true, window: Some(0), segment_starts: None };
+    let e = ops::attention(&x, &x, &x, mask, 0.5).unwrap_err().to_string();
+    assert!(e.contains("window") && e.contains('0'), "{e}");
+}

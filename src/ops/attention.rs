@@ -41,6 +41,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttentionMask, scale:
     if mask.causal && kd[1] < qd[1] {
         return Err(Error::ShapeMismatch { op: "attention (causal needs S >= T)", lhs: q.shape().clone(), rhs: k.shape().clone() });
     }
+    // A window of 0 keys would leave every row without a key (the GPU kernels read 0 as "no
+    // window"): refused, so no device gives a different answer.
+    if mask.window == Some(0) {
+        return Err(Error::InvalidArgument("attention: a sliding window must hold at least one key (got 0; use None for no window)".into()));
+    }
     if let Some(starts) = &mask.segment_starts {
         let (b, t) = (qd[0], qd[1]);
         if starts.len() != b * t || kd[1] != t || starts.iter().enumerate().any(|(i, &s)| s as usize > i % t) {

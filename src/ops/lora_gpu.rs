@@ -6,7 +6,7 @@ use super::lora::{tape_inputs, Dropout, LinearPart};
 use crate::kernels::lora::LoraParams;
 use crate::ops::{expect_dtype, saved};
 use crate::tape::record_many;
-use crate::{DType, Result, Tensor};
+use crate::{DType, Error, Result, Tensor};
 
 /// Adds a part's dX contribution (the group's dX is their sum, in part order).
 fn accumulate(dx: &mut Option<Tensor>, part: Tensor) -> Result<()> {
@@ -200,6 +200,10 @@ pub(super) fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[
         let (a16, b16) = (saved(a).to_dtype(xdt)?, saved(b).to_dtype(xdt)?);
         let drop = match part.dropout {
             Some(d) if d.p > 0.0 => {
+                // The CUDA dropout kernels are f32 and bf16 (the model's type there).
+                if dt != crate::kernels::lora::cuda::Half::Bf16 {
+                    return Err(Error::InvalidArgument(format!("{OP}: LoRA dropout on CUDA runs in bf16, not {xdt}")));
+                }
                 let mut xl = CudaOut::uninit(rt, x.shape().clone(), xdt)?;
                 lc::dropout::<u16>(s, mods, &view(x), None, &mut xl.view_mut(), d.p, d.seed)?;
                 Some((xl.tensor(), d))
