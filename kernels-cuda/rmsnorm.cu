@@ -9,9 +9,11 @@
 // the forward for the backward). Storage f32 or bf16, arithmetic in f32.
 //
 // Launch: fwd and bwd_dx one block per row (grid.x = M, any block size that is a multiple of 32
-// up to 1024; 256 is used), threads stride over the row. bwd_dw one thread per column
-// (grid.x = ceil(N / blockDim.x)), each summing its column over all rows in order, so the
-// result is deterministic.
+// up to 1024; 256 is used), threads stride over the row. bwd_dw in two passes, deterministic:
+// bwd_dw_part one thread per column (grid.x = ceil(N / blockDim.x)) and one block row per
+// chunk of `chunk` rows (grid.y), writing the chunk's f32 sum to part[y * N + n]; bwd_dw_sum
+// adds the chunks' sums in order per column and stores dw (a column summed over all 8192 rows
+// by one thread, as before, left 8-16 blocks busy on a 132-multiprocessor GPU).
 #include "common.cuh"
 
 template <typename T>
@@ -52,12 +54,22 @@ __device__ void rmsnorm_bwd_dx(const T* __restrict__ x, const T* __restrict__ w,
 }
 
 template <typename T>
-__device__ void rmsnorm_bwd_dw(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ rstd,
-                               T* __restrict__ dw, int M, int N) {
+__device__ void rmsnorm_bwd_dw_part(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ rstd,
+                                    float* __restrict__ part, int M, int N, int chunk) {
+    const int n = blockIdx.x * blockDim.x + threadIdx.x;
+    if (n >= N) return;
+    const long m0 = (long)blockIdx.y * chunk, m1 = min((long)M, m0 + chunk);
+    float acc = 0.0f;
+    for (long m = m0; m < m1; ++m) acc += Elem<T>::load(dy, m * N + n) * Elem<T>::load(x, m * N + n) * rstd[m];
+    part[(long)blockIdx.y * N + n] = acc;
+}
+
+template <typename T>
+__device__ void rmsnorm_bwd_dw_sum(const float* __restrict__ part, T* __restrict__ dw, int N, int chunks) {
     const int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
     float acc = 0.0f;
-    for (long m = 0; m < M; ++m) acc += Elem<T>::load(dy, m * N + n) * Elem<T>::load(x, m * N + n) * rstd[m];
+    for (int c = 0; c < chunks; ++c) acc += part[(long)c * N + n];
     Elem<T>::store(dw, n, acc);
 }
 
@@ -74,9 +86,15 @@ extern "C" __global__ void rmsnorm_bwd_dx_f32(const float* x, const float* w, co
 extern "C" __global__ void rmsnorm_bwd_dx_bf16(const bf16_bits* x, const bf16_bits* w, const bf16_bits* dy, const float* rstd, bf16_bits* dx, int M, int N) {
     rmsnorm_bwd_dx<bf16_bits>(x, w, dy, rstd, dx, M, N);
 }
-extern "C" __global__ void rmsnorm_bwd_dw_f32(const float* x, const float* dy, const float* rstd, float* dw, int M, int N) {
-    rmsnorm_bwd_dw<float>(x, dy, rstd, dw, M, N);
+extern "C" __global__ void rmsnorm_bwd_dw_part_f32(const float* x, const float* dy, const float* rstd, float* part, int M, int N, int chunk) {
+    rmsnorm_bwd_dw_part<float>(x, dy, rstd, part, M, N, chunk);
 }
-extern "C" __global__ void rmsnorm_bwd_dw_bf16(const bf16_bits* x, const bf16_bits* dy, const float* rstd, bf16_bits* dw, int M, int N) {
-    rmsnorm_bwd_dw<bf16_bits>(x, dy, rstd, dw, M, N);
+extern "C" __global__ void rmsnorm_bwd_dw_part_bf16(const bf16_bits* x, const bf16_bits* dy, const float* rstd, float* part, int M, int N, int chunk) {
+    rmsnorm_bwd_dw_part<bf16_bits>(x, dy, rstd, part, M, N, chunk);
+}
+extern "C" __global__ void rmsnorm_bwd_dw_sum_f32(const float* part, float* dw, int N, int chunks) {
+    rmsnorm_bwd_dw_sum<float>(part, dw, N, chunks);
+}
+extern "C" __global__ void rmsnorm_bwd_dw_sum_bf16(const float* part, bf16_bits* dw, int N, int chunks) {
+    rmsnorm_bwd_dw_sum<bf16_bits>(part, dw, N, chunks);
 }

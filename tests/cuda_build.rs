@@ -18,8 +18,10 @@ fn entry_points(module: &str) -> &'static [&'static str] {
             "rmsnorm_fwd_bf16",
             "rmsnorm_bwd_dx_f32",
             "rmsnorm_bwd_dx_bf16",
-            "rmsnorm_bwd_dw_f32",
-            "rmsnorm_bwd_dw_bf16",
+            "rmsnorm_bwd_dw_part_f32",
+            "rmsnorm_bwd_dw_part_bf16",
+            "rmsnorm_bwd_dw_sum_f32",
+            "rmsnorm_bwd_dw_sum_bf16",
         ],
         "optim" => &[
             "sm3_dense_f32",

@@ -214,18 +214,33 @@ pub mod cuda {
             unsafe { stream.launch_builder(&f).arg(x).arg(w).arg(dy).arg(rstd).arg(dx).arg(&m).arg(&n).launch(cfg) }
                 .map_err(launch_err)?;
         }
-        if let (true, Some(dw)) = (n > 0, dw) {
-            let f = modules.function("rmsnorm", &format!("rmsnorm_bwd_dw_{s}"))?;
-            let cfg = LaunchConfig {
-                grid_dim: ((n as u32).div_ceil(BLOCK), 1, 1),
-                block_dim: (BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: as in `forward`.
-            unsafe { stream.launch_builder(&f).arg(x).arg(dy).arg(rstd).arg(dw).arg(&m).arg(&n).launch(cfg) }
+        if let (true, Some(dw)) = (p.cols > 0, dw) {
+            // dW in two passes: chunks of rows side by side (enough blocks for two per
+            // multiprocessor), then the chunks' sums in order.
+            let col_blocks = (p.cols as u32).div_ceil(BLOCK) as usize;
+            let (chunks, chunk) = dw_chunks(p.rows, col_blocks, modules.multiprocessors());
+            let mut part = stream.alloc_zeros::<f32>((chunks * p.cols).max(1)).map_err(|e| Error::cuda("rmsnorm_bwd: allocating dW partial sums", e))?;
+            let (chunk_i, chunks_i) = (chunk as i32, chunks as i32);
+            let f = modules.function("rmsnorm", &format!("rmsnorm_bwd_dw_part_{s}"))?;
+            let cfg = LaunchConfig { grid_dim: (col_blocks as u32, chunks as u32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: matches rmsnorm_bwd_dw_part_* (x, dy, rstd, part, M, N, chunk); part holds
+            // chunks·N floats, chunks·chunk >= M.
+            unsafe { stream.launch_builder(&f).arg(x).arg(dy).arg(rstd).arg(&mut part).arg(&m).arg(&n).arg(&chunk_i).launch(cfg) }
                 .map_err(launch_err)?;
+            let f = modules.function("rmsnorm", &format!("rmsnorm_bwd_dw_sum_{s}"))?;
+            let cfg = LaunchConfig { grid_dim: (col_blocks as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: matches rmsnorm_bwd_dw_sum_* (part, dw, N, chunks); dw holds N values.
+            unsafe { stream.launch_builder(&f).arg(&part).arg(dw).arg(&n).arg(&chunks_i).launch(cfg) }.map_err(launch_err)?;
         }
         Ok(())
+    }
+
+    /// (chunks, rows per chunk) of the dW pass over `rows` rows with `col_blocks` column blocks:
+    /// about two blocks per multiprocessor, chunks of at least 64 rows, at most 65535 chunks.
+    pub(crate) fn dw_chunks(rows: usize, col_blocks: usize, sms: usize) -> (usize, usize) {
+        let want = (2 * sms).div_ceil(col_blocks.max(1)).min(rows.div_ceil(64)).clamp(1, 65535);
+        let chunk = rows.div_ceil(want).max(1);
+        (rows.div_ceil(chunk).max(1), chunk)
     }
 
     fn suffix<T>() -> Result<&'static str> {
@@ -331,5 +346,23 @@ pub mod wgsl {
             dispatch(device, queue, &pipe, &[&u, x, dy, dw, rstd], ((p.cols as u32).div_ceil(WG), 1, 1));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cuda::dw_chunks;
+
+    #[test]
+    fn dw_chunks_cover_every_row_with_no_empty_chunk() {
+        // Llama-1B's norm at 4 × 2048 tokens on an H100: 8 column blocks, 33 chunks of 249 rows.
+        assert_eq!(dw_chunks(8192, 8, 132), (33, 249));
+        for rows in [0, 1, 63, 64, 65, 1000, 8192, 100_000] {
+            for col_blocks in [1, 8, 300] {
+                let (c, chunk) = dw_chunks(rows, col_blocks, 132);
+                assert!(c >= 1 && chunk >= 1 && c <= 65535, "{rows} rows: ({c}, {chunk})");
+                assert!(c * chunk >= rows && (c - 1) * chunk < rows.max(1), "{rows} rows, {col_blocks} column blocks: ({c}, {chunk}) leaves a row out or a chunk empty");
+            }
+        }
     }
 }
