@@ -85,6 +85,7 @@ struct GemmArgs {
     float* c32;                  // [M, N] or null: C added to it in f32 (a sum over launches)
     int m, n, k1, k2;
     int split;                   // > 0 (c32 only): K tiles per blockIdx.z slice, see below
+    float alpha;                 // C = alpha * (the products), before the bias
 };
 
 // Shared-memory stage: A tile [BM][BK+PAD]; B tile [BN][BK+PAD] (n-major) or [BK][BN+PAD].
@@ -257,7 +258,7 @@ __device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) 
                 const int row = m0 + wm + mi * 16 + gr + (e >> 1) * 8;
                 const int col = n0 + wn + ni * 8 + gc + (e & 1);
                 if (row < g.m && col < g.n) {
-                    float v = acc[mi][ni][e];
+                    float v = g.alpha * acc[mi][ni][e];
                     if (g.bias != nullptr) v += T::to_f32(g.bias[col]);
                     if (c32 != nullptr) c32[(long)row * g.n + col] += v;
                     else g.c[(long)row * g.n + col] = T::from_f32(v);
@@ -269,8 +270,8 @@ __device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) 
 
 #define GEMM_PARAMS                                                                                    \
     const unsigned short *a1, int lda1, const unsigned short *b1, int ldb1, const unsigned short *a2, \
-        int lda2, const unsigned short *b2, int ldb2, const unsigned short *bias, unsigned short *c, float *c32, int m, int n, int k1, int k2, int split
-#define GEMM_ARGS GemmArgs{{a1, lda1}, {b1, ldb1}, {a2, lda2}, {b2, ldb2}, bias, c, c32, m, n, k1, k2, split}
+        int lda2, const unsigned short *b2, int ldb2, const unsigned short *bias, unsigned short *c, float *c32, int m, int n, int k1, int k2, int split, float alpha
+#define GEMM_ARGS GemmArgs{{a1, lda1}, {b1, ldb1}, {a2, lda2}, {b2, ldb2}, bias, c, c32, m, n, k1, k2, split, alpha}
 #define NF4_PARAMS const unsigned char *packed, const unsigned char *absmax, const float *absmax2, const float *tables, float offset
 #define NF4_ARGS Nf4{packed, absmax, absmax2, tables, offset}
 
@@ -308,14 +309,30 @@ __device__ __forceinline__ void lora_scale_body(unsigned short* x, long n, float
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
         x[i] = T::from_f32(s * T::to_f32(x[i]));
 }
-// out[i] += parts[0][i] + parts[1][i] + ... (n elements per part, the parts in order): the
-// split-K slices of a GEMM summed into its f32 C, the same order every run. Grid-stride.
+// The split-K slices of a GEMM (n elements per part) summed in order, the same every run:
+// gemm_sum_splits adds them to an f32 C, gemm_sum_splits_{bf16,f16} write their sum as C.
+// Grid-stride.
 extern "C" __global__ void gemm_sum_splits(const float* parts, float* out, long n, int splits) {
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float v = out[i];
         for (int z = 0; z < splits; z++) v += parts[(long)z * n + i];
         out[i] = v;
     }
+}
+
+template <typename T>
+__device__ __forceinline__ void sum_splits_half(const float* parts, unsigned short* out, long n, int splits) {
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = 0.0f;
+        for (int z = 0; z < splits; z++) v += parts[(long)z * n + i];
+        out[i] = T::from_f32(v);
+    }
+}
+extern "C" __global__ void gemm_sum_splits_bf16(const float* parts, unsigned short* out, long n, int splits) {
+    sum_splits_half<Bf16>(parts, out, n, splits);
+}
+extern "C" __global__ void gemm_sum_splits_f16(const float* parts, unsigned short* out, long n, int splits) {
+    sum_splits_half<F16>(parts, out, n, splits);
 }
 
 extern "C" __global__ void lora_scale_bf16(unsigned short* x, long n, float s) { lora_scale_body<Bf16>(x, n, s); }

@@ -53,6 +53,8 @@ fn entry_points(module: &str) -> &'static [&'static str] {
             "nf4_codes_f32",
             "nf4_codes_bf16",
             "gemm_sum_splits",
+            "gemm_sum_splits_bf16",
+            "gemm_sum_splits_f16",
         ],
         "rope" => &["rope_f32", "rope_bf16"],
         "dropout" => &["dropout_f32", "dropout_bf16", "dropout_axpy_f32", "dropout_axpy_bf16"],

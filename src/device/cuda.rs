@@ -152,7 +152,9 @@ impl ModuleCache {
     /// events is the kernel launched after the first, with any copies or memsets queued
     /// before the next. A kernel launched several times after one lookup (a loop) takes in
     /// the later launches; work queued by other means (cuBLAS, copies alone) counts toward
-    /// the kernel before it. For finding where a step's time goes, not for benchmarks.
+    /// the kernel before it, and so does time the GPU waits for the host (a read-back, a slow
+    /// launch loop): compare the sum with the step's wall time. For finding where a step's time
+    /// goes, not for benchmarks.
     pub fn start_profile(&self) {
         *self.profile.lock().expect("profile poisoned") = Some(Vec::new());
     }

@@ -71,11 +71,11 @@ fn scale_in_place(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, x: 
     Ok(())
 }
 
-/// `c = op(a)·op(b)` for the rank-R products, on the tensor cores: a row-major `[m, k1]` with
-/// row stride `lda`, b `[n, k1]` or (`kn`) `[k1, n]` with row stride `ldb`.
+/// `c = alpha·op(a)·op(b)` for the rank-R products, on the tensor cores: a row-major `[m, k1]`
+/// with row stride `lda`, b `[n, k1]` or (`kn`) `[k1, n]` with row stride `ldb`.
 #[allow(clippy::too_many_arguments)]
-fn product(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, (a, lda): (&CudaView<'_, u16>, usize), (b, ldb): (&CudaView<'_, u16>, usize), c: GemmOut<'_, '_>, (m, n, k1): (usize, usize, usize), kn: bool) -> Result<()> {
-    let g = Gemm { a1: (a, lda), b1: Some((b, ldb)), a2: (a, lda), b2: (b, ldb), bias: None, m, n, k1, k2: 0, kn };
+fn product(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, (a, lda): (&CudaView<'_, u16>, usize), (b, ldb): (&CudaView<'_, u16>, usize), c: GemmOut<'_, '_>, (m, n, k1): (usize, usize, usize), kn: bool, alpha: f32) -> Result<()> {
+    let g = Gemm { a1: (a, lda), b1: Some((b, ldb)), a2: (a, lda), b2: (b, ldb), bias: None, m, n, k1, k2: 0, kn, alpha };
     gemm(stream, modules, dt, g, c, None)
 }
 
@@ -93,6 +93,8 @@ pub(crate) struct Gemm<'a, 'b> {
     pub k2: usize,
     /// B stored [K, N] (dX) instead of [N, K] (forward).
     pub kn: bool,
+    /// C = alpha · (the products) (+ bias), scaled in f32 before any rounding.
+    pub alpha: f32,
 }
 
 /// Where a GEMM puts C `[M, N]`.
@@ -112,11 +114,11 @@ impl GemmOut<'_, '_> {
     }
 }
 
-/// Launches `lora_gemm_*`, or `nf4_lora_gemm_*` with W from `nf4`. An f32 output with too few
-/// blocks to fill the GPU (the rank-R products dA and dBᵀ: M = R, ceil(N/64) blocks, K = the
-/// tokens) is split along K (`split_k`): each slice of K tiles adds into its own zeroed
-/// `[M, N]` buffer, and `gemm_sum_splits` adds the slices to C in order, the same result every
-/// run.
+/// Launches `lora_gemm_*`, or `nf4_lora_gemm_*` with W from `nf4`. An output with too few
+/// blocks to fill the GPU (the rank-R products: XA and G with N = R, dA and dBᵀ with M = R,
+/// over K = features or tokens; never with a bias) is split along K (`split_k`): each slice of K tiles adds into its own zeroed f32 `[M, N]` buffer, and
+/// `gemm_sum_splits*` sums the slices in order into C (added to an f32 C, written as a 16-bit
+/// one), the same result every run.
 pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g: Gemm, mut c: GemmOut<'_, '_>, nf4: Option<&Nf4Device>) -> Result<()> {
     if g.m == 0 || g.n == 0 {
         return Ok(());
@@ -132,10 +134,8 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
         return Err(Error::InvalidArgument(format!("{name}: M = {} needs more than 65535 row tiles", g.m)));
     }
     let tiles = g.k1.div_ceil(BK) + g.k2.div_ceil(BK);
-    let (splits, per) = match c {
-        GemmOut::AddF32(_) => split_k(grid.0 * grid.1, tiles, modules.multiprocessors()),
-        GemmOut::Half(_) => (1, tiles),
-    };
+    // A bias would be added once per slice: such GEMMs (the plain linear) run whole.
+    let (splits, per) = if g.bias.is_some() { (1, tiles) } else { split_k(grid.0 * grid.1, tiles, modules.multiprocessors()) };
     let mut parts = match splits {
         1 => None,
         _ => Some(stream.alloc_zeros::<f32>(splits * g.m * g.n).map_err(|e| Error::cuda(format!("{name}: {splits} split-K slices"), e))?),
@@ -155,11 +155,11 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
             None => bld.arg(&null),
         };
         match (&mut c, parts.as_mut()) {
-            (GemmOut::Half(c), _) => bld.arg(&mut **c).arg(&null),
-            (GemmOut::AddF32(_), Some(p)) => bld.arg(&null).arg(p),
+            (_, Some(p)) => bld.arg(&null).arg(p),
+            (GemmOut::Half(c), None) => bld.arg(&mut **c).arg(&null),
             (GemmOut::AddF32(c), None) => bld.arg(&null).arg(&mut **c),
         };
-        bld.arg(&m).arg(&n).arg(&k1).arg(&k2).arg(&split);
+        bld.arg(&m).arg(&n).arg(&k1).arg(&k2).arg(&split).arg(&g.alpha);
         if let Some(q) = nf4 {
             q.push_args(&mut bld);
         }
@@ -168,12 +168,23 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
         // against (m, n, k1, k2) and its leading dimension; the slices hold splits·m·n floats.
         unsafe { bld.launch(cfg) }.map_err(launch_err(&name))?;
     }
-    if let (Some(p), GemmOut::AddF32(c)) = (parts, c) {
-        let f = modules.function("lora_gemm", "gemm_sum_splits")?;
+    if let Some(p) = parts {
+        let sum = match c {
+            GemmOut::AddF32(_) => "gemm_sum_splits".to_string(),
+            GemmOut::Half(_) => format!("gemm_sum_splits_{}", dt.suffix()),
+        };
+        let f = modules.function("lora_gemm", &sum)?;
         let (len, z) = ((g.m * g.n) as i64, splits as i32);
         let cfg = LaunchConfig { grid_dim: ((g.m * g.n).div_ceil(256).min(65535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: matches gemm_sum_splits; p holds splits·m·n floats, c m·n.
-        unsafe { stream.launch_builder(&f).arg(&p).arg(c).arg(&len).arg(&z).launch(cfg) }.map_err(launch_err("gemm_sum_splits"))?;
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(&p);
+        match c {
+            GemmOut::AddF32(c) => bld.arg(c),
+            GemmOut::Half(c) => bld.arg(c),
+        };
+        // SAFETY: matches gemm_sum_splits* (parts, out, n, splits); p holds splits·m·n floats,
+        // c m·n elements of its type.
+        unsafe { bld.arg(&len).arg(&z).launch(cfg) }.map_err(launch_err(&sum))?;
     }
     Ok(())
 }
@@ -237,7 +248,7 @@ pub fn linear(
         to_i32(op, what, v)?;
     }
     let (b1, nf4) = w.b1(k);
-    let g = Gemm { a1: (x, k), b1, a2: (x, k), b2: (x, k), bias, m, n, k1: k, k2: 0, kn: false };
+    let g = Gemm { a1: (x, k), b1, a2: (x, k), b2: (x, k), bias, m, n, k1: k, k2: 0, kn: false, alpha: 1.0 };
     gemm(stream, modules, dt, g, GemmOut::Half(y), nf4)
 }
 
@@ -252,7 +263,7 @@ pub fn linear_dx(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, dy: 
         to_i32(op, what, v)?;
     }
     let (b1, nf4) = w.b1(k);
-    let g = Gemm { a1: (dy, n), b1, a2: (dy, n), b2: (dy, n), bias: None, m, n: k, k1: n, k2: 0, kn: true };
+    let g = Gemm { a1: (dy, n), b1, a2: (dy, n), b2: (dy, n), bias: None, m, n: k, k1: n, k2: 0, kn: true, alpha: 1.0 };
     gemm(stream, modules, dt, g, GemmOut::Half(dx), nf4)
 }
 
@@ -283,16 +294,22 @@ pub fn matmul(
     for (what, v) in [("M·K", m * k), ("N·K", n * k), ("M·N", m * n)] {
         to_i32(op, what, v)?;
     }
-    let g = Gemm { a1: (a, lda), b1: Some((b, ldb)), a2: (a, lda), b2: (b, ldb), bias: None, m, n, k1: k, k2: 0, kn: b_kn };
+    let g = Gemm { a1: (a, lda), b1: Some((b, ldb)), a2: (a, lda), b2: (b, ldb), bias: None, m, n, k1: k, k2: 0, kn: b_kn, alpha: 1.0 };
     gemm(stream, modules, dt, g, c, None)
 }
 
 /// `xa = x_lora·aᵀ` `[M, R]` (the GEMM, A as its `[N, K]` operand) and `xa_s = s·xa` (the
 /// forward GEMM's second operand).
 fn xa(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, x_lora: &CudaView<'_, u16>, a: &CudaView<'_, u16>, xa: &mut CudaViewMut<'_, u16>, xa_s: &mut CudaViewMut<'_, u16>, p: LoraParams) -> Result<()> {
-    product(stream, modules, dt, (x_lora, p.k), (a, p.k), GemmOut::Half(xa), (p.m, p.r, p.k), false)?;
-    stream.memcpy_dtod(xa, xa_s).map_err(|e| Error::cuda("copying XA", e))?;
-    scale_in_place(stream, modules, dt, xa_s, p.scale)
+    product(stream, modules, dt, (x_lora, p.k), (a, p.k), GemmOut::Half(xa), (p.m, p.r, p.k), false, 1.0)?;
+    // s·XA rounded once, as from the f32 sum: a power of two scales the rounded XA exactly
+    // (a copy and an in-place scale), any other s takes the product again.
+    if p.scale.to_bits() & 0x007f_ffff == 0 {
+        stream.memcpy_dtod(xa, xa_s).map_err(|e| Error::cuda("copying XA", e))?;
+        scale_in_place(stream, modules, dt, xa_s, p.scale)
+    } else {
+        product(stream, modules, dt, (x_lora, p.k), (a, p.k), GemmOut::Half(xa_s), (p.m, p.r, p.k), false, p.scale)
+    }
 }
 
 /// Forward: `y = x·wᵀ (+ bias) + s·xa·bᵀ`, `xa = x_lora·aᵀ` (kept for the backward). W dense,
@@ -331,15 +348,16 @@ pub fn forward(
         }
     }
     let (b1, nf4) = w.b1(k);
-    let g = Gemm { a1: (x, k), b1, a2: (&xs, r), b2: (b, r), bias, m, n, k1: k, k2: r, kn: false };
+    let g = Gemm { a1: (x, k), b1, a2: (&xs, r), b2: (b, r), bias, m, n, k1: k, k2: r, kn: false, alpha: 1.0 };
     gemm(stream, modules, dt, g, GemmOut::Half(y), nf4)
 }
 
 /// `s·G = s·dy·b` (`[M, R]`, the dX GEMM's second operand), `da = (s·G)ᵀ·x_lora`,
-/// `db = s·dyᵀ·xa`, every product on the tensor cores: G with B `[N, R]` read as the GEMM's
-/// `[K, N]` operand; dA from the `[R, M]` transpose of s·G against x_lora read as `[K, N]`; dB
-/// as `((s·XA)ᵀ·dY)ᵀ` (the `[R, M]` transpose of s·XA against dY read as `[K, N]`, the `[R, N]`
-/// result transposed), dA and dB summed in f32. (Used by `backward` for dense and NF4 weights.)
+/// `db = s·dyᵀ·xa`, every product on the tensor cores (s applied in f32 by the GEMM's
+/// epilogue): G with B `[N, R]` read as the GEMM's `[K, N]` operand; dA from the `[R, M]`
+/// transpose of s·G against x_lora read as `[K, N]`; dB as `s·(XAᵀ·dY)ᵀ` (the `[R, M]` transpose
+/// of XA against dY read as `[K, N]`, the `[R, N]` result transposed), dA and dB summed in f32.
+/// (Used by `backward` for dense and NF4 weights.)
 #[allow(clippy::too_many_arguments)]
 fn small_grads(
     stream: &Arc<CudaStream>,
@@ -357,16 +375,14 @@ fn small_grads(
     let (m, n, k, r) = (p.m, p.n, p.k, p.r);
     let e = |what: &'static str| move |err| Error::cuda(format!("lora_bwd (cuda): {what}"), err);
     let mut gs = scratch(stream, m * r)?;
-    product(stream, modules, dt, (dy, n), (b, r), GemmOut::Half(&mut gs.slice_mut(..m * r)), (m, r, n), true)?;
-    scale_in_place(stream, modules, dt, &mut gs.slice_mut(..m * r), p.scale)?;
+    product(stream, modules, dt, (dy, n), (b, r), GemmOut::Half(&mut gs.slice_mut(..m * r)), (m, r, n), true, p.scale)?;
     let mut t = scratch(stream, r * m)?;
     transpose::<u16>(stream, modules, &gs.slice(..m * r), &mut t.slice_mut(..m * r), m, r)?;
     stream.memset_zeros(da).map_err(e("zeroing dA"))?;
-    product(stream, modules, dt, (&t.slice(..m * r), m), (x_lora, k), GemmOut::AddF32(da), (r, k, m), true)?;
+    product(stream, modules, dt, (&t.slice(..m * r), m), (x_lora, k), GemmOut::AddF32(da), (r, k, m), true, 1.0)?;
     transpose::<u16>(stream, modules, xa, &mut t.slice_mut(..m * r), m, r)?;
-    scale_in_place(stream, modules, dt, &mut t.slice_mut(..m * r), p.scale)?;
     let mut dbt = stream.alloc_zeros::<f32>((r * n).max(1)).map_err(e("allocating dBᵀ"))?;
-    product(stream, modules, dt, (&t.slice(..m * r), m), (dy, n), GemmOut::AddF32(&mut dbt.slice_mut(..r * n)), (r, n, m), true)?;
+    product(stream, modules, dt, (&t.slice(..m * r), m), (dy, n), GemmOut::AddF32(&mut dbt.slice_mut(..r * n)), (r, n, m), true, p.scale)?;
     transpose::<f32>(stream, modules, &dbt.slice(..r * n), db, r, n)?;
     Ok(gs)
 }
@@ -409,14 +425,14 @@ pub fn backward(
     let (b1, nf4) = w.b1(k);
     match (dx, dropout) {
         (Some(dx), None) => {
-            let g = Gemm { a1: (dy, n), b1, a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: n, k2: r, kn: true };
+            let g = Gemm { a1: (dy, n), b1, a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: n, k2: r, kn: true, alpha: 1.0 };
             gemm(stream, modules, dt, g, GemmOut::Half(dx), nf4)?;
         }
         // dY·W and (s·G)·A apart (each a rank-0 GEMM), then summed under the mask.
         (Some(dx), Some((pd, seed))) => {
             let (mut base, mut ga) = (scratch(stream, m * k)?, scratch(stream, m * k)?);
             linear_dx(stream, modules, dt, dy, w, &mut base.slice_mut(..), (m, n, k))?;
-            let lora = Gemm { a1: (&gv, r), b1: Some((a, k)), a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: r, k2: 0, kn: true };
+            let lora = Gemm { a1: (&gv, r), b1: Some((a, k)), a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: r, k2: 0, kn: true, alpha: 1.0 };
             gemm(stream, modules, dt, lora, GemmOut::Half(&mut ga.slice_mut(..)), None)?;
             self::dropout(stream, modules, &base.slice(..m * k), Some((&ga.slice(..m * k), 1.0)), dx, pd, seed)?;
         }
