@@ -36,9 +36,9 @@
 //   elementwise.cu) where an operand is read along M. A one-thread-per-output CUDA-core kernel
 //   was estimated at ~0.5-1 ms per product at M = 8192 (16 of 256 threads busy at R = 16,
 //   serial 4096..8192-long dot products); the GEMM's cost is ~1/R of the big product's per
-//   pass. The M = R products (dA, dB^T) use a fraction of the 128-row tile and have only
-//   ceil(N/64) blocks, so the launcher splits their K (the tokens) over blockIdx.z: each slice
-//   adds into its own f32 buffer, summed in order by `gemm_sum_splits` (deterministic).
+//   pass. They have few blocks (N = R: ceil(M/128); M = R: ceil(N/64)), so the launcher
+//   splits their K over blockIdx.z: each slice adds into its own f32 buffer, summed in order by
+//   `gemm_sum_splits*` (deterministic). s is applied in f32 by the epilogue's `alpha`.
 //
 // Launch geometry: lora_gemm_*: grid (ceil(N/64), ceil(M/128)), block 128. lora_scale_*:
 // block 256, grid-stride.
@@ -157,8 +157,8 @@ __device__ __forceinline__ void load_nf4(unsigned short* dst, const Nf4& q, cons
 
 // C = A1.op(B1) + A2.op(B2) (+ bias). Prologue: fill STAGES-1 stages. Main loop: wait for
 // stage kt, issue the load of stage kt + STAGES - 1, run BK/16 mma steps on stage kt.
-// Epilogue: bias, convert, bounds-checked store (or, with c32, added to an f32 C: dW summed
-// over chunks of rows).
+// Epilogue: alpha, bias, convert, bounds-checked store (or, with c32, added to an f32 C: dW
+// summed over chunks of rows, or a split-K slice).
 //
 // Warp w (0..3) owns rows (w / 2) * 64 .. +64 and columns (w % 2) * 32 .. +32 of the block
 // tile: acc[mi][ni][0..3] is the m16n8 accumulator of rows mi*16, columns ni*8, laid out as
@@ -302,8 +302,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) nf4_lora_gemm_kn_f16(GEMM_
     lora_gemm_body<F16, true, true>(GEMM_ARGS, NF4_ARGS);
 }
 
-// x[i] = s * x[i] in place (T storage, f32 math): s.XA and s.G from the GEMM's XA and G (the
-// rank-R products run on the tensor-core GEMM above, with R as its N or M). Grid-stride.
+// x[i] = s * x[i] in place (T storage, f32 math): s.XA from the GEMM's XA when s is a power of
+// two (exact; any other s takes the product again with alpha = s). Grid-stride.
 template <typename T>
 __device__ __forceinline__ void lora_scale_body(unsigned short* x, long n, float s) {
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
