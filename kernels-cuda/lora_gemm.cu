@@ -29,8 +29,9 @@
 //   within ~3%; vs the unfused three-call path it saves the Y read-modify-write (M.N.4 bytes).
 // - M = 1..16 (decode): memory bound. bf16 W 4096 x 14336 = 117 MB -> ~35 us at 3.35 TB/s;
 //   NF4 is 4.13 bits/weight -> 30 MB -> ~9 us floor for `nf4_gemv_*` (one warp per output
-//   column; it reads codes a byte at a time today -- u32 loads of 8 codes are the next step). The NF4 GEMM at large M dequantizes each W element once
-//   per 128-row block (no cp.async for W): expect ~50-70% of the dense kernel.
+//   column, 8 codes per lane per step from one u32 where k % 8 == 0). The NF4 GEMM at large M
+//   dequantizes each W element once per 128-row block (no cp.async for W): expect ~50-70% of
+//   the dense kernel.
 // - the rank-R products (XA, G, dA, dB: 2.M.R.(N or K) FLOPs each) run on this GEMM too, R as
 //   its N (XA, G) or its M (dA, and dB^T), with small transposes (`transpose_*` in
 //   elementwise.cu) where an operand is read along M. A one-thread-per-output CUDA-core kernel
@@ -396,11 +397,44 @@ __device__ __forceinline__ void gemv_body(const unsigned short* x, const unsigne
     float acc[16];
 #pragma unroll
     for (int i = 0; i < 16; i++) acc[i] = 0.0f;
-    for (int kk = lane; kk < k; kk += 32) {
-        const float w = nf4_at(q, tables, tables + 256, (long)col * k + kk);
+    const long w0 = (long)col * k;  // flat index of W[col, 0]
+    // Wide path (k % 8 == 0 and x 16-byte aligned): each lane takes 8 consecutive weights per
+    // step, one u32 of codes (4 bytes, little end first, high nibble first in each byte), one
+    // absmax, and one 16-byte load of x per row, so a warp moves 128 bytes of codes per step
+    // instead of 16. Otherwise one weight per lane per step.
+    const bool wide = (k & 7) == 0 && ((unsigned long long)x & 15) == 0 && ((unsigned long long)q.packed & 3) == 0;
+    if (wide) {
+        for (int kk = lane * 8; kk < k; kk += 256) {
+            const long e = w0 + kk;
+            const u32 codes = *reinterpret_cast<const u32*>(q.packed + (e >> 1));
+            const long b = e >> 6;
+            const float a = __fadd_rn(__fmul_rn(tables[q.absmax[b]], q.absmax2[b >> 8]), q.offset);
+            float w[8];
 #pragma unroll
-        for (int i = 0; i < 16; i++)
-            if (i < m) acc[i] += T::to_f32(x[(long)i * k + kk]) * w;
+            for (int j = 0; j < 8; j++) {
+                const u32 byte = (codes >> (8 * (j >> 1))) & 0xffu;
+                w[j] = __fmul_rn(tables[256 + ((j & 1) ? (byte & 0xfu) : (byte >> 4))], a);
+            }
+#pragma unroll
+            for (int i = 0; i < 16; i++) {
+                if (i < m) {
+                    const uint4 xv = *reinterpret_cast<const uint4*>(x + (long)i * k + kk);
+                    const u32 words[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        acc[i] += T::to_f32((unsigned short)(words[j] & 0xffffu)) * w[2 * j];
+                        acc[i] += T::to_f32((unsigned short)(words[j] >> 16)) * w[2 * j + 1];
+                    }
+                }
+            }
+        }
+    } else {
+        for (int kk = lane; kk < k; kk += 32) {
+            const float w = nf4_at(q, tables, tables + 256, w0 + kk);
+#pragma unroll
+            for (int i = 0; i < 16; i++)
+                if (i < m) acc[i] += T::to_f32(x[(long)i * k + kk]) * w;
+        }
     }
     for (int rr = lane; rr < r; rr += 32) {
         const float bv = T::to_f32(bm[(long)col * r + rr]);
