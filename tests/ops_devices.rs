@@ -39,6 +39,20 @@ fn casts_match_the_cpu_bit_for_bit_on_every_device() {
 }
 
 #[test]
+fn matmul_with_every_transposition_matches_f64_on_every_device() {
+    // Ragged sizes (not multiples of any tile); gpu-check runs the same body on CUDA in bf16,
+    // where a transposed a goes through the transpose kernel.
+    for dev in common::devices() {
+        // The CUDA GEMM is 16-bit only.
+        for dtype in dtypes(dev).into_iter().filter(|&d| !(matches!(dev, Device::Cuda(_)) && d == DType::F32)) {
+            for (i, mnk) in [(1, 1, 1), (5, 67, 33), (70, 9, 130)].into_iter().enumerate() {
+                tuna::testing::token_ops::check_matmul(dev, dtype, mnk, i as u64).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+}
+
+#[test]
 fn add_and_scale_match_the_cpu_bit_for_bit_in_each_gpu_dtype() {
     // The shared body gpu-check runs on CUDA (f32 and bf16); here on every GPU present. (f16
     // on wgpu rounds as the driver converts, so the next test bounds it instead.)

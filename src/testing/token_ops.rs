@@ -467,3 +467,39 @@ pub fn check_add_scale(dev: Device, dtype: DType, rows: usize, cols: usize, seed
     }
     Ok(())
 }
+
+/// `ops::matmul` with each of its four transpositions (`op(a)·op(b)`, op(a) `[m, k]`, op(b)
+/// `[k, n]`) on `dev` in `dtype` against the f64 product of the same (rounded) inputs. f32:
+/// relative L2 within 1e-5; 16-bit: one rounding of the output (2^-9 for bf16) bounds it at
+/// 1e-2. On CUDA a transposed a goes through the transpose kernel first (the backward of a
+/// trained weight, dW = dYᵀ·X), so this is that path's check.
+pub fn check_matmul(dev: Device, dtype: DType, (m, n, k): (usize, usize, usize), seed: u64) -> Check {
+    use crate::kernels::matmul::{reference, MatmulParams};
+    use crate::{ops, Tensor};
+    let mut rng = Rng::new(seed);
+    let (a, b) = (rng.vec(m * k, -1.0, 1.0), rng.vec(k * n, -1.0, 1.0));
+    let (a, b): (Vec<f32>, Vec<f32>) = (a.into_iter().map(|x| round_to(dtype, x)).collect(), b.into_iter().map(|x| round_to(dtype, x)).collect());
+    let bound = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+    for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+        let p = MatmulParams { m, n, k, trans_a, trans_b };
+        let (ashape, bshape) = (if trans_a { vec![k, m] } else { vec![m, k] }, if trans_b { vec![n, k] } else { vec![k, n] });
+        let want = reference::matmul(&a.iter().map(|&x| x as f64).collect::<Vec<_>>(), &b.iter().map(|&x| x as f64).collect::<Vec<_>>(), p);
+        let what = format!("matmul {dtype} on {dev} [{m}, {n}, {k}] trans_a {trans_a} trans_b {trans_b}");
+        let run = || -> crate::Result<Vec<f32>> {
+            let at = Tensor::from_slice(&a, ashape.clone(), &dev)?.to_dtype(dtype)?;
+            let bt = Tensor::from_slice(&b, bshape.clone(), &dev)?.to_dtype(dtype)?;
+            ops::matmul(&at, &bt, trans_a, trans_b)?.to_vec_f32()
+        };
+        let got = run().map_err(|e| format!("{what}: {e}"))?;
+        let (mut d, mut s) = (0.0f64, 0.0f64);
+        for (g, w) in got.iter().zip(&want) {
+            d += (*g as f64 - w).powi(2);
+            s += w * w;
+        }
+        let rel = (d / s.max(1e-300)).sqrt();
+        if rel > bound || rel.is_nan() {
+            return Err(format!("{what}: relative L2 error {rel:.2e} > {bound:.0e}"));
+        }
+    }
+    Ok(())
+}

@@ -262,6 +262,11 @@ fn token_op_cases(push: &mut impl FnMut(String, Result<(), String>)) {
             push(format!("embedding {dtype} T {tokens} V {vocab} E {dim}"), check_embedding(dev, dtype, tokens, vocab, dim, i as u64));
         }
     }
+    // All four transpositions; a transposed a (dW = dYᵀ·X of a trained weight) through the
+    // transpose kernel.
+    for (i, mnk) in [(1, 1, 1), (5, 67, 33), (70, 9, 130), (1024, 512, 2048)].into_iter().enumerate() {
+        push(format!("matmul bf16 {mnk:?}, every transposition"), tuna::testing::token_ops::check_matmul(dev, DType::BF16, mnk, i as u64));
+    }
     for dtype in [DType::F32, DType::BF16] {
         for (i, (m, n)) in [(1, 1), (37, 301), (4096, 2048)].into_iter().enumerate() {
             push(format!("add/scale {dtype} [{m}, {n}], bit-exact"), tuna::testing::token_ops::check_add_scale(dev, dtype, m, n, i as u64));
@@ -289,6 +294,8 @@ fn lora_cases(push: &mut impl FnMut(String, Result<(), String>)) {
         (16, 129, 520, 8),
         (17, 64, 64, 16),
         (300, 72, 1000, 7),
+        // Many tokens, small N and K: dA and dBᵀ (M = R) split along the tokens (split-K).
+        (4096, 64, 64, 16),
     ];
     for dtype in [DType::BF16, DType::F16] {
         for (i, &(m, n, k, r)) in shapes.iter().enumerate() {
