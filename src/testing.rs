@@ -12,6 +12,7 @@ pub mod lora;
 pub mod token_ops;
 pub mod model;
 pub mod optim;
+pub mod sparse;
 
 /// `|got - ref| <= atol + rtol * |ref|`.
 #[derive(Clone, Copy, Debug)]

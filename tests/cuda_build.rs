@@ -76,6 +76,7 @@ fn entry_points(module: &str) -> &'static [&'static str] {
             "transpose_b32",
         ],
         "cross_entropy" => &["ce_rows_f32", "ce_rows_bf16", "ce_sum_f32"],
+        "sparse" => &["sparse_apply_f32", "sparse_apply_bf16", "sparse_apply_f16", "sparse_gather_f32", "sparse_gather_bf16", "sparse_gather_f16"],
         "embedding" => &["embedding_fwd_f32", "embedding_fwd_bf16", "embedding_bwd_f32", "embedding_bwd_bf16"],
         "flash_attention" => &[
             "flash_attn_fwd_bf16_d64",
@@ -107,7 +108,7 @@ fn assert_entries(module: &str, arch: &str, ptx: &str) {
 #[test]
 fn every_module_is_embedded() {
     let names: Vec<&str> = cuda::modules().iter().map(|m| m.name).collect();
-    for want in ["rmsnorm", "optim", "lora_gemm", "rope", "dropout", "cast", "elementwise", "embedding", "flash_attention", "cross_entropy"] {
+    for want in ["rmsnorm", "optim", "lora_gemm", "rope", "dropout", "cast", "elementwise", "embedding", "flash_attention", "cross_entropy", "sparse"] {
         assert!(names.contains(&want), "no module {want} in {names:?}");
     }
     for m in cuda::modules() {

@@ -1,4 +1,5 @@
-//! RoPE, fused SwiGLU and the embedding gather / scatter-add, forward and backward, on every
+//! RoPE, fused SwiGLU, the embedding gather / scatter-add and sparse fine-tuning's linear,
+//! forward and backward, on every
 //! device present, against their f64 references; casts between f32, f16 and bf16 against the
 //! CPU's bit for bit. The check bodies and their tolerances live
 //! in `tuna::testing::token_ops` (shared with `tools/gpu-check`, which runs them on CUDA in f32 and
@@ -12,6 +13,7 @@ use tuna::kernels::elementwise::{self, SwiGluParams};
 use tuna::kernels::embedding::EmbeddingParams;
 use tuna::kernels::rope::{Direction, RopeParams};
 use tuna::testing::cast::check_cast;
+use tuna::testing::sparse::{check_sparse_linear, SparseCase};
 use tuna::testing::token_ops::{check_embedding, check_rope, check_rope_angles, check_swiglu, RopeCase};
 use tuna::device::wgpu::Precision;
 use tuna::{DType, Device, Tensor};
@@ -47,6 +49,31 @@ fn matmul_with_every_transposition_matches_f64_on_every_device() {
         for dtype in dtypes(dev).into_iter().filter(|&d| !(matches!(dev, Device::Cuda(_)) && d == DType::F32)) {
             for (i, mnk) in [(1, 1, 1), (5, 67, 33), (70, 9, 130)].into_iter().enumerate() {
                 tuna::testing::token_ops::check_matmul(dev, dtype, mnk, i as u64).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+}
+
+/// The dtypes `sparse_linear` runs in: the model's (f32 on the CPU and wgpu, f16 on wgpu with
+/// SHADER_F16, bf16 on CUDA, whose GEMM is 16-bit).
+fn sparse_dtypes(dev: Device) -> Vec<DType> {
+    dtypes(dev).into_iter().filter(|&d| !(matches!(dev, Device::Cuda(_)) && d == DType::F32)).collect()
+}
+
+#[test]
+fn sparse_linear_matches_f64_on_every_device() {
+    // No active entry; one; dense enough that neighbouring entries (one 32-bit word in f16)
+    // are both active; every entry; gpu-check runs the same body on CUDA in bf16.
+    let cases = [
+        SparseCase { batch: 1, m: 5, n: 7, k: 9, nnz: 0, bias: false, weight_grad: false },
+        SparseCase { batch: 1, m: 3, n: 4, k: 5, nnz: 1, bias: true, weight_grad: true },
+        SparseCase { batch: 2, m: 34, n: 33, k: 70, nnz: 1200, bias: true, weight_grad: false },
+        SparseCase { batch: 3, m: 9, n: 12, k: 8, nnz: 96, bias: false, weight_grad: true },
+    ];
+    for dev in common::devices() {
+        for dtype in sparse_dtypes(dev) {
+            for (i, c) in cases.into_iter().enumerate() {
+                check_sparse_linear(dev, dtype, c, i as u64).unwrap_or_else(|e| panic!("{e}"));
             }
         }
     }
@@ -213,6 +240,17 @@ proptest! {
         for dev in common::devices() {
             for dtype in dtypes(dev) {
                 check_swiglu(dev, dtype, rows, cols, packed, seed).map_err(TestCaseError::fail)?;
+            }
+        }
+    }
+
+    #[test]
+    fn sparse_linear_random_shapes_on_every_device(batch in 1usize..3, rows in 1usize..20, n in 1usize..50, k in 1usize..50, density in 0.0f64..0.6, bias: bool, weight_grad: bool, seed: u64) {
+        let nnz = ((n * k) as f64 * density) as usize;
+        let c = SparseCase { batch, m: batch * rows, n, k, nnz, bias, weight_grad };
+        for dev in common::devices() {
+            for dtype in sparse_dtypes(dev) {
+                check_sparse_linear(dev, dtype, c, seed).map_err(TestCaseError::fail)?;
             }
         }
     }

@@ -154,6 +154,118 @@ pub mod cpu {
     }
 }
 
+/// The GPU kernels (`kernels-wgsl/sparse.wgsl`, `kernels-cuda/sparse.cu`): `apply` adds δ into
+/// a copy of W in place, `gather` reads the dense gradient at the active entries. On a GPU the
+/// op folds δ into W and runs the dense GEMMs (dδ gathered from `dW = dyᵀ·x`): an SDDMM reads
+/// a column of dy and of x per entry, which at a training density of 1% moves about as many
+/// bytes as the tensor-core GEMM does flops' worth of work, and the dense dW is what gradient
+/// regrowth needs anyway.
+pub mod wgsl {
+    use crate::device::wgpu::{dispatch, grid, uniform, KernelCache, Precision};
+    use crate::kernels::check_len;
+    use crate::{Error, Result};
+
+    pub const SOURCE: &str = include_str!("../../kernels-wgsl/sparse.wgsl");
+
+    fn launch(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        entry: &'static str,
+        indices: &wgpu::Buffer,
+        n: usize,
+        dense: &wgpu::Buffer,
+        len: usize,
+        vals: &wgpu::Buffer,
+        precision: Precision,
+    ) -> Result<()> {
+        check_len(entry, "indices", indices.size() as usize / 4, n)?;
+        check_len(entry, "values", vals.size() as usize / 4, n)?;
+        check_len(entry, "dense matrix", dense.size() as usize / precision.bytes(), len)?;
+        let to_u32 = |v: usize, what: &str| u32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{entry}: {what} ({v}) exceeds u32")));
+        let (n32, len32) = (to_u32(n, "active entries")?, to_u32(len, "matrix size")?);
+        if n == 0 {
+            return Ok(());
+        }
+        let pipe = kernels.pipeline_as(device, entry, SOURCE, entry, precision)?;
+        let u = uniform(device, &[n32, len32, 0, 0]);
+        let (gx, gy) = grid(n32.div_ceil(256));
+        dispatch(device, queue, &pipe, &[&u, indices, dense, vals], (gx, gy, 1));
+        Ok(())
+    }
+
+    /// `w[indices[i]] += delta[i]` in place (w `len` elements in `precision`, δ f32; the indices
+    /// distinct, checked by the caller).
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply(device: &wgpu::Device, queue: &wgpu::Queue, kernels: &KernelCache, indices: &wgpu::Buffer, delta: &wgpu::Buffer, n: usize, w: &wgpu::Buffer, len: usize, precision: Precision) -> Result<()> {
+        launch(device, queue, kernels, "sparse_apply", indices, n, w, len, delta, precision)
+    }
+
+    /// `out[i] = g[indices[i]]` as f32 (g `len` elements in `precision`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gather(device: &wgpu::Device, queue: &wgpu::Queue, kernels: &KernelCache, indices: &wgpu::Buffer, n: usize, g: &wgpu::Buffer, len: usize, out: &wgpu::Buffer, precision: Precision) -> Result<()> {
+        launch(device, queue, kernels, "sparse_gather", indices, n, g, len, out, precision)
+    }
+}
+
+pub mod cuda {
+    use std::sync::Arc;
+
+    use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+    use crate::device::cuda::ModuleCache;
+    use crate::kernels::check_len;
+    use crate::{DType, Error, Result};
+
+    fn suffix(op: &'static str, dtype: DType) -> Result<&'static str> {
+        match dtype {
+            DType::F32 => Ok("f32"),
+            DType::BF16 => Ok("bf16"),
+            DType::F16 => Ok("f16"),
+            _ => Err(Error::UnsupportedDType { op, dtype }),
+        }
+    }
+
+    fn config(n: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: ((n.div_ceil(256) as u32).min(65535 * 8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// `w[indices[i]] += delta[i]` in place, w a byte buffer of `len` elements of `dtype`
+    /// (f32, bf16, f16), δ f32; the indices distinct (checked by the caller).
+    pub fn apply(stream: &Arc<CudaStream>, modules: &ModuleCache, indices: &CudaView<'_, u32>, delta: &CudaView<'_, f32>, w: &mut CudaSlice<u8>, dtype: DType, len: usize) -> Result<()> {
+        const OP: &str = "sparse_apply (cuda)";
+        let n = indices.len();
+        check_len(OP, "delta", delta.len(), n)?;
+        check_len(OP, "w", w.len() / dtype.size_in_bytes().max(1), len)?;
+        let f = modules.function("sparse", &format!("sparse_apply_{}", suffix(OP, dtype)?))?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (n64, len64) = (n as i64, len as i64);
+        // SAFETY: the kernel writes w at the indices below len (len elements of dtype checked
+        // above) and reads n indices and n values; the argument types match its signature.
+        unsafe { stream.launch_builder(&f).arg(w).arg(indices).arg(delta).arg(&n64).arg(&len64).launch(config(n)) }.map_err(|e| Error::cuda(format!("launching {OP}"), e))?;
+        Ok(())
+    }
+
+    /// `out[i] = g[indices[i]]` as f32, g a byte buffer of `len` elements of `dtype`.
+    pub fn gather(stream: &Arc<CudaStream>, modules: &ModuleCache, indices: &CudaView<'_, u32>, g: &CudaSlice<u8>, dtype: DType, len: usize, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        const OP: &str = "sparse_gather (cuda)";
+        let n = indices.len();
+        check_len(OP, "out", out.len(), n)?;
+        check_len(OP, "g", g.len() / dtype.size_in_bytes().max(1), len)?;
+        let f = modules.function("sparse", &format!("sparse_gather_{}", suffix(OP, dtype)?))?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (n64, len64) = (n as i64, len as i64);
+        // SAFETY: the kernel reads g below len and n indices, and writes n f32s to out (all
+        // checked above); the argument types match its signature.
+        unsafe { stream.launch_builder(&f).arg(g).arg(indices).arg(out).arg(&n64).arg(&len64).launch(config(n)) }.map_err(|e| Error::cuda(format!("launching {OP}"), e))?;
+        Ok(())
+    }
+}
+
 /// Length checks shared by the op.
 pub(crate) fn check(op: &'static str, x: usize, indices: &[u32], delta: usize, p: SparseParams) -> Result<()> {
     check_len(op, "x", x, p.m * p.k)?;

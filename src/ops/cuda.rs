@@ -73,6 +73,22 @@ impl CudaOut {
         unsafe { self.buf.transmute_mut::<T>(n) }.expect("an output's buffer holds its elements")
     }
 
+    /// A copy of `t` (same shape and dtype) for a kernel to change in place.
+    pub fn copy_of(t: &Tensor) -> Result<Self> {
+        let (rt, src) = cuda_buf(t);
+        let mut out = CudaOut::uninit(rt, t.shape().clone(), t.dtype())?;
+        let bytes = t.elem_count() * t.dtype().size_in_bytes();
+        if bytes > 0 {
+            rt.stream.memcpy_dtod(&src.slice(..bytes), &mut out.buf.slice_mut(..bytes)).map_err(|e| Error::cuda("device copy", e))?;
+        }
+        Ok(out)
+    }
+
+    /// The bytes, for a launcher that takes any dtype.
+    pub fn buf_mut(&mut self) -> &mut CudaSlice<u8> {
+        &mut self.buf
+    }
+
     pub fn tensor(self) -> Tensor {
         let dev = Device::Cuda(self.rt.ordinal);
         Tensor::from_storage(Storage::Cuda { rt: self.rt, buf: self.buf }, self.shape, self.dtype, dev)

@@ -3,23 +3,26 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::kernels::matmul::{cpu as mm, MatmulParams};
-use crate::kernels::sparse::{check, cpu, SparseParams};
+use crate::kernels::sparse::{self, check, cpu, SparseParams};
 use crate::ops::{expect_dtype, same_device, saved};
 use crate::tape::record;
+use crate::tensor::Storage;
 use crate::{DType, Device, Error, Result, Tensor};
 
 /// The linear of sparse fine-tuning: `x·(W + scatter(δ))ᵀ (+ bias)`, with δ `[nnz]` the
 /// values at the sorted flat `indices` of the `[N, K]` weight (see `kernels::sparse`; on the
-/// CPU δ is folded into a transient copy of W when that is cheaper than the SpMM). x, W and
-/// δ get gradients when tracked: dW (dense, `dyᵀ·x`) only when W itself is tracked, which the
-/// trainer asks for when it scores regrowth by gradients. The bias is frozen.
+/// CPU δ is folded into a transient copy of W when that is cheaper than the SpMM, on a GPU
+/// always). x, W and δ get gradients when tracked: dW (dense, `dyᵀ·x`) only when W itself is
+/// tracked, which the trainer asks for when it scores regrowth by gradients. The bias is
+/// frozen. δ and dδ are f32 on every device; x, W and the bias share the model's dtype.
 pub fn sparse_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, indices: &Arc<Vec<u32>>, delta: &Tensor) -> Result<Tensor> {
     const OP: &str = "sparse_linear";
+    // f32 on the CPU, the model's half type on a GPU (f16 on wgpu, bf16 on CUDA).
+    let dt = crate::ops::gpu::float_dtype(OP, x)?;
     for t in [Some(w), Some(delta), bias].into_iter().flatten() {
         same_device(OP, x, t)?;
-        expect_dtype(OP, t, DType::F32)?;
+        expect_dtype(OP, t, if std::ptr::eq(t, delta) { DType::F32 } else { dt })?;
     }
-    expect_dtype(OP, x, DType::F32)?;
     let (wd, k) = (w.dims(), x.shape().last());
     if x.shape().rank() < 2 || wd.len() != 2 || wd[1] != k {
         return Err(Error::ShapeMismatch { op: "sparse_linear (x [.., K] vs W [N, K])", lhs: x.shape().clone(), rhs: w.shape().clone() });
@@ -36,7 +39,7 @@ pub fn sparse_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, indices: &Ar
     let p = SparseParams { m: x.shape().rows(), n, k };
     check(OP, x.elem_count(), indices, delta.elem_count(), p)?;
     if x.device() != Device::Cpu {
-        return Err(Error::Unsupported { op: OP, device: x.device() });
+        return sparse_linear_gpu(x, w, bias, indices, delta, p);
     }
     let (xv, wv, dv) = (x.cpu_f32(OP)?, w.cpu_f32(OP)?, delta.cpu_f32(OP)?);
     let fold = cpu::fold_delta(p, indices.len());
@@ -76,5 +79,96 @@ pub fn sparse_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, indices: &Ar
         };
         let dd = if needs[2] { Some(Tensor::from_vec(cpu::sddmm(gv, xv, &idx, p), sd.shape().clone())?) } else { None };
         Ok(vec![dx, dw, dd])
+    })
+}
+
+/// A delta's indices on its device: uploaded once per forward, kept for the backward.
+enum DeviceIndices {
+    Wgpu(crate::device::wgpu::PooledBuffer),
+    Cuda(cudarc::driver::CudaSlice<u32>),
+}
+
+impl DeviceIndices {
+    fn upload(on: &Tensor, indices: &[u32]) -> Result<Self> {
+        Ok(match on.storage() {
+            Storage::Wgpu { rt, .. } => DeviceIndices::Wgpu(crate::ops::gpu::wgpu_upload(rt, indices)),
+            Storage::Cuda { rt, .. } => DeviceIndices::Cuda(crate::ops::cuda::upload(rt, indices)?),
+            _ => return Err(Error::Unsupported { op: "sparse_linear", device: on.device() }),
+        })
+    }
+}
+
+/// `W + scatter(δ)` as a new tensor in W's dtype on W's device (not recorded): a copy of W with
+/// δ added at the indices by `kernels::sparse`'s apply kernel.
+fn with_delta_gpu(w: &Tensor, idx: &DeviceIndices, delta: &Tensor) -> Result<Tensor> {
+    const OP: &str = "sparse_linear";
+    let nnz = delta.elem_count();
+    match idx {
+        DeviceIndices::Wgpu(ib) => {
+            use crate::ops::gpu::{wgpu_buf, wgpu_precision};
+            let pr = wgpu_precision(w.dtype()).ok_or(Error::UnsupportedDType { op: OP, dtype: w.dtype() })?;
+            let out = w.copy()?;
+            let (rt, ob) = wgpu_buf(&out);
+            sparse::wgsl::apply(&rt.device, &rt.queue, &rt.kernels, ib.buffer(), wgpu_buf(delta).1, nnz, ob, w.elem_count(), pr)?;
+            Ok(out)
+        }
+        DeviceIndices::Cuda(ib) => {
+            use crate::ops::cuda::{cuda_buf, view, CudaOut};
+            let rt = cuda_buf(w).0;
+            let mut out = CudaOut::copy_of(w)?;
+            sparse::cuda::apply(&rt.stream, &rt.modules, &ib.slice(..nnz), &view::<f32>(delta), out.buf_mut(), w.dtype(), w.elem_count())?;
+            Ok(out.tensor())
+        }
+    }
+}
+
+/// `g[indices]` as f32 `[nnz]`, g the dense `[N, K]` gradient on its device.
+fn gather_gpu(g: &Tensor, idx: &DeviceIndices, nnz: usize) -> Result<Tensor> {
+    match idx {
+        DeviceIndices::Wgpu(ib) => {
+            use crate::ops::gpu::{wgpu_buf, wgpu_output, wgpu_precision};
+            let pr = wgpu_precision(g.dtype()).ok_or(Error::UnsupportedDType { op: "sparse_linear (dδ)", dtype: g.dtype() })?;
+            let (rt, gb) = wgpu_buf(g);
+            let out = wgpu_output(rt, [nnz], DType::F32);
+            sparse::wgsl::gather(&rt.device, &rt.queue, &rt.kernels, ib.buffer(), nnz, gb, g.elem_count(), wgpu_buf(&out).1, pr)?;
+            Ok(out)
+        }
+        DeviceIndices::Cuda(ib) => {
+            use crate::ops::cuda::{cuda_buf, CudaOut};
+            let (rt, gb) = cuda_buf(g);
+            let mut out = CudaOut::uninit(rt, [nnz], DType::F32)?;
+            sparse::cuda::gather(&rt.stream, &rt.modules, &ib.slice(..nnz), gb, g.dtype(), g.elem_count(), &mut out.view_mut())?;
+            Ok(out.tensor())
+        }
+    }
+}
+
+/// The op on wgpu and CUDA: δ folded into a copy of W (recomputed in the backward rather than
+/// kept, so the tape holds no second weight), then the dense linear; the backward runs
+/// `dx = dy·(W + scatter(δ))` and `dW = dyᵀ·x` on the GEMM and gathers dδ from dW.
+fn sparse_linear_gpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, indices: &Arc<Vec<u32>>, delta: &Tensor, p: SparseParams) -> Result<Tensor> {
+    const OP: &str = "sparse_linear";
+    let idx = Arc::new(DeviceIndices::upload(x, indices)?);
+    let (sx, sw, sd) = (saved(x), saved(w), saved(delta));
+    let w_eff = with_delta_gpu(&sw, &idx, &sd)?;
+    let sb = bias.map(saved);
+    let part = crate::ops::LinearPart { weight: &w_eff, bias: sb.as_ref(), lora: None, dropout: None };
+    let out = crate::ops::linear_group(&sx, &[part])?.remove(0);
+    drop(w_eff);
+    let nnz = indices.len();
+    record(OP, out, &[x, w, delta], move |g, needs| {
+        let g2 = crate::ops::reshape(&saved(g), [p.m, p.n])?;
+        let dx = if needs[0] {
+            let w_eff = with_delta_gpu(&sw, &idx, &sd)?;
+            Some(crate::ops::reshape(&crate::ops::matmul(&g2, &w_eff, false, false)?, sx.shape().clone())?)
+        } else {
+            None
+        };
+        let dw = if needs[1] || needs[2] { Some(crate::ops::matmul(&g2, &crate::ops::reshape(&sx, [p.m, p.k])?, true, false)?) } else { None };
+        let dd = match (&dw, needs[2]) {
+            (Some(dw), true) => Some(gather_gpu(dw, &idx, nnz)?),
+            _ => None,
+        };
+        Ok(vec![dx, if needs[1] { dw } else { None }, dd])
     })
 }
