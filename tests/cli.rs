@@ -292,18 +292,26 @@ fn finetune_on_wgpu_follows_the_cpu() {
     let data = base.join("data.jsonl");
     let lines: String = (0..16).map(|i| format!("{{\"prompt\": \"Count {i}\", \"completion\": \" {} {}\"}}\n", i + 1, i + 2)).collect();
     std::fs::write(&data, lines).unwrap();
-    let run = |device: &str| -> serde_json::Value {
-        let out = base.join(device);
-        let (ok, stdout, err) = tuna(&["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
-            "--max-steps", "3", "--lr", "1e-2", "--lora-dropout", "0.1", "--eval-every", "0", "--checkpoint-every", "0", "--cpu-shards", "1", "--json", "--device", device]);
-        assert!(ok, "{device}: {err}");
-        assert!(out.join("adapter/adapter_model.safetensors").exists());
-        serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
-    };
-    let (cpu, gpu) = (run("cpu"), run("wgpu"));
-    let (a, b) = (cpu["final_train_loss"].as_f64().unwrap(), gpu["final_train_loss"].as_f64().unwrap());
-    assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "final train loss: cpu {a} vs wgpu {b}");
-
+    // LoRA with dropout; sparse fine-tuning with SM3, its active set changed after step 2.
+    let methods: [(&str, &[&str], &str); 2] = [
+        ("lora", &["--lora-dropout", "0.1"], "adapter/adapter_model.safetensors"),
+        ("sparse", &["--method", "sparse", "--optimizer", "sm3", "--density", "0.05", "--reselect-every", "2"], "sparse/sparse_deltas.safetensors"),
+    ];
+    for (tag, extra, written) in methods {
+        let run = |device: &str| -> serde_json::Value {
+            let out = base.join(format!("{tag}-{device}"));
+            let mut args = vec!["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
+                "--max-steps", "3", "--lr", "1e-2", "--eval-every", "0", "--checkpoint-every", "0", "--cpu-shards", "1", "--json", "--device", device];
+            args.extend_from_slice(extra);
+            let (ok, stdout, err) = tuna(&args);
+            assert!(ok, "{tag} on {device}: {err}");
+            assert!(out.join(written).exists(), "{tag} on {device}: no {written}");
+            serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+        };
+        let (cpu, gpu) = (run("cpu"), run("wgpu"));
+        let (a, b) = (cpu["final_train_loss"].as_f64().unwrap(), gpu["final_train_loss"].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{tag}: final train loss: cpu {a} vs wgpu {b}");
+    }
 }
 
 #[test]

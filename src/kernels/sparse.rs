@@ -167,6 +167,7 @@ pub mod wgsl {
 
     pub const SOURCE: &str = include_str!("../../kernels-wgsl/sparse.wgsl");
 
+    #[allow(clippy::too_many_arguments)]
     fn launch(
         device: &wgpu::Device,
         queue: &wgpu::Queue,

@@ -481,16 +481,18 @@ impl Llama {
         self.embed.device()
     }
 
-    /// The model with every weight (and LoRA adapter) copied to `device`, where its forward and
-    /// backward then run (NF4 weights move as their quantized parts). On CUDA the kernels are
-    /// 16-bit: follow with `to_dtype(DType::BF16)`.
+    /// The model with every weight (and LoRA adapter, sparse delta) copied to `device`, where
+    /// its forward and backward then run (NF4 weights move as their quantized parts). On CUDA
+    /// the kernels are 16-bit: follow with `to_dtype(DType::BF16)` (sparse deltas stay f32).
     pub fn to_device(&self, device: &Device) -> Result<Llama> {
         let mut m = self.clone();
-        if m.linears().iter().any(|(_, l)| l.sparse.is_some()) && *device != Device::Cpu {
-            return Err(Error::InvalidArgument(format!("sparse deltas run on the CPU only; merge them (tuna merge --deltas) to use {device}")));
-        }
         m.map_parameters(|_, t| t.to_device(device))?;
         m.map_lora(|_, t| t.to_device(device))?;
+        for (_, lin) in m.linears_mut() {
+            if let Some(sp) = &mut lin.sparse {
+                sp.values = sp.values.to_device(device)?;
+            }
+        }
         Ok(m)
     }
 

@@ -13,11 +13,11 @@
 
 use crate::io::config::LlamaConfig;
 use crate::nn::{KvCache, Llama, Packing};
-use crate::peft::LoraConfig;
+use crate::peft::{LoraConfig, Regrow, SparseConfig};
 use crate::rng::Rng;
 use crate::tape::Tape;
 use crate::train::data::Sequence;
-use crate::optim::OptimizerConfig;
+use crate::optim::{Layout, OptimizerConfig};
 use crate::train::{Method, TrainConfig, Trainer};
 use crate::{DType, Device, Tensor};
 
@@ -163,8 +163,9 @@ pub fn check_loss_and_grads(dev: &Device, dtype: DType) -> CheckResult {
 
 /// Five training steps each of LoRA with AdamW, LoRA with SM3 and QLoRA with AdamW (dropout
 /// 0.1, one CPU shard so the masks agree), full fine-tuning with AdamW and head fine-tuning
-/// with SM3 (lr 1e-3: every weight moves) on `dev` against the CPU, from the same weights:
-/// every step's loss and the final masters. (f16 on wgpu: LoRA and QLoRA only, with the
+/// with SM3 (lr 1e-3: every weight moves), and sparse fine-tuning (10% density, reselection
+/// after steps 2 and 4) with SM3 and with AdamW on `dev` against the CPU, from the same
+/// weights: every step's loss and the final masters (sparse: on the entries active on both). (f16 on wgpu: LoRA and QLoRA only, with the
 /// default loss scale; an overflowed, skipped step fails the check.)
 pub fn check_training(dev: &Device, dtype: DType) -> CheckResult {
     let mut rng = Rng::new(4);
@@ -180,9 +181,12 @@ pub fn check_training(dev: &Device, dtype: DType) -> CheckResult {
     let mut summary = Vec::new();
     let (adamw, sm3) = (OptimizerConfig::AdamW(Default::default()), OptimizerConfig::Sm3(Default::default()));
     let mut runs = vec![(Method::Lora(adapter.clone()), adamw, 1e-2), (Method::Lora(adapter.clone()), sm3, 1e-2), (Method::Qlora(adapter), adamw, 1e-2)];
-    // Base weights train in f32 and (on CUDA) bf16, not in f16.
+    // Base weights and sparse deltas train in f32 and (on CUDA) bf16, not in f16. Sparse:
+    // the active entries change after steps 2 and 4, scored by SM3's accumulators or by the
+    // gradients summed over the two steps before (AdamW).
     if dtype != DType::F16 {
-        runs.extend([(Method::Full, adamw, 1e-3), (Method::Head, sm3, 1e-3)]);
+        let sparse = |regrow| Method::Sparse(SparseConfig { density: 0.1, reselect_every: 2, reselect_rate: 0.3, regrow, grad_window: 2, ..Default::default() });
+        runs.extend([(Method::Full, adamw, 1e-3), (Method::Head, sm3, 1e-3), (sparse(Regrow::Sm3), sm3, 1e-2), (sparse(Regrow::Grad), adamw, 1e-2)]);
     }
     for (method, optimizer, lr) in runs {
         let what = format!("{} with {}", method.name(), optimizer.name());
@@ -204,8 +208,8 @@ fn check_training_run(dev: &Device, dtype: DType, base: &Llama, data: &[Sequence
         seed: 7,
         ..Default::default()
     };
-    // (losses, initial masters, final masters)
-    type Run = (Vec<f32>, Vec<Vec<f32>>, Vec<Vec<f32>>);
+    // (losses, initial masters, final masters, their layouts)
+    type Run = (Vec<f32>, Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Layout>);
     let run = |model: Llama| -> crate::Result<Run> {
         let mut t = Trainer::new(model, cfg.clone(), data.to_vec(), 0)?;
         let initial = t.masters.clone();
@@ -218,11 +222,16 @@ fn check_training_run(dev: &Device, dtype: DType, base: &Llama, data: &[Sequence
             losses.push(r.loss);
         }
         t.sync_host()?;
-        Ok((losses, initial, t.masters.clone()))
+        Ok((losses, initial, t.masters.clone(), t.layouts.clone()))
     };
-    let (lc, m0, mc) = run(base.clone()).map_err(ctx("cpu"))?;
+    let (lc, m0, mc, layout_c) = run(base.clone()).map_err(ctx("cpu"))?;
     let gpu = base.to_device(dev).and_then(|m| m.to_dtype(dtype)).map_err(ctx("moving the model"))?;
-    let (lg, _, mg) = run(gpu).map_err(ctx(dev))?;
+    let (lg, _, mg, layout_g) = run(gpu).map_err(ctx(dev))?;
+    let (mg, mc, m0, overlap) = match sparse_common(&mg, &layout_g, &mc, &layout_c) {
+        Ok(Some((g, c, zero, overlap))) => (g, c, zero, Some(overlap)),
+        Ok(None) => (mg, mc, m0, None),
+        Err(e) => return Err(format!("{what}: {e}")),
+    };
     let mut worst = (0.0f64, 0.0f64);
     for (i, (g, c)) in lg.iter().zip(&lc).enumerate() {
         let d = ((g - c) as f64).abs() / (*c as f64).abs().max(1e-6);
@@ -243,7 +252,36 @@ fn check_training_run(dev: &Device, dtype: DType, base: &Llama, data: &[Sequence
         }
         worst.1 = worst.1.max(d);
     }
-    Ok(format!("losses within {:.1e}, masters within {:.1e} ({:.3} -> {:.3})", worst.0, worst.1, lc[0], lc[4]))
+    let overlap = overlap.map_or(String::new(), |o| format!(", active sets {:.1}% the same", 100.0 * o));
+    Ok(format!("losses within {:.1e}, masters within {:.1e} ({:.3} -> {:.3}){overlap}", worst.0, worst.1, lc[0], lc[4]))
+}
+
+/// Sparse runs: each master restricted to the entries active on both devices at the end (the
+/// reselections score values the devices round differently, so a near-tie may go either way),
+/// with the initial masters (zero deltas) to match, and the smallest overlap (the fraction of
+/// the CPU's active entries active on the device too); under 90% fails. None for dense layouts.
+#[allow(clippy::type_complexity)]
+fn sparse_common(mg: &[Vec<f32>], lg: &[Layout], mc: &[Vec<f32>], lc: &[Layout]) -> std::result::Result<Option<(Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<Vec<f32>>, f64)>, String> {
+    let mut out = (Vec::new(), Vec::new(), Vec::new(), 1.0f64);
+    for (i, (a, b)) in lg.iter().zip(lc).enumerate() {
+        let (Layout::Sparse { indices: ig, .. }, Layout::Sparse { indices: ic, .. }) = (a, b) else { return Ok(None) };
+        let at: std::collections::HashMap<u32, usize> = ig.iter().enumerate().map(|(p, &e)| (e, p)).collect();
+        let (mut g, mut c) = (Vec::new(), Vec::new());
+        for (p, e) in ic.iter().enumerate() {
+            if let Some(&q) = at.get(e) {
+                g.push(mg[i][q]);
+                c.push(mc[i][p]);
+            }
+        }
+        if 10 * c.len() < 9 * ic.len() {
+            return Err(format!("sparse tensor {i}: only {} of the cpu's {} active entries are active on the device too", c.len(), ic.len()));
+        }
+        out.3 = out.3.min(c.len() as f64 / ic.len().max(1) as f64);
+        out.2.push(vec![0.0; c.len()]);
+        out.0.push(g);
+        out.1.push(c);
+    }
+    Ok(Some(out))
 }
 
 /// Logits of a 6-token prompt, then of 2 more tokens through the KV cache, on `dev` against

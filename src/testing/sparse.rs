@@ -77,7 +77,9 @@ pub fn check_sparse_linear(dev: Device, dtype: DType, c: SparseCase, seed: u64) 
     let want_dw = mm::matmul(&f(&dy), &f(&x), MatmulParams { m: n, n: k, k: m, trans_a: true, trans_b: false });
     let want_dd = reference::sddmm(&f(&dy), &f(&x), &indices, p);
 
-    let run = || -> crate::Result<(Vec<f32>, Vec<f32>, Vec<f32>, Option<Vec<f32>>)> {
+    // (y, dx, dδ, dW when tracked)
+    type Got = (Vec<f32>, Vec<f32>, Vec<f32>, Option<Vec<f32>>);
+    let run = || -> crate::Result<Got> {
         let tape = Tape::new();
         let on = |v: &[f32], shape: Vec<usize>, dt: DType| Tensor::from_slice(v, shape, &dev)?.to_dtype(dt);
         let xt = tape.param(&on(&x, vec![batch, m / batch, k], dtype)?);

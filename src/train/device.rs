@@ -7,10 +7,10 @@
 //! back only the loss and the squared norm (one float). The host copies (the trainer's
 //! `masters`, the optimizer's state) are refreshed when read: checkpoints, tests.
 
-use crate::kernels::optim::wgsl::{adamw, sm3, sum_squares, DeviceClip};
+use crate::kernels::optim::wgsl::{adamw, sm3, sm3_sparse, sum_squares, DeviceClip};
 use crate::kernels::optim::{AdamWParams, Sm3Params};
 use crate::ops::gpu::wgpu_buf;
-use crate::optim::Sm3State;
+use crate::optim::{Layout, Sm3State};
 use crate::{DType, Device, Error, Result, Tensor};
 
 /// The optimizer's state on the host, as `optim::{AdamW, Sm3}` keep it.
@@ -42,12 +42,32 @@ pub(crate) enum DeviceOptimizer {
 
 impl DeviceOptimizer {
     /// Uploads the masters and the optimizer state (AdamW or SM3) to `dev`; the model reads the
-    /// parameters in `param_dtype` (f32 masters, or on CUDA bf16 copies of them).
-    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], host: &HostOptState, dev: Device, param_dtype: DType) -> Result<Self> {
+    /// parameters in `param_dtype` (f32 masters, or on CUDA bf16 copies of them). A sparse
+    /// layout (sparse fine-tuning's deltas, f32) has its active indices uploaded too: SM3 then
+    /// runs its sparse kernel (AdamW is elementwise, the same for both layouts).
+    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], layouts: &[Layout], host: &HostOptState, dev: Device, param_dtype: DType) -> Result<Self> {
+        if layouts.len() != masters.len() {
+            return Err(Error::InvalidArgument(format!("device optimizer: {} layouts for {} tensors", layouts.len(), masters.len())));
+        }
+        let indices = layouts
+            .iter()
+            .map(|l| match l {
+                Layout::Dense { .. } => Ok(None),
+                Layout::Sparse { .. } if param_dtype != DType::F32 => Err(Error::UnsupportedDType { op: "device optimizer: sparse deltas", dtype: param_dtype }),
+                Layout::Sparse { rows, cols, indices } => {
+                    if rows * cols > i32::MAX as usize {
+                        return Err(Error::InvalidArgument(format!("device optimizer: a sparse [{rows}, {cols}] matrix has more entries than an i32 index reaches")));
+                    }
+                    let v: Vec<i32> = indices.iter().map(|&e| e as i32).collect();
+                    Tensor::from_vec_i32(v, [indices.len()])?.to_device(&dev).map(Some)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let dims: Vec<(usize, usize)> = layouts.iter().map(Layout::matrix).collect();
         match dev {
-            Device::Cuda(i) => Ok(DeviceOptimizer::Cuda(super::device_cuda::CudaOptimizer::new(masters, shapes, dims, host, i, param_dtype)?)),
+            Device::Cuda(i) => Ok(DeviceOptimizer::Cuda(super::device_cuda::CudaOptimizer::new(masters, shapes, &dims, indices, host, i, param_dtype)?)),
             _ if param_dtype != DType::F32 => Err(Error::UnsupportedDType { op: "device optimizer (wgpu): trained parameters", dtype: param_dtype }),
-            _ => Ok(DeviceOptimizer::Wgpu(WgpuOptimizer::new(masters, shapes, dims, host, dev)?)),
+            _ => Ok(DeviceOptimizer::Wgpu(WgpuOptimizer::new(masters, shapes, &dims, indices, host, dev)?)),
         }
     }
 
@@ -89,14 +109,16 @@ impl DeviceOptimizer {
 pub(crate) struct WgpuOptimizer {
     /// The masters, one tensor per trained tensor; the kernels update their buffers in place.
     pub params: Vec<Tensor>,
+    /// The active indices (i32) of each sparse tensor, None for a dense one.
+    indices: Vec<Option<Tensor>>,
     state: State,
     sum_sq: Tensor,
 }
 
 impl WgpuOptimizer {
     /// Uploads the masters and the optimizer state. `dims` gives each tensor's `[rows, cols]`
-    /// view for SM3 (dense layouts only).
-    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], host: &HostOptState, dev: Device) -> Result<Self> {
+    /// matrix for SM3, `indices` the active entries of the sparse ones.
+    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], indices: Vec<Option<Tensor>>, host: &HostOptState, dev: Device) -> Result<Self> {
         let up = |v: &[f32], s: &[usize]| Tensor::from_vec(v.to_vec(), s.to_vec())?.to_device(&dev);
         let zeros = |s: &[usize]| Tensor::zeros(s.to_vec(), DType::F32, &dev);
         let params = masters.iter().zip(shapes).map(|(m, s)| up(m, s)).collect::<Result<Vec<_>>>()?;
@@ -136,7 +158,7 @@ impl WgpuOptimizer {
             }
         };
         let sum_sq = Tensor::zeros([1], DType::F32, &dev)?;
-        Ok(WgpuOptimizer { params, state, sum_sq })
+        Ok(WgpuOptimizer { params, indices, state, sum_sq })
     }
 
     /// One step over every tensor with its device gradient, clipped to a global norm of
@@ -157,9 +179,14 @@ impl WgpuOptimizer {
                 (State::Sm3 { dims, r, c, r_next, c_next, momentum }, StepParams::Sm3(p)) => {
                     let (rows, cols) = dims[i];
                     let mom = momentum.as_ref().map(|ms| wgpu_buf(&ms[i]).1);
-                    sm3(d, q, k, w, gb, wgpu_buf(&r[i]).1, wgpu_buf(&c[i]).1, wgpu_buf(&r_next[i]).1, wgpu_buf(&c_next[i]).1, mom, rows, cols, *p, clip)?;
-                    std::mem::swap(&mut r[i], &mut r_next[i]);
-                    std::mem::swap(&mut c[i], &mut c_next[i]);
+                    if let Some(idx) = &self.indices[i] {
+                        // r and c are updated in place by the sparse kernel.
+                        sm3_sparse(d, q, k, wgpu_buf(idx).1, idx.elem_count(), w, gb, wgpu_buf(&r[i]).1, wgpu_buf(&c[i]).1, mom, rows, cols, *p, clip)?;
+                    } else {
+                        sm3(d, q, k, w, gb, wgpu_buf(&r[i]).1, wgpu_buf(&c[i]).1, wgpu_buf(&r_next[i]).1, wgpu_buf(&c_next[i]).1, mom, rows, cols, *p, clip)?;
+                        std::mem::swap(&mut r[i], &mut r_next[i]);
+                        std::mem::swap(&mut c[i], &mut c_next[i]);
+                    }
                 }
                 _ => return Err(Error::InvalidArgument("device optimizer: step parameters of another optimizer".into())),
             }

@@ -15,7 +15,7 @@ use cudarc::driver::CudaSlice;
 
 use super::device::{HostOptState, StepParams};
 use crate::device::cuda::CudaRuntime;
-use crate::kernels::optim::cuda::{adamw, sm3, sum_squares, DeviceClip};
+use crate::kernels::optim::cuda::{adamw, sm3, sm3_sparse, sum_squares, DeviceClip};
 use crate::ops::cuda::view;
 use crate::optim::Sm3State;
 use crate::tensor::Storage;
@@ -34,6 +34,8 @@ pub(crate) struct CudaOptimizer {
     shapes: Vec<Vec<usize>>,
     /// f32 masters, as bytes (the storage type of a tensor).
     masters: Vec<CudaSlice<u8>>,
+    /// The active indices (i32) of each sparse tensor (f32 parameters), None for a dense one.
+    indices: Vec<Option<Tensor>>,
     state: State,
     sum_sq: CudaSlice<f64>,
     /// The masters as the model reads them, in `param_dtype` (f32 or bf16).
@@ -43,8 +45,9 @@ pub(crate) struct CudaOptimizer {
 
 impl CudaOptimizer {
     /// Uploads the masters and the optimizer's state. `dims` gives each tensor's `[rows, cols]`
-    /// view for SM3; the model reads the parameters in `param_dtype` (f32 or bf16).
-    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], host: &HostOptState, ordinal: usize, param_dtype: DType) -> Result<Self> {
+    /// matrix for SM3, `indices` the active entries of the sparse ones; the model reads the
+    /// parameters in `param_dtype` (f32 or bf16; sparse tensors f32 only).
+    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], indices: Vec<Option<Tensor>>, host: &HostOptState, ordinal: usize, param_dtype: DType) -> Result<Self> {
         if !matches!(param_dtype, DType::F32 | DType::BF16) {
             return Err(Error::UnsupportedDType { op: "device optimizer (cuda): trained parameters", dtype: param_dtype });
         }
@@ -88,7 +91,7 @@ impl CudaOptimizer {
         };
         let sum_sq = rt.stream.alloc_zeros::<f64>(1).map_err(|e| Error::cuda("allocating the norm", e))?;
         let masters = masters.iter().map(|w| rt.upload(bytemuck::cast_slice(w))).collect::<Result<_>>()?;
-        let mut s = CudaOptimizer { rt, shapes: shapes.to_vec(), masters, state, sum_sq, params: Vec::new(), param_dtype };
+        let mut s = CudaOptimizer { rt, shapes: shapes.to_vec(), masters, indices, state, sum_sq, params: Vec::new(), param_dtype };
         s.params = s.shapes.iter().enumerate().map(|(i, _)| s.param_copy(i)).collect::<Result<_>>()?;
         Ok(s)
     }
@@ -167,9 +170,17 @@ impl CudaOptimizer {
                 (State::Sm3 { dims, r, c, r_next, c_next, momentum }, StepParams::Sm3(p)) => {
                     let (rows, cols) = dims[i];
                     let mut mom = momentum.as_mut().map(|ms| ms[i].slice_mut(..));
-                    sm3::<T>(stream, modules, &mut w, g, master.as_mut(), &r[i].slice(..), &c[i].slice(..), &mut r_next[i].slice_mut(..), &mut c_next[i].slice_mut(..), mom.as_mut(), rows, cols, *p, clip)?;
-                    std::mem::swap(&mut r[i], &mut r_next[i]);
-                    std::mem::swap(&mut c[i], &mut c_next[i]);
+                    if let Some(idx) = &self.indices[i] {
+                        // Sparse deltas are f32 (T = f32, checked by `new`); r and c are updated
+                        // in place by the sparse kernel.
+                        // SAFETY: T is f32 here, so the views keep their element type and length.
+                        let (mut d, gf) = unsafe { (w.transmute_mut::<f32>(n).expect("f32 deltas"), g.transmute::<f32>(n).expect("f32 gradients")) };
+                        sm3_sparse(stream, modules, &view::<u32>(idx), &mut d, &gf, &mut r[i].slice_mut(..), &mut c[i].slice_mut(..), mom.as_mut(), rows, cols, *p, clip)?;
+                    } else {
+                        sm3::<T>(stream, modules, &mut w, g, master.as_mut(), &r[i].slice(..), &c[i].slice(..), &mut r_next[i].slice_mut(..), &mut c_next[i].slice_mut(..), mom.as_mut(), rows, cols, *p, clip)?;
+                        std::mem::swap(&mut r[i], &mut r_next[i]);
+                        std::mem::swap(&mut c[i], &mut c_next[i]);
+                    }
                 }
                 _ => return Err(Error::InvalidArgument("device optimizer (cuda): step parameters of another optimizer".into())),
             }

@@ -170,10 +170,10 @@ pub struct Trainer {
     shapes: Vec<Vec<usize>>,
     /// How each trained tensor maps onto its matrix (SM3 and sparse deltas need it).
     pub layouts: Vec<Layout>,
-    /// f32 master copies of the trained tensors. When training on wgpu (dense layouts, AdamW or
+    /// f32 master copies of the trained tensors. When training on a GPU (wgpu or CUDA, AdamW or
     /// SM3) the masters live on the device (see `device.rs`) and this host copy is refreshed by `sync_host`.
     pub masters: Vec<Vec<f32>>,
-    /// The masters and the optimizer state on the device (wgpu), when training there.
+    /// The masters and the optimizer state on the device (wgpu or CUDA), when training there.
     device: Option<device::DeviceOptimizer>,
     pub optimizer: Optimizer,
     /// Sparse fine-tuning with gradient regrowth: the dense gradient of each target matrix
@@ -198,10 +198,6 @@ impl Trainer {
         }
         if model.embed.dtype() == crate::DType::F16 && !matches!(config.method, Method::Lora(_) | Method::Qlora(_)) {
             return Err(Error::InvalidArgument(format!("{} fine-tuning in f16 is not wired: LoRA and QLoRA train an f16 model (f32 adapters); load in f32 for the others", config.method.name())));
-        }
-        if let (crate::Device::Cuda(_), Method::Sparse(_)) = (model.device(), &config.method) {
-            // The sparse deltas' ops run on the CPU only (`Llama::to_device` refuses them too).
-            return Err(Error::InvalidArgument(format!("sparse fine-tuning on {} is not wired yet: LoRA, QLoRA, full and head fine-tuning train there; use --device cpu", model.device())));
         }
         match &config.method {
             Method::Lora(l) => model.add_lora(l, config.seed)?,
@@ -237,25 +233,23 @@ impl Trainer {
         Ok(t)
     }
 
-    /// On a GPU (dense layouts), (re)uploads the masters and the optimizer state, which stay
-    /// on the device from then on.
+    /// On a GPU, (re)uploads the masters and the optimizer state, which stay on the device
+    /// from then on (until a sparse reselection changes the active entries).
     fn reset_device_state(&mut self) -> Result<()> {
         let dev = self.model.device();
         self.device = None;
-        let dense = self.layouts.iter().all(|l| matches!(l, Layout::Dense { .. }));
-        if dense && dev != crate::Device::Cpu {
+        if dev != crate::Device::Cpu {
             let host = match &self.optimizer {
                 Optimizer::AdamW(a) => device::HostOptState::AdamW(a.state.clone()),
                 Optimizer::Sm3(o) => device::HostOptState::Sm3(o.state.clone()),
             };
-            let dims: Vec<(usize, usize)> = self.layouts.iter().map(Layout::matrix).collect();
             // Adapters are f32 masters whatever the model's dtype; trained base weights (full,
             // head) are read in the model's dtype (bf16 on CUDA), the masters staying f32.
             let param_dtype = match self.config.method {
                 Method::Full | Method::Head => self.model.embed.dtype(),
                 _ => crate::DType::F32,
             };
-            self.device = Some(device::DeviceOptimizer::new(&self.masters, &self.shapes, &dims, &host, dev, param_dtype)?);
+            self.device = Some(device::DeviceOptimizer::new(&self.masters, &self.shapes, &self.layouts, &host, dev, param_dtype)?);
         }
         Ok(())
     }
@@ -419,13 +413,7 @@ impl Trainer {
                     acc.iter_mut().zip(g.to_vec_f32()?).for_each(|(a, v)| *a += v);
                 }
             }
-            if let Some(sums) = &mut self.grad_sums {
-                for (acc, g) in sums.iter_mut().zip(r.weight_grads) {
-                    if let Some(g) = g {
-                        acc.iter_mut().zip(g).for_each(|(a, v)| *a += v);
-                    }
-                }
-            }
+            add_weight_grads(&mut self.grad_sums, r.weight_grads);
         }
         let refs: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
         let sum_sq = sum_squares(&refs);
@@ -461,6 +449,9 @@ impl Trainer {
                     });
                 }
             }
+            // A regrowth window's dense gradients (read back by `piece_grads`) are summed on
+            // the host, where the reselection scores them.
+            add_weight_grads(&mut self.grad_sums, r.weight_grads);
         }
         let grads: Vec<Tensor> = grads
             .into_iter()
@@ -496,6 +487,13 @@ impl Trainer {
         // The kernels clip against the scaled norm, so the bound is scaled too.
         let grad_norm = self.device.as_mut().expect("device state").step(&grads, p, self.config.max_grad_norm * scale)? / scale;
         self.step += 1;
+        if self.reselect_due() {
+            // Sparse reselection (every `reselect_every` steps) runs on the host: the masters and
+            // the optimizer's state come back, change their active entries, and go up again.
+            self.sync_host()?;
+            self.maybe_reselect()?;
+            self.reset_device_state()?;
+        }
         self.install(None)?;
         Ok(StepReport { step: self.step, loss: loss_sum as f32, lr, grad_norm, tokens, epoch: epoch(self.step), skipped: false })
     }
@@ -549,7 +547,7 @@ impl Trainer {
     /// smallest deltas and grow the best-scoring inactive entries.
     fn maybe_reselect(&mut self) -> Result<()> {
         let Method::Sparse(s) = &self.config.method else { return Ok(()) };
-        if s.reselect_every == 0 || self.step % s.reselect_every != 0 || self.step >= self.total_steps() {
+        if !self.reselect_due() {
             return Ok(());
         }
         let sums = self.grad_sums.take();
@@ -574,6 +572,12 @@ impl Trainer {
             self.layouts[i] = Layout::Sparse { rows, cols, indices: Arc::new(sel.indices) };
         }
         Ok(())
+    }
+
+    /// Sparse fine-tuning: whether the step just taken ends a reselection period.
+    fn reselect_due(&self) -> bool {
+        let Method::Sparse(s) = &self.config.method else { return false };
+        s.reselect_every > 0 && self.step % s.reselect_every == 0 && self.step < self.total_steps()
     }
 
     /// The gradient sums of an open regrowth window (for checkpoints).
@@ -609,6 +613,17 @@ pub fn evaluate(model: &Llama, seqs: &[Sequence], batch_size: usize, pad: u32) -
         n += b.targets;
     }
     Ok(if n == 0 { f32::NAN } else { (nll / n as f64) as f32 })
+}
+
+/// Adds a piece's dense target-weight gradients to an open regrowth window's sums.
+fn add_weight_grads(sums: &mut Option<Vec<Vec<f32>>>, grads: Vec<Option<Vec<f32>>>) {
+    if let Some(sums) = sums {
+        for (acc, g) in sums.iter_mut().zip(grads) {
+            if let Some(g) = g {
+                acc.iter_mut().zip(g).for_each(|(a, v)| *a += v);
+            }
+        }
+    }
 }
 
 /// The tensors a method trains, with their names, in a fixed order.
