@@ -253,15 +253,19 @@ pub struct BenchStepArgs {
     #[arg(long)]
     rank: Option<usize>,
     /// QLoRA: the decoder linears' weights quantized to NF4 (bitsandbytes' format), LoRA on top.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "sparse")]
     qlora: bool,
+    /// Sparse fine-tuning instead of LoRA: this fraction of every decoder linear trained (SpIEL's
+    /// setup: SM3, the active entries changed every 20 steps, scored by SM3's accumulators).
+    #[arg(long, value_name = "DENSITY")]
+    sparse: Option<f32>,
     /// CUDA: one more step after the timed ones with every kernel timed by events
     /// (`kernel_profile` in the JSON: milliseconds per kernel, largest first).
     #[arg(long)]
     profile: bool,
 }
 
-/// `tuna bench-step`: times LoRA (or QLoRA) training steps of a random model (`--preset`) on `--device`
+/// `tuna bench-step`: times LoRA (QLoRA, sparse) training steps of a random model (`--preset`) on `--device`
 /// and prints `{"step_seconds": [...], "tokens_per_second": median, ...}`, with the wgpu
 /// buffer pool's peak memory on wgpu (`device_memory`).
 pub fn bench_step(a: BenchStepArgs) -> CliResult {
@@ -280,11 +284,16 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
     let mut rng = Rng::new(1);
     let seqs: Vec<Sequence> =
         (0..batch).map(|_| Sequence { ids: (0..seq).map(|_| rng.below(vocab) as u32).collect(), mask: vec![true; seq], starts: Vec::new() }).collect();
+    let l = LoraConfig { r: rank, alpha: 2.0 * rank as f32, ..Default::default() };
+    let (method, optimizer) = match (a.sparse, a.qlora) {
+        (Some(density), _) => (Method::Sparse(SparseConfig { density, ..Default::default() }), OptimizerConfig::Sm3(Default::default())),
+        (None, true) => (Method::Qlora(l), OptimizerConfig::AdamW(Default::default())),
+        (None, false) => (Method::Lora(l), OptimizerConfig::AdamW(Default::default())),
+    };
+    let method_name = method.name();
     let cfg = TrainConfig {
-        method: {
-            let l = LoraConfig { r: rank, alpha: 2.0 * rank as f32, ..Default::default() };
-            if a.qlora { Method::Qlora(l) } else { Method::Lora(l) }
-        },
+        method,
+        optimizer,
         batch_size: batch,
         max_steps: Some(a.warmup + a.steps + a.profile as usize),
         shards: a.cpu_shards,
@@ -349,7 +358,7 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
     println!(
         "{}",
         json!({ "step_seconds": times, "tokens_per_second": (batch * seq) as f64 / median, "device": device.to_string(),
-                "preset": format!("{:?}", a.preset), "method": if a.qlora { "qlora" } else { "lora" }, "batch": batch, "seq": seq, "rank": rank, "device_memory": memory,
+                "preset": format!("{:?}", a.preset), "method": method_name, "density": a.sparse.map(|d| d.to_string().parse::<f64>().unwrap_or(f64::NAN)), "batch": batch, "seq": seq, "rank": rank, "device_memory": memory,
                 "kernel_profile": profile })
     );
     Ok(())
