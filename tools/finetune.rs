@@ -122,7 +122,8 @@ pub struct FinetuneArgs {
     #[arg(long)]
     checkpoint_layers: bool,
     /// Train in f16 on wgpu: activations and frozen weights in f16 (f32 math inside the kernels),
-    /// f32 LoRA adapters, dynamic loss scaling. LoRA (not QLoRA); needs SHADER_F16.
+    /// f32 LoRA adapters or sparse deltas, dynamic loss scaling. LoRA, QLoRA and sparse; needs
+    /// SHADER_F16.
     #[arg(long)]
     f16: bool,
     /// Clip the global gradient norm (0: off).

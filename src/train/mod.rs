@@ -196,8 +196,8 @@ impl Trainer {
         if config.batch_size == 0 || config.grad_accum == 0 {
             return Err(Error::InvalidArgument("batch size and gradient accumulation must be at least 1".into()));
         }
-        if model.embed.dtype() == crate::DType::F16 && !matches!(config.method, Method::Lora(_) | Method::Qlora(_)) {
-            return Err(Error::InvalidArgument(format!("{} fine-tuning in f16 is not wired: LoRA and QLoRA train an f16 model (f32 adapters); load in f32 for the others", config.method.name())));
+        if model.embed.dtype() == crate::DType::F16 && !matches!(config.method, Method::Lora(_) | Method::Qlora(_) | Method::Sparse(_)) {
+            return Err(Error::InvalidArgument(format!("{} fine-tuning in f16 is not wired: LoRA, QLoRA and sparse fine-tuning train an f16 model (f32 adapters or deltas); load in f32 for the others", config.method.name())));
         }
         match &config.method {
             Method::Lora(l) => model.add_lora(l, config.seed)?,
@@ -439,6 +439,7 @@ impl Trainer {
         let dev = self.model.device();
         let mut grads: Vec<Option<Tensor>> = vec![None; self.masters.len()];
         let mut loss_sum = 0.0f64;
+        let mut weight_grads = Vec::new();
         for r in results {
             loss_sum += r.loss.to_scalar()? as f64;
             for (acc, g) in grads.iter_mut().zip(r.grads) {
@@ -449,9 +450,7 @@ impl Trainer {
                     });
                 }
             }
-            // A regrowth window's dense gradients (read back by `piece_grads`) are summed on
-            // the host, where the reselection scores them.
-            add_weight_grads(&mut self.grad_sums, r.weight_grads);
+            weight_grads.push(r.weight_grads);
         }
         let grads: Vec<Tensor> = grads
             .into_iter()
@@ -469,8 +468,17 @@ impl Trainer {
             ls.update(sum_sq.is_finite());
             if !sum_sq.is_finite() {
                 self.step += 1;
+                self.device_reselect()?;
                 return Ok(StepReport { step: self.step, loss: loss_sum as f32, lr, grad_norm: f32::NAN, tokens, epoch: epoch(self.step), skipped: true });
             }
+        }
+        // A regrowth window's dense gradients (read back by `piece_grads`) are summed on the
+        // host, where the reselection scores them; unscaled, and only from steps taken.
+        for mut wg in weight_grads {
+            if scale != 1.0 {
+                wg.iter_mut().flatten().for_each(|g| g.iter_mut().for_each(|v| *v /= scale));
+            }
+            add_weight_grads(&mut self.grad_sums, wg);
         }
         let p = match &mut self.optimizer {
             Optimizer::AdamW(a) => {
@@ -487,15 +495,22 @@ impl Trainer {
         // The kernels clip against the scaled norm, so the bound is scaled too.
         let grad_norm = self.device.as_mut().expect("device state").step(&grads, p, self.config.max_grad_norm * scale)? / scale;
         self.step += 1;
+        self.device_reselect()?;
+        self.install(None)?;
+        Ok(StepReport { step: self.step, loss: loss_sum as f32, lr, grad_norm, tokens, epoch: epoch(self.step), skipped: false })
+    }
+
+    /// Sparse reselection after a device step, when due (every `reselect_every` steps): it runs
+    /// on the host, so the masters and the optimizer's state come back, change their active
+    /// entries, and go up again (then into the model).
+    fn device_reselect(&mut self) -> Result<()> {
         if self.reselect_due() {
-            // Sparse reselection (every `reselect_every` steps) runs on the host: the masters and
-            // the optimizer's state come back, change their active entries, and go up again.
             self.sync_host()?;
             self.maybe_reselect()?;
             self.reset_device_state()?;
+            self.install(None)?;
         }
-        self.install(None)?;
-        Ok(StepReport { step: self.step, loss: loss_sum as f32, lr, grad_norm, tokens, epoch: epoch(self.step), skipped: false })
+        Ok(())
     }
 
     /// Loss and gradients of one shard of micro-batch `k`, on a tape of its own over a copy of
