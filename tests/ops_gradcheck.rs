@@ -371,7 +371,7 @@ proptest! {
         let x = randn(&mut rng, &[m, k]);
         let w = randn(&mut rng, &[n, k]);
         let nnz = ((frac * (n * k) as f64) as usize).max(1);
-        let indices = std::sync::Arc::new(tuna::peft::sparse::random_indices(n * k, nnz, &mut rng));
+        let indices = std::sync::Arc::new(sparse::SparseIndices::new(tuna::peft::sparse::random_indices(n * k, nnz, &mut rng)));
         let delta = randn(&mut rng, &[nnz]);
         let bias = with_bias.then(|| randn(&mut rng, &[n]));
         let bv: Option<Vec<f64>> = bias.as_ref().map(|t| t.to_vec_f32().unwrap().into_iter().map(f64::from).collect());

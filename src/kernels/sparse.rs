@@ -8,8 +8,87 @@
 //! Each costs M·nnz multiply-adds, so with 1% density the delta adds about 1% to the dense
 //! layer; the dense part (`x·Wᵀ`, `dy·W`) runs on the GEMM as for a frozen weight.
 
+use std::sync::{Arc, OnceLock};
+
 use crate::kernels::check_len;
-use crate::{Error, Result};
+use crate::{Device, Error, Result};
+
+/// The active entries of a sparse delta: sorted, distinct flat indices (read as a `[u32]`),
+/// with a copy on the GPU made on first use there and kept while the active set lasts (a
+/// training run's sparse linears read the same indices every forward until a reselection).
+#[derive(Default)]
+pub struct SparseIndices {
+    host: Vec<u32>,
+    device: OnceLock<(Device, Arc<DeviceIndices>)>,
+}
+
+/// A device copy of sparse indices.
+pub(crate) enum DeviceIndices {
+    Wgpu(crate::device::wgpu::PooledBuffer),
+    Cuda(cudarc::driver::CudaSlice<u32>),
+}
+
+impl SparseIndices {
+    pub fn new(host: Vec<u32>) -> Self {
+        SparseIndices { host, device: OnceLock::new() }
+    }
+
+    /// The indices on `t`'s device (a GPU): the cached copy, uploaded on first use there.
+    pub(crate) fn on_device_of(&self, t: &crate::Tensor) -> Result<Arc<DeviceIndices>> {
+        use crate::tensor::Storage;
+        let upload = || -> Result<Arc<DeviceIndices>> {
+            Ok(Arc::new(match t.storage() {
+                Storage::Wgpu { rt, .. } => DeviceIndices::Wgpu(crate::ops::gpu::wgpu_upload(rt, &self.host)),
+                Storage::Cuda { rt, .. } => DeviceIndices::Cuda(crate::ops::cuda::upload(rt, &self.host)?),
+                _ => return Err(Error::Unsupported { op: "sparse indices on a device", device: t.device() }),
+            }))
+        };
+        if let Some((dev, idx)) = self.device.get() {
+            // Another device than the cached one: a copy for this use only.
+            return if *dev == t.device() { Ok(idx.clone()) } else { upload() };
+        }
+        let idx = upload()?;
+        Ok(self.device.get_or_init(|| (t.device(), idx)).1.clone())
+    }
+}
+
+impl std::ops::Deref for SparseIndices {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        &self.host
+    }
+}
+
+impl From<Vec<u32>> for SparseIndices {
+    fn from(host: Vec<u32>) -> Self {
+        SparseIndices::new(host)
+    }
+}
+
+impl FromIterator<u32> for SparseIndices {
+    fn from_iter<I: IntoIterator<Item = u32>>(it: I) -> Self {
+        SparseIndices::new(it.into_iter().collect())
+    }
+}
+
+impl Clone for SparseIndices {
+    /// The host indices (a clone lives on its own; its device copy is made when first needed).
+    fn clone(&self) -> Self {
+        SparseIndices::new(self.host.clone())
+    }
+}
+
+impl PartialEq for SparseIndices {
+    fn eq(&self, other: &Self) -> bool {
+        self.host == other.host
+    }
+}
+
+impl std::fmt::Debug for SparseIndices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(&self.host).finish()
+    }
+}
 
 /// Sizes: x `[m, k]`, dy and y `[m, n]`, W `[n, k]`.
 #[derive(Clone, Copy, Debug)]

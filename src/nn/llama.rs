@@ -31,7 +31,7 @@ pub struct Linear {
 /// Values δ at sorted flat indices of a linear's `[out, in]` weight.
 #[derive(Clone)]
 pub struct SparseDelta {
-    pub indices: std::sync::Arc<Vec<u32>>,
+    pub indices: std::sync::Arc<crate::kernels::sparse::SparseIndices>,
     /// `[nnz]`, f32.
     pub values: Tensor,
 }

@@ -3,10 +3,9 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::kernels::matmul::{cpu as mm, MatmulParams};
-use crate::kernels::sparse::{self, check, cpu, SparseParams};
+use crate::kernels::sparse::{self, check, cpu, DeviceIndices, SparseIndices, SparseParams};
 use crate::ops::{expect_dtype, same_device, saved};
 use crate::tape::record;
-use crate::tensor::Storage;
 use crate::{DType, Device, Error, Result, Tensor};
 
 /// The linear of sparse fine-tuning: `x·(W + scatter(δ))ᵀ (+ bias)`, with δ `[nnz]` the
@@ -15,7 +14,7 @@ use crate::{DType, Device, Error, Result, Tensor};
 /// always). x, W and δ get gradients when tracked: dW (dense, `dyᵀ·x`) only when W itself is
 /// tracked, which the trainer asks for when it scores regrowth by gradients. The bias is
 /// frozen. δ and dδ are f32 on every device; x, W and the bias share the model's dtype.
-pub fn sparse_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, indices: &Arc<Vec<u32>>, delta: &Tensor) -> Result<Tensor> {
+pub fn sparse_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, indices: &Arc<SparseIndices>, delta: &Tensor) -> Result<Tensor> {
     const OP: &str = "sparse_linear";
     // f32 on the CPU, the model's half type on a GPU (f16 on wgpu, bf16 on CUDA).
     let dt = crate::ops::gpu::float_dtype(OP, x)?;
@@ -82,22 +81,6 @@ pub fn sparse_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, indices: &Ar
     })
 }
 
-/// A delta's indices on its device: uploaded once per forward, kept for the backward.
-enum DeviceIndices {
-    Wgpu(crate::device::wgpu::PooledBuffer),
-    Cuda(cudarc::driver::CudaSlice<u32>),
-}
-
-impl DeviceIndices {
-    fn upload(on: &Tensor, indices: &[u32]) -> Result<Self> {
-        Ok(match on.storage() {
-            Storage::Wgpu { rt, .. } => DeviceIndices::Wgpu(crate::ops::gpu::wgpu_upload(rt, indices)),
-            Storage::Cuda { rt, .. } => DeviceIndices::Cuda(crate::ops::cuda::upload(rt, indices)?),
-            _ => return Err(Error::Unsupported { op: "sparse_linear", device: on.device() }),
-        })
-    }
-}
-
 /// `W + scatter(δ)` as a new tensor in W's dtype on W's device (not recorded): a copy of W with
 /// δ added at the indices by `kernels::sparse`'s apply kernel.
 fn with_delta_gpu(w: &Tensor, idx: &DeviceIndices, delta: &Tensor) -> Result<Tensor> {
@@ -146,9 +129,9 @@ fn gather_gpu(g: &Tensor, idx: &DeviceIndices, nnz: usize) -> Result<Tensor> {
 /// The op on wgpu and CUDA: δ folded into a copy of W (recomputed in the backward rather than
 /// kept, so the tape holds no second weight), then the dense linear; the backward runs
 /// `dx = dy·(W + scatter(δ))` and `dW = dyᵀ·x` on the GEMM and gathers dδ from dW.
-fn sparse_linear_gpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, indices: &Arc<Vec<u32>>, delta: &Tensor, p: SparseParams) -> Result<Tensor> {
+fn sparse_linear_gpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, indices: &SparseIndices, delta: &Tensor, p: SparseParams) -> Result<Tensor> {
     const OP: &str = "sparse_linear";
-    let idx = Arc::new(DeviceIndices::upload(x, indices)?);
+    let idx = indices.on_device_of(x)?;
     let (sx, sw, sd) = (saved(x), saved(w), saved(delta));
     let w_eff = with_delta_gpu(&sw, &idx, &sd)?;
     let sb = bias.map(saved);

@@ -20,7 +20,7 @@ pub enum Layout {
     /// A dense tensor seen as `[rows, cols]` (a vector is `[len, 1]`).
     Dense { rows: usize, cols: usize },
     /// The active entries of a `[rows, cols]` matrix, as sorted flat indices.
-    Sparse { rows: usize, cols: usize, indices: Arc<Vec<u32>> },
+    Sparse { rows: usize, cols: usize, indices: Arc<crate::kernels::sparse::SparseIndices> },
 }
 
 impl Layout {

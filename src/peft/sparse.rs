@@ -165,7 +165,7 @@ impl Llama {
             let n = cfg.active(rows, cols);
             let indices = random_indices(rows * cols, n, &mut rng);
             let values = Tensor::zeros([n], DType::F32, &device)?;
-            lin.sparse = Some(SparseDelta { indices: Arc::new(indices), values });
+            lin.sparse = Some(SparseDelta { indices: Arc::new(indices.into()), values });
         }
         Ok(())
     }
@@ -229,7 +229,7 @@ pub fn load_deltas(model: &mut Llama, path: &Path) -> Result<usize> {
         let indices: Vec<u32> = idx.to_vec::<i32>()?.into_iter().map(|i| i as u32).collect();
         crate::kernels::sparse::check_indices("load_deltas", &indices, rows, cols).map_err(|e| Error::file(&file, format!("`{ki}`: {e}")))?;
         let values = w.load_f32(&kv, &[indices.len()])?.to_device(&device)?;
-        lin.sparse = Some(SparseDelta { indices: Arc::new(indices), values });
+        lin.sparse = Some(SparseDelta { indices: Arc::new(indices.into()), values });
         attached += 1;
     }
     if attached == 0 {

@@ -87,7 +87,7 @@ pub fn check_sparse_linear(dev: Device, dtype: DType, c: SparseCase, seed: u64) 
         let wt = if weight_grad { tape.param(&wt) } else { wt };
         let bt = if bias { Some(on(&b, vec![n], dtype)?) } else { None };
         let dt = tape.param(&on(&delta, vec![indices.len()], DType::F32)?);
-        let y = ops::sparse_linear(&xt, &wt, bt.as_ref(), &Arc::new(indices.clone()), &dt)?;
+        let y = ops::sparse_linear(&xt, &wt, bt.as_ref(), &Arc::new(indices.clone().into()), &dt)?;
         let seed = on(&dy, vec![batch, m / batch, n], dtype)?;
         let g = tape.backward_from(&y, &seed)?;
         let grad = |t: &Tensor, name: &str| -> crate::Result<Vec<f32>> {

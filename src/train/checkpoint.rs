@@ -93,7 +93,7 @@ impl Trainer {
                 }
                 let idx: Vec<u32> = t.to_vec::<i32>()?.into_iter().map(|i| i as u32).collect();
                 crate::kernels::sparse::check_indices("checkpoint", &idx, *rows, *cols).map_err(|e| Error::file(dir.join("params.safetensors"), format!("`{key}`: {e}")))?;
-                *indices = std::sync::Arc::new(idx);
+                *indices = std::sync::Arc::new(idx.into());
             }
         }
         let mut masters = Vec::new();

@@ -584,7 +584,7 @@ impl Trainer {
             }
             self.masters[i] = values;
             self.optimizer.remap(i, &sel.moves, sel.indices.len());
-            self.layouts[i] = Layout::Sparse { rows, cols, indices: Arc::new(sel.indices) };
+            self.layouts[i] = Layout::Sparse { rows, cols, indices: Arc::new(sel.indices.into()) };
         }
         Ok(())
     }
