@@ -94,7 +94,7 @@ fn checkpointed_layers_give_the_same_gradients() {
         let mut plain_by_case = Vec::new();
         for (case, model) in cases {
             let what = case.what;
-            let model = model.to_device(&dev).unwrap();
+            let model = common::model_on(model, &dev);
             let (plain, plain_len) = grads(&model, case, false);
             let (ckpt, ckpt_len) = grads(&model, case, true);
             assert_eq!(plain.len(), ckpt.len());
@@ -132,7 +132,7 @@ fn same_run(dev: &Device, config: &TrainConfig, data: &[Sequence], what: &str) {
 /// Losses of every step and the trained masters (copied back from the device).
 fn run(dev: &Device, config: &TrainConfig, data: &[Sequence], checkpoint_layers: bool) -> (Vec<f32>, Vec<Vec<f32>>) {
     let c = TrainConfig { checkpoint_layers, ..config.clone() };
-    let model = Llama::load(&fixture("llama-gqa")).unwrap().to_device(dev).unwrap();
+    let model = common::model_on(&Llama::load(&fixture("llama-gqa")).unwrap(), dev);
     let mut t = Trainer::new(model, c, data.to_vec(), 0).unwrap();
     let losses: Vec<f32> = (0..t.total_steps()).map(|_| t.train_step().unwrap().loss).collect();
     t.sync_host().unwrap();

@@ -196,7 +196,7 @@ fn sparse_resume_is_exact_across_reselections() {
     for dev in common::devices() {
         for (method, optimizer, stop) in [(sparse(Regrow::Sm3, 2), sm3(), 3), (sparse(Regrow::Grad, 3), OptimizerConfig::AdamW(Default::default()), 2)] {
             let c = TrainConfig { optimizer, ..cfg(method, 4, 1) };
-            let model = || base().to_device(&dev).unwrap();
+            let model = || common::model_on(&base(), &dev);
             let mut full = Trainer::new(model(), c.clone(), data(24, 1), 0).unwrap();
             let total = full.total_steps();
             let start = full.layouts.clone();

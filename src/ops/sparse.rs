@@ -105,6 +105,37 @@ fn with_delta_gpu(w: &Tensor, idx: &DeviceIndices, delta: &Tensor) -> Result<Ten
     }
 }
 
+/// `dW = dyᵀ·x` `[N, K]` in f32 from half (or f32) dy `[M, N]` and x `[M, K]`: f32 so that dδ
+/// gathered from it carries no extra rounding, and a loss-scaled f16 backward cannot overflow
+/// in it (it sums over every token).
+fn dense_dw_f32(dy: &Tensor, x: &Tensor, p: SparseParams) -> Result<Tensor> {
+    const OP: &str = "sparse_linear (dW)";
+    match dy.device() {
+        Device::Wgpu(_) => {
+            use crate::kernels::lora::wgsl as gemm;
+            use crate::ops::gpu::{wgpu_buf, wgpu_output, wgpu_precision};
+            let pr = wgpu_precision(dy.dtype()).ok_or(Error::UnsupportedDType { op: OP, dtype: dy.dtype() })?;
+            let (rt, db) = wgpu_buf(dy);
+            let out = wgpu_output(rt, [p.n, p.k], DType::F32);
+            gemm::matmul_f32_out(&rt.device, &rt.queue, &rt.kernels, (db, gemm::transposed(p.n)), (wgpu_buf(x).1, gemm::plain(p.k)), wgpu_buf(&out).1, (p.n, p.k, p.m), pr)?;
+            Ok(out)
+        }
+        Device::Cuda(_) => {
+            use crate::kernels::lora::cuda::{matmul, GemmOut};
+            use crate::ops::cuda::{cuda_buf, half, transposed, view, CudaOut};
+            let hdt = half(OP, dy.dtype())?;
+            let rt = cuda_buf(dy).0;
+            // The GEMM reads its A along rows: dyᵀ `[N, M]` first.
+            let dyt = transposed(dy)?;
+            // Accumulated into zeros (the f32 epilogue adds).
+            let mut out = CudaOut::new(rt, [p.n, p.k], DType::F32)?;
+            matmul(&rt.stream, &rt.modules, hdt, (&view(&dyt), p.m), (&view(x), p.k), GemmOut::AddF32(&mut out.view_mut()), (p.n, p.k, p.m), true)?;
+            Ok(out.tensor())
+        }
+        d => Err(Error::Unsupported { op: OP, device: d }),
+    }
+}
+
 /// `g[indices]` as f32 `[nnz]`, g the dense `[N, K]` gradient on its device.
 fn gather_gpu(g: &Tensor, idx: &DeviceIndices, nnz: usize) -> Result<Tensor> {
     match idx {
@@ -128,7 +159,7 @@ fn gather_gpu(g: &Tensor, idx: &DeviceIndices, nnz: usize) -> Result<Tensor> {
 
 /// The op on wgpu and CUDA: δ folded into a copy of W (recomputed in the backward rather than
 /// kept, so the tape holds no second weight), then the dense linear; the backward runs
-/// `dx = dy·(W + scatter(δ))` and `dW = dyᵀ·x` on the GEMM and gathers dδ from dW.
+/// `dx = dy·(W + scatter(δ))` and `dW = dyᵀ·x` (in f32) on the GEMM and gathers dδ from dW.
 fn sparse_linear_gpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, indices: &SparseIndices, delta: &Tensor, p: SparseParams) -> Result<Tensor> {
     const OP: &str = "sparse_linear";
     let idx = indices.on_device_of(x)?;
@@ -147,11 +178,12 @@ fn sparse_linear_gpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, indices: &Sp
         } else {
             None
         };
-        let dw = if needs[1] || needs[2] { Some(crate::ops::matmul(&g2, &crate::ops::reshape(&sx, [p.m, p.k])?, true, false)?) } else { None };
+        let dw = if needs[1] || needs[2] { Some(dense_dw_f32(&g2, &crate::ops::reshape(&sx, [p.m, p.k])?, p)?) } else { None };
         let dd = match (&dw, needs[2]) {
             (Some(dw), true) => Some(gather_gpu(dw, &idx, nnz)?),
             _ => None,
         };
-        Ok(vec![dx, if needs[1] { dw } else { None }, dd])
+        let dw = if needs[1] { dw.map(|d| d.to_dtype(sw.dtype())).transpose()? } else { None };
+        Ok(vec![dx, dw, dd])
     })
 }

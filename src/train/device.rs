@@ -20,12 +20,71 @@ pub(crate) enum HostOptState {
     Sm3(Vec<Sm3State>),
 }
 
-/// The optimizer's state on the device, one entry per trained tensor.
-enum State {
-    AdamW { m: Vec<Tensor>, v: Vec<Tensor> },
-    /// Accumulators r `[rows]`, c `[cols]` of each tensor seen as `[rows, cols]` (the kernel
-    /// writes the new ones into `r_next`, `c_next`, then the pairs swap), and momentum.
-    Sm3 { dims: Vec<(usize, usize)>, r: Vec<Tensor>, c: Vec<Tensor>, r_next: Vec<Tensor>, c_next: Vec<Tensor>, momentum: Option<Vec<Tensor>> },
+/// The optimizer's state on a device, one entry per trained tensor, in buffers of type `B`
+/// (wgpu tensors, CUDA slices).
+pub(crate) enum State<B> {
+    AdamW { m: Vec<B>, v: Vec<B> },
+    /// Accumulators r `[rows]`, c `[cols]` of each tensor seen as `[rows, cols]` (the dense
+    /// kernel writes the new ones into `r_next`, `c_next`, then the pairs swap; the sparse
+    /// kernel updates r and c in place), and momentum.
+    Sm3 { dims: Vec<(usize, usize)>, r: Vec<B>, c: Vec<B>, r_next: Vec<B>, c_next: Vec<B>, momentum: Option<Vec<B>> },
+}
+
+impl<B> State<B> {
+    /// The host state uploaded with `up` (AdamW's moments before the first step: zeros, made by
+    /// `zeros(n)`), for tensors of `sizes` elements seen as `dims` matrices.
+    pub fn upload(host: &HostOptState, sizes: &[usize], dims: &[(usize, usize)], up: impl Fn(&[f32]) -> Result<B>, zeros: impl Fn(usize) -> Result<B>) -> Result<Self> {
+        Ok(match host {
+            HostOptState::AdamW(state) => {
+                let (mut m, mut v) = (Vec::new(), Vec::new());
+                for (i, &n) in sizes.iter().enumerate() {
+                    match state.get(i) {
+                        Some((sm, sv)) => {
+                            m.push(up(sm)?);
+                            v.push(up(sv)?);
+                        }
+                        None => {
+                            m.push(zeros(n)?);
+                            v.push(zeros(n)?);
+                        }
+                    }
+                }
+                State::AdamW { m, v }
+            }
+            HostOptState::Sm3(state) => {
+                if state.len() != sizes.len() || dims.len() != sizes.len() {
+                    return Err(Error::InvalidArgument(format!("device SM3: state for {} tensors, {} trained", state.len(), sizes.len())));
+                }
+                let (mut r, mut c, mut r_next, mut c_next) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                let mut momentum = state.iter().all(|s| s.momentum.is_some()).then(Vec::new);
+                for (s, &(rows, cols)) in state.iter().zip(dims) {
+                    r.push(up(&s.r)?);
+                    c.push(up(&s.c)?);
+                    r_next.push(zeros(rows)?);
+                    c_next.push(zeros(cols)?);
+                    if let (Some(ms), Some(m)) = (momentum.as_mut(), &s.momentum) {
+                        ms.push(up(m)?);
+                    }
+                }
+                State::Sm3 { dims: dims.to_vec(), r, c, r_next, c_next, momentum }
+            }
+        })
+    }
+
+    /// The state copied to the host with `down(buffer, elements)`.
+    pub fn download(&self, sizes: &[usize], down: impl Fn(&B, usize) -> Result<Vec<f32>>) -> Result<HostOptState> {
+        Ok(match self {
+            State::AdamW { m, v } => HostOptState::AdamW((0..m.len()).map(|i| Ok((down(&m[i], sizes[i])?, down(&v[i], sizes[i])?))).collect::<Result<_>>()?),
+            State::Sm3 { dims, r, c, momentum, .. } => HostOptState::Sm3(
+                (0..r.len())
+                    .map(|i| {
+                        let (rows, cols) = dims[i];
+                        Ok(Sm3State { r: down(&r[i], rows)?, c: down(&c[i], cols)?, momentum: momentum.as_ref().map(|ms| down(&ms[i], sizes[i])).transpose()? })
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+        })
+    }
 }
 
 /// One optimizer step's hyper-parameters (the clip factor comes from the device norm).
@@ -111,7 +170,7 @@ pub(crate) struct WgpuOptimizer {
     pub params: Vec<Tensor>,
     /// The active indices (i32) of each sparse tensor, None for a dense one.
     indices: Vec<Option<Tensor>>,
-    state: State,
+    state: State<Tensor>,
     sum_sq: Tensor,
 }
 
@@ -119,44 +178,11 @@ impl WgpuOptimizer {
     /// Uploads the masters and the optimizer state. `dims` gives each tensor's `[rows, cols]`
     /// matrix for SM3, `indices` the active entries of the sparse ones.
     pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], indices: Vec<Option<Tensor>>, host: &HostOptState, dev: Device) -> Result<Self> {
-        let up = |v: &[f32], s: &[usize]| Tensor::from_vec(v.to_vec(), s.to_vec())?.to_device(&dev);
-        let zeros = |s: &[usize]| Tensor::zeros(s.to_vec(), DType::F32, &dev);
-        let params = masters.iter().zip(shapes).map(|(m, s)| up(m, s)).collect::<Result<Vec<_>>>()?;
-        let state = match host {
-            HostOptState::AdamW(state) => {
-                let (mut m, mut v) = (Vec::new(), Vec::new());
-                for (i, s) in shapes.iter().enumerate() {
-                    match state.get(i) {
-                        Some((sm, sv)) => {
-                            m.push(up(sm, s)?);
-                            v.push(up(sv, s)?);
-                        }
-                        None => {
-                            m.push(zeros(s)?);
-                            v.push(zeros(s)?);
-                        }
-                    }
-                }
-                State::AdamW { m, v }
-            }
-            HostOptState::Sm3(state) => {
-                if state.len() != shapes.len() || dims.len() != shapes.len() {
-                    return Err(Error::InvalidArgument(format!("device SM3: state for {} tensors, {} shapes", state.len(), shapes.len())));
-                }
-                let (mut r, mut c, mut r_next, mut c_next) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                let mut momentum = state.iter().all(|s| s.momentum.is_some()).then(Vec::new);
-                for (s, (&(rows, cols), shape)) in state.iter().zip(dims.iter().zip(shapes)) {
-                    r.push(up(&s.r, &[rows])?);
-                    c.push(up(&s.c, &[cols])?);
-                    r_next.push(zeros(&[rows])?);
-                    c_next.push(zeros(&[cols])?);
-                    if let (Some(ms), Some(m)) = (momentum.as_mut(), &s.momentum) {
-                        ms.push(up(m, shape)?);
-                    }
-                }
-                State::Sm3 { dims: dims.to_vec(), r, c, r_next, c_next, momentum }
-            }
-        };
+        let params = masters.iter().zip(shapes).map(|(m, s)| Tensor::from_vec(m.clone(), s.clone())?.to_device(&dev)).collect::<Result<Vec<_>>>()?;
+        // The state's tensors are flat: the kernels see buffers.
+        let sizes: Vec<usize> = masters.iter().map(Vec::len).collect();
+        let up = |v: &[f32]| Tensor::from_vec(v.to_vec(), [v.len()])?.to_device(&dev);
+        let state = State::upload(host, &sizes, dims, up, |n| Tensor::zeros([n], DType::F32, &dev))?;
         let sum_sq = Tensor::zeros([1], DType::F32, &dev)?;
         Ok(WgpuOptimizer { params, indices, state, sum_sq })
     }
@@ -208,15 +234,9 @@ impl WgpuOptimizer {
 
     /// The masters and the optimizer state, copied to the host.
     pub fn download(&self) -> Result<(Vec<Vec<f32>>, HostOptState)> {
-        let masters = self.params.iter().map(|t| t.to_vec_f32()).collect::<Result<_>>()?;
-        let state = match &self.state {
-            State::AdamW { m, v } => HostOptState::AdamW(m.iter().zip(v).map(|(m, v)| Ok((m.to_vec_f32()?, v.to_vec_f32()?))).collect::<Result<_>>()?),
-            State::Sm3 { r, c, momentum, .. } => HostOptState::Sm3(
-                (0..r.len())
-                    .map(|i| Ok(Sm3State { r: r[i].to_vec_f32()?, c: c[i].to_vec_f32()?, momentum: momentum.as_ref().map(|m| m[i].to_vec_f32()).transpose()? }))
-                    .collect::<Result<_>>()?,
-            ),
-        };
+        let masters: Vec<Vec<f32>> = self.params.iter().map(|t| t.to_vec_f32()).collect::<Result<_>>()?;
+        let sizes: Vec<usize> = masters.iter().map(Vec::len).collect();
+        let state = self.state.download(&sizes, |t, _| t.to_vec_f32())?;
         Ok((masters, state))
     }
 }

@@ -13,21 +13,12 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
-use super::device::{HostOptState, StepParams};
+use super::device::{HostOptState, State, StepParams};
 use crate::device::cuda::CudaRuntime;
 use crate::kernels::optim::cuda::{adamw, sm3, sm3_sparse, sum_squares, DeviceClip};
 use crate::ops::cuda::view;
-use crate::optim::Sm3State;
 use crate::tensor::Storage;
 use crate::{DType, Device, Error, Result, Tensor};
-
-/// The optimizer's state on the device, one entry per trained tensor.
-enum State {
-    AdamW { m: Vec<CudaSlice<f32>>, v: Vec<CudaSlice<f32>> },
-    /// Accumulators of each tensor seen as `[rows, cols]` (the kernel writes the new ones into
-    /// `r_next`, `c_next`, then the pairs swap), and momentum.
-    Sm3 { dims: Vec<(usize, usize)>, r: Vec<CudaSlice<f32>>, c: Vec<CudaSlice<f32>>, r_next: Vec<CudaSlice<f32>>, c_next: Vec<CudaSlice<f32>>, momentum: Option<Vec<CudaSlice<f32>>> },
-}
 
 pub(crate) struct CudaOptimizer {
     rt: Arc<CudaRuntime>,
@@ -36,7 +27,7 @@ pub(crate) struct CudaOptimizer {
     masters: Vec<CudaSlice<u8>>,
     /// The active indices (i32) of each sparse tensor (f32 parameters), None for a dense one.
     indices: Vec<Option<Tensor>>,
-    state: State,
+    state: State<CudaSlice<f32>>,
     sum_sq: CudaSlice<f64>,
     /// The masters as the model reads them, in `param_dtype` (f32 or bf16).
     pub params: Vec<Tensor>,
@@ -54,41 +45,8 @@ impl CudaOptimizer {
         let rt = crate::device::cuda::runtime(ordinal)?;
         let up = |v: &[f32]| crate::ops::cuda::upload(&rt, v);
         let zeros = |n: usize| rt.stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| Error::cuda("allocating optimizer state", e));
-        let state = match host {
-            HostOptState::AdamW(state) => {
-                let (mut m, mut v) = (Vec::new(), Vec::new());
-                for (i, w) in masters.iter().enumerate() {
-                    match state.get(i) {
-                        Some((sm, sv)) => {
-                            m.push(up(sm)?);
-                            v.push(up(sv)?);
-                        }
-                        None => {
-                            m.push(zeros(w.len())?);
-                            v.push(zeros(w.len())?);
-                        }
-                    }
-                }
-                State::AdamW { m, v }
-            }
-            HostOptState::Sm3(state) => {
-                if state.len() != masters.len() || dims.len() != masters.len() {
-                    return Err(Error::InvalidArgument(format!("device SM3 (cuda): state for {} tensors, {} masters", state.len(), masters.len())));
-                }
-                let (mut r, mut c, mut r_next, mut c_next) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                let mut momentum = state.iter().all(|s| s.momentum.is_some()).then(Vec::new);
-                for (s, &(rows, cols)) in state.iter().zip(dims) {
-                    r.push(up(&s.r)?);
-                    c.push(up(&s.c)?);
-                    r_next.push(zeros(rows)?);
-                    c_next.push(zeros(cols)?);
-                    if let (Some(ms), Some(m)) = (momentum.as_mut(), &s.momentum) {
-                        ms.push(up(m)?);
-                    }
-                }
-                State::Sm3 { dims: dims.to_vec(), r, c, r_next, c_next, momentum }
-            }
-        };
+        let sizes: Vec<usize> = masters.iter().map(Vec::len).collect();
+        let state = State::upload(host, &sizes, dims, up, zeros)?;
         let sum_sq = rt.stream.alloc_zeros::<f64>(1).map_err(|e| Error::cuda("allocating the norm", e))?;
         let masters = masters.iter().map(|w| rt.upload(bytemuck::cast_slice(w))).collect::<Result<_>>()?;
         let mut s = CudaOptimizer { rt, shapes: shapes.to_vec(), masters, indices, state, sum_sq, params: Vec::new(), param_dtype };
@@ -221,17 +179,7 @@ impl CudaOptimizer {
             masters.push(bytemuck::pod_collect_to_vec(&self.rt.download(&self.masters[i], 4 * n)?));
         }
         let sizes: Vec<usize> = self.shapes.iter().map(|s| s.iter().product()).collect();
-        let state = match &self.state {
-            State::AdamW { m, v } => HostOptState::AdamW((0..m.len()).map(|i| Ok((dtoh(&m[i], sizes[i])?, dtoh(&v[i], sizes[i])?))).collect::<Result<_>>()?),
-            State::Sm3 { dims, r, c, momentum, .. } => HostOptState::Sm3(
-                (0..r.len())
-                    .map(|i| {
-                        let (rows, cols) = dims[i];
-                        Ok(Sm3State { r: dtoh(&r[i], rows)?, c: dtoh(&c[i], cols)?, momentum: momentum.as_ref().map(|ms| dtoh(&ms[i], sizes[i])).transpose()? })
-                    })
-                    .collect::<Result<_>>()?,
-            ),
-        };
+        let state = self.state.download(&sizes, dtoh)?;
         Ok((masters, state))
     }
 }

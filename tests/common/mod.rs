@@ -29,6 +29,17 @@ pub fn devices() -> Vec<Device> {
     devs
 }
 
+/// `model` on `dev` as it trains there: in bf16 on CUDA (whose GEMMs are 16-bit), as it is
+/// elsewhere.
+pub fn model_on(model: &tuna::nn::Llama, dev: &Device) -> tuna::nn::Llama {
+    let m = model.to_device(dev).unwrap_or_else(|e| panic!("moving the model to {dev}: {e}"));
+    if matches!(dev, Device::Cuda(_)) {
+        m.to_dtype(tuna::DType::BF16).unwrap_or_else(|e| panic!("the model in bf16 on {dev}: {e}"))
+    } else {
+        m
+    }
+}
+
 /// Whether `dev` is a wgpu adapter with SHADER_F16 (where the f16 WGSL kernels run).
 pub fn has_f16(dev: Device) -> bool {
     matches!(dev, Device::Wgpu(i) if tuna::device::wgpu::runtime(i).is_ok_and(|rt| rt.has_f16()))

@@ -341,17 +341,50 @@ pub fn matmul(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
     kernels: &KernelCache,
+    a: (&wgpu::Buffer, [u32; 2]),
+    b: (&wgpu::Buffer, [u32; 2]),
+    c: &wgpu::Buffer,
+    mnk: (usize, usize, usize),
+    precision: Precision,
+) -> Result<()> {
+    matmul_as(device, queue, kernels, a, b, c, mnk, precision, false)
+}
+
+/// [`matmul`] with `c` in f32 whatever `precision` the operands have (a gradient kept in f32:
+/// sparse fine-tuning's dW, from which dδ is gathered).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_f32_out(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    kernels: &KernelCache,
+    a: (&wgpu::Buffer, [u32; 2]),
+    b: (&wgpu::Buffer, [u32; 2]),
+    c: &wgpu::Buffer,
+    mnk: (usize, usize, usize),
+    precision: Precision,
+) -> Result<()> {
+    matmul_as(device, queue, kernels, a, b, c, mnk, precision, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn matmul_as(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    kernels: &KernelCache,
     (a, sa): (&wgpu::Buffer, [u32; 2]),
     (b, sb): (&wgpu::Buffer, [u32; 2]),
     c: &wgpu::Buffer,
     (m, n, k): (usize, usize, usize),
     precision: Precision,
+    f32_out: bool,
 ) -> Result<()> {
     let op = "matmul (wgsl)";
     precision.check(device, op)?;
-    check_elems(op, precision.bytes(), &[("a", a, m * k), ("b", b, k * n), ("c", c, m * n)])?;
+    check_elems(op, precision.bytes(), &[("a", a, m * k), ("b", b, k * n)])?;
+    check_elems(op, if f32_out { 4 } else { precision.bytes() }, &[("c", c, m * n)])?;
+    let types = if f32_out { to_f32(precision) } else { same(precision) };
     let mut enc = device.create_command_encoder(&Default::default());
-    product_flags(device, kernels, &mut enc, (a, sa), (b, sb), c, (m, n, k), 1.0, same(precision), 0)?;
+    product_flags(device, kernels, &mut enc, (a, sa), (b, sb), c, (m, n, k), 1.0, types, 0)?;
     queue.submit([enc.finish()]);
     Ok(())
 }
