@@ -363,6 +363,11 @@ impl Trainer {
     /// One optimizer step over `grad_accum` micro-batches. The loss is the mean over all their
     /// target tokens, so accumulation gives the gradient of one big batch.
     pub fn train_step(&mut self) -> Result<StepReport> {
+        if self.device.is_none() && self.model.device() != crate::Device::Cpu {
+            // Only after a failed upload (`reset_device_state`): the host path would train
+            // stale masters.
+            return Err(Error::InvalidArgument(format!("the training state is not on {} (its upload failed); resume from a checkpoint", self.model.device())));
+        }
         let accum = self.config.grad_accum;
         let first = self.step * accum;
         // (micro-batch index, shard index, batch): CPU micro-batches split into row shards.
