@@ -5,7 +5,9 @@
 //! buffers for the whole run. A step's gradients stay on the device, their global norm is
 //! reduced there and the clip factor computed inside the optimizer kernel, so the host reads
 //! back only the loss and the squared norm (one float). The host copies (the trainer's
-//! `masters`, the optimizer's state) are refreshed when read: checkpoints, tests.
+//! `masters`, the optimizer's state) are refreshed when read: checkpoints, tests, and sparse
+//! fine-tuning's reselections (which change the active entries on the host, then upload the
+//! state again). Sparse deltas keep their active indices on the device for SM3's sparse kernel.
 
 use crate::kernels::optim::wgsl::{adamw, sm3, sm3_sparse, sum_squares, DeviceClip};
 use crate::kernels::optim::{AdamWParams, Sm3Params};
