@@ -162,9 +162,9 @@ fn trainer_losses_are_unchanged_by_checkpointing() {
     assert!(rows.len() < data().len());
     let c = TrainConfig { batch_size: 2, ..cfg(lora.clone()) };
     same_run(&Device::Cpu, &c, &rows, "lora on packed rows");
-    // The other devices train LoRA (with dropout) and full tuning.
+    // The other devices train LoRA (with dropout), full tuning and sparse with gradient regrowth.
     for dev in common::devices().into_iter().filter(|d| !matches!(d, Device::Cpu)) {
-        for c in [cfg(lora.clone()), cfg(Method::Full)] {
+        for c in [cfg(lora.clone()), cfg(Method::Full), cfg(sparse(Regrow::Grad))] {
             same_run(&dev, &c, &data(), c.method.name());
         }
     }
