@@ -53,14 +53,15 @@ fi
 # GPU's driver is present.
 if [ -n "${TUNA_BIN:-}" ]; then
   echo
-  # LoRA, QLoRA, and sparse fine-tuning of 1% of every decoder linear (SM3; no PyTorch peer).
-  for method in "" --qlora "--sparse 0.01"; do
-    for shape in "4 2048" "8 512"; do
-      set -- $shape
-      echo "tuna bench-step --device cuda --preset llama1b --batch $1 --seq $2 $method"
-      "$TUNA_BIN" bench-step --device cuda --preset llama1b --batch "$1" --seq "$2" --steps 3 --warmup 1 --profile $method \
-        | tee -a "$out/e2e-tuna-cuda.jsonl" || echo "tuna e2e on cuda failed for $1 x $2 $method"
-    done
+  # LoRA and QLoRA at both shapes; sparse fine-tuning of 1% of every decoder linear (SM3; no
+  # PyTorch peer) at 4 x 2048 only.
+  for row in "4 2048" "8 512" "4 2048 --qlora" "8 512 --qlora" "4 2048 --sparse 0.01"; do
+    set -- $row
+    b=$1 s=$2
+    shift 2
+    echo "tuna bench-step --device cuda --preset llama1b --batch $b --seq $s $*"
+    "$TUNA_BIN" bench-step --device cuda --preset llama1b --batch "$b" --seq "$s" --steps 3 --warmup 1 --profile "$@" \
+      | tee -a "$out/e2e-tuna-cuda.jsonl" || echo "tuna e2e on cuda failed for $b x $s $*"
   done
   # The LoRA row again with the pipelined attention forward (the model's default is the first).
   echo "TUNA_FA_FORWARD=pipelined tuna bench-step --device cuda --preset llama1b --batch 4 --seq 2048"
