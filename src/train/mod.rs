@@ -12,16 +12,16 @@ pub mod checkpoint;
 pub mod data;
 mod device;
 mod device_cuda;
+mod regrow;
 pub mod plot;
 pub mod run;
 
 use crate::nn::Llama;
-use std::sync::Arc;
 
 use crate::kernels::optim::{clip_scale, cpu::sum_squares};
 use crate::nn::llama::SparseDelta;
 use crate::optim::{Layout, Optimizer, OptimizerConfig, Schedule, ScheduleKind};
-use crate::peft::sparse::{reselect, Regrow};
+use crate::peft::sparse::Regrow;
 use crate::peft::{LoraConfig, SparseConfig};
 use crate::{ops, Error, Result, Tape, Tensor};
 use data::{epoch_order, make_batch, Sequence};
@@ -145,7 +145,7 @@ struct PieceGrads {
     loss: Tensor,
     /// Where the model is (downloaded when the optimizer runs on the host).
     grads: Vec<Option<Tensor>>,
-    weight_grads: Vec<Option<Vec<f32>>>,
+    weight_grads: Vec<Option<Tensor>>,
 }
 
 /// What one optimizer step did.
@@ -177,8 +177,8 @@ pub struct Trainer {
     device: Option<device::DeviceOptimizer>,
     pub optimizer: Optimizer,
     /// Sparse fine-tuning with gradient regrowth: the dense gradient of each target matrix
-    /// summed over the current window (None outside windows).
-    grad_sums: Option<Vec<Vec<f32>>>,
+    /// summed over the current window (None outside windows), where the model is.
+    grad_sums: Option<regrow::GradSums>,
     /// Optimizer steps taken.
     pub step: usize,
     /// The loss scale of an f16 model (None for f32 and bf16 models).
@@ -257,6 +257,9 @@ impl Trainer {
     /// Refreshes the host copies (`masters`, the optimizer's state) from the device, when the
     /// training state lives there; a no-op on the CPU.
     pub fn sync_host(&mut self) -> Result<()> {
+        if let Some(sums) = &mut self.grad_sums {
+            sums.move_to_host()?;
+        }
         if let Some(d) = &self.device {
             let (masters, state) = d.download()?;
             self.masters = masters;
@@ -383,7 +386,7 @@ impl Trainer {
         let total_targets: usize = pieces.iter().map(|p| p.2.targets).sum::<usize>().max(1);
         let window = self.in_grad_window();
         if window && self.grad_sums.is_none() {
-            self.grad_sums = Some(self.layouts.iter().map(|l| vec![0.0; l.matrix().0 * l.matrix().1]).collect());
+            self.grad_sums = Some(regrow::GradSums::zeros(&self.layouts, self.device.is_some().then(|| self.model.device()))?);
         }
         // The shards of a micro-batch run side by side; micro-batches run one after another
         // (accumulation bounds memory).
@@ -418,7 +421,9 @@ impl Trainer {
                     acc.iter_mut().zip(g.to_vec_f32()?).for_each(|(a, v)| *a += v);
                 }
             }
-            add_weight_grads(&mut self.grad_sums, r.weight_grads);
+            if let Some(sums) = &mut self.grad_sums {
+                sums.add(&r.weight_grads, 1.0)?;
+            }
         }
         let refs: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
         let sum_sq = sum_squares(&refs);
@@ -477,13 +482,12 @@ impl Trainer {
                 return Ok(StepReport { step: self.step, loss: loss_sum as f32, lr, grad_norm: f32::NAN, tokens, epoch: epoch(self.step), skipped: true });
             }
         }
-        // A regrowth window's dense gradients (read back by `piece_grads`) are summed on the
-        // host, where the reselection scores them; unscaled, and only from steps taken.
-        for mut wg in weight_grads {
-            if scale != 1.0 {
-                wg.iter_mut().flatten().for_each(|g| g.iter_mut().for_each(|v| *v /= scale));
+        // A regrowth window's dense gradients are summed on the device (in f32, unscaled, and
+        // only from steps taken); the reselection reads them back.
+        if let Some(sums) = &mut self.grad_sums {
+            for wg in &weight_grads {
+                sums.add(wg, 1.0 / scale)?;
             }
-            add_weight_grads(&mut self.grad_sums, wg);
         }
         let p = match &mut self.optimizer {
             Optimizer::AdamW(a) => {
@@ -503,19 +507,6 @@ impl Trainer {
         self.device_reselect()?;
         self.install(None)?;
         Ok(StepReport { step: self.step, loss: loss_sum as f32, lr, grad_norm, tokens, epoch: epoch(self.step), skipped: false })
-    }
-
-    /// Sparse reselection after a device step, when due (every `reselect_every` steps): it runs
-    /// on the host, so the masters and the optimizer's state come back, change their active
-    /// entries, and go up again (then into the model).
-    fn device_reselect(&mut self) -> Result<()> {
-        if self.reselect_due() {
-            self.sync_host()?;
-            self.maybe_reselect()?;
-            self.reset_device_state()?;
-            self.install(None)?;
-        }
-        Ok(())
     }
 
     /// Loss and gradients of one shard of micro-batch `k`, on a tape of its own over a copy of
@@ -549,64 +540,8 @@ impl Trainer {
             Some(ls) => tape.backward_from(&loss, &Tensor::full(ls.scale, loss.shape().clone(), &loss.device())?)?,
             None => tape.backward(&loss)?,
         };
-        let weight_grads = weights.iter().map(|p| g.get(p).map(|g| g.to_vec_f32()).transpose()).collect::<Result<_>>()?;
+        let weight_grads = weights.iter().map(|p| g.get(p).cloned()).collect();
         Ok(PieceGrads { loss, grads: params.iter().map(|p| g.get(p).cloned()).collect(), weight_grads })
-    }
-
-    /// Sparse fine-tuning: whether the step about to run sums dense gradients for regrowth.
-    fn in_grad_window(&self) -> bool {
-        let Method::Sparse(s) = &self.config.method else { return false };
-        if s.regrow != Regrow::Grad || s.reselect_every == 0 {
-            return false;
-        }
-        let left = s.reselect_every - self.step % s.reselect_every;
-        left <= s.grad_window.max(1) && self.step + left < self.total_steps()
-    }
-
-    /// Sparse fine-tuning: after every `reselect_every` steps (but not at the end), drop the
-    /// smallest deltas and grow the best-scoring inactive entries.
-    fn maybe_reselect(&mut self) -> Result<()> {
-        let Method::Sparse(s) = &self.config.method else { return Ok(()) };
-        if !self.reselect_due() {
-            return Ok(());
-        }
-        let sums = self.grad_sums.take();
-        for i in 0..self.layouts.len() {
-            let Layout::Sparse { rows, cols, indices } = &self.layouts[i] else { continue };
-            let (rows, cols) = (*rows, *cols);
-            let n = s.changes(indices.len(), self.step, self.total_steps());
-            let sel = match (s.regrow, &self.optimizer, &sums) {
-                (Regrow::Sm3, Optimizer::Sm3(o), _) => {
-                    let (r, c) = (&o.state[i].r, &o.state[i].c);
-                    reselect(indices, &self.masters[i], rows * cols, n, |e| r[e as usize / cols] * c[e as usize % cols])
-                }
-                (Regrow::Grad, _, Some(sums)) => reselect(indices, &self.masters[i], rows * cols, n, |e| sums[i][e as usize].abs()),
-                _ => return Err(Error::InvalidArgument("sparse regrowth: no scores (SM3 regrowth needs the SM3 optimizer)".into())),
-            };
-            let mut values = vec![0.0; sel.indices.len()];
-            for &(o, n) in &sel.moves {
-                values[n] = self.masters[i][o];
-            }
-            self.masters[i] = values;
-            self.optimizer.remap(i, &sel.moves, sel.indices.len());
-            self.layouts[i] = Layout::Sparse { rows, cols, indices: Arc::new(sel.indices.into()) };
-        }
-        Ok(())
-    }
-
-    /// Sparse fine-tuning: whether the step just taken ends a reselection period.
-    fn reselect_due(&self) -> bool {
-        let Method::Sparse(s) = &self.config.method else { return false };
-        s.reselect_every > 0 && self.step % s.reselect_every == 0 && self.step < self.total_steps()
-    }
-
-    /// The gradient sums of an open regrowth window (for checkpoints).
-    pub(crate) fn grad_sums(&self) -> Option<&Vec<Vec<f32>>> {
-        self.grad_sums.as_ref()
-    }
-
-    pub(crate) fn set_grad_sums(&mut self, sums: Option<Vec<Vec<f32>>>) {
-        self.grad_sums = sums;
     }
 
     /// Mean loss over the target tokens of `seqs` (no tape, no dropout).
@@ -633,17 +568,6 @@ pub fn evaluate(model: &Llama, seqs: &[Sequence], batch_size: usize, pad: u32) -
         n += b.targets;
     }
     Ok(if n == 0 { f32::NAN } else { (nll / n as f64) as f32 })
-}
-
-/// Adds a piece's dense target-weight gradients to an open regrowth window's sums.
-fn add_weight_grads(sums: &mut Option<Vec<Vec<f32>>>, grads: Vec<Option<Vec<f32>>>) {
-    if let Some(sums) = sums {
-        for (acc, g) in sums.iter_mut().zip(grads) {
-            if let Some(g) = g {
-                acc.iter_mut().zip(g).for_each(|(a, v)| *a += v);
-            }
-        }
-    }
 }
 
 /// The tensors a method trains, with their names, in a fixed order.
