@@ -85,6 +85,36 @@ fn matmul_cpu(c: &mut Criterion) {
     g.finish();
 }
 
+/// Sparse fine-tuning's dδ on the CPU: tuna's SDDMM (`kernels::sparse::cpu::sddmm`: dy and x
+/// transposed once, then one dot product over the tokens per active entry) beside the dense
+/// route the GPUs take (the `gemm` crate's `dW = dyᵀ·x`, then a gather at the indices), at 1%
+/// and 10% density. Throughput counts the active entries (elem/s = entries per second).
+fn sparse_cpu(c: &mut Criterion) {
+    use tuna::kernels::sparse::{cpu, SparseParams};
+    let mut g = c.benchmark_group("sparse_ddelta/cpu");
+    g.sample_size(10);
+    for &(m, n, k) in &[(512, 1024, 1024), (2048, 1024, 1024)] {
+        for density in [0.01, 0.1] {
+            let mut rng = Rng::new(5);
+            let (dy, x) = (rng.vec(m * n, -1.0, 1.0), rng.vec(m * k, -1.0, 1.0));
+            let nnz = ((n * k) as f64 * density) as usize;
+            let idx = tuna::peft::sparse::random_indices(n * k, nnz, &mut Rng::new(6));
+            let p = SparseParams { m, n, k };
+            let id = format!("m{m} {n}x{k} density {density}");
+            g.throughput(Throughput::Elements(nnz as u64));
+            g.bench_function(BenchmarkId::new("sddmm", &id), |b| b.iter(|| std::hint::black_box(cpu::sddmm(&dy, &x, &idx, p))));
+            let mp = MatmulParams { m: n, n: k, k: m, trans_a: true, trans_b: false };
+            g.bench_function(BenchmarkId::new("dense dW + gather (peer)", &id), |b| {
+                b.iter(|| {
+                    let dw = matmul::cpu::matmul_new(&dy, &x, mp).unwrap();
+                    std::hint::black_box(idx.iter().map(|&e| dw[e as usize]).collect::<Vec<f32>>())
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 /// CPU attention (blocks of 64 queries), forward and backward, in FlashAttention's FLOP count
 /// (forward `4·B·T²·D·H`, halved when causal; backward 2.5× forward), so "elem/s" reads as
 /// FLOP/s. Peer: the `gemm` crate on one `[T, D]·[D, T]` score product per head (the forward's
@@ -189,5 +219,5 @@ fn linear_cross_entropy(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, rmsnorm, matmul_cpu, attention_cpu, attention_wgpu, linear_cross_entropy);
+criterion_group!(benches, rmsnorm, matmul_cpu, sparse_cpu, attention_cpu, attention_wgpu, linear_cross_entropy);
 criterion_main!(benches);

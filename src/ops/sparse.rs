@@ -13,7 +13,8 @@ use crate::{DType, Device, Error, Result, Tensor};
 /// CPU δ is folded into a transient copy of W when that is cheaper than the SpMM, on a GPU
 /// always). x, W and δ get gradients when tracked: dW (dense, `dyᵀ·x`) only when W itself is
 /// tracked, which the trainer asks for when it scores regrowth by gradients. The bias is
-/// frozen. δ and dδ are f32 on every device; x, W and the bias share the model's dtype.
+/// frozen. δ and dδ are f32 on every device; x, W and the bias share the model's dtype; dW
+/// is f32 on every device too (on a GPU the GEMM accumulates it in f32 from half operands).
 pub fn sparse_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, indices: &Arc<SparseIndices>, delta: &Tensor) -> Result<Tensor> {
     const OP: &str = "sparse_linear";
     // f32 on the CPU, the model's half type on a GPU (f16 on wgpu, bf16 on CUDA).
@@ -183,7 +184,7 @@ fn sparse_linear_gpu(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, indices: &Sp
             (Some(dw), true) => Some(gather_gpu(dw, &idx, nnz)?),
             _ => None,
         };
-        let dw = if needs[1] { dw.map(|d| d.to_dtype(sw.dtype())).transpose()? } else { None };
-        Ok(vec![dx, dw, dd])
+        // dW stays f32 (what regrowth scores: a loss-scaled f16 dW could round to inf).
+        Ok(vec![dx, if needs[1] { dw } else { None }, dd])
     })
 }

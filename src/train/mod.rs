@@ -145,6 +145,7 @@ struct PieceGrads {
     loss: Tensor,
     /// Where the model is (downloaded when the optimizer runs on the host).
     grads: Vec<Option<Tensor>>,
+    /// In a regrowth window, the dense (f32) gradients of the sparse target weights.
     weight_grads: Vec<Option<Tensor>>,
 }
 
@@ -385,9 +386,14 @@ impl Trainer {
         }
         let total_targets: usize = pieces.iter().map(|p| p.2.targets).sum::<usize>().max(1);
         let window = self.in_grad_window();
+        let sums_on = self.device.is_some().then(|| self.model.device());
         if window && self.grad_sums.is_none() {
-            self.grad_sums = Some(regrow::GradSums::zeros(&self.layouts, self.device.is_some().then(|| self.model.device()))?);
+            self.grad_sums = Some(regrow::GradSums::zeros(&self.layouts, sums_on)?);
         }
+        // A regrowth window's dense gradients are summed as the pieces come (on the device when
+        // training there, so each piece's are freed at once): into the window's sums, or with
+        // a loss scale into this step's, added once the step is known not to overflow.
+        let mut step_sums = if window && self.loss_scale.is_some() { Some(regrow::GradSums::zeros(&self.layouts, sums_on)?) } else { None };
         // The shards of a micro-batch run side by side; micro-batches run one after another
         // (accumulation bounds memory).
         let mut results: Vec<PieceGrads> = Vec::with_capacity(pieces.len());
@@ -404,12 +410,17 @@ impl Trainer {
                     .collect()
             };
             for r in out {
-                results.push(r?);
+                let mut r = r?;
+                let weight_grads = std::mem::take(&mut r.weight_grads);
+                if let Some(sums) = step_sums.as_mut().or(self.grad_sums.as_mut()) {
+                    sums.add(&weight_grads, 1.0)?;
+                }
+                results.push(r);
             }
         }
         let lr = self.schedule().lr(self.step);
         if self.device.is_some() {
-            return self.device_step(results, lr, pieces.iter().map(|p| p.2.tokens).sum());
+            return self.device_step(results, step_sums, lr, pieces.iter().map(|p| p.2.tokens).sum());
         }
         // Summed in (micro-batch, shard) order, so the result does not depend on thread timing.
         let mut grads: Vec<Vec<f32>> = self.masters.iter().map(|m| vec![0.0; m.len()]).collect();
@@ -420,9 +431,6 @@ impl Trainer {
                 if let Some(g) = g {
                     acc.iter_mut().zip(g.to_vec_f32()?).for_each(|(a, v)| *a += v);
                 }
-            }
-            if let Some(sums) = &mut self.grad_sums {
-                sums.add(&r.weight_grads, 1.0)?;
             }
         }
         let refs: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
@@ -445,11 +453,10 @@ impl Trainer {
 
     /// The optimizer step on the device: gradients summed there in piece order, then the
     /// device optimizer (`device.rs`); the host reads the loss and the gradient norm only.
-    fn device_step(&mut self, results: Vec<PieceGrads>, lr: f32, tokens: usize) -> Result<StepReport> {
+    fn device_step(&mut self, results: Vec<PieceGrads>, step_sums: Option<regrow::GradSums>, lr: f32, tokens: usize) -> Result<StepReport> {
         let dev = self.model.device();
         let mut grads: Vec<Option<Tensor>> = vec![None; self.masters.len()];
         let mut loss_sum = 0.0f64;
-        let mut weight_grads = Vec::new();
         for r in results {
             loss_sum += r.loss.to_scalar()? as f64;
             for (acc, g) in grads.iter_mut().zip(r.grads) {
@@ -460,7 +467,6 @@ impl Trainer {
                     });
                 }
             }
-            weight_grads.push(r.weight_grads);
         }
         let grads: Vec<Tensor> = grads
             .into_iter()
@@ -482,12 +488,10 @@ impl Trainer {
                 return Ok(StepReport { step: self.step, loss: loss_sum as f32, lr, grad_norm: f32::NAN, tokens, epoch: epoch(self.step), skipped: true });
             }
         }
-        // A regrowth window's dense gradients are summed on the device (in f32, unscaled, and
-        // only from steps taken); the reselection reads them back.
-        if let Some(sums) = &mut self.grad_sums {
-            for wg in &weight_grads {
-                sums.add(wg, 1.0 / scale)?;
-            }
+        // A loss-scaled step's regrowth gradients join the window's sums unscaled, now that
+        // the step is taken.
+        if let (Some(sums), Some(step)) = (&mut self.grad_sums, step_sums) {
+            sums.absorb(step, 1.0 / scale)?;
         }
         let p = match &mut self.optimizer {
             Optimizer::AdamW(a) => {

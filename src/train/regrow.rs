@@ -69,13 +69,22 @@ impl GradSums {
         }
     }
 
-    /// Moves device sums to the host (for a checkpoint).
+    /// Moves device sums to the host (for a checkpoint); on a failed copy they stay put.
     pub fn move_to_host(&mut self) -> Result<()> {
-        if let GradSums::Device(_) = self {
-            let v = std::mem::replace(self, GradSums::Host(Vec::new())).into_host()?;
+        if let GradSums::Device(ts) = self {
+            let v = ts.iter().map(Tensor::to_vec_f32).collect::<Result<_>>()?;
             *self = GradSums::Host(v);
         }
         Ok(())
+    }
+
+    /// Adds `other` (a step's sums, where these are) times `scale`.
+    pub fn absorb(&mut self, other: GradSums, scale: f32) -> Result<()> {
+        let grads: Vec<Option<Tensor>> = match other {
+            GradSums::Host(v) => v.into_iter().map(|s| Tensor::from_vec(s.clone(), [s.len()]).map(Some)).collect::<Result<_>>()?,
+            GradSums::Device(ts) => ts.into_iter().map(Some).collect(),
+        };
+        self.add(&grads, scale)
     }
 }
 
