@@ -202,7 +202,7 @@ fn model_cases(push: &mut impl FnMut(String, Result<(), String>)) {
         run(format!("linear cross-entropy bf16 M {m} H {h} V {v} chunk {chunk:?}"), &|| mc::check_linear_ce_bf16(&dev, (m, h, v), chunk, i as u64));
     }
     run("model bf16: loss and LoRA gradients vs cpu".into(), &|| mc::check_loss_and_grads(&dev, DType::BF16));
-    run("model bf16: 5 LoRA training steps vs cpu".into(), &|| mc::check_training(&dev, DType::BF16));
+    run("model bf16: 5 training steps (LoRA, QLoRA, full, head, sparse) vs cpu".into(), &|| mc::check_training(&dev, DType::BF16));
     run("model bf16: logits through the KV cache vs cpu".into(), &|| mc::check_cached_logits(&dev, DType::BF16));
 }
 
