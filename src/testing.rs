@@ -63,6 +63,24 @@ pub fn compare(what: &str, got: &[f32], want: &[f64], tol: Tolerance) -> std::re
 pub use crate::rng::Rng;
 
 /// Host values of any tensor as f64 (ids and floats alike).
+/// The relative L2 error of `got` against `want` within `bound` (for products, whose
+/// per-element error is not bounded by a per-element rule in half precision).
+pub fn compare_l2(what: &str, got: &[f32], want: &[f64], bound: f64) -> std::result::Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{what}: {} elements, reference has {}", got.len(), want.len()));
+    }
+    let (mut d, mut s) = (0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want) {
+        d += (*g as f64 - w).powi(2);
+        s += w * w;
+    }
+    let rel = (d / s.max(1e-300)).sqrt();
+    if rel > bound || rel.is_nan() {
+        return Err(format!("{what}: relative L2 error {rel:.2e} > {bound:.0e}"));
+    }
+    Ok(())
+}
+
 pub fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
     Ok(match t.dtype() {
         crate::DType::I32 => t.to_vec::<i32>()?.into_iter().map(|v| v as f64).collect(),

@@ -62,19 +62,10 @@ fn sparse_dtypes(dev: Device) -> Vec<DType> {
 
 #[test]
 fn sparse_linear_matches_f64_on_every_device() {
-    // No active entry; one; 1.5% (the CPU's dδ by SDDMM; above 5% it gathers from the dense
-    // dW, as the GPUs always do); dense enough that neighbouring entries (one 32-bit word in
-    // f16) are both active; every entry; gpu-check runs the same body on CUDA in bf16.
-    let cases = [
-        SparseCase { batch: 1, m: 5, n: 7, k: 9, nnz: 0, bias: false, weight_grad: false },
-        SparseCase { batch: 2, m: 20, n: 40, k: 50, nnz: 30, bias: false, weight_grad: false },
-        SparseCase { batch: 1, m: 3, n: 4, k: 5, nnz: 1, bias: true, weight_grad: true },
-        SparseCase { batch: 2, m: 34, n: 33, k: 70, nnz: 1200, bias: true, weight_grad: false },
-        SparseCase { batch: 3, m: 9, n: 12, k: 8, nnz: 96, bias: false, weight_grad: true },
-    ];
+    // `testing::sparse::CASES` (gpu-check runs them on CUDA in bf16).
     for dev in common::devices() {
         for dtype in sparse_dtypes(dev) {
-            for (i, c) in cases.into_iter().enumerate() {
+            for (i, c) in tuna::testing::sparse::CASES.into_iter().enumerate() {
                 check_sparse_linear(dev, dtype, c, i as u64).unwrap_or_else(|e| panic!("{e}"));
             }
         }

@@ -125,7 +125,7 @@ fn dense_dw_f32(dy: &Tensor, x: &Tensor, p: SparseParams) -> Result<Tensor> {
             let pr = wgpu_precision(dy.dtype()).ok_or(Error::UnsupportedDType { op: OP, dtype: dy.dtype() })?;
             let (rt, db) = wgpu_buf(dy);
             let out = wgpu_output(rt, [p.n, p.k], DType::F32);
-            gemm::matmul_f32_out(&rt.device, &rt.queue, &rt.kernels, (db, gemm::transposed(p.n)), (wgpu_buf(x).1, gemm::plain(p.k)), wgpu_buf(&out).1, (p.n, p.k, p.m), pr)?;
+            gemm::matmul_out(&rt.device, &rt.queue, &rt.kernels, (db, gemm::transposed(p.n)), (wgpu_buf(x).1, gemm::plain(p.k)), wgpu_buf(&out).1, (p.n, p.k, p.m), pr, true)?;
             Ok(out)
         }
         Device::Cuda(_) => {

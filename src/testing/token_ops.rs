@@ -491,15 +491,7 @@ pub fn check_matmul(dev: Device, dtype: DType, (m, n, k): (usize, usize, usize),
             ops::matmul(&at, &bt, trans_a, trans_b)?.to_vec_f32()
         };
         let got = run().map_err(|e| format!("{what}: {e}"))?;
-        let (mut d, mut s) = (0.0f64, 0.0f64);
-        for (g, w) in got.iter().zip(&want) {
-            d += (*g as f64 - w).powi(2);
-            s += w * w;
-        }
-        let rel = (d / s.max(1e-300)).sqrt();
-        if rel > bound || rel.is_nan() {
-            return Err(format!("{what}: relative L2 error {rel:.2e} > {bound:.0e}"));
-        }
+        crate::testing::compare_l2(&what, &got, &want, bound)?;
     }
     Ok(())
 }

@@ -271,14 +271,8 @@ fn token_op_cases(push: &mut impl FnMut(String, Result<(), String>)) {
     // tests/ops_devices.rs and a larger one (1% of a 1024 x 1024 weight, 512 tokens).
     {
         use tuna::testing::sparse::{check_sparse_linear, SparseCase};
-        let cases = [
-            SparseCase { batch: 1, m: 5, n: 7, k: 9, nnz: 0, bias: false, weight_grad: false },
-            SparseCase { batch: 1, m: 3, n: 4, k: 5, nnz: 1, bias: true, weight_grad: true },
-            SparseCase { batch: 2, m: 34, n: 33, k: 70, nnz: 1200, bias: true, weight_grad: false },
-            SparseCase { batch: 3, m: 9, n: 12, k: 8, nnz: 96, bias: false, weight_grad: true },
-            SparseCase { batch: 2, m: 512, n: 1024, k: 1024, nnz: 10486, bias: false, weight_grad: true },
-        ];
-        for (i, c) in cases.into_iter().enumerate() {
+        let larger = SparseCase { batch: 2, m: 512, n: 1024, k: 1024, nnz: 10486, bias: false, weight_grad: true };
+        for (i, c) in tuna::testing::sparse::CASES.into_iter().chain([larger]).enumerate() {
             push(format!("sparse_linear bf16 m {} n {} k {} nnz {} bias {} dW {}", c.m, c.n, c.k, c.nnz, c.bias, c.weight_grad), check_sparse_linear(dev, DType::BF16, c, i as u64));
         }
     }

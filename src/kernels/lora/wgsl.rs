@@ -347,27 +347,13 @@ pub fn matmul(
     mnk: (usize, usize, usize),
     precision: Precision,
 ) -> Result<()> {
-    matmul_as(device, queue, kernels, a, b, c, mnk, precision, false)
+    matmul_out(device, queue, kernels, a, b, c, mnk, precision, false)
 }
 
-/// [`matmul`] with `c` in f32 whatever `precision` the operands have (a gradient kept in f32:
-/// sparse fine-tuning's dW, from which dδ is gathered).
+/// [`matmul`], with `c` in f32 whatever `precision` the operands have when `f32_out` (a
+/// gradient kept in f32: sparse fine-tuning's dW, from which dδ is gathered).
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_f32_out(
-    device: &wgpu::Device,
-    queue: &wgpu::Queue,
-    kernels: &KernelCache,
-    a: (&wgpu::Buffer, [u32; 2]),
-    b: (&wgpu::Buffer, [u32; 2]),
-    c: &wgpu::Buffer,
-    mnk: (usize, usize, usize),
-    precision: Precision,
-) -> Result<()> {
-    matmul_as(device, queue, kernels, a, b, c, mnk, precision, true)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn matmul_as(
+pub fn matmul_out(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
     kernels: &KernelCache,
