@@ -10,12 +10,13 @@ use crate::{DType, Device, Error, Result, Tensor};
 
 /// The linear of sparse fine-tuning: `x·(W + scatter(δ))ᵀ (+ bias)`, with δ `[nnz]` the
 /// values at the sorted flat `indices` of the `[N, K]` weight (see `kernels::sparse`; on the
-/// CPU δ is folded into a transient copy of W when that is cheaper than the SpMM, and dδ is the
-/// SDDMM below 5% density, else gathered from the dense dW; on a GPU δ is always folded and
-/// dδ always gathered). x, W and δ get gradients when tracked: dW (dense, `dyᵀ·x`) only when W itself is
-/// tracked, which the trainer asks for when it scores regrowth by gradients. The bias is
-/// frozen. δ and dδ are f32 on every device; x, W and the bias share the model's dtype; dW
-/// is f32 on every device too (on a GPU the GEMM accumulates it in f32 from half operands).
+/// CPU δ is folded into a transient copy of W when that is cheaper than the SpMM, and dδ is
+/// the SDDMM below 5% density, else gathered from the dense dW; on a GPU δ is always folded
+/// and dδ always gathered). x, W and δ get gradients when tracked: dW (dense, `dyᵀ·x`) only
+/// when W itself is tracked, which the trainer asks for when it scores regrowth by gradients.
+/// The bias is frozen. δ and dδ are f32 on every device; x, W and the bias share the model's
+/// dtype; dW is f32 on every device too (on a GPU the GEMM accumulates it in f32 from half
+/// operands).
 pub fn sparse_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, indices: &Arc<SparseIndices>, delta: &Tensor) -> Result<Tensor> {
     const OP: &str = "sparse_linear";
     // f32 on the CPU, the model's half type on a GPU (f16 on wgpu, bf16 on CUDA).
