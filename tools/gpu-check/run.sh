@@ -63,6 +63,24 @@ if [ -n "${TUNA_BIN:-}" ]; then
     "$TUNA_BIN" bench-step --device cuda --preset llama1b --batch "$b" --seq "$s" --steps 3 --warmup 1 --profile "$@" \
       | tee -a "$out/e2e-tuna-cuda.jsonl" || echo "tuna e2e on cuda failed for $b x $s $*"
   done
+  # The CLI on CUDA beside the CPU (glue the library checks do not reach: loading, data,
+  # saving adapters and deltas from device tensors): generate, perplexity, and three-step LoRA,
+  # QLoRA and sparse fine-tuning runs of the test fixture; the outputs land in cli-cuda.txt.
+  echo
+  fx="$here/../fixtures/llama-gqa"
+  data="$out/cli-data.jsonl"
+  for i in $(seq 0 15); do echo "{\"prompt\": \"Count $i\", \"completion\": \" $((i + 1)) $((i + 2))\"}"; done > "$data"
+  for dev in cpu cuda; do
+    echo "== $dev"
+    "$TUNA_BIN" generate --model "$fx" --prompt "The capital" --max-new-tokens 6 --json --device $dev || echo "generate on $dev failed"
+    "$TUNA_BIN" perplexity --model "$fx" --data "$data" --json --device $dev || echo "perplexity on $dev failed"
+    for method in lora qlora sparse; do
+      extra=""
+      [ $method = sparse ] && extra="--optimizer sm3 --density 0.05 --reselect-every 2"
+      "$TUNA_BIN" finetune --model "$fx" --data "$data" --out "$out/ft-$method-$dev" --method $method $extra \
+        --max-steps 3 --lr 1e-2 --eval-every 0 --checkpoint-every 0 --json --device $dev | tail -1 || echo "finetune $method on $dev failed"
+    done
+  done 2>&1 | tee "$out/cli-cuda.txt"
   # The LoRA row again with the pipelined attention forward (the model's default is the first).
   echo "TUNA_FA_FORWARD=pipelined tuna bench-step --device cuda --preset llama1b --batch 4 --seq 2048"
   TUNA_FA_FORWARD=pipelined "$TUNA_BIN" bench-step --device cuda --preset llama1b --batch 4 --seq 2048 --steps 3 --warmup 1 \
