@@ -27,8 +27,8 @@
 // (row g+8, k + 8); B fragments: b0 (k 2c..2c+1, column g), b1 (k + 8).
 //
 // Launch: grid (ceil(T / 64), H, B), block 128, static shared memory 2 * 64 * (D + 8) * 2 bytes
-// (18 KB at D = 64, 34 KB at D = 128). Instances: flash_attn_fwd_{bf16,f16}_d{64,128}, and
-// flash_attn_fwd_pipe_* with cp.async and ldmatrix (see PIPE below).
+// (18 KB at D = 64, 34 KB at D = 128). Instances: flash_attn_fwd_{bf16,f16}_d{32,64,96,128},
+// and flash_attn_fwd_pipe_* with cp.async and ldmatrix (see PIPE below).
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -276,21 +276,31 @@ __device__ __forceinline__ void flash_attn_fwd(const unsigned short* __restrict_
     }
 }
 
+// LB: the launch bounds. 64 and 128 (the dims the kernels were tuned at) leave ptxas its
+// occupancy target; 32 and 96 add a minimum of one block per SM, without which ptxas spills a
+// few registers at 168 (d96) and 128 (d32).
+#define FA_LB_64 __launch_bounds__(FA_THREADS)
+#define FA_LB_128 __launch_bounds__(FA_THREADS)
+#define FA_LB_32 __launch_bounds__(FA_THREADS, 1)
+#define FA_LB_96 __launch_bounds__(FA_THREADS, 1)
+
 #define FA_INSTANCE(NAME, TY, D, PIPE)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS) NAME(const unsigned short* q, const unsigned short* k,       \
-                                                                  const unsigned short* v, const unsigned int* starts,     \
-                                                                  unsigned short* o, float* lse, FaParams p) {             \
+    extern "C" __global__ void FA_LB_##D NAME(const unsigned short* q, const unsigned short* k, const unsigned short* v,  \
+                                              const unsigned int* starts, unsigned short* o, float* lse, FaParams p) {    \
         flash_attn_fwd<TY, D, PIPE>(q, k, v, starts, o, lse, p);                                                          \
     }
 
-FA_INSTANCE(flash_attn_fwd_bf16_d64, Bf16, 64, false)
-FA_INSTANCE(flash_attn_fwd_bf16_d128, Bf16, 128, false)
-FA_INSTANCE(flash_attn_fwd_f16_d64, F16, 64, false)
-FA_INSTANCE(flash_attn_fwd_f16_d128, F16, 128, false)
-FA_INSTANCE(flash_attn_fwd_pipe_bf16_d64, Bf16, 64, true)
-FA_INSTANCE(flash_attn_fwd_pipe_bf16_d128, Bf16, 128, true)
-FA_INSTANCE(flash_attn_fwd_pipe_f16_d64, F16, 64, true)
-FA_INSTANCE(flash_attn_fwd_pipe_f16_d128, F16, 128, true)
+// Head dims 32, 64, 96, 128: D a multiple of 32 (the pipelined path's ldmatrix.x4 covers two
+// k-steps of 16, and the backward splits D/8 n-tiles between warp pairs).
+#define FA_FWD_INSTANCES(D)                                      \
+    FA_INSTANCE(flash_attn_fwd_bf16_d##D, Bf16, D, false)        \
+    FA_INSTANCE(flash_attn_fwd_f16_d##D, F16, D, false)          \
+    FA_INSTANCE(flash_attn_fwd_pipe_bf16_d##D, Bf16, D, true)    \
+    FA_INSTANCE(flash_attn_fwd_pipe_f16_d##D, F16, D, true)
+FA_FWD_INSTANCES(32)
+FA_FWD_INSTANCES(64)
+FA_FWD_INSTANCES(96)
+FA_FWD_INSTANCES(128)
 
 // ---------------------------------------------------------------------------------------------
 // Backward (FlashAttention-2's): with s = scale.q.k, P recomputed from lse, and
@@ -532,17 +542,17 @@ __device__ __forceinline__ void flash_attn_bwd_dq(const float* acc, unsigned sho
         flash_attn_bwd_dot<TY>(o, dout, dvec, rows, t, h, d);                                                               \
     }                                                                                                                        \
     extern "C" __global__ void flash_attn_bwd_dq_##SUF(const float* acc, unsigned short* dq, long n) { flash_attn_bwd_dq<TY>(acc, dq, n); } \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attn_bwd_##SUF##_d64(                                    \
+    FA_BWD_D(SUF, TY, 32)                                                                                                    \
+    FA_BWD_D(SUF, TY, 64)                                                                                                    \
+    FA_BWD_D(SUF, TY, 96)                                                                                                    \
+    FA_BWD_D(SUF, TY, 128)
+
+#define FA_BWD_D(SUF, TY, D)                                                                                                 \
+    extern "C" __global__ void FA_LB_##D flash_attn_bwd_##SUF##_d##D(                                   \
         const unsigned short* q, const unsigned short* k, const unsigned short* v, const unsigned int* starts,               \
         const unsigned short* dout, const float* lse, const float* dvec, float* dq_acc, unsigned short* dk,                  \
         unsigned short* dv, FaParams p) {                                                                                    \
-        flash_attn_bwd<TY, 64>(q, k, v, starts, dout, lse, dvec, dq_acc, dk, dv, p);                                         \
-    }                                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_attn_bwd_##SUF##_d128(                                   \
-        const unsigned short* q, const unsigned short* k, const unsigned short* v, const unsigned int* starts,               \
-        const unsigned short* dout, const float* lse, const float* dvec, float* dq_acc, unsigned short* dk,                  \
-        unsigned short* dv, FaParams p) {                                                                                    \
-        flash_attn_bwd<TY, 128>(q, k, v, starts, dout, lse, dvec, dq_acc, dk, dv, p);                                        \
+        flash_attn_bwd<TY, D>(q, k, v, starts, dout, lse, dvec, dq_acc, dk, dv, p);                                          \
     }
 
 FA_BWD_INSTANCES(bf16, Bf16)

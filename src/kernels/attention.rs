@@ -487,7 +487,7 @@ pub mod wgsl {
 }
 
 /// The CUDA flash attention forward (`kernels-cuda/flash_attention.cu`): bf16 or f16 q, k, v
-/// and o, f32 softmax statistics, head dims 64 and 128.
+/// and o, f32 softmax statistics, head dims 32, 64, 96 and 128.
 pub mod cuda {
     use std::sync::Arc;
 
@@ -500,7 +500,7 @@ pub mod cuda {
     use crate::{Error, Result};
 
     /// Head dims with a kernel instance.
-    pub const HEAD_DIMS: [usize; 2] = [64, 128];
+    pub const HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
     const BLOCK_Q: usize = 64;
 
     /// The kernel's `FaParams`.

@@ -149,7 +149,7 @@ pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> 
 }
 
 /// The attention op on CUDA: the flash-attention kernels (`kernels::attention::cuda`, bf16 or
-/// f16, head dims 64 and 128; causal, sliding window, packed rows) forward and backward; the row log-sum-exp is kept for the
+/// f16, head dims 32, 64, 96 and 128; causal, sliding window, packed rows) forward and backward; the row log-sum-exp is kept for the
 /// backward. The forward kernel is the first (`FwdKernel::Sync`) unless `TUNA_FA_FORWARD=pipelined`
 /// (`FwdKernel::for_model`), until a GPU run shows which is faster (tools/gpu-check times both).
 fn attention_cuda(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, p: AttentionParams) -> Result<Tensor> {

@@ -28,7 +28,8 @@ pub fn attention_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
     let mut rows = Vec::new();
     let mut rng = Rng::new(9);
     println!("  {:<44} {:>10} {:>10}", "kernel", "time µs", "TFLOP/s");
-    for d in cuda::HEAD_DIMS {
+    // The dims (32 and 96 are checked for correctness, not timed: device time).
+    for d in [64, 128] {
         let heads = 2048 / d;
         for t in [512usize, 1024, 2048, 4096, 8192] {
             let batch = 16384 / t;

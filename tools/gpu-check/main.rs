@@ -210,7 +210,7 @@ fn model_cases(push: &mut impl FnMut(String, Result<(), String>)) {
 /// here in f32 and bf16 and at training sizes too (Llama-7B-like D = 128 with 32 heads, F =
 /// 11008, a 32000-token vocabulary with T = 4096).
 /// The CUDA flash attention forward (both kernels) and backward (bf16) against the f64
-/// reference: head dims 64 and 128, causal or not, GQA, a KV-cache offset, a sliding window,
+/// reference: head dims 32, 64, 96 and 128, causal or not, GQA, a KV-cache offset, a sliding window,
 /// packed rows, ragged lengths.
 fn attention_cases(push: &mut impl FnMut(String, Result<(), String>)) {
     use tuna::kernels::attention::AttentionParams;
