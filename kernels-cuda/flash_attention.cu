@@ -320,8 +320,8 @@ FA_FWD_INSTANCES(128)
 // computed per query row (each warp: 16 queries x D/2 columns) and added atomically.
 //
 // Launch: grid (ceil(S / 64), G, B), block 128, dynamic shared memory
-// (2 * 64 + 2 * 32) * (D + 8) * 2 + 64 * 40 * 2 + 2 * 32 * 4 bytes (31 KB at D = 64, 57 KB at
-// D = 128: the launcher raises the limit).
+// (2 * 64 + 2 * 32) * (D + 8) * 2 + 64 * 40 * 2 + 2 * 32 * 4 bytes (20, 32, 44 and 56 KiB at
+// D = 32, 64, 96 and 128; the launcher raises the limit for every instance).
 #define FB_KEYS 64
 #define FB_Q 32
 #define FB_LDS (FB_Q + 8)
