@@ -81,7 +81,13 @@ impl GradSums {
     /// Adds `other` (a step's sums, where these are) times `scale`.
     pub fn absorb(&mut self, other: GradSums, scale: f32) -> Result<()> {
         let grads: Vec<Option<Tensor>> = match other {
-            GradSums::Host(v) => v.into_iter().map(|s| Tensor::from_vec(s.clone(), [s.len()]).map(Some)).collect::<Result<_>>()?,
+            GradSums::Host(v) => v
+                .into_iter()
+                .map(|s| {
+                    let n = s.len();
+                    Tensor::from_vec(s, [n]).map(Some)
+                })
+                .collect::<Result<_>>()?,
             GradSums::Device(ts) => ts.into_iter().map(Some).collect(),
         };
         self.add(&grads, scale)
