@@ -8,7 +8,8 @@
 # then, where PyTorch with CUDA is present, the same benchmark shapes in PyTorch for the
 # side-by-side figures, PyTorch + PEFT's end-to-end fine-tuning step (e2e_torch.py), and with
 # TUNA_BIN=path/to/tuna tuna's own end-to-end step on wgpu.
-# Reports land in OUT_DIR (default ./gpu-check-out).
+# Reports land in OUT_DIR (default ./gpu-check-out); summary.py prints the issues' targets
+# against them at the end (summary.txt).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-gpu-check-out}
@@ -97,4 +98,7 @@ if [ -n "${TUNA_BIN:-}" ]; then
     echo "TUNA_BIN set but no wgpu adapter (a Vulkan loader and the GPU's ICD are needed): no tuna e2e row"
   fi
 fi
+# The issues' targets against this run, in one place (summary.txt).
+echo
+python3 "$here/summary.py" "$out" | tee "$out/summary.txt" || echo "summary failed"
 exit $status

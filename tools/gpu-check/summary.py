@@ -1,0 +1,138 @@
+"""The issues' targets against one gpu-check run (run.sh calls this last; by hand:
+`python3 tools/gpu-check/summary.py OUT_DIR`).
+
+Reads what run.sh left in OUT_DIR and prints:
+  - the failed checks (gpu-check.json);
+  - the LoRA GEMM and NF4 targets gpu-check judged in the same run (issue 5);
+  - flash attention against issue 6's targets: forward >= 300 and backward >= 250 TFLOP/s at
+    D = 128, causal, T = 4096, and the forward >= 1.0x PyTorch's SDPA on every shape both timed
+    (gpu-check.json beside torch-baseline.json);
+  - the end-to-end step against PyTorch + PEFT (issue 8: >= 1.5x tokens/s, <= 0.7x peak memory;
+    e2e-tuna-cuda.jsonl beside e2e-torch.json) with each tuna row's five most expensive kernels.
+A missing file is named and its part skipped. Standard library only.
+"""
+import json
+import os
+import sys
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"  ({os.path.basename(path)}: {e})")
+        return None
+
+
+def load_lines(path):
+    rows = []
+    try:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                line = line.strip()
+                if line.startswith("{"):
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError as e:
+                        print(f"  ({os.path.basename(path)} line {n}: {e})")
+    except OSError as e:
+        print(f"  ({os.path.basename(path)}: {e})")
+    return rows
+
+
+def verdict(ok):
+    return "met" if ok else "NOT met"
+
+
+def checks(report):
+    print("checks (gpu-check.json)")
+    if report is None:
+        return
+    if "error" in report:
+        print(f"  gpu-check stopped: {report['error']}")
+    tests = report.get("tests", [])
+    failed = [t for t in tests if not t.get("ok")]
+    print(f"  {len(tests) - len(failed)} of {len(tests)} passed")
+    for t in failed:
+        print(f"  FAIL {t.get('name')}: {t.get('detail')}")
+
+
+def gemm_targets(report):
+    print("\nLoRA GEMM and NF4 targets (issue 5; judged by gpu-check in the same run)")
+    rows = [b for b in (report or {}).get("benchmarks", []) if "target" in b]
+    if not rows:
+        print("  none recorded")
+    for b in rows:
+        print(f"  {b['target']:<44} M {b['m']:<5} N {b['n']:<6} {verdict(b['met'])}")
+
+
+def attention(report, torch):
+    print("\nflash attention (issue 6; bf16, TFLOP/s in FlashAttention's count)")
+    ours = [b for b in (report or {}).get("benchmarks", []) if str(b.get("kernel", "")).startswith("flash_attn")]
+    if not ours:
+        print("  no tuna rows")
+        return
+    key = lambda b: (b["d"], b["t"], b["causal"])
+    sdpa = {(key(b), b["kernel"]): b for b in (torch or {}).get("benchmarks", []) if str(b.get("kernel", "")).startswith("sdpa")}
+    for b in ours:
+        if b["d"] == 128 and b["t"] == 4096 and b["causal"]:
+            floor = 250 if b["kernel"] == "flash_attn_bwd" else 300
+            print(f"  {b['kernel']:<20} D128 T4096 causal: {b['tflops']:.0f} TFLOP/s (target {floor}) {verdict(b['tflops'] >= floor)}")
+    print(f"  {'kernel':<20} {'D':>4} {'T':>5} {'causal':>6} {'tuna':>7} {'sdpa':>7} {'ratio':>6}")
+    for b in ours:
+        peer = sdpa.get((key(b), "sdpa bwd" if b["kernel"] == "flash_attn_bwd" else "sdpa fwd"))
+        if peer is None:
+            continue
+        ratio = b["tflops"] / peer["tflops"]
+        mark = "" if b["kernel"] == "flash_attn_bwd" else ("  >= 1.0x met" if ratio >= 1.0 else "  >= 1.0x NOT met")
+        print(f"  {b['kernel']:<20} {b['d']:>4} {b['t']:>5} {str(b['causal']):>6} {b['tflops']:>7.0f} {peer['tflops']:>7.0f} {ratio:>5.2f}x{mark}")
+
+
+def end_to_end(tuna_rows, torch):
+    print("\nend-to-end Llama-3.2-1B step (issue 8: >= 1.5x PyTorch + PEFT tokens/s, <= 0.7x its peak memory)")
+    peers = {(r.get("method"), r.get("batch"), r.get("seq")): r for r in (torch or {}).get("rows", [])}
+    if not tuna_rows:
+        print("  no tuna rows")
+    for r in tuna_rows:
+        label = f"{r.get('method')} {r.get('batch')}x{r.get('seq')}"
+        if r.get("density") is not None:
+            label += f" density {r['density']}"
+        if r.get("attention_forward"):
+            label += f" ({r['attention_forward']} attention)"
+        tps = r.get("tokens_per_second")
+        mem = (r.get("device_memory") or {}).get("peak_live_bytes")
+        mem_gib = mem / 2**30 if mem else None
+        line = f"  {label:<40} {tps:>9.0f} tokens/s" if tps else f"  {label:<40} no timing"
+        if mem_gib:
+            line += f", peak {mem_gib:.2f} GiB"
+        peer = peers.get((r.get("method"), r.get("batch"), r.get("seq")))
+        if peer and "tokens_per_s" in peer and tps:
+            speed = tps / peer["tokens_per_s"]
+            line += f"; torch {peer['tokens_per_s']:.0f} tokens/s: {speed:.2f}x ({verdict(speed >= 1.5)})"
+            if mem_gib and peer.get("peak_mem_gib"):
+                m = mem_gib / peer["peak_mem_gib"]
+                line += f", memory {m:.2f}x ({verdict(m <= 0.7)})"
+        elif peer and "error" in peer:
+            line += f"; torch: {peer['error'][:60]}"
+        print(line)
+        kernels = ((r.get("kernel_profile") or {}).get("kernels") or [])[:5]
+        total = (r.get("kernel_profile") or {}).get("total_ms")
+        if kernels and total:
+            print("    " + ", ".join(f"{k['name']} {k['ms']:.1f} ms" for k in kernels) + f" (of {total:.0f} ms)")
+
+
+def main():
+    out = sys.argv[1] if len(sys.argv) > 1 else "gpu-check-out"
+    print(f"== summary of {out}")
+    report = load(os.path.join(out, "gpu-check.json"))
+    checks(report)
+    gemm_targets(report)
+    torch = load(os.path.join(out, "torch-baseline.json")) if os.path.exists(os.path.join(out, "torch-baseline.json")) else None
+    attention(report, torch)
+    e2e_torch = load(os.path.join(out, "e2e-torch.json")) if os.path.exists(os.path.join(out, "e2e-torch.json")) else None
+    end_to_end(load_lines(os.path.join(out, "e2e-tuna-cuda.jsonl")), e2e_torch)
+
+
+if __name__ == "__main__":
+    main()
