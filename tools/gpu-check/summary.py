@@ -8,7 +8,8 @@ Reads what run.sh left in OUT_DIR and prints:
     D = 128, causal, T = 4096, and the forward >= 1.0x PyTorch's SDPA on every shape both timed
     (gpu-check.json beside torch-baseline.json);
   - the end-to-end step against PyTorch + PEFT (issue 8: >= 1.5x tokens/s, <= 0.7x peak memory;
-    e2e-tuna-cuda.jsonl beside e2e-torch.json) with each tuna row's five most expensive kernels.
+    e2e-tuna-cuda.jsonl beside e2e-torch.json) with each tuna row's five most expensive kernels;
+  - the CLI's results on CUDA beside the CPU's (cli-cuda.txt).
 A missing file is named and its part skipped. Standard library only.
 """
 import json
@@ -122,6 +123,37 @@ def end_to_end(tuna_rows, torch):
             print("    " + ", ".join(f"{k['name']} {k['ms']:.1f} ms" for k in kernels) + f" (of {total:.0f} ms)")
 
 
+def cli(path):
+    """`cli-cuda.txt`: each command's JSON result under `== cpu` and `== cuda`, side by side."""
+    print("\nthe CLI on CUDA beside the CPU (cli-cuda.txt; the fixture model, bf16 on CUDA)")
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        print(f"  ({os.path.basename(path)}: {e})")
+        return
+    results, dev = {}, None
+    for line in lines:
+        if line.startswith("== "):
+            dev = line[3:].strip()
+        elif line.startswith("{") and dev:
+            try:
+                results.setdefault(dev, []).append(json.loads(line))
+            except ValueError:
+                pass
+        elif "failed" in line:
+            print(f"  {line}")
+    for c, g in zip(results.get("cpu", []), results.get("cuda", [])):
+        for key in ("final_train_loss", "mean_loss"):
+            if key in c and key in g:
+                what = c.get("method", "perplexity") if key == "final_train_loss" else "perplexity"
+                rel = abs(g[key] - c[key]) / max(abs(c[key]), 1e-12)
+                print(f"  {what:<12} {key:<17} cpu {c[key]:.5f}  cuda {g[key]:.5f}  relative {rel:.1e}")
+        if "new_tokens" in c and "new_tokens" in g:
+            same = "the same" if c["new_tokens"] == g["new_tokens"] else "different (bf16 may change greedy picks)"
+            print(f"  generate     tokens {same}: cpu {c['new_tokens']}, cuda {g['new_tokens']}")
+
+
 def main():
     out = sys.argv[1] if len(sys.argv) > 1 else "gpu-check-out"
     print(f"== summary of {out}")
@@ -132,6 +164,7 @@ def main():
     attention(report, torch)
     e2e_torch = load(os.path.join(out, "e2e-torch.json")) if os.path.exists(os.path.join(out, "e2e-torch.json")) else None
     end_to_end(load_lines(os.path.join(out, "e2e-tuna-cuda.jsonl")), e2e_torch)
+    cli(os.path.join(out, "cli-cuda.txt"))
 
 
 if __name__ == "__main__":
