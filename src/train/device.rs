@@ -12,6 +12,9 @@
 use crate::kernels::optim::wgsl::{adamw, sm3, sm3_sparse, sum_squares, DeviceClip};
 use crate::kernels::optim::{AdamWParams, Sm3Params};
 use crate::ops::gpu::wgpu_buf;
+use std::sync::Arc;
+
+use crate::kernels::sparse::{DeviceIndices, SparseIndices};
 use crate::optim::{Layout, Sm3State};
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -104,8 +107,9 @@ pub(crate) enum DeviceOptimizer {
 impl DeviceOptimizer {
     /// Uploads the masters and the optimizer state (AdamW or SM3) to `dev`; the model reads the
     /// parameters in `param_dtype` (f32 masters, or on CUDA bf16 copies of them). A sparse
-    /// layout (sparse fine-tuning's deltas, f32) has its active indices uploaded too: SM3 then
-    /// runs its sparse kernel (AdamW is elementwise, the same for both layouts).
+    /// layout (sparse fine-tuning's deltas, f32) keeps its active indices: SM3 runs its sparse
+    /// kernel on their device copy, the one the model's sparse linears use (AdamW is
+    /// elementwise, the same for both layouts).
     pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], layouts: &[Layout], host: &HostOptState, dev: Device, param_dtype: DType) -> Result<Self> {
         if layouts.len() != masters.len() {
             return Err(Error::InvalidArgument(format!("device optimizer: {} layouts for {} tensors", layouts.len(), masters.len())));
@@ -115,13 +119,7 @@ impl DeviceOptimizer {
             .map(|l| match l {
                 Layout::Dense { .. } => Ok(None),
                 Layout::Sparse { .. } if param_dtype != DType::F32 => Err(Error::UnsupportedDType { op: "device optimizer: sparse deltas", dtype: param_dtype }),
-                Layout::Sparse { rows, cols, indices } => {
-                    if rows * cols > i32::MAX as usize {
-                        return Err(Error::InvalidArgument(format!("device optimizer: a sparse [{rows}, {cols}] matrix has more entries than an i32 index reaches")));
-                    }
-                    let v: Vec<i32> = indices.iter().map(|&e| e as i32).collect();
-                    Tensor::from_vec_i32(v, [indices.len()])?.to_device(&dev).map(Some)
-                }
+                Layout::Sparse { indices, .. } => Ok(Some(indices.clone())),
             })
             .collect::<Result<Vec<_>>>()?;
         let dims: Vec<(usize, usize)> = layouts.iter().map(Layout::matrix).collect();
@@ -170,8 +168,8 @@ impl DeviceOptimizer {
 pub(crate) struct WgpuOptimizer {
     /// The masters, one tensor per trained tensor; the kernels update their buffers in place.
     pub params: Vec<Tensor>,
-    /// The active indices (i32) of each sparse tensor, None for a dense one.
-    indices: Vec<Option<Tensor>>,
+    /// The active indices of each sparse tensor, None for a dense one.
+    indices: Vec<Option<Arc<SparseIndices>>>,
     state: State<Tensor>,
     sum_sq: Tensor,
 }
@@ -179,7 +177,7 @@ pub(crate) struct WgpuOptimizer {
 impl WgpuOptimizer {
     /// Uploads the masters and the optimizer state. `dims` gives each tensor's `[rows, cols]`
     /// matrix for SM3, `indices` the active entries of the sparse ones.
-    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], indices: Vec<Option<Tensor>>, host: &HostOptState, dev: Device) -> Result<Self> {
+    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], indices: Vec<Option<Arc<SparseIndices>>>, host: &HostOptState, dev: Device) -> Result<Self> {
         let params = masters.iter().zip(shapes).map(|(m, s)| Tensor::from_vec(m.clone(), s.clone())?.to_device(&dev)).collect::<Result<Vec<_>>>()?;
         // The state's tensors are flat: the kernels see buffers.
         let sizes: Vec<usize> = masters.iter().map(Vec::len).collect();
@@ -209,7 +207,8 @@ impl WgpuOptimizer {
                     let mom = momentum.as_ref().map(|ms| wgpu_buf(&ms[i]).1);
                     if let Some(idx) = &self.indices[i] {
                         // r and c are updated in place by the sparse kernel.
-                        sm3_sparse(d, q, k, wgpu_buf(idx).1, idx.elem_count(), w, gb, wgpu_buf(&r[i]).1, wgpu_buf(&c[i]).1, mom, rows, cols, *p, clip)?;
+                        let DeviceIndices::Wgpu(ib) = &*idx.on_device_of(&self.params[i])? else { unreachable!("a wgpu tensor's indices are on wgpu") };
+                        sm3_sparse(d, q, k, ib.buffer(), idx.len(), w, gb, wgpu_buf(&r[i]).1, wgpu_buf(&c[i]).1, mom, rows, cols, *p, clip)?;
                     } else {
                         sm3(d, q, k, w, gb, wgpu_buf(&r[i]).1, wgpu_buf(&c[i]).1, wgpu_buf(&r_next[i]).1, wgpu_buf(&c_next[i]).1, mom, rows, cols, *p, clip)?;
                         std::mem::swap(&mut r[i], &mut r_next[i]);

@@ -16,6 +16,7 @@ use cudarc::driver::CudaSlice;
 use super::device::{HostOptState, State, StepParams};
 use crate::device::cuda::CudaRuntime;
 use crate::kernels::optim::cuda::{adamw, sm3, sm3_sparse, sum_squares, DeviceClip};
+use crate::kernels::sparse::{DeviceIndices, SparseIndices};
 use crate::ops::cuda::view;
 use crate::tensor::Storage;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -25,8 +26,8 @@ pub(crate) struct CudaOptimizer {
     shapes: Vec<Vec<usize>>,
     /// f32 masters, as bytes (the storage type of a tensor).
     masters: Vec<CudaSlice<u8>>,
-    /// The active indices (i32) of each sparse tensor (f32 parameters), None for a dense one.
-    indices: Vec<Option<Tensor>>,
+    /// The active indices of each sparse tensor (f32 parameters), None for a dense one.
+    indices: Vec<Option<Arc<SparseIndices>>>,
     state: State<CudaSlice<f32>>,
     sum_sq: CudaSlice<f64>,
     /// The masters as the model reads them, in `param_dtype` (f32 or bf16).
@@ -38,7 +39,7 @@ impl CudaOptimizer {
     /// Uploads the masters and the optimizer's state. `dims` gives each tensor's `[rows, cols]`
     /// matrix for SM3, `indices` the active entries of the sparse ones; the model reads the
     /// parameters in `param_dtype` (f32 or bf16; sparse tensors f32 only).
-    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], indices: Vec<Option<Tensor>>, host: &HostOptState, ordinal: usize, param_dtype: DType) -> Result<Self> {
+    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], indices: Vec<Option<Arc<SparseIndices>>>, host: &HostOptState, ordinal: usize, param_dtype: DType) -> Result<Self> {
         if !matches!(param_dtype, DType::F32 | DType::BF16) {
             return Err(Error::UnsupportedDType { op: "device optimizer (cuda): trained parameters", dtype: param_dtype });
         }
@@ -133,7 +134,8 @@ impl CudaOptimizer {
                         // in place by the sparse kernel.
                         // SAFETY: T is f32 here, so the views keep their element type and length.
                         let (mut d, gf) = unsafe { (w.transmute_mut::<f32>(n).expect("f32 deltas"), g.transmute::<f32>(n).expect("f32 gradients")) };
-                        sm3_sparse(stream, modules, &view::<u32>(idx), &mut d, &gf, &mut r[i].slice_mut(..), &mut c[i].slice_mut(..), mom.as_mut(), rows, cols, *p, clip)?;
+                        let DeviceIndices::Cuda(ib) = &*idx.on_device_of(&self.params[i])? else { unreachable!("a CUDA tensor's indices are on CUDA") };
+                        sm3_sparse(stream, modules, &ib.slice(..idx.len()), &mut d, &gf, &mut r[i].slice_mut(..), &mut c[i].slice_mut(..), mom.as_mut(), rows, cols, *p, clip)?;
                     } else {
                         sm3::<T>(stream, modules, &mut w, g, master.as_mut(), &r[i].slice(..), &c[i].slice(..), &mut r_next[i].slice_mut(..), &mut c_next[i].slice_mut(..), mom.as_mut(), rows, cols, *p, clip)?;
                         std::mem::swap(&mut r[i], &mut r_next[i]);
