@@ -117,6 +117,13 @@ fn find_nvcc() -> Option<PathBuf> {
     works(&p).then_some(p)
 }
 
+/// The compute capability (times 10) a `.cu` file is tied to by a first line `// arch: sm_NNa`.
+fn arch_specific(cu: &Path) -> Option<u32> {
+    let src = std::fs::read_to_string(cu).unwrap_or_else(|e| panic!("reading {}: {e}", cu.display()));
+    let arch = src.lines().next()?.trim().strip_prefix("// arch: sm_")?.strip_suffix('a')?;
+    Some(arch.parse().unwrap_or_else(|_| panic!("{}: bad `// arch:` line", cu.display())))
+}
+
 fn build_cuda(dir: &Path, out: &Path) {
     let nvcc = find_nvcc();
     let archs: Vec<u32> = std::env::var("CUDA_ARCH")
@@ -135,13 +142,21 @@ fn build_cuda(dir: &Path, out: &Path) {
         let stem = cu.file_stem().unwrap().to_string_lossy().to_string();
         let inlined = out.join(format!("{stem}.inlined.cu"));
         std::fs::write(&inlined, inline_includes(&cu, &mut Vec::new())).unwrap();
+        // A file whose first line is `// arch: sm_90a` uses instructions of that target alone
+        // (wgmma, TMA's tensor copies): it is compiled for it only, and loads only on a device
+        // of that compute capability (`CudaModuleSource::only_cc`).
+        let specific = arch_specific(&cu);
+        let targets: Vec<(u32, String, String)> = match specific {
+            Some(cc) => vec![(cc, format!("compute_{cc}a"), format!("sm_{cc}a"))],
+            None => archs.iter().map(|a| (*a, format!("sm_{a}"), format!("sm_{a}"))).collect(),
+        };
         let mut ptx_entries = String::new();
         if let Some(nvcc) = &nvcc {
-            for arch in &archs {
-                let ptx = out.join(format!("{stem}.sm_{arch}.ptx"));
+            for (arch, flag, shown) in &targets {
+                let ptx = out.join(format!("{stem}.{shown}.ptx"));
                 let o = Command::new(nvcc)
                     .args(["--ptx", "-O3", "-std=c++17", "-lineinfo"])
-                    .arg(format!("-arch=sm_{arch}"))
+                    .arg(format!("-arch={flag}"))
                     .arg("-I")
                     .arg(dir)
                     .arg(&cu)
@@ -151,7 +166,7 @@ fn build_cuda(dir: &Path, out: &Path) {
                     .unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
                 if !o.status.success() {
                     panic!(
-                        "nvcc failed on {} for sm_{arch}:\n{}{}",
+                        "nvcc failed on {} for {shown}:\n{}{}",
                         cu.display(),
                         String::from_utf8_lossy(&o.stdout),
                         String::from_utf8_lossy(&o.stderr)
@@ -162,7 +177,7 @@ fn build_cuda(dir: &Path, out: &Path) {
         }
         let _ = writeln!(
             table,
-            "    CudaModuleSource {{ name: {stem:?}, source: include_str!({:?}), ptx: &[{ptx_entries}] }},",
+            "    CudaModuleSource {{ name: {stem:?}, source: include_str!({:?}), ptx: &[{ptx_entries}], only_cc: {specific:?} }},",
             inlined.display().to_string()
         );
     }

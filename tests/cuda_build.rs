@@ -75,6 +75,7 @@ fn entry_points(module: &str) -> &'static [&'static str] {
             "transpose_b16",
             "transpose_b32",
         ],
+        "gemm_sm90" => &["gemm_sm90_bf16", "gemm_sm90_f16", "gemm_sm90_kn_bf16", "gemm_sm90_kn_f16"],
         "cross_entropy" => &["ce_rows_f32", "ce_rows_bf16", "ce_sum_f32"],
         "sparse" => &["sparse_apply_f32", "sparse_apply_bf16", "sparse_apply_f16", "sparse_gather_f32", "sparse_gather_bf16", "sparse_gather_f16"],
         "embedding" => &["embedding_fwd_f32", "embedding_fwd_bf16", "embedding_bwd_f32", "embedding_bwd_bf16"],
@@ -122,7 +123,7 @@ fn assert_entries(module: &str, arch: &str, ptx: &str) {
 #[test]
 fn every_module_is_embedded() {
     let names: Vec<&str> = cuda::modules().iter().map(|m| m.name).collect();
-    for want in ["rmsnorm", "optim", "lora_gemm", "rope", "dropout", "cast", "elementwise", "embedding", "flash_attention", "cross_entropy", "sparse"] {
+    for want in ["rmsnorm", "optim", "lora_gemm", "rope", "dropout", "cast", "elementwise", "embedding", "flash_attention", "cross_entropy", "sparse", "gemm_sm90"] {
         assert!(names.contains(&want), "no module {want} in {names:?}");
     }
     for m in cuda::modules() {
@@ -138,9 +139,12 @@ fn nvcc_ptx_for_sm80_and_sm90() {
         return;
     }
     for m in cuda::modules() {
-        for arch in [80, 90] {
+        for arch in archs(m) {
             let (_, ptx) = m.ptx.iter().find(|(a, _)| *a == arch).unwrap_or_else(|| panic!("{}: no PTX for sm_{arch}", m.name));
             assert_entries(m.name, &format!("sm_{arch}"), ptx);
+            if m.only_cc.is_some() {
+                assert!(ptx.contains(&format!(".target sm_{arch}a")), "{}: nvcc output not for sm_{arch}a", m.name);
+            }
         }
     }
 }
@@ -152,9 +156,21 @@ fn nvrtc_compiles_every_module() {
         return;
     }
     for m in cuda::modules() {
-        for cc in [80, 90] {
+        for cc in archs(m) {
             let ptx = cuda::compile_with_nvrtc(m, cc).unwrap_or_else(|e| panic!("{e}"));
             assert_entries(m.name, &format!("compute_{cc}"), &ptx);
+            if m.only_cc.is_some() {
+                assert!(ptx.contains(&format!(".target sm_{cc}a")), "{}: NVRTC output not for sm_{cc}a", m.name);
+            }
+        }
+        if m.only_cc.is_some() {
+            let err = cuda::compile_with_nvrtc(m, 80).expect_err("an sm_90a module compiled for compute_80");
+            assert!(err.to_string().contains("sm_90a alone"), "{err}");
         }
     }
+}
+
+/// The archs a module is built for: sm_80 and sm_90, or its one target.
+fn archs(m: &cuda::CudaModuleSource) -> Vec<u32> {
+    m.only_cc.map_or(vec![80, 90], |cc| vec![cc])
 }

@@ -48,13 +48,15 @@ chmod 700 "$XDG_RUNTIME_DIR" 2>/dev/null || true
 echo "== cargo test"
 cargo test --locked 2>&1
 
-echo "== ptxas -v for sm_90 (registers and spills per kernel)"
+echo "== ptxas -v for sm_90 and sm_90a (registers and spills per kernel)"
 # The newest build output that holds PTX (a build without nvcc leaves source only, for NVRTC).
 out=$(ls -td target/debug/build/tuna-*/out 2>/dev/null | while read -r d; do ls "$d"/*.sm_90.ptx >/dev/null 2>&1 && echo "$d" && break; done)
 [ -n "$out" ] || { echo "no build output with PTX found"; exit 1; }
 spilled=0
-for ptx in "$out"/*.sm_90.ptx; do
-  report=$("$cuda/bin/ptxas" -v -arch=sm_90 "$ptx" -o /dev/null 2>&1)
+for ptx in "$out"/*.sm_90.ptx "$out"/*.sm_90a.ptx; do
+  [ -e "$ptx" ] || continue
+  arch=${ptx##*.sm_}; arch=sm_${arch%.ptx}  # sm_90, or sm_90a for a module tied to it
+  report=$("$cuda/bin/ptxas" -v -arch="$arch" "$ptx" -o /dev/null 2>&1)
   echo "$report" | awk -v f="$(basename "$ptx")" '
     /Compiling entry function/ { gsub(/['\''`]/, "", $7); name = $7 }
     /spill stores/ { spills = $5 " stores, " $9 " loads" }

@@ -24,6 +24,9 @@ pub struct CudaModuleSource {
     /// PTX compiled by nvcc at build time, as (compute capability * 10, text); empty when the
     /// crate was built without nvcc.
     pub ptx: &'static [(u32, &'static str)],
+    /// `Some(90)` for a module built for `sm_90a` alone (wgmma, TMA tensor copies: the file's
+    /// first line is `// arch: sm_90a`): it loads only on a compute capability 9.0 device.
+    pub only_cc: Option<u32>,
 }
 
 include!(concat!(env!("OUT_DIR"), "/cuda_modules.rs"));
@@ -76,14 +79,28 @@ pub fn device_name(ordinal: usize) -> Result<String> {
 /// PTX for a module at a compute capability: the embedded PTX of the highest arch not above
 /// `cc`, or NVRTC's output for `compute_<cc>` when nothing embedded fits.
 pub fn ptx_for(module: &CudaModuleSource, cc: u32) -> Result<String> {
+    check_target(module, cc)?;
     if let Some((_, ptx)) = module.ptx.iter().filter(|(arch, _)| *arch <= cc).max_by_key(|(a, _)| *a) {
         return Ok((*ptx).to_string());
     }
     compile_with_nvrtc(module, cc)
 }
 
-/// Compiles a module's embedded source with NVRTC for `compute_<cc>`. Needs libnvrtc but no GPU.
+/// A module built for one architecture alone cannot run anywhere else.
+fn check_target(module: &CudaModuleSource, cc: u32) -> Result<()> {
+    match module.only_cc {
+        Some(only) if only != cc => Err(Error::Cuda {
+            context: format!("module `{}`", module.name),
+            message: format!("built for sm_{only}a alone; this device is compute capability {}.{}", cc / 10, cc % 10),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Compiles a module's embedded source with NVRTC for `compute_<cc>` (`compute_90a` for a
+/// module tied to sm_90a). Needs libnvrtc but no GPU.
 pub fn compile_with_nvrtc(module: &CudaModuleSource, cc: u32) -> Result<String> {
+    check_target(module, cc)?;
     if !nvrtc_present() {
         return Err(Error::Cuda {
             context: format!("NVRTC compile of `{}`", module.name),
@@ -91,6 +108,7 @@ pub fn compile_with_nvrtc(module: &CudaModuleSource, cc: u32) -> Result<String> 
         });
     }
     let arch: &'static str = match cc {
+        90 if module.only_cc == Some(90) => "compute_90a",
         c if c >= 120 => "compute_120",
         c if c >= 100 => "compute_100",
         c if c >= 90 => "compute_90",
@@ -140,6 +158,11 @@ impl ModuleCache {
             functions: Mutex::new(HashMap::new()),
             profile: Mutex::new(None),
         })
+    }
+
+    /// The device's compute capability times 10 (90 for an H100).
+    pub fn compute_capability(&self) -> u32 {
+        self.cc
     }
 
     /// The device's multiprocessor count.

@@ -141,3 +141,5 @@ pub mod wgsl;
 /// Scratch (`s·XA`, `s·G`, `[M, R]` each) is allocated on the stream per call.
 #[allow(clippy::too_many_arguments)]
 pub mod cuda;
+
+pub mod sm90;

@@ -156,7 +156,7 @@ fn cases() -> Vec<CaseResult> {
         })
     };
     for m in cuda::modules() {
-        for cc in [80, 90] {
+        for cc in m.only_cc.map_or(vec![80, 90], |cc| vec![cc]) {
             let r = if cuda::nvrtc_present() {
                 cuda::compile_with_nvrtc(m, cc).map(|_| ()).map_err(|e| e.to_string())
             } else {

@@ -114,13 +114,17 @@ impl GemmOut<'_, '_> {
     }
 }
 
-/// Launches `lora_gemm_*`, or `nf4_lora_gemm_*` with W from `nf4`. An output with too few
+/// Launches `lora_gemm_*`, or `nf4_lora_gemm_*` with W from `nf4`; on an H100 or H200 the big
+/// dense products go to `gemm_sm90_*` instead (`super::sm90`). An output with too few
 /// blocks to fill the GPU (the rank-R products: XA and G with N = R, dA and dBᵀ with M = R,
 /// over K = features or tokens; never with a bias) is split along K (`split_k`): each slice of K tiles adds into its own zeroed f32 `[M, N]` buffer, and
 /// `gemm_sum_splits*` sums the slices in order into C (added to an f32 C, written as a 16-bit
 /// one), the same result every run.
 pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g: Gemm, mut c: GemmOut<'_, '_>, nf4: Option<&Nf4Device>) -> Result<()> {
     if g.m == 0 || g.n == 0 {
+        return Ok(());
+    }
+    if super::sm90::gemm(stream, modules, dt, &g, &mut c, nf4.is_some())? {
         return Ok(());
     }
     let name = format!("{}lora_gemm{}_{}", if nf4.is_some() { "nf4_" } else { "" }, if g.kn { "_kn" } else { "" }, dt.suffix());

@@ -1,0 +1,240 @@
+// arch: sm_90a
+// The LoRA GEMM on Hopper's own path (H100, H200): wgmma, the warpgroup MMA that reads both
+// operands from shared memory, fed by the tensor-memory accelerator (TMA,
+// cp.async.bulk.tensor) through an mbarrier pipeline. It computes what `lora_gemm_*` in
+// lora_gemm.cu computes, with the same conventions:
+//
+//   C[M, N] = alpha * (A1 . op(B1) over K1  +  A2 . op(B2) over K2) (+ bias)
+//
+// A1, A2 row-major [M, K1] / [M, K2]; B stored [N, K] (forward: Y = X.W^T + s.XA.B^T) or, in
+// the `_kn` instances, [K, N] (dX = dY.W + s.G.A). C is written in the 16-bit type, or added to
+// an f32 buffer (c32). The launcher (`src/kernels/lora/sm90.rs`) sends a GEMM here only on a
+// compute-capability 9.0 device, for outputs of at least one tile, with every operand's rows
+// 16-byte aligned (TMA's rule); everything else (NF4, split-K, thin rank-R products, other
+// GPUs) stays on lora_gemm.cu's mma.sync kernels. This file is built for sm_90a alone
+// (`arch:` line above; build.rs compiles it with -arch=compute_90a).
+//
+// Block: 384 threads, three warpgroups. Warpgroup 0 is the producer: one thread issues the TMA
+// loads of each K tile (A: a 128 x 64 box; B: a 256 x 64 box, or four 64 x 64 boxes for the
+// [K, N] layout) into a 4-stage ring, each stage completing on its `full` mbarrier by byte
+// count. Warpgroups 1 and 2 are the consumers: each owns 64 rows of the 128 x 256 block tile
+// and runs, per K tile, four wgmma.m64n256k16 (128 f32 accumulators per thread), keeps one
+// batch in flight (wait_group 1) and hands the previous stage back through its `empty`
+// mbarrier (one arrival per consumer warp, 8 in all). Out-of-range rows and columns of a box
+// (ragged M, N, K; K2 = R < 64) are zero-filled by the TMA, so tails need no code.
+//
+// Shared memory: stage s holds A (16 KiB) then B (32 KiB), 1024-byte aligned, in TMA's
+// 128-byte swizzle (16-byte chunk c of row r stored at chunk c ^ (r % 8)), which is the layout
+// the descriptors below name (swizzle mode 1).
+// - K-major operands (A; B stored [N, K]): rows of 64 elements (128 B), 8-row groups 1024 B
+//   apart (SBO); the k16 slice ks starts 32*ks bytes into the row (LBO unused for this layout).
+// - B stored [K, N] (`_kn`, imm-trans-b = 1): four boxes of 64 K-rows x 64 N (8 KiB each) side
+//   by side along N (LBO = 8192, the distance between 64-wide N chunks), 8-row K groups 1024 B
+//   apart (SBO); the k16 slice ks starts 16 rows = 2048 bytes further.
+//
+// Tile order: blocks walk the output in groups of 8 row tiles (column-major inside a group),
+// so the blocks resident at once share their A rows and B columns in L2.
+//
+// Floor (H100 SXM, 8192 x 14336 x 4096 bf16): 962 GFLOP at the ~990 TFLOP/s dense peak is
+// 0.97 ms; cuBLAS reaches ~700-750 TFLOP/s. Not yet measured (no GPU run so far).
+#include "common.cuh"
+#include "mma.cuh"
+
+#define SM90_BM 128
+#define SM90_BN 256
+#define SM90_BK 64
+#define SM90_STAGES 4
+#define SM90_THREADS 384
+#define A_BYTES (SM90_BM * SM90_BK * 2)
+#define B_BYTES (SM90_BN * SM90_BK * 2)
+#define STAGE_BYTES (A_BYTES + B_BYTES)
+#define GROUP_M 8
+
+typedef unsigned long long u64;
+
+// CUtensorMap as the driver encodes it (cuTensorMapEncodeTiled on the host): 128 opaque bytes.
+struct __align__(64) TensorMap {
+    u64 opaque[16];
+};
+
+__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+// Arrives once and adds `bytes` to the transactions the current phase waits for.
+__device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+// Blocks until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT;\n"
+        "}\n" ::"r"(smem_addr(bar)),
+        "r"(parity)
+        : "memory");
+}
+
+// One 2-D box of `map` at element coordinates (c0 innermost, c1) into shared memory at `dst`,
+// completing on `bar`.
+__device__ __forceinline__ void tma_load(u32 dst, const TensorMap* map, int c0, int c1, u64* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
+        "l"((u64)map), "r"(c0), "r"(c1), "r"(smem_addr(bar))
+        : "memory");
+}
+
+// A shared-memory matrix descriptor in the 128-byte swizzle: start address, leading and stride
+// byte offsets (each stored >> 4), swizzle mode 1 in bits 62-63.
+__device__ __forceinline__ u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
+    return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+
+// The 128 accumulator operands of an m64n256 wgmma.
+#define ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define ACC32(i) ACC8(i), ACC8(i + 8), ACC8(i + 16), ACC8(i + 24)
+#define ACC_REGS                                                                            \
+    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                               \
+    "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"                      \
+    "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"                      \
+    "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"                      \
+    "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"                      \
+    "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"                      \
+    "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"          \
+    "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}"
+
+// d += A.B for a 64 x 256 x 16 slice: A and B from shared memory (descriptors), f32 accumulate,
+// B transposed (stored [K, N]) when TB is 1.
+#define WGMMA_256(TYPE)                                                                              \
+    asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " " ACC_REGS          \
+                 ", %128, %129, 1, 1, 1, 0, %130;"                                                   \
+                 : ACC32(0), ACC32(32), ACC32(64), ACC32(96)                                          \
+                 : "l"(da), "l"(db), "n"(TB))
+template <int TB> __device__ __forceinline__ void wgmma_256(Bf16, float* d, u64 da, u64 db) { WGMMA_256("bf16"); }
+template <int TB> __device__ __forceinline__ void wgmma_256(F16, float* d, u64 da, u64 db) { WGMMA_256("f16"); }
+
+template <typename T, bool KN>
+__device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const TensorMap* tb1, const TensorMap* ta2, const TensorMap* tb2, const unsigned short* bias, unsigned short* c, float* c32, int m, int n, int k1, int k2, float alpha) {
+    extern __shared__ unsigned char smem_raw[];
+    __shared__ __align__(8) u64 full[SM90_STAGES], empty[SM90_STAGES];
+    const u32 base = (smem_addr(smem_raw) + 1023u) & ~1023u;  // the launcher adds 1 KiB of slack
+
+    // This block's output tile, in groups of GROUP_M row tiles.
+    const int tiles_m = (m + SM90_BM - 1) / SM90_BM, tiles_n = (n + SM90_BN - 1) / SM90_BN;
+    const int per_group = GROUP_M * tiles_n, first = (blockIdx.x / per_group) * GROUP_M;
+    const int rows = min(tiles_m - first, GROUP_M), in_group = blockIdx.x % per_group;
+    const int m0 = (first + in_group % rows) * SM90_BM, n0 = (in_group / rows) * SM90_BN;
+    const int tiles1 = (k1 + SM90_BK - 1) / SM90_BK, tiles = tiles1 + (k2 + SM90_BK - 1) / SM90_BK;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < SM90_STAGES; s++) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    }
+    __syncthreads();
+
+    const int wg = threadIdx.x / 128;
+    if (wg == 0) {
+        // Producer: tile kt goes to stage kt % STAGES once the consumers released the tile
+        // that stage held before (kt - STAGES), i.e. once phase kt / STAGES - 1 of its `empty`
+        // barrier completed.
+        if (threadIdx.x == 0) {
+            for (int kt = 0; kt < tiles; kt++) {
+                const int s = kt % SM90_STAGES;
+                if (kt >= SM90_STAGES) mbar_wait(&empty[s], (u32)((kt / SM90_STAGES - 1) & 1));
+                const u32 a_s = base + s * STAGE_BYTES, b_s = a_s + A_BYTES;
+                const bool second = kt >= tiles1;
+                const int k0 = (second ? kt - tiles1 : kt) * SM90_BK;
+                const TensorMap* ta = second ? ta2 : ta1;
+                const TensorMap* tb = second ? tb2 : tb1;
+                mbar_expect_tx(&full[s], STAGE_BYTES);
+                tma_load(a_s, ta, k0, m0, &full[s]);
+                if (KN) {
+#pragma unroll
+                    for (int j = 0; j < SM90_BN / 64; j++) tma_load(b_s + j * 8192, tb, n0 + 64 * j, k0, &full[s]);
+                } else {
+                    tma_load(b_s, tb, k0, n0, &full[s]);
+                }
+            }
+        }
+        return;
+    }
+
+    // Consumers: warpgroup 1 takes rows 0..63 of the tile, warpgroup 2 rows 64..127.
+    const int cw = wg - 1, lane = threadIdx.x & 31;
+    float d[128];
+#pragma unroll
+    for (int i = 0; i < 128; i++) d[i] = 0.0f;
+    for (int kt = 0; kt < tiles; kt++) {
+        const int s = kt % SM90_STAGES;
+        mbar_wait(&full[s], (u32)((kt / SM90_STAGES) & 1));
+        const u32 a_s = base + s * STAGE_BYTES + cw * 64 * 128, b_s = base + s * STAGE_BYTES + A_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < SM90_BK / 16; ks++) {
+            const u64 da = smem_desc(a_s + ks * 32, 16, 1024);
+            const u64 db = KN ? smem_desc(b_s + ks * 2048, 8192, 1024) : smem_desc(b_s + ks * 32, 16, 1024);
+            wgmma_256<KN ? 1 : 0>(T{}, d, da, db);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // tile kt - 1's products are done: its stage may be refilled
+        if (kt > 0 && lane == 0) mbar_arrive(&empty[(kt - 1) % SM90_STAGES]);
+    }
+    wgmma_wait<0>();
+
+    // Epilogue. Thread t of the warpgroup (warp w, lane l) holds, for each 8-column slice j,
+    // d[4j], d[4j+1] at row 16w + l/4, columns 8j + 2(l%4) and +1, and d[4j+2], d[4j+3] 8 rows
+    // below (mma.sync's C layout, repeated along N).
+    const int t = threadIdx.x & 127;
+    const int r0 = m0 + cw * 64 + (t >> 5) * 16 + (lane >> 2);
+    const bool pairs = c32 == nullptr && (n & 1) == 0 && ((u64)c & 3) == 0;
+#pragma unroll
+    for (int j = 0; j < SM90_BN / 8; j++) {
+        const int col = n0 + 8 * j + 2 * (lane & 3);
+        if (col >= n) continue;
+        const bool two = col + 1 < n;
+        float b0 = 0.0f, b1 = 0.0f;
+        if (bias != nullptr) {
+            b0 = T::to_f32(bias[col]);
+            if (two) b1 = T::to_f32(bias[col + 1]);
+        }
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int row = r0 + 8 * h;
+            if (row >= m) continue;
+            const float v0 = alpha * d[4 * j + 2 * h] + b0, v1 = alpha * d[4 * j + 2 * h + 1] + b1;
+            const long o = (long)row * n + col;
+            if (c32 != nullptr) {
+                c32[o] += v0;
+                if (two) c32[o + 1] += v1;
+            } else if (pairs) {
+                *reinterpret_cast<u32*>(c + o) = (u32)T::from_f32(v0) | ((u32)T::from_f32(v1) << 16);
+            } else {
+                c[o] = T::from_f32(v0);
+                if (two) c[o + 1] = T::from_f32(v1);
+            }
+        }
+    }
+}
+
+#define SM90_PARAMS                                                                                                  \
+    const __grid_constant__ TensorMap ta1, const __grid_constant__ TensorMap tb1, const __grid_constant__ TensorMap ta2, \
+        const __grid_constant__ TensorMap tb2, const unsigned short *bias, unsigned short *c, float *c32, int m, int n, int k1, int k2, float alpha
+#define SM90_ARGS &ta1, &tb1, &ta2, &tb2, bias, c, c32, m, n, k1, k2, alpha
+
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_bf16(SM90_PARAMS) { gemm_sm90_body<Bf16, false>(SM90_ARGS); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_f16(SM90_PARAMS) { gemm_sm90_body<F16, false>(SM90_ARGS); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_kn_bf16(SM90_PARAMS) { gemm_sm90_body<Bf16, true>(SM90_ARGS); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_kn_f16(SM90_PARAMS) { gemm_sm90_body<F16, true>(SM90_ARGS); }

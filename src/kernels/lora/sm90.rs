@@ -1,0 +1,256 @@
+//! Hopper's path for the LoRA GEMM family: `kernels-cuda/gemm_sm90.cu` (wgmma fed by TMA
+//! through an mbarrier ring, a 128 × 256 block tile), taken by `cuda::gemm` on a compute
+//! capability 9.0 device (H100, H200) for the big products: the base and fused LoRA forward
+//! (B stored `[N, K]`), dX (B stored `[K, N]`), and f32-accumulated outputs such as dW. What it
+//! does not take stays on the mma.sync kernels of `lora_gemm.cu`: NF4 weights, outputs of
+//! fewer tiles than half the multiprocessors (the rank-R products, decoding), and operands
+//! whose rows are not 16-byte aligned (TMA's rule).
+//!
+//! `set_mode` (or `TUNA_SM90` in the environment: `0` off, `force`) picks the path for a
+//! process: gpu-check runs the LoRA cases with the path forced onto every GEMM it can read
+//! (small and ragged shapes included) and with it off, and times both kernels.
+
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use cudarc::driver::sys::{self, CUtensorMap};
+use cudarc::driver::{CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::cuda::{launch_err, to_i32, Gemm, GemmOut, Half};
+use crate::device::cuda::ModuleCache;
+use crate::{Error, Result};
+
+/// Block tile (rows, columns), K tile and threads of `gemm_sm90_*`; see gemm_sm90.cu.
+pub(crate) const TILE: (usize, usize) = (128, 256);
+const BK: usize = 64;
+const THREADS: u32 = 384;
+const STAGES: usize = 4;
+/// Dynamic shared memory: the stages (A 128 × 64 and B 256 × 64, 16-bit) and 1 KiB so the
+/// kernel can align stage 0 to the 1024 bytes the 128-byte swizzle repeats over.
+const SMEM_BYTES: usize = STAGES * (TILE.0 + TILE.1) * BK * 2 + 1024;
+
+/// Which GEMMs take the sm_90a path on a compute capability 9.0 device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// None: every GEMM runs on the mma.sync kernels.
+    Off,
+    /// The big ones (`big_enough`); the default.
+    Auto,
+    /// Every dense GEMM whose operands TMA can read, whatever its size (for tests).
+    Force,
+}
+
+static MODE: AtomicU8 = AtomicU8::new(0);
+static REFUSED: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets the mode for this process.
+pub fn set_mode(mode: Mode) {
+    MODE.store(mode as u8 + 1, Ordering::Relaxed);
+}
+
+/// The mode: as set, else from `TUNA_SM90` (`0` or `off`: Off; `force`: Force; else Auto).
+pub fn mode() -> Mode {
+    match MODE.load(Ordering::Relaxed) {
+        1 => Mode::Off,
+        2 => Mode::Auto,
+        3 => Mode::Force,
+        _ => {
+            let mode = match std::env::var("TUNA_SM90").as_deref() {
+                Ok("0") | Ok("off") => Mode::Off,
+                Ok("force") => Mode::Force,
+                _ => Mode::Auto,
+            };
+            set_mode(mode);
+            mode
+        }
+    }
+}
+
+/// GEMMs this process sent back to the mma.sync kernels because the driver refused to
+/// describe an operand to the TMA (cuTensorMapEncodeTiled failed): 0 on a healthy run.
+pub fn refused() -> usize {
+    REFUSED.load(Ordering::Relaxed)
+}
+
+/// A CUtensorMap as a kernel argument (`const __grid_constant__ TensorMap`): 128 bytes, passed
+/// by value.
+#[repr(transparent)]
+struct TensorMap(CUtensorMap);
+
+// SAFETY: plain bytes; the kernel declares the parameter as a 128-byte, 64-byte-aligned struct.
+unsafe impl DeviceRepr for TensorMap {}
+
+/// One operand as TMA reads it: a row-major `[rows, cols]` matrix with row stride `ld`
+/// elements, in boxes of `box_rows` × 64 elements, swizzled by 128 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Box2d {
+    pub rows: usize,
+    pub cols: usize,
+    pub ld: usize,
+    pub box_rows: u32,
+}
+
+impl Box2d {
+    /// The cuTensorMapEncodeTiled arguments: (global dims innermost first, the row stride in
+    /// bytes, box dims innermost first).
+    fn encode_args(&self) -> ([u64; 2], [u64; 1], [u32; 2]) {
+        ([self.cols as u64, self.rows as u64], [(self.ld * 2) as u64], [BK as u32, self.box_rows])
+    }
+}
+
+/// The four operands' boxes of a GEMM `[m, n]` over k1 then k2 with row strides `ld` (A1, B1,
+/// A2, B2): A `[m, k]`, B `[n, k]` or (kn) `[k, n]`; A1, B1 again when k2 is 0 (never read).
+pub(crate) fn boxes((m, n, k1, k2): (usize, usize, usize, usize), kn: bool, ld: [usize; 4]) -> [Box2d; 4] {
+    let a = |k: usize, ld: usize| Box2d { rows: m, cols: k, ld, box_rows: TILE.0 as u32 };
+    let b = |k: usize, ld: usize| match kn {
+        false => Box2d { rows: n, cols: k, ld, box_rows: TILE.1 as u32 },
+        true => Box2d { rows: k, cols: n, ld, box_rows: BK as u32 },
+    };
+    let (a1, b1) = (a(k1, ld[0]), b(k1, ld[1]));
+    match k2 {
+        0 => [a1, b1, a1, b1],
+        k2 => [a1, b1, a(k2, ld[2]), b(k2, ld[3])],
+    }
+}
+
+/// Whether a GEMM of these sizes is worth this kernel's 128 × 256 tiles on `sms`
+/// multiprocessors: at least half of them get a block, and K spans a K tile.
+pub(crate) fn big_enough(m: usize, n: usize, k1: usize, sms: usize) -> bool {
+    let tiles = m.div_ceil(TILE.0) * n.div_ceil(TILE.1);
+    m >= TILE.0 && n >= TILE.1 && k1 >= BK && 2 * tiles >= sms
+}
+
+fn aligned(ptr: u64, ld: usize) -> bool {
+    ptr % 16 == 0 && ld % 8 == 0
+}
+
+fn encode(ptr: u64, b: &Box2d, dt: Half) -> Option<TensorMap> {
+    let (dims, strides, boxes) = b.encode_args();
+    let elem_strides = [1u32, 1];
+    let ty = match dt {
+        Half::Bf16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+        Half::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+    };
+    let mut map = std::mem::MaybeUninit::<CUtensorMap>::zeroed();
+    // SAFETY: every array holds rank (2) or rank - 1 entries as the call requires; the address
+    // is a live device allocation of at least (rows - 1)·ld + cols elements (checked by the
+    // GEMM's callers), 16-byte aligned with a 16-byte multiple row stride (checked by `gemm`).
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            ty,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    // SAFETY: on success the driver filled the map.
+    (r == sys::CUresult::CUDA_SUCCESS).then(|| TensorMap(unsafe { map.assume_init() }))
+}
+
+/// Runs the GEMM on `gemm_sm90_*` when the device, the switch, the operands and the sizes allow
+/// (see the module doc); Ok(false) when it is not taken, so the caller runs the mma.sync
+/// kernel instead.
+pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g: &Gemm, c: &mut GemmOut<'_, '_>, nf4: bool) -> Result<bool> {
+    let Some(b1) = g.b1 else { return Ok(false) };
+    let wanted = match mode() {
+        Mode::Off => false,
+        Mode::Auto => big_enough(g.m, g.n, g.k1, modules.multiprocessors()),
+        Mode::Force => true,
+    };
+    if nf4 || !wanted || modules.compute_capability() != 90 {
+        return Ok(false);
+    }
+    let (a1p, _a1g) = g.a1.0.device_ptr(stream);
+    let (b1p, _b1g) = b1.0.device_ptr(stream);
+    let (a2p, _a2g) = g.a2.0.device_ptr(stream);
+    let (b2p, _b2g) = g.b2.0.device_ptr(stream);
+    let mut ops = vec![(a1p, g.a1.1), (b1p, b1.1)];
+    if g.k2 > 0 {
+        ops.extend([(a2p, g.a2.1), (b2p, g.b2.1)]);
+    }
+    if !ops.iter().all(|&(p, ld)| aligned(p, ld)) {
+        return Ok(false);
+    }
+    let name = format!("gemm_sm90{}_{}", if g.kn { "_kn" } else { "" }, dt.suffix());
+    let i = |what: &str, v: usize| to_i32(&name, what, v);
+    let (m, n, k1, k2) = (i("m", g.m)?, i("n", g.n)?, i("k1", g.k1)?, i("k2", g.k2)?);
+    let [ba1, bb1, ba2, bb2] = boxes((g.m, g.n, g.k1, g.k2), g.kn, [g.a1.1, b1.1, g.a2.1, g.b2.1]);
+    let ptrs = if g.k2 > 0 { [a1p, b1p, a2p, b2p] } else { [a1p, b1p, a1p, b1p] };
+    // cuTensorMapEncodeTiled only validates and packs: a refusal (a layout the TMA cannot
+    // read) sends the GEMM to the mma.sync kernel, counted in `refused`.
+    let maps = match (encode(ptrs[0], &ba1, dt), encode(ptrs[1], &bb1, dt), encode(ptrs[2], &ba2, dt), encode(ptrs[3], &bb2, dt)) {
+        (Some(a1), Some(b1), Some(a2), Some(b2)) => [a1, b1, a2, b2],
+        _ => {
+            REFUSED.fetch_add(1, Ordering::Relaxed);
+            return Ok(false);
+        }
+    };
+    let f = modules.function("gemm_sm90", &name)?;
+    f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SMEM_BYTES as i32)
+        .map_err(|e| Error::cuda(format!("{name}: raising the shared memory limit to {SMEM_BYTES} bytes"), e))?;
+    let tiles = g.m.div_ceil(TILE.0) * g.n.div_ceil(TILE.1);
+    let cfg = LaunchConfig { grid_dim: (tiles as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 };
+    let null = 0u64;
+    let mut bld = stream.launch_builder(&f);
+    for map in &maps {
+        bld.arg(map);
+    }
+    match g.bias {
+        Some(b) => bld.arg(b),
+        None => bld.arg(&null),
+    };
+    match c {
+        GemmOut::Half(c) => bld.arg(&mut **c).arg(&null),
+        GemmOut::AddF32(c) => bld.arg(&null).arg(&mut **c),
+    };
+    bld.arg(&m).arg(&n).arg(&k1).arg(&k2).arg(&g.alpha);
+    // SAFETY: argument order and types match gemm_sm90_*; the tensor maps address the operands
+    // the caller checked against (m, n, k1, k2) and their row strides; c holds m·n elements.
+    unsafe { bld.launch(cfg) }.map_err(launch_err(&name))?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn big_enough_needs_a_full_tile_and_half_the_multiprocessors() {
+        assert!(big_enough(8192, 4096, 4096, 132));
+        assert!(!big_enough(8192, 16, 4096, 132), "N = R: the rank-R product");
+        assert!(!big_enough(16, 4096, 4096, 132), "decoding");
+        assert!(!big_enough(4096, 4096, 32, 132), "K under one tile");
+        // 4 x 8 tiles = 32 blocks: under half of 132.
+        assert!(!big_enough(512, 2048, 4096, 132));
+        assert!(big_enough(1024, 2048, 4096, 132));
+    }
+
+    #[test]
+    fn boxes_follow_the_operand_layouts() {
+        let ab = |rows, cols, ld, box_rows| Box2d { rows, cols, ld, box_rows };
+        // Forward: X [300, 200], W [520, 200]; LoRA: s.XA [300, 16], B [520, 16].
+        let fwd = boxes((300, 520, 200, 16), false, [200, 200, 16, 16]);
+        assert_eq!(fwd, [ab(300, 200, 200, 128), ab(520, 200, 200, 256), ab(300, 16, 16, 128), ab(520, 16, 16, 256)]);
+        // dX: dY [300, 520] against W [520, 200] read as [K, N]; s.G [300, 16], A [16, 200].
+        let dx = boxes((300, 200, 520, 16), true, [520, 200, 16, 200]);
+        assert_eq!(dx, [ab(300, 520, 520, 128), ab(520, 200, 200, 64), ab(300, 16, 16, 128), ab(16, 200, 200, 64)]);
+        // No second phase: the first operands stand in.
+        let plain = boxes((300, 520, 200, 0), false, [200, 200, 0, 0]);
+        assert_eq!(plain[2], plain[0]);
+        assert_eq!(plain[3], plain[1]);
+    }
+
+    #[test]
+    fn encode_args_are_innermost_first_in_bytes() {
+        let b = Box2d { rows: 300, cols: 200, ld: 264, box_rows: 128 };
+        assert_eq!(b.encode_args(), ([200, 300], [528], [64, 128]));
+    }
+}
