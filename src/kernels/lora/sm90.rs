@@ -230,7 +230,8 @@ mod tests {
         assert!(!big_enough(4096, 4096, 32, 132), "K under one tile");
         // 4 x 8 tiles = 32 blocks: under half of 132.
         assert!(!big_enough(512, 2048, 4096, 132));
-        assert!(big_enough(1024, 2048, 4096, 132));
+        // 8 x 16 = 128 blocks: enough.
+        assert!(big_enough(1024, 4096, 4096, 132));
     }
 
     #[test]
