@@ -19,6 +19,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 use serde_json::{json, Value};
 use tuna::device::cuda::CudaRuntime;
+use tuna::kernels::lora::sm90::{self, Mode};
 use tuna::kernels::lora::{self, cuda::Half, LoraParams};
 use tuna::kernels::nf4::{self, cuda::Nf4Device};
 use tuna::testing::Rng;
@@ -76,6 +77,41 @@ fn gemm_nt(blas: &CudaBlas, s: &Arc<CudaStream>, a: &CudaSlice<u16>, b: &CudaSli
     }
 }
 
+/// Row-major `C[m, n] = A[m, k]·B[k, n]` (both read along their rows, as dX = dY·W reads W):
+/// column-major `Cᵀ = Bᵀ·Aᵀ` with neither transposed.
+fn gemm_nn(blas: &CudaBlas, s: &Arc<CudaStream>, a: &CudaSlice<u16>, b: &CudaSlice<u16>, c: &mut CudaSlice<u16>, (m, n, k): (usize, usize, usize)) -> tuna::Result<()> {
+    let (ap, _ga) = a.device_ptr(s);
+    let (bp, _gb) = b.device_ptr(s);
+    let (cp, _gc) = c.device_ptr_mut(s);
+    let i = |v: usize| v as i32;
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    // SAFETY: as in `gemm_nt`: a holds m·k, b k·n and c m·n bf16 elements on the handle's stream.
+    unsafe {
+        blas::gemm_ex(
+            *blas.handle(),
+            bsys::cublasOperation_t::CUBLAS_OP_N,
+            bsys::cublasOperation_t::CUBLAS_OP_N,
+            i(n),
+            i(m),
+            i(k),
+            (&alpha) as *const f32 as *const _,
+            bp as *const _,
+            bsys::cudaDataType::CUDA_R_16BF,
+            i(n),
+            ap as *const _,
+            bsys::cudaDataType::CUDA_R_16BF,
+            i(k),
+            (&beta) as *const f32 as *const _,
+            cp as *mut _,
+            bsys::cudaDataType::CUDA_R_16BF,
+            i(n),
+            bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+        .map_err(blas_err)
+    }
+}
+
 pub fn lora_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
     const K: usize = 4096;
     const R: usize = 16;
@@ -117,13 +153,47 @@ pub fn lora_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
                 let (xv, av, bv) = (x.slice(..), a.slice(..), b.slice(..));
                 lora::cuda::forward(s, md, Half::Bf16, &xv, &xv, lora::cuda::Weight::Nf4(&nf4_dev), None, &av, &bv, &mut y.slice_mut(..), &mut xa.slice_mut(..), p)
             })?;
-            let shape = format!("[{m}, {n}, {K}]");
-            for (kernel, us, flops) in [
+            let mut rows = vec![
                 ("cublas base (peer)", base, base_flops),
                 ("cublas lora (3 calls)", unfused, lora_flops),
                 ("tuna lora fused", fused, lora_flops),
                 ("tuna nf4 lora", nf4_us, lora_flops),
-            ] {
+            ];
+            if m >= 2048 {
+                // The plain GEMM (rank 0) and dX = dY·W (the backward's big product, W read as
+                // [K, N]) beside cuBLAS; on an H100 each also on the mma.sync kernels with
+                // Hopper's path off, the kernel the path replaces.
+                let dy = upload(s, &mut rng, m * n, 1.0)?;
+                let mut dx = s.alloc_zeros::<u16>(m * K).map_err(cuda_err("alloc"))?;
+                let blas_dx = time_us(rt, || gemm_nn(&blas, s, &dy, &w, &mut dx, (m, K, n)))?;
+                rows.push(("cublas dX", blas_dx, base_flops));
+                let on_hopper = md.compute_capability() == 90;
+                for mode in if on_hopper { vec![Mode::Auto, Mode::Off] } else { vec![Mode::Auto] } {
+                    sm90::set_mode(mode);
+                    let timed = (
+                        time_us(rt, || lora::cuda::linear(s, md, Half::Bf16, &x.slice(..), lora::cuda::Weight::Dense(&w.slice(..)), None, &mut y.slice_mut(..), (m, n, K))),
+                        time_us(rt, || lora::cuda::linear_dx(s, md, Half::Bf16, &dy.slice(..), lora::cuda::Weight::Dense(&w.slice(..)), &mut dx.slice_mut(..), (m, n, K))),
+                    );
+                    sm90::set_mode(Mode::Auto);
+                    let (base_us, dx_us) = (timed.0?, timed.1?);
+                    if mode == Mode::Auto {
+                        rows.push(("tuna base gemm", base_us, base_flops));
+                        rows.push(("tuna dX", dx_us, base_flops));
+                    } else {
+                        rows.push(("tuna base gemm (mma.sync)", base_us, base_flops));
+                        rows.push(("tuna dX (mma.sync)", dx_us, base_flops));
+                        sm90::set_mode(Mode::Off);
+                        let fused_mma = time_us(rt, || {
+                            let (xv, wv, av, bv) = (x.slice(..), w.slice(..), a.slice(..), b.slice(..));
+                            lora::cuda::forward(s, md, Half::Bf16, &xv, &xv, lora::cuda::Weight::Dense(&wv), None, &av, &bv, &mut y.slice_mut(..), &mut xa.slice_mut(..), p)
+                        });
+                        sm90::set_mode(Mode::Auto);
+                        rows.push(("tuna lora fused (mma.sync)", fused_mma?, lora_flops));
+                    }
+                }
+            }
+            let shape = format!("[{m}, {n}, {K}]");
+            for (kernel, us, flops) in rows {
                 let tflops = flops / us / 1e6;
                 println!("  {:<40} {:>10.1} {:>10.1} {:>9.2}x", format!("{kernel} {shape}"), us, tflops, us / base);
                 rows_out.push(json!({"kernel": kernel, "m": m, "n": n, "k": K, "r": R, "time_us": us, "tflops": tflops, "time_vs_cublas_base": us / base}));

@@ -13,6 +13,7 @@
 //! 4. prints a short table and writes `OUT_DIR/gpu-check.json`.
 //!
 //! Exit status: 0 when every case passed, 1 when one failed, 2 when no CUDA device was found.
+//! `gpu-check OUT_DIR --sm90-smoke` runs only the cases of Hopper's GEMM path (`sm90_cases`).
 //! Later kernels add their cases to `cases()` and `benches()`.
 
 mod attention_bench;
@@ -78,6 +79,20 @@ fn main() -> ExitCode {
         }
     };
 
+    if std::env::args().nth(2).as_deref() == Some("--sm90-smoke") {
+        // run.sh's first step, under a time limit: Hopper's GEMM path on its own, so that a
+        // broken or hanging wgmma kernel turns the path off (TUNA_SM90=0) for the rest of the run
+        // instead of failing it.
+        let mut failed = 0;
+        let mut ran = 0;
+        sm90_cases(&mut |name, r| {
+            ran += 1;
+            failed += usize::from(r.is_err());
+            println!("  {:<4} {:<44} {}", if r.is_ok() { "ok" } else { "FAIL" }, name, r.err().unwrap_or_default());
+        });
+        println!("sm90 smoke: {} of {ran} cases passed{}", ran - failed, if ran == 0 { " (not a compute capability 9.0 device)" } else { "" });
+        return if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+    }
     println!("\ntests (against the f64 CPU reference):");
     let results = cases();
     let mut failed = 0;
@@ -175,7 +190,8 @@ fn cases() -> Vec<CaseResult> {
         }
     }
     optim_cases(&mut push);
-    lora_cases(&mut push);
+    lora_cases(&mut push, "", false);
+    sm90_cases(&mut push);
     token_op_cases(&mut push);
     attention_cases(&mut push);
     model_cases(&mut push);
@@ -262,20 +278,7 @@ fn token_op_cases(push: &mut impl FnMut(String, Result<(), String>)) {
             push(format!("embedding {dtype} T {tokens} V {vocab} E {dim}"), check_embedding(dev, dtype, tokens, vocab, dim, i as u64));
         }
     }
-    // All four transpositions; a transposed a (dW = dYᵀ·X of a trained weight) through the
-    // transpose kernel.
-    for (i, mnk) in [(1, 1, 1), (5, 67, 33), (70, 9, 130), (1024, 512, 2048)].into_iter().enumerate() {
-        push(format!("matmul bf16 {mnk:?}, every transposition"), tuna::testing::token_ops::check_matmul(dev, DType::BF16, mnk, i as u64));
-    }
-    // Sparse fine-tuning's linear (the apply and gather kernels around the GEMMs): the cases of
-    // tests/ops_devices.rs and a larger one (1% of a 1024 x 1024 weight, 512 tokens).
-    {
-        use tuna::testing::sparse::{check_sparse_linear, SparseCase};
-        let larger = SparseCase { batch: 2, m: 512, n: 1024, k: 1024, nnz: 10486, bias: false, weight_grad: true };
-        for (i, c) in tuna::testing::sparse::CASES.into_iter().chain([larger]).enumerate() {
-            push(format!("sparse_linear bf16 m {} n {} k {} nnz {} bias {} dW {}", c.m, c.n, c.k, c.nnz, c.bias, c.weight_grad), check_sparse_linear(dev, DType::BF16, c, i as u64));
-        }
-    }
+    gemm_user_cases(push, "");
     for dtype in [DType::F32, DType::BF16] {
         for (i, (m, n)) in [(1, 1), (37, 301), (4096, 2048)].into_iter().enumerate() {
             push(format!("add/scale {dtype} [{m}, {n}], bit-exact"), tuna::testing::token_ops::check_add_scale(dev, dtype, m, n, i as u64));
@@ -286,10 +289,52 @@ fn token_op_cases(push: &mut impl FnMut(String, Result<(), String>)) {
     }
 }
 
+/// The GEMM's other callers: `matmul` in all four transpositions (a transposed a, as for dW =
+/// dYᵀ·X, through the transpose kernel; f32-accumulated outputs), and sparse fine-tuning's
+/// linear (the apply and gather kernels around the GEMMs: the cases of tests/ops_devices.rs and
+/// 1% of a 1024 x 1024 weight at 512 tokens). `tag` joins each name.
+fn gemm_user_cases(push: &mut impl FnMut(String, Result<(), String>), tag: &str) {
+    use tuna::testing::sparse::{check_sparse_linear, SparseCase};
+    let dev = Device::Cuda(0);
+    for (i, mnk) in [(1, 1, 1), (5, 67, 33), (70, 9, 130), (1024, 512, 2048)].into_iter().enumerate() {
+        push(format!("matmul bf16 {mnk:?}, every transposition{tag}"), tuna::testing::token_ops::check_matmul(dev, DType::BF16, mnk, i as u64));
+    }
+    let larger = SparseCase { batch: 2, m: 512, n: 1024, k: 1024, nnz: 10486, bias: false, weight_grad: true };
+    for (i, c) in tuna::testing::sparse::CASES.into_iter().chain([larger]).enumerate() {
+        push(format!("sparse_linear bf16 m {} n {} k {} nnz {} bias {} dW {}{tag}", c.m, c.n, c.k, c.nnz, c.bias, c.weight_grad), check_sparse_linear(dev, DType::BF16, c, i as u64));
+    }
+}
+
+/// Hopper's GEMM path (`lora::sm90`, wgmma and TMA) forced onto every GEMM whose operands the
+/// TMA can read, whatever its size, so the small ragged shapes test its tails: the dense LoRA
+/// cases, the GEMM's other callers, and the model's loss and LoRA gradients against the CPU.
+/// Empty unless the device is compute capability 9.0. Leaves the path in its default mode.
+fn sm90_cases(push: &mut impl FnMut(String, Result<(), String>)) {
+    use tuna::kernels::lora::sm90::{self, Mode};
+    let on_hopper = cuda::runtime(0).is_ok_and(|rt| rt.modules.compute_capability() == 90);
+    if !on_hopper {
+        return;
+    }
+    sm90::set_mode(Mode::Force);
+    lora_cases(push, " [sm90]", true);
+    gemm_user_cases(push, " [sm90]");
+    let dev = Device::Cuda(0);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tuna::testing::model::check_loss_and_grads(&dev, DType::BF16)));
+    match r {
+        Ok(r) => push("model bf16: loss and LoRA gradients vs cpu [sm90]".into(), r.map(|_| ())),
+        Err(_) => push("model bf16: loss and LoRA gradients vs cpu [sm90]".into(), Err("panicked".into())),
+    }
+    sm90::set_mode(Mode::Auto);
+    let refused = sm90::refused();
+    push(format!("sm90: tensor maps the driver refused: {refused}"), if refused == 0 { Ok(()) } else { Err(format!("{refused} GEMMs fell back to mma.sync")) });
+}
+
 /// The fused LoRA and NF4 cases: the bodies `tests/lora_devices.rs` runs on the CPU and wgpu,
 /// here in bf16 and f16. Shapes: ragged in every dimension, K a multiple of 8 (the cp.async
 /// path) and not (element loads), R up to 128, M <= 16 (the NF4 GEMV) and just above.
-fn lora_cases(push: &mut impl FnMut(String, Result<(), String>)) {
+/// With `dense_only`, the dense LoRA cases alone (no NF4, quantization or dropout kernels);
+/// `tag` joins each name.
+fn lora_cases(push: &mut impl FnMut(String, Result<(), String>), tag: &str, dense_only: bool) {
     use tuna::testing::lora::{check_dropout, check_lora, check_nf4_dequant, check_nf4_lora, check_nf4_quantize, LoraCase};
     let dev = Device::Cuda(0);
     let shapes = [
@@ -309,7 +354,10 @@ fn lora_cases(push: &mut impl FnMut(String, Result<(), String>)) {
     for dtype in [DType::BF16, DType::F16] {
         for (i, &(m, n, k, r)) in shapes.iter().enumerate() {
             let case = LoraCase { m, n, k, r, bias: i % 2 == 0, scale: 16.0 / r as f32, dtype, seed: i as u64, dropout: None };
-            push(format!("lora {dtype} m{m} n{n} k{k} r{r}"), check_lora(dev, case));
+            push(format!("lora {dtype} m{m} n{n} k{k} r{r}{tag}"), check_lora(dev, case));
+            if dense_only {
+                continue;
+            }
             push(format!("nf4 lora {dtype} m{m} n{n} k{k} r{r}"), check_nf4_lora(dev, case));
             if dtype == DType::BF16 {
                 let dropped = LoraCase { dropout: Some((0.1, 7 + i as u64)), ..case };
@@ -317,6 +365,9 @@ fn lora_cases(push: &mut impl FnMut(String, Result<(), String>)) {
                 push(format!("nf4 lora {dtype} m{m} n{n} k{k} r{r} dropout 0.1"), check_nf4_lora(dev, dropped));
             }
         }
+    }
+    if dense_only {
+        return;
     }
     for (i, len) in [1usize, 65, 1001, 64 * 256 + 7, 4096 * 4096].into_iter().enumerate() {
         push(format!("nf4 dequantize {len}"), check_nf4_dequant(dev, len, i as u64));

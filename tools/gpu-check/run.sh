@@ -34,6 +34,19 @@ for d in ${LD_LIBRARY_PATH//:/ } \
   fi
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee "$out/nvidia-smi.txt"
+# Hopper's GEMM path (wgmma + TMA, kernels-cuda/gemm_sm90.cu) first, on its own and under a
+# time limit: if a case fails or the kernel hangs, TUNA_SM90=0 keeps the rest of the run (the
+# checks, the benchmarks, the end-to-end rows) on the mma.sync kernels, and sm90-smoke.txt says
+# why. A second command into the same OUT_DIR reuses the first one's verdict.
+if [ -z "${TUNA_SM90:-}" ]; then
+  if [ ! -f "$out/sm90-smoke.txt" ] && [ -x "$bin" ]; then
+    timeout 180 "$bin" "$out" --sm90-smoke > "$out/sm90-smoke.txt" 2>&1
+    rc=$?
+    [ $rc = 0 ] || echo "TUNA_SM90=0: the smoke test exited with $rc (124: timed out)" >> "$out/sm90-smoke.txt"
+  fi
+  if grep -q '^TUNA_SM90=0' "$out/sm90-smoke.txt" 2>/dev/null; then export TUNA_SM90=0; fi
+  tail -3 "$out/sm90-smoke.txt" 2>/dev/null
+fi
 # TUNA_CHECKS=0 skips the gpu-check binary and the kernel baselines, so the end-to-end part
 # can run as a second command into the same OUT_DIR (each command has a time limit; the
 # whole script is estimated at 8-11 minutes on an H100 with every part on).

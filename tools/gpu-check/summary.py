@@ -2,7 +2,8 @@
 `python3 tools/gpu-check/summary.py OUT_DIR`).
 
 Reads what run.sh left in OUT_DIR and prints:
-  - the failed checks (gpu-check.json);
+  - the failed checks (gpu-check.json), and the smoke test of Hopper's GEMM path
+    (sm90-smoke.txt: whether the run kept it on);
   - the LoRA GEMM and NF4 targets gpu-check judged in the same run (issue 5);
   - flash attention against issue 6's targets: forward >= 300 and backward >= 250 TFLOP/s at
     D = 128, causal, T = 4096, and the forward >= 1.0x PyTorch's SDPA on every shape both timed
@@ -66,6 +67,34 @@ def gemm_targets(report):
         print("  none recorded")
     for b in rows:
         print(f"  {b['target']:<44} M {b['m']:<5} N {b['n']:<6} {verdict(b['met'])}")
+    # The big products beside cuBLAS: Hopper's wgmma path (the default on an H100) and, where
+    # timed, the mma.sync kernels it replaces.
+    timed = {(b["kernel"], b["m"], b["n"]): b for b in (report or {}).get("benchmarks", []) if "kernel" in b and "m" in b and "tflops" in b}
+    pairs = [("tuna base gemm", "cublas base (peer)"), ("tuna base gemm (mma.sync)", "cublas base (peer)"),
+             ("tuna lora fused", "cublas base (peer)"), ("tuna lora fused (mma.sync)", "cublas base (peer)"),
+             ("tuna dX", "cublas dX"), ("tuna dX (mma.sync)", "cublas dX")]
+    shown = False
+    for (kernel, m, n), b in sorted(timed.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+        for ours, peer in pairs:
+            p = timed.get((peer, m, n))
+            if kernel == ours and p and m >= 2048:
+                if not shown:
+                    print(f"  {'kernel':<28} {'M':>5} {'N':>6} {'TFLOP/s':>8} {'cuBLAS':>7} {'time vs cuBLAS':>15}")
+                    shown = True
+                print(f"  {ours:<28} {m:>5} {n:>6} {b['tflops']:>8.0f} {p['tflops']:>7.0f} {b['time_us'] / p['time_us']:>14.2f}x")
+
+
+def sm90_smoke(out):
+    print("\nHopper GEMM path smoke test (sm90-smoke.txt)")
+    try:
+        with open(os.path.join(out, "sm90-smoke.txt")) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        print(f"  ({e})")
+        return
+    for line in lines:
+        if line.startswith("  FAIL") or line.startswith("sm90") or line.startswith("TUNA_SM90"):
+            print(f"  {line.strip()}")
 
 
 def attention(report, torch):
@@ -159,6 +188,7 @@ def main():
     print(f"== summary of {out}")
     report = load(os.path.join(out, "gpu-check.json"))
     checks(report)
+    sm90_smoke(out)
     gemm_targets(report)
     torch = load(os.path.join(out, "torch-baseline.json")) if os.path.exists(os.path.join(out, "torch-baseline.json")) else None
     attention(report, torch)
