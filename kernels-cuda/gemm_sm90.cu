@@ -10,8 +10,10 @@
 // the `_kn` instances, [K, N] (dX = dY.W + s.G.A). C is written in the 16-bit type, or added to
 // an f32 buffer (c32). The launcher (`src/kernels/lora/sm90.rs`) sends a GEMM here only on a
 // compute-capability 9.0 device, for outputs of at least one tile, with every operand's rows
-// 16-byte aligned (TMA's rule); everything else (NF4, split-K, thin rank-R products, other
-// GPUs) stays on lora_gemm.cu's mma.sync kernels. This file is built for sm_90a alone
+// 16-byte aligned (TMA's rule); everything else (split-K, thin rank-R products, other GPUs)
+// stays on lora_gemm.cu's mma.sync kernels. The `nf4_` instances read W (B1) in NF4: the
+// producer warpgroup dequantizes each W tile into the stage (`nf4_tile`), never to global
+// memory, while thread 0 still loads A (and the LoRA phase's B) through the TMA. This file is built for sm_90a alone
 // (`arch:` line above; build.rs compiles it with -arch=compute_90a).
 //
 // Block: 384 threads, three warpgroups. Warpgroup 0 is the producer: one thread issues the TMA
@@ -39,6 +41,7 @@
 // 0.97 ms; cuBLAS reaches ~700-750 TFLOP/s. Not yet measured (no GPU run so far).
 #include "common.cuh"
 #include "mma.cuh"
+#include "nf4.cuh"
 
 #define SM90_BM 128
 #define SM90_BN 256
@@ -122,10 +125,52 @@ template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wg
 template <int TB> __device__ __forceinline__ void wgmma_256(Bf16, float* d, u64 da, u64 db) { WGMMA_256("bf16"); }
 template <int TB> __device__ __forceinline__ void wgmma_256(F16, float* d, u64 da, u64 db) { WGMMA_256("f16"); }
 
-template <typename T, bool KN>
-__device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const TensorMap* tb1, const TensorMap* ta2, const TensorMap* tb2, const unsigned short* bias, unsigned short* c, float* c32, int m, int n, int k1, int k2, float alpha) {
+// The NF4 W tile of K tile k0, dequantized by the producer warpgroup's 128 threads into stage
+// memory at `dst` in the layout the TMA would have written (128-byte swizzle): W is [wrows,
+// wcols] flat (wrows = N, wcols = K for the forward; wrows = K, wcols = N for dX, where the
+// GEMM's K runs over W's rows). The tile is ROWS x COLS of W from (r0, c0), COLS along W's
+// rows, stored as COLS / 64 boxes of ROWS x 64 side by side (one box in the forward: 256 x 64;
+// four in dX: 64 x 64 each). Each thread writes 16-byte chunks of 8 consecutive weights: one
+// u32 of codes and one block scale when the 8 lie inside W with K % 8 == 0, else weight by
+// weight (zero outside W), the arithmetic of `nf4_at` either way.
+template <typename T, int ROWS, int COLS>
+__device__ __forceinline__ void nf4_tile(u32 dst, const Nf4& q, const float* map, const float* code, int wrows, int wcols, int r0, int c0) {
+    constexpr int CHUNKS = ROWS * COLS / 8, PER_ROW = COLS / 8;
+    const bool wide = (wcols & 7) == 0 && ((u64)q.packed & 3) == 0;
+#pragma unroll 4
+    for (int ch = threadIdx.x; ch < CHUNKS; ch += 128) {
+        const int r = ch / PER_ROW, c8 = ch % PER_ROW;
+        const int gr = r0 + r, gc = c0 + c8 * 8;
+        u32 h[4] = {0u, 0u, 0u, 0u};
+        if (gr < wrows && wide && gc + 8 <= wcols) {
+            const long e = (long)gr * wcols + gc;
+            const u32 codes = *reinterpret_cast<const u32*>(q.packed + (e >> 1));
+            const long b = e >> 6;
+            const float a = __fadd_rn(__fmul_rn(map[q.absmax[b]], q.absmax2[b >> 8]), q.offset);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const u32 byte = (codes >> (8 * j)) & 0xffu;
+                h[j] = (u32)T::from_f32(__fmul_rn(code[byte >> 4], a)) | ((u32)T::from_f32(__fmul_rn(code[byte & 0xfu], a)) << 16);
+            }
+        } else if (gr < wrows) {
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const float v = gc + j < wcols ? nf4_at(q, map, code, (long)gr * wcols + gc + j) : 0.0f;
+                h[j >> 1] |= (u32)T::from_f32(v) << (16 * (j & 1));
+            }
+        }
+        const u32 at = dst + (c8 / 8) * (ROWS * 128) + r * 128 + (((c8 % 8) ^ (r % 8)) * 16);
+        asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(at), "r"(h[0]), "r"(h[1]), "r"(h[2]), "r"(h[3]) : "memory");
+    }
+}
+
+template <typename T, bool KN, bool NF4>
+__device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const TensorMap* tb1, const TensorMap* ta2, const TensorMap* tb2, const unsigned short* bias, unsigned short* c, float* c32, int m, int n, int k1, int k2, float alpha, const Nf4& q) {
     extern __shared__ unsigned char smem_raw[];
     __shared__ __align__(8) u64 full[SM90_STAGES], empty[SM90_STAGES];
+    __shared__ float tables[NF4 ? 272 : 1];
+    if (NF4)
+        for (int i = threadIdx.x; i < 272; i += SM90_THREADS) tables[i] = q.tables[i];
     const u32 base = (smem_addr(smem_raw) + 1023u) & ~1023u;  // the launcher adds 1 KiB of slack
 
     // This block's output tile, in groups of GROUP_M row tiles.
@@ -137,7 +182,7 @@ __device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const Tenso
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < SM90_STAGES; s++) {
-            mbar_init(&full[s], 1);
+            mbar_init(&full[s], NF4 ? 129 : 1);  // NF4: + one arrival per producer thread
             mbar_init(&empty[s], 8);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -150,7 +195,36 @@ __device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const Tenso
         // Producer: tile kt goes to stage kt % STAGES once the consumers released the tile
         // that stage held before (kt - STAGES), i.e. once phase kt / STAGES - 1 of its `empty`
         // barrier completed.
-        if (threadIdx.x == 0) {
+        if (NF4) {
+            // All 128 threads: thread 0 issues the TMA loads (A; B too in the LoRA phase) and
+            // every thread dequantizes its share of the W tile in the first phase, makes its
+            // stores visible to the tensor cores (the async proxy) and arrives.
+            for (int kt = 0; kt < tiles; kt++) {
+                const int s = kt % SM90_STAGES;
+                if (kt >= SM90_STAGES) mbar_wait(&empty[s], (u32)((kt / SM90_STAGES - 1) & 1));
+                const u32 a_s = base + s * STAGE_BYTES, b_s = a_s + A_BYTES;
+                const bool second = kt >= tiles1;
+                const int k0 = (second ? kt - tiles1 : kt) * SM90_BK;
+                if (threadIdx.x == 0) {
+                    mbar_expect_tx(&full[s], second ? STAGE_BYTES : A_BYTES);
+                    tma_load(a_s, second ? ta2 : ta1, k0, m0, &full[s]);
+                    if (second) {
+                        if (KN) {
+#pragma unroll
+                            for (int j = 0; j < SM90_BN / 64; j++) tma_load(b_s + j * 8192, tb2, n0 + 64 * j, k0, &full[s]);
+                        } else {
+                            tma_load(b_s, tb2, k0, n0, &full[s]);
+                        }
+                    }
+                }
+                if (!second) {
+                    if (KN) nf4_tile<T, SM90_BK, SM90_BN>(b_s, q, tables, tables + 256, k1, n, k0, n0);
+                    else nf4_tile<T, SM90_BN, SM90_BK>(b_s, q, tables, tables + 256, n, k1, n0, k0);
+                    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                }
+                mbar_arrive(&full[s]);
+            }
+        } else if (threadIdx.x == 0) {
             for (int kt = 0; kt < tiles; kt++) {
                 const int s = kt % SM90_STAGES;
                 if (kt >= SM90_STAGES) mbar_wait(&empty[s], (u32)((kt / SM90_STAGES - 1) & 1));
@@ -234,7 +308,13 @@ __device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const Tenso
         const __grid_constant__ TensorMap tb2, const unsigned short *bias, unsigned short *c, float *c32, int m, int n, int k1, int k2, float alpha
 #define SM90_ARGS &ta1, &tb1, &ta2, &tb2, bias, c, c32, m, n, k1, k2, alpha
 
-extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_bf16(SM90_PARAMS) { gemm_sm90_body<Bf16, false>(SM90_ARGS); }
-extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_f16(SM90_PARAMS) { gemm_sm90_body<F16, false>(SM90_ARGS); }
-extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_kn_bf16(SM90_PARAMS) { gemm_sm90_body<Bf16, true>(SM90_ARGS); }
-extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_kn_f16(SM90_PARAMS) { gemm_sm90_body<F16, true>(SM90_ARGS); }
+// Dense: B1, B2 stored [N, K] (forward) or [K, N] (_kn, dX).
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_bf16(SM90_PARAMS) { gemm_sm90_body<Bf16, false, false>(SM90_ARGS, Nf4{}); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_f16(SM90_PARAMS) { gemm_sm90_body<F16, false, false>(SM90_ARGS, Nf4{}); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_kn_bf16(SM90_PARAMS) { gemm_sm90_body<Bf16, true, false>(SM90_ARGS, Nf4{}); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_kn_f16(SM90_PARAMS) { gemm_sm90_body<F16, true, false>(SM90_ARGS, Nf4{}); }
+// NF4: W (B1) dequantized by the producer warpgroup from `packed` (tb1 unused), forward and dX.
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nf4_gemm_sm90_bf16(SM90_PARAMS, NF4_PARAMS) { gemm_sm90_body<Bf16, false, true>(SM90_ARGS, NF4_ARGS); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nf4_gemm_sm90_f16(SM90_PARAMS, NF4_PARAMS) { gemm_sm90_body<F16, false, true>(SM90_ARGS, NF4_ARGS); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nf4_gemm_sm90_kn_bf16(SM90_PARAMS, NF4_PARAMS) { gemm_sm90_body<Bf16, true, true>(SM90_ARGS, NF4_ARGS); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nf4_gemm_sm90_kn_f16(SM90_PARAMS, NF4_PARAMS) { gemm_sm90_body<F16, true, true>(SM90_ARGS, NF4_ARGS); }

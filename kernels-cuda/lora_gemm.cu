@@ -47,6 +47,7 @@
 // per element, grid-stride.
 #include "common.cuh"
 #include "mma.cuh"
+#include "nf4.cuh"
 
 #define BM 128
 #define BN 64
@@ -54,24 +55,6 @@
 #define PAD 8
 #define STAGES 3
 #define THREADS 128
-
-// The NF4 tables: the 16 code values are passed in `tables[256..272]` with the dynamic map in
-// `tables[0..256]`, both uploaded from the crate's own f32 tables.
-struct Nf4 {
-    const unsigned char* packed;
-    const unsigned char* absmax;
-    const float* absmax2;
-    const float* tables;
-    float offset;
-};
-
-__device__ __forceinline__ float nf4_at(const Nf4& q, const float* map, const float* code, long e) {
-    const unsigned char byte = q.packed[e >> 1];
-    const int c = (e & 1) ? (byte & 0xf) : (byte >> 4);
-    const long b = e >> 6;
-    const float a = __fadd_rn(__fmul_rn(map[q.absmax[b]], q.absmax2[b >> 8]), q.offset);
-    return __fmul_rn(code[c], a);
-}
 
 // One operand of the two-phase GEMM: row-major [rows, ld] storage.
 struct Operand {
@@ -273,8 +256,6 @@ __device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) 
     const unsigned short *a1, int lda1, const unsigned short *b1, int ldb1, const unsigned short *a2, \
         int lda2, const unsigned short *b2, int ldb2, const unsigned short *bias, unsigned short *c, float *c32, int m, int n, int k1, int k2, int split, float alpha
 #define GEMM_ARGS GemmArgs{{a1, lda1}, {b1, ldb1}, {a2, lda2}, {b2, ldb2}, bias, c, c32, m, n, k1, k2, split, alpha}
-#define NF4_PARAMS const unsigned char *packed, const unsigned char *absmax, const float *absmax2, const float *tables, float offset
-#define NF4_ARGS Nf4{packed, absmax, absmax2, tables, offset}
 
 // Dense: B1, B2 stored [N, K] (forward) or [K, N] (_kn, dX).
 extern "C" __global__ void __launch_bounds__(THREADS) lora_gemm_bf16(GEMM_PARAMS) {

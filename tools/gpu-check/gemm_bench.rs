@@ -6,7 +6,10 @@
 //! - `cublas lora (3 calls)`: the unfused LoRA forward, `Y = X·Wᵀ; XA = X·Aᵀ; Y += s·XA·Bᵀ`;
 //! - `tuna lora fused`: `lora::cuda::forward` (the LoRA term in the same output tile);
 //! - `tuna nf4 lora`: `lora::cuda::forward` with `Weight::Nf4` (W in NF4, dequantized in the tile loads; the
-//!   GEMV kernel for M <= 16).
+//!   GEMV kernel for M <= 16);
+//! - at M >= 2048: `cublas dX` (`dX = dY·W`, the backward's big product) beside `tuna dX`
+//!   (`linear_dx`), and `tuna base gemm` (`linear`, rank 0); on an H100 (Hopper's wgmma path by
+//!   default) each tuna row also with that path off, `(mma.sync)`.
 //!
 //! Targets (H100): fused <= 1.10x the base GEMM's time and >= 1.3x faster than the three
 //! calls; NF4 at M >= 2048 >= 0.8x the base GEMM's throughput; NF4 at M = 1 >= 2.5x faster
@@ -187,8 +190,13 @@ pub fn lora_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
                             let (xv, wv, av, bv) = (x.slice(..), w.slice(..), a.slice(..), b.slice(..));
                             lora::cuda::forward(s, md, Half::Bf16, &xv, &xv, lora::cuda::Weight::Dense(&wv), None, &av, &bv, &mut y.slice_mut(..), &mut xa.slice_mut(..), p)
                         });
+                        let nf4_mma = time_us(rt, || {
+                            let (xv, av, bv) = (x.slice(..), a.slice(..), b.slice(..));
+                            lora::cuda::forward(s, md, Half::Bf16, &xv, &xv, lora::cuda::Weight::Nf4(&nf4_dev), None, &av, &bv, &mut y.slice_mut(..), &mut xa.slice_mut(..), p)
+                        });
                         sm90::set_mode(Mode::Auto);
                         rows.push(("tuna lora fused (mma.sync)", fused_mma?, lora_flops));
+                        rows.push(("tuna nf4 lora (mma.sync)", nf4_mma?, lora_flops));
                     }
                 }
             }

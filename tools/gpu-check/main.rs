@@ -306,8 +306,8 @@ fn gemm_user_cases(push: &mut impl FnMut(String, Result<(), String>), tag: &str)
 }
 
 /// Hopper's GEMM path (`lora::sm90`, wgmma and TMA) forced onto every GEMM whose operands the
-/// TMA can read, whatever its size, so the small ragged shapes test its tails: the dense LoRA
-/// cases, the GEMM's other callers, and the model's loss and LoRA gradients against the CPU.
+/// TMA can read, whatever its size, so the small ragged shapes test its tails: the LoRA and
+/// NF4 LoRA cases, the GEMM's other callers, and the model's loss and LoRA gradients against the CPU.
 /// Empty unless the device is compute capability 9.0. Leaves the path in its default mode.
 fn sm90_cases(push: &mut impl FnMut(String, Result<(), String>)) {
     use tuna::kernels::lora::sm90::{self, Mode};
@@ -332,9 +332,9 @@ fn sm90_cases(push: &mut impl FnMut(String, Result<(), String>)) {
 /// The fused LoRA and NF4 cases: the bodies `tests/lora_devices.rs` runs on the CPU and wgpu,
 /// here in bf16 and f16. Shapes: ragged in every dimension, K a multiple of 8 (the cp.async
 /// path) and not (element loads), R up to 128, M <= 16 (the NF4 GEMV) and just above.
-/// With `dense_only`, the dense LoRA cases alone (no NF4, quantization or dropout kernels);
-/// `tag` joins each name.
-fn lora_cases(push: &mut impl FnMut(String, Result<(), String>), tag: &str, dense_only: bool) {
+/// With `gemm_only`, the LoRA and NF4 LoRA cases alone (no dropout, quantization or
+/// dequantization kernels); `tag` joins each name.
+fn lora_cases(push: &mut impl FnMut(String, Result<(), String>), tag: &str, gemm_only: bool) {
     use tuna::testing::lora::{check_dropout, check_lora, check_nf4_dequant, check_nf4_lora, check_nf4_quantize, LoraCase};
     let dev = Device::Cuda(0);
     let shapes = [
@@ -355,10 +355,10 @@ fn lora_cases(push: &mut impl FnMut(String, Result<(), String>), tag: &str, dens
         for (i, &(m, n, k, r)) in shapes.iter().enumerate() {
             let case = LoraCase { m, n, k, r, bias: i % 2 == 0, scale: 16.0 / r as f32, dtype, seed: i as u64, dropout: None };
             push(format!("lora {dtype} m{m} n{n} k{k} r{r}{tag}"), check_lora(dev, case));
-            if dense_only {
+            push(format!("nf4 lora {dtype} m{m} n{n} k{k} r{r}{tag}"), check_nf4_lora(dev, case));
+            if gemm_only {
                 continue;
             }
-            push(format!("nf4 lora {dtype} m{m} n{n} k{k} r{r}"), check_nf4_lora(dev, case));
             if dtype == DType::BF16 {
                 let dropped = LoraCase { dropout: Some((0.1, 7 + i as u64)), ..case };
                 push(format!("lora {dtype} m{m} n{n} k{k} r{r} dropout 0.1"), check_lora(dev, dropped));
@@ -366,7 +366,7 @@ fn lora_cases(push: &mut impl FnMut(String, Result<(), String>), tag: &str, dens
             }
         }
     }
-    if dense_only {
+    if gemm_only {
         return;
     }
     for (i, len) in [1usize, 65, 1001, 64 * 256 + 7, 4096 * 4096].into_iter().enumerate() {

@@ -72,6 +72,7 @@ def gemm_targets(report):
     timed = {(b["kernel"], b["m"], b["n"]): b for b in (report or {}).get("benchmarks", []) if "kernel" in b and "m" in b and "tflops" in b}
     pairs = [("tuna base gemm", "cublas base (peer)"), ("tuna base gemm (mma.sync)", "cublas base (peer)"),
              ("tuna lora fused", "cublas base (peer)"), ("tuna lora fused (mma.sync)", "cublas base (peer)"),
+             ("tuna nf4 lora", "cublas base (peer)"), ("tuna nf4 lora (mma.sync)", "cublas base (peer)"),
              ("tuna dX", "cublas dX"), ("tuna dX (mma.sync)", "cublas dX")]
     shown = False
     for (kernel, m, n), b in sorted(timed.items(), key=lambda kv: (kv[0][1], kv[0][2])):

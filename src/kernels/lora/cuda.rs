@@ -124,7 +124,7 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
     if g.m == 0 || g.n == 0 {
         return Ok(());
     }
-    if super::sm90::gemm(stream, modules, dt, &g, &mut c, nf4.is_some())? {
+    if super::sm90::gemm(stream, modules, dt, &g, &mut c, nf4)? {
         return Ok(());
     }
     let name = format!("{}lora_gemm{}_{}", if nf4.is_some() { "nf4_" } else { "" }, if g.kn { "_kn" } else { "" }, dt.suffix());

@@ -1,8 +1,9 @@
 //! Hopper's path for the LoRA GEMM family: `kernels-cuda/gemm_sm90.cu` (wgmma fed by TMA
 //! through an mbarrier ring, a 128 × 256 block tile), taken by `cuda::gemm` on a compute
 //! capability 9.0 device (H100, H200) for the big products: the base and fused LoRA forward
-//! (B stored `[N, K]`), dX (B stored `[K, N]`), and f32-accumulated outputs such as dW. What it
-//! does not take stays on the mma.sync kernels of `lora_gemm.cu`: NF4 weights, outputs of
+//! (B stored `[N, K]`), dX (B stored `[K, N]`), f32-accumulated outputs such as dW, and the
+//! same with an NF4 W (QLoRA: the producer warpgroup dequantizes W's tile into the stage). What
+//! it does not take stays on the mma.sync kernels of `lora_gemm.cu`: outputs of
 //! fewer tiles than half the multiprocessors (the rank-R products, decoding), and operands
 //! whose rows are not 16-byte aligned (TMA's rule).
 //!
@@ -18,6 +19,7 @@ use cudarc::driver::{CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernel
 
 use super::cuda::{launch_err, to_i32, Gemm, GemmOut, Half};
 use crate::device::cuda::ModuleCache;
+use crate::kernels::nf4::cuda::Nf4Device;
 use crate::{Error, Result};
 
 /// Block tile (rows, columns), K tile and threads of `gemm_sm90_*`; see gemm_sm90.cu.
@@ -75,6 +77,7 @@ pub fn refused() -> usize {
 /// A CUtensorMap as a kernel argument (`const __grid_constant__ TensorMap`): 128 bytes, passed
 /// by value.
 #[repr(transparent)]
+#[derive(Clone, Copy)]
 struct TensorMap(CUtensorMap);
 
 // SAFETY: plain bytes; the kernel declares the parameter as a 128-byte, 64-byte-aligned struct.
@@ -155,44 +158,60 @@ fn encode(ptr: u64, b: &Box2d, dt: Half) -> Option<TensorMap> {
     (r == sys::CUresult::CUDA_SUCCESS).then(|| TensorMap(unsafe { map.assume_init() }))
 }
 
-/// Runs the GEMM on `gemm_sm90_*` when the device, the switch, the operands and the sizes allow
-/// (see the module doc); Ok(false) when it is not taken, so the caller runs the mma.sync
-/// kernel instead.
-pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g: &Gemm, c: &mut GemmOut<'_, '_>, nf4: bool) -> Result<bool> {
-    let Some(b1) = g.b1 else { return Ok(false) };
+/// Runs the GEMM on `gemm_sm90_*` (`nf4_gemm_sm90_*` with W from `nf4`) when the device, the
+/// mode, the operands and the sizes allow (see the module doc); Ok(false) when it is not taken,
+/// so the caller runs the mma.sync kernel instead.
+pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g: &Gemm, c: &mut GemmOut<'_, '_>, nf4: Option<&Nf4Device>) -> Result<bool> {
     let wanted = match mode() {
         Mode::Off => false,
         Mode::Auto => big_enough(g.m, g.n, g.k1, modules.multiprocessors()),
         Mode::Force => true,
     };
-    if nf4 || !wanted || modules.compute_capability() != 90 {
+    if !wanted || modules.compute_capability() != 90 || g.b1.is_some() == nf4.is_some() {
         return Ok(false);
     }
     let (a1p, _a1g) = g.a1.0.device_ptr(stream);
-    let (b1p, _b1g) = b1.0.device_ptr(stream);
+    // B1: the dense weight, or none with NF4 (the producer dequantizes W; A1's map stands in).
+    let b1 = g.b1.map(|(b, ld)| (b.device_ptr(stream), ld));
     let (a2p, _a2g) = g.a2.0.device_ptr(stream);
     let (b2p, _b2g) = g.b2.0.device_ptr(stream);
-    let mut ops = vec![(a1p, g.a1.1), (b1p, b1.1)];
+    let mut ops = vec![(a1p, g.a1.1)];
+    if let Some(((p, _), ld)) = &b1 {
+        ops.push((*p, *ld));
+    }
     if g.k2 > 0 {
         ops.extend([(a2p, g.a2.1), (b2p, g.b2.1)]);
     }
     if !ops.iter().all(|&(p, ld)| aligned(p, ld)) {
         return Ok(false);
     }
-    let name = format!("gemm_sm90{}_{}", if g.kn { "_kn" } else { "" }, dt.suffix());
+    let name = format!("{}gemm_sm90{}_{}", if nf4.is_some() { "nf4_" } else { "" }, if g.kn { "_kn" } else { "" }, dt.suffix());
     let i = |what: &str, v: usize| to_i32(&name, what, v);
     let (m, n, k1, k2) = (i("m", g.m)?, i("n", g.n)?, i("k1", g.k1)?, i("k2", g.k2)?);
-    let [ba1, bb1, ba2, bb2] = boxes((g.m, g.n, g.k1, g.k2), g.kn, [g.a1.1, b1.1, g.a2.1, g.b2.1]);
-    let ptrs = if g.k2 > 0 { [a1p, b1p, a2p, b2p] } else { [a1p, b1p, a1p, b1p] };
+    let ldb1 = b1.as_ref().map_or(g.a1.1, |b| b.1);
+    let [ba1, bb1, ba2, bb2] = boxes((g.m, g.n, g.k1, g.k2), g.kn, [g.a1.1, ldb1, g.a2.1, g.b2.1]);
     // cuTensorMapEncodeTiled only validates and packs: a refusal (a layout the TMA cannot
     // read) sends the GEMM to the mma.sync kernel, counted in `refused`.
-    let maps = match (encode(ptrs[0], &ba1, dt), encode(ptrs[1], &bb1, dt), encode(ptrs[2], &ba2, dt), encode(ptrs[3], &bb2, dt)) {
-        (Some(a1), Some(b1), Some(a2), Some(b2)) => [a1, b1, a2, b2],
-        _ => {
-            REFUSED.fetch_add(1, Ordering::Relaxed);
-            return Ok(false);
-        }
+    let refuse = || {
+        REFUSED.fetch_add(1, Ordering::Relaxed);
+        Ok(false)
     };
+    let Some(ta1) = encode(a1p, &ba1, dt) else { return refuse() };
+    let tb1 = match &b1 {
+        Some(((p, _), _)) => match encode(*p, &bb1, dt) {
+            Some(t) => t,
+            None => return refuse(),
+        },
+        None => ta1,
+    };
+    let (ta2, tb2) = match g.k2 {
+        0 => (ta1, tb1),
+        _ => match (encode(a2p, &ba2, dt), encode(b2p, &bb2, dt)) {
+            (Some(a), Some(b)) => (a, b),
+            _ => return refuse(),
+        },
+    };
+    let maps = [ta1, tb1, ta2, tb2];
     let f = modules.function("gemm_sm90", &name)?;
     f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SMEM_BYTES as i32)
         .map_err(|e| Error::cuda(format!("{name}: raising the shared memory limit to {SMEM_BYTES} bytes"), e))?;
@@ -212,6 +231,9 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
         GemmOut::AddF32(c) => bld.arg(&null).arg(&mut **c),
     };
     bld.arg(&m).arg(&n).arg(&k1).arg(&k2).arg(&g.alpha);
+    if let Some(q) = nf4 {
+        q.push_args(&mut bld);
+    }
     // SAFETY: argument order and types match gemm_sm90_*; the tensor maps address the operands
     // the caller checked against (m, n, k1, k2) and their row strides; c holds m·n elements.
     unsafe { bld.launch(cfg) }.map_err(launch_err(&name))?;
