@@ -133,6 +133,19 @@ template <int TB> __device__ __forceinline__ void wgmma_256(F16, float* d, u64 d
 // four in dX: 64 x 64 each). Each thread writes 16-byte chunks of 8 consecutive weights: one
 // u32 of codes and one block scale when the 8 lie inside W with K % 8 == 0, else weight by
 // weight (zero outside W), the arithmetic of `nf4_at` either way.
+// Two f32 rounded to the 16-bit type in one instruction, `lo` in the low half (finite values:
+// the same bits as T::from_f32).
+__device__ __forceinline__ u32 pack2(Bf16, float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ u32 pack2(F16, float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
 template <typename T, int ROWS, int COLS>
 __device__ __forceinline__ void nf4_tile(u32 dst, const Nf4& q, const float* map, const float* code, int wrows, int wcols, int r0, int c0) {
     constexpr int CHUNKS = ROWS * COLS / 8, PER_ROW = COLS / 8;
@@ -150,7 +163,7 @@ __device__ __forceinline__ void nf4_tile(u32 dst, const Nf4& q, const float* map
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 const u32 byte = (codes >> (8 * j)) & 0xffu;
-                h[j] = (u32)T::from_f32(__fmul_rn(code[byte >> 4], a)) | ((u32)T::from_f32(__fmul_rn(code[byte & 0xfu], a)) << 16);
+                h[j] = pack2(T{}, __fmul_rn(code[byte >> 4], a), __fmul_rn(code[byte & 0xfu], a));
             }
         } else if (gr < wrows) {
 #pragma unroll
@@ -267,6 +280,9 @@ __device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const Tenso
         if (kt > 0 && lane == 0) mbar_arrive(&empty[(kt - 1) % SM90_STAGES]);
     }
     wgmma_wait<0>();
+    // Keeps the compiler from reading the accumulators above the wait (they are plain registers
+    // to it; the asm above only clobbers memory).
+    asm volatile("" : ACC32(0), ACC32(32), ACC32(64), ACC32(96)::"memory");
 
     // Epilogue. Thread t of the warpgroup (warp w, lane l) holds, for each 8-column slice j,
     // d[4j], d[4j+1] at row 16w + l/4, columns 8j + 2(l%4) and +1, and d[4j+2], d[4j+3] 8 rows

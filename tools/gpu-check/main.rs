@@ -325,8 +325,12 @@ fn sm90_cases(push: &mut impl FnMut(String, Result<(), String>)) {
         Err(_) => push("model bf16: loss and LoRA gradients vs cpu [sm90]".into(), Err("panicked".into())),
     }
     sm90::set_mode(Mode::Auto);
-    let refused = sm90::refused();
-    push(format!("sm90: tensor maps the driver refused: {refused}"), if refused == 0 { Ok(()) } else { Err(format!("{refused} GEMMs fell back to mma.sync")) });
+    let (refused, launched) = (sm90::refused(), sm90::launched());
+    push(format!("sm90: {launched} GEMMs ran on the sm_90a kernels, {refused} refused by the driver"), match (refused, launched) {
+        (0, 1..) => Ok(()),
+        (0, 0) => Err("no GEMM took the path: the cases above tested mma.sync".into()),
+        _ => Err(format!("{refused} GEMMs fell back to mma.sync")),
+    });
 }
 
 /// The fused LoRA and NF4 cases: the bodies `tests/lora_devices.rs` runs on the CPU and wgpu,

@@ -44,6 +44,7 @@ pub enum Mode {
 
 static MODE: AtomicU8 = AtomicU8::new(0);
 static REFUSED: AtomicUsize = AtomicUsize::new(0);
+static LAUNCHED: AtomicUsize = AtomicUsize::new(0);
 
 /// Sets the mode for this process.
 pub fn set_mode(mode: Mode) {
@@ -69,9 +70,15 @@ pub fn mode() -> Mode {
 }
 
 /// GEMMs this process sent back to the mma.sync kernels because the driver refused to
-/// describe an operand to the TMA (cuTensorMapEncodeTiled failed): 0 on a healthy run.
+/// describe an operand to the TMA (cuTensorMapEncodeTiled failed) or, in Auto, to load or
+/// configure the kernel (the path is then off for the rest of the process): 0 on a healthy run.
 pub fn refused() -> usize {
     REFUSED.load(Ordering::Relaxed)
+}
+
+/// GEMMs this process ran on the sm_90a kernels (so a test can tell the path was taken).
+pub fn launched() -> usize {
+    LAUNCHED.load(Ordering::Relaxed)
 }
 
 /// A CUtensorMap as a kernel argument (`const __grid_constant__ TensorMap`): 128 bytes, passed
@@ -167,7 +174,7 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
         Mode::Auto => big_enough(g.m, g.n, g.k1, modules.multiprocessors()),
         Mode::Force => true,
     };
-    if !wanted || modules.compute_capability() != 90 || g.b1.is_some() == nf4.is_some() {
+    if !wanted || modules.compute_capability() != 90 || g.b1.is_some() == nf4.is_some() || g.k1 == 0 {
         return Ok(false);
     }
     let (a1p, _a1g) = g.a1.0.device_ptr(stream);
@@ -212,9 +219,21 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
         },
     };
     let maps = [ta1, tb1, ta2, tb2];
-    let f = modules.function("gemm_sm90", &name)?;
-    f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SMEM_BYTES as i32)
-        .map_err(|e| Error::cuda(format!("{name}: raising the shared memory limit to {SMEM_BYTES} bytes"), e))?;
+    let f = modules.function("gemm_sm90", &name).and_then(|f| {
+        f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SMEM_BYTES as i32)
+            .map_err(|e| Error::cuda(format!("{name}: raising the shared memory limit to {SMEM_BYTES} bytes"), e))?;
+        Ok(f)
+    });
+    let f = match f {
+        Ok(f) => f,
+        // In Auto the mma.sync kernels stand in for the rest of the process (a driver that
+        // cannot load sm_90a code); forced, the failure is the answer.
+        Err(_) if mode() == Mode::Auto => {
+            set_mode(Mode::Off);
+            return refuse();
+        }
+        Err(e) => return Err(e),
+    };
     let tiles = g.m.div_ceil(TILE.0) * g.n.div_ceil(TILE.1);
     let cfg = LaunchConfig { grid_dim: (tiles as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: SMEM_BYTES as u32 };
     let null = 0u64;
@@ -237,6 +256,7 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
     // SAFETY: argument order and types match gemm_sm90_*; the tensor maps address the operands
     // the caller checked against (m, n, k1, k2) and their row strides; c holds m·n elements.
     unsafe { bld.launch(cfg) }.map_err(launch_err(&name))?;
+    LAUNCHED.fetch_add(1, Ordering::Relaxed);
     Ok(true)
 }
 
