@@ -31,18 +31,11 @@
 // and flash_attn_fwd_pipe_* with cp.async and ldmatrix (see PIPE below).
 #include "common.cuh"
 #include "mma.cuh"
+#include "attention.cuh"
 
 #define FA_BR 64
 #define FA_BC 64
 #define FA_THREADS 128
-// -inf without math headers (NVRTC compiles this source without an include path).
-#define FA_NEG_INF (__int_as_float(0xff800000))
-
-struct FaParams {
-    int batch, q_len, kv_len, heads, kv_heads;
-    int causal, window;  // window 0: none
-    float scale_log2;    // softmax scale * log2(e): scores live in the log2 domain
-};
 
 __device__ __forceinline__ u32 pack2(unsigned short lo, unsigned short hi) { return (u32)lo | ((u32)hi << 16); }
 
@@ -162,54 +155,8 @@ __device__ __forceinline__ void flash_attn_fwd(const unsigned short* __restrict_
             }
         }
 
-        // Mask and the online softmax (log2 domain).
-        float tmax0 = FA_NEG_INF, tmax1 = FA_NEG_INF;
-#pragma unroll
-        for (int j = 0; j < FA_BC / 8; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int t = e < 2 ? r0 : r1;
-                const int s = kv0 + j * 8 + 2 * c + (e & 1);
-                const unsigned int st = e < 2 ? st0 : st1;
-                bool ok = s < S;
-                if (p.causal) ok = ok && s <= t + off;
-                if (p.window > 0) ok = ok && s > t + off - p.window;
-                if (starts) ok = ok && (unsigned int)s >= st;
-                const float x = ok ? sacc[j][e] * p.scale_log2 : FA_NEG_INF;
-                sacc[j][e] = x;
-                if (e < 2) tmax0 = fmaxf(tmax0, x); else tmax1 = fmaxf(tmax1, x);
-            }
-        }
-#pragma unroll
-        for (int sh = 1; sh < 4; sh <<= 1) {
-            tmax0 = fmaxf(tmax0, __shfl_xor_sync(0xffffffffu, tmax0, sh));
-            tmax1 = fmaxf(tmax1, __shfl_xor_sync(0xffffffffu, tmax1, sh));
-        }
-        const float mn0 = fmaxf(m0, tmax0), mn1 = fmaxf(m1, tmax1);
-        // A row with nothing visible yet keeps m = -inf: its p are 0 and nothing rescales.
-        const float a0 = mn0 == FA_NEG_INF ? 1.0f : exp2f(m0 - mn0);
-        const float a1 = mn1 == FA_NEG_INF ? 1.0f : exp2f(m1 - mn1);
-        m0 = mn0;
-        m1 = mn1;
-        float ps0 = 0.0f, ps1 = 0.0f;
-#pragma unroll
-        for (int j = 0; j < FA_BC / 8; ++j) {
-            sacc[j][0] = mn0 == FA_NEG_INF ? 0.0f : exp2f(sacc[j][0] - mn0);
-            sacc[j][1] = mn0 == FA_NEG_INF ? 0.0f : exp2f(sacc[j][1] - mn0);
-            sacc[j][2] = mn1 == FA_NEG_INF ? 0.0f : exp2f(sacc[j][2] - mn1);
-            sacc[j][3] = mn1 == FA_NEG_INF ? 0.0f : exp2f(sacc[j][3] - mn1);
-            ps0 += sacc[j][0] + sacc[j][1];
-            ps1 += sacc[j][2] + sacc[j][3];
-        }
-        l0 = l0 * a0 + ps0;  // this lane's columns only; summed across the quad at the end
-        l1 = l1 * a1 + ps1;
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-            oacc[n][0] *= a0;
-            oacc[n][1] *= a0;
-            oacc[n][2] *= a1;
-            oacc[n][3] *= a1;
-        }
+        // Mask and the online softmax (log2 domain); O rescaled.
+        fa_softmax_step<NT>(&sacc[0][0], &oacc[0][0], kv0, r0, r1, c, off, st0, st1, starts != nullptr, p, m0, m1, l0, l1);
 
         if constexpr (PIPE) {
             __syncthreads();  // every warp is done with this K tile
@@ -254,26 +201,7 @@ __device__ __forceinline__ void flash_attn_fwd(const unsigned short* __restrict_
     }
     if constexpr (PIPE) cp_async_wait<0>();
 
-    // Epilogue: O / l and lse = (m + log2 l) * ln 2, rows past T skipped.
-#pragma unroll
-    for (int sh = 1; sh < 4; sh <<= 1) {
-        l0 += __shfl_xor_sync(0xffffffffu, l0, sh);
-        l1 += __shfl_xor_sync(0xffffffffu, l1, sh);
-    }
-    const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-    unsigned short* ob = o + ((long)b * T_) * q_row + (long)h * D;
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-        const int col = n * 8 + 2 * c;
-        if (r0 < T_) *(u32*)(ob + r0 * q_row + col) = pack2(T::from_f32(oacc[n][0] * inv0), T::from_f32(oacc[n][1] * inv0));
-        if (r1 < T_) *(u32*)(ob + r1 * q_row + col) = pack2(T::from_f32(oacc[n][2] * inv1), T::from_f32(oacc[n][3] * inv1));
-    }
-    if (c == 0) {
-        const float ln2 = 0.69314718055994531f;
-        float* lb = lse + ((long)b * H + h) * T_;
-        if (r0 < T_) lb[r0] = l0 > 0.0f ? (m0 + log2f(l0)) * ln2 : FA_NEG_INF;
-        if (r1 < T_) lb[r1] = l1 > 0.0f ? (m1 + log2f(l1)) * ln2 : FA_NEG_INF;
-    }
+    fa_store_out<T, D>(o, lse, &oacc[0][0], p, b, h, r0, r1, c, m0, m1, l0, l1);
 }
 
 // LB: the launch bounds. 64 and 128 (the dims the kernels were tuned at) leave ptxas its

@@ -42,6 +42,7 @@
 #include "common.cuh"
 #include "mma.cuh"
 #include "nf4.cuh"
+#include "wgmma.cuh"
 
 #define SM90_BM 128
 #define SM90_BN 256
@@ -52,8 +53,6 @@
 #define B_BYTES (SM90_BN * SM90_BK * 2)
 #define STAGE_BYTES (A_BYTES + B_BYTES)
 #define GROUP_M 8
-
-typedef unsigned long long u64;
 
 // CUtensorMap as the driver encodes it (cuTensorMapEncodeTiled on the host): 128 opaque bytes.
 struct __align__(64) TensorMap {
@@ -92,33 +91,10 @@ __device__ __forceinline__ void tma_load(u32 dst, const TensorMap* map, int c0, 
         : "memory");
 }
 
-// A shared-memory matrix descriptor in the 128-byte swizzle: start address, leading and stride
-// byte offsets (each stored >> 4), swizzle mode 1 in bits 62-63.
-__device__ __forceinline__ u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
-    return (u64)((addr & 0x3FFFFu) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32) | (1ull << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
-
-// The 128 accumulator operands of an m64n256 wgmma.
-#define ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
-#define ACC32(i) ACC8(i), ACC8(i + 8), ACC8(i + 16), ACC8(i + 24)
-#define ACC_REGS                                                                            \
-    "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"                               \
-    "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"                      \
-    "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"                      \
-    "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"                      \
-    "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"                      \
-    "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"                      \
-    "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"          \
-    "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}"
-
 // d += A.B for a 64 x 256 x 16 slice: A and B from shared memory (descriptors), f32 accumulate,
 // B transposed (stored [K, N]) when TB is 1.
 #define WGMMA_256(TYPE)                                                                              \
-    asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " " ACC_REGS          \
+    asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " " WG_D128           \
                  ", %128, %129, 1, 1, 1, 0, %130;"                                                   \
                  : ACC32(0), ACC32(32), ACC32(64), ACC32(96)                                          \
                  : "l"(da), "l"(db), "n"(TB))
@@ -172,7 +148,7 @@ __device__ __forceinline__ void nf4_tile(u32 dst, const Nf4& q, const float* map
                 h[j >> 1] |= (u32)T::from_f32(v) << (16 * (j & 1));
             }
         }
-        const u32 at = dst + (c8 / 8) * (ROWS * 128) + r * 128 + (((c8 % 8) ^ (r % 8)) * 16);
+        const u32 at = dst + (c8 / 8) * (ROWS * 128) + swizzled(r, c8 % 8);
         asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(at), "r"(h[0]), "r"(h[1]), "r"(h[2]), "r"(h[3]) : "memory");
     }
 }
@@ -280,9 +256,7 @@ __device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const Tenso
         if (kt > 0 && lane == 0) mbar_arrive(&empty[(kt - 1) % SM90_STAGES]);
     }
     wgmma_wait<0>();
-    // Keeps the compiler from reading the accumulators above the wait (they are plain registers
-    // to it; the asm above only clobbers memory).
-    asm volatile("" : ACC32(0), ACC32(32), ACC32(64), ACC32(96)::"memory");
+    wgmma_operand_fence<128>(d);  // the epilogue's reads stay below the wait
 
     // Epilogue. Thread t of the warpgroup (warp w, lane l) holds, for each 8-column slice j,
     // d[4j], d[4j+1] at row 16w + l/4, columns 8j + 2(l%4) and +1, and d[4j+2], d[4j+3] 8 rows

@@ -75,6 +75,7 @@ fn entry_points(module: &str) -> &'static [&'static str] {
             "transpose_b16",
             "transpose_b32",
         ],
+        "flash_attention_sm90" => &["flash_attn_fwd_sm90_bf16_d64", "flash_attn_fwd_sm90_f16_d64", "flash_attn_fwd_sm90_bf16_d128", "flash_attn_fwd_sm90_f16_d128"],
         "gemm_sm90" => &[
             "gemm_sm90_bf16",
             "gemm_sm90_f16",
@@ -132,7 +133,7 @@ fn assert_entries(module: &str, arch: &str, ptx: &str) {
 #[test]
 fn every_module_is_embedded() {
     let names: Vec<&str> = cuda::modules().iter().map(|m| m.name).collect();
-    for want in ["rmsnorm", "optim", "lora_gemm", "rope", "dropout", "cast", "elementwise", "embedding", "flash_attention", "cross_entropy", "sparse", "gemm_sm90"] {
+    for want in ["rmsnorm", "optim", "lora_gemm", "rope", "dropout", "cast", "elementwise", "embedding", "flash_attention", "cross_entropy", "sparse", "gemm_sm90", "flash_attention_sm90"] {
         assert!(names.contains(&want), "no module {want} in {names:?}");
     }
     for m in cuda::modules() {

@@ -519,31 +519,56 @@ pub mod cuda {
     // SAFETY: plain old data laid out as the kernel's struct.
     unsafe impl DeviceRepr for Params {}
 
-    /// The forward kernel: the first version (tiles loaded with plain loads between barriers)
-    /// or the pipelined one (cp.async overlapping loads with the math, ldmatrix fragments).
-    /// The model should take `Sync` until a GPU run has compared the two (`tools/gpu-check`).
+    /// The forward kernel: the first version (tiles loaded with plain loads between barriers),
+    /// the pipelined one (cp.async overlapping loads with the math, ldmatrix fragments), both on
+    /// mma.sync; Hopper's (`flash_attention_sm90.cu`: wgmma, head dims 64 and 128, compute
+    /// capability 9.0 only); or `Auto`: Hopper's where it applies and the Hopper path is not off
+    /// (`lora::sm90::mode`, `TUNA_SM90=0`), else the first.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum FwdKernel {
         Sync,
         Pipelined,
+        Hopper,
+        Auto,
     }
 
     impl FwdKernel {
-        /// The model's choice: `TUNA_FA_FORWARD=pipelined` picks the pipelined kernel, anything
-        /// else (or unset) the first one, so a GPU run can time the model with each without a
+        /// The model's choice: `TUNA_FA_FORWARD=sync|pipelined|hopper` picks that kernel,
+        /// anything else (or unset) `Auto`, so a GPU run can time the model with each without a
         /// rebuild. Read once per process.
         pub fn for_model() -> FwdKernel {
             static CHOICE: std::sync::OnceLock<FwdKernel> = std::sync::OnceLock::new();
             *CHOICE.get_or_init(|| match std::env::var("TUNA_FA_FORWARD").as_deref() {
                 Ok("pipelined") => FwdKernel::Pipelined,
-                _ => FwdKernel::Sync,
+                Ok("sync") => FwdKernel::Sync,
+                Ok("hopper") => FwdKernel::Hopper,
+                _ => FwdKernel::Auto,
             })
+        }
+
+        /// The kernel `self` means for head dim `d` on a device of compute capability `cc`
+        /// (`Auto` resolved); an error for Hopper's where it cannot run.
+        pub fn resolve(self, cc: u32, d: usize) -> Result<FwdKernel> {
+            let hopper = cc == 90 && HOPPER_HEAD_DIMS.contains(&d);
+            match self {
+                FwdKernel::Auto if hopper && crate::kernels::lora::sm90::mode() != crate::kernels::lora::sm90::Mode::Off => Ok(FwdKernel::Hopper),
+                FwdKernel::Auto => Ok(FwdKernel::Sync),
+                FwdKernel::Hopper if !hopper => Err(Error::InvalidArgument(format!(
+                    "flash_attn_fwd (cuda): the Hopper kernel needs a compute capability 9.0 device and head dim {HOPPER_HEAD_DIMS:?} (this is {}.{}, head dim {d})",
+                    cc / 10,
+                    cc % 10
+                ))),
+                k => Ok(k),
+            }
         }
     }
 
+    /// Head dims of the Hopper forward (`flash_attn_fwd_sm90_*`).
+    pub const HOPPER_HEAD_DIMS: [usize; 2] = [64, 128];
+
     /// `o = softmax(scale·q·kᵀ + mask)·v` and `lse` (`[B, H, T]`, natural log) for q `[B, T, H, D]`,
     /// k and v `[B, S, G, D]`; `starts` (`[B·T]`) are the packed rows' segment starts.
-    /// `kernel` picks the first or the pipelined forward.
+    /// `kernel` picks the forward kernel (`FwdKernel`).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         kernel: FwdKernel,
@@ -568,10 +593,20 @@ pub mod cuda {
         if p.batch == 0 || p.q_len == 0 || p.heads == 0 {
             return Ok(());
         }
-        let variant = if kernel == FwdKernel::Pipelined { "pipe_" } else { "" };
+        let kernel = kernel.resolve(modules.compute_capability(), d)?;
+        let (module, variant, smem) = match kernel {
+            FwdKernel::Pipelined => ("flash_attention", "pipe_", 0),
+            // Q, K[2], V[2] tiles of 64 rows x D 16-bit values, and 1 KiB to align them.
+            FwdKernel::Hopper => ("flash_attention_sm90", "sm90_", 5 * BLOCK_Q * d * 2 + 1024),
+            _ => ("flash_attention", "", 0),
+        };
         let name = format!("flash_attn_fwd_{variant}{}_d{d}", dt.suffix());
-        let f = modules.function("flash_attention", &name)?;
-        let cfg = LaunchConfig { grid_dim: (p.q_len.div_ceil(BLOCK_Q) as u32, p.heads as u32, p.batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let f = modules.function(module, &name)?;
+        if smem > 0 {
+            f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .map_err(|e| Error::cuda(format!("{name}: raising the shared memory limit to {smem} bytes"), e))?;
+        }
+        let cfg = LaunchConfig { grid_dim: (p.q_len.div_ceil(BLOCK_Q) as u32, p.heads as u32, p.batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
         let null = 0u64;
         let mut b = stream.launch_builder(&f);
         b.arg(q).arg(k).arg(v);

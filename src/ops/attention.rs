@@ -150,8 +150,9 @@ pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> 
 
 /// The attention op on CUDA: the flash-attention kernels (`kernels::attention::cuda`, bf16 or
 /// f16, head dims 32, 64, 96 and 128; causal, sliding window, packed rows) forward and backward; the row log-sum-exp is kept for the
-/// backward. The forward kernel is the first (`FwdKernel::Sync`) unless `TUNA_FA_FORWARD=pipelined`
-/// (`FwdKernel::for_model`), until a GPU run shows which is faster (tools/gpu-check times both).
+/// backward. The forward kernel is `FwdKernel::for_model`: Hopper's on an H100/H200 at head
+/// dims 64 and 128, else the first mma.sync one, unless `TUNA_FA_FORWARD` names one
+/// (tools/gpu-check times them all).
 fn attention_cuda(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, p: AttentionParams) -> Result<Tensor> {
     use crate::kernels::attention::cuda as fa;
     const OP: &str = "attention (cuda)";

@@ -1,5 +1,5 @@
-//! The CUDA flash attention forward (the first kernel and the pipelined one, `flash_attn_fwd_pipe`)
-//! and backward timed on issue 6's shapes: T in {512, 1k, 2k, 4k, 8k}, head
+//! The CUDA flash attention forward (the first kernel, the pipelined one `flash_attn_fwd_pipe`
+//! and, on an H100/H200, Hopper's `flash_attn_fwd_sm90`) and backward timed on issue 6's shapes: T in {512, 1k, 2k, 4k, 8k}, head
 //! dims 64 and 128, causal or not, bf16, with B·T = 16k tokens and H·D = 2048 (FlashAttention's
 //! benchmark setting). TFLOP/s in FlashAttention's count: `4·B·T²·D·H`, halved when causal.
 //! `torch_baseline.py` times `scaled_dot_product_attention` on the same shapes after this run.
@@ -46,6 +46,7 @@ pub fn attention_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
                     time_us(rt, || cuda::forward(kernel, s, &rt.modules, Half::Bf16, &q.slice(..), &k.slice(..), &v.slice(..), None, &mut o.slice_mut(..), &mut lse.slice_mut(..), &p))
                 };
                 let (us, pipe_us) = (fwd(cuda::FwdKernel::Sync)?, fwd(cuda::FwdKernel::Pipelined)?);
+                let hopper_us = if rt.modules.compute_capability() == 90 { Some(fwd(cuda::FwdKernel::Hopper)?) } else { None };
                 let bwd_us = time_us(rt, || {
                     cuda::backward(
                         s,
@@ -65,7 +66,11 @@ pub fn attention_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
                     )
                 })?;
                 let flops = 4.0 * (batch * t * t * d * heads) as f64 / if causal { 2.0 } else { 1.0 };
-                for (kernel, us, f) in [("flash_attn_fwd", us, flops), ("flash_attn_fwd_pipe", pipe_us, flops), ("flash_attn_bwd", bwd_us, 2.5 * flops)] {
+                let mut timed = vec![("flash_attn_fwd", us, flops), ("flash_attn_fwd_pipe", pipe_us, flops), ("flash_attn_bwd", bwd_us, 2.5 * flops)];
+                if let Some(h) = hopper_us {
+                    timed.push(("flash_attn_fwd_sm90", h, flops));
+                }
+                for (kernel, us, f) in timed {
                     let tflops = f / us / 1e6;
                     let name = format!("{kernel} bf16 D{d} T{t} B{batch} H{heads}{}", if causal { " causal" } else { "" });
                     println!("  {:<44} {:>10.1} {:>10.1}", name, us, tflops);

@@ -193,7 +193,7 @@ fn cases() -> Vec<CaseResult> {
     lora_cases(&mut push, "", false);
     sm90_cases(&mut push);
     token_op_cases(&mut push);
-    attention_cases(&mut push);
+    attention_cases(&mut push, &[tuna::kernels::attention::cuda::FwdKernel::Sync, tuna::kernels::attention::cuda::FwdKernel::Pipelined]);
     model_cases(&mut push);
     out
 }
@@ -228,7 +228,8 @@ fn model_cases(push: &mut impl FnMut(String, Result<(), String>)) {
 /// The CUDA flash attention forward (both kernels) and backward (bf16) against the f64
 /// reference: head dims 32, 64, 96 and 128, causal or not, GQA, a KV-cache offset, a sliding window,
 /// packed rows, ragged lengths.
-fn attention_cases(push: &mut impl FnMut(String, Result<(), String>)) {
+/// `kernels`: the forward kernels to check (the Hopper one at its head dims only).
+fn attention_cases(push: &mut impl FnMut(String, Result<(), String>), kernels: &[tuna::kernels::attention::cuda::FwdKernel]) {
     use tuna::kernels::attention::AttentionParams;
     use tuna::testing::attention::{check_flash_attention_cuda, FaCase};
     // (B, T, S, H, G, causal, window, packed)
@@ -243,8 +244,11 @@ fn attention_cases(push: &mut impl FnMut(String, Result<(), String>)) {
         (1, 1024, 1024, 2, 1, true, None, false),
     ];
     use tuna::kernels::attention::cuda::FwdKernel;
-    for kernel in [FwdKernel::Sync, FwdKernel::Pipelined] {
+    for &kernel in kernels {
         for d in tuna::kernels::attention::cuda::HEAD_DIMS {
+            if kernel == FwdKernel::Hopper && !tuna::kernels::attention::cuda::HOPPER_HEAD_DIMS.contains(&d) {
+                continue;
+            }
             for (i, &(batch, q_len, kv_len, heads, kv_heads, causal, window, packed)) in shapes.iter().enumerate() {
                 let p = AttentionParams { batch, q_len, kv_len, heads, kv_heads, head_dim: d, causal, window, scale: 1.0 / (d as f32).sqrt() };
                 let name = format!("flash attn fwd ({kernel:?})+bwd bf16 D{d} B{batch} T{q_len} S{kv_len} H{heads}/G{kv_heads}{}{}{}", if causal { " causal" } else { "" }, window.map_or(String::new(), |w| format!(" window {w}")), if packed { " packed" } else { "" });
@@ -305,9 +309,11 @@ fn gemm_user_cases(push: &mut impl FnMut(String, Result<(), String>), tag: &str)
     }
 }
 
-/// Hopper's GEMM path (`lora::sm90`, wgmma and TMA) forced onto every GEMM whose operands the
-/// TMA can read, whatever its size, so the small ragged shapes test its tails: the LoRA and
-/// NF4 LoRA cases, the GEMM's other callers, and the model's loss and LoRA gradients against the CPU.
+/// Hopper's kernels: the attention forward (`flash_attention_sm90.cu`) on the attention cases
+/// at head dims 64 and 128, and the GEMM path (`lora::sm90`, wgmma and TMA) forced onto every
+/// GEMM whose operands the TMA can read, whatever its size, so the small ragged shapes test its
+/// tails: the LoRA and NF4 LoRA cases, the GEMM's other callers, and the model's loss and LoRA
+/// gradients against the CPU (its attention on the Hopper forward too).
 /// Empty unless the device is compute capability 9.0. Leaves the path in its default mode.
 fn sm90_cases(push: &mut impl FnMut(String, Result<(), String>)) {
     use tuna::kernels::lora::sm90::{self, Mode};
@@ -315,6 +321,7 @@ fn sm90_cases(push: &mut impl FnMut(String, Result<(), String>)) {
     if !on_hopper {
         return;
     }
+    attention_cases(push, &[tuna::kernels::attention::cuda::FwdKernel::Hopper]);
     sm90::set_mode(Mode::Force);
     lora_cases(push, " [sm90]", true);
     gemm_user_cases(push, " [sm90]");
