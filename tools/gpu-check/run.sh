@@ -34,10 +34,10 @@ for d in ${LD_LIBRARY_PATH//:/ } \
   fi
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee "$out/nvidia-smi.txt"
-# Hopper's GEMM path (wgmma + TMA, kernels-cuda/gemm_sm90.cu) first, on its own and under a
-# time limit: if a case fails or the kernel hangs, TUNA_SM90=0 keeps the rest of the run (the
-# checks, the benchmarks, the end-to-end rows) on the mma.sync kernels, and sm90-smoke.txt says
-# why. A second command into the same OUT_DIR reuses the first one's verdict.
+# Hopper's kernels (the wgmma + TMA GEMM path, kernels-cuda/gemm_sm90.cu, and the wgmma
+# attention forward, flash_attention_sm90.cu) first, on their own and under a time limit: if a
+# case fails or a kernel hangs, TUNA_SM90=0 keeps the rest of the run (the checks, the
+# benchmarks, the end-to-end rows) on the mma.sync kernels, and sm90-smoke.txt says why. A second command into the same OUT_DIR reuses the first one's verdict.
 if [ -z "${TUNA_SM90:-}" ]; then
   if [ ! -f "$out/sm90-smoke.txt" ] && [ -x "$bin" ]; then
     timeout 180 "$bin" "$out" --sm90-smoke > "$out/sm90-smoke.txt" 2>&1
@@ -103,7 +103,8 @@ if [ -n "${TUNA_BIN:-}" ]; then
         --max-steps 3 --lr 1e-2 --eval-every 0 --checkpoint-every 0 --json --device $dev | tail -1 || echo "finetune $method on $dev failed"
     done
   done 2>&1 | tee "$out/cli-cuda.txt"
-  # The LoRA row again with the pipelined attention forward (the model's default is the first).
+  # The LoRA row again with the pipelined mma.sync attention forward (the model's default is
+  # Hopper's on an H100/H200, else the first).
   echo "TUNA_FA_FORWARD=pipelined tuna bench-step --device cuda --preset llama1b --batch 4 --seq 2048"
   TUNA_FA_FORWARD=pipelined "$TUNA_BIN" bench-step --device cuda --preset llama1b --batch 4 --seq 2048 --steps 3 --warmup 1 \
     | sed 's/^{/{"attention_forward":"pipelined",/' | tee -a "$out/e2e-tuna-cuda.jsonl" || echo "tuna e2e (pipelined attention) failed"
