@@ -126,6 +126,7 @@ __device__ __forceinline__ void flash_attn_fwd_sm90(const unsigned short* __rest
         float sacc[32];
 #pragma unroll
         for (int i = 0; i < 32; ++i) sacc[i] = 0.0f;
+        wgmma_operand_fence<32>(sacc);  // the zeros (and the O rescale below) stay above the fences
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
@@ -149,6 +150,9 @@ __device__ __forceinline__ void flash_attn_fwd_sm90(const unsigned short* __rest
             pa[kk][2] = (u32)T::from_f32(s0[4]) | ((u32)T::from_f32(s0[5]) << 16);
             pa[kk][3] = (u32)T::from_f32(s0[6]) | ((u32)T::from_f32(s0[7]) << 16);
         }
+        wgmma_operand_fence<D / 2>(oacc);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) asm volatile("" : "+r"(pa[kk][0]), "+r"(pa[kk][1]), "+r"(pa[kk][2]), "+r"(pa[kk][3])::"memory");
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) fh_pv<D>(T{}, oacc, pa[kk], smem_desc(vt + kk * 2048, FH_ROWS * 128, 1024));

@@ -240,6 +240,7 @@ __device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const Tenso
     float d[128];
 #pragma unroll
     for (int i = 0; i < 128; i++) d[i] = 0.0f;
+    wgmma_operand_fence<128>(d);  // the zeros stay above the first wgmma
     for (int kt = 0; kt < tiles; kt++) {
         const int s = kt % SM90_STAGES;
         mbar_wait(&full[s], (u32)((kt / SM90_STAGES) & 1));

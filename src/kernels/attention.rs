@@ -593,19 +593,31 @@ pub mod cuda {
         if p.batch == 0 || p.q_len == 0 || p.heads == 0 {
             return Ok(());
         }
-        let kernel = kernel.resolve(modules.compute_capability(), d)?;
-        let (module, variant, smem) = match kernel {
+        let resolved = kernel.resolve(modules.compute_capability(), d)?;
+        let (module, variant, smem) = match resolved {
             FwdKernel::Pipelined => ("flash_attention", "pipe_", 0),
             // Q, K[2], V[2] tiles of 64 rows x D 16-bit values, and 1 KiB to align them.
             FwdKernel::Hopper => ("flash_attention_sm90", "sm90_", 5 * BLOCK_Q * d * 2 + 1024),
             _ => ("flash_attention", "", 0),
         };
         let name = format!("flash_attn_fwd_{variant}{}_d{d}", dt.suffix());
-        let f = modules.function(module, &name)?;
-        if smem > 0 {
-            f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                .map_err(|e| Error::cuda(format!("{name}: raising the shared memory limit to {smem} bytes"), e))?;
-        }
+        let f = modules.function(module, &name).and_then(|f| {
+            if smem > 0 {
+                f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                    .map_err(|e| Error::cuda(format!("{name}: raising the shared memory limit to {smem} bytes"), e))?;
+            }
+            Ok(f)
+        });
+        let f = match f {
+            Ok(f) => f,
+            // Auto on a driver that cannot load the sm_90a module: Hopper's kernels go off for
+            // the process (as the GEMM path does) and the first mma.sync kernel runs.
+            Err(_) if kernel == FwdKernel::Auto && resolved == FwdKernel::Hopper => {
+                crate::kernels::lora::sm90::turn_off_after_failure();
+                return forward(FwdKernel::Sync, stream, modules, dt, q, k, v, starts, o, lse, p);
+            }
+            Err(e) => return Err(e),
+        };
         let cfg = LaunchConfig { grid_dim: (p.q_len.div_ceil(BLOCK_Q) as u32, p.heads as u32, p.batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
         let null = 0u64;
         let mut b = stream.launch_builder(&f);

@@ -1,8 +1,9 @@
 //! The CUDA flash attention, forward and backward, against the f64 reference (run by
-//! `tools/gpu-check`; no GPU in CI). Inputs are rounded to bf16 first, so the reference sees
-//! exactly the kernel's inputs; DESIGN.md's rule sets the bar: the largest error of O, dQ, dK
-//! and dV at most twice that of a naive bf16 attention on the same inputs (every matmul's
-//! output rounded to bf16 — S, P, O; dP, dS, dQ, dK, dV — as a framework's bf16 matmuls do).
+//! `tools/gpu-check`; no GPU in CI). Inputs are rounded to the 16-bit type (bf16 or f16) first,
+//! so the reference sees exactly the kernel's inputs; DESIGN.md's rule sets the bar: the
+//! largest error of O, dQ, dK and dV at most twice that of a naive attention in that type on
+//! the same inputs (every matmul's output rounded — S, P, O; dP, dS, dQ, dK, dV — as a
+//! framework's half-precision matmuls do).
 //! The log-sum-exp comes out of f32 math on exact products: within 1e-3. The naive attention
 //! is public for the WGSL f16 test (`naive_half`, in bf16 or f16).
 
@@ -14,17 +15,14 @@ use crate::testing::Rng;
 use crate::DType;
 
 /// One shape; `packed` puts example starts every 23 positions (T == S); `kernel` picks the
-/// CUDA forward.
+/// CUDA forward; `dtype` is BF16 or F16.
 #[derive(Clone, Debug)]
 pub struct FaCase {
     pub p: AttentionParams,
     pub packed: bool,
     pub seed: u64,
     pub kernel: crate::kernels::attention::cuda::FwdKernel,
-}
-
-fn round(v: f32) -> f32 {
-    bf16::from_f32(v).to_f32()
+    pub dtype: DType,
 }
 
 /// The naive attention in `dt` (BF16 or F16; see the module doc) on inputs already in `dt`:
@@ -107,12 +105,25 @@ fn max_err(got: &[f64], want: &[f64]) -> f64 {
     got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) })
 }
 
-/// Runs the bf16 flash attention forward and backward on CUDA device `index` and checks O,
-/// lse, dQ, dK and dV.
+/// Runs the flash attention forward and backward in `c.dtype` on CUDA device `index` and
+/// checks O, lse, dQ, dK and dV.
 pub fn check_flash_attention_cuda(index: usize, c: &FaCase) -> Result<(), String> {
     use crate::device::cuda::runtime;
     use crate::kernels::attention::cuda;
     use crate::kernels::lora::cuda::Half;
+    let (dt, half) = match c.dtype {
+        DType::BF16 => (DType::BF16, Half::Bf16),
+        DType::F16 => (DType::F16, Half::F16),
+        other => return Err(format!("flash attention on CUDA: no {other} kernels (bf16 or f16)")),
+    };
+    let round = |v: f32| round_to(dt, v);
+    let bits = |x: &[f32]| -> Vec<u16> {
+        match dt {
+            DType::F16 => x.iter().map(|&a| half::f16::from_f32(a).to_bits()).collect(),
+            _ => x.iter().map(|&a| bf16::from_f32(a).to_bits()).collect(),
+        }
+    };
+    let value = |b: u16| if dt == DType::F16 { half::f16::from_bits(b).to_f64() } else { bf16::from_bits(b).to_f64() };
     let p = &c.p;
     let e = |e: cudarc::driver::DriverError| format!("{e:?}");
     let mut rng = Rng::new(c.seed);
@@ -124,23 +135,22 @@ pub fn check_flash_attention_cuda(index: usize, c: &FaCase) -> Result<(), String
     let f = |x: &[f32]| x.iter().map(|&a| a as f64).collect::<Vec<_>>();
     let (q64, k64, v64) = (f(&q), f(&k), f(&v));
     let want = reference::forward(&q64, &k64, &v64, p, st);
-    let (want_lse, naive) = lse_and_naive(DType::BF16, &q64, &k64, &v64, p, st);
+    let (want_lse, naive) = lse_and_naive(dt, &q64, &k64, &v64, p, st);
 
     let rt = runtime(index).map_err(|e| e.to_string())?;
     let s = &rt.stream;
-    let bits = |x: &[f32]| x.iter().map(|&a| bf16::from_f32(a).to_bits()).collect::<Vec<u16>>();
     let (dq, dk, dv) = (s.clone_htod(&bits(&q)).map_err(e)?, s.clone_htod(&bits(&k)).map_err(e)?, s.clone_htod(&bits(&v)).map_err(e)?);
     let dst = s.clone_htod(&starts).map_err(e)?;
     let mut o = s.alloc_zeros::<u16>(qn).map_err(e)?;
     let mut lse = s.alloc_zeros::<f32>(p.batch * p.heads * p.q_len).map_err(e)?;
     let stv = dst.slice(..);
-    cuda::forward(c.kernel, s, &rt.modules, Half::Bf16, &dq.slice(..), &dk.slice(..), &dv.slice(..), c.packed.then_some(&stv), &mut o.slice_mut(..), &mut lse.slice_mut(..), p)
+    cuda::forward(c.kernel, s, &rt.modules, half, &dq.slice(..), &dk.slice(..), &dv.slice(..), c.packed.then_some(&stv), &mut o.slice_mut(..), &mut lse.slice_mut(..), p)
         .map_err(|e| e.to_string())?;
-    let got: Vec<f64> = s.clone_dtoh(&o).map_err(e)?.into_iter().map(|b| bf16::from_bits(b).to_f64()).collect();
+    let got: Vec<f64> = s.clone_dtoh(&o).map_err(e)?.into_iter().map(value).collect();
     let got_lse: Vec<f64> = s.clone_dtoh(&lse).map_err(e)?.into_iter().map(f64::from).collect();
     let (err, bar) = (max_err(&got, &want), 2.0 * max_err(&naive, &want) + 1e-6);
     if err > bar {
-        return Err(format!("O: max error {err:.3e} > 2 x naive bf16's {:.3e}", bar / 2.0));
+        return Err(format!("O: max error {err:.3e} > 2 x naive {dt}'s {:.3e}", bar / 2.0));
     }
     let rel: Vec<f64> = got_lse.iter().zip(&want_lse).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).collect();
     let lse_err = max_err(&rel, &vec![0.0; rel.len()]);
@@ -152,13 +162,13 @@ pub fn check_flash_attention_cuda(index: usize, c: &FaCase) -> Result<(), String
     let dout: Vec<f32> = rng.vec(qn, -1.0, 1.0).into_iter().map(round).collect();
     let do64 = f(&dout);
     let (wq, wk, wv) = reference::backward(&q64, &k64, &v64, &do64, p, st);
-    let (nq, nk, nv) = naive_backward(DType::BF16, &q64, &k64, &v64, &do64, p, st);
+    let (nq, nk, nv) = naive_backward(dt, &q64, &k64, &v64, &do64, p, st);
     let ddo = s.clone_htod(&bits(&dout)).map_err(e)?;
     let (mut gq, mut gk, mut gv) = (s.alloc_zeros::<u16>(qn).map_err(e)?, s.alloc_zeros::<u16>(kn).map_err(e)?, s.alloc_zeros::<u16>(kn).map_err(e)?);
     cuda::backward(
         s,
         &rt.modules,
-        Half::Bf16,
+        half,
         &dq.slice(..),
         &dk.slice(..),
         &dv.slice(..),
@@ -172,11 +182,11 @@ pub fn check_flash_attention_cuda(index: usize, c: &FaCase) -> Result<(), String
         p,
     )
     .map_err(|e| e.to_string())?;
-    let down = |x: &cudarc::driver::CudaSlice<u16>| -> Result<Vec<f64>, String> { Ok(s.clone_dtoh(x).map_err(e)?.into_iter().map(|b| bf16::from_bits(b).to_f64()).collect()) };
+    let down = |x: &cudarc::driver::CudaSlice<u16>| -> Result<Vec<f64>, String> { Ok(s.clone_dtoh(x).map_err(e)?.into_iter().map(value).collect()) };
     for (name, got, naive, want) in [("dQ", down(&gq)?, &nq, &wq), ("dK", down(&gk)?, &nk, &wk), ("dV", down(&gv)?, &nv, &wv)] {
         let (err, bar) = (max_err(&got, want), 2.0 * max_err(naive, want) + 1e-6);
         if err > bar {
-            return Err(format!("{name}: max error {err:.3e} > 2 x naive bf16's {:.3e}", bar / 2.0));
+            return Err(format!("{name}: max error {err:.3e} > 2 x naive {dt}'s {:.3e}", bar / 2.0));
         }
     }
     Ok(())

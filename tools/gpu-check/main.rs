@@ -251,8 +251,12 @@ fn attention_cases(push: &mut impl FnMut(String, Result<(), String>), kernels: &
             }
             for (i, &(batch, q_len, kv_len, heads, kv_heads, causal, window, packed)) in shapes.iter().enumerate() {
                 let p = AttentionParams { batch, q_len, kv_len, heads, kv_heads, head_dim: d, causal, window, scale: 1.0 / (d as f32).sqrt() };
-                let name = format!("flash attn fwd ({kernel:?})+bwd bf16 D{d} B{batch} T{q_len} S{kv_len} H{heads}/G{kv_heads}{}{}{}", if causal { " causal" } else { "" }, window.map_or(String::new(), |w| format!(" window {w}")), if packed { " packed" } else { "" });
-                push(name, check_flash_attention_cuda(0, &FaCase { p, packed, seed: i as u64, kernel }));
+                // f16 on the first shapes (the model runs bf16 on CUDA; f16 is the library's too).
+                let dtypes: &[DType] = if i < 3 { &[DType::BF16, DType::F16] } else { &[DType::BF16] };
+                for &dtype in dtypes {
+                    let name = format!("flash attn fwd ({kernel:?})+bwd {dtype} D{d} B{batch} T{q_len} S{kv_len} H{heads}/G{kv_heads}{}{}{}", if causal { " causal" } else { "" }, window.map_or(String::new(), |w| format!(" window {w}")), if packed { " packed" } else { "" });
+                    push(name, check_flash_attention_cuda(0, &FaCase { p, packed, seed: i as u64, kernel, dtype }));
+                }
             }
         }
     }
@@ -314,12 +318,14 @@ fn gemm_user_cases(push: &mut impl FnMut(String, Result<(), String>), tag: &str)
 /// GEMM whose operands the TMA can read, whatever its size, so the small ragged shapes test its
 /// tails: the LoRA and NF4 LoRA cases, the GEMM's other callers, and the model's loss and LoRA
 /// gradients against the CPU (its attention on the Hopper forward too).
-/// Empty unless the device is compute capability 9.0. Leaves the path in its default mode.
+/// Empty unless the device is compute capability 9.0 and the path is on; leaves its mode as
+/// found.
 fn sm90_cases(push: &mut impl FnMut(String, Result<(), String>)) {
     use tuna::kernels::lora::sm90::{self, Mode};
     let on_hopper = cuda::runtime(0).is_ok_and(|rt| rt.modules.compute_capability() == 90);
-    if !on_hopper {
-        return;
+    let entry = sm90::mode();
+    if !on_hopper || entry == Mode::Off {
+        return;  // not an H100/H200, or the run turned Hopper's kernels off (TUNA_SM90=0)
     }
     attention_cases(push, &[tuna::kernels::attention::cuda::FwdKernel::Hopper]);
     sm90::set_mode(Mode::Force);
@@ -331,7 +337,7 @@ fn sm90_cases(push: &mut impl FnMut(String, Result<(), String>)) {
         Ok(r) => push("model bf16: loss and LoRA gradients vs cpu [sm90]".into(), r.map(|_| ())),
         Err(_) => push("model bf16: loss and LoRA gradients vs cpu [sm90]".into(), Err("panicked".into())),
     }
-    sm90::set_mode(Mode::Auto);
+    sm90::set_mode(entry);
     let (refused, launched) = (sm90::refused(), sm90::launched());
     push(format!("sm90: {launched} GEMMs ran on the sm_90a kernels, {refused} refused by the driver"), match (refused, launched) {
         (0, 1..) => Ok(()),

@@ -31,7 +31,8 @@ const STAGES: usize = 4;
 /// kernel can align stage 0 to the 1024 bytes the 128-byte swizzle repeats over.
 const SMEM_BYTES: usize = STAGES * (TILE.0 + TILE.1) * BK * 2 + 1024;
 
-/// Which GEMMs take the sm_90a path on a compute capability 9.0 device.
+/// Which GEMMs take the sm_90a path on a compute capability 9.0 device (Off also keeps the
+/// model's attention forward off Hopper's kernel, `attention::cuda::FwdKernel::Auto`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// None: every GEMM runs on the mma.sync kernels.
@@ -69,11 +70,19 @@ pub fn mode() -> Mode {
     }
 }
 
-/// GEMMs this process sent back to the mma.sync kernels because the driver refused to
-/// describe an operand to the TMA (cuTensorMapEncodeTiled failed) or, in Auto, to load or
-/// configure the kernel (the path is then off for the rest of the process): 0 on a healthy run.
+/// GEMMs (and attention forwards) this process sent back to the mma.sync kernels because the
+/// driver refused to describe an operand to the TMA (cuTensorMapEncodeTiled failed) or, in
+/// Auto, to load or configure an sm_90a kernel (Hopper's kernels are then off for the rest of
+/// the process): 0 on a healthy run.
 pub fn refused() -> usize {
     REFUSED.load(Ordering::Relaxed)
+}
+
+/// In Auto, a kernel of the sm_90a modules that failed to load or configure turns Hopper's
+/// kernels off for the process (`mode` Off), counted in `refused`.
+pub(crate) fn turn_off_after_failure() {
+    set_mode(Mode::Off);
+    REFUSED.fetch_add(1, Ordering::Relaxed);
 }
 
 /// GEMMs this process ran on the sm_90a kernels (so a test can tell the path was taken).
@@ -229,8 +238,8 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
         // In Auto the mma.sync kernels stand in for the rest of the process (a driver that
         // cannot load sm_90a code); forced, the failure is the answer.
         Err(_) if mode() == Mode::Auto => {
-            set_mode(Mode::Off);
-            return refuse();
+            turn_off_after_failure();
+            return Ok(false);
         }
         Err(e) => return Err(e),
     };
