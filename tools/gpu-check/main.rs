@@ -191,7 +191,10 @@ fn cases() -> Vec<CaseResult> {
     }
     optim_cases(&mut push);
     lora_cases(&mut push, "", false);
-    sm90_cases(&mut push);
+    // run.sh ran them first on their own (`--sm90-smoke`) and says so.
+    if std::env::var("TUNA_SM90_CHECKED").as_deref() != Ok("1") {
+        sm90_cases(&mut push);
+    }
     token_op_cases(&mut push);
     attention_cases(&mut push, &[tuna::kernels::attention::cuda::FwdKernel::Sync, tuna::kernels::attention::cuda::FwdKernel::Pipelined]);
     model_cases(&mut push);

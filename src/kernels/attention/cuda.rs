@@ -1,0 +1,262 @@
+//! The CUDA flash attention, forward and backward (`kernels-cuda/flash_attention.cu`, head dims
+//! 32, 64, 96 and 128; on an H100/H200 the forward of `flash_attention_sm90.cu` at 64 and 128):
+//! bf16 or f16 q, k, v and o, f32 softmax statistics.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::AttentionParams;
+use crate::device::cuda::ModuleCache;
+use crate::kernels::check_len;
+use crate::kernels::lora::cuda::Half;
+use crate::{Error, Result};
+
+/// Head dims with a kernel instance.
+pub const HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
+const BLOCK_Q: usize = 64;
+
+/// The kernel's `FaParams`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Params {
+    batch: i32,
+    q_len: i32,
+    kv_len: i32,
+    heads: i32,
+    kv_heads: i32,
+    causal: i32,
+    window: i32,
+    scale_log2: f32,
+}
+// SAFETY: plain old data laid out as the kernel's struct.
+unsafe impl DeviceRepr for Params {}
+
+/// The forward kernel: the first version (tiles loaded with plain loads between barriers),
+/// the pipelined one (cp.async overlapping loads with the math, ldmatrix fragments), both on
+/// mma.sync; Hopper's (`flash_attention_sm90.cu`: wgmma, head dims 64 and 128, compute
+/// capability 9.0 only); or `Auto`: Hopper's where it applies and the Hopper path is not off
+/// (`lora::sm90::mode`, `TUNA_SM90=0`), else the first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FwdKernel {
+    Sync,
+    Pipelined,
+    Hopper,
+    Auto,
+}
+
+impl FwdKernel {
+    /// The model's choice: `TUNA_FA_FORWARD=sync|pipelined|hopper` picks that kernel,
+    /// anything else (or unset) `Auto`, so a GPU run can time the model with each without a
+    /// rebuild. Read once per process.
+    pub fn for_model() -> FwdKernel {
+        static CHOICE: std::sync::OnceLock<FwdKernel> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| match std::env::var("TUNA_FA_FORWARD").as_deref() {
+            Ok("pipelined") => FwdKernel::Pipelined,
+            Ok("sync") => FwdKernel::Sync,
+            Ok("hopper") => FwdKernel::Hopper,
+            _ => FwdKernel::Auto,
+        })
+    }
+
+    /// The kernel `self` means for head dim `d` on a device of compute capability `cc`
+    /// (`Auto` resolved); an error for Hopper's where it cannot run.
+    pub fn resolve(self, cc: u32, d: usize) -> Result<FwdKernel> {
+        let hopper = cc == 90 && HOPPER_HEAD_DIMS.contains(&d);
+        match self {
+            FwdKernel::Auto if hopper && crate::kernels::lora::sm90::mode() != crate::kernels::lora::sm90::Mode::Off => Ok(FwdKernel::Hopper),
+            FwdKernel::Auto => Ok(FwdKernel::Sync),
+            FwdKernel::Hopper if !hopper => Err(Error::InvalidArgument(format!(
+                "flash_attn_fwd (cuda): the Hopper kernel needs a compute capability 9.0 device and head dim {HOPPER_HEAD_DIMS:?} (this is {}.{}, head dim {d})",
+                cc / 10,
+                cc % 10
+            ))),
+            k => Ok(k),
+        }
+    }
+}
+
+/// Head dims of the Hopper forward (`flash_attn_fwd_sm90_*`).
+pub const HOPPER_HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// `o = softmax(scale·q·kᵀ + mask)·v` and `lse` (`[B, H, T]`, natural log) for q `[B, T, H, D]`,
+/// k and v `[B, S, G, D]`; `starts` (`[B·T]`) are the packed rows' segment starts.
+/// `kernel` picks the forward kernel (`FwdKernel`).
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    kernel: FwdKernel,
+    stream: &Arc<CudaStream>,
+    modules: &ModuleCache,
+    dt: Half,
+    q: &CudaView<'_, u16>,
+    k: &CudaView<'_, u16>,
+    v: &CudaView<'_, u16>,
+    starts: Option<&CudaView<'_, u32>>,
+    o: &mut CudaViewMut<'_, u16>,
+    lse: &mut CudaViewMut<'_, f32>,
+    p: &AttentionParams,
+) -> Result<()> {
+    const OP: &str = "flash_attn_fwd (cuda)";
+    let params = launch_params(OP, p, starts.map(|s| s.len()))?;
+    let d = p.head_dim;
+    let (qn, kn) = (p.batch * p.q_len * p.heads * d, p.batch * p.kv_len * p.kv_heads * d);
+    for (what, have, need) in [("q", q.len(), qn), ("k", k.len(), kn), ("v", v.len(), kn), ("o", o.len(), qn), ("lse", lse.len(), p.batch * p.heads * p.q_len)] {
+        check_len(OP, what, have, need)?;
+    }
+    if p.batch == 0 || p.q_len == 0 || p.heads == 0 {
+        return Ok(());
+    }
+    let resolved = kernel.resolve(modules.compute_capability(), d)?;
+    let (module, variant, smem) = match resolved {
+        FwdKernel::Pipelined => ("flash_attention", "pipe_", 0),
+        // Q, K[2], V[2] tiles of 64 rows x D 16-bit values, and 1 KiB to align them.
+        FwdKernel::Hopper => ("flash_attention_sm90", "sm90_", 5 * BLOCK_Q * d * 2 + 1024),
+        _ => ("flash_attention", "", 0),
+    };
+    let name = format!("flash_attn_fwd_{variant}{}_d{d}", dt.suffix());
+    let f = modules.function(module, &name).and_then(|f| {
+        if smem > 0 {
+            f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .map_err(|e| Error::cuda(format!("{name}: raising the shared memory limit to {smem} bytes"), e))?;
+        }
+        Ok(f)
+    });
+    let f = match f {
+        Ok(f) => f,
+        // Auto on a driver that cannot load the sm_90a module: Hopper's kernels go off for
+        // the process (as the GEMM path does) and the first mma.sync kernel runs.
+        Err(_) if kernel == FwdKernel::Auto && resolved == FwdKernel::Hopper => {
+            crate::kernels::lora::sm90::turn_off_after_failure();
+            return forward(FwdKernel::Sync, stream, modules, dt, q, k, v, starts, o, lse, p);
+        }
+        Err(e) => return Err(e),
+    };
+    let cfg = LaunchConfig { grid_dim: (p.q_len.div_ceil(BLOCK_Q) as u32, p.heads as u32, p.batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+    let null = 0u64;
+    let mut b = stream.launch_builder(&f);
+    b.arg(q).arg(k).arg(v);
+    match starts {
+        Some(s) => b.arg(s),
+        None => b.arg(&null),
+    };
+    b.arg(o).arg(lse).arg(&params);
+    // SAFETY: arguments match the kernel's signature; every buffer's length was checked
+    // against the sizes the kernel indexes.
+    unsafe { b.launch(cfg) }.map_err(|e| Error::cuda(format!("launching {name}"), e))?;
+    Ok(())
+}
+
+/// Checks the shape (head dim with an instance, GQA grouping, causal S >= T, packed rows'
+/// starts `[B·T]` with T == S, sizes in i32) and builds the kernels' parameters.
+fn launch_params(op: &'static str, p: &AttentionParams, starts_len: Option<usize>) -> Result<Params> {
+    let d = p.head_dim;
+    if !HEAD_DIMS.contains(&d) {
+        return Err(Error::InvalidArgument(format!("{op}: head dim {d} (instances: {HEAD_DIMS:?})")));
+    }
+    if p.kv_heads == 0 || p.heads % p.kv_heads != 0 || (p.causal && p.kv_len < p.q_len) {
+        return Err(Error::InvalidArgument(format!("{op}: {} query heads over {} key/value heads, T {} S {}", p.heads, p.kv_heads, p.q_len, p.kv_len)));
+    }
+    if let Some(n) = starts_len {
+        check_len(op, "starts", n, p.batch * p.q_len)?;
+        if p.q_len != p.kv_len {
+            return Err(Error::InvalidArgument(format!("{op}: packed rows need T == S, got T {} S {}", p.q_len, p.kv_len)));
+        }
+    }
+    let i = |what: &str, v: usize| i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{op}: {what} = {v} exceeds i32")));
+    i("q elements", p.batch * p.q_len * p.heads * p.head_dim)?;
+    i("k elements", p.batch * p.kv_len * p.kv_heads * p.head_dim)?;
+    if p.heads > 65535 || p.batch > 65535 {
+        return Err(Error::InvalidArgument(format!("{op}: H {} or B {} exceeds the 65535 grid limit", p.heads, p.batch)));
+    }
+    Ok(Params {
+        batch: i("B", p.batch)?,
+        q_len: i("T", p.q_len)?,
+        kv_len: i("S", p.kv_len)?,
+        heads: i("H", p.heads)?,
+        kv_heads: i("G", p.kv_heads)?,
+        causal: p.causal as i32,
+        window: i("window", p.window.unwrap_or(0))?,
+        scale_log2: p.scale * std::f32::consts::LOG2_E,
+    })
+}
+
+/// Backward: dq `[B, T, H, D]`, dk and dv `[B, S, G, D]` (summed over each key head's query
+/// heads) from q, k, v, o, dO and the forward's `lse`. Scratch: `Dvec = rowsum(dO ∘ O)` and
+/// an f32 dQ accumulator (dQ is summed over key blocks with atomics, then rounded).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    stream: &Arc<CudaStream>,
+    modules: &ModuleCache,
+    dt: Half,
+    q: &CudaView<'_, u16>,
+    k: &CudaView<'_, u16>,
+    v: &CudaView<'_, u16>,
+    starts: Option<&CudaView<'_, u32>>,
+    o: &CudaView<'_, u16>,
+    dout: &CudaView<'_, u16>,
+    lse: &CudaView<'_, f32>,
+    dq: &mut CudaViewMut<'_, u16>,
+    dk: &mut CudaViewMut<'_, u16>,
+    dv: &mut CudaViewMut<'_, u16>,
+    p: &AttentionParams,
+) -> Result<()> {
+    const OP: &str = "flash_attn_bwd (cuda)";
+    let params = launch_params(OP, p, starts.map(|s| s.len()))?;
+    let d = p.head_dim;
+    let (qn, kn, rows) = (p.batch * p.q_len * p.heads * d, p.batch * p.kv_len * p.kv_heads * d, p.batch * p.q_len * p.heads);
+    for (what, have, need) in [("q", q.len(), qn), ("k", k.len(), kn), ("v", v.len(), kn), ("o", o.len(), qn), ("dout", dout.len(), qn), ("lse", lse.len(), rows), ("dq", dq.len(), qn), ("dk", dk.len(), kn), ("dv", dv.len(), kn)] {
+        check_len(OP, what, have, need)?;
+    }
+    if kn == 0 {
+        return Ok(());
+    }
+    let e = |what: &'static str| move |err| Error::cuda(format!("{OP}: {what}"), err);
+    let mut dvec = stream.alloc_zeros::<f32>(rows.max(1)).map_err(e("allocating Dvec"))?;
+    let mut dq_acc = stream.alloc_zeros::<f32>(qn.max(1)).map_err(e("allocating the dQ accumulator"))?;
+    let suf = dt.suffix();
+    if rows > 0 {
+        let f = modules.function("flash_attention", &format!("flash_attn_bwd_dot_{suf}"))?;
+        let cfg = LaunchConfig { grid_dim: ((rows * 32).div_ceil(128) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let (r, t, h, di) = (rows as i32, p.q_len as i32, p.heads as i32, d as i32);
+        // SAFETY: matches flash_attn_bwd_dot's signature; o and dout hold rows·D elements.
+        unsafe { stream.launch_builder(&f).arg(o).arg(dout).arg(&mut dvec).arg(&r).arg(&t).arg(&h).arg(&di).launch(cfg) }.map_err(e("launching the Dvec pass"))?;
+    }
+    let name = format!("flash_attn_bwd_{suf}_d{d}");
+    let f = modules.function("flash_attention", &name)?;
+    let smem = (2 * 64 + 2 * 32) * (d + 8) * 2 + 64 * 40 * 2 + 2 * 32 * 4;
+    f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).map_err(e("raising the shared memory limit"))?;
+    let cfg = LaunchConfig { grid_dim: (p.kv_len.div_ceil(64) as u32, p.kv_heads as u32, p.batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+    let null = 0u64;
+    let mut b = stream.launch_builder(&f);
+    b.arg(q).arg(k).arg(v);
+    match starts {
+        Some(s) => b.arg(s),
+        None => b.arg(&null),
+    };
+    b.arg(dout).arg(lse).arg(&dvec).arg(&mut dq_acc).arg(dk).arg(dv).arg(&params);
+    // SAFETY: arguments match the kernel's signature; lengths checked above.
+    unsafe { b.launch(cfg) }.map_err(|err| Error::cuda(format!("launching {name}"), err))?;
+    let f = modules.function("flash_attention", &format!("flash_attn_bwd_dq_{suf}"))?;
+    let n = qn as i64;
+    let cfg = LaunchConfig { grid_dim: (qn.div_ceil(256).clamp(1, 65535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: dq_acc and dq hold qn elements.
+    unsafe { stream.launch_builder(&f).arg(&dq_acc).arg(dq).arg(&n).launch(cfg) }.map_err(e("launching the dQ rounding"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_takes_hopper_only_on_compute_capability_9_at_its_head_dims() {
+        assert_eq!(FwdKernel::Auto.resolve(80, 128).unwrap(), FwdKernel::Sync);
+        assert_eq!(FwdKernel::Auto.resolve(90, 96).unwrap(), FwdKernel::Sync);
+        assert_eq!(FwdKernel::Auto.resolve(100, 64).unwrap(), FwdKernel::Sync, "sm_90a code does not run on later GPUs");
+        assert_eq!(FwdKernel::Pipelined.resolve(90, 64).unwrap(), FwdKernel::Pipelined);
+        let err = FwdKernel::Hopper.resolve(86, 64).unwrap_err().to_string();
+        assert!(err.contains("compute capability 9.0") && err.contains("8.6"), "{err}");
+        assert!(FwdKernel::Hopper.resolve(90, 32).is_err());
+        assert_eq!(FwdKernel::Hopper.resolve(90, 128).unwrap(), FwdKernel::Hopper);
+    }
+}
