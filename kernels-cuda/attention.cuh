@@ -16,6 +16,41 @@ struct FaParams {
     float scale_log2;    // softmax scale * log2(e): scores live in the log2 domain
 };
 
+// One forward block's share, for both forward kernels: 64 queries q0.. of (b, h) in a block of
+// 4 warps, warp w owning rows 16w..16w+15 (this lane's r0 = q0 + 16w + g and r1 = r0 + 8, with
+// their packed-segment starts), the base pointers of its q rows and k, v (key/value head h /
+// (H / G)), and the key tiles (of 64) it can see: [kv_first, s_end).
+template <int D>
+struct FaBlock {
+    const unsigned short *qb, *kb, *vb;
+    long q_row, kv_row;
+    int b, h, q0, r0, r1, c, off, kv_first, s_end;
+    unsigned int st0, st1;
+    __device__ __forceinline__ FaBlock(const unsigned short* q, const unsigned short* k, const unsigned short* v, const unsigned int* starts, const FaParams& p) {
+        const int T_ = p.q_len, S = p.kv_len;
+        b = blockIdx.z;
+        h = blockIdx.y;
+        q0 = blockIdx.x * 64;
+        const int kvh = h / (p.heads / p.kv_heads);
+        const int lane = threadIdx.x & 31;
+        c = lane & 3;
+        off = S - T_;
+        q_row = (long)p.heads * D;
+        kv_row = (long)p.kv_heads * D;
+        qb = q + ((long)b * T_) * q_row + (long)h * D;
+        kb = k + ((long)b * S) * kv_row + (long)kvh * D;
+        vb = v + ((long)b * S) * kv_row + (long)kvh * D;
+        r0 = q0 + (threadIdx.x >> 5) * 16 + (lane >> 2);
+        r1 = r0 + 8;
+        st0 = (starts && r0 < T_) ? starts[(long)b * T_ + r0] : 0u;
+        st1 = (starts && r1 < T_) ? starts[(long)b * T_ + r1] : 0u;
+        s_end = S;
+        if (p.causal) s_end = min(S, min(q0 + 64, T_) - 1 + off + 1);
+        const int s_begin = p.window > 0 ? max(0, q0 + off - p.window + 1) : 0;
+        kv_first = (s_begin / 64) * 64;
+    }
+};
+
 // Masks the scores s[32] of keys kv0..kv0+63 (query t sees key s when s < S, s <= t + off if
 // causal, s > t + off - window with a window, s >= its segment start when packed), scales them
 // into the log2 domain, updates the running max m and sum l (this lane's columns; summed across

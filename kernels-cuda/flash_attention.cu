@@ -66,18 +66,13 @@ __device__ __forceinline__ void flash_attn_fwd(const unsigned short* __restrict_
     __shared__ __align__(16) unsigned short ks[FA_BC * LD];
     __shared__ __align__(16) unsigned short vs[FA_BC * LD];
 
-    const int T_ = p.q_len, S = p.kv_len, H = p.heads, G = p.kv_heads;
-    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * FA_BR;
-    const int kvh = h / (H / G);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    const int off = S - T_;
-    const long q_row = (long)H * D, kv_row = (long)G * D;
-    const unsigned short* qb = q + ((long)b * T_) * q_row + (long)h * D;
-    const unsigned short* kb = k + ((long)b * S) * kv_row + (long)kvh * D;
-    const unsigned short* vb = v + ((long)b * S) * kv_row + (long)kvh * D;
+    const FaBlock<D> blk(q, k, v, starts, p);
+    const int T_ = p.q_len, S = p.kv_len, lane = threadIdx.x & 31, g = lane >> 2, c = blk.c;
+    const int r0 = blk.r0, r1 = blk.r1, s_end = blk.s_end, kv_first = blk.kv_first;
+    const long q_row = blk.q_row, kv_row = blk.kv_row;
+    const unsigned short *qb = blk.qb, *kb = blk.kb, *vb = blk.vb;
 
     // Prologue: this warp's Q rows as A fragments (rows past T are zero).
-    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
     u32 qa[KS][4];
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
@@ -87,20 +82,11 @@ __device__ __forceinline__ void flash_attn_fwd(const unsigned short* __restrict_
         qa[kk][2] = r0 < T_ ? *(const u32*)(qb + r0 * q_row + col + 8) : 0u;
         qa[kk][3] = r1 < T_ ? *(const u32*)(qb + r1 * q_row + col + 8) : 0u;
     }
-    const unsigned int st0 = (starts && r0 < T_) ? starts[(long)b * T_ + r0] : 0u;
-    const unsigned int st1 = (starts && r1 < T_) ? starts[(long)b * T_ + r1] : 0u;
-
     float oacc[NT][4];
 #pragma unroll
     for (int n = 0; n < NT; ++n) oacc[n][0] = oacc[n][1] = oacc[n][2] = oacc[n][3] = 0.0f;
     float m0 = FA_NEG_INF, m1 = FA_NEG_INF, l0 = 0.0f, l1 = 0.0f;
 
-    // Key tiles this block can see.
-    int s_end = S;
-    if (p.causal) s_end = min(S, min(q0 + FA_BR, T_) - 1 + off + 1);
-    int s_begin = 0;
-    if (p.window > 0) s_begin = max(0, q0 + off - p.window + 1);
-    const int kv_first = (s_begin / FA_BC) * FA_BC;
     if constexpr (PIPE) {
         // cp.async groups in issue order: K0, V0, K1, V1, ...
         if (kv_first < s_end) fa_tile_async<D>(ks, kb, kv_first, S, kv_row);
@@ -156,7 +142,7 @@ __device__ __forceinline__ void flash_attn_fwd(const unsigned short* __restrict_
         }
 
         // Mask and the online softmax (log2 domain); O rescaled.
-        fa_softmax_step<NT>(&sacc[0][0], &oacc[0][0], kv0, r0, r1, c, off, st0, st1, starts != nullptr, p, m0, m1, l0, l1);
+        fa_softmax_step<NT>(&sacc[0][0], &oacc[0][0], kv0, r0, r1, c, blk.off, blk.st0, blk.st1, starts != nullptr, p, m0, m1, l0, l1);
 
         if constexpr (PIPE) {
             __syncthreads();  // every warp is done with this K tile
@@ -201,7 +187,7 @@ __device__ __forceinline__ void flash_attn_fwd(const unsigned short* __restrict_
     }
     if constexpr (PIPE) cp_async_wait<0>();
 
-    fa_store_out<T, D>(o, lse, &oacc[0][0], p, b, h, r0, r1, c, m0, m1, l0, l1);
+    fa_store_out<T, D>(o, lse, &oacc[0][0], p, blk.b, blk.h, r0, r1, c, m0, m1, l0, l1);
 }
 
 // LB: the launch bounds. 64 and 128 (the dims the kernels were tuned at) leave ptxas its

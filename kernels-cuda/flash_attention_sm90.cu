@@ -77,30 +77,15 @@ __device__ __forceinline__ void flash_attn_fwd_sm90(const unsigned short* __rest
     const u32 base = (smem_addr(smem_raw) + 1023u) & ~1023u;  // the launcher adds 1 KiB of slack
     const u32 qs = base, ks = base + TILE, vs = base + 3 * TILE;  // K[2], V[2]
 
-    const int T_ = p.q_len, S = p.kv_len, H = p.heads, G = p.kv_heads;
-    const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * FH_ROWS;
-    const int kvh = h / (H / G);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
-    const int off = S - T_;
-    const long q_row = (long)H * D, kv_row = (long)G * D;
-    const unsigned short* qb = q + ((long)b * T_) * q_row + (long)h * D;
-    const unsigned short* kb = k + ((long)b * S) * kv_row + (long)kvh * D;
-    const unsigned short* vb = v + ((long)b * S) * kv_row + (long)kvh * D;
-    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;
-    const unsigned int st0 = (starts && r0 < T_) ? starts[(long)b * T_ + r0] : 0u;
-    const unsigned int st1 = (starts && r1 < T_) ? starts[(long)b * T_ + r1] : 0u;
+    const FaBlock<D> blk(q, k, v, starts, p);
+    const int T_ = p.q_len, S = p.kv_len, c = blk.c, r0 = blk.r0, r1 = blk.r1, s_end = blk.s_end;
+    const long kv_row = blk.kv_row;
+    const unsigned short *kb = blk.kb, *vb = blk.vb;
 
-    // Key tiles this block can see (as in the mma.sync kernel).
-    int s_end = S;
-    if (p.causal) s_end = min(S, min(q0 + FH_ROWS, T_) - 1 + off + 1);
-    int s_begin = 0;
-    if (p.window > 0) s_begin = max(0, q0 + off - p.window + 1);
-    const int kv_first = (s_begin / FH_ROWS) * FH_ROWS;
-
-    fh_load_tile<D>(qs, qb, q0, T_, q_row);
-    if (kv_first < s_end) {
-        fh_load_tile<D>(ks, kb, kv_first, S, kv_row);
-        fh_load_tile<D>(vs, vb, kv_first, S, kv_row);
+    fh_load_tile<D>(qs, blk.qb, blk.q0, T_, blk.q_row);
+    if (blk.kv_first < s_end) {
+        fh_load_tile<D>(ks, kb, blk.kv_first, S, kv_row);
+        fh_load_tile<D>(vs, vb, blk.kv_first, S, kv_row);
     }
     cp_async_commit();
 
@@ -109,7 +94,7 @@ __device__ __forceinline__ void flash_attn_fwd_sm90(const unsigned short* __rest
     for (int i = 0; i < D / 2; ++i) oacc[i] = 0.0f;
     float m0 = FA_NEG_INF, m1 = FA_NEG_INF, l0 = 0.0f, l1 = 0.0f;
     int buf = 0;
-    for (int kv0 = kv_first; kv0 < s_end; kv0 += FH_ROWS, buf ^= 1) {
+    for (int kv0 = blk.kv_first; kv0 < s_end; kv0 += FH_ROWS, buf ^= 1) {
         // This tile (and Q) landed; every warp is past the previous tile, whose buffers take the
         // next tile's loads. The fence hands cp.async's writes to the tensor cores (async proxy).
         cp_async_wait<0>();
@@ -137,7 +122,7 @@ __device__ __forceinline__ void flash_attn_fwd_sm90(const unsigned short* __rest
         wgmma_wait<0>();
         wgmma_operand_fence<32>(sacc);
 
-        fa_softmax_step<NT>(sacc, oacc, kv0, r0, r1, c, off, st0, st1, starts != nullptr, p, m0, m1, l0, l1);
+        fa_softmax_step<NT>(sacc, oacc, kv0, r0, r1, c, blk.off, blk.st0, blk.st1, starts != nullptr, p, m0, m1, l0, l1);
 
         // O += P.V over the tile's 64 keys in k16 slices (slice kk: keys 16kk.., 2048 bytes in;
         // V's 64-column chunks 8 KiB apart).
@@ -161,7 +146,7 @@ __device__ __forceinline__ void flash_attn_fwd_sm90(const unsigned short* __rest
         wgmma_operand_fence<D / 2>(oacc);
     }
     cp_async_wait<0>();
-    fa_store_out<T, D>(o, lse, oacc, p, b, h, r0, r1, c, m0, m1, l0, l1);
+    fa_store_out<T, D>(o, lse, oacc, p, blk.b, blk.h, r0, r1, c, m0, m1, l0, l1);
 }
 
 #define FH_INSTANCE(NAME, TY, D)                                                                                                  \

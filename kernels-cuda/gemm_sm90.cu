@@ -91,6 +91,18 @@ __device__ __forceinline__ void tma_load(u32 dst, const TensorMap* map, int c0, 
         : "memory");
 }
 
+// The B tile of K tile k0 (columns n0..n0+255 of C): one 256 x 64 box of B stored [N, K], or
+// for B stored [K, N] four 64 x 64 boxes side by side along N (8 KiB apart).
+template <bool KN>
+__device__ __forceinline__ void tma_load_b(u32 b_s, const TensorMap* tb, int n0, int k0, u64* bar) {
+    if (KN) {
+#pragma unroll
+        for (int j = 0; j < SM90_BN / 64; j++) tma_load(b_s + j * 8192, tb, n0 + 64 * j, k0, bar);
+    } else {
+        tma_load(b_s, tb, k0, n0, bar);
+    }
+}
+
 // d += A.B for a 64 x 256 x 16 slice: A and B from shared memory (descriptors), f32 accumulate,
 // B transposed (stored [K, N]) when TB is 1.
 #define WGMMA_256(TYPE)                                                                              \
@@ -184,51 +196,30 @@ __device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const Tenso
         // Producer: tile kt goes to stage kt % STAGES once the consumers released the tile
         // that stage held before (kt - STAGES), i.e. once phase kt / STAGES - 1 of its `empty`
         // barrier completed.
-        if (NF4) {
-            // All 128 threads: thread 0 issues the TMA loads (A; B too in the LoRA phase) and
-            // every thread dequantizes its share of the W tile in the first phase, makes its
-            // stores visible to the tensor cores (the async proxy) and arrives.
+        // Dense: thread 0 alone issues the TMA loads of A and B. NF4: all 128 threads; thread
+        // 0 issues the TMA loads (A; B too in the LoRA phase), every thread dequantizes its
+        // share of the W tile in the first phase, makes its stores visible to the tensor cores
+        // (the async proxy) and arrives.
+        const bool issuer = threadIdx.x == 0;
+        if (NF4 || issuer) {
             for (int kt = 0; kt < tiles; kt++) {
                 const int s = kt % SM90_STAGES;
                 if (kt >= SM90_STAGES) mbar_wait(&empty[s], (u32)((kt / SM90_STAGES - 1) & 1));
                 const u32 a_s = base + s * STAGE_BYTES, b_s = a_s + A_BYTES;
-                const bool second = kt >= tiles1;
+                const bool second = kt >= tiles1, dequant = NF4 && !second;
                 const int k0 = (second ? kt - tiles1 : kt) * SM90_BK;
-                if (threadIdx.x == 0) {
-                    mbar_expect_tx(&full[s], second ? STAGE_BYTES : A_BYTES);
+                if (issuer) {
+                    mbar_expect_tx(&full[s], dequant ? A_BYTES : STAGE_BYTES);
                     tma_load(a_s, second ? ta2 : ta1, k0, m0, &full[s]);
-                    if (second) {
-                        if (KN) {
-#pragma unroll
-                            for (int j = 0; j < SM90_BN / 64; j++) tma_load(b_s + j * 8192, tb2, n0 + 64 * j, k0, &full[s]);
-                        } else {
-                            tma_load(b_s, tb2, k0, n0, &full[s]);
-                        }
+                    if (!dequant) tma_load_b<KN>(b_s, second ? tb2 : tb1, n0, k0, &full[s]);
+                }
+                if (NF4) {
+                    if (dequant) {
+                        if (KN) nf4_tile<T, SM90_BK, SM90_BN>(b_s, q, tables, tables + 256, k1, n, k0, n0);
+                        else nf4_tile<T, SM90_BN, SM90_BK>(b_s, q, tables, tables + 256, n, k1, n0, k0);
+                        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
                     }
-                }
-                if (!second) {
-                    if (KN) nf4_tile<T, SM90_BK, SM90_BN>(b_s, q, tables, tables + 256, k1, n, k0, n0);
-                    else nf4_tile<T, SM90_BN, SM90_BK>(b_s, q, tables, tables + 256, n, k1, n0, k0);
-                    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-                }
-                mbar_arrive(&full[s]);
-            }
-        } else if (threadIdx.x == 0) {
-            for (int kt = 0; kt < tiles; kt++) {
-                const int s = kt % SM90_STAGES;
-                if (kt >= SM90_STAGES) mbar_wait(&empty[s], (u32)((kt / SM90_STAGES - 1) & 1));
-                const u32 a_s = base + s * STAGE_BYTES, b_s = a_s + A_BYTES;
-                const bool second = kt >= tiles1;
-                const int k0 = (second ? kt - tiles1 : kt) * SM90_BK;
-                const TensorMap* ta = second ? ta2 : ta1;
-                const TensorMap* tb = second ? tb2 : tb1;
-                mbar_expect_tx(&full[s], STAGE_BYTES);
-                tma_load(a_s, ta, k0, m0, &full[s]);
-                if (KN) {
-#pragma unroll
-                    for (int j = 0; j < SM90_BN / 64; j++) tma_load(b_s + j * 8192, tb, n0 + 64 * j, k0, &full[s]);
-                } else {
-                    tma_load(b_s, tb, k0, n0, &full[s]);
+                    mbar_arrive(&full[s]);
                 }
             }
         }

@@ -43,21 +43,23 @@ fn upload(s: &Arc<CudaStream>, rng: &mut Rng, n: usize, scale: f32) -> tuna::Res
     s.clone_htod(&host).map_err(cuda_err("upload"))
 }
 
-/// Row-major `C[m, n] (= or +=) alpha·A[m, k]·B[n, k]ᵀ` in bf16 with f32 compute: cuBLAS is
-/// column-major, so this is `Cᵀ = B·Aᵀ` with B read transposed.
+/// Row-major `C[m, n] (= or +=) alpha·A[m, k]·op(B)` in bf16 with f32 compute: B is `[n, k]`
+/// read transposed (`b_nk`, the forward's `X·Wᵀ`) or `[k, n]` read along its rows (dX = dY·W).
+/// cuBLAS is column-major, so this is `Cᵀ = op(B)ᵀ·Aᵀ`.
 #[allow(clippy::too_many_arguments)]
-fn gemm_nt(blas: &CudaBlas, s: &Arc<CudaStream>, a: &CudaSlice<u16>, b: &CudaSlice<u16>, c: &mut CudaSlice<u16>, (m, n, k): (usize, usize, usize), alpha: f32, beta: f32) -> tuna::Result<()> {
+fn gemm(blas: &CudaBlas, s: &Arc<CudaStream>, a: &CudaSlice<u16>, b: &CudaSlice<u16>, c: &mut CudaSlice<u16>, (m, n, k): (usize, usize, usize), b_nk: bool, alpha: f32, beta: f32) -> tuna::Result<()> {
     let (ap, _ga) = a.device_ptr(s);
     let (bp, _gb) = b.device_ptr(s);
     let (cp, _gc) = c.device_ptr_mut(s);
     let i = |v: usize| v as i32;
+    let (op_b, ldb) = if b_nk { (bsys::cublasOperation_t::CUBLAS_OP_T, k) } else { (bsys::cublasOperation_t::CUBLAS_OP_N, n) };
     // SAFETY: the pointers address buffers of at least m·k, n·k and m·n bf16 elements (checked
     // by the caller's allocation sizes) on the stream the handle uses; alpha and beta are f32
     // as CUBLAS_COMPUTE_32F requires.
     unsafe {
         blas::gemm_ex(
             *blas.handle(),
-            bsys::cublasOperation_t::CUBLAS_OP_T,
+            op_b,
             bsys::cublasOperation_t::CUBLAS_OP_N,
             i(n),
             i(m),
@@ -65,42 +67,7 @@ fn gemm_nt(blas: &CudaBlas, s: &Arc<CudaStream>, a: &CudaSlice<u16>, b: &CudaSli
             (&alpha) as *const f32 as *const _,
             bp as *const _,
             bsys::cudaDataType::CUDA_R_16BF,
-            i(k),
-            ap as *const _,
-            bsys::cudaDataType::CUDA_R_16BF,
-            i(k),
-            (&beta) as *const f32 as *const _,
-            cp as *mut _,
-            bsys::cudaDataType::CUDA_R_16BF,
-            i(n),
-            bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
-        .map_err(blas_err)
-    }
-}
-
-/// Row-major `C[m, n] = A[m, k]·B[k, n]` (both read along their rows, as dX = dY·W reads W):
-/// column-major `Cᵀ = Bᵀ·Aᵀ` with neither transposed.
-fn gemm_nn(blas: &CudaBlas, s: &Arc<CudaStream>, a: &CudaSlice<u16>, b: &CudaSlice<u16>, c: &mut CudaSlice<u16>, (m, n, k): (usize, usize, usize)) -> tuna::Result<()> {
-    let (ap, _ga) = a.device_ptr(s);
-    let (bp, _gb) = b.device_ptr(s);
-    let (cp, _gc) = c.device_ptr_mut(s);
-    let i = |v: usize| v as i32;
-    let (alpha, beta) = (1.0f32, 0.0f32);
-    // SAFETY: as in `gemm_nt`: a holds m·k, b k·n and c m·n bf16 elements on the handle's stream.
-    unsafe {
-        blas::gemm_ex(
-            *blas.handle(),
-            bsys::cublasOperation_t::CUBLAS_OP_N,
-            bsys::cublasOperation_t::CUBLAS_OP_N,
-            i(n),
-            i(m),
-            i(k),
-            (&alpha) as *const f32 as *const _,
-            bp as *const _,
-            bsys::cudaDataType::CUDA_R_16BF,
-            i(n),
+            i(ldb),
             ap as *const _,
             bsys::cudaDataType::CUDA_R_16BF,
             i(k),
@@ -142,11 +109,11 @@ pub fn lora_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
             let p = LoraParams { m, n, k: K, r: R, scale };
             let base_flops = (2 * m * n * K) as f64;
             let lora_flops = base_flops + (2 * m * R * (K + n)) as f64;
-            let base = time_us(rt, || gemm_nt(&blas, s, &x, &w, &mut y, (m, n, K), 1.0, 0.0))?;
+            let base = time_us(rt, || gemm(&blas, s, &x, &w, &mut y, (m, n, K), true, 1.0, 0.0))?;
             let unfused = time_us(rt, || {
-                gemm_nt(&blas, s, &x, &w, &mut y, (m, n, K), 1.0, 0.0)?;
-                gemm_nt(&blas, s, &x, &a, &mut xa, (m, R, K), 1.0, 0.0)?;
-                gemm_nt(&blas, s, &xa, &b, &mut y, (m, n, R), scale, 1.0)
+                gemm(&blas, s, &x, &w, &mut y, (m, n, K), true, 1.0, 0.0)?;
+                gemm(&blas, s, &x, &a, &mut xa, (m, R, K), true, 1.0, 0.0)?;
+                gemm(&blas, s, &xa, &b, &mut y, (m, n, R), true, scale, 1.0)
             })?;
             let fused = time_us(rt, || {
                 let (xv, wv, av, bv) = (x.slice(..), w.slice(..), a.slice(..), b.slice(..));
@@ -168,7 +135,7 @@ pub fn lora_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
                 // Hopper's path off, the kernel the path replaces.
                 let dy = upload(s, &mut rng, m * n, 1.0)?;
                 let mut dx = s.alloc_zeros::<u16>(m * K).map_err(cuda_err("alloc"))?;
-                let blas_dx = time_us(rt, || gemm_nn(&blas, s, &dy, &w, &mut dx, (m, K, n)))?;
+                let blas_dx = time_us(rt, || gemm(&blas, s, &dy, &w, &mut dx, (m, K, n), false, 1.0, 0.0))?;
                 rows.push(("cublas dX", blas_dx, base_flops));
                 // The mode the run chose (Off after a failed smoke test), then, on an H100 with
                 // the Hopper path on, Off for the mma.sync rows.
