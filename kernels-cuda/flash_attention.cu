@@ -35,6 +35,7 @@
 
 #define FA_BR 64
 #define FA_BC 64
+static_assert(FA_BR == 64 && FA_BC == 64, "FaBlock and fa_softmax_step (attention.cuh) assume 64 queries and 64 keys a tile");
 #define FA_THREADS 128
 
 __device__ __forceinline__ u32 pack2(unsigned short lo, unsigned short hi) { return (u32)lo | ((u32)hi << 16); }

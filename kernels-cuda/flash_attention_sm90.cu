@@ -25,6 +25,7 @@
 #include "attention.cuh"
 
 #define FH_ROWS 64  // queries per block and keys per tile
+static_assert(FH_ROWS == 64, "FaBlock and fa_softmax_step (attention.cuh) assume 64 queries and 64 keys a tile");
 
 __device__ __forceinline__ void cp_async16_to(u32 dst, const void* src, int src_bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
