@@ -150,7 +150,11 @@ pub fn check_flash_attention_cuda(index: usize, c: &FaCase) -> Result<(), String
     let got_lse: Vec<f64> = s.clone_dtoh(&lse).map_err(e)?.into_iter().map(f64::from).collect();
     let (err, bar) = (max_err(&got, &want), 2.0 * max_err(&naive, &want) + 1e-6);
     if err > bar {
-        return Err(format!("O: max error {err:.3e} > 2 x naive {dt}'s {:.3e}", bar / 2.0));
+        // Where: a layout bug shows in which rows, heads and columns go wrong.
+        let worst = got.iter().zip(&want).enumerate().max_by(|x, y| (x.1 .0 - x.1 .1).abs().total_cmp(&(y.1 .0 - y.1 .1).abs())).map_or(0, |(i, _)| i);
+        let (d, h, t, b) = (worst % p.head_dim, worst / p.head_dim % p.heads, worst / (p.head_dim * p.heads) % p.q_len, worst / (p.head_dim * p.heads * p.q_len));
+        let bad = got.iter().zip(&want).filter(|(g, w)| (*g - *w).abs() > bar).count();
+        return Err(format!("O: max error {err:.3e} > 2 x naive {dt}'s {:.3e}, at b {b} t {t} h {h} d {d} (got {:.4}, want {:.4}); {bad} of {} elements over", bar / 2.0, got[worst], want[worst], got.len()));
     }
     let rel: Vec<f64> = got_lse.iter().zip(&want_lse).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).collect();
     let lse_err = max_err(&rel, &vec![0.0; rel.len()]);

@@ -18,6 +18,7 @@
 
 mod attention_bench;
 mod gemm_bench;
+mod sm90_probe;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -332,6 +333,11 @@ fn sm90_cases(push: &mut impl FnMut(String, Result<(), String>)) {
     }
     attention_cases(push, &[tuna::kernels::attention::cuda::FwdKernel::Hopper]);
     sm90::set_mode(Mode::Force);
+    if let Ok(rt) = cuda::runtime(0) {
+        for b_kn in [false, true] {
+            push(format!("sm90 GEMM probe: identity x integer pattern, B stored {}, exact", if b_kn { "[K, N]" } else { "[N, K]" }), sm90_probe::probe(&rt, b_kn));
+        }
+    }
     lora_cases(push, " [sm90]", true);
     gemm_user_cases(push, " [sm90]");
     let dev = Device::Cuda(0);
