@@ -130,6 +130,8 @@ pub struct ModuleCache {
     loaded: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// Kernels by (module, function): a launch costs a map lookup, not a driver call.
     functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+    /// The dynamic shared memory each kernel was allowed so far (`function_with_smem`).
+    smem_limits: Mutex<HashMap<(&'static str, String), usize>>,
     /// While profiling (`start_profile`): an event per kernel lookup on the default stream.
     profile: Mutex<Option<Vec<(String, CudaEvent)>>>,
     /// The device's multiprocessors (launchers size split-K grids by it).
@@ -156,6 +158,7 @@ impl ModuleCache {
             cc: (major * 10 + minor) as u32,
             loaded: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
+            smem_limits: Mutex::new(HashMap::new()),
             profile: Mutex::new(None),
         })
     }
@@ -234,6 +237,23 @@ impl ModuleCache {
         };
         let f = m.load_function(function).map_err(|e| Error::cuda(format!("kernel `{module}::{function}`"), e))?;
         self.functions.lock().expect("function cache poisoned").insert(key, f.clone());
+        Ok(f)
+    }
+}
+
+impl ModuleCache {
+    /// `function`, allowed `bytes` of dynamic shared memory: the driver's limit is raised past
+    /// 48 KiB once per kernel, not at every launch.
+    pub fn function_with_smem(&self, module: &'static str, function: &str, bytes: usize) -> Result<CudaFunction> {
+        let f = self.function(module, function)?;
+        let key = (module, function.to_string());
+        let mut limits = self.smem_limits.lock().expect("shared memory limits poisoned");
+        if limits.get(&key).is_none_or(|&have| have < bytes) {
+            let attr = cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            let v = i32::try_from(bytes).map_err(|_| Error::InvalidArgument(format!("kernel `{module}::{function}`: {bytes} bytes of shared memory")))?;
+            f.set_attribute(attr, v).map_err(|e| Error::cuda(format!("kernel `{module}::{function}`: raising the shared memory limit to {bytes} bytes"), e))?;
+            limits.insert(key, bytes);
+        }
         Ok(f)
     }
 }
@@ -359,4 +379,69 @@ pub fn runtime(ordinal: usize) -> Result<Arc<CudaRuntime>> {
     let rt = Arc::new(CudaRuntime::open(ordinal)?);
     map.insert(ordinal, rt.clone());
     Ok(rt)
+}
+
+/// The process-wide switch for the kernels built for sm_90a alone (`only_cc`): which work takes
+/// them on an H100/H200, and what fell back from them.
+pub mod hopper {
+    use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+    /// Which work takes the sm_90a kernels on a compute capability 9.0 device: the GEMM path
+    /// (`kernels::lora::sm90`) and the attention forward (`kernels::attention::cuda::FwdKernel::Auto`).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Mode {
+        /// None: every GEMM and attention forward runs on the mma.sync kernels.
+        Off,
+        /// The GEMMs big enough for their tiles (`lora::sm90::big_enough`) and the attention
+        /// forward at its head dims; the default.
+        Auto,
+        /// Every dense GEMM whose operands TMA can read, whatever its size (for tests).
+        Force,
+    }
+
+    static MODE: AtomicU8 = AtomicU8::new(0);
+    static REFUSED: AtomicUsize = AtomicUsize::new(0);
+
+    /// Sets the mode for this process.
+    pub fn set_mode(mode: Mode) {
+        MODE.store(mode as u8 + 1, Ordering::Relaxed);
+    }
+
+    /// The mode: as set, else from `TUNA_SM90` (`0` or `off`: Off; `force`: Force; else Auto).
+    pub fn mode() -> Mode {
+        match MODE.load(Ordering::Relaxed) {
+            1 => Mode::Off,
+            2 => Mode::Auto,
+            3 => Mode::Force,
+            _ => {
+                let mode = match std::env::var("TUNA_SM90").as_deref() {
+                    Ok("0") | Ok("off") => Mode::Off,
+                    Ok("force") => Mode::Force,
+                    _ => Mode::Auto,
+                };
+                set_mode(mode);
+                mode
+            }
+        }
+    }
+
+    /// GEMMs (and attention forwards) this process sent back to the mma.sync kernels because the
+    /// driver refused to describe an operand to the TMA (cuTensorMapEncodeTiled failed) or, in
+    /// Auto, to load or configure an sm_90a kernel (Hopper's kernels are then off for the rest of
+    /// the process): 0 on a healthy run.
+    pub fn refused() -> usize {
+        REFUSED.load(Ordering::Relaxed)
+    }
+
+    /// Counts one piece of work sent back to the mma.sync kernels (`refused`).
+    pub(crate) fn note_refused() {
+        REFUSED.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// In Auto, a kernel of the sm_90a modules that failed to load or configure turns Hopper's
+    /// kernels off for the process (`mode` Off), counted in `refused`.
+    pub(crate) fn turn_off_after_failure() {
+        set_mode(Mode::Off);
+        note_refused();
+    }
 }

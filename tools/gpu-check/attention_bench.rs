@@ -46,7 +46,7 @@ pub fn attention_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
                     time_us(rt, || cuda::forward(kernel, s, &rt.modules, Half::Bf16, &q.slice(..), &k.slice(..), &v.slice(..), None, &mut o.slice_mut(..), &mut lse.slice_mut(..), &p))
                 };
                 let (us, pipe_us) = (fwd(cuda::FwdKernel::Sync)?, fwd(cuda::FwdKernel::Pipelined)?);
-                let hopper = rt.modules.compute_capability() == 90 && tuna::kernels::lora::sm90::mode() != tuna::kernels::lora::sm90::Mode::Off;
+                let hopper = rt.modules.compute_capability() == 90 && tuna::device::cuda::hopper::mode() != tuna::device::cuda::hopper::Mode::Off;
                 let hopper_us = if hopper { Some(fwd(cuda::FwdKernel::Hopper)?) } else { None };
                 let bwd_us = time_us(rt, || {
                     cuda::backward(

@@ -22,7 +22,7 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use half::bf16;
 use serde_json::{json, Value};
 use tuna::device::cuda::CudaRuntime;
-use tuna::kernels::lora::sm90::{self, Mode};
+use tuna::device::cuda::hopper::{self as sm90, Mode};
 use tuna::kernels::lora::{self, cuda::Half, LoraParams};
 use tuna::kernels::nf4::{self, cuda::Nf4Device};
 use tuna::testing::Rng;

@@ -325,7 +325,8 @@ fn gemm_user_cases(push: &mut impl FnMut(String, Result<(), String>), tag: &str)
 /// Empty unless the device is compute capability 9.0 and the path is on; leaves its mode as
 /// found.
 fn sm90_cases(push: &mut impl FnMut(String, Result<(), String>)) {
-    use tuna::kernels::lora::sm90::{self, Mode};
+    use tuna::device::cuda::hopper::{self as sm90, Mode};
+    use tuna::kernels::lora::sm90::launched;
     let on_hopper = cuda::runtime(0).is_ok_and(|rt| rt.modules.compute_capability() == 90);
     let entry = sm90::mode();
     if !on_hopper || entry == Mode::Off {
@@ -347,7 +348,7 @@ fn sm90_cases(push: &mut impl FnMut(String, Result<(), String>)) {
         Err(_) => push("model bf16: loss and LoRA gradients vs cpu [sm90]".into(), Err("panicked".into())),
     }
     sm90::set_mode(entry);
-    let (refused, launched) = (sm90::refused(), sm90::launched());
+    let (refused, launched) = (sm90::refused(), launched());
     push(format!("sm90: {launched} GEMMs ran on the sm_90a kernels, {refused} refused by the driver"), match (refused, launched) {
         (0, 1..) => Ok(()),
         (0, 0) => Err("no GEMM took the path: the cases above tested mma.sync".into()),

@@ -6,7 +6,7 @@
 //! position the wrong value came from, which points at a swizzle, descriptor or fragment error.
 //! Sizes are ragged (M 200, N 296, K 136; rows 16-byte aligned, as the path needs) so the TMA's
 //! zero fill and the epilogue's bounds are in it too. The caller forces the path
-//! (`sm90::Mode::Force`); the probe fails if the GEMM did not take it.
+//! (`device::cuda::hopper::Mode::Force`); the probe fails if the GEMM did not take it.
 
 use half::bf16;
 use tuna::device::cuda::CudaRuntime;

@@ -36,7 +36,7 @@ unsafe impl DeviceRepr for Params {}
 /// the pipelined one (cp.async overlapping loads with the math, ldmatrix fragments), both on
 /// mma.sync; Hopper's (`flash_attention_sm90.cu`: wgmma, head dims 64 and 128, compute
 /// capability 9.0 only); or `Auto`: Hopper's where it applies and the Hopper path is not off
-/// (`lora::sm90::mode`, `TUNA_SM90=0`), else the first.
+/// (`device::cuda::hopper::mode`, `TUNA_SM90=0`), else the first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FwdKernel {
     Sync,
@@ -64,7 +64,7 @@ impl FwdKernel {
     pub fn resolve(self, cc: u32, d: usize) -> Result<FwdKernel> {
         let hopper = cc == 90 && HOPPER_HEAD_DIMS.contains(&d);
         match self {
-            FwdKernel::Auto if hopper && crate::kernels::lora::sm90::mode() != crate::kernels::lora::sm90::Mode::Off => Ok(FwdKernel::Hopper),
+            FwdKernel::Auto if hopper && crate::device::cuda::hopper::mode() != crate::device::cuda::hopper::Mode::Off => Ok(FwdKernel::Hopper),
             FwdKernel::Auto => Ok(FwdKernel::Sync),
             FwdKernel::Hopper if !hopper => Err(Error::InvalidArgument(format!(
                 "flash_attn_fwd (cuda): the Hopper kernel needs a compute capability 9.0 device and head dim {HOPPER_HEAD_DIMS:?} (this is {}.{}, head dim {d})",
@@ -114,19 +114,13 @@ pub fn forward(
         _ => ("flash_attention", "", 0),
     };
     let name = format!("flash_attn_fwd_{variant}{}_d{d}", dt.suffix());
-    let f = modules.function(module, &name).and_then(|f| {
-        if smem > 0 {
-            f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-                .map_err(|e| Error::cuda(format!("{name}: raising the shared memory limit to {smem} bytes"), e))?;
-        }
-        Ok(f)
-    });
+    let f = if smem > 0 { modules.function_with_smem(module, &name, smem) } else { modules.function(module, &name) };
     let f = match f {
         Ok(f) => f,
         // Auto on a driver that cannot load the sm_90a module: Hopper's kernels go off for
         // the process (as the GEMM path does) and the first mma.sync kernel runs.
         Err(_) if kernel == FwdKernel::Auto && resolved == FwdKernel::Hopper => {
-            crate::kernels::lora::sm90::turn_off_after_failure();
+            crate::device::cuda::hopper::turn_off_after_failure();
             return forward(FwdKernel::Sync, stream, modules, dt, q, k, v, starts, o, lse, p);
         }
         Err(e) => return Err(e),
@@ -222,9 +216,8 @@ pub fn backward(
         unsafe { stream.launch_builder(&f).arg(o).arg(dout).arg(&mut dvec).arg(&r).arg(&t).arg(&h).arg(&di).launch(cfg) }.map_err(e("launching the Dvec pass"))?;
     }
     let name = format!("flash_attn_bwd_{suf}_d{d}");
-    let f = modules.function("flash_attention", &name)?;
     let smem = (2 * 64 + 2 * 32) * (d + 8) * 2 + 64 * 40 * 2 + 2 * 32 * 4;
-    f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).map_err(e("raising the shared memory limit"))?;
+    let f = modules.function_with_smem("flash_attention", &name, smem)?;
     let cfg = LaunchConfig { grid_dim: (p.kv_len.div_ceil(64) as u32, p.kv_heads as u32, p.batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
     let null = 0u64;
     let mut b = stream.launch_builder(&f);

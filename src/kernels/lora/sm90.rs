@@ -7,20 +7,21 @@
 //! fewer tiles than half the multiprocessors (the rank-R products, decoding), and operands
 //! whose rows are not 16-byte aligned (TMA's rule).
 //!
-//! `set_mode` (or `TUNA_SM90` in the environment: `0` off, `force`) picks the path for a
-//! process: gpu-check runs the LoRA cases with the path forced onto every GEMM it can read
+//! `device::cuda::hopper::set_mode` (or `TUNA_SM90` in the environment: `0` off, `force`)
+//! picks the path for a process: gpu-check runs the LoRA cases with the path forced onto every GEMM it can read
 //! (small and ragged shapes included) and with it off, and times both kernels.
 
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use cudarc::driver::sys::{self, CUtensorMap};
 use cudarc::driver::{CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::cuda::{launch_err, to_i32, Gemm, GemmOut, Half};
+use crate::device::cuda::hopper::{self, Mode};
 use crate::device::cuda::ModuleCache;
 use crate::kernels::nf4::cuda::Nf4Device;
-use crate::{Error, Result};
+use crate::Result;
 
 /// Block tile (rows, columns), K tile and threads of `gemm_sm90_*`; see gemm_sm90.cu.
 pub(crate) const TILE: (usize, usize) = (128, 256);
@@ -31,59 +32,7 @@ const STAGES: usize = 4;
 /// kernel can align stage 0 to the 1024 bytes the 128-byte swizzle repeats over.
 const SMEM_BYTES: usize = STAGES * (TILE.0 + TILE.1) * BK * 2 + 1024;
 
-/// Which GEMMs take the sm_90a path on a compute capability 9.0 device (Off also keeps the
-/// model's attention forward off Hopper's kernel, `attention::cuda::FwdKernel::Auto`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// None: every GEMM runs on the mma.sync kernels.
-    Off,
-    /// The big ones (`big_enough`); the default.
-    Auto,
-    /// Every dense GEMM whose operands TMA can read, whatever its size (for tests).
-    Force,
-}
-
-static MODE: AtomicU8 = AtomicU8::new(0);
-static REFUSED: AtomicUsize = AtomicUsize::new(0);
 static LAUNCHED: AtomicUsize = AtomicUsize::new(0);
-
-/// Sets the mode for this process.
-pub fn set_mode(mode: Mode) {
-    MODE.store(mode as u8 + 1, Ordering::Relaxed);
-}
-
-/// The mode: as set, else from `TUNA_SM90` (`0` or `off`: Off; `force`: Force; else Auto).
-pub fn mode() -> Mode {
-    match MODE.load(Ordering::Relaxed) {
-        1 => Mode::Off,
-        2 => Mode::Auto,
-        3 => Mode::Force,
-        _ => {
-            let mode = match std::env::var("TUNA_SM90").as_deref() {
-                Ok("0") | Ok("off") => Mode::Off,
-                Ok("force") => Mode::Force,
-                _ => Mode::Auto,
-            };
-            set_mode(mode);
-            mode
-        }
-    }
-}
-
-/// GEMMs (and attention forwards) this process sent back to the mma.sync kernels because the
-/// driver refused to describe an operand to the TMA (cuTensorMapEncodeTiled failed) or, in
-/// Auto, to load or configure an sm_90a kernel (Hopper's kernels are then off for the rest of
-/// the process): 0 on a healthy run.
-pub fn refused() -> usize {
-    REFUSED.load(Ordering::Relaxed)
-}
-
-/// In Auto, a kernel of the sm_90a modules that failed to load or configure turns Hopper's
-/// kernels off for the process (`mode` Off), counted in `refused`.
-pub(crate) fn turn_off_after_failure() {
-    set_mode(Mode::Off);
-    REFUSED.fetch_add(1, Ordering::Relaxed);
-}
 
 /// GEMMs this process ran on the sm_90a kernels (so a test can tell the path was taken).
 pub fn launched() -> usize {
@@ -178,7 +127,7 @@ fn encode(ptr: u64, b: &Box2d, dt: Half) -> Option<TensorMap> {
 /// mode, the operands and the sizes allow (see the module doc); Ok(false) when it is not taken,
 /// so the caller runs the mma.sync kernel instead.
 pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g: &Gemm, c: &mut GemmOut<'_, '_>, nf4: Option<&Nf4Device>) -> Result<bool> {
-    let wanted = match mode() {
+    let wanted = match hopper::mode() {
         Mode::Off => false,
         Mode::Auto => big_enough(g.m, g.n, g.k1, modules.multiprocessors()),
         Mode::Force => true,
@@ -209,7 +158,7 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
     // cuTensorMapEncodeTiled only validates and packs: a refusal (a layout the TMA cannot
     // read) sends the GEMM to the mma.sync kernel, counted in `refused`.
     let refuse = || {
-        REFUSED.fetch_add(1, Ordering::Relaxed);
+        hopper::note_refused();
         Ok(false)
     };
     let Some(ta1) = encode(a1p, &ba1, dt) else { return refuse() };
@@ -228,17 +177,13 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
         },
     };
     let maps = [ta1, tb1, ta2, tb2];
-    let f = modules.function("gemm_sm90", &name).and_then(|f| {
-        f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SMEM_BYTES as i32)
-            .map_err(|e| Error::cuda(format!("{name}: raising the shared memory limit to {SMEM_BYTES} bytes"), e))?;
-        Ok(f)
-    });
+    let f = modules.function_with_smem("gemm_sm90", &name, SMEM_BYTES);
     let f = match f {
         Ok(f) => f,
         // In Auto the mma.sync kernels stand in for the rest of the process (a driver that
         // cannot load sm_90a code); forced, the failure is the answer.
-        Err(_) if mode() == Mode::Auto => {
-            turn_off_after_failure();
+        Err(_) if hopper::mode() == Mode::Auto => {
+            hopper::turn_off_after_failure();
             return Ok(false);
         }
         Err(e) => return Err(e),
