@@ -47,7 +47,12 @@ fn check(dev: Device, m: usize, v: usize, ignore_every: usize, seed: u64) -> Res
     compare(&format!("loss on {dev}"), &[loss.to_scalar().map_err(|e| e.to_string())?], &[want], Tolerance::F32)?;
     let grads = tape.backward(&loss).map_err(|e| e.to_string())?;
     let dz = grads.get(&logits).ok_or("no gradient for the logits")?.to_vec_f32().map_err(|e| e.to_string())?;
-    compare(&format!("dz on {dev}"), &dz, &reference_grad(&z64, &t, v), Tolerance { atol: 1e-7, rtol: 1e-4 })
+    // The target's entry is (p - 1) / C: with p near 1 the subtraction cancels, so f32's
+    // rounding of p (a few ulps of 1.0) stays as an absolute error of up to ~4 ulps / C that
+    // no relative bound covers (seen: p = 1 - 6.5e-6 off by 2e-7). The floor is that, not 1e-7.
+    let counted = t.iter().filter(|&&x| x != IGNORE).count().max(1);
+    let atol = 4.0 * f32::EPSILON as f64 / counted as f64;
+    compare(&format!("dz on {dev}"), &dz, &reference_grad(&z64, &t, v), Tolerance { atol, rtol: 1e-4 })
 }
 
 #[test]
@@ -58,6 +63,8 @@ fn cross_entropy_matches_reference_on_every_device() {
         for (i, &(m, v, ig)) in cases.iter().enumerate() {
             check(dev, m, v, ig, i as u64).unwrap_or_else(|e| panic!("[{m}, {v}] ignore every {ig}: {e}"));
         }
+        // The proptest case that failed a CI run under the old 1e-7 floor (p near 1 on wgpu).
+        check(dev, 2, 2, 2, 14723270869726035868).unwrap_or_else(|e| panic!("[2, 2] ignore every 2, seed 14723270869726035868: {e}"));
     }
 }
 
