@@ -29,4 +29,4 @@ pub use device::{Device, DeviceInfo};
 pub use dtype::{DType, Element, Shape};
 pub use error::{Error, Result};
 pub use tape::{Gradients, Tape};
-pub use tensor::{CpuStorage, Storage, Tensor, TensorId};
+pub use tensor::{CpuStorage, PendingValues, Storage, Tensor, TensorId};

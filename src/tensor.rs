@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 
-use crate::device::{cuda, wgpu as wg, Device};
+use crate::device::{cuda, wgpu as wg, Device, PendingRead};
 use crate::tape::TapeInner;
 use crate::kernels::cast;
 use crate::kernels::nf4::{self, Nf4Tensor};
@@ -275,13 +275,26 @@ impl Tensor {
         if let Some(q) = self.as_nf4() {
             return nf4::cpu::dequantize(q);
         }
-        let bytes = self.to_bytes()?;
-        match CpuStorage::from_bytes(self.dtype(), &bytes) {
-            CpuStorage::F32(v) => Ok(v),
-            CpuStorage::BF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
-            CpuStorage::F16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
-            _ => Err(Error::UnsupportedDType { op: "to_vec_f32", dtype: self.dtype() }),
+        floats_from_bytes(self.dtype(), &self.to_bytes()?)
+    }
+
+    /// Starts copying the elements to the host behind the work already queued on the device,
+    /// and returns without waiting; [`PendingValues::wait`] collects them as `to_vec_f32`
+    /// would. Work queued afterwards (an in-place update, a new tensor in this one's pooled
+    /// buffer) does not change what it reads. On the CPU the copy is made here.
+    pub fn read_later(&self) -> Result<PendingValues> {
+        let dtype = self.dtype();
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::UnsupportedDType { op: "read_later", dtype });
         }
+        let n = self.elem_count() * dtype.size_in_bytes();
+        let read = match self.storage() {
+            Storage::Cpu(s) => PendingRead::ready(s.as_bytes().to_vec()),
+            Storage::Cuda { rt, buf } => rt.read_later(&buf.slice(..n))?.into(),
+            Storage::Wgpu { rt, buf } => rt.read_later(buf.buffer(), n)?.into(),
+            Storage::WgpuNf4 { .. } | Storage::CudaNf4 { .. } => return Err(Error::UnsupportedDType { op: "read_later", dtype }),
+        };
+        Ok(PendingValues { read, dtype })
     }
 
     /// The single value of a one-element float tensor.
@@ -426,6 +439,29 @@ impl Tensor {
             Storage::Cpu(_) => Err(Error::UnsupportedDType { op, dtype: self.dtype() }),
             _ => Err(Error::Unsupported { op, device: self.device() }),
         }
+    }
+}
+
+/// The elements of a float tensor's bytes as f32 (bf16 and f16 converted).
+fn floats_from_bytes(dtype: DType, bytes: &[u8]) -> Result<Vec<f32>> {
+    match CpuStorage::from_bytes(dtype, bytes) {
+        CpuStorage::F32(v) => Ok(v),
+        CpuStorage::BF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::F16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
+        _ => Err(Error::UnsupportedDType { op: "to_vec_f32", dtype }),
+    }
+}
+
+/// A tensor's elements on their way to the host ([`Tensor::read_later`]).
+pub struct PendingValues {
+    read: PendingRead,
+    dtype: DType,
+}
+
+impl PendingValues {
+    /// Waits for the copy and returns the elements as f32.
+    pub fn wait(self) -> Result<Vec<f32>> {
+        floats_from_bytes(self.dtype, &self.read.wait()?)
     }
 }
 

@@ -48,6 +48,34 @@ fn round_trip_through_every_device() {
 }
 
 #[test]
+fn read_later_sees_the_values_of_when_it_was_queued() {
+    // The copy is queued at once: the tensor's buffer going back to the pool and being
+    // rewritten by new tensors and kernels before `wait` must not change what it returns.
+    let a: Vec<f32> = (0..777).map(|i| i as f32 * 0.25 - 3.0).collect();
+    for dev in common::devices() {
+        for dtype in [DType::F32, DType::BF16] {
+            let t = Tensor::from_slice(&a, [777], &dev).unwrap().to_dtype(dtype).unwrap();
+            let want = t.to_vec_f32().unwrap();
+            let pending = t.read_later().unwrap();
+            drop(t);
+            let others: Vec<Tensor> = (0..4).map(|k| Tensor::from_slice(&vec![k as f32; 777], [777], &dev).unwrap().to_dtype(dtype).unwrap()).collect();
+            let sums: Vec<Tensor> = (0..4).map(|k| {
+                let o = Tensor::from_slice(&vec![k as f32; 777], [777], &dev).unwrap();
+                ops::add(&o, &o).unwrap()
+            }).collect();
+            assert_eq!(pending.wait().unwrap(), want, "{dtype:?} on {dev}");
+            assert_eq!(others[3].to_vec_f32().unwrap(), vec![3.0; 777]);
+            assert_eq!(sums[3].to_vec_f32().unwrap(), vec![6.0; 777]);
+        }
+        // Three bf16 values: 6 bytes, not a multiple of 4.
+        let t = Tensor::from_slice(&a[..3], [3], &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        assert_eq!(t.read_later().unwrap().wait().unwrap(), t.to_vec_f32().unwrap(), "3 bf16 values on {dev}");
+        let e = Tensor::from_slice(&[1i32, 2], [2], &dev).unwrap().read_later().err().expect("an i32 tensor has no float values");
+        assert!(e.to_string().contains("read_later"), "{e}");
+    }
+}
+
+#[test]
 fn dtype_conversion_rounds_to_nearest() {
     let t = Tensor::from_slice(&[1.0f32, 1.0 + 1.0 / 256.0, 5.4321], [3], &Device::Cpu).unwrap();
     let b = t.to_dtype(DType::BF16).unwrap();

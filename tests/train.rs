@@ -418,3 +418,50 @@ fn resume_on_wgpu_is_exact() {
         }
     }
 }
+
+#[test]
+fn queued_steps_report_what_waited_steps_do() {
+    // `start_step` returns with the loss and the gradient norm still on their way. Queuing the
+    // next step before waiting (as the run loop does) must change neither, although the next
+    // step rewrites the buffer the norm is reduced into. f16 on wgpu takes the loss-scaled
+    // path, which waits on the norm inside the step.
+    for dev in common::devices() {
+        let mut dtypes = vec![None];
+        if common::has_f16(dev) {
+            dtypes.push(Some(tuna::DType::F16));
+        }
+        for dtype in dtypes {
+            let run = |queued: bool| {
+                let mut model = common::model_on(&base(), &dev);
+                if let Some(d) = dtype {
+                    model = model.to_dtype(d).unwrap();
+                }
+                let mut t = Trainer::new(model, cfg(lora(0.1), 4, 2), data(24, 4), 0).unwrap();
+                let mut reports = Vec::new();
+                if queued {
+                    let mut pending = t.start_step().unwrap();
+                    for _ in 1..5 {
+                        let next = t.start_step().unwrap();
+                        reports.push(pending.wait().unwrap());
+                        pending = next;
+                    }
+                    reports.push(pending.wait().unwrap());
+                } else {
+                    reports = (0..5).map(|_| t.train_step().unwrap()).collect();
+                }
+                t.sync_host().unwrap();
+                (reports, t.masters)
+            };
+            // Bits, since a step skipped for overflow reports a NaN norm.
+            let bits = |r: &[tuna::train::StepReport]| r.iter().map(|r| (r.step, r.loss.to_bits(), r.grad_norm.to_bits(), r.skipped, r.tokens)).collect::<Vec<_>>();
+            let (waited, waited_masters) = run(false);
+            let (queued, queued_masters) = run(true);
+            assert_eq!(bits(&queued), bits(&waited), "{dtype:?} on {dev}: {queued:?} vs {waited:?}");
+            assert_eq!(queued_masters, waited_masters, "{dtype:?} on {dev}");
+            // Each step's norm and loss are its own, so one read a step late would show.
+            let taken: Vec<_> = waited.iter().filter(|r| !r.skipped).collect();
+            assert!(taken.len() >= 3, "{dtype:?} on {dev}: {waited:?}");
+            assert!(taken.windows(2).all(|w| w[0].grad_norm != w[1].grad_norm && w[0].loss != w[1].loss), "{waited:?}");
+        }
+    }
+}

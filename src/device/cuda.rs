@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, PinnedHostSlice};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use super::Device;
@@ -265,6 +265,9 @@ pub struct CudaRuntime {
     pub stream: Arc<CudaStream>,
     pub modules: ModuleCache,
     pub compute_capability: (i32, i32),
+    /// Page-locked buffers for `read_later`, kept for the next read of the same size (a
+    /// training step reads the same few values every step).
+    readback: Mutex<Vec<PinnedHostSlice<u8>>>,
 }
 
 impl CudaRuntime {
@@ -280,7 +283,7 @@ impl CudaRuntime {
         let compute_capability = ctx.compute_capability().map_err(|e| Error::cuda("compute capability", e))?;
         let stream = ctx.default_stream();
         let modules = ModuleCache::new(&ctx)?;
-        let rt = CudaRuntime { ordinal, ctx, stream, modules, compute_capability };
+        let rt = CudaRuntime { ordinal, ctx, stream, modules, compute_capability, readback: Mutex::new(Vec::new()) };
         // Best effort: a device without a stream-ordered pool allocates directly anyway.
         let _ = rt.keep_freed_memory();
         Ok(rt)
@@ -366,6 +369,60 @@ impl CudaRuntime {
         let mut v = self.stream.clone_dtoh(buf).map_err(|e| Error::cuda(format!("copying from cuda:{}", self.ordinal), e))?;
         v.truncate(bytes);
         Ok(v)
+    }
+
+    /// Queues a copy of `src` to the host behind the work already on the stream, into
+    /// page-locked memory, and returns without waiting; [`PendingRead::wait`] collects it. (A
+    /// copy into pageable memory would hold the host until the stream drains.) Work queued
+    /// afterwards cannot change what it reads.
+    pub fn read_later(self: &Arc<Self>, src: &CudaView<u8>) -> Result<PendingRead> {
+        let bytes = src.len();
+        if bytes == 0 {
+            return Ok(PendingRead { rt: self.clone(), host: None });
+        }
+        // cudarc copies as many bytes as the destination holds, so a buffer is reused only for
+        // a read of exactly its size.
+        let reused = {
+            let mut pool = self.readback.lock().expect("readback pool poisoned");
+            pool.iter().position(|b| b.len() == bytes).map(|i| pool.swap_remove(i))
+        };
+        let mut host = match reused {
+            Some(h) => h,
+            // SAFETY: the copy below writes every byte before `wait` reads any.
+            None => unsafe { self.ctx.alloc_pinned_with_flags::<u8>(bytes, 0) }.map_err(|e| Error::cuda(format!("allocating {bytes} page-locked bytes"), e))?,
+        };
+        self.stream.memcpy_dtoh(src, &mut host).map_err(|e| Error::cuda(format!("copying from cuda:{}", self.ordinal), e))?;
+        Ok(PendingRead { rt: self.clone(), host: Some(host) })
+    }
+}
+
+/// A copy to the host queued by [`CudaRuntime::read_later`].
+pub struct PendingRead {
+    rt: Arc<CudaRuntime>,
+    host: Option<PinnedHostSlice<u8>>,
+}
+
+impl PendingRead {
+    /// Waits for the copy (an event recorded behind it, not the whole stream) and returns the
+    /// bytes.
+    pub fn wait(self) -> Result<Vec<u8>> {
+        match &self.host {
+            None => Ok(Vec::new()),
+            Some(h) => Ok(h.as_slice().map_err(|e| Error::cuda(format!("reading back from cuda:{}", self.rt.ordinal), e))?.to_vec()),
+        }
+        // Drop hands the buffer back.
+    }
+}
+
+impl Drop for PendingRead {
+    fn drop(&mut self) {
+        const KEPT: usize = 16;
+        if let Some(h) = self.host.take() {
+            let mut pool = self.rt.readback.lock().expect("readback pool poisoned");
+            if pool.len() < KEPT {
+                pool.push(h);
+            }
+        }
     }
 }
 

@@ -112,3 +112,43 @@ impl Device {
         }
     }
 }
+
+/// A copy to the host queued behind the work already on a device, collected by
+/// [`PendingRead::wait`]. The trainer reads a step's loss this way once the next step is
+/// queued, so the device never drains between steps for the sake of a log line.
+pub struct PendingRead(Pending);
+
+enum Pending {
+    /// Read at once (the CPU).
+    Ready(Vec<u8>),
+    Wgpu(wgpu::PendingRead),
+    Cuda(cuda::PendingRead),
+}
+
+impl PendingRead {
+    /// Bytes already on the host.
+    pub fn ready(bytes: Vec<u8>) -> Self {
+        PendingRead(Pending::Ready(bytes))
+    }
+
+    /// Waits for the copy (and for no work queued after it) and returns the bytes.
+    pub fn wait(self) -> Result<Vec<u8>> {
+        match self.0 {
+            Pending::Ready(b) => Ok(b),
+            Pending::Wgpu(p) => p.wait(),
+            Pending::Cuda(p) => p.wait(),
+        }
+    }
+}
+
+impl From<wgpu::PendingRead> for PendingRead {
+    fn from(p: wgpu::PendingRead) -> Self {
+        PendingRead(Pending::Wgpu(p))
+    }
+}
+
+impl From<cuda::PendingRead> for PendingRead {
+    fn from(p: cuda::PendingRead) -> Self {
+        PendingRead(Pending::Cuda(p))
+    }
+}

@@ -291,6 +291,11 @@ impl WgpuRuntime {
         download(&self.device, &self.queue, buf, bytes)
     }
 
+    /// Starts copying the first `bytes` bytes of `buf` to the host ([`read_later`]).
+    pub fn read_later(&self, buf: &wgpu::Buffer, bytes: usize) -> Result<PendingRead> {
+        read_later(&self.device, &self.queue, buf, bytes)
+    }
+
     /// A uniform buffer holding `params`.
     pub fn uniform<T: bytemuck::Pod>(&self, params: &T) -> wgpu::Buffer {
         uniform(&self.device, params)
@@ -318,7 +323,15 @@ pub fn download(device: &wgpu::Device, queue: &wgpu::Queue, buf: &wgpu::Buffer, 
     if bytes == 0 {
         return Ok(Vec::new());
     }
-    let padded = bytes.next_multiple_of(4) as u64;
+    read_later(device, queue, buf, bytes)?.wait()
+}
+
+/// Submits a copy of the first `bytes` bytes of `buf` (which needs COPY_SRC) into a mappable
+/// buffer, behind the work already submitted; [`PendingRead::wait`] collects it. Work submitted
+/// afterwards (a kernel that overwrites `buf`, or a new tensor in its pooled buffer) cannot
+/// change what it reads.
+pub fn read_later(device: &wgpu::Device, queue: &wgpu::Queue, buf: &wgpu::Buffer, bytes: usize) -> Result<PendingRead> {
+    let padded = bytes.next_multiple_of(4).max(4) as u64;
     let staging = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("tuna readback"),
         size: padded,
@@ -326,21 +339,42 @@ pub fn download(device: &wgpu::Device, queue: &wgpu::Queue, buf: &wgpu::Buffer, 
         mapped_at_creation: false,
     });
     let mut enc = device.create_command_encoder(&Default::default());
-    enc.copy_buffer_to_buffer(buf, 0, &staging, 0, padded);
-    queue.submit([enc.finish()]);
-    let (tx, rx) = std::sync::mpsc::channel();
+    if bytes > 0 {
+        enc.copy_buffer_to_buffer(buf, 0, &staging, 0, padded);
+    }
+    let submission = queue.submit([enc.finish()]);
+    let (tx, mapped) = std::sync::mpsc::channel();
     staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
         let _ = tx.send(r);
     });
-    device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::wgpu("device poll", e))?;
-    rx.recv()
-        .map_err(|e| Error::wgpu("readback", e))?
-        .map_err(|e| Error::wgpu("mapping a readback buffer", e))?;
-    let view = staging.slice(..).get_mapped_range().map_err(|e| Error::wgpu("readback view", e))?;
-    let out = view[..bytes].to_vec();
-    drop(view);
-    staging.unmap();
-    Ok(out)
+    Ok(PendingRead { device: device.clone(), staging, bytes, submission, mapped })
+}
+
+/// A copy to the host submitted by [`read_later`].
+pub struct PendingRead {
+    device: wgpu::Device,
+    staging: wgpu::Buffer,
+    bytes: usize,
+    submission: wgpu::SubmissionIndex,
+    mapped: std::sync::mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
+}
+
+impl PendingRead {
+    /// Waits for the copy's submission (not for work submitted after it) and returns the bytes.
+    pub fn wait(self) -> Result<Vec<u8>> {
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: Some(self.submission), timeout: None })
+            .map_err(|e| Error::wgpu("device poll", e))?;
+        self.mapped
+            .recv()
+            .map_err(|e| Error::wgpu("readback", e))?
+            .map_err(|e| Error::wgpu("mapping a readback buffer", e))?;
+        let view = self.staging.slice(..).get_mapped_range().map_err(|e| Error::wgpu("readback view", e))?;
+        let out = view[..self.bytes].to_vec();
+        drop(view);
+        self.staging.unmap();
+        Ok(out)
+    }
 }
 
 /// Splits `groups` workgroups into an (x, y) grid within the 65535-per-dimension limit; kernels

@@ -216,8 +216,11 @@ fn check_training_run(dev: &Device, dtype: DType, base: &Llama, data: &[Sequence
         let mut t = Trainer::new(model, cfg.clone(), data.to_vec(), 0)?;
         let initial = t.masters.clone();
         let mut losses = Vec::new();
-        for _ in 0..5 {
-            let r = t.train_step()?;
+        // As the run loop does: step n + 1 is queued before step n's loss is read.
+        let mut pending = Some(t.start_step()?);
+        while let Some(p) = pending.take() {
+            pending = if p.step() < 5 { Some(t.start_step()?) } else { None };
+            let r = p.wait()?;
             if r.skipped {
                 return Err(crate::Error::InvalidArgument(format!("step {} overflowed at loss scale {:?}", r.step, t.loss_scale)));
             }

@@ -4,7 +4,8 @@
 //! state (AdamW's moments, or SM3's row and column accumulators and momentum) live in device
 //! buffers for the whole run. A step's gradients stay on the device, their global norm is
 //! reduced there and the clip factor computed inside the optimizer kernel, so the host reads
-//! back only the loss and the squared norm (one float). The host copies (the trainer's
+//! back only the loss and the squared norm (one float), queued behind the step and collected
+//! once the next step is queued (`PendingStep`). The host copies (the trainer's
 //! `masters`, the optimizer's state) are refreshed when read: checkpoints, tests, and sparse
 //! fine-tuning's reselections (which change the active entries on the host, then upload the
 //! state again). Sparse deltas keep their active indices on the device for SM3's sparse kernel.
@@ -16,7 +17,8 @@ use std::sync::Arc;
 
 use crate::kernels::sparse::{DeviceIndices, SparseIndices};
 use crate::optim::{Layout, Sm3State};
-use crate::{DType, Device, Error, Result, Tensor};
+use crate::device::PendingRead;
+use crate::{DType, Device, Error, PendingValues, Result, Tensor};
 
 /// The optimizer's state on the host, as `optim::{AdamW, Sm3}` keep it.
 pub(crate) enum HostOptState {
@@ -138,8 +140,9 @@ impl DeviceOptimizer {
         }
     }
 
-    /// One step over every tensor with its device gradient; returns the global gradient norm.
-    pub fn step(&mut self, grads: &[Tensor], p: StepParams, max_norm: f32) -> Result<f32> {
+    /// One step over every tensor with its device gradient; returns the gradients' sum of
+    /// squares, on its way to the host.
+    pub fn step(&mut self, grads: &[Tensor], p: StepParams, max_norm: f32) -> Result<PendingSumSq> {
         match (self, p) {
             (DeviceOptimizer::Wgpu(w), p) => w.step(grads, p, max_norm),
             (DeviceOptimizer::Cuda(c), p) => c.step(grads, p, max_norm),
@@ -160,6 +163,21 @@ impl DeviceOptimizer {
         match self {
             DeviceOptimizer::Wgpu(w) => w.download(),
             DeviceOptimizer::Cuda(c) => c.download(),
+        }
+    }
+}
+
+/// A step's squared gradient norm on its way to the host (f32 on wgpu, f64 on CUDA).
+pub(crate) enum PendingSumSq {
+    F32(PendingValues),
+    F64(PendingRead),
+}
+
+impl PendingSumSq {
+    pub fn wait(self) -> Result<f64> {
+        match self {
+            PendingSumSq::F32(p) => Ok(p.wait()?[0] as f64),
+            PendingSumSq::F64(p) => Ok(bytemuck::pod_read_unaligned::<f64>(&p.wait()?)),
         }
     }
 }
@@ -188,8 +206,9 @@ impl WgpuOptimizer {
     }
 
     /// One step over every tensor with its device gradient, clipped to a global norm of
-    /// `max_norm` (0: no clipping). Returns the gradient's global norm.
-    pub fn step(&mut self, grads: &[Tensor], p: StepParams, max_norm: f32) -> Result<f32> {
+    /// `max_norm` (0: no clipping). Returns the gradients' sum of squares, on its way to the
+    /// host (read behind the step, before the next step's reduction overwrites it).
+    pub fn step(&mut self, grads: &[Tensor], p: StepParams, max_norm: f32) -> Result<PendingSumSq> {
         if grads.len() != self.params.len() {
             return Err(Error::InvalidArgument(format!("device optimizer: {} gradients for {} tensors", grads.len(), self.params.len())));
         }
@@ -218,7 +237,7 @@ impl WgpuOptimizer {
                 _ => return Err(Error::InvalidArgument("device optimizer: step parameters of another optimizer".into())),
             }
         }
-        Ok(self.sum_sq.to_scalar()?.max(0.0).sqrt())
+        Ok(PendingSumSq::F32(self.sum_sq.read_later()?))
     }
 
     fn dispatch_sum_squares(&self, grads: &[Tensor]) -> Result<()> {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
 
-use super::device::{HostOptState, State, StepParams};
+use super::device::{HostOptState, PendingSumSq, State, StepParams};
 use crate::device::cuda::CudaRuntime;
 use crate::kernels::optim::cuda::{adamw, sm3, sm3_sparse, sum_squares, DeviceClip};
 use crate::kernels::sparse::{DeviceIndices, SparseIndices};
@@ -88,17 +88,18 @@ impl CudaOptimizer {
     }
 
     /// One step with every tensor's gradient (in the parameters' dtype) on the device, clipped
-    /// to a global norm of `max_norm` (0: none). Returns the gradients' global norm (the one
-    /// value read back).
-    pub fn step(&mut self, grads: &[Tensor], p: StepParams, max_norm: f32) -> Result<f32> {
+    /// to a global norm of `max_norm` (0: none). Returns the gradients' sum of squares (the one
+    /// value read back), on its way to the host.
+    pub fn step(&mut self, grads: &[Tensor], p: StepParams, max_norm: f32) -> Result<PendingSumSq> {
         self.check(grads)?;
         if self.param_dtype == DType::F32 {
             self.step_as::<f32>(grads, &p, max_norm)?;
         } else {
             self.step_as::<u16>(grads, &p, max_norm)?;
         }
-        let sum_sq = self.rt.stream.clone_dtoh(&self.sum_sq).map_err(|e| Error::cuda("reading the gradient norm", e))?;
-        Ok(sum_sq[0].max(0.0).sqrt() as f32)
+        // SAFETY: the bytes of an f64, read as bytes.
+        let bytes = unsafe { self.sum_sq.transmute::<u8>(8) }.expect("the norm holds one f64");
+        Ok(PendingSumSq::F64(self.rt.read_later(&bytes)?.into()))
     }
 
     /// The step with parameters and gradients of type `T`: f32 (the kernels update the

@@ -23,7 +23,9 @@ use crate::nn::llama::SparseDelta;
 use crate::optim::{Layout, Optimizer, OptimizerConfig, Schedule, ScheduleKind};
 use crate::peft::sparse::Regrow;
 use crate::peft::{LoraConfig, SparseConfig};
-use crate::{ops, Error, Result, Tape, Tensor};
+use crate::{ops, Error, PendingValues, Result, Tape, Tensor};
+use device::PendingSumSq;
+use std::time::Instant;
 use data::{epoch_order, make_batch, Sequence};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -141,7 +143,7 @@ impl LossScale {
 /// One shard's share of a step: its scaled loss and the gradients of the trained tensors (and,
 /// in a regrowth window, of the sparse target weights).
 struct PieceGrads {
-    /// Where the model is; read once the whole step is queued (on a GPU, reading it waits).
+    /// Where the model is; read once the whole step is queued, without waiting for it.
     loss: Tensor,
     /// Where the model is (downloaded when the optimizer runs on the host).
     grads: Vec<Option<Tensor>>,
@@ -160,6 +162,42 @@ pub struct StepReport {
     pub epoch: f32,
     /// The step's gradients overflowed f16 and the update was skipped (see `LossScale`).
     pub skipped: bool,
+}
+
+/// A step queued on the device by [`Trainer::start_step`], whose loss and gradient norm are
+/// still on their way to the host. Queue the next step first, then `wait`: the device keeps
+/// working while the host reads (on the CPU the step is done when queued).
+pub struct PendingStep {
+    /// The report, less the loss and (for a step taken) the gradient norm.
+    report: StepReport,
+    /// Each piece's loss, summed in piece order by `wait`.
+    losses: Vec<PendingValues>,
+    /// The gradients' sum of squares and the loss scale they carry; None when the norm is
+    /// already in `report` (a CPU step, or a skipped one).
+    sum_sq: Option<(PendingSumSq, f32)>,
+    /// When the step was queued.
+    pub started: Instant,
+}
+
+impl PendingStep {
+    /// The step's number, counted from 1 (the trainer's `step` once it is done).
+    pub fn step(&self) -> usize {
+        self.report.step
+    }
+
+    /// Waits for the loss and the gradient norm (not for work queued after the step).
+    pub fn wait(self) -> Result<StepReport> {
+        let mut report = self.report;
+        let mut loss = 0.0f64;
+        for l in self.losses {
+            loss += l.wait()?[0] as f64;
+        }
+        report.loss = loss as f32;
+        if let Some((sum_sq, scale)) = self.sum_sq {
+            report.grad_norm = sum_sq.wait()?.max(0.0).sqrt() as f32 / scale;
+        }
+        Ok(report)
+    }
 }
 
 pub struct Trainer {
@@ -367,6 +405,16 @@ impl Trainer {
     /// One optimizer step over `grad_accum` micro-batches. The loss is the mean over all their
     /// target tokens, so accumulation gives the gradient of one big batch.
     pub fn train_step(&mut self) -> Result<StepReport> {
+        self.start_step()?.wait()
+    }
+
+    /// `train_step`, returning once the step is queued: the loss and the gradient norm come
+    /// with `PendingStep::wait`. The trainer is ready for the next step at once (the
+    /// device's queue keeps the order), so a loop that queues step n + 1 before it waits for
+    /// step n never lets the device idle between steps. Only a loss-scaled step (f16) waits
+    /// here, on the gradients' norm: an overflow skips it.
+    pub fn start_step(&mut self) -> Result<PendingStep> {
+        let started = Instant::now();
         if self.device.is_none() && self.model.device() != crate::Device::Cpu {
             // Only after a failed upload (`reset_device_state`): the host path would train
             // stale masters.
@@ -420,13 +468,13 @@ impl Trainer {
         }
         let lr = self.schedule().lr(self.step);
         if self.device.is_some() {
-            return self.device_step(results, step_sums, lr, pieces.iter().map(|p| p.2.tokens).sum());
+            return self.device_step(results, step_sums, lr, pieces.iter().map(|p| p.2.tokens).sum(), started);
         }
         // Summed in (micro-batch, shard) order, so the result does not depend on thread timing.
         let mut grads: Vec<Vec<f32>> = self.masters.iter().map(|m| vec![0.0; m.len()]).collect();
-        let mut loss_sum = 0.0f64;
+        let mut losses = Vec::with_capacity(results.len());
         for r in results {
-            loss_sum += r.loss.to_scalar()? as f64;
+            losses.push(r.loss.read_later()?);
             for (acc, g) in grads.iter_mut().zip(r.grads) {
                 if let Some(g) = g {
                     acc.iter_mut().zip(g.to_vec_f32()?).for_each(|(a, v)| *a += v);
@@ -440,25 +488,26 @@ impl Trainer {
         self.step += 1;
         self.maybe_reselect()?;
         self.install(None)?;
-        Ok(StepReport {
+        let report = StepReport {
             step: self.step,
-            loss: loss_sum as f32,
+            loss: f32::NAN,
             lr,
             grad_norm,
             tokens: pieces.iter().map(|p| p.2.tokens).sum(),
             epoch: (self.step * accum) as f32 / self.batches_per_epoch() as f32,
             skipped: false,
-        })
+        };
+        Ok(PendingStep { report, losses, sum_sq: None, started })
     }
 
     /// The optimizer step on the device: gradients summed there in piece order, then the
     /// device optimizer (`device.rs`); the host reads the loss and the gradient norm only.
-    fn device_step(&mut self, results: Vec<PieceGrads>, step_sums: Option<regrow::GradSums>, lr: f32, tokens: usize) -> Result<StepReport> {
+    fn device_step(&mut self, results: Vec<PieceGrads>, step_sums: Option<regrow::GradSums>, lr: f32, tokens: usize, started: Instant) -> Result<PendingStep> {
         let dev = self.model.device();
         let mut grads: Vec<Option<Tensor>> = vec![None; self.masters.len()];
-        let mut loss_sum = 0.0f64;
+        let mut losses = Vec::with_capacity(results.len());
         for r in results {
-            loss_sum += r.loss.to_scalar()? as f64;
+            losses.push(r.loss.read_later()?);
             for (acc, g) in grads.iter_mut().zip(r.grads) {
                 if let Some(g) = g {
                     *acc = Some(match acc.take() {
@@ -485,7 +534,8 @@ impl Trainer {
             if !sum_sq.is_finite() {
                 self.step += 1;
                 self.device_reselect()?;
-                return Ok(StepReport { step: self.step, loss: loss_sum as f32, lr, grad_norm: f32::NAN, tokens, epoch: epoch(self.step), skipped: true });
+                let report = StepReport { step: self.step, loss: f32::NAN, lr, grad_norm: f32::NAN, tokens, epoch: epoch(self.step), skipped: true };
+                return Ok(PendingStep { report, losses, sum_sq: None, started });
             }
         }
         // A loss-scaled step's regrowth gradients join the window's sums unscaled, now that
@@ -506,11 +556,12 @@ impl Trainer {
             }
         };
         // The kernels clip against the scaled norm, so the bound is scaled too.
-        let grad_norm = self.device.as_mut().expect("device state").step(&grads, p, self.config.max_grad_norm * scale)? / scale;
+        let sum_sq = self.device.as_mut().expect("device state").step(&grads, p, self.config.max_grad_norm * scale)?;
         self.step += 1;
         self.device_reselect()?;
         self.install(None)?;
-        Ok(StepReport { step: self.step, loss: loss_sum as f32, lr, grad_norm, tokens, epoch: epoch(self.step), skipped: false })
+        let report = StepReport { step: self.step, loss: f32::NAN, lr, grad_norm: f32::NAN, tokens, epoch: epoch(self.step), skipped: false };
+        Ok(PendingStep { report, losses, sum_sq: Some((sum_sq, scale)), started })
     }
 
     /// Loss and gradients of one shard of micro-batch `k`, on a tape of its own over a copy of

@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::data::Sequence;
-use super::{plot, StepReport, Trainer};
+use super::{plot, PendingStep, StepReport, Trainer};
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,24 +139,43 @@ pub fn run(trainer: &mut Trainer, eval: &[Sequence], opts: &RunOptions, stop: &A
     let (mut tokens, mut last) = (0usize, None::<StepReport>);
     let tty = opts.progress && std::io::stderr().is_terminal();
     let mut last_eval = rows.iter().rev().find_map(|r| r.eval_loss);
-    let mut interrupted = false;
-    while trainer.step < total {
-        if stop.load(Ordering::SeqCst) {
-            interrupted = true;
-            break;
-        }
-        let t0 = Instant::now();
-        let r = trainer.train_step()?;
+    let interrupted;
+    let evaluates = |step: usize| !eval.is_empty() && ((opts.eval_every > 0 && step % opts.eval_every == 0) || step == total);
+    let checkpoints = |step: usize| opts.checkpoint_every > 0 && step % opts.checkpoint_every == 0 && step < total;
+    // Steps after which the loop needs the trainer as that step left it: the next step is
+    // queued only once these are done.
+    let holds = |step: usize| evaluates(step) || checkpoints(step) || opts.stop_after == Some(step);
+    // Step n + 1 is queued before step n's loss is read, so the device does not idle while the
+    // host logs.
+    let mut pending: Option<PendingStep> = None;
+    let mut last_done = started;
+    loop {
+        let hold = pending.as_ref().is_some_and(|p| holds(p.step()));
+        let stopping = stop.load(Ordering::SeqCst);
+        let next = if trainer.step < total && !stopping && !hold { Some(trainer.start_step()?) } else { None };
+        let Some(p) = pending.take() else {
+            if next.is_none() {
+                interrupted = stopping && trainer.step < total;
+                break;
+            }
+            pending = next;
+            continue;
+        };
+        // A step's time runs from when it was queued or the previous one finished, whichever
+        // came later (evaluation and checkpoints are not counted).
+        let from = p.started.max(last_done);
+        let r = p.wait()?;
+        last_done = Instant::now();
         tokens += r.tokens;
-        let tps = r.tokens as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        let tps = r.tokens as f64 / (last_done - from).as_secs_f64().max(1e-9);
         let mut row = Row { step: r.step, epoch: r.epoch, loss: Some(r.loss), eval_loss: None, lr: r.lr, grad_norm: Some(r.grad_norm), tokens_per_second: Some(tps) };
-        if !eval.is_empty() && ((opts.eval_every > 0 && r.step % opts.eval_every == 0) || r.step == total) {
+        if evaluates(r.step) {
             let e = trainer.evaluate(eval)?;
             row.eval_loss = Some(e);
             last_eval = Some(e);
         }
         rows.push(row);
-        if opts.checkpoint_every > 0 && r.step % opts.checkpoint_every == 0 && r.step < total {
+        if checkpoints(r.step) {
             trainer.save_checkpoint(&checkpoint_path)?;
             write_metrics(&metrics_path, &rows, opts.metrics)?;
         }
@@ -185,6 +204,7 @@ pub fn run(trainer: &mut Trainer, eval: &[Sequence], opts: &RunOptions, stop: &A
             interrupted = true;
             break;
         }
+        pending = next;
     }
     if tty {
         eprintln!();
