@@ -456,8 +456,37 @@ pub mod hopper {
         Force,
     }
 
+    /// The sm_90a kernels a run can turn off one at a time (a GPU run whose smoke test failed
+    /// one of them keeps the other).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Part {
+        /// `gemm_sm90.cu`: the dense and NF4 GEMMs.
+        Gemm,
+        /// `flash_attention_sm90.cu`: the attention forward.
+        Attention,
+    }
+
+    impl Part {
+        pub const ALL: [Part; 2] = [Part::Gemm, Part::Attention];
+
+        /// Its name in `TUNA_SM90_OFF`.
+        pub fn name(self) -> &'static str {
+            match self {
+                Part::Gemm => "gemm",
+                Part::Attention => "attention",
+            }
+        }
+
+        fn bit(self) -> u8 {
+            1 << self as u8
+        }
+    }
+
     static MODE: AtomicU8 = AtomicU8::new(0);
+    /// Bit `1 << part` set: that part is off; bit 7: read from the environment.
+    static PARTS_OFF: AtomicU8 = AtomicU8::new(0);
     static REFUSED: AtomicUsize = AtomicUsize::new(0);
+    const PARTS_READ: u8 = 0x80;
 
     /// Sets the mode for this process.
     pub fn set_mode(mode: Mode) {
@@ -482,10 +511,41 @@ pub mod hopper {
         }
     }
 
+    /// The parts turned off, as bits: those `TUNA_SM90_OFF` names (comma-separated `gemm`,
+    /// `attention`), read once, then those `set_part` or a failure turned off.
+    fn parts_off() -> u8 {
+        let bits = PARTS_OFF.load(Ordering::Relaxed);
+        if bits & PARTS_READ != 0 {
+            return bits;
+        }
+        let listed = std::env::var("TUNA_SM90_OFF").unwrap_or_default();
+        let env = Part::ALL.iter().filter(|p| listed.split(',').any(|w| w.trim() == p.name())).fold(0, |b, p| b | p.bit());
+        PARTS_OFF.fetch_or(env | PARTS_READ, Ordering::Relaxed) | env | PARTS_READ
+    }
+
+    /// The mode `part` runs in: Off when that part is turned off, else `mode()`.
+    pub fn mode_for(part: Part) -> Mode {
+        if parts_off() & part.bit() != 0 {
+            Mode::Off
+        } else {
+            mode()
+        }
+    }
+
+    /// Turns one part on or off for this process (the mode governs the parts that are on).
+    pub fn set_part(part: Part, on: bool) {
+        parts_off();
+        if on {
+            PARTS_OFF.fetch_and(!part.bit(), Ordering::Relaxed);
+        } else {
+            PARTS_OFF.fetch_or(part.bit(), Ordering::Relaxed);
+        }
+    }
+
     /// GEMMs (and attention forwards) this process sent back to the mma.sync kernels because the
     /// driver refused to describe an operand to the TMA (cuTensorMapEncodeTiled failed) or, in
-    /// Auto, to load or configure an sm_90a kernel (Hopper's kernels are then off for the rest of
-    /// the process): 0 on a healthy run.
+    /// Auto, to load or configure an sm_90a kernel (that part is then off for the rest of the
+    /// process): 0 on a healthy run.
     pub fn refused() -> usize {
         REFUSED.load(Ordering::Relaxed)
     }
@@ -495,10 +555,10 @@ pub mod hopper {
         REFUSED.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// In Auto, a kernel of the sm_90a modules that failed to load or configure turns Hopper's
-    /// kernels off for the process (`mode` Off), counted in `refused`.
-    pub(crate) fn turn_off_after_failure() {
-        set_mode(Mode::Off);
+    /// In Auto, a kernel of `part` that failed to load or configure turns that part off for
+    /// the process, counted in `refused`.
+    pub(crate) fn turn_off_after_failure(part: Part) {
+        set_part(part, false);
         note_refused();
     }
 }

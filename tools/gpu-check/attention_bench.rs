@@ -11,7 +11,7 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use serde_json::{json, Value};
-use tuna::device::cuda::CudaRuntime;
+use tuna::device::cuda::{hopper, CudaRuntime};
 use tuna::kernels::attention::{cuda, AttentionParams};
 use tuna::kernels::lora::cuda::Half;
 use tuna::testing::Rng;
@@ -46,7 +46,7 @@ pub fn attention_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
                     time_us(rt, || cuda::forward(kernel, s, &rt.modules, Half::Bf16, &q.slice(..), &k.slice(..), &v.slice(..), None, &mut o.slice_mut(..), &mut lse.slice_mut(..), &p))
                 };
                 let (us, pipe_us) = (fwd(cuda::FwdKernel::Sync)?, fwd(cuda::FwdKernel::Pipelined)?);
-                let hopper = rt.modules.compute_capability() == 90 && tuna::device::cuda::hopper::mode() != tuna::device::cuda::hopper::Mode::Off;
+                let hopper = rt.modules.compute_capability() == 90 && hopper::mode_for(hopper::Part::Attention) != hopper::Mode::Off;
                 let hopper_us = if hopper { Some(fwd(cuda::FwdKernel::Hopper)?) } else { None };
                 let bwd_us = time_us(rt, || {
                     cuda::backward(

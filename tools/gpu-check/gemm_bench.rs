@@ -137,10 +137,10 @@ pub fn lora_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
                 let mut dx = s.alloc_zeros::<u16>(m * K).map_err(cuda_err("alloc"))?;
                 let blas_dx = time_us(rt, || gemm(&blas, s, &dy, &w, &mut dx, (m, K, n), false, 1.0, 0.0))?;
                 rows.push(("cublas dX", blas_dx, base_flops));
-                // The mode the run chose (Off after a failed smoke test), then, on an H100 with
-                // the Hopper path on, Off for the mma.sync rows.
+                // The mode the run chose (the GEMM path off after a failed smoke test), then, on
+                // an H100 with the path on, Off for the mma.sync rows.
                 let entry = sm90::mode();
-                let on_hopper = md.compute_capability() == 90 && entry != Mode::Off;
+                let on_hopper = md.compute_capability() == 90 && sm90::mode_for(sm90::Part::Gemm) != Mode::Off;
                 for mode in if on_hopper { vec![entry, Mode::Off] } else { vec![entry] } {
                     sm90::set_mode(mode);
                     let timed = (

@@ -13,7 +13,8 @@
 //! 4. prints a short table and writes `OUT_DIR/gpu-check.json`.
 //!
 //! Exit status: 0 when every case passed, 1 when one failed, 2 when no CUDA device was found.
-//! `gpu-check OUT_DIR --sm90-smoke` runs only the cases of Hopper's GEMM path (`sm90_cases`).
+//! `gpu-check OUT_DIR --sm90-smoke [gemm|attention]` runs only the cases of Hopper's kernels
+//! (`sm90_cases`): both parts, or the one named.
 //! Later kernels add their cases to `cases()` and `benches()`.
 
 mod attention_bench;
@@ -81,17 +82,32 @@ fn main() -> ExitCode {
     };
 
     if std::env::args().nth(2).as_deref() == Some("--sm90-smoke") {
-        // run.sh's first step, under a time limit: Hopper's GEMM path on its own, so that a
-        // broken or hanging wgmma kernel turns the path off (TUNA_SM90=0) for the rest of the run
-        // instead of failing it.
+        // run.sh's first step, under a time limit, once per part: Hopper's kernels on their
+        // own, so that a broken or hanging one is turned off (TUNA_SM90_OFF) for the rest of
+        // the run instead of failing it.
+        use tuna::device::cuda::hopper::Part;
+        let parts: Vec<Part> = match std::env::args().nth(3) {
+            None => Part::ALL.to_vec(),
+            Some(name) => match Part::ALL.into_iter().find(|p| p.name() == name) {
+                Some(p) => vec![p],
+                None => {
+                    eprintln!("gpu-check: --sm90-smoke takes gemm or attention, not `{name}`");
+                    return ExitCode::from(2);
+                }
+            },
+        };
         let mut failed = 0;
         let mut ran = 0;
-        sm90_cases(&mut |name, r| {
-            ran += 1;
-            failed += usize::from(r.is_err());
-            println!("  {:<4} {:<44} {}", if r.is_ok() { "ok" } else { "FAIL" }, name, r.err().unwrap_or_default());
-        });
-        println!("sm90 smoke: {} of {ran} cases passed{}", ran - failed, if ran == 0 { " (not a compute capability 9.0 device)" } else { "" });
+        sm90_cases(
+            &mut |name, r| {
+                ran += 1;
+                failed += usize::from(r.is_err());
+                println!("  {:<4} {:<44} {}", if r.is_ok() { "ok" } else { "FAIL" }, name, r.err().unwrap_or_default());
+            },
+            &parts,
+        );
+        let names: Vec<&str> = parts.iter().map(|p| p.name()).collect();
+        println!("sm90 smoke ({}): {} of {ran} cases passed{}", names.join(", "), ran - failed, if ran == 0 { " (not a compute capability 9.0 device, or the part is off)" } else { "" });
         return if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE };
     }
     println!("\ntests (against the f64 CPU reference):");
@@ -194,7 +210,7 @@ fn cases() -> Vec<CaseResult> {
     lora_cases(&mut push, "", false);
     // run.sh ran them first on their own (`--sm90-smoke`) and says so.
     if std::env::var("TUNA_SM90_CHECKED").as_deref() != Ok("1") {
-        sm90_cases(&mut push);
+        sm90_cases(&mut push, &tuna::device::cuda::hopper::Part::ALL);
     }
     token_op_cases(&mut push);
     attention_cases(&mut push, &[tuna::kernels::attention::cuda::FwdKernel::Sync, tuna::kernels::attention::cuda::FwdKernel::Pipelined]);
@@ -317,22 +333,26 @@ fn gemm_user_cases(push: &mut impl FnMut(String, Result<(), String>), tag: &str)
     }
 }
 
-/// Hopper's kernels: the attention forward (`flash_attention_sm90.cu`) on the attention cases
-/// at head dims 64 and 128, and the GEMM path (`lora::sm90`, wgmma and TMA) forced onto every
-/// GEMM whose operands the TMA can read, whatever its size, so the small ragged shapes test its
-/// tails: the LoRA and NF4 LoRA cases, the GEMM's other callers, and the model's loss and LoRA
-/// gradients against the CPU (its attention on the Hopper forward too).
+/// Hopper's kernels, the parts asked for that are on: the attention forward
+/// (`flash_attention_sm90.cu`) on the attention cases at head dims 64 and 128; the GEMM path
+/// (`lora::sm90`, wgmma and TMA) forced onto every GEMM whose operands the TMA can read,
+/// whatever its size, so the small ragged shapes test its tails: an exact probe, the LoRA and
+/// NF4 LoRA cases, the GEMM's other callers, and the model's loss and LoRA gradients against
+/// the CPU (its attention on the Hopper forward too, unless that part is off).
 /// Empty unless the device is compute capability 9.0 and the path is on; leaves its mode as
 /// found.
-fn sm90_cases(push: &mut impl FnMut(String, Result<(), String>)) {
-    use tuna::device::cuda::hopper::{self as sm90, Mode};
+fn sm90_cases(push: &mut impl FnMut(String, Result<(), String>), parts: &[tuna::device::cuda::hopper::Part]) {
+    use tuna::device::cuda::hopper::{self as sm90, Mode, Part};
     use tuna::kernels::lora::sm90::launched;
     let on_hopper = cuda::runtime(0).is_ok_and(|rt| rt.modules.compute_capability() == 90);
-    let entry = sm90::mode();
-    if !on_hopper || entry == Mode::Off {
-        return;  // not an H100/H200, or the run turned Hopper's kernels off (TUNA_SM90=0)
+    let asked = |part: Part| on_hopper && parts.contains(&part) && sm90::mode_for(part) != Mode::Off;
+    if asked(Part::Attention) {
+        attention_cases(push, &[tuna::kernels::attention::cuda::FwdKernel::Hopper]);
     }
-    attention_cases(push, &[tuna::kernels::attention::cuda::FwdKernel::Hopper]);
+    if !asked(Part::Gemm) {
+        return;  // not an H100/H200, or the run turned the GEMM path off (TUNA_SM90=0, TUNA_SM90_OFF=gemm)
+    }
+    let entry = sm90::mode();
     sm90::set_mode(Mode::Force);
     if let Ok(rt) = cuda::runtime(0) {
         for b_kn in [false, true] {
@@ -352,7 +372,7 @@ fn sm90_cases(push: &mut impl FnMut(String, Result<(), String>)) {
     push(format!("sm90: {launched} GEMMs ran on the sm_90a kernels, {refused} refused by the driver"), match (refused, launched) {
         (0, 1..) => Ok(()),
         (0, 0) => Err("no GEMM took the path: the cases above tested mma.sync".into()),
-        _ => Err(format!("{refused} GEMMs fell back to mma.sync")),
+        _ => Err(format!("{refused} GEMMs or attention forwards fell back to mma.sync")),
     });
 }
 

@@ -34,22 +34,29 @@ for d in ${LD_LIBRARY_PATH//:/ } \
   fi
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee "$out/nvidia-smi.txt"
-# Hopper's kernels (the wgmma + TMA GEMM path, kernels-cuda/gemm_sm90.cu, and the wgmma
-# attention forward, flash_attention_sm90.cu) first, on their own and under a time limit: if a
-# case fails or a kernel hangs, TUNA_SM90=0 keeps the rest of the run (the checks, the
-# benchmarks, the end-to-end rows) on the mma.sync kernels, and sm90-smoke.txt says why. A second command into the same OUT_DIR reuses the first one's verdict.
+# Hopper's kernels first, each part on its own and under a time limit: the attention forward
+# (flash_attention_sm90.cu), then the wgmma + TMA GEMM path (gemm_sm90.cu). A part whose case
+# fails or whose kernel hangs is listed in TUNA_SM90_OFF, so the rest of the run (the checks,
+# the benchmarks, the end-to-end rows) keeps the other part and runs that one on the mma.sync
+# kernels; sm90-smoke.txt says why. A second command into the same OUT_DIR reuses the verdict.
 if [ -z "${TUNA_SM90:-}" ]; then
   if [ ! -f "$out/sm90-smoke.txt" ] && [ -x "$bin" ]; then
-    timeout 180 "$bin" "$out" --sm90-smoke > "$out/sm90-smoke.txt" 2>&1
-    rc=$?
-    [ $rc = 0 ] || echo "TUNA_SM90=0: the smoke test exited with $rc (124: timed out)" >> "$out/sm90-smoke.txt"
+    off=""
+    for part in attention gemm; do
+      TUNA_SM90_OFF="$off" timeout 120 "$bin" "$out" --sm90-smoke "$part" >> "$out/sm90-smoke.txt" 2>&1
+      rc=$?
+      if [ $rc != 0 ]; then
+        echo "$part off: its smoke test exited with $rc (124: timed out)" >> "$out/sm90-smoke.txt"
+        off="${off:+$off,}$part"
+      fi
+    done
+    echo "TUNA_SM90_OFF=$off" >> "$out/sm90-smoke.txt"
   fi
-  if grep -q '^TUNA_SM90=0' "$out/sm90-smoke.txt" 2>/dev/null; then
-    export TUNA_SM90=0
-  elif [ -f "$out/sm90-smoke.txt" ]; then
+  if [ -f "$out/sm90-smoke.txt" ]; then
+    export TUNA_SM90_OFF="$(grep '^TUNA_SM90_OFF=' "$out/sm90-smoke.txt" | tail -1 | cut -d= -f2)"
     export TUNA_SM90_CHECKED=1  # gpu-check's own run need not repeat those cases
   fi
-  tail -3 "$out/sm90-smoke.txt" 2>/dev/null
+  tail -4 "$out/sm90-smoke.txt" 2>/dev/null
 fi
 # TUNA_CHECKS=0 skips the gpu-check binary and the kernel baselines, so the end-to-end part
 # can run as a second command into the same OUT_DIR (each command has a time limit; the

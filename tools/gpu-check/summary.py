@@ -2,8 +2,8 @@
 `python3 tools/gpu-check/summary.py OUT_DIR`).
 
 Reads what run.sh left in OUT_DIR and prints:
-  - the failed checks (gpu-check.json), and the smoke test of Hopper's GEMM path
-    (sm90-smoke.txt: whether the run kept it on);
+  - the failed checks (gpu-check.json), and the smoke test of Hopper's kernels
+    (sm90-smoke.txt: which parts the run kept on);
   - the LoRA GEMM and NF4 targets gpu-check judged in the same run (issue 5);
   - flash attention against issue 6's targets: forward >= 300 and backward >= 250 TFLOP/s at
     D = 128, causal, T = 4096, and the forward >= 1.0x PyTorch's SDPA on every shape both timed
@@ -86,7 +86,7 @@ def gemm_targets(report):
 
 
 def sm90_smoke(out):
-    print("\nHopper GEMM path smoke test (sm90-smoke.txt)")
+    print("\nHopper kernels' smoke test (sm90-smoke.txt; TUNA_SM90_OFF lists the parts turned off)")
     try:
         with open(os.path.join(out, "sm90-smoke.txt")) as f:
             lines = f.read().splitlines()
@@ -94,7 +94,7 @@ def sm90_smoke(out):
         print(f"  ({e})")
         return
     for line in lines:
-        if line.startswith("  FAIL") or line.startswith("sm90") or line.startswith("TUNA_SM90"):
+        if line.startswith("  FAIL") or line.startswith("sm90") or line.startswith("TUNA_SM90") or " off: " in line:
             print(f"  {line.strip()}")
 
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::AttentionParams;
+use crate::device::cuda::hopper::{self, Part};
 use crate::device::cuda::ModuleCache;
 use crate::kernels::check_len;
 use crate::kernels::lora::cuda::Half;
@@ -36,7 +37,8 @@ unsafe impl DeviceRepr for Params {}
 /// the pipelined one (cp.async overlapping loads with the math, ldmatrix fragments), both on
 /// mma.sync; Hopper's (`flash_attention_sm90.cu`: wgmma, head dims 64 and 128, compute
 /// capability 9.0 only); or `Auto`: Hopper's where it applies and the Hopper path is not off
-/// (`device::cuda::hopper::mode`, `TUNA_SM90=0`), else the first.
+/// (`device::cuda::hopper::mode_for(Part::Attention)`: `TUNA_SM90=0`, `TUNA_SM90_OFF=attention`),
+/// else the first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FwdKernel {
     Sync,
@@ -64,7 +66,7 @@ impl FwdKernel {
     pub fn resolve(self, cc: u32, d: usize) -> Result<FwdKernel> {
         let hopper = cc == 90 && HOPPER_HEAD_DIMS.contains(&d);
         match self {
-            FwdKernel::Auto if hopper && crate::device::cuda::hopper::mode() != crate::device::cuda::hopper::Mode::Off => Ok(FwdKernel::Hopper),
+            FwdKernel::Auto if hopper && hopper::mode_for(Part::Attention) != hopper::Mode::Off => Ok(FwdKernel::Hopper),
             FwdKernel::Auto => Ok(FwdKernel::Sync),
             FwdKernel::Hopper if !hopper => Err(Error::InvalidArgument(format!(
                 "flash_attn_fwd (cuda): the Hopper kernel needs a compute capability 9.0 device and head dim {HOPPER_HEAD_DIMS:?} (this is {}.{}, head dim {d})",
@@ -117,10 +119,10 @@ pub fn forward(
     let f = if smem > 0 { modules.function_with_smem(module, &name, smem) } else { modules.function(module, &name) };
     let f = match f {
         Ok(f) => f,
-        // Auto on a driver that cannot load the sm_90a module: Hopper's kernels go off for
+        // Auto on a driver that cannot load the sm_90a module: Hopper's attention goes off for
         // the process (as the GEMM path does) and the first mma.sync kernel runs.
         Err(_) if kernel == FwdKernel::Auto && resolved == FwdKernel::Hopper => {
-            crate::device::cuda::hopper::turn_off_after_failure();
+            hopper::turn_off_after_failure(Part::Attention);
             return forward(FwdKernel::Sync, stream, modules, dt, q, k, v, starts, o, lse, p);
         }
         Err(e) => return Err(e),

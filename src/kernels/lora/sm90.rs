@@ -8,7 +8,8 @@
 //! whose rows are not 16-byte aligned (TMA's rule).
 //!
 //! `device::cuda::hopper::set_mode` (or `TUNA_SM90` in the environment: `0` off, `force`)
-//! picks the path for a process: gpu-check runs the LoRA cases with the path forced onto every GEMM it can read
+//! picks the path for a process, `set_part(Part::Gemm, false)` (`TUNA_SM90_OFF=gemm`) turns the
+//! GEMM path alone off: gpu-check runs the LoRA cases with the path forced onto every GEMM it can read
 //! (small and ragged shapes included) and with it off, and times both kernels.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,7 +19,7 @@ use cudarc::driver::sys::{self, CUtensorMap};
 use cudarc::driver::{CudaStream, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::cuda::{launch_err, to_i32, Gemm, GemmOut, Half};
-use crate::device::cuda::hopper::{self, Mode};
+use crate::device::cuda::hopper::{self, Mode, Part};
 use crate::device::cuda::ModuleCache;
 use crate::kernels::nf4::cuda::Nf4Device;
 use crate::Result;
@@ -127,7 +128,7 @@ fn encode(ptr: u64, b: &Box2d, dt: Half) -> Option<TensorMap> {
 /// mode, the operands and the sizes allow (see the module doc); Ok(false) when it is not taken,
 /// so the caller runs the mma.sync kernel instead.
 pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g: &Gemm, c: &mut GemmOut<'_, '_>, nf4: Option<&Nf4Device>) -> Result<bool> {
-    let wanted = match hopper::mode() {
+    let wanted = match hopper::mode_for(Part::Gemm) {
         Mode::Off => false,
         Mode::Auto => big_enough(g.m, g.n, g.k1, modules.multiprocessors()),
         Mode::Force => true,
@@ -182,8 +183,8 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
         Ok(f) => f,
         // In Auto the mma.sync kernels stand in for the rest of the process (a driver that
         // cannot load sm_90a code); forced, the failure is the answer.
-        Err(_) if hopper::mode() == Mode::Auto => {
-            hopper::turn_off_after_failure();
+        Err(_) if hopper::mode_for(Part::Gemm) == Mode::Auto => {
+            hopper::turn_off_after_failure(Part::Gemm);
             return Ok(false);
         }
         Err(e) => return Err(e),
