@@ -518,9 +518,14 @@ pub mod hopper {
         if bits & PARTS_READ != 0 {
             return bits;
         }
-        let listed = std::env::var("TUNA_SM90_OFF").unwrap_or_default();
-        let env = Part::ALL.iter().filter(|p| listed.split(',').any(|w| w.trim() == p.name())).fold(0, |b, p| b | p.bit());
+        let env = parse_off(&std::env::var("TUNA_SM90_OFF").unwrap_or_default());
         PARTS_OFF.fetch_or(env | PARTS_READ, Ordering::Relaxed) | env | PARTS_READ
+    }
+
+    /// The bits of the parts a `TUNA_SM90_OFF` value names (comma-separated; other words are
+    /// ignored).
+    fn parse_off(listed: &str) -> u8 {
+        Part::ALL.iter().filter(|p| listed.split(',').any(|w| w.trim() == p.name())).fold(0, |b, p| b | p.bit())
     }
 
     /// The mode `part` runs in: Off when that part is turned off, else `mode()`.
@@ -560,5 +565,26 @@ pub mod hopper {
     pub(crate) fn turn_off_after_failure(part: Part) {
         set_part(part, false);
         note_refused();
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn parts_turn_off_alone() {
+            assert_eq!(parse_off(""), 0);
+            assert_eq!(parse_off("gemm"), Part::Gemm.bit());
+            assert_eq!(parse_off("attention, gemm"), Part::Gemm.bit() | Part::Attention.bit());
+            assert_eq!(parse_off("gemmx,attn"), 0);
+            // The process-wide switch: one part off leaves the other in the mode.
+            set_part(Part::Gemm, false);
+            assert_eq!(mode_for(Part::Gemm), Mode::Off);
+            if std::env::var_os("TUNA_SM90_OFF").is_none() {
+                assert_eq!(mode_for(Part::Attention), mode());
+            }
+            set_part(Part::Gemm, true);
+            assert_eq!(mode_for(Part::Gemm), mode());
+        }
     }
 }
