@@ -19,6 +19,7 @@
 // Launch: grid (ceil(T / 64), H, B), block 128, that dynamic shared memory. Instances:
 // flash_attn_fwd_sm90_{bf16,f16}_d{64,128}. Built for sm_90a alone (`arch:` line above).
 // Not yet run (no GPU so far); gpu-check checks it against the f64 reference before timing it.
+// The backward (flash_attn_bwd_sm90_*) follows the forward in this file.
 #include "common.cuh"
 #include "mma.cuh"
 #include "wgmma.cuh"
@@ -159,3 +160,248 @@ FH_INSTANCE(flash_attn_fwd_sm90_bf16_d64, Bf16, 64)
 FH_INSTANCE(flash_attn_fwd_sm90_f16_d64, F16, 64)
 FH_INSTANCE(flash_attn_fwd_sm90_bf16_d128, Bf16, 128)
 FH_INSTANCE(flash_attn_fwd_sm90_f16_d128, F16, 128)
+
+// ---------------------------------------------------------------------------------------------
+// Backward on wgmma: flash_attention.cu's backward (the same arguments, with its Dvec pass
+// before and its dQ rounding pass after; the same masks and outputs), with a block of one
+// warpgroup owning 64 keys of one (b, g) over every query head of the group and every tile of
+// 64 queries that can see them. Warp w owns keys 16w..16w+15, so in the keys' orientation the
+// wgmma accumulators are the scores' transposes:
+//
+//   S^T  = K.Q^T      SS m64n64k16, A = K and B = Q both K-major (over D)
+//   dP^T = V.dO^T     SS m64n64k16
+//   P^T  = exp2(S^T scale_log2 - lse), masked; dS^T = P^T (dP^T - Dvec), in registers
+//   dV  += P^T.dO     RS m64n{D}k16: A = P^T re-packed from the accumulators (as the forward's
+//                     P), B = dO through the transposed (MN-major) descriptor
+//   dK  += dS^T.Q     RS m64n{D}k16, the same with dS^T and Q
+//   dQ   = dS.K       SS m64n64k16 per 64 columns of D: A = dS^T, stored to shared memory, read
+//                     through the transposed descriptor (imm-trans-a), B = K transposed;
+//                     added into dq_acc (scaled by the softmax scale) by f32 atomics, two
+//                     adjacent columns a time (red.global.add.v2.f32)
+//
+// The next tile's Q and dO (and its rows' lse, Dvec and segment starts) load by cp.async into
+// the other buffer while this tile's math runs. Shared memory: K, V, Q[2], dO[2] (64 rows x D,
+// swizzled as in the forward), dS^T (64 x 64, swizzled), 2 x 3 x 64 words of row values, and
+// 1 KiB to align: 768 * D + 10752 bytes (58.5 KiB at D = 64, 106.5 KiB at D = 128: two blocks
+// an SM).
+//
+// Launch: grid (ceil(S / 64), G, B), block 128, that dynamic shared memory. Instances:
+// flash_attn_bwd_sm90_{bf16,f16}_d{64,128}. Not yet run (no GPU so far).
+#define FHB_ROWS_BYTES (2 * 3 * 64 * 4)  // lse (log2 domain), Dvec, segment starts; two buffers
+
+// d = dS.K slice: m64n64k16 with both operands read transposed (MN-major) from shared memory.
+#define FHB_WGMMA_TT(TYPE)                                                                                    \
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " WG_D32 ", %32, %33, 1, 1, 1, 1, 1;" \
+                 : ACC32(0)                                                                                   \
+                 : "l"(da), "l"(db))
+__device__ __forceinline__ void fhb_dq(Bf16, float* d, u64 da, u64 db) { FHB_WGMMA_TT("bf16"); }
+__device__ __forceinline__ void fhb_dq(F16, float* d, u64 da, u64 db) { FHB_WGMMA_TT("f16"); }
+
+__device__ __forceinline__ void fhb_st32(u32 addr, u32 v) { asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory"); }
+
+// p[0] += a, p[1] += b as one atomic (sm_90's vector reduction; p 8-byte aligned).
+__device__ __forceinline__ void fhb_red2(float* p, float a, float b) { asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory"); }
+
+// The A fragments of the four k16 slices of a 64 x 64 accumulator (16-bit, see the forward).
+template <typename T>
+__device__ __forceinline__ void fhb_pack(const float* acc, u32 (*a)[4]) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        const float* s0 = acc + 8 * kk;
+        a[kk][0] = (u32)T::from_f32(s0[0]) | ((u32)T::from_f32(s0[1]) << 16);
+        a[kk][1] = (u32)T::from_f32(s0[2]) | ((u32)T::from_f32(s0[3]) << 16);
+        a[kk][2] = (u32)T::from_f32(s0[4]) | ((u32)T::from_f32(s0[5]) << 16);
+        a[kk][3] = (u32)T::from_f32(s0[6]) | ((u32)T::from_f32(s0[7]) << 16);
+    }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void flash_attn_bwd_sm90(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
+                                                    const unsigned short* __restrict__ v, const unsigned int* __restrict__ starts,
+                                                    const unsigned short* __restrict__ dout, const float* __restrict__ lse,
+                                                    const float* __restrict__ dvec, float* __restrict__ dq_acc,
+                                                    unsigned short* __restrict__ dk, unsigned short* __restrict__ dv, FaParams p) {
+    constexpr int TILE = FH_ROWS * D * 2;
+    constexpr int NT = D / 8;
+    extern __shared__ unsigned char smem_raw[];
+    const u32 raw = smem_addr(smem_raw);
+    const u32 base = (raw + 1023u) & ~1023u;  // the launcher adds 1 KiB of slack
+    const u32 ks = base, vs = base + TILE, qs = base + 2 * TILE, dos = base + 4 * TILE, dss = base + 6 * TILE;
+    float* rowv = (float*)(smem_raw + (base - raw) + 6 * TILE + FH_ROWS * 128);  // [2][lse | Dvec | starts][64]
+
+    const int T_ = p.q_len, S = p.kv_len, H = p.heads, G = p.kv_heads, hpg = H / G;
+    const int b = blockIdx.z, g = blockIdx.y, k0 = blockIdx.x * FH_ROWS;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gr = lane >> 2, c = lane & 3;
+    const int off = S - T_;
+    const long q_row = (long)H * D, kv_row = (long)G * D;
+    const float log2e = 1.4426950408889634f;
+    const float scale = p.scale_log2 / log2e;
+
+    fh_load_tile<D>(ks, k + (long)b * S * kv_row + (long)g * D, k0, S, kv_row);
+    fh_load_tile<D>(vs, v + (long)b * S * kv_row + (long)g * D, k0, S, kv_row);
+    // Queries that can see some key of the tile: causal t >= k0 - off; window t < k0 + 63 - off + window.
+    int t_begin = p.causal ? max(0, k0 - off) : 0;
+    t_begin = (t_begin / FH_ROWS) * FH_ROWS;
+    int t_end = T_;
+    if (p.window > 0) t_end = min(T_, k0 + FH_ROWS - 1 - off + p.window);
+    const int n_t = t_end > t_begin ? (t_end - t_begin + FH_ROWS - 1) / FH_ROWS : 0;
+    const int iters = hpg * n_t;  // (query head, query tile) pairs, head-major
+
+    // Iteration it's Q and dO tiles and row values into buffer bf.
+    auto load = [&](int it, int bf) {
+        const int h = g * hpg + it / n_t, t0 = t_begin + (it % n_t) * FH_ROWS;
+        const long head = (long)b * T_ * q_row + (long)h * D;
+        fh_load_tile<D>(qs + bf * TILE, q + head, t0, T_, q_row);
+        fh_load_tile<D>(dos + bf * TILE, dout + head, t0, T_, q_row);
+        if (tid < FH_ROWS) {
+            const int t = t0 + tid;
+            const long at = ((long)b * H + h) * T_ + t;
+            float* rv = rowv + bf * 3 * FH_ROWS;
+            rv[tid] = t < T_ ? lse[at] * log2e : 0.0f;
+            rv[FH_ROWS + tid] = t < T_ ? dvec[at] : 0.0f;
+            rv[2 * FH_ROWS + tid] = __uint_as_float(starts && t < T_ ? starts[(long)b * T_ + t] : 0u);
+        }
+    };
+    if (iters > 0) load(0, 0);
+    cp_async_commit();
+
+    float dka[D / 2], dva[D / 2];
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) dka[i] = dva[i] = 0.0f;
+    const int key0 = k0 + 16 * warp + gr;  // this lane's key rows: key0 and key0 + 8
+
+    for (int it = 0; it < iters; ++it) {
+        const int bf = it & 1;
+        const int h = g * hpg + it / n_t, t0 = t_begin + (it % n_t) * FH_ROWS;
+        // This tile landed (cp.async for the tiles, plain stores for the row values); every
+        // thread is past the previous tile, so the other buffers and dS^T are free.
+        cp_async_wait<0>();
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        __syncthreads();
+        if (it + 1 < iters) load(it + 1, bf ^ 1);
+        cp_async_commit();
+        const u32 qt = qs + bf * TILE, dt = dos + bf * TILE;
+        const float* rv = rowv + bf * 3 * FH_ROWS;
+
+        // S^T = K.Q^T and dP^T = V.dO^T over D in k16 slices.
+        float sacc[32], pacc[32];
+#pragma unroll
+        for (int i = 0; i < 32; ++i) sacc[i] = pacc[i] = 0.0f;
+        wgmma_operand_fence<32>(sacc);
+        wgmma_operand_fence<32>(pacc);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            const u32 at = (kk / 4) * (FH_ROWS * 128) + (kk % 4) * 32;
+            fh_qk(T{}, sacc, smem_desc(ks + at, 16, 1024), smem_desc(qt + at, 16, 1024));
+            fh_qk(T{}, pacc, smem_desc(vs + at, 16, 1024), smem_desc(dt + at, 16, 1024));
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_operand_fence<32>(sacc);
+        wgmma_operand_fence<32>(pacc);
+
+        // P^T (0 where masked) and dS^T = P^T (dP^T - Dvec); key rows key0 (e < 2), key0 + 8.
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int s_ = e < 2 ? key0 : key0 + 8;
+                const int qi = 8 * j + 2 * c + (e & 1);
+                const int t = t0 + qi;
+                bool ok = s_ < S && t < T_;
+                if (p.causal) ok = ok && s_ <= t + off;
+                if (p.window > 0) ok = ok && s_ > t + off - p.window;
+                if (starts) ok = ok && (unsigned int)s_ >= __float_as_uint(rv[2 * FH_ROWS + qi]);
+                const float pv = ok ? exp2f(sacc[4 * j + e] * p.scale_log2 - rv[qi]) : 0.0f;
+                sacc[4 * j + e] = pv;
+                pacc[4 * j + e] = pv * (pacc[4 * j + e] - rv[FH_ROWS + qi]);
+            }
+        }
+        u32 pa[4][4], dsa[4][4];
+        fhb_pack<T>(sacc, pa);
+        fhb_pack<T>(pacc, dsa);
+
+        // dV += P^T.dO and dK += dS^T.Q over the tile's 64 queries (k16 slice kk: queries 16kk..).
+        wgmma_operand_fence<D / 2>(dva);
+        wgmma_operand_fence<D / 2>(dka);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            asm volatile("" : "+r"(pa[kk][0]), "+r"(pa[kk][1]), "+r"(pa[kk][2]), "+r"(pa[kk][3])::"memory");
+            asm volatile("" : "+r"(dsa[kk][0]), "+r"(dsa[kk][1]), "+r"(dsa[kk][2]), "+r"(dsa[kk][3])::"memory");
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) fh_pv<D>(T{}, dva, pa[kk], smem_desc(dt + kk * 2048, FH_ROWS * 128, 1024));
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) fh_pv<D>(T{}, dka, dsa[kk], smem_desc(qt + kk * 2048, FH_ROWS * 128, 1024));
+        wgmma_commit();
+
+        // dS^T to shared memory (keys as rows, queries contiguous: what the transposed A
+        // descriptor reads as dS), handed to the tensor cores (async proxy) for every warp.
+        const int r0 = 16 * warp + gr, r1 = r0 + 8;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            fhb_st32(dss + swizzled(r0, 2 * kk) + 4 * c, dsa[kk][0]);
+            fhb_st32(dss + swizzled(r1, 2 * kk) + 4 * c, dsa[kk][1]);
+            fhb_st32(dss + swizzled(r0, 2 * kk + 1) + 4 * c, dsa[kk][2]);
+            fhb_st32(dss + swizzled(r1, 2 * kk + 1) + 4 * c, dsa[kk][3]);
+        }
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        __syncthreads();
+
+        // dQ = dS.K, 64 columns of D at a time (k16 slice kk: keys 16kk.., 2048 bytes in), added
+        // to dq_acc; this lane's rows are queries t0 + r0 and t0 + r1.
+        float* dqb = dq_acc + (long)b * T_ * q_row + (long)h * D;
+#pragma unroll
+        for (int hn = 0; hn < D / 64; ++hn) {
+            float qacc[32];
+#pragma unroll
+            for (int i = 0; i < 32; ++i) qacc[i] = 0.0f;
+            wgmma_operand_fence<32>(qacc);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) fhb_dq(T{}, qacc, smem_desc(dss + kk * 2048, FH_ROWS * 128, 1024), smem_desc(ks + hn * (FH_ROWS * 128) + kk * 2048, FH_ROWS * 128, 1024));
+            wgmma_commit();
+            wgmma_wait<0>();  // also the dV, dK group above
+            wgmma_operand_fence<32>(qacc);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const int col = hn * 64 + 8 * j + 2 * c;
+                if (t0 + r0 < T_) fhb_red2(dqb + (long)(t0 + r0) * q_row + col, scale * qacc[4 * j + 0], scale * qacc[4 * j + 1]);
+                if (t0 + r1 < T_) fhb_red2(dqb + (long)(t0 + r1) * q_row + col, scale * qacc[4 * j + 2], scale * qacc[4 * j + 3]);
+            }
+        }
+        wgmma_operand_fence<D / 2>(dva);
+        wgmma_operand_fence<D / 2>(dka);
+    }
+    cp_async_wait<0>();
+
+    // Epilogue: dK (times the softmax scale) and dV for the tile's keys.
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        const int col = n * 8 + 2 * c;
+        if (key0 < S) {
+            const long at = ((long)b * S + key0) * kv_row + (long)g * D + col;
+            *(u32*)(dk + at) = (u32)T::from_f32(scale * dka[4 * n + 0]) | ((u32)T::from_f32(scale * dka[4 * n + 1]) << 16);
+            *(u32*)(dv + at) = (u32)T::from_f32(dva[4 * n + 0]) | ((u32)T::from_f32(dva[4 * n + 1]) << 16);
+        }
+        if (key0 + 8 < S) {
+            const long at = ((long)b * S + key0 + 8) * kv_row + (long)g * D + col;
+            *(u32*)(dk + at) = (u32)T::from_f32(scale * dka[4 * n + 2]) | ((u32)T::from_f32(scale * dka[4 * n + 3]) << 16);
+            *(u32*)(dv + at) = (u32)T::from_f32(dva[4 * n + 2]) | ((u32)T::from_f32(dva[4 * n + 3]) << 16);
+        }
+    }
+}
+
+#define FHB_INSTANCE(NAME, TY, D)                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) NAME(const unsigned short* q, const unsigned short* k, const unsigned short* v,   \
+                                                           const unsigned int* starts, const unsigned short* dout, const float* lse,   \
+                                                           const float* dvec, float* dq_acc, unsigned short* dk, unsigned short* dv, \
+                                                           FaParams p) {                                                            \
+        flash_attn_bwd_sm90<TY, D>(q, k, v, starts, dout, lse, dvec, dq_acc, dk, dv, p);                                            \
+    }
+FHB_INSTANCE(flash_attn_bwd_sm90_bf16_d64, Bf16, 64)
+FHB_INSTANCE(flash_attn_bwd_sm90_f16_d64, F16, 64)
+FHB_INSTANCE(flash_attn_bwd_sm90_bf16_d128, Bf16, 128)
+FHB_INSTANCE(flash_attn_bwd_sm90_f16_d128, F16, 128)

@@ -75,7 +75,16 @@ fn entry_points(module: &str) -> &'static [&'static str] {
             "transpose_b16",
             "transpose_b32",
         ],
-        "flash_attention_sm90" => &["flash_attn_fwd_sm90_bf16_d64", "flash_attn_fwd_sm90_f16_d64", "flash_attn_fwd_sm90_bf16_d128", "flash_attn_fwd_sm90_f16_d128"],
+        "flash_attention_sm90" => &[
+            "flash_attn_fwd_sm90_bf16_d64",
+            "flash_attn_fwd_sm90_f16_d64",
+            "flash_attn_fwd_sm90_bf16_d128",
+            "flash_attn_fwd_sm90_f16_d128",
+            "flash_attn_bwd_sm90_bf16_d64",
+            "flash_attn_bwd_sm90_f16_d64",
+            "flash_attn_bwd_sm90_bf16_d128",
+            "flash_attn_bwd_sm90_f16_d128",
+        ],
         "gemm_sm90" => &[
             "gemm_sm90_bf16",
             "gemm_sm90_f16",

@@ -444,7 +444,8 @@ pub mod hopper {
     use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
     /// Which work takes the sm_90a kernels on a compute capability 9.0 device: the GEMM path
-    /// (`kernels::lora::sm90`) and the attention forward (`kernels::attention::cuda::FwdKernel::Auto`).
+    /// (`kernels::lora::sm90`) and the attention forward and backward
+    /// (`kernels::attention::cuda::{FwdKernel, BwdKernel}::Auto`).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum Mode {
         /// None: every GEMM and attention forward runs on the mma.sync kernels.
@@ -464,16 +465,19 @@ pub mod hopper {
         Gemm,
         /// `flash_attention_sm90.cu`: the attention forward.
         Attention,
+        /// `flash_attention_sm90.cu`: the attention backward.
+        AttentionBackward,
     }
 
     impl Part {
-        pub const ALL: [Part; 2] = [Part::Gemm, Part::Attention];
+        pub const ALL: [Part; 3] = [Part::Gemm, Part::Attention, Part::AttentionBackward];
 
         /// Its name in `TUNA_SM90_OFF`.
         pub fn name(self) -> &'static str {
             match self {
                 Part::Gemm => "gemm",
                 Part::Attention => "attention",
+                Part::AttentionBackward => "attention-bwd",
             }
         }
 
@@ -511,8 +515,8 @@ pub mod hopper {
         }
     }
 
-    /// The parts turned off, as bits: those `TUNA_SM90_OFF` names (comma-separated `gemm`,
-    /// `attention`), read once, then those `set_part` or a failure turned off.
+    /// The parts turned off, as bits: those `TUNA_SM90_OFF` names, read once, then those
+    /// `set_part` or a failure turned off.
     fn parts_off() -> u8 {
         let bits = PARTS_OFF.load(Ordering::Relaxed);
         if bits & PARTS_READ != 0 {
@@ -522,8 +526,8 @@ pub mod hopper {
         PARTS_OFF.fetch_or(env | PARTS_READ, Ordering::Relaxed) | env | PARTS_READ
     }
 
-    /// The bits of the parts a `TUNA_SM90_OFF` value names (comma-separated; other words are
-    /// ignored).
+    /// The bits of the parts a `TUNA_SM90_OFF` value names (comma-separated `gemm`, `attention`,
+    /// `attention-bwd`; other words are ignored).
     fn parse_off(listed: &str) -> u8 {
         Part::ALL.iter().filter(|p| listed.split(',').any(|w| w.trim() == p.name())).fold(0, |b, p| b | p.bit())
     }
@@ -576,6 +580,7 @@ pub mod hopper {
             assert_eq!(parse_off(""), 0);
             assert_eq!(parse_off("gemm"), Part::Gemm.bit());
             assert_eq!(parse_off("attention, gemm"), Part::Gemm.bit() | Part::Attention.bit());
+            assert_eq!(parse_off("attention-bwd"), Part::AttentionBackward.bit());
             assert_eq!(parse_off("gemmx,attn"), 0);
             // The process-wide switch: one part off leaves the other in the mode.
             set_part(Part::Gemm, false);

@@ -150,9 +150,9 @@ pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> 
 
 /// The attention op on CUDA: the flash-attention kernels (`kernels::attention::cuda`, bf16 or
 /// f16, head dims 32, 64, 96 and 128; causal, sliding window, packed rows) forward and backward; the row log-sum-exp is kept for the
-/// backward. The forward kernel is `FwdKernel::for_model`: Hopper's on an H100/H200 at head
-/// dims 64 and 128, else the first mma.sync one, unless `TUNA_FA_FORWARD` names one
-/// (tools/gpu-check times them all).
+/// backward. The kernels are `FwdKernel::for_model` and `BwdKernel::for_model`: Hopper's on an
+/// H100/H200 at head dims 64 and 128, else the (first) mma.sync one, unless `TUNA_FA_FORWARD`
+/// or `TUNA_FA_BACKWARD` names one (tools/gpu-check times them all).
 fn attention_cuda(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, p: AttentionParams) -> Result<Tensor> {
     use crate::kernels::attention::cuda as fa;
     const OP: &str = "attention (cuda)";
@@ -169,7 +169,7 @@ fn attention_cuda(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, p: A
         let rt = cuda_buf(&sq).0;
         let (mut dq, mut dk, mut dv) = (CudaOut::new(rt, sq.shape().clone(), sq.dtype())?, CudaOut::new(rt, sk.shape().clone(), sk.dtype())?, CudaOut::new(rt, sv.shape().clone(), sv.dtype())?);
         let st = starts.as_ref().map(|s| s.slice(..));
-        fa::backward(&rt.stream, &rt.modules, dt, &view(&sq), &view(&sk), &view(&sv), st.as_ref(), &view(&so), &view(g), &view(&lse), &mut dq.view_mut(), &mut dk.view_mut(), &mut dv.view_mut(), &p)?;
+        fa::backward(fa::BwdKernel::for_model(), &rt.stream, &rt.modules, dt, &view(&sq), &view(&sk), &view(&sv), st.as_ref(), &view(&so), &view(g), &view(&lse), &mut dq.view_mut(), &mut dk.view_mut(), &mut dv.view_mut(), &p)?;
         Ok(vec![Some(dq.tensor()), Some(dk.tensor()), Some(dv.tensor())])
     })
 }

@@ -14,14 +14,15 @@ use crate::testing::lora::round_to;
 use crate::testing::Rng;
 use crate::DType;
 
-/// One shape; `packed` puts example starts every 23 positions (T == S); `kernel` picks the
-/// CUDA forward; `dtype` is BF16 or F16.
+/// One shape; `packed` puts example starts every 23 positions (T == S); `kernel` and `bwd`
+/// pick the CUDA forward and backward; `dtype` is BF16 or F16.
 #[derive(Clone, Debug)]
 pub struct FaCase {
     pub p: AttentionParams,
     pub packed: bool,
     pub seed: u64,
     pub kernel: crate::kernels::attention::cuda::FwdKernel,
+    pub bwd: crate::kernels::attention::cuda::BwdKernel,
     pub dtype: DType,
 }
 
@@ -170,6 +171,7 @@ pub fn check_flash_attention_cuda(index: usize, c: &FaCase) -> Result<(), String
     let ddo = s.clone_htod(&bits(&dout)).map_err(e)?;
     let (mut gq, mut gk, mut gv) = (s.alloc_zeros::<u16>(qn).map_err(e)?, s.alloc_zeros::<u16>(kn).map_err(e)?, s.alloc_zeros::<u16>(kn).map_err(e)?);
     cuda::backward(
+        c.bwd,
         s,
         &rt.modules,
         half,

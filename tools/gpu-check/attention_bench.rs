@@ -1,5 +1,6 @@
 //! The CUDA flash attention forward (the first kernel, the pipelined one `flash_attn_fwd_pipe`
-//! and, on an H100/H200, Hopper's `flash_attn_fwd_sm90`) and backward timed on issue 6's shapes: T in {512, 1k, 2k, 4k, 8k}, head
+//! and, on an H100/H200, Hopper's `flash_attn_fwd_sm90`) and backward (mma.sync, and Hopper's
+//! `flash_attn_bwd_sm90`) timed on issue 6's shapes: T in {512, 1k, 2k, 4k, 8k}, head
 //! dims 64 and 128, causal or not, bf16, with B·T = 16k tokens and H·D = 2048 (FlashAttention's
 //! benchmark setting). TFLOP/s in FlashAttention's count: `4·B·T²·D·H`, halved when causal.
 //! `torch_baseline.py` times `scaled_dot_product_attention` on the same shapes after this run.
@@ -48,28 +49,37 @@ pub fn attention_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
                 let (us, pipe_us) = (fwd(cuda::FwdKernel::Sync)?, fwd(cuda::FwdKernel::Pipelined)?);
                 let hopper = rt.modules.compute_capability() == 90 && hopper::mode_for(hopper::Part::Attention) != hopper::Mode::Off;
                 let hopper_us = if hopper { Some(fwd(cuda::FwdKernel::Hopper)?) } else { None };
-                let bwd_us = time_us(rt, || {
-                    cuda::backward(
-                        s,
-                        &rt.modules,
-                        Half::Bf16,
-                        &q.slice(..),
-                        &k.slice(..),
-                        &v.slice(..),
-                        None,
-                        &o.slice(..),
-                        &dout.slice(..),
-                        &lse.slice(..),
-                        &mut dq.slice_mut(..),
-                        &mut dk.slice_mut(..),
-                        &mut dv.slice_mut(..),
-                        &p,
-                    )
-                })?;
+                let mut bwd = |kernel| {
+                    time_us(rt, || {
+                        cuda::backward(
+                            kernel,
+                            s,
+                            &rt.modules,
+                            Half::Bf16,
+                            &q.slice(..),
+                            &k.slice(..),
+                            &v.slice(..),
+                            None,
+                            &o.slice(..),
+                            &dout.slice(..),
+                            &lse.slice(..),
+                            &mut dq.slice_mut(..),
+                            &mut dk.slice_mut(..),
+                            &mut dv.slice_mut(..),
+                            &p,
+                        )
+                    })
+                };
+                let bwd_us = bwd(cuda::BwdKernel::Sync)?;
+                let hopper_bwd = rt.modules.compute_capability() == 90 && hopper::mode_for(hopper::Part::AttentionBackward) != hopper::Mode::Off;
+                let hopper_bwd_us = if hopper_bwd { Some(bwd(cuda::BwdKernel::Hopper)?) } else { None };
                 let flops = 4.0 * (batch * t * t * d * heads) as f64 / if causal { 2.0 } else { 1.0 };
                 let mut timed = vec![("flash_attn_fwd", us, flops), ("flash_attn_fwd_pipe", pipe_us, flops), ("flash_attn_bwd", bwd_us, 2.5 * flops)];
                 if let Some(h) = hopper_us {
                     timed.push(("flash_attn_fwd_sm90", h, flops));
+                }
+                if let Some(h) = hopper_bwd_us {
+                    timed.push(("flash_attn_bwd_sm90", h, 2.5 * flops));
                 }
                 for (kernel, us, f) in timed {
                     let tflops = f / us / 1e6;

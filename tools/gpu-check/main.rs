@@ -13,7 +13,7 @@
 //! 4. prints a short table and writes `OUT_DIR/gpu-check.json`.
 //!
 //! Exit status: 0 when every case passed, 1 when one failed, 2 when no CUDA device was found.
-//! `gpu-check OUT_DIR --sm90-smoke [gemm|attention]` runs only the cases of Hopper's kernels
+//! `gpu-check OUT_DIR --sm90-smoke [gemm|attention|attention-bwd]` runs only the cases of Hopper's kernels
 //! (`sm90_cases`): both parts, or the one named.
 //! Later kernels add their cases to `cases()` and `benches()`.
 
@@ -91,7 +91,7 @@ fn main() -> ExitCode {
             Some(name) => match Part::ALL.into_iter().find(|p| p.name() == name) {
                 Some(p) => vec![p],
                 None => {
-                    eprintln!("gpu-check: --sm90-smoke takes gemm or attention, not `{name}`");
+                    eprintln!("gpu-check: --sm90-smoke takes gemm, attention or attention-bwd, not `{name}`");
                     return ExitCode::from(2);
                 }
             },
@@ -213,7 +213,10 @@ fn cases() -> Vec<CaseResult> {
         sm90_cases(&mut push, &tuna::device::cuda::hopper::Part::ALL);
     }
     token_op_cases(&mut push);
-    attention_cases(&mut push, &[tuna::kernels::attention::cuda::FwdKernel::Sync, tuna::kernels::attention::cuda::FwdKernel::Pipelined]);
+    {
+        use tuna::kernels::attention::cuda::{BwdKernel, FwdKernel};
+        attention_cases(&mut push, &[(FwdKernel::Sync, BwdKernel::Sync), (FwdKernel::Pipelined, BwdKernel::Sync)]);
+    }
     model_cases(&mut push);
     out
 }
@@ -249,7 +252,8 @@ fn model_cases(push: &mut impl FnMut(String, Result<(), String>)) {
 /// reference: head dims 32, 64, 96 and 128, causal or not, GQA, a KV-cache offset, a sliding window,
 /// packed rows, ragged lengths.
 /// `kernels`: the forward kernels to check (the Hopper one at its head dims only).
-fn attention_cases(push: &mut impl FnMut(String, Result<(), String>), kernels: &[tuna::kernels::attention::cuda::FwdKernel]) {
+/// The attention cases with each (forward, backward) kernel pair of `kernels`.
+fn attention_cases(push: &mut impl FnMut(String, Result<(), String>), kernels: &[(tuna::kernels::attention::cuda::FwdKernel, tuna::kernels::attention::cuda::BwdKernel)]) {
     use tuna::kernels::attention::AttentionParams;
     use tuna::testing::attention::{check_flash_attention_cuda, FaCase};
     // (B, T, S, H, G, causal, window, packed)
@@ -263,10 +267,10 @@ fn attention_cases(push: &mut impl FnMut(String, Result<(), String>), kernels: &
         (2, 120, 120, 4, 4, true, None, true),
         (1, 1024, 1024, 2, 1, true, None, false),
     ];
-    use tuna::kernels::attention::cuda::FwdKernel;
-    for &kernel in kernels {
+    use tuna::kernels::attention::cuda::{BwdKernel, FwdKernel};
+    for &(kernel, bwd) in kernels {
         for d in tuna::kernels::attention::cuda::HEAD_DIMS {
-            if kernel == FwdKernel::Hopper && !tuna::kernels::attention::cuda::HOPPER_HEAD_DIMS.contains(&d) {
+            if (kernel == FwdKernel::Hopper || bwd == BwdKernel::Hopper) && !tuna::kernels::attention::cuda::HOPPER_HEAD_DIMS.contains(&d) {
                 continue;
             }
             for (i, &(batch, q_len, kv_len, heads, kv_heads, causal, window, packed)) in shapes.iter().enumerate() {
@@ -274,8 +278,8 @@ fn attention_cases(push: &mut impl FnMut(String, Result<(), String>), kernels: &
                 // f16 on the first shapes (the model runs bf16 on CUDA; f16 is the library's too).
                 let dtypes: &[DType] = if i < 3 { &[DType::BF16, DType::F16] } else { &[DType::BF16] };
                 for &dtype in dtypes {
-                    let name = format!("flash attn fwd ({kernel:?})+bwd {dtype} D{d} B{batch} T{q_len} S{kv_len} H{heads}/G{kv_heads}{}{}{}", if causal { " causal" } else { "" }, window.map_or(String::new(), |w| format!(" window {w}")), if packed { " packed" } else { "" });
-                    push(name, check_flash_attention_cuda(0, &FaCase { p, packed, seed: i as u64, kernel, dtype }));
+                    let name = format!("flash attn fwd ({kernel:?})+bwd ({bwd:?}) {dtype} D{d} B{batch} T{q_len} S{kv_len} H{heads}/G{kv_heads}{}{}{}", if causal { " causal" } else { "" }, window.map_or(String::new(), |w| format!(" window {w}")), if packed { " packed" } else { "" });
+                    push(name, check_flash_attention_cuda(0, &FaCase { p, packed, seed: i as u64, kernel, bwd, dtype }));
                 }
             }
         }
@@ -333,12 +337,12 @@ fn gemm_user_cases(push: &mut impl FnMut(String, Result<(), String>), tag: &str)
     }
 }
 
-/// Hopper's kernels, the parts asked for that are on: the attention forward
+/// Hopper's kernels, the parts asked for that are on: the attention forward and backward
 /// (`flash_attention_sm90.cu`) on the attention cases at head dims 64 and 128; the GEMM path
 /// (`lora::sm90`, wgmma and TMA) forced onto every GEMM whose operands the TMA can read,
 /// whatever its size, so the small ragged shapes test its tails: an exact probe, the LoRA and
 /// NF4 LoRA cases, the GEMM's other callers, and the model's loss and LoRA gradients against
-/// the CPU (its attention on the Hopper forward too, unless that part is off).
+/// the CPU (its attention on the Hopper kernels too, unless those parts are off).
 /// Empty unless the device is compute capability 9.0 and the path is on; leaves its mode as
 /// found.
 fn sm90_cases(push: &mut impl FnMut(String, Result<(), String>), parts: &[tuna::device::cuda::hopper::Part]) {
@@ -346,8 +350,15 @@ fn sm90_cases(push: &mut impl FnMut(String, Result<(), String>), parts: &[tuna::
     use tuna::kernels::lora::sm90::launched;
     let on_hopper = cuda::runtime(0).is_ok_and(|rt| rt.modules.compute_capability() == 90);
     let asked = |part: Part| on_hopper && parts.contains(&part) && sm90::mode_for(part) != Mode::Off;
-    if asked(Part::Attention) {
-        attention_cases(push, &[tuna::kernels::attention::cuda::FwdKernel::Hopper]);
+    {
+        use tuna::kernels::attention::cuda::{BwdKernel, FwdKernel};
+        // Each part beside the mma.sync kernel of the other direction.
+        if asked(Part::Attention) {
+            attention_cases(push, &[(FwdKernel::Hopper, BwdKernel::Sync)]);
+        }
+        if asked(Part::AttentionBackward) {
+            attention_cases(push, &[(FwdKernel::Sync, BwdKernel::Hopper)]);
+        }
     }
     if !asked(Part::Gemm) {
         return;  // not an H100/H200, or the run turned the GEMM path off (TUNA_SM90=0, TUNA_SM90_OFF=gemm)

@@ -35,15 +35,15 @@ for d in ${LD_LIBRARY_PATH//:/ } \
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null | tee "$out/nvidia-smi.txt"
 # Hopper's kernels first, each part on its own and under a time limit: the attention forward
-# (flash_attention_sm90.cu), then the wgmma + TMA GEMM path (gemm_sm90.cu). A part whose case
+# and backward (flash_attention_sm90.cu), then the wgmma + TMA GEMM path (gemm_sm90.cu). A part whose case
 # fails or whose kernel hangs is listed in TUNA_SM90_OFF, so the rest of the run (the checks,
 # the benchmarks, the end-to-end rows) keeps the other part and runs that one on the mma.sync
 # kernels; sm90-smoke.txt says why. A second command into the same OUT_DIR reuses the verdict.
 if [ -z "${TUNA_SM90:-}" ]; then
   if [ ! -f "$out/sm90-smoke.txt" ] && [ -x "$bin" ]; then
     off=""
-    for part in attention gemm; do
-      TUNA_SM90_OFF="$off" timeout 120 "$bin" "$out" --sm90-smoke "$part" >> "$out/sm90-smoke.txt" 2>&1
+    for part in attention attention-bwd gemm; do
+      TUNA_SM90_OFF="$off" timeout 100 "$bin" "$out" --sm90-smoke "$part" >> "$out/sm90-smoke.txt" 2>&1
       rc=$?
       if [ $rc != 0 ]; then
         echo "$part off: its smoke test exited with $rc (124: timed out)" >> "$out/sm90-smoke.txt"

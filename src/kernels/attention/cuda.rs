@@ -68,17 +68,59 @@ impl FwdKernel {
         match self {
             FwdKernel::Auto if hopper && hopper::mode_for(Part::Attention) != hopper::Mode::Off => Ok(FwdKernel::Hopper),
             FwdKernel::Auto => Ok(FwdKernel::Sync),
-            FwdKernel::Hopper if !hopper => Err(Error::InvalidArgument(format!(
-                "flash_attn_fwd (cuda): the Hopper kernel needs a compute capability 9.0 device and head dim {HOPPER_HEAD_DIMS:?} (this is {}.{}, head dim {d})",
-                cc / 10,
-                cc % 10
-            ))),
+            FwdKernel::Hopper if !hopper => Err(hopper_refusal("flash_attn_fwd", cc, d)),
             k => Ok(k),
         }
     }
 }
 
-/// Head dims of the Hopper forward (`flash_attn_fwd_sm90_*`).
+/// The backward kernel: the mma.sync one (`flash_attention.cu`), Hopper's
+/// (`flash_attention_sm90.cu`: wgmma, head dims 64 and 128, compute capability 9.0 only), or
+/// `Auto`: Hopper's where it applies and is not off (`hopper::mode_for(Part::AttentionBackward)`:
+/// `TUNA_SM90=0`, `TUNA_SM90_OFF=attention-bwd`), else the mma.sync one. Both share the Dvec
+/// pass before and the dQ rounding after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BwdKernel {
+    Sync,
+    Hopper,
+    Auto,
+}
+
+impl BwdKernel {
+    /// The model's choice: `TUNA_FA_BACKWARD=sync|hopper` picks that kernel, anything else (or
+    /// unset) `Auto`. Read once per process.
+    pub fn for_model() -> BwdKernel {
+        static CHOICE: std::sync::OnceLock<BwdKernel> = std::sync::OnceLock::new();
+        *CHOICE.get_or_init(|| match std::env::var("TUNA_FA_BACKWARD").as_deref() {
+            Ok("sync") => BwdKernel::Sync,
+            Ok("hopper") => BwdKernel::Hopper,
+            _ => BwdKernel::Auto,
+        })
+    }
+
+    /// The kernel `self` means for head dim `d` on a device of compute capability `cc`
+    /// (`Auto` resolved); an error for Hopper's where it cannot run.
+    pub fn resolve(self, cc: u32, d: usize) -> Result<BwdKernel> {
+        let hopper = cc == 90 && HOPPER_HEAD_DIMS.contains(&d);
+        match self {
+            BwdKernel::Auto if hopper && hopper::mode_for(Part::AttentionBackward) != hopper::Mode::Off => Ok(BwdKernel::Hopper),
+            BwdKernel::Auto => Ok(BwdKernel::Sync),
+            BwdKernel::Hopper if !hopper => Err(hopper_refusal("flash_attn_bwd", cc, d)),
+            k => Ok(k),
+        }
+    }
+}
+
+/// Why a Hopper kernel cannot run at head dim `d` on compute capability `cc`.
+fn hopper_refusal(op: &str, cc: u32, d: usize) -> Error {
+    Error::InvalidArgument(format!(
+        "{op} (cuda): the Hopper kernel needs a compute capability 9.0 device and head dim {HOPPER_HEAD_DIMS:?} (this is {}.{}, head dim {d})",
+        cc / 10,
+        cc % 10
+    ))
+}
+
+/// Head dims of the Hopper kernels (`flash_attn_{fwd,bwd}_sm90_*`).
 pub const HOPPER_HEAD_DIMS: [usize; 2] = [64, 128];
 
 /// `o = softmax(scale·q·kᵀ + mask)·v` and `lse` (`[B, H, T]`, natural log) for q `[B, T, H, D]`,
@@ -181,6 +223,7 @@ fn launch_params(op: &'static str, p: &AttentionParams, starts_len: Option<usize
 /// an f32 dQ accumulator (dQ is summed over key blocks with atomics, then rounded).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
+    kernel: BwdKernel,
     stream: &Arc<CudaStream>,
     modules: &ModuleCache,
     dt: Half,
@@ -206,10 +249,27 @@ pub fn backward(
     if kn == 0 {
         return Ok(());
     }
+    let resolved = kernel.resolve(modules.compute_capability(), d)?;
+    let suf = dt.suffix();
+    let (module, name, smem) = match resolved {
+        // K, V, Q[2], dO[2] tiles of 64 rows x D, dS^T (64 x 64), 2 x 3 x 64 row values, 1 KiB
+        // to align them.
+        BwdKernel::Hopper => ("flash_attention_sm90", format!("flash_attn_bwd_sm90_{suf}_d{d}"), 6 * 64 * d * 2 + 64 * 64 * 2 + 2 * 3 * 64 * 4 + 1024),
+        _ => ("flash_attention", format!("flash_attn_bwd_{suf}_d{d}"), (2 * 64 + 2 * 32) * (d + 8) * 2 + 64 * 40 * 2 + 2 * 32 * 4),
+    };
+    let f = match modules.function_with_smem(module, &name, smem) {
+        Ok(f) => f,
+        // Auto on a driver that cannot load the sm_90a module: Hopper's backward goes off for
+        // the process and the mma.sync kernel runs.
+        Err(_) if kernel == BwdKernel::Auto && resolved == BwdKernel::Hopper => {
+            hopper::turn_off_after_failure(Part::AttentionBackward);
+            return backward(BwdKernel::Sync, stream, modules, dt, q, k, v, starts, o, dout, lse, dq, dk, dv, p);
+        }
+        Err(e) => return Err(e),
+    };
     let e = |what: &'static str| move |err| Error::cuda(format!("{OP}: {what}"), err);
     let mut dvec = stream.alloc_zeros::<f32>(rows.max(1)).map_err(e("allocating Dvec"))?;
     let mut dq_acc = stream.alloc_zeros::<f32>(qn.max(1)).map_err(e("allocating the dQ accumulator"))?;
-    let suf = dt.suffix();
     if rows > 0 {
         let f = modules.function("flash_attention", &format!("flash_attn_bwd_dot_{suf}"))?;
         let cfg = LaunchConfig { grid_dim: ((rows * 32).div_ceil(128) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
@@ -217,9 +277,6 @@ pub fn backward(
         // SAFETY: matches flash_attn_bwd_dot's signature; o and dout hold rows·D elements.
         unsafe { stream.launch_builder(&f).arg(o).arg(dout).arg(&mut dvec).arg(&r).arg(&t).arg(&h).arg(&di).launch(cfg) }.map_err(e("launching the Dvec pass"))?;
     }
-    let name = format!("flash_attn_bwd_{suf}_d{d}");
-    let smem = (2 * 64 + 2 * 32) * (d + 8) * 2 + 64 * 40 * 2 + 2 * 32 * 4;
-    let f = modules.function_with_smem("flash_attention", &name, smem)?;
     let cfg = LaunchConfig { grid_dim: (p.kv_len.div_ceil(64) as u32, p.kv_heads as u32, p.batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
     let null = 0u64;
     let mut b = stream.launch_builder(&f);
@@ -253,5 +310,11 @@ mod tests {
         assert!(err.contains("compute capability 9.0") && err.contains("8.6"), "{err}");
         assert!(FwdKernel::Hopper.resolve(90, 32).is_err());
         assert_eq!(FwdKernel::Hopper.resolve(90, 128).unwrap(), FwdKernel::Hopper);
+        assert_eq!(BwdKernel::Auto.resolve(80, 64).unwrap(), BwdKernel::Sync);
+        assert_eq!(BwdKernel::Auto.resolve(90, 32).unwrap(), BwdKernel::Sync);
+        assert_eq!(BwdKernel::Sync.resolve(90, 128).unwrap(), BwdKernel::Sync);
+        let err = BwdKernel::Hopper.resolve(80, 128).unwrap_err().to_string();
+        assert!(err.contains("flash_attn_bwd") && err.contains("8.0"), "{err}");
+        assert_eq!(BwdKernel::Hopper.resolve(90, 64).unwrap(), BwdKernel::Hopper);
     }
 }
