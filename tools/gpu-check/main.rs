@@ -118,43 +118,39 @@ fn main() -> ExitCode {
         println!("  {:<4} {:<44} {}", if r.ok { "ok" } else { "FAIL" }, r.name, r.detail);
     }
     report["tests"] = results.iter().map(|r| json!({"name": r.name, "ok": r.ok, "detail": r.detail})).collect();
+    // The report is rewritten after the tests and after each group of benchmarks (marked
+    // `partial`), so a run cut short by a time limit still leaves what it measured.
+    report["partial"] = json!("written after the tests");
+    write_report(&out_dir, &report);
 
-    println!("\nbenchmarks (median of 20 after 3 warm-up runs, CUDA events):");
-    println!("  {:<38} {:>10} {:>10} {:>12}", "kernel", "time µs", "GB/s", "of copy bw");
-    let mut benches = match benches(&rt) {
-        Ok(b) => b,
-        Err(e) => {
-            println!("  error: {e}");
-            failed += 1;
-            Vec::new()
+    type Group = fn(&Arc<CudaRuntime>) -> tuna::Result<Vec<Value>>;
+    let bytes_header = format!("  {:<38} {:>10} {:>10} {:>12}", "kernel", "time µs", "GB/s", "of copy bw");
+    let groups: [(&str, Option<&str>, Group); 4] = [
+        ("benchmarks (median of 20 after 3 warm-up runs, CUDA events):", Some(&bytes_header), benches),
+        ("optimizer steps (bytes each step must move; target: >= 85% of copy bandwidth):", Some(&bytes_header), optim_benches),
+        ("LoRA GEMM and NF4 against cuBLAS, bf16 (Llama-3-8B shapes, R = 16):", None, gemm_bench::lora_benches),
+        ("flash attention forward and backward, bf16 (B·T = 16k, H·D = 2048; FlashAttention's FLOP count):", None, attention_bench::attention_benches),
+    ];
+    let mut benches = Vec::new();
+    for (title, header, run) in groups {
+        println!("\n{title}");
+        if let Some(h) = header {
+            println!("{h}");
         }
-    };
-    println!("\noptimizer steps (bytes each step must move; target: >= 85% of copy bandwidth):");
-    println!("  {:<38} {:>10} {:>10} {:>12}", "kernel", "time µs", "GB/s", "of copy bw");
-    match optim_benches(&rt) {
-        Ok(b) => benches.extend(b),
-        Err(e) => {
-            println!("  error: {e}");
-            failed += 1;
+        match run(&rt) {
+            Ok(b) => benches.extend(b),
+            Err(e) => {
+                println!("  error: {e}");
+                failed += 1;
+            }
         }
+        report["benchmarks"] = Value::Array(benches.clone());
+        report["partial"] = json!(format!("written after: {title}"));
+        write_report(&out_dir, &report);
     }
-    println!("\nLoRA GEMM and NF4 against cuBLAS, bf16 (Llama-3-8B shapes, R = 16):");
-    match gemm_bench::lora_benches(&rt) {
-        Ok(b) => benches.extend(b),
-        Err(e) => {
-            println!("  error: {e}");
-            failed += 1;
-        }
+    if let Some(m) = report.as_object_mut() {
+        m.remove("partial");
     }
-    println!("\nflash attention forward and backward, bf16 (B·T = 16k, H·D = 2048; FlashAttention's FLOP count):");
-    match attention_bench::attention_benches(&rt) {
-        Ok(b) => benches.extend(b),
-        Err(e) => {
-            println!("  error: {e}");
-            failed += 1;
-        }
-    }
-    report["benchmarks"] = Value::Array(benches);
     report["seconds"] = json!(started.elapsed().as_secs_f64());
     report["failed"] = json!(failed);
     write_report(&out_dir, &report);

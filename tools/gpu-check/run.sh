@@ -43,7 +43,8 @@ if [ -z "${TUNA_SM90:-}" ]; then
   if [ ! -f "$out/sm90-smoke.txt" ] && [ -x "$bin" ]; then
     off=""
     for part in attention attention-bwd gemm; do
-      TUNA_SM90_OFF="$off" timeout 100 "$bin" "$out" --sm90-smoke "$part" >> "$out/sm90-smoke.txt" 2>&1
+      limit=75; [ "$part" = gemm ] && limit=100
+      TUNA_SM90_OFF="$off" timeout $limit "$bin" "$out" --sm90-smoke "$part" >> "$out/sm90-smoke.txt" 2>&1
       rc=$?
       if [ $rc != 0 ]; then
         echo "$part off: its smoke test exited with $rc (124: timed out)" >> "$out/sm90-smoke.txt"
@@ -61,10 +62,13 @@ fi
 # TUNA_CHECKS=0 skips the gpu-check binary and the kernel baselines, so the end-to-end part
 # can run as a second command into the same OUT_DIR (each command has a time limit; the
 # whole script is estimated at 8-11 minutes on an H100 with every part on).
+# Each program runs under a time limit, so a hang costs its own part of the run, not the rest
+# (gpu-check rewrites its report after the tests and after each group of benchmarks).
 status=0
 if [ "${TUNA_CHECKS:-1}" != 0 ]; then
-  "$bin" "$out"
+  timeout "${TUNA_CHECK_LIMIT:-360}" "$bin" "$out"
   status=$?
+  [ $status = 124 ] && echo "gpu-check timed out after ${TUNA_CHECK_LIMIT:-360} s (its report holds what it finished)"
 fi
 if python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   echo
@@ -93,7 +97,7 @@ if [ -n "${TUNA_BIN:-}" ]; then
     b=$1 s=$2
     shift 2
     echo "tuna bench-step --device cuda --preset llama1b --batch $b --seq $s $*"
-    "$TUNA_BIN" bench-step --device cuda --preset llama1b --batch "$b" --seq "$s" --steps 3 --warmup 1 --profile "$@" \
+    timeout 150 "$TUNA_BIN" bench-step --device cuda --preset llama1b --batch "$b" --seq "$s" --steps 3 --warmup 1 --profile "$@" \
       | tee -a "$out/e2e-tuna-cuda.jsonl" || echo "tuna e2e on cuda failed for $b x $s $*"
   done
   # The CLI on CUDA beside the CPU (glue the library checks do not reach: loading, data,
@@ -117,14 +121,14 @@ if [ -n "${TUNA_BIN:-}" ]; then
   # The LoRA row again with the pipelined mma.sync attention forward (the model's default is
   # Hopper's on an H100/H200, else the first).
   echo "TUNA_FA_FORWARD=pipelined tuna bench-step --device cuda --preset llama1b --batch 4 --seq 2048"
-  TUNA_FA_FORWARD=pipelined "$TUNA_BIN" bench-step --device cuda --preset llama1b --batch 4 --seq 2048 --steps 3 --warmup 1 \
+  TUNA_FA_FORWARD=pipelined timeout 150 "$TUNA_BIN" bench-step --device cuda --preset llama1b --batch 4 --seq 2048 --steps 3 --warmup 1 \
     | sed 's/^{/{"attention_forward":"pipelined",/' | tee -a "$out/e2e-tuna-cuda.jsonl" || echo "tuna e2e (pipelined attention) failed"
   if [ "${TUNA_E2E_WGPU:-1}" != 0 ] && "$TUNA_BIN" devices 2>/dev/null | grep -q '^wgpu'; then
     echo
     for shape in "4 2048" "8 512"; do
       set -- $shape
       echo "tuna bench-step --device wgpu --preset llama1b --batch $1 --seq $2"
-      "$TUNA_BIN" bench-step --device wgpu --preset llama1b --batch "$1" --seq "$2" --steps 3 --warmup 1 \
+      timeout 150 "$TUNA_BIN" bench-step --device wgpu --preset llama1b --batch "$1" --seq "$2" --steps 3 --warmup 1 \
         | tee -a "$out/e2e-tuna-wgpu.jsonl" || echo "tuna e2e on wgpu failed for $1 x $2"
     done
   else
