@@ -227,7 +227,9 @@ __device__ __forceinline__ void flash_attn_bwd_sm90(const unsigned short* __rest
     const u32 raw = smem_addr(smem_raw);
     const u32 base = (raw + 1023u) & ~1023u;  // the launcher adds 1 KiB of slack
     const u32 ks = base, vs = base + TILE, qs = base + 2 * TILE, dos = base + 4 * TILE, dss = base + 6 * TILE;
+    // Row values of each buffer: lse (log2 domain) and Dvec as floats, then the segment starts.
     float* rowv = (float*)(smem_raw + (base - raw) + 6 * TILE + FH_ROWS * 128);  // [2][lse | Dvec | starts][64]
+    unsigned int* rowu = (unsigned int*)rowv;
 
     const int T_ = p.q_len, S = p.kv_len, H = p.heads, G = p.kv_heads, hpg = H / G;
     const int b = blockIdx.z, g = blockIdx.y, k0 = blockIdx.x * FH_ROWS;
@@ -259,7 +261,7 @@ __device__ __forceinline__ void flash_attn_bwd_sm90(const unsigned short* __rest
             float* rv = rowv + bf * 3 * FH_ROWS;
             rv[tid] = t < T_ ? lse[at] * log2e : 0.0f;
             rv[FH_ROWS + tid] = t < T_ ? dvec[at] : 0.0f;
-            rv[2 * FH_ROWS + tid] = __uint_as_float(starts && t < T_ ? starts[(long)b * T_ + t] : 0u);
+            rowu[bf * 3 * FH_ROWS + 2 * FH_ROWS + tid] = starts && t < T_ ? starts[(long)b * T_ + t] : 0u;
         }
     };
     if (iters > 0) load(0, 0);
@@ -282,6 +284,7 @@ __device__ __forceinline__ void flash_attn_bwd_sm90(const unsigned short* __rest
         cp_async_commit();
         const u32 qt = qs + bf * TILE, dt = dos + bf * TILE;
         const float* rv = rowv + bf * 3 * FH_ROWS;
+        const unsigned int* st = rowu + bf * 3 * FH_ROWS + 2 * FH_ROWS;
 
         // S^T = K.Q^T and dP^T = V.dO^T over D in k16 slices.
         float sacc[32], pacc[32];
@@ -312,7 +315,7 @@ __device__ __forceinline__ void flash_attn_bwd_sm90(const unsigned short* __rest
                 bool ok = s_ < S && t < T_;
                 if (p.causal) ok = ok && s_ <= t + off;
                 if (p.window > 0) ok = ok && s_ > t + off - p.window;
-                if (starts) ok = ok && (unsigned int)s_ >= __float_as_uint(rv[2 * FH_ROWS + qi]);
+                if (starts) ok = ok && (unsigned int)s_ >= st[qi];
                 const float pv = ok ? exp2f(sacc[4 * j + e] * p.scale_log2 - rv[qi]) : 0.0f;
                 sacc[4 * j + e] = pv;
                 pacc[4 * j + e] = pv * (pacc[4 * j + e] - rv[FH_ROWS + qi]);
@@ -321,6 +324,17 @@ __device__ __forceinline__ void flash_attn_bwd_sm90(const unsigned short* __rest
         u32 pa[4][4], dsa[4][4];
         fhb_pack<T>(sacc, pa);
         fhb_pack<T>(pacc, dsa);
+        // dS^T to shared memory (keys as rows, queries contiguous: what the transposed A
+        // descriptor reads as dS), before the wgmma below takes dsa as its A: an in-flight
+        // wgmma's A registers may not be touched, even read, until its wait.
+        const int r0 = 16 * warp + gr, r1 = r0 + 8;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            fhb_st32(dss + swizzled(r0, 2 * kk) + 4 * c, dsa[kk][0]);
+            fhb_st32(dss + swizzled(r1, 2 * kk) + 4 * c, dsa[kk][1]);
+            fhb_st32(dss + swizzled(r0, 2 * kk + 1) + 4 * c, dsa[kk][2]);
+            fhb_st32(dss + swizzled(r1, 2 * kk + 1) + 4 * c, dsa[kk][3]);
+        }
 
         // dV += P^T.dO and dK += dS^T.Q over the tile's 64 queries (k16 slice kk: queries 16kk..).
         wgmma_operand_fence<D / 2>(dva);
@@ -336,17 +350,7 @@ __device__ __forceinline__ void flash_attn_bwd_sm90(const unsigned short* __rest
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) fh_pv<D>(T{}, dka, dsa[kk], smem_desc(qt + kk * 2048, FH_ROWS * 128, 1024));
         wgmma_commit();
-
-        // dS^T to shared memory (keys as rows, queries contiguous: what the transposed A
-        // descriptor reads as dS), handed to the tensor cores (async proxy) for every warp.
-        const int r0 = 16 * warp + gr, r1 = r0 + 8;
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            fhb_st32(dss + swizzled(r0, 2 * kk) + 4 * c, dsa[kk][0]);
-            fhb_st32(dss + swizzled(r1, 2 * kk) + 4 * c, dsa[kk][1]);
-            fhb_st32(dss + swizzled(r0, 2 * kk + 1) + 4 * c, dsa[kk][2]);
-            fhb_st32(dss + swizzled(r1, 2 * kk + 1) + 4 * c, dsa[kk][3]);
-        }
+        // dS^T (stored above) handed to the tensor cores (async proxy), from every warp.
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         __syncthreads();
 
