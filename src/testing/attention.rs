@@ -15,14 +15,15 @@ use crate::testing::Rng;
 use crate::DType;
 
 /// One shape; `packed` puts example starts every 23 positions (T == S); `kernel` and `bwd`
-/// pick the CUDA forward and backward; `dtype` is BF16 or F16.
+/// pick the CUDA forward and backward (None: that direction is not run, so each can be checked
+/// alone); `dtype` is BF16 or F16.
 #[derive(Clone, Debug)]
 pub struct FaCase {
     pub p: AttentionParams,
     pub packed: bool,
     pub seed: u64,
-    pub kernel: crate::kernels::attention::cuda::FwdKernel,
-    pub bwd: crate::kernels::attention::cuda::BwdKernel,
+    pub kernel: Option<crate::kernels::attention::cuda::FwdKernel>,
+    pub bwd: Option<crate::kernels::attention::cuda::BwdKernel>,
     pub dtype: DType,
 }
 
@@ -106,8 +107,19 @@ fn max_err(got: &[f64], want: &[f64]) -> f64 {
     got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) })
 }
 
-/// Runs the flash attention forward and backward in `c.dtype` on CUDA device `index` and
-/// checks O, lse, dQ, dK and dV.
+/// Where the largest error of `got` against `want` sits, in a `[B, rows, heads, D]` tensor, and
+/// how many elements are over `bar`: a layout bug shows in which rows, heads and columns go
+/// wrong.
+fn worst_at(got: &[f64], want: &[f64], [rows, heads, d]: [usize; 3], bar: f64) -> String {
+    let worst = got.iter().zip(want).enumerate().max_by(|x, y| (x.1 .0 - x.1 .1).abs().total_cmp(&(y.1 .0 - y.1 .1).abs())).map_or(0, |(i, _)| i);
+    let (e, h, r, b) = (worst % d, worst / d % heads, worst / (d * heads) % rows, worst / (d * heads * rows));
+    let bad = got.iter().zip(want).filter(|(g, w)| (*g - *w).abs() > bar).count();
+    format!("at b {b} row {r} head {h} d {e} (got {:.4}, want {:.4}); {bad} of {} elements over", got[worst], want[worst], got.len())
+}
+
+/// Runs the flash attention forward and backward (each unless None in `c`) in `c.dtype` on
+/// CUDA device `index` and checks O, lse, dQ, dK and dV. The backward reads the reference O and
+/// lse (rounded as the forward writes them), so its check does not depend on the forward's.
 pub fn check_flash_attention_cuda(index: usize, c: &FaCase) -> Result<(), String> {
     use crate::device::cuda::runtime;
     use crate::kernels::attention::cuda;
@@ -142,36 +154,37 @@ pub fn check_flash_attention_cuda(index: usize, c: &FaCase) -> Result<(), String
     let s = &rt.stream;
     let (dq, dk, dv) = (s.clone_htod(&bits(&q)).map_err(e)?, s.clone_htod(&bits(&k)).map_err(e)?, s.clone_htod(&bits(&v)).map_err(e)?);
     let dst = s.clone_htod(&starts).map_err(e)?;
-    let mut o = s.alloc_zeros::<u16>(qn).map_err(e)?;
-    let mut lse = s.alloc_zeros::<f32>(p.batch * p.heads * p.q_len).map_err(e)?;
     let stv = dst.slice(..);
-    cuda::forward(c.kernel, s, &rt.modules, half, &dq.slice(..), &dk.slice(..), &dv.slice(..), c.packed.then_some(&stv), &mut o.slice_mut(..), &mut lse.slice_mut(..), p)
-        .map_err(|e| e.to_string())?;
-    let got: Vec<f64> = s.clone_dtoh(&o).map_err(e)?.into_iter().map(value).collect();
-    let got_lse: Vec<f64> = s.clone_dtoh(&lse).map_err(e)?.into_iter().map(f64::from).collect();
-    let (err, bar) = (max_err(&got, &want), 2.0 * max_err(&naive, &want) + 1e-6);
-    if err > bar {
-        // Where: a layout bug shows in which rows, heads and columns go wrong.
-        let worst = got.iter().zip(&want).enumerate().max_by(|x, y| (x.1 .0 - x.1 .1).abs().total_cmp(&(y.1 .0 - y.1 .1).abs())).map_or(0, |(i, _)| i);
-        let (d, h, t, b) = (worst % p.head_dim, worst / p.head_dim % p.heads, worst / (p.head_dim * p.heads) % p.q_len, worst / (p.head_dim * p.heads * p.q_len));
-        let bad = got.iter().zip(&want).filter(|(g, w)| (*g - *w).abs() > bar).count();
-        return Err(format!("O: max error {err:.3e} > 2 x naive {dt}'s {:.3e}, at b {b} t {t} h {h} d {d} (got {:.4}, want {:.4}); {bad} of {} elements over", bar / 2.0, got[worst], want[worst], got.len()));
-    }
-    let rel: Vec<f64> = got_lse.iter().zip(&want_lse).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).collect();
-    let lse_err = max_err(&rel, &vec![0.0; rel.len()]);
-    if lse_err > 1e-3 {
-        return Err(format!("lse: max relative error {lse_err:.3e} > 1e-3"));
+    if let Some(kernel) = c.kernel {
+        let mut o = s.alloc_zeros::<u16>(qn).map_err(e)?;
+        let mut lse = s.alloc_zeros::<f32>(p.batch * p.heads * p.q_len).map_err(e)?;
+        cuda::forward(kernel, s, &rt.modules, half, &dq.slice(..), &dk.slice(..), &dv.slice(..), c.packed.then_some(&stv), &mut o.slice_mut(..), &mut lse.slice_mut(..), p)
+            .map_err(|e| e.to_string())?;
+        let got: Vec<f64> = s.clone_dtoh(&o).map_err(e)?.into_iter().map(value).collect();
+        let got_lse: Vec<f64> = s.clone_dtoh(&lse).map_err(e)?.into_iter().map(f64::from).collect();
+        let (err, bar) = (max_err(&got, &want), 2.0 * max_err(&naive, &want) + 1e-6);
+        if err > bar {
+            return Err(format!("O: max error {err:.3e} > 2 x naive {dt}'s {:.3e}, {}", bar / 2.0, worst_at(&got, &want, [p.q_len, p.heads, p.head_dim], bar)));
+        }
+        let rel: Vec<f64> = got_lse.iter().zip(&want_lse).map(|(a, b)| (a - b).abs() / (1.0 + b.abs())).collect();
+        let lse_err = max_err(&rel, &vec![0.0; rel.len()]);
+        if lse_err > 1e-3 {
+            return Err(format!("lse: max relative error {lse_err:.3e} > 1e-3"));
+        }
     }
 
+    let Some(bwd) = c.bwd else { return Ok(()) };
     // Backward from a random dO, against the f64 reference and the naive bf16 backward.
     let dout: Vec<f32> = rng.vec(qn, -1.0, 1.0).into_iter().map(round).collect();
     let do64 = f(&dout);
     let (wq, wk, wv) = reference::backward(&q64, &k64, &v64, &do64, p, st);
     let (nq, nk, nv) = naive_backward(dt, &q64, &k64, &v64, &do64, p, st);
     let ddo = s.clone_htod(&bits(&dout)).map_err(e)?;
+    let want_o: Vec<f32> = want.iter().map(|&x| x as f32).collect();
+    let (o, lse) = (s.clone_htod(&bits(&want_o)).map_err(e)?, s.clone_htod(&want_lse.iter().map(|&x| x as f32).collect::<Vec<f32>>()).map_err(e)?);
     let (mut gq, mut gk, mut gv) = (s.alloc_zeros::<u16>(qn).map_err(e)?, s.alloc_zeros::<u16>(kn).map_err(e)?, s.alloc_zeros::<u16>(kn).map_err(e)?);
     cuda::backward(
-        c.bwd,
+        bwd,
         s,
         &rt.modules,
         half,
@@ -189,10 +202,11 @@ pub fn check_flash_attention_cuda(index: usize, c: &FaCase) -> Result<(), String
     )
     .map_err(|e| e.to_string())?;
     let down = |x: &cudarc::driver::CudaSlice<u16>| -> Result<Vec<f64>, String> { Ok(s.clone_dtoh(x).map_err(e)?.into_iter().map(value).collect()) };
-    for (name, got, naive, want) in [("dQ", down(&gq)?, &nq, &wq), ("dK", down(&gk)?, &nk, &wk), ("dV", down(&gv)?, &nv, &wv)] {
+    let (q_dims, kv_dims) = ([p.q_len, p.heads, p.head_dim], [p.kv_len, p.kv_heads, p.head_dim]);
+    for (name, got, naive, want, dims) in [("dQ", down(&gq)?, &nq, &wq, q_dims), ("dK", down(&gk)?, &nk, &wk, kv_dims), ("dV", down(&gv)?, &nv, &wv, kv_dims)] {
         let (err, bar) = (max_err(&got, want), 2.0 * max_err(naive, want) + 1e-6);
         if err > bar {
-            return Err(format!("{name}: max error {err:.3e} > 2 x naive {dt}'s {:.3e}", bar / 2.0));
+            return Err(format!("{name}: max error {err:.3e} > 2 x naive {dt}'s {:.3e}, {}", bar / 2.0, worst_at(&got, want, dims, bar)));
         }
     }
     Ok(())
