@@ -1,0 +1,90 @@
+//! The fused LoRA linear of issue 5 beside the path a user would write without it, on every
+//! device present. Rows of each shape:
+//!
+//! - `fused lora`: `ops::lora_linear`, one op (on wgpu and CUDA one GEMM over `[X | X·Aᵀ]`
+//!   against `[W | s·B]`, the LoRA term landing in the base product's output tile; on the CPU
+//!   the same three products as the peer, so its ratio there is the op's overhead);
+//! - `unfused: 3 linears + add (peer)`: `X·Wᵀ`, `X·Aᵀ`, `(X·Aᵀ)·(s·B)ᵀ` as plain linears, then
+//!   `+`: what it costs without the fused op;
+//! - `base linear`: `X·Wᵀ` alone (rank 0), so `fused / base` is what the adapter costs;
+//! - `nf4 lora`: the fused op with W in NF4 (QLoRA: dequantized inside the GEMM's tile loads;
+//!   on a GPU, a GEMV for M <= 16).
+//!
+//! Throughput counts FLOP as elements (`2·M·N·K + 2·M·R·(K + N)`; the base row `2·M·N·K`), so
+//! "elem/s" reads as FLOP/s. Shapes: Llama-3-8B's (K = 4096, N in {4096, 14336}, R = 16), at
+//! M in {1, 16, 2048, 8192} on CUDA (bf16 activations and weights, f32 adapters as the model
+//! keeps them), M in {1, 16, 512} on the CPU (f32), and small ones on a software Vulkan
+//! adapter. cuBLAS beside these on CUDA: `tools/gpu-check` (`gemm_bench.rs`).
+//!
+//!   cargo bench --bench lora                   # every device present
+//!   cargo bench --bench lora -- lora/cpu       # one device
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use tuna::ops::{self, LinearPart};
+use tuna::testing::Rng;
+use tuna::{DType, Device, Tensor};
+
+/// (M, K, N, R) for `dev`.
+fn shapes(dev: Device) -> Vec<(usize, usize, usize, usize)> {
+    let llama = |ms: &[usize]| -> Vec<_> { [4096, 14336].iter().flat_map(|&n| ms.iter().map(move |&m| (m, 4096, n, 16))).collect() };
+    match dev {
+        Device::Cuda(_) => llama(&[1, 16, 2048, 8192]),
+        Device::Cpu => {
+            let mut s = llama(&[1, 16]);
+            s.push((512, 4096, 4096, 16));
+            s
+        }
+        // lavapipe runs the kernels on the CPU: small shapes, and one GEMV-sized.
+        Device::Wgpu(i) if tuna::device::wgpu::adapter_details().get(i).is_some_and(|a| a.is_software) => vec![(128, 512, 1024, 8), (1, 1024, 2048, 16)],
+        Device::Wgpu(_) => llama(&[1, 16, 2048]),
+    }
+}
+
+fn linear(x: &Tensor, w: &Tensor) -> Tensor {
+    ops::linear_group(x, &[LinearPart { weight: w, bias: None, lora: None, dropout: None }]).unwrap().remove(0)
+}
+
+fn lora(c: &mut Criterion) {
+    for info in Device::available() {
+        let dev = info.device;
+        let mut g = c.benchmark_group(format!("lora/{dev}"));
+        g.sample_size(10);
+        // The activations' and the frozen weight's dtype: bf16 on CUDA (the model's), else f32.
+        let dt = if matches!(dev, Device::Cuda(_)) { DType::BF16 } else { DType::F32 };
+        for (m, k, n, r) in shapes(dev) {
+            let mut rng = Rng::new(7);
+            let on = |v: Vec<f32>, shape: [usize; 2], dtype: DType| Tensor::from_vec(v, shape).and_then(|t| t.to_device(&dev)).and_then(|t| t.to_dtype(dtype)).unwrap();
+            let bound = 1.0 / (k as f32).sqrt();
+            let x = on(rng.vec(m * k, -1.0, 1.0), [m, k], dt);
+            let w_host = Tensor::from_vec(rng.vec(n * k, -bound, bound), [n, k]).unwrap();
+            let w = w_host.to_device(&dev).and_then(|t| t.to_dtype(dt)).unwrap();
+            let (a, b) = (rng.vec(r * k, -bound, bound), rng.vec(n * r, -0.1, 0.1));
+            let s = 2.0;
+            // The fused op's adapters: f32 (the trained masters); the peer's: plain weights in
+            // the activations' dtype, B pre-scaled.
+            let (af, bf) = (on(a.clone(), [r, k], DType::F32), on(b.clone(), [n, r], DType::F32));
+            let (ap, bp) = (on(a, [r, k], dt), on(b.iter().map(|v| s * v).collect(), [n, r], dt));
+            let nf4 = tuna::kernels::nf4::quantize_tensor(&w_host).and_then(|q| Tensor::from_nf4(q, [n, k])).and_then(|t| t.to_device(&dev)).unwrap();
+            let id = format!("M{m} K{k} N{n} R{r}");
+            let (base_flops, lora_flops) = (2 * m * n * k, 2 * m * n * k + 2 * m * r * (k + n));
+            let mut run = |name: &str, flops: usize, f: &dyn Fn() -> Tensor| {
+                g.throughput(Throughput::Elements(flops as u64));
+                g.bench_function(BenchmarkId::new(name, &id), |bch| {
+                    bch.iter(|| {
+                        let y = f();
+                        dev.synchronize().unwrap();
+                        std::hint::black_box(y);
+                    })
+                });
+            };
+            run("fused lora", lora_flops, &|| ops::lora_linear(&x, &w, None, &af, &bf, s, None).unwrap());
+            run("unfused: 3 linears + add (peer)", lora_flops, &|| ops::add(&linear(&x, &w), &linear(&linear(&x, &ap), &bp)).unwrap());
+            run("base linear", base_flops, &|| linear(&x, &w));
+            run("nf4 lora", lora_flops, &|| ops::lora_linear(&x, &nf4, None, &af, &bf, s, None).unwrap());
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(benches, lora);
+criterion_main!(benches);
