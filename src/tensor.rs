@@ -420,7 +420,7 @@ impl Tensor {
             return Err(Error::InvalidArgument(format!("{op}: the transpose of a {}-dimensional tensor", self.dims().len())));
         };
         if let Some(q) = self.as_nf4() {
-            return Ok(std::borrow::Cow::Owned(transpose(&nf4::cpu::dequantize(q)?, n, k)));
+            return Ok(std::borrow::Cow::Owned(nf4::cpu::dequantize_transposed(q, n, k)?));
         }
         let w = self.cpu_f32(op)?;
         let t = self.0.transposed.get_or_init(|| Transposed { cols: k, data: transpose(w, n, k) });

@@ -69,3 +69,45 @@ fn round_trip_error_and_size() {
     assert!(tuna::Tensor::from_bytes(&[0; 4], tuna::DType::NF4, [8], &Device::Cpu).unwrap_err().to_string().contains("from_nf4"));
     assert!(tuna::Tensor::from_nf4(cpu::quantize(&[1.0; 10]), [3, 3]).is_err());
 }
+
+#[test]
+fn dequantize_transposed_is_the_transpose_of_dequantize() {
+    // The one-pass transposed form the CPU's GEMM reads (cols a multiple of 64: tiles; else
+    // the fallback), bit for bit, against dequantize then transpose.
+    let mut rng = tuna::rng::Rng::new(9);
+    for (rows, cols) in [(1, 64), (130, 192), (64, 4096), (7, 100), (3, 1)] {
+        let q = cpu::quantize(&rng.vec(rows * cols, -3.0, 3.0));
+        let d = cpu::dequantize(&q).unwrap();
+        let want = tuna::kernels::matmul::cpu::transpose(&d, rows, cols);
+        assert_eq!(cpu::dequantize_transposed(&q, rows, cols).unwrap(), want, "[{rows}, {cols}]");
+    }
+    let q = cpu::quantize(&[1.0; 128]);
+    assert!(cpu::dequantize_transposed(&q, 3, 64).unwrap_err().to_string().contains("[3, 64] for 128 elements"));
+}
+
+#[test]
+fn nf4_products_match_the_dequantized_weights() {
+    // x·Wᵀ and dy·W with W in NF4, decoded a tile at a time for few rows (m <= 64, K a multiple
+    // of 64) or whole otherwise, against the same products on the dequantized W (f64 sums).
+    let mut rng = tuna::rng::Rng::new(11);
+    for (m, n, k) in [(1, 70, 64), (5, 130, 192), (64, 3, 128), (65, 33, 64), (3, 20, 100)] {
+        let q = cpu::quantize(&rng.vec(n * k, -1.0, 1.0));
+        let w = cpu::dequantize(&q).unwrap();
+        let (x, dy) = (rng.vec(m * k, -1.0, 1.0), rng.vec(m * n, -1.0, 1.0));
+        let y = cpu::matmul_xwt(&q, &x, m, n, k).unwrap();
+        let dx = cpu::matmul_dyw(&q, &dy, m, n, k).unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = (0..k).map(|e| x[i * k + e] as f64 * w[j * k + e] as f64).sum();
+                assert!((y[i * n + j] as f64 - want).abs() <= 1e-5 * (k as f64).sqrt() * 4.0, "x·Wᵀ [{m}, {n}, {k}] at ({i}, {j}): {} vs {want}", y[i * n + j]);
+            }
+            for e in 0..k {
+                let want: f64 = (0..n).map(|j| dy[i * n + j] as f64 * w[j * k + e] as f64).sum();
+                assert!((dx[i * k + e] as f64 - want).abs() <= 1e-5 * (n as f64).sqrt() * 4.0, "dy·W [{m}, {n}, {k}] at ({i}, {e}): {} vs {want}", dx[i * k + e]);
+            }
+        }
+    }
+    let q = cpu::quantize(&[1.0; 128]);
+    assert!(cpu::matmul_xwt(&q, &[0.0; 64], 1, 3, 64).unwrap_err().to_string().contains("W [3, 64] for 128 elements"));
+    assert!(cpu::matmul_xwt(&q, &[0.0; 63], 1, 2, 64).unwrap_err().to_string().contains("x has 63 elements"));
+}

@@ -66,13 +66,41 @@ pub mod reference {
 pub mod cpu {
     use super::LoraParams;
     use crate::kernels::matmul::cpu::{matmul_acc, matmul_new};
+    use crate::kernels::nf4::{cpu as nf4, Nf4Tensor};
     use crate::Result;
 
-    /// Returns `y` (`[M, N]`) and `xa` (`[M, R]`). `w` is W `[N, K]`, or Wᵀ `[K, N]` when
-    /// `w_transposed` (the layout the CPU GEMM reads fastest; see `Tensor::cpu_f32_transposed`).
+    /// The frozen weight W `[N, K]` as the CPU products read it.
+    #[derive(Clone, Copy)]
+    pub enum Base<'a> {
+        /// f32, stored `[N, K]`, or its transpose `[K, N]` when `transposed` (the layout the
+        /// GEMM reads fastest; see `Tensor::cpu_f32_transposed`).
+        F32 { w: &'a [f32], transposed: bool },
+        /// NF4 (QLoRA), decoded inside the products (`nf4::cpu::matmul_xwt`, `matmul_dyw`).
+        Nf4(&'a Nf4Tensor),
+    }
+
+    impl Base<'_> {
+        /// `x·Wᵀ` `[M, N]`.
+        pub fn xwt(self, x: &[f32], p: LoraParams) -> Result<Vec<f32>> {
+            match self {
+                Base::F32 { w, transposed } => matmul_new(x, w, LoraParams::mm(p.m, p.n, p.k, false, !transposed)),
+                Base::Nf4(q) => nf4::matmul_xwt(q, x, p.m, p.n, p.k),
+            }
+        }
+
+        /// `dY·W` `[M, K]`.
+        pub fn dyw(self, dy: &[f32], p: LoraParams) -> Result<Vec<f32>> {
+            match self {
+                Base::F32 { w, transposed } => matmul_new(dy, w, LoraParams::mm(p.m, p.k, p.n, false, transposed)),
+                Base::Nf4(q) => nf4::matmul_dyw(q, dy, p.m, p.n, p.k),
+            }
+        }
+    }
+
+    /// Returns `y` (`[M, N]`) and `xa` (`[M, R]`).
     #[allow(clippy::too_many_arguments)]
-    pub fn forward(x: &[f32], x_lora: &[f32], w: &[f32], w_transposed: bool, bias: Option<&[f32]>, a: &[f32], b: &[f32], p: LoraParams) -> Result<(Vec<f32>, Vec<f32>)> {
-        let mut y = matmul_new(x, w, LoraParams::mm(p.m, p.n, p.k, false, !w_transposed))?;
+    pub fn forward(x: &[f32], x_lora: &[f32], w: Base<'_>, bias: Option<&[f32]>, a: &[f32], b: &[f32], p: LoraParams) -> Result<(Vec<f32>, Vec<f32>)> {
+        let mut y = w.xwt(x, p)?;
         let xa = matmul_new(x_lora, a, LoraParams::mm(p.m, p.r, p.k, false, true))?;
         matmul_acc(&xa, b, &mut y, LoraParams::mm(p.m, p.n, p.r, false, true), p.scale)?;
         if let Some(bias) = bias {
@@ -92,7 +120,7 @@ pub mod cpu {
         dy: &[f32],
         x_lora: &[f32],
         xa: &[f32],
-        w: &[f32],
+        w: Base<'_>,
         a: &[f32],
         b: &[f32],
         drop_scale: Option<&[f32]>,
@@ -112,7 +140,7 @@ pub mod cpu {
             return Ok(None);
         }
         // dX = dY·W + s·(G·A) ⊙ drop_scale
-        let mut dx = matmul_new(dy, w, LoraParams::mm(p.m, p.k, p.n, false, false))?;
+        let mut dx = w.dyw(dy, p)?;
         match drop_scale {
             None => matmul_acc(&g, a, &mut dx, LoraParams::mm(p.m, p.k, p.r, false, false), p.scale)?,
             Some(ds) => {

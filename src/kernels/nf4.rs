@@ -222,20 +222,168 @@ pub mod cpu {
         q.absmax.iter().enumerate().map(|(b, &i)| map[i as usize] * q.absmax2[b / BLOCK2] + q.offset).collect()
     }
 
+    /// The values of one block: `out[2i]`, `out[2i + 1]` from byte i of `codes` (high nibble
+    /// first), times the block's absmax `a` (through the 16 code values scaled once: the same
+    /// single rounding of `code · a`).
+    #[inline]
+    fn decode_block(codes: &[u8], a: f32, out: &mut [f32]) {
+        let lut: [f32; 16] = NF4.map(|v| v * a);
+        if let (Ok(codes), Ok(out)) = (<&[u8; BLOCK / 2]>::try_from(codes), <&mut [f32; BLOCK]>::try_from(&mut *out)) {
+            // A whole block: fixed sizes, no bounds checks in the loop.
+            for (i, &byte) in codes.iter().enumerate() {
+                out[2 * i] = lut[(byte >> 4) as usize];
+                out[2 * i + 1] = lut[(byte & 0xf) as usize];
+            }
+            return;
+        }
+        for (pair, &byte) in out.chunks_mut(2).zip(codes) {
+            pair[0] = lut[(byte >> 4) as usize];
+            if let Some(v) = pair.get_mut(1) {
+                *v = lut[(byte & 0xf) as usize];
+            }
+        }
+    }
+
     /// Writes the dequantized tensor into `out` (`q.len` elements), blocks in parallel.
     pub fn dequantize_into(q: &Nf4Tensor, out: &mut [f32]) -> crate::Result<()> {
         q.validate()?;
         crate::kernels::check_len("nf4 dequantize", "out", out.len(), q.len)?;
         let scales = absmax(q);
-        out[..q.len].par_chunks_mut(BLOCK).zip(scales.par_iter()).enumerate().for_each(|(b, (o, &a))| {
-            for (j, v) in o.iter_mut().enumerate() {
-                let e = b * BLOCK + j;
-                let byte = q.packed[e / 2];
-                let code = if e % 2 == 0 { byte >> 4 } else { byte & 0xf };
-                *v = NF4[code as usize] * a;
+        // A block of 64 is 32 whole bytes, so block b's codes start at byte 32b.
+        out[..q.len].par_chunks_mut(BLOCK).zip(q.packed.par_chunks(BLOCK / 2)).zip(scales.par_iter()).for_each(|((o, codes), &a)| decode_block(codes, a, o));
+        Ok(())
+    }
+
+    /// Below this many rows of x (decoding, small batches), the NF4 products decode W a tile
+    /// at a time inside the product; above it, W is decoded whole once and the GEMM runs on it
+    /// (the tiled form would repack x for every tile).
+    pub const TILED_MAX_ROWS: usize = 64;
+
+    /// `y = x·Wᵀ` (`x` `[m, k]`, W `[n, k]` in NF4, `y` `[m, n]`): for `m <= TILED_MAX_ROWS`
+    /// and `k` a multiple of 64, each task decodes 64 rows of W into a buffer of its own and
+    /// multiplies x by it, so W is never decoded whole (decoding a 4096 × 4096 W whole costs
+    /// more than the product at m = 1: most of it page faults on the fresh 64 MiB); else W is
+    /// decoded (transposed) and the GEMM runs on it. The same values as the f32 W's product.
+    pub fn matmul_xwt(q: &Nf4Tensor, x: &[f32], m: usize, n: usize, k: usize) -> crate::Result<Vec<f32>> {
+        use crate::kernels::matmul::cpu::{gemm_strided, matmul_new, View};
+        use crate::kernels::matmul::MatmulParams;
+        check_matrix(q, x, m, n, k, "x")?;
+        if m > TILED_MAX_ROWS || k % BLOCK != 0 {
+            return matmul_new(&x[..m * k], &dequantize_transposed(q, n, k)?, MatmulParams { m, n, k, trans_a: false, trans_b: false });
+        }
+        const TILE: usize = 64;
+        let (scales, per_row) = (absmax(q), k / BLOCK);
+        let tiles: Vec<Vec<f32>> = (0..n.div_ceil(TILE))
+            .into_par_iter()
+            .map_init(
+                || vec![0.0f32; TILE * k],
+                |buf, t| {
+                    let (r0, rn) = (t * TILE, TILE.min(n - t * TILE));
+                    for (i, row) in buf.chunks_mut(k).take(rn).enumerate() {
+                        for (kb, out) in row.chunks_mut(BLOCK).enumerate() {
+                            let b = (r0 + i) * per_row + kb;
+                            decode_block(&q.packed[b * BLOCK / 2..][..BLOCK / 2], scales[b], out);
+                        }
+                    }
+                    let mut out = vec![0.0f32; m * rn];
+                    // B = this tile of W read transposed: [k, rn] with stride k between columns.
+                    gemm_strided(View { data: &x[..m * k], rows: m, cols: k, rs: k, cs: 1 }, View { data: &buf[..rn * k], rows: k, cols: rn, rs: 1, cs: k }, &mut out, 1.0, false);
+                    out
+                },
+            )
+            .collect();
+        let mut y = vec![0.0f32; m * n];
+        y.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+            for (t, tile) in tiles.iter().enumerate() {
+                let (r0, rn) = (t * TILE, TILE.min(n - t * TILE));
+                row[r0..r0 + rn].copy_from_slice(&tile[i * rn..(i + 1) * rn]);
             }
         });
+        Ok(y)
+    }
+
+    /// `dx = dy·W` (`dy` `[m, n]`, W `[n, k]` in NF4, `dx` `[m, k]`), the backward's product:
+    /// for `m <= TILED_MAX_ROWS` and `k` a multiple of 64, each task decodes one 64-column
+    /// block of every row of W and multiplies dy by it; else W is decoded whole.
+    pub fn matmul_dyw(q: &Nf4Tensor, dy: &[f32], m: usize, n: usize, k: usize) -> crate::Result<Vec<f32>> {
+        use crate::kernels::matmul::cpu::{gemm_strided, matmul_new, View};
+        use crate::kernels::matmul::MatmulParams;
+        check_matrix(q, dy, m, n, k, "dy")?;
+        if m > TILED_MAX_ROWS || k % BLOCK != 0 {
+            return matmul_new(&dy[..m * n], &dequantize(q)?, MatmulParams { m, n: k, k: n, trans_a: false, trans_b: false });
+        }
+        let (scales, per_row) = (absmax(q), k / BLOCK);
+        let tiles: Vec<Vec<f32>> = (0..per_row)
+            .into_par_iter()
+            .map_init(
+                || vec![0.0f32; n * BLOCK],
+                |buf, kb| {
+                    for (r, out) in buf.chunks_mut(BLOCK).enumerate() {
+                        let b = r * per_row + kb;
+                        decode_block(&q.packed[b * BLOCK / 2..][..BLOCK / 2], scales[b], out);
+                    }
+                    let mut out = vec![0.0f32; m * BLOCK];
+                    gemm_strided(View { data: &dy[..m * n], rows: m, cols: n, rs: n, cs: 1 }, View { data: buf, rows: n, cols: BLOCK, rs: BLOCK, cs: 1 }, &mut out, 1.0, false);
+                    out
+                },
+            )
+            .collect();
+        let mut dx = vec![0.0f32; m * k];
+        dx.par_chunks_mut(k).enumerate().for_each(|(i, row)| {
+            for (kb, tile) in tiles.iter().enumerate() {
+                row[kb * BLOCK..(kb + 1) * BLOCK].copy_from_slice(&tile[i * BLOCK..(i + 1) * BLOCK]);
+            }
+        });
+        Ok(dx)
+    }
+
+    /// W is `[n, k]` and `a` (named `what`) holds at least `m` rows of the product's inner length.
+    fn check_matrix(q: &Nf4Tensor, a: &[f32], m: usize, n: usize, k: usize, what: &str) -> crate::Result<()> {
+        q.validate()?;
+        if n * k != q.len {
+            return Err(crate::Error::InvalidArgument(format!("nf4 product: W [{n}, {k}] for {} elements", q.len)));
+        }
+        let inner = if what == "x" { k } else { n };
+        if a.len() < m * inner {
+            return Err(crate::Error::InvalidArgument(format!("nf4 product: {what} has {} elements, [{m}, {inner}] needs {}", a.len(), m * inner)));
+        }
         Ok(())
+    }
+
+    /// The dequantized `[rows, cols]` matrix, transposed (`[cols, rows]`), in one pass: what the
+    /// CPU's GEMM reads for `x·Wᵀ`. Where `cols` is a multiple of 64, each task decodes one
+    /// 64-column block of every row into a tile and writes its 64 output rows whole;
+    /// elsewhere, the dequantized matrix is transposed.
+    pub fn dequantize_transposed(q: &Nf4Tensor, rows: usize, cols: usize) -> crate::Result<Vec<f32>> {
+        q.validate()?;
+        if rows * cols != q.len {
+            return Err(crate::Error::InvalidArgument(format!("nf4 dequantize: [{rows}, {cols}] for {} elements", q.len)));
+        }
+        if cols % BLOCK != 0 {
+            return Ok(crate::kernels::matmul::cpu::transpose(&dequantize(q)?, rows, cols));
+        }
+        let scales = absmax(q);
+        let per_row = cols / BLOCK;
+        let mut out = vec![0.0f32; q.len];
+        // Task kb writes output rows 64kb..64kb+64 (input columns), from block kb of each row,
+        // 64 rows of the input at a time through a [64 rows][64 columns] tile.
+        out.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(kb, dst)| {
+            let mut tile = [[0.0f32; BLOCK]; BLOCK];
+            for r0 in (0..rows).step_by(BLOCK) {
+                let rn = BLOCK.min(rows - r0);
+                for (i, t) in tile.iter_mut().enumerate().take(rn) {
+                    let b = (r0 + i) * per_row + kb;
+                    decode_block(&q.packed[b * BLOCK / 2..][..BLOCK / 2], scales[b], t);
+                }
+                for j in 0..BLOCK {
+                    let d = &mut dst[j * rows + r0..][..rn];
+                    for (i, v) in d.iter_mut().enumerate() {
+                        *v = tile[i][j];
+                    }
+                }
+            }
+        });
+        Ok(out)
     }
 
     pub fn dequantize(q: &Nf4Tensor) -> crate::Result<Vec<f32>> {

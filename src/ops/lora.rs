@@ -1,7 +1,6 @@
 use rayon::prelude::*;
 
 use crate::kernels::lora::{cpu, LoraParams};
-use crate::kernels::matmul::{cpu as mm, MatmulParams};
 use crate::ops::{expect_dtype, same_device, saved};
 use crate::rng::uniform_at;
 use crate::tape::record_many;
@@ -101,13 +100,19 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
         .zip(&params)
         .map(|(part, &p)| -> Result<Fwd> {
             let bias = part.bias.map(|b| b.cpu_f32(OP)).transpose()?;
-            // W is read transposed (the GEMM's fastest layout): an f32 W through its cached
-            // transpose, an NF4 W dequantized and transposed for this op only.
+            // A frozen f32 W is read through its cached transpose (the GEMM's fastest layout);
+            // an NF4 W is decoded inside the product (`lora::cpu::Base`).
             let w_transposed = !part.weight.is_tracked();
-            let w = if w_transposed { part.weight.cpu_f32_transposed(OP)? } else { part.weight.cpu_f32_weight(OP)? };
-            let w: &[f32] = &w;
+            let dense;
+            let w = match part.weight.as_nf4() {
+                Some(q) => cpu::Base::Nf4(q),
+                None => {
+                    dense = if w_transposed { part.weight.cpu_f32_transposed(OP)? } else { part.weight.cpu_f32_weight(OP)? };
+                    cpu::Base::F32 { w: &dense, transposed: w_transposed }
+                }
+            };
             let Some((a, b, _)) = part.lora else {
-                let mut y = mm::matmul_new(xv, w, MatmulParams { m: p.m, n: p.n, k: p.k, trans_a: false, trans_b: !w_transposed })?;
+                let mut y = w.xwt(xv, p)?;
                 if let Some(bias) = bias {
                     y.par_chunks_mut(p.n).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, b)| *v += b));
                 }
@@ -120,7 +125,7 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
                 (scale, dropped)
             });
             let x_lora = drop.as_ref().map_or(xv, |d| d.1.as_slice());
-            let (y, xa) = cpu::forward(xv, x_lora, w, w_transposed, bias, a.cpu_f32(OP)?, b.cpu_f32(OP)?, p)?;
+            let (y, xa) = cpu::forward(xv, x_lora, w, bias, a.cpu_f32(OP)?, b.cpu_f32(OP)?, p)?;
             Ok(Fwd { y, xa, drop })
         })
         .collect::<Result<_>>()?;
@@ -145,10 +150,13 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
             .zip(gs.par_iter())
             .map(|((w, lora, xa, drop, p), g)| -> Result<PartGrads> {
                 let Some(g) = g else { return Ok((None, None)) };
-                let (gv, wv) = (g.cpu_f32(OP)?, w.cpu_f32_weight(OP)?);
-                let wv: &[f32] = &wv;
+                let gv = g.cpu_f32(OP)?;
+                let wv = match w.as_nf4() {
+                    Some(q) => cpu::Base::Nf4(q),
+                    None => cpu::Base::F32 { w: w.cpu_f32(OP)?, transposed: false },
+                };
                 let Some((a, b)) = lora else {
-                    let dx = if want_dx { Some(mm::matmul_new(gv, wv, MatmulParams { m: p.m, n: p.k, k: p.n, trans_a: false, trans_b: false })?) } else { None };
+                    let dx = if want_dx { Some(wv.dyw(gv, *p)?) } else { None };
                     return Ok((dx, None));
                 };
                 let (mut da, mut db) = (vec![0.0f32; p.r * p.k], vec![0.0f32; p.n * p.r]);

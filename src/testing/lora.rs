@@ -327,7 +327,8 @@ pub fn check_nf4_quantize(dev: Device, dtype: DType, len: usize, seed: u64) -> C
 
 fn run_cpu(case: &LoraCase, inp: &LoraInputs, w: &[f32]) -> crate::Result<LoraOutputs> {
     let p = case.params();
-    let (y, xa) = cpu::forward(&inp.x, &inp.x_lora, w, false, inp.bias.as_deref(), &inp.a, &inp.b, p)?;
+    let w = cpu::Base::F32 { w, transposed: false };
+    let (y, xa) = cpu::forward(&inp.x, &inp.x_lora, w, inp.bias.as_deref(), &inp.a, &inp.b, p)?;
     let (mut da, mut db) = (vec![0.0; p.r * p.k], vec![0.0; p.n * p.r]);
     let dx = cpu::backward(&inp.dy, &inp.x_lora, &xa, w, &inp.a, &inp.b, inp.drop_scale.as_deref(), true, &mut da, &mut db, p)?.unwrap_or_default();
     Ok(LoraOutputs { y, xa, dx, da, db })
