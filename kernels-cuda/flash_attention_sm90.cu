@@ -44,13 +44,14 @@ __device__ __forceinline__ void fh_load_tile(u32 dst, const unsigned short* src,
     }
 }
 
-// s += Q.K^T slice: m64n64k16, both operands from shared memory.
-#define FH_WGMMA_SS(TYPE)                                                                                     \
-    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " WG_D32 ", %32, %33, 1, 1, 1, 0, 0;" \
-                 : ACC32(0)                                                                                   \
+// d += A.B^T slice: m64n64k16, both operands from shared memory; TRANS is "imm-trans-a,
+// imm-trans-b" ("0, 0": both K-major, as S = Q.K^T reads them).
+#define FH_WGMMA_SS(TYPE, TRANS)                                                                                   \
+    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " WG_D32 ", %32, %33, 1, 1, 1, " TRANS ";" \
+                 : ACC32(0)                                                                                        \
                  : "l"(da), "l"(db))
-__device__ __forceinline__ void fh_qk(Bf16, float* d, u64 da, u64 db) { FH_WGMMA_SS("bf16"); }
-__device__ __forceinline__ void fh_qk(F16, float* d, u64 da, u64 db) { FH_WGMMA_SS("f16"); }
+__device__ __forceinline__ void fh_qk(Bf16, float* d, u64 da, u64 db) { FH_WGMMA_SS("bf16", "0, 0"); }
+__device__ __forceinline__ void fh_qk(F16, float* d, u64 da, u64 db) { FH_WGMMA_SS("f16", "0, 0"); }
 
 // o += P.V slice: m64n64k16 (D 64) or m64n128k16 (D 128), A (4 registers) from P, B from V
 // through the transposed descriptor.
@@ -187,15 +188,10 @@ FH_INSTANCE(flash_attn_fwd_sm90_f16_d128, F16, 128)
 //
 // Launch: grid (ceil(S / 64), G, B), block 128, that dynamic shared memory. Instances:
 // flash_attn_bwd_sm90_{bf16,f16}_d{64,128}. Not yet run (no GPU so far).
-#define FHB_ROWS_BYTES (2 * 3 * 64 * 4)  // lse (log2 domain), Dvec, segment starts; two buffers
 
-// d = dS.K slice: m64n64k16 with both operands read transposed (MN-major) from shared memory.
-#define FHB_WGMMA_TT(TYPE)                                                                                    \
-    asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " " WG_D32 ", %32, %33, 1, 1, 1, 1, 1;" \
-                 : ACC32(0)                                                                                   \
-                 : "l"(da), "l"(db))
-__device__ __forceinline__ void fhb_dq(Bf16, float* d, u64 da, u64 db) { FHB_WGMMA_TT("bf16"); }
-__device__ __forceinline__ void fhb_dq(F16, float* d, u64 da, u64 db) { FHB_WGMMA_TT("f16"); }
+// d += dS.K slice: m64n64k16 with both operands read transposed (MN-major) from shared memory.
+__device__ __forceinline__ void fhb_dq(Bf16, float* d, u64 da, u64 db) { FH_WGMMA_SS("bf16", "1, 1"); }
+__device__ __forceinline__ void fhb_dq(F16, float* d, u64 da, u64 db) { FH_WGMMA_SS("f16", "1, 1"); }
 
 __device__ __forceinline__ void fhb_st32(u32 addr, u32 v) { asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory"); }
 
