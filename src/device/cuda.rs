@@ -391,25 +391,32 @@ impl CudaRuntime {
             // SAFETY: the copy below writes every byte before `wait` reads any.
             None => unsafe { self.ctx.alloc_pinned_with_flags::<u8>(bytes, 0) }.map_err(|e| Error::cuda(format!("allocating {bytes} page-locked bytes"), e))?,
         };
-        self.stream.memcpy_dtoh(src, &mut host).map_err(|e| Error::cuda(format!("copying from cuda:{}", self.ordinal), e))?;
-        Ok(PendingRead { rt: self.clone(), host: Some(host) })
+        let e = |what: &str| {
+            let what = format!("{what} (cuda:{})", self.ordinal);
+            move |err| Error::cuda(what, err)
+        };
+        self.stream.memcpy_dtoh(src, &mut host).map_err(e("copying to the host"))?;
+        // Our own event behind the copy: cudarc records the page-locked buffer's event only
+        // when it manages several streams, and this runtime uses one.
+        let done = self.stream.record_event(None).map_err(e("recording a readback event"))?;
+        Ok(PendingRead { rt: self.clone(), host: Some((host, done)) })
     }
 }
 
 /// A copy to the host queued by [`CudaRuntime::read_later`].
 pub struct PendingRead {
     rt: Arc<CudaRuntime>,
-    host: Option<PinnedHostSlice<u8>>,
+    /// The page-locked buffer and the event recorded behind the copy into it.
+    host: Option<(PinnedHostSlice<u8>, CudaEvent)>,
 }
 
 impl PendingRead {
-    /// Waits for the copy (an event recorded behind it, not the whole stream) and returns the
-    /// bytes.
+    /// Waits for the copy (the event behind it, not the whole stream) and returns the bytes.
     pub fn wait(self) -> Result<Vec<u8>> {
-        match &self.host {
-            None => Ok(Vec::new()),
-            Some(h) => Ok(h.as_slice().map_err(|e| Error::cuda(format!("reading back from cuda:{}", self.rt.ordinal), e))?.to_vec()),
-        }
+        let Some((h, done)) = &self.host else { return Ok(Vec::new()) };
+        let e = |err| Error::cuda(format!("reading back from cuda:{}", self.rt.ordinal), err);
+        done.synchronize().map_err(e)?;
+        Ok(h.as_slice().map_err(e)?.to_vec())
         // Drop hands the buffer back.
     }
 }
@@ -417,10 +424,15 @@ impl PendingRead {
 impl Drop for PendingRead {
     fn drop(&mut self) {
         const KEPT: usize = 16;
-        if let Some(h) = self.host.take() {
+        if let Some((h, done)) = self.host.take() {
             let mut pool = self.rt.readback.lock().expect("readback pool poisoned");
             if pool.len() < KEPT {
+                // A later copy into it comes after this one on the same stream.
                 pool.push(h);
+            } else {
+                // Freed only once no copy is writing into it.
+                let _ = done.synchronize();
+                drop(h);
             }
         }
     }
