@@ -107,6 +107,11 @@ fn nf4_products_match_the_dequantized_weights() {
             }
         }
     }
+    // Empty products give empty or zero results, not a panic.
+    let empty = cpu::quantize(&[]);
+    assert_eq!(cpu::matmul_xwt(&empty, &[1.0; 128], 2, 0, 64).unwrap(), Vec::<f32>::new());
+    assert_eq!(cpu::matmul_dyw(&empty, &[], 2, 0, 64).unwrap(), vec![0.0; 128]);
+    assert_eq!(cpu::dequantize_transposed(&empty, 0, 64).unwrap(), Vec::<f32>::new());
     let q = cpu::quantize(&[1.0; 128]);
     assert!(cpu::matmul_xwt(&q, &[0.0; 64], 1, 3, 64).unwrap_err().to_string().contains("W [3, 64] for 128 elements"));
     assert!(cpu::matmul_xwt(&q, &[0.0; 63], 1, 2, 64).unwrap_err().to_string().contains("x has 63 elements"));

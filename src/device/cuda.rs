@@ -395,11 +395,17 @@ impl CudaRuntime {
             let what = format!("{what} (cuda:{})", self.ordinal);
             move |err| Error::cuda(what, err)
         };
-        self.stream.memcpy_dtoh(src, &mut host).map_err(e("copying to the host"))?;
         // Our own event behind the copy: cudarc records the page-locked buffer's event only
         // when it manages several streams, and this runtime uses one.
-        let done = self.stream.record_event(None).map_err(e("recording a readback event"))?;
-        Ok(PendingRead { rt: self.clone(), host: Some((host, done)) })
+        let queued = self.stream.memcpy_dtoh(src, &mut host).map_err(e("copying to the host")).and_then(|()| self.stream.record_event(None).map_err(e("recording a readback event")));
+        match queued {
+            Ok(done) => Ok(PendingRead { rt: self.clone(), host: Some((host, done)) }),
+            Err(err) => {
+                // No event to wait on: the buffer is freed only once the stream is idle.
+                let _ = self.stream.synchronize();
+                Err(err)
+            }
+        }
     }
 }
 
@@ -423,7 +429,9 @@ impl PendingRead {
 
 impl Drop for PendingRead {
     fn drop(&mut self) {
-        const KEPT: usize = 16;
+        // A step reads one loss per piece and its gradient norm; grad_accum x shards pieces
+        // rarely reach this.
+        const KEPT: usize = 64;
         if let Some((h, done)) = self.host.take() {
             let mut pool = self.rt.readback.lock().expect("readback pool poisoned");
             if pool.len() < KEPT {

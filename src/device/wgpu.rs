@@ -332,6 +332,9 @@ pub fn download(device: &wgpu::Device, queue: &wgpu::Queue, buf: &wgpu::Buffer, 
 /// change what it reads.
 pub fn read_later(device: &wgpu::Device, queue: &wgpu::Queue, buf: &wgpu::Buffer, bytes: usize) -> Result<PendingRead> {
     let padded = bytes.next_multiple_of(4).max(4) as u64;
+    if bytes > 0 && padded > buf.size() {
+        return Err(Error::InvalidArgument(format!("wgpu read: {bytes} bytes (copied as {padded}) from a buffer of {}", buf.size())));
+    }
     let staging = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("tuna readback"),
         size: padded,

@@ -263,11 +263,15 @@ pub mod cpu {
     /// and `k` a multiple of 64, each task decodes 64 rows of W into a buffer of its own and
     /// multiplies x by it, so W is never decoded whole (decoding a 4096 × 4096 W whole costs
     /// more than the product at m = 1: most of it page faults on the fresh 64 MiB); else W is
-    /// decoded (transposed) and the GEMM runs on it. The same values as the f32 W's product.
+    /// decoded (transposed) and the GEMM runs on it. Within rounding of the f32 W's product
+    /// (the GEMM may sum in another order for the tile than for the whole W).
     pub fn matmul_xwt(q: &Nf4Tensor, x: &[f32], m: usize, n: usize, k: usize) -> crate::Result<Vec<f32>> {
         use crate::kernels::matmul::cpu::{gemm_strided, matmul_new, View};
         use crate::kernels::matmul::MatmulParams;
         check_matrix(q, x, m, n, k, "x")?;
+        if m == 0 || n == 0 || k == 0 {
+            return Ok(vec![0.0; m * n]);
+        }
         if m > TILED_MAX_ROWS || k % BLOCK != 0 {
             return matmul_new(&x[..m * k], &dequantize_transposed(q, n, k)?, MatmulParams { m, n, k, trans_a: false, trans_b: false });
         }
@@ -309,6 +313,9 @@ pub mod cpu {
         use crate::kernels::matmul::cpu::{gemm_strided, matmul_new, View};
         use crate::kernels::matmul::MatmulParams;
         check_matrix(q, dy, m, n, k, "dy")?;
+        if m == 0 || n == 0 || k == 0 {
+            return Ok(vec![0.0; m * k]);
+        }
         if m > TILED_MAX_ROWS || k % BLOCK != 0 {
             return matmul_new(&dy[..m * n], &dequantize(q)?, MatmulParams { m, n: k, k: n, trans_a: false, trans_b: false });
         }
@@ -358,6 +365,9 @@ pub mod cpu {
         q.validate()?;
         if rows * cols != q.len {
             return Err(crate::Error::InvalidArgument(format!("nf4 dequantize: [{rows}, {cols}] for {} elements", q.len)));
+        }
+        if rows == 0 || cols == 0 {
+            return Ok(Vec::new());
         }
         if cols % BLOCK != 0 {
             return Ok(crate::kernels::matmul::cpu::transpose(&dequantize(q)?, rows, cols));

@@ -177,6 +177,10 @@ pub struct PendingStep {
     sum_sq: Option<(PendingSumSq, f32)>,
     /// When the step was queued.
     pub started: Instant,
+    /// The step may still be running on the device when `start_step` returns (a GPU step
+    /// without a loss scale); on the CPU, or when the step already waited on its gradient norm
+    /// (loss scaling), it is done, and queuing the next one first would only blur the timing.
+    pub overlaps: bool,
 }
 
 impl PendingStep {
@@ -497,7 +501,7 @@ impl Trainer {
             epoch: (self.step * accum) as f32 / self.batches_per_epoch() as f32,
             skipped: false,
         };
-        Ok(PendingStep { report, losses, sum_sq: None, started })
+        Ok(PendingStep { report, losses, sum_sq: None, started, overlaps: false })
     }
 
     /// The optimizer step on the device: gradients summed there in piece order, then the
@@ -535,7 +539,7 @@ impl Trainer {
                 self.step += 1;
                 self.device_reselect()?;
                 let report = StepReport { step: self.step, loss: f32::NAN, lr, grad_norm: f32::NAN, tokens, epoch: epoch(self.step), skipped: true };
-                return Ok(PendingStep { report, losses, sum_sq: None, started });
+                return Ok(PendingStep { report, losses, sum_sq: None, started, overlaps: false });
             }
         }
         // A loss-scaled step's regrowth gradients join the window's sums unscaled, now that
@@ -561,7 +565,7 @@ impl Trainer {
         self.device_reselect()?;
         self.install(None)?;
         let report = StepReport { step: self.step, loss: f32::NAN, lr, grad_norm: f32::NAN, tokens, epoch: epoch(self.step), skipped: false };
-        Ok(PendingStep { report, losses, sum_sq: Some((sum_sq, scale)), started })
+        Ok(PendingStep { report, losses, sum_sq: Some((sum_sq, scale)), started, overlaps: self.loss_scale.is_none() })
     }
 
     /// Loss and gradients of one shard of micro-batch `k`, on a tape of its own over a copy of

@@ -146,11 +146,12 @@ pub fn run(trainer: &mut Trainer, eval: &[Sequence], opts: &RunOptions, stop: &A
     // queued only once these are done.
     let holds = |step: usize| evaluates(step) || checkpoints(step) || opts.stop_after == Some(step);
     // Step n + 1 is queued before step n's loss is read, so the device does not idle while the
-    // host logs.
+    // host logs; only where step n may still be running (`PendingStep::overlaps`: on the CPU
+    // the step is done when queued, and queuing the next first would count its time as n's).
     let mut pending: Option<PendingStep> = None;
     let mut last_done = started;
     loop {
-        let hold = pending.as_ref().is_some_and(|p| holds(p.step()));
+        let hold = pending.as_ref().is_some_and(|p| !p.overlaps || holds(p.step()));
         let stopping = stop.load(Ordering::SeqCst);
         let next = if trainer.step < total && !stopping && !hold { Some(trainer.start_step()?) } else { None };
         let Some(p) = pending.take() else {
