@@ -64,13 +64,11 @@ impl FwdKernel {
     /// The kernel `self` means for head dim `d` on a device of compute capability `cc`
     /// (`Auto` resolved); an error for Hopper's where it cannot run.
     pub fn resolve(self, cc: u32, d: usize) -> Result<FwdKernel> {
-        let hopper = cc == 90 && HOPPER_HEAD_DIMS.contains(&d);
-        match self {
-            FwdKernel::Auto if hopper && hopper::mode_for(Part::Attention) != hopper::Mode::Off => Ok(FwdKernel::Hopper),
-            FwdKernel::Auto => Ok(FwdKernel::Sync),
-            FwdKernel::Hopper if !hopper => Err(hopper_refusal("flash_attn_fwd", cc, d)),
-            k => Ok(k),
-        }
+        Ok(match (self, takes_hopper(self == FwdKernel::Auto, self == FwdKernel::Hopper, Part::Attention, "flash_attn_fwd", cc, d)?) {
+            (_, true) => FwdKernel::Hopper,
+            (FwdKernel::Auto, false) => FwdKernel::Sync,
+            (k, false) => k,
+        })
     }
 }
 
@@ -101,23 +99,27 @@ impl BwdKernel {
     /// The kernel `self` means for head dim `d` on a device of compute capability `cc`
     /// (`Auto` resolved); an error for Hopper's where it cannot run.
     pub fn resolve(self, cc: u32, d: usize) -> Result<BwdKernel> {
-        let hopper = cc == 90 && HOPPER_HEAD_DIMS.contains(&d);
-        match self {
-            BwdKernel::Auto if hopper && hopper::mode_for(Part::AttentionBackward) != hopper::Mode::Off => Ok(BwdKernel::Hopper),
-            BwdKernel::Auto => Ok(BwdKernel::Sync),
-            BwdKernel::Hopper if !hopper => Err(hopper_refusal("flash_attn_bwd", cc, d)),
-            k => Ok(k),
-        }
+        Ok(match (self, takes_hopper(self == BwdKernel::Auto, self == BwdKernel::Hopper, Part::AttentionBackward, "flash_attn_bwd", cc, d)?) {
+            (_, true) => BwdKernel::Hopper,
+            (BwdKernel::Auto, false) => BwdKernel::Sync,
+            (k, false) => k,
+        })
     }
 }
 
-/// Why a Hopper kernel cannot run at head dim `d` on compute capability `cc`.
-fn hopper_refusal(op: &str, cc: u32, d: usize) -> Error {
-    Error::InvalidArgument(format!(
-        "{op} (cuda): the Hopper kernel needs a compute capability 9.0 device and head dim {HOPPER_HEAD_DIMS:?} (this is {}.{}, head dim {d})",
-        cc / 10,
-        cc % 10
-    ))
+/// Whether a choice of kernel lands on Hopper's kernel of `part` at head dim `d` on compute
+/// capability `cc`: `auto` where that kernel applies and its part is on, `asked` (Hopper's by
+/// name) where it can run, else an error naming `op`; any other choice not.
+fn takes_hopper(auto: bool, asked: bool, part: Part, op: &str, cc: u32, d: usize) -> Result<bool> {
+    let applies = cc == 90 && HOPPER_HEAD_DIMS.contains(&d);
+    if asked && !applies {
+        return Err(Error::InvalidArgument(format!(
+            "{op} (cuda): the Hopper kernel needs a compute capability 9.0 device and head dim {HOPPER_HEAD_DIMS:?} (this is {}.{}, head dim {d})",
+            cc / 10,
+            cc % 10
+        )));
+    }
+    Ok(asked || (auto && applies && hopper::mode_for(part) != hopper::Mode::Off))
 }
 
 /// Head dims of the Hopper kernels (`flash_attn_{fwd,bwd}_sm90_*`).
