@@ -7,7 +7,8 @@
 //!   cargo bench --bench kernels                # all devices present
 //!   cargo bench --bench kernels -- rmsnorm/cpu # one group
 //!
-//! On a GPU machine without Rust, `tools/gpu-check` runs the CUDA benchmarks instead.
+//! On a GPU machine without Rust, `tools/gpu-check` runs the CUDA benchmarks instead (with
+//! PyTorch's SDPA and cuBLAS beside them).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tuna::kernels::matmul::{self, MatmulParams};
@@ -192,6 +193,75 @@ fn attention_wgpu(c: &mut Criterion) {
     }
 }
 
+/// The CUDA flash attention on issue 6's grid: T in {512, 1k, 2k, 4k, 8k}, head dims 64 and
+/// 128, causal or not, bf16, B·T = 16k tokens and H·D = 2048 (FlashAttention's benchmark
+/// setting), in FlashAttention's FLOP count (forward `4·B·T²·D·H`, halved when causal;
+/// backward 2.5× that). Rows: the forward's mma.sync kernels (`sync`, `pipelined`) and, on a
+/// compute capability 9.0 device with the Hopper kernels on, `hopper`; the backward's `sync`
+/// and `hopper`. The issue's peer, PyTorch's `scaled_dot_product_attention`, needs Python:
+/// `tools/gpu-check` times it on the same shapes in the same run.
+fn attention_cuda(c: &mut Criterion) {
+    use half::bf16;
+    use tuna::device::cuda::hopper::{self, Part};
+    use tuna::kernels::attention::{cuda, AttentionParams};
+    use tuna::kernels::lora::cuda::Half;
+    for info in Device::available() {
+        let Device::Cuda(i) = info.device else { continue };
+        let rt = tuna::device::cuda::runtime(i).unwrap();
+        let (s, md) = (&rt.stream, &rt.modules);
+        let hopper_on = |part| md.compute_capability() == 90 && hopper::mode_for(part) != hopper::Mode::Off;
+        let mut g = c.benchmark_group(format!("attention/{}", info.device));
+        g.sample_size(10).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
+        let mut rng = Rng::new(9);
+        for d in [64usize, 128] {
+            let heads = 2048 / d;
+            for t in [512usize, 1024, 2048, 4096, 8192] {
+                let batch = 16384 / t;
+                let n = batch * t * heads * d;
+                let mut up = || s.clone_htod(&rng.vec(n, -1.0, 1.0).into_iter().map(|v| bf16::from_f32(v).to_bits()).collect::<Vec<u16>>()).unwrap();
+                let (q, k, v, dout) = (up(), up(), up(), up());
+                let mut o = s.alloc_zeros::<u16>(n).unwrap();
+                let mut lse = s.alloc_zeros::<f32>(batch * heads * t).unwrap();
+                let (mut dq, mut dk, mut dv) = (s.alloc_zeros::<u16>(n).unwrap(), s.alloc_zeros::<u16>(n).unwrap(), s.alloc_zeros::<u16>(n).unwrap());
+                for causal in [false, true] {
+                    let p = AttentionParams { batch, q_len: t, kv_len: t, heads, kv_heads: heads, head_dim: d, causal, window: None, scale: 1.0 / (d as f32).sqrt() };
+                    let fwd_flops = (4 * batch * t * t * d * heads / if causal { 2 } else { 1 }) as u64;
+                    let id = format!("T{t}-D{d}-{}", if causal { "causal" } else { "full" });
+                    g.throughput(Throughput::Elements(fwd_flops));
+                    let mut fwds = vec![("forward sync", cuda::FwdKernel::Sync), ("forward pipelined", cuda::FwdKernel::Pipelined)];
+                    if hopper_on(Part::Attention) {
+                        fwds.push(("forward hopper", cuda::FwdKernel::Hopper));
+                    }
+                    for (name, kernel) in fwds {
+                        g.bench_function(BenchmarkId::new(name, &id), |bch| {
+                            bch.iter(|| {
+                                cuda::forward(kernel, s, md, Half::Bf16, &q.slice(..), &k.slice(..), &v.slice(..), None, &mut o.slice_mut(..), &mut lse.slice_mut(..), &p).unwrap();
+                                s.synchronize().unwrap();
+                            })
+                        });
+                    }
+                    // The backward reads the O and log-sum-exp of the last forward above.
+                    g.throughput(Throughput::Elements(fwd_flops * 5 / 2));
+                    let mut bwds = vec![("backward sync", cuda::BwdKernel::Sync)];
+                    if hopper_on(Part::AttentionBackward) {
+                        bwds.push(("backward hopper", cuda::BwdKernel::Hopper));
+                    }
+                    for (name, kernel) in bwds {
+                        g.bench_function(BenchmarkId::new(name, &id), |bch| {
+                            bch.iter(|| {
+                                let (qv, kv, vv, ov, dov, lv) = (q.slice(..), k.slice(..), v.slice(..), o.slice(..), dout.slice(..), lse.slice(..));
+                                cuda::backward(kernel, s, md, Half::Bf16, &qv, &kv, &vv, None, &ov, &dov, &lv, &mut dq.slice_mut(..), &mut dk.slice_mut(..), &mut dv.slice_mut(..), &p).unwrap();
+                                s.synchronize().unwrap();
+                            })
+                        });
+                    }
+                }
+            }
+        }
+        g.finish();
+    }
+}
+
 /// The LM head and the loss: `linear_cross_entropy` (logits made in chunks, dX finished in the
 /// forward) against its peer, the unfused `matmul` then `cross_entropy`, forward and backward,
 /// at a small model's hidden size and Llama 3's vocabulary. (Peak memory, which criterion does
@@ -219,5 +289,5 @@ fn linear_cross_entropy(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, rmsnorm, matmul_cpu, sparse_cpu, attention_cpu, attention_wgpu, linear_cross_entropy);
+criterion_group!(benches, rmsnorm, matmul_cpu, sparse_cpu, attention_cpu, attention_wgpu, attention_cuda, linear_cross_entropy);
 criterion_main!(benches);

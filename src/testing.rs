@@ -8,6 +8,7 @@ use crate::{ops, Result, Tape, Tensor};
 
 pub mod attention;
 pub mod cast;
+pub mod cublas;
 pub mod lora;
 pub mod token_ops;
 pub mod model;

@@ -17,24 +17,19 @@
 
 use std::sync::Arc;
 
-use cudarc::cublas::{result as blas, sys as bsys, CudaBlas};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream};
 use half::bf16;
 use serde_json::{json, Value};
 use tuna::device::cuda::CudaRuntime;
 use tuna::device::cuda::hopper::{self as sm90, Mode};
 use tuna::kernels::lora::{self, cuda::Half, LoraParams};
 use tuna::kernels::nf4::{self, cuda::Nf4Device};
-use tuna::testing::Rng;
+use tuna::testing::{cublas::Cublas, Rng};
 
 use crate::time_us;
 
 fn cuda_err(context: &str) -> impl Fn(cudarc::driver::DriverError) -> tuna::Error + '_ {
     move |e| tuna::Error::Cuda { context: context.into(), message: format!("{e:?}") }
-}
-
-fn blas_err(e: cudarc::cublas::result::CublasError) -> tuna::Error {
-    tuna::Error::Cuda { context: "cublasGemmEx".into(), message: format!("{e:?}") }
 }
 
 /// Random bf16 values in [-1, 1) (scaled by `s`), as the raw u16 the kernels take.
@@ -43,55 +38,12 @@ fn upload(s: &Arc<CudaStream>, rng: &mut Rng, n: usize, scale: f32) -> tuna::Res
     s.clone_htod(&host).map_err(cuda_err("upload"))
 }
 
-/// Row-major `C[m, n] (= or +=) alpha·A[m, k]·op(B)` in bf16 with f32 compute: B is `[n, k]`
-/// read transposed (`b_nk`, the forward's `X·Wᵀ`) or `[k, n]` read along its rows (dX = dY·W).
-/// cuBLAS is column-major, so this is `Cᵀ = op(B)ᵀ·Aᵀ`.
-#[allow(clippy::too_many_arguments)]
-fn gemm(blas: &CudaBlas, s: &Arc<CudaStream>, a: &CudaSlice<u16>, b: &CudaSlice<u16>, c: &mut CudaSlice<u16>, (m, n, k): (usize, usize, usize), b_nk: bool, alpha: f32, beta: f32) -> tuna::Result<()> {
-    let (ap, _ga) = a.device_ptr(s);
-    let (bp, _gb) = b.device_ptr(s);
-    let (cp, _gc) = c.device_ptr_mut(s);
-    let i = |v: usize| v as i32;
-    let (op_b, ldb) = if b_nk { (bsys::cublasOperation_t::CUBLAS_OP_T, k) } else { (bsys::cublasOperation_t::CUBLAS_OP_N, n) };
-    // SAFETY: the pointers address buffers of at least m·k, n·k and m·n bf16 elements (checked
-    // by the caller's allocation sizes) on the stream the handle uses; alpha and beta are f32
-    // as CUBLAS_COMPUTE_32F requires.
-    unsafe {
-        blas::gemm_ex(
-            *blas.handle(),
-            op_b,
-            bsys::cublasOperation_t::CUBLAS_OP_N,
-            i(n),
-            i(m),
-            i(k),
-            (&alpha) as *const f32 as *const _,
-            bp as *const _,
-            bsys::cudaDataType::CUDA_R_16BF,
-            i(ldb),
-            ap as *const _,
-            bsys::cudaDataType::CUDA_R_16BF,
-            i(k),
-            (&beta) as *const f32 as *const _,
-            cp as *mut _,
-            bsys::cudaDataType::CUDA_R_16BF,
-            i(n),
-            bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
-        .map_err(blas_err)
-    }
-}
-
 pub fn lora_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
     const K: usize = 4096;
     const R: usize = 16;
     let s = &rt.stream;
     let md = &rt.modules;
-    // SAFETY: only probes whether the library loads.
-    if !unsafe { bsys::is_culib_present() } {
-        return Err(tuna::Error::InvalidArgument("libcublas was not found: no cuBLAS peer (run.sh puts a pip or CUDA_HOME copy on LD_LIBRARY_PATH)".into()));
-    }
-    let blas = CudaBlas::new(s.clone()).map_err(blas_err)?;
+    let blas = Cublas::new(s)?;
     let scale = 2.0; // alpha 32 / r 16
     let mut rows_out = Vec::new();
     let mut rng = Rng::new(5);
@@ -109,11 +61,11 @@ pub fn lora_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
             let p = LoraParams { m, n, k: K, r: R, scale };
             let base_flops = (2 * m * n * K) as f64;
             let lora_flops = base_flops + (2 * m * R * (K + n)) as f64;
-            let base = time_us(rt, || gemm(&blas, s, &x, &w, &mut y, (m, n, K), true, 1.0, 0.0))?;
+            let base = time_us(rt, || blas.gemm_bf16(&x, &w, &mut y, (m, n, K), true, 1.0, 0.0))?;
             let unfused = time_us(rt, || {
-                gemm(&blas, s, &x, &w, &mut y, (m, n, K), true, 1.0, 0.0)?;
-                gemm(&blas, s, &x, &a, &mut xa, (m, R, K), true, 1.0, 0.0)?;
-                gemm(&blas, s, &xa, &b, &mut y, (m, n, R), true, scale, 1.0)
+                blas.gemm_bf16(&x, &w, &mut y, (m, n, K), true, 1.0, 0.0)?;
+                blas.gemm_bf16(&x, &a, &mut xa, (m, R, K), true, 1.0, 0.0)?;
+                blas.gemm_bf16(&xa, &b, &mut y, (m, n, R), true, scale, 1.0)
             })?;
             let fused = time_us(rt, || {
                 let (xv, wv, av, bv) = (x.slice(..), w.slice(..), a.slice(..), b.slice(..));
@@ -135,7 +87,7 @@ pub fn lora_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
                 // Hopper's path off, the kernel the path replaces.
                 let dy = upload(s, &mut rng, m * n, 1.0)?;
                 let mut dx = s.alloc_zeros::<u16>(m * K).map_err(cuda_err("alloc"))?;
-                let blas_dx = time_us(rt, || gemm(&blas, s, &dy, &w, &mut dx, (m, K, n), false, 1.0, 0.0))?;
+                let blas_dx = time_us(rt, || blas.gemm_bf16(&dy, &w, &mut dx, (m, K, n), false, 1.0, 0.0))?;
                 rows.push(("cublas dX", blas_dx, base_flops));
                 // The mode the run chose (the GEMM path off after a failed smoke test), then, on
                 // an H100 with the path on, Off for the mma.sync rows.
