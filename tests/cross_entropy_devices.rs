@@ -183,11 +183,12 @@ proptest! {
 }
 
 #[test]
-fn linear_cross_entropy_in_f16_trains_x_on_wgpu() {
+fn linear_cross_entropy_in_f16_trains_x_and_w_on_wgpu() {
     // x and W in f16 (the values exact in f16): the logits are f32 (f16 operands, f32 sums),
-    // dz f32, and dx = dy·dz·W from the f32 dz against the f16 W (the GEMM's f32 × f16 → f32
-    // variant), rounded to f16 once at the end. Against the f64 reference of the same values:
-    // the loss to f32 accuracy, dx to one f16 rounding of its largest element.
+    // dz f32, dx = dy·dz·W from the f32 dz against the f16 W and dW = dy·dzᵀ·x from the f32
+    // dzᵀ against the f16 x (the GEMM's f32 × f16 → f32 variant), each rounded to f16 once at
+    // the end. Against the f64 reference of the same values: the loss to f32 accuracy, dx and
+    // dW to one f16 rounding of their largest element.
     let e = |e: tuna::Error| e.to_string();
     for dev in common::devices().into_iter().filter(|&d| common::has_f16(d)) {
         for (i, &(m, h, v, chunk)) in [(5, 8, 33, None), (37, 24, 300, Some(16)), (70, 64, 1000, Some(64))].iter().enumerate() {
@@ -200,18 +201,24 @@ fn linear_cross_entropy_in_f16_trains_x_on_wgpu() {
                 let z64 = matmul64(&x64, &w64, MatmulParams { m, n: v, k: h, trans_a: false, trans_b: true });
                 let tape = Tape::new();
                 let xt = tape.param(&Tensor::from_slice(&x, [m, h], &dev).and_then(|t| t.to_dtype(tuna::DType::F16)).map_err(e)?);
-                let wt = Tensor::from_slice(&w, [v, h], &dev).and_then(|t| t.to_dtype(tuna::DType::F16)).map_err(e)?;
+                let wt = tape.param(&Tensor::from_slice(&w, [v, h], &dev).and_then(|t| t.to_dtype(tuna::DType::F16)).map_err(e)?);
                 let targets = Tensor::from_vec_i32(t.clone(), [m]).map_err(e)?;
                 let loss = ops::linear_cross_entropy(&xt, &wt, &targets, IGNORE, chunk).map_err(e)?;
                 compare("loss", &[loss.to_scalar().map_err(e)?], &[reference::cross_entropy(&z64, &t, v, IGNORE)], Tolerance { atol: 1e-6, rtol: 1e-5 })?;
                 let grads = tape.backward(&ops::scale(&loss, 0.75).map_err(e)?).map_err(e)?;
-                let dx = grads.get(&xt).ok_or("no gradient for x")?;
-                if dx.dtype() != tuna::DType::F16 {
-                    return Err(format!("dx is {}, not f16", dx.dtype()));
+                let dz64 = reference_grad(&z64, &t, v);
+                let want_dx = matmul64(&dz64, &w64, MatmulParams { m, n: h, k: v, trans_a: false, trans_b: false });
+                let want_dw = matmul64(&dz64, &x64, MatmulParams { m: v, n: h, k: m, trans_a: true, trans_b: false });
+                for (name, param, want) in [("dx", &xt, want_dx), ("dW", &wt, want_dw)] {
+                    let got = grads.get(param).ok_or(format!("no {name}"))?;
+                    if got.dtype() != tuna::DType::F16 {
+                        return Err(format!("{name} is {}, not f16", got.dtype()));
+                    }
+                    let want: Vec<f64> = want.iter().map(|g| 0.75 * g).collect();
+                    let big = want.iter().fold(0.0f64, |a, g| a.max(g.abs()));
+                    compare(name, &got.to_vec_f32().map_err(e)?, &want, Tolerance { atol: big * 2f64.powi(-11) + 1e-7, rtol: 0.0 })?;
                 }
-                let want: Vec<f64> = matmul64(&reference_grad(&z64, &t, v), &w64, MatmulParams { m, n: h, k: v, trans_a: false, trans_b: false }).iter().map(|g| 0.75 * g).collect();
-                let big = want.iter().fold(0.0f64, |a, g| a.max(g.abs()));
-                compare("dx", &dx.to_vec_f32().map_err(e)?, &want, Tolerance { atol: big * 2f64.powi(-11) + 1e-7, rtol: 0.0 })
+                Ok(())
             };
             run().unwrap_or_else(|err| panic!("[{m}, {h}] x [{v}, {h}] chunk {chunk:?} on {dev}: {err}"));
         }

@@ -121,9 +121,9 @@ pub struct FinetuneArgs {
     /// activation memory for about one more forward per step; the same gradients.
     #[arg(long)]
     checkpoint_layers: bool,
-    /// Train in f16 on wgpu: activations and frozen weights in f16 (f32 math inside the kernels),
-    /// f32 LoRA adapters or sparse deltas, dynamic loss scaling. LoRA, QLoRA and sparse; needs
-    /// SHADER_F16.
+    /// Train in f16 on wgpu: activations and weights in f16 (f32 math inside the kernels), f32
+    /// LoRA adapters, sparse deltas or master weights (full and head fine-tuning: the model
+    /// reads f16 copies made after each step), dynamic loss scaling. Needs SHADER_F16.
     #[arg(long)]
     f16: bool,
     /// Clip the global gradient norm (0: off).

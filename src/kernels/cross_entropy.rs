@@ -353,7 +353,7 @@ pub mod wgsl {
 
     /// Fused linear cross-entropy on the device (see the module docs): `loss[0]` and, where
     /// given, `dx = dz·W` `[M, H]` and `dw = dzᵀ·x` `[V, H]` for `dy = 1`, all f32 (with
-    /// `precision` f16, x and W are f16; dw is then refused). x `[M, H]`, W
+    /// `precision` f16, x and W are f16, and dx and dw still f32). x `[M, H]`, W
     /// `[V, H]`, targets `[M]` (in range; the caller counted the `count` rows that are not
     /// ignored when it checked them on the host). One submission per chunk of rows: the
     /// chunk's logits by the GEMM, its rows' log-sum-exp, their gradient, then the two
@@ -378,11 +378,8 @@ pub mod wgsl {
         let c = p.chunk_rows.clamp(1, m.max(1));
         let es = precision.bytes();
         if precision == Precision::F16 {
-            // The f32 logits of f16 x and W; dx (f32) from the f32 dz against the f16 W. A
-            // trained head (dW) in f16 is not wired.
-            if dw.is_some() {
-                return Err(Error::InvalidArgument(format!("{OP}: the head's gradient in f16 is not wired yet (train it in f32)")));
-            }
+            // The f32 logits of f16 x and W; dx (f32) from the f32 dz against the f16 W, and
+            // dW (f32) from the f32 dzᵀ against the f16 x.
             if h % 2 == 1 {
                 return Err(Error::InvalidArgument(format!("{OP}: f16 rows of odd width {h} cannot be copied in whole words")));
             }
@@ -446,7 +443,8 @@ pub mod wgsl {
                 if let Some(dw) = dw {
                     // The first chunk writes dW, the others add to it.
                     let flags = if i == 0 { 0 } else { FLAG_ACCUMULATE };
-                    product_flags(dev, kernels, &mut enc, (dz, transposed(v)), (xb, plain(h)), dw, (v, h, cm), 1.0, Types::F32, flags)?;
+                    let types = if precision == Precision::F16 { Types::F32F16ToF32 } else { Types::F32 };
+                    product_flags(dev, kernels, &mut enc, (dz, transposed(v)), (xb, plain(h)), dw, (v, h, cm), 1.0, types, flags)?;
                 }
             }
             rt.queue.submit([enc.finish()]);

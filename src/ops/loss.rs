@@ -106,10 +106,7 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
             (Tensor::from_vec(vec![loss], Vec::new())?, dx, dw)
         }
         Device::Wgpu(_) if w.dtype() == dt => {
-            if dt == DType::F16 {
-                // dx is made in f32 (and converted to f16 in the backward); dW is not.
-                crate::ops::gpu::forward_only("linear_cross_entropy in f16 (the head's gradient)", &[w])?;
-            }
+            // In f16, dx and dW are made in f32 and converted to f16 in the backward.
             let (tv, targets) = host_and_device(targets, x.device())?;
             ce::check_targets(&tv, v, ignore_index)?;
             let count = tv.iter().filter(|&&t| t != ignore_index).count();
@@ -149,8 +146,8 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),
     };
-    // dx comes in x's dtype (on wgpu in f16 it was made in f32, so the scaling by dy, which may
-    // carry a loss scale, happens before the rounding to f16).
+    // dx and dW come in x's and w's dtypes (on wgpu in f16 they were made in f32, so the
+    // scaling by dy, which may carry a loss scale, happens before the rounding to f16).
     let (x_dtype, w_dtype) = (x.dtype(), w.dtype());
     record(OP, loss, &[x, w, targets], move |g, _| {
         Ok(vec![dx.map(|d| times(&d, g)?.to_dtype(x_dtype)).transpose()?, dw.map(|d| times(&d, g)?.to_dtype(w_dtype)).transpose()?, None])

@@ -108,7 +108,8 @@ pub(crate) enum DeviceOptimizer {
 
 impl DeviceOptimizer {
     /// Uploads the masters and the optimizer state (AdamW or SM3) to `dev`; the model reads the
-    /// parameters in `param_dtype` (f32 masters, or on CUDA bf16 copies of them). A sparse
+    /// parameters in `param_dtype` (f32 masters, or 16-bit copies of them: bf16 on CUDA, f16 on
+    /// wgpu, rewritten from the masters after each step). A sparse
     /// layout (sparse fine-tuning's deltas, f32) keeps its active indices: SM3 runs its sparse
     /// kernel on their device copy, the one the model's sparse linears use (AdamW is
     /// elementwise, the same for both layouts).
@@ -127,8 +128,8 @@ impl DeviceOptimizer {
         let dims: Vec<(usize, usize)> = layouts.iter().map(Layout::matrix).collect();
         match dev {
             Device::Cuda(i) => Ok(DeviceOptimizer::Cuda(super::device_cuda::CudaOptimizer::new(masters, shapes, &dims, indices, host, i, param_dtype)?)),
-            _ if param_dtype != DType::F32 => Err(Error::UnsupportedDType { op: "device optimizer (wgpu): trained parameters", dtype: param_dtype }),
-            _ => Ok(DeviceOptimizer::Wgpu(WgpuOptimizer::new(masters, shapes, &dims, indices, host, dev)?)),
+            _ if !matches!(param_dtype, DType::F32 | DType::F16) => Err(Error::UnsupportedDType { op: "device optimizer (wgpu): trained parameters", dtype: param_dtype }),
+            _ => Ok(DeviceOptimizer::Wgpu(WgpuOptimizer::new(masters, shapes, &dims, indices, host, dev, param_dtype)?)),
         }
     }
 
@@ -184,8 +185,12 @@ impl PendingSumSq {
 
 /// The wgpu state: masters and optimizer state in buffers the kernels update in place.
 pub(crate) struct WgpuOptimizer {
-    /// The masters, one tensor per trained tensor; the kernels update their buffers in place.
+    /// What the model reads, one tensor per trained tensor: the masters themselves (f32), or
+    /// their f16 copies (an f16 model's trained base weights), made anew after each step.
     pub params: Vec<Tensor>,
+    /// The f32 masters; the kernels update their buffers in place.
+    masters: Vec<Tensor>,
+    param_dtype: DType,
     /// The active indices of each sparse tensor, None for a dense one.
     indices: Vec<Option<Arc<SparseIndices>>>,
     state: State<Tensor>,
@@ -195,30 +200,33 @@ pub(crate) struct WgpuOptimizer {
 impl WgpuOptimizer {
     /// Uploads the masters and the optimizer state. `dims` gives each tensor's `[rows, cols]`
     /// matrix for SM3, `indices` the active entries of the sparse ones.
-    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], indices: Vec<Option<Arc<SparseIndices>>>, host: &HostOptState, dev: Device) -> Result<Self> {
-        let params = masters.iter().zip(shapes).map(|(m, s)| Tensor::from_vec(m.clone(), s.clone())?.to_device(&dev)).collect::<Result<Vec<_>>>()?;
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], indices: Vec<Option<Arc<SparseIndices>>>, host: &HostOptState, dev: Device, param_dtype: DType) -> Result<Self> {
+        let masters_dev = masters.iter().zip(shapes).map(|(m, s)| Tensor::from_vec(m.clone(), s.clone())?.to_device(&dev)).collect::<Result<Vec<_>>>()?;
+        let params = copies(&masters_dev, param_dtype)?;
         // The state's tensors are flat: the kernels see buffers.
         let sizes: Vec<usize> = masters.iter().map(Vec::len).collect();
         let up = |v: &[f32]| Tensor::from_vec(v.to_vec(), [v.len()])?.to_device(&dev);
         let state = State::upload(host, &sizes, dims, up, |n| Tensor::zeros([n], DType::F32, &dev))?;
         let sum_sq = Tensor::zeros([1], DType::F32, &dev)?;
-        Ok(WgpuOptimizer { params, indices, state, sum_sq })
+        Ok(WgpuOptimizer { params, masters: masters_dev, param_dtype, indices, state, sum_sq })
     }
 
     /// One step over every tensor with its device gradient, clipped to a global norm of
     /// `max_norm` (0: no clipping). Returns the gradients' sum of squares, on its way to the
     /// host (read behind the step, before the next step's reduction overwrites it).
     pub fn step(&mut self, grads: &[Tensor], p: StepParams, max_norm: f32) -> Result<PendingSumSq> {
-        if grads.len() != self.params.len() {
-            return Err(Error::InvalidArgument(format!("device optimizer: {} gradients for {} tensors", grads.len(), self.params.len())));
+        if grads.len() != self.masters.len() {
+            return Err(Error::InvalidArgument(format!("device optimizer: {} gradients for {} tensors", grads.len(), self.masters.len())));
         }
+        let grads = &f32_grads(grads)?;
         self.dispatch_sum_squares(grads)?;
         let (rt, ss) = wgpu_buf(&self.sum_sq);
         let clip = DeviceClip { sum_sq: ss, max_norm };
         let clip = (max_norm > 0.0).then_some(&clip);
         let (d, q, k) = (&rt.device, &rt.queue, &rt.kernels);
         for (i, g) in grads.iter().enumerate() {
-            let (w, gb) = (wgpu_buf(&self.params[i]).1, wgpu_buf(g).1);
+            let (w, gb) = (wgpu_buf(&self.masters[i]).1, wgpu_buf(g).1);
             match (&mut self.state, &p) {
                 (State::AdamW { m, v }, StepParams::AdamW(p)) => adamw(d, q, k, w, gb, wgpu_buf(&m[i]).1, wgpu_buf(&v[i]).1, g.elem_count(), *p, clip)?,
                 (State::Sm3 { dims, r, c, r_next, c_next, momentum }, StepParams::Sm3(p)) => {
@@ -226,7 +234,7 @@ impl WgpuOptimizer {
                     let mom = momentum.as_ref().map(|ms| wgpu_buf(&ms[i]).1);
                     if let Some(idx) = &self.indices[i] {
                         // r and c are updated in place by the sparse kernel.
-                        let DeviceIndices::Wgpu(ib) = &*idx.on_device_of(&self.params[i])? else { unreachable!("a wgpu tensor's indices are on wgpu") };
+                        let DeviceIndices::Wgpu(ib) = &*idx.on_device_of(&self.masters[i])? else { unreachable!("a wgpu tensor's indices are on wgpu") };
                         sm3_sparse(d, q, k, ib.buffer(), idx.len(), w, gb, wgpu_buf(&r[i]).1, wgpu_buf(&c[i]).1, mom, rows, cols, *p, clip)?;
                     } else {
                         sm3(d, q, k, w, gb, wgpu_buf(&r[i]).1, wgpu_buf(&c[i]).1, wgpu_buf(&r_next[i]).1, wgpu_buf(&c_next[i]).1, mom, rows, cols, *p, clip)?;
@@ -236,6 +244,9 @@ impl WgpuOptimizer {
                 }
                 _ => return Err(Error::InvalidArgument("device optimizer: step parameters of another optimizer".into())),
             }
+        }
+        if self.param_dtype != DType::F32 {
+            self.params = copies(&self.masters, self.param_dtype)?;
         }
         Ok(PendingSumSq::F32(self.sum_sq.read_later()?))
     }
@@ -248,15 +259,26 @@ impl WgpuOptimizer {
 
     /// The gradients' sum of squares, read back.
     pub fn sum_squares(&mut self, grads: &[Tensor]) -> Result<f64> {
-        self.dispatch_sum_squares(grads)?;
+        self.dispatch_sum_squares(&f32_grads(grads)?)?;
         Ok(self.sum_sq.to_scalar()? as f64)
     }
 
     /// The masters and the optimizer state, copied to the host.
     pub fn download(&self) -> Result<(Vec<Vec<f32>>, HostOptState)> {
-        let masters: Vec<Vec<f32>> = self.params.iter().map(|t| t.to_vec_f32()).collect::<Result<_>>()?;
+        let masters: Vec<Vec<f32>> = self.masters.iter().map(|t| t.to_vec_f32()).collect::<Result<_>>()?;
         let sizes: Vec<usize> = masters.iter().map(Vec::len).collect();
         let state = self.state.download(&sizes, |t, _| t.to_vec_f32())?;
         Ok((masters, state))
     }
+}
+
+/// What the model reads of `masters`: the same tensors in f32, else copies in `dtype`.
+fn copies(masters: &[Tensor], dtype: DType) -> Result<Vec<Tensor>> {
+    masters.iter().map(|m| if dtype == DType::F32 { Ok(m.clone()) } else { m.to_dtype(dtype) }).collect()
+}
+
+/// The gradients in f32, as the optimizer kernels read them (an f16 model's trained base
+/// weights get f16 gradients; an overflow stays infinite, so a loss-scaled step still sees it).
+fn f32_grads(grads: &[Tensor]) -> Result<Vec<Tensor>> {
+    grads.iter().map(|g| if g.dtype() == DType::F32 { Ok(g.clone()) } else { g.to_dtype(DType::F32) }).collect()
 }

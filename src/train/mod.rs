@@ -239,8 +239,12 @@ impl Trainer {
         if config.batch_size == 0 || config.grad_accum == 0 {
             return Err(Error::InvalidArgument("batch size and gradient accumulation must be at least 1".into()));
         }
-        if model.embed.dtype() == crate::DType::F16 && !matches!(config.method, Method::Lora(_) | Method::Qlora(_) | Method::Sparse(_)) {
-            return Err(Error::InvalidArgument(format!("{} fine-tuning in f16 is not wired: LoRA, QLoRA and sparse fine-tuning train an f16 model (f32 adapters or deltas); load in f32 for the others", config.method.name())));
+        // Trained base weights in f16 (full and head fine-tuning) take f32 masters that the
+        // optimizer copies back to f16 after each step: the wgpu optimizer does; the CUDA one
+        // writes bf16, the model's type there.
+        let on_wgpu = matches!(model.device(), crate::Device::Wgpu(_));
+        if model.embed.dtype() == crate::DType::F16 && matches!(config.method, Method::Full | Method::Head) && !on_wgpu {
+            return Err(Error::InvalidArgument(format!("{} fine-tuning of an f16 model runs on wgpu (and in bf16 on CUDA), not on {}", config.method.name(), model.device())));
         }
         match &config.method {
             Method::Lora(l) => model.add_lora(l, config.seed)?,
