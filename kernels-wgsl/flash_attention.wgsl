@@ -65,16 +65,17 @@ fn kv_index(b: u32, j: u32, g: u32) -> u32 {
     return ((b * p.kv_len + j) * p.kv_heads + g) * p.head_dim;
 }
 
-// The visible keys [lo, hi) of query t of row b.
+// The visible keys [lo, hi) of query t of row b. The query sits at position S - T + t, which
+// is negative for the first queries when T > S (allowed without causal), so signed.
 fn visible(b: u32, t: u32) -> vec2<u32> {
-    let pos = p.kv_len - p.q_len + t;
+    let end = i32(p.kv_len) - i32(p.q_len) + i32(t) + 1; // one past the query's position
     var hi = p.kv_len;
     if ((p.flags & 1u) != 0u) {
-        hi = min(pos + 1u, p.kv_len);
+        hi = u32(clamp(end, 0, i32(p.kv_len)));
     }
     var lo = 0u;
-    if ((p.flags & 2u) != 0u) {
-        lo = pos + 1u - min(p.window, pos + 1u);
+    if ((p.flags & 2u) != 0u && end > 0 && u32(end) > p.window) {
+        lo = min(u32(end) - p.window, p.kv_len);
     }
     if ((p.flags & 4u) != 0u) {
         lo = max(lo, starts[b * p.q_len + t]);

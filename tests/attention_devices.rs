@@ -132,6 +132,10 @@ fn flash_attention_wgsl_matches_reference() {
         Case { p: params(2, 70, 70, 2, 1, 8, true, None), packed: true, seed: 5 },
         Case { p: params(1, 9, 9, 1, 1, 128, true, None), packed: false, seed: 6 },
         Case { p: params(1, 12, 12, 2, 2, 64, false, None), packed: false, seed: 7 },
+        // T > S without causal: the first queries sit before key 0, so a window still sees
+        // every key from them (each key is less than W positions behind) and fewer later.
+        Case { p: params(1, 40, 25, 2, 1, 8, false, Some(10)), packed: false, seed: 8 },
+        Case { p: params(2, 30, 7, 2, 2, 8, false, None), packed: false, seed: 9 },
     ];
     for i in wgpu_devices() {
         for c in &cases {

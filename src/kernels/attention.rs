@@ -39,11 +39,15 @@ pub struct AttentionParams {
 
 impl AttentionParams {
     /// The visible key range `[lo, hi)` of query t of row b.
+    /// Query t sits at position `S - T + t`, which is negative for the first queries when
+    /// T > S (allowed without `causal`): a window then ends before key 0 for them.
     pub fn visible(&self, b: usize, t: usize, starts: Option<&[u32]>) -> (usize, usize) {
-        let pos = self.kv_len - self.q_len + t;
-        let hi = if self.causal { (pos + 1).min(self.kv_len) } else { self.kv_len };
+        // One past the query's position, in [0, S] once clamped.
+        let end = self.kv_len as i64 - self.q_len as i64 + t as i64 + 1;
+        let clamp = |v: i64| v.clamp(0, self.kv_len as i64) as usize;
+        let hi = if self.causal { clamp(end) } else { self.kv_len };
         let mut lo = match self.window {
-            Some(w) => (pos + 1).saturating_sub(w),
+            Some(w) => clamp(end - w as i64),
             None => 0,
         };
         if let Some(s) = starts {
