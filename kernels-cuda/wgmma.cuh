@@ -53,8 +53,9 @@ template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wg
     "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"  \
     "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}"
 
-// Keeps the compiler from moving reads or writes of N accumulators across this point (they are
-// plain registers to it; the wgmma asm statements only clobber memory).
+// Keeps the compiler from moving reads or writes of N accumulators across this point: to it they
+// are plain registers, which a wgmma asm statement names as operands only where it issues, not
+// where the hardware finishes writing them (at the wait).
 template <int N> __device__ __forceinline__ void wgmma_operand_fence(float* d);
 template <> __device__ __forceinline__ void wgmma_operand_fence<32>(float* d) { asm volatile("" : ACC32(0)::"memory"); }
 template <> __device__ __forceinline__ void wgmma_operand_fence<64>(float* d) { asm volatile("" : ACC32(0), ACC32(32)::"memory"); }
