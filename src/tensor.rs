@@ -186,6 +186,7 @@ impl Tensor {
             }
             Device::Wgpu(i) => {
                 let rt = wg::runtime(i)?;
+                rt.check_tensor_bytes(bytes.len(), &format!("a {dtype} tensor of shape {shape}"))?;
                 let buf = rt.upload(bytes);
                 Storage::Wgpu { rt, buf }
             }
@@ -209,6 +210,7 @@ impl Tensor {
             }
             Device::Wgpu(i) => {
                 let rt = wg::runtime(i)?;
+                rt.check_tensor_bytes(bytes, &format!("a {dtype} tensor of shape {shape}"))?;
                 let buf = rt.alloc_zeros(bytes);
                 Storage::Wgpu { rt, buf }
             }

@@ -198,6 +198,12 @@ pub struct WgpuRuntime {
     pub queue: wgpu::Queue,
     pub kernels: KernelCache,
     pool: Arc<Pool>,
+    /// The most bytes one storage binding may span on this device (the adapter's
+    /// `max_storage_buffer_binding_size`: 128 MiB on lavapipe, up to 4 GiB on desktop GPUs).
+    max_binding: u64,
+    /// The first validation error the device reported since the last check (a launch wgpu
+    /// refused); reads and synchronizations return it instead of values computed without it.
+    errors: Arc<Mutex<Option<String>>>,
 }
 
 impl WgpuRuntime {
@@ -226,7 +232,41 @@ impl WgpuRuntime {
         };
         let (device, queue) = pollster::block_on(adapter.request_device(&desc))
             .map_err(|e| Error::DeviceUnavailable { device: Device::Wgpu(index), reason: e.to_string() })?;
-        Ok(WgpuRuntime { index, adapter, device, queue, kernels: KernelCache::new(), pool: Arc::default() })
+        // wgpu's default handler panics on a validation error; record it instead, so the next
+        // read or synchronization returns it as an error.
+        let errors: Arc<Mutex<Option<String>>> = Arc::default();
+        let slot = errors.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let mut first = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if first.is_none() {
+                *first = Some(e.to_string());
+            }
+        }));
+        let max_binding = device.limits().max_storage_buffer_binding_size;
+        Ok(WgpuRuntime { index, adapter, device, queue, kernels: KernelCache::new(), pool: Arc::default(), max_binding, errors })
+    }
+
+    /// The device's first validation error since the last call, as an error naming `context`.
+    fn take_error(&self, context: &str) -> Result<()> {
+        take_error(self.index, &self.errors, context)
+    }
+
+    /// The most bytes one tensor may take here: every kernel binds a tensor's buffer whole.
+    pub fn max_tensor_bytes(&self) -> u64 {
+        self.max_binding
+    }
+
+    /// An error naming `what` when a tensor of `bytes` bytes cannot be bound by a kernel here.
+    pub fn check_tensor_bytes(&self, bytes: usize, what: &str) -> Result<()> {
+        if bytes as u64 > self.max_binding {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: {bytes} bytes in one tensor, but wgpu:{} ({}) binds at most {} bytes per buffer (max_storage_buffer_binding_size); use a smaller model, f16 (--f16), or another device",
+                self.index,
+                self.adapter.get_info().name,
+                self.max_binding
+            )));
+        }
+        Ok(())
     }
 
     pub fn has_f16(&self) -> bool {
@@ -235,7 +275,7 @@ impl WgpuRuntime {
 
     /// A storage buffer of at least `bytes` bytes (contents unspecified), from the pool.
     pub fn alloc(&self, bytes: usize) -> PooledBuffer {
-        let class = (bytes.max(256) as u64).next_power_of_two();
+        let class = size_class(bytes, self.max_binding);
         let reused = self.pool.free.lock().expect("pool poisoned").get_mut(&class).and_then(|v| v.pop());
         Pool::add(&self.pool.live, &self.pool.peak_live, class);
         let buffer = reused.unwrap_or_else(|| {
@@ -288,12 +328,16 @@ impl WgpuRuntime {
 
     /// Copies the first `bytes` bytes of a buffer back to the host (waits for the queue).
     pub fn download(&self, buf: &wgpu::Buffer, bytes: usize) -> Result<Vec<u8>> {
-        download(&self.device, &self.queue, buf, bytes)
+        let out = download(&self.device, &self.queue, buf, bytes)?;
+        self.take_error("a read")?;
+        Ok(out)
     }
 
     /// Starts copying the first `bytes` bytes of `buf` to the host ([`read_later`]).
     pub fn read_later(&self, buf: &wgpu::Buffer, bytes: usize) -> Result<PendingRead> {
-        read_later(&self.device, &self.queue, buf, bytes)
+        let mut p = read_later(&self.device, &self.queue, buf, bytes)?;
+        p.errors = Some((self.index, self.errors.clone()));
+        Ok(p)
     }
 
     /// A uniform buffer holding `params`.
@@ -302,10 +346,47 @@ impl WgpuRuntime {
     }
 
     pub fn synchronize(&self) -> Result<()> {
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map(|_| ())
-            .map_err(|e| Error::wgpu("device poll", e))
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::wgpu("device poll", e))?;
+        self.take_error("a synchronization")
+    }
+}
+
+/// The pool's size class for `bytes`: the next power of two (at least 256), except where that
+/// would exceed what one binding may span while `bytes` does not (NVIDIA's Vulkan driver allows
+/// 2^32 - 1): then `bytes` in 256-byte steps, so the buffer stays bindable.
+fn size_class(bytes: usize, max_binding: u64) -> u64 {
+    let class = (bytes.max(256) as u64).next_power_of_two();
+    if class > max_binding && bytes as u64 <= max_binding {
+        (bytes as u64).next_multiple_of(256).min(max_binding)
+    } else {
+        class
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+
+    #[test]
+    fn size_classes_stay_bindable() {
+        assert_eq!(size_class(0, 1 << 27), 256);
+        assert_eq!(size_class(1000, 1 << 27), 1024);
+        assert_eq!(size_class(1 << 27, 1 << 27), 1 << 27);
+        // Past half of a limit that is no power of two: the exact size, not 4 GiB.
+        let nvidia = u32::MAX as u64;
+        assert_eq!(size_class(3_000_000_001, nvidia), 3_000_000_256);
+        assert_eq!(size_class(u32::MAX as usize, nvidia), nvidia);
+        assert_eq!(size_class(1 << 30, nvidia), 1 << 30);
+        // A tensor over the limit keeps its class (the upload refuses it first).
+        assert_eq!(size_class((1 << 27) + 1, 1 << 27), 1 << 28);
+    }
+}
+
+/// Takes the first validation error recorded for device `index` (see `WgpuRuntime::errors`).
+fn take_error(index: usize, errors: &Mutex<Option<String>>, context: &str) -> Result<()> {
+    match errors.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some(e) => Err(Error::wgpu(format!("wgpu:{index} refused earlier work ({context} reports it)"), e)),
+        None => Ok(()),
     }
 }
 
@@ -350,7 +431,7 @@ pub fn read_later(device: &wgpu::Device, queue: &wgpu::Queue, buf: &wgpu::Buffer
     staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
         let _ = tx.send(r);
     });
-    Ok(PendingRead { device: device.clone(), staging, bytes, submission, mapped })
+    Ok(PendingRead { device: device.clone(), staging, bytes, submission, mapped, errors: None })
 }
 
 /// A copy to the host submitted by [`read_later`].
@@ -360,6 +441,8 @@ pub struct PendingRead {
     bytes: usize,
     submission: wgpu::SubmissionIndex,
     mapped: std::sync::mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
+    /// The runtime's record of refused work (set when the runtime started the read).
+    errors: Option<(usize, Arc<Mutex<Option<String>>>)>,
 }
 
 impl PendingRead {
@@ -376,6 +459,9 @@ impl PendingRead {
         let out = view[..self.bytes].to_vec();
         drop(view);
         self.staging.unmap();
+        if let Some((index, errors)) = &self.errors {
+            take_error(*index, errors, "a read")?;
+        }
         Ok(out)
     }
 }

@@ -485,6 +485,15 @@ impl Llama {
     /// its forward and backward then run (NF4 weights move as their quantized parts). On CUDA
     /// the kernels are 16-bit: follow with `to_dtype(DType::BF16)` (sparse deltas stay f32).
     pub fn to_device(&self, device: &Device) -> Result<Llama> {
+        // A wgpu kernel binds each tensor whole: refuse a weight too large for that before
+        // uploading any.
+        if let Device::Wgpu(i) = device {
+            let rt = crate::device::wgpu::runtime(*i)?;
+            for (name, t) in self.parameters() {
+                let bytes = if t.dtype() == DType::NF4 { t.elem_count().div_ceil(2) } else { t.elem_count() * t.dtype().size_in_bytes() };
+                rt.check_tensor_bytes(bytes, &format!("moving the model to {device}: `{name}` ({} {})", t.dtype(), t.shape()))?;
+            }
+        }
         let mut m = self.clone();
         m.map_parameters(|_, t| t.to_device(device))?;
         m.map_lora(|_, t| t.to_device(device))?;
