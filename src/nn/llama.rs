@@ -43,15 +43,20 @@ impl Linear {
 
     /// `dropout_seed` switches the LoRA dropout on (training); `None` is evaluation.
     pub fn forward(&self, x: &Tensor, dropout_seed: Option<u64>) -> Result<Tensor> {
+        self.forward_remade(x, dropout_seed, None)
+    }
+
+    /// [`Linear::forward`] whose backward makes x again with `remake` where its adapter needs
+    /// x, instead of keeping it (`ops::linear_group_remade`).
+    pub fn forward_remade(&self, x: &Tensor, dropout_seed: Option<u64>, remake: Option<ops::Remake>) -> Result<Tensor> {
         if let Some(sp) = &self.sparse {
             if self.lora.is_some() {
                 return Err(crate::Error::InvalidArgument("a linear cannot carry both a LoRA adapter and a sparse delta".into()));
             }
             return ops::sparse_linear(x, &self.weight, self.bias.as_ref(), &sp.indices, &sp.values);
         }
-        if let Some(l) = &self.lora {
-            let dropout = dropout_seed.filter(|_| l.dropout > 0.0).map(|seed| ops::Dropout { p: l.dropout, seed });
-            return ops::lora_linear(x, &self.weight, self.bias.as_ref(), &l.a, &l.b, l.scale, dropout);
+        if self.lora.is_some() {
+            return Ok(ops::linear_group_remade(x, &[self.part(dropout_seed)], remake)?.remove(0));
         }
         // A frozen weight on a GPU runs the linear kernels: the bias added in the GEMM's
         // epilogue, an NF4 weight dequantized in the tile loads.
@@ -154,7 +159,11 @@ impl Layer {
         let hn = ops::rmsnorm(&x, &self.post_norm, ctx.eps)?;
         let gate_up = Linear::forward_group(&[(&self.gate, seeds[4]), (&self.up, seeds[5])], &hn)?;
         let act = ops::swiglu(&gate_up[0], &gate_up[1])?;
-        ops::add(&x, &self.down.forward(&act, seeds[6])?)
+        // down_proj's backward makes SwiGLU's product again from the gate and up outputs
+        // (which SwiGLU's backward keeps) instead of keeping the [tokens, intermediate] input.
+        let (g, u) = (ops::saved(&gate_up[0]), ops::saved(&gate_up[1]));
+        let remake: ops::Remake = std::sync::Arc::new(move || ops::swiglu(&g, &u));
+        ops::add(&x, &self.down.forward_remade(&act, seeds[6], Some(remake))?)
     }
 
     /// [`Layer::forward`] under `ops::checkpoint`: the layer input and every tracked tensor of

@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use rayon::prelude::*;
 
 use crate::kernels::lora::{cpu, LoraParams};
@@ -38,6 +40,53 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Tensor, b:
 /// backward sums the parts' contributions to dx in a fixed order, so results do not depend
 /// on thread timing.
 pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>> {
+    linear_group_remade(x, parts, None)
+}
+
+/// Makes a linear group's input again in the backward (see [`linear_group_remade`]).
+pub type Remake = Arc<dyn Fn() -> Result<Tensor> + Send + Sync>;
+
+/// What a linear group's backward keeps of its input x. Only an adapter without dropout reads
+/// it (dA = s·(dY·B)ᵀ·x; with dropout dA reads the dropped input, kept beside it, and dX =
+/// dY·W never reads x), so x is kept only then, or made again by a [`Remake`].
+pub(super) enum SavedInput {
+    Kept(Tensor),
+    Remade(Remake),
+    Unneeded,
+}
+
+impl SavedInput {
+    pub(super) fn new(x: &Tensor, parts: &[LinearPart<'_>], remake: Option<Remake>) -> Self {
+        let reads_x = parts.iter().any(|p| p.lora.is_some() && p.dropout.is_none_or(|d| d.p <= 0.0));
+        match (reads_x, remake) {
+            (false, _) => SavedInput::Unneeded,
+            (true, Some(r)) => SavedInput::Remade(r),
+            (true, None) => SavedInput::Kept(saved(x)),
+        }
+    }
+
+    /// x where a part reads it (made again if so chosen), else None.
+    pub(super) fn get(&self, shape: &crate::Shape) -> Result<Option<Tensor>> {
+        match self {
+            SavedInput::Kept(t) => Ok(Some(t.clone())),
+            SavedInput::Remade(f) => {
+                let t = f()?;
+                if t.shape() != shape {
+                    return Err(Error::ShapeMismatch { op: "linear (input made again for the backward vs the forward's)", lhs: t.shape().clone(), rhs: shape.clone() });
+                }
+                Ok(Some(t))
+            }
+            SavedInput::Unneeded => Ok(None),
+        }
+    }
+}
+
+/// [`linear_group`] whose backward makes x again with `remake` (where it needs x at all)
+/// instead of keeping it from the forward: for an input that a cheap op makes from tensors the
+/// tape keeps anyway (the model's down projection reads SwiGLU's product of the gate and up
+/// projections, which SwiGLU's backward keeps), so the `[tokens, K]` input is not held
+/// between the forward and the backward. `remake` must give the same values as x.
+pub fn linear_group_remade(x: &Tensor, parts: &[LinearPart<'_>], remake: Option<Remake>) -> Result<Vec<Tensor>> {
     const OP: &str = "linear";
     let dt = crate::ops::gpu::float_dtype(OP, x)?;
     let k = x.shape().last();
@@ -85,8 +134,8 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
     }
     match x.device() {
         Device::Cpu => {}
-        Device::Wgpu(_) => return super::lora_gpu::linear_group_wgpu(x, parts, &params),
-        Device::Cuda(_) => return super::lora_gpu::linear_group_cuda(x, parts, &params),
+        Device::Wgpu(_) => return super::lora_gpu::linear_group_wgpu(x, parts, &params, SavedInput::new(x, parts, remake)),
+        Device::Cuda(_) => return super::lora_gpu::linear_group_cuda(x, parts, &params, SavedInput::new(x, parts, remake)),
     }
     let xv = x.cpu_f32(OP)?;
     struct Fwd {
@@ -139,10 +188,15 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
         saved_parts.push((saved(part.weight), part.lora.map(|(a, b, _)| (saved(a), saved(b))), f.xa, f.drop, p));
     }
     let inputs = tape_inputs(x, parts);
-    let sx = saved(x);
+    let sx = SavedInput::new(x, parts, remake);
+    let x_shape = x.shape().clone();
     record_many(OP, outs, &inputs, move |gs, needs| {
         let want_dx = needs[0];
-        let xv = sx.cpu_f32(OP)?;
+        let x_now = sx.get(&x_shape)?;
+        let xv: &[f32] = match &x_now {
+            Some(t) => t.cpu_f32(OP)?,
+            None => &[],
+        };
         // Per part: (dx contribution, dA, dB), computed side by side.
         type PartGrads = (Option<Vec<f32>>, Option<(Tensor, Tensor)>);
         let per_part: Vec<PartGrads> = saved_parts
@@ -181,7 +235,7 @@ pub fn linear_group(x: &Tensor, parts: &[LinearPart<'_>]) -> Result<Vec<Tensor>>
                 ab.push(db);
             }
         }
-        let mut out = vec![dx.map(|d| Tensor::from_vec(d, sx.shape().clone())).transpose()?];
+        let mut out = vec![dx.map(|d| Tensor::from_vec(d, x_shape.clone())).transpose()?];
         out.extend(ab);
         Ok(out)
     })

@@ -2,7 +2,7 @@
 //! GEMM launch forward and backward, f32 adapters of a half-precision model converted inside
 //! the op, a frozen NF4 weight read by the NF4 kernels.
 
-use super::lora::{tape_inputs, Dropout, LinearPart};
+use super::lora::{tape_inputs, Dropout, LinearPart, SavedInput};
 use crate::kernels::lora::LoraParams;
 use crate::ops::{expect_dtype, saved};
 use crate::tape::record_many;
@@ -31,7 +31,7 @@ fn nf4_buffers(w: &Tensor) -> Option<std::sync::Arc<crate::kernels::nf4::wgsl::N
 /// CPU's mask on the device (`dropout.wgsl`); with it, the launcher's dX is
 /// `dY·W + s·(dY·B·A) ∘ mask/(1-p)`. A frozen NF4 weight (QLoRA) runs `nf4_gemm.wgsl`, W
 /// dequantized in f32 in the tile loads (in f32 and f16 models).
-pub(super) fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]) -> Result<Vec<Tensor>> {
+pub(super) fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams], sx: SavedInput) -> Result<Vec<Tensor>> {
     use crate::kernels::lora::wgsl;
     use crate::ops::gpu::{wgpu_buf, wgpu_output};
     const OP: &str = "linear";
@@ -80,10 +80,20 @@ pub(super) fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[
         adapters.push(lora);
     }
     let inputs = tape_inputs(x, parts);
-    let sx = saved(x);
+    let (x_shape, rt) = (x.shape().clone(), rt.clone());
     let saved_parts: Vec<_> = parts.iter().zip(params).zip(xas).zip(adapters).map(|(((part, &p), xa), lora)| (saved(part.weight), lora, xa, p)).collect();
     record_many(OP, outs, &inputs, move |gs, needs| {
-        let (rt, xb) = wgpu_buf(&sx);
+        // x where a part reads it; else any buffer of its size binds in its place.
+        let x_now = sx.get(&x_shape)?;
+        let placeholder;
+        let xb = match &x_now {
+            Some(t) => wgpu_buf(t).1,
+            None => {
+                placeholder = rt.alloc(x_shape.elem_count() * dt.size_in_bytes());
+                placeholder.buffer()
+            }
+        };
+        let rt = &rt;
         let mut dx: Option<Tensor> = None;
         let mut ab = Vec::new();
         for ((w, lora, (xa, drop), p), g) in saved_parts.iter().zip(gs) {
@@ -94,7 +104,7 @@ pub(super) fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[
                 }
                 continue;
             };
-            let dxi = needs[0].then(|| wgpu_output(rt, sx.shape().clone(), dt));
+            let dxi = needs[0].then(|| wgpu_output(rt, x_shape.clone(), dt));
             let (da, db, a, b) = match lora {
                 Some((a, b, _, _)) => (Some(wgpu_output(rt, a.shape().clone(), DType::F32)), Some(wgpu_output(rt, b.shape().clone(), DType::F32)), wgpu_buf(a).1, wgpu_buf(b).1),
                 None => (None, None, xb, xb),
@@ -111,7 +121,7 @@ pub(super) fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[
                 None => wgsl::Weight::Dense(wgpu_buf(w).1),
             };
             wgsl::backward(&rt.device, &rt.queue, &rt.kernels, wgpu_buf(g).1, xl, xa.buffer(), w, a, b, dab, dbb, dxb, dropout, *p, pr)?;
-            debug_assert_eq!(sx.elem_count(), m * k);
+            debug_assert_eq!(x_shape.elem_count(), m * k);
             if let Some(dxi) = dxi {
                 accumulate(&mut dx, dxi)?;
             }
@@ -163,7 +173,7 @@ impl<'a> CudaWeight<'a> {
 /// kernels, W dequantized in the tile loads. f32 adapters (the trainer's masters) are
 /// converted to the input's dtype for the GEMM, and their gradients stay f32. LoRA dropout
 /// draws the CPU's mask on the device (`lora::cuda::dropout`).
-pub(super) fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams]) -> Result<Vec<Tensor>> {
+pub(super) fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[LoraParams], sx: SavedInput) -> Result<Vec<Tensor>> {
     use crate::kernels::lora::cuda as lc;
     use crate::ops::cuda::{cuda_buf, half, view, CudaOut};
     const OP: &str = "linear (cuda)";
@@ -217,9 +227,10 @@ pub(super) fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[
         saved_parts.push(Saved { w: saved(w), lora: Some((a16, b16, a.dtype(), b.dtype())), xa: Some(xa.tensor()), drop, p });
     }
     let inputs = tape_inputs(x, parts);
-    let sx = saved(x);
+    let (x_shape, rt) = (x.shape().clone(), rt.clone());
     record_many(OP, outs, &inputs, move |gs, needs| {
-        let rt = cuda_buf(&sx).0;
+        let x_now = sx.get(&x_shape)?;
+        let rt = &rt;
         let (s, mods) = (&rt.stream, &rt.modules);
         let mut dx: Option<Tensor> = None;
         let mut ab = Vec::new();
@@ -231,7 +242,7 @@ pub(super) fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[
                 }
                 continue;
             };
-            let mut dxi = needs[0].then(|| CudaOut::uninit(rt, sx.shape().clone(), xdt)).transpose()?;
+            let mut dxi = needs[0].then(|| CudaOut::uninit(rt, x_shape.clone(), xdt)).transpose()?;
             match &sp.lora {
                 None => {
                     if let Some(dxi) = dxi.as_mut() {
@@ -240,7 +251,10 @@ pub(super) fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[
                 }
                 Some((a16, b16, adt, bdt)) => {
                     let (mut da, mut db) = (CudaOut::new(rt, a16.shape().clone(), DType::F32)?, CudaOut::new(rt, b16.shape().clone(), DType::F32)?);
-                    let xl = sp.drop.as_ref().map_or(&sx, |(t, _)| t);
+                    let xl = match (&sp.drop, &x_now) {
+                        (Some((t, _)), _) | (None, Some(t)) => t,
+                        (None, None) => unreachable!("SavedInput keeps x for an adapter without dropout"),
+                    };
                     let xa = sp.xa.as_ref().expect("a LoRA part keeps XA");
                     let dropout = sp.drop.as_ref().map(|(_, d)| (d.p, d.seed));
                     {
