@@ -87,13 +87,25 @@ impl Linear {
     /// when a base weight is itself trained (full fine-tuning) or carries a sparse delta,
     /// since the group op treats W and the bias as frozen and knows no deltas.
     pub fn forward_group(linears: &[(&Linear, Option<u64>)], x: &Tensor) -> Result<Vec<Tensor>> {
+        Self::forward_group_remade(linears, x, None)
+    }
+
+    /// [`Linear::forward_group`] whose backward makes x again with `remake` where an adapter
+    /// needs it (see [`Linear::forward_remade`]).
+    pub fn forward_group_remade(linears: &[(&Linear, Option<u64>)], x: &Tensor, remake: Option<ops::Remake>) -> Result<Vec<Tensor>> {
         let frozen = linears.iter().all(|(l, _)| l.sparse.is_none() && !l.weight.is_tracked() && l.bias.as_ref().is_none_or(|b| !b.is_tracked()));
         if !frozen || x.device() != Device::Cpu {
-            return linears.iter().map(|(l, seed)| l.forward(x, *seed)).collect();
+            return linears.iter().map(|(l, seed)| l.forward_remade(x, *seed, remake.clone())).collect();
         }
         let parts: Vec<ops::LinearPart<'_>> = linears.iter().map(|(l, seed)| l.part(*seed)).collect();
-        ops::linear_group(x, &parts)
+        ops::linear_group_remade(x, &parts, remake)
     }
+}
+
+/// `rmsnorm(x, w)` made again, untracked, for a linear's backward (`ops::linear_group_remade`).
+fn remade_rmsnorm(x: &Tensor, w: &Tensor, eps: f32) -> ops::Remake {
+    let (x, w) = (ops::saved(x), ops::saved(w));
+    std::sync::Arc::new(move || ops::rmsnorm(&x, &w, eps))
 }
 
 /// The names of a decoder layer's linear modules, as transformers and PEFT call them.
@@ -142,8 +154,11 @@ impl Layer {
     fn forward(&self, x: &Tensor, ctx: &LayerCtx, seeds: [Option<u64>; 7], cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
         let (b, t) = (ctx.b, ctx.t);
         let (h, g, d) = ctx.heads;
+        // The projections' backwards make the normed input again from x (which RMSNorm's
+        // backward keeps) instead of keeping it; likewise the MLP's, and down_proj makes
+        // SwiGLU's product again from the gate and up outputs (which SwiGLU's keeps).
         let hn = ops::rmsnorm(x, &self.input_norm, ctx.eps)?;
-        let qkv = Linear::forward_group(&[(&self.q, seeds[0]), (&self.k, seeds[1]), (&self.v, seeds[2])], &hn)?;
+        let qkv = Linear::forward_group_remade(&[(&self.q, seeds[0]), (&self.k, seeds[1]), (&self.v, seeds[2])], &hn, Some(remade_rmsnorm(x, &self.input_norm, ctx.eps)))?;
         let q = ops::rope(&ops::reshape(&qkv[0], [b * t, h, d])?, &ctx.positions, &ctx.inv_freq)?;
         let k = ops::rope(&ops::reshape(&qkv[1], [b * t, g, d])?, &ctx.positions, &ctx.inv_freq)?;
         let (mut k, mut v) = (ops::reshape(&k, [b, t, g, d])?, ops::reshape(&qkv[2], [b, t, g, d])?);
@@ -157,10 +172,8 @@ impl Layer {
         let o = ops::attention(&ops::reshape(&q, [b, t, h, d])?, &k, &v, ctx.mask.clone(), ctx.scale)?;
         let x = ops::add(x, &self.o.forward(&ops::reshape(&o, [b * t, h * d])?, seeds[3])?)?;
         let hn = ops::rmsnorm(&x, &self.post_norm, ctx.eps)?;
-        let gate_up = Linear::forward_group(&[(&self.gate, seeds[4]), (&self.up, seeds[5])], &hn)?;
+        let gate_up = Linear::forward_group_remade(&[(&self.gate, seeds[4]), (&self.up, seeds[5])], &hn, Some(remade_rmsnorm(&x, &self.post_norm, ctx.eps)))?;
         let act = ops::swiglu(&gate_up[0], &gate_up[1])?;
-        // down_proj's backward makes SwiGLU's product again from the gate and up outputs
-        // (which SwiGLU's backward keeps) instead of keeping the [tokens, intermediate] input.
         let (g, u) = (ops::saved(&gate_up[0]), ops::saved(&gate_up[1]));
         let remake: ops::Remake = std::sync::Arc::new(move || ops::swiglu(&g, &u));
         ops::add(&x, &self.down.forward_remade(&act, seeds[6], Some(remake))?)
