@@ -252,6 +252,14 @@ pub struct BenchStepArgs {
     /// LoRA rank on every linear (default: the preset's; alpha = 2 × rank).
     #[arg(long)]
     rank: Option<usize>,
+    /// Decoder layers (default: the preset's): two runs a layer apart give one layer's
+    /// activation memory as the difference of their peaks.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Vocabulary size (default: the preset's; a smaller one fits a software adapter's
+    /// 128 MiB per buffer).
+    #[arg(long)]
+    vocab: Option<usize>,
     /// QLoRA: the decoder linears' weights quantized to NF4 (bitsandbytes' format), LoRA on top.
     #[arg(long, conflicts_with = "sparse")]
     qlora: bool,
@@ -259,6 +267,9 @@ pub struct BenchStepArgs {
     /// setup: SM3, the active entries changed every 20 steps, scored by SM3's accumulators).
     #[arg(long, value_name = "DENSITY")]
     sparse: Option<f32>,
+    /// wgpu: the model in f16 (see `finetune --f16`).
+    #[arg(long)]
+    f16: bool,
     /// CUDA: one more step after the timed ones with every kernel timed by events
     /// (`kernel_profile` in the JSON: milliseconds per kernel, largest first).
     #[arg(long)]
@@ -278,9 +289,12 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
         }
     };
     let (batch, seq, rank) = (a.batch.unwrap_or(batch), a.seq.unwrap_or(seq), a.rank.unwrap_or(rank));
+    let mut config = config;
+    config.num_layers = a.layers.unwrap_or(config.num_layers);
+    config.vocab_size = a.vocab.unwrap_or(config.vocab_size);
     let device: tuna::Device = a.device.parse().map_err(err)?;
     let vocab = config.vocab_size;
-    let model = crate::on_device(Llama::random(config, 0).map_err(err)?, &device)?;
+    let model = crate::half(crate::on_device(Llama::random(config, 0).map_err(err)?, &device)?, a.f16)?;
     let mut rng = Rng::new(1);
     let seqs: Vec<Sequence> =
         (0..batch).map(|_| Sequence { ids: (0..seq).map(|_| rng.below(vocab) as u32).collect(), mask: vec![true; seq], starts: Vec::new() }).collect();
@@ -317,7 +331,17 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
         pool_error = rt.reset_peak_memory().err().map(|e| e.to_string());
     }
     let mut times = Vec::new();
+    // On wgpu, the pool's bytes in use between steps (weights, adapters, optimizer state), read
+    // after the warm-up, where the peak starts over (the model's upload, in f32 before an f16
+    // conversion, is not a step's): a step's peak above it is its activations and gradients.
+    let mut between_steps = None;
     for i in 0..a.warmup + a.steps {
+        if i == a.warmup {
+            if let Some(rt) = &wgpu_rt {
+                between_steps = Some(rt.memory().live);
+                rt.reset_peak_memory();
+            }
+        }
         let t0 = std::time::Instant::now();
         trainer.train_step().map_err(err)?;
         device.synchronize().map_err(err)?;
@@ -346,7 +370,7 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
     let memory = match (wgpu_rt, cuda_rt) {
         (Some(rt), _) => {
             let m = rt.memory();
-            Some(json!({ "peak_live_bytes": m.peak_live, "peak_held_bytes": m.peak_held }))
+            Some(json!({ "peak_live_bytes": m.peak_live, "peak_held_bytes": m.peak_held, "live_bytes_between_steps": between_steps }))
         }
         (_, Some(rt)) => Some(match (pool_error, rt.memory()) {
             (None, Ok((now, peak))) => json!({ "peak_live_bytes": peak, "live_bytes": now }),
