@@ -364,6 +364,10 @@ fn bench_step_reports_tokens_per_second_on_every_device() {
             let live = v["device_memory"]["peak_live_bytes"].as_u64().unwrap();
             // At least the model's f32 weights (33.7M parameters) were in use at once.
             assert!(live >= 4 * 33_000_000 && v["device_memory"]["peak_held_bytes"].as_u64().unwrap() >= live, "{v}");
+            // The bytes in use between steps (weights, adapters, optimizer state) are under the
+            // steps' peak, which adds their activations.
+            let between = v["device_memory"]["live_bytes_between_steps"].as_u64().unwrap();
+            assert!(between >= 4 * 33_000_000 && between < live, "{v}");
         }
         let (ok, out, err) = tuna(&["bench-step", "--device", &d, "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "0", "--rank", "4", "--qlora"]);
         assert!(ok, "bench-step --qlora on {d}: {err}");
