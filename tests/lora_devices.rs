@@ -139,7 +139,9 @@ fn a_remade_input_gives_the_kept_inputs_gradients() {
     for dev in common::devices() {
         let mut rng = Rng::new(5);
         let (m, k, n, r) = (9, 24, 13, 4);
-        let on = |v: Vec<f32>, shape: [usize; 2]| Tensor::from_vec(v, shape).and_then(|t| t.to_device(&dev)).unwrap();
+        // The CUDA linears run in bf16 (the model's type there).
+        let dt = if matches!(dev, Device::Cuda(_)) { DType::BF16 } else { DType::F32 };
+        let on = |v: Vec<f32>, shape: [usize; 2]| Tensor::from_vec(v, shape).and_then(|t| t.to_device(&dev)).and_then(|t| t.to_dtype(dt)).unwrap();
         let x0 = on(rng.vec(m * k, -1.0, 1.0), [m, k]);
         let (w1, w2) = (on(rng.vec(n * k, -0.3, 0.3), [n, k]), on(rng.vec(n * k, -0.3, 0.3), [n, k]));
         let (a, b) = (on(rng.vec(r * k, -0.3, 0.3), [r, k]), on(rng.vec(n * r, -0.3, 0.3), [n, r]));

@@ -127,7 +127,7 @@ impl KernelCache {
     }
 }
 
-/// Storage buffers kept for reuse, by size class (powers of two from 256 bytes), and the
+/// Storage buffers kept for reuse, by size class (`size_class`: powers of two from 256 bytes), and the
 /// bytes they account for.
 #[derive(Default)]
 struct Pool {
@@ -203,6 +203,7 @@ pub struct WgpuRuntime {
     max_binding: u64,
     /// The first validation error the device reported since the last check (a launch wgpu
     /// refused); reads and synchronizations return it instead of values computed without it.
+    /// It belongs to the device, not to a thread: the next read on any thread reports it.
     errors: Arc<Mutex<Option<String>>>,
 }
 
@@ -251,19 +252,20 @@ impl WgpuRuntime {
         take_error(self.index, &self.errors, context)
     }
 
-    /// The most bytes one tensor may take here: every kernel binds a tensor's buffer whole.
+    /// The most bytes one tensor may take here: every kernel binds a tensor's buffer whole
+    /// (the binding limit, in whole 256-byte steps like the pool's sizes).
     pub fn max_tensor_bytes(&self) -> u64 {
-        self.max_binding
+        self.max_binding & !255
     }
 
     /// An error naming `what` when a tensor of `bytes` bytes cannot be bound by a kernel here.
     pub fn check_tensor_bytes(&self, bytes: usize, what: &str) -> Result<()> {
-        if bytes as u64 > self.max_binding {
+        let max = self.max_tensor_bytes();
+        if bytes as u64 > max {
             return Err(Error::InvalidArgument(format!(
-                "{what}: {bytes} bytes in one tensor, but wgpu:{} ({}) binds at most {} bytes per buffer (max_storage_buffer_binding_size); use a smaller model, f16 (--f16), or another device",
+                "{what}: {bytes} bytes in one tensor, but wgpu:{} ({}) binds at most {max} bytes per buffer (max_storage_buffer_binding_size); use a smaller model or another device",
                 self.index,
                 self.adapter.get_info().name,
-                self.max_binding
             )));
         }
         Ok(())
@@ -277,16 +279,29 @@ impl WgpuRuntime {
     pub fn alloc(&self, bytes: usize) -> PooledBuffer {
         let class = size_class(bytes, self.max_binding);
         let reused = self.pool.free.lock().expect("pool poisoned").get_mut(&class).and_then(|v| v.pop());
-        Pool::add(&self.pool.live, &self.pool.peak_live, class);
-        let buffer = reused.unwrap_or_else(|| {
-            Pool::add(&self.pool.held, &self.pool.peak_held, class);
-            self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("tuna storage"),
-                size: class,
-                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
+        if let Some(buffer) = reused {
+            Pool::add(&self.pool.live, &self.pool.peak_live, class);
+            return PooledBuffer { buffer: Some(buffer), pool: Arc::downgrade(&self.pool) };
+        }
+        // A buffer the device cannot make (out of memory, or past its largest buffer) comes
+        // back invalid: its error is recorded for the next read, and the buffer is never
+        // pooled, so later allocations of its size are tried afresh.
+        let invalid = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("tuna storage"),
+            size: class,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
         });
+        let (oom, invalid) = (pollster::block_on(oom.pop()), pollster::block_on(invalid.pop()));
+        if let Some(e) = oom.or(invalid) {
+            let mut first = self.errors.lock().unwrap_or_else(|p| p.into_inner());
+            first.get_or_insert_with(|| format!("allocating {class} bytes: {e}"));
+            return PooledBuffer { buffer: Some(buffer), pool: Weak::new() };
+        }
+        Pool::add(&self.pool.live, &self.pool.peak_live, class);
+        Pool::add(&self.pool.held, &self.pool.peak_held, class);
         PooledBuffer { buffer: Some(buffer), pool: Arc::downgrade(&self.pool) }
     }
 
@@ -353,11 +368,13 @@ impl WgpuRuntime {
 
 /// The pool's size class for `bytes`: the next power of two (at least 256), except where that
 /// would exceed what one binding may span while `bytes` does not (NVIDIA's Vulkan driver allows
-/// 2^32 - 1): then `bytes` in 256-byte steps, so the buffer stays bindable.
+/// 2^32 - 1): then `bytes` in 256-byte steps, so the buffer stays bindable. (A tensor within
+/// 255 bytes of such a limit gets the limit rounded down to 256, which it then exceeds: the
+/// upload's check refuses it against the same rounded limit.)
 fn size_class(bytes: usize, max_binding: u64) -> u64 {
     let class = (bytes.max(256) as u64).next_power_of_two();
     if class > max_binding && bytes as u64 <= max_binding {
-        (bytes as u64).next_multiple_of(256).min(max_binding)
+        (bytes as u64).next_multiple_of(256).min(max_binding & !255)
     } else {
         class
     }
@@ -375,7 +392,9 @@ mod tests {
         // Past half of a limit that is no power of two: the exact size, not 4 GiB.
         let nvidia = u32::MAX as u64;
         assert_eq!(size_class(3_000_000_001, nvidia), 3_000_000_256);
-        assert_eq!(size_class(u32::MAX as usize, nvidia), nvidia);
+        // Never past the limit rounded down to 256 bytes (a binding's size must be a multiple of 4).
+        assert_eq!(size_class((u32::MAX - 300) as usize, nvidia), nvidia & !255);
+        assert_eq!(size_class(u32::MAX as usize - 255, nvidia), nvidia & !255);
         assert_eq!(size_class(1 << 30, nvidia), 1 << 30);
         // A tensor over the limit keeps its class (the upload refuses it first).
         assert_eq!(size_class((1 << 27) + 1, 1 << 27), 1 << 28);

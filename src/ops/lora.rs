@@ -51,7 +51,7 @@ pub type Remake = Arc<dyn Fn() -> Result<Tensor> + Send + Sync>;
 /// dY·W never reads x), so x is kept only then, or made again by a [`Remake`].
 pub(super) enum SavedInput {
     Kept(Tensor),
-    Remade(Remake),
+    Remade { remake: Remake, dtype: DType, device: Device },
     Unneeded,
 }
 
@@ -60,7 +60,7 @@ impl SavedInput {
         let reads_x = parts.iter().any(|p| p.lora.is_some() && p.dropout.is_none_or(|d| d.p <= 0.0));
         match (reads_x, remake) {
             (false, _) => SavedInput::Unneeded,
-            (true, Some(r)) => SavedInput::Remade(r),
+            (true, Some(remake)) => SavedInput::Remade { remake, dtype: x.dtype(), device: x.device() },
             (true, None) => SavedInput::Kept(saved(x)),
         }
     }
@@ -69,10 +69,13 @@ impl SavedInput {
     pub(super) fn get(&self, shape: &crate::Shape) -> Result<Option<Tensor>> {
         match self {
             SavedInput::Kept(t) => Ok(Some(t.clone())),
-            SavedInput::Remade(f) => {
-                let t = f()?;
+            SavedInput::Remade { remake, dtype, device } => {
+                let t = remake()?;
                 if t.shape() != shape {
                     return Err(Error::ShapeMismatch { op: "linear (input made again for the backward vs the forward's)", lhs: t.shape().clone(), rhs: shape.clone() });
+                }
+                if (t.dtype(), t.device()) != (*dtype, *device) {
+                    return Err(Error::InvalidArgument(format!("linear: the input made again for the backward is {} on {}, the forward's was {dtype} on {device}", t.dtype(), t.device())));
                 }
                 Ok(Some(t))
             }

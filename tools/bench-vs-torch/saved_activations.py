@@ -6,9 +6,10 @@ difference. The model is issue 8's end-to-end shape (Llama-3.2-1B: hidden 2048, 
 every linear, SDPA attention, bf16 — what `tools/gpu-check/e2e_torch.py` runs on a GPU. The
 tuna side of the same measurement:
 
-    tuna bench-step --device wgpu --preset llama1b --layers L --vocab 8192 --batch 1 --seq 256
+    tuna bench-step --device wgpu --f16 --preset llama1b --layers L --vocab 8192 --batch 1 --seq 256
 
-(`device_memory`: peak_live_bytes - live_bytes_between_steps, for L = 1 and 2; f32 there.)
+(`device_memory`: peak_live_bytes - live_bytes_between_steps, for L = 1 and 2; f16 there, the
+same two bytes as bf16.)
 
 The count is what the backward holds, not an allocator's peak: transient buffers of the forward
 and the backward (and CUDA's SDPA kernel, which keeps its own set) are not in it. Prints one
