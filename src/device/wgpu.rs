@@ -331,7 +331,7 @@ impl WgpuRuntime {
     pub fn upload(&self, bytes: &[u8]) -> PooledBuffer {
         let buf = self.alloc(bytes.len());
         // write_buffer needs a multiple of 4 bytes.
-        if bytes.len() % 4 == 0 {
+        if bytes.len().is_multiple_of(4) {
             self.queue.write_buffer(buf.buffer(), 0, bytes);
         } else {
             let mut padded = bytes.to_vec();

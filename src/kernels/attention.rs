@@ -356,7 +356,7 @@ pub mod wgsl {
         if p.head_dim == 0 || p.head_dim > MAX_HEAD_DIM {
             return Err(Error::InvalidArgument(format!("{op}: head dim {} (the WGSL kernel takes 1..={MAX_HEAD_DIM})", p.head_dim)));
         }
-        if p.kv_heads == 0 || p.heads % p.kv_heads != 0 || (p.kv_len < p.q_len && p.causal) {
+        if p.kv_heads == 0 || !p.heads.is_multiple_of(p.kv_heads) || (p.kv_len < p.q_len && p.causal) {
             return Err(Error::InvalidArgument(format!("{op}: {} query heads over {} key/value heads, T {} S {}", p.heads, p.kv_heads, p.q_len, p.kv_len)));
         }
         let u = |v: usize, what: &str| u32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{op}: {what} = {v} exceeds u32")));

@@ -553,7 +553,7 @@ pub mod wgsl {
         precision: Precision,
     ) -> Result<()> {
         const OP: &str = "add (wgsl)";
-        if nb == 0 || len % nb != 0 {
+        if nb == 0 || !len.is_multiple_of(nb) {
             return Err(crate::Error::InvalidArgument(format!("{OP}: b of {nb} elements does not broadcast over {len}")));
         }
         for (name, buf, n) in [("a", a, len), ("b", b, nb), ("y", y, len)] {

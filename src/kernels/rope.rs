@@ -61,7 +61,7 @@ pub struct RopeParams {
 impl RopeParams {
     fn check(&self, dir: Direction, x: usize, positions: usize, inv_freq: usize, y: usize) -> Result<()> {
         let op = dir.op();
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::InvalidArgument(format!("{op}: head_dim = {} must be even", self.head_dim)));
         }
         let n = self.tokens * self.heads * self.head_dim;

@@ -153,7 +153,7 @@ impl Trainer {
     /// Sparse fine-tuning: whether the step just taken ends a reselection period.
     pub(super) fn reselect_due(&self) -> bool {
         let Method::Sparse(s) = &self.config.method else { return false };
-        s.reselect_every > 0 && self.step % s.reselect_every == 0 && self.step < self.total_steps()
+        s.reselect_every > 0 && self.step.is_multiple_of(s.reselect_every) && self.step < self.total_steps()
     }
 
     /// The gradient sums of an open regrowth window, on the host (for checkpoints, after

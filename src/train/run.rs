@@ -140,8 +140,8 @@ pub fn run(trainer: &mut Trainer, eval: &[Sequence], opts: &RunOptions, stop: &A
     let tty = opts.progress && std::io::stderr().is_terminal();
     let mut last_eval = rows.iter().rev().find_map(|r| r.eval_loss);
     let interrupted;
-    let evaluates = |step: usize| !eval.is_empty() && ((opts.eval_every > 0 && step % opts.eval_every == 0) || step == total);
-    let checkpoints = |step: usize| opts.checkpoint_every > 0 && step % opts.checkpoint_every == 0 && step < total;
+    let evaluates = |step: usize| !eval.is_empty() && ((opts.eval_every > 0 && step.is_multiple_of(opts.eval_every)) || step == total);
+    let checkpoints = |step: usize| opts.checkpoint_every > 0 && step.is_multiple_of(opts.checkpoint_every) && step < total;
     // Steps after which the loop needs the trainer as that step left it: the next step is
     // queued only once these are done.
     let holds = |step: usize| evaluates(step) || checkpoints(step) || opts.stop_after == Some(step);

@@ -193,7 +193,7 @@ fn launch_params(op: &'static str, p: &AttentionParams, starts_len: Option<usize
     if !HEAD_DIMS.contains(&d) {
         return Err(Error::InvalidArgument(format!("{op}: head dim {d} (instances: {HEAD_DIMS:?})")));
     }
-    if p.kv_heads == 0 || p.heads % p.kv_heads != 0 || (p.causal && p.kv_len < p.q_len) {
+    if p.kv_heads == 0 || !p.heads.is_multiple_of(p.kv_heads) || (p.causal && p.kv_len < p.q_len) {
         return Err(Error::InvalidArgument(format!("{op}: {} query heads over {} key/value heads, T {} S {}", p.heads, p.kv_heads, p.q_len, p.kv_len)));
     }
     if let Some(n) = starts_len {

@@ -90,7 +90,7 @@ pub(crate) fn big_enough(m: usize, n: usize, k1: usize, sms: usize) -> bool {
 }
 
 fn aligned(ptr: u64, ld: usize) -> bool {
-    ptr % 16 == 0 && ld % 8 == 0
+    ptr.is_multiple_of(16) && ld.is_multiple_of(8)
 }
 
 fn encode(ptr: u64, b: &Box2d, dt: Half) -> Option<TensorMap> {
