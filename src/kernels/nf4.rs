@@ -300,12 +300,99 @@ pub mod cpu {
     /// (the tiled form would repack x for every tile).
     pub const TILED_MAX_ROWS: usize = 64;
 
+    /// Up to this many rows of x, `matmul_xwt` on an AVX-512 CPU runs `direct::xwt` (no GEMM).
+    pub const DIRECT_MAX_ROWS: usize = 16;
+
+    /// `y = x·Wᵀ` for a few rows of x without a GEMM (decoding, small batches): each task takes
+    /// 64 rows of W and, K 512 at a time (x's slice stays in L1), decodes 64 weights of a row
+    /// into four registers and multiplies them into one accumulator per row of x. Each output
+    /// is summed in a fixed order whatever the threads.
+    #[cfg(target_arch = "x86_64")]
+    mod direct {
+        use std::arch::x86_64::*;
+
+        use rayon::prelude::*;
+
+        use super::{Nf4Tensor, BLOCK, NF4};
+
+        const ROWS: usize = 64;
+        const KC: usize = 512;
+
+        pub(super) fn xwt(q: &Nf4Tensor, scales: &[f32], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+            // yt: [n, m], 64 rows of W (outputs) a task.
+            let mut yt = vec![0.0f32; n * m];
+            yt.par_chunks_mut(ROWS * m).enumerate().for_each(|(t, out)| {
+                let r0 = t * ROWS;
+                macro_rules! rows {
+                    ($($m:literal)*) => {
+                        match m {
+                            // SAFETY: the caller checked AVX-512F; x holds m·k values, W n·k
+                            // codes, `out` the outputs of rows r0.. of W.
+                            $($m => unsafe { task::<$m>(q, scales, x, k, r0, out) },)*
+                            _ => unreachable!("xwt takes 1 to 16 rows of x"),
+                        }
+                    };
+                }
+                rows!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
+            });
+            let mut y = vec![0.0f32; m * n];
+            for (r, col) in yt.chunks(m).enumerate() {
+                for (i, &v) in col.iter().enumerate() {
+                    y[i * n + r] = v;
+                }
+            }
+            y
+        }
+
+        #[target_feature(enable = "avx512f")]
+        unsafe fn task<const M: usize>(q: &Nf4Tensor, scales: &[f32], x: &[f32], k: usize, r0: usize, out: &mut [f32]) {
+            let per_row = k / BLOCK;
+            let nf4 = _mm512_loadu_ps(NF4.as_ptr());
+            let low4 = _mm512_set1_epi32(0xf);
+            let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            let second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+            let rows = out.len() / M;
+            for k0 in (0..k).step_by(KC) {
+                let k1 = (k0 + KC).min(k);
+                for (dr, o) in out.chunks_mut(M).enumerate().take(rows) {
+                    let r = r0 + dr;
+                    let mut acc = [_mm512_setzero_ps(); M];
+                    for kb in k0 / BLOCK..k1 / BLOCK {
+                        let b = r * per_row + kb;
+                        // The scaled table as the scalar decode makes it: NF4[c] · a, one rounding.
+                        let table = _mm512_mul_ps(nf4, _mm512_set1_ps(*scales.get_unchecked(b)));
+                        let codes = q.packed.as_ptr().add(b * BLOCK / 2);
+                        let mut w = [_mm512_setzero_ps(); 4];
+                        for half in 0..2 {
+                            let wide = _mm512_cvtepu8_epi32(_mm_loadu_si128(codes.add(16 * half) as *const __m128i));
+                            let hi = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(wide), table);
+                            let lo = _mm512_permutexvar_ps(_mm512_and_si512(wide, low4), table);
+                            w[2 * half] = _mm512_permutex2var_ps(hi, first, lo);
+                            w[2 * half + 1] = _mm512_permutex2var_ps(hi, second, lo);
+                        }
+                        let kk = kb * BLOCK;
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            let xr = x.as_ptr().add(i * k + kk);
+                            for (j, wj) in w.iter().enumerate() {
+                                *a = _mm512_fmadd_ps(*wj, _mm512_loadu_ps(xr.add(16 * j)), *a);
+                            }
+                        }
+                    }
+                    for (oi, a) in o.iter_mut().zip(acc) {
+                        *oi += _mm512_reduce_add_ps(a);
+                    }
+                }
+            }
+        }
+    }
+
     /// `y = x·Wᵀ` (`x` `[m, k]`, W `[n, k]` in NF4, `y` `[m, n]`): for `m <= TILED_MAX_ROWS`
     /// and `k` a multiple of 64, each task decodes 64 rows of W into a buffer of its own and
     /// multiplies x by it, so W is never decoded whole (decoding a 4096 × 4096 W whole costs
     /// more than the product at m = 1: most of it page faults on the fresh 64 MiB); else W is
-    /// decoded (transposed) and the GEMM runs on it. Within rounding of the f32 W's product
-    /// (the GEMM may sum in another order for the tile than for the whole W).
+    /// decoded (transposed) and the GEMM runs on it. For `m <= DIRECT_MAX_ROWS` on an AVX-512
+    /// CPU, `direct` decodes W in registers instead of tiles. Within rounding of the f32 W's
+    /// product (each form sums in its own order).
     pub fn matmul_xwt(q: &Nf4Tensor, x: &[f32], m: usize, n: usize, k: usize) -> crate::Result<Vec<f32>> {
         use crate::kernels::matmul::cpu::{gemm_strided, matmul_new, View};
         use crate::kernels::matmul::MatmulParams;
@@ -316,8 +403,12 @@ pub mod cpu {
         if m > TILED_MAX_ROWS || !k.is_multiple_of(BLOCK) {
             return matmul_new(&x[..m * k], &dequantize_transposed(q, n, k)?, MatmulParams { m, n, k, trans_a: false, trans_b: false });
         }
-        const TILE: usize = 64;
         let (scales, per_row) = (absmax(q), k / BLOCK);
+        #[cfg(target_arch = "x86_64")]
+        if m <= DIRECT_MAX_ROWS && avx512() {
+            return Ok(direct::xwt(q, &scales, &x[..m * k], m, n, k));
+        }
+        const TILE: usize = 64;
         let tiles: Vec<Vec<f32>> = (0..n.div_ceil(TILE))
             .into_par_iter()
             .map_init(
