@@ -173,3 +173,59 @@ fn a_remade_input_gives_the_kept_inputs_gradients() {
         assert!(err.contains("made again"), "{dev}: {err}");
     }
 }
+
+#[test]
+fn a_group_of_frozen_linears_makes_its_input_again_once() {
+    // The model's q/k/v (and gate/up) run as one group on every device, so the backward makes
+    // the normed input again once, not once per linear; the gradients are those of the
+    // linears run one at a time.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tuna::nn::Linear;
+    use tuna::ops::{self, Remake};
+    use tuna::peft::LoraAdapter;
+    use tuna::testing::Rng;
+    use tuna::{Tape, Tensor};
+    for dev in common::devices() {
+        let mut rng = Rng::new(6);
+        let (m, k, n, r) = (7, 16, 12, 2);
+        let dt = if matches!(dev, Device::Cuda(_)) { DType::BF16 } else { DType::F32 };
+        let mut on = |len: usize, shape: [usize; 2]| Tensor::from_vec(rng.vec(len, -0.5, 0.5), shape).and_then(|t| t.to_device(&dev)).and_then(|t| t.to_dtype(dt)).unwrap();
+        let x0 = on(m * k, [m, k]);
+        let linears: Vec<Linear> = (0..3)
+            .map(|_| {
+                let mut l = Linear::new(on(n * k, [n, k]), None);
+                l.lora = Some(LoraAdapter { a: on(r * k, [r, k]), b: on(n * r, [n, r]), scale: 0.5, dropout: 0.0 });
+                l
+            })
+            .collect();
+        let seed = on(m * n, [m, n]);
+        let grads = |grouped: bool| {
+            let calls = Arc::new(AtomicUsize::new(0));
+            let tape = Tape::new();
+            let mut ls = linears.clone();
+            for l in &mut ls {
+                let ad = l.lora.as_mut().unwrap();
+                (ad.a, ad.b) = (tape.param(&ad.a), tape.param(&ad.b));
+            }
+            let x = ops::scale(&tape.param(&x0), 1.0).unwrap();
+            let (c, x_again) = (calls.clone(), x0.clone());
+            let remake: Remake = Arc::new(move || {
+                c.fetch_add(1, Ordering::SeqCst);
+                Ok(x_again.clone())
+            });
+            let ys = if grouped {
+                Linear::forward_group_remade(&[(&ls[0], None), (&ls[1], None), (&ls[2], None)], &x, Some(remake)).unwrap()
+            } else {
+                ls.iter().map(|l| l.forward_remade(&x, None, Some(remake.clone())).unwrap()).collect()
+            };
+            let out = ops::add(&ops::add(&ys[0], &ys[1]).unwrap(), &ys[2]).unwrap();
+            let g = tape.backward_from(&out, &seed).unwrap();
+            let da: Vec<Vec<f32>> = ls.iter().map(|l| g.get(&l.lora.as_ref().unwrap().a).unwrap().to_vec_f32().unwrap()).collect();
+            (da, calls.load(Ordering::SeqCst))
+        };
+        let ((grouped, once), (single, thrice)) = (grads(true), grads(false));
+        assert_eq!((once, thrice), (1, 3), "{dev}: remakes grouped vs one at a time");
+        assert_eq!(grouped, single, "{dev}: dA of each adapter");
+    }
+}

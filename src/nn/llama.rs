@@ -83,7 +83,8 @@ impl Linear {
         }
     }
 
-    /// Several linears of the same input as one op (side by side on the CPU); one at a time
+    /// Several linears of the same input as one op (side by side on the CPU; one tape entry,
+    /// whose backward sums dX in part order and makes x again at most once); one at a time
     /// when a base weight is itself trained (full fine-tuning) or carries a sparse delta,
     /// since the group op treats W and the bias as frozen and knows no deltas.
     pub fn forward_group(linears: &[(&Linear, Option<u64>)], x: &Tensor) -> Result<Vec<Tensor>> {
@@ -94,7 +95,7 @@ impl Linear {
     /// needs it (see [`Linear::forward_remade`]).
     pub fn forward_group_remade(linears: &[(&Linear, Option<u64>)], x: &Tensor, remake: Option<ops::Remake>) -> Result<Vec<Tensor>> {
         let frozen = linears.iter().all(|(l, _)| l.sparse.is_none() && !l.weight.is_tracked() && l.bias.as_ref().is_none_or(|b| !b.is_tracked()));
-        if !frozen || x.device() != Device::Cpu {
+        if !frozen {
             return linears.iter().map(|(l, seed)| l.forward_remade(x, *seed, remake.clone())).collect();
         }
         let parts: Vec<ops::LinearPart<'_>> = linears.iter().map(|(l, seed)| l.part(*seed)).collect();

@@ -83,13 +83,15 @@ pub(super) fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[
     let (x_shape, rt) = (x.shape().clone(), rt.clone());
     let saved_parts: Vec<_> = parts.iter().zip(params).zip(xas).zip(adapters).map(|(((part, &p), xa), lora)| (saved(part.weight), lora, xa, p)).collect();
     record_many(OP, outs, &inputs, move |gs, needs| {
-        // x where a part reads it; else any buffer of its size binds in its place.
+        // x where a part reads it (an adapter without dropout); else no part reads it (a plain
+        // part's backward is dY·W alone, and dropout's dA reads the dropped copy), and a small
+        // buffer binds in its place.
         let x_now = sx.get(&x_shape)?;
         let placeholder;
         let xb = match &x_now {
             Some(t) => wgpu_buf(t).1,
             None => {
-                placeholder = rt.alloc(x_shape.elem_count() * dt.size_in_bytes());
+                placeholder = rt.alloc(16);
                 placeholder.buffer()
             }
         };

@@ -470,13 +470,20 @@ pub fn backward(
     let (m, n, k, r) = (p.m, p.n, p.k, p.r);
     let bytes = precision.bytes();
     w.check(op, bytes, p)?;
-    check_elems(op, bytes, &[("dy", dy, m * n), ("x_lora", x_lora, m * k), ("xa", xa, m * r), ("a", a, r * k), ("b", b, n * r)])?;
-    check_buffers(op, &[("da", da, r * k), ("db", db, n * r)])?;
+    check_elems(op, bytes, &[("dy", dy, m * n)])?;
     if let Some(dx) = dx {
         check_elems(op, bytes, &[("dx", dx, m * k)])?;
     }
     let mut enc = device.create_command_encoder(&Default::default());
-    let g = small_grads(device, kernels, &mut enc, dy, x_lora, xa, b, da, db, p, precision)?;
+    // Without an adapter (R = 0) only dX = dY·W runs: x_lora, XA, A, B, dA and dB are never
+    // read or written, so any buffers bind in their places.
+    let g = if r == 0 {
+        scratch(device, 0)
+    } else {
+        check_elems(op, bytes, &[("x_lora", x_lora, m * k), ("xa", xa, m * r), ("a", a, r * k), ("b", b, n * r)])?;
+        check_buffers(op, &[("da", da, r * k), ("db", db, n * r)])?;
+        small_grads(device, kernels, &mut enc, dy, x_lora, xa, b, da, db, p, precision)?
+    };
     // dX's pass: A1 = dY, W read along its rows, A2 = G, B2 = A.
     let mut u = GemmUniform {
         m: m as u32,
