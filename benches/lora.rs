@@ -22,6 +22,7 @@
 //!
 //!   cargo bench --bench lora                   # every device present
 //!   cargo bench --bench lora -- lora/cpu       # one device
+//!   cargo bench --bench lora -- lora_dyw       # the CPU's NF4 dY·W (QLoRA's backward)
 
 use std::cell::RefCell;
 
@@ -120,5 +121,28 @@ fn lora(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, lora);
+/// The QLoRA backward's product `dX = dY·W` on the CPU, W in NF4 (`nf4::cpu::matmul_dyw`: W
+/// decoded inside the product) beside the same product on the f32 W (the `gemm` crate), at the
+/// row counts of small-batch training (M 1, 16 and 64 rows of dY; K 4096, N 4096 and 14336).
+fn nf4_dyw_cpu(c: &mut Criterion) {
+    use tuna::kernels::matmul::{cpu::matmul_new, MatmulParams};
+    let mut g = c.benchmark_group("lora_dyw/cpu");
+    g.sample_size(10);
+    for n in [4096, 14336] {
+        let k = 4096;
+        let mut rng = Rng::new(8);
+        let w = rng.vec(n * k, -0.02, 0.02);
+        let q = tuna::kernels::nf4::cpu::quantize(&w);
+        for m in [1, 16, 32, 64] {
+            let dy = rng.vec(m * n, -1.0, 1.0);
+            let id = format!("M{m} K{k} N{n}");
+            g.throughput(Throughput::Elements((2 * m * n * k) as u64));
+            g.bench_function(BenchmarkId::new("nf4 dy·W", &id), |b| b.iter(|| tuna::kernels::nf4::cpu::matmul_dyw(&q, &dy, m, n, k).unwrap()));
+            g.bench_function(BenchmarkId::new("f32 dy·W (peer)", &id), |b| b.iter(|| matmul_new(&dy, &w, MatmulParams { m, n: k, k: n, trans_a: false, trans_b: false }).unwrap()));
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, lora, nf4_dyw_cpu);
 criterion_main!(benches);
