@@ -379,6 +379,7 @@ impl Tensor {
                 return Tensor::from_bytes(&out, dtype, self.shape().clone(), &self.device());
             }
             Storage::Wgpu { rt, buf } => {
+                rt.check_tensor_bytes(bytes, &format!("to_dtype ({from} {} to {dtype})", self.shape()))?;
                 let out = rt.alloc(bytes.next_multiple_of(4));
                 cast::wgsl::cast(&rt.device, &rt.queue, &rt.kernels, buf.buffer(), from, out.buffer(), dtype, n)?;
                 Storage::Wgpu { rt: rt.clone(), buf: out }

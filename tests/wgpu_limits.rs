@@ -19,6 +19,17 @@ fn wgpu_refuses_a_tensor_past_its_binding_limit_and_reports_refused_work_as_an_e
             assert!(err.contains("max_storage_buffer_binding_size") && err.contains(&format!("[{}]", n + 1)), "{err}");
             let err = Tensor::from_vec(vec![0.0f32; n + 1], [n + 1]).unwrap().to_device(&dev).unwrap_err().to_string();
             assert!(err.contains("max_storage_buffer_binding_size"), "{err}");
+            // An op's output past the limit (from inputs within it) is refused by the op, by
+            // name: a matmul's [4096, cols] from [4096, 1] · [1, cols]; a cast to a wider type.
+            let cols = n / 4096 + 1;
+            let (a, b) = (Tensor::full(1.0, [4096, 1], &dev).unwrap(), Tensor::full(1.0, [1, cols], &dev).unwrap());
+            let err = ops::matmul(&a, &b, false, false).unwrap_err().to_string();
+            assert!(err.contains("matmul: the output (f32 [4096, ") && err.contains("max_storage_buffer_binding_size"), "{err}");
+            if rt.has_f16() {
+                let half = Tensor::zeros([n + 1], DType::F16, &dev).unwrap();
+                let err = half.to_dtype(DType::F32).unwrap_err().to_string();
+                assert!(err.contains("to_dtype (f16") && err.contains("max_storage_buffer_binding_size"), "{err}");
+            }
             // At the limit it binds, and a kernel runs on it.
             let t = Tensor::full(2.0, [n], &dev).unwrap();
             let y = ops::scale(&t, 1.5).unwrap();

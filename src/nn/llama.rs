@@ -276,7 +276,9 @@ fn concat_seq(old: &Tensor, new: &Tensor) -> Result<Tensor> {
         // Row by row on the device: batch row i is [old row i | new row i]. (Copies move whole
         // 4-byte words: with f16, a row of G·D elements is a whole number of them as D is even.)
         let es = old.dtype().size_in_bytes();
-        let out = rt.alloc(es * (old.elem_count() + new.elem_count()));
+        let bytes = es * (old.elem_count() + new.elem_count());
+        rt.check_tensor_bytes(bytes, &format!("kv cache ({} {out_shape:?})", old.dtype()))?;
+        let out = rt.alloc(bytes);
         let (os, ns) = ((od[1] * row * es) as u64, (nd[1] * row * es) as u64);
         let mut enc = rt.device.create_command_encoder(&Default::default());
         for i in 0..b as u64 {

@@ -74,7 +74,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttentionMask, scale:
         }
         Device::Wgpu(_) => {
             let (rt, qb) = wgpu_buf(q);
-            let o = wgpu_output(rt, q.shape().clone(), dt);
+            let o = wgpu_output(OP, rt, q.shape().clone(), dt)?;
             // Per query row: the running max and log-sum-exp, which the backward reuses.
             let stats = rt.alloc(2 * p.batch * p.q_len * p.heads * 4);
             let starts = mask.segment_starts.as_deref().map(|st| wgpu_upload(rt, st));
@@ -83,7 +83,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttentionMask, scale:
             let (sq, sk, sv, so) = (saved(q), saved(k), saved(v), saved(&o));
             return record(OP, o, &[q, k, v], move |g, _| {
                 let (rt, qb) = wgpu_buf(&sq);
-                let (dq, dk, dv) = (wgpu_output(rt, sq.shape().clone(), dt), wgpu_output(rt, sk.shape().clone(), dt), wgpu_output(rt, sv.shape().clone(), dt));
+                let (dq, dk, dv) = (wgpu_output(OP, rt, sq.shape().clone(), dt)?, wgpu_output(OP, rt, sk.shape().clone(), dt)?, wgpu_output(OP, rt, sv.shape().clone(), dt)?);
                 let (kb, vb, ob) = (wgpu_buf(&sk).1, wgpu_buf(&sv).1, wgpu_buf(&so).1);
                 let sb = starts.as_ref().map(|b| b.buffer());
                 wgsl::backward(&rt.device, &rt.queue, &rt.kernels, qb, kb, vb, sb, ob, wgpu_buf(g).1, stats.buffer(), wgpu_buf(&dq).1, wgpu_buf(&dk).1, wgpu_buf(&dv).1, &p, pr.expect(WGPU_FLOAT))?;
@@ -127,7 +127,7 @@ pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> 
             }
             Device::Wgpu(_) => {
                 let (rt, xb) = wgpu_buf(x);
-                let y = wgpu_output(rt, x.shape().clone(), dt);
+                let y = wgpu_output(OP, rt, x.shape().clone(), dt)?;
                 let freq_buf = wgpu_upload(rt, freq);
                 let p = rope::RopeParams { tokens: x.dims()[0], heads, head_dim: 2 * freq.len() };
                 rope::wgsl::rope(&rt.device, &rt.queue, &rt.kernels, xb, wgpu_buf(pos).1, freq_buf.buffer(), wgpu_buf(&y).1, p, dir, pr.expect(WGPU_FLOAT))?;

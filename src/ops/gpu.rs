@@ -19,11 +19,14 @@ pub(crate) fn wgpu_buf(t: &Tensor) -> (&Arc<WgpuRuntime>, &wgpu::Buffer) {
     }
 }
 
-/// A new f32/i32 tensor on `rt`'s device whose contents the caller's kernel writes in full.
-pub(crate) fn wgpu_output(rt: &Arc<WgpuRuntime>, shape: impl Into<Shape>, dtype: DType) -> Tensor {
+/// A new tensor on `rt`'s device whose contents the caller's kernel (of `op`) writes in full;
+/// an error naming `op` and the output where it is more than a kernel can bind there.
+pub(crate) fn wgpu_output(op: &str, rt: &Arc<WgpuRuntime>, shape: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
     let shape = shape.into();
-    let buf = rt.alloc(shape.elem_count() * dtype.size_in_bytes());
-    Tensor::from_storage(Storage::Wgpu { rt: rt.clone(), buf }, shape, dtype, Device::Wgpu(rt.index))
+    let bytes = shape.elem_count() * dtype.size_in_bytes();
+    rt.check_tensor_bytes(bytes, &format!("{op}: the output ({dtype} {shape})"))?;
+    let buf = rt.alloc(bytes);
+    Ok(Tensor::from_storage(Storage::Wgpu { rt: rt.clone(), buf }, shape, dtype, Device::Wgpu(rt.index)))
 }
 
 /// A host slice as a storage buffer on `rt`'s device (kept alive by the returned handle).

@@ -44,7 +44,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
         // The backward is this op again (dA and dB are products), so it runs here too.
         Device::Wgpu(_) if b.dtype() == dt => {
             let (rt, abuf) = wgpu_buf(a);
-            let c = wgpu_output(rt, [m, n], dt);
+            let c = wgpu_output(OP, rt, [m, n], dt)?;
             let (sa, sb) = (stride(trans_a, ad[1]), stride(trans_b, bd[1]));
             let pr = wgpu_precision(dt).expect("f32 or f16");
             gemm_wgsl::matmul(&rt.device, &rt.queue, &rt.kernels, (abuf, sa), (wgpu_buf(b).1, sb), wgpu_buf(&c).1, (m, n, k), pr)?;

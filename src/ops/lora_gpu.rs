@@ -50,7 +50,7 @@ pub(super) fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[
         }
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("rank >= 2") = p.n;
-        let y = wgpu_output(rt, shape, dt);
+        let y = wgpu_output(OP, rt, shape, dt)?;
         let xa = rt.alloc(4 * p.m * p.r.max(1));
         let lora = part.lora.map(|(a, b, _)| -> Result<_> { Ok((saved(a).to_dtype(dt)?, saved(b).to_dtype(dt)?, a.dtype(), b.dtype())) }).transpose()?;
         // Without an adapter (R = 0) the LoRA operands are never read; any buffer binds.
@@ -106,9 +106,9 @@ pub(super) fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[
                 }
                 continue;
             };
-            let dxi = needs[0].then(|| wgpu_output(rt, x_shape.clone(), dt));
+            let dxi = needs[0].then(|| wgpu_output(OP, rt, x_shape.clone(), dt)).transpose()?;
             let (da, db, a, b) = match lora {
-                Some((a, b, _, _)) => (Some(wgpu_output(rt, a.shape().clone(), DType::F32)), Some(wgpu_output(rt, b.shape().clone(), DType::F32)), wgpu_buf(a).1, wgpu_buf(b).1),
+                Some((a, b, _, _)) => (Some(wgpu_output(OP, rt, a.shape().clone(), DType::F32)?), Some(wgpu_output(OP, rt, b.shape().clone(), DType::F32)?), wgpu_buf(a).1, wgpu_buf(b).1),
                 None => (None, None, xb, xb),
             };
             // A plain part (R = 0) writes no dA/dB: small scratch buffers bind in their place.

@@ -38,12 +38,12 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i32) -> Re
             let p = ce::wgsl::CeParams { rows: m, vocab: v, ignore_index, count: tv.iter().filter(|&&t| t != ignore_index).count() };
             let (rt, zb) = wgpu_buf(logits);
             let (lse, row_loss) = (rt.alloc(4 * m), rt.alloc(4 * m));
-            let loss = wgpu_output(rt, Vec::new(), DType::F32);
+            let loss = wgpu_output(OP, rt, Vec::new(), DType::F32)?;
             ce::wgsl::forward(&rt.device, &rt.queue, &rt.kernels, zb, wgpu_buf(targets).1, lse.buffer(), row_loss.buffer(), wgpu_buf(&loss).1, p)?;
             let (sz, st) = (saved(logits), saved(targets));
             return record(OP, loss, &[logits, targets], move |g, _| {
                 let (rt, zb) = wgpu_buf(&sz);
-                let dz = wgpu_output(rt, sz.shape().clone(), DType::F32);
+                let dz = wgpu_output(OP, rt, sz.shape().clone(), DType::F32)?;
                 ce::wgsl::backward(&rt.device, &rt.queue, &rt.kernels, zb, wgpu_buf(&st).1, lse.buffer(), wgpu_buf(g).1, wgpu_buf(&dz).1, p)?;
                 Ok(vec![Some(dz), None])
             });
@@ -111,9 +111,9 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
             ce::check_targets(&tv, v, ignore_index)?;
             let count = tv.iter().filter(|&&t| t != ignore_index).count();
             let (rt, xb) = wgpu_buf(x);
-            let loss = wgpu_output(rt, Vec::new(), DType::F32);
-            let dx = need_dx.then(|| wgpu_output(rt, [m, h], DType::F32));
-            let dw = need_dw.then(|| wgpu_output(rt, [v, h], DType::F32));
+            let loss = wgpu_output(OP, rt, Vec::new(), DType::F32)?;
+            let dx = need_dx.then(|| wgpu_output(OP, rt, [m, h], DType::F32)).transpose()?;
+            let dw = need_dw.then(|| wgpu_output(OP, rt, [v, h], DType::F32)).transpose()?;
             let (dxb, dwb) = (dx.as_ref().map(|t| wgpu_buf(t).1), dw.as_ref().map(|t| wgpu_buf(t).1));
             let pr = crate::ops::gpu::wgpu_precision(dt).expect("f32 or f16");
             ce::wgsl::linear_forward(rt, xb, wgpu_buf(w).1, wgpu_buf(&targets).1, dxb, dwb, wgpu_buf(&loss).1, count, p, pr)?;
@@ -166,7 +166,7 @@ fn times(d: &Tensor, g: &Tensor) -> Result<Tensor> {
     match d.device() {
         Device::Wgpu(_) => {
             let (rt, db) = wgpu_buf(d);
-            let y = wgpu_output(rt, d.shape().clone(), DType::F32);
+            let y = wgpu_output("cross_entropy (backward)", rt, d.shape().clone(), DType::F32)?;
             ew::scale_by(&rt.device, &rt.queue, &rt.kernels, db, wgpu_buf(g).1, wgpu_buf(&y).1, d.elem_count())?;
             Ok(y)
         }

@@ -36,7 +36,7 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
         // reads as a zero row).
         Device::Wgpu(_) => {
             let (rt, tb) = wgpu_buf(table);
-            let y = wgpu_output(rt, out_shape, dt);
+            let y = wgpu_output(OP, rt, out_shape, dt)?;
             let p = emb::EmbeddingParams { tokens: ids.elem_count(), vocab: v, dim: e };
             emb::wgsl::forward(&rt.device, &rt.queue, &rt.kernels, tb, wgpu_buf(ids).1, wgpu_buf(&y).1, p, pr.expect(WGPU_FLOAT))?;
             y

@@ -29,7 +29,7 @@ fn binary(op: &'static str, a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 
                 forward_only(op, &[b])?;
             }
             let (rt, ab) = wgpu_buf(a);
-            let y = wgpu_output(rt, a.shape().clone(), a.dtype());
+            let y = wgpu_output(op, rt, a.shape().clone(), a.dtype())?;
             let pr = wgpu_precision(a.dtype()).expect("checked by check_broadcast");
             wgsl::add(&rt.device, &rt.queue, &rt.kernels, ab, wgpu_buf(b).1, wgpu_buf(&y).1, a.elem_count(), b.elem_count(), pr)?;
             Ok(y)
@@ -93,7 +93,7 @@ pub fn scale(a: &Tensor, s: f32) -> Result<Tensor> {
         Device::Wgpu(_) => {
             let dt = float_dtype("scale", a)?;
             let (rt, ab) = wgpu_buf(a);
-            let y = wgpu_output(rt, a.shape().clone(), dt);
+            let y = wgpu_output("scale", rt, a.shape().clone(), dt)?;
             let pr = wgpu_precision(dt).expect(WGPU_FLOAT);
             wgsl::scale(&rt.device, &rt.queue, &rt.kernels, ab, wgpu_buf(&y).1, a.elem_count(), s, pr)?;
             y
@@ -141,7 +141,7 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
         }
         Device::Wgpu(_) => {
             let (rt, gb) = wgpu_buf(g);
-            let y = wgpu_output(rt, g.shape().clone(), dt);
+            let y = wgpu_output(OP, rt, g.shape().clone(), dt)?;
             wgsl::forward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(u).1, wgpu_buf(&y).1, p, pr.expect(WGPU_FLOAT))?;
             y
         }
@@ -156,7 +156,7 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     record(OP, out, &[g, u], move |dy, _| {
         if let Device::Wgpu(_) = sg.device() {
             let (rt, gb) = wgpu_buf(&sg);
-            let (dg, du) = (wgpu_output(rt, sg.shape().clone(), dt), wgpu_output(rt, su.shape().clone(), dt));
+            let (dg, du) = (wgpu_output(OP, rt, sg.shape().clone(), dt)?, wgpu_output(OP, rt, su.shape().clone(), dt)?);
             wgsl::backward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(&su).1, wgpu_buf(dy).1, wgpu_buf(&dg).1, wgpu_buf(&du).1, p, pr.expect(WGPU_FLOAT))?;
             return Ok(vec![Some(dg), Some(du)]);
         }

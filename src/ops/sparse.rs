@@ -125,7 +125,7 @@ fn dense_dw_f32(dy: &Tensor, x: &Tensor, p: SparseParams) -> Result<Tensor> {
             use crate::ops::gpu::{wgpu_buf, wgpu_output, wgpu_precision};
             let pr = wgpu_precision(dy.dtype()).ok_or(Error::UnsupportedDType { op: OP, dtype: dy.dtype() })?;
             let (rt, db) = wgpu_buf(dy);
-            let out = wgpu_output(rt, [p.n, p.k], DType::F32);
+            let out = wgpu_output(OP, rt, [p.n, p.k], DType::F32)?;
             gemm::matmul_out(&rt.device, &rt.queue, &rt.kernels, (db, gemm::transposed(p.n)), (wgpu_buf(x).1, gemm::plain(p.k)), wgpu_buf(&out).1, (p.n, p.k, p.m), pr, true)?;
             Ok(out)
         }
@@ -152,7 +152,7 @@ fn gather_gpu(g: &Tensor, idx: &DeviceIndices, nnz: usize) -> Result<Tensor> {
             use crate::ops::gpu::{wgpu_buf, wgpu_output, wgpu_precision};
             let pr = wgpu_precision(g.dtype()).ok_or(Error::UnsupportedDType { op: "sparse_linear (dδ)", dtype: g.dtype() })?;
             let (rt, gb) = wgpu_buf(g);
-            let out = wgpu_output(rt, [nnz], DType::F32);
+            let out = wgpu_output("sparse_linear (gather)", rt, [nnz], DType::F32)?;
             sparse::wgsl::gather(&rt.device, &rt.queue, &rt.kernels, ib.buffer(), nnz, gb, g.elem_count(), wgpu_buf(&out).1, pr)?;
             Ok(out)
         }
