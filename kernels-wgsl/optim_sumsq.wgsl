@@ -5,6 +5,9 @@
 // sumsq_partial: a fixed number of workgroups (the launcher picks it from n only), each
 // striding over the buffer and tree-reducing in workgroup memory; workgroup k writes
 // partials[p.offset + k]. Several buffers write disjoint ranges of `partials`.
+// sumsq_partial_f16: the same over an f16 gradient (an f16 model's trained weights), read as
+// words of two elements (unpack2x16float: no f16 shader feature needed; where a driver flushes
+// f16 subnormals, each lost square is below 2^-28, nothing beside a norm worth clipping).
 // sumsq_finish: one workgroup sums partials[0..p.count) in a fixed order into out[0], so the
 // result is the same run to run. No subgroup operations.
 
@@ -21,6 +24,7 @@ const WG: u32 = 256u;
 @group(0) @binding(1) var<storage, read_write> partials: array<f32>;
 @group(0) @binding(2) var<storage, read> grad: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> grad16: array<u32>;
 
 var<workgroup> part: array<f32, WG>;
 
@@ -42,6 +46,20 @@ fn sumsq_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     var acc = 0.0;
     for (var e = wid.x * WG + lid; e < p.n; e = e + nwg.x * WG) {
         let x = grad[e];
+        acc = acc + x * x;
+    }
+    let total = workgroup_sum(lid, acc);
+    if (lid == 0u) {
+        partials[p.offset + wid.x] = total;
+    }
+}
+
+@compute @workgroup_size(256)
+fn sumsq_partial_f16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    var acc = 0.0;
+    for (var e = wid.x * WG + lid; e < p.n; e = e + nwg.x * WG) {
+        let x = unpack2x16float(grad16[e / 2u])[e % 2u];
         acc = acc + x * x;
     }
     let total = workgroup_sum(lid, acc);

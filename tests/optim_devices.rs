@@ -90,10 +90,13 @@ fn adamw_matches_reference_on_every_device() {
 
 #[test]
 fn sum_of_squares_and_clip_factor_match_on_every_device() {
-    // Several buffers, one of them larger than a full first-pass grid, one empty.
+    // Several buffers, one of them larger than a full first-pass grid, one empty; those at odd
+    // positions hold f16 values (read as f16 on wgpu).
     for dev in common::devices() {
         check_sum_squares(dev, &[1, 300, 0, 70_000], 1.0, 3).unwrap_or_else(|e| panic!("{e}"));
         check_sum_squares(dev, &[5], 1e6, 4).unwrap_or_else(|e| panic!("{e}"));
+        // f16 buffers (odd positions) of odd lengths: the last word holds one element.
+        check_sum_squares(dev, &[3, 301, 2, 65_537], 1.0, 5).unwrap_or_else(|e| panic!("{e}"));
     }
 }
 

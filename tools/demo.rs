@@ -263,6 +263,9 @@ pub struct BenchStepArgs {
     /// QLoRA: the decoder linears' weights quantized to NF4 (bitsandbytes' format), LoRA on top.
     #[arg(long, conflicts_with = "sparse")]
     qlora: bool,
+    /// Full fine-tuning (every parameter, AdamW) instead of LoRA.
+    #[arg(long, conflicts_with_all = ["sparse", "qlora"])]
+    full: bool,
     /// Sparse fine-tuning instead of LoRA: this fraction of every decoder linear trained (SpIEL's
     /// setup: SM3, the active entries changed every 20 steps, scored by SM3's accumulators).
     #[arg(long, value_name = "DENSITY")]
@@ -299,10 +302,11 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
     let seqs: Vec<Sequence> =
         (0..batch).map(|_| Sequence { ids: (0..seq).map(|_| rng.below(vocab) as u32).collect(), mask: vec![true; seq], starts: Vec::new() }).collect();
     let l = LoraConfig { r: rank, alpha: 2.0 * rank as f32, ..Default::default() };
-    let (method, optimizer) = match (a.sparse, a.qlora) {
-        (Some(density), _) => (Method::Sparse(SparseConfig { density, ..Default::default() }), OptimizerConfig::Sm3(Default::default())),
-        (None, true) => (Method::Qlora(l), OptimizerConfig::AdamW(Default::default())),
-        (None, false) => (Method::Lora(l), OptimizerConfig::AdamW(Default::default())),
+    let (method, optimizer) = match (a.sparse, a.qlora, a.full) {
+        (Some(density), _, _) => (Method::Sparse(SparseConfig { density, ..Default::default() }), OptimizerConfig::Sm3(Default::default())),
+        (None, true, _) => (Method::Qlora(l), OptimizerConfig::AdamW(Default::default())),
+        (None, false, true) => (Method::Full, OptimizerConfig::AdamW(Default::default())),
+        (None, false, false) => (Method::Lora(l), OptimizerConfig::AdamW(Default::default())),
     };
     let method_name = method.name();
     let cfg = TrainConfig {

@@ -256,10 +256,22 @@ pub fn check_adamw(dev: Device, case: AdamWCase) -> Check {
 
 /// The sum of squares of several gradient buffers computed on `dev`, against the f64 sum, and
 /// the clip factor from it against `clip_scale` of the f64 sum. CUDA sums in f64, WGSL in f32
-/// partials; the tolerances are below.
+/// partials; the tolerances are below. The buffers at odd positions hold f16 values, which
+/// wgpu reads as f16 gradients (an f16 model's), the other devices as f32.
 pub fn check_sum_squares(dev: Device, sizes: &[usize], max_norm: f32, seed: u64) -> Check {
     let mut rng = Rng::new(seed);
-    let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.vec(n, -2.0, 2.0)).collect();
+    let grads: Vec<Vec<f32>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(k, &n)| {
+            let g = rng.vec(n, -2.0, 2.0);
+            if k % 2 == 1 {
+                g.into_iter().map(|v| half::f16::from_f32(v).to_f32()).collect()
+            } else {
+                g
+            }
+        })
+        .collect();
     let want: f64 = grads.iter().map(|g| sum_sq_f64(g)).sum();
     let got = match dev {
         Device::Cpu => Ok(cpu::sum_squares(&grads.iter().map(|g| g.as_slice()).collect::<Vec<_>>())),
@@ -284,7 +296,7 @@ pub fn check_sum_squares(dev: Device, sizes: &[usize], max_norm: f32, seed: u64)
 
 mod wgpu_run {
     use super::{AdamWCase, AdamWState, Sm3Case, Sm3State};
-    use crate::device::wgpu::{runtime, PooledBuffer, WgpuRuntime};
+    use crate::device::wgpu::{runtime, PooledBuffer, Precision, WgpuRuntime};
     use crate::kernels::optim::{wgsl, AdamWParams, Sm3Params};
     use crate::Result;
 
@@ -296,10 +308,10 @@ mod wgpu_run {
         Ok(bytemuck::pod_collect_to_vec(&rt.download(b, n * 4)?))
     }
 
-    /// A device sum of squares of `g` (one buffer) for the clip factor.
+    /// A device sum of squares of `g` (one f32 buffer) for the clip factor.
     fn sum_sq_of(rt: &WgpuRuntime, g: &wgpu::Buffer, n: usize) -> Result<PooledBuffer> {
         let out = rt.alloc(4);
-        wgsl::sum_squares(&rt.device, &rt.queue, &rt.kernels, &[(g, n)], out.buffer())?;
+        wgsl::sum_squares(&rt.device, &rt.queue, &rt.kernels, &[(g, n, Precision::F32)], out.buffer())?;
         Ok(out)
     }
 
@@ -389,10 +401,19 @@ mod wgpu_run {
         Ok(AdamWState { w: down(&rt, w.buffer(), n)?, master: None, m: down(&rt, m.buffer(), n)?, v: down(&rt, v.buffer(), n)? })
     }
 
+    /// The buffers at odd positions go up as f16 (their values are f16's).
     pub fn sum_squares(i: usize, grads: &[Vec<f32>]) -> Result<f64> {
         let rt = runtime(i)?;
-        let bufs: Vec<PooledBuffer> = grads.iter().map(|g| up(&rt, g)).collect();
-        let list: Vec<(&wgpu::Buffer, usize)> = bufs.iter().zip(grads).map(|(b, g)| (b.buffer(), g.len())).collect();
+        let half = |k: usize| if k % 2 == 1 { Precision::F16 } else { Precision::F32 };
+        let bufs: Vec<PooledBuffer> = grads
+            .iter()
+            .enumerate()
+            .map(|(k, g)| match half(k) {
+                Precision::F16 => rt.upload(bytemuck::cast_slice(&g.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>())),
+                Precision::F32 => up(&rt, g),
+            })
+            .collect();
+        let list: Vec<(&wgpu::Buffer, usize, Precision)> = bufs.iter().zip(grads).enumerate().map(|(k, (b, g))| (b.buffer(), g.len(), half(k))).collect();
         let out = rt.alloc(4);
         wgsl::sum_squares(&rt.device, &rt.queue, &rt.kernels, &list, out.buffer())?;
         Ok(down(&rt, out.buffer(), 1)?[0] as f64)

@@ -219,13 +219,15 @@ impl WgpuOptimizer {
         if grads.len() != self.masters.len() {
             return Err(Error::InvalidArgument(format!("device optimizer: {} gradients for {} tensors", grads.len(), self.masters.len())));
         }
-        let grads = &f32_grads(grads)?;
         self.dispatch_sum_squares(grads)?;
         let (rt, ss) = wgpu_buf(&self.sum_sq);
         let clip = DeviceClip { sum_sq: ss, max_norm };
         let clip = (max_norm > 0.0).then_some(&clip);
         let (d, q, k) = (&rt.device, &rt.queue, &rt.kernels);
         for (i, g) in grads.iter().enumerate() {
+            // An f16 gradient is read in f32 one tensor at a time (its f32 copy goes back to
+            // the pool for the next tensor's), so a step holds one f32 copy at most.
+            let g = &f32_grad(g)?;
             let (w, gb) = (wgpu_buf(&self.masters[i]).1, wgpu_buf(g).1);
             match (&mut self.state, &p) {
                 (State::AdamW { m, v }, StepParams::AdamW(p)) => adamw(d, q, k, w, gb, wgpu_buf(&m[i]).1, wgpu_buf(&v[i]).1, g.elem_count(), *p, clip)?,
@@ -244,22 +246,32 @@ impl WgpuOptimizer {
                 }
                 _ => return Err(Error::InvalidArgument("device optimizer: step parameters of another optimizer".into())),
             }
-        }
-        if self.param_dtype != DType::F32 {
-            self.params = copies(&self.masters, self.param_dtype)?;
+            // The model's copy rewritten in place from the new master (queued after the
+            // backward that read it): no second set of copies while the model holds the first.
+            if self.param_dtype != DType::F32 {
+                let pm = &self.params[i];
+                crate::kernels::cast::wgsl::cast(d, q, k, w, DType::F32, wgpu_buf(pm).1, self.param_dtype, pm.elem_count())?;
+            }
         }
         Ok(PendingSumSq::F32(self.sum_sq.read_later()?))
     }
 
+    /// Queues the gradients' sum of squares (f32 or f16, read as they are) into `sum_sq`.
     fn dispatch_sum_squares(&self, grads: &[Tensor]) -> Result<()> {
         let (rt, ss) = wgpu_buf(&self.sum_sq);
-        let bufs: Vec<(&wgpu::Buffer, usize)> = grads.iter().map(|g| (wgpu_buf(g).1, g.elem_count())).collect();
+        let bufs = grads
+            .iter()
+            .map(|g| {
+                let pr = crate::ops::gpu::wgpu_precision(g.dtype()).ok_or_else(|| Error::InvalidArgument(format!("device optimizer: a {} gradient (f32 or f16 on wgpu)", g.dtype())))?;
+                Ok((wgpu_buf(g).1, g.elem_count(), pr))
+            })
+            .collect::<Result<Vec<_>>>()?;
         sum_squares(&rt.device, &rt.queue, &rt.kernels, &bufs, ss)
     }
 
     /// The gradients' sum of squares, read back.
     pub fn sum_squares(&mut self, grads: &[Tensor]) -> Result<f64> {
-        self.dispatch_sum_squares(&f32_grads(grads)?)?;
+        self.dispatch_sum_squares(grads)?;
         Ok(self.sum_sq.to_scalar()? as f64)
     }
 
@@ -277,8 +289,12 @@ fn copies(masters: &[Tensor], dtype: DType) -> Result<Vec<Tensor>> {
     masters.iter().map(|m| if dtype == DType::F32 { Ok(m.clone()) } else { m.to_dtype(dtype) }).collect()
 }
 
-/// The gradients in f32, as the optimizer kernels read them (an f16 model's trained base
-/// weights get f16 gradients; an overflow stays infinite, so a loss-scaled step still sees it).
-fn f32_grads(grads: &[Tensor]) -> Result<Vec<Tensor>> {
-    grads.iter().map(|g| if g.dtype() == DType::F32 { Ok(g.clone()) } else { g.to_dtype(DType::F32) }).collect()
+/// A gradient in f32, as the optimizer kernels read it (an f16 model's trained base weights
+/// get f16 gradients; an overflow stays infinite, so a loss-scaled step still sees it).
+fn f32_grad(g: &Tensor) -> Result<Tensor> {
+    if g.dtype() == DType::F32 {
+        Ok(g.clone())
+    } else {
+        g.to_dtype(DType::F32)
+    }
 }

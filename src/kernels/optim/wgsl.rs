@@ -3,7 +3,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use super::{adamw_factors, check_dense, AdamWParams, Sm3Params};
-use crate::device::wgpu::{grid, uniform, KernelCache};
+use crate::device::wgpu::{grid, uniform, KernelCache, Precision};
 use crate::kernels::check_len;
 use crate::{Error, Result};
 
@@ -255,23 +255,25 @@ pub fn adamw(
     Ok(())
 }
 
-/// Writes the sum of squares of the first `n` elements of every `(buffer, n)` in `grads`
-/// to `sum_sq[0]` (f32): per-workgroup partials, then one workgroup sums them in order.
+/// Writes the sum of squares of the first `n` elements of every `(buffer, n, precision)` in
+/// `grads` (f32, or f16 read two to a word) to `sum_sq[0]` (f32): per-workgroup partials,
+/// then one workgroup sums them in order.
 pub fn sum_squares(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
     kernels: &KernelCache,
-    grads: &[(&wgpu::Buffer, usize)],
+    grads: &[(&wgpu::Buffer, usize, Precision)],
     sum_sq: &wgpu::Buffer,
 ) -> Result<()> {
     const OP: &str = "sum_squares";
     check_buf(OP, "sum_sq", sum_sq, 1)?;
     let groups = |n: usize| n.div_ceil(4 * WG as usize).min(SUMSQ_MAX_GROUPS);
-    for (k, (b, n)) in grads.iter().enumerate() {
-        check_buf(OP, &format!("gradient {k}"), b, *n)?;
+    for (k, (b, n, pr)) in grads.iter().enumerate() {
+        let words = if *pr == Precision::F16 { n.div_ceil(2) } else { *n };
+        check_buf(OP, &format!("gradient {k}"), b, words)?;
         to_u32(OP, "n", *n)?;
     }
-    let total: usize = grads.iter().map(|(_, n)| groups(*n)).sum();
+    let total: usize = grads.iter().map(|(_, n, _)| groups(*n)).sum();
     let partials = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("tuna sum_squares partials"),
         size: (total.max(1) * 4) as u64,
@@ -279,16 +281,20 @@ pub fn sum_squares(
         mapped_at_creation: false,
     });
     let part = kernels.pipeline(device, "optim_sumsq_partial", SUMSQ_SOURCE, "sumsq_partial")?;
+    let part16 = kernels.pipeline(device, "optim_sumsq_partial_f16", SUMSQ_SOURCE, "sumsq_partial_f16")?;
     let finish = kernels.pipeline(device, "optim_sumsq_finish", SUMSQ_SOURCE, "sumsq_finish")?;
     let mut enc = device.create_command_encoder(&Default::default());
     let mut offset = 0;
-    for (b, n) in grads {
+    for (b, n, pr) in grads {
         let gr = groups(*n);
         if gr == 0 {
             continue;
         }
         let u = uniform(device, &SumSqUniform { n: *n as u32, offset: offset as u32, count: 0, _pad: 0 });
-        encode(device, &mut enc, &part, &[(0, &u), (1, &partials), (2, b)], (gr as u32, 1));
+        match pr {
+            Precision::F32 => encode(device, &mut enc, &part, &[(0, &u), (1, &partials), (2, b)], (gr as u32, 1)),
+            Precision::F16 => encode(device, &mut enc, &part16, &[(0, &u), (1, &partials), (4, b)], (gr as u32, 1)),
+        }
         offset += gr;
     }
     let u = uniform(device, &SumSqUniform { n: 0, offset: 0, count: to_u32(OP, "partials", total)?, _pad: 0 });
