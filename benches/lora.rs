@@ -123,7 +123,8 @@ fn lora(c: &mut Criterion) {
 
 /// The QLoRA backward's product `dX = dY·W` on the CPU, W in NF4 (`nf4::cpu::matmul_dyw`: W
 /// decoded inside the product) beside the same product on the f32 W (the `gemm` crate), at the
-/// row counts of small-batch training (M 1, 16 and 64 rows of dY; K 4096, N 4096 and 14336).
+/// row counts of small-batch training (M 1, 16, 32 and 64 rows of dY; K 4096, N 4096 and
+/// 14336).
 fn nf4_dyw_cpu(c: &mut Criterion) {
     use tuna::kernels::matmul::{cpu::matmul_new, MatmulParams};
     let mut g = c.benchmark_group("lora_dyw/cpu");

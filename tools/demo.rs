@@ -279,7 +279,7 @@ pub struct BenchStepArgs {
     profile: bool,
 }
 
-/// `tuna bench-step`: times LoRA (QLoRA, sparse) training steps of a random model (`--preset`) on `--device`
+/// `tuna bench-step`: times LoRA (QLoRA, sparse, full) training steps of a random model (`--preset`) on `--device`
 /// and prints `{"step_seconds": [...], "tokens_per_second": median, ...}`, with the wgpu
 /// buffer pool's peak memory on wgpu (`device_memory`).
 pub fn bench_step(a: BenchStepArgs) -> CliResult {

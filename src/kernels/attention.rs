@@ -146,7 +146,21 @@ pub mod cpu {
     use rayon::prelude::*;
 
     use super::AttentionParams;
+    use crate::kernels::math;
     use crate::kernels::matmul::cpu::{gemm_strided, View};
+
+    math::wide! {
+        /// `dS = P ∘ (dP - rowsum(P ∘ dP)) · scale` over one row (`ds` holds dP), in the CPU's
+        /// widest vectors.
+        fn ds_row(p: &[f32], ds: &mut [f32], dot: f32, scale: f32) = ds_row_lanes
+    }
+
+    #[inline(always)]
+    fn ds_row_lanes(p: &[f32], ds: &mut [f32], dot: f32, scale: f32) {
+        for (d, &pv) in ds.iter_mut().zip(p) {
+            *d = pv * (*d - dot) * scale;
+        }
+    }
 
     /// Views of head h of q-like tensors (`[B, T, H, D]`) and of head g of k/v-like ones.
     fn q_view<'a>(x: &'a [f32], p: &AttentionParams, b: usize, h: usize) -> View<'a> {
@@ -194,10 +208,17 @@ pub mod cpu {
     fn k_transposed(k: &[f32], p: &AttentionParams, b: usize, g: usize) -> Vec<f32> {
         let (s_len, dh) = (p.kv_len, p.head_dim);
         let mut kt = vec![0.0f32; dh * s_len];
-        for j in 0..s_len {
-            let ki = p.kv_index(b, j, g);
-            for (d, &x) in k[ki..ki + dh].iter().enumerate() {
-                kt[d * s_len + j] = x;
+        // 16 keys at a time: their rows read whole, each row of Kᵀ written 16 contiguous
+        // values (one cache line) at a time.
+        const KEYS: usize = 16;
+        let (base, stride) = (p.kv_index(b, 0, g), p.kv_heads * dh);
+        for j0 in (0..s_len).step_by(KEYS) {
+            let j1 = (j0 + KEYS).min(s_len);
+            let rows: [&[f32]; KEYS] = std::array::from_fn(|i| if j0 + i < j1 { &k[base + (j0 + i) * stride..][..dh] } else { &[] });
+            for d in 0..dh {
+                for (row, out) in rows.iter().zip(&mut kt[d * s_len + j0..d * s_len + j1]) {
+                    *out = row[d];
+                }
             }
         }
         kt
@@ -219,11 +240,10 @@ pub mod cpu {
             if lo == hi {
                 continue;
             }
-            let max = row[lo..hi].iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let z = crate::kernels::math::exp_shifted_sum(&mut row[lo..hi], max);
+            let max = math::max(&row[lo..hi]);
+            let z = math::exp_shifted_sum(&mut row[lo..hi], max);
             if z > 0.0 {
-                let inv = 1.0 / z;
-                row.iter_mut().for_each(|x| *x *= inv);
+                math::scale(&mut row[lo..hi], 1.0 / z);
             }
         }
     }
@@ -286,10 +306,8 @@ pub mod cpu {
                         // dP = dO·Vᵀ, then dS = P ∘ (dP - rowsum(P ∘ dP)), scaled.
                         gemm_strided(dob, transposed(vb), &mut ds, 1.0, false);
                         for (prow, drow) in pr.chunks(kw).zip(ds.chunks_mut(kw)).take(t1 - t0) {
-                            let dot: f32 = prow.iter().zip(drow.iter()).map(|(a, b)| a * b).sum();
-                            for (d, &pv) in drow.iter_mut().zip(prow) {
-                                *d = pv * (*d - dot) * p.scale;
-                            }
+                            let dot = math::dot(prow, drow);
+                            ds_row(prow, drow, dot, p.scale);
                         }
                         let dsv = View { data: &ds, rows: t1 - t0, cols: kw, rs: kw, cs: 1 };
                         let pv = View { data: &pr, rows: t1 - t0, cols: kw, rs: kw, cs: 1 };

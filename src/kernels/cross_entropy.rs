@@ -134,11 +134,10 @@ pub mod cpu {
                         return 0.0;
                     }
                     let zt = row[t as usize];
-                    let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let max = crate::kernels::math::max(row);
                     let sum = crate::kernels::math::exp_shifted_sum(row, max);
                     if grads {
-                        let s = inv_count / sum;
-                        row.iter_mut().for_each(|e| *e *= s);
+                        crate::kernels::math::scale(row, inv_count / sum);
                         row[t as usize] -= inv_count;
                     }
                     (max + sum.ln() - zt) as f64

@@ -45,10 +45,112 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
-/// `x[i] = exp(x[i] - shift)` over a slice, then their sum (in eight lanes, so the adds
-/// pipeline and vectorise; the order is fixed, so results do not vary between runs).
-#[inline]
-pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
+/// Whether this CPU has AVX-512F (checked once), for the CPU paths that run wider code there.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx512() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+}
+
+/// Whether this CPU has AVX2 (checked once).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx2() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
+}
+
+/// `fn $name(args) -> ret` running `$inner` (an `#[inline(always)]` loop written to
+/// vectorise) compiled for AVX-512F or AVX2 where the CPU has them, else for the crate's
+/// baseline (SSE2 on x86-64): 16 or 8 lanes instead of 4, the same operations in the same
+/// order, so the same bits on every CPU (Rust does not contract `a * b + c` into a fused
+/// multiply-add).
+macro_rules! wide {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $inner:path) => {
+        $(#[$doc])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $inner($($arg),*)
+                }
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $inner($($arg),*)
+                }
+                if $crate::kernels::math::avx512() {
+                    // SAFETY: the CPU has AVX-512F.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if $crate::kernels::math::avx2() {
+                    // SAFETY: the CPU has AVX2.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $inner($($arg),*)
+        }
+    };
+}
+pub(crate) use wide;
+
+wide! {
+    /// `x[i] = exp(x[i] - shift)` over a slice, then their sum (in eight lanes, so the adds
+    /// pipeline and vectorise; the order is fixed, so results do not vary between runs), in
+    /// the CPU's widest vectors ([`wide`]).
+    pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 = exp_shifted_sum_lanes
+}
+
+wide! {
+    /// The largest element (`f32::max`'s: NaN only where every element is; negative infinity
+    /// for none), in the CPU's widest vectors.
+    pub fn max(x: &[f32]) -> f32 = max_lanes
+}
+
+wide! {
+    /// `x[i] *= s`, in the CPU's widest vectors.
+    pub fn scale(x: &mut [f32], s: f32) = scale_lanes
+}
+
+wide! {
+    /// `Σ a[i]·b[i]` in sixteen lanes summed in order at the end: the same order (and bits) on
+    /// every CPU, in its widest vectors.
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 = dot_lanes
+}
+
+#[inline(always)]
+fn max_lanes(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v);
+        }
+    }
+    chunks.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |m, &v| m.max(v))
+}
+
+#[inline(always)]
+fn scale_lanes(x: &mut [f32], s: f32) {
+    for v in x.iter_mut() {
+        *v *= s;
+    }
+}
+
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let (mut ca, mut cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for ((l, &x), &y) in lanes.iter_mut().zip(x).zip(y) {
+            *l += x * y;
+        }
+    }
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn exp_shifted_sum_lanes(x: &mut [f32], shift: f32) -> f32 {
     for v in x.iter_mut() {
         *v = exp(*v - shift);
     }
@@ -83,6 +185,38 @@ mod tests {
             }
         }
         assert!(worst.0 <= 2.0, "exp({}) is {} ulp from f64", worst.1, worst.0);
+    }
+
+    #[test]
+    fn the_wide_exp_sum_is_the_baseline_one() {
+        // exp_shifted_sum on AVX-512 or AVX2 (where this CPU has them) against the same loop
+        // compiled for the crate's baseline: the same values and sum, bit for bit, over a
+        // length with a remainder past every lane width and inputs across exp's range.
+        let x: Vec<f32> = (0..1037).map(|i| -100.0 + 180.0 * ((i * 7919) % 1037) as f32 / 1037.0).collect();
+        for shift in [0.0f32, 3.5, 60.0] {
+            let (mut wide, mut base) = (x.clone(), x.clone());
+            let (sw, sb) = (exp_shifted_sum(&mut wide, shift), exp_shifted_sum_lanes(&mut base, shift));
+            assert!(sw.is_finite() && sw > 0.0, "shift {shift}: {sw}");
+            assert_eq!(sw.to_bits(), sb.to_bits(), "sum, shift {shift}");
+            assert_eq!(wide.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), base.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "values, shift {shift}");
+        }
+    }
+
+    #[test]
+    fn max_scale_and_dot_match_plain_loops() {
+        let a: Vec<f32> = (0..1037).map(|i| ((i * 7919) % 1037) as f32 / 1037.0 - 0.5).collect();
+        let b: Vec<f32> = (0..1037).map(|i| ((i * 31) % 1037) as f32 / 1037.0 - 0.25).collect();
+        for len in [0, 1, 15, 16, 17, 1037] {
+            let (a, b) = (&a[..len], &b[..len]);
+            assert_eq!(max(a), a.iter().cloned().fold(f32::NEG_INFINITY, f32::max), "max of {len}");
+            let want: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!((dot(a, b) as f64 - want).abs() <= 1e-5, "dot of {len}: {} vs {want}", dot(a, b));
+            assert_eq!(dot(a, b).to_bits(), dot_lanes(a, b).to_bits(), "dot of {len}: wide vs baseline");
+            let mut s = a.to_vec();
+            scale(&mut s, 0.3);
+            assert_eq!(s, a.iter().map(|v| v * 0.3).collect::<Vec<_>>());
+        }
+        assert_eq!(max(&[f32::NAN, 2.0, f32::NAN]), 2.0);
     }
 
     #[test]

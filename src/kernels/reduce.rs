@@ -42,13 +42,10 @@ pub mod cpu {
     /// Numerically stable softmax of one row; returns log(sum exp(x - max)) + max (the
     /// log-sum-exp), which cross-entropy reuses.
     pub fn softmax_row(a: &[f32], o: &mut [f32]) -> f32 {
-        let max = a.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let max = crate::kernels::math::max(a);
         o.copy_from_slice(a);
         let z = crate::kernels::math::exp_shifted_sum(o, max);
-        let inv = 1.0 / z;
-        for o in o.iter_mut() {
-            *o *= inv;
-        }
+        crate::kernels::math::scale(o, 1.0 / z);
         max + z.ln()
     }
 

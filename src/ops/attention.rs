@@ -83,7 +83,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttentionMask, scale:
             let (sq, sk, sv, so) = (saved(q), saved(k), saved(v), saved(&o));
             return record(OP, o, &[q, k, v], move |g, _| {
                 let (rt, qb) = wgpu_buf(&sq);
-                let (dq, dk, dv) = (wgpu_output(OP, rt, sq.shape().clone(), dt)?, wgpu_output(OP, rt, sk.shape().clone(), dt)?, wgpu_output(OP, rt, sv.shape().clone(), dt)?);
+                const BWD: &str = "attention (backward: dq, dk, dv)";
+                let (dq, dk, dv) = (wgpu_output(BWD, rt, sq.shape().clone(), dt)?, wgpu_output(BWD, rt, sk.shape().clone(), dt)?, wgpu_output(BWD, rt, sv.shape().clone(), dt)?);
                 let (kb, vb, ob) = (wgpu_buf(&sk).1, wgpu_buf(&sv).1, wgpu_buf(&so).1);
                 let sb = starts.as_ref().map(|b| b.buffer());
                 wgsl::backward(&rt.device, &rt.queue, &rt.kernels, qb, kb, vb, sb, ob, wgpu_buf(g).1, stats.buffer(), wgpu_buf(&dq).1, wgpu_buf(&dk).1, wgpu_buf(&dv).1, &p, pr.expect(WGPU_FLOAT))?;

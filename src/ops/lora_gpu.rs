@@ -106,9 +106,9 @@ pub(super) fn linear_group_wgpu(x: &Tensor, parts: &[LinearPart<'_>], params: &[
                 }
                 continue;
             };
-            let dxi = needs[0].then(|| wgpu_output(OP, rt, x_shape.clone(), dt)).transpose()?;
+            let dxi = needs[0].then(|| wgpu_output("linear (backward: dx)", rt, x_shape.clone(), dt)).transpose()?;
             let (da, db, a, b) = match lora {
-                Some((a, b, _, _)) => (Some(wgpu_output(OP, rt, a.shape().clone(), DType::F32)?), Some(wgpu_output(OP, rt, b.shape().clone(), DType::F32)?), wgpu_buf(a).1, wgpu_buf(b).1),
+                Some((a, b, _, _)) => (Some(wgpu_output("linear (backward: dA)", rt, a.shape().clone(), DType::F32)?), Some(wgpu_output("linear (backward: dB)", rt, b.shape().clone(), DType::F32)?), wgpu_buf(a).1, wgpu_buf(b).1),
                 None => (None, None, xb, xb),
             };
             // A plain part (R = 0) writes no dA/dB: small scratch buffers bind in their place.

@@ -43,7 +43,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i32) -> Re
             let (sz, st) = (saved(logits), saved(targets));
             return record(OP, loss, &[logits, targets], move |g, _| {
                 let (rt, zb) = wgpu_buf(&sz);
-                let dz = wgpu_output(OP, rt, sz.shape().clone(), DType::F32)?;
+                let dz = wgpu_output("cross_entropy (backward: d logits)", rt, sz.shape().clone(), DType::F32)?;
                 ce::wgsl::backward(&rt.device, &rt.queue, &rt.kernels, zb, wgpu_buf(&st).1, lse.buffer(), wgpu_buf(g).1, wgpu_buf(&dz).1, p)?;
                 Ok(vec![Some(dz), None])
             });
@@ -112,8 +112,8 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
             let count = tv.iter().filter(|&&t| t != ignore_index).count();
             let (rt, xb) = wgpu_buf(x);
             let loss = wgpu_output(OP, rt, Vec::new(), DType::F32)?;
-            let dx = need_dx.then(|| wgpu_output(OP, rt, [m, h], DType::F32)).transpose()?;
-            let dw = need_dw.then(|| wgpu_output(OP, rt, [v, h], DType::F32)).transpose()?;
+            let dx = need_dx.then(|| wgpu_output("linear_cross_entropy (dx)", rt, [m, h], DType::F32)).transpose()?;
+            let dw = need_dw.then(|| wgpu_output("linear_cross_entropy (dW)", rt, [v, h], DType::F32)).transpose()?;
             let (dxb, dwb) = (dx.as_ref().map(|t| wgpu_buf(t).1), dw.as_ref().map(|t| wgpu_buf(t).1));
             let pr = crate::ops::gpu::wgpu_precision(dt).expect("f32 or f16");
             ce::wgsl::linear_forward(rt, xb, wgpu_buf(w).1, wgpu_buf(&targets).1, dxb, dwb, wgpu_buf(&loss).1, count, p, pr)?;

@@ -156,7 +156,7 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     record(OP, out, &[g, u], move |dy, _| {
         if let Device::Wgpu(_) = sg.device() {
             let (rt, gb) = wgpu_buf(&sg);
-            let (dg, du) = (wgpu_output(OP, rt, sg.shape().clone(), dt)?, wgpu_output(OP, rt, su.shape().clone(), dt)?);
+            let (dg, du) = (wgpu_output("swiglu (backward)", rt, sg.shape().clone(), dt)?, wgpu_output("swiglu (backward)", rt, su.shape().clone(), dt)?);
             wgsl::backward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(&su).1, wgpu_buf(dy).1, wgpu_buf(&dg).1, wgpu_buf(&du).1, p, pr.expect(WGPU_FLOAT))?;
             return Ok(vec![Some(dg), Some(du)]);
         }

@@ -186,7 +186,8 @@ impl PendingSumSq {
 /// The wgpu state: masters and optimizer state in buffers the kernels update in place.
 pub(crate) struct WgpuOptimizer {
     /// What the model reads, one tensor per trained tensor: the masters themselves (f32), or
-    /// their f16 copies (an f16 model's trained base weights), made anew after each step.
+    /// their f16 copies (an f16 model's trained base weights), rewritten in place from the
+    /// masters after each tensor's step.
     pub params: Vec<Tensor>,
     /// The f32 masters; the kernels update their buffers in place.
     masters: Vec<Tensor>,
@@ -261,8 +262,10 @@ impl WgpuOptimizer {
         let (rt, ss) = wgpu_buf(&self.sum_sq);
         let bufs = grads
             .iter()
-            .map(|g| {
-                let pr = crate::ops::gpu::wgpu_precision(g.dtype()).ok_or_else(|| Error::InvalidArgument(format!("device optimizer: a {} gradient (f32 or f16 on wgpu)", g.dtype())))?;
+            .enumerate()
+            .map(|(i, g)| {
+                let pr = crate::ops::gpu::wgpu_precision(g.dtype())
+                    .ok_or_else(|| Error::InvalidArgument(format!("device optimizer: the gradient of trained tensor {i} is {} (f32 or f16 on wgpu)", g.dtype())))?;
                 Ok((wgpu_buf(g).1, g.elem_count(), pr))
             })
             .collect::<Result<Vec<_>>>()?;
