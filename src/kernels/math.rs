@@ -137,7 +137,7 @@ fn scale_lanes(x: &mut [f32], s: f32) {
 }
 
 #[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 16];
     let (mut ca, mut cb) = (a.chunks_exact(16), b.chunks_exact(16));
     for (x, y) in (&mut ca).zip(&mut cb) {

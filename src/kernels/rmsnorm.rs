@@ -76,7 +76,46 @@ pub mod cpu {
 
     use super::RmsNormParams;
     use crate::device::cpu::rows_per_task;
+    use crate::kernels::math;
     use crate::Result;
+
+    math::wide! {
+        /// One row of the forward: its rstd, and y = w·x·rstd (in the CPU's widest vectors).
+        fn forward_row(x: &[f32], w: &[f32], y: &mut [f32], eps: f32) -> f32 = forward_row_lanes
+    }
+
+    math::wide! {
+        /// One row of the backward: dx, and the row's share added to dw.
+        fn backward_row(x: &[f32], w: &[f32], dy: &[f32], r: f32, dx: &mut [f32], dw: &mut [f32]) = backward_row_lanes
+    }
+
+    #[inline(always)]
+    fn forward_row_lanes(x: &[f32], w: &[f32], y: &mut [f32], eps: f32) -> f32 {
+        let r = 1.0 / (math::dot_lanes(x, x) / x.len() as f32 + eps).sqrt();
+        for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+            *y = w * x * r;
+        }
+        r
+    }
+
+    #[inline(always)]
+    fn backward_row_lanes(x: &[f32], w: &[f32], dy: &[f32], r: f32, dx: &mut [f32], dw: &mut [f32]) {
+        let n = x.len();
+        // c = Σ dy·w·x / n, in sixteen lanes summed in order at the end (as `math::dot`).
+        let mut lanes = [0.0f32; 16];
+        let (mut cd, mut cw, mut cx) = (dy.chunks_exact(16), w.chunks_exact(16), x.chunks_exact(16));
+        for ((d, w), x) in (&mut cd).zip(&mut cw).zip(&mut cx) {
+            for (((l, &d), &w), &x) in lanes.iter_mut().zip(d).zip(w).zip(x) {
+                *l += d * w * x;
+            }
+        }
+        let tail: f32 = cd.remainder().iter().zip(cw.remainder()).zip(cx.remainder()).map(|((d, w), x)| d * w * x).sum();
+        let c = (lanes.iter().sum::<f32>() + tail) / n as f32;
+        for ((((dx, dw), &x), &w), &dy) in dx.iter_mut().zip(dw.iter_mut()).zip(x).zip(w).zip(dy) {
+            *dx = r * (dy * w - x * r * r * c);
+            *dw += dy * x * r;
+        }
+    }
 
     pub fn forward(x: &[f32], w: &[f32], y: &mut [f32], rstd: &mut [f32], p: RmsNormParams) -> Result<()> {
         p.check("rmsnorm_fwd", x.len(), w.len(), y.len(), rstd.len())?;
@@ -88,11 +127,7 @@ pub mod cpu {
             .zip(x[..p.rows * n].par_chunks(n * chunk))
             .for_each(|((y, rs), x)| {
                 for ((y, r), x) in y.chunks_mut(n).zip(rs.iter_mut()).zip(x.chunks(n)) {
-                    let ss: f32 = x.iter().map(|v| v * v).sum();
-                    *r = 1.0 / (ss / n as f32 + p.eps).sqrt();
-                    for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
-                        *y = w * x * *r;
-                    }
+                    *r = forward_row(x, &w[..n], y, p.eps);
                 }
             });
         Ok(())
@@ -122,11 +157,7 @@ pub mod cpu {
             .map(|(((dx, x), dy), rs)| {
                 let mut dw_part = vec![0.0f32; n];
                 for (((dx, x), dy), &r) in dx.chunks_mut(n).zip(x.chunks(n)).zip(dy.chunks(n)).zip(rs) {
-                    let c: f32 = dy.iter().zip(w).zip(x).map(|((g, w), x)| g * w * x).sum::<f32>() / n as f32;
-                    for j in 0..n {
-                        dx[j] = r * (dy[j] * w[j] - x[j] * r * r * c);
-                        dw_part[j] += dy[j] * x[j] * r;
-                    }
+                    backward_row(x, &w[..n], dy, r, dx, &mut dw_part);
                 }
                 dw_part
             })
