@@ -54,7 +54,7 @@ pub mod cpu {
         let chunk = rows_per_task(n) * n;
         dx.par_chunks_mut(chunk).zip(y.par_chunks(chunk)).zip(dy.par_chunks(chunk)).for_each(|((dx, y), dy)| {
             for ((dx, y), dy) in dx.chunks_mut(n).zip(y.chunks(n)).zip(dy.chunks(n)) {
-                let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
+                let dot = crate::kernels::math::dot(y, dy);
                 for ((d, y), g) in dx.iter_mut().zip(y).zip(dy) {
                     *d = y * (g - dot);
                 }

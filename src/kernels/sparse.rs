@@ -214,16 +214,7 @@ pub mod cpu {
             .with_min_len(256)
             .map(|&e| {
                 let (n, k) = (e as usize / p.k, e as usize % p.k);
-                let (a, b) = (&dyt[n * p.m..(n + 1) * p.m], &xt[k * p.m..(k + 1) * p.m]);
-                let mut lanes = [0.0f32; 8];
-                let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-                let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-                for (u, v) in ca.zip(cb) {
-                    for l in 0..8 {
-                        lanes[l] += u[l] * v[l];
-                    }
-                }
-                lanes.iter().sum::<f32>() + tail
+                crate::kernels::math::dot(&dyt[n * p.m..(n + 1) * p.m], &xt[k * p.m..(k + 1) * p.m])
             })
             .collect()
     }
