@@ -123,8 +123,8 @@ fn lora(c: &mut Criterion) {
 
 /// The QLoRA backward's product `dX = dY·W` on the CPU, W in NF4 (`nf4::cpu::matmul_dyw`: W
 /// decoded inside the product) beside the same product on the f32 W (the `gemm` crate), at the
-/// row counts of small-batch training (M 1, 16, 32 and 64 rows of dY; K 4096, N 4096 and
-/// 14336).
+/// row counts of small-batch training (M 1, 16, 32 and 64 rows of dY) and a batch of 512 tokens
+/// (K 4096, N 4096 and 14336).
 fn nf4_dyw_cpu(c: &mut Criterion) {
     use tuna::kernels::matmul::{cpu::matmul_new, MatmulParams};
     let mut g = c.benchmark_group("lora_dyw/cpu");
@@ -134,7 +134,7 @@ fn nf4_dyw_cpu(c: &mut Criterion) {
         let mut rng = Rng::new(8);
         let w = rng.vec(n * k, -0.02, 0.02);
         let q = tuna::kernels::nf4::cpu::quantize(&w);
-        for m in [1, 16, 32, 64] {
+        for m in [1, 16, 32, 64, 512] {
             let dy = rng.vec(m * n, -1.0, 1.0);
             let id = format!("M{m} K{k} N{n}");
             g.throughput(Throughput::Elements((2 * m * n * k) as u64));

@@ -88,12 +88,14 @@ fn dequantize_transposed_is_the_transpose_of_dequantize() {
 #[test]
 fn nf4_products_match_the_dequantized_weights() {
     // x·Wᵀ and dy·W with W in NF4, decoded a tile at a time for few rows (m <= 64, K a multiple
-    // of 64) or whole otherwise, against the same products on the dequantized W (f64 sums). On
+    // of 64), a panel of 512 rows of W at a time for more, whole where K is not a multiple of
+    // 64, against the same products on the dequantized W (f64 sums). On
     // an AVX-512 CPU, W is decoded in registers for x·Wᵀ with m <= 16 (K 512 at a time) and for
     // dy·W with m <= 32 (6 rows of dy, 4 blocks of 64 columns and 1024 rows of W at a time):
     // shapes past each of those steps, with ragged ends.
     let mut rng = tuna::rng::Rng::new(11);
-    let shapes = [(1, 70, 64), (5, 130, 192), (16, 77, 1088), (9, 130, 576), (17, 20, 128), (64, 3, 128), (65, 33, 64), (3, 20, 100), (7, 2100, 320), (32, 1030, 64), (33, 40, 128)];
+    // Past 64 rows W is decoded 512 rows at a time (one panel, two, a ragged last one).
+    let shapes = [(1, 70, 64), (5, 130, 192), (16, 77, 1088), (9, 130, 576), (17, 20, 128), (64, 3, 128), (65, 33, 64), (3, 20, 100), (7, 2100, 320), (32, 1030, 64), (33, 40, 128), (70, 1100, 128), (66, 512, 192), (65, 30, 100)];
     for (m, n, k) in shapes {
         let q = cpu::quantize(&rng.vec(n * k, -1.0, 1.0));
         let w = cpu::dequantize(&q).unwrap();

@@ -172,6 +172,45 @@ pub mod cpu {
         );
     }
 
+    /// `c = a·b` (or `c += a·b` with `accumulate`) for strided views, c `[a.rows, b.cols]`
+    /// with row stride `c_rs` (a block of columns of a wider matrix), threaded as `matmul`.
+    pub fn gemm_view_into(a: View<'_>, b: View<'_>, c: &mut [f32], c_rs: usize, accumulate: bool) {
+        let (m, k, n) = (a.rows, a.cols, b.cols);
+        assert!(a.fits() && b.fits() && b.rows == k && n <= c_rs && (m == 0 || (m - 1) * c_rs + n <= c.len()), "gemm_view_into: views out of bounds");
+        if m == 0 || n == 0 || k == 0 {
+            if !accumulate {
+                c.chunks_mut(c_rs).take(m).for_each(|row| row[..n].fill(0.0));
+            }
+            return;
+        }
+        let threads = GEMM_THREADS.get();
+        let par = if 2 * m * n * k < 1 << 20 || threads == 1 { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(threads) };
+        // SAFETY: every index the views and c can reach was bounds-checked above.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                c_rs as isize,
+                accumulate,
+                a.data.as_ptr(),
+                a.cs as isize,
+                a.rs as isize,
+                b.data.as_ptr(),
+                b.cs as isize,
+                b.rs as isize,
+                if accumulate { 1.0 } else { 0.0 },
+                1.0,
+                false,
+                false,
+                false,
+                par,
+            );
+        }
+    }
+
     /// A strided matrix view: element (i, j) is `data[i * rs + j * cs]`.
     #[derive(Clone, Copy)]
     pub struct View<'a> {

@@ -108,6 +108,11 @@ pub fn dequantize_into(q: &Nf4Tensor, out: &mut [f32]) -> crate::Result<()> {
 /// (the tiled form would repack x for every tile).
 pub const TILED_MAX_ROWS: usize = 64;
 
+/// Rows of W the NF4 products decode at a time past `TILED_MAX_ROWS` rows of x or dy (K a
+/// multiple of 64): one `[K, 512]` buffer a call (8 MiB at K 4096), never W whole (decoding a
+/// 4096 x 4096 W into a fresh 64 MiB cost more in page faults than in decoding).
+const PANEL_ROWS: usize = 512;
+
 /// Up to this many rows of x, `matmul_xwt` on an AVX-512 CPU runs `direct::xwt` (no GEMM).
 pub const DIRECT_MAX_ROWS: usize = 16;
 
@@ -275,21 +280,34 @@ mod direct {
 /// `y = x·Wᵀ` (`x` `[m, k]`, W `[n, k]` in NF4, `y` `[m, n]`): for `m <= TILED_MAX_ROWS`
 /// and `k` a multiple of 64, each task decodes 64 rows of W into a buffer of its own and
 /// multiplies x by it, so W is never decoded whole (decoding a 4096 × 4096 W whole costs
-/// more than the product at m = 1: most of it page faults on the fresh 64 MiB); else W is
-/// decoded (transposed) and the GEMM runs on it. For `m <= DIRECT_MAX_ROWS` on an AVX-512
+/// more than the product at m = 1: most of it page faults on the fresh 64 MiB); for more rows
+/// `PANEL_ROWS` rows of W are decoded (transposed) at a time and the GEMM runs on each (W is
+/// decoded whole only where `k` is not a multiple of 64). For `m <= DIRECT_MAX_ROWS` on an AVX-512
 /// CPU, `direct` decodes W in registers instead of tiles. Within rounding of the f32 W's
 /// product (each form sums in its own order).
 pub fn matmul_xwt(q: &Nf4Tensor, x: &[f32], m: usize, n: usize, k: usize) -> crate::Result<Vec<f32>> {
-    use crate::kernels::matmul::cpu::{gemm_strided, matmul_new, View};
+    use crate::kernels::matmul::cpu::{gemm_strided, gemm_view_into, matmul_new, View};
     use crate::kernels::matmul::MatmulParams;
     check_matrix(q, x, m, n, k, "x")?;
     if m == 0 || n == 0 || k == 0 {
         return Ok(vec![0.0; m * n]);
     }
-    if m > TILED_MAX_ROWS || !k.is_multiple_of(BLOCK) {
+    if !k.is_multiple_of(BLOCK) {
         return matmul_new(&x[..m * k], &dequantize_transposed(q, n, k)?, MatmulParams { m, n, k, trans_a: false, trans_b: false });
     }
     let (scales, per_row) = (absmax(q), k / BLOCK);
+    if m > TILED_MAX_ROWS {
+        // PANEL_ROWS rows of W at a time, decoded transposed into one buffer, each product
+        // written straight into its columns of y.
+        let mut y = vec![0.0f32; m * n];
+        let mut panel = vec![0.0f32; k * PANEL_ROWS.min(n)];
+        for r0 in (0..n).step_by(PANEL_ROWS) {
+            let rn = PANEL_ROWS.min(n - r0);
+            decode_transposed_into(q, &scales, (r0, rn), k, &mut panel[..k * rn]);
+            gemm_view_into(View { data: &x[..m * k], rows: m, cols: k, rs: k, cs: 1 }, View { data: &panel[..k * rn], rows: k, cols: rn, rs: rn, cs: 1 }, &mut y[r0..], n, false);
+        }
+        return Ok(y);
+    }
     #[cfg(target_arch = "x86_64")]
     if m <= DIRECT_MAX_ROWS && avx512() {
         return Ok(direct::xwt(q, &scales, &x[..m * k], m, n, k));
@@ -326,19 +344,34 @@ pub fn matmul_xwt(q: &Nf4Tensor, x: &[f32], m: usize, n: usize, k: usize) -> cra
 
 /// `dx = dy·W` (`dy` `[m, n]`, W `[n, k]` in NF4, `dx` `[m, k]`), the backward's product:
 /// for `m <= TILED_MAX_ROWS` and `k` a multiple of 64, each task decodes one 64-column
-/// block of every row of W and multiplies dy by it; else W is decoded whole. For
+/// block of every row of W and multiplies dy by it; for more rows `PANEL_ROWS` rows of W at a
+/// time, each panel's product added into dx (W whole only where `k` is not a multiple of 64). For
 /// `m <= DIRECT_DYW_MAX_ROWS` on an AVX-512 CPU, `direct::dyw` decodes W in registers instead.
 pub fn matmul_dyw(q: &Nf4Tensor, dy: &[f32], m: usize, n: usize, k: usize) -> crate::Result<Vec<f32>> {
-    use crate::kernels::matmul::cpu::{gemm_strided, matmul_new, View};
+    use crate::kernels::matmul::cpu::{gemm_strided, gemm_view_into, matmul_new, View};
     use crate::kernels::matmul::MatmulParams;
     check_matrix(q, dy, m, n, k, "dy")?;
     if m == 0 || n == 0 || k == 0 {
         return Ok(vec![0.0; m * k]);
     }
-    if m > TILED_MAX_ROWS || !k.is_multiple_of(BLOCK) {
+    if !k.is_multiple_of(BLOCK) {
         return matmul_new(&dy[..m * n], &dequantize(q)?, MatmulParams { m, n: k, k: n, trans_a: false, trans_b: false });
     }
     let (scales, per_row) = (absmax(q), k / BLOCK);
+    if m > TILED_MAX_ROWS {
+        // PANEL_ROWS rows of W at a time (whole blocks, in order), each panel's product
+        // added into dx.
+        let mut dx = vec![0.0f32; m * k];
+        let mut panel = vec![0.0f32; k * PANEL_ROWS.min(n)];
+        for r0 in (0..n).step_by(PANEL_ROWS) {
+            let rn = PANEL_ROWS.min(n - r0);
+            let blocks = r0 * per_row..(r0 + rn) * per_row;
+            panel[..k * rn].par_chunks_mut(BLOCK).zip(q.packed[blocks.start * BLOCK / 2..blocks.end * BLOCK / 2].par_chunks(BLOCK / 2)).zip(scales[blocks].par_iter()).for_each(|((o, codes), &a)| decode_block(codes, a, o));
+            let dyv = View { data: &dy[r0..m * n], rows: m, cols: rn, rs: n, cs: 1 };
+            gemm_view_into(dyv, View { data: &panel[..k * rn], rows: rn, cols: k, rs: k, cs: 1 }, &mut dx, k, r0 > 0);
+        }
+        return Ok(dx);
+    }
     #[cfg(target_arch = "x86_64")]
     if m <= DIRECT_DYW_MAX_ROWS && avx512() {
         return Ok(direct::dyw(q, &scales, &dy[..m * n], m, n, k));
@@ -395,17 +428,23 @@ pub fn dequantize_transposed(q: &Nf4Tensor, rows: usize, cols: usize) -> crate::
     if !cols.is_multiple_of(BLOCK) {
         return Ok(crate::kernels::matmul::cpu::transpose(&dequantize(q)?, rows, cols));
     }
-    let scales = absmax(q);
-    let per_row = cols / BLOCK;
     let mut out = vec![0.0f32; q.len];
-    // Task kb writes output rows 64kb..64kb+64 (input columns), from block kb of each row,
-    // 64 rows of the input at a time through a [64 rows][64 columns] tile.
-    out.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(kb, dst)| {
+    decode_transposed_into(q, &absmax(q), (0, rows), cols, &mut out);
+    Ok(out)
+}
+
+/// Rows `row0..row0 + rows` of the dequantized `[.., cols]` matrix (`cols` a multiple of 64),
+/// transposed into `out` (`[cols, rows]`): task kb writes output rows 64kb..64kb+64 (input
+/// columns) from block kb of each row, 64 rows of the input at a time through a
+/// `[64 rows][64 columns]` tile.
+fn decode_transposed_into(q: &Nf4Tensor, scales: &[f32], (row0, rows): (usize, usize), cols: usize, out: &mut [f32]) {
+    let per_row = cols / BLOCK;
+    out[..rows * cols].par_chunks_mut(BLOCK * rows).enumerate().for_each(|(kb, dst)| {
         let mut tile = [[0.0f32; BLOCK]; BLOCK];
         for r0 in (0..rows).step_by(BLOCK) {
             let rn = BLOCK.min(rows - r0);
             for (i, t) in tile.iter_mut().enumerate().take(rn) {
-                let b = (r0 + i) * per_row + kb;
+                let b = (row0 + r0 + i) * per_row + kb;
                 decode_block(&q.packed[b * BLOCK / 2..][..BLOCK / 2], scales[b], t);
             }
             for j in 0..BLOCK {
@@ -416,7 +455,6 @@ pub fn dequantize_transposed(q: &Nf4Tensor, rows: usize, cols: usize) -> crate::
             }
         }
     });
-    Ok(out)
 }
 
 pub fn dequantize(q: &Nf4Tensor) -> crate::Result<Vec<f32>> {
