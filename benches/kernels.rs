@@ -124,20 +124,21 @@ fn attention_cpu(c: &mut Criterion) {
     use tuna::kernels::attention::{cpu, AttentionParams};
     let mut g = c.benchmark_group("attention/cpu");
     g.sample_size(10);
-    for &(t, d, causal) in &[(512, 64, true), (512, 64, false), (1024, 64, true), (2048, 64, true), (1024, 128, true)] {
+    // (T, D, causal, key/value heads): 8 query heads, and one grouped-query row (Llama's 4:1).
+    for &(t, d, causal, kvh) in &[(512, 64, true, 8), (512, 64, false, 8), (1024, 64, true, 8), (2048, 64, true, 8), (1024, 128, true, 8), (2048, 64, true, 2)] {
         let (b, h) = (1, 8);
-        let p = AttentionParams { batch: b, q_len: t, kv_len: t, heads: h, kv_heads: h, head_dim: d, causal, window: None, scale: 1.0 / (d as f32).sqrt() };
+        let p = AttentionParams { batch: b, q_len: t, kv_len: t, heads: h, kv_heads: kvh, head_dim: d, causal, window: None, scale: 1.0 / (d as f32).sqrt() };
         let mut rng = Rng::new(3);
-        let (q, k, v, dout) = (rng.vec(b * t * h * d, -1.0, 1.0), rng.vec(b * t * h * d, -1.0, 1.0), rng.vec(b * t * h * d, -1.0, 1.0), rng.vec(b * t * h * d, -1.0, 1.0));
+        let (q, k, v, dout) = (rng.vec(b * t * h * d, -1.0, 1.0), rng.vec(b * t * kvh * d, -1.0, 1.0), rng.vec(b * t * kvh * d, -1.0, 1.0), rng.vec(b * t * h * d, -1.0, 1.0));
         let fwd_flops = 4 * b * t * t * d * h / if causal { 2 } else { 1 };
-        let id = format!("T{t}-D{d}-{}", if causal { "causal" } else { "full" });
+        let id = format!("T{t}-D{d}-{}{}", if causal { "causal" } else { "full" }, if kvh < h { format!("-G{kvh}") } else { String::new() });
         let mut o = vec![0.0f32; q.len()];
         g.throughput(Throughput::Elements(fwd_flops as u64));
         g.bench_function(BenchmarkId::new("forward", &id), |bch| bch.iter(|| cpu::forward(&q, &k, &v, &mut o, &p, None)));
         let (mut dq, mut dk, mut dv) = (vec![0.0f32; q.len()], vec![0.0f32; k.len()], vec![0.0f32; v.len()]);
         g.throughput(Throughput::Elements((fwd_flops as f64 * 2.5) as u64));
         g.bench_function(BenchmarkId::new("backward", &id), |bch| bch.iter(|| cpu::backward(&q, &k, &v, &dout, &mut dq, &mut dk, &mut dv, &p, None)));
-        if causal {
+        if causal && kvh == h {
             let qt = rng.vec(t * d, -1.0, 1.0);
             let mut s = vec![0.0f32; t * t];
             let mp = MatmulParams { m: t, n: t, k: d, trans_a: false, trans_b: true };

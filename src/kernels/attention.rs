@@ -252,16 +252,18 @@ pub mod cpu {
         let (t_len, dh) = (p.q_len, p.head_dim);
         let group = p.heads / p.kv_heads;
         let tasks: Vec<(usize, usize)> = (0..p.batch).flat_map(|b| (0..p.heads).map(move |h| (b, h))).collect();
+        // Kᵀ of each key head once, shared by the query heads of its group.
+        let kts: Vec<Vec<f32>> = (0..p.batch * p.kv_heads).into_par_iter().map(|i| k_transposed(k, p, i / p.kv_heads, i % p.kv_heads)).collect();
         let outs: Vec<Vec<f32>> = tasks
             .par_iter()
             .map(|&(b, h)| {
                 let mut pr = vec![0.0f32; QB.min(t_len) * p.kv_len];
                 let mut out = vec![0.0f32; t_len * dh];
-                let kt = k_transposed(k, p, b, h / group);
+                let kt = &kts[b * p.kv_heads + h / group];
                 for t0 in (0..t_len).step_by(QB) {
                     let t1 = (t0 + QB).min(t_len);
                     let (klo, khi) = key_range(p, starts, b, t0, t1);
-                    probs(q, &kt, p, starts, b, h, (t0, t1), (klo, khi), &mut pr);
+                    probs(q, kt, p, starts, b, h, (t0, t1), (klo, khi), &mut pr);
                     let pv = View { data: &pr, rows: t1 - t0, cols: khi - klo, rs: khi - klo, cs: 1 };
                     gemm_strided(pv, rows(kv_view(v, p, b, h / group), klo, khi), &mut out[t0 * dh..t1 * dh], 1.0, false);
                 }
