@@ -292,7 +292,8 @@ pub mod cpu {
                 let mut ldq = Vec::with_capacity(group);
                 let blk = QB.min(t_len) * s_len;
                 let (mut pr, mut ds) = (vec![0.0f32; blk], vec![0.0f32; blk]);
-                let kt = k_transposed(k, p, b, g);
+                // Kᵀ and Vᵀ as row-major [D, S] (the score and dP products read them as B).
+                let (kt, vt) = (k_transposed(k, p, b, g), k_transposed(v, p, b, g));
                 for h in g * group..(g + 1) * group {
                     let mut lq = vec![0.0f32; t_len * dh];
                     for t0 in (0..t_len).step_by(QB) {
@@ -303,10 +304,11 @@ pub mod cpu {
                             continue;
                         }
                         probs(q, &kt, p, starts, b, h, (t0, t1), (klo, khi), &mut pr);
-                        let (kb, vb) = (rows(kv_view(k, p, b, g), klo, khi), rows(kv_view(v, p, b, g), klo, khi));
+                        let kb = rows(kv_view(k, p, b, g), klo, khi);
                         let (qb, dob) = (rows(q_view(q, p, b, h), t0, t1), rows(q_view(dout, p, b, h), t0, t1));
                         // dP = dO·Vᵀ, then dS = P ∘ (dP - rowsum(P ∘ dP)), scaled.
-                        gemm_strided(dob, transposed(vb), &mut ds, 1.0, false);
+                        let vtb = View { data: &vt[klo.min(vt.len())..], rows: dh, cols: kw, rs: s_len, cs: 1 };
+                        gemm_strided(dob, vtb, &mut ds, 1.0, false);
                         for (prow, drow) in pr.chunks(kw).zip(ds.chunks_mut(kw)).take(t1 - t0) {
                             let dot = math::dot(prow, drow);
                             ds_row(prow, drow, dot, p.scale);
