@@ -175,16 +175,31 @@ pub mod cpu {
     /// `c = a·b` (or `c += a·b` with `accumulate`) for strided views, c `[a.rows, b.cols]`
     /// with row stride `c_rs` (a block of columns of a wider matrix), threaded as `matmul`.
     pub fn gemm_view_into(a: View<'_>, b: View<'_>, c: &mut [f32], c_rs: usize, accumulate: bool) {
+        let threads = GEMM_THREADS.get();
+        let work = 2 * a.rows * a.cols * b.cols;
+        let par = if work < 1 << 20 || threads == 1 { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(threads) };
+        gemm_views(a, b, c, c_rs, 1.0, accumulate, par);
+    }
+
+    /// `c = beta·a·b` (or `c += beta·a·b` with `accumulate`) for strided views, c row-major
+    /// `[a.rows, b.cols]`; single-threaded, for callers that parallelise over heads.
+    pub fn gemm_strided(a: View<'_>, b: View<'_>, c: &mut [f32], beta: f32, accumulate: bool) {
+        gemm_views(a, b, c, b.cols, beta, accumulate, gemm::Parallelism::None);
+    }
+
+    /// The bounds-checked `gemm::gemm` call of [`gemm_view_into`] and [`gemm_strided`].
+    fn gemm_views(a: View<'_>, b: View<'_>, c: &mut [f32], c_rs: usize, beta: f32, accumulate: bool, par: gemm::Parallelism) {
         let (m, k, n) = (a.rows, a.cols, b.cols);
-        assert!(a.fits() && b.fits() && b.rows == k && n <= c_rs && (m == 0 || (m - 1) * c_rs + n <= c.len()), "gemm_view_into: views out of bounds");
-        if m == 0 || n == 0 || k == 0 {
+        assert!(a.fits() && b.fits() && b.rows == k && n <= c_rs && (m == 0 || (m - 1) * c_rs + n <= c.len()), "gemm: views out of bounds");
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
             if !accumulate {
                 c.chunks_mut(c_rs).take(m).for_each(|row| row[..n].fill(0.0));
             }
             return;
         }
-        let threads = GEMM_THREADS.get();
-        let par = if 2 * m * n * k < 1 << 20 || threads == 1 { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(threads) };
         // SAFETY: every index the views and c can reach was bounds-checked above.
         unsafe {
             gemm::gemm(
@@ -202,7 +217,7 @@ pub mod cpu {
                 b.cs as isize,
                 b.rs as isize,
                 if accumulate { 1.0 } else { 0.0 },
-                1.0,
+                beta,
                 false,
                 false,
                 false,
@@ -224,46 +239,6 @@ pub mod cpu {
     impl View<'_> {
         fn fits(&self) -> bool {
             self.rows == 0 || self.cols == 0 || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
-        }
-    }
-
-    /// `c = beta·a·b` (or `c += beta·a·b` with `accumulate`) for strided views, c row-major
-    /// `[a.rows, b.cols]`; single-threaded, for callers that parallelise over heads.
-    pub fn gemm_strided(a: View<'_>, b: View<'_>, c: &mut [f32], beta: f32, accumulate: bool) {
-        let (m, k, n) = (a.rows, a.cols, b.cols);
-        assert!(a.fits() && b.fits() && b.rows == k && c.len() >= m * n, "gemm_strided: views out of bounds");
-        if m == 0 || n == 0 {
-            return;
-        }
-        if k == 0 {
-            if !accumulate {
-                c[..m * n].fill(0.0);
-            }
-            return;
-        }
-        // SAFETY: every index the views and c can reach was bounds-checked above.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                c.as_mut_ptr(),
-                1,
-                n as isize,
-                accumulate,
-                a.data.as_ptr(),
-                a.cs as isize,
-                a.rs as isize,
-                b.data.as_ptr(),
-                b.cs as isize,
-                b.rs as isize,
-                if accumulate { 1.0 } else { 0.0 },
-                beta,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
         }
     }
 }
