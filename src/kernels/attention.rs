@@ -137,11 +137,13 @@ pub mod reference {
 }
 
 /// The CPU path: per (row, head) and block of 64 queries, the scores `[64, S']` through the
-/// `gemm` crate (strided views straight into q, k, v; no copies) over only the keys the block
-/// sees (S' ≤ S; causal blocks skip the keys after their last query), masked softmax, and
-/// `P·V`; the backward recomputes P per block, per (row, key/value head) so each task owns its
-/// dK and dV. Parallel over those tasks with rayon. Memory per task is O(64·S): linear in the
-/// sequence length (the flash-attention GPU kernels also stream the keys).
+/// `gemm` crate (strided views into q and v, and Kᵀ of each key head copied once as a
+/// row-major `[D, S]`) over only the keys the block sees (S' ≤ S; causal blocks skip the keys
+/// after their last query), masked softmax, and `P·V`; the backward recomputes P per block,
+/// per (row, key/value head) so each task owns its dK and dV (and copies Kᵀ and Vᵀ once).
+/// Parallel over those tasks with rayon. Memory is linear in the sequence length: O(64·S) of
+/// scores per task, and the transposed copies the size of K (and V); the flash-attention GPU
+/// kernels also stream the keys.
 pub mod cpu {
     use rayon::prelude::*;
 
@@ -201,11 +203,9 @@ pub mod cpu {
         View { data: &v.data[(r0 * v.rs).min(v.data.len())..], rows: r1 - r0, ..v }
     }
 
-    /// Probabilities of query rows `[t0, t1)` of head h in row b over keys `[klo, khi)`, into
-    /// `out` `[t1 - t0, khi - klo]`: scaled scores, masked, softmaxed per row.
-    /// Kᵀ of key head g of row b as a contiguous `[D, S]` matrix: every query block multiplies
-    /// by it, and a GEMM reads a row-major B without repacking it each time.
-    fn k_transposed(k: &[f32], p: &AttentionParams, b: usize, g: usize) -> Vec<f32> {
+    /// Kᵀ (or Vᵀ) of key/value head g of row b as a contiguous `[D, S]` matrix: every query
+    /// block multiplies by it, and a GEMM reads a row-major B without repacking it each time.
+    fn kv_transposed(k: &[f32], p: &AttentionParams, b: usize, g: usize) -> Vec<f32> {
         let (s_len, dh) = (p.kv_len, p.head_dim);
         let mut kt = vec![0.0f32; dh * s_len];
         // 16 keys at a time: their rows read whole, each row of Kᵀ written 16 contiguous
@@ -224,8 +224,9 @@ pub mod cpu {
         kt
     }
 
-    /// Probabilities of query rows t0..t1 of (b, h) over keys klo..khi (zero where masked),
-    /// with `kt` that head's [`k_transposed`].
+    /// Probabilities of query rows `[t0, t1)` of (b, h) over keys `[klo, khi)` into `out`
+    /// `[t1 - t0, khi - klo]`: scaled scores, masked (zero), softmaxed per row, with `kt` that
+    /// head's [`kv_transposed`].
     #[allow(clippy::too_many_arguments)]
     fn probs(q: &[f32], kt: &[f32], p: &AttentionParams, starts: Option<&[u32]>, b: usize, h: usize, (t0, t1): (usize, usize), (klo, khi): (usize, usize), out: &mut [f32]) {
         let kw = khi - klo;
@@ -253,7 +254,7 @@ pub mod cpu {
         let group = p.heads / p.kv_heads;
         let tasks: Vec<(usize, usize)> = (0..p.batch).flat_map(|b| (0..p.heads).map(move |h| (b, h))).collect();
         // Kᵀ of each key head once, shared by the query heads of its group.
-        let kts: Vec<Vec<f32>> = (0..p.batch * p.kv_heads).into_par_iter().map(|i| k_transposed(k, p, i / p.kv_heads, i % p.kv_heads)).collect();
+        let kts: Vec<Vec<f32>> = (0..p.batch * p.kv_heads).into_par_iter().map(|i| kv_transposed(k, p, i / p.kv_heads, i % p.kv_heads)).collect();
         let outs: Vec<Vec<f32>> = tasks
             .par_iter()
             .map(|&(b, h)| {
@@ -293,7 +294,7 @@ pub mod cpu {
                 let blk = QB.min(t_len) * s_len;
                 let (mut pr, mut ds) = (vec![0.0f32; blk], vec![0.0f32; blk]);
                 // Kᵀ and Vᵀ as row-major [D, S] (the score and dP products read them as B).
-                let (kt, vt) = (k_transposed(k, p, b, g), k_transposed(v, p, b, g));
+                let (kt, vt) = (kv_transposed(k, p, b, g), kv_transposed(v, p, b, g));
                 for h in g * group..(g + 1) * group {
                     let mut lq = vec![0.0f32; t_len * dh];
                     for t0 in (0..t_len).step_by(QB) {

@@ -170,6 +170,22 @@ pub mod cpu {
         }
         Ok(())
     }
+
+    #[test]
+    fn the_wide_rows_are_the_baseline_ones() {
+        // On AVX-512 or AVX2 (where this CPU has them) against the baseline loops, bit for bit,
+        // over a row with a remainder past every lane width.
+        let n = 1037;
+        let v = |a: f32, b: f32, m: usize| (0..n).map(|i| a + b * ((i * m) % n) as f32 / n as f32).collect::<Vec<f32>>();
+        let (x, w, dy) = (v(-2.0, 4.0, 7919), v(0.5, 1.0, 104_729), v(0.25, -1.0, 31));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let mut o: [Vec<f32>; 6] = std::array::from_fn(|_| vec![0.0; n]);
+        let [y, yb, dx, dxb, dw, dwb] = &mut o;
+        let (r, rb) = (forward_row(&x, &w, y, 1e-5), forward_row_lanes(&x, &w, yb, 1e-5));
+        backward_row(&x, &w, &dy, r, dx, dw);
+        backward_row_lanes(&x, &w, &dy, rb, dxb, dwb);
+        assert_eq!((r.to_bits(), bits(y), bits(dx), bits(dw)), (rb.to_bits(), bits(yb), bits(dxb), bits(dwb)));
+    }
 }
 
 pub mod cuda {

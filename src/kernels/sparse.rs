@@ -194,7 +194,9 @@ pub mod cpu {
     /// Whether dδ is cheaper by the SDDMM than by the dense `dW = dyᵀ·x` and a gather: below
     /// 5% density. Measured (`benches/kernels.rs`, sparse_ddelta, 2 cores, 1024 x 1024): the
     /// SDDMM at 1% takes 0.37–0.48 of the dense route's time, at 10% 1.16–1.6 of it (M = 512,
-    /// 2048); its cost grows with M·nnz, the GEMM's with M·N·K, crossing at 5–8%.
+    /// 2048); its cost grows with M·nnz, the GEMM's with M·N·K, crossing at 5–8%. (Those figures
+    /// predate the SDDMM's dot in the widest vectors: on the AVX-512 machine at 10% it took 1.13x
+    /// the dense route at M 512 and 0.91x at M 2048; the threshold was not re-tuned.)
     pub fn sddmm_is_cheaper(p: SparseParams, nnz: usize) -> bool {
         20 * nnz < p.n * p.k
     }

@@ -1,4 +1,4 @@
-//! The CPU's elementwise ops (split unchanged from `elementwise.rs`): broadcasts, maps, row
+//! The CPU's elementwise ops (split from `elementwise.rs`): broadcasts, maps, row
 //! sums, SiLU, and SwiGLU forward and backward (rows in the CPU's widest vectors, `math::wide!`).
 
 use rayon::prelude::*;

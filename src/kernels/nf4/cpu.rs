@@ -1,7 +1,7 @@
 //! The CPU's NF4: quantize and dequantize in bitsandbytes' format, and the QLoRA products
-//! with W decoded inside them (`matmul_xwt`, `matmul_dyw`): a tile at a time for few rows of x
-//! or dy, in registers on an AVX-512 CPU for up to 16 rows of x and 32 of dy (`direct`), whole
-//! otherwise.
+//! with W decoded inside them (`matmul_xwt`, `matmul_dyw`): a tile at a time for up to 64 rows
+//! of x or dy (in registers on an AVX-512 CPU for up to 16 rows of x and 32 of dy: `direct`),
+//! 512 rows of W at a time past 64 rows, whole only where K is not a multiple of 64.
 
 use rayon::prelude::*;
 
@@ -103,15 +103,16 @@ pub fn dequantize_into(q: &Nf4Tensor, out: &mut [f32]) -> crate::Result<()> {
     Ok(())
 }
 
-/// Below this many rows of x (decoding, small batches), the NF4 products decode W a tile
-/// at a time inside the product; above it, W is decoded whole once and the GEMM runs on it
-/// (the tiled form would repack x for every tile).
+/// Up to this many rows of x (decoding, small batches), the NF4 products decode W a tile at a
+/// time inside the product; above it, `PANEL_ROWS` rows of W at a time, a GEMM on each (the
+/// tiled form would repack x for every tile).
 pub const TILED_MAX_ROWS: usize = 64;
 
 /// Rows of W the NF4 products decode at a time past `TILED_MAX_ROWS` rows of x or dy (K a
-/// multiple of 64): one `[K, 512]` buffer a call (8 MiB at K 4096), never W whole (decoding a
-/// 4096 x 4096 W into a fresh 64 MiB cost more in page faults than in decoding).
-const PANEL_ROWS: usize = 512;
+/// multiple of 64): one buffer of 512 · K values a call (`[K, 512]` transposed for x·Wᵀ,
+/// `[512, K]` for dy·W; 8 MiB at K 4096), never W whole (decoding a 4096 x 4096 W into a
+/// fresh 64 MiB cost more in page faults than in decoding).
+pub const PANEL_ROWS: usize = 512;
 
 /// Up to this many rows of x, `matmul_xwt` on an AVX-512 CPU runs `direct::xwt` (no GEMM).
 pub const DIRECT_MAX_ROWS: usize = 16;
@@ -438,6 +439,7 @@ pub fn dequantize_transposed(q: &Nf4Tensor, rows: usize, cols: usize) -> crate::
 /// columns) from block kb of each row, 64 rows of the input at a time through a
 /// `[64 rows][64 columns]` tile.
 fn decode_transposed_into(q: &Nf4Tensor, scales: &[f32], (row0, rows): (usize, usize), cols: usize, out: &mut [f32]) {
+    debug_assert!(cols.is_multiple_of(BLOCK), "decode_transposed_into: {cols} columns, not whole blocks of 64");
     let per_row = cols / BLOCK;
     out[..rows * cols].par_chunks_mut(BLOCK * rows).enumerate().for_each(|(kb, dst)| {
         let mut tile = [[0.0f32; BLOCK]; BLOCK];
