@@ -204,7 +204,8 @@ impl WgpuOptimizer {
     #[allow(clippy::too_many_arguments)]
     pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], indices: Vec<Option<Arc<SparseIndices>>>, host: &HostOptState, dev: Device, param_dtype: DType) -> Result<Self> {
         let masters_dev = masters.iter().zip(shapes).map(|(m, s)| Tensor::from_vec(m.clone(), s.clone())?.to_device(&dev)).collect::<Result<Vec<_>>>()?;
-        let params = copies(&masters_dev, param_dtype)?;
+        // What the model reads: the masters themselves in f32, else copies in `param_dtype`.
+        let params = masters_dev.iter().map(|m| m.to_dtype(param_dtype)).collect::<Result<Vec<_>>>()?;
         // The state's tensors are flat: the kernels see buffers.
         let sizes: Vec<usize> = masters.iter().map(Vec::len).collect();
         let up = |v: &[f32]| Tensor::from_vec(v.to_vec(), [v.len()])?.to_device(&dev);
@@ -226,9 +227,10 @@ impl WgpuOptimizer {
         let clip = (max_norm > 0.0).then_some(&clip);
         let (d, q, k) = (&rt.device, &rt.queue, &rt.kernels);
         for (i, g) in grads.iter().enumerate() {
-            // An f16 gradient is read in f32 one tensor at a time (its f32 copy goes back to
-            // the pool for the next tensor's), so a step holds one f32 copy at most.
-            let g = &f32_grad(g)?;
+            // An f16 gradient (an f16 model's trained base weights) is read in f32 one tensor at
+            // a time (its f32 copy goes back to the pool for the next tensor's), so a step holds
+            // one f32 copy at most; an overflow stays infinite, so a loss-scaled step sees it.
+            let g = &g.to_dtype(DType::F32)?;
             let (w, gb) = (wgpu_buf(&self.masters[i]).1, wgpu_buf(g).1);
             match (&mut self.state, &p) {
                 (State::AdamW { m, v }, StepParams::AdamW(p)) => adamw(d, q, k, w, gb, wgpu_buf(&m[i]).1, wgpu_buf(&v[i]).1, g.elem_count(), *p, clip)?,
@@ -284,20 +286,5 @@ impl WgpuOptimizer {
         let sizes: Vec<usize> = masters.iter().map(Vec::len).collect();
         let state = self.state.download(&sizes, |t, _| t.to_vec_f32())?;
         Ok((masters, state))
-    }
-}
-
-/// What the model reads of `masters`: the same tensors in f32, else copies in `dtype`.
-fn copies(masters: &[Tensor], dtype: DType) -> Result<Vec<Tensor>> {
-    masters.iter().map(|m| if dtype == DType::F32 { Ok(m.clone()) } else { m.to_dtype(dtype) }).collect()
-}
-
-/// A gradient in f32, as the optimizer kernels read it (an f16 model's trained base weights
-/// get f16 gradients; an overflow stays infinite, so a loss-scaled step still sees it).
-fn f32_grad(g: &Tensor) -> Result<Tensor> {
-    if g.dtype() == DType::F32 {
-        Ok(g.clone())
-    } else {
-        g.to_dtype(DType::F32)
     }
 }

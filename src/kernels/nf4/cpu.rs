@@ -97,10 +97,16 @@ unsafe fn decode64_avx512(codes: *const u8, table: std::arch::x86_64::__m512) ->
 pub fn dequantize_into(q: &Nf4Tensor, out: &mut [f32]) -> crate::Result<()> {
     q.validate()?;
     crate::kernels::check_len("nf4 dequantize", "out", out.len(), q.len)?;
-    let scales = absmax(q);
-    // A block of 64 is 32 whole bytes, so block b's codes start at byte 32b.
-    out[..q.len].par_chunks_mut(BLOCK).zip(q.packed.par_chunks(BLOCK / 2)).zip(scales.par_iter()).for_each(|((o, codes), &a)| decode_block(codes, a, o));
+    decode_blocks_into(q, &absmax(q), 0, &mut out[..q.len]);
     Ok(())
+}
+
+/// The values of the blocks from `first` on into `out` (as many as it holds, the last block
+/// possibly partial), in parallel: a block of 64 is 32 whole bytes, so block b's codes start
+/// at byte 32b.
+fn decode_blocks_into(q: &Nf4Tensor, scales: &[f32], first: usize, out: &mut [f32]) {
+    let codes = &q.packed[first * BLOCK / 2..];
+    out.par_chunks_mut(BLOCK).zip(codes.par_chunks(BLOCK / 2)).zip(scales[first..].par_iter()).for_each(|((o, codes), &a)| decode_block(codes, a, o));
 }
 
 /// Up to this many rows of x (decoding, small batches), the NF4 products decode W a tile at a
@@ -366,8 +372,7 @@ pub fn matmul_dyw(q: &Nf4Tensor, dy: &[f32], m: usize, n: usize, k: usize) -> cr
         let mut panel = vec![0.0f32; k * PANEL_ROWS.min(n)];
         for r0 in (0..n).step_by(PANEL_ROWS) {
             let rn = PANEL_ROWS.min(n - r0);
-            let blocks = r0 * per_row..(r0 + rn) * per_row;
-            panel[..k * rn].par_chunks_mut(BLOCK).zip(q.packed[blocks.start * BLOCK / 2..blocks.end * BLOCK / 2].par_chunks(BLOCK / 2)).zip(scales[blocks].par_iter()).for_each(|((o, codes), &a)| decode_block(codes, a, o));
+            decode_blocks_into(q, &scales, r0 * per_row, &mut panel[..k * rn]);
             let dyv = View { data: &dy[r0..m * n], rows: m, cols: rn, rs: n, cs: 1 };
             gemm_view_into(dyv, View { data: &panel[..k * rn], rows: rn, cols: k, rs: k, cs: 1 }, &mut dx, k, r0 > 0);
         }
