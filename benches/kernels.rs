@@ -86,6 +86,36 @@ fn matmul_cpu(c: &mut Criterion) {
     g.finish();
 }
 
+/// One row times a weight (decoding one token): tuna's `gemv` (through `matmul::cpu::matmul`,
+/// split over the threads by columns) beside the `gemm` crate's own product on the same
+/// operands, threaded as it was before `gemv`. Both read the weight once, so the figure that
+/// matters is bytes per second (the throughput here is B's bytes).
+fn gemv_cpu(c: &mut Criterion) {
+    let mut g = c.benchmark_group("gemv/cpu");
+    g.sample_size(20);
+    for &(n, k) in &[(1536, 576), (4096, 4096), (14336, 4096)] {
+        let mut rng = Rng::new(3);
+        let a = rng.vec(k, -1.0, 1.0);
+        let w = rng.vec(k * n, -1.0, 1.0);
+        g.throughput(Throughput::Bytes((4 * n * k) as u64));
+        let mut out = vec![0.0f32; n];
+        // W [N, K] read by rows (trans_b), and its transpose [K, N] (the model's cached layout).
+        for trans_b in [true, false] {
+            let id = format!("N{n} K{k} {}", if trans_b { "W[N,K]" } else { "Wt[K,N]" });
+            let p = MatmulParams { m: 1, n, k, trans_a: false, trans_b };
+            g.bench_function(BenchmarkId::new("tuna gemv", &id), |b| b.iter(|| matmul::cpu::matmul(&a, &w, &mut out, p).unwrap()));
+            let (rs, cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
+            g.bench_function(BenchmarkId::new("gemm crate (peer)", &id), |b| {
+                b.iter(|| unsafe {
+                    // SAFETY: a holds K, w K·N and out N elements, as the strides address them.
+                    gemm::gemm(1, n, k, out.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, k as isize, w.as_ptr(), cs, rs, 0.0, 1.0, false, false, false, gemm::Parallelism::Rayon(0))
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 /// Sparse fine-tuning's dδ on the CPU: tuna's SDDMM (`kernels::sparse::cpu::sddmm`: dy and x
 /// transposed once, then one dot product over the tokens per active entry) beside the dense
 /// route the GPUs take (the `gemm` crate's `dW = dyᵀ·x`, then a gather at the indices), at 1%
@@ -290,5 +320,5 @@ fn linear_cross_entropy(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, rmsnorm, matmul_cpu, sparse_cpu, attention_cpu, attention_wgpu, attention_cuda, linear_cross_entropy);
+criterion_group!(benches, rmsnorm, matmul_cpu, gemv_cpu, sparse_cpu, attention_cpu, attention_wgpu, attention_cuda, linear_cross_entropy);
 criterion_main!(benches);

@@ -3,8 +3,11 @@
 //!
 //! Backward of `C = A·B` (no transposes): `dA = dC·Bᵀ`, `dB = Aᵀ·dC`; with flags, the same
 //! products with the flags carried through (see `ops::matmul`).
-//! CPU fast path: the `gemm` crate (AVX-512 kernels chosen at run time). GPU GEMM kernels are
-//! the LoRA-GEMM family's job.
+//! CPU fast path: the `gemm` crate (AVX-512 kernels chosen at run time), and for a single row
+//! of A (decoding) `gemv`, split over the threads. GPU GEMM kernels are the LoRA-GEMM family's
+//! job.
+
+mod gemv;
 
 /// Sizes and layout of one product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,6 +110,11 @@ pub mod cpu {
         if p.k == 0 || len == 0 {
             return Ok(vec![0.0; len]);
         }
+        if p.m == 1 {
+            let mut c = vec![0.0; len];
+            super::gemv::gemv(a, b, &mut c, p, None, GEMM_THREADS.get());
+            return Ok(c);
+        }
         let mut c: Vec<f32> = Vec::with_capacity(len);
         // SAFETY: with `read_dst = false` the GEMM writes every one of the m·n elements of c
         // through the raw pointer and reads none, so all `len` elements are initialised before
@@ -133,6 +141,10 @@ pub mod cpu {
             if acc.is_none() {
                 c[..p.m * p.n].fill(0.0);
             }
+            return Ok(());
+        }
+        if p.m == 1 {
+            super::gemv::gemv(a, b, c, p, acc, GEMM_THREADS.get());
             return Ok(());
         }
         // SAFETY: lengths checked above.
