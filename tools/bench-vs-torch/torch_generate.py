@@ -1,0 +1,52 @@
+"""Greedy decoding in PyTorch + transformers on a random SmolLM-135M-shaped model, timed.
+
+  torch_generate.py make DIR              # writes the model and a word-level tokenizer to DIR
+  torch_generate.py time DIR NEW PROMPT   # prints one JSON line: {"seconds", "new_tokens", ...}
+
+The model (hidden 576, 30 layers, 9 heads over 3 key/value heads, intermediate 1536, vocab
+49152, tied embeddings, fp32) has random weights from seed 0; its tokenizer maps `w<i>` to id i,
+so a prompt of words is a prompt of known ids on both sides. `time` decodes exactly NEW tokens
+(min_new_tokens) after an untimed warm-up, with the KV cache, on `--threads` threads (2).
+"""
+import json
+import sys
+import time
+
+import torch
+
+
+def make(out):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+    vocab = 49152
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=vocab, tie_word_embeddings=True,
+                      max_position_embeddings=8192, bos_token_id=1, eos_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w2"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(f"{out}/tokenizer.json")
+    with open(f"{out}/tokenizer_config.json", "w") as f:
+        json.dump({"bos_token": "w1", "eos_token": "w0"}, f)
+
+
+def timed(model_dir, new, prompt, threads=2):
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[int(w[1:]) for w in prompt.split()]])
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        secs = time.perf_counter() - start
+    tokens = out[0, ids.shape[1]:].tolist()
+    print(json.dumps({"seconds": secs, "new_tokens": tokens, "tokens_per_second": len(tokens) / secs}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "make":
+        make(sys.argv[2])
+    else:
+        timed(sys.argv[2], int(sys.argv[3]), sys.argv[4])
