@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::AttentionParams;
 use crate::device::cuda::hopper::{self, Part};
@@ -152,6 +152,7 @@ pub fn forward(
     if p.batch == 0 || p.q_len == 0 || p.heads == 0 {
         return Ok(());
     }
+    check_aligned(OP, &[("q", ptr(q, stream)), ("k", ptr(k, stream)), ("v", ptr(v, stream)), ("o", ptr(o, stream))])?;
     let resolved = kernel.resolve(modules.compute_capability(), d)?;
     let (module, variant, smem) = match resolved {
         FwdKernel::Pipelined => ("flash_attention", "pipe_", 0),
@@ -184,6 +185,21 @@ pub fn forward(
     // against the sizes the kernel indexes.
     unsafe { b.launch(cfg) }.map_err(|e| Error::cuda(format!("launching {name}"), e))?;
     Ok(())
+}
+
+/// A buffer's device address.
+fn ptr(b: &impl DevicePtr<u16>, stream: &Arc<CudaStream>) -> u64 {
+    b.device_ptr(stream).0
+}
+
+/// The kernels load q, k, v and dO 16 bytes at a time (`cp.async`, `uint4`) and write o, dq,
+/// dk and dv in pairs: each must start 16-byte aligned. Whole allocations do; a view that
+/// starts at an element offset not a multiple of 8 does not, and would fault on the device.
+fn check_aligned(op: &str, bufs: &[(&str, u64)]) -> Result<()> {
+    match bufs.iter().find(|(_, p)| p % 16 != 0) {
+        Some((what, p)) => Err(Error::InvalidArgument(format!("{op}: `{what}` starts at {p:#x}, not 16-byte aligned (a view at an element offset not a multiple of 8?)"))),
+        None => Ok(()),
+    }
 }
 
 /// Checks the shape (head dim with an instance, GQA grouping, causal S >= T, packed rows'
@@ -251,6 +267,8 @@ pub fn backward(
     if kn == 0 {
         return Ok(());
     }
+    let bufs = [("q", ptr(q, stream)), ("k", ptr(k, stream)), ("v", ptr(v, stream)), ("o", ptr(o, stream)), ("dout", ptr(dout, stream)), ("dq", ptr(dq, stream)), ("dk", ptr(dk, stream)), ("dv", ptr(dv, stream))];
+    check_aligned(OP, &bufs)?;
     let resolved = kernel.resolve(modules.compute_capability(), d)?;
     let suf = dt.suffix();
     let (module, name, smem) = match resolved {
