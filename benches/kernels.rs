@@ -125,7 +125,7 @@ fn sparse_cpu(c: &mut Criterion) {
     let mut g = c.benchmark_group("sparse_ddelta/cpu");
     g.sample_size(10);
     for &(m, n, k) in &[(512, 1024, 1024), (2048, 1024, 1024)] {
-        for density in [0.01, 0.1] {
+        for density in [0.01, 0.05, 0.08, 0.1] {
             let mut rng = Rng::new(5);
             let (dy, x) = (rng.vec(m * n, -1.0, 1.0), rng.vec(m * k, -1.0, 1.0));
             let nnz = ((n * k) as f64 * density) as usize;

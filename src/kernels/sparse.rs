@@ -192,13 +192,14 @@ pub mod cpu {
     }
 
     /// Whether dδ is cheaper by the SDDMM than by the dense `dW = dyᵀ·x` and a gather: below
-    /// 5% density. Measured (`benches/kernels.rs`, sparse_ddelta, 2 cores, 1024 x 1024): the
-    /// SDDMM at 1% takes 0.37–0.48 of the dense route's time, at 10% 1.16–1.6 of it (M = 512,
-    /// 2048); its cost grows with M·nnz, the GEMM's with M·N·K, crossing at 5–8%. (Those figures
-    /// predate the SDDMM's dot in the widest vectors: on the AVX-512 machine at 10% it took 1.13x
-    /// the dense route at M 512 and 0.91x at M 2048; the threshold was not re-tuned.)
+    /// 10% density. The SDDMM's cost grows with M·nnz, the GEMM's with M·N·K. Measured
+    /// (`benches/kernels.rs`, sparse_ddelta, the AVX-512 machine, 2 cores, 1024 x 1024, medians
+    /// in ms, SDDMM / dense at M 512 and 2048): 1% 0.81 / 2.57 and 4.07 / 9.73; 5% 1.87 / 2.42
+    /// and 6.76 / 11.3; 8% 2.19 / 2.42 and 8.57 / 11.2; 10% 2.45 / 2.48 and 9.71 / 9.95. At 10%
+    /// the two tie, and the SDDMM holds no dense `[N, K]` gradient. (Before its dot ran in the
+    /// widest vectors the crossing was at 5–8%, the threshold then.)
     pub fn sddmm_is_cheaper(p: SparseParams, nnz: usize) -> bool {
-        20 * nnz < p.n * p.k
+        10 * nnz < p.n * p.k
     }
 
     /// `dense[indices]`.

@@ -11,7 +11,7 @@ use crate::{DType, Device, Error, Result, Tensor};
 /// The linear of sparse fine-tuning: `x·(W + scatter(δ))ᵀ (+ bias)`, with δ `[nnz]` the
 /// values at the sorted flat `indices` of the `[N, K]` weight (see `kernels::sparse`; on the
 /// CPU δ is folded into a transient copy of W when that is cheaper than the SpMM, and dδ is
-/// the SDDMM below 5% density, else gathered from the dense dW; on a GPU δ is always folded
+/// the SDDMM below 10% density, else gathered from the dense dW; on a GPU δ is always folded
 /// and dδ always gathered). x, W and δ get gradients when tracked: dW (dense, `dyᵀ·x`) only
 /// when W itself is tracked, which the trainer asks for when it scores regrowth by gradients.
 /// The bias is frozen. δ and dδ are f32 on every device; x, W and the bias share the model's
@@ -74,7 +74,7 @@ pub fn sparse_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, indices: &Ar
         } else {
             None
         };
-        // The dense dW when W is tracked, or when it is the cheaper way to dδ (above 5% density).
+        // The dense dW when W is tracked, or when it is the cheaper way to dδ (from 10% density).
         let dense = if needs[1] || (needs[2] && !cpu::sddmm_is_cheaper(p, idx.len())) {
             Some(mm::matmul_new(gv, xv, MatmulParams { m: p.n, n: p.k, k: p.m, trans_a: true, trans_b: false })?)
         } else {

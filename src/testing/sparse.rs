@@ -34,7 +34,7 @@ pub struct SparseCase {
 }
 
 /// The cases `tests/ops_devices.rs` runs on every device and gpu-check on CUDA: no active
-/// entry; one; 1.5% (the CPU's dδ by SDDMM; above 5% it gathers from the dense dW, as the
+/// entry; one; 1.5% (the CPU's dδ by SDDMM; from 10% it gathers from the dense dW, as the
 /// GPUs always do); dense enough that neighbouring entries (one 32-bit word in f16) are both
 /// active; every entry.
 pub const CASES: [SparseCase; 5] = [
