@@ -277,6 +277,10 @@ impl Tensor {
         if let Some(q) = self.as_nf4() {
             return nf4::cpu::dequantize(q);
         }
+        // A CPU f32 tensor in one copy, not through its bytes (two).
+        if let Storage::Cpu(CpuStorage::F32(v)) = self.storage() {
+            return Ok(v.to_vec());
+        }
         floats_from_bytes(self.dtype(), &self.to_bytes()?)
     }
 

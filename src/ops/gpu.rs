@@ -1,9 +1,8 @@
 //! What the ops' wgpu paths share: buffer access, outputs, uploads, and the rule for tapes.
 //!
-//! The model's forward and backward run on wgpu (and on CUDA, `cuda.rs`). The few op variants
-//! whose backward has no GPU path (a broadcast operand of `add`, a trained head in f16, a
-//! trained `b` of matmul on CUDA) refuse a tracked input up front (`forward_only`), rather than
-//! failing later inside `Tape::backward`.
+//! The model's forward and backward run on wgpu (and on CUDA, `cuda.rs`). An op variant whose
+//! backward has no GPU path (a broadcast operand of `add`) refuses a tracked input up front
+//! (`forward_only`), rather than failing later inside `Tape::backward`.
 
 use std::sync::Arc;
 

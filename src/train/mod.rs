@@ -218,6 +218,9 @@ pub struct Trainer {
     pub masters: Vec<Vec<f32>>,
     /// The masters and the optimizer state on the device (wgpu or CUDA), when training there.
     device: Option<device::DeviceOptimizer>,
+    /// On the CPU, the tensors the last `install` made from the masters (the model's trained
+    /// tensors): the shards of the next step read them instead of copying the masters again.
+    host_params: Vec<Tensor>,
     pub optimizer: Optimizer,
     /// Sparse fine-tuning with gradient regrowth: the dense gradient of each target matrix
     /// summed over the current window (None outside windows), where the model is.
@@ -275,7 +278,7 @@ impl Trainer {
         };
         let optimizer = Optimizer::new(config.optimizer, &layouts);
         let loss_scale = (model.embed.dtype() == crate::DType::F16).then(|| LossScale::new(config.loss_scale));
-        let mut t = Trainer { model, optimizer, config, names, shapes, layouts, masters, device: None, grad_sums: None, step: 0, loss_scale, train, pad };
+        let mut t = Trainer { model, optimizer, config, names, shapes, layouts, masters, device: None, host_params: Vec::new(), grad_sums: None, step: 0, loss_scale, train, pad };
         t.reset_device_state()?;
         Ok(t)
     }
@@ -349,9 +352,12 @@ impl Trainer {
     fn install(&mut self, tape: Option<&Tape>) -> Result<Vec<Tensor>> {
         // A copy shares every tensor with the model, so this costs a few reference counts.
         let mut model = self.model.clone();
-        let handles = self.install_into(&mut model, tape);
+        let handles = self.install_into(&mut model, tape)?;
         self.model = model;
-        handles
+        if self.device.is_none() && tape.is_none() {
+            self.host_params = handles.clone();
+        }
+        Ok(handles)
     }
 
     /// Writes the master weights into `model` (the trainer's model or a shard's copy of it).
@@ -361,10 +367,11 @@ impl Trainer {
         let dev = model.device();
         for (i, (m, s)) in self.masters.iter().zip(&self.shapes).enumerate() {
             // Device-resident masters are used as they are; host masters are copied to where
-            // the model is.
-            let t = match &self.device {
-                Some(d) => d.params()[i].clone(),
-                None => Tensor::from_vec(m.clone(), s.clone())?.to_device(&dev)?,
+            // the model is, once per change (a shard's tape reads the last copy).
+            let t = match (&self.device, self.host_params.get(i)) {
+                (Some(d), _) => d.params()[i].clone(),
+                (None, Some(p)) if tape.is_some() => p.clone(),
+                (None, _) => Tensor::from_vec(m.clone(), s.clone())?.to_device(&dev)?,
             };
             let t = match tape {
                 Some(tape) => tape.param(&t),
@@ -485,7 +492,16 @@ impl Trainer {
             losses.push(r.loss.read_later()?);
             for (acc, g) in grads.iter_mut().zip(r.grads) {
                 if let Some(g) = g {
-                    acc.iter_mut().zip(g.to_vec_f32()?).for_each(|(a, v)| *a += v);
+                    // Read in place where it is a CPU f32 tensor (every CPU gradient), else copied.
+                    let owned;
+                    let g = match g.cpu_f32("trainer: gradient") {
+                        Ok(v) => v,
+                        Err(_) => {
+                            owned = g.to_vec_f32()?;
+                            &owned
+                        }
+                    };
+                    acc.iter_mut().zip(g).for_each(|(a, v)| *a += v);
                 }
             }
         }
@@ -525,10 +541,14 @@ impl Trainer {
                 }
             }
         }
+        // A trained tensor that got no gradient gets zeros in its parameters' dtype (bf16 for
+        // full and head fine-tuning on CUDA, whose optimizer takes gradients in that dtype).
+        let params = self.device.as_ref().expect("device state").params();
         let grads: Vec<Tensor> = grads
             .into_iter()
             .zip(&self.shapes)
-            .map(|(g, s)| g.map_or_else(|| Tensor::zeros(s.clone(), crate::DType::F32, &dev), Ok))
+            .zip(params)
+            .map(|((g, s), p)| g.map_or_else(|| Tensor::zeros(s.clone(), p.dtype(), &dev), Ok))
             .collect::<Result<_>>()?;
         let accum = self.config.grad_accum;
         let bpe = self.batches_per_epoch() as f32;
