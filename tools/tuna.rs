@@ -132,6 +132,7 @@ struct PerplexityArgs {
 pub(crate) type CliResult = Result<(), String>;
 
 fn main() -> ExitCode {
+    tuna::device::cpu::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(a) => demo::demo(a),

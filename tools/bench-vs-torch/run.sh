@@ -5,6 +5,7 @@
 # session; the report gives each side's median step time, tokens/s and the ratio.
 #
 #   tools/bench-vs-torch/run.sh [ROUNDS] [STEPS_PER_ROUND]
+#   FULL=1 tools/bench-vs-torch/run.sh ...   # full fine-tuning (every parameter) instead of LoRA
 #
 # Needs python3 with torch, transformers and peft (pip install torch transformers peft), and
 # builds tuna in release.
@@ -12,14 +13,16 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 rounds=${1:-3}
 steps=${2:-5}
+full=()
+[ "${FULL:-0}" = 1 ] && full=(--full)
 export RAYON_NUM_THREADS=2
 cargo build --release --quiet --bin tuna
 py=${PYTHON:-python3}
 out=$(mktemp)
 for r in $(seq "$rounds"); do
   echo "round $r/$rounds" >&2
-  $py tools/bench-vs-torch/torch_step.py --steps "$steps" --threads 2 | sed 's/^/torch /' >>"$out"
-  ./target/release/tuna bench-step --steps "$steps" | sed 's/^/tuna /' >>"$out"
+  $py tools/bench-vs-torch/torch_step.py --steps "$steps" --threads 2 "${full[@]}" | sed 's/^/torch /' >>"$out"
+  ./target/release/tuna bench-step --steps "$steps" "${full[@]}" | sed 's/^/tuna /' >>"$out"
 done
 $py - "$out" <<'PY'
 import json, statistics, sys
