@@ -652,3 +652,37 @@ impl Llama {
         ops::linear_cross_entropy(&x, self.head(), &targets, -100, None)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DType;
+
+    /// A KV cache that would grow past one storage binding (lavapipe: 128 MiB) is refused by
+    /// name when it grows, instead of by wgpu's validation at the next read.
+    #[test]
+    fn a_kv_cache_growing_past_the_binding_limit_is_refused_by_name() {
+        let wgpu: Vec<Device> = Device::available().into_iter().map(|d| d.device).filter(|d| matches!(d, Device::Wgpu(_))).collect();
+        if std::env::var("TUNA_REQUIRE_WGPU").is_ok_and(|v| v == "1") {
+            assert!(!wgpu.is_empty(), "TUNA_REQUIRE_WGPU=1 but wgpu found no adapter");
+        }
+        for dev in wgpu {
+            let Device::Wgpu(i) = dev else { unreachable!() };
+            let limit = crate::device::wgpu::runtime(i).unwrap().max_tensor_bytes() as usize;
+            // Only where two halves of the limit are small enough to make here.
+            if limit > 256 << 20 {
+                continue;
+            }
+            // Each half just over half the limit, so each binds and the two together do not.
+            let rows = limit / (2 * 4096) + 1;
+            let half = Tensor::zeros([1, rows, 1, 1024], DType::F32, &dev).unwrap();
+            let err = concat_seq(&half, &half).unwrap_err().to_string();
+            assert!(err.contains("kv cache (f32") && err.contains("max_storage_buffer_binding_size"), "{err}");
+            // Within the limit the cache grows: [half | one row of ones].
+            let row = Tensor::full(1.0, [1, 1, 1, 1024], &dev).unwrap();
+            let grown = concat_seq(&half, &row).unwrap();
+            assert_eq!(grown.dims(), &[1, rows + 1, 1, 1024]);
+            assert_eq!(grown.to_vec_f32().unwrap()[rows * 1024..], vec![1.0; 1024][..]);
+        }
+    }
+}
