@@ -34,7 +34,7 @@ fn rmsnorm(c: &mut Criterion) {
             let dy = Tensor::from_slice(&rng.vec(m * n, -1.0, 1.0), [m, n], &dev).unwrap();
             let id = format!("{m}x{n}");
             g.throughput(Throughput::Bytes((2 * m * n * 4) as u64));
-            g.bench_function(BenchmarkId::new("copy (peer)", &id), |b| {
+        g.bench_function(BenchmarkId::new("copy (peer)", &id), |b| {
                 b.iter(|| {
                     let y = x.copy().unwrap();
                     dev.synchronize().unwrap();
@@ -112,6 +112,29 @@ fn gemv_cpu(c: &mut Criterion) {
                 })
             });
         }
+    }
+    g.finish();
+}
+
+/// The CPU transpose (`matmul::cpu::transpose`: the frozen weights' cached `Wᵀ`, the SDDMM's
+/// operands) beside a parallel copy of the same bytes.
+fn transpose_cpu(c: &mut Criterion) {
+    use rayon::prelude::*;
+    let mut g = c.benchmark_group("transpose/cpu");
+    g.sample_size(20);
+    for &(rows, cols) in &[(4096, 4096), (2048, 1024), (512, 1376), (1536, 576)] {
+        let a = Rng::new(4).vec(rows * cols, -1.0, 1.0);
+        let id = format!("{rows}x{cols}");
+        // Read once, written once.
+        g.throughput(Throughput::Bytes((8 * rows * cols) as u64));
+        g.bench_function(BenchmarkId::new("transpose", &id), |b| b.iter(|| std::hint::black_box(matmul::cpu::transpose(&a, rows, cols))));
+        g.bench_function(BenchmarkId::new("copy (peer)", &id), |b| {
+            b.iter(|| {
+                let mut out = vec![0.0f32; rows * cols];
+                out.par_chunks_mut(1 << 14).zip(a.par_chunks(1 << 14)).for_each(|(o, i)| o.copy_from_slice(i));
+                std::hint::black_box(out)
+            })
+        });
     }
     g.finish();
 }
@@ -320,5 +343,5 @@ fn linear_cross_entropy(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, rmsnorm, matmul_cpu, gemv_cpu, sparse_cpu, attention_cpu, attention_wgpu, attention_cuda, linear_cross_entropy);
+criterion_group!(benches, rmsnorm, matmul_cpu, gemv_cpu, transpose_cpu, sparse_cpu, attention_cpu, attention_wgpu, attention_cuda, linear_cross_entropy);
 criterion_main!(benches);
