@@ -34,7 +34,7 @@ fn rmsnorm(c: &mut Criterion) {
             let dy = Tensor::from_slice(&rng.vec(m * n, -1.0, 1.0), [m, n], &dev).unwrap();
             let id = format!("{m}x{n}");
             g.throughput(Throughput::Bytes((2 * m * n * 4) as u64));
-        g.bench_function(BenchmarkId::new("copy (peer)", &id), |b| {
+            g.bench_function(BenchmarkId::new("copy (peer)", &id), |b| {
                 b.iter(|| {
                     let y = x.copy().unwrap();
                     dev.synchronize().unwrap();
@@ -141,8 +141,8 @@ fn transpose_cpu(c: &mut Criterion) {
 
 /// Sparse fine-tuning's dδ on the CPU: tuna's SDDMM (`kernels::sparse::cpu::sddmm`: dy and x
 /// transposed once, then one dot product over the tokens per active entry) beside the dense
-/// route the GPUs take (the `gemm` crate's `dW = dyᵀ·x`, then a gather at the indices), at 1%
-/// and 10% density. Throughput counts the active entries (elem/s = entries per second).
+/// route the GPUs take (the `gemm` crate's `dW = dyᵀ·x`, then a gather at the indices), at 1%,
+/// 5%, 8% and 10% density. Throughput counts the active entries (elem/s = entries per second).
 fn sparse_cpu(c: &mut Criterion) {
     use tuna::kernels::sparse::{cpu, SparseParams};
     let mut g = c.benchmark_group("sparse_ddelta/cpu");

@@ -478,7 +478,7 @@ mod tests {
 
     #[test]
     fn cached_transpose_is_the_transpose_and_is_shared_by_views_of_the_storage() {
-        let (n, k) = (37, 70); // not multiples of the 32×32 tiles
+        let (n, k) = (37, 70); // not multiples of the transpose's 32-column strips or 16-row runs
         let data: Vec<f32> = (0..n * k).map(|i| i as f32).collect();
         let w = Tensor::from_vec(data.clone(), [n, k]).unwrap();
         let t = w.cpu_f32_transposed("test").unwrap();

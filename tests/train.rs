@@ -88,7 +88,11 @@ fn accumulation_equals_one_big_batch() {
         c.shuffle = false;
         c.shards = shards;
         let mut t = Trainer::new(base(), c, data(8, 3), 0).unwrap();
-        let r = t.train_step().unwrap();
+        // Three steps: from the second on, shards read the parameters the last step installed.
+        let mut r = t.train_step().unwrap();
+        for _ in 0..2 {
+            r = t.train_step().unwrap();
+        }
         (r.loss, r.grad_norm, t.masters)
     };
     let (l1, g1, m1) = mk(4, 1, 1);

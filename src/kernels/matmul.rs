@@ -74,7 +74,7 @@ pub mod cpu {
     /// rows of the output (32 columns of the input), 16 elements of each row at a time: a
     /// pass reads 16 input rows' 32-column pieces (two 64-byte lines each) and writes 32
     /// 64-byte runs. The output is written once, not zeroed first. Measured
-    /// (`benches/kernels.rs`, transpose/cpu, 2 cores, medians), the crate's two earlier
+    /// (`benches/kernels.rs`, transpose/cpu, the 2-core AVX-512 machine, medians), the two earlier
     /// transposes (this one in 32-column strips read row by row into a zeroed output; the
     /// SDDMM's in 32 × 32 tiles) and this one: 4096 × 4096 65 / 32.2 / 29.3 ms (a parallel
     /// copy of the bytes: 19.8 ms), 2048 × 1024 - / 1.64 / 0.95 ms, 512 × 1376 0.84 / 0.25 /
@@ -118,7 +118,8 @@ pub mod cpu {
         gemm_into(a, b, c, p, Some(beta))
     }
 
-    /// `op(a)·op(b)` in a new vector, which the GEMM writes once (no zero-fill first).
+    /// `op(a)·op(b)` in a new vector, which the GEMM writes once (no zero-fill first; one row of
+    /// a, the `gemv` path, fills a zeroed vector).
     pub fn matmul_new(a: &[f32], b: &[f32], p: MatmulParams) -> Result<Vec<f32>> {
         check(a, b, p.m * p.n, p)?;
         let len = p.m * p.n;
@@ -272,6 +273,35 @@ pub mod cpu {
 
 #[cfg(test)]
 mod tests {
+    use super::{cpu, reference, MatmulParams};
+    use crate::testing::{compare, Rng, Tolerance};
+
+    /// One row of a through the public products (`matmul`, `matmul_acc`, `matmul_new`), which
+    /// send it to `gemv`: every transpose flag, an output longer than the product (only its
+    /// first n elements change), an overwrite of NaNs, an accumulation with beta.
+    #[test]
+    fn one_row_products_go_through_gemv_with_every_flag() {
+        let (n, k) = (300, 37);
+        let mut rng = Rng::new(11);
+        let (a, b) = (rng.vec(k, -1.0, 1.0), rng.vec(k * n, -1.0, 1.0));
+        let f64v = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+            let p = MatmulParams { m: 1, n, k, trans_a, trans_b };
+            let want = reference::matmul(&f64v(&a), &f64v(&b), p);
+            let what = format!("m=1 ta={trans_a} tb={trans_b}");
+            let mut c = vec![f32::NAN; n + 5];
+            cpu::matmul(&a, &b, &mut c, p).unwrap();
+            compare(&what, &c[..n], &want, Tolerance::F32).unwrap();
+            assert!(c[n..].iter().all(|v| v.is_nan()), "{what}: wrote past n");
+            compare(&format!("{what} (new)"), &cpu::matmul_new(&a, &b, p).unwrap(), &want, Tolerance::F32).unwrap();
+            let c0 = rng.vec(n, -1.0, 1.0);
+            let mut c = c0.clone();
+            cpu::matmul_acc(&a, &b, &mut c, p, -0.5).unwrap();
+            let acc: Vec<f64> = c0.iter().zip(&want).map(|(&c, &v)| c as f64 - 0.5 * v).collect();
+            compare(&format!("{what} (acc)"), &c, &acc, Tolerance::F32).unwrap();
+        }
+    }
+
     #[test]
     fn transpose_matches_the_plain_loop_on_ragged_shapes() {
         for (rows, cols) in [(0, 5), (5, 0), (1, 1), (1, 37), (37, 1), (17, 65), (130, 33), (64, 128)] {

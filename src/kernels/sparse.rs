@@ -198,9 +198,8 @@ pub mod cpu {
     /// in ms, SDDMM / dense at M 512 and 2048): 1% 0.81 / 2.57 and 4.07 / 9.73; 5% 1.87 / 2.42
     /// and 6.76 / 11.3; 8% 2.19 / 2.42 and 8.57 / 11.2; 10% 2.45 / 2.48 and 9.71 / 9.95. At 10%
     /// the two tie, and the SDDMM holds no dense `[N, K]` gradient. (Before its dot ran in the
-    /// widest vectors the crossing was at 5–8%, the threshold then. With the faster transpose
-    /// that came after, the SDDMM at 10% takes 1.94 / 8.0 ms, about 0.8 of the dense route:
-    /// the threshold could move up a little, not re-measured.)
+    /// widest vectors the crossing was at 5–8%, the threshold then. The SDDMM's transposes got
+    /// faster after these figures; the two routes were not measured again side by side.)
     pub fn sddmm_is_cheaper(p: SparseParams, nnz: usize) -> bool {
         10 * nnz < p.n * p.k
     }

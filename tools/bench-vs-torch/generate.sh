@@ -16,11 +16,11 @@ cargo build --release --quiet --bin tuna
 py=${PYTHON:-python3}
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-$py tools/bench-vs-torch/torch_generate.py make "$dir/model" >/dev/null 2>&1
+$py tools/bench-vs-torch/torch_generate.py make "$dir/model" >/dev/null
 prompt="w1$(for i in $(seq 10 40); do printf ' w%d' "$i"; done)"
 for r in $(seq "$rounds"); do
   echo "round $r/$rounds" >&2
-  $py tools/bench-vs-torch/torch_generate.py time "$dir/model" "$new" "$prompt" 2>/dev/null | sed 's/^/torch /' >>"$dir/out"
+  $py tools/bench-vs-torch/torch_generate.py time "$dir/model" "$new" "$prompt" | sed 's/^/torch /' >>"$dir/out"
   ./target/release/tuna generate --model "$dir/model" --prompt "$prompt" --max-new-tokens "$new" \
     --temperature 0 --json | sed 's/^/tuna /' >>"$dir/out"
 done

@@ -21,8 +21,8 @@ py=${PYTHON:-python3}
 out=$(mktemp)
 for r in $(seq "$rounds"); do
   echo "round $r/$rounds" >&2
-  $py tools/bench-vs-torch/torch_step.py --steps "$steps" --threads 2 "${full[@]}" | sed 's/^/torch /' >>"$out"
-  ./target/release/tuna bench-step --steps "$steps" "${full[@]}" | sed 's/^/tuna /' >>"$out"
+  $py tools/bench-vs-torch/torch_step.py --steps "$steps" --threads 2 ${full[@]+"${full[@]}"} | sed 's/^/torch /' >>"$out"
+  ./target/release/tuna bench-step --steps "$steps" ${full[@]+"${full[@]}"} | sed 's/^/tuna /' >>"$out"
 done
 $py - "$out" <<'PY'
 import json, statistics, sys

@@ -321,6 +321,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_buffer_not_16_byte_aligned_is_refused_by_name() {
+        assert!(check_aligned("op", &[("q", 0x1000), ("k", 0x2010)]).is_ok());
+        let err = check_aligned("op", &[("q", 0x1000), ("dout", 0x2008)]).unwrap_err().to_string();
+        assert!(err.contains("`dout`") && err.contains("0x2008") && err.contains("16-byte"), "{err}");
+    }
+
+    #[test]
     fn auto_takes_hopper_only_on_compute_capability_9_at_its_head_dims() {
         assert_eq!(FwdKernel::Auto.resolve(80, 128).unwrap(), FwdKernel::Sync);
         assert_eq!(FwdKernel::Auto.resolve(90, 96).unwrap(), FwdKernel::Sync);
