@@ -24,9 +24,9 @@ pub fn rows_per_task(row_len: usize) -> usize {
 /// there are as many arenas as rayon's workers (from `RAYON_NUM_THREADS` or the CPU count)
 /// instead of glibc's default of up to 8 per core, whose spare arenas kept memory no thread
 /// reused. glibc fixes its arena limit the first time it needs one past 8, hence "before any
-/// thread starts". Measured with `tuna bench-step` on the 2-core AVX-512 machine, medians of 8 steps, glibc's defaults then these: full fine-tuning 0.346 ->
-/// 0.305-0.311 s, peak RSS 1.11 -> 1.07 GB, minor page faults 700k -> 340k; the LoRA step 0.193
-/// -> 0.175 s.
+/// thread starts". Measured with `tuna bench-step` on the 2-core AVX-512 machine, medians of 8
+/// steps, glibc's defaults then these: full fine-tuning 0.346 -> 0.305-0.311 s, peak RSS 1.11
+/// -> 1.07 GB, minor page faults 700k -> 340k; the LoRA step 0.193 -> 0.175 s.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
