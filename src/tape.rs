@@ -20,7 +20,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::tensor::{Tensor, TensorId};
-use crate::{ops, Error, Result};
+use crate::{ops, Device, Error, Result};
 
 /// The gradients of an op's outputs in (`None` for an output the loss does not depend on),
 /// one optional gradient per input out (`None` where the input needs none).
@@ -83,6 +83,15 @@ impl Tape {
         if seed.shape() != output.shape() {
             return Err(Error::ShapeMismatch { op: "backward_from (seed vs output)", lhs: seed.shape().clone(), rhs: output.shape().clone() });
         }
+        // On the CPU the backward ops run on a rayon worker (see `device::cpu::on_pool`).
+        if output.device() == Device::Cpu {
+            crate::device::cpu::on_pool(|| self.replay(output, seed))
+        } else {
+            self.replay(output, seed)
+        }
+    }
+
+    fn replay(&self, output: &Tensor, seed: &Tensor) -> Result<Gradients> {
         let entries = std::mem::take(&mut *self.0.entries.lock().expect("tape poisoned"));
         let params = self.0.params.lock().expect("tape poisoned").clone();
         let mut grads: HashMap<TensorId, Tensor> = HashMap::new();

@@ -60,6 +60,11 @@ pub mod cpu {
         static GEMM_THREADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
 
+    /// The limit [`with_gemm_threads`] set on this thread (0: none).
+    pub fn gemm_threads() -> usize {
+        GEMM_THREADS.get()
+    }
+
     /// Runs `f` with the products it starts on this thread limited to `threads` threads (0:
     /// all). For callers that already run independent work on every core (the trainer's
     /// shards): a product split between cores that are busy anyway only adds synchronisation.

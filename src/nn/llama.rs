@@ -554,8 +554,21 @@ impl Llama {
     }
 
     fn forward_impl(&self, ids: &Tensor, packing: Option<&Packing>, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let x = self.hidden(ids, packing, cache)?;
-        ops::matmul(&x, self.head(), false, true)
+        self.on_host_pool(|| {
+            let x = self.hidden(ids, packing, cache)?;
+            ops::matmul(&x, self.head(), false, true)
+        })
+    }
+
+    /// Runs a pass on a rayon worker when the model is on the CPU, so its many parallel ops
+    /// start from inside the pool (`device::cpu::on_pool`); a GPU model's pass only queues
+    /// kernels, on the calling thread.
+    fn on_host_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        if self.device() == Device::Cpu {
+            crate::device::cpu::on_pool(f)
+        } else {
+            f()
+        }
     }
 
     /// The LM head `[V, H]`: its own matrix, or the embedding table when tied.
@@ -645,11 +658,13 @@ impl Llama {
                 }
             }
         }
-        // The head and the loss as one op, so the [B*T, V] logits are never held in full.
-        let x = self.hidden(ids, packing, None)?;
         // On the host: the op checks and counts them there before its one upload.
         let targets = Tensor::from_vec_i32(targets, [b * t])?;
-        ops::linear_cross_entropy(&x, self.head(), &targets, -100, None)
+        self.on_host_pool(|| {
+            // The head and the loss as one op, so the [B*T, V] logits are never held in full.
+            let x = self.hidden(ids, packing, None)?;
+            ops::linear_cross_entropy(&x, self.head(), &targets, -100, None)
+        })
     }
 }
 
