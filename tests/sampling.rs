@@ -52,3 +52,79 @@ fn bad_options_are_errors() {
     assert!(Sampler::new(GenerateOptions { temperature: -1.0, ..Default::default() }).is_err());
     assert!(Sampler::new(GenerateOptions { top_p: 0.0, ..Default::default() }).is_err());
 }
+
+/// The sampling rule in f64, as it reads: candidates sorted most likely first (ties: lower id
+/// first), the k best kept, softmax with temperature, then the smallest head whose
+/// probability reaches top_p. Returns (token, probability) pairs.
+fn reference(logits: &[f32], temperature: f64, top_k: usize, top_p: f64) -> Vec<(u32, f64)> {
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+    if top_k > 0 {
+        idx.truncate(top_k);
+    }
+    let max = logits[idx[0] as usize] as f64;
+    let w: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] as f64 - max) / temperature).exp()).collect();
+    let z: f64 = w.iter().sum();
+    let mut keep = idx.len();
+    if top_p < 1.0 {
+        let mut acc = 0.0;
+        keep = w.iter().position(|p| {
+            acc += p / z;
+            acc >= top_p
+        }).map_or(keep, |n| n + 1);
+    }
+    let z: f64 = w[..keep].iter().sum();
+    idx[..keep].iter().zip(&w).map(|(&i, &p)| (i, p / z)).collect()
+}
+
+/// Logits spread over [-2, 2] from a fixed sequence (no two equal).
+fn spread(n: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i as u64 * 2_654_435_761 % 1_000_003) as f64 / 1_000_003.0 * 4.0 - 2.0) as f32).collect()
+}
+
+#[test]
+fn draws_follow_the_reference_distribution_for_every_rule() {
+    let logits = spread(12);
+    let n = 40_000;
+    for (t, k, p) in [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.6), (0.8, 7, 0.75), (2.0, 12, 0.95)] {
+        let want = reference(&logits, t as f64, k, p as f64);
+        let mut s = sampler(t, k, p, 99);
+        let mut counts = vec![0usize; logits.len()];
+        for _ in 0..n {
+            counts[s.sample(&logits) as usize] += 1;
+        }
+        let mut expected = vec![0.0; logits.len()];
+        for &(i, q) in &want {
+            expected[i as usize] = q;
+        }
+        for (i, (&c, &q)) in counts.iter().zip(&expected).enumerate() {
+            let f = c as f64 / n as f64;
+            // Five binomial standard deviations (and none at all outside the reference's set).
+            let sd = (q * (1.0 - q) / n as f64).sqrt();
+            assert!((f - q).abs() <= 5.0 * sd, "t={t} k={k} p={p}: token {i} drawn at {f:.4}, the reference gives {q:.4}");
+        }
+    }
+}
+
+#[test]
+fn top_p_over_a_large_vocabulary_draws_exactly_the_nucleus() {
+    // A flat distribution over 1000 tokens: the 0.9 nucleus holds hundreds of them, so the
+    // sampler's block-by-block sort runs through several blocks.
+    let logits: Vec<f32> = spread(1000).iter().map(|l| l / 8.0).collect();
+    let nucleus: std::collections::BTreeSet<u32> = reference(&logits, 1.0, 0, 0.9).into_iter().map(|(i, _)| i).collect();
+    assert!(nucleus.len() > 500, "a nucleus of {} tokens does not cross the blocks", nucleus.len());
+    let mut s = sampler(1.0, 0, 0.9, 5);
+    let drawn: std::collections::BTreeSet<u32> = (0..40_000).map(|_| s.sample(&logits)).collect();
+    assert_eq!(drawn, nucleus, "drawn tokens vs the reference nucleus");
+}
+
+#[test]
+fn ties_at_the_cut_keep_the_lower_ids() {
+    let logits = [1.0, 0.0, 1.0, 1.0, 1.0];
+    let (mut k2, mut p) = (sampler(1.0, 2, 1.0, 3), sampler(1.0, 0, 0.5, 3));
+    for _ in 0..500 {
+        assert!([0, 2].contains(&k2.sample(&logits)), "top-2 of four equal logits left ids 0 and 2");
+        // Four equal tokens hold ~0.95 of the mass: half of it is reached at the third.
+        assert!([0, 2, 3].contains(&p.sample(&logits)), "top-p 0.5 left ids 0, 2 and 3");
+    }
+}

@@ -45,8 +45,16 @@ impl Sampler {
         Ok(Sampler { opts, rng })
     }
 
+    /// The next token for a row of logits. Sampling weighs each candidate by
+    /// `exp((logit - max) / temperature)` (f32, in the CPU's widest vectors) and draws by the
+    /// running sum of the weights in f64. Nothing is sorted: the order of the draw does not
+    /// change the distribution, so top-k takes its k best by selection, and top-p finds the
+    /// nucleus (the most likely tokens, from the top down, until their weight reaches top_p of
+    /// the whole) by halving: split the remaining tokens around their middle one, keep the half
+    /// where the nucleus ends. A whole-vocabulary sort took ~2 ms a token at vocabulary 49,152
+    /// (the 2-core AVX-512 machine), a seventh of a SmolLM-135M decoding step.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.opts.temperature == 0.0 {
+        if self.opts.temperature == 0.0 || logits.len() <= 1 {
             let mut best = 0;
             for (i, &v) in logits.iter().enumerate() {
                 if v > logits[best] {
@@ -55,36 +63,62 @@ impl Sampler {
             }
             return best as u32;
         }
-        // Candidates sorted by logit, most likely first (stable: ties keep the lower id first).
-        let mut idx: Vec<usize> = (0..logits.len()).collect();
-        idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-        if self.opts.top_k > 0 {
-            idx.truncate(self.opts.top_k);
+        let inv_t = 1.0 / self.opts.temperature;
+        let max = crate::kernels::math::max(logits);
+        let mut weight: Vec<f32> = logits.iter().map(|&l| l * inv_t).collect();
+        crate::kernels::math::exp_shifted_sum(&mut weight, max * inv_t);
+        let v = logits.len();
+        let k = if self.opts.top_k == 0 { v } else { self.opts.top_k.min(v) };
+        if k == v && self.opts.top_p >= 1.0 {
+            return self.draw(&weight, 0..v as u32);
         }
-        let max = logits[idx[0]];
-        let mut probs: Vec<f64> = idx.iter().map(|&i| (((logits[i] - max) / self.opts.temperature) as f64).exp()).collect();
-        let z: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= z);
+        // Most likely first; ties keep the lower id first.
+        let better = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+        let mut pool: Vec<u32> = (0..v as u32).collect();
+        if k < v {
+            pool.select_nth_unstable_by(k - 1, better);
+            pool.truncate(k);
+        }
         if self.opts.top_p < 1.0 {
-            let mut acc = 0.0;
-            let keep = probs.iter().position(|p| {
-                acc += p;
-                acc >= self.opts.top_p as f64
-            });
-            let keep = keep.map_or(probs.len(), |k| k + 1);
-            probs.truncate(keep);
-            let z: f64 = probs.iter().sum();
-            probs.iter_mut().for_each(|p| *p /= z);
+            let mass = |ids: &[u32]| ids.iter().map(|&i| weight[i as usize] as f64).sum::<f64>();
+            let want = self.opts.top_p as f64 * mass(&pool);
+            // pool[..lo] holds the best tokens, weighing `acc` < want; the nucleus ends in
+            // pool[lo..hi].
+            let (mut lo, mut hi, mut acc) = (0, pool.len(), 0.0);
+            while hi - lo > 1 {
+                let mid = lo + (hi - lo) / 2;
+                pool[lo..hi].select_nth_unstable_by(mid - lo - 1, better);
+                let left = mass(&pool[lo..mid]);
+                if acc + left >= want {
+                    hi = mid;
+                } else {
+                    acc += left;
+                    lo = mid;
+                }
+            }
+            pool.truncate(hi);
         }
-        let u = self.rng.next_f64();
-        let mut acc = 0.0;
-        for (n, p) in probs.iter().enumerate() {
-            acc += p;
-            if u < acc {
-                return idx[n] as u32;
+        self.draw(&weight, pool)
+    }
+
+    /// Draws one of `candidates` with probability proportional to its weight: the first whose
+    /// running sum (f64, in the given order) passes u times their total.
+    fn draw(&mut self, weight: &[f32], candidates: impl IntoIterator<Item = u32> + Clone) -> u32 {
+        let total: f64 = candidates.clone().into_iter().map(|i| weight[i as usize] as f64).sum();
+        let target = self.rng.next_f64() * total;
+        let (mut acc, mut last) = (0.0, None);
+        for i in candidates {
+            let w = weight[i as usize] as f64;
+            acc += w;
+            if target < acc {
+                return i;
+            }
+            if w > 0.0 || last.is_none() {
+                last = Some(i);
             }
         }
-        idx[probs.len() - 1] as u32
+        // u·total rounded up to the total: the last candidate that has any weight.
+        last.unwrap_or(0)
     }
 }
 
