@@ -140,9 +140,8 @@ impl Llama {
         let mut out = Vec::new();
         for _ in 0..opts.max_new_tokens {
             let ids = Tensor::from_vec_i32(input.clone(), [1, input.len()])?.to_device(&self.device())?;
-            let logits = self.forward(&ids, Some(&mut cache))?;
-            let all = logits.to_vec_f32()?;
-            let next = sampler.sample(&all[(input.len() - 1) * vocab..]);
+            let last = self.forward_last(&ids, Some(&mut cache))?.to_vec_f32()?;
+            let next = sampler.sample(&last);
             out.push(next);
             on_token(next);
             if opts.eos_token_ids.contains(&next) {

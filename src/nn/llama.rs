@@ -560,6 +560,24 @@ impl Llama {
         })
     }
 
+    /// Logits `[B, V]` of the last position of each row only: what generation reads. The head
+    /// multiplies B rows instead of B*T, so a prompt of T tokens costs no `[T, V]` logits
+    /// (transformers' `logits_to_keep = 1`). With a cache as in [`Llama::forward`].
+    pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.on_host_pool(|| {
+            let x = self.hidden(ids, None, cache)?;
+            let (b, t) = (ids.dims()[0], ids.dims()[1]);
+            let x = if t == 1 {
+                x
+            } else {
+                // The rows' last positions, gathered as an embedding lookup into x (any device).
+                let last: Vec<i32> = (0..b).map(|r| (r * t + t - 1) as i32).collect();
+                ops::embedding(&Tensor::from_vec_i32(last, [b])?.to_device(&self.device())?, &x)?
+            };
+            ops::matmul(&x, self.head(), false, true)
+        })
+    }
+
     /// Runs a pass on a rayon worker when the model is on the CPU, so its many parallel ops
     /// start from inside the pool (`device::cpu::on_pool`); a GPU model's pass only queues
     /// kernels, on the calling thread.

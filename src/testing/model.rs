@@ -302,12 +302,41 @@ pub fn check_cached_logits(dev: &Device, dtype: DType) -> CheckResult {
         Ok(out)
     };
     let (c, g) = (run(&cpu).map_err(ctx("cpu"))?, run(&gpu).map_err(ctx(dev))?);
-    let scale = c.iter().fold(0.0f32, |a, v| a.max(v.abs())) as f64;
-    let d = c.iter().zip(&g).fold(0.0f64, |a, (x, y)| a.max((*x as f64 - *y as f64).abs())) / scale.max(1e-6);
+    let differ = |c: &[f32], g: &[f32]| {
+        let scale = c.iter().fold(0.0f32, |a, v| a.max(v.abs())) as f64;
+        c.iter().zip(g).fold(0.0f64, |a, (x, y)| a.max((*x as f64 - *y as f64).abs())) / scale.max(1e-6)
+    };
+    let d = differ(&c, &g);
     if d > tol.logits || !d.is_finite() {
         return Err(format!("logits through the cache differ by {d:.2e} of the largest > {:.0e}", tol.logits));
     }
-    Ok(format!("logits within {d:.1e} of the largest"))
+    // `forward_last` (what generation reads): the last position of each row, through the cache
+    // and for two rows at once, on the CPU and on `dev`, against the CPU's full logits.
+    let v = cpu.config.vocab_size;
+    let rows = |all: &[f32], picks: &[usize]| picks.iter().flat_map(|&r| all[r * v..][..v].to_vec()).collect::<Vec<f32>>();
+    let want_cached = rows(&c, &[5, 6, 7]);
+    let two = self::ids(2, 5, 21);
+    let want_two = rows(&cpu.forward(&Tensor::from_vec_i32(two.clone(), [2, 5]).map_err(ctx("ids"))?, None).and_then(|t| t.to_vec_f32()).map_err(ctx("cpu"))?, &[4, 9]);
+    let last = |m: &Llama| -> crate::Result<(Vec<f32>, Vec<f32>)> {
+        let mut cache = KvCache::new(m.config.num_layers);
+        let mut out = m.forward_last(&Tensor::from_vec_i32(ids[..6].to_vec(), [1, 6])?, Some(&mut cache))?.to_vec_f32()?;
+        for &id in &ids[6..8] {
+            out.extend(m.forward_last(&Tensor::from_vec_i32(vec![id], [1, 1])?, Some(&mut cache))?.to_vec_f32()?);
+        }
+        Ok((out, m.forward_last(&Tensor::from_vec_i32(two.clone(), [2, 5])?, None)?.to_vec_f32()?))
+    };
+    let mut worst = d;
+    for (m, name) in [(&cpu, "cpu".to_string()), (&gpu, dev.to_string())] {
+        let (cached, two_rows) = last(m).map_err(ctx(&name))?;
+        for (what, got, want) in [("through the cache", &cached, &want_cached), ("of two rows", &two_rows, &want_two)] {
+            let d = if got.len() == want.len() { differ(want, got) } else { f64::INFINITY };
+            if d > tol.logits || !d.is_finite() {
+                return Err(format!("{name}: forward_last's logits {what} differ by {d:.2e} of the largest > {:.0e} ({} values, {} wanted)", tol.logits, got.len(), want.len()));
+            }
+            worst = worst.max(d);
+        }
+    }
+    Ok(format!("logits within {worst:.1e} of the largest"))
 }
 
 /// The fused linear cross-entropy on CUDA in bf16 (x, W rounded to bf16 on the host) against
