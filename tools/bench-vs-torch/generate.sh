@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # tuna vs PyTorch + transformers on greedy decoding (CPU, fp32): a random SmolLM-135M-shaped
-# model (made once by torch_generate.py), a 32-token prompt, NEW tokens with the KV cache, 2
-# threads. The two run alternately, ROUNDS times; the report gives each side's median tokens/s,
-# the ratio, and whether both decoded the same tokens.
+# model (made once by torch_generate.py), a PROMPT-token prompt (default 32), NEW tokens with the
+# KV cache, 2 threads. The two run alternately, ROUNDS times; the report gives each side's median
+# tokens/s (new tokens over the whole call, prompt included), the ratio, and whether both decoded
+# the same tokens. A long prompt and few new tokens (`3 8 512`) time mostly the prompt's pass.
 #
-#   tools/bench-vs-torch/generate.sh [ROUNDS] [NEW]
+#   tools/bench-vs-torch/generate.sh [ROUNDS] [NEW] [PROMPT]
 #
 # Needs python3 with torch and transformers; builds tuna in release.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rounds=${1:-3}
 new=${2:-256}
+words=${3:-32}
 export RAYON_NUM_THREADS=2
 cargo build --release --quiet --bin tuna
 py=${PYTHON:-python3}
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 $py tools/bench-vs-torch/torch_generate.py make "$dir/model" >/dev/null
-prompt="w1$(for i in $(seq 10 40); do printf ' w%d' "$i"; done)"
+prompt="w1$(for i in $(seq 10 $((words + 8))); do printf ' w%d' "$i"; done)"
 for r in $(seq "$rounds"); do
   echo "round $r/$rounds" >&2
   $py tools/bench-vs-torch/torch_generate.py time "$dir/model" "$new" "$prompt" | sed 's/^/torch /' >>"$dir/out"
