@@ -128,3 +128,22 @@ fn ties_at_the_cut_keep_the_lower_ids() {
         assert!([0, 2, 3].contains(&p.sample(&logits)), "top-p 0.5 left ids 0, 2 and 3");
     }
 }
+
+#[test]
+fn tiny_temperatures_are_greedy_and_close_logits_stay_distinct() {
+    let logits = [0.3, 30.0, 29.5, -4.0];
+    for (t, seed) in [(1e-6, 1), (1e-30, 2), (1e-45, 3)] {
+        assert_eq!(sampler(t, 0, 1.0, seed).sample(&logits), 1, "temperature {t}");
+    }
+    // Large logits one f32 step apart (6.1e-5 at 1000), at two thirds of that temperature: the
+    // two weigh 1 and e^-1.5. Scaling before subtracting (l/t - max/t, products near 2.5e7 in
+    // steps of 2) would make the gap 2, and the second token's share 0.12 instead of 0.18.
+    let logits = [1000.0f32, 999.99994, -3.0];
+    let t = (logits[0] - logits[1]) * 2.0 / 3.0;
+    let mut s = sampler(t, 0, 1.0, 4);
+    let n = 20_000;
+    let second = (0..n).filter(|_| s.sample(&logits) == 1).count() as f64 / n as f64;
+    let w = (-((logits[0] - logits[1]) as f64) / t as f64).exp();
+    let q = w / (1.0 + w);
+    assert!((second - q).abs() < 5.0 * (q * (1.0 - q) / n as f64).sqrt(), "second token drawn at {second:.4}, want {q:.4}");
+}
