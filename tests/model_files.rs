@@ -172,3 +172,26 @@ fn out_of_vocabulary_ids_are_errors() {
     let e = model.forward(&ids, None).err().unwrap().to_string();
     assert!(e.contains("index 320") && e.contains("0..320"), "{e}");
 }
+
+#[test]
+fn loading_into_nf4_gives_the_quantized_model_byte_for_byte() {
+    let mut quantized = Llama::load(&fixture("llama-gqa")).unwrap();
+    quantized.quantize_nf4().unwrap();
+    let streamed = Llama::load_nf4(&fixture("llama-gqa")).unwrap();
+    let (a, b) = (quantized.parameters(), streamed.parameters());
+    assert_eq!(a.len(), b.len());
+    let mut nf4 = 0;
+    for ((name, x), (other, y)) in a.iter().zip(&b) {
+        assert_eq!(name, other);
+        assert_eq!((x.dtype(), x.shape()), (y.dtype(), y.shape()), "{name}");
+        match (x.as_nf4(), y.as_nf4()) {
+            (Some(p), Some(q)) => {
+                assert_eq!((&p.packed, &p.absmax, &p.absmax2, p.offset.to_bits()), (&q.packed, &q.absmax, &q.absmax2, q.offset.to_bits()), "{name}");
+                nf4 += 1;
+            }
+            (None, None) => assert_eq!(x.to_vec_f32().unwrap(), y.to_vec_f32().unwrap(), "{name}"),
+            _ => panic!("{name}: NF4 in one model only"),
+        }
+    }
+    assert_eq!(nf4, 7 * quantized.config.num_layers, "every decoder linear in NF4");
+}

@@ -165,7 +165,8 @@ pub struct FinetuneArgs {
 }
 
 pub fn finetune(a: FinetuneArgs) -> CliResult {
-    let (model, tok) = load(&a.model)?;
+    // A QLoRA base is quantized as it is read (the trainer would quantize it anyway).
+    let (model, tok) = load(&a.model, a.model.nf4 || matches!(a.method, MethodArg::Qlora))?;
     let model = crate::half(model, a.f16)?;
     let data = Dataset::read(&a.data).map_err(err)?;
     if a.strict {

@@ -168,19 +168,21 @@ fn devices() -> CliResult {
 }
 
 /// Loads the model (with its adapter) and tokenizer onto `--device`.
-pub(crate) fn load(args: &ModelArgs) -> Result<(Llama, Tokenizer), String> {
+/// The model and tokenizer of `args`, on its device; with `nf4`, the decoder linears quantized
+/// to NF4 (as they are read, unless deltas must first fold into the f32 weights).
+pub(crate) fn load(args: &ModelArgs, nf4: bool) -> Result<(Llama, Tokenizer), String> {
     let device: Device = if args.device == "auto" { Device::Cpu } else { args.device.parse().map_err(err)? };
     if device != Device::Cpu {
         device.open().map_err(err)?;
     }
-    let mut model = Llama::load(&args.model).map_err(err)?;
     // Deltas fold into the full-precision weights, before any quantization; adapters stay
     // separate, so they apply on top of the NF4 base.
+    let mut model = if nf4 && args.deltas.is_none() { Llama::load_nf4(&args.model) } else { Llama::load(&args.model) }.map_err(err)?;
     if let Some(d) = &args.deltas {
         tuna::peft::load_deltas(&mut model, d).map_err(err)?;
         model.merge_sparse().map_err(err)?;
     }
-    if args.nf4 {
+    if nf4 {
         model.quantize_nf4().map_err(err)?;
     }
     if let Some(a) = &args.adapter {
@@ -228,7 +230,7 @@ pub(crate) fn half(model: Llama, f16: bool) -> Result<Llama, String> {
 }
 
 fn generate(a: GenerateArgs) -> CliResult {
-    let (model, tok) = load(&a.model)?;
+    let (model, tok) = load(&a.model, a.model.nf4)?;
     let model = half(model, a.f16)?;
     let text = if a.chat {
         tok.apply_chat_template(&[Message { role: "user".into(), content: a.prompt.clone() }], true).map_err(err)?
@@ -297,7 +299,7 @@ fn generate(a: GenerateArgs) -> CliResult {
 }
 
 fn perplexity(a: PerplexityArgs) -> CliResult {
-    let (model, tok) = load(&a.model)?;
+    let (model, tok) = load(&a.model, a.model.nf4)?;
     let model = half(model, a.f16)?;
     let data = Dataset::read(&a.data).map_err(err)?;
     if a.strict {

@@ -320,15 +320,31 @@ impl Llama {
         Self::from_weights(config, &weights)
     }
 
+    /// [`Llama::load`] with each decoder linear's weight quantized to NF4 as it is read: the
+    /// model [`Llama::quantize_nf4`] makes from `load`'s, byte for byte, without ever holding
+    /// every weight in f32 (a QLoRA base's peak memory is its NF4 weights, the embeddings and
+    /// one f32 weight, plus the file's mapped pages).
+    pub fn load_nf4(dir: &Path) -> Result<Self> {
+        let config = LlamaConfig::from_dir(dir)?;
+        let weights = WeightFiles::open(dir)?;
+        Self::from_weights_as(config, &weights, true)
+    }
+
     /// Builds the model from weight files, checking every tensor's presence and shape.
     pub fn from_weights(config: LlamaConfig, w: &WeightFiles) -> Result<Self> {
+        Self::from_weights_as(config, w, false)
+    }
+
+    /// `from_weights`, the decoder linears' weights quantized to NF4 one by one with `nf4`.
+    fn from_weights_as(config: LlamaConfig, w: &WeightFiles, nf4: bool) -> Result<Self> {
         let c = &config;
         let (e, d) = (c.hidden_size, c.head_dim);
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            Ok(Linear::new(
-                w.load_f32(&format!("{name}.weight"), &[out, inp])?,
-                if bias { Some(w.load_f32(&format!("{name}.bias"), &[out])?) } else { None },
-            ))
+            let mut weight = w.load_f32(&format!("{name}.weight"), &[out, inp])?;
+            if nf4 {
+                weight = Tensor::from_nf4(crate::kernels::nf4::quantize_tensor(&weight)?, [out, inp])?;
+            }
+            Ok(Linear::new(weight, if bias { Some(w.load_f32(&format!("{name}.bias"), &[out])?) } else { None }))
         };
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
