@@ -296,8 +296,8 @@ fn sm3_regrowth_without_sm3_is_refused() {
 }
 
 /// QLoRA: the decoder linears become NF4 (about 4.13 bits per weight), the model computes
-/// exactly what it computes with those weights dequantized to f32, only the adapters train,
-/// and the loss falls.
+/// what it computes with those weights dequantized to f32 (within rounding: its products decode
+/// W inside and sum in their own order), only the adapters train, and the loss falls.
 #[test]
 fn qlora_quantizes_the_base_and_trains_the_adapters() {
     let mut q = base();
@@ -320,7 +320,10 @@ fn qlora_quantizes_the_base_and_trains_the_adapters() {
         ld.weight = tuna::Tensor::from_vec(lq.weight.to_vec_f32().unwrap(), lq.weight.dims().to_vec()).unwrap();
     }
     let ids = tuna::Tensor::from_vec_i32(vec![5, 6, 7, 8, 9], [1, 5]).unwrap();
-    assert_eq!(q.forward(&ids, None).unwrap().to_vec_f32().unwrap(), d.forward(&ids, None).unwrap().to_vec_f32().unwrap());
+    let (a, b) = (q.forward(&ids, None).unwrap().to_vec_f32().unwrap(), d.forward(&ids, None).unwrap().to_vec_f32().unwrap());
+    let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let worst = a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(worst <= 1e-5 * scale, "NF4 logits differ from the dequantized model's by {worst} (largest {scale})");
 
     let seqs = data(16, 4);
     let c = TrainConfig { lr: 2e-2, epochs: 6, ..cfg(Method::Qlora(LoraConfig { r: 4, alpha: 8.0, ..Default::default() }), 4, 1) };

@@ -59,9 +59,11 @@ impl Linear {
             return Ok(ops::linear_group_remade(x, &[self.part(dropout_seed)], remake)?.remove(0));
         }
         // A frozen weight on a GPU runs the linear kernels: the bias added in the GEMM's
-        // epilogue, an NF4 weight dequantized in the tile loads.
+        // epilogue, an NF4 weight dequantized in the tile loads. So does a frozen NF4 weight on
+        // the CPU, whose products decode W inside (`matmul` would decode it whole, transposed,
+        // on every call: 2 of every 7 linears of a decoding step did before).
         let frozen = !self.weight.is_tracked() && self.bias.as_ref().is_none_or(|b| !b.is_tracked());
-        if frozen && self.weight.device() != Device::Cpu {
+        if frozen && (self.weight.device() != Device::Cpu || self.weight.dtype() == DType::NF4) {
             return Ok(ops::linear_group(x, &[self.part(None)])?.remove(0));
         }
         let y = ops::matmul(x, &self.weight, false, true)?;
