@@ -123,6 +123,29 @@ impl Tensor {
         }))
     }
 
+    /// The elements of a CPU f32 tensor as its own vector, without a copy, where nothing else
+    /// holds them (no other tensor over the same storage, no cached transpose); else the tensor
+    /// back, unchanged.
+    pub(crate) fn try_into_cpu_f32(self) -> std::result::Result<Vec<f32>, Tensor> {
+        if !self.owns_cpu_f32() {
+            return Err(self);
+        }
+        let inner = Arc::try_unwrap(self.0).map_err(Tensor)?;
+        match Arc::try_unwrap(inner.storage) {
+            Ok(Storage::Cpu(CpuStorage::F32(v))) => Ok(v),
+            Ok(other) => Err(Tensor(Arc::new(Inner { storage: Arc::new(other), ..inner }))),
+            Err(storage) => Err(Tensor(Arc::new(Inner { storage, ..inner }))),
+        }
+    }
+
+    /// Whether [`Tensor::try_into_cpu_f32`] would hand out the vector.
+    pub(crate) fn owns_cpu_f32(&self) -> bool {
+        Arc::strong_count(&self.0) == 1
+            && Arc::strong_count(&self.0.storage) == 1
+            && self.0.transposed.get().is_none()
+            && matches!(*self.0.storage, Storage::Cpu(CpuStorage::F32(_)))
+    }
+
     /// A tensor from host data, on `device`.
     pub fn from_slice<T: Element>(data: &[T], shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
         let shape = shape.into();

@@ -306,6 +306,12 @@ pub fn check_cached_logits(dev: &Device, dtype: DType) -> CheckResult {
         let scale = c.iter().fold(0.0f32, |a, v| a.max(v.abs())) as f64;
         c.iter().zip(g).fold(0.0f64, |a, (x, y)| a.max((*x as f64 - *y as f64).abs())) / scale.max(1e-6)
     };
+    // The CPU's cached logits against its own whole-sequence pass (the cache grown in place).
+    let full = cpu.forward(&Tensor::from_vec_i32(ids.clone(), [1, 8]).map_err(ctx("ids"))?, None).and_then(|t| t.to_vec_f32()).map_err(ctx("cpu"))?;
+    let d = differ(&full, &c);
+    if d > 1e-5 || !d.is_finite() {
+        return Err(format!("cpu: logits through the cache differ from the uncached pass by {d:.2e} of the largest > 1e-5"));
+    }
     let d = differ(&c, &g);
     if d > tol.logits || !d.is_finite() {
         return Err(format!("logits through the cache differ by {d:.2e} of the largest > {:.0e}", tol.logits));
