@@ -484,6 +484,45 @@ fn attention_cpu_blocks_match_the_reference() {
     }
 }
 
+/// The CPU attention's few-row path (up to 4 queries: decoding against a KV cache), whose keys
+/// go in chunks of 256 combined afterwards, against the f64 reference: several chunks and a
+/// ragged last one, causal with the cache offset, windows inside one chunk and across two,
+/// GQA, no visible key for a query (T > S with a window), packed rows.
+#[test]
+fn attention_cpu_few_queries_match_the_reference() {
+    use attention::{cpu, reference, AttentionParams};
+    let mut rng = Rng::new(22);
+    let f64v = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+    let cases: [(usize, usize, usize, bool, Option<usize>, bool); 9] = [
+        (1, 700, 3, true, None, false),
+        (4, 700, 3, true, None, false),
+        (2, 600, 1, false, None, false),
+        (1, 513, 3, true, Some(100), false),
+        (3, 530, 3, true, Some(40), false),
+        (1, 1, 2, true, None, false),
+        (4, 2, 1, false, Some(1), false),
+        (4, 4, 3, true, None, true),
+        (3, 300, 2, true, Some(256), false),
+    ];
+    for (t, s, group, causal, window, packed) in cases {
+        let (b, g, d) = (2, 2, 16);
+        let h = g * group;
+        let p = AttentionParams { batch: b, q_len: t, kv_len: s, heads: h, kv_heads: g, head_dim: d, causal, window, scale: 0.3 };
+        let q = rng.vec(b * t * h * d, -2.0, 2.0);
+        let k = rng.vec(b * s * g * d, -2.0, 2.0);
+        let v = rng.vec(b * s * g * d, -1.0, 1.0);
+        // Packed (T == S): row 0 starts a second example at position 2, row 1 at 3.
+        let starts: Vec<u32> = (0..b * t).map(|i| if (i % t) >= 2 + i / t { (2 + i / t) as u32 } else { 0 }).collect();
+        let st = packed.then_some(starts.as_slice());
+        let mut o = vec![f32::NAN; q.len()];
+        cpu::forward(&q, &k, &v, &mut o, &p, st);
+        let want = reference::forward(&f64v(&q), &f64v(&k), &f64v(&v), &p, st);
+        for (i, (a, w)) in o.iter().zip(&want).enumerate() {
+            assert!((*a as f64 - w).abs() < 1e-5 * (1.0 + w.abs()), "T={t} S={s} group={group} causal={causal} window={window:?} packed={packed}: o[{i}] {a} vs {w}");
+        }
+    }
+}
+
 /// A sliding window of zero keys is refused (every device would otherwise answer differently:
 /// the CPU with empty rows, the GPU kernels by reading 0 as "no window").
 #[test]
