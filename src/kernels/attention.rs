@@ -301,7 +301,8 @@ pub mod cpu {
         let chunks = p.kv_len.div_ceil(KEY_CHUNK).max(1);
         let stride = p.kv_heads * dh;
         // Per (b, g, chunk): each row's (maximum, exp-sum) and unnormalised output.
-        let parts: Vec<(Vec<(f32, f32)>, Vec<f32>)> = (0..p.batch * p.kv_heads * chunks)
+        type Part = (Vec<(f32, f32)>, Vec<f32>);
+        let parts: Vec<Part> = (0..p.batch * p.kv_heads * chunks)
             .into_par_iter()
             .map(|i| {
                 let (b, g, c) = (i / (p.kv_heads * chunks), i / chunks % p.kv_heads, i % chunks);
