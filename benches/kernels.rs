@@ -174,6 +174,7 @@ fn sparse_cpu(c: &mut Criterion) {
 /// FLOP/s. Peer: the `gemm` crate on one `[T, D]·[D, T]` score product per head (the forward's
 /// first GEMM alone), the ceiling the blocked form works towards.
 fn attention_cpu(c: &mut Criterion) {
+    use rayon::prelude::*;
     use tuna::kernels::attention::{cpu, AttentionParams};
     let mut g = c.benchmark_group("attention/cpu");
     g.sample_size(10);
@@ -198,6 +199,22 @@ fn attention_cpu(c: &mut Criterion) {
             g.throughput(Throughput::Elements((2 * t * t * d) as u64));
             g.bench_function(BenchmarkId::new("score GEMM, one head (peer)", &id), |bch| bch.iter(|| matmul::cpu::matmul(&qt, &qt, &mut s, mp).unwrap()));
         }
+    }
+    // Decoding: one query row against a cache of S positions (the few-row path), Llama-3.2-1B's
+    // heads (32 over 8 key/value heads, D 64), in bytes of K and V: each call reads them once.
+    // Peer: the largest of the same bytes on every core (`math::max`, in the widest vectors),
+    // the pass's floor.
+    for &s in &[1024, 4096, 16384] {
+        let (h, kvh, d) = (32, 8, 64);
+        let p = AttentionParams { batch: 1, q_len: 1, kv_len: s, heads: h, kv_heads: kvh, head_dim: d, causal: true, window: None, scale: 0.125 };
+        let mut rng = Rng::new(4);
+        let (q, k, v) = (rng.vec(h * d, -1.0, 1.0), rng.vec(s * kvh * d, -1.0, 1.0), rng.vec(s * kvh * d, -1.0, 1.0));
+        let mut o = vec![0.0f32; q.len()];
+        let id = format!("S{s}-H{h}-G{kvh}-D{d}");
+        g.throughput(Throughput::Bytes((8 * s * kvh * d) as u64));
+        g.bench_function(BenchmarkId::new("decode", &id), |bch| bch.iter(|| cpu::forward(&q, &k, &v, &mut o, &p, None)));
+        let max = |x: &[f32]| x.par_chunks(1 << 14).map(tuna::kernels::math::max).reduce(|| f32::NEG_INFINITY, f32::max);
+        g.bench_function(BenchmarkId::new("decode: max of K and V (peer)", &id), |bch| bch.iter(|| std::hint::black_box(max(&k).max(max(&v)))));
     }
     g.finish();
 }

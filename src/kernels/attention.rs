@@ -379,9 +379,24 @@ pub mod cpu {
 
     #[inline(always)]
     fn chunk_values_lanes(acc: &mut [f32], p: &[f32], v: &[f32], stride: usize) {
+        // 64 columns at a time in a local array the compiler keeps in registers over all the
+        // keys (summed into `acc` in place, each key's add waited on the last one's store).
+        const W: usize = 64;
         let d = acc.len();
+        let mut d0 = 0;
+        while d0 + W <= d {
+            let mut a: [f32; W] = acc[d0..d0 + W].try_into().expect("64 columns");
+            for (j, &pj) in p.iter().enumerate() {
+                let row: &[f32; W] = v[j * stride + d0..][..W].try_into().expect("64 columns");
+                for (a, &x) in a.iter_mut().zip(row) {
+                    *a += pj * x;
+                }
+            }
+            acc[d0..d0 + W].copy_from_slice(&a);
+            d0 += W;
+        }
         for (j, &pj) in p.iter().enumerate() {
-            for (a, &x) in acc.iter_mut().zip(&v[j * stride..][..d]) {
+            for (a, &x) in acc[d0..].iter_mut().zip(&v[j * stride + d0..][..d - d0]) {
                 *a += pj * x;
             }
         }
