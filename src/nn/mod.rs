@@ -1,7 +1,9 @@
 //! Models built on tuna's ops and tape.
 
 pub mod generate;
+mod kv_cache;
 pub mod llama;
 
 pub use generate::{GenerateOptions, Sampler};
-pub use llama::{KvCache, Linear, Llama, Packing};
+pub use kv_cache::KvCache;
+pub use llama::{Linear, Llama, Packing};
