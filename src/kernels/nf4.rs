@@ -200,6 +200,8 @@ pub fn quantize_tensor(t: &crate::Tensor) -> Result<Nf4Tensor> {
         (Storage::Cuda { rt, .. }, DType::F32) => cuda::quantize::<f32>(&rt.stream, &rt.modules, &crate::ops::cuda::view(t)),
         (Storage::Cuda { rt, .. }, DType::BF16) => cuda::quantize::<u16>(&rt.stream, &rt.modules, &crate::ops::cuda::view(t)),
         (Storage::Cuda { .. }, dt) => Err(Error::UnsupportedDType { op: "nf4 quantize (cuda)", dtype: dt }),
+        // A CPU f32 tensor is read in place (no copy of the weight).
+        (Storage::Cpu(_), DType::F32) => Ok(cpu::quantize(t.cpu_f32("nf4 quantize")?)),
         _ => Ok(cpu::quantize(&t.to_vec_f32()?)),
     }
 }
