@@ -22,14 +22,22 @@ typedef unsigned short f16_bits;  // IEEE half as its bit pattern (the same C ty
 
 // f16 <-> f32 by PTX cvt: widening is exact, narrowing rounds to nearest even.
 __device__ __forceinline__ float f16_to_f32(f16_bits h) {
+#ifdef TUNA_CUDA_EMU  // compiled as host C++ (tools/cuda-emu)
+    return emu::f16_to_f32(h);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#endif
 }
 __device__ __forceinline__ f16_bits f32_to_f16(float f) {
+#ifdef TUNA_CUDA_EMU
+    return emu::f32_to_f16(f);
+#else
     f16_bits h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
+#endif
 }
 
 // Load/store an element of storage type T as f32.

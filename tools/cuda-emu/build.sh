@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Builds the CUDA emulator, a libcuda.so that runs tuna's sm_80 kernels on the CPU (emu.h says
+# how), into $1 (default target/cuda-emu). With its folder on LD_LIBRARY_PATH, cudarc loads it
+# as the driver, and every CUDA path of the crate runs: launchers, kernels, model, training.
+#
+#   bash tools/cuda-emu/build.sh && LD_LIBRARY_PATH=$PWD/target/cuda-emu cargo test --test lora_devices
+#
+# Each kernels-cuda/*.cu file but the sm_90a ones becomes one C++ file: the source, with its
+# dynamic shared memory declaration turned into the emulator's buffer, and a registration of
+# each extern "C" kernel by name.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out=${1:-target/cuda-emu}
+mkdir -p "$out/gen"
+objs=()
+pids=()
+for cu in kernels-cuda/*.cu; do
+  head -1 "$cu" | grep -q "arch: sm_90a" && continue
+  stem=$(basename "$cu" .cu)
+  gen="$out/gen/$stem.cpp"
+  {
+    echo "#include \"emu.h\""
+    echo "#include \"registry.h\""
+    sed -E 's/extern __shared__ (__align__\([0-9]+\) )?([A-Za-z_ ]*[A-Za-z_]) ([A-Za-z_0-9]+)\[\];/\2* \3 = (\2*)emu::dynamic_smem();/' "$cu"
+    # The kernels' names, after macro expansion (several are made by macros).
+    g++ -E -P -x c++ -DTUNA_CUDA_EMU_SCAN -include tools/cuda-emu/emu.h -I kernels-cuda "$cu" |
+      grep -oE 'extern "C" +__global__ +void +[A-Za-z_0-9]+ *\(' | sed -E 's/.* ([A-Za-z_0-9]+) *\($/\1/' |
+      while read -r k; do echo "static emu::Register reg_$k(\"$k\", &emu::invoke<&$k>);"; done
+  } > "$gen.new"
+  # Keep the old file (and its object) when nothing changed.
+  if cmp -s "$gen.new" "$gen" && [ -e "$out/gen/$stem.o" ]; then rm "$gen.new"; else mv "$gen.new" "$gen"; rm -f "$out/gen/$stem.o"; fi
+  objs+=("$out/gen/$stem.o")
+done
+flags=(-std=c++17 -O2 -g -fPIC -Wall -Wno-unknown-pragmas -Wno-unused-function -Wno-unused-variable -I tools/cuda-emu -I kernels-cuda)
+for o in "${objs[@]}" "$out/runtime.o"; do
+  [ -e "$o" ] && [ "$o" -nt tools/cuda-emu/emu.h ] && [ "$o" -nt tools/cuda-emu/runtime.cpp ] && [ "$o" -nt kernels-cuda/mma.cuh ] && [ "$o" -nt kernels-cuda/common.cuh ] && continue
+  src=${o%.o}.cpp
+  [ "$o" = "$out/runtime.o" ] && src=tools/cuda-emu/runtime.cpp
+  g++ "${flags[@]}" -c "$src" -o "$o" &
+  pids+=($!)
+  if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+done
+for p in "${pids[@]}"; do wait "$p"; done
+g++ -shared -o "$out/libcuda.so" "$out/runtime.o" "${objs[@]}"
+echo "$out/libcuda.so"

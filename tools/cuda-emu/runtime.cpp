@@ -1,0 +1,470 @@
+// The emulated device: a fiber per CUDA thread, a scheduler per block, and the part of the CUDA
+// driver API that cudarc and tuna call, exported under the driver's names so that the library
+// built from this file loads as libcuda.so. Memory is host memory: each allocation ends at a
+// guard page (an access past its 256-byte-rounded end faults at once) and starts filled with
+// 0xff bytes (NaN in f32, bf16 and f16), so a kernel that reads memory nobody wrote shows NaN.
+// Kernels run when launched, one launch at a time (a process-wide lock), so every stream and
+// event is already complete when the host asks.
+#include <signal.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "emu.h"
+#include "registry.h"
+
+namespace emu {
+
+uint3 thread_idx, block_idx;
+dim3 block_dim, grid_dim;
+
+namespace {
+
+enum State { READY, AT_BARRIER, AT_WARP_OP, DONE };
+struct Copy { void* dst; const void* src; int bytes; };
+struct Fiber {
+    ucontext_t ctx;
+    uint3 tid;
+    int warp = 0, lane = 0;
+    State state = READY;
+    unsigned wait_gen = 0;
+    std::vector<Copy> open;                  // cp.async copies not yet committed
+    std::vector<std::vector<Copy>> groups;   // committed groups, oldest first
+};
+constexpr int LANE_BYTES = 64;
+struct WarpState {
+    int lanes = 32, arrived = 0;
+    unsigned gen = 0;
+    WarpOp op = nullptr;
+    long arg = 0;
+    int bytes_in = 0, bytes_out = 0;
+    unsigned char in[2][32 * LANE_BYTES], out[2][32 * LANE_BYTES];
+};
+
+constexpr size_t STACK = 256 << 10;
+constexpr size_t DYN_SMEM = 232448;  // an H100's opt-in limit per block
+
+struct Launch {
+    const char* kernel = "";
+    void (*entry)(void**) = nullptr;
+    void** params = nullptr;
+    std::vector<Fiber> fibers;
+    std::vector<WarpState> warps;
+    std::vector<void*> stacks;
+    Fiber* current = nullptr;
+    ucontext_t scheduler;
+    int threads = 0, arrived = 0;
+    unsigned block_gen = 0;
+    bool or_acc = false, or_result[2] = {false, false};
+    std::string error;
+    alignas(16) unsigned char dyn_smem[DYN_SMEM];
+};
+Launch* L = nullptr;
+
+[[noreturn]] void fatal(const std::string& msg) {
+    std::fprintf(stderr, "cuda-emu: %s\n", msg.c_str());
+    std::fflush(stderr);
+    std::abort();
+}
+
+std::string where() {
+    char buf[256];
+    const Fiber* f = L->current;
+    std::snprintf(buf, sizeof buf, "kernel `%s`, block (%u,%u,%u), thread (%u,%u,%u)", L->kernel, block_idx.x, block_idx.y, block_idx.z,
+                  f ? f->tid.x : 0, f ? f->tid.y : 0, f ? f->tid.z : 0);
+    return buf;
+}
+
+void yield() { swapcontext(&L->current->ctx, &L->scheduler); }
+
+void fiber_main() {
+    L->entry(L->params);
+    L->current->state = DONE;
+    // Copies issued and never waited for: the kernel does not read them, so they are dropped.
+}
+
+void on_fault(int sig, siginfo_t* info, void*) {
+    char buf[512];
+    int n = std::snprintf(buf, sizeof buf, "cuda-emu: %s at address %p in %s\n", sig == SIGSEGV ? "invalid memory access" : "bus error", info->si_addr,
+                          L && L->current ? where().c_str() : "no kernel");
+    (void)!write(2, buf, n);
+    _exit(99);
+}
+
+void install_fault_handler() {
+    static thread_local bool done = false;
+    if (done) return;
+    done = true;
+    stack_t ss;
+    ss.ss_size = 1 << 16;
+    ss.ss_sp = std::malloc(ss.ss_size);
+    ss.ss_flags = 0;
+    sigaltstack(&ss, nullptr);
+    struct sigaction sa;
+    std::memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigaction(SIGSEGV, &sa, nullptr);
+    sigaction(SIGBUS, &sa, nullptr);
+}
+
+bool ready(const Fiber& f) {
+    switch (f.state) {
+        case READY: return true;
+        case AT_BARRIER: return L->block_gen != f.wait_gen;
+        case AT_WARP_OP: return L->warps[f.warp].gen != f.wait_gen;
+        default: return false;
+    }
+}
+
+// Runs one block to completion; returns an empty string or what went wrong.
+std::string run_block() {
+    Launch& l = *L;
+    const int n = l.threads;
+    while ((int)l.stacks.size() < n) {
+        void* s = mmap(nullptr, STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (s == MAP_FAILED) fatal("no memory for a fiber stack");
+        l.stacks.push_back(s);
+    }
+    l.fibers.assign(n, Fiber());
+    l.warps.assign((n + 31) / 32, WarpState());
+    for (size_t w = 0; w < l.warps.size(); w++) l.warps[w].lanes = std::min(32, n - 32 * (int)w);
+    l.arrived = 0;
+    l.or_acc = false;
+    std::memset(l.dyn_smem, 0xff, sizeof l.dyn_smem);
+    for (int i = 0; i < n; i++) {
+        Fiber& f = l.fibers[i];
+        f.tid = uint3{(unsigned)(i % block_dim.x), (unsigned)(i / block_dim.x % block_dim.y), (unsigned)(i / (block_dim.x * block_dim.y))};
+        f.warp = i / 32;
+        f.lane = i % 32;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = l.stacks[i];
+        f.ctx.uc_stack.ss_size = STACK;
+        f.ctx.uc_link = &l.scheduler;
+        makecontext(&f.ctx, fiber_main, 0);
+    }
+    for (;;) {
+        bool ran = false, all_done = true;
+        for (Fiber& f : l.fibers) {
+            if (f.state == DONE) continue;
+            all_done = false;
+            if (!ready(f)) continue;
+            f.state = READY;
+            l.current = &f;
+            thread_idx = f.tid;
+            swapcontext(&l.scheduler, &f.ctx);
+            l.current = nullptr;
+            if (!l.error.empty()) return l.error;
+            ran = true;
+        }
+        if (all_done) return "";
+        if (!ran) {
+            int done = 0, barrier = 0, warp_op = 0;
+            for (Fiber& f : l.fibers) (f.state == DONE ? done : f.state == AT_BARRIER ? barrier : warp_op)++;
+            char buf[256];
+            std::snprintf(buf, sizeof buf,
+                          "deadlock in kernel `%s`, block (%u,%u,%u): %d threads wait at __syncthreads, %d at a warp instruction, %d have exited",
+                          l.kernel, block_idx.x, block_idx.y, block_idx.z, barrier, warp_op, done);
+            return buf;
+        }
+    }
+}
+
+}  // namespace
+
+void sync_block() {
+    Fiber& f = *L->current;
+    f.wait_gen = L->block_gen;
+    if (++L->arrived == L->threads) {
+        L->arrived = 0;
+        L->or_result[L->block_gen & 1] = L->or_acc;
+        L->or_acc = false;
+        L->block_gen++;
+        return;
+    }
+    f.state = AT_BARRIER;
+    yield();
+}
+
+bool sync_block_or(bool pred) {
+    const unsigned gen = L->block_gen;
+    L->or_acc |= pred;
+    sync_block();
+    return L->or_result[gen & 1];
+}
+
+void check_full_mask(unsigned mask, const char* what) {
+    if (mask != 0xffffffffu) fatal(std::string(what) + " with a partial mask is not emulated (" + where() + ")");
+}
+
+void warp_op(const void* in, int bytes_in, void* out, int bytes_out, WarpOp op, long arg) {
+    Fiber& f = *L->current;
+    WarpState& w = L->warps[f.warp];
+    if (w.lanes != 32) {
+        L->error = "a warp instruction in a partial warp (" + std::to_string(w.lanes) + " threads), " + where();
+        yield();
+    }
+    if (bytes_in > LANE_BYTES || bytes_out > LANE_BYTES) fatal("warp instruction operands too wide");
+    const int p = w.gen & 1;
+    if (w.arrived == 0) {
+        w.op = op, w.arg = arg, w.bytes_in = bytes_in, w.bytes_out = bytes_out;
+    } else if (w.op != op || w.arg != arg || w.bytes_in != bytes_in) {
+        L->error = "the lanes of a warp reached different warp instructions (divergence), " + where();
+        yield();
+    }
+    std::memcpy(w.in[p] + f.lane * bytes_in, in, bytes_in);
+    const unsigned gen = w.gen;
+    if (++w.arrived == 32) {
+        op(w.in[p], w.out[p], bytes_in, bytes_out, arg);
+        w.arrived = 0;
+        w.gen++;
+    } else {
+        f.state = AT_WARP_OP;
+        f.wait_gen = gen;
+        yield();
+    }
+    std::memcpy(out, w.out[p] + f.lane * bytes_out, bytes_out);
+}
+
+unsigned char* dynamic_smem() { return L->dyn_smem; }
+
+void cp_async(void* dst, const void* src, int src_bytes) {
+    if (src_bytes < 0 || src_bytes > 16) fatal("cp.async with a source size outside 0..16, " + where());
+    if (((uintptr_t)dst | (uintptr_t)src) & 15) fatal("cp.async of 16 bytes from or to an address not 16-byte aligned, " + where());
+    L->current->open.push_back(Copy{dst, src, src_bytes});
+}
+void cp_async_commit() {
+    Fiber& f = *L->current;
+    f.groups.push_back(std::move(f.open));
+    f.open.clear();
+}
+void cp_async_wait(int pending) {
+    Fiber& f = *L->current;
+    while ((int)f.groups.size() > pending) {
+        for (const Copy& c : f.groups.front()) {
+            std::memcpy(c.dst, c.src, c.bytes);
+            std::memset((char*)c.dst + c.bytes, 0, 16 - c.bytes);
+        }
+        f.groups.erase(f.groups.begin());
+    }
+}
+
+float f16_to_f32(unsigned short h) { _Float16 v; std::memcpy(&v, &h, 2); return (float)v; }
+unsigned short f32_to_f16(float f) { _Float16 v = (_Float16)f; unsigned short h; std::memcpy(&h, &v, 2); return h; }
+
+std::map<std::string, KernelEntry>& registry() {
+    static std::map<std::string, KernelEntry> r;
+    return r;
+}
+Register::Register(const char* name, KernelEntry entry) { registry()[name] = entry; }
+
+}  // namespace emu
+
+// ---------------------------------------------------------------------------------------------
+// The driver API.
+
+using namespace emu;
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+enum { OK = 0, INVALID_VALUE = 1, NOT_FOUND = 500, LAUNCH_FAILED = 719, NOT_SUPPORTED = 801 };
+
+namespace {
+std::mutex launch_lock;
+std::mutex mem_lock;
+struct Alloc { void* base; size_t mapped; size_t bytes; };
+std::map<CUdeviceptr, Alloc> allocs;
+unsigned long long used_now = 0, used_high = 0;
+struct Function { std::string name; KernelEntry entry; int max_dyn_smem = 48 << 10; unsigned max_threads = 1024; };
+struct Module { std::string ptx; std::vector<Function*> functions; };
+struct Event { double ms = 0; };
+double now_ms() { return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+int ctx_token, pool_token;
+
+CUresult bad(const std::string& msg, CUresult code = INVALID_VALUE) {
+    std::fprintf(stderr, "cuda-emu: %s\n", msg.c_str());
+    return code;
+}
+
+CUresult alloc(CUdeviceptr* p, size_t bytes) {
+    const size_t page = 4096, rounded = (bytes + 255) / 256 * 256, body = (rounded + page - 1) / page * page;
+    char* base = (char*)mmap(nullptr, body + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) return 2;  // CUDA_ERROR_OUT_OF_MEMORY
+    mprotect(base + body, page, PROT_NONE);
+    char* start = base + body - rounded;
+    std::memset(start, 0xff, rounded);
+    *p = (CUdeviceptr)start;
+    std::lock_guard<std::mutex> g(mem_lock);
+    allocs[*p] = Alloc{base, body + page, bytes};
+    used_now += bytes;
+    if (used_now > used_high) used_high = used_now;
+    return OK;
+}
+CUresult release(CUdeviceptr p) {
+    std::lock_guard<std::mutex> g(mem_lock);
+    auto it = allocs.find(p);
+    if (it == allocs.end()) return bad("free of an address that is not an allocation");
+    used_now -= it->second.bytes;
+    munmap(it->second.base, it->second.mapped);
+    allocs.erase(it);
+    return OK;
+}
+}  // namespace
+
+extern "C" {
+CUresult cuInit(unsigned) { return OK; }
+CUresult cuDriverGetVersion(int* v) { *v = 13000; return OK; }
+CUresult cuDeviceGetCount(int* n) { *n = 1; return OK; }
+CUresult cuDeviceGet(int* d, int ordinal) { if (ordinal != 0) return INVALID_VALUE; *d = 0; return OK; }
+CUresult cuDeviceGetName(char* name, int len, int) { std::snprintf(name, len, "tuna CUDA emulator (sm_80 on the CPU)"); return OK; }
+CUresult cuDeviceTotalMem_v2(size_t* bytes, int) { *bytes = 80ull << 30; return OK; }
+CUresult cuMemGetInfo_v2(size_t* free_, size_t* total) { *total = 80ull << 30; *free_ = *total - used_now; return OK; }
+CUresult cuDeviceGetAttribute(int* v, int attr, int) {
+    switch (attr) {
+        case 1: *v = 1024; return OK;                  // max threads per block
+        case 8: *v = 48 << 10; return OK;              // shared memory per block
+        case 10: *v = 32; return OK;                   // warp size
+        case 16: *v = 132; return OK;                  // multiprocessors (an H100 SXM's)
+        case 75: *v = 8; return OK;                    // compute capability 8.0
+        case 76: *v = 0; return OK;
+        case 97: *v = (int)232448; return OK;          // opt-in shared memory per block
+        case 115: *v = 1; return OK;                   // memory pools
+        default: *v = 0; return OK;
+    }
+}
+CUresult cuDevicePrimaryCtxRetain(void** ctx, int) { *ctx = &ctx_token; return OK; }
+CUresult cuDevicePrimaryCtxRelease_v2(int) { return OK; }
+CUresult cuCtxSetCurrent(void*) { return OK; }
+CUresult cuCtxGetCurrent(void** ctx) { *ctx = &ctx_token; return OK; }
+CUresult cuCtxSynchronize() { return OK; }
+CUresult cuStreamCreate(void** s, unsigned) { *s = new int(0); return OK; }
+CUresult cuStreamDestroy_v2(void* s) { delete (int*)s; return OK; }
+CUresult cuStreamSynchronize(void*) { return OK; }
+CUresult cuStreamWaitEvent(void*, void*, unsigned) { return OK; }
+CUresult cuEventCreate(void** e, unsigned) { *e = new Event(); return OK; }
+CUresult cuEventDestroy_v2(void* e) { delete (Event*)e; return OK; }
+CUresult cuEventRecord(void* e, void*) { ((Event*)e)->ms = now_ms(); return OK; }
+CUresult cuEventSynchronize(void*) { return OK; }
+CUresult cuEventQuery(void*) { return OK; }
+CUresult cuEventElapsedTime(float* ms, void* a, void* b) { *ms = (float)(((Event*)b)->ms - ((Event*)a)->ms); return OK; }
+CUresult cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
+CUresult cuLaunchHostFunc(void*, void (*fn)(void*), void* data) { fn(data); return OK; }
+
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return alloc(p, bytes); }
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) { return alloc(p, bytes); }
+CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
+CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return release(p); }
+CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) { *p = std::malloc(bytes ? bytes : 1); return OK; }
+CUresult cuMemFreeHost(void* p) { std::free(p); return OK; }
+CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* s, size_t n) { std::memcpy((void*)d, s, n); return OK; }
+CUresult cuMemcpyDtoH_v2(void* d, CUdeviceptr s, size_t n) { std::memcpy(d, (const void*)s, n); return OK; }
+CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { std::memmove((void*)d, (const void*)s, n); return OK; }
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, void*) { return cuMemcpyHtoD_v2(d, s, n); }
+CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, void*) { return cuMemcpyDtoH_v2(d, s, n); }
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void*) { return cuMemcpyDtoD_v2(d, s, n); }
+CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { std::memset((void*)d, v, n); return OK; }
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(d, v, n); }
+CUresult cuDeviceGetDefaultMemPool(void** pool, int) { *pool = &pool_token; return OK; }
+CUresult cuMemPoolSetAttribute(void*, int attr, void* value) {
+    if (attr == 8) used_high = *(unsigned long long*)value == 0 ? used_now : used_high;
+    return OK;
+}
+CUresult cuMemPoolGetAttribute(void*, int attr, void* value) {
+    unsigned long long v = attr == 7 || attr == 5 ? used_now : attr == 8 || attr == 6 ? used_high : 0;
+    *(unsigned long long*)value = v;
+    return OK;
+}
+
+CUresult cuModuleLoadData(void** module, const void* image) {
+    Module* m = new Module();
+    m->ptx = (const char*)image;
+    *module = m;
+    return OK;
+}
+CUresult cuModuleUnload(void* module) {
+    Module* m = (Module*)module;
+    for (Function* f : m->functions) delete f;
+    delete m;
+    return OK;
+}
+CUresult cuModuleGetFunction(void** fn, void* module, const char* name) {
+    Module* m = (Module*)module;
+    const std::string entry = std::string(".entry ") + name + "(";
+    const size_t at = m->ptx.find(entry);
+    if (at == std::string::npos) return bad(std::string("kernel `") + name + "` is not in the module's PTX", NOT_FOUND);
+    auto it = registry().find(name);
+    if (it == registry().end()) return bad(std::string("kernel `") + name + "` was not compiled into the emulator", NOT_FOUND);
+    Function* f = new Function{name, it->second};
+    // __launch_bounds__ shows in the PTX as .maxntid between the parameter list and the body.
+    const size_t body = m->ptx.find('{', at), bound = m->ptx.find(".maxntid", at);
+    if (bound != std::string::npos && bound < body) {
+        unsigned x = 1, y = 1, z = 1;
+        std::sscanf(m->ptx.c_str() + bound, ".maxntid %u, %u, %u", &x, &y, &z);
+        f->max_threads = x * y * z;
+    }
+    m->functions.push_back(f);
+    *fn = f;
+    return OK;
+}
+CUresult cuFuncSetAttribute(void* fn, int attr, int value) {
+    if (attr == 8) {
+        if (value > (int)DYN_SMEM) return bad("dynamic shared memory limit above the device's opt-in maximum");
+        ((Function*)fn)->max_dyn_smem = value;
+    }
+    return OK;
+}
+CUresult cuFuncGetAttribute(int* v, int attr, void* fn) {
+    *v = attr == 8 ? ((Function*)fn)->max_dyn_smem : attr == 0 ? (int)((Function*)fn)->max_threads : 0;
+    return OK;
+}
+
+CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned smem, void*, void** params, void**) {
+    Function& f = *(Function*)fn;
+    const unsigned long threads = (unsigned long)bx * by * bz;
+    if (threads == 0 || threads > 1024 || bz > 64) return bad("kernel `" + f.name + "`: block dimensions outside the hardware's limits");
+    if (threads > f.max_threads) return bad("kernel `" + f.name + "`: " + std::to_string(threads) + " threads per block, above its __launch_bounds__ of " + std::to_string(f.max_threads), LAUNCH_FAILED);
+    if (gx == 0 || gy == 0 || gz == 0 || gy > 65535 || gz > 65535) return bad("kernel `" + f.name + "`: grid dimensions outside the hardware's limits");
+    if ((int)smem > f.max_dyn_smem) return bad("kernel `" + f.name + "`: " + std::to_string(smem) + " bytes of dynamic shared memory, above its limit of " + std::to_string(f.max_dyn_smem) + " (cuFuncSetAttribute)");
+    std::lock_guard<std::mutex> g(launch_lock);
+    static const bool trace = std::getenv("TUNA_CUDA_EMU_TRACE") != nullptr;
+    if (trace) std::fprintf(stderr, "cuda-emu: %s grid (%u,%u,%u) block (%u,%u,%u) smem %u\n", f.name.c_str(), gx, gy, gz, bx, by, bz, smem);
+    install_fault_handler();
+    static Launch* launch = new Launch();
+    L = launch;
+    L->kernel = f.name.c_str();
+    L->entry = f.entry;
+    L->params = params;
+    L->threads = (int)threads;
+    L->error.clear();
+    block_dim = dim3{bx, by, bz};
+    grid_dim = dim3{gx, gy, gz};
+    for (unsigned z = 0; z < gz; z++)
+        for (unsigned y = 0; y < gy; y++)
+            for (unsigned x = 0; x < gx; x++) {
+                block_idx = uint3{x, y, z};
+                std::string err = run_block();
+                if (!err.empty()) {
+                    L = nullptr;
+                    return bad(err, LAUNCH_FAILED);
+                }
+            }
+    L = nullptr;
+    return OK;
+}
+
+CUresult cuGetErrorString(CUresult e, const char** s) {
+    *s = e == LAUNCH_FAILED ? "the emulated kernel failed (cuda-emu printed why on stderr)" : e == NOT_FOUND ? "not found (cuda-emu printed which on stderr)" : "cuda-emu error (printed on stderr)";
+    return OK;
+}
+CUresult cuGetErrorName(CUresult e, const char** s) {
+    *s = e == LAUNCH_FAILED ? "CUDA_ERROR_LAUNCH_FAILED" : e == NOT_FOUND ? "CUDA_ERROR_NOT_FOUND" : e == INVALID_VALUE ? "CUDA_ERROR_INVALID_VALUE" : "CUDA_ERROR_UNKNOWN";
+    return OK;
+}
+}
