@@ -89,17 +89,32 @@ enum Tracked {
 /// `linear_cross_entropy(x [M, H], w [V, H])` in chunks of `chunk` rows against the f64
 /// loss and the f64 gradients `dx = dz·W`, `dW = dzᵀ·x` (dz from `reference_grad`), with the
 /// loss's gradient seeded at `dy` (through a scale, so the backward's scaling is checked too).
+///
+/// On CUDA the op takes bf16 x and W (its GEMMs are 16-bit) and holds each chunk's logits, and
+/// their gradient, in bf16: there the inputs are bf16 values, the reference rounds the logits
+/// and dz to bf16 where the op stores them, and dx and dW (bf16 results) are compared to a
+/// bf16 ulp.
 #[allow(clippy::too_many_arguments)]
 fn check_linear(dev: Device, m: usize, h: usize, v: usize, ignore_every: usize, chunk: Option<usize>, tracked: Tracked, seed: u64) -> Result<(), String> {
     let e = |e: tuna::Error| e.to_string();
     let mut rng = Rng::new(seed);
+    let bf16 = matches!(dev, Device::Cuda(_));
+    let round = |a: f64| if bf16 { half::bf16::from_f64(a).to_f64() } else { a };
     let (x, w) = (rng.vec(m * h, -1.0, 1.0), rng.vec(v * h, -1.0, 1.0));
+    let (x, w): (Vec<f32>, Vec<f32>) = (x.iter().map(|&a| round(a as f64) as f32).collect(), w.iter().map(|&a| round(a as f64) as f32).collect());
     let t: Vec<i32> = (0..m).map(|i| if ignore_every > 0 && i % ignore_every == 0 { IGNORE } else { rng.below(v) as i32 }).collect();
     let (x64, w64): (Vec<f64>, Vec<f64>) = (x.iter().map(|&a| a as f64).collect(), w.iter().map(|&a| a as f64).collect());
-    let z64 = matmul64(&x64, &w64, MatmulParams { m, n: v, k: h, trans_a: false, trans_b: true });
+    let z64: Vec<f64> = matmul64(&x64, &w64, MatmulParams { m, n: v, k: h, trans_a: false, trans_b: true }).into_iter().map(round).collect();
+    // A bf16 result is off by up to half a bf16 ulp after the f32 math, plus one more where the
+    // logits' own rounding went the other way.
+    let (loss_tol, grad_tol) = if bf16 { (Tolerance { atol: 1e-4, rtol: 1e-3 }, Tolerance { atol: 1e-4, rtol: 1e-2 }) } else { (Tolerance::F32, Tolerance::F32) };
     let tape = Tape::new();
-    let xt = Tensor::from_slice(&x, [m, h], &dev).map_err(e)?;
-    let wt = Tensor::from_slice(&w, [v, h], &dev).map_err(e)?;
+    let on_dev = |v: &[f32], shape: [usize; 2]| -> Result<Tensor, tuna::Error> {
+        let t = Tensor::from_slice(v, shape, &dev)?;
+        if bf16 { t.to_dtype(tuna::DType::BF16) } else { Ok(t) }
+    };
+    let xt = on_dev(&x, [m, h]).map_err(e)?;
+    let wt = on_dev(&w, [v, h]).map_err(e)?;
     let (xt, wt) = match tracked {
         Tracked::Nothing => (xt, wt),
         Tracked::X => (tape.param(&xt), wt),
@@ -111,19 +126,19 @@ fn check_linear(dev: Device, m: usize, h: usize, v: usize, ignore_every: usize, 
     if loss.device() != dev {
         return Err(format!("loss on {} for x on {dev}", loss.device()));
     }
-    compare(&format!("loss on {dev}"), &[loss.to_scalar().map_err(e)?], &[reference::cross_entropy(&z64, &t, v, IGNORE)], Tolerance::F32)?;
+    compare(&format!("loss on {dev}"), &[loss.to_scalar().map_err(e)?], &[reference::cross_entropy(&z64, &t, v, IGNORE)], loss_tol)?;
     if let Tracked::Nothing = tracked {
         return Ok(());
     }
     let dy = 0.75;
     let grads = tape.backward(&ops::scale(&loss, dy as f32).map_err(e)?).map_err(e)?;
-    let dz: Vec<f64> = reference_grad(&z64, &t, v).iter().map(|g| g * dy).collect();
+    let dz: Vec<f64> = reference_grad(&z64, &t, v).iter().map(|&g| round(g) * dy).collect();
     let dx = grads.get(&xt).ok_or("no gradient for x")?.to_vec_f32().map_err(e)?;
-    compare(&format!("dx on {dev}"), &dx, &matmul64(&dz, &w64, MatmulParams { m, n: h, k: v, trans_a: false, trans_b: false }), Tolerance::F32)?;
+    compare(&format!("dx on {dev}"), &dx, &matmul64(&dz, &w64, MatmulParams { m, n: h, k: v, trans_a: false, trans_b: false }), grad_tol)?;
     match (tracked, grads.get(&wt)) {
         (Tracked::XAndW, Some(dw)) => {
             let want = matmul64(&dz, &x64, MatmulParams { m: v, n: h, k: m, trans_a: true, trans_b: false });
-            compare(&format!("dW on {dev}"), &dw.to_vec_f32().map_err(e)?, &want, Tolerance::F32)
+            compare(&format!("dW on {dev}"), &dw.to_vec_f32().map_err(e)?, &want, grad_tol)
         }
         (Tracked::XAndW, None) => Err("no gradient for W".into()),
         (_, Some(_)) => Err("a gradient for the frozen W".into()),

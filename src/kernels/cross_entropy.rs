@@ -218,9 +218,7 @@ pub mod cuda {
         if let Some(dw) = &dw {
             check_len(OP, "dw", dw.len(), v * h)?;
         }
-        let i32_of = |n: usize, what: &str| i32::try_from(n).map_err(|_| Error::InvalidArgument(format!("{OP}: {what} = {n} exceeds i32")));
-        let (v_i, ignore) = (i32_of(v, "V")?, p.ignore_index);
-        let m_i = i32_of(m, "M")?;
+        let ignore = p.ignore_index;
         let c = p.chunk_rows.clamp(1, m.max(1));
         let e = |what: &'static str| move |err| Error::cuda(format!("{OP}: {what}"), err);
         let mut z = stream.alloc_zeros::<u16>((c * v).max(1)).map_err(e("allocating the logits chunk"))?;
@@ -232,18 +230,11 @@ pub mod cuda {
             Some(_) => Some(stream.alloc_zeros::<u16>((c * v).max(1)).map_err(e("allocating the transposed chunk"))?),
             None => None,
         };
-        let rows_fn = modules.function("cross_entropy", "ce_rows_bf16")?;
         for (r0, cm) in p.chunks() {
             let xc = x.slice(r0 * h..(r0 + cm) * h);
             matmul(stream, modules, dt, (&xc, h), (w, h), GemmOut::Half(&mut z.slice_mut(..cm * v)), (cm, v, h), false)?;
-            let cfg = LaunchConfig { grid_dim: (cm as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             let (tc, mut lc) = (targets.slice(r0..r0 + cm), row_loss.slice_mut(r0..r0 + cm));
-            // SAFETY: matches ce_rows_bf16 (z, targets, loss, V, ignore, inv_count, grad); z holds
-            // cm·V elements, the target and loss slices cm each.
-            unsafe {
-                stream.launch_builder(&rows_fn).arg(&mut z).arg(&tc).arg(&mut lc).arg(&v_i).arg(&ignore).arg(&inv_count).arg(&grad).launch(cfg)
-            }
-            .map_err(e("launching ce_rows_bf16"))?;
+            rows::<u16>(stream, modules, &mut z.slice_mut(..cm * v), &tc, &mut lc, (cm, v), ignore, inv_count, grad != 0)?;
             if let Some(dx) = dx.as_mut() {
                 let zc = z.slice(..cm * v);
                 matmul(stream, modules, dt, (&zc, v), (w, h), GemmOut::Half(&mut dx.slice_mut(r0 * h..(r0 + cm) * h)), (cm, h, v), true)?;
@@ -254,11 +245,64 @@ pub mod cuda {
                 matmul(stream, modules, dt, (&zt.slice(..cm * v), cm), (&xc, h), GemmOut::AddF32(&mut dw.slice_mut(..)), (v, h, cm), true)?;
             }
         }
+        sum(stream, modules, &row_loss.slice(..m), loss, inv_count)
+    }
+
+    /// `ce_rows` on `z [M, V]` (f32, or bf16 as u16): each row's loss into `row_loss [M]` and,
+    /// with `grad`, z overwritten by `(softmax(z) - onehot(t)) · inv_count` (see
+    /// kernels-cuda/cross_entropy.cu). The caller checked the targets.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rows<T: CeElem>(
+        stream: &Arc<CudaStream>,
+        modules: &ModuleCache,
+        z: &mut CudaViewMut<'_, T>,
+        targets: &CudaView<'_, i32>,
+        row_loss: &mut CudaViewMut<'_, f32>,
+        (m, v): (usize, usize),
+        ignore: i32,
+        inv_count: f32,
+        grad: bool,
+    ) -> Result<()> {
+        const OP: &str = "cross_entropy rows (cuda)";
+        for (what, have, need) in [("z", z.len(), m * v), ("targets", targets.len(), m), ("row losses", row_loss.len(), m)] {
+            check_len(OP, what, have, need)?;
+        }
+        if m == 0 {
+            return Ok(());
+        }
+        let v_i = i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{OP}: V = {v} exceeds i32")))?;
+        let m_u = u32::try_from(m).map_err(|_| Error::InvalidArgument(format!("{OP}: M = {m} exceeds a grid")))?;
+        let f = modules.function("cross_entropy", T::ROWS)?;
+        let cfg = LaunchConfig { grid_dim: (m_u, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let grad = grad as i32;
+        // SAFETY: matches ce_rows_* (z, targets, loss, V, ignore, inv_count, grad); z holds M·V
+        // elements, targets and row_loss M each (checked above).
+        unsafe { stream.launch_builder(&f).arg(z).arg(targets).arg(row_loss).arg(&v_i).arg(&ignore).arg(&inv_count).arg(&grad).launch(cfg) }
+            .map_err(|err| Error::cuda(format!("{OP}: launching {}", T::ROWS), err))?;
+        Ok(())
+    }
+
+    /// `out[0] = inv_count · Σ row_loss`, summed in a fixed order (`ce_sum_f32`).
+    pub fn sum(stream: &Arc<CudaStream>, modules: &ModuleCache, row_loss: &CudaView<'_, f32>, out: &mut CudaViewMut<'_, f32>, inv_count: f32) -> Result<()> {
+        const OP: &str = "cross_entropy sum (cuda)";
+        check_len(OP, "out", out.len(), 1)?;
+        let m = i32::try_from(row_loss.len()).map_err(|_| Error::InvalidArgument(format!("{OP}: M = {} exceeds i32", row_loss.len())))?;
         let f = modules.function("cross_entropy", "ce_sum_f32")?;
         let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: matches ce_sum_f32 (loss rows, M, inv_count, out); row_loss holds M values.
-        unsafe { stream.launch_builder(&f).arg(&row_loss).arg(&m_i).arg(&inv_count).arg(loss).launch(cfg) }.map_err(e("launching ce_sum_f32"))?;
+        // SAFETY: matches ce_sum_f32 (loss rows, M, inv_count, out); row_loss holds M values, out one.
+        unsafe { stream.launch_builder(&f).arg(row_loss).arg(&m).arg(&inv_count).arg(out).launch(cfg) }.map_err(|err| Error::cuda(format!("{OP}: launching ce_sum_f32"), err))?;
         Ok(())
+    }
+
+    /// The storage types `ce_rows` has a kernel for.
+    pub trait CeElem: cudarc::driver::DeviceRepr {
+        const ROWS: &'static str;
+    }
+    impl CeElem for f32 {
+        const ROWS: &'static str = "ce_rows_f32";
+    }
+    impl CeElem for u16 {
+        const ROWS: &'static str = "ce_rows_bf16";
     }
 }
 

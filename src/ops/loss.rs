@@ -48,7 +48,26 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i32) -> Re
                 Ok(vec![Some(dz), None])
             });
         }
-        d => return Err(Error::Unsupported { op: OP, device: d }),
+        // On CUDA: the forward writes the gradient for dy = 1 into a copy of the logits (when
+        // they are tracked); the backward scales it by dy on the device.
+        Device::Cuda(_) => {
+            use crate::ops::cuda::{cuda_buf, view, CudaOut};
+            let tv = targets.to_device(&Device::Cpu)?.to_vec::<i32>()?;
+            ce::check_targets(&tv, v, ignore_index)?;
+            let (m, count) = (logits.dims()[0], tv.iter().filter(|&&t| t != ignore_index).count());
+            let inv_count = if count == 0 { 0.0 } else { 1.0 / count as f32 };
+            let rt = cuda_buf(logits).0;
+            let grad = logits.is_tracked();
+            // The kernel overwrites z with the gradient, so it runs on a copy (read alone when
+            // nothing is tracked).
+            let mut z = CudaOut::copy_of(logits)?;
+            let mut row_loss = CudaOut::new(rt, [m], DType::F32)?;
+            let mut loss = CudaOut::new(rt, Vec::new(), DType::F32)?;
+            ce::cuda::rows::<f32>(&rt.stream, &rt.modules, &mut z.view_mut(), &view(targets), &mut row_loss.view_mut(), (m, v), ignore_index, inv_count, grad)?;
+            ce::cuda::sum(&rt.stream, &rt.modules, &view(&row_loss.tensor()), &mut loss.view_mut(), inv_count)?;
+            let dz = grad.then(|| z.tensor());
+            return record(OP, loss.tensor(), &[logits, targets], move |g, _| Ok(vec![dz.as_ref().map(|d| times(d, g)).transpose()?, None]));
+        }
     };
     let (st, shape) = (saved(targets), logits.shape().clone());
     record(OP, out, &[logits, targets], move |g, _| {
