@@ -43,7 +43,7 @@ fn check_logits_and_loss(name: &str) {
     let cpu_model = Llama::load(&fixture(name)).unwrap();
     let exp = Expected::load(name);
     let ids = exp.tensor("input_ids");
-    for dev in common::devices() {
+    for dev in common::f32_model_devices() {
         let model = cpu_model.to_device(&dev).unwrap();
         let logits = model.forward(&ids, None).unwrap();
         assert_eq!(logits.device(), dev);
@@ -93,7 +93,7 @@ fn greedy_generation_reproduces_transformers() {
         let prompt: Vec<u32> = exp.ids("greedy_prompt").into_iter().map(|t| t as u32).collect();
         let want: Vec<u32> = exp.ids("greedy_tokens").into_iter().map(|t| t as u32).collect();
         let opts = GenerateOptions { max_new_tokens: want.len(), ..Default::default() };
-        for dev in common::devices() {
+        for dev in common::f32_model_devices() {
             let model = cpu_model.to_device(&dev).unwrap();
             let mut streamed = Vec::new();
             let got = model.generate(&prompt, &opts, |t| streamed.push(t)).unwrap();
@@ -105,7 +105,7 @@ fn greedy_generation_reproduces_transformers() {
 
 #[test]
 fn kv_cache_gives_the_same_logits_as_a_full_forward() {
-    for dev in common::devices() {
+    for dev in common::f32_model_devices() {
         kv_cache_check(&Llama::load(&fixture("llama-gqa")).unwrap().to_device(&dev).unwrap());
     }
 }
@@ -127,7 +127,7 @@ fn kv_cache_check(model: &Llama) {
 #[test]
 fn full_model_gradients_match_transformers() {
     // On every device: on wgpu every op's backward runs there.
-    for dev in common::devices() {
+    for dev in common::f32_model_devices() {
         full_model_gradients(Llama::load(&fixture("llama-gqa")).unwrap().to_device(&dev).unwrap());
     }
 }

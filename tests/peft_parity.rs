@@ -39,7 +39,7 @@ fn peft_adapter_logits_and_loss() {
         let exp = expected(name);
         let ids = exp.load_raw("input_ids", &Device::Cpu).unwrap();
         // On every device present: on wgpu the fused LoRA GEMM runs the adapters.
-        for dev in common::devices() {
+        for dev in common::f32_model_devices() {
             let model = with_adapter(name).to_device(&dev).unwrap();
             let logits = model.forward(&ids, None).unwrap();
             compare(&format!("{name} logits on {dev}"), &logits.to_vec_f32().unwrap(), &f64s(&exp, "logits"), LOGITS).unwrap();
@@ -63,7 +63,7 @@ fn masked_loss_averages_over_the_kept_targets() {
 #[test]
 fn lora_gradients_and_one_adamw_step_match_peft() {
     // On every device: on wgpu the fused LoRA GEMM's backward gives dA and dB.
-    for dev in common::devices() {
+    for dev in common::f32_model_devices() {
         lora_gradients_and_one_adamw_step(with_adapter("peft-lora").to_device(&dev).unwrap());
     }
 }
@@ -162,7 +162,7 @@ fn lora_dropout_on_every_device_gives_the_cpus_gradients() {
         (model.loss(&expected("peft-lora").load_raw("input_ids", &Device::Cpu).unwrap(), None).unwrap().to_scalar().unwrap(), ())
     };
     assert!((cpu_loss - plain_loss).abs() > 1e-6, "dropout 0.3 changes the loss ({cpu_loss} vs {plain_loss})");
-    for dev in common::devices().into_iter().filter(|d| *d != Device::Cpu) {
+    for dev in common::f32_model_devices().into_iter().filter(|d| *d != Device::Cpu) {
         let (loss, grads) = run(dev);
         assert!((loss - cpu_loss).abs() <= 1e-5 * cpu_loss.abs().max(1.0), "loss on {dev}: {loss} vs cpu {cpu_loss}");
         for (i, (g, c)) in grads.iter().zip(&cpu_grads).enumerate() {

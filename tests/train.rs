@@ -200,7 +200,7 @@ fn sparse_resume_is_exact_across_reselections() {
     for dev in common::devices() {
         for (method, optimizer, stop) in [(sparse(Regrow::Sm3, 2), sm3(), 3), (sparse(Regrow::Grad, 3), OptimizerConfig::AdamW(Default::default()), 2)] {
             let c = TrainConfig { optimizer, ..cfg(method, 4, 1) };
-            let model = || common::model_on(&base(), &dev);
+            let model = || common::model_on(&common::small_model(&dev), &dev);
             let mut full = Trainer::new(model(), c.clone(), data(24, 1), 0).unwrap();
             let total = full.total_steps();
             let start = full.layouts.clone();
@@ -439,7 +439,7 @@ fn queued_steps_report_what_waited_steps_do() {
         }
         for dtype in dtypes {
             let run = |queued: bool| {
-                let mut model = common::model_on(&base(), &dev);
+                let mut model = common::model_on(&common::small_model(&dev), &dev);
                 if let Some(d) = dtype {
                     model = model.to_dtype(d).unwrap();
                 }

@@ -44,3 +44,22 @@ pub fn model_on(model: &tuna::nn::Llama, dev: &Device) -> tuna::nn::Llama {
 pub fn has_f16(dev: Device) -> bool {
     matches!(dev, Device::Wgpu(i) if tuna::device::wgpu::runtime(i).is_ok_and(|rt| rt.has_f16()))
 }
+
+/// The small model device tests train: the f32 fixture `tools/fixtures/llama-gqa` (head dim
+/// 8), or on CUDA, whose attention kernels have head dims 32 to 128, the tiny random Llama of
+/// `tuna::testing::model` (head dim 64). On the CPU in f32; `model_on` puts it on `dev`.
+pub fn small_model(dev: &Device) -> tuna::nn::Llama {
+    if matches!(dev, Device::Cuda(_)) {
+        tuna::nn::Llama::random(tuna::testing::model::tiny_config(), 3).unwrap()
+    } else {
+        tuna::nn::Llama::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures/llama-gqa")).unwrap()
+    }
+}
+
+/// The devices that run f32 models: all but CUDA, whose model runs in bf16 (its GEMMs are
+/// 16-bit) with head dims 32 to 128. Tests against f32 fixtures (head dim 8) made by PyTorch
+/// run here; the model on CUDA is checked against the CPU in `model_devices.rs` (and on a GPU
+/// by `tools/gpu-check`).
+pub fn f32_model_devices() -> Vec<Device> {
+    devices().into_iter().filter(|d| !matches!(d, Device::Cuda(_))).collect()
+}
