@@ -9,9 +9,11 @@
 #   - Mesa's lavapipe (software Vulkan), so the WGSL kernels run for real on the CPU;
 #   - the CUDA 13.0 toolchain from PyPI in a venv ($TUNA_CUDA_VENV, default
 #     ~/.cache/tuna/cuda13): nvcc for build.rs, libnvrtc for the NVRTC path, ptxas for the report.
-# Then: cargo test with TUNA_REQUIRE_WGPU/WGPU_F16/NVCC/NVRTC=1 (a missing adapter, f16 support
-# or toolchain fails
-# instead of skipping), and `ptxas -v` for sm_90 on every kernel (registers, spills; a spill
+#   - the CUDA emulator (tools/cuda-emu, built with g++): a libcuda.so that runs the sm_80
+#     kernels on the CPU, so every CUDA test case runs here as it would on a GPU.
+# Then: cargo test with TUNA_REQUIRE_WGPU/WGPU_F16/NVCC/NVRTC/CUDA=1 (a missing adapter, f16
+# support, toolchain or CUDA device fails instead of skipping), the no-GPU error test once more
+# without the emulator, and `ptxas -v` for sm_90 on every kernel (registers, spills; a spill
 # fails the run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,8 +47,16 @@ export TUNA_REQUIRE_WGPU=1 TUNA_REQUIRE_WGPU_F16=1 TUNA_REQUIRE_NVCC=1 TUNA_REQU
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$(mktemp -d)}
 chmod 700 "$XDG_RUNTIME_DIR" 2>/dev/null || true
 
-echo "== cargo test"
+echo "== building the CUDA emulator"
+emu=$(bash tools/cuda-emu/build.sh)
+no_emu_path=$LD_LIBRARY_PATH
+export LD_LIBRARY_PATH="$PWD/$(dirname "$emu"):$LD_LIBRARY_PATH" TUNA_REQUIRE_CUDA=1
+
+echo "== cargo test (CUDA on the emulator)"
 cargo test --locked 2>&1
+
+echo "== cargo test --test devices without a CUDA driver (the no-GPU errors)"
+LD_LIBRARY_PATH=$no_emu_path TUNA_REQUIRE_CUDA=0 cargo test --locked --test devices 2>&1
 
 echo "== ptxas -v for sm_90 and sm_90a (registers and spills per kernel)"
 # The newest build output that holds PTX (a build without nvcc leaves source only, for NVRTC).

@@ -7,7 +7,6 @@
 // event is already complete when the host asks.
 #include <signal.h>
 #include <sys/mman.h>
-#include <ucontext.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -21,6 +20,33 @@
 #include "emu.h"
 #include "registry.h"
 
+// Switches stacks: saves the callee-saved registers on the current stack, stores its pointer in
+// *from, and resumes the stack `to` (saved the same way, or prepared by `run_block`). x86-64
+// System V; no system call, unlike swapcontext, which saves the signal mask each time.
+extern "C" void emu_switch(void** from, void* to);
+asm(R"(
+    .text
+    .globl emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+
 namespace emu {
 
 uint3 thread_idx, block_idx;
@@ -31,7 +57,7 @@ namespace {
 enum State { READY, AT_BARRIER, AT_WARP_OP, DONE };
 struct Copy { void* dst; const void* src; int bytes; };
 struct Fiber {
-    ucontext_t ctx;
+    void* sp = nullptr;  // the saved stack pointer while suspended
     uint3 tid;
     int warp = 0, lane = 0;
     State state = READY;
@@ -60,7 +86,7 @@ struct Launch {
     std::vector<WarpState> warps;
     std::vector<void*> stacks;
     Fiber* current = nullptr;
-    ucontext_t scheduler;
+    void* scheduler = nullptr;  // the scheduler's saved stack pointer while a fiber runs
     int threads = 0, arrived = 0;
     unsigned block_gen = 0;
     bool or_acc = false, or_result[2] = {false, false};
@@ -83,12 +109,15 @@ std::string where() {
     return buf;
 }
 
-void yield() { swapcontext(&L->current->ctx, &L->scheduler); }
+void yield() { emu_switch(&L->current->sp, L->scheduler); }
 
+// A fiber's first frame: runs the kernel, then returns to the scheduler for good. Copies
+// issued and never waited for are dropped (the kernel does not read them).
 void fiber_main() {
     L->entry(L->params);
     L->current->state = DONE;
-    // Copies issued and never waited for: the kernel does not read them, so they are dropped.
+    yield();
+    fatal("a finished fiber was resumed");
 }
 
 void on_fault(int sig, siginfo_t* info, void*) {
@@ -145,11 +174,14 @@ std::string run_block() {
         f.tid = uint3{(unsigned)(i % block_dim.x), (unsigned)(i / block_dim.x % block_dim.y), (unsigned)(i / (block_dim.x * block_dim.y))};
         f.warp = i / 32;
         f.lane = i % 32;
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = l.stacks[i];
-        f.ctx.uc_stack.ss_size = STACK;
-        f.ctx.uc_link = &l.scheduler;
-        makecontext(&f.ctx, fiber_main, 0);
+        // The stack as emu_switch leaves one: six saved registers, then the address it returns
+        // to (fiber_main), then a zero return address for fiber_main's frame, so fiber_main
+        // starts with the stack aligned as after a call.
+        void** top = (void**)((char*)l.stacks[i] + STACK);
+        top[-1] = nullptr;
+        top[-2] = (void*)&fiber_main;
+        for (int r = 3; r <= 8; r++) top[-r] = nullptr;
+        f.sp = top - 8;
     }
     for (;;) {
         bool ran = false, all_done = true;
@@ -160,7 +192,7 @@ std::string run_block() {
             f.state = READY;
             l.current = &f;
             thread_idx = f.tid;
-            swapcontext(&l.scheduler, &f.ctx);
+            emu_switch(&l.scheduler, f.sp);
             l.current = nullptr;
             if (!l.error.empty()) return l.error;
             ran = true;
