@@ -369,6 +369,18 @@ fn bench_step_reports_tokens_per_second_on_every_device() {
             let between = v["device_memory"]["live_bytes_between_steps"].as_u64().unwrap();
             assert!(between >= 4 * 33_000_000 && between < live, "{v}");
         }
+        if let tuna::Device::Cuda(_) = dev {
+            // The allocation pool's peak holds at least the bf16 weights; what stays in use
+            // after the steps is under it.
+            let (peak, now) = (v["device_memory"]["peak_live_bytes"].as_u64().unwrap(), v["device_memory"]["live_bytes"].as_u64().unwrap());
+            assert!(peak >= 2 * 33_000_000 && now <= peak, "{v}");
+            // --profile adds a step with each kernel's time: the GEMM and attention among them.
+            let (ok, out, err) = tuna(&["bench-step", "--device", &d, "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "0", "--rank", "4", "--profile"]);
+            assert!(ok, "bench-step --profile on {d}: {err}");
+            let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+            let names: Vec<&str> = v["kernel_profile"]["kernels"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
+            assert!(names.iter().any(|n| n.starts_with("lora_gemm::")) && names.iter().any(|n| n.starts_with("flash_attention::")), "{names:?}");
+        }
         let (ok, out, err) = tuna(&["bench-step", "--device", &d, "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "0", "--rank", "4", "--qlora"]);
         assert!(ok, "bench-step --qlora on {d}: {err}");
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();

@@ -12,8 +12,8 @@
 #   - the CUDA emulator (tools/cuda-emu, built with g++): a libcuda.so that runs the sm_80
 #     kernels on the CPU, so every CUDA test case runs here as it would on a GPU.
 # Then: cargo test with TUNA_REQUIRE_WGPU/WGPU_F16/NVCC/NVRTC/CUDA=1 (a missing adapter, f16
-# support, toolchain or CUDA device fails instead of skipping), the no-GPU error test once more
-# without the emulator, and `ptxas -v` for sm_90 on every kernel (registers, spills; a spill
+# support, toolchain or CUDA device fails instead of skipping), gpu-check's CUDA test cases on
+# the emulator, the no-GPU error test once more without the emulator, and `ptxas -v` for sm_90 on every kernel (registers, spills; a spill
 # fails the run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +54,10 @@ export LD_LIBRARY_PATH="$PWD/$(dirname "$emu"):$LD_LIBRARY_PATH" TUNA_REQUIRE_CU
 
 echo "== cargo test (CUDA on the emulator)"
 cargo test --locked 2>&1
+
+echo "== gpu-check's test cases on the emulator (what a GPU run checks first)"
+cargo build --locked --profile test --bin gpu-check 2>&1 | tail -1
+target/debug/gpu-check "$(mktemp -d)" --checks | grep -v "^  ok "
 
 echo "== cargo test --test devices without a CUDA driver (the no-GPU errors)"
 LD_LIBRARY_PATH=$no_emu_path TUNA_REQUIRE_CUDA=0 cargo test --locked --test devices 2>&1

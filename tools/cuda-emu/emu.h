@@ -161,7 +161,9 @@ template <bool BF16> inline void mma16816(float* d, const unsigned* a, const uns
     std::memcpy(in + 24, d, 16);
     warp_op(in, 40, d, 16, mma_op<BF16>, 0);
 }
+void misaligned(const char* what, const void* p);
 template <bool TRANS> inline void ldmatrix_x4(unsigned* r, const void* p) {
+    if ((uintptr_t)p & 15) misaligned("ldmatrix row address", p);  // a fault on the hardware
     warp_op(&p, sizeof p, r, 16, ldmatrix_op<TRANS>, 0);
 }
 }  // namespace emu

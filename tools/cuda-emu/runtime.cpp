@@ -266,11 +266,18 @@ void warp_op(const void* in, int bytes_in, void* out, int bytes_out, WarpOp op, 
     std::memcpy(out, w.out[p] + f.lane * bytes_out, bytes_out);
 }
 
+void misaligned(const char* what, const void* p) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, " %p", p);
+    L->error = std::string("misaligned ") + what + buf + ", " + where();
+    yield();
+}
+
 unsigned char* dynamic_smem() { return L->dyn_smem; }
 
 void cp_async(void* dst, const void* src, int src_bytes) {
     if (src_bytes < 0 || src_bytes > 16) fatal("cp.async with a source size outside 0..16, " + where());
-    if (((uintptr_t)dst | (uintptr_t)src) & 15) fatal("cp.async of 16 bytes from or to an address not 16-byte aligned, " + where());
+    if (((uintptr_t)dst | (uintptr_t)src) & 15) misaligned("cp.async address (16 bytes need 16-byte alignment)", ((uintptr_t)dst & 15) ? dst : src);
     L->current->open.push_back(Copy{dst, src, src_bytes});
 }
 void cp_async_commit() {
