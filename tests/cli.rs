@@ -290,14 +290,46 @@ fn finetune_on_wgpu_follows_the_cpu() {
         assert!(std::env::var("TUNA_REQUIRE_WGPU").map_or(true, |v| v != "1"), "TUNA_REQUIRE_WGPU=1 but no wgpu adapter");
         return;
     }
-    let m = fixture();
-    let base = std::env::temp_dir().join(format!("tuna-ft-wgpu-{}", std::process::id()));
+    finetune_follows_the_cpu("wgpu", &fixture(), 1e-4);
+}
+
+#[test]
+fn finetune_on_cuda_follows_the_cpu() {
+    // The model trains in bf16 on CUDA, whose attention kernels need a head dim of 32 or more:
+    // the tiny test model (head dim 64) written as a model folder with the fixture's tokenizer.
+    if !tuna::Device::available().iter().any(|d| matches!(d.device, tuna::Device::Cuda(_))) {
+        assert!(std::env::var("TUNA_REQUIRE_CUDA").map_or(true, |v| v != "1"), "TUNA_REQUIRE_CUDA=1 but no CUDA device");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("tuna-cuda-model-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let tok = dir.join("tokenizer");
+    std::fs::create_dir_all(&tok).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture().join(f), tok.join(f)).unwrap();
+    }
+    let model = dir.join("model");
+    tuna::nn::Llama::random(tuna::testing::model::tiny_config(), 3).unwrap().save(&tok, &model).unwrap();
+    let adapter = finetune_follows_the_cpu("cuda", &model, 2e-3);
+    // Generation on CUDA with the adapter it trained: a prompt and its new tokens.
+    let (ok, out, err) = tuna(&["generate", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--prompt", "Count 3", "--max-new-tokens", "4", "--json", "--device", "cuda"]);
+    assert!(ok, "generate on cuda: {err}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let new: Vec<u64> = v["new_tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
+    assert!((1..=4).contains(&new.len()) && new.iter().all(|&t| t < 320), "{v}");
+}
+
+/// `tuna finetune` for 3 steps on the CPU and on `device` from the same model and data: LoRA
+/// with dropout, and sparse fine-tuning with SM3 (its active set changed after step 2), each
+/// with its final training loss within `rtol` of the CPU's. Returns the LoRA adapter trained on
+/// `device`.
+fn finetune_follows_the_cpu(device: &str, m: &Path, rtol: f64) -> PathBuf {
+    let base = std::env::temp_dir().join(format!("tuna-ft-{device}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
     let data = base.join("data.jsonl");
     let lines: String = (0..16).map(|i| format!("{{\"prompt\": \"Count {i}\", \"completion\": \" {} {}\"}}\n", i + 1, i + 2)).collect();
     std::fs::write(&data, lines).unwrap();
-    // LoRA with dropout; sparse fine-tuning with SM3, its active set changed after step 2.
     let methods: [(&str, &[&str], &str); 2] = [
         ("lora", &["--lora-dropout", "0.1"], "adapter/adapter_model.safetensors"),
         ("sparse", &["--method", "sparse", "--optimizer", "sm3", "--density", "0.05", "--reselect-every", "2"], "sparse/sparse_deltas.safetensors"),
@@ -313,10 +345,11 @@ fn finetune_on_wgpu_follows_the_cpu() {
             assert!(out.join(written).exists(), "{tag} on {device}: no {written}");
             serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
         };
-        let (cpu, gpu) = (run("cpu"), run("wgpu"));
+        let (cpu, gpu) = (run("cpu"), run(device));
         let (a, b) = (cpu["final_train_loss"].as_f64().unwrap(), gpu["final_train_loss"].as_f64().unwrap());
-        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{tag}: final train loss: cpu {a} vs wgpu {b}");
+        assert!((a - b).abs() <= rtol * a.abs().max(1.0), "{tag}: final train loss: cpu {a} vs {device} {b}");
     }
+    base.join(format!("lora-{device}/adapter"))
 }
 
 #[test]
