@@ -183,20 +183,33 @@ std::string run_block() {
         for (int r = 3; r <= 8; r++) top[-r] = nullptr;
         f.sp = top - 8;
     }
-    for (;;) {
+    // Warps run as far apart as the barriers allow: each warp in turn runs until all its lanes
+    // wait at a block barrier (or exit), in thread order between even barriers and in reverse
+    // between odd ones, and its lanes take turns in alternating order too. A shared-memory
+    // access that a missing barrier leaves unordered then sees the other warp's or lane's
+    // value, or the old one, in one of the two orders.
+    const int warps = (int)l.warps.size();
+    for (unsigned turn = 0;;) {
         bool ran = false, all_done = true;
-        for (Fiber& f : l.fibers) {
-            if (f.state == DONE) continue;
-            all_done = false;
-            if (!ready(f)) continue;
-            f.state = READY;
-            l.current = &f;
-            thread_idx = f.tid;
-            emu_switch(&l.scheduler, f.sp);
-            l.current = nullptr;
-            if (!l.error.empty()) return l.error;
-            ran = true;
+        const bool reverse = l.block_gen & 1;
+        for (int wi = 0; wi < warps; wi++) {
+            const int w = reverse ? warps - 1 - wi : wi, lo = 32 * w, hi = std::min(n, lo + 32);
+            for (bool again = true; again; turn++) {
+                again = false;
+                for (int j = 0; j < hi - lo; j++) {
+                    Fiber& f = l.fibers[turn & 1 ? hi - 1 - j : lo + j];
+                    if (f.state == DONE || !ready(f)) continue;
+                    f.state = READY;
+                    l.current = &f;
+                    thread_idx = f.tid;
+                    emu_switch(&l.scheduler, f.sp);
+                    l.current = nullptr;
+                    if (!l.error.empty()) return l.error;
+                    again = ran = true;
+                }
+            }
         }
+        for (const Fiber& f : l.fibers) all_done &= f.state == DONE;
         if (all_done) return "";
         if (!ran) {
             int done = 0, barrier = 0, warp_op = 0;
