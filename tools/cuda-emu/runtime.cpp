@@ -93,7 +93,7 @@ struct Launch {
     std::string error;
     alignas(16) unsigned char dyn_smem[DYN_SMEM];
 };
-Launch* L = nullptr;
+thread_local Launch* L = nullptr;  // the launch this thread is running, if any
 
 [[noreturn]] void fatal(const std::string& msg) {
     std::fprintf(stderr, "cuda-emu: %s\n", msg.c_str());
@@ -120,10 +120,18 @@ void fiber_main() {
     fatal("a finished fiber was resumed");
 }
 
+struct sigaction previous[2];  // the handlers before ours (SIGSEGV, SIGBUS): Rust's, say
+
 void on_fault(int sig, siginfo_t* info, void*) {
+    if (!L || !L->current) {
+        // Not in a kernel: hand the fault back to the previous handler (the instruction runs
+        // again and faults into it).
+        sigaction(sig, &previous[sig == SIGBUS], nullptr);
+        return;
+    }
     char buf[512];
     int n = std::snprintf(buf, sizeof buf, "cuda-emu: %s at address %p in %s\n", sig == SIGSEGV ? "invalid memory access" : "bus error", info->si_addr,
-                          L && L->current ? where().c_str() : "no kernel");
+                          where().c_str());
     (void)!write(2, buf, n);
     _exit(99);
 }
@@ -141,8 +149,12 @@ void install_fault_handler() {
     std::memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_fault;
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
-    sigaction(SIGSEGV, &sa, nullptr);
-    sigaction(SIGBUS, &sa, nullptr);
+    static bool installed = false;  // once per process; the alternate stack once per thread
+    if (!installed) {
+        installed = true;
+        sigaction(SIGSEGV, &sa, &previous[0]);
+        sigaction(SIGBUS, &sa, &previous[1]);
+    }
 }
 
 bool ready(const Fiber& f) {
