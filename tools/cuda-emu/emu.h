@@ -6,8 +6,10 @@
 // some threads never reach, or a warp instruction a lane never reaches, is a deadlock the
 // emulator reports with the kernel's name instead of hanging.
 //
-// Not emulated: the sm_90a modules (wgmma, TMA), timing, and races between threads of a block
-// that a barrier would order (fibers switch only at barriers and warp instructions).
+// Races: fibers switch only at barriers and warp instructions, and the scheduler (runtime.cpp)
+// runs warps as far apart as the barriers allow, in alternating orders, so a missing barrier
+// shows as a wrong value. Not emulated: the sm_90a modules (wgmma, TMA), timing, and global
+// memory alignment of vector loads.
 #pragma once
 #include <math.h>
 #include <cstdint>
@@ -32,7 +34,6 @@ struct uint4 { unsigned x, y, z, w; };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
 namespace emu {
-struct Warp;
 // The running fiber's coordinates, set by the scheduler before it resumes a fiber.
 extern uint3 thread_idx, block_idx;
 extern dim3 block_dim, grid_dim;
