@@ -32,8 +32,14 @@ for cu in kernels-cuda/*.cu; do
   objs+=("$out/gen/$stem.o")
 done
 flags=(-std=c++17 -O2 -g -fPIC -Wall -Wno-unknown-pragmas -Wno-unused-function -Wno-unused-variable -I tools/cuda-emu -I kernels-cuda)
+# An object is rebuilt when any header or the runtime is newer (the generated file of a kernel
+# changes with its .cu alone).
+fresh() {
+  local f
+  for f in tools/cuda-emu/*.h tools/cuda-emu/runtime.cpp kernels-cuda/*.cuh; do [ "$1" -nt "$f" ] || return 1; done
+}
 for o in "${objs[@]}" "$out/runtime.o"; do
-  [ -e "$o" ] && [ "$o" -nt tools/cuda-emu/emu.h ] && [ "$o" -nt tools/cuda-emu/runtime.cpp ] && [ "$o" -nt kernels-cuda/mma.cuh ] && [ "$o" -nt kernels-cuda/common.cuh ] && continue
+  [ -e "$o" ] && fresh "$o" && continue
   src=${o%.o}.cpp
   [ "$o" = "$out/runtime.o" ] && src=tools/cuda-emu/runtime.cpp
   g++ "${flags[@]}" -c "$src" -o "$o" &

@@ -259,7 +259,9 @@ bool sync_block_or(bool pred) {
 }
 
 void check_full_mask(unsigned mask, const char* what) {
-    if (mask != 0xffffffffu) fatal(std::string(what) + " with a partial mask is not emulated (" + where() + ")");
+    if (mask == 0xffffffffu) return;
+    L->error = std::string(what) + " with a partial mask is not emulated, " + where();
+    yield();
 }
 
 void warp_op(const void* in, int bytes_in, void* out, int bytes_out, WarpOp op, long arg) {
