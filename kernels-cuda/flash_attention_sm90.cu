@@ -29,7 +29,11 @@
 static_assert(FH_ROWS == 64, "FaBlock and fa_softmax_step (attention.cuh) assume 64 queries and 64 keys a tile");
 
 __device__ __forceinline__ void cp_async16_to(u32 dst, const void* src, int src_bytes) {
+#ifdef TUNA_CUDA_EMU
+    emu::cp_async(emu::shared_ptr(dst, 16), src, src_bytes);
+#else
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+#endif
 }
 
 // Rows row0..row0+63 of a [rows, row_stride] matrix (D contiguous) into the swizzled tile at
@@ -44,6 +48,10 @@ __device__ __forceinline__ void fh_load_tile(u32 dst, const unsigned short* src,
     }
 }
 
+#ifdef TUNA_CUDA_EMU  // compiled as host C++ (tools/cuda-emu): the wgmma forms below, emulated
+template <typename T> __device__ __forceinline__ void fh_qk(T, float* d, u64 da, u64 db) { emu::wgmma(std::is_same<T, Bf16>::value, d, 64, da, nullptr, db, 0, 0); }
+template <int D, typename T> __device__ __forceinline__ void fh_pv(T, float* d, const u32* a, u64 db) { emu::wgmma(std::is_same<T, Bf16>::value, d, D, 0, a, db, 0, 1); }
+#else
 // d += A.B^T slice: m64n64k16, both operands from shared memory; TRANS is "imm-trans-a,
 // imm-trans-b" ("0, 0": both K-major, as S = Q.K^T reads them).
 #define FH_WGMMA_SS(TYPE, TRANS)                                                                                   \
@@ -69,6 +77,7 @@ template <> __device__ __forceinline__ void fh_pv<64>(Bf16, float* d, const u32*
 template <> __device__ __forceinline__ void fh_pv<64>(F16, float* d, const u32* a, u64 db) { FH_WGMMA_RS64("f16"); }
 template <> __device__ __forceinline__ void fh_pv<128>(Bf16, float* d, const u32* a, u64 db) { FH_WGMMA_RS128("bf16"); }
 template <> __device__ __forceinline__ void fh_pv<128>(F16, float* d, const u32* a, u64 db) { FH_WGMMA_RS128("f16"); }
+#endif
 
 template <typename T, int D>
 __device__ __forceinline__ void flash_attn_fwd_sm90(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
@@ -101,7 +110,7 @@ __device__ __forceinline__ void flash_attn_fwd_sm90(const unsigned short* __rest
         // This tile (and Q) landed; every warp is past the previous tile, whose buffers take the
         // next tile's loads. The fence hands cp.async's writes to the tensor cores (async proxy).
         cp_async_wait<0>();
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        fence_proxy_async();
         __syncthreads();
         if (kv0 + FH_ROWS < s_end) {
             fh_load_tile<D>(ks + (buf ^ 1) * TILE, kb, kv0 + FH_ROWS, S, kv_row);
@@ -190,13 +199,15 @@ FH_INSTANCE(flash_attn_fwd_sm90_f16_d128, F16, 128)
 // flash_attn_bwd_sm90_{bf16,f16}_d{64,128}. Not yet run (no GPU so far).
 
 // d += dS.K slice: m64n64k16 with both operands read transposed (MN-major) from shared memory.
+// p[0] += a, p[1] += b as one atomic (sm_90's vector reduction; p 8-byte aligned).
+#ifdef TUNA_CUDA_EMU
+template <typename T> __device__ __forceinline__ void fhb_dq(T, float* d, u64 da, u64 db) { emu::wgmma(std::is_same<T, Bf16>::value, d, 64, da, nullptr, db, 1, 1); }
+__device__ __forceinline__ void fhb_red2(float* p, float a, float b) { emu::red_add_v2(p, a, b); }
+#else
 __device__ __forceinline__ void fhb_dq(Bf16, float* d, u64 da, u64 db) { FH_WGMMA_SS("bf16", "1, 1"); }
 __device__ __forceinline__ void fhb_dq(F16, float* d, u64 da, u64 db) { FH_WGMMA_SS("f16", "1, 1"); }
-
-__device__ __forceinline__ void fhb_st32(u32 addr, u32 v) { asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory"); }
-
-// p[0] += a, p[1] += b as one atomic (sm_90's vector reduction; p 8-byte aligned).
 __device__ __forceinline__ void fhb_red2(float* p, float a, float b) { asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory"); }
+#endif
 
 // The A fragments of the four k16 slices of a 64 x 64 accumulator (16-bit, see the forward).
 template <typename T>
@@ -274,7 +285,7 @@ __device__ __forceinline__ void flash_attn_bwd_sm90(const unsigned short* __rest
         // This tile landed (cp.async for the tiles, plain stores for the row values); every
         // thread is past the previous tile, so the other buffers and dS^T are free.
         cp_async_wait<0>();
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        fence_proxy_async();
         __syncthreads();
         if (it + 1 < iters) load(it + 1, bf ^ 1);
         cp_async_commit();
@@ -326,10 +337,10 @@ __device__ __forceinline__ void flash_attn_bwd_sm90(const unsigned short* __rest
         const int r0 = 16 * warp + gr, r1 = r0 + 8;
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
-            fhb_st32(dss + swizzled(r0, 2 * kk) + 4 * c, dsa[kk][0]);
-            fhb_st32(dss + swizzled(r1, 2 * kk) + 4 * c, dsa[kk][1]);
-            fhb_st32(dss + swizzled(r0, 2 * kk + 1) + 4 * c, dsa[kk][2]);
-            fhb_st32(dss + swizzled(r1, 2 * kk + 1) + 4 * c, dsa[kk][3]);
+            st_shared_u32(dss + swizzled(r0, 2 * kk) + 4 * c, dsa[kk][0]);
+            st_shared_u32(dss + swizzled(r1, 2 * kk) + 4 * c, dsa[kk][1]);
+            st_shared_u32(dss + swizzled(r0, 2 * kk + 1) + 4 * c, dsa[kk][2]);
+            st_shared_u32(dss + swizzled(r1, 2 * kk + 1) + 4 * c, dsa[kk][3]);
         }
 
         // dV += P^T.dO and dK += dS^T.Q over the tile's 64 queries (k16 slice kk: queries 16kk..).
@@ -347,7 +358,7 @@ __device__ __forceinline__ void flash_attn_bwd_sm90(const unsigned short* __rest
         for (int kk = 0; kk < 4; ++kk) fh_pv<D>(T{}, dka, dsa[kk], smem_desc(qt + kk * 2048, FH_ROWS * 128, 1024));
         wgmma_commit();
         // dS^T (stored above) handed to the tensor cores (async proxy), from every warp.
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        fence_proxy_async();
         __syncthreads();
 
         // dQ = dS.K, 64 columns of D at a time (k16 slice kk: keys 16kk.., 2048 bytes in), added

@@ -59,6 +59,14 @@ struct __align__(64) TensorMap {
     u64 opaque[16];
 };
 
+#ifdef TUNA_CUDA_EMU  // compiled as host C++ (tools/cuda-emu): the emulator's mbarriers and TMA
+__device__ __forceinline__ void mbar_init(u64* bar, u32 count) { emu::mbar_init(bar, count); }
+__device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) { emu::mbar_arrive(bar, bytes); }
+__device__ __forceinline__ void mbar_arrive(u64* bar) { emu::mbar_arrive(bar, 0); }
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) { emu::mbar_wait(bar, parity); }
+__device__ __forceinline__ void mbar_init_fence() {}
+__device__ __forceinline__ void tma_load(u32 dst, const TensorMap* map, int c0, int c1, u64* bar) { emu::tma_load_2d(dst, map, c0, c1, bar); }
+#else
 __device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
 }
@@ -90,6 +98,12 @@ __device__ __forceinline__ void tma_load(u32 dst, const TensorMap* map, int c0, 
         "l"((u64)map), "r"(c0), "r"(c1), "r"(smem_addr(bar))
         : "memory");
 }
+// Makes the mbarrier initializations visible to the other threads and to the async proxy.
+__device__ __forceinline__ void mbar_init_fence() {
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    fence_proxy_async();
+}
+#endif
 
 // The B tile of K tile k0 (columns n0..n0+255 of C): one 256 x 64 box of B stored [N, K], or
 // for B stored [K, N] four 64 x 64 boxes side by side along N (8 KiB apart).
@@ -105,6 +119,10 @@ __device__ __forceinline__ void tma_load_b(u32 b_s, const TensorMap* tb, int n0,
 
 // d += A.B for a 64 x 256 x 16 slice: A and B from shared memory (descriptors), f32 accumulate,
 // B transposed (stored [K, N]) when TB is 1.
+#ifdef TUNA_CUDA_EMU
+template <int TB> __device__ __forceinline__ void wgmma_256(Bf16, float* d, u64 da, u64 db) { emu::wgmma(true, d, 256, da, nullptr, db, 0, TB); }
+template <int TB> __device__ __forceinline__ void wgmma_256(F16, float* d, u64 da, u64 db) { emu::wgmma(false, d, 256, da, nullptr, db, 0, TB); }
+#else
 #define WGMMA_256(TYPE)                                                                              \
     asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " " WG_D128           \
                  ", %128, %129, 1, 1, 1, 0, %130;"                                                   \
@@ -112,6 +130,7 @@ __device__ __forceinline__ void tma_load_b(u32 b_s, const TensorMap* tb, int n0,
                  : "l"(da), "l"(db), "n"(TB))
 template <int TB> __device__ __forceinline__ void wgmma_256(Bf16, float* d, u64 da, u64 db) { WGMMA_256("bf16"); }
 template <int TB> __device__ __forceinline__ void wgmma_256(F16, float* d, u64 da, u64 db) { WGMMA_256("f16"); }
+#endif
 
 // The NF4 W tile of K tile k0, dequantized by the producer warpgroup's 128 threads into stage
 // memory at `dst` in the layout the TMA would have written (128-byte swizzle): W is [wrows,
@@ -123,6 +142,9 @@ template <int TB> __device__ __forceinline__ void wgmma_256(F16, float* d, u64 d
 // weight (zero outside W), the arithmetic of `nf4_at` either way.
 // Two f32 rounded to the 16-bit type in one instruction, `lo` in the low half (finite values:
 // the same bits as T::from_f32).
+#ifdef TUNA_CUDA_EMU
+template <typename T> __device__ __forceinline__ u32 pack2(T, float lo, float hi) { return (u32)T::from_f32(lo) | ((u32)T::from_f32(hi) << 16); }
+#else
 __device__ __forceinline__ u32 pack2(Bf16, float lo, float hi) {
     u32 r;
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
@@ -133,6 +155,7 @@ __device__ __forceinline__ u32 pack2(F16, float lo, float hi) {
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
+#endif
 
 template <typename T, int ROWS, int COLS>
 __device__ __forceinline__ void nf4_tile(u32 dst, const Nf4& q, const float* map, const float* code, int wrows, int wcols, int r0, int c0) {
@@ -161,7 +184,7 @@ __device__ __forceinline__ void nf4_tile(u32 dst, const Nf4& q, const float* map
             }
         }
         const u32 at = dst + (c8 / 8) * (ROWS * 128) + swizzled(r, c8 % 8);
-        asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(at), "r"(h[0]), "r"(h[1]), "r"(h[2]), "r"(h[3]) : "memory");
+        st_shared_v4(at, h);
     }
 }
 
@@ -186,8 +209,7 @@ __device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const Tenso
             mbar_init(&full[s], NF4 ? 129 : 1);  // NF4: + one arrival per producer thread
             mbar_init(&empty[s], 8);
         }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        mbar_init_fence();
     }
     __syncthreads();
 
@@ -217,7 +239,7 @@ __device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const Tenso
                     if (dequant) {
                         if (KN) nf4_tile<T, SM90_BK, SM90_BN>(b_s, q, tables, tables + 256, k1, n, k0, n0);
                         else nf4_tile<T, SM90_BN, SM90_BK>(b_s, q, tables, tables + 256, n, k1, n0, k0);
-                        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+                        fence_proxy_async();
                     }
                     mbar_arrive(&full[s]);
                 }

@@ -26,9 +26,25 @@ __device__ __forceinline__ u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
 // Byte offset of the 16-byte piece `piece` (0..7) of row `r` in a swizzled 128-byte-row chunk.
 __device__ __forceinline__ u32 swizzled(int r, int piece) { return (u32)(r * 128 + ((piece ^ (r & 7)) << 4)); }
 
+#ifdef TUNA_CUDA_EMU  // compiled as host C++ (tools/cuda-emu): the emulator's warpgroup instructions
+__device__ __forceinline__ void wgmma_fence() {}
+__device__ __forceinline__ void wgmma_commit() { emu::wgmma_commit(); }
+template <int N> __device__ __forceinline__ void wgmma_wait() { emu::wgmma_wait(N); }
+// Hands the generic proxy's shared-memory writes to the async proxy (wgmma, TMA).
+__device__ __forceinline__ void fence_proxy_async() {}
+// 4 or 16 bytes to a shared-window address.
+__device__ __forceinline__ void st_shared_u32(u32 addr, u32 v) { emu::st_shared(addr, &v, 4); }
+__device__ __forceinline__ void st_shared_v4(u32 addr, const u32* v) { emu::st_shared(addr, v, 16); }
+#else
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+__device__ __forceinline__ void st_shared_u32(u32 addr, u32 v) { asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory"); }
+__device__ __forceinline__ void st_shared_v4(u32 addr, const u32* v) {
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(v[0]), "r"(v[1]), "r"(v[2]), "r"(v[3]) : "memory");
+}
+#endif
 
 // "+f" operands of 8 / 32 accumulators from d[i].
 #define ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
@@ -56,7 +72,11 @@ template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wg
 // Keeps the compiler from moving reads or writes of N accumulators across this point: to it they
 // are plain registers, which a wgmma asm statement names as operands only where it issues, not
 // where the hardware finishes writing them (at the wait).
+#ifdef TUNA_CUDA_EMU  // the accumulators are memory the emulator writes through a pointer
+template <int N> __device__ __forceinline__ void wgmma_operand_fence(float*) {}
+#else
 template <int N> __device__ __forceinline__ void wgmma_operand_fence(float* d);
 template <> __device__ __forceinline__ void wgmma_operand_fence<32>(float* d) { asm volatile("" : ACC32(0)::"memory"); }
 template <> __device__ __forceinline__ void wgmma_operand_fence<64>(float* d) { asm volatile("" : ACC32(0), ACC32(32)::"memory"); }
 template <> __device__ __forceinline__ void wgmma_operand_fence<128>(float* d) { asm volatile("" : ACC32(0), ACC32(32), ACC32(64), ACC32(96)::"memory"); }
+#endif

@@ -8,8 +8,17 @@
 //
 // Races: fibers switch only at barriers and warp instructions, and the scheduler (runtime.cpp)
 // runs warps as far apart as the barriers allow, in alternating orders, so a missing barrier
-// shows as a wrong value. Not emulated: the sm_90a modules (wgmma, TMA), timing, and global
-// memory alignment of vector loads.
+// shows as a wrong value. Not emulated: timing, and global memory alignment of vector loads.
+//
+// The sm_90a kernels (gemm_sm90.cu, flash_attention_sm90.cu) run when the emulated device is
+// compute capability 9.0 (TUNA_CUDA_EMU_CC=90): wgmma as a warpgroup instruction reading its
+// operands through the shared-memory descriptors, TMA tensor copies through the tensor map the
+// emulated cuTensorMapEncodeTiled packed, mbarriers with arrival and transaction counts. The
+// asynchronous parts happen at the two ends of what PTX allows, in turn: in odd blocks a TMA
+// copy lands at the first wait on its mbarrier and a wgmma reads its operands and writes its
+// accumulators at issue; in even blocks the copy lands at issue and the wgmma runs at the
+// wait_group that waits for it. A missing wait shows in the first, a stage handed back before
+// the wgmma reading it completed in the second.
 #pragma once
 #include <math.h>
 #include <cstdint>
@@ -25,6 +34,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
+#define __grid_constant__
 // Static locals are shared by every thread of the block: blocks run one at a time.
 #define __shared__ static
 
@@ -64,7 +74,15 @@ inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; 
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
-inline unsigned __cvta_generic_to_shared(const void* p) { return (unsigned)(uintptr_t)p; }
+namespace emu {
+// The 32-bit shared-window address of a byte of dynamic shared memory (what the sm_90a
+// kernels put in descriptors, TMA destinations and st.shared), and back, checked against the
+// launch's dynamic shared memory.
+unsigned shared_addr(const void* p);
+unsigned char* shared_ptr(unsigned addr, int bytes);
+void st_shared(unsigned addr, const void* src, int bytes);  // st.shared of 4 to 16 bytes, aligned
+}  // namespace emu
+inline unsigned __cvta_generic_to_shared(const void* p) { return emu::shared_addr(p); }
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
@@ -167,4 +185,24 @@ template <bool TRANS> inline void ldmatrix_x4(unsigned* r, const void* p) {
     if ((uintptr_t)p & 15) misaligned("ldmatrix row address", p);  // a fault on the hardware
     warp_op(&p, sizeof p, r, 16, ldmatrix_op<TRANS>, 0);
 }
+}  // namespace emu
+
+// Hopper (sm_90a): mbarriers, TMA tensor copies, wgmma (PTX ISA: "mbarrier",
+// "cp.async.bulk.tensor", "Asynchronous Warpgroup Level Matrix Multiply-Accumulate").
+namespace emu {
+void mbar_init(unsigned long long* bar, unsigned count);
+// One arrival, after adding `tx_bytes` to the transactions the current phase waits for.
+void mbar_arrive(unsigned long long* bar, unsigned tx_bytes);
+// Returns once the phase of parity `parity` has completed.
+void mbar_wait(unsigned long long* bar, unsigned parity);
+// cp.async.bulk.tensor.2d: the box at (c0, c1) of the tensor map `map` (host-packed, see
+// cuTensorMapEncodeTiled in runtime.cpp) to shared address `dst`, completing on `bar`.
+void tma_load_2d(unsigned dst, const void* map, int c0, int c1, unsigned long long* bar);
+// wgmma.mma_async m64nNk16, f32 accumulators `d` (this thread's N / 2), scale-d and the
+// operand scales 1: A from the descriptor `da` (or, when `a` is not null, from this thread's
+// four registers), B from `db`; trans_a / trans_b are imm-trans-a / imm-trans-b.
+void wgmma(bool bf16, float* d, int n, unsigned long long da, const unsigned* a, unsigned long long db, int trans_a, int trans_b);
+void wgmma_commit();
+void wgmma_wait(int pending);
+void red_add_v2(float* p, float a, float b);
 }  // namespace emu

@@ -1,5 +1,6 @@
-// The emulated device: a fiber per CUDA thread, a scheduler per block, and the part of the CUDA
-// driver API that cudarc and tuna call, exported under the driver's names so that the library
+// The emulated device: a fiber per CUDA thread, a scheduler per block, the sm_90a instructions
+// (shared-memory window, mbarriers, TMA, wgmma), and the part of the CUDA driver API that cudarc
+// and tuna call, exported under the driver's names so that the library
 // built from this file loads as libcuda.so. Memory is host memory: each allocation ends at a
 // guard page (an access past its 256-byte-rounded end faults at once) and starts filled with
 // 0xff bytes (NaN in f32, bf16 and f16), so a kernel that reads memory nobody wrote shows NaN.
@@ -54,14 +55,17 @@ dim3 block_dim, grid_dim;
 
 namespace {
 
-enum State { READY, AT_BARRIER, AT_WARP_OP, DONE };
+enum State { READY, AT_BARRIER, AT_WARP_OP, AT_WARPGROUP_OP, AT_MBARRIER, DONE };
 struct Copy { void* dst; const void* src; int bytes; };
+struct Mbarrier;
 struct Fiber {
     void* sp = nullptr;  // the saved stack pointer while suspended
     uint3 tid;
     int warp = 0, lane = 0;
     State state = READY;
     unsigned wait_gen = 0;
+    Mbarrier* mbar = nullptr;  // AT_MBARRIER: the barrier and the parity of the phase awaited
+    unsigned parity = 0;
     std::vector<Copy> open;                  // cp.async copies not yet committed
     std::vector<std::vector<Copy>> groups;   // committed groups, oldest first
 };
@@ -77,6 +81,53 @@ struct WarpState {
 
 constexpr size_t STACK = 256 << 10;
 constexpr size_t DYN_SMEM = 232448;  // an H100's opt-in limit per block
+// The shared-window address of dynamic shared memory's first byte: as if 1040 bytes of static
+// shared memory came first, so it is not 1024-byte aligned and the kernels' own alignment of
+// their swizzled tiles is exercised.
+constexpr unsigned SHARED_BASE = 1040;
+
+// A tensor map as the emulated cuTensorMapEncodeTiled packs it into the 128-byte CUtensorMap.
+struct TensorMap2d {
+    char magic[8];
+    unsigned elem_bytes, swizzle_bytes;  // swizzle: 0 or 128
+    unsigned long long addr, dim[2], stride;  // stride: bytes between rows (dim 1)
+    unsigned box[2];
+};
+static_assert(sizeof(TensorMap2d) <= 128, "a tensor map is 128 bytes");
+constexpr char MAP_MAGIC[8] = "tunaTMA";
+struct TmaCopy { unsigned dst; TensorMap2d map; int c0, c1; };
+// An mbarrier: arrivals pending in the current phase, its transaction count, the phases
+// completed, and (in blocks that land copies late) the TMA copies that complete on it.
+struct Mbarrier {
+    unsigned count = 0, pending = 0, phase = 0;
+    long long tx = 0;
+    std::vector<TmaCopy> inflight;
+};
+// A warpgroup instruction: what it is and its uniform operands (every thread must agree).
+enum WgKind { WG_MMA, WG_COMMIT, WG_WAIT };
+struct WgInstr {
+    WgKind kind;
+    bool bf16 = false, a_regs = false;
+    int n = 0, trans_a = 0, trans_b = 0, pending = 0;
+    unsigned long long da = 0, db = 0;
+    bool operator!=(const WgInstr& o) const {
+        return kind != o.kind || bf16 != o.bf16 || a_regs != o.a_regs || n != o.n || trans_a != o.trans_a || trans_b != o.trans_b || pending != o.pending ||
+               da != o.da || db != o.db;
+    }
+};
+// One wgmma.mma_async: its operands and each thread's accumulators and A registers.
+struct Wgmma {
+    WgInstr in;
+    float* d[128];
+    unsigned a[128][4];
+};
+struct WarpgroupState {
+    int arrived = 0;
+    unsigned gen = 0;
+    Wgmma cur;                               // the instruction being joined
+    std::vector<Wgmma> open;                 // issued, not yet committed (even blocks)
+    std::vector<std::vector<Wgmma>> groups;  // committed, oldest first (even blocks)
+};
 
 struct Launch {
     const char* kernel = "";
@@ -84,6 +135,13 @@ struct Launch {
     void** params = nullptr;
     std::vector<Fiber> fibers;
     std::vector<WarpState> warps;
+    std::vector<WarpgroupState> warpgroups;
+    std::map<const void*, Mbarrier> mbarriers;  // by the address of their 8 bytes
+    // This block's TMA copies land as late as allowed (at the first wait on their mbarrier) and
+    // its wgmma operations run at issue, or the other way round: the first shows a missing
+    // wait, the second a stage handed back before the operations reading it completed.
+    bool late_copies = false;
+    unsigned dyn_bytes = 0;  // the launch's dynamic shared memory
     std::vector<void*> stacks;
     Fiber* current = nullptr;
     void* scheduler = nullptr;  // the scheduler's saved stack pointer while a fiber runs
@@ -157,11 +215,17 @@ void install_fault_handler() {
     }
 }
 
+void land(Mbarrier& b);
+
 bool ready(const Fiber& f) {
     switch (f.state) {
         case READY: return true;
         case AT_BARRIER: return L->block_gen != f.wait_gen;
         case AT_WARP_OP: return L->warps[f.warp].gen != f.wait_gen;
+        case AT_WARPGROUP_OP: return L->warpgroups[f.warp / 4].gen != f.wait_gen;
+        case AT_MBARRIER:
+            land(*f.mbar);  // copies that complete on it land now at the latest
+            return (f.mbar->phase & 1) != f.parity;
         default: return false;
     }
 }
@@ -178,6 +242,9 @@ std::string run_block() {
     l.fibers.assign(n, Fiber());
     l.warps.assign((n + 31) / 32, WarpState());
     for (size_t w = 0; w < l.warps.size(); w++) l.warps[w].lanes = std::min(32, n - 32 * (int)w);
+    l.warpgroups.assign((n + 127) / 128, WarpgroupState());
+    l.mbarriers.clear();
+    l.late_copies = (block_idx.x + grid_dim.x * (block_idx.y + grid_dim.y * block_idx.z)) & 1;
     l.arrived = 0;
     l.or_acc = false;
     std::memset(l.dyn_smem, 0xff, sizeof l.dyn_smem);
@@ -222,14 +289,22 @@ std::string run_block() {
             }
         }
         for (const Fiber& f : l.fibers) all_done &= f.state == DONE;
-        if (all_done) return "";
+        if (all_done) {
+            for (const WarpgroupState& w : l.warpgroups)
+                if (!w.open.empty() || !w.groups.empty()) return std::string("kernel `") + l.kernel + "` exited with wgmma operations never waited for (wgmma.wait_group)";
+            for (const auto& b : l.mbarriers)
+                if (!b.second.inflight.empty()) return std::string("kernel `") + l.kernel + "` exited with TMA copies to shared memory that no thread waited for";
+            return "";
+        }
         if (!ran) {
-            int done = 0, barrier = 0, warp_op = 0;
-            for (Fiber& f : l.fibers) (f.state == DONE ? done : f.state == AT_BARRIER ? barrier : warp_op)++;
-            char buf[256];
+            int count[DONE + 1] = {};
+            for (Fiber& f : l.fibers) count[f.state]++;
+            char buf[320];
             std::snprintf(buf, sizeof buf,
-                          "deadlock in kernel `%s`, block (%u,%u,%u): %d threads wait at __syncthreads, %d at a warp instruction, %d have exited",
-                          l.kernel, block_idx.x, block_idx.y, block_idx.z, barrier, warp_op, done);
+                          "deadlock in kernel `%s`, block (%u,%u,%u): %d threads wait at __syncthreads, %d at a warp instruction, %d at a warpgroup "
+                          "instruction, %d on an mbarrier, %d have exited",
+                          l.kernel, block_idx.x, block_idx.y, block_idx.z, count[AT_BARRIER], count[AT_WARP_OP], count[AT_WARPGROUP_OP], count[AT_MBARRIER],
+                          count[DONE]);
             return buf;
         }
     }
@@ -323,6 +398,226 @@ void cp_async_wait(int pending) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Shared-memory window and the sm_90a instructions.
+
+namespace {
+[[noreturn]] void fail(const std::string& what) {
+    L->error = what + ", " + where();
+    yield();
+    fatal("a failed fiber was resumed");
+}
+}  // namespace
+
+unsigned shared_addr(const void* p) {
+    const unsigned char* b = (const unsigned char*)p;
+    if (b < L->dyn_smem || b >= L->dyn_smem + DYN_SMEM) fail("the shared-window address of memory outside dynamic shared memory (not emulated)");
+    return SHARED_BASE + (unsigned)(b - L->dyn_smem);
+}
+
+unsigned char* shared_ptr(unsigned addr, int bytes) {
+    if (addr < SHARED_BASE || addr - SHARED_BASE + (unsigned long)bytes > L->dyn_bytes) {
+        char buf[160];
+        std::snprintf(buf, sizeof buf, "shared memory access of %d bytes at window address %u, outside the launch's %u bytes of dynamic shared memory (from %u)", bytes,
+                      addr, L->dyn_bytes, SHARED_BASE);
+        fail(buf);
+    }
+    return L->dyn_smem + (addr - SHARED_BASE);
+}
+
+void st_shared(unsigned addr, const void* src, int bytes) {
+    if (addr % bytes) fail("misaligned st.shared of " + std::to_string(bytes) + " bytes at window address " + std::to_string(addr));
+    std::memcpy(shared_ptr(addr, bytes), src, bytes);
+}
+
+namespace {
+// The 128-byte swizzle, a function of the shared address: its 16-byte piece (bits 4-6) is XORed
+// with its 128-byte row within 1024 bytes (bits 7-9).
+unsigned swizzle128(unsigned addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
+
+Mbarrier& mbarrier(const void* bar) {
+    auto it = L->mbarriers.find(bar);
+    if (it == L->mbarriers.end()) fail("an mbarrier used before mbarrier.init (or not in shared memory)");
+    return it->second;
+}
+
+void complete_tx(Mbarrier& b, long long bytes) {
+    b.tx -= bytes;
+    if (b.pending == 0 && b.tx == 0) {
+        b.phase++;
+        b.pending = b.count;
+    }
+}
+
+void land_copy(const TmaCopy& c, Mbarrier& b) {
+    const TensorMap2d& m = c.map;
+    const unsigned es = m.elem_bytes;
+    for (unsigned r = 0; r < m.box[1]; r++)
+        for (unsigned e = 0; e < m.box[0]; e++) {
+            const long long x = (long long)c.c0 + e, y = (long long)c.c1 + r;
+            unsigned addr = c.dst + (r * m.box[0] + e) * es;
+            if (m.swizzle_bytes == 128) addr = swizzle128(addr);
+            unsigned char* dst = shared_ptr(addr, es);
+            if (x >= 0 && y >= 0 && (unsigned long long)x < m.dim[0] && (unsigned long long)y < m.dim[1])
+                std::memcpy(dst, (const unsigned char*)m.addr + y * m.stride + x * es, es);
+            else
+                std::memset(dst, 0, es);  // out of the tensor: zero (OOB fill none)
+        }
+    complete_tx(b, (long long)m.box[0] * m.box[1] * es);
+}
+
+void land(Mbarrier& b) {
+    std::vector<TmaCopy> copies;
+    copies.swap(b.inflight);
+    for (const TmaCopy& c : copies) land_copy(c, b);
+}
+}  // namespace
+
+void mbar_init(unsigned long long* bar, unsigned count) {
+    if ((uintptr_t)bar & 7) misaligned("mbarrier", bar);
+    if (count == 0 || count >= (1u << 20)) fail("mbarrier.init with count " + std::to_string(count));
+    Mbarrier& b = L->mbarriers[bar];
+    b = Mbarrier();
+    b.count = b.pending = count;
+}
+
+void mbar_arrive(unsigned long long* bar, unsigned tx_bytes) {
+    Mbarrier& b = mbarrier(bar);
+    if (b.pending == 0) fail("more arrivals on an mbarrier than its count in one phase");
+    b.tx += tx_bytes;
+    b.pending--;
+    complete_tx(b, 0);
+}
+
+void mbar_wait(unsigned long long* bar, unsigned parity) {
+    Mbarrier& b = mbarrier(bar);
+    Fiber& f = *L->current;
+    land(b);  // copies that complete on it land now at the latest
+    if ((b.phase & 1) != (parity & 1)) return;
+    f.mbar = &b;
+    f.parity = parity & 1;
+    f.state = AT_MBARRIER;
+    yield();
+}
+
+void tma_load_2d(unsigned dst, const void* map, int c0, int c1, unsigned long long* bar) {
+    TmaCopy c{dst, {}, c0, c1};
+    std::memcpy(&c.map, map, sizeof c.map);
+    if (std::memcmp(c.map.magic, MAP_MAGIC, sizeof MAP_MAGIC) != 0) fail("cp.async.bulk.tensor with a tensor map cuTensorMapEncodeTiled did not make");
+    const unsigned align = c.map.swizzle_bytes == 128 ? 1024 : 128;
+    if (dst % align) fail("cp.async.bulk.tensor to window address " + std::to_string(dst) + ", not " + std::to_string(align) + "-byte aligned");
+    shared_ptr(dst, (int)(c.map.box[0] * c.map.box[1] * c.map.elem_bytes));  // the box fits
+    Mbarrier& b = mbarrier(bar);
+    if (L->late_copies) b.inflight.push_back(c);
+    else land_copy(c, b);
+}
+
+namespace {
+// The shared address of element (mn, k) of a wgmma operand from its descriptor: K-major (trans
+// 0): rows of the M or N dimension 128 bytes apart in groups of 8, groups SBO apart, K
+// contiguous; MN-major (trans 1): 64-element chunks of the M or N dimension LBO apart, K rows
+// 128 bytes apart in groups of 8, groups SBO apart. Both in the 128-byte swizzle (CUTLASS's
+// canonical GMMA layouts, cute/atom/mma_traits_sm90_gmma.hpp).
+unsigned operand_addr(unsigned long long desc, int mn, int k, int trans) {
+    const unsigned start = (unsigned)(desc & 0x3FFF) << 4, lbo = (unsigned)((desc >> 16) & 0x3FFF) << 4, sbo = (unsigned)((desc >> 32) & 0x3FFF) << 4;
+    if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0) fail("a wgmma descriptor other than the 128-byte swizzle with base offset 0 (not emulated)");
+    const unsigned logical = trans ? start + (k % 8) * 128 + (k / 8) * sbo + (mn / 64) * lbo + (mn % 64) * 2 : start + (mn % 8) * 128 + (mn / 8) * sbo + k * 2;
+    return swizzle128(logical);
+}
+
+float operand(bool bf16, unsigned addr) {
+    unsigned short h;
+    std::memcpy(&h, shared_ptr(addr, 2), 2);
+    return bf16 ? __uint_as_float((unsigned)h << 16) : f16_to_f32(h);
+}
+
+// D (64 x n) += A (64 x 16) . B (16 x n), each thread's accumulators in the m64nN layout: thread
+// t (warp w = t / 32, lane l) holds d[4j + i] at row 16w + l/4 + 8 (i / 2), column 8j + 2 (l % 4)
+// + i % 2. A from registers: mma.m16n8k16's A fragment, warp w's rows 16w..16w+15.
+void run_wgmma(const Wgmma& op) {
+    const WgInstr& in = op.in;
+    static thread_local float A[64][16], B[16][256];
+    for (int t = 0; t < 128; t++)
+        for (int i = 0; i < 4 && in.a_regs; i++)
+            for (int h = 0; h < 2; h++) {
+                const int l = t % 32, row = 16 * (t / 32) + l / 4 + 8 * (i & 1), col = 2 * (l % 4) + h + 8 * (i >> 1);
+                const unsigned short v = (unsigned short)(op.a[t][i] >> (16 * h));
+                A[row][col] = in.bf16 ? __uint_as_float((unsigned)v << 16) : f16_to_f32(v);
+            }
+    for (int m = 0; m < 64 && !in.a_regs; m++)
+        for (int k = 0; k < 16; k++) A[m][k] = operand(in.bf16, operand_addr(in.da, m, k, in.trans_a));
+    for (int k = 0; k < 16; k++)
+        for (int n = 0; n < in.n; n++) B[k][n] = operand(in.bf16, operand_addr(in.db, n, k, in.trans_b));
+    for (int t = 0; t < 128; t++) {
+        const int l = t % 32;
+        for (int j = 0; j < in.n / 8; j++)
+            for (int i = 0; i < 4; i++) {
+                const int row = 16 * (t / 32) + l / 4 + 8 * (i >> 1), col = 8 * j + 2 * (l % 4) + (i & 1);
+                float acc = op.d[t][4 * j + i];
+                for (int k = 0; k < 16; k++) acc += A[row][k] * B[k][col];
+                op.d[t][4 * j + i] = acc;
+            }
+    }
+}
+
+// This thread joins its warpgroup at `in`; the last of the 128 to arrive carries it out for
+// all of them (with each thread's accumulators and A registers), then all go on.
+void warpgroup_op(const WgInstr& in, float* d, const unsigned* a) {
+    Fiber& f = *L->current;
+    if (L->threads % 128) fail("a warpgroup instruction in a block of " + std::to_string(L->threads) + " threads (not whole warpgroups)");
+    WarpgroupState& w = L->warpgroups[f.warp / 4];
+    if (w.arrived == 0) w.cur.in = in;
+    else if (w.cur.in != in) fail("the threads of a warpgroup reached different warpgroup instructions or operands");
+    const int t = (f.warp % 4) * 32 + f.lane;
+    w.cur.d[t] = d;
+    if (a) std::memcpy(w.cur.a[t], a, 16);
+    if (++w.arrived < 128) {
+        f.state = AT_WARPGROUP_OP;
+        f.wait_gen = w.gen;
+        yield();
+        return;
+    }
+    w.arrived = 0;
+    switch (in.kind) {
+        case WG_MMA:
+            if (L->late_copies) run_wgmma(w.cur);  // reads its operands and writes the accumulators at once
+            else w.open.push_back(w.cur);          // at the wait_group that waits for it
+            break;
+        case WG_COMMIT:
+            w.groups.push_back(std::move(w.open));
+            w.open.clear();
+            break;
+        case WG_WAIT:
+            while ((int)w.groups.size() > in.pending) {
+                for (const Wgmma& op : w.groups.front()) run_wgmma(op);
+                w.groups.erase(w.groups.begin());
+            }
+            break;
+    }
+    w.gen++;
+}
+}  // namespace
+
+void wgmma(bool bf16, float* d, int n, unsigned long long da, const unsigned* a, unsigned long long db, int trans_a, int trans_b) {
+    if (n < 8 || n > 256 || n % 8) fail("wgmma with n = " + std::to_string(n));
+    if (a && trans_a) fail("wgmma with A in registers and imm-trans-a set");
+    WgInstr in{WG_MMA};
+    in.bf16 = bf16, in.a_regs = a != nullptr, in.n = n, in.trans_a = trans_a, in.trans_b = trans_b, in.da = a ? 0 : da, in.db = db;
+    warpgroup_op(in, d, a);
+}
+void wgmma_commit() { warpgroup_op(WgInstr{WG_COMMIT}, nullptr, nullptr); }
+void wgmma_wait(int pending) {
+    WgInstr in{WG_WAIT};
+    in.pending = pending;
+    warpgroup_op(in, nullptr, nullptr);
+}
+
+void red_add_v2(float* p, float a, float b) {
+    if ((uintptr_t)p & 7) misaligned("red.global.add.v2.f32 address", p);
+    p[0] += a;
+    p[1] += b;
+}
+
 float f16_to_f32(unsigned short h) { _Float16 v; std::memcpy(&v, &h, 2); return (float)v; }
 unsigned short f32_to_f16(float f) { _Float16 v = (_Float16)f; unsigned short h; std::memcpy(&h, &v, 2); return h; }
 
@@ -389,7 +684,18 @@ CUresult cuInit(unsigned) { return OK; }
 CUresult cuDriverGetVersion(int* v) { *v = 13000; return OK; }
 CUresult cuDeviceGetCount(int* n) { *n = 1; return OK; }
 CUresult cuDeviceGet(int* d, int ordinal) { if (ordinal != 0) return INVALID_VALUE; *d = 0; return OK; }
-CUresult cuDeviceGetName(char* name, int len, int) { std::snprintf(name, len, "tuna CUDA emulator (sm_80 on the CPU)"); return OK; }
+// The compute capability the emulated device reports: 8.0, or TUNA_CUDA_EMU_CC (90 makes the
+// crate take its sm_90a kernels).
+int emulated_cc() {
+    static const int cc = [] {
+        const char* v = std::getenv("TUNA_CUDA_EMU_CC");
+        const int c = v ? std::atoi(v) : 80;
+        if (c != 80 && c != 90) fatal(std::string("TUNA_CUDA_EMU_CC is 80 or 90, not `") + v + "`");
+        return c;
+    }();
+    return cc;
+}
+CUresult cuDeviceGetName(char* name, int len, int) { std::snprintf(name, len, "tuna CUDA emulator (sm_%d on the CPU)", emulated_cc()); return OK; }
 CUresult cuDeviceTotalMem_v2(size_t* bytes, int) { *bytes = 80ull << 30; return OK; }
 CUresult cuMemGetInfo_v2(size_t* free_, size_t* total) { *total = 80ull << 30; *free_ = *total - used_now; return OK; }
 CUresult cuDeviceGetAttribute(int* v, int attr, int) {
@@ -398,8 +704,8 @@ CUresult cuDeviceGetAttribute(int* v, int attr, int) {
         case 8: *v = 48 << 10; return OK;              // shared memory per block
         case 10: *v = 32; return OK;                   // warp size
         case 16: *v = 132; return OK;                  // multiprocessors (an H100 SXM's)
-        case 75: *v = 8; return OK;                    // compute capability 8.0
-        case 76: *v = 0; return OK;
+        case 75: *v = emulated_cc() / 10; return OK;   // compute capability 8.0 or 9.0
+        case 76: *v = emulated_cc() % 10; return OK;
         case 97: *v = (int)232448; return OK;          // opt-in shared memory per block
         case 115: *v = 1; return OK;                   // memory pools
         default: *v = 0; return OK;
@@ -508,6 +814,7 @@ CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigne
     L->entry = f.entry;
     L->params = params;
     L->threads = (int)threads;
+    L->dyn_bytes = smem;
     L->error.clear();
     block_dim = dim3{bx, by, bz};
     grid_dim = dim3{gx, gy, gz};
@@ -522,6 +829,35 @@ CUresult cuLaunchKernel(void* fn, unsigned gx, unsigned gy, unsigned gz, unsigne
                 }
             }
     L = nullptr;
+    return OK;
+}
+
+// Checks the arguments as the driver documents them, and packs what tma_load_2d needs. Rank 2,
+// 16-bit elements, no interleave, no swizzle or the 128-byte one: what tuna encodes.
+CUresult cuTensorMapEncodeTiled(void* map, int dtype, unsigned rank, void* addr, const unsigned long long* dim, const unsigned long long* strides,
+                                const unsigned* box, const unsigned* elem_strides, int interleave, int swizzle, int, int oob_fill) {
+    if ((uintptr_t)map & 63) return bad("cuTensorMapEncodeTiled: the map is not 64-byte aligned");
+    if (rank != 2 || (dtype != 6 && dtype != 9) || interleave != 0 || (swizzle != 0 && swizzle != 3) || oob_fill != 0)
+        return bad("cuTensorMapEncodeTiled: only rank 2, f16/bf16, no interleave, no or 128-byte swizzle, zero fill are emulated");
+    const unsigned es = 2;
+    if ((uintptr_t)addr & 15) return bad("cuTensorMapEncodeTiled: global address not 16-byte aligned");
+    for (int i = 0; i < 2; i++) {
+        if (dim[i] == 0 || dim[i] > (1ull << 32)) return bad("cuTensorMapEncodeTiled: a global dimension of 0 or above 2^32");
+        if (box[i] == 0 || box[i] > 256) return bad("cuTensorMapEncodeTiled: a box dimension of 0 or above 256");
+        if (elem_strides[i] != 1) return bad("cuTensorMapEncodeTiled: element strides other than 1 are not emulated");
+    }
+    if (strides[0] % 16 || strides[0] >= (1ull << 40)) return bad("cuTensorMapEncodeTiled: a global stride not a multiple of 16 bytes, or above 2^40");
+    if (box[0] * es % 16) return bad("cuTensorMapEncodeTiled: the box's inner dimension is not a multiple of 16 bytes");
+    if (swizzle == 3 && box[0] * es != 128) return bad("cuTensorMapEncodeTiled: a 128-byte swizzle needs an inner box dimension of 128 bytes here (at most 128 on the GPU)");
+    TensorMap2d m{};
+    std::memcpy(m.magic, MAP_MAGIC, sizeof MAP_MAGIC);
+    m.elem_bytes = es;
+    m.swizzle_bytes = swizzle == 3 ? 128 : 0;
+    m.addr = (unsigned long long)addr;
+    m.dim[0] = dim[0], m.dim[1] = dim[1], m.stride = strides[0];
+    m.box[0] = box[0], m.box[1] = box[1];
+    std::memset(map, 0, 128);
+    std::memcpy(map, &m, sizeof m);
     return OK;
 }
 
