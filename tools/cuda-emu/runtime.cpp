@@ -115,13 +115,18 @@ struct WgInstr {
                da != o.da || db != o.db;
     }
 };
-// One wgmma.mma_async: its operands and each thread's accumulators and A registers.
+// One warp's part of a wgmma.mma_async (its 16 rows of the 64): the operands, and each lane's
+// accumulators and A registers.
 struct Wgmma {
     WgInstr in;
-    float* d[128];
-    unsigned a[128][4];
+    int quarter = 0;  // the warp's place in its warpgroup: rows 16 * quarter ..
+    float* d[32];
+    unsigned a[32][4];
 };
-struct WarpgroupState {
+// A warp's wgmma state. The warpgroup instructions are .sync.aligned: they synchronize the 32
+// lanes of a warp, not the 4 warps of a warpgroup, so each warp's part runs on its own (what a
+// missing barrier between warps that write an operand and the wgmma reading it shows).
+struct WgmmaWarp {
     int arrived = 0;
     unsigned gen = 0;
     Wgmma cur;                               // the instruction being joined
@@ -135,7 +140,7 @@ struct Launch {
     void** params = nullptr;
     std::vector<Fiber> fibers;
     std::vector<WarpState> warps;
-    std::vector<WarpgroupState> warpgroups;
+    std::vector<WgmmaWarp> wgmma_warps;
     std::map<const void*, Mbarrier> mbarriers;  // by the address of their 8 bytes
     // This block's TMA copies land as late as allowed (at the first wait on their mbarrier) and
     // its wgmma operations run at issue, or the other way round: the first shows a missing
@@ -222,7 +227,7 @@ bool ready(const Fiber& f) {
         case READY: return true;
         case AT_BARRIER: return L->block_gen != f.wait_gen;
         case AT_WARP_OP: return L->warps[f.warp].gen != f.wait_gen;
-        case AT_WARPGROUP_OP: return L->warpgroups[f.warp / 4].gen != f.wait_gen;
+        case AT_WARPGROUP_OP: return L->wgmma_warps[f.warp].gen != f.wait_gen;
         case AT_MBARRIER:
             land(*f.mbar);  // copies that complete on it land now at the latest
             return (f.mbar->phase & 1) != f.parity;
@@ -242,7 +247,7 @@ std::string run_block() {
     l.fibers.assign(n, Fiber());
     l.warps.assign((n + 31) / 32, WarpState());
     for (size_t w = 0; w < l.warps.size(); w++) l.warps[w].lanes = std::min(32, n - 32 * (int)w);
-    l.warpgroups.assign((n + 127) / 128, WarpgroupState());
+    l.wgmma_warps.assign((n + 31) / 32, WgmmaWarp());
     l.mbarriers.clear();
     l.late_copies = (block_idx.x + grid_dim.x * (block_idx.y + grid_dim.y * block_idx.z)) & 1;
     l.arrived = 0;
@@ -290,7 +295,7 @@ std::string run_block() {
         }
         for (const Fiber& f : l.fibers) all_done &= f.state == DONE;
         if (all_done) {
-            for (const WarpgroupState& w : l.warpgroups)
+            for (const WgmmaWarp& w : l.wgmma_warps)
                 if (!w.open.empty() || !w.groups.empty()) return std::string("kernel `") + l.kernel + "` exited with wgmma operations never waited for (wgmma.wait_group)";
             for (const auto& b : l.mbarriers)
                 if (!b.second.inflight.empty()) return std::string("kernel `") + l.kernel + "` exited with TMA copies to shared memory that no thread waited for";
@@ -531,47 +536,46 @@ float operand(bool bf16, unsigned addr) {
     return bf16 ? __uint_as_float((unsigned)h << 16) : f16_to_f32(h);
 }
 
-// D (64 x n) += A (64 x 16) . B (16 x n), each thread's accumulators in the m64nN layout: thread
-// t (warp w = t / 32, lane l) holds d[4j + i] at row 16w + l/4 + 8 (i / 2), column 8j + 2 (l % 4)
-// + i % 2. A from registers: mma.m16n8k16's A fragment, warp w's rows 16w..16w+15.
+// D (64 x n) += A (64 x 16) . B (16 x n), the 16 rows of one warp. Accumulators in the m64nN
+// layout: lane l of warp quarter q holds d[4j + i] at row 16q + l/4 + 8 (i / 2), column 8j +
+// 2 (l % 4) + i % 2. A from registers: mma.m16n8k16's A fragment of those 16 rows.
 void run_wgmma(const Wgmma& op) {
     const WgInstr& in = op.in;
-    static thread_local float A[64][16], B[16][256];
-    for (int t = 0; t < 128; t++)
-        for (int i = 0; i < 4 && in.a_regs; i++)
+    const int r0 = 16 * op.quarter;
+    static thread_local float A[16][16], B[16][256];
+    for (int l = 0; l < 32 && in.a_regs; l++)
+        for (int i = 0; i < 4; i++)
             for (int h = 0; h < 2; h++) {
-                const int l = t % 32, row = 16 * (t / 32) + l / 4 + 8 * (i & 1), col = 2 * (l % 4) + h + 8 * (i >> 1);
-                const unsigned short v = (unsigned short)(op.a[t][i] >> (16 * h));
+                const int row = l / 4 + 8 * (i & 1), col = 2 * (l % 4) + h + 8 * (i >> 1);
+                const unsigned short v = (unsigned short)(op.a[l][i] >> (16 * h));
                 A[row][col] = in.bf16 ? __uint_as_float((unsigned)v << 16) : f16_to_f32(v);
             }
-    for (int m = 0; m < 64 && !in.a_regs; m++)
-        for (int k = 0; k < 16; k++) A[m][k] = operand(in.bf16, operand_addr(in.da, m, k, in.trans_a));
+    for (int m = 0; m < 16 && !in.a_regs; m++)
+        for (int k = 0; k < 16; k++) A[m][k] = operand(in.bf16, operand_addr(in.da, r0 + m, k, in.trans_a));
     for (int k = 0; k < 16; k++)
         for (int n = 0; n < in.n; n++) B[k][n] = operand(in.bf16, operand_addr(in.db, n, k, in.trans_b));
-    for (int t = 0; t < 128; t++) {
-        const int l = t % 32;
+    for (int l = 0; l < 32; l++)
         for (int j = 0; j < in.n / 8; j++)
             for (int i = 0; i < 4; i++) {
-                const int row = 16 * (t / 32) + l / 4 + 8 * (i >> 1), col = 8 * j + 2 * (l % 4) + (i & 1);
-                float acc = op.d[t][4 * j + i];
+                const int row = l / 4 + 8 * (i >> 1), col = 8 * j + 2 * (l % 4) + (i & 1);
+                float acc = op.d[l][4 * j + i];
                 for (int k = 0; k < 16; k++) acc += A[row][k] * B[k][col];
-                op.d[t][4 * j + i] = acc;
+                op.d[l][4 * j + i] = acc;
             }
-    }
 }
 
-// This thread joins its warpgroup at `in`; the last of the 128 to arrive carries it out for
-// all of them (with each thread's accumulators and A registers), then all go on.
+// This lane joins its warp at the warpgroup instruction `in`; the last of the 32 to arrive
+// carries out the warp's part for all of them (with each lane's accumulators and A
+// registers), then all go on.
 void warpgroup_op(const WgInstr& in, float* d, const unsigned* a) {
     Fiber& f = *L->current;
     if (L->threads % 128) fail("a warpgroup instruction in a block of " + std::to_string(L->threads) + " threads (not whole warpgroups)");
-    WarpgroupState& w = L->warpgroups[f.warp / 4];
-    if (w.arrived == 0) w.cur.in = in;
-    else if (w.cur.in != in) fail("the threads of a warpgroup reached different warpgroup instructions or operands");
-    const int t = (f.warp % 4) * 32 + f.lane;
-    w.cur.d[t] = d;
-    if (a) std::memcpy(w.cur.a[t], a, 16);
-    if (++w.arrived < 128) {
+    WgmmaWarp& w = L->wgmma_warps[f.warp];
+    if (w.arrived == 0) w.cur.in = in, w.cur.quarter = f.warp % 4;
+    else if (w.cur.in != in) fail("the lanes of a warp reached different warpgroup instructions or operands");
+    w.cur.d[f.lane] = d;
+    if (a) std::memcpy(w.cur.a[f.lane], a, 16);
+    if (++w.arrived < 32) {
         f.state = AT_WARPGROUP_OP;
         f.wait_gen = w.gen;
         yield();
