@@ -402,7 +402,7 @@ fn bench_step_reports_tokens_per_second_on_every_device() {
             let between = v["device_memory"]["live_bytes_between_steps"].as_u64().unwrap();
             assert!(between >= 4 * 33_000_000 && between < live, "{v}");
         }
-        if let tuna::Device::Cuda(_) = dev {
+        if let tuna::Device::Cuda(ordinal) = dev {
             // The allocation pool's peak holds at least the bf16 weights; what stays in use
             // after the steps is under it.
             let (peak, now) = (v["device_memory"]["peak_live_bytes"].as_u64().unwrap(), v["device_memory"]["live_bytes"].as_u64().unwrap());
@@ -413,6 +413,22 @@ fn bench_step_reports_tokens_per_second_on_every_device() {
             let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
             let names: Vec<&str> = v["kernel_profile"]["kernels"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
             assert!(names.iter().any(|n| n.starts_with("lora_gemm::")) && names.iter().any(|n| n.starts_with("flash_attention::")), "{names:?}");
+            // On an H100/H200 (or the emulator as one), the attention (head dim 64) runs on
+            // Hopper's kernels, forward and backward, unless that path is off; with the path
+            // forced (TUNA_SM90=force), the dense GEMMs do too.
+            use tuna::device::cuda::hopper::{self, Mode, Part};
+            if tuna::device::cuda::runtime(ordinal).unwrap().modules.compute_capability() == 90 {
+                let ran = |prefix: &str| names.iter().any(|n| n.starts_with(prefix));
+                if hopper::mode_for(Part::Attention) != Mode::Off {
+                    assert!(ran("flash_attention_sm90::flash_attn_fwd_sm90_"), "{names:?}");
+                }
+                if hopper::mode_for(Part::AttentionBackward) != Mode::Off {
+                    assert!(ran("flash_attention_sm90::flash_attn_bwd_sm90_"), "{names:?}");
+                }
+                if hopper::mode_for(Part::Gemm) == Mode::Force {
+                    assert!(ran("gemm_sm90::gemm_sm90_"), "{names:?}");
+                }
+            }
         }
         let (ok, out, err) = tuna(&["bench-step", "--device", &d, "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "0", "--rank", "4", "--qlora"]);
         assert!(ok, "bench-step --qlora on {d}: {err}");

@@ -9,12 +9,14 @@
 #   - Mesa's lavapipe (software Vulkan), so the WGSL kernels run for real on the CPU;
 #   - the CUDA 13.0 toolchain from PyPI in a venv ($TUNA_CUDA_VENV, default
 #     ~/.cache/tuna/cuda13): nvcc for build.rs, libnvrtc for the NVRTC path, ptxas for the report.
-#   - the CUDA emulator (tools/cuda-emu, built with g++): a libcuda.so that runs the sm_80
-#     kernels on the CPU, so every CUDA test case runs here as it would on a GPU.
+#   - the CUDA emulator (tools/cuda-emu, built with g++): a libcuda.so that runs the CUDA
+#     kernels on the CPU, so every CUDA test case runs here as it would on a GPU (the sm_90a
+#     ones with the device reported as compute capability 9.0).
 # Then: cargo test with TUNA_REQUIRE_WGPU/WGPU_F16/NVCC/NVRTC/CUDA=1 (a missing adapter, f16
 # support, toolchain or CUDA device fails instead of skipping), gpu-check's CUDA test cases on
-# the emulator, the no-GPU error test once more without the emulator, and `ptxas -v` for sm_90 on every kernel (registers, spills; a spill
-# fails the run).
+# the emulator, Hopper's cases and a CLI fine-tune on it as an H100, the no-GPU error test
+# once more without the emulator, and `ptxas -v` for sm_90 on every kernel (registers,
+# spills; a spill fails the run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,7 +48,7 @@ export WGPU_BACKEND=vulkan
 export TUNA_REQUIRE_WGPU=1 TUNA_REQUIRE_WGPU_F16=1 TUNA_REQUIRE_NVCC=1 TUNA_REQUIRE_NVRTC=1
 # A whole run gains nothing from incremental builds, and their cache took 1.7 GB of disk.
 export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
-echo "== $(df -h . | awk 'NR == 2 { print $4 }') of disk free (a clean run needs about 4 GB)"
+echo "== $(df -h . | awk 'NR == 2 { print $4 }') of disk free (a clean run needs about 5 GB)"
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-$(mktemp -d)}
 chmod 700 "$XDG_RUNTIME_DIR" 2>/dev/null || true
 
@@ -61,6 +63,14 @@ cargo test --locked 2>&1
 echo "== gpu-check's test cases on the emulator (what a GPU run checks first)"
 cargo build --locked --profile test --bin gpu-check 2>&1 | tail -1
 target/debug/gpu-check "$(mktemp -d)" --checks | grep -v "^  ok "
+
+echo "== Hopper's sm_90a kernels on the emulator as an H100 (compute capability 9.0)"
+# gpu-check's cases of the Hopper GEMM (forced onto every GEMM the TMA can read) and attention,
+# then fine-tuning and a profiled step through the CLI with every GEMM and attention there.
+sm90=$(TUNA_CUDA_EMU_CC=90 target/debug/gpu-check "$(mktemp -d)" --sm90-smoke) || { echo "$sm90" | grep -v "^  ok "; exit 1; }
+echo "$sm90" | grep -v "^  ok "
+if echo "$sm90" | grep -q "not a compute capability 9.0"; then echo "the sm_90a cases did not run"; exit 1; fi
+TUNA_CUDA_EMU_CC=90 TUNA_SM90=force cargo test --locked --test cli -- finetune_on_cuda bench_step 2>&1
 
 echo "== cargo test --test devices without a CUDA driver (the no-GPU errors)"
 LD_LIBRARY_PATH=$no_emu_path TUNA_REQUIRE_CUDA=0 cargo test --locked --test devices 2>&1

@@ -236,8 +236,9 @@ impl ModuleCache {
             }
         };
         let f = m.load_function(function).map_err(|e| Error::cuda(format!("kernel `{module}::{function}`"), e))?;
-        self.functions.lock().expect("function cache poisoned").insert(key, f.clone());
-        Ok(f)
+        // A thread that raced this one to the same kernel keeps its handle: one handle per
+        // kernel, so a limit `function_with_smem` raised on it holds for every caller.
+        Ok(self.functions.lock().expect("function cache poisoned").entry(key).or_insert(f).clone())
     }
 }
 

@@ -648,7 +648,7 @@ struct Alloc { void* base; size_t mapped; size_t bytes; };
 std::map<CUdeviceptr, Alloc> allocs;
 unsigned long long used_now = 0, used_high = 0;
 struct Function { std::string name; KernelEntry entry; int max_dyn_smem = 48 << 10; unsigned max_threads = 1024; };
-struct Module { std::string ptx; std::vector<Function*> functions; };
+struct Module { std::string ptx; std::map<std::string, Function*> functions; };
 struct Event { double ms = 0; };
 double now_ms() { return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 int ctx_token, pool_token;
@@ -766,12 +766,18 @@ CUresult cuModuleLoadData(void** module, const void* image) {
 }
 CUresult cuModuleUnload(void* module) {
     Module* m = (Module*)module;
-    for (Function* f : m->functions) delete f;
+    for (auto& f : m->functions) delete f.second;
     delete m;
     return OK;
 }
 CUresult cuModuleGetFunction(void** fn, void* module, const char* name) {
     Module* m = (Module*)module;
+    // One handle per kernel of a module, as the driver gives: attributes set through one
+    // apply to every later lookup.
+    if (auto seen = m->functions.find(name); seen != m->functions.end()) {
+        *fn = seen->second;
+        return OK;
+    }
     const std::string entry = std::string(".entry ") + name + "(";
     const size_t at = m->ptx.find(entry);
     if (at == std::string::npos) return bad(std::string("kernel `") + name + "` is not in the module's PTX", NOT_FOUND);
@@ -785,7 +791,7 @@ CUresult cuModuleGetFunction(void** fn, void* module, const char* name) {
         std::sscanf(m->ptx.c_str() + bound, ".maxntid %u, %u, %u", &x, &y, &z);
         f->max_threads = x * y * z;
     }
-    m->functions.push_back(f);
+    m->functions[name] = f;
     *fn = f;
     return OK;
 }
