@@ -31,7 +31,7 @@ __device__ __forceinline__ void wgmma_fence() {}
 __device__ __forceinline__ void wgmma_commit() { emu::wgmma_commit(); }
 template <int N> __device__ __forceinline__ void wgmma_wait() { emu::wgmma_wait(N); }
 // Hands the generic proxy's shared-memory writes to the async proxy (wgmma, TMA).
-__device__ __forceinline__ void fence_proxy_async() {}
+__device__ __forceinline__ void fence_proxy_async() { emu::fence_proxy_async(); }
 // 4 or 16 bytes to a shared-window address.
 __device__ __forceinline__ void st_shared_u32(u32 addr, u32 v) { emu::st_shared(addr, &v, 4); }
 __device__ __forceinline__ void st_shared_v4(u32 addr, const u32* v) { emu::st_shared(addr, v, 16); }

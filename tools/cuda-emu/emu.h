@@ -205,4 +205,7 @@ void wgmma(bool bf16, float* d, int n, unsigned long long da, const unsigned* a,
 void wgmma_commit();
 void wgmma_wait(int pending);
 void red_add_v2(float* p, float a, float b);
+// fence.proxy.async: this thread's earlier st.shared and cp.async writes become readable by
+// wgmma (a wgmma reading a byte still unfenced fails the launch).
+void fence_proxy_async();
 }  // namespace emu

@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -66,6 +67,9 @@ struct Fiber {
     unsigned wait_gen = 0;
     Mbarrier* mbar = nullptr;  // AT_MBARRIER: the barrier and the parity of the phase awaited
     unsigned parity = 0;
+    // Dynamic shared memory this thread wrote through the generic proxy (st.shared, cp.async)
+    // since its last fence.proxy.async, as (offset, bytes).
+    std::vector<std::pair<unsigned, unsigned>> unfenced;
     std::vector<Copy> open;                  // cp.async copies not yet committed
     std::vector<std::vector<Copy>> groups;   // committed groups, oldest first
 };
@@ -147,6 +151,9 @@ struct Launch {
     // wait, the second a stage handed back before the operations reading it completed.
     bool late_copies = false;
     unsigned dyn_bytes = 0;  // the launch's dynamic shared memory
+    // Per byte of dynamic shared memory: 1 + the thread whose generic-proxy write to it is not
+    // yet fenced (fence.proxy.async), or 0. The async proxy (wgmma) must not read such a byte.
+    std::vector<unsigned short> unfenced_by = std::vector<unsigned short>(DYN_SMEM);
     std::vector<void*> stacks;
     Fiber* current = nullptr;
     void* scheduler = nullptr;  // the scheduler's saved stack pointer while a fiber runs
@@ -253,6 +260,7 @@ std::string run_block() {
     l.arrived = 0;
     l.or_acc = false;
     std::memset(l.dyn_smem, 0xff, sizeof l.dyn_smem);
+    std::fill(l.unfenced_by.begin(), l.unfenced_by.begin() + l.dyn_bytes, 0);
     for (int i = 0; i < n; i++) {
         Fiber& f = l.fibers[i];
         f.tid = uint3{(unsigned)(i % block_dim.x), (unsigned)(i / block_dim.x % block_dim.y), (unsigned)(i / (block_dim.x * block_dim.y))};
@@ -392,12 +400,34 @@ void cp_async_commit() {
     f.groups.push_back(std::move(f.open));
     f.open.clear();
 }
+namespace {
+// A generic-proxy write by the running thread: unfenced until its next fence.proxy.async.
+void generic_write(void* p, unsigned bytes) {
+    const unsigned char* b = (const unsigned char*)p;
+    if (b < L->dyn_smem || b >= L->dyn_smem + DYN_SMEM) return;  // static shared memory: no async reader
+    Fiber& f = *L->current;
+    const unsigned off = (unsigned)(b - L->dyn_smem), me = (unsigned)(&f - L->fibers.data()) + 1;
+    for (unsigned i = 0; i < bytes; i++) L->unfenced_by[off + i] = (unsigned short)me;
+    f.unfenced.emplace_back(off, bytes);
+}
+}  // namespace
+
+void fence_proxy_async() {
+    Fiber& f = *L->current;
+    const unsigned short me = (unsigned short)((&f - L->fibers.data()) + 1);
+    for (auto [off, bytes] : f.unfenced)
+        for (unsigned i = 0; i < bytes; i++)
+            if (L->unfenced_by[off + i] == me) L->unfenced_by[off + i] = 0;
+    f.unfenced.clear();
+}
+
 void cp_async_wait(int pending) {
     Fiber& f = *L->current;
     while ((int)f.groups.size() > pending) {
         for (const Copy& c : f.groups.front()) {
             std::memcpy(c.dst, c.src, c.bytes);
             std::memset((char*)c.dst + c.bytes, 0, 16 - c.bytes);
+            generic_write(c.dst, 16);
         }
         f.groups.erase(f.groups.begin());
     }
@@ -432,7 +462,9 @@ unsigned char* shared_ptr(unsigned addr, int bytes) {
 
 void st_shared(unsigned addr, const void* src, int bytes) {
     if (addr % bytes) fail("misaligned st.shared of " + std::to_string(bytes) + " bytes at window address " + std::to_string(addr));
-    std::memcpy(shared_ptr(addr, bytes), src, bytes);
+    unsigned char* p = shared_ptr(addr, bytes);
+    std::memcpy(p, src, bytes);
+    generic_write(p, bytes);
 }
 
 namespace {
@@ -463,6 +495,7 @@ void land_copy(const TmaCopy& c, Mbarrier& b) {
             unsigned addr = c.dst + (r * m.box[0] + e) * es;
             if (m.swizzle_bytes == 128) addr = swizzle128(addr);
             unsigned char* dst = shared_ptr(addr, es);
+            std::fill_n(&L->unfenced_by[dst - L->dyn_smem], es, 0);  // the async proxy's own write
             if (x >= 0 && y >= 0 && (unsigned long long)x < m.dim[0] && (unsigned long long)y < m.dim[1])
                 std::memcpy(dst, (const unsigned char*)m.addr + y * m.stride + x * es, es);
             else
@@ -532,7 +565,12 @@ unsigned operand_addr(unsigned long long desc, int mn, int k, int trans) {
 
 float operand(bool bf16, unsigned addr) {
     unsigned short h;
-    std::memcpy(&h, shared_ptr(addr, 2), 2);
+    const unsigned char* p = shared_ptr(addr, 2);
+    for (int i = 0; i < 2; i++)
+        if (unsigned writer = L->unfenced_by[p - L->dyn_smem + i])
+            fail("a wgmma reads shared memory (window address " + std::to_string(addr) + ") that thread " + std::to_string(writer - 1) +
+                 " wrote by st.shared or cp.async with no fence.proxy.async after");
+    std::memcpy(&h, p, 2);
     return bf16 ? __uint_as_float((unsigned)h << 16) : f16_to_f32(h);
 }
 
