@@ -14,7 +14,7 @@
 #     ones with the device reported as compute capability 9.0).
 # Then: cargo test with TUNA_REQUIRE_WGPU/WGPU_F16/NVCC/NVRTC/CUDA=1 (a missing adapter, f16
 # support, toolchain or CUDA device fails instead of skipping), gpu-check's CUDA test cases on
-# the emulator, Hopper's cases and a CLI fine-tune on it as an H100, the no-GPU error test
+# the emulator, Hopper's cases and the CUDA tests once more on it as an H100, the no-GPU error test
 # once more without the emulator, and `ptxas -v` for sm_90 on every kernel (registers,
 # spills; a spill fails the run).
 set -euo pipefail
@@ -66,11 +66,12 @@ target/debug/gpu-check "$(mktemp -d)" --checks | grep -v "^  ok "
 
 echo "== Hopper's sm_90a kernels on the emulator as an H100 (compute capability 9.0)"
 # gpu-check's cases of the Hopper GEMM (forced onto every GEMM the TMA can read) and attention,
-# then fine-tuning and a profiled step through the CLI with every GEMM and attention there.
+# then the test suite's CUDA cases again with every GEMM the TMA can read and the attention on
+# the sm_90a kernels (the model, training, checkpoints, the CLI).
 sm90=$(TUNA_CUDA_EMU_CC=90 target/debug/gpu-check "$(mktemp -d)" --sm90-smoke) || { echo "$sm90" | grep -v "^  ok "; exit 1; }
 echo "$sm90" | grep -v "^  ok "
 if echo "$sm90" | grep -q "not a compute capability 9.0"; then echo "the sm_90a cases did not run"; exit 1; fi
-TUNA_CUDA_EMU_CC=90 TUNA_SM90=force cargo test --locked --test cli -- finetune_on_cuda bench_step 2>&1
+TUNA_CUDA_EMU_CC=90 TUNA_SM90=force TUNA_TEST_DEVICES=cuda cargo test --locked 2>&1
 
 echo "== cargo test --test devices without a CUDA driver (the no-GPU errors)"
 LD_LIBRARY_PATH=$no_emu_path TUNA_REQUIRE_CUDA=0 cargo test --locked --test devices 2>&1

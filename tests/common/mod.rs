@@ -6,24 +6,34 @@ use tuna::Device;
 /// Every device this machine has. With TUNA_REQUIRE_WGPU=1 (set in CI) a missing wgpu adapter
 /// fails the test instead of quietly shrinking the list; likewise TUNA_REQUIRE_CUDA=1, and
 /// TUNA_REQUIRE_WGPU_F16=1 for an adapter with SHADER_F16 (the f16 WGSL cases).
+/// TUNA_TEST_DEVICES (comma-separated `cpu`, `cuda`, `wgpu`) keeps those kinds alone, and the
+/// requirements then apply to the kinds kept: CI's second pass over the CUDA paths, with the
+/// emulator as an H100, sets `cuda`.
 pub fn devices() -> Vec<Device> {
-    let devs: Vec<Device> = Device::available().into_iter().map(|d| d.device).collect();
-    let require = |var: &str| std::env::var(var).is_ok_and(|v| v == "1");
-    if require("TUNA_REQUIRE_WGPU") {
+    let kinds = std::env::var("TUNA_TEST_DEVICES").ok();
+    let kept = |kind: &str| kinds.as_deref().is_none_or(|k| k.split(',').any(|w| w.trim() == kind));
+    let kind = |d: &Device| match d {
+        Device::Cpu => "cpu",
+        Device::Cuda(_) => "cuda",
+        Device::Wgpu(_) => "wgpu",
+    };
+    let devs: Vec<Device> = Device::available().into_iter().map(|d| d.device).filter(|d| kept(kind(d))).collect();
+    let require = |var: &str, kind: &str| kept(kind) && std::env::var(var).is_ok_and(|v| v == "1");
+    if require("TUNA_REQUIRE_WGPU", "wgpu") {
         assert!(
             devs.iter().any(|d| matches!(d, Device::Wgpu(_))),
             "TUNA_REQUIRE_WGPU=1 but wgpu found no adapter: {:?}",
             tuna::device::wgpu::adapters()
         );
     }
-    if require("TUNA_REQUIRE_WGPU_F16") {
+    if require("TUNA_REQUIRE_WGPU_F16", "wgpu") {
         assert!(
             devs.iter().any(|&d| has_f16(d)),
             "TUNA_REQUIRE_WGPU_F16=1 but no wgpu adapter has SHADER_F16: {:?}",
             tuna::device::wgpu::adapters()
         );
     }
-    if require("TUNA_REQUIRE_CUDA") {
+    if require("TUNA_REQUIRE_CUDA", "cuda") {
         assert!(devs.iter().any(|d| matches!(d, Device::Cuda(_))), "TUNA_REQUIRE_CUDA=1 but no CUDA device");
     }
     devs
