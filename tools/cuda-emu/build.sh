@@ -20,6 +20,7 @@ for cu in kernels-cuda/*.cu; do
   {
     echo "#include \"emu.h\""
     echo "#include \"registry.h\""
+    echo "#line 1 \"$cu\""  # messages name the kernel's own file and line
     sed -E 's/extern __shared__ (__align__\([0-9]+\) )?([A-Za-z_ ]*[A-Za-z_]) ([A-Za-z_0-9]+)\[\];/\2* \3 = (\2*)emu::dynamic_smem();/' "$cu"
     # The kernels' names, after macro expansion (several are made by macros).
     g++ -E -P -x c++ -DTUNA_CUDA_EMU_SCAN -include tools/cuda-emu/emu.h -I kernels-cuda "$cu" |
@@ -40,8 +41,9 @@ fresh() {
 for o in "${objs[@]}" "$out/runtime.o"; do
   [ -e "$o" ] && fresh "$o" && continue
   src=${o%.o}.cpp
-  [ "$o" = "$out/runtime.o" ] && src=tools/cuda-emu/runtime.cpp
-  g++ "${flags[@]}" -c "$src" -o "$o" &
+  extra=(-fsanitize=alignment)  # kernels: each access checked for its type's alignment (runtime.cpp handles it)
+  [ "$o" = "$out/runtime.o" ] && src=tools/cuda-emu/runtime.cpp && extra=()
+  g++ "${flags[@]}" "${extra[@]}" -c "$src" -o "$o" &
   pids+=($!)
   if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
 done

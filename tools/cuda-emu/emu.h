@@ -8,7 +8,9 @@
 //
 // Races: fibers switch only at barriers and warp instructions, and the scheduler (runtime.cpp)
 // runs warps as far apart as the barriers allow, in alternating orders, so a missing barrier
-// shows as a wrong value. Not emulated: timing, and global memory alignment of vector loads.
+// shows as a wrong value. Every load and store in a kernel is checked for its type's alignment
+// (g++'s -fsanitize=alignment, its handler in runtime.cpp): a uint4 access off a 16-byte
+// boundary fails the launch, as the GPU faults on it. Not emulated: timing.
 //
 // The sm_90a kernels (gemm_sm90.cu, flash_attention_sm90.cu) run when the emulated device is
 // compute capability 9.0 (TUNA_CUDA_EMU_CC=90): wgmma as a warpgroup instruction reading its
@@ -40,7 +42,7 @@
 
 struct uint3 { unsigned x, y, z; };
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
-struct uint4 { unsigned x, y, z, w; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };  // 16-byte aligned, as CUDA's
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
 namespace emu {

@@ -660,6 +660,21 @@ void red_add_v2(float* p, float a, float b) {
     p[1] += b;
 }
 
+// The handler g++'s -fsanitize=alignment calls from the kernels (its data as GCC's and LLVM's
+// UBSan runtime lay it out, version 1): a misaligned access fails the launch, naming the kernel,
+// the thread and the source line, where the GPU would stop with a misaligned-address error.
+struct UbsanLocation { const char* file; unsigned line, column; };
+struct UbsanType { unsigned short kind, info; char name[1]; };
+struct UbsanTypeMismatch { UbsanLocation loc; const UbsanType* type; unsigned char log_alignment, check_kind; };
+extern "C" void __ubsan_handle_type_mismatch_v1(UbsanTypeMismatch* d, uintptr_t ptr) {
+    char buf[512];
+    std::snprintf(buf, sizeof buf, "misaligned access to %s at %p (needs %u-byte alignment), %s:%u", d->type->name, (void*)ptr, 1u << d->log_alignment,
+                  d->loc.file, d->loc.line);
+    if (!L || !L->current) fatal(buf);
+    fail(buf);
+}
+extern "C" void __ubsan_handle_type_mismatch_v1_abort(UbsanTypeMismatch* d, uintptr_t ptr) { __ubsan_handle_type_mismatch_v1(d, ptr); }
+
 float f16_to_f32(unsigned short h) { _Float16 v; std::memcpy(&v, &h, 2); return (float)v; }
 unsigned short f32_to_f16(float f) { _Float16 v = (_Float16)f; unsigned short h; std::memcpy(&h, &v, 2); return h; }
 
