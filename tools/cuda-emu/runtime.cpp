@@ -754,7 +754,12 @@ int emulated_cc() {
 }
 CUresult cuDeviceGetName(char* name, int len, int) { std::snprintf(name, len, "tuna CUDA emulator (sm_%d on the CPU)", emulated_cc()); return OK; }
 CUresult cuDeviceTotalMem_v2(size_t* bytes, int) { *bytes = 80ull << 30; return OK; }
-CUresult cuMemGetInfo_v2(size_t* free_, size_t* total) { *total = 80ull << 30; *free_ = *total - used_now; return OK; }
+CUresult cuMemGetInfo_v2(size_t* free_, size_t* total) {
+    std::lock_guard<std::mutex> g(mem_lock);
+    *total = 80ull << 30;
+    *free_ = *total - used_now;
+    return OK;
+}
 CUresult cuDeviceGetAttribute(int* v, int attr, int) {
     switch (attr) {
         case 1: *v = 1024; return OK;                  // max threads per block
@@ -802,10 +807,12 @@ CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { std::memset((
 CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(d, v, n); }
 CUresult cuDeviceGetDefaultMemPool(void** pool, int) { *pool = &pool_token; return OK; }
 CUresult cuMemPoolSetAttribute(void*, int attr, void* value) {
+    std::lock_guard<std::mutex> g(mem_lock);
     if (attr == 8) used_high = *(unsigned long long*)value == 0 ? used_now : used_high;
     return OK;
 }
 CUresult cuMemPoolGetAttribute(void*, int attr, void* value) {
+    std::lock_guard<std::mutex> g(mem_lock);
     unsigned long long v = attr == 7 || attr == 5 ? used_now : attr == 8 || attr == 6 ? used_high : 0;
     *(unsigned long long*)value = v;
     return OK;
@@ -824,6 +831,8 @@ CUresult cuModuleUnload(void* module) {
     return OK;
 }
 CUresult cuModuleGetFunction(void** fn, void* module, const char* name) {
+    static std::mutex lookups;  // threads look up kernels of one module at once
+    std::lock_guard<std::mutex> g(lookups);
     Module* m = (Module*)module;
     // One handle per kernel of a module, as the driver gives: attributes set through one
     // apply to every later lookup.
