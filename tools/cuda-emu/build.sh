@@ -32,21 +32,22 @@ for cu in kernels-cuda/*.cu; do
   objs+=("$out/gen/$stem.o")
 done
 flags=(-std=c++17 -O2 -g -fPIC -Wall -Wno-unknown-pragmas -Wno-unused-function -Wno-unused-variable -Wno-psabi -I tools/cuda-emu -I kernels-cuda)
-# An object is rebuilt when any header or the runtime is newer (the generated file of a kernel
-# changes with its .cu alone).
+# An object is rebuilt when any header or emulator source is newer (the generated file of a
+# kernel changes with its .cu alone).
 fresh() {
   local f
-  for f in tools/cuda-emu/*.h tools/cuda-emu/runtime.cpp kernels-cuda/*.cuh; do [ "$1" -nt "$f" ] || return 1; done
+  for f in tools/cuda-emu/*.h tools/cuda-emu/*.cpp kernels-cuda/*.cuh; do [ "$1" -nt "$f" ] || return 1; done
 }
-for o in "${objs[@]}" "$out/runtime.o"; do
+emu_objs=("$out/runtime.o" "$out/hopper.o")
+for o in "${objs[@]}" "${emu_objs[@]}"; do
   [ -e "$o" ] && fresh "$o" && continue
   src=${o%.o}.cpp
   extra=(-fsanitize=alignment)  # kernels: each access checked for its type's alignment (runtime.cpp handles it)
-  [ "$o" = "$out/runtime.o" ] && src=tools/cuda-emu/runtime.cpp && extra=()
+  case "$o" in "$out"/runtime.o|"$out"/hopper.o) src=tools/cuda-emu/$(basename "$src"); extra=() ;; esac
   g++ "${flags[@]}" "${extra[@]}" -c "$src" -o "$o" &
   pids+=($!)
   if [ ${#pids[@]} -ge 2 ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
 done
 for p in "${pids[@]}"; do wait "$p"; done
-g++ -shared -o "$out/libcuda.so" "$out/runtime.o" "${objs[@]}"
+g++ -shared -o "$out/libcuda.so" "${emu_objs[@]}" "${objs[@]}"
 echo "$out/libcuda.so"

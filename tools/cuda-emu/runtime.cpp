@@ -19,13 +19,12 @@
 #include <string>
 #include <vector>
 
-#include "emu.h"
+#include "launch.h"
 #include "registry.h"
 
 // Switches stacks: saves the callee-saved registers on the current stack, stores its pointer in
 // *from, and resumes the stack `to` (saved the same way, or prepared by `run_block`). x86-64
 // System V; no system call, unlike swapcontext, which saves the signal mask each time.
-extern "C" void emu_switch(void** from, void* to);
 asm(R"(
     .text
     .globl emu_switch
@@ -53,117 +52,10 @@ namespace emu {
 
 uint3 thread_idx, block_idx;
 dim3 block_dim, grid_dim;
+using namespace rt;
 
-namespace {
-
-enum State { READY, AT_BARRIER, AT_WARP_OP, AT_WARPGROUP_OP, AT_MBARRIER, DONE };
-struct Copy { void* dst; const void* src; int bytes; };
-struct Mbarrier;
-struct Fiber {
-    void* sp = nullptr;  // the saved stack pointer while suspended
-    uint3 tid;
-    int warp = 0, lane = 0;
-    State state = READY;
-    unsigned wait_gen = 0;
-    Mbarrier* mbar = nullptr;  // AT_MBARRIER: the barrier and the parity of the phase awaited
-    unsigned parity = 0;
-    // Dynamic shared memory this thread wrote through the generic proxy (st.shared, cp.async)
-    // since its last fence.proxy.async, as (offset, bytes).
-    std::vector<std::pair<unsigned, unsigned>> unfenced;
-    std::vector<Copy> open;                  // cp.async copies not yet committed
-    std::vector<std::vector<Copy>> groups;   // committed groups, oldest first
-};
-constexpr int LANE_BYTES = 64;
-struct WarpState {
-    int lanes = 32, arrived = 0;
-    unsigned gen = 0;
-    WarpOp op = nullptr;
-    long arg = 0;
-    int bytes_in = 0, bytes_out = 0;
-    unsigned char in[2][32 * LANE_BYTES], out[2][32 * LANE_BYTES];
-};
-
-constexpr size_t STACK = 256 << 10;
-constexpr size_t DYN_SMEM = 232448;  // an H100's opt-in limit per block
-// The shared-window address of dynamic shared memory's first byte: as if 1040 bytes of static
-// shared memory came first, so it is not 1024-byte aligned and the kernels' own alignment of
-// their swizzled tiles is exercised.
-constexpr unsigned SHARED_BASE = 1040;
-
-// A tensor map as the emulated cuTensorMapEncodeTiled packs it into the 128-byte CUtensorMap.
-struct TensorMap2d {
-    char magic[8];
-    unsigned elem_bytes, swizzle_bytes;  // swizzle: 0 or 128
-    unsigned long long addr, dim[2], stride;  // stride: bytes between rows (dim 1)
-    unsigned box[2];
-};
-static_assert(sizeof(TensorMap2d) <= 128, "a tensor map is 128 bytes");
-constexpr char MAP_MAGIC[8] = "tunaTMA";
-struct TmaCopy { unsigned dst; TensorMap2d map; int c0, c1; };
-// An mbarrier: arrivals pending in the current phase, its transaction count, the phases
-// completed, and (in blocks that land copies late) the TMA copies that complete on it.
-struct Mbarrier {
-    unsigned count = 0, pending = 0, phase = 0;
-    long long tx = 0;
-    std::vector<TmaCopy> inflight;
-};
-// A warpgroup instruction: what it is and its uniform operands (every thread must agree).
-enum WgKind { WG_MMA, WG_COMMIT, WG_WAIT };
-struct WgInstr {
-    WgKind kind;
-    bool bf16 = false, a_regs = false;
-    int n = 0, trans_a = 0, trans_b = 0, pending = 0;
-    unsigned long long da = 0, db = 0;
-    bool operator!=(const WgInstr& o) const {
-        return kind != o.kind || bf16 != o.bf16 || a_regs != o.a_regs || n != o.n || trans_a != o.trans_a || trans_b != o.trans_b || pending != o.pending ||
-               da != o.da || db != o.db;
-    }
-};
-// One warp's part of a wgmma.mma_async (its 16 rows of the 64): the operands, and each lane's
-// accumulators and A registers.
-struct Wgmma {
-    WgInstr in;
-    int quarter = 0;  // the warp's place in its warpgroup: rows 16 * quarter ..
-    float* d[32];
-    unsigned a[32][4];
-};
-// A warp's wgmma state. The warpgroup instructions are .sync.aligned: they synchronize the 32
-// lanes of a warp, not the 4 warps of a warpgroup, so each warp's part runs on its own (what a
-// missing barrier between warps that write an operand and the wgmma reading it shows).
-struct WgmmaWarp {
-    int arrived = 0;
-    unsigned gen = 0;
-    Wgmma cur;                               // the instruction being joined
-    std::vector<Wgmma> open;                 // issued, not yet committed (even blocks)
-    std::vector<std::vector<Wgmma>> groups;  // committed, oldest first (even blocks)
-};
-
-struct Launch {
-    const char* kernel = "";
-    void (*entry)(void**) = nullptr;
-    void** params = nullptr;
-    std::vector<Fiber> fibers;
-    std::vector<WarpState> warps;
-    std::vector<WgmmaWarp> wgmma_warps;
-    std::map<const void*, Mbarrier> mbarriers;  // by the address of their 8 bytes
-    // This block's TMA copies land as late as allowed (at the first wait on their mbarrier) and
-    // its wgmma operations run at issue, or the other way round: the first shows a missing
-    // wait, the second a stage handed back before the operations reading it completed.
-    bool late_copies = false;
-    unsigned dyn_bytes = 0;  // the launch's dynamic shared memory
-    // Per byte of dynamic shared memory: 1 + the thread whose generic-proxy write to it is not
-    // yet fenced (fence.proxy.async), or 0. The async proxy (wgmma) must not read such a byte.
-    std::vector<unsigned short> unfenced_by = std::vector<unsigned short>(DYN_SMEM);
-    std::vector<void*> stacks;
-    Fiber* current = nullptr;
-    void* scheduler = nullptr;  // the scheduler's saved stack pointer while a fiber runs
-    int threads = 0, arrived = 0;
-    unsigned block_gen = 0;
-    bool or_acc = false, or_result[2] = {false, false};
-    std::string error;
-    alignas(16) unsigned char dyn_smem[DYN_SMEM];
-};
-thread_local Launch* L = nullptr;  // the launch this thread is running, if any
+namespace rt {
+thread_local Launch* L = nullptr;
 
 [[noreturn]] void fatal(const std::string& msg) {
     std::fprintf(stderr, "cuda-emu: %s\n", msg.c_str());
@@ -181,6 +73,17 @@ std::string where() {
 
 void yield() { emu_switch(&L->current->sp, L->scheduler); }
 
+[[noreturn]] void fail(const std::string& what) {
+    if (!L->current) fatal(what + ", " + where() + " (between fibers)");  // no fiber to stop
+    L->error = what + ", " + where();
+    yield();
+    fatal("a failed fiber was resumed");
+}
+
+}  // namespace rt
+
+namespace {
+
 // A fiber's first frame: runs the kernel, then returns to the scheduler for good. Copies
 // issued and never waited for are dropped (the kernel does not read them).
 void fiber_main() {
@@ -193,9 +96,10 @@ void fiber_main() {
 struct sigaction previous[2];  // the handlers before ours (SIGSEGV, SIGBUS): Rust's, say
 
 void on_fault(int sig, siginfo_t* info, void*) {
-    if (!L || !L->current) {
-        // Not in a kernel: hand the fault back to the previous handler (the instruction runs
-        // again and faults into it).
+    if (!L) {
+        // Not in a launch: hand the fault back to the previous handler (the instruction runs
+        // again and faults into it). In a launch it is the kernel's, or the emulator's acting
+        // for it between fibers (a TMA copy landing), and is reported as the launch's.
         sigaction(sig, &previous[sig == SIGBUS], nullptr);
         return;
     }
@@ -227,7 +131,6 @@ void install_fault_handler() {
     }
 }
 
-void land(Mbarrier& b);
 
 bool ready(const Fiber& f) {
     switch (f.state) {
@@ -400,27 +303,6 @@ void cp_async_commit() {
     f.groups.push_back(std::move(f.open));
     f.open.clear();
 }
-namespace {
-// A generic-proxy write by the running thread: unfenced until its next fence.proxy.async.
-void generic_write(void* p, unsigned bytes) {
-    const unsigned char* b = (const unsigned char*)p;
-    if (b < L->dyn_smem || b >= L->dyn_smem + DYN_SMEM) return;  // static shared memory: no async reader
-    Fiber& f = *L->current;
-    const unsigned off = (unsigned)(b - L->dyn_smem), me = (unsigned)(&f - L->fibers.data()) + 1;
-    for (unsigned i = 0; i < bytes; i++) L->unfenced_by[off + i] = (unsigned short)me;
-    f.unfenced.emplace_back(off, bytes);
-}
-}  // namespace
-
-void fence_proxy_async() {
-    Fiber& f = *L->current;
-    const unsigned short me = (unsigned short)((&f - L->fibers.data()) + 1);
-    for (auto [off, bytes] : f.unfenced)
-        for (unsigned i = 0; i < bytes; i++)
-            if (L->unfenced_by[off + i] == me) L->unfenced_by[off + i] = 0;
-    f.unfenced.clear();
-}
-
 void cp_async_wait(int pending) {
     Fiber& f = *L->current;
     while ((int)f.groups.size() > pending) {
@@ -431,233 +313,6 @@ void cp_async_wait(int pending) {
         }
         f.groups.erase(f.groups.begin());
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Shared-memory window and the sm_90a instructions.
-
-namespace {
-[[noreturn]] void fail(const std::string& what) {
-    L->error = what + ", " + where();
-    yield();
-    fatal("a failed fiber was resumed");
-}
-}  // namespace
-
-unsigned shared_addr(const void* p) {
-    const unsigned char* b = (const unsigned char*)p;
-    if (b < L->dyn_smem || b >= L->dyn_smem + DYN_SMEM) fail("the shared-window address of memory outside dynamic shared memory (not emulated)");
-    return SHARED_BASE + (unsigned)(b - L->dyn_smem);
-}
-
-unsigned char* shared_ptr(unsigned addr, int bytes) {
-    if (addr < SHARED_BASE || addr - SHARED_BASE + (unsigned long)bytes > L->dyn_bytes) {
-        char buf[160];
-        std::snprintf(buf, sizeof buf, "shared memory access of %d bytes at window address %u, outside the launch's %u bytes of dynamic shared memory (from %u)", bytes,
-                      addr, L->dyn_bytes, SHARED_BASE);
-        fail(buf);
-    }
-    return L->dyn_smem + (addr - SHARED_BASE);
-}
-
-void st_shared(unsigned addr, const void* src, int bytes) {
-    if (addr % bytes) fail("misaligned st.shared of " + std::to_string(bytes) + " bytes at window address " + std::to_string(addr));
-    unsigned char* p = shared_ptr(addr, bytes);
-    std::memcpy(p, src, bytes);
-    generic_write(p, bytes);
-}
-
-namespace {
-// The 128-byte swizzle, a function of the shared address: its 16-byte piece (bits 4-6) is XORed
-// with its 128-byte row within 1024 bytes (bits 7-9).
-unsigned swizzle128(unsigned addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
-
-Mbarrier& mbarrier(const void* bar) {
-    auto it = L->mbarriers.find(bar);
-    if (it == L->mbarriers.end()) fail("an mbarrier used before mbarrier.init (or not in shared memory)");
-    return it->second;
-}
-
-void complete_tx(Mbarrier& b, long long bytes) {
-    b.tx -= bytes;
-    if (b.pending == 0 && b.tx == 0) {
-        b.phase++;
-        b.pending = b.count;
-    }
-}
-
-void land_copy(const TmaCopy& c, Mbarrier& b) {
-    const TensorMap2d& m = c.map;
-    const unsigned es = m.elem_bytes;
-    for (unsigned r = 0; r < m.box[1]; r++)
-        for (unsigned e = 0; e < m.box[0]; e++) {
-            const long long x = (long long)c.c0 + e, y = (long long)c.c1 + r;
-            unsigned addr = c.dst + (r * m.box[0] + e) * es;
-            if (m.swizzle_bytes == 128) addr = swizzle128(addr);
-            unsigned char* dst = shared_ptr(addr, es);
-            std::fill_n(&L->unfenced_by[dst - L->dyn_smem], es, 0);  // the async proxy's own write
-            if (x >= 0 && y >= 0 && (unsigned long long)x < m.dim[0] && (unsigned long long)y < m.dim[1])
-                std::memcpy(dst, (const unsigned char*)m.addr + y * m.stride + x * es, es);
-            else
-                std::memset(dst, 0, es);  // out of the tensor: zero (OOB fill none)
-        }
-    complete_tx(b, (long long)m.box[0] * m.box[1] * es);
-}
-
-void land(Mbarrier& b) {
-    std::vector<TmaCopy> copies;
-    copies.swap(b.inflight);
-    for (const TmaCopy& c : copies) land_copy(c, b);
-}
-}  // namespace
-
-void mbar_init(unsigned long long* bar, unsigned count) {
-    if ((uintptr_t)bar & 7) misaligned("mbarrier", bar);
-    if (count == 0 || count >= (1u << 20)) fail("mbarrier.init with count " + std::to_string(count));
-    Mbarrier& b = L->mbarriers[bar];
-    b = Mbarrier();
-    b.count = b.pending = count;
-}
-
-void mbar_arrive(unsigned long long* bar, unsigned tx_bytes) {
-    Mbarrier& b = mbarrier(bar);
-    if (b.pending == 0) fail("more arrivals on an mbarrier than its count in one phase");
-    b.tx += tx_bytes;
-    b.pending--;
-    complete_tx(b, 0);
-}
-
-void mbar_wait(unsigned long long* bar, unsigned parity) {
-    Mbarrier& b = mbarrier(bar);
-    Fiber& f = *L->current;
-    land(b);  // copies that complete on it land now at the latest
-    if ((b.phase & 1) != (parity & 1)) return;
-    f.mbar = &b;
-    f.parity = parity & 1;
-    f.state = AT_MBARRIER;
-    yield();
-}
-
-void tma_load_2d(unsigned dst, const void* map, int c0, int c1, unsigned long long* bar) {
-    TmaCopy c{dst, {}, c0, c1};
-    std::memcpy(&c.map, map, sizeof c.map);
-    if (std::memcmp(c.map.magic, MAP_MAGIC, sizeof MAP_MAGIC) != 0) fail("cp.async.bulk.tensor with a tensor map cuTensorMapEncodeTiled did not make");
-    const unsigned align = c.map.swizzle_bytes == 128 ? 1024 : 128;
-    if (dst % align) fail("cp.async.bulk.tensor to window address " + std::to_string(dst) + ", not " + std::to_string(align) + "-byte aligned");
-    shared_ptr(dst, (int)(c.map.box[0] * c.map.box[1] * c.map.elem_bytes));  // the box fits
-    Mbarrier& b = mbarrier(bar);
-    if (L->late_copies) b.inflight.push_back(c);
-    else land_copy(c, b);
-}
-
-namespace {
-// The shared address of element (mn, k) of a wgmma operand from its descriptor: K-major (trans
-// 0): rows of the M or N dimension 128 bytes apart in groups of 8, groups SBO apart, K
-// contiguous; MN-major (trans 1): 64-element chunks of the M or N dimension LBO apart, K rows
-// 128 bytes apart in groups of 8, groups SBO apart. Both in the 128-byte swizzle (CUTLASS's
-// canonical GMMA layouts, cute/atom/mma_traits_sm90_gmma.hpp).
-unsigned operand_addr(unsigned long long desc, int mn, int k, int trans) {
-    const unsigned start = (unsigned)(desc & 0x3FFF) << 4, lbo = (unsigned)((desc >> 16) & 0x3FFF) << 4, sbo = (unsigned)((desc >> 32) & 0x3FFF) << 4;
-    if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0) fail("a wgmma descriptor other than the 128-byte swizzle with base offset 0 (not emulated)");
-    const unsigned logical = trans ? start + (k % 8) * 128 + (k / 8) * sbo + (mn / 64) * lbo + (mn % 64) * 2 : start + (mn % 8) * 128 + (mn / 8) * sbo + k * 2;
-    return swizzle128(logical);
-}
-
-float operand(bool bf16, unsigned addr) {
-    unsigned short h;
-    const unsigned char* p = shared_ptr(addr, 2);
-    for (int i = 0; i < 2; i++)
-        if (unsigned writer = L->unfenced_by[p - L->dyn_smem + i])
-            fail("a wgmma reads shared memory (window address " + std::to_string(addr) + ") that thread " + std::to_string(writer - 1) +
-                 " wrote by st.shared or cp.async with no fence.proxy.async after");
-    std::memcpy(&h, p, 2);
-    return bf16 ? __uint_as_float((unsigned)h << 16) : f16_to_f32(h);
-}
-
-// D (64 x n) += A (64 x 16) . B (16 x n), the 16 rows of one warp. Accumulators in the m64nN
-// layout: lane l of warp quarter q holds d[4j + i] at row 16q + l/4 + 8 (i / 2), column 8j +
-// 2 (l % 4) + i % 2. A from registers: mma.m16n8k16's A fragment of those 16 rows.
-void run_wgmma(const Wgmma& op) {
-    const WgInstr& in = op.in;
-    const int r0 = 16 * op.quarter;
-    static thread_local float A[16][16], B[16][256];
-    for (int l = 0; l < 32 && in.a_regs; l++)
-        for (int i = 0; i < 4; i++)
-            for (int h = 0; h < 2; h++) {
-                const int row = l / 4 + 8 * (i & 1), col = 2 * (l % 4) + h + 8 * (i >> 1);
-                const unsigned short v = (unsigned short)(op.a[l][i] >> (16 * h));
-                A[row][col] = in.bf16 ? __uint_as_float((unsigned)v << 16) : f16_to_f32(v);
-            }
-    for (int m = 0; m < 16 && !in.a_regs; m++)
-        for (int k = 0; k < 16; k++) A[m][k] = operand(in.bf16, operand_addr(in.da, r0 + m, k, in.trans_a));
-    for (int k = 0; k < 16; k++)
-        for (int n = 0; n < in.n; n++) B[k][n] = operand(in.bf16, operand_addr(in.db, n, k, in.trans_b));
-    for (int l = 0; l < 32; l++)
-        for (int j = 0; j < in.n / 8; j++)
-            for (int i = 0; i < 4; i++) {
-                const int row = l / 4 + 8 * (i >> 1), col = 8 * j + 2 * (l % 4) + (i & 1);
-                float acc = op.d[l][4 * j + i];
-                for (int k = 0; k < 16; k++) acc += A[row][k] * B[k][col];
-                op.d[l][4 * j + i] = acc;
-            }
-}
-
-// This lane joins its warp at the warpgroup instruction `in`; the last of the 32 to arrive
-// carries out the warp's part for all of them (with each lane's accumulators and A
-// registers), then all go on.
-void warpgroup_op(const WgInstr& in, float* d, const unsigned* a) {
-    Fiber& f = *L->current;
-    if (L->threads % 128) fail("a warpgroup instruction in a block of " + std::to_string(L->threads) + " threads (not whole warpgroups)");
-    WgmmaWarp& w = L->wgmma_warps[f.warp];
-    if (w.arrived == 0) w.cur.in = in, w.cur.quarter = f.warp % 4;
-    else if (w.cur.in != in) fail("the lanes of a warp reached different warpgroup instructions or operands");
-    w.cur.d[f.lane] = d;
-    if (a) std::memcpy(w.cur.a[f.lane], a, 16);
-    if (++w.arrived < 32) {
-        f.state = AT_WARPGROUP_OP;
-        f.wait_gen = w.gen;
-        yield();
-        return;
-    }
-    w.arrived = 0;
-    switch (in.kind) {
-        case WG_MMA:
-            if (L->late_copies) run_wgmma(w.cur);  // reads its operands and writes the accumulators at once
-            else w.open.push_back(w.cur);          // at the wait_group that waits for it
-            break;
-        case WG_COMMIT:
-            w.groups.push_back(std::move(w.open));
-            w.open.clear();
-            break;
-        case WG_WAIT:
-            while ((int)w.groups.size() > in.pending) {
-                for (const Wgmma& op : w.groups.front()) run_wgmma(op);
-                w.groups.erase(w.groups.begin());
-            }
-            break;
-    }
-    w.gen++;
-}
-}  // namespace
-
-void wgmma(bool bf16, float* d, int n, unsigned long long da, const unsigned* a, unsigned long long db, int trans_a, int trans_b) {
-    if (n < 8 || n > 256 || n % 8) fail("wgmma with n = " + std::to_string(n));
-    if (a && trans_a) fail("wgmma with A in registers and imm-trans-a set");
-    WgInstr in{WG_MMA};
-    in.bf16 = bf16, in.a_regs = a != nullptr, in.n = n, in.trans_a = trans_a, in.trans_b = trans_b, in.da = a ? 0 : da, in.db = db;
-    warpgroup_op(in, d, a);
-}
-void wgmma_commit() { warpgroup_op(WgInstr{WG_COMMIT}, nullptr, nullptr); }
-void wgmma_wait(int pending) {
-    WgInstr in{WG_WAIT};
-    in.pending = pending;
-    warpgroup_op(in, nullptr, nullptr);
-}
-
-void red_add_v2(float* p, float a, float b) {
-    if ((uintptr_t)p & 7) misaligned("red.global.add.v2.f32 address", p);
-    p[0] += a;
-    p[1] += b;
 }
 
 // The handler g++'s -fsanitize=alignment calls from the kernels (its data as GCC's and LLVM's
