@@ -198,8 +198,9 @@ FH_INSTANCE(flash_attn_fwd_sm90_f16_d128, F16, 128)
 // Launch: grid (ceil(S / 64), G, B), block 128, that dynamic shared memory. Instances:
 // flash_attn_bwd_sm90_{bf16,f16}_d{64,128}. Not yet run (no GPU so far).
 
-// d += dS.K slice: m64n64k16 with both operands read transposed (MN-major) from shared memory.
-// p[0] += a, p[1] += b as one atomic (sm_90's vector reduction; p 8-byte aligned).
+// fhb_dq: d += dS.K slice, m64n64k16 with both operands read transposed (MN-major) from shared
+// memory. fhb_red2: p[0] += a, p[1] += b as one atomic (sm_90's vector reduction; p 8-byte
+// aligned).
 #ifdef TUNA_CUDA_EMU
 template <typename T> __device__ __forceinline__ void fhb_dq(T, float* d, u64 da, u64 db) { emu::wgmma(std::is_same<T, Bf16>::value, d, 64, da, nullptr, db, 1, 1); }
 __device__ __forceinline__ void fhb_red2(float* p, float a, float b) { emu::red_add_v2(p, a, b); }

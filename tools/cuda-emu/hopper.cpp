@@ -8,21 +8,26 @@
 namespace emu {
 using namespace rt;
 
-namespace rt {
-// A generic-proxy write by the running thread: unfenced until its next fence.proxy.async.
-void generic_write(void* p, unsigned bytes) {
+namespace {
+bool in_dynamic_smem(const void* p) {
     const unsigned char* b = (const unsigned char*)p;
-    if (b < L->dyn_smem || b >= L->dyn_smem + DYN_SMEM) return;  // static shared memory: no async reader
-    Fiber& f = *L->current;
-    const unsigned off = (unsigned)(b - L->dyn_smem), me = (unsigned)(&f - L->fibers.data()) + 1;
-    for (unsigned i = 0; i < bytes; i++) L->unfenced_by[off + i] = (unsigned short)me;
-    f.unfenced.emplace_back(off, bytes);
+    return b >= L->dyn_smem && b < L->dyn_smem + DYN_SMEM;
 }
-}  // namespace rt
+// The running thread as `unfenced_by` records it: 1 + its index in the block.
+unsigned short writer_tag() { return (unsigned short)(L->current - L->fibers.data() + 1); }
+}  // namespace
+
+// A generic-proxy write by the running thread: unfenced until its next fence.proxy.async.
+void rt::generic_write(void* p, unsigned bytes) {
+    if (!in_dynamic_smem(p)) return;  // static shared memory: no async reader
+    const unsigned off = (unsigned)((unsigned char*)p - L->dyn_smem);
+    std::fill_n(&L->unfenced_by[off], bytes, writer_tag());
+    L->current->unfenced.emplace_back(off, bytes);
+}
 
 void fence_proxy_async() {
     Fiber& f = *L->current;
-    const unsigned short me = (unsigned short)((&f - L->fibers.data()) + 1);
+    const unsigned short me = writer_tag();
     for (auto [off, bytes] : f.unfenced)
         for (unsigned i = 0; i < bytes; i++)
             if (L->unfenced_by[off + i] == me) L->unfenced_by[off + i] = 0;
@@ -30,9 +35,8 @@ void fence_proxy_async() {
 }
 
 unsigned shared_addr(const void* p) {
-    const unsigned char* b = (const unsigned char*)p;
-    if (b < L->dyn_smem || b >= L->dyn_smem + DYN_SMEM) fail("the shared-window address of memory outside dynamic shared memory (not emulated)");
-    return SHARED_BASE + (unsigned)(b - L->dyn_smem);
+    if (!in_dynamic_smem(p)) fail("the shared-window address of memory outside dynamic shared memory (not emulated)");
+    return SHARED_BASE + (unsigned)((const unsigned char*)p - L->dyn_smem);
 }
 
 unsigned char* shared_ptr(unsigned addr, int bytes) {
