@@ -60,6 +60,8 @@ fn f16_rounding_is_within_the_floor() {
     // while the WGSL f16 kernel (XA rounded, s applied in f32) was 1.34 f16 ulps off: the
     // rounding of XA carried through B (`carried_rounding`).
     run(case(1, 1, 53, 6, false, 15_639_489_763_250_451_270), false);
+    // The same in f32 on the CPU: dA's one element, G rounded to f32 (NF4 weights).
+    run(case(59, 29, 1, 1, true, 5_530_719_070_125_329_114), true);
 }
 
 #[test]
