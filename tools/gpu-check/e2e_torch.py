@@ -6,7 +6,7 @@ heads, 8 KV heads, intermediate 8192, vocab 128256), bf16, SDPA attention, LoRA 
 adapters. Cases: batch 4 x sequence 2048 and 8 x 512; QLoRA (the base in bitsandbytes NF4 with
 double quantization, bf16 compute) where bitsandbytes imports. Each case reports tokens per
 second (median of the timed steps, CUDA events) and peak device memory (max allocated). tuna's
-side of the comparison needs the model on CUDA, which has not landed yet.
+side is `tuna bench-step --device cuda --preset llama1b` (run.sh runs both).
 
     python3 e2e_torch.py OUT.json            # on the GPU machine
     python3 e2e_torch.py OUT.json --tiny     # a small model on the CPU, to check the script
@@ -15,6 +15,7 @@ Writes one JSON file with a row per case and prints a table.
 """
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -124,6 +125,8 @@ def main():
                 r = run_case(shape, device, qlora, batch, seq, a.warmup, a.steps)
             except torch.cuda.OutOfMemoryError as e:
                 r = {"method": "qlora" if qlora else "lora", "batch": batch, "seq": seq, "error": f"out of memory: {e}"}
+            except Exception as e:  # noqa: BLE001 (one case's failure, e.g. bitsandbytes's, keeps the others)
+                r = {"method": "qlora" if qlora else "lora", "batch": batch, "seq": seq, "error": f"{type(e).__name__}: {e}"}
             rows.append(r)
             label = f"{r['method']} {batch}x{seq}"
             if "error" in r:
@@ -133,10 +136,21 @@ def main():
                 print(f"{label:<22} {r['tokens_per_s']:>10.0f} {peak:>9} {r['step_s']:>8.3f}")
             if device == "cuda":
                 torch.cuda.empty_cache()
+            # Rewritten after each case, so a run cut short by its time limit keeps the rows done.
+            write(a.out, shape, device, rows)
+
+
+def write(path, shape, device, rows):
     meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "shape": shape, "lora": {"r": 16, "alpha": 32, "targets": TARGETS}}
-    with open(a.out, "w") as f:
+    try:
+        import bitsandbytes
+        meta["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        pass
+    with open(path + ".tmp", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

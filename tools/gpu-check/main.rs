@@ -14,7 +14,8 @@
 //!
 //! Exit status: 0 when every case passed, 1 when one failed, 2 when no CUDA device was found.
 //! `gpu-check OUT_DIR --checks` runs the test cases alone (step 2: what the CPU CUDA emulator
-//! of `tools/cuda-emu` runs).
+//! of `tools/cuda-emu` runs) and writes `OUT_DIR/checks.json`; `gpu-check OUT_DIR --benches`
+//! runs the benchmarks alone (step 3; run.sh times them first, before the CPU-heavy checks).
 //! `gpu-check OUT_DIR --sm90-smoke [gemm|attention|attention-bwd]` runs only the cases of Hopper's kernels
 //! (`sm90_cases`): both parts, or the one named.
 //! Later kernels add their cases to `cases()` and `benches()`.
@@ -112,18 +113,19 @@ fn main() -> ExitCode {
         println!("sm90 smoke ({}): {} of {ran} cases passed{}", names.join(", "), ran - failed, if ran == 0 { " (not a compute capability 9.0 device, or the part is off)" } else { "" });
         return if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE };
     }
-    println!("\ntests (against the f64 CPU reference):");
-    let results = cases();
+    let mode = std::env::args().nth(2);
     let mut failed = 0;
-    for r in &results {
-        failed += usize::from(!r.ok);
-        println!("  {:<4} {:<44} {}", if r.ok { "ok" } else { "FAIL" }, r.name, r.detail);
+    let mut results = Vec::new();
+    if mode.as_deref() != Some("--benches") {
+        println!("\ntests (against the f64 CPU reference; each line as its case ends):");
+        results = cases();
+        failed = results.iter().filter(|r| !r.ok).count();
+        report["tests"] = results.iter().map(|r| json!({"name": r.name, "ok": r.ok, "detail": r.detail})).collect();
     }
-    report["tests"] = results.iter().map(|r| json!({"name": r.name, "ok": r.ok, "detail": r.detail})).collect();
-    if std::env::args().nth(2).as_deref() == Some("--checks") {
+    if mode.as_deref() == Some("--checks") {
         // The test cases alone (as on the CPU CUDA emulator, tools/cuda-emu, where timings mean
-        // nothing).
-        write_report(&out_dir, &report);
+        // nothing). Their own report, so a `--benches` run into the same folder keeps its own.
+        write_report_named(&out_dir, "checks.json", &report);
         println!("\n{} of {} cases passed", results.len() - failed, results.len());
         return if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE };
     }
@@ -163,7 +165,11 @@ fn main() -> ExitCode {
     report["seconds"] = json!(started.elapsed().as_secs_f64());
     report["failed"] = json!(failed);
     write_report(&out_dir, &report);
-    println!("\n{} of {} cases passed", results.len() - failed.min(results.len()), results.len());
+    if mode.as_deref() == Some("--benches") {
+        println!("\n{failed} benchmark groups failed");
+    } else {
+        println!("\n{} of {} cases passed", results.len() - failed.min(results.len()), results.len());
+    }
     if failed == 0 {
         ExitCode::SUCCESS
     } else {
@@ -172,8 +178,13 @@ fn main() -> ExitCode {
 }
 
 fn write_report(dir: &std::path::Path, report: &Value) {
-    let path = dir.join("gpu-check.json");
-    let tmp = dir.join("gpu-check.json.tmp");
+    write_report_named(dir, "gpu-check.json", report)
+}
+
+/// Writes `report` to `dir/name` through a temporary file and a rename.
+fn write_report_named(dir: &std::path::Path, name: &str, report: &Value) {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
     let res = std::fs::create_dir_all(dir)
         .and_then(|_| std::fs::write(&tmp, serde_json::to_string_pretty(report).expect("json")))
         .and_then(|_| std::fs::rename(&tmp, &path));
@@ -187,6 +198,9 @@ fn write_report(dir: &std::path::Path, report: &Value) {
 fn cases() -> Vec<CaseResult> {
     let mut out = Vec::new();
     let mut push = |name: String, r: Result<(), String>| {
+        // Printed as each case ends, so a run cut short by its time limit still shows how far
+        // it got.
+        println!("  {:<4} {:<44} {}", if r.is_ok() { "ok" } else { "FAIL" }, name, r.as_ref().err().map_or("", |e| e.as_str()));
         out.push(match r {
             Ok(()) => CaseResult { name, ok: true, detail: String::new() },
             Err(e) => CaseResult { name, ok: false, detail: e },
