@@ -35,9 +35,10 @@
 //   (a few thousand elements) and would want a one-dimensional kernel if long vectors appear.
 // - sm3_sparse_f32: one thread per active entry (an index past the matrix is skipped);
 //   sm3_sparse_finish one thread per max(R, C).
-// - adamw_*: one thread per element, grid.x = ceil(n / blockDim.x).
-// - sumsq_partial_*: a fixed grid (chosen by the launcher from n only), grid-stride, one f64
-//   partial per block; sumsq_finish: one block of 256 sums every partial in a fixed order, so
+// - adamw_*: one thread per element, grid.x = ceil(n / blockDim.x); adamw_multi_* the same per
+//   tensor, the tensors' grids one after another (see "many tensors per launch").
+// - sumsq_partial_multi_*: per tensor a fixed number of blocks (chosen by the launcher from its
+//   length only), grid-stride over it, one f64 partial per block; sumsq_finish: one block of 256 sums every partial in a fixed order, so
 //   the result is deterministic run to run.
 #include "common.cuh"
 
@@ -186,12 +187,71 @@ __device__ void adamw(T* __restrict__ w, const T* __restrict__ grad, float* __re
     Param<T>::store(w, master, e, wv - step_size * me / (sqrtf(ve) / bc2_sqrt + eps));
 }
 
-// ---- sum of squares -----------------------------------------------------------------------
+// ---- many tensors per launch ----------------------------------------------------------------
+// A training step updates one small tensor after another (two LoRA factors per adapted linear:
+// 224 of them in a 16-layer Llama), so one launch each costs more in launches than in work.
+// The `_multi` kernels take up to MULTI_TENSORS tensors in one launch, their pointers in a
+// struct passed by value (kernel parameters: 4 KiB at most). Block b works on the tensor t with
+// first[t] <= b < first[t + 1], as the one-tensor kernel's block b - first[t] would, with the
+// same arithmetic per element, so the results are the same bits.
+#define MULTI_TENSORS 40
+
 template <typename T>
-__device__ void sumsq_partial(const T* __restrict__ g, long n, double* __restrict__ partials) {
+struct AdamWList {
+    int count, pad;
+    int first[MULTI_TENSORS + 1];  // each tensor's first block; first[count] = the grid
+    long n[MULTI_TENSORS];
+    T* w[MULTI_TENSORS];           // the parameter written (a new buffer where a master is read)
+    const T* g[MULTI_TENSORS];
+    float* master[MULTI_TENSORS];  // f32 masters, or null: w is read and written in place
+    float* m[MULTI_TENSORS];
+    float* v[MULTI_TENSORS];
+};
+
+template <typename T>
+struct SumsqList {
+    int count, pad;
+    int first[MULTI_TENSORS + 1];  // each tensor's first block (and partial)
+    long n[MULTI_TENSORS];
+    const T* g[MULTI_TENSORS];
+};
+
+// The tensor block `b` belongs to: the last t with first[t] <= b (first is increasing).
+__device__ __forceinline__ int multi_tensor_of(const int* first, int count, int b) {
+    int t = 0;
+    while (t + 1 < count && first[t + 1] <= b) t++;
+    return t;
+}
+
+template <typename T>
+__device__ void adamw_multi(const AdamWList<T>& l, const double* __restrict__ sumsq, float beta1, float beta2, float eps,
+                            float decay, float step_size, float bc2_sqrt, float scale, float max_norm) {
+    const int t = multi_tensor_of(l.first, l.count, blockIdx.x);
+    const long e = (long)(blockIdx.x - l.first[t]) * blockDim.x + threadIdx.x;
+    if (e >= l.n[t]) return;
+    T* w = l.w[t];
+    float *master = l.master[t], *m = l.m[t], *v = l.v[t];
+    const float g = Elem<T>::load(l.g[t], e) * effective_scale(sumsq, max_norm, scale);
+    const float wv = Param<T>::load(w, master, e) * decay;
+    float me = m[e], ve = v[e];
+    me += (1.0f - beta1) * (g - me);
+    ve = beta2 * ve + (1.0f - beta2) * g * g;
+    m[e] = me;
+    v[e] = ve;
+    Param<T>::store(w, master, e, wv - step_size * me / (sqrtf(ve) / bc2_sqrt + eps));
+}
+
+// The sum of squares, first pass: tensor t's blocks (first[t + 1] - first[t] of them, fixed by
+// the launcher from its length alone) stride over it, and block b writes its f64 partial to
+// partials[b]; `sumsq_finish` then sums them.
+template <typename T>
+__device__ void sumsq_partial_multi(const SumsqList<T>& l, double* __restrict__ partials) {
     __shared__ double scratch[32];
+    const int t = multi_tensor_of(l.first, l.count, blockIdx.x);
+    const int b = blockIdx.x - l.first[t], blocks = l.first[t + 1] - l.first[t];
+    const T* g = l.g[t];
     double acc = 0.0;
-    for (long e = (long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (long)gridDim.x * blockDim.x) {
+    for (long e = (long)b * blockDim.x + threadIdx.x; e < l.n[t]; e += (long)blocks * blockDim.x) {
         const double x = (double)Elem<T>::load(g, e);
         acc += x * x;
     }
@@ -234,11 +294,19 @@ extern "C" __global__ void adamw_bf16(bf16_bits* w, const bf16_bits* g, float* m
                                       float step_size, float bc2_sqrt, float scale, float max_norm) {
     adamw<bf16_bits>(w, g, master, m, v, sumsq, n, beta1, beta2, eps, decay, step_size, bc2_sqrt, scale, max_norm);
 }
-extern "C" __global__ void sumsq_partial_f32(const float* g, long n, double* partials) {
-    sumsq_partial<float>(g, n, partials);
+extern "C" __global__ void adamw_multi_f32(const AdamWList<float> list, const double* sumsq, float beta1, float beta2, float eps,
+                                           float decay, float step_size, float bc2_sqrt, float scale, float max_norm) {
+    adamw_multi<float>(list, sumsq, beta1, beta2, eps, decay, step_size, bc2_sqrt, scale, max_norm);
 }
-extern "C" __global__ void sumsq_partial_bf16(const bf16_bits* g, long n, double* partials) {
-    sumsq_partial<bf16_bits>(g, n, partials);
+extern "C" __global__ void adamw_multi_bf16(const AdamWList<bf16_bits> list, const double* sumsq, float beta1, float beta2,
+                                            float eps, float decay, float step_size, float bc2_sqrt, float scale, float max_norm) {
+    adamw_multi<bf16_bits>(list, sumsq, beta1, beta2, eps, decay, step_size, bc2_sqrt, scale, max_norm);
+}
+extern "C" __global__ void sumsq_partial_multi_f32(const SumsqList<float> list, double* partials) {
+    sumsq_partial_multi<float>(list, partials);
+}
+extern "C" __global__ void sumsq_partial_multi_bf16(const SumsqList<bf16_bits> list, double* partials) {
+    sumsq_partial_multi<bf16_bits>(list, partials);
 }
 // *out = the sum of partials[0..count), in a fixed order (one block of 256).
 extern "C" __global__ void sumsq_finish(const double* partials, int count, double* out) {

@@ -30,8 +30,10 @@ fn entry_points(module: &str) -> &'static [&'static str] {
             "sm3_sparse_finish",
             "adamw_f32",
             "adamw_bf16",
-            "sumsq_partial_f32",
-            "sumsq_partial_bf16",
+            "adamw_multi_f32",
+            "adamw_multi_bf16",
+            "sumsq_partial_multi_f32",
+            "sumsq_partial_multi_bf16",
             "sumsq_finish",
         ],
         "lora_gemm" => &[
@@ -192,4 +194,41 @@ fn nvrtc_compiles_every_module() {
 /// The archs a module is built for: sm_80 and sm_90, or its one target.
 fn archs(m: &cuda::CudaModuleSource) -> Vec<u32> {
     m.only_cc.map_or(vec![80, 90], |cc| vec![cc])
+}
+
+/// Which embedded machine code a device runs: the newest arch of its major version not above
+/// it (sm_80 code on sm_86 and sm_89 GPUs, sm_90 on 9.0 only), else none (the PTX is loaded).
+#[test]
+fn machine_code_is_picked_by_compute_capability() {
+    static M: cuda::CudaModuleSource =
+        cuda::CudaModuleSource { name: "m", source: "", ptx: &[], sass: &[(80, b"eighty"), (86, b"eighty-six"), (90, b"ninety")], only_cc: None };
+    let pick = |cc| cuda::sass_for(&M, cc).map(|c| std::str::from_utf8(c).unwrap());
+    assert_eq!(pick(75), None);
+    assert_eq!(pick(80), Some("eighty"));
+    assert_eq!(pick(87), Some("eighty-six"));
+    assert_eq!(pick(89), Some("eighty-six"));
+    assert_eq!(pick(90), Some("ninety"));
+    assert_eq!(pick(100), None, "sm_90 code does not run on a 10.0 GPU");
+    assert_eq!(pick(120), None);
+}
+
+/// A TUNA_SASS=1 build embeds, for every module and arch it has PTX for, ptxas's machine code
+/// holding every entry point (CI builds without it: TUNA_REQUIRE_SASS=1 makes its absence a
+/// failure, as a release build for a GPU machine should be checked).
+#[test]
+fn machine_code_holds_every_entry_point() {
+    if cuda::modules().iter().all(|m| m.sass.is_empty()) {
+        assert!(!required("TUNA_REQUIRE_SASS"), "TUNA_REQUIRE_SASS=1 but the build embedded no machine code (TUNA_SASS=1 and nvcc needed)");
+        return;
+    }
+    for m in cuda::modules() {
+        for arch in archs(m) {
+            let (_, code) = m.sass.iter().find(|(a, _)| *a == arch).unwrap_or_else(|| panic!("{}: no machine code for sm_{arch}", m.name));
+            assert_eq!(&code[..4], b"\x7fELF", "{} for sm_{arch}: not an ELF cubin", m.name);
+            for e in entry_points(m.name) {
+                let name = format!("\0{e}\0");
+                assert!(code.windows(name.len()).any(|w| w == name.as_bytes()), "{} for sm_{arch}: no symbol {e}", m.name);
+            }
+        }
+    }
 }

@@ -7,7 +7,7 @@
 mod common;
 
 use proptest::prelude::*;
-use tuna::testing::optim::{check_adamw, check_sm3, check_sm3_sparse, check_sum_squares, AdamWCase, Sm3Case};
+use tuna::testing::optim::{check_adamw, check_adamw_multi, check_sm3, check_sm3_sparse, check_sum_squares, AdamWCase, Sm3Case};
 use tuna::{DType, Device};
 
 /// Parameter storages each device has kernels for: (dtype, with an f32 master copy).
@@ -97,6 +97,22 @@ fn sum_of_squares_and_clip_factor_match_on_every_device() {
         check_sum_squares(dev, &[5], 1e6, 4).unwrap_or_else(|e| panic!("{e}"));
         // f16 buffers (odd positions) of odd lengths: the last word holds one element.
         check_sum_squares(dev, &[3, 301, 2, 65_537], 1.0, 5).unwrap_or_else(|e| panic!("{e}"));
+        // More buffers than one CUDA launch takes (40), empty ones among them.
+        let many: Vec<usize> = (0..93).map(|k| if k % 11 == 5 { 0 } else { 1 + k * 37 % 2000 }).collect();
+        check_sum_squares(dev, &many, 1.0, 6).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// CUDA's many-tensors-per-launch AdamW gives the one-tensor kernel's bits for every tensor,
+/// over launches of 40 tensors, with empty tensors and lengths off the block size, in each
+/// storage, f32 with a master included (the trainer's new-parameter-without-a-copy path).
+#[test]
+fn adamw_over_many_tensors_in_one_launch_matches_one_at_a_time() {
+    let sizes: Vec<usize> = (0..87).map(|k| match k % 9 { 4 => 0, 7 => 2048 * 16 + 3, _ => 1 + k * 53 % 700 }).collect();
+    for dev in common::devices().into_iter().filter(|d| matches!(d, Device::Cuda(_))) {
+        for (dtype, master) in [(DType::F32, false), (DType::F32, true), (DType::BF16, true), (DType::BF16, false)] {
+            check_adamw_multi(dev, &sizes, dtype, master, 3, 7).unwrap_or_else(|e| panic!("{e}"));
+        }
     }
 }
 

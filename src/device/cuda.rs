@@ -24,6 +24,9 @@ pub struct CudaModuleSource {
     /// PTX compiled by nvcc at build time, as (compute capability * 10, text); empty when the
     /// crate was built without nvcc.
     pub ptx: &'static [(u32, &'static str)],
+    /// Machine code ptxas made of that PTX, as (compute capability * 10, cubin), when the
+    /// crate was built with TUNA_SASS=1; empty otherwise.
+    pub sass: &'static [(u32, &'static [u8])],
     /// `Some(90)` for a module built for `sm_90a` alone (wgmma, TMA tensor copies: the file's
     /// first line is `// arch: sm_90a`): it loads only on a compute capability 9.0 device.
     pub only_cc: Option<u32>,
@@ -84,6 +87,13 @@ pub fn ptx_for(module: &CudaModuleSource, cc: u32) -> Result<String> {
         return Ok((*ptx).to_string());
     }
     compile_with_nvrtc(module, cc)
+}
+
+/// Embedded machine code a device of compute capability `cc` runs as it is: code for arch `a`
+/// runs on `cc` of the same major version with `a <= cc` (sm_80 on an sm_86 or sm_89 GPU; sm_90
+/// and sm_90a on 9.0 only). The newest such arch, or None (the driver then compiles the PTX).
+pub fn sass_for(module: &CudaModuleSource, cc: u32) -> Option<&'static [u8]> {
+    module.sass.iter().filter(|(a, _)| a / 10 == cc / 10 && *a <= cc).max_by_key(|(a, _)| *a).map(|(_, code)| *code)
 }
 
 /// A module built for one architecture alone cannot run anywhere else.
@@ -224,12 +234,7 @@ impl ModuleCache {
             match loaded.get(module) {
                 Some(m) => m.clone(),
                 None => {
-                    let src = module_source(module)?;
-                    let ptx = ptx_for(src, self.cc)?;
-                    let m = self
-                        .ctx
-                        .load_module(Ptx::from_src(ptx))
-                        .map_err(|e| Error::cuda(format!("loading module `{module}`"), e))?;
+                    let m = self.load(module_source(module)?)?;
                     loaded.insert(module, m.clone());
                     m
                 }
@@ -239,6 +244,26 @@ impl ModuleCache {
         // A thread that raced this one to the same kernel keeps its handle: one handle per
         // kernel, so a limit `function_with_smem` raised on it holds for every caller.
         Ok(self.functions.lock().expect("function cache poisoned").entry(key).or_insert(f).clone())
+    }
+}
+
+impl ModuleCache {
+    /// Loads a module: its embedded machine code for this device where there is some, else its
+    /// PTX (compiled by the driver). Machine code the driver refuses (a driver older than the
+    /// ptxas that made it, say) falls back to the PTX, and an error then names both failures.
+    fn load(&self, src: &'static CudaModuleSource) -> Result<Arc<CudaModule>> {
+        let sass_error = match sass_for(src, self.cc) {
+            Some(code) => match self.ctx.load_module(Ptx::from_binary(code.to_vec())) {
+                Ok(m) => return Ok(m),
+                Err(e) => Some(e),
+            },
+            None => None,
+        };
+        let ptx = ptx_for(src, self.cc)?;
+        self.ctx.load_module(Ptx::from_src(ptx)).map_err(|e| {
+            let also = sass_error.map_or(String::new(), |s| format!(" (and its machine code for compute capability {}.{}: {s:?})", self.cc / 10, self.cc % 10));
+            Error::Cuda { context: format!("loading module `{}` from PTX", src.name), message: format!("{e:?}{also}") }
+        })
     }
 }
 

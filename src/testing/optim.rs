@@ -254,6 +254,20 @@ pub fn check_adamw(dev: Device, case: AdamWCase) -> Check {
     compare(&what("v"), &got.v, &v, Tolerance::F32)
 }
 
+/// `cuda::adamw_multi` (many tensors per launch) against `cuda::adamw` on each tensor alone,
+/// which `check_adamw` checks against the f64 reference: the same bits of parameter, master,
+/// m and v after `steps` steps with the clip factor from the device sum of squares of every
+/// gradient. `sizes` past `MULTI_TENSORS` cross a launch; zeros and odd lengths test the block
+/// map. `master` with f32 parameters: the multi step writes each new parameter into a fresh
+/// buffer beside the master (how training gets its parameters without a copy), compared with
+/// the in-place one-tensor step.
+pub fn check_adamw_multi(dev: Device, sizes: &[usize], dtype: DType, master: bool, steps: usize, seed: u64) -> Check {
+    match dev {
+        Device::Cuda(i) => cuda_run::adamw_multi_vs_one(i, sizes, dtype, master, steps, seed).map_err(|e| format!("adamw_multi on {dev}: {e}")),
+        _ => Err(format!("adamw_multi: a CUDA launcher, not for {dev}")),
+    }
+}
+
 /// The sum of squares of several gradient buffers computed on `dev`, against the f64 sum, and
 /// the clip factor from it against `clip_scale` of the f64 sum. CUDA sums in f64, WGSL in f32
 /// partials; the tolerances are below. The buffers at odd positions hold f16 values, which
@@ -426,7 +440,7 @@ mod cuda_run {
 
     use super::{AdamWCase, AdamWState, Sm3Case, Sm3State};
     use crate::device::cuda::runtime;
-    use crate::kernels::optim::{cuda, Sm3Params};
+    use crate::kernels::optim::{cuda, AdamWParams, Sm3Params};
     use crate::{DType, Error, Result};
 
     fn err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
@@ -605,6 +619,76 @@ mod cuda_run {
             m: down(s, &m, n)?,
             v: down(s, &v, n)?,
         })
+    }
+
+    pub fn adamw_multi_vs_one(i: usize, sizes: &[usize], dtype: DType, master: bool, steps: usize, seed: u64) -> std::result::Result<(), String> {
+        match dtype {
+            DType::F32 => multi_vs_one::<f32>(i, sizes, master, steps, seed),
+            DType::BF16 => multi_vs_one::<u16>(i, sizes, master, steps, seed),
+            d => Err(format!("no CUDA AdamW kernel for {d}")),
+        }
+    }
+
+    /// Each tensor's buffers on the device: parameter, master, m, v.
+    struct Set<T> {
+        w: Vec<CudaSlice<T>>,
+        master: Vec<CudaSlice<f32>>,
+        m: Vec<CudaSlice<f32>>,
+        v: Vec<CudaSlice<f32>>,
+    }
+
+    fn multi_vs_one<T: Storage + PartialEq + std::fmt::Debug>(i: usize, sizes: &[usize], master: bool, steps: usize, seed: u64) -> std::result::Result<(), String> {
+        let rt = runtime(i).map_err(|e| e.to_string())?;
+        let (s, md) = (&rt.stream, &rt.modules);
+        let f32_params = std::mem::size_of::<T>() == 4;
+        let mut rng = crate::testing::Rng::new(seed);
+        let w0: Vec<Vec<f32>> = sizes.iter().map(|&n| store::<T>(&rng.vec(n, -1.0, 1.0)).into_iter().map(T::to_f32).collect()).collect();
+        let set = || -> Result<Set<T>> {
+            Ok(Set {
+                w: w0.iter().map(|w| up(s, &store::<T>(w))).collect::<Result<_>>()?,
+                master: w0.iter().map(|w| up(s, w)).collect::<Result<_>>()?,
+                m: sizes.iter().map(|&n| zeros::<f32>(s, n)).collect::<Result<_>>()?,
+                v: sizes.iter().map(|&n| zeros::<f32>(s, n)).collect::<Result<_>>()?,
+            })
+        };
+        let (mut one, mut multi) = (set().map_err(|e| e.to_string())?, set().map_err(|e| e.to_string())?);
+        let mut ss = zeros::<f64>(s, 1).map_err(|e| e.to_string())?;
+        for t in 0..steps {
+            let grads: Vec<CudaSlice<T>> = sizes.iter().map(|&n| up(s, &store::<T>(&rng.vec(n, -1.0, 1.0)))).collect::<Result<_>>().map_err(|e| e.to_string())?;
+            let gv: Vec<_> = grads.iter().zip(sizes).map(|(g, &n)| g.slice(..n)).collect();
+            cuda::sum_squares(s, md, &gv, &mut ss.slice_mut(..)).map_err(|e| e.to_string())?;
+            let clip = cuda::DeviceClip { sum_sq: ss.slice(..), max_norm: 1.0 };
+            let p = AdamWParams { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, step: t as u32 + 1, grad_scale: 0.5 };
+            for (k, &n) in sizes.iter().enumerate() {
+                // The one-tensor step: f32 in place (its master unused), bf16 with or without it.
+                let mut mv = (master && !f32_params).then(|| one.master[k].slice_mut(..n));
+                cuda::adamw::<T>(s, md, &mut one.w[k].slice_mut(..n), &gv[k], mv.as_mut(), &mut one.m[k].slice_mut(..n), &mut one.v[k].slice_mut(..n), p, Some(&clip)).map_err(|e| e.to_string())?;
+            }
+            let mut tensors: Vec<cuda::AdamWTensor<'_, T>> = Vec::new();
+            let Set { w, master: ms, m, v } = &mut multi;
+            for ((((w, mm), m), v), (g, &n)) in w.iter_mut().zip(ms.iter_mut()).zip(m.iter_mut()).zip(v.iter_mut()).zip(gv.iter().zip(sizes)) {
+                tensors.push(cuda::AdamWTensor { w: w.slice_mut(..n), g: g.slice(..n), master: master.then(|| mm.slice_mut(..n)), m: m.slice_mut(..n), v: v.slice_mut(..n) });
+            }
+            cuda::adamw_multi::<T>(s, md, &mut tensors, p, Some(&clip)).map_err(|e| e.to_string())?;
+        }
+        for (k, &n) in sizes.iter().enumerate() {
+            let bits = |what: &str, a: Vec<f32>, b: Vec<f32>| -> std::result::Result<(), String> {
+                match a.iter().zip(&b).position(|(x, y)| x.to_bits() != y.to_bits()) {
+                    Some(e) => Err(format!("tensor {k} of {sizes:?} ({}{}): {what}[{e}] = {} from the multi step, {} from the one-tensor step", if f32_params { "f32" } else { "bf16" }, if master { " + master" } else { "" }, a[e], b[e])),
+                    None => Ok(()),
+                }
+            };
+            let d = |x: &CudaSlice<f32>| down(s, x, n).map_err(|e| e.to_string());
+            let dw = |x: &CudaSlice<T>| down(s, x, n).map(|v| v.into_iter().map(T::to_f32).collect::<Vec<f32>>()).map_err(|e| e.to_string());
+            bits("w", dw(&multi.w[k])?, dw(&one.w[k])?)?;
+            bits("m", d(&multi.m[k])?, d(&one.m[k])?)?;
+            bits("v", d(&multi.v[k])?, d(&one.v[k])?)?;
+            if master {
+                // f32: the one-tensor step kept its value in w.
+                bits("master", d(&multi.master[k])?, if f32_params { dw(&one.w[k])? } else { d(&one.master[k])? })?;
+            }
+        }
+        Ok(())
     }
 
     pub fn sum_squares(i: usize, grads: &[Vec<f32>]) -> Result<f64> {

@@ -4,10 +4,11 @@
 //! computed in the kernel from the device sum of squares (as on wgpu, `device.rs`).
 //!
 //! The masters are owned here (a kernel writes them in place), so the tensors the model reads
-//! are new after each step: for f32 parameters (LoRA adapters, ~1% of a model) copies made on
-//! the device; for bf16 parameters (full or head fine-tuning of the bf16 model) the rounded
-//! values the optimizer kernel writes beside the master, into fresh buffers. Gradients come in
-//! the parameters' dtype.
+//! are new after each step. AdamW writes each new value beside its master into a fresh buffer
+//! (f32 for the LoRA adapters, ~1% of a model; rounded to bf16 for full or head fine-tuning of
+//! the bf16 model), every tensor in a few launches (`adamw_multi`); SM3 runs a launch per
+//! tensor, and its f32 parameters are copies of the masters made on the device. Gradients come
+//! in the parameters' dtype.
 
 use std::sync::Arc;
 
@@ -15,7 +16,7 @@ use cudarc::driver::CudaSlice;
 
 use super::device::{HostOptState, PendingSumSq, State, StepParams};
 use crate::device::cuda::CudaRuntime;
-use crate::kernels::optim::cuda::{adamw, sm3, sm3_sparse, sum_squares, DeviceClip};
+use crate::kernels::optim::cuda::{adamw_multi, sm3, sm3_sparse, sum_squares, AdamWTensor, DeviceClip};
 use crate::kernels::sparse::{DeviceIndices, SparseIndices};
 use crate::ops::cuda::view;
 use crate::tensor::Storage;
@@ -111,6 +112,26 @@ impl CudaOptimizer {
         sum_squares::<T>(stream, modules, &views, &mut self.sum_sq.slice_mut(..))?;
         let clip = DeviceClip { sum_sq: self.sum_sq.slice(..), max_norm };
         let clip = (max_norm > 0.0).then_some(&clip);
+        if let (State::AdamW { m, v }, StepParams::AdamW(p)) = (&mut self.state, p) {
+            // Every tensor at once, `MULTI_TENSORS` per launch (a LoRA step has two small
+            // factors per adapted linear): each master is read and updated, and its new value
+            // (rounded for bf16) goes into a fresh buffer, the model's next parameter.
+            let mut outs: Vec<CudaSlice<u8>> = views.iter().map(|g| self.rt.alloc_uninit(g.len() * std::mem::size_of::<T>())).collect::<Result<_>>()?;
+            let mut tensors = Vec::with_capacity(views.len());
+            for (((out, master), (m, v)), g) in outs.iter_mut().zip(self.masters.iter_mut()).zip(m.iter_mut().zip(v.iter_mut())).zip(&views) {
+                let n = g.len();
+                // SAFETY: a new parameter holds n Ts (allocated above), a master n f32s
+                // (uploaded from host vectors of the gradients' shapes, checked by `check`).
+                let (w, master) = unsafe { (out.transmute_mut::<T>(n).expect("a parameter holds its elements"), master.transmute_mut::<f32>(n).expect("a master holds its elements")) };
+                tensors.push(AdamWTensor { w, g: g.slice(..), master: Some(master), m: m.slice_mut(..n), v: v.slice_mut(..n) });
+            }
+            adamw_multi::<T>(stream, modules, &mut tensors, *p, clip)?;
+            drop(tensors);
+            for (i, out) in outs.into_iter().enumerate() {
+                self.params[i] = self.tensor(out, i);
+            }
+            return Ok(());
+        }
         let half = std::mem::size_of::<T>() == 2;
         let mut next = Vec::with_capacity(views.len());
         for (i, g) in views.iter().enumerate() {
@@ -126,7 +147,6 @@ impl CudaOptimizer {
                 }
             };
             match (&mut self.state, p) {
-                (State::AdamW { m, v }, StepParams::AdamW(p)) => adamw::<T>(stream, modules, &mut w, g, master.as_mut(), &mut m[i].slice_mut(..), &mut v[i].slice_mut(..), *p, clip)?,
                 (State::Sm3 { dims, r, c, r_next, c_next, momentum }, StepParams::Sm3(p)) => {
                     let (rows, cols) = dims[i];
                     let mut mom = momentum.as_mut().map(|ms| ms[i].slice_mut(..));

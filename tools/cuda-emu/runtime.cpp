@@ -356,7 +356,8 @@ struct Alloc { void* base; size_t mapped; size_t bytes; };
 std::map<CUdeviceptr, Alloc> allocs;
 unsigned long long used_now = 0, used_high = 0;
 struct Function { std::string name; KernelEntry entry; int max_dyn_smem = 48 << 10; unsigned max_threads = 1024; };
-struct Module { std::string ptx; std::map<std::string, Function*> functions; };
+// A loaded module: its PTX, or its machine code (an ELF cubin), and the kernels looked up.
+struct Module { std::string ptx, cubin; std::map<std::string, Function*> functions; };
 struct Event { double ms = 0; };
 double now_ms() { return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 int ctx_token, pool_token;
@@ -475,7 +476,22 @@ CUresult cuMemPoolGetAttribute(void*, int attr, void* value) {
 
 CUresult cuModuleLoadData(void** module, const void* image) {
     Module* m = new Module();
-    m->ptx = (const char*)image;
+    const unsigned char* b = (const unsigned char*)image;
+    if (std::memcmp(b, "\x7f" "ELF", 4) == 0) {
+        // Machine code (a cubin ptxas made of the PTX, TUNA_SASS=1 builds): its size from the
+        // ELF header (the section and program header tables end it), kept to look the kernels'
+        // names up in its string table. It carries no .maxntid to read.
+        unsigned long long shoff, phoff;
+        unsigned short phentsize, phnum, shentsize, shnum;
+        std::memcpy(&phoff, b + 0x20, 8), std::memcpy(&shoff, b + 0x28, 8);
+        std::memcpy(&phentsize, b + 0x36, 2), std::memcpy(&phnum, b + 0x38, 2);
+        std::memcpy(&shentsize, b + 0x3a, 2), std::memcpy(&shnum, b + 0x3c, 2);
+        const size_t size = std::max(shoff + (size_t)shnum * shentsize, phoff + (size_t)phnum * phentsize);
+        m->cubin.assign((const char*)b, size);
+    } else {
+        m->ptx = (const char*)image;
+    }
+    if (std::getenv("TUNA_CUDA_EMU_TRACE")) std::fprintf(stderr, "cuda-emu: module loaded from %s\n", m->cubin.empty() ? "PTX" : "machine code");
     *module = m;
     return OK;
 }
@@ -495,14 +511,16 @@ CUresult cuModuleGetFunction(void** fn, void* module, const char* name) {
         *fn = seen->second;
         return OK;
     }
+    if (!m->cubin.empty() && m->cubin.find(std::string(1, '\0') + name + '\0') == std::string::npos)
+        return bad(std::string("kernel `") + name + "` is not in the module's machine code", NOT_FOUND);
     const std::string entry = std::string(".entry ") + name + "(";
     const size_t at = m->ptx.find(entry);
-    if (at == std::string::npos) return bad(std::string("kernel `") + name + "` is not in the module's PTX", NOT_FOUND);
+    if (m->cubin.empty() && at == std::string::npos) return bad(std::string("kernel `") + name + "` is not in the module's PTX", NOT_FOUND);
     auto it = registry().find(name);
     if (it == registry().end()) return bad(std::string("kernel `") + name + "` was not compiled into the emulator", NOT_FOUND);
     Function* f = new Function{name, it->second};
     // __launch_bounds__ shows in the PTX as .maxntid between the parameter list and the body.
-    const size_t body = m->ptx.find('{', at), bound = m->ptx.find(".maxntid", at);
+    const size_t body = m->cubin.empty() ? m->ptx.find('{', at) : 0, bound = m->cubin.empty() ? m->ptx.find(".maxntid", at) : std::string::npos;
     if (bound != std::string::npos && bound < body) {
         unsigned x = 1, y = 1, z = 1;
         std::sscanf(m->ptx.c_str() + bound, ".maxntid %u, %u, %u", &x, &y, &z);

@@ -63,6 +63,8 @@ fn main() -> ExitCode {
         "libcuda": cuda::driver_present(),
         "libnvrtc": cuda::nvrtc_present(),
         "embedded_ptx_archs": cuda::modules().first().map(|m| m.ptx.iter().map(|(a, _)| *a).collect::<Vec<_>>()).unwrap_or_default(),
+        // Machine code (TUNA_SASS=1 builds): per module, the archs whose cubin is embedded.
+        "embedded_sass": cuda::modules().iter().map(|m| (m.name, m.sass.iter().map(|(a, _)| *a).collect::<Vec<_>>())).collect::<std::collections::BTreeMap<_, _>>(),
     });
     match cuda::device_count() {
         Ok(n) if n > 0 => {}
@@ -514,6 +516,16 @@ fn optim_cases(push: &mut impl FnMut(String, Result<(), String>)) {
     }
     push("sum of squares, 4 buffers".into(), check_sum_squares(dev, &[1, 300, 0, 70_000], 1.0, 3));
     push("sum of squares, 16M".into(), check_sum_squares(dev, &[16 << 20], 1.0, 5));
+    let many: Vec<usize> = (0..93).map(|k| if k % 11 == 5 { 0 } else { 1 + k * 37 % 2000 }).collect();
+    push("sum of squares, 93 buffers (3 launches)".into(), check_sum_squares(dev, &many, 1.0, 6));
+    // A Llama-3.2-1B LoRA step's factors: 16 layers x 7 linears x (A, B), r = 16.
+    let lora: Vec<usize> = (0..16).flat_map(|_| [2048, 2048, 2048, 512, 2048, 512, 2048, 2048, 2048, 8192, 2048, 8192, 8192, 2048]).map(|d| 16 * d).collect();
+    for (dtype, master) in [(DType::F32, true), (DType::BF16, true), (DType::F32, false)] {
+        push(
+            format!("adamw_multi {dtype}{} over a Llama-1B LoRA step's 224 factors, bits of the one-tensor kernel", if master { "+master" } else { "" }),
+            tuna::testing::optim::check_adamw_multi(dev, &lora, dtype, master, 2, 8),
+        );
+    }
 }
 
 /// Median time in µs of `f` over 20 runs after 3 warm-ups, timed with events on `stream`.
@@ -607,6 +619,27 @@ fn optim_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
                 "copy_gb_per_s": copy_gbs, "of_copy": gbs / copy_gbs, "meets_85pct": gbs >= 0.85 * copy_gbs,
             }));
         }
+    }
+    // A Llama-3.2-1B LoRA step's AdamW: 224 factors of 8K-131K parameters (r = 16), a launch
+    // each against `adamw_multi`'s 40 tensors a launch (both f32, in place, same bits).
+    let sizes: Vec<usize> = (0..16).flat_map(|_| [2048, 2048, 2048, 512, 2048, 512, 2048, 2048, 2048, 8192, 2048, 8192, 8192, 2048]).map(|d| 16 * d).collect();
+    let total: usize = sizes.iter().sum();
+    let bufs = |_: ()| -> tuna::Result<Vec<CudaSlice<f32>>> { sizes.iter().map(|&n| alloc::<f32>(s, n)).collect() };
+    let (mut w, g, mut m, mut v) = (bufs(())?, bufs(())?, bufs(())?, bufs(())?);
+    let one_us = time_us(rt, || {
+        for k in 0..sizes.len() {
+            optim::cuda::adamw::<f32>(s, md, &mut w[k].slice_mut(..), &g[k].slice(..), None, &mut m[k].slice_mut(..), &mut v[k].slice_mut(..), adamp, None)?;
+        }
+        Ok(())
+    })?;
+    let multi_us = time_us(rt, || {
+        let mut tensors: Vec<_> = w.iter_mut().zip(&g).zip(m.iter_mut().zip(v.iter_mut())).map(|((w, g), (m, v))| optim::cuda::AdamWTensor { w: w.slice_mut(..), g: g.slice(..), master: None, m: m.slice_mut(..), v: v.slice_mut(..) }).collect();
+        optim::cuda::adamw_multi::<f32>(s, md, &mut tensors, adamp, None)
+    })?;
+    for (kernel, us) in [("adamw f32, 224 LoRA factors, a launch each", one_us), ("adamw_multi f32, 224 LoRA factors", multi_us)] {
+        let gbs = 28.0 * total as f64 / us / 1e3;
+        println!("  {:<38} {:>10.1} {:>10.0}", kernel, us, gbs);
+        rows_out.push(json!({ "kernel": kernel, "params": total, "tensors": sizes.len(), "time_us": us, "bytes": 28 * total, "gb_per_s": gbs }));
     }
     Ok(rows_out)
 }

@@ -4,8 +4,9 @@
 #
 #   tools/gpu-check/prepare.sh DIR
 #
-# DIR/bins.tgz: release builds of `gpu-check` and `tuna` with the kernels' PTX embedded (nvcc
-#   must be found: $NVCC, $CUDA_HOME/bin, $PATH or a pip CUDA 13 toolchain, as build.rs looks);
+# DIR/bins.tgz: release builds of `gpu-check` and `tuna` with the kernels' PTX and machine code
+#   embedded (nvcc and its ptxas must be found: $NVCC, $CUDA_HOME/bin, $PATH or a pip CUDA 13
+#   toolchain, as build.rs looks);
 # DIR/site/: bitsandbytes for Python 3.12 with its CUDA 13 library only, for e2e_torch.py's
 #   QLoRA peer (PyTorch + PEFT + bitsandbytes), where pip can download it; skipped otherwise.
 # Keep DIR out of git (.git/info/exclude) and copy it beside the repository on the GPU machine.
@@ -13,9 +14,13 @@ set -euo pipefail
 dir=${1:?usage: tools/gpu-check/prepare.sh DIR}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 mkdir -p "$dir"
-(cd "$root" && CARGO_INCREMENTAL=0 cargo build --release --locked --bin gpu-check --bin tuna)
-# Without nvcc the binaries would carry no PTX and compile every kernel with NVRTC at run time,
-# and the Hopper kernels (sm_90a) would not be there to check.
+# TUNA_SASS=1: ptxas's machine code for sm_80, sm_90 and sm_90a is embedded beside the PTX,
+# so the GPU runs it without the driver compiling each module in each process (~25 s of ptxas
+# here for all of them).
+(cd "$root" && TUNA_SASS=1 CARGO_INCREMENTAL=0 cargo build --release --locked --bin gpu-check --bin tuna)
+# Without nvcc the binaries would carry no PTX or machine code and compile every kernel with
+# NVRTC at run time, and the Hopper kernels (sm_90a) would not be there to check. (With nvcc,
+# build.rs fails when ptxas does, so PTX here means machine code too.)
 if ! grep -q 'wgmma.mma_async' "$root/target/release/gpu-check"; then
   echo "prepare.sh: the build embedded no sm_90a PTX (nvcc not found?): set NVCC and run again" >&2
   exit 1

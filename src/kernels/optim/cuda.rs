@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::{adamw_factors, check_dense, AdamWParams, Sm3Params};
 use crate::device::cuda::ModuleCache;
@@ -236,8 +236,127 @@ fn sumsq_blocks(n: usize) -> usize {
     n.div_ceil(4 * BLOCK as usize).min(SUMSQ_MAX_BLOCKS)
 }
 
+/// Tensors per `_multi` launch (`MULTI_TENSORS` in optim.cu): their pointers travel as one
+/// kernel parameter, which the driver caps at 4 KiB.
+pub const MULTI_TENSORS: usize = 40;
+
+/// `AdamWList<T>` of optim.cu: up to `MULTI_TENSORS` tensors' pointers and lengths, and the
+/// first block of each (`first[count]` = the grid).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AdamWList {
+    count: i32,
+    pad: i32,
+    first: [i32; MULTI_TENSORS + 1],
+    n: [i64; MULTI_TENSORS],
+    w: [u64; MULTI_TENSORS],
+    g: [u64; MULTI_TENSORS],
+    master: [u64; MULTI_TENSORS],
+    m: [u64; MULTI_TENSORS],
+    v: [u64; MULTI_TENSORS],
+}
+// SAFETY: plain integers laid out as the kernel's struct (repr(C), the same field order).
+unsafe impl DeviceRepr for AdamWList {}
+
+/// `SumsqList<T>` of optim.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SumsqList {
+    count: i32,
+    pad: i32,
+    first: [i32; MULTI_TENSORS + 1],
+    n: [i64; MULTI_TENSORS],
+    g: [u64; MULTI_TENSORS],
+}
+// SAFETY: as above.
+unsafe impl DeviceRepr for SumsqList {}
+
+/// One tensor of an `adamw_multi` step.
+pub struct AdamWTensor<'a, T> {
+    /// The parameter written: updated in place, or, with `master`, a buffer that gets the new
+    /// value (rounded for bf16) while the master is read and updated.
+    pub w: CudaViewMut<'a, T>,
+    pub g: CudaView<'a, T>,
+    /// The f32 master (f32 or bf16 parameters), or None: `w` is read and updated in place.
+    pub master: Option<CudaViewMut<'a, f32>>,
+    pub m: CudaViewMut<'a, f32>,
+    pub v: CudaViewMut<'a, f32>,
+}
+
+/// AdamW steps of many tensors, `MULTI_TENSORS` per launch: the same bits as `adamw` on each
+/// (one launch per tensor), for a step of many small tensors (LoRA's factors) at a fraction
+/// of the launches. With a master, an f32 parameter is written to `w` beside the master, so
+/// the caller gets the new parameter without a copy.
+pub fn adamw_multi<T: DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    modules: &ModuleCache,
+    tensors: &mut [AdamWTensor<'_, T>],
+    p: AdamWParams,
+    clip: Option<&DeviceClip<'_>>,
+) -> Result<()> {
+    const OP: &str = "adamw_multi";
+    if p.step == 0 {
+        return Err(Error::InvalidArgument(format!("{OP}: step counts from 1")));
+    }
+    for (i, t) in tensors.iter().enumerate() {
+        let n = t.w.len();
+        let what = |x: &str| format!("tensor {i}'s {x}");
+        check_len(OP, &what("gradient"), t.g.len(), n)?;
+        check_len(OP, &what("m"), t.m.len(), n)?;
+        check_len(OP, &what("v"), t.v.len(), n)?;
+        if let Some(master) = &t.master {
+            check_len(OP, &what("master"), master.len(), n)?;
+        }
+    }
+    let s = suffix::<T>(OP)?;
+    let f = modules.function("optim", &format!("adamw_multi_{s}"))?;
+    let (decay, step_size, bc2_sqrt) = adamw_factors(&p);
+    let max_norm = clip.map_or(0.0, |c| c.max_norm);
+    let null = 0u64;
+    for chunk in tensors.chunks_mut(MULTI_TENSORS) {
+        let count = chunk.len();
+        let mut l = AdamWList { count: count as i32, pad: 0, first: [0; MULTI_TENSORS + 1], n: [0; MULTI_TENSORS], w: [0; MULTI_TENSORS], g: [0; MULTI_TENSORS], master: [0; MULTI_TENSORS], m: [0; MULTI_TENSORS], v: [0; MULTI_TENSORS] };
+        let mut guards = Vec::with_capacity(5 * count);
+        let mut blocks = 0usize;
+        for (k, t) in chunk.iter_mut().enumerate() {
+            l.first[k] = to_i32(OP, "blocks", blocks)?;
+            l.n[k] = t.w.len() as i64;
+            blocks += t.w.len().div_ceil(BLOCK as usize);
+            let (w, gw) = t.w.device_ptr_mut(stream);
+            let (g, gg) = t.g.device_ptr(stream);
+            let (m, gm) = t.m.device_ptr_mut(stream);
+            let (v, gv) = t.v.device_ptr_mut(stream);
+            (l.w[k], l.g[k], l.m[k], l.v[k]) = (w, g, m, v);
+            guards.extend([gw, gg, gm, gv]);
+            if let Some(master) = t.master.as_mut() {
+                let (mp, gmp) = master.device_ptr_mut(stream);
+                l.master[k] = mp;
+                guards.push(gmp);
+            }
+        }
+        l.first[count] = to_i32(OP, "blocks", blocks)?;
+        if blocks == 0 {
+            continue;
+        }
+        let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+        let mut b = stream.launch_builder(&f);
+        b.arg(&l);
+        match clip {
+            Some(c) => b.arg(&c.sum_sq),
+            None => b.arg(&null),
+        };
+        b.arg(&p.beta1).arg(&p.beta2).arg(&p.eps).arg(&decay).arg(&step_size).arg(&bc2_sqrt).arg(&p.grad_scale).arg(&max_norm);
+        // SAFETY: the list's pointers are live views of the lengths it states (checked above),
+        // kept borrowed by `guards` until the launch is queued; the rest match the kernel.
+        unsafe { b.launch(cfg) }.map_err(launch_err(OP))?;
+        drop(guards);
+    }
+    Ok(())
+}
+
 /// Writes the sum of squares of every element of every buffer in `grads` to `sum_sq[0]`
-/// (f64), deterministically: f64 partials per block, then one block sums them in order.
+/// (f64), deterministically: f64 partials per block (`MULTI_TENSORS` buffers per launch),
+/// then one block sums them in order.
 pub fn sum_squares<T: DeviceRepr>(
     stream: &Arc<CudaStream>,
     modules: &ModuleCache,
@@ -249,18 +368,31 @@ pub fn sum_squares<T: DeviceRepr>(
     let s = suffix::<T>(OP)?;
     let total: usize = grads.iter().map(|g| sumsq_blocks(g.len())).sum();
     let mut partials = stream.alloc_zeros::<f64>(total.max(1)).map_err(|e| Error::cuda(format!("{OP}: {total} partials"), e))?;
-    let f = modules.function("optim", &format!("sumsq_partial_{s}"))?;
+    let f = modules.function("optim", &format!("sumsq_partial_multi_{s}"))?;
     let mut offset = 0;
-    for g in grads {
-        let blocks = sumsq_blocks(g.len());
+    for chunk in grads.chunks(MULTI_TENSORS) {
+        let mut l = SumsqList { count: chunk.len() as i32, pad: 0, first: [0; MULTI_TENSORS + 1], n: [0; MULTI_TENSORS], g: [0; MULTI_TENSORS] };
+        let mut guards = Vec::with_capacity(chunk.len());
+        let mut blocks = 0usize;
+        for (k, g) in chunk.iter().enumerate() {
+            l.first[k] = blocks as i32;
+            l.n[k] = g.len() as i64;
+            blocks += sumsq_blocks(g.len());
+            let (ptr, guard) = g.device_ptr(stream);
+            l.g[k] = ptr;
+            guards.push(guard);
+        }
+        l.first[chunk.len()] = blocks as i32;
         if blocks == 0 {
             continue;
         }
         let mut part = partials.slice_mut(offset..offset + blocks);
-        let n = g.len() as i64;
         let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: argument types match the kernel; the partials slice holds `blocks` values.
-        unsafe { stream.launch_builder(&f).arg(g).arg(&n).arg(&mut part).launch(cfg) }.map_err(launch_err(OP))?;
+        // SAFETY: the list's pointers are live views of the lengths it states, kept borrowed by
+        // `guards`; the partials slice holds one value per block (at most 1024 per buffer and
+        // 40 buffers per launch, so the counts fit an i32).
+        unsafe { stream.launch_builder(&f).arg(&l).arg(&mut part).launch(cfg) }.map_err(launch_err(OP))?;
+        drop(guards);
         offset += blocks;
     }
     let f = modules.function("optim", "sumsq_finish")?;
