@@ -478,6 +478,12 @@ CUresult cuModuleLoadData(void** module, const void* image) {
     Module* m = new Module();
     const unsigned char* b = (const unsigned char*)image;
     if (std::memcmp(b, "\x7f" "ELF", 4) == 0) {
+        // TUNA_CUDA_EMU_NO_CUBIN=1: refuse machine code, as a driver older than the ptxas that
+        // made it would (the crate then loads the PTX).
+        if (std::getenv("TUNA_CUDA_EMU_NO_CUBIN")) {
+            delete m;
+            return bad("machine code refused (TUNA_CUDA_EMU_NO_CUBIN)", NOT_SUPPORTED);
+        }
         // Machine code (a cubin ptxas made of the PTX, TUNA_SASS=1 builds): its size from the
         // ELF header (the section and program header tables end it), kept to look the kernels'
         // names up in its string table. It carries no .maxntid to read.
