@@ -216,6 +216,9 @@ struct SumsqList {
     const T* g[MULTI_TENSORS];
 };
 
+// The launcher's #[repr(C)] mirrors (src/kernels/optim/cuda.rs) assert the same sizes.
+static_assert(sizeof(AdamWList<float>) == 2096 && sizeof(SumsqList<float>) == 816, "kernel parameter layout");
+
 // The tensor block `b` belongs to: the last t with first[t] <= b (first is increasing).
 __device__ __forceinline__ int multi_tensor_of(const int* first, int count, int b) {
     int t = 0;

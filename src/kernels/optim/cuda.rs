@@ -270,6 +270,8 @@ struct SumsqList {
 }
 // SAFETY: as above.
 unsafe impl DeviceRepr for SumsqList {}
+// The kernel's structs have these sizes (optim.cu asserts them too).
+const _: () = assert!(std::mem::size_of::<AdamWList>() == 2096 && std::mem::size_of::<SumsqList>() == 816);
 
 /// One tensor of an `adamw_multi` step.
 pub struct AdamWTensor<'a, T> {
