@@ -171,13 +171,12 @@ __device__ void sm3_sparse(const u32* __restrict__ indices, float* __restrict__ 
 }
 
 // ---- AdamW --------------------------------------------------------------------------------
+// Element e of one tensor (`s`: the gradient scale with the clip factor).
 template <typename T>
-__device__ void adamw(T* __restrict__ w, const T* __restrict__ grad, float* __restrict__ master, float* __restrict__ m,
-                      float* __restrict__ v, const double* __restrict__ sumsq, long n, float beta1, float beta2,
-                      float eps, float decay, float step_size, float bc2_sqrt, float scale, float max_norm) {
-    const long e = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= n) return;
-    const float g = Elem<T>::load(grad, e) * effective_scale(sumsq, max_norm, scale);
+__device__ __forceinline__ void adamw_element(T* __restrict__ w, const T* __restrict__ grad, float* __restrict__ master,
+                                              float* __restrict__ m, float* __restrict__ v, long e, float s, float beta1,
+                                              float beta2, float eps, float decay, float step_size, float bc2_sqrt) {
+    const float g = Elem<T>::load(grad, e) * s;
     const float wv = Param<T>::load(w, master, e) * decay;
     float me = m[e], ve = v[e];
     me += (1.0f - beta1) * (g - me);
@@ -185,6 +184,15 @@ __device__ void adamw(T* __restrict__ w, const T* __restrict__ grad, float* __re
     m[e] = me;
     v[e] = ve;
     Param<T>::store(w, master, e, wv - step_size * me / (sqrtf(ve) / bc2_sqrt + eps));
+}
+
+template <typename T>
+__device__ void adamw(T* __restrict__ w, const T* __restrict__ grad, float* __restrict__ master, float* __restrict__ m,
+                      float* __restrict__ v, const double* __restrict__ sumsq, long n, float beta1, float beta2,
+                      float eps, float decay, float step_size, float bc2_sqrt, float scale, float max_norm) {
+    const long e = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= n) return;
+    adamw_element<T>(w, grad, master, m, v, e, effective_scale(sumsq, max_norm, scale), beta1, beta2, eps, decay, step_size, bc2_sqrt);
 }
 
 // ---- many tensors per launch ----------------------------------------------------------------
@@ -232,16 +240,8 @@ __device__ void adamw_multi(const AdamWList<T>& l, const double* __restrict__ su
     const int t = multi_tensor_of(l.first, l.count, blockIdx.x);
     const long e = (long)(blockIdx.x - l.first[t]) * blockDim.x + threadIdx.x;
     if (e >= l.n[t]) return;
-    T* w = l.w[t];
-    float *master = l.master[t], *m = l.m[t], *v = l.v[t];
-    const float g = Elem<T>::load(l.g[t], e) * effective_scale(sumsq, max_norm, scale);
-    const float wv = Param<T>::load(w, master, e) * decay;
-    float me = m[e], ve = v[e];
-    me += (1.0f - beta1) * (g - me);
-    ve = beta2 * ve + (1.0f - beta2) * g * g;
-    m[e] = me;
-    v[e] = ve;
-    Param<T>::store(w, master, e, wv - step_size * me / (sqrtf(ve) / bc2_sqrt + eps));
+    adamw_element<T>(l.w[t], l.g[t], l.master[t], l.m[t], l.v[t], e, effective_scale(sumsq, max_norm, scale), beta1, beta2, eps, decay,
+                     step_size, bc2_sqrt);
 }
 
 // The sum of squares, first pass: tensor t's blocks (first[t + 1] - first[t] of them, fixed by
