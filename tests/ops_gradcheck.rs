@@ -485,7 +485,7 @@ fn attention_cpu_blocks_match_the_reference() {
 }
 
 /// The CPU attention's few-row path (up to 4 queries: decoding against a KV cache), whose keys
-/// go in chunks of 256 combined afterwards, against the f64 reference: several chunks and a
+/// go in chunks of 64 positions combined afterwards, against the f64 reference: several chunks and a
 /// ragged last one, causal with the cache offset, windows inside one chunk and across two,
 /// GQA, no visible key for a query (T > S with a window), packed rows.
 #[test]
