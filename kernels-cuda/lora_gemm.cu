@@ -33,8 +33,9 @@
 //   dequantizes each W element once per 128-row block (no cp.async for W): expect ~50-70% of
 //   the dense kernel.
 // - the rank-R products (XA, G, dA, dB: 2.M.R.(N or K) FLOPs each) run on this GEMM too, R as
-//   its N (XA, G) or its M (dA, and dB^T), with small transposes (`transpose_*` in
-//   elementwise.cu) where an operand is read along M. A one-thread-per-output CUDA-core kernel
+//   its N (XA, G and dB) or its M (dA). dA and dB reduce over the tokens, so both their
+//   operands are stored [K, M] / [K, N]: the `_km_kn` instances read them in that layout (no
+//   transposes, no transposed output). A one-thread-per-output CUDA-core kernel
 //   was estimated at ~0.5-1 ms per product at M = 8192 (16 of 256 threads busy at R = 16,
 //   serial 4096..8192-long dot products); the GEMM's cost is ~1/R of the big product's per
 //   pass. They have few blocks (N = R: ceil(M/128); M = R: ceil(N/64)), so the launcher
@@ -72,7 +73,8 @@ struct GemmArgs {
     float alpha;                 // C = alpha * (the products), before the bias
 };
 
-// Shared-memory stage: A tile [BM][BK+PAD]; B tile [BN][BK+PAD] (n-major) or [BK][BN+PAD].
+// Shared-memory stage: A tile [BM][BK+PAD] (m-major) or [BK][BM+PAD] (A stored [K, M], the
+// smaller); B tile [BN][BK+PAD] (n-major) or [BK][BN+PAD].
 #define A_STAGE (BM * (BK + PAD))
 #define B_STAGE (BN * (BK + PAD))
 
@@ -101,25 +103,26 @@ __device__ __forceinline__ void load_rows(unsigned short* dst, Operand op, int r
     }
 }
 
-// Loads a BK x BN tile of a [k_total, n_total] row-major operand at (k0, n0) into `dst`
-// (pitch BN + PAD): B stored [K, N].
-__device__ __forceinline__ void load_kn(unsigned short* dst, Operand op, int k_total, int n_total, int k0, int n0) {
+// Loads a BK x COLS tile of a [k_total, cols_total] row-major operand at (k0, c0) into `dst`
+// (pitch COLS + PAD): B stored [K, N] (COLS = BN) or A stored [K, M] (COLS = BM).
+template <int COLS>
+__device__ __forceinline__ void load_kn(unsigned short* dst, Operand op, int k_total, int cols_total, int k0, int c0) {
     const bool vec = (op.ld % 8) == 0 && ((unsigned long)op.p % 16) == 0;
     if (vec) {
 #pragma unroll
-        for (int i = threadIdx.x; i < BK * (BN / 8); i += THREADS) {
-            const int r = i / (BN / 8), c = (i % (BN / 8)) * 8;
-            const int gr = k0 + r, gc = n0 + c;
+        for (int i = threadIdx.x; i < BK * (COLS / 8); i += THREADS) {
+            const int r = i / (COLS / 8), c = (i % (COLS / 8)) * 8;
+            const int gr = k0 + r, gc = c0 + c;
             int bytes = 0;
-            if (gr < k_total && gc < n_total) bytes = 2 * min(8, n_total - gc);
+            if (gr < k_total && gc < cols_total) bytes = 2 * min(8, cols_total - gc);
             const unsigned short* src = bytes > 0 ? op.p + (long)gr * op.ld + gc : op.p;
-            cp_async16(dst + r * (BN + PAD) + c, src, bytes);
+            cp_async16(dst + r * (COLS + PAD) + c, src, bytes);
         }
     } else {
-        for (int i = threadIdx.x; i < BK * BN; i += THREADS) {
-            const int r = i / BN, c = i % BN;
-            const int gr = k0 + r, gc = n0 + c;
-            dst[r * (BN + PAD) + c] = (gr < k_total && gc < n_total) ? op.p[(long)gr * op.ld + gc] : (unsigned short)0;
+        for (int i = threadIdx.x; i < BK * COLS; i += THREADS) {
+            const int r = i / COLS, c = i % COLS;
+            const int gr = k0 + r, gc = c0 + c;
+            dst[r * (COLS + PAD) + c] = (gr < k_total && gc < cols_total) ? op.p[(long)gr * op.ld + gc] : (unsigned short)0;
         }
     }
 }
@@ -147,7 +150,11 @@ __device__ __forceinline__ void load_nf4(unsigned short* dst, const Nf4& q, cons
 // Warp w (0..3) owns rows (w / 2) * 64 .. +64 and columns (w % 2) * 32 .. +32 of the block
 // tile: acc[mi][ni][0..3] is the m16n8 accumulator of rows mi*16, columns ni*8, laid out as
 // mma's D: c0, c1 at (g, 2t), (g, 2t+1); c2, c3 at (g+8, 2t), (g+8, 2t+1); g = lane/4, t = lane%4.
-template <typename T, bool B_KN, bool NF4>
+//
+// A_KM: A1 and A2 stored [K, M] (row k holds A's column k), loaded as [BK][BM+PAD] and read
+// with ldmatrix.trans, as B is in the B_KN layout. The rank-R gradients use it: dA = (s.G)^T.X~
+// and dB = s.dY^T.XA read their token-major operands where they lie, with no transpose.
+template <typename T, bool A_KM, bool B_KN, bool NF4>
 __device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) {
     __shared__ __align__(16) unsigned short As[STAGES][A_STAGE];
     __shared__ __align__(16) unsigned short Bs[STAGES][B_STAGE];
@@ -170,12 +177,13 @@ __device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) 
         const bool second = kt >= tiles1;
         const int k0 = (second ? kt - tiles1 : kt) * BK;
         const int kk = second ? g.k2 : g.k1;
-        load_rows<BM>(As[s], second ? g.a2 : g.a1, g.m, kk, m0, k0);
+        if (A_KM) load_kn<BM>(As[s], second ? g.a2 : g.a1, kk, g.m, k0, m0);
+        else load_rows<BM>(As[s], second ? g.a2 : g.a1, g.m, kk, m0, k0);
         if (NF4 && !second) {
             if (B_KN) load_nf4<T, true>(Bs[s], q, tables, tables + 256, g.k1, g.n, k0, n0);
             else load_nf4<T, false>(Bs[s], q, tables, tables + 256, g.n, g.k1, n0, k0);
         } else if (B_KN) {
-            load_kn(Bs[s], second ? g.b2 : g.b1, kk, g.n, k0, n0);
+            load_kn<BN>(Bs[s], second ? g.b2 : g.b1, kk, g.n, k0, n0);
         } else {
             load_rows<BN>(Bs[s], second ? g.b2 : g.b1, g.n, kk, n0, k0);
         }
@@ -207,8 +215,15 @@ __device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) 
         for (int ks = 0; ks < BK; ks += 16) {
             u32 af[4][4], bf[4][2];
 #pragma unroll
-            for (int mi = 0; mi < 4; mi++)
-                ldmatrix_x4(af[mi], as + (wm + mi * 16 + (lane & 15)) * (BK + PAD) + ks + (lane >> 4) * 8);
+            for (int mi = 0; mi < 4; mi++) {
+                // The four 8x8 pieces of the m16k16 fragment: (m 0-7, k 0-7), (m 8-15, k 0-7),
+                // (m 0-7, k 8-15), (m 8-15, k 8-15); lanes 8j..8j+7 give piece j's row addresses.
+                if (A_KM) {
+                    ldmatrix_x4_trans(af[mi], as + (ks + (lane & 7) + (lane >> 4) * 8) * (BM + PAD) + wm + mi * 16 + ((lane >> 3) & 1) * 8);
+                } else {
+                    ldmatrix_x4(af[mi], as + (wm + mi * 16 + (lane & 15)) * (BK + PAD) + ks + (lane >> 4) * 8);
+                }
+            }
 #pragma unroll
             for (int nj = 0; nj < 2; nj++) {  // two n8 tiles per ldmatrix.x4
                 u32 r[4];
@@ -259,29 +274,36 @@ __device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) 
 
 // Dense: B1, B2 stored [N, K] (forward) or [K, N] (_kn, dX).
 extern "C" __global__ void __launch_bounds__(THREADS) lora_gemm_bf16(GEMM_PARAMS) {
-    lora_gemm_body<Bf16, false, false>(GEMM_ARGS, Nf4{});
+    lora_gemm_body<Bf16, false, false, false>(GEMM_ARGS, Nf4{});
 }
 extern "C" __global__ void __launch_bounds__(THREADS) lora_gemm_f16(GEMM_PARAMS) {
-    lora_gemm_body<F16, false, false>(GEMM_ARGS, Nf4{});
+    lora_gemm_body<F16, false, false, false>(GEMM_ARGS, Nf4{});
 }
 extern "C" __global__ void __launch_bounds__(THREADS) lora_gemm_kn_bf16(GEMM_PARAMS) {
-    lora_gemm_body<Bf16, true, false>(GEMM_ARGS, Nf4{});
+    lora_gemm_body<Bf16, false, true, false>(GEMM_ARGS, Nf4{});
 }
 extern "C" __global__ void __launch_bounds__(THREADS) lora_gemm_kn_f16(GEMM_PARAMS) {
-    lora_gemm_body<F16, true, false>(GEMM_ARGS, Nf4{});
+    lora_gemm_body<F16, false, true, false>(GEMM_ARGS, Nf4{});
+}
+// A stored [K, M] and B stored [K, N]: C = A^T.B over the rows of both (the rank-R gradients).
+extern "C" __global__ void __launch_bounds__(THREADS) lora_gemm_km_kn_bf16(GEMM_PARAMS) {
+    lora_gemm_body<Bf16, true, true, false>(GEMM_ARGS, Nf4{});
+}
+extern "C" __global__ void __launch_bounds__(THREADS) lora_gemm_km_kn_f16(GEMM_PARAMS) {
+    lora_gemm_body<F16, true, true, false>(GEMM_ARGS, Nf4{});
 }
 // NF4: B1 = W from `packed` (b1 unused), forward and dX.
 extern "C" __global__ void __launch_bounds__(THREADS) nf4_lora_gemm_bf16(GEMM_PARAMS, NF4_PARAMS) {
-    lora_gemm_body<Bf16, false, true>(GEMM_ARGS, NF4_ARGS);
+    lora_gemm_body<Bf16, false, false, true>(GEMM_ARGS, NF4_ARGS);
 }
 extern "C" __global__ void __launch_bounds__(THREADS) nf4_lora_gemm_f16(GEMM_PARAMS, NF4_PARAMS) {
-    lora_gemm_body<F16, false, true>(GEMM_ARGS, NF4_ARGS);
+    lora_gemm_body<F16, false, false, true>(GEMM_ARGS, NF4_ARGS);
 }
 extern "C" __global__ void __launch_bounds__(THREADS) nf4_lora_gemm_kn_bf16(GEMM_PARAMS, NF4_PARAMS) {
-    lora_gemm_body<Bf16, true, true>(GEMM_ARGS, NF4_ARGS);
+    lora_gemm_body<Bf16, false, true, true>(GEMM_ARGS, NF4_ARGS);
 }
 extern "C" __global__ void __launch_bounds__(THREADS) nf4_lora_gemm_kn_f16(GEMM_PARAMS, NF4_PARAMS) {
-    lora_gemm_body<F16, true, true>(GEMM_ARGS, NF4_ARGS);
+    lora_gemm_body<F16, false, true, true>(GEMM_ARGS, NF4_ARGS);
 }
 
 // x[i] = s * x[i] in place (T storage, f32 math): s.XA from the GEMM's XA when s is a power of

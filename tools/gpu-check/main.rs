@@ -432,7 +432,7 @@ fn lora_cases(push: &mut impl FnMut(String, Result<(), String>), tag: &str, gemm
         (16, 129, 520, 8),
         (17, 64, 64, 16),
         (300, 72, 1000, 7),
-        // Many tokens, small N and K: dA and dBᵀ (M = R) split along the tokens (split-K).
+        // Many tokens, small N and K: dA (M = R) and dB (N = R) split along the tokens (split-K).
         (4096, 64, 64, 16),
     ];
     for dtype in [DType::BF16, DType::F16] {

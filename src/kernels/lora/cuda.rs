@@ -72,10 +72,21 @@ fn scale_in_place(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, x: 
 }
 
 /// `c = alpha·op(a)·op(b)` for the rank-R products, on the tensor cores: a row-major `[m, k1]`
-/// with row stride `lda`, b `[n, k1]` or (`kn`) `[k1, n]` with row stride `ldb`.
+/// or (`a_km`) `[k1, m]` with row stride `lda`, b `[n, k1]` or (`kn`) `[k1, n]` with row stride
+/// `ldb`.
 #[allow(clippy::too_many_arguments)]
-fn product(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, (a, lda): (&CudaView<'_, u16>, usize), (b, ldb): (&CudaView<'_, u16>, usize), c: GemmOut<'_, '_>, (m, n, k1): (usize, usize, usize), kn: bool, alpha: f32) -> Result<()> {
-    let g = Gemm { a1: (a, lda), b1: Some((b, ldb)), a2: (a, lda), b2: (b, ldb), bias: None, m, n, k1, k2: 0, kn, alpha };
+fn product(
+    stream: &Arc<CudaStream>,
+    modules: &ModuleCache,
+    dt: Half,
+    (a, lda): (&CudaView<'_, u16>, usize),
+    (b, ldb): (&CudaView<'_, u16>, usize),
+    c: GemmOut<'_, '_>,
+    (m, n, k1): (usize, usize, usize),
+    (a_km, kn): (bool, bool),
+    alpha: f32,
+) -> Result<()> {
+    let g = Gemm { a1: (a, lda), b1: Some((b, ldb)), a2: (a, lda), b2: (b, ldb), bias: None, m, n, k1, k2: 0, a_km, kn, alpha };
     gemm(stream, modules, dt, g, c, None)
 }
 
@@ -91,6 +102,9 @@ pub(crate) struct Gemm<'a, 'b> {
     pub n: usize,
     pub k1: usize,
     pub k2: usize,
+    /// A1 and A2 stored [K, M] instead of [M, K] (dense B stored [K, N] only: the `_km_kn`
+    /// kernels, for products reduced over the tokens).
+    pub a_km: bool,
     /// B stored [K, N] (dX) instead of [N, K] (forward).
     pub kn: bool,
     /// C = alpha · (the products) (+ bias), scaled in f32 before any rounding.
@@ -124,10 +138,18 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
     if g.m == 0 || g.n == 0 {
         return Ok(());
     }
+    if g.a_km && (!g.kn || nf4.is_some()) {
+        return Err(Error::InvalidArgument("lora_gemm (cuda): an A stored [K, M] needs a dense B stored [K, N]".into()));
+    }
     if super::sm90::gemm(stream, modules, dt, &g, &mut c, nf4)? {
         return Ok(());
     }
-    let name = format!("{}lora_gemm{}_{}", if nf4.is_some() { "nf4_" } else { "" }, if g.kn { "_kn" } else { "" }, dt.suffix());
+    let layout = match (g.a_km, g.kn) {
+        (true, _) => "_km_kn",
+        (false, true) => "_kn",
+        (false, false) => "",
+    };
+    let name = format!("{}lora_gemm{layout}_{}", if nf4.is_some() { "nf4_" } else { "" }, dt.suffix());
     let f = modules.function("lora_gemm", &name)?;
     let i = |what: &str, v: usize| to_i32(&name, what, v);
     let (lda1, lda2, ldb2) = (i("lda1", g.a1.1)?, i("lda2", g.a2.1)?, i("ldb2", g.b2.1)?);
@@ -252,7 +274,7 @@ pub fn linear(
         to_i32(op, what, v)?;
     }
     let (b1, nf4) = w.b1(k);
-    let g = Gemm { a1: (x, k), b1, a2: (x, k), b2: (x, k), bias, m, n, k1: k, k2: 0, kn: false, alpha: 1.0 };
+    let g = Gemm { a1: (x, k), b1, a2: (x, k), b2: (x, k), bias, m, n, k1: k, k2: 0, a_km: false, kn: false, alpha: 1.0 };
     gemm(stream, modules, dt, g, GemmOut::Half(y), nf4)
 }
 
@@ -267,7 +289,7 @@ pub fn linear_dx(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, dy: 
         to_i32(op, what, v)?;
     }
     let (b1, nf4) = w.b1(k);
-    let g = Gemm { a1: (dy, n), b1, a2: (dy, n), b2: (dy, n), bias: None, m, n: k, k1: n, k2: 0, kn: true, alpha: 1.0 };
+    let g = Gemm { a1: (dy, n), b1, a2: (dy, n), b2: (dy, n), bias: None, m, n: k, k1: n, k2: 0, a_km: false, kn: true, alpha: 1.0 };
     gemm(stream, modules, dt, g, GemmOut::Half(dx), nf4)
 }
 
@@ -298,21 +320,21 @@ pub fn matmul(
     for (what, v) in [("M·K", m * k), ("N·K", n * k), ("M·N", m * n)] {
         to_i32(op, what, v)?;
     }
-    let g = Gemm { a1: (a, lda), b1: Some((b, ldb)), a2: (a, lda), b2: (b, ldb), bias: None, m, n, k1: k, k2: 0, kn: b_kn, alpha: 1.0 };
+    let g = Gemm { a1: (a, lda), b1: Some((b, ldb)), a2: (a, lda), b2: (b, ldb), bias: None, m, n, k1: k, k2: 0, a_km: false, kn: b_kn, alpha: 1.0 };
     gemm(stream, modules, dt, g, c, None)
 }
 
 /// `xa = x_lora·aᵀ` `[M, R]` (the GEMM, A as its `[N, K]` operand) and `xa_s = s·xa` (the
 /// forward GEMM's second operand).
 fn xa(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, x_lora: &CudaView<'_, u16>, a: &CudaView<'_, u16>, xa: &mut CudaViewMut<'_, u16>, xa_s: &mut CudaViewMut<'_, u16>, p: LoraParams) -> Result<()> {
-    product(stream, modules, dt, (x_lora, p.k), (a, p.k), GemmOut::Half(xa), (p.m, p.r, p.k), false, 1.0)?;
+    product(stream, modules, dt, (x_lora, p.k), (a, p.k), GemmOut::Half(xa), (p.m, p.r, p.k), (false, false), 1.0)?;
     // s·XA rounded once, as from the f32 sum: a power of two scales the rounded XA exactly
     // (a copy and an in-place scale), any other s takes the product again.
     if p.scale.to_bits() & 0x007f_ffff == 0 {
         stream.memcpy_dtod(xa, xa_s).map_err(|e| Error::cuda("copying XA", e))?;
         scale_in_place(stream, modules, dt, xa_s, p.scale)
     } else {
-        product(stream, modules, dt, (x_lora, p.k), (a, p.k), GemmOut::Half(xa_s), (p.m, p.r, p.k), false, p.scale)
+        product(stream, modules, dt, (x_lora, p.k), (a, p.k), GemmOut::Half(xa_s), (p.m, p.r, p.k), (false, false), p.scale)
     }
 }
 
@@ -352,16 +374,16 @@ pub fn forward(
         }
     }
     let (b1, nf4) = w.b1(k);
-    let g = Gemm { a1: (x, k), b1, a2: (&xs, r), b2: (b, r), bias, m, n, k1: k, k2: r, kn: false, alpha: 1.0 };
+    let g = Gemm { a1: (x, k), b1, a2: (&xs, r), b2: (b, r), bias, m, n, k1: k, k2: r, a_km: false, kn: false, alpha: 1.0 };
     gemm(stream, modules, dt, g, GemmOut::Half(y), nf4)
 }
 
 /// `s·G = s·dy·b` (`[M, R]`, the dX GEMM's second operand), `da = (s·G)ᵀ·x_lora`,
 /// `db = s·dyᵀ·xa`, every product on the tensor cores (s applied in f32 by the GEMM's
-/// epilogue): G with B `[N, R]` read as the GEMM's `[K, N]` operand; dA from the `[R, M]`
-/// transpose of s·G against x_lora read as `[K, N]`; dB as `s·(XAᵀ·dY)ᵀ` (the `[R, M]` transpose
-/// of XA against dY read as `[K, N]`, the `[R, N]` result transposed), dA and dB summed in f32.
-/// (Used by `backward` for dense and NF4 weights.)
+/// epilogue): G with B `[N, R]` read as the GEMM's `[K, N]` operand; dA and dB reduce over the
+/// tokens, so both read their token-major operands as stored (`[K, M]` A, `[K, N]` B: the
+/// `_km_kn` kernels), added in f32 into the zeroed da and db. (Used by `backward` for dense and
+/// NF4 weights.)
 #[allow(clippy::too_many_arguments)]
 fn small_grads(
     stream: &Arc<CudaStream>,
@@ -375,19 +397,14 @@ fn small_grads(
     db: &mut CudaViewMut<'_, f32>,
     p: LoraParams,
 ) -> Result<CudaSlice<u16>> {
-    use crate::kernels::elementwise::cuda::transpose;
     let (m, n, k, r) = (p.m, p.n, p.k, p.r);
     let e = |what: &'static str| move |err| Error::cuda(format!("lora_bwd (cuda): {what}"), err);
     let mut gs = scratch(stream, m * r)?;
-    product(stream, modules, dt, (dy, n), (b, r), GemmOut::Half(&mut gs.slice_mut(..m * r)), (m, r, n), true, p.scale)?;
-    let mut t = scratch(stream, r * m)?;
-    transpose::<u16>(stream, modules, &gs.slice(..m * r), &mut t.slice_mut(..m * r), m, r)?;
+    product(stream, modules, dt, (dy, n), (b, r), GemmOut::Half(&mut gs.slice_mut(..m * r)), (m, r, n), (false, true), p.scale)?;
     stream.memset_zeros(da).map_err(e("zeroing dA"))?;
-    product(stream, modules, dt, (&t.slice(..m * r), m), (x_lora, k), GemmOut::AddF32(da), (r, k, m), true, 1.0)?;
-    transpose::<u16>(stream, modules, xa, &mut t.slice_mut(..m * r), m, r)?;
-    let mut dbt = stream.alloc_zeros::<f32>((r * n).max(1)).map_err(e("allocating dBᵀ"))?;
-    product(stream, modules, dt, (&t.slice(..m * r), m), (dy, n), GemmOut::AddF32(&mut dbt.slice_mut(..r * n)), (r, n, m), true, p.scale)?;
-    transpose::<f32>(stream, modules, &dbt.slice(..r * n), db, r, n)?;
+    product(stream, modules, dt, (&gs.slice(..m * r), r), (x_lora, k), GemmOut::AddF32(da), (r, k, m), (true, true), 1.0)?;
+    stream.memset_zeros(db).map_err(e("zeroing dB"))?;
+    product(stream, modules, dt, (dy, n), (xa, r), GemmOut::AddF32(db), (n, r, m), (true, true), p.scale)?;
     Ok(gs)
 }
 
@@ -429,14 +446,14 @@ pub fn backward(
     let (b1, nf4) = w.b1(k);
     match (dx, dropout) {
         (Some(dx), None) => {
-            let g = Gemm { a1: (dy, n), b1, a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: n, k2: r, kn: true, alpha: 1.0 };
+            let g = Gemm { a1: (dy, n), b1, a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: n, k2: r, a_km: false, kn: true, alpha: 1.0 };
             gemm(stream, modules, dt, g, GemmOut::Half(dx), nf4)?;
         }
         // dY·W and (s·G)·A apart (each a rank-0 GEMM), then summed under the mask.
         (Some(dx), Some((pd, seed))) => {
             let (mut base, mut ga) = (scratch(stream, m * k)?, scratch(stream, m * k)?);
             linear_dx(stream, modules, dt, dy, w, &mut base.slice_mut(..), (m, n, k))?;
-            let lora = Gemm { a1: (&gv, r), b1: Some((a, k)), a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: r, k2: 0, kn: true, alpha: 1.0 };
+            let lora = Gemm { a1: (&gv, r), b1: Some((a, k)), a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: r, k2: 0, a_km: false, kn: true, alpha: 1.0 };
             gemm(stream, modules, dt, lora, GemmOut::Half(&mut ga.slice_mut(..)), None)?;
             self::dropout(stream, modules, &base.slice(..m * k), Some((&ga.slice(..m * k), 1.0)), dx, pd, seed)?;
         }
