@@ -7,8 +7,8 @@
 //
 // One GEMM over K + R: `lora_gemm_*` runs the K tiles of (X, W) and then the R tiles of
 // (s.XA, B) into the same accumulators, so Y is written once and W read once per tile.
-// The launcher first writes XA and s.XA (scratch, `lora_xa_*`) -- pre-scaling the second
-// operand keeps one accumulator set. dX is the same kernel with B stored [K, N] (W and A read
+// The launcher first writes XA and s.XA, both from one product (the epilogue's second output
+// c2) -- pre-scaling the second operand keeps one accumulator set. dX is the same kernel with B stored [K, N] (W and A read
 // along their rows: the `_kn` instances, ldmatrix.trans), A1 = dY, A2 = s.G.
 // Shapes: X [M,K], W [N,K], A [R,K], B [N,R], dY [M,N], all row-major, any sizes, R <= 128.
 //
@@ -39,11 +39,11 @@
 //   was estimated at ~0.5-1 ms per product at M = 8192 (16 of 256 threads busy at R = 16,
 //   serial 4096..8192-long dot products); the GEMM's cost is ~1/R of the big product's per
 //   pass. They have few blocks (N = R: ceil(M/128); M = R: ceil(N/64)), so the launcher
-//   splits their K over blockIdx.z: each slice adds into its own f32 buffer, summed in order by
-//   `gemm_sum_splits*` (deterministic). s is applied in f32 by the epilogue's `alpha`.
+//   splits their K over blockIdx.z: each slice writes its own f32 buffer, and the last block of
+//   a tile to finish sums them in order (deterministic, in the same launch). s is applied in
+//   f32 by the epilogue's `alpha`.
 //
-// Launch geometry: lora_gemm_*: grid (ceil(N/64), ceil(M/128)), block 128. lora_scale_*:
-// block 256, grid-stride.
+// Launch geometry: lora_gemm_*: grid (ceil(N/64), ceil(M/128), split-K slices), block 128.
 // nf4_gemv_*: block 256 (8 warps, one column each), grid ceil(N/8). nf4_dequant_*: one thread
 // per element, grid-stride.
 #include "common.cuh"
@@ -63,15 +63,56 @@ struct Operand {
     int ld;
 };
 
+// C = alpha * (the products) in f32 goes to exactly one of c (rounded, after the bias) and c32
+// (added in f32: a sum over launches); c2, when given, gets alpha2 * C rounded (no bias): XA and
+// s.XA from one product.
 struct GemmArgs {
     Operand a1, b1, a2, b2;  // b1/b2: [N, K] (B_KN = false) or [K, N] (B_KN = true)
     const unsigned short* bias;  // [N] or null
-    unsigned short* c;           // [M, N], written (when c32 is null)
-    float* c32;                  // [M, N] or null: C added to it in f32 (a sum over launches)
+    unsigned short* c;           // [M, N] or null
+    float* c32;                  // [M, N] or null
+    unsigned short* c2;          // [M, N] or null
     int m, n, k1, k2;
-    int split;                   // > 0 (c32 only): K tiles per blockIdx.z slice, see below
-    float alpha;                 // C = alpha * (the products), before the bias
+    int split;                   // > 0: K tiles per blockIdx.z slice, see below
+    float alpha, alpha2;
+    float* parts;                // split > 0: gridDim.z slices of [M, N] f32
+    unsigned* tile_done;         // split > 0: a zeroed counter per output tile
 };
+
+// Stores C[row, col] = v (f32, alpha applied, no bias yet) where GemmArgs says.
+template <typename T>
+__device__ __forceinline__ void store_c(const GemmArgs& g, int row, int col, float v) {
+    const long i = (long)row * g.n + col;
+    if (g.c2 != nullptr) g.c2[i] = T::from_f32(g.alpha2 * v);
+    if (g.bias != nullptr) v += T::to_f32(g.bias[col]);
+    if (g.c32 != nullptr) g.c32[i] += v;
+    else g.c[i] = T::from_f32(v);
+}
+
+// Split-K's sum, in the kernel: every block of an output tile has written its slice of
+// `parts`; the last of them to finish (counted on the tile's `tile_done`) sums the slices in z
+// order and stores C. The same sum in the same order on every run, with no second launch. The
+// fences order each thread's slice stores before the count, and the count before the last
+// block's loads (which read L2, __ldcg: its L1 never held those lines, but other blocks wrote
+// them).
+template <typename T>
+__device__ __forceinline__ void sum_split_tile(const GemmArgs& g, int m0, int n0) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(g.tile_done + blockIdx.y * gridDim.x + blockIdx.x, 1u) == gridDim.z - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const long mn = (long)g.m * g.n;
+    for (int i = threadIdx.x; i < BM * BN; i += THREADS) {
+        const int row = m0 + i / BN, col = n0 + i % BN;
+        if (row >= g.m || col >= g.n) continue;
+        float v = 0.0f;
+        for (int z = 0; z < (int)gridDim.z; z++) v += __ldcg(g.parts + z * mn + (long)row * g.n + col);
+        store_c<T>(g, row, col, v);
+    }
+}
 
 // Shared-memory stage: A tile [BM][BK+PAD] (m-major) or [BK][BM+PAD] (A stored [K, M], the
 // smaller); B tile [BN][BK+PAD] (n-major) or [BK][BN+PAD].
@@ -167,8 +208,8 @@ __device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) 
     const int wm = (warp >> 1) * 64, wn = (warp & 1) * 32;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const int tiles1 = (g.k1 + BK - 1) / BK, tiles = tiles1 + (g.k2 + BK - 1) / BK;
-    // Split-K: block z runs K tiles [kt0, kt1) and adds into its own [M, N] slice of c32 (the
-    // launcher sums the slices in order afterwards), for thin outputs with few blocks.
+    // Split-K: block z runs K tiles [kt0, kt1) into its own [M, N] slice of `parts`, and the
+    // tile's last block sums them (sum_split_tile), for thin outputs with few blocks.
     const int kt0 = g.split > 0 ? blockIdx.z * g.split : 0;
     const int kt1 = g.split > 0 ? min(tiles, kt0 + g.split) : tiles;
 
@@ -245,9 +286,9 @@ __device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) 
     }
     cp_async_wait<0>();
 
-    // Epilogue.
+    // Epilogue: C, or this block's split-K slice (written whole: no zeroing needed).
     const int gr = lane >> 2, gc = (lane & 3) * 2;
-    float* c32 = g.c32 == nullptr ? nullptr : g.c32 + (long)blockIdx.z * g.m * g.n;
+    float* part = g.split > 0 ? g.parts + (long)blockIdx.z * g.m * g.n : nullptr;
 #pragma unroll
     for (int mi = 0; mi < 4; mi++) {
 #pragma unroll
@@ -257,20 +298,21 @@ __device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) 
                 const int row = m0 + wm + mi * 16 + gr + (e >> 1) * 8;
                 const int col = n0 + wn + ni * 8 + gc + (e & 1);
                 if (row < g.m && col < g.n) {
-                    float v = g.alpha * acc[mi][ni][e];
-                    if (g.bias != nullptr) v += T::to_f32(g.bias[col]);
-                    if (c32 != nullptr) c32[(long)row * g.n + col] += v;
-                    else g.c[(long)row * g.n + col] = T::from_f32(v);
+                    const float v = g.alpha * acc[mi][ni][e];
+                    if (part != nullptr) part[(long)row * g.n + col] = v;
+                    else store_c<T>(g, row, col, v);
                 }
             }
         }
     }
+    if (g.split > 0) sum_split_tile<T>(g, m0, n0);
 }
 
 #define GEMM_PARAMS                                                                                    \
     const unsigned short *a1, int lda1, const unsigned short *b1, int ldb1, const unsigned short *a2, \
-        int lda2, const unsigned short *b2, int ldb2, const unsigned short *bias, unsigned short *c, float *c32, int m, int n, int k1, int k2, int split, float alpha
-#define GEMM_ARGS GemmArgs{{a1, lda1}, {b1, ldb1}, {a2, lda2}, {b2, ldb2}, bias, c, c32, m, n, k1, k2, split, alpha}
+        int lda2, const unsigned short *b2, int ldb2, const unsigned short *bias, unsigned short *c, float *c32, unsigned short *c2, \
+        int m, int n, int k1, int k2, int split, float alpha, float alpha2, float *parts, unsigned *tile_done
+#define GEMM_ARGS GemmArgs{{a1, lda1}, {b1, ldb1}, {a2, lda2}, {b2, ldb2}, bias, c, c32, c2, m, n, k1, k2, split, alpha, alpha2, parts, tile_done}
 
 // Dense: B1, B2 stored [N, K] (forward) or [K, N] (_kn, dX).
 extern "C" __global__ void __launch_bounds__(THREADS) lora_gemm_bf16(GEMM_PARAMS) {
@@ -306,41 +348,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) nf4_lora_gemm_kn_f16(GEMM_
     lora_gemm_body<F16, false, true, true>(GEMM_ARGS, NF4_ARGS);
 }
 
-// x[i] = s * x[i] in place (T storage, f32 math): s.XA from the GEMM's XA when s is a power of
-// two (exact; any other s takes the product again with alpha = s). Grid-stride.
-template <typename T>
-__device__ __forceinline__ void lora_scale_body(unsigned short* x, long n, float s) {
-    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        x[i] = T::from_f32(s * T::to_f32(x[i]));
-}
-// The split-K slices of a GEMM (n elements per part) summed in order, the same every run:
-// gemm_sum_splits adds them to an f32 C, gemm_sum_splits_{bf16,f16} write their sum as C.
-// Grid-stride.
-extern "C" __global__ void gemm_sum_splits(const float* parts, float* out, long n, int splits) {
-    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float v = out[i];
-        for (int z = 0; z < splits; z++) v += parts[(long)z * n + i];
-        out[i] = v;
-    }
-}
-
-template <typename T>
-__device__ __forceinline__ void sum_splits_half(const float* parts, unsigned short* out, long n, int splits) {
-    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float v = 0.0f;
-        for (int z = 0; z < splits; z++) v += parts[(long)z * n + i];
-        out[i] = T::from_f32(v);
-    }
-}
-extern "C" __global__ void gemm_sum_splits_bf16(const float* parts, unsigned short* out, long n, int splits) {
-    sum_splits_half<Bf16>(parts, out, n, splits);
-}
-extern "C" __global__ void gemm_sum_splits_f16(const float* parts, unsigned short* out, long n, int splits) {
-    sum_splits_half<F16>(parts, out, n, splits);
-}
-
-extern "C" __global__ void lora_scale_bf16(unsigned short* x, long n, float s) { lora_scale_body<Bf16>(x, n, s); }
-extern "C" __global__ void lora_scale_f16(unsigned short* x, long n, float s) { lora_scale_body<F16>(x, n, s); }
 
 // NF4 quantization, the two passes over the weights of `nf4::cuda::quantize` (the host does
 // each block's scale 1/absmax, a final partial block and the double quantization):

@@ -74,6 +74,16 @@ fn lora_ranks_up_to_128() {
 }
 
 #[test]
+fn lora_with_many_tokens_matches_reference() {
+    // Enough rows that CUDA splits the thin products along K (`lora::cuda::split_k`, at the
+    // emulator's 132 multiprocessors): at 2100 × 40 × 520, R 8, XA and Y (no bias) in 2
+    // slices, dA and dB over the 2100 tokens in 8; the last block of each tile sums them.
+    run(case(2100, 40, 520, 8, false, 41), false);
+    run(case(2100, 40, 520, 8, false, 42), true);
+    run(case(1100, 24, 1000, 16, true, 43), false);
+}
+
+#[test]
 fn lora_with_dropout_matches_reference() {
     // dX = dY·W + s·(dY·B·A) ∘ mask / (1 - p) and dA from the dropped input, on every device
     // (f32 on the CPU and wgpu, f16 too where wgpu has it, bf16 on CUDA).

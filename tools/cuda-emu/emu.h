@@ -95,6 +95,11 @@ template <typename A, typename B> inline typename std::common_type<A, B>::type m
 // Atomics: fibers switch only at barriers and warp instructions, so a plain update is atomic.
 inline float atomicAdd(float* p, float v) { float old = *p; *p = old + v; return old; }
 inline unsigned atomicMax(unsigned* p, unsigned v) { unsigned old = *p; if (v > old) *p = v; return old; }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned old = *p; *p = old + v; return old; }
+// Blocks run one after another, so every store of an earlier block is visible: a fence and an
+// L2 load are plain.
+inline void __threadfence() {}
+inline float __ldcg(const float* p) { return *p; }
 
 namespace emu {
 template <typename T> void shfl_xor_op(const unsigned char* in, unsigned char* out, int bi, int bo, long mask) {

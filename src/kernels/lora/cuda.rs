@@ -56,21 +56,6 @@ pub(crate) fn scratch(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<u1
     stream.alloc_zeros::<u16>(n.max(1)).map_err(|e| Error::cuda("allocating LoRA scratch", e))
 }
 
-/// `x = s·x` in place (16-bit storage, f32 math): s·XA and s·G from the GEMM's XA and G.
-fn scale_in_place(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, x: &mut CudaViewMut<'_, u16>, s: f32) -> Result<()> {
-    let n = x.len();
-    if n == 0 || s == 1.0 {
-        return Ok(());
-    }
-    let name = format!("lora_scale_{}", dt.suffix());
-    let f = modules.function("lora_gemm", &name)?;
-    let n64 = n as i64;
-    let cfg = LaunchConfig { grid_dim: (n.div_ceil(256).min(65535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: argument types match `lora_scale_*`; x holds n elements (the kernel strides the grid).
-    unsafe { stream.launch_builder(&f).arg(x).arg(&n64).arg(&s).launch(cfg) }.map_err(launch_err(&name))?;
-    Ok(())
-}
-
 /// `c = alpha·op(a)·op(b)` for the rank-R products, on the tensor cores: a row-major `[m, k1]`
 /// or (`a_km`) `[k1, m]` with row stride `lda`, b `[n, k1]` or (`kn`) `[k1, n]` with row stride
 /// `ldb`.
@@ -117,6 +102,9 @@ pub enum GemmOut<'a, 'b> {
     Half(&'a mut CudaViewMut<'b, u16>),
     /// Added in f32 to what the buffer holds (a sum over launches: dW over chunks of rows).
     AddF32(&'a mut CudaViewMut<'b, f32>),
+    /// Written in the 16-bit type twice: C, and `s·C` rounded from the same f32 (no bias): XA
+    /// and s·XA from one product.
+    HalfScaled(&'a mut CudaViewMut<'b, u16>, &'a mut CudaViewMut<'b, u16>, f32),
 }
 
 impl GemmOut<'_, '_> {
@@ -124,22 +112,29 @@ impl GemmOut<'_, '_> {
         match self {
             GemmOut::Half(c) => c.len(),
             GemmOut::AddF32(c) => c.len(),
+            GemmOut::HalfScaled(c, c2, _) => c.len().min(c2.len()),
         }
     }
 }
 
 /// Launches `lora_gemm_*`, or `nf4_lora_gemm_*` with W from `nf4`; on an H100 or H200 the big
 /// dense products go to `gemm_sm90_*` instead (`super::sm90`). An output with too few
-/// blocks to fill the GPU (the rank-R products: XA and G with N = R, dA and dBᵀ with M = R,
-/// over K = features or tokens; never with a bias) is split along K (`split_k`): each slice of K tiles adds into its own zeroed f32 `[M, N]` buffer, and
-/// `gemm_sum_splits*` sums the slices in order into C (added to an f32 C, written as a 16-bit
-/// one), the same result every run.
+/// blocks to fill the GPU (the rank-R products: XA, G and dB with N = R, dA with M = R, over
+/// K = features or tokens; never with a bias) is split along K (`split_k`): each slice of K
+/// tiles writes its own f32 `[M, N]` buffer, and the last block of each output tile to finish
+/// sums the slices in order into C, in the same launch: the same result every run.
 pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g: Gemm, mut c: GemmOut<'_, '_>, nf4: Option<&Nf4Device>) -> Result<()> {
     if g.m == 0 || g.n == 0 {
         return Ok(());
     }
     if g.a_km && (!g.kn || nf4.is_some()) {
         return Err(Error::InvalidArgument("lora_gemm (cuda): an A stored [K, M] needs a dense B stored [K, N]".into()));
+    }
+    if matches!(c, GemmOut::HalfScaled(..)) && g.bias.is_some() {
+        return Err(Error::InvalidArgument("lora_gemm (cuda): a second, scaled output takes no bias".into()));
+    }
+    if c.len() < g.m * g.n {
+        return Err(Error::InvalidArgument(format!("lora_gemm (cuda): C holds {} elements, below M·N = {}·{}", c.len(), g.m, g.n)));
     }
     if super::sm90::gemm(stream, modules, dt, &g, &mut c, nf4)? {
         return Ok(());
@@ -162,56 +157,54 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
     let tiles = g.k1.div_ceil(BK) + g.k2.div_ceil(BK);
     // A bias would be added once per slice: such GEMMs (the plain linear) run whole.
     let (splits, per) = if g.bias.is_some() { (1, tiles) } else { split_k(grid.0 * grid.1, tiles, modules.multiprocessors()) };
+    let split = if splits > 1 { i("split", per)? } else { 0 };
+    // Split-K's slices (every element of each written by its block before the sum reads it)
+    // and a zeroed counter per output tile.
     let mut parts = match splits {
         1 => None,
-        _ => Some(stream.alloc_zeros::<f32>(splits * g.m * g.n).map_err(|e| Error::cuda(format!("{name}: {splits} split-K slices"), e))?),
-    };
-    let split = if splits > 1 { i("split", per)? } else { 0 };
-    let null = 0u64;
-    {
-        let mut bld = stream.launch_builder(&f);
-        bld.arg(g.a1.0).arg(&lda1);
-        match g.b1 {
-            Some((b, _)) => bld.arg(b),
-            None => bld.arg(&null),
-        };
-        bld.arg(&ldb1).arg(g.a2.0).arg(&lda2).arg(g.b2.0).arg(&ldb2);
-        match g.bias {
-            Some(b) => bld.arg(b),
-            None => bld.arg(&null),
-        };
-        match (&mut c, parts.as_mut()) {
-            (_, Some(p)) => bld.arg(&null).arg(p),
-            (GemmOut::Half(c), None) => bld.arg(&mut **c).arg(&null),
-            (GemmOut::AddF32(c), None) => bld.arg(&null).arg(&mut **c),
-        };
-        bld.arg(&m).arg(&n).arg(&k1).arg(&k2).arg(&split).arg(&g.alpha);
-        if let Some(q) = nf4 {
-            q.push_args(&mut bld);
+        _ => {
+            // SAFETY: plain f32s; the kernel writes every element of a slice within [M, N]
+            // before any read of it (see `sum_split_tile` in lora_gemm.cu).
+            let p = unsafe { stream.alloc::<f32>(splits * g.m * g.n) }.map_err(|e| Error::cuda(format!("{name}: {splits} split-K slices"), e))?;
+            let done = stream.alloc_zeros::<u32>(grid.0 * grid.1).map_err(|e| Error::cuda(format!("{name}: split-K tile counters"), e))?;
+            Some((p, done))
         }
-        let cfg = LaunchConfig { grid_dim: (grid.0 as u32, grid.1 as u32, splits as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: argument order and types match the kernel; the caller checked every buffer
-        // against (m, n, k1, k2) and its leading dimension; the slices hold splits·m·n floats.
-        unsafe { bld.launch(cfg) }.map_err(launch_err(&name))?;
+    };
+    let null = 0u64;
+    let alpha2 = match c {
+        GemmOut::HalfScaled(_, _, s) => s,
+        _ => 0.0,
+    };
+    let mut bld = stream.launch_builder(&f);
+    bld.arg(g.a1.0).arg(&lda1);
+    match g.b1 {
+        Some((b, _)) => bld.arg(b),
+        None => bld.arg(&null),
+    };
+    bld.arg(&ldb1).arg(g.a2.0).arg(&lda2).arg(g.b2.0).arg(&ldb2);
+    match g.bias {
+        Some(b) => bld.arg(b),
+        None => bld.arg(&null),
+    };
+    // c, c32, c2
+    match &mut c {
+        GemmOut::Half(c) => bld.arg(&mut **c).arg(&null).arg(&null),
+        GemmOut::AddF32(c) => bld.arg(&null).arg(&mut **c).arg(&null),
+        GemmOut::HalfScaled(c, c2, _) => bld.arg(&mut **c).arg(&null).arg(&mut **c2),
+    };
+    bld.arg(&m).arg(&n).arg(&k1).arg(&k2).arg(&split).arg(&g.alpha).arg(&alpha2);
+    match parts.as_mut() {
+        Some((p, done)) => bld.arg(p).arg(done),
+        None => bld.arg(&null).arg(&null),
+    };
+    if let Some(q) = nf4 {
+        q.push_args(&mut bld);
     }
-    if let Some(p) = parts {
-        let sum = match c {
-            GemmOut::AddF32(_) => "gemm_sum_splits".to_string(),
-            GemmOut::Half(_) => format!("gemm_sum_splits_{}", dt.suffix()),
-        };
-        let f = modules.function("lora_gemm", &sum)?;
-        let (len, z) = ((g.m * g.n) as i64, splits as i32);
-        let cfg = LaunchConfig { grid_dim: ((g.m * g.n).div_ceil(256).min(65535) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let mut bld = stream.launch_builder(&f);
-        bld.arg(&p);
-        match c {
-            GemmOut::AddF32(c) => bld.arg(c),
-            GemmOut::Half(c) => bld.arg(c),
-        };
-        // SAFETY: matches gemm_sum_splits* (parts, out, n, splits); p holds splits·m·n floats,
-        // c m·n elements of its type.
-        unsafe { bld.arg(&len).arg(&z).launch(cfg) }.map_err(launch_err(&sum))?;
-    }
+    let cfg = LaunchConfig { grid_dim: (grid.0 as u32, grid.1 as u32, splits as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: argument order and types match the kernel; the caller checked every buffer
+    // against (m, n, k1, k2) and its leading dimension, C (and c2) against M·N above; the
+    // slices hold splits·m·n floats, the counters one per block of the (x, y) grid.
+    unsafe { bld.launch(cfg) }.map_err(launch_err(&name))?;
     Ok(())
 }
 
@@ -325,17 +318,11 @@ pub fn matmul(
 }
 
 /// `xa = x_lora·aᵀ` `[M, R]` (the GEMM, A as its `[N, K]` operand) and `xa_s = s·xa` (the
-/// forward GEMM's second operand).
+/// forward GEMM's second operand), both rounded from the same f32 sums of one product.
 fn xa(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, x_lora: &CudaView<'_, u16>, a: &CudaView<'_, u16>, xa: &mut CudaViewMut<'_, u16>, xa_s: &mut CudaViewMut<'_, u16>, p: LoraParams) -> Result<()> {
-    product(stream, modules, dt, (x_lora, p.k), (a, p.k), GemmOut::Half(xa), (p.m, p.r, p.k), (false, false), 1.0)?;
-    // s·XA rounded once, as from the f32 sum: a power of two scales the rounded XA exactly
-    // (a copy and an in-place scale), any other s takes the product again.
-    if p.scale.to_bits() & 0x007f_ffff == 0 {
-        stream.memcpy_dtod(xa, xa_s).map_err(|e| Error::cuda("copying XA", e))?;
-        scale_in_place(stream, modules, dt, xa_s, p.scale)
-    } else {
-        product(stream, modules, dt, (x_lora, p.k), (a, p.k), GemmOut::Half(xa_s), (p.m, p.r, p.k), (false, false), p.scale)
-    }
+    // Views of one lifetime, as GemmOut holds them.
+    let (mut c, mut c2) = (xa.slice_mut(..), xa_s.slice_mut(..));
+    product(stream, modules, dt, (x_lora, p.k), (a, p.k), GemmOut::HalfScaled(&mut c, &mut c2, p.scale), (p.m, p.r, p.k), (false, false), 1.0)
 }
 
 /// Forward: `y = x·wᵀ (+ bias) + s·xa·bᵀ`, `xa = x_lora·aᵀ` (kept for the backward). W dense,

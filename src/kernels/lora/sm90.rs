@@ -5,8 +5,8 @@
 //! same with an NF4 W (QLoRA: the producer warpgroup dequantizes W's tile into the stage). What
 //! it does not take stays on the mma.sync kernels of `lora_gemm.cu`: outputs of
 //! fewer tiles than half the multiprocessors (the rank-R products, decoding), an A stored
-//! `[K, M]` (the `_km_kn` products of the LoRA gradients), and operands whose rows are not
-//! 16-byte aligned (TMA's rule).
+//! `[K, M]` (the `_km_kn` products of the LoRA gradients), a second scaled output (XA and s·XA),
+//! and operands whose rows are not 16-byte aligned (TMA's rule).
 //!
 //! `device::cuda::hopper::set_mode` (or `TUNA_SM90` in the environment: `0` off, `force`)
 //! picks the path for a process, `set_part(Part::Gemm, false)` (`TUNA_SM90_OFF=gemm`) turns the
@@ -134,7 +134,7 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
         Mode::Auto => big_enough(g.m, g.n, g.k1, modules.multiprocessors()),
         Mode::Force => true,
     };
-    if !wanted || g.a_km || modules.compute_capability() != 90 || g.b1.is_some() == nf4.is_some() || g.k1 == 0 {
+    if !wanted || g.a_km || matches!(c, GemmOut::HalfScaled(..)) || modules.compute_capability() != 90 || g.b1.is_some() == nf4.is_some() || g.k1 == 0 {
         return Ok(false);
     }
     let (a1p, _a1g) = g.a1.0.device_ptr(stream);
@@ -204,6 +204,7 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
     match c {
         GemmOut::Half(c) => bld.arg(&mut **c).arg(&null),
         GemmOut::AddF32(c) => bld.arg(&null).arg(&mut **c),
+        GemmOut::HalfScaled(..) => unreachable!("declined above"),
     };
     bld.arg(&m).arg(&n).arg(&k1).arg(&k2).arg(&g.alpha);
     if let Some(q) = nf4 {
