@@ -171,9 +171,10 @@ __device__ void sm3_sparse(const u32* __restrict__ indices, float* __restrict__ 
 }
 
 // ---- AdamW --------------------------------------------------------------------------------
-// Element e of one tensor (`s`: the gradient scale with the clip factor).
+// Element e of one tensor (`s`: the gradient scale with the clip factor); returns the new value
+// (before any rounding to T).
 template <typename T>
-__device__ __forceinline__ void adamw_element(T* __restrict__ w, const T* __restrict__ grad, float* __restrict__ master,
+__device__ __forceinline__ float adamw_element(T* __restrict__ w, const T* __restrict__ grad, float* __restrict__ master,
                                               float* __restrict__ m, float* __restrict__ v, long e, float s, float beta1,
                                               float beta2, float eps, float decay, float step_size, float bc2_sqrt) {
     const float g = Elem<T>::load(grad, e) * s;
@@ -183,7 +184,9 @@ __device__ __forceinline__ void adamw_element(T* __restrict__ w, const T* __rest
     ve = beta2 * ve + (1.0f - beta2) * g * g;
     m[e] = me;
     v[e] = ve;
-    Param<T>::store(w, master, e, wv - step_size * me / (sqrtf(ve) / bc2_sqrt + eps));
+    const float next = wv - step_size * me / (sqrtf(ve) / bc2_sqrt + eps);
+    Param<T>::store(w, master, e, next);
+    return next;
 }
 
 template <typename T>
@@ -214,6 +217,7 @@ struct AdamWList {
     float* master[MULTI_TENSORS];  // f32 masters, or null: w is read and written in place
     float* m[MULTI_TENSORS];
     float* v[MULTI_TENSORS];
+    bf16_bits* half[MULTI_TENSORS];  // f32 parameters only: null, or a bf16 copy of the new value
 };
 
 template <typename T>
@@ -225,7 +229,7 @@ struct SumsqList {
 };
 
 // The launcher's #[repr(C)] mirrors (src/kernels/optim/cuda.rs) assert the same sizes.
-static_assert(sizeof(AdamWList<float>) == 2096 && sizeof(SumsqList<float>) == 816, "kernel parameter layout");
+static_assert(sizeof(AdamWList<float>) == 2416 && sizeof(SumsqList<float>) == 816, "kernel parameter layout");
 
 // The tensor block `b` belongs to: the last t with first[t] <= b (first is increasing).
 __device__ __forceinline__ int multi_tensor_of(const int* first, int count, int b) {
@@ -240,8 +244,11 @@ __device__ void adamw_multi(const AdamWList<T>& l, const double* __restrict__ su
     const int t = multi_tensor_of(l.first, l.count, blockIdx.x);
     const long e = (long)(blockIdx.x - l.first[t]) * blockDim.x + threadIdx.x;
     if (e >= l.n[t]) return;
-    adamw_element<T>(l.w[t], l.g[t], l.master[t], l.m[t], l.v[t], e, effective_scale(sumsq, max_norm, scale), beta1, beta2, eps, decay,
-                     step_size, bc2_sqrt);
+    const float next = adamw_element<T>(l.w[t], l.g[t], l.master[t], l.m[t], l.v[t], e, effective_scale(sumsq, max_norm, scale), beta1,
+                                        beta2, eps, decay, step_size, bc2_sqrt);
+    // The bf16 copy a bf16 model reads (the LoRA factors): `cast_f32_bf16` of the new value,
+    // written here instead of by a launch per factor in the next forward.
+    if (l.half[t] != nullptr) l.half[t][e] = f32_to_bf16(next);
 }
 
 // The sum of squares, first pass: tensor t's blocks (first[t + 1] - first[t] of them, fixed by

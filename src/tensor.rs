@@ -83,10 +83,21 @@ pub(crate) struct Inner {
     dtype: DType,
     device: Device,
     storage: Arc<Storage>,
-    /// The storage's transpose as a `[cols, rows]` matrix, made on first use by a CPU linear
-    /// (`cpu_f32_transposed`) and shared by every tensor over the same storage.
-    transposed: Arc<OnceLock<Transposed>>,
+    /// Copies made from the storage, shared by every tensor over it (storage is never written
+    /// once a tensor holds it, so they stay true).
+    derived: Arc<Derived>,
     pub(crate) tape: Option<Weak<TapeInner>>,
+}
+
+#[derive(Default)]
+struct Derived {
+    /// The storage's transpose as a `[cols, rows]` matrix, made on first use by a CPU linear
+    /// (`cpu_f32_transposed`).
+    transposed: OnceLock<Transposed>,
+    /// The same values in a 16-bit type, written beside them by whatever made the storage (the
+    /// CUDA AdamW step writes the bf16 copy of each f32 LoRA factor, which the bf16 model
+    /// reads): `to_dtype` hands it out instead of converting (`with_cast_copy`).
+    cast: OnceLock<Tensor>,
 }
 
 /// A cached transpose: the column count of the matrix it was made from, and its elements.
@@ -107,7 +118,7 @@ impl std::fmt::Debug for Tensor {
 
 impl Tensor {
     pub(crate) fn from_storage(storage: Storage, shape: Shape, dtype: DType, device: Device) -> Tensor {
-        Tensor(Arc::new(Inner { id: TensorId::fresh(), shape, dtype, device, storage: Arc::new(storage), transposed: Arc::default(), tape: None }))
+        Tensor(Arc::new(Inner { id: TensorId::fresh(), shape, dtype, device, storage: Arc::new(storage), derived: Arc::default(), tape: None }))
     }
 
     /// A new tensor sharing this one's storage, with a fresh id and the given tape handle.
@@ -118,7 +129,7 @@ impl Tensor {
             dtype: self.0.dtype,
             device: self.0.device,
             storage: self.0.storage.clone(),
-            transposed: self.0.transposed.clone(),
+            derived: self.0.derived.clone(),
             tape,
         }))
     }
@@ -142,7 +153,7 @@ impl Tensor {
     pub(crate) fn owns_cpu_f32(&self) -> bool {
         Arc::strong_count(&self.0) == 1
             && Arc::strong_count(&self.0.storage) == 1
-            && self.0.transposed.get().is_none()
+            && self.0.derived.transposed.get().is_none()
             && matches!(*self.0.storage, Storage::Cpu(CpuStorage::F32(_)))
     }
 
@@ -384,12 +395,33 @@ impl Tensor {
         Ok(Tensor::from_storage(storage, self.shape().clone(), self.dtype(), self.device()))
     }
 
+    /// This tensor with `copy` kept beside it for `to_dtype` to hand out: the same values in
+    /// another float type, rounded as `to_dtype` rounds them (the caller's promise, which the
+    /// CUDA optimizer's tests check bit for bit), same shape and device.
+    pub(crate) fn with_cast_copy(self, copy: Tensor) -> Result<Tensor> {
+        if copy.shape() != self.shape() || copy.device() != self.device() || !copy.dtype().is_float() || copy.dtype() == self.dtype() {
+            return Err(Error::InvalidArgument(format!("with_cast_copy: {copy:?} is no cast copy of {self:?}")));
+        }
+        self.0.derived.cast.set(copy).map_err(|_| Error::InvalidArgument(format!("with_cast_copy: {self:?} already has one")))?;
+        Ok(self)
+    }
+
+    /// The copy `with_cast_copy` attached, if any.
+    pub(crate) fn cast_copy(&self) -> Option<&Tensor> {
+        self.0.derived.cast.get()
+    }
+
     /// A copy with float elements converted to `dtype` (f32, bf16, f16), rounding to nearest
     /// even, on the tensor's device (`kernels::cast`); an NF4 weight converts to f32 on the
     /// CPU. Not recorded on a tape.
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         if dtype == self.dtype() {
             return Ok(self.clone());
+        }
+        if let Some(c) = self.0.derived.cast.get() {
+            if c.dtype() == dtype && c.shape() == self.shape() {
+                return Ok(c.clone());
+            }
         }
         if self.dtype() == DType::NF4 && dtype == DType::F32 {
             return Tensor::from_vec(self.to_vec_f32()?, self.shape().clone())?.to_device(&self.device());
@@ -453,7 +485,7 @@ impl Tensor {
             return Ok(std::borrow::Cow::Owned(nf4::cpu::dequantize_transposed(q, n, k)?));
         }
         let w = self.cpu_f32(op)?;
-        let t = self.0.transposed.get_or_init(|| Transposed { cols: k, data: transpose(w, n, k) });
+        let t = self.0.derived.transposed.get_or_init(|| Transposed { cols: k, data: transpose(w, n, k) });
         Ok(if t.cols == k {
             std::borrow::Cow::Borrowed(&t.data)
         } else {

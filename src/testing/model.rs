@@ -224,6 +224,7 @@ fn check_training_run(dev: &Device, dtype: DType, base: &Llama, data: &[Sequence
             losses.push(r.loss);
         }
         t.sync_host()?;
+        check_cast_copies(&t)?;
         Ok((losses, initial, t.masters.clone(), t.layouts.clone()))
     };
     let (lc, m0, mc, layout_c) = run(base.clone()).map_err(ctx("cpu"))?;
@@ -256,6 +257,28 @@ fn check_training_run(dev: &Device, dtype: DType, base: &Llama, data: &[Sequence
     }
     let overlap = overlap.map_or(String::new(), |o| format!(", active sets {:.1}% the same", 100.0 * o));
     Ok(format!("losses within {:.1e}, masters within {:.1e} ({:.3} -> {:.3}){overlap}", worst.0, worst.1, lc[0], lc[4]))
+}
+
+/// The bf16 copies a CUDA AdamW step writes beside f32 parameters of a bf16 model (the LoRA
+/// factors): present, and each the parameter's values rounded to bf16 (the half crate's
+/// rounding, which the cast kernels match), so the model reads this step's factors.
+fn check_cast_copies(t: &Trainer) -> crate::Result<()> {
+    let bad = |what: String| crate::Error::InvalidArgument(format!("bf16 copies of the trained tensors: {what}"));
+    for (i, p) in t.device_params().unwrap_or_default().iter().enumerate() {
+        let wanted = matches!(p.device(), Device::Cuda(_)) && p.dtype() == DType::F32 && t.model.embed.dtype() == DType::BF16 && matches!(t.config.optimizer, OptimizerConfig::AdamW(_));
+        let Some(copy) = p.cast_copy() else {
+            if wanted {
+                return Err(bad(format!("tensor {i} ({p:?}) has none")));
+            }
+            continue;
+        };
+        let want: Vec<f32> = p.to_vec_f32()?.into_iter().map(|x| f32::from(half::bf16::from_f32(x))).collect();
+        let have = copy.to_vec_f32()?;
+        if let Some(e) = have.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits()) {
+            return Err(bad(format!("tensor {i} element {e}: {} in the copy, {} rounded from the parameter", have[e], want[e])));
+        }
+    }
+    Ok(())
 }
 
 /// Sparse runs: each master restricted to the entries active on both devices at the end (the

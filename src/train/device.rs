@@ -109,11 +109,12 @@ pub(crate) enum DeviceOptimizer {
 impl DeviceOptimizer {
     /// Uploads the masters and the optimizer state (AdamW or SM3) to `dev`; the model reads the
     /// parameters in `param_dtype` (f32 masters, or 16-bit copies of them: bf16 on CUDA, f16 on
-    /// wgpu, rewritten from the masters after each step). A sparse
+    /// wgpu, rewritten from the masters after each step), in a model of `model_dtype` (on CUDA,
+    /// f32 parameters of a bf16 model get bf16 copies beside them, see `CudaOptimizer`). A sparse
     /// layout (sparse fine-tuning's deltas, f32) keeps its active indices: SM3 runs its sparse
     /// kernel on their device copy, the one the model's sparse linears use (AdamW is
     /// elementwise, the same for both layouts).
-    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], layouts: &[Layout], host: &HostOptState, dev: Device, param_dtype: DType) -> Result<Self> {
+    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], layouts: &[Layout], host: &HostOptState, dev: Device, (param_dtype, model_dtype): (DType, DType)) -> Result<Self> {
         if layouts.len() != masters.len() {
             return Err(Error::InvalidArgument(format!("device optimizer: {} layouts for {} tensors", layouts.len(), masters.len())));
         }
@@ -127,7 +128,7 @@ impl DeviceOptimizer {
             .collect::<Result<Vec<_>>>()?;
         let dims: Vec<(usize, usize)> = layouts.iter().map(Layout::matrix).collect();
         match dev {
-            Device::Cuda(i) => Ok(DeviceOptimizer::Cuda(super::device_cuda::CudaOptimizer::new(masters, shapes, &dims, indices, host, i, param_dtype)?)),
+            Device::Cuda(i) => Ok(DeviceOptimizer::Cuda(super::device_cuda::CudaOptimizer::new(masters, shapes, &dims, indices, host, i, param_dtype, model_dtype)?)),
             _ if !matches!(param_dtype, DType::F32 | DType::F16) => Err(Error::UnsupportedDType { op: "device optimizer (wgpu): trained parameters", dtype: param_dtype }),
             _ => Ok(DeviceOptimizer::Wgpu(WgpuOptimizer::new(masters, shapes, &dims, indices, host, dev, param_dtype)?)),
         }

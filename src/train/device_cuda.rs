@@ -34,13 +34,19 @@ pub(crate) struct CudaOptimizer {
     /// The masters as the model reads them, in `param_dtype` (f32 or bf16).
     pub params: Vec<Tensor>,
     param_dtype: DType,
+    /// f32 parameters (LoRA factors) of a bf16 model: each carries its bf16 copy
+    /// (`Tensor::with_cast_copy`), which AdamW writes in the same launch, so the model's
+    /// forward does not cast every factor again (two launches per adapted linear).
+    bf16_copies: bool,
 }
 
 impl CudaOptimizer {
     /// Uploads the masters and the optimizer's state. `dims` gives each tensor's `[rows, cols]`
     /// matrix for SM3, `indices` the active entries of the sparse ones; the model reads the
-    /// parameters in `param_dtype` (f32 or bf16; sparse tensors f32 only).
-    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], indices: Vec<Option<Arc<SparseIndices>>>, host: &HostOptState, ordinal: usize, param_dtype: DType) -> Result<Self> {
+    /// parameters in `param_dtype` (f32 or bf16; sparse tensors f32 only) in a model of
+    /// `model_dtype`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(masters: &[Vec<f32>], shapes: &[Vec<usize>], dims: &[(usize, usize)], indices: Vec<Option<Arc<SparseIndices>>>, host: &HostOptState, ordinal: usize, param_dtype: DType, model_dtype: DType) -> Result<Self> {
         if !matches!(param_dtype, DType::F32 | DType::BF16) {
             return Err(Error::UnsupportedDType { op: "device optimizer (cuda): trained parameters", dtype: param_dtype });
         }
@@ -51,7 +57,8 @@ impl CudaOptimizer {
         let state = State::upload(host, &sizes, dims, up, zeros)?;
         let sum_sq = rt.stream.alloc_zeros::<f64>(1).map_err(|e| Error::cuda("allocating the norm", e))?;
         let masters = masters.iter().map(|w| rt.upload(bytemuck::cast_slice(w))).collect::<Result<_>>()?;
-        let mut s = CudaOptimizer { rt, shapes: shapes.to_vec(), masters, indices, state, sum_sq, params: Vec::new(), param_dtype };
+        let bf16_copies = param_dtype == DType::F32 && model_dtype == DType::BF16;
+        let mut s = CudaOptimizer { rt, shapes: shapes.to_vec(), masters, indices, state, sum_sq, params: Vec::new(), param_dtype, bf16_copies };
         s.params = s.shapes.iter().enumerate().map(|(i, _)| s.param_copy(i)).collect::<Result<_>>()?;
         Ok(s)
     }
@@ -67,11 +74,16 @@ impl CudaOptimizer {
                 out
             }
         };
-        Ok(self.tensor(buf, i))
+        let t = self.tensor(buf, i, self.param_dtype);
+        if self.bf16_copies {
+            let copy = t.to_dtype(DType::BF16)?;
+            return t.with_cast_copy(copy);
+        }
+        Ok(t)
     }
 
-    fn tensor(&self, buf: CudaSlice<u8>, i: usize) -> Tensor {
-        Tensor::from_storage(Storage::Cuda { rt: self.rt.clone(), buf }, self.shapes[i].clone().into(), self.param_dtype, Device::Cuda(self.rt.ordinal))
+    fn tensor(&self, buf: CudaSlice<u8>, i: usize, dtype: DType) -> Tensor {
+        Tensor::from_storage(Storage::Cuda { rt: self.rt.clone(), buf }, self.shapes[i].clone().into(), dtype, Device::Cuda(self.rt.ordinal))
     }
 
     fn check(&self, grads: &[Tensor]) -> Result<()> {
@@ -117,18 +129,28 @@ impl CudaOptimizer {
             // factors per adapted linear): each master is read and updated, and its new value
             // (rounded for bf16) goes into a fresh buffer, the model's next parameter.
             let mut outs: Vec<CudaSlice<u8>> = views.iter().map(|g| self.rt.alloc_uninit(g.len() * std::mem::size_of::<T>())).collect::<Result<_>>()?;
+            let copies = self.bf16_copies && std::mem::size_of::<T>() == 4;
+            let mut halves: Vec<CudaSlice<u8>> = if copies { views.iter().map(|g| self.rt.alloc_uninit(g.len() * 2)).collect::<Result<_>>()? } else { Vec::new() };
             let mut tensors = Vec::with_capacity(views.len());
+            let mut half_bufs = halves.iter_mut();
             for (((out, master), (m, v)), g) in outs.iter_mut().zip(self.masters.iter_mut()).zip(m.iter_mut().zip(v.iter_mut())).zip(&views) {
                 let n = g.len();
-                // SAFETY: a new parameter holds n Ts (allocated above), a master n f32s
-                // (uploaded from host vectors of the gradients' shapes, checked by `check`).
+                // SAFETY: a new parameter holds n Ts and a bf16 copy n u16s (allocated above),
+                // a master n f32s (uploaded from host vectors of the gradients' shapes, checked
+                // by `check`).
                 let (w, master) = unsafe { (out.transmute_mut::<T>(n).expect("a parameter holds its elements"), master.transmute_mut::<f32>(n).expect("a master holds its elements")) };
-                tensors.push(AdamWTensor { w, g: g.slice(..), master: Some(master), m: m.slice_mut(..n), v: v.slice_mut(..n) });
+                let half = half_bufs.next().map(|h| unsafe { h.transmute_mut::<u16>(n) }.expect("a copy holds its elements"));
+                tensors.push(AdamWTensor { w, g: g.slice(..), master: Some(master), m: m.slice_mut(..n), v: v.slice_mut(..n), half });
             }
             adamw_multi::<T>(stream, modules, &mut tensors, *p, clip)?;
             drop(tensors);
+            let mut halves = halves.into_iter();
             for (i, out) in outs.into_iter().enumerate() {
-                self.params[i] = self.tensor(out, i);
+                let t = self.tensor(out, i, self.param_dtype);
+                self.params[i] = match halves.next() {
+                    Some(h) => t.with_cast_copy(self.tensor(h, i, DType::BF16))?,
+                    None => t,
+                };
             }
             return Ok(());
         }
@@ -169,7 +191,7 @@ impl CudaOptimizer {
         }
         for (i, out) in next.into_iter().enumerate() {
             self.params[i] = match out {
-                Some(o) => self.tensor(o, i),
+                Some(o) => self.tensor(o, i, self.param_dtype),
                 None => self.param_copy(i)?,
             };
         }

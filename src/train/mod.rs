@@ -299,9 +299,15 @@ impl Trainer {
                 Method::Full | Method::Head => self.model.embed.dtype(),
                 _ => crate::DType::F32,
             };
-            self.device = Some(device::DeviceOptimizer::new(&self.masters, &self.shapes, &self.layouts, &host, dev, param_dtype)?);
+            let model_dtype = self.model.embed.dtype();
+            self.device = Some(device::DeviceOptimizer::new(&self.masters, &self.shapes, &self.layouts, &host, dev, (param_dtype, model_dtype))?);
         }
         Ok(())
+    }
+
+    /// The trained tensors as the model on a GPU reads them (None on the CPU).
+    pub(crate) fn device_params(&self) -> Option<&[Tensor]> {
+        self.device.as_ref().map(device::DeviceOptimizer::params)
     }
 
     /// Refreshes the host copies (`masters`, the optimizer's state) from the device, when the

@@ -633,7 +633,7 @@ fn optim_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
         Ok(())
     })?;
     let multi_us = time_us(rt, || {
-        let mut tensors: Vec<_> = w.iter_mut().zip(&g).zip(m.iter_mut().zip(v.iter_mut())).map(|((w, g), (m, v))| optim::cuda::AdamWTensor { w: w.slice_mut(..), g: g.slice(..), master: None, m: m.slice_mut(..), v: v.slice_mut(..) }).collect();
+        let mut tensors: Vec<_> = w.iter_mut().zip(&g).zip(m.iter_mut().zip(v.iter_mut())).map(|((w, g), (m, v))| optim::cuda::AdamWTensor { w: w.slice_mut(..), g: g.slice(..), master: None, m: m.slice_mut(..), v: v.slice_mut(..), half: None }).collect();
         optim::cuda::adamw_multi::<f32>(s, md, &mut tensors, adamp, None)
     })?;
     for (kernel, us) in [("adamw f32, 224 LoRA factors, a launch each", one_us), ("adamw_multi f32, 224 LoRA factors", multi_us)] {

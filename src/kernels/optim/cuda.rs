@@ -254,6 +254,7 @@ struct AdamWList {
     master: [u64; MULTI_TENSORS],
     m: [u64; MULTI_TENSORS],
     v: [u64; MULTI_TENSORS],
+    half: [u64; MULTI_TENSORS],
 }
 // SAFETY: plain integers laid out as the kernel's struct (repr(C), the same field order).
 unsafe impl DeviceRepr for AdamWList {}
@@ -271,7 +272,7 @@ struct SumsqList {
 // SAFETY: as above.
 unsafe impl DeviceRepr for SumsqList {}
 // The kernel's structs have these sizes (optim.cu asserts them too).
-const _: () = assert!(std::mem::size_of::<AdamWList>() == 2096 && std::mem::size_of::<SumsqList>() == 816);
+const _: () = assert!(std::mem::size_of::<AdamWList>() == 2416 && std::mem::size_of::<SumsqList>() == 816);
 
 /// One tensor of an `adamw_multi` step.
 pub struct AdamWTensor<'a, T> {
@@ -283,6 +284,9 @@ pub struct AdamWTensor<'a, T> {
     pub master: Option<CudaViewMut<'a, f32>>,
     pub m: CudaViewMut<'a, f32>,
     pub v: CudaViewMut<'a, f32>,
+    /// f32 parameters only: a buffer that also gets the new value rounded to bf16 (bf16 bits),
+    /// the copy a bf16 model reads (bit-identical to `cast` of `w`).
+    pub half: Option<CudaViewMut<'a, u16>>,
 }
 
 /// AdamW steps of many tensors, `MULTI_TENSORS` per launch: the same bits as `adamw` on each
@@ -309,6 +313,12 @@ pub fn adamw_multi<T: DeviceRepr>(
         if let Some(master) = &t.master {
             check_len(OP, &what("master"), master.len(), n)?;
         }
+        if let Some(half) = &t.half {
+            if std::mem::size_of::<T>() != 4 {
+                return Err(Error::InvalidArgument(format!("{OP}: tensor {i} asks for a bf16 copy of 16-bit parameters")));
+            }
+            check_len(OP, &what("bf16 copy"), half.len(), n)?;
+        }
     }
     let s = suffix::<T>(OP)?;
     let f = modules.function("optim", &format!("adamw_multi_{s}"))?;
@@ -317,8 +327,8 @@ pub fn adamw_multi<T: DeviceRepr>(
     let null = 0u64;
     for chunk in tensors.chunks_mut(MULTI_TENSORS) {
         let count = chunk.len();
-        let mut l = AdamWList { count: count as i32, pad: 0, first: [0; MULTI_TENSORS + 1], n: [0; MULTI_TENSORS], w: [0; MULTI_TENSORS], g: [0; MULTI_TENSORS], master: [0; MULTI_TENSORS], m: [0; MULTI_TENSORS], v: [0; MULTI_TENSORS] };
-        let mut guards = Vec::with_capacity(5 * count);
+        let mut l = AdamWList { count: count as i32, pad: 0, first: [0; MULTI_TENSORS + 1], n: [0; MULTI_TENSORS], w: [0; MULTI_TENSORS], g: [0; MULTI_TENSORS], master: [0; MULTI_TENSORS], m: [0; MULTI_TENSORS], v: [0; MULTI_TENSORS], half: [0; MULTI_TENSORS] };
+        let mut guards = Vec::with_capacity(6 * count);
         let mut blocks = 0usize;
         for (k, t) in chunk.iter_mut().enumerate() {
             l.first[k] = to_i32(OP, "blocks", blocks)?;
@@ -334,6 +344,11 @@ pub fn adamw_multi<T: DeviceRepr>(
                 let (mp, gmp) = master.device_ptr_mut(stream);
                 l.master[k] = mp;
                 guards.push(gmp);
+            }
+            if let Some(half) = t.half.as_mut() {
+                let (hp, ghp) = half.device_ptr_mut(stream);
+                l.half[k] = hp;
+                guards.push(ghp);
             }
         }
         l.first[count] = to_i32(OP, "blocks", blocks)?;

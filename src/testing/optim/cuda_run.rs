@@ -201,6 +201,8 @@ struct Set<T> {
     master: Vec<CudaSlice<f32>>,
     m: Vec<CudaSlice<f32>>,
     v: Vec<CudaSlice<f32>>,
+    /// The bf16 copies of f32 parameters (asked for every other tensor).
+    half: Vec<CudaSlice<u16>>,
 }
 
 fn multi_vs_one<T: Storage + PartialEq + std::fmt::Debug>(i: usize, sizes: &[usize], master: bool, steps: usize, seed: u64) -> std::result::Result<(), String> {
@@ -215,6 +217,7 @@ fn multi_vs_one<T: Storage + PartialEq + std::fmt::Debug>(i: usize, sizes: &[usi
             master: w0.iter().map(|w| up(s, w)).collect::<Result<_>>()?,
             m: sizes.iter().map(|&n| zeros::<f32>(s, n)).collect::<Result<_>>()?,
             v: sizes.iter().map(|&n| zeros::<f32>(s, n)).collect::<Result<_>>()?,
+            half: sizes.iter().map(|&n| zeros::<u16>(s, n)).collect::<Result<_>>()?,
         })
     };
     let (mut one, mut multi) = (set().map_err(|e| e.to_string())?, set().map_err(|e| e.to_string())?);
@@ -231,9 +234,11 @@ fn multi_vs_one<T: Storage + PartialEq + std::fmt::Debug>(i: usize, sizes: &[usi
             cuda::adamw::<T>(s, md, &mut one.w[k].slice_mut(..n), &gv[k], mv.as_mut(), &mut one.m[k].slice_mut(..n), &mut one.v[k].slice_mut(..n), p, Some(&clip)).map_err(|e| e.to_string())?;
         }
         let mut tensors: Vec<cuda::AdamWTensor<'_, T>> = Vec::new();
-        let Set { w, master: ms, m, v } = &mut multi;
-        for ((((w, mm), m), v), (g, &n)) in w.iter_mut().zip(ms.iter_mut()).zip(m.iter_mut()).zip(v.iter_mut()).zip(gv.iter().zip(sizes)) {
-            tensors.push(cuda::AdamWTensor { w: w.slice_mut(..n), g: g.slice(..n), master: master.then(|| mm.slice_mut(..n)), m: m.slice_mut(..n), v: v.slice_mut(..n) });
+        let Set { w, master: ms, m, v, half } = &mut multi;
+        for (k, ((((w, mm), m), v), h)) in w.iter_mut().zip(ms.iter_mut()).zip(m.iter_mut()).zip(v.iter_mut()).zip(half.iter_mut()).enumerate() {
+            let (g, n) = (&gv[k], sizes[k]);
+            let half = (f32_params && k % 2 == 1).then(|| h.slice_mut(..n));
+            tensors.push(cuda::AdamWTensor { w: w.slice_mut(..n), g: g.slice(..n), master: master.then(|| mm.slice_mut(..n)), m: m.slice_mut(..n), v: v.slice_mut(..n), half });
         }
         cuda::adamw_multi::<T>(s, md, &mut tensors, p, Some(&clip)).map_err(|e| e.to_string())?;
     }
@@ -252,6 +257,12 @@ fn multi_vs_one<T: Storage + PartialEq + std::fmt::Debug>(i: usize, sizes: &[usi
         if master {
             // f32: the one-tensor step kept its value in w.
             bits("master", d(&multi.master[k])?, if f32_params { dw(&one.w[k])? } else { d(&one.master[k])? })?;
+        }
+        if f32_params && k % 2 == 1 {
+            // The bf16 copy: the half crate's rounding (which `cast` matches) of the new value.
+            let h: Vec<f32> = down(s, &multi.half[k], n).map_err(|e| e.to_string())?.into_iter().map(|b| f32::from(half::bf16::from_bits(b))).collect();
+            let want: Vec<f32> = dw(&one.w[k])?.into_iter().map(|x| f32::from(half::bf16::from_f32(x))).collect();
+            bits("bf16 copy", h, want)?;
         }
     }
     Ok(())
