@@ -185,10 +185,10 @@ pub mod cuda {
     /// it holds: pass zeros) for `dy = 1`. Per chunk of rows: the chunk's bf16 logits by the
     /// plain GEMM (f32 accumulation, as a bf16 model's head computes them), each row's
     /// log-sum-exp, loss and gradient in place (`ce_rows_bf16`, f32 math), then `dx`'s rows by
-    /// the GEMM with W read `[V, H]` as `[K, N]`, and the chunk's share of dW by the GEMM on the
-    /// transposed gradient (`[V, rows]`) against the chunk of x read as `[K, N]`, summed in f32
-    /// over the chunks in order. Only `[chunk_rows, V]` logits (and, for dW, their transpose)
-    /// are held. `count` is the number of rows whose target is not ignored (the caller checked
+    /// the GEMM with W read `[V, H]` as `[K, N]`, and the chunk's share of dW by `matmul_tn`
+    /// (the gradient's transpose against the chunk of x, over the chunk's rows), summed in f32
+    /// over the chunks in order. Only `[chunk_rows, V]` logits are held (and, on an H100 or
+    /// H200, their transpose for the Hopper GEMM while dW's share is computed). `count` is the number of rows whose target is not ignored (the caller checked
     /// the targets on the host).
     #[allow(clippy::too_many_arguments)]
     pub fn linear_forward(
@@ -225,11 +225,6 @@ pub mod cuda {
         let mut row_loss = stream.alloc_zeros::<f32>(m.max(1)).map_err(e("allocating the row losses"))?;
         let inv_count = if count == 0 { 0.0f32 } else { 1.0 / count as f32 };
         let grad = (dx.is_some() || dw.is_some()) as i32;
-        // The chunk's gradient transposed, for dW.
-        let mut zt = match dw {
-            Some(_) => Some(stream.alloc_zeros::<u16>((c * v).max(1)).map_err(e("allocating the transposed chunk"))?),
-            None => None,
-        };
         for (r0, cm) in p.chunks() {
             let xc = x.slice(r0 * h..(r0 + cm) * h);
             matmul(stream, modules, dt, (&xc, h), (w, h), GemmOut::Half(&mut z.slice_mut(..cm * v)), (cm, v, h), false)?;
@@ -239,10 +234,10 @@ pub mod cuda {
                 let zc = z.slice(..cm * v);
                 matmul(stream, modules, dt, (&zc, v), (w, h), GemmOut::Half(&mut dx.slice_mut(r0 * h..(r0 + cm) * h)), (cm, h, v), true)?;
             }
-            if let (Some(dw), Some(zt)) = (dw.as_mut(), zt.as_mut()) {
+            if let Some(dw) = dw.as_mut() {
+                // dW += zᵀ·x over the chunk's rows.
                 let zc = z.slice(..cm * v);
-                crate::kernels::elementwise::cuda::transpose::<u16>(stream, modules, &zc, &mut zt.slice_mut(..cm * v), cm, v)?;
-                matmul(stream, modules, dt, (&zt.slice(..cm * v), cm), (&xc, h), GemmOut::AddF32(&mut dw.slice_mut(..)), (v, h, cm), true)?;
+                crate::kernels::lora::cuda::matmul_tn(stream, modules, dt, &zc, &xc, GemmOut::AddF32(&mut dw.slice_mut(..)), (v, h, cm))?;
             }
         }
         sum(stream, modules, &row_loss.slice(..m), loss, inv_count)

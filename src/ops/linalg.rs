@@ -51,17 +51,21 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
             c
         }
         // The tensor-core GEMM reads a along its rows and b as `[n, k]` or `[k, n]`: `a·bᵀ` (a
-        // linear, the head's logits) and `a·b` directly; a transposed a (dW = dYᵀ·X, the
-        // backward of a trained weight) is transposed on the device first.
+        // linear, the head's logits) and `a·b` directly; `aᵀ·b` (dW = dYᵀ·X, the backward of
+        // a trained weight) by `matmul_tn`; `aᵀ·bᵀ` with a transposed on the device first.
         Device::Cuda(_) if b.dtype() == dt => {
+            use crate::kernels::lora::cuda::{matmul, matmul_tn, GemmOut};
             use crate::ops::cuda::{cuda_buf, half, transposed, view, CudaOut};
             let hdt = half(OP, dt)?;
             let rt = cuda_buf(a).0;
-            let at = if trans_a { Some(transposed(a)?) } else { None };
-            let a_rows = at.as_ref().unwrap_or(a);
             let mut c = CudaOut::uninit(rt, [m, n], dt)?;
-            use crate::kernels::lora::cuda::{matmul, GemmOut};
-            matmul(&rt.stream, &rt.modules, hdt, (&view(a_rows), k), (&view(b), bd[1]), GemmOut::Half(&mut c.view_mut()), (m, n, k), !trans_b)?;
+            if trans_a && !trans_b {
+                matmul_tn(&rt.stream, &rt.modules, hdt, &view(a), &view(b), GemmOut::Half(&mut c.view_mut()), (m, n, k))?;
+            } else {
+                let at = if trans_a { Some(transposed(a)?) } else { None };
+                let a_rows = at.as_ref().unwrap_or(a);
+                matmul(&rt.stream, &rt.modules, hdt, (&view(a_rows), k), (&view(b), bd[1]), GemmOut::Half(&mut c.view_mut()), (m, n, k), !trans_b)?;
+            }
             c.tensor()
         }
         d => return Err(Error::Unsupported { op: OP, device: d }),

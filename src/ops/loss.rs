@@ -149,8 +149,8 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
             let mut dx = need_dx.then(|| CudaOut::new(rt, [m, h], dt)).transpose()?;
             // dW is summed in f32 over the chunks (from zeros) and rounded to W's dtype once.
             // Each chunk reads and writes all of it ([V, H] f32: 1 GiB for Llama-3's head), so a
-            // trained head takes chunks 8x the default (~1 GiB of logits and their transpose)
-            // unless the caller chose.
+            // trained head takes chunks 8x the default (~1 GiB of logits, and on Hopper their
+            // transpose) unless the caller chose.
             let mut p = p;
             if need_dw && chunk_rows.is_none() {
                 p.chunk_rows = p.chunk_rows.saturating_mul(8);

@@ -130,15 +130,13 @@ fn dense_dw_f32(dy: &Tensor, x: &Tensor, p: SparseParams) -> Result<Tensor> {
             Ok(out)
         }
         Device::Cuda(_) => {
-            use crate::kernels::lora::cuda::{matmul, GemmOut};
-            use crate::ops::cuda::{cuda_buf, half, transposed, view, CudaOut};
+            use crate::kernels::lora::cuda::{matmul_tn, GemmOut};
+            use crate::ops::cuda::{cuda_buf, half, view, CudaOut};
             let hdt = half(OP, dy.dtype())?;
             let rt = cuda_buf(dy).0;
-            // The GEMM reads its A along rows: dyᵀ `[N, M]` first.
-            let dyt = transposed(dy)?;
-            // Accumulated into zeros (the f32 epilogue adds).
+            // dyᵀ·x over the tokens, accumulated into zeros (the f32 epilogue adds).
             let mut out = CudaOut::new(rt, [p.n, p.k], DType::F32)?;
-            matmul(&rt.stream, &rt.modules, hdt, (&view(&dyt), p.m), (&view(x), p.k), GemmOut::AddF32(&mut out.view_mut()), (p.n, p.k, p.m), true)?;
+            matmul_tn(&rt.stream, &rt.modules, hdt, &view(dy), &view(x), GemmOut::AddF32(&mut out.view_mut()), (p.n, p.k, p.m))?;
             Ok(out.tensor())
         }
         d => Err(Error::Unsupported { op: OP, device: d }),

@@ -125,16 +125,22 @@ fn encode(ptr: u64, b: &Box2d, dt: Half) -> Option<TensorMap> {
     (r == sys::CUresult::CUDA_SUCCESS).then(|| TensorMap(unsafe { map.assume_init() }))
 }
 
+/// Whether the device and the mode send a GEMM of these sizes to this path (when its operands
+/// allow): `cuda::matmul_tn` asks before it chooses between a transpose and the `_km_kn` kernel.
+pub(crate) fn wanted(modules: &ModuleCache, m: usize, n: usize, k1: usize) -> bool {
+    let on = match hopper::mode_for(Part::Gemm) {
+        Mode::Off => false,
+        Mode::Auto => big_enough(m, n, k1, modules.multiprocessors()),
+        Mode::Force => true,
+    };
+    on && modules.compute_capability() == 90
+}
+
 /// Runs the GEMM on `gemm_sm90_*` (`nf4_gemm_sm90_*` with W from `nf4`) when the device, the
 /// mode, the operands and the sizes allow (see the module doc); Ok(false) when it is not taken,
 /// so the caller runs the mma.sync kernel instead.
 pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g: &Gemm, c: &mut GemmOut<'_, '_>, nf4: Option<&Nf4Device>) -> Result<bool> {
-    let wanted = match hopper::mode_for(Part::Gemm) {
-        Mode::Off => false,
-        Mode::Auto => big_enough(g.m, g.n, g.k1, modules.multiprocessors()),
-        Mode::Force => true,
-    };
-    if !wanted || g.a_km || matches!(c, GemmOut::HalfScaled(..)) || modules.compute_capability() != 90 || g.b1.is_some() == nf4.is_some() || g.k1 == 0 {
+    if !wanted(modules, g.m, g.n, g.k1) || g.a_km || matches!(c, GemmOut::HalfScaled(..)) || g.b1.is_some() == nf4.is_some() || g.k1 == 0 {
         return Ok(false);
     }
     let (a1p, _a1g) = g.a1.0.device_ptr(stream);
