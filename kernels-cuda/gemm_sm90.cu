@@ -7,7 +7,8 @@
 //   C[M, N] = alpha * (A1 . op(B1) over K1  +  A2 . op(B2) over K2) (+ bias)
 //
 // A1, A2 row-major [M, K1] / [M, K2]; B stored [N, K] (forward: Y = X.W^T + s.XA.B^T) or, in
-// the `_kn` instances, [K, N] (dX = dY.W + s.G.A). C is written in the 16-bit type, or added to
+// the `_kn` instances, [K, N] (dX = dY.W + s.G.A); in the `_km_kn` instances A is stored
+// [K, M] too (dW = dY^T.X, over the tokens). C is written in the 16-bit type, or added to
 // an f32 buffer (c32). The launcher (`src/kernels/lora/sm90.rs`) sends a GEMM here only on a
 // compute-capability 9.0 device, for outputs of at least one tile, with every operand's rows
 // 16-byte aligned (TMA's rule); everything else (split-K, thin rank-R products, other GPUs)
@@ -17,9 +18,9 @@
 // (`arch:` line above; build.rs compiles it with -arch=compute_90a).
 //
 // Block: 384 threads, three warpgroups. Warpgroup 0 is the producer: one thread issues the TMA
-// loads of each K tile (A: a 128 x 64 box; B: a 256 x 64 box, or four 64 x 64 boxes for the
-// [K, N] layout) into a 4-stage ring, each stage completing on its `full` mbarrier by byte
-// count. Warpgroups 1 and 2 are the consumers: each owns 64 rows of the 128 x 256 block tile
+// loads of each K tile (A: a 128 x 64 box, or two 64 x 64 boxes for the [K, M] layout; B: a
+// 256 x 64 box, or four 64 x 64 boxes for the [K, N] layout) into a 4-stage ring, each stage
+// completing on its `full` mbarrier by byte count. Warpgroups 1 and 2 are the consumers: each owns 64 rows of the 128 x 256 block tile
 // and runs, per K tile, four wgmma.m64n256k16 (128 f32 accumulators per thread), keeps one
 // batch in flight (wait_group 1) and hands the previous stage back through its `empty`
 // mbarrier (one arrival per consumer warp, 8 in all). Out-of-range rows and columns of a box
@@ -118,18 +119,18 @@ __device__ __forceinline__ void tma_load_b(u32 b_s, const TensorMap* tb, int n0,
 }
 
 // d += A.B for a 64 x 256 x 16 slice: A and B from shared memory (descriptors), f32 accumulate,
-// B transposed (stored [K, N]) when TB is 1.
+// A transposed (stored [K, M]) when TA is 1, B (stored [K, N]) when TB is 1.
 #ifdef TUNA_CUDA_EMU
-template <int TB> __device__ __forceinline__ void wgmma_256(Bf16, float* d, u64 da, u64 db) { emu::wgmma(true, d, 256, da, nullptr, db, 0, TB); }
-template <int TB> __device__ __forceinline__ void wgmma_256(F16, float* d, u64 da, u64 db) { emu::wgmma(false, d, 256, da, nullptr, db, 0, TB); }
+template <int TA, int TB> __device__ __forceinline__ void wgmma_256(Bf16, float* d, u64 da, u64 db) { emu::wgmma(true, d, 256, da, nullptr, db, TA, TB); }
+template <int TA, int TB> __device__ __forceinline__ void wgmma_256(F16, float* d, u64 da, u64 db) { emu::wgmma(false, d, 256, da, nullptr, db, TA, TB); }
 #else
 #define WGMMA_256(TYPE)                                                                              \
     asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " " WG_D128           \
-                 ", %128, %129, 1, 1, 1, 0, %130;"                                                   \
+                 ", %128, %129, 1, 1, 1, %130, %131;"                                                \
                  : ACC32(0), ACC32(32), ACC32(64), ACC32(96)                                          \
-                 : "l"(da), "l"(db), "n"(TB))
-template <int TB> __device__ __forceinline__ void wgmma_256(Bf16, float* d, u64 da, u64 db) { WGMMA_256("bf16"); }
-template <int TB> __device__ __forceinline__ void wgmma_256(F16, float* d, u64 da, u64 db) { WGMMA_256("f16"); }
+                 : "l"(da), "l"(db), "n"(TA), "n"(TB))
+template <int TA, int TB> __device__ __forceinline__ void wgmma_256(Bf16, float* d, u64 da, u64 db) { WGMMA_256("bf16"); }
+template <int TA, int TB> __device__ __forceinline__ void wgmma_256(F16, float* d, u64 da, u64 db) { WGMMA_256("f16"); }
 #endif
 
 // The NF4 W tile of K tile k0, dequantized by the producer warpgroup's 128 threads into stage
@@ -188,7 +189,10 @@ __device__ __forceinline__ void nf4_tile(u32 dst, const Nf4& q, const float* map
     }
 }
 
-template <typename T, bool KN, bool NF4>
+// AKM: A1 and A2 stored [K, M] (dense B stored [K, N] only: dW = dY^T.X over the tokens): A's
+// K tile arrives as two 64 x 64 boxes side by side along M, one per consumer warpgroup, read
+// MN-major (imm-trans-a 1) with the descriptor B's [K, N] layout uses.
+template <typename T, bool AKM, bool KN, bool NF4>
 __device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const TensorMap* tb1, const TensorMap* ta2, const TensorMap* tb2, const unsigned short* bias, unsigned short* c, float* c32, int m, int n, int k1, int k2, float alpha, const Nf4& q) {
     extern __shared__ unsigned char smem_raw[];
     __shared__ __align__(8) u64 full[SM90_STAGES], empty[SM90_STAGES];
@@ -232,7 +236,11 @@ __device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const Tenso
                 const int k0 = (second ? kt - tiles1 : kt) * SM90_BK;
                 if (issuer) {
                     mbar_expect_tx(&full[s], dequant ? A_BYTES : STAGE_BYTES);
-                    tma_load(a_s, second ? ta2 : ta1, k0, m0, &full[s]);
+                    if (AKM) {
+                        for (int j = 0; j < SM90_BM / 64; j++) tma_load(a_s + j * 8192, second ? ta2 : ta1, m0 + 64 * j, k0, &full[s]);
+                    } else {
+                        tma_load(a_s, second ? ta2 : ta1, k0, m0, &full[s]);
+                    }
                     if (!dequant) tma_load_b<KN>(b_s, second ? tb2 : tb1, n0, k0, &full[s]);
                 }
                 if (NF4) {
@@ -257,13 +265,15 @@ __device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const Tenso
     for (int kt = 0; kt < tiles; kt++) {
         const int s = kt % SM90_STAGES;
         mbar_wait(&full[s], (u32)((kt / SM90_STAGES) & 1));
-        const u32 a_s = base + s * STAGE_BYTES + cw * 64 * 128, b_s = base + s * STAGE_BYTES + A_BYTES;
+        // This warpgroup's 64 rows of A: 64 rows of 128 bytes (K-major), or its own 64 x 64 box
+        // (AKM): 8 KiB in either layout.
+        const u32 a_s = base + s * STAGE_BYTES + cw * 8192, b_s = base + s * STAGE_BYTES + A_BYTES;
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < SM90_BK / 16; ks++) {
-            const u64 da = smem_desc(a_s + ks * 32, 16, 1024);
+            const u64 da = AKM ? smem_desc(a_s + ks * 2048, 8192, 1024) : smem_desc(a_s + ks * 32, 16, 1024);
             const u64 db = KN ? smem_desc(b_s + ks * 2048, 8192, 1024) : smem_desc(b_s + ks * 32, 16, 1024);
-            wgmma_256<KN ? 1 : 0>(T{}, d, da, db);
+            wgmma_256<AKM ? 1 : 0, KN ? 1 : 0>(T{}, d, da, db);
         }
         wgmma_commit();
         wgmma_wait<1>();  // tile kt - 1's products are done: its stage may be refilled
@@ -312,13 +322,15 @@ __device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const Tenso
         const __grid_constant__ TensorMap tb2, const unsigned short *bias, unsigned short *c, float *c32, int m, int n, int k1, int k2, float alpha
 #define SM90_ARGS &ta1, &tb1, &ta2, &tb2, bias, c, c32, m, n, k1, k2, alpha
 
-// Dense: B1, B2 stored [N, K] (forward) or [K, N] (_kn, dX).
-extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_bf16(SM90_PARAMS) { gemm_sm90_body<Bf16, false, false>(SM90_ARGS, Nf4{}); }
-extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_f16(SM90_PARAMS) { gemm_sm90_body<F16, false, false>(SM90_ARGS, Nf4{}); }
-extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_kn_bf16(SM90_PARAMS) { gemm_sm90_body<Bf16, true, false>(SM90_ARGS, Nf4{}); }
-extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_kn_f16(SM90_PARAMS) { gemm_sm90_body<F16, true, false>(SM90_ARGS, Nf4{}); }
+// Dense: B1, B2 stored [N, K] (forward) or [K, N] (_kn, dX); A stored [K, M] too (_km_kn, dW).
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_bf16(SM90_PARAMS) { gemm_sm90_body<Bf16, false, false, false>(SM90_ARGS, Nf4{}); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_f16(SM90_PARAMS) { gemm_sm90_body<F16, false, false, false>(SM90_ARGS, Nf4{}); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_kn_bf16(SM90_PARAMS) { gemm_sm90_body<Bf16, false, true, false>(SM90_ARGS, Nf4{}); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_kn_f16(SM90_PARAMS) { gemm_sm90_body<F16, false, true, false>(SM90_ARGS, Nf4{}); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_km_kn_bf16(SM90_PARAMS) { gemm_sm90_body<Bf16, true, true, false>(SM90_ARGS, Nf4{}); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_km_kn_f16(SM90_PARAMS) { gemm_sm90_body<F16, true, true, false>(SM90_ARGS, Nf4{}); }
 // NF4: W (B1) dequantized by the producer warpgroup from `packed` (tb1 unused), forward and dX.
-extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nf4_gemm_sm90_bf16(SM90_PARAMS, NF4_PARAMS) { gemm_sm90_body<Bf16, false, true>(SM90_ARGS, NF4_ARGS); }
-extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nf4_gemm_sm90_f16(SM90_PARAMS, NF4_PARAMS) { gemm_sm90_body<F16, false, true>(SM90_ARGS, NF4_ARGS); }
-extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nf4_gemm_sm90_kn_bf16(SM90_PARAMS, NF4_PARAMS) { gemm_sm90_body<Bf16, true, true>(SM90_ARGS, NF4_ARGS); }
-extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nf4_gemm_sm90_kn_f16(SM90_PARAMS, NF4_PARAMS) { gemm_sm90_body<F16, true, true>(SM90_ARGS, NF4_ARGS); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nf4_gemm_sm90_bf16(SM90_PARAMS, NF4_PARAMS) { gemm_sm90_body<Bf16, false, false, true>(SM90_ARGS, NF4_ARGS); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nf4_gemm_sm90_f16(SM90_PARAMS, NF4_PARAMS) { gemm_sm90_body<F16, false, false, true>(SM90_ARGS, NF4_ARGS); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nf4_gemm_sm90_kn_bf16(SM90_PARAMS, NF4_PARAMS) { gemm_sm90_body<Bf16, false, true, true>(SM90_ARGS, NF4_ARGS); }
+extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) nf4_gemm_sm90_kn_f16(SM90_PARAMS, NF4_PARAMS) { gemm_sm90_body<F16, false, true, true>(SM90_ARGS, NF4_ARGS); }

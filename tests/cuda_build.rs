@@ -89,6 +89,8 @@ fn entry_points(module: &str) -> &'static [&'static str] {
             "gemm_sm90_f16",
             "gemm_sm90_kn_bf16",
             "gemm_sm90_kn_f16",
+            "gemm_sm90_km_kn_bf16",
+            "gemm_sm90_km_kn_f16",
             "nf4_gemm_sm90_bf16",
             "nf4_gemm_sm90_f16",
             "nf4_gemm_sm90_kn_bf16",

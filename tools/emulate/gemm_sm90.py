@@ -1,5 +1,7 @@
 """A numpy model of kernels-cuda/gemm_sm90.cu (the Hopper LoRA GEMM, `gemm_sm90_*` and
-`nf4_gemm_sm90_*`) and of the tensor maps src/kernels/lora/sm90.rs encodes for it.
+`nf4_gemm_sm90_*`) and of the tensor maps src/kernels/lora/sm90.rs encodes for it. It predates
+the `_km_kn` instances (A stored [K, M], read MN-major with imm-trans-a 1) and does not model
+them; the CUDA emulator runs them (tools/cuda-emu, compute capability 9.0).
 
 What it models, each piece written from the kernel / launcher source and from the PTX ISA's
 descriptions (not from the kernel's own comments):

@@ -287,9 +287,9 @@ pub fn linear_dx(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, dy: 
 }
 
 /// `c[m, n] = aᵀ·b` for a stored `[k, m]` and b `[k, n]`, both dense: a product over the
-/// tokens, such as a trained weight's dW = dYᵀ·X. Where Hopper's GEMM would take it (an H100 or
-/// H200, `sm90::wanted`) a is transposed first, since wgmma reads A along K; elsewhere the
-/// mma.sync GEMM reads a as stored (`lora_gemm_km_kn_*`), with no transpose and no copy.
+/// tokens, such as a trained weight's dW = dYᵀ·X. Both operands are read as stored (the
+/// `_km_kn` kernels: mma.sync's `ldmatrix.trans`, or on an H100/H200 wgmma reading A
+/// MN-major), with no transpose and no copy.
 pub fn matmul_tn(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, a: &CudaView<'_, u16>, b: &CudaView<'_, u16>, c: GemmOut<'_, '_>, (m, n, k): (usize, usize, usize)) -> Result<()> {
     let op = "matmul_tn (cuda)";
     check_len(op, "a", a.len(), k * m)?;
@@ -297,11 +297,6 @@ pub fn matmul_tn(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, a: &
     check_len(op, "c", c.len(), m * n)?;
     for (what, v) in [("K·M", k * m), ("K·N", k * n), ("M·N", m * n)] {
         to_i32(op, what, v)?;
-    }
-    if super::sm90::wanted(modules, m, n, k) {
-        let mut at = scratch(stream, m * k)?;
-        crate::kernels::elementwise::cuda::transpose::<u16>(stream, modules, a, &mut at.slice_mut(..m * k), k, m)?;
-        return matmul(stream, modules, dt, (&at.slice(..m * k), k), (b, n), c, (m, n, k), true);
     }
     let g = Gemm { a1: (a, m), b1: Some((b, n)), a2: (a, m), b2: (b, n), bias: None, m, n, k1: k, k2: 0, a_km: true, kn: true, alpha: 1.0 };
     gemm(stream, modules, dt, g, c, None)

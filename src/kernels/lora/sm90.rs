@@ -4,9 +4,9 @@
 //! (B stored `[N, K]`), dX (B stored `[K, N]`), f32-accumulated outputs such as dW, and the
 //! same with an NF4 W (QLoRA: the producer warpgroup dequantizes W's tile into the stage). What
 //! it does not take stays on the mma.sync kernels of `lora_gemm.cu`: outputs of
-//! fewer tiles than half the multiprocessors (the rank-R products, decoding), an A stored
-//! `[K, M]` (the `_km_kn` products of the LoRA gradients), a second scaled output (XA and s·XA),
-//! and operands whose rows are not 16-byte aligned (TMA's rule).
+//! fewer tiles than half the multiprocessors (the rank-R products, decoding), a second scaled
+//! output (XA and s·XA), and operands whose rows are not 16-byte aligned (TMA's rule). A stored
+//! `[K, M]` (dW = dYᵀ·X, `_km_kn`) it reads as stored, MN-major, as it reads B stored `[K, N]`.
 //!
 //! `device::cuda::hopper::set_mode` (or `TUNA_SM90` in the environment: `0` off, `force`)
 //! picks the path for a process, `set_part(Part::Gemm, false)` (`TUNA_SM90_OFF=gemm`) turns the
@@ -69,9 +69,13 @@ impl Box2d {
 }
 
 /// The four operands' boxes of a GEMM `[m, n]` over k1 then k2 with row strides `ld` (A1, B1,
-/// A2, B2): A `[m, k]`, B `[n, k]` or (kn) `[k, n]`; A1, B1 again when k2 is 0 (never read).
-pub(crate) fn boxes((m, n, k1, k2): (usize, usize, usize, usize), kn: bool, ld: [usize; 4]) -> [Box2d; 4] {
-    let a = |k: usize, ld: usize| Box2d { rows: m, cols: k, ld, box_rows: TILE.0 as u32 };
+/// A2, B2): A `[m, k]` or (a_km) `[k, m]`, B `[n, k]` or (kn) `[k, n]`; A1, B1 again when k2 is
+/// 0 (never read).
+pub(crate) fn boxes((m, n, k1, k2): (usize, usize, usize, usize), (a_km, kn): (bool, bool), ld: [usize; 4]) -> [Box2d; 4] {
+    let a = |k: usize, ld: usize| match a_km {
+        false => Box2d { rows: m, cols: k, ld, box_rows: TILE.0 as u32 },
+        true => Box2d { rows: k, cols: m, ld, box_rows: BK as u32 },
+    };
     let b = |k: usize, ld: usize| match kn {
         false => Box2d { rows: n, cols: k, ld, box_rows: TILE.1 as u32 },
         true => Box2d { rows: k, cols: n, ld, box_rows: BK as u32 },
@@ -126,8 +130,8 @@ fn encode(ptr: u64, b: &Box2d, dt: Half) -> Option<TensorMap> {
 }
 
 /// Whether the device and the mode send a GEMM of these sizes to this path (when its operands
-/// allow): `cuda::matmul_tn` asks before it chooses between a transpose and the `_km_kn` kernel.
-pub(crate) fn wanted(modules: &ModuleCache, m: usize, n: usize, k1: usize) -> bool {
+/// allow).
+fn wanted(modules: &ModuleCache, m: usize, n: usize, k1: usize) -> bool {
     let on = match hopper::mode_for(Part::Gemm) {
         Mode::Off => false,
         Mode::Auto => big_enough(m, n, k1, modules.multiprocessors()),
@@ -140,7 +144,7 @@ pub(crate) fn wanted(modules: &ModuleCache, m: usize, n: usize, k1: usize) -> bo
 /// mode, the operands and the sizes allow (see the module doc); Ok(false) when it is not taken,
 /// so the caller runs the mma.sync kernel instead.
 pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g: &Gemm, c: &mut GemmOut<'_, '_>, nf4: Option<&Nf4Device>) -> Result<bool> {
-    if !wanted(modules, g.m, g.n, g.k1) || g.a_km || matches!(c, GemmOut::HalfScaled(..)) || g.b1.is_some() == nf4.is_some() || g.k1 == 0 {
+    if !wanted(modules, g.m, g.n, g.k1) || matches!(c, GemmOut::HalfScaled(..)) || g.b1.is_some() == nf4.is_some() || g.k1 == 0 {
         return Ok(false);
     }
     let (a1p, _a1g) = g.a1.0.device_ptr(stream);
@@ -158,11 +162,16 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
     if !ops.iter().all(|&(p, ld)| aligned(p, ld)) {
         return Ok(false);
     }
-    let name = format!("{}gemm_sm90{}_{}", if nf4.is_some() { "nf4_" } else { "" }, if g.kn { "_kn" } else { "" }, dt.suffix());
+    let layout = match (g.a_km, g.kn) {
+        (true, _) => "_km_kn",
+        (false, true) => "_kn",
+        (false, false) => "",
+    };
+    let name = format!("{}gemm_sm90{layout}_{}", if nf4.is_some() { "nf4_" } else { "" }, dt.suffix());
     let i = |what: &str, v: usize| to_i32(&name, what, v);
     let (m, n, k1, k2) = (i("m", g.m)?, i("n", g.n)?, i("k1", g.k1)?, i("k2", g.k2)?);
     let ldb1 = b1.as_ref().map_or(g.a1.1, |b| b.1);
-    let [ba1, bb1, ba2, bb2] = boxes((g.m, g.n, g.k1, g.k2), g.kn, [g.a1.1, ldb1, g.a2.1, g.b2.1]);
+    let [ba1, bb1, ba2, bb2] = boxes((g.m, g.n, g.k1, g.k2), (g.a_km, g.kn), [g.a1.1, ldb1, g.a2.1, g.b2.1]);
     // cuTensorMapEncodeTiled only validates and packs: a refusal (a layout the TMA cannot
     // read) sends the GEMM to the mma.sync kernel, counted in `refused`.
     let refuse = || {
@@ -243,15 +252,18 @@ mod tests {
     fn boxes_follow_the_operand_layouts() {
         let ab = |rows, cols, ld, box_rows| Box2d { rows, cols, ld, box_rows };
         // Forward: X [300, 200], W [520, 200]; LoRA: s.XA [300, 16], B [520, 16].
-        let fwd = boxes((300, 520, 200, 16), false, [200, 200, 16, 16]);
+        let fwd = boxes((300, 520, 200, 16), (false, false), [200, 200, 16, 16]);
         assert_eq!(fwd, [ab(300, 200, 200, 128), ab(520, 200, 200, 256), ab(300, 16, 16, 128), ab(520, 16, 16, 256)]);
         // dX: dY [300, 520] against W [520, 200] read as [K, N]; s.G [300, 16], A [16, 200].
-        let dx = boxes((300, 200, 520, 16), true, [520, 200, 16, 200]);
+        let dx = boxes((300, 200, 520, 16), (false, true), [520, 200, 16, 200]);
         assert_eq!(dx, [ab(300, 520, 520, 128), ab(520, 200, 200, 64), ab(300, 16, 16, 128), ab(16, 200, 200, 64)]);
         // No second phase: the first operands stand in.
-        let plain = boxes((300, 520, 200, 0), false, [200, 200, 0, 0]);
+        let plain = boxes((300, 520, 200, 0), (false, false), [200, 200, 0, 0]);
         assert_eq!(plain[2], plain[0]);
         assert_eq!(plain[3], plain[1]);
+        // dW = dYᵀ·X over 700 tokens: dY [700, 520] read as [K, M], X [700, 200] as [K, N].
+        let dw = boxes((520, 200, 700, 0), (true, true), [520, 200, 0, 0]);
+        assert_eq!(dw[..2], [ab(700, 520, 520, 64), ab(700, 200, 200, 64)]);
     }
 
     #[test]
