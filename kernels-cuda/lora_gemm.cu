@@ -105,10 +105,14 @@ __device__ __forceinline__ void sum_split_tile(const GemmArgs& g, int m0, int n0
     if (!last) return;
     __threadfence();
     const long mn = (long)g.m * g.n;
+    // Not unrolled: unrolled, these loops raised nf4_lora_gemm_kn_bf16 from 127 to 167
+    // registers on sm_90 (ptxas -v), which would cost it a resident block per SM.
+#pragma unroll 1
     for (int i = threadIdx.x; i < BM * BN; i += THREADS) {
         const int row = m0 + i / BN, col = n0 + i % BN;
         if (row >= g.m || col >= g.n) continue;
         float v = 0.0f;
+#pragma unroll 1
         for (int z = 0; z < (int)gridDim.z; z++) v += __ldcg(g.parts + z * mn + (long)row * g.n + col);
         store_c<T>(g, row, col, v);
     }
