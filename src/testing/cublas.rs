@@ -34,9 +34,23 @@ impl Cublas {
 
     /// Row-major `C[m, n] = alpha·A[m, k]·op(B) + beta·C` in bf16 (raw bits) with f32 compute:
     /// B is `[n, k]` read transposed when `b_nk` (the forward's `X·Wᵀ`), else `[k, n]` (the
-    /// backward's `dX = dY·W`). cuBLAS is column-major, so this asks it for `Cᵀ = op(B)ᵀ·Aᵀ`.
+    /// backward's `dX = dY·W`).
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_bf16(&self, a: &CudaSlice<u16>, b: &CudaSlice<u16>, c: &mut CudaSlice<u16>, (m, n, k): (usize, usize, usize), b_nk: bool, alpha: f32, beta: f32) -> Result<()> {
+        self.gemm_ex(a, b, c, (m, n, k), (false, b_nk), alpha, beta)
+    }
+
+    /// Row-major `C[m, n] = Aᵀ·B` in bf16 with f32 compute, A stored `[k, m]` and B `[k, n]`: a
+    /// weight's gradient `dW = dYᵀ·X` over k tokens.
+    pub fn gemm_bf16_tn(&self, a: &CudaSlice<u16>, b: &CudaSlice<u16>, c: &mut CudaSlice<u16>, (m, n, k): (usize, usize, usize)) -> Result<()> {
+        self.gemm_ex(a, b, c, (m, n, k), (true, false), 1.0, 0.0)
+    }
+
+    /// The call both take: A `[m, k]`, or `[k, m]` read transposed (`a_km`); B as `gemm_bf16`'s.
+    /// cuBLAS is column-major, so this asks it for `Cᵀ = op(B)ᵀ·op(A)ᵀ`, each row-major buffer
+    /// being its matrix's transpose to cuBLAS.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_ex(&self, a: &CudaSlice<u16>, b: &CudaSlice<u16>, c: &mut CudaSlice<u16>, (m, n, k): (usize, usize, usize), (a_km, b_nk): (bool, bool), alpha: f32, beta: f32) -> Result<()> {
         for (name, len, need) in [("A", a.len(), m * k), ("B", b.len(), n * k), ("C", c.len(), m * n)] {
             if len < need {
                 return Err(Error::InvalidArgument(format!("cublas gemm [{m}, {n}, {k}]: {name} holds {len} elements, needs {need}")));
@@ -49,13 +63,14 @@ impl Cublas {
         let (bp, _gb) = b.device_ptr(s);
         let (cp, _gc) = c.device_ptr_mut(s);
         let (op_b, ldb) = if b_nk { (bsys::cublasOperation_t::CUBLAS_OP_T, ki) } else { (bsys::cublasOperation_t::CUBLAS_OP_N, ni) };
+        let (op_a, lda) = if a_km { (bsys::cublasOperation_t::CUBLAS_OP_T, mi) } else { (bsys::cublasOperation_t::CUBLAS_OP_N, ki) };
         // SAFETY: the buffers hold at least m·k, n·k and m·n elements (checked above) and live
         // on the handle's stream; alpha and beta are f32, as CUBLAS_COMPUTE_32F requires.
         unsafe {
             blas::gemm_ex(
                 *self.blas.handle(),
                 op_b,
-                bsys::cublasOperation_t::CUBLAS_OP_N,
+                op_a,
                 ni,
                 mi,
                 ki,
@@ -65,7 +80,7 @@ impl Cublas {
                 ldb,
                 ap as *const _,
                 bsys::cudaDataType::CUDA_R_16BF,
-                ki,
+                lda,
                 (&beta) as *const f32 as *const _,
                 cp as *mut _,
                 bsys::cudaDataType::CUDA_R_16BF,

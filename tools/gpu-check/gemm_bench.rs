@@ -8,8 +8,10 @@
 //! - `tuna nf4 lora`: `lora::cuda::forward` with `Weight::Nf4` (W in NF4, dequantized in the tile loads; the
 //!   GEMV kernel for M <= 16);
 //! - at M >= 2048: `cublas dX` (`dX = dY·W`, the backward's big product) beside `tuna dX`
-//!   (`linear_dx`), and `tuna base gemm` (`linear`, rank 0); on an H100 (Hopper's wgmma path by
-//!   default) each tuna row also with that path off, `(mma.sync)`.
+//!   (`linear_dx`), `cublas dW` (`dW = dYᵀ·X` over the M tokens, a trained weight's gradient)
+//!   beside `tuna dW` (`matmul_tn`, dY read as stored; its result checked against cuBLAS's),
+//!   and `tuna base gemm` (`linear`, rank 0); on an H100 (Hopper's wgmma path by default) each
+//!   tuna row also with that path off, `(mma.sync)`.
 //!
 //! Targets (H100): fused <= 1.10x the base GEMM's time and >= 1.3x faster than the three
 //! calls; NF4 at M >= 2048 >= 0.8x the base GEMM's throughput; NF4 at M = 1 >= 2.5x faster
@@ -36,6 +38,14 @@ fn cuda_err(context: &str) -> impl Fn(cudarc::driver::DriverError) -> tuna::Erro
 fn upload(s: &Arc<CudaStream>, rng: &mut Rng, n: usize, scale: f32) -> tuna::Result<CudaSlice<u16>> {
     let host: Vec<u16> = rng.vec(n, -scale, scale).into_iter().map(|v| bf16::from_f32(v).to_bits()).collect();
     s.clone_htod(&host).map_err(cuda_err("upload"))
+}
+
+/// The largest difference between two bf16 results (raw bits), relative to `want`'s largest
+/// magnitude: the bound a product's rounding and summation order keep within ~1 bf16 step.
+fn max_rel_diff(have: &[u16], want: &[u16]) -> f64 {
+    let f = |b: u16| f64::from(f32::from(bf16::from_bits(b)));
+    let scale = want.iter().map(|&w| f(w).abs()).fold(0.0, f64::max).max(f64::MIN_POSITIVE);
+    have.iter().zip(want).map(|(&h, &w)| (f(h) - f(w)).abs()).fold(0.0, f64::max) / scale
 }
 
 pub fn lora_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
@@ -89,6 +99,11 @@ pub fn lora_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
                 let mut dx = s.alloc_zeros::<u16>(m * K).map_err(cuda_err("alloc"))?;
                 let blas_dx = time_us(rt, || blas.gemm_bf16(&dy, &w, &mut dx, (m, K, n), false, 1.0, 0.0))?;
                 rows.push(("cublas dX", blas_dx, base_flops));
+                // dW [n, K] = dYᵀ·X over the m tokens; cuBLAS's result is kept to check tuna's.
+                let mut dw = s.alloc_zeros::<u16>(n * K).map_err(cuda_err("alloc"))?;
+                let blas_dw = time_us(rt, || blas.gemm_bf16_tn(&dy, &x, &mut dw, (n, K, m)))?;
+                rows.push(("cublas dW", blas_dw, base_flops));
+                let want_dw: Vec<u16> = s.clone_dtoh(&dw).map_err(cuda_err("download"))?;
                 // The mode the run chose (the GEMM path off after a failed smoke test), then, on
                 // an H100 with the path on, Off for the mma.sync rows.
                 let entry = sm90::mode();
@@ -98,15 +113,22 @@ pub fn lora_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
                     let timed = (
                         time_us(rt, || lora::cuda::linear(s, md, Half::Bf16, &x.slice(..), lora::cuda::Weight::Dense(&w.slice(..)), None, &mut y.slice_mut(..), (m, n, K))),
                         time_us(rt, || lora::cuda::linear_dx(s, md, Half::Bf16, &dy.slice(..), lora::cuda::Weight::Dense(&w.slice(..)), &mut dx.slice_mut(..), (m, n, K))),
+                        time_us(rt, || lora::cuda::matmul_tn(s, md, Half::Bf16, &dy.slice(..), &x.slice(..), lora::cuda::GemmOut::Half(&mut dw.slice_mut(..)), (n, K, m))),
                     );
                     sm90::set_mode(entry);
-                    let (base_us, dx_us) = (timed.0?, timed.1?);
+                    let (base_us, dx_us, dw_us) = (timed.0?, timed.1?, timed.2?);
+                    let dw_err = max_rel_diff(&s.clone_dtoh(&dw).map_err(cuda_err("download"))?, &want_dw);
+                    if dw_err > 2e-2 {
+                        return Err(tuna::Error::InvalidArgument(format!("tuna dW [{n}, {K}] over {m} tokens differs from cuBLAS's by {dw_err:.2e} (relative, largest element)")));
+                    }
                     if mode == entry {
                         rows.push(("tuna base gemm", base_us, base_flops));
                         rows.push(("tuna dX", dx_us, base_flops));
+                        rows.push(("tuna dW", dw_us, base_flops));
                     } else {
                         rows.push(("tuna base gemm (mma.sync)", base_us, base_flops));
                         rows.push(("tuna dX (mma.sync)", dx_us, base_flops));
+                        rows.push(("tuna dW (mma.sync)", dw_us, base_flops));
                         sm90::set_mode(Mode::Off);
                         let fused_mma = time_us(rt, || {
                             let (xv, wv, av, bv) = (x.slice(..), w.slice(..), a.slice(..), b.slice(..));
