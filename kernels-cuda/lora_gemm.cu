@@ -8,8 +8,9 @@
 // One GEMM over K + R: `lora_gemm_*` runs the K tiles of (X, W) and then the R tiles of
 // (s.XA, B) into the same accumulators, so Y is written once and W read once per tile.
 // The launcher first writes XA and s.XA, both from one product (the epilogue's second output
-// c2) -- pre-scaling the second operand keeps one accumulator set. dX is the same kernel with B stored [K, N] (W and A read
-// along their rows: the `_kn` instances, ldmatrix.trans), A1 = dY, A2 = s.G.
+// c2) -- pre-scaling the second operand keeps one accumulator set. dX is the same kernel with
+// B stored [K, N] (W and A read along their rows: the `_kn` instances, ldmatrix.trans),
+// A1 = dY, A2 = s.G.
 // Shapes: X [M,K], W [N,K], A [R,K], B [N,R], dY [M,N], all row-major, any sizes, R <= 128.
 //
 // NF4: W in bitsandbytes' layout (`src/kernels/nf4.rs`): code of flat element e in byte e/2

@@ -56,7 +56,7 @@ pub(crate) fn scratch(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<u1
     stream.alloc_zeros::<u16>(n.max(1)).map_err(|e| Error::cuda("allocating LoRA scratch", e))
 }
 
-/// `c = alpha·op(a)·op(b)` for the rank-R products, on the tensor cores: a row-major `[m, k1]`
+/// `c = alpha·op(a)·op(b)` (the rank-R products, `matmul_tn`), on the tensor cores: a row-major `[m, k1]`
 /// or (`a_km`) `[k1, m]` with row stride `lda`, b `[n, k1]` or (`kn`) `[k1, n]` with row stride
 /// `ldb`.
 #[allow(clippy::too_many_arguments)]
@@ -298,8 +298,7 @@ pub fn matmul_tn(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, a: &
     for (what, v) in [("K·M", k * m), ("K·N", k * n), ("M·N", m * n)] {
         to_i32(op, what, v)?;
     }
-    let g = Gemm { a1: (a, m), b1: Some((b, n)), a2: (a, m), b2: (b, n), bias: None, m, n, k1: k, k2: 0, a_km: true, kn: true, alpha: 1.0 };
-    gemm(stream, modules, dt, g, c, None)
+    product(stream, modules, dt, (a, m), (b, n), c, (m, n, k), (true, true), 1.0)
 }
 
 /// The plain GEMM (the LoRA GEMM with rank 0): `c[m, n] = a·bᵀ` with b `[n, k]`, or with
