@@ -73,7 +73,8 @@ def gemm_targets(report):
     pairs = [("tuna base gemm", "cublas base (peer)"), ("tuna base gemm (mma.sync)", "cublas base (peer)"),
              ("tuna lora fused", "cublas base (peer)"), ("tuna lora fused (mma.sync)", "cublas base (peer)"),
              ("tuna nf4 lora", "cublas base (peer)"), ("tuna nf4 lora (mma.sync)", "cublas base (peer)"),
-             ("tuna dX", "cublas dX"), ("tuna dX (mma.sync)", "cublas dX")]
+             ("tuna dX", "cublas dX"), ("tuna dX (mma.sync)", "cublas dX"),
+             ("tuna dW", "cublas dW"), ("tuna dW (mma.sync)", "cublas dW")]
     shown = False
     for (kernel, m, n), b in sorted(timed.items(), key=lambda kv: (kv[0][1], kv[0][2])):
         for ours, peer in pairs:
