@@ -9,6 +9,7 @@ use crate::{ops, Result, Tape, Tensor};
 pub mod attention;
 pub mod cast;
 pub mod cublas;
+mod cuda_mem;
 pub mod lora;
 pub mod token_ops;
 pub mod model;

@@ -459,34 +459,13 @@ mod wgpu_run {
 }
 
 mod cuda_run {
-    use std::sync::Arc;
-
-    use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
-
     use super::{LoraCase, LoraInputs, LoraOutputs};
     use crate::device::cuda::runtime;
     use crate::kernels::lora::cuda::{self, Half};
     use crate::kernels::nf4::cuda::{self as nf4, Nf4Device};
     use crate::kernels::nf4::Nf4Tensor;
+    use crate::testing::cuda_mem::{down, up, zeros};
     use crate::{DType, Error, Result};
-
-    fn err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
-        move |e| Error::cuda(what.to_string(), e)
-    }
-
-    fn up<T: DeviceRepr>(s: &Arc<CudaStream>, v: &[T]) -> Result<CudaSlice<T>> {
-        s.clone_htod(v).map_err(err("copy to device"))
-    }
-
-    fn zeros<T: DeviceRepr + ValidAsZeroBits>(s: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<T>> {
-        s.alloc_zeros::<T>(n.max(1)).map_err(err("alloc"))
-    }
-
-    fn down<T: DeviceRepr + Default + Clone>(s: &Arc<CudaStream>, d: &CudaSlice<T>, n: usize) -> Result<Vec<T>> {
-        let mut v = s.clone_dtoh(d).map_err(err("copy to host"))?;
-        v.truncate(n);
-        Ok(v)
-    }
 
     fn bits(dt: Half, v: &[f32]) -> Vec<u16> {
         match dt {

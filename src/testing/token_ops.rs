@@ -308,51 +308,15 @@ mod wgpu_run {
 mod cuda_run {
     use std::sync::Arc;
 
-    use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+    use cudarc::driver::{CudaSlice, CudaStream};
 
     use super::SwiGluOut;
     use crate::device::cuda::runtime;
     use crate::kernels::elementwise::{cuda as swiglu, SwiGluParams};
     use crate::kernels::embedding::{cuda as embedding, EmbeddingParams};
     use crate::kernels::rope::{cuda as rope, Direction, RopeParams};
+    use crate::testing::cuda_mem::{err, up, zeros, Storage};
     use crate::{DType, Error, Result};
-
-    fn err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
-        move |e| Error::cuda(what.to_string(), e)
-    }
-
-    fn up<T: DeviceRepr + ValidAsZeroBits>(s: &Arc<CudaStream>, v: &[T]) -> Result<CudaSlice<T>> {
-        if v.is_empty() {
-            return zeros(s, 1);
-        }
-        s.clone_htod(v).map_err(err("copy to device"))
-    }
-
-    fn zeros<T: DeviceRepr + ValidAsZeroBits>(s: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<T>> {
-        s.alloc_zeros::<T>(n.max(1)).map_err(err("alloc"))
-    }
-
-    /// Storage of a test: f32, or bf16 bits.
-    trait Storage: DeviceRepr + ValidAsZeroBits + Default + Clone + Copy + Unpin {
-        fn from_f32(v: f32) -> Self;
-        fn to_f32(self) -> f32;
-    }
-    impl Storage for f32 {
-        fn from_f32(v: f32) -> Self {
-            v
-        }
-        fn to_f32(self) -> f32 {
-            self
-        }
-    }
-    impl Storage for u16 {
-        fn from_f32(v: f32) -> Self {
-            half::bf16::from_f32(v).to_bits()
-        }
-        fn to_f32(self) -> f32 {
-            half::bf16::from_bits(self).to_f32()
-        }
-    }
 
     fn store<T: Storage>(s: &Arc<CudaStream>, v: &[f32]) -> Result<CudaSlice<T>> {
         up(s, &v.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>())

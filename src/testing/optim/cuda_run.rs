@@ -1,53 +1,13 @@
 //! The optimizer checks' runs on CUDA, through the CUDA launchers (and `adamw_multi`
 //! against the one-tensor kernel).
 
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
-use std::sync::Arc;
+use cudarc::driver::CudaSlice;
 
 use super::{AdamWCase, AdamWState, Sm3Case, Sm3State};
 use crate::device::cuda::runtime;
 use crate::kernels::optim::{cuda, AdamWParams, Sm3Params};
+use crate::testing::cuda_mem::{down, up, zeros, Storage};
 use crate::{DType, Error, Result};
-
-fn err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
-    move |e| Error::Cuda { context: what.to_string(), message: format!("{e:?}") }
-}
-
-fn up<T: DeviceRepr>(s: &Arc<CudaStream>, v: &[T]) -> Result<CudaSlice<T>> {
-    s.clone_htod(v).map_err(err("copy to device"))
-}
-
-fn zeros<T: DeviceRepr + ValidAsZeroBits>(s: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<T>> {
-    s.alloc_zeros::<T>(n.max(1)).map_err(err("alloc"))
-}
-
-fn down<T: DeviceRepr + Default + Clone>(s: &Arc<CudaStream>, d: &CudaSlice<T>, n: usize) -> Result<Vec<T>> {
-    let mut v = s.clone_dtoh(d).map_err(err("copy to host"))?;
-    v.truncate(n);
-    Ok(v)
-}
-
-/// Parameter storage of a test: f32, or bf16 bits.
-trait Storage: DeviceRepr + ValidAsZeroBits + Default + Clone + Copy + Unpin {
-    fn from_f32(v: f32) -> Self;
-    fn to_f32(self) -> f32;
-}
-impl Storage for f32 {
-    fn from_f32(v: f32) -> Self {
-        v
-    }
-    fn to_f32(self) -> f32 {
-        self
-    }
-}
-impl Storage for u16 {
-    fn from_f32(v: f32) -> Self {
-        half::bf16::from_f32(v).to_bits()
-    }
-    fn to_f32(self) -> f32 {
-        half::bf16::from_bits(self).to_f32()
-    }
-}
 
 fn store<T: Storage>(v: &[f32]) -> Vec<T> {
     v.iter().map(|&x| T::from_f32(x)).collect()
