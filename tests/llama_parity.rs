@@ -75,6 +75,11 @@ fn mistral_matches_transformers() {
 }
 
 #[test]
+fn qwen3_qk_norms_match_transformers() {
+    check_logits_and_loss("qwen3");
+}
+
+#[test]
 fn bf16_checkpoint_matches_its_f32_twin() {
     // Exactly transformers' result for the bf16 weights upcast to f32 ...
     check_logits_and_loss("llama-gqa-bf16");
@@ -87,7 +92,7 @@ fn bf16_checkpoint_matches_its_f32_twin() {
 
 #[test]
 fn greedy_generation_reproduces_transformers() {
-    for name in ["llama-gqa", "qwen2-tied", "llama3-rope", "mistral"] {
+    for name in ["llama-gqa", "qwen2-tied", "llama3-rope", "mistral", "qwen3"] {
         let cpu_model = Llama::load(&fixture(name)).unwrap();
         let exp = Expected::load(name);
         let prompt: Vec<u32> = exp.ids("greedy_prompt").into_iter().map(|t| t as u32).collect();
@@ -105,13 +110,15 @@ fn greedy_generation_reproduces_transformers() {
 
 #[test]
 fn kv_cache_gives_the_same_logits_as_a_full_forward() {
-    for dev in common::f32_model_devices() {
-        kv_cache_check(&Llama::load(&fixture("llama-gqa")).unwrap().to_device(&dev).unwrap());
+    for name in ["llama-gqa", "qwen3"] {
+        for dev in common::f32_model_devices() {
+            kv_cache_check(name, &Llama::load(&fixture(name)).unwrap().to_device(&dev).unwrap());
+        }
     }
 }
 
-fn kv_cache_check(model: &Llama) {
-    let exp = Expected::load("llama-gqa");
+fn kv_cache_check(fixture_name: &str, model: &Llama) {
+    let exp = Expected::load(fixture_name);
     let ids: Vec<i32> = exp.ids("input_ids")[..12].to_vec();
     let full = model.forward(&Tensor::from_vec_i32(ids.clone(), [1, 12]).unwrap(), None).unwrap().to_vec_f32().unwrap();
     let mut cache = KvCache::new(model.config.num_layers);
@@ -121,26 +128,28 @@ fn kv_cache_check(model: &Llama) {
         got.extend(model.forward(&t, Some(&mut cache)).unwrap().to_vec_f32().unwrap());
     }
     assert_eq!(cache.len(), 12);
-    compare(&format!("cached logits on {}", model.device()), &got, &full.iter().map(|&v| v as f64).collect::<Vec<_>>(), Tolerance { atol: 1e-5, rtol: 1e-5 }).unwrap();
+    compare(&format!("{fixture_name}: cached logits on {}", model.device()), &got, &full.iter().map(|&v| v as f64).collect::<Vec<_>>(), Tolerance { atol: 1e-5, rtol: 1e-5 }).unwrap();
 }
 
 #[test]
 fn full_model_gradients_match_transformers() {
-    // On every device: on wgpu every op's backward runs there.
-    for dev in common::f32_model_devices() {
-        full_model_gradients(Llama::load(&fixture("llama-gqa")).unwrap().to_device(&dev).unwrap());
+    // On every device: on wgpu every op's backward runs there. Qwen3's q/k norms: 4 more.
+    for (name, count) in [("llama-gqa", 21), ("qwen3", 25)] {
+        for dev in common::f32_model_devices() {
+            full_model_gradients(name, count, Llama::load(&fixture(name)).unwrap().to_device(&dev).unwrap());
+        }
     }
 }
 
-fn full_model_gradients(mut model: Llama) {
+fn full_model_gradients(fixture_name: &str, count: usize, mut model: Llama) {
     let dev = model.device();
-    let exp = Expected::load("llama-gqa");
+    let exp = Expected::load(fixture_name);
     let tape = Tape::new();
     model.map_parameters(|_, t| Ok(tape.param(t))).unwrap();
     let loss = model.loss(&exp.tensor("input_ids"), None).unwrap();
     let grads = tape.backward(&loss).unwrap();
     let params = model.parameters();
-    assert_eq!(params.len(), 21);
+    assert_eq!(params.len(), count, "{fixture_name}");
     for (name, p) in &params {
         let g = grads.get(p).unwrap_or_else(|| panic!("no gradient for {name} on {dev}"));
         assert_eq!(g.device(), dev, "{name}");

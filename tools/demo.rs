@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicBool;
 
 use clap::Args;
 use serde_json::json;
-use tuna::io::config::LlamaConfig;
+use tuna::io::config::{Arch, LlamaConfig};
 use tuna::nn::{GenerateOptions, Llama};
 use tuna::optim::{OptimizerConfig, ScheduleKind};
 use tuna::peft::{save_adapter, save_deltas, LoraConfig, Regrow, SparseConfig};
@@ -224,6 +224,10 @@ pub enum BenchPreset {
     /// Issue 8's end-to-end case: a random Llama-3.2-1B shape (hidden 2048, 16 layers, 32 heads,
     /// 8 KV heads, intermediate 8192, vocab 128256, tied head), default batch 4 × 2048, rank 16.
     Llama1b,
+    /// A random Qwen3-0.6B shape (hidden 1024, 28 layers, 16 heads of 128 over 8 KV heads,
+    /// q/k norms, intermediate 3072, vocab 151936, tied head), default batch 4 × 2048, rank 16.
+    #[value(name = "qwen3-0.6b")]
+    Qwen3_0_6b,
 }
 
 #[derive(Args)]
@@ -288,6 +292,11 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
         BenchPreset::Llama1b => {
             let mut c = LlamaConfig::llama(128_256, 2048, 8192, 16, 32, 8);
             c.tie_word_embeddings = true;
+            (c, 4, 2048, 16)
+        }
+        BenchPreset::Qwen3_0_6b => {
+            let c = LlamaConfig::llama(151_936, 1024, 3072, 28, 16, 8);
+            let c = LlamaConfig { arch: Arch::Qwen3, qk_norm: true, head_dim: 128, tie_word_embeddings: true, rope_theta: 1e6, rms_norm_eps: 1e-6, ..c };
             (c, 4, 2048, 16)
         }
     };
@@ -386,7 +395,7 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
     println!(
         "{}",
         json!({ "step_seconds": times, "tokens_per_second": (batch * seq) as f64 / median, "device": device.to_string(),
-                "preset": format!("{:?}", a.preset), "method": method_name, "density": a.sparse.map(|d| d.to_string().parse::<f64>().unwrap_or(f64::NAN)), "batch": batch, "seq": seq, "rank": rank, "device_memory": memory,
+                "preset": clap::ValueEnum::to_possible_value(&a.preset).map(|v| v.get_name().to_string()), "method": method_name, "density": a.sparse.map(|d| d.to_string().parse::<f64>().unwrap_or(f64::NAN)), "batch": batch, "seq": seq, "rank": rank, "device_memory": memory,
                 "kernel_profile": profile })
     );
     Ok(())

@@ -1,7 +1,7 @@
 //! `config.json` of a Llama-family checkpoint: Llama (SmolLM, TinyLlama, Llama 3.x), Mistral,
-//! Qwen2. Reads both the classic form (`rope_theta`, `rope_scaling` at the top level) and the
-//! transformers 5 form (`rope_parameters`). Unknown architectures and unsupported settings are
-//! errors naming the field, never silent defaults.
+//! Qwen2, Qwen3. Reads both the classic form (`rope_theta`, `rope_scaling` at the top level)
+//! and the transformers 5 form (`rope_parameters`). Unknown architectures and unsupported
+//! settings are errors naming the field, never silent defaults.
 
 use std::path::Path;
 
@@ -15,6 +15,9 @@ pub enum Arch {
     Llama,
     Mistral,
     Qwen2,
+    /// Qwen2's layout without its fixed q/k/v biases, plus an RMSNorm over each head of q and k
+    /// before RoPE (`q_norm`, `k_norm`).
+    Qwen3,
 }
 
 /// Llama 3's frequency-dependent RoPE rescaling.
@@ -40,10 +43,13 @@ pub struct LlamaConfig {
     pub rope_theta: f32,
     pub rope_scaling: Option<Llama3Scaling>,
     pub tie_word_embeddings: bool,
-    /// Biases on q, k, v (Qwen2 always; Llama with `attention_bias`).
+    /// Biases on q, k, v (Qwen2 always; Llama and Qwen3 with `attention_bias`).
     pub qkv_bias: bool,
-    /// Bias on o (Llama with `attention_bias`).
+    /// Bias on o (Llama and Qwen3 with `attention_bias`).
     pub o_bias: bool,
+    /// An RMSNorm (weight `[head_dim]`, eps `rms_norm_eps`) over each head of q and of k,
+    /// between the projection and RoPE (Qwen3).
+    pub qk_norm: bool,
     pub mlp_bias: bool,
     pub max_position_embeddings: usize,
     pub sliding_window: Option<usize>,
@@ -93,8 +99,12 @@ impl LlamaConfig {
             "LlamaForCausalLM" => Arch::Llama,
             "MistralForCausalLM" => Arch::Mistral,
             "Qwen2ForCausalLM" => Arch::Qwen2,
+            "Qwen3ForCausalLM" => Arch::Qwen3,
             other => {
-                return Err(f.err("architectures", &format!("`{other}` is not supported (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM are)")))
+                return Err(f.err(
+                    "architectures",
+                    &format!("`{other}` is not supported (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM are)"),
+                ))
             }
         };
         if let Some(act) = f.opt("hidden_act").and_then(Value::as_str) {
@@ -108,7 +118,9 @@ impl LlamaConfig {
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(f.err("num_key_value_heads", &format!("{num_kv_heads} must divide num_attention_heads = {num_heads}")));
         }
-        let head_dim = f.opt_usize("head_dim")?.unwrap_or(hidden_size / num_heads);
+        // Qwen3's default is transformers' (`Qwen3Config(head_dim=128)`), not hidden / heads.
+        let default_head_dim = if arch == Arch::Qwen3 { 128 } else { hidden_size / num_heads };
+        let head_dim = f.opt_usize("head_dim")?.unwrap_or(default_head_dim);
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(f.err("head_dim", &format!("{head_dim} must be even and positive (RoPE pairs halves)")));
         }
@@ -150,8 +162,8 @@ impl LlamaConfig {
         };
         let sliding_window = match arch {
             Arch::Mistral => f.opt_usize("sliding_window")?,
-            Arch::Qwen2 if f.opt_bool("use_sliding_window")?.unwrap_or(false) => {
-                return Err(f.err("use_sliding_window", "Qwen2's per-layer sliding window is not supported"))
+            Arch::Qwen2 | Arch::Qwen3 if f.opt_bool("use_sliding_window")?.unwrap_or(false) => {
+                return Err(f.err("use_sliding_window", "Qwen's per-layer sliding window is not supported"))
             }
             _ => None,
         };
@@ -178,6 +190,7 @@ impl LlamaConfig {
             tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
             qkv_bias,
             o_bias,
+            qk_norm: arch == Arch::Qwen3,
             mlp_bias: f.opt_bool("mlp_bias")?.unwrap_or(false),
             max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(2048),
             sliding_window,
@@ -204,6 +217,7 @@ impl LlamaConfig {
             tie_word_embeddings: false,
             qkv_bias: false,
             o_bias: false,
+            qk_norm: false,
             mlp_bias: false,
             max_position_embeddings: 2048,
             sliding_window: None,
@@ -219,6 +233,7 @@ impl LlamaConfig {
             Arch::Llama => ("LlamaForCausalLM", "llama"),
             Arch::Mistral => ("MistralForCausalLM", "mistral"),
             Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
+            Arch::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
         };
         let mut rope = serde_json::json!({"rope_type": "default", "rope_theta": self.rope_theta});
         if let Some(s) = &self.rope_scaling {

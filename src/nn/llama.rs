@@ -1,8 +1,9 @@
-//! The Llama-family decoder (Llama, Mistral, Qwen2), on tuna's ops, so every forward is
+//! The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3), on tuna's ops, so every forward is
 //! differentiable through the tape and runs wherever the ops do.
 //!
 //! Per layer, with x the residual stream `[B*T, E]`:
 //!   h = RMSNorm(x); q, k, v = h·Wqᵀ (+bq), h·Wkᵀ (+bk), h·Wvᵀ (+bv)
+//!   q, k = RMSNorm(q), RMSNorm(k) over each head (Qwen3 only)
 //!   q, k = RoPE(q), RoPE(k) (rotate_half, positions per row)
 //!   x = x + Attention(q, k, v; causal, grouped-query)·Woᵀ
 //!   x = x + (silu(RMSNorm(x)·Wgᵀ) * (RMSNorm(x)·Wuᵀ))·Wdᵀ
@@ -131,10 +132,19 @@ pub struct Layer {
     pub k: Linear,
     pub v: Linear,
     pub o: Linear,
+    /// Qwen3's RMSNorm weights (`[head_dim]`) over each head of q and of k, before RoPE.
+    pub qk_norm: Option<QkNorm>,
     pub post_norm: Tensor,
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
+}
+
+/// The per-head norms of q and k (`self_attn.q_norm`, `self_attn.k_norm`).
+#[derive(Clone)]
+pub struct QkNorm {
+    pub q: Tensor,
+    pub k: Tensor,
 }
 
 /// What every decoder layer of one forward shares.
@@ -163,8 +173,13 @@ impl Layer {
         // SwiGLU's product again from the gate and up outputs (which SwiGLU's keeps).
         let hn = ops::rmsnorm(x, &self.input_norm, ctx.eps)?;
         let qkv = Linear::forward_group_remade(&[(&self.q, seeds[0]), (&self.k, seeds[1]), (&self.v, seeds[2])], &hn, Some(remade_rmsnorm(x, &self.input_norm, ctx.eps)))?;
-        let q = ops::rope(&ops::reshape(&qkv[0], [b * t, h, d])?, &ctx.positions, &ctx.inv_freq)?;
-        let k = ops::rope(&ops::reshape(&qkv[1], [b * t, g, d])?, &ctx.positions, &ctx.inv_freq)?;
+        let (mut q, mut k) = (ops::reshape(&qkv[0], [b * t, h, d])?, ops::reshape(&qkv[1], [b * t, g, d])?);
+        if let Some(n) = &self.qk_norm {
+            // Over the last dim: each head of each token is a row.
+            (q, k) = (ops::rmsnorm(&q, &n.q, ctx.eps)?, ops::rmsnorm(&k, &n.k, ctx.eps)?);
+        }
+        let q = ops::rope(&q, &ctx.positions, &ctx.inv_freq)?;
+        let k = ops::rope(&k, &ctx.positions, &ctx.inv_freq)?;
         let (mut k, mut v) = (ops::reshape(&k, [b, t, g, d])?, ops::reshape(&qkv[2], [b, t, g, d])?);
         if let Some(slot) = cache {
             (k, v) = super::kv_cache::extend(slot, k, v)?;
@@ -199,10 +214,13 @@ impl Layer {
         })
     }
 
-    /// Every tensor of the layer, in a fixed order: norms, then per linear its weight, bias,
-    /// LoRA A and B, sparse delta values.
+    /// Every tensor of the layer, in a fixed order: norms (q/k norms last), then per linear its
+    /// weight, bias, LoRA A and B, sparse delta values.
     fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
         let mut out = vec![&mut self.input_norm, &mut self.post_norm];
+        if let Some(n) = &mut self.qk_norm {
+            out.extend([&mut n.q, &mut n.k]);
+        }
         for lin in [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down] {
             out.push(&mut lin.weight);
             if let Some(bias) = &mut lin.bias {
@@ -286,6 +304,11 @@ impl Llama {
                 k: linear(&format!("{p}.self_attn.k_proj"), c.num_kv_heads * d, e, c.qkv_bias)?,
                 v: linear(&format!("{p}.self_attn.v_proj"), c.num_kv_heads * d, e, c.qkv_bias)?,
                 o: linear(&format!("{p}.self_attn.o_proj"), e, c.num_heads * d, c.o_bias)?,
+                qk_norm: if c.qk_norm {
+                    Some(QkNorm { q: w.load_f32(&format!("{p}.self_attn.q_norm.weight"), &[d])?, k: w.load_f32(&format!("{p}.self_attn.k_norm.weight"), &[d])? })
+                } else {
+                    None
+                },
                 post_norm: w.load_f32(&format!("{p}.post_attention_layernorm.weight"), &[e])?,
                 gate: linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, e, c.mlp_bias)?,
                 up: linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, e, c.mlp_bias)?,
@@ -327,6 +350,7 @@ impl Llama {
                 k: lin(c.num_kv_heads * d, e, c.qkv_bias)?,
                 v: lin(c.num_kv_heads * d, e, c.qkv_bias)?,
                 o: lin(e, c.num_heads * d, c.o_bias)?,
+                qk_norm: if c.qk_norm { Some(QkNorm { q: ones(d)?, k: ones(d)? }) } else { None },
                 post_norm: ones(e)?,
                 gate: lin(c.intermediate_size, e, c.mlp_bias)?,
                 up: lin(c.intermediate_size, e, c.mlp_bias)?,
@@ -394,8 +418,9 @@ impl Llama {
     }
 
     /// Replaces every base parameter by `f(name, tensor)` (e.g. `tape.param` for full
-    /// fine-tuning, or a move to another device). Order: embeddings, then per layer its norms
-    /// and linears, then the final norm and the head.
+    /// fine-tuning, or a move to another device). Order: embeddings, every layer's linears,
+    /// every layer's norms (Qwen3's q and k norms after the other two), then the final norm and
+    /// the head.
     pub fn map_parameters(&mut self, mut f: impl FnMut(&str, &Tensor) -> Result<Tensor>) -> Result<()> {
         let mut map = |name: &str, t: &mut Tensor| -> Result<()> {
             *t = f(name, t)?;
@@ -411,6 +436,10 @@ impl Llama {
         for (i, l) in self.layers.iter_mut().enumerate() {
             map(&format!("model.layers.{i}.input_layernorm.weight"), &mut l.input_norm)?;
             map(&format!("model.layers.{i}.post_attention_layernorm.weight"), &mut l.post_norm)?;
+            if let Some(n) = &mut l.qk_norm {
+                map(&format!("model.layers.{i}.self_attn.q_norm.weight"), &mut n.q)?;
+                map(&format!("model.layers.{i}.self_attn.k_norm.weight"), &mut n.k)?;
+            }
         }
         map("model.norm.weight", &mut self.norm)?;
         if let Some(h) = &mut self.lm_head {

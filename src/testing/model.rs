@@ -11,7 +11,7 @@
 //! the loss, a mean over tokens, averages the rounding out to well under 1%. f16 (wgpu) keeps
 //! 11 bits, and its bounds are tighter in proportion.
 
-use crate::io::config::LlamaConfig;
+use crate::io::config::{Arch, LlamaConfig};
 use crate::nn::{KvCache, Llama, Packing};
 use crate::peft::{LoraConfig, Regrow, SparseConfig};
 use crate::rng::Rng;
@@ -53,11 +53,32 @@ pub fn tiny_config() -> LlamaConfig {
     LlamaConfig::llama(320, 128, 256, 2, 2, 1)
 }
 
+/// `tiny_config` laid out as Qwen3: an RMSNorm over each head of q and k before RoPE, and, as
+/// in Qwen3-0.6B, heads twice as wide in all as the hidden size (four query heads over two
+/// key/value heads of 64: q_proj is 128 -> 256).
+pub fn tiny_qk_norm_config() -> LlamaConfig {
+    LlamaConfig { arch: Arch::Qwen3, qk_norm: true, num_heads: 4, num_kv_heads: 2, ..tiny_config() }
+}
+
+/// A random model of `config` from `seed`, rounded to `dtype` and held in f32 on the CPU,
+/// whose q/k norm weights (if any) are drawn from [0.5, 1.5] rather than left at 1, so that a
+/// device that skipped them or read them wrongly would differ.
+fn random_model(config: LlamaConfig, seed: u64, dtype: DType) -> crate::Result<Llama> {
+    let mut m = Llama::random(config, seed)?;
+    let mut rng = Rng::new(seed + 100);
+    m.map_parameters(|name, t| if name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight") { Tensor::from_vec(rng.vec(t.elem_count(), 0.5, 1.5), t.shape().clone()) } else { Ok(t.clone()) })?;
+    m.to_dtype(dtype)?.to_dtype(DType::F32)
+}
+
 /// A random tiny model (weights rounded to `dtype`) with LoRA rank 4 on every linear (or, with
 /// `qv_only`, on q_proj and v_proj alone, so the other linears run without an adapter) and
 /// non-zero B (so the adapters change the output), on the CPU in f32.
 pub fn tiny_lora_model(dtype: DType, dropout: f32, qv_only: bool) -> crate::Result<Llama> {
-    let mut m = Llama::random(tiny_config(), 3)?.to_dtype(dtype)?.to_dtype(DType::F32)?;
+    lora_model(tiny_config(), dtype, dropout, qv_only)
+}
+
+fn lora_model(config: LlamaConfig, dtype: DType, dropout: f32, qv_only: bool) -> crate::Result<Llama> {
+    let mut m = random_model(config, 3, dtype)?;
     let mut cfg = LoraConfig { r: 4, alpha: 8.0, dropout, ..Default::default() };
     if qv_only {
         cfg.target_modules = vec!["q_proj".into(), "v_proj".into()];
@@ -129,14 +150,23 @@ fn loss_and_grads(model: &Llama, ids: &[i32], dropout_seed: Option<u64>, packed:
 }
 
 /// Loss and every LoRA gradient on `dev` in `dtype` against the CPU, for plain, dropout 0.1,
-/// packed, checkpointed and NF4-base (QLoRA) runs. Returns the largest errors seen.
+/// packed, checkpointed, NF4-base (QLoRA) and Qwen3-layout (q/k norms) runs. Returns the
+/// largest errors seen.
 pub fn check_loss_and_grads(dev: &Device, dtype: DType) -> CheckResult {
     let tol = ModelTolerance::for_dtype(dtype);
     let mut worst = (0.0f64, 0.0f64);
-    let runs = [("plain", 0.0, false, false, false), ("dropout 0.1", 0.1, false, false, false), ("packed", 0.0, true, false, false), ("checkpointed", 0.0, false, true, false), ("nf4 base, dropout 0.1", 0.1, false, false, true)];
-    for (what, dropout, packed, checkpoint, nf4) in runs {
+    let runs = [
+        ("plain", 0.0, false, false, false, false),
+        ("dropout 0.1", 0.1, false, false, false, false),
+        ("packed", 0.0, true, false, false, false),
+        ("checkpointed", 0.0, false, true, false, false),
+        ("nf4 base, dropout 0.1", 0.1, false, false, true, false),
+        ("q/k norms, packed", 0.0, true, false, false, true),
+    ];
+    for (what, dropout, packed, checkpoint, nf4, qk_norm) in runs {
         // The NF4 case puts adapters on q and v only, so the other NF4 linears run plain.
-        let mut cpu = tiny_lora_model(dtype, dropout, nf4).map_err(ctx("building the model"))?;
+        let config = if qk_norm { tiny_qk_norm_config() } else { tiny_config() };
+        let mut cpu = lora_model(config, dtype, dropout, nf4).map_err(ctx("building the model"))?;
         if nf4 {
             cpu.quantize_nf4().map_err(ctx("quantizing"))?;
         }
@@ -162,8 +192,8 @@ pub fn check_loss_and_grads(dev: &Device, dtype: DType) -> CheckResult {
 }
 
 /// Five training steps each of LoRA with AdamW, LoRA with SM3 and QLoRA with AdamW (dropout
-/// 0.1, one CPU shard so the masks agree), full fine-tuning with AdamW and head fine-tuning
-/// with SM3 (lr 1e-3: every weight moves), and sparse fine-tuning (10% density, reselection
+/// 0.1, one CPU shard so the masks agree), full fine-tuning with AdamW (of the Qwen3 layout,
+/// so the q/k norms train too) and head fine-tuning with SM3 (lr 1e-3: every weight moves), and sparse fine-tuning (10% density, reselection
 /// after steps 2 and 4) with SM3 and with AdamW on `dev` against the CPU, from the same
 /// weights: every step's loss and the final masters (sparse: on the entries active on both).
 /// (f16 on wgpu: with the default loss scale; an overflowed, skipped step fails the check.)
@@ -177,19 +207,20 @@ pub fn check_training(dev: &Device, dtype: DType) -> CheckResult {
         })
         .collect();
     let adapter = LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..Default::default() };
-    let base = Llama::random(tiny_config(), 3).and_then(|m| m.to_dtype(dtype)?.to_dtype(DType::F32)).map_err(ctx("building the model"))?;
+    let base = random_model(tiny_config(), 3, dtype).map_err(ctx("building the model"))?;
+    let qk_base = random_model(tiny_qk_norm_config(), 3, dtype).map_err(ctx("building the model"))?;
     let mut summary = Vec::new();
     let (adamw, sm3) = (OptimizerConfig::AdamW(Default::default()), OptimizerConfig::Sm3(Default::default()));
-    let mut runs = vec![(Method::Lora(adapter.clone()), adamw, 1e-2), (Method::Lora(adapter.clone()), sm3, 1e-2), (Method::Qlora(adapter), adamw, 1e-2)];
+    let mut runs = vec![(Method::Lora(adapter.clone()), adamw, 1e-2, &base), (Method::Lora(adapter.clone()), sm3, 1e-2, &base), (Method::Qlora(adapter), adamw, 1e-2, &base)];
     // Base weights train in every dtype: f32 masters, the model reading 16-bit copies.
-    runs.extend([(Method::Full, adamw, 1e-3), (Method::Head, sm3, 1e-3)]);
+    runs.extend([(Method::Full, adamw, 1e-3, &qk_base), (Method::Head, sm3, 1e-3, &base)]);
     // Sparse: the active entries change after steps 2 and 4, scored by SM3's accumulators or
     // by the gradients summed over the two steps before (AdamW).
     let sparse = |regrow| Method::Sparse(SparseConfig { density: 0.1, reselect_every: 2, reselect_rate: 0.3, regrow, grad_window: 2, ..Default::default() });
-    runs.extend([(sparse(Regrow::Sm3), sm3, 1e-2), (sparse(Regrow::Grad), adamw, 1e-2)]);
-    for (method, optimizer, lr) in runs {
+    runs.extend([(sparse(Regrow::Sm3), sm3, 1e-2, &base), (sparse(Regrow::Grad), adamw, 1e-2, &base)]);
+    for (method, optimizer, lr, base) in runs {
         let what = format!("{} with {}", method.name(), optimizer.name());
-        summary.push(format!("{what}: {}", check_training_run(dev, dtype, &base, &data, method, optimizer, lr).map_err(|e| format!("{what}: {e}"))?));
+        summary.push(format!("{what}: {}", check_training_run(dev, dtype, base, &data, method, optimizer, lr).map_err(|e| format!("{what}: {e}"))?));
     }
     Ok(summary.join("; "))
 }
