@@ -114,6 +114,30 @@ fn config_errors_name_the_field() {
 }
 
 #[test]
+fn qwen3_config_and_norms() {
+    let dir = copy_fixture("qwen3", "qwen3");
+    let cfg_path = dir.join("config.json");
+    let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let c = LlamaConfig::from_value(&original, &cfg_path).unwrap();
+    assert!(c.qk_norm && !c.qkv_bias && !c.o_bias);
+    assert_eq!((c.head_dim, c.num_heads, c.hidden_size), (16, 4, 32));
+    // Without head_dim, Qwen3Config's default (128), not hidden / heads.
+    let mut v = original.clone();
+    v.as_object_mut().unwrap().remove("head_dim");
+    assert_eq!(LlamaConfig::from_value(&v, &cfg_path).unwrap().head_dim, 128);
+    let mut v = original.clone();
+    v["use_sliding_window"] = serde_json::json!(true);
+    let e = LlamaConfig::from_value(&v, &cfg_path).unwrap_err().to_string();
+    assert!(e.contains("field `use_sliding_window`"), "{e}");
+    // The written config reads back as the same model.
+    assert_eq!(LlamaConfig::from_value(&c.to_hf_json(), &cfg_path).unwrap(), c);
+    // A missing or misshapen q/k norm is named.
+    rewrite_weights(&dir, |t| t.retain(|(n, _)| n != "model.layers.1.self_attn.k_norm.weight"));
+    let e = load_err(&dir);
+    assert!(e.contains("missing tensor `model.layers.1.self_attn.k_norm.weight`"), "{e}");
+}
+
+#[test]
 fn classic_config_form_reads_the_same_rope() {
     // The pre-transformers-5 form: rope_theta and rope_scaling at the top level.
     let dir = fixture("llama3-rope");
