@@ -6,6 +6,8 @@
 #
 #   tools/bench-vs-torch/run.sh [ROUNDS] [STEPS_PER_ROUND]
 #   FULL=1 tools/bench-vs-torch/run.sh ...   # full fine-tuning (every parameter) instead of LoRA
+#   QLORA=1 tools/bench-vs-torch/run.sh ...  # QLoRA: the decoder linears in NF4 (bitsandbytes on
+#                                            # PyTorch's side: pip install bitsandbytes)
 #
 # Needs python3 with torch, transformers and peft (pip install torch transformers peft), and
 # builds tuna in release.
@@ -15,6 +17,7 @@ rounds=${1:-3}
 steps=${2:-5}
 full=()
 [ "${FULL:-0}" = 1 ] && full=(--full)
+[ "${QLORA:-0}" = 1 ] && full=(--qlora)
 export RAYON_NUM_THREADS=2
 cargo build --release --quiet --bin tuna
 py=${PYTHON:-python3}
