@@ -6,6 +6,8 @@
 # the same tokens. A long prompt and few new tokens (`3 8 512`) time mostly the prompt's pass.
 #
 #   tools/bench-vs-torch/generate.sh [ROUNDS] [NEW] [PROMPT]
+#   NF4=1 tools/bench-vs-torch/generate.sh ...   # decoder linears in NF4 on both sides
+#                                                # (bitsandbytes on PyTorch's: pip install bitsandbytes)
 #
 # Needs python3 with torch and transformers; builds tuna in release.
 set -euo pipefail
@@ -14,6 +16,8 @@ rounds=${1:-3}
 new=${2:-256}
 words=${3:-32}
 export RAYON_NUM_THREADS=2
+nf4=()
+[ "${NF4:-0}" = 1 ] && nf4=(--nf4)
 cargo build --release --quiet --bin tuna
 py=${PYTHON:-python3}
 dir=$(mktemp -d)
@@ -22,9 +26,9 @@ $py tools/bench-vs-torch/torch_generate.py make "$dir/model" >/dev/null
 prompt="w1$(for i in $(seq 10 $((words + 8))); do printf ' w%d' "$i"; done)"
 for r in $(seq "$rounds"); do
   echo "round $r/$rounds" >&2
-  $py tools/bench-vs-torch/torch_generate.py time "$dir/model" "$new" "$prompt" | sed 's/^/torch /' >>"$dir/out"
+  $py tools/bench-vs-torch/torch_generate.py time "$dir/model" "$new" "$prompt" ${nf4[@]+"${nf4[@]}"} | sed 's/^/torch /' >>"$dir/out"
   ./target/release/tuna generate --model "$dir/model" --prompt "$prompt" --max-new-tokens "$new" \
-    --temperature 0 --json | sed 's/^/tuna /' >>"$dir/out"
+    --temperature 0 --json ${nf4[@]+"${nf4[@]}"} | sed 's/^/tuna /' >>"$dir/out"
 done
 $py - "$dir/out" <<'PY'
 import json, statistics, sys
