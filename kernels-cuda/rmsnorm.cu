@@ -8,6 +8,11 @@
 // Shapes: x, y, dy, dx [M, N] row-major (row stride N); w, dw [N]; rstd [M] in f32 (saved by
 // the forward for the backward). Storage f32 or bf16, arithmetic in f32.
 //
+// The `_add` forms fold in the residual add before a pre-norm, saving a launch and a pass over
+// [M, N] each way: the forward normalizes h = x + d (rounded to the storage type, as a separate
+// add would store it) and writes h beside y; the backward adds dres (h's gradient from its other
+// consumers) into dx.
+//
 // Launch: fwd and bwd_dx one block per row (grid.x = M, any block size that is a multiple of 32
 // up to 1024; 256 is used), threads stride over the row. bwd_dw in two passes, deterministic:
 // bwd_dw_part one thread per column (grid.x = ceil(N / blockDim.x)) and one block row per
@@ -16,13 +21,22 @@
 // by one thread, as before, left 8-16 blocks busy on a 132-multiprocessor GPU).
 #include "common.cuh"
 
+// d and h null: plain RMSNorm of x. Otherwise h = x + d is stored and normalized; each thread
+// reads back the h elements it stored itself, so no barrier is needed between the passes.
 template <typename T>
-__device__ void rmsnorm_fwd(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
-                            float* __restrict__ rstd, int M, int N, float eps) {
+__device__ void rmsnorm_fwd(const T* __restrict__ x, const T* __restrict__ d, const T* __restrict__ w,
+                            T* __restrict__ h, T* __restrict__ y, float* __restrict__ rstd, int M, int N, float eps) {
     __shared__ float scratch[32];
     const long row = blockIdx.x;
     if (row >= M) return;
     const T* xr = x + row * N;
+    if (d != nullptr) {
+        const T* dr = d + row * N;
+        T* hr = h + row * N;
+        for (int n = threadIdx.x; n < N; n += blockDim.x)
+            Elem<T>::store(hr, n, Elem<T>::load(xr, n) + Elem<T>::load(dr, n));
+        xr = hr;
+    }
     float ss = 0.0f;
     for (int n = threadIdx.x; n < N; n += blockDim.x) {
         float v = Elem<T>::load(xr, n);
@@ -35,9 +49,10 @@ __device__ void rmsnorm_fwd(const T* __restrict__ x, const T* __restrict__ w, T*
         Elem<T>::store(y, row * N + n, Elem<T>::load(w, n) * Elem<T>::load(xr, n) * r);
 }
 
+// dres null: plain backward. Otherwise dres is added to dx (in f32, one rounding).
 template <typename T>
 __device__ void rmsnorm_bwd_dx(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ dy,
-                               const float* __restrict__ rstd, T* __restrict__ dx, int M, int N) {
+                               const float* __restrict__ rstd, const T* __restrict__ dres, T* __restrict__ dx, int M, int N) {
     __shared__ float scratch[32];
     const long row = blockIdx.x;
     if (row >= M) return;
@@ -49,7 +64,9 @@ __device__ void rmsnorm_bwd_dx(const T* __restrict__ x, const T* __restrict__ w,
     const float r = rstd[row];
     for (int n = threadIdx.x; n < N; n += blockDim.x) {
         float g = Elem<T>::load(dy, base + n) * Elem<T>::load(w, n);
-        Elem<T>::store(dx, base + n, r * (g - Elem<T>::load(x, base + n) * r * r * c));
+        float v = r * (g - Elem<T>::load(x, base + n) * r * r * c);
+        if (dres != nullptr) v += Elem<T>::load(dres, base + n);
+        Elem<T>::store(dx, base + n, v);
     }
 }
 
@@ -75,16 +92,28 @@ __device__ void rmsnorm_bwd_dw_sum(const float* __restrict__ part, T* __restrict
 
 // ---- entry points -------------------------------------------------------------------------
 extern "C" __global__ void rmsnorm_fwd_f32(const float* x, const float* w, float* y, float* rstd, int M, int N, float eps) {
-    rmsnorm_fwd<float>(x, w, y, rstd, M, N, eps);
+    rmsnorm_fwd<float>(x, nullptr, w, nullptr, y, rstd, M, N, eps);
 }
 extern "C" __global__ void rmsnorm_fwd_bf16(const bf16_bits* x, const bf16_bits* w, bf16_bits* y, float* rstd, int M, int N, float eps) {
-    rmsnorm_fwd<bf16_bits>(x, w, y, rstd, M, N, eps);
+    rmsnorm_fwd<bf16_bits>(x, nullptr, w, nullptr, y, rstd, M, N, eps);
+}
+extern "C" __global__ void rmsnorm_fwd_add_f32(const float* x, const float* d, const float* w, float* h, float* y, float* rstd, int M, int N, float eps) {
+    rmsnorm_fwd<float>(x, d, w, h, y, rstd, M, N, eps);
+}
+extern "C" __global__ void rmsnorm_fwd_add_bf16(const bf16_bits* x, const bf16_bits* d, const bf16_bits* w, bf16_bits* h, bf16_bits* y, float* rstd, int M, int N, float eps) {
+    rmsnorm_fwd<bf16_bits>(x, d, w, h, y, rstd, M, N, eps);
 }
 extern "C" __global__ void rmsnorm_bwd_dx_f32(const float* x, const float* w, const float* dy, const float* rstd, float* dx, int M, int N) {
-    rmsnorm_bwd_dx<float>(x, w, dy, rstd, dx, M, N);
+    rmsnorm_bwd_dx<float>(x, w, dy, rstd, nullptr, dx, M, N);
 }
 extern "C" __global__ void rmsnorm_bwd_dx_bf16(const bf16_bits* x, const bf16_bits* w, const bf16_bits* dy, const float* rstd, bf16_bits* dx, int M, int N) {
-    rmsnorm_bwd_dx<bf16_bits>(x, w, dy, rstd, dx, M, N);
+    rmsnorm_bwd_dx<bf16_bits>(x, w, dy, rstd, nullptr, dx, M, N);
+}
+extern "C" __global__ void rmsnorm_bwd_dx_add_f32(const float* x, const float* w, const float* dy, const float* rstd, const float* dres, float* dx, int M, int N) {
+    rmsnorm_bwd_dx<float>(x, w, dy, rstd, dres, dx, M, N);
+}
+extern "C" __global__ void rmsnorm_bwd_dx_add_bf16(const bf16_bits* x, const bf16_bits* w, const bf16_bits* dy, const float* rstd, const bf16_bits* dres, bf16_bits* dx, int M, int N) {
+    rmsnorm_bwd_dx<bf16_bits>(x, w, dy, rstd, dres, dx, M, N);
 }
 extern "C" __global__ void rmsnorm_bwd_dw_part_f32(const float* x, const float* dy, const float* rstd, float* part, int M, int N, int chunk) {
     rmsnorm_bwd_dw_part<float>(x, dy, rstd, part, M, N, chunk);

@@ -147,6 +147,47 @@ pub fn gradcheck(
     Ok(())
 }
 
+/// `ops::add_rmsnorm` on `dev` in `dtype` against the f64 reference, through the tape: the
+/// gradient g seeded into `h + y` (or into y alone when `y_only`) reaches h directly and y, so
+/// dx = dd = the norm's dx from g, plus g; dw from g. y and the
+/// gradients are checked against the reference run on the h the device stored (rounded to
+/// `dtype`), h against x + d.
+pub fn check_add_rmsnorm(dev: crate::Device, dtype: crate::DType, rows: usize, cols: usize, y_only: bool, seed: u64) -> std::result::Result<(), String> {
+    use crate::kernels::rmsnorm::{reference, RmsNormParams};
+    let e = |e: crate::Error| e.to_string();
+    let mut rng = Rng::new(seed);
+    let p = RmsNormParams { rows, cols, eps: 1e-5 };
+    let put = |v: Vec<f32>, shape: Vec<usize>| -> Result<Tensor> { Tensor::from_vec(v, shape)?.to_dtype(dtype)?.to_device(&dev) };
+    let tape = Tape::new();
+    let x = tape.param(&put(rng.vec(rows * cols, -2.0, 2.0), vec![rows, cols]).map_err(e)?);
+    let d = tape.param(&put(rng.vec(rows * cols, -1.0, 1.0), vec![rows, cols]).map_err(e)?);
+    let w = tape.param(&put(rng.vec(cols, 0.5, 1.5), vec![cols]).map_err(e)?);
+    let g = put(rng.vec(rows * cols, -1.0, 1.0), vec![rows, cols]).map_err(e)?;
+    let (h, y) = ops::add_rmsnorm(&x, &d, &w, p.eps).map_err(e)?;
+    let out = if y_only { y.clone() } else { ops::add(&h, &y).map_err(e)? };
+    let grads = tape.backward_from(&out, &g).map_err(e)?;
+    let tol = match dtype {
+        crate::DType::BF16 => Tolerance::BF16,
+        crate::DType::F16 => Tolerance::F16,
+        _ => Tolerance::F32,
+    };
+    let (xr, dr, wr, gr) = (to_f64(&x).map_err(e)?, to_f64(&d).map_err(e)?, to_f64(&w).map_err(e)?, to_f64(&g).map_err(e)?);
+    let h_want: Vec<f64> = xr.iter().zip(&dr).map(|(x, d)| x + d).collect();
+    compare(&format!("h on {dev}"), &h.to_vec_f32().map_err(e)?, &h_want, tol)?;
+    let hr = to_f64(&h).map_err(e)?;
+    let (y_want, _) = reference::forward(&hr, &wr, p);
+    compare(&format!("y on {dev}"), &y.to_vec_f32().map_err(e)?, &y_want, tol)?;
+    let (mut dx_want, dw_want) = reference::backward(&hr, &wr, &gr, p);
+    if !y_only {
+        dx_want.iter_mut().zip(&gr).for_each(|(dx, g)| *dx += g);
+    }
+    let grad = |t: &Tensor, name: &str| grads.get(t).ok_or_else(|| format!("no gradient for {name} on {dev}"))?.to_vec_f32().map_err(e);
+    compare(&format!("dx on {dev}"), &grad(&x, "x")?, &dx_want, tol)?;
+    compare(&format!("dd on {dev}"), &grad(&d, "d")?, &dx_want, tol)?;
+    let dw_tol = Tolerance { atol: tol.atol * rows as f64, rtol: tol.rtol };
+    compare(&format!("dw on {dev}"), &grad(&w, "w")?, &dw_want, dw_tol)
+}
+
 /// RMSNorm forward and backward on `dev` in `dtype` against the f64 reference, on random data
 /// from `seed`. The reference sees exactly the values the device sees (bf16-rounded for bf16).
 /// Shared by the device tests and `tools/gpu-check`.

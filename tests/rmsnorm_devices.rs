@@ -1,4 +1,5 @@
-//! RMSNorm forward and backward on every device present, against the f64 CPU reference.
+//! RMSNorm forward and backward (alone and fused with the residual add before it) on every
+//! device present, against the f64 CPU reference.
 //! One test body; the device list comes from `Device::available()` (CI requires lavapipe).
 
 mod common;
@@ -26,6 +27,20 @@ fn rmsnorm_matches_reference_on_every_device() {
         for dtype in dtypes(dev) {
             for (i, &(rows, cols)) in shapes.iter().enumerate() {
                 check(dev, dtype, rows, cols, i as u64).unwrap_or_else(|e| panic!("{dtype} [{rows}, {cols}]: {e}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_add_rmsnorm_matches_reference_on_every_device() {
+    // h's direct gradient present (the residual stream's case) or not (the last norm's).
+    for dev in common::devices() {
+        for dtype in dtypes(dev) {
+            for (i, &(rows, cols)) in [(1, 1), (3, 7), (4, 257), (130, 64), (2, 1000)].iter().enumerate() {
+                for y_only in [false, true] {
+                    tuna::testing::check_add_rmsnorm(dev, dtype, rows, cols, y_only, i as u64).unwrap_or_else(|e| panic!("{dtype} [{rows}, {cols}], y only {y_only}: {e}"));
+                }
             }
         }
     }

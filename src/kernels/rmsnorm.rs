@@ -211,30 +211,49 @@ pub mod cuda {
     }
 
     /// Forward for f32 (`T = f32`, kernel suffix `f32`) or bf16 bits (`T = u16`, suffix `bf16`).
+    /// With `add = (d, h)`, the row normalized is `h = x + d` (stored in the element type), which
+    /// is written to h as well (`rmsnorm_fwd_add_*`: the residual add and the norm in one pass).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward<T: cudarc::driver::DeviceRepr>(
         stream: &Arc<CudaStream>,
         modules: &ModuleCache,
         x: &CudaView<'_, T>,
+        add: Option<(&CudaView<'_, T>, &mut CudaViewMut<'_, T>)>,
         w: &CudaView<'_, T>,
         y: &mut CudaViewMut<'_, T>,
         rstd: &mut CudaViewMut<'_, f32>,
         p: RmsNormParams,
     ) -> Result<()> {
         p.check("rmsnorm_fwd", x.len(), w.len(), y.len(), rstd.len())?;
+        if let Some((d, h)) = &add {
+            crate::kernels::check_len("rmsnorm_fwd", "d", d.len(), p.rows * p.cols)?;
+            crate::kernels::check_len("rmsnorm_fwd", "h", h.len(), p.rows * p.cols)?;
+        }
         let (m, n) = dims(p)?;
         if m == 0 {
             return Ok(());
         }
-        let f = modules.function("rmsnorm", &format!("rmsnorm_fwd_{}", suffix::<T>()?))?;
         let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: argument types match the kernel signature; lengths checked above.
-        unsafe { stream.launch_builder(&f).arg(x).arg(w).arg(y).arg(rstd).arg(&m).arg(&n).arg(&p.eps).launch(cfg) }
-            .map_err(launch_err)?;
+        let s = suffix::<T>()?;
+        // SAFETY: argument types match the kernel signatures; lengths checked above.
+        match add {
+            None => {
+                let f = modules.function("rmsnorm", &format!("rmsnorm_fwd_{s}"))?;
+                unsafe { stream.launch_builder(&f).arg(x).arg(w).arg(y).arg(rstd).arg(&m).arg(&n).arg(&p.eps).launch(cfg) }
+            }
+            Some((d, h)) => {
+                let f = modules.function("rmsnorm", &format!("rmsnorm_fwd_add_{s}"))?;
+                unsafe { stream.launch_builder(&f).arg(x).arg(d).arg(w).arg(h).arg(y).arg(rstd).arg(&m).arg(&n).arg(&p.eps).launch(cfg) }
+            }
+        }
+        .map_err(launch_err)?;
         Ok(())
     }
 
-    /// Backward: dx and (when given) dw from x, w, dy and rstd. (The dw kernel is one thread per
-    /// column over every row: skip it where w is frozen.)
+    /// Backward: dx and (when given) dw from x, w, dy and rstd; with `dres`, dx also gets dres
+    /// added (`rmsnorm_bwd_dx_add_*`: the gradient x has from its other consumers, summed in the
+    /// same pass). (The dw kernel is one thread per column over every row: skip it where w is
+    /// frozen.)
     #[allow(clippy::too_many_arguments)]
     pub fn backward<T: cudarc::driver::DeviceRepr>(
         stream: &Arc<CudaStream>,
@@ -243,23 +262,35 @@ pub mod cuda {
         w: &CudaView<'_, T>,
         dy: &CudaView<'_, T>,
         rstd: &CudaView<'_, f32>,
+        dres: Option<&CudaView<'_, T>>,
         dx: &mut CudaViewMut<'_, T>,
         dw: Option<&mut CudaViewMut<'_, T>>,
         p: RmsNormParams,
     ) -> Result<()> {
         p.check("rmsnorm_bwd", x.len(), w.len(), dx.len(), rstd.len())?;
         crate::kernels::check_len("rmsnorm_bwd", "dy", dy.len(), p.rows * p.cols)?;
+        if let Some(dres) = dres {
+            crate::kernels::check_len("rmsnorm_bwd", "dres", dres.len(), p.rows * p.cols)?;
+        }
         if let Some(dw) = &dw {
             crate::kernels::check_len("rmsnorm_bwd", "dw", dw.len(), p.cols)?;
         }
         let (m, n) = dims(p)?;
         let s = suffix::<T>()?;
         if m > 0 {
-            let f = modules.function("rmsnorm", &format!("rmsnorm_bwd_dx_{s}"))?;
             let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: as in `forward`.
-            unsafe { stream.launch_builder(&f).arg(x).arg(w).arg(dy).arg(rstd).arg(dx).arg(&m).arg(&n).launch(cfg) }
-                .map_err(launch_err)?;
+            match dres {
+                None => {
+                    let f = modules.function("rmsnorm", &format!("rmsnorm_bwd_dx_{s}"))?;
+                    unsafe { stream.launch_builder(&f).arg(x).arg(w).arg(dy).arg(rstd).arg(dx).arg(&m).arg(&n).launch(cfg) }
+                }
+                Some(dres) => {
+                    let f = modules.function("rmsnorm", &format!("rmsnorm_bwd_dx_add_{s}"))?;
+                    unsafe { stream.launch_builder(&f).arg(x).arg(w).arg(dy).arg(rstd).arg(dres).arg(dx).arg(&m).arg(&n).launch(cfg) }
+                }
+            }
+            .map_err(launch_err)?;
         }
         if let (true, Some(dw)) = (p.cols > 0, dw) {
             // dW in two passes: chunks of rows side by side (enough blocks for two per

@@ -27,7 +27,7 @@ pub use checkpoint::checkpoint;
 pub use linalg::matmul;
 pub use lora::{linear_group, linear_group_remade, lora_linear, Dropout, LinearPart, Remake};
 pub use loss::{cross_entropy, linear_cross_entropy};
-pub use nn::{embedding, rmsnorm, rmsnorm_backward, rmsnorm_forward, RmsNormOutput};
+pub use nn::{add_rmsnorm, embedding, rmsnorm, rmsnorm_backward, rmsnorm_forward, RmsNormOutput};
 pub use pointwise::{add, mul, scale, silu, swiglu};
 pub use reduce::{mean, softmax, sum};
 pub use shape::{cast, reshape};

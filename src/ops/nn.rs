@@ -6,7 +6,7 @@ use crate::kernels::rmsnorm::{self, RmsNormParams};
 use crate::kernels::embedding as emb;
 use crate::ops::gpu::{WGPU_FLOAT, float_dtype, wgpu_buf, wgpu_output, wgpu_precision};
 use crate::ops::{expect_dtype, same_device, same_dtype, saved};
-use crate::tape::record;
+use crate::tape::{record, record_many};
 use crate::tensor::Storage;
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -87,6 +87,36 @@ pub fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     })
 }
 
+/// The residual add before a pre-norm, fused: `h = x + d` and `y = rmsnorm(h, w)`, returned as
+/// `(h, y)`. On CUDA one kernel each way (`rmsnorm_fwd_add_*`, `rmsnorm_bwd_dx_add_*`): the
+/// forward writes h beside y, and the backward adds h's gradient from its other consumers (the
+/// next residual add) into the norm's dx, where `add` then `rmsnorm` take two launches and
+/// two more passes over `[rows, N]` each way. Elsewhere the same two steps run as `add` and
+/// `rmsnorm` do, with the same results.
+pub fn add_rmsnorm(x: &Tensor, d: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "add_rmsnorm";
+    same_device(OP, x, d)?;
+    same_dtype(OP, x, d)?;
+    if x.shape() != d.shape() {
+        return Err(Error::ShapeMismatch { op: OP, lhs: x.shape().clone(), rhs: d.shape().clone() });
+    }
+    let (h, RmsNormOutput { y, rstd }) = forward_any(x, Some(d), w, eps)?;
+    let (sh, sw) = (saved(&h), saved(w));
+    let mut outs = record_many(OP, vec![h, y], &[x, d, w], move |gs, needs| {
+        let dh = match (&gs[0], &gs[1]) {
+            (direct, Some(dy)) => {
+                let (dh, dw) = backward_add(&sh, &sw, dy, &rstd, direct.as_ref(), needs[2])?;
+                return Ok(vec![needs[0].then(|| dh.clone()), needs[1].then_some(dh), dw]);
+            }
+            (Some(direct), None) => direct.clone(),
+            (None, None) => unreachable!("the tape runs an entry only with a gradient"),
+        };
+        Ok(vec![needs[0].then(|| dh.clone()), needs[1].then_some(dh), None])
+    })?;
+    let y = outs.pop().expect("two outputs");
+    Ok((outs.pop().expect("two outputs"), y))
+}
+
 /// What the RMSNorm forward kernel writes: y and the per-row `1/rms` the backward needs.
 pub struct RmsNormOutput {
     pub y: Tensor,
@@ -115,37 +145,55 @@ fn cuda_tensor(rt: &std::sync::Arc<CudaRuntime>, buf: CudaSlice<u8>, shape: crat
 /// RMSNorm forward on any device: f32 everywhere, bf16 on CUDA and f16 on wgpu too. Not
 /// recorded on a tape.
 pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f32) -> Result<RmsNormOutput> {
+    Ok(forward_any(x, None, w, eps)?.1)
+}
+
+/// The forward of `rmsnorm` (`d` None: h is x) and of `add_rmsnorm` (h = x + d): (h, output).
+fn forward_any(x: &Tensor, d: Option<&Tensor>, w: &Tensor, eps: f32) -> Result<(Tensor, RmsNormOutput)> {
     const OP: &str = "rmsnorm";
     let p = rmsnorm_params(x, w, eps)?;
+    let dev = x.device();
+    if let (Some(d), false) = (d, matches!(dev, Device::Cuda(_))) {
+        // One pass each on the CPU and wgpu: the add as `ops::add` computes it.
+        let h = crate::ops::add(&saved(x), &saved(d))?;
+        let out = forward_any(&h, None, w, eps)?.1;
+        return Ok((h, out));
+    }
     let (mn, m, n) = (p.rows * p.cols, p.rows, p.cols);
     let dev = x.device();
     match (dev, x.dtype()) {
         (Device::Cpu, DType::F32) => {
             let (mut y, mut rstd) = (vec![0.0f32; mn], vec![0.0f32; m]);
             rmsnorm::cpu::forward(x.cpu_f32(OP)?, w.cpu_f32(OP)?, &mut y, &mut rstd, p)?;
-            Ok(RmsNormOutput { y: Tensor::from_vec(y, x.shape().clone())?, rstd: Tensor::from_vec(rstd, [m])? })
+            Ok((x.clone(), RmsNormOutput { y: Tensor::from_vec(y, x.shape().clone())?, rstd: Tensor::from_vec(rstd, [m])? }))
         }
         (Device::Cuda(_), DType::F32 | DType::BF16) => {
             let (rt, xb) = cuda_buf(x);
             let wb = cuda_buf(w).1;
-            let mut yb = rt.alloc_zeros(mn * x.dtype().size_in_bytes())?;
+            let bytes = mn * x.dtype().size_in_bytes();
+            let mut yb = rt.alloc_zeros(bytes)?;
+            let mut hb = match d {
+                Some(_) => Some(rt.alloc_zeros(bytes)?),
+                None => None,
+            };
             let mut rb = rt.alloc_zeros(m * 4)?;
             // SAFETY (all transmutes below): every buffer was allocated for its tensor's dtype and
-            // element count, from which the params were derived.
+            // element count, from which the params were derived (d has x's, checked by the op).
             unsafe {
                 let mut rv = rb.transmute_mut::<f32>(m).expect("rstd sized");
-                if x.dtype() == DType::F32 {
-                    let mut yv = yb.transmute_mut::<f32>(mn).expect("y sized");
-                    rmsnorm::cuda::forward::<f32>(&rt.stream, &rt.modules, &xb.transmute(mn).expect("x"), &wb.transmute(n).expect("w"), &mut yv, &mut rv, p)?;
-                } else {
-                    let mut yv = yb.transmute_mut::<u16>(mn).expect("y sized");
-                    rmsnorm::cuda::forward::<u16>(&rt.stream, &rt.modules, &xb.transmute(mn).expect("x"), &wb.transmute(n).expect("w"), &mut yv, &mut rv, p)?;
+                macro_rules! launch {
+                    ($t:ty) => {{
+                        let mut yv = yb.transmute_mut::<$t>(mn).expect("y sized");
+                        let db = d.map(|d| cuda_buf(d).1.transmute::<$t>(mn).expect("d"));
+                        let mut hv = hb.as_mut().map(|b| b.transmute_mut::<$t>(mn).expect("h sized"));
+                        let add = db.as_ref().zip(hv.as_mut());
+                        rmsnorm::cuda::forward::<$t>(&rt.stream, &rt.modules, &xb.transmute(mn).expect("x"), add, &wb.transmute(n).expect("w"), &mut yv, &mut rv, p)?
+                    }};
                 }
+                if x.dtype() == DType::F32 { launch!(f32) } else { launch!(u16) }
             }
-            Ok(RmsNormOutput {
-                y: cuda_tensor(rt, yb, x.shape().clone(), x.dtype(), dev),
-                rstd: cuda_tensor(rt, rb, [m].into(), DType::F32, dev),
-            })
+            let h = hb.map_or_else(|| x.clone(), |b| cuda_tensor(rt, b, x.shape().clone(), x.dtype(), dev));
+            Ok((h, RmsNormOutput { y: cuda_tensor(rt, yb, x.shape().clone(), x.dtype(), dev), rstd: cuda_tensor(rt, rb, [m].into(), DType::F32, dev) }))
         }
         (Device::Wgpu(_), dt @ (DType::F32 | DType::F16)) => {
             let y = Tensor::zeros(x.shape().clone(), dt, &dev)?;
@@ -153,7 +201,7 @@ pub fn rmsnorm_forward(x: &Tensor, w: &Tensor, eps: f32) -> Result<RmsNormOutput
             let (rt, xb) = wgpu_buf(x);
             let pr = wgpu_precision(dt).expect("a WGSL float type");
             rmsnorm::wgsl::forward(&rt.device, &rt.queue, &rt.kernels, xb, wgpu_buf(w).1, wgpu_buf(&y).1, wgpu_buf(&rstd).1, p, pr)?;
-            Ok(RmsNormOutput { y, rstd })
+            Ok((x.clone(), RmsNormOutput { y, rstd }))
         }
         (_, dtype) => Err(Error::UnsupportedDType { op: "rmsnorm on this device", dtype }),
     }
@@ -168,7 +216,23 @@ pub fn rmsnorm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor) -> R
 /// `rmsnorm_backward`, dw only when `want_dw` (CUDA skips its kernel; the CPU and wgpu compute
 /// it in the same pass and drop it).
 fn backward(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor, want_dw: bool) -> Result<(Tensor, Option<Tensor>)> {
+    backward_add(x, w, dy, rstd, None, want_dw)
+}
+
+/// `backward` with `dres` added to dx: in the dx kernel on CUDA, as `ops::add` elsewhere.
+fn backward_add(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor, dres: Option<&Tensor>, want_dw: bool) -> Result<(Tensor, Option<Tensor>)> {
     const OP: &str = "rmsnorm backward";
+    if let Some(dres) = dres {
+        same_device(OP, x, dres)?;
+        same_dtype(OP, x, dres)?;
+        if dres.shape() != x.shape() {
+            return Err(Error::ShapeMismatch { op: OP, lhs: x.shape().clone(), rhs: dres.shape().clone() });
+        }
+        if !matches!(x.device(), Device::Cuda(_)) {
+            let (dx, dw) = backward_add(x, w, dy, rstd, None, want_dw)?;
+            return Ok((crate::ops::add(&dx, &saved(dres))?, dw));
+        }
+    }
     let p = rmsnorm_params(x, w, 0.0)?;
     same_device(OP, x, dy)?;
     same_dtype(OP, x, dy)?;
@@ -200,10 +264,11 @@ fn backward(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor, want_dw: bool) -
                     ($t:ty) => {{
                         let mut dxv = dxb.transmute_mut::<$t>(mn).expect("dx sized");
                         let mut dwv = dwb.as_mut().map(|b| b.transmute_mut::<$t>(n).expect("dw sized"));
+                        let resv = dres.map(|r| cuda_buf(r).1.transmute::<$t>(mn).expect("dres"));
                         rmsnorm::cuda::backward::<$t>(
                             &rt.stream, &rt.modules,
                             &xb.transmute(mn).expect("x"), &wb.transmute(n).expect("w"), &gb.transmute(mn).expect("dy"),
-                            &rv, &mut dxv, dwv.as_mut(), p,
+                            &rv, resv.as_ref(), &mut dxv, dwv.as_mut(), p,
                         )?
                     }};
                 }

@@ -671,10 +671,10 @@ fn benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
                 })?;
                 let copy_gbs = (2 * m * n * esize) as f64 / copy_us / 1e3;
                 let fwd_us = time_us(rt, || {
-                    rmsnorm::cuda::forward::<$t>(s, &rt.modules, &x.slice(..), &w.slice(..), &mut y.slice_mut(..), &mut rstd.slice_mut(..), p)
+                    rmsnorm::cuda::forward::<$t>(s, &rt.modules, &x.slice(..), None, &w.slice(..), &mut y.slice_mut(..), &mut rstd.slice_mut(..), p)
                 })?;
                 let bwd_us = time_us(rt, || {
-                    rmsnorm::cuda::backward::<$t>(s, &rt.modules, &x.slice(..), &w.slice(..), &dy.slice(..), &rstd.slice(..), &mut dx.slice_mut(..), Some(&mut dw.slice_mut(..)), p)
+                    rmsnorm::cuda::backward::<$t>(s, &rt.modules, &x.slice(..), &w.slice(..), &dy.slice(..), &rstd.slice(..), None, &mut dx.slice_mut(..), Some(&mut dw.slice_mut(..)), p)
                 })?;
                 // Bytes that must move: fwd reads x and writes y (2·M·N); bwd's dx pass reads x
                 // and dy and writes dx (3·M·N), its dw pass reads x and dy again (2·M·N).
