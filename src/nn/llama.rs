@@ -165,14 +165,21 @@ struct LayerCtx {
 impl Layer {
     /// One decoder layer: attention and MLP blocks, each pre-normed with a residual. `seeds`
     /// are the dropout seeds of its seven linears; `cache` is its KV-cache slot (inference).
-    fn forward(&self, x: &Tensor, ctx: &LayerCtx, seeds: [Option<u64>; 7], cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+    ///
+    /// Each residual add is left to the norm after it (`ops::add_rmsnorm`: one kernel on CUDA):
+    /// `pending` is the previous layer's MLP output, not yet added to x, and the layer returns
+    /// its residual stream after attention and its own MLP output, likewise apart.
+    fn forward(&self, x: &Tensor, pending: Option<&Tensor>, ctx: &LayerCtx, seeds: [Option<u64>; 7], cache: Option<&mut Option<(Tensor, Tensor)>>) -> Result<(Tensor, Tensor)> {
         let (b, t) = (ctx.b, ctx.t);
         let (h, g, d) = ctx.heads;
         // The projections' backwards make the normed input again from x (which RMSNorm's
         // backward keeps) instead of keeping it; likewise the MLP's, and down_proj makes
         // SwiGLU's product again from the gate and up outputs (which SwiGLU's keeps).
-        let hn = ops::rmsnorm(x, &self.input_norm, ctx.eps)?;
-        let qkv = Linear::forward_group_remade(&[(&self.q, seeds[0]), (&self.k, seeds[1]), (&self.v, seeds[2])], &hn, Some(remade_rmsnorm(x, &self.input_norm, ctx.eps)))?;
+        let (x, hn) = match pending {
+            Some(p) => ops::add_rmsnorm(x, p, &self.input_norm, ctx.eps)?,
+            None => (x.clone(), ops::rmsnorm(x, &self.input_norm, ctx.eps)?),
+        };
+        let qkv = Linear::forward_group_remade(&[(&self.q, seeds[0]), (&self.k, seeds[1]), (&self.v, seeds[2])], &hn, Some(remade_rmsnorm(&x, &self.input_norm, ctx.eps)))?;
         let (mut q, mut k) = (ops::reshape(&qkv[0], [b * t, h, d])?, ops::reshape(&qkv[1], [b * t, g, d])?);
         if let Some(n) = &self.qk_norm {
             // Over the last dim: each head of each token is a row.
@@ -185,17 +192,17 @@ impl Layer {
             (k, v) = super::kv_cache::extend(slot, k, v)?;
         }
         let o = ops::attention(&ops::reshape(&q, [b, t, h, d])?, &k, &v, ctx.mask.clone(), ctx.scale)?;
-        let x = ops::add(x, &self.o.forward(&ops::reshape(&o, [b * t, h * d])?, seeds[3])?)?;
-        let hn = ops::rmsnorm(&x, &self.post_norm, ctx.eps)?;
+        let (x, hn) = ops::add_rmsnorm(&x, &self.o.forward(&ops::reshape(&o, [b * t, h * d])?, seeds[3])?, &self.post_norm, ctx.eps)?;
         let gate_up = Linear::forward_group_remade(&[(&self.gate, seeds[4]), (&self.up, seeds[5])], &hn, Some(remade_rmsnorm(&x, &self.post_norm, ctx.eps)))?;
         let act = ops::swiglu(&gate_up[0], &gate_up[1])?;
         let (g, u) = (ops::saved(&gate_up[0]), ops::saved(&gate_up[1]));
         let remake: ops::Remake = std::sync::Arc::new(move || ops::swiglu(&g, &u));
-        ops::add(&x, &self.down.forward_remade(&act, seeds[6], Some(remake))?)
+        Ok((x, self.down.forward_remade(&act, seeds[6], Some(remake))?))
     }
 
-    /// [`Layer::forward`] under `ops::checkpoint`: the layer input and every tracked tensor of
-    /// the layer are the checkpoint's inputs, substituted into a copy of the layer when it runs.
+    /// [`Layer::forward`] under `ops::checkpoint`, its residual adds done inside: the layer input
+    /// and every tracked tensor of the layer are the checkpoint's inputs, substituted into a copy
+    /// of the layer when it runs.
     fn forward_checkpointed(&self, x: &Tensor, ctx: &LayerCtx, seeds: [Option<u64>; 7]) -> Result<Tensor> {
         let mut layer = self.clone();
         let tracked: Vec<usize> = layer.tensors_mut().into_iter().enumerate().filter(|(_, t)| t.is_tracked()).map(|(i, _)| i).collect();
@@ -210,7 +217,8 @@ impl Layer {
             for (&i, t) in tracked.iter().zip(&ins[1..]) {
                 *slots[i] = t.clone();
             }
-            l.forward(&ins[0], &ctx, seeds, None)
+            let (x, mlp) = l.forward(&ins[0], None, &ctx, seeds, None)?;
+            ops::add(&x, &mlp)
         })
     }
 
@@ -612,18 +620,25 @@ impl Llama {
         // Each linear module gets its own dropout stream: (forward seed, module index).
         let seed = |i: usize, m: usize| self.dropout_seed.map(|s| s ^ ((i * LINEAR_MODULES.len() + m) as u64 + 1).wrapping_mul(0xd1b5_4a32_d192_ed03));
         let mut x = ops::embedding(&ops::reshape(ids, [b * t])?, &self.embed)?;
+        // The last MLP output not yet added to x (see `Layer::forward`).
+        let mut pending: Option<Tensor> = None;
         for (i, l) in self.layers.iter().enumerate() {
             let seeds: [Option<u64>; 7] = std::array::from_fn(|m| seed(i, m));
-            x = match cache.as_deref_mut() {
-                Some(cache) => l.forward(&x, &ctx, seeds, Some(&mut cache.layers[i]))?,
-                None if self.checkpoint_layers => l.forward_checkpointed(&x, &ctx, seeds)?,
-                None => l.forward(&x, &ctx, seeds, None)?,
-            };
+            if self.checkpoint_layers && cache.is_none() {
+                x = l.forward_checkpointed(&x, &ctx, seeds)?;
+                continue;
+            }
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let (nx, mlp) = l.forward(&x, pending.as_ref(), &ctx, seeds, slot)?;
+            (x, pending) = (nx, Some(mlp));
         }
         if let Some(cache) = cache {
             cache.len += t;
         }
-        ops::rmsnorm(&x, &self.norm, c.rms_norm_eps)
+        match pending {
+            Some(mlp) => Ok(ops::add_rmsnorm(&x, &mlp, &self.norm, c.rms_norm_eps)?.1),
+            None => ops::rmsnorm(&x, &self.norm, c.rms_norm_eps),
+        }
     }
 
     /// Next-token cross-entropy of `ids [B, T]`, as transformers computes it with
