@@ -255,6 +255,36 @@ fn finetune_sparse_then_merge() {
     assert!(!ok && err.contains("sparse_deltas.safetensors"), "{err}");
 }
 
+/// Full fine-tuning of the Qwen3 fixture writes a model folder that loads again, with its q/k
+/// norms trained, a Qwen3 config, and a lower loss on the training data.
+#[test]
+fn finetune_full_qwen3_writes_a_model_that_loads() {
+    let m = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures/qwen3");
+    let base = std::env::temp_dir().join(format!("tuna-qwen3-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let data = base.join("data.jsonl");
+    let lines: String = (0..16).map(|i| format!("{{\"prompt\": \"Count {i}\", \"completion\": \" {} {}\"}}\n", i + 1, i + 2)).collect();
+    std::fs::write(&data, lines).unwrap();
+    let out = base.join("run");
+    let (ok, _, err) = tuna(&[
+        "finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "--method", "full", "--max-steps", "4", "--lr", "1e-2", "--json",
+    ]);
+    assert!(ok, "{err}");
+    let (before, after) = (tuna::nn::Llama::load(&m).unwrap(), tuna::nn::Llama::load(&out.join("model")).unwrap());
+    assert_eq!(after.config.arch, tuna::io::config::Arch::Qwen3);
+    let norm = |l: &tuna::nn::Llama| l.layers[1].qk_norm.as_ref().unwrap().k.to_vec_f32().unwrap();
+    assert_ne!(norm(&before), norm(&after), "k_norm should have trained");
+    let ppl = |model: &Path| -> f64 {
+        let (ok, out, err) = tuna(&["perplexity", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["mean_loss"].as_f64().unwrap()
+    };
+    let (l0, l1) = (ppl(&m), ppl(&out.join("model")));
+    assert!(l1 < l0, "training should lower the loss: {l0} -> {l1}");
+}
+
 /// `--nf4` loads the base with its decoder linears quantized to NF4 (a QLoRA adapter's base):
 /// the CLI's perplexity equals the library's loss on the quantized model.
 #[test]
