@@ -8,11 +8,12 @@
 //
 // A1, A2 row-major [M, K1] / [M, K2]; B stored [N, K] (forward: Y = X.W^T + s.XA.B^T) or, in
 // the `_kn` instances, [K, N] (dX = dY.W + s.G.A); in the `_km_kn` instances A is stored
-// [K, M] too (dW = dY^T.X, over the tokens). C is written in the 16-bit type, or added to
-// an f32 buffer (c32). The launcher (`src/kernels/lora/sm90.rs`) sends a GEMM here only on a
-// compute-capability 9.0 device, for outputs of at least one tile, with every operand's rows
-// 16-byte aligned (TMA's rule); everything else (split-K, thin rank-R products, other GPUs)
-// stays on lora_gemm.cu's mma.sync kernels. The `nf4_` instances read W (B1) in NF4: the
+// [K, M] too (dW = dY^T.X, over the tokens). C is written in the 16-bit type (with add_c,
+// after adding what c holds, in f32), or added to an f32 buffer (c32). The launcher
+// (`src/kernels/lora/sm90.rs`) sends a GEMM here only on a compute-capability 9.0 device, for
+// outputs of at least one tile, with every operand's rows 16-byte aligned (TMA's rule);
+// everything else (split-K, thin rank-R products, other GPUs) stays on lora_gemm.cu's mma.sync
+// kernels. The `nf4_` instances read W (B1) in NF4: the
 // producer warpgroup dequantizes each W tile into the stage (`nf4_tile`), never to global
 // memory, while thread 0 still loads A (and the LoRA phase's B) through the TMA. This file is built for sm_90a alone
 // (`arch:` line above; build.rs compiles it with -arch=compute_90a).
@@ -193,7 +194,7 @@ __device__ __forceinline__ void nf4_tile(u32 dst, const Nf4& q, const float* map
 // K tile arrives as two 64 x 64 boxes side by side along M, one per consumer warpgroup, read
 // MN-major (imm-trans-a 1) with the descriptor B's [K, N] layout uses.
 template <typename T, bool AKM, bool KN, bool NF4>
-__device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const TensorMap* tb1, const TensorMap* ta2, const TensorMap* tb2, const unsigned short* bias, unsigned short* c, float* c32, int m, int n, int k1, int k2, float alpha, const Nf4& q) {
+__device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const TensorMap* tb1, const TensorMap* ta2, const TensorMap* tb2, const unsigned short* bias, unsigned short* c, float* c32, int m, int n, int k1, int k2, float alpha, int add_c, const Nf4& q) {
     extern __shared__ unsigned char smem_raw[];
     __shared__ __align__(8) u64 full[SM90_STAGES], empty[SM90_STAGES];
     __shared__ float tables[NF4 ? 272 : 1];
@@ -302,8 +303,12 @@ __device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const Tenso
         for (int h = 0; h < 2; h++) {
             const int row = r0 + 8 * h;
             if (row >= m) continue;
-            const float v0 = alpha * d[4 * j + 2 * h] + b0, v1 = alpha * d[4 * j + 2 * h + 1] + b1;
+            float v0 = alpha * d[4 * j + 2 * h] + b0, v1 = alpha * d[4 * j + 2 * h + 1] + b1;
             const long o = (long)row * n + col;
+            if (add_c) {  // c += C: dX summed over the linears that read one input
+                v0 += T::to_f32(c[o]);
+                if (two) v1 += T::to_f32(c[o + 1]);
+            }
             if (c32 != nullptr) {
                 c32[o] += v0;
                 if (two) c32[o + 1] += v1;
@@ -319,8 +324,8 @@ __device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const Tenso
 
 #define SM90_PARAMS                                                                                                  \
     const __grid_constant__ TensorMap ta1, const __grid_constant__ TensorMap tb1, const __grid_constant__ TensorMap ta2, \
-        const __grid_constant__ TensorMap tb2, const unsigned short *bias, unsigned short *c, float *c32, int m, int n, int k1, int k2, float alpha
-#define SM90_ARGS &ta1, &tb1, &ta2, &tb2, bias, c, c32, m, n, k1, k2, alpha
+        const __grid_constant__ TensorMap tb2, const unsigned short *bias, unsigned short *c, float *c32, int m, int n, int k1, int k2, float alpha, int add_c
+#define SM90_ARGS &ta1, &tb1, &ta2, &tb2, bias, c, c32, m, n, k1, k2, alpha, add_c
 
 // Dense: B1, B2 stored [N, K] (forward) or [K, N] (_kn, dX); A stored [K, M] too (_km_kn, dW).
 extern "C" __global__ void __launch_bounds__(SM90_THREADS, 1) gemm_sm90_bf16(SM90_PARAMS) { gemm_sm90_body<Bf16, false, false, false>(SM90_ARGS, Nf4{}); }

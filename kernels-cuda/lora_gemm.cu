@@ -64,9 +64,10 @@ struct Operand {
     int ld;
 };
 
-// C = alpha * (the products) in f32 goes to exactly one of c (rounded, after the bias) and c32
-// (added in f32: a sum over launches); c2, when given, gets alpha2 * C rounded (no bias): XA and
-// s.XA from one product.
+// C = alpha * (the products) in f32 goes to exactly one of c (rounded, after the bias; with
+// add_c, after adding what c holds: dX summed over the linears that read one input, rounded
+// once per product) and c32 (added in f32: a sum over launches); c2, when given, gets
+// alpha2 * C rounded (no bias): XA and s.XA from one product.
 struct GemmArgs {
     Operand a1, b1, a2, b2;  // b1/b2: [N, K] (B_KN = false) or [K, N] (B_KN = true)
     const unsigned short* bias;  // [N] or null
@@ -78,6 +79,7 @@ struct GemmArgs {
     float alpha, alpha2;
     float* parts;                // split > 0: gridDim.z slices of [M, N] f32
     unsigned* tile_done;         // split > 0: a zeroed counter per output tile
+    int add_c;                   // nonzero: c += C (read, added in f32, rounded once)
 };
 
 // Stores C[row, col] = v (f32, alpha applied, no bias yet) where GemmArgs says.
@@ -87,7 +89,7 @@ __device__ __forceinline__ void store_c(const GemmArgs& g, int row, int col, flo
     if (g.c2 != nullptr) g.c2[i] = T::from_f32(g.alpha2 * v);
     if (g.bias != nullptr) v += T::to_f32(g.bias[col]);
     if (g.c32 != nullptr) g.c32[i] += v;
-    else g.c[i] = T::from_f32(v);
+    else g.c[i] = T::from_f32(g.add_c ? v + T::to_f32(g.c[i]) : v);
 }
 
 // Split-K's sum, in the kernel: every block of an output tile has written its slice of
@@ -316,8 +318,8 @@ __device__ __forceinline__ void lora_gemm_body(const GemmArgs& g, const Nf4& q) 
 #define GEMM_PARAMS                                                                                    \
     const unsigned short *a1, int lda1, const unsigned short *b1, int ldb1, const unsigned short *a2, \
         int lda2, const unsigned short *b2, int ldb2, const unsigned short *bias, unsigned short *c, float *c32, unsigned short *c2, \
-        int m, int n, int k1, int k2, int split, float alpha, float alpha2, float *parts, unsigned *tile_done
-#define GEMM_ARGS GemmArgs{{a1, lda1}, {b1, ldb1}, {a2, lda2}, {b2, ldb2}, bias, c, c32, c2, m, n, k1, k2, split, alpha, alpha2, parts, tile_done}
+        int m, int n, int k1, int k2, int split, float alpha, float alpha2, float *parts, unsigned *tile_done, int add_c
+#define GEMM_ARGS GemmArgs{{a1, lda1}, {b1, ldb1}, {a2, lda2}, {b2, ldb2}, bias, c, c32, c2, m, n, k1, k2, split, alpha, alpha2, parts, tile_done, add_c}
 
 // Dense: B1, B2 stored [N, K] (forward) or [K, N] (_kn, dX).
 extern "C" __global__ void __launch_bounds__(THREADS) lora_gemm_bf16(GEMM_PARAMS) {

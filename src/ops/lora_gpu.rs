@@ -234,6 +234,11 @@ pub(super) fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[
         let x_now = sx.get(&x_shape)?;
         let rt = &rt;
         let (s, mods) = (&rt.stream, &rt.modules);
+        // dX: without dropout, every part's dX GEMM after the first adds into the first's
+        // buffer in its epilogue (no separate add); with dropout (whose dX the dropout kernel
+        // sums), each part's dX is made apart and the parts are summed by `add`.
+        let fuse = saved_parts.iter().all(|sp| sp.drop.is_none());
+        let mut sum: Option<CudaOut> = None;
         let mut dx: Option<Tensor> = None;
         let mut ab = Vec::new();
         for (sp, g) in saved_parts.iter().zip(gs) {
@@ -244,11 +249,13 @@ pub(super) fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[
                 }
                 continue;
             };
-            let mut dxi = needs[0].then(|| CudaOut::uninit(rt, x_shape.clone(), xdt)).transpose()?;
+            let add = needs[0] && fuse && sum.is_some();
+            let mut fresh = (needs[0] && !add).then(|| CudaOut::uninit(rt, x_shape.clone(), xdt)).transpose()?;
+            let target = if add { sum.as_mut() } else { fresh.as_mut() };
             match &sp.lora {
                 None => {
-                    if let Some(dxi) = dxi.as_mut() {
-                        lc::linear_dx(s, mods, dt, &view(g), CudaWeight::of(&sp.w).get(), &mut dxi.view_mut(), (p.m, p.n, p.k))?;
+                    if let Some(t) = target {
+                        lc::linear_dx(s, mods, dt, &view(g), CudaWeight::of(&sp.w).get(), &mut t.view_mut(), add, (p.m, p.n, p.k))?;
                     }
                 }
                 Some((a16, b16, adt, bdt)) => {
@@ -260,19 +267,24 @@ pub(super) fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[
                     let xa = sp.xa.as_ref().expect("a LoRA part keeps XA");
                     let dropout = sp.drop.as_ref().map(|(_, d)| (d.p, d.seed));
                     {
-                        let mut dxv = dxi.as_mut().map(|d| d.view_mut());
+                        let mut dxv = target.map(|t| t.view_mut());
                         let w = CudaWeight::of(&sp.w);
-                        lc::backward(s, mods, dt, &view(g), &view(xl), &view(xa), w.get(), &view(a16), &view(b16), &mut da.view_mut(), &mut db.view_mut(), dxv.as_mut(), dropout, p)?;
+                        lc::backward(s, mods, dt, &view(g), &view(xl), &view(xa), w.get(), &view(a16), &view(b16), &mut da.view_mut(), &mut db.view_mut(), dxv.as_mut(), add, dropout, p)?;
                     }
                     // Gradients in the adapters' own dtypes (f32 masters: as computed).
                     ab.push(Some(da.tensor().to_dtype(*adt)?));
                     ab.push(Some(db.tensor().to_dtype(*bdt)?));
                 }
             }
-            if let Some(dxi) = dxi {
-                accumulate(&mut dx, dxi.tensor())?;
+            if let Some(f) = fresh {
+                if fuse {
+                    sum = Some(f);
+                } else {
+                    accumulate(&mut dx, f.tensor())?;
+                }
             }
         }
+        let dx = sum.map(CudaOut::tensor).or(dx);
         let mut out = vec![dx];
         out.extend(ab);
         Ok(out)

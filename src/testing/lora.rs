@@ -499,17 +499,24 @@ mod cuda_run {
         let (xv, wv, av, bv, dyv) = (x.slice(..m * k), w.slice(..n * k), a.slice(..r * k), b.slice(..n * r), dy.slice(..m * n));
         let xlv = xl.slice(..m * k);
         let biasv = bias.as_ref().map(|b| b.slice(..n));
-        match q {
-            None => {
-                cuda::forward(s, md, dt, &xv, &xlv, cuda::Weight::Dense(&wv), biasv.as_ref(), &av, &bv, &mut y.slice_mut(..m * n), &mut xa.slice_mut(..m * r), p)?;
-                let xav = xa.slice(..m * r);
-                cuda::backward(s, md, dt, &dyv, &xlv, &xav, cuda::Weight::Dense(&wv), &av, &bv, &mut da.slice_mut(..r * k), &mut db.slice_mut(..n * r), Some(&mut dx.slice_mut(..m * k)), case.dropout, p)?;
-            }
-            Some(q) => {
-                let wq = Nf4Device::upload(s, q)?;
-                cuda::forward(s, md, dt, &xv, &xlv, cuda::Weight::Nf4(&wq), biasv.as_ref(), &av, &bv, &mut y.slice_mut(..m * n), &mut xa.slice_mut(..m * r), p)?;
-                let xav = xa.slice(..m * r);
-                cuda::backward(s, md, dt, &dyv, &xlv, &xav, cuda::Weight::Nf4(&wq), &av, &bv, &mut da.slice_mut(..r * k), &mut db.slice_mut(..n * r), Some(&mut dx.slice_mut(..m * k)), case.dropout, p)?;
+        let wq = q.map(|q| Nf4Device::upload(s, q)).transpose()?;
+        let weight = match &wq {
+            None => cuda::Weight::Dense(&wv),
+            Some(wq) => cuda::Weight::Nf4(wq),
+        };
+        cuda::forward(s, md, dt, &xv, &xlv, weight, biasv.as_ref(), &av, &bv, &mut y.slice_mut(..m * n), &mut xa.slice_mut(..m * r), p)?;
+        let xav = xa.slice(..m * r);
+        cuda::backward(s, md, dt, &dyv, &xlv, &xav, weight, &av, &bv, &mut da.slice_mut(..r * k), &mut db.slice_mut(..n * r), Some(&mut dx.slice_mut(..m * k)), false, case.dropout, p)?;
+        if case.dropout.is_none() {
+            // The same dX again, added by the GEMM's epilogue onto the first (as a group of
+            // linears sums theirs): 2·dX within one rounding of each sum.
+            let first = values(dt, &down(s, &dx, m * k)?);
+            let mut twice = up(s, &bits(dt, &first))?;
+            let (mut da2, mut db2) = (zeros::<f32>(s, r * k)?, zeros::<f32>(s, n * r)?);
+            cuda::backward(s, md, dt, &dyv, &xlv, &xav, weight, &av, &bv, &mut da2.slice_mut(..r * k), &mut db2.slice_mut(..n * r), Some(&mut twice.slice_mut(..m * k)), true, None, p)?;
+            let twice = values(dt, &down(s, &twice, m * k)?);
+            if let Some(i) = (0..m * k).find(|&i| (twice[i] - 2.0 * first[i]).abs() > 2f32.powi(-7) * (2.0 * first[i]).abs() + 1e-20) {
+                return Err(Error::InvalidArgument(format!("dX added onto itself in the GEMM (m {m}, n {n}, k {k}, r {r}): element {i} is {}, twice {} is {}", twice[i], first[i], 2.0 * first[i])));
             }
         }
         Ok(LoraOutputs {

@@ -112,7 +112,7 @@ pub fn lora_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
                     sm90::set_mode(mode);
                     let timed = (
                         time_us(rt, || lora::cuda::linear(s, md, Half::Bf16, &x.slice(..), lora::cuda::Weight::Dense(&w.slice(..)), None, &mut y.slice_mut(..), (m, n, K))),
-                        time_us(rt, || lora::cuda::linear_dx(s, md, Half::Bf16, &dy.slice(..), lora::cuda::Weight::Dense(&w.slice(..)), &mut dx.slice_mut(..), (m, n, K))),
+                        time_us(rt, || lora::cuda::linear_dx(s, md, Half::Bf16, &dy.slice(..), lora::cuda::Weight::Dense(&w.slice(..)), &mut dx.slice_mut(..), false, (m, n, K))),
                         time_us(rt, || lora::cuda::matmul_tn(s, md, Half::Bf16, &dy.slice(..), &x.slice(..), lora::cuda::GemmOut::Half(&mut dw.slice_mut(..)), (n, K, m))),
                     );
                     sm90::set_mode(entry);

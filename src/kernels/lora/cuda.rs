@@ -105,6 +105,9 @@ pub enum GemmOut<'a, 'b> {
     /// Written in the 16-bit type twice: C, and `s·C` rounded from the same f32 (no bias): XA
     /// and s·XA from one product.
     HalfScaled(&'a mut CudaViewMut<'b, u16>, &'a mut CudaViewMut<'b, u16>, f32),
+    /// Added to what the 16-bit buffer holds, in f32, rounded once: dX summed over the linears
+    /// that read one input (q, k, v; gate, up) with no separate add.
+    HalfAdd(&'a mut CudaViewMut<'b, u16>),
 }
 
 impl GemmOut<'_, '_> {
@@ -113,7 +116,13 @@ impl GemmOut<'_, '_> {
             GemmOut::Half(c) => c.len(),
             GemmOut::AddF32(c) => c.len(),
             GemmOut::HalfScaled(c, c2, _) => c.len().min(c2.len()),
+            GemmOut::HalfAdd(c) => c.len(),
         }
+    }
+
+    /// The kernels' `add_c` flag.
+    pub(super) fn add_c(&self) -> i32 {
+        matches!(self, GemmOut::HalfAdd(_)) as i32
     }
 }
 
@@ -175,6 +184,7 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
         GemmOut::HalfScaled(_, _, s) => s,
         _ => 0.0,
     };
+    let add_c = c.add_c();
     let mut bld = stream.launch_builder(&f);
     bld.arg(g.a1.0).arg(&lda1);
     match g.b1 {
@@ -188,7 +198,7 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
     };
     // c, c32, c2
     match &mut c {
-        GemmOut::Half(c) => bld.arg(&mut **c).arg(&null).arg(&null),
+        GemmOut::Half(c) | GemmOut::HalfAdd(c) => bld.arg(&mut **c).arg(&null).arg(&null),
         GemmOut::AddF32(c) => bld.arg(&null).arg(&mut **c).arg(&null),
         GemmOut::HalfScaled(c, c2, _) => bld.arg(&mut **c).arg(&null).arg(&mut **c2),
     };
@@ -197,6 +207,7 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
         Some((p, done)) => bld.arg(p).arg(done),
         None => bld.arg(&null).arg(&null),
     };
+    bld.arg(&add_c);
     if let Some(q) = nf4 {
         q.push_args(&mut bld);
     }
@@ -271,8 +282,10 @@ pub fn linear(
     gemm(stream, modules, dt, g, GemmOut::Half(y), nf4)
 }
 
-/// The plain linear's dX: `dx = dy·w`, dy `[m, n]`, w `[n, k]`, dx `[m, k]`.
-pub fn linear_dx(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, dy: &CudaView<'_, u16>, w: Weight<'_, '_>, dx: &mut CudaViewMut<'_, u16>, (m, n, k): (usize, usize, usize)) -> Result<()> {
+/// The plain linear's dX: `dx = dy·w`, dy `[m, n]`, w `[n, k]`, dx `[m, k]`; with `add`,
+/// `dx += dy·w` (summed in f32 by the GEMM's epilogue, rounded once).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_dx(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, dy: &CudaView<'_, u16>, w: Weight<'_, '_>, dx: &mut CudaViewMut<'_, u16>, add: bool, (m, n, k): (usize, usize, usize)) -> Result<()> {
     let op = "linear_dx (cuda)";
     w.check(op, n, k)?;
     for (what, have, need) in [("dy", dy.len(), m * n), ("dx", dx.len(), m * k)] {
@@ -283,7 +296,7 @@ pub fn linear_dx(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, dy: 
     }
     let (b1, nf4) = w.b1(k);
     let g = Gemm { a1: (dy, n), b1, a2: (dy, n), b2: (dy, n), bias: None, m, n: k, k1: n, k2: 0, a_km: false, kn: true, alpha: 1.0 };
-    gemm(stream, modules, dt, g, GemmOut::Half(dx), nf4)
+    gemm(stream, modules, dt, g, if add { GemmOut::HalfAdd(dx) } else { GemmOut::Half(dx) }, nf4)
 }
 
 /// `c[m, n] = aᵀ·b` for a stored `[k, m]` and b `[k, n]`, both dense: a product over the
@@ -410,10 +423,12 @@ fn small_grads(
     Ok(gs)
 }
 
-/// Backward: `da`, `db` (f32) and, when `dx` is given, `dx = dy·w + s·(dy·b)·a`, or with
-/// `dropout = Some((p, seed))` (the forward's, which made `x_lora`; bf16 only)
+/// Backward: `da`, `db` (f32) and, when `dx` is given, `dx = dy·w + s·(dy·b)·a` (with `add_dx`,
+/// added to what dx holds, in the GEMM's epilogue), or with `dropout = Some((p, seed))` (the
+/// forward's, which made `x_lora`; bf16 only; not with `add_dx`)
 /// `dx = dy·w + s·((dy·b)·a) ∘ mask / (1 - p)`, the two products rounded apart, then summed
 /// under the mask by `dropout`. W dense or NF4 (QLoRA: dequantized in the GEMM's tile loads).
+#[allow(clippy::too_many_arguments)]
 pub fn backward(
     stream: &Arc<CudaStream>,
     modules: &ModuleCache,
@@ -427,10 +442,14 @@ pub fn backward(
     da: &mut CudaViewMut<'_, f32>,
     db: &mut CudaViewMut<'_, f32>,
     dx: Option<&mut CudaViewMut<'_, u16>>,
+    add_dx: bool,
     dropout: Option<(f32, u64)>,
     p: LoraParams,
 ) -> Result<()> {
     let op = "lora_bwd (cuda)";
+    if add_dx && dropout.is_some() {
+        return Err(Error::InvalidArgument(format!("{op}: dX under LoRA dropout is summed by the dropout kernel, not added in the GEMM")));
+    }
     check_dims(op, p)?;
     let (m, n, k, r) = (p.m, p.n, p.k, p.r);
     w.check(op, n, k)?;
@@ -449,12 +468,12 @@ pub fn backward(
     match (dx, dropout) {
         (Some(dx), None) => {
             let g = Gemm { a1: (dy, n), b1, a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: n, k2: r, a_km: false, kn: true, alpha: 1.0 };
-            gemm(stream, modules, dt, g, GemmOut::Half(dx), nf4)?;
+            gemm(stream, modules, dt, g, if add_dx { GemmOut::HalfAdd(dx) } else { GemmOut::Half(dx) }, nf4)?;
         }
         // dY·W and (s·G)·A apart (each a rank-0 GEMM), then summed under the mask.
         (Some(dx), Some((pd, seed))) => {
             let (mut base, mut ga) = (scratch(stream, m * k)?, scratch(stream, m * k)?);
-            linear_dx(stream, modules, dt, dy, w, &mut base.slice_mut(..), (m, n, k))?;
+            linear_dx(stream, modules, dt, dy, w, &mut base.slice_mut(..), false, (m, n, k))?;
             let lora = Gemm { a1: (&gv, r), b1: Some((a, k)), a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: r, k2: 0, a_km: false, kn: true, alpha: 1.0 };
             gemm(stream, modules, dt, lora, GemmOut::Half(&mut ga.slice_mut(..)), None)?;
             self::dropout(stream, modules, &base.slice(..m * k), Some((&ga.slice(..m * k), 1.0)), dx, pd, seed)?;

@@ -216,12 +216,13 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
         Some(b) => bld.arg(b),
         None => bld.arg(&null),
     };
+    let add_c = c.add_c();
     match c {
-        GemmOut::Half(c) => bld.arg(&mut **c).arg(&null),
+        GemmOut::Half(c) | GemmOut::HalfAdd(c) => bld.arg(&mut **c).arg(&null),
         GemmOut::AddF32(c) => bld.arg(&null).arg(&mut **c),
         GemmOut::HalfScaled(..) => unreachable!("declined above"),
     };
-    bld.arg(&m).arg(&n).arg(&k1).arg(&k2).arg(&g.alpha);
+    bld.arg(&m).arg(&n).arg(&k1).arg(&k2).arg(&g.alpha).arg(&add_c);
     if let Some(q) = nf4 {
         q.push_args(&mut bld);
     }
