@@ -15,6 +15,27 @@ fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures/llama-gqa")
 }
 
+/// A fresh temp folder `tuna-{tag}-{pid}` holding `data.jsonl`: 16 counting examples
+/// ("Count i" -> " i+1 i+2"). Returns (folder, data file).
+fn counting_data(tag: &str) -> (PathBuf, PathBuf) {
+    let base = std::env::temp_dir().join(format!("tuna-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let data = base.join("data.jsonl");
+    let lines: String = (0..16).map(|i| format!("{{\"prompt\": \"Count {i}\", \"completion\": \" {} {}\"}}\n", i + 1, i + 2)).collect();
+    std::fs::write(&data, lines).unwrap();
+    (base, data)
+}
+
+/// `tuna perplexity --data DATA --json` with `args`: its mean loss.
+fn mean_loss(data: &Path, args: &[&str]) -> f64 {
+    let mut a = vec!["perplexity", "--data", data.to_str().unwrap(), "--json"];
+    a.extend_from_slice(args);
+    let (ok, out, err) = tuna(&a);
+    assert!(ok, "{err}");
+    serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["mean_loss"].as_f64().unwrap()
+}
+
 /// `tuna generate --prompt "The capital" --max-new-tokens 6 --json` with `extra` flags, checked
 /// against `model`'s own greedy tokens.
 fn generate_matches(model: &tuna::nn::Llama, extra: &[&str]) {
@@ -217,12 +238,7 @@ fn demo_learns_with_sm3_sparse_and_qlora() {
 #[test]
 fn finetune_sparse_then_merge() {
     let m = fixture();
-    let base = std::env::temp_dir().join(format!("tuna-sparse-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
-    let data = base.join("data.jsonl");
-    let lines: String = (0..16).map(|i| format!("{{\"prompt\": \"Count {i}\", \"completion\": \" {} {}\"}}\n", i + 1, i + 2)).collect();
-    std::fs::write(&data, lines).unwrap();
+    let (base, data) = counting_data("sparse-cli");
     let out = base.join("run");
     let (ok, stdout, err) = tuna(&[
         "finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
@@ -237,13 +253,7 @@ fn finetune_sparse_then_merge() {
     let merged = base.join("merged");
     let (ok, _, err) = tuna(&["merge", "--model", m.to_str().unwrap(), "--deltas", deltas.to_str().unwrap(), "--out", merged.to_str().unwrap()]);
     assert!(ok, "{err}");
-    let ppl = |args: &[&str]| -> f64 {
-        let mut a = vec!["perplexity", "--data", data.to_str().unwrap(), "--json"];
-        a.extend_from_slice(args);
-        let (ok, out, err) = tuna(&a);
-        assert!(ok, "{err}");
-        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["mean_loss"].as_f64().unwrap()
-    };
+    let ppl = |args: &[&str]| mean_loss(&data, args);
     let on_the_fly = ppl(&["--model", m.to_str().unwrap(), "--deltas", deltas.to_str().unwrap()]);
     let folded = ppl(&["--model", merged.to_str().unwrap()]);
     let untouched = ppl(&["--model", m.to_str().unwrap()]);
@@ -260,12 +270,7 @@ fn finetune_sparse_then_merge() {
 #[test]
 fn finetune_full_qwen3_writes_a_model_that_loads() {
     let m = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures/qwen3");
-    let base = std::env::temp_dir().join(format!("tuna-qwen3-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
-    let data = base.join("data.jsonl");
-    let lines: String = (0..16).map(|i| format!("{{\"prompt\": \"Count {i}\", \"completion\": \" {} {}\"}}\n", i + 1, i + 2)).collect();
-    std::fs::write(&data, lines).unwrap();
+    let (base, data) = counting_data("qwen3-cli");
     let out = base.join("run");
     let (ok, _, err) = tuna(&[
         "finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
@@ -276,12 +281,7 @@ fn finetune_full_qwen3_writes_a_model_that_loads() {
     assert_eq!(after.config.arch, tuna::io::config::Arch::Qwen3);
     let norm = |l: &tuna::nn::Llama| l.layers[1].qk_norm.as_ref().unwrap().k.to_vec_f32().unwrap();
     assert_ne!(norm(&before), norm(&after), "k_norm should have trained");
-    let ppl = |model: &Path| -> f64 {
-        let (ok, out, err) = tuna(&["perplexity", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json"]);
-        assert!(ok, "{err}");
-        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["mean_loss"].as_f64().unwrap()
-    };
-    let (l0, l1) = (ppl(&m), ppl(&out.join("model")));
+    let (l0, l1) = (mean_loss(&data, &["--model", m.to_str().unwrap()]), mean_loss(&data, &["--model", out.join("model").to_str().unwrap()]));
     assert!(l1 < l0, "training should lower the loss: {l0} -> {l1}");
 }
 
