@@ -42,13 +42,16 @@ __device__ __forceinline__ f16_bits f32_to_f16(float f) {
 
 // Load/store an element of storage type T as f32.
 template <typename T> struct Elem;
+// (`round`: v as a store and a load would give it back.)
 template <> struct Elem<float> {
     static __device__ __forceinline__ float load(const float* p, long i) { return p[i]; }
     static __device__ __forceinline__ void store(float* p, long i, float v) { p[i] = v; }
+    static __device__ __forceinline__ float round(float v) { return v; }
 };
 template <> struct Elem<bf16_bits> {
     static __device__ __forceinline__ float load(const bf16_bits* p, long i) { return bf16_to_f32(p[i]); }
     static __device__ __forceinline__ void store(bf16_bits* p, long i, float v) { p[i] = f32_to_bf16(v); }
+    static __device__ __forceinline__ float round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 };
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -8,10 +8,12 @@
 // Shapes: x, y, dy, dx [M, N] row-major (row stride N); w, dw [N]; rstd [M] in f32 (saved by
 // the forward for the backward). Storage f32 or bf16, arithmetic in f32.
 //
-// The `_add` forms fold in the residual add before a pre-norm, saving a launch and a pass over
+// The `_add` forms fold in the residual add before a pre-norm, saving a launch and passes over
 // [M, N] each way: the forward normalizes h = x + d (rounded to the storage type, as a separate
 // add would store it) and writes h beside y; the backward adds dres (h's gradient from its other
-// consumers) into dx.
+// consumers) to dx rounded to the storage type, as a separate add would: the fused and the
+// separate kernels give the same bits (checkpointed layers, which keep the add between layers
+// separate, give the same gradients as plain ones).
 //
 // Launch: fwd and bwd_dx one block per row (grid.x = M, any block size that is a multiple of 32
 // up to 1024; 256 is used), threads stride over the row. bwd_dw in two passes, deterministic:
@@ -49,7 +51,7 @@ __device__ void rmsnorm_fwd(const T* __restrict__ x, const T* __restrict__ d, co
         Elem<T>::store(y, row * N + n, Elem<T>::load(w, n) * Elem<T>::load(xr, n) * r);
 }
 
-// dres null: plain backward. Otherwise dres is added to dx (in f32, one rounding).
+// dres null: plain backward. Otherwise dres is added to dx rounded (see the top).
 template <typename T>
 __device__ void rmsnorm_bwd_dx(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ dy,
                                const float* __restrict__ rstd, const T* __restrict__ dres, T* __restrict__ dx, int M, int N) {
@@ -65,7 +67,7 @@ __device__ void rmsnorm_bwd_dx(const T* __restrict__ x, const T* __restrict__ w,
     for (int n = threadIdx.x; n < N; n += blockDim.x) {
         float g = Elem<T>::load(dy, base + n) * Elem<T>::load(w, n);
         float v = r * (g - Elem<T>::load(x, base + n) * r * r * c);
-        if (dres != nullptr) v += Elem<T>::load(dres, base + n);
+        if (dres != nullptr) v = Elem<T>::round(v) + Elem<T>::load(dres, base + n);
         Elem<T>::store(dx, base + n, v);
     }
 }

@@ -91,8 +91,9 @@ pub fn rmsnorm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
 /// `(h, y)`. On CUDA one kernel each way (`rmsnorm_fwd_add_*`, `rmsnorm_bwd_dx_add_*`): the
 /// forward writes h beside y, and the backward adds h's gradient from its other consumers (the
 /// next residual add) into the norm's dx, where `add` then `rmsnorm` take two launches and
-/// two more passes over `[rows, N]` each way. Elsewhere the same two steps run as `add` and
-/// `rmsnorm` do, with the same results.
+/// more passes over `[rows, N]` each way. The results are those of `add` and `rmsnorm`, bit for
+/// bit (each sum rounded to the storage type as the add would), on CUDA as elsewhere, where the
+/// two steps run as they are.
 pub fn add_rmsnorm(x: &Tensor, d: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
     const OP: &str = "add_rmsnorm";
     same_device(OP, x, d)?;
