@@ -180,6 +180,22 @@ fn tokenizer_and_chat_template_match_transformers() {
     assert!(e.contains("Only user, assistant and system roles") && e.contains("tokenizer_config.json"), "{e}");
 }
 
+/// A Qwen3-style chat template (namespace from a reversed loop, Python string methods, `is
+/// string`, earlier `<think>` blocks dropped) renders as transformers renders it.
+#[test]
+fn qwen_style_chat_template_matches_transformers() {
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("chat").join("expected.json")).unwrap()).unwrap();
+    let template = json["template"].as_str().unwrap();
+    for case in json["cases"].as_array().unwrap() {
+        let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+        let got = tuna::io::tokenizer::render_chat_template(template, &messages, case["add_generation_prompt"].as_bool().unwrap(), None, None).unwrap();
+        assert_eq!(got, case["rendered"].as_str().unwrap());
+    }
+    let bad = vec![Message { role: "tool".into(), content: "x".into() }];
+    let e = tuna::io::tokenizer::render_chat_template(template, &bad, true, None, None).unwrap_err();
+    assert!(e.contains("unknown role: tool"), "{e}");
+}
+
 /// Packing several examples into one row gives each example exactly the logits and loss it
 /// has alone: positions restart and attention stays within the example.
 #[test]
