@@ -104,15 +104,13 @@ pub fn add_rmsnorm(x: &Tensor, d: &Tensor, w: &Tensor, eps: f32) -> Result<(Tens
     let (h, RmsNormOutput { y, rstd }) = forward_any(x, Some(d), w, eps)?;
     let (sh, sw) = (saved(&h), saved(w));
     let mut outs = record_many(OP, vec![h, y], &[x, d, w], move |gs, needs| {
-        let dh = match (&gs[0], &gs[1]) {
-            (direct, Some(dy)) => {
-                let (dh, dw) = backward_add(&sh, &sw, dy, &rstd, direct.as_ref(), needs[2])?;
-                return Ok(vec![needs[0].then(|| dh.clone()), needs[1].then_some(dh), dw]);
-            }
-            (Some(direct), None) => direct.clone(),
+        // h's gradient: the norm's dx (from y's) plus what h gets directly; x and d share it.
+        let (dh, dw) = match (&gs[0], &gs[1]) {
+            (direct, Some(dy)) => backward_add(&sh, &sw, dy, &rstd, direct.as_ref(), needs[2])?,
+            (Some(direct), None) => (direct.clone(), None),
             (None, None) => unreachable!("the tape runs an entry only with a gradient"),
         };
-        Ok(vec![needs[0].then(|| dh.clone()), needs[1].then_some(dh), None])
+        Ok(vec![needs[0].then(|| dh.clone()), needs[1].then_some(dh), dw])
     })?;
     let y = outs.pop().expect("two outputs");
     Ok((outs.pop().expect("two outputs"), y))
@@ -161,7 +159,6 @@ fn forward_any(x: &Tensor, d: Option<&Tensor>, w: &Tensor, eps: f32) -> Result<(
         return Ok((h, out));
     }
     let (mn, m, n) = (p.rows * p.cols, p.rows, p.cols);
-    let dev = x.device();
     match (dev, x.dtype()) {
         (Device::Cpu, DType::F32) => {
             let (mut y, mut rstd) = (vec![0.0f32; mn], vec![0.0f32; m]);
@@ -172,12 +169,10 @@ fn forward_any(x: &Tensor, d: Option<&Tensor>, w: &Tensor, eps: f32) -> Result<(
             let (rt, xb) = cuda_buf(x);
             let wb = cuda_buf(w).1;
             let bytes = mn * x.dtype().size_in_bytes();
-            let mut yb = rt.alloc_zeros(bytes)?;
-            let mut hb = match d {
-                Some(_) => Some(rt.alloc_zeros(bytes)?),
-                None => None,
-            };
-            let mut rb = rt.alloc_zeros(m * 4)?;
+            // Not zeroed: the kernel writes every element of y, h and rstd.
+            let mut yb = rt.alloc_uninit(bytes)?;
+            let mut hb = d.map(|_| rt.alloc_uninit(bytes)).transpose()?;
+            let mut rb = rt.alloc_uninit(m * 4)?;
             // SAFETY (all transmutes below): every buffer was allocated for its tensor's dtype and
             // element count, from which the params were derived (d has x's, checked by the op).
             unsafe {
@@ -256,8 +251,9 @@ fn backward_add(x: &Tensor, w: &Tensor, dy: &Tensor, rstd: &Tensor, dres: Option
         (Device::Cuda(_), DType::F32 | DType::BF16) => {
             let (rt, xb) = cuda_buf(x);
             let (wb, gb, rb) = (cuda_buf(w).1, cuda_buf(dy).1, cuda_buf(rstd).1);
-            let mut dxb = rt.alloc_zeros(mn * x.dtype().size_in_bytes())?;
-            let mut dwb = if want_dw { Some(rt.alloc_zeros(n * x.dtype().size_in_bytes())?) } else { None };
+            // Not zeroed: the kernels write every element of dx and dw.
+            let mut dxb = rt.alloc_uninit(mn * x.dtype().size_in_bytes())?;
+            let mut dwb = want_dw.then(|| rt.alloc_uninit(n * x.dtype().size_in_bytes())).transpose()?;
             // SAFETY: as in `rmsnorm_forward`.
             unsafe {
                 let rv = rb.transmute::<f32>(m).expect("rstd sized");

@@ -110,13 +110,22 @@ pub enum GemmOut<'a, 'b> {
     HalfAdd(&'a mut CudaViewMut<'b, u16>),
 }
 
-impl GemmOut<'_, '_> {
+impl<'a, 'b> GemmOut<'a, 'b> {
     fn len(&self) -> usize {
         match self {
             GemmOut::Half(c) => c.len(),
             GemmOut::AddF32(c) => c.len(),
             GemmOut::HalfScaled(c, c2, _) => c.len().min(c2.len()),
             GemmOut::HalfAdd(c) => c.len(),
+        }
+    }
+
+    /// `HalfAdd(c)` when `add`, else `Half(c)`.
+    pub fn half(c: &'a mut CudaViewMut<'b, u16>, add: bool) -> Self {
+        if add {
+            GemmOut::HalfAdd(c)
+        } else {
+            GemmOut::Half(c)
         }
     }
 
@@ -296,7 +305,7 @@ pub fn linear_dx(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, dy: 
     }
     let (b1, nf4) = w.b1(k);
     let g = Gemm { a1: (dy, n), b1, a2: (dy, n), b2: (dy, n), bias: None, m, n: k, k1: n, k2: 0, a_km: false, kn: true, alpha: 1.0 };
-    gemm(stream, modules, dt, g, if add { GemmOut::HalfAdd(dx) } else { GemmOut::Half(dx) }, nf4)
+    gemm(stream, modules, dt, g, GemmOut::half(dx, add), nf4)
 }
 
 /// `c[m, n] = aᵀ·b` for a stored `[k, m]` and b `[k, n]`, both dense: a product over the
@@ -468,7 +477,7 @@ pub fn backward(
     match (dx, dropout) {
         (Some(dx), None) => {
             let g = Gemm { a1: (dy, n), b1, a2: (&gv, r), b2: (a, k), bias: None, m, n: k, k1: n, k2: r, a_km: false, kn: true, alpha: 1.0 };
-            gemm(stream, modules, dt, g, if add_dx { GemmOut::HalfAdd(dx) } else { GemmOut::Half(dx) }, nf4)?;
+            gemm(stream, modules, dt, g, GemmOut::half(dx, add_dx), nf4)?;
         }
         // dY·W and (s·G)·A apart (each a rank-0 GEMM), then summed under the mask.
         (Some(dx), Some((pd, seed))) => {
