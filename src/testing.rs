@@ -188,6 +188,48 @@ pub fn check_add_rmsnorm(dev: crate::Device, dtype: crate::DType, rows: usize, c
     compare(&format!("dw on {dev}"), &grad(&w, "w")?, &dw_want, dw_tol)
 }
 
+/// `ops::rmsnorm_rope` (per-head RMSNorm then RoPE, fused on CUDA) on `dev` against the f64
+/// references of the two steps, through the tape: y, dx and (when `train_w`) dw. x is
+/// `[case.tokens, case.heads, case.head_dim]` at random positions below `case.max_position`; w in
+/// [0.5, 1.5]. The device rounds the normed value to its dtype between the steps (so does the
+/// unfused path, where `rmsnorm` stores it): one more rounding than the reference, inside the
+/// dtype's tolerance.
+pub fn check_rmsnorm_rope(dev: crate::Device, case: token_ops::RopeCase, train_w: bool) -> std::result::Result<(), String> {
+    use crate::kernels::rmsnorm::{reference as norm_ref, RmsNormParams};
+    use crate::kernels::rope::{reference as rope_ref, Direction};
+    let e = |e: crate::Error| format!("rmsnorm_rope on {dev} ({case:?}): {e}");
+    let (t, h, d, dtype) = (case.tokens, case.heads, case.head_dim, case.dtype);
+    let mut rng = Rng::new(case.seed);
+    let p = RmsNormParams { rows: t * h, cols: d, eps: 1e-6 };
+    let put = |v: Vec<f32>, shape: Vec<usize>| -> Result<Tensor> { Tensor::from_vec(v, shape)?.to_dtype(dtype)?.to_device(&dev) };
+    let tape = Tape::new();
+    let x = tape.param(&put(rng.vec(t * h * d, -2.0, 2.0), vec![t, h, d]).map_err(e)?);
+    let w = put(rng.vec(d, 0.5, 1.5), vec![d]).map_err(e)?;
+    let w = if train_w { tape.param(&w) } else { w };
+    let g = put(rng.vec(t * h * d, -1.0, 1.0), vec![t, h, d]).map_err(e)?;
+    let positions: Vec<i32> = (0..t).map(|_| rng.below(case.max_position.max(1)) as i32).collect();
+    let pos = Tensor::from_vec_i32(positions.clone(), [t]).and_then(|p| p.to_device(&dev)).map_err(e)?;
+    let freq = token_ops::inv_freq(d, 1_000_000.0);
+    let y = ops::rmsnorm_rope(&x, &w, p.eps, &pos, &freq).map_err(e)?;
+    let grads = tape.backward_from(&y, &g).map_err(e)?;
+    let tol = match dtype {
+        crate::DType::BF16 => Tolerance::BF16,
+        crate::DType::F16 => Tolerance::F16,
+        _ => Tolerance::F32,
+    };
+    let (xr, wr, gr) = (to_f64(&x).map_err(e)?, to_f64(&w).map_err(e)?, to_f64(&g).map_err(e)?);
+    let y_want = rope_ref::rope(&norm_ref::forward(&xr, &wr, p).0, &positions, &freq, h, Direction::Forward);
+    compare(&format!("y on {dev} ({case:?})"), &y.to_vec_f32().map_err(e)?, &y_want, tol)?;
+    let (dx_want, dw_want) = norm_ref::backward(&xr, &wr, &rope_ref::rope(&gr, &positions, &freq, h, Direction::Backward), p);
+    let grad = |v: &Tensor, name: &str| grads.get(v).ok_or_else(|| format!("no gradient for {name} on {dev}"))?.to_vec_f32().map_err(e);
+    compare(&format!("dx on {dev} ({case:?})"), &grad(&x, "x")?, &dx_want, tol)?;
+    match (train_w, grads.get(&w)) {
+        (true, _) => compare(&format!("dw on {dev} ({case:?})"), &grad(&w, "w")?, &dw_want, Tolerance { atol: tol.atol * (t * h) as f64, rtol: tol.rtol }),
+        (false, None) => Ok(()),
+        (false, Some(_)) => Err(format!("a gradient for the untracked w on {dev}")),
+    }
+}
+
 /// RMSNorm forward and backward on `dev` in `dtype` against the f64 reference, on random data
 /// from `seed`. The reference sees exactly the values the device sees (bf16-rounded for bf16).
 /// Shared by the device tests and `tools/gpu-check`.

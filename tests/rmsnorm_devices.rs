@@ -1,10 +1,11 @@
-//! RMSNorm forward and backward (alone and fused with the residual add before it) on every
-//! device present, against the f64 CPU reference.
+//! RMSNorm forward and backward (alone, fused with the residual add before it, and per head
+//! fused with the RoPE after it) on every device present, against the f64 CPU reference.
 //! One test body; the device list comes from `Device::available()` (CI requires lavapipe).
 
 mod common;
 
 use proptest::prelude::*;
+use tuna::testing::token_ops::RopeCase;
 use tuna::{ops, DType, Device, Tensor};
 
 fn check(dev: Device, dtype: DType, rows: usize, cols: usize, seed: u64) -> Result<(), String> {
@@ -46,8 +47,38 @@ fn fused_add_rmsnorm_matches_reference_on_every_device() {
     }
 }
 
+fn rope_case(tokens: usize, heads: usize, head_dim: usize, dtype: DType, seed: u64) -> RopeCase {
+    RopeCase { tokens, heads, head_dim, max_position: 4096, dtype, seed }
+}
+
+#[test]
+fn rmsnorm_rope_matches_reference_on_every_device() {
+    // Head dims the fused CUDA kernels take (64, 128, 256: one to four pairs per lane) and two
+    // they leave to rmsnorm then rope (16, 96); one row, rows across several blocks and a
+    // partial last one; w trained or frozen.
+    let shapes = [(1, 1, 64), (37, 3, 64), (5, 2, 128), (70, 4, 128), (3, 2, 256), (4, 3, 16), (6, 2, 96)];
+    for dev in common::devices() {
+        for dtype in dtypes(dev) {
+            for (i, &(t, h, d)) in shapes.iter().enumerate() {
+                for train_w in [true, false] {
+                    tuna::testing::check_rmsnorm_rope(dev, rope_case(t, h, d, dtype, i as u64), train_w).unwrap_or_else(|e| panic!("w trained {train_w}: {e}"));
+                }
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 16, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn rmsnorm_rope_random_shapes_on_every_device(tokens in 1usize..24, heads in 1usize..5, pairs in 1usize..5, seed: u64) {
+        for dev in common::devices() {
+            for dtype in dtypes(dev) {
+                tuna::testing::check_rmsnorm_rope(dev, rope_case(tokens, heads, 64 * pairs, dtype, seed), true).map_err(TestCaseError::fail)?;
+            }
+        }
+    }
+
     #[test]
     fn rmsnorm_random_shapes_on_every_device(rows in 1usize..40, cols in 1usize..600, seed: u64) {
         for dev in common::devices() {

@@ -16,7 +16,9 @@
 //! error and the rotation's rounding.
 //!
 //! Kernels: `kernels-cuda/rope.cu` (f32, bf16), `kernels-wgsl/rope.wgsl` (f32); one launch per
-//! direction. They compute cos/sin with their own range reduction and polynomials (within
+//! direction. `rope.cu` also fuses a per-head RMSNorm before the rotation (Qwen3's q/k norms:
+//! `norm_rope_*`, one launch each way for head dims that are multiples of 64 up to 256; see
+//! [`norm_rope_fits`]). They compute cos/sin with their own range reduction and polynomials (within
 //! 1.3e-7 absolute for angles up to 2^20 radians), not the vendor's sin/cos: WGSL only bounds
 //! those to 2^-11 on [-pi, pi], and RoPE angles reach the sequence length in radians.
 
@@ -56,6 +58,12 @@ pub struct RopeParams {
     pub heads: usize,
     /// D: head dim, even.
     pub head_dim: usize,
+}
+
+/// Whether the fused per-head RMSNorm + RoPE kernels take this head dim: one warp per head,
+/// each lane holding D/64 rotation pairs (at most 4).
+pub fn norm_rope_fits(head_dim: usize) -> bool {
+    head_dim.is_multiple_of(64) && (64..=256).contains(&head_dim)
 }
 
 impl RopeParams {
@@ -181,6 +189,118 @@ pub mod cuda {
             stream.launch_builder(&f).arg(x).arg(positions).arg(inv_freq).arg(y).arg(&t).arg(&h).arg(&hf).arg(&sign).launch(cfg)
         }
         .map_err(|e| Error::cuda(format!("launching {op}"), e))?;
+        Ok(())
+    }
+
+    /// Warps per block of the fused kernels (`NR_WARPS` in rope.cu).
+    const NORM_ROPE_WARPS: usize = 8;
+
+    /// Checks the lengths `[x, positions, inv_freq, y]` (as `RopeParams::check`), w's and rstd's.
+    fn norm_rope_check(op: &'static str, dir: Direction, p: RopeParams, [x, positions, inv_freq, y]: [usize; 4], w: usize, rstd: usize) -> Result<(u32, u32, u32)> {
+        if !super::norm_rope_fits(p.head_dim) {
+            return Err(Error::InvalidArgument(format!("{op}: head_dim = {} is not a multiple of 64 in 64..=256 (use rmsnorm then rope)", p.head_dim)));
+        }
+        p.check(dir, x, positions, inv_freq, y)?;
+        crate::kernels::check_len(op, "w", w, p.head_dim)?;
+        crate::kernels::check_len(op, "rstd", rstd, p.tokens * p.heads)?;
+        p.dims(op)
+    }
+
+    fn suffix<T>(op: &str) -> Result<&'static str> {
+        match std::mem::size_of::<T>() {
+            4 => Ok("f32"),
+            2 => Ok("bf16"),
+            s => Err(Error::InvalidArgument(format!("{op}: no CUDA kernel for {s}-byte elements"))),
+        }
+    }
+
+    /// Per-head RMSNorm (weight `w [D]`, `eps`) then the forward rotation, in one pass:
+    /// `y = rope(rmsnorm(x))` with the normed value rounded to `T` between them, as the two
+    /// kernels store it; `rstd [T·H]` (f32) is kept for the backward.
+    #[allow(clippy::too_many_arguments)]
+    pub fn norm_rope_forward<T: DeviceRepr>(
+        stream: &Arc<CudaStream>,
+        modules: &ModuleCache,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        positions: &CudaView<'_, i32>,
+        inv_freq: &CudaView<'_, f32>,
+        y: &mut CudaViewMut<'_, T>,
+        rstd: &mut CudaViewMut<'_, f32>,
+        p: RopeParams,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "norm_rope_fwd";
+        let (tokens, heads, half) = norm_rope_check(OP, Direction::Forward, p, [x.len(), positions.len(), inv_freq.len(), y.len()], w.len(), rstd.len())?;
+        let rows = p.tokens * p.heads;
+        if rows == 0 {
+            return Ok(());
+        }
+        let f = modules.function("rope", &format!("norm_rope_fwd_{}", suffix::<T>(OP)?))?;
+        let blocks = rows.div_ceil(NORM_ROPE_WARPS) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (32 * NORM_ROPE_WARPS as u32, 1, 1), shared_mem_bytes: 0 };
+        let (t, h, hf) = (tokens as i32, heads as i32, half as i32);
+        // SAFETY: argument types match norm_rope_fwd_*; lengths checked above.
+        unsafe { stream.launch_builder(&f).arg(x).arg(w).arg(positions).arg(inv_freq).arg(y).arg(rstd).arg(&t).arg(&h).arg(&hf).arg(&eps).launch(cfg) }
+            .map_err(|e| Error::cuda(format!("launching {OP}"), e))?;
+        Ok(())
+    }
+
+    /// The backward of [`norm_rope_forward`]: dx from x, w, dy and rstd in one pass, and dw
+    /// when asked (each block's sums in the same pass, then `rmsnorm_bwd_dw_sum` adds them in
+    /// order).
+    #[allow(clippy::too_many_arguments)]
+    pub fn norm_rope_backward<T: DeviceRepr>(
+        stream: &Arc<CudaStream>,
+        modules: &ModuleCache,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        dy: &CudaView<'_, T>,
+        positions: &CudaView<'_, i32>,
+        inv_freq: &CudaView<'_, f32>,
+        rstd: &CudaView<'_, f32>,
+        dx: &mut CudaViewMut<'_, T>,
+        dw: Option<&mut CudaViewMut<'_, T>>,
+        p: RopeParams,
+    ) -> Result<()> {
+        const OP: &str = "norm_rope_bwd";
+        let (tokens, heads, half) = norm_rope_check(OP, Direction::Backward, p, [dy.len(), positions.len(), inv_freq.len(), dx.len()], w.len(), rstd.len())?;
+        crate::kernels::check_len(OP, "x", x.len(), dx.len())?;
+        if let Some(dw) = &dw {
+            crate::kernels::check_len(OP, "dw", dw.len(), p.head_dim)?;
+        }
+        let s = suffix::<T>(OP)?;
+        let rows = p.tokens * p.heads;
+        // Consecutive rows per block: about four blocks per multiprocessor, whole warps.
+        let chunk = rows.div_ceil(4 * modules.multiprocessors().max(1)).next_multiple_of(NORM_ROPE_WARPS).max(NORM_ROPE_WARPS);
+        let blocks = rows.div_ceil(chunk);
+        let launch_err = |e| Error::cuda(format!("launching {OP}"), e);
+        let mut part = match &dw {
+            Some(_) => Some(stream.alloc_zeros::<f32>((blocks * p.head_dim).max(1)).map_err(|e| Error::cuda(format!("{OP}: allocating dW partial sums"), e))?),
+            None => None,
+        };
+        if rows > 0 {
+            let f = modules.function("rope", &format!("norm_rope_bwd_{s}"))?;
+            let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (32 * NORM_ROPE_WARPS as u32, 1, 1), shared_mem_bytes: 0 };
+            let (t, h, hf, ch) = (tokens as i32, heads as i32, half as i32, chunk as i32);
+            let null: u64 = 0;
+            let mut b = stream.launch_builder(&f);
+            b.arg(x).arg(w).arg(dy).arg(positions).arg(inv_freq).arg(rstd).arg(dx);
+            match part.as_mut() {
+                Some(pt) => b.arg(pt),
+                None => b.arg(&null),
+            };
+            // SAFETY: argument types match norm_rope_bwd_* (a null device pointer for part when
+            // no dw is asked); lengths checked above; part holds blocks·D floats.
+            unsafe { b.arg(&t).arg(&h).arg(&hf).arg(&ch).launch(cfg) }.map_err(launch_err)?;
+        }
+        if let (Some(dw), Some(part)) = (dw, part) {
+            let f = modules.function("rmsnorm", &format!("rmsnorm_bwd_dw_sum_{s}"))?;
+            let cfg = LaunchConfig { grid_dim: ((p.head_dim as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let (n, chunks) = (p.head_dim as i32, if rows == 0 { 0 } else { blocks as i32 });
+            // SAFETY: matches rmsnorm_bwd_dw_sum_* (part, dw, N, chunks); dw holds D values.
+            unsafe { stream.launch_builder(&f).arg(&part).arg(dw).arg(&n).arg(&chunks).launch(cfg) }.map_err(launch_err)?;
+        }
         Ok(())
     }
 }

@@ -180,13 +180,14 @@ impl Layer {
             None => (x.clone(), ops::rmsnorm(x, &self.input_norm, ctx.eps)?),
         };
         let qkv = Linear::forward_group_remade(&[(&self.q, seeds[0]), (&self.k, seeds[1]), (&self.v, seeds[2])], &hn, Some(remade_rmsnorm(&x, &self.input_norm, ctx.eps)))?;
-        let (mut q, mut k) = (ops::reshape(&qkv[0], [b * t, h, d])?, ops::reshape(&qkv[1], [b * t, g, d])?);
-        if let Some(n) = &self.qk_norm {
-            // Over the last dim: each head of each token is a row.
-            (q, k) = (ops::rmsnorm(&q, &n.q, ctx.eps)?, ops::rmsnorm(&k, &n.k, ctx.eps)?);
-        }
-        let q = ops::rope(&q, &ctx.positions, &ctx.inv_freq)?;
-        let k = ops::rope(&k, &ctx.positions, &ctx.inv_freq)?;
+        let (q, k) = (ops::reshape(&qkv[0], [b * t, h, d])?, ops::reshape(&qkv[1], [b * t, g, d])?);
+        let rope = |x: &Tensor, norm: Option<&Tensor>| match norm {
+            // Qwen3: RMSNorm over each head of each token, then RoPE (one kernel on CUDA).
+            Some(w) => ops::rmsnorm_rope(x, w, ctx.eps, &ctx.positions, &ctx.inv_freq),
+            None => ops::rope(x, &ctx.positions, &ctx.inv_freq),
+        };
+        let q = rope(&q, self.qk_norm.as_ref().map(|n| &n.q))?;
+        let k = rope(&k, self.qk_norm.as_ref().map(|n| &n.k))?;
         let (mut k, mut v) = (ops::reshape(&k, [b, t, g, d])?, ops::reshape(&qkv[2], [b, t, g, d])?);
         if let Some(slot) = cache {
             (k, v) = super::kv_cache::extend(slot, k, v)?;

@@ -149,6 +149,53 @@ pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> 
     record(OP, out, &[x, positions], move |g, _| Ok(vec![Some(run(g, &spos, &freq, Direction::Backward)?), None]))
 }
 
+/// Per-head RMSNorm then RoPE, `rope(rmsnorm(x, w, eps), positions, inv_freq)`, for x
+/// `[tokens, heads, D]` and w `[D]` (Qwen3's q/k norms). On CUDA, for f32 and bf16 with head
+/// dims that are multiples of 64 up to 256 ([`rope::norm_rope_fits`]), one kernel each way
+/// (`norm_rope_*` in rope.cu) in place of two, and no normed tensor between them; elsewhere the
+/// two ops as they are. Both round the normed value to the storage type between the steps.
+pub fn rmsnorm_rope(x: &Tensor, w: &Tensor, eps: f32, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> {
+    const OP: &str = "rmsnorm_rope";
+    let dt = x.dtype();
+    let d = x.shape().last();
+    let fused = matches!(x.device(), Device::Cuda(_)) && matches!(dt, DType::F32 | DType::BF16) && x.shape().rank() == 3 && rope::norm_rope_fits(d);
+    if !fused {
+        return rope(&crate::ops::rmsnorm(x, w, eps)?, positions, inv_freq);
+    }
+    same_device(OP, x, w)?;
+    crate::ops::same_dtype(OP, x, w)?;
+    same_device(OP, x, positions)?;
+    expect_dtype(OP, positions, DType::I32)?;
+    let (tokens, heads) = (x.dims()[0], x.dims()[1]);
+    if w.dims() != [d] {
+        return Err(Error::ShapeMismatch { op: "rmsnorm_rope (weight [D] vs x [tokens, heads, D])", lhs: x.shape().clone(), rhs: w.shape().clone() });
+    }
+    if d != 2 * inv_freq.len() || positions.dims() != [tokens] {
+        return Err(Error::ShapeMismatch { op: "rmsnorm_rope (x [tokens, heads, D] vs positions [tokens], D = 2 * inv_freq)", lhs: x.shape().clone(), rhs: positions.shape().clone() });
+    }
+    if eps.is_nan() || eps < 0.0 {
+        return Err(Error::InvalidArgument(format!("{OP}: eps must be >= 0, got {eps}")));
+    }
+    let p = rope::RopeParams { tokens, heads, head_dim: d };
+    let rt = cuda_buf(x).0;
+    let freq = upload(rt, inv_freq)?;
+    // Not zeroed: the kernels write every element of y, rstd and dx (and dw when asked).
+    let mut y = CudaOut::uninit(rt, x.shape().clone(), dt)?;
+    let mut rstd = CudaOut::uninit(rt, [tokens * heads], DType::F32)?;
+    by_float!(dt, T => rope::cuda::norm_rope_forward::<T>(&rt.stream, &rt.modules, &view(x), &view(w), &view(positions), &freq.slice(..), &mut y.view_mut(), &mut rstd.view_mut(), p, eps)?);
+    let (sx, sw, spos, rstd) = (saved(x), saved(w), saved(positions), rstd.tensor());
+    record(OP, y.tensor(), &[x, w, positions], move |g, needs| {
+        let rt = cuda_buf(&sx).0;
+        let mut dx = CudaOut::uninit(rt, sx.shape().clone(), dt)?;
+        let mut dw = needs[1].then(|| CudaOut::uninit(rt, [d], dt)).transpose()?;
+        by_float!(dt, T => rope::cuda::norm_rope_backward::<T>(
+            &rt.stream, &rt.modules, &view(&sx), &view(&sw), &view(g), &view(&spos), &freq.slice(..), &view(&rstd),
+            &mut dx.view_mut(), dw.as_mut().map(|b| b.view_mut()).as_mut(), p,
+        )?);
+        Ok(vec![needs[0].then(|| dx.tensor()), dw.map(CudaOut::tensor), None])
+    })
+}
+
 /// The attention op on CUDA: the flash-attention kernels (`kernels::attention::cuda`, bf16 or
 /// f16, head dims 32, 64, 96 and 128; causal, sliding window, packed rows) forward and backward; the row log-sum-exp is kept for the
 /// backward. The kernels are `FwdKernel::for_model` and `BwdKernel::for_model`: Hopper's on an

@@ -22,7 +22,7 @@ mod reduce;
 mod shape;
 mod sparse;
 
-pub use attention::{attention, rope, AttentionMask};
+pub use attention::{attention, rmsnorm_rope, rope, AttentionMask};
 pub use checkpoint::checkpoint;
 pub use linalg::matmul;
 pub use lora::{linear_group, linear_group_remade, lora_linear, Dropout, LinearPart, Remake};
