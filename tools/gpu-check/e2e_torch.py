@@ -8,6 +8,10 @@ double quantization, bf16 compute) where bitsandbytes imports. Each case reports
 second (median of the timed steps, CUDA events) and peak device memory (max allocated). tuna's
 side is `tuna bench-step --device cuda --preset llama1b` (run.sh runs both).
 
+`--model qwen3-0.6b` builds a Qwen3-0.6B shape instead (hidden 1024, 28 layers, 16 heads of 128
+over 8 KV heads, q/k norms, intermediate 3072, vocab 151936): tuna's `--preset qwen3-0.6b`.
+`--cases 4x2048` and `--methods lora` narrow what runs.
+
     python3 e2e_torch.py OUT.json            # on the GPU machine
     python3 e2e_torch.py OUT.json --tiny     # a small model on the CPU, to check the script
 
@@ -24,6 +28,10 @@ import torch
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
                 rope_theta=500000.0, tie_word_embeddings=True)
+QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                 rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
+MODELS = {"llama1b": LLAMA_1B, "qwen3-0.6b": QWEN3_06B}
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
             rope_theta=10000.0, tie_word_embeddings=True)
@@ -32,13 +40,15 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def build(shape, device, qlora):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
-    config = LlamaConfig(**shape, attn_implementation="sdpa")
+    # head_dim set apart from hidden / heads: Qwen3 (its q/k norms come with the class).
+    arch = "Qwen3" if "head_dim" in shape else "Llama"
+    config = getattr(transformers, f"{arch}Config")(**shape, attn_implementation="sdpa")
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+        model = getattr(transformers, f"{arch}ForCausalLM")(config).to(dtype)
     if qlora:
         model = quantize_nf4(model, dtype)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
@@ -107,13 +117,20 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="a small model on the CPU (checks the script)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--model", choices=sorted(MODELS), default="llama1b")
+    ap.add_argument("--cases", help="BxT[,BxT...] (default 4x2048,8x512; --tiny 2x64,4x32)")
+    ap.add_argument("--methods", choices=["lora", "all"], default="all", help="lora: no QLoRA rows")
     a = ap.parse_args()
     device = "cpu" if a.tiny else "cuda"
-    shape = TINY if a.tiny else LLAMA_1B
+    shape = MODELS[a.model]
+    if a.tiny:
+        shape = dict(TINY, head_dim=16) if "head_dim" in shape else TINY
     cases = [(2, 64), (4, 32)] if a.tiny else [(4, 2048), (8, 512)]
+    if a.cases:
+        cases = [tuple(int(v) for v in c.split("x")) for c in a.cases.split(",")]
     try:
         import bitsandbytes  # noqa: F401
-        methods = [False, True] if device == "cuda" else [False]
+        methods = [False, True] if device == "cuda" and a.methods == "all" else [False]
     except ImportError:
         methods = [False]
         print("bitsandbytes not importable: QLoRA baseline skipped")
@@ -142,7 +159,7 @@ def main():
 
 def write(path, shape, device, rows):
     meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "shape": shape, "lora": {"r": 16, "alpha": 32, "targets": TARGETS}}
+            "shape": shape, "transformers": __import__("transformers").__version__, "lora": {"r": 16, "alpha": 32, "targets": TARGETS}}
     try:
         import bitsandbytes
         meta["bitsandbytes"] = bitsandbytes.__version__

@@ -18,10 +18,11 @@
 //! runs the benchmarks alone (step 3; run.sh times them first, before the CPU-heavy checks).
 //! `gpu-check OUT_DIR --sm90-smoke [gemm|attention|attention-bwd]` runs only the cases of Hopper's kernels
 //! (`sm90_cases`): both parts, or the one named.
-//! Later kernels add their cases to `cases()` and `benches()`.
+//! Later kernels add their cases to `cases()` and their benchmarks to the `groups` in `main`.
 
 mod attention_bench;
 mod gemm_bench;
+mod norm_bench;
 mod sm90_probe;
 
 use std::path::PathBuf;
@@ -33,7 +34,6 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use serde_json::{json, Value};
 use tuna::device::cuda::{self, CudaRuntime};
 use tuna::kernels::optim::{self, AdamWParams, Sm3Params};
-use tuna::kernels::rmsnorm::{self, RmsNormParams};
 use tuna::testing::optim::{check_adamw, check_sm3, check_sm3_sparse, check_sum_squares, AdamWCase, Sm3Case};
 use tuna::{DType, Device};
 
@@ -138,8 +138,9 @@ fn main() -> ExitCode {
 
     type Group = fn(&Arc<CudaRuntime>) -> tuna::Result<Vec<Value>>;
     let bytes_header = format!("  {:<38} {:>10} {:>10} {:>12}", "kernel", "time µs", "GB/s", "of copy bw");
-    let groups: [(&str, Option<&str>, Group); 4] = [
-        ("benchmarks (median of 20 after 3 warm-up runs, CUDA events):", Some(&bytes_header), benches),
+    let groups: [(&str, Option<&str>, Group); 5] = [
+        ("benchmarks (median of 20 after 3 warm-up runs, CUDA events):", Some(&bytes_header), norm_bench::rmsnorm_benches),
+        ("Qwen3's q/k norm and RoPE, fused against the two kernels (bf16, D = 128):", None, norm_bench::norm_rope_benches),
         ("optimizer steps (bytes each step must move; target: >= 85% of copy bandwidth):", Some(&bytes_header), optim_benches),
         ("LoRA GEMM and NF4 against cuBLAS, bf16 (Llama-3-8B shapes, R = 16):", None, gemm_bench::lora_benches),
         ("flash attention forward and backward, bf16 (B·T = 16k, H·D = 2048; FlashAttention's FLOP count):", None, attention_bench::attention_benches),
@@ -325,6 +326,12 @@ fn token_op_cases(push: &mut impl FnMut(String, Result<(), String>)) {
         for (i, &(tokens, heads, head_dim, max_position)) in ropes.iter().enumerate() {
             let case = RopeCase { tokens, heads, head_dim, max_position, dtype, seed: i as u64 };
             push(format!("rope {dtype} [{tokens}, {heads}, {head_dim}] positions < {max_position}"), check_rope(dev, case));
+        }
+        for (i, &(tokens, heads, head_dim)) in [(3, 2, 64), (37, 3, 256), (2048, 16, 128), (8192, 8, 128)].iter().enumerate() {
+            let case = RopeCase { tokens, heads, head_dim, max_position: 32768, dtype, seed: i as u64 };
+            for train_w in [false, true] {
+                push(format!("rmsnorm+rope {dtype} [{tokens}, {heads}, {head_dim}] w trained {train_w}"), tuna::testing::check_rmsnorm_rope(dev, case, train_w));
+            }
         }
         for (i, &(rows, cols)) in [(1, 1), (3, 7), (4, 257), (130, 64), (70_000, 3), (2048, 11008)].iter().enumerate() {
             for packed in [false, true] {
@@ -646,50 +653,4 @@ fn optim_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
 
 fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(s: &Arc<CudaStream>, n: usize) -> tuna::Result<CudaSlice<T>> {
     s.alloc_zeros::<T>(n).map_err(|e| tuna::Error::Cuda { context: "alloc".into(), message: format!("{e:?}") })
-}
-
-/// Kernel micro-benchmarks through the public launchers (cudarc slices, no tuna tensors).
-fn benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
-    let mut rows_out = Vec::new();
-    let s = &rt.stream;
-    for &(m, n) in &[(4096usize, 4096usize), (16384, 2048), (8192, 8192)] {
-        let p = RmsNormParams { rows: m, cols: n, eps: 1e-5 };
-        macro_rules! bench_dtype {
-            ($t:ty, $name:expr) => {{
-                let esize = std::mem::size_of::<$t>();
-                let x = alloc::<$t>(s, m * n)?;
-                let w = alloc::<$t>(s, n)?;
-                let dy = alloc::<$t>(s, m * n)?;
-                let mut y = alloc::<$t>(s, m * n)?;
-                let mut dx = alloc::<$t>(s, m * n)?;
-                let mut dw = alloc::<$t>(s, n)?;
-                let mut rstd = alloc::<f32>(s, m)?;
-                let mut copy_dst = alloc::<$t>(s, m * n)?;
-                // The peer: a device-to-device copy of one [M, N] tensor (reads and writes M*N).
-                let copy_us = time_us(rt, || {
-                    s.memcpy_dtod(&x, &mut copy_dst).map_err(|e| tuna::Error::Cuda { context: "memcpy".into(), message: format!("{e:?}") })
-                })?;
-                let copy_gbs = (2 * m * n * esize) as f64 / copy_us / 1e3;
-                let fwd_us = time_us(rt, || {
-                    rmsnorm::cuda::forward::<$t>(s, &rt.modules, &x.slice(..), None, &w.slice(..), &mut y.slice_mut(..), &mut rstd.slice_mut(..), p)
-                })?;
-                let bwd_us = time_us(rt, || {
-                    rmsnorm::cuda::backward::<$t>(s, &rt.modules, &x.slice(..), &w.slice(..), &dy.slice(..), &rstd.slice(..), None, &mut dx.slice_mut(..), Some(&mut dw.slice_mut(..)), p)
-                })?;
-                // Bytes that must move: fwd reads x and writes y (2·M·N); bwd's dx pass reads x
-                // and dy and writes dx (3·M·N), its dw pass reads x and dy again (2·M·N).
-                let fwd_bytes = (2 * m * n * esize) as f64;
-                let bwd_bytes = (5 * m * n * esize) as f64;
-                for (kernel, us, bytes) in [("rmsnorm_fwd", fwd_us, fwd_bytes), ("rmsnorm_bwd", bwd_us, bwd_bytes), ("memcpy_dtod (peer)", copy_us, (2 * m * n * esize) as f64)] {
-                    let gbs = bytes / us / 1e3;
-                    let name = format!("{kernel} {} [{m}, {n}]", $name);
-                    println!("  {:<38} {:>10.1} {:>10.0} {:>11.0}%", name, us, gbs, 100.0 * gbs / copy_gbs);
-                    rows_out.push(json!({"kernel": kernel, "dtype": $name, "m": m, "n": n, "time_us": us, "gb_per_s": gbs, "copy_gb_per_s": copy_gbs}));
-                }
-            }};
-        }
-        bench_dtype!(f32, "f32");
-        bench_dtype!(u16, "bf16");
-    }
-    Ok(rows_out)
 }

@@ -115,15 +115,17 @@ fi
 # (LoRA r16 on every linear, the same shapes as e2e_torch.py; each row adds a step with every
 # kernel timed, `kernel_profile`), then on wgpu (Vulkan, f32) where a Vulkan loader with the
 # GPU's driver is present.
+# PRESET (default llama1b) and ROWS (default e2e-tuna-cuda.jsonl) name the model and the file.
 tuna_rows() {
+  local preset=${PRESET:-llama1b} rows=${ROWS:-e2e-tuna-cuda.jsonl}
   for row in "$@"; do
     set -- $row
     local b=$1 s=$2
     shift 2
-    echo "tuna bench-step --device cuda --preset llama1b --batch $b --seq $s $*"
-    part "tuna e2e $b x $s $*" 150 "$TUNA_BIN" bench-step --device cuda --preset llama1b --batch "$b" --seq "$s" --steps 3 --warmup 1 --profile "$@" \
-      > "$out/row.tmp" || echo "tuna e2e on cuda failed for $b x $s $*"
-    cat "$out/row.tmp" | tee -a "$out/e2e-tuna-cuda.jsonl"
+    echo "tuna bench-step --device cuda --preset $preset --batch $b --seq $s $*"
+    part "tuna e2e $preset $b x $s $*" 150 "$TUNA_BIN" bench-step --device cuda --preset "$preset" --batch "$b" --seq "$s" --steps 3 --warmup 1 --profile "$@" \
+      > "$out/row.tmp" || echo "tuna e2e on cuda failed for $preset $b x $s $*"
+    cat "$out/row.tmp" | tee -a "$out/$rows"
     rm -f "$out/row.tmp"
   done
 }
@@ -185,6 +187,16 @@ if [ -n "${TUNA_BIN:-}" ]; then
     done
   else
     echo "TUNA_BIN set but no wgpu adapter (a Vulkan loader and the GPU's ICD are needed), or TUNA_E2E_WGPU=0: no tuna e2e row on wgpu"
+  fi
+fi
+# Qwen3-0.6B (q/k norms, head_dim 128 over hidden 1024), LoRA at 4 x 2048, tuna then PyTorch +
+# PEFT: the model family most fine-tuned now, last so that it never crowds out the issues' rows.
+if [ -n "${TUNA_BIN:-}" ] && [ "${TUNA_E2E_QWEN3:-1}" != 0 ]; then
+  echo
+  PRESET=qwen3-0.6b ROWS=e2e-tuna-cuda-qwen3.jsonl tuna_rows "4 2048"
+  if [ $have_torch = 1 ] && python3 -c 'import transformers, peft' 2>/dev/null; then
+    part "PyTorch + PEFT end to end, Qwen3" 120 python3 "$here/e2e_torch.py" "$out/e2e-torch-qwen3.json" --model qwen3-0.6b --cases 4x2048 --methods lora \
+      || echo "end-to-end torch baseline (Qwen3) failed"
   fi
 fi
 # The issues' targets against this run, in one place (summary.txt).

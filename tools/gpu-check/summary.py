@@ -123,8 +123,8 @@ def attention(report, torch):
         print(f"  {b['kernel']:<20} {b['d']:>4} {b['t']:>5} {str(b['causal']):>6} {b['tflops']:>7.0f} {peer['tflops']:>7.0f} {ratio:>5.2f}x{mark}")
 
 
-def end_to_end(tuna_rows, torch):
-    print("\nend-to-end Llama-3.2-1B step (issue 8: >= 1.5x PyTorch + PEFT tokens/s, <= 0.7x its peak memory)")
+def end_to_end(tuna_rows, torch, model="Llama-3.2-1B"):
+    print(f"\nend-to-end {model} step (issue 8: >= 1.5x PyTorch + PEFT tokens/s, <= 0.7x its peak memory)")
     peers = {(r.get("method"), r.get("batch"), r.get("seq")): r for r in (torch or {}).get("rows", [])}
     if not tuna_rows:
         print("  no tuna rows")
@@ -199,8 +199,12 @@ def main():
     gemm_targets(report)
     torch = load(os.path.join(out, "torch-baseline.json")) if os.path.exists(os.path.join(out, "torch-baseline.json")) else None
     attention(report, torch)
-    e2e_torch = load(os.path.join(out, "e2e-torch.json")) if os.path.exists(os.path.join(out, "e2e-torch.json")) else None
-    end_to_end(load_lines(os.path.join(out, "e2e-tuna-cuda.jsonl")), e2e_torch)
+    for model, suffix in [("Llama-3.2-1B", ""), ("Qwen3-0.6B", "-qwen3")]:
+        torch_path = os.path.join(out, f"e2e-torch{suffix}.json")
+        tuna_path = os.path.join(out, f"e2e-tuna-cuda{suffix}.jsonl")
+        if suffix and not os.path.exists(tuna_path):
+            continue
+        end_to_end(load_lines(tuna_path), load(torch_path) if os.path.exists(torch_path) else None, model)
     cli(os.path.join(out, "cli-cuda.txt"))
 
 
