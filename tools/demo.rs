@@ -221,6 +221,10 @@ pub enum BenchPreset {
     /// The `tools/bench-vs-torch` configuration: a random 33.7M Llama (hidden 512, 8 layers,
     /// vocab 8192), default batch 4 × 128, rank 8.
     Small,
+    /// `small` as Qwen3: the same shape (heads of 64) with q/k norms, rope theta 1e6
+    /// (`QWEN3=1 tools/bench-vs-torch/run.sh`).
+    #[value(name = "qwen3-small")]
+    Qwen3Small,
     /// Issue 8's end-to-end case: a random Llama-3.2-1B shape (hidden 2048, 16 layers, 32 heads,
     /// 8 KV heads, intermediate 8192, vocab 128256, tied head), default batch 4 × 2048, rank 16.
     Llama1b,
@@ -289,6 +293,10 @@ pub struct BenchStepArgs {
 pub fn bench_step(a: BenchStepArgs) -> CliResult {
     let (config, batch, seq, rank) = match a.preset {
         BenchPreset::Small => (LlamaConfig::llama(8192, 512, 1376, 8, 8, 8), 4, 128, 8),
+        BenchPreset::Qwen3Small => {
+            let c = LlamaConfig::llama(8192, 512, 1376, 8, 8, 8);
+            (LlamaConfig { arch: Arch::Qwen3, qk_norm: true, rope_theta: 1e6, rms_norm_eps: 1e-6, ..c }, 4, 128, 8)
+        }
         BenchPreset::Llama1b => {
             let mut c = LlamaConfig::llama(128_256, 2048, 8192, 16, 32, 8);
             c.tie_word_embeddings = true;

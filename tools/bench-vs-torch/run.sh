@@ -8,6 +8,7 @@
 #   FULL=1 tools/bench-vs-torch/run.sh ...   # full fine-tuning (every parameter) instead of LoRA
 #   QLORA=1 tools/bench-vs-torch/run.sh ...  # QLoRA: the decoder linears in NF4 (bitsandbytes on
 #                                            # PyTorch's side: pip install bitsandbytes)
+#   QWEN3=1 tools/bench-vs-torch/run.sh ...  # the same shape as Qwen3 (q/k norms), either mode
 #
 # Needs python3 with torch, transformers and peft (pip install torch transformers peft), and
 # builds tuna in release.
@@ -18,14 +19,16 @@ steps=${2:-5}
 full=()
 [ "${FULL:-0}" = 1 ] && full=(--full)
 [ "${QLORA:-0}" = 1 ] && full=(--qlora)
+torch_model=() tuna_model=()
+[ "${QWEN3:-0}" = 1 ] && torch_model=(--qwen3) tuna_model=(--preset qwen3-small)
 export RAYON_NUM_THREADS=2
 cargo build --release --quiet --bin tuna
 py=${PYTHON:-python3}
 out=$(mktemp)
 for r in $(seq "$rounds"); do
   echo "round $r/$rounds" >&2
-  $py tools/bench-vs-torch/torch_step.py --steps "$steps" --threads 2 ${full[@]+"${full[@]}"} | sed 's/^/torch /' >>"$out"
-  ./target/release/tuna bench-step --steps "$steps" ${full[@]+"${full[@]}"} | sed 's/^/tuna /' >>"$out"
+  $py tools/bench-vs-torch/torch_step.py --steps "$steps" --threads 2 ${full[@]+"${full[@]}"} ${torch_model[@]+"${torch_model[@]}"} | sed 's/^/torch /' >>"$out"
+  ./target/release/tuna bench-step --steps "$steps" ${full[@]+"${full[@]}"} ${tuna_model[@]+"${tuna_model[@]}"} | sed 's/^/tuna /' >>"$out"
 done
 $py - "$out" <<'PY'
 import json, statistics, sys

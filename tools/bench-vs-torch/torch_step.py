@@ -4,7 +4,8 @@ Prints one JSON line: {"step_seconds": [...]} after `--warmup` untimed steps. Th
 configuration mirrors `tuna bench-step`: hidden 512, 8 layers, 8 heads, intermediate 1376,
 vocab 8192, batch 4 x 128, LoRA rank 8 (alpha 16) on all linear layers, fp32, AdamW, eager
 attention off (SDPA, transformers' default), 2 threads unless --threads says otherwise.
-With --qlora, each decoder linear is first swapped for bitsandbytes' NF4 `Linear4bit` (double
+With --qwen3, the same shape as Qwen3 (per-head q/k norms, rope theta 1e6: tuna's
+`--preset qwen3-small`). With --qlora, each decoder linear is first swapped for bitsandbytes' NF4 `Linear4bit` (double
 quantization, f32 compute: QLoRA as PEFT + bitsandbytes run it on the CPU).
 """
 import argparse
@@ -13,7 +14,7 @@ import time
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -41,12 +42,16 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--full", action="store_true", help="full fine-tuning (every parameter, AdamW) instead of LoRA")
     ap.add_argument("--qlora", action="store_true", help="the decoder linears in NF4 (bitsandbytes), LoRA on top")
+    ap.add_argument("--qwen3", action="store_true", help="the same shape as Qwen3 (q/k norms, rope theta 1e6)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512)
-    model = LlamaForCausalLM(cfg)
+    shape = dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                 num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512)
+    if a.qwen3:
+        model = Qwen3ForCausalLM(Qwen3Config(**shape, head_dim=64, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**shape))
     if a.qlora:
         quantize_nf4(model)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
