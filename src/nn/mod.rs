@@ -2,6 +2,7 @@
 
 pub mod generate;
 mod kv_cache;
+mod linear;
 pub mod llama;
 
 pub use generate::{GenerateOptions, Sampler};
