@@ -213,7 +213,8 @@ pub fn check_rmsnorm_rope(dev: crate::Device, case: token_ops::RopeCase, train_w
     let positions: Vec<i32> = (0..t).map(|_| rng.below(case.max_position.max(1)) as i32).collect();
     let pos = Tensor::from_vec_i32(positions.clone(), [t]).and_then(|p| p.to_device(&dev)).map_err(e)?;
     let freq = token_ops::inv_freq(d, 1_000_000.0);
-    let y = ops::rmsnorm_rope(&x, &w, p.eps, &pos, &freq).map_err(e)?;
+    let freq_t = Tensor::from_vec(freq.clone(), [d / 2]).and_then(|f| f.to_device(&dev)).map_err(e)?;
+    let y = ops::rmsnorm_rope(&x, &w, p.eps, &pos, &freq_t).map_err(e)?;
     let grads = tape.backward_from(&y, &g).map_err(e)?;
     let tol = match dtype {
         crate::DType::BF16 => Tolerance::BF16,

@@ -188,7 +188,7 @@ proptest! {
         let positions: Vec<i32> = (0..tokens).map(|_| rng.below(50) as i32).collect();
         let pos = Tensor::from_vec_i32(positions.clone(), [tokens]).unwrap();
         let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32)).collect();
-        let f2 = inv_freq.clone();
+        let f2 = Tensor::from_vec(inv_freq.clone(), [half]).unwrap();
         gradcheck(&[x, pos], move |t| ops::rope(&t[0], &t[1], &f2),
                   |v| rope::reference::rope(&v[0], &positions, &inv_freq, heads, rope::Direction::Forward),
                   Tolerance::GRAD_F32).map_err(TestCaseError::fail)?;

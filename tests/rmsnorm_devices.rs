@@ -97,3 +97,20 @@ fn rmsnorm_has_no_kernel_for_bf16_on_wgpu_yet_and_says_so() {
     let e = ops::rmsnorm_forward(&x, &w, 1e-5).err().expect("bf16 on wgpu is not supported").to_string();
     assert!(e.contains("bf16"), "{e}");
 }
+
+#[test]
+fn rope_frequencies_of_the_wrong_shape_or_type_are_named() {
+    let x = Tensor::zeros([2, 3, 8], DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::zeros([8], DType::F32, &Device::Cpu).unwrap();
+    let pos = Tensor::from_vec_i32(vec![0, 1], [2]).unwrap();
+    let short = Tensor::zeros([3], DType::F32, &Device::Cpu).unwrap();
+    let ints = Tensor::from_vec_i32(vec![1; 4], [4]).unwrap();
+    for freq in [&short, &ints] {
+        let e = ops::rope(&x, &pos, freq).expect_err("refused").to_string();
+        assert!(e.contains("inv_freq"), "{e}");
+        let e = ops::rmsnorm_rope(&x, &w, 1e-6, &pos, freq).expect_err("refused").to_string();
+        assert!(e.contains("inv_freq"), "{e}");
+    }
+    let good = Tensor::zeros([4], DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(ops::rmsnorm_rope(&x, &w, 1e-6, &pos, &good).unwrap().dims(), [2, 3, 8]);
+}

@@ -72,7 +72,8 @@ struct LayerCtx {
     scale: f32,
     /// `[B*T]` i32, on the model's device.
     positions: Tensor,
-    inv_freq: Vec<f32>,
+    /// `[D/2]` f32, on the model's device.
+    inv_freq: Tensor,
     mask: AttentionMask,
 }
 
@@ -528,7 +529,7 @@ impl Llama {
             eps: c.rms_norm_eps,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
             positions,
-            inv_freq: self.inv_freq.clone(),
+            inv_freq: Tensor::from_vec(self.inv_freq.clone(), [self.inv_freq.len()])?.to_device(&dev)?,
             mask: AttentionMask { causal: true, window: c.sliding_window, segment_starts: packing.map(|p| p.starts.clone()) },
         };
 

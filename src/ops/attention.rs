@@ -107,46 +107,55 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: AttentionMask, scale:
 }
 
 /// Rotary embedding (`rotate_half` convention) of x `[tokens, heads, D]` at `positions`
-/// (`[tokens]`, i32) with frequencies `inv_freq` (`[D/2]`). Backward: the inverse rotation.
-pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> {
+/// (`[tokens]`, i32) with frequencies `inv_freq` (`[D/2]`, f32, on x's device: a model uploads
+/// them once a forward, not once a call). Backward: the inverse rotation.
+pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &Tensor) -> Result<Tensor> {
     const OP: &str = "rope";
-    same_device(OP, x, positions)?;
     let dt = float_dtype(OP, x)?;
     let pr = wgpu_precision(dt);
-    expect_dtype(OP, positions, DType::I32)?;
-    let d = x.shape().last();
-    if x.shape().rank() != 3 || d != 2 * inv_freq.len() || positions.dims() != [x.dims()[0]] {
-        return Err(Error::ShapeMismatch { op: "rope (x [tokens, heads, D] vs positions [tokens], D = 2 * inv_freq)", lhs: x.shape().clone(), rhs: positions.shape().clone() });
-    }
+    check_rope_args(OP, x, positions, inv_freq)?;
     let heads = x.dims()[1];
-    let run = move |x: &Tensor, pos: &Tensor, freq: &[f32], dir: Direction| -> Result<Tensor> {
+    let run = move |x: &Tensor, pos: &Tensor, freq: &Tensor, dir: Direction| -> Result<Tensor> {
+        let p = rope::RopeParams { tokens: x.dims()[0], heads, head_dim: 2 * freq.elem_count() };
         match x.device() {
             Device::Cpu => {
                 let mut y = vec![0.0f32; x.elem_count()];
-                rope::cpu::rope(x.cpu_f32(OP)?, &mut y, pos.cpu_i32(OP)?, freq, heads, dir);
+                rope::cpu::rope(x.cpu_f32(OP)?, &mut y, pos.cpu_i32(OP)?, freq.cpu_f32(OP)?, heads, dir);
                 Tensor::from_vec(y, x.shape().clone())
             }
             Device::Wgpu(_) => {
                 let (rt, xb) = wgpu_buf(x);
                 let y = wgpu_output(OP, rt, x.shape().clone(), dt)?;
-                let freq_buf = wgpu_upload(rt, freq);
-                let p = rope::RopeParams { tokens: x.dims()[0], heads, head_dim: 2 * freq.len() };
-                rope::wgsl::rope(&rt.device, &rt.queue, &rt.kernels, xb, wgpu_buf(pos).1, freq_buf.buffer(), wgpu_buf(&y).1, p, dir, pr.expect(WGPU_FLOAT))?;
+                rope::wgsl::rope(&rt.device, &rt.queue, &rt.kernels, xb, wgpu_buf(pos).1, wgpu_buf(freq).1, wgpu_buf(&y).1, p, dir, pr.expect(WGPU_FLOAT))?;
                 Ok(y)
             }
             Device::Cuda(_) => {
                 let rt = cuda_buf(x).0;
-                let mut y = CudaOut::new(rt, x.shape().clone(), dt)?;
-                let freq_buf = upload(rt, freq)?;
-                let p = rope::RopeParams { tokens: x.dims()[0], heads, head_dim: 2 * freq.len() };
-                by_float!(dt, T => rope::cuda::rope::<T>(&rt.stream, &rt.modules, &view(x), &view(pos), &freq_buf.slice(..), &mut y.view_mut(), p, dir)?);
+                let mut y = CudaOut::uninit(rt, x.shape().clone(), dt)?;
+                by_float!(dt, T => rope::cuda::rope::<T>(&rt.stream, &rt.modules, &view(x), &view(pos), &view(freq), &mut y.view_mut(), p, dir)?);
                 Ok(y.tensor())
             }
         }
     };
     let out = run(x, positions, inv_freq, Direction::Forward)?;
-    let (spos, freq) = (saved(positions), inv_freq.to_vec());
-    record(OP, out, &[x, positions], move |g, _| Ok(vec![Some(run(g, &spos, &freq, Direction::Backward)?), None]))
+    let (spos, sfreq) = (saved(positions), saved(inv_freq));
+    record(OP, out, &[x, positions], move |g, _| Ok(vec![Some(run(g, &spos, &sfreq, Direction::Backward)?), None]))
+}
+
+/// x `[tokens, heads, D]`, positions `[tokens]` i32 and inv_freq `[D/2]` f32, all on x's device.
+fn check_rope_args(op: &'static str, x: &Tensor, positions: &Tensor, inv_freq: &Tensor) -> Result<()> {
+    same_device(op, x, positions)?;
+    same_device(op, x, inv_freq)?;
+    expect_dtype("rope (positions)", positions, DType::I32)?;
+    expect_dtype("rope (inv_freq)", inv_freq, DType::F32)?;
+    let d = x.shape().last();
+    if x.shape().rank() != 3 || positions.dims() != [x.dims()[0]] {
+        return Err(Error::ShapeMismatch { op: "rope (x [tokens, heads, D] vs positions [tokens])", lhs: x.shape().clone(), rhs: positions.shape().clone() });
+    }
+    if inv_freq.dims() != [d / 2] || !d.is_multiple_of(2) {
+        return Err(Error::ShapeMismatch { op: "rope (x [tokens, heads, D] vs inv_freq [D/2], D even)", lhs: x.shape().clone(), rhs: inv_freq.shape().clone() });
+    }
+    Ok(())
 }
 
 /// Per-head RMSNorm then RoPE, `rope(rmsnorm(x, w, eps), positions, inv_freq)`, for x
@@ -154,7 +163,7 @@ pub fn rope(x: &Tensor, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> 
 /// dims that are multiples of 64 up to 256 ([`rope::norm_rope_fits`]), one kernel each way
 /// (`norm_rope_*` in rope.cu) in place of two, and no normed tensor between them; elsewhere the
 /// two ops as they are. Both round the normed value to the storage type between the steps.
-pub fn rmsnorm_rope(x: &Tensor, w: &Tensor, eps: f32, positions: &Tensor, inv_freq: &[f32]) -> Result<Tensor> {
+pub fn rmsnorm_rope(x: &Tensor, w: &Tensor, eps: f32, positions: &Tensor, inv_freq: &Tensor) -> Result<Tensor> {
     const OP: &str = "rmsnorm_rope";
     let dt = x.dtype();
     let d = x.shape().last();
@@ -164,32 +173,27 @@ pub fn rmsnorm_rope(x: &Tensor, w: &Tensor, eps: f32, positions: &Tensor, inv_fr
     }
     same_device(OP, x, w)?;
     crate::ops::same_dtype(OP, x, w)?;
-    same_device(OP, x, positions)?;
-    expect_dtype(OP, positions, DType::I32)?;
+    check_rope_args(OP, x, positions, inv_freq)?;
     let (tokens, heads) = (x.dims()[0], x.dims()[1]);
     if w.dims() != [d] {
         return Err(Error::ShapeMismatch { op: "rmsnorm_rope (weight [D] vs x [tokens, heads, D])", lhs: x.shape().clone(), rhs: w.shape().clone() });
-    }
-    if d != 2 * inv_freq.len() || positions.dims() != [tokens] {
-        return Err(Error::ShapeMismatch { op: "rmsnorm_rope (x [tokens, heads, D] vs positions [tokens], D = 2 * inv_freq)", lhs: x.shape().clone(), rhs: positions.shape().clone() });
     }
     if eps.is_nan() || eps < 0.0 {
         return Err(Error::InvalidArgument(format!("{OP}: eps must be >= 0, got {eps}")));
     }
     let p = rope::RopeParams { tokens, heads, head_dim: d };
     let rt = cuda_buf(x).0;
-    let freq = upload(rt, inv_freq)?;
     // Not zeroed: the kernels write every element of y, rstd and dx (and dw when asked).
     let mut y = CudaOut::uninit(rt, x.shape().clone(), dt)?;
     let mut rstd = CudaOut::uninit(rt, [tokens * heads], DType::F32)?;
-    by_float!(dt, T => rope::cuda::norm_rope_forward::<T>(&rt.stream, &rt.modules, &view(x), &view(w), &view(positions), &freq.slice(..), &mut y.view_mut(), &mut rstd.view_mut(), p, eps)?);
-    let (sx, sw, spos, rstd) = (saved(x), saved(w), saved(positions), rstd.tensor());
+    by_float!(dt, T => rope::cuda::norm_rope_forward::<T>(&rt.stream, &rt.modules, &view(x), &view(w), &view(positions), &view(inv_freq), &mut y.view_mut(), &mut rstd.view_mut(), p, eps)?);
+    let (sx, sw, spos, sfreq, rstd) = (saved(x), saved(w), saved(positions), saved(inv_freq), rstd.tensor());
     record(OP, y.tensor(), &[x, w, positions], move |g, needs| {
         let rt = cuda_buf(&sx).0;
         let mut dx = CudaOut::uninit(rt, sx.shape().clone(), dt)?;
         let mut dw = needs[1].then(|| CudaOut::uninit(rt, [d], dt)).transpose()?;
         by_float!(dt, T => rope::cuda::norm_rope_backward::<T>(
-            &rt.stream, &rt.modules, &view(&sx), &view(&sw), &view(g), &view(&spos), &freq.slice(..), &view(&rstd),
+            &rt.stream, &rt.modules, &view(&sx), &view(&sw), &view(g), &view(&spos), &view(&sfreq), &view(&rstd),
             &mut dx.view_mut(), dw.as_mut().map(|b| b.view_mut()).as_mut(), p,
         )?);
         Ok(vec![needs[0].then(|| dx.tensor()), dw.map(CudaOut::tensor), None])
