@@ -377,7 +377,8 @@ impl Tensor {
         let storage = match self.storage() {
             Storage::Cpu(s) => Storage::Cpu(s.clone()),
             Storage::Cuda { rt, buf } => {
-                let mut dst = rt.alloc_zeros(bytes)?;
+                // Not zeroed: the copy writes every byte.
+                let mut dst = rt.alloc_uninit(bytes)?;
                 rt.stream.memcpy_dtod(buf, &mut dst).map_err(|e| Error::cuda("device copy", e))?;
                 Storage::Cuda { rt: rt.clone(), buf: dst }
             }
@@ -444,7 +445,8 @@ impl Tensor {
                 Storage::Wgpu { rt: rt.clone(), buf: out }
             }
             Storage::Cuda { rt, buf } => {
-                let mut out = rt.alloc_zeros(bytes)?;
+                // Not zeroed: the cast writes all n elements.
+                let mut out = rt.alloc_uninit(bytes)?;
                 cast::cuda::cast(&rt.stream, &rt.modules, buf, from, &mut out, dtype, n)?;
                 Storage::Cuda { rt: rt.clone(), buf: out }
             }

@@ -211,15 +211,18 @@ fn attention_cuda(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask, p: A
     let dt = half(OP, q.dtype())?;
     let rt = cuda_buf(q).0;
     let starts = mask.segment_starts.as_deref().map(|s| upload(rt, s)).transpose()?;
-    let mut o = CudaOut::new(rt, q.shape().clone(), q.dtype())?;
-    let mut lse = CudaOut::new(rt, [p.batch * p.heads * p.q_len], DType::F32)?;
+    // Not zeroed: the forward kernels write every row of O and lse (`fa_store_out`), and the
+    // backward's every row of dK and dV (its epilogue, seen by a query or not) and of dQ (from
+    // the zeroed f32 accumulator).
+    let mut o = CudaOut::uninit(rt, q.shape().clone(), q.dtype())?;
+    let mut lse = CudaOut::uninit(rt, [p.batch * p.heads * p.q_len], DType::F32)?;
     let sv = starts.as_ref().map(|s| s.slice(..));
     fa::forward(fa::FwdKernel::for_model(), &rt.stream, &rt.modules, dt, &view(q), &view(k), &view(v), sv.as_ref(), &mut o.view_mut(), &mut lse.view_mut(), &p)?;
     let (o, lse) = (o.tensor(), lse.tensor());
     let (sq, sk, sv, so) = (saved(q), saved(k), saved(v), saved(&o));
     record("attention", o, &[q, k, v], move |g, _| {
         let rt = cuda_buf(&sq).0;
-        let (mut dq, mut dk, mut dv) = (CudaOut::new(rt, sq.shape().clone(), sq.dtype())?, CudaOut::new(rt, sk.shape().clone(), sk.dtype())?, CudaOut::new(rt, sv.shape().clone(), sv.dtype())?);
+        let (mut dq, mut dk, mut dv) = (CudaOut::uninit(rt, sq.shape().clone(), sq.dtype())?, CudaOut::uninit(rt, sk.shape().clone(), sk.dtype())?, CudaOut::uninit(rt, sv.shape().clone(), sv.dtype())?);
         let st = starts.as_ref().map(|s| s.slice(..));
         fa::backward(fa::BwdKernel::for_model(), &rt.stream, &rt.modules, dt, &view(&sq), &view(&sk), &view(&sv), st.as_ref(), &view(&so), &view(g), &view(&lse), &mut dq.view_mut(), &mut dk.view_mut(), &mut dv.view_mut(), &p)?;
         Ok(vec![Some(dq.tensor()), Some(dk.tensor()), Some(dv.tensor())])

@@ -460,7 +460,12 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* s, size_t n, void*) { r
 CUresult cuMemcpyDtoHAsync_v2(void* d, CUdeviceptr s, size_t n, void*) { return cuMemcpyDtoH_v2(d, s, n); }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void*) { return cuMemcpyDtoD_v2(d, s, n); }
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { std::memset((void*)d, v, n); return OK; }
-CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(d, v, n); }
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) {
+    // Traced like a launch (a memset is a pass over memory on the device too).
+    static const bool trace = std::getenv("TUNA_CUDA_EMU_TRACE") != nullptr;
+    if (trace) std::fprintf(stderr, "cuda-emu: memset %zu bytes\n", n);
+    return cuMemsetD8_v2(d, v, n);
+}
 CUresult cuDeviceGetDefaultMemPool(void** pool, int) { *pool = &pool_token; return OK; }
 CUresult cuMemPoolSetAttribute(void*, int attr, void* value) {
     std::lock_guard<std::mutex> g(mem_lock);

@@ -288,7 +288,8 @@ pub fn backward(
         Err(e) => return Err(e),
     };
     let e = |what: &'static str| move |err| Error::cuda(format!("{OP}: {what}"), err);
-    let mut dvec = stream.alloc_zeros::<f32>(rows.max(1)).map_err(e("allocating Dvec"))?;
+    // SAFETY: plain f32s; flash_attn_bwd_dot writes all `rows` of Dvec before the backward reads it.
+    let mut dvec = unsafe { stream.alloc::<f32>(rows.max(1)) }.map_err(e("allocating Dvec"))?;
     let mut dq_acc = stream.alloc_zeros::<f32>(qn.max(1)).map_err(e("allocating the dQ accumulator"))?;
     if rows > 0 {
         let f = modules.function("flash_attention", &format!("flash_attn_bwd_dot_{suf}"))?;

@@ -52,8 +52,11 @@ pub(crate) fn check_dims(op: &'static str, p: LoraParams) -> Result<()> {
     Ok(())
 }
 
+/// A 16-bit scratch buffer, not zeroed: every use is the C of a GEMM that writes all of it
+/// (`GemmOut::Half` or `HalfScaled`: XA, s·G, and dropout's two dX halves).
 pub(crate) fn scratch(stream: &Arc<CudaStream>, n: usize) -> Result<CudaSlice<u16>> {
-    stream.alloc_zeros::<u16>(n.max(1)).map_err(|e| Error::cuda("allocating LoRA scratch", e))
+    // SAFETY: plain u16s; each caller's GEMM writes every element before any read.
+    unsafe { stream.alloc::<u16>(n.max(1)) }.map_err(|e| Error::cuda("allocating LoRA scratch", e))
 }
 
 /// `c = alpha·op(a)·op(b)` (the rank-R products, `matmul_tn`), on the tensor cores: a row-major `[m, k1]`
