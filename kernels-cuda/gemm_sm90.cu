@@ -9,7 +9,7 @@
 // A1, A2 row-major [M, K1] / [M, K2]; B stored [N, K] (forward: Y = X.W^T + s.XA.B^T) or, in
 // the `_kn` instances, [K, N] (dX = dY.W + s.G.A); in the `_km_kn` instances A is stored
 // [K, M] too (dW = dY^T.X, over the tokens). C is written in the 16-bit type (with add_c,
-// after adding what c holds, in f32), or added to an f32 buffer (c32). The launcher
+// after adding what c holds, in f32), or to an f32 buffer (c32; with add_c, added to it). The launcher
 // (`src/kernels/lora/sm90.rs`) sends a GEMM here only on a compute-capability 9.0 device, for
 // outputs of at least one tile, with every operand's rows 16-byte aligned (TMA's rule);
 // everything else (split-K, thin rank-R products, other GPUs) stays on lora_gemm.cu's mma.sync
@@ -305,14 +305,16 @@ __device__ __forceinline__ void gemm_sm90_body(const TensorMap* ta1, const Tenso
             if (row >= m) continue;
             float v0 = alpha * d[4 * j + 2 * h] + b0, v1 = alpha * d[4 * j + 2 * h + 1] + b1;
             const long o = (long)row * n + col;
+            if (c32 != nullptr) {  // f32 C, added to what it holds with add_c (dW over chunks)
+                c32[o] = add_c ? c32[o] + v0 : v0;
+                if (two) c32[o + 1] = add_c ? c32[o + 1] + v1 : v1;
+                continue;
+            }
             if (add_c) {  // c += C: dX summed over the linears that read one input
                 v0 += T::to_f32(c[o]);
                 if (two) v1 += T::to_f32(c[o + 1]);
             }
-            if (c32 != nullptr) {
-                c32[o] += v0;
-                if (two) c32[o + 1] += v1;
-            } else if (pairs) {
+            if (pairs) {
                 *reinterpret_cast<u32*>(c + o) = (u32)T::from_f32(v0) | ((u32)T::from_f32(v1) << 16);
             } else {
                 c[o] = T::from_f32(v0);

@@ -66,8 +66,8 @@ struct Operand {
 
 // C = alpha * (the products) in f32 goes to exactly one of c (rounded, after the bias; with
 // add_c, after adding what c holds: dX summed over the linears that read one input, rounded
-// once per product) and c32 (added in f32: a sum over launches); c2, when given, gets
-// alpha2 * C rounded (no bias): XA and s.XA from one product.
+// once per product) and c32 (f32; with add_c, added to what it holds: a sum over launches);
+// c2, when given, gets alpha2 * C rounded (no bias): XA and s.XA from one product.
 struct GemmArgs {
     Operand a1, b1, a2, b2;  // b1/b2: [N, K] (B_KN = false) or [K, N] (B_KN = true)
     const unsigned short* bias;  // [N] or null
@@ -79,7 +79,7 @@ struct GemmArgs {
     float alpha, alpha2;
     float* parts;                // split > 0: gridDim.z slices of [M, N] f32
     unsigned* tile_done;         // split > 0: a zeroed counter per output tile
-    int add_c;                   // nonzero: c += C (read, added in f32, rounded once)
+    int add_c;                   // nonzero: c += C (read, added in f32, rounded once), or c32 += C
 };
 
 // Stores C[row, col] = v (f32, alpha applied, no bias yet) where GemmArgs says.
@@ -88,7 +88,7 @@ __device__ __forceinline__ void store_c(const GemmArgs& g, int row, int col, flo
     const long i = (long)row * g.n + col;
     if (g.c2 != nullptr) g.c2[i] = T::from_f32(g.alpha2 * v);
     if (g.bias != nullptr) v += T::to_f32(g.bias[col]);
-    if (g.c32 != nullptr) g.c32[i] += v;
+    if (g.c32 != nullptr) g.c32[i] = g.add_c ? g.c32[i] + v : v;
     else g.c[i] = T::from_f32(g.add_c ? v + T::to_f32(g.c[i]) : v);
 }
 

@@ -259,7 +259,7 @@ pub(super) fn linear_group_cuda(x: &Tensor, parts: &[LinearPart<'_>], params: &[
                     }
                 }
                 Some((a16, b16, adt, bdt)) => {
-                    // Not zeroed here: `lc::backward` zeroes dA and dB itself before adding into them.
+                    // Not zeroed: `lc::backward`'s GEMMs write dA and dB whole.
                     let (mut da, mut db) = (CudaOut::uninit(rt, a16.shape().clone(), DType::F32)?, CudaOut::uninit(rt, b16.shape().clone(), DType::F32)?);
                     let xl = match (&sp.drop, &x_now) {
                         (Some((t, _)), _) | (None, Some(t)) => t,

@@ -103,6 +103,8 @@ pub(crate) struct Gemm<'a, 'b> {
 pub enum GemmOut<'a, 'b> {
     /// Written in the 16-bit type.
     Half(&'a mut CudaViewMut<'b, u16>),
+    /// Written in f32 (LoRA's dA and dB: no zeroing pass before).
+    F32(&'a mut CudaViewMut<'b, f32>),
     /// Added in f32 to what the buffer holds (a sum over launches: dW over chunks of rows).
     AddF32(&'a mut CudaViewMut<'b, f32>),
     /// Written in the 16-bit type twice: C, and `s·C` rounded from the same f32 (no bias): XA
@@ -117,7 +119,7 @@ impl<'a, 'b> GemmOut<'a, 'b> {
     fn len(&self) -> usize {
         match self {
             GemmOut::Half(c) => c.len(),
-            GemmOut::AddF32(c) => c.len(),
+            GemmOut::F32(c) | GemmOut::AddF32(c) => c.len(),
             GemmOut::HalfScaled(c, c2, _) => c.len().min(c2.len()),
             GemmOut::HalfAdd(c) => c.len(),
         }
@@ -132,9 +134,9 @@ impl<'a, 'b> GemmOut<'a, 'b> {
         }
     }
 
-    /// The kernels' `add_c` flag.
+    /// The kernels' `add_c` flag: add into C (16-bit or f32) instead of writing it.
     pub(super) fn add_c(&self) -> i32 {
-        matches!(self, GemmOut::HalfAdd(_)) as i32
+        matches!(self, GemmOut::HalfAdd(_) | GemmOut::AddF32(_)) as i32
     }
 }
 
@@ -211,7 +213,7 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
     // c, c32, c2
     match &mut c {
         GemmOut::Half(c) | GemmOut::HalfAdd(c) => bld.arg(&mut **c).arg(&null).arg(&null),
-        GemmOut::AddF32(c) => bld.arg(&null).arg(&mut **c).arg(&null),
+        GemmOut::F32(c) | GemmOut::AddF32(c) => bld.arg(&null).arg(&mut **c).arg(&null),
         GemmOut::HalfScaled(c, c2, _) => bld.arg(&mut **c).arg(&null).arg(&mut **c2),
     };
     bld.arg(&m).arg(&n).arg(&k1).arg(&k2).arg(&split).arg(&g.alpha).arg(&alpha2);
@@ -409,8 +411,8 @@ pub fn forward(
 /// `db = s·dyᵀ·xa`, every product on the tensor cores (s applied in f32 by the GEMM's
 /// epilogue): G with B `[N, R]` read as the GEMM's `[K, N]` operand; dA and dB reduce over the
 /// tokens, so both read their token-major operands as stored (`[K, M]` A, `[K, N]` B: the
-/// `_km_kn` kernels), added in f32 into the zeroed da and db. (Used by `backward` for dense and
-/// NF4 weights.)
+/// `_km_kn` kernels), written in f32 to da and db (no zeroing pass). (Used by `backward` for
+/// dense and NF4 weights.)
 #[allow(clippy::too_many_arguments)]
 fn small_grads(
     stream: &Arc<CudaStream>,
@@ -425,13 +427,10 @@ fn small_grads(
     p: LoraParams,
 ) -> Result<CudaSlice<u16>> {
     let (m, n, k, r) = (p.m, p.n, p.k, p.r);
-    let e = |what: &'static str| move |err| Error::cuda(format!("lora_bwd (cuda): {what}"), err);
     let mut gs = scratch(stream, m * r)?;
     product(stream, modules, dt, (dy, n), (b, r), GemmOut::Half(&mut gs.slice_mut(..m * r)), (m, r, n), (false, true), p.scale)?;
-    stream.memset_zeros(da).map_err(e("zeroing dA"))?;
-    product(stream, modules, dt, (&gs.slice(..m * r), r), (x_lora, k), GemmOut::AddF32(da), (r, k, m), (true, true), 1.0)?;
-    stream.memset_zeros(db).map_err(e("zeroing dB"))?;
-    product(stream, modules, dt, (dy, n), (xa, r), GemmOut::AddF32(db), (n, r, m), (true, true), p.scale)?;
+    product(stream, modules, dt, (&gs.slice(..m * r), r), (x_lora, k), GemmOut::F32(da), (r, k, m), (true, true), 1.0)?;
+    product(stream, modules, dt, (dy, n), (xa, r), GemmOut::F32(db), (n, r, m), (true, true), p.scale)?;
     Ok(gs)
 }
 

@@ -219,7 +219,7 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
     let add_c = c.add_c();
     match c {
         GemmOut::Half(c) | GemmOut::HalfAdd(c) => bld.arg(&mut **c).arg(&null),
-        GemmOut::AddF32(c) => bld.arg(&null).arg(&mut **c),
+        GemmOut::F32(c) | GemmOut::AddF32(c) => bld.arg(&null).arg(&mut **c),
         GemmOut::HalfScaled(..) => unreachable!("declined above"),
     };
     bld.arg(&m).arg(&n).arg(&k1).arg(&k2).arg(&g.alpha).arg(&add_c);
