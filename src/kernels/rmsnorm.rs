@@ -297,7 +297,9 @@ pub mod cuda {
             // multiprocessor), then the chunks' sums in order.
             let col_blocks = (p.cols as u32).div_ceil(BLOCK) as usize;
             let (chunks, chunk) = dw_chunks(p.rows, col_blocks, modules.multiprocessors());
-            let mut part = stream.alloc_zeros::<f32>((chunks * p.cols).max(1)).map_err(|e| Error::cuda("rmsnorm_bwd: allocating dW partial sums", e))?;
+            // SAFETY: plain f32s; rmsnorm_bwd_dw_part writes every chunk's N sums (an empty
+            // chunk its zeros) before rmsnorm_bwd_dw_sum reads them.
+            let mut part = unsafe { stream.alloc::<f32>((chunks * p.cols).max(1)) }.map_err(|e| Error::cuda("rmsnorm_bwd: allocating dW partial sums", e))?;
             let (chunk_i, chunks_i) = (chunk as i32, chunks as i32);
             let f = modules.function("rmsnorm", &format!("rmsnorm_bwd_dw_part_{s}"))?;
             let cfg = LaunchConfig { grid_dim: (col_blocks as u32, chunks as u32, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };

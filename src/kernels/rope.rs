@@ -67,8 +67,8 @@ pub fn norm_rope_fits(head_dim: usize) -> bool {
 }
 
 impl RopeParams {
-    fn check(&self, dir: Direction, x: usize, positions: usize, inv_freq: usize, y: usize) -> Result<()> {
-        let op = dir.op();
+    /// Lengths of x, positions, inv_freq and y; errors name `op` (the launcher's kernel).
+    fn check(&self, op: &'static str, dir: Direction, x: usize, positions: usize, inv_freq: usize, y: usize) -> Result<()> {
         if !self.head_dim.is_multiple_of(2) {
             return Err(Error::InvalidArgument(format!("{op}: head_dim = {} must be even", self.head_dim)));
         }
@@ -171,17 +171,12 @@ pub mod cuda {
         dir: Direction,
     ) -> Result<()> {
         let op = dir.op();
-        p.check(dir, x.len(), positions.len(), inv_freq.len(), y.len())?;
+        p.check(op, dir, x.len(), positions.len(), inv_freq.len(), y.len())?;
         let (tokens, heads, half) = p.dims(op)?;
         if tokens == 0 || heads == 0 || half == 0 {
             return Ok(());
         }
-        let name = match std::mem::size_of::<T>() {
-            4 => "rope_f32",
-            2 => "rope_bf16",
-            s => return Err(Error::InvalidArgument(format!("{op}: no CUDA kernel for {s}-byte elements"))),
-        };
-        let f = modules.function("rope", name)?;
+        let f = modules.function("rope", &format!("rope_{}", suffix::<T>(op)?))?;
         let cfg = LaunchConfig { grid_dim: (tokens, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
         let (t, h, hf, sign) = (tokens as i32, heads as i32, half as i32, dir.sign());
         // SAFETY: argument types match the kernel signature; lengths checked above.
@@ -200,12 +195,13 @@ pub mod cuda {
         if !super::norm_rope_fits(p.head_dim) {
             return Err(Error::InvalidArgument(format!("{op}: head_dim = {} is not a multiple of 64 in 64..=256 (use rmsnorm then rope)", p.head_dim)));
         }
-        p.check(dir, x, positions, inv_freq, y)?;
+        p.check(op, dir, x, positions, inv_freq, y)?;
         crate::kernels::check_len(op, "w", w, p.head_dim)?;
         crate::kernels::check_len(op, "rstd", rstd, p.tokens * p.heads)?;
         p.dims(op)
     }
 
+    /// The kernel suffix of the element type: `f32`, or `bf16` for u16 bits.
     fn suffix<T>(op: &str) -> Result<&'static str> {
         match std::mem::size_of::<T>() {
             4 => Ok("f32"),
@@ -275,8 +271,10 @@ pub mod cuda {
         let chunk = rows.div_ceil(4 * modules.multiprocessors().max(1)).next_multiple_of(NORM_ROPE_WARPS).max(NORM_ROPE_WARPS);
         let blocks = rows.div_ceil(chunk);
         let launch_err = |e| Error::cuda(format!("launching {OP}"), e);
+        // Not zeroed: each block writes all D of its sums (read only when rows > 0).
         let mut part = match &dw {
-            Some(_) => Some(stream.alloc_zeros::<f32>((blocks * p.head_dim).max(1)).map_err(|e| Error::cuda(format!("{OP}: allocating dW partial sums"), e))?),
+            // SAFETY: plain f32s, written by norm_rope_bwd before rmsnorm_bwd_dw_sum reads them.
+            Some(_) => Some(unsafe { stream.alloc::<f32>((blocks * p.head_dim).max(1)) }.map_err(|e| Error::cuda(format!("{OP}: allocating dW partial sums"), e))?),
             None => None,
         };
         if rows > 0 {
@@ -340,7 +338,7 @@ pub mod wgsl {
         let op = dir.op();
         let elems = |b: &wgpu::Buffer| b.size() as usize / 4;
         let tensor = |b: &wgpu::Buffer| b.size() as usize / precision.bytes();
-        p.check(dir, tensor(x), elems(positions), elems(inv_freq), tensor(y))?;
+        p.check(dir.op(), dir, tensor(x), elems(positions), elems(inv_freq), tensor(y))?;
         let (tokens, heads, half) = p.dims(op)?;
         if tokens == 0 || heads == 0 || half == 0 {
             return Ok(());
