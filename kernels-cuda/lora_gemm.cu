@@ -78,7 +78,7 @@ struct GemmArgs {
     int split;                   // > 0: K tiles per blockIdx.z slice, see below
     float alpha, alpha2;
     float* parts;                // split > 0: gridDim.z slices of [M, N] f32
-    unsigned* tile_done;         // split > 0: a zeroed counter per output tile
+    unsigned* tile_done;         // split > 0: a counter per output tile, zero on entry and on exit
     int add_c;                   // nonzero: c += C (read, added in f32, rounded once), or c32 += C
 };
 
@@ -93,8 +93,8 @@ __device__ __forceinline__ void store_c(const GemmArgs& g, int row, int col, flo
 }
 
 // Split-K's sum, in the kernel: every block of an output tile has written its slice of
-// `parts`; the last of them to finish (counted on the tile's `tile_done`) sums the slices in z
-// order and stores C. The same sum in the same order on every run, with no second launch. The
+// `parts`; the last of them to finish (counted on the tile's `tile_done`) resets the counter,
+// sums the slices in z order and stores C. The same sum in the same order on every run, with no second launch. The
 // fences order each thread's slice stores before the count, and the count before the last
 // block's loads (which read L2, __ldcg: its L1 never held those lines, but other blocks wrote
 // them).
@@ -103,7 +103,13 @@ __device__ __forceinline__ void sum_split_tile(const GemmArgs& g, int m0, int n0
     __shared__ int last;
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(g.tile_done + blockIdx.y * gridDim.x + blockIdx.x, 1u) == gridDim.z - 1;
+    unsigned* done = g.tile_done + blockIdx.y * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) {
+        last = atomicAdd(done, 1u) == gridDim.z - 1;
+        // Every block of the tile has counted: the last one leaves the counter at zero for
+        // the next launch on the stream, so the launcher keeps one buffer instead of zeroing.
+        if (last) *done = 0u;
+    }
     __syncthreads();
     if (!last) return;
     __threadfence();

@@ -146,6 +146,10 @@ pub struct ModuleCache {
     profile: Mutex<Option<Vec<(String, CudaEvent)>>>,
     /// The device's multiprocessors (launchers size split-K grids by it).
     sms: usize,
+    /// Split-K's tile counters, one buffer per stream that ran a split GEMM, zeroed once when
+    /// made: the GEMM's last block of each tile leaves its counter at zero again. The stream
+    /// is held beside its buffer, so its handle cannot be reused while the buffer lives.
+    split_counters: Mutex<Vec<(Arc<CudaStream>, CudaSlice<u32>)>>,
 }
 
 /// One kernel's share of a profiled stretch of work (`ModuleCache::finish_profile`).
@@ -170,6 +174,7 @@ impl ModuleCache {
             functions: Mutex::new(HashMap::new()),
             smem_limits: Mutex::new(HashMap::new()),
             profile: Mutex::new(None),
+            split_counters: Mutex::new(Vec::new()),
         })
     }
 
@@ -181,6 +186,37 @@ impl ModuleCache {
     /// The device's multiprocessor count.
     pub fn multiprocessors(&self) -> usize {
         self.sms
+    }
+
+    /// Runs `launch` with split-K tile counters for `stream`: at least `n` u32s, all zero, that
+    /// the launched kernel must leave zero. The lock is held through `launch`, and work on one
+    /// stream runs in order, so no two kernels count on the same buffer at once; a kernel on
+    /// another stream gets that stream's buffer. Replaces a memset before every split GEMM.
+    pub(crate) fn with_split_counters<R>(&self, stream: &Arc<CudaStream>, n: usize, launch: impl FnOnce(&mut CudaSlice<u32>) -> Result<R>) -> Result<R> {
+        let mut all = self.split_counters.lock().expect("split-K counters poisoned");
+        let have = all.iter().position(|(s, _)| Arc::ptr_eq(s, stream));
+        if have.is_none_or(|i| all[i].1.len() < n) {
+            // At least two per multiprocessor: a GEMM splits only when its grid is smaller.
+            let len = n.max(2 * self.sms);
+            let fresh = stream.alloc_zeros::<u32>(len).map_err(|e| Error::cuda(format!("allocating {len} split-K tile counters"), e))?;
+            match have {
+                // The old buffer is freed in stream order, after the kernels that used it.
+                Some(i) => all[i].1 = fresh,
+                None => all.push((stream.clone(), fresh)),
+            }
+        }
+        let i = have.unwrap_or(all.len() - 1);
+        launch(&mut all[i].1)
+    }
+
+    /// `stream`'s split-K tile counters, read back (none if no split GEMM ran on it): all zero
+    /// once its work is done, which the LoRA checks assert.
+    pub(crate) fn read_split_counters(&self, stream: &Arc<CudaStream>) -> Result<Vec<u32>> {
+        let all = self.split_counters.lock().expect("split-K counters poisoned");
+        match all.iter().find(|(s, _)| Arc::ptr_eq(s, stream)) {
+            Some((_, c)) => stream.clone_dtoh(c).map_err(|e| Error::cuda("reading split-K tile counters", e)),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Starts timing kernels: from now on every kernel lookup records an event on the

@@ -221,8 +221,11 @@ pub mod cuda {
         let ignore = p.ignore_index;
         let c = p.chunk_rows.clamp(1, m.max(1));
         let e = |what: &'static str| move |err| Error::cuda(format!("{OP}: {what}"), err);
-        let mut z = stream.alloc_zeros::<u16>((c * v).max(1)).map_err(e("allocating the logits chunk"))?;
-        let mut row_loss = stream.alloc_zeros::<f32>(m.max(1)).map_err(e("allocating the row losses"))?;
+        // Not zeroed: each chunk's product writes its [cm, V] logits whole before they are
+        // read, and `ce_rows` writes every row's loss (0 for an ignored target).
+        // SAFETY: plain u16s and f32s, each written by a kernel before any read (above).
+        let mut z = unsafe { stream.alloc::<u16>((c * v).max(1)) }.map_err(e("allocating the logits chunk"))?;
+        let mut row_loss = unsafe { stream.alloc::<f32>(m.max(1)) }.map_err(e("allocating the row losses"))?;
         let inv_count = if count == 0 { 0.0f32 } else { 1.0 / count as f32 };
         let grad = (dx.is_some() || dw.is_some()) as i32;
         for (r0, cm) in p.chunks() {

@@ -519,6 +519,11 @@ mod cuda_run {
                 return Err(Error::InvalidArgument(format!("dX added onto itself in the GEMM (m {m}, n {n}, k {k}, r {r}): element {i} is {}, twice {} is {}", twice[i], first[i], 2.0 * first[i])));
             }
         }
+        // Split GEMMs (thin outputs: XA, G, dA, dB at enough rows) share one buffer of tile
+        // counters per stream, which each launch must leave at zero for the next.
+        if let Some(t) = md.read_split_counters(s)?.iter().position(|&c| c != 0) {
+            return Err(Error::InvalidArgument(format!("split-K tile counter {t} left nonzero after the LoRA products (m {m}, n {n}, k {k}, r {r})")));
+        }
         Ok(LoraOutputs {
             y: values(dt, &down(s, &y, m * n)?),
             xa: values(dt, &down(s, &xa, m * r)?),

@@ -181,17 +181,12 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
     // A bias would be added once per slice: such GEMMs (the plain linear) run whole.
     let (splits, per) = if g.bias.is_some() { (1, tiles) } else { split_k(grid.0 * grid.1, tiles, modules.multiprocessors()) };
     let split = if splits > 1 { i("split", per)? } else { 0 };
-    // Split-K's slices (every element of each written by its block before the sum reads it)
-    // and a zeroed counter per output tile.
+    // Split-K's slices (every element of each written by its block before the sum reads it).
     let mut parts = match splits {
         1 => None,
-        _ => {
-            // SAFETY: plain f32s; the kernel writes every element of a slice within [M, N]
-            // before any read of it (see `sum_split_tile` in lora_gemm.cu).
-            let p = unsafe { stream.alloc::<f32>(splits * g.m * g.n) }.map_err(|e| Error::cuda(format!("{name}: {splits} split-K slices"), e))?;
-            let done = stream.alloc_zeros::<u32>(grid.0 * grid.1).map_err(|e| Error::cuda(format!("{name}: split-K tile counters"), e))?;
-            Some((p, done))
-        }
+        // SAFETY: plain f32s; the kernel writes every element of a slice within [M, N]
+        // before any read of it (see `sum_split_tile` in lora_gemm.cu).
+        _ => Some(unsafe { stream.alloc::<f32>(splits * g.m * g.n) }.map_err(|e| Error::cuda(format!("{name}: {splits} split-K slices"), e))?),
     };
     let null = 0u64;
     let alpha2 = match c {
@@ -199,38 +194,45 @@ pub(crate) fn gemm(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, g:
         _ => 0.0,
     };
     let add_c = c.add_c();
-    let mut bld = stream.launch_builder(&f);
-    bld.arg(g.a1.0).arg(&lda1);
-    match g.b1 {
-        Some((b, _)) => bld.arg(b),
-        None => bld.arg(&null),
-    };
-    bld.arg(&ldb1).arg(g.a2.0).arg(&lda2).arg(g.b2.0).arg(&ldb2);
-    match g.bias {
-        Some(b) => bld.arg(b),
-        None => bld.arg(&null),
-    };
-    // c, c32, c2
-    match &mut c {
-        GemmOut::Half(c) | GemmOut::HalfAdd(c) => bld.arg(&mut **c).arg(&null).arg(&null),
-        GemmOut::F32(c) | GemmOut::AddF32(c) => bld.arg(&null).arg(&mut **c).arg(&null),
-        GemmOut::HalfScaled(c, c2, _) => bld.arg(&mut **c).arg(&null).arg(&mut **c2),
-    };
-    bld.arg(&m).arg(&n).arg(&k1).arg(&k2).arg(&split).arg(&g.alpha).arg(&alpha2);
-    match parts.as_mut() {
-        Some((p, done)) => bld.arg(p).arg(done),
-        None => bld.arg(&null).arg(&null),
-    };
-    bld.arg(&add_c);
-    if let Some(q) = nf4 {
-        q.push_args(&mut bld);
-    }
     let cfg = LaunchConfig { grid_dim: (grid.0 as u32, grid.1 as u32, splits as u32), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: argument order and types match the kernel; the caller checked every buffer
-    // against (m, n, k1, k2) and its leading dimension, C (and c2) against M·N above; the
-    // slices hold splits·m·n floats, the counters one per block of the (x, y) grid.
-    unsafe { bld.launch(cfg) }.map_err(launch_err(&name))?;
-    Ok(())
+    let mut launch = |done: Option<&mut CudaSlice<u32>>| -> Result<()> {
+        let mut bld = stream.launch_builder(&f);
+        bld.arg(g.a1.0).arg(&lda1);
+        match g.b1 {
+            Some((b, _)) => bld.arg(b),
+            None => bld.arg(&null),
+        };
+        bld.arg(&ldb1).arg(g.a2.0).arg(&lda2).arg(g.b2.0).arg(&ldb2);
+        match g.bias {
+            Some(b) => bld.arg(b),
+            None => bld.arg(&null),
+        };
+        // c, c32, c2
+        match &mut c {
+            GemmOut::Half(c) | GemmOut::HalfAdd(c) => bld.arg(&mut **c).arg(&null).arg(&null),
+            GemmOut::F32(c) | GemmOut::AddF32(c) => bld.arg(&null).arg(&mut **c).arg(&null),
+            GemmOut::HalfScaled(c, c2, _) => bld.arg(&mut **c).arg(&null).arg(&mut **c2),
+        };
+        bld.arg(&m).arg(&n).arg(&k1).arg(&k2).arg(&split).arg(&g.alpha).arg(&alpha2);
+        match (parts.as_mut(), done) {
+            (Some(p), Some(done)) => bld.arg(p).arg(done),
+            _ => bld.arg(&null).arg(&null),
+        };
+        bld.arg(&add_c);
+        if let Some(q) = nf4 {
+            q.push_args(&mut bld);
+        }
+        // SAFETY: argument order and types match the kernel; the caller checked every buffer
+        // against (m, n, k1, k2) and its leading dimension, C (and c2) against M·N above; the
+        // slices hold splits·m·n floats, the counters (zero, left zero by the kernel) at least
+        // one per block of the (x, y) grid.
+        unsafe { bld.launch(cfg) }.map_err(launch_err(&name))?;
+        Ok(())
+    };
+    match splits {
+        1 => launch(None),
+        _ => modules.with_split_counters(stream, grid.0 * grid.1, |done| launch(Some(done))),
+    }
 }
 
 /// Split-K for an f32 GEMM output of `blocks` blocks over `tiles` K tiles on a GPU with `sms`
