@@ -30,7 +30,7 @@
 //   within ~3%; vs the unfused three-call path it saves the Y read-modify-write (M.N.4 bytes).
 // - M = 1..16 (decode): memory bound. bf16 W 4096 x 14336 = 117 MB -> ~35 us at 3.35 TB/s;
 //   NF4 is 4.13 bits/weight -> 30 MB -> ~9 us floor for `nf4_gemv_*` (one warp per output
-//   column, 8 codes per lane per step from one u32 where k % 8 == 0). The NF4 GEMM at large M
+//   column, 32 codes per lane per step from one 16-byte load where k % 32 == 0). The NF4 GEMM at large M
 //   dequantizes each W element once per 128-row block (no cp.async for W): expect ~50-70% of
 //   the dense kernel.
 // - the rank-R products (XA, G, dA, dB: 2.M.R.(N or K) FLOPs each) run on this GEMM too, R as
@@ -409,7 +409,52 @@ extern "C" __global__ void nf4_codes_bf16(const bf16_bits* x, const float* inv, 
 // NF4 GEMV for M <= 16: Y[m, n] = sum_k X[m, k] W[n, k] + s.XA[m, :].B[n, :] (+ bias), with a
 // warp per output column n: lanes stride over K, each dequantizes its W element once and
 // multiplies it into all M rows (M accumulators), then a warp sum.
-template <typename T>
+
+// The GEMV's wide steps: each lane takes 8 * WORDS consecutive weights per step, WORDS u32s of
+// codes (4 bytes, little end first, high nibble first in each byte) from one load (16 bytes when
+// WORDS is 4), one absmax (the weights lie in one block of 64: the step starts at a multiple
+// of 8 * WORDS), and one 16-byte load of x per row and word. A warp has 128 * WORDS bytes of
+// codes in flight per step: with one column per warp, that is what keeps enough memory
+// requests in flight to approach the copy bandwidth at M = 1.
+template <typename T, int MAXM, int WORDS>
+__device__ __forceinline__ void gemv_wide(float (&acc)[MAXM], const unsigned short* x, const Nf4& q, const float* tables, long w0, int m, int k, int lane) {
+    constexpr int PER = 8 * WORDS;
+    for (int kk = lane * PER; kk < k; kk += 32 * PER) {
+        const long e = w0 + kk;
+        u32 words[WORDS];
+        if constexpr (WORDS == 4) {
+            const uint4 c = *reinterpret_cast<const uint4*>(q.packed + (e >> 1));
+            words[0] = c.x, words[1] = c.y, words[2] = c.z, words[3] = c.w;
+        } else {
+            words[0] = *reinterpret_cast<const u32*>(q.packed + (e >> 1));
+        }
+        const long b = e >> 6;
+        const float a = __fadd_rn(__fmul_rn(tables[q.absmax[b]], q.absmax2[b >> 8]), q.offset);
+#pragma unroll
+        for (int wd = 0; wd < WORDS; wd++) {
+            float w[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const u32 byte = (words[wd] >> (8 * (j >> 1))) & 0xffu;
+                w[j] = __fmul_rn(tables[256 + ((j & 1) ? (byte & 0xfu) : (byte >> 4))], a);
+            }
+#pragma unroll
+            for (int i = 0; i < MAXM; i++) {
+                if (i < m) {
+                    const uint4 xv = *reinterpret_cast<const uint4*>(x + (long)i * k + kk + 8 * wd);
+                    const u32 xw[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        acc[i] += T::to_f32((unsigned short)(xw[j] & 0xffffu)) * w[2 * j];
+                        acc[i] += T::to_f32((unsigned short)(xw[j] >> 16)) * w[2 * j + 1];
+                    }
+                }
+            }
+        }
+    }
+}
+
+template <typename T, int MAXM>
 __device__ __forceinline__ void gemv_body(const unsigned short* x, const unsigned short* xa_s, const unsigned short* bm, const unsigned short* bias, unsigned short* y, int m, int n, int k, int r, const Nf4& q) {
     __shared__ float tables[272];
     for (int i = threadIdx.x; i < 272; i += blockDim.x) tables[i] = q.tables[i];
@@ -417,56 +462,34 @@ __device__ __forceinline__ void gemv_body(const unsigned short* x, const unsigne
     const int lane = threadIdx.x & 31;
     const int col = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (col >= n) return;
-    float acc[16];
+    float acc[MAXM];
 #pragma unroll
-    for (int i = 0; i < 16; i++) acc[i] = 0.0f;
+    for (int i = 0; i < MAXM; i++) acc[i] = 0.0f;
     const long w0 = (long)col * k;  // flat index of W[col, 0]
-    // Wide path (k % 8 == 0 and x 16-byte aligned): each lane takes 8 consecutive weights per
-    // step, one u32 of codes (4 bytes, little end first, high nibble first in each byte), one
-    // absmax, and one 16-byte load of x per row, so a warp moves 128 bytes of codes per step
-    // instead of 16. Otherwise one weight per lane per step.
-    const bool wide = (k & 7) == 0 && ((unsigned long long)x & 15) == 0 && ((unsigned long long)q.packed & 3) == 0;
-    if (wide) {
-        for (int kk = lane * 8; kk < k; kk += 256) {
-            const long e = w0 + kk;
-            const u32 codes = *reinterpret_cast<const u32*>(q.packed + (e >> 1));
-            const long b = e >> 6;
-            const float a = __fadd_rn(__fmul_rn(tables[q.absmax[b]], q.absmax2[b >> 8]), q.offset);
-            float w[8];
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                const u32 byte = (codes >> (8 * (j >> 1))) & 0xffu;
-                w[j] = __fmul_rn(tables[256 + ((j & 1) ? (byte & 0xfu) : (byte >> 4))], a);
-            }
-#pragma unroll
-            for (int i = 0; i < 16; i++) {
-                if (i < m) {
-                    const uint4 xv = *reinterpret_cast<const uint4*>(x + (long)i * k + kk);
-                    const u32 words[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        acc[i] += T::to_f32((unsigned short)(words[j] & 0xffffu)) * w[2 * j];
-                        acc[i] += T::to_f32((unsigned short)(words[j] >> 16)) * w[2 * j + 1];
-                    }
-                }
-            }
-        }
+    // 32 weights a lane a step where K % 32 == 0 (every row of codes then starts 16-byte
+    // aligned), 8 where K % 8 == 0, else one weight per lane per step. The paths give each lane
+    // different weights, so their sums differ by rounding (within the tests' f32 bound).
+    const bool x16 = ((unsigned long long)x & 15) == 0;
+    if (x16 && (k & 31) == 0 && ((unsigned long long)q.packed & 15) == 0) {
+        gemv_wide<T, MAXM, 4>(acc, x, q, tables, w0, m, k, lane);
+    } else if (x16 && (k & 7) == 0 && ((unsigned long long)q.packed & 3) == 0) {
+        gemv_wide<T, MAXM, 1>(acc, x, q, tables, w0, m, k, lane);
     } else {
         for (int kk = lane; kk < k; kk += 32) {
             const float w = nf4_at(q, tables, tables + 256, w0 + kk);
 #pragma unroll
-            for (int i = 0; i < 16; i++)
+            for (int i = 0; i < MAXM; i++)
                 if (i < m) acc[i] += T::to_f32(x[(long)i * k + kk]) * w;
         }
     }
     for (int rr = lane; rr < r; rr += 32) {
         const float bv = T::to_f32(bm[(long)col * r + rr]);
 #pragma unroll
-        for (int i = 0; i < 16; i++)
+        for (int i = 0; i < MAXM; i++)
             if (i < m) acc[i] += T::to_f32(xa_s[(long)i * r + rr]) * bv;
     }
 #pragma unroll
-    for (int i = 0; i < 16; i++) {
+    for (int i = 0; i < MAXM; i++) {
         const float v = warp_sum(acc[i]);
         if (lane == 0 && i < m) y[(long)i * n + col] = T::from_f32(v + (bias != nullptr ? T::to_f32(bias[col]) : 0.0f));
     }
@@ -475,8 +498,12 @@ __device__ __forceinline__ void gemv_body(const unsigned short* x, const unsigne
 #define GEMV_PARAMS                                                                                          \
     const unsigned short *x, const unsigned short *xa_s, const unsigned short *bm, const unsigned short *bias, \
         unsigned short *y, int m, int n, int k, int r, NF4_PARAMS
-extern "C" __global__ void nf4_gemv_bf16(GEMV_PARAMS) { gemv_body<Bf16>(x, xa_s, bm, bias, y, m, n, k, r, NF4_ARGS); }
-extern "C" __global__ void nf4_gemv_f16(GEMV_PARAMS) { gemv_body<F16>(x, xa_s, bm, bias, y, m, n, k, r, NF4_ARGS); }
+// M up to 16, and M = 1 alone (decoding): the one-row kernel holds one accumulator instead of
+// 16, so it needs fewer registers and more warps fit on each multiprocessor.
+extern "C" __global__ void nf4_gemv_bf16(GEMV_PARAMS) { gemv_body<Bf16, 16>(x, xa_s, bm, bias, y, m, n, k, r, NF4_ARGS); }
+extern "C" __global__ void nf4_gemv_m1_bf16(GEMV_PARAMS) { gemv_body<Bf16, 1>(x, xa_s, bm, bias, y, m, n, k, r, NF4_ARGS); }
+extern "C" __global__ void nf4_gemv_f16(GEMV_PARAMS) { gemv_body<F16, 16>(x, xa_s, bm, bias, y, m, n, k, r, NF4_ARGS); }
+extern "C" __global__ void nf4_gemv_m1_f16(GEMV_PARAMS) { gemv_body<F16, 1>(x, xa_s, bm, bias, y, m, n, k, r, NF4_ARGS); }
 
 // Dequantization to f32, exactly `nf4::cpu::dequantize`.
 extern "C" __global__ void nf4_dequant_f32(NF4_PARAMS, float* out, long len) {
