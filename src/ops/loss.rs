@@ -61,8 +61,9 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i32) -> Re
             // The kernel overwrites z with the gradient, so it runs on a copy (read alone when
             // nothing is tracked).
             let mut z = CudaOut::copy_of(logits)?;
-            let mut row_loss = CudaOut::new(rt, [m], DType::F32)?;
-            let mut loss = CudaOut::new(rt, Vec::new(), DType::F32)?;
+            // Not zeroed: `ce_rows` writes every row's loss, `ce_sum` the total.
+            let mut row_loss = CudaOut::uninit(rt, [m], DType::F32)?;
+            let mut loss = CudaOut::uninit(rt, Vec::new(), DType::F32)?;
             ce::cuda::rows::<f32>(&rt.stream, &rt.modules, &mut z.view_mut(), &view(targets), &mut row_loss.view_mut(), (m, v), ignore_index, inv_count, grad)?;
             ce::cuda::sum(&rt.stream, &rt.modules, &view(&row_loss.tensor()), &mut loss.view_mut(), inv_count)?;
             let dz = grad.then(|| z.tensor());
@@ -145,8 +146,10 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
             ce::check_targets(&tv, v, ignore_index)?;
             let count = tv.iter().filter(|&&t| t != ignore_index).count();
             let rt = cuda_buf(x).0;
-            let mut loss = CudaOut::new(rt, Vec::new(), DType::F32)?;
-            let mut dx = need_dx.then(|| CudaOut::new(rt, [m, h], dt)).transpose()?;
+            // Not zeroed: the loss is written by `ce_sum`, and dx chunk by chunk by a GEMM
+            // that writes its rows whole.
+            let mut loss = CudaOut::uninit(rt, Vec::new(), DType::F32)?;
+            let mut dx = need_dx.then(|| CudaOut::uninit(rt, [m, h], dt)).transpose()?;
             // dW is summed in f32 over the chunks (from zeros) and rounded to W's dtype once.
             // Each chunk reads and writes all of it ([V, H] f32: 1 GiB for Llama-3's head), so a
             // trained head takes chunks 8x the default (~1 GiB of logits, and on Hopper their
@@ -193,7 +196,7 @@ fn times(d: &Tensor, g: &Tensor) -> Result<Tensor> {
             use crate::ops::cuda::{by_float, cuda_buf, view, CudaOut};
             crate::ops::expect_dtype("loss gradient", g, DType::F32)?;
             let rt = cuda_buf(d).0;
-            let mut y = CudaOut::new(rt, d.shape().clone(), d.dtype())?;
+            let mut y = CudaOut::uninit(rt, d.shape().clone(), d.dtype())?;
             by_float!(d.dtype(), T => crate::kernels::elementwise::cuda::scale_by::<T>(&rt.stream, &rt.modules, &view(d), &view(g), &mut y.view_mut())?);
             Ok(y.tensor())
         }

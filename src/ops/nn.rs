@@ -43,7 +43,8 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
         }
         Device::Cuda(_) => {
             let rt = cuda_buf(table).0;
-            let mut y = CudaOut::new(rt, out_shape, dt)?;
+            // Not zeroed: the kernel writes every row (zeros for an id out of range).
+            let mut y = CudaOut::uninit(rt, out_shape, dt)?;
             let p = emb::EmbeddingParams { tokens: ids.elem_count(), vocab: v, dim: e };
             by_float!(dt, T => emb::cuda::forward::<T>(&rt.stream, &rt.modules, &view(table), &view(ids), &mut y.view_mut(), p)?);
             y.tensor()
