@@ -30,9 +30,9 @@
 //   within ~3%; vs the unfused three-call path it saves the Y read-modify-write (M.N.4 bytes).
 // - M = 1..16 (decode): memory bound. bf16 W 4096 x 14336 = 117 MB -> ~35 us at 3.35 TB/s;
 //   NF4 is 4.13 bits/weight -> 30 MB -> ~9 us floor for `nf4_gemv_*` (one warp per output
-//   column, 32 codes per lane per step from one 16-byte load where k % 32 == 0). The NF4 GEMM at large M
-//   dequantizes each W element once per 128-row block (no cp.async for W): expect ~50-70% of
-//   the dense kernel.
+//   column, 32 codes per lane per step from one 16-byte load where k % 32 == 0); the dense
+//   `gemv_*` (M <= 4) streams the 117 MB the same way. The NF4 GEMM at large M dequantizes each
+//   W element once per 128-row block (no cp.async for W): expect ~50-70% of the dense kernel.
 // - the rank-R products (XA, G, dA, dB: 2.M.R.(N or K) FLOPs each) run on this GEMM too, R as
 //   its N (XA, G and dB) or its M (dA). dA and dB reduce over the tokens, so both their
 //   operands are stored [K, M] / [K, N]: the `_km_kn` instances read them in that layout (no
@@ -45,7 +45,7 @@
 //   f32 by the epilogue's `alpha`.
 //
 // Launch geometry: lora_gemm_*: grid (ceil(N/64), ceil(M/128), split-K slices), block 128.
-// nf4_gemv_*: block 256 (8 warps, one column each), grid ceil(N/8). nf4_dequant_*: one thread
+// gemv_m*_* and nf4_gemv_m*_*: block 256 (8 warps, one column each), grid ceil(N/8). nf4_dequant_*: one thread
 // per element, grid-stride.
 #include "common.cuh"
 #include "mma.cuh"
@@ -406,18 +406,56 @@ extern "C" __global__ void nf4_codes_bf16(const bf16_bits* x, const float* inv, 
     nf4_codes_body<bf16_bits>(x, inv, mids, packed, len);
 }
 
-// NF4 GEMV for M <= 16: Y[m, n] = sum_k X[m, k] W[n, k] + s.XA[m, :].B[n, :] (+ bias), with a
-// warp per output column n: lanes stride over K, each dequantizes its W element once and
-// multiplies it into all M rows (M accumulators), then a warp sum.
+// ---- GEMV (M <= 16: decoding and tiny batches) ---------------------------------------------
+// Y[m, n] = sum_k X[m, k] W[n, k] + XA_s[m, :].B[n, :] (+ bias), W dense (16-bit) or NF4, with a
+// warp per output column n: lanes stride over K, each reads its W elements once (NF4: decodes
+// them) and multiplies them into all M rows (M accumulators), then a warp sum. MAXM is the
+// accumulators a thread holds: an instance for one row (decoding), with the fewest registers
+// so the most warps fit on a multiprocessor, and one for up to 4 (dense) or 16 (NF4) rows. The
+// wide paths give each lane different weights than the one-weight path, so their sums differ
+// by rounding (within the tests' f32 bound).
 
-// The GEMV's wide steps: each lane takes 8 * WORDS consecutive weights per step, WORDS u32s of
-// codes (4 bytes, little end first, high nibble first in each byte) from one load (16 bytes when
-// WORDS is 4), one absmax (the weights lie in one block of 64: the step starts at a multiple
-// of 8 * WORDS), and one 16-byte load of x per row and word. A warp has 128 * WORDS bytes of
-// codes in flight per step: with one column per warp, that is what keeps enough memory
-// requests in flight to approach the copy bandwidth at M = 1.
+// acc[i] += X[i, kk .. kk + 8] . w for the m rows: one 16-byte load of x per row.
+template <typename T, int MAXM>
+__device__ __forceinline__ void gemv_rows8(float (&acc)[MAXM], const unsigned short* x, int m, int k, int kk, const float (&w)[8]) {
+#pragma unroll
+    for (int i = 0; i < MAXM; i++) {
+        if (i < m) {
+            const uint4 xv = *reinterpret_cast<const uint4*>(x + (long)i * k + kk);
+            const u32 xw[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                acc[i] += T::to_f32((unsigned short)(xw[j] & 0xffffu)) * w[2 * j];
+                acc[i] += T::to_f32((unsigned short)(xw[j] >> 16)) * w[2 * j + 1];
+            }
+        }
+    }
+}
+
+// The LoRA term (r > 0), the warp sums, the bias and the stores of column `col`.
+template <typename T, int MAXM>
+__device__ __forceinline__ void gemv_finish(float (&acc)[MAXM], const unsigned short* xa_s, const unsigned short* bm, const unsigned short* bias, unsigned short* y, int m, int n, int r, int col, int lane) {
+    for (int rr = lane; rr < r; rr += 32) {
+        const float bv = T::to_f32(bm[(long)col * r + rr]);
+#pragma unroll
+        for (int i = 0; i < MAXM; i++)
+            if (i < m) acc[i] += T::to_f32(xa_s[(long)i * r + rr]) * bv;
+    }
+#pragma unroll
+    for (int i = 0; i < MAXM; i++) {
+        const float v = warp_sum(acc[i]);
+        if (lane == 0 && i < m) y[(long)i * n + col] = T::from_f32(v + (bias != nullptr ? T::to_f32(bias[col]) : 0.0f));
+    }
+}
+
+// NF4's wide steps: each lane takes 8 * WORDS consecutive weights per step, WORDS u32s of codes
+// (4 bytes, little end first, high nibble first in each byte) from one load (16 bytes when
+// WORDS is 4) and one absmax (the weights lie in one block of 64: the step starts at a
+// multiple of 8 * WORDS). A warp has 128 * WORDS bytes of codes in flight per step: with one
+// column per warp, that is what keeps enough memory requests in flight to approach the copy
+// bandwidth at M = 1.
 template <typename T, int MAXM, int WORDS>
-__device__ __forceinline__ void gemv_wide(float (&acc)[MAXM], const unsigned short* x, const Nf4& q, const float* tables, long w0, int m, int k, int lane) {
+__device__ __forceinline__ void gemv_nf4_wide(float (&acc)[MAXM], const unsigned short* x, const Nf4& q, const float* tables, long w0, int m, int k, int lane) {
     constexpr int PER = 8 * WORDS;
     for (int kk = lane * PER; kk < k; kk += 32 * PER) {
         const long e = w0 + kk;
@@ -438,24 +476,13 @@ __device__ __forceinline__ void gemv_wide(float (&acc)[MAXM], const unsigned sho
                 const u32 byte = (words[wd] >> (8 * (j >> 1))) & 0xffu;
                 w[j] = __fmul_rn(tables[256 + ((j & 1) ? (byte & 0xfu) : (byte >> 4))], a);
             }
-#pragma unroll
-            for (int i = 0; i < MAXM; i++) {
-                if (i < m) {
-                    const uint4 xv = *reinterpret_cast<const uint4*>(x + (long)i * k + kk + 8 * wd);
-                    const u32 xw[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-                    for (int j = 0; j < 4; j++) {
-                        acc[i] += T::to_f32((unsigned short)(xw[j] & 0xffffu)) * w[2 * j];
-                        acc[i] += T::to_f32((unsigned short)(xw[j] >> 16)) * w[2 * j + 1];
-                    }
-                }
-            }
+            gemv_rows8<T, MAXM>(acc, x, m, k, kk + 8 * wd, w);
         }
     }
 }
 
 template <typename T, int MAXM>
-__device__ __forceinline__ void gemv_body(const unsigned short* x, const unsigned short* xa_s, const unsigned short* bm, const unsigned short* bias, unsigned short* y, int m, int n, int k, int r, const Nf4& q) {
+__device__ __forceinline__ void gemv_nf4_body(const unsigned short* x, const unsigned short* xa_s, const unsigned short* bm, const unsigned short* bias, unsigned short* y, int m, int n, int k, int r, const Nf4& q) {
     __shared__ float tables[272];
     for (int i = threadIdx.x; i < 272; i += blockDim.x) tables[i] = q.tables[i];
     __syncthreads();
@@ -467,13 +494,12 @@ __device__ __forceinline__ void gemv_body(const unsigned short* x, const unsigne
     for (int i = 0; i < MAXM; i++) acc[i] = 0.0f;
     const long w0 = (long)col * k;  // flat index of W[col, 0]
     // 32 weights a lane a step where K % 32 == 0 (every row of codes then starts 16-byte
-    // aligned), 8 where K % 8 == 0, else one weight per lane per step. The paths give each lane
-    // different weights, so their sums differ by rounding (within the tests' f32 bound).
+    // aligned), 8 where K % 8 == 0, else one.
     const bool x16 = ((unsigned long long)x & 15) == 0;
     if (x16 && (k & 31) == 0 && ((unsigned long long)q.packed & 15) == 0) {
-        gemv_wide<T, MAXM, 4>(acc, x, q, tables, w0, m, k, lane);
+        gemv_nf4_wide<T, MAXM, 4>(acc, x, q, tables, w0, m, k, lane);
     } else if (x16 && (k & 7) == 0 && ((unsigned long long)q.packed & 3) == 0) {
-        gemv_wide<T, MAXM, 1>(acc, x, q, tables, w0, m, k, lane);
+        gemv_nf4_wide<T, MAXM, 1>(acc, x, q, tables, w0, m, k, lane);
     } else {
         for (int kk = lane; kk < k; kk += 32) {
             const float w = nf4_at(q, tables, tables + 256, w0 + kk);
@@ -482,28 +508,74 @@ __device__ __forceinline__ void gemv_body(const unsigned short* x, const unsigne
                 if (i < m) acc[i] += T::to_f32(x[(long)i * k + kk]) * w;
         }
     }
-    for (int rr = lane; rr < r; rr += 32) {
-        const float bv = T::to_f32(bm[(long)col * r + rr]);
+    gemv_finish<T, MAXM>(acc, xa_s, bm, bias, y, m, n, r, col, lane);
+}
+
+// Dense W: 8 * WORDS weights a lane a step from WORDS 16-byte loads (1 KiB a warp at WORDS 2).
+// Where the tensor-core GEMM would run one 128-row tile for these few rows, with few blocks
+// (split along K), this streams W once with every multiprocessor's warps.
+template <typename T, int MAXM, int WORDS>
+__device__ __forceinline__ void gemv_dense_wide(float (&acc)[MAXM], const unsigned short* x, const unsigned short* wr, int m, int k, int lane) {
+    constexpr int PER = 8 * WORDS;
+    for (int kk = lane * PER; kk < k; kk += 32 * PER) {
+        uint4 wv[WORDS];
 #pragma unroll
-        for (int i = 0; i < MAXM; i++)
-            if (i < m) acc[i] += T::to_f32(xa_s[(long)i * r + rr]) * bv;
-    }
+        for (int wd = 0; wd < WORDS; wd++) wv[wd] = *reinterpret_cast<const uint4*>(wr + kk + 8 * wd);
 #pragma unroll
-    for (int i = 0; i < MAXM; i++) {
-        const float v = warp_sum(acc[i]);
-        if (lane == 0 && i < m) y[(long)i * n + col] = T::from_f32(v + (bias != nullptr ? T::to_f32(bias[col]) : 0.0f));
+        for (int wd = 0; wd < WORDS; wd++) {
+            const u32 ww[4] = {wv[wd].x, wv[wd].y, wv[wd].z, wv[wd].w};
+            float w[8];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                w[2 * j] = T::to_f32((unsigned short)(ww[j] & 0xffffu));
+                w[2 * j + 1] = T::to_f32((unsigned short)(ww[j] >> 16));
+            }
+            gemv_rows8<T, MAXM>(acc, x, m, k, kk + 8 * wd, w);
+        }
     }
 }
 
+template <typename T, int MAXM>
+__device__ __forceinline__ void gemv_dense_body(const unsigned short* x, const unsigned short* w, const unsigned short* xa_s, const unsigned short* bm, const unsigned short* bias, unsigned short* y, int m, int n, int k, int r) {
+    const int lane = threadIdx.x & 31;
+    const int col = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (col >= n) return;
+    float acc[MAXM];
+#pragma unroll
+    for (int i = 0; i < MAXM; i++) acc[i] = 0.0f;
+    const unsigned short* wr = w + (long)col * k;
+    // 16 weights a lane a step where K % 16 == 0, 8 where K % 8 == 0 (rows of W and x then
+    // start 16-byte aligned), else one.
+    const bool aligned = ((unsigned long long)x & 15) == 0 && ((unsigned long long)w & 15) == 0 && (k & 7) == 0;
+    if (aligned && (k & 15) == 0) {
+        gemv_dense_wide<T, MAXM, 2>(acc, x, wr, m, k, lane);
+    } else if (aligned) {
+        gemv_dense_wide<T, MAXM, 1>(acc, x, wr, m, k, lane);
+    } else {
+        for (int kk = lane; kk < k; kk += 32) {
+            const float wv = T::to_f32(wr[kk]);
+#pragma unroll
+            for (int i = 0; i < MAXM; i++)
+                if (i < m) acc[i] += T::to_f32(x[(long)i * k + kk]) * wv;
+        }
+    }
+    gemv_finish<T, MAXM>(acc, xa_s, bm, bias, y, m, n, r, col, lane);
+}
+
+// Launch: block 256 (8 warps, one column each), grid ceil(N / 8). xa_s and bm are read only
+// when r > 0.
 #define GEMV_PARAMS                                                                                          \
     const unsigned short *x, const unsigned short *xa_s, const unsigned short *bm, const unsigned short *bias, \
-        unsigned short *y, int m, int n, int k, int r, NF4_PARAMS
-// M up to 16, and M = 1 alone (decoding): the one-row kernel holds one accumulator instead of
-// 16, so it needs fewer registers and more warps fit on each multiprocessor.
-extern "C" __global__ void nf4_gemv_bf16(GEMV_PARAMS) { gemv_body<Bf16, 16>(x, xa_s, bm, bias, y, m, n, k, r, NF4_ARGS); }
-extern "C" __global__ void nf4_gemv_m1_bf16(GEMV_PARAMS) { gemv_body<Bf16, 1>(x, xa_s, bm, bias, y, m, n, k, r, NF4_ARGS); }
-extern "C" __global__ void nf4_gemv_f16(GEMV_PARAMS) { gemv_body<F16, 16>(x, xa_s, bm, bias, y, m, n, k, r, NF4_ARGS); }
-extern "C" __global__ void nf4_gemv_m1_f16(GEMV_PARAMS) { gemv_body<F16, 1>(x, xa_s, bm, bias, y, m, n, k, r, NF4_ARGS); }
+        unsigned short *y, int m, int n, int k, int r
+#define GEMV_ARGS x, xa_s, bm, bias, y, m, n, k, r
+extern "C" __global__ void nf4_gemv_m1_bf16(GEMV_PARAMS, NF4_PARAMS) { gemv_nf4_body<Bf16, 1>(GEMV_ARGS, NF4_ARGS); }
+extern "C" __global__ void nf4_gemv_m16_bf16(GEMV_PARAMS, NF4_PARAMS) { gemv_nf4_body<Bf16, 16>(GEMV_ARGS, NF4_ARGS); }
+extern "C" __global__ void nf4_gemv_m1_f16(GEMV_PARAMS, NF4_PARAMS) { gemv_nf4_body<F16, 1>(GEMV_ARGS, NF4_ARGS); }
+extern "C" __global__ void nf4_gemv_m16_f16(GEMV_PARAMS, NF4_PARAMS) { gemv_nf4_body<F16, 16>(GEMV_ARGS, NF4_ARGS); }
+extern "C" __global__ void gemv_m1_bf16(GEMV_PARAMS, const unsigned short* w) { gemv_dense_body<Bf16, 1>(x, w, xa_s, bm, bias, y, m, n, k, r); }
+extern "C" __global__ void gemv_m4_bf16(GEMV_PARAMS, const unsigned short* w) { gemv_dense_body<Bf16, 4>(x, w, xa_s, bm, bias, y, m, n, k, r); }
+extern "C" __global__ void gemv_m1_f16(GEMV_PARAMS, const unsigned short* w) { gemv_dense_body<F16, 1>(x, w, xa_s, bm, bias, y, m, n, k, r); }
+extern "C" __global__ void gemv_m4_f16(GEMV_PARAMS, const unsigned short* w) { gemv_dense_body<F16, 4>(x, w, xa_s, bm, bias, y, m, n, k, r); }
 
 // Dequantization to f32, exactly `nf4::cpu::dequantize`.
 extern "C" __global__ void nf4_dequant_f32(NF4_PARAMS, float* out, long len) {

@@ -74,12 +74,16 @@ fn lora_ranks_up_to_128() {
 }
 
 #[test]
-fn nf4_gemv_paths_match_reference() {
-    // CUDA's NF4 GEMV (M <= 16) reads 32 codes a lane a step where K % 32 == 0, 8 where
-    // K % 8 == 0, else one; M = 1 has its own instance. Each path with one row and with
-    // several, over several steps of a warp (K 2048) and over part of one (K 40).
-    for (i, &(m, n, k, r)) in [(1, 13, 2048, 16), (1, 9, 40, 4), (1, 5, 33, 3), (5, 20, 96, 16), (16, 11, 1024, 8), (16, 3, 72, 2), (7, 4, 35, 1)].iter().enumerate() {
+fn gemv_paths_match_reference() {
+    // CUDA's GEMV kernels: an NF4 W (M <= 16) read 32 codes a lane a step where K % 32 == 0, 8
+    // where K % 8 == 0, else one; a dense W (M <= 4) 16 weights where K % 16 == 0, 8 where
+    // K % 8 == 0, else one; M = 1 has its own instances. Each path with one row and with
+    // several, over several steps of a warp (K 2048) and over part of one (K 40); rows past
+    // the dense limit go to the GEMM.
+    let shapes = [(1, 13, 2048, 16), (1, 9, 40, 4), (1, 5, 33, 3), (3, 17, 264, 8), (4, 6, 512, 4), (5, 20, 96, 16), (16, 11, 1024, 8), (16, 3, 72, 2), (7, 4, 35, 1)];
+    for (i, &(m, n, k, r)) in shapes.iter().enumerate() {
         run(case(m, n, k, r, i % 2 == 0, 900 + i as u64), true);
+        run(case(m, n, k, r, i % 2 == 1, 950 + i as u64), false);
     }
 }
 

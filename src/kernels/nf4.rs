@@ -341,7 +341,7 @@ pub mod cuda {
     use super::{block_scales, dynamic_map, finish_device_quantize, midpoints, Nf4Tensor, BLOCK, NF4};
     use crate::device::cuda::ModuleCache;
     use crate::kernels::check_len;
-    use crate::kernels::lora::cuda::{launch_err, to_i32, Half};
+    use crate::kernels::lora::cuda::launch_err;
     use crate::kernels::lora::LoraParams;
     use crate::{Error, Result};
 
@@ -449,46 +449,5 @@ pub mod cuda {
         }
         Ok(())
     }
-
-    /// The NF4 GEMV (M up to `GEMV_MAX_M`: decoding and tiny batches): `y = x·wᵀ (+ bias) +
-    /// xa_s·bᵀ` with `xa_s = s·x_lora·aᵀ` made by the caller (`lora::cuda::forward`, which
-    /// checked every length), one warp per output column.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn gemv(
-        stream: &Arc<CudaStream>,
-        modules: &ModuleCache,
-        dt: Half,
-        x: &CudaView<'_, u16>,
-        xs: &CudaView<'_, u16>,
-        w: &Nf4Device,
-        bias: Option<&CudaView<'_, u16>>,
-        b: &CudaView<'_, u16>,
-        y: &mut CudaViewMut<'_, u16>,
-        p: LoraParams,
-    ) -> Result<()> {
-        let op = "nf4_gemv (cuda)";
-        let (m, n, k, r) = (p.m, p.n, p.k, p.r);
-        if m == 0 || n == 0 {
-            return Ok(());
-        }
-        // One row (decoding) has its own instance: one accumulator instead of 16, 32 registers
-        // instead of 88 (ptxas, sm_90), so up to four times the warps per multiprocessor.
-        let name = format!("nf4_gemv{}_{}", if m == 1 { "_m1" } else { "" }, dt.suffix());
-        let f = modules.function("lora_gemm", &name)?;
-        let (mi, ni, ki, ri) = (to_i32(op, "m", m)?, to_i32(op, "n", n)?, to_i32(op, "k", k)?, to_i32(op, "r", r)?);
-        let null = 0u64;
-        let mut bld = stream.launch_builder(&f);
-        bld.arg(x).arg(xs).arg(b);
-        match bias {
-            Some(bias) => bld.arg(bias),
-            None => bld.arg(&null),
-        };
-        bld.arg(y).arg(&mi).arg(&ni).arg(&ki).arg(&ri);
-        w.push_args(&mut bld);
-        // 8 warps per block, one output column each.
-        let cfg = LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: arguments match `nf4_gemv_*`; lengths checked above.
-        unsafe { bld.launch(cfg) }.map_err(launch_err(&name))?;
-        Ok(())
-    }
 }
+

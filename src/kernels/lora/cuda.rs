@@ -15,8 +15,11 @@ pub(crate) const TILE: (usize, usize) = (128, 64);
 /// The K tile of `lora_gemm_*`.
 const BK: usize = 32;
 const THREADS: u32 = 128;
-/// The largest M that `forward` with an NF4 weight sends to the GEMV kernel.
+/// The largest M that `forward` and `linear` send to the GEMV kernels with an NF4 weight (whose
+/// decoding the rows share) and with a dense one (whose 16-bit W is read as fast as the
+/// tensor-core GEMM reads it, while the multiply-adds grow with M on the CUDA cores).
 pub const GEMV_MAX_M: usize = 16;
+pub const DENSE_GEMV_MAX_M: usize = 4;
 
 /// The 16-bit storage type of a launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -260,6 +263,14 @@ impl<'a, 'b> Weight<'a, 'b> {
         }
     }
 
+    /// Whether `m` rows go to the GEMV kernels rather than the GEMM.
+    fn gemv_fits(&self, m: usize) -> bool {
+        m <= match self {
+            Weight::Dense(_) => DENSE_GEMV_MAX_M,
+            Weight::Nf4(_) => GEMV_MAX_M,
+        }
+    }
+
     /// The GEMM's B1 operand (None: the NF4 weight, passed apart) with leading dimension `ld`.
     fn b1(&self, ld: usize) -> (Option<(&'a CudaView<'b, u16>, usize)>, Option<&'a Nf4Device>) {
         match *self {
@@ -293,9 +304,68 @@ pub fn linear(
     for (what, v) in [("M·K", m * k), ("N·K", n * k), ("M·N", m * n)] {
         to_i32(op, what, v)?;
     }
+    if w.gemv_fits(m) {
+        return gemv(stream, modules, dt, x, w, None, bias, y, (m, n, k));
+    }
     let (b1, nf4) = w.b1(k);
     let g = Gemm { a1: (x, k), b1, a2: (x, k), b2: (x, k), bias, m, n, k1: k, k2: 0, a_km: false, kn: false, alpha: 1.0 };
     gemm(stream, modules, dt, g, GemmOut::Half(y), nf4)
+}
+
+/// The GEMV kernels (M up to `GEMV_MAX_M` with an NF4 W, `DENSE_GEMV_MAX_M` with a dense one:
+/// decoding and tiny batches): `y = x·wᵀ (+ bias) (+ xa_s·bᵀ)`, `lora = (xa_s [M, R], b [N, R],
+/// R)` with s already applied to xa_s; one warp per output column. One row (decoding) has its
+/// own instances: one accumulator where the others hold 4 or 16, 32 registers (ptxas, sm_90),
+/// so the most warps fit on a multiprocessor. The callers checked every length.
+#[allow(clippy::too_many_arguments)]
+fn gemv(
+    stream: &Arc<CudaStream>,
+    modules: &ModuleCache,
+    dt: Half,
+    x: &CudaView<'_, u16>,
+    w: Weight<'_, '_>,
+    lora: Option<(&CudaView<'_, u16>, &CudaView<'_, u16>, usize)>,
+    bias: Option<&CudaView<'_, u16>>,
+    y: &mut CudaViewMut<'_, u16>,
+    (m, n, k): (usize, usize, usize),
+) -> Result<()> {
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    let rows = match (m, w) {
+        (1, _) => 1,
+        (_, Weight::Dense(_)) => DENSE_GEMV_MAX_M,
+        (_, Weight::Nf4(_)) => GEMV_MAX_M,
+    };
+    let name = format!("{}gemv_m{rows}_{}", if matches!(w, Weight::Nf4(_)) { "nf4_" } else { "" }, dt.suffix());
+    let f = modules.function("lora_gemm", &name)?;
+    let i = |what: &str, v: usize| to_i32(&name, what, v);
+    let r = lora.map_or(0, |l| l.2);
+    let (mi, ni, ki, ri) = (i("m", m)?, i("n", n)?, i("k", k)?, i("r", r)?);
+    let null = 0u64;
+    let mut bld = stream.launch_builder(&f);
+    bld.arg(x);
+    match lora {
+        Some((xa_s, b, _)) => bld.arg(xa_s).arg(b),
+        None => bld.arg(&null).arg(&null),
+    };
+    match bias {
+        Some(bias) => bld.arg(bias),
+        None => bld.arg(&null),
+    };
+    bld.arg(y).arg(&mi).arg(&ni).arg(&ki).arg(&ri);
+    match w {
+        Weight::Dense(w) => {
+            bld.arg(w);
+        }
+        Weight::Nf4(q) => q.push_args(&mut bld),
+    }
+    // 8 warps per block, one output column each.
+    let cfg = LaunchConfig { grid_dim: (n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: arguments match `*gemv_m*_*` (x, xa_s, b, bias, y, m, n, k, r, then W); the
+    // callers checked x, W, bias and y against (m, n, k), and xa_s and b against r.
+    unsafe { bld.launch(cfg) }.map_err(launch_err(&name))?;
+    Ok(())
 }
 
 /// The plain linear's dX: `dx = dy·w`, dy `[m, n]`, w `[n, k]`, dx `[m, k]`; with `add`,
@@ -370,8 +440,8 @@ fn xa(stream: &Arc<CudaStream>, modules: &ModuleCache, dt: Half, x_lora: &CudaVi
 }
 
 /// Forward: `y = x·wᵀ (+ bias) + s·xa·bᵀ`, `xa = x_lora·aᵀ` (kept for the backward). W dense,
-/// or NF4 (QLoRA): dequantized in the GEMM's tile loads, and for M up to `GEMV_MAX_M` by the
-/// NF4 GEMV kernel.
+/// or NF4 (QLoRA): dequantized in the GEMM's tile loads. For a few rows (`Weight::gemv_fits`)
+/// the GEMV kernels take the place of the GEMM.
 pub fn forward(
     stream: &Arc<CudaStream>,
     modules: &ModuleCache,
@@ -399,10 +469,8 @@ pub fn forward(
     let mut xa_s = scratch(stream, m * r)?;
     xa(stream, modules, dt, x_lora, a, xa_out, &mut xa_s.slice_mut(..), p)?;
     let xs = xa_s.slice(..);
-    if let Weight::Nf4(q) = w {
-        if m <= GEMV_MAX_M {
-            return crate::kernels::nf4::cuda::gemv(stream, modules, dt, x, &xs, q, bias, b, y, p);
-        }
+    if w.gemv_fits(m) {
+        return gemv(stream, modules, dt, x, w, Some((&xs, b, r)), bias, y, (m, n, k));
     }
     let (b1, nf4) = w.b1(k);
     let g = Gemm { a1: (x, k), b1, a2: (&xs, r), b2: (b, r), bias, m, n, k1: k, k2: r, a_km: false, kn: false, alpha: 1.0 };
