@@ -19,6 +19,7 @@ const THREADS: u32 = 128;
 /// decoding the rows share) and with a dense one (whose 16-bit W is read as fast as the
 /// tensor-core GEMM reads it, while the multiply-adds grow with M on the CUDA cores).
 pub const GEMV_MAX_M: usize = 16;
+/// The largest M that goes to the GEMV kernels with a dense weight (see `GEMV_MAX_M`).
 pub const DENSE_GEMV_MAX_M: usize = 4;
 
 /// The 16-bit storage type of a launch.
