@@ -45,8 +45,8 @@
 //   f32 by the epilogue's `alpha`.
 //
 // Launch geometry: lora_gemm_*: grid (ceil(N/64), ceil(M/128), split-K slices), block 128.
-// gemv_m*_* and nf4_gemv_m*_*: block 256 (8 warps, one column each), grid ceil(N/8). nf4_dequant_*: one thread
-// per element, grid-stride.
+// gemv_m*_* and nf4_gemv_m*_*: block 256 (8 warps, one column each), grid ceil(N/8).
+// nf4_dequant_*: one thread per element, grid-stride.
 #include "common.cuh"
 #include "mma.cuh"
 #include "nf4.cuh"
@@ -94,10 +94,10 @@ __device__ __forceinline__ void store_c(const GemmArgs& g, int row, int col, flo
 
 // Split-K's sum, in the kernel: every block of an output tile has written its slice of
 // `parts`; the last of them to finish (counted on the tile's `tile_done`) resets the counter,
-// sums the slices in z order and stores C. The same sum in the same order on every run, with no second launch. The
-// fences order each thread's slice stores before the count, and the count before the last
-// block's loads (which read L2, __ldcg: its L1 never held those lines, but other blocks wrote
-// them).
+// sums the slices in z order and stores C. The same sum in the same order on every run, with
+// no second launch. The fences order each thread's slice stores before the count, and the
+// count before the last block's loads (which read L2, __ldcg: its L1 never held those lines,
+// but other blocks wrote them).
 template <typename T>
 __device__ __forceinline__ void sum_split_tile(const GemmArgs& g, int m0, int n0) {
     __shared__ int last;

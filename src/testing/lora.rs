@@ -519,6 +519,7 @@ mod cuda_run {
                 return Err(Error::InvalidArgument(format!("dX added onto itself in the GEMM (m {m}, n {n}, k {k}, r {r}): element {i} is {}, twice {} is {}", twice[i], first[i], 2.0 * first[i])));
             }
         }
+        linear_matches(s, md, dt, inp, q, weight, biasv.as_ref(), (m, n, k))?;
         // Split GEMMs (thin outputs: XA, G, dA, dB at enough rows) share one buffer of tile
         // counters per stream, which each launch must leave at zero for the next.
         if let Some(t) = md.read_split_counters(s)?.iter().position(|&c| c != 0) {
@@ -531,6 +532,58 @@ mod cuda_run {
             da: down(s, &da, r * k)?,
             db: down(s, &db, n * r)?,
         })
+    }
+
+    /// The plain linear (`cuda::linear`, rank 0: the frozen layers without an adapter; the
+    /// GEMV kernels up to a few rows, the GEMM past them) on the case's x, W and bias, against
+    /// `x·Wᵀ + bias` in f64 (W decoded by the CPU for NF4): within one rounding to the storage
+    /// type, the f32 sum's bound and, for NF4, the rounding of each decoded weight.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_matches(
+        s: &std::sync::Arc<cudarc::driver::CudaStream>,
+        md: &crate::device::cuda::ModuleCache,
+        dt: Half,
+        inp: &LoraInputs,
+        q: Option<&Nf4Tensor>,
+        weight: cuda::Weight<'_, '_>,
+        bias: Option<&cudarc::driver::CudaView<'_, u16>>,
+        (m, n, k): (usize, usize, usize),
+    ) -> Result<()> {
+        let w = match q {
+            Some(q) => crate::kernels::nf4::cpu::dequantize(q)?,
+            None => inp.w.clone(),
+        };
+        let mut y = zeros::<u16>(s, m * n)?;
+        let xv = up(s, &bits(dt, &inp.x))?;
+        cuda::linear(s, md, dt, &xv.slice(..m * k), weight, bias, &mut y.slice_mut(..m * n), (m, n, k))?;
+        let got = values(dt, &down(s, &y, m * n)?);
+        let u = match dt {
+            Half::Bf16 => 2f64.powi(-8),
+            Half::F16 => 2f64.powi(-11),
+        };
+        for i in 0..m {
+            for j in 0..n {
+                let (mut want, mut mag) = (0f64, 0f64);
+                for kk in 0..k {
+                    let p = inp.x[i * k + kk] as f64 * w[j * k + kk] as f64;
+                    want += p;
+                    mag += p.abs();
+                }
+                if let Some(b) = &inp.bias {
+                    want += b[j] as f64;
+                    mag += (b[j] as f64).abs();
+                }
+                // The NF4 GEMM feeds the tensor cores W decoded and rounded to the storage
+                // type (the GEMV multiplies the f32 decoded value): one more rounding per term.
+                let w_rounding = if q.is_some() { u * mag } else { 0.0 };
+                let tol = u * want.abs() + w_rounding + (k + 2) as f64 * 2f64.powi(-23) * mag * (1.0 + u) + 2f64.powi(-24);
+                let g = got[i * n + j] as f64;
+                if (g - want).abs() > tol {
+                    return Err(Error::InvalidArgument(format!("linear (rank 0) at (m {m}, n {n}, k {k}): y[{i}, {j}] is {g}, x·Wᵀ + bias is {want} (tolerance {tol:.3e})")));
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn dequant(i: usize, q: &Nf4Tensor) -> Result<Vec<f32>> {
