@@ -13,7 +13,8 @@
 #     kernels on the CPU, so every CUDA test case runs here as it would on a GPU (the sm_90a
 #     ones with the device reported as compute capability 9.0).
 # Then: cargo test with TUNA_REQUIRE_WGPU/WGPU_F16/NVCC/NVRTC/CUDA=1 (a missing adapter, f16
-# support, toolchain or CUDA device fails instead of skipping), gpu-check's CUDA test cases on
+# support, toolchain or CUDA device fails instead of skipping; the API docs' examples run
+# on every device too), `cargo doc` with warnings as errors, gpu-check's CUDA test cases on
 # the emulator, Hopper's cases and the CUDA tests once more on it as an H100, the no-GPU error test
 # once more without the emulator, and `ptxas -v` for sm_90 on every kernel (registers,
 # spills; a spill fails the run).
@@ -59,6 +60,9 @@ export LD_LIBRARY_PATH="$PWD/$(dirname "$emu"):$LD_LIBRARY_PATH" TUNA_REQUIRE_CU
 
 echo "== cargo test (CUDA on the emulator)"
 cargo test --locked 2>&1
+
+echo "== cargo doc (a broken link in the API docs fails the run; the examples ran above)"
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps 2>&1 | tail -2
 
 echo "== gpu-check's test cases on the emulator (what a GPU run checks first)"
 cargo build --locked --profile test --bin gpu-check 2>&1 | tail -1

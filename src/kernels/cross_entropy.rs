@@ -1,6 +1,8 @@
 //! Cross-entropy from logits with an ignore index, averaged over the counted rows:
 //!
-//!   loss = (1/C) * sum over rows m with target t_m != ignore of (logsumexp(z_m) - z_m[t_m])
+//! ```text
+//! loss = (1/C) * sum over rows m with target t_m != ignore of (logsumexp(z_m) - z_m[t_m])
+//! ```
 //!
 //! where C is the number of counted rows (loss 0 when C = 0). logits `[M, V]`, targets `[M]` i32.
 //! Backward: `dz[m, v] = dy / C * (softmax(z_m)[v] - [v == t_m])` for counted rows, 0 otherwise.

@@ -96,7 +96,7 @@ pub(crate) use wide;
 wide! {
     /// `x[i] = exp(x[i] - shift)` over a slice, then their sum (in eight lanes, so the adds
     /// pipeline and vectorise; the order is fixed, so results do not vary between runs), in
-    /// the CPU's widest vectors ([`wide`]).
+    /// the CPU's widest vectors (`wide!`).
     pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 = exp_shifted_sum_lanes
 }
 

@@ -2,12 +2,17 @@
 //! pairs with element i + D/2. For a token at position p and `f_i = p * inv_freq[i]`
 //! (i < D/2):
 //!
-//!   y[i]       = x[i] * cos f_i - x[i + D/2] * sin f_i
-//!   y[i + D/2] = x[i + D/2] * cos f_i + x[i] * sin f_i
+//! ```text
+//! y[i]       = x[i] * cos f_i - x[i + D/2] * sin f_i
+//! y[i + D/2] = x[i + D/2] * cos f_i + x[i] * sin f_i
+//! ```
 //!
 //! Backward is the transposed rotation:
-//!   dx[i]       =  dy[i] * cos f_i + dy[i + D/2] * sin f_i
-//!   dx[i + D/2] = -dy[i] * sin f_i + dy[i + D/2] * cos f_i
+//!
+//! ```text
+//! dx[i]       =  dy[i] * cos f_i + dy[i + D/2] * sin f_i
+//! dx[i + D/2] = -dy[i] * sin f_i + dy[i + D/2] * cos f_i
+//! ```
 //!
 //! Layout: x `[tokens, heads, D]` row-major; positions `[tokens]` (i32); inv_freq `[D/2]` f32.
 //! Angles are computed as f32 `p * inv_freq[i]` and f32 cos/sin, as transformers does. The

@@ -1,4 +1,43 @@
 //! CUDA launchers of the LoRA GEMM family (see `super` and `kernels-cuda/lora_gemm.cu`).
+//!
+//! They take cudarc's own types, so a program with its own context and stream calls them
+//! without tuna's tensors: a [`ModuleCache`](crate::device::cuda::ModuleCache) loads the kernels for the context's device (the
+//! PTX `build.rs` made, machine code with `TUNA_SASS=1`, or NVRTC), and 16-bit values travel as
+//! their bits (`u16`). The fused forward on bf16 buffers, against the f64 reference:
+//!
+//! ```
+//! use cudarc::driver::CudaContext;
+//! use half::bf16;
+//! use tuna::device::cuda::{device_count, driver_present, ModuleCache};
+//! use tuna::kernels::lora::cuda::{forward, Half, Weight};
+//! use tuna::kernels::lora::{reference, LoraParams};
+//! use tuna::testing::{compare, Tolerance};
+//!
+//! if !driver_present() || device_count()? == 0 {
+//!     return Ok(()); // no CUDA device on this machine
+//! }
+//! let ctx = CudaContext::new(0)?;
+//! let stream = ctx.default_stream();
+//! let modules = ModuleCache::new(&ctx)?;
+//!
+//! let p = LoraParams { m: 48, n: 80, k: 96, r: 8, scale: 2.0 };
+//! let bits = |len: usize, step: f32| -> Vec<u16> { (0..len).map(|i| bf16::from_f32((i as f32 * step).sin() / 2.0).to_bits()).collect() };
+//! let (x, w, a, b) = (bits(p.m * p.k, 0.7), bits(p.n * p.k, 1.3), bits(p.r * p.k, 0.9), bits(p.n * p.r, 1.1));
+//! let (xd, wd, ad, bd) = (stream.clone_htod(&x)?, stream.clone_htod(&w)?, stream.clone_htod(&a)?, stream.clone_htod(&b)?);
+//! let (mut y, mut xa) = (stream.alloc_zeros::<u16>(p.m * p.n)?, stream.alloc_zeros::<u16>(p.m * p.r)?);
+//!
+//! // y = x·wᵀ + s·(x·aᵀ)·bᵀ, and xa = x·aᵀ for the backward (x is also the LoRA input: no dropout).
+//! let (xv, wv) = (xd.slice(..), wd.slice(..));
+//! forward(&stream, &modules, Half::Bf16, &xv, &xv, Weight::Dense(&wv), None, &ad.slice(..), &bd.slice(..), &mut y.slice_mut(..), &mut xa.slice_mut(..), p)?;
+//! let y: Vec<f32> = stream.clone_dtoh(&y)?.into_iter().map(|v| bf16::from_bits(v).to_f32()).collect();
+//!
+//! let f64s = |v: &[u16]| -> Vec<f64> { v.iter().map(|&v| bf16::from_bits(v).to_f64()).collect() };
+//! let (y_ref, _) = reference::forward(&f64s(&x), &f64s(&x), &f64s(&w), None, &f64s(&a), &f64s(&b), p);
+//! compare("y", &y, &y_ref, Tolerance::BF16)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! `backward` takes the same buffers and `dy`, and writes f32 `da`, `db` and (optionally) `dx`.
 
 use std::sync::Arc;
 

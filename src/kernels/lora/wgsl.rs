@@ -1,4 +1,41 @@
 //! WGSL launchers of the LoRA GEMM family (see `super` and `kernels-wgsl/lora_gemm.wgsl`).
+//!
+//! They take wgpu's own types: a program with its own `wgpu::Device` and `Queue` keeps one
+//! [`KernelCache`](crate::device::wgpu::KernelCache) beside them and passes storage buffers. The fused forward in f32, against
+//! the f64 reference (here on the device and queue tuna opened for the first adapter):
+//!
+//! ```
+//! use tuna::device::wgpu::{adapters, download, runtime, KernelCache};
+//! use tuna::kernels::lora::wgsl::{forward, Precision, Weight};
+//! use tuna::kernels::lora::{reference, LoraParams};
+//! use tuna::testing::{compare, Tolerance};
+//! use wgpu::util::DeviceExt;
+//!
+//! if adapters().is_empty() {
+//!     return Ok(()); // no wgpu adapter on this machine
+//! }
+//! let rt = runtime(0)?;
+//! let (device, queue, kernels) = (&rt.device, &rt.queue, KernelCache::new());
+//!
+//! let p = LoraParams { m: 20, n: 36, k: 50, r: 4, scale: 2.0 };
+//! let values = |len: usize, step: f32| -> Vec<f32> { (0..len).map(|i| (i as f32 * step).sin() / 2.0).collect() };
+//! let (x, w, a, b) = (values(p.m * p.k, 0.7), values(p.n * p.k, 1.3), values(p.r * p.k, 0.9), values(p.n * p.r, 1.1));
+//! let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+//! let buffer = |v: &[f32]| device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: None, contents: bytemuck::cast_slice(v), usage });
+//! let (xb, wb, ab, bb) = (buffer(&x), buffer(&w), buffer(&a), buffer(&b));
+//! let (yb, xab) = (buffer(&vec![0.0; p.m * p.n]), buffer(&vec![0.0; p.m * p.r]));
+//!
+//! // y = x·wᵀ + s·(x·aᵀ)·bᵀ, and xa = x·aᵀ for the backward (x is also the LoRA input).
+//! forward(device, queue, &kernels, &xb, &xb, Weight::Dense(&wb), None, &ab, &bb, &yb, &xab, p, Precision::F32)?;
+//! let y: Vec<f32> = bytemuck::pod_collect_to_vec(&download(device, queue, &yb, p.m * p.n * 4)?);
+//!
+//! let f64s = |v: &[f32]| -> Vec<f64> { v.iter().map(|&v| v as f64).collect() };
+//! let (y_ref, _) = reference::forward(&f64s(&x), &f64s(&x), &f64s(&w), None, &f64s(&a), &f64s(&b), p);
+//! compare("y", &y, &y_ref, Tolerance::F32)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! With `Precision::F16` (where the adapter has SHADER_F16) the buffers hold f16 values.
 
 use super::LoraParams;
 use crate::device::wgpu::KernelCache;
