@@ -181,3 +181,38 @@ proptest! {
         }
     }
 }
+
+/// The CUDA split-KV forward (decoding: a few query rows per key/value head over a long cache)
+/// against the f64 reference with the same 2x-naive rule, on each CUDA device (the emulator in
+/// CI): caches of one to several 256-key chunks, GQA groups of 1 to 16 rows, causal with the
+/// cache offset, a window, more queries than keys. gpu-check runs the same kernel over more
+/// shapes and every head dim.
+#[test]
+fn flash_attention_cuda_split_kv_matches_reference() {
+    use tuna::kernels::attention::cuda::{split_kv_fits, FwdKernel};
+    use tuna::testing::attention::{check_flash_attention_cuda, FaCase};
+    let cuda: Vec<usize> = common::devices().into_iter().filter_map(|d| if let Device::Cuda(i) = d { Some(i) } else { None }).collect();
+    // (B, T, S, H, G, D, causal, window)
+    let shapes = [
+        (2, 1, 700, 8, 2, 64, true, None),
+        (1, 4, 1500, 8, 2, 128, true, None),
+        (1, 2, 600, 4, 4, 32, true, Some(100)),
+        (1, 3, 257, 12, 3, 96, false, None),
+        (1, 4, 3, 4, 2, 64, false, Some(2)),
+    ];
+    for i in cuda {
+        for (n, &(batch, q_len, kv_len, heads, kv_heads, d, causal, window)) in shapes.iter().enumerate() {
+            let p = AttentionParams { batch, q_len, kv_len, heads, kv_heads, head_dim: d, causal, window, scale: 1.0 / (d as f32).sqrt() };
+            assert!(split_kv_fits(&p));
+            for dtype in [DType::BF16, DType::F16] {
+                let case = FaCase { p, packed: false, seed: n as u64, kernel: Some(FwdKernel::SplitKv), bwd: None, dtype };
+                check_flash_attention_cuda(i, &case).unwrap_or_else(|e| panic!("cuda:{i} {dtype} {p:?}: {e}"));
+            }
+        }
+        // Packed rows and groups past 16 rows go to the tiled kernels; asked for by name, an error.
+        let p = AttentionParams { batch: 1, q_len: 5, kv_len: 5, heads: 8, kv_heads: 2, head_dim: 64, causal: true, window: None, scale: 0.125 };
+        assert!(!split_kv_fits(&p));
+        let err = check_flash_attention_cuda(i, &FaCase { p, packed: false, seed: 0, kernel: Some(FwdKernel::SplitKv), bwd: None, dtype: DType::BF16 }).unwrap_err();
+        assert!(err.contains("split-KV kernel takes at most 16 query rows"), "{err}");
+    }
+}

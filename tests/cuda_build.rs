@@ -135,6 +135,24 @@ fn entry_points(module: &str) -> &'static [&'static str] {
             "flash_attn_bwd_bf16_d128",
             "flash_attn_bwd_f16_d128",
         ],
+        "flash_decode" => &[
+            "flash_decode_part_bf16_d32",
+            "flash_decode_part_f16_d32",
+            "flash_decode_merge_bf16_d32",
+            "flash_decode_merge_f16_d32",
+            "flash_decode_part_bf16_d64",
+            "flash_decode_part_f16_d64",
+            "flash_decode_merge_bf16_d64",
+            "flash_decode_merge_f16_d64",
+            "flash_decode_part_bf16_d96",
+            "flash_decode_part_f16_d96",
+            "flash_decode_merge_bf16_d96",
+            "flash_decode_merge_f16_d96",
+            "flash_decode_part_bf16_d128",
+            "flash_decode_part_f16_d128",
+            "flash_decode_merge_bf16_d128",
+            "flash_decode_merge_f16_d128",
+        ],
         _ => &[],
     }
 }
@@ -149,7 +167,7 @@ fn assert_entries(module: &str, arch: &str, ptx: &str) {
 #[test]
 fn every_module_is_embedded() {
     let names: Vec<&str> = cuda::modules().iter().map(|m| m.name).collect();
-    for want in ["rmsnorm", "optim", "lora_gemm", "rope", "dropout", "cast", "elementwise", "embedding", "flash_attention", "cross_entropy", "sparse", "gemm_sm90", "flash_attention_sm90"] {
+    for want in ["rmsnorm", "optim", "lora_gemm", "rope", "dropout", "cast", "elementwise", "embedding", "flash_attention", "flash_decode", "cross_entropy", "sparse", "gemm_sm90", "flash_attention_sm90"] {
         assert!(names.contains(&want), "no module {want} in {names:?}");
     }
     for m in cuda::modules() {

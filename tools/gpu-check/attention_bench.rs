@@ -92,3 +92,30 @@ pub fn attention_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
     }
     Ok(rows)
 }
+
+/// One query row over a KV cache (decoding) at Llama-3-8B's attention shape (32 query heads over
+/// 8 key/value heads, D 128, bf16, B 1): the split-KV forward (`FwdKernel::SplitKv`, what the
+/// model takes there) against the tiled mma.sync forward on the same call, for caches of 1k to
+/// 32k positions. Both must read K and V once at least: GB/s counts those bytes.
+pub fn decode_benches(rt: &Arc<CudaRuntime>) -> tuna::Result<Vec<Value>> {
+    let s = &rt.stream;
+    let mut rows = Vec::new();
+    let mut rng = Rng::new(11);
+    let (heads, kv_heads, d) = (32, 8, 128);
+    let alloc_err = |e| tuna::Error::Cuda { context: "alloc".into(), message: format!("{e:?}") };
+    println!("  {:<44} {:>10} {:>10}", "kernel", "time µs", "GB/s");
+    for kv_len in [1024usize, 4096, 16384, 32768] {
+        let p = AttentionParams { batch: 1, q_len: 1, kv_len, heads, kv_heads, head_dim: d, causal: true, window: None, scale: 1.0 / (d as f32).sqrt() };
+        let (q, k, v) = (upload(rt, &mut rng, heads * d)?, upload(rt, &mut rng, kv_len * kv_heads * d)?, upload(rt, &mut rng, kv_len * kv_heads * d)?);
+        let mut o = s.alloc_zeros::<u16>(heads * d).map_err(alloc_err)?;
+        let mut lse = s.alloc_zeros::<f32>(heads).map_err(alloc_err)?;
+        let bytes = (2 * kv_len * kv_heads * d * 2) as f64;
+        for (name, kernel) in [("decode split-kv", cuda::FwdKernel::SplitKv), ("decode tiled (flash_attn_fwd)", cuda::FwdKernel::Sync)] {
+            let us = time_us(rt, || cuda::forward(kernel, s, &rt.modules, Half::Bf16, &q.slice(..), &k.slice(..), &v.slice(..), None, &mut o.slice_mut(..), &mut lse.slice_mut(..), &p))?;
+            let gbs = bytes / us / 1e3;
+            println!("  {:<44} {:>10.1} {:>10.0}", format!("{name} S{kv_len}"), us, gbs);
+            rows.push(json!({"kernel": name, "dtype": "bf16", "d": d, "kv_len": kv_len, "heads": heads, "kv_heads": kv_heads, "time_us": us, "gbs": gbs}));
+        }
+    }
+    Ok(rows)
+}

@@ -138,12 +138,13 @@ fn main() -> ExitCode {
 
     type Group = fn(&Arc<CudaRuntime>) -> tuna::Result<Vec<Value>>;
     let bytes_header = format!("  {:<38} {:>10} {:>10} {:>12}", "kernel", "time µs", "GB/s", "of copy bw");
-    let groups: [(&str, Option<&str>, Group); 5] = [
+    let groups: [(&str, Option<&str>, Group); 6] = [
         ("benchmarks (median of 20 after 3 warm-up runs, CUDA events):", Some(&bytes_header), norm_bench::rmsnorm_benches),
         ("Qwen3's q/k norm and RoPE, fused against the two kernels (bf16, D = 128):", None, norm_bench::norm_rope_benches),
         ("optimizer steps (bytes each step must move; target: >= 85% of copy bandwidth):", Some(&bytes_header), optim_benches),
         ("LoRA GEMM and NF4 against cuBLAS, bf16 (Llama-3-8B shapes, R = 16):", None, gemm_bench::lora_benches),
         ("flash attention forward and backward, bf16 (B·T = 16k, H·D = 2048; FlashAttention's FLOP count):", None, attention_bench::attention_benches),
+        ("attention for one query row over a KV cache (decoding; H 32 over G 8, D 128, bf16):", None, attention_bench::decode_benches),
     ];
     let mut benches = Vec::new();
     for (title, header, run) in groups {
@@ -238,6 +239,7 @@ fn cases() -> Vec<CaseResult> {
     {
         use tuna::kernels::attention::cuda::{BwdKernel, FwdKernel};
         attention_cases(&mut push, &[(Some(FwdKernel::Sync), Some(BwdKernel::Sync)), (Some(FwdKernel::Pipelined), None)]);
+        attention_cases_of(&mut push, &[(Some(FwdKernel::SplitKv), None)], &DECODE_SHAPES);
     }
     model_cases(&mut push);
     out
@@ -277,21 +279,41 @@ fn model_cases(push: &mut impl FnMut(String, Result<(), String>)) {
 /// The attention cases with each (forward, backward) kernel pair of `kernels` (None: that
 /// direction is not run; the backward reads the reference O and lse either way).
 fn attention_cases(push: &mut impl FnMut(String, Result<(), String>), kernels: &[(Option<tuna::kernels::attention::cuda::FwdKernel>, Option<tuna::kernels::attention::cuda::BwdKernel>)]) {
+    attention_cases_of(push, kernels, &ATTENTION_SHAPES);
+}
+
+/// An attention shape of the checks: (B, T, S, H, G, causal, window, packed).
+type AttentionShape = (usize, usize, usize, usize, usize, bool, Option<usize>, bool);
+
+const ATTENTION_SHAPES: [AttentionShape; 9] = [
+    (1, 1, 1, 1, 1, true, None, false),
+    (2, 70, 70, 4, 4, true, None, false),
+    (1, 200, 200, 8, 2, true, None, false),
+    (1, 130, 130, 4, 1, false, None, false),
+    (1, 33, 300, 4, 2, true, None, false),
+    (2, 150, 150, 4, 2, true, Some(50), false),
+    (2, 120, 120, 4, 4, true, None, true),
+    (1, 1024, 1024, 2, 1, true, None, false),
+    // More queries than keys without causal: the first sit before key 0 (a window sees all).
+    (1, 90, 40, 4, 2, false, Some(20), false),
+];
+
+/// Decoding shapes for the split-KV forward: a few query rows per key/value head (up to its 16)
+/// over caches of one to several chunks of 256 keys, GQA groups of 1 to 16 query heads.
+const DECODE_SHAPES: [AttentionShape; 8] = [
+    (1, 1, 1, 1, 1, true, None, false),
+    (2, 1, 700, 8, 2, true, None, false),
+    (1, 4, 1500, 8, 2, true, None, false),
+    (1, 2, 600, 4, 4, true, Some(100), false),
+    (1, 3, 257, 12, 3, false, None, false),
+    (1, 1, 513, 16, 1, true, None, false),
+    (2, 1, 256, 32, 8, true, None, false),
+    (1, 4, 3, 4, 2, false, Some(2), false),
+];
+
+fn attention_cases_of(push: &mut impl FnMut(String, Result<(), String>), kernels: &[(Option<tuna::kernels::attention::cuda::FwdKernel>, Option<tuna::kernels::attention::cuda::BwdKernel>)], shapes: &[AttentionShape]) {
     use tuna::kernels::attention::AttentionParams;
     use tuna::testing::attention::{check_flash_attention_cuda, FaCase};
-    // (B, T, S, H, G, causal, window, packed)
-    let shapes = [
-        (1, 1, 1, 1, 1, true, None, false),
-        (2, 70, 70, 4, 4, true, None, false),
-        (1, 200, 200, 8, 2, true, None, false),
-        (1, 130, 130, 4, 1, false, None, false),
-        (1, 33, 300, 4, 2, true, None, false),
-        (2, 150, 150, 4, 2, true, Some(50), false),
-        (2, 120, 120, 4, 4, true, None, true),
-        (1, 1024, 1024, 2, 1, true, None, false),
-        // More queries than keys without causal: the first sit before key 0 (a window sees all).
-        (1, 90, 40, 4, 2, false, Some(20), false),
-    ];
     use tuna::kernels::attention::cuda::{BwdKernel, FwdKernel};
     for &(kernel, bwd) in kernels {
         for d in tuna::kernels::attention::cuda::HEAD_DIMS {

@@ -123,6 +123,19 @@ def attention(report, torch):
         print(f"  {b['kernel']:<20} {b['d']:>4} {b['t']:>5} {str(b['causal']):>6} {b['tflops']:>7.0f} {peer['tflops']:>7.0f} {ratio:>5.2f}x{mark}")
 
 
+def decode(report):
+    rows = [b for b in (report or {}).get("benchmarks", []) if str(b.get("kernel", "")).startswith("decode ")]
+    if not rows:
+        return
+    print("\nattention for one query row over a KV cache (bf16, H 32 over G 8, D 128)")
+    by = {(b["kernel"], b["kv_len"]): b for b in rows}
+    print(f"  {'S':>6} {'split-kv us':>12} {'GB/s':>6} {'tiled us':>9} {'tiled / split':>14}")
+    for s in sorted({b["kv_len"] for b in rows}):
+        split, tiled = by.get(("decode split-kv", s)), by.get(("decode tiled (flash_attn_fwd)", s))
+        if split and tiled:
+            print(f"  {s:>6} {split['time_us']:>12.1f} {split['gbs']:>6.0f} {tiled['time_us']:>9.1f} {tiled['time_us'] / split['time_us']:>13.2f}x")
+
+
 def end_to_end(tuna_rows, torch, model="Llama-3.2-1B"):
     print(f"\nend-to-end {model} step (issue 8: >= 1.5x PyTorch + PEFT tokens/s, <= 0.7x its peak memory)")
     peers = {(r.get("method"), r.get("batch"), r.get("seq")): r for r in (torch or {}).get("rows", [])}
@@ -199,6 +212,7 @@ def main():
     gemm_targets(report)
     torch = load(os.path.join(out, "torch-baseline.json")) if os.path.exists(os.path.join(out, "torch-baseline.json")) else None
     attention(report, torch)
+    decode(report)
     for model, suffix in [("Llama-3.2-1B", ""), ("Qwen3-0.6B", "-qwen3")]:
         torch_path = os.path.join(out, f"e2e-torch{suffix}.json")
         tuna_path = os.path.join(out, f"e2e-tuna-cuda{suffix}.jsonl")

@@ -1,6 +1,7 @@
 //! The CUDA flash attention, forward and backward (`kernels-cuda/flash_attention.cu`, head dims
-//! 32, 64, 96 and 128; on an H100/H200 the forward of `flash_attention_sm90.cu` at 64 and 128):
-//! bf16 or f16 q, k, v and o, f32 softmax statistics.
+//! 32, 64, 96 and 128; on an H100/H200 the forward of `flash_attention_sm90.cu` at 64 and 128;
+//! for a few query rows the split-KV forward of `flash_decode.cu`): bf16 or f16 q, k, v and o,
+//! f32 softmax statistics.
 
 use std::sync::Arc;
 
@@ -39,12 +40,29 @@ unsafe impl DeviceRepr for Params {}
 /// capability 9.0 only); or `Auto`: Hopper's where it applies and the Hopper path is not off
 /// (`device::cuda::hopper::mode_for(Part::Attention)`: `TUNA_SM90=0`, `TUNA_SM90_OFF=attention`),
 /// else the first.
+///
+/// `SplitKv` is the kernel for a few query rows over a long cache (decoding,
+/// `flash_decode.cu`): a block per chunk of keys of one key/value head, taking every query
+/// row of that head's group, and a pass merging the chunks. It takes shapes whose group holds
+/// at most `SPLIT_KV_MAX_ROWS` rows (`split_kv_fits`) without packed rows; `Auto` picks it for
+/// them on every device, ahead of the others.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FwdKernel {
     Sync,
     Pipelined,
     Hopper,
+    SplitKv,
     Auto,
+}
+
+/// The most query rows (query heads per key/value head times T) of one `SplitKv` block.
+pub const SPLIT_KV_MAX_ROWS: usize = 16;
+/// Keys per `SplitKv` block (`FD_CHUNK` in flash_decode.cu).
+const SPLIT_KV_CHUNK: usize = 256;
+
+/// Whether `SplitKv` takes shape `p` (without packed rows).
+pub fn split_kv_fits(p: &AttentionParams) -> bool {
+    p.kv_heads > 0 && p.heads.is_multiple_of(p.kv_heads) && (p.heads / p.kv_heads) * p.q_len <= SPLIT_KV_MAX_ROWS
 }
 
 impl FwdKernel {
@@ -153,6 +171,23 @@ pub fn forward(
         return Ok(());
     }
     check_aligned(OP, &[("q", ptr(q, stream)), ("k", ptr(k, stream)), ("v", ptr(v, stream)), ("o", ptr(o, stream))])?;
+    let split = match kernel {
+        FwdKernel::SplitKv if starts.is_some() || !split_kv_fits(p) => {
+            return Err(Error::InvalidArgument(format!(
+                "{OP}: the split-KV kernel takes at most {SPLIT_KV_MAX_ROWS} query rows per key/value head and no packed rows, got {} heads over {} x T {}{}",
+                p.heads,
+                p.kv_heads,
+                p.q_len,
+                if starts.is_some() { ", packed" } else { "" }
+            )))
+        }
+        FwdKernel::SplitKv => true,
+        FwdKernel::Auto => starts.is_none() && split_kv_fits(p),
+        _ => false,
+    };
+    if split {
+        return split_kv(stream, modules, dt, q, k, v, o, lse, p, &params);
+    }
     let resolved = kernel.resolve(modules.compute_capability(), d)?;
     let (module, variant, smem) = match resolved {
         FwdKernel::Pipelined => ("flash_attention", "pipe_", 0),
@@ -184,6 +219,44 @@ pub fn forward(
     // SAFETY: arguments match the kernel's signature; every buffer's length was checked
     // against the sizes the kernel indexes.
     unsafe { b.launch(cfg) }.map_err(|e| Error::cuda(format!("launching {name}"), e))?;
+    Ok(())
+}
+
+/// The `SplitKv` forward: `flash_decode_part` writes each chunk's f32 O, max and sum to
+/// scratch, `flash_decode_merge` combines them into o and lse.
+#[allow(clippy::too_many_arguments)]
+fn split_kv(
+    stream: &Arc<CudaStream>,
+    modules: &ModuleCache,
+    dt: Half,
+    q: &CudaView<'_, u16>,
+    k: &CudaView<'_, u16>,
+    v: &CudaView<'_, u16>,
+    o: &mut CudaViewMut<'_, u16>,
+    lse: &mut CudaViewMut<'_, f32>,
+    p: &AttentionParams,
+    params: &Params,
+) -> Result<()> {
+    let e = |what: &'static str| move |err| Error::cuda(format!("flash_decode (cuda): {what}"), err);
+    let d = p.head_dim;
+    let chunks = p.kv_len.div_ceil(SPLIT_KV_CHUNK).max(1);
+    let parts = p.batch * p.kv_heads * chunks * SPLIT_KV_MAX_ROWS;
+    // SAFETY: plain f32s; the part kernel writes the rows each chunk has before the merge reads them.
+    let mut part_o = unsafe { stream.alloc::<f32>(parts * d) }.map_err(e("allocating the chunks' O"))?;
+    let mut part_ml = unsafe { stream.alloc::<f32>(parts * 2) }.map_err(e("allocating the chunks' max and sum"))?;
+    let (part, merge) = (format!("flash_decode_part_{}_d{d}", dt.suffix()), format!("flash_decode_merge_{}_d{d}", dt.suffix()));
+    let grid = |x: usize| (x as u32, p.kv_heads as u32, p.batch as u32);
+    let f = modules.function("flash_decode", &part)?;
+    let cfg = LaunchConfig { grid_dim: grid(chunks), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: arguments match the kernel's signature; q, k and v were checked against the
+    // shape, and the scratch holds every chunk's SPLIT_KV_MAX_ROWS rows.
+    unsafe { stream.launch_builder(&f).arg(q).arg(k).arg(v).arg(&mut part_o).arg(&mut part_ml).arg(params).launch(cfg) }.map_err(e("launching the chunks"))?;
+    let f = modules.function("flash_decode", &merge)?;
+    let rows = (p.heads / p.kv_heads) * p.q_len;
+    let cfg = LaunchConfig { grid_dim: grid(rows), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+    let chunks = chunks as i32;
+    // SAFETY: as above; o and lse were checked against the shape.
+    unsafe { stream.launch_builder(&f).arg(&part_o).arg(&part_ml).arg(o).arg(lse).arg(&chunks).arg(params).launch(cfg) }.map_err(e("launching the merge"))?;
     Ok(())
 }
 
