@@ -438,7 +438,9 @@ fn bench_step_reports_tokens_per_second_on_every_device() {
             let (peak, now) = (v["device_memory"]["peak_live_bytes"].as_u64().unwrap(), v["device_memory"]["live_bytes"].as_u64().unwrap());
             assert!(peak >= 2 * 33_000_000 && now <= peak, "{v}");
             // --profile adds a step with each kernel's time: the GEMM and attention among them.
-            let (ok, out, err) = tuna(&["bench-step", "--device", &d, "--batch", "1", "--seq", "8", "--steps", "1", "--warmup", "0", "--rank", "4", "--profile"]);
+            // 32 tokens, so that the attention forward is the tiled (or Hopper's) kernel: at 16
+            // rows per key/value head or fewer it is the split-KV one.
+            let (ok, out, err) = tuna(&["bench-step", "--device", &d, "--batch", "1", "--seq", "32", "--steps", "1", "--warmup", "0", "--rank", "4", "--profile"]);
             assert!(ok, "bench-step --profile on {d}: {err}");
             let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
             let names: Vec<&str> = v["kernel_profile"]["kernels"].as_array().unwrap().iter().map(|k| k["name"].as_str().unwrap()).collect();
