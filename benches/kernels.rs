@@ -246,7 +246,7 @@ fn attention_wgpu(c: &mut Criterion) {
             let (q, k, v, dout) = (bufs[0].buffer(), bufs[1].buffer(), bufs[2].buffer(), bufs[3].buffer());
             g.bench_function(BenchmarkId::new("forward", &id), |bch| {
                 bch.iter(|| {
-                    wgsl::forward(&rt.device, &rt.queue, &rt.kernels, q, k, v, None, o.buffer(), stats.buffer(), &p, wgsl::Precision::F32).unwrap();
+                    wgsl::forward(wgsl::FwdKernel::Tiled, &rt.device, &rt.queue, &rt.kernels, q, k, v, None, o.buffer(), stats.buffer(), &p, wgsl::Precision::F32).unwrap();
                     rt.synchronize().unwrap();
                 })
             });

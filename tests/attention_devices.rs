@@ -11,7 +11,7 @@ mod common;
 use proptest::prelude::*;
 use tuna::device::wgpu::runtime;
 use tuna::kernels::attention::wgsl::Precision;
-use tuna::kernels::attention::{cpu, reference, wgsl, AttentionParams};
+use tuna::kernels::attention::{cpu, reference, split_kv_fits, wgsl, AttentionParams};
 use tuna::rng::Rng;
 use tuna::testing::attention::naive_half;
 use tuna::{DType, Device};
@@ -27,7 +27,9 @@ fn max_err(got: &[f32], want: &[f64]) -> f64 {
     got.iter().zip(want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, |m, e| if e.is_nan() { f64::INFINITY } else { m.max(e) })
 }
 
-fn check(dev_index: usize, c: &Case, precision: Precision) -> Result<(), String> {
+/// O, and with `backward` dQ, dK and dV, of the WGSL kernels (the forward by `kernel`) against
+/// the reference with the 2x-naive rule.
+fn check(dev_index: usize, c: &Case, kernel: wgsl::FwdKernel, backward: bool, precision: Precision) -> Result<(), String> {
     let p = &c.p;
     let mut rng = Rng::new(c.seed);
     let (qn, kn) = (p.batch * p.q_len * p.heads * p.head_dim, p.batch * p.kv_len * p.kv_heads * p.head_dim);
@@ -73,9 +75,11 @@ fn check(dev_index: usize, c: &Case, precision: Precision) -> Result<(), String>
     let (bo, bstats) = (rt.alloc_zeros(qn * 4), rt.alloc_zeros(rows * 8));
     let (bdq, bdk, bdv) = (rt.alloc_zeros(qn * 4), rt.alloc_zeros(kn * 4), rt.alloc_zeros(kn * 4));
     let sb = c.packed.then_some(bst.buffer());
-    wgsl::forward(&rt.device, &rt.queue, &rt.kernels, bq.buffer(), bk.buffer(), bv.buffer(), sb, bo.buffer(), bstats.buffer(), p, precision).map_err(|e| e.to_string())?;
-    wgsl::backward(&rt.device, &rt.queue, &rt.kernels, bq.buffer(), bk.buffer(), bv.buffer(), sb, bo.buffer(), bdo.buffer(), bstats.buffer(), bdq.buffer(), bdk.buffer(), bdv.buffer(), p, precision)
-        .map_err(|e| e.to_string())?;
+    wgsl::forward(kernel, &rt.device, &rt.queue, &rt.kernels, bq.buffer(), bk.buffer(), bv.buffer(), sb, bo.buffer(), bstats.buffer(), p, precision).map_err(|e| e.to_string())?;
+    if backward {
+        wgsl::backward(&rt.device, &rt.queue, &rt.kernels, bq.buffer(), bk.buffer(), bv.buffer(), sb, bo.buffer(), bdo.buffer(), bstats.buffer(), bdq.buffer(), bdk.buffer(), bdv.buffer(), p, precision)
+            .map_err(|e| e.to_string())?;
+    }
     let down = |b: &wgpu::Buffer, n: usize| -> Vec<f32> {
         if f16 {
             // Copies move whole 4-byte words.
@@ -91,10 +95,13 @@ fn check(dev_index: usize, c: &Case, precision: Precision) -> Result<(), String>
         ("dQ", down(bdq.buffer(), qn), ndq, &wq),
         ("dK", down(bdk.buffer(), kn), ndk, &wk),
         ("dV", down(bdv.buffer(), kn), ndv, &wv),
-    ] {
+    ]
+    .into_iter()
+    .take(if backward { 4 } else { 1 })
+    {
         let (e, bar) = (max_err(&got, want), 2.0 * max_err64(naive, want) + 1e-6);
         if e > bar {
-            return Err(format!("{name} ({precision:?}): error {e:.3e} > {bar:.3e} (twice the naive error) for {p:?} packed={}", c.packed));
+            return Err(format!("{name} ({precision:?}, {kernel:?} forward): error {e:.3e} > {bar:.3e} (twice the naive error) for {p:?} packed={}", c.packed));
         }
     }
     Ok(())
@@ -139,9 +146,52 @@ fn flash_attention_wgsl_matches_reference() {
     ];
     for i in wgpu_devices() {
         for c in &cases {
-            for pr in precisions(i) {
-                check(i, c, pr).unwrap_or_else(|e| panic!("wgpu:{i}: {e}"));
+            // The tiled forward on every case, and the split-KV one where it applies.
+            let mut kernels = vec![wgsl::FwdKernel::Tiled];
+            if !c.packed && split_kv_fits(&c.p) {
+                kernels.push(wgsl::FwdKernel::SplitKv);
             }
+            for pr in precisions(i) {
+                for &kernel in &kernels {
+                    check(i, c, kernel, true, pr).unwrap_or_else(|e| panic!("wgpu:{i}: {e}"));
+                }
+            }
+        }
+    }
+}
+
+/// The WGSL split-KV forward (decoding) on caches of one to several 256-key chunks, with
+/// partial 64-key tiles, GQA groups of 1 to 16 rows, head dims up to 128, causal with the cache
+/// offset, a window, more queries than keys; the (tiled) backward runs on its log-sum-exp.
+/// Asked for by name on packed rows or a group past 16 rows, an error.
+///
+/// Lavapipe ends every loop of an invocation after about 65,000 iterations in all, silently
+/// (llvmpipe's loop limiter). The tiled kernels give one query (or key) to an invocation, which
+/// loops over every key (query): about 3·S·D iterations for the forward or dQ. Shapes with a
+/// backward keep S·D under 20k; the last case, forward only, is one the tiled forward gets
+/// wrong there, and split-KV's loops (at most ~18k an invocation whatever S) get right.
+#[test]
+fn flash_attention_wgsl_split_kv_matches_reference() {
+    let cases = [
+        (Case { p: params(2, 1, 700, 8, 2, 16, true, None), packed: false, seed: 11 }, true),
+        (Case { p: params(1, 4, 520, 8, 2, 24, true, None), packed: false, seed: 12 }, true),
+        (Case { p: params(1, 2, 600, 4, 4, 16, true, Some(100)), packed: false, seed: 13 }, true),
+        (Case { p: params(1, 1, 120, 16, 1, 128, true, None), packed: false, seed: 14 }, true),
+        (Case { p: params(1, 3, 100, 12, 3, 96, false, None), packed: false, seed: 15 }, true),
+        (Case { p: params(1, 4, 3, 4, 2, 20, false, Some(2)), packed: false, seed: 16 }, true),
+        (Case { p: params(1, 1, 3000, 8, 2, 64, true, None), packed: false, seed: 17 }, false),
+    ];
+    for i in wgpu_devices() {
+        for (c, backward) in &cases {
+            assert!(split_kv_fits(&c.p));
+            for pr in precisions(i) {
+                check(i, c, wgsl::FwdKernel::SplitKv, *backward, pr).unwrap_or_else(|e| panic!("wgpu:{i}: {e}"));
+            }
+        }
+        let refused = [Case { p: params(1, 5, 5, 8, 2, 64, true, None), packed: false, seed: 0 }, Case { p: params(1, 8, 8, 2, 2, 16, true, None), packed: true, seed: 0 }];
+        for c in &refused {
+            let err = check(i, c, wgsl::FwdKernel::SplitKv, false, Precision::F32).unwrap_err();
+            assert!(err.contains("split-KV kernel takes at most 16 query rows"), "{err}");
         }
     }
 }
@@ -155,11 +205,11 @@ fn flash_attention_wgsl_rejects_bad_input() {
         };
         let p = params(1, 4, 4, 2, 1, 200, true, None);
         let (q, k, v, o, st) = (buf(6400 * 4), buf(3200 * 4), buf(3200 * 4), buf(6400 * 4), buf(64));
-        let err = wgsl::forward(&rt.device, &rt.queue, &rt.kernels, &q, &k, &v, None, &o, &st, &p, Precision::F32).unwrap_err();
+        let err = wgsl::forward(wgsl::FwdKernel::Auto, &rt.device, &rt.queue, &rt.kernels, &q, &k, &v, None, &o, &st, &p, Precision::F32).unwrap_err();
         assert!(err.to_string().contains("head dim 200"), "{err}");
         let p = params(1, 4, 4, 2, 1, 8, true, None);
         let small = buf(16);
-        let err = wgsl::forward(&rt.device, &rt.queue, &rt.kernels, &small, &k, &v, None, &o, &st, &p, Precision::F32).unwrap_err();
+        let err = wgsl::forward(wgsl::FwdKernel::Auto, &rt.device, &rt.queue, &rt.kernels, &small, &k, &v, None, &o, &st, &p, Precision::F32).unwrap_err();
         assert!(err.to_string().contains("`q`"), "{err}");
     }
 }
@@ -176,7 +226,7 @@ proptest! {
         let c = Case { p: if packed { AttentionParams { kv_len: t, ..p } } else { p }, packed, seed };
         for i in wgpu_devices() {
             for pr in precisions(i) {
-                check(i, &c, pr).map_err(TestCaseError::fail)?;
+                check(i, &c, wgsl::FwdKernel::Auto, true, pr).map_err(TestCaseError::fail)?;
             }
         }
     }
@@ -189,7 +239,7 @@ proptest! {
 /// shapes and every head dim.
 #[test]
 fn flash_attention_cuda_split_kv_matches_reference() {
-    use tuna::kernels::attention::cuda::{split_kv_fits, FwdKernel};
+    use tuna::kernels::attention::cuda::FwdKernel;
     use tuna::testing::attention::{check_flash_attention_cuda, FaCase};
     let cuda: Vec<usize> = common::devices().into_iter().filter_map(|d| if let Device::Cuda(i) = d { Some(i) } else { None }).collect();
     // (B, T, S, H, G, D, causal, window)

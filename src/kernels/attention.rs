@@ -63,6 +63,27 @@ impl AttentionParams {
     }
 }
 
+/// The most query rows (query heads per key/value head times T) the split-KV forwards take
+/// (`cuda::FwdKernel::SplitKv`, `wgsl::FwdKernel::SplitKv`): one block or workgroup holds all of
+/// a key/value head's rows.
+pub const SPLIT_KV_MAX_ROWS: usize = 16;
+
+/// Whether the split-KV forwards take shape `p` (when its rows are not packed).
+pub fn split_kv_fits(p: &AttentionParams) -> bool {
+    p.kv_heads > 0 && p.heads.is_multiple_of(p.kv_heads) && (p.heads / p.kv_heads) * p.q_len <= SPLIT_KV_MAX_ROWS
+}
+
+/// The error for a split-KV forward asked for by name on a shape it does not take.
+fn split_kv_refusal(op: &'static str, p: &AttentionParams, packed: bool) -> crate::Error {
+    crate::Error::InvalidArgument(format!(
+        "{op}: the split-KV kernel takes at most {SPLIT_KV_MAX_ROWS} query rows per key/value head and no packed rows, got {} heads over {} x T {}{}",
+        p.heads,
+        p.kv_heads,
+        p.q_len,
+        if packed { ", packed" } else { "" }
+    ))
+}
+
 /// Index loops on purpose: the reference reads like the math.
 #[allow(clippy::needless_range_loop)]
 pub mod reference {
@@ -466,10 +487,11 @@ pub mod cpu {
     }
 }
 
-/// Flash attention in WGSL (`kernels-wgsl/flash_attention.wgsl`), f32, head dim at most 128:
-/// O(T) memory (queries and keys stream through workgroup memory; the forward keeps a per-row
-/// log-sum-exp, from which the backward recomputes the probabilities). Buffers are f32 in the
-/// layouts of the module doc; `starts` (u32, one per query) for packed rows; `stats` holds
+/// Flash attention in WGSL (`kernels-wgsl/flash_attention.wgsl`; for a few query rows the
+/// split-KV forward of `flash_decode.wgsl`), head dim at most 128: O(T) memory (queries and
+/// keys stream through workgroup memory; the forward keeps a per-row log-sum-exp, from which
+/// the backward recomputes the probabilities). Tensors are stored in a [`Precision`] (f32, or
+/// f16 where the adapter has it) in the layouts of the module doc; `starts` (u32, one per query) for packed rows; `stats` holds
 /// `[B·T·H, 2]` floats: the forward writes the log-sum-exp, the backward adds
 /// `D = rowsum(dO ∘ O)`.
 pub mod wgsl {
@@ -480,6 +502,25 @@ pub mod wgsl {
     use crate::{Error, Result};
 
     pub const SOURCE: &str = include_str!("../../kernels-wgsl/flash_attention.wgsl");
+    /// The split-KV forward for a few query rows (`FwdKernel::SplitKv`).
+    pub const DECODE_SOURCE: &str = include_str!("../../kernels-wgsl/flash_decode.wgsl");
+
+    /// The forward kernel. `Tiled` (`attn_fwd`): a workgroup per 64 queries of a query head,
+    /// one query per invocation, keys streamed through workgroup memory. `SplitKv`
+    /// (`flash_decode.wgsl`): a workgroup per 256 keys of a key/value head takes every query
+    /// row of that head's group (at most [`super::SPLIT_KV_MAX_ROWS`], no packed rows), then a
+    /// pass merges the chunks; for decoding, where the tiled kernel would keep one invocation
+    /// of 64 busy and read the cache once per query head. `Auto`: split-KV where it applies,
+    /// else tiled (the model's choice).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum FwdKernel {
+        Tiled,
+        SplitKv,
+        Auto,
+    }
+
+    /// Keys per split-KV workgroup (`CHUNK` in flash_decode.wgsl).
+    const SPLIT_KV_CHUNK: usize = 256;
 
     /// Queries (forward, dq) or keys (dk, dv) per workgroup.
     const BLOCK: usize = 64;
@@ -562,10 +603,11 @@ pub mod wgsl {
         Ok((x, y, 1))
     }
 
-    /// Forward: o and the log-sum-exp (`stats[2·row]`, f32). q, k, v, o are stored in
-    /// `precision`.
+    /// Forward: o and the log-sum-exp (`stats[2·row]`, f32) by `kernel`. q, k, v, o are
+    /// stored in `precision`.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
+        kernel: FwdKernel,
         device: &wgpu::Device,
         queue: &wgpu::Queue,
         kernels: &KernelCache,
@@ -588,10 +630,51 @@ pub mod wgsl {
             return Ok(());
         }
         let u = uniform(device, &params(OP, p, starts.is_some())?);
+        let split = match kernel {
+            FwdKernel::SplitKv if starts.is_some() || !super::split_kv_fits(p) => return Err(super::split_kv_refusal(OP, p, starts.is_some())),
+            FwdKernel::SplitKv => true,
+            FwdKernel::Auto => starts.is_none() && super::split_kv_fits(p),
+            FwdKernel::Tiled => false,
+        };
+        if split {
+            return split_kv(device, queue, kernels, &u, q, k, v, o, stats, p, precision);
+        }
         let mut keep = None;
         let st = starts_or(device, starts, &mut keep);
         let pipe = kernels.pipeline_as(device, "attn_fwd", SOURCE, "attn_fwd", precision)?;
         dispatch(device, queue, &pipe, &[&u, q, k, v, st, o, stats], groups(OP, p.batch * p.heads * p.q_len.div_ceil(BLOCK))?);
+        Ok(())
+    }
+
+    /// The split-KV forward (shape checked by the caller): `decode_part` over (b, g, chunk of
+    /// keys) into f32 scratch, then `decode_merge` over (b, g, row) into o and stats.
+    #[allow(clippy::too_many_arguments)]
+    fn split_kv(
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        kernels: &KernelCache,
+        u: &wgpu::Buffer,
+        q: &wgpu::Buffer,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        o: &wgpu::Buffer,
+        stats: &wgpu::Buffer,
+        p: &AttentionParams,
+        precision: Precision,
+    ) -> Result<()> {
+        const OP: &str = "flash_attention_fwd (split-KV)";
+        let rows = p.heads / p.kv_heads * p.q_len;
+        let parts = p.batch * p.kv_heads * p.kv_len.div_ceil(SPLIT_KV_CHUNK).max(1);
+        let scratch = |label: &'static str, floats: usize| {
+            device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: (4 * floats).max(4) as u64, usage: wgpu::BufferUsages::STORAGE, mapped_at_creation: false })
+        };
+        // Every element is written by decode_part before decode_merge reads it.
+        let part_o = scratch("tuna attention: split-KV chunk outputs", parts * rows * p.head_dim);
+        let part_ml = scratch("tuna attention: split-KV chunk statistics", parts * rows * 2);
+        let part = kernels.pipeline_as(device, "attn_decode_part", DECODE_SOURCE, "decode_part", precision)?;
+        dispatch_bound(device, queue, &part, &[(0, u), (1, q), (2, k), (3, v), (4, &part_o), (5, &part_ml)], groups(OP, parts)?);
+        let merge = kernels.pipeline_as(device, "attn_decode_merge", DECODE_SOURCE, "decode_merge", precision)?;
+        dispatch_bound(device, queue, &merge, &[(0, u), (4, &part_o), (5, &part_ml), (6, o), (7, stats)], groups(OP, p.batch * p.kv_heads * rows)?);
         Ok(())
     }
 

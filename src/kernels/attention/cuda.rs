@@ -55,15 +55,9 @@ pub enum FwdKernel {
     Auto,
 }
 
-/// The most query rows (query heads per key/value head times T) of one `SplitKv` block.
-pub const SPLIT_KV_MAX_ROWS: usize = 16;
+pub use super::{split_kv_fits, SPLIT_KV_MAX_ROWS};
 /// Keys per `SplitKv` block (`FD_CHUNK` in flash_decode.cu).
 const SPLIT_KV_CHUNK: usize = 256;
-
-/// Whether `SplitKv` takes shape `p` (without packed rows).
-pub fn split_kv_fits(p: &AttentionParams) -> bool {
-    p.kv_heads > 0 && p.heads.is_multiple_of(p.kv_heads) && (p.heads / p.kv_heads) * p.q_len <= SPLIT_KV_MAX_ROWS
-}
 
 impl FwdKernel {
     /// The model's choice: `TUNA_FA_FORWARD=sync|pipelined|hopper` picks that kernel,
@@ -172,15 +166,7 @@ pub fn forward(
     }
     check_aligned(OP, &[("q", ptr(q, stream)), ("k", ptr(k, stream)), ("v", ptr(v, stream)), ("o", ptr(o, stream))])?;
     let split = match kernel {
-        FwdKernel::SplitKv if starts.is_some() || !split_kv_fits(p) => {
-            return Err(Error::InvalidArgument(format!(
-                "{OP}: the split-KV kernel takes at most {SPLIT_KV_MAX_ROWS} query rows per key/value head and no packed rows, got {} heads over {} x T {}{}",
-                p.heads,
-                p.kv_heads,
-                p.q_len,
-                if starts.is_some() { ", packed" } else { "" }
-            )))
-        }
+        FwdKernel::SplitKv if starts.is_some() || !split_kv_fits(p) => return Err(super::split_kv_refusal(OP, p, starts.is_some())),
         FwdKernel::SplitKv => true,
         FwdKernel::Auto => starts.is_none() && split_kv_fits(p),
         _ => false,
