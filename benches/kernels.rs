@@ -261,6 +261,32 @@ fn attention_wgpu(c: &mut Criterion) {
             });
         }
         g.finish();
+        // Decoding: one query row of Llama-3-8B's heads (32 over 8) over a KV cache, the split-KV
+        // forward against the tiled one. Lavapipe cuts an invocation's loops short after ~65k
+        // iterations (see tests/attention_devices.rs), which the tiled forward passes at about
+        // S·D = 20k: there, a 256-key cache at head dim 64 keeps both right.
+        let mut g = c.benchmark_group(format!("attention decode/wgpu:{i}"));
+        g.sample_size(10);
+        let shapes: &[(usize, usize)] = if software { &[(256, 64)] } else { &[(1024, 128), (4096, 128), (16384, 128)] };
+        for &(s, d) in shapes {
+            let (h, kvh) = (32, 8);
+            let p = AttentionParams { batch: 1, q_len: 1, kv_len: s, heads: h, kv_heads: kvh, head_dim: d, causal: true, window: None, scale: 1.0 / (d as f32).sqrt() };
+            let mut rng = Rng::new(5);
+            let q = rt.upload(bytemuck::cast_slice(&rng.vec(h * d, -1.0, 1.0)));
+            let (k, v) = (rt.upload(bytemuck::cast_slice(&rng.vec(s * kvh * d, -1.0, 1.0))), rt.upload(bytemuck::cast_slice(&rng.vec(s * kvh * d, -1.0, 1.0))));
+            let (o, stats) = (rt.alloc_zeros(h * d * 4), rt.alloc_zeros(h * 8));
+            // Bytes of K and V read once.
+            g.throughput(Throughput::Bytes((2 * s * kvh * d * 4) as u64));
+            for (name, kernel) in [("split-KV", wgsl::FwdKernel::SplitKv), ("tiled (peer)", wgsl::FwdKernel::Tiled)] {
+                g.bench_function(BenchmarkId::new(name, format!("S{s}-D{d}")), |bch| {
+                    bch.iter(|| {
+                        wgsl::forward(kernel, &rt.device, &rt.queue, &rt.kernels, q.buffer(), k.buffer(), v.buffer(), None, o.buffer(), stats.buffer(), &p, wgsl::Precision::F32).unwrap();
+                        rt.synchronize().unwrap();
+                    })
+                });
+            }
+        }
+        g.finish();
     }
 }
 
