@@ -522,6 +522,32 @@ pub mod wgsl {
     /// Keys per split-KV workgroup (`CHUNK` in flash_decode.wgsl).
     const SPLIT_KV_CHUNK: usize = 256;
 
+    /// Lavapipe (Mesa's llvmpipe) ends the loops of a shader invocation after 65,535 iterations
+    /// in all, without an error (its loop limiter): what follows is computed from cut sums.
+    const LLVMPIPE_LOOP_LIMIT: usize = 65_535;
+
+    /// The tiled kernels give one query (forward, dQ) or one key (dK and dV) to an invocation,
+    /// which loops over `items` keys (queries of the group), at most about `2·D + D/4 + 3` loop
+    /// iterations each, counted from the shader (the dot product and the accumulation over D,
+    /// and per 8-key tile the rescale and the tile loads). Measured on lavapipe: the forward
+    /// at D 64 is right up to S 450 and wrong from S 480. On llvmpipe a shape past the limit is
+    /// an error, not a wrong answer; the split-KV forward's loops stay under ~18k per invocation
+    /// at any S.
+    fn tiled_loops_fit(op: &'static str, device: &wgpu::Device, p: &AttentionParams, items: usize) -> Result<()> {
+        let loops = items * (2 * p.head_dim + p.head_dim / 4 + 3);
+        if loops <= LLVMPIPE_LOOP_LIMIT {
+            return Ok(());
+        }
+        let adapter = device.adapter_info().name;
+        if !adapter.to_lowercase().contains("llvmpipe") {
+            return Ok(());
+        }
+        Err(Error::InvalidArgument(format!(
+            "{op}: on {adapter} the tiled attention kernel would loop about {loops} times in one invocation ({items} keys or queries at head dim {}), past llvmpipe's limit of {LLVMPIPE_LOOP_LIMIT}, after which it silently stops looping; use the CPU device, a hardware adapter or shorter sequences",
+            p.head_dim
+        )))
+    }
+
     /// Queries (forward, dq) or keys (dk, dv) per workgroup.
     const BLOCK: usize = 64;
     pub const MAX_HEAD_DIM: usize = 128;
@@ -639,6 +665,7 @@ pub mod wgsl {
         if split {
             return split_kv(device, queue, kernels, &u, q, k, v, o, stats, p, precision);
         }
+        tiled_loops_fit(OP, device, p, p.kv_len)?;
         let mut keep = None;
         let st = starts_or(device, starts, &mut keep);
         let pipe = kernels.pipeline_as(device, "attn_fwd", SOURCE, "attn_fwd", precision)?;
@@ -708,6 +735,7 @@ pub mod wgsl {
             return Ok(());
         }
         let u = uniform(device, &params(OP, p, starts.is_some())?);
+        tiled_loops_fit(OP, device, p, p.kv_len.max(p.heads / p.kv_heads * p.q_len))?;
         let mut keep = None;
         let st = starts_or(device, starts, &mut keep);
         // attn_bwd_dot binds only the uniform, o (5), stats (6) and dO (7).
