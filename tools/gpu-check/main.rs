@@ -269,15 +269,9 @@ fn model_cases(push: &mut impl FnMut(String, Result<(), String>)) {
     run("model bf16: logits through the KV cache vs cpu".into(), &|| mc::check_cached_logits(&dev, DType::BF16));
 }
 
-/// RoPE, SwiGLU and embedding: the bodies `tests/ops_devices.rs` runs on the CPU and wgpu,
-/// here in f32 and bf16 and at training sizes too (Llama-7B-like D = 128 with 32 heads, F =
-/// 11008, a 32000-token vocabulary with T = 4096).
-/// The CUDA flash attention forward (both kernels) and backward (bf16) against the f64
-/// reference: head dims 32, 64, 96 and 128, causal or not, GQA, a KV-cache offset, a sliding window,
-/// packed rows, ragged lengths.
-/// `kernels`: the forward kernels to check (the Hopper one at its head dims only).
-/// The attention cases with each (forward, backward) kernel pair of `kernels` (None: that
-/// direction is not run; the backward reads the reference O and lse either way).
+/// The CUDA flash attention against the f64 reference over `ATTENTION_SHAPES`: head dims 32,
+/// 64, 96 and 128, causal or not, GQA, a KV-cache offset, a sliding window, packed rows, ragged
+/// lengths; see `attention_cases_of`.
 fn attention_cases(push: &mut impl FnMut(String, Result<(), String>), kernels: &[(Option<tuna::kernels::attention::cuda::FwdKernel>, Option<tuna::kernels::attention::cuda::BwdKernel>)]) {
     attention_cases_of(push, kernels, &ATTENTION_SHAPES);
 }
@@ -311,6 +305,10 @@ const DECODE_SHAPES: [AttentionShape; 8] = [
     (1, 4, 3, 4, 2, false, Some(2), false),
 ];
 
+/// The attention cases over `shapes` (each at every head dim) with each (forward, backward)
+/// kernel pair of `kernels` (None: that direction is not run; the backward reads the reference
+/// O and lse either way; the Hopper kernels at their head dims only), bf16, and f16 too on the
+/// first shapes.
 fn attention_cases_of(push: &mut impl FnMut(String, Result<(), String>), kernels: &[(Option<tuna::kernels::attention::cuda::FwdKernel>, Option<tuna::kernels::attention::cuda::BwdKernel>)], shapes: &[AttentionShape]) {
     use tuna::kernels::attention::AttentionParams;
     use tuna::testing::attention::{check_flash_attention_cuda, FaCase};
@@ -335,6 +333,9 @@ fn attention_cases_of(push: &mut impl FnMut(String, Result<(), String>), kernels
     }
 }
 
+/// RoPE, SwiGLU and embedding: the bodies `tests/ops_devices.rs` runs on the CPU and wgpu,
+/// here in f32 and bf16 and at training sizes too (Llama-7B-like D = 128 with 32 heads, F =
+/// 11008, a 32000-token vocabulary with T = 4096).
 fn token_op_cases(push: &mut impl FnMut(String, Result<(), String>)) {
     use tuna::testing::token_ops::{check_embedding, check_rope, check_rope_angles, check_swiglu, RopeCase};
     let dev = Device::Cuda(0);
