@@ -62,7 +62,7 @@ echo "== cargo test (CUDA on the emulator)"
 cargo test --locked 2>&1
 
 echo "== cargo doc (a broken link in the API docs fails the run; the examples ran above)"
-RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps 2>&1 | tail -2
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps 2>&1 | tail -30
 
 echo "== gpu-check's test cases on the emulator (what a GPU run checks first)"
 cargo build --locked --profile test --bin gpu-check 2>&1 | tail -1

@@ -1,10 +1,9 @@
 //! Flash attention in WGSL (`kernels-wgsl/flash_attention.wgsl`; for a few query rows the
 //! split-KV forward of `flash_decode.wgsl`), head dim at most 128: O(T) memory (queries and
 //! keys stream through workgroup memory; the forward keeps a per-row log-sum-exp, from which
-//! the backward recomputes the probabilities). Tensors are stored in a
-//! [`Precision`](crate::device::wgpu::Precision) (f32, or f16 where the adapter has it) in the
-//! layouts of [`kernels::attention`](super); `starts` (u32, one per query) for packed rows; `stats` holds
-//! `[B·T·H, 2]` floats: the forward writes the log-sum-exp, the backward adds
+//! the backward recomputes the probabilities). Tensors are stored in a [`Precision`] (f32, or
+//! f16 where the adapter has it) in the layouts of [`kernels::attention`](super); `starts`
+//! (u32, one per query) for packed rows; `stats` holds `[B·T·H, 2]` floats: the forward writes the log-sum-exp, the backward adds
 //! `D = rowsum(dO ∘ O)`.
 
 use super::AttentionParams;
