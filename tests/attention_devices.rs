@@ -167,8 +167,8 @@ fn flash_attention_wgsl_matches_reference() {
 ///
 /// Lavapipe ends every loop of an invocation after about 65,000 iterations in all, silently
 /// (llvmpipe's loop limiter). The tiled kernels give one query (or key) to an invocation, which
-/// loops over every key (query): about 3·S·D iterations for the forward or dQ. Shapes with a
-/// backward keep S·D under 20k; the last case, forward only, is one the tiled forward gets
+/// loops over every key (query): about S·(2D + D/4 + 3) iterations for the forward or dQ, wrong
+/// from S·D ≈ 30k (S 480 at D 64). Shapes with a backward keep S·D under 16k; the last case, forward only, is one the tiled forward gets
 /// wrong there, and split-KV's loops (at most ~18k an invocation whatever S) get right.
 #[test]
 fn flash_attention_wgsl_split_kv_matches_reference() {

@@ -3,8 +3,8 @@
 //! keys stream through workgroup memory; the forward keeps a per-row log-sum-exp, from which
 //! the backward recomputes the probabilities). Tensors are stored in a [`Precision`] (f32, or
 //! f16 where the adapter has it) in the layouts of [`kernels::attention`](super); `starts`
-//! (u32, one per query) for packed rows; `stats` holds `[B·T·H, 2]` floats: the forward writes the log-sum-exp, the backward adds
-//! `D = rowsum(dO ∘ O)`.
+//! (u32, one per query) for packed rows; `stats` holds `[B·T·H, 2]` floats: the forward writes
+//! the log-sum-exp, the backward adds `D = rowsum(dO ∘ O)`.
 
 use super::AttentionParams;
 pub use crate::device::wgpu::Precision;
