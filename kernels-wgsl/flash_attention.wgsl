@@ -16,6 +16,11 @@
 //               P is recomputed from the log-sum-exp; dK and dV are summed over the heads.
 // attn_bwd_dq:  like attn_fwd: per query, over the key tiles, dq = scale * sum_j dS_j k_j.
 // Head dim at most 128 (private arrays). No subgroup operations.
+//
+// Head vectors are held as vec4s (the head dim rounded up to a multiple of 4, zero past it),
+// in registers and in the tiles, so the loops over the head dim run D/4 times. Besides the
+// fewer instructions, that keeps the loop count of an invocation under lavapipe's limit
+// (65,535 iterations in all, then it silently stops looping) up to 4x longer sequences.
 
 struct Params {
     batch: u32,
@@ -37,7 +42,7 @@ alias T = f32;
 
 const BR: u32 = 64u;
 const BC: u32 = 8u;
-const DMAX: u32 = 128u;
+const DMAX4: u32 = 32u; // the largest head dim, 128, in vec4s
 const NEG: f32 = -3.0e38;
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -53,8 +58,8 @@ const NEG: f32 = -3.0e38;
 // attn_bwd_dkdv: dv
 @group(0) @binding(8) var<storage, read_write> x8: array<T>;
 
-var<workgroup> tile_a: array<f32, 1024>; // BC * DMAX
-var<workgroup> tile_b: array<f32, 1024>;
+var<workgroup> tile_a: array<vec4<f32>, 256>; // BC * DMAX4
+var<workgroup> tile_b: array<vec4<f32>, 256>;
 var<workgroup> tile_s: array<f32, 16>;   // BC * 2 (stats of a query tile)
 
 fn q_index(b: u32, t: u32, h: u32) -> u32 {
@@ -63,6 +68,79 @@ fn q_index(b: u32, t: u32, h: u32) -> u32 {
 
 fn kv_index(b: u32, j: u32, g: u32) -> u32 {
     return ((b * p.kv_len + j) * p.kv_heads + g) * p.head_dim;
+}
+
+// The head dim in vec4s.
+fn dim4() -> u32 {
+    return (p.head_dim + 3u) / 4u;
+}
+
+// Elements c..c+3 of the head vector at `at` of one tensor, zero past the head dim (storage
+// buffers cannot be passed to a function, hence one loader per binding). Written out, not
+// looped: on lavapipe every loop iteration counts against its limit.
+fn ld_q(at: u32, c: u32) -> vec4<f32> {
+    let d = p.head_dim;
+    var r = vec4<f32>(0.0);
+    if (c < d) { r.x = f32(q[at + c]); }
+    if (c + 1u < d) { r.y = f32(q[at + c + 1u]); }
+    if (c + 2u < d) { r.z = f32(q[at + c + 2u]); }
+    if (c + 3u < d) { r.w = f32(q[at + c + 3u]); }
+    return r;
+}
+
+fn ld_k(at: u32, c: u32) -> vec4<f32> {
+    let d = p.head_dim;
+    var r = vec4<f32>(0.0);
+    if (c < d) { r.x = f32(k[at + c]); }
+    if (c + 1u < d) { r.y = f32(k[at + c + 1u]); }
+    if (c + 2u < d) { r.z = f32(k[at + c + 2u]); }
+    if (c + 3u < d) { r.w = f32(k[at + c + 3u]); }
+    return r;
+}
+
+fn ld_v(at: u32, c: u32) -> vec4<f32> {
+    let d = p.head_dim;
+    var r = vec4<f32>(0.0);
+    if (c < d) { r.x = f32(v[at + c]); }
+    if (c + 1u < d) { r.y = f32(v[at + c + 1u]); }
+    if (c + 2u < d) { r.z = f32(v[at + c + 2u]); }
+    if (c + 3u < d) { r.w = f32(v[at + c + 3u]); }
+    return r;
+}
+
+fn ld_x5(at: u32, c: u32) -> vec4<f32> {
+    let d = p.head_dim;
+    var r = vec4<f32>(0.0);
+    if (c < d) { r.x = f32(x5[at + c]); }
+    if (c + 1u < d) { r.y = f32(x5[at + c + 1u]); }
+    if (c + 2u < d) { r.z = f32(x5[at + c + 2u]); }
+    if (c + 3u < d) { r.w = f32(x5[at + c + 3u]); }
+    return r;
+}
+
+// Stores the elements of `val` that lie inside the head dim at elements c..c+3 of `at`.
+fn st_x5(at: u32, c: u32, val: vec4<f32>) {
+    let d = p.head_dim;
+    if (c < d) { x5[at + c] = T(val.x); }
+    if (c + 1u < d) { x5[at + c + 1u] = T(val.y); }
+    if (c + 2u < d) { x5[at + c + 2u] = T(val.z); }
+    if (c + 3u < d) { x5[at + c + 3u] = T(val.w); }
+}
+
+fn st_x7(at: u32, c: u32, val: vec4<f32>) {
+    let d = p.head_dim;
+    if (c < d) { x7[at + c] = T(val.x); }
+    if (c + 1u < d) { x7[at + c + 1u] = T(val.y); }
+    if (c + 2u < d) { x7[at + c + 2u] = T(val.z); }
+    if (c + 3u < d) { x7[at + c + 3u] = T(val.w); }
+}
+
+fn st_x8(at: u32, c: u32, val: vec4<f32>) {
+    let d = p.head_dim;
+    if (c < d) { x8[at + c] = T(val.x); }
+    if (c + 1u < d) { x8[at + c + 1u] = T(val.y); }
+    if (c + 2u < d) { x8[at + c + 2u] = T(val.z); }
+    if (c + 3u < d) { x8[at + c + 3u] = T(val.w); }
 }
 
 // The visible keys [lo, hi) of query t of row b. The query sits at position S - T + t, which
@@ -88,18 +166,21 @@ fn group_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.y * nwg.x + wid.x;
 }
 
-// Loads rows [r0, r0 + BC) of a [rows, stride]-strided tensor (row r at base(r)) into a tile;
-// rows past `rows` are zero.
-fn load_kv_tile(which: u32, b: u32, j0: u32, g: u32, lid: u32) {
-    let d = p.head_dim;
-    for (var i = lid; i < BC * d; i = i + BR) {
-        let j = j0 + i / d;
-        var val = 0.0;
+// Loads keys [j0, j0 + BC) of key/value head g into tile_a and their values into tile_b;
+// keys past the cache are zero.
+fn load_kv_tiles(b: u32, j0: u32, g: u32, lid: u32) {
+    let d4 = dim4();
+    for (var i = lid; i < BC * d4; i = i + BR) {
+        let j = j0 + i / d4;
+        var kk = vec4<f32>(0.0);
+        var vv = vec4<f32>(0.0);
         if (j < p.kv_len) {
-            let at = kv_index(b, j, g) + i % d;
-            if (which == 0u) { val = f32(k[at]); } else { val = f32(v[at]); }
+            let at = kv_index(b, j, g);
+            kk = ld_k(at, 4u * (i % d4));
+            vv = ld_v(at, 4u * (i % d4));
         }
-        if (which == 0u) { tile_a[i] = val; } else { tile_b[i] = val; }
+        tile_a[i] = kk;
+        tile_b[i] = vv;
     }
 }
 
@@ -114,17 +195,17 @@ fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     let h = (gi / blocks) % p.heads;
     let b = gi / (blocks * p.heads);
     let g = h / (p.heads / p.kv_heads);
-    let d = p.head_dim;
+    let d4 = dim4();
     let t = blk * BR + lid;
     let valid = t < p.q_len;
-    var qv: array<f32, 128>;
-    var acc: array<f32, 128>;
+    var qv: array<vec4<f32>, 32>;
+    var acc: array<vec4<f32>, 32>;
     var range = vec2<u32>(0u, 0u);
     if (valid) {
         let qi = q_index(b, t, h);
-        for (var c = 0u; c < d; c = c + 1u) {
-            qv[c] = f32(q[qi + c]) * p.scale;
-            acc[c] = 0.0;
+        for (var c = 0u; c < d4; c = c + 1u) {
+            qv[c] = ld_q(qi, 4u * c) * p.scale;
+            acc[c] = vec4<f32>(0.0);
         }
         range = visible(b, t);
     }
@@ -137,8 +218,7 @@ fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     var m = NEG;
     var l = 0.0;
     for (var j0 = 0u; j0 < k_end; j0 = j0 + BC) {
-        load_kv_tile(0u, b, j0, g, lid);
-        load_kv_tile(1u, b, j0, g, lid);
+        load_kv_tiles(b, j0, g, lid);
         workgroupBarrier();
         if (valid) {
             var s: array<f32, 8>;
@@ -147,27 +227,27 @@ fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
                 let j = j0 + jj;
                 s[jj] = NEG;
                 if (j >= range.x && j < range.y) {
-                    var dot = 0.0;
-                    for (var c = 0u; c < d; c = c + 1u) {
-                        dot = dot + qv[c] * tile_a[jj * d + c];
+                    var sc = 0.0;
+                    for (var c = 0u; c < d4; c = c + 1u) {
+                        sc = sc + dot(qv[c], tile_a[jj * d4 + c]);
                     }
-                    s[jj] = dot;
-                    m_tile = max(m_tile, dot);
+                    s[jj] = sc;
+                    m_tile = max(m_tile, sc);
                 }
             }
             if (m_tile > NEG) {
                 let m_new = max(m, m_tile);
                 let corr = exp(m - m_new);
                 l = l * corr;
-                for (var c = 0u; c < d; c = c + 1u) {
+                for (var c = 0u; c < d4; c = c + 1u) {
                     acc[c] = acc[c] * corr;
                 }
                 for (var jj = 0u; jj < BC; jj = jj + 1u) {
                     if (s[jj] > NEG) {
                         let e = exp(s[jj] - m_new);
                         l = l + e;
-                        for (var c = 0u; c < d; c = c + 1u) {
-                            acc[c] = acc[c] + e * tile_b[jj * d + c];
+                        for (var c = 0u; c < d4; c = c + 1u) {
+                            acc[c] = acc[c] + e * tile_b[jj * d4 + c];
                         }
                     }
                 }
@@ -182,8 +262,8 @@ fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         if (l > 0.0) {
             inv = 1.0 / l;
         }
-        for (var c = 0u; c < d; c = c + 1u) {
-            x5[qi + c] = T(acc[c] * inv);
+        for (var c = 0u; c < d4; c = c + 1u) {
+            st_x5(qi, 4u * c, acc[c] * inv);
         }
         let row = (b * p.q_len + t) * p.heads + h;
         if (l > 0.0) {
@@ -218,21 +298,21 @@ fn attn_bwd_dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     let blk = gi % blocks;
     let g = (gi / blocks) % p.kv_heads;
     let b = gi / (blocks * p.kv_heads);
-    let d = p.head_dim;
+    let d4 = dim4();
     let group = p.heads / p.kv_heads;
     let j = blk * BR + lid;
     let valid = j < p.kv_len;
-    var kv: array<f32, 128>;
-    var vv: array<f32, 128>;
-    var dk: array<f32, 128>;
-    var dv: array<f32, 128>;
+    var kv: array<vec4<f32>, 32>;
+    var vv: array<vec4<f32>, 32>;
+    var dk: array<vec4<f32>, 32>;
+    var dv: array<vec4<f32>, 32>;
     if (valid) {
         let ki = kv_index(b, j, g);
-        for (var c = 0u; c < d; c = c + 1u) {
-            kv[c] = f32(k[ki + c]);
-            vv[c] = f32(v[ki + c]);
-            dk[c] = 0.0;
-            dv[c] = 0.0;
+        for (var c = 0u; c < d4; c = c + 1u) {
+            kv[c] = ld_k(ki, 4u * c);
+            vv[c] = ld_v(ki, 4u * c);
+            dk[c] = vec4<f32>(0.0);
+            dv[c] = vec4<f32>(0.0);
         }
     }
     // Causal: queries before the one at the block's first key see none of it.
@@ -248,14 +328,14 @@ fn attn_bwd_dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     for (var h = g * group; h < (g + 1u) * group; h = h + 1u) {
         for (var t0 = t_begin; t0 < p.q_len; t0 = t0 + BC) {
             // Tiles: q (scaled later) in tile_a, dO in tile_b, (lse, D) in tile_s.
-            for (var i = lid; i < BC * d; i = i + BR) {
-                let t = t0 + i / d;
-                var qa = 0.0;
-                var ob = 0.0;
+            for (var i = lid; i < BC * d4; i = i + BR) {
+                let t = t0 + i / d4;
+                var qa = vec4<f32>(0.0);
+                var ob = vec4<f32>(0.0);
                 if (t < p.q_len) {
-                    let at = q_index(b, t, h) + i % d;
-                    qa = f32(q[at]);
-                    ob = f32(x5[at]);
+                    let at = q_index(b, t, h);
+                    qa = ld_q(at, 4u * (i % d4));
+                    ob = ld_x5(at, 4u * (i % d4));
                 }
                 tile_a[i] = qa;
                 tile_b[i] = ob;
@@ -281,15 +361,15 @@ fn attn_bwd_dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
                     }
                     var s = 0.0;
                     var dp = 0.0;
-                    for (var c = 0u; c < d; c = c + 1u) {
-                        s = s + tile_a[tt * d + c] * kv[c];
-                        dp = dp + tile_b[tt * d + c] * vv[c];
+                    for (var c = 0u; c < d4; c = c + 1u) {
+                        s = s + dot(tile_a[tt * d4 + c], kv[c]);
+                        dp = dp + dot(tile_b[tt * d4 + c], vv[c]);
                     }
                     let pr = exp(s * p.scale - tile_s[2u * tt]);
                     let ds = pr * (dp - tile_s[2u * tt + 1u]) * p.scale;
-                    for (var c = 0u; c < d; c = c + 1u) {
-                        dv[c] = dv[c] + pr * tile_b[tt * d + c];
-                        dk[c] = dk[c] + ds * tile_a[tt * d + c];
+                    for (var c = 0u; c < d4; c = c + 1u) {
+                        dv[c] = dv[c] + pr * tile_b[tt * d4 + c];
+                        dk[c] = dk[c] + ds * tile_a[tt * d4 + c];
                     }
                 }
             }
@@ -298,9 +378,9 @@ fn attn_bwd_dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     }
     if (valid) {
         let ki = kv_index(b, j, g);
-        for (var c = 0u; c < d; c = c + 1u) {
-            x7[ki + c] = T(dk[c]);
-            x8[ki + c] = T(dv[c]);
+        for (var c = 0u; c < d4; c = c + 1u) {
+            st_x7(ki, 4u * c, dk[c]);
+            st_x8(ki, 4u * c, dv[c]);
         }
     }
 }
@@ -316,21 +396,21 @@ fn attn_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let h = (gi / blocks) % p.heads;
     let b = gi / (blocks * p.heads);
     let g = h / (p.heads / p.kv_heads);
-    let d = p.head_dim;
+    let d4 = dim4();
     let t = blk * BR + lid;
     let valid = t < p.q_len;
-    var qv: array<f32, 128>;
-    var dov: array<f32, 128>;
-    var dq: array<f32, 128>;
+    var qv: array<vec4<f32>, 32>;
+    var dov: array<vec4<f32>, 32>;
+    var dq: array<vec4<f32>, 32>;
     var range = vec2<u32>(0u, 0u);
     var lse = 0.0;
     var dsum = 0.0;
     if (valid) {
         let qi = q_index(b, t, h);
-        for (var c = 0u; c < d; c = c + 1u) {
-            qv[c] = f32(q[qi + c]) * p.scale;
-            dov[c] = f32(x5[qi + c]);
-            dq[c] = 0.0;
+        for (var c = 0u; c < d4; c = c + 1u) {
+            qv[c] = ld_q(qi, 4u * c) * p.scale;
+            dov[c] = ld_x5(qi, 4u * c);
+            dq[c] = vec4<f32>(0.0);
         }
         range = visible(b, t);
         let row = (b * p.q_len + t) * p.heads + h;
@@ -343,8 +423,7 @@ fn attn_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         k_end = min(p.kv_len - p.q_len + t_last + 1u, p.kv_len);
     }
     for (var j0 = 0u; j0 < k_end; j0 = j0 + BC) {
-        load_kv_tile(0u, b, j0, g, lid);
-        load_kv_tile(1u, b, j0, g, lid);
+        load_kv_tiles(b, j0, g, lid);
         workgroupBarrier();
         if (valid) {
             for (var jj = 0u; jj < BC; jj = jj + 1u) {
@@ -354,13 +433,13 @@ fn attn_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
                 }
                 var s = 0.0;
                 var dp = 0.0;
-                for (var c = 0u; c < d; c = c + 1u) {
-                    s = s + qv[c] * tile_a[jj * d + c];
-                    dp = dp + dov[c] * tile_b[jj * d + c];
+                for (var c = 0u; c < d4; c = c + 1u) {
+                    s = s + dot(qv[c], tile_a[jj * d4 + c]);
+                    dp = dp + dot(dov[c], tile_b[jj * d4 + c]);
                 }
                 let ds = exp(s - lse) * (dp - dsum) * p.scale;
-                for (var c = 0u; c < d; c = c + 1u) {
-                    dq[c] = dq[c] + ds * tile_a[jj * d + c];
+                for (var c = 0u; c < d4; c = c + 1u) {
+                    dq[c] = dq[c] + ds * tile_a[jj * d4 + c];
                 }
             }
         }
@@ -368,8 +447,8 @@ fn attn_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     }
     if (valid) {
         let qi = q_index(b, t, h);
-        for (var c = 0u; c < d; c = c + 1u) {
-            x7[qi + c] = T(dq[c]);
+        for (var c = 0u; c < d4; c = c + 1u) {
+            st_x7(qi, 4u * c, dq[c]);
         }
     }
 }

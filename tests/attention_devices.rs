@@ -143,6 +143,11 @@ fn flash_attention_wgsl_matches_reference() {
         // every key from them (each key is less than W positions behind) and fewer later.
         Case { p: params(1, 40, 25, 2, 1, 8, false, Some(10)), packed: false, seed: 8 },
         Case { p: params(2, 30, 7, 2, 2, 8, false, None), packed: false, seed: 9 },
+        // A head dim that is not a multiple of 4 (the kernels hold head vectors as vec4s).
+        Case { p: params(2, 33, 41, 4, 2, 13, false, None), packed: false, seed: 10 },
+        // Past where the tiled kernels went wrong on lavapipe before their head-dim loops ran
+        // over vec4s (S 480 at D 64).
+        Case { p: params(1, 600, 600, 1, 1, 64, true, None), packed: false, seed: 18 },
     ];
     for i in wgpu_devices() {
         for c in &cases {
@@ -167,9 +172,10 @@ fn flash_attention_wgsl_matches_reference() {
 ///
 /// Lavapipe ends every loop of an invocation after about 65,000 iterations in all, silently
 /// (llvmpipe's loop limiter). The tiled kernels give one query (or key) to an invocation, which
-/// loops over every key (query): about S·(2D + D/4 + 3) iterations for the forward or dQ, wrong
-/// from S·D ≈ 30k (S 480 at D 64). Shapes with a backward keep S·D under 16k; the last case, forward only, is one the tiled forward gets
-/// wrong there, and split-KV's loops (at most ~18k an invocation whatever S) get right.
+/// loops over every key (query): about S·(D/2 + D/16 + 6) iterations for the forward or dQ
+/// (its head-dim loops run over vec4s), wrong from S 1680 at D 64. The last case, forward
+/// only, is one the tiled forward would get wrong there, and split-KV's loops (at most ~18k an
+/// invocation whatever S) get right.
 #[test]
 fn flash_attention_wgsl_split_kv_matches_reference() {
     let cases = [

@@ -38,14 +38,16 @@ const SPLIT_KV_CHUNK: usize = 256;
 const LLVMPIPE_LOOP_LIMIT: usize = 65_535;
 
 /// The tiled kernels give one query (forward, dQ) or one key (dK and dV) to an invocation,
-/// which loops over `items` keys (queries of the group), at most about `2·D + D/4 + 3` loop
-/// iterations each, counted from the shader (the dot product and the accumulation over D,
-/// and per 8-key tile the rescale and the tile loads). Measured on lavapipe: the forward
-/// at D 64 is right up to S 450 and wrong from S 480. On llvmpipe a shape past the limit is
-/// an error, not a wrong answer; the split-KV forward's loops stay under ~18k per invocation
-/// at any S.
+/// which loops over `items` keys (queries of the group), at most about `2·D4 + D4/4 + 6` loop
+/// iterations each, D4 the head dim in vec4s (the dot product and the accumulation over D4,
+/// per 8-key tile the rescale and the tile loads, and the loops' entries). Measured on
+/// lavapipe, the forward with one query is right up to S 1660 and wrong from 1680 at D 64,
+/// right up to 850 and wrong from 900 at D 128; the formula puts the limit at 1560 and 840.
+/// On llvmpipe a shape past the limit is an error, not a wrong answer; the split-KV forward's
+/// loops stay under ~18k per invocation at any S.
 fn tiled_loops_fit(op: &'static str, device: &wgpu::Device, p: &AttentionParams, items: usize) -> Result<()> {
-    let loops = items * (2 * p.head_dim + p.head_dim / 4 + 3);
+    let d4 = p.head_dim.div_ceil(4);
+    let loops = items * (2 * d4 + d4 / 4 + 6);
     if loops <= LLVMPIPE_LOOP_LIMIT {
         return Ok(());
     }
