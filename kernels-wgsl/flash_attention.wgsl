@@ -17,10 +17,14 @@
 // attn_bwd_dq:  like attn_fwd: per query, over the key tiles, dq = scale * sum_j dS_j k_j.
 // Head dim at most 128 (private arrays). No subgroup operations.
 //
-// Head vectors are held as vec4s (the head dim rounded up to a multiple of 4, zero past it),
-// in registers and in the tiles, so the loops over the head dim run D/4 times. Besides the
-// fewer instructions, that keeps the loop count of an invocation under lavapipe's limit
-// (65,535 iterations in all, then it silently stops looping) up to 4x longer sequences.
+// Per tile, an invocation makes two passes over the head dim, held as vec4s (rounded up to a
+// multiple of 4, zero past it) in registers and in the tiles: one for the 8 scores (and the 8
+// dO.v products), one that updates each accumulator once with the tile's 8 terms summed first.
+// That is fewer instructions and private-memory updates than a pass per key, sums long
+// sequences in two levels (a key's dV over 1500 queries one term at a time lost the 2x-naive
+// bound), and keeps an invocation's loop count under lavapipe's limit (65,535 iterations in
+// all, then it silently stops looping) up to about 30x longer sequences than a scalar pass
+// per key did.
 
 struct Params {
     batch: u32,
@@ -166,6 +170,39 @@ fn group_index(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.y * nwg.x + wid.x;
 }
 
+// A tile's 8 rows in two vec4s (rows 0-3, rows 4-7): `x` dotted with rows r0..r0+3 of tile_a
+// (tile_b) at vec4 column c, and the sum of the rows at column c weighted by (wa, wb). Written
+// out rather than looped over the 8 rows: a head-dim loop does all 8 rows in one pass.
+fn dot_a(x: vec4<f32>, r0: u32, c: u32, d4: u32) -> vec4<f32> {
+    return vec4<f32>(dot(x, tile_a[r0 * d4 + c]), dot(x, tile_a[(r0 + 1u) * d4 + c]), dot(x, tile_a[(r0 + 2u) * d4 + c]), dot(x, tile_a[(r0 + 3u) * d4 + c]));
+}
+
+fn dot_b(x: vec4<f32>, r0: u32, c: u32, d4: u32) -> vec4<f32> {
+    return vec4<f32>(dot(x, tile_b[r0 * d4 + c]), dot(x, tile_b[(r0 + 1u) * d4 + c]), dot(x, tile_b[(r0 + 2u) * d4 + c]), dot(x, tile_b[(r0 + 3u) * d4 + c]));
+}
+
+fn mix_a(wa: vec4<f32>, wb: vec4<f32>, c: u32, d4: u32) -> vec4<f32> {
+    let lo = wa.x * tile_a[c] + wa.y * tile_a[d4 + c] + wa.z * tile_a[2u * d4 + c] + wa.w * tile_a[3u * d4 + c];
+    let hi = wb.x * tile_a[4u * d4 + c] + wb.y * tile_a[5u * d4 + c] + wb.z * tile_a[6u * d4 + c] + wb.w * tile_a[7u * d4 + c];
+    return lo + hi;
+}
+
+fn mix_b(wa: vec4<f32>, wb: vec4<f32>, c: u32, d4: u32) -> vec4<f32> {
+    let lo = wa.x * tile_b[c] + wa.y * tile_b[d4 + c] + wa.z * tile_b[2u * d4 + c] + wa.w * tile_b[3u * d4 + c];
+    let hi = wb.x * tile_b[4u * d4 + c] + wb.y * tile_b[5u * d4 + c] + wb.z * tile_b[6u * d4 + c] + wb.w * tile_b[7u * d4 + c];
+    return lo + hi;
+}
+
+// Whether each of the keys j0 + r0 .. j0 + r0 + 3 lies in [range.x, range.y).
+fn keys_in(j0: u32, r0: u32, range: vec2<u32>) -> vec4<bool> {
+    let j = vec4<u32>(j0 + r0) + vec4<u32>(0u, 1u, 2u, 3u);
+    return (j >= vec4<u32>(range.x)) & (j < vec4<u32>(range.y));
+}
+
+fn max4(x: vec4<f32>) -> f32 {
+    return max(max(x.x, x.y), max(x.z, x.w));
+}
+
 // Loads keys [j0, j0 + BC) of key/value head g into tile_a and their values into tile_b;
 // keys past the cache are zero.
 fn load_kv_tiles(b: u32, j0: u32, g: u32, lid: u32) {
@@ -221,35 +258,28 @@ fn attn_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         load_kv_tiles(b, j0, g, lid);
         workgroupBarrier();
         if (valid) {
-            var s: array<f32, 8>;
-            var m_tile = NEG;
-            for (var jj = 0u; jj < BC; jj = jj + 1u) {
-                let j = j0 + jj;
-                s[jj] = NEG;
-                if (j >= range.x && j < range.y) {
-                    var sc = 0.0;
-                    for (var c = 0u; c < d4; c = c + 1u) {
-                        sc = sc + dot(qv[c], tile_a[jj * d4 + c]);
-                    }
-                    s[jj] = sc;
-                    m_tile = max(m_tile, sc);
-                }
+            // The scores of the tile's 8 keys in one pass over the head dim.
+            var sa = vec4<f32>(0.0);
+            var sb = vec4<f32>(0.0);
+            for (var c = 0u; c < d4; c = c + 1u) {
+                sa = sa + dot_a(qv[c], 0u, c, d4);
+                sb = sb + dot_a(qv[c], 4u, c, d4);
             }
+            let va = keys_in(j0, 0u, range);
+            let vb = keys_in(j0, 4u, range);
+            sa = select(vec4<f32>(NEG), sa, va);
+            sb = select(vec4<f32>(NEG), sb, vb);
+            let m_tile = max(max4(sa), max4(sb));
             if (m_tile > NEG) {
                 let m_new = max(m, m_tile);
                 let corr = exp(m - m_new);
-                l = l * corr;
+                let wa = select(vec4<f32>(0.0), exp(sa - vec4<f32>(m_new)), va);
+                let wb = select(vec4<f32>(0.0), exp(sb - vec4<f32>(m_new)), vb);
+                l = l * corr + dot(wa + wb, vec4<f32>(1.0));
+                // The rescale and the tile's P.V in one pass: each accumulator is updated once
+                // a tile, with the tile's 8 terms summed first.
                 for (var c = 0u; c < d4; c = c + 1u) {
-                    acc[c] = acc[c] * corr;
-                }
-                for (var jj = 0u; jj < BC; jj = jj + 1u) {
-                    if (s[jj] > NEG) {
-                        let e = exp(s[jj] - m_new);
-                        l = l + e;
-                        for (var c = 0u; c < d4; c = c + 1u) {
-                            acc[c] = acc[c] + e * tile_b[jj * d4 + c];
-                        }
-                    }
+                    acc[c] = acc[c] * corr + mix_b(wa, wb, c, d4);
                 }
                 m = m_new;
             }
@@ -350,26 +380,43 @@ fn attn_bwd_dkdv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
             }
             workgroupBarrier();
             if (valid) {
-                for (var tt = 0u; tt < BC; tt = tt + 1u) {
-                    let t = t0 + tt;
-                    if (t >= p.q_len) {
-                        break;
+                // The tile's 8 queries against this key: q.k and dO.v in one pass.
+                var sa = vec4<f32>(0.0);
+                var sb = vec4<f32>(0.0);
+                var pa = vec4<f32>(0.0);
+                var pb = vec4<f32>(0.0);
+                for (var c = 0u; c < d4; c = c + 1u) {
+                    sa = sa + dot_a(kv[c], 0u, c, d4);
+                    sb = sb + dot_a(kv[c], 4u, c, d4);
+                    pa = pa + dot_b(vv[c], 0u, c, d4);
+                    pb = pb + dot_b(vv[c], 4u, c, d4);
+                }
+                // Which of the 8 queries see key j (queries past T see none).
+                var va = vec4<bool>(false);
+                var vb = vec4<bool>(false);
+                for (var tt = 0u; tt < 4u; tt = tt + 1u) {
+                    if (t0 + tt < p.q_len) {
+                        let r = visible(b, t0 + tt);
+                        va[tt] = j >= r.x && j < r.y;
                     }
-                    let r = visible(b, t);
-                    if (j < r.x || j >= r.y) {
-                        continue;
+                    if (t0 + 4u + tt < p.q_len) {
+                        let r = visible(b, t0 + 4u + tt);
+                        vb[tt] = j >= r.x && j < r.y;
                     }
-                    var s = 0.0;
-                    var dp = 0.0;
+                }
+                if (any(va) || any(vb)) {
+                    let lse_a = vec4<f32>(tile_s[0], tile_s[2], tile_s[4], tile_s[6]);
+                    let lse_b = vec4<f32>(tile_s[8], tile_s[10], tile_s[12], tile_s[14]);
+                    let dd_a = vec4<f32>(tile_s[1], tile_s[3], tile_s[5], tile_s[7]);
+                    let dd_b = vec4<f32>(tile_s[9], tile_s[11], tile_s[13], tile_s[15]);
+                    let pr_a = select(vec4<f32>(0.0), exp(sa * p.scale - lse_a), va);
+                    let pr_b = select(vec4<f32>(0.0), exp(sb * p.scale - lse_b), vb);
+                    let ds_a = pr_a * (pa - dd_a) * p.scale;
+                    let ds_b = pr_b * (pb - dd_b) * p.scale;
+                    // Each accumulator once a tile, the tile's 8 terms summed first.
                     for (var c = 0u; c < d4; c = c + 1u) {
-                        s = s + dot(tile_a[tt * d4 + c], kv[c]);
-                        dp = dp + dot(tile_b[tt * d4 + c], vv[c]);
-                    }
-                    let pr = exp(s * p.scale - tile_s[2u * tt]);
-                    let ds = pr * (dp - tile_s[2u * tt + 1u]) * p.scale;
-                    for (var c = 0u; c < d4; c = c + 1u) {
-                        dv[c] = dv[c] + pr * tile_b[tt * d4 + c];
-                        dk[c] = dk[c] + ds * tile_a[tt * d4 + c];
+                        dv[c] = dv[c] + mix_b(pr_a, pr_b, c, d4);
+                        dk[c] = dk[c] + mix_a(ds_a, ds_b, c, d4);
                     }
                 }
             }
@@ -426,20 +473,24 @@ fn attn_bwd_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         load_kv_tiles(b, j0, g, lid);
         workgroupBarrier();
         if (valid) {
-            for (var jj = 0u; jj < BC; jj = jj + 1u) {
-                let j = j0 + jj;
-                if (j < range.x || j >= range.y) {
-                    continue;
-                }
-                var s = 0.0;
-                var dp = 0.0;
+            // The tile's 8 keys: q.k and dO.v in one pass over the head dim.
+            var sa = vec4<f32>(0.0);
+            var sb = vec4<f32>(0.0);
+            var pa = vec4<f32>(0.0);
+            var pb = vec4<f32>(0.0);
+            for (var c = 0u; c < d4; c = c + 1u) {
+                sa = sa + dot_a(qv[c], 0u, c, d4);
+                sb = sb + dot_a(qv[c], 4u, c, d4);
+                pa = pa + dot_b(dov[c], 0u, c, d4);
+                pb = pb + dot_b(dov[c], 4u, c, d4);
+            }
+            let va = keys_in(j0, 0u, range);
+            let vb = keys_in(j0, 4u, range);
+            if (any(va) || any(vb)) {
+                let ds_a = select(vec4<f32>(0.0), exp(sa - vec4<f32>(lse)) * (pa - vec4<f32>(dsum)) * p.scale, va);
+                let ds_b = select(vec4<f32>(0.0), exp(sb - vec4<f32>(lse)) * (pb - vec4<f32>(dsum)) * p.scale, vb);
                 for (var c = 0u; c < d4; c = c + 1u) {
-                    s = s + dot(qv[c], tile_a[jj * d4 + c]);
-                    dp = dp + dot(dov[c], tile_b[jj * d4 + c]);
-                }
-                let ds = exp(s - lse) * (dp - dsum) * p.scale;
-                for (var c = 0u; c < d4; c = c + 1u) {
-                    dq[c] = dq[c] + ds * tile_a[jj * d4 + c];
+                    dq[c] = dq[c] + mix_a(ds_a, ds_b, c, d4);
                 }
             }
         }

@@ -145,9 +145,10 @@ fn flash_attention_wgsl_matches_reference() {
         Case { p: params(2, 30, 7, 2, 2, 8, false, None), packed: false, seed: 9 },
         // A head dim that is not a multiple of 4 (the kernels hold head vectors as vec4s).
         Case { p: params(2, 33, 41, 4, 2, 13, false, None), packed: false, seed: 10 },
-        // Past where the tiled kernels went wrong on lavapipe before their head-dim loops ran
-        // over vec4s (S 480 at D 64).
-        Case { p: params(1, 600, 600, 1, 1, 64, true, None), packed: false, seed: 18 },
+        // Long enough that summing a key's 1500 dV terms one by one in f32 broke the 2x-naive
+        // rule (the kernels now add a tile's 8 terms first), and far past where lavapipe's loop
+        // limit cut the kernels when their head-dim loops ran per element (S 480 at D 64).
+        Case { p: params(1, 1500, 1500, 1, 1, 64, true, None), packed: false, seed: 18 },
     ];
     for i in wgpu_devices() {
         for c in &cases {
@@ -172,10 +173,10 @@ fn flash_attention_wgsl_matches_reference() {
 ///
 /// Lavapipe ends every loop of an invocation after about 65,000 iterations in all, silently
 /// (llvmpipe's loop limiter). The tiled kernels give one query (or key) to an invocation, which
-/// loops over every key (query): about S·(D/2 + D/16 + 6) iterations for the forward or dQ
-/// (its head-dim loops run over vec4s), wrong from S 1680 at D 64. The last case, forward
-/// only, is one the tiled forward would get wrong there, and split-KV's loops (at most ~18k an
-/// invocation whatever S) get right.
+/// loops over every key (query): about S/8·(D/2 + D/32 + 5) iterations for the forward or dQ
+/// (8 keys a pass, the head dim in vec4s), wrong from S 14,000 at D 64. On lavapipe the tiled
+/// forward refuses such a cache; split-KV's loops (at most ~18k an invocation whatever S) get
+/// it right.
 #[test]
 fn flash_attention_wgsl_split_kv_matches_reference() {
     let cases = [
@@ -186,6 +187,7 @@ fn flash_attention_wgsl_split_kv_matches_reference() {
         (Case { p: params(1, 3, 100, 12, 3, 96, false, None), packed: false, seed: 15 }, true),
         (Case { p: params(1, 4, 3, 4, 2, 20, false, Some(2)), packed: false, seed: 16 }, true),
         (Case { p: params(1, 1, 3000, 8, 2, 64, true, None), packed: false, seed: 17 }, false),
+        (Case { p: params(1, 1, 16000, 8, 2, 64, true, None), packed: false, seed: 19 }, false),
     ];
     for i in wgpu_devices() {
         for (c, backward) in &cases {
@@ -196,7 +198,7 @@ fn flash_attention_wgsl_split_kv_matches_reference() {
         }
         // The long cache through the tiled forward: on lavapipe past its loop limit, an error.
         if tuna::device::wgpu::adapter_details()[i].name.to_lowercase().contains("llvmpipe") {
-            let err = check(i, &cases[6].0, wgsl::FwdKernel::Tiled, false, Precision::F32).unwrap_err();
+            let err = check(i, &cases[7].0, wgsl::FwdKernel::Tiled, false, Precision::F32).unwrap_err();
             assert!(err.contains("past llvmpipe's limit of 65535"), "{err}");
         }
         let refused = [Case { p: params(1, 5, 5, 8, 2, 64, true, None), packed: false, seed: 0 }, Case { p: params(1, 8, 8, 2, 2, 16, true, None), packed: true, seed: 0 }];

@@ -38,16 +38,18 @@ const SPLIT_KV_CHUNK: usize = 256;
 const LLVMPIPE_LOOP_LIMIT: usize = 65_535;
 
 /// The tiled kernels give one query (forward, dQ) or one key (dK and dV) to an invocation,
-/// which loops over `items` keys (queries of the group), at most about `2·D4 + D4/4 + 6` loop
-/// iterations each, D4 the head dim in vec4s (the dot product and the accumulation over D4,
-/// per 8-key tile the rescale and the tile loads, and the loops' entries). Measured on
-/// lavapipe, the forward with one query is right up to S 1660 and wrong from 1680 at D 64,
-/// right up to 850 and wrong from 900 at D 128; the formula puts the limit at 1560 and 840.
-/// On llvmpipe a shape past the limit is an error, not a wrong answer; the split-KV forward's
-/// loops stay under ~18k per invocation at any S.
+/// which loops over `items` keys (queries of the group) in tiles of 8: about `2·D4 + D4/8 + 5`
+/// loop iterations a tile, D4 the head dim in vec4s (the 8 dot products in one pass over D4,
+/// the accumulator update in another, the tile loads, the loops' entries). Measured on
+/// lavapipe, the forward with one query is right up to S 13,000 and wrong from 14,000 at
+/// D 64, right up to 7,000 and wrong from 8,000 at D 128; dK with 8 query heads a key/value
+/// head, right at T 1,400 and wrong at 1,800 (11,200 and 14,400 items). The bound below,
+/// `2·D4 + D4/4 + 8` a tile, puts the limit ~10% under those. On llvmpipe a shape past it is
+/// an error, not a wrong answer; the split-KV forward's loops stay under ~18k per invocation
+/// at any S.
 fn tiled_loops_fit(op: &'static str, device: &wgpu::Device, p: &AttentionParams, items: usize) -> Result<()> {
     let d4 = p.head_dim.div_ceil(4);
-    let loops = items * (2 * d4 + d4 / 4 + 6);
+    let loops = items.div_ceil(8) * (2 * d4 + d4 / 4 + 8);
     if loops <= LLVMPIPE_LOOP_LIMIT {
         return Ok(());
     }
