@@ -264,7 +264,7 @@ fn attention_wgpu(c: &mut Criterion) {
         // Decoding: one query row of Llama-3-8B's heads (32 over 8) over a KV cache, the split-KV
         // forward against the tiled one. Lavapipe cuts an invocation's loops short after ~65k
         // iterations (see tests/attention_devices.rs), which the tiled forward passes from about
-        // S 1680 at D 64: there, a 256-key cache at head dim 64 keeps both right.
+        // S 14,000 at D 64: a 256-key cache at head dim 64 keeps both far inside it.
         let mut g = c.benchmark_group(format!("attention decode/wgpu:{i}"));
         g.sample_size(10);
         let shapes: &[(usize, usize)] = if software { &[(256, 64)] } else { &[(1024, 128), (4096, 128), (16384, 128)] };
