@@ -23,8 +23,8 @@
 // That is fewer instructions and private-memory updates than a pass per key, sums long
 // sequences in two levels (a key's dV over 1500 queries one term at a time lost the 2x-naive
 // bound), and keeps an invocation's loop count under lavapipe's limit (65,535 iterations in
-// all, then it silently stops looping) up to about 30x longer sequences than a scalar pass
-// per key did.
+// all, then it silently stops looping) to about 27x longer sequences than a scalar pass per
+// key did (S 13,000 against 480 at D 64).
 
 struct Params {
     batch: u32,
