@@ -44,6 +44,12 @@ use crate::kernels::nf4::wgsl as nf4;
 use crate::{Error, Result};
 
 pub const SOURCE: &str = include_str!("../../../kernels-wgsl/lora_gemm.wgsl");
+pub const GEMV_SOURCE: &str = include_str!("../../../kernels-wgsl/gemv.wgsl");
+/// The largest M that [`forward`] sends to `gemv.wgsl` (both XA and Y, dense or NF4 W) rather
+/// than the 64×64 GEMM, which would compute 64 rows for these few.
+pub const GEMV_MAX_M: usize = 16;
+/// Output columns of one `gemv.wgsl` workgroup.
+const GEMV_COLS: usize = 4;
 /// Output tile of one workgroup (both shaders).
 pub(crate) const TILE: usize = 64;
 pub(crate) const FLAG_BIAS: u32 = 1;
@@ -111,6 +117,12 @@ impl Types {
         static CACHE: [std::sync::OnceLock<String>; 4] = [const { std::sync::OnceLock::new() }; 4];
         self.variant(nf4::SOURCE, &CACHE)
     }
+
+    /// `gemv.wgsl` in these types.
+    fn gemv_source(self) -> (&'static str, &'static str) {
+        static CACHE: [std::sync::OnceLock<String>; 4] = [const { std::sync::OnceLock::new() }; 4];
+        self.variant(GEMV_SOURCE, &CACHE)
+    }
 }
 
 /// The frozen weight W `[N, K]` of a LoRA GEMM: stored in the activations' precision, or NF4
@@ -158,6 +170,47 @@ fn weight_pass(
             pass(device, kernels, enc, (&format!("nf4_gemm::nf4_lora_gemm{suffix}"), source, "nf4_lora_gemm"), &GemmUniform { offset: q.offset, ..*u }, &bind, groups)
         }
     }
+}
+
+/// `y = x·wᵀ (+ bias) (+ s·xa·bᵀ)` for `m <= GEMV_MAX_M` rows (`gemv.wgsl`), x `[m, k]`, w
+/// `[n, k]` dense or NF4, `lora = (xa [m, r], b [n, r], r, s)`. The caller checked every length.
+#[allow(clippy::too_many_arguments)]
+fn gemv_pass(
+    device: &wgpu::Device,
+    kernels: &KernelCache,
+    enc: &mut wgpu::CommandEncoder,
+    types: Types,
+    w: Weight<'_>,
+    x: &wgpu::Buffer,
+    lora: Option<(&wgpu::Buffer, &wgpu::Buffer, usize, f32)>,
+    bias: Option<&wgpu::Buffer>,
+    y: &wgpu::Buffer,
+    (m, n, k): (usize, usize, usize),
+) -> Result<()> {
+    debug_assert!(m <= GEMV_MAX_M);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    // Bindings a pass does not read (no adapter, no bias) take any buffer.
+    let (xa, b, r, s) = lora.unwrap_or((x, x, 0, 0.0));
+    let mut u = GemmUniform { m: m as u32, n: n as u32, k1: k as u32, k2: r as u32, s2: s, flags: if bias.is_some() { FLAG_BIAS } else { 0 }, ..Default::default() };
+    let mut bind = vec![(1, x), (3, xa), (4, b), (5, bias.unwrap_or(x)), (6, y)];
+    let entry = match w {
+        Weight::Dense(w) => {
+            bind.push((2, w));
+            "gemv"
+        }
+        Weight::Nf4(q) => {
+            // `gemv.wgsl` binds the NF4 buffers at 7..=10, `nf4_gemm.wgsl` at 2..=5.
+            bind.extend(nf4::weight_bindings(q).map(|(i, b)| (i + 5, b)));
+            u.offset = q.offset;
+            "nf4_gemv"
+        }
+    };
+    let (source, suffix) = types.gemv_source();
+    let name = format!("gemv::{entry}{suffix}");
+    let groups = crate::device::wgpu::grid(to_u32(&name, "workgroups", n.div_ceil(GEMV_COLS))?);
+    pass(device, kernels, enc, (&name, source, entry), &u, &bind, groups)
 }
 
 /// The uniform of `lora_gemm.wgsl` and `nf4_gemm.wgsl` (the first 16 words are shared; the
@@ -407,13 +460,19 @@ pub fn matmul_out(
     check_elems(op, if f32_out { 4 } else { precision.bytes() }, &[("c", c, m * n)])?;
     let types = if f32_out { to_f32(precision) } else { same(precision) };
     let mut enc = device.create_command_encoder(&Default::default());
-    product_flags(device, kernels, &mut enc, (a, sa), (b, sb), c, (m, n, k), 1.0, types, 0)?;
+    if m <= GEMV_MAX_M && sa == plain(k) && sb == transposed(k) {
+        // `a·bᵀ` with b `[n, k]` (a linear, the LM head of a decoding step): b is a GEMV's W.
+        gemv_pass(device, kernels, &mut enc, types, Weight::Dense(b), a, None, None, c, (m, n, k))?;
+    } else {
+        product_flags(device, kernels, &mut enc, (a, sa), (b, sb), c, (m, n, k), 1.0, types, 0)?;
+    }
     queue.submit([enc.finish()]);
     Ok(())
 }
 
 /// Forward: `y = x·wᵀ (+ bias) + s·xa·bᵀ` and `xa = x_lora·aᵀ` (`[M, R]`, kept for the
-/// backward). Two passes: XA first, then one GEMM over K + R into y. W dense or NF4.
+/// backward). Two passes: XA first, then one GEMM over K + R into y; for M up to
+/// [`GEMV_MAX_M`] both are GEMVs (`gemv.wgsl`). W dense or NF4.
 pub fn forward(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
@@ -440,6 +499,15 @@ pub fn forward(
     }
     let types = same(precision);
     let mut enc = device.create_command_encoder(&Default::default());
+    if m <= GEMV_MAX_M {
+        // A few rows: XA = x_lora·Aᵀ (A `[R, K]` read as W is) and Y, each weight read once.
+        if r > 0 {
+            gemv_pass(device, kernels, &mut enc, types, Weight::Dense(a), x_lora, None, None, xa, (m, r, k))?;
+        }
+        gemv_pass(device, kernels, &mut enc, types, w, x, Some((xa, b, r, p.scale)), bias, y, (m, n, k))?;
+        queue.submit([enc.finish()]);
+        return Ok(());
+    }
     product_flags(device, kernels, &mut enc, (x_lora, plain(k)), (a, transposed(k)), xa, (m, r, k), 1.0, types, 0)?;
     let u = GemmUniform {
         m: m as u32,
