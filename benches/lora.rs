@@ -42,8 +42,8 @@ fn shapes(dev: Device) -> Vec<(usize, usize, usize, usize)> {
             s.push((512, 4096, 4096, 16));
             s
         }
-        // lavapipe runs the kernels on the CPU: small shapes, and one GEMV-sized.
-        Device::Wgpu(i) if tuna::device::wgpu::adapter_details().get(i).is_some_and(|a| a.is_software) => vec![(128, 512, 1024, 8), (1, 1024, 2048, 16)],
+        // lavapipe runs the kernels on the CPU: small shapes, and two GEMV-sized (1 and 16 rows).
+        Device::Wgpu(i) if tuna::device::wgpu::adapter_details().get(i).is_some_and(|a| a.is_software) => vec![(128, 512, 1024, 8), (1, 1024, 2048, 16), (16, 1024, 2048, 16)],
         Device::Wgpu(_) => llama(&[1, 16, 2048]),
     }
 }

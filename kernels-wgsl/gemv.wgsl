@@ -12,13 +12,15 @@
 // lanes of a column read neighbouring weights (dense: 4 weights a lane a step of 64, one from
 // each quarter; NF4 with K % 8 == 0: one u32 of 8 codes a lane a step of 128, the 8 weights in
 // one block of 64 and so under one scale; any other K, one weight at a time). Each lane keeps
-// one f32 sum per row (MAXM of them; rows past M stay 0), adds a step's 4 (8) products first
+// one f32 sum per row (MAXM of them, 16 or 1; rows past M stay 0), adds a step's 4 (8) products first
 // and then into the row's sum (two-level, as the tiled attention does), then its share of the
 // LoRA term (r = lane, lane + 16, ...). The 16 lanes' sums meet in workgroup memory after one
 // barrier, and lane i of a column adds row i's 16 in lane order, the bias last, and stores it.
 // Grid (x, y): column group (y * num_workgroups.x + x), so N may pass 65535 * 4 (an LM head).
 // Element types as in `lora_gemm.wgsl` (TA: x and xa; TB: W, B and bias; TC: y); the launcher
-// rewrites the aliases for f16. Sums are f32. No subgroup operations.
+// rewrites the aliases for f16. Sums are f32. No subgroup operations. Loops: K / 64 (NF4 with
+// K % 8 == 0: K / 128) trips a lane, so lavapipe's limit of 65,535 per invocation is far off
+// (right at K 1,048,576 and M 16 there).
 
 struct Params {
     m: u32,
@@ -44,7 +46,8 @@ alias TA = f32;
 alias TB = f32;
 alias TC = f32;
 
-// Rows a lane keeps sums for, and lanes per column: equal, so lane i finishes row i.
+// Rows a lane keeps sums for (at most LANES: lane i finishes row i); the launcher rewrites it
+// to 1 for a one-row instance (decoding), as the CUDA kernels have `gemv_m1_*`.
 const MAXM: u32 = 16u;
 const LANES: u32 = 16u;
 const COLS: u32 = 4u;

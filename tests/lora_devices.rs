@@ -79,7 +79,9 @@ fn gemv_paths_match_reference() {
     // where K % 8 == 0, else one; a dense W (M <= 4) 16 weights where K % 16 == 0, 8 where
     // K % 8 == 0, else one; M = 1 has its own instances. Each path with one row and with
     // several, over several steps of a warp (K 2048) and over part of one (K 40); rows past
-    // the dense limit go to the GEMM.
+    // the dense limit go to the GEMM. WGSL's (`gemv.wgsl`, M <= 16, dense or NF4 W): a one-row
+    // instance and a 16-row one; NF4 a word of 8 codes a lane a step where K % 8 == 0, else one
+    // weight; steps of 64 (128) weights a column, whole (K 2048) and cut short (K 33, 35).
     let shapes = [(1, 13, 2048, 16), (1, 9, 40, 4), (1, 5, 33, 3), (3, 17, 264, 8), (4, 6, 512, 4), (5, 20, 96, 16), (16, 11, 1024, 8), (16, 3, 72, 2), (7, 4, 35, 1)];
     for (i, &(m, n, k, r)) in shapes.iter().enumerate() {
         run(case(m, n, k, r, i % 2 == 0, 900 + i as u64), true);
