@@ -1,4 +1,4 @@
-//! WGSL launchers of the LoRA GEMM family (see `super` and `kernels-wgsl/lora_gemm.wgsl`).
+//! WGSL launchers of the LoRA GEMM family (see `super`, `kernels-wgsl/lora_gemm.wgsl` and, for a few rows, `kernels-wgsl/gemv.wgsl`).
 //!
 //! They take wgpu's own types: a program with its own `wgpu::Device` and `Queue` keeps one
 //! [`KernelCache`](crate::device::wgpu::KernelCache) beside them and passes storage buffers. The fused forward in f32, against
