@@ -18,10 +18,14 @@
 // master weights and f32 logits; TB alone f16 for f32 gradients against an f16 weight).
 // Accumulation is always f32.
 //
-// Launch: workgroup 16x16 owns a 64x64 tile of C, each invocation a 4x4 block at rows
-// ty + 16*i, cols tx + 16*j (strided, so workgroup-memory reads are conflict-free). K steps of
-// 16 staged in workgroup memory (2 x 4 KiB). grid = (ceil(N/64), ceil(M/64)). Any M, N, K:
-// loads past an edge read 0, stores past an edge are skipped. No subgroup operations.
+// Launch: workgroup 16x16 owns a 64x64 tile of C, each invocation the 4x4 block at rows
+// 4*ty .. 4*ty + 4, cols 4*tx .. 4*tx + 4, held as 4 vec4 accumulators (a row each). K steps of
+// 16 staged in workgroup memory as vec4s (2 x 4 KiB): per step of K an invocation reads one vec4
+// of A (4 rows, the same for the 16 invocations of a row of the workgroup) and one of B (its 4
+// columns; neighbours read neighbouring 16 bytes), then makes 4 vec4 multiply-adds. (Before:
+// strided 4x4 blocks of scalars, 8 reads for 16 multiply-adds: 1.9-2.3x slower on lavapipe.) Each
+// output sums its K terms in the same order either way. grid = (ceil(N/64), ceil(M/64)). Any
+// M, N, K: loads past an edge read 0, stores past an edge are skipped. No subgroup operations.
 
 struct Params {
     m: u32,
@@ -59,9 +63,9 @@ const TK: u32 = 16u;
 @group(0) @binding(5) var<storage, read> bias: array<TB>;
 @group(0) @binding(6) var<storage, read_write> c: array<TC>;
 
-// a_tile[l][i] = op(A)[row0 + i, k0 + l]; b_tile[l][j] = op(B)[k0 + l, col0 + j].
-var<workgroup> a_tile: array<array<f32, 64>, 16>;
-var<workgroup> b_tile: array<array<f32, 64>, 16>;
+// a_tile[l][q][c] = op(A)[row0 + 4q + c, k0 + l]; b_tile[l][q][c] = op(B)[k0 + l, col0 + 4q + c].
+var<workgroup> a_tile: array<array<vec4<f32>, 16>, 16>;
+var<workgroup> b_tile: array<array<vec4<f32>, 16>, 16>;
 
 fn load_a(i: u32, l: u32, second: bool) -> f32 {
     if (i >= p.m) {
@@ -89,7 +93,7 @@ fn body(wid: vec3<u32>, lid: vec3<u32>, k2: u32) {
     let tx = lid.x;
     let ty = lid.y;
     let t = ty * 16u + tx;
-    var acc: array<array<f32, 4>, 4>;
+    var acc: array<vec4<f32>, 4>;
     let tiles1 = (p.k1 + TK - 1u) / TK;
     let tiles = tiles1 + (k2 + TK - 1u) / TK;
     for (var kt = 0u; kt < tiles; kt++) {
@@ -101,29 +105,23 @@ fn body(wid: vec3<u32>, lid: vec3<u32>, k2: u32) {
             let e = t + 256u * q;
             let l = e / 64u;
             let x = e % 64u;
-            a_tile[l][x] = load_a(row0 + x, k0 + l, second);
-            b_tile[l][x] = load_b(k0 + l, col0 + x, second);
+            a_tile[l][x / 4u][x % 4u] = load_a(row0 + x, k0 + l, second);
+            b_tile[l][x / 4u][x % 4u] = load_b(k0 + l, col0 + x, second);
         }
         workgroupBarrier();
         for (var l = 0u; l < TK; l++) {
-            var av: array<f32, 4>;
-            var bv: array<f32, 4>;
+            let av = a_tile[l][ty];
+            let bv = b_tile[l][tx];
             for (var i = 0u; i < 4u; i++) {
-                av[i] = a_tile[l][ty + 16u * i];
-                bv[i] = b_tile[l][tx + 16u * i];
-            }
-            for (var i = 0u; i < 4u; i++) {
-                for (var j = 0u; j < 4u; j++) {
-                    acc[i][j] += av[i] * bv[j];
-                }
+                acc[i] += av[i] * bv;
             }
         }
         workgroupBarrier();
     }
     for (var i = 0u; i < 4u; i++) {
-        let r = row0 + ty + 16u * i;
+        let r = row0 + 4u * ty + i;
         for (var j = 0u; j < 4u; j++) {
-            let col = col0 + tx + 16u * j;
+            let col = col0 + 4u * tx + j;
             if (r < p.m && col < p.n) {
                 var v = acc[i][j];
                 if ((p.flags & 1u) != 0u) {

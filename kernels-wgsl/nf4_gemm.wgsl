@@ -11,7 +11,7 @@
 //
 // nf4_dequant: one invocation per element, 256 per workgroup, grid (x, y) with the linear
 // workgroup index y * num_workgroups.x + x (past 65535 workgroups).
-// nf4_lora_gemm: as `lora_gemm` (64x64 tile, 16x16 invocations, 4x4 each, K step 16), with
+// nf4_lora_gemm: as `lora_gemm` (64x64 tile, 16x16 invocations, 4x4 each in vec4s, K step 16), with
 // op(B1)[l, j] = W_flat[l * b1_rs + j * b1_cs]: b1_rs = 1, b1_cs = K for the forward
 // (Y = X.W^T + s.XA.B^T), b1_rs = K, b1_cs = 1 for dX = dY.W + s.G.A.
 //
@@ -63,8 +63,8 @@ const TK: u32 = 16u;
 @group(0) @binding(8) var<storage, read> bias: array<TB>;
 @group(0) @binding(9) var<storage, read_write> c: array<TC>;
 
-var<workgroup> a_tile: array<array<f32, 64>, 16>;
-var<workgroup> b_tile: array<array<f32, 64>, 16>;
+var<workgroup> a_tile: array<array<vec4<f32>, 16>, 16>;
+var<workgroup> b_tile: array<array<vec4<f32>, 16>, 16>;
 
 fn packed_byte(i: u32) -> u32 {
     return (packed[i / 4u] >> (8u * (i % 4u))) & 0xffu;
@@ -121,7 +121,7 @@ fn nf4_lora_gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     let tx = lid.x;
     let ty = lid.y;
     let t = ty * 16u + tx;
-    var acc: array<array<f32, 4>, 4>;
+    var acc: array<vec4<f32>, 4>;
     let tiles1 = (p.k1 + TK - 1u) / TK;
     let tiles = tiles1 + (p.k2 + TK - 1u) / TK;
     for (var kt = 0u; kt < tiles; kt++) {
@@ -131,29 +131,23 @@ fn nf4_lora_gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
             let e = t + 256u * q;
             let l = e / 64u;
             let x = e % 64u;
-            a_tile[l][x] = load_a(row0 + x, k0 + l, second);
-            b_tile[l][x] = load_b(k0 + l, col0 + x, second);
+            a_tile[l][x / 4u][x % 4u] = load_a(row0 + x, k0 + l, second);
+            b_tile[l][x / 4u][x % 4u] = load_b(k0 + l, col0 + x, second);
         }
         workgroupBarrier();
         for (var l = 0u; l < TK; l++) {
-            var av: array<f32, 4>;
-            var bv: array<f32, 4>;
+            let av = a_tile[l][ty];
+            let bv = b_tile[l][tx];
             for (var i = 0u; i < 4u; i++) {
-                av[i] = a_tile[l][ty + 16u * i];
-                bv[i] = b_tile[l][tx + 16u * i];
-            }
-            for (var i = 0u; i < 4u; i++) {
-                for (var j = 0u; j < 4u; j++) {
-                    acc[i][j] += av[i] * bv[j];
-                }
+                acc[i] += av[i] * bv;
             }
         }
         workgroupBarrier();
     }
     for (var i = 0u; i < 4u; i++) {
-        let r = row0 + ty + 16u * i;
+        let r = row0 + 4u * ty + i;
         for (var j = 0u; j < 4u; j++) {
-            let col = col0 + tx + 16u * j;
+            let col = col0 + 4u * tx + j;
             if (r < p.m && col < p.n) {
                 var v = acc[i][j];
                 if ((p.flags & 1u) != 0u) {
