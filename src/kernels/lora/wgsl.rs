@@ -96,7 +96,7 @@ impl Types {
         }
     }
 
-    /// `source` (one of the two GEMM shaders, which declare the same aliases) with this
+    /// `source` (a LoRA shader declaring the aliases `TA`, `TB`, `TC`) with this
     /// variant's aliases set, made once per variant in `cache`, and the pipeline-name suffix.
     fn variant(self, source: &'static str, cache: &'static [std::sync::OnceLock<String>; 4]) -> (&'static str, &'static str) {
         let (aliases, suffix) = self.f16_aliases();
@@ -134,8 +134,7 @@ impl Types {
             debug_assert!(GEMV_SOURCE.contains(ROWS), "gemv.wgsl declares no `{ROWS}`");
             GEMV_SOURCE.replacen(ROWS, "const MAXM: u32 = 1u;", 1)
         });
-        let (aliases, suffix) = self.f16_aliases();
-        let source = if aliases.is_empty() { f32_source.as_str() } else { ONE_ROW[self as usize].get_or_init(|| crate::device::wgpu::f16_variant(f32_source, aliases)) };
+        let (source, suffix) = self.variant(f32_source, &ONE_ROW);
         (source, format!("::m1{suffix}"))
     }
 }
