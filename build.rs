@@ -1,5 +1,6 @@
 //! Build script: compiles `kernels-cuda/*.cu` to PTX with nvcc when one is found, embeds the
-//! (include-inlined) CUDA sources for NVRTC either way, and validates `kernels-wgsl/*.wgsl` with
+//! (include-inlined) CUDA sources for NVRTC either way, and inlines the includes of
+//! `kernels-wgsl/*.wgsl` into `$OUT_DIR/wgsl/` (what the crate embeds) and validates them with
 //! naga. Needs no GPU, CUDA driver or Vulkan driver.
 //!
 //! nvcc is looked for in: $NVCC, $CUDA_HOME/bin, $PATH, then a pip-installed CUDA 13 toolchain
@@ -20,7 +21,7 @@ fn main() {
     for var in ["NVCC", "CUDA_HOME", "CUDA_ARCH", "TUNA_NO_NVCC", "TUNA_SASS", "PATH"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
-    validate_wgsl(&root.join("kernels-wgsl"));
+    validate_wgsl(&root.join("kernels-wgsl"), &out.join("wgsl"));
     build_cuda(&root.join("kernels-cuda"), &out);
 }
 
@@ -38,13 +39,18 @@ fn sorted_files(dir: &Path, ext: &str) -> Vec<PathBuf> {
     files
 }
 
-/// Parses and validates every shader; a bad one fails the build with file, line and message.
-/// A shader whose storage types are aliases (`alias T = f32;`) is also validated in its f16
-/// forms, every subset of its aliases rewritten (as `device::wgpu::f16_variant` makes them at
-/// run time), so they are checked on machines without an f16 adapter too.
-fn validate_wgsl(dir: &Path) {
+/// Inlines each shader's `#include "part.wgsli"` lines (shared parts, never validated alone)
+/// into `out/NAME.wgsl`, which the crate embeds, then parses and validates it; a bad one fails
+/// the build with file, line and message (lines of the inlined text). A shader whose storage
+/// types are aliases (`alias T = f32;`) is also validated in its f16 forms, every subset of its
+/// aliases rewritten (as `device::wgpu::f16_variant` makes them at run time), so they are
+/// checked on machines without an f16 adapter too.
+fn validate_wgsl(dir: &Path, out: &Path) {
+    sorted_files(dir, "wgsli"); // shared parts: rerun-if-changed only
+    std::fs::create_dir_all(out).unwrap();
     for path in sorted_files(dir, "wgsl") {
-        let src = std::fs::read_to_string(&path).unwrap();
+        let src = inline_includes(&path, &mut Vec::new());
+        std::fs::write(out.join(path.file_name().unwrap()), &src).unwrap();
         let shown = path.display().to_string();
         validate_one(&src, &shown);
         let aliases: Vec<&str> = src.lines().filter_map(|l| l.trim().strip_prefix("alias ")?.strip_suffix(" = f32;")).collect();
@@ -71,7 +77,8 @@ fn validate_one(src: &str, shown: &str) {
     }
 }
 
-/// Inlines `#include "local.cuh"` lines (once each), so NVRTC needs no include path.
+/// Inlines `#include "local.cuh"` (or `.wgsli`) lines, once each, so NVRTC needs no include
+/// path and a WGSL shader is one text.
 fn inline_includes(path: &Path, seen: &mut Vec<PathBuf>) -> String {
     let src = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     let mut out = String::new();

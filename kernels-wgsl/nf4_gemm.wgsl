@@ -11,48 +11,18 @@
 //
 // nf4_dequant: one invocation per element, 256 per workgroup, grid (x, y) with the linear
 // workgroup index y * num_workgroups.x + x (past 65535 workgroups).
-// nf4_lora_gemm: as `lora_gemm` (64x64 tile, 16x16 invocations, 4x4 each in vec4s, K step 16), with
-// op(B1)[l, j] = W_flat[l * b1_rs + j * b1_cs]: b1_rs = 1, b1_cs = K for the forward
-// (Y = X.W^T + s.XA.B^T), b1_rs = K, b1_cs = 1 for dX = dY.W + s.G.A.
+// nf4_lora_gemm: `lora_gemm`'s tile loop (`gemm_tile.wgsli`: 64x64 tile, 16x16 invocations, 4x4
+// each in vec4s, K step 16) with op(B1)[l, j] = W_flat[l * b1_rs + j * b1_cs]: b1_rs = 1,
+// b1_cs = K for the forward (Y = X.W^T + s.XA.B^T), b1_rs = K, b1_cs = 1 for dX = dY.W + s.G.A.
+// The forward's tile loads take neighbouring k of W's rows, so neighbouring invocations decode
+// neighbouring codes of one byte and one block.
 //
 // Element types as in `lora_gemm.wgsl`: TA for A1 and A2, TB for B2 and the bias, TC for C
 // (f32 as written; the launcher rewrites the aliases and prepends `enable f16;` for an f16
 // model). W is dequantized in f32 and the tiles and accumulators stay f32 whatever the aliases.
 
-struct Params {
-    m: u32,
-    n: u32,
-    k1: u32,
-    k2: u32,
-    a1_rs: u32,
-    a1_cs: u32,
-    b1_rs: u32,
-    b1_cs: u32,
-    a2_rs: u32,
-    a2_cs: u32,
-    b2_rs: u32,
-    b2_cs: u32,
-    s1: f32,
-    s2: f32,
-    // bit 0: add bias[N].
-    flags: u32,
-    // nf4_dequant: the element count.
-    len: u32,
-    offset: f32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
+#include "gemm_tile.wgsli"
 
-alias TA = f32;
-alias TB = f32;
-alias TC = f32;
-
-const TM: u32 = 64u;
-const TN: u32 = 64u;
-const TK: u32 = 16u;
-
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a1: array<TA>;
 @group(0) @binding(2) var<storage, read> packed: array<u32>;
 @group(0) @binding(3) var<storage, read> absmax: array<u32>;
@@ -62,9 +32,6 @@ const TK: u32 = 16u;
 @group(0) @binding(7) var<storage, read> b2: array<TB>;
 @group(0) @binding(8) var<storage, read> bias: array<TB>;
 @group(0) @binding(9) var<storage, read_write> c: array<TC>;
-
-var<workgroup> a_tile: array<array<vec4<f32>, 16>, 16>;
-var<workgroup> b_tile: array<array<vec4<f32>, 16>, 16>;
 
 fn packed_byte(i: u32) -> u32 {
     return (packed[i / 4u] >> (8u * (i % 4u))) & 0xffu;
@@ -91,16 +58,6 @@ fn nf4_dequant(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) g
     }
 }
 
-fn load_a(i: u32, l: u32, second: bool) -> f32 {
-    if (i >= p.m) {
-        return 0.0;
-    }
-    if (second) {
-        return select(0.0, p.s2 * f32(a2[i * p.a2_rs + l * p.a2_cs]), l < p.k2);
-    }
-    return select(0.0, p.s1 * f32(a1[i * p.a1_rs + l * p.a1_cs]), l < p.k1);
-}
-
 fn load_b(l: u32, j: u32, second: bool) -> f32 {
     if (j >= p.n) {
         return 0.0;
@@ -114,47 +71,8 @@ fn load_b(l: u32, j: u32, second: bool) -> f32 {
     return nf4_weight(l * p.b1_rs + j * p.b1_cs);
 }
 
+// Both products into one accumulator (forward Y, backward dX), W in NF4.
 @compute @workgroup_size(16, 16)
 fn nf4_lora_gemm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row0 = wid.y * TM;
-    let col0 = wid.x * TN;
-    let tx = lid.x;
-    let ty = lid.y;
-    let t = ty * 16u + tx;
-    var acc: array<vec4<f32>, 4>;
-    let tiles1 = (p.k1 + TK - 1u) / TK;
-    let tiles = tiles1 + (p.k2 + TK - 1u) / TK;
-    for (var kt = 0u; kt < tiles; kt++) {
-        let second = kt >= tiles1;
-        let k0 = select(kt * TK, (kt - tiles1) * TK, second);
-        for (var q = 0u; q < 4u; q++) {
-            let e = t + 256u * q;
-            let l = e / 64u;
-            let x = e % 64u;
-            a_tile[l][x / 4u][x % 4u] = load_a(row0 + x, k0 + l, second);
-            b_tile[l][x / 4u][x % 4u] = load_b(k0 + l, col0 + x, second);
-        }
-        workgroupBarrier();
-        for (var l = 0u; l < TK; l++) {
-            let av = a_tile[l][ty];
-            let bv = b_tile[l][tx];
-            for (var i = 0u; i < 4u; i++) {
-                acc[i] += av[i] * bv;
-            }
-        }
-        workgroupBarrier();
-    }
-    for (var i = 0u; i < 4u; i++) {
-        let r = row0 + 4u * ty + i;
-        for (var j = 0u; j < 4u; j++) {
-            let col = col0 + 4u * tx + j;
-            if (r < p.m && col < p.n) {
-                var v = acc[i][j];
-                if ((p.flags & 1u) != 0u) {
-                    v += f32(bias[col]);
-                }
-                c[r * p.n + col] = TC(v);
-            }
-        }
-    }
+    gemm_tile(wid, lid, p.k2);
 }

@@ -60,6 +60,14 @@
 //! The launchers under [`kernels`] take the runtimes' own types instead, for a program with
 //! its own cudarc context or wgpu device (see [`kernels::lora::cuda`]).
 
+/// The text of `kernels-wgsl/$name` with its `#include "part.wgsli"` lines inlined, as
+/// `build.rs` wrote and validated it.
+macro_rules! wgsl_source {
+    ($name:literal) => {
+        include_str!(concat!(env!("OUT_DIR"), "/wgsl/", $name))
+    };
+}
+
 pub mod device;
 mod dtype;
 mod error;

@@ -45,7 +45,7 @@ pub mod wgsl {
     use crate::kernels::check_len;
     use crate::{DType, Error, Result};
 
-    pub const SOURCE: &str = include_str!("../../kernels-wgsl/cast.wgsl");
+    pub const SOURCE: &str = wgsl_source!("cast.wgsl");
 
     /// Words a buffer of `n` elements of `dtype` spans (16-bit elements pack two to a word).
     fn words(n: usize, dtype: DType) -> usize {

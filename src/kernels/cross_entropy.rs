@@ -311,7 +311,7 @@ pub mod wgsl {
     use crate::kernels::check_len;
     use crate::{Error, Result};
 
-    pub const SOURCE: &str = include_str!("../../kernels-wgsl/cross_entropy.wgsl");
+    pub const SOURCE: &str = wgsl_source!("cross_entropy.wgsl");
 
     #[repr(C)]
     #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

@@ -309,7 +309,7 @@ pub mod wgsl {
     use crate::device::wgpu::{dispatch, uniform, KernelCache};
     use crate::Result;
 
-    pub const SOURCE: &str = include_str!("../../kernels-wgsl/elementwise.wgsl");
+    pub const SOURCE: &str = wgsl_source!("elementwise.wgsl");
     const WG: u32 = 256;
     const MAX_GRID_Y: u32 = 65535;
 
@@ -366,7 +366,7 @@ pub mod wgsl {
         Ok(())
     }
 
-    pub const ADD_SOURCE: &str = include_str!("../../kernels-wgsl/add.wgsl");
+    pub const ADD_SOURCE: &str = wgsl_source!("add.wgsl");
 
     /// `y[i] = a[i] + b[i % nb]` over `len` elements stored in `precision` (b broadcast over
     /// a's leading dims; nb must divide len).

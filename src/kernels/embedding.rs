@@ -163,7 +163,7 @@ pub mod wgsl {
     use crate::device::wgpu::{dispatch, grid, uniform, KernelCache};
     use crate::Result;
 
-    pub const SOURCE: &str = include_str!("../../kernels-wgsl/embedding.wgsl");
+    pub const SOURCE: &str = wgsl_source!("embedding.wgsl");
 
     #[repr(C)]
     #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

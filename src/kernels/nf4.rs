@@ -219,7 +219,7 @@ pub mod wgsl {
     use crate::kernels::lora::wgsl::{check_buffers, pass, to_u32, GemmUniform};
     use crate::Result;
 
-    pub const SOURCE: &str = include_str!("../../kernels-wgsl/nf4_gemm.wgsl");
+    pub const SOURCE: &str = wgsl_source!("nf4_gemm.wgsl");
 
     /// An NF4 tensor on a wgpu device: the packed codes and absmax indices as bytes (padded to
     /// whole u32 words), the second-level scales, and the 256 dynamic-map values followed by the
@@ -255,7 +255,7 @@ pub mod wgsl {
         })
     }
 
-    pub const QUANT_SOURCE: &str = include_str!("../../kernels-wgsl/nf4_quant.wgsl");
+    pub const QUANT_SOURCE: &str = wgsl_source!("nf4_quant.wgsl");
 
     /// Quantizes the first `len` values of `x` (f32, or f16 with `Precision::F16`) to NF4 on the
     /// device, byte for byte as `cpu::quantize` (see `nf4_quant.wgsl` and

@@ -338,7 +338,7 @@ pub mod wgsl {
     use crate::device::wgpu::{dispatch, grid, uniform, KernelCache};
     use crate::{Error, Result};
 
-    pub const SOURCE: &str = include_str!("../../kernels-wgsl/rmsnorm.wgsl");
+    pub const SOURCE: &str = wgsl_source!("rmsnorm.wgsl");
     const WG: u32 = 256;
 
     #[repr(C)]

@@ -237,7 +237,7 @@ pub mod wgsl {
     use crate::kernels::check_len;
     use crate::{Error, Result};
 
-    pub const SOURCE: &str = include_str!("../../kernels-wgsl/sparse.wgsl");
+    pub const SOURCE: &str = wgsl_source!("sparse.wgsl");
 
     #[allow(clippy::too_many_arguments)]
     fn launch(

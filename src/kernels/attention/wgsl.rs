@@ -12,9 +12,9 @@ use crate::device::wgpu::{dispatch, dispatch_bound, grid, uniform, KernelCache};
 use crate::kernels::check_len;
 use crate::{Error, Result};
 
-pub const SOURCE: &str = include_str!("../../../kernels-wgsl/flash_attention.wgsl");
+pub const SOURCE: &str = wgsl_source!("flash_attention.wgsl");
 /// The split-KV forward for a few query rows (`FwdKernel::SplitKv`).
-pub const DECODE_SOURCE: &str = include_str!("../../../kernels-wgsl/flash_decode.wgsl");
+pub const DECODE_SOURCE: &str = wgsl_source!("flash_decode.wgsl");
 
 /// The forward kernel. `Tiled` (`attn_fwd`): a workgroup per 64 queries of a query head,
 /// one query per invocation, keys streamed through workgroup memory. `SplitKv`

@@ -43,8 +43,8 @@ use crate::kernels::check_len;
 use crate::kernels::nf4::wgsl as nf4;
 use crate::{Error, Result};
 
-pub const SOURCE: &str = include_str!("../../../kernels-wgsl/lora_gemm.wgsl");
-pub const GEMV_SOURCE: &str = include_str!("../../../kernels-wgsl/gemv.wgsl");
+pub const SOURCE: &str = wgsl_source!("lora_gemm.wgsl");
+pub const GEMV_SOURCE: &str = wgsl_source!("gemv.wgsl");
 /// The largest M that [`forward`] sends to `gemv.wgsl` (both XA and Y, dense or NF4 W) rather
 /// than the 64×64 GEMM, which would compute 64 rows for these few.
 pub const GEMV_MAX_M: usize = 16;
@@ -227,8 +227,8 @@ fn gemv_pass(
     pass(device, kernels, enc, (&name, source, entry), &u, &bind, groups)
 }
 
-/// The uniform of `lora_gemm.wgsl` and `nf4_gemm.wgsl` (the first 16 words are shared; the
-/// LoRA shader ignores the rest).
+/// The uniform of `lora_gemm.wgsl` and `nf4_gemm.wgsl` (`Params` of `gemm_tile.wgsli`, which
+/// both include) and of `gemv.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct GemmUniform {
@@ -345,7 +345,7 @@ fn lora_pass(
     pass(device, kernels, enc, (&format!("lora_gemm::{entry}{suffix}"), source, entry), u, buffers, groups)
 }
 
-pub const DROPOUT_SOURCE: &str = include_str!("../../../kernels-wgsl/dropout.wgsl");
+pub const DROPOUT_SOURCE: &str = wgsl_source!("dropout.wgsl");
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]

@@ -7,10 +7,10 @@ use crate::device::wgpu::{grid, uniform, KernelCache, Precision};
 use crate::kernels::check_len;
 use crate::{Error, Result};
 
-pub const SM3_SOURCE: &str = include_str!("../../../kernels-wgsl/optim_sm3.wgsl");
-pub const SM3_SPARSE_SOURCE: &str = include_str!("../../../kernels-wgsl/optim_sm3_sparse.wgsl");
-pub const ADAMW_SOURCE: &str = include_str!("../../../kernels-wgsl/optim_adamw.wgsl");
-pub const SUMSQ_SOURCE: &str = include_str!("../../../kernels-wgsl/optim_sumsq.wgsl");
+pub const SM3_SOURCE: &str = wgsl_source!("optim_sm3.wgsl");
+pub const SM3_SPARSE_SOURCE: &str = wgsl_source!("optim_sm3_sparse.wgsl");
+pub const ADAMW_SOURCE: &str = wgsl_source!("optim_adamw.wgsl");
+pub const SUMSQ_SOURCE: &str = wgsl_source!("optim_sumsq.wgsl");
 const WG: u32 = 256;
 const SM3_TILE: usize = 16;
 const SUMSQ_MAX_GROUPS: usize = 256;
