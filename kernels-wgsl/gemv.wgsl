@@ -22,29 +22,7 @@
 // K % 8 == 0: K / 128) trips a lane, so lavapipe's limit of 65,535 per invocation is far off
 // (right at K 1,048,576 and M 16 there).
 
-struct Params {
-    m: u32,
-    n: u32,
-    // K and R.
-    k1: u32,
-    k2: u32,
-    // The GEMM's operand strides: unused here (x, W, xa and B are row-major).
-    strides: array<vec4<u32>, 2>,
-    s1: f32,
-    s2: f32,
-    // bit 0: add bias[N].
-    flags: u32,
-    len: u32,
-    // NF4: the offset added to every block scale.
-    offset: f32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
-alias TA = f32;
-alias TB = f32;
-alias TC = f32;
+#include "gemm_params.wgsli"
 
 // Rows a lane keeps sums for (at most LANES: lane i finishes row i); the launcher rewrites it
 // to 1 for a one-row instance (decoding), as the CUDA kernels have `gemv_m1_*`.
@@ -52,7 +30,6 @@ const MAXM: u32 = 16u;
 const LANES: u32 = 16u;
 const COLS: u32 = 4u;
 
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<TA>;
 @group(0) @binding(2) var<storage, read> w: array<TB>;
 @group(0) @binding(3) var<storage, read> xa: array<TA>;
@@ -66,6 +43,8 @@ const COLS: u32 = 4u;
 @group(0) @binding(9) var<storage, read> absmax2: array<f32>;
 @group(0) @binding(10) var<storage, read> tables: array<f32>;
 
+#include "nf4_decode.wgsli"
+
 // part[t][i]: invocation t's sum for row i.
 var<workgroup> part: array<array<f32, MAXM>, 64>;
 
@@ -78,24 +57,6 @@ fn x_at(i: u32, kk: u32) -> f32 {
 fn x4(i: u32, kk: u32) -> vec4<f32> {
     let e = i * p.k1 + kk;
     return vec4<f32>(f32(x[e]), f32(x[e + 1u]), f32(x[e + 2u]), f32(x[e + 3u]));
-}
-
-// The dequantization scale of NF4 block b: map[q_b] * absmax2[b / 256] + offset.
-fn block_scale(b: u32) -> f32 {
-    let q = (absmax[b / 4u] >> (8u * (b % 4u))) & 0xffu;
-    let scaled = tables[q] * absmax2[b / 256u];
-    return scaled + p.offset;
-}
-
-// The NF4 value of code j (0..8) of a word: byte j / 2, its high nibble for even j.
-fn code_value(word: u32, j: u32) -> f32 {
-    let byte = (word >> (8u * (j / 2u))) & 0xffu;
-    return tables[256u + select(byte & 0xfu, byte >> 4u, j % 2u == 0u)];
-}
-
-// W's flat element e, dequantized (as `nf4_gemm.wgsl`'s `nf4_weight`).
-fn nf4_at(e: u32) -> f32 {
-    return code_value(packed[e / 8u], e % 8u) * block_scale(e / 64u);
 }
 
 // Every row's sum gains its dot with the step's weights at k (4 per lane, one from each

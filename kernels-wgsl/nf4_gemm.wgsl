@@ -33,28 +33,13 @@
 @group(0) @binding(8) var<storage, read> bias: array<TB>;
 @group(0) @binding(9) var<storage, read_write> c: array<TC>;
 
-fn packed_byte(i: u32) -> u32 {
-    return (packed[i / 4u] >> (8u * (i % 4u))) & 0xffu;
-}
-
-fn absmax_index(b: u32) -> u32 {
-    return (absmax[b / 4u] >> (8u * (b % 4u))) & 0xffu;
-}
-
-fn nf4_weight(e: u32) -> f32 {
-    let byte = packed_byte(e / 2u);
-    let code = select(byte & 0xfu, byte >> 4u, e % 2u == 0u);
-    let b = e / 64u;
-    let scaled = tables[absmax_index(b)] * absmax2[b / 256u];
-    let a = scaled + p.offset;
-    return tables[256u + code] * a;
-}
+#include "nf4_decode.wgsli"
 
 @compute @workgroup_size(256)
 fn nf4_dequant(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let e = (wid.y * groups.x + wid.x) * 256u + lid;
     if (e < p.len) {
-        c[e] = TC(nf4_weight(e));
+        c[e] = TC(nf4_at(e));
     }
 }
 
@@ -68,7 +53,7 @@ fn load_b(l: u32, j: u32, second: bool) -> f32 {
     if (l >= p.k1) {
         return 0.0;
     }
-    return nf4_weight(l * p.b1_rs + j * p.b1_cs);
+    return nf4_at(l * p.b1_rs + j * p.b1_cs);
 }
 
 // Both products into one accumulator (forward Y, backward dX), W in NF4.
