@@ -1,5 +1,5 @@
 // Flash attention (the FlashAttention-2 algorithm), forward and backward. Tensors are stored
-// as T (the alias below: f32 as written; the launcher rewrites it to f16 and prepends
+// as T (the alias of attention_common.wgsli: f32 as written; the launcher rewrites it to f16 and prepends
 // `enable f16;` for half-precision storage); the statistics and all arithmetic are f32.
 //
 // Shapes as in src/kernels/attention.rs: q, o, dO, dq [B, T, H, D]; k, v, dk, dv [B, S, G, D];
@@ -26,30 +26,12 @@
 // all, then it silently stops looping) to about 27x longer sequences than a scalar pass per
 // key did (S 13,000 against 480 at D 64).
 
-struct Params {
-    batch: u32,
-    q_len: u32,
-    kv_len: u32,
-    heads: u32,
-    kv_heads: u32,
-    head_dim: u32,
-    // bit 0: causal, bit 1: sliding window, bit 2: packed (starts bound)
-    flags: u32,
-    window: u32,
-    scale: f32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
-alias T = f32;
+#include "attention_common.wgsli"
 
 const BR: u32 = 64u;
 const BC: u32 = 8u;
 const DMAX4: u32 = 32u; // the largest head dim, 128, in vec4s
-const NEG: f32 = -3.0e38;
 
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<T>;
 @group(0) @binding(2) var<storage, read> k: array<T>;
 @group(0) @binding(3) var<storage, read> v: array<T>;
@@ -65,14 +47,6 @@ const NEG: f32 = -3.0e38;
 var<workgroup> tile_a: array<vec4<f32>, 256>; // BC * DMAX4
 var<workgroup> tile_b: array<vec4<f32>, 256>;
 var<workgroup> tile_s: array<f32, 16>;   // BC * 2 (stats of a query tile)
-
-fn q_index(b: u32, t: u32, h: u32) -> u32 {
-    return ((b * p.q_len + t) * p.heads + h) * p.head_dim;
-}
-
-fn kv_index(b: u32, j: u32, g: u32) -> u32 {
-    return ((b * p.kv_len + j) * p.kv_heads + g) * p.head_dim;
-}
 
 // The head dim in vec4s.
 fn dim4() -> u32 {
@@ -147,22 +121,14 @@ fn st_x8(at: u32, c: u32, val: vec4<f32>) {
     if (c + 3u < d) { x8[at + c + 3u] = T(val.w); }
 }
 
-// The visible keys [lo, hi) of query t of row b. The query sits at position S - T + t, which
-// is negative for the first queries when T > S (allowed without causal), so signed.
+// The visible keys [lo, hi) of query t of row b: the masks, and with packed rows the start of
+// the query's sequence.
 fn visible(b: u32, t: u32) -> vec2<u32> {
-    let end = i32(p.kv_len) - i32(p.q_len) + i32(t) + 1; // one past the query's position
-    var hi = p.kv_len;
-    if ((p.flags & 1u) != 0u) {
-        hi = u32(clamp(end, 0, i32(p.kv_len)));
-    }
-    var lo = 0u;
-    if ((p.flags & 2u) != 0u && end > 0 && u32(end) > p.window) {
-        lo = min(u32(end) - p.window, p.kv_len);
-    }
+    let r = visible_unpacked(t);
     if ((p.flags & 4u) != 0u) {
-        lo = max(lo, starts[b * p.q_len + t]);
+        return vec2<u32>(min(max(r.x, starts[b * p.q_len + t]), r.y), r.y);
     }
-    return vec2<u32>(min(lo, hi), hi);
+    return r;
 }
 
 // Workgroup index from a possibly 2-D grid.

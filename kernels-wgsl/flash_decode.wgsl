@@ -23,31 +23,13 @@
 //               O and the log-sum-exp (NEG and a zero row when no key is visible, as attn_fwd).
 // Head dim at most 128 (two columns per invocation). No subgroup operations.
 
-struct Params {
-    batch: u32,
-    q_len: u32,
-    kv_len: u32,
-    heads: u32,
-    kv_heads: u32,
-    head_dim: u32,
-    // bit 0: causal, bit 1: sliding window (bit 2, packed rows, is refused by the launcher)
-    flags: u32,
-    window: u32,
-    scale: f32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
-alias T = f32;
+#include "attention_common.wgsli"
 
 const CHUNK: u32 = 256u;
 const TILE: u32 = 64u;
 const ROWS: u32 = 16u;
 const DMAX: u32 = 128u;
-const NEG: f32 = -3.0e38;
 
-@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<T>;
 @group(0) @binding(2) var<storage, read> k: array<T>;
 @group(0) @binding(3) var<storage, read> v: array<T>;
@@ -65,28 +47,6 @@ var<workgroup> row_l: array<f32, ROWS>; // running sum per row
 var<workgroup> row_c: array<f32, ROWS>; // the tile's rescale of each row's accumulator
 var<workgroup> row_lo: array<u32, ROWS>;
 var<workgroup> row_hi: array<u32, ROWS>;
-
-fn q_index(b: u32, t: u32, h: u32) -> u32 {
-    return ((b * p.q_len + t) * p.heads + h) * p.head_dim;
-}
-
-fn kv_index(b: u32, j: u32, g: u32) -> u32 {
-    return ((b * p.kv_len + j) * p.kv_heads + g) * p.head_dim;
-}
-
-// The visible keys [lo, hi) of query t (flash_attention.wgsl's `visible`, no packed rows).
-fn visible(t: u32) -> vec2<u32> {
-    let end = i32(p.kv_len) - i32(p.q_len) + i32(t) + 1; // one past the query's position
-    var hi = p.kv_len;
-    if ((p.flags & 1u) != 0u) {
-        hi = u32(clamp(end, 0, i32(p.kv_len)));
-    }
-    var lo = 0u;
-    if ((p.flags & 2u) != 0u && end > 0 && u32(end) > p.window) {
-        lo = min(u32(end) - p.window, p.kv_len);
-    }
-    return vec2<u32>(min(lo, hi), hi);
-}
 
 fn chunks() -> u32 {
     return max((p.kv_len + CHUNK - 1u) / CHUNK, 1u);
@@ -110,7 +70,7 @@ fn decode_part(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         qs[i] = f32(q[q_index(b, r % p.q_len, g * per + r / p.q_len) + i % d]) * p.scale;
     }
     if (lid < rows) {
-        let range = visible(lid % p.q_len);
+        let range = visible_unpacked(lid % p.q_len);
         row_lo[lid] = range.x;
         row_hi[lid] = range.y;
         row_m[lid] = NEG;
