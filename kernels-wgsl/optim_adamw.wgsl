@@ -34,16 +34,7 @@ const WG: u32 = 256u;
 @group(0) @binding(4) var<storage, read_write> v: array<f32>;
 @group(0) @binding(5) var<storage, read> sumsq: array<f32>;
 
-fn grad_scale() -> f32 {
-    var s = p.scale;
-    if ((p.flags & 2u) != 0u) {
-        let norm = sqrt(sumsq[0]);
-        if (p.max_norm > 0.0 && norm > p.max_norm) {
-            s = s * (p.max_norm / (norm + 1e-6));
-        }
-    }
-    return s;
-}
+#include "grad_scale.wgsli"
 
 @compute @workgroup_size(256)
 fn adamw(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {

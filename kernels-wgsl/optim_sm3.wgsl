@@ -11,7 +11,7 @@
 // The old accumulators are only read (double buffering; the caller swaps).
 //
 // Clip factor: s = scale, times max_norm / (norm + 1e-6) when the device sum of squares is
-// bound (flags bit 1), norm = sqrt(sumsq[0]) and norm > max_norm > 0 (optim::clip_scale).
+// bound (flags bit 1), norm = sqrt(sumsq[0]) and norm > max_norm > 0 (`grad_scale.wgsli`).
 //
 // Launch: workgroups of 16x16 own a 16x16 tile; the tile index is wid.y * num_workgroups.x +
 // wid.x (a 2-D grid past 65535 tiles), tiles numbered row-major over ceil(C/16) tile columns.
@@ -48,16 +48,7 @@ const T: u32 = 16u;
 
 var<workgroup> vals: array<array<f32, 16>, 16>;
 
-fn grad_scale() -> f32 {
-    var s = p.scale;
-    if ((p.flags & 2u) != 0u) {
-        let norm = sqrt(sumsq[0]);
-        if (p.max_norm > 0.0 && norm > p.max_norm) {
-            s = s * (p.max_norm / (norm + 1e-6));
-        }
-    }
-    return s;
-}
+#include "grad_scale.wgsli"
 
 @compute @workgroup_size(16, 16)
 fn sm3_dense(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -38,16 +38,7 @@ const WG: u32 = 256u;
 @group(0) @binding(7) var<storage, read> sumsq: array<f32>;
 @group(0) @binding(8) var<storage, read_write> acc_tmp: array<atomic<u32>>;
 
-fn grad_scale() -> f32 {
-    var s = p.scale;
-    if ((p.flags & 2u) != 0u) {
-        let norm = sqrt(sumsq[0]);
-        if (p.max_norm > 0.0 && norm > p.max_norm) {
-            s = s * (p.max_norm / (norm + 1e-6));
-        }
-    }
-    return s;
-}
+#include "grad_scale.wgsli"
 
 @compute @workgroup_size(256)
 fn sm3_sparse(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
