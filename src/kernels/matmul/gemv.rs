@@ -21,13 +21,17 @@ const PARALLEL_BYTES: usize = 256 << 10;
 const MAX_TILE: usize = 1024;
 
 /// `c = a·op(b)`, or `c += beta·a·op(b)` with `acc`, for a single row a of K elements (`p.m`
-/// is 1; `trans_a` changes nothing for one row). `threads` as `GEMM_THREADS` (1: this thread
-/// only). The caller checked the lengths and that N, K > 0.
+/// is 1; `trans_a` changes nothing for one row). `threads` as `GEMM_THREADS`: 0, a few tasks
+/// per rayon thread; 1, this thread only; more, at most that many tasks (so at most that many
+/// threads). The caller checked the lengths and that N, K > 0.
 pub(super) fn gemv(a: &[f32], b: &[f32], c: &mut [f32], p: MatmulParams, acc: Option<f32>, threads: usize) {
     debug_assert!(p.m == 1 && a.len() >= p.k && b.len() >= p.k * p.n && c.len() >= p.n && p.n > 0 && p.k > 0);
     let (n, k) = (p.n, p.k);
     let (a, c) = (&a[..k], &mut c[..n]);
     let parallel = threads != 1 && k * n * 4 >= PARALLEL_BYTES;
+    let pool = rayon::current_num_threads().max(1);
+    // Columns of c per task: a few tasks per pool thread for balance, or one per allowed thread.
+    let per_task = |balanced: usize| if threads > 1 { n.div_ceil(threads) } else { balanced };
     let land = |ci: &mut f32, v: f32| *ci = match acc {
         Some(beta) => *ci + beta * v,
         None => v,
@@ -39,27 +43,31 @@ pub(super) fn gemv(a: &[f32], b: &[f32], c: &mut [f32], p: MatmulParams, acc: Op
                 land(ci, dot(a, &b[(j0 + j) * k..][..k]));
             }
         };
-        let chunk = n.div_ceil(4 * rayon::current_num_threads().max(1)).max(16);
+        let chunk = per_task(n.div_ceil(4 * pool)).max(16);
         if parallel {
             c.par_chunks_mut(chunk).enumerate().for_each(|(i, cs)| rows((i * chunk, cs)));
         } else {
             rows((0, c));
         }
     } else {
-        // B is [K, N]: a tile of columns sums a[k]·B[k, tile] over the rows in order.
-        let tile = n.div_ceil(2 * rayon::current_num_threads().max(1)).next_multiple_of(16).clamp(64, MAX_TILE);
+        // B is [K, N]: a tile of columns sums a[k]·B[k, tile] over the rows in order; a task
+        // takes one tile, or under a thread limit a span of whole tiles.
+        let tile = n.div_ceil(2 * pool).next_multiple_of(16).clamp(64, MAX_TILE);
+        let span = per_task(tile).next_multiple_of(tile);
         let cols = |(i, cs): (usize, &mut [f32])| {
-            let mut sum = [0.0f32; MAX_TILE];
-            let sum = &mut sum[..cs.len()];
-            rows_times_tile(sum, a, &b[i * tile..], n);
-            for (ci, &v) in cs.iter_mut().zip(sum.iter()) {
-                land(ci, v);
+            for (t, ct) in cs.chunks_mut(tile).enumerate() {
+                let mut sum = [0.0f32; MAX_TILE];
+                let sum = &mut sum[..ct.len()];
+                rows_times_tile(sum, a, &b[i * span + t * tile..], n);
+                for (ci, &v) in ct.iter_mut().zip(sum.iter()) {
+                    land(ci, v);
+                }
             }
         };
         if parallel {
-            c.par_chunks_mut(tile).enumerate().for_each(cols);
+            c.par_chunks_mut(span).enumerate().for_each(cols);
         } else {
-            c.chunks_mut(tile).enumerate().for_each(cols);
+            cols((0, c));
         }
     }
 }
@@ -113,11 +121,12 @@ mod tests {
                 let f64v = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
                 let ab = reference::matmul(&f64v(&a), &f64v(&b), p);
                 let mut first: Option<Vec<f32>> = None;
-                for threads in [0, 1] {
+                // 2 and 3: under a limit, tasks of whole tiles (N 1500 in two spans of two tiles).
+                for threads in [0, 1, 2, 3] {
                     let mut c = vec![f32::NAN; n];
                     gemv(&a, &b, &mut c, p, None, threads);
                     compare(&format!("gemv n={n} k={k} trans_b={trans_b} threads={threads}"), &c, &ab, Tolerance::F32).unwrap();
-                    // The same bits on one thread and on all of them.
+                    // The same bits on one thread, on all of them and under a limit.
                     match &first {
                         None => first = Some(c),
                         Some(f) => assert!(f.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()), "gemv n={n} k={k}: threads change the bits"),
