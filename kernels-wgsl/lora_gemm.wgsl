@@ -10,7 +10,7 @@
 //   backward G  = dY.B;  dA = s.G^T.X~;  dB = s.dY^T.XA                           (gemm)
 //            dX = dY.W + s.G.A: A1 = dY, B1 = W, A2 = G, B2 = A                  (lora_gemm)
 // Element types: TA for A1 and A2, TB for B1, B2 and the bias, TC for C, declared by the
-// aliases of `gemm_tile.wgsli` (f32 as written; the launcher rewrites them and prepends `enable
+// aliases of `gemm_params.wgsli` (f32 as written; the launcher rewrites them and prepends `enable
 // f16;`: all three f16 for the activations in half precision; TA, TB f16 with TC f32 for dA and
 // dB of f32 master weights and f32 logits; TB alone f16 for f32 gradients against an f16
 // weight). Accumulation is always f32.

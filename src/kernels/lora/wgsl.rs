@@ -227,7 +227,7 @@ fn gemv_pass(
     pass(device, kernels, enc, (&name, source, entry), &u, &bind, groups)
 }
 
-/// The uniform of `lora_gemm.wgsl` and `nf4_gemm.wgsl` (`Params` of `gemm_tile.wgsli`, which
+/// The uniform of `lora_gemm.wgsl` and `nf4_gemm.wgsl` (`Params` of `gemm_params.wgsli`, which
 /// both include) and of `gemv.wgsl`.
 #[repr(C)]
 #[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]

@@ -121,7 +121,7 @@ mod tests {
                 let f64v = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
                 let ab = reference::matmul(&f64v(&a), &f64v(&b), p);
                 let mut first: Option<Vec<f32>> = None;
-                // 2 and 3: under a limit, tasks of whole tiles (N 1500 in two spans of two tiles).
+                // 2 and 3: under a limit, tasks of whole tiles (spans of one or more).
                 for threads in [0, 1, 2, 3] {
                     let mut c = vec![f32::NAN; n];
                     gemv(&a, &b, &mut c, p, None, threads);
