@@ -219,7 +219,7 @@ FA_FWD_INSTANCES(128)
 
 // ---------------------------------------------------------------------------------------------
 // Backward (FlashAttention-2's): with s = scale.q.k, P recomputed from lse, and
-//   Dvec[t] = sum_d dO[t, d] O[t, d]           (flash_attn_bwd_dot_*, one warp per row)
+//   Dvec[t] = sum_d dO[t, d] O[t, d]           (flash_attn_bwd_dot_*, one warp per row; clears dq_acc)
 //   dV[s]  += sum_t P[t, s] dO[t]
 //   dP[t, s] = dO[t] . V[s]
 //   dS[t, s] = P[t, s] (dP[t, s] - Dvec[t])
@@ -241,14 +241,26 @@ FA_FWD_INSTANCES(128)
 #define FB_Q 32
 #define FB_LDS (FB_Q + 8)
 
+// D is a multiple of 8 (the backward's head dims), so a lane reads 8 elements of O and of dO
+// in one 16-byte load each. The same pass clears the row of dq_acc that the backward adds into
+// (dq_acc has O's layout), so the accumulator needs no memset of its own.
 template <typename T>
-__device__ __forceinline__ void flash_attn_bwd_dot(const unsigned short* o, const unsigned short* dout, float* dvec, int rows_bth, int T_, int H, int D) {
+__device__ __forceinline__ void flash_attn_bwd_dot(const unsigned short* o, const unsigned short* dout, float* dvec, float* dq_acc,
+                                                   int rows_bth, int T_, int H, int D) {
     // Row r of [B, T, H] in (b, t, h) order; Dvec stored [B, H, T].
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (warp >= rows_bth) return;
     const long base = (long)warp * D;
     float acc = 0.0f;
-    for (int d = lane; d < D; d += 32) acc += T::to_f32(o[base + d]) * T::to_f32(dout[base + d]);
+    for (int d = lane * 8; d < D; d += 256) {
+        const uint4 ov = *(const uint4*)(o + base + d), gv = *(const uint4*)(dout + base + d);
+        const u32 ow[4] = {ov.x, ov.y, ov.z, ov.w}, gw[4] = {gv.x, gv.y, gv.z, gv.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            acc += T::to_f32(ow[j] & 0xffffu) * T::to_f32(gw[j] & 0xffffu) + T::to_f32(ow[j] >> 16) * T::to_f32(gw[j] >> 16);
+        *(uint4*)(dq_acc + base + d) = make_uint4(0, 0, 0, 0);
+        *(uint4*)(dq_acc + base + d + 4) = make_uint4(0, 0, 0, 0);
+    }
     acc = warp_sum(acc);
     if (lane == 0) {
         const int h = warp % H, bt = warp / H, t = bt % T_, b = bt / T_;
@@ -453,8 +465,8 @@ __device__ __forceinline__ void flash_attn_bwd_dq(const float* acc, unsigned sho
 
 #define FA_BWD_INSTANCES(SUF, TY)                                                                                           \
     extern "C" __global__ void flash_attn_bwd_dot_##SUF(const unsigned short* o, const unsigned short* dout, float* dvec,    \
-                                                        int rows, int t, int h, int d) {                                     \
-        flash_attn_bwd_dot<TY>(o, dout, dvec, rows, t, h, d);                                                               \
+                                                        float* dq_acc, int rows, int t, int h, int d) {                      \
+        flash_attn_bwd_dot<TY>(o, dout, dvec, dq_acc, rows, t, h, d);                                                       \
     }                                                                                                                        \
     extern "C" __global__ void flash_attn_bwd_dq_##SUF(const float* acc, unsigned short* dq, long n) { flash_attn_bwd_dq<TY>(acc, dq, n); } \
     FA_BWD_D(SUF, TY, 32)                                                                                                    \

@@ -297,7 +297,8 @@ fn launch_params(op: &'static str, p: &AttentionParams, starts_len: Option<usize
 
 /// Backward: dq `[B, T, H, D]`, dk and dv `[B, S, G, D]` (summed over each key head's query
 /// heads) from q, k, v, o, dO and the forward's `lse`. Scratch: `Dvec = rowsum(dO ∘ O)` and
-/// an f32 dQ accumulator (dQ is summed over key blocks with atomics, then rounded).
+/// an f32 dQ accumulator (dQ is summed over key blocks with atomics, then rounded), which the
+/// Dvec pass clears on its way.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     kernel: BwdKernel,
@@ -347,15 +348,16 @@ pub fn backward(
         Err(e) => return Err(e),
     };
     let e = |what: &'static str| move |err| Error::cuda(format!("{OP}: {what}"), err);
-    // SAFETY: plain f32s; flash_attn_bwd_dot writes all `rows` of Dvec before the backward reads it.
+    // SAFETY: plain f32s; flash_attn_bwd_dot writes all `rows` of Dvec and zeroes all `qn`
+    // (rows·D) of the dQ accumulator before the backward reads or adds to either.
     let mut dvec = unsafe { stream.alloc::<f32>(rows.max(1)) }.map_err(e("allocating Dvec"))?;
-    let mut dq_acc = stream.alloc_zeros::<f32>(qn.max(1)).map_err(e("allocating the dQ accumulator"))?;
+    let mut dq_acc = unsafe { stream.alloc::<f32>(qn.max(1)) }.map_err(e("allocating the dQ accumulator"))?;
     if rows > 0 {
         let f = modules.function("flash_attention", &format!("flash_attn_bwd_dot_{suf}"))?;
         let cfg = LaunchConfig { grid_dim: ((rows * 32).div_ceil(128) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         let (r, t, h, di) = (rows as i32, p.q_len as i32, p.heads as i32, d as i32);
-        // SAFETY: matches flash_attn_bwd_dot's signature; o and dout hold rows·D elements.
-        unsafe { stream.launch_builder(&f).arg(o).arg(dout).arg(&mut dvec).arg(&r).arg(&t).arg(&h).arg(&di).launch(cfg) }.map_err(e("launching the Dvec pass"))?;
+        // SAFETY: matches flash_attn_bwd_dot's signature; o, dout and dq_acc hold rows·D elements.
+        unsafe { stream.launch_builder(&f).arg(o).arg(dout).arg(&mut dvec).arg(&mut dq_acc).arg(&r).arg(&t).arg(&h).arg(&di).launch(cfg) }.map_err(e("launching the Dvec pass"))?;
     }
     let cfg = LaunchConfig { grid_dim: (p.kv_len.div_ceil(64) as u32, p.kv_heads as u32, p.batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
     let null = 0u64;
