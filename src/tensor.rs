@@ -134,27 +134,24 @@ impl Tensor {
         }))
     }
 
-    /// The elements of a CPU f32 tensor as its own vector, without a copy, where nothing else
-    /// holds them (no other tensor over the same storage, no cached transpose); else the tensor
-    /// back, unchanged.
-    pub(crate) fn try_into_cpu_f32(self) -> std::result::Result<Vec<f32>, Tensor> {
-        if !self.owns_cpu_f32() {
+    /// Whether this tensor alone holds its storage: no other tensor over it, nothing derived
+    /// from it (a cached transpose or cast copy). Then [`Tensor::try_into_storage`] hands the
+    /// storage out, to an owner that grows it in place (the KV cache).
+    pub(crate) fn owns_storage(&self) -> bool {
+        Arc::strong_count(&self.0) == 1 && Arc::strong_count(&self.0.storage) == 1 && self.0.derived.transposed.get().is_none() && self.0.derived.cast.get().is_none()
+    }
+
+    /// The storage, without a copy, where [`Tensor::owns_storage`]; else the tensor back,
+    /// unchanged.
+    pub(crate) fn try_into_storage(self) -> std::result::Result<Storage, Tensor> {
+        if !self.owns_storage() {
             return Err(self);
         }
         let inner = Arc::try_unwrap(self.0).map_err(Tensor)?;
         match Arc::try_unwrap(inner.storage) {
-            Ok(Storage::Cpu(CpuStorage::F32(v))) => Ok(v),
-            Ok(other) => Err(Tensor(Arc::new(Inner { storage: Arc::new(other), ..inner }))),
+            Ok(storage) => Ok(storage),
             Err(storage) => Err(Tensor(Arc::new(Inner { storage, ..inner }))),
         }
-    }
-
-    /// Whether [`Tensor::try_into_cpu_f32`] would hand out the vector.
-    pub(crate) fn owns_cpu_f32(&self) -> bool {
-        Arc::strong_count(&self.0) == 1
-            && Arc::strong_count(&self.0.storage) == 1
-            && self.0.derived.transposed.get().is_none()
-            && matches!(*self.0.storage, Storage::Cpu(CpuStorage::F32(_)))
     }
 
     /// A tensor from host data, on `device`.
@@ -377,9 +374,10 @@ impl Tensor {
         let storage = match self.storage() {
             Storage::Cpu(s) => Storage::Cpu(s.clone()),
             Storage::Cuda { rt, buf } => {
-                // Not zeroed: the copy writes every byte.
+                // Not zeroed: the copy writes every byte. (The buffer may hold more than the
+                // tensor: a KV cache keeps room for later rows.)
                 let mut dst = rt.alloc_uninit(bytes)?;
-                rt.stream.memcpy_dtod(buf, &mut dst).map_err(|e| Error::cuda("device copy", e))?;
+                rt.stream.memcpy_dtod(&buf.slice(..bytes), &mut dst.slice_mut(..bytes)).map_err(|e| Error::cuda("device copy", e))?;
                 Storage::Cuda { rt: rt.clone(), buf: dst }
             }
             Storage::Wgpu { rt, buf } => {

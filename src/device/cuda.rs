@@ -428,7 +428,10 @@ impl CudaRuntime {
     }
 
     pub fn download(&self, buf: &CudaSlice<u8>, bytes: usize) -> Result<Vec<u8>> {
-        let mut v = self.stream.clone_dtoh(buf).map_err(|e| Error::cuda(format!("copying from cuda:{}", self.ordinal), e))?;
+        // The first `bytes` only (a buffer may hold more: a KV cache keeps room for later
+        // rows); at least one byte, as an empty copy is not asked of the driver.
+        let n = bytes.clamp(1, buf.len());
+        let mut v = self.stream.clone_dtoh(&buf.slice(..n)).map_err(|e| Error::cuda(format!("copying from cuda:{}", self.ordinal), e))?;
         v.truncate(bytes);
         Ok(v)
     }

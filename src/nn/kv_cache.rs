@@ -1,8 +1,11 @@
 //! The KV cache of generation: each layer's keys and values of the positions seen so far,
-//! grown by the new positions of each pass (in place on the CPU, by a device copy on GPUs).
+//! grown by the new positions of each pass. With one sequence (B = 1, generation's case) they
+//! are appended in place: into the vector on the CPU, into room kept past the cached rows of
+//! the device buffer on GPUs (doubled when full), so a token costs a copy of its own rows, not
+//! of the whole cache. Several sequences are concatenated into a new tensor.
 
-use crate::tensor::Storage;
-use crate::{DType, Device, Error, Result, Tensor};
+use crate::tensor::{CpuStorage, Storage};
+use crate::{Error, Result, Tensor};
 
 /// Keys and values of earlier positions, per layer: `[B, S, G, D]` each.
 pub struct KvCache {
@@ -28,10 +31,27 @@ impl KvCache {
 pub(super) fn extend(slot: &mut Option<(Tensor, Tensor)>, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
     let (k, v) = match slot.take() {
         None => (k, v),
-        // One row on the CPU: the new keys and values go at the end of the cache's own
-        // vectors, which grow by doubling (a token costs its own rows, not a copy of the whole
-        // cache: 47 MB a token at 1024 positions of the SmolLM-135M shape).
-        Some((pk, pv)) if appends_in_place(&pk, &k) && appends_in_place(&pv, &v) => (append_in_place(pk, &k)?, append_in_place(pv, &v)?),
+        Some((pk, pv)) if appends_in_place(&pk, &k) && appends_in_place(&pv, &v) => {
+            let old_rows = pk.dims()[1];
+            let k = match append_in_place(pk, &k) {
+                Ok(k) => k,
+                Err((pk, e)) => {
+                    *slot = Some((pk, pv));
+                    return Err(e);
+                }
+            };
+            match append_in_place(pv, &v) {
+                Ok(v) => (k, v),
+                Err((pv, e)) => {
+                    // The keys' storage only gained rows past the old ones: the old keys are
+                    // its first `old_rows` again.
+                    let mut shape = k.dims().to_vec();
+                    shape[1] = old_rows;
+                    *slot = Some((k.share(shape.into(), None), pv));
+                    return Err(e);
+                }
+            }
+        }
         Some((pk, pv)) => match concat_seq(&pk, &k).and_then(|k| Ok((k, concat_seq(&pv, &v)?))) {
             Ok(kv) => kv,
             Err(e) => {
@@ -44,22 +64,85 @@ pub(super) fn extend(slot: &mut Option<(Tensor, Tensor)>, k: Tensor, v: Tensor) 
     Ok((k, v))
 }
 
-/// Whether [`append_in_place`] takes `new` onto `cached`: both CPU f32 `[1, S, G, D]` of the
-/// same G and D, and the cache's vector held by nothing else.
+/// Whether [`append_in_place`] takes `new` onto `cached`: both `[1, S, G, D]` of the same G, D,
+/// dtype and device, the cache's storage held by nothing else (the attention that read it
+/// last has let it go), and on the CPU both f32; on wgpu rows of whole 4-byte words (buffer
+/// copies move words: with f16, G·D is even).
 fn appends_in_place(cached: &Tensor, new: &Tensor) -> bool {
     let (cd, nd) = (cached.dims(), new.dims());
-    cd.len() == 4 && nd.len() == 4 && cd[0] == 1 && nd[0] == 1 && cd[2..] == nd[2..] && new.dtype() == DType::F32 && new.device() == Device::Cpu && cached.owns_cpu_f32()
+    let shapes = cd.len() == 4 && nd.len() == 4 && cd[0] == 1 && nd[0] == 1 && cd[2..] == nd[2..];
+    let storage = match (cached.storage(), new.storage()) {
+        (Storage::Cpu(CpuStorage::F32(_)), Storage::Cpu(CpuStorage::F32(_))) => true,
+        (Storage::Cuda { .. }, Storage::Cuda { .. }) => true,
+        (Storage::Wgpu { .. }, Storage::Wgpu { .. }) => (cd[2] * cd[3] * cached.dtype().size_in_bytes()).is_multiple_of(4),
+        _ => false,
+    };
+    shapes && storage && cached.dtype() == new.dtype() && cached.device() == new.device() && cached.owns_storage()
 }
 
-/// `cached` `[1, S1, G, D]` with `new` `[1, S2, G, D]` appended along S, in `cached`'s own
-/// vector (see [`appends_in_place`]).
-fn append_in_place(cached: Tensor, new: &Tensor) -> Result<Tensor> {
-    let (cd, nd) = (cached.dims().to_vec(), new.dims());
-    let shape = vec![1, cd[1] + nd[1], cd[2], cd[3]];
-    let rows = new.cpu_f32("kv cache")?;
-    let mut v = cached.try_into_cpu_f32().map_err(|_| Error::InvalidArgument("kv cache: the cached keys are shared".into()))?;
-    v.extend_from_slice(rows);
-    Tensor::from_vec(v, shape)
+/// `cached` `[1, S1, G, D]` with `new` `[1, S2, G, D]` appended along S in `cached`'s own
+/// storage (see [`appends_in_place`]): on a GPU into the room past its rows, or, when that is
+/// too small, into a new buffer with room for as many rows again. On an error `cached` comes
+/// back as it was.
+fn append_in_place(cached: Tensor, new: &Tensor) -> std::result::Result<Tensor, (Tensor, Error)> {
+    let (dtype, device, old_shape) = (cached.dtype(), cached.device(), cached.shape().clone());
+    let cd = old_shape.dims();
+    let shape = vec![1, cd[1] + new.dims()[1], cd[2], cd[3]];
+    let es = dtype.size_in_bytes();
+    let (old, add) = (cached.elem_count() * es, new.elem_count() * es);
+    let need = old + add;
+    let storage = cached.try_into_storage().map_err(|t| (t, Error::InvalidArgument("kv cache: the cached keys are shared".into())))?;
+    let back = |s: Storage, e: Error| (Tensor::from_storage(s, old_shape.clone(), dtype, device), e);
+    let grown = match (storage, new.storage()) {
+        (Storage::Cpu(CpuStorage::F32(mut v)), Storage::Cpu(CpuStorage::F32(n))) => {
+            v.extend_from_slice(n);
+            Storage::Cpu(CpuStorage::F32(v))
+        }
+        (Storage::Cuda { rt, buf }, Storage::Cuda { buf: nb, .. }) => {
+            let mut buf = if need <= buf.len() {
+                buf
+            } else {
+                // Room for as many rows again: a token's copy of the whole cache comes once per
+                // doubling. Not zeroed: the rows are copied in, and nothing reads past them.
+                let mut bigger = match rt.alloc_uninit(need.max(2 * old)) {
+                    Ok(b) => b,
+                    Err(e) => return Err(back(Storage::Cuda { rt, buf }, e)),
+                };
+                if old > 0 {
+                    if let Err(e) = rt.stream.memcpy_dtod(&buf.slice(..old), &mut bigger.slice_mut(..old)) {
+                        return Err(back(Storage::Cuda { rt, buf }, Error::cuda("kv cache copy", e)));
+                    }
+                }
+                bigger
+            };
+            if add > 0 {
+                if let Err(e) = rt.stream.memcpy_dtod(&nb.slice(..add), &mut buf.slice_mut(old..need)) {
+                    // Only the room past the old rows was written.
+                    return Err(back(Storage::Cuda { rt, buf }, Error::cuda("kv cache copy", e)));
+                }
+            }
+            Storage::Cuda { rt, buf }
+        }
+        (Storage::Wgpu { rt, buf }, Storage::Wgpu { buf: nb, .. }) => {
+            if let Err(e) = rt.check_tensor_bytes(need, &format!("kv cache ({dtype} {shape:?})")) {
+                return Err(back(Storage::Wgpu { rt, buf }, e));
+            }
+            let mut enc = rt.device.create_command_encoder(&Default::default());
+            let buf = if need as u64 <= buf.buffer().size() {
+                buf
+            } else {
+                // As on CUDA; at most what one binding holds.
+                let bigger = rt.alloc(need.max(2 * old).min(rt.max_tensor_bytes() as usize));
+                enc.copy_buffer_to_buffer(buf.buffer(), 0, bigger.buffer(), 0, old as u64);
+                bigger
+            };
+            enc.copy_buffer_to_buffer(nb.buffer(), 0, buf.buffer(), old as u64, add as u64);
+            rt.queue.submit([enc.finish()]);
+            Storage::Wgpu { rt, buf }
+        }
+        (s, _) => return Err(back(s, Error::InvalidArgument("kv cache: new keys on another device or storage".into()))),
+    };
+    Ok(Tensor::from_storage(grown, shape.into(), dtype, device))
 }
 
 /// Concatenates `[B, S1, G, D]` and `[B, S2, G, D]` along S (CPU, not recorded: caches are for
@@ -93,7 +176,8 @@ fn concat_seq(old: &Tensor, new: &Tensor) -> Result<Tensor> {
         }
         // As on wgpu: batch row i of the output is [old row i | new row i], copied on the device.
         let es = old.dtype().size_in_bytes();
-        let mut out = rt.alloc_zeros(es * (old.elem_count() + new.elem_count()))?;
+        // Not zeroed: the copies write every byte.
+        let mut out = rt.alloc_uninit(es * (old.elem_count() + new.elem_count()))?;
         let (os, ns) = (od[1] * row * es, nd[1] * row * es);
         for i in 0..b {
             let at = i * (os + ns);
@@ -114,7 +198,58 @@ fn concat_seq(old: &Tensor, new: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::DType;
+    use crate::{DType, Device};
+
+    /// The bytes a cache's storage has room for.
+    fn room(t: &Tensor) -> usize {
+        match t.storage() {
+            Storage::Cpu(CpuStorage::F32(v)) => v.capacity() * 4,
+            Storage::Cuda { buf, .. } => buf.len(),
+            Storage::Wgpu { buf, .. } => buf.buffer().size() as usize,
+            _ => unreachable!("an f32 or 16-bit cache"),
+        }
+    }
+
+    /// One sequence's cache grows in place on every device, in f32 and in a 16-bit type: forty
+    /// one-row appends to a 3-row prefix hold every row in order, the storage is made anew
+    /// only when its room runs out (a few times, not forty), and a cache still read elsewhere
+    /// is concatenated instead, the reader's tensor left as it was.
+    #[test]
+    fn one_sequence_grows_in_place_making_room_by_doubling() {
+        for dev in Device::available().into_iter().map(|d| d.device) {
+            let half = match dev {
+                Device::Cpu => None,
+                Device::Cuda(_) => Some(DType::BF16),
+                Device::Wgpu(_) => Some(DType::F16),
+            };
+            for dtype in std::iter::once(DType::F32).chain(half) {
+                let (g, d) = (2, 4);
+                let rows = |r: std::ops::Range<usize>| {
+                    let n = r.len();
+                    let data: Vec<f32> = r.flat_map(|i| (0..g * d).map(move |j| (i * 100 + j) as f32)).collect();
+                    Tensor::from_vec(data, [1, n, g, d]).unwrap().to_device(&dev).unwrap().to_dtype(dtype).unwrap()
+                };
+                let mut slot = None;
+                extend(&mut slot, rows(0..3), rows(0..3)).unwrap();
+                let mut rooms = Vec::new();
+                for i in 3..43 {
+                    let (k, v) = extend(&mut slot, rows(i..i + 1), rows(i..i + 1)).unwrap();
+                    assert_eq!((k.dims(), v.dims()), (&[1, i + 1, g, d][..], &[1, i + 1, g, d][..]), "{dev} {dtype}");
+                    rooms.push(room(&k));
+                }
+                let want = rows(0..43).to_vec_f32().unwrap();
+                let (k, v) = slot.clone().unwrap();
+                assert_eq!(k.to_vec_f32().unwrap(), want, "{dev} {dtype}: keys");
+                assert_eq!(v.to_vec_f32().unwrap(), want, "{dev} {dtype}: values");
+                rooms.dedup();
+                assert!(rooms.len() <= 6, "{dev} {dtype}: the storage was made {} times over 40 appends", rooms.len());
+                // `k` still held here: the next append must not write into its storage.
+                let (k2, _) = extend(&mut slot, rows(43..44), rows(43..44)).unwrap();
+                assert_eq!(k.to_vec_f32().unwrap(), want, "{dev} {dtype}: a held cache changed");
+                assert_eq!(k2.to_vec_f32().unwrap(), rows(0..44).to_vec_f32().unwrap(), "{dev} {dtype}: after a concatenation");
+            }
+        }
+    }
 
     /// A KV cache that would grow past one storage binding (lavapipe: 128 MiB) is refused by
     /// name when it grows, instead of by wgpu's validation at the next read.

@@ -384,7 +384,9 @@ pub fn sum_squares<T: DeviceRepr>(
     check_len(OP, "sum_sq", sum_sq.len(), 1)?;
     let s = suffix::<T>(OP)?;
     let total: usize = grads.iter().map(|g| sumsq_blocks(g.len())).sum();
-    let mut partials = stream.alloc_zeros::<f64>(total.max(1)).map_err(|e| Error::cuda(format!("{OP}: {total} partials"), e))?;
+    // SAFETY: plain f64s; the launches below write all `total` of them (each block its own
+    // slot, the chunks' blocks back to back), and sumsq_finish reads no more than `total`.
+    let mut partials = unsafe { stream.alloc::<f64>(total.max(1)) }.map_err(|e| Error::cuda(format!("{OP}: {total} partials"), e))?;
     let f = modules.function("optim", &format!("sumsq_partial_multi_{s}"))?;
     let mut offset = 0;
     for chunk in grads.chunks(MULTI_TENSORS) {
