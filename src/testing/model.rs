@@ -341,7 +341,7 @@ fn sparse_common(mg: &[Vec<f32>], lg: &[Layout], mc: &[Vec<f32>], lc: &[Layout])
 }
 
 /// Logits of a 6-token prompt, then of 2 more tokens through the KV cache, on `dev` against
-/// the CPU (the generation path: `matmul` for the head, the cache's concatenation).
+/// the CPU (the generation path: `matmul` for the head, the cache grown in place).
 pub fn check_cached_logits(dev: &Device, dtype: DType) -> CheckResult {
     let tol = ModelTolerance::for_dtype(dtype);
     let cpu = tiny_lora_model(dtype, 0.0, false).map_err(ctx("building the model"))?;
