@@ -251,6 +251,31 @@ mod tests {
         }
     }
 
+    /// Two sequences (B = 2) are concatenated row by row on every device: batch row i of the
+    /// cache is its old rows, then its new ones (on CUDA into memory the copies must fill: the
+    /// emulator starts it as NaN).
+    #[test]
+    fn two_sequences_are_concatenated_per_batch_row() {
+        for dev in Device::available().into_iter().map(|d| d.device) {
+            let (g, d) = (3, 4);
+            // Position p of sequence b holds b·1000 + p·10 + j.
+            let seq = |b: usize, r: std::ops::Range<usize>| r.flat_map(move |p| (0..g * d).map(move |j| (b * 1000 + p * 10 + j) as f32)).collect::<Vec<f32>>();
+            let batch = |r: std::ops::Range<usize>| {
+                let data = [seq(0, r.clone()), seq(1, r.clone())].concat();
+                Tensor::from_vec(data, [2, r.len(), g, d]).unwrap().to_device(&dev).unwrap()
+            };
+            let mut slot = None;
+            for r in [0..2, 2..5, 5..6] {
+                extend(&mut slot, batch(r.clone()), batch(r)).unwrap();
+            }
+            let (k, v) = slot.unwrap();
+            assert_eq!(k.dims(), &[2, 6, g, d], "{dev}");
+            let want = [seq(0, 0..6), seq(1, 0..6)].concat();
+            assert_eq!(k.to_vec_f32().unwrap(), want, "{dev}: keys");
+            assert_eq!(v.to_vec_f32().unwrap(), want, "{dev}: values");
+        }
+    }
+
     /// A KV cache that would grow past one storage binding (lavapipe: 128 MiB) is refused by
     /// name when it grows, instead of by wgpu's validation at the next read.
     #[test]
