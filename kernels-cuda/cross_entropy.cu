@@ -9,7 +9,11 @@
 //
 // Shapes: z [M, V] row-major, targets [M] i32 (checked on the host: in [0, V) or ignore),
 // loss [M] f32. Storage of z f32 or bf16, math f32.
-// Launch: ce_rows one block per row (grid.x = M, 256 threads); ce_sum one block of 256 threads.
+//   argmax_rows: out[m] = the first v where z[m, v] is the row's largest number, NaNs skipped,
+//             and 0 when z[m, 0] is NaN or the row holds none: the CPU's greedy sampler's
+//             rule, so decoding reads one index a row instead of V logits.
+// Launch: ce_rows and argmax_rows one block per row (grid.x = M, 256 threads); ce_sum one
+// block of 256 threads.
 #include "common.cuh"
 
 template <typename T>
@@ -54,4 +58,36 @@ extern "C" __global__ void ce_rows_f32(float* z, const int* targets, float* loss
 extern "C" __global__ void ce_rows_bf16(bf16_bits* z, const int* targets, float* loss, int V, int ignore, float inv_count, int grad) {
     ce_rows<bf16_bits>(z, targets, loss, V, ignore, inv_count, grad);
 }
+__device__ __forceinline__ bool is_nan_bits(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
+
+template <typename T>
+__device__ void argmax_rows(const T* __restrict__ z, int* __restrict__ out, int V) {
+    __shared__ float best_v[256];
+    __shared__ int best_i[256];
+    const int tid = threadIdx.x;
+    const T* zr = z + (long)blockIdx.x * V;
+    // Each thread's first largest number of its columns (it visits them in order); -1: none.
+    float bv = 0.0f;
+    int bi = -1;
+    for (int v = tid; v < V; v += blockDim.x) {
+        const float x = Elem<T>::load(zr, v);
+        if (!is_nan_bits(x) && (bi < 0 || x > bv)) bv = x, bi = v;
+    }
+    best_v[tid] = bv;
+    best_i[tid] = bi;
+    __syncthreads();
+    // A tree over the threads: the larger number wins, a tie goes to the lower column.
+    for (int s = 128; s > 0; s >>= 1) {
+        if (tid < s) {
+            const float ov = best_v[tid + s];
+            const int oi = best_i[tid + s];
+            if (oi >= 0 && (best_i[tid] < 0 || ov > best_v[tid] || (ov == best_v[tid] && oi < best_i[tid]))) best_v[tid] = ov, best_i[tid] = oi;
+        }
+        __syncthreads();
+    }
+    if (tid == 0) out[blockIdx.x] = (best_i[0] < 0 || is_nan_bits(Elem<T>::load(zr, 0))) ? 0 : best_i[0];
+}
+
+extern "C" __global__ void __launch_bounds__(256) argmax_rows_f32(const float* z, int* out, int V) { argmax_rows<float>(z, out, V); }
+extern "C" __global__ void __launch_bounds__(256) argmax_rows_bf16(const bf16_bits* z, int* out, int V) { argmax_rows<bf16_bits>(z, out, V); }
 extern "C" __global__ void ce_sum_f32(const float* loss, int M, float inv_count, float* out) { ce_sum(loss, M, inv_count, out); }

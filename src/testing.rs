@@ -6,6 +6,7 @@
 
 use crate::{ops, Result, Tape, Tensor};
 
+pub mod argmax;
 pub mod attention;
 pub mod cast;
 pub mod cublas;

@@ -102,7 +102,7 @@ fn entry_points(module: &str) -> &'static [&'static str] {
             "nf4_gemm_sm90_kn_bf16",
             "nf4_gemm_sm90_kn_f16",
         ],
-        "cross_entropy" => &["ce_rows_f32", "ce_rows_bf16", "ce_sum_f32"],
+        "cross_entropy" => &["ce_rows_f32", "ce_rows_bf16", "ce_sum_f32", "argmax_rows_f32", "argmax_rows_bf16"],
         "sparse" => &["sparse_apply_f32", "sparse_apply_bf16", "sparse_apply_f16", "sparse_gather_f32", "sparse_gather_bf16", "sparse_gather_f16"],
         "embedding" => &["embedding_fwd_f32", "embedding_fwd_bf16", "embedding_bwd_f32", "embedding_bwd_bf16"],
         "flash_attention" => &[

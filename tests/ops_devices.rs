@@ -41,6 +41,18 @@ fn casts_match_the_cpu_bit_for_bit_on_every_device() {
 }
 
 #[test]
+fn greedy_argmax_picks_as_the_cpu_on_every_device() {
+    // One column, fewer than a workgroup, a ragged number of strides, and SmolLM's vocabulary.
+    for dev in common::devices() {
+        for dtype in dtypes(dev) {
+            for (i, v) in [1usize, 7, 300, 49_152].into_iter().enumerate() {
+                tuna::testing::argmax::check_argmax(dev, dtype, v, i as u64).unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+}
+
+#[test]
 fn matmul_with_every_transposition_matches_f64_on_every_device() {
     // Ragged sizes (not multiples of any tile); gpu-check runs the same body on CUDA in bf16,
     // where a transposed a goes through the transpose kernel.

@@ -13,6 +13,11 @@
 //! largest activation of the step). Because the loss is a scalar, the gradients for `dy = 1`
 //! are finished in the same pass (`dx = dz·W`, `dW = dzᵀ·x`, summed over chunks) and the
 //! backward only scales them by `dy`: two products over W per step instead of three.
+//!
+//! Also greedy decoding's pick over the same rows of logits, `argmax_rows`: per row the first
+//! index of the largest number, NaNs skipped, 0 when the row's first value is NaN or it holds
+//! no number ([`reference::argmax`], the CPU sampler's rule), so a GPU hands back one index a
+//! row instead of V logits.
 
 use crate::{Error, Result};
 
@@ -55,6 +60,18 @@ pub fn default_chunk_rows(rows: usize, vocab: usize) -> usize {
 }
 
 pub mod reference {
+    /// The first index of the row's largest number, NaNs skipped; 0 when `row[0]` is NaN or
+    /// the row is empty (a plain scan with `>`, as greedy decoding has always picked).
+    pub fn argmax(row: &[f32]) -> usize {
+        let mut best = 0;
+        for (i, &v) in row.iter().enumerate() {
+            if v > row[best] {
+                best = i;
+            }
+        }
+        best
+    }
+
     pub fn cross_entropy(logits: &[f64], targets: &[i32], v: usize, ignore_index: i32) -> f64 {
         let mut total = 0.0;
         let mut count = 0usize;
@@ -294,15 +311,36 @@ pub mod cuda {
         Ok(())
     }
 
-    /// The storage types `ce_rows` has a kernel for.
+    /// `out[m]` = the greedy pick of row m of `z` `[M, V]` (see the module docs), f32 or bf16.
+    pub fn argmax_rows<T: CeElem>(stream: &Arc<CudaStream>, modules: &ModuleCache, z: &CudaView<'_, T>, out: &mut CudaViewMut<'_, i32>, (m, v): (usize, usize)) -> Result<()> {
+        const OP: &str = "argmax_rows (cuda)";
+        for (what, have, need) in [("z", z.len(), m * v), ("out", out.len(), m)] {
+            check_len(OP, what, have, need)?;
+        }
+        if m == 0 {
+            return Ok(());
+        }
+        let v_i = i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{OP}: V = {v} exceeds i32")))?;
+        let m_u = u32::try_from(m).map_err(|_| Error::InvalidArgument(format!("{OP}: M = {m} exceeds a grid")))?;
+        let f = modules.function("cross_entropy", T::ARGMAX)?;
+        let cfg = LaunchConfig { grid_dim: (m_u, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: matches argmax_rows_* (z, out, V); z holds M·V elements and out M (checked).
+        unsafe { stream.launch_builder(&f).arg(z).arg(out).arg(&v_i).launch(cfg) }.map_err(|err| Error::cuda(format!("{OP}: launching {}", T::ARGMAX), err))?;
+        Ok(())
+    }
+
+    /// The storage types `ce_rows` and `argmax_rows` have kernels for.
     pub trait CeElem: cudarc::driver::DeviceRepr {
         const ROWS: &'static str;
+        const ARGMAX: &'static str;
     }
     impl CeElem for f32 {
         const ROWS: &'static str = "ce_rows_f32";
+        const ARGMAX: &'static str = "argmax_rows_f32";
     }
     impl CeElem for u16 {
         const ROWS: &'static str = "ce_rows_bf16";
+        const ARGMAX: &'static str = "argmax_rows_bf16";
     }
 }
 
@@ -367,6 +405,19 @@ pub mod wgsl {
         }
         let mean = kernels.pipeline(device, "ce_mean", SOURCE, "ce_mean")?;
         dispatch_bound(device, queue, &mean, &[(0, &u), (4, row_loss), (5, loss)], (1, 1, 1));
+        Ok(())
+    }
+
+    /// `best[m]` (u32) = the greedy pick of row m of the f32 logits `[M, V]` (see the module
+    /// docs).
+    pub fn argmax_rows(device: &wgpu::Device, queue: &wgpu::Queue, kernels: &KernelCache, logits: &wgpu::Buffer, best: &wgpu::Buffer, (m, v): (usize, usize)) -> Result<()> {
+        const OP: &str = "argmax_rows (wgsl)";
+        let p = CeParams { rows: m, vocab: v, ignore_index: 0, count: 0 };
+        let (u, groups) = setup(device, OP, p, &[("logits", logits, m * v), ("best", best, m)])?;
+        if m > 0 {
+            let pick = kernels.pipeline(device, "argmax_rows", SOURCE, "argmax_rows")?;
+            dispatch_bound(device, queue, &pick, &[(0, &u), (1, logits), (7, best)], groups);
+        }
         Ok(())
     }
 

@@ -45,6 +45,12 @@ impl Sampler {
         Ok(Sampler { opts, rng })
     }
 
+    /// Whether `sample` takes the argmax: temperature 0, or one so small that 1/t overflows.
+    /// (Then `ops::argmax_last` picks the same token where the logits are.)
+    pub fn is_greedy(&self) -> bool {
+        !(1.0 / self.opts.temperature).is_finite()
+    }
+
     /// The next token for a row of logits. Sampling weighs each candidate by
     /// `exp((logit - max) / temperature)` (f32, in the CPU's widest vectors) and draws by the
     /// running sum of the weights in f64. Nothing is sorted: the order of the draw does not
@@ -54,16 +60,9 @@ impl Sampler {
     /// where the nucleus ends. A whole-vocabulary sort took ~2 ms a token at vocabulary 49,152
     /// (the 2-core AVX-512 machine), a seventh of a SmolLM-135M decoding step.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        // A temperature so small that 1/t overflows is greedy decoding too.
         let inv_t = 1.0 / self.opts.temperature;
-        if !inv_t.is_finite() || logits.len() <= 1 {
-            let mut best = 0;
-            for (i, &v) in logits.iter().enumerate() {
-                if v > logits[best] {
-                    best = i;
-                }
-            }
-            return best as u32;
+        if self.is_greedy() || logits.len() <= 1 {
+            return crate::kernels::cross_entropy::reference::argmax(logits) as u32;
         }
         let max = crate::kernels::math::max(logits);
         // The difference first, then the scale: exact near the maximum, whatever the temperature.
@@ -142,8 +141,9 @@ impl Llama {
         let mut out = Vec::new();
         for _ in 0..opts.max_new_tokens {
             let ids = Tensor::from_vec_i32(input.clone(), [1, input.len()])?.to_device(&self.device())?;
-            let last = self.forward_last(&ids, Some(&mut cache))?.to_vec_f32()?;
-            let next = sampler.sample(&last);
+            let logits = self.forward_last(&ids, Some(&mut cache))?;
+            // Greedy: the pick is made where the logits are; a GPU hands back one index.
+            let next = if sampler.is_greedy() { crate::ops::argmax_last(&logits)?.to_vec::<i32>()?[0] as u32 } else { sampler.sample(&logits.to_vec_f32()?) };
             out.push(next);
             on_token(next);
             if opts.eos_token_ids.contains(&next) {

@@ -29,7 +29,7 @@ pub use lora::{linear_group, linear_group_remade, lora_linear, Dropout, LinearPa
 pub use loss::{cross_entropy, linear_cross_entropy};
 pub use nn::{add_rmsnorm, embedding, rmsnorm, rmsnorm_backward, rmsnorm_forward, RmsNormOutput};
 pub use pointwise::{add, mul, scale, silu, swiglu};
-pub use reduce::{mean, softmax, sum};
+pub use reduce::{argmax_last, mean, softmax, sum};
 pub use shape::{cast, reshape};
 pub use sparse::sparse_linear;
 
