@@ -333,7 +333,7 @@ fn attention_cases_of(push: &mut impl FnMut(String, Result<(), String>), kernels
     }
 }
 
-/// RoPE, SwiGLU and embedding: the bodies `tests/ops_devices.rs` runs on the CPU and wgpu,
+/// RoPE, SwiGLU, embedding and greedy decoding's argmax: the bodies `tests/ops_devices.rs` runs on the CPU and wgpu,
 /// here in f32 and bf16 and at training sizes too (Llama-7B-like D = 128 with 32 heads, F =
 /// 11008, a 32000-token vocabulary with T = 4096).
 fn token_op_cases(push: &mut impl FnMut(String, Result<(), String>)) {
@@ -360,6 +360,9 @@ fn token_op_cases(push: &mut impl FnMut(String, Result<(), String>)) {
             for packed in [false, true] {
                 push(format!("swiglu {dtype} [{rows}, {cols}] packed {packed}"), check_swiglu(dev, dtype, rows, cols, packed, i as u64));
             }
+        }
+        for (i, v) in [1usize, 300, 128_256].into_iter().enumerate() {
+            push(format!("greedy argmax {dtype} V {v}, the CPU's picks"), tuna::testing::argmax::check_argmax(dev, dtype, v, i as u64).map(|_| ()));
         }
         let embeds = [(1, 1, 1), (5, 1, 3), (300, 7, 260), (700, 50, 33), (4096, 32000, 512), (4096, 3, 64)];
         for (i, &(tokens, vocab, dim)) in embeds.iter().enumerate() {
