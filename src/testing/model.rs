@@ -341,7 +341,9 @@ fn sparse_common(mg: &[Vec<f32>], lg: &[Layout], mc: &[Vec<f32>], lc: &[Layout])
 }
 
 /// Logits of a 6-token prompt, then of 2 more tokens through the KV cache, on `dev` against
-/// the CPU (the generation path: `matmul` for the head, the cache grown in place).
+/// the CPU (the generation path: `matmul` for the head, the cache grown in place); then
+/// greedy generation on `dev`, whose picks are made there, against the host's argmax of the
+/// same device's logits.
 pub fn check_cached_logits(dev: &Device, dtype: DType) -> CheckResult {
     let tol = ModelTolerance::for_dtype(dtype);
     let cpu = tiny_lora_model(dtype, 0.0, false).map_err(ctx("building the model"))?;
@@ -396,7 +398,24 @@ pub fn check_cached_logits(dev: &Device, dtype: DType) -> CheckResult {
             worst = worst.max(d);
         }
     }
-    Ok(format!("logits within {worst:.1e} of the largest"))
+    // Greedy generation picks on the device (`ops::argmax_last`): the same tokens as the host's
+    // rule on the logits the device hands back, step by step through the cache.
+    let prompt: Vec<u32> = ids[..6].iter().map(|&t| t as u32).collect();
+    let opts = crate::nn::GenerateOptions { max_new_tokens: 4, ..Default::default() };
+    let picked = gpu.generate(&prompt, &opts, |_| {}).map_err(ctx(dev))?;
+    let mut on_host = Vec::new();
+    let mut cache = KvCache::new(gpu.config.num_layers);
+    let mut input: Vec<i32> = ids[..6].to_vec();
+    for _ in 0..4 {
+        let logits = Tensor::from_vec_i32(input.clone(), [1, input.len()]).and_then(|t| gpu.forward_last(&t, Some(&mut cache))).and_then(|t| t.to_vec_f32()).map_err(ctx(dev))?;
+        let next = crate::kernels::cross_entropy::reference::argmax(&logits) as i32;
+        on_host.push(next as u32);
+        input = vec![next];
+    }
+    if picked != on_host {
+        return Err(format!("{dev}: greedy generation picked {picked:?}, the host's argmax of the device's logits {on_host:?}"));
+    }
+    Ok(format!("logits within {worst:.1e} of the largest; greedy tokens {picked:?} as the host picks them"))
 }
 
 /// The fused linear cross-entropy on CUDA in bf16 (x, W rounded to bf16 on the host) against
