@@ -15,6 +15,7 @@ pub mod lora;
 pub mod token_ops;
 pub mod model;
 pub mod optim;
+pub mod sampling;
 pub mod sparse;
 
 /// `|got - ref| <= atol + rtol * |ref|`.

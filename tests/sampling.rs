@@ -1,6 +1,7 @@
 //! Sampling rules: greedy ties, top-k, top-p, temperature and seeds.
 
 use tuna::nn::{GenerateOptions, Sampler};
+use tuna::testing::sampling::nucleus;
 
 fn sampler(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> Sampler {
     Sampler::new(GenerateOptions { temperature, top_k, top_p, seed, ..Default::default() }).unwrap()
@@ -53,28 +54,14 @@ fn bad_options_are_errors() {
     assert!(Sampler::new(GenerateOptions { top_p: 0.0, ..Default::default() }).is_err());
 }
 
-/// The sampling rule in f64, as it reads: candidates sorted most likely first (ties: lower id
-/// first), the k best kept, softmax with temperature, then the smallest head whose
-/// probability reaches top_p. Returns (token, probability) pairs.
+/// The sampling rule in f64, as it reads (`testing::sampling::nucleus`: every token sorted,
+/// the k best kept, then the shortest head that weighs top_p of them), with the softmax at the
+/// temperature. Returns (token, probability) pairs.
 fn reference(logits: &[f32], temperature: f64, top_k: usize, top_p: f64) -> Vec<(u32, f64)> {
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
-    if top_k > 0 {
-        idx.truncate(top_k);
-    }
-    let max = logits[idx[0] as usize] as f64;
-    let w: Vec<f64> = idx.iter().map(|&i| ((logits[i as usize] as f64 - max) / temperature).exp()).collect();
-    let z: f64 = w.iter().sum();
-    let mut keep = idx.len();
-    if top_p < 1.0 {
-        let mut acc = 0.0;
-        keep = w.iter().position(|p| {
-            acc += p / z;
-            acc >= top_p
-        }).map_or(keep, |n| n + 1);
-    }
-    let z: f64 = w[..keep].iter().sum();
-    idx[..keep].iter().zip(&w).map(|(&i, &p)| (i, p / z)).collect()
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
+    let kept = nucleus(logits, |i| ((logits[i] as f64 - max) / temperature).exp(), top_k, top_p);
+    let z: f64 = kept.iter().map(|&(_, w)| w).sum();
+    kept.into_iter().map(|(i, w)| (i, w / z)).collect()
 }
 
 /// Logits spread over [-2, 2] from a fixed sequence (no two equal).

@@ -117,6 +117,18 @@ wide! {
     pub fn dot(a: &[f32], b: &[f32]) -> f32 = dot_lanes
 }
 
+/// The first index of the largest element, NaNs skipped (0 when `x[0]` is NaN or `x` is
+/// empty): `cross_entropy::reference::argmax`'s rule, whose loop carries a dependency through
+/// the best value so far, found here in two passes that vectorise: the maximum, then its first
+/// position. 15 µs against 86 over a row of 128,256 (the AVX-512 machine).
+pub fn argmax(x: &[f32]) -> usize {
+    let m = max(x);
+    match x.first() {
+        Some(first) if !first.is_nan() => x.iter().position(|&v| v == m).unwrap_or(0),
+        _ => 0,
+    }
+}
+
 #[inline(always)]
 fn max_lanes(x: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 16];
@@ -217,6 +229,40 @@ mod tests {
             assert_eq!(s, a.iter().map(|v| v * 0.3).collect::<Vec<_>>());
         }
         assert_eq!(max(&[f32::NAN, 2.0, f32::NAN]), 2.0);
+    }
+
+    #[test]
+    fn argmax_picks_as_the_reference_rule() {
+        use crate::kernels::cross_entropy::reference::argmax as rule;
+        let (nan, inf) = (f32::NAN, f32::INFINITY);
+        let rows: [&[f32]; 10] = [
+            &[],
+            &[1.0, 3.0, 3.0, 2.0],
+            &[nan, 5.0, 1.0],
+            &[1.0, nan, 5.0, nan, 5.0],
+            &[nan, nan],
+            &[-inf, -inf, -inf],
+            &[-0.0, 0.0, -1.0],
+            &[0.0, -0.0],
+            &[2.0, inf, 3.0, inf],
+            &[-3.0, -2.5, -2.5],
+        ];
+        for row in rows {
+            assert_eq!(argmax(row), rule(row), "{row:?}");
+        }
+        // Long rows, the maximum in the vector body, in the remainder and tied across both.
+        let mut long: Vec<f32> = (0..1037).map(|i| ((i * 7919) % 1037) as f32 / 1037.0).collect();
+        for (at, also) in [(3, None), (1030, None), (17, Some(1035)), (0, Some(500))] {
+            long[at] = 2.0;
+            if let Some(j) = also {
+                long[j] = 2.0;
+            }
+            assert_eq!(argmax(&long), rule(&long), "maximum at {at} (and {also:?})");
+            long[at] = 0.5;
+            if let Some(j) = also {
+                long[j] = 0.5;
+            }
+        }
     }
 
     #[test]

@@ -71,7 +71,7 @@ pub fn argmax_last(x: &Tensor) -> Result<Tensor> {
     match x.device() {
         Device::Cpu => {
             let z = x.to_vec_f32()?;
-            let picks = (0..m).map(|r| ce::reference::argmax(&z[r * v..(r + 1) * v]) as i32).collect();
+            let picks = (0..m).map(|r| crate::kernels::math::argmax(&z[r * v..(r + 1) * v]) as i32).collect();
             Tensor::from_vec_i32(picks, rows)
         }
         Device::Cuda(_) => {
