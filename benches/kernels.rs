@@ -386,5 +386,42 @@ fn linear_cross_entropy(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, rmsnorm, matmul_cpu, gemv_cpu, transpose_cpu, sparse_cpu, attention_cpu, attention_wgpu, attention_cuda, linear_cross_entropy);
+/// Picking the next token from a row of logits on the CPU (what `generate` does on every
+/// device for a sampler that is not greedy), at SmolLM's and Llama 3's vocabularies. Logits
+/// shaped like a language model's (a bell of width ~2.5 and a few far above it). Peer: the same
+/// rule by sorting the whole vocabulary, as transformers' top-k and top-p warpers do
+/// (`testing::sampling::nucleus`), with its draw.
+fn sampling_cpu(c: &mut Criterion) {
+    use tuna::nn::{GenerateOptions, Sampler};
+    let mut g = c.benchmark_group("sampling/cpu");
+    g.sample_size(30);
+    for v in [49_152usize, 128_256] {
+        let mut rng = Rng::new(5);
+        let mut logits: Vec<f32> = (0..v).map(|_| (0..4).map(|_| rng.uniform(-1.0, 1.0)).sum::<f32>() * 2.5).collect();
+        for i in 0..20 {
+            logits[i * 97] = 12.0 + 0.3 * i as f32;
+        }
+        for (name, temperature, top_k, top_p) in [("greedy", 0.0, 0, 1.0), ("t 1", 1.0, 0, 1.0), ("t 0.7 top-p 0.9", 0.7, 0, 0.9), ("t 0.7 top-k 50", 0.7, 50, 1.0)] {
+            let mut s = Sampler::new(GenerateOptions { temperature, top_k, top_p, seed: 1, ..Default::default() }).unwrap();
+            g.bench_function(BenchmarkId::new(name, v), |b| b.iter(|| std::hint::black_box(s.sample(&logits))));
+            if top_k > 0 || top_p < 1.0 {
+                let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+                g.bench_function(BenchmarkId::new(format!("{name}, by sorting (peer)"), v), |b| {
+                    b.iter(|| {
+                        let kept = tuna::testing::sampling::nucleus(&logits, |i| (((logits[i] - max) / temperature) as f64).exp(), top_k, top_p as f64);
+                        let u = rng.uniform(0.0, 1.0) as f64 * kept.iter().map(|&(_, w)| w).sum::<f64>();
+                        let mut acc = 0.0;
+                        std::hint::black_box(kept.iter().find(|&&(_, w)| {
+                            acc += w;
+                            u < acc
+                        }).map(|&(i, _)| i))
+                    })
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, rmsnorm, sampling_cpu, matmul_cpu, gemv_cpu, transpose_cpu, sparse_cpu, attention_cpu, attention_wgpu, attention_cuda, linear_cross_entropy);
 criterion_main!(benches);
