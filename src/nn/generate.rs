@@ -175,7 +175,7 @@ fn k_best(logits: &[f32], k: usize, better: impl FnMut(&u32, &u32) -> std::cmp::
     let maxima = logits.chunks_exact(logits.len() / k).take(k).map(crate::kernels::math::max);
     let floor = maxima.fold(f32::INFINITY, |f, m| if m.is_nan() || f.is_nan() { f32::NAN } else { f.min(m) });
     let floor = if floor.is_nan() { f32::NEG_INFINITY } else { floor };
-    let mut pool: Vec<u32> = (0..logits.len() as u32).filter(|&i| !(logits[i as usize] < floor)).collect();
+    let mut pool: Vec<u32> = (0..logits.len() as u32).filter(|&i| logits[i as usize] >= floor || logits[i as usize].is_nan()).collect();
     if pool.len() > k {
         pool.select_nth_unstable_by(k - 1, better);
         pool.truncate(k);
