@@ -317,11 +317,12 @@ impl Tensor {
 
     /// Starts copying the elements to the host behind the work already queued on the device,
     /// and returns without waiting; [`PendingValues::wait`] collects them as `to_vec_f32`
-    /// would. Work queued afterwards (an in-place update, a new tensor in this one's pooled
-    /// buffer) does not change what it reads. On the CPU the copy is made here.
+    /// would (a float tensor), [`PendingValues::wait_i32`] as `to_vec::<i32>` (token ids).
+    /// Work queued afterwards (an in-place update, a new tensor in this one's pooled buffer)
+    /// does not change what it reads. On the CPU the copy is made here.
     pub fn read_later(&self) -> Result<PendingValues> {
         let dtype = self.dtype();
-        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16 | DType::I32) {
             return Err(Error::UnsupportedDType { op: "read_later", dtype });
         }
         let n = self.elem_count() * dtype.size_in_bytes();
@@ -521,9 +522,17 @@ pub struct PendingValues {
 }
 
 impl PendingValues {
-    /// Waits for the copy and returns the elements as f32.
+    /// Waits for the copy and returns the elements (of a float tensor) as f32.
     pub fn wait(self) -> Result<Vec<f32>> {
         floats_from_bytes(self.dtype, &self.read.wait()?)
+    }
+
+    /// Waits for the copy and returns the elements of an i32 tensor.
+    pub fn wait_i32(self) -> Result<Vec<i32>> {
+        if self.dtype != DType::I32 {
+            return Err(Error::DTypeMismatch { op: "PendingValues::wait_i32", lhs: self.dtype, rhs: DType::I32 });
+        }
+        Ok(bytemuck::pod_collect_to_vec(&self.read.wait()?))
     }
 }
 

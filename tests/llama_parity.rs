@@ -104,6 +104,14 @@ fn greedy_generation_reproduces_transformers() {
             let got = model.generate(&prompt, &opts, |t| streamed.push(t)).unwrap();
             assert_eq!(got, want, "{name} greedy tokens on {dev}");
             assert_eq!(streamed, want, "{name} streamed tokens on {dev}");
+            // Stopping at an EOS: the host reads each pick a step behind (a GPU runs the next
+            // step meanwhile), and the token after the EOS must be neither returned nor streamed.
+            let eos = want[2];
+            let stop = want.iter().position(|&t| t == eos).unwrap();
+            let mut streamed = Vec::new();
+            let got = model.generate(&prompt, &GenerateOptions { eos_token_ids: vec![eos], ..opts.clone() }, |t| streamed.push(t)).unwrap();
+            assert_eq!(got, &want[..=stop], "{name} tokens up to the EOS {eos} on {dev}");
+            assert_eq!(streamed, got, "{name} streamed tokens up to the EOS on {dev}");
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::nn::{KvCache, Llama};
 use crate::rng::Rng;
+use crate::tensor::PendingValues;
 use crate::{Error, Result, Tensor};
 
 #[derive(Clone, Debug)]
@@ -198,19 +199,42 @@ impl Llama {
         }
         let mut sampler = Sampler::new(opts.clone())?;
         let mut cache = KvCache::new(self.config.num_layers);
-        let mut input: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
         let mut out = Vec::new();
-        for _ in 0..opts.max_new_tokens {
-            let ids = Tensor::from_vec_i32(input.clone(), [1, input.len()])?.to_device(&self.device())?;
-            let logits = self.forward_last(&ids, Some(&mut cache))?;
-            // Greedy: the pick is made where the logits are; a GPU hands back one index.
-            let next = if sampler.is_greedy() { crate::ops::argmax_last(&logits)?.to_vec::<i32>()?[0] as u32 } else { sampler.sample(&logits.to_vec_f32()?) };
+        // Hands a chosen token over; true when it ends the generation.
+        let mut take = |next: u32, out: &mut Vec<u32>| {
             out.push(next);
             on_token(next);
-            if opts.eos_token_ids.contains(&next) {
-                break;
+            opts.eos_token_ids.contains(&next)
+        };
+        let mut input = Tensor::from_vec_i32(prompt.iter().map(|&t| t as i32).collect(), [1, prompt.len()])?.to_device(&self.device())?;
+        if !sampler.is_greedy() {
+            for _ in 0..opts.max_new_tokens {
+                let logits = self.forward_last(&input, Some(&mut cache))?;
+                let next = sampler.sample(&logits.to_vec_f32()?);
+                if take(next, &mut out) {
+                    break;
+                }
+                input = Tensor::from_vec_i32(vec![next as i32], [1, 1])?.to_device(&self.device())?;
             }
-            input = vec![next as i32];
+            return Ok(out);
+        }
+        // Greedy: the pick is made where the logits are and feeds the next step there, and the
+        // host reads it one step behind: step t + 1 is queued before token t is known, so a GPU
+        // does not wait on the host between tokens. When token t ends the generation, step
+        // t + 1's work is dropped.
+        let mut behind: Option<PendingValues> = None;
+        for _ in 0..opts.max_new_tokens {
+            let logits = self.forward_last(&input, Some(&mut cache))?;
+            input = crate::ops::reshape(&crate::ops::argmax_last(&logits)?, [1, 1])?;
+            let read = input.read_later()?;
+            if let Some(prev) = behind.replace(read) {
+                if take(prev.wait_i32()?[0] as u32, &mut out) {
+                    return Ok(out);
+                }
+            }
+        }
+        if let Some(last) = behind {
+            take(last.wait_i32()?[0] as u32, &mut out);
         }
         Ok(out)
     }

@@ -415,6 +415,15 @@ pub fn check_cached_logits(dev: &Device, dtype: DType) -> CheckResult {
     if picked != on_host {
         return Err(format!("{dev}: greedy generation picked {picked:?}, the host's argmax of the device's logits {on_host:?}"));
     }
+    // Stopped by an EOS (the second token): the host reads each pick a step behind while the
+    // device runs the next step, whose token must not come out.
+    let eos = on_host[1];
+    let want = &on_host[..=on_host.iter().position(|&t| t == eos).unwrap_or(1)];
+    let mut streamed = Vec::new();
+    let stopped = gpu.generate(&prompt, &crate::nn::GenerateOptions { eos_token_ids: vec![eos], ..opts }, |t| streamed.push(t)).map_err(ctx(dev))?;
+    if stopped != want || streamed != want {
+        return Err(format!("{dev}: greedy generation with EOS {eos} gave {stopped:?} (streamed {streamed:?}), want {want:?}"));
+    }
     Ok(format!("logits within {worst:.1e} of the largest; greedy tokens {picked:?} as the host picks them"))
 }
 
