@@ -218,17 +218,20 @@ impl Llama {
             }
             return Ok(out);
         }
-        // Greedy: the pick is made where the logits are and feeds the next step there, and the
-        // host reads it one step behind: step t + 1 is queued before token t is known, so a GPU
-        // does not wait on the host between tokens. When token t ends the generation, step
-        // t + 1's work is dropped.
+        // Greedy: the pick is made where the logits are and feeds the next step there, and on
+        // a GPU the host reads it one step behind: step t + 1 is queued before token t is
+        // known, so the device does not wait on the host between tokens. When token t ends
+        // the generation, step t + 1's work is dropped. (A CPU has the pick at once, so it
+        // reads it at once and runs no step too many.)
+        let lag = !matches!(self.device(), crate::Device::Cpu);
         let mut behind: Option<PendingValues> = None;
         for _ in 0..opts.max_new_tokens {
             let logits = self.forward_last(&input, Some(&mut cache))?;
             input = crate::ops::reshape(&crate::ops::argmax_last(&logits)?, [1, 1])?;
-            let read = input.read_later()?;
-            if let Some(prev) = behind.replace(read) {
-                if take(prev.wait_i32()?[0] as u32, &mut out) {
+            let previous = behind.replace(input.read_later()?);
+            let ready = if lag { previous } else { behind.take() };
+            if let Some(read) = ready {
+                if take(read.wait_i32()?[0] as u32, &mut out) {
                     return Ok(out);
                 }
             }
@@ -249,7 +252,7 @@ mod tests {
     /// peaked (they drop nearly every token), with and without ties, over vocabularies from 2 to
     /// 5000.
     #[test]
-    fn candidates_are_the_sorted_rule_s() {
+    fn candidates_are_what_sorting_the_vocabulary_leaves() {
         let mut rng = Rng::new(11);
         for case in 0..120 {
             let v = [2, 7, 64, 1000, 5000][case % 5];
