@@ -73,9 +73,9 @@ fn read_later_sees_the_values_of_when_it_was_queued() {
         // Token ids (generation reads each pick one step behind): i32 values, read as i32 only.
         let ids = Tensor::from_slice(&[7i32, -2, 128_255], [3], &dev).unwrap();
         assert_eq!(ids.read_later().unwrap().wait_i32().unwrap(), vec![7, -2, 128_255], "i32 on {dev}");
-        let e = ids.read_later().unwrap().wait().err().expect("an i32 tensor has no float values");
+        let e = ids.read_later().unwrap().wait().expect_err("an i32 tensor has no float values");
         assert!(e.to_string().contains("to_vec_f32"), "{e}");
-        let e = t.read_later().unwrap().wait_i32().err().expect("bf16 values are not ids");
+        let e = t.read_later().unwrap().wait_i32().expect_err("bf16 values are not ids");
         assert!(e.to_string().contains("wait_i32"), "{e}");
     }
 }
