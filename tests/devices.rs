@@ -148,3 +148,23 @@ fn copy_gives_independent_storage_on_the_same_device() {
     }
 }
 
+
+#[test]
+fn wgpu_uniforms_are_made_once_per_contents() {
+    use tuna::device::wgpu::uniform;
+    for dev in common::devices() {
+        let Device::Wgpu(i) = dev else { continue };
+        let device = &tuna::device::wgpu::runtime(i).unwrap().device;
+        // Contents no other test passes, so the cache is not started over between the calls.
+        let a = uniform(device, &[0x7475_6e61u32, 1, 2, 3]);
+        assert_eq!(a, uniform(device, &[0x7475_6e61u32, 1, 2, 3]), "the same bytes: one buffer on {dev}");
+        assert_ne!(a, uniform(device, &[0x7475_6e61u32, 1, 2, 4]), "other bytes: another buffer on {dev}");
+        assert_ne!(a, uniform(device, &[0x7475_6e61u32, 1, 2]), "fewer bytes: another buffer on {dev}");
+        assert_eq!(a.size(), 16);
+        // A kernel reads what was given (the cached buffer serves a second dispatch).
+        let x = Tensor::from_slice(&[1.0f32, -2.0, 3.5], [3], &dev).unwrap();
+        for _ in 0..2 {
+            assert_eq!(ops::add(&x, &x).unwrap().to_vec_f32().unwrap(), vec![2.0, -4.0, 7.0]);
+        }
+    }
+}

@@ -409,13 +409,30 @@ fn take_error(index: usize, errors: &Mutex<Option<String>>, context: &str) -> Re
     }
 }
 
-/// A uniform buffer holding `params`.
+/// Uniform buffers made so far, by device and contents (see [`uniform`]).
+type UniformCache = HashMap<wgpu::Device, HashMap<Vec<u8>, wgpu::Buffer>>;
+static UNIFORMS: std::sync::LazyLock<Mutex<UniformCache>> = std::sync::LazyLock::new(Mutex::default);
+/// How many uniform buffers a device keeps before the cache starts over.
+const UNIFORMS_KEPT: usize = 4096;
+
+/// A uniform buffer holding `params`. A kernel's parameters repeat from step to step (the same
+/// shapes), and shaders only read them, so one buffer serves every dispatch given the same
+/// bytes on a device: made once, where each dispatch made one (a buffer, its staging copy and
+/// their tracking in wgpu). A device's cache starts over when it holds `UNIFORMS_KEPT`
+/// (decoding's lengths change with every token).
 pub fn uniform<T: bytemuck::Pod>(device: &wgpu::Device, params: &T) -> wgpu::Buffer {
-    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("tuna params"),
-        contents: bytemuck::bytes_of(params),
-        usage: wgpu::BufferUsages::UNIFORM,
-    })
+    let bytes = bytemuck::bytes_of(params);
+    let mut cache = UNIFORMS.lock().unwrap_or_else(|p| p.into_inner());
+    let mine = cache.entry(device.clone()).or_default();
+    if let Some(buf) = mine.get(bytes) {
+        return buf.clone();
+    }
+    if mine.len() >= UNIFORMS_KEPT {
+        mine.clear();
+    }
+    let buf = device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: Some("tuna params"), contents: bytes, usage: wgpu::BufferUsages::UNIFORM });
+    mine.insert(bytes.to_vec(), buf.clone());
+    buf
 }
 
 /// Copies the first `bytes` bytes of `buf` (which needs COPY_SRC) to the host.
