@@ -290,6 +290,66 @@ fn attention_wgpu(c: &mut Criterion) {
     }
 }
 
+/// The cost of a launch on each wgpu adapter: a chain of 256 dependent dispatches of a
+/// one-workgroup kernel (`y = x + 1` on 64 floats), so the time is the launches'. Rows:
+/// tuna's `dispatch_bound`, which batches a device's launches into one submit
+/// (`device::wgpu::batch`); the peer, one `queue.submit` per dispatch as wgpu's examples do;
+/// and `ops::add` on tensors, what a model's op pays on top (its output buffer from the pool,
+/// its uniform from the cache). Throughput counts dispatches ("elem/s").
+fn dispatch_wgpu(c: &mut Criterion) {
+    use tuna::device::wgpu::{dispatch_bound, encode, runtime, uniform};
+    const SHADER: &str = "
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read_write> y: array<f32>;
+@group(0) @binding(2) var<uniform> n: vec4<u32>;
+@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3<u32>) {
+    if g.x < n.x { y[g.x] = x[g.x] + 1.0; }
+}";
+    const CHAIN: usize = 256;
+    for info in Device::available() {
+        let Device::Wgpu(i) = info.device else { continue };
+        let rt = runtime(i).unwrap();
+        let pipe = rt.kernels.pipeline(&rt.device, "bench_dispatch", SHADER, "main").unwrap();
+        let (a, b) = (rt.alloc_zeros(256), rt.alloc_zeros(256));
+        let n = uniform(&rt.device, &[64u32, 0, 0, 0]);
+        let binds = |j: usize| if j % 2 == 0 { [(0, a.buffer()), (1, b.buffer()), (2, &n)] } else { [(0, b.buffer()), (1, a.buffer()), (2, &n)] };
+        let mut g = c.benchmark_group(format!("dispatch/wgpu:{i}"));
+        g.sample_size(20);
+        g.throughput(Throughput::Elements(CHAIN as u64));
+        g.bench_function(BenchmarkId::new("batched (tuna)", CHAIN), |bch| {
+            bch.iter(|| {
+                for j in 0..CHAIN {
+                    dispatch_bound(&rt.device, &rt.queue, &pipe, &binds(j), (1, 1, 1));
+                }
+                rt.synchronize().unwrap();
+            })
+        });
+        g.bench_function(BenchmarkId::new("one submit each (peer)", CHAIN), |bch| {
+            bch.iter(|| {
+                for j in 0..CHAIN {
+                    let mut enc = rt.device.create_command_encoder(&Default::default());
+                    encode(&rt.device, &mut enc, &pipe, &binds(j), (1, 1, 1));
+                    rt.queue.submit([enc.finish()]);
+                }
+                rt.synchronize().unwrap();
+            })
+        });
+        let x = Tensor::from_slice(&[0.0f32; 64], [64], &info.device).unwrap();
+        let one = Tensor::from_slice(&[1.0f32; 64], [64], &info.device).unwrap();
+        g.bench_function(BenchmarkId::new("ops::add", CHAIN), |bch| {
+            bch.iter(|| {
+                let mut y = x.clone();
+                for _ in 0..CHAIN {
+                    y = ops::add(&y, &one).unwrap();
+                }
+                info.device.synchronize().unwrap();
+                y
+            })
+        });
+        g.finish();
+    }
+}
+
 /// The CUDA flash attention on issue 6's grid: T in {512, 1k, 2k, 4k, 8k}, head dims 64 and
 /// 128, causal or not, bf16, B·T = 16k tokens and H·D = 2048 (FlashAttention's benchmark
 /// setting), in FlashAttention's FLOP count (forward `4·B·T²·D·H`, halved when causal;
@@ -423,5 +483,5 @@ fn sampling_cpu(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, rmsnorm, sampling_cpu, matmul_cpu, gemv_cpu, transpose_cpu, sparse_cpu, attention_cpu, attention_wgpu, attention_cuda, linear_cross_entropy);
+criterion_group!(benches, rmsnorm, sampling_cpu, matmul_cpu, gemv_cpu, transpose_cpu, sparse_cpu, attention_cpu, attention_wgpu, dispatch_wgpu, attention_cuda, linear_cross_entropy);
 criterion_main!(benches);

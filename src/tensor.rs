@@ -385,7 +385,7 @@ impl Tensor {
                 let dst = rt.alloc(bytes);
                 let mut enc = rt.device.create_command_encoder(&Default::default());
                 enc.copy_buffer_to_buffer(buf.buffer(), 0, dst.buffer(), 0, bytes.next_multiple_of(4) as u64);
-                rt.queue.submit([enc.finish()]);
+                crate::device::wgpu::submit(&rt.device, &rt.queue, enc);
                 Storage::Wgpu { rt: rt.clone(), buf: dst }
             }
             // Frozen and immutable: the copy shares the quantized parts.

@@ -168,3 +168,30 @@ fn wgpu_uniforms_are_made_once_per_contents() {
         }
     }
 }
+
+#[test]
+fn wgpu_batched_launches_keep_their_order() {
+    use tuna::device::wgpu::{is_batched, runtime, BATCH};
+    for dev in common::devices() {
+        let Device::Wgpu(i) = dev else { continue };
+        let rt = runtime(i).unwrap();
+        assert!(is_batched(&rt.device), "tuna's own device wgpu:{i} batches its launches");
+        // A launch reads `a`, which is then dropped: its pooled buffer is given out again and
+        // filled by an upload (a `write_buffer`) while the launch may still wait in the batch.
+        // The upload must land after the launch, not before it.
+        let n = 300;
+        let ones = Tensor::from_slice(&vec![1.0f32; n], [n], &dev).unwrap();
+        let a = Tensor::from_slice(&vec![2.0f32; n], [n], &dev).unwrap();
+        let sum = ops::add(&a, &ones).unwrap();
+        drop(a);
+        let b = Tensor::from_slice(&vec![-7.0f32; n], [n], &dev).unwrap();
+        assert_eq!(sum.to_vec_f32().unwrap(), vec![3.0; n], "a launch saw a later upload into a reused buffer on {dev}");
+        assert_eq!(b.to_vec_f32().unwrap(), vec![-7.0; n]);
+        // A chain longer than a batch: every launch, across the submits, in order.
+        let mut y = ones.clone();
+        for _ in 0..2 * BATCH + 3 {
+            y = ops::add(&y, &ones).unwrap();
+        }
+        assert_eq!(y.to_vec_f32().unwrap(), vec![(2 * BATCH + 4) as f32; n], "a chain of adds on {dev}");
+    }
+}

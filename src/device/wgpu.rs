@@ -1,7 +1,8 @@
 //! The wgpu runtime (Vulkan): one instance per process, a device per adapter created with the
 //! adapter's own features and limits (lavapipe offers 32 KiB of workgroup memory where wgpu's
 //! default is 16 KiB), a cache of compute pipelines keyed by kernel name, and a pool of storage
-//! buffers so that an op's temporaries do not hit the allocator every call.
+//! buffers so that an op's temporaries do not hit the allocator every call. Launches on a device
+//! opened here are submitted in batches ([`batch`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +12,9 @@ use wgpu::util::DeviceExt;
 
 use super::Device;
 use crate::{Error, Result};
+
+pub mod batch;
+pub use batch::{flush, is_batched, submit, submit_now, write_buffer, BATCH};
 
 fn instance() -> &'static wgpu::Instance {
     static INSTANCE: OnceLock<wgpu::Instance> = OnceLock::new();
@@ -324,7 +328,7 @@ impl WgpuRuntime {
         let buf = self.alloc(bytes);
         let mut enc = self.device.create_command_encoder(&Default::default());
         enc.clear_buffer(buf.buffer(), 0, None);
-        self.queue.submit([enc.finish()]);
+        submit(&self.device, &self.queue, enc);
         buf
     }
 
@@ -332,11 +336,11 @@ impl WgpuRuntime {
         let buf = self.alloc(bytes.len());
         // write_buffer needs a multiple of 4 bytes.
         if bytes.len().is_multiple_of(4) {
-            self.queue.write_buffer(buf.buffer(), 0, bytes);
+            write_buffer(&self.device, &self.queue, buf.buffer(), 0, bytes);
         } else {
             let mut padded = bytes.to_vec();
             padded.resize(bytes.len().next_multiple_of(4), 0);
-            self.queue.write_buffer(buf.buffer(), 0, &padded);
+            write_buffer(&self.device, &self.queue, buf.buffer(), 0, &padded);
         }
         buf
     }
@@ -361,6 +365,7 @@ impl WgpuRuntime {
     }
 
     pub fn synchronize(&self) -> Result<()> {
+        flush(&self.device, &self.queue);
         self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::wgpu("device poll", e))?;
         self.take_error("a synchronization")
     }
@@ -444,7 +449,7 @@ pub fn download(device: &wgpu::Device, queue: &wgpu::Queue, buf: &wgpu::Buffer, 
 }
 
 /// Submits a copy of the first `bytes` bytes of `buf` (which needs COPY_SRC) into a mappable
-/// buffer, behind the work already submitted; [`PendingRead::wait`] collects it. Work submitted
+/// buffer, behind the work already recorded (which it submits too); [`PendingRead::wait`] collects it. Work submitted
 /// afterwards (a kernel that overwrites `buf`, or a new tensor in its pooled buffer) cannot
 /// change what it reads.
 pub fn read_later(device: &wgpu::Device, queue: &wgpu::Queue, buf: &wgpu::Buffer, bytes: usize) -> Result<PendingRead> {
@@ -462,7 +467,7 @@ pub fn read_later(device: &wgpu::Device, queue: &wgpu::Queue, buf: &wgpu::Buffer
     if bytes > 0 {
         enc.copy_buffer_to_buffer(buf, 0, &staging, 0, padded);
     }
-    let submission = queue.submit([enc.finish()]);
+    let submission = submit_now(device, queue, Some(enc));
     let (tx, mapped) = std::sync::mpsc::channel();
     staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
         let _ = tx.send(r);
@@ -569,7 +574,8 @@ pub fn encode(
     pass.dispatch_workgroups(workgroups.0, workgroups.1, workgroups.2);
 }
 
-/// One dispatch in its own submission, the buffers bound at their binding numbers.
+/// One dispatch, the buffers bound at their binding numbers: recorded into the device's batch
+/// where tuna opened the device ([`batch`]), else submitted on its own before this returns.
 pub fn dispatch_bound(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
@@ -577,9 +583,7 @@ pub fn dispatch_bound(
     buffers: &[(u32, &wgpu::Buffer)],
     workgroups: (u32, u32, u32),
 ) {
-    let mut enc = device.create_command_encoder(&Default::default());
-    encode(device, &mut enc, pipeline, buffers, workgroups);
-    queue.submit([enc.finish()]);
+    batch::dispatch(device, queue, pipeline, buffers, workgroups);
 }
 
 /// [`dispatch_bound`] with `buffers[i]` at binding `i`.
@@ -602,6 +606,7 @@ pub fn runtime(index: usize) -> Result<Arc<WgpuRuntime>> {
         return Ok(rt.clone());
     }
     let rt = Arc::new(WgpuRuntime::open(index)?);
+    batch::enable(&rt.device);
     map.insert(index, rt.clone());
     Ok(rt)
 }

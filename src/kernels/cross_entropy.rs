@@ -541,13 +541,13 @@ pub mod wgsl {
                     product_flags(dev, kernels, &mut enc, (dz, transposed(v)), (xb, plain(h)), dw, (v, h, cm), 1.0, types, flags)?;
                 }
             }
-            rt.queue.submit([enc.finish()]);
+            crate::device::wgpu::submit(&rt.device, &rt.queue, enc);
         }
         if m == 0 {
             if let Some(dw) = dw {
                 let mut enc = dev.create_command_encoder(&Default::default());
                 enc.clear_buffer(dw, 0, Some(bytes(v * h)));
-                rt.queue.submit([enc.finish()]);
+                crate::device::wgpu::submit(&rt.device, &rt.queue, enc);
             }
         }
         let mean = kernels.pipeline(dev, "ce_mean", SOURCE, "ce_mean")?;

@@ -296,7 +296,7 @@ pub mod wgsl {
             let t = rt.alloc(n);
             let mut enc = rt.device.create_command_encoder(&Default::default());
             enc.copy_buffer_to_buffer(x, (start * bytes) as u64, t.buffer(), 0, n as u64);
-            rt.queue.submit([enc.finish()]);
+            crate::device::wgpu::submit(&rt.device, &rt.queue, enc);
             let raw = rt.download(t.buffer(), n)?;
             match precision {
                 Precision::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(&raw)[..len - start].to_vec(),
@@ -325,7 +325,7 @@ pub mod wgsl {
         let mut b = weight_bindings(w).to_vec();
         b.push((9, out));
         pass(device, kernels, &mut enc, ("nf4_gemm::nf4_dequant", SOURCE, "nf4_dequant"), &u, &b, (gx, gy))?;
-        queue.submit([enc.finish()]);
+        crate::device::wgpu::submit(device, queue, enc);
         Ok(())
     }
 }

@@ -137,7 +137,7 @@ fn append_in_place(cached: Tensor, new: &Tensor) -> std::result::Result<Tensor, 
                 bigger
             };
             enc.copy_buffer_to_buffer(nb.buffer(), 0, buf.buffer(), old as u64, add as u64);
-            rt.queue.submit([enc.finish()]);
+            crate::device::wgpu::submit(&rt.device, &rt.queue, enc);
             Storage::Wgpu { rt, buf }
         }
         (s, _) => return Err(back(s, Error::InvalidArgument("kv cache: new keys on another device or storage".into()))),
@@ -167,7 +167,7 @@ fn concat_seq(old: &Tensor, new: &Tensor) -> Result<Tensor> {
             enc.copy_buffer_to_buffer(ob.buffer(), i * os, out.buffer(), i * (os + ns), os);
             enc.copy_buffer_to_buffer(nb.buffer(), i * ns, out.buffer(), i * (os + ns) + os, ns);
         }
-        rt.queue.submit([enc.finish()]);
+        crate::device::wgpu::submit(&rt.device, &rt.queue, enc);
         return Ok(Tensor::from_storage(Storage::Wgpu { rt: rt.clone(), buf: out }, out_shape.into(), old.dtype(), old.device()));
     }
     if let (Storage::Cuda { rt, buf: ob }, Storage::Cuda { buf: nb, .. }) = (old.storage(), new.storage()) {

@@ -480,7 +480,7 @@ pub fn matmul_out(
     } else {
         product_flags(device, kernels, &mut enc, (a, sa), (b, sb), c, (m, n, k), 1.0, types, 0)?;
     }
-    queue.submit([enc.finish()]);
+    crate::device::wgpu::submit(device, queue, enc);
     Ok(())
 }
 
@@ -519,7 +519,7 @@ pub fn forward(
             gemv_pass(device, kernels, &mut enc, types, Weight::Dense(a), x_lora, None, None, xa, (m, r, k))?;
         }
         gemv_pass(device, kernels, &mut enc, types, w, x, Some((xa, b, r, p.scale)), bias, y, (m, n, k))?;
-        queue.submit([enc.finish()]);
+        crate::device::wgpu::submit(device, queue, enc);
         return Ok(());
     }
     product_flags(device, kernels, &mut enc, (x_lora, plain(k)), (a, transposed(k)), xa, (m, r, k), 1.0, types, 0)?;
@@ -535,7 +535,7 @@ pub fn forward(
         ..Default::default()
     };
     weight_pass(device, kernels, &mut enc, types, w, &u, [x, xa, b], bias, y, tiles(m, n))?;
-    queue.submit([enc.finish()]);
+    crate::device::wgpu::submit(device, queue, enc);
     Ok(())
 }
 
@@ -627,11 +627,11 @@ pub fn backward(
             u.k2 = 0;
             weight_pass(device, kernels, &mut enc, types, w, &u, [dy, &g, a], None, &base, tiles(m, k))?;
             product_flags(device, kernels, &mut enc, (&g, plain(r)), (a, plain(k)), &ga, (m, k, r), 1.0, types, 0)?;
-            queue.submit([enc.finish()]);
+            crate::device::wgpu::submit(device, queue, enc);
             return self::dropout(device, queue, kernels, &base, Some((&ga, p.scale)), dx, m * k, pd, seed, drop);
         }
         (None, _) => {}
     }
-    queue.submit([enc.finish()]);
+    crate::device::wgpu::submit(device, queue, enc);
     Ok(())
 }

@@ -145,7 +145,7 @@ pub fn sm3(
         let binds = [(0, &u), (1, w), (2, g), (3, r_old), (4, c_old), (5, r_new), (6, c_new), (7, m), (8, sum_sq)];
         encode(device, &mut enc, &pipe, &binds, grid(tiles));
     }
-    queue.submit([enc.finish()]);
+    crate::device::wgpu::submit(device, queue, enc);
     Ok(())
 }
 
@@ -202,7 +202,7 @@ pub fn sm3_sparse(
     encode(device, &mut enc, &step, &binds, grid((n as u32).div_ceil(WG)));
     let groups = to_u32(OP, "rows", rows.max(cols))?.div_ceil(WG);
     encode(device, &mut enc, &finish, &[(0, &u), (4, r), (5, c), (8, &tmp)], grid(groups));
-    queue.submit([enc.finish()]);
+    crate::device::wgpu::submit(device, queue, enc);
     Ok(())
 }
 
@@ -251,7 +251,7 @@ pub fn adamw(
     let pipe = kernels.pipeline(device, "optim_adamw", ADAMW_SOURCE, "adamw")?;
     let mut enc = device.create_command_encoder(&Default::default());
     encode(device, &mut enc, &pipe, &[(0, &u), (1, w), (2, g), (3, m), (4, v), (5, sum_sq)], grid((n as u32).div_ceil(WG)));
-    queue.submit([enc.finish()]);
+    crate::device::wgpu::submit(device, queue, enc);
     Ok(())
 }
 
@@ -299,6 +299,6 @@ pub fn sum_squares(
     }
     let u = uniform(device, &SumSqUniform { n: 0, offset: 0, count: to_u32(OP, "partials", total)?, _pad: 0 });
     encode(device, &mut enc, &finish, &[(0, &u), (1, &partials), (3, sum_sq)], (1, 1));
-    queue.submit([enc.finish()]);
+    crate::device::wgpu::submit(device, queue, enc);
     Ok(())
 }

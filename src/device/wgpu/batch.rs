@@ -1,0 +1,139 @@
+//! Submissions in batches. A `queue.submit` costs far more than recording a dispatch (wgpu
+//! tracks and fences each submission, and the driver wakes for it): on lavapipe one submit per
+//! dispatch took ~110 µs a dispatch where batches of 8 or more took ~40. So on a device tuna
+//! opened ([`super::runtime`]), launches record into one open encoder and command buffers wait
+//! in order, and the device's queue gets them all in one submit every [`BATCH`] launches, or
+//! before anything that must come after them: a read, a synchronization, a `write_buffer`.
+//!
+//! A device tuna did not open (a program's own, handed to the launchers) is never batched: each
+//! launch is submitted when it returns, as the program expects.
+//!
+//! Every submit and `write_buffer` in tuna goes through here ([`submit`], [`submit_now`],
+//! [`write_buffer`]); one that went around would run ahead of the work recorded before it.
+
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+
+/// Launches (dispatches and command buffers) a device's batch takes before it is submitted:
+/// past ~8 the saving levels off on lavapipe, and a GPU idles until the first submit.
+pub const BATCH: usize = 32;
+
+/// Work recorded on one device and not yet submitted.
+#[derive(Default)]
+struct Batch {
+    /// Dispatches recorded since the last command buffer was closed.
+    open: Option<wgpu::CommandEncoder>,
+    /// Command buffers in submission order (`open`'s work comes after them).
+    closed: Vec<wgpu::CommandBuffer>,
+    /// Launches since the last submit.
+    launches: usize,
+}
+
+impl Batch {
+    /// Everything recorded, in order, leaving the batch empty.
+    fn take(&mut self) -> Vec<wgpu::CommandBuffer> {
+        if let Some(enc) = self.open.take() {
+            self.closed.push(enc.finish());
+        }
+        self.launches = 0;
+        std::mem::take(&mut self.closed)
+    }
+}
+
+/// The batches of the devices tuna opened; a device missing here is not batched.
+static BATCHES: LazyLock<Mutex<HashMap<wgpu::Device, Batch>>> = LazyLock::new(Mutex::default);
+
+fn batches() -> std::sync::MutexGuard<'static, HashMap<wgpu::Device, Batch>> {
+    BATCHES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Batches `device`'s launches from now on (`runtime` calls it for the devices it opens).
+pub(super) fn enable(device: &wgpu::Device) {
+    batches().entry(device.clone()).or_default();
+}
+
+/// Whether `device`'s launches are batched.
+pub fn is_batched(device: &wgpu::Device) -> bool {
+    batches().contains_key(device)
+}
+
+/// After one more launch: submits the batch when it is full. The lock is held through the
+/// submit, so batches reach the queue in the order they were recorded.
+fn count(queue: &wgpu::Queue, batch: &mut Batch) {
+    batch.launches += 1;
+    if batch.launches >= BATCH {
+        queue.submit(batch.take());
+    }
+}
+
+/// Records one dispatch: into `device`'s batch, or, where the device is not batched, into an
+/// encoder of its own that is submitted at once.
+pub fn dispatch(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    pipeline: &wgpu::ComputePipeline,
+    buffers: &[(u32, &wgpu::Buffer)],
+    workgroups: (u32, u32, u32),
+) {
+    let mut all = batches();
+    match all.get_mut(device) {
+        Some(batch) => {
+            let enc = batch.open.get_or_insert_with(|| device.create_command_encoder(&Default::default()));
+            super::encode(device, enc, pipeline, buffers, workgroups);
+            count(queue, batch);
+        }
+        None => {
+            drop(all);
+            let mut enc = device.create_command_encoder(&Default::default());
+            super::encode(device, &mut enc, pipeline, buffers, workgroups);
+            queue.submit([enc.finish()]);
+        }
+    }
+}
+
+/// Queues `enc`'s commands behind everything recorded on `device` so far (submitted with the
+/// batch; at once on a device that is not batched).
+pub fn submit(device: &wgpu::Device, queue: &wgpu::Queue, enc: wgpu::CommandEncoder) {
+    let mut all = batches();
+    match all.get_mut(device) {
+        Some(batch) => {
+            if let Some(open) = batch.open.take() {
+                batch.closed.push(open.finish());
+            }
+            batch.closed.push(enc.finish());
+            count(queue, batch);
+        }
+        None => {
+            drop(all);
+            queue.submit([enc.finish()]);
+        }
+    }
+}
+
+/// Submits everything recorded on `device`, then `enc` (if any), now; the index is what a poll
+/// waits for.
+pub fn submit_now(device: &wgpu::Device, queue: &wgpu::Queue, enc: Option<wgpu::CommandEncoder>) -> wgpu::SubmissionIndex {
+    let mut all = batches();
+    let mut work = all.get_mut(device).map(Batch::take).unwrap_or_default();
+    work.extend(enc.map(|e| e.finish()));
+    queue.submit(work)
+}
+
+/// Submits everything recorded on `device` now. A program that shares a device tuna opened
+/// calls it before submitting work of its own that reads what tuna's launches wrote.
+pub fn flush(device: &wgpu::Device, queue: &wgpu::Queue) {
+    let mut all = batches();
+    if let Some(batch) = all.get_mut(device) {
+        if batch.launches > 0 || batch.open.is_some() || !batch.closed.is_empty() {
+            queue.submit(batch.take());
+        }
+    }
+}
+
+/// `queue.write_buffer` behind the work recorded so far. wgpu runs a `write_buffer` before the
+/// next submission's commands, so recorded work that still reads the buffer's old contents (a
+/// pooled buffer given out again) is submitted first.
+pub fn write_buffer(device: &wgpu::Device, queue: &wgpu::Queue, buffer: &wgpu::Buffer, offset: u64, data: &[u8]) {
+    flush(device, queue);
+    queue.write_buffer(buffer, offset, data);
+}
