@@ -187,6 +187,9 @@ fn wgpu_batched_launches_keep_their_order() {
         let b = Tensor::from_slice(&vec![-7.0f32; n], [n], &dev).unwrap();
         assert_eq!(sum.to_vec_f32().unwrap(), vec![3.0; n], "a launch saw a later upload into a reused buffer on {dev}");
         assert_eq!(b.to_vec_f32().unwrap(), vec![-7.0; n]);
+        // A copy (a command buffer of its own) after a launch it reads from.
+        let copied = ops::add(&sum, &ones).unwrap().copy().unwrap();
+        assert_eq!(copied.to_vec_f32().unwrap(), vec![4.0; n], "a copy ran ahead of the launch it copies on {dev}");
         // A chain longer than a batch: every launch, across the submits, in order.
         let mut y = ones.clone();
         for _ in 0..2 * BATCH + 3 {
