@@ -598,9 +598,10 @@ pub fn dispatch(
     dispatch_bound(device, queue, pipeline, &bound, workgroups);
 }
 
+static RUNTIMES: OnceLock<Mutex<HashMap<usize, Arc<WgpuRuntime>>>> = OnceLock::new();
+
 /// The runtime of wgpu adapter `index`, opened once per process.
 pub fn runtime(index: usize) -> Result<Arc<WgpuRuntime>> {
-    static RUNTIMES: OnceLock<Mutex<HashMap<usize, Arc<WgpuRuntime>>>> = OnceLock::new();
     let mut map = RUNTIMES.get_or_init(Default::default).lock().expect("wgpu runtimes poisoned");
     if let Some(rt) = map.get(&index) {
         return Ok(rt.clone());
@@ -609,4 +610,51 @@ pub fn runtime(index: usize) -> Result<Arc<WgpuRuntime>> {
     batch::enable(&rt.device);
     map.insert(index, rt.clone());
     Ok(rt)
+}
+
+/// The runtime tuna opened for `device`, if it opened it.
+fn runtime_of(device: &wgpu::Device) -> Option<Arc<WgpuRuntime>> {
+    let map = RUNTIMES.get()?.lock().expect("wgpu runtimes poisoned");
+    map.values().find(|rt| rt.device == *device).cloned()
+}
+
+/// A storage buffer of at least `bytes` bytes (at least 4; contents unspecified) for a
+/// launcher's temporaries: from the pool where tuna opened `device`, so that a launch does not
+/// make a buffer each call (an allocation, and wgpu's tracking until the work is done); on a
+/// program's own device, a buffer of its own. The launch may drop it as soon as it has recorded
+/// its dispatches: later work on the queue that reuses the buffer runs after them.
+pub fn scratch(device: &wgpu::Device, bytes: usize) -> PooledBuffer {
+    if let Some(rt) = runtime_of(device) {
+        return rt.alloc(bytes);
+    }
+    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("tuna scratch"),
+        size: bytes.next_multiple_of(4).max(4) as u64,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    PooledBuffer { buffer: Some(buffer), pool: Weak::new() }
+}
+
+/// [`scratch`] filled with zeros (a clear recorded behind the work before it).
+pub fn scratch_zeros(device: &wgpu::Device, queue: &wgpu::Queue, bytes: usize) -> PooledBuffer {
+    let buf = scratch(device, bytes);
+    let mut enc = device.create_command_encoder(&Default::default());
+    enc.clear_buffer(buf.buffer(), 0, None);
+    submit(device, queue, enc);
+    buf
+}
+
+/// Stand-in buffers for bindings an entry point declares but a launch does not use (an absent
+/// optional input), 16 bytes each, made once per device. `slot` tells them apart where a launch
+/// needs several: one buffer may not be bound both read-only and read-write in one dispatch.
+pub fn stand_in(device: &wgpu::Device, slot: usize) -> wgpu::Buffer {
+    type StandIns = HashMap<(wgpu::Device, usize), wgpu::Buffer>;
+    static STAND_INS: std::sync::LazyLock<Mutex<StandIns>> = std::sync::LazyLock::new(Mutex::default);
+    let mut all = STAND_INS.lock().unwrap_or_else(|p| p.into_inner());
+    all.entry((device.clone(), slot))
+        .or_insert_with(|| {
+            device.create_buffer(&wgpu::BufferDescriptor { label: Some("tuna unused binding"), size: 16, usage: wgpu::BufferUsages::STORAGE, mapped_at_creation: false })
+        })
+        .clone()
 }

@@ -129,12 +129,7 @@ fn check_starts(op: &'static str, starts: Option<&wgpu::Buffer>, p: &AttentionPa
 fn starts_or<'a>(device: &wgpu::Device, starts: Option<&'a wgpu::Buffer>, keep: &'a mut Option<wgpu::Buffer>) -> &'a wgpu::Buffer {
     match starts {
         Some(s) => s,
-        None => keep.insert(device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("tuna attention: no starts"),
-            size: 16,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        })),
+        None => keep.insert(crate::device::wgpu::stand_in(device, 0)),
     }
 }
 
@@ -207,16 +202,15 @@ fn split_kv(
     const OP: &str = "flash_attention_fwd (split-KV)";
     let rows = p.heads / p.kv_heads * p.q_len;
     let parts = p.batch * p.kv_heads * p.kv_len.div_ceil(SPLIT_KV_CHUNK).max(1);
-    let scratch = |label: &'static str, floats: usize| {
-        device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: (4 * floats).max(4) as u64, usage: wgpu::BufferUsages::STORAGE, mapped_at_creation: false })
-    };
-    // Every element is written by decode_part before decode_merge reads it.
-    let part_o = scratch("tuna attention: split-KV chunk outputs", parts * rows * p.head_dim);
-    let part_ml = scratch("tuna attention: split-KV chunk statistics", parts * rows * 2);
+    // f32 chunk outputs and statistics: every element is written by decode_part before
+    // decode_merge reads it.
+    let part_o = crate::device::wgpu::scratch(device, 4 * parts * rows * p.head_dim);
+    let part_ml = crate::device::wgpu::scratch(device, 4 * parts * rows * 2);
+    let (part_o, part_ml) = (part_o.buffer(), part_ml.buffer());
     let part = kernels.pipeline_as(device, "attn_decode_part", DECODE_SOURCE, "decode_part", precision)?;
-    dispatch_bound(device, queue, &part, &[(0, u), (1, q), (2, k), (3, v), (4, &part_o), (5, &part_ml)], groups(OP, parts)?);
+    dispatch_bound(device, queue, &part, &[(0, u), (1, q), (2, k), (3, v), (4, part_o), (5, part_ml)], groups(OP, parts)?);
     let merge = kernels.pipeline_as(device, "attn_decode_merge", DECODE_SOURCE, "decode_merge", precision)?;
-    dispatch_bound(device, queue, &merge, &[(0, u), (4, &part_o), (5, &part_ml), (6, o), (7, stats)], groups(OP, p.batch * p.kv_heads * rows)?);
+    dispatch_bound(device, queue, &merge, &[(0, u), (4, part_o), (5, part_ml), (6, o), (7, stats)], groups(OP, p.batch * p.kv_heads * rows)?);
     Ok(())
 }
 

@@ -38,7 +38,7 @@
 //! With `Precision::F16` (where the adapter has SHADER_F16) the buffers hold f16 values.
 
 use super::LoraParams;
-use crate::device::wgpu::KernelCache;
+use crate::device::wgpu::{KernelCache, PooledBuffer};
 use crate::kernels::check_len;
 use crate::kernels::nf4::wgsl as nf4;
 use crate::{Error, Result};
@@ -272,13 +272,9 @@ fn check_elems(op: &'static str, bytes: usize, bufs: &[(&str, &wgpu::Buffer, usi
     Ok(())
 }
 
-pub(crate) fn scratch(device: &wgpu::Device, elems: usize) -> wgpu::Buffer {
-    device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("tuna lora scratch"),
-        size: (4 * elems.max(4)) as u64,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    })
+/// Scratch for `elems` f32 values (the pool's where tuna opened the device).
+pub(crate) fn scratch(device: &wgpu::Device, elems: usize) -> PooledBuffer {
+    crate::device::wgpu::scratch(device, 4 * elems)
 }
 
 /// Records one pass of `entry` in `source` over an `[m, n]` output, binding the uniform at 0
@@ -553,12 +549,12 @@ pub(crate) fn small_grads(
     db: &wgpu::Buffer,
     p: LoraParams,
     precision: Precision,
-) -> Result<wgpu::Buffer> {
+) -> Result<PooledBuffer> {
     let (m, n, k, r) = (p.m, p.n, p.k, p.r);
     let (act, grad) = (same(precision), to_f32(precision));
     let g = scratch(device, m * r);
-    product_flags(device, kernels, enc, (dy, plain(n)), (b, plain(r)), &g, (m, r, n), 1.0, act, 0)?;
-    product_flags(device, kernels, enc, (&g, transposed(r)), (x_lora, plain(k)), da, (r, k, m), p.scale, grad, 0)?;
+    product_flags(device, kernels, enc, (dy, plain(n)), (b, plain(r)), g.buffer(), (m, r, n), 1.0, act, 0)?;
+    product_flags(device, kernels, enc, (g.buffer(), transposed(r)), (x_lora, plain(k)), da, (r, k, m), p.scale, grad, 0)?;
     product_flags(device, kernels, enc, (dy, transposed(n)), (xa, plain(r)), db, (n, r, m), p.scale, grad, 0)?;
     Ok(g)
 }
@@ -603,6 +599,7 @@ pub fn backward(
         check_buffers(op, &[("da", da, r * k), ("db", db, n * r)])?;
         small_grads(device, kernels, &mut enc, dy, x_lora, xa, b, da, db, p, precision)?
     };
+    let g = g.buffer();
     // dX's pass: A1 = dY, W read along its rows, A2 = G, B2 = A.
     let mut u = GemmUniform {
         m: m as u32,
@@ -615,7 +612,7 @@ pub fn backward(
         ..Default::default()
     };
     match (dx, dropout) {
-        (Some(dx), None) => weight_pass(device, kernels, &mut enc, same(precision), w, &u, [dy, &g, a], None, dx, tiles(m, k))?,
+        (Some(dx), None) => weight_pass(device, kernels, &mut enc, same(precision), w, &u, [dy, g, a], None, dx, tiles(m, k))?,
         // The two products apart in f32 (from f16 operands in f16): dY·W (the K + R pass with
         // no R) and G·A, then summed under the mask and stored in dX's type.
         (Some(dx), Some((pd, seed))) => {
@@ -625,10 +622,10 @@ pub fn backward(
                 Precision::F16 => (Types::F16ToF32, DropoutTypes::F32ToF16),
             };
             u.k2 = 0;
-            weight_pass(device, kernels, &mut enc, types, w, &u, [dy, &g, a], None, &base, tiles(m, k))?;
-            product_flags(device, kernels, &mut enc, (&g, plain(r)), (a, plain(k)), &ga, (m, k, r), 1.0, types, 0)?;
+            weight_pass(device, kernels, &mut enc, types, w, &u, [dy, g, a], None, base.buffer(), tiles(m, k))?;
+            product_flags(device, kernels, &mut enc, (g, plain(r)), (a, plain(k)), ga.buffer(), (m, k, r), 1.0, types, 0)?;
             crate::device::wgpu::submit(device, queue, enc);
-            return self::dropout(device, queue, kernels, &base, Some((&ga, p.scale)), dx, m * k, pd, seed, drop);
+            return self::dropout(device, queue, kernels, base.buffer(), Some((ga.buffer(), p.scale)), dx, m * k, pd, seed, drop);
         }
         (None, _) => {}
     }

@@ -3,7 +3,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use super::{adamw_factors, check_dense, AdamWParams, Sm3Params};
-use crate::device::wgpu::{grid, uniform, KernelCache, Precision};
+use crate::device::wgpu::{grid, scratch, scratch_zeros, stand_in, uniform, KernelCache, Precision};
 use crate::kernels::check_len;
 use crate::{Error, Result};
 
@@ -78,16 +78,6 @@ fn check_buf(op: &'static str, what: &str, b: &wgpu::Buffer, elems: usize) -> Re
     check_len(op, what, b.size() as usize / 4, elems)
 }
 
-/// A bound-but-unused stand-in for an absent optional buffer (momentum, sum of squares).
-fn placeholder(device: &wgpu::Device) -> wgpu::Buffer {
-    device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("tuna unused binding"),
-        size: 16,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    })
-}
-
 /// Records one dispatch over a 2-D grid of workgroups.
 fn encode(device: &wgpu::Device, enc: &mut wgpu::CommandEncoder, pipeline: &wgpu::ComputePipeline, buffers: &[(u32, &wgpu::Buffer)], (x, y): (u32, u32)) {
     crate::device::wgpu::encode(device, enc, pipeline, buffers, (x, y, 1));
@@ -134,7 +124,7 @@ pub fn sm3(
     enc.clear_buffer(c_new, 0, None);
     if tiles > 0 {
         // Two stand-ins: one buffer bound both read-write and read-only is a usage conflict.
-        let (none, none_rw) = (placeholder(device), placeholder(device));
+        let (none, none_rw) = (stand_in(device, 0), stand_in(device, 1));
         let (clip_flag, max_norm, sum_sq) = clip_parts(clip, &none);
         let u = uniform(
             device,
@@ -181,14 +171,9 @@ pub fn sm3_sparse(
     if n == 0 || rows * cols == 0 {
         return Ok(());
     }
-    // Fresh wgpu buffers are zero-filled: 0 is "untouched" in the kernel's encoding.
-    let tmp = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("tuna sm3_sparse maxima"),
-        size: ((rows + cols) * 4) as u64,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    });
-    let (none, none_rw) = (placeholder(device), placeholder(device));
+    // 0 is "untouched" in the kernel's encoding.
+    let tmp = scratch_zeros(device, queue, (rows + cols) * 4);
+    let (none, none_rw) = (stand_in(device, 0), stand_in(device, 1));
     let (clip_flag, max_norm, sum_sq) = clip_parts(clip, &none);
     let u = uniform(
         device,
@@ -198,10 +183,10 @@ pub fn sm3_sparse(
     let finish = kernels.pipeline(device, "optim_sm3_sparse_finish", SM3_SPARSE_SOURCE, "sm3_sparse_finish")?;
     let m = mom.unwrap_or(&none_rw);
     let mut enc = device.create_command_encoder(&Default::default());
-    let binds = [(0, &u), (1, indices), (2, delta), (3, g), (4, r), (5, c), (6, m), (7, sum_sq), (8, &tmp)];
+    let binds = [(0, &u), (1, indices), (2, delta), (3, g), (4, r), (5, c), (6, m), (7, sum_sq), (8, tmp.buffer())];
     encode(device, &mut enc, &step, &binds, grid((n as u32).div_ceil(WG)));
     let groups = to_u32(OP, "rows", rows.max(cols))?.div_ceil(WG);
-    encode(device, &mut enc, &finish, &[(0, &u), (4, r), (5, c), (8, &tmp)], grid(groups));
+    encode(device, &mut enc, &finish, &[(0, &u), (4, r), (5, c), (8, tmp.buffer())], grid(groups));
     crate::device::wgpu::submit(device, queue, enc);
     Ok(())
 }
@@ -229,7 +214,7 @@ pub fn adamw(
     if n == 0 {
         return Ok(());
     }
-    let none = placeholder(device);
+    let none = stand_in(device, 0);
     let (clip_flag, max_norm, sum_sq) = clip_parts(clip, &none);
     let (decay, step_size, bc2_sqrt) = adamw_factors(&p);
     let u = uniform(
@@ -274,12 +259,8 @@ pub fn sum_squares(
         to_u32(OP, "n", *n)?;
     }
     let total: usize = grads.iter().map(|(_, n, _)| groups(*n)).sum();
-    let partials = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("tuna sum_squares partials"),
-        size: (total.max(1) * 4) as u64,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    });
+    // Each workgroup writes its partial before the finish reads them.
+    let partials = scratch(device, total * 4);
     let part = kernels.pipeline(device, "optim_sumsq_partial", SUMSQ_SOURCE, "sumsq_partial")?;
     let part16 = kernels.pipeline(device, "optim_sumsq_partial_f16", SUMSQ_SOURCE, "sumsq_partial_f16")?;
     let finish = kernels.pipeline(device, "optim_sumsq_finish", SUMSQ_SOURCE, "sumsq_finish")?;
@@ -292,13 +273,13 @@ pub fn sum_squares(
         }
         let u = uniform(device, &SumSqUniform { n: *n as u32, offset: offset as u32, count: 0, _pad: 0 });
         match pr {
-            Precision::F32 => encode(device, &mut enc, &part, &[(0, &u), (1, &partials), (2, b)], (gr as u32, 1)),
-            Precision::F16 => encode(device, &mut enc, &part16, &[(0, &u), (1, &partials), (4, b)], (gr as u32, 1)),
+            Precision::F32 => encode(device, &mut enc, &part, &[(0, &u), (1, partials.buffer()), (2, b)], (gr as u32, 1)),
+            Precision::F16 => encode(device, &mut enc, &part16, &[(0, &u), (1, partials.buffer()), (4, b)], (gr as u32, 1)),
         }
         offset += gr;
     }
     let u = uniform(device, &SumSqUniform { n: 0, offset: 0, count: to_u32(OP, "partials", total)?, _pad: 0 });
-    encode(device, &mut enc, &finish, &[(0, &u), (1, &partials), (3, sum_sq)], (1, 1));
+    encode(device, &mut enc, &finish, &[(0, &u), (1, partials.buffer()), (3, sum_sq)], (1, 1));
     crate::device::wgpu::submit(device, queue, enc);
     Ok(())
 }
