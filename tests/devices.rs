@@ -198,3 +198,34 @@ fn wgpu_batched_launches_keep_their_order() {
         assert_eq!(y.to_vec_f32().unwrap(), vec![(2 * BATCH + 4) as f32; n], "a chain of adds on {dev}");
     }
 }
+
+#[test]
+fn wgpu_launches_on_a_programs_own_device_are_submitted_at_once() {
+    use tuna::device::wgpu::{is_batched, runtime, KernelCache};
+    use tuna::kernels::rmsnorm::{wgsl, RmsNormParams};
+    use wgpu::util::DeviceExt;
+    for dev in common::devices() {
+        let Device::Wgpu(i) = dev else { continue };
+        let adapter = &runtime(i).unwrap().adapter;
+        let desc = wgpu::DeviceDescriptor { required_limits: adapter.limits(), ..Default::default() };
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc)).unwrap();
+        assert!(!is_batched(&device), "a program's own device on {dev} is not batched");
+        // The program's own submit, right after the launch, reads what the launch wrote.
+        let (rows, cols) = (3, 64);
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        let buffer = |v: &[f32]| device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: None, contents: bytemuck::cast_slice(v), usage });
+        let (x, w) = (buffer(&vec![2.0; rows * cols]), buffer(&vec![1.5; cols]));
+        let (y, rstd) = (buffer(&vec![0.0; rows * cols]), buffer(&vec![0.0; rows]));
+        let p = RmsNormParams { rows, cols, eps: 0.0 };
+        wgsl::forward(&device, &queue, &KernelCache::new(), &x, &w, &y, &rstd, p, wgsl::Precision::F32).unwrap();
+        let staging = device.create_buffer(&wgpu::BufferDescriptor { label: None, size: y.size(), usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
+        let mut enc = device.create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&y, 0, &staging, 0, y.size());
+        queue.submit([enc.finish()]);
+        staging.slice(..).map_async(wgpu::MapMode::Read, |r| r.unwrap());
+        device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+        let got: Vec<f32> = bytemuck::pod_collect_to_vec(&staging.slice(..).get_mapped_range().unwrap());
+        // x / rms(x) · w = 2 / 2 · 1.5.
+        assert_eq!(got, vec![1.5; rows * cols], "the launch had not reached the queue on {dev}'s own device");
+    }
+}
