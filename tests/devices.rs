@@ -229,3 +229,37 @@ fn wgpu_launches_on_a_programs_own_device_are_submitted_at_once() {
         assert_eq!(got, vec![1.5; rows * cols], "the launch had not reached the queue on {dev}'s own device");
     }
 }
+
+#[test]
+fn wgpu_bind_groups_are_kept_until_their_buffers_are_released() {
+    use tuna::device::wgpu::binds::{bind_group, holds};
+    use tuna::device::wgpu::{dispatch_bound, runtime, uniform};
+    const SHADER: &str = "
+@group(0) @binding(0) var<storage, read_write> x: array<f32>;
+@group(0) @binding(1) var<uniform> n: vec4<u32>;
+@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) g: vec3<u32>) {
+    if g.x < n.x { x[g.x] = x[g.x] * 2.0; }
+}";
+    for dev in common::devices() {
+        let Device::Wgpu(i) = dev else { continue };
+        let rt = runtime(i).unwrap();
+        let pipe = rt.kernels.pipeline(&rt.device, "test_bind_groups", SHADER, "main").unwrap();
+        let n = uniform(&rt.device, &[64u32, 0, 0, 0]);
+        // Buffers of a size class no other test here uses (2 MiB), more than the pool keeps.
+        let bufs: Vec<_> = (0..12).map(|_| rt.alloc(2 << 20)).collect();
+        let handles: Vec<wgpu::Buffer> = bufs.iter().map(|b| b.buffer().clone()).collect();
+        for b in &bufs {
+            dispatch_bound(&rt.device, &rt.queue, &pipe, &[(0, b.buffer()), (1, &n)], (1, 1, 1));
+        }
+        let first = [(0, bufs[0].buffer()), (1, &n)];
+        assert_eq!(bind_group(&rt.device, &pipe, &first, true), bind_group(&rt.device, &pipe, &first, true), "made once on {dev}");
+        assert_ne!(bind_group(&rt.device, &pipe, &first, true), bind_group(&rt.device, &pipe, &first, false), "a fresh one when not kept");
+        assert!(handles.iter().all(holds), "every dispatch's bind group is kept on {dev}");
+        rt.synchronize().unwrap();
+        // The pool keeps some of them for reuse (their bind groups stay) and releases the rest,
+        // whose bind groups must go with them.
+        drop(bufs);
+        let released = handles.iter().filter(|b| !holds(b)).count();
+        assert!(released >= 12 - 8, "{released} of 12 buffers let go on {dev}: kept bind groups hold released buffers");
+    }
+}

@@ -14,6 +14,7 @@ use super::Device;
 use crate::{Error, Result};
 
 pub mod batch;
+pub mod binds;
 pub use batch::{flush, is_batched, submit, submit_now, write_buffer, BATCH};
 
 fn instance() -> &'static wgpu::Instance {
@@ -189,6 +190,8 @@ impl Drop for PooledBuffer {
                 class.push(buf);
             } else {
                 pool.held.fetch_sub(size, Ordering::Relaxed);
+                drop(free);
+                binds::forget(&buf);
             }
         }
     }
@@ -556,7 +559,8 @@ pub fn f16_variant(source: &str, aliases: &[&str]) -> String {
 }
 
 /// Records one dispatch of `pipeline` into `enc`, each buffer bound at its binding number
-/// (entry points may use only some of a shader's bindings).
+/// (entry points may use only some of a shader's bindings). On a device tuna opened, the bind
+/// group is kept for the next dispatch of the same pipeline and buffers ([`binds`]).
 pub fn encode(
     device: &wgpu::Device,
     enc: &mut wgpu::CommandEncoder,
@@ -564,10 +568,20 @@ pub fn encode(
     buffers: &[(u32, &wgpu::Buffer)],
     workgroups: (u32, u32, u32),
 ) {
-    let layout = pipeline.get_bind_group_layout(0);
-    let entries: Vec<wgpu::BindGroupEntry> =
-        buffers.iter().map(|(i, b)| wgpu::BindGroupEntry { binding: *i, resource: b.as_entire_binding() }).collect();
-    let bind = device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries });
+    encode_kept(device, enc, pipeline, buffers, workgroups, is_batched(device));
+}
+
+/// [`encode`], with the bind group kept where `keep` (the caller knows whether tuna opened the
+/// device).
+fn encode_kept(
+    device: &wgpu::Device,
+    enc: &mut wgpu::CommandEncoder,
+    pipeline: &wgpu::ComputePipeline,
+    buffers: &[(u32, &wgpu::Buffer)],
+    workgroups: (u32, u32, u32),
+    keep: bool,
+) {
+    let bind = binds::bind_group(device, pipeline, buffers, keep);
     let mut pass = enc.begin_compute_pass(&Default::default());
     pass.set_pipeline(pipeline);
     pass.set_bind_group(0, &bind, &[]);

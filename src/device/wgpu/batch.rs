@@ -79,7 +79,7 @@ pub fn dispatch(
     match all.get_mut(device) {
         Some(batch) => {
             let enc = batch.open.get_or_insert_with(|| device.create_command_encoder(&Default::default()));
-            super::encode(device, enc, pipeline, buffers, workgroups);
+            super::encode_kept(device, enc, pipeline, buffers, workgroups, true);
             count(queue, batch);
         }
         None => {

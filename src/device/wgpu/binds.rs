@@ -1,0 +1,70 @@
+//! Bind groups kept for reuse. Making one costs more than the rest of recording a dispatch (on
+//! lavapipe ~4.6 of ~5 µs: wgpu validates it, allocates a descriptor set and tracks it), and
+//! on a device tuna opened the same kernel meets the same buffers step after step: tensors come
+//! from the pool, uniforms from their cache. So there a bind group is kept by pipeline and
+//! buffers, and made once.
+//!
+//! A kept bind group holds its buffers alive. So a pool buffer that is released for good drops
+//! the bind groups that hold it ([`forget`]), and a device keeps at most [`KEPT`], after which
+//! its bind groups start over. A program's own device gets a fresh bind group each dispatch,
+//! as before: tuna cannot tell when it drops its buffers.
+
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+
+/// Bind groups a device keeps before they start over.
+pub const KEPT: usize = 4096;
+
+/// What a bind group is made of: the pipeline (whose layout it follows) and each buffer at its
+/// binding number.
+#[derive(PartialEq, Eq, Hash)]
+struct Key {
+    pipeline: wgpu::ComputePipeline,
+    buffers: Vec<(u32, wgpu::Buffer)>,
+}
+
+type Kept = HashMap<wgpu::Device, HashMap<Key, wgpu::BindGroup>>;
+static KEPT_GROUPS: LazyLock<Mutex<Kept>> = LazyLock::new(Mutex::default);
+
+fn kept() -> std::sync::MutexGuard<'static, Kept> {
+    KEPT_GROUPS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A bind group of `buffers` at their binding numbers for `pipeline`'s group 0: kept and
+/// reused where `keep` (a device tuna opened), else made for this dispatch.
+pub fn bind_group(device: &wgpu::Device, pipeline: &wgpu::ComputePipeline, buffers: &[(u32, &wgpu::Buffer)], keep: bool) -> wgpu::BindGroup {
+    let make = || {
+        let layout = pipeline.get_bind_group_layout(0);
+        let entries: Vec<wgpu::BindGroupEntry> =
+            buffers.iter().map(|(i, b)| wgpu::BindGroupEntry { binding: *i, resource: b.as_entire_binding() }).collect();
+        device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries })
+    };
+    if !keep {
+        return make();
+    }
+    let key = Key { pipeline: pipeline.clone(), buffers: buffers.iter().map(|(i, b)| (*i, (*b).clone())).collect() };
+    let mut all = kept();
+    let mine = all.entry(device.clone()).or_default();
+    if let Some(group) = mine.get(&key) {
+        return group.clone();
+    }
+    if mine.len() >= KEPT {
+        mine.clear();
+    }
+    let group = make();
+    mine.insert(key, group.clone());
+    group
+}
+
+/// Drops the kept bind groups that hold `buffer` (a pool buffer released for good), so that
+/// its memory goes back to the device.
+pub(super) fn forget(buffer: &wgpu::Buffer) {
+    for groups in kept().values_mut() {
+        groups.retain(|key, _| !key.buffers.iter().any(|(_, b)| b == buffer));
+    }
+}
+
+/// Whether a kept bind group on any device holds `buffer`.
+pub fn holds(buffer: &wgpu::Buffer) -> bool {
+    kept().values().any(|groups| groups.keys().any(|key| key.buffers.iter().any(|(_, b)| b == buffer)))
+}
