@@ -293,11 +293,13 @@ fn attention_wgpu(c: &mut Criterion) {
 /// The cost of a launch on each wgpu adapter: a chain of 256 dependent dispatches of a
 /// one-workgroup kernel (`y = x + 1` on 64 floats), so the time is the launches'. Rows:
 /// tuna's `dispatch_bound`, which batches a device's launches into one submit
-/// (`device::wgpu::batch`); the peer, one `queue.submit` per dispatch as wgpu's examples do;
+/// (`device::wgpu::batch`) and keeps their bind groups (`device::wgpu::binds`); the peer, a
+/// bind group and a `queue.submit` per dispatch, as wgpu's examples do;
 /// and `ops::add` on tensors, what a model's op pays on top (its output buffer from the pool,
 /// its uniform from the cache). Throughput counts dispatches ("elem/s").
 fn dispatch_wgpu(c: &mut Criterion) {
-    use tuna::device::wgpu::{dispatch_bound, encode, runtime, uniform};
+    use tuna::device::wgpu::binds::bind_group;
+    use tuna::device::wgpu::{dispatch_bound, runtime, uniform};
     const SHADER: &str = "
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read_write> y: array<f32>;
@@ -328,12 +330,35 @@ fn dispatch_wgpu(c: &mut Criterion) {
             bch.iter(|| {
                 for j in 0..CHAIN {
                     let mut enc = rt.device.create_command_encoder(&Default::default());
-                    encode(&rt.device, &mut enc, &pipe, &binds(j), (1, 1, 1));
+                    let group = bind_group(&rt.device, &pipe, &binds(j), false);
+                    let mut pass = enc.begin_compute_pass(&Default::default());
+                    pass.set_pipeline(&pipe);
+                    pass.set_bind_group(0, &group, &[]);
+                    pass.dispatch_workgroups(1, 1, 1);
+                    drop(pass);
                     rt.queue.submit([enc.finish()]);
                 }
                 rt.synchronize().unwrap();
             })
         });
+        // The CPU's share alone: recording the chain into an encoder that is never submitted
+        // (what a GPU's host thread pays a launch while the GPU runs), with the kept bind
+        // groups and with one made each dispatch.
+        for (name, keep) in [("record, kept bind groups (tuna)", true), ("record, a bind group each (peer)", false)] {
+            g.bench_function(BenchmarkId::new(name, CHAIN), |bch| {
+                bch.iter(|| {
+                    let mut enc = rt.device.create_command_encoder(&Default::default());
+                    for j in 0..CHAIN {
+                        let group = bind_group(&rt.device, &pipe, &binds(j), keep);
+                        let mut pass = enc.begin_compute_pass(&Default::default());
+                        pass.set_pipeline(&pipe);
+                        pass.set_bind_group(0, &group, &[]);
+                        pass.dispatch_workgroups(1, 1, 1);
+                    }
+                    enc
+                })
+            });
+        }
         let x = Tensor::from_slice(&[0.0f32; 64], [64], &info.device).unwrap();
         let one = Tensor::from_slice(&[1.0f32; 64], [64], &info.device).unwrap();
         g.bench_function(BenchmarkId::new("ops::add", CHAIN), |bch| {

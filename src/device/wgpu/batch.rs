@@ -1,6 +1,8 @@
 //! Submissions in batches. A `queue.submit` costs far more than recording a dispatch (wgpu
-//! tracks and fences each submission, and the driver wakes for it): on lavapipe one submit per
-//! dispatch took ~110 µs a dispatch where batches of 8 or more took ~40. So on a device tuna
+//! tracks and fences each submission, and the driver wakes for it): on lavapipe a chain of
+//! small dispatches took 84 µs a dispatch with one submit each and 61 µs batched (`cargo bench
+//! --bench kernels -- dispatch/wgpu`; lavapipe runs each dispatch on the CPU, ~40-60 µs of
+//! it), and batches of 8 already saved most of it. So on a device tuna
 //! opened ([`super::runtime`]), launches record into one open encoder and command buffers wait
 //! in order, and the device's queue gets them all in one submit every [`BATCH`] launches, or
 //! before anything that must come after them: a read, a synchronization, a `write_buffer`.
