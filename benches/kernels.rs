@@ -314,7 +314,7 @@ fn dispatch_wgpu(c: &mut Criterion) {
         let pipe = rt.kernels.pipeline(&rt.device, "bench_dispatch", SHADER, "main").unwrap();
         let (a, b) = (rt.alloc_zeros(256), rt.alloc_zeros(256));
         let n = uniform(&rt.device, &[64u32, 0, 0, 0]);
-        let binds = |j: usize| if j % 2 == 0 { [(0, a.buffer()), (1, b.buffer()), (2, &n)] } else { [(0, b.buffer()), (1, a.buffer()), (2, &n)] };
+        let binds = |j: usize| if j.is_multiple_of(2) { [(0, a.buffer()), (1, b.buffer()), (2, &n)] } else { [(0, b.buffer()), (1, a.buffer()), (2, &n)] };
         let mut g = c.benchmark_group(format!("dispatch/wgpu:{i}"));
         g.sample_size(20);
         g.throughput(Throughput::Elements(CHAIN as u64));

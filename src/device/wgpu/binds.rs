@@ -6,9 +6,13 @@
 //! there a bind group is kept by pipeline and buffers, and made once.
 //!
 //! A kept bind group holds its buffers alive. So a pool buffer that is released for good drops
-//! the bind groups that hold it ([`forget`]), and a device keeps at most [`KEPT`], after which
+//! the bind groups that hold it (`forget`), and a device keeps at most [`KEPT`], after which
 //! its bind groups start over. A program's own device gets a fresh bind group each dispatch,
 //! as before: tuna cannot tell when it drops its buffers.
+
+// wgpu's handles (`Buffer`, `ComputePipeline`) hash and compare by their id, which never changes,
+// though clippy sees interior mutability in them.
+#![allow(clippy::mutable_key_type)]
 
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
