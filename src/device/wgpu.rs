@@ -15,6 +15,8 @@ use crate::{Error, Result};
 
 pub mod batch;
 pub mod binds;
+/// One dispatch, the buffers bound at their binding numbers ([`batch::dispatch`]).
+pub use batch::dispatch as dispatch_bound;
 pub use batch::{flush, is_batched, submit, submit_now, write_buffer, BATCH};
 
 fn instance() -> &'static wgpu::Instance {
@@ -586,18 +588,6 @@ fn encode_kept(
     pass.set_pipeline(pipeline);
     pass.set_bind_group(0, &bind, &[]);
     pass.dispatch_workgroups(workgroups.0, workgroups.1, workgroups.2);
-}
-
-/// One dispatch, the buffers bound at their binding numbers: recorded into the device's batch
-/// where tuna opened the device ([`batch`]), else submitted on its own before this returns.
-pub fn dispatch_bound(
-    device: &wgpu::Device,
-    queue: &wgpu::Queue,
-    pipeline: &wgpu::ComputePipeline,
-    buffers: &[(u32, &wgpu::Buffer)],
-    workgroups: (u32, u32, u32),
-) {
-    batch::dispatch(device, queue, pipeline, buffers, workgroups);
 }
 
 /// [`dispatch_bound`] with `buffers[i]` at binding `i`.

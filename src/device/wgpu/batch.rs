@@ -68,8 +68,9 @@ fn count(queue: &wgpu::Queue, batch: &mut Batch) {
     }
 }
 
-/// Records one dispatch: into `device`'s batch, or, where the device is not batched, into an
-/// encoder of its own that is submitted at once.
+/// Records one dispatch, the buffers bound at their binding numbers: into `device`'s batch where
+/// tuna opened the device, else into an encoder of its own that is submitted before this
+/// returns.
 pub fn dispatch(
     device: &wgpu::Device,
     queue: &wgpu::Queue,
