@@ -298,7 +298,7 @@ fn attention_wgpu(c: &mut Criterion) {
 /// and `ops::add` on tensors, what a model's op pays on top (its output buffer from the pool,
 /// its uniform from the cache). Throughput counts dispatches ("elem/s").
 fn dispatch_wgpu(c: &mut Criterion) {
-    use tuna::device::wgpu::binds::bind_group;
+    use tuna::device::wgpu::binds::{bind_group, fresh_bind_group};
     use tuna::device::wgpu::{dispatch_bound, runtime, uniform};
     const SHADER: &str = "
 @group(0) @binding(0) var<storage, read> x: array<f32>;
@@ -330,7 +330,7 @@ fn dispatch_wgpu(c: &mut Criterion) {
             bch.iter(|| {
                 for j in 0..CHAIN {
                     let mut enc = rt.device.create_command_encoder(&Default::default());
-                    let group = bind_group(&rt.device, &pipe, &binds(j), false);
+                    let group = fresh_bind_group(&rt.device, &pipe, &binds(j));
                     let mut pass = enc.begin_compute_pass(&Default::default());
                     pass.set_pipeline(&pipe);
                     pass.set_bind_group(0, &group, &[]);
@@ -349,7 +349,7 @@ fn dispatch_wgpu(c: &mut Criterion) {
                 bch.iter(|| {
                     let mut enc = rt.device.create_command_encoder(&Default::default());
                     for j in 0..CHAIN {
-                        let group = bind_group(&rt.device, &pipe, &binds(j), keep);
+                        let group = if keep { bind_group(&rt.device, &pipe, &binds(j)) } else { fresh_bind_group(&rt.device, &pipe, &binds(j)) };
                         let mut pass = enc.begin_compute_pass(&Default::default());
                         pass.set_pipeline(&pipe);
                         pass.set_bind_group(0, &group, &[]);

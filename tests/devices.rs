@@ -232,7 +232,7 @@ fn wgpu_launches_on_a_programs_own_device_are_submitted_at_once() {
 
 #[test]
 fn wgpu_bind_groups_are_kept_until_their_buffers_are_released() {
-    use tuna::device::wgpu::binds::{bind_group, holds};
+    use tuna::device::wgpu::binds::{bind_group, fresh_bind_group, holds};
     use tuna::device::wgpu::{dispatch_bound, runtime, uniform};
     const SHADER: &str = "
 @group(0) @binding(0) var<storage, read_write> x: array<f32>;
@@ -252,8 +252,8 @@ fn wgpu_bind_groups_are_kept_until_their_buffers_are_released() {
             dispatch_bound(&rt.device, &rt.queue, &pipe, &[(0, b.buffer()), (1, &n)], (1, 1, 1));
         }
         let first = [(0, bufs[0].buffer()), (1, &n)];
-        assert_eq!(bind_group(&rt.device, &pipe, &first, true), bind_group(&rt.device, &pipe, &first, true), "made once on {dev}");
-        assert_ne!(bind_group(&rt.device, &pipe, &first, true), bind_group(&rt.device, &pipe, &first, false), "a fresh one when not kept");
+        assert_eq!(bind_group(&rt.device, &pipe, &first), bind_group(&rt.device, &pipe, &first), "made once on {dev}");
+        assert_ne!(bind_group(&rt.device, &pipe, &first), fresh_bind_group(&rt.device, &pipe, &first), "a fresh one differs");
         assert!(handles.iter().all(holds), "every dispatch's bind group is kept on {dev}");
         rt.synchronize().unwrap();
         // The pool keeps some of them for reuse (their bind groups stay) and releases the rest,

@@ -37,24 +37,39 @@ fn wgpu_refuses_a_tensor_past_its_binding_limit_and_reports_refused_work_as_an_e
         }
         // A buffer past the device's largest is an error from the next read, and is not
         // pooled: the next allocation of that size is made afresh (and fails the same way).
+        // Launches just before and just after it (which tuna's devices batch with it) still run.
         let huge = rt.device.limits().max_buffer_size as usize + 1;
-        for _ in 0..2 {
-            drop(rt.alloc(huge));
+        let x = Tensor::full(1.0, [4], &dev).unwrap();
+        // (Each launch's value is new to its pooled output buffer, so a lost launch shows.)
+        for (b, a) in [(3.0, 5.0), (7.0, 9.0)] {
+            let before = ops::scale(&x, b).unwrap();
+            // A launch that writes the buffer wgpu could not make is refused.
+            let failed = rt.alloc(huge);
+            let ones = rt.upload(bytemuck::cast_slice(&[1.0f32; 4]));
+            tuna::kernels::elementwise::wgsl::add(&rt.device, &rt.queue, &rt.kernels, ones.buffer(), ones.buffer(), failed.buffer(), 4, 4, tuna::device::wgpu::Precision::F32).unwrap();
+            drop(failed);
+            let after = ops::scale(&x, a).unwrap();
             let err = rt.synchronize().unwrap_err().to_string();
             assert!(err.contains("allocating"), "{err}");
+            assert_eq!(before.to_vec_f32().unwrap(), vec![b; 4], "a launch before a failed allocation was lost");
+            assert_eq!(after.to_vec_f32().unwrap(), vec![a; 4], "a launch after a failed allocation was lost");
         }
         rt.synchronize().unwrap();
         // Work wgpu refuses (a buffer bound without STORAGE usage) is an error from the next
         // synchronization, not a panic, and the device goes on working.
         let plain = rt.device.create_buffer(&wgpu::BufferDescriptor { label: None, size: 256, usage: wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
-        let x = Tensor::full(1.0, [4], &dev).unwrap();
+        let before = ops::scale(&x, 11.0).unwrap();
         let bad = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             tuna::kernels::elementwise::wgsl::add(&rt.device, &rt.queue, &rt.kernels, &plain, &plain, &plain, 4, 4, tuna::device::wgpu::Precision::F32)
         }));
         assert!(bad.is_ok(), "a refused launch panicked");
+        let after = ops::scale(&x, 13.0).unwrap();
         let err = rt.synchronize().unwrap_err().to_string();
         assert!(err.contains("refused") && err.contains("STORAGE"), "{err}");
         rt.synchronize().unwrap();
+        // Only the refused launch is lost, not the launches batched around it.
+        assert_eq!(before.to_vec_f32().unwrap(), vec![11.0; 4], "a launch before a refused one was lost");
+        assert_eq!(after.to_vec_f32().unwrap(), vec![13.0; 4], "a launch after a refused one was lost");
         assert_eq!(ops::add(&x, &x).unwrap().to_vec_f32().unwrap(), vec![2.0; 4]);
     }
 }

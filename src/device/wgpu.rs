@@ -258,7 +258,7 @@ impl WgpuRuntime {
 
     /// The device's first validation error since the last call, as an error naming `context`.
     fn take_error(&self, context: &str) -> Result<()> {
-        take_error(self.index, &self.errors, context)
+        take_error(self.index, &self.device, &self.errors, context)
     }
 
     /// The most bytes one tensor may take here: every kernel binds a tensor's buffer whole
@@ -305,6 +305,8 @@ impl WgpuRuntime {
         });
         let (oom, invalid) = (pollster::block_on(oom.pop()), pollster::block_on(invalid.pop()));
         if let Some(e) = oom.or(invalid) {
+            // The launches that bind it will be refused: each goes alone (`batch`).
+            batch::pause(&self.device);
             let mut first = self.errors.lock().unwrap_or_else(|p| p.into_inner());
             first.get_or_insert_with(|| format!("allocating {class} bytes: {e}"));
             return PooledBuffer { buffer: Some(buffer), pool: Weak::new() };
@@ -412,9 +414,14 @@ mod tests {
 }
 
 /// Takes the first validation error recorded for device `index` (see `WgpuRuntime::errors`).
-fn take_error(index: usize, errors: &Mutex<Option<String>>, context: &str) -> Result<()> {
-    match errors.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        Some(e) => Err(Error::wgpu(format!("wgpu:{index} refused earlier work ({context} reports it)"), e)),
+/// Reporting it ends the pause of the device's batch that the refusal began.
+fn take_error(index: usize, device: &wgpu::Device, errors: &Mutex<Option<String>>, context: &str) -> Result<()> {
+    let taken = errors.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match taken {
+        Some(e) => {
+            batch::resume(device);
+            Err(Error::wgpu(format!("wgpu:{index} refused earlier work ({context} reports it)"), e))
+        }
         None => Ok(()),
     }
 }
@@ -506,7 +513,7 @@ impl PendingRead {
         drop(view);
         self.staging.unmap();
         if let Some((index, errors)) = &self.errors {
-            take_error(*index, errors, "a read")?;
+            take_error(*index, &self.device, errors, "a read")?;
         }
         Ok(out)
     }
@@ -570,23 +577,14 @@ pub fn encode(
     buffers: &[(u32, &wgpu::Buffer)],
     workgroups: (u32, u32, u32),
 ) {
-    encode_kept(device, enc, pipeline, buffers, workgroups, is_batched(device));
+    record(enc, pipeline, &binds::bind_group(device, pipeline, buffers), workgroups);
 }
 
-/// [`encode`], with the bind group kept where `keep` (the caller knows whether tuna opened the
-/// device).
-fn encode_kept(
-    device: &wgpu::Device,
-    enc: &mut wgpu::CommandEncoder,
-    pipeline: &wgpu::ComputePipeline,
-    buffers: &[(u32, &wgpu::Buffer)],
-    workgroups: (u32, u32, u32),
-    keep: bool,
-) {
-    let bind = binds::bind_group(device, pipeline, buffers, keep);
+/// Records one dispatch of `pipeline` with `group` into `enc`.
+fn record(enc: &mut wgpu::CommandEncoder, pipeline: &wgpu::ComputePipeline, group: &wgpu::BindGroup, workgroups: (u32, u32, u32)) {
     let mut pass = enc.begin_compute_pass(&Default::default());
     pass.set_pipeline(pipeline);
-    pass.set_bind_group(0, &bind, &[]);
+    pass.set_bind_group(0, group, &[]);
     pass.dispatch_workgroups(workgroups.0, workgroups.1, workgroups.2);
 }
 

@@ -12,6 +12,12 @@
 //!
 //! Every submit and `write_buffer` in tuna goes through here ([`submit`], [`submit_now`],
 //! [`write_buffer`]); one that went around would run ahead of the work recorded before it.
+//!
+//! Work wgpu refuses (a bind group it will not make, a buffer it could not allocate) spoils the
+//! whole command buffer it is recorded in. So once a device has refused something, its batch is
+//! paused: what was recorded before is submitted on its own, and each launch after it goes in
+//! a submit of its own, as without batching, until the error has been reported (by a read or a
+//! synchronization). Only the refused launches are lost, not the ones batched around them.
 
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
@@ -29,6 +35,8 @@ struct Batch {
     closed: Vec<wgpu::CommandBuffer>,
     /// Launches since the last submit.
     launches: usize,
+    /// The device refused work that is not yet reported: launches are submitted one by one.
+    paused: bool,
 }
 
 impl Batch {
@@ -54,9 +62,39 @@ pub(super) fn enable(device: &wgpu::Device) {
     batches().entry(device.clone()).or_default();
 }
 
-/// Whether `device`'s launches are batched.
+/// Whether `device`'s launches are batched (tuna opened it; this stays true while a refusal
+/// pauses its batch).
 pub fn is_batched(device: &wgpu::Device) -> bool {
     batches().contains_key(device)
+}
+
+/// `device` refused work (or will: a buffer it could not make): its batch pauses until
+/// [`resume`].
+pub(super) fn pause(device: &wgpu::Device) {
+    if let Some(batch) = batches().get_mut(device) {
+        batch.paused = true;
+    }
+}
+
+/// The refused work has been reported: `device` batches again.
+pub(super) fn resume(device: &wgpu::Device) {
+    if let Some(batch) = batches().get_mut(device) {
+        batch.paused = false;
+    }
+}
+
+/// The batch of a device that batches now, or, for a paused one, after submitting what it
+/// recorded before the pause on its own; `None` where the launch at hand goes alone.
+fn open_batch<'a>(all: &'a mut HashMap<wgpu::Device, Batch>, device: &wgpu::Device, queue: &wgpu::Queue) -> Option<&'a mut Batch> {
+    let batch = all.get_mut(device)?;
+    if !batch.paused {
+        return Some(batch);
+    }
+    let earlier = batch.take();
+    if !earlier.is_empty() {
+        queue.submit(earlier);
+    }
+    None
 }
 
 /// After one more launch: submits the batch when it is full. The lock is held through the
@@ -78,17 +116,17 @@ pub fn dispatch(
     buffers: &[(u32, &wgpu::Buffer)],
     workgroups: (u32, u32, u32),
 ) {
+    let group = super::binds::bind_group(device, pipeline, buffers);
     let mut all = batches();
-    match all.get_mut(device) {
+    match open_batch(&mut all, device, queue) {
         Some(batch) => {
             let enc = batch.open.get_or_insert_with(|| device.create_command_encoder(&Default::default()));
-            super::encode_kept(device, enc, pipeline, buffers, workgroups, true);
+            super::record(enc, pipeline, &group, workgroups);
             count(queue, batch);
         }
         None => {
-            drop(all);
             let mut enc = device.create_command_encoder(&Default::default());
-            super::encode(device, &mut enc, pipeline, buffers, workgroups);
+            super::record(&mut enc, pipeline, &group, workgroups);
             queue.submit([enc.finish()]);
         }
     }
@@ -98,7 +136,7 @@ pub fn dispatch(
 /// batch; at once on a device that is not batched).
 pub fn submit(device: &wgpu::Device, queue: &wgpu::Queue, enc: wgpu::CommandEncoder) {
     let mut all = batches();
-    match all.get_mut(device) {
+    match open_batch(&mut all, device, queue) {
         Some(batch) => {
             if let Some(open) = batch.open.take() {
                 batch.closed.push(open.finish());
@@ -107,7 +145,6 @@ pub fn submit(device: &wgpu::Device, queue: &wgpu::Queue, enc: wgpu::CommandEnco
             count(queue, batch);
         }
         None => {
-            drop(all);
             queue.submit([enc.finish()]);
         }
     }

@@ -35,28 +35,38 @@ fn kept() -> std::sync::MutexGuard<'static, Kept> {
     KEPT_GROUPS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A bind group of `buffers` at their binding numbers for `pipeline`'s group 0: kept and
-/// reused where `keep` (a device tuna opened), else made for this dispatch.
-pub fn bind_group(device: &wgpu::Device, pipeline: &wgpu::ComputePipeline, buffers: &[(u32, &wgpu::Buffer)], keep: bool) -> wgpu::BindGroup {
-    let make = || {
-        let layout = pipeline.get_bind_group_layout(0);
-        let entries: Vec<wgpu::BindGroupEntry> =
-            buffers.iter().map(|(i, b)| wgpu::BindGroupEntry { binding: *i, resource: b.as_entire_binding() }).collect();
-        device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries })
-    };
-    if !keep {
-        return make();
+/// A new bind group of `buffers` at their binding numbers for `pipeline`'s group 0 (what each
+/// dispatch made before bind groups were kept).
+pub fn fresh_bind_group(device: &wgpu::Device, pipeline: &wgpu::ComputePipeline, buffers: &[(u32, &wgpu::Buffer)]) -> wgpu::BindGroup {
+    let layout = pipeline.get_bind_group_layout(0);
+    let entries: Vec<wgpu::BindGroupEntry> =
+        buffers.iter().map(|(i, b)| wgpu::BindGroupEntry { binding: *i, resource: b.as_entire_binding() }).collect();
+    device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &layout, entries: &entries })
+}
+
+/// The bind group for a dispatch on `device`: kept where tuna opened the device, else made for
+/// this dispatch. One the device refuses pauses its batch ([`super::batch`]) and is made again
+/// outside the error scope that caught it, so that the device's handler records the error as for
+/// any refused work (and the dispatch is submitted on its own, to fail alone).
+pub fn bind_group(device: &wgpu::Device, pipeline: &wgpu::ComputePipeline, buffers: &[(u32, &wgpu::Buffer)]) -> wgpu::BindGroup {
+    if !super::is_batched(device) {
+        return fresh_bind_group(device, pipeline, buffers);
     }
     let key = Key { pipeline: pipeline.clone(), buffers: buffers.iter().map(|(i, b)| (*i, (*b).clone())).collect() };
-    let mut all = kept();
-    let mine = all.entry(device.clone()).or_default();
-    if let Some(group) = mine.get(&key) {
+    if let Some(group) = kept().get(device).and_then(|groups| groups.get(&key)) {
         return group.clone();
     }
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let group = fresh_bind_group(device, pipeline, buffers);
+    if pollster::block_on(scope.pop()).is_some() {
+        super::batch::pause(device);
+        return fresh_bind_group(device, pipeline, buffers);
+    }
+    let mut all = kept();
+    let mine = all.entry(device.clone()).or_default();
     if mine.len() >= KEPT {
         mine.clear();
     }
-    let group = make();
     mine.insert(key, group.clone());
     group
 }
