@@ -85,6 +85,7 @@ pub(super) fn resume(device: &wgpu::Device) {
 
 /// The batch of a device that batches now, or, for a paused one, after submitting what it
 /// recorded before the pause on its own; `None` where the launch at hand goes alone.
+#[allow(clippy::mutable_key_type)] // `wgpu::Device` hashes and compares by its id, which never changes.
 fn open_batch<'a>(all: &'a mut HashMap<wgpu::Device, Batch>, device: &wgpu::Device, queue: &wgpu::Queue) -> Option<&'a mut Batch> {
     let batch = all.get_mut(device)?;
     if !batch.paused {
