@@ -134,7 +134,7 @@ pub fn dispatch(
 }
 
 /// Queues `enc`'s commands behind everything recorded on `device` so far (submitted with the
-/// batch; at once on a device that is not batched).
+/// batch; at once on a device that is not batched, or whose batch a refusal paused).
 pub fn submit(device: &wgpu::Device, queue: &wgpu::Queue, enc: wgpu::CommandEncoder) {
     let mut all = batches();
     match open_batch(&mut all, device, queue) {
@@ -155,7 +155,7 @@ pub fn submit(device: &wgpu::Device, queue: &wgpu::Queue, enc: wgpu::CommandEnco
 /// waits for.
 pub fn submit_now(device: &wgpu::Device, queue: &wgpu::Queue, enc: Option<wgpu::CommandEncoder>) -> wgpu::SubmissionIndex {
     let mut all = batches();
-    let mut work = all.get_mut(device).map(Batch::take).unwrap_or_default();
+    let mut work = open_batch(&mut all, device, queue).map(Batch::take).unwrap_or_default();
     work.extend(enc.map(|e| e.finish()));
     queue.submit(work)
 }
