@@ -461,9 +461,9 @@ pub fn download(device: &wgpu::Device, queue: &wgpu::Queue, buf: &wgpu::Buffer, 
 }
 
 /// Submits a copy of the first `bytes` bytes of `buf` (which needs COPY_SRC) into a mappable
-/// buffer, behind the work already recorded (which it submits too); [`PendingRead::wait`] collects it. Work submitted
-/// afterwards (a kernel that overwrites `buf`, or a new tensor in its pooled buffer) cannot
-/// change what it reads.
+/// buffer, behind the work already recorded (which it submits too); [`PendingRead::wait`]
+/// collects it. Work submitted afterwards (a kernel that overwrites `buf`, or a new tensor in
+/// its pooled buffer) cannot change what it reads.
 pub fn read_later(device: &wgpu::Device, queue: &wgpu::Queue, buf: &wgpu::Buffer, bytes: usize) -> Result<PendingRead> {
     let padded = bytes.next_multiple_of(4).max(4) as u64;
     if bytes > 0 && padded > buf.size() {

@@ -272,9 +272,10 @@ fn check_elems(op: &'static str, bytes: usize, bufs: &[(&str, &wgpu::Buffer, usi
     Ok(())
 }
 
-/// Scratch for `elems` f32 values (the pool's where tuna opened the device).
+/// Scratch for `elems` f32 values, at least 4 (a vec4's binding), from the pool where tuna
+/// opened the device.
 pub(crate) fn scratch(device: &wgpu::Device, elems: usize) -> PooledBuffer {
-    crate::device::wgpu::scratch(device, 4 * elems)
+    crate::device::wgpu::scratch(device, 4 * elems.max(4))
 }
 
 /// Records one pass of `entry` in `source` over an `[m, n]` output, binding the uniform at 0
