@@ -1,5 +1,5 @@
 //! Bind groups kept for reuse. Making one costs more than the rest of recording a dispatch
-//! (wgpu validates it, allocates a descriptor set and tracks it: recording a dispatch took 1.34
+//! (wgpu validates it, allocates a descriptor set and tracks it: recording a dispatch took 1.33
 //! µs with a fresh one and 0.39 µs with a kept one on the development machine, `cargo bench
 //! --bench kernels -- dispatch/wgpu`), and on a device tuna opened the same kernel meets the
 //! same buffers step after step: tensors come from the pool, uniforms from their cache. So
