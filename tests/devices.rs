@@ -263,3 +263,33 @@ fn wgpu_bind_groups_are_kept_until_their_buffers_are_released() {
         assert!(released >= 12 - 8, "{released} of 12 buffers let go on {dev}: kept bind groups hold released buffers");
     }
 }
+
+#[test]
+fn wgpu_launchers_make_their_temporaries_on_a_programs_own_device() {
+    use tuna::device::wgpu::{download, runtime, KernelCache, Precision};
+    use tuna::kernels::attention::{wgsl, AttentionParams};
+    use wgpu::util::DeviceExt;
+    for dev in common::devices() {
+        let Device::Wgpu(i) = dev else { continue };
+        let rt = runtime(i).unwrap();
+        let desc = wgpu::DeviceDescriptor { required_limits: rt.adapter.limits(), ..Default::default() };
+        let (device, queue) = pollster::block_on(rt.adapter.request_device(&desc)).unwrap();
+        // Split-KV decoding: scratch for the chunks' outputs and statistics, and a stand-in for
+        // the absent packing starts. Tuna's own device (pool, kept stand-in) is the reference:
+        // the same shader on the same adapter gives the same bits.
+        let p = AttentionParams { batch: 1, q_len: 1, kv_len: 300, heads: 4, kv_heads: 2, head_dim: 32, causal: true, window: None, scale: 0.2 };
+        let mut rng = tuna::testing::Rng::new(9);
+        let (q, k, v) = (rng.vec(4 * 32, -1.0, 1.0), rng.vec(300 * 2 * 32, -1.0, 1.0), rng.vec(300 * 2 * 32, -1.0, 1.0));
+        let run = |device: &wgpu::Device, queue: &wgpu::Queue| -> Vec<f32> {
+            let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+            let buffer = |v: &[f32]| device.create_buffer_init(&wgpu::util::BufferInitDescriptor { label: None, contents: bytemuck::cast_slice(v), usage });
+            let (qb, kb, vb) = (buffer(&q), buffer(&k), buffer(&v));
+            let (o, stats) = (buffer(&[0.0; 4 * 32]), buffer(&[0.0; 4 * 2]));
+            wgsl::forward(wgsl::FwdKernel::SplitKv, device, queue, &KernelCache::new(), &qb, &kb, &vb, None, &o, &stats, &p, Precision::F32).unwrap();
+            bytemuck::pod_collect_to_vec(&download(device, queue, &o, 4 * 32 * 4).unwrap())
+        };
+        let (own, tunas) = (run(&device, &queue), run(&rt.device, &rt.queue));
+        assert!(own.iter().any(|&x| x != 0.0), "split-KV wrote nothing on {dev}'s own device");
+        assert_eq!(own, tunas, "split-KV on a program's own device against tuna's on {dev}");
+    }
+}
