@@ -65,7 +65,7 @@ fn rmsnorm(c: &mut Criterion) {
 fn matmul_cpu(c: &mut Criterion) {
     let mut g = c.benchmark_group("matmul/cpu");
     g.sample_size(10);
-    for &(m, n, k) in &[(128, 128, 128), (512, 512, 512), (512, 1376, 512)] {
+    for &(m, n, k) in &[(128, 128, 128), (512, 512, 512), (512, 1376, 512), (32, 1536, 576), (512, 1536, 576), (2048, 1536, 576)] {
         let mut rng = Rng::new(2);
         let a = rng.vec(m * k, -1.0, 1.0);
         let bm = rng.vec(k * n, -1.0, 1.0);
@@ -75,6 +75,15 @@ fn matmul_cpu(c: &mut Criterion) {
         let mut out = vec![0.0f32; m * n];
         g.bench_function(BenchmarkId::new("gemm crate", &id), |b| {
             b.iter(|| matmul::cpu::matmul(&a, &bm, &mut out, p).unwrap())
+        });
+        // x·Wᵀ read from W's transpose stored row-major (the model's cached layout), alone and
+        // with the transpose made in the same call.
+        let p_t = MatmulParams { trans_b: false, ..p };
+        g.bench_function(BenchmarkId::new("gemm crate, Wt stored", &id), |b| {
+            b.iter(|| matmul::cpu::matmul(&a, &bm, &mut out, p_t).unwrap())
+        });
+        g.bench_function(BenchmarkId::new("gemm crate, Wt made first", &id), |b| {
+            b.iter(|| matmul::cpu::matmul(&a, &matmul::cpu::transpose(&bm, n, k), &mut out, p_t).unwrap())
         });
         if m * n * k <= 128 * 128 * 128 {
             let (a64, b64): (Vec<f64>, Vec<f64>) = (a.iter().map(|&v| v as f64).collect(), bm.iter().map(|&v| v as f64).collect());

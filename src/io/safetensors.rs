@@ -91,6 +91,25 @@ impl WeightFiles {
         Ok((path, view))
     }
 
+    /// Lets go of the mapped pages of `data` (a tensor's bytes, already copied) so that they
+    /// leave this process's resident set: a model's file no longer sits in it beside its
+    /// loaded weights (for an f32 file a second copy of every weight at the peak of a load).
+    /// The pages stay in the page cache, and a later read of them maps them again.
+    fn release(&self, data: &[u8]) {
+        #[cfg(unix)]
+        for (_, mmap) in &self.files {
+            let base = mmap.as_ptr() as usize;
+            let start = data.as_ptr() as usize;
+            if start >= base && start + data.len() <= base + mmap.len() && !data.is_empty() {
+                // SAFETY: the map is a read-only shared map of a file: MADV_DONTNEED only drops
+                // the page-table entries, and any later read faults the same bytes back in from
+                // the file. The range lies inside the map (checked above).
+                let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start - base, data.len()) };
+                return;
+            }
+        }
+    }
+
     /// A `__metadata__` entry of the first file (e.g. the step a checkpoint file belongs to).
     pub fn metadata(&self, key: &str) -> Option<String> {
         let (_, mmap) = self.files.first()?;
@@ -119,6 +138,7 @@ impl WeightFiles {
                 return Err(Error::file(path, format!("tensor `{name}`: dtype {other:?} is not supported (f32, bf16, f16 are)")))
             }
         };
+        self.release(data);
         Tensor::from_vec(values, shape.to_vec())
     }
 
@@ -126,7 +146,9 @@ impl WeightFiles {
     pub fn load_raw(&self, name: &str, device: &Device) -> Result<Tensor> {
         let (path, v) = self.view(name)?;
         let dtype = to_dtype(v.dtype()).ok_or_else(|| Error::file(path, format!("tensor `{name}`: unsupported dtype {:?}", v.dtype())))?;
-        Tensor::from_bytes(v.data(), dtype, v.shape().to_vec(), device)
+        let t = Tensor::from_bytes(v.data(), dtype, v.shape().to_vec(), device)?;
+        self.release(v.data());
+        Ok(t)
     }
 }
 

@@ -31,10 +31,11 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
     let p = MatmulParams { m, n, k, trans_a, trans_b };
     let out = match a.device() {
         // A frozen B used transposed (a weight: `x·Wᵀ`) is read through its transpose, the
-        // layout the GEMM reads fastest (cached for f32, see `Tensor::cpu_f32_transposed`); a
-        // trained B changes every step and is read as it is.
+        // layout the GEMM reads fastest, made and kept when a backward is recorded (see
+        // `Tensor::cpu_f32_for_xwt`); a trained B changes every step and is read as it is.
         Device::Cpu if trans_b && !b.is_tracked() => {
-            let c = cpu::matmul_new(a.cpu_f32(OP)?, &b.cpu_f32_transposed(OP)?, MatmulParams { trans_b: false, ..p })?;
+            let (bv, transposed) = b.cpu_f32_for_xwt(OP, m, a.is_tracked())?;
+            let c = cpu::matmul_new(a.cpu_f32(OP)?, &bv, MatmulParams { trans_b: !transposed, ..p })?;
             Tensor::from_vec(c, [m, n])?
         }
         Device::Cpu => {

@@ -141,6 +141,8 @@ pub fn linear_group_remade(x: &Tensor, parts: &[LinearPart<'_>], remake: Option<
         Device::Cuda(_) => return super::lora_gpu::linear_group_cuda(x, parts, &params, SavedInput::new(x, parts, remake)),
     }
     let xv = x.cpu_f32(OP)?;
+    // Inference (nothing recorded) makes no transposes of frozen weights.
+    let records = tape_inputs(x, parts).iter().any(|t| t.is_tracked());
     struct Fwd {
         y: Vec<f32>,
         xa: Vec<f32>,
@@ -152,15 +154,18 @@ pub fn linear_group_remade(x: &Tensor, parts: &[LinearPart<'_>], remake: Option<
         .zip(&params)
         .map(|(part, &p)| -> Result<Fwd> {
             let bias = part.bias.map(|b| b.cpu_f32(OP)).transpose()?;
-            // A frozen f32 W is read through its cached transpose (the GEMM's fastest layout);
-            // an NF4 W is decoded inside the product (`lora::cpu::Base`).
-            let w_transposed = !part.weight.is_tracked();
-            let dense;
+            // A frozen f32 W is read through its transpose (the GEMM's fastest layout), made
+            // and kept when training (`Tensor::cpu_f32_for_xwt`); an NF4 W is decoded inside
+            // the product (`lora::cpu::Base`).
+            let (dense, transposed);
             let w = match part.weight.as_nf4() {
                 Some(q) => cpu::Base::Nf4(q),
                 None => {
-                    dense = if w_transposed { part.weight.cpu_f32_transposed(OP)? } else { part.weight.cpu_f32_weight(OP)? };
-                    cpu::Base::F32 { w: &dense, transposed: w_transposed }
+                    (dense, transposed) = match part.weight.is_tracked() {
+                        true => (part.weight.cpu_f32_weight(OP)?, false),
+                        false => part.weight.cpu_f32_for_xwt(OP, p.m, records)?,
+                    };
+                    cpu::Base::F32 { w: &dense, transposed }
                 }
             };
             let Some((a, b, _)) = part.lora else {

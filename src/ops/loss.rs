@@ -117,8 +117,12 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
             ce::check_targets(t, v, ignore_index)?;
             let mut dx = need_dx.then(|| vec![0.0f32; m * h]);
             let mut dw = need_dw.then(|| vec![0.0f32; v * h]);
-            // A frozen head is read through its cached transpose, like `matmul` reads it.
-            let wt = if need_dw { None } else { Some(w.cpu_f32_transposed(OP)?) };
+            // A frozen head is read through its transpose, like `matmul` reads it: made and
+            // kept when training (`Tensor::cpu_f32_for_xwt`).
+            let wt = match need_dw {
+                true => None,
+                false => Some(w.cpu_f32_for_xwt(OP, m, need_dx)?).filter(|t| t.1).map(|t| t.0),
+            };
             let wf = w.cpu_f32_weight(OP)?;
             let (loss, _) = ce::cpu::linear_forward(x.cpu_f32(OP)?, &wf, wt.as_deref(), t, dx.as_deref_mut(), dw.as_deref_mut(), p)?;
             let dx = dx.map(|d| Tensor::from_vec(d, [m, h])).transpose()?;
