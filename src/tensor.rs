@@ -94,6 +94,9 @@ struct Derived {
     /// The storage's transpose as a `[cols, rows]` matrix, made on first use by a CPU linear
     /// (`cpu_f32_transposed`).
     transposed: OnceLock<Transposed>,
+    /// Set by [`Tensor::keep_cpu_transpose`]: products of this weight make the transpose and
+    /// keep it even when they record no backward.
+    keep_transpose: std::sync::atomic::AtomicBool,
     /// The same values in a 16-bit type, written beside them by whatever made the storage (the
     /// CUDA AdamW step writes the bf16 copy of each f32 LoRA factor, which the bf16 model
     /// reads): `to_dtype` hands it out instead of converting (`with_cast_copy`).
@@ -506,12 +509,25 @@ impl Tensor {
     /// - Inference does not: a prompt's product reads W as stored nearly as fast (4% slower at
     ///   512 rows, where making the transpose first costs 27%; `matmul/cpu` bench), and a model
     ///   that only generates holds each weight once.
+    /// - So does a weight marked by [`Tensor::keep_cpu_transpose`].
     pub(crate) fn cpu_f32_for_xwt(&self, op: &'static str, rows: usize, keep: bool) -> Result<(std::borrow::Cow<'_, [f32]>, bool)> {
-        let cached = || self.as_nf4().is_none() && self.0.derived.transposed.get().is_some_and(|t| self.dims().get(1) == Some(&t.cols));
+        let derived = &self.0.derived;
+        let keep = keep || derived.keep_transpose.load(std::sync::atomic::Ordering::Relaxed);
+        let cached = || self.as_nf4().is_none() && derived.transposed.get().is_some_and(|t| self.dims().get(1) == Some(&t.cols));
         if rows > 1 && (keep || cached()) {
             return Ok((self.cpu_f32_transposed(op)?, true));
         }
         Ok((self.cpu_f32_weight(op)?, false))
+    }
+
+    /// Marks a frozen CPU weight whose products `x·Wᵀ` will be many without a backward (a
+    /// perplexity run over a dataset, one example at a time): their first makes W's transpose
+    /// and keeps it, as training does, so that each later product reads it. Without the mark,
+    /// inference reads W as stored (see `cpu_f32_for_xwt`), at up to 1.5× the time of a
+    /// product over a few dozen rows, and holds each weight once. Shared by every tensor over
+    /// the same storage; no effect off the CPU.
+    pub fn keep_cpu_transpose(&self) {
+        self.0.derived.keep_transpose.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The i32 elements of a CPU tensor, borrowed.
@@ -600,6 +616,11 @@ mod tests {
         // One row reads W as stored, cached transpose or not.
         let (v, transposed) = w.cpu_f32_for_xwt("test", 1, true).unwrap();
         assert!(!transposed && *v == data[..]);
+        // A marked weight keeps its transpose from its first inference product of many rows.
+        let marked = Tensor::from_vec(data.clone(), [n, k]).unwrap();
+        marked.keep_cpu_transpose();
+        assert!(!marked.cpu_f32_for_xwt("test", 1, false).unwrap().1 && !cached(&marked));
+        assert!(marked.cpu_f32_for_xwt("test", 8, false).unwrap().1 && cached(&marked));
     }
 
     #[test]
@@ -611,7 +632,8 @@ mod tests {
         let targets = Tensor::from_vec_i32(vec![0, 1, 2, 3], [m]).unwrap();
         let cached = |w: &Tensor| w.0.derived.transposed.get().is_some();
         let linear = |x: &Tensor, w: &Tensor| linear_group(x, &[LinearPart { weight: w, bias: None, lora: None, dropout: None }]).unwrap();
-        let ops: [(&str, &dyn Fn(&Tensor, &Tensor)); 3] = [
+        type Op<'a> = &'a dyn Fn(&Tensor, &Tensor);
+        let ops: [(&str, Op); 3] = [
             ("matmul", &|x, w| drop(matmul(x, w, false, true).unwrap())),
             ("linear_group", &|x, w| drop(linear(x, w))),
             ("linear_cross_entropy", &|x, w| drop(linear_cross_entropy(x, w, &targets, -100, None).unwrap())),

@@ -301,6 +301,8 @@ fn generate(a: GenerateArgs) -> CliResult {
 fn perplexity(a: PerplexityArgs) -> CliResult {
     let (model, tok) = load(&a.model, a.model.nf4)?;
     let model = half(model, a.f16)?;
+    // One forward per example: on the CPU each weight's transpose pays for itself.
+    model.keep_cpu_transposes();
     let data = Dataset::read(&a.data).map_err(err)?;
     if a.strict {
         data.strict().map_err(err)?;

@@ -286,6 +286,17 @@ impl Llama {
         Ok(Llama { embed, layers, norm: ones(e)?, lm_head, dropout_seed: None, checkpoint_layers: false, inv_freq: config.inv_freq(), config })
     }
 
+    /// Marks every linear's weight and the LM head for a CPU run of many forwards without a
+    /// backward (`tuna perplexity`): each keeps the transpose its first product makes
+    /// ([`Tensor::keep_cpu_transpose`]). Generation leaves them unmarked and holds each weight
+    /// once. Training keeps the transposes anyway.
+    pub fn keep_cpu_transposes(&self) {
+        for (_, l) in self.linears() {
+            l.weight.keep_cpu_transpose();
+        }
+        self.head().keep_cpu_transpose();
+    }
+
     /// Every linear module with its transformers path (`model.layers.0.self_attn.q_proj`).
     pub fn linears(&self) -> Vec<(String, &Linear)> {
         let mut out = Vec::new();
