@@ -167,7 +167,17 @@ pub struct MemoryStats {
     pub peak_held: u64,
 }
 
+/// Free buffers the pool keeps per size class: at least [`POOL_KEEP_PER_CLASS`], and small
+/// classes up to [`POOL_KEEP_BYTES_PER_CLASS`] in all. A decoding step frees more than 8 small
+/// tensors of one class at once (a layer's activations for one token); with 8 kept, the rest
+/// were released and made again at the next token, each with new bind groups (16 buffers and
+/// ~37 bind groups a token for the `llama-gqa` fixture).
 const POOL_KEEP_PER_CLASS: usize = 8;
+const POOL_KEEP_BYTES_PER_CLASS: u64 = 16 << 20;
+
+fn pool_keeps(class: u64) -> usize {
+    POOL_KEEP_PER_CLASS.max((POOL_KEEP_BYTES_PER_CLASS / class.max(1)) as usize)
+}
 
 /// A storage buffer from the pool; it goes back to the pool when dropped.
 pub struct PooledBuffer {
@@ -188,7 +198,7 @@ impl Drop for PooledBuffer {
             pool.live.fetch_sub(size, Ordering::Relaxed);
             let mut free = pool.free.lock().expect("pool poisoned");
             let class = free.entry(size).or_default();
-            if class.len() < POOL_KEEP_PER_CLASS {
+            if class.len() < pool_keeps(size) {
                 class.push(buf);
             } else {
                 pool.held.fetch_sub(size, Ordering::Relaxed);
