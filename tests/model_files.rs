@@ -49,6 +49,17 @@ fn missing_tensor_is_named() {
     assert!(e.contains("model.safetensors") && e.contains("missing tensor `model.layers.1.mlp.up_proj.weight`"), "{e}");
 }
 
+/// The layers load side by side; with two missing, the error names the first in layer order.
+#[test]
+fn first_missing_tensor_in_layer_order_is_named() {
+    let dir = copy_fixture("llama-gqa", "missing2");
+    rewrite_weights(&dir, |t| t.retain(|(n, _)| n != "model.layers.0.mlp.down_proj.weight" && n != "model.layers.1.self_attn.q_proj.weight"));
+    for _ in 0..4 {
+        let e = load_err(&dir);
+        assert!(e.contains("missing tensor `model.layers.0.mlp.down_proj.weight`"), "{e}");
+    }
+}
+
 #[test]
 fn wrong_shape_is_named() {
     let dir = copy_fixture("llama-gqa", "shape");

@@ -96,6 +96,8 @@ impl WeightFiles {
     /// loaded weights (for an f32 file a second copy of every weight at the peak of a load).
     /// The pages stay in the page cache, and a later read of them maps them again.
     fn release(&self, data: &[u8]) {
+        #[cfg(not(unix))]
+        let _ = data;
         #[cfg(unix)]
         for (_, mmap) in &self.files {
             let base = mmap.as_ptr() as usize;

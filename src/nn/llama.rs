@@ -196,7 +196,7 @@ impl Llama {
     /// [`Llama::load`] with each decoder linear's weight quantized to NF4 as it is read: the
     /// model [`Llama::quantize_nf4`] makes from `load`'s, byte for byte, without ever holding
     /// every weight in f32 (a QLoRA base's peak memory is its NF4 weights, the embeddings and
-    /// one f32 weight, plus the file's mapped pages).
+    /// one f32 weight per thread of the load).
     pub fn load_nf4(dir: &Path) -> Result<Self> {
         let config = LlamaConfig::from_dir(dir)?;
         let weights = WeightFiles::open(dir)?;
@@ -219,10 +219,12 @@ impl Llama {
             }
             Ok(Linear::new(weight, if bias { Some(w.load_f32(&format!("{name}.bias"), &[out])?) } else { None }))
         };
-        let mut layers = Vec::with_capacity(c.num_layers);
-        for i in 0..c.num_layers {
+        // The layers are read side by side: a load is page faults and copies (or bf16
+        // conversions) of independent tensors. The first error in layer order is reported.
+        use rayon::prelude::*;
+        let layer = |i: usize| -> Result<Layer> {
             let p = format!("model.layers.{i}");
-            layers.push(Layer {
+            Ok(Layer {
                 input_norm: w.load_f32(&format!("{p}.input_layernorm.weight"), &[e])?,
                 q: linear(&format!("{p}.self_attn.q_proj"), c.num_heads * d, e, c.qkv_bias)?,
                 k: linear(&format!("{p}.self_attn.k_proj"), c.num_kv_heads * d, e, c.qkv_bias)?,
@@ -237,8 +239,9 @@ impl Llama {
                 gate: linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, e, c.mlp_bias)?,
                 up: linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, e, c.mlp_bias)?,
                 down: linear(&format!("{p}.mlp.down_proj"), e, c.intermediate_size, c.mlp_bias)?,
-            });
-        }
+            })
+        };
+        let layers = (0..c.num_layers).into_par_iter().map(layer).collect::<Vec<_>>().into_iter().collect::<Result<Vec<_>>>()?;
         // Tied checkpoints may still carry a copy of the head; an untied one must have it.
         let lm_head = if c.tie_word_embeddings { None } else { Some(w.load_f32("lm_head.weight", &[c.vocab_size, e])?) };
         Ok(Llama {
