@@ -509,7 +509,7 @@ impl Tensor {
     /// - Inference does not: a prompt's product reads W as stored nearly as fast (4% slower at
     ///   512 rows, where making the transpose first costs 27%; `matmul/cpu` bench), and a model
     ///   that only generates holds each weight once.
-    /// - So does a weight marked by [`Tensor::keep_cpu_transpose`].
+    /// - A weight marked by [`Tensor::keep_cpu_transpose`] makes and keeps it as training does.
     pub(crate) fn cpu_f32_for_xwt(&self, op: &'static str, rows: usize, keep: bool) -> Result<(std::borrow::Cow<'_, [f32]>, bool)> {
         let derived = &self.0.derived;
         let keep = keep || derived.keep_transpose.load(std::sync::atomic::Ordering::Relaxed);
