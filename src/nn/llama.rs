@@ -13,6 +13,8 @@
 
 use std::path::Path;
 
+use rayon::prelude::*;
+
 use crate::io::config::LlamaConfig;
 use crate::io::safetensors::WeightFiles;
 use crate::ops::{self, AttentionMask};
@@ -221,7 +223,6 @@ impl Llama {
         };
         // The layers are read side by side: a load is page faults and copies (or bf16
         // conversions) of independent tensors. The first error in layer order is reported.
-        use rayon::prelude::*;
         let layer = |i: usize| -> Result<Layer> {
             let p = format!("model.layers.{i}");
             Ok(Layer {

@@ -141,8 +141,9 @@ pub fn linear_group_remade(x: &Tensor, parts: &[LinearPart<'_>], remake: Option<
         Device::Cuda(_) => return super::lora_gpu::linear_group_cuda(x, parts, &params, SavedInput::new(x, parts, remake)),
     }
     let xv = x.cpu_f32(OP)?;
+    let inputs = tape_inputs(x, parts);
     // Inference (nothing recorded) makes no transposes of frozen weights.
-    let records = tape_inputs(x, parts).iter().any(|t| t.is_tracked());
+    let records = inputs.iter().any(|t| t.is_tracked());
     struct Fwd {
         y: Vec<f32>,
         xa: Vec<f32>,
@@ -195,7 +196,6 @@ pub fn linear_group_remade(x: &Tensor, parts: &[LinearPart<'_>], remake: Option<
         outs.push(Tensor::from_vec(f.y, shape)?);
         saved_parts.push((saved(part.weight), part.lora.map(|(a, b, _)| (saved(a), saved(b))), f.xa, f.drop, p));
     }
-    let inputs = tape_inputs(x, parts);
     let sx = SavedInput::new(x, parts, remake);
     let x_shape = x.shape().clone();
     record_many(OP, outs, &inputs, move |gs, needs| {
