@@ -6,6 +6,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::Scratch;
+
 fn tuna(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tuna")).args(args).output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
@@ -15,16 +17,25 @@ fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures/llama-gqa")
 }
 
-/// A fresh temp folder `tuna-{tag}-{pid}` holding `data.jsonl`: 16 counting examples
-/// ("Count i" -> " i+1 i+2"). Returns (folder, data file).
-fn counting_data(tag: &str) -> (PathBuf, PathBuf) {
-    let base = std::env::temp_dir().join(format!("tuna-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
-    let data = base.join("data.jsonl");
-    let lines: String = (0..16).map(|i| format!("{{\"prompt\": \"Count {i}\", \"completion\": \" {} {}\"}}\n", i + 1, i + 2)).collect();
-    std::fs::write(&data, lines).unwrap();
+/// A fresh scratch folder holding `data.jsonl`: 16 counting examples ("Count i" ->
+/// " i+1 i+2"). Returns (folder, data file).
+fn counting_data(tag: &str) -> (Scratch, PathBuf) {
+    let base = Scratch::new(tag);
+    let data = write_counting(&base, 16, 2);
     (base, data)
+}
+
+/// `dir/data.jsonl`: `n` counting examples, "Count i" -> the next `next` numbers.
+fn write_counting(dir: &Path, n: usize, next: usize) -> PathBuf {
+    let data = dir.join("data.jsonl");
+    let lines: String = (0..n)
+        .map(|i| {
+            let completion: String = (1..=next).map(|d| format!(" {}", i + d)).collect();
+            format!("{{\"prompt\": \"Count {i}\", \"completion\": \"{completion}\"}}\n")
+        })
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    data
 }
 
 /// `tuna perplexity --data DATA --json` with `args`: its mean loss.
@@ -73,7 +84,8 @@ fn generate_in_f16_on_wgpu_matches_the_library() {
 #[test]
 fn perplexity_json_and_bad_lines() {
     let m = fixture();
-    let data = std::env::temp_dir().join(format!("tuna-cli-{}.jsonl", std::process::id()));
+    let scratch = Scratch::new("cli");
+    let data = scratch.join("data.jsonl");
     std::fs::write(&data, "{\"text\": \"Hello world, this is a test.\"}\n{oops\n{\"prompt\": \"Q\", \"completion\": \"\"}\n").unwrap();
     let (ok, out, err) = tuna(&["perplexity", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json"]);
     assert!(ok, "{err}");
@@ -120,7 +132,7 @@ fn missing_model_folder_is_a_clear_error() {
 /// The main job: LoRA on a random base takes held-out exact-match accuracy from ~0 to most.
 #[test]
 fn demo_learns_the_task() {
-    let out = std::env::temp_dir().join(format!("tuna-demo-{}", std::process::id()));
+    let out = Scratch::new("demo");
     let (ok, stdout, err) = tuna(&["demo", "--out", out.to_str().unwrap(), "--steps", "120", "--json"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
@@ -138,12 +150,8 @@ fn demo_learns_the_task() {
 #[test]
 fn finetune_interrupt_and_resume_is_exact() {
     let m = fixture();
-    let base = std::env::temp_dir().join(format!("tuna-ft-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
-    let data = base.join("data.jsonl");
-    let lines: String = (0..24).map(|i| format!("{{\"prompt\": \"Count {i}\", \"completion\": \" {} {} {}\"}}\n", i + 1, i + 2, i + 3)).collect();
-    std::fs::write(&data, lines).unwrap();
+    let base = Scratch::new("ft");
+    let data = write_counting(&base, 24, 3);
     let run = |out: &str, extra: &[&str]| {
         let out = base.join(out);
         let mut args = vec!["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
@@ -181,12 +189,7 @@ fn finetune_interrupt_and_resume_is_exact() {
 #[test]
 fn finetune_checkpoint_layers_changes_no_result() {
     let m = fixture();
-    let base = std::env::temp_dir().join(format!("tuna-ft-ckpt-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
-    let data = base.join("data.jsonl");
-    let lines: String = (0..16).map(|i| format!("{{\"prompt\": \"Count {i}\", \"completion\": \" {} {}\"}}\n", i + 1, i + 2)).collect();
-    std::fs::write(&data, lines).unwrap();
+    let (base, data) = counting_data("ft-ckpt");
     let run = |name: &str, extra: &[&str]| {
         let out = base.join(name);
         let mut args = vec!["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
@@ -220,7 +223,7 @@ fn demo_learns_with_sm3_sparse_and_qlora() {
         ("sparse", &["--method", "sparse", "--optimizer", "sm3"][..]),
         ("qlora", &["--method", "qlora"][..]),
     ] {
-        let out = std::env::temp_dir().join(format!("tuna-demo-{tag}-{}", std::process::id()));
+        let out = Scratch::new(&format!("demo-{tag}"));
         let mut args = vec!["demo", "--out", out.to_str().unwrap(), "--steps", "120", "--json"];
         args.extend_from_slice(extra);
         let (ok, stdout, err) = tuna(&args);
@@ -290,7 +293,8 @@ fn finetune_full_qwen3_writes_a_model_that_loads() {
 #[test]
 fn perplexity_on_an_nf4_base_matches_the_library() {
     let m = fixture();
-    let data = std::env::temp_dir().join(format!("tuna-cli-nf4-{}.jsonl", std::process::id()));
+    let scratch = Scratch::new("cli-nf4");
+    let data = scratch.join("data.jsonl");
     std::fs::write(&data, "{\"text\": \"Hello world, this is a test.\"}\n").unwrap();
     let (ok, out, err) = tuna(&["perplexity", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--nf4", "--json"]);
     assert!(ok, "{err}");
@@ -320,7 +324,7 @@ fn finetune_on_wgpu_follows_the_cpu() {
         assert!(std::env::var("TUNA_REQUIRE_WGPU").map_or(true, |v| v != "1"), "TUNA_REQUIRE_WGPU=1 but no wgpu adapter");
         return;
     }
-    finetune_follows_the_cpu("wgpu", &fixture(), 1e-4);
+    finetune_follows_the_cpu("wgpu", &fixture(), &Scratch::new("ft-wgpu"), 1e-4);
 }
 
 #[test]
@@ -331,8 +335,7 @@ fn finetune_on_cuda_follows_the_cpu() {
         assert!(std::env::var("TUNA_REQUIRE_CUDA").map_or(true, |v| v != "1"), "TUNA_REQUIRE_CUDA=1 but no CUDA device");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("tuna-cuda-model-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = Scratch::new("cuda-model");
     let tok = dir.join("tokenizer");
     std::fs::create_dir_all(&tok).unwrap();
     for f in ["tokenizer.json", "tokenizer_config.json"] {
@@ -340,7 +343,7 @@ fn finetune_on_cuda_follows_the_cpu() {
     }
     let model = dir.join("model");
     tuna::nn::Llama::random(tuna::testing::model::tiny_config(), 3).unwrap().save(&tok, &model).unwrap();
-    let adapter = finetune_follows_the_cpu("cuda", &model, 2e-3);
+    let adapter = finetune_follows_the_cpu("cuda", &model, &dir, 2e-3);
     // Generation on CUDA with the adapter it trained: a prompt and its new tokens.
     let (ok, out, err) = tuna(&["generate", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--prompt", "Count 3", "--max-new-tokens", "4", "--json", "--device", "cuda"]);
     assert!(ok, "generate on cuda: {err}");
@@ -352,14 +355,9 @@ fn finetune_on_cuda_follows_the_cpu() {
 /// `tuna finetune` for 3 steps on the CPU and on `device` from the same model and data: LoRA
 /// with dropout, and sparse fine-tuning with SM3 (its active set changed after step 2), each
 /// with its final training loss within `rtol` of the CPU's. Returns the LoRA adapter trained on
-/// `device`.
-fn finetune_follows_the_cpu(device: &str, m: &Path, rtol: f64) -> PathBuf {
-    let base = std::env::temp_dir().join(format!("tuna-ft-{device}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
-    let data = base.join("data.jsonl");
-    let lines: String = (0..16).map(|i| format!("{{\"prompt\": \"Count {i}\", \"completion\": \" {} {}\"}}\n", i + 1, i + 2)).collect();
-    std::fs::write(&data, lines).unwrap();
+/// `device`, in `base` (a folder for the runs' files).
+fn finetune_follows_the_cpu(device: &str, m: &Path, base: &Path, rtol: f64) -> PathBuf {
+    let data = write_counting(base, 16, 2);
     let methods: [(&str, &[&str], &str); 2] = [
         ("lora", &["--lora-dropout", "0.1"], "adapter/adapter_model.safetensors"),
         ("sparse", &["--method", "sparse", "--optimizer", "sm3", "--density", "0.05", "--reselect-every", "2"], "sparse/sparse_deltas.safetensors"),
@@ -388,12 +386,7 @@ fn finetune_in_f16_on_wgpu_follows_the_cpu() {
     // data: the final loss within f16's rounding of the weights and activations.
     let Some(dev) = common::devices().into_iter().find(|&d| common::has_f16(d)) else { return };
     let m = fixture();
-    let base = std::env::temp_dir().join(format!("tuna-ft-f16-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    std::fs::create_dir_all(&base).unwrap();
-    let data = base.join("data.jsonl");
-    let lines: String = (0..16).map(|i| format!("{{\"prompt\": \"Count {i}\", \"completion\": \" {} {}\"}}\n", i + 1, i + 2)).collect();
-    std::fs::write(&data, lines).unwrap();
+    let (base, data) = counting_data("ft-f16");
     let run = |device: &str, f16: bool| -> serde_json::Value {
         let out = base.join(format!("{device}-{f16}"));
         let mut args = vec!["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),

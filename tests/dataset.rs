@@ -1,9 +1,13 @@
 //! JSONL shapes and which tokens are training targets.
 
+mod common;
+
 use std::path::Path;
 
 use tuna::io::dataset::{tokenize, Dataset, Example};
 use tuna::io::tokenizer::{Message, Tokenizer};
+
+use common::Scratch;
 
 fn tok() -> Tokenizer {
     Tokenizer::from_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures/llama-gqa")).unwrap()
@@ -39,7 +43,8 @@ fn chat_targets_only_assistant_turns() {
 
 #[test]
 fn bad_lines_are_reported_with_their_numbers() {
-    let path = std::env::temp_dir().join(format!("tuna-ds-{}.jsonl", std::process::id()));
+    let scratch = Scratch::new("ds");
+    let path = scratch.join("data.jsonl");
     std::fs::write(
         &path,
         "{\"text\": \"ok\"}\n\n[1, 2]\n{\"prompt\": \"p\", \"completion\": \"\"}\n{\"messages\": []}\n{\"other\": 1}\n{\"messages\": [{\"role\": \"user\"}]}\n{\"prompt\": \"p\", \"completion\": \"c\"}\n",

@@ -108,7 +108,7 @@ fn f16_resume_continues_to_the_same_losses() {
         };
         let mut full = Trainer::new(model(), cfg.clone(), data.clone(), 0).unwrap();
         let want: Vec<f32> = (0..4).map(|_| full.train_step().unwrap().loss).collect();
-        let dir = std::env::temp_dir().join(format!("tuna-f16-resume-{}", std::process::id()));
+        let dir = common::Scratch::new("f16-resume");
         let mut first = Trainer::new(model(), cfg.clone(), data.clone(), 0).unwrap();
         let mut got: Vec<f32> = (0..2).map(|_| first.train_step().unwrap().loss).collect();
         first.save_checkpoint(&dir).unwrap();
@@ -117,6 +117,5 @@ fn f16_resume_continues_to_the_same_losses() {
         assert_eq!(second.loss_scale.map(|s| s.scale), Some(1024.0), "{dev}: the checkpoint's loss scale");
         got.extend((0..2).map(|_| second.train_step().unwrap().loss));
         assert_eq!(got, want, "{dev}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,6 +1,8 @@
 //! Bad model folders get clear errors naming the file and the tensor or field; sharded
 //! checkpoints and the older config form load.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use tuna::io::config::LlamaConfig;
@@ -9,15 +11,15 @@ use tuna::io::tokenizer::Tokenizer;
 use tuna::nn::Llama;
 use tuna::{Device, Tensor};
 
+use common::Scratch;
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures").join(name)
 }
 
-/// A fresh copy of a fixture folder in the temp dir.
-fn copy_fixture(name: &str, tag: &str) -> PathBuf {
-    let dst = std::env::temp_dir().join(format!("tuna-test-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dst);
-    std::fs::create_dir_all(&dst).unwrap();
+/// A fresh copy of a fixture folder in a scratch folder.
+fn copy_fixture(name: &str, tag: &str) -> Scratch {
+    let dst = Scratch::new(&format!("test-{tag}"));
     for entry in std::fs::read_dir(fixture(name)).unwrap() {
         let p = entry.unwrap().path();
         std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();

@@ -96,7 +96,7 @@ fn lora_gradients_and_one_adamw_step(mut model: Llama) {
 #[test]
 fn saved_adapter_round_trips_and_merges() {
     let model = with_adapter("peft-lora");
-    let dir = std::env::temp_dir().join(format!("tuna-adapter-{}", std::process::id()));
+    let dir = common::Scratch::new("adapter");
     let cfg = tuna::peft::LoraConfig { r: 4, alpha: 8.0, ..Default::default() };
     save_adapter(&model, &cfg, "tools/fixtures/llama-gqa", &dir).unwrap();
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();

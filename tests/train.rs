@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tuna::nn::Llama;
 use tuna::optim::{Layout, OptimizerConfig, Sm3Config};
@@ -39,10 +39,8 @@ fn cfg(method: Method, batch: usize, accum: usize) -> TrainConfig {
     TrainConfig { method, lr: 1e-2, warmup_steps: 2, epochs: 3, batch_size: batch, grad_accum: accum, seed: 7, ..Default::default() }
 }
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("tuna-train-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+fn tmp(tag: &str) -> common::Scratch {
+    common::Scratch::new(&format!("train-{tag}"))
 }
 
 #[test]
@@ -152,7 +150,8 @@ fn lora_trains_only_the_adapters() {
 
 #[test]
 fn loss_curve_png_is_well_formed() {
-    let path = tmp("plot").with_extension("png");
+    let dir = tmp("plot");
+    let path = dir.join("loss.png");
     let train: Vec<(f32, f32)> = (0..50).map(|i| (i as f32, 5.0 / (1.0 + i as f32 * 0.1))).collect();
     tuna::train::plot::loss_curve(&path, &train, &[(10.0, 3.0), (40.0, 1.5)]).unwrap();
     let png = std::fs::read(&path).unwrap();

@@ -1,7 +1,46 @@
-//! Shared by the integration tests: which devices to run on.
+//! Shared by the integration tests: which devices to run on, and scratch folders.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
+
 use tuna::Device;
+
+/// A fresh folder `tuna-{tag}-{pid}` in the temp dir for one test's files. It is removed when
+/// the guard drops after a passing test; a failing test leaves it, and says where, to be looked
+/// at. It derefs to its path.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("tuna-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("making {}: {e}", dir.display()));
+        Scratch(dir)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("the failed test's files are left in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
 
 /// Every device this machine has. With TUNA_REQUIRE_WGPU=1 (set in CI) a missing wgpu adapter
 /// fails the test instead of quietly shrinking the list; likewise TUNA_REQUIRE_CUDA=1, and
