@@ -122,6 +122,35 @@ fn gemv_cpu(c: &mut Criterion) {
             });
         }
     }
+    // Decoding streams every layer's weights once a token, from memory: 48 weights of a small
+    // model's MLP shape (170 MB, past any L3), one after another.
+    let (n, k, count) = (1536, 576, 48);
+    let mut rng = Rng::new(5);
+    let a = rng.vec(k, -1.0, 1.0);
+    let ws: Vec<Vec<f32>> = (0..count).map(|_| rng.vec(k * n, -1.0, 1.0)).collect();
+    let mut out = vec![0.0f32; n];
+    g.throughput(Throughput::Bytes((4 * n * k * count) as u64));
+    let p = MatmulParams { m: 1, n, k, trans_a: false, trans_b: true };
+    g.bench_function(BenchmarkId::new("tuna gemv", format!("N{n} K{k} W[N,K] x{count} from memory")), |b| {
+        b.iter(|| ws.iter().for_each(|w| matmul::cpu::matmul(&a, w, &mut out, p).unwrap()))
+    });
+    // The floor: the same bytes summed on all threads, 16 lanes (a read of memory and no more).
+    g.bench_function(BenchmarkId::new("read the bytes (floor)", format!("N{n} K{k} x{count} from memory")), |b| {
+        use rayon::prelude::*;
+        b.iter(|| {
+            ws.iter()
+                .map(|w| {
+                    w.par_chunks(16 << 10)
+                        .map(|c| {
+                            let mut l = [0.0f32; 16];
+                            c.chunks_exact(16).for_each(|v| l.iter_mut().zip(v).for_each(|(s, x)| *s += x));
+                            l.iter().sum::<f32>()
+                        })
+                        .sum::<f32>()
+                })
+                .sum::<f32>()
+        })
+    });
     g.finish();
 }
 
