@@ -465,6 +465,14 @@ impl Tensor {
         }
     }
 
+    /// The elements of a CPU tensor stored in bf16, borrowed (None for any other storage).
+    pub(crate) fn cpu_bf16(&self) -> Option<&[half::bf16]> {
+        match self.storage() {
+            Storage::Cpu(CpuStorage::BF16(v)) => Some(v),
+            _ => None,
+        }
+    }
+
     /// The f32 elements of a CPU weight: borrowed when stored in f32, dequantized into a
     /// transient copy when NF4 (so a frozen NF4 weight is never held in f32 beyond one op).
     pub(crate) fn cpu_f32_weight(&self, op: &'static str) -> Result<std::borrow::Cow<'_, [f32]>> {

@@ -90,6 +90,66 @@ fn bf16_checkpoint_matches_its_f32_twin() {
     compare("bf16 vs f32 logits", &logits.to_vec_f32().unwrap(), &twin.f64("logits"), Tolerance { atol: 0.1, rtol: 0.05 }).unwrap();
 }
 
+/// A model's logits and, with a tape over its LoRA factors, their gradients.
+fn logits_and_lora_grads(mut model: Llama, ids: &Tensor) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let logits = model.forward(ids, None).unwrap().to_vec_f32().unwrap();
+    let tape = Tape::new();
+    model.map_lora(|_, t| Ok(tape.param(t))).unwrap();
+    let grads = tape.backward(&model.loss(ids, None).unwrap()).unwrap();
+    (logits, model.lora_parameters().iter().map(|(k, p)| grads.get(p).unwrap_or_else(|| panic!("no gradient for {k}")).to_vec_f32().unwrap()).collect())
+}
+
+#[test]
+fn linears_kept_in_bf16_compute_what_their_f32_values_do() {
+    // The bf16 checkpoint with its decoder linears kept in bf16 (`load_bf16`) against the same
+    // checkpoint widened to f32 (`load`, whose logits equal transformers' above).
+    let dir = fixture("llama-gqa-bf16");
+    let (wide, narrow) = (Llama::load(&dir).unwrap(), Llama::load_bf16(&dir).unwrap());
+    for (name, lin) in narrow.linears() {
+        assert_eq!(lin.weight.dtype(), tuna::DType::BF16, "{name}");
+    }
+    assert_eq!(narrow.embed.dtype(), tuna::DType::F32);
+    // A whole sequence, and token by token through the KV cache (one row: the bf16 gemv):
+    // the same logits to the bit.
+    let ids: Vec<i32> = Expected::load("llama-gqa-bf16").ids("input_ids")[..10].to_vec();
+    let row = Tensor::from_vec_i32(ids.clone(), [1, ids.len()]).unwrap();
+    let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+    assert_eq!(bits(narrow.forward(&row, None).unwrap().to_vec_f32().unwrap()), bits(wide.forward(&row, None).unwrap().to_vec_f32().unwrap()), "whole sequence");
+    let (mut cw, mut cn) = (KvCache::new(wide.config.num_layers), KvCache::new(narrow.config.num_layers));
+    for &t in &ids {
+        let t = Tensor::from_vec_i32(vec![t], [1, 1]).unwrap();
+        let (a, b) = (wide.forward(&t, Some(&mut cw)).unwrap().to_vec_f32().unwrap(), narrow.forward(&t, Some(&mut cn)).unwrap().to_vec_f32().unwrap());
+        assert_eq!(bits(b), bits(a), "decoding");
+    }
+    // LoRA on top trains through the bf16 weights: the same logits and adapter gradients
+    // within f32 rounding (training keeps f32 weights' transposes, another GEMM layout).
+    let adapt = |mut m: Llama| {
+        tuna::peft::load_adapter(&mut m, &fixture("peft-lora")).unwrap();
+        m
+    };
+    let (want, want_grads) = logits_and_lora_grads(adapt(wide.clone()), &row);
+    let (got, got_grads) = logits_and_lora_grads(adapt(narrow.clone()), &row);
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    compare("LoRA logits on bf16 linears", &got, &f64s(&want), Tolerance { atol: 1e-5, rtol: 1e-5 }).unwrap();
+    assert_eq!(got_grads.len(), 28);
+    for (i, (g, w)) in got_grads.iter().zip(&want_grads).enumerate() {
+        compare(&format!("LoRA gradient {i} on bf16 linears"), g, &f64s(w), Tolerance { atol: 1e-6, rtol: 1e-4 }).unwrap();
+    }
+    // An f32 model's linears rounded after the load are the model `load_bf16` reads.
+    let mut rounded = Llama::load(&fixture("llama-gqa")).unwrap();
+    let bytes = rounded.linears_in_bf16().unwrap();
+    let direct = Llama::load_bf16(&fixture("llama-gqa")).unwrap();
+    assert_eq!(bytes, 2 * rounded.linears().iter().map(|(_, l)| l.weight.elem_count()).sum::<usize>());
+    for ((name, a), (_, b)) in rounded.linears().iter().zip(direct.linears()) {
+        assert_eq!(a.weight.to_vec_f32().unwrap(), b.weight.to_vec_f32().unwrap(), "{name}");
+    }
+    // Only on the CPU.
+    if let Some(dev) = common::devices().into_iter().find(|d| *d != Device::Cpu) {
+        let err = common::model_on(&wide, &dev).linears_in_bf16().unwrap_err().to_string();
+        assert!(err.contains("CPU"), "{err}");
+    }
+}
+
 #[test]
 fn greedy_generation_reproduces_transformers() {
     for name in ["llama-gqa", "qwen2-tied", "llama3-rope", "mistral", "qwen3"] {

@@ -83,6 +83,10 @@ pub(crate) struct ModelArgs {
     /// Quantize the decoder linears to NF4 at load (the base a QLoRA adapter was trained on).
     #[arg(long)]
     pub(crate) nf4: bool,
+    /// Keep the decoder linears' weights in bf16 on the CPU (half their memory, and decoding
+    /// reads half the bytes; exact for a bf16 checkpoint). Activations stay f32.
+    #[arg(long)]
+    pub(crate) bf16_weights: bool,
 }
 
 #[derive(Args)]
@@ -177,13 +181,24 @@ pub(crate) fn load(args: &ModelArgs, nf4: bool) -> Result<(Llama, Tokenizer), St
     }
     // Deltas fold into the full-precision weights, before any quantization; adapters stay
     // separate, so they apply on top of the NF4 base.
-    let mut model = if nf4 && args.deltas.is_none() { Llama::load_nf4(&args.model) } else { Llama::load(&args.model) }.map_err(err)?;
+    if args.bf16_weights && (nf4 || device != Device::Cpu) {
+        return Err(format!("--bf16-weights is a CPU form of the base; not with {}", if nf4 { "an NF4 base" } else { "--device other than cpu (CUDA runs the model in bf16 already)" }));
+    }
+    let mut model = match (args.deltas.is_none(), nf4, args.bf16_weights) {
+        (true, true, _) => Llama::load_nf4(&args.model),
+        (true, _, true) => Llama::load_bf16(&args.model),
+        _ => Llama::load(&args.model),
+    }
+    .map_err(err)?;
     if let Some(d) = &args.deltas {
         tuna::peft::load_deltas(&mut model, d).map_err(err)?;
         model.merge_sparse().map_err(err)?;
     }
     if nf4 {
         model.quantize_nf4().map_err(err)?;
+    }
+    if args.bf16_weights {
+        model.linears_in_bf16().map_err(err)?;
     }
     if let Some(a) = &args.adapter {
         tuna::peft::load_adapter(&mut model, a).map_err(err)?;

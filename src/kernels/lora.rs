@@ -65,7 +65,7 @@ pub mod reference {
 
 pub mod cpu {
     use super::LoraParams;
-    use crate::kernels::matmul::cpu::{matmul_acc, matmul_new};
+    use crate::kernels::matmul::cpu::{matmul_acc, matmul_new, widen_bf16, xwt_bf16};
     use crate::kernels::nf4::{cpu as nf4, Nf4Tensor};
     use crate::Result;
 
@@ -77,6 +77,9 @@ pub mod cpu {
         F32 { w: &'a [f32], transposed: bool },
         /// NF4 (QLoRA), decoded inside the products (`nf4::cpu::matmul_xwt`, `matmul_dyw`).
         Nf4(&'a Nf4Tensor),
+        /// bf16, stored `[N, K]`: read as stored by one row (`matmul::cpu::xwt_bf16`), widened
+        /// to f32 for one product otherwise.
+        Bf16(&'a [half::bf16]),
     }
 
     impl Base<'_> {
@@ -85,6 +88,7 @@ pub mod cpu {
             match self {
                 Base::F32 { w, transposed } => matmul_new(x, w, LoraParams::mm(p.m, p.n, p.k, false, !transposed)),
                 Base::Nf4(q) => nf4::matmul_xwt(q, x, p.m, p.n, p.k),
+                Base::Bf16(w) => xwt_bf16(x, w, p.m, p.n, p.k),
             }
         }
 
@@ -93,6 +97,7 @@ pub mod cpu {
             match self {
                 Base::F32 { w, transposed } => matmul_new(dy, w, LoraParams::mm(p.m, p.k, p.n, false, transposed)),
                 Base::Nf4(q) => nf4::matmul_dyw(q, dy, p.m, p.n, p.k),
+                Base::Bf16(w) => matmul_new(dy, &widen_bf16(w), LoraParams::mm(p.m, p.k, p.n, false, false)),
             }
         }
     }

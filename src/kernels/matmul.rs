@@ -147,6 +147,29 @@ pub mod cpu {
         Ok(c)
     }
 
+    /// `x·Wᵀ` `[M, N]` for x `[M, K]` and W `[N, K]` stored in bf16 (a frozen weight in half
+    /// the bytes). One row goes through `gemv_bf16`, which reads W's bf16 bytes and gives the
+    /// bits `matmul_new` gives for W widened to f32. More rows go through the f32 GEMM on W
+    /// widened for this product (a copy of W in f32 for the one call): widening is exact, so
+    /// either way this is the product of the same weight in f32.
+    pub fn xwt_bf16(x: &[f32], w: &[half::bf16], m: usize, n: usize, k: usize) -> Result<Vec<f32>> {
+        check_len("xwt_bf16", "x", x.len(), m * k)?;
+        check_len("xwt_bf16", "w", w.len(), n * k)?;
+        if m == 1 && n > 0 && k > 0 {
+            let mut c = vec![0.0; n];
+            super::gemv::gemv_bf16(x, w, &mut c, n, k);
+            return Ok(c);
+        }
+        matmul_new(x, &widen_bf16(w), MatmulParams { m, n, k, trans_a: false, trans_b: true })
+    }
+
+    /// bf16 values widened to f32 (exact), split over the threads.
+    pub fn widen_bf16(w: &[half::bf16]) -> Vec<f32> {
+        use super::gemv::Widen;
+        use rayon::prelude::*;
+        w.par_iter().map(|&v| v.widen()).collect()
+    }
+
     fn check(a: &[f32], b: &[f32], c_len: usize, p: MatmulParams) -> Result<()> {
         check_len("matmul", "a", a.len(), p.m * p.k)?;
         check_len("matmul", "b", b.len(), p.k * p.n)?;

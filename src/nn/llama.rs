@@ -202,22 +202,33 @@ impl Llama {
     pub fn load_nf4(dir: &Path) -> Result<Self> {
         let config = LlamaConfig::from_dir(dir)?;
         let weights = WeightFiles::open(dir)?;
-        Self::from_weights_as(config, &weights, true)
+        Self::from_weights_as(config, &weights, DType::NF4)
+    }
+
+    /// [`Llama::load`] with each decoder linear's weight kept in bf16 as it is read: the model
+    /// [`Llama::linears_in_bf16`] makes from `load`'s, without ever holding every weight in f32.
+    pub fn load_bf16(dir: &Path) -> Result<Self> {
+        let config = LlamaConfig::from_dir(dir)?;
+        let weights = WeightFiles::open(dir)?;
+        Self::from_weights_as(config, &weights, DType::BF16)
     }
 
     /// Builds the model from weight files, checking every tensor's presence and shape.
     pub fn from_weights(config: LlamaConfig, w: &WeightFiles) -> Result<Self> {
-        Self::from_weights_as(config, w, false)
+        Self::from_weights_as(config, w, DType::F32)
     }
 
-    /// `from_weights`, the decoder linears' weights quantized to NF4 one by one with `nf4`.
-    fn from_weights_as(config: LlamaConfig, w: &WeightFiles, nf4: bool) -> Result<Self> {
+    /// `from_weights`, the decoder linears' weights turned one by one into `linears` (F32 as
+    /// read, NF4 quantized, BF16 rounded).
+    fn from_weights_as(config: LlamaConfig, w: &WeightFiles, linears: DType) -> Result<Self> {
         let c = &config;
         let (e, d) = (c.hidden_size, c.head_dim);
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let mut weight = w.load_f32(&format!("{name}.weight"), &[out, inp])?;
-            if nf4 {
-                weight = Tensor::from_nf4(crate::kernels::nf4::quantize_tensor(&weight)?, [out, inp])?;
+            match linears {
+                DType::NF4 => weight = Tensor::from_nf4(crate::kernels::nf4::quantize_tensor(&weight)?, [out, inp])?,
+                DType::BF16 => weight = weight.to_dtype(DType::BF16)?,
+                _ => {}
             }
             Ok(Linear::new(weight, if bias { Some(w.load_f32(&format!("{name}.bias"), &[out])?) } else { None }))
         };
@@ -343,6 +354,29 @@ impl Llama {
             lin.weight = Tensor::from_nf4(q, lin.weight.shape().clone())?.to_device(&lin.weight.device())?;
         }
         Ok((n, bytes))
+    }
+
+    /// Every decoder linear's weight kept in bf16 on the CPU (exact for a bf16 checkpoint,
+    /// rounded to nearest even otherwise); embeddings, norms, the LM head, biases and
+    /// activations stay f32. Ops read the weights widened to f32, so the model computes what
+    /// the same rounded weights in f32 compute (for one row of input, to the bit), in half the
+    /// weights' memory; decoding, which streams every weight once a token, reads half the
+    /// bytes. The weights stay frozen (LoRA trains on top; full and sparse fine-tuning need
+    /// f32 weights). Returns the bytes the bf16 weights take.
+    pub fn linears_in_bf16(&mut self) -> Result<usize> {
+        if self.device() != Device::Cpu {
+            return Err(Error::InvalidArgument(format!("linears in bf16 beside f32 activations are a CPU form; the model is on {}", self.device())));
+        }
+        let mut bytes = 0;
+        for (name, lin) in self.linears_mut() {
+            match lin.weight.dtype() {
+                DType::F32 => lin.weight = lin.weight.to_dtype(DType::BF16)?,
+                DType::BF16 => {}
+                dt => return Err(Error::InvalidArgument(format!("{name}: a {dt} weight cannot be kept in bf16 (only f32)"))),
+            }
+            bytes += 2 * lin.weight.elem_count();
+        }
+        Ok(bytes)
     }
 
     /// Every base parameter (LoRA adapters excluded) with its transformers name.

@@ -103,8 +103,10 @@ pub fn linear_group_remade(x: &Tensor, parts: &[LinearPart<'_>], remake: Option<
             // precision on a GPU, in f32 on the CPU). On a GPU the adapters may be f32 masters
             // of a bf16/f16 model (converted inside the op).
             let nf4_weight = std::ptr::eq(t, w) && t.dtype() == DType::NF4 && (dt == DType::F32 || x.device() != Device::Cpu);
+            // On the CPU a frozen W may be kept in bf16 beside f32 activations (read widened).
+            let bf16_weight = std::ptr::eq(t, w) && t.dtype() == DType::BF16 && dt == DType::F32 && x.device() == Device::Cpu && !w.is_tracked();
             let master = !std::ptr::eq(t, w) && part.bias.is_none_or(|b| !std::ptr::eq(t, b)) && x.device() != Device::Cpu && t.dtype() == DType::F32;
-            if !nf4_weight && !master {
+            if !nf4_weight && !bf16_weight && !master {
                 expect_dtype(OP, t, dt)?;
             }
         }
@@ -159,9 +161,10 @@ pub fn linear_group_remade(x: &Tensor, parts: &[LinearPart<'_>], remake: Option<
             // and kept when training (`Tensor::cpu_f32_for_xwt`); an NF4 W is decoded inside
             // the product (`lora::cpu::Base`).
             let (dense, transposed);
-            let w = match part.weight.as_nf4() {
-                Some(q) => cpu::Base::Nf4(q),
-                None => {
+            let w = match (part.weight.as_nf4(), part.weight.cpu_bf16()) {
+                (Some(q), _) => cpu::Base::Nf4(q),
+                (None, Some(w)) => cpu::Base::Bf16(w),
+                (None, None) => {
                     (dense, transposed) = match part.weight.is_tracked() {
                         true => (part.weight.cpu_f32_weight(OP)?, false),
                         false => part.weight.cpu_f32_for_xwt(OP, p.m, records)?,
@@ -213,9 +216,10 @@ pub fn linear_group_remade(x: &Tensor, parts: &[LinearPart<'_>], remake: Option<
             .map(|((w, lora, xa, drop, p), g)| -> Result<PartGrads> {
                 let Some(g) = g else { return Ok((None, None)) };
                 let gv = g.cpu_f32(OP)?;
-                let wv = match w.as_nf4() {
-                    Some(q) => cpu::Base::Nf4(q),
-                    None => cpu::Base::F32 { w: w.cpu_f32(OP)?, transposed: false },
+                let wv = match (w.as_nf4(), w.cpu_bf16()) {
+                    (Some(q), _) => cpu::Base::Nf4(q),
+                    (None, Some(w)) => cpu::Base::Bf16(w),
+                    (None, None) => cpu::Base::F32 { w: w.cpu_f32(OP)?, transposed: false },
                 };
                 let Some((a, b)) = lora else {
                     let dx = if want_dx { Some(wv.dyw(gv, *p)?) } else { None };

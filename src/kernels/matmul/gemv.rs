@@ -9,10 +9,31 @@
 //! layout, in `math::dot`'s lanes in the `[N, K]` one), so the bits do not depend on the number
 //! of threads; they differ from the `gemm` crate's in rounding.
 
+use half::bf16;
 use rayon::prelude::*;
 
 use super::MatmulParams;
 use crate::kernels::math::{dot, wide};
+
+/// An element of a weight read as f32: an f32, or a bf16, whose bits are the upper half of
+/// an f32's (so the widening is exact, and a bf16 weight multiplies as its f32 value does).
+pub(crate) trait Widen: Copy + Send + Sync {
+    fn widen(self) -> f32;
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Widen for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
 
 /// Below this many bytes of B one thread does the product: a rayon dispatch costs a few µs,
 /// about what streaming 256 KiB takes.
@@ -40,27 +61,8 @@ pub(super) fn gemv(a: &[f32], b: &[f32], c: &mut [f32], p: MatmulParams, acc: Op
     };
     if p.trans_b {
         // B is W [N, K]: output j is the dot product of a with W's row j, four rows a pass.
-        let rows = |(j0, cs): (usize, &mut [f32])| {
-            let row = |j: usize| &b[j * k..][..k];
-            let mut quads = cs.chunks_exact_mut(4);
-            let mut j = j0;
-            for q in &mut quads {
-                for (ci, v) in q.iter_mut().zip(dot4(a, [row(j), row(j + 1), row(j + 2), row(j + 3)])) {
-                    land(ci, v);
-                }
-                j += 4;
-            }
-            for ci in quads.into_remainder() {
-                land(ci, dot(a, row(j)));
-                j += 1;
-            }
-        };
         let chunk = per_task(n.div_ceil(4 * pool)).max(16);
-        if parallel {
-            c.par_chunks_mut(chunk).enumerate().for_each(|(i, cs)| rows((i * chunk, cs)));
-        } else {
-            rows((0, c));
-        }
+        by_rows(a, b, c, parallel.then_some(chunk), land, dot4, dot);
     } else {
         // B is [K, N]: a tile of columns sums a[k]·B[k, tile] over the rows in order; a task
         // takes one tile, or under a thread limit a span of whole tiles.
@@ -84,6 +86,75 @@ pub(super) fn gemv(a: &[f32], b: &[f32], c: &mut [f32], p: MatmulParams, acc: Op
     }
 }
 
+/// `x·Wᵀ` for one row x of K elements and W `[N, K]` stored in bf16 (a frozen weight kept in
+/// half the bytes): c[j] is summed exactly as `gemv` sums it for the same weight widened to
+/// f32 (`Widen`), so it has those bits, and reads half the bytes. Split over the threads as
+/// `gemv` with no thread limit.
+pub(super) fn gemv_bf16(a: &[f32], w: &[bf16], c: &mut [f32], n: usize, k: usize) {
+    debug_assert!(a.len() >= k && w.len() >= k * n && c.len() >= n && n > 0 && k > 0);
+    let (a, c) = (&a[..k], &mut c[..n]);
+    let parallel = k * n * 2 >= PARALLEL_BYTES;
+    let chunk = n.div_ceil(4 * rayon::current_num_threads().max(1)).max(16);
+    by_rows(a, w, c, parallel.then_some(chunk), |ci, v| *ci = v, dot4_bf16, dot_bf16);
+}
+
+/// c[j] = `land`(c[j], a·W[j]) for W `[c.len(), K]` by rows, four a pass with `four`, the
+/// rest with `one`; in tasks of `chunk` rows when given, else on this thread.
+fn by_rows<T: Widen>(
+    a: &[f32],
+    w: &[T],
+    c: &mut [f32],
+    chunk: Option<usize>,
+    land: impl Fn(&mut f32, f32) + Sync,
+    four: fn(&[f32], [&[T]; 4]) -> [f32; 4],
+    one: fn(&[f32], &[T]) -> f32,
+) {
+    let k = a.len();
+    let rows = |(j0, cs): (usize, &mut [f32])| {
+        let row = |j: usize| &w[j * k..][..k];
+        let mut quads = cs.chunks_exact_mut(4);
+        let mut j = j0;
+        for q in &mut quads {
+            for (ci, v) in q.iter_mut().zip(four(a, [row(j), row(j + 1), row(j + 2), row(j + 3)])) {
+                land(ci, v);
+            }
+            j += 4;
+        }
+        for ci in quads.into_remainder() {
+            land(ci, one(a, row(j)));
+            j += 1;
+        }
+    };
+    match chunk {
+        Some(chunk) => c.par_chunks_mut(chunk).enumerate().for_each(|(i, cs)| rows((i * chunk, cs))),
+        None => rows((0, c)),
+    }
+}
+
+wide! {
+    /// `dot4` for rows in bf16.
+    fn dot4_bf16(a: &[f32], rows: [&[bf16]; 4]) -> [f32; 4] = dot4_lanes
+}
+
+wide! {
+    /// `math::dot` of an f32 row with a bf16 row: the same lanes and order.
+    fn dot_bf16(a: &[f32], row: &[bf16]) -> f32 = dot_lanes
+}
+
+/// `math::dot_lanes` for a row of any `Widen` type (the same operations, in the same order).
+#[inline(always)]
+fn dot_lanes<T: Widen>(a: &[f32], b: &[T]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let (mut ca, mut cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for ((l, &x), &y) in lanes.iter_mut().zip(x).zip(y) {
+            *l += x * y.widen();
+        }
+    }
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y.widen()).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
 wide! {
     /// The dot products of `a` with four rows, each summed as `math::dot` sums one (sixteen
     /// lanes, then in order), so with its bits: the four sums share a's loads, and their four
@@ -93,7 +164,7 @@ wide! {
 }
 
 #[inline(always)]
-fn dot4_lanes(a: &[f32], rows: [&[f32]; 4]) -> [f32; 4] {
+fn dot4_lanes<T: Widen>(a: &[f32], rows: [&[T]; 4]) -> [f32; 4] {
     let k = a.len();
     let [r0, r1, r2, r3] = rows.map(|r| &r[..k]);
     let (mut l0, mut l1, mut l2, mut l3) = ([0.0f32; 16], [0.0f32; 16], [0.0f32; 16], [0.0f32; 16]);
@@ -102,14 +173,14 @@ fn dot4_lanes(a: &[f32], rows: [&[f32]; 4]) -> [f32; 4] {
     let chunks = a.chunks_exact(16).zip(r0.chunks_exact(16)).zip(r1.chunks_exact(16)).zip(r2.chunks_exact(16)).zip(r3.chunks_exact(16));
     for ((((x, y0), y1), y2), y3) in chunks {
         for i in 0..16 {
-            l0[i] += x[i] * y0[i];
-            l1[i] += x[i] * y1[i];
-            l2[i] += x[i] * y2[i];
-            l3[i] += x[i] * y3[i];
+            l0[i] += x[i] * y0[i].widen();
+            l1[i] += x[i] * y1[i].widen();
+            l2[i] += x[i] * y2[i].widen();
+            l3[i] += x[i] * y3[i].widen();
         }
     }
     let full = k - k % 16;
-    let sum = |l: &[f32; 16], r: &[f32]| l.iter().sum::<f32>() + a[full..].iter().zip(&r[full..]).map(|(x, y)| x * y).sum::<f32>();
+    let sum = |l: &[f32; 16], r: &[T]| l.iter().sum::<f32>() + a[full..].iter().zip(&r[full..]).map(|(x, y)| x * y.widen()).sum::<f32>();
     [sum(&l0, r0), sum(&l1, r1), sum(&l2, r2), sum(&l3, r3)]
 }
 
@@ -159,6 +230,23 @@ mod tests {
             for (i, r) in rows.iter().enumerate() {
                 assert_eq!(four[i].to_bits(), dot(&a, r).to_bits(), "k={k} row {i}");
             }
+        }
+    }
+
+    #[test]
+    fn a_bf16_weight_gives_the_bits_of_the_same_weight_in_f32() {
+        // N with 1-3 rows past the last four, K past and below 16, W past the parallel
+        // threshold (in bf16 bytes) and below it.
+        for (n, k) in [(7, 5), (64, 1), (1502, 203), (33, 576)] {
+            let mut rng = Rng::new(n as u64 + k as u64);
+            let a = rng.vec(k, -1.0, 1.0);
+            let w: Vec<bf16> = rng.vec(n * k, -1.0, 1.0).into_iter().map(bf16::from_f32).collect();
+            let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let mut c = vec![f32::NAN; n];
+            gemv_bf16(&a, &w, &mut c, n, k);
+            let mut want = vec![f32::NAN; n];
+            gemv(&a, &wide, &mut want, MatmulParams { m: 1, n, k, trans_a: false, trans_b: true }, None, 0);
+            assert!(c.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()), "n={n} k={k}: {c:?} vs {want:?}");
         }
     }
 
