@@ -473,9 +473,13 @@ impl Tensor {
         }
     }
 
-    /// The f32 elements of a CPU weight: borrowed when stored in f32, dequantized into a
-    /// transient copy when NF4 (so a frozen NF4 weight is never held in f32 beyond one op).
+    /// The f32 elements of a CPU weight: borrowed when stored in f32, dequantized (NF4) or
+    /// widened (bf16) into a transient copy (so such a frozen weight is never held in f32
+    /// beyond one op).
     pub(crate) fn cpu_f32_weight(&self, op: &'static str) -> Result<std::borrow::Cow<'_, [f32]>> {
+        if let Some(w) = self.cpu_bf16() {
+            return Ok(std::borrow::Cow::Owned(crate::kernels::matmul::cpu::widen_bf16(w)));
+        }
         match self.as_nf4() {
             Some(q) => Ok(std::borrow::Cow::Owned(nf4::cpu::dequantize(q)?)),
             None => self.cpu_f32(op).map(std::borrow::Cow::Borrowed),
@@ -522,7 +526,8 @@ impl Tensor {
         let derived = &self.0.derived;
         let keep = keep || derived.keep_transpose.load(std::sync::atomic::Ordering::Relaxed);
         let cached = || self.as_nf4().is_none() && derived.transposed.get().is_some_and(|t| self.dims().get(1) == Some(&t.cols));
-        if rows > 1 && (keep || cached()) {
+        // A bf16 weight is widened for each product, as stored: no f32 transpose is kept.
+        if rows > 1 && self.cpu_bf16().is_none() && (keep || cached()) {
             return Ok((self.cpu_f32_transposed(op)?, true));
         }
         Ok((self.cpu_f32_weight(op)?, false))

@@ -81,6 +81,37 @@ fn generate_in_f16_on_wgpu_matches_the_library() {
     generate_matches(&model, &["--device", &dev.to_string(), "--f16"]);
 }
 
+/// `--bf16-weights` keeps the matrices in bf16 on the CPU: the tokens and loss of the
+/// library's `load_bf16` model; refused where it cannot apply.
+#[test]
+fn bf16_weights_match_the_library_and_are_refused_off_the_cpu() {
+    let m = fixture();
+    let model = tuna::nn::Llama::load_bf16(&m).unwrap();
+    generate_matches(&model, &["--bf16-weights"]);
+    let (base, data) = counting_data("cli-bf16");
+    let ids: Vec<i32> = tuna::io::tokenizer::Tokenizer::from_dir(&m).unwrap().encode("Count 3 4 5", true).unwrap().into_iter().map(|t| t as i32).collect();
+    std::fs::write(&data, "{\"text\": \"Count 3 4 5\"}\n").unwrap();
+    let n = ids.len();
+    let want = model.loss(&tuna::Tensor::from_vec_i32(ids, [1, n]).unwrap(), None).unwrap().to_scalar().unwrap() as f64;
+    let got = mean_loss(&data, &["--model", m.to_str().unwrap(), "--bf16-weights"]);
+    assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    // LoRA trains on the bf16 base.
+    let out = base.join("lora");
+    let (ok, _, err) = tuna(&["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--max-steps", "2", "--eval-every", "0", "--checkpoint-every", "0", "--bf16-weights"]);
+    assert!(ok, "{err}");
+    assert!(out.join("adapter/adapter_model.safetensors").exists());
+    for (args, says) in [
+        (&["generate", "--prompt", "x", "--nf4"][..], "NF4"),
+        (&["generate", "--prompt", "x", "--device", "wgpu"][..], "--device"),
+        (&["finetune", "--data", data.to_str().unwrap(), "--out", base.join("x").to_str().unwrap(), "--method", "sparse"][..], "--method lora"),
+    ] {
+        let mut a = args.to_vec();
+        a.extend_from_slice(&["--model", m.to_str().unwrap(), "--bf16-weights"]);
+        let (ok, _, err) = tuna(&a);
+        assert!(!ok && err.contains("--bf16-weights") && err.contains(says), "{args:?}: {err}");
+    }
+}
+
 #[test]
 fn perplexity_json_and_bad_lines() {
     let m = fixture();

@@ -100,15 +100,16 @@ fn logits_and_lora_grads(mut model: Llama, ids: &Tensor) -> (Vec<f32>, Vec<Vec<f
 }
 
 #[test]
-fn linears_kept_in_bf16_compute_what_their_f32_values_do() {
-    // The bf16 checkpoint with its decoder linears kept in bf16 (`load_bf16`) against the same
+fn matrices_kept_in_bf16_compute_what_their_f32_values_do() {
+    // The bf16 checkpoint with its matrices kept in bf16 (`load_bf16`) against the same
     // checkpoint widened to f32 (`load`, whose logits equal transformers' above).
     let dir = fixture("llama-gqa-bf16");
     let (wide, narrow) = (Llama::load(&dir).unwrap(), Llama::load_bf16(&dir).unwrap());
     for (name, lin) in narrow.linears() {
         assert_eq!(lin.weight.dtype(), tuna::DType::BF16, "{name}");
     }
-    assert_eq!(narrow.embed.dtype(), tuna::DType::F32);
+    assert_eq!((narrow.embed.dtype(), narrow.lm_head.as_ref().map(|h| h.dtype())), (tuna::DType::BF16, Some(tuna::DType::BF16)));
+    assert_eq!(narrow.norm.dtype(), tuna::DType::F32);
     // A whole sequence, and token by token through the KV cache (one row: the bf16 gemv):
     // the same logits to the bit.
     let ids: Vec<i32> = Expected::load("llama-gqa-bf16").ids("input_ids")[..10].to_vec();
@@ -137,15 +138,29 @@ fn linears_kept_in_bf16_compute_what_their_f32_values_do() {
     }
     // An f32 model's linears rounded after the load are the model `load_bf16` reads.
     let mut rounded = Llama::load(&fixture("llama-gqa")).unwrap();
-    let bytes = rounded.linears_in_bf16().unwrap();
+    let bytes = rounded.matrices_in_bf16().unwrap();
     let direct = Llama::load_bf16(&fixture("llama-gqa")).unwrap();
-    assert_eq!(bytes, 2 * rounded.linears().iter().map(|(_, l)| l.weight.elem_count()).sum::<usize>());
+    let matrices = rounded.linears().iter().map(|(_, l)| l.weight.elem_count()).sum::<usize>() + rounded.embed.elem_count() + rounded.lm_head.as_ref().map_or(0, |h| h.elem_count());
+    assert_eq!(bytes, 2 * matrices);
+    assert_eq!(rounded.embed.to_vec_f32().unwrap(), direct.embed.to_vec_f32().unwrap());
     for ((name, a), (_, b)) in rounded.linears().iter().zip(direct.linears()) {
         assert_eq!(a.weight.to_vec_f32().unwrap(), b.weight.to_vec_f32().unwrap(), "{name}");
     }
+    // A tied head with biases (the embedding table is the head): greedy decoding picks the
+    // tokens the same rounded weights pick in f32, with the same logits to the bit.
+    let narrow = Llama::load_bf16(&fixture("qwen2-tied")).unwrap();
+    let mut twin = narrow.clone();
+    twin.embed = twin.embed.to_dtype(tuna::DType::F32).unwrap();
+    for (_, lin) in twin.linears_mut() {
+        lin.weight = lin.weight.to_dtype(tuna::DType::F32).unwrap();
+    }
+    assert!(narrow.lm_head.is_none() && narrow.embed.dtype() == tuna::DType::BF16);
+    let opts = GenerateOptions { max_new_tokens: 6, ..Default::default() };
+    assert_eq!(narrow.generate(&[5, 17, 3], &opts, |_| {}).unwrap(), twin.generate(&[5, 17, 3], &opts, |_| {}).unwrap());
+    assert_eq!(bits(narrow.forward(&row, None).unwrap().to_vec_f32().unwrap()), bits(twin.forward(&row, None).unwrap().to_vec_f32().unwrap()), "tied head");
     // Only on the CPU.
     if let Some(dev) = common::devices().into_iter().find(|d| *d != Device::Cpu) {
-        let err = common::model_on(&wide, &dev).linears_in_bf16().unwrap_err().to_string();
+        let err = common::model_on(&wide, &dev).matrices_in_bf16().unwrap_err().to_string();
         assert!(err.contains("CPU"), "{err}");
     }
 }

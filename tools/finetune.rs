@@ -165,8 +165,8 @@ pub struct FinetuneArgs {
 }
 
 pub fn finetune(a: FinetuneArgs) -> CliResult {
-    if a.model.bf16_weights && !matches!(a.method, MethodArg::Lora | MethodArg::Head) {
-        return Err("--bf16-weights keeps the base's linears frozen in bf16: use it with --method lora or head".into());
+    if a.model.bf16_weights && !matches!(a.method, MethodArg::Lora) {
+        return Err("--bf16-weights keeps the base's matrices frozen in bf16: use it with --method lora".into());
     }
     // A QLoRA base is quantized as it is read (the trainer would quantize it anyway).
     let (model, tok) = load(&a.model, a.model.nf4 || matches!(a.method, MethodArg::Qlora))?;

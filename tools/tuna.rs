@@ -83,8 +83,9 @@ pub(crate) struct ModelArgs {
     /// Quantize the decoder linears to NF4 at load (the base a QLoRA adapter was trained on).
     #[arg(long)]
     pub(crate) nf4: bool,
-    /// Keep the decoder linears' weights in bf16 on the CPU (half their memory, and decoding
-    /// reads half the bytes; exact for a bf16 checkpoint). Activations stay f32.
+    /// Keep the model's matrices (linears, embeddings, LM head) in bf16 on the CPU: half their
+    /// memory, and decoding reads half the bytes. Exact for a bf16 checkpoint; activations and
+    /// the math stay f32.
     #[arg(long)]
     pub(crate) bf16_weights: bool,
 }
@@ -171,19 +172,19 @@ fn devices() -> CliResult {
     Ok(())
 }
 
-/// Loads the model (with its adapter) and tokenizer onto `--device`.
-/// The model and tokenizer of `args`, on its device; with `nf4`, the decoder linears quantized
-/// to NF4 (as they are read, unless deltas must first fold into the f32 weights).
+/// The model (with its adapter or deltas) and tokenizer of `args`, on its device. With `nf4`
+/// the decoder linears are quantized to NF4, and with `--bf16-weights` the matrices are kept
+/// in bf16 (on the CPU): as they are read, unless deltas must first fold into the f32 weights.
 pub(crate) fn load(args: &ModelArgs, nf4: bool) -> Result<(Llama, Tokenizer), String> {
     let device: Device = if args.device == "auto" { Device::Cpu } else { args.device.parse().map_err(err)? };
+    if args.bf16_weights && (nf4 || device != Device::Cpu) {
+        return Err(format!("--bf16-weights is a CPU form of the base; not with {}", if nf4 { "an NF4 base" } else { "--device other than cpu (CUDA runs the model in bf16 already)" }));
+    }
     if device != Device::Cpu {
         device.open().map_err(err)?;
     }
     // Deltas fold into the full-precision weights, before any quantization; adapters stay
     // separate, so they apply on top of the NF4 base.
-    if args.bf16_weights && (nf4 || device != Device::Cpu) {
-        return Err(format!("--bf16-weights is a CPU form of the base; not with {}", if nf4 { "an NF4 base" } else { "--device other than cpu (CUDA runs the model in bf16 already)" }));
-    }
     let mut model = match (args.deltas.is_none(), nf4, args.bf16_weights) {
         (true, true, _) => Llama::load_nf4(&args.model),
         (true, _, true) => Llama::load_bf16(&args.model),
@@ -198,7 +199,7 @@ pub(crate) fn load(args: &ModelArgs, nf4: bool) -> Result<(Llama, Tokenizer), St
         model.quantize_nf4().map_err(err)?;
     }
     if args.bf16_weights {
-        model.linears_in_bf16().map_err(err)?;
+        model.matrices_in_bf16().map_err(err)?;
     }
     if let Some(a) = &args.adapter {
         tuna::peft::load_adapter(&mut model, a).map_err(err)?;

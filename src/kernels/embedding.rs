@@ -79,6 +79,13 @@ pub mod cpu {
         });
     }
 
+    /// `gather` from a bf16 table, each row widened to f32 (exact).
+    pub fn gather_bf16(table: &[half::bf16], ids: &[i32], out: &mut [f32], e: usize) {
+        out.par_chunks_mut(e).zip(ids.par_iter()).for_each(|(o, &id)| {
+            o.iter_mut().zip(&table[id as usize * e..(id as usize + 1) * e]).for_each(|(o, v)| *o = v.to_f32());
+        });
+    }
+
     /// Adds each row of dy into its id's row of dtable (sequential: ids repeat).
     pub fn scatter_add(dy: &[f32], ids: &[i32], dtable: &mut [f32], e: usize) {
         for (row, &id) in dy.chunks(e).zip(ids) {

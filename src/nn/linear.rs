@@ -49,7 +49,7 @@ impl Linear {
         // epilogue, an NF4 weight dequantized in the tile loads. So does a frozen NF4 weight on
         // the CPU, whose products decode W inside (`matmul` would decode it whole, transposed,
         // on every call: 2 of every 7 linears of a decoding step did before), and a frozen
-        // bf16 weight on the CPU (`Llama::linears_in_bf16`), which they read widened.
+        // bf16 weight on the CPU (`Llama::matrices_in_bf16`), which they read widened.
         let frozen = !self.weight.is_tracked() && self.bias.as_ref().is_none_or(|b| !b.is_tracked());
         if frozen && (self.weight.device() != Device::Cpu || matches!(self.weight.dtype(), DType::NF4 | DType::BF16)) {
             return Ok(ops::linear_group(x, &[self.part(None)])?.remove(0));

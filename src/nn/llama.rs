@@ -205,8 +205,8 @@ impl Llama {
         Self::from_weights_as(config, &weights, DType::NF4)
     }
 
-    /// [`Llama::load`] with each decoder linear's weight kept in bf16 as it is read: the model
-    /// [`Llama::linears_in_bf16`] makes from `load`'s, without ever holding every weight in f32.
+    /// [`Llama::load`] with every matrix kept in bf16 as it is read: the model
+    /// [`Llama::matrices_in_bf16`] makes from `load`'s, without ever holding every weight in f32.
     pub fn load_bf16(dir: &Path) -> Result<Self> {
         let config = LlamaConfig::from_dir(dir)?;
         let weights = WeightFiles::open(dir)?;
@@ -219,7 +219,7 @@ impl Llama {
     }
 
     /// `from_weights`, the decoder linears' weights turned one by one into `linears` (F32 as
-    /// read, NF4 quantized, BF16 rounded).
+    /// read, NF4 quantized, BF16 rounded; with BF16 the embeddings and LM head too).
     fn from_weights_as(config: LlamaConfig, w: &WeightFiles, linears: DType) -> Result<Self> {
         let c = &config;
         let (e, d) = (c.hidden_size, c.head_dim);
@@ -255,9 +255,13 @@ impl Llama {
         };
         let layers = (0..c.num_layers).into_par_iter().map(layer).collect::<Vec<_>>().into_iter().collect::<Result<Vec<_>>>()?;
         // Tied checkpoints may still carry a copy of the head; an untied one must have it.
-        let lm_head = if c.tie_word_embeddings { None } else { Some(w.load_f32("lm_head.weight", &[c.vocab_size, e])?) };
+        let matrix = |name: &str| -> Result<Tensor> {
+            let t = w.load_f32(name, &[c.vocab_size, e])?;
+            if linears == DType::BF16 { t.to_dtype(DType::BF16) } else { Ok(t) }
+        };
+        let lm_head = if c.tie_word_embeddings { None } else { Some(matrix("lm_head.weight")?) };
         Ok(Llama {
-            embed: w.load_f32("model.embed_tokens.weight", &[c.vocab_size, e])?,
+            embed: matrix("model.embed_tokens.weight")?,
             norm: w.load_f32("model.norm.weight", &[e])?,
             layers,
             lm_head,
@@ -356,25 +360,33 @@ impl Llama {
         Ok((n, bytes))
     }
 
-    /// Every decoder linear's weight kept in bf16 on the CPU (exact for a bf16 checkpoint,
-    /// rounded to nearest even otherwise); embeddings, norms, the LM head, biases and
-    /// activations stay f32. Ops read the weights widened to f32, so the model computes what
-    /// the same rounded weights in f32 compute (for one row of input, to the bit), in half the
-    /// weights' memory; decoding, which streams every weight once a token, reads half the
-    /// bytes. The weights stay frozen (LoRA trains on top; full and sparse fine-tuning need
-    /// f32 weights). Returns the bytes the bf16 weights take.
-    pub fn linears_in_bf16(&mut self) -> Result<usize> {
+    /// Every matrix (the decoder linears' weights, the embeddings, the LM head) kept in bf16 on
+    /// the CPU: exact for a bf16 checkpoint, rounded to nearest even otherwise. Norms, biases
+    /// and activations stay f32. Ops read the matrices widened to f32, so the model computes
+    /// what the same rounded weights in f32 compute (to the bit in inference), in half their
+    /// memory; decoding, which streams every weight once a token, reads half the bytes. The
+    /// matrices stay frozen: LoRA trains on top; full, head and sparse fine-tuning need f32.
+    /// Returns the bytes the bf16 matrices take.
+    pub fn matrices_in_bf16(&mut self) -> Result<usize> {
         if self.device() != Device::Cpu {
-            return Err(Error::InvalidArgument(format!("linears in bf16 beside f32 activations are a CPU form; the model is on {}", self.device())));
+            return Err(Error::InvalidArgument(format!("matrices in bf16 beside f32 activations are a CPU form; the model is on {}", self.device())));
         }
         let mut bytes = 0;
-        for (name, lin) in self.linears_mut() {
-            match lin.weight.dtype() {
-                DType::F32 => lin.weight = lin.weight.to_dtype(DType::BF16)?,
+        let mut round = |name: &str, t: &mut Tensor| -> Result<()> {
+            match t.dtype() {
+                DType::F32 => *t = t.to_dtype(DType::BF16)?,
                 DType::BF16 => {}
                 dt => return Err(Error::InvalidArgument(format!("{name}: a {dt} weight cannot be kept in bf16 (only f32)"))),
             }
-            bytes += 2 * lin.weight.elem_count();
+            bytes += 2 * t.elem_count();
+            Ok(())
+        };
+        round("model.embed_tokens.weight", &mut self.embed)?;
+        if let Some(h) = &mut self.lm_head {
+            round("lm_head.weight", h)?;
+        }
+        for (name, lin) in self.linears_mut() {
+            round(&name, &mut lin.weight)?;
         }
         Ok(bytes)
     }

@@ -1,9 +1,9 @@
 use crate::kernels::matmul::{cpu, MatmulParams};
 use crate::kernels::lora::wgsl as gemm_wgsl;
 use crate::ops::gpu::{float_dtype, wgpu_buf, wgpu_output, wgpu_precision};
-use crate::ops::{expect_dtype, same_device, saved};
+use crate::ops::{expect_weight_dtype, same_device, saved};
 use crate::tape::record;
-use crate::{DType, Device, Error, Result, Tensor};
+use crate::{Device, Error, Result, Tensor};
 
 /// `op(a) · op(b)` for 2-D f32 tensors; `op(x)` is `xᵀ` when its flag is set.
 ///
@@ -14,9 +14,7 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
     const OP: &str = "matmul";
     same_device(OP, a, b)?;
     let dt = float_dtype(OP, a)?;
-    if b.dtype() != DType::NF4 || dt != DType::F32 {
-        expect_dtype(OP, b, dt)?; // b may be a frozen NF4 weight (f32 only), read dequantized
-    }
+    expect_weight_dtype(OP, b, dt)?;
     for t in [a, b] {
         if t.shape().rank() != 2 {
             return Err(Error::BadShape { op: OP, shape: t.shape().clone(), expected: "a matrix (rank 2)".into() });
@@ -33,6 +31,12 @@ pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Te
         // A frozen B used transposed (a weight: `x·Wᵀ`) is read through its transpose, the
         // layout the GEMM reads fastest, made and kept when a backward is recorded (see
         // `Tensor::cpu_f32_for_xwt`); a trained B changes every step and is read as it is.
+        // A bf16 weight (`Llama::matrices_in_bf16`) is read as stored, one row by the bf16
+        // gemv, more widened for the product.
+        Device::Cpu if trans_b && !trans_a && b.cpu_bf16().is_some() => {
+            let c = cpu::xwt_bf16(a.cpu_f32(OP)?, b.cpu_bf16().expect("bf16"), m, n, k)?;
+            Tensor::from_vec(c, [m, n])?
+        }
         Device::Cpu if trans_b && !b.is_tracked() => {
             let (bv, transposed) = b.cpu_f32_for_xwt(OP, m, a.is_tracked())?;
             let c = cpu::matmul_new(a.cpu_f32(OP)?, &bv, MatmulParams { trans_b: !transposed, ..p })?;

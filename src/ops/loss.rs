@@ -4,7 +4,7 @@
 use crate::kernels::cross_entropy::{self as ce, LinearCeParams};
 use crate::kernels::elementwise::wgsl as ew;
 use crate::ops::gpu::{wgpu_buf, wgpu_output};
-use crate::ops::{expect_dtype, same_device, saved, scale};
+use crate::ops::{expect_dtype, expect_weight_dtype, same_device, saved, scale};
 use crate::tape::record;
 use crate::{DType, Device, Error, Result, Tensor};
 
@@ -95,9 +95,7 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
         same_device(OP, x, targets)?;
     }
     let dt = crate::ops::gpu::float_dtype(OP, x)?;
-    if w.dtype() != DType::NF4 || dt != DType::F32 {
-        expect_dtype(OP, w, dt)?; // a frozen NF4 head (f32 only) is read dequantized
-    }
+    expect_weight_dtype(OP, w, dt)?;
     expect_dtype(OP, targets, DType::I32)?;
     if x.shape().rank() != 2 || w.shape().rank() != 2 || x.dims()[1] != w.dims()[1] {
         return Err(Error::ShapeMismatch { op: "linear_cross_entropy (x [M, H] vs w [V, H])", lhs: x.shape().clone(), rhs: w.shape().clone() });

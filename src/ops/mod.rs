@@ -56,6 +56,17 @@ pub(crate) fn expect_dtype(op: &'static str, t: &Tensor, dtype: DType) -> Result
     Ok(())
 }
 
+/// A frozen weight's dtype against the activations' `dt`: the same, or with f32 activations an
+/// NF4 weight (read dequantized) or, on the CPU, an untracked bf16 one (read widened:
+/// `Llama::matrices_in_bf16`).
+pub(crate) fn expect_weight_dtype(op: &'static str, w: &Tensor, dt: DType) -> Result<()> {
+    match w.dtype() {
+        DType::NF4 if dt == DType::F32 => Ok(()),
+        DType::BF16 if dt == DType::F32 && w.device() == crate::Device::Cpu && !w.is_tracked() => Ok(()),
+        _ => expect_dtype(op, w, dt),
+    }
+}
+
 /// A detached copy of the handle (same storage, not tracked) for a backward closure to keep.
 pub(crate) fn saved(t: &Tensor) -> Tensor {
     t.share(t.shape().clone(), None)

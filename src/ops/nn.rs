@@ -16,7 +16,11 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
     const OP: &str = "embedding";
     same_device(OP, ids, table)?;
     expect_dtype(OP, ids, DType::I32)?;
-    let dt = float_dtype(OP, table)?;
+    // A frozen bf16 table on the CPU (`Llama::matrices_in_bf16`) gives f32 rows.
+    let dt = match table.cpu_bf16() {
+        Some(_) if !table.is_tracked() => DType::F32,
+        _ => float_dtype(OP, table)?,
+    };
     let pr = wgpu_precision(dt);
     if table.shape().rank() != 2 {
         return Err(Error::BadShape { op: OP, shape: table.shape().clone(), expected: "a table [V, E]".into() });
@@ -29,7 +33,11 @@ pub fn embedding(ids: &Tensor, table: &Tensor) -> Result<Tensor> {
             let idv = ids.cpu_i32(OP)?;
             emb::check_ids(idv, v)?;
             let mut y = vec![0.0f32; idv.len() * e];
-            emb::cpu::gather(table.cpu_f32(OP)?, idv, &mut y, e);
+            match table.cpu_bf16() {
+                // A bf16 table (`Llama::matrices_in_bf16`) gives f32 rows, widened.
+                Some(t) => emb::cpu::gather_bf16(t, idv, &mut y, e),
+                None => emb::cpu::gather(table.cpu_f32(OP)?, idv, &mut y, e),
+            }
             Tensor::from_vec(y, out_shape)?
         }
         // The ids were checked on the host before they were uploaded (an id out of range
