@@ -113,6 +113,12 @@ fn gemv_cpu(c: &mut Criterion) {
             let id = format!("N{n} K{k} {}", if trans_b { "W[N,K]" } else { "Wt[K,N]" });
             let p = MatmulParams { m: 1, n, k, trans_a: false, trans_b };
             g.bench_function(BenchmarkId::new("tuna gemv", &id), |b| b.iter(|| matmul::cpu::matmul(&a, &w, &mut out, p).unwrap()));
+            if trans_b {
+                // The same weight kept in bf16 (`Llama::matrices_in_bf16`): half the bytes, so
+                // at the same bytes per second twice the f32 rows.
+                let wb: Vec<half::bf16> = w.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                g.bench_function(BenchmarkId::new("tuna gemv bf16 (f32 bytes)", &id), |b| b.iter(|| matmul::cpu::xwt_bf16(&a, &wb, 1, n, k).unwrap()));
+            }
             let (rs, cs) = if trans_b { (1, k as isize) } else { (n as isize, 1) };
             g.bench_function(BenchmarkId::new("gemm crate (peer)", &id), |b| {
                 b.iter(|| unsafe {
@@ -133,6 +139,10 @@ fn gemv_cpu(c: &mut Criterion) {
     let p = MatmulParams { m: 1, n, k, trans_a: false, trans_b: true };
     g.bench_function(BenchmarkId::new("tuna gemv", format!("N{n} K{k} W[N,K] x{count} from memory")), |b| {
         b.iter(|| ws.iter().for_each(|w| matmul::cpu::matmul(&a, w, &mut out, p).unwrap()))
+    });
+    let wbs: Vec<Vec<half::bf16>> = ws.iter().map(|w| w.iter().map(|&v| half::bf16::from_f32(v)).collect()).collect();
+    g.bench_function(BenchmarkId::new("tuna gemv bf16 (f32 bytes)", format!("N{n} K{k} W[N,K] x{count} from memory")), |b| {
+        b.iter(|| wbs.iter().for_each(|w| drop(matmul::cpu::xwt_bf16(&a, w, 1, n, k).unwrap())))
     });
     // The floor: the same bytes summed on all threads, 16 lanes (a read of memory and no more).
     g.bench_function(BenchmarkId::new("read the bytes (floor)", format!("N{n} K{k} x{count} from memory")), |b| {
