@@ -435,6 +435,21 @@ impl Tensor {
         let (n, from) = (self.elem_count(), self.dtype());
         let bytes = n * dtype.size_in_bytes();
         let storage = match self.storage() {
+            Storage::Cpu(c) if matches!((from, dtype), (DType::F32, DType::BF16 | DType::F16) | (DType::BF16 | DType::F16, DType::F32)) => {
+                // Element by element into the new storage (a model's matrices made bf16 at
+                // load: no f32 copy and no byte buffer beside the source), with the rounding
+                // of `cast::cpu::narrow`.
+                use half::{bf16, f16};
+                use rayon::prelude::*;
+                let out = match c {
+                    CpuStorage::F32(v) if dtype == DType::BF16 => CpuStorage::BF16(v.par_iter().map(|&x| bf16::from_f32(x)).collect()),
+                    CpuStorage::F32(v) => CpuStorage::F16(v.par_iter().map(|&x| f16::from_f32(x)).collect()),
+                    CpuStorage::BF16(v) => CpuStorage::F32(v.par_iter().map(|x| x.to_f32()).collect()),
+                    CpuStorage::F16(v) => CpuStorage::F32(v.par_iter().map(|x| x.to_f32()).collect()),
+                    _ => unreachable!("the match guard admits f32, bf16 and f16 storage only"),
+                };
+                Storage::Cpu(out)
+            }
             Storage::Cpu(_) | Storage::WgpuNf4 { .. } | Storage::CudaNf4 { .. } => {
                 // (Not reached by NF4, which converts to f32 only, above.)
                 let out = cast::cpu::narrow(&self.to_vec_f32()?, dtype);

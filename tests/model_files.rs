@@ -28,7 +28,12 @@ fn copy_fixture(name: &str, tag: &str) -> Scratch {
 }
 
 fn load_err(dir: &Path) -> String {
-    match Llama::load(dir) {
+    load_err_with(dir, Llama::load)
+}
+
+/// The error of `load` (one of `Llama`'s loads) on `dir`.
+fn load_err_with(dir: &Path, load: fn(&Path) -> tuna::Result<Llama>) -> String {
+    match load(dir) {
         Ok(_) => panic!("{} loaded but should not", dir.display()),
         Err(e) => e.to_string(),
     }
@@ -71,6 +76,16 @@ fn wrong_shape_is_named() {
     });
     let e = load_err(&dir);
     assert!(e.contains("`model.norm.weight` has shape [31], expected [32]"), "{e}");
+    // A matrix, which a load keeping matrices in bf16 reads its own way (the layers are read,
+    // and their errors reported, before the final norm).
+    rewrite_weights(&dir, |t| {
+        let e = t.iter_mut().find(|(n, _)| n == "model.layers.1.mlp.up_proj.weight").unwrap();
+        e.1 = Tensor::zeros([64, 31], tuna::DType::F32, &Device::Cpu).unwrap();
+    });
+    for load in [Llama::load, Llama::load_bf16] {
+        let e = load_err_with(&dir, load);
+        assert!(e.contains("`model.layers.1.mlp.up_proj.weight` has shape [64, 31], expected [64, 32]"), "{e}");
+    }
 }
 
 #[test]
@@ -79,9 +94,13 @@ fn unsupported_dtype_is_named() {
     rewrite_weights(&dir, |t| {
         let e = t.iter_mut().find(|(n, _)| n == "model.norm.weight").unwrap();
         e.1 = Tensor::from_slice(&[1i32; 32], [32], &Device::Cpu).unwrap();
+        let e = t.iter_mut().find(|(n, _)| n == "model.embed_tokens.weight").unwrap();
+        e.1 = Tensor::from_slice(&vec![1i32; e.1.elem_count()], e.1.shape().clone(), &Device::Cpu).unwrap();
     });
     let e = load_err(&dir);
-    assert!(e.contains("model.norm.weight") && e.contains("I32"), "{e}");
+    assert!(e.contains("I32") && (e.contains("model.norm.weight") || e.contains("model.embed_tokens.weight")), "{e}");
+    let e = load_err_with(&dir, Llama::load_bf16);
+    assert!(e.contains("I32") && (e.contains("model.norm.weight") || e.contains("model.embed_tokens.weight")), "{e}");
 }
 
 #[test]

@@ -127,21 +127,42 @@ impl WeightFiles {
 
     /// Loads a float tensor as f32 on the CPU, checking its shape against `shape`.
     pub fn load_f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let (path, v) = self.view(name)?;
-        if v.shape() != shape {
-            return Err(Error::file(path, format!("tensor `{name}` has shape {:?}, expected {shape:?}", v.shape())));
-        }
+        let (path, v) = self.shaped_view(name, shape)?;
         let data = v.data();
         let values: Vec<f32> = match v.dtype() {
             Dtype::F32 => bytemuck::pod_collect_to_vec(data),
             Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            other => {
-                return Err(Error::file(path, format!("tensor `{name}`: dtype {other:?} is not supported (f32, bf16, f16 are)")))
-            }
+            other => return Err(unsupported_float(path, name, other)),
         };
         self.release(data);
         Tensor::from_vec(values, shape.to_vec())
+    }
+
+    /// Loads a float tensor as bf16 on the CPU (exact from bf16, rounded to nearest even from
+    /// f32 or f16), checking its shape against `shape`. No f32 copy of it is made.
+    pub fn load_bf16(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        use half::bf16;
+        let (path, v) = self.shaped_view(name, shape)?;
+        let data = v.data();
+        let values: Vec<bf16> = match v.dtype() {
+            Dtype::BF16 => bytemuck::pod_collect_to_vec(data),
+            Dtype::F32 => data.chunks_exact(4).map(|b| bf16::from_f32(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))).collect(),
+            Dtype::F16 => data.chunks_exact(2).map(|b| bf16::from_f32(half::f16::from_le_bytes([b[0], b[1]]).to_f32())).collect(),
+            other => return Err(unsupported_float(path, name, other)),
+        };
+        self.release(data);
+        let storage = crate::tensor::Storage::Cpu(crate::tensor::CpuStorage::BF16(values));
+        Ok(Tensor::from_storage(storage, shape.to_vec().into(), DType::BF16, Device::Cpu))
+    }
+
+    /// A tensor's view, checked to have `shape`.
+    fn shaped_view(&self, name: &str, shape: &[usize]) -> Result<(&Path, safetensors::tensor::TensorView<'_>)> {
+        let (path, v) = self.view(name)?;
+        if v.shape() != shape {
+            return Err(Error::file(path, format!("tensor `{name}` has shape {:?}, expected {shape:?}", v.shape())));
+        }
+        Ok((path, v))
     }
 
     /// Loads a tensor as stored (any supported dtype) on `device`, with whatever shape it has.
@@ -152,6 +173,10 @@ impl WeightFiles {
         self.release(v.data());
         Ok(t)
     }
+}
+
+fn unsupported_float(path: &Path, name: &str, dtype: Dtype) -> Error {
+    Error::file(path, format!("tensor `{name}`: dtype {dtype:?} is not supported (f32, bf16, f16 are)"))
 }
 
 fn to_dtype(d: Dtype) -> Option<DType> {

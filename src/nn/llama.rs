@@ -224,12 +224,11 @@ impl Llama {
         let c = &config;
         let (e, d) = (c.hidden_size, c.head_dim);
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
-            let mut weight = w.load_f32(&format!("{name}.weight"), &[out, inp])?;
-            match linears {
-                DType::NF4 => weight = Tensor::from_nf4(crate::kernels::nf4::quantize_tensor(&weight)?, [out, inp])?,
-                DType::BF16 => weight = weight.to_dtype(DType::BF16)?,
-                _ => {}
-            }
+            let weight = match linears {
+                DType::NF4 => Tensor::from_nf4(crate::kernels::nf4::quantize_tensor(&w.load_f32(&format!("{name}.weight"), &[out, inp])?)?, [out, inp])?,
+                DType::BF16 => w.load_bf16(&format!("{name}.weight"), &[out, inp])?,
+                _ => w.load_f32(&format!("{name}.weight"), &[out, inp])?,
+            };
             Ok(Linear::new(weight, if bias { Some(w.load_f32(&format!("{name}.bias"), &[out])?) } else { None }))
         };
         // The layers are read side by side: a load is page faults and copies (or bf16
@@ -255,10 +254,7 @@ impl Llama {
         };
         let layers = (0..c.num_layers).into_par_iter().map(layer).collect::<Vec<_>>().into_iter().collect::<Result<Vec<_>>>()?;
         // Tied checkpoints may still carry a copy of the head; an untied one must have it.
-        let matrix = |name: &str| -> Result<Tensor> {
-            let t = w.load_f32(name, &[c.vocab_size, e])?;
-            if linears == DType::BF16 { t.to_dtype(DType::BF16) } else { Ok(t) }
-        };
+        let matrix = |name: &str| if linears == DType::BF16 { w.load_bf16(name, &[c.vocab_size, e]) } else { w.load_f32(name, &[c.vocab_size, e]) };
         let lm_head = if c.tie_word_embeddings { None } else { Some(matrix("lm_head.weight")?) };
         Ok(Llama {
             embed: matrix("model.embed_tokens.weight")?,

@@ -8,6 +8,8 @@
 #   tools/bench-vs-torch/generate.sh [ROUNDS] [NEW] [PROMPT]
 #   NF4=1 tools/bench-vs-torch/generate.sh ...   # decoder linears in NF4 on both sides
 #                                                # (bitsandbytes on PyTorch's: pip install bitsandbytes)
+#   BF16=1 tools/bench-vs-torch/generate.sh ...  # matrices in bf16: tuna --bf16-weights (f32 math),
+#                                                # PyTorch's model cast to bfloat16 (bf16 math)
 #
 # Needs python3 with torch and transformers; builds tuna in release.
 set -euo pipefail
@@ -18,6 +20,8 @@ words=${3:-32}
 export RAYON_NUM_THREADS=2
 nf4=()
 [ "${NF4:-0}" = 1 ] && nf4=(--nf4)
+bf16=()
+[ "${BF16:-0}" = 1 ] && bf16=(--bf16)
 cargo build --release --quiet --bin tuna
 py=${PYTHON:-python3}
 dir=$(mktemp -d)
@@ -26,9 +30,9 @@ $py tools/bench-vs-torch/torch_generate.py make "$dir/model" >/dev/null
 prompt="w1$(for i in $(seq 10 $((words + 8))); do printf ' w%d' "$i"; done)"
 for r in $(seq "$rounds"); do
   echo "round $r/$rounds" >&2
-  $py tools/bench-vs-torch/torch_generate.py time "$dir/model" "$new" "$prompt" ${nf4[@]+"${nf4[@]}"} | sed 's/^/torch /' >>"$dir/out"
+  $py tools/bench-vs-torch/torch_generate.py time "$dir/model" "$new" "$prompt" ${nf4[@]+"${nf4[@]}"} ${bf16[@]+"${bf16[@]}"} | sed 's/^/torch /' >>"$dir/out"
   ./target/release/tuna generate --model "$dir/model" --prompt "$prompt" --max-new-tokens "$new" \
-    --temperature 0 --json ${nf4[@]+"${nf4[@]}"} | sed 's/^/tuna /' >>"$dir/out"
+    --temperature 0 --json ${nf4[@]+"${nf4[@]}"} ${bf16[@]+"${bf16[@]/--bf16/--bf16-weights}"} | sed 's/^/tuna /' >>"$dir/out"
 done
 $py - "$dir/out" <<'PY'
 import json, statistics, sys

@@ -1,7 +1,7 @@
 """Greedy decoding in PyTorch + transformers on a random SmolLM-135M-shaped model, timed.
 
   torch_generate.py make DIR              # writes the model and a word-level tokenizer to DIR
-  torch_generate.py time DIR NEW PROMPT [--nf4]
+  torch_generate.py time DIR NEW PROMPT [--nf4 | --bf16]
                                           # prints one JSON line: {"seconds", "new_tokens", ...}
 
 The model (hidden 576, 30 layers, 9 heads over 3 key/value heads, intermediate 1536, vocab
@@ -9,7 +9,9 @@ The model (hidden 576, 30 layers, 9 heads over 3 key/value heads, intermediate 1
 so a prompt of words is a prompt of known ids on both sides. `time` decodes exactly NEW tokens
 (min_new_tokens) after an untimed warm-up, with the KV cache, on `--threads` threads (2).
 With --nf4 the decoder linears are bitsandbytes' NF4 `Linear4bit` (as `tuna generate --nf4`;
-the embeddings and the tied head stay f32).
+the embeddings and the tied head stay f32). With --bf16 the whole model is cast to bfloat16, as
+`torch_dtype=torch.bfloat16` loads a checkpoint: PyTorch then computes in bf16 too, where
+`tuna generate --bf16-weights` keeps bf16 matrices and computes in f32.
 """
 import json
 import sys
@@ -34,7 +36,7 @@ def make(out):
         json.dump({"bos_token": "w1", "eos_token": "w0"}, f)
 
 
-def timed(model_dir, new, prompt, nf4=False, threads=2):
+def timed(model_dir, new, prompt, nf4=False, bf16=False, threads=2):
     from transformers import AutoModelForCausalLM
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -42,6 +44,8 @@ def timed(model_dir, new, prompt, nf4=False, threads=2):
         from torch_step import quantize_nf4
 
         quantize_nf4(model)
+    if bf16:
+        model = model.to(torch.bfloat16)
     ids = torch.tensor([[int(w[1:]) for w in prompt.split()]])
     with torch.no_grad():
         model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
@@ -56,4 +60,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "make":
         make(sys.argv[2])
     else:
-        timed(sys.argv[2], int(sys.argv[3]), sys.argv[4], nf4="--nf4" in sys.argv[5:])
+        timed(sys.argv[2], int(sys.argv[3]), sys.argv[4], nf4="--nf4" in sys.argv[5:], bf16="--bf16" in sys.argv[5:])
