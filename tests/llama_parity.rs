@@ -110,12 +110,14 @@ fn matrices_kept_in_bf16_compute_what_their_f32_values_do() {
     }
     assert_eq!((narrow.embed.dtype(), narrow.lm_head.as_ref().map(|h| h.dtype())), (tuna::DType::BF16, Some(tuna::DType::BF16)));
     assert_eq!(narrow.norm.dtype(), tuna::DType::F32);
-    // A whole sequence, and token by token through the KV cache (one row: the bf16 gemv):
-    // the same logits to the bit.
+    // A whole sequence (its products by blocks of W: within f32 rounding), and token by token
+    // through the KV cache (one row: the bf16 gemv, the same logits to the bit).
     let ids: Vec<i32> = Expected::load("llama-gqa-bf16").ids("input_ids")[..10].to_vec();
     let row = Tensor::from_vec_i32(ids.clone(), [1, ids.len()]).unwrap();
     let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
-    assert_eq!(bits(narrow.forward(&row, None).unwrap().to_vec_f32().unwrap()), bits(wide.forward(&row, None).unwrap().to_vec_f32().unwrap()), "whole sequence");
+    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    let whole = wide.forward(&row, None).unwrap().to_vec_f32().unwrap();
+    compare("whole sequence on bf16 matrices", &narrow.forward(&row, None).unwrap().to_vec_f32().unwrap(), &f64s(&whole), Tolerance { atol: 1e-5, rtol: 1e-5 }).unwrap();
     let (mut cw, mut cn) = (KvCache::new(wide.config.num_layers), KvCache::new(narrow.config.num_layers));
     for &t in &ids {
         let t = Tensor::from_vec_i32(vec![t], [1, 1]).unwrap();
@@ -130,7 +132,6 @@ fn matrices_kept_in_bf16_compute_what_their_f32_values_do() {
     };
     let (want, want_grads) = logits_and_lora_grads(adapt(wide.clone()), &row);
     let (got, got_grads) = logits_and_lora_grads(adapt(narrow.clone()), &row);
-    let f64s = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
     compare("LoRA logits on bf16 linears", &got, &f64s(&want), Tolerance { atol: 1e-5, rtol: 1e-5 }).unwrap();
     assert_eq!(got_grads.len(), 28);
     for (i, (g, w)) in got_grads.iter().zip(&want_grads).enumerate() {
@@ -147,7 +148,7 @@ fn matrices_kept_in_bf16_compute_what_their_f32_values_do() {
         assert_eq!(a.weight.to_vec_f32().unwrap(), b.weight.to_vec_f32().unwrap(), "{name}");
     }
     // A tied head with biases (the embedding table is the head): greedy decoding picks the
-    // tokens the same rounded weights pick in f32, with the same logits to the bit.
+    // tokens the same rounded weights pick in f32, each step's logits the same to the bit.
     let narrow = Llama::load_bf16(&fixture("qwen2-tied")).unwrap();
     let mut twin = narrow.clone();
     twin.embed = twin.embed.to_dtype(tuna::DType::F32).unwrap();
@@ -157,7 +158,11 @@ fn matrices_kept_in_bf16_compute_what_their_f32_values_do() {
     assert!(narrow.lm_head.is_none() && narrow.embed.dtype() == tuna::DType::BF16);
     let opts = GenerateOptions { max_new_tokens: 6, ..Default::default() };
     assert_eq!(narrow.generate(&[5, 17, 3], &opts, |_| {}).unwrap(), twin.generate(&[5, 17, 3], &opts, |_| {}).unwrap());
-    assert_eq!(bits(narrow.forward(&row, None).unwrap().to_vec_f32().unwrap()), bits(twin.forward(&row, None).unwrap().to_vec_f32().unwrap()), "tied head");
+    let (mut cn, mut ct) = (KvCache::new(narrow.config.num_layers), KvCache::new(twin.config.num_layers));
+    for &t in &ids {
+        let t = Tensor::from_vec_i32(vec![t], [1, 1]).unwrap();
+        assert_eq!(bits(narrow.forward(&t, Some(&mut cn)).unwrap().to_vec_f32().unwrap()), bits(twin.forward(&t, Some(&mut ct)).unwrap().to_vec_f32().unwrap()), "tied head");
+    }
     // Only on the CPU.
     if let Some(dev) = common::devices().into_iter().find(|d| *d != Device::Cpu) {
         let err = common::model_on(&wide, &dev).matrices_in_bf16().unwrap_err().to_string();

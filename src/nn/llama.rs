@@ -359,8 +359,9 @@ impl Llama {
     /// Every matrix (the decoder linears' weights, the embeddings, the LM head) kept in bf16 on
     /// the CPU: exact for a bf16 checkpoint, rounded to nearest even otherwise. Norms, biases
     /// and activations stay f32. Ops read the matrices widened to f32, so the model computes
-    /// what the same rounded weights in f32 compute (to the bit in inference), in half their
-    /// memory; decoding, which streams every weight once a token, reads half the bytes. The
+    /// what the same rounded weights in f32 compute (to the bit for decoding's single rows,
+    /// within f32 rounding for a batch of rows, whose products go by blocks of W) in half
+    /// their memory; decoding, which streams every weight once a token, reads half the bytes. The
     /// matrices stay frozen: LoRA trains on top; full, head and sparse fine-tuning need f32.
     /// Returns the bytes the bf16 matrices take.
     pub fn matrices_in_bf16(&mut self) -> Result<usize> {
