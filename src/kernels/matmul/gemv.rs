@@ -104,6 +104,10 @@ pub(super) fn gemv_bf16(a: &[f32], w: &[bf16], c: &mut [f32], n: usize, k: usize
     by_rows(a, w, c, parallel.then_some(chunk), true, |ci, v| *ci = v, dot4_bf16, dot_bf16);
 }
 
+/// Four rows' dot products with x (`dot4`, `dot4_bf16`), prefetching the four after them when
+/// given.
+type Four<T> = fn(&[f32], [&[T]; 4], Option<&[T]>) -> [f32; 4];
+
 /// c[j] = `land`(c[j], a·W[j]) for W `[c.len(), K]` by rows, four a pass with `four`, the
 /// rest with `one`; in tasks of `chunk` rows when given, else on this thread. With `prefetch`
 /// each pass asks for the next four rows' cache lines as it reads its own.
@@ -115,7 +119,7 @@ fn by_rows<T: Widen>(
     chunk: Option<usize>,
     prefetch: bool,
     land: impl Fn(&mut f32, f32) + Sync,
-    four: fn(&[f32], [&[T]; 4], Option<&[T]>) -> [f32; 4],
+    four: Four<T>,
     one: fn(&[f32], &[T]) -> f32,
 ) {
     let k = a.len();
