@@ -114,15 +114,24 @@ pub mod cpu {
         (loss, count)
     }
 
+    /// The head W `[V, H]` as [`linear_forward`] reads it.
+    #[derive(Clone, Copy)]
+    pub enum Head<'a> {
+        /// f32, with its transpose `[H, V]` when one is kept (the layout the logits' GEMM reads
+        /// fastest).
+        F32 { w: &'a [f32], wt: Option<&'a [f32]> },
+        /// bf16 (`Llama::matrices_in_bf16`), widened a block of rows at a time
+        /// (`matmul::cpu::xwt_bf16`, `dyw_bf16`); frozen: it gets no dW.
+        Bf16(&'a [half::bf16]),
+    }
+
     /// Fused linear cross-entropy (see the module docs): returns (mean loss, counted rows) and,
     /// for the gradients asked for, writes `dx = dz·W` (`[M, H]`) and `dw = dzᵀ·x` (`[V, H]`,
-    /// overwritten) for `dy = 1`. `w` is W `[V, H]`; `wt`, when given, is its transpose
-    /// `[H, V]`, the layout the logits' GEMM reads fastest. Targets must be in range
+    /// overwritten; an f32 head only) for `dy = 1`. Targets must be in range
     /// (`super::check_targets`).
     pub fn linear_forward(
         x: &[f32],
-        w: &[f32],
-        wt: Option<&[f32]>,
+        head: Head<'_>,
         targets: &[i32],
         mut dx: Option<&mut [f32]>,
         mut dw: Option<&mut [f32]>,
@@ -133,15 +142,19 @@ pub mod cpu {
         let count = targets.iter().filter(|&&t| t != ignore).count();
         let inv_count = if count == 0 { 0.0 } else { 1.0 / count as f32 };
         let grads = dx.is_some() || dw.is_some();
+        if matches!(head, Head::Bf16(_)) && dw.is_some() {
+            return Err(crate::Error::InvalidArgument("linear_cross_entropy: a bf16 head is frozen (no dW on the CPU)".into()));
+        }
         if let Some(dw) = dw.as_deref_mut() {
             dw.fill(0.0);
         }
         let mut total = 0.0f64;
         for (r0, cm) in p.chunks() {
             let xc = &x[r0 * h..(r0 + cm) * h];
-            let mut z = match wt {
-                Some(wt) => mm::matmul_new(xc, wt, MatmulParams { m: cm, n: v, k: h, trans_a: false, trans_b: false })?,
-                None => mm::matmul_new(xc, w, MatmulParams { m: cm, n: v, k: h, trans_a: false, trans_b: true })?,
+            let mut z = match head {
+                Head::F32 { wt: Some(wt), .. } => mm::matmul_new(xc, wt, MatmulParams { m: cm, n: v, k: h, trans_a: false, trans_b: false })?,
+                Head::F32 { w, wt: None } => mm::matmul_new(xc, w, MatmulParams { m: cm, n: v, k: h, trans_a: false, trans_b: true })?,
+                Head::Bf16(w) => mm::xwt_bf16(xc, w, cm, v, h)?,
             };
             // Each row's loss, and its logits turned into dz = (softmax - onehot) / C in place.
             total += z
@@ -163,7 +176,11 @@ pub mod cpu {
                 })
                 .sum::<f64>();
             if let Some(dx) = dx.as_deref_mut() {
-                mm::matmul(&z, w, &mut dx[r0 * h..(r0 + cm) * h], MatmulParams { m: cm, n: h, k: v, trans_a: false, trans_b: false })?;
+                let dx = &mut dx[r0 * h..(r0 + cm) * h];
+                match head {
+                    Head::F32 { w, .. } => mm::matmul(&z, w, dx, MatmulParams { m: cm, n: h, k: v, trans_a: false, trans_b: false })?,
+                    Head::Bf16(w) => dx.copy_from_slice(&mm::dyw_bf16(&z, w, cm, v, h)?),
+                }
             }
             if let Some(dw) = dw.as_deref_mut() {
                 mm::matmul_acc(&z, xc, dw, MatmulParams { m: v, n: h, k: cm, trans_a: true, trans_b: false }, 1.0)?;

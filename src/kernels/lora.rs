@@ -65,7 +65,7 @@ pub mod reference {
 
 pub mod cpu {
     use super::LoraParams;
-    use crate::kernels::matmul::cpu::{matmul_acc, matmul_new, widen_bf16, xwt_bf16};
+    use crate::kernels::matmul::cpu::{dyw_bf16, matmul_acc, matmul_new, xwt_bf16};
     use crate::kernels::nf4::{cpu as nf4, Nf4Tensor};
     use crate::Result;
 
@@ -77,8 +77,8 @@ pub mod cpu {
         F32 { w: &'a [f32], transposed: bool },
         /// NF4 (QLoRA), decoded inside the products (`nf4::cpu::matmul_xwt`, `matmul_dyw`).
         Nf4(&'a Nf4Tensor),
-        /// bf16, stored `[N, K]`: read as stored by one row (`matmul::cpu::xwt_bf16`), widened
-        /// to f32 for one product otherwise.
+        /// bf16, stored `[N, K]`: read as stored by one row, widened a block of rows at a time
+        /// otherwise (`matmul::cpu::xwt_bf16`, `dyw_bf16`).
         Bf16(&'a [half::bf16]),
     }
 
@@ -97,7 +97,7 @@ pub mod cpu {
             match self {
                 Base::F32 { w, transposed } => matmul_new(dy, w, LoraParams::mm(p.m, p.k, p.n, false, transposed)),
                 Base::Nf4(q) => nf4::matmul_dyw(q, dy, p.m, p.n, p.k),
-                Base::Bf16(w) => matmul_new(dy, &widen_bf16(w), LoraParams::mm(p.m, p.k, p.n, false, false)),
+                Base::Bf16(w) => dyw_bf16(dy, w, p.m, p.n, p.k),
             }
         }
     }

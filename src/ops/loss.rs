@@ -116,13 +116,21 @@ pub fn linear_cross_entropy(x: &Tensor, w: &Tensor, targets: &Tensor, ignore_ind
             let mut dx = need_dx.then(|| vec![0.0f32; m * h]);
             let mut dw = need_dw.then(|| vec![0.0f32; v * h]);
             // A frozen head is read through its transpose, like `matmul` reads it: made and
-            // kept when training (`Tensor::cpu_f32_for_xwt`).
-            let wt = match need_dw {
-                true => None,
-                false => Some(w.cpu_f32_for_xwt(OP, m, need_dx)?).filter(|t| t.1).map(|t| t.0),
+            // kept when training (`Tensor::cpu_f32_for_xwt`). A bf16 head is widened a block
+            // at a time.
+            let (wt, wf);
+            let head = match w.cpu_bf16() {
+                Some(wb) => ce::cpu::Head::Bf16(wb),
+                None => {
+                    wt = match need_dw {
+                        true => None,
+                        false => Some(w.cpu_f32_for_xwt(OP, m, need_dx)?).filter(|t| t.1).map(|t| t.0),
+                    };
+                    wf = w.cpu_f32_weight(OP)?;
+                    ce::cpu::Head::F32 { w: &wf, wt: wt.as_deref() }
+                }
             };
-            let wf = w.cpu_f32_weight(OP)?;
-            let (loss, _) = ce::cpu::linear_forward(x.cpu_f32(OP)?, &wf, wt.as_deref(), t, dx.as_deref_mut(), dw.as_deref_mut(), p)?;
+            let (loss, _) = ce::cpu::linear_forward(x.cpu_f32(OP)?, head, t, dx.as_deref_mut(), dw.as_deref_mut(), p)?;
             let dx = dx.map(|d| Tensor::from_vec(d, [m, h])).transpose()?;
             let dw = dw.map(|d| Tensor::from_vec(d, [v, h])).transpose()?;
             (Tensor::from_vec(vec![loss], Vec::new())?, dx, dw)
