@@ -163,10 +163,15 @@ fn matrices_kept_in_bf16_compute_what_their_f32_values_do() {
         let t = Tensor::from_vec_i32(vec![t], [1, 1]).unwrap();
         assert_eq!(bits(narrow.forward(&t, Some(&mut cn)).unwrap().to_vec_f32().unwrap()), bits(twin.forward(&t, Some(&mut ct)).unwrap().to_vec_f32().unwrap()), "tied head");
     }
-    // Only on the CPU.
+    // Only on the CPU: refused on another device, and a bf16-matrices model is not moved to
+    // wgpu (which has no bf16 kernels).
     if let Some(dev) = common::devices().into_iter().find(|d| *d != Device::Cpu) {
         let err = common::model_on(&wide, &dev).matrices_in_bf16().unwrap_err().to_string();
         assert!(err.contains("CPU"), "{err}");
+    }
+    if let Some(dev) = common::devices().into_iter().find(|d| matches!(d, Device::Wgpu(_))) {
+        let err = narrow.to_device(&dev).err().expect("a bf16-matrices model moved to wgpu").to_string();
+        assert!(err.contains("`model.embed_tokens.weight` is bf16") && err.contains("CPU form"), "{err}");
     }
 }
 

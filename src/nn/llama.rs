@@ -473,6 +473,11 @@ impl Llama {
         if let Device::Wgpu(i) = device {
             let rt = crate::device::wgpu::runtime(*i)?;
             for (name, t) in self.parameters() {
+                if t.dtype() == DType::BF16 {
+                    return Err(Error::InvalidArgument(format!(
+                        "moving the model to {device}: `{name}` is bf16 (bf16 matrices beside f32 activations are a CPU form, `matrices_in_bf16`); wgpu runs f32 or f16 models"
+                    )));
+                }
                 let bytes = if t.dtype() == DType::NF4 { t.elem_count().div_ceil(2) } else { t.elem_count() * t.dtype().size_in_bytes() };
                 rt.check_tensor_bytes(bytes, &format!("moving the model to {device}: `{name}` ({} {})", t.dtype(), t.shape()))?;
             }
