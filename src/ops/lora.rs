@@ -3,7 +3,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::kernels::lora::{cpu, LoraParams};
-use crate::ops::{expect_dtype, same_device, saved};
+use crate::ops::{expect_dtype, expect_weight_dtype, same_device, saved};
 use crate::rng::uniform_at;
 use crate::tape::record_many;
 use crate::{DType, Device, Error, Result, Tensor};
@@ -99,14 +99,17 @@ pub fn linear_group_remade(x: &Tensor, parts: &[LinearPart<'_>], remake: Option<
         let w = part.weight;
         for t in [Some(w), part.bias, part.lora.map(|l| l.0), part.lora.map(|l| l.1)].into_iter().flatten() {
             same_device(OP, x, t)?;
-            // The frozen weight may be NF4 (QLoRA): read dequantized, one op at a time (in any
-            // precision on a GPU, in f32 on the CPU). On a GPU the adapters may be f32 masters
-            // of a bf16/f16 model (converted inside the op).
-            let nf4_weight = std::ptr::eq(t, w) && t.dtype() == DType::NF4 && (dt == DType::F32 || x.device() != Device::Cpu);
-            // On the CPU a frozen W may be kept in bf16 beside f32 activations (read widened).
-            let bf16_weight = std::ptr::eq(t, w) && t.dtype() == DType::BF16 && dt == DType::F32 && x.device() == Device::Cpu && !w.is_tracked();
-            let master = !std::ptr::eq(t, w) && part.bias.is_none_or(|b| !std::ptr::eq(t, b)) && x.device() != Device::Cpu && t.dtype() == DType::F32;
-            if !nf4_weight && !bf16_weight && !master {
+            // The frozen weight follows `expect_weight_dtype` (NF4 read dequantized, a CPU bf16
+            // W widened), and on a GPU an NF4 W serves any precision. On a GPU the adapters may
+            // be f32 masters of a bf16/f16 model (converted inside the op).
+            if std::ptr::eq(t, w) {
+                if t.dtype() != DType::NF4 || x.device() == Device::Cpu {
+                    expect_weight_dtype(OP, t, dt)?;
+                }
+                continue;
+            }
+            let master = part.bias.is_none_or(|b| !std::ptr::eq(t, b)) && x.device() != Device::Cpu && t.dtype() == DType::F32;
+            if !master {
                 expect_dtype(OP, t, dt)?;
             }
         }
