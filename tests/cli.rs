@@ -247,6 +247,62 @@ fn finetune_checkpoint_layers_changes_no_result() {
 /// The demo task with SM3 (LoRA), with sparse fine-tuning (SM3, regrowth by SM3 scores) and
 /// with QLoRA (NF4 base) reaches the accuracy LoRA with AdamW reaches in
 /// `demo_learns_the_task` (at least 90%).
+/// `finetune --adapter` trains that adapter further: with a zero learning rate it writes the
+/// adapter it read (PEFT's own fixture, and one tuna trained, on an f32 and an NF4 base) and
+/// evaluates to the loss the first run ended at; with a real one it goes on below it. Flags
+/// that would describe another adapter, and methods that would drop it, are refused.
+#[test]
+fn finetune_trains_a_loaded_adapter_further() {
+    let m = fixture();
+    let (base, data) = counting_data("cli-adapter");
+    let run = |out: &str, extra: &[&str]| -> (serde_json::Value, PathBuf) {
+        let out = base.join(out);
+        let mut args = vec!["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(),
+                            "--eval-every", "0", "--checkpoint-every", "0", "--json"];
+        args.extend_from_slice(extra);
+        let (ok, stdout, err) = tuna(&args);
+        assert!(ok, "{extra:?}: {err}");
+        (serde_json::from_str(stdout.trim()).unwrap(), out.join("adapter"))
+    };
+    let tensors = |dir: &Path| {
+        let w = tuna::io::safetensors::WeightFiles::from_paths(&[dir.join("adapter_model.safetensors")]).unwrap();
+        let mut keys: Vec<String> = w.names().into_iter().map(str::to_string).collect();
+        keys.sort();
+        keys.into_iter().map(|k| { let v = w.load_raw(&k, &tuna::Device::Cpu).unwrap().to_vec_f32().unwrap(); (k, v) }).collect::<Vec<_>>()
+    };
+    // PEFT's adapter, as it wrote it: the same tensors and config back.
+    let peft = m.parent().unwrap().join("peft-lora");
+    let (_, kept) = run("peft-lr0", &["--adapter", peft.to_str().unwrap(), "--max-steps", "1", "--lr", "0"]);
+    assert_eq!(tensors(&kept), tensors(&peft));
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(kept.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(4), Some(8.0)));
+    for method in ["lora", "qlora"] {
+        let (first, trained) = run(&format!("{method}-1"), &["--method", method, "--max-steps", "4", "--lr", "1e-2"]);
+        let a = trained.to_str().unwrap();
+        let (again, kept) = run(&format!("{method}-lr0"), &["--method", method, "--adapter", a, "--max-steps", "1", "--lr", "0"]);
+        let bytes = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+        assert!(bytes(&kept) == bytes(&trained), "{method}: a zero learning rate changed the adapter");
+        assert_eq!(again["final_eval_loss"], first["final_eval_loss"], "{method}: the loaded adapter evaluates where its run ended");
+        let (further, _) = run(&format!("{method}-2"), &["--method", method, "--adapter", a, "--max-steps", "4", "--lr", "1e-2"]);
+        let (f, e) = (first["final_eval_loss"].as_f64().unwrap(), further["final_eval_loss"].as_f64().unwrap());
+        assert!(e < f - 0.05, "{method}: four more steps from the adapter should go on down: {f} -> {e}");
+    }
+    for (flags, says) in [
+        (&["--rank", "16"][..], "--rank 16 differs"),
+        (&["--alpha", "32"][..], "--alpha 32 differs"),
+        (&["--target-modules", "q_proj,v_proj"][..], "--target-modules q_proj,v_proj differs"),
+        (&["--method", "full"][..], "tuna merge"),
+        (&["--method", "sparse"][..], "tuna merge"),
+    ] {
+        let out = base.join("refused");
+        let mut args = vec!["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--adapter", peft.to_str().unwrap()];
+        args.extend_from_slice(flags);
+        let (ok, _, err) = tuna(&args);
+        assert!(!ok && err.contains(says), "{flags:?}: {err}");
+        assert!(!out.exists(), "{flags:?}: a refused run wrote {}", out.display());
+    }
+}
+
 #[test]
 fn demo_learns_with_sm3_sparse_and_qlora() {
     for (tag, extra) in [

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use tuna::nn::Llama;
 use tuna::optim::{Layout, OptimizerConfig, Sm3Config};
-use tuna::peft::{LoraConfig, Regrow, SparseConfig};
+use tuna::peft::{load_adapter, LoraConfig, Regrow, SparseConfig};
 use tuna::rng::Rng;
 use tuna::train::data::Sequence;
 use tuna::train::{Method, TrainConfig, Trainer};
@@ -288,6 +288,50 @@ fn sm3_and_sparse_learn() {
 }
 
 /// Gradient regrowth needs gradients; SM3 regrowth needs the SM3 optimizer: a clear error.
+/// A model that already carries LoRA adapters (PEFT's fixture adapter, attached by
+/// `load_adapter` on the model's device) is trained from them, on every f32 device: the masters
+/// start at the adapter's values, the loss before the first step is the adapted model's, and a
+/// step moves on from there. A config that describes other adapters, and the methods that would
+/// leave the adapters out of what they write, are refused.
+#[test]
+fn adapters_already_attached_are_trained_further() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/fixtures/peft-lora");
+    let adapted = |dev: &tuna::Device| {
+        let mut m = base().to_device(dev).unwrap();
+        let l = load_adapter(&mut m, &fixture).unwrap();
+        (m, l)
+    };
+    let (cpu_model, loaded) = adapted(&tuna::Device::Cpu);
+    assert_eq!((loaded.r, loaded.alpha, loaded.target_modules.len()), (4, 8.0, 7), "the fixture: r 4, alpha 8 on every linear");
+    let kept = || cfg(Method::Lora(loaded.clone()), 4, 1);
+    let values: Vec<Vec<f32>> = cpu_model.lora_parameters().iter().map(|(_, t)| t.to_vec_f32().unwrap()).collect();
+    let seqs = data(8, 4);
+    let want = tuna::train::evaluate(&cpu_model, &seqs, 4, 0).unwrap();
+    let fresh = Trainer::new(base(), kept(), data(8, 4), 0).unwrap().evaluate(&seqs).unwrap();
+    assert!((want - fresh).abs() > 1e-3, "the fixture adapter should change the loss: {want} vs {fresh}");
+    for dev in common::f32_model_devices() {
+        let mut t = Trainer::new(adapted(&dev).0, kept(), data(8, 4), 0).unwrap();
+        t.sync_host().unwrap();
+        assert_eq!(t.masters, values, "{dev}: the masters start at the adapter's values");
+        let before = t.evaluate(&seqs).unwrap();
+        assert!((before - want).abs() <= 1e-5 * want, "{dev}: loss {before} before training, the adapted model's is {want}");
+        t.train_step().unwrap();
+        let after = t.evaluate(&seqs).unwrap();
+        assert!(after < before, "{dev}: a step on the training data should lower its loss: {before} -> {after}");
+    }
+    let refused = |method: Method| Trainer::new(adapted(&tuna::Device::Cpu).0, cfg(method, 4, 1), data(8, 4), 0).err().expect("should be refused").to_string();
+    let e = refused(Method::Lora(LoraConfig { r: 8, ..loaded.clone() }));
+    assert!(e.contains("rank 4") && e.contains("r 8"), "{e}");
+    let e = refused(Method::Lora(LoraConfig { alpha: 16.0, ..loaded.clone() }));
+    assert!(e.contains("scale is 2") && e.contains("config's is 4"), "{e}");
+    let e = refused(Method::Lora(LoraConfig { target_modules: vec!["q_proj".into()], ..loaded.clone() }));
+    assert!(e.contains("model.layers.0.self_attn.k_proj has one"), "{e}");
+    for method in [Method::Full, Method::Head, sparse(Regrow::Grad, 0)] {
+        let e = refused(method.clone());
+        assert!(e.contains("carries LoRA adapters") && e.contains("merge_lora") && e.contains(method.name()), "{e}");
+    }
+}
+
 #[test]
 fn sm3_regrowth_without_sm3_is_refused() {
     let err = Trainer::new(base(), cfg(sparse(Regrow::Sm3, 2), 4, 1), data(8, 5), 0).err().expect("should fail");

@@ -18,7 +18,7 @@ use tuna::train::data::{pack, split, tokenize_dataset};
 use tuna::train::run::{run, MetricsFormat, RunOptions};
 use tuna::train::{Method, TrainConfig, Trainer};
 
-use crate::{err, load, CliResult, ModelArgs};
+use crate::{err, load_to_train, CliResult, ModelArgs};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum MethodArg {
@@ -67,19 +67,22 @@ pub struct FinetuneArgs {
     out: PathBuf,
     #[arg(long, value_enum, default_value = "lora")]
     method: MethodArg,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
-    rank: usize,
-    #[arg(long, default_value_t = 16.0)]
-    alpha: f32,
-    #[arg(long, default_value_t = 0.0)]
-    lora_dropout: f32,
-    /// Scale by alpha/sqrt(r) instead of alpha/r.
+    /// LoRA rank [default: 8, or the --adapter's].
+    #[arg(long)]
+    rank: Option<usize>,
+    /// LoRA alpha [default: 16, or the --adapter's].
+    #[arg(long)]
+    alpha: Option<f32>,
+    /// Dropout on the LoRA input [default: 0, or the --adapter's].
+    #[arg(long)]
+    lora_dropout: Option<f32>,
+    /// Scale by alpha/sqrt(r) instead of alpha/r [default: off, or the --adapter's].
     #[arg(long)]
     rslora: bool,
-    /// Comma-separated module names.
-    #[arg(long, default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")]
-    target_modules: String,
+    /// Comma-separated module names [default: every linear, or the --adapter's; sparse:
+    /// every linear].
+    #[arg(long)]
+    target_modules: Option<String>,
     /// Sparse fine-tuning: fraction of each target matrix trained.
     #[arg(long, default_value_t = 0.01)]
     density: f32,
@@ -164,13 +167,58 @@ pub struct FinetuneArgs {
     stop_after: Option<usize>,
 }
 
+fn modules(list: &str) -> Vec<String> {
+    list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+}
+
+/// The LoRA config of a run: the flags over the defaults, or, with `--adapter`, the loaded
+/// adapter's (which it must stay: a flag that says otherwise is an error naming both), its
+/// dropout replaced by `--lora-dropout` where given.
+fn lora_config(a: &FinetuneArgs, loaded: Option<LoraConfig>) -> Result<LoraConfig, String> {
+    let Some(mut l) = loaded else {
+        let d = LoraConfig::default();
+        return Ok(LoraConfig {
+            r: a.rank.unwrap_or(d.r),
+            alpha: a.alpha.unwrap_or(d.alpha),
+            dropout: a.lora_dropout.unwrap_or(d.dropout),
+            use_rslora: a.rslora,
+            target_modules: a.target_modules.as_deref().map_or(d.target_modules, modules),
+        });
+    };
+    let adapter = a.model.adapter.as_ref().expect("a loaded adapter came from --adapter").display();
+    let differs = |flag: String, has: String| format!("{flag} differs from the adapter {adapter} being trained ({has}); leave it out to train the adapter as it is");
+    if let Some(r) = a.rank.filter(|&r| r != l.r) {
+        return Err(differs(format!("--rank {r}"), format!("r {}", l.r)));
+    }
+    if let Some(alpha) = a.alpha.filter(|&x| x != l.alpha) {
+        return Err(differs(format!("--alpha {alpha}"), format!("lora_alpha {}", l.alpha)));
+    }
+    if a.rslora && !l.use_rslora {
+        return Err(differs("--rslora".into(), "use_rslora false".into()));
+    }
+    if let Some(t) = a.target_modules.as_deref().map(modules) {
+        let (mut want, mut has) = (t.clone(), l.target_modules.clone());
+        want.sort();
+        has.sort();
+        if want != has {
+            return Err(differs(format!("--target-modules {}", t.join(",")), format!("target_modules {}", l.target_modules.join(","))));
+        }
+    }
+    if let Some(d) = a.lora_dropout {
+        l.dropout = d;
+    }
+    Ok(l)
+}
+
 pub fn finetune(a: FinetuneArgs) -> CliResult {
     if a.model.bf16_weights && !matches!(a.method, MethodArg::Lora) {
         return Err("--bf16-weights keeps the base's matrices frozen in bf16: use it with --method lora".into());
     }
+    if a.model.adapter.is_some() && !matches!(a.method, MethodArg::Lora | MethodArg::Qlora) {
+        return Err("--adapter trains that adapter further, with --method lora or qlora; to fine-tune a model with an adapter folded in, fold it first with `tuna merge`".into());
+    }
     // A QLoRA base is quantized as it is read (the trainer would quantize it anyway).
-    let (model, tok) = load(&a.model, a.model.nf4 || matches!(a.method, MethodArg::Qlora))?;
-    let model = crate::half(model, a.f16)?;
+    let (model, tok, loaded) = load_to_train(&a.model, a.model.nf4 || matches!(a.method, MethodArg::Qlora), a.f16)?;
     let data = Dataset::read(&a.data).map_err(err)?;
     if a.strict {
         data.strict().map_err(err)?;
@@ -183,13 +231,7 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
     let train = if a.pack { pack(&train, a.max_seq_len) } else { train };
     let method = match a.method {
         MethodArg::Lora | MethodArg::Qlora => {
-            let l = LoraConfig {
-                r: a.rank,
-                alpha: a.alpha,
-                dropout: a.lora_dropout,
-                use_rslora: a.rslora,
-                target_modules: a.target_modules.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
-            };
+            let l = lora_config(&a, loaded)?;
             if matches!(a.method, MethodArg::Qlora) { Method::Qlora(l) } else { Method::Lora(l) }
         }
         MethodArg::Full => Method::Full,
@@ -202,7 +244,7 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
                 (Some(RegrowArg::Sm3), _) | (None, OptimizerArg::Sm3) => Regrow::Sm3,
                 (Some(RegrowArg::Grad), _) | (None, OptimizerArg::Adamw) => Regrow::Grad,
             },
-            target_modules: a.target_modules.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            target_modules: a.target_modules.as_deref().map_or_else(|| SparseConfig::default().target_modules, modules),
             ..Default::default()
         }),
     };

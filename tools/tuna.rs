@@ -14,6 +14,7 @@ use serde_json::json;
 use tuna::io::dataset::{tokenize, Dataset};
 use tuna::io::tokenizer::{Message, Tokenizer};
 use tuna::nn::{GenerateOptions, Llama};
+use tuna::peft::LoraConfig;
 use tuna::{DType, Device, Tensor};
 
 #[derive(Parser)]
@@ -74,7 +75,8 @@ pub(crate) struct ModelArgs {
     /// Print one machine-readable JSON result instead of text.
     #[arg(long)]
     pub(crate) json: bool,
-    /// A LoRA adapter folder in PEFT's format (written by tuna or by PEFT) to apply.
+    /// A LoRA adapter folder in PEFT's format (written by tuna or by PEFT) to apply; `finetune
+    /// --method lora|qlora` trains it further (its rank, alpha and target modules).
     #[arg(long)]
     pub(crate) adapter: Option<PathBuf>,
     /// Sparse deltas written by `tuna finetune --method sparse` to apply.
@@ -172,10 +174,33 @@ fn devices() -> CliResult {
     Ok(())
 }
 
-/// The model (with its adapter or deltas) and tokenizer of `args`, on its device. With `nf4`
-/// the decoder linears are quantized to NF4, and with `--bf16-weights` the matrices are kept
-/// in bf16 (on the CPU): as they are read, unless deltas must first fold into the f32 weights.
-pub(crate) fn load(args: &ModelArgs, nf4: bool) -> Result<(Llama, Tokenizer), String> {
+/// The model (with its adapter or deltas) and tokenizer of `args`, on its device, in f16 with
+/// `f16`. With `nf4` the decoder linears are quantized to NF4, and with `--bf16-weights` the
+/// matrices are kept in bf16 (on the CPU): as they are read, unless deltas must first fold
+/// into the f32 weights. The adapter takes the model's precision on the device.
+pub(crate) fn load(args: &ModelArgs, nf4: bool, f16: bool) -> Result<(Llama, Tokenizer), String> {
+    let (mut model, tok, device) = load_base(args, nf4)?;
+    if let Some(a) = &args.adapter {
+        tuna::peft::load_adapter(&mut model, a).map_err(err)?;
+    }
+    Ok((half(on_device(model, &device)?, f16)?, tok))
+}
+
+/// [`load`] for training: the adapter, if any, is attached last, in f32 on the device (the
+/// masters a trainer keeps, as for fresh adapters), and its config is returned.
+pub(crate) fn load_to_train(args: &ModelArgs, nf4: bool, f16: bool) -> Result<(Llama, Tokenizer, Option<LoraConfig>), String> {
+    let (model, tok, device) = load_base(args, nf4)?;
+    let mut model = half(on_device(model, &device)?, f16)?;
+    let lora = match &args.adapter {
+        Some(a) => Some(tuna::peft::load_adapter(&mut model, a).map_err(err)?),
+        None => None,
+    };
+    Ok((model, tok, lora))
+}
+
+/// The base model of `args` on the CPU (deltas folded in, then NF4 or bf16 as asked), its
+/// tokenizer, and the device it is for (opened).
+fn load_base(args: &ModelArgs, nf4: bool) -> Result<(Llama, Tokenizer, Device), String> {
     let device: Device = if args.device == "auto" { Device::Cpu } else { args.device.parse().map_err(err)? };
     if args.bf16_weights && (nf4 || device != Device::Cpu) {
         return Err(format!("--bf16-weights is a CPU form of the base; not with {}", if nf4 { "an NF4 base" } else { "--device other than cpu (CUDA runs the model in bf16 already)" }));
@@ -201,11 +226,8 @@ pub(crate) fn load(args: &ModelArgs, nf4: bool) -> Result<(Llama, Tokenizer), St
     if args.bf16_weights {
         model.matrices_in_bf16().map_err(err)?;
     }
-    if let Some(a) = &args.adapter {
-        tuna::peft::load_adapter(&mut model, a).map_err(err)?;
-    }
     let tok = Tokenizer::from_dir(&args.model).map_err(err)?;
-    Ok((on_device(model, &device)?, tok))
+    Ok((model, tok, device))
 }
 
 /// The model on `device`: as it is on the CPU and wgpu, in bf16 on CUDA (the CUDA kernels'
@@ -246,8 +268,7 @@ pub(crate) fn half(model: Llama, f16: bool) -> Result<Llama, String> {
 }
 
 fn generate(a: GenerateArgs) -> CliResult {
-    let (model, tok) = load(&a.model, a.model.nf4)?;
-    let model = half(model, a.f16)?;
+    let (model, tok) = load(&a.model, a.model.nf4, a.f16)?;
     let text = if a.chat {
         tok.apply_chat_template(&[Message { role: "user".into(), content: a.prompt.clone() }], true).map_err(err)?
     } else {
@@ -315,8 +336,7 @@ fn generate(a: GenerateArgs) -> CliResult {
 }
 
 fn perplexity(a: PerplexityArgs) -> CliResult {
-    let (model, tok) = load(&a.model, a.model.nf4)?;
-    let model = half(model, a.f16)?;
+    let (model, tok) = load(&a.model, a.model.nf4, a.f16)?;
     // One forward per example: on the CPU each weight's transpose pays for itself.
     model.keep_cpu_transposes();
     let data = Dataset::read(&a.data).map_err(err)?;

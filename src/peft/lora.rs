@@ -100,6 +100,48 @@ impl Llama {
         Ok(())
     }
 
+    /// The adapters a training run with `cfg` starts from: fresh ones as [`Llama::add_lora`]
+    /// makes them, or, where the model already carries adapters (a PEFT adapter loaded to be
+    /// trained further, as PEFT's `is_trainable=True`), those, kept as they are. They must then
+    /// be `cfg`'s: its rank and scale, on exactly the modules it targets (the config
+    /// [`load_adapter`] returns is); only the dropout, a training choice, is set from `cfg`.
+    /// Returns whether the adapters were kept.
+    pub fn lora_to_train(&mut self, cfg: &LoraConfig, seed: u64) -> Result<bool> {
+        cfg.validate()?;
+        if self.lora_parameters().is_empty() {
+            self.add_lora(cfg, seed)?;
+            return Ok(false);
+        }
+        let differ = |what: String| {
+            Error::InvalidArgument(format!(
+                "the model's LoRA adapters are not the training config's (r {}, alpha {}{}, target modules {:?}): {what}",
+                cfg.r,
+                cfg.alpha,
+                if cfg.use_rslora { ", rsLoRA" } else { "" },
+                cfg.target_modules
+            ))
+        };
+        for (path, lin) in self.linears_mut() {
+            let targeted = cfg.target_modules.iter().any(|m| m == module_name(&path));
+            match (&mut lin.lora, targeted) {
+                (None, true) => return Err(differ(format!("{path} has none"))),
+                (Some(_), false) => return Err(differ(format!("{path} has one"))),
+                (Some(l), true) => {
+                    let r = l.a.dims()[0];
+                    if r != cfg.r {
+                        return Err(differ(format!("{path}'s has rank {r}")));
+                    }
+                    if (l.scale - cfg.scale()).abs() > 1e-6 * cfg.scale().abs() {
+                        return Err(differ(format!("{path}'s scale is {} where the config's is {}", l.scale, cfg.scale())));
+                    }
+                    l.dropout = cfg.dropout;
+                }
+                (None, false) => {}
+            }
+        }
+        Ok(true)
+    }
+
     /// The LoRA parameters under their PEFT keys, A before B, modules in order.
     pub fn lora_parameters(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
@@ -184,6 +226,12 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     }
     if field("use_dora").and_then(Value::as_bool) == Some(true) {
         return Err(err("use_dora", "DoRA adapters are not supported"));
+    }
+    // Per-module ranks or alphas would need a scale (and shapes) per module.
+    for k in ["rank_pattern", "alpha_pattern"] {
+        if field(k).and_then(Value::as_object).is_some_and(|o| !o.is_empty()) {
+            return Err(err(k, "per-module ranks and alphas are not supported (one r and lora_alpha for every module are)"));
+        }
     }
     let r = field("r").and_then(Value::as_u64).ok_or_else(|| err("r", "missing or not an integer"))? as usize;
     let alpha = field("lora_alpha").and_then(Value::as_f64).map(|a| a as f32).unwrap_or(8.0);

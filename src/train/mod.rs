@@ -169,7 +169,9 @@ pub struct Trainer {
 }
 
 impl Trainer {
-    /// Sets up `method` on `model` (LoRA adapters are attached here, seeded by `config.seed`).
+    /// Sets up `method` on `model`. LoRA adapters are attached here, seeded by `config.seed`,
+    /// unless the model already carries them (a loaded adapter trained further: see
+    /// [`Llama::lora_to_train`]); the other methods refuse a model with adapters.
     pub fn new(mut model: Llama, config: TrainConfig, train: Vec<Sequence>, pad: u32) -> Result<Self> {
         if train.is_empty() {
             return Err(Error::InvalidArgument("no training examples (every line was bad, empty or held out)".into()));
@@ -184,11 +186,20 @@ impl Trainer {
         if model.embed.dtype() == crate::DType::F16 && matches!(config.method, Method::Full | Method::Head) && !on_wgpu {
             return Err(Error::InvalidArgument(format!("{} fine-tuning of an f16 model runs on wgpu (and in bf16 on CUDA), not on {}", config.method.name(), model.device())));
         }
+        let carries_lora = !model.lora_parameters().is_empty();
         match &config.method {
-            Method::Lora(l) => model.add_lora(l, config.seed)?,
+            Method::Lora(l) => {
+                model.lora_to_train(l, config.seed)?;
+            }
             Method::Qlora(l) => {
                 model.quantize_nf4()?;
-                model.add_lora(l, config.seed)?
+                model.lora_to_train(l, config.seed)?;
+            }
+            m if carries_lora => {
+                return Err(Error::InvalidArgument(format!(
+                    "the model carries LoRA adapters, which {} fine-tuning would leave out of what it writes: fold them into the base first (`Llama::merge_lora`, `tuna merge`), or train them further with the lora method",
+                    m.name()
+                )))
             }
             Method::Sparse(s) => {
                 if s.regrow == Regrow::Sm3 && s.reselect_every > 0 && !matches!(config.optimizer, OptimizerConfig::Sm3(_)) {
