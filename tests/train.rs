@@ -312,7 +312,7 @@ fn adapters_already_attached_are_trained_further() {
     for dev in common::f32_model_devices() {
         let mut t = Trainer::new(adapted(&dev).0, kept(), data(8, 4), 0).unwrap();
         t.sync_host().unwrap();
-        assert_eq!(t.masters, values, "{dev}: the masters start at the adapter's values");
+        assert!(t.masters == values, "{dev}: the masters start at the adapter's values");
         let before = t.evaluate(&seqs).unwrap();
         assert!((before - want).abs() <= 1e-5 * want, "{dev}: loss {before} before training, the adapted model's is {want}");
         t.train_step().unwrap();
