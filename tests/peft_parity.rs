@@ -121,6 +121,34 @@ fn with_adapter_dir(dir: &Path) -> Llama {
     m
 }
 
+/// PEFT configs this crate cannot apply as written are refused, naming the file and field:
+/// per-module ranks or alphas (one scale for all would be wrong), DoRA, other PEFT types. The
+/// fixture's own config, with empty patterns, loads.
+#[test]
+fn adapter_configs_that_cannot_apply_are_refused() {
+    let dir = common::Scratch::new("peft-config");
+    std::fs::copy(fixture("peft-lora").join("adapter_model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
+    let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("peft-lora").join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((&original["alpha_pattern"], &original["rank_pattern"]), (&serde_json::json!({}), &serde_json::json!({})));
+    let load_with = |field: &str, value: serde_json::Value| {
+        let mut cfg = original.clone();
+        cfg[field] = value;
+        std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+        let mut m = Llama::load(&fixture("llama-gqa")).unwrap();
+        load_adapter(&mut m, &dir).map(|_| ()).map_err(|e| e.to_string())
+    };
+    load_with("alpha_pattern", serde_json::json!({})).unwrap();
+    for (field, value, says) in [
+        ("alpha_pattern", serde_json::json!({"q_proj": 16}), "per-module"),
+        ("rank_pattern", serde_json::json!({"v_proj": 8}), "per-module"),
+        ("use_dora", serde_json::json!(true), "DoRA"),
+        ("peft_type", serde_json::json!("IA3"), "`IA3` is not supported"),
+    ] {
+        let e = load_with(field, value).expect_err(field);
+        assert!(e.contains("adapter_config.json") && e.contains(&format!("field `{field}`")) && e.contains(says), "{e}");
+    }
+}
+
 #[test]
 fn fresh_lora_starts_at_the_base_model() {
     let base = Llama::load(&fixture("llama-gqa")).unwrap();
