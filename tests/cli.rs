@@ -441,6 +441,14 @@ fn finetune_on_cuda_follows_the_cpu() {
     let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     let new: Vec<u64> = v["new_tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap()).collect();
     assert!((1..=4).contains(&new.len()) && new.iter().all(|&t| t < 320), "{v}");
+    // Trained further on CUDA at a zero learning rate, the adapter comes back bit for bit: it is
+    // attached as the f32 masters, not cast to the model's bf16 with the model.
+    let again = dir.join("again");
+    let (ok, _, err) = tuna(&["finetune", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--data", dir.join("data.jsonl").to_str().unwrap(),
+                              "--out", again.to_str().unwrap(), "--max-steps", "1", "--lr", "0", "--eval-every", "0", "--checkpoint-every", "0", "--json", "--device", "cuda"]);
+    assert!(ok, "finetune --adapter on cuda: {err}");
+    let bytes = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert!(bytes(&again.join("adapter")) == bytes(&adapter), "the adapter trained further at a zero learning rate on cuda changed");
 }
 
 /// `tuna finetune` for 3 steps on the CPU and on `device` from the same model and data: LoRA
