@@ -122,8 +122,9 @@ fn with_adapter_dir(dir: &Path) -> Llama {
 }
 
 /// PEFT configs this crate cannot apply as written are refused, naming the file and field:
-/// per-module ranks or alphas (one scale for all would be wrong), DoRA, other PEFT types. The
-/// fixture's own config, with empty patterns, loads.
+/// per-module ranks or alphas (one scale for all would be wrong), whole modules saved beside
+/// the pairs, trained biases or token rows (all would be left out), DoRA, other PEFT types.
+/// The fixture's own config, with empty patterns and lists, loads.
 #[test]
 fn adapter_configs_that_cannot_apply_are_refused() {
     let dir = common::Scratch::new("peft-config");
@@ -138,9 +139,14 @@ fn adapter_configs_that_cannot_apply_are_refused() {
         load_adapter(&mut m, &dir).map(|_| ()).map_err(|e| e.to_string())
     };
     load_with("alpha_pattern", serde_json::json!({})).unwrap();
+    load_with("modules_to_save", serde_json::json!([])).unwrap();
+    load_with("bias", serde_json::json!("none")).unwrap();
     for (field, value, says) in [
         ("alpha_pattern", serde_json::json!({"q_proj": 16}), "per-module"),
         ("rank_pattern", serde_json::json!({"v_proj": 8}), "per-module"),
+        ("modules_to_save", serde_json::json!(["lm_head"]), "whole modules"),
+        ("bias", serde_json::json!("lora_only"), "`lora_only`"),
+        ("trainable_token_indices", serde_json::json!([5, 6]), "token rows"),
         ("use_dora", serde_json::json!(true), "DoRA"),
         ("peft_type", serde_json::json!("IA3"), "`IA3` is not supported"),
     ] {

@@ -227,11 +227,22 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     if field("use_dora").and_then(Value::as_bool) == Some(true) {
         return Err(err("use_dora", "DoRA adapters are not supported"));
     }
-    // Per-module ranks or alphas would need a scale (and shapes) per module.
-    for k in ["rank_pattern", "alpha_pattern"] {
-        if field(k).and_then(Value::as_object).is_some_and(|o| !o.is_empty()) {
-            return Err(err(k, "per-module ranks and alphas are not supported (one r and lora_alpha for every module are)"));
+    // What the model would otherwise silently leave out: per-module ranks or alphas (a scale
+    // and shapes per module), whole modules saved beside the LoRA pairs, trained biases,
+    // trained token rows.
+    let given = |k: &str| field(k).is_some_and(|x| x.as_array().is_none_or(|a| !a.is_empty()) && x.as_object().is_none_or(|o| !o.is_empty()));
+    for (k, what) in [
+        ("rank_pattern", "per-module ranks and alphas are not supported (one r and lora_alpha for every module are)"),
+        ("alpha_pattern", "per-module ranks and alphas are not supported (one r and lora_alpha for every module are)"),
+        ("modules_to_save", "whole modules saved with the adapter are not supported (the LoRA pairs are)"),
+        ("trainable_token_indices", "trained token rows are not supported"),
+    ] {
+        if given(k) {
+            return Err(err(k, what));
         }
+    }
+    if let Some(b) = field("bias").and_then(Value::as_str).filter(|&b| b != "none") {
+        return Err(err("bias", &format!("`{b}`: trained biases are not supported (\"none\" is)")));
     }
     let r = field("r").and_then(Value::as_u64).ok_or_else(|| err("r", "missing or not an integer"))? as usize;
     let alpha = field("lora_alpha").and_then(Value::as_f64).map(|a| a as f32).unwrap_or(8.0);
