@@ -298,6 +298,14 @@ impl Tensor {
         }
     }
 
+    /// The bytes of a CPU tensor where they lie (None on a device, and for NF4).
+    pub(crate) fn cpu_bytes(&self) -> Option<&[u8]> {
+        match self.storage() {
+            Storage::Cpu(s) if self.dtype() != DType::NF4 => Some(s.as_bytes()),
+            _ => None,
+        }
+    }
+
     /// The elements as a host vector; `T` must be this tensor's dtype.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         if T::DTYPE != self.dtype() {

@@ -329,6 +329,46 @@ fn demo_learns_with_sm3_sparse_and_qlora() {
 
 /// `finetune --method sparse` writes deltas; `merge --deltas` folds them into a model whose
 /// perplexity equals the model with the deltas applied on the fly.
+/// `merge` writes the weights in the base's dtype (a bf16 checkpoint gives a bf16 folder, each
+/// weight the f32 merge rounded once) or in `--dtype`. The file gets the permissions of a plain
+/// create (the umask's), not the private mode of the writer's temporary file.
+#[test]
+fn merge_writes_the_base_dtype() {
+    use tuna::io::safetensors::WeightFiles;
+    let fixtures = fixture().parent().unwrap().to_path_buf();
+    let (base, adapter) = (fixtures.join("llama-gqa-bf16"), fixtures.join("peft-lora"));
+    let dir = Scratch::new("merge-dtype");
+    let merge = |out: &str, extra: &[&str]| {
+        let out = dir.join(out);
+        let mut args = vec!["merge", "--model", base.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (ok, stdout, err) = tuna(&args);
+        assert!(ok, "{extra:?}: {err}");
+        (out, stdout)
+    };
+    let ((auto, said), (wide, _)) = (merge("auto", &[]), merge("f32", &["--dtype", "f32"]));
+    assert!(said.contains("(bf16)"), "{said}");
+    let (a, w, b) = (WeightFiles::open(&auto).unwrap(), WeightFiles::open(&wide).unwrap(), WeightFiles::open(&base).unwrap());
+    assert_eq!(a.names(), w.names());
+    for name in a.names() {
+        assert_eq!((a.dtype(name).unwrap(), w.dtype(name).unwrap()), (tuna::DType::BF16, tuna::DType::F32), "{name}");
+        let wide_values = w.load_raw(name, &tuna::Device::Cpu).unwrap().to_vec_f32().unwrap();
+        let rounded: Vec<half::bf16> = wide_values.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        assert!(a.load_raw(name, &tuna::Device::Cpu).unwrap().to_vec::<half::bf16>().unwrap() == rounded, "{name}: not the f32 merge rounded once");
+    }
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    let base_q = b.load_raw(q, &tuna::Device::Cpu).unwrap().to_vec_f32().unwrap();
+    assert!(w.load_raw(q, &tuna::Device::Cpu).unwrap().to_vec_f32().unwrap() != base_q, "the adapter did not change {q}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let probe = dir.join("probe");
+        std::fs::File::create(&probe).unwrap();
+        assert_eq!(mode(&auto.join("model.safetensors")), mode(&probe), "the merged file's permissions");
+    }
+}
+
 #[test]
 fn finetune_sparse_then_merge() {
     let m = fixture();

@@ -60,7 +60,19 @@ enum Command {
         deltas: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
+        /// The weights' dtype in the written folder; auto: the base's (its embedding's dtype in
+        /// its files), as PEFT's merge of a model loaded in that dtype gives.
+        #[arg(long, value_enum, default_value = "auto")]
+        dtype: DtypeArg,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DtypeArg {
+    Auto,
+    F32,
+    Bf16,
+    F16,
 }
 
 #[derive(Args)]
@@ -149,7 +161,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => generate(a),
         Command::Perplexity(a) => perplexity(a),
         Command::Finetune(a) => finetune::finetune(a),
-        Command::Merge { model, adapter, deltas, out } => merge(&model, adapter.as_deref(), deltas.as_deref(), &out),
+        Command::Merge { model, adapter, deltas, out, dtype } => merge(&model, adapter.as_deref(), deltas.as_deref(), &out, dtype),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -240,7 +252,20 @@ pub(crate) fn on_device(model: Llama, device: &Device) -> Result<Llama, String> 
     }
 }
 
-fn merge(model: &std::path::Path, adapter: Option<&std::path::Path>, deltas: Option<&std::path::Path>, out: &std::path::Path) -> CliResult {
+fn merge(model: &std::path::Path, adapter: Option<&std::path::Path>, deltas: Option<&std::path::Path>, out: &std::path::Path, dtype: DtypeArg) -> CliResult {
+    let dtype = match dtype {
+        DtypeArg::F32 => DType::F32,
+        DtypeArg::Bf16 => DType::BF16,
+        DtypeArg::F16 => DType::F16,
+        DtypeArg::Auto => {
+            let name = "model.embed_tokens.weight";
+            let d = tuna::io::safetensors::WeightFiles::open(model).and_then(|w| w.dtype(name)).map_err(err)?;
+            if !d.is_float() {
+                return Err(format!("{}: `{name}` is {d}, not a float type to write the merged weights in; pass --dtype", model.display()));
+            }
+            d
+        }
+    };
     let mut m = Llama::load(model).map_err(err)?;
     if let Some(a) = adapter {
         tuna::peft::load_adapter(&mut m, a).map_err(err)?;
@@ -250,9 +275,9 @@ fn merge(model: &std::path::Path, adapter: Option<&std::path::Path>, deltas: Opt
         tuna::peft::load_deltas(&mut m, d).map_err(err)?;
         m.merge_sparse().map_err(err)?;
     }
-    m.save(model, out).map_err(err)?;
+    m.save_in(model, out, dtype).map_err(err)?;
     let what: Vec<String> = adapter.into_iter().chain(deltas).map(|p| p.display().to_string()).collect();
-    println!("merged {} into {} -> {}", what.join(" and "), model.display(), out.display());
+    println!("merged {} into {} -> {} ({dtype})", what.join(" and "), model.display(), out.display());
     Ok(())
 }
 

@@ -190,12 +190,71 @@ fn to_dtype(d: Dtype) -> Option<DType> {
     })
 }
 
-/// Writes named tensors to a safetensors file atomically (a temporary file, then a rename), so
-/// a crash never leaves a half-written file under the final name.
+/// Writes `tensors` to `path` as a safetensors file, each in its dtype, through a temporary
+/// file renamed into place (an existing file is never left half-written).
 pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<()> {
-    let mut owned = Vec::new();
+    write(path, tensors, None, metadata)
+}
+
+/// [`save`] with every float tensor written in `dtype` (rounded to nearest even, as
+/// `Tensor::to_dtype` does); integer tensors keep theirs.
+pub fn save_in(path: &Path, tensors: &[(String, Tensor)], dtype: DType, metadata: Option<HashMap<String, String>>) -> Result<()> {
+    if !dtype.is_float() {
+        return Err(Error::file(path, format!("cannot write tensors in {dtype} (f32, bf16 or f16 can be)")));
+    }
+    write(path, tensors, Some(dtype), metadata)
+}
+
+/// The writer's view of one tensor. Its bytes are read as the file is written, one tensor at a
+/// time: a CPU tensor in its own dtype from where it lies (no copy of a model beside it),
+/// anything else (a cast, a device tensor's download) made then and dropped once written. An
+/// error there is kept in `failed` (the crate's `View` cannot return one) and zeros stand in,
+/// so that the caller can report it and drop the temporary file.
+struct Entry<'a> {
+    tensor: &'a Tensor,
+    dtype: DType,
+    file_dtype: Dtype,
+    failed: &'a std::cell::RefCell<Option<Error>>,
+}
+
+impl safetensors::View for &Entry<'_> {
+    fn dtype(&self) -> Dtype {
+        self.file_dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.tensor.dims()
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        if self.dtype == self.tensor.dtype() {
+            if let Some(b) = self.tensor.cpu_bytes() {
+                return std::borrow::Cow::Borrowed(b);
+            }
+        }
+        match self.tensor.to_dtype(self.dtype).and_then(|t| t.to_bytes()) {
+            Ok(b) => std::borrow::Cow::Owned(b),
+            Err(e) => {
+                self.failed.borrow_mut().get_or_insert(e);
+                std::borrow::Cow::Owned(vec![0; self.data_len()])
+            }
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        self.tensor.elem_count() * self.dtype.size_in_bytes()
+    }
+}
+
+fn write(path: &Path, tensors: &[(String, Tensor)], cast: Option<DType>, metadata: Option<HashMap<String, String>>) -> Result<()> {
+    let failed = std::cell::RefCell::new(None);
+    let mut entries = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let dtype = match t.dtype() {
+        let dtype = match cast {
+            Some(d) if t.dtype().is_float() => d,
+            _ => t.dtype(),
+        };
+        let file_dtype = match dtype {
             DType::F32 => Dtype::F32,
             DType::BF16 => Dtype::BF16,
             DType::F16 => Dtype::F16,
@@ -203,17 +262,22 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<
             DType::I32 => Dtype::I32,
             DType::NF4 => return Err(Error::file(path, format!("tensor `{name}` is NF4-quantized; safetensors files here hold dequantized weights (merge into an f32/bf16 base instead)"))),
         };
-        owned.push((name.clone(), dtype, t.dims().to_vec(), t.to_bytes()?));
+        entries.push((name.as_str(), Entry { tensor: t, dtype, file_dtype, failed: &failed }));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = owned
-        .iter()
-        .map(|(n, d, s, b)| {
-            safetensors::tensor::TensorView::new(*d, s.clone(), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| Error::file(path, format!("tensor `{n}`: {e}")))
-        })
-        .collect::<Result<_>>()?;
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| Error::file(&tmp, format!("cannot write: {e}")))?;
+    // The crate writes through a private temporary file (mode 0600) of its own; the file gets
+    // the permissions a plain create gives here (the umask's), as other writers' files do.
+    let permissions = std::fs::File::create(&tmp).and_then(|f| f.metadata()).map(|m| m.permissions()).map_err(|e| Error::file(&tmp, format!("cannot create: {e}")))?;
+    let written = safetensors::serialize_to_file(entries.iter().map(|(n, e)| (*n, e)), metadata, &tmp)
+        .map_err(|e| Error::file(&tmp, format!("cannot write: {e}")))
+        .and_then(|_| std::fs::set_permissions(&tmp, permissions).map_err(|e| Error::file(&tmp, format!("cannot set permissions: {e}"))));
+    if let Some(e) = failed.into_inner() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::rename(&tmp, path).map_err(|e| Error::file(path, format!("cannot rename into place: {e}")))
 }

@@ -430,18 +430,32 @@ impl Llama {
         Ok(())
     }
 
-    /// Writes a Hugging Face model folder: `model.safetensors` (f32, transformers names; a tied
-    /// head is not written, as transformers does) and copies of the config and tokenizer files
+    /// Writes a Hugging Face model folder: `model.safetensors` (each weight in its dtype, f32
+    /// after [`Llama::load`]; transformers names; a tied head is not written, as transformers does) and copies of the config and tokenizer files
     /// from `src_dir`. Files are written to temporary names and renamed.
     pub fn save(&self, src_dir: &Path, out_dir: &Path) -> Result<()> {
+        self.save_impl(src_dir, out_dir, None)
+    }
+
+    /// [`Llama::save`] with every weight written in `dtype` (f32, bf16 or f16; e.g. a merged
+    /// model in its bf16 base's dtype), each rounded as it is written.
+    pub fn save_in(&self, src_dir: &Path, out_dir: &Path, dtype: DType) -> Result<()> {
+        self.save_impl(src_dir, out_dir, Some(dtype))
+    }
+
+    fn save_impl(&self, src_dir: &Path, out_dir: &Path, dtype: Option<DType>) -> Result<()> {
         std::fs::create_dir_all(out_dir).map_err(|e| Error::file(out_dir, format!("cannot create: {e}")))?;
         if self.linears().iter().any(|(_, l)| l.lora.is_some()) {
             return Err(Error::InvalidArgument("merge the LoRA adapters (merge_lora) before saving the full model".into()));
         }
-        let tensors: Vec<(String, Tensor)> =
-            self.parameters().into_iter().map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+        // Written one tensor at a time from where each lies (a device's downloaded then).
+        let tensors = self.parameters();
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        crate::io::safetensors::save(&out_dir.join("model.safetensors"), &tensors, Some(meta))?;
+        let file = out_dir.join("model.safetensors");
+        match dtype {
+            Some(d) => crate::io::safetensors::save_in(&file, &tensors, d, Some(meta))?,
+            None => crate::io::safetensors::save(&file, &tensors, Some(meta))?,
+        }
         for f in ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"] {
             let src = src_dir.join(f);
             if src.exists() {

@@ -17,7 +17,7 @@ use crate::io::safetensors::{save, WeightFiles};
 use crate::nn::llama::LINEAR_MODULES;
 use crate::nn::Llama;
 use crate::rng::Rng;
-use crate::{Device, Error, Result, Tensor};
+use crate::{Error, Result, Tensor};
 
 /// What to adapt and how.
 #[derive(Clone, Debug, PartialEq)]
@@ -208,9 +208,8 @@ pub fn save_adapter(model: &Llama, cfg: &LoraConfig, base_model: &str, dir: &Pat
     std::fs::write(&tmp, serde_json::to_string_pretty(&config).expect("json"))
         .and_then(|_| std::fs::rename(&tmp, &cfg_path))
         .map_err(|e| Error::file(&cfg_path, format!("cannot write: {e}")))?;
-    let cpu: Vec<(String, Tensor)> = params.into_iter().map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    save(&dir.join("adapter_model.safetensors"), &cpu, Some(meta))
+    save(&dir.join("adapter_model.safetensors"), &params, Some(meta))
 }
 
 /// Reads a PEFT LoRA adapter folder and attaches it to `model`. Returns its config.
