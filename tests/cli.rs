@@ -112,6 +112,51 @@ fn bf16_weights_match_the_library_and_are_refused_off_the_cpu() {
     }
 }
 
+/// A checkpoint that stores its matrices in bf16 keeps them in bf16 on the CPU by default
+/// (`generate`, `perplexity`, `finetune --method lora`): the JSON results say so, and the tokens
+/// and loss are those of `Llama::load_bf16`. `--f32-weights` keeps f32 (`Llama::load`'s tokens);
+/// an f32 checkpoint, a GPU, an NF4 base and the methods that change the matrices stay as before.
+#[test]
+fn a_bf16_checkpoint_stays_bf16_on_the_cpu() {
+    let m = fixture().parent().unwrap().join("llama-gqa-bf16");
+    let model = m.to_str().unwrap();
+    let (base, data) = counting_data("cli-bf16-default");
+    let tok = tuna::io::tokenizer::Tokenizer::from_dir(&m).unwrap();
+    let prompt = tok.encode("The capital", true).unwrap();
+    let opts = tuna::nn::GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![1], ..Default::default() };
+    let json = |args: &[&str]| -> serde_json::Value {
+        let (ok, out, err) = tuna(args);
+        assert!(ok, "{args:?}: {err}");
+        serde_json::from_str(out.lines().last().unwrap()).unwrap()
+    };
+    for (flags, weights, want) in [
+        (&[][..], "bf16", tuna::nn::Llama::load_bf16(&m).unwrap()),
+        (&["--f32-weights"][..], "f32", tuna::nn::Llama::load(&m).unwrap()),
+    ] {
+        let mut args = vec!["generate", "--model", model, "--prompt", "The capital", "--max-new-tokens", "6", "--json"];
+        args.extend_from_slice(flags);
+        let v = json(&args);
+        assert_eq!(v["weights"], weights, "{flags:?}");
+        let got: Vec<u32> = v["new_tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+        assert_eq!(got, want.generate(&prompt, &opts, |_| {}).unwrap(), "{flags:?}");
+        let mut args = vec!["perplexity", "--model", model, "--data", data.to_str().unwrap(), "--json"];
+        args.extend_from_slice(flags);
+        assert_eq!(json(&args)["weights"], weights, "perplexity {flags:?}");
+    }
+    let f32_fixture = fixture();
+    assert_eq!(json(&["perplexity", "--model", f32_fixture.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json"])["weights"], "f32");
+    assert_eq!(json(&["perplexity", "--model", model, "--data", data.to_str().unwrap(), "--json", "--nf4"])["weights"], "nf4");
+    if let Some(dev) = common::f32_model_devices().into_iter().find(|d| matches!(d, tuna::Device::Wgpu(_))) {
+        assert_eq!(json(&["perplexity", "--model", model, "--data", data.to_str().unwrap(), "--json", "--device", &dev.to_string()])["weights"], "f32");
+    }
+    for (method, weights) in [("lora", "bf16"), ("full", "f32"), ("qlora", "nf4")] {
+        let out = base.join(method);
+        let v = json(&["finetune", "--model", model, "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap(), "--method", method,
+                       "--max-steps", "1", "--eval-every", "0", "--checkpoint-every", "0", "--json"]);
+        assert_eq!(v["weights"], weights, "finetune --method {method}");
+    }
+}
+
 #[test]
 fn perplexity_json_and_bad_lines() {
     let m = fixture();

@@ -18,7 +18,7 @@ use tuna::train::data::{pack, split, tokenize_dataset};
 use tuna::train::run::{run, MetricsFormat, RunOptions};
 use tuna::train::{Method, TrainConfig, Trainer};
 
-use crate::{err, load_to_train, CliResult, ModelArgs};
+use crate::{err, load_to_train, weights_form, CliResult, ModelArgs};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum MethodArg {
@@ -218,7 +218,8 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
         return Err("--adapter trains that adapter further, with --method lora or qlora; to fine-tune a model with an adapter folded in, fold it first with `tuna merge`".into());
     }
     // A QLoRA base is quantized as it is read (the trainer would quantize it anyway).
-    let (model, tok, loaded) = load_to_train(&a.model, a.model.nf4 || matches!(a.method, MethodArg::Qlora), a.f16)?;
+    // LoRA keeps the base frozen, so a bf16 checkpoint's matrices may stay bf16 on the CPU.
+    let (model, tok, loaded) = load_to_train(&a.model, a.model.nf4 || matches!(a.method, MethodArg::Qlora), a.f16, matches!(a.method, MethodArg::Lora))?;
     let data = Dataset::read(&a.data).map_err(err)?;
     if a.strict {
         data.strict().map_err(err)?;
@@ -336,7 +337,7 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
                 "optimizer": trainer.optimizer.name(), "optimizer_state_floats": trainer.optimizer.state_len(),
                 "output": output, "metrics": summary.metrics_path, "plot": summary.plot_path,
                 "checkpoint": summary.checkpoint_path, "skipped_lines": data.bad_lines.len(),
-                "checkpoint_layers": trainer.config.checkpoint_layers,
+                "checkpoint_layers": trainer.config.checkpoint_layers, "weights": weights_form(&trainer.model),
             })
         );
     } else {

@@ -97,11 +97,25 @@ pub(crate) struct ModelArgs {
     /// Quantize the decoder linears to NF4 at load (the base a QLoRA adapter was trained on).
     #[arg(long)]
     pub(crate) nf4: bool,
-    /// Keep the model's matrices (linears, embeddings, LM head) in bf16 on the CPU: half their
-    /// memory, and decoding reads half the bytes. Exact for a bf16 checkpoint; activations and
-    /// the math stay f32.
+    /// Keep the model's matrices (linears, embeddings, LM head) in bf16 on the CPU, from any
+    /// checkpoint (an f32 or f16 one's rounded): half their memory, and decoding reads half the
+    /// bytes; activations and the math stay f32. The default on the CPU where the checkpoint
+    /// stores its matrices in bf16 (exact there), unless deltas fold into them.
     #[arg(long)]
     pub(crate) bf16_weights: bool,
+    /// Keep the matrices in f32 on the CPU even where the checkpoint stores them in bf16.
+    #[arg(long, conflicts_with = "bf16_weights")]
+    pub(crate) f32_weights: bool,
+}
+
+/// The form the model's weights took, as the JSON results report it: nf4 (decoder linears),
+/// or the embedding's dtype (bf16 for bf16 matrices on the CPU and on CUDA, f32, f16).
+pub(crate) fn weights_form(model: &Llama) -> &'static str {
+    if model.linears().iter().any(|(_, l)| l.weight.dtype() == DType::NF4) {
+        "nf4"
+    } else {
+        model.embed.dtype().name()
+    }
 }
 
 #[derive(Args)]
@@ -191,7 +205,7 @@ fn devices() -> CliResult {
 /// matrices are kept in bf16 (on the CPU): as they are read, unless deltas must first fold
 /// into the f32 weights. The adapter takes the model's precision on the device.
 pub(crate) fn load(args: &ModelArgs, nf4: bool, f16: bool) -> Result<(Llama, Tokenizer), String> {
-    let (mut model, tok, device) = load_base(args, nf4)?;
+    let (mut model, tok, device) = load_base(args, nf4, true)?;
     if let Some(a) = &args.adapter {
         tuna::peft::load_adapter(&mut model, a).map_err(err)?;
     }
@@ -199,9 +213,10 @@ pub(crate) fn load(args: &ModelArgs, nf4: bool, f16: bool) -> Result<(Llama, Tok
 }
 
 /// [`load`] for training: the adapter, if any, is attached last, in f32 on the device (the
-/// masters a trainer keeps, as for fresh adapters), and its config is returned.
-pub(crate) fn load_to_train(args: &ModelArgs, nf4: bool, f16: bool) -> Result<(Llama, Tokenizer, Option<LoraConfig>), String> {
-    let (model, tok, device) = load_base(args, nf4)?;
+/// masters a trainer keeps, as for fresh adapters), and its config is returned. `bf16_ok`: the
+/// method keeps the matrices frozen, so a bf16 checkpoint's may stay bf16 on the CPU.
+pub(crate) fn load_to_train(args: &ModelArgs, nf4: bool, f16: bool, bf16_ok: bool) -> Result<(Llama, Tokenizer, Option<LoraConfig>), String> {
+    let (model, tok, device) = load_base(args, nf4, bf16_ok)?;
     let mut model = half(on_device(model, &device)?, f16)?;
     let lora = match &args.adapter {
         Some(a) => Some(tuna::peft::load_adapter(&mut model, a).map_err(err)?),
@@ -210,9 +225,9 @@ pub(crate) fn load_to_train(args: &ModelArgs, nf4: bool, f16: bool) -> Result<(L
     Ok((model, tok, lora))
 }
 
-/// The base model of `args` on the CPU (deltas folded in, then NF4 or bf16 as asked), its
-/// tokenizer, and the device it is for (opened).
-fn load_base(args: &ModelArgs, nf4: bool) -> Result<(Llama, Tokenizer, Device), String> {
+/// The base model of `args` on the CPU (deltas folded in, then NF4 or bf16 as asked or, where
+/// `bf16_ok`, as a bf16 checkpoint stores it), its tokenizer, and the device it is for (opened).
+fn load_base(args: &ModelArgs, nf4: bool, bf16_ok: bool) -> Result<(Llama, Tokenizer, Device), String> {
     let device: Device = if args.device == "auto" { Device::Cpu } else { args.device.parse().map_err(err)? };
     if args.bf16_weights && (nf4 || device != Device::Cpu) {
         return Err(format!("--bf16-weights is a CPU form of the base; not with {}", if nf4 { "an NF4 base" } else { "--device other than cpu (CUDA runs the model in bf16 already)" }));
@@ -220,9 +235,14 @@ fn load_base(args: &ModelArgs, nf4: bool) -> Result<(Llama, Tokenizer, Device), 
     if device != Device::Cpu {
         device.open().map_err(err)?;
     }
+    // A bf16 checkpoint's matrices stay bf16 on the CPU, where nothing changes them first (an
+    // unreadable folder is left to the load, which names what is wrong).
+    let bf16 = args.bf16_weights
+        || (bf16_ok && !args.f32_weights && !nf4 && device == Device::Cpu && args.deltas.is_none()
+            && tuna::io::safetensors::WeightFiles::open(&args.model).and_then(|w| w.matrices_dtype()).is_ok_and(|d| d == Some(DType::BF16)));
     // Deltas fold into the full-precision weights, before any quantization; adapters stay
     // separate, so they apply on top of the NF4 base.
-    let mut model = match (args.deltas.is_none(), nf4, args.bf16_weights) {
+    let mut model = match (args.deltas.is_none(), nf4, bf16) {
         (true, true, _) => Llama::load_nf4(&args.model),
         (true, _, true) => Llama::load_bf16(&args.model),
         _ => Llama::load(&args.model),
@@ -235,7 +255,7 @@ fn load_base(args: &ModelArgs, nf4: bool) -> Result<(Llama, Tokenizer, Device), 
     if nf4 {
         model.quantize_nf4().map_err(err)?;
     }
-    if args.bf16_weights {
+    if bf16 {
         model.matrices_in_bf16().map_err(err)?;
     }
     let tok = Tokenizer::from_dir(&args.model).map_err(err)?;
@@ -347,7 +367,7 @@ fn generate(a: GenerateArgs) -> CliResult {
             json!({
                 "prompt": a.prompt, "completion": completion, "prompt_tokens": prompt.len(),
                 "new_tokens": new, "stopped_at_eos": new.last().is_some_and(|t| eos.contains(t)),
-                "seconds": secs, "tokens_per_second": new.len() as f64 / secs.max(1e-9),
+                "seconds": secs, "tokens_per_second": new.len() as f64 / secs.max(1e-9), "weights": weights_form(&model),
             })
         );
     } else {
@@ -396,7 +416,7 @@ fn perplexity(a: PerplexityArgs) -> CliResult {
         println!(
             "{}",
             json!({"mean_loss": mean, "perplexity": mean.exp(), "tokens": count, "examples": data.examples.len(),
-                   "skipped_lines": data.bad_lines.len(), "seconds": secs})
+                   "skipped_lines": data.bad_lines.len(), "seconds": secs, "weights": weights_form(&model)})
         );
     } else {
         println!("mean loss {mean:.4}  perplexity {:.3}  over {count} tokens in {} examples", mean.exp(), data.examples.len());

@@ -125,6 +125,23 @@ impl WeightFiles {
         to_dtype(v.dtype()).ok_or_else(|| Error::file(path, format!("tensor `{name}`: unsupported dtype {:?}", v.dtype())))
     }
 
+    /// The dtype every matrix (2-D tensor) of the files is stored in, when they share one
+    /// (None when they differ, or there is none): a bf16 checkpoint's, for example.
+    pub fn matrices_dtype(&self) -> Result<Option<DType>> {
+        let mut shared = None;
+        for name in self.names() {
+            let (_, v) = self.view(name)?;
+            if v.shape().len() != 2 {
+                continue;
+            }
+            let d = self.dtype(name)?;
+            if shared.replace(d).is_some_and(|s| s != d) {
+                return Ok(None);
+            }
+        }
+        Ok(shared)
+    }
+
     /// Loads a float tensor as f32 on the CPU, checking its shape against `shape`.
     pub fn load_f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let (path, v) = self.shaped_view(name, shape)?;
