@@ -60,8 +60,8 @@ enum Command {
         deltas: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
-        /// The weights' dtype in the written folder; auto: the base's (its embedding's dtype in
-        /// its files), as PEFT's merge of a model loaded in that dtype gives.
+        /// The weights' dtype in the written folder; auto: the one the base stores its matrices
+        /// in (f32 where they differ), as PEFT's merge of the base loaded in that dtype gives.
         #[arg(long, value_enum, default_value = "auto")]
         dtype: DtypeArg,
     },
@@ -277,14 +277,11 @@ fn merge(model: &std::path::Path, adapter: Option<&std::path::Path>, deltas: Opt
         DtypeArg::F32 => DType::F32,
         DtypeArg::Bf16 => DType::BF16,
         DtypeArg::F16 => DType::F16,
-        DtypeArg::Auto => {
-            let name = "model.embed_tokens.weight";
-            let d = tuna::io::safetensors::WeightFiles::open(model).and_then(|w| w.dtype(name)).map_err(err)?;
-            if !d.is_float() {
-                return Err(format!("{}: `{name}` is {d}, not a float type to write the merged weights in; pass --dtype", model.display()));
-            }
-            d
-        }
+        // Matrices of mixed dtypes (or in none a file can hold) are written in f32.
+        DtypeArg::Auto => match tuna::io::safetensors::WeightFiles::open(model).and_then(|w| w.matrices_dtype()).map_err(err)? {
+            Some(d) if d.is_float() => d,
+            _ => DType::F32,
+        },
     };
     let mut m = Llama::load(model).map_err(err)?;
     if let Some(a) = adapter {
