@@ -79,6 +79,32 @@ fn qwen3_qk_norms_match_transformers() {
     check_logits_and_loss("qwen3");
 }
 
+/// SmolLM3's NoPE layer (the middle of three) rotates nothing; the model still matches
+/// transformers, and so must not match itself with that layer rotating (the flag is read).
+#[test]
+fn smollm3_nope_layers_match_transformers() {
+    check_logits_and_loss("smollm3");
+    let model = Llama::load(&fixture("smollm3")).unwrap();
+    assert_eq!((model.config.nope_layers.as_slice(), model.layers.iter().map(|l| l.rope).collect::<Vec<_>>()), (&[1][..], vec![true, false, true]));
+    let mut rotating = model.clone();
+    rotating.layers[1].rope = true;
+    let ids = Expected::load("smollm3").tensor("input_ids");
+    let (a, b) = (model.forward(&ids, None).unwrap().to_vec_f32().unwrap(), rotating.forward(&ids, None).unwrap().to_vec_f32().unwrap());
+    let far = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(far > 1e-3, "rotating the NoPE layer changed the logits by only {far}");
+    // Written back as transformers reads it: the per-layer flags survive a save and load.
+    let dir = common::Scratch::new("smollm3-save");
+    model.save(&fixture("smollm3"), &dir).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(json["no_rope_layers"], serde_json::json!([1, 0, 1]));
+    let built = tuna::io::config::LlamaConfig { nope_layers: vec![1], ..tuna::io::config::LlamaConfig::llama(320, 32, 64, 3, 4, 2) };
+    let json = built.to_hf_json();
+    assert_eq!(json["no_rope_layers"], serde_json::Value::Null, "a Llama config names no NoPE layers");
+    let smol = tuna::io::config::LlamaConfig { arch: tuna::io::config::Arch::SmolLM3, ..built };
+    let back = tuna::io::config::LlamaConfig::from_value(&smol.to_hf_json(), Path::new("config.json")).unwrap();
+    assert_eq!(back.nope_layers, vec![1]);
+}
+
 #[test]
 fn bf16_checkpoint_matches_its_f32_twin() {
     // Exactly transformers' result for the bf16 weights upcast to f32 ...
@@ -177,7 +203,7 @@ fn matrices_kept_in_bf16_compute_what_their_f32_values_do() {
 
 #[test]
 fn greedy_generation_reproduces_transformers() {
-    for name in ["llama-gqa", "qwen2-tied", "llama3-rope", "mistral", "qwen3"] {
+    for name in ["llama-gqa", "qwen2-tied", "llama3-rope", "mistral", "qwen3", "smollm3"] {
         let cpu_model = Llama::load(&fixture(name)).unwrap();
         let exp = Expected::load(name);
         let prompt: Vec<u32> = exp.ids("greedy_prompt").into_iter().map(|t| t as u32).collect();
@@ -203,7 +229,7 @@ fn greedy_generation_reproduces_transformers() {
 
 #[test]
 fn kv_cache_gives_the_same_logits_as_a_full_forward() {
-    for name in ["llama-gqa", "qwen3"] {
+    for name in ["llama-gqa", "qwen3", "smollm3"] {
         for dev in common::f32_model_devices() {
             kv_cache_check(name, &Llama::load(&fixture(name)).unwrap().to_device(&dev).unwrap());
         }
@@ -226,8 +252,9 @@ fn kv_cache_check(fixture_name: &str, model: &Llama) {
 
 #[test]
 fn full_model_gradients_match_transformers() {
-    // On every device: on wgpu every op's backward runs there. Qwen3's q/k norms: 4 more.
-    for (name, count) in [("llama-gqa", 21), ("qwen3", 25)] {
+    // On every device: on wgpu every op's backward runs there. Qwen3's q/k norms: 4 more;
+    // SmolLM3: three layers, a tied head.
+    for (name, count) in [("llama-gqa", 21), ("qwen3", 25), ("smollm3", 29)] {
         for dev in common::f32_model_devices() {
             full_model_gradients(name, count, Llama::load(&fixture(name)).unwrap().to_device(&dev).unwrap());
         }

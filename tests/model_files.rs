@@ -170,6 +170,36 @@ fn qwen3_config_and_norms() {
 }
 
 #[test]
+fn smollm3_nope_layers_from_flags_or_interval() {
+    let path = fixture("smollm3").join("config.json");
+    let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let with = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = original.clone();
+        edit(&mut v);
+        LlamaConfig::from_value(&v, &path).map_err(|e| e.to_string())
+    };
+    let c = with(&|_| {}).unwrap();
+    assert_eq!((c.arch, c.nope_layers.clone()), (tuna::io::config::Arch::SmolLM3, vec![1]));
+    assert!(c.rotates(0) && !c.rotates(1) && c.rotates(2));
+    assert_eq!(LlamaConfig::from_value(&c.to_hf_json(), &path).unwrap(), c);
+    // Without the flags, every `no_rope_layer_interval`-th layer (default 4) rotates nothing.
+    let eight = |v: &mut serde_json::Value| {
+        v.as_object_mut().unwrap().remove("no_rope_layers");
+        v["num_hidden_layers"] = 8.into();
+    };
+    assert_eq!(with(&|v| { eight(v); v.as_object_mut().unwrap().remove("no_rope_layer_interval"); }).unwrap().nope_layers, vec![3, 7]);
+    assert_eq!(with(&|v| { eight(v); v["no_rope_layer_interval"] = 3.into(); }).unwrap().nope_layers, vec![2, 5]);
+    for (edit, says) in [
+        (&(|v: &mut serde_json::Value| v["no_rope_layers"] = serde_json::json!([1, 0])) as &dyn Fn(&mut serde_json::Value), "has 2 flags for 3 layers"),
+        (&|v: &mut serde_json::Value| v["no_rope_layers"] = serde_json::json!([1, 2, 1]), "flag 1 is 2"),
+        (&|v: &mut serde_json::Value| v["use_sliding_window"] = true.into(), "field `use_sliding_window`"),
+    ] {
+        let e = with(edit).unwrap_err();
+        assert!(e.contains("config.json") && e.contains(says), "{e}");
+    }
+}
+
+#[test]
 fn classic_config_form_reads_the_same_rope() {
     // The pre-transformers-5 form: rope_theta and rope_scaling at the top level.
     let dir = fixture("llama3-rope");

@@ -1,5 +1,5 @@
 //! `config.json` of a Llama-family checkpoint: Llama (SmolLM, TinyLlama, Llama 3.x), Mistral,
-//! Qwen2, Qwen3. Reads both the classic form (`rope_theta`, `rope_scaling` at the top level)
+//! Qwen2, Qwen3, SmolLM3. Reads both the classic form (`rope_theta`, `rope_scaling` at the top level)
 //! and the transformers 5 form (`rope_parameters`). Unknown architectures and unsupported
 //! settings are errors naming the field, never silent defaults.
 
@@ -18,6 +18,8 @@ pub enum Arch {
     /// Qwen2's layout without its fixed q/k/v biases, plus an RMSNorm over each head of q and k
     /// before RoPE (`q_norm`, `k_norm`).
     Qwen3,
+    /// Llama's layout with some layers applying no RoPE (`no_rope_layers`: NoPE).
+    SmolLM3,
 }
 
 /// Llama 3's frequency-dependent RoPE rescaling.
@@ -53,6 +55,9 @@ pub struct LlamaConfig {
     pub mlp_bias: bool,
     pub max_position_embeddings: usize,
     pub sliding_window: Option<usize>,
+    /// The layers whose attention applies no RoPE to q and k (SmolLM3's NoPE layers), in order;
+    /// empty: every layer rotates.
+    pub nope_layers: Vec<usize>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -100,10 +105,11 @@ impl LlamaConfig {
             "MistralForCausalLM" => Arch::Mistral,
             "Qwen2ForCausalLM" => Arch::Qwen2,
             "Qwen3ForCausalLM" => Arch::Qwen3,
+            "SmolLM3ForCausalLM" => Arch::SmolLM3,
             other => {
                 return Err(f.err(
                     "architectures",
-                    &format!("`{other}` is not supported (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM are)"),
+                    &format!("`{other}` is not supported (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, SmolLM3ForCausalLM are)"),
                 ))
             }
         };
@@ -162,10 +168,40 @@ impl LlamaConfig {
         };
         let sliding_window = match arch {
             Arch::Mistral => f.opt_usize("sliding_window")?,
-            Arch::Qwen2 | Arch::Qwen3 if f.opt_bool("use_sliding_window")?.unwrap_or(false) => {
-                return Err(f.err("use_sliding_window", "Qwen's per-layer sliding window is not supported"))
+            Arch::Qwen2 | Arch::Qwen3 | Arch::SmolLM3 if f.opt_bool("use_sliding_window")?.unwrap_or(false) => {
+                return Err(f.err("use_sliding_window", "a per-layer sliding window is not supported"))
             }
             _ => None,
+        };
+        let num_layers = f.usize("num_hidden_layers")?;
+        let nope_layers = match arch {
+            // transformers' `no_rope_layers` holds a flag per layer, 1 where RoPE applies; without
+            // it, every `no_rope_layer_interval`-th layer (default 4) applies none.
+            Arch::SmolLM3 => match f.opt("no_rope_layers") {
+                Some(Value::Array(flags)) => {
+                    if flags.len() != num_layers {
+                        return Err(f.err("no_rope_layers", &format!("has {} flags for {num_layers} layers", flags.len())));
+                    }
+                    let mut nope = Vec::new();
+                    for (i, x) in flags.iter().enumerate() {
+                        match x.as_u64() {
+                            Some(0) => nope.push(i),
+                            Some(1) => {}
+                            _ => return Err(f.err("no_rope_layers", &format!("flag {i} is {x}, not 0 or 1"))),
+                        }
+                    }
+                    nope
+                }
+                Some(other) => return Err(f.err("no_rope_layers", &format!("{other} is not a list of 0/1 flags"))),
+                None => {
+                    let every = f.opt_usize("no_rope_layer_interval")?.unwrap_or(4);
+                    if every == 0 {
+                        return Err(f.err("no_rope_layer_interval", "must be at least 1"));
+                    }
+                    (0..num_layers).filter(|i| (i + 1) % every == 0).collect()
+                }
+            },
+            _ => Vec::new(),
         };
         let ids = |field: &str| -> Result<Vec<u32>> {
             match f.opt(field) {
@@ -180,7 +216,7 @@ impl LlamaConfig {
             vocab_size: f.usize("vocab_size")?,
             hidden_size,
             intermediate_size: f.usize("intermediate_size")?,
-            num_layers: f.usize("num_hidden_layers")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -194,6 +230,7 @@ impl LlamaConfig {
             mlp_bias: f.opt_bool("mlp_bias")?.unwrap_or(false),
             max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(2048),
             sliding_window,
+            nope_layers,
             bos_token_id: ids("bos_token_id")?.first().copied(),
             eos_token_ids: ids("eos_token_id")?,
         })
@@ -221,9 +258,15 @@ impl LlamaConfig {
             mlp_bias: false,
             max_position_embeddings: 2048,
             sliding_window: None,
+            nope_layers: Vec::new(),
             bos_token_id: None,
             eos_token_ids: Vec::new(),
         }
+    }
+
+    /// Whether layer `i` rotates q and k by RoPE (all but SmolLM3's NoPE layers do).
+    pub fn rotates(&self, i: usize) -> bool {
+        !self.nope_layers.contains(&i)
     }
 
     /// The config as transformers writes it (`config.json`), enough for transformers and tuna
@@ -234,6 +277,7 @@ impl LlamaConfig {
             Arch::Mistral => ("MistralForCausalLM", "mistral"),
             Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
             Arch::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
+            Arch::SmolLM3 => ("SmolLM3ForCausalLM", "smollm3"),
         };
         let mut rope = serde_json::json!({"rope_type": "default", "rope_theta": self.rope_theta});
         if let Some(s) = &self.rope_scaling {
@@ -243,7 +287,7 @@ impl LlamaConfig {
                 "original_max_position_embeddings": s.original_max_position_embeddings,
             });
         }
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "architectures": [arch.0],
             "model_type": arch.1,
             "vocab_size": self.vocab_size,
@@ -264,7 +308,12 @@ impl LlamaConfig {
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_ids.first(),
             "dtype": "float32",
-        })
+        });
+        if self.arch == Arch::SmolLM3 {
+            v["no_rope_layers"] = (0..self.num_layers).map(|i| u8::from(self.rotates(i))).collect();
+            v["use_sliding_window"] = false.into();
+        }
+        v
     }
 
     /// RoPE inverse frequencies `[D/2]`, rounded as transformers rounds them:

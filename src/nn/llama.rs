@@ -54,6 +54,9 @@ pub struct Layer {
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
+    /// Whether RoPE rotates q and k (not in SmolLM3's NoPE layers: attention sees no positions
+    /// there but the causal order).
+    pub rope: bool,
 }
 
 /// The per-head norms of q and k (`self_attn.q_norm`, `self_attn.k_norm`).
@@ -98,10 +101,12 @@ impl Layer {
         };
         let qkv = Linear::forward_group_remade(&[(&self.q, seeds[0]), (&self.k, seeds[1]), (&self.v, seeds[2])], &hn, Some(remade_rmsnorm(&x, &self.input_norm, ctx.eps)))?;
         let (q, k) = (ops::reshape(&qkv[0], [b * t, h, d])?, ops::reshape(&qkv[1], [b * t, g, d])?);
-        let rope = |x: &Tensor, norm: Option<&Tensor>| match norm {
+        let rope = |x: &Tensor, norm: Option<&Tensor>| match (norm, self.rope) {
             // Qwen3: RMSNorm over each head of each token, then RoPE (one kernel on CUDA).
-            Some(w) => ops::rmsnorm_rope(x, w, ctx.eps, &ctx.positions, &ctx.inv_freq),
-            None => ops::rope(x, &ctx.positions, &ctx.inv_freq),
+            (Some(w), true) => ops::rmsnorm_rope(x, w, ctx.eps, &ctx.positions, &ctx.inv_freq),
+            (None, true) => ops::rope(x, &ctx.positions, &ctx.inv_freq),
+            (Some(w), false) => ops::rmsnorm(x, w, ctx.eps),
+            (None, false) => Ok(x.clone()),
         };
         let q = rope(&q, self.qk_norm.as_ref().map(|n| &n.q))?;
         let k = rope(&k, self.qk_norm.as_ref().map(|n| &n.k))?;
@@ -250,6 +255,7 @@ impl Llama {
                 gate: linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, e, c.mlp_bias)?,
                 up: linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, e, c.mlp_bias)?,
                 down: linear(&format!("{p}.mlp.down_proj"), e, c.intermediate_size, c.mlp_bias)?,
+                rope: c.rotates(i),
             })
         };
         let layers = (0..c.num_layers).into_par_iter().map(layer).collect::<Vec<_>>().into_iter().collect::<Result<Vec<_>>>()?;
@@ -279,7 +285,7 @@ impl Llama {
         let ones = |n: usize| Tensor::full(1.0, [n], &Device::Cpu);
         let zeros = |n: usize| Tensor::zeros([n], DType::F32, &Device::Cpu);
         let mut layers = Vec::with_capacity(c.num_layers);
-        for _ in 0..c.num_layers {
+        for i in 0..c.num_layers {
             let mut lin = |out: usize, inp: usize, bias: bool| -> Result<Linear> {
                 Ok(Linear::new(mat(out, inp)?, if bias { Some(zeros(out)?) } else { None }))
             };
@@ -294,6 +300,7 @@ impl Llama {
                 gate: lin(c.intermediate_size, e, c.mlp_bias)?,
                 up: lin(c.intermediate_size, e, c.mlp_bias)?,
                 down: lin(e, c.intermediate_size, c.mlp_bias)?,
+                rope: c.rotates(i),
             });
         }
         let embed = mat(c.vocab_size, e)?;
