@@ -69,6 +69,30 @@ fn llama3_rope_scaling_matches_transformers() {
     check_logits_and_loss("llama3-rope");
 }
 
+/// YaRN: frequencies kept, blended and interpolated along the head dim, and the attention
+/// factor transformers puts on cos and sin (here on the scores), through the KV cache too.
+#[test]
+fn yarn_rope_scaling_matches_transformers() {
+    check_logits_and_loss("yarn-rope");
+    let model = Llama::load(&fixture("yarn-rope")).unwrap();
+    // transformers' inv_freq for this config (printed by make_fixtures.py): 1, 0.1 blended
+    // halfway with 0.1 / 4, then 0.01 / 4 and 0.001 / 4.
+    assert_eq!(model.config.inv_freq(), [1.0, 0.0625, 0.0025, 0.00025]);
+    let plain = tuna::io::config::LlamaConfig { rope_scaling: None, ..model.config.clone() };
+    let m = 0.1f32 * 4f32.ln() + 1.0;
+    assert!((model.config.attention_scale() / plain.attention_scale() - m * m).abs() < 1e-6);
+    // Written back as transformers reads it, and read again as the same config.
+    for name in ["yarn-rope", "linear-rope"] {
+        let c = Llama::load(&fixture(name)).unwrap().config;
+        assert_eq!(tuna::io::config::LlamaConfig::from_value(&c.to_hf_json(), Path::new("config.json")).unwrap(), c, "{name}");
+    }
+}
+
+#[test]
+fn linear_rope_scaling_matches_transformers() {
+    check_logits_and_loss("linear-rope");
+}
+
 #[test]
 fn mistral_matches_transformers() {
     check_logits_and_loss("mistral");
@@ -203,7 +227,7 @@ fn matrices_kept_in_bf16_compute_what_their_f32_values_do() {
 
 #[test]
 fn greedy_generation_reproduces_transformers() {
-    for name in ["llama-gqa", "qwen2-tied", "llama3-rope", "mistral", "qwen3", "smollm3"] {
+    for name in ["llama-gqa", "qwen2-tied", "llama3-rope", "yarn-rope", "linear-rope", "mistral", "qwen3", "smollm3"] {
         let cpu_model = Llama::load(&fixture(name)).unwrap();
         let exp = Expected::load(name);
         let prompt: Vec<u32> = exp.ids("greedy_prompt").into_iter().map(|t| t as u32).collect();
@@ -229,7 +253,7 @@ fn greedy_generation_reproduces_transformers() {
 
 #[test]
 fn kv_cache_gives_the_same_logits_as_a_full_forward() {
-    for name in ["llama-gqa", "qwen3", "smollm3"] {
+    for name in ["llama-gqa", "qwen3", "smollm3", "yarn-rope"] {
         for dev in common::f32_model_devices() {
             kv_cache_check(name, &Llama::load(&fixture(name)).unwrap().to_device(&dev).unwrap());
         }

@@ -130,7 +130,9 @@ fn config_errors_name_the_field() {
         ("num_key_value_heads", serde_json::json!(3), "field `num_key_value_heads`"),
         ("hidden_size", serde_json::json!("big"), "field `hidden_size`"),
         ("hidden_act", serde_json::json!("gelu"), "field `hidden_act`"),
-        ("rope_parameters", serde_json::json!({"rope_type": "yarn", "rope_theta": 1e4}), "rope_parameters.rope_type"),
+        ("rope_parameters", serde_json::json!({"rope_type": "longrope", "rope_theta": 1e4}), "rope_parameters.rope_type"),
+        ("rope_parameters", serde_json::json!({"rope_type": "linear", "rope_theta": 1e4}), "rope_parameters.factor"),
+        ("rope_parameters", serde_json::json!({"rope_type": "yarn", "rope_theta": 1e4, "factor": "4"}), "rope_parameters.factor"),
     ];
     for (field, value, needle) in cases {
         let mut cfg = original.clone();

@@ -22,6 +22,32 @@ pub enum Arch {
     SmolLM3,
 }
 
+/// RoPE's rescaling of its inverse frequencies for contexts longer than the pretraining one
+/// (transformers' `rope_type`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// `llama3`: Llama 3.1's frequency-dependent rescaling.
+    Llama3(Llama3Scaling),
+    /// `linear`: every frequency divided by `factor` (the positions interpolated).
+    Linear { factor: f32 },
+    /// `yarn`: frequencies blended between interpolated and kept by a ramp over the head dim,
+    /// and cos and sin multiplied by `attention_factor`.
+    Yarn(YarnScaling),
+}
+
+/// YaRN (Peng et al., 2023) as transformers computes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct YarnScaling {
+    pub factor: f32,
+    pub original_max_position_embeddings: f32,
+    pub beta_fast: f32,
+    pub beta_slow: f32,
+    /// Whether the ramp's ends are rounded outwards to whole dims.
+    pub truncate: bool,
+    /// What cos and sin are multiplied by (`0.1·ln(factor) + 1` unless the config says).
+    pub attention_factor: f32,
+}
+
 /// Llama 3's frequency-dependent RoPE rescaling.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Llama3Scaling {
@@ -43,7 +69,7 @@ pub struct LlamaConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f32,
     pub rope_theta: f32,
-    pub rope_scaling: Option<Llama3Scaling>,
+    pub rope_scaling: Option<RopeScaling>,
     pub tie_word_embeddings: bool,
     /// Biases on q, k, v (Qwen2 always; Llama and Qwen3 with `attention_bias`).
     pub qkv_bias: bool,
@@ -143,20 +169,48 @@ impl LlamaConfig {
             Some(r) => {
                 let field = if f.opt("rope_parameters").is_some() { "rope_parameters" } else { "rope_scaling" };
                 let kind = r.get("rope_type").or_else(|| r.get("type")).and_then(Value::as_str).unwrap_or("default");
+                let opt_num = |k: &str| -> Result<Option<f64>> {
+                    match r.get(k) {
+                        None | Some(Value::Null) => Ok(None),
+                        Some(x) => x.as_f64().map(Some).ok_or_else(|| f.err(&format!("{field}.{k}"), "not a number")),
+                    }
+                };
+                let num = |k: &str| -> Result<f32> { opt_num(k)?.map(|x| x as f32).ok_or_else(|| f.err(&format!("{field}.{k}"), "missing or not a number")) };
                 match kind {
                     "default" => None,
-                    "llama3" => {
-                        let num = |k: &str| -> Result<f32> {
-                            r.get(k).and_then(Value::as_f64).map(|x| x as f32).ok_or_else(|| f.err(&format!("{field}.{k}"), "missing or not a number"))
+                    "llama3" => Some(RopeScaling::Llama3(Llama3Scaling {
+                        factor: num("factor")?,
+                        low_freq_factor: num("low_freq_factor")?,
+                        high_freq_factor: num("high_freq_factor")?,
+                        original_max_position_embeddings: num("original_max_position_embeddings")?,
+                    })),
+                    "linear" => Some(RopeScaling::Linear { factor: num("factor")? }),
+                    "yarn" => {
+                        // transformers' defaults: the pretraining length from the top level or
+                        // the model's, the factor from the two lengths, betas 32 and 1.
+                        let max_pos = f.opt_usize("max_position_embeddings")?.unwrap_or(2048) as f64;
+                        let original = match opt_num("original_max_position_embeddings")? {
+                            Some(x) => x,
+                            None => f.opt_usize("original_max_position_embeddings")?.map_or(max_pos, |x| x as f64),
                         };
-                        Some(Llama3Scaling {
-                            factor: num("factor")?,
-                            low_freq_factor: num("low_freq_factor")?,
-                            high_freq_factor: num("high_freq_factor")?,
-                            original_max_position_embeddings: num("original_max_position_embeddings")?,
-                        })
+                        let factor = opt_num("factor")?.unwrap_or(max_pos / original);
+                        let mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+                        let attention_factor = match (opt_num("attention_factor")?, opt_num("mscale")?, opt_num("mscale_all_dim")?) {
+                            (Some(a), _, _) => a,
+                            (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => mscale(factor, m) / mscale(factor, all),
+                            _ => mscale(factor, 1.0),
+                        };
+                        let beta = |k: &str, default: f64| -> Result<f32> { Ok(opt_num(k)?.filter(|&b| b != 0.0).unwrap_or(default) as f32) };
+                        Some(RopeScaling::Yarn(YarnScaling {
+                            factor: factor as f32,
+                            original_max_position_embeddings: original as f32,
+                            beta_fast: beta("beta_fast", 32.0)?,
+                            beta_slow: beta("beta_slow", 1.0)?,
+                            truncate: r.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+                            attention_factor: attention_factor as f32,
+                        }))
                     }
-                    other => return Err(f.err(&format!("{field}.rope_type"), &format!("`{other}` is not supported (default, llama3 are)"))),
+                    other => return Err(f.err(&format!("{field}.rope_type"), &format!("`{other}` is not supported (default, linear, llama3, yarn are)"))),
                 }
             }
         };
@@ -279,14 +333,20 @@ impl LlamaConfig {
             Arch::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
             Arch::SmolLM3 => ("SmolLM3ForCausalLM", "smollm3"),
         };
-        let mut rope = serde_json::json!({"rope_type": "default", "rope_theta": self.rope_theta});
-        if let Some(s) = &self.rope_scaling {
-            rope = serde_json::json!({
+        let rope = match &self.rope_scaling {
+            None => serde_json::json!({"rope_type": "default", "rope_theta": self.rope_theta}),
+            Some(RopeScaling::Llama3(s)) => serde_json::json!({
                 "rope_type": "llama3", "rope_theta": self.rope_theta, "factor": s.factor,
                 "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
                 "original_max_position_embeddings": s.original_max_position_embeddings,
-            });
-        }
+            }),
+            Some(RopeScaling::Linear { factor }) => serde_json::json!({"rope_type": "linear", "rope_theta": self.rope_theta, "factor": factor}),
+            Some(RopeScaling::Yarn(y)) => serde_json::json!({
+                "rope_type": "yarn", "rope_theta": self.rope_theta, "factor": y.factor,
+                "original_max_position_embeddings": y.original_max_position_embeddings, "beta_fast": y.beta_fast,
+                "beta_slow": y.beta_slow, "truncate": y.truncate, "attention_factor": y.attention_factor,
+            }),
+        };
         let mut v = serde_json::json!({
             "architectures": [arch.0],
             "model_type": arch.1,
@@ -318,21 +378,56 @@ impl LlamaConfig {
 
     /// RoPE inverse frequencies `[D/2]`, rounded as transformers rounds them:
     /// `e = f32(2i) / D` in f32, `p = theta^e` correctly rounded to f32 (torch's f32 pow is; so
-    /// it is computed in f64 here), `inv_freq[i] = 1 / p` in f32; then the Llama 3 rescaling
-    /// when configured (all f32).
+    /// it is computed in f64 here), `inv_freq[i] = 1 / p` in f32; then the configured rescaling
+    /// (all f32).
     pub fn inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim;
-        let base: Vec<f32> = (0..d / 2)
-            .map(|i| {
-                let e = (2 * i) as f32 / d as f32;
-                1.0f32 / ((self.rope_theta as f64).powf(e as f64) as f32)
-            })
-            .collect();
+        let powers = (0..d / 2).map(|i| {
+            let e = (2 * i) as f32 / d as f32;
+            (self.rope_theta as f64).powf(e as f64) as f32
+        });
         match &self.rope_scaling {
-            None => base,
-            Some(s) => base.into_iter().map(|f| llama3_scale(f, s)).collect(),
+            None => powers.map(|p| 1.0 / p).collect(),
+            Some(RopeScaling::Llama3(s)) => powers.map(|p| llama3_scale(1.0 / p, s)).collect(),
+            Some(RopeScaling::Linear { factor }) => powers.map(|p| 1.0 / p / factor).collect(),
+            Some(RopeScaling::Yarn(y)) => {
+                let (low, high) = yarn_ramp_ends(y, d, self.rope_theta as f64);
+                powers
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let (kept, interpolated) = (1.0 / p, 1.0 / (y.factor * p));
+                        let ramp = ((i as f32 - low as f32) / (high - low) as f32).clamp(0.0, 1.0);
+                        let keep = 1.0 - ramp;
+                        interpolated * (1.0 - keep) + kept * keep
+                    })
+                    .collect()
+            }
         }
     }
+
+    /// The softmax scale of attention: `1/sqrt(D)`, times YaRN's `attention_factor` squared
+    /// (transformers multiplies cos and sin by it, so both q and k; here the scores are).
+    pub fn attention_scale(&self) -> f32 {
+        let m = match &self.rope_scaling {
+            Some(RopeScaling::Yarn(y)) => y.attention_factor,
+            _ => 1.0,
+        };
+        1.0 / (self.head_dim as f32).sqrt() * (m * m)
+    }
+}
+
+/// The dims (of `d / 2` frequencies) where YaRN's ramp starts and ends: where a frequency turns
+/// `beta_fast` and `beta_slow` times over the pretraining length, rounded outwards when
+/// `truncate`, kept within the dims, and apart (transformers' `find_correction_range`).
+fn yarn_ramp_ends(y: &YarnScaling, d: usize, theta: f64) -> (f64, f64) {
+    let dim = d as f64;
+    let at = |rotations: f32| dim * (y.original_max_position_embeddings as f64 / (rotations as f64 * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+    let (mut low, mut high) = (at(y.beta_fast), at(y.beta_slow));
+    if y.truncate {
+        (low, high) = (low.floor(), high.ceil());
+    }
+    let (low, high) = (low.max(0.0), high.min(dim - 1.0));
+    (low, if low == high { high + 0.001 } else { high })
 }
 
 /// Llama 3 rescaling of one inverse frequency: wavelengths shorter than

@@ -611,7 +611,7 @@ impl Llama {
             t,
             heads: (c.num_heads, c.num_kv_heads, c.head_dim),
             eps: c.rms_norm_eps,
-            scale: 1.0 / (c.head_dim as f32).sqrt(),
+            scale: c.attention_scale(),
             positions,
             inv_freq: Tensor::from_vec(self.inv_freq.clone(), [self.inv_freq.len()])?.to_device(&dev)?,
             mask: AttentionMask { causal: true, window: c.sliding_window, segment_starts: packing.map(|p| p.starts.clone()) },
