@@ -352,6 +352,34 @@ fn finetune_trains_a_loaded_adapter_further() {
     }
 }
 
+/// `--eval-data` evaluates on a file of its own (bad lines skipped and counted), every --data
+/// example trains, and the final eval loss is what `perplexity` gives on that file with the
+/// adapter written. `--target-modules all-linear` adapts every linear, as PEFT's shorthand.
+#[test]
+fn finetune_evaluates_on_eval_data() {
+    let m = fixture();
+    let (base, data) = counting_data("cli-eval-data");
+    let eval = base.join("eval.jsonl");
+    std::fs::write(&eval, "{\"text\": \"Count 3 4 5\"}\n{bad\n{\"prompt\": \"Count 7\", \"completion\": \" 8 9\"}\n").unwrap();
+    let out = base.join("run");
+    let (ok, stdout, err) = tuna(&["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--eval-data", eval.to_str().unwrap(),
+                                   "--out", out.to_str().unwrap(), "--max-steps", "3", "--lr", "1e-2", "--eval-every", "0", "--checkpoint-every", "0",
+                                   "--target-modules", "all-linear", "--json"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("eval.jsonl: line 2"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!((v["train_examples"].as_u64(), v["eval_examples"].as_u64(), v["eval_skipped_lines"].as_u64()), (Some(16), Some(2), Some(1)), "{v}");
+    let adapter = out.join("adapter");
+    let got = v["final_eval_loss"].as_f64().unwrap();
+    let want = mean_loss(&eval, &["--model", m.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()]);
+    assert!((got - want).abs() < 1e-5, "final eval loss {got}, perplexity's on the eval file {want}");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7, "{cfg}");
+    let (ok, _, err) = tuna(&["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--eval-data", eval.to_str().unwrap(),
+                              "--eval-fraction", "0.2", "--out", out.to_str().unwrap()]);
+    assert!(!ok && err.contains("--eval-fraction"), "{err}");
+}
+
 #[test]
 fn demo_learns_with_sm3_sparse_and_qlora() {
     for (tag, extra) in [

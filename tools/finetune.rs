@@ -79,8 +79,8 @@ pub struct FinetuneArgs {
     /// Scale by alpha/sqrt(r) instead of alpha/r [default: off, or the --adapter's].
     #[arg(long)]
     rslora: bool,
-    /// Comma-separated module names [default: every linear, or the --adapter's; sparse:
-    /// every linear].
+    /// Comma-separated module names, or all-linear [default: every linear, or the --adapter's;
+    /// sparse: every linear].
     #[arg(long)]
     target_modules: Option<String>,
     /// Sparse fine-tuning: fraction of each target matrix trained.
@@ -149,9 +149,13 @@ pub struct FinetuneArgs {
     seed: u64,
     #[arg(long)]
     no_shuffle: bool,
-    /// Fraction of the examples held out for evaluation.
-    #[arg(long, default_value_t = 0.1)]
-    eval_fraction: f32,
+    /// Fraction of the examples held out for evaluation [default: 0.1; 0 with --eval-data].
+    #[arg(long)]
+    eval_fraction: Option<f32>,
+    /// A JSONL file to evaluate on (the same forms as --data), instead of holding out a
+    /// fraction of --data: every --data example then trains.
+    #[arg(long, conflicts_with = "eval_fraction")]
+    eval_data: Option<PathBuf>,
     /// Evaluate every N steps (0: at the end only).
     #[arg(long, default_value_t = 50)]
     eval_every: usize,
@@ -167,8 +171,25 @@ pub struct FinetuneArgs {
     stop_after: Option<usize>,
 }
 
+/// The module names of `--target-modules`: a comma-separated list, or PEFT's `all-linear`.
 fn modules(list: &str) -> Vec<String> {
+    if list.trim() == "all-linear" {
+        return tuna::nn::llama::LINEAR_MODULES.iter().map(|s| s.to_string()).collect();
+    }
     list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+}
+
+/// The examples of a JSONL file, its bad lines reported (or, with `strict`, the first one an
+/// error), tokenized.
+fn read_examples(path: &std::path::Path, strict: bool) -> Result<Dataset, String> {
+    let data = Dataset::read(path).map_err(err)?;
+    if strict {
+        data.strict().map_err(err)?;
+    }
+    for b in &data.bad_lines {
+        eprintln!("warning: {}: line {}: {} (skipped)", path.display(), b.line, b.reason);
+    }
+    Ok(data)
 }
 
 /// The LoRA config of a run: the flags over the defaults, or, with `--adapter`, the loaded
@@ -217,18 +238,17 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
     if a.model.adapter.is_some() && !matches!(a.method, MethodArg::Lora | MethodArg::Qlora) {
         return Err("--adapter trains that adapter further, with --method lora or qlora; to fine-tune a model with an adapter folded in, fold it first with `tuna merge`".into());
     }
+    // The data first: a bad file fails before a large model loads.
+    let data = read_examples(&a.data, a.strict)?;
+    let eval_data = a.eval_data.as_deref().map(|p| read_examples(p, a.strict)).transpose()?;
     // A QLoRA base is quantized as it is read (the trainer would quantize it anyway).
     // LoRA keeps the base frozen, so a bf16 checkpoint's matrices may stay bf16 on the CPU.
     let (model, tok, loaded) = load_to_train(&a.model, a.model.nf4 || matches!(a.method, MethodArg::Qlora), a.f16, matches!(a.method, MethodArg::Lora))?;
-    let data = Dataset::read(&a.data).map_err(err)?;
-    if a.strict {
-        data.strict().map_err(err)?;
-    }
-    for b in &data.bad_lines {
-        eprintln!("warning: {}: line {}: {} (skipped)", a.data.display(), b.line, b.reason);
-    }
-    let seqs = tokenize_dataset(&data, &tok, a.max_seq_len, a.train_on_prompt).map_err(err)?;
-    let (train, eval) = split(seqs.into_iter().map(|(_, s)| s).collect(), a.eval_fraction, a.seed);
+    let tokens = |d: &Dataset| -> Result<Vec<_>, String> { Ok(tokenize_dataset(d, &tok, a.max_seq_len, a.train_on_prompt).map_err(err)?.into_iter().map(|(_, s)| s).collect()) };
+    let (train, eval) = match &eval_data {
+        Some(e) => (tokens(&data)?, tokens(e)?),
+        None => split(tokens(&data)?, a.eval_fraction.unwrap_or(0.1), a.seed),
+    };
     let train = if a.pack { pack(&train, a.max_seq_len) } else { train };
     let method = match a.method {
         MethodArg::Lora | MethodArg::Qlora => {
@@ -337,6 +357,8 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
                 "optimizer": trainer.optimizer.name(), "optimizer_state_floats": trainer.optimizer.state_len(),
                 "output": output, "metrics": summary.metrics_path, "plot": summary.plot_path,
                 "checkpoint": summary.checkpoint_path, "skipped_lines": data.bad_lines.len(),
+                "train_examples": trainer.train_len(), "eval_examples": eval.len(),
+                "eval_skipped_lines": eval_data.as_ref().map(|e| e.bad_lines.len()),
                 "checkpoint_layers": trainer.config.checkpoint_layers, "weights": weights_form(&trainer.model),
             })
         );
