@@ -70,6 +70,35 @@ fn generate_json_matches_the_library() {
     generate_matches(&tuna::nn::Llama::load(&fixture()).unwrap(), &[]);
 }
 
+/// `--chat` renders the prompt through the model's chat template (with `--system`, a system
+/// message first) and generates from the rendered tokens, as the library does.
+#[test]
+fn generate_chat_renders_the_template() {
+    let m = fixture();
+    let tok = tuna::io::tokenizer::Tokenizer::from_dir(&m).unwrap();
+    let model = tuna::nn::Llama::load(&m).unwrap();
+    let msg = |role: &str, content: &str| tuna::io::tokenizer::Message { role: role.into(), content: content.into() };
+    for (flags, messages) in [
+        (&[][..], vec![msg("user", "Count 3")]),
+        (&["--system", "Be brief."][..], vec![msg("system", "Be brief."), msg("user", "Count 3")]),
+    ] {
+        let text = tok.apply_chat_template(&messages, true).unwrap();
+        let prompt = tok.encode(&text, false).unwrap();
+        let mut args = vec!["generate", "--model", m.to_str().unwrap(), "--prompt", "Count 3", "--chat", "--max-new-tokens", "4", "--json"];
+        args.extend_from_slice(flags);
+        let (ok, out, err) = tuna(&args);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(v["prompt_tokens"].as_u64().unwrap() as usize, prompt.len(), "{flags:?}");
+        let opts = tuna::nn::GenerateOptions { max_new_tokens: 4, eos_token_ids: vec![1], ..Default::default() };
+        let want = model.generate(&prompt, &opts, |_| {}).unwrap();
+        let got: Vec<u32> = v["new_tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+        assert_eq!(got, want, "{flags:?}");
+    }
+    let (ok, _, err) = tuna(&["generate", "--model", m.to_str().unwrap(), "--prompt", "x", "--system", "s"]);
+    assert!(!ok && err.contains("--chat"), "{err}");
+}
+
 #[test]
 fn generate_in_f16_on_wgpu_matches_the_library() {
     let m = fixture();

@@ -127,6 +127,9 @@ struct GenerateArgs {
     /// Wrap the prompt as a user message and apply the model's chat template.
     #[arg(long)]
     chat: bool,
+    /// A system message before the user's (with --chat).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
     /// 0 = greedy.
@@ -312,7 +315,9 @@ pub(crate) fn half(model: Llama, f16: bool) -> Result<Llama, String> {
 fn generate(a: GenerateArgs) -> CliResult {
     let (model, tok) = load(&a.model, a.model.nf4, a.f16)?;
     let text = if a.chat {
-        tok.apply_chat_template(&[Message { role: "user".into(), content: a.prompt.clone() }], true).map_err(err)?
+        let system = a.system.iter().map(|c| Message { role: "system".into(), content: c.clone() });
+        let messages: Vec<Message> = system.chain([Message { role: "user".into(), content: a.prompt.clone() }]).collect();
+        tok.apply_chat_template(&messages, true).map_err(err)?
     } else {
         a.prompt.clone()
     };
