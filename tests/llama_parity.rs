@@ -98,6 +98,13 @@ fn mistral_matches_transformers() {
     check_logits_and_loss("mistral");
 }
 
+/// A sliding window shorter than the sequence: its edge as transformers draws it, through the
+/// KV cache and greedy decoding too (below).
+#[test]
+fn mistral_sliding_window_matches_transformers() {
+    check_logits_and_loss("mistral-window");
+}
+
 #[test]
 fn qwen3_qk_norms_match_transformers() {
     check_logits_and_loss("qwen3");
@@ -227,7 +234,7 @@ fn matrices_kept_in_bf16_compute_what_their_f32_values_do() {
 
 #[test]
 fn greedy_generation_reproduces_transformers() {
-    for name in ["llama-gqa", "qwen2-tied", "llama3-rope", "yarn-rope", "linear-rope", "mistral", "qwen3", "smollm3"] {
+    for name in ["llama-gqa", "qwen2-tied", "llama3-rope", "yarn-rope", "linear-rope", "mistral", "mistral-window", "qwen3", "smollm3"] {
         let cpu_model = Llama::load(&fixture(name)).unwrap();
         let exp = Expected::load(name);
         let prompt: Vec<u32> = exp.ids("greedy_prompt").into_iter().map(|t| t as u32).collect();
@@ -253,7 +260,7 @@ fn greedy_generation_reproduces_transformers() {
 
 #[test]
 fn kv_cache_gives_the_same_logits_as_a_full_forward() {
-    for name in ["llama-gqa", "qwen3", "smollm3", "yarn-rope"] {
+    for name in ["llama-gqa", "qwen3", "smollm3", "yarn-rope", "mistral-window"] {
         for dev in common::f32_model_devices() {
             kv_cache_check(name, &Llama::load(&fixture(name)).unwrap().to_device(&dev).unwrap());
         }
