@@ -105,6 +105,15 @@ fn mistral_sliding_window_matches_transformers() {
     check_logits_and_loss("mistral-window");
 }
 
+/// Granite's four scalars (embeddings, block outputs, softmax scale, logits), each away from 1.
+#[test]
+fn granite_multipliers_match_transformers() {
+    check_logits_and_loss("granite");
+    let c = Llama::load(&fixture("granite")).unwrap().config;
+    assert_eq!((c.embedding_multiplier, c.residual_multiplier, c.attention_multiplier, c.logits_scaling), (2.0, 0.5, Some(0.3), 0.5));
+    assert_eq!(tuna::io::config::LlamaConfig::from_value(&c.to_hf_json(), Path::new("config.json")).unwrap(), c);
+}
+
 #[test]
 fn qwen3_qk_norms_match_transformers() {
     check_logits_and_loss("qwen3");
@@ -234,7 +243,7 @@ fn matrices_kept_in_bf16_compute_what_their_f32_values_do() {
 
 #[test]
 fn greedy_generation_reproduces_transformers() {
-    for name in ["llama-gqa", "qwen2-tied", "llama3-rope", "yarn-rope", "linear-rope", "mistral", "mistral-window", "qwen3", "smollm3"] {
+    for name in ["llama-gqa", "qwen2-tied", "llama3-rope", "yarn-rope", "linear-rope", "mistral", "mistral-window", "qwen3", "smollm3", "granite"] {
         let cpu_model = Llama::load(&fixture(name)).unwrap();
         let exp = Expected::load(name);
         let prompt: Vec<u32> = exp.ids("greedy_prompt").into_iter().map(|t| t as u32).collect();
@@ -260,7 +269,7 @@ fn greedy_generation_reproduces_transformers() {
 
 #[test]
 fn kv_cache_gives_the_same_logits_as_a_full_forward() {
-    for name in ["llama-gqa", "qwen3", "smollm3", "yarn-rope", "mistral-window"] {
+    for name in ["llama-gqa", "qwen3", "smollm3", "yarn-rope", "mistral-window", "granite"] {
         for dev in common::f32_model_devices() {
             kv_cache_check(name, &Llama::load(&fixture(name)).unwrap().to_device(&dev).unwrap());
         }
@@ -284,8 +293,8 @@ fn kv_cache_check(fixture_name: &str, model: &Llama) {
 #[test]
 fn full_model_gradients_match_transformers() {
     // On every device: on wgpu every op's backward runs there. Qwen3's q/k norms: 4 more;
-    // SmolLM3: three layers, a tied head.
-    for (name, count) in [("llama-gqa", 21), ("qwen3", 25), ("smollm3", 29)] {
+    // SmolLM3: three layers, a tied head. Granite: Llama's.
+    for (name, count) in [("llama-gqa", 21), ("qwen3", 25), ("smollm3", 29), ("granite", 21)] {
         for dev in common::f32_model_devices() {
             full_model_gradients(name, count, Llama::load(&fixture(name)).unwrap().to_device(&dev).unwrap());
         }

@@ -1,5 +1,5 @@
 //! `config.json` of a Llama-family checkpoint: Llama (SmolLM, TinyLlama, Llama 3.x), Mistral,
-//! Qwen2, Qwen3, SmolLM3. Reads both the classic form (`rope_theta`, `rope_scaling` at the top level)
+//! Qwen2, Qwen3, SmolLM3, Granite. Reads both the classic form (`rope_theta`, `rope_scaling` at the top level)
 //! and the transformers 5 form (`rope_parameters`). Unknown architectures and unsupported
 //! settings are errors naming the field, never silent defaults.
 
@@ -20,6 +20,9 @@ pub enum Arch {
     Qwen3,
     /// Llama's layout with some layers applying no RoPE (`no_rope_layers`: NoPE).
     SmolLM3,
+    /// Llama's layout with four scalars: on the embeddings, on each block's output before its
+    /// residual add, as attention's softmax scale, and dividing the logits.
+    Granite,
 }
 
 /// RoPE's rescaling of its inverse frequencies for contexts longer than the pretraining one
@@ -84,6 +87,14 @@ pub struct LlamaConfig {
     /// The layers whose attention applies no RoPE to q and k (SmolLM3's NoPE layers), in order;
     /// empty: every layer rotates.
     pub nope_layers: Vec<usize>,
+    /// Granite's scalars (1, 1, None and 1 elsewhere): the embeddings are multiplied by
+    /// `embedding_multiplier`, each attention and MLP output by `residual_multiplier` before
+    /// its residual add; `attention_multiplier` replaces `1/sqrt(D)` as the softmax scale; the
+    /// logits are divided by `logits_scaling`.
+    pub embedding_multiplier: f32,
+    pub residual_multiplier: f32,
+    pub attention_multiplier: Option<f32>,
+    pub logits_scaling: f32,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -132,10 +143,11 @@ impl LlamaConfig {
             "Qwen2ForCausalLM" => Arch::Qwen2,
             "Qwen3ForCausalLM" => Arch::Qwen3,
             "SmolLM3ForCausalLM" => Arch::SmolLM3,
+            "GraniteForCausalLM" => Arch::Granite,
             other => {
                 return Err(f.err(
                     "architectures",
-                    &format!("`{other}` is not supported (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, SmolLM3ForCausalLM are)"),
+                    &format!("`{other}` is not supported (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, SmolLM3ForCausalLM, GraniteForCausalLM are)"),
                 ))
             }
         };
@@ -257,6 +269,14 @@ impl LlamaConfig {
             },
             _ => Vec::new(),
         };
+        // Granite's scalars (transformers' defaults 1); other architectures have none.
+        let granite = |k: &str| -> Result<Option<f32>> { if arch == Arch::Granite { f.opt_f32(k) } else { Ok(None) } };
+        let (embedding_multiplier, residual_multiplier) = (granite("embedding_multiplier")?.unwrap_or(1.0), granite("residual_multiplier")?.unwrap_or(1.0));
+        let attention_multiplier = if arch == Arch::Granite { Some(granite("attention_multiplier")?.unwrap_or(1.0)) } else { None };
+        let logits_scaling = granite("logits_scaling")?.unwrap_or(1.0);
+        if logits_scaling == 0.0 {
+            return Err(f.err("logits_scaling", "must not be 0 (the logits are divided by it)"));
+        }
         let ids = |field: &str| -> Result<Vec<u32>> {
             match f.opt(field) {
                 None => Ok(Vec::new()),
@@ -285,6 +305,10 @@ impl LlamaConfig {
             max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(2048),
             sliding_window,
             nope_layers,
+            embedding_multiplier,
+            residual_multiplier,
+            attention_multiplier,
+            logits_scaling,
             bos_token_id: ids("bos_token_id")?.first().copied(),
             eos_token_ids: ids("eos_token_id")?,
         })
@@ -313,6 +337,10 @@ impl LlamaConfig {
             max_position_embeddings: 2048,
             sliding_window: None,
             nope_layers: Vec::new(),
+            embedding_multiplier: 1.0,
+            residual_multiplier: 1.0,
+            attention_multiplier: None,
+            logits_scaling: 1.0,
             bos_token_id: None,
             eos_token_ids: Vec::new(),
         }
@@ -332,6 +360,7 @@ impl LlamaConfig {
             Arch::Qwen2 => ("Qwen2ForCausalLM", "qwen2"),
             Arch::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
             Arch::SmolLM3 => ("SmolLM3ForCausalLM", "smollm3"),
+            Arch::Granite => ("GraniteForCausalLM", "granite"),
         };
         let rope = match &self.rope_scaling {
             None => serde_json::json!({"rope_type": "default", "rope_theta": self.rope_theta}),
@@ -369,6 +398,12 @@ impl LlamaConfig {
             "eos_token_id": self.eos_token_ids.first(),
             "dtype": "float32",
         });
+        if self.arch == Arch::Granite {
+            v["embedding_multiplier"] = self.embedding_multiplier.into();
+            v["residual_multiplier"] = self.residual_multiplier.into();
+            v["attention_multiplier"] = self.attention_multiplier.unwrap_or(1.0 / (self.head_dim as f32).sqrt()).into();
+            v["logits_scaling"] = self.logits_scaling.into();
+        }
         if self.arch == Arch::SmolLM3 {
             v["no_rope_layers"] = (0..self.num_layers).map(|i| u8::from(self.rotates(i))).collect();
             v["use_sliding_window"] = false.into();
@@ -405,14 +440,15 @@ impl LlamaConfig {
         }
     }
 
-    /// The softmax scale of attention: `1/sqrt(D)`, times YaRN's `attention_factor` squared
-    /// (transformers multiplies cos and sin by it, so both q and k; here the scores are).
+    /// The softmax scale of attention: `1/sqrt(D)` (Granite's `attention_multiplier` instead),
+    /// times YaRN's `attention_factor` squared (transformers multiplies cos and sin by it, so
+    /// both q and k; here the scores are).
     pub fn attention_scale(&self) -> f32 {
         let m = match &self.rope_scaling {
             Some(RopeScaling::Yarn(y)) => y.attention_factor,
             _ => 1.0,
         };
-        1.0 / (self.head_dim as f32).sqrt() * (m * m)
+        self.attention_multiplier.unwrap_or(1.0 / (self.head_dim as f32).sqrt()) * (m * m)
     }
 }
 

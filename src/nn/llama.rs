@@ -75,11 +75,23 @@ struct LayerCtx {
     heads: (usize, usize, usize),
     eps: f32,
     scale: f32,
+    /// Granite's multiplier of each block's output before its residual add (None: 1).
+    residual: Option<f32>,
     /// `[B*T]` i32, on the model's device.
     positions: Tensor,
     /// `[D/2]` f32, on the model's device.
     inv_freq: Tensor,
     mask: AttentionMask,
+}
+
+impl LayerCtx {
+    /// A block's output as its residual add takes it (Granite's multiplier applied).
+    fn residual_scaled(&self, y: Tensor) -> Result<Tensor> {
+        match self.residual {
+            Some(r) => ops::scale(&y, r),
+            None => Ok(y),
+        }
+    }
 }
 
 impl Layer {
@@ -115,12 +127,13 @@ impl Layer {
             (k, v) = super::kv_cache::extend(slot, k, v)?;
         }
         let o = ops::attention(&ops::reshape(&q, [b, t, h, d])?, &k, &v, ctx.mask.clone(), ctx.scale)?;
-        let (x, hn) = ops::add_rmsnorm(&x, &self.o.forward(&ops::reshape(&o, [b * t, h * d])?, seeds[3])?, &self.post_norm, ctx.eps)?;
+        let o = ctx.residual_scaled(self.o.forward(&ops::reshape(&o, [b * t, h * d])?, seeds[3])?)?;
+        let (x, hn) = ops::add_rmsnorm(&x, &o, &self.post_norm, ctx.eps)?;
         let gate_up = Linear::forward_group_remade(&[(&self.gate, seeds[4]), (&self.up, seeds[5])], &hn, Some(remade_rmsnorm(&x, &self.post_norm, ctx.eps)))?;
         let act = ops::swiglu(&gate_up[0], &gate_up[1])?;
         let (g, u) = (ops::saved(&gate_up[0]), ops::saved(&gate_up[1]));
         let remake: ops::Remake = std::sync::Arc::new(move || ops::swiglu(&g, &u));
-        Ok((x, self.down.forward_remade(&act, seeds[6], Some(remake))?))
+        Ok((x, ctx.residual_scaled(self.down.forward_remade(&act, seeds[6], Some(remake))?)?))
     }
 
     /// [`Layer::forward`] under `ops::checkpoint`, its residual adds done inside: the layer input
@@ -578,7 +591,8 @@ impl Llama {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// The final hidden states `[B*T, H]` (after the last norm), which the head turns into logits.
+    /// The final hidden states `[B*T, H]` (after the last norm, and Granite's logit scaling),
+    /// which the head turns into logits.
     fn hidden(&self, ids: &Tensor, packing: Option<&Packing>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let c = &self.config;
         if ids.dtype() != DType::I32 || ids.shape().rank() != 2 {
@@ -612,6 +626,7 @@ impl Llama {
             heads: (c.num_heads, c.num_kv_heads, c.head_dim),
             eps: c.rms_norm_eps,
             scale: c.attention_scale(),
+            residual: (c.residual_multiplier != 1.0).then_some(c.residual_multiplier),
             positions,
             inv_freq: Tensor::from_vec(self.inv_freq.clone(), [self.inv_freq.len()])?.to_device(&dev)?,
             mask: AttentionMask { causal: true, window: c.sliding_window, segment_starts: packing.map(|p| p.starts.clone()) },
@@ -620,6 +635,9 @@ impl Llama {
         // Each linear module gets its own dropout stream: (forward seed, module index).
         let seed = |i: usize, m: usize| self.dropout_seed.map(|s| s ^ ((i * LINEAR_MODULES.len() + m) as u64 + 1).wrapping_mul(0xd1b5_4a32_d192_ed03));
         let mut x = ops::embedding(&ops::reshape(ids, [b * t])?, &self.embed)?;
+        if c.embedding_multiplier != 1.0 {
+            x = ops::scale(&x, c.embedding_multiplier)?;
+        }
         // The last MLP output not yet added to x (see `Layer::forward`).
         let mut pending: Option<Tensor> = None;
         for (i, l) in self.layers.iter().enumerate() {
@@ -635,10 +653,16 @@ impl Llama {
         if let Some(cache) = cache {
             cache.len += t;
         }
-        match pending {
-            Some(mlp) => Ok(ops::add_rmsnorm(&x, &mlp, &self.norm, c.rms_norm_eps)?.1),
-            None => ops::rmsnorm(&x, &self.norm, c.rms_norm_eps),
+        let x = match pending {
+            Some(mlp) => ops::add_rmsnorm(&x, &mlp, &self.norm, c.rms_norm_eps)?.1,
+            None => ops::rmsnorm(&x, &self.norm, c.rms_norm_eps)?,
+        };
+        // Granite divides the logits; scaling the head's input by the inverse is the same
+        // product (within rounding), for the plain head and the fused loss alike.
+        if c.logits_scaling != 1.0 {
+            return ops::scale(&x, 1.0 / c.logits_scaling);
         }
+        Ok(x)
     }
 
     /// Next-token cross-entropy of `ids [B, T]`, as transformers computes it with

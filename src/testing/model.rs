@@ -53,6 +53,23 @@ pub fn tiny_config() -> LlamaConfig {
     LlamaConfig::llama(320, 128, 256, 2, 2, 1)
 }
 
+/// `tiny_config` with the model options that only change scalars and which layers rotate:
+/// Granite's four multipliers, a SmolLM3 NoPE layer (the second) and YaRN scaling.
+pub fn tiny_scalars_config() -> LlamaConfig {
+    use crate::io::config::{RopeScaling, YarnScaling};
+    let yarn = YarnScaling { factor: 4.0, original_max_position_embeddings: 8.0, beta_fast: 32.0, beta_slow: 1.0, truncate: true, attention_factor: 1.1386 };
+    LlamaConfig {
+        arch: Arch::Granite,
+        embedding_multiplier: 3.0,
+        residual_multiplier: 0.6,
+        attention_multiplier: Some(0.1),
+        logits_scaling: 0.7,
+        nope_layers: vec![1],
+        rope_scaling: Some(RopeScaling::Yarn(yarn)),
+        ..tiny_config()
+    }
+}
+
 /// `tiny_config` laid out as Qwen3: an RMSNorm over each head of q and k before RoPE, and, as
 /// in Qwen3-0.6B, heads twice as wide in all as the hidden size (four query heads over two
 /// key/value heads of 64: q_proj is 128 -> 256).
@@ -150,22 +167,23 @@ fn loss_and_grads(model: &Llama, ids: &[i32], dropout_seed: Option<u64>, packed:
 }
 
 /// Loss and every LoRA gradient on `dev` in `dtype` against the CPU, for plain, dropout 0.1,
-/// packed, checkpointed, NF4-base (QLoRA) and Qwen3-layout (q/k norms) runs. Returns the
-/// largest errors seen.
+/// packed, checkpointed, NF4-base (QLoRA), Qwen3-layout (q/k norms) and scalars
+/// (`tiny_scalars_config`) runs. Returns the largest errors seen.
 pub fn check_loss_and_grads(dev: &Device, dtype: DType) -> CheckResult {
     let tol = ModelTolerance::for_dtype(dtype);
     let mut worst = (0.0f64, 0.0f64);
-    let runs = [
-        ("plain", 0.0, false, false, false, false),
-        ("dropout 0.1", 0.1, false, false, false, false),
-        ("packed", 0.0, true, false, false, false),
-        ("checkpointed", 0.0, false, true, false, false),
-        ("nf4 base, dropout 0.1", 0.1, false, false, true, false),
-        ("q/k norms, packed", 0.0, true, false, false, true),
+    let runs: [(&str, f32, bool, bool, bool, fn() -> LlamaConfig); 7] = [
+        ("plain", 0.0, false, false, false, tiny_config),
+        ("dropout 0.1", 0.1, false, false, false, tiny_config),
+        ("packed", 0.0, true, false, false, tiny_config),
+        ("checkpointed", 0.0, false, true, false, tiny_config),
+        ("nf4 base, dropout 0.1", 0.1, false, false, true, tiny_config),
+        ("q/k norms, packed", 0.0, true, false, false, tiny_qk_norm_config),
+        ("granite scalars, a NoPE layer, yarn", 0.0, false, false, false, tiny_scalars_config),
     ];
-    for (what, dropout, packed, checkpoint, nf4, qk_norm) in runs {
+    for (what, dropout, packed, checkpoint, nf4, config) in runs {
         // The NF4 case puts adapters on q and v only, so the other NF4 linears run plain.
-        let config = if qk_norm { tiny_qk_norm_config() } else { tiny_config() };
+        let config = config();
         let mut cpu = lora_model(config, dtype, dropout, nf4).map_err(ctx("building the model"))?;
         if nf4 {
             cpu.quantize_nf4().map_err(ctx("quantizing"))?;
