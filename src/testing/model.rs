@@ -172,7 +172,9 @@ fn loss_and_grads(model: &Llama, ids: &[i32], dropout_seed: Option<u64>, packed:
 pub fn check_loss_and_grads(dev: &Device, dtype: DType) -> CheckResult {
     let tol = ModelTolerance::for_dtype(dtype);
     let mut worst = (0.0f64, 0.0f64);
-    let runs: [(&str, f32, bool, bool, bool, fn() -> LlamaConfig); 7] = [
+    // (what, dropout, packed, checkpointed, NF4 base, config)
+    type Run = (&'static str, f32, bool, bool, bool, fn() -> LlamaConfig);
+    let runs: [Run; 7] = [
         ("plain", 0.0, false, false, false, tiny_config),
         ("dropout 0.1", 0.1, false, false, false, tiny_config),
         ("packed", 0.0, true, false, false, tiny_config),
