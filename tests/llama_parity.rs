@@ -267,6 +267,26 @@ fn greedy_generation_reproduces_transformers() {
     }
 }
 
+/// A repetition penalty above and below 1 gives transformers' greedy tokens, on every f32
+/// device (the pick moves to the host there); a penalty of 0 is refused.
+#[test]
+fn repetition_penalty_reproduces_transformers() {
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("repetition").join("expected.json")).unwrap()).unwrap();
+    let prompt: Vec<u32> = json["prompt"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    let cpu_model = Llama::load(&fixture("llama-gqa")).unwrap();
+    for dev in common::f32_model_devices() {
+        let model = cpu_model.to_device(&dev).unwrap();
+        for case in json["cases"].as_array().unwrap() {
+            let penalty = case["penalty"].as_f64().unwrap() as f32;
+            let want: Vec<u32> = case["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+            let opts = GenerateOptions { max_new_tokens: want.len(), repetition_penalty: penalty, ..Default::default() };
+            assert_eq!(model.generate(&prompt, &opts, |_| {}).unwrap(), want, "penalty {penalty} on {dev}");
+        }
+    }
+    let e = cpu_model.generate(&prompt, &GenerateOptions { repetition_penalty: 0.0, ..Default::default() }, |_| {}).unwrap_err().to_string();
+    assert!(e.contains("repetition_penalty"), "{e}");
+}
+
 #[test]
 fn kv_cache_gives_the_same_logits_as_a_full_forward() {
     for name in ["llama-gqa", "qwen3", "smollm3", "yarn-rope", "mistral-window", "granite"] {

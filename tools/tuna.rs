@@ -132,6 +132,10 @@ struct GenerateArgs {
     system: Option<String>,
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
+    /// transformers' repetition penalty (1: off; 1.1-1.3 are usual): the logits of tokens
+    /// already in the prompt or output are divided by it (multiplied where negative).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
     /// 0 = greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
@@ -336,6 +340,7 @@ fn generate(a: GenerateArgs) -> CliResult {
         top_p: a.top_p,
         seed: a.seed,
         eos_token_ids: eos.clone(),
+        repetition_penalty: a.repetition_penalty,
     };
     let started = Instant::now();
     let mut shown = String::new();

@@ -18,11 +18,23 @@ pub struct GenerateOptions {
     pub seed: u64,
     /// Generation stops after producing any of these.
     pub eos_token_ids: Vec<u32>,
+    /// transformers' `repetition_penalty` (1: off): before the pick, the logit of every token
+    /// already in the prompt or the output is divided by it where positive and multiplied by it
+    /// where negative.
+    pub repetition_penalty: f32,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_new_tokens: 64, temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, eos_token_ids: Vec::new() }
+        GenerateOptions { max_new_tokens: 64, temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, eos_token_ids: Vec::new(), repetition_penalty: 1.0 }
+    }
+}
+
+/// Applies `penalty` (see [`GenerateOptions::repetition_penalty`]) to the logits of the tokens
+/// marked in `seen`.
+pub fn penalize_repeats(logits: &mut [f32], seen: &[bool], penalty: f32) {
+    for (l, _) in logits.iter_mut().zip(seen).filter(|(_, &s)| s) {
+        *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
     }
 }
 
@@ -41,6 +53,9 @@ impl Sampler {
                 "generation: temperature must be >= 0 (got {}) and top_p in (0, 1] (got {})",
                 opts.temperature, opts.top_p
             )));
+        }
+        if !(opts.repetition_penalty.is_finite() && opts.repetition_penalty > 0.0) {
+            return Err(Error::InvalidArgument(format!("generation: repetition_penalty must be > 0 (got {})", opts.repetition_penalty)));
         }
         let rng = Rng::new(opts.seed);
         Ok(Sampler { opts, rng })
@@ -207,10 +222,23 @@ impl Llama {
             opts.eos_token_ids.contains(&next)
         };
         let mut input = Tensor::from_vec_i32(prompt.iter().map(|&t| t as i32).collect(), [1, prompt.len()])?.to_device(&self.device())?;
-        if !sampler.is_greedy() {
+        // Sampling, and a repetition penalty (which needs the logits and the tokens so far),
+        // pick on the host.
+        let penalty = opts.repetition_penalty != 1.0;
+        if !sampler.is_greedy() || penalty {
+            let mut seen = vec![false; if penalty { vocab } else { 0 }];
+            for &t in prompt.iter().filter(|_| penalty) {
+                seen[t as usize] = true;
+            }
             for _ in 0..opts.max_new_tokens {
-                let logits = self.forward_last(&input, Some(&mut cache))?;
-                let next = sampler.sample(&logits.to_vec_f32()?);
+                let mut logits = self.forward_last(&input, Some(&mut cache))?.to_vec_f32()?;
+                if penalty {
+                    penalize_repeats(&mut logits, &seen, opts.repetition_penalty);
+                }
+                let next = sampler.sample(&logits);
+                if let Some(s) = seen.get_mut(next as usize) {
+                    *s = true;
+                }
                 if take(next, &mut out) {
                     break;
                 }
