@@ -41,6 +41,45 @@ fn chat_targets_only_assistant_turns() {
     assert_eq!(text, "Hello friend<|end_of_text|>Goodbye<|end_of_text|>");
 }
 
+/// ShareGPT and Alpaca lines read as the chats they stand for (roles mapped, Alpaca's input
+/// joined to its instruction by a newline, an optional system first), so they tokenize and
+/// mask as those chats do; their bad lines are named.
+#[test]
+fn sharegpt_and_alpaca_lines_read_as_chats() {
+    let dir = Scratch::new("dataset-formats");
+    let path = dir.join("data.jsonl");
+    let lines = [
+        r#"{"conversations": [{"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "Hello friend"}]}"#,
+        r#"{"system": "Be brief.", "conversations": [{"from": "human", "value": "Bye"}, {"from": "gpt", "value": "Goodbye"}]}"#,
+        r#"{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}"#,
+        r#"{"instruction": "Say hi.", "input": "", "output": "Hi."}"#,
+        r#"{"conversations": [{"from": "tool", "value": "x"}]}"#,
+        r#"{"instruction": "No output."}"#,
+        r#"{"conversations": []}"#,
+    ];
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    let d = Dataset::read(&path).unwrap();
+    let m = |role: &str, content: &str| Message { role: role.into(), content: content.into() };
+    let want = [
+        vec![m("user", "Hi there"), m("assistant", "Hello friend")],
+        vec![m("system", "Be brief."), m("user", "Bye"), m("assistant", "Goodbye")],
+        vec![m("user", "Add the numbers.\n2 and 3"), m("assistant", "5")],
+        vec![m("user", "Say hi."), m("assistant", "Hi.")],
+    ];
+    assert_eq!(d.examples.len(), want.len());
+    let t = tok();
+    for ((line, ex), msgs) in d.examples.iter().zip(want) {
+        let chat = Example::Chat(msgs);
+        assert_eq!(ex, &chat, "line {line}");
+        assert_eq!(tokenize(&t, ex, false).unwrap(), tokenize(&t, &chat, false).unwrap(), "line {line}");
+    }
+    let reasons: Vec<(usize, &str)> = d.bad_lines.iter().map(|b| (b.line, b.reason.as_str())).collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(reasons[0].0 == 5 && reasons[0].1.contains("`from` is `tool`"), "{reasons:?}");
+    assert!(reasons[1].0 == 6 && reasons[1].1.contains("missing field `output`"), "{reasons:?}");
+    assert!(reasons[2].0 == 7 && reasons[2].1.contains("`conversations` is empty"), "{reasons:?}");
+}
+
 #[test]
 fn bad_lines_are_reported_with_their_numbers() {
     let scratch = Scratch::new("ds");

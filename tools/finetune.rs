@@ -59,7 +59,8 @@ pub enum MetricsArg {
 pub struct FinetuneArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// JSONL: {"text"}, {"prompt","completion"} or {"messages"} per line.
+    /// JSONL: {"text"}, {"prompt","completion"}, {"messages"}, ShareGPT's {"conversations"} or
+    /// Alpaca's {"instruction","input","output"} per line.
     #[arg(long)]
     data: PathBuf,
     /// Output folder.

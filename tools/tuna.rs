@@ -155,7 +155,8 @@ struct GenerateArgs {
 struct PerplexityArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// JSONL: {"text"}, {"prompt","completion"} (completion tokens scored) or {"messages"}.
+    /// JSONL: {"text"}, {"prompt","completion"} (completion tokens scored), {"messages"},
+    /// ShareGPT's {"conversations"} or Alpaca's {"instruction","input","output"}.
     #[arg(long)]
     data: PathBuf,
     /// Truncate each example to this many tokens (default: the model's context length).

@@ -1,6 +1,10 @@
-//! JSONL datasets: one example per line, in one of three shapes:
-//! `{"text": ...}`, `{"prompt": ..., "completion": ...}`, or
-//! `{"messages": [{"role": ..., "content": ...}, ...]}` (rendered with the chat template).
+//! JSONL datasets: one example per line, in one of these shapes:
+//! `{"text": ...}`, `{"prompt": ..., "completion": ...}`,
+//! `{"messages": [{"role": ..., "content": ...}, ...]}` (rendered with the chat template), and
+//! two common in published datasets, read as chats: ShareGPT's
+//! `{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}` and Alpaca's
+//! `{"instruction": ..., "input": ..., "output": ...}` (the user turn is the instruction and,
+//! when not empty, a newline and the input, as LLaMA-Factory joins them; an optional `system`).
 //! Bad lines (invalid JSON, missing or empty fields) are reported with their line number; the
 //! caller decides whether to skip them or fail.
 
@@ -55,12 +59,51 @@ fn parse_line(line: &str) -> std::result::Result<Example, String> {
             .map(|(i, m)| serde_json::from_value(m.clone()).map_err(|e| format!("messages[{i}]: {e}")))
             .collect::<std::result::Result<_, _>>()?;
         Ok(Example::Chat(msgs))
+    } else if obj.contains_key("conversations") {
+        let turns = obj["conversations"].as_array().ok_or("field `conversations` must be a list")?;
+        if turns.is_empty() {
+            return Err("field `conversations` is empty".into());
+        }
+        let mut msgs = system_message(obj)?;
+        for (i, t) in turns.iter().enumerate() {
+            let field = |k: &str| t.get(k).and_then(Value::as_str).ok_or_else(|| format!("conversations[{i}]: missing or non-string `{k}`"));
+            let role = match field("from")? {
+                "human" | "user" => "user",
+                "gpt" | "assistant" | "model" => "assistant",
+                "system" => "system",
+                other => return Err(format!("conversations[{i}]: `from` is `{other}` (human, gpt, system, user, assistant or model are read)")),
+            };
+            msgs.push(Message { role: role.into(), content: field("value")?.to_string() });
+        }
+        Ok(Example::Chat(msgs))
+    } else if obj.contains_key("instruction") {
+        let mut user = text_field("instruction")?;
+        match obj.get("input") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(input)) if input.is_empty() => {}
+            Some(Value::String(input)) => user = format!("{user}\n{input}"),
+            Some(_) => return Err("field `input` must be a string".into()),
+        }
+        let mut msgs = system_message(obj)?;
+        msgs.push(Message { role: "user".into(), content: user });
+        msgs.push(Message { role: "assistant".into(), content: text_field("output")? });
+        Ok(Example::Chat(msgs))
     } else if obj.contains_key("prompt") || obj.contains_key("completion") {
         Ok(Example::PromptCompletion { prompt: text_field("prompt")?, completion: text_field("completion")? })
     } else if obj.contains_key("text") {
         Ok(Example::Text(text_field("text")?))
     } else {
-        Err("expected a `text`, `prompt`/`completion` or `messages` field".into())
+        Err("expected a `text`, `prompt`/`completion`, `messages`, `conversations` or `instruction`/`output` field".into())
+    }
+}
+
+/// The optional top-level `system` of a ShareGPT or Alpaca line, as a first message.
+fn system_message(obj: &serde_json::Map<String, Value>) -> std::result::Result<Vec<Message>, String> {
+    match obj.get("system") {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) if s.is_empty() => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![Message { role: "system".into(), content: s.clone() }]),
+        Some(_) => Err("field `system` must be a string".into()),
     }
 }
 
