@@ -409,6 +409,36 @@ fn finetune_evaluates_on_eval_data() {
     assert!(!ok && err.contains("--eval-fraction"), "{err}");
 }
 
+/// `--keep-best` writes the result at the lowest eval loss under OUT/best: the JSON names its
+/// step and loss, the lowest in the metrics, and the adapter there scores that loss on the eval
+/// file. With a learning rate that overshoots, the best is not the last.
+#[test]
+fn finetune_keeps_the_best_result() {
+    let m = fixture();
+    let (base, data) = counting_data("cli-best");
+    let eval_dir = base.join("eval");
+    std::fs::create_dir_all(&eval_dir).unwrap();
+    let eval = write_counting(&eval_dir, 4, 2);
+    let out = base.join("run");
+    let (ok, stdout, err) = tuna(&["finetune", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--eval-data", eval.to_str().unwrap(),
+                                   "--out", out.to_str().unwrap(), "--max-steps", "12", "--lr", "0.1", "--schedule", "constant", "--eval-every", "1",
+                                   "--checkpoint-every", "0", "--keep-best", "--json"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let evals: Vec<(u64, f64)> = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| {
+        let r: serde_json::Value = serde_json::from_str(l).unwrap();
+        (r["step"].as_u64().unwrap(), r["eval_loss"].as_f64().unwrap())
+    }).collect();
+    let &(step, loss) = evals.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+    assert_eq!((v["best_step"].as_u64(), v["best_eval_loss"].as_f64().map(|x| x as f32)), (Some(step), Some(loss as f32)), "{v}");
+    assert!(step < 12, "the run should overshoot so that its best is not its last step: {evals:?}");
+    let best = out.join("best/adapter");
+    let scored = mean_loss(&eval, &["--model", m.to_str().unwrap(), "--adapter", best.to_str().unwrap()]);
+    assert!((scored - loss).abs() < 1e-5, "the kept adapter scores {scored}, the best eval loss was {loss}");
+    let bytes = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert!(bytes(&best) != bytes(&out.join("adapter")), "the best adapter is the final one");
+}
+
 #[test]
 fn demo_learns_with_sm3_sparse_and_qlora() {
     for (tag, extra) in [

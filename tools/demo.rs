@@ -177,7 +177,7 @@ pub fn demo(a: DemoArgs) -> CliResult {
         ..Default::default()
     };
     let mut trainer = Trainer::new(base.clone(), cfg, train, BOS).map_err(err)?;
-    let opts = RunOptions { out: a.out.clone(), eval_every: 50, checkpoint_every: 0, metrics: MetricsFormat::Jsonl, resume: false, progress: !a.json, stop_after: None };
+    let opts = RunOptions { out: a.out.clone(), eval_every: 50, checkpoint_every: 0, metrics: MetricsFormat::Jsonl, resume: false, progress: !a.json, stop_after: None, keep_best: None };
     let summary = run(&mut trainer, &eval, &opts, &AtomicBool::new(false)).map_err(err)?;
     let (after, sample_after) = accuracy(&trainer.model, &tests)?;
 

@@ -13,7 +13,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 use tuna::io::dataset::Dataset;
 use tuna::optim::{AdamWConfig, OptimizerConfig, ScheduleKind, Sm3Config};
-use tuna::peft::{save_adapter, save_deltas, LoraConfig, Regrow, SparseConfig};
+use tuna::peft::{LoraConfig, Regrow, SparseConfig};
 use tuna::train::data::{pack, split, tokenize_dataset};
 use tuna::train::run::{run, MetricsFormat, RunOptions};
 use tuna::train::{Method, TrainConfig, Trainer};
@@ -167,6 +167,10 @@ pub struct FinetuneArgs {
     /// Continue from OUT/checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Each evaluation that lowers the eval loss below every earlier one writes the result as
+    /// it stands under OUT/best (adapter/, sparse/ or model/, as at the end).
+    #[arg(long)]
+    keep_best: bool,
     /// Stop as Ctrl-C does (checkpoint, exit 130) after this step; for tests.
     #[arg(long, hide = true)]
     stop_after: Option<usize>,
@@ -325,29 +329,14 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
         resume: a.resume,
         progress: !a.model.json,
         stop_after: a.stop_after,
+        keep_best: a.keep_best.then(|| a.model.model.clone()),
     };
     let summary = run(&mut trainer, &eval, &opts, &stop).map_err(err)?;
     if summary.interrupted {
         eprintln!("checkpoint written to {}; continue with --resume", summary.checkpoint_path.display());
         std::process::exit(130);
     }
-    let output = match &method {
-        Method::Lora(l) | Method::Qlora(l) => {
-            let dir = a.out.join("adapter");
-            save_adapter(&trainer.model, l, &a.model.model.display().to_string(), &dir).map_err(err)?;
-            dir
-        }
-        Method::Sparse(_) => {
-            let dir = a.out.join("sparse");
-            save_deltas(&trainer.model, &a.model.model.display().to_string(), &dir).map_err(err)?;
-            dir
-        }
-        _ => {
-            let dir = a.out.join("model");
-            trainer.model.save(&a.model.model, &dir).map_err(err)?;
-            dir
-        }
-    };
+    let output = trainer.write_result(&a.out, &a.model.model).map_err(err)?;
     if a.model.json {
         println!(
             "{}",
@@ -361,6 +350,8 @@ pub fn finetune(a: FinetuneArgs) -> CliResult {
                 "train_examples": trainer.train_len(), "eval_examples": eval.len(),
                 "eval_skipped_lines": eval_data.as_ref().map(|e| e.bad_lines.len()),
                 "checkpoint_layers": trainer.config.checkpoint_layers, "weights": weights_form(&trainer.model),
+                "best_eval_loss": summary.best_eval.map(|b| b.1), "best_step": summary.best_eval.map(|b| b.0),
+                "best": a.keep_best.then(|| a.out.join("best")),
             })
         );
     } else {

@@ -584,6 +584,33 @@ impl Trainer {
         self.install(None)?;
         evaluate(&self.model, seqs, self.config.batch_size, self.pad)
     }
+
+    /// Writes what the run trained, as it stands, under `out`: `adapter/` (PEFT's format) for
+    /// LoRA and QLoRA, `sparse/` for sparse deltas, `model/` (a Hugging Face folder, config and
+    /// tokenizer copied from `base`) for full and head fine-tuning. `base` is also recorded as
+    /// the base model of an adapter or deltas. Returns the folder written.
+    pub fn write_result(&mut self, out: &std::path::Path, base: &std::path::Path) -> Result<std::path::PathBuf> {
+        self.install(None)?;
+        let name = base.display().to_string();
+        let dir = match &self.config.method {
+            Method::Lora(l) | Method::Qlora(l) => {
+                let dir = out.join("adapter");
+                crate::peft::save_adapter(&self.model, l, &name, &dir)?;
+                dir
+            }
+            Method::Sparse(_) => {
+                let dir = out.join("sparse");
+                crate::peft::sparse::save_deltas(&self.model, &name, &dir)?;
+                dir
+            }
+            Method::Full | Method::Head => {
+                let dir = out.join("model");
+                self.model.save(base, &dir)?;
+                dir
+            }
+        };
+        Ok(dir)
+    }
 }
 
 /// Mean next-token loss over the target tokens of `seqs`, in batches.

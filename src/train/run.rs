@@ -33,6 +33,10 @@ pub struct RunOptions {
     pub progress: bool,
     /// Behave as if stopped (Ctrl-C) right after this step: for testing the interrupt path.
     pub stop_after: Option<usize>,
+    /// Keep the best result: with the base model's folder, each evaluation that lowers the eval
+    /// loss below every earlier one writes the result as it stands under `out/best`
+    /// (`Trainer::write_result`).
+    pub keep_best: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -40,6 +44,8 @@ pub struct RunSummary {
     pub steps: usize,
     pub final_train_loss: f32,
     pub final_eval_loss: Option<f32>,
+    /// The lowest eval loss and its step (resumed runs count the steps before).
+    pub best_eval: Option<(usize, f32)>,
     pub tokens_per_second: f64,
     pub seconds: f64,
     pub metrics_path: PathBuf,
@@ -139,6 +145,8 @@ pub fn run(trainer: &mut Trainer, eval: &[Sequence], opts: &RunOptions, stop: &A
     let (mut tokens, mut last) = (0usize, None::<StepReport>);
     let tty = opts.progress && std::io::stderr().is_terminal();
     let mut last_eval = rows.iter().rev().find_map(|r| r.eval_loss);
+    let lower = |a: (usize, f32), b: (usize, f32)| if b.1 < a.1 { b } else { a };
+    let mut best_eval = rows.iter().filter_map(|r| Some((r.step, r.eval_loss?))).reduce(lower);
     let interrupted;
     let evaluates = |step: usize| !eval.is_empty() && ((opts.eval_every > 0 && step.is_multiple_of(opts.eval_every)) || step == total);
     let checkpoints = |step: usize| opts.checkpoint_every > 0 && step.is_multiple_of(opts.checkpoint_every) && step < total;
@@ -174,6 +182,12 @@ pub fn run(trainer: &mut Trainer, eval: &[Sequence], opts: &RunOptions, stop: &A
             let e = trainer.evaluate(eval)?;
             row.eval_loss = Some(e);
             last_eval = Some(e);
+            if best_eval.is_none_or(|(_, b)| e < b) {
+                best_eval = Some((r.step, e));
+                if let Some(base) = &opts.keep_best {
+                    trainer.write_result(&opts.out.join("best"), base)?;
+                }
+            }
         }
         rows.push(row);
         if checkpoints(r.step) {
@@ -220,6 +234,7 @@ pub fn run(trainer: &mut Trainer, eval: &[Sequence], opts: &RunOptions, stop: &A
         steps: trainer.step,
         final_train_loss: last.map(|r| r.loss).or_else(|| rows.iter().rev().find_map(|r| r.loss)).unwrap_or(f32::NAN),
         final_eval_loss: last_eval,
+        best_eval,
         tokens_per_second: tokens as f64 / seconds.max(1e-9),
         seconds,
         metrics_path,
