@@ -325,7 +325,7 @@ fn adapters_already_attached_are_trained_further() {
     let e = refused(Method::Lora(LoraConfig { alpha: 16.0, ..loaded.clone() }));
     assert!(e.contains("scale is 2") && e.contains("config's is 4"), "{e}");
     let e = refused(Method::Lora(LoraConfig { target_modules: vec!["q_proj".into()], ..loaded.clone() }));
-    assert!(e.contains("model.layers.0.self_attn.k_proj has one"), "{e}");
+    assert!(e.contains("model.layers.0.self_attn.k_proj has an adapter"), "{e}");
     for method in [Method::Full, Method::Head, sparse(Regrow::Grad, 0)] {
         let e = refused(method.clone());
         assert!(e.contains("carries LoRA adapters") && e.contains("merge_lora") && e.contains(method.name()), "{e}");

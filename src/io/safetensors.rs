@@ -228,6 +228,9 @@ pub fn save_in(path: &Path, tensors: &[(String, Tensor)], dtype: DType, metadata
 /// error there is kept in `failed` (the crate's `View` cannot return one) and zeros stand in,
 /// so that the caller can report it and drop the temporary file.
 struct Entry<'a> {
+    /// The file and the tensor's name, for the error.
+    path: &'a Path,
+    name: &'a str,
     tensor: &'a Tensor,
     dtype: DType,
     file_dtype: Dtype,
@@ -252,7 +255,7 @@ impl safetensors::View for &Entry<'_> {
         match self.tensor.to_dtype(self.dtype).and_then(|t| t.to_bytes()) {
             Ok(b) => std::borrow::Cow::Owned(b),
             Err(e) => {
-                self.failed.borrow_mut().get_or_insert(e);
+                self.failed.borrow_mut().get_or_insert_with(|| Error::file(self.path, format!("tensor `{}`: {e}", self.name)));
                 std::borrow::Cow::Owned(vec![0; self.data_len()])
             }
         }
@@ -279,7 +282,7 @@ fn write(path: &Path, tensors: &[(String, Tensor)], cast: Option<DType>, metadat
             DType::I32 => Dtype::I32,
             DType::NF4 => return Err(Error::file(path, format!("tensor `{name}` is NF4-quantized; safetensors files here hold dequantized weights (merge into an f32/bf16 base instead)"))),
         };
-        entries.push((name.as_str(), Entry { tensor: t, dtype, file_dtype, failed: &failed }));
+        entries.push((name.as_str(), Entry { path, name, tensor: t, dtype, file_dtype, failed: &failed }));
     }
     let tmp = path.with_extension("safetensors.tmp");
     // The crate writes through a private temporary file (mode 0600) of its own; the file gets

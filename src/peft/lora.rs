@@ -124,15 +124,15 @@ impl Llama {
         for (path, lin) in self.linears_mut() {
             let targeted = cfg.target_modules.iter().any(|m| m == module_name(&path));
             match (&mut lin.lora, targeted) {
-                (None, true) => return Err(differ(format!("{path} has none"))),
-                (Some(_), false) => return Err(differ(format!("{path} has one"))),
+                (None, true) => return Err(differ(format!("{path} has no adapter"))),
+                (Some(_), false) => return Err(differ(format!("{path} has an adapter"))),
                 (Some(l), true) => {
                     let r = l.a.dims()[0];
                     if r != cfg.r {
-                        return Err(differ(format!("{path}'s has rank {r}")));
+                        return Err(differ(format!("{path}'s adapter has rank {r}")));
                     }
                     if (l.scale - cfg.scale()).abs() > 1e-6 * cfg.scale().abs() {
-                        return Err(differ(format!("{path}'s scale is {} where the config's is {}", l.scale, cfg.scale())));
+                        return Err(differ(format!("{path}'s adapter scale is {} where the config's is {}", l.scale, cfg.scale())));
                     }
                     l.dropout = cfg.dropout;
                 }
