@@ -209,9 +209,10 @@ fn devices() -> CliResult {
 }
 
 /// The model (with its adapter or deltas) and tokenizer of `args`, on its device, in f16 with
-/// `f16`. With `nf4` the decoder linears are quantized to NF4, and with `--bf16-weights` the
-/// matrices are kept in bf16 (on the CPU): as they are read, unless deltas must first fold
-/// into the f32 weights. The adapter takes the model's precision on the device.
+/// `f16`. With `nf4` the decoder linears are quantized to NF4; with `--bf16-weights`, or by
+/// default for a bf16 checkpoint on the CPU, the matrices are kept in bf16, as they are read
+/// unless deltas must first fold into the f32 weights. The adapter takes the model's precision
+/// on the device.
 pub(crate) fn load(args: &ModelArgs, nf4: bool, f16: bool) -> Result<(Llama, Tokenizer), String> {
     let (mut model, tok, device) = load_base(args, nf4, true)?;
     if let Some(a) = &args.adapter {
