@@ -99,6 +99,34 @@ fn generate_chat_renders_the_template() {
     assert!(!ok && err.contains("--chat"), "{err}");
 }
 
+/// `--stop` ends the generation at the token that completes the string (kept, as transformers'
+/// `stop_strings`), and the JSON result names it.
+#[test]
+fn generate_stops_at_a_stop_string() {
+    let m = fixture();
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["generate", "--model", m.to_str().unwrap(), "--prompt", "The capital", "--max-new-tokens", "8", "--json"];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = tuna(&args);
+        assert!(ok, "{err}");
+        serde_json::from_str(out.trim()).unwrap()
+    };
+    let ids = |v: &serde_json::Value| -> Vec<u32> { v["new_tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect() };
+    let all = run(&[]);
+    let all_ids = ids(&all);
+    assert_eq!(all["stopped_at"], serde_json::Value::Null);
+    let tok = tuna::io::tokenizer::Tokenizer::from_dir(&m).unwrap();
+    // The text of the first three tokens, less its first character: it is complete only once
+    // the third is out (the fixture's tokens decode to text of their own).
+    let three = tok.decode(&all_ids[..3], true).unwrap();
+    let stop: String = three.chars().skip(1).collect();
+    assert!(!tok.decode(&all_ids[..2], true).unwrap().contains(&stop), "{three:?}");
+    let v = run(&["--stop", "no such text", "--stop", &stop]);
+    assert_eq!(ids(&v), all_ids[..3], "{v}");
+    assert_eq!(v["stopped_at"], serde_json::Value::String(stop.clone()));
+    assert!(v["completion"].as_str().unwrap().ends_with(&stop), "{v}");
+}
+
 #[test]
 fn generate_in_f16_on_wgpu_matches_the_library() {
     let m = fixture();

@@ -132,6 +132,10 @@ struct GenerateArgs {
     system: Option<String>,
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
+    /// Stop once the text generated contains this string (kept in the output, as transformers'
+    /// `stop_strings` keeps it); may be given several times.
+    #[arg(long)]
+    stop: Vec<String>,
     /// transformers' repetition penalty (1: off; 1.1-1.3 are usual): the logits of tokens
     /// already in the prompt or output are divided by it (multiplied where negative).
     #[arg(long, default_value_t = 1.0)]
@@ -351,20 +355,22 @@ fn generate(a: GenerateArgs) -> CliResult {
     if stream {
         print!("{}", a.prompt);
     }
+    let mut stopped_at: Option<String> = None;
     let new = model
-        .generate(&prompt, &opts, |t| {
-            if !stream || eos.contains(&t) {
-                return;
+        .generate_until(&prompt, &opts, |t| {
+            if eos.contains(&t) || (!stream && a.stop.is_empty()) {
+                return true;
             }
             so_far.push(t);
             // Decode the whole continuation and print what is new: a token may end mid-character.
-            if let Ok(s) = tok.decode(&so_far, true) {
-                if s.len() > shown.len() && s.starts_with(&shown) && !s.ends_with('\u{fffd}') {
-                    print!("{}", &s[shown.len()..]);
-                    let _ = std::io::stdout().flush();
-                    shown = s;
-                }
+            let Ok(s) = tok.decode(&so_far, true) else { return true };
+            if stream && s.len() > shown.len() && s.starts_with(&shown) && !s.ends_with('\u{fffd}') {
+                print!("{}", &s[shown.len()..]);
+                let _ = std::io::stdout().flush();
+                shown = s.clone();
             }
+            stopped_at = a.stop.iter().find(|stop| s.contains(stop.as_str())).cloned();
+            stopped_at.is_none()
         })
         .map_err(err)?;
     let secs = started.elapsed().as_secs_f64();
@@ -375,7 +381,7 @@ fn generate(a: GenerateArgs) -> CliResult {
             "{}",
             json!({
                 "prompt": a.prompt, "completion": completion, "prompt_tokens": prompt.len(),
-                "new_tokens": new, "stopped_at_eos": new.last().is_some_and(|t| eos.contains(t)),
+                "new_tokens": new, "stopped_at_eos": new.last().is_some_and(|t| eos.contains(t)), "stopped_at": stopped_at,
                 "seconds": secs, "tokens_per_second": new.len() as f64 / secs.max(1e-9), "weights": weights_form(&model),
             })
         );

@@ -205,6 +205,15 @@ impl Llama {
     /// as soon as it is chosen (for streaming). Returns the new tokens (the EOS included when
     /// one ended the generation).
     pub fn generate(&self, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32)) -> Result<Vec<u32>> {
+        self.generate_until(prompt, opts, |t| {
+            on_token(t);
+            true
+        })
+    }
+
+    /// [`Llama::generate`], with `on_token` saying whether to go on: false ends the generation
+    /// after that token, as an EOS does (for stop strings, which need the decoded text).
+    pub fn generate_until(&self, prompt: &[u32], opts: &GenerateOptions, mut on_token: impl FnMut(u32) -> bool) -> Result<Vec<u32>> {
         if prompt.is_empty() {
             return Err(Error::InvalidArgument("generation needs at least one prompt token".into()));
         }
@@ -218,8 +227,7 @@ impl Llama {
         // Hands a chosen token over; true when it ends the generation.
         let mut take = |next: u32, out: &mut Vec<u32>| {
             out.push(next);
-            on_token(next);
-            opts.eos_token_ids.contains(&next)
+            !on_token(next) || opts.eos_token_ids.contains(&next)
         };
         let mut input = Tensor::from_vec_i32(prompt.iter().map(|&t| t as i32).collect(), [1, prompt.len()])?.to_device(&self.device())?;
         // Sampling, and a repetition penalty (which needs the logits and the tokens so far),
