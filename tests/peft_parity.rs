@@ -35,7 +35,7 @@ const LOGITS: Tolerance = Tolerance { atol: 1e-4, rtol: 0.0 };
 
 #[test]
 fn peft_adapter_logits_and_loss() {
-    for name in ["peft-lora", "peft-lora-rslora"] {
+    for name in ["peft-lora", "peft-lora-rslora", "peft-lora-pattern"] {
         let exp = expected(name);
         let ids = exp.load_raw("input_ids", &Device::Cpu).unwrap();
         // On every device present: on wgpu the fused LoRA GEMM runs the adapters.
@@ -121,10 +121,11 @@ fn with_adapter_dir(dir: &Path) -> Llama {
     m
 }
 
-/// PEFT configs this crate cannot apply as written are refused, naming the file and field:
-/// per-module ranks or alphas (one scale for all would be wrong), whole modules saved beside
-/// the pairs, trained biases or token rows (all would be left out), DoRA, other PEFT types.
-/// The fixture's own config, with empty patterns and lists, loads.
+/// PEFT configs this crate cannot apply as written are refused, naming the file (and the
+/// field, or the tensor): whole modules saved beside the pairs, trained biases or token rows
+/// (all would be left out), DoRA, other PEFT types, rank patterns that are regular expressions
+/// or that name a module twice, or that disagree with the tensors. The fixture's own config,
+/// with empty patterns and lists, loads, and so does an alpha pattern.
 #[test]
 fn adapter_configs_that_cannot_apply_are_refused() {
     let dir = common::Scratch::new("peft-config");
@@ -138,12 +139,14 @@ fn adapter_configs_that_cannot_apply_are_refused() {
         let mut m = Llama::load(&fixture("llama-gqa")).unwrap();
         load_adapter(&mut m, &dir).map(|_| ()).map_err(|e| e.to_string())
     };
-    load_with("alpha_pattern", serde_json::json!({})).unwrap();
+    load_with("alpha_pattern", serde_json::json!({"q_proj": 16})).unwrap();
     load_with("modules_to_save", serde_json::json!([])).unwrap();
     load_with("bias", serde_json::json!("none")).unwrap();
     for (field, value, says) in [
-        ("alpha_pattern", serde_json::json!({"q_proj": 16}), "per-module"),
-        ("rank_pattern", serde_json::json!({"v_proj": 8}), "per-module"),
+        // The fixture's tensors are rank 4: a pattern that says 8 meets a tensor of rank 4.
+        ("rank_pattern", serde_json::json!({"v_proj": 8}), "expected [8, 32]"),
+        ("rank_pattern", serde_json::json!({".*v_proj": 4}), "not regular expressions"),
+        ("alpha_pattern", serde_json::json!({"v_proj": 2, "self_attn.v_proj": 3}), "both name"),
         ("modules_to_save", serde_json::json!(["lm_head"]), "whole modules"),
         ("bias", serde_json::json!("lora_only"), "`lora_only`"),
         ("trainable_token_indices", serde_json::json!([5, 6]), "token rows"),
@@ -151,8 +154,34 @@ fn adapter_configs_that_cannot_apply_are_refused() {
         ("peft_type", serde_json::json!("IA3"), "`IA3` is not supported"),
     ] {
         let e = load_with(field, value).expect_err(field);
-        assert!(e.contains("adapter_config.json") && e.contains(&format!("field `{field}`")) && e.contains(says), "{e}");
+        assert!((e.contains("adapter_config.json") || e.contains("adapter_model.safetensors")) && e.contains(says), "{field}: {e}");
     }
+}
+
+/// Per-module ranks and alphas round-trip: PEFT's patterned adapter, written again by
+/// `save_adapter`, keeps its patterns and ranks and gives the same logits; fresh adapters from a
+/// patterned config take each module's rank and scale, and train further under that config.
+#[test]
+fn rank_and_alpha_patterns_round_trip() {
+    let m = with_adapter("peft-lora-pattern");
+    let rank = |m: &Llama, path: &str| m.linears().into_iter().find(|(p, _)| p == path).unwrap().1.lora.as_ref().unwrap().a.dims()[0];
+    let scale = |m: &Llama, path: &str| m.linears().into_iter().find(|(p, _)| p == path).unwrap().1.lora.as_ref().unwrap().scale;
+    assert_eq!((rank(&m, "model.layers.0.self_attn.v_proj"), rank(&m, "model.layers.1.mlp.down_proj"), rank(&m, "model.layers.0.mlp.down_proj")), (2, 6, 4));
+    assert_eq!((scale(&m, "model.layers.1.self_attn.o_proj"), scale(&m, "model.layers.0.self_attn.v_proj")), (0.75, 4.0));
+    let mut base = Llama::load(&fixture("llama-gqa")).unwrap();
+    let cfg = load_adapter(&mut base, &fixture("peft-lora-pattern")).unwrap();
+    let dir = common::Scratch::new("peft-pattern");
+    save_adapter(&m, &cfg, "tools/fixtures/llama-gqa", &dir).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((json["rank_pattern"].clone(), json["alpha_pattern"].clone()), (serde_json::json!({"v_proj": 2, "model.layers.1.mlp.down_proj": 6}), serde_json::json!({"o_proj": 3.0})));
+    let again = with_adapter_dir(&dir);
+    let ids = Tensor::from_vec_i32(vec![3, 77, 12, 250, 9], [1, 5]).unwrap();
+    assert_eq!(m.forward(&ids, None).unwrap().to_vec_f32().unwrap(), again.forward(&ids, None).unwrap().to_vec_f32().unwrap());
+    let mut fresh = Llama::load(&fixture("llama-gqa")).unwrap();
+    fresh.add_lora(&cfg, 3).unwrap();
+    assert_eq!((rank(&fresh, "model.layers.1.self_attn.v_proj"), rank(&fresh, "model.layers.1.mlp.down_proj"), scale(&fresh, "model.layers.0.self_attn.o_proj")), (2, 6, 0.75));
+    let mut kept = again.clone();
+    assert!(kept.lora_to_train(&cfg, 0).unwrap(), "the patterned adapter is the config's");
 }
 
 #[test]

@@ -209,6 +209,7 @@ fn lora_config(a: &FinetuneArgs, loaded: Option<LoraConfig>) -> Result<LoraConfi
             dropout: a.lora_dropout.unwrap_or(d.dropout),
             use_rslora: a.rslora,
             target_modules: a.target_modules.as_deref().map_or(d.target_modules, modules),
+            ..d
         });
     };
     let adapter = a.model.adapter.as_ref().expect("a loaded adapter came from --adapter").display();

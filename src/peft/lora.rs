@@ -28,27 +28,88 @@ pub struct LoraConfig {
     pub use_rslora: bool,
     /// Module names (`q_proj`, ..., `down_proj`).
     pub target_modules: Vec<String>,
+    /// PEFT's `rank_pattern` and `alpha_pattern`: a module whose path is a key, or ends with
+    /// `.` and a key (`v_proj`, `layers.0.self_attn.q_proj`), takes that rank or alpha instead
+    /// of `r` or `alpha`. Keys are plain names here (PEFT reads them as regular expressions;
+    /// for plain names the two agree), and at most one may match a module.
+    pub rank_pattern: Vec<(String, usize)>,
+    pub alpha_pattern: Vec<(String, f32)>,
 }
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        LoraConfig { r: 8, alpha: 16.0, dropout: 0.0, use_rslora: false, target_modules: LINEAR_MODULES.iter().map(|s| s.to_string()).collect() }
+        LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            use_rslora: false,
+            target_modules: LINEAR_MODULES.iter().map(|s| s.to_string()).collect(),
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
+        }
     }
 }
 
+/// Whether a rank or alpha pattern's `key` names the module at `path`: the path is the key or
+/// ends with `.` and the key.
+fn names(key: &str, path: &str) -> bool {
+    path == key || path.strip_suffix(key).is_some_and(|p| p.ends_with('.'))
+}
+
+/// The value of the key of `pattern` that names `path` (see `LoraConfig::rank_pattern`).
+fn pattern_value<T: Copy>(pattern: &[(String, T)], path: &str) -> Option<T> {
+    pattern.iter().find(|(k, _)| names(k, path)).map(|&(_, v)| v)
+}
+
 impl LoraConfig {
+    /// The scale `alpha / r` (`alpha / sqrt(r)` with rsLoRA) of modules no pattern names.
     pub fn scale(&self) -> f32 {
+        self.scale_of(self.r, self.alpha)
+    }
+
+    fn scale_of(&self, r: usize, alpha: f32) -> f32 {
         if self.use_rslora {
-            self.alpha / (self.r as f32).sqrt()
+            alpha / (r as f32).sqrt()
         } else {
-            self.alpha / self.r as f32
+            alpha / r as f32
         }
+    }
+
+    /// The rank and scale of the module at `path` (`model.layers.0.self_attn.q_proj`).
+    pub fn rank_and_scale(&self, path: &str) -> (usize, f32) {
+        let r = pattern_value(&self.rank_pattern, path).unwrap_or(self.r);
+        (r, self.scale_of(r, pattern_value(&self.alpha_pattern, path).unwrap_or(self.alpha)))
+    }
+
+    /// Checks the rank and alpha patterns: ranks of at least 1, keys that are plain names, and
+    /// no module of `paths` matched by two keys of one pattern (PEFT would take the first in
+    /// the file's order, which a JSON object does not keep here).
+    pub fn validate_patterns(&self, paths: &[String]) -> Result<()> {
+        if let Some((k, _)) = self.rank_pattern.iter().find(|&&(_, r)| r == 0) {
+            return Err(Error::InvalidArgument(format!("LoRA rank_pattern `{k}`: a rank must be at least 1")));
+        }
+        let keys = self.rank_pattern.iter().map(|(k, _)| k).chain(self.alpha_pattern.iter().map(|(k, _)| k));
+        if let Some(k) = keys.clone().find(|k| k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')) {
+            return Err(Error::InvalidArgument(format!("LoRA rank/alpha pattern key `{k}`: plain module names or paths are supported, not regular expressions")));
+        }
+        let rank_keys: Vec<&str> = self.rank_pattern.iter().map(|(k, _)| k.as_str()).collect();
+        let alpha_keys: Vec<&str> = self.alpha_pattern.iter().map(|(k, _)| k.as_str()).collect();
+        for path in paths {
+            for (name, keys) in [("rank_pattern", &rank_keys), ("alpha_pattern", &alpha_keys)] {
+                let hits: Vec<&&str> = keys.iter().filter(|k| names(k, path)).collect();
+                if hits.len() > 1 {
+                    return Err(Error::InvalidArgument(format!("LoRA {name}: `{}` and `{}` both name {path}", hits[0], hits[1])));
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 {
             return Err(Error::InvalidArgument("LoRA rank r must be at least 1".into()));
         }
+        self.validate_patterns(&[])?;
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(Error::InvalidArgument(format!("LoRA dropout must be in [0, 1), got {}", self.dropout)));
         }
@@ -85,6 +146,7 @@ impl Llama {
     /// Attaches fresh LoRA adapters (PEFT's default init, from `seed`) to the target modules.
     pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> Result<()> {
         cfg.validate()?;
+        cfg.validate_patterns(&self.linears().into_iter().map(|(p, _)| p).collect::<Vec<_>>())?;
         let mut rng = Rng::new(seed);
         let device = self.device();
         for (path, lin) in self.linears_mut() {
@@ -92,10 +154,11 @@ impl Llama {
                 continue;
             }
             let (out, inp) = (lin.weight.dims()[0], lin.weight.dims()[1]);
+            let (r, scale) = cfg.rank_and_scale(&path);
             let bound = 1.0 / (inp as f32).sqrt();
-            let a = Tensor::from_vec(rng.vec(cfg.r * inp, -bound, bound), [cfg.r, inp])?.to_device(&device)?;
-            let b = Tensor::zeros([out, cfg.r], crate::DType::F32, &device)?;
-            lin.lora = Some(LoraAdapter { a, b, scale: cfg.scale(), dropout: cfg.dropout });
+            let a = Tensor::from_vec(rng.vec(r * inp, -bound, bound), [r, inp])?.to_device(&device)?;
+            let b = Tensor::zeros([out, r], crate::DType::F32, &device)?;
+            lin.lora = Some(LoraAdapter { a, b, scale, dropout: cfg.dropout });
         }
         Ok(())
     }
@@ -127,12 +190,12 @@ impl Llama {
                 (None, true) => return Err(differ(format!("{path} has no adapter"))),
                 (Some(_), false) => return Err(differ(format!("{path} has an adapter"))),
                 (Some(l), true) => {
-                    let r = l.a.dims()[0];
-                    if r != cfg.r {
-                        return Err(differ(format!("{path}'s adapter has rank {r}")));
+                    let (r, scale) = cfg.rank_and_scale(&path);
+                    if l.a.dims()[0] != r {
+                        return Err(differ(format!("{path}'s adapter has rank {} where the config's is {r}", l.a.dims()[0])));
                     }
-                    if (l.scale - cfg.scale()).abs() > 1e-6 * cfg.scale().abs() {
-                        return Err(differ(format!("{path}'s adapter scale is {} where the config's is {}", l.scale, cfg.scale())));
+                    if (l.scale - scale).abs() > 1e-6 * scale.abs() {
+                        return Err(differ(format!("{path}'s adapter scale is {} where the config's is {scale}", l.scale)));
                     }
                     l.dropout = cfg.dropout;
                 }
@@ -199,6 +262,8 @@ pub fn save_adapter(model: &Llama, cfg: &LoraConfig, base_model: &str, dir: &Pat
         "inference_mode": true,
         "init_lora_weights": true,
         "modules_to_save": null,
+        "rank_pattern": cfg.rank_pattern.iter().map(|(k, r)| (k.clone(), Value::from(*r))).collect::<serde_json::Map<String, Value>>(),
+        "alpha_pattern": cfg.alpha_pattern.iter().map(|(k, a)| (k.clone(), Value::from(*a))).collect::<serde_json::Map<String, Value>>(),
         "use_dora": false,
         "revision": null,
         "library_name": "tuna",
@@ -226,13 +291,10 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     if field("use_dora").and_then(Value::as_bool) == Some(true) {
         return Err(err("use_dora", "DoRA adapters are not supported"));
     }
-    // What the model would otherwise silently leave out: per-module ranks or alphas (a scale
-    // and shapes per module), whole modules saved beside the LoRA pairs, trained biases,
-    // trained token rows.
+    // What the model would otherwise silently leave out: whole modules saved beside the LoRA
+    // pairs, trained biases, trained token rows.
     let given = |k: &str| field(k).is_some_and(|x| x.as_array().is_none_or(|a| !a.is_empty()) && x.as_object().is_none_or(|o| !o.is_empty()));
     for (k, what) in [
-        ("rank_pattern", "per-module ranks and alphas are not supported (one r and lora_alpha for every module are)"),
-        ("alpha_pattern", "per-module ranks and alphas are not supported (one r and lora_alpha for every module are)"),
         ("modules_to_save", "whole modules saved with the adapter are not supported (the LoRA pairs are)"),
         ("trainable_token_indices", "trained token rows are not supported"),
     ] {
@@ -251,13 +313,23 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
         Some(Value::String(s)) => vec![s.clone()],
         _ => return Err(err("target_modules", "missing (a list of module names)")),
     };
+    let pattern = |k: &str| -> Result<Vec<(String, f64)>> {
+        match field(k) {
+            None => Ok(Vec::new()),
+            Some(Value::Object(o)) => o.iter().map(|(key, v)| v.as_f64().map(|x| (key.clone(), x)).ok_or_else(|| err(k, &format!("`{key}` is not a number")))).collect(),
+            Some(_) => Err(err(k, "must be an object of module names to numbers")),
+        }
+    };
     let cfg = LoraConfig {
         r,
         alpha,
         dropout: field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0) as f32,
         use_rslora: field("use_rslora").and_then(Value::as_bool).unwrap_or(false),
         target_modules: targets,
+        rank_pattern: pattern("rank_pattern")?.into_iter().map(|(k, x)| (k, x as usize)).collect(),
+        alpha_pattern: pattern("alpha_pattern")?.into_iter().map(|(k, x)| (k, x as f32)).collect(),
     };
+    cfg.validate_patterns(&model.linears().into_iter().map(|(p, _)| p).collect::<Vec<_>>()).map_err(|e| Error::file(&cfg_path, e.to_string()))?;
     let weights = WeightFiles::from_paths(&[dir.join("adapter_model.safetensors")])?;
     // PEFT's in-memory names carry the adapter name (`.lora_A.default.weight`); saved files
     // drop it. Accept both.
@@ -271,9 +343,10 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     for (path, lin) in model.linears_mut() {
         let (Some(ka), Some(kb)) = (find(&path, "lora_A"), find(&path, "lora_B")) else { continue };
         let (out, inp) = (lin.weight.dims()[0], lin.weight.dims()[1]);
+        let (r, scale) = cfg.rank_and_scale(&path);
         let a = weights.load_f32(&ka, &[r, inp])?.to_device(&device)?;
         let b = weights.load_f32(&kb, &[out, r])?.to_device(&device)?;
-        lin.lora = Some(LoraAdapter { a, b, scale: cfg.scale(), dropout: cfg.dropout });
+        lin.lora = Some(LoraAdapter { a, b, scale, dropout: cfg.dropout });
         attached += 1;
     }
     if attached == 0 {
