@@ -283,6 +283,20 @@ impl Llama {
 mod tests {
     use super::*;
 
+    /// The rule of transformers' `RepetitionPenaltyLogitsProcessor`
+    /// (`torch.where(score < 0, score * penalty, score / penalty)` on the tokens seen): both
+    /// signs, above and below 1, and tokens not seen left alone. (The greedy fixture's picks
+    /// only meet the positive branch.)
+    #[test]
+    fn repeats_are_penalized_on_both_signs() {
+        let seen = [true, true, false, false, true];
+        for penalty in [2.0f32, 0.5] {
+            let mut logits = [3.0f32, -3.0, 3.0, -3.0, 0.0];
+            penalize_repeats(&mut logits, &seen, penalty);
+            assert_eq!(logits, [3.0 / penalty, -3.0 * penalty, 3.0, -3.0, 0.0], "penalty {penalty}");
+        }
+    }
+
     /// `candidates` against the rule as it reads (`testing::sampling::nucleus`, which sorts the
     /// whole vocabulary), on the same f32 weights: rows from flat (the floors drop nothing) to
     /// peaked (they drop nearly every token), with and without ties, over vocabularies from 2 to
