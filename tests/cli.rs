@@ -255,6 +255,52 @@ fn perplexity_json_and_bad_lines() {
     assert!(err.contains(data.to_str().unwrap()) && err.contains("line 2: invalid JSON"), "{err}");
 }
 
+/// A line longer than --max-seq-len is scored in overlapping windows (every token past the
+/// first once, with the window's context before it): the mean loss of an f64 log-softmax over
+/// the model's logits, window by window, written out here.
+#[test]
+fn perplexity_scores_long_lines_in_windows() {
+    let m = fixture();
+    let scratch = Scratch::new("cli-windows");
+    let data = scratch.join("long.jsonl");
+    let text: String = (1..=30).map(|i| format!(" {i}")).collect();
+    std::fs::write(&data, format!("{{\"text\": \"Count{text}\"}}\n")).unwrap();
+    let tok = tuna::io::tokenizer::Tokenizer::from_dir(&m).unwrap();
+    let ids = tok.encode(&format!("Count{text}"), true).unwrap();
+    let n = ids.len();
+    assert!(n > 40, "{n} tokens");
+    let model = tuna::nn::Llama::load(&m).unwrap();
+    let (max_len, stride) = (16, 6);
+    let (mut nll, mut count, mut begin, mut scored) = (0.0f64, 0usize, 0usize, 1usize);
+    loop {
+        let end = (begin + max_len).min(n);
+        let window: Vec<i32> = ids[begin..end].iter().map(|&t| t as i32).collect();
+        let logits = model.forward(&tuna::Tensor::from_vec_i32(window, [1, end - begin]).unwrap(), None).unwrap().to_vec_f32().unwrap();
+        let v = model.config.vocab_size;
+        for i in scored.max(begin + 1)..end {
+            let row = &logits[(i - begin - 1) * v..(i - begin) * v];
+            let max = row.iter().fold(f64::MIN, |a, &x| a.max(x as f64));
+            let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            nll += lse - row[ids[i] as usize] as f64;
+            count += 1;
+        }
+        if end == n {
+            break;
+        }
+        scored = end;
+        begin += stride;
+    }
+    assert_eq!(count, n - 1);
+    let (ok, out, err) = tuna(&["perplexity", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--json", "--max-seq-len", "16", "--stride", "6"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["tokens"].as_u64(), Some((n - 1) as u64), "{v}");
+    let got = v["mean_loss"].as_f64().unwrap();
+    assert!((got - nll / count as f64).abs() < 1e-5, "windows: {got} vs {}", nll / count as f64);
+    let (ok, _, err) = tuna(&["perplexity", "--model", m.to_str().unwrap(), "--data", data.to_str().unwrap(), "--max-seq-len", "16", "--stride", "16"]);
+    assert!(!ok && err.contains("--stride"), "{err}");
+}
+
 #[test]
 fn missing_model_folder_is_a_clear_error() {
     let (ok, _, err) = tuna(&["generate", "--model", "/nonexistent/model", "--prompt", "x"]);

@@ -163,9 +163,16 @@ struct PerplexityArgs {
     /// ShareGPT's {"conversations"} or Alpaca's {"instruction","input","output"}.
     #[arg(long)]
     data: PathBuf,
-    /// Truncate each example to this many tokens (default: the model's context length).
+    /// The longest window the model reads (default: its context length). A longer example is
+    /// scored in windows of this many tokens, each starting --stride tokens after the last, its
+    /// tokens scored once, each with the window's context before it (as transformers' guide to
+    /// perplexity does).
     #[arg(long)]
     max_seq_len: Option<usize>,
+    /// Tokens between window starts for examples longer than --max-seq-len (default: half
+    /// of it).
+    #[arg(long)]
+    stride: Option<usize>,
     /// Fail on the first bad line instead of skipping bad lines.
     #[arg(long)]
     strict: bool,
@@ -395,6 +402,24 @@ fn generate(a: GenerateArgs) -> CliResult {
     Ok(())
 }
 
+/// The windows `(begin, end, scored_from)` that score `n` tokens with at most `max_len` a
+/// window: each starts `stride` after the last (`stride < max_len`), and scores the tokens
+/// from `scored_from` (where the last one ended) on, so every token past the first is scored
+/// once.
+fn windows(n: usize, max_len: usize, stride: usize) -> Vec<(usize, usize, usize)> {
+    let mut out = Vec::new();
+    let (mut begin, mut scored) = (0, 0);
+    loop {
+        let end = (begin + max_len).min(n);
+        out.push((begin, end, scored));
+        if end == n {
+            return out;
+        }
+        scored = end;
+        begin += stride;
+    }
+}
+
 fn perplexity(a: PerplexityArgs) -> CliResult {
     let (model, tok) = load(&a.model, a.model.nf4, a.f16)?;
     // One forward per example: on the CPU each weight's transpose pays for itself.
@@ -407,20 +432,26 @@ fn perplexity(a: PerplexityArgs) -> CliResult {
         eprintln!("warning: {}: line {}: {} (skipped)", a.data.display(), b.line, b.reason);
     }
     let max_len = a.max_seq_len.unwrap_or(model.config.max_position_embeddings);
+    let stride = a.stride.unwrap_or(max_len / 2).max(1);
+    if max_len < 2 || stride >= max_len {
+        return Err(format!("--max-seq-len {max_len} needs at least 2 tokens and --stride {stride} less than it (windows overlap, so each token has context)"));
+    }
     let (mut nll, mut count) = (0.0f64, 0usize);
     let started = Instant::now();
     for (line, ex) in &data.examples {
-        let (mut ids, mut mask) = tokenize(&tok, ex, false).map_err(|e| format!("{}: line {line}: {e}", a.data.display()))?;
-        ids.truncate(max_len);
-        mask.truncate(max_len);
-        let targets = mask.iter().skip(1).filter(|&&m| m).count();
-        if targets == 0 {
-            continue;
+        let (ids, mask) = tokenize(&tok, ex, false).map_err(|e| format!("{}: line {line}: {e}", a.data.display()))?;
+        for (begin, end, scored_from) in windows(ids.len(), max_len, stride) {
+            // A window's targets: the example's, from where the last window's scoring ended.
+            let mask: Vec<bool> = (begin..end).map(|i| mask[i] && i >= scored_from).collect();
+            let targets = mask.iter().skip(1).filter(|&&m| m).count();
+            if targets == 0 {
+                continue;
+            }
+            let t = Tensor::from_vec_i32(ids[begin..end].iter().map(|&i| i as i32).collect(), [1, end - begin]).map_err(err)?;
+            let loss = model.loss(&t, Some(&mask)).map_err(|e| format!("{}: line {line}: {e}", a.data.display()))?;
+            nll += loss.to_scalar().map_err(err)? as f64 * targets as f64;
+            count += targets;
         }
-        let t = Tensor::from_vec_i32(ids.iter().map(|&i| i as i32).collect(), [1, ids.len()]).map_err(err)?;
-        let loss = model.loss(&t, Some(&mask)).map_err(|e| format!("{}: line {line}: {e}", a.data.display()))?;
-        nll += loss.to_scalar().map_err(err)? as f64 * targets as f64;
-        count += targets;
     }
     if count == 0 {
         return Err(format!("{}: no tokens to score ({} examples, {} bad lines)", a.data.display(), data.examples.len(), data.bad_lines.len()));
