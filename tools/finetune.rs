@@ -184,8 +184,8 @@ fn modules(list: &str) -> Vec<String> {
     list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
 }
 
-/// The examples of a JSONL file, its bad lines reported (or, with `strict`, the first one an
-/// error), tokenized.
+/// The examples of a JSONL file, its bad lines reported as warnings (or, with `strict`, the
+/// first one an error).
 fn read_examples(path: &std::path::Path, strict: bool) -> Result<Dataset, String> {
     let data = Dataset::read(path).map_err(err)?;
     if strict {
