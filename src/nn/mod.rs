@@ -31,6 +31,7 @@
 
 pub mod generate;
 mod kv_cache;
+mod layer;
 mod linear;
 pub mod llama;
 
