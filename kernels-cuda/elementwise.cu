@@ -1,14 +1,17 @@
-// SwiGLU, fused, forward and backward (one kernel each).
+// Gated linear units (the MLP of Llama and Gemma), fused, forward and backward (one kernel each):
 //
-//   forward:  y  = silu(g) * u = g * σ(g) * u
-//   backward: dg = dy * u * σ(g) * (1 + g * (1 - σ(g)))
-//             du = dy * silu(g)
+//   y = act(g) * u, with act(g) = g * σ(a(g)) and
+//     act 0, SiLU (SwiGLU):               a(g) = g
+//     act 1, GELU, tanh form (GeGLU):     a(g) = 2 k (g + 0.044715 g^3), k = sqrt(2 / pi)
+//   (0.5 (1 + tanh z) = σ(2z), so the tanh GELU x/2 (1 + tanh(k (x + 0.044715 x^3))) is x σ(2z).)
+//   backward: dg = dy * u * σ(a) * (1 + g * (1 - σ(a)) * a'(g))
+//             du = dy * act(g)
 //
 // Shapes: y, dy [M, F] dense. g and u address row m, column f as g[m * ld + f] and
 // u[u_off + m * ld + f]: separate [M, F] buffers (u_off = 0, ld = F), or the two halves of
 // each row of one [M, 2F] buffer (g = u = gu, u_off = F, ld = 2F). dg and du are written in
 // the layouts of g and u; the packed backward writes both halves of one dgu [M, 2F].
-// Storage f32 or bf16, math f32. σ(g) = 1/(1+e) or e/(1+e) with e = exp(-|g|): no overflow.
+// Storage f32 or bf16, math f32. σ(a) = 1/(1+e) or e/(1+e) with e = exp(-|a|): no overflow.
 //
 // Launch: grid (ceil(F / blockDim.x), min(M, 65535)), one thread per column, blocks stride
 // over rows by gridDim.y.
@@ -20,50 +23,63 @@ __device__ __forceinline__ float sigmoid_f32(float g) {
     return g >= 0.0f ? r : e * r;
 }
 
+// The gate's sigmoid argument a(g) and its derivative a'(g) (see the top of the file).
+__device__ __forceinline__ float glu_arg(float g, int act, float* darg) {
+    if (act == 1) {
+        const float k2 = 1.5957691216057308f;  // 2 sqrt(2 / pi)
+        *darg = k2 * (1.0f + 3.0f * 0.044715f * g * g);
+        return k2 * (g + 0.044715f * g * g * g);
+    }
+    *darg = 1.0f;
+    return g;
+}
+
 template <typename T>
-__device__ void swiglu_fwd(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ y, int M, int F,
-                           int u_off, int ld) {
+__device__ void glu_fwd(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ y, int M, int F,
+                        int u_off, int ld, int act) {
     const int f = blockIdx.x * blockDim.x + threadIdx.x;
     if (f >= F) return;
     for (long m = blockIdx.y; m < M; m += gridDim.y) {
         const float gv = Elem<T>::load(g, m * ld + f), uv = Elem<T>::load(u, u_off + m * ld + f);
-        Elem<T>::store(y, m * F + f, gv * sigmoid_f32(gv) * uv);
+        float darg;
+        Elem<T>::store(y, m * F + f, gv * sigmoid_f32(glu_arg(gv, act, &darg)) * uv);
     }
 }
 
 // dg and du may be one buffer (the packed layout, disjoint halves), so they carry no __restrict__.
 template <typename T>
-__device__ void swiglu_bwd(const T* __restrict__ g, const T* __restrict__ u, const T* __restrict__ dy, T* dg, T* du,
-                           int M, int F, int u_off, int ld) {
+__device__ void glu_bwd(const T* __restrict__ g, const T* __restrict__ u, const T* __restrict__ dy, T* dg, T* du,
+                        int M, int F, int u_off, int ld, int act) {
     const int f = blockIdx.x * blockDim.x + threadIdx.x;
     if (f >= F) return;
     for (long m = blockIdx.y; m < M; m += gridDim.y) {
         const long gi = m * ld + f, ui = u_off + m * ld + f;
         const float gv = Elem<T>::load(g, gi), uv = Elem<T>::load(u, ui), d = Elem<T>::load(dy, m * F + f);
-        const float s = sigmoid_f32(gv);
-        Elem<T>::store(dg, gi, d * uv * s * (1.0f + gv * (1.0f - s)));
+        float darg;
+        const float s = sigmoid_f32(glu_arg(gv, act, &darg));
+        Elem<T>::store(dg, gi, d * uv * s * (1.0f + gv * (1.0f - s) * darg));
         Elem<T>::store(du, ui, d * gv * s);
     }
 }
 
 // ---- entry points -------------------------------------------------------------------------
-extern "C" __global__ void swiglu_fwd_f32(const float* g, const float* u, float* y, int M, int F, int u_off, int ld) {
-    swiglu_fwd<float>(g, u, y, M, F, u_off, ld);
+extern "C" __global__ void glu_fwd_f32(const float* g, const float* u, float* y, int M, int F, int u_off, int ld, int act) {
+    glu_fwd<float>(g, u, y, M, F, u_off, ld, act);
 }
-extern "C" __global__ void swiglu_fwd_bf16(const bf16_bits* g, const bf16_bits* u, bf16_bits* y, int M, int F, int u_off, int ld) {
-    swiglu_fwd<bf16_bits>(g, u, y, M, F, u_off, ld);
+extern "C" __global__ void glu_fwd_bf16(const bf16_bits* g, const bf16_bits* u, bf16_bits* y, int M, int F, int u_off, int ld, int act) {
+    glu_fwd<bf16_bits>(g, u, y, M, F, u_off, ld, act);
 }
-extern "C" __global__ void swiglu_bwd_f32(const float* g, const float* u, const float* dy, float* dg, float* du, int M, int F) {
-    swiglu_bwd<float>(g, u, dy, dg, du, M, F, 0, F);
+extern "C" __global__ void glu_bwd_f32(const float* g, const float* u, const float* dy, float* dg, float* du, int M, int F, int act) {
+    glu_bwd<float>(g, u, dy, dg, du, M, F, 0, F, act);
 }
-extern "C" __global__ void swiglu_bwd_bf16(const bf16_bits* g, const bf16_bits* u, const bf16_bits* dy, bf16_bits* dg, bf16_bits* du, int M, int F) {
-    swiglu_bwd<bf16_bits>(g, u, dy, dg, du, M, F, 0, F);
+extern "C" __global__ void glu_bwd_bf16(const bf16_bits* g, const bf16_bits* u, const bf16_bits* dy, bf16_bits* dg, bf16_bits* du, int M, int F, int act) {
+    glu_bwd<bf16_bits>(g, u, dy, dg, du, M, F, 0, F, act);
 }
-extern "C" __global__ void swiglu_bwd_packed_f32(const float* gu, const float* dy, float* dgu, int M, int F) {
-    swiglu_bwd<float>(gu, gu, dy, dgu, dgu, M, F, F, 2 * F);
+extern "C" __global__ void glu_bwd_packed_f32(const float* gu, const float* dy, float* dgu, int M, int F, int act) {
+    glu_bwd<float>(gu, gu, dy, dgu, dgu, M, F, F, 2 * F, act);
 }
-extern "C" __global__ void swiglu_bwd_packed_bf16(const bf16_bits* gu, const bf16_bits* dy, bf16_bits* dgu, int M, int F) {
-    swiglu_bwd<bf16_bits>(gu, gu, dy, dgu, dgu, M, F, F, 2 * F);
+extern "C" __global__ void glu_bwd_packed_bf16(const bf16_bits* gu, const bf16_bits* dy, bf16_bits* dgu, int M, int F, int act) {
+    glu_bwd<bf16_bits>(gu, gu, dy, dgu, dgu, M, F, F, 2 * F, act);
 }
 
 // ---- add, scale ---------------------------------------------------------------------------

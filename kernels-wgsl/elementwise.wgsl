@@ -1,13 +1,16 @@
-// SwiGLU, fused, forward and backward (one entry point each), f32.
+// Gated linear units (the MLP of Llama and Gemma), fused, forward and backward (one entry point
+// each), f32 math: the counterpart of kernels-cuda/elementwise.cu.
 //
-//   forward:  y  = silu(g) * u = g * σ(g) * u
-//   backward: dg = dy * u * σ(g) * (1 + g * (1 - σ(g)))
-//             du = dy * silu(g)
+//   y = act(g) * u, with act(g) = g * σ(a(g)) and
+//     p.act 0, SiLU (SwiGLU):               a(g) = g
+//     p.act 1, GELU, tanh form (GeGLU):     a(g) = 2 k (g + 0.044715 g^3), k = sqrt(2 / pi)
+//   backward: dg = dy * u * σ(a) * (1 + g * (1 - σ(a)) * a'(g))
+//             du = dy * act(g)
 //
 // Shapes: y, dy [M, F] dense. g and u address row m, column f as g[m * ld + f] and
 // u[u_off + m * ld + f]: separate [M, F] buffers (u_off = 0, ld = F), or the two halves of
-// each row of one [M, 2F] buffer bound twice read-only (u_off = F, ld = 2F). swiglu_bwd
-// writes dg and du in the layouts of g and u; swiglu_bwd_packed writes both halves of one
+// each row of one [M, 2F] buffer bound twice read-only (u_off = F, ld = 2F). glu_bwd
+// writes dg and du in the layouts of g and u; glu_bwd_packed writes both halves of one
 // dgu [M, 2F] (a buffer may not be bound writable twice). σ(g) = 1/(1+e) or e/(1+e) with
 // e = exp(-|g|): no overflow.
 //
@@ -19,6 +22,10 @@ struct Params {
     cols: u32,
     u_off: u32,
     ld: u32,
+    act: u32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 alias T = f32;
@@ -36,8 +43,17 @@ fn sigmoid(x: f32) -> f32 {
     return select(t * r, r, x >= 0.0);
 }
 
+// The gate's sigmoid argument a(g) (x) and its derivative a'(g) (y).
+fn glu_arg(g: f32) -> vec2<f32> {
+    if (p.act == 1u) {
+        let k2 = 1.5957691216057308; // 2 sqrt(2 / pi)
+        return vec2<f32>(k2 * (g + 0.044715 * g * g * g), k2 * (1.0 + 3.0 * 0.044715 * g * g));
+    }
+    return vec2<f32>(g, 1.0);
+}
+
 @compute @workgroup_size(256)
-fn swiglu_fwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn glu_fwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let f = gid.x;
     if (f >= p.cols) {
         return;
@@ -45,12 +61,12 @@ fn swiglu_fwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
     for (var m = gid.y; m < p.rows; m = m + nwg.y) {
         let g = f32(a[m * p.ld + f]);
         let u = f32(b[p.u_off + m * p.ld + f]);
-        c[m * p.cols + f] = T(g * sigmoid(g) * u);
+        c[m * p.cols + f] = T(g * sigmoid(glu_arg(g).x) * u);
     }
 }
 
 @compute @workgroup_size(256)
-fn swiglu_bwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn glu_bwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let f = gid.x;
     if (f >= p.cols) {
         return;
@@ -61,14 +77,15 @@ fn swiglu_bwd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
         let g = f32(a[gi]);
         let u = f32(b[ui]);
         let dy = f32(c[m * p.cols + f]);
-        let s = sigmoid(g);
-        d[gi] = T(dy * u * s * (1.0 + g * (1.0 - s)));
+        let a = glu_arg(g);
+        let s = sigmoid(a.x);
+        d[gi] = T(dy * u * s * (1.0 + g * (1.0 - s) * a.y));
         e[ui] = T(dy * g * s);
     }
 }
 
 @compute @workgroup_size(256)
-fn swiglu_bwd_packed(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+fn glu_bwd_packed(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let f = gid.x;
     if (f >= p.cols) {
         return;
@@ -79,8 +96,9 @@ fn swiglu_bwd_packed(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
         let g = f32(a[gi]);
         let u = f32(a[ui]);
         let dy = f32(b[m * p.cols + f]);
-        let s = sigmoid(g);
-        c[gi] = T(dy * u * s * (1.0 + g * (1.0 - s)));
+        let a = glu_arg(g);
+        let s = sigmoid(a.x);
+        c[gi] = T(dy * u * s * (1.0 + g * (1.0 - s) * a.y));
         c[ui] = T(dy * g * s);
     }
 }

@@ -1,4 +1,4 @@
-//! RoPE, fused SwiGLU, the embedding gather / scatter-add and sparse fine-tuning's linear,
+//! RoPE, the fused gated linear unit (SwiGLU, GeGLU), the embedding gather / scatter-add and sparse fine-tuning's linear,
 //! forward and backward, on every
 //! device present, against their f64 references; casts between f32, f16 and bf16 against the
 //! CPU's bit for bit. The check bodies and their tolerances live
@@ -9,12 +9,12 @@
 mod common;
 
 use proptest::prelude::*;
-use tuna::kernels::elementwise::{self, SwiGluParams};
+use tuna::kernels::elementwise::{self, GluAct, GluParams};
 use tuna::kernels::embedding::EmbeddingParams;
 use tuna::kernels::rope::{Direction, RopeParams};
 use tuna::testing::cast::check_cast;
 use tuna::testing::sparse::{check_sparse_linear, SparseCase};
-use tuna::testing::token_ops::{check_embedding, check_rope, check_rope_angles, check_swiglu, RopeCase};
+use tuna::testing::token_ops::{check_embedding, check_rope, check_rope_angles, check_glu, RopeCase};
 use tuna::device::wgpu::Precision;
 use tuna::{DType, Device, Tensor};
 
@@ -200,14 +200,16 @@ fn rope_cos_sin_are_accurate_up_to_2_pow_20_radians_on_every_device() {
 }
 
 #[test]
-fn swiglu_matches_reference_on_every_device() {
+fn glu_matches_reference_on_every_device() {
     // Ragged around the 256-wide column blocks; one row, many rows.
     let shapes = [(1, 1), (3, 7), (5, 256), (4, 257), (2, 1000), (130, 64)];
     for dev in common::devices() {
         for dtype in dtypes(dev) {
             for (i, &(rows, cols)) in shapes.iter().enumerate() {
                 for packed in [false, true] {
-                    check_swiglu(dev, dtype, rows, cols, packed, i as u64).unwrap_or_else(|e| panic!("{e}"));
+                    for act in [GluAct::Silu, GluAct::GeluTanh] {
+                        check_glu(dev, dtype, act, rows, cols, packed, i as u64).unwrap_or_else(|e| panic!("{e}"));
+                    }
                 }
             }
         }
@@ -241,10 +243,11 @@ proptest! {
     }
 
     #[test]
-    fn swiglu_random_shapes_on_every_device(rows in 1usize..40, cols in 1usize..600, packed: bool, seed: u64) {
+    fn glu_random_shapes_on_every_device(rows in 1usize..40, cols in 1usize..600, packed: bool, gelu: bool, seed: u64) {
+        let act = if gelu { GluAct::GeluTanh } else { GluAct::Silu };
         for dev in common::devices() {
             for dtype in dtypes(dev) {
-                check_swiglu(dev, dtype, rows, cols, packed, seed).map_err(TestCaseError::fail)?;
+                check_glu(dev, dtype, act, rows, cols, packed, seed).map_err(TestCaseError::fail)?;
             }
         }
     }
@@ -273,12 +276,12 @@ proptest! {
 /// Bad shapes come back as errors that name the op and the buffer, on every device's launchers.
 #[test]
 fn bad_shapes_name_the_op_and_the_buffer() {
-    let p = SwiGluParams { rows: 4, cols: 8 };
+    let p = GluParams { rows: 4, cols: 8, act: GluAct::Silu };
     let (g, small) = (vec![0.0f32; 32], vec![0.0f32; 31]);
-    let e = elementwise::cpu::swiglu(&g, &small, &mut [0.0; 32], p).unwrap_err().to_string();
-    assert!(e.contains("swiglu_fwd") && e.contains("`u`"), "{e}");
-    let e = elementwise::cpu::swiglu_backward_packed(&g, &g, &mut [0.0; 64], p).unwrap_err().to_string();
-    assert!(e.contains("swiglu_bwd_packed") && e.contains("`gu`"), "{e}");
+    let e = elementwise::cpu::glu(&g, &small, &mut [0.0; 32], p).unwrap_err().to_string();
+    assert!(e.contains("glu_fwd") && e.contains("`u`"), "{e}");
+    let e = elementwise::cpu::glu_backward_packed(&g, &g, &mut [0.0; 64], p).unwrap_err().to_string();
+    assert!(e.contains("glu_bwd_packed") && e.contains("`gu`"), "{e}");
 
     let Some(Device::Wgpu(i)) = common::devices().into_iter().find(|d| matches!(d, Device::Wgpu(_))) else { return };
     let rt = tuna::device::wgpu::runtime(i).unwrap();
@@ -297,7 +300,7 @@ fn bad_shapes_name_the_op_and_the_buffer() {
     assert!(e.contains("embedding_bwd") && e.contains("`dy`"), "{e}");
     let e = tuna::kernels::embedding::wgsl::forward(d, q, k, b.buffer(), b.buffer(), big.buffer(), ep, Precision::F32).unwrap_err().to_string();
     assert!(e.contains("embedding_fwd") && e.contains("`table`"), "{e}");
-    let sp = SwiGluParams { rows: 16, cols: 4 };
+    let sp = GluParams { rows: 16, cols: 4, act: GluAct::GeluTanh };
     let e = elementwise::wgsl::backward_packed(d, q, k, big.buffer(), big.buffer(), b.buffer(), sp, Precision::F32).unwrap_err().to_string();
-    assert!(e.contains("swiglu_bwd_packed") && e.contains("`dgu`"), "{e}");
+    assert!(e.contains("glu_bwd_packed") && e.contains("`dgu`"), "{e}");
 }

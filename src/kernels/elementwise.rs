@@ -1,5 +1,5 @@
 //! Element-wise ops: add and mul with a broadcast right-hand side, scale, SiLU, and the fused
-//! SwiGLU of the Llama MLP.
+//! gated linear unit of the MLP (SwiGLU for Llama, GeGLU with the tanh GELU for Gemma).
 //!
 //! Broadcasting is the one form the model needs: `rhs` has the trailing dims of `lhs` (a bias
 //! `[N]` onto `[M, N]`), so element i of lhs meets element `i % rhs.len()` of rhs.
@@ -10,32 +10,78 @@
 //! - scale by s: `dx = s * dy`
 //! - silu(x) = x·σ(x): `dx = dy * σ(x) * (1 + x * (1 - σ(x)))`
 //!
-//! SwiGLU (fused, one pass each way): `y = silu(g) * u` over `[M, F]` (M rows, F the MLP's
-//! intermediate size), with partial derivatives
-//! - `dg = dy * u * σ(g) * (1 + g * (1 - σ(g)))`
-//! - `du = dy * silu(g)`
+//! Gated linear unit (fused, one pass each way): `y = act(g) * u` over `[M, F]` (M rows, F the
+//! MLP's intermediate size). Both activations are `act(g) = g·σ(a(g))` ([`GluAct`]): SiLU with
+//! `a(g) = g`, the tanh GELU with `a(g) = 2k(g + 0.044715 g³)`, `k = √(2/π)` (as
+//! `(1 + tanh z) / 2 = σ(2z)`). Partial derivatives:
+//! - `dg = dy * u * σ(a) * (1 + g * (1 - σ(a)) * a'(g))`
+//! - `du = dy * act(g)`
 //!
-//! Two layouts (`SwiGluParams` and the `*_packed` launchers): g and u in separate `[M, F]`
+//! Two layouts (`GluParams` and the `*_packed` launchers): g and u in separate `[M, F]`
 //! buffers, or packed as the two halves of each row of one `[M, 2F]` buffer (g in columns
 //! `0..F`, u in `F..2F`), the output of a fused gate/up projection; dg and du then go to one
 //! `[M, 2F]` gradient buffer the same way. Kernels address both through a row stride and the
 //! offset of u, so neither layout copies. y and dy are always dense `[M, F]`.
 //! Kernels: `kernels-cuda/elementwise.cu` (f32, bf16), `kernels-wgsl/elementwise.wgsl` (f32).
-//! σ is evaluated as `1 / (1 + e)` or `e / (1 + e)` with `e = exp(-|g|)`, which never overflows.
+//! σ(a) is evaluated as `1 / (1 + e)` or `e / (1 + e)` with `e = exp(-|a|)`, which never
+//! overflows.
 
 use crate::kernels::check_len;
 use crate::{Error, Result};
 
-/// Sizes of one SwiGLU call: M rows of F gate and F up values.
+/// The activation of a gated linear unit's gate: `act(g) = g·σ(a(g))`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GluAct {
+    /// SiLU, `g·σ(g)` (SwiGLU: Llama, Mistral, Qwen; transformers' `silu`).
+    #[default]
+    Silu,
+    /// GELU in its tanh form, `g/2·(1 + tanh(k(g + 0.044715 g³)))`, `k = √(2/π)` (GeGLU:
+    /// Gemma; transformers' `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+impl GluAct {
+    /// The kernels' code for it (`act` in `kernels-cuda/elementwise.cu` and the WGSL file).
+    pub fn code(self) -> u32 {
+        match self {
+            GluAct::Silu => 0,
+            GluAct::GeluTanh => 1,
+        }
+    }
+
+    /// `a(g)` and `a'(g)`: the gate's sigmoid argument and its derivative.
+    #[inline(always)]
+    pub fn arg(self, g: f32) -> (f32, f32) {
+        match self {
+            GluAct::Silu => (g, 1.0),
+            GluAct::GeluTanh => {
+                const K2: f32 = 1.595_769_1; // 2·√(2/π)
+                (K2 * (g + 0.044715 * g * g * g), K2 * (1.0 + 3.0 * 0.044715 * g * g))
+            }
+        }
+    }
+
+    /// transformers' name (`hidden_act`).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            GluAct::Silu => "silu",
+            GluAct::GeluTanh => "gelu_pytorch_tanh",
+        }
+    }
+}
+
+/// Sizes of one gated-linear-unit call: M rows of F gate and F up values, and the gate's
+/// activation.
 #[derive(Clone, Copy, Debug)]
-pub struct SwiGluParams {
+pub struct GluParams {
     /// M: rows (tokens).
     pub rows: usize,
     /// F: intermediate size (columns of g, of u, and of y).
     pub cols: usize,
+    pub act: GluAct,
 }
 
-impl SwiGluParams {
+impl GluParams {
     /// Elements of a dense `[M, F]` operand.
     fn dense(&self) -> usize {
         self.rows * self.cols
@@ -65,6 +111,8 @@ impl SwiGluParams {
 }
 
 pub mod reference {
+    use super::GluAct;
+
     pub fn add(a: &[f64], b: &[f64]) -> Vec<f64> {
         a.iter().enumerate().map(|(i, x)| x + b[i % b.len()]).collect()
     }
@@ -82,15 +130,28 @@ pub mod reference {
         1.0 / (1.0 + (-x).exp())
     }
 
-    /// `y = silu(g) * u`, g and u of one length.
-    pub fn swiglu(g: &[f64], u: &[f64]) -> Vec<f64> {
-        g.iter().zip(u).map(|(&g, &u)| g * sigmoid(g) * u).collect()
+    /// `act(g)` and its derivative, from their textbook forms: `g·σ(g)` and the tanh GELU
+    /// `g/2·(1 + tanh(k(g + 0.044715 g³)))` (not through the kernels' shared sigmoid form).
+    fn act(act: GluAct, g: f64) -> (f64, f64) {
+        match act {
+            GluAct::Silu => (g * sigmoid(g), sigmoid(g) * (1.0 + g * (1.0 - sigmoid(g)))),
+            GluAct::GeluTanh => {
+                let k = (2.0 / std::f64::consts::PI).sqrt();
+                let t = (k * (g + 0.044715 * g.powi(3))).tanh();
+                (0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * g * g))
+            }
+        }
     }
 
-    /// Returns (dg, du) of `swiglu` for the upstream gradient dy.
-    pub fn swiglu_backward(g: &[f64], u: &[f64], dy: &[f64]) -> (Vec<f64>, Vec<f64>) {
-        let dg = g.iter().zip(u).zip(dy).map(|((&g, &u), &dy)| dy * u * sigmoid(g) * (1.0 + g * (1.0 - sigmoid(g)))).collect();
-        let du = g.iter().zip(dy).map(|(&g, &dy)| dy * g * sigmoid(g)).collect();
+    /// `y = act(g) * u`, g and u of one length.
+    pub fn glu(g: &[f64], u: &[f64], a: GluAct) -> Vec<f64> {
+        g.iter().zip(u).map(|(&g, &u)| act(a, g).0 * u).collect()
+    }
+
+    /// Returns (dg, du) of `glu` for the upstream gradient dy.
+    pub fn glu_backward(g: &[f64], u: &[f64], dy: &[f64], a: GluAct) -> (Vec<f64>, Vec<f64>) {
+        let dg = g.iter().zip(u).zip(dy).map(|((&g, &u), &dy)| dy * u * act(a, g).1).collect();
+        let du = g.iter().zip(dy).map(|(&g, &dy)| dy * act(a, g).0).collect();
         (dg, du)
     }
 }
@@ -102,7 +163,7 @@ pub mod cuda {
 
     use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
-    use super::SwiGluParams;
+    use super::GluParams;
     use crate::device::cuda::ModuleCache;
     use crate::{Error, Result};
 
@@ -119,7 +180,7 @@ pub mod cuda {
     }
 
     /// Grid over (column blocks, rows); None when there is nothing to do.
-    fn config(p: SwiGluParams) -> Option<LaunchConfig> {
+    fn config(p: GluParams) -> Option<LaunchConfig> {
         if p.rows == 0 || p.cols == 0 {
             return None;
         }
@@ -142,42 +203,42 @@ pub mod cuda {
         g: &CudaView<'_, T>,
         u: &CudaView<'_, T>,
         y: &mut CudaViewMut<'_, T>,
-        p: SwiGluParams,
+        p: GluParams,
         u_off: i32,
         ld: i32,
     ) -> Result<()> {
         let Some(cfg) = config(p) else { return Ok(()) };
-        let f = modules.function("elementwise", &format!("swiglu_fwd_{}", suffix::<T>(op)?))?;
-        let (m, n) = (p.rows as i32, p.cols as i32);
+        let f = modules.function("elementwise", &format!("glu_fwd_{}", suffix::<T>(op)?))?;
+        let (m, n, act) = (p.rows as i32, p.cols as i32, p.act.code() as i32);
         // SAFETY: argument types match the kernel signature; the caller checked the lengths.
-        unsafe { stream.launch_builder(&f).arg(g).arg(u).arg(y).arg(&m).arg(&n).arg(&u_off).arg(&ld).launch(cfg) }
+        unsafe { stream.launch_builder(&f).arg(g).arg(u).arg(y).arg(&m).arg(&n).arg(&u_off).arg(&ld).arg(&act).launch(cfg) }
             .map_err(launch_err(op))?;
         Ok(())
     }
 
-    /// `y = silu(g) * u`, g, u, y `[M, F]`; f32 (`T = f32`) or bf16 bits (`T = u16`).
+    /// `y = act(g) * u`, g, u, y `[M, F]`; f32 (`T = f32`) or bf16 bits (`T = u16`).
     pub fn forward<T: DeviceRepr>(
         stream: &Arc<CudaStream>,
         modules: &ModuleCache,
         g: &CudaView<'_, T>,
         u: &CudaView<'_, T>,
         y: &mut CudaViewMut<'_, T>,
-        p: SwiGluParams,
+        p: GluParams,
     ) -> Result<()> {
-        const OP: &str = "swiglu_fwd";
+        const OP: &str = "glu_fwd";
         p.check_separate(OP, &[("g", g.len()), ("u", u.len()), ("y", y.len())])?;
         forward_strided(OP, stream, modules, g, u, y, p, 0, p.cols as i32)
     }
 
-    /// `y = silu(g) * u` with g, u the halves of each row of `gu` `[M, 2F]`; y `[M, F]`.
+    /// `y = act(g) * u` with g, u the halves of each row of `gu` `[M, 2F]`; y `[M, F]`.
     pub fn forward_packed<T: DeviceRepr>(
         stream: &Arc<CudaStream>,
         modules: &ModuleCache,
         gu: &CudaView<'_, T>,
         y: &mut CudaViewMut<'_, T>,
-        p: SwiGluParams,
+        p: GluParams,
     ) -> Result<()> {
-        const OP: &str = "swiglu_fwd_packed";
+        const OP: &str = "glu_fwd_packed";
         p.check_packed(OP, &[("gu", gu.len())], &[("y", y.len())])?;
         forward_strided(OP, stream, modules, gu, gu, y, p, p.cols as i32, 2 * p.cols as i32)
     }
@@ -192,15 +253,15 @@ pub mod cuda {
         dy: &CudaView<'_, T>,
         dg: &mut CudaViewMut<'_, T>,
         du: &mut CudaViewMut<'_, T>,
-        p: SwiGluParams,
+        p: GluParams,
     ) -> Result<()> {
-        const OP: &str = "swiglu_bwd";
+        const OP: &str = "glu_bwd";
         p.check_separate(OP, &[("g", g.len()), ("u", u.len()), ("dy", dy.len()), ("dg", dg.len()), ("du", du.len())])?;
         let Some(cfg) = config(p) else { return Ok(()) };
-        let f = modules.function("elementwise", &format!("swiglu_bwd_{}", suffix::<T>(OP)?))?;
-        let (m, n) = (p.rows as i32, p.cols as i32);
+        let f = modules.function("elementwise", &format!("glu_bwd_{}", suffix::<T>(OP)?))?;
+        let (m, n, act) = (p.rows as i32, p.cols as i32, p.act.code() as i32);
         // SAFETY: argument types match the kernel signature; lengths checked above.
-        unsafe { stream.launch_builder(&f).arg(g).arg(u).arg(dy).arg(dg).arg(du).arg(&m).arg(&n).launch(cfg) }
+        unsafe { stream.launch_builder(&f).arg(g).arg(u).arg(dy).arg(dg).arg(du).arg(&m).arg(&n).arg(&act).launch(cfg) }
             .map_err(launch_err(OP))?;
         Ok(())
     }
@@ -212,15 +273,15 @@ pub mod cuda {
         gu: &CudaView<'_, T>,
         dy: &CudaView<'_, T>,
         dgu: &mut CudaViewMut<'_, T>,
-        p: SwiGluParams,
+        p: GluParams,
     ) -> Result<()> {
-        const OP: &str = "swiglu_bwd_packed";
+        const OP: &str = "glu_bwd_packed";
         p.check_packed(OP, &[("gu", gu.len()), ("dgu", dgu.len())], &[("dy", dy.len())])?;
         let Some(cfg) = config(p) else { return Ok(()) };
-        let f = modules.function("elementwise", &format!("swiglu_bwd_packed_{}", suffix::<T>(OP)?))?;
-        let (m, n) = (p.rows as i32, p.cols as i32);
+        let f = modules.function("elementwise", &format!("glu_bwd_packed_{}", suffix::<T>(OP)?))?;
+        let (m, n, act) = (p.rows as i32, p.cols as i32, p.act.code() as i32);
         // SAFETY: as in `backward`.
-        unsafe { stream.launch_builder(&f).arg(gu).arg(dy).arg(dgu).arg(&m).arg(&n).launch(cfg) }.map_err(launch_err(OP))?;
+        unsafe { stream.launch_builder(&f).arg(gu).arg(dy).arg(dgu).arg(&m).arg(&n).arg(&act).launch(cfg) }.map_err(launch_err(OP))?;
         Ok(())
     }
     /// A grid-stride launch over n elements (at most 65535·8 blocks of 256).
@@ -304,7 +365,7 @@ pub mod cuda {
 }
 
 pub mod wgsl {
-    use super::SwiGluParams;
+    use super::GluParams;
     pub use crate::device::wgpu::Precision;
     use crate::device::wgpu::{dispatch, uniform, KernelCache};
     use crate::Result;
@@ -322,6 +383,8 @@ pub mod wgsl {
         u_off: u32,
         /// Row stride of g, u, dg and du (F, or 2F when packed).
         ld: u32,
+        act: u32,
+        pad: [u32; 3],
     }
 
     /// Elements of `precision` a buffer holds.
@@ -334,7 +397,7 @@ pub mod wgsl {
     }
 
     /// Workgroups over (column blocks, rows); the kernels stride rows by num_workgroups.y.
-    fn groups(p: SwiGluParams) -> (u32, u32, u32) {
+    fn groups(p: GluParams) -> (u32, u32, u32) {
         ((p.cols as u32).div_ceil(WG), (p.rows as u32).min(MAX_GRID_Y), 1)
     }
 
@@ -344,7 +407,7 @@ pub mod wgsl {
         queue: &wgpu::Queue,
         kernels: &KernelCache,
         entry: &str,
-        p: SwiGluParams,
+        p: GluParams,
         packed: bool,
         buffers: &[&wgpu::Buffer],
         precision: Precision,
@@ -354,9 +417,9 @@ pub mod wgsl {
         }
         let f = p.cols as u32;
         let params = if packed {
-            Params { rows: p.rows as u32, cols: f, u_off: f, ld: 2 * f }
+            Params { rows: p.rows as u32, cols: f, u_off: f, ld: 2 * f, act: p.act.code(), pad: [0; 3] }
         } else {
-            Params { rows: p.rows as u32, cols: f, u_off: 0, ld: f }
+            Params { rows: p.rows as u32, cols: f, u_off: 0, ld: f, act: p.act.code(), pad: [0; 3] }
         };
         let pipe = kernels.pipeline_as(device, entry, SOURCE, entry, precision)?;
         let u = uniform(device, &params);
@@ -437,7 +500,7 @@ pub mod wgsl {
         Ok(())
     }
 
-    /// `y = silu(g) * u`, g, u, y `[M, F]` stored in `precision` (f32 math).
+    /// `y = act(g) * u`, g, u, y `[M, F]` stored in `precision` (f32 math).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         device: &wgpu::Device,
@@ -446,28 +509,28 @@ pub mod wgsl {
         g: &wgpu::Buffer,
         u: &wgpu::Buffer,
         y: &wgpu::Buffer,
-        p: SwiGluParams,
+        p: GluParams,
         precision: Precision,
     ) -> Result<()> {
         let e = |b| elems_of(b, precision);
-        p.check_separate("swiglu_fwd", &[("g", e(g)), ("u", e(u)), ("y", e(y))])?;
-        run(device, queue, kernels, "swiglu_fwd", p, false, &[g, u, y], precision)
+        p.check_separate("glu_fwd", &[("g", e(g)), ("u", e(u)), ("y", e(y))])?;
+        run(device, queue, kernels, "glu_fwd", p, false, &[g, u, y], precision)
     }
 
-    /// `y = silu(g) * u` with g, u the halves of each row of `gu` `[M, 2F]`; y `[M, F]`.
+    /// `y = act(g) * u` with g, u the halves of each row of `gu` `[M, 2F]`; y `[M, F]`.
     pub fn forward_packed(
         device: &wgpu::Device,
         queue: &wgpu::Queue,
         kernels: &KernelCache,
         gu: &wgpu::Buffer,
         y: &wgpu::Buffer,
-        p: SwiGluParams,
+        p: GluParams,
         precision: Precision,
     ) -> Result<()> {
         let e = |b| elems_of(b, precision);
-        p.check_packed("swiglu_fwd_packed", &[("gu", e(gu))], &[("y", e(y))])?;
+        p.check_packed("glu_fwd_packed", &[("gu", e(gu))], &[("y", e(y))])?;
         // Bound twice, read-only both times: g and u are the two halves.
-        run(device, queue, kernels, "swiglu_fwd", p, true, &[gu, gu, y], precision)
+        run(device, queue, kernels, "glu_fwd", p, true, &[gu, gu, y], precision)
     }
 
     /// dg and du (separate `[M, F]`) from g, u and dy, stored in `precision`, in one kernel.
@@ -481,13 +544,13 @@ pub mod wgsl {
         dy: &wgpu::Buffer,
         dg: &wgpu::Buffer,
         du: &wgpu::Buffer,
-        p: SwiGluParams,
+        p: GluParams,
         precision: Precision,
     ) -> Result<()> {
         let e = |b| elems_of(b, precision);
         let bufs = [("g", e(g)), ("u", e(u)), ("dy", e(dy)), ("dg", e(dg)), ("du", e(du))];
-        p.check_separate("swiglu_bwd", &bufs)?;
-        run(device, queue, kernels, "swiglu_bwd", p, false, &[g, u, dy, dg, du], precision)
+        p.check_separate("glu_bwd", &bufs)?;
+        run(device, queue, kernels, "glu_bwd", p, false, &[g, u, dy, dg, du], precision)
     }
 
     /// The packed backward: g, u from `gu` `[M, 2F]`; dg, du into `dgu` `[M, 2F]` the same way.
@@ -499,11 +562,11 @@ pub mod wgsl {
         gu: &wgpu::Buffer,
         dy: &wgpu::Buffer,
         dgu: &wgpu::Buffer,
-        p: SwiGluParams,
+        p: GluParams,
         precision: Precision,
     ) -> Result<()> {
         let e = |b| elems_of(b, precision);
-        p.check_packed("swiglu_bwd_packed", &[("gu", e(gu)), ("dgu", e(dgu))], &[("dy", e(dy))])?;
-        run(device, queue, kernels, "swiglu_bwd_packed", p, true, &[gu, dy, dgu], precision)
+        p.check_packed("glu_bwd_packed", &[("gu", e(gu)), ("dgu", e(dgu))], &[("dy", e(dy))])?;
+        run(device, queue, kernels, "glu_bwd_packed", p, true, &[gu, dy, dgu], precision)
     }
 }

@@ -1,4 +1,4 @@
-use crate::kernels::elementwise::{cpu, cuda as ew_cuda, wgsl, SwiGluParams};
+use crate::kernels::elementwise::{cpu, cuda as ew_cuda, wgsl, GluAct, GluParams};
 use crate::ops::cuda::{by_float, cuda_buf, view, CudaOut};
 use crate::ops::gpu::{WGPU_FLOAT, float_dtype, forward_only, wgpu_buf, wgpu_output, wgpu_precision};
 use crate::ops::{expect_dtype, same_device, same_dtype, saved};
@@ -120,23 +120,28 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     })
 }
 
-/// The SwiGLU of a Llama MLP, fused: `silu(g) * u`, g and u `[..., F]` of one shape.
-/// Backward (`kernels::elementwise`): `dg = dy * u * σ(g) * (1 + g * (1 - σ(g)))`,
-/// `du = dy * silu(g)`.
+/// The SwiGLU of a Llama MLP, fused: `silu(g) * u` ([`glu`] with SiLU).
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    const OP: &str = "swiglu";
+    glu(g, u, GluAct::Silu)
+}
+
+/// The gated linear unit of an MLP, fused: `act(g) * u`, g and u `[..., F]` of one shape;
+/// SwiGLU (Llama) or GeGLU with the tanh GELU (Gemma). Backward (`kernels::elementwise`):
+/// `dg = dy * u * act'(g)`, `du = dy * act(g)`.
+pub fn glu(g: &Tensor, u: &Tensor, act: GluAct) -> Result<Tensor> {
+    const OP: &str = "glu";
     same_device(OP, g, u)?;
     same_dtype(OP, g, u)?;
     let dt = float_dtype(OP, g)?;
     let pr = wgpu_precision(dt);
     if g.shape() != u.shape() || g.shape().rank() == 0 {
-        return Err(Error::ShapeMismatch { op: "swiglu (g and u of one shape)", lhs: g.shape().clone(), rhs: u.shape().clone() });
+        return Err(Error::ShapeMismatch { op: "glu (g and u of one shape)", lhs: g.shape().clone(), rhs: u.shape().clone() });
     }
-    let p = SwiGluParams { rows: g.shape().rows(), cols: g.shape().last() };
+    let p = GluParams { rows: g.shape().rows(), cols: g.shape().last(), act };
     let out = match g.device() {
         Device::Cpu => {
             let mut y = vec![0.0f32; g.elem_count()];
-            cpu::swiglu(g.cpu_f32(OP)?, u.cpu_f32(OP)?, &mut y, p)?;
+            cpu::glu(g.cpu_f32(OP)?, u.cpu_f32(OP)?, &mut y, p)?;
             Tensor::from_vec(y, g.shape().clone())?
         }
         Device::Wgpu(_) => {
@@ -156,7 +161,7 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     record(OP, out, &[g, u], move |dy, _| {
         if let Device::Wgpu(_) = sg.device() {
             let (rt, gb) = wgpu_buf(&sg);
-            let (dg, du) = (wgpu_output("swiglu (backward)", rt, sg.shape().clone(), dt)?, wgpu_output("swiglu (backward)", rt, su.shape().clone(), dt)?);
+            let (dg, du) = (wgpu_output("glu (backward)", rt, sg.shape().clone(), dt)?, wgpu_output("glu (backward)", rt, su.shape().clone(), dt)?);
             wgsl::backward(&rt.device, &rt.queue, &rt.kernels, gb, wgpu_buf(&su).1, wgpu_buf(dy).1, wgpu_buf(&dg).1, wgpu_buf(&du).1, p, pr.expect(WGPU_FLOAT))?;
             return Ok(vec![Some(dg), Some(du)]);
         }
@@ -167,7 +172,7 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
             return Ok(vec![Some(dg.tensor()), Some(du.tensor())]);
         }
         let (mut dg, mut du) = (vec![0.0f32; sg.elem_count()], vec![0.0f32; su.elem_count()]);
-        cpu::swiglu_backward(sg.cpu_f32(OP)?, su.cpu_f32(OP)?, dy.cpu_f32(OP)?, &mut dg, &mut du, p)?;
+        cpu::glu_backward(sg.cpu_f32(OP)?, su.cpu_f32(OP)?, dy.cpu_f32(OP)?, &mut dg, &mut du, p)?;
         Ok(vec![Some(Tensor::from_vec(dg, sg.shape().clone())?), Some(Tensor::from_vec(du, su.shape().clone())?)])
     })
 }

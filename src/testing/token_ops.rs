@@ -1,11 +1,11 @@
-//! Checks of the per-token ops of a training step (RoPE, fused SwiGLU, embedding gather and
+//! Checks of the per-token ops of a training step (RoPE, fused gated linear unit, embedding gather and
 //! scatter-add) on one device against their f64 references, shared by `tests/ops_devices.rs`
 //! and `tools/gpu-check`. Each check runs the device's launchers (`cpu::`, `wgsl::`, `cuda::`,
 //! no tuna tensors) forward and backward and compares every output buffer.
 //!
 //! The references see exactly the values the device sees (bf16-rounded inputs for bf16).
 //! Tolerances (`|got - ref| <= atol + rtol·|ref|`):
-//! - RoPE, SwiGLU: a few f32 operations per element, so `Tolerance::F32`, or `Tolerance::BF16`
+//! - RoPE, the gated linear unit: a few f32 operations per element, so `Tolerance::F32`, or `Tolerance::BF16`
 //!   for bf16 outputs. RoPE's cos/sin are the kernels' own (within 1.3e-7 absolute up to 2^20
 //!   radians, see `kernels::rope`), the CPU path's are libm's; both far inside `F32`.
 //!   `check_rope_angles` checks cos/sin alone with atol 2.5e-7 (two f32 ulps at 1).
@@ -14,7 +14,7 @@
 //!   (as rmsnorm's dw does with its rows). In f32 the GPU result must also equal the CPU
 //!   path's bit for bit: both add in token order.
 
-use crate::kernels::elementwise::{self, SwiGluParams};
+use crate::kernels::elementwise::{self, GluAct, GluParams};
 use crate::kernels::embedding::{self, EmbeddingParams};
 use crate::kernels::rope::{self, Direction, RopeParams};
 use crate::testing::lora::round_to;
@@ -122,28 +122,30 @@ fn run_rope(dev: Device, dtype: DType, x: &[f32], pos: &[i32], freq: &[f32], p: 
     }
 }
 
-/// SwiGLU forward and backward on `dev` against the f64 reference; `packed` puts g and u (and
-/// dg and du) in the two halves of each row of one `[rows, 2 * cols]` buffer.
-pub fn check_swiglu(dev: Device, dtype: DType, rows: usize, cols: usize, packed: bool, seed: u64) -> Check {
-    supported("swiglu", dev, dtype)?;
+/// The gated linear unit's forward and backward (SwiGLU or GeGLU, `act`) on `dev` against the
+/// f64 reference; `packed` puts g and u (and dg and du) in the two halves of each row of one
+/// `[rows, 2 * cols]` buffer.
+#[allow(clippy::too_many_arguments)]
+pub fn check_glu(dev: Device, dtype: DType, act: GluAct, rows: usize, cols: usize, packed: bool, seed: u64) -> Check {
+    supported("glu", dev, dtype)?;
     let mut rng = Rng::new(seed);
-    let p = SwiGluParams { rows, cols };
+    let p = GluParams { rows, cols, act };
     // g over [-12, 12]: both branches of the stable sigmoid and its saturated tails.
     let g = rounded(dtype, rng.vec(rows * cols, -12.0, 12.0));
     let u = rounded(dtype, rng.vec(rows * cols, -2.0, 2.0));
     let dy = rounded(dtype, rng.vec(rows * cols, -1.0, 1.0));
-    let y_want = elementwise::reference::swiglu(&f64s(&g), &f64s(&u));
-    let (dg_want, du_want) = elementwise::reference::swiglu_backward(&f64s(&g), &f64s(&u), &f64s(&dy));
-    let out = run_swiglu(dev, dtype, &g, &u, &dy, p, packed).map_err(|e| format!("swiglu on {dev}: {e}"))?;
-    let what = |name: &str| format!("swiglu {name} on {dev} ({dtype} [{rows}, {cols}], packed {packed})");
+    let y_want = elementwise::reference::glu(&f64s(&g), &f64s(&u), act);
+    let (dg_want, du_want) = elementwise::reference::glu_backward(&f64s(&g), &f64s(&u), &f64s(&dy), act);
+    let out = run_glu(dev, dtype, &g, &u, &dy, p, packed).map_err(|e| format!("glu ({act:?}) on {dev}: {e}"))?;
+    let what = |name: &str| format!("glu ({act:?}) {name} on {dev} ({dtype} [{rows}, {cols}], packed {packed})");
     let tol = tolerance(dtype);
     compare(&what("y"), &out.y, &y_want, tol)?;
     compare(&what("dg"), &out.dg, &dg_want, tol)?;
     compare(&what("du"), &out.du, &du_want, tol)
 }
 
-/// Outputs of one SwiGLU run, dense `[M, F]` each (unpacked from dgu when packed).
-struct SwiGluOut {
+/// Outputs of one gated-linear-unit run, dense `[M, F]` each (unpacked from dgu when packed).
+struct GluOut {
     y: Vec<f32>,
     dg: Vec<f32>,
     du: Vec<f32>,
@@ -164,32 +166,32 @@ fn unpack(ab: &[f32], rows: usize, cols: usize) -> (Vec<f32>, Vec<f32>) {
     (a, b)
 }
 
-fn run_swiglu(dev: Device, dtype: DType, g: &[f32], u: &[f32], dy: &[f32], p: SwiGluParams, packed: bool) -> crate::Result<SwiGluOut> {
+fn run_glu(dev: Device, dtype: DType, g: &[f32], u: &[f32], dy: &[f32], p: GluParams, packed: bool) -> crate::Result<GluOut> {
     let n = p.rows * p.cols;
     if packed {
         let gu = pack(g, u, p.cols);
         let (y, dgu) = match dev {
             Device::Cpu => {
                 let (mut y, mut dgu) = (vec![0.0; n], vec![0.0; 2 * n]);
-                elementwise::cpu::swiglu_packed(&gu, &mut y, p)?;
-                elementwise::cpu::swiglu_backward_packed(&gu, dy, &mut dgu, p)?;
+                elementwise::cpu::glu_packed(&gu, &mut y, p)?;
+                elementwise::cpu::glu_backward_packed(&gu, dy, &mut dgu, p)?;
                 (y, dgu)
             }
-            Device::Wgpu(i) => wgpu_run::swiglu_packed(i, precision(dtype), &gu, dy, p)?,
-            Device::Cuda(i) => cuda_run::swiglu_packed(i, dtype, &gu, dy, p)?,
+            Device::Wgpu(i) => wgpu_run::glu_packed(i, precision(dtype), &gu, dy, p)?,
+            Device::Cuda(i) => cuda_run::glu_packed(i, dtype, &gu, dy, p)?,
         };
         let (dg, du) = unpack(&dgu, p.rows, p.cols);
-        return Ok(SwiGluOut { y, dg, du });
+        return Ok(GluOut { y, dg, du });
     }
     match dev {
         Device::Cpu => {
             let (mut y, mut dg, mut du) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-            elementwise::cpu::swiglu(g, u, &mut y, p)?;
-            elementwise::cpu::swiglu_backward(g, u, dy, &mut dg, &mut du, p)?;
-            Ok(SwiGluOut { y, dg, du })
+            elementwise::cpu::glu(g, u, &mut y, p)?;
+            elementwise::cpu::glu_backward(g, u, dy, &mut dg, &mut du, p)?;
+            Ok(GluOut { y, dg, du })
         }
-        Device::Wgpu(i) => wgpu_run::swiglu(i, precision(dtype), g, u, dy, p),
-        Device::Cuda(i) => cuda_run::swiglu(i, dtype, g, u, dy, p),
+        Device::Wgpu(i) => wgpu_run::glu(i, precision(dtype), g, u, dy, p),
+        Device::Cuda(i) => cuda_run::glu(i, dtype, g, u, dy, p),
     }
 }
 
@@ -240,9 +242,9 @@ pub fn check_embedding(dev: Device, dtype: DType, tokens: usize, vocab: usize, d
 }
 
 mod wgpu_run {
-    use super::SwiGluOut;
+    use super::GluOut;
     use crate::device::wgpu::{runtime, PooledBuffer, Precision, WgpuRuntime};
-    use crate::kernels::elementwise::{wgsl as swiglu, SwiGluParams};
+    use crate::kernels::elementwise::{wgsl as glu, GluParams};
     use crate::kernels::embedding::{wgsl as embedding, EmbeddingParams};
     use crate::kernels::rope::{wgsl as rope, Direction, RopeParams};
     use crate::Result;
@@ -275,22 +277,22 @@ mod wgpu_run {
         down(&rt, pr, &yb, x.len())
     }
 
-    pub fn swiglu(i: usize, pr: Precision, g: &[f32], u: &[f32], dy: &[f32], p: SwiGluParams) -> Result<SwiGluOut> {
+    pub fn glu(i: usize, pr: Precision, g: &[f32], u: &[f32], dy: &[f32], p: GluParams) -> Result<GluOut> {
         let rt = runtime(i)?;
         let n = g.len();
         let (gb, ub, dyb) = (up_as(&rt, pr, g), up_as(&rt, pr, u), up_as(&rt, pr, dy));
         let (yb, dgb, dub) = (rt.alloc(n * 4), rt.alloc(n * 4), rt.alloc(n * 4));
         let (d, q, k) = (&rt.device, &rt.queue, &rt.kernels);
-        swiglu::forward(d, q, k, gb.buffer(), ub.buffer(), yb.buffer(), p, pr)?;
-        swiglu::backward(d, q, k, gb.buffer(), ub.buffer(), dyb.buffer(), dgb.buffer(), dub.buffer(), p, pr)?;
-        Ok(SwiGluOut { y: down(&rt, pr, &yb, n)?, dg: down(&rt, pr, &dgb, n)?, du: down(&rt, pr, &dub, n)? })
+        glu::forward(d, q, k, gb.buffer(), ub.buffer(), yb.buffer(), p, pr)?;
+        glu::backward(d, q, k, gb.buffer(), ub.buffer(), dyb.buffer(), dgb.buffer(), dub.buffer(), p, pr)?;
+        Ok(GluOut { y: down(&rt, pr, &yb, n)?, dg: down(&rt, pr, &dgb, n)?, du: down(&rt, pr, &dub, n)? })
     }
 
-    pub fn swiglu_packed(i: usize, pr: Precision, gu: &[f32], dy: &[f32], p: SwiGluParams) -> Result<(Vec<f32>, Vec<f32>)> {
+    pub fn glu_packed(i: usize, pr: Precision, gu: &[f32], dy: &[f32], p: GluParams) -> Result<(Vec<f32>, Vec<f32>)> {
         let rt = runtime(i)?;
         let (gub, dyb, yb, dgub) = (up_as(&rt, pr, gu), up_as(&rt, pr, dy), rt.alloc(dy.len() * 4), rt.alloc(gu.len() * 4));
-        swiglu::forward_packed(&rt.device, &rt.queue, &rt.kernels, gub.buffer(), yb.buffer(), p, pr)?;
-        swiglu::backward_packed(&rt.device, &rt.queue, &rt.kernels, gub.buffer(), dyb.buffer(), dgub.buffer(), p, pr)?;
+        glu::forward_packed(&rt.device, &rt.queue, &rt.kernels, gub.buffer(), yb.buffer(), p, pr)?;
+        glu::backward_packed(&rt.device, &rt.queue, &rt.kernels, gub.buffer(), dyb.buffer(), dgub.buffer(), p, pr)?;
         Ok((down(&rt, pr, &yb, dy.len())?, down(&rt, pr, &dgub, gu.len())?))
     }
 
@@ -310,9 +312,9 @@ mod cuda_run {
 
     use cudarc::driver::{CudaSlice, CudaStream};
 
-    use super::SwiGluOut;
+    use super::GluOut;
     use crate::device::cuda::runtime;
-    use crate::kernels::elementwise::{cuda as swiglu, SwiGluParams};
+    use crate::kernels::elementwise::{cuda as glu, GluParams};
     use crate::kernels::embedding::{cuda as embedding, EmbeddingParams};
     use crate::kernels::rope::{cuda as rope, Direction, RopeParams};
     use crate::testing::cuda_mem::{err, up, zeros, Storage};
@@ -356,27 +358,27 @@ mod cuda_run {
         })
     }
 
-    pub fn swiglu(i: usize, dtype: DType, g: &[f32], u: &[f32], dy: &[f32], p: SwiGluParams) -> Result<SwiGluOut> {
+    pub fn glu(i: usize, dtype: DType, g: &[f32], u: &[f32], dy: &[f32], p: GluParams) -> Result<GluOut> {
         let rt = runtime(i)?;
         let (s, m) = (&rt.stream, &rt.modules);
         let n = g.len();
         by_dtype!(dtype, T => {
             let (gd, ud, dyd) = (store::<T>(s, g)?, store::<T>(s, u)?, store::<T>(s, dy)?);
             let (mut yd, mut dgd, mut dud) = (zeros::<T>(s, n)?, zeros::<T>(s, n)?, zeros::<T>(s, n)?);
-            swiglu::forward::<T>(s, m, &gd.slice(..), &ud.slice(..), &mut yd.slice_mut(..), p)?;
-            swiglu::backward::<T>(s, m, &gd.slice(..), &ud.slice(..), &dyd.slice(..), &mut dgd.slice_mut(..), &mut dud.slice_mut(..), p)?;
-            Ok(SwiGluOut { y: load(s, &yd, n)?, dg: load(s, &dgd, n)?, du: load(s, &dud, n)? })
+            glu::forward::<T>(s, m, &gd.slice(..), &ud.slice(..), &mut yd.slice_mut(..), p)?;
+            glu::backward::<T>(s, m, &gd.slice(..), &ud.slice(..), &dyd.slice(..), &mut dgd.slice_mut(..), &mut dud.slice_mut(..), p)?;
+            Ok(GluOut { y: load(s, &yd, n)?, dg: load(s, &dgd, n)?, du: load(s, &dud, n)? })
         })
     }
 
-    pub fn swiglu_packed(i: usize, dtype: DType, gu: &[f32], dy: &[f32], p: SwiGluParams) -> Result<(Vec<f32>, Vec<f32>)> {
+    pub fn glu_packed(i: usize, dtype: DType, gu: &[f32], dy: &[f32], p: GluParams) -> Result<(Vec<f32>, Vec<f32>)> {
         let rt = runtime(i)?;
         let (s, m) = (&rt.stream, &rt.modules);
         by_dtype!(dtype, T => {
             let (gud, dyd) = (store::<T>(s, gu)?, store::<T>(s, dy)?);
             let (mut yd, mut dgud) = (zeros::<T>(s, dy.len())?, zeros::<T>(s, gu.len())?);
-            swiglu::forward_packed::<T>(s, m, &gud.slice(..), &mut yd.slice_mut(..), p)?;
-            swiglu::backward_packed::<T>(s, m, &gud.slice(..), &dyd.slice(..), &mut dgud.slice_mut(..), p)?;
+            glu::forward_packed::<T>(s, m, &gud.slice(..), &mut yd.slice_mut(..), p)?;
+            glu::backward_packed::<T>(s, m, &gud.slice(..), &dyd.slice(..), &mut dgud.slice_mut(..), p)?;
             Ok((load(s, &yd, dy.len())?, load(s, &dgud, gu.len())?))
         })
     }

@@ -1,9 +1,9 @@
 //! The CPU's elementwise ops (split from `elementwise.rs`): broadcasts, maps, row
-//! sums, SiLU, and SwiGLU forward and backward (rows in the CPU's widest vectors, `math::wide!`).
+//! sums, SiLU, and the gated linear unit forward and backward (rows in the CPU's widest vectors, `math::wide!`).
 
 use rayon::prelude::*;
 
-use super::SwiGluParams;
+use super::{GluAct, GluParams};
 use crate::device::cpu::rows_per_task;
 use crate::Result;
 
@@ -96,38 +96,86 @@ crate::kernels::math::wide! {
     fn swiglu_bwd_row(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) = swiglu_bwd_row_lanes
 }
 
-/// One row of the SwiGLU forward (straight-line, so it vectorises).
+crate::kernels::math::wide! {
+    /// One row of the GeGLU (tanh GELU) forward, in the CPU's widest vectors.
+    fn geglu_row(g: &[f32], u: &[f32], y: &mut [f32]) = geglu_row_lanes
+}
+
+crate::kernels::math::wide! {
+    /// One row of the GeGLU (tanh GELU) backward, in the CPU's widest vectors.
+    fn geglu_bwd_row(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) = geglu_bwd_row_lanes
+}
+
+/// One row of a gated linear unit's forward with the activation `act` (straight-line once
+/// `act` is a constant, so it vectorises).
 #[inline(always)]
-fn swiglu_row_lanes(g: &[f32], u: &[f32], y: &mut [f32]) {
+fn glu_row_lanes(act: GluAct, g: &[f32], u: &[f32], y: &mut [f32]) {
     for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-        *y = g * sigmoid(g) * u;
+        *y = g * sigmoid(act.arg(g).0) * u;
     }
 }
 
-/// One row of the SwiGLU backward.
+/// One row of a gated linear unit's backward.
 #[inline(always)]
-fn swiglu_bwd_row_lanes(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+fn glu_bwd_row_lanes(act: GluAct, g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
     for ((((dg, du), &g), &u), &dy) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
-        let s = sigmoid(g);
-        *dg = dy * u * s * (1.0 + g * (1.0 - s));
+        let (a, da) = act.arg(g);
+        let s = sigmoid(a);
+        *dg = dy * u * s * (1.0 + g * (1.0 - s) * da);
         *du = dy * g * s;
     }
 }
 
-/// `y = silu(g) * u` with g, u, y separate `[M, F]` slices.
-pub fn swiglu(g: &[f32], u: &[f32], y: &mut [f32], p: SwiGluParams) -> Result<()> {
-    p.check_separate("swiglu_fwd", &[("g", g.len()), ("u", u.len()), ("y", y.len())])?;
+#[inline(always)]
+fn swiglu_row_lanes(g: &[f32], u: &[f32], y: &mut [f32]) {
+    glu_row_lanes(GluAct::Silu, g, u, y)
+}
+
+#[inline(always)]
+fn swiglu_bwd_row_lanes(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    glu_bwd_row_lanes(GluAct::Silu, g, u, dy, dg, du)
+}
+
+#[inline(always)]
+fn geglu_row_lanes(g: &[f32], u: &[f32], y: &mut [f32]) {
+    glu_row_lanes(GluAct::GeluTanh, g, u, y)
+}
+
+#[inline(always)]
+fn geglu_bwd_row_lanes(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    glu_bwd_row_lanes(GluAct::GeluTanh, g, u, dy, dg, du)
+}
+
+/// One row of the forward with `act`, the widest vectors for each.
+fn glu_row(act: GluAct, g: &[f32], u: &[f32], y: &mut [f32]) {
+    match act {
+        GluAct::Silu => swiglu_row(g, u, y),
+        GluAct::GeluTanh => geglu_row(g, u, y),
+    }
+}
+
+/// One row of the backward with `act`.
+fn glu_bwd_row(act: GluAct, g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    match act {
+        GluAct::Silu => swiglu_bwd_row(g, u, dy, dg, du),
+        GluAct::GeluTanh => geglu_bwd_row(g, u, dy, dg, du),
+    }
+}
+
+/// `y = act(g) * u` with g, u, y separate `[M, F]` slices.
+pub fn glu(g: &[f32], u: &[f32], y: &mut [f32], p: GluParams) -> Result<()> {
+    p.check_separate("glu_fwd", &[("g", g.len()), ("u", u.len()), ("y", y.len())])?;
     let (n, f) = (p.rows * p.cols, p.cols.max(1));
     let chunk = rows_per_task(f) * f;
     y[..n].par_chunks_mut(chunk).zip(g[..n].par_chunks(chunk)).zip(u[..n].par_chunks(chunk)).for_each(|((y, g), u)| {
-        swiglu_row(g, u, y);
+        glu_row(p.act, g, u, y);
     });
     Ok(())
 }
 
-/// `y = silu(g) * u` with g and u the halves of each row of `gu` `[M, 2F]`; y `[M, F]`.
-pub fn swiglu_packed(gu: &[f32], y: &mut [f32], p: SwiGluParams) -> Result<()> {
-    p.check_packed("swiglu_fwd_packed", &[("gu", gu.len())], &[("y", y.len())])?;
+/// `y = act(g) * u` with g and u the halves of each row of `gu` `[M, 2F]`; y `[M, F]`.
+pub fn glu_packed(gu: &[f32], y: &mut [f32], p: GluParams) -> Result<()> {
+    p.check_packed("glu_fwd_packed", &[("gu", gu.len())], &[("y", y.len())])?;
     let f = p.cols;
     if f == 0 {
         return Ok(());
@@ -136,16 +184,16 @@ pub fn swiglu_packed(gu: &[f32], y: &mut [f32], p: SwiGluParams) -> Result<()> {
     y[..p.rows * f].par_chunks_mut(rows * f).zip(gu[..2 * p.rows * f].par_chunks(rows * 2 * f)).for_each(|(y, gu)| {
         for (y, gu) in y.chunks_mut(f).zip(gu.chunks(2 * f)) {
             let (g, u) = gu.split_at(f);
-            swiglu_row(g, u, y);
+            glu_row(p.act, g, u, y);
         }
     });
     Ok(())
 }
 
 /// dg and du (separate `[M, F]` slices) from g, u and dy.
-pub fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32], p: SwiGluParams) -> Result<()> {
+pub fn glu_backward(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32], p: GluParams) -> Result<()> {
     let bufs = [("g", g.len()), ("u", u.len()), ("dy", dy.len()), ("dg", dg.len()), ("du", du.len())];
-    p.check_separate("swiglu_bwd", &bufs)?;
+    p.check_separate("glu_bwd", &bufs)?;
     let (n, f) = (p.rows * p.cols, p.cols.max(1));
     let chunk = rows_per_task(f) * f;
     dg[..n]
@@ -154,14 +202,14 @@ pub fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mu
         .zip(g[..n].par_chunks(chunk))
         .zip(u[..n].par_chunks(chunk))
         .zip(dy[..n].par_chunks(chunk))
-        .for_each(|((((dg, du), g), u), dy)| swiglu_bwd_row(g, u, dy, dg, du));
+        .for_each(|((((dg, du), g), u), dy)| glu_bwd_row(p.act, g, u, dy, dg, du));
     Ok(())
 }
 
 /// The packed backward: g and u from `gu` `[M, 2F]`, dg and du into `dgu` `[M, 2F]` the
 /// same way; dy `[M, F]`.
-pub fn swiglu_backward_packed(gu: &[f32], dy: &[f32], dgu: &mut [f32], p: SwiGluParams) -> Result<()> {
-    p.check_packed("swiglu_bwd_packed", &[("gu", gu.len()), ("dgu", dgu.len())], &[("dy", dy.len())])?;
+pub fn glu_backward_packed(gu: &[f32], dy: &[f32], dgu: &mut [f32], p: GluParams) -> Result<()> {
+    p.check_packed("glu_bwd_packed", &[("gu", gu.len()), ("dgu", dgu.len())], &[("dy", dy.len())])?;
     let f = p.cols;
     if f == 0 {
         return Ok(());
@@ -176,7 +224,7 @@ pub fn swiglu_backward_packed(gu: &[f32], dy: &[f32], dgu: &mut [f32], p: SwiGlu
             for ((dgu, gu), dy) in dgu.chunks_mut(2 * f).zip(gu.chunks(2 * f)).zip(dy.chunks(f)) {
                 let (g, u) = gu.split_at(f);
                 let (dg, du) = dgu.split_at_mut(f);
-                swiglu_bwd_row(g, u, dy, dg, du);
+                glu_bwd_row(p.act, g, u, dy, dg, du);
             }
         });
     Ok(())
@@ -184,18 +232,20 @@ pub fn swiglu_backward_packed(gu: &[f32], dy: &[f32], dgu: &mut [f32], p: SwiGlu
 
 #[cfg(test)]
 #[test]
-fn the_wide_swiglu_rows_are_the_baseline_ones() {
+fn the_wide_glu_rows_are_the_baseline_ones() {
     // On AVX-512 or AVX2 (where this CPU has them) against the baseline loops, bit for bit,
     // over a remainder past every lane width and gates across the sigmoid's range.
     let n = 1037;
     let v = |a: f32, b: f32, m: usize| (0..n).map(|i| a + b * ((i * m) % n) as f32 / n as f32).collect::<Vec<f32>>();
     let (g, u, dy) = (v(-40.0, 80.0, 7919), v(1.5, -3.0, 104_729), v(0.25, -1.0, 31));
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    let mut o: [Vec<f32>; 6] = std::array::from_fn(|_| vec![0.0; n]);
-    let [y, yb, dg, du, dgb, dub] = &mut o;
-    swiglu_row(&g, &u, y);
-    swiglu_row_lanes(&g, &u, yb);
-    swiglu_bwd_row(&g, &u, &dy, dg, du);
-    swiglu_bwd_row_lanes(&g, &u, &dy, dgb, dub);
-    assert_eq!((bits(y), bits(dg), bits(du)), (bits(yb), bits(dgb), bits(dub)));
+    for act in [GluAct::Silu, GluAct::GeluTanh] {
+        let mut o: [Vec<f32>; 6] = std::array::from_fn(|_| vec![0.0; n]);
+        let [y, yb, dg, du, dgb, dub] = &mut o;
+        glu_row(act, &g, &u, y);
+        glu_row_lanes(act, &g, &u, yb);
+        glu_bwd_row(act, &g, &u, &dy, dg, du);
+        glu_bwd_row_lanes(act, &g, &u, &dy, dgb, dub);
+        assert_eq!((bits(y), bits(dg), bits(du)), (bits(yb), bits(dgb), bits(dub)), "{act:?}");
+    }
 }
