@@ -145,6 +145,39 @@ fn smollm3_nope_layers_match_transformers() {
     assert_eq!(back.nope_layers, vec![1]);
 }
 
+/// Gemma 3: GeGLU, `1 + w` norms before and after both blocks, embeddings times sqrt(E), two
+/// windowed layers on their own RoPE base around a global one with linear scaling, the softmax
+/// scale from `query_pre_attn_scalar`; each away from its default in the fixture, so dropping
+/// any of them misses transformers' logits.
+#[test]
+fn gemma3_matches_transformers() {
+    check_logits_and_loss("gemma3");
+    let model = Llama::load(&fixture("gemma3")).unwrap();
+    let c = &model.config;
+    assert_eq!((c.global_layers.as_slice(), c.sliding_window, c.local_rope_theta, c.hidden_act, c.norm_weight_offset), (&[1][..], Some(5), Some(1e4), tuna::ops::GluAct::GeluTanh, 1.0));
+    assert_eq!(model.layers.iter().map(|l| l.windowed).collect::<Vec<_>>(), [true, false, true]);
+    assert_eq!(tuna::io::config::LlamaConfig::from_value(&c.to_hf_json(), Path::new("config.json")).unwrap(), *c);
+    // Written as transformers stores it: the norms' w, not the 1 + w the model holds (to f32
+    // rounding: 1 + w rounds w's last bit away for w below 1), and transformers' names.
+    let dir = common::Scratch::new("gemma3-save");
+    model.save(&fixture("gemma3"), &dir).unwrap();
+    let (theirs, ours) = (WeightFiles::open(&fixture("gemma3")).unwrap(), WeightFiles::open(&dir).unwrap());
+    let mut names = ours.names();
+    names.sort();
+    let mut want = theirs.names();
+    want.sort();
+    assert_eq!(names, want);
+    for name in names.iter().filter(|n| n.ends_with("norm.weight")) {
+        let w = theirs.load_raw(name, &Device::Cpu).unwrap().to_vec_f32().unwrap();
+        let got = ours.load_raw(name, &Device::Cpu).unwrap().to_vec_f32().unwrap();
+        compare(&format!("saved {name}"), &got, &w.iter().map(|&x| x as f64).collect::<Vec<_>>(), Tolerance { atol: 2.5e-7, rtol: 0.0 }).unwrap();
+    }
+    let back = Llama::load(&dir).unwrap();
+    let ids = Expected::load("gemma3").tensor("input_ids");
+    let (a, b) = (model.forward(&ids, None).unwrap().to_vec_f32().unwrap(), back.forward(&ids, None).unwrap().to_vec_f32().unwrap());
+    compare("gemma3 reloaded logits", &b, &a.iter().map(|&x| x as f64).collect::<Vec<_>>(), Tolerance { atol: 1e-5, rtol: 0.0 }).unwrap();
+}
+
 #[test]
 fn bf16_checkpoint_matches_its_f32_twin() {
     // Exactly transformers' result for the bf16 weights upcast to f32 ...
@@ -243,7 +276,7 @@ fn matrices_kept_in_bf16_compute_what_their_f32_values_do() {
 
 #[test]
 fn greedy_generation_reproduces_transformers() {
-    for name in ["llama-gqa", "qwen2-tied", "llama3-rope", "yarn-rope", "linear-rope", "mistral", "mistral-window", "qwen3", "smollm3", "granite"] {
+    for name in ["llama-gqa", "qwen2-tied", "llama3-rope", "yarn-rope", "linear-rope", "mistral", "mistral-window", "qwen3", "smollm3", "granite", "gemma3"] {
         let cpu_model = Llama::load(&fixture(name)).unwrap();
         let exp = Expected::load(name);
         let prompt: Vec<u32> = exp.ids("greedy_prompt").into_iter().map(|t| t as u32).collect();
@@ -289,7 +322,7 @@ fn repetition_penalty_reproduces_transformers() {
 
 #[test]
 fn kv_cache_gives_the_same_logits_as_a_full_forward() {
-    for name in ["llama-gqa", "qwen3", "smollm3", "yarn-rope", "mistral-window", "granite"] {
+    for name in ["llama-gqa", "qwen3", "smollm3", "yarn-rope", "mistral-window", "granite", "gemma3"] {
         for dev in common::f32_model_devices() {
             kv_cache_check(name, &Llama::load(&fixture(name)).unwrap().to_device(&dev).unwrap());
         }
@@ -313,8 +346,8 @@ fn kv_cache_check(fixture_name: &str, model: &Llama) {
 #[test]
 fn full_model_gradients_match_transformers() {
     // On every device: on wgpu every op's backward runs there. Qwen3's q/k norms: 4 more;
-    // SmolLM3: three layers, a tied head. Granite: Llama's.
-    for (name, count) in [("llama-gqa", 21), ("qwen3", 25), ("smollm3", 29), ("granite", 21)] {
+    // SmolLM3: three layers, a tied head. Granite: Llama's. Gemma 3: three layers of six norms.
+    for (name, count) in [("llama-gqa", 21), ("qwen3", 25), ("smollm3", 29), ("granite", 21), ("gemma3", 41)] {
         for dev in common::f32_model_devices() {
             full_model_gradients(name, count, Llama::load(&fixture(name)).unwrap().to_device(&dev).unwrap());
         }

@@ -1,5 +1,5 @@
 //! `config.json` of a Llama-family checkpoint: Llama (SmolLM, TinyLlama, Llama 3.x), Mistral,
-//! Qwen2, Qwen3, SmolLM3, Granite. Reads both the classic form (`rope_theta`, `rope_scaling` at the top level)
+//! Qwen2, Qwen3, SmolLM3, Granite, Gemma 3 (text). Reads both the classic form (`rope_theta`, `rope_scaling` at the top level)
 //! and the transformers 5 form (`rope_parameters`). Unknown architectures and unsupported
 //! settings are errors naming the field, never silent defaults.
 
@@ -8,6 +8,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::io::read_json;
+pub use crate::kernels::elementwise::GluAct;
 use crate::{Error, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +24,10 @@ pub enum Arch {
     /// Llama's layout with four scalars: on the embeddings, on each block's output before its
     /// residual add, as attention's softmax scale, and dividing the logits.
     Granite,
+    /// Gemma 3's text model (`gemma3_text`): Qwen3's q/k norms, GeGLU, RMSNorms scaling by
+    /// `1 + w`, a norm on each block's output too, embeddings times `sqrt(hidden_size)`,
+    /// sliding-window layers with their own RoPE base between global ones.
+    Gemma3,
 }
 
 /// RoPE's rescaling of its inverse frequencies for contexts longer than the pretraining one
@@ -83,7 +88,24 @@ pub struct LlamaConfig {
     pub qk_norm: bool,
     pub mlp_bias: bool,
     pub max_position_embeddings: usize,
+    /// The keys a query sees, itself included (Mistral; Gemma 3's windowed layers).
     pub sliding_window: Option<usize>,
+    /// Layers that see every earlier key despite `sliding_window` (Gemma 3's `full_attention`
+    /// layers), in order; the others are windowed.
+    pub global_layers: Vec<usize>,
+    /// The RoPE base of the windowed layers, unscaled, where they have their own (Gemma 3's
+    /// `sliding_attention` layers); `rope_theta` and `rope_scaling` are then the global layers'.
+    pub local_rope_theta: Option<f32>,
+    /// The MLP's gate activation: SiLU (SwiGLU) or the tanh GELU (Gemma's GeGLU).
+    pub hidden_act: GluAct,
+    /// Gemma's RMSNorms scale by `1 + w` for the stored `w`: 1 there, else 0. The model holds
+    /// `norm_weight_offset + w` (added at load, taken off again when written), so its norms are
+    /// Llama's.
+    pub norm_weight_offset: f32,
+    /// Gemma 3: each block's output is RMS-normed before its residual add
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`; the MLP's input norm is
+    /// `pre_feedforward_layernorm` there).
+    pub sandwich_norms: bool,
     /// The layers whose attention applies no RoPE to q and k (SmolLM3's NoPE layers), in order;
     /// empty: every layer rotates.
     pub nope_layers: Vec<usize>,
@@ -144,16 +166,31 @@ impl LlamaConfig {
             "Qwen3ForCausalLM" => Arch::Qwen3,
             "SmolLM3ForCausalLM" => Arch::SmolLM3,
             "GraniteForCausalLM" => Arch::Granite,
+            "Gemma3ForCausalLM" => Arch::Gemma3,
             other => {
                 return Err(f.err(
                     "architectures",
-                    &format!("`{other}` is not supported (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, SmolLM3ForCausalLM, GraniteForCausalLM are)"),
+                    &format!("`{other}` is not supported (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, SmolLM3ForCausalLM, GraniteForCausalLM, Gemma3ForCausalLM are)"),
                 ))
             }
         };
-        if let Some(act) = f.opt("hidden_act").and_then(Value::as_str) {
-            if act != "silu" {
-                return Err(f.err("hidden_act", &format!("`{act}` is not supported (only silu)")));
+        let gemma = arch == Arch::Gemma3;
+        // Gemma names it `hidden_activation`; transformers' Gemma 3 default is the tanh GELU.
+        let act_field = if gemma && f.opt("hidden_activation").is_some() { "hidden_activation" } else { "hidden_act" };
+        let hidden_act = match f.opt(act_field).map(|v| v.as_str().ok_or_else(|| f.err(act_field, "must be a string"))).transpose()? {
+            None if gemma => GluAct::GeluTanh,
+            None | Some("silu") => GluAct::Silu,
+            Some("gelu_pytorch_tanh") => GluAct::GeluTanh,
+            Some(other) => return Err(f.err(act_field, &format!("`{other}` is not supported (silu and gelu_pytorch_tanh are)"))),
+        };
+        if gemma {
+            for field in ["attn_logit_softcapping", "final_logit_softcapping"] {
+                if f.opt(field).is_some() {
+                    return Err(f.err(field, "logit soft-capping is not supported (Gemma 3 sets none)"));
+                }
+            }
+            if f.opt_bool("use_bidirectional_attention")?.unwrap_or(false) {
+                return Err(f.err("use_bidirectional_attention", "only causal attention is supported"));
             }
         }
         let hidden_size = f.usize("hidden_size")?;
@@ -162,24 +199,53 @@ impl LlamaConfig {
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(f.err("num_key_value_heads", &format!("{num_kv_heads} must divide num_attention_heads = {num_heads}")));
         }
-        // Qwen3's default is transformers' (`Qwen3Config(head_dim=128)`), not hidden / heads.
-        let default_head_dim = if arch == Arch::Qwen3 { 128 } else { hidden_size / num_heads };
+        // Qwen3's and Gemma 3's defaults are transformers' (`Qwen3Config(head_dim=128)`,
+        // `Gemma3TextConfig(head_dim=256)`), not hidden / heads.
+        let default_head_dim = match arch {
+            Arch::Qwen3 => 128,
+            Arch::Gemma3 => 256,
+            _ => hidden_size / num_heads,
+        };
         let head_dim = f.opt_usize("head_dim")?.unwrap_or(default_head_dim);
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(f.err("head_dim", &format!("{head_dim} must be even and positive (RoPE pairs halves)")));
         }
 
         // RoPE: transformers 5 puts everything under `rope_parameters`; older configs use
-        // `rope_theta` and `rope_scaling` at the top level.
-        let rope_params = f.opt("rope_parameters").or_else(|| f.opt("rope_scaling"));
+        // `rope_theta` and `rope_scaling` at the top level. Gemma 3's transformers 5 form has one
+        // such dict per layer type; its older form, `rope_local_base_freq` for the windowed
+        // layers.
+        let per_type = f.opt("rope_parameters").filter(|r| r.get("full_attention").is_some() || r.get("sliding_attention").is_some());
+        let rope_params = match per_type {
+            Some(r) => r.get("full_attention").filter(|v| !v.is_null()),
+            None => f.opt("rope_parameters").or_else(|| f.opt("rope_scaling")),
+        };
         let rope_theta = f
             .opt_f32("rope_theta")?
             .or_else(|| rope_params.and_then(|r| r.get("rope_theta")).and_then(Value::as_f64).map(|x| x as f32))
-            .unwrap_or(10000.0);
+            .unwrap_or(if gemma { 1_000_000.0 } else { 10000.0 });
+        let local_rope_theta = if gemma {
+            let local = per_type.and_then(|r| r.get("sliding_attention")).filter(|v| !v.is_null());
+            let field = "rope_parameters.sliding_attention";
+            if let Some(kind) = local.and_then(|r| r.get("rope_type")).and_then(Value::as_str).filter(|&k| k != "default") {
+                return Err(f.err(&format!("{field}.rope_type"), &format!("`{kind}` is not supported for the windowed layers (default is)")));
+            }
+            let theta = match local.and_then(|r| r.get("rope_theta")) {
+                Some(x) => Some(x.as_f64().ok_or_else(|| f.err(&format!("{field}.rope_theta"), "not a number"))? as f32),
+                None => f.opt_f32("rope_local_base_freq")?,
+            };
+            Some(theta.unwrap_or(10000.0))
+        } else {
+            None
+        };
         let rope_scaling = match rope_params {
             None => None,
             Some(r) => {
-                let field = if f.opt("rope_parameters").is_some() { "rope_parameters" } else { "rope_scaling" };
+                let field = match (per_type, f.opt("rope_parameters")) {
+                    (Some(_), _) => "rope_parameters.full_attention",
+                    (None, Some(_)) => "rope_parameters",
+                    (None, None) => "rope_scaling",
+                };
                 let kind = r.get("rope_type").or_else(|| r.get("type")).and_then(Value::as_str).unwrap_or("default");
                 let opt_num = |k: &str| -> Result<Option<f64>> {
                     match r.get(k) {
@@ -232,14 +298,48 @@ impl LlamaConfig {
             Arch::Qwen2 => (true, false),
             _ => (attention_bias, attention_bias),
         };
+        let num_layers = f.usize("num_hidden_layers")?;
         let sliding_window = match arch {
             Arch::Mistral => f.opt_usize("sliding_window")?,
+            Arch::Gemma3 => Some(f.opt_usize("sliding_window")?.unwrap_or(4096)),
             Arch::Qwen2 | Arch::Qwen3 | Arch::SmolLM3 if f.opt_bool("use_sliding_window")?.unwrap_or(false) => {
                 return Err(f.err("use_sliding_window", "a per-layer sliding window is not supported"))
             }
             _ => None,
         };
-        let num_layers = f.usize("num_hidden_layers")?;
+        if sliding_window == Some(0) {
+            return Err(f.err("sliding_window", "must hold at least one key"));
+        }
+        // Gemma 3: `layer_types`, or (older configs) every `sliding_window_pattern`-th layer
+        // global (default 6).
+        let global_layers = if !gemma {
+            Vec::new()
+        } else {
+            match f.opt("layer_types") {
+                Some(Value::Array(types)) => {
+                    if types.len() != num_layers {
+                        return Err(f.err("layer_types", &format!("has {} entries for {num_layers} layers", types.len())));
+                    }
+                    let mut global = Vec::new();
+                    for (i, t) in types.iter().enumerate() {
+                        match t.as_str() {
+                            Some("full_attention") => global.push(i),
+                            Some("sliding_attention") => {}
+                            _ => return Err(f.err("layer_types", &format!("entry {i} is {t} (full_attention or sliding_attention)"))),
+                        }
+                    }
+                    global
+                }
+                Some(other) => return Err(f.err("layer_types", &format!("{other} is not a list of layer types"))),
+                None => {
+                    let every = f.opt_usize("sliding_window_pattern")?.unwrap_or(6);
+                    if every == 0 {
+                        return Err(f.err("sliding_window_pattern", "must be at least 1"));
+                    }
+                    (0..num_layers).filter(|i| (i + 1) % every == 0).collect()
+                }
+            }
+        };
         let nope_layers = match arch {
             // transformers' `no_rope_layers` holds a flag per layer, 1 where RoPE applies; without
             // it, every `no_rope_layer_interval`-th layer (default 4) applies none.
@@ -272,7 +372,21 @@ impl LlamaConfig {
         // Granite's scalars (transformers' defaults 1); other architectures have none.
         let granite = |k: &str| -> Result<Option<f32>> { if arch == Arch::Granite { f.opt_f32(k) } else { Ok(None) } };
         let (embedding_multiplier, residual_multiplier) = (granite("embedding_multiplier")?.unwrap_or(1.0), granite("residual_multiplier")?.unwrap_or(1.0));
-        let attention_multiplier = if arch == Arch::Granite { Some(granite("attention_multiplier")?.unwrap_or(1.0)) } else { None };
+        let attention_multiplier = match arch {
+            Arch::Granite => Some(granite("attention_multiplier")?.unwrap_or(1.0)),
+            // Gemma scales the scores by `query_pre_attn_scalar ** -0.5` (transformers' default 256).
+            Arch::Gemma3 => {
+                let q = f.opt_f32("query_pre_attn_scalar")?.unwrap_or(256.0);
+                if q <= 0.0 {
+                    return Err(f.err("query_pre_attn_scalar", "must be positive"));
+                }
+                Some(1.0 / q.sqrt())
+            }
+            _ => None,
+        };
+        // Gemma's embeddings are multiplied by sqrt(hidden_size), rounded to f32 as transformers'
+        // buffer is.
+        let embedding_multiplier = if gemma { (hidden_size as f64).sqrt() as f32 } else { embedding_multiplier };
         let logits_scaling = granite("logits_scaling")?.unwrap_or(1.0);
         if logits_scaling == 0.0 {
             return Err(f.err("logits_scaling", "must not be 0 (the logits are divided by it)"));
@@ -297,13 +411,18 @@ impl LlamaConfig {
             rms_norm_eps: f.opt_f32("rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(gemma),
             qkv_bias,
             o_bias,
-            qk_norm: arch == Arch::Qwen3,
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
             mlp_bias: f.opt_bool("mlp_bias")?.unwrap_or(false),
             max_position_embeddings: f.opt_usize("max_position_embeddings")?.unwrap_or(2048),
             sliding_window,
+            global_layers,
+            local_rope_theta,
+            hidden_act,
+            norm_weight_offset: if gemma { 1.0 } else { 0.0 },
+            sandwich_norms: gemma,
             nope_layers,
             embedding_multiplier,
             residual_multiplier,
@@ -336,6 +455,11 @@ impl LlamaConfig {
             mlp_bias: false,
             max_position_embeddings: 2048,
             sliding_window: None,
+            global_layers: Vec::new(),
+            local_rope_theta: None,
+            hidden_act: GluAct::Silu,
+            norm_weight_offset: 0.0,
+            sandwich_norms: false,
             nope_layers: Vec::new(),
             embedding_multiplier: 1.0,
             residual_multiplier: 1.0,
@@ -344,6 +468,12 @@ impl LlamaConfig {
             bos_token_id: None,
             eos_token_ids: Vec::new(),
         }
+    }
+
+    /// Whether layer `i` attends through the sliding window (and rotates by the local RoPE
+    /// where there is one).
+    pub fn windowed(&self, i: usize) -> bool {
+        self.sliding_window.is_some() && !self.global_layers.contains(&i)
     }
 
     /// Whether layer `i` rotates q and k by RoPE (all but SmolLM3's NoPE layers do).
@@ -361,6 +491,7 @@ impl LlamaConfig {
             Arch::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
             Arch::SmolLM3 => ("SmolLM3ForCausalLM", "smollm3"),
             Arch::Granite => ("GraniteForCausalLM", "granite"),
+            Arch::Gemma3 => ("Gemma3ForCausalLM", "gemma3_text"),
         };
         let rope = match &self.rope_scaling {
             None => serde_json::json!({"rope_type": "default", "rope_theta": self.rope_theta}),
@@ -386,7 +517,7 @@ impl LlamaConfig {
             "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
-            "hidden_act": "silu",
+            "hidden_act": self.hidden_act.hf_name(),
             "rms_norm_eps": self.rms_norm_eps,
             "rope_parameters": rope,
             "max_position_embeddings": self.max_position_embeddings,
@@ -404,6 +535,14 @@ impl LlamaConfig {
             v["attention_multiplier"] = self.attention_multiplier.unwrap_or(1.0 / (self.head_dim as f32).sqrt()).into();
             v["logits_scaling"] = self.logits_scaling.into();
         }
+        if self.arch == Arch::Gemma3 {
+            let local = serde_json::json!({"rope_type": "default", "rope_theta": self.local_rope_theta.unwrap_or(self.rope_theta)});
+            v["rope_parameters"] = serde_json::json!({"full_attention": v["rope_parameters"].take(), "sliding_attention": local});
+            v["hidden_activation"] = self.hidden_act.hf_name().into();
+            let scale = self.attention_multiplier.unwrap_or(1.0 / (self.head_dim as f32).sqrt());
+            v["query_pre_attn_scalar"] = (1.0 / (scale * scale)).round().into();
+            v["layer_types"] = (0..self.num_layers).map(|i| if self.windowed(i) { "sliding_attention" } else { "full_attention" }).collect();
+        }
         if self.arch == Arch::SmolLM3 {
             v["no_rope_layers"] = (0..self.num_layers).map(|i| u8::from(self.rotates(i))).collect();
             v["use_sliding_window"] = false.into();
@@ -416,17 +555,26 @@ impl LlamaConfig {
     /// it is computed in f64 here), `inv_freq[i] = 1 / p` in f32; then the configured rescaling
     /// (all f32).
     pub fn inv_freq(&self) -> Vec<f32> {
+        self.inv_freq_of(self.rope_theta, self.rope_scaling.as_ref())
+    }
+
+    /// The windowed layers' own inverse frequencies, unscaled (Gemma 3), where they have them.
+    pub fn local_inv_freq(&self) -> Option<Vec<f32>> {
+        self.local_rope_theta.map(|theta| self.inv_freq_of(theta, None))
+    }
+
+    fn inv_freq_of(&self, theta: f32, scaling: Option<&RopeScaling>) -> Vec<f32> {
         let d = self.head_dim;
         let powers = (0..d / 2).map(|i| {
             let e = (2 * i) as f32 / d as f32;
-            (self.rope_theta as f64).powf(e as f64) as f32
+            (theta as f64).powf(e as f64) as f32
         });
-        match &self.rope_scaling {
+        match scaling {
             None => powers.map(|p| 1.0 / p).collect(),
             Some(RopeScaling::Llama3(s)) => powers.map(|p| llama3_scale(1.0 / p, s)).collect(),
             Some(RopeScaling::Linear { factor }) => powers.map(|p| 1.0 / p / factor).collect(),
             Some(RopeScaling::Yarn(y)) => {
-                let (low, high) = yarn_ramp_ends(y, d, self.rope_theta as f64);
+                let (low, high) = yarn_ramp_ends(y, d, theta as f64);
                 powers
                     .enumerate()
                     .map(|(i, p)| {

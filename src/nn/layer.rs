@@ -1,5 +1,5 @@
 //! One decoder layer of the Llama-family model (`nn::llama`): attention and MLP blocks, each
-//! pre-normed with a residual, run straight or under `ops::checkpoint`, and what every layer of
+//! pre-normed (and with Gemma 3 post-normed) with a residual, run straight or under `ops::checkpoint`, and what every layer of
 //! one forward shares (`LayerCtx`).
 
 use crate::ops::{self, AttentionMask};
@@ -22,13 +22,27 @@ pub struct Layer {
     pub o: Linear,
     /// Qwen3's RMSNorm weights (`[head_dim]`) over each head of q and of k, before RoPE.
     pub qk_norm: Option<QkNorm>,
+    /// The MLP's input norm (`post_attention_layernorm`; Gemma 3's `pre_feedforward_layernorm`).
     pub post_norm: Tensor,
+    /// Gemma 3's norms of the attention and MLP outputs before their residual adds
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`).
+    pub out_norms: Option<OutNorms>,
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
     /// Whether RoPE rotates q and k (not in SmolLM3's NoPE layers: attention sees no positions
     /// there but the causal order).
     pub rope: bool,
+    /// Whether attention looks through the sliding window (Mistral's layers, Gemma 3's
+    /// `sliding_attention` ones, which also rotate by their own RoPE base).
+    pub windowed: bool,
+}
+
+/// The norms of a layer's block outputs (Gemma 3's sandwich).
+#[derive(Clone)]
+pub struct OutNorms {
+    pub attn: Tensor,
+    pub mlp: Tensor,
 }
 
 /// The per-head norms of q and k (`self_attn.q_norm`, `self_attn.k_norm`).
@@ -53,12 +67,21 @@ pub(super) struct LayerCtx {
     pub(super) positions: Tensor,
     /// `[D/2]` f32, on the model's device.
     pub(super) inv_freq: Tensor,
+    /// The windowed layers' own inverse frequencies (Gemma 3), on the model's device.
+    pub(super) local_inv_freq: Option<Tensor>,
+    /// The windowed layers' mask; the others drop its window.
     pub(super) mask: AttentionMask,
+    pub(super) act: ops::GluAct,
 }
 
 impl LayerCtx {
-    /// A block's output as its residual add takes it (Granite's multiplier applied).
-    fn residual_scaled(&self, y: Tensor) -> Result<Tensor> {
+    /// A block's output as its residual add takes it: Gemma 3's norm of it, Granite's
+    /// multiplier.
+    fn residual_scaled(&self, y: Tensor, norm: Option<&Tensor>) -> Result<Tensor> {
+        let y = match norm {
+            Some(w) => ops::rmsnorm(&y, w, self.eps)?,
+            None => y,
+        };
         match self.residual {
             Some(r) => ops::scale(&y, r),
             None => Ok(y),
@@ -85,10 +108,14 @@ impl Layer {
         };
         let qkv = Linear::forward_group_remade(&[(&self.q, seeds[0]), (&self.k, seeds[1]), (&self.v, seeds[2])], &hn, Some(remade_rmsnorm(&x, &self.input_norm, ctx.eps)))?;
         let (q, k) = (ops::reshape(&qkv[0], [b * t, h, d])?, ops::reshape(&qkv[1], [b * t, g, d])?);
+        let inv_freq = match (&ctx.local_inv_freq, self.windowed) {
+            (Some(local), true) => local,
+            _ => &ctx.inv_freq,
+        };
         let rope = |x: &Tensor, norm: Option<&Tensor>| match (norm, self.rope) {
             // Qwen3: RMSNorm over each head of each token, then RoPE (one kernel on CUDA).
-            (Some(w), true) => ops::rmsnorm_rope(x, w, ctx.eps, &ctx.positions, &ctx.inv_freq),
-            (None, true) => ops::rope(x, &ctx.positions, &ctx.inv_freq),
+            (Some(w), true) => ops::rmsnorm_rope(x, w, ctx.eps, &ctx.positions, inv_freq),
+            (None, true) => ops::rope(x, &ctx.positions, inv_freq),
             (Some(w), false) => ops::rmsnorm(x, w, ctx.eps),
             (None, false) => Ok(x.clone()),
         };
@@ -98,14 +125,15 @@ impl Layer {
         if let Some(slot) = cache {
             (k, v) = super::kv_cache::extend(slot, k, v)?;
         }
-        let o = ops::attention(&ops::reshape(&q, [b, t, h, d])?, &k, &v, ctx.mask.clone(), ctx.scale)?;
-        let o = ctx.residual_scaled(self.o.forward(&ops::reshape(&o, [b * t, h * d])?, seeds[3])?)?;
+        let mask = if self.windowed { ctx.mask.clone() } else { AttentionMask { window: None, ..ctx.mask.clone() } };
+        let o = ops::attention(&ops::reshape(&q, [b, t, h, d])?, &k, &v, mask, ctx.scale)?;
+        let o = ctx.residual_scaled(self.o.forward(&ops::reshape(&o, [b * t, h * d])?, seeds[3])?, self.out_norms.as_ref().map(|n| &n.attn))?;
         let (x, hn) = ops::add_rmsnorm(&x, &o, &self.post_norm, ctx.eps)?;
         let gate_up = Linear::forward_group_remade(&[(&self.gate, seeds[4]), (&self.up, seeds[5])], &hn, Some(remade_rmsnorm(&x, &self.post_norm, ctx.eps)))?;
-        let act = ops::swiglu(&gate_up[0], &gate_up[1])?;
-        let (g, u) = (ops::saved(&gate_up[0]), ops::saved(&gate_up[1]));
-        let remake: ops::Remake = std::sync::Arc::new(move || ops::swiglu(&g, &u));
-        Ok((x, ctx.residual_scaled(self.down.forward_remade(&act, seeds[6], Some(remake))?)?))
+        let act = ops::glu(&gate_up[0], &gate_up[1], ctx.act)?;
+        let (g, u, f) = (ops::saved(&gate_up[0]), ops::saved(&gate_up[1]), ctx.act);
+        let remake: ops::Remake = std::sync::Arc::new(move || ops::glu(&g, &u, f));
+        Ok((x, ctx.residual_scaled(self.down.forward_remade(&act, seeds[6], Some(remake))?, self.out_norms.as_ref().map(|n| &n.mlp))?))
     }
 
     /// [`Layer::forward`] under `ops::checkpoint`, its residual adds done inside: the layer input
@@ -130,12 +158,15 @@ impl Layer {
         })
     }
 
-    /// Every tensor of the layer, in a fixed order: norms (q/k norms last), then per linear its
+    /// Every tensor of the layer, in a fixed order: norms (q/k norms, then output norms, last), then per linear its
     /// weight, bias, LoRA A and B, sparse delta values.
     fn tensors_mut(&mut self) -> Vec<&mut Tensor> {
         let mut out = vec![&mut self.input_norm, &mut self.post_norm];
         if let Some(n) = &mut self.qk_norm {
             out.extend([&mut n.q, &mut n.k]);
+        }
+        if let Some(n) = &mut self.out_norms {
+            out.extend([&mut n.attn, &mut n.mlp]);
         }
         for lin in [&mut self.q, &mut self.k, &mut self.v, &mut self.o, &mut self.gate, &mut self.up, &mut self.down] {
             out.push(&mut lin.weight);

@@ -1,4 +1,4 @@
-//! The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite), on tuna's ops, so
+//! The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, Gemma 3), on tuna's ops, so
 //! every forward is differentiable through the tape and runs wherever the ops do. Its decoder
 //! layer is `nn::layer`.
 //!
@@ -11,7 +11,10 @@
 //!   x = x + (silu(RMSNorm(x)·Wgᵀ) * (RMSNorm(x)·Wuᵀ))·Wdᵀ
 //! then logits = RMSNorm(x)·Wᵀ with W the LM head or, when tied, the embedding table.
 //! SmolLM3's NoPE layers skip RoPE; Granite scales the embeddings, each block's output before
-//! its residual add and the logits, and sets the softmax scale.
+//! its residual add and the logits, and sets the softmax scale. Gemma 3 uses the tanh GELU for
+//! silu (GeGLU), RMS-norms each block's output before its residual add, scales the embeddings
+//! by sqrt(E), and mixes sliding-window layers (their own RoPE base) with global ones; its
+//! norms' `1 + w` is folded into the weights at load.
 //! Tensor names follow transformers (`model.layers.0.self_attn.q_proj.weight`, ...).
 
 use std::path::Path;
@@ -24,9 +27,28 @@ use crate::ops::{self, AttentionMask};
 use crate::{DType, Device, Error, Result, Tensor};
 
 pub use super::kv_cache::KvCache;
-pub use super::layer::{Layer, QkNorm};
+pub use super::layer::{Layer, OutNorms, QkNorm};
 use super::layer::LayerCtx;
 pub use super::linear::{Linear, SparseDelta};
+
+/// The transformers names of a layer's norms around the MLP (the attention's input norm is
+/// always `input_layernorm`).
+struct NormNames {
+    /// The MLP's input norm.
+    mlp_in: &'static str,
+    /// The attention and MLP output norms (Gemma 3).
+    outs: Option<(&'static str, &'static str)>,
+}
+
+impl NormNames {
+    fn of(c: &LlamaConfig) -> Self {
+        if c.sandwich_norms {
+            NormNames { mlp_in: "pre_feedforward_layernorm", outs: Some(("post_attention_layernorm", "post_feedforward_layernorm")) }
+        } else {
+            NormNames { mlp_in: "post_attention_layernorm", outs: None }
+        }
+    }
+}
 
 /// The names of a decoder layer's linear modules, as transformers and PEFT call them.
 pub const LINEAR_MODULES: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -99,6 +121,15 @@ impl Llama {
     fn from_weights_as(config: LlamaConfig, w: &WeightFiles, linears: DType) -> Result<Self> {
         let c = &config;
         let (e, d) = (c.hidden_size, c.head_dim);
+        // Gemma's `1 + w` is held as one weight (`norm_weight_offset`).
+        let norm = |name: &str, n: usize| -> Result<Tensor> {
+            let w = w.load_f32(name, &[n])?;
+            if c.norm_weight_offset == 0.0 {
+                return Ok(w);
+            }
+            let v = w.to_vec::<f32>()?.into_iter().map(|x| x + c.norm_weight_offset).collect();
+            Tensor::from_vec(v, [n])
+        };
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let weight = match linears {
                 DType::NF4 => Tensor::from_nf4(crate::kernels::nf4::quantize_tensor(&w.load_f32(&format!("{name}.weight"), &[out, inp])?)?, [out, inp])?,
@@ -111,22 +142,28 @@ impl Llama {
         // conversions) of independent tensors. The first error in layer order is reported.
         let layer = |i: usize| -> Result<Layer> {
             let p = format!("model.layers.{i}");
+            let names = NormNames::of(c);
             Ok(Layer {
-                input_norm: w.load_f32(&format!("{p}.input_layernorm.weight"), &[e])?,
+                input_norm: norm(&format!("{p}.input_layernorm.weight"), e)?,
                 q: linear(&format!("{p}.self_attn.q_proj"), c.num_heads * d, e, c.qkv_bias)?,
                 k: linear(&format!("{p}.self_attn.k_proj"), c.num_kv_heads * d, e, c.qkv_bias)?,
                 v: linear(&format!("{p}.self_attn.v_proj"), c.num_kv_heads * d, e, c.qkv_bias)?,
                 o: linear(&format!("{p}.self_attn.o_proj"), e, c.num_heads * d, c.o_bias)?,
                 qk_norm: if c.qk_norm {
-                    Some(QkNorm { q: w.load_f32(&format!("{p}.self_attn.q_norm.weight"), &[d])?, k: w.load_f32(&format!("{p}.self_attn.k_norm.weight"), &[d])? })
+                    Some(QkNorm { q: norm(&format!("{p}.self_attn.q_norm.weight"), d)?, k: norm(&format!("{p}.self_attn.k_norm.weight"), d)? })
                 } else {
                     None
                 },
-                post_norm: w.load_f32(&format!("{p}.post_attention_layernorm.weight"), &[e])?,
+                post_norm: norm(&format!("{p}.{}.weight", names.mlp_in), e)?,
+                out_norms: match names.outs {
+                    Some((a, m)) => Some(OutNorms { attn: norm(&format!("{p}.{a}.weight"), e)?, mlp: norm(&format!("{p}.{m}.weight"), e)? }),
+                    None => None,
+                },
                 gate: linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, e, c.mlp_bias)?,
                 up: linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, e, c.mlp_bias)?,
                 down: linear(&format!("{p}.mlp.down_proj"), e, c.intermediate_size, c.mlp_bias)?,
                 rope: c.rotates(i),
+                windowed: c.windowed(i),
             })
         };
         let layers = (0..c.num_layers).into_par_iter().map(layer).collect::<Vec<_>>().into_iter().collect::<Result<Vec<_>>>()?;
@@ -135,7 +172,7 @@ impl Llama {
         let lm_head = if c.tie_word_embeddings { None } else { Some(matrix("lm_head.weight")?) };
         Ok(Llama {
             embed: matrix("model.embed_tokens.weight")?,
-            norm: w.load_f32("model.norm.weight", &[e])?,
+            norm: norm("model.norm.weight", e)?,
             layers,
             lm_head,
             dropout_seed: None,
@@ -168,10 +205,12 @@ impl Llama {
                 o: lin(e, c.num_heads * d, c.o_bias)?,
                 qk_norm: if c.qk_norm { Some(QkNorm { q: ones(d)?, k: ones(d)? }) } else { None },
                 post_norm: ones(e)?,
+                out_norms: if c.sandwich_norms { Some(OutNorms { attn: ones(e)?, mlp: ones(e)? }) } else { None },
                 gate: lin(c.intermediate_size, e, c.mlp_bias)?,
                 up: lin(c.intermediate_size, e, c.mlp_bias)?,
                 down: lin(e, c.intermediate_size, c.mlp_bias)?,
                 rope: c.rotates(i),
+                windowed: c.windowed(i),
             });
         }
         let embed = mat(c.vocab_size, e)?;
@@ -279,8 +318,9 @@ impl Llama {
 
     /// Replaces every base parameter by `f(name, tensor)` (e.g. `tape.param` for full
     /// fine-tuning, or a move to another device). Order: embeddings, every layer's linears,
-    /// every layer's norms (Qwen3's q and k norms after the other two), then the final norm and
-    /// the head.
+    /// every layer's norms (Qwen3's q and k norms after the other two, then Gemma 3's output
+    /// norms), then the final norm and the head. Norms are as the model holds them: with
+    /// `norm_weight_offset` added (Gemma's `1 + w`).
     pub fn map_parameters(&mut self, mut f: impl FnMut(&str, &Tensor) -> Result<Tensor>) -> Result<()> {
         let mut map = |name: &str, t: &mut Tensor| -> Result<()> {
             *t = f(name, t)?;
@@ -293,12 +333,17 @@ impl Llama {
                 map(&format!("{path}.bias"), b)?;
             }
         }
+        let names = NormNames::of(&self.config);
         for (i, l) in self.layers.iter_mut().enumerate() {
             map(&format!("model.layers.{i}.input_layernorm.weight"), &mut l.input_norm)?;
-            map(&format!("model.layers.{i}.post_attention_layernorm.weight"), &mut l.post_norm)?;
+            map(&format!("model.layers.{i}.{}.weight", names.mlp_in), &mut l.post_norm)?;
             if let Some(n) = &mut l.qk_norm {
                 map(&format!("model.layers.{i}.self_attn.q_norm.weight"), &mut n.q)?;
                 map(&format!("model.layers.{i}.self_attn.k_norm.weight"), &mut n.k)?;
+            }
+            if let (Some(n), Some((a, m))) = (&mut l.out_norms, names.outs) {
+                map(&format!("model.layers.{i}.{a}.weight"), &mut n.attn)?;
+                map(&format!("model.layers.{i}.{m}.weight"), &mut n.mlp)?;
             }
         }
         map("model.norm.weight", &mut self.norm)?;
@@ -327,7 +372,15 @@ impl Llama {
             return Err(Error::InvalidArgument("merge the LoRA adapters (merge_lora) before saving the full model".into()));
         }
         // Written one tensor at a time from where each lies (a device's downloaded then).
-        let tensors = self.parameters();
+        let mut tensors = self.parameters();
+        // Gemma's norms are written as transformers stores them: `w`, not the `1 + w` held.
+        let offset = self.config.norm_weight_offset;
+        if offset != 0.0 {
+            for (name, t) in tensors.iter_mut().filter(|(name, _)| name.ends_with("norm.weight")) {
+                let w: Vec<f32> = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.to_vec::<f32>()?.into_iter().map(|x| x - offset).collect();
+                *t = Tensor::from_vec(w, t.shape().clone())?.to_dtype(t.dtype()).map_err(|e| Error::InvalidArgument(format!("writing {name}: {e}")))?;
+            }
+        }
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
         let file = out_dir.join("model.safetensors");
         match dtype {
@@ -487,7 +540,12 @@ impl Llama {
             residual: (c.residual_multiplier != 1.0).then_some(c.residual_multiplier),
             positions,
             inv_freq: Tensor::from_vec(self.inv_freq.clone(), [self.inv_freq.len()])?.to_device(&dev)?,
+            local_inv_freq: match c.local_inv_freq() {
+                Some(f) => Some(Tensor::from_vec(f.clone(), [f.len()])?.to_device(&dev)?),
+                None => None,
+            },
             mask: AttentionMask { causal: true, window: c.sliding_window, segment_starts: packing.map(|p| p.starts.clone()) },
+            act: c.hidden_act,
         };
 
         // Each linear module gets its own dropout stream: (forward seed, module index).
