@@ -201,6 +201,58 @@ fn smollm3_nope_layers_from_flags_or_interval() {
     }
 }
 
+/// Gemma 3's config in transformers 5's form (`layer_types`, a `rope_parameters` dict per layer
+/// type) and in the older form the Hub's checkpoints carry (`sliding_window_pattern`,
+/// `rope_local_base_freq`, `rope_scaling` for the global layers) read as the same config; what
+/// tuna cannot run is refused by name.
+#[test]
+fn gemma3_config_forms_and_refusals() {
+    let path = fixture("gemma3").join("config.json");
+    let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let with = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = original.clone();
+        edit(&mut v);
+        LlamaConfig::from_value(&v, &path).map_err(|e| e.to_string())
+    };
+    let c = with(&|_| {}).unwrap();
+    assert_eq!((c.arch, c.global_layers.clone(), c.sliding_window, c.local_rope_theta, c.rope_theta), (tuna::io::config::Arch::Gemma3, vec![1], Some(5), Some(1e4), 1e6));
+    assert_eq!(c.rope_scaling, Some(tuna::io::config::RopeScaling::Linear { factor: 2.0 }));
+    assert_eq!((c.attention_multiplier, c.embedding_multiplier, c.tie_word_embeddings, c.qk_norm, c.sandwich_norms), (Some(1.0 / 24f32.sqrt()), 32f32.sqrt(), true, true, true));
+    // The windowed layers rotate by their own base, unscaled; the global one by the scaled 1e6.
+    let local = c.local_inv_freq().unwrap();
+    assert_eq!(local[1], 1.0 / 1e4f32.powf(2.0 / 16.0));
+    assert_eq!(c.inv_freq()[1], 1.0 / 1e6f32.powf(2.0 / 16.0) / 2.0);
+    let old_form = |v: &mut serde_json::Value| {
+        let o = v.as_object_mut().unwrap();
+        o.remove("layer_types");
+        o.remove("rope_parameters");
+        o.remove("hidden_activation");
+        o.insert("hidden_act".into(), "gelu_pytorch_tanh".into());
+        o.insert("sliding_window_pattern".into(), 2.into());
+        o.insert("rope_theta".into(), 1e6.into());
+        o.insert("rope_local_base_freq".into(), 1e4.into());
+        o.insert("rope_scaling".into(), serde_json::json!({"rope_type": "linear", "factor": 2.0}));
+    };
+    assert_eq!(with(&old_form).unwrap(), c);
+    // Without a pattern, transformers' default: every sixth layer is global (none of three).
+    assert_eq!(with(&|v| { old_form(v); v.as_object_mut().unwrap().remove("sliding_window_pattern"); }).unwrap().global_layers, Vec::<usize>::new());
+    for (edit, says) in [
+        (&(|v: &mut serde_json::Value| v["attn_logit_softcapping"] = 50.0.into()) as &dyn Fn(&mut serde_json::Value), "field `attn_logit_softcapping`: logit soft-capping is not supported"),
+        (&|v: &mut serde_json::Value| v["final_logit_softcapping"] = 30.0.into(), "field `final_logit_softcapping`"),
+        (&|v: &mut serde_json::Value| v["use_bidirectional_attention"] = true.into(), "field `use_bidirectional_attention`"),
+        (&|v: &mut serde_json::Value| v["layer_types"] = serde_json::json!(["full_attention"]), "has 1 entries for 3 layers"),
+        (&|v: &mut serde_json::Value| v["layer_types"][2] = "chunked_attention".into(), "entry 2 is \"chunked_attention\""),
+        (&|v: &mut serde_json::Value| v["rope_parameters"]["sliding_attention"]["rope_type"] = "yarn".into(), "field `rope_parameters.sliding_attention.rope_type`"),
+        (&|v: &mut serde_json::Value| v["rope_parameters"]["full_attention"]["rope_type"] = "dynamic".into(), "field `rope_parameters.full_attention.rope_type`"),
+        (&|v: &mut serde_json::Value| v["hidden_activation"] = "gelu".into(), "field `hidden_activation`: `gelu` is not supported"),
+        (&|v: &mut serde_json::Value| v["sliding_window"] = 0.into(), "field `sliding_window`"),
+        (&|v: &mut serde_json::Value| v["query_pre_attn_scalar"] = 0.into(), "field `query_pre_attn_scalar`"),
+    ] {
+        let e = with(edit).unwrap_err();
+        assert!(e.contains("config.json") && e.contains(says), "{e}");
+    }
+}
+
 #[test]
 fn classic_config_form_reads_the_same_rope() {
     // The pre-transformers-5 form: rope_theta and rope_scaling at the top level.

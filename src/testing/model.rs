@@ -70,6 +70,27 @@ pub fn tiny_scalars_config() -> LlamaConfig {
     }
 }
 
+/// `tiny_config` laid out as Gemma 3: GeGLU, norms after both blocks too (every norm holding
+/// `1 + w`), q/k norms, embeddings times sqrt(E), a tied head, the softmax scale its own, and
+/// of the two layers the first windowed (5 keys, RoPE base 1e4) and the second global (1e6).
+pub fn tiny_gemma_config() -> LlamaConfig {
+    LlamaConfig {
+        arch: Arch::Gemma3,
+        hidden_act: crate::ops::GluAct::GeluTanh,
+        sandwich_norms: true,
+        norm_weight_offset: 1.0,
+        qk_norm: true,
+        embedding_multiplier: (128f32).sqrt(),
+        tie_word_embeddings: true,
+        attention_multiplier: Some(0.2),
+        sliding_window: Some(5),
+        global_layers: vec![1],
+        rope_theta: 1e6,
+        local_rope_theta: Some(1e4),
+        ..tiny_config()
+    }
+}
+
 /// `tiny_config` laid out as Qwen3: an RMSNorm over each head of q and k before RoPE, and, as
 /// in Qwen3-0.6B, heads twice as wide in all as the hidden size (four query heads over two
 /// key/value heads of 64: q_proj is 128 -> 256).
@@ -78,12 +99,16 @@ pub fn tiny_qk_norm_config() -> LlamaConfig {
 }
 
 /// A random model of `config` from `seed`, rounded to `dtype` and held in f32 on the CPU,
-/// whose q/k norm weights (if any) are drawn from [0.5, 1.5] rather than left at 1, so that a
-/// device that skipped them or read them wrongly would differ.
+/// whose q/k norm weights (if any) and Gemma's output norms are drawn from [0.5, 1.5] rather
+/// than left at 1, so that a device that skipped them or read them wrongly would differ.
 fn random_model(config: LlamaConfig, seed: u64, dtype: DType) -> crate::Result<Llama> {
     let mut m = Llama::random(config, seed)?;
     let mut rng = Rng::new(seed + 100);
-    m.map_parameters(|name, t| if name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight") { Tensor::from_vec(rng.vec(t.elem_count(), 0.5, 1.5), t.shape().clone()) } else { Ok(t.clone()) })?;
+    let mut drawn = vec!["q_norm.weight", "k_norm.weight"];
+    if m.config.sandwich_norms {
+        drawn.extend(["post_attention_layernorm.weight", "post_feedforward_layernorm.weight"]);
+    }
+    m.map_parameters(|name, t| if drawn.iter().any(|n| name.ends_with(n)) { Tensor::from_vec(rng.vec(t.elem_count(), 0.5, 1.5), t.shape().clone()) } else { Ok(t.clone()) })?;
     m.to_dtype(dtype)?.to_dtype(DType::F32)
 }
 
@@ -167,14 +192,14 @@ fn loss_and_grads(model: &Llama, ids: &[i32], dropout_seed: Option<u64>, packed:
 }
 
 /// Loss and every LoRA gradient on `dev` in `dtype` against the CPU, for plain, dropout 0.1,
-/// packed, checkpointed, NF4-base (QLoRA), Qwen3-layout (q/k norms) and scalars
-/// (`tiny_scalars_config`) runs. Returns the largest errors seen.
+/// packed, checkpointed, NF4-base (QLoRA), Qwen3-layout (q/k norms), scalars
+/// (`tiny_scalars_config`) and Gemma 3-layout (`tiny_gemma_config`, checkpointed) runs. Returns the largest errors seen.
 pub fn check_loss_and_grads(dev: &Device, dtype: DType) -> CheckResult {
     let tol = ModelTolerance::for_dtype(dtype);
     let mut worst = (0.0f64, 0.0f64);
     // (what, dropout, packed, checkpointed, NF4 base, config)
     type Run = (&'static str, f32, bool, bool, bool, fn() -> LlamaConfig);
-    let runs: [Run; 7] = [
+    let runs: [Run; 8] = [
         ("plain", 0.0, false, false, false, tiny_config),
         ("dropout 0.1", 0.1, false, false, false, tiny_config),
         ("packed", 0.0, true, false, false, tiny_config),
@@ -182,6 +207,7 @@ pub fn check_loss_and_grads(dev: &Device, dtype: DType) -> CheckResult {
         ("nf4 base, dropout 0.1", 0.1, false, false, true, tiny_config),
         ("q/k norms, packed", 0.0, true, false, false, tiny_qk_norm_config),
         ("granite scalars, a NoPE layer, yarn", 0.0, false, false, false, tiny_scalars_config),
+        ("gemma 3 layout, checkpointed", 0.0, false, true, false, tiny_gemma_config),
     ];
     for (what, dropout, packed, checkpoint, nf4, config) in runs {
         // The NF4 case puts adapters on q and v only, so the other NF4 linears run plain.
