@@ -149,12 +149,18 @@ fn flash_attention_wgsl_matches_reference() {
         // rule (the kernels now add a tile's 8 terms first), and far past where lavapipe's loop
         // limit cut the kernels when their head-dim loops ran per element (S 480 at D 64).
         Case { p: params(1, 1500, 1500, 1, 1, 64, true, None), packed: false, seed: 18 },
+        // Gemma's head dim (the wide build of the kernels), with GQA, a window and packed rows,
+        // and one past 128 that is not a multiple of 4. The split-KV forward stops at 128:
+        // `Auto` takes the tiled one for decoding there.
+        Case { p: params(1, 70, 70, 4, 2, 256, true, Some(20)), packed: false, seed: 20 },
+        Case { p: params(2, 40, 40, 2, 1, 256, true, None), packed: true, seed: 21 },
+        Case { p: params(1, 3, 50, 4, 1, 181, true, None), packed: false, seed: 22 },
     ];
     for i in wgpu_devices() {
         for c in &cases {
             // The tiled forward on every case, and the split-KV one where it applies.
-            let mut kernels = vec![wgsl::FwdKernel::Tiled];
-            if !c.packed && split_kv_fits(&c.p) {
+            let mut kernels = vec![wgsl::FwdKernel::Tiled, wgsl::FwdKernel::Auto];
+            if !c.packed && split_kv_fits(&c.p) && c.p.head_dim <= 128 {
                 kernels.push(wgsl::FwdKernel::SplitKv);
             }
             for pr in precisions(i) {
@@ -206,6 +212,8 @@ fn flash_attention_wgsl_split_kv_matches_reference() {
             let err = check(i, c, wgsl::FwdKernel::SplitKv, false, Precision::F32).unwrap_err();
             assert!(err.contains("split-KV kernel takes at most 16 query rows"), "{err}");
         }
+        let err = check(i, &Case { p: params(1, 1, 40, 4, 2, 256, true, None), packed: false, seed: 0 }, wgsl::FwdKernel::SplitKv, false, Precision::F32).unwrap_err();
+        assert!(err.contains("split-KV kernel takes head dims up to 128, got 256"), "{err}");
     }
 }
 
@@ -216,10 +224,10 @@ fn flash_attention_wgsl_rejects_bad_input() {
         let buf = |bytes: u64| {
             rt.device.create_buffer(&wgpu::BufferDescriptor { label: None, size: bytes, usage: wgpu::BufferUsages::STORAGE, mapped_at_creation: false })
         };
-        let p = params(1, 4, 4, 2, 1, 200, true, None);
-        let (q, k, v, o, st) = (buf(6400 * 4), buf(3200 * 4), buf(3200 * 4), buf(6400 * 4), buf(64));
+        let p = params(1, 4, 4, 2, 1, 300, true, None);
+        let (q, k, v, o, st) = (buf(9600 * 4), buf(4800 * 4), buf(4800 * 4), buf(9600 * 4), buf(64));
         let err = wgsl::forward(wgsl::FwdKernel::Auto, &rt.device, &rt.queue, &rt.kernels, &q, &k, &v, None, &o, &st, &p, Precision::F32).unwrap_err();
-        assert!(err.to_string().contains("head dim 200"), "{err}");
+        assert!(err.to_string().contains("head dim 300"), "{err}");
         let p = params(1, 4, 4, 2, 1, 8, true, None);
         let small = buf(16);
         let err = wgsl::forward(wgsl::FwdKernel::Auto, &rt.device, &rt.queue, &rt.kernels, &small, &k, &v, None, &o, &st, &p, Precision::F32).unwrap_err();

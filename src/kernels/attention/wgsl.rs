@@ -1,5 +1,7 @@
 //! Flash attention in WGSL (`kernels-wgsl/flash_attention.wgsl`; for a few query rows the
-//! split-KV forward of `flash_decode.wgsl`), head dim at most 128: O(T) memory (queries and
+//! split-KV forward of `flash_decode.wgsl`), head dim at most 256 (the tiled kernels built
+//! twice: for head dims up to 128, and with twice the room for Gemma's 256; the split-KV
+//! forward up to 128): O(T) memory (queries and
 //! keys stream through workgroup memory; the forward keeps a per-row log-sum-exp, from which
 //! the backward recomputes the probabilities). Tensors are stored in a [`Precision`] (f32, or
 //! f16 where the adapter has it) in the layouts of [`kernels::attention`](super); `starts`
@@ -65,7 +67,31 @@ fn tiled_loops_fit(op: &'static str, device: &wgpu::Device, p: &AttentionParams,
 
 /// Queries (forward, dq) or keys (dk, dv) per workgroup.
 const BLOCK: usize = 64;
-pub const MAX_HEAD_DIM: usize = 128;
+pub const MAX_HEAD_DIM: usize = 256;
+/// The largest head dim of the tiled kernels as written (`DMAX4` vec4s) and of the split-KV
+/// forward; wider heads take the wide build of the tiled kernels.
+const NARROW_HEAD_DIM: usize = 128;
+
+/// The tiled kernels for head dim `d`: the source as written (private arrays and key/value
+/// tiles for head dims up to 128), or its wide build, every such array twice as long (up to
+/// 256: 16 KiB and 64 bytes of workgroup memory, past WebGPU's default 16 KiB, which tuna
+/// asks the adapter to raise to its own limit). Returns the pipeline name's suffix and the
+/// source.
+fn tiled_source(device: &wgpu::Device, op: &'static str, d: usize) -> Result<(&'static str, std::borrow::Cow<'static, str>)> {
+    if d <= NARROW_HEAD_DIM {
+        return Ok(("", std::borrow::Cow::Borrowed(SOURCE)));
+    }
+    let need = 2 * 8 * (MAX_HEAD_DIM / 4) * 16 + 16 * 4;
+    let have = device.limits().max_compute_workgroup_storage_size as usize;
+    if have < need {
+        return Err(Error::InvalidArgument(format!("{op}: head dim {d} needs {need} bytes of workgroup memory; this adapter offers {have}")));
+    }
+    let wide = SOURCE
+        .replace("const DMAX4: u32 = 32u; // the largest head dim, 128, in vec4s", "const DMAX4: u32 = 64u; // the largest head dim, 256, in vec4s")
+        .replace("array<vec4<f32>, 256>", "array<vec4<f32>, 512>")
+        .replace("array<vec4<f32>, 32>", "array<vec4<f32>, 64>");
+    Ok(("_wide", std::borrow::Cow::Owned(wide)))
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -167,9 +193,12 @@ pub fn forward(
     }
     let u = uniform(device, &params(OP, p, starts.is_some())?);
     let split = match kernel {
+        FwdKernel::SplitKv if p.head_dim > NARROW_HEAD_DIM => {
+            return Err(Error::InvalidArgument(format!("{OP}: the split-KV kernel takes head dims up to {NARROW_HEAD_DIM}, got {}", p.head_dim)))
+        }
         FwdKernel::SplitKv if starts.is_some() || !super::split_kv_fits(p) => return Err(super::split_kv_refusal(OP, p, starts.is_some())),
         FwdKernel::SplitKv => true,
-        FwdKernel::Auto => starts.is_none() && super::split_kv_fits(p),
+        FwdKernel::Auto => starts.is_none() && super::split_kv_fits(p) && p.head_dim <= NARROW_HEAD_DIM,
         FwdKernel::Tiled => false,
     };
     if split {
@@ -178,7 +207,8 @@ pub fn forward(
     tiled_loops_fit(OP, device, p, p.kv_len)?;
     let mut keep = None;
     let st = starts_or(device, starts, &mut keep);
-    let pipe = kernels.pipeline_as(device, "attn_fwd", SOURCE, "attn_fwd", precision)?;
+    let (wide, source) = tiled_source(device, OP, p.head_dim)?;
+    let pipe = kernels.pipeline_as(device, &format!("attn_fwd{wide}"), &source, "attn_fwd", precision)?;
     dispatch(device, queue, &pipe, &[&u, q, k, v, st, o, stats], groups(OP, p.batch * p.heads * p.q_len.div_ceil(BLOCK))?);
     Ok(())
 }
@@ -248,11 +278,12 @@ pub fn backward(
     let mut keep = None;
     let st = starts_or(device, starts, &mut keep);
     // attn_bwd_dot binds only the uniform, o (5), stats (6) and dO (7).
-    let dot = kernels.pipeline_as(device, "attn_bwd_dot", SOURCE, "attn_bwd_dot", precision)?;
+    let (wide, source) = tiled_source(device, OP, p.head_dim)?;
+    let dot = kernels.pipeline_as(device, &format!("attn_bwd_dot{wide}"), &source, "attn_bwd_dot", precision)?;
     dispatch_bound(device, queue, &dot, &[(0, &u), (5, o), (6, stats), (7, dout)], groups(OP, rows.div_ceil(BLOCK))?);
-    let dkdv = kernels.pipeline_as(device, "attn_bwd_dkdv", SOURCE, "attn_bwd_dkdv", precision)?;
+    let dkdv = kernels.pipeline_as(device, &format!("attn_bwd_dkdv{wide}"), &source, "attn_bwd_dkdv", precision)?;
     dispatch(device, queue, &dkdv, &[&u, q, k, v, st, dout, stats, dk, dv], groups(OP, p.batch * p.kv_heads * p.kv_len.div_ceil(BLOCK))?);
-    let dqp = kernels.pipeline_as(device, "attn_bwd_dq", SOURCE, "attn_bwd_dq", precision)?;
+    let dqp = kernels.pipeline_as(device, &format!("attn_bwd_dq{wide}"), &source, "attn_bwd_dq", precision)?;
     dispatch(device, queue, &dqp, &[&u, q, k, v, st, dout, stats, dq], groups(OP, p.batch * p.heads * p.q_len.div_ceil(BLOCK))?);
     Ok(())
 }
