@@ -19,17 +19,18 @@ struct FaParams {
 // One forward block's share, for both forward kernels: 64 queries q0.. of (b, h) in a block of
 // 4 warps, warp w owning rows 16w..16w+15 (this lane's r0 = q0 + 16w + g and r1 = r0 + 8, with
 // their packed-segment starts), the base pointers of its q rows and k, v (key/value head h /
-// (H / G)), and the key tiles (of 64) it can see: [kv_first, s_end).
+// (H / G)), and the key tiles (of 64) it can see: [kv_first, s_end). `split` blocks of one
+// query block sit side by side in grid.y (each takes part of O's columns): h = blockIdx.y / split.
 template <int D>
 struct FaBlock {
     const unsigned short *qb, *kb, *vb;
     long q_row, kv_row;
     int b, h, q0, r0, r1, c, off, kv_first, s_end;
     unsigned int st0, st1;
-    __device__ __forceinline__ FaBlock(const unsigned short* q, const unsigned short* k, const unsigned short* v, const unsigned int* starts, const FaParams& p) {
+    __device__ __forceinline__ FaBlock(const unsigned short* q, const unsigned short* k, const unsigned short* v, const unsigned int* starts, const FaParams& p, int split = 1) {
         const int T_ = p.q_len, S = p.kv_len;
         b = blockIdx.z;
-        h = blockIdx.y;
+        h = blockIdx.y / split;
         q0 = blockIdx.x * 64;
         const int kvh = h / (p.heads / p.kv_heads);
         const int lane = threadIdx.x & 31;
@@ -107,9 +108,10 @@ __device__ __forceinline__ void fa_softmax_step(float* s, float* o, int kv0, int
 }
 
 // Epilogue: O / l (l summed across the quad) written to o [B, T, H, D] and lse = (m + log2 l)
-// * ln 2 to lse [B, H, T], rows past T skipped.
-template <typename T, int D>
-__device__ __forceinline__ void fa_store_out(unsigned short* o, float* lse, const float* acc, const FaParams& p, int b, int h, int r0, int r1, int c, float m0, float m1, float l0, float l1) {
+// * ln 2 to lse [B, H, T], rows past T skipped. `acc` holds DO of O's columns from `col0` (all D
+// from 0 but where the head dim is split between blocks; the block with column 0 writes lse).
+template <typename T, int D, int DO = D>
+__device__ __forceinline__ void fa_store_out(unsigned short* o, float* lse, const float* acc, const FaParams& p, int b, int h, int r0, int r1, int c, float m0, float m1, float l0, float l1, int col0 = 0) {
 #pragma unroll
     for (int sh = 1; sh < 4; sh <<= 1) {
         l0 += __shfl_xor_sync(0xffffffffu, l0, sh);
@@ -118,14 +120,14 @@ __device__ __forceinline__ void fa_store_out(unsigned short* o, float* lse, cons
     const int T_ = p.q_len;
     const long q_row = (long)p.heads * D;
     const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-    unsigned short* ob = o + ((long)b * T_) * q_row + (long)h * D;
+    unsigned short* ob = o + ((long)b * T_) * q_row + (long)h * D + col0;
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
+    for (int n = 0; n < DO / 8; ++n) {
         const int col = n * 8 + 2 * c;
         if (r0 < T_) *(u32*)(ob + r0 * q_row + col) = (u32)T::from_f32(acc[4 * n + 0] * inv0) | ((u32)T::from_f32(acc[4 * n + 1] * inv0) << 16);
         if (r1 < T_) *(u32*)(ob + r1 * q_row + col) = (u32)T::from_f32(acc[4 * n + 2] * inv1) | ((u32)T::from_f32(acc[4 * n + 3] * inv1) << 16);
     }
-    if (c == 0) {
+    if (c == 0 && col0 == 0) {
         const float ln2 = 0.69314718055994531f;
         float* lb = lse + ((long)b * p.heads + h) * T_;
         if (r0 < T_) lb[r0] = l0 > 0.0f ? (m0 + log2f(l0)) * ln2 : FA_NEG_INF;

@@ -28,7 +28,9 @@
 //
 // Launch: grid (ceil(T / 64), H, B), block 128, static shared memory 2 * 64 * (D + 8) * 2 bytes
 // (18 KB at D = 64, 34 KB at D = 128). Instances: flash_attn_fwd_{bf16,f16}_d{32,64,96,128},
-// and flash_attn_fwd_pipe_* with cp.async and ldmatrix (see PIPE below).
+// flash_attn_fwd_pipe_* with cp.async and ldmatrix (see PIPE below), and at D = 256
+// flash_attn_fwd_{bf16,f16}_d256 on grid (ceil(T / 64), 2H, B), two blocks per query block, each
+// taking half of O's columns (34 KB, see DO below).
 #include "common.cuh"
 #include "mma.cuh"
 #include "attention.cuh"
@@ -57,17 +59,29 @@ __device__ __forceinline__ void fa_tile_async(unsigned short* dst, const unsigne
 // read with 32- and 16-bit shared loads (the first version). PIPE = true: K and V tiles arrive
 // by cp.async, V's load overlapping Q.K^T and the softmax, the next K's overlapping P.V (same
 // shared memory: one K and one V tile); K fragments by ldmatrix, V fragments by ldmatrix.trans.
-template <typename T, int D, bool PIPE>
+//
+// Head dims past 128 (DO < D, PIPE false only): a block computes its queries' scores over the
+// whole head dim but O over DO of its columns only, the D / DO blocks of one (query block, b, h)
+// side by side in grid.y (h = blockIdx.y / (D / DO)); each holds DO / 8 tiles of O in registers
+// and streams the key tile through shared memory in chunks of 128 columns (KC), so the
+// registers and shared memory are D = 128's. The scores are computed D / DO times over (1.5x
+// the forward's work at D = 256).
+template <typename T, int D, bool PIPE, int DO = D>
 __device__ __forceinline__ void flash_attn_fwd(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
                                                const unsigned short* __restrict__ v, const unsigned int* __restrict__ starts,
                                                unsigned short* __restrict__ o, float* __restrict__ lse, FaParams p) {
-    constexpr int LD = D + 8;     // padded smem row (elements)
+    constexpr int KC = D < 128 ? D : 128;  // key-tile columns in shared memory at a time
+    constexpr int LD = KC + 8;    // padded smem row of the key tile (elements)
+    constexpr int LDV = DO + 8;   // padded smem row of the value tile
     constexpr int KS = D / 16;    // mma k-steps of Q.K^T
-    constexpr int NT = D / 8;     // n8 tiles of O
+    constexpr int NT = DO / 8;    // n8 tiles of O this block holds
+    constexpr int SPLIT = D / DO; // blocks sharing one query block's O columns
+    static_assert(!PIPE || (KC == D && DO == D), "the pipelined forward takes head dims up to 128");
     __shared__ __align__(16) unsigned short ks[FA_BC * LD];
-    __shared__ __align__(16) unsigned short vs[FA_BC * LD];
+    __shared__ __align__(16) unsigned short vs[FA_BC * LDV];
 
-    const FaBlock<D> blk(q, k, v, starts, p);
+    const FaBlock<D> blk(q, k, v, starts, p, SPLIT);
+    const int v_col = (blockIdx.y % SPLIT) * DO;  // this block's columns of O (and of V)
     const int T_ = p.q_len, S = p.kv_len, lane = threadIdx.x & 31, g = lane >> 2, c = blk.c;
     const int r0 = blk.r0, r1 = blk.r1, s_end = blk.s_end, kv_first = blk.kv_first;
     const long q_row = blk.q_row, kv_row = blk.kv_row;
@@ -99,45 +113,71 @@ __device__ __forceinline__ void flash_attn_fwd(const unsigned short* __restrict_
             cp_async_commit();
             cp_async_wait<1>();  // all but the newest group (this V): K is in
             __syncthreads();
-        } else {
-            // K and V tiles: 64 rows of D elements, 16-byte vectors.
-            __syncthreads();  // the previous tile is no longer read
-            for (int i = threadIdx.x; i < FA_BC * (D / 8); i += FA_THREADS) {
-                const int row = i / (D / 8), col = (i % (D / 8)) * 8;
-                const int s = kv0 + row;
-                uint4 kv4 = make_uint4(0u, 0u, 0u, 0u), vv4 = make_uint4(0u, 0u, 0u, 0u);
-                if (s < S) {
-                    kv4 = *(const uint4*)(kb + (long)s * kv_row + col);
-                    vv4 = *(const uint4*)(vb + (long)s * kv_row + col);
-                }
-                *(uint4*)(ks + row * LD + col) = kv4;
-                *(uint4*)(vs + row * LD + col) = vv4;
-            }
-            __syncthreads();
         }
 
         // Scores: S = Q.K^T for this warp's 16 rows and the tile's 64 keys.
         float sacc[FA_BC / 8][4];
 #pragma unroll
-        for (int j = 0; j < FA_BC / 8; ++j) {
-            sacc[j][0] = sacc[j][1] = sacc[j][2] = sacc[j][3] = 0.0f;
-            if constexpr (PIPE) {
-                // ldmatrix.x4 over keys j*8..j*8+7: matrices at d = kk*16 + {0, 8, 16, 24} are
-                // b0, b1 of k-steps kk and kk + 1 (lane L addresses key L % 8, d block L / 8).
-                const unsigned short* kaddr = ks + (j * 8 + (lane & 7)) * LD + (lane >> 3) * 8;
+        for (int j = 0; j < FA_BC / 8; ++j) sacc[j][0] = sacc[j][1] = sacc[j][2] = sacc[j][3] = 0.0f;
 #pragma unroll
-                for (int kk = 0; kk < KS; kk += 2) {
-                    u32 r[4];
-                    ldmatrix_x4(r, kaddr + kk * 16);
-                    T::mma(sacc[j], qa[kk], r);
-                    T::mma(sacc[j], qa[kk + 1], r + 2);
+        for (int kc = 0; kc < D / KC; ++kc) {
+            if constexpr (!PIPE && KC == D && DO == D) {
+                // K and V tiles: 64 rows of D elements, 16-byte vectors.
+                __syncthreads();  // the previous tile is no longer read
+                for (int i = threadIdx.x; i < FA_BC * (D / 8); i += FA_THREADS) {
+                    const int row = i / (D / 8), col = (i % (D / 8)) * 8;
+                    const int s = kv0 + row;
+                    uint4 kv4 = make_uint4(0u, 0u, 0u, 0u), vv4 = make_uint4(0u, 0u, 0u, 0u);
+                    if (s < S) {
+                        kv4 = *(const uint4*)(kb + (long)s * kv_row + col);
+                        vv4 = *(const uint4*)(vb + (long)s * kv_row + col);
+                    }
+                    *(uint4*)(ks + row * LD + col) = kv4;
+                    *(uint4*)(vs + row * LD + col) = vv4;
                 }
-            } else {
-                const unsigned short* krow = ks + (j * 8 + g) * LD + 2 * c;
+                __syncthreads();
+            } else if constexpr (!PIPE) {
+                // K (columns kc*KC.., KC of them) and, with the first chunk, V (this block's DO
+                // columns): 64 rows, 16-byte vectors.
+                __syncthreads();  // the previous tile (chunk) is no longer read
+                for (int i = threadIdx.x; i < FA_BC * (KC / 8); i += FA_THREADS) {
+                    const int row = i / (KC / 8), col = (i % (KC / 8)) * 8;
+                    const int s = kv0 + row;
+                    uint4 kv4 = make_uint4(0u, 0u, 0u, 0u);
+                    if (s < S) kv4 = *(const uint4*)(kb + (long)s * kv_row + kc * KC + col);
+                    *(uint4*)(ks + row * LD + col) = kv4;
+                }
+                if (kc == 0) {
+                    for (int i = threadIdx.x; i < FA_BC * (DO / 8); i += FA_THREADS) {
+                        const int row = i / (DO / 8), col = (i % (DO / 8)) * 8;
+                        const int s = kv0 + row;
+                        uint4 vv4 = make_uint4(0u, 0u, 0u, 0u);
+                        if (s < S) vv4 = *(const uint4*)(vb + (long)s * kv_row + v_col + col);
+                        *(uint4*)(vs + row * LDV + col) = vv4;
+                    }
+                }
+                __syncthreads();
+            }
 #pragma unroll
-                for (int kk = 0; kk < KS; ++kk) {
-                    u32 bf[2] = {*(const u32*)(krow + kk * 16), *(const u32*)(krow + kk * 16 + 8)};
-                    T::mma(sacc[j], qa[kk], bf);
+            for (int j = 0; j < FA_BC / 8; ++j) {
+                if constexpr (PIPE) {
+                    // ldmatrix.x4 over keys j*8..j*8+7: matrices at d = kk*16 + {0, 8, 16, 24} are
+                    // b0, b1 of k-steps kk and kk + 1 (lane L addresses key L % 8, d block L / 8).
+                    const unsigned short* kaddr = ks + (j * 8 + (lane & 7)) * LD + (lane >> 3) * 8;
+#pragma unroll
+                    for (int kk = 0; kk < KS; kk += 2) {
+                        u32 r[4];
+                        ldmatrix_x4(r, kaddr + kk * 16);
+                        T::mma(sacc[j], qa[kk], r);
+                        T::mma(sacc[j], qa[kk + 1], r + 2);
+                    }
+                } else {
+                    const unsigned short* krow = ks + (j * 8 + g) * LD + 2 * c;
+#pragma unroll
+                    for (int kk = 0; kk < KC / 16; ++kk) {
+                        u32 bf[2] = {*(const u32*)(krow + kk * 16), *(const u32*)(krow + kk * 16 + 8)};
+                        T::mma(sacc[j], qa[kc * (KC / 16) + kk], bf);
+                    }
                 }
             }
         }
@@ -175,11 +215,11 @@ __device__ __forceinline__ void flash_attn_fwd(const unsigned short* __restrict_
                     T::mma(oacc[n + 1], pa, r + 2);
                 }
             } else {
-                const unsigned short* v0 = vs + (kk * 16 + 2 * c) * LD + g;
+                const unsigned short* v0 = vs + (kk * 16 + 2 * c) * LDV + g;
 #pragma unroll
                 for (int n = 0; n < NT; ++n) {
                     const unsigned short* vp = v0 + n * 8;
-                    u32 bf[2] = {pack2(vp[0], vp[LD]), pack2(vp[8 * LD], vp[9 * LD])};
+                    u32 bf[2] = {pack2(vp[0], vp[LDV]), pack2(vp[8 * LDV], vp[9 * LDV])};
                     T::mma(oacc[n], pa, bf);
                 }
             }
@@ -188,7 +228,7 @@ __device__ __forceinline__ void flash_attn_fwd(const unsigned short* __restrict_
     }
     if constexpr (PIPE) cp_async_wait<0>();
 
-    fa_store_out<T, D>(o, lse, &oacc[0][0], p, blk.b, blk.h, r0, r1, c, m0, m1, l0, l1);
+    fa_store_out<T, D, DO>(o, lse, &oacc[0][0], p, blk.b, blk.h, r0, r1, c, m0, m1, l0, l1, v_col);
 }
 
 // LB: the launch bounds. 64 and 128 (the dims the kernels were tuned at) leave ptxas its
@@ -198,6 +238,7 @@ __device__ __forceinline__ void flash_attn_fwd(const unsigned short* __restrict_
 #define FA_LB_128 __launch_bounds__(FA_THREADS)
 #define FA_LB_32 __launch_bounds__(FA_THREADS, 1)
 #define FA_LB_96 __launch_bounds__(FA_THREADS, 1)
+#define FA_LB_256 __launch_bounds__(FA_THREADS, 1)
 
 #define FA_INSTANCE(NAME, TY, D, PIPE)                                                                                    \
     extern "C" __global__ void FA_LB_##D NAME(const unsigned short* q, const unsigned short* k, const unsigned short* v,  \
@@ -216,6 +257,15 @@ FA_FWD_INSTANCES(32)
 FA_FWD_INSTANCES(64)
 FA_FWD_INSTANCES(96)
 FA_FWD_INSTANCES(128)
+
+// Head dim 256 (Gemma): the first kernel only, each block taking half of O's columns.
+#define FA_INSTANCE_HALVES(NAME, TY)                                                                                      \
+    extern "C" __global__ void FA_LB_256 NAME(const unsigned short* q, const unsigned short* k, const unsigned short* v,  \
+                                              const unsigned int* starts, unsigned short* o, float* lse, FaParams p) {    \
+        flash_attn_fwd<TY, 256, false, 128>(q, k, v, starts, o, lse, p);                                                  \
+    }
+FA_INSTANCE_HALVES(flash_attn_fwd_bf16_d256, Bf16)
+FA_INSTANCE_HALVES(flash_attn_fwd_f16_d256, F16)
 
 // ---------------------------------------------------------------------------------------------
 // Backward (FlashAttention-2's): with s = scale.q.k, P recomputed from lse, and
@@ -236,7 +286,9 @@ FA_FWD_INSTANCES(128)
 //
 // Launch: grid (ceil(S / 64), G, B), block 128, dynamic shared memory
 // (2 * 64 + 2 * 32) * (D + 8) * 2 + 64 * 40 * 2 + 2 * 32 * 4 bytes (20, 32, 44 and 56 KiB at
-// D = 32, 64, 96 and 128; the launcher raises the limit for every instance).
+// D = 32, 64, 96 and 128; the launcher raises the limit for every instance). At D = 256, grid
+// (ceil(S / 64), 2G, B) (see DC below) and 104 KiB: an A100 or H100 has the room, a GPU of
+// compute capability 8.6 or 8.9 (99 KiB a block) does not, and the launch fails there.
 #define FB_KEYS 64
 #define FB_Q 32
 #define FB_LDS (FB_Q + 8)
@@ -268,7 +320,11 @@ __device__ __forceinline__ void flash_attn_bwd_dot(const unsigned short* o, cons
     }
 }
 
-template <typename T, int D>
+// Head dims past 128 (DC < D): the D / DC blocks of one (key block, b, g) sit side by side in
+// grid.y (g = blockIdx.y / (D / DC)); each computes S^T, dP^T and dS^T over the whole head dim
+// (its tiles hold all D columns) but accumulates dK and dV, and adds dQ, for DC columns only,
+// so its registers are D = 128's.
+template <typename T, int D, int DC = D>
 __device__ __forceinline__ void flash_attn_bwd(const unsigned short* __restrict__ q, const unsigned short* __restrict__ k,
                                                const unsigned short* __restrict__ v, const unsigned int* __restrict__ starts,
                                                const unsigned short* __restrict__ dout, const float* __restrict__ lse,
@@ -276,7 +332,8 @@ __device__ __forceinline__ void flash_attn_bwd(const unsigned short* __restrict_
                                                unsigned short* __restrict__ dk, unsigned short* __restrict__ dv, FaParams p) {
     constexpr int LD = D + 8;
     constexpr int KS = D / 16;
-    constexpr int NT = D / 8;
+    constexpr int NT = DC / 8;  // n8 tiles of dK, dV (and dQ) this block accumulates
+    constexpr int SPLIT = D / DC;
     extern __shared__ __align__(16) unsigned char fb_smem[];
     unsigned short* ks = (unsigned short*)fb_smem;
     unsigned short* vs = ks + FB_KEYS * LD;
@@ -287,7 +344,8 @@ __device__ __forceinline__ void flash_attn_bwd(const unsigned short* __restrict_
     float* dvec_s = lse_s + FB_Q;                       // [FB_Q]
 
     const int T_ = p.q_len, S = p.kv_len, H = p.heads, G = p.kv_heads, hpg = H / G;
-    const int b = blockIdx.z, g = blockIdx.y, k0 = blockIdx.x * FB_KEYS;
+    const int b = blockIdx.z, g = blockIdx.y / SPLIT, k0 = blockIdx.x * FB_KEYS;
+    const int c0 = (blockIdx.y % SPLIT) * DC;  // this block's first column of dK, dV, dQ
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gr = lane >> 2, c = lane & 3;
     const int off = S - T_;
     const long q_row = (long)H * D, kv_row = (long)G * D;
@@ -399,7 +457,7 @@ __device__ __forceinline__ void flash_attn_bwd(const unsigned short* __restrict_
                 const int qr = kk * 16 + 2 * c;
 #pragma unroll
                 for (int n = 0; n < NT; ++n) {
-                    const int col = n * 8 + gr;
+                    const int col = c0 + n * 8 + gr;
                     u32 bdo[2] = {pack2(dos[qr * LD + col], dos[(qr + 1) * LD + col]), pack2(dos[(qr + 8) * LD + col], dos[(qr + 9) * LD + col])};
                     u32 bq[2] = {pack2(qs[qr * LD + col], qs[(qr + 1) * LD + col]), pack2(qs[(qr + 8) * LD + col], qs[(qr + 9) * LD + col])};
                     T::mma(dva[n], pa, bdo);
@@ -408,9 +466,9 @@ __device__ __forceinline__ void flash_attn_bwd(const unsigned short* __restrict_
             }
             __syncthreads();  // dS^T complete
 
-            // dQ[t] += scale dS[t, :].K: warp w takes queries 16 (w % 2).. and columns (w / 2) D/2..
+            // dQ[t] += scale dS[t, :].K: warp w takes queries 16 (w % 2).. and columns c0 + (w / 2) DC/2..
             {
-                const int qb0 = 16 * (warp & 1), nb0 = (warp >> 1) * (NT / 2);
+                const int qb0 = 16 * (warp & 1), nb0 = c0 / 8 + (warp >> 1) * (NT / 2);
                 float dqa[NT / 2][4];
 #pragma unroll
                 for (int n = 0; n < NT / 2; ++n) dqa[n][0] = dqa[n][1] = dqa[n][2] = dqa[n][3] = 0.0f;
@@ -443,7 +501,7 @@ __device__ __forceinline__ void flash_attn_bwd(const unsigned short* __restrict_
     // Epilogue: dK (times the softmax scale) and dV for the tile's keys.
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
-        const int col = n * 8 + 2 * c;
+        const int col = c0 + n * 8 + 2 * c;
         const int s0 = k0 + key0, s1 = k0 + key1;
         if (s0 < S) {
             const long at = ((long)b * S + s0) * kv_row + (long)g * D + col;
@@ -472,7 +530,13 @@ __device__ __forceinline__ void flash_attn_bwd_dq(const float* acc, unsigned sho
     FA_BWD_D(SUF, TY, 32)                                                                                                    \
     FA_BWD_D(SUF, TY, 64)                                                                                                    \
     FA_BWD_D(SUF, TY, 96)                                                                                                    \
-    FA_BWD_D(SUF, TY, 128)
+    FA_BWD_D(SUF, TY, 128)                                                                                                   \
+    extern "C" __global__ void FA_LB_256 flash_attn_bwd_##SUF##_d256(                                                        \
+        const unsigned short* q, const unsigned short* k, const unsigned short* v, const unsigned int* starts,               \
+        const unsigned short* dout, const float* lse, const float* dvec, float* dq_acc, unsigned short* dk,                  \
+        unsigned short* dv, FaParams p) {                                                                                    \
+        flash_attn_bwd<TY, 256, 128>(q, k, v, starts, dout, lse, dvec, dq_acc, dk, dv, p);                                   \
+    }
 
 #define FA_BWD_D(SUF, TY, D)                                                                                                 \
     extern "C" __global__ void FA_LB_##D flash_attn_bwd_##SUF##_d##D(                                   \

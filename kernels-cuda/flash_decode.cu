@@ -31,9 +31,10 @@
 
 template <typename T, int D>
 __device__ __forceinline__ void flash_decode_part(const unsigned short* q, const unsigned short* k, const unsigned short* v, float* part_o, float* part_ml, FaParams p) {
-    constexpr int LPK = D <= 32 ? 4 : D <= 64 ? 8 : 16;  // lanes per key, 8 elements each
+    constexpr int LPK = D <= 32 ? 4 : D <= 64 ? 8 : D <= 128 ? 16 : 32;  // lanes per key, 8 elements each
     constexpr int KPW = 32 / LPK;                        // keys per warp per step
     constexpr int SUBS = D <= 32 ? 4 : D <= 64 ? 2 : 1;  // key subsets of the P.V pass
+    constexpr int DPT = D > FD_THREADS ? D / FD_THREADS : 1;  // dimensions per thread of the P.V pass
     __shared__ float qs[FD_MAX_ROWS][D];
     __shared__ float ss[FD_MAX_ROWS][FD_CHUNK];
     __shared__ float red[FD_MAX_ROWS * 128];  // the P.V subsets' sums ([SUBS][rows][D])
@@ -110,6 +111,26 @@ __device__ __forceinline__ void flash_decode_part(const unsigned short* q, const
     __syncthreads();
 
     // P.V: thread (sub, d) sums keys kv0 + sub, + 2 sub, ... of dimension d for every row.
+    // Past 128 dimensions (one subset), thread d takes d, d + 128, ... and writes the chunk's
+    // O itself.
+    if constexpr (DPT > 1) {
+        float* po = part_o + (((long)b * G + g) * gridDim.x + chunk) * FD_MAX_ROWS * D;
+        for (int d = tid; d < D; d += FD_THREADS) {
+            float acc[FD_MAX_ROWS];
+#pragma unroll
+            for (int r = 0; r < FD_MAX_ROWS; ++r) acc[r] = 0.0f;
+            for (int i = 0; i < n; ++i) {
+                const float x = T::to_f32(v[((long)b * S + kv0 + i) * kv_row + (long)g * D + d]);
+#pragma unroll
+                for (int r = 0; r < FD_MAX_ROWS; ++r)
+                    if (r < rows) acc[r] += ss[r][i] * x;
+            }
+#pragma unroll
+            for (int r = 0; r < FD_MAX_ROWS; ++r)
+                if (r < rows) po[r * D + d] = acc[r];
+        }
+        return;
+    }
     const int d = tid % D, sub = tid / D;
     float acc[FD_MAX_ROWS];
 #pragma unroll
@@ -136,7 +157,8 @@ __device__ __forceinline__ void flash_decode_part(const unsigned short* q, const
     }
 }
 
-// One block per (row of the group, key/value head, batch row), a thread per dimension.
+// One block per (row of the group, key/value head, batch row), a thread per dimension (past
+// 128 dimensions, a thread per 128th).
 template <typename T, int D>
 __device__ __forceinline__ void flash_decode_merge(const float* part_o, const float* part_ml, unsigned short* o, float* lse, int chunks, FaParams p) {
     const int r = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
@@ -156,6 +178,19 @@ __device__ __forceinline__ void flash_decode_merge(const float* part_o, const fl
         }
     }
     if (d < D) o[(((long)b * T_ + t) * H + h) * D + d] = T::from_f32(l > 0.0f ? acc / l : 0.0f);
+    if constexpr (D > FD_THREADS) {
+        // Dimensions past the block's threads, a further pass each.
+        for (int d2 = d + FD_THREADS; d2 < D; d2 += FD_THREADS) {
+            float acc2 = 0.0f;
+            if (m != FA_NEG_INF) {
+                for (int c = 0; c < chunks; ++c) {
+                    const float* ml = part_ml + ((base + c) * FD_MAX_ROWS + r) * 2;
+                    acc2 += exp2f(ml[0] - m) * part_o[((base + c) * FD_MAX_ROWS + r) * D + d2];
+                }
+            }
+            o[(((long)b * T_ + t) * H + h) * D + d2] = T::from_f32(l > 0.0f ? acc2 / l : 0.0f);
+        }
+    }
     if (d == 0) lse[((long)b * H + h) * T_ + t] = l > 0.0f ? (m + log2f(l)) * 0.69314718055994531f : FA_NEG_INF;
 }
 
@@ -169,7 +204,7 @@ __device__ __forceinline__ void flash_decode_merge(const float* part_o, const fl
         flash_decode_merge<TY, D>(part_o, part_ml, o, lse, chunks, p);                                                   \
     }
 
-#define FD_ALL_D(SUF, TY) FD_INSTANCES(SUF, TY, 32) FD_INSTANCES(SUF, TY, 64) FD_INSTANCES(SUF, TY, 96) FD_INSTANCES(SUF, TY, 128)
+#define FD_ALL_D(SUF, TY) FD_INSTANCES(SUF, TY, 32) FD_INSTANCES(SUF, TY, 64) FD_INSTANCES(SUF, TY, 96) FD_INSTANCES(SUF, TY, 128) FD_INSTANCES(SUF, TY, 256)
 
 FD_ALL_D(bf16, Bf16)
 FD_ALL_D(f16, F16)

@@ -253,6 +253,32 @@ proptest! {
     }
 }
 
+/// Gemma's head dim 256 on each CUDA device (the emulator in CI; gpu-check runs every head dim
+/// over more shapes): the first forward kernel and the backward, both with two blocks sharing
+/// the output's columns, and the split-KV forward, against the f64 reference with the 2x-naive
+/// rule; GQA, a window, a KV-cache offset, packed rows, lengths off the 64-row tiles. The
+/// pipelined forward stops at 128: asked for by name, an error.
+#[test]
+fn flash_attention_cuda_head_dim_256_matches_reference() {
+    use tuna::kernels::attention::cuda::{BwdKernel, FwdKernel};
+    use tuna::testing::attention::{check_flash_attention_cuda, FaCase};
+    let cuda: Vec<usize> = common::devices().into_iter().filter_map(|d| if let Device::Cuda(i) = d { Some(i) } else { None }).collect();
+    // (B, T, S, H, G, causal, window, packed)
+    let shapes = [(1, 70, 70, 4, 2, true, Some(20), false), (2, 40, 40, 2, 1, true, None, true), (1, 5, 90, 2, 2, true, None, false), (1, 33, 20, 2, 1, false, None, false)];
+    for i in cuda {
+        for (n, &(batch, q_len, kv_len, heads, kv_heads, causal, window, packed)) in shapes.iter().enumerate() {
+            let p = AttentionParams { batch, q_len, kv_len, heads, kv_heads, head_dim: 256, causal, window, scale: 1.0 / 16.0 };
+            let dtype = if n % 2 == 0 { DType::BF16 } else { DType::F16 };
+            let case = FaCase { p, packed, seed: n as u64, kernel: Some(FwdKernel::Sync), bwd: Some(BwdKernel::Sync), dtype };
+            check_flash_attention_cuda(i, &case).unwrap_or_else(|e| panic!("cuda:{i} {dtype} {p:?} packed {packed}: {e}"));
+        }
+        let p = AttentionParams { batch: 1, q_len: 2, kv_len: 300, heads: 8, kv_heads: 2, head_dim: 256, causal: true, window: Some(100), scale: 1.0 / 16.0 };
+        check_flash_attention_cuda(i, &FaCase { p, packed: false, seed: 9, kernel: Some(FwdKernel::SplitKv), bwd: None, dtype: DType::BF16 }).unwrap_or_else(|e| panic!("cuda:{i} split-KV {p:?}: {e}"));
+        let err = check_flash_attention_cuda(i, &FaCase { p, packed: false, seed: 0, kernel: Some(FwdKernel::Pipelined), bwd: None, dtype: DType::BF16 }).unwrap_err();
+        assert!(err.contains("pipelined kernel takes head dims up to 128"), "{err}");
+    }
+}
+
 /// The CUDA split-KV forward (decoding: a few query rows per key/value head over a long cache)
 /// against the f64 reference with the same 2x-naive rule, on each CUDA device (the emulator in
 /// CI): caches of one to several 256-key chunks, GQA groups of 1 to 16 rows, causal with the

@@ -201,7 +201,7 @@ pub fn rmsnorm_rope(x: &Tensor, w: &Tensor, eps: f32, positions: &Tensor, inv_fr
 }
 
 /// The attention op on CUDA: the flash-attention kernels (`kernels::attention::cuda`, bf16 or
-/// f16, head dims 32, 64, 96 and 128; causal, sliding window, packed rows) forward and backward; the row log-sum-exp is kept for the
+/// f16, head dims 32, 64, 96, 128 and 256; causal, sliding window, packed rows) forward and backward; the row log-sum-exp is kept for the
 /// backward. The kernels are `FwdKernel::for_model` and `BwdKernel::for_model`: Hopper's on an
 /// H100/H200 at head dims 64 and 128, else the (first) mma.sync one, unless `TUNA_FA_FORWARD`
 /// or `TUNA_FA_BACKWARD` names one (tools/gpu-check times them all).

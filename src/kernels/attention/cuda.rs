@@ -1,5 +1,7 @@
 //! The CUDA flash attention, forward and backward (`kernels-cuda/flash_attention.cu`, head dims
-//! 32, 64, 96 and 128; on an H100/H200 the forward of `flash_attention_sm90.cu` at 64 and 128;
+//! 32, 64, 96, 128 and 256 (Gemma's, the first forward kernel only: two blocks share each block
+//! of queries or keys, each taking half the output's columns); on an H100/H200 the forward of
+//! `flash_attention_sm90.cu` at 64 and 128;
 //! for a few query rows the split-KV forward of `flash_decode.cu`): bf16 or f16 q, k, v and o,
 //! f32 softmax statistics.
 
@@ -15,7 +17,17 @@ use crate::kernels::lora::cuda::Half;
 use crate::{Error, Result};
 
 /// Head dims with a kernel instance.
-pub const HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
+pub const HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
+
+/// Blocks that share one block's queries (forward) or keys (backward) at head dim `d`, each
+/// taking part of the output's columns: two at 256 (the kernels' registers are 128's then).
+fn column_split(d: usize) -> usize {
+    if d > 128 {
+        2
+    } else {
+        1
+    }
+}
 const BLOCK_Q: usize = 64;
 
 /// The kernel's `FaParams`.
@@ -176,6 +188,7 @@ pub fn forward(
     }
     let resolved = kernel.resolve(modules.compute_capability(), d)?;
     let (module, variant, smem) = match resolved {
+        FwdKernel::Pipelined if d > 128 => return Err(Error::InvalidArgument(format!("{OP}: the pipelined kernel takes head dims up to 128, got {d}"))),
         FwdKernel::Pipelined => ("flash_attention", "pipe_", 0),
         // Q, K[2], V[2] tiles of 64 rows x D 16-bit values, and 1 KiB to align them.
         FwdKernel::Hopper => ("flash_attention_sm90", "sm90_", 5 * BLOCK_Q * d * 2 + 1024),
@@ -193,7 +206,7 @@ pub fn forward(
         }
         Err(e) => return Err(e),
     };
-    let cfg = LaunchConfig { grid_dim: (p.q_len.div_ceil(BLOCK_Q) as u32, p.heads as u32, p.batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+    let cfg = LaunchConfig { grid_dim: (p.q_len.div_ceil(BLOCK_Q) as u32, (p.heads * column_split(d)) as u32, p.batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
     let null = 0u64;
     let mut b = stream.launch_builder(&f);
     b.arg(q).arg(k).arg(v);
@@ -280,7 +293,7 @@ fn launch_params(op: &'static str, p: &AttentionParams, starts_len: Option<usize
     let i = |what: &str, v: usize| i32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{op}: {what} = {v} exceeds i32")));
     i("q elements", p.batch * p.q_len * p.heads * p.head_dim)?;
     i("k elements", p.batch * p.kv_len * p.kv_heads * p.head_dim)?;
-    if p.heads > 65535 || p.batch > 65535 {
+    if p.heads * column_split(d) > 65535 || p.batch > 65535 {
         return Err(Error::InvalidArgument(format!("{op}: H {} or B {} exceeds the 65535 grid limit", p.heads, p.batch)));
     }
     Ok(Params {
@@ -359,7 +372,7 @@ pub fn backward(
         // SAFETY: matches flash_attn_bwd_dot's signature; o, dout and dq_acc hold rows·D elements.
         unsafe { stream.launch_builder(&f).arg(o).arg(dout).arg(&mut dvec).arg(&mut dq_acc).arg(&r).arg(&t).arg(&h).arg(&di).launch(cfg) }.map_err(e("launching the Dvec pass"))?;
     }
-    let cfg = LaunchConfig { grid_dim: (p.kv_len.div_ceil(64) as u32, p.kv_heads as u32, p.batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
+    let cfg = LaunchConfig { grid_dim: (p.kv_len.div_ceil(64) as u32, (p.kv_heads * column_split(d)) as u32, p.batch as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 };
     let null = 0u64;
     let mut b = stream.launch_builder(&f);
     b.arg(q).arg(k).arg(v);
