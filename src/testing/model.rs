@@ -71,8 +71,9 @@ pub fn tiny_scalars_config() -> LlamaConfig {
 }
 
 /// `tiny_config` laid out as Gemma 3: GeGLU, norms after both blocks too (every norm holding
-/// `1 + w`), q/k norms, embeddings times sqrt(E), a tied head, the softmax scale its own, and
-/// of the two layers the first windowed (5 keys, RoPE base 1e4) and the second global (1e6).
+/// `1 + w`), q/k norms, embeddings times sqrt(E), a tied head, the softmax scale its own, of
+/// the two layers the first windowed (5 keys, RoPE base 1e4) and the second global (1e6), and
+/// Gemma's head dim, 256 (q_proj 128 -> 512).
 pub fn tiny_gemma_config() -> LlamaConfig {
     LlamaConfig {
         arch: Arch::Gemma3,
@@ -82,11 +83,14 @@ pub fn tiny_gemma_config() -> LlamaConfig {
         qk_norm: true,
         embedding_multiplier: (128f32).sqrt(),
         tie_word_embeddings: true,
-        attention_multiplier: Some(0.2),
+        // Not 1/sqrt(256) (so a device that ignored it would differ), but near it, as
+        // Gemma's `query_pre_attn_scalar` of 256 has it.
+        attention_multiplier: Some(0.08),
         sliding_window: Some(5),
         global_layers: vec![1],
         rope_theta: 1e6,
         local_rope_theta: Some(1e4),
+        head_dim: 256,
         ..tiny_config()
     }
 }
