@@ -225,6 +225,12 @@ pub enum BenchPreset {
     /// (`QWEN3=1 tools/bench-vs-torch/run.sh`).
     #[value(name = "qwen3-small")]
     Qwen3Small,
+    /// `small`'s hidden size, layers, MLP and vocabulary in Gemma 3's layout: four query heads
+    /// of 256 over one key/value head (Gemma-3-270M's), GeGLU, q/k norms, norms after both
+    /// blocks, a tied head, windowed layers (512 keys) with the sixth global
+    /// (`GEMMA3=1 tools/bench-vs-torch/run.sh`).
+    #[value(name = "gemma3-small")]
+    Gemma3Small,
     /// Issue 8's end-to-end case: a random Llama-3.2-1B shape (hidden 2048, 16 layers, 32 heads,
     /// 8 KV heads, intermediate 8192, vocab 128256, tied head), default batch 4 × 2048, rank 16.
     Llama1b,
@@ -296,6 +302,27 @@ pub fn bench_step(a: BenchStepArgs) -> CliResult {
         BenchPreset::Qwen3Small => {
             let c = LlamaConfig::llama(8192, 512, 1376, 8, 8, 8);
             (LlamaConfig { arch: Arch::Qwen3, qk_norm: true, rope_theta: 1e6, rms_norm_eps: 1e-6, ..c }, 4, 128, 8)
+        }
+        BenchPreset::Gemma3Small => {
+            let c = LlamaConfig::llama(8192, 512, 1376, 8, 4, 1);
+            let c = LlamaConfig {
+                arch: Arch::Gemma3,
+                head_dim: 256,
+                hidden_act: tuna::ops::GluAct::GeluTanh,
+                qk_norm: true,
+                sandwich_norms: true,
+                norm_weight_offset: 1.0,
+                tie_word_embeddings: true,
+                embedding_multiplier: (512f32).sqrt(),
+                attention_multiplier: Some(1.0 / 16.0),
+                sliding_window: Some(512),
+                global_layers: vec![5],
+                rope_theta: 1e6,
+                local_rope_theta: Some(1e4),
+                rms_norm_eps: 1e-6,
+                ..c
+            };
+            (c, 4, 128, 8)
         }
         BenchPreset::Llama1b => {
             let mut c = LlamaConfig::llama(128_256, 2048, 8192, 16, 32, 8);

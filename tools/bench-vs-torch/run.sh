@@ -9,6 +9,7 @@
 #   QLORA=1 tools/bench-vs-torch/run.sh ...  # QLoRA: the decoder linears in NF4 (bitsandbytes on
 #                                            # PyTorch's side: pip install bitsandbytes)
 #   QWEN3=1 tools/bench-vs-torch/run.sh ...  # the same shape as Qwen3 (q/k norms), either mode
+#   GEMMA3=1 tools/bench-vs-torch/run.sh ... # the same sizes in Gemma 3's layout (heads of 256)
 #
 # Needs python3 with torch, transformers and peft (pip install torch transformers peft), and
 # builds tuna in release.
@@ -21,6 +22,7 @@ full=()
 [ "${QLORA:-0}" = 1 ] && full=(--qlora)
 torch_model=() tuna_model=()
 [ "${QWEN3:-0}" = 1 ] && torch_model=(--qwen3) tuna_model=(--preset qwen3-small)
+[ "${GEMMA3:-0}" = 1 ] && torch_model=(--gemma3) tuna_model=(--preset gemma3-small)
 export RAYON_NUM_THREADS=2
 cargo build --release --quiet --bin tuna
 py=${PYTHON:-python3}
