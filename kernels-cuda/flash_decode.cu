@@ -29,6 +29,20 @@
 #define FD_CHUNK 256
 #define FD_MAX_ROWS 16
 
+// acc[r] = sum over keys i = i0, i0 + step, ... < n of p[r][i] v_i, for each row r < rows, v_i
+// the element d of the chunk's key i (row0 + i of v, its head at head_off).
+template <typename T>
+__device__ __forceinline__ void fd_pv(float* acc, const unsigned short* v, long row0, long kv_row, long head_off, int d, const float (*p)[FD_CHUNK], int rows, int i0, int step, int n) {
+#pragma unroll
+    for (int r = 0; r < FD_MAX_ROWS; ++r) acc[r] = 0.0f;
+    for (int i = i0; i < n; i += step) {
+        const float x = T::to_f32(v[(row0 + i) * kv_row + head_off + d]);
+#pragma unroll
+        for (int r = 0; r < FD_MAX_ROWS; ++r)
+            if (r < rows) acc[r] += p[r][i] * x;
+    }
+}
+
 template <typename T, int D>
 __device__ __forceinline__ void flash_decode_part(const unsigned short* q, const unsigned short* k, const unsigned short* v, float* part_o, float* part_ml, FaParams p) {
     constexpr int LPK = D <= 32 ? 4 : D <= 64 ? 8 : D <= 128 ? 16 : 32;  // lanes per key, 8 elements each
@@ -117,14 +131,7 @@ __device__ __forceinline__ void flash_decode_part(const unsigned short* q, const
         float* po = part_o + (((long)b * G + g) * gridDim.x + chunk) * FD_MAX_ROWS * D;
         for (int d = tid; d < D; d += FD_THREADS) {
             float acc[FD_MAX_ROWS];
-#pragma unroll
-            for (int r = 0; r < FD_MAX_ROWS; ++r) acc[r] = 0.0f;
-            for (int i = 0; i < n; ++i) {
-                const float x = T::to_f32(v[((long)b * S + kv0 + i) * kv_row + (long)g * D + d]);
-#pragma unroll
-                for (int r = 0; r < FD_MAX_ROWS; ++r)
-                    if (r < rows) acc[r] += ss[r][i] * x;
-            }
+            fd_pv<T>(acc, v, (long)b * S + kv0, kv_row, (long)g * D, d, ss, rows, 0, 1, n);
 #pragma unroll
             for (int r = 0; r < FD_MAX_ROWS; ++r)
                 if (r < rows) po[r * D + d] = acc[r];
@@ -133,15 +140,8 @@ __device__ __forceinline__ void flash_decode_part(const unsigned short* q, const
     }
     const int d = tid % D, sub = tid / D;
     float acc[FD_MAX_ROWS];
-#pragma unroll
-    for (int r = 0; r < FD_MAX_ROWS; ++r) acc[r] = 0.0f;
     if (sub < SUBS) {
-        for (int i = sub; i < n; i += SUBS) {
-            const float x = T::to_f32(v[((long)b * S + kv0 + i) * kv_row + (long)g * D + d]);
-#pragma unroll
-            for (int r = 0; r < FD_MAX_ROWS; ++r)
-                if (r < rows) acc[r] += ss[r][i] * x;
-        }
+        fd_pv<T>(acc, v, (long)b * S + kv0, kv_row, (long)g * D, d, ss, rows, sub, SUBS, n);
 #pragma unroll
         for (int r = 0; r < FD_MAX_ROWS; ++r)
             if (r < rows) red[(sub * FD_MAX_ROWS + r) * D + d] = acc[r];

@@ -171,19 +171,24 @@ fn qwen3_config_and_norms() {
     assert!(e.contains("missing tensor `model.layers.1.self_attn.k_norm.weight`"), "{e}");
 }
 
-#[test]
-fn smollm3_nope_layers_from_flags_or_interval() {
-    let path = fixture("smollm3").join("config.json");
+/// The fixture's config.json parsed after `edit` (the error's message where it is refused).
+fn edited_config(name: &str) -> impl Fn(&dyn Fn(&mut serde_json::Value)) -> Result<LlamaConfig, String> {
+    let path = fixture(name).join("config.json");
     let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let with = |edit: &dyn Fn(&mut serde_json::Value)| {
+    move |edit| {
         let mut v = original.clone();
         edit(&mut v);
         LlamaConfig::from_value(&v, &path).map_err(|e| e.to_string())
-    };
+    }
+}
+
+#[test]
+fn smollm3_nope_layers_from_flags_or_interval() {
+    let with = edited_config("smollm3");
     let c = with(&|_| {}).unwrap();
     assert_eq!((c.arch, c.nope_layers.clone()), (tuna::io::config::Arch::SmolLM3, vec![1]));
     assert!(c.rotates(0) && !c.rotates(1) && c.rotates(2));
-    assert_eq!(LlamaConfig::from_value(&c.to_hf_json(), &path).unwrap(), c);
+    assert_eq!(LlamaConfig::from_value(&c.to_hf_json(), Path::new("config.json")).unwrap(), c);
     // Without the flags, every `no_rope_layer_interval`-th layer (default 4) rotates nothing.
     let eight = |v: &mut serde_json::Value| {
         v.as_object_mut().unwrap().remove("no_rope_layers");
@@ -192,8 +197,8 @@ fn smollm3_nope_layers_from_flags_or_interval() {
     assert_eq!(with(&|v| { eight(v); v.as_object_mut().unwrap().remove("no_rope_layer_interval"); }).unwrap().nope_layers, vec![3, 7]);
     assert_eq!(with(&|v| { eight(v); v["no_rope_layer_interval"] = 3.into(); }).unwrap().nope_layers, vec![2, 5]);
     for (edit, says) in [
-        (&(|v: &mut serde_json::Value| v["no_rope_layers"] = serde_json::json!([1, 0])) as &dyn Fn(&mut serde_json::Value), "has 2 flags for 3 layers"),
-        (&|v: &mut serde_json::Value| v["no_rope_layers"] = serde_json::json!([1, 2, 1]), "flag 1 is 2"),
+        (&(|v: &mut serde_json::Value| v["no_rope_layers"] = serde_json::json!([1, 0])) as &dyn Fn(&mut serde_json::Value), "has 2 entries for 3 layers"),
+        (&|v: &mut serde_json::Value| v["no_rope_layers"] = serde_json::json!([1, 2, 1]), "entry 1 is 2 (0 or 1)"),
         (&|v: &mut serde_json::Value| v["use_sliding_window"] = true.into(), "field `use_sliding_window`"),
     ] {
         let e = with(edit).unwrap_err();
@@ -207,13 +212,7 @@ fn smollm3_nope_layers_from_flags_or_interval() {
 /// tuna cannot run is refused by name.
 #[test]
 fn gemma3_config_forms_and_refusals() {
-    let path = fixture("gemma3").join("config.json");
-    let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let with = |edit: &dyn Fn(&mut serde_json::Value)| {
-        let mut v = original.clone();
-        edit(&mut v);
-        LlamaConfig::from_value(&v, &path).map_err(|e| e.to_string())
-    };
+    let with = edited_config("gemma3");
     let c = with(&|_| {}).unwrap();
     assert_eq!((c.arch, c.global_layers.clone(), c.sliding_window, c.local_rope_theta, c.rope_theta), (tuna::io::config::Arch::Gemma3, vec![1], Some(5), Some(1e4), 1e6));
     assert_eq!(c.rope_scaling, Some(tuna::io::config::RopeScaling::Linear { factor: 2.0 }));

@@ -145,6 +145,35 @@ impl Fields<'_> {
     fn opt_bool(&self, field: &str) -> Result<Option<bool>> {
         self.opt(field).map(|v| v.as_bool().ok_or_else(|| self.err(field, "must be true or false"))).transpose()
     }
+    /// The layers a per-layer list marks (`list`, an entry a layer; `marks` reads an entry,
+    /// None where it cannot, `expected` saying what it takes), or without the list every
+    /// `every_field`-th layer (default `every`).
+    fn layer_set(&self, list: &str, layers: usize, marks: impl Fn(&Value) -> Option<bool>, expected: &str, every_field: &str, every: usize) -> Result<Vec<usize>> {
+        match self.opt(list) {
+            Some(Value::Array(entries)) => {
+                if entries.len() != layers {
+                    return Err(self.err(list, &format!("has {} entries for {layers} layers", entries.len())));
+                }
+                let mut out = Vec::new();
+                for (i, x) in entries.iter().enumerate() {
+                    match marks(x) {
+                        Some(true) => out.push(i),
+                        Some(false) => {}
+                        None => return Err(self.err(list, &format!("entry {i} is {x} ({expected})"))),
+                    }
+                }
+                Ok(out)
+            }
+            Some(other) => Err(self.err(list, &format!("{other} is not a list ({expected} per layer)"))),
+            None => {
+                let every = self.opt_usize(every_field)?.unwrap_or(every);
+                if every == 0 {
+                    return Err(self.err(every_field, "must be at least 1"));
+                }
+                Ok((0..layers).filter(|i| (i + 1) % every == 0).collect())
+            }
+        }
+    }
 }
 
 impl LlamaConfig {
@@ -312,61 +341,20 @@ impl LlamaConfig {
         }
         // Gemma 3: `layer_types`, or (older configs) every `sliding_window_pattern`-th layer
         // global (default 6).
-        let global_layers = if !gemma {
-            Vec::new()
+        let global_layers = if gemma {
+            let marks = |t: &Value| match t.as_str() {
+                Some("full_attention") => Some(true),
+                Some("sliding_attention") => Some(false),
+                _ => None,
+            };
+            f.layer_set("layer_types", num_layers, marks, "full_attention or sliding_attention", "sliding_window_pattern", 6)?
         } else {
-            match f.opt("layer_types") {
-                Some(Value::Array(types)) => {
-                    if types.len() != num_layers {
-                        return Err(f.err("layer_types", &format!("has {} entries for {num_layers} layers", types.len())));
-                    }
-                    let mut global = Vec::new();
-                    for (i, t) in types.iter().enumerate() {
-                        match t.as_str() {
-                            Some("full_attention") => global.push(i),
-                            Some("sliding_attention") => {}
-                            _ => return Err(f.err("layer_types", &format!("entry {i} is {t} (full_attention or sliding_attention)"))),
-                        }
-                    }
-                    global
-                }
-                Some(other) => return Err(f.err("layer_types", &format!("{other} is not a list of layer types"))),
-                None => {
-                    let every = f.opt_usize("sliding_window_pattern")?.unwrap_or(6);
-                    if every == 0 {
-                        return Err(f.err("sliding_window_pattern", "must be at least 1"));
-                    }
-                    (0..num_layers).filter(|i| (i + 1) % every == 0).collect()
-                }
-            }
+            Vec::new()
         };
         let nope_layers = match arch {
             // transformers' `no_rope_layers` holds a flag per layer, 1 where RoPE applies; without
             // it, every `no_rope_layer_interval`-th layer (default 4) applies none.
-            Arch::SmolLM3 => match f.opt("no_rope_layers") {
-                Some(Value::Array(flags)) => {
-                    if flags.len() != num_layers {
-                        return Err(f.err("no_rope_layers", &format!("has {} flags for {num_layers} layers", flags.len())));
-                    }
-                    let mut nope = Vec::new();
-                    for (i, x) in flags.iter().enumerate() {
-                        match x.as_u64() {
-                            Some(0) => nope.push(i),
-                            Some(1) => {}
-                            _ => return Err(f.err("no_rope_layers", &format!("flag {i} is {x}, not 0 or 1"))),
-                        }
-                    }
-                    nope
-                }
-                Some(other) => return Err(f.err("no_rope_layers", &format!("{other} is not a list of 0/1 flags"))),
-                None => {
-                    let every = f.opt_usize("no_rope_layer_interval")?.unwrap_or(4);
-                    if every == 0 {
-                        return Err(f.err("no_rope_layer_interval", "must be at least 1"));
-                    }
-                    (0..num_layers).filter(|i| (i + 1) % every == 0).collect()
-                }
-            },
+            Arch::SmolLM3 => f.layer_set("no_rope_layers", num_layers, |x| x.as_u64().filter(|&x| x <= 1).map(|x| x == 0), "0 or 1", "no_rope_layer_interval", 4)?,
             _ => Vec::new(),
         };
         // Granite's scalars (transformers' defaults 1); other architectures have none.

@@ -55,7 +55,7 @@ impl GluAct {
         match self {
             GluAct::Silu => (g, 1.0),
             GluAct::GeluTanh => {
-                const K2: f32 = 1.595_769_1; // 2·√(2/π)
+                const K2: f32 = 1.595_769_2; // 2·√(2/π), rounded to f32 as the kernels round it
                 (K2 * (g + 0.044715 * g * g * g), K2 * (1.0 + 3.0 * 0.044715 * g * g))
             }
         }
