@@ -10,6 +10,7 @@
 #                                                # (bitsandbytes on PyTorch's: pip install bitsandbytes)
 #   BF16=1 tools/bench-vs-torch/generate.sh ...  # matrices in bf16: tuna --bf16-weights (f32 math),
 #                                                # PyTorch's model cast to bfloat16 (bf16 math)
+#   GEMMA3=1 tools/bench-vs-torch/generate.sh ...  # a random Gemma-3-270M-shaped model instead
 #
 # Needs python3 with torch and transformers; builds tuna in release.
 set -euo pipefail
@@ -26,7 +27,9 @@ cargo build --release --quiet --bin tuna
 py=${PYTHON:-python3}
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
-$py tools/bench-vs-torch/torch_generate.py make "$dir/model" >/dev/null
+gemma3=()
+[ "${GEMMA3:-0}" = 1 ] && gemma3=(--gemma3)
+$py tools/bench-vs-torch/torch_generate.py make "$dir/model" ${gemma3[@]+"${gemma3[@]}"} >/dev/null
 prompt="w1$(for i in $(seq 10 $((words + 8))); do printf ' w%d' "$i"; done)"
 for r in $(seq "$rounds"); do
   echo "round $r/$rounds" >&2
