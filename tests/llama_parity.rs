@@ -178,6 +178,15 @@ fn gemma3_matches_transformers() {
     compare("gemma3 reloaded logits", &b, &a.iter().map(|&x| x as f64).collect::<Vec<_>>(), Tolerance { atol: 1e-5, rtol: 0.0 }).unwrap();
 }
 
+/// Gemma (the first): GeGLU, `1 + w` norms, embeddings times sqrt(E), a tied head.
+#[test]
+fn gemma_matches_transformers() {
+    check_logits_and_loss("gemma");
+    let c = Llama::load(&fixture("gemma")).unwrap().config;
+    assert_eq!((c.arch, c.hidden_act, c.norm_weight_offset, c.embedding_multiplier, c.qk_norm, c.sandwich_norms), (tuna::io::config::Arch::Gemma, tuna::ops::GluAct::GeluTanh, 1.0, 32f32.sqrt(), false, false));
+    assert_eq!(tuna::io::config::LlamaConfig::from_value(&c.to_hf_json(), Path::new("config.json")).unwrap(), c);
+}
+
 #[test]
 fn bf16_checkpoint_matches_its_f32_twin() {
     // Exactly transformers' result for the bf16 weights upcast to f32 ...
@@ -276,7 +285,7 @@ fn matrices_kept_in_bf16_compute_what_their_f32_values_do() {
 
 #[test]
 fn greedy_generation_reproduces_transformers() {
-    for name in ["llama-gqa", "qwen2-tied", "llama3-rope", "yarn-rope", "linear-rope", "mistral", "mistral-window", "qwen3", "smollm3", "granite", "gemma3"] {
+    for name in ["llama-gqa", "qwen2-tied", "llama3-rope", "yarn-rope", "linear-rope", "mistral", "mistral-window", "qwen3", "smollm3", "granite", "gemma", "gemma3"] {
         let cpu_model = Llama::load(&fixture(name)).unwrap();
         let exp = Expected::load(name);
         let prompt: Vec<u32> = exp.ids("greedy_prompt").into_iter().map(|t| t as u32).collect();
@@ -322,7 +331,7 @@ fn repetition_penalty_reproduces_transformers() {
 
 #[test]
 fn kv_cache_gives_the_same_logits_as_a_full_forward() {
-    for name in ["llama-gqa", "qwen3", "smollm3", "yarn-rope", "mistral-window", "granite", "gemma3"] {
+    for name in ["llama-gqa", "qwen3", "smollm3", "yarn-rope", "mistral-window", "granite", "gemma", "gemma3"] {
         for dev in common::f32_model_devices() {
             kv_cache_check(name, &Llama::load(&fixture(name)).unwrap().to_device(&dev).unwrap());
         }
@@ -346,8 +355,9 @@ fn kv_cache_check(fixture_name: &str, model: &Llama) {
 #[test]
 fn full_model_gradients_match_transformers() {
     // On every device: on wgpu every op's backward runs there. Qwen3's q/k norms: 4 more;
-    // SmolLM3: three layers, a tied head. Granite: Llama's. Gemma 3: three layers of six norms.
-    for (name, count) in [("llama-gqa", 21), ("qwen3", 25), ("smollm3", 29), ("granite", 21), ("gemma3", 41)] {
+    // SmolLM3: three layers, a tied head. Granite: Llama's. Gemma: tied. Gemma 3: three layers
+    // of six norms.
+    for (name, count) in [("llama-gqa", 21), ("qwen3", 25), ("smollm3", 29), ("granite", 21), ("gemma", 20), ("gemma3", 41)] {
         for dev in common::f32_model_devices() {
             full_model_gradients(name, count, Llama::load(&fixture(name)).unwrap().to_device(&dev).unwrap());
         }

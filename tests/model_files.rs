@@ -171,8 +171,11 @@ fn qwen3_config_and_norms() {
     assert!(e.contains("missing tensor `model.layers.1.self_attn.k_norm.weight`"), "{e}");
 }
 
+/// An edit of a config.json's value.
+type ConfigEdit<'a> = &'a dyn Fn(&mut serde_json::Value);
+
 /// The fixture's config.json parsed after `edit` (the error's message where it is refused).
-fn edited_config(name: &str) -> impl Fn(&dyn Fn(&mut serde_json::Value)) -> Result<LlamaConfig, String> {
+fn edited_config(name: &str) -> impl Fn(ConfigEdit) -> Result<LlamaConfig, String> {
     let path = fixture(name).join("config.json");
     let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     move |edit| {
@@ -250,6 +253,16 @@ fn gemma3_config_forms_and_refusals() {
         let e = with(edit).unwrap_err();
         assert!(e.contains("config.json") && e.contains(says), "{e}");
     }
+}
+
+/// Gemma's legacy `hidden_act: "gelu"` means the tanh GELU (transformers rewrites it); on
+/// another architecture it is refused.
+#[test]
+fn gemma_legacy_gelu_is_the_tanh_gelu() {
+    let with = edited_config("gemma");
+    assert_eq!(with(&|v| v["hidden_act"] = "gelu".into()).unwrap().hidden_act, tuna::ops::GluAct::GeluTanh);
+    let e = edited_config("llama-gqa")(&|v| v["hidden_act"] = "gelu".into()).unwrap_err();
+    assert!(e.contains("field `hidden_act`: `gelu` is not supported"), "{e}");
 }
 
 #[test]

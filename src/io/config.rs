@@ -1,5 +1,5 @@
 //! `config.json` of a Llama-family checkpoint: Llama (SmolLM, TinyLlama, Llama 3.x), Mistral,
-//! Qwen2, Qwen3, SmolLM3, Granite, Gemma 3 (text). Reads both the classic form (`rope_theta`, `rope_scaling` at the top level)
+//! Qwen2, Qwen3, SmolLM3, Granite, Gemma, Gemma 3 (text). Reads both the classic form (`rope_theta`, `rope_scaling` at the top level)
 //! and the transformers 5 form (`rope_parameters`). Unknown architectures and unsupported
 //! settings are errors naming the field, never silent defaults.
 
@@ -24,6 +24,9 @@ pub enum Arch {
     /// Llama's layout with four scalars: on the embeddings, on each block's output before its
     /// residual add, as attention's softmax scale, and dividing the logits.
     Granite,
+    /// Gemma (the first): GeGLU, RMSNorms scaling by `1 + w`, embeddings times
+    /// `sqrt(hidden_size)`, heads of 256 by default, a tied head.
+    Gemma,
     /// Gemma 3's text model (`gemma3_text`): Qwen3's q/k norms, GeGLU, RMSNorms scaling by
     /// `1 + w`, a norm on each block's output too, embeddings times `sqrt(hidden_size)`,
     /// sliding-window layers with their own RoPE base between global ones.
@@ -195,19 +198,24 @@ impl LlamaConfig {
             "Qwen3ForCausalLM" => Arch::Qwen3,
             "SmolLM3ForCausalLM" => Arch::SmolLM3,
             "GraniteForCausalLM" => Arch::Granite,
+            "GemmaForCausalLM" => Arch::Gemma,
             "Gemma3ForCausalLM" => Arch::Gemma3,
             other => {
                 return Err(f.err(
                     "architectures",
-                    &format!("`{other}` is not supported (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, SmolLM3ForCausalLM, GraniteForCausalLM, Gemma3ForCausalLM are)"),
+                    &format!("`{other}` is not supported (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, SmolLM3ForCausalLM, GraniteForCausalLM, GemmaForCausalLM, Gemma3ForCausalLM are)"),
                 ))
             }
         };
+        // Gemma 3 only; `family`: both Gemmas (the `1 + w` norms, the embedding scale, GeGLU).
         let gemma = arch == Arch::Gemma3;
-        // Gemma names it `hidden_activation`; transformers' Gemma 3 default is the tanh GELU.
+        let family = matches!(arch, Arch::Gemma | Arch::Gemma3);
+        // Gemma 3 names it `hidden_activation`; transformers' Gemma default is the tanh GELU,
+        // and Gemma's legacy `gelu` means it too (transformers rewrites it).
         let act_field = if gemma && f.opt("hidden_activation").is_some() { "hidden_activation" } else { "hidden_act" };
         let hidden_act = match f.opt(act_field).map(|v| v.as_str().ok_or_else(|| f.err(act_field, "must be a string"))).transpose()? {
-            None if gemma => GluAct::GeluTanh,
+            None if family => GluAct::GeluTanh,
+            Some("gelu") if arch == Arch::Gemma => GluAct::GeluTanh,
             None | Some("silu") => GluAct::Silu,
             Some("gelu_pytorch_tanh") => GluAct::GeluTanh,
             Some(other) => return Err(f.err(act_field, &format!("`{other}` is not supported (silu and gelu_pytorch_tanh are)"))),
@@ -228,11 +236,11 @@ impl LlamaConfig {
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(f.err("num_key_value_heads", &format!("{num_kv_heads} must divide num_attention_heads = {num_heads}")));
         }
-        // Qwen3's and Gemma 3's defaults are transformers' (`Qwen3Config(head_dim=128)`,
-        // `Gemma3TextConfig(head_dim=256)`), not hidden / heads.
+        // Qwen3's and the Gemmas' defaults are transformers' (`Qwen3Config(head_dim=128)`,
+        // `GemmaConfig(head_dim=256)`, `Gemma3TextConfig(head_dim=256)`), not hidden / heads.
         let default_head_dim = match arch {
             Arch::Qwen3 => 128,
-            Arch::Gemma3 => 256,
+            Arch::Gemma | Arch::Gemma3 => 256,
             _ => hidden_size / num_heads,
         };
         let head_dim = f.opt_usize("head_dim")?.unwrap_or(default_head_dim);
@@ -374,7 +382,7 @@ impl LlamaConfig {
         };
         // Gemma's embeddings are multiplied by sqrt(hidden_size), rounded to f32 as transformers'
         // buffer is.
-        let embedding_multiplier = if gemma { (hidden_size as f64).sqrt() as f32 } else { embedding_multiplier };
+        let embedding_multiplier = if family { (hidden_size as f64).sqrt() as f32 } else { embedding_multiplier };
         let logits_scaling = granite("logits_scaling")?.unwrap_or(1.0);
         if logits_scaling == 0.0 {
             return Err(f.err("logits_scaling", "must not be 0 (the logits are divided by it)"));
@@ -399,7 +407,7 @@ impl LlamaConfig {
             rms_norm_eps: f.opt_f32("rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(gemma),
+            tie_word_embeddings: f.opt_bool("tie_word_embeddings")?.unwrap_or(family),
             qkv_bias,
             o_bias,
             qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
@@ -409,7 +417,7 @@ impl LlamaConfig {
             global_layers,
             local_rope_theta,
             hidden_act,
-            norm_weight_offset: if gemma { 1.0 } else { 0.0 },
+            norm_weight_offset: if family { 1.0 } else { 0.0 },
             sandwich_norms: gemma,
             nope_layers,
             embedding_multiplier,
@@ -479,6 +487,7 @@ impl LlamaConfig {
             Arch::Qwen3 => ("Qwen3ForCausalLM", "qwen3"),
             Arch::SmolLM3 => ("SmolLM3ForCausalLM", "smollm3"),
             Arch::Granite => ("GraniteForCausalLM", "granite"),
+            Arch::Gemma => ("GemmaForCausalLM", "gemma"),
             Arch::Gemma3 => ("Gemma3ForCausalLM", "gemma3_text"),
         };
         let rope = match &self.rope_scaling {

@@ -1,4 +1,4 @@
-//! The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, Gemma 3), on tuna's ops, so
+//! The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM3, Granite, Gemma, Gemma 3), on tuna's ops, so
 //! every forward is differentiable through the tape and runs wherever the ops do. Its decoder
 //! layer is `nn::layer`.
 //!
@@ -11,10 +11,10 @@
 //!   x = x + (silu(RMSNorm(x)·Wgᵀ) * (RMSNorm(x)·Wuᵀ))·Wdᵀ
 //! then logits = RMSNorm(x)·Wᵀ with W the LM head or, when tied, the embedding table.
 //! SmolLM3's NoPE layers skip RoPE; Granite scales the embeddings, each block's output before
-//! its residual add and the logits, and sets the softmax scale. Gemma 3 gates its MLP with
-//! the tanh GELU instead of SiLU (GeGLU), RMS-norms each block's output before its residual
-//! add, scales the embeddings by sqrt(E), and mixes sliding-window layers (their own RoPE base)
-//! with global ones; its norms' `1 + w` is folded into the weights at load.
+//! its residual add and the logits, and sets the softmax scale. Gemma gates its MLP with
+//! the tanh GELU instead of SiLU (GeGLU) and scales the embeddings by sqrt(E); its norms' `1 + w`
+//! is folded into the weights at load. Gemma 3 also RMS-norms each block's output before its
+//! residual add and mixes sliding-window layers (their own RoPE base) with global ones.
 //! Tensor names follow transformers (`model.layers.0.self_attn.q_proj.weight`, ...).
 
 use std::path::Path;
