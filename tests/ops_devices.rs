@@ -208,7 +208,7 @@ fn glu_matches_reference_on_every_device() {
             for (i, &(rows, cols)) in shapes.iter().enumerate() {
                 for packed in [false, true] {
                     for act in [GluAct::Silu, GluAct::GeluTanh] {
-                        check_glu(dev, dtype, act, rows, cols, packed, i as u64).unwrap_or_else(|e| panic!("{e}"));
+                        check_glu(dev, dtype, GluParams { rows, cols, act }, packed, i as u64).unwrap_or_else(|e| panic!("{e}"));
                     }
                 }
             }
@@ -247,7 +247,7 @@ proptest! {
         let act = if gelu { GluAct::GeluTanh } else { GluAct::Silu };
         for dev in common::devices() {
             for dtype in dtypes(dev) {
-                check_glu(dev, dtype, act, rows, cols, packed, seed).map_err(TestCaseError::fail)?;
+                check_glu(dev, dtype, GluParams { rows, cols, act }, packed, seed).map_err(TestCaseError::fail)?;
             }
         }
     }

@@ -1,6 +1,6 @@
 //! One decoder layer of the Llama-family model (`nn::llama`): attention and MLP blocks, each
-//! pre-normed (and with Gemma 3 post-normed) with a residual, run straight or under `ops::checkpoint`, and what every layer of
-//! one forward shares (`LayerCtx`).
+//! pre-normed (and with Gemma 3 post-normed) with a residual, run straight or under
+//! `ops::checkpoint`, and what every layer of one forward shares (`LayerCtx`).
 
 use crate::ops::{self, AttentionMask};
 use crate::{Result, Tensor};
@@ -77,7 +77,7 @@ pub(super) struct LayerCtx {
 impl LayerCtx {
     /// A block's output as its residual add takes it: Gemma 3's norm of it, Granite's
     /// multiplier.
-    fn residual_scaled(&self, y: Tensor, norm: Option<&Tensor>) -> Result<Tensor> {
+    fn block_out(&self, y: Tensor, norm: Option<&Tensor>) -> Result<Tensor> {
         let y = match norm {
             Some(w) => ops::rmsnorm(&y, w, self.eps)?,
             None => y,
@@ -127,13 +127,13 @@ impl Layer {
         }
         let mask = if self.windowed { ctx.mask.clone() } else { AttentionMask { window: None, ..ctx.mask.clone() } };
         let o = ops::attention(&ops::reshape(&q, [b, t, h, d])?, &k, &v, mask, ctx.scale)?;
-        let o = ctx.residual_scaled(self.o.forward(&ops::reshape(&o, [b * t, h * d])?, seeds[3])?, self.out_norms.as_ref().map(|n| &n.attn))?;
+        let o = ctx.block_out(self.o.forward(&ops::reshape(&o, [b * t, h * d])?, seeds[3])?, self.out_norms.as_ref().map(|n| &n.attn))?;
         let (x, hn) = ops::add_rmsnorm(&x, &o, &self.post_norm, ctx.eps)?;
         let gate_up = Linear::forward_group_remade(&[(&self.gate, seeds[4]), (&self.up, seeds[5])], &hn, Some(remade_rmsnorm(&x, &self.post_norm, ctx.eps)))?;
         let act = ops::glu(&gate_up[0], &gate_up[1], ctx.act)?;
         let (g, u, f) = (ops::saved(&gate_up[0]), ops::saved(&gate_up[1]), ctx.act);
         let remake: ops::Remake = std::sync::Arc::new(move || ops::glu(&g, &u, f));
-        Ok((x, ctx.residual_scaled(self.down.forward_remade(&act, seeds[6], Some(remake))?, self.out_norms.as_ref().map(|n| &n.mlp))?))
+        Ok((x, ctx.block_out(self.down.forward_remade(&act, seeds[6], Some(remake))?, self.out_norms.as_ref().map(|n| &n.mlp))?))
     }
 
     /// [`Layer::forward`] under `ops::checkpoint`, its residual adds done inside: the layer input

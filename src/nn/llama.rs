@@ -76,6 +76,8 @@ pub struct Llama {
     /// (`ops::checkpoint`), trading one more forward for the layers' activations.
     pub checkpoint_layers: bool,
     inv_freq: Vec<f32>,
+    /// The windowed layers' own RoPE frequencies (Gemma 3), computed once like `inv_freq`.
+    local_inv_freq: Option<Vec<f32>>,
 }
 
 /// Where the examples packed into each row start: for every token (`[B*T]`), the position in
@@ -178,6 +180,7 @@ impl Llama {
             dropout_seed: None,
             checkpoint_layers: false,
             inv_freq: config.inv_freq(),
+            local_inv_freq: config.local_inv_freq(),
             config,
         })
     }
@@ -215,7 +218,7 @@ impl Llama {
         }
         let embed = mat(c.vocab_size, e)?;
         let lm_head = if c.tie_word_embeddings { None } else { Some(mat(c.vocab_size, e)?) };
-        Ok(Llama { embed, layers, norm: ones(e)?, lm_head, dropout_seed: None, checkpoint_layers: false, inv_freq: config.inv_freq(), config })
+        Ok(Llama { embed, layers, norm: ones(e)?, lm_head, dropout_seed: None, checkpoint_layers: false, inv_freq: config.inv_freq(), local_inv_freq: config.local_inv_freq(), config })
     }
 
     /// Marks every linear's weight and the LM head for a CPU run of many forwards without a
@@ -540,7 +543,7 @@ impl Llama {
             residual: (c.residual_multiplier != 1.0).then_some(c.residual_multiplier),
             positions,
             inv_freq: Tensor::from_vec(self.inv_freq.clone(), [self.inv_freq.len()])?.to_device(&dev)?,
-            local_inv_freq: match c.local_inv_freq() {
+            local_inv_freq: match &self.local_inv_freq {
                 Some(f) => Some(Tensor::from_vec(f.clone(), [f.len()])?.to_device(&dev)?),
                 None => None,
             },

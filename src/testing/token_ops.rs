@@ -1,12 +1,12 @@
-//! Checks of the per-token ops of a training step (RoPE, fused gated linear unit, embedding gather and
-//! scatter-add) on one device against their f64 references, shared by `tests/ops_devices.rs`
+//! Checks of the per-token ops of a training step (RoPE, the fused gated linear unit, embedding
+//! gather and scatter-add) on one device against their f64 references, shared by `tests/ops_devices.rs`
 //! and `tools/gpu-check`. Each check runs the device's launchers (`cpu::`, `wgsl::`, `cuda::`,
 //! no tuna tensors) forward and backward and compares every output buffer.
 //!
 //! The references see exactly the values the device sees (bf16-rounded inputs for bf16).
 //! Tolerances (`|got - ref| <= atol + rtol·|ref|`):
-//! - RoPE, the gated linear unit: a few f32 operations per element, so `Tolerance::F32`, or `Tolerance::BF16`
-//!   for bf16 outputs. RoPE's cos/sin are the kernels' own (within 1.3e-7 absolute up to 2^20
+//! - RoPE, the gated linear unit: a few f32 operations per element, so `Tolerance::F32`, or
+//!   `Tolerance::BF16` for bf16 outputs. RoPE's cos/sin are the kernels' own (within 1.3e-7 absolute up to 2^20
 //!   radians, see `kernels::rope`), the CPU path's are libm's; both far inside `F32`.
 //!   `check_rope_angles` checks cos/sin alone with atol 2.5e-7 (two f32 ulps at 1).
 //! - Embedding gather: a copy, so exact. Scatter-add: a row of dtable sums its tokens' dy rows
@@ -14,7 +14,7 @@
 //!   (as rmsnorm's dw does with its rows). In f32 the GPU result must also equal the CPU
 //!   path's bit for bit: both add in token order.
 
-use crate::kernels::elementwise::{self, GluAct, GluParams};
+use crate::kernels::elementwise::{self, GluParams};
 use crate::kernels::embedding::{self, EmbeddingParams};
 use crate::kernels::rope::{self, Direction, RopeParams};
 use crate::testing::lora::round_to;
@@ -122,14 +122,13 @@ fn run_rope(dev: Device, dtype: DType, x: &[f32], pos: &[i32], freq: &[f32], p: 
     }
 }
 
-/// The gated linear unit's forward and backward (SwiGLU or GeGLU, `act`) on `dev` against the
-/// f64 reference; `packed` puts g and u (and dg and du) in the two halves of each row of one
-/// `[rows, 2 * cols]` buffer.
-#[allow(clippy::too_many_arguments)]
-pub fn check_glu(dev: Device, dtype: DType, act: GluAct, rows: usize, cols: usize, packed: bool, seed: u64) -> Check {
+/// The gated linear unit's forward and backward (`p.act`: SwiGLU or GeGLU) on `dev` against
+/// the f64 reference; `packed` puts g and u (and dg and du) in the two halves of each row of
+/// one `[rows, 2 * cols]` buffer.
+pub fn check_glu(dev: Device, dtype: DType, p: GluParams, packed: bool, seed: u64) -> Check {
     supported("glu", dev, dtype)?;
     let mut rng = Rng::new(seed);
-    let p = GluParams { rows, cols, act };
+    let GluParams { rows, cols, act } = p;
     // g over [-12, 12]: both branches of the stable sigmoid and its saturated tails.
     let g = rounded(dtype, rng.vec(rows * cols, -12.0, 12.0));
     let u = rounded(dtype, rng.vec(rows * cols, -2.0, 2.0));

@@ -341,7 +341,7 @@ fn attention_cases_of(push: &mut impl FnMut(String, Result<(), String>), kernels
 /// here in f32 and bf16 and at training sizes too (Llama-7B-like D = 128 with 32 heads, F =
 /// 11008, a 32000-token vocabulary with T = 4096).
 fn token_op_cases(push: &mut impl FnMut(String, Result<(), String>)) {
-    use tuna::kernels::elementwise::GluAct;
+    use tuna::kernels::elementwise::{GluAct, GluParams};
     use tuna::testing::token_ops::{check_embedding, check_rope, check_rope_angles, check_glu, RopeCase};
     let dev = Device::Cuda(0);
     let mut positions: Vec<i32> = (0..4096).collect();
@@ -364,7 +364,7 @@ fn token_op_cases(push: &mut impl FnMut(String, Result<(), String>)) {
         for (i, &(rows, cols)) in [(1, 1), (3, 7), (4, 257), (130, 64), (70_000, 3), (2048, 11008)].iter().enumerate() {
             for packed in [false, true] {
                 for act in [GluAct::Silu, GluAct::GeluTanh] {
-                    push(format!("glu {act:?} {dtype} [{rows}, {cols}] packed {packed}"), check_glu(dev, dtype, act, rows, cols, packed, i as u64));
+                    push(format!("glu {act:?} {dtype} [{rows}, {cols}] packed {packed}"), check_glu(dev, dtype, GluParams { rows, cols, act }, packed, i as u64));
                 }
             }
         }

@@ -77,20 +77,30 @@ const NARROW_HEAD_DIM: usize = 128;
 /// 256: 16 KiB and 64 bytes of workgroup memory, past WebGPU's default 16 KiB, which tuna
 /// asks the adapter to raise to its own limit). Returns the pipeline name's suffix and the
 /// source.
-fn tiled_source(device: &wgpu::Device, op: &'static str, d: usize) -> Result<(&'static str, std::borrow::Cow<'static, str>)> {
+fn tiled_source(device: &wgpu::Device, op: &'static str, d: usize) -> Result<(&'static str, &'static str)> {
     if d <= NARROW_HEAD_DIM {
-        return Ok(("", std::borrow::Cow::Borrowed(SOURCE)));
+        return Ok(("", SOURCE));
     }
     let need = 2 * 8 * (MAX_HEAD_DIM / 4) * 16 + 16 * 4;
     let have = device.limits().max_compute_workgroup_storage_size as usize;
     if have < need {
         return Err(Error::InvalidArgument(format!("{op}: head dim {d} needs {need} bytes of workgroup memory; this adapter offers {have}")));
     }
-    let wide = SOURCE
-        .replace("const DMAX4: u32 = 32u; // the largest head dim, 128, in vec4s", "const DMAX4: u32 = 64u; // the largest head dim, 256, in vec4s")
-        .replace("array<vec4<f32>, 256>", "array<vec4<f32>, 512>")
-        .replace("array<vec4<f32>, 32>", "array<vec4<f32>, 64>");
-    Ok(("_wide", std::borrow::Cow::Owned(wide)))
+    // Made once per process: the pipeline cache is keyed by name, and each launch asks.
+    static WIDE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let wide = WIDE.get_or_init(|| {
+        let edits = [
+            ("const DMAX4: u32 = 32u; // the largest head dim, 128, in vec4s", "const DMAX4: u32 = 64u; // the largest head dim, 256, in vec4s"),
+            ("array<vec4<f32>, 256>", "array<vec4<f32>, 512>"),
+            ("array<vec4<f32>, 32>", "array<vec4<f32>, 64>"),
+        ];
+        edits.iter().fold(SOURCE.to_string(), |src, (from, to)| {
+            // A shader edit that renamed one of these would leave the wide build narrow.
+            assert!(src.contains(from), "flash_attention.wgsl no longer holds `{from}`: update its wide build in attention/wgsl.rs");
+            src.replace(from, to)
+        })
+    });
+    Ok(("_wide", wide.as_str()))
 }
 
 #[repr(C)]
@@ -208,7 +218,7 @@ pub fn forward(
     let mut keep = None;
     let st = starts_or(device, starts, &mut keep);
     let (wide, source) = tiled_source(device, OP, p.head_dim)?;
-    let pipe = kernels.pipeline_as(device, &format!("attn_fwd{wide}"), &source, "attn_fwd", precision)?;
+    let pipe = kernels.pipeline_as(device, &format!("attn_fwd{wide}"), source, "attn_fwd", precision)?;
     dispatch(device, queue, &pipe, &[&u, q, k, v, st, o, stats], groups(OP, p.batch * p.heads * p.q_len.div_ceil(BLOCK))?);
     Ok(())
 }
@@ -279,11 +289,11 @@ pub fn backward(
     let st = starts_or(device, starts, &mut keep);
     // attn_bwd_dot binds only the uniform, o (5), stats (6) and dO (7).
     let (wide, source) = tiled_source(device, OP, p.head_dim)?;
-    let dot = kernels.pipeline_as(device, &format!("attn_bwd_dot{wide}"), &source, "attn_bwd_dot", precision)?;
+    let dot = kernels.pipeline_as(device, &format!("attn_bwd_dot{wide}"), source, "attn_bwd_dot", precision)?;
     dispatch_bound(device, queue, &dot, &[(0, &u), (5, o), (6, stats), (7, dout)], groups(OP, rows.div_ceil(BLOCK))?);
-    let dkdv = kernels.pipeline_as(device, &format!("attn_bwd_dkdv{wide}"), &source, "attn_bwd_dkdv", precision)?;
+    let dkdv = kernels.pipeline_as(device, &format!("attn_bwd_dkdv{wide}"), source, "attn_bwd_dkdv", precision)?;
     dispatch(device, queue, &dkdv, &[&u, q, k, v, st, dout, stats, dk, dv], groups(OP, p.batch * p.kv_heads * p.kv_len.div_ceil(BLOCK))?);
-    let dqp = kernels.pipeline_as(device, &format!("attn_bwd_dq{wide}"), &source, "attn_bwd_dq", precision)?;
+    let dqp = kernels.pipeline_as(device, &format!("attn_bwd_dq{wide}"), source, "attn_bwd_dq", precision)?;
     dispatch(device, queue, &dqp, &[&u, q, k, v, st, dout, stats, dq], groups(OP, p.batch * p.heads * p.q_len.div_ceil(BLOCK))?);
     Ok(())
 }
